@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Idempotent setup of a fresh machine: virtualenv with pinned dependencies, Debian's redis-server and prometheus,
+# and the offline ImageNet base weights (converted once into ~/.cache/mushroom-serving).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=.venv
+STAMP=$VENV/.setup-stamp
+REQS_HASH=$(cat requirements.txt requirements-nodeps.txt pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "==> creating virtualenv $VENV"
+  "$PY" -m venv "$VENV"
+fi
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$REQS_HASH" ]; then
+  echo "==> installing pinned Python dependencies (first time: a few minutes)"
+  "$VENV/bin/pip" install --quiet --upgrade pip
+  "$VENV/bin/pip" install --quiet -r requirements.txt
+  "$VENV/bin/pip" install --quiet --no-deps -r requirements-nodeps.txt
+  "$VENV/bin/pip" install --quiet --no-deps --no-build-isolation -e .
+  echo "$REQS_HASH" > "$STAMP"
+fi
+
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "==> installing Debian packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    # Debian starts its own instances; the project starts its own on free ports instead.
+    (service redis-server stop || true; service prometheus stop || true) >/dev/null 2>&1
+  else
+    echo "!! missing ${missing[*]}: run 'sudo apt-get install ${missing[*]}' (setup installs them itself when run as root)" >&2
+    exit 1
+  fi
+fi
+
+"$VENV/bin/python" -m training_job weights

@@ -1,0 +1,64 @@
+"""`python -m training_job <command>`: one CLI for the batch job.
+
+Each command lives in its own module that exposes ``register(subparsers)``; the parser it adds sets ``func``,
+which takes the parsed arguments and returns an exit code. A ``UserError`` becomes a clear message, not a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# In the order `run` performs them.
+COMMAND_MODULES = [
+    "training_job.commands.weights",
+    "training_job.commands.gather",
+    "training_job.commands.prepare",
+    "training_job.commands.train",
+    "training_job.commands.evaluate",
+    "training_job.commands.publish",
+    "training_job.commands.sweep",
+    "training_job.commands.run",
+]
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one clear message, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training_job",
+        description="Mushroom photo classifier training job: gather -> prepare -> train -> evaluate -> publish.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # a command not written yet
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from training_job.base_weights import WeightsUnavailable
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, WeightsUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The preprocessing contract shared by training and serving.
+
+Every photo the project ever shows a model — bottlenecks at training time, the gateway at serving time, the
+evaluation and the demo — goes through ``preprocess_bytes``: decode with Pillow, honour EXIF orientation, flatten
+to 8-bit RGB over white, resize bilinearly to a square, uint8 out. Normalisation to [-1, 1] happens inside the
+exported model (``normalise``), so a client that sends uint8 pixels cannot drift from training.
+
+Changing anything here changes what models see: bump ``PREPROCESSING_VERSION`` (it keys the bottleneck cache and
+the gateway's result cache).
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+PREPROCESSING_VERSION = "pil-draft-bilinear-rgb-white-v1"
+DEFAULT_IMAGE_SIZE = 224
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 60_000_000  # a 40,000 x 40,000 "bomb" is 1.6 G pixels
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class InvalidImage(ValueError):
+    """A photo the contract refuses; ``code`` is a stable machine-readable reason."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _sniff_non_image(data: bytes) -> str | None:
+    head = data[:512].lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
+        return "this is an HTML/XML document, not an image"
+    if head.startswith((b"{", b"[")):
+        return "this looks like JSON, not an image"
+    return None
+
+
+def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
+    """Open (header only) and check the limits; raises ``InvalidImage``."""
+    if not data:
+        raise InvalidImage("empty", "the photo is empty (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise InvalidImage("too_large", f"the photo is {len(data)} bytes; the limit is {limits.max_bytes} bytes")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        reason = _sniff_non_image(data) or "no image format Pillow knows was recognised"
+        raise InvalidImage("not_an_image", f"not an image: {reason}") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InvalidImage("not_an_image", f"not a readable image: {exc}") from None
+    width, height = img.size
+    if width * height > limits.max_pixels:
+        raise InvalidImage(
+            "too_many_pixels",
+            f"the photo is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}",
+        )
+    if width < 1 or height < 1:
+        raise InvalidImage("not_an_image", f"the photo has no pixels ({width}x{height})")
+    return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        wide = np.asarray(img, dtype=np.uint32)
+        peak = 65535 if img.mode.startswith("I;16") or wide.max(initial=0) > 255 else 255
+        img = Image.fromarray((wide * 255 // peak).astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, size: int = DEFAULT_IMAGE_SIZE, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
+    """Decoded, upright, 8-bit RGB image; JPEGs are decoded at the smallest scale that stays >= ``size``."""
+    img = open_image(data, limits)
+    try:
+        if img.format == "JPEG":
+            img.draft("RGB", (size, size))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+    except InvalidImage:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise InvalidImage("corrupt", f"the image data is damaged or truncated: {exc}") from None
+
+
+def resize_pixels(img: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
+    """Bilinear resize to ``size`` x ``size`` (the aspect ratio is not kept, as in retrain.py): uint8 (H, W, 3)."""
+    return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def preprocess_bytes(data: bytes, size: int = DEFAULT_IMAGE_SIZE, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
+    """Encoded photo bytes -> uint8 pixels (size, size, 3). The one function training and serving share."""
+    return resize_pixels(decode_image(data, size, limits), size)
+
+
+def load_image_file(path: str | Path, size: int = DEFAULT_IMAGE_SIZE, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
+    return preprocess_bytes(Path(path).read_bytes(), size, limits)
+
+
+def normalise_numpy(pixels: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1], as MobileNet was trained (x / 127.5 - 1)."""
+    return pixels.astype(np.float32) / 127.5 - 1.0
+
+
+def normalise(pixels):
+    """The same as ``normalise_numpy`` as TensorFlow ops, for use inside exported graphs."""
+    import tensorflow as tf
+
+    return tf.cast(pixels, tf.float32) / 127.5 - 1.0
