@@ -1,0 +1,68 @@
+"""A tiny SavedModel that honours the registry contract (DEVELOPERS.md), for fast server and gateway tests.
+
+It is not MobileNet: its "classifier" is a fixed linear map of the mean colour, so outputs are deterministic and
+differ between photos, and a version can be told apart by ``bias`` (added to the first class's logit).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from training_job.preprocessing import normalise
+
+LABELS = ["amanita_muscaria", "amanita_vaginata", "boletus_edulis", "boletus_erythropus"]
+DISPLAY_NAMES = {
+    "amanita_muscaria": "Fly agaric", "amanita_vaginata": "Grisette",
+    "boletus_edulis": "Penny bun", "boletus_erythropus": "Scarletina bolete",
+}
+
+
+class TinyClassifier(tf.Module):
+    def __init__(self, labels=LABELS, bias: float = 0.0, size: int = 224):
+        super().__init__()
+        rng = np.random.default_rng(42)
+        self.size = size
+        self.weights = tf.Variable(rng.normal(size=(3, len(labels))).astype(np.float32) * 4.0)
+        self.bias = tf.Variable(np.array([bias] + [0.0] * (len(labels) - 1), dtype=np.float32))
+        self.labels = tf.constant(labels)
+
+    def _outputs(self, images):
+        mean_colour = tf.reduce_mean(normalise(images), axis=[1, 2])
+        probabilities = tf.nn.softmax(tf.matmul(mean_colour, self.weights) + self.bias)
+        batch = tf.shape(images)[0]
+        mushroom_score = tf.reduce_max(probabilities, axis=1)
+        return {
+            "probabilities": probabilities,
+            "classes": tf.tile(self.labels[None, :], [batch, 1]),
+            "mushroom_score": mushroom_score,
+            "not_a_mushroom": mushroom_score < 0.3,
+        }
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+    def serve_pixels(self, images):
+        return self._outputs(images)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def serve_bytes(self, image_bytes):
+        def decode(data):
+            img = tf.io.decode_image(data, channels=3, expand_animations=False)
+            return tf.cast(tf.image.resize(img, (self.size, self.size)), tf.uint8)
+
+        images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec([self.size, self.size, 3], tf.uint8))
+        return self._outputs(images)
+
+
+def write_tiny_model(version_dir: str | Path, bias: float = 0.0, labels=LABELS) -> Path:
+    """Write a contract-shaped SavedModel straight into ``version_dir`` (tests only; publishing is atomic)."""
+    version_dir = Path(version_dir)
+    module = TinyClassifier(labels, bias)
+    tf.saved_model.save(module, str(version_dir), signatures={
+        "serving_default": module.serve_pixels, "predict_image_bytes": module.serve_bytes})
+    extra = version_dir / "assets.extra"
+    extra.mkdir(exist_ok=True)
+    (extra / "labels.json").write_text(json.dumps(
+        {"labels": list(labels), "display_names": {k: DISPLAY_NAMES.get(k, k) for k in labels}}))
+    return version_dir

@@ -1,0 +1,57 @@
+"""The dataset manifest: one row per kept photo, written by `prepare`, read by training, evaluation and the demo."""
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+SPLITS = ("train", "validation", "test", "demo")
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    path: str  # absolute path of the photo, read in place
+    label: str  # class folder name, e.g. "amanita_muscaria"
+    sha256: str  # of the file's bytes
+    split: str  # one of SPLITS
+    width: int
+    height: int
+    bytes: int
+
+
+FIELDS = [f.name for f in fields(ManifestRow)]
+
+
+def write_manifest(rows: list[ManifestRow], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        for row in sorted(rows, key=lambda r: (r.label, r.split, r.sha256)):
+            writer.writerow(asdict(row))
+    tmp.replace(path)
+
+
+def read_manifest(path: str | Path) -> list[ManifestRow]:
+    with open(path, newline="") as f:
+        return [
+            ManifestRow(r["path"], r["label"], r["sha256"], r["split"], int(r["width"]), int(r["height"]),
+                        int(r["bytes"]))
+            for r in csv.DictReader(f)
+        ]
+
+
+def manifest_fingerprint(rows: list[ManifestRow]) -> str:
+    """Identifies the data a model was trained on: sha256 over (label, sha256, split) of every row."""
+    h = hashlib.sha256()
+    for row in sorted(rows, key=lambda r: (r.label, r.sha256, r.split)):
+        h.update(f"{row.label}\t{row.sha256}\t{row.split}\n".encode())
+    return h.hexdigest()
+
+
+def labels_of(rows: list[ManifestRow]) -> list[str]:
+    """Class labels in the column order of every model trained on these rows (sorted)."""
+    return sorted({r.label for r in rows})
