@@ -1,0 +1,338 @@
+"""`prepare`: a folder of class sub-folders -> a clean, balanced, split dataset manifest.
+
+Every file is decoded with the preprocessing contract (so anything the model will later read is readable), then
+corrupt, tiny, exact-duplicate (sha256) and near-duplicate (perceptual hash) photos are dropped, each class is
+balanced to N photos and every photo gets a split. Both the balance and the split depend only on the file's sha256
+(and the seed), as in retrain.py's ``which_set``: adding photos never moves an existing photo to another split.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import imagehash
+
+from training_job.cli import UserError
+from training_job.dataset import SPLITS, ManifestRow, write_manifest
+from training_job.preprocessing import PREPROCESSING_VERSION, InvalidImage, decode_image, open_image
+
+DEFAULT_PER_CLASS = 250  # the tutorial's 200 training + 50 demo photos per class
+DEFAULT_VALIDATION_PCT = 10.0
+DEFAULT_TEST_PCT = 10.0
+DEFAULT_DEMO_PCT = 20.0  # 20 % of 250 = ~50 demo photos per class, as the tutorial held out
+DEFAULT_MIN_SIDE = 64
+DEFAULT_NEAR_DUPLICATE_DISTANCE = 4  # phash Hamming distance; resized/recompressed copies land at 0-2
+FEW_PHOTOS_WARNING = 20  # retrain.py warns below 20 photos per class
+_EXIF_ORIENTATION = 0x0112
+_SWAPPED_ORIENTATIONS = (5, 6, 7, 8)
+_HASH_BUCKETS = 10_000
+
+
+@dataclass
+class Inspected:
+    """What decoding one file found; ``reason`` is set when the file cannot be used at all."""
+
+    path: Path
+    label: str
+    size_bytes: int = 0
+    sha256: str = ""
+    width: int = 0
+    height: int = 0
+    image_format: str = ""
+    phash: int = -1
+    reason: str = ""
+    detail: str = ""
+
+
+@dataclass
+class Dropped:
+    path: str
+    label: str
+    reason: str
+    detail: str
+
+
+@dataclass
+class PrepareReport:
+    source: str
+    manifest: str
+    preprocessing_version: str
+    params: dict
+    classes: dict = field(default_factory=dict)
+    dropped: list[Dropped] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["dropped_by_reason"] = dict(Counter(d.reason for d in self.dropped))
+        return out
+
+
+def split_percentage(sha256: str, seed: int = 0, salt: str = "split") -> float:
+    """A stable number in [0, 100) for a photo: a function of its bytes' hash, the seed and a purpose salt."""
+    digest = hashlib.sha256(f"{salt}:{seed}:{sha256}".encode()).hexdigest()
+    return (int(digest[:15], 16) % _HASH_BUCKETS) * 100.0 / _HASH_BUCKETS
+
+
+def which_split(sha256: str, validation_pct: float, test_pct: float, demo_pct: float, seed: int = 0) -> str:
+    pct = split_percentage(sha256, seed)
+    if pct < validation_pct:
+        return "validation"
+    if pct < validation_pct + test_pct:
+        return "test"
+    if pct < validation_pct + test_pct + demo_pct:
+        return "demo"
+    return "train"
+
+
+def _balance_key(item: Inspected, seed: int) -> str:
+    # Salted differently from the split so that keeping "the smallest hashes" does not skew the split shares.
+    return hashlib.sha256(f"balance:{seed}:{item.sha256}".encode()).hexdigest()
+
+
+def inspect_file(path: Path, label: str, min_side: int = DEFAULT_MIN_SIDE) -> Inspected:
+    """Read and decode one file with the contract; never raises for a bad photo."""
+    item = Inspected(path=path, label=label)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        item.reason, item.detail = "unreadable", f"cannot read the file: {exc.strerror or exc}"
+        return item
+    item.size_bytes = len(data)
+    item.sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        header = open_image(data)
+        item.image_format = header.format or ""
+        width, height = header.size
+        try:
+            if header.getexif().get(_EXIF_ORIENTATION) in _SWAPPED_ORIENTATIONS:
+                width, height = height, width
+        except Exception:  # a broken EXIF block is not a reason to drop a photo the decoder accepts
+            pass
+        item.width, item.height = width, height
+        decoded = decode_image(data)
+    except InvalidImage as exc:
+        item.reason, item.detail = exc.code, exc.message
+        return item
+    if min(item.width, item.height) < min_side:
+        item.reason = "tiny"
+        item.detail = f"{item.width}x{item.height} px; the shorter side must be at least {min_side} px"
+        return item
+    item.phash = int(str(imagehash.phash(decoded)), 16)
+    return item
+
+
+def _list_classes(source: Path) -> tuple[dict[str, list[Path]], list[str]]:
+    if not source.exists():
+        raise UserError(f"the photo folder {source} does not exist")
+    if not source.is_dir():
+        raise UserError(f"{source} is not a folder; expected a folder with one sub-folder of photos per class")
+    classes: dict[str, list[Path]] = {}
+    ignored: list[str] = []
+    for entry in sorted(source.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir():
+            ignored.append(str(entry))
+            continue
+        classes[entry.name] = sorted(
+            p for p in entry.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(entry).parts)
+        )
+    if not classes:
+        raise UserError(
+            f"{source} has no class sub-folders; expected {source}/<class name>/<photos>, e.g. "
+            f"{source}/amanita_muscaria/photo1.jpg"
+        )
+    if not any(classes.values()):
+        raise UserError(f"the class folders in {source} ({', '.join(classes)}) contain no files")
+    return classes, ignored
+
+
+def _inspect_all(classes: dict[str, list[Path]], min_side: int, workers: int, progress: bool) -> list[Inspected]:
+    from tqdm import tqdm
+
+    jobs = [(path, label) for label, paths in classes.items() for path in paths]
+    # Pillow releases the GIL while decoding and resizing, so threads use both cores without pickling photos.
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = pool.map(lambda job: inspect_file(job[0], job[1], min_side), jobs)
+        return list(tqdm(results, total=len(jobs), desc="decoding photos", unit="photo", disable=not progress))
+
+
+def _drop_duplicates(items: list[Inspected], distance: int, dropped: list[Dropped]) -> list[Inspected]:
+    """Exact (sha256) then near (phash) duplicates, across all classes; the largest, then lowest-hash, photo wins."""
+    ordered = sorted(items, key=lambda i: (-(i.width * i.height), i.sha256, str(i.path)))
+    by_sha: dict[str, Inspected] = {}
+    kept: list[Inspected] = []
+    for item in ordered:
+        first = by_sha.get(item.sha256)
+        if first is not None:
+            where = "" if first.label == item.label else f" in class '{first.label}'"
+            dropped.append(Dropped(str(item.path), item.label, "duplicate",
+                                   f"byte-identical to {first.path}{where}"))
+            continue
+        by_sha[item.sha256] = item
+        kept.append(item)
+    if distance < 0:
+        return kept
+    unique: list[Inspected] = []
+    for item in kept:
+        twin = next((u for u in unique if (u.phash ^ item.phash).bit_count() <= distance), None)
+        if twin is not None:
+            gap = (twin.phash ^ item.phash).bit_count()
+            where = "" if twin.label == item.label else f" in class '{twin.label}'"
+            dropped.append(Dropped(str(item.path), item.label, "near_duplicate",
+                                   f"looks like {twin.path}{where} (perceptual-hash distance {gap})"))
+            continue
+        unique.append(item)
+    return unique
+
+
+def _check_params(per_class: int | None, validation_pct: float, test_pct: float, demo_pct: float) -> None:
+    for name, value in (("validation", validation_pct), ("test", test_pct), ("demo", demo_pct)):
+        if not 0 <= value < 100:
+            raise UserError(f"the {name} percentage must be between 0 and 100, got {value}")
+    if validation_pct + test_pct + demo_pct >= 100:
+        raise UserError(
+            f"validation + test + demo percentages add up to {validation_pct + test_pct + demo_pct}; "
+            "they must leave something for training (< 100)"
+        )
+    if per_class is not None and per_class < 1:
+        raise UserError(f"--per-class must be at least 1 (or 0 for no limit), got {per_class}")
+
+
+def prepare_dataset(
+    source_dir: str | Path,
+    out_dir: str | Path,
+    per_class: int | None = DEFAULT_PER_CLASS,
+    validation_pct: float = DEFAULT_VALIDATION_PCT,
+    test_pct: float = DEFAULT_TEST_PCT,
+    demo_pct: float = DEFAULT_DEMO_PCT,
+    seed: int = 0,
+    *,
+    min_side: int = DEFAULT_MIN_SIDE,
+    near_duplicate_distance: int = DEFAULT_NEAR_DUPLICATE_DISTANCE,
+    workers: int | None = None,
+    progress: bool = True,
+) -> list[ManifestRow]:
+    """Write ``out_dir/manifest.csv`` and ``out_dir/report.json``; return the manifest rows.
+
+    ``per_class=None`` (or 0) keeps every usable photo. Raises ``UserError`` for input that cannot make a dataset
+    (after writing the report, so the user can see why).
+    """
+    per_class = per_class or None
+    _check_params(per_class, validation_pct, test_pct, demo_pct)
+    source = Path(source_dir).expanduser().resolve()
+    out = Path(out_dir).expanduser().resolve()
+    classes, ignored = _list_classes(source)
+    report = PrepareReport(
+        source=str(source),
+        manifest=str(out / "manifest.csv"),
+        preprocessing_version=PREPROCESSING_VERSION,
+        params=dict(per_class=per_class, validation_pct=validation_pct, test_pct=test_pct, demo_pct=demo_pct,
+                    seed=seed, min_side=min_side, near_duplicate_distance=near_duplicate_distance),
+        ignored=ignored,
+    )
+    items = _inspect_all(classes, min_side, workers or os.cpu_count() or 2, progress)
+    good = []
+    for item in items:
+        if item.reason:
+            report.dropped.append(Dropped(str(item.path), item.label, item.reason, item.detail))
+        else:
+            good.append(item)
+    unique = _drop_duplicates(good, near_duplicate_distance, report.dropped)
+
+    rows: list[ManifestRow] = []
+    empty_classes = []
+    for label, paths in classes.items():
+        members = sorted((i for i in unique if i.label == label), key=lambda i: _balance_key(i, seed))
+        if per_class is not None and len(members) > per_class:
+            for extra in members[per_class:]:
+                report.dropped.append(Dropped(str(extra.path), label, "balance",
+                                              f"class has more than {per_class} usable photos"))
+            members = members[:per_class]
+        class_rows = [
+            ManifestRow(str(i.path), label, i.sha256, which_split(i.sha256, validation_pct, test_pct, demo_pct, seed),
+                        i.width, i.height, i.size_bytes)
+            for i in members
+        ]
+        rows.extend(class_rows)
+        renamed = sum(1 for i in members if not _extension_matches(i.path, i.image_format))
+        report.classes[label] = {
+            "files": len(paths),
+            "kept": len(class_rows),
+            "dropped": dict(Counter(d.reason for d in report.dropped if d.label == label)),
+            "splits": {s: sum(1 for r in class_rows if r.split == s) for s in SPLITS},
+            "format_differs_from_extension": renamed,
+        }
+        if not class_rows:
+            empty_classes.append(label)
+        elif per_class is not None and len(class_rows) < per_class:
+            report.warnings.append(f"class '{label}' has only {len(class_rows)} usable photos (asked for {per_class})")
+        if class_rows and len(class_rows) < FEW_PHOTOS_WARNING:
+            report.warnings.append(f"class '{label}' has fewer than {FEW_PHOTOS_WARNING} photos; "
+                                   "the model will not learn it well")
+        missing = [s for s in SPLITS if report.classes[label]["splits"][s] == 0
+                   and {"validation": validation_pct, "test": test_pct, "demo": demo_pct}.get(s, 1) > 0]
+        if class_rows and missing:
+            report.warnings.append(f"class '{label}' has no photos in split(s): {', '.join(missing)}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(report.to_json(), out / "report.json")
+    if empty_classes:
+        reasons = {label: report.classes[label]["dropped"] or {"no files": 0} for label in empty_classes}
+        raise UserError(
+            "no usable photos in class " + "; ".join(
+                f"'{label}' ({_describe_counts(reasons[label])})" for label in empty_classes)
+            + f". Add photos or remove the folder. Details: {out / 'report.json'}"
+        )
+    if len(report.classes) < 2:
+        raise UserError(f"only one class ('{next(iter(report.classes))}') in {source}; a classifier needs at least "
+                        "two class sub-folders")
+    write_manifest(rows, out / "manifest.csv")
+    return rows
+
+
+def _extension_matches(path: Path, image_format: str) -> bool:
+    ext = path.suffix.lower().lstrip(".")
+    known = {"JPEG": {"jpg", "jpeg", "jpe", "jfif"}, "PNG": {"png"}, "WEBP": {"webp"}, "GIF": {"gif"},
+             "TIFF": {"tif", "tiff"}, "BMP": {"bmp"}}
+    return ext in known.get(image_format, {image_format.lower()})
+
+
+def _describe_counts(counts: dict) -> str:
+    return ", ".join(f"{n} {reason}" if n else reason for reason, n in counts.items())
+
+
+def _write_json(data: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def read_report(out_dir: str | Path) -> dict:
+    return json.loads((Path(out_dir) / "report.json").read_text())
+
+
+def format_summary(report: dict) -> str:
+    """The human summary of a report.json: per class kept/dropped/splits, then the warnings."""
+    lines = [f"prepared {report['source']} -> {report['manifest']}"]
+    width = max(len(label) for label in report["classes"]) if report["classes"] else 5
+    lines.append(f"  {'class':<{width}}  files  kept  " + "  ".join(f"{s:>10}" for s in SPLITS) + "  dropped")
+    for label, c in report["classes"].items():
+        dropped = _describe_counts(c["dropped"]) or "-"
+        lines.append(f"  {label:<{width}}  {c['files']:>5}  {c['kept']:>4}  "
+                     + "  ".join(f"{c['splits'][s]:>10}" for s in SPLITS) + f"  {dropped}")
+    totals = report.get("dropped_by_reason", {})
+    if totals:
+        lines.append("dropped: " + _describe_counts(totals))
+    if report.get("ignored"):
+        lines.append(f"ignored {len(report['ignored'])} file(s) outside class folders")
+    lines.extend(f"warning: {w}" for w in report.get("warnings", []))
+    return "\n".join(lines)
