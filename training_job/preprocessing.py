@@ -59,7 +59,9 @@ def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
     except UnidentifiedImageError:
         reason = _sniff_non_image(data) or "no image format Pillow knows was recognised"
         raise InvalidImage("not_an_image", f"not an image: {reason}") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow's own guard fires in open() beyond 2x its pixel limit
+        raise InvalidImage("too_many_pixels", f"the photo has too many pixels: {exc}") from None
+    except (OSError, ValueError) as exc:
         raise InvalidImage("not_an_image", f"not a readable image: {exc}") from None
     width, height = img.size
     if width * height > limits.max_pixels:

@@ -1,0 +1,161 @@
+"""The preprocessing contract: every kind of photo -> uint8 (224, 224, 3), deterministically; bad input -> a code."""
+from __future__ import annotations
+
+import io
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.support import MUSHROOMS
+from training_job.preprocessing import InvalidImage, Limits, decode_image, preprocess_bytes
+
+RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
+
+
+def encode(img: Image.Image, fmt: str, **options) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def a_real_photo() -> bytes:
+    return sorted((MUSHROOMS / "boletus_edulis").iterdir())[0].read_bytes()
+
+
+def assert_contract_shape(pixels: np.ndarray) -> None:
+    assert pixels.shape == (224, 224, 3)
+    assert pixels.dtype == np.uint8
+
+
+def test_same_bytes_give_the_same_pixels():
+    data = a_real_photo()
+    first, second = preprocess_bytes(data), preprocess_bytes(bytes(data))
+    assert_contract_shape(first)
+    assert np.array_equal(first, second)
+    assert first.std() > 10, "a real photo is not a flat image"
+
+
+def test_exif_orientation_is_applied():
+    stored = Image.new("RGB", (200, 100), RED)
+    stored.paste(BLUE, (100, 0, 200, 100))  # left half red, right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    data = encode(stored, "JPEG", exif=exif.tobytes(), quality=95)
+
+    upright = decode_image(data)
+    assert upright.size == (100, 200)
+    pixels = preprocess_bytes(data).astype(int)
+    assert pixels[20, 112, 0] > 200 and pixels[20, 112, 2] < 60, "the stored left (red) half is now on top"
+    assert pixels[200, 112, 2] > 200 and pixels[200, 112, 0] < 60, "the stored right (blue) half is at the bottom"
+
+
+def test_16_bit_png_is_scaled_to_8_bits():
+    wide = np.zeros((64, 128), np.uint16)
+    wide[:, 64:] = 65535
+    img = Image.fromarray(wide)
+    assert img.mode.startswith("I;16")
+    pixels = preprocess_bytes(encode(img, "PNG"))
+    assert_contract_shape(pixels)
+    assert pixels[:, :100].max() == 0 and pixels[:, 124:].min() == 255
+
+
+def test_cmyk_jpeg_becomes_rgb():
+    pixels = preprocess_bytes(encode(Image.new("CMYK", (120, 80), (0, 0, 0, 0)), "JPEG"))
+    assert_contract_shape(pixels)
+    assert pixels.min() > 240, "CMYK 0,0,0,0 is white paper"
+
+
+def test_alpha_and_palette_pngs_are_flattened_over_white():
+    transparent = Image.new("RGBA", (80, 80), (255, 0, 0, 0))
+    half = Image.new("RGBA", (80, 80), (0, 0, 0, 255))
+    half.paste((0, 0, 0, 0), (40, 0, 80, 80))
+    palette = Image.new("P", (80, 80), 0)
+    palette.putpalette([0, 0, 0] + [0, 255, 0] * 255)
+    palette.paste(1, (40, 0, 80, 80))
+    palette.info["transparency"] = 0
+
+    assert preprocess_bytes(encode(transparent, "PNG")).min() == 255
+    pixels = preprocess_bytes(encode(half, "PNG"))
+    assert pixels[:, :100].max() == 0 and pixels[:, 124:].min() == 255
+    pixels = preprocess_bytes(encode(palette, "PNG", transparency=0))
+    assert_contract_shape(pixels)
+    assert tuple(pixels[100, 10]) == WHITE and tuple(pixels[100, 200]) == (0, 255, 0)
+
+
+def test_grayscale_is_replicated_to_three_channels():
+    pixels = preprocess_bytes(encode(Image.new("L", (90, 90), 77), "PNG"))
+    assert_contract_shape(pixels)
+    assert (pixels == 77).all()
+
+
+def test_animated_gif_uses_its_first_frame():
+    frames = [Image.new("RGB", (64, 64), RED), Image.new("RGB", (64, 64), BLUE)]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+    assert Image.open(io.BytesIO(data)).n_frames == 2
+    pixels = preprocess_bytes(data)
+    assert_contract_shape(pixels)
+    assert tuple(pixels[112, 112]) == RED
+
+
+def test_webp_is_decoded():
+    pixels = preprocess_bytes(encode(Image.open(io.BytesIO(a_real_photo())), "WEBP"))
+    assert_contract_shape(pixels)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("side", [40_000, 8_000])  # beyond Pillow's own bomb guard, and beyond only our limit
+def test_decompression_bomb_is_refused_without_allocating(side):
+    # A 40,000 x 40,000 RGB image would need 4.8 GB; the child may address 1 GB, so decoding would fail differently.
+    script = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+        "from training_job.preprocessing import InvalidImage, preprocess_bytes\n"
+        "try:\n"
+        "    preprocess_bytes(sys.stdin.buffer.read())\n"
+        "except InvalidImage as exc:\n"
+        "    print(exc.code)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], input=_png_header_only(side, side), capture_output=True,
+                          timeout=60)
+    assert done.stdout.decode().strip() == "too_many_pixels", done.stderr.decode()[-2000:]
+
+
+@pytest.mark.parametrize(
+    "data, code",
+    [
+        (b"", "empty"),
+        (b"<!DOCTYPE html><html><body>404 Not Found</body></html>", "not_an_image"),
+        (b"\x00\x01 definitely not a picture" * 10, "not_an_image"),
+    ],
+)
+def test_bad_bytes_get_a_stable_code(data, code):
+    with pytest.raises(InvalidImage) as caught:
+        preprocess_bytes(data)
+    assert caught.value.code == code
+    assert caught.value.message
+
+
+def test_truncated_jpeg_is_corrupt():
+    data = a_real_photo()
+    assert data[:2] == b"\xff\xd8"
+    with pytest.raises(InvalidImage) as caught:
+        preprocess_bytes(data[: len(data) // 2])
+    assert caught.value.code == "corrupt"
+
+
+def test_byte_limit():
+    with pytest.raises(InvalidImage) as caught:
+        preprocess_bytes(a_real_photo(), limits=Limits(max_bytes=1000))
+    assert caught.value.code == "too_large"
