@@ -1,0 +1,221 @@
+"""`prepare`: every kind of bad file is dropped with its reason; balance and splits are deterministic and stable."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import imagehash
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.support import MUSHROOMS
+from training_job import cli
+from training_job.dataset import SPLITS, read_manifest
+from training_job.prepare import inspect_file, prepare_dataset, read_report, which_split
+from training_job.preprocessing import decode_image
+
+NOT_JPEG_NAMED_JPG = ["amanita_muscaria/train_amanita_muscaria_272.jpg",  # WEBP
+                      "amanita_muscaria/train_amanita_muscaria_441.jpg"]  # PNG
+
+
+@lru_cache(maxsize=None)
+def distinct_photos(species: str, count: int) -> tuple[Path, ...]:
+    """Real photos of one species that are far from each other in perceptual-hash space (the source has near
+    duplicates, which prepare would rightly drop)."""
+    chosen, hashes = [], []
+    for path in sorted((MUSHROOMS / species).iterdir()):
+        img = decode_image(path.read_bytes())
+        if min(img.size) < 100:
+            continue
+        h = imagehash.phash(img)
+        if all(h - other > 12 for other in hashes):
+            chosen.append(path)
+            hashes.append(h)
+        if len(chosen) == count:
+            return tuple(chosen)
+    raise AssertionError(f"not {count} distinct photos of {species}")
+
+
+def link_photos(folder: Path, photos, names=None) -> list[Path]:
+    """Symlinks, so the shared photos are read in place, not copied."""
+    folder.mkdir(parents=True, exist_ok=True)
+    links = []
+    for i, photo in enumerate(photos):
+        link = folder / (names[i] if names else photo.name)
+        link.symlink_to(photo)
+        links.append(link)
+    return links
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def encode(img: Image.Image, fmt: str, **options) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def test_each_kind_of_bad_file_is_dropped_with_its_reason(tmp_path):
+    source = tmp_path / "photos"
+    good = distinct_photos("amanita_muscaria", 4)
+    link_photos(source / "fly agaric", good[:3], ["plain.jpg", "space in name.jpg", "ünïcödé.jpg"])
+    link_photos(source / "bolete", distinct_photos("boletus_edulis", 3))
+    cls = source / "fly agaric"
+    original = good[0].read_bytes()
+    (cls / "z exact copy.jpg").write_bytes(original)  # of identical files the first path is kept
+    smaller = decode_image(original)
+    smaller = smaller.resize((smaller.width * 7 // 10, smaller.height * 7 // 10))
+    (cls / "near copy.jpg").write_bytes(encode(smaller, "JPEG", quality=70))
+    (cls / "webp named.jpg").write_bytes(encode(decode_image(good[3].read_bytes()), "WEBP"))
+    (cls / "truncated.jpg").write_bytes(good[1].read_bytes()[:5000])
+    (cls / "garbage.jpg").write_bytes(np.random.default_rng(0).bytes(5000))
+    (cls / "page.jpg").write_bytes(b"<!DOCTYPE html><html><body>Not found</body></html>")
+    (cls / "empty.jpg").write_bytes(b"")
+    (cls / "tiny.png").write_bytes(encode(Image.new("RGB", (40, 300), (9, 99, 9)), "PNG"))
+    (cls / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (source / "README.txt").write_text("a file outside the class folders")
+
+    rows = prepare_dataset(source, tmp_path / "out", per_class=250, progress=False)
+
+    report = read_report(tmp_path / "out")
+    reasons = {Path(d["path"]).name: d["reason"] for d in report["dropped"]}
+    assert reasons == {
+        "z exact copy.jpg": "duplicate",
+        "near copy.jpg": "near_duplicate",
+        "truncated.jpg": "corrupt",
+        "garbage.jpg": "not_an_image",
+        "page.jpg": "not_an_image",
+        "empty.jpg": "empty",
+        "tiny.png": "tiny",
+    }
+    kept = {Path(r.path).name for r in rows if r.label == "fly agaric"}
+    assert kept == {"plain.jpg", "space in name.jpg", "ünïcödé.jpg", "webp named.jpg"}
+    assert report["classes"]["fly agaric"]["format_differs_from_extension"] == 1
+    assert report["ignored"] == [str((source / "README.txt").resolve())]
+    assert len([r for r in rows if r.label == "bolete"]) == 3
+    near = next(d for d in report["dropped"] if d["reason"] == "near_duplicate")
+    assert "plain.jpg" in near["detail"], "the larger original is kept, the recompressed copy dropped"
+    assert read_manifest(tmp_path / "out" / "manifest.csv") == sorted(rows, key=lambda r: (r.label, r.split, r.sha256))
+
+
+def test_an_unreadable_file_is_reported_not_raised(tmp_path):
+    item = inspect_file(tmp_path, "a")  # a directory cannot be read as a file
+    assert item.reason == "unreadable" and "cannot read" in item.detail
+
+
+def test_the_shared_photos_that_are_not_jpeg_are_kept():
+    for name in NOT_JPEG_NAMED_JPG:
+        item = inspect_file(MUSHROOMS / name, "amanita_muscaria")
+        assert item.reason == "" and item.image_format in ("WEBP", "PNG")
+
+
+def test_splits_are_stable_when_photos_are_added_and_runs_are_reproducible(tmp_path):
+    source = tmp_path / "photos"
+    first = {"amanita_muscaria": 24, "boletus_edulis": 24}
+    for species, n in first.items():
+        link_photos(source / species, distinct_photos(species, 36)[:n])
+    rows = prepare_dataset(source, tmp_path / "a", per_class=0, progress=False)
+    before = {r.sha256: r.split for r in rows}
+    assert len(before) == 48
+    prepare_dataset(source, tmp_path / "b", per_class=0, progress=False)
+    assert (tmp_path / "a" / "manifest.csv").read_bytes() == (tmp_path / "b" / "manifest.csv").read_bytes()
+
+    for species in first:
+        link_photos(source / species, distinct_photos(species, 36)[24:])
+    after = {r.sha256: r.split for r in prepare_dataset(source, tmp_path / "c", per_class=0, progress=False)}
+    assert len(after) == 72
+    assert {sha: after[sha] for sha in before} == before, "adding photos moved an existing photo to another split"
+
+    reseeded = {r.sha256: r.split for r in prepare_dataset(source, tmp_path / "d", per_class=0, seed=7,
+                                                           progress=False)}
+    assert reseeded != after, "the seed changes the split"
+
+
+def test_split_shares_follow_the_percentages():
+    shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(20_000)]
+    splits = [which_split(s, 10, 10, 20) for s in shas]
+    shares = {s: splits.count(s) / len(splits) for s in SPLITS}
+    assert shares == pytest.approx({"train": 0.6, "validation": 0.1, "test": 0.1, "demo": 0.2}, abs=0.015)
+    assert [which_split(s, 10, 10, 20) for s in shas[:100]] == splits[:100]
+    assert set(which_split(s, 0, 0, 0) for s in shas[:100]) == {"train"}
+
+
+def test_balance_keeps_a_stable_subset_and_warns_about_small_classes(tmp_path):
+    source = tmp_path / "photos"
+    link_photos(source / "many", distinct_photos("amanita_muscaria", 16))
+    link_photos(source / "few", distinct_photos("boletus_edulis", 5))
+
+    ten = prepare_dataset(source, tmp_path / "ten", per_class=10, progress=False)
+    twelve = prepare_dataset(source, tmp_path / "twelve", per_class=12, progress=False)
+
+    kept_ten = {r.sha256 for r in ten if r.label == "many"}
+    kept_twelve = {r.sha256 for r in twelve if r.label == "many"}
+    assert len(kept_ten) == 10 and len(kept_twelve) == 12
+    assert kept_ten < kept_twelve, "a larger N keeps a superset: the choice is by hash, not by chance"
+    assert len([r for r in ten if r.label == "few"]) == 5
+    report = read_report(tmp_path / "ten")
+    assert report["classes"]["many"]["dropped"] == {"balance": 6}
+    assert any("'few' has only 5 usable photos" in w for w in report["warnings"])
+
+
+def _cli_error(capsys, *argv) -> str:
+    assert cli.main(["prepare", *map(str, argv)]) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return captured.err
+
+
+def test_bad_input_gets_a_clear_message(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert "does not exist" in _cli_error(capsys, "--source", tmp_path / "missing", "--out", out)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no class sub-folders" in _cli_error(capsys, "--source", empty, "--out", out)
+
+    (empty / "a").mkdir()
+    (empty / "b").mkdir()
+    assert "contain no files" in _cli_error(capsys, "--source", empty, "--out", out)
+
+    single = tmp_path / "single"
+    link_photos(single / "only_one", distinct_photos("boletus_edulis", 3))
+    assert "only one class" in _cli_error(capsys, "--source", single, "--out", out)
+
+    (single / "junk class").mkdir()
+    (single / "junk class" / "x.jpg").write_bytes(b"<html></html>")
+    (single / "junk class" / "y.jpg").write_bytes(b"")
+    message = _cli_error(capsys, "--source", single, "--out", out)
+    assert "no usable photos in class 'junk class'" in message
+    assert "not_an_image" in message and "empty" in message
+    assert json.loads((out / "report.json").read_text())["classes"]["junk class"]["kept"] == 0
+    assert not (out / "manifest.csv").exists()
+
+    assert "add up to" in _cli_error(capsys, "--source", single, "--out", out, "--demo-percentage", "85")
+
+
+def test_cli_on_a_subset_of_the_shared_photos(tmp_path, capsys):
+    source = tmp_path / "photos"
+    for species in sorted(p.name for p in MUSHROOMS.iterdir()):
+        link_photos(source / species, sorted((MUSHROOMS / species).iterdir())[:25])
+    for name in NOT_JPEG_NAMED_JPG:
+        link = source / name
+        if not link.exists():
+            link.symlink_to(MUSHROOMS / name)
+
+    assert cli.main(["prepare", "--source", str(source), "--out", str(tmp_path / "out"), "--per-class", "20"]) == 0
+
+    printed = capsys.readouterr().out
+    rows = read_manifest(tmp_path / "out" / "manifest.csv")
+    labels = sorted({r.label for r in rows})
+    assert labels == sorted(p.name for p in MUSHROOMS.iterdir())
+    assert all(sum(r.label == label for r in rows) == 20 for label in labels)
+    assert {r.split for r in rows} == set(SPLITS)
+    assert all(r.sha256 == sha256(Path(r.path)) and r.width >= 64 and r.height >= 64 for r in rows)
+    for label in labels:
+        assert label in printed
