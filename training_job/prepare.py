@@ -146,8 +146,10 @@ def _list_classes(source: Path) -> tuple[dict[str, list[Path]], list[str]]:
             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(entry).parts)
         )
     if not classes:
+        loose = f" (it holds {len(ignored)} file(s) directly; move them into a folder named after their class)" \
+            if ignored else ""
         raise UserError(
-            f"{source} has no class sub-folders; expected {source}/<class name>/<photos>, e.g. "
+            f"{source} has no class sub-folders{loose}; expected {source}/<class name>/<photos>, e.g. "
             f"{source}/amanita_muscaria/photo1.jpg"
         )
     if not any(classes.values()):

@@ -68,11 +68,14 @@ def _earthstar(draw: ImageDraw.ImageDraw, rng: random.Random, cx: float, cy: flo
 
 
 def _puffball(draw: ImageDraw.ImageDraw, rng: random.Random, cx: float, cy: float, s: float) -> None:
-    r = rng.uniform(0.3, 0.4) * s
-    draw.ellipse([cx - r, cy - r * 0.9, cx + r, cy + r * 0.9], fill=_jitter(rng, (245, 242, 232), 10))
-    for _ in range(rng.randint(5, 15)):
-        x, y = cx + rng.uniform(-0.6, 0.6) * r, cy + rng.uniform(-0.6, 0.6) * r
-        draw.point((x, y), fill=(200, 195, 180))
+    for _ in range(rng.choice((1, 1, 2, 3))):  # puffballs often grow in small groups
+        r = rng.uniform(0.15, 0.4) * s
+        x0, y0 = cx + rng.uniform(-0.4, 0.4) * s, cy + rng.uniform(-0.3, 0.3) * s
+        draw.ellipse([x0 - r, y0 - r * rng.uniform(0.75, 0.95), x0 + r, y0 + r * 0.9],
+                     fill=_jitter(rng, (245, 242, 232), 10))
+        for _ in range(rng.randint(5, 15)):
+            x, y = x0 + rng.uniform(-0.6, 0.6) * r, y0 + rng.uniform(-0.6, 0.6) * r
+            draw.point((x, y), fill=(200, 195, 180))
 
 
 def _stinkhorn(draw: ImageDraw.ImageDraw, rng: random.Random, cx: float, cy: float, s: float) -> None:
