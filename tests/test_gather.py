@@ -92,6 +92,15 @@ class PhotoSite:
                         site.flaky_failures_left -= 1
                         return self._send(503, "text/plain", b"busy")
                     return self._send(200, "image/jpeg", site.photo_for_flaky)
+                if self.path == "/cut.jpg":  # promises more bytes than it sends, then hangs up
+                    body = site.routes["/photos/0.jpg"][2]
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/jpeg")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body[:3000])
+                    self.close_connection = True
+                    return
                 if self.path == "/moved.jpg":
                     self.send_response(302)
                     self.send_header("Location", "/photo_unavailable.gif")
@@ -138,6 +147,8 @@ def _write_lists(folder: Path, base: str) -> Path:
         f"{base}/unavailable.png\n"
         f"{base}/moved.jpg\n"
         f"{base}/slow.jpg\n"
+        f"{base}/cut.jpg\n"
+        "http://[::1\n"
     )
     return folder
 
@@ -171,10 +182,13 @@ def test_keeps_only_real_photos_logs_every_failure_and_resumes(site, tmp_path):
         "unavailable.png": "placeholder",
         "moved.jpg": "placeholder",
         "slow.jpg": "timeout",
+        "cut.jpg": "network",
+        "[::1": "invalid_url",
     }
     attempts = {f.url.rsplit("/", 1)[-1]: f.attempts for f in result.failures}
     assert attempts["slow.jpg"] == 2, "timeouts are retried"
     assert attempts["gone.jpg"] == 1, "a 404 is not retried"
+    assert attempts["cut.jpg"] == 2, "a dropped connection is retried"
     assert site.requests["/flaky.jpg"] == 2, "a 503 is retried and then succeeds"
     assert site.requests["/photos/0.jpg"] == 1, "a URL listed twice is fetched once"
 
@@ -183,7 +197,7 @@ def test_keeps_only_real_photos_logs_every_failure_and_resumes(site, tmp_path):
     assert again.already_present == 4 and again.downloaded == 0
     assert not any(path.startswith("/photos/") or path == "/flaky.jpg" for path in site.requests), \
         "photos already on disk are not downloaded again"
-    assert len(again.failures) == 10, "failed URLs are tried again on the next run"
+    assert len(again.failures) == 12, "failed URLs are tried again on the next run"
 
 
 def test_url_list_parsing_and_bad_input(tmp_path, capsys):

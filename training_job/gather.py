@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import http.client
 import os
 import time
 import urllib.error
@@ -115,9 +116,9 @@ def _fetch(url: str, timeout: float, max_bytes: int) -> tuple[bytes, str, str]:
     """(body, content type, final URL). Raises ``Rejected`` or network errors; ``timeout`` bounds the whole read."""
     if not url.lower().startswith(("http://", "https://")):
         raise Rejected("invalid_url", f"not an http(s) URL: {url!r}")
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, "Accept": "image/*"})
     deadline = time.monotonic() + timeout
     try:
+        request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, "Accept": "image/*"})
         with urllib.request.urlopen(request, timeout=timeout) as response:
             chunks, total = [], 0
             while True:
@@ -130,9 +131,16 @@ def _fetch(url: str, timeout: float, max_bytes: int) -> tuple[bytes, str, str]:
                 if total > max_bytes:
                     raise Rejected("too_large", f"larger than {max_bytes} bytes")
                 chunks.append(chunk)
+            expected = response.headers.get("Content-Length", "")
+            if expected.isdigit() and int(expected) != total:
+                raise Rejected("network", f"the connection closed after {total} of {expected} bytes", retry=True)
             return b"".join(chunks), response.headers.get("Content-Type", ""), response.geturl()
     except urllib.error.HTTPError as exc:
         raise Rejected(f"http_{exc.code}", f"HTTP {exc.code} {exc.reason}", retry=exc.code in _RETRY_STATUSES) from None
+    except (http.client.InvalidURL, ValueError) as exc:
+        raise Rejected("invalid_url", f"cannot request {url!r}: {exc}") from None
+    except http.client.HTTPException as exc:  # e.g. the connection closed before Content-Length bytes arrived
+        raise Rejected("network", f"{type(exc).__name__}: {exc}", retry=True) from None
     except (TimeoutError, OSError) as exc:  # socket timeouts, refused connections, DNS, resets
         reason = getattr(exc, "reason", exc)
         if isinstance(reason, TimeoutError) or isinstance(exc, TimeoutError):
@@ -191,6 +199,8 @@ def download_one(task: Task, out_dir: Path, *, timeout: float, retries: int, bac
                 time.sleep(backoff * 2 ** (attempt - 1))
                 continue
             return Failure(task.label, task.url, exc.reason, exc.detail, attempt)
+        except Exception as exc:  # one odd URL must not end a long download run; it is logged like any failure
+            return Failure(task.label, task.url, "error", f"{type(exc).__name__}: {exc}", attempt)
         folder = out_dir / task.label
         folder.mkdir(parents=True, exist_ok=True)
         _write_atomically(folder / f"{task.stem}{extension}", data)
