@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import imagehash
+import numpy as np
 
 from training_job.cli import UserError
 from training_job.dataset import SPLITS, ManifestRow, write_manifest
@@ -184,14 +185,17 @@ def _drop_duplicates(items: list[Inspected], distance: int, dropped: list[Droppe
     if distance < 0:
         return kept
     unique: list[Inspected] = []
+    hashes = np.zeros(len(kept), dtype=np.uint64)  # phashes of ``unique``, for a vectorised Hamming distance
     for item in kept:
-        twin = next((u for u in unique if (u.phash ^ item.phash).bit_count() <= distance), None)
-        if twin is not None:
-            gap = (twin.phash ^ item.phash).bit_count()
+        gaps = np.bitwise_count(hashes[: len(unique)] ^ np.uint64(item.phash))
+        close = np.flatnonzero(gaps <= distance)
+        if close.size:
+            twin, gap = unique[close[0]], int(gaps[close[0]])
             where = "" if twin.label == item.label else f" in class '{twin.label}'"
             dropped.append(Dropped(str(item.path), item.label, "near_duplicate",
                                    f"looks like {twin.path}{where} (perceptual-hash distance {gap})"))
             continue
+        hashes[len(unique)] = item.phash
         unique.append(item)
     return unique
 
