@@ -45,7 +45,7 @@ def register(subparsers) -> None:
     parser.add_argument("--near-duplicate-distance", type=int, default=p.DEFAULT_NEAR_DUPLICATE_DISTANCE,
                         help="perceptual-hash Hamming distance at or below which two photos are near duplicates "
                         "(-1 disables)")
-    parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPU count)")
+    parser.add_argument("--workers", type=int, default=0, help="decoding threads (0 = one per CPU)")
     parser.add_argument("--synthetic", action="store_true",
                         help="generate a small synthetic drawn dataset into OUT/synthetic-photos and prepare that "
                         "(only to run the pipeline without photos; a real model needs real photos)")
