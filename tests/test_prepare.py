@@ -197,6 +197,9 @@ def test_bad_input_gets_a_clear_message(tmp_path, capsys):
     assert not (out / "manifest.csv").exists()
 
     assert "add up to" in _cli_error(capsys, "--source", single, "--out", out, "--demo-percentage", "85")
+    assert "inside the photo folder" in _cli_error(capsys, "--source", single, "--out", single / "prepared")
+    (tmp_path / "a file").write_text("x")
+    assert "cannot write" in _cli_error(capsys, "--source", single, "--out", tmp_path / "a file" / "out")
 
 
 def test_cli_on_a_subset_of_the_shared_photos(tmp_path, capsys):

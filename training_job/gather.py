@@ -224,7 +224,10 @@ def gather_photos(
 
     tasks = read_url_lists(lists_dir)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {out}: {exc.strerror or exc}") from None
     result = GatherResult()
     todo = []
     for task in tasks:

@@ -236,6 +236,9 @@ def prepare_dataset(
     _check_params(per_class, validation_pct, test_pct, demo_pct)
     source = Path(source_dir).expanduser().resolve()
     out = Path(out_dir).expanduser().resolve()
+    if out == source or source in out.parents:
+        raise UserError(f"--out {out} is inside the photo folder {source}; it would be read as a class. "
+                        "Choose a folder outside it")
     classes, ignored = _list_classes(source)
     report = PrepareReport(
         source=str(source),
@@ -289,8 +292,11 @@ def prepare_dataset(
         if class_rows and missing:
             report.warnings.append(f"class '{label}' has no photos in split(s): {', '.join(missing)}")
 
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(report.to_json(), out / "report.json")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(report.to_json(), out / "report.json")
+    except OSError as exc:
+        raise UserError(f"cannot write to {out}: {exc.strerror or exc}") from None
     if empty_classes:
         reasons = {label: report.classes[label]["dropped"] or {"no files": 0} for label in empty_classes}
         raise UserError(
