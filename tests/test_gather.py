@@ -70,7 +70,9 @@ class PhotoSite:
         self.flaky_failures_left = 1
         self.photo_for_flaky = photos[4]
 
-    def handler(site):  # noqa: N805 - closes over the site
+    def handler(self):
+        site = self
+
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
