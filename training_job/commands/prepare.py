@@ -48,21 +48,22 @@ def register(subparsers) -> None:
     parser.add_argument("--workers", type=int, default=0, help="decoding threads (0 = one per CPU)")
     parser.add_argument("--synthetic", action="store_true",
                         help="generate a small synthetic drawn dataset into OUT/synthetic-photos and prepare that "
-                        "(only to run the pipeline without photos; a real model needs real photos)")
+                        "keeping all of them (only to run the pipeline without photos; a real model needs real photos)")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
     from pathlib import Path
 
-    source = Path(args.source)
+    source, per_class = Path(args.source), args.per_class
     if args.synthetic:
+        per_class = 0  # the drawn set is small by design; keep it all
         from training_job.synthetic import SYNTHETIC_WARNING, generate_synthetic_dataset
 
         source = generate_synthetic_dataset(Path(args.out) / "synthetic-photos")
         print(SYNTHETIC_WARNING)
     p.prepare_dataset(
-        source, args.out, per_class=args.per_class, validation_pct=args.validation_percentage,
+        source, args.out, per_class=per_class, validation_pct=args.validation_percentage,
         test_pct=args.testing_percentage, demo_pct=args.demo_percentage, seed=args.seed, min_side=args.min_side,
         near_duplicate_distance=args.near_duplicate_distance, workers=args.workers,
     )
