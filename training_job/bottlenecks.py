@@ -1,0 +1,152 @@
+"""Bottleneck cache: what the frozen base network says about each photo, computed once and reused.
+
+One pass through the ImageNet MobileNet gives both the pooled features (the head's input) and the ImageNet
+softmax (the open-set check's input). Each photo's pair is stored as one ``.npy`` (features then the 1,000
+ImageNet probabilities) under ``cache_dir()/bottlenecks/<architecture>/<preprocessing version>/<variant>/``,
+named by the photo's sha256. Augmented variants get their own ``<variant>`` folder, so an un-augmented run never
+recomputes or mixes with them.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training_job.paths import cache_dir
+from training_job.preprocessing import PREPROCESSING_VERSION, InvalidImage, load_image_file
+
+PLAIN_VARIANT = "plain"
+
+
+@dataclass
+class Bottlenecks:
+    features: np.ndarray  # float32 (N, D)
+    imagenet: np.ndarray  # float32 (N, 1000) ImageNet softmax
+    computed: int  # how many were computed (not read from the cache)
+
+
+class BaseNetwork:
+    """The frozen ImageNet base: normalised pixels -> (pooled features, ImageNet probabilities)."""
+
+    def __init__(self, architecture: str = "mobilenet_1.0_224", weights_file=None):
+        import keras
+
+        from training_job.base_weights import build_imagenet_model, parse_architecture
+
+        self.architecture = parse_architecture(architecture).name
+        self.image_size = parse_architecture(architecture).size
+        self.imagenet_model = build_imagenet_model(architecture, weights_file)
+        pooling = next(layer for layer in self.imagenet_model.layers
+                       if isinstance(layer, keras.layers.GlobalAveragePooling2D))
+        features = keras.layers.Flatten(name="bottleneck")(pooling.output)
+        self.model = keras.Model(self.imagenet_model.inputs, [features, self.imagenet_model.outputs[0]],
+                                 name="base_features_and_imagenet")
+        self.feature_size = int(features.shape[-1])
+        self._predict = None
+
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 pixels (N, S, S, 3) -> (features (N, D), imagenet probabilities (N, 1000)) as float32 numpy."""
+        import tensorflow as tf
+
+        from training_job.preprocessing import normalise
+
+        if self._predict is None:
+            model = self.model
+
+            @tf.function(reduce_retracing=True, autograph=False)
+            def predict(images):
+                return model(normalise(images), training=False)
+
+            self._predict = predict
+        features, imagenet = self._predict(tf.constant(pixels))
+        return features.numpy(), imagenet.numpy()
+
+
+def variant_name(augmentation=None, index: int = 0) -> str:
+    if augmentation is None or not augmentation.active:
+        return PLAIN_VARIANT
+    return f"aug-{augmentation.key()}-{index}"
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+def cache_folder(architecture: str, variant: str = PLAIN_VARIANT, root: Path | None = None) -> Path:
+    root = Path(root) if root is not None else cache_dir() / "bottlenecks"
+    return root / _safe(architecture) / _safe(PREPROCESSING_VERSION) / _safe(variant)
+
+
+def _load_pixels(path: str, size: int, augment=None, seed: int = 0) -> np.ndarray:
+    try:
+        pixels = load_image_file(path, size)
+    except (OSError, InvalidImage) as exc:
+        raise InvalidImage(getattr(exc, "code", "unreadable"), f"{path}: {exc}") from None
+    if augment is not None:
+        pixels = augment.apply(pixels, np.random.default_rng(seed))
+    return pixels
+
+
+def _seed(sha256: str, variant: str) -> int:
+    return int(hashlib.sha256(f"{sha256}:{variant}".encode()).hexdigest()[:8], 16)
+
+
+def get_bottlenecks(rows, base: BaseNetwork, *, batch_size: int = 32, augmentation=None, variant_index: int = 0,
+                    root: Path | None = None, progress: bool = True) -> Bottlenecks:
+    """Features and ImageNet probabilities for ``rows`` (manifest rows: ``path`` and ``sha256``), in row order.
+
+    Missing entries are computed in batches (photo decoding overlaps inference) and written to the cache."""
+    from tqdm import tqdm
+
+    variant = variant_name(augmentation, variant_index)
+    folder = cache_folder(base.architecture, variant, root)
+    folder.mkdir(parents=True, exist_ok=True)
+    D = base.feature_size
+    out = np.zeros((len(rows), D + 1000), dtype=np.float32)
+    missing = []
+    for i, row in enumerate(rows):
+        file = folder / f"{row.sha256}.npy"
+        try:
+            vec = np.load(file)
+            if vec.shape == (D + 1000,):
+                out[i] = vec
+                continue
+        except (OSError, ValueError):
+            pass
+        missing.append(i)
+
+    if missing:
+        augment = augmentation if variant != PLAIN_VARIANT else None
+        batches = [missing[k:k + batch_size] for k in range(0, len(missing), batch_size)]
+
+        def load_batch(idx):
+            return np.stack([_load_pixels(rows[i].path, base.image_size, augment, _seed(rows[i].sha256, variant))
+                             for i in idx])
+
+        bar = tqdm(total=len(missing), desc=f"bottlenecks {base.architecture}/{variant}", unit="photo",
+                   disable=not progress)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(load_batch, batches[0])
+            for b, idx in enumerate(batches):
+                pixels = pending.result()
+                if b + 1 < len(batches):
+                    pending = pool.submit(load_batch, batches[b + 1])
+                features, imagenet = base(pixels)
+                for j, i in enumerate(idx):
+                    vec = np.concatenate([features[j], imagenet[j]]).astype(np.float32)
+                    out[i] = vec
+                    _atomic_save(folder / f"{rows[i].sha256}.npy", vec)
+                bar.update(len(idx))
+        bar.close()
+    return Bottlenecks(out[:, :D].copy(), out[:, D:].copy(), len(missing))
+
+
+def _atomic_save(path: Path, vec: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{id(vec)}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, vec)
+    tmp.replace(path)

@@ -1,0 +1,91 @@
+"""Export a trained run as a SavedModel honouring DEVELOPERS.md's "Model registry and SavedModel contract".
+
+The whole model is in the graph: uint8 pixels -> normalise -> frozen base (pooled features + ImageNet softmax)
+-> head softmax and open-set score. ``predict_image_bytes`` decodes encoded photos in-graph first.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from training_job.open_set import OpenSet, tf_scores
+from training_job.preprocessing import normalise
+from training_job.train import Head
+
+
+def build_serving_module(base, head: Head, open_set: OpenSet):
+    import tensorflow as tf
+
+    size = base.image_size
+
+    class MushroomClassifier(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = base.model
+            self.kernel = tf.Variable(head.kernel, trainable=False, name="head_kernel")
+            self.bias = tf.Variable(head.bias, trainable=False, name="head_bias")
+            self.labels = tf.constant(head.labels)
+            self.threshold = tf.constant(open_set.threshold, tf.float32)
+
+        def outputs(self, images):
+            features, imagenet = self.base(normalise(images), training=False)
+            probabilities = tf.nn.softmax(tf.matmul(features, self.kernel) + self.bias)
+            score = tf_scores(open_set.method, features, imagenet, open_set.centroids)
+            batch = tf.shape(images)[0]
+            return {
+                "probabilities": probabilities,
+                "classes": tf.tile(self.labels[None, :], [batch, 1]),
+                "mushroom_score": score,
+                "not_a_mushroom": score < self.threshold,
+            }
+
+        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8, name="images")],
+                     autograph=False)
+        def serve_pixels(self, images):
+            return self.outputs(images)
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")], autograph=False)
+        def serve_bytes(self, image_bytes):
+            def decode(data):
+                img = tf.io.decode_image(data, channels=3, expand_animations=False)
+                img = tf.image.resize(img, (size, size), method="bilinear")
+                return tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
+
+            images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
+            return self.outputs(images)
+
+    return MushroomClassifier()
+
+
+def save_model(module, export_dir) -> None:
+    import tensorflow as tf
+
+    tf.saved_model.save(module, str(export_dir), signatures={
+        "serving_default": module.serve_pixels, "predict_image_bytes": module.serve_bytes})
+
+
+def in_process_outputs(base, head: Head, open_set: OpenSet, pixels: np.ndarray) -> dict:
+    """The same outputs computed the training way (numpy head and open-set on the base's outputs)."""
+    features, imagenet = base(pixels)
+    score = open_set.scores(features, imagenet)
+    return {"probabilities": head.predict(features), "mushroom_score": score,
+            "not_a_mushroom": score < open_set.threshold}
+
+
+def write_warmup_requests(path, pixels: np.ndarray, photo_bytes: list[bytes], model_name: str) -> None:
+    """TF Serving warm-up file: PredictionLogs for both signatures (batch 1 and the whole sample)."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    def log(signature: str, key: str, tensor):
+        request = predict_pb2.PredictRequest(
+            model_spec=model_pb2.ModelSpec(name=model_name, signature_name=signature))
+        request.inputs[key].CopyFrom(tf.make_tensor_proto(tensor))
+        return prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        writer.write(log("serving_default", "images", pixels[:1]).SerializeToString())
+        if len(pixels) > 1:
+            writer.write(log("serving_default", "images", pixels).SerializeToString())
+        if photo_bytes:
+            writer.write(log("predict_image_bytes", "image_bytes",
+                             np.array(photo_bytes[:1], dtype=object)).SerializeToString())

@@ -1,0 +1,96 @@
+""""Not a mushroom": an open-set score computed from the base network's own outputs, calibrated on validation.
+
+Candidates (all "higher = more mushroom-like"):
+- ``fungus_mass``: the ImageNet head's probability on its fungus classes (``FUNGUS_CLASS_IDS``);
+- ``centroid_cosine``: the largest cosine similarity between the photo's bottleneck and the training classes'
+  mean bottleneck directions (a feature-space out-of-distribution score);
+- ``combined`` (the default): their sum. The two fail differently — ImageNet has no class for many mushroom
+  species and angles, while centroid similarity alone is fooled by brown, leafy, forest-floor scenes — so a photo
+  is only rejected when both agree it looks unlike a mushroom.
+
+The threshold is the ``reject_rate`` quantile of the validation split's scores, so about that share of real
+mushroom photos is rejected; the not-mushroom photos are never used for calibration, only to report rates.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from training_job.base_weights import FUNGUS_CLASS_IDS
+
+METHODS = ("combined", "fungus_mass", "centroid_cosine")
+DEFAULT_METHOD = "combined"
+DEFAULT_REJECT_RATE = 0.03
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+@dataclass
+class OpenSet:
+    method: str
+    threshold: float
+    centroids: np.ndarray  # (C, D) unit vectors
+    reject_rate_target: float
+    validation_rejected: float
+
+    def scores(self, features: np.ndarray, imagenet: np.ndarray) -> np.ndarray:
+        return method_scores(self.method, features, imagenet, self.centroids)
+
+    def not_a_mushroom(self, features: np.ndarray, imagenet: np.ndarray) -> np.ndarray:
+        return self.scores(features, imagenet) < self.threshold
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("centroids")
+        d["fungus_class_ids"] = list(FUNGUS_CLASS_IDS)
+        return d
+
+    def save(self, path) -> None:
+        np.savez(path, centroids=self.centroids, method=self.method, threshold=self.threshold,
+                 reject_rate_target=self.reject_rate_target, validation_rejected=self.validation_rejected)
+
+    @classmethod
+    def load(cls, path) -> "OpenSet":
+        with np.load(path) as z:
+            return cls(str(z["method"]), float(z["threshold"]), z["centroids"], float(z["reject_rate_target"]),
+                       float(z["validation_rejected"]))
+
+
+def class_centroids(features: np.ndarray, label_index: np.ndarray, n_classes: int) -> np.ndarray:
+    unit = _unit(features)
+    return _unit(np.stack([unit[label_index == c].mean(axis=0) for c in range(n_classes)])).astype(np.float32)
+
+
+def method_scores(method: str, features: np.ndarray, imagenet: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    fungus = imagenet[:, list(FUNGUS_CLASS_IDS)].sum(axis=1)
+    cosine = (_unit(features) @ centroids.T).max(axis=1)
+    if method == "fungus_mass":
+        return fungus.astype(np.float32)
+    if method == "centroid_cosine":
+        return cosine.astype(np.float32)
+    if method == "combined":
+        return (fungus + cosine).astype(np.float32)
+    raise ValueError(f"unknown open-set method {method!r}; choose from {METHODS}")
+
+
+def calibrate(method: str, train_features, train_label_index, n_classes: int, val_features, val_imagenet,
+              reject_rate: float = DEFAULT_REJECT_RATE) -> OpenSet:
+    if not 0 <= reject_rate < 0.5:
+        raise ValueError(f"the open-set reject rate must be in [0, 0.5), got {reject_rate}")
+    centroids = class_centroids(train_features, train_label_index, n_classes)
+    scores = method_scores(method, val_features, val_imagenet, centroids)
+    threshold = float(np.quantile(scores, reject_rate)) if len(scores) else 0.0
+    return OpenSet(method, threshold, centroids, reject_rate, float(np.mean(scores < threshold)))
+
+
+def tf_scores(method: str, features, imagenet, centroids):
+    """``method_scores`` in TensorFlow ops, for the exported graph."""
+    import tensorflow as tf
+
+    fungus = tf.reduce_sum(tf.gather(imagenet, list(FUNGUS_CLASS_IDS), axis=1), axis=1)
+    unit = features / tf.maximum(tf.norm(features, axis=1, keepdims=True), 1e-12)
+    cosine = tf.reduce_max(tf.matmul(unit, tf.constant(centroids), transpose_b=True), axis=1)
+    return {"fungus_mass": fungus, "centroid_cosine": cosine, "combined": fungus + cosine}[method]

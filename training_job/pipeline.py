@@ -1,0 +1,210 @@
+"""The training job's steps glued together around a run folder.
+
+A run folder (``var/runs/<run name>/``) holds everything a later step needs: ``manifest.csv``, ``config.json``,
+``head.npz``, ``open_set.npz``, ``train_summary.json`` and the evaluation (``metrics.json``,
+``confusion_matrix.png``, ``misclassified.csv``). ``publish`` exports a run into the registry.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from training_job.bottlenecks import BaseNetwork, get_bottlenecks
+from training_job.dataset import labels_of, manifest_fingerprint, read_manifest, write_manifest
+from training_job.evaluate import candidate_report, open_set_metrics, photo_rows, write_evaluation
+from training_job.open_set import DEFAULT_METHOD, DEFAULT_REJECT_RATE, OpenSet, calibrate
+from training_job.paths import PROJECT_ROOT, shared_data_dir, var_dir
+from training_job.train import Head, TrainConfig, load_config, plain_bottlenecks, save_config, split_rows, train_head
+
+DISPLAY_NAMES = {
+    "amanita_muscaria": "Fly agaric",
+    "amanita_vaginata": "Grisette",
+    "boletus_edulis": "Penny bun (porcini)",
+    "boletus_erythropus": "Scarletina bolete",
+}
+
+
+def display_name(label: str) -> str:
+    return DISPLAY_NAMES.get(label, label.replace("_", " ").strip().capitalize())
+
+
+def default_not_mushrooms() -> Path | None:
+    folder = shared_data_dir() / "not-mushrooms"
+    return folder if folder.is_dir() else None
+
+
+def runs_dir() -> Path:
+    return var_dir() / "runs"
+
+
+def tensorboard_dir() -> Path:
+    return var_dir() / "tensorboard"
+
+
+def code_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (rev + ("-dirty" if dirty else "")) if rev else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def train_run(rows, config: TrainConfig, run_dir: Path | None = None, *, base: BaseNetwork | None = None,
+              tensorboard_root: Path | None = None, not_mushrooms: Path | None = None,
+              open_set_method: str = DEFAULT_METHOD, reject_rate: float = DEFAULT_REJECT_RATE,
+              cache_root=None, progress: bool = True) -> tuple[Path, dict]:
+    """Train, calibrate the open-set check, evaluate on test; write the run folder. Returns (run_dir, metrics)."""
+    base = base or BaseNetwork(config.architecture, config.weights_file)
+    run_name = run_dir.name if run_dir else None
+    result = train_head(rows, config, tensorboard_root or tensorboard_dir(), run_name, base=base,
+                        progress=progress, cache_root=cache_root)
+    run_dir = Path(run_dir or runs_dir() / result.run_name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    labels = result.head.labels
+    index = {l: i for i, l in enumerate(labels)}
+    train_idx = np.array([index[r.label] for r in split_rows(rows, "train")])
+    val = result.split_bottlenecks["validation"]
+    open_set = calibrate(open_set_method, result.split_bottlenecks["train"].features, train_idx, len(labels),
+                         val.features, val.imagenet, reject_rate)
+    write_manifest(rows, run_dir / "manifest.csv")
+    save_config(config, run_dir / "config.json")
+    result.head.save(run_dir / "head.npz")
+    open_set.save(run_dir / "open_set.npz")
+    (run_dir / "train_summary.json").write_text(json.dumps({
+        "run_name": result.run_name, "architecture": base.architecture, "tensorboard": result.tensorboard_dir,
+        "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+        "validation_accuracy": result.validation_accuracy,
+        "validation_cross_entropy": result.validation_cross_entropy,
+        "bottlenecks_computed": result.bottlenecks_computed, "train_seconds": result.seconds,
+        "train_photos": len(train_idx), "validation_photos": len(val.features),
+    }, indent=2))
+    metrics = evaluate_run(run_dir, base, not_mushrooms=not_mushrooms, cache_root=cache_root, progress=progress,
+                           split_bottlenecks=result.split_bottlenecks)
+    return run_dir, metrics
+
+
+def load_run(run_dir: Path):
+    run_dir = Path(run_dir)
+    for name in ("manifest.csv", "config.json", "head.npz", "open_set.npz"):
+        if not (run_dir / name).exists():
+            raise FileNotFoundError(f"{run_dir} is not a training run folder (no {name}); run `train` first")
+    return (read_manifest(run_dir / "manifest.csv"), load_config(run_dir / "config.json"),
+            Head.load(run_dir / "head.npz"), OpenSet.load(run_dir / "open_set.npz"))
+
+
+def evaluate_run(run_dir: Path, base: BaseNetwork | None = None, *, not_mushrooms: Path | None = None,
+                 cache_root=None, progress: bool = True, split_bottlenecks=None) -> dict:
+    rows, config, head, open_set = load_run(run_dir)
+    base = base or BaseNetwork(config.architecture, config.weights_file)
+    if split_bottlenecks is None:
+        split_bottlenecks, _ = plain_bottlenecks(rows, base, progress=progress, cache_root=cache_root)
+    test_rows = split_rows(rows, "test")
+    if not test_rows:
+        raise ValueError("the test split is empty: prepare with a non-zero --testing-percentage")
+    index = {l: i for i, l in enumerate(head.labels)}
+    y_test = np.array([index[r.label] for r in test_rows])
+    test = split_bottlenecks["test"]
+    ood = None
+    if not_mushrooms is None:
+        not_mushrooms = default_not_mushrooms()
+    if not_mushrooms is not None:
+        ood_rows = photo_rows(Path(not_mushrooms))
+        ood = get_bottlenecks(ood_rows, base, progress=progress, root=cache_root) if ood_rows else None
+    report = open_set_metrics(open_set, test.features, test.imagenet,
+                              ood.features if ood else None, ood.imagenet if ood else None)
+    if not_mushrooms is not None:
+        report["not_mushrooms_folder"] = str(not_mushrooms)
+    train_idx = np.array([index[r.label] for r in split_rows(rows, "train")])
+    report["candidates_at_same_reject_rate"] = candidate_report(
+        split_bottlenecks["train"].features, train_idx, len(head.labels), split_bottlenecks["validation"], test, ood,
+        open_set.reject_rate_target)
+    return write_evaluation(Path(run_dir), head.labels, test_rows, y_test, head.predict(test.features), report)
+
+
+def model_card(run_dir: Path, base: BaseNetwork, config: TrainConfig, open_set: OpenSet, rows) -> dict:
+    from training_job.base_weights import SOURCE_DESCRIPTION
+    from training_job.preprocessing import PREPROCESSING_VERSION
+
+    summary_file = Path(run_dir) / "train_summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    return {
+        "architecture": base.architecture,
+        "image_size": base.image_size,
+        "preprocessing_version": PREPROCESSING_VERSION,
+        "base_weights_source": SOURCE_DESCRIPTION if not config.weights_file else f"weights file {config.weights_file}",
+        "hyper_parameters": asdict(config),
+        "training": summary,
+        "code_revision": code_revision(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "manifest_fingerprint": manifest_fingerprint(rows),
+        "labels": labels_of(rows),
+        "split_counts": {s: len(split_rows(rows, s)) for s in ("train", "validation", "test", "demo")},
+        "open_set": open_set.to_json(),
+    }
+
+
+def export_run(run_dir: Path, target: Path, base: BaseNetwork | None = None, *, model_name: str = "mushrooms",
+               tflite: bool = True, progress: bool = True) -> dict:
+    """Write the SavedModel and ``assets.extra/`` of ``run_dir`` into ``target``; returns the metrics written."""
+    import shutil
+
+    from training_job.export import build_serving_module, save_model, write_warmup_requests
+    from training_job.preprocessing import load_image_file
+
+    rows, config, head, open_set = load_run(run_dir)
+    base = base or BaseNetwork(config.architecture, config.weights_file)
+    target = Path(target)
+    save_model(build_serving_module(base, head, open_set), target)
+    extra = target / "assets.extra"
+    extra.mkdir(exist_ok=True)
+    (extra / "labels.json").write_text(json.dumps(
+        {"labels": head.labels, "display_names": {l: display_name(l) for l in head.labels}}, indent=2))
+    metrics_file = Path(run_dir) / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else evaluate_run(run_dir, base)
+    if tflite:
+        from training_job.tflite_export import export_tflite
+
+        metrics["tflite"] = export_tflite(base, head, rows, extra / "tflite", progress=progress)
+        metrics["tflite"]["savedmodel_test_accuracy"] = metrics["test_accuracy"]
+    (extra / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (extra / "model_card.json").write_text(json.dumps(model_card(run_dir, base, config, open_set, rows), indent=2))
+    for name in ("confusion_matrix.png", "misclassified.csv", "manifest.csv"):
+        shutil.copyfile(Path(run_dir) / name, extra / name)
+    sample = (split_rows(rows, "test") or rows)[:4]
+    write_warmup_requests(extra / "tf_serving_warmup_requests",
+                          np.stack([load_image_file(r.path, base.image_size) for r in sample]),
+                          [Path(r.path).read_bytes() for r in sample[:1]], model_name)
+    return metrics
+
+
+def publish_run(run_dir: Path, registry: Path, model_name: str = "mushrooms", *, base: BaseNetwork | None = None,
+                min_test_accuracy: float | None = None, tflite: bool = True, progress: bool = True):
+    """Export ``run_dir`` into the next version folder of ``registry/model_name``; returns (N, version_dir, metrics)."""
+    from training_job.publish import PublishError, publish_dir
+
+    metrics_file = Path(run_dir) / "metrics.json"
+    if min_test_accuracy is not None:
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else evaluate_run(run_dir, base)
+        if metrics["test_accuracy"] < min_test_accuracy:
+            raise PublishError(f"test accuracy {metrics['test_accuracy']:.4f} is below --min_test_accuracy "
+                               f"{min_test_accuracy}; not publishing")
+    out = {}
+
+    def build(staging: Path) -> None:
+        out["metrics"] = export_run(run_dir, staging, base, model_name=model_name, tflite=tflite, progress=progress)
+
+    n, version_dir = publish_dir(build, Path(registry), model_name)
+    return n, version_dir, out["metrics"]
+
+
+def timestamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")

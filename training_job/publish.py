@@ -1,0 +1,120 @@
+"""Atomic publishing into the registry: ``<registry>/<model_name>/<N>/``.
+
+A version is built in ``<registry>/<model_name>/.tmp-<pid>-<uuid>/`` (same file system), every file and folder
+is fsynced, then — holding an exclusive ``flock`` on ``<model_name>/.publish.lock`` so two publishers cannot pick
+the same N — it is renamed to the next free integer and the parent folder is fsynced. A reader never sees a
+half-written numeric folder; a publisher killed at any point leaves at most a ``.tmp-*`` folder, which the next
+publish removes once its owner process is gone. The lock is released by the kernel when its holder dies.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+TMP_PREFIX = ".tmp-"
+LOCK_NAME = ".publish.lock"
+
+
+class PublishError(RuntimeError):
+    pass
+
+
+def versions(model_dir: Path) -> list[int]:
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def fsync_tree(root: Path) -> None:
+    for folder, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(folder))
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_tmp(model_dir: Path) -> list[str]:
+    """Remove ``.tmp-<pid>-*`` folders whose publisher process no longer exists."""
+    removed = []
+    for p in model_dir.glob(TMP_PREFIX + "*"):
+        try:
+            pid = int(p.name[len(TMP_PREFIX):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
+
+
+@contextmanager
+def _locked(model_dir: Path):
+    fd = os.open(model_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def new_staging_dir(registry: Path, model_name: str) -> Path:
+    model_dir = Path(registry) / model_name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = model_dir / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
+    staging.mkdir()
+    return staging
+
+
+def commit_version(staging: Path) -> tuple[int, Path]:
+    """fsync ``staging`` and rename it to the next free integer version in its folder; returns (N, path)."""
+    model_dir = staging.parent
+    fsync_tree(staging)
+    with _locked(model_dir):
+        remove_stale_tmp(model_dir)
+        n = (versions(model_dir) or [0])[-1] + 1
+        target = model_dir / str(n)
+        while target.exists():  # a stray non-folder or hand-made entry: never overwrite it
+            n += 1
+            target = model_dir / str(n)
+        os.rename(staging, target)
+        fsync_dir(model_dir)
+    return n, target
+
+
+def publish_dir(build, registry: Path, model_name: str) -> tuple[int, Path]:
+    """Call ``build(staging_dir)`` to fill a fresh staging folder, then commit it as the next version.
+    On any failure the staging folder is removed and no version appears."""
+    if not model_name or "/" in model_name or model_name.startswith("."):
+        raise PublishError(f"invalid model name {model_name!r}: use a plain folder name like 'mushrooms'")
+    staging = new_staging_dir(Path(registry), model_name)
+    try:
+        build(staging)
+        return commit_version(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,0 +1,185 @@
+"""Train the classification head on cached bottlenecks (retrain.py's step, in Keras).
+
+The head is dropout + one L2-regularised dense softmax layer, trained with label smoothing and early stopping on
+the validation split (the best validation epoch is kept). TensorBoard gets accuracy and cross-entropy for train and
+validation under ``<tensorboard_root>/<run name>/{train,validation}``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from training_job.augmentation import Augmentation
+from training_job.bottlenecks import BaseNetwork, Bottlenecks, get_bottlenecks
+from training_job.dataset import labels_of
+
+
+class TrainingError(ValueError):
+    """The data cannot be trained on (one class, an empty split...): the message says why."""
+
+
+@dataclass
+class TrainConfig:
+    architecture: str = "mobilenet_1.0_224"
+    weights_file: str | None = None
+    learning_rate: float = 0.003
+    epochs: int | None = None  # upper bound; early stopping usually ends sooner
+    how_many_training_steps: int | None = None  # retrain.py's unit; converted to epochs
+    train_batch_size: int = 32
+    validation_batch_size: int = 256
+    flip_left_right: bool = False
+    random_crop: int = 0
+    random_scale: int = 0
+    random_brightness: int = 0
+    augmented_variants: int = 3  # cached distorted copies of each training photo when augmenting
+    label_smoothing: float = 0.1
+    dropout: float = 0.3
+    l2: float = 1e-4
+    patience: int = 20
+    seed: int = 0
+
+    @property
+    def augmentation(self) -> Augmentation:
+        return Augmentation(self.flip_left_right, self.random_crop, self.random_scale, self.random_brightness)
+
+    def max_epochs(self, n_train: int) -> int:
+        if self.how_many_training_steps:
+            steps_per_epoch = max(1, math.ceil(n_train / self.train_batch_size))
+            return max(1, math.ceil(self.how_many_training_steps / steps_per_epoch))
+        return self.epochs or 200
+
+
+@dataclass
+class Head:
+    """The trained head: softmax(features @ kernel + bias), columns in ``labels`` order."""
+    labels: list[str]
+    kernel: np.ndarray  # (D, C)
+    bias: np.ndarray  # (C,)
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        logits = features.astype(np.float32) @ self.kernel + self.bias
+        logits -= logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def save(self, path: Path) -> None:
+        np.savez(path, kernel=self.kernel, bias=self.bias, labels=np.array(self.labels))
+
+    @classmethod
+    def load(cls, path: Path) -> "Head":
+        with np.load(path) as z:
+            return cls([str(x) for x in z["labels"]], z["kernel"], z["bias"])
+
+
+@dataclass
+class TrainResult:
+    head: Head
+    config: TrainConfig
+    run_name: str
+    tensorboard_dir: str
+    epochs_run: int
+    best_epoch: int
+    validation_accuracy: float
+    validation_cross_entropy: float
+    bottlenecks_computed: int
+    seconds: float
+    split_bottlenecks: dict = field(default_factory=dict, repr=False)  # split -> Bottlenecks (plain)
+
+
+def split_rows(rows, split: str):
+    return [r for r in rows if r.split == split]
+
+
+def check_trainable(rows) -> list[str]:
+    labels = labels_of(rows)
+    if len(labels) < 2:
+        raise TrainingError(f"need at least 2 classes to train, found {len(labels)}: {labels}")
+    for split in ("train", "validation"):
+        present = {r.label for r in split_rows(rows, split)}
+        missing = [l for l in labels if l not in present]
+        if missing:
+            raise TrainingError(f"the {split} split has no photos of {missing}; add photos or lower the "
+                                "number of classes")
+    return labels
+
+
+def plain_bottlenecks(rows, base: BaseNetwork, splits=("train", "validation", "test"), progress=True,
+                      cache_root=None) -> tuple[dict, int]:
+    """Bottlenecks of every photo in ``splits`` in one cached pass; returns ({split: Bottlenecks}, computed)."""
+    wanted = [r for r in rows if r.split in splits]
+    b = get_bottlenecks(wanted, base, progress=progress, root=cache_root)
+    out = {}
+    for split in splits:
+        idx = [i for i, r in enumerate(wanted) if r.split == split]
+        out[split] = Bottlenecks(b.features[idx], b.imagenet[idx], 0)
+    return out, b.computed
+
+
+def train_head(rows, config: TrainConfig, tensorboard_root: Path, run_name: str | None = None,
+               base: BaseNetwork | None = None, progress: bool = True, cache_root=None) -> TrainResult:
+    import keras
+    import tensorflow as tf
+
+    started = time.monotonic()
+    labels = check_trainable(rows)
+    base = base or BaseNetwork(config.architecture, config.weights_file)
+    run_name = run_name or time.strftime("%Y%m%d-%H%M%S") + f"-{base.architecture}-lr{config.learning_rate:g}"
+    by_split, computed = plain_bottlenecks(rows, base, progress=progress, cache_root=cache_root)
+    train_rows, val_rows = split_rows(rows, "train"), split_rows(rows, "validation")
+    index = {l: i for i, l in enumerate(labels)}
+    x_train = by_split["train"].features
+    y_train = np.array([index[r.label] for r in train_rows])
+    if config.augmentation.active:
+        for k in range(config.augmented_variants):
+            aug = get_bottlenecks(train_rows, base, augmentation=config.augmentation, variant_index=k,
+                                  progress=progress, root=cache_root)
+            computed += aug.computed
+            x_train = np.concatenate([x_train, aug.features])
+            y_train = np.concatenate([y_train, [index[r.label] for r in train_rows]])
+    x_val = by_split["validation"].features
+    y_val = np.array([index[r.label] for r in val_rows])
+
+    keras.utils.set_random_seed(config.seed)
+    C = len(labels)
+    model = keras.Sequential([
+        keras.Input((x_train.shape[1],)),
+        keras.layers.Dropout(config.dropout),
+        keras.layers.Dense(C, activation="softmax", kernel_regularizer=keras.regularizers.L2(config.l2),
+                           name="head"),
+    ])
+    model.compile(
+        optimizer=keras.optimizers.Adam(config.learning_rate),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=["accuracy", keras.metrics.CategoricalCrossentropy(name="cross_entropy")],
+    )
+    tb_dir = Path(tensorboard_root) / run_name
+    callbacks = [
+        keras.callbacks.TensorBoard(str(tb_dir), write_graph=False, profile_batch=0),
+        keras.callbacks.EarlyStopping(monitor="val_cross_entropy", patience=config.patience,
+                                      restore_best_weights=True),
+    ]
+    history = model.fit(
+        x_train, tf.one_hot(y_train, C), validation_data=(x_val, tf.one_hot(y_val, C)),
+        epochs=config.max_epochs(len(x_train)), batch_size=config.train_batch_size,
+        validation_batch_size=config.validation_batch_size, shuffle=True, verbose=0, callbacks=callbacks,
+    ).history
+    kernel, bias = model.get_layer("head").get_weights()
+    head = Head(labels, kernel.astype(np.float32), bias.astype(np.float32))
+    val_ce = history["val_cross_entropy"]
+    best = int(np.argmin(val_ce))
+    val_acc = float(np.mean(head.predict(x_val).argmax(1) == y_val))
+    return TrainResult(head, config, run_name, str(tb_dir), len(val_ce), best + 1, val_acc, float(val_ce[best]),
+                       computed, time.monotonic() - started, by_split)
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(json.dumps(asdict(config), indent=2))
+
+
+def load_config(path: Path) -> TrainConfig:
+    return TrainConfig(**json.loads(path.read_text()))
