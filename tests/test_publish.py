@@ -1,0 +1,95 @@
+"""Publishing is atomic: concurrent publishers get distinct versions, a killed publish leaves no numeric folder,
+and the accuracy gate refuses a weak model."""
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from training_job.publish import PublishError, publish_dir, versions
+
+PUBLISHER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from training_job.publish import publish_dir
+
+    registry, tag, pause = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+
+    def build(staging):
+        for i in range(20):
+            (staging / f"part{i}").write_text(tag * 1000)
+        (staging / "tag").write_text(tag)
+        print("BUILT", flush=True)
+        time.sleep(pause)
+
+    n, path = publish_dir(build, registry, "mushrooms")
+    print(n, flush=True)
+""")
+
+
+def _publisher(registry, tag, pause):
+    return subprocess.Popen([sys.executable, "-c", PUBLISHER, str(registry), tag, str(pause)],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def test_concurrent_publishers_get_distinct_versions(tmp_path):
+    publishers = [_publisher(tmp_path, tag, 0.2) for tag in "abcd"]
+    numbers = [int(p.communicate(timeout=60)[0].split()[-1]) for p in publishers]
+    assert all(p.returncode == 0 for p in publishers)
+    assert sorted(numbers) == [1, 2, 3, 4]
+    model_dir = tmp_path / "mushrooms"
+    assert versions(model_dir) == [1, 2, 3, 4]
+    assert sorted((model_dir / str(n) / "tag").read_text() for n in numbers) == list("abcd")
+    assert all(len(list((model_dir / str(n)).iterdir())) == 21 for n in numbers)
+    assert not list(model_dir.glob(".tmp-*"))
+
+
+def test_killed_publish_leaves_no_numeric_folder(tmp_path):
+    publisher = _publisher(tmp_path, "k", 60)
+    assert publisher.stdout.readline().strip() == "BUILT"
+    publisher.send_signal(signal.SIGKILL)
+    publisher.wait(timeout=10)
+    model_dir = tmp_path / "mushrooms"
+    assert versions(model_dir) == []
+    assert [p.name for p in model_dir.iterdir() if p.name.isdigit()] == []
+    # the next publish gets version 1 and removes the dead publisher's staging folder
+    n, path = publish_dir(lambda d: (d / "tag").write_text("next"), tmp_path, "mushrooms")
+    assert n == 1 and (path / "tag").read_text() == "next"
+    assert not list(model_dir.glob(".tmp-*"))
+
+
+def test_failed_build_leaves_nothing(tmp_path):
+    def build(staging):
+        (staging / "half").write_text("x")
+        raise RuntimeError("export failed")
+
+    with pytest.raises(RuntimeError):
+        publish_dir(build, tmp_path, "mushrooms")
+    assert [p.name for p in (tmp_path / "mushrooms").iterdir() if p.name != ".publish.lock"] == []
+
+
+def test_versions_continue_after_gaps_and_ignore_non_numeric(tmp_path):
+    model_dir = tmp_path / "mushrooms"
+    (model_dir / "7").mkdir(parents=True)
+    (model_dir / "notes").mkdir()
+    n, _ = publish_dir(lambda d: (d / "f").write_text("x"), tmp_path, "mushrooms")
+    assert n == 8
+    with pytest.raises(PublishError):
+        publish_dir(lambda d: None, tmp_path, "../escape")
+
+
+def test_accuracy_gate_refuses_to_publish(trained_run, tmp_path, capsys):
+    from training_job.cli import main
+
+    run_dir, metrics = trained_run
+    code = main(["publish", "--run_dir", str(run_dir), "--registry", str(tmp_path),
+                 "--min_test_accuracy", "1.01"])
+    assert code == 2
+    code = main(["publish", "--run_dir", str(run_dir), "--registry", str(tmp_path), "--no_tflite",
+                 "--min_test_accuracy", str(min(1.0, metrics["test_accuracy"] + 0.001))])
+    err = capsys.readouterr().err
+    assert code == 2 and "below --min_test_accuracy" in err and "Traceback" not in err
+    assert versions(tmp_path / "mushrooms") == []

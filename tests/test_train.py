@@ -1,0 +1,113 @@
+"""Training on real photos with the real base network: cache reuse, a short run's accuracy, evaluation outputs,
+the open-set check, TensorBoard summaries, the sweep and clear CLI errors."""
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.support import MUSHROOMS
+from training_job.augmentation import Augmentation
+from training_job.bottlenecks import get_bottlenecks
+from training_job.cli import main
+from training_job.dataset import ManifestRow, read_manifest, write_manifest
+
+
+def test_bottleneck_cache_is_reused_and_augmented_variants_are_kept_apart(small_dataset, base_network, tmp_path):
+    _, rows = small_dataset
+    some = rows[:6]
+    first = get_bottlenecks(some, base_network, root=tmp_path, progress=False)
+    second = get_bottlenecks(some, base_network, root=tmp_path, progress=False)
+    assert (first.computed, second.computed) == (6, 0)
+    np.testing.assert_array_equal(first.features, second.features)
+    assert first.features.shape == (6, 1024) and first.imagenet.shape == (6, 1000)
+    np.testing.assert_allclose(first.imagenet.sum(axis=1), 1.0, atol=1e-4)
+
+    aug = Augmentation(flip_left_right=True, random_crop=10, random_brightness=10)
+    augmented = get_bottlenecks(some, base_network, augmentation=aug, root=tmp_path, progress=False)
+    assert augmented.computed == 6
+    assert not np.allclose(augmented.features, first.features)
+    assert get_bottlenecks(some, base_network, root=tmp_path, progress=False).computed == 0
+    assert get_bottlenecks(some, base_network, augmentation=aug, root=tmp_path, progress=False).computed == 0
+
+
+def test_short_training_run_reaches_meaningful_accuracy(trained_run):
+    run_dir, metrics = trained_run
+    assert metrics["test_accuracy"] >= 0.8, metrics
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert summary["validation_accuracy"] >= 0.75
+
+
+def test_evaluation_writes_matrix_png_and_misclassified_list(trained_run):
+    run_dir, metrics = trained_run
+    cm = np.array(metrics["confusion_matrix"]["rows_true_columns_predicted"])
+    assert cm.sum() == metrics["test_photos"]
+    assert np.trace(cm) / cm.sum() == pytest.approx(metrics["test_accuracy"])
+    assert set(metrics["per_class"]) == set(metrics["confusion_matrix"]["labels"])
+    assert (run_dir / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(run_dir / "misclassified.csv") as f:
+        wrong = list(csv.DictReader(f))
+    assert len(wrong) == metrics["misclassified"] == cm.sum() - np.trace(cm)
+    for row in wrong:
+        assert row["true"] != row["predicted"] and Path(row["path"]).exists() and 0 < float(row["confidence"]) <= 1
+
+
+def test_open_set_rejects_non_mushrooms_and_keeps_mushrooms(trained_run):
+    _, metrics = trained_run
+    o = metrics["open_set"]
+    assert o["not_mushroom_photos"] >= 50
+    assert o["not_mushrooms_rejected"] >= 0.9, o
+    assert o["test_mushrooms_rejected"] <= 0.1, o
+    assert set(o["candidates_at_same_reject_rate"]) == {"combined", "fungus_mass", "centroid_cosine"}
+
+
+def test_tensorboard_has_train_and_validation_runs(trained_run):
+    run_dir, _ = trained_run
+    tb = Path(json.loads((run_dir / "train_summary.json").read_text())["tensorboard"])
+    for side in ("train", "validation"):
+        assert list((tb / side).glob("events.out.tfevents.*")), f"no {side} summaries in {tb}"
+
+
+def test_sweep_picks_best_on_validation(small_dataset, base_network, tmp_path):
+    from training_job.sweep import run_sweep
+    from training_job.train import TrainConfig
+
+    _, rows = small_dataset
+    report = run_sweep(rows, TrainConfig(epochs=15, patience=5), [0.001, 0.01], ["mobilenet_1.0_224"],
+                       tmp_path / "sweep", tensorboard_root=tmp_path / "tb", progress=False)
+    assert len(report["runs"]) == 2
+    assert report["best"]["validation_accuracy"] == max(r["validation_accuracy"] for r in report["runs"])
+    assert len(list((tmp_path / "tb" / "sweep").iterdir())) == 2
+
+
+def _run_cli(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return code, captured.err
+
+
+def test_cli_bad_input_gives_clear_messages(tmp_path, capsys):
+    code, err = _run_cli(["train", "--manifest", str(tmp_path / "missing.csv")], capsys)
+    assert code == 2 and "no manifest" in err
+    code, err = _run_cli(["train", "--learning_rate", "-1"], capsys)
+    assert code == 2 and "--learning_rate must be > 0" in err
+    code, err = _run_cli(["train", "--architecture", "resnet_50"], capsys)
+    assert code == 2 and "unknown architecture" in err
+    code, err = _run_cli(["evaluate", "--run_dir", str(tmp_path)], capsys)
+    assert code == 2 and "not a training run folder" in err
+    code, err = _run_cli(["publish", "--run_dir", str(tmp_path)], capsys)
+    assert code == 2 and "not a training run folder" in err
+    code, err = _run_cli(["run", "--data", str(tmp_path / "nope")], capsys)
+    assert code == 2 and "not a folder" in err
+
+
+def test_training_refuses_a_single_class_manifest(tmp_path, capsys):
+    photos = sorted((MUSHROOMS / "boletus_edulis").iterdir())[:4]
+    rows = [ManifestRow(str(p), "boletus_edulis", f"{i:064x}", split, 1, 1, 1)
+            for i, (p, split) in enumerate(zip(photos, ["train", "train", "validation", "test"]))]
+    write_manifest(rows, tmp_path / "manifest.csv")
+    assert len(read_manifest(tmp_path / "manifest.csv")) == 4
+    code, err = _run_cli(["train", "--manifest", str(tmp_path / "manifest.csv")], capsys)
+    assert code == 2 and "at least 2 classes" in err

@@ -1,0 +1,87 @@
+"""`run`: the main job — (gather ->) prepare -> train -> evaluate -> publish, printing where the model went."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from training_job.cli import UserError
+
+
+def default_data() -> Path | None:
+    from training_job.paths import shared_data_dir
+
+    folder = shared_data_dir() / "mushrooms"
+    return folder if folder.is_dir() else None
+
+
+def register(subparsers) -> None:
+    from training_job import prepare as p
+    from training_job.commands.publish import add_publish_arguments
+    from training_job.commands.train import add_training_arguments
+
+    parser = subparsers.add_parser(
+        "run", help="the whole job: (gather ->) prepare -> train -> evaluate -> publish",
+        description="Prepare a dataset from --data (one sub-folder per class; default ../shared/data/mushrooms, "
+        "else a loudly-flagged synthetic stand-in), train, evaluate on the test split and publish the model "
+        "atomically into the registry. With --urls, first download the photos listed in URL-list files.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--data", default=None,
+                        help="photo folder with one sub-folder per class (default ../shared/data/mushrooms)")
+    parser.add_argument("--urls", default=None, help="folder of URL-list files (one per class) to gather first")
+    parser.add_argument("--work_dir", default=None, help="where dataset/, runs/ and tensorboard/ go (default var/)")
+    parser.add_argument("--per_class", type=int, default=p.DEFAULT_PER_CLASS, help="photos per class (0 = all)")
+    parser.add_argument("--validation_percentage", type=float, default=p.DEFAULT_VALIDATION_PCT)
+    parser.add_argument("--testing_percentage", type=float, default=p.DEFAULT_TEST_PCT)
+    parser.add_argument("--demo_percentage", type=float, default=p.DEFAULT_DEMO_PCT)
+    add_training_arguments(parser)
+    add_publish_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import os
+
+    from training_job.commands.publish import publish
+    from training_job.commands.train import config_from_args, train_and_report
+    from training_job.prepare import format_summary, prepare_dataset, read_report
+
+    if args.work_dir:
+        os.environ["MUSHROOM_VAR"] = str(Path(args.work_dir).resolve())
+    from training_job.paths import var_dir
+
+    config = config_from_args(args)  # bad flags fail before any slow step
+    work = var_dir()
+    if args.urls:
+        from training_job.gather import gather_photos
+
+        source = Path(args.data) if args.data else work / "photos"
+        result = gather_photos(args.urls, source)
+        print(f"gathered {result.downloaded} new photos into {source} ({result.already_present} already there, "
+              f"{len(result.failures)} failed; see {source / 'gather_failures.csv'})")
+    elif args.data:
+        source = Path(args.data)
+        if not source.is_dir():
+            raise UserError(f"--data {source} is not a folder (expected one sub-folder of photos per class)")
+    elif default_data() is not None:
+        source = default_data()
+    else:
+        from training_job.synthetic import SYNTHETIC_WARNING, generate_synthetic_dataset
+
+        print("=" * 100 + f"\n{SYNTHETIC_WARNING}\n" + "=" * 100)
+        source = generate_synthetic_dataset(work / "synthetic-photos", per_class=40, seed=0)
+    print(f"[1/4] prepare {source}")
+    rows = prepare_dataset(source, work / "dataset", per_class=args.per_class,
+                           validation_pct=args.validation_percentage, test_pct=args.testing_percentage,
+                           demo_pct=args.demo_percentage)
+    print(format_summary(read_report(work / "dataset")))
+    print("[2/4] train + [3/4] evaluate")
+    run_dir, metrics = train_and_report(rows, config, args)
+    print("[4/4] publish")
+    n, version_dir, _ = publish(run_dir, args)
+    print(f"\nmodel published: {version_dir}  (registry {version_dir.parent.parent}, model {args.model_name}, version {n})")
+    print(f"headline: test accuracy {metrics['test_accuracy']:.4f}; not-a-mushroom rejects "
+          f"{metrics['open_set']['test_mushrooms_rejected']:.1%} of test mushrooms"
+          + (f" and {metrics['open_set']['not_mushrooms_rejected']:.1%} of non-mushroom photos"
+             if "not_mushrooms_rejected" in metrics["open_set"] else ""))
+    return 0

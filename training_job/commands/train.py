@@ -1,0 +1,167 @@
+"""`train`: train the classification head on a prepared manifest (flags mirror retrain.py), calibrate the
+"not a mushroom" check and evaluate on the test split, into a run folder."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from training_job.cli import UserError
+from training_job.train import TrainConfig
+
+_DEFAULTS = TrainConfig()
+
+
+def default_manifest() -> Path:
+    from training_job.paths import var_dir
+
+    return var_dir() / "dataset" / "manifest.csv"
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, architecture: bool = True) -> None:
+    g = parser.add_argument_group("training (names as in retrain.py)")
+    if architecture:
+        g.add_argument("--architecture", default=_DEFAULTS.architecture,
+                       help="mobilenet_<alpha>_<size>, mobilenet_v2_<alpha>_<size> or inception_v3 (offline, only "
+                       "mobilenet_1.0_224 is built in; others need --weights-file or internet)")
+        g.add_argument("--learning_rate", type=float, default=_DEFAULTS.learning_rate, help="Adam learning rate")
+    g.add_argument("--weights-file", default=None, help="Keras ImageNet weights (include_top=True) for --architecture")
+    g.add_argument("--how_many_training_steps", type=int, default=None,
+                   help="upper bound on training steps (batches); early stopping usually ends sooner")
+    g.add_argument("--epochs", type=int, default=None, help="upper bound on epochs instead (default 200)")
+    g.add_argument("--train_batch_size", type=int, default=_DEFAULTS.train_batch_size)
+    g.add_argument("--validation_batch_size", type=int, default=_DEFAULTS.validation_batch_size)
+    g.add_argument("--flip_left_right", action="store_true", help="randomly mirror training photos")
+    g.add_argument("--random_crop", type=int, default=0, help="percentage margin randomly cropped")
+    g.add_argument("--random_scale", type=int, default=0, help="percentage of random scaling up")
+    g.add_argument("--random_brightness", type=int, default=0, help="percentage of random brightness change")
+    g.add_argument("--augmented_variants", type=int, default=_DEFAULTS.augmented_variants,
+                   help="distorted copies of each training photo (each cached on its own)")
+    g.add_argument("--label_smoothing", type=float, default=_DEFAULTS.label_smoothing)
+    g.add_argument("--dropout", type=float, default=_DEFAULTS.dropout)
+    g.add_argument("--l2", type=float, default=_DEFAULTS.l2, help="L2 weight penalty of the head")
+    g.add_argument("--patience", type=int, default=_DEFAULTS.patience,
+                   help="epochs without validation improvement before early stopping")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--open_set_reject_rate", type=float, default=0.03,
+                   help="share of validation mushroom photos the 'not a mushroom' threshold may reject")
+    g.add_argument("--not_mushrooms", default=None,
+                   help="folder of non-mushroom photos to REPORT open-set rates on (never calibrated on); "
+                   "default ../shared/data/not-mushrooms when present")
+
+
+def config_from_args(args, **override) -> TrainConfig:
+    values = dict(
+        architecture=getattr(args, "architecture", _DEFAULTS.architecture), weights_file=args.weights_file,
+        learning_rate=getattr(args, "learning_rate", _DEFAULTS.learning_rate), epochs=args.epochs,
+        how_many_training_steps=args.how_many_training_steps, train_batch_size=args.train_batch_size,
+        validation_batch_size=args.validation_batch_size, flip_left_right=args.flip_left_right,
+        random_crop=args.random_crop, random_scale=args.random_scale, random_brightness=args.random_brightness,
+        augmented_variants=args.augmented_variants, label_smoothing=args.label_smoothing, dropout=args.dropout,
+        l2=args.l2, patience=args.patience, seed=args.seed,
+    )
+    values.update(override)
+    config = TrainConfig(**values)
+    check_config(config)
+    return config
+
+
+def check_config(config: TrainConfig) -> None:
+    from training_job.base_weights import parse_architecture
+
+    try:
+        parse_architecture(config.architecture)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    problems = []
+    if config.learning_rate <= 0:
+        problems.append(f"--learning_rate must be > 0 (got {config.learning_rate})")
+    for name in ("train_batch_size", "validation_batch_size"):
+        if getattr(config, name) < 1:
+            problems.append(f"--{name} must be at least 1 (got {getattr(config, name)})")
+    for name in ("epochs", "how_many_training_steps"):
+        if getattr(config, name) is not None and getattr(config, name) < 1:
+            problems.append(f"--{name} must be at least 1 (got {getattr(config, name)})")
+    for name in ("random_crop", "random_scale", "random_brightness"):
+        if not 0 <= getattr(config, name) < 100:
+            problems.append(f"--{name} is a percentage in [0, 100) (got {getattr(config, name)})")
+    if not 0 <= config.dropout < 1:
+        problems.append(f"--dropout must be in [0, 1) (got {config.dropout})")
+    if not 0 <= config.label_smoothing < 1:
+        problems.append(f"--label_smoothing must be in [0, 1) (got {config.label_smoothing})")
+    if config.weights_file and not Path(config.weights_file).is_file():
+        problems.append(f"--weights-file {config.weights_file} does not exist")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def load_rows(manifest: str | Path):
+    from training_job.dataset import read_manifest
+
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise UserError(f"no manifest at {manifest}: run `python -m training_job prepare` first "
+                        "(or `run`, which prepares, trains, evaluates and publishes)")
+    try:
+        rows = read_manifest(manifest)
+    except (KeyError, ValueError) as exc:
+        raise UserError(f"{manifest} is not a dataset manifest ({exc})") from None
+    if not rows:
+        raise UserError(f"{manifest} lists no photos")
+    return rows
+
+
+def train_and_report(rows, config: TrainConfig, args, run_dir: Path | None = None, base=None) -> tuple[Path, dict]:
+    from training_job.pipeline import train_run
+    from training_job.train import TrainingError
+
+    if args.open_set_reject_rate is not None and not 0 <= args.open_set_reject_rate < 0.5:
+        raise UserError(f"--open_set_reject_rate must be in [0, 0.5) (got {args.open_set_reject_rate})")
+    not_mushrooms = Path(args.not_mushrooms) if args.not_mushrooms else None
+    if not_mushrooms is not None and not not_mushrooms.is_dir():
+        raise UserError(f"--not_mushrooms {not_mushrooms} is not a folder")
+    try:
+        run_dir, metrics = train_run(rows, config, run_dir, base=base, not_mushrooms=not_mushrooms,
+                                     reject_rate=args.open_set_reject_rate)
+    except (TrainingError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    print_summary(run_dir, metrics)
+    return run_dir, metrics
+
+
+def print_summary(run_dir: Path, metrics: dict) -> None:
+    import json
+
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    o = metrics["open_set"]
+    print(f"run folder: {run_dir}")
+    print(f"tensorboard: {summary['tensorboard']}  (tensorboard --logdir {Path(summary['tensorboard']).parent})")
+    print(f"trained {summary['epochs_run']} epochs (best {summary['best_epoch']}) in {summary['train_seconds']:.1f} s; "
+          f"{summary['bottlenecks_computed']} bottlenecks computed, the rest from the cache")
+    print(f"validation accuracy {summary['validation_accuracy']:.4f}; test accuracy {metrics['test_accuracy']:.4f} "
+          f"on {metrics['test_photos']} photos ({metrics['misclassified']} misclassified)")
+    line = f"not-a-mushroom ({o['method']}): rejects {o['test_mushrooms_rejected']:.1%} of test mushrooms"
+    if "not_mushrooms_rejected" in o:
+        line += f", {o['not_mushrooms_rejected']:.1%} of {o['not_mushroom_photos']} non-mushroom photos"
+    print(line)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train the head on cached bottlenecks, then evaluate on the test split",
+        description="Train a classification head on the frozen ImageNet base's bottlenecks (cached by photo hash, "
+        "architecture and preprocessing version), with early stopping on validation; calibrate the "
+        "'not a mushroom' threshold on validation; evaluate on test. Writes a run folder (default "
+        "var/runs/<run name>) and TensorBoard summaries (var/tensorboard/<run name>).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--manifest", default=str(default_manifest()), help="manifest.csv written by `prepare`")
+    parser.add_argument("--run_dir", default=None, help="run folder (default var/runs/<timestamp-arch-lr>)")
+    add_training_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    config = config_from_args(args)
+    rows = load_rows(args.manifest)
+    train_and_report(rows, config, args, Path(args.run_dir) if args.run_dir else None)
+    return 0

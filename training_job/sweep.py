@@ -1,0 +1,42 @@
+"""A small hyper-parameter grid (learning rates x architectures): one run folder and TensorBoard run each; the
+best is picked on the VALIDATION split (accuracy, then lower cross-entropy), never on test."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from training_job.bottlenecks import BaseNetwork
+from training_job.pipeline import tensorboard_dir, train_run
+from training_job.train import TrainConfig
+
+
+def run_sweep(rows, base_config: TrainConfig, learning_rates, architectures, sweep_dir: Path, *,
+              tensorboard_root: Path | None = None, not_mushrooms=None, reject_rate: float = 0.03,
+              progress: bool = True) -> dict:
+    sweep_dir = Path(sweep_dir)
+    tensorboard_root = Path(tensorboard_root or tensorboard_dir()) / sweep_dir.name
+    results = []
+    for architecture in architectures:
+        base = BaseNetwork(architecture, base_config.weights_file)
+        for lr in learning_rates:
+            config = replace(base_config, architecture=architecture, learning_rate=lr)
+            name = f"{base.architecture}-lr{lr:g}"
+            run_dir, metrics = train_run(rows, config, sweep_dir / name, base=base,
+                                         tensorboard_root=tensorboard_root, not_mushrooms=not_mushrooms,
+                                         reject_rate=reject_rate, progress=progress)
+            summary = json.loads((run_dir / "train_summary.json").read_text())
+            results.append({
+                "name": name, "run_dir": str(run_dir), "architecture": base.architecture, "learning_rate": lr,
+                "validation_accuracy": summary["validation_accuracy"],
+                "validation_cross_entropy": summary["validation_cross_entropy"],
+                "test_accuracy": metrics["test_accuracy"], "epochs_run": summary["epochs_run"],
+            })
+            if progress:
+                print(f"{name}: validation accuracy {summary['validation_accuracy']:.4f}, "
+                      f"cross-entropy {summary['validation_cross_entropy']:.4f}")
+    best = max(results, key=lambda r: (r["validation_accuracy"], -r["validation_cross_entropy"]))
+    report = {"runs": results, "best": best, "picked_on": "validation accuracy, then lower validation cross-entropy",
+              "tensorboard": str(tensorboard_root)}
+    (sweep_dir / "sweep.json").write_text(json.dumps(report, indent=2))
+    return report
