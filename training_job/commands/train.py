@@ -36,6 +36,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, architecture: bool =
     g.add_argument("--random_brightness", type=int, default=0, help="percentage of random brightness change")
     g.add_argument("--augmented_variants", type=int, default=_DEFAULTS.augmented_variants,
                    help="distorted copies of each training photo (each cached on its own)")
+    g.add_argument("--hidden_units", type=int, default=_DEFAULTS.hidden_units,
+                   help="ReLU hidden layer size of the head (0 = one softmax layer, as retrain.py)")
     g.add_argument("--label_smoothing", type=float, default=_DEFAULTS.label_smoothing)
     g.add_argument("--dropout", type=float, default=_DEFAULTS.dropout)
     g.add_argument("--l2", type=float, default=_DEFAULTS.l2, help="L2 weight penalty of the head")
@@ -56,7 +58,8 @@ def config_from_args(args, **override) -> TrainConfig:
         how_many_training_steps=args.how_many_training_steps, train_batch_size=args.train_batch_size,
         validation_batch_size=args.validation_batch_size, flip_left_right=args.flip_left_right,
         random_crop=args.random_crop, random_scale=args.random_scale, random_brightness=args.random_brightness,
-        augmented_variants=args.augmented_variants, label_smoothing=args.label_smoothing, dropout=args.dropout,
+        augmented_variants=args.augmented_variants, hidden_units=args.hidden_units,
+        label_smoothing=args.label_smoothing, dropout=args.dropout,
         l2=args.l2, patience=args.patience, seed=args.seed,
     )
     values.update(override)
@@ -84,6 +87,8 @@ def check_config(config: TrainConfig) -> None:
     for name in ("random_crop", "random_scale", "random_brightness"):
         if not 0 <= getattr(config, name) < 100:
             problems.append(f"--{name} is a percentage in [0, 100) (got {getattr(config, name)})")
+    if config.hidden_units < 0:
+        problems.append(f"--hidden_units must be >= 0 (got {config.hidden_units})")
     if not 0 <= config.dropout < 1:
         problems.append(f"--dropout must be in [0, 1) (got {config.dropout})")
     if not 0 <= config.label_smoothing < 1:

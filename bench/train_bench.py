@@ -1,0 +1,84 @@
+"""Training time on all the shared photos, cold (empty bottleneck cache) and warm (cached), and test accuracy.
+
+    .venv/bin/python bench/train_bench.py [--data DIR] [--out bench/results/train.json]
+
+Each phase builds the base network afresh and runs the real job step (bottlenecks -> head training with early
+stopping -> open-set calibration -> test evaluation). Targets (docs/targets.md): cold <= 180 s, warm <= 30 s on
+2 cores, test accuracy >= 0.97.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from training_job.paths import shared_data_dir  # noqa: E402
+
+
+def timed_training(rows, work: Path, cache_root: Path, name: str) -> dict:
+    from training_job.bottlenecks import BaseNetwork
+    from training_job.pipeline import train_run
+    from training_job.train import TrainConfig
+
+    started = time.monotonic()
+    base = BaseNetwork("mobilenet_1.0_224")
+    run_dir, metrics = train_run(rows, TrainConfig(), work / "runs" / name, base=base,
+                                 tensorboard_root=work / "tensorboard", cache_root=cache_root, progress=False)
+    seconds = time.monotonic() - started
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    return {
+        "seconds": round(seconds, 2),
+        "bottlenecks_computed": summary["bottlenecks_computed"],
+        "head_training_seconds": round(summary["train_seconds"], 2),
+        "epochs_run": summary["epochs_run"],
+        "validation_accuracy": summary["validation_accuracy"],
+        "test_accuracy": metrics["test_accuracy"],
+        "test_photos": metrics["test_photos"],
+        "open_set": {k: v for k, v in metrics["open_set"].items() if k != "candidates_at_same_reject_rate"},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(shared_data_dir() / "mushrooms"))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train.json"))
+    args = parser.parse_args()
+
+    from training_job.prepare import prepare_dataset
+
+    with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
+        work = Path(tmp)
+        rows = prepare_dataset(args.data, work / "dataset", per_class=0, progress=False)
+        photos = sum(1 for p in Path(args.data).rglob("*") if p.is_file())
+        cache_root = work / "bottleneck-cache"  # empty: the cold run computes every bottleneck
+        cold = timed_training(rows, work, cache_root, "cold")
+        warm = timed_training(rows, work, cache_root, "warm")
+    result = {
+        "photos_in_folder": photos,
+        "photos_after_prepare": len(rows),
+        "splits": {s: sum(1 for r in rows if r.split == s) for s in ("train", "validation", "test", "demo")},
+        "cold": cold,
+        "warm": warm,
+        "targets": {"cold_seconds": 180, "warm_seconds": 30, "test_accuracy": 0.97},
+        "met": {"cold": cold["seconds"] <= 180, "warm": warm["seconds"] <= 30,
+                "test_accuracy": warm["test_accuracy"] >= 0.97},
+        "machine": {"cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(), "python": platform.python_version()},
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
