@@ -44,6 +44,18 @@ def test_bytes_signature_classifies_encoded_photos(published_model):
     assert agree >= 0.75
 
 
+def test_bytes_signature_reads_webp_and_png_named_jpg(published_model):
+    from tests.support import MUSHROOMS
+
+    webp = MUSHROOMS / "amanita_muscaria" / "train_amanita_muscaria_272.jpg"  # RIFF/WEBP inside
+    png = MUSHROOMS / "boletus_edulis" / "train_boletus_edulis_251.jpg"  # PNG inside
+    assert webp.read_bytes()[:4] == b"RIFF" and png.read_bytes()[:4] == b"\x89PNG"
+    loaded = tf.saved_model.load(str(published_model.version_dir))
+    out = loaded.signatures["predict_image_bytes"](image_bytes=tf.constant([webp.read_bytes(), png.read_bytes()]))
+    np.testing.assert_allclose(out["probabilities"].numpy().sum(axis=1), 1.0, atol=1e-5)
+    assert not out["not_a_mushroom"].numpy().any()
+
+
 def test_signature_contract(published_model):
     loaded = tf.saved_model.load(str(published_model.version_dir))
     serving = loaded.signatures["serving_default"]

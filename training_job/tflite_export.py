@@ -31,8 +31,19 @@ def _classifier_model(base, head: Head):
 
 
 def convert(base, head: Head, representative: np.ndarray | None = None) -> bytes:
+    import contextlib
+    import io
+    import warnings
+
     import tensorflow as tf
 
+    # the converter prints the exported graph's signature; keep the job's output readable
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _convert(tf, base, head, representative)
+
+
+def _convert(tf, base, head: Head, representative) -> bytes:
     converter = tf.lite.TFLiteConverter.from_keras_model(_classifier_model(base, head))
     if representative is not None:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -44,7 +55,11 @@ def convert(base, head: Head, representative: np.ndarray | None = None) -> bytes
 def tflite_accuracy(model_bytes: bytes, pixels: np.ndarray, y_true: np.ndarray) -> float:
     import tensorflow as tf
 
-    interpreter = tf.lite.Interpreter(model_content=model_bytes, num_threads=2)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice (ai_edge_litert is not pinned)
+        interpreter = tf.lite.Interpreter(model_content=model_bytes, num_threads=2)
     interpreter.allocate_tensors()
     inp = interpreter.get_input_details()[0]["index"]
     out = interpreter.get_output_details()[0]["index"]
