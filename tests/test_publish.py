@@ -1,11 +1,9 @@
 """Publishing is atomic: concurrent publishers get distinct versions, a killed publish leaves no numeric folder,
 and the accuracy gate refuses a weak model."""
-import json
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from training_job.dataset import ManifestRow
-from training_job.open_set import METHODS, OpenSet, method_scores
+from training_job.open_set import METHODS, OpenSet
 
 
 def classification_metrics(labels: list[str], y_true: np.ndarray, probs: np.ndarray) -> dict:
