@@ -1,0 +1,5 @@
+import sys
+
+from services.model_server.main import main
+
+sys.exit(main())

@@ -1,0 +1,198 @@
+"""`python -m services.model_server`: flags as `tensorflow_model_server` names them."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from aiohttp import web
+
+from services.model_server.config import (
+    BatchingParameters, ConfigError, MonitoringConfig, read_model_config, single_model_config,
+)
+
+log = logging.getLogger("model_server")
+
+# Real tensorflow_model_server flags this server does not implement: named in a clear error instead of argparse's.
+UNSUPPORTED_TF_SERVING_FLAGS = {
+    "grpc_socket_path", "ssl_config_file", "platform_config_file", "tensorflow_session_parallelism",
+    "tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism", "per_process_gpu_memory_fraction",
+    "saved_model_tags", "grpc_channel_arguments", "enable_model_warmup", "num_request_iterations_for_warmup",
+    "rest_api_timeout_in_ms", "rest_api_num_threads", "enable_signature_method_name_check", "xla_cpu_compilation_enabled",
+    "remove_unused_fields_from_bundle_metagraph", "prefer_tflite_model", "mixed_precision", "thread_pool_factory_config_file",
+    "use_tflite_model", "flush_filesystem_caches", "model_version_policy", "enable_profiler",
+}
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m services.model_server",
+        description="A model server speaking the TensorFlow Serving API (gRPC PredictionService/ModelService and REST "
+        "/v1/models) over a folder of versioned SavedModels. Flags are those of tensorflow_model_server.",
+    )
+    p.add_argument("--port", type=int, default=8500, help="gRPC port (default 8500)")
+    p.add_argument("--rest_api_port", type=int, default=8501, help="REST port (default 8501; 0 = no REST)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (not a TF Serving flag; default 0.0.0.0)")
+    p.add_argument("--model_name", default="default", help="name of the single model to serve (with --model_base_path)")
+    p.add_argument("--model_base_path", default="", help="folder holding the model's numbered version folders")
+    p.add_argument("--model_config_file", default="", help="text ModelServerConfig; overrides --model_name/--model_base_path")
+    p.add_argument("--model_config_file_poll_wait_seconds", type=int, default=0,
+                   help="re-read --model_config_file every N seconds (0 = never)")
+    p.add_argument("--file_system_poll_wait_seconds", type=int, default=1,
+                   help="look for new versions every N seconds (0 = once at start, negative = never)")
+    p.add_argument("--enable_batching", type=_bool, nargs="?", const=True, default=False,
+                   help="batch concurrent requests server-side")
+    p.add_argument("--batching_parameters_file", default="",
+                   help="text BatchingParameters: max_batch_size, batch_timeout_micros, max_enqueued_batches, "
+                   "num_batch_threads, allowed_batch_sizes, pad_variable_length_inputs")
+    p.add_argument("--monitoring_config_file", default="",
+                   help='text MonitoringConfig, e.g. prometheus_config { enable: true, path: "/monitoring/prometheus/metrics" }')
+    p.add_argument("--allow_version_labels_for_unavailable_models", type=_bool, nargs="?", const=True, default=False,
+                   help="let NEW version labels point at versions that are not AVAILABLE yet")
+    p.add_argument("--max_num_load_retries", type=int, default=5, help="retries of a failed load (default 5)")
+    p.add_argument("--load_retry_interval_micros", type=int, default=60_000_000,
+                   help="accepted for compatibility: failed loads are retried on each file-system poll")
+    p.add_argument("--num_load_threads", type=int, default=1, help="accepted for compatibility (loads are serial)")
+    p.add_argument("--num_unload_threads", type=int, default=1, help="accepted for compatibility")
+    p.add_argument("--predict_threads", type=int, default=os.cpu_count() or 2,
+                   help="threads running the model when batching is off (not a TF Serving flag)")
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    for arg in argv:
+        name = arg.lstrip("-").split("=", 1)[0]
+        if arg.startswith("--") and name in UNSUPPORTED_TF_SERVING_FLAGS:
+            build_parser().error(f"--{name} is a tensorflow_model_server flag this server does not implement; "
+                                 "leave it out (see --help for the flags it does accept)")
+    args = build_parser().parse_args(argv)
+    if not args.model_config_file and not args.model_base_path:
+        build_parser().error("give --model_config_file, or --model_name with --model_base_path")
+    return args
+
+
+class ModelServer:
+    def __init__(self, args: argparse.Namespace):
+        from services.model_server.core import PredictionCore
+        from services.model_server.manager import Manager
+
+        self.args = args
+        batching = None
+        if args.enable_batching:
+            batching = BatchingParameters()
+            if args.batching_parameters_file:
+                batching = BatchingParameters.from_text(open(args.batching_parameters_file).read())
+        self.monitoring = MonitoringConfig()
+        if args.monitoring_config_file:
+            self.monitoring = MonitoringConfig.from_text(open(args.monitoring_config_file).read())
+        self.manager = Manager(args.max_num_load_retries, args.allow_version_labels_for_unavailable_models)
+        self.core = PredictionCore(self.manager, batching, args.predict_threads)
+        self.manager.set_config(self._initial_config())
+        self._stopping = asyncio.Event()
+
+    def _initial_config(self):
+        if self.args.model_config_file:
+            return read_model_config(self.args.model_config_file)
+        return single_model_config(self.args.model_name, os.path.abspath(self.args.model_base_path))
+
+    async def reload_config(self, config) -> list[str]:
+        from services.model_server.errors import ServingError
+        import grpc
+
+        for model in config.model_config_list.config:
+            if not model.name or not model.base_path:
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "every model needs a name and a base_path")
+        self.manager.set_config(config)
+        log.info("model config reloaded: %s", ", ".join(m.name for m in config.model_config_list.config))
+        return await self._reconcile()
+
+    async def _reconcile(self) -> list[str]:
+        errors = await asyncio.get_running_loop().run_in_executor(None, self.manager.reconcile)
+        for error in errors:
+            log.error("%s", error)
+        if self.core.batcher is not None:
+            live = {id(r.servable) for name in self.manager.model_names()
+                    for r in self.manager.status_records(name) if r.servable is not None}
+            self.core.batcher.forget(live)
+        return errors
+
+    async def _poll_file_system(self) -> None:
+        wait = self.args.file_system_poll_wait_seconds
+        while wait > 0 and not self._stopping.is_set():
+            await asyncio.sleep(wait)
+            await self._reconcile()
+
+    async def _poll_config_file(self) -> None:
+        wait = self.args.model_config_file_poll_wait_seconds
+        last = None
+        while wait > 0 and self.args.model_config_file and not self._stopping.is_set():
+            await asyncio.sleep(wait)
+            try:
+                config = read_model_config(self.args.model_config_file)
+            except ConfigError as exc:
+                log.error("%s (keeping the previous config)", exc)
+                continue
+            text = str(config)
+            if text != last:
+                last = text
+                await self.reload_config(config)
+
+    async def serve(self) -> None:
+        from services.model_server.grpc_api import build_server
+        from services.model_server.rest_api import RestApi
+
+        if self.args.file_system_poll_wait_seconds >= 0:
+            await self._reconcile()
+        grpc_server = build_server(self.core, self.reload_config, self.args.port, self.args.host)
+        await grpc_server.start()
+        runner = None
+        if self.args.rest_api_port:
+            path = self.monitoring.path if self.monitoring.enable else None
+            runner = web.AppRunner(RestApi(self.core, path).app(), access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, self.args.host, self.args.rest_api_port).start()
+        log.info("serving gRPC on %s:%d, REST on %s (metrics %s)", self.args.host, self.args.port,
+                 f"{self.args.host}:{self.args.rest_api_port}" if runner else "off",
+                 self.monitoring.path if self.monitoring.enable else "off")
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        pollers = [asyncio.create_task(self._poll_file_system()), asyncio.create_task(self._poll_config_file())]
+        await self._stopping.wait()
+        log.info("shutting down: finishing in-flight requests")
+        for task in pollers:
+            task.cancel()
+        await grpc_server.stop(grace=10)
+        if runner:
+            await runner.cleanup()
+        self.core.executor.shutdown(wait=True)
+        log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        server = ModelServer(args)
+    except (ConfigError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(server.serve())
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
