@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-_TOKEN = re.compile(r'\s*(?:(#[^\n]*)|([A-Za-z_][A-Za-z0-9_]*)|(\{|\}|:|<|>)|("(?:[^"\\]|\\.)*"|\'[^\']*\')|([-+0-9.eE]+))')
+_TOKEN = re.compile(r'\s*(?:(#[^\n]*|[,;])|([A-Za-z_][A-Za-z0-9_]*)|(\{|\}|:|<|>)|("(?:[^"\\]|\\.)*"|\'[^\']*\')|([-+0-9.eE]+))')
 
 
 class ConfigError(ValueError):
