@@ -1,0 +1,182 @@
+"""Our model server beyond the conformance suite: labels and config reload, batching, flags, config parsing."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow_serving.apis import (
+    model_management_pb2, model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc,
+)
+from tensorflow_serving.config import model_server_config_pb2
+
+from services.model_server.config import BatchingParameters, ConfigError, MonitoringConfig, parse_text_format
+from services.model_server.source import aspired_versions
+from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
+from tests.tiny_model import write_tiny_model
+from training_job.publish import publish_dir
+
+AVAILABLE = 30
+
+
+def publish_tiny(models_dir, model=MODEL, bias=0.0) -> int:
+    return publish_dir(lambda d: write_tiny_model(d, bias=bias), models_dir, model)[0]
+
+
+def predict(stub, model=MODEL, label=None, version=None):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    if label:
+        request.model_spec.version_label = label
+    if version:
+        request.model_spec.version.value = version
+    request.inputs["images"].CopyFrom(tf.make_tensor_proto(np.zeros((1, 224, 224, 3), np.uint8)))
+    return stub.Predict(request, timeout=30).model_spec.version.value
+
+
+def reload(target, config_text: str) -> model_management_pb2.ReloadConfigResponse:
+    request = model_management_pb2.ReloadConfigRequest()
+    text_format.Parse(config_text, request.config)
+    with grpc.insecure_channel(target) as channel:
+        return model_service_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(request, timeout=60)
+
+
+def config_text(models: dict, labels: dict[str, int] | None = None) -> str:
+    """Labels apply to MODEL only."""
+    parts = []
+    for name, base in models.items():
+        label_text = "".join(f' version_labels {{ key: "{k}" value: {v} }}'
+                             for k, v in (labels or {}).items()) if name == MODEL else ""
+        parts.append(f'config {{ name: "{name}" base_path: "{base}" model_platform: "tensorflow" '
+                     f'model_version_policy {{ all {{}} }}{label_text} }}')
+    return "model_config_list { " + " ".join(parts) + " }"
+
+
+@pytest.fixture(scope="module")
+def batching_server(tmp_path_factory):
+    models_dir = tmp_path_factory.mktemp("registry")
+    publish_tiny(models_dir)
+    config = models_dir / "models.config"
+    write_config(config, {MODEL: models_dir / MODEL}, labels={MODEL: {"stable": 1}}, policy="all {}")
+    (models_dir / "batching.config").write_text(
+        "max_batch_size { value: 16 }\nbatch_timeout_micros { value: 20000 }\nnum_batch_threads { value: 1 }\n"
+        "allowed_batch_sizes: 4\nallowed_batch_sizes: 16\n")
+    (models_dir / "monitoring.config").write_text('prometheus_config { enable: true path: "/metrics" }')
+    server = start_server(models_dir, config, "--enable_batching",
+                          f"--batching_parameters_file={models_dir / 'batching.config'}",
+                          f"--monitoring_config_file={models_dir / 'monitoring.config'}")
+    wait_until(lambda: version_states(server.grpc_target, MODEL).get(1, (0,))[0] == AVAILABLE, what="version 1")
+    channel = grpc.insecure_channel(server.grpc_target)
+    yield server, prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    channel.close()
+    stop_server(server)
+
+
+def test_concurrent_requests_share_model_calls(batching_server):
+    server, stub = batching_server
+    versions, errors = [], []
+
+    def call():
+        try:
+            versions.append(predict(stub))
+        except grpc.RpcError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and versions == [1] * 24
+    text = urllib.request.urlopen(f"{server.rest_url}/metrics", timeout=10).read().decode()
+    count = float(re.search(r'processed_batch_size_count\{model_name="mushrooms"\} (\S+)', text).group(1))
+    total = float(re.search(r'processed_batch_size_sum\{model_name="mushrooms"\} (\S+)', text).group(1))
+    assert count < 24 and total >= 24, f"24 requests ran as {count} model calls"
+
+
+def test_labels_move_and_config_reload_adds_and_removes_models(batching_server, tmp_path):
+    server, stub = batching_server
+    base = server.models_dir / MODEL
+    assert predict(stub, label="stable") == 1
+    v2 = publish_tiny(server.models_dir, bias=1.0)
+    wait_until(lambda: version_states(server.grpc_target, MODEL).get(v2, (0,))[0] == AVAILABLE, what="v2")
+
+    response = reload(server.grpc_target, config_text({MODEL: base}, {"stable": 1, "canary": v2}))
+    assert response.status.error_code == 0, response.status.error_message
+    assert (predict(stub, label="stable"), predict(stub, label="canary")) == (1, v2)
+
+    assert reload(server.grpc_target, config_text({MODEL: base}, {"stable": v2})).status.error_code == 0
+    assert predict(stub, label="stable") == v2
+    with pytest.raises(grpc.RpcError) as err:
+        predict(stub, label="canary")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    refused = reload(server.grpc_target, config_text({MODEL: base}, {"stable": v2, "canary": 99}))
+    assert refused.status.error_code != 0 and "99" in refused.status.error_message
+
+    other_dir = tmp_path / "registry"
+    publish_tiny(other_dir, model="other")
+    added = reload(server.grpc_target, config_text({MODEL: base, "other": other_dir / "other"}, {"stable": v2}))
+    assert added.status.error_code == 0
+    assert predict(stub, model="other") == 1
+    assert reload(server.grpc_target, config_text({MODEL: base}, {"stable": v2})).status.error_code == 0
+    with pytest.raises(grpc.RpcError) as err:
+        predict(stub, model="other")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_unknown_tf_serving_flag_gets_a_clear_message():
+    result = subprocess.run([sys.executable, "-m", "services.model_server", "--ssl_config_file=x.conf",
+                             "--model_base_path=/tmp"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "--ssl_config_file is a tensorflow_model_server flag this server does not implement" in result.stderr
+
+
+def test_help_documents_the_tf_serving_flags():
+    out = subprocess.run([sys.executable, "-m", "services.model_server", "--help"], capture_output=True,
+                         text=True).stdout
+    for flag in ("--port", "--rest_api_port", "--model_name", "--model_base_path", "--model_config_file",
+                 "--model_config_file_poll_wait_seconds", "--file_system_poll_wait_seconds", "--enable_batching",
+                 "--batching_parameters_file", "--monitoring_config_file",
+                 "--allow_version_labels_for_unavailable_models"):
+        assert flag in out
+
+
+def test_batching_and_monitoring_text_formats():
+    params = BatchingParameters.from_text(
+        "max_batch_size { value: 32 }\nbatch_timeout_micros { value: 500 }  # comment\n"
+        "max_enqueued_batches { value: 7 }\nnum_batch_threads { value: 2 }\n"
+        "allowed_batch_sizes: 8\nallowed_batch_sizes: 32\npad_variable_length_inputs: true\n")
+    assert (params.max_batch_size, params.batch_timeout_micros, params.max_enqueued_batches,
+            params.num_batch_threads, params.allowed_batch_sizes, params.pad_variable_length_inputs) == (
+        32, 500, 7, 2, [8, 32], True)
+    with pytest.raises(ConfigError, match="allowed_batch_sizes"):
+        BatchingParameters.from_text("max_batch_size { value: 32 } allowed_batch_sizes: 8")
+    with pytest.raises(ConfigError, match="unknown"):
+        BatchingParameters.from_text("max_batch_sise { value: 32 }")
+    monitoring = MonitoringConfig.from_text('prometheus_config { enable: true, path: "/m" }')
+    assert (monitoring.enable, monitoring.path) == (True, "/m")
+    assert parse_text_format("a { b: 1 b: 2 }") == {"a": {"b": [1, 2]}}
+
+
+def test_version_policies_and_non_numeric_folders(tmp_path):
+    for name in ("1", "2", "10", ".tmp-3", "4-partial", "abc"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "11").write_text("a file, not a version")
+
+    def aspired(policy: str) -> list[int]:
+        model = model_server_config_pb2.ModelConfig(name="m", base_path=str(tmp_path))
+        text_format.Parse(policy, model.model_version_policy)
+        return sorted(aspired_versions(model))
+
+    assert aspired("") == [10]
+    assert aspired("latest { num_versions: 2 }") == [2, 10]
+    assert aspired("specific { versions: 1 versions: 7 }") == [1]
+    assert aspired("all {}") == [1, 2, 10]
