@@ -30,6 +30,7 @@ class _Queue:
         self.servable, self.signature, self.output_filter = servable, signature, output_filter
         self.params, self.executor = params, executor
         self.pending: asyncio.Queue[_Task] = asyncio.Queue()
+        self.running = 0  # batches executing now
         self.workers = [asyncio.create_task(self._work()) for _ in range(max(1, params.num_batch_threads))]
 
     def submit(self, task: _Task) -> None:
@@ -40,6 +41,9 @@ class _Queue:
         self.pending.put_nowait(task)
 
     async def _collect(self) -> list[_Task]:
+        """Take what is queued, up to max_batch_size. Unlike TF Serving, wait up to batch_timeout_micros for more
+        only while another batch is executing: an idle model runs a lone request at once, and under load requests
+        pile up during execution anyway, so batches fill without adding the timeout to every latency."""
         first = await self.pending.get()
         batch, rows = [first], first.rows
         deadline = asyncio.get_running_loop().time() + self.params.batch_timeout_micros / 1e6
@@ -48,7 +52,7 @@ class _Queue:
                 task = self.pending.get_nowait()
             except asyncio.QueueEmpty:
                 remaining = deadline - asyncio.get_running_loop().time()
-                if remaining <= 0:
+                if remaining <= 0 or self.running == 0:
                     break
                 try:
                     task = await asyncio.wait_for(self.pending.get(), remaining)
@@ -64,6 +68,7 @@ class _Queue:
     async def _work(self) -> None:
         while True:
             batch = await self._collect()
+            self.running += 1
             try:
                 outputs = await asyncio.get_running_loop().run_in_executor(self.executor, self._run, batch)
             except Exception as exc:  # noqa: BLE001 - the error belongs to every task in the batch
@@ -71,6 +76,8 @@ class _Queue:
                     if not task.future.done():
                         task.future.set_exception(exc)
                 continue
+            finally:
+                self.running -= 1
             start = 0
             for task in batch:
                 if not task.future.done():

@@ -1,0 +1,62 @@
+"""Shared pieces of the benchmarks: where results go, a model to measure, photos, latency statistics."""
+from __future__ import annotations
+
+import json
+import platform
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine_description() -> dict:
+    import subprocess
+
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                  cwd=RESULTS_DIR.parent).stdout.strip()
+    except OSError:
+        revision = ""
+    return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "revision": revision,
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def write_result(name: str, result: dict) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    result = {"machine": machine_description(), **result}
+    path.write_text(json.dumps(result, indent=2, sort_keys=True))
+    print(f"wrote {path}")
+    return path
+
+
+def percentiles_ms(seconds: list[float]) -> dict:
+    ms = np.asarray(seconds) * 1000.0
+    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+            "p99_ms": float(np.percentile(ms, 99)), "n": int(ms.size)}
+
+
+def latest_published_version(registry: Path, model_name: str = "mushrooms") -> Path | None:
+    model_dir = registry / model_name
+    if not model_dir.is_dir():
+        return None
+    versions = sorted((int(p.name), p) for p in model_dir.iterdir() if p.name.isdigit() and p.is_dir())
+    return versions[-1][1] if versions else None
+
+
+def sample_photos(n: int) -> list[Path]:
+    from training_job.paths import shared_data_dir
+
+    photos = sorted((shared_data_dir() / "mushrooms").glob("*/*"))
+    if not photos:
+        raise SystemExit("the benchmarks need photos in ../shared/data/mushrooms")
+    step = max(1, len(photos) // n)
+    return photos[::step][:n]
