@@ -1,0 +1,58 @@
+// Thin fetch wrapper: every API failure becomes an Error whose message a person can read.
+export class ApiError extends Error {
+  constructor(message, status, code) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+async function readableError(response) {
+  let body = null;
+  try { body = await response.json(); } catch { /* not JSON */ }
+  const err = body && body.error;
+  let message = err && err.message ? err.message : `${response.status} ${response.statusText || 'error'}`;
+  if (response.status === 503) {
+    const retry = response.headers.get('Retry-After');
+    message = `Service unavailable: ${message}` + (retry ? ` (try again in ${retry} s)` : '');
+  } else if (response.status === 401 || response.status === 403) {
+    message = `Not authorised: ${message}`;
+  }
+  return new ApiError(message, response.status, err && err.code);
+}
+
+export async function request(path, { method = 'GET', body, token, headers = {} } = {}) {
+  const init = { method, headers: { ...headers } };
+  if (token) init.headers.Authorization = `Bearer ${token}`;
+  if (body instanceof FormData || body instanceof Blob) {
+    init.body = body;
+  } else if (body !== undefined) {
+    init.headers['Content-Type'] = 'application/json';
+    init.body = JSON.stringify(body);
+  }
+  let response;
+  try {
+    response = await fetch(path, init);
+  } catch (e) {
+    throw new ApiError(`Cannot reach the gateway (${e.message})`, 0, 'network');
+  }
+  if (!response.ok) throw await readableError(response);
+  const type = response.headers.get('Content-Type') || '';
+  return type.includes('json') ? response.json() : response.text();
+}
+
+export function classify(blob, { topK = 3, filename = 'photo' } = {}) {
+  const form = new FormData();
+  form.append('photo', blob, filename);
+  return request(`/v1/classify?top_k=${topK}`, { method: 'POST', body: form });
+}
+
+export const sendFeedback = (requestId, trueLabel) =>
+  request('/v1/feedback', { method: 'POST', body: { request_id: requestId, true_label: trueLabel } });
+export const getModels = () => request('/v1/models');
+export const getDemo = () => request('/v1/demo');
+export const demoPhotoUrl = (sha256) => `/v1/demo/photos/${encodeURIComponent(sha256)}`;
+export const getRouting = (token) => request('/v1/admin/routing', { token });
+export const putRouting = (token, routing) => request('/v1/admin/routing', { method: 'PUT', body: routing, token });
+export const getAudit = (token) => request('/v1/admin/audit', { token });
+export const getStatus = (token) => request('/v1/admin/status', { token });
