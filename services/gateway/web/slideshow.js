@@ -72,7 +72,7 @@ export function setupSlideshow() {
       next = (next + batch) % all.length;
       const items = [];
       for (const photo of chosen) items.push(await classifyOne(photo));  // sequential: keeps the server load gentle
-      for (const old of $('slide-current').querySelectorAll('img')) URL.revokeObjectURL(old.src);
+      for (const old of $('slide-current').querySelectorAll('.slide.right img')) URL.revokeObjectURL(old.src);  // wrong ones live on in the gallery
       $('slide-current').replaceChildren(...items.map(figure));
       for (const item of items.filter((i) => !i.correct)) $('slide-misses').append(el('li', {}, figure(item)));
       const seen = [...stats.values()].reduce((a, s) => a + s.n, 0);
