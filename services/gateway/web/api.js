@@ -41,10 +41,20 @@ export async function request(path, { method = 'GET', body, token, headers = {} 
   return type.includes('json') ? response.json() : response.text();
 }
 
+// A stable client id keeps this browser on one side of an A/B split (the gateway's routing is sticky per client).
+function clientId() {
+  let id = localStorage.getItem('mushroom-client-id');
+  if (!id) {
+    id = crypto.randomUUID ? crypto.randomUUID() : String(Math.random()).slice(2);
+    localStorage.setItem('mushroom-client-id', id);
+  }
+  return id;
+}
+
 export function classify(blob, { topK = 3, filename = 'photo' } = {}) {
   const form = new FormData();
   form.append('photo', blob, filename);
-  return request(`/v1/classify?top_k=${topK}`, { method: 'POST', body: form });
+  return request(`/v1/classify?top_k=${topK}`, { method: 'POST', body: form, headers: { 'X-Client-Id': clientId() } });
 }
 
 export const sendFeedback = (requestId, trueLabel) =>

@@ -1,0 +1,231 @@
+"""The web page in a real headless Chromium against the real gateway, model server and Redis.
+
+The model is the session's ``published_model`` copied as versions 1 and 2 of a private registry, so the operator panel
+has an A/B split to steer. Screenshots land in var/screenshots/ (gitignored) as test artifacts."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+from tests.model_server_harness import start_server, stop_server, write_config
+from tests.support import RedisServer, free_port, stop_process, wait_for_port
+from training_job.paths import PROJECT_ROOT
+
+
+ADMIN_TOKEN = "web-test-token"
+MODEL = "mushrooms"
+SCREENSHOTS = PROJECT_ROOT / "var" / "screenshots"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+class Gateway:
+    def __init__(self, url: str, process: subprocess.Popen, log_file: Path):
+        self.url, self.process, self.log_file = url, process, log_file
+
+    def api(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
+            token: str | None = None):
+        request = urllib.request.Request(self.url + path, data=body, method=method)
+        if content_type:
+            request.add_header("Content-Type", content_type)
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def classify(self, photo: Path, top_k: int = 3) -> dict:
+        return self.classify_bytes(photo.read_bytes(), top_k)
+
+    def classify_bytes(self, photo: bytes, top_k: int = 3) -> dict:
+        status, answer = self.api("POST", f"/v1/classify?top_k={top_k}", photo, "application/octet-stream")
+        assert status == 200, answer
+        return answer
+
+
+@pytest.fixture(scope="module")
+def stack(published_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("web-stack")
+    models_dir = root / "models"
+    for version in (1, 2):
+        shutil.copytree(published_model.version_dir, models_dir / MODEL / str(version))
+    config = root / "models.config"
+    write_config(config, {MODEL: models_dir / MODEL}, policy="all {}")
+    redis = RedisServer().start()
+    server = start_server(models_dir, config)
+    http_port, grpc_port = free_port(), free_port()
+    log_file = root / "gateway.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.gateway", "--host=127.0.0.1", f"--http-port={http_port}",
+         f"--grpc-port={grpc_port}", f"--model-server={server.grpc_target}", f"--redis-url={redis.url}",
+         f"--model-name={MODEL}"],
+        stdout=open(log_file, "w"), stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN},
+    )
+    try:
+        wait_for_port(http_port, timeout=90, process=process)
+        gateway = Gateway(f"http://127.0.0.1:{http_port}", process, log_file)
+        manifest = list(csv.DictReader(open(published_model.version_dir / "assets.extra" / "manifest.csv")))
+        yield gateway, manifest
+    finally:
+        stop_process(process)
+        stop_server(server)
+        redis.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.fail("chromium and chromium-driver are missing: run scripts/setup.sh (apt-get install chromium "
+                    "chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    profile = tempfile.mkdtemp(prefix="chromium-web-test-")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", f"--user-data-dir={profile}", "--window-size=1100,1400"):
+        options.add_argument(flag)
+    # An explicit driver path keeps Selenium Manager from downloading anything.
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture
+def page(stack, browser, request):
+    gateway, _ = stack
+    browser.get(gateway.url + "/")
+    WebDriverWait(browser, 15).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+    yield browser
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(SCREENSHOTS / f"{request.node.name}.png"))
+
+
+def wait_text(driver, element_id: str, predicate=bool, timeout: float = 30):
+    return WebDriverWait(driver, timeout).until(
+        lambda d: (lambda t: t if predicate(t) else None)(d.find_element(By.ID, element_id).text))
+
+
+def shared_photo(manifest, label: str) -> Path:
+    row = next(r for r in manifest if r["label"] == label and r["split"] == "train")
+    return Path(row["path"])
+
+
+def test_upload_shows_the_species_the_api_answers(stack, page):
+    gateway, manifest = stack
+    photo = shared_photo(manifest, "amanita_muscaria")
+    page.find_element(By.ID, "photo-input").send_keys(str(photo))
+    wait_text(page, "result-meta")
+    answer = gateway.classify(photo)  # a cache hit of the page's own request: the same answer
+    top = answer["predictions"][0]
+    assert top["label"] == "amanita_muscaria"
+    assert (top.get("display_name") or top["label"]) in page.find_element(By.ID, "verdict").text
+    shown = [li.get_attribute("data-label") for li in page.find_elements(By.CSS_SELECTOR, "#predictions li")]
+    assert shown == [p["label"] for p in answer["predictions"]]
+    meta = page.find_element(By.ID, "result-meta").text
+    assert f"version {answer['model']['version']}" in meta
+    page.find_element(By.ID, "feedback-right").click()
+    assert "recorded" in wait_text(page, "feedback-status")
+
+
+def test_a_non_image_gives_a_readable_error(stack, page, tmp_path):
+    gateway, _ = stack
+    not_a_photo = tmp_path / "notes.txt"
+    not_a_photo.write_text("this is not a photo of anything\n")
+    page.find_element(By.ID, "photo-input").send_keys(str(not_a_photo))
+    WebDriverWait(page, 15).until(lambda d: d.find_element(By.ID, "upload-error").is_displayed())
+    status, answer = gateway.api("POST", "/v1/classify", not_a_photo.read_bytes(), "application/octet-stream")
+    assert 400 <= status < 500
+    assert page.find_element(By.ID, "upload-error").text == answer["error"]["message"]
+    assert page.find_element(By.ID, "result-layout").is_displayed() is False
+
+
+def test_slideshow_accuracy_matches_the_api(stack, page):
+    gateway, manifest = stack
+    status, demo = gateway.api("GET", "/v1/demo")
+    assert status == 200
+    photos = demo if isinstance(demo, list) else demo["photos"]
+    assert photos, "the published model has no demo photos"
+    Select(page.find_element(By.ID, "slide-batch")).select_by_visible_text("4")
+    steps = 2
+    for i in range(steps):
+        page.find_element(By.ID, "slide-step").click()
+        wait_text(page, "slide-progress", lambda t, n=4 * (i + 1): f"classified so far: {n}" in t)
+    seen = [photos[i % len(photos)] for i in range(4 * steps)]
+    # Both versions serve the same model, so the labels (not the version split) are what the API decides.
+    right = 0
+    for photo in seen:
+        photo_bytes = urllib.request.urlopen(gateway.url + f"/v1/demo/photos/{photo['sha256']}").read()
+        answer = gateway.classify_bytes(photo_bytes, top_k=1)
+        right += answer["predictions"][0]["label"] == photo["label"]
+    rows = page.find_elements(By.CSS_SELECTOR, "#slide-stats tr:not([data-version=all])")
+    shown_n = sum(int(r.find_element(By.CLASS_NAME, "n").text) for r in rows)
+    shown_right = sum(int(r.find_element(By.CLASS_NAME, "correct").text) for r in rows)
+    assert (shown_n, shown_right) == (len(seen), right)
+    overall = rows[0] if len(rows) == 1 else page.find_element(By.CSS_SELECTOR, '#slide-stats tr[data-version="all"]')
+    assert overall.find_element(By.CLASS_NAME, "accuracy").text == f"{100 * right / len(seen):.1f}%"
+    assert overall.find_element(By.CLASS_NAME, "error-rate").text == f"{100 - 100 * right / len(seen):.1f}%"
+    wrong = len(seen) - right
+    assert len(page.find_elements(By.CSS_SELECTOR, "#slide-misses li")) == wrong
+
+
+def test_operator_changes_weights_and_the_routing_api_reports_them(stack, page):
+    gateway, _ = stack
+    page.find_element(By.ID, "admin-token").send_keys(ADMIN_TOKEN + "\n")
+    WebDriverWait(page, 15).until(lambda d: d.find_element(By.ID, "operator-body").is_displayed())
+    WebDriverWait(page, 15).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#weights input[type=range]"))
+    wanted = {"1": 0.7, "2": 0.3}
+    for version, weight in wanted.items():
+        slider = page.find_element(By.ID, f"weight-{version}")
+        page.execute_script("arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input'))",
+                            slider, str(weight))
+    page.find_element(By.ID, "routing-apply").click()
+    wait_text(page, "routing-status", lambda t: t == "Applied.")
+    status, routing = gateway.api("GET", "/v1/admin/routing", token=ADMIN_TOKEN)
+    assert status == 200
+    weights = routing["weights"]
+    if isinstance(weights, list):
+        weights = {str(w["version"]): w["weight"] for w in weights}
+    assert {str(k): pytest.approx(float(v)) for k, v in weights.items()} == wanted
+    wait_text(page, "audit")
+    wait_text(page, "status-rows")
+
+
+def test_wrong_admin_token_is_a_readable_error(stack, page):
+    page.find_element(By.ID, "token-forget").click()
+    page.find_element(By.ID, "admin-token").send_keys("not-the-token\n")
+    WebDriverWait(page, 15).until(lambda d: d.find_element(By.ID, "operator-error").is_displayed())
+    assert "Not authorised" in page.find_element(By.ID, "operator-error").text
+
+
+def test_usable_at_phone_width(stack, page):
+    page.set_window_size(390, 844)
+    try:
+        page.refresh()
+        WebDriverWait(page, 15).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+        overflow = page.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.save_screenshot(str(SCREENSHOTS / "phone_width.png"))
+        assert overflow <= 0, f"the page scrolls sideways by {overflow}px at phone width"
+        for control in ("photo-input", "slide-start", "admin-token"):
+            label = page.find_elements(By.CSS_SELECTOR, f'label[for="{control}"]')
+            assert label or page.find_element(By.ID, control).text, f"{control} has no label"
+    finally:
+        page.set_window_size(1100, 1400)
