@@ -90,10 +90,14 @@ export function setupOperator() {
   }
 
   function renderAudit(audit) {
-    const entries = Array.isArray(audit) ? audit : (audit.entries || []);
-    $('audit').replaceChildren(...entries.slice(-20).reverse().map((e) =>
-      el('li', { text: `${e.time || e.timestamp || ''} ${e.actor || e.client || ''} ${e.action || ''} ` +
-                       JSON.stringify(e.weights || e.after || e.details || '') })));
+    const entries = Array.isArray(audit) ? audit : (audit.entries || audit.audit || []);
+    const brief = (x) => (x && typeof x === 'object' ? JSON.stringify(x.weights || x) : String(x ?? ''));
+    $('audit').replaceChildren(...entries.slice(-20).reverse().map((e) => {
+      const when = e.when || e.time || e.timestamp || e.at || '';
+      const who = e.who || e.actor || e.user || '';
+      const change = 'old' in e || 'new' in e ? `${brief(e.old)} → ${brief(e.new)}` : brief(e.weights || e.after || e.action);
+      return el('li', { text: `${when} ${who} ${change}`.trim() });
+    }));
   }
 
   $('token-form').addEventListener('submit', (event) => {
