@@ -3,12 +3,18 @@ PY := .venv/bin/python
 DATA ?=
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup run test clean
+.PHONY: setup run stop loadtest test clean
 setup:
 	bash scripts/setup.sh
 
 run: setup
-	$(PY) -m training_job run $(if $(DATA),--data $(DATA),)
+	$(PY) scripts/stack.py up $(if $(DATA),--data $(DATA),)
+
+stop:
+	$(PY) scripts/stack.py down
+
+loadtest:
+	$(PY) -m loadtests.run
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -1,0 +1,114 @@
+"""``scripts/stack.py up|down|status``: the whole serving stack on this machine."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from services.stack.demo_report import demo_photos, format_report, latest_version_dir, run_demo
+from services.stack.health import StackError
+from services.stack.launch import Ports, Stack, latest_run, new_run_dir, runs_root, start_stack, stop_stack
+from training_job.paths import DEFAULT_MODEL_NAME, PROJECT_ROOT, default_registry, var_dir
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="scripts/stack.py", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser("up", help="train if the registry is empty, start everything, print the demo report",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    up.add_argument("--data", default=os.environ.get("DATA") or None,
+                    help="photo folder with one sub-folder per class, passed to the training job ($DATA)")
+    up.add_argument("--registry", type=Path, default=default_registry())
+    up.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
+    up.add_argument("--scrape-interval", type=float, default=5.0, help="Prometheus scrape interval, seconds")
+    up.add_argument("--no-tensorboard", action="store_true")
+    for port in fields(Ports):
+        up.add_argument(f"--{port.name.replace('_', '-')}-port", type=int, default=port.default, dest=port.name)
+    commands.add_parser("down", help="stop every process of the latest run folder")
+    commands.add_parser("status", help="which processes of the latest run folder are alive")
+    return parser.parse_args(argv)
+
+
+def train_if_needed(registry: Path, model_name: str, data: str | None, run_dir: Path) -> None:
+    if latest_version_dir(registry, model_name) is not None:
+        print(f"Registry {registry / model_name} already holds a model: not training.")
+        return
+    argv = [sys.executable, "-m", "training_job", "run", f"--registry={registry}", f"--model_name={model_name}"]
+    if data:
+        argv.append(f"--data={data}")
+    print(f"No model in {registry / model_name}: training ({' '.join(argv[1:])}); log in {run_dir / 'training.log'}")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    with open(run_dir / "training.log", "w") as log:
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                   cwd=PROJECT_ROOT)
+        for line in process.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+    if process.wait() != 0 or latest_version_dir(registry, model_name) is None:
+        raise StackError(f"training failed (exit {process.returncode}); see {run_dir / 'training.log'}")
+
+
+def up(args: argparse.Namespace) -> int:
+    previous = latest_run()
+    if previous is not None and Stack.load(previous).alive():
+        print(f"A stack is already running from {previous}: `make stop` first.", file=sys.stderr)
+        return 1
+    run_dir = new_run_dir(runs_root())
+    train_if_needed(args.registry, args.model_name, args.data, run_dir)
+    ports = Ports(**{f.name: getattr(args, f.name) for f in fields(Ports)})
+    print(f"Starting Redis, the model server, the gateway, Prometheus{'' if args.no_tensorboard else ', TensorBoard'}"
+          f" (logs in {run_dir}) ...")
+    stack = start_stack(args.registry, args.model_name, run_dir, ports, args.scrape_interval,
+                        None if args.no_tensorboard else var_dir() / "tensorboard")
+    photos = demo_photos(latest_version_dir(args.registry, args.model_name))
+    urls = stack.urls
+    http_answers, grpc_answers, grpc_problem = run_demo(urls["gateway"], urls["gateway gRPC"], photos)
+    report = format_report(http_answers, grpc_answers, grpc_problem, urls, run_dir)
+    (run_dir / "report.txt").write_text(report + "\n")
+    print()
+    print(report)
+    print(f"{'admin token':>18}: in {run_dir / 'admin_token'}")
+    return 0
+
+
+def down() -> int:
+    run_dir = latest_run()
+    if run_dir is None:
+        print("No stack run folder found: nothing to stop.")
+        return 0
+    stack = Stack.load(run_dir)
+    stopped = stop_stack(stack)
+    left = stack.alive()
+    if left:
+        print(f"Still running after stop: {', '.join(left)}", file=sys.stderr)
+        return 1
+    print(f"Stopped {', '.join(stopped) if stopped else 'nothing (already stopped)'} from {run_dir}.")
+    return 0
+
+
+def status() -> int:
+    run_dir = latest_run()
+    if run_dir is None:
+        print("No stack run folder found.")
+        return 1
+    stack = Stack.load(run_dir)
+    alive = set(stack.alive())
+    for name, record in stack.processes.items():
+        print(f"{name:>14}: {'running' if name in alive else 'stopped'} (pid {record.pid}, log {record.log})")
+    return 0 if alive == set(stack.processes) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.command == "up":
+            return up(args)
+        return down() if args.command == "down" else status()
+    except StackError as error:
+        print(f"stack: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,108 @@
+"""Classifying the model's demo split through the gateway (HTTP and gRPC) and printing a label_image-style report."""
+from __future__ import annotations
+
+import csv
+import json
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from services.stack.grpc_client import ClassifierClient
+
+
+@dataclass
+class DemoPhoto:
+    path: Path
+    label: str
+
+
+@dataclass
+class Answer:
+    photo: DemoPhoto
+    predictions: list[dict]  # [{label, score, ...}] best first
+    seconds: float
+
+    @property
+    def top(self) -> str:
+        return self.predictions[0]["label"] if self.predictions else ""
+
+
+def latest_version_dir(registry: Path, model_name: str) -> Path | None:
+    versions = [p for p in (registry / model_name).glob("*") if p.name.isdigit() and (p / "saved_model.pb").exists()]
+    return max(versions, key=lambda p: int(p.name)) if versions else None
+
+
+def demo_photos(version_dir: Path) -> list[DemoPhoto]:
+    manifest = version_dir / "assets.extra" / "manifest.csv"
+    with open(manifest, newline="") as f:
+        return [DemoPhoto(Path(row["path"]), row["label"]) for row in csv.DictReader(f)
+                if row["split"] == "demo" and Path(row["path"]).is_file()]
+
+
+def classify_http(gateway_url: str, photo: DemoPhoto, top_k: int = 3) -> Answer:
+    request = urllib.request.Request(f"{gateway_url}/v1/classify?top_k={top_k}", data=photo.path.read_bytes(),
+                                     headers={"Content-Type": "application/octet-stream"}, method="POST")
+    started = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=60) as response:
+        body = json.loads(response.read())
+    return Answer(photo, body["predictions"], time.perf_counter() - started)
+
+
+def classify_grpc(client: ClassifierClient, photo: DemoPhoto, top_k: int = 3) -> Answer:
+    started = time.perf_counter()
+    body = client.classify(photo.path.read_bytes(), top_k)
+    return Answer(photo, body.get("predictions", []), time.perf_counter() - started)
+
+
+def label_image_lines(answer: Answer) -> list[str]:
+    """The tutorial's label_image output: one ``label (score=0.xxxxx)`` line per class, then the evaluation time."""
+    lines = [f"{answer.photo.path.name} (true: {answer.photo.label})"]
+    lines += [f"  {p['label']} (score={float(p.get('score', 0.0)):.5f})" for p in answer.predictions]
+    lines.append(f"  Evaluation time (1-image): {answer.seconds:.3f}s")
+    return lines
+
+
+def accuracy(answers: list[Answer]) -> float:
+    return sum(a.top == a.photo.label for a in answers) / len(answers) if answers else 0.0
+
+
+def run_demo(gateway_url: str, gateway_grpc: str, photos: list[DemoPhoto]) -> tuple[list[Answer], list[Answer], str]:
+    """Every demo photo over HTTP and over gRPC; the third value explains a gRPC failure ('' when fine)."""
+    http_answers = [classify_http(gateway_url, p) for p in photos]
+    try:
+        with ClassifierClient(gateway_grpc) as client:
+            grpc_answers = [classify_grpc(client, p) for p in photos]
+    except (grpc.RpcError, KeyError, StopIteration) as exc:
+        return http_answers, [], f"gRPC classification failed: {exc}"
+    return http_answers, grpc_answers, ""
+
+
+def format_report(http_answers: list[Answer], grpc_answers: list[Answer], grpc_problem: str, urls: dict[str, str],
+                  run_dir: Path, examples: int = 3) -> str:
+    lines = [f"Demo split: {len(http_answers)} photos the model never trained on"]
+    lines.append(f"  accuracy over HTTP: {accuracy(http_answers):.1%}")
+    if grpc_answers:
+        agree = sum(h.top == g.top for h, g in zip(http_answers, grpc_answers))
+        lines.append(f"  accuracy over gRPC: {accuracy(grpc_answers):.1%} (same top label as HTTP for {agree}/"
+                     f"{len(grpc_answers)})")
+    else:
+        lines.append(f"  {grpc_problem}")
+    lines.append("")
+    lines.append("A few predictions (label_image format):")
+    for answer in http_answers[:examples]:
+        lines += label_image_lines(answer)
+    wrong = [a for a in http_answers if a.top != a.photo.label]
+    lines.append("")
+    lines.append(f"Misclassified: {len(wrong)}")
+    for answer in wrong:
+        score = float(answer.predictions[0].get("score", 0.0)) if answer.predictions else 0.0
+        lines.append(f"  {answer.photo.path}: true {answer.photo.label}, got {answer.top} (score={score:.5f})")
+    lines.append("")
+    lines += [f"{name:>18}: {url}" for name, url in urls.items()]
+    lines.append(f"{'run folder (logs)':>18}: {run_dir}")
+    lines.append("Stop everything with `make stop` (scripts/stack.py down).")
+    return "\n".join(lines)

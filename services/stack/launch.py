@@ -1,0 +1,189 @@
+"""Bringing the stack up into a run folder and taking it down again.
+
+The run folder holds every log, the generated configs, ``stack.json`` (pids, ports, URLs) and the admin token;
+``var/run/latest`` points at the newest one."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from services.stack import configs
+from services.stack.health import StackError, http_ok, model_available, tcp_open, wait_healthy
+from services.stack.processes import ProcessRecord, is_alive, port_is_free, spawn, stop
+from training_job.paths import PROJECT_ROOT, var_dir
+
+STATE_FILE = "stack.json"
+# Stopped in reverse: whatever depends on a process goes down before it.
+START_ORDER = ("redis", "model_server", "gateway", "prometheus", "tensorboard")
+
+
+@dataclass
+class Ports:
+    redis: int = 6390
+    model_server_grpc: int = 8500
+    model_server_rest: int = 8501
+    gateway_http: int = 8080
+    gateway_grpc: int = 50051
+    prometheus: int = 9090
+    tensorboard: int = 6006
+
+
+@dataclass
+class Stack:
+    run_dir: Path
+    model_name: str
+    ports: Ports
+    admin_token: str
+    processes: dict[str, ProcessRecord] = field(default_factory=dict)
+
+    @property
+    def urls(self) -> dict[str, str]:
+        p = self.ports
+        urls = {
+            "gateway": f"http://127.0.0.1:{p.gateway_http}",
+            "web page": f"http://127.0.0.1:{p.gateway_http}/",
+            "gateway gRPC": f"127.0.0.1:{p.gateway_grpc}",
+            "model server REST": f"http://127.0.0.1:{p.model_server_rest}",
+            "model server gRPC": f"127.0.0.1:{p.model_server_grpc}",
+            "Prometheus": f"http://127.0.0.1:{p.prometheus}",
+            "Redis": f"redis://127.0.0.1:{p.redis}/0",
+        }
+        if "tensorboard" in self.processes:
+            urls["TensorBoard"] = f"http://127.0.0.1:{p.tensorboard}"
+        return urls
+
+    def save(self) -> None:
+        state = {"model_name": self.model_name, "ports": asdict(self.ports), "urls": self.urls,
+                 "processes": {name: r.to_json() for name, r in self.processes.items()}}
+        (self.run_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "Stack":
+        state = json.loads((run_dir / STATE_FILE).read_text())
+        token_file = run_dir / "admin_token"
+        return cls(run_dir, state["model_name"], Ports(**state["ports"]),
+                   token_file.read_text().strip() if token_file.exists() else "",
+                   {name: ProcessRecord(**r) for name, r in state["processes"].items()})
+
+    def alive(self) -> list[str]:
+        return [name for name, record in self.processes.items() if is_alive(record)]
+
+
+def runs_root() -> Path:
+    return var_dir() / "run"
+
+
+def new_run_dir(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    run_dir = root / stamp
+    n = 1
+    while run_dir.exists():
+        n += 1
+        run_dir = root / f"{stamp}-{n}"
+    run_dir.mkdir()
+    latest = root / "latest"
+    if latest.is_symlink() or latest.exists():
+        latest.unlink()
+    latest.symlink_to(run_dir.name)
+    return run_dir
+
+
+def latest_run(root: Path | None = None) -> Path | None:
+    latest = (root or runs_root()) / "latest"
+    return latest.resolve() if latest.is_symlink() and (latest.resolve() / STATE_FILE).exists() else None
+
+
+def _python_env() -> dict:
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+            "PYTHONPATH": str(PROJECT_ROOT), "PYTHONUNBUFFERED": "1"}
+
+
+def start_stack(registry: Path, model_name: str, run_dir: Path, ports: Ports | None = None,
+                scrape_interval_s: float = 5.0, tensorboard_logdir: Path | None = None,
+                admin_token: str | None = None, timeout: float = 180.0) -> Stack:
+    """Start every process on loopback and wait until each is healthy. On failure everything started is stopped."""
+    ports = ports or Ports()
+    busy = [f"{name}={port}" for name, port in asdict(ports).items()
+            if (name != "tensorboard" or tensorboard_logdir) and not port_is_free(port)]
+    if busy:
+        raise StackError(f"ports already in use: {', '.join(busy)} (is a stack already up? `scripts/stack.py down`, "
+                         "or choose other ports)")
+    for binary in ("redis-server", "prometheus"):
+        if shutil.which(binary) is None:
+            raise StackError(f"{binary} is not installed: run `make setup` (scripts/setup.sh)")
+    token = admin_token or os.environ.get("GATEWAY_ADMIN_TOKEN") or secrets.token_urlsafe(24)
+    token_file = run_dir / "admin_token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    stack = Stack(run_dir, model_name, ports, token)
+    try:
+        _start_all(stack, registry, scrape_interval_s, tensorboard_logdir, timeout)
+    except BaseException:
+        stop_stack(stack)
+        raise
+    return stack
+
+
+def _start_all(stack: Stack, registry: Path, scrape_interval_s: float, tensorboard_logdir: Path | None,
+               timeout: float) -> None:
+    run_dir, ports, env = stack.run_dir, stack.ports, _python_env()
+
+    def launch(name: str, argv: list[str], **kwargs) -> ProcessRecord:
+        record = spawn(name, argv, run_dir / f"{name}.log", cwd=PROJECT_ROOT, **kwargs)
+        stack.processes[name] = record
+        stack.save()
+        return record
+
+    redis_dir = run_dir / "redis"
+    redis_dir.mkdir(exist_ok=True)
+    redis = launch("redis", [shutil.which("redis-server"), "--port", str(ports.redis), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", str(redis_dir)])
+
+    model_config, monitoring_config = run_dir / "models.config", run_dir / "monitoring.config"
+    configs.write_model_config(model_config, stack.model_name, (registry / stack.model_name).resolve())
+    configs.write_monitoring_config(monitoring_config)
+    model_server = launch("model_server", [
+        sys.executable, "-m", "services.model_server", f"--port={ports.model_server_grpc}",
+        f"--rest_api_port={ports.model_server_rest}", "--host=127.0.0.1", f"--model_config_file={model_config}",
+        f"--monitoring_config_file={monitoring_config}", "--file_system_poll_wait_seconds=1"], env=env)
+
+    prometheus_config = run_dir / "prometheus.yml"
+    configs.write_prometheus_config(prometheus_config, f"127.0.0.1:{ports.gateway_http}",
+                                    f"127.0.0.1:{ports.model_server_rest}", scrape_interval_s)
+    prometheus = launch("prometheus", [
+        shutil.which("prometheus"), f"--config.file={prometheus_config}",
+        f"--storage.tsdb.path={run_dir / 'prometheus-data'}", f"--web.listen-address=127.0.0.1:{ports.prometheus}"])
+    if tensorboard_logdir is not None:
+        tensorboard_logdir.mkdir(parents=True, exist_ok=True)
+        launch("tensorboard", [str(Path(sys.executable).with_name("tensorboard")), f"--logdir={tensorboard_logdir}",
+                               "--host=127.0.0.1", f"--port={ports.tensorboard}"], env=env)
+
+    wait_healthy(redis, lambda: tcp_open(ports.redis), 30, "listening")
+    rest = f"http://127.0.0.1:{ports.model_server_rest}"
+    wait_healthy(model_server, lambda: model_available(rest, stack.model_name), timeout, "serving the model")
+
+    gateway = launch("gateway", [
+        sys.executable, "-m", "services.gateway", "--host=127.0.0.1", f"--http-port={ports.gateway_http}",
+        f"--grpc-port={ports.gateway_grpc}", f"--model-server=127.0.0.1:{ports.model_server_grpc}",
+        f"--redis-url=redis://127.0.0.1:{ports.redis}/0", f"--model-name={stack.model_name}"],
+        env={**env, "GATEWAY_ADMIN_TOKEN": stack.admin_token})
+    gateway_url = f"http://127.0.0.1:{ports.gateway_http}"
+    wait_healthy(gateway, lambda: http_ok(f"{gateway_url}/readyz"), timeout, "ready")
+    wait_healthy(prometheus, lambda: http_ok(f"http://127.0.0.1:{ports.prometheus}/-/ready"), 60, "ready")
+    if "tensorboard" in stack.processes:
+        wait_healthy(stack.processes["tensorboard"], lambda: tcp_open(ports.tensorboard), 90, "listening")
+
+
+def stop_stack(stack: Stack) -> list[str]:
+    """Stop every process of the stack (newest first); returns the names that had been running."""
+    running = stack.alive()
+    for name in reversed(list(stack.processes)):
+        stop(stack.processes[name])
+    return running
