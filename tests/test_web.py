@@ -4,6 +4,7 @@ The model is the session's ``published_model`` copied as versions 1 and 2 of a p
 has an A/B split to steer. Screenshots land in var/screenshots/ (gitignored) as test artifacts."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -11,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -50,6 +52,18 @@ class Gateway:
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read())
 
+    def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the gateway exited: {self.log_file.read_text()[-2000:]}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            time.sleep(0.2)
+        raise TimeoutError(f"the gateway was not ready after {timeout}s: {self.log_file.read_text()[-2000:]}")
+
     def classify(self, photo: Path, top_k: int = 3) -> dict:
         return self.classify_bytes(photo.read_bytes(), top_k)
 
@@ -81,6 +95,7 @@ def stack(published_model, tmp_path_factory):
     try:
         wait_for_port(http_port, timeout=90, process=process)
         gateway = Gateway(f"http://127.0.0.1:{http_port}", process, log_file)
+        gateway.wait_ready()
         manifest = list(csv.DictReader(open(published_model.version_dir / "assets.extra" / "manifest.csv")))
         yield gateway, manifest
     finally:
