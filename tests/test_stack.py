@@ -1,0 +1,106 @@
+"""The local stack (services/stack): real Redis, model server, gateway and Prometheus on free loopback ports serving
+the session's published model as versions 1 and 2; traffic over HTTP and gRPC; the gateway's latency histogram with
+per-version labels read back from Prometheus' HTTP API; `scripts/stack.py down` leaves no process behind."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from services.stack.demo_report import demo_photos, format_report, run_demo
+from services.stack.launch import Ports, Stack, latest_run, new_run_dir, start_stack, stop_stack
+from services.stack.processes import group_members, port_is_free
+from tests.support import free_port
+from training_job.paths import PROJECT_ROOT
+
+MODEL = "mushrooms"
+
+
+def start_test_stack(published_model, root):
+    registry = root / "registry"
+    for version in (1, 2):
+        shutil.copytree(published_model.version_dir, registry / MODEL / str(version))
+    ports = Ports(*(free_port() for _ in range(7)))
+    run_dir = new_run_dir(root / "var" / "run")
+    return start_stack(registry, MODEL, run_dir, ports, scrape_interval_s=1.0, admin_token="stack-test-token")
+
+
+@pytest.fixture(scope="module")
+def stack(published_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("stack")
+    stack = start_test_stack(published_model, root)
+    yield stack
+    stop_stack(stack)
+
+
+def prometheus_query(stack: Stack, query: str) -> list[dict]:
+    url = f"{stack.urls['Prometheus']}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body = json.loads(response.read())
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def test_run_folder_records_pids_ports_and_logs(stack):
+    assert latest_run(stack.run_dir.parent) == stack.run_dir.resolve()
+    loaded = Stack.load(stack.run_dir)
+    assert set(loaded.processes) == {"redis", "model_server", "gateway", "prometheus"}
+    assert loaded.ports == stack.ports and loaded.admin_token == "stack-test-token"
+    assert sorted(loaded.alive()) == sorted(loaded.processes)
+    for record in loaded.processes.values():
+        assert (stack.run_dir / f"{record.name}.log").exists()
+
+
+def test_demo_photos_classified_over_http_and_grpc(stack, published_model):
+    labels = json.loads((published_model.version_dir / "assets.extra" / "labels.json").read_text())["labels"]
+    photos = demo_photos(published_model.version_dir)[:8]
+    assert photos, "the published model's manifest has no demo rows"
+    http_answers, grpc_answers, problem = run_demo(stack.urls["gateway"], stack.urls["gateway gRPC"], photos)
+    assert problem == ""
+    assert [a.top for a in http_answers] == [a.top for a in grpc_answers]
+    assert all(a.top in labels for a in http_answers)
+    report = format_report(http_answers, grpc_answers, problem, stack.urls, stack.run_dir)
+    assert "accuracy over HTTP" in report and "(score=0." in report and stack.urls["Prometheus"] in report
+
+
+def test_prometheus_scrapes_gateway_latency_per_version(stack, published_model):
+    photos = demo_photos(published_model.version_dir)[:4]
+    for i, photo in enumerate(photos * 3):
+        request = urllib.request.Request(f"{stack.urls['gateway']}/v1/classify", data=photo.path.read_bytes(),
+                                         headers={"Content-Type": "application/octet-stream",
+                                                  "X-Client-Id": f"stack-test-{i}"}, method="POST")
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.status == 200
+    deadline = time.monotonic() + 60
+    series = []
+    while time.monotonic() < deadline:
+        series = [s["metric"] for s in prometheus_query(stack, '{job="gateway", __name__=~".*latency.*_bucket"}')
+                  if any("version" in k and v in ("1", "2") for k, v in s["metric"].items())]
+        if series:
+            break
+        time.sleep(1)
+    assert series, prometheus_query(stack, 'count by (__name__) ({job="gateway"})')
+    up = {s["metric"]["job"]: s["value"][1] for s in prometheus_query(stack, "up")}
+    assert up == {"gateway": "1", "model-server": "1"}
+
+
+def test_down_command_leaves_no_process_behind(published_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("stack-down")
+    stack = start_test_stack(published_model, root)
+    env = {**os.environ, "MUSHROOM_VAR": str(root / "var")}
+    result = subprocess.run([sys.executable, "scripts/stack.py", "down"], cwd=PROJECT_ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    stop_stack(stack)  # reaps our Popen handles; a no-op for processes already stopped
+    assert result.returncode == 0, result.stderr
+    assert "Stopped" in result.stdout
+    assert Stack.load(stack.run_dir).alive() == []
+    assert all(group_members(record.pid) == [] for record in stack.processes.values())
+    for name in ("redis", "model_server_rest", "gateway_http", "prometheus"):
+        assert port_is_free(getattr(stack.ports, name))
