@@ -104,3 +104,13 @@ def test_down_command_leaves_no_process_behind(published_model, tmp_path_factory
     assert all(group_members(record.pid) == [] for record in stack.processes.values())
     for name in ("redis", "model_server_rest", "gateway_http", "prometheus"):
         assert port_is_free(getattr(stack.ports, name))
+
+
+def test_generated_prometheus_config_passes_promtool(tmp_path):
+    from services.stack.configs import MONITORING_PATH, write_prometheus_config
+
+    config = tmp_path / "prometheus.yml"
+    write_prometheus_config(config, "127.0.0.1:8080", "127.0.0.1:8501", scrape_interval_s=1.0)
+    result = subprocess.run(["promtool", "check", "config", str(config)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert MONITORING_PATH in config.read_text()
