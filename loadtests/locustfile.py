@@ -59,6 +59,7 @@ class GrpcPhotoClassifier(User):
         if not target:
             raise RuntimeError("no gRPC target: set LOADTEST_GRPC_TARGET or bring the local stack up")
         self.grpc = ClassifierClient(target)
+        self.client_id = f"locust-grpc-{id(self)}"
         self.traffic = Traffic(PHOTOS)
 
     def on_stop(self):
@@ -70,7 +71,7 @@ class GrpcPhotoClassifier(User):
         started = time.perf_counter()
         exception, length = None, 0
         try:
-            answer = self.grpc.classify(body, top_k=3)
+            answer = self.grpc.classify(body, top_k=3, client_id=self.client_id)
             length = len(str(answer))
             if bad:
                 exception = AssertionError("bad input was accepted")
