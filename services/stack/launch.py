@@ -172,7 +172,8 @@ def _start_all(stack: Stack, registry: Path, scrape_interval_s: float, tensorboa
     gateway = launch("gateway", [
         sys.executable, "-m", "services.gateway", "--host=127.0.0.1", f"--http-port={ports.gateway_http}",
         f"--grpc-port={ports.gateway_grpc}", f"--model-server=127.0.0.1:{ports.model_server_grpc}",
-        f"--redis-url=redis://127.0.0.1:{ports.redis}/0", f"--model-name={stack.model_name}"],
+        f"--redis-url=redis://127.0.0.1:{ports.redis}/0", f"--model-name={stack.model_name}",
+        f"--model-base-path={(registry / stack.model_name).resolve()}"],
         env={**env, "GATEWAY_ADMIN_TOKEN": stack.admin_token})
     gateway_url = f"http://127.0.0.1:{ports.gateway_http}"
     wait_healthy(gateway, lambda: http_ok(f"{gateway_url}/readyz"), timeout, "ready")
