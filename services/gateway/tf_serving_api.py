@@ -1,30 +1,14 @@
 """The TF Serving API messages and stubs, and conversion between numpy arrays and TensorProto.
 
 The stubs live in ``tensorflow_serving.apis`` and import ``tensorflow.core.*`` protos, which would run TensorFlow's
-``__init__`` (seconds of start-up, hundreds of MB). A gateway process calls ``use_light_tensorflow_protos()`` first so
-that only the generated protobuf modules are loaded; library code (and tests) importing real TensorFlow is unaffected.
+``__init__`` (seconds of start-up, hundreds of MB). Gateway processes call
+``light_tf.use_light_tensorflow_protos()`` first so that only the generated protobuf modules load.
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
-
 import numpy as np
 
-
-def use_light_tensorflow_protos() -> None:
-    """Make ``import tensorflow.core.framework.X_pb2`` skip tensorflow/__init__.py (process entry points only)."""
-    if "tensorflow" in sys.modules:
-        return
-    spec = importlib.util.find_spec("tensorflow")
-    if spec is None or not spec.submodule_search_locations:
-        return
-    package = types.ModuleType("tensorflow")
-    package.__path__ = list(spec.submodule_search_locations)
-    sys.modules["tensorflow"] = package
-
-
+from services.gateway.light_tf import use_light_tensorflow_protos  # noqa: F401 (re-exported)
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2  # noqa: E402
 from tensorflow_serving.apis import (  # noqa: E402
     get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc,
