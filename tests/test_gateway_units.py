@@ -1,15 +1,18 @@
-"""Unit tests of the gateway's pure parts: the shared preprocessing contract, generated stubs, tensor conversion."""
+"""Unit tests of the gateway's pure parts: routing, the shared preprocessing contract, generated stubs, tensor conversion."""
 from __future__ import annotations
 
 import asyncio
 import io
+
+from collections import Counter
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import training_job.preprocessing as contract
-from services.gateway import preprocess
+from services.gateway import preprocess, routing
+from services.gateway.routing import Arm, RoutingError, RoutingTable
 
 
 def test_gateway_uses_the_training_jobs_preprocessing_function_object():
@@ -29,6 +32,52 @@ def test_preprocessor_runs_the_contract_and_refuses_bad_photos():
         assert err.value.code == "not_an_image"
     finally:
         pre.close()
+
+
+def _split(table, clients, available=None):
+    return Counter(routing.choose(table, c, available).target for c in clients)
+
+
+def test_split_converges_to_the_weights_within_two_points():
+    table = routing.parse_assignments(["stable=90", "canary=10"])
+    counts = _split(table, [f"client-{i}" for i in range(20_000)])
+    assert abs(counts["canary"] / 20_000 - 0.10) < 0.02
+
+
+def test_sticky_clients_and_a_weight_shift_moves_few_clients():
+    clients = [f"c{i}" for i in range(5_000)]
+    before = routing.parse_assignments(["1=90", "2=10"])
+    after = routing.parse_assignments(["1=80", "2=20"])
+    first = {c: routing.choose(before, c).target for c in clients}
+    assert first == {c: routing.choose(before, c).target for c in clients}  # sticky
+    moved = sum(first[c] != routing.choose(after, c).target for c in clients)
+    assert moved / len(clients) < 0.15  # ~10 % must move; a modulo hash would move far more
+    assert all(first[c] == "1" for c in clients if routing.choose(after, c).target == "1")  # only 1 -> 2 moves
+
+
+def test_unavailable_version_share_is_spread_over_the_rest():
+    table = routing.parse_assignments(["1=50", "2=25", "3=25"])
+    counts = _split(table, [f"u{i}" for i in range(8_000)], available={1, 3})
+    assert set(counts) == {"1", "3"}
+    assert abs(counts["1"] / 8_000 - 2 / 3) < 0.03
+    assert routing.choose(table, "x", available_versions=set()) is None
+
+
+@pytest.mark.parametrize("items, code", [
+    (["stable"], "bad_routing"), (["a=-1"], "bad_routing"), (["a=x"], "bad_routing"), (["a=0"], "bad_routing"),
+    (["a=1", "a=2"], "bad_routing"), (["bad-name=1"], "bad_routing"), (["a=nan"], "bad_routing"),
+])
+def test_bad_tables_are_refused(items, code):
+    with pytest.raises(RoutingError) as err:
+        routing.parse_assignments(items)
+    assert err.value.code == code
+
+
+def test_routing_to_a_version_that_is_not_available_is_refused():
+    table = RoutingTable((Arm("3", 90), Arm("4", 10)), shadow="5")
+    with pytest.raises(RoutingError) as err:
+        routing.validate(table, available_versions={3})
+    assert err.value.code == "version_unavailable"
 
 
 def test_generated_stubs_and_tensor_round_trip():
