@@ -1,0 +1,11 @@
+FROM python:3.11-slim
+WORKDIR /app
+COPY requirements.txt requirements-nodeps.txt ./
+RUN pip install --no-cache-dir -r requirements.txt \
+ && pip install --no-cache-dir --no-deps tensorflow-serving-api
+COPY . .
+RUN pip install --no-cache-dir --no-deps -e .
+ENV MODEL_SERVER=tfserving:8500 REDIS_URL=redis://redis:6379/0 \
+    GATEWAY_MODEL_SERVER=tfserving:8500 GATEWAY_REDIS_URL=redis://redis:6379/0 GATEWAY_HOST=0.0.0.0
+EXPOSE 8080
+CMD ["python", "-m", "services.gateway"]
