@@ -5,11 +5,13 @@ import base64
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 
 import numpy as np
 import pytest
@@ -92,6 +94,34 @@ def _png(mode, size=(64, 48), **save):
     return buf.getvalue()
 
 
+def _cmyk_jpeg():
+    buf = io.BytesIO()
+    Image.new("CMYK", (64, 48), (0, 200, 200, 0)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _exif_rotated_jpeg():
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees on display
+    Image.new("RGB", (80, 40), (10, 200, 30)).save(buf, "JPEG", exif=exif)
+    return buf.getvalue()
+
+
+def _animated_gif():
+    buf = io.BytesIO()
+    frames = [Image.new("P", (32, 32), i) for i in range(3)]
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
+def _pixel_bomb_png(side=40_000):
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
 @pytest.mark.parametrize("name, body, ctype, query, expected", [
     ("empty", b"", "image/jpeg", "", 400),
     ("not an image", b"hello world", "application/octet-stream", "", 400),
@@ -101,6 +131,10 @@ def _png(mode, size=(64, 48), **save):
     ("grayscale", _png("L"), "image/png", "", 200),
     ("palette", _png("P"), "image/png", "", 200),
     ("alpha", _png("RGBA"), "image/png", "", 200),
+    ("cmyk jpeg", _cmyk_jpeg(), "image/jpeg", "", 200),
+    ("exif rotated", _exif_rotated_jpeg(), "image/jpeg", "", 200),
+    ("animated gif", _animated_gif(), "image/gif", "", 200),
+    ("pixel bomb", _pixel_bomb_png(), "image/png", "", 400),
     ("over limit", b"\xff" * 2_100_000, "image/jpeg", "", 413),
     ("bad base64", b'{"image_b64": "***"}', "application/json", "", 400),
     ("bad json", b'{"image_b64": ', "application/json", "", 400),
