@@ -21,6 +21,7 @@ from tests.support import RedisServer, free_port, stop_process, wait_for_port
 from tests.tiny_model import TinyClassifier, write_tiny_model
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+STACK: dict = {}  # the module fixture's processes, for the restart test (runs last)
 
 
 def _jpeg(colour=(180, 40, 30), size=(320, 240)) -> bytes:
@@ -44,9 +45,10 @@ def stack(tmp_path_factory):
     base = tmp_path_factory.mktemp("registry") / "mushrooms"
     write_tiny_model(base / "1")
     grpc_port, rest_port, http_port = free_port(), free_port(), free_port()
-    server = subprocess.Popen([sys.executable, "-m", "services.model_server", "--port", str(grpc_port),
-                               "--rest_api_port", str(rest_port), "--model_name", "mushrooms",
-                               "--model_base_path", str(base)], env=ENV)
+    server_cmd = [sys.executable, "-m", "services.model_server", "--port", str(grpc_port),
+                  "--rest_api_port", str(rest_port), "--model_name", "mushrooms", "--model_base_path", str(base)]
+    server = subprocess.Popen(server_cmd, env=ENV)
+    processes = {"server": server}
     redis = RedisServer().start()
     gateway = subprocess.Popen([sys.executable, "-m", "services.gateway", "--model_server", f"127.0.0.1:{grpc_port}",
                                 "--redis_url", redis.url, "--http_port", str(http_port), "--max_bytes", "2000000"],
@@ -63,10 +65,11 @@ def stack(tmp_path_factory):
                 break
             except urllib.error.HTTPError:
                 time.sleep(0.2)
+        STACK.update(processes=processes, server_cmd=server_cmd, grpc_port=grpc_port)
         yield http_port
     finally:
         stop_process(gateway)
-        stop_process(server)
+        stop_process(processes["server"])
         redis.stop()
 
 
@@ -122,7 +125,7 @@ def _pixel_bomb_png(side=40_000):
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-@pytest.mark.parametrize("name, body, ctype, query, expected", [
+BAD_INPUTS = [
     ("empty", b"", "image/jpeg", "", 400),
     ("not an image", b"hello world", "application/octet-stream", "", 400),
     ("html", b"<!doctype html><html><body>x</body></html>", "image/jpeg", "", 400),
@@ -143,9 +146,29 @@ def _pixel_bomb_png(side=40_000):
     ("top_k x", _jpeg(), "image/jpeg", "?top_k=x", 400),
     ("unknown version", _jpeg(), "image/jpeg", "?version=42", 404),
     ("unknown label", _jpeg(), "image/jpeg", "?label=nope", 404),
-])
+]
+
+
+@pytest.mark.parametrize("name, body, ctype, query, expected", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
 def test_bad_inputs_get_4xx_with_an_error_body(stack, name, body, ctype, query, expected):
     status, payload, _ = _post(stack, body, ctype, query)
     assert status == expected, (name, payload)
     if status >= 400:
         assert set(payload["error"]) == {"code", "message"}
+
+
+def test_model_server_restart_gives_503_then_recovers_without_a_gateway_restart(stack):
+    processes = STACK["processes"]
+    stop_process(processes["server"])
+    status, payload, headers = _post(stack, _jpeg((1, 2, 3)))
+    assert status == 503 and payload["error"]["code"] == "upstream_unavailable" and headers.get("Retry-After")
+    processes["server"] = subprocess.Popen(STACK["server_cmd"], env=ENV)
+    wait_for_port(STACK["grpc_port"], timeout=120, process=processes["server"])
+    deadline = time.monotonic() + 60
+    while True:
+        status, payload, _ = _post(stack, _jpeg((1, 2, 3)))
+        if status == 200 or time.monotonic() > deadline:
+            break
+        assert status == 503, payload
+        time.sleep(0.2)
+    assert status == 200, payload

@@ -45,7 +45,9 @@ class ModelServerClient:
         self.retries = retries
         self.backoff = backoff_seconds
         self.channel = grpc.aio.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.enable_retries", 0)])
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.enable_retries", 0),
+            # reconnect within ~1 s once a restarted model server is back (gRPC default backoff grows to 120 s)
+            ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)])
         self.predictions = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
         self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
 
