@@ -90,6 +90,18 @@ def test_answer_matches_the_in_process_model_and_repeat_is_cached(stack):
     assert again["predictions"] == first["predictions"][:2]
 
 
+def test_client_cli_prints_labels_scores_and_time(stack, tmp_path):
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(_jpeg((90, 60, 30)))
+    out = subprocess.run([sys.executable, "-m", "services.gateway.client", str(photo), "--url",
+                          f"http://127.0.0.1:{stack}"], capture_output=True, text=True, timeout=60, env=ENV)
+    assert out.returncode == 0, out.stderr
+    assert "(score = " in out.stdout and "evaluation time:" in out.stdout
+    missing = subprocess.run([sys.executable, "-m", "services.gateway.client", str(tmp_path / "nope.jpg")],
+                             capture_output=True, text=True, timeout=60, env=ENV)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
 def _png(mode, size=(64, 48), **save):
     buf = io.BytesIO()
     img = Image.new(mode, size)
