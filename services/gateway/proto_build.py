@@ -5,6 +5,7 @@ Run at import by ``services.gateway.api_pb`` and by scripts/setup.sh (``python -
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,15 +27,16 @@ def ensure_generated() -> Path:
     digest = _source_hash()
     if STAMP.exists() and STAMP.read_text() == digest:
         return OUT_DIR
-    from grpc_tools import protoc
     import grpc_tools
 
     OUT_DIR.mkdir(exist_ok=True)
     well_known = Path(grpc_tools.__file__).parent / "_proto"
-    args = ["protoc", f"-I{PROTO_ROOT}", f"-I{well_known}", f"--python_out={OUT_DIR}", f"--grpc_python_out={OUT_DIR}",
-            *[str(PROTO_ROOT / name) for name in PROTO_FILES]]
-    if protoc.main(args) != 0:
-        raise RuntimeError(f"protoc failed on {PROTO_FILES}")
+    # A child process: protoc inside a process that already loaded protobuf/TensorFlow has crashed (segfault).
+    args = [sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_ROOT}", f"-I{well_known}",
+            f"--python_out={OUT_DIR}", f"--grpc_python_out={OUT_DIR}", *[str(PROTO_ROOT / name) for name in PROTO_FILES]]
+    done = subprocess.run(args, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"protoc failed on {PROTO_FILES}: {done.stderr.strip()}")
     STAMP.write_text(digest)
     return OUT_DIR
 
