@@ -1,18 +1,19 @@
-"""A small client of the gateway's gRPC ``mushroom.v1.Classifier`` (stubs from services.gateway.protos), shared by the
+"""A small client of the gateway's gRPC ``mushroom.v1.Classifier`` (stubs from services.gateway.api_pb), shared by the
 stack report and the load tests."""
 from __future__ import annotations
 
 import grpc
 from google.protobuf import json_format
 
-from services.gateway import protos
 
 
 class ClassifierClient:
     def __init__(self, target: str):
-        self.pb2, pb2_grpc = protos.load()
+        from services.gateway.api_pb import pb, pb_grpc  # generates the stubs on first use
+
+        self.pb2 = pb
         self.channel = grpc.insecure_channel(target)
-        self.stub = pb2_grpc.ClassifierStub(self.channel)
+        self.stub = pb_grpc.ClassifierStub(self.channel)
 
     def classify(self, photo: bytes, top_k: int = 3, client_id: str = "", timeout: float = 30.0) -> dict:
         request = self.pb2.ClassifyRequest(photo=photo, top_k=top_k, client_id=client_id)

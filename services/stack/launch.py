@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -169,17 +171,30 @@ def _start_all(stack: Stack, registry: Path, scrape_interval_s: float, tensorboa
     rest = f"http://127.0.0.1:{ports.model_server_rest}"
     wait_healthy(model_server, lambda: model_available(rest, stack.model_name), timeout, "serving the model")
 
-    gateway = launch("gateway", [
-        sys.executable, "-m", "services.gateway", "--host=127.0.0.1", f"--http-port={ports.gateway_http}",
-        f"--grpc-port={ports.gateway_grpc}", f"--model-server=127.0.0.1:{ports.model_server_grpc}",
-        f"--redis-url=redis://127.0.0.1:{ports.redis}/0", f"--model-name={stack.model_name}",
-        f"--model-base-path={(registry / stack.model_name).resolve()}"],
-        env={**env, "GATEWAY_ADMIN_TOKEN": stack.admin_token})
+    gateway = launch("gateway", gateway_argv(stack, registry), env={**env, "GATEWAY_ADMIN_TOKEN": stack.admin_token})
     gateway_url = f"http://127.0.0.1:{ports.gateway_http}"
     wait_healthy(gateway, lambda: http_ok(f"{gateway_url}/readyz"), timeout, "ready")
     wait_healthy(prometheus, lambda: http_ok(f"http://127.0.0.1:{ports.prometheus}/-/ready"), 60, "ready")
     if "tensorboard" in stack.processes:
         wait_healthy(stack.processes["tensorboard"], lambda: tcp_open(ports.tensorboard), 90, "listening")
+
+
+def gateway_argv(stack: Stack, registry: Path) -> list[str]:
+    """The gateway's command line in the spelling its --help shows (--http-port or --http_port); flags it does not
+    know (e.g. --grpc-port on an HTTP-only build) are left out."""
+    help_text = subprocess.run([sys.executable, "-m", "services.gateway", "--help"], capture_output=True, text=True,
+                               cwd=PROJECT_ROOT, env=_python_env(), timeout=120).stdout
+    dash = "-" if "--http-port" in help_text else "_"
+    ports = stack.ports
+    wanted = {"host": "127.0.0.1", "http-port": ports.gateway_http, "grpc-port": ports.gateway_grpc,
+              "model-server": f"127.0.0.1:{ports.model_server_grpc}", "redis-url": f"redis://127.0.0.1:{ports.redis}/0",
+              "model-name": stack.model_name, "model-base-path": (registry / stack.model_name).resolve()}
+    argv = [sys.executable, "-m", "services.gateway"]
+    for name, value in wanted.items():
+        flag = "--" + name.replace("-", dash)
+        if re.search(re.escape(flag) + r"\b", help_text):
+            argv.append(f"{flag}={value}")
+    return argv
 
 
 def stop_stack(stack: Stack) -> list[str]:
