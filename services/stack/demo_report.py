@@ -77,7 +77,7 @@ def run_demo(gateway_url: str, gateway_grpc: str, photos: list[DemoPhoto]) -> tu
         with ClassifierClient(gateway_grpc) as client:
             grpc_answers = [classify_grpc(client, p) for p in photos]
     except grpc.RpcError as exc:
-        return http_answers, [], f"gRPC classification failed: {exc}"
+        return http_answers, [], f"gRPC classification failed at {gateway_grpc}: {exc.code().name} ({exc.details()})"
     return http_answers, grpc_answers, ""
 
 
