@@ -1,0 +1,159 @@
+"""Offline validation of docker-compose.yml and deploy/: no Docker engine or cluster here, so each file is checked by
+the tool or schema that owns its format (compose spec from the docker-compose PyPI package, TF Serving protos,
+kubernetes-validate, promtool)."""
+import importlib.util
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from google.protobuf import text_format
+from tensorflow_serving.config import model_server_config_pb2
+
+from services.model_server.config import BatchingParameters, MonitoringConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+K8S_VERSION = "1.30"
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def k8s_documents() -> list[tuple[str, dict]]:
+    """The manifests `kubectl apply -k deploy/k8s` applies (the kustomization's resources)."""
+    docs = []
+    for name in yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]:
+        docs += [(name, d) for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+    return docs
+
+
+def test_compose_matches_the_compose_spec_schema():
+    # docker-compose v1 cannot be installed with its deps on py3.11 (PyYAML 5 build); its wheel (no deps) ships the
+    # compose-spec JSON schema, which is what `docker-compose config` validates against.
+    spec = importlib.util.find_spec("compose")
+    schema_path = Path(spec.submodule_search_locations[0]) / "config" / "compose_spec.json"
+    schema = json.loads(schema_path.read_text())
+    jsonschema.validate(compose(), schema)
+    bad = dict(compose(), services={"gateway": {"image": "x", "ports": "8080"}})
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+def test_compose_services_and_mounted_files_exist():
+    services = compose()["services"]
+    assert {"tfserving", "gateway", "redis", "prometheus", "grafana", "train"} <= set(services)
+    assert services["train"]["profiles"] == ["train"]
+    assert services["tfserving"]["image"].startswith("tensorflow/serving:")
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                if source.startswith("../shared"):
+                    continue  # the shared photo folder lives outside the checkout
+                assert (ROOT / source).exists(), f"{name} mounts missing {source}"
+        build = service.get("build")
+        if build:
+            assert (ROOT / build["context"] / build["dockerfile"]).is_file()
+
+
+def test_compose_tfserving_flags_point_at_mounted_configs():
+    tfs = compose()["services"]["tfserving"]
+    mounts = dict(v.split(":")[:2][::-1] for v in tfs["volumes"])
+    config_dir = ROOT / mounts["/config"]
+    for flag in tfs["command"]:
+        if flag.startswith(("--model_config_file=", "--monitoring_config_file=", "--batching_parameters_file=")):
+            container_path = flag.split("=", 1)[1]
+            assert container_path.startswith("/config/")
+            assert (config_dir / container_path.removeprefix("/config/")).is_file(), flag
+
+
+def check_tfserving_configs(models: str, monitoring: str, batching: str):
+    config = text_format.Parse(models, model_server_config_pb2.ModelServerConfig())
+    [model] = config.model_config_list.config
+    assert model.name == "mushrooms" and model.base_path == "/models/mushrooms"
+    assert MonitoringConfig.from_text(monitoring).enable
+    assert BatchingParameters.from_text(batching).max_batch_size >= 1
+
+
+def test_tfserving_config_files_parse_with_the_serving_protos():
+    d = DEPLOY / "tfserving"
+    check_tfserving_configs(*((d / n).read_text() for n in ("models.config", "monitoring.config", "batching.config")))
+    with pytest.raises(text_format.ParseError):
+        text_format.Parse("model_config_list { bogus: 1 }", model_server_config_pb2.ModelServerConfig())
+
+
+def test_k8s_tfserving_configmap_parses():
+    [cm] = [d for _, d in k8s_documents() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "tfserving-config"]
+    check_tfserving_configs(cm["data"]["models.config"], cm["data"]["monitoring.config"], cm["data"]["batching.config"])
+
+
+def test_k8s_manifests_validate_against_the_kubernetes_schema():
+    docs = k8s_documents()
+    for name, doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    kinds = {(d["kind"], d["metadata"]["name"]) for _, d in docs}
+    for needed in [("Namespace", "mushrooms"), ("Deployment", "gateway"), ("HorizontalPodAutoscaler", "gateway"),
+                   ("PodDisruptionBudget", "gateway"), ("Deployment", "tfserving"), ("Deployment", "redis"),
+                   ("Job", "train"), ("CronJob", "train-nightly"), ("PersistentVolumeClaim", "model-registry")]:
+        assert needed in kinds
+    broken = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}, "spec": {"replicas": "two"}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+def test_k8s_gateway_has_probes_and_resources():
+    [gw] = [d for _, d in k8s_documents() if d["kind"] == "Deployment" and d["metadata"]["name"] == "gateway"]
+    [container] = gw["spec"]["template"]["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+
+
+def test_kustomization_references_existing_files():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    for resource in kustomization["resources"]:
+        assert (K8S / resource).is_file(), resource
+    for generator in kustomization["configMapGenerator"]:
+        for entry in generator["files"]:
+            assert (K8S / entry.split("=")[-1]).is_file(), entry
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess:
+    tool = shutil.which("promtool")
+    assert tool, "promtool missing: scripts/setup.sh installs Debian's prometheus"
+    return subprocess.run([tool, *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("config", ["prometheus/prometheus.yml", "k8s/monitoring/prometheus.yml"])
+def test_prometheus_configs_pass_promtool(config):
+    result = promtool("check", "config", str(DEPLOY / config))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_alert_rules_pass_promtool_and_cover_the_required_alerts(tmp_path):
+    for rules in ("prometheus/alerts.yml", "k8s/monitoring/alerts.yml"):
+        result = promtool("check", "rules", str(DEPLOY / rules))
+        assert result.returncode == 0, result.stdout + result.stderr
+    names = {r["alert"] for g in yaml.safe_load((DEPLOY / "prometheus/alerts.yml").read_text())["groups"]
+             for r in g["rules"]}
+    assert {"GatewayP99LatencyHigh", "GatewayErrorRateHigh", "CanaryErrorRateAboveStable", "CacheErrors"} <= names
+    broken = tmp_path / "broken.yml"
+    broken.write_text("groups:\n  - name: x\n    rules:\n      - alert: X\n        expr: rate(\n")
+    assert promtool("check", "rules", str(broken)).returncode != 0
+
+
+def test_grafana_dashboards_load_and_query_gateway_metrics():
+    compose_copy = DEPLOY / "grafana/dashboards/mushroom-serving.json"
+    k8s_copy = K8S / "monitoring/mushroom-serving.json"
+    assert json.loads(compose_copy.read_text()) == json.loads(k8s_copy.read_text())
+    dashboard = json.loads(compose_copy.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert exprs and all("mushroom_gateway_" in e for e in exprs)
+    assert any("model_version" in e for e in exprs)
