@@ -1,121 +1,100 @@
-"""The result cache in Redis: full model outputs keyed by photo sha256 + model + resolved version + preprocessing.
+"""Redis result cache: the full answer of a model version for a photo, keyed so that nothing stale can be served.
 
-Top-k is applied by the caller after a hit, so one entry serves every ``top_k``. Identical concurrent misses share one
-upstream call (single-flight, per process). Redis is optional at run time: every call has a short timeout, and after
-``failure_threshold`` consecutive failures a circuit breaker skips Redis for ``open_seconds`` before one trial call.
+Key = photo sha256 + model + resolved version + preprocessing version. Redis trouble never fails a request: after a
+short timeout the request is served uncached, and a circuit breaker skips Redis for a while before trying again.
 """
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
+import logging
 import time
-from dataclasses import asdict, dataclass
-from typing import Awaitable, Callable
 
-from redis.asyncio import Redis
+import redis.asyncio as aioredis
 
+from services.gateway import metrics
 from training_job.preprocessing import PREPROCESSING_VERSION
 
-
-@dataclass(frozen=True)
-class CachedResult:
-    version: int
-    labels: list[str]
-    probabilities: list[float]
-    mushroom_score: float
-    not_a_mushroom: bool
-
-
-def cache_key(photo: bytes, model: str, version: int) -> str:
-    return f"gw:result:{model}:{version}:{PREPROCESSING_VERSION}:{hashlib.sha256(photo).hexdigest()}"
+log = logging.getLogger("gateway.cache")
 
 
 class CircuitBreaker:
-    def __init__(self, failure_threshold: int = 3, open_seconds: float = 2.0, clock=time.monotonic):
-        self.failure_threshold = failure_threshold
+    def __init__(self, failures_to_open: int = 3, open_seconds: float = 2.0):
+        self.failures_to_open = failures_to_open
         self.open_seconds = open_seconds
-        self.clock = clock
         self.failures = 0
-        self.opened_at: float | None = None
+        self.opened_at = 0.0
 
     def allow(self) -> bool:
-        """False while open; after open_seconds one trial call goes through (half-open)."""
-        if self.opened_at is None:
-            return True
-        if self.clock() - self.opened_at >= self.open_seconds:
-            self.opened_at = self.clock()  # one trial per window
-            return True
-        return False
-
-    @property
-    def is_open(self) -> bool:
-        return self.opened_at is not None
+        return self.failures < self.failures_to_open or time.monotonic() - self.opened_at >= self.open_seconds
 
     def success(self) -> None:
+        if self.failures >= self.failures_to_open:
+            log.info("redis is back: cache on again")
         self.failures = 0
-        self.opened_at = None
 
     def failure(self) -> None:
         self.failures += 1
-        if self.failures >= self.failure_threshold:
-            self.opened_at = self.clock()
+        if self.failures >= self.failures_to_open:
+            if self.failures == self.failures_to_open:
+                log.warning("redis failing: serving uncached for %.1fs before retrying", self.open_seconds)
+            self.opened_at = time.monotonic()
+        metrics.CACHE.labels(outcome="error").inc()
+
+
+def cache_key(sha256: str, model: str, version: int) -> str:
+    return f"mushroom:result:{model}:{version}:{PREPROCESSING_VERSION}:{sha256}"
 
 
 class ResultCache:
-    def __init__(self, redis: Redis, ttl_seconds: int = 3600, timeout_seconds: float = 0.05,
-                 breaker: CircuitBreaker | None = None, on_outcome: Callable[[str], None] = lambda outcome: None):
+    def __init__(self, redis: aioredis.Redis, ttl_seconds: int, breaker: CircuitBreaker | None = None):
         self.redis = redis
         self.ttl = ttl_seconds
-        self.timeout = timeout_seconds
         self.breaker = breaker or CircuitBreaker()
-        self.on_outcome = on_outcome  # "hit", "miss", "error", "bypass" (breaker open) -> metrics
-        self._inflight: dict[str, asyncio.Future] = {}
 
-    async def _call(self, make_call):
+    async def get(self, key: str) -> dict | None:
         if not self.breaker.allow():
-            self.on_outcome("bypass")
-            return None, False
+            metrics.CACHE.labels(outcome="bypass").inc()
+            return None
         try:
-            value = await asyncio.wait_for(make_call(), self.timeout)
-        except Exception:  # noqa: BLE001 - timeout, refused connection, any Redis error: serve uncached
+            raw = await self.redis.get(key)
+        except (aioredis.RedisError, OSError, asyncio.TimeoutError):
             self.breaker.failure()
-            self.on_outcome("error")
-            return None, False
+            return None
         self.breaker.success()
-        return value, True
+        metrics.CACHE.labels(outcome="hit" if raw is not None else "miss").inc()
+        return json.loads(raw) if raw is not None else None
 
-    async def get(self, key: str) -> CachedResult | None:
-        raw, ok = await self._call(lambda: self.redis.get(key))
-        if not ok:
-            return None
-        if raw is None:
-            self.on_outcome("miss")
-            return None
-        self.on_outcome("hit")
-        return CachedResult(**json.loads(raw))
-
-    async def put(self, key: str, result: CachedResult) -> None:
-        await self._call(lambda: self.redis.set(key, json.dumps(asdict(result)), ex=self.ttl))
-
-    async def get_or_compute(self, key: str, compute: Callable[[], Awaitable[CachedResult]]) -> tuple[CachedResult, bool]:
-        """(result, cached). Concurrent callers with the same key wait for the first one's upstream call."""
-        cached = await self.get(key)
-        if cached is not None:
-            return cached, True
-        pending = self._inflight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending), False
-        future = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
+    async def put(self, key: str, value: dict) -> None:
+        if not self.breaker.allow():
+            return
         try:
-            result = await compute()
+            await self.redis.set(key, json.dumps(value), ex=self.ttl)
+            self.breaker.success()
+        except (aioredis.RedisError, OSError, asyncio.TimeoutError):
+            self.breaker.failure()
+
+
+class SingleFlight:
+    """Identical concurrent misses share one upstream call."""
+
+    def __init__(self):
+        self._calls: dict[str, asyncio.Future] = {}
+
+    async def do(self, key: str, work):
+        existing = self._calls.get(key)
+        if existing is not None:
+            metrics.SINGLE_FLIGHT_SHARED.inc()
+            return await asyncio.shield(existing)
+        future = asyncio.get_running_loop().create_future()
+        self._calls[key] = future
+        try:
+            result = await work()
+            future.set_result(result)
+            return result
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # mark retrieved when nobody else waits
             raise
         finally:
-            self._inflight.pop(key, None)
-        future.set_result(result)
-        await self.put(key, result)
-        return result, False
+            del self._calls[key]

@@ -1,98 +1,124 @@
-"""The model server, spoken to only through the TF Serving gRPC API (works against our server and real TF Serving).
-
-One reused channel; ``Predict`` with a deadline and retries with exponential backoff on UNAVAILABLE; ``GetModelStatus``
-tells which versions are AVAILABLE.
-"""
+"""The model server, spoken to only through the TF Serving gRPC API (so a real TF Serving works the same)."""
 from __future__ import annotations
 
 import asyncio
-import random
+import logging
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
-
-from services.gateway.tf_serving_api import (
-    get_model_status_pb2, model_service_pb2_grpc, pixels_to_tensor, predict_pb2, prediction_service_pb2_grpc,
-    tensor_to_numpy,
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorflow_serving.apis import (
+    get_model_status_pb2, model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc,
 )
 
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+log = logging.getLogger("gateway.upstream")
+AVAILABLE = 30
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class ModelOutput:
+class UpstreamUnavailable(Exception):
+    """The model server cannot answer now (down, overloaded, deadline): a 503 with Retry-After."""
+
+
+class UpstreamRejected(Exception):
+    """The model server refused the request (unknown version or label, bad input): a 4xx."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Prediction:
     version: int
-    labels: list[str]
-    probabilities: np.ndarray  # float32 [C]
+    probabilities: np.ndarray  # float32 (C,)
+    classes: list[str]
     mushroom_score: float
     not_a_mushroom: bool
 
 
-class UpstreamError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+def pixels_tensor(pixels: np.ndarray) -> tensor_pb2.TensorProto:
+    """uint8 (N, H, W, 3) -> TensorProto without tf.make_tensor_proto's per-call overhead."""
+    shape = tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in pixels.shape])
+    return tensor_pb2.TensorProto(dtype=types_pb2.DT_UINT8, tensor_shape=shape,
+                                  tensor_content=np.ascontiguousarray(pixels, np.uint8).tobytes())
+
+
+def _array(tensor: tensor_pb2.TensorProto) -> np.ndarray:
+    shape = [d.size for d in tensor.tensor_shape.dim]
+    if tensor.dtype == types_pb2.DT_STRING:
+        return np.array([s.decode() for s in tensor.string_val], dtype=object).reshape(shape)
+    if tensor.dtype == types_pb2.DT_BOOL:
+        data = np.frombuffer(tensor.tensor_content, np.bool_) if tensor.tensor_content else np.array(tensor.bool_val)
+        return data.reshape(shape)
+    data = np.frombuffer(tensor.tensor_content, np.float32) if tensor.tensor_content else np.array(
+        tensor.float_val, np.float32)
+    return data.reshape(shape)
 
 
 class ModelServerClient:
-    def __init__(self, address: str, model_name: str, deadline_seconds: float = 5.0, retries: int = 3,
-                 backoff_seconds: float = 0.05):
-        self.address = address
+    def __init__(self, target: str, model_name: str, timeout: float = 10.0, retries: int = 2):
+        self.target = target
         self.model_name = model_name
-        self.deadline = deadline_seconds
+        self.timeout = timeout
         self.retries = retries
-        self.backoff = backoff_seconds
-        self.channel = grpc.aio.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.enable_retries", 0),
-            # reconnect within ~1 s once a restarted model server is back (gRPC default backoff grows to 120 s)
-            ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)])
-        self.predictions = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
-        self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
+        self._channel: grpc.aio.Channel | None = None
 
-    async def _with_retries(self, call, request):
+    def _stubs(self):
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self.target, options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000),
+            ])
+        return (prediction_service_pb2_grpc.PredictionServiceStub(self._channel),
+                model_service_pb2_grpc.ModelServiceStub(self._channel))
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+    async def _call(self, method, request):
+        delay = 0.05
         for attempt in range(self.retries + 1):
             try:
-                return await call(request, timeout=self.deadline)
+                return await method(request, timeout=self.timeout)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in RETRYABLE or attempt == self.retries:
-                    raise UpstreamError(exc.code(), exc.details() or str(exc.code())) from None
-                await asyncio.sleep(self.backoff * 2**attempt * (0.5 + random.random()))
+                code = exc.code()
+                if code == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
+                    await asyncio.sleep(delay)
+                    delay *= 4
+                    continue
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED):
+                    raise UpstreamUnavailable(f"model server {self.target}: {code.name}: {exc.details()}") from None
+                raise UpstreamRejected(code, exc.details() or code.name) from None
 
-    async def predict(self, pixels: np.ndarray, version: int | None = None, label: str | None = None) -> ModelOutput:
-        """One photo's uint8 pixels (H, W, 3) -> outputs of the version asked for (or the latest)."""
+    async def predict(self, pixels: np.ndarray, version: int | None = None, label: str | None = None) -> list[Prediction]:
+        predict_stub, _ = self._stubs()
         request = predict_pb2.PredictRequest()
         request.model_spec.name = self.model_name
         request.model_spec.signature_name = "serving_default"
         if version is not None:
             request.model_spec.version.value = version
-        elif label is not None:
+        elif label:
             request.model_spec.version_label = label
-        request.inputs["images"].CopyFrom(pixels_to_tensor(pixels[None]))
-        response = await self._with_retries(self.predictions.Predict, request)
-        outputs = response.outputs
-        try:
-            return ModelOutput(
-                version=int(response.model_spec.version.value),
-                labels=[str(x) for x in tensor_to_numpy(outputs["classes"])[0]],
-                probabilities=tensor_to_numpy(outputs["probabilities"])[0].astype(np.float32),
-                mushroom_score=float(tensor_to_numpy(outputs["mushroom_score"]).reshape(-1)[0]),
-                not_a_mushroom=bool(tensor_to_numpy(outputs["not_a_mushroom"]).reshape(-1)[0]),
-            )
-        except (KeyError, IndexError, ValueError) as exc:
-            raise UpstreamError(grpc.StatusCode.INTERNAL, f"model outputs break the contract: {exc}") from None
+        request.inputs["images"].CopyFrom(pixels_tensor(pixels))
+        response = await self._call(predict_stub.Predict, request)
+        outputs = {k: _array(v) for k, v in response.outputs.items()}
+        served = response.model_spec.version.value
+        return [Prediction(served, outputs["probabilities"][i], list(outputs["classes"][i]),
+                           float(outputs["mushroom_score"][i]), bool(outputs["not_a_mushroom"][i]))
+                for i in range(len(pixels))]
 
-    async def version_states(self) -> dict[int, str]:
-        """{version: state name} from GetModelStatus (e.g. {3: "AVAILABLE", 4: "LOADING"})."""
+    async def version_states(self) -> dict[int, int]:
+        """{version: state} as GetModelStatus reports it; {} when the model is unknown."""
+        _, model_stub = self._stubs()
         request = get_model_status_pb2.GetModelStatusRequest()
         request.model_spec.name = self.model_name
-        response = await self._with_retries(self.models.GetModelStatus, request)
-        return {int(v.version): get_model_status_pb2.ModelVersionStatus.State.Name(v.state)
-                for v in response.model_version_status}
-
-    async def available_versions(self) -> set[int]:
-        return {v for v, state in (await self.version_states()).items() if state == "AVAILABLE"}
-
-    async def close(self) -> None:
-        await self.channel.close()
+        try:
+            response = await self._call(model_stub.GetModelStatus, request)
+        except UpstreamRejected:
+            return {}
+        return {s.version: s.state for s in response.model_version_status}

@@ -1,4 +1,4 @@
-"""A small client of the gateway's gRPC ``mushroom.v1.Classifier`` (stubs from services.gateway.api_pb), shared by the
+"""A small client of the gateway's gRPC ``mushroom.v1.Classifier`` (stubs from services.gateway.protos), shared by the
 stack report and the load tests."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from google.protobuf import json_format
 
 class ClassifierClient:
     def __init__(self, target: str):
-        from services.gateway.api_pb import pb, pb_grpc  # generates the stubs on first use
+        from services.gateway.protos import load
 
-        self.pb2 = pb
+        self.pb2, pb_grpc = load()  # generates the stubs on first use
         self.channel = grpc.insecure_channel(target)
         self.stub = pb_grpc.ClassifierStub(self.channel)
 

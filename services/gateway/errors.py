@@ -1,0 +1,25 @@
+"""One error type for both protocols: an HTTP status, a gRPC code and a stable machine-readable code."""
+from __future__ import annotations
+
+import grpc
+
+_GRPC = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+         403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
+         413: grpc.StatusCode.INVALID_ARGUMENT, 415: grpc.StatusCode.INVALID_ARGUMENT,
+         503: grpc.StatusCode.UNAVAILABLE}
+
+
+class GatewayError(Exception):
+    def __init__(self, status: int, code: str, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+    @property
+    def grpc_code(self) -> grpc.StatusCode:
+        return _GRPC.get(self.status, grpc.StatusCode.INTERNAL)
+
+    def body(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message}}

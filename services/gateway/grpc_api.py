@@ -1,0 +1,77 @@
+"""gRPC: mushroom.v1.Classifier, with health checking and reflection."""
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.gateway.classifier import Classifier
+from services.gateway.errors import GatewayError
+from services.gateway.http_api import STATE_NAMES
+from services.gateway.protos import load
+
+pb, pb_grpc = load()
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
+
+
+def to_proto(answer: dict):
+    return pb.ClassifyResponse(
+        predictions=[pb.Prediction(label=p["label"], display_name=p["display_name"], score=p["score"])
+                     for p in answer["predictions"]],
+        not_a_mushroom=answer["not_a_mushroom"], mushroom_score=answer["mushroom_score"],
+        model_name=answer["model"]["name"], model_version=answer["model"]["version"], cached=answer["cached"],
+        request_id=answer["request_id"], latency_ms=answer["latency_ms"])
+
+
+class ClassifierService(pb_grpc.ClassifierServicer):
+    def __init__(self, classifier: Classifier):
+        self.classifier = classifier
+
+    async def _classify(self, request, endpoint: str):
+        choice = request.WhichOneof("override")
+        answer = await self.classifier.classify(
+            request.photo, client_id=request.client_id or None, top_k=request.top_k or 3,
+            version=request.version if choice == "version" else None,
+            label=request.label if choice == "label" else None, protocol="grpc", endpoint=endpoint)
+        return to_proto(answer)
+
+    async def Classify(self, request, context):
+        try:
+            return await self._classify(request, "classify")
+        except GatewayError as exc:
+            await context.abort(exc.grpc_code, f"{exc.code}: {exc.message}")
+
+    async def ClassifyStream(self, request_iterator, context):
+        """A bad frame answers with ``error`` set; the stream goes on."""
+        async for request in request_iterator:
+            try:
+                yield await self._classify(request, "classify_stream")
+            except GatewayError as exc:
+                yield pb.ClassifyResponse(error=pb.Error(code=exc.code, message=exc.message))
+
+    async def ListModels(self, request, context):
+        try:
+            states = await self.classifier.version_states()
+        except GatewayError as exc:
+            await context.abort(exc.grpc_code, f"{exc.code}: {exc.message}")
+        table = self.classifier.router.table
+        return pb.ListModelsResponse(
+            model_name=self.classifier.upstream.model_name,
+            versions=[pb.ModelVersion(version=v, state=STATE_NAMES.get(s, str(s))) for v, s in sorted(states.items())],
+            routing=[pb.RoutingArm(target=str(v), weight=w) for v, w in sorted(table.weights.items())],
+            shadow=str(table.shadow) if table.shadow is not None else "")
+
+
+def build_server(classifier: Classifier, host: str, port: int) -> tuple[grpc.aio.Server, health.HealthServicer]:
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 32 * 1024 * 1024)])
+    pb_grpc.add_ClassifierServicer_to_server(ClassifierService(classifier), server)
+    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    if server.add_insecure_port(f"{host}:{port}") == 0:
+        raise OSError(f"cannot listen for gRPC on {host}:{port}")
+    return server, health_servicer
+
+
+def serving_status(ok: bool):
+    return health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING

@@ -1,0 +1,217 @@
+"""HTTP JSON API (see DEVELOPERS.md "Gateway HTTP API" and /openapi.json) and the web page's static files."""
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from services.gateway import metrics
+from services.gateway.classifier import Classifier
+from services.gateway.errors import GatewayError
+from services.gateway.openapi import OPENAPI
+from services.gateway.routing import RoutingError, RoutingTable
+
+WEB_DIR = Path(__file__).resolve().parent / "web"
+STATE_NAMES = {10: "START", 20: "LOADING", 30: "AVAILABLE", 40: "UNLOADING", 50: "END"}
+
+
+def _error_response(exc: GatewayError) -> web.Response:
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+    return web.json_response(exc.body(), status=exc.status, headers=headers)
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        return _error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status >= 400 and exc.content_type != "application/json":
+            code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status, "http_error")
+            return web.json_response({"error": {"code": code, "message": exc.reason}}, status=exc.status)
+        raise
+
+
+def _int_param(request: web.Request, name: str, default: int | None) -> int | None:
+    raw = request.query.get(name) or request.headers.get(f"X-{name.replace('_', '-').title()}")
+    if raw in (None, ""):
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise GatewayError(400, f"bad_{name}", f"{name} must be an integer, got {raw!r}") from None
+
+
+class HttpApi:
+    def __init__(self, classifier: Classifier, admin_token: str | None, max_body: int, ready):
+        self.classifier = classifier
+        self.admin_token = admin_token
+        self.max_body = max_body
+        self.ready = ready  # callable -> (bool, reason)
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.max_body + 64 * 1024, middlewares=[errors_as_json])
+        r = app.router
+        r.add_post("/v1/classify", self.classify)
+        r.add_get("/v1/models", self.models)
+        r.add_post("/v1/feedback", self.feedback)
+        r.add_get("/v1/demo", self.demo)
+        r.add_get("/v1/demo/photos/{sha256}", self.demo_photo)
+        r.add_get("/v1/admin/routing", self.get_routing)
+        r.add_put("/v1/admin/routing", self.put_routing)
+        r.add_get("/v1/admin/audit", self.audit)
+        r.add_get("/v1/admin/status", self.status)
+        r.add_get("/healthz", self.healthz)
+        r.add_get("/readyz", self.readyz)
+        r.add_get("/metrics", self.metrics)
+        r.add_get("/openapi.json", self.openapi)
+        if WEB_DIR.is_dir():
+            r.add_get("/", self.index)
+            r.add_static("/static", WEB_DIR)
+        return app
+
+    # ------------------------------------------------------------------ classify
+    async def _photo(self, request: web.Request) -> bytes:
+        content_type = request.content_type
+        if request.content_length and request.content_length > self.max_body:
+            raise GatewayError(413, "too_large", f"the body is {request.content_length} bytes; the limit is "
+                               f"{self.max_body}")
+        try:
+            if content_type.startswith("multipart/"):
+                reader = await request.multipart()
+                async for part in reader:
+                    if part.name in ("photo", "file", "image"):
+                        return bytes(await part.read(decode=False))
+                raise GatewayError(400, "missing_photo", "multipart upload without a 'photo' field")
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise GatewayError(413, "too_large", f"the body is over the limit of {self.max_body} bytes") from None
+        if content_type == "application/json":
+            try:
+                data = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise GatewayError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
+            encoded = data.get("image_b64") if isinstance(data, dict) else None
+            if not isinstance(encoded, str):
+                raise GatewayError(400, "missing_photo", 'JSON bodies need {"image_b64": "<base64 photo>"}')
+            try:
+                return base64.b64decode(encoded, validate=True)
+            except (binascii.Error, ValueError):
+                raise GatewayError(400, "bad_base64", "image_b64 is not valid base64") from None
+        return body
+
+    async def classify(self, request: web.Request) -> web.Response:
+        photo = await self._photo(request)
+        answer = await self.classifier.classify(
+            photo, client_id=request.headers.get("X-Client-Id") or request.query.get("client_id"),
+            top_k=_int_param(request, "top_k", 3), version=_int_param(request, "version", None),
+            label=request.query.get("label") or request.headers.get("X-Version-Label"), protocol="http")
+        return web.json_response(answer)
+
+    # ------------------------------------------------------------------ models, feedback, demo
+    async def models(self, request: web.Request) -> web.Response:
+        states = await self.classifier.version_states()
+        router = self.classifier.router
+        return web.json_response({"models": [{
+            "name": self.classifier.upstream.model_name,
+            "versions": [{"version": v, "state": STATE_NAMES.get(s, str(s)),
+                          "weight": router.table.weights.get(v, 0.0)} for v, s in sorted(states.items())],
+            "routing": {**router.table.to_json(), "effective": {str(v): w for v, w in
+                                                                router.effective_weights().items()}},
+        }]})
+
+    async def feedback(self, request: web.Request) -> web.Response:
+        try:
+            data = json.loads(await request.read())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise GatewayError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("request_id"), str) or not isinstance(
+                data.get("true_label"), str):
+            raise GatewayError(400, "bad_feedback", 'feedback is {"request_id": "...", "true_label": "..."}')
+        recorded = await self.classifier.stats.feedback(data["request_id"], data["true_label"])
+        if recorded is None:
+            raise GatewayError(404, "unknown_request", "no recent answer has that request_id (or it already "
+                               "got feedback)")
+        return web.json_response(recorded)
+
+    def _demo_version(self) -> int:
+        available = self.classifier.router.available
+        if not available:
+            raise GatewayError(503, "no_model", "no model version is AVAILABLE yet", retry_after=2)
+        return max(available)
+
+    async def demo(self, request: web.Request) -> web.Response:
+        version = self._demo_version()
+        photos = [{k: p[k] for k in ("sha256", "label", "display_name")}
+                  for p in self.classifier.model_info.demo_photos(version)]
+        return web.json_response({"model": {"name": self.classifier.upstream.model_name, "version": version},
+                                  "photos": photos})
+
+    async def demo_photo(self, request: web.Request) -> web.StreamResponse:
+        sha = request.match_info["sha256"]
+        for photo in self.classifier.model_info.demo_photos(self._demo_version()):
+            if photo["sha256"] == sha and Path(photo["path"]).is_file():
+                return web.FileResponse(photo["path"], headers={"Cache-Control": "max-age=3600"})
+        raise GatewayError(404, "not_found", f"no demo photo {sha}")
+
+    # ------------------------------------------------------------------ admin
+    def _authorise(self, request: web.Request, write: bool) -> str:
+        if not self.admin_token:
+            if write:
+                raise GatewayError(403, "admin_disabled", "no admin token is configured: routing changes are "
+                                   "refused (start the gateway with --admin-token or GATEWAY_ADMIN_TOKEN)")
+            return "anonymous"
+        header = request.headers.get("Authorization", "")
+        given = header[7:] if header.startswith("Bearer ") else ""
+        if not hmac.compare_digest(given.encode(), self.admin_token.encode()):
+            raise GatewayError(401, "unauthorised", "a valid 'Authorization: Bearer <admin token>' is required")
+        return request.headers.get("X-Operator") or "admin"
+
+    async def get_routing(self, request: web.Request) -> web.Response:
+        self._authorise(request, write=False)
+        router = self.classifier.router
+        return web.json_response({**router.table.to_json(), "available": sorted(router.available),
+                                  "effective": {str(v): w for v, w in router.effective_weights().items()}})
+
+    async def put_routing(self, request: web.Request) -> web.Response:
+        who = self._authorise(request, write=True)
+        try:
+            table = RoutingTable.from_json(json.loads(await request.read()))
+            entry = await self.classifier.router.set_table(table, who)
+        except json.JSONDecodeError as exc:
+            raise GatewayError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
+        except RoutingError as exc:
+            raise GatewayError(400, "bad_routing", str(exc)) from None
+        return web.json_response({**table.to_json(), "audit": entry})
+
+    async def audit(self, request: web.Request) -> web.Response:
+        self._authorise(request, write=False)
+        return web.json_response({"entries": await self.classifier.router.audit()})
+
+    async def status(self, request: web.Request) -> web.Response:
+        self._authorise(request, write=False)
+        summary = await self.classifier.stats.summary()
+        return web.json_response({**summary, "routing": self.classifier.router.table.to_json()})
+
+    # ------------------------------------------------------------------ operations
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        ok, reason = self.ready()
+        return web.json_response({"ready": ok, "reason": reason}, status=200 if ok else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(metrics.REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(OPENAPI)
+
+    async def index(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(WEB_DIR / "index.html")

@@ -1,0 +1,153 @@
+"""`python -m services.gateway`: HTTP and gRPC classify in front of a TF-Serving-API model server."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+log = logging.getLogger("gateway")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    def env(name: str, default: str) -> str:  # GATEWAY_<NAME> also works, as deploy/ spells some of them
+        return os.environ.get(name) or os.environ.get(f"GATEWAY_{name}") or default
+
+    p = argparse.ArgumentParser(
+        prog="python -m services.gateway",
+        description="Mushroom classifier gateway: HTTP JSON (/v1/classify, /openapi.json) and gRPC "
+        "(mushroom.v1.Classifier) in front of a model server speaking the TF Serving API. Every flag can also be "
+        "set by the environment variable named in its help.",
+    )
+    p.add_argument("--host", default=env("GATEWAY_HOST", "0.0.0.0"), help="listen address (GATEWAY_HOST)")
+    p.add_argument("--http-port", type=int, default=int(env("GATEWAY_HTTP_PORT", "8080")),
+                   help="HTTP port (GATEWAY_HTTP_PORT, default 8080)")
+    p.add_argument("--grpc-port", type=int, default=int(env("GATEWAY_GRPC_PORT", "8090")),
+                   help="gRPC port (GATEWAY_GRPC_PORT, default 8090; 0 = off)")
+    p.add_argument("--model-server", default=env("MODEL_SERVER", "127.0.0.1:8500"),
+                   help="gRPC address of TF Serving or services.model_server (MODEL_SERVER)")
+    p.add_argument("--model-name", default=env("MODEL_NAME", "mushrooms"), help="model to serve (MODEL_NAME)")
+    p.add_argument("--model-base-path", default=env("MODEL_BASE_PATH", ""),
+                   help="the model's registry folder, if mounted: display names and demo photos come from its "
+                   "assets.extra/ (MODEL_BASE_PATH; optional)")
+    p.add_argument("--redis-url", default=env("REDIS_URL", "redis://127.0.0.1:6379/0"),
+                   help="cache, routing table, audit and feedback (REDIS_URL)")
+    p.add_argument("--admin-token", default=env("GATEWAY_ADMIN_TOKEN", ""),
+                   help="bearer token of the admin API; empty = routing changes refused (GATEWAY_ADMIN_TOKEN)")
+    p.add_argument("--cache-ttl", type=int, default=int(env("CACHE_TTL_SECONDS", "86400")),
+                   help="seconds a cached answer lives (CACHE_TTL_SECONDS)")
+    p.add_argument("--max-bytes", type=int, default=int(env("MAX_PHOTO_BYTES", str(20 * 1024 * 1024))),
+                   help="largest photo accepted, bytes (MAX_PHOTO_BYTES)")
+    p.add_argument("--max-pixels", type=int, default=int(env("MAX_PHOTO_PIXELS", "60000000")),
+                   help="largest photo accepted, width x height (MAX_PHOTO_PIXELS)")
+    p.add_argument("--redis-timeout", type=float, default=float(env("REDIS_TIMEOUT_SECONDS", "0.1")),
+                   help="Redis socket timeout before serving uncached (REDIS_TIMEOUT_SECONDS)")
+    p.add_argument("--upstream-timeout", type=float, default=float(env("UPSTREAM_TIMEOUT_SECONDS", "10")),
+                   help="deadline of one model server call (UPSTREAM_TIMEOUT_SECONDS)")
+    return p
+
+
+class Gateway:
+    def __init__(self, args: argparse.Namespace):
+        import redis.asyncio as aioredis
+
+        from services.gateway.cache import ResultCache
+        from services.gateway.classifier import Classifier
+        from services.gateway.model_info import ModelInfo
+        from services.gateway.routing import Router
+        from services.gateway.stats import Stats
+        from services.gateway.upstream import ModelServerClient
+        from training_job.preprocessing import Limits
+
+        self.args = args
+        self.redis = aioredis.from_url(args.redis_url, socket_timeout=args.redis_timeout,
+                                       socket_connect_timeout=args.redis_timeout)
+        upstream = ModelServerClient(args.model_server, args.model_name, timeout=args.upstream_timeout)
+        self.classifier = Classifier(upstream, ResultCache(self.redis, args.cache_ttl),
+                                     Router(self.redis, args.model_name), Stats(self.redis, args.model_name),
+                                     ModelInfo(args.model_base_path or None), Limits(args.max_bytes, args.max_pixels))
+        self.upstream_ok = False
+        self._stopping = asyncio.Event()
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.upstream_ok:
+            return False, f"model server {self.args.model_server} unreachable"
+        if not self.classifier.router.available:
+            return False, f"no AVAILABLE version of {self.args.model_name}"
+        return True, "ok"
+
+    async def _watch_versions(self) -> None:
+        from services.gateway.upstream import UpstreamUnavailable
+
+        while not self._stopping.is_set():
+            try:
+                states = await self.classifier.upstream.version_states()
+                self.classifier.router.available = {v for v, s in states.items() if s == 30}
+                self.upstream_ok = True
+            except UpstreamUnavailable:
+                self.upstream_ok = False
+            await asyncio.sleep(1.0)
+
+    async def _watch_routing(self) -> None:
+        import redis.asyncio as aioredis
+
+        while not self._stopping.is_set():
+            try:
+                await self.classifier.router.refresh()
+            except (aioredis.RedisError, OSError, asyncio.TimeoutError):
+                pass  # keep following the last table until Redis answers again
+            await asyncio.sleep(0.5)
+
+    async def serve(self) -> None:
+        from aiohttp import web
+
+        from services.gateway.grpc_api import build_server, serving_status
+        from services.gateway.http_api import HttpApi
+
+        watchers = [asyncio.create_task(self._watch_versions()), asyncio.create_task(self._watch_routing())]
+        runner = web.AppRunner(HttpApi(self.classifier, self.args.admin_token or None, self.args.max_bytes,
+                                       self.ready).app(), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, self.args.host, self.args.http_port).start()
+        grpc_server = health = None
+        if self.args.grpc_port:
+            grpc_server, health = build_server(self.classifier, self.args.host, self.args.grpc_port)
+            await grpc_server.start()
+        log.info("gateway on http://%s:%d and gRPC %s:%s -> model server %s, redis %s", self.args.host,
+                 self.args.http_port, self.args.host, self.args.grpc_port or "off", self.args.model_server,
+                 self.args.redis_url)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        while not self._stopping.is_set():
+            if health is not None:
+                status = serving_status(self.ready()[0])
+                await health.set("", status)
+                await health.set("mushroom.v1.Classifier", status)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+        log.info("shutting down: finishing in-flight requests")
+        if grpc_server is not None:
+            await grpc_server.stop(grace=5)
+        await runner.cleanup()
+        for task in watchers:
+            task.cancel()
+        await self.classifier.upstream.close()
+        await self.redis.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        asyncio.run(Gateway(args).serve())
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,30 @@
+"""Prometheus metrics of the gateway; every label has a small, fixed set of values."""
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry()
+LATENCY_BUCKETS = (.001, .002, .005, .01, .015, .02, .03, .05, .075, .1, .2, .5, 1, 2, 5)
+
+REQUEST_SECONDS = Histogram(
+    "mushroom_gateway_request_seconds", "Classify latency end to end",
+    ["protocol", "endpoint", "model_version", "cache", "result"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
+UPSTREAM_SECONDS = Histogram("mushroom_gateway_upstream_seconds", "Model server Predict latency", ["model_version"],
+                             buckets=LATENCY_BUCKETS, registry=REGISTRY)
+PREPROCESS_SECONDS = Histogram("mushroom_gateway_preprocess_seconds", "Decode and resize time",
+                               buckets=LATENCY_BUCKETS, registry=REGISTRY)
+CACHE = Counter("mushroom_gateway_cache", "Cache lookups by outcome (hit, miss, error, bypass)", ["outcome"],
+                registry=REGISTRY)
+SINGLE_FLIGHT_SHARED = Counter("mushroom_gateway_single_flight_shared", "Misses that joined an identical call",
+                               registry=REGISTRY)
+ROUTE = Counter("mushroom_gateway_route", "Routing decisions per version", ["model_version", "reason"],
+                registry=REGISTRY)
+ROUTED_VERSION_MISSING = Gauge("mushroom_gateway_routed_version_missing",
+                               "1 while a version in the routing table is not AVAILABLE", registry=REGISTRY)
+SHADOW = Counter("mushroom_gateway_shadow", "Shadow requests by agreement with the answer", ["agreement"],
+                 registry=REGISTRY)
+FEEDBACK_ACCURACY = Gauge("mushroom_gateway_feedback_accuracy", "Accuracy from user feedback per version",
+                          ["model_version"], registry=REGISTRY)
+
+
+def version_label(version: int | None, known: set[int]) -> str:
+    """Bounded cardinality: only versions the model server reports become label values."""
+    return str(version) if version is not None and version in known else "other"

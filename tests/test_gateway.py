@@ -1,0 +1,344 @@
+"""The gateway, integrated for real: redis-server, our model server and gateway processes on free loopback ports."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from services.gateway.protos import load
+from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
+from tests.support import MUSHROOMS, NOT_MUSHROOMS, RedisServer, free_port, stop_process, wait_for_port
+from tests.tiny_model import write_tiny_model
+from training_job.paths import PROJECT_ROOT
+from training_job.preprocessing import preprocess_bytes
+from training_job.publish import publish_dir
+
+pb, pb_grpc = load()
+TOKEN = "test-admin-token"
+PHOTOS = sorted(p for d in sorted(MUSHROOMS.iterdir()) for p in sorted(d.iterdir())[:5])
+
+
+class GatewayProcess:
+    def __init__(self, model_server: str, redis_url: str, base_path: Path, token: str | None = TOKEN):
+        self.http_port, self.grpc_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.log = Path(f"/tmp/gateway-test-{self.http_port}.log")
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "GATEWAY_ADMIN_TOKEN": token or ""}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "services.gateway", "--host=127.0.0.1", f"--http-port={self.http_port}",
+             f"--grpc-port={self.grpc_port}", f"--model-server={model_server}", f"--redis-url={redis_url}",
+             f"--model-name={MODEL}", f"--model-base-path={base_path}"],
+            stdout=open(self.log, "w"), stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, env=env)
+        wait_for_port(self.http_port, timeout=90, process=self.process)
+        wait_until(lambda: self.request("GET", "/readyz")[0] == 200, timeout=30, what="gateway ready")
+
+    def request(self, method, path, body=None, content_type=None, headers=None, token=None):
+        headers = dict(headers or {})
+        if isinstance(body, (dict, list)):
+            body, content_type = json.dumps(body).encode(), "application/json"
+        if content_type:
+            headers["Content-Type"] = content_type
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as response:
+                return response.status, json.loads(response.read()), dict(response.headers)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read()), dict(exc.headers)
+
+    def classify(self, photo: bytes, **params):
+        query = "&".join(f"{k}={v}" for k, v in params.items() if k != "client")
+        headers = {"X-Client-Id": params["client"]} if "client" in params else None
+        return self.request("POST", f"/v1/classify?{query}", photo, "image/jpeg", headers)
+
+    def stop(self):
+        stop_process(self.process)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    registry = tmp_path_factory.mktemp("registry")
+    for bias in (0.0, 2.0):
+        publish_dir(lambda d, b=bias: write_tiny_model(d, bias=b), registry, MODEL)
+    config = registry / "models.config"
+    write_config(config, {MODEL: registry / MODEL}, policy="all {}")
+    redis = RedisServer().start()
+    server = start_server(registry, config)
+    wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0] == 30 for v in (1, 2)),
+               what="versions 1 and 2")
+    parts = {"registry": registry, "redis": redis, "server": server, "config": config,
+             "gateway": GatewayProcess(server.grpc_target, redis.url, registry / MODEL)}
+    yield parts
+    parts["gateway"].stop()
+    stop_server(parts["server"])  # the model server restart test replaces it
+    redis.stop()
+
+
+def in_process_probabilities(registry: Path, version: int, photo: bytes) -> np.ndarray:
+    import tensorflow as tf
+
+    signature = tf.saved_model.load(str(registry / MODEL / str(version))).signatures["serving_default"]
+    return signature(images=tf.constant(preprocess_bytes(photo)[None]))["probabilities"].numpy()[0]
+
+
+def set_routing(gateway, weights, shadow=None, token=TOKEN):
+    return gateway.request("PUT", "/v1/admin/routing", {"weights": weights, "shadow": shadow}, token=token)
+
+
+def test_http_and_grpc_give_the_in_process_answer_and_repeats_hit_the_cache(stack):
+    gateway = stack["gateway"]
+    photo = PHOTOS[0].read_bytes()
+    status, first, _ = gateway.classify(photo, top_k=4, version=2)
+    assert status == 200, first
+    expected = in_process_probabilities(stack["registry"], 2, photo)
+    got = {p["label"]: p["score"] for p in first["predictions"]}
+    classes = ["amanita_muscaria", "amanita_vaginata", "boletus_edulis", "boletus_erythropus"]
+    np.testing.assert_allclose([got[c] for c in classes], expected, rtol=1e-5, atol=1e-6)
+    assert first["model"] == {"name": MODEL, "version": 2} and first["cached"] is False
+
+    status, again, _ = gateway.classify(photo, top_k=4, version=2)
+    assert again["cached"] is True and again["predictions"] == first["predictions"]
+
+    with grpc.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+        reply = pb_grpc.ClassifierStub(channel).Classify(pb.ClassifyRequest(photo=photo, top_k=4, version=2),
+                                                         timeout=30)
+        assert [p.label for p in reply.predictions] == [p["label"] for p in first["predictions"]]
+        np.testing.assert_allclose([p.score for p in reply.predictions], [p["score"] for p in first["predictions"]],
+                                   rtol=1e-6)
+        assert reply.cached and reply.model_version == 2
+        frames = [pb.ClassifyRequest(photo=p.read_bytes(), version=1) for p in PHOTOS[:2]]
+        frames.insert(1, pb.ClassifyRequest(photo=b"not a photo", version=1))
+        stream = list(pb_grpc.ClassifierStub(channel).ClassifyStream(iter(frames), timeout=60))
+        assert [r.model_version for r in stream] == [1, 0, 1]
+        assert stream[1].error.code == "not_an_image"
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.ClassifierStub(channel).Classify(pb.ClassifyRequest(photo=b"", top_k=1), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        listed = pb_grpc.ClassifierStub(channel).ListModels(pb.ListModelsRequest(), timeout=30)
+        assert {v.version for v in listed.versions} >= {1, 2}
+    metrics = urllib.request.urlopen(gateway.url + "/metrics").read().decode()
+    assert 'mushroom_gateway_request_seconds_count{cache="hit",endpoint="classify",model_version="2"' in metrics
+
+
+def test_split_converges_sticky_clients_stay_and_a_second_gateway_follows(stack):
+    gateway = stack["gateway"]
+    assert set_routing(gateway, {"1": 70, "2": 30})[0] == 200
+    time.sleep(0.7)
+    photo = PHOTOS[1].read_bytes()
+    counts = Counter(gateway.classify(photo, client=f"client-{i}")[1]["model"]["version"] for i in range(300))
+    assert abs(counts[1] / 300 - 0.7) < 0.08, counts  # 300 clients: binomial sd ~0.026, tolerance ~3 sd
+    sticky = {gateway.classify(photo, client="alice")[1]["model"]["version"] for _ in range(10)}
+    assert len(sticky) == 1
+
+    second = GatewayProcess(stack["server"].grpc_target, stack["redis"].url, stack["registry"] / MODEL)
+    try:
+        assert set_routing(gateway, {"2": 100})[0] == 200
+        wait_until(lambda: second.classify(photo, client="bob")[1]["model"]["version"] == 2, timeout=3,
+                   interval=0.1, what="the second gateway to follow the change")
+    finally:
+        second.stop()
+    status, audit, _ = gateway.request("GET", "/v1/admin/audit", token=TOKEN)
+    assert audit["entries"][0]["new"]["weights"] == {"2": 100.0}
+    assert audit["entries"][0]["old"]["weights"] == {"1": 70.0, "2": 30.0}
+
+
+def test_admin_needs_the_token_and_refuses_unavailable_versions(stack):
+    gateway = stack["gateway"]
+    assert set_routing(gateway, {"1": 100}, token=None)[0] == 401
+    assert set_routing(gateway, {"1": 100}, token="wrong")[0] == 401
+    status, body, _ = set_routing(gateway, {"9": 100})
+    assert status == 400 and "not AVAILABLE" in body["error"]["message"]
+    status, body, _ = gateway.request("GET", "/v1/admin/status", token="wrong")
+    assert status == 401
+
+
+def test_feedback_changes_accuracy(stack):
+    gateway = stack["gateway"]
+    set_routing(gateway, {"1": 100})
+    time.sleep(0.7)
+    status, answer, _ = gateway.classify(PHOTOS[2].read_bytes(), client="carol")
+    predicted = answer["predictions"][0]["label"]
+    assert gateway.request("POST", "/v1/feedback", {"request_id": answer["request_id"], "true_label": predicted})[0] == 200
+    status, answer2, _ = gateway.classify(PHOTOS[3].read_bytes(), client="carol")
+    wrong = "amanita_vaginata" if answer2["predictions"][0]["label"] != "amanita_vaginata" else "boletus_edulis"
+    assert gateway.request("POST", "/v1/feedback", {"request_id": answer2["request_id"], "true_label": wrong})[0] == 200
+    status, summary, _ = gateway.request("GET", "/v1/admin/status", token=TOKEN)
+    assert summary["versions"]["1"]["feedback"] == {"correct": 1, "total": 2}
+    assert summary["versions"]["1"]["feedback_accuracy"] == 0.5
+    assert gateway.request("POST", "/v1/feedback", {"request_id": "nope", "true_label": "x"})[0] == 404
+
+
+def _png(mode, size=(64, 48), **save):
+    buffer = io.BytesIO()
+    colour = {"I;16": 40000, "L": 128, "P": 3, "RGBA": (200, 10, 10, 128), "CMYK": (0, 100, 200, 10),
+              "LA": (100, 50)}.get(mode, (10, 200, 30))
+    Image.new(mode, size, colour).save(buffer, **save)
+    return buffer.getvalue()
+
+
+def _rotated_jpeg():
+    buffer = io.BytesIO()
+    image = Image.open(PHOTOS[4])
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(buffer, "JPEG", exif=exif)
+    return buffer.getvalue()
+
+
+def _animated_gif():
+    buffer = io.BytesIO()
+    frames = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+    return buffer.getvalue()
+
+
+def _bomb():
+    buffer = io.BytesIO()
+    Image.new("1", (40000, 40000)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+GOOD = {
+    "16-bit PNG": lambda: _png("I;16", format="PNG"),
+    "CMYK JPEG": lambda: _png("CMYK", format="JPEG"),
+    "palette PNG": lambda: _png("P", format="PNG"),
+    "alpha PNG": lambda: _png("RGBA", format="PNG"),
+    "grayscale": lambda: _png("L", format="JPEG"),
+    "EXIF-rotated": _rotated_jpeg,
+    "animated GIF": _animated_gif,
+    "WEBP": lambda: _png("RGB", format="WEBP"),
+}
+BAD = {
+    "empty body": (lambda: b"", "image/jpeg", 400),
+    "not an image": (lambda: b"hello, I am text" * 20, "image/jpeg", 400),
+    "HTML page": (lambda: b"<!DOCTYPE html><html><body>404</body></html>", "text/html", 400),
+    "truncated JPEG": (lambda: PHOTOS[0].read_bytes()[:3000], "image/jpeg", 400),
+    "pixel bomb": (_bomb, "image/png", 400),
+    "body over the limit": (lambda: b"\xff" * (21 * 1024 * 1024), "image/jpeg", 413),
+    "bad base64": (lambda: json.dumps({"image_b64": "@@not base64@@"}).encode(), "application/json", 400),
+    "bad JSON": (lambda: b"{not json", "application/json", 400),
+}
+
+
+@pytest.mark.parametrize("name", GOOD)
+def test_odd_but_valid_photos_are_classified(stack, name):
+    status, body, _ = stack["gateway"].request("POST", "/v1/classify?version=1", GOOD[name](), "image/png")
+    assert status == 200, body
+    assert len(body["predictions"]) == 3
+
+
+def test_exif_rotation_is_applied():
+    upright = preprocess_bytes(PHOTOS[4].read_bytes())
+    rotated = preprocess_bytes(_rotated_jpeg())
+    assert not np.array_equal(upright, rotated)
+    source = Image.open(PHOTOS[4])
+    assert Image.open(io.BytesIO(_rotated_jpeg())).size == source.size  # stored sideways, shown rotated
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_input_gets_a_clear_4xx(stack, name):
+    make, content_type, expected = BAD[name]
+    status, body, _ = stack["gateway"].request("POST", "/v1/classify", make(), content_type)
+    assert status == expected, body
+    assert body["error"]["code"] and body["error"]["message"]
+
+
+@pytest.mark.parametrize("query, status", [("version=99", 404), ("label=nope", 404), ("top_k=0", 400),
+                                           ("top_k=5", 400), ("top_k=abc", 400)])
+def test_bad_parameters(stack, query, status):
+    code, body, _ = stack["gateway"].request("POST", f"/v1/classify?{query}", PHOTOS[0].read_bytes(), "image/jpeg")
+    assert code == status, body
+
+
+def test_multipart_and_base64_uploads(stack):
+    gateway = stack["gateway"]
+    photo = PHOTOS[5].read_bytes()
+    b64 = gateway.request("POST", "/v1/classify?version=1", {"image_b64": base64.b64encode(photo).decode()})
+    boundary = "xyzBOUNDARY"
+    form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"photo\"; filename=\"a.jpg\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + photo + f"\r\n--{boundary}--\r\n".encode()
+    multipart = gateway.request("POST", "/v1/classify?version=1", form, f"multipart/form-data; boundary={boundary}")
+    assert b64[0] == multipart[0] == 200
+    assert b64[1]["predictions"] == multipart[1]["predictions"]
+
+
+def test_redis_killed_under_load_loses_no_request(stack):
+    gateway, redis = stack["gateway"], stack["redis"]
+    failures, done = [], []
+    stop = threading.Event()
+
+    def load(offset):
+        i = offset
+        while not stop.is_set():
+            status, body, _ = gateway.classify(PHOTOS[i % len(PHOTOS)].read_bytes(), version=1)
+            (done if status == 200 else failures).append((status, body))
+            i += 1
+
+    threads = [threading.Thread(target=load, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        redis.stop()
+        time.sleep(1.5)
+        redis.start()
+        time.sleep(2.5)  # the breaker closes again
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == [] and len(done) > 10
+    photo = PHOTOS[6].read_bytes()
+    gateway.classify(photo, version=1)
+    wait_until(lambda: gateway.classify(photo, version=1)[1]["cached"], timeout=10, what="the cache to come back")
+
+
+def test_model_server_restart_gives_503_then_recovers(stack):
+    gateway, server = stack["gateway"], stack["server"]
+    photo = sorted(NOT_MUSHROOMS.iterdir())[5].read_bytes()  # never sent before: no cached answer
+    server.process.terminate()
+    server.process.wait(30)
+    status, body, headers = gateway.classify(photo, version=1, top_k=1)
+    assert status == 503 and "Retry-After" in headers, body
+    port = int(server.grpc_target.rsplit(":", 1)[1])
+    restarted = start_server(stack["registry"], stack["config"], f"--port={port}")
+    stack["server"] = restarted
+    wait_until(lambda: gateway.classify(photo, version=1, top_k=1)[0] == 200, timeout=60, what="recovery")
+
+
+def test_openapi_and_models(stack):
+    gateway = stack["gateway"]
+    status, spec, _ = gateway.request("GET", "/openapi.json")
+    assert status == 200 and "/v1/classify" in spec["paths"]
+    status, models, _ = gateway.request("GET", "/v1/models")
+    assert {v["version"] for v in models["models"][0]["versions"]} >= {1, 2}
+
+
+def test_not_a_mushroom_answer_is_reported(stack):
+    status, body, _ = stack["gateway"].classify(sorted(NOT_MUSHROOMS.iterdir())[0].read_bytes(), version=1)
+    assert status == 200 and isinstance(body["not_a_mushroom"], bool)
+
+
+def test_client_cli_prints_labels_like_label_image(stack):
+    result = subprocess.run([sys.executable, "-m", "services.gateway.client", str(PHOTOS[0]), "--url",
+                             stack["gateway"].url, "--top_k", "2"], capture_output=True, text=True, cwd=PROJECT_ROOT,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3 and all("(score = " in line for line in lines[:2])
+    assert "evaluation time" in lines[2]
