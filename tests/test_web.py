@@ -88,7 +88,7 @@ def stack(published_model, tmp_path_factory):
     process = subprocess.Popen(
         [sys.executable, "-m", "services.gateway", "--host=127.0.0.1", f"--http-port={http_port}",
          f"--grpc-port={grpc_port}", f"--model-server={server.grpc_target}", f"--redis-url={redis.url}",
-         f"--model-name={MODEL}"],
+         f"--model-name={MODEL}", f"--model-base-path={models_dir / MODEL}"],
         stdout=open(log_file, "w"), stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN},
     )
