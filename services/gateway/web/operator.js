@@ -7,8 +7,14 @@ const TOKEN_KEY = 'mushroom-admin-token';
 const REFRESH_MS = 5000;
 
 // The routing document maps versions to weights; accept {weights: {v: w}} or {weights: [{version, weight}]}.
+// With no table set yet, the versions the gateway reports available (and its effective split) seed the sliders.
 export function weightsOf(routing) {
-  const w = routing.weights || {};
+  const seeded = Object.fromEntries((routing.available || []).map((v) => [String(v), 0]));
+  const set = Object.keys(routing.weights || {}).length ? routing.weights : (routing.effective || {});
+  return { ...seeded, ...plainWeights(set) };
+}
+
+function plainWeights(w) {
   if (Array.isArray(w)) return Object.fromEntries(w.map((x) => [String(x.version), Number(x.weight)]));
   return Object.fromEntries(Object.entries(w).map(([v, x]) => [String(v), Number(x)]));
 }
@@ -53,7 +59,7 @@ export function setupOperator() {
     }
     $('routing-status').textContent = 'Applying…';
     try {
-      routing = await putRouting(token, { ...routing, weights });
+      routing = { ...routing, ...(await putRouting(token, { weights, shadow: routing.shadow ?? null })) };
       renderWeights();
       $('routing-status').textContent = 'Applied.';
       await refresh();
