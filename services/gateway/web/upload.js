@@ -43,7 +43,8 @@ export function setupUpload(getLabels) {
       `Model ${result.model.name} version ${result.model.version} · ${ms(result.latency_ms)} ms · ` +
       (result.cached ? 'cached' : 'not cached');
     const select = $('feedback-true');
-    const labels = getLabels();
+    const known = getLabels();  // from /v1/models; the answer's own labels if that listed none
+    const labels = known.length ? known : result.predictions;
     select.replaceChildren(...labels.map((l) => el('option', { value: l.label, text: l.display_name || l.label })));
     if (top) select.value = top.label;
     $('result-layout').hidden = false;
