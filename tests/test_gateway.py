@@ -327,6 +327,8 @@ def test_openapi_and_models(stack):
     assert status == 200 and "/v1/classify" in spec["paths"]
     status, models, _ = gateway.request("GET", "/v1/models")
     assert {v["version"] for v in models["models"][0]["versions"]} >= {1, 2}
+    assert models["models"][0]["versions"][0]["labels"][0] == {"label": "amanita_muscaria",
+                                                                "display_name": "Fly agaric"}
 
 
 def test_not_a_mushroom_answer_is_reported(stack):
@@ -342,3 +344,21 @@ def test_client_cli_prints_labels_like_label_image(stack):
     lines = result.stdout.splitlines()
     assert len(lines) == 3 and all("(score = " in line for line in lines[:2])
     assert "evaluation time" in lines[2]
+
+
+def test_admin_cli_sets_weights_and_shows_status_and_audit(stack):
+    url = stack["gateway"].url
+    env = {**os.environ, "GATEWAY_ADMIN_TOKEN": TOKEN}
+
+    def admin(*args):
+        return subprocess.run([sys.executable, "-m", "services.gateway.admin", "--url", url, *args],
+                              capture_output=True, text=True, env=env, cwd=PROJECT_ROOT, timeout=60)
+
+    result = admin("set", "1=60", "2=40")
+    assert result.returncode == 0, result.stderr
+    assert stack["gateway"].request("GET", "/v1/admin/routing", token=TOKEN)[1]["weights"] == {"1": 60.0, "2": 40.0}
+    assert "version" in admin("status").stdout
+    assert "{'1': 60.0, '2': 40.0}" in admin("audit").stdout.splitlines()[0]
+    refused = subprocess.run([sys.executable, "-m", "services.gateway.admin", "--url", url, "--token", "wrong",
+                              "set", "1=100"], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60)
+    assert refused.returncode != 0 and "401" in refused.stderr

@@ -121,7 +121,8 @@ class HttpApi:
         return web.json_response({"models": [{
             "name": self.classifier.upstream.model_name,
             "versions": [{"version": v, "state": STATE_NAMES.get(s, str(s)),
-                          "weight": router.table.weights.get(v, 0.0)} for v, s in sorted(states.items())],
+                          "weight": router.table.weights.get(v, 0.0),
+                          "labels": self.classifier.model_info.class_labels(v)} for v, s in sorted(states.items())],
             "routing": {**router.table.to_json(), "effective": {str(v): w for v, w in
                                                                 router.effective_weights().items()}},
         }]})

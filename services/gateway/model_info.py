@@ -14,7 +14,7 @@ def display_name(label: str, names: dict[str, str]) -> str:
 class ModelInfo:
     def __init__(self, base_path: str | None):
         self.base_path = Path(base_path) if base_path else None
-        self._names: dict[int, dict[str, str]] = {}
+        self._names: dict[int, dict] = {}  # version -> its labels.json
 
     def _assets(self, version: int) -> Path | None:
         if self.base_path is None:
@@ -22,14 +22,22 @@ class ModelInfo:
         folder = self.base_path / str(version) / "assets.extra"
         return folder if folder.is_dir() else None
 
-    def display_names(self, version: int) -> dict[str, str]:
+    def _labels_json(self, version: int) -> dict:
         if version not in self._names:
             assets = self._assets(version)
-            names = {}
+            self._names[version] = {}
             if assets and (assets / "labels.json").exists():
-                names = json.loads((assets / "labels.json").read_text()).get("display_names", {})
-            self._names[version] = names
+                self._names[version] = json.loads((assets / "labels.json").read_text())
         return self._names[version]
+
+    def display_names(self, version: int) -> dict[str, str]:
+        return self._labels_json(version).get("display_names", {})
+
+    def class_labels(self, version: int) -> list[dict]:
+        """The model's classes in column order with display names ([] without the registry)."""
+        names = self.display_names(version)
+        return [{"label": label, "display_name": display_name(label, names)}
+                for label in self._labels_json(version).get("labels", [])]
 
     def demo_photos(self, version: int) -> list[dict]:
         assets = self._assets(version)
