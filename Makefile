@@ -3,7 +3,7 @@ PY := .venv/bin/python
 DATA ?=
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup run stop loadtest test clean
+.PHONY: setup run stop loadtest bench test clean
 setup:
 	bash scripts/setup.sh
 
@@ -15,6 +15,9 @@ stop:
 
 loadtest:
 	$(PY) -m loadtests.run
+
+bench: setup
+	$(PY) -m bench.run_all
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -1,0 +1,118 @@
+"""`make bench`: run every benchmark in one go on this machine and write bench/results/report.json and
+bench/REPORT.md, with one row per target of ../shared/docs/targets.md (measured, target, met or not).
+
+Each benchmark is its own script (a fresh process, so one's threads and memory don't colour another's); they run one
+after the other, never at once. Usage: python -m bench.run_all [--skip train,gateway] [--seconds 8]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import RESULTS_DIR, machine_description
+
+BENCH_DIR = Path(__file__).resolve().parent
+SCRIPTS = {
+    "raw_model": ["-m", "bench.raw_model_bench"],
+    "model_server": ["-m", "bench.model_server_bench"],
+    "gateway": ["-m", "bench.gateway_bench"],
+    "train": [str(BENCH_DIR / "train_bench.py")],
+}
+
+
+def run(name: str, seconds: float) -> bool:
+    args = SCRIPTS[name]
+    if args[0] == "-m" and not (BENCH_DIR / f"{args[1].split('.')[-1]}.py").exists():
+        print(f"-- {name}: no benchmark script yet, skipped")
+        return False
+    extra = ["--seconds", str(seconds)] if name in ("raw_model", "model_server") else []
+    print(f"== {name}", flush=True)
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, *args, *extra], cwd=BENCH_DIR.parent)
+    print(f"== {name}: exit {result.returncode} after {time.monotonic() - started:.0f} s", flush=True)
+    return result.returncode == 0
+
+
+def load(name: str) -> dict:
+    path = RESULTS_DIR / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def rows() -> list[dict]:
+    """Every target as a row; a benchmark that did not run leaves its rows 'not measured'."""
+    out = []
+
+    def add(what, value, target, met, unit="", source=""):
+        out.append({"what": what, "measured": value, "unit": unit, "target": target, "met": met, "source": source})
+
+    ms = load("model_server")
+    if ms:
+        t = ms["targets"]
+        ratio = t["throughput_ratio_c32_vs_raw_b32"]["value"]
+        add("model server throughput at concurrency 32 / raw model at batch 32", round(ratio, 3), ">= 0.9",
+            ratio >= 0.9, source="model_server.json")
+        delta = t["p50_c1_minus_raw_ms"]["value"]
+        add("model server p50 at concurrency 1 minus raw model p50 at batch 1", round(delta, 2), "<= 1 ms",
+            delta <= 1.0, "ms", "model_server.json")
+    gw = load("gateway")
+    for key, row in (gw.get("targets") or {}).items():
+        add(row.get("what", key), row.get("value"), row.get("target"), row.get("met"), row.get("unit", ""),
+            "gateway.json")
+    train = load("train")
+    if train:
+        add("training on the shared photos, cold", train["cold"]["seconds"], "<= 180 s", train["cold"]["seconds"] <= 180,
+            "s", "train.json")
+        add("training on the shared photos, warm", train["warm"]["seconds"], "<= 30 s", train["warm"]["seconds"] <= 30,
+            "s", "train.json")
+        acc = train["cold"]["test_accuracy"]
+        add(f"top-1 accuracy on the test split ({train['cold']['test_photos']} photos)", round(acc, 3), ">= 0.97",
+            acc >= 0.97, source="train.json")
+        open_set = train["cold"]["open_set"]
+        add("non-mushroom photos answered 'not a mushroom'", open_set["not_mushrooms_rejected"], ">= 0.90",
+            open_set["not_mushrooms_rejected"] >= 0.9, source="train.json")
+        add("test mushrooms wrongly rejected", round(open_set["test_mushrooms_rejected"], 3), "<= 0.05",
+            open_set["test_mushrooms_rejected"] <= 0.05, source="train.json")
+    raw = load("raw_model")
+    if raw:
+        for row in raw["raw_model"]:
+            add(f"raw model at batch {row['batch']} (reference)", round(row["images_per_s"], 1), "-", None, "img/s",
+                "raw_model.json")
+        tw = raw["tutorial_way"]
+        add("tutorial's way: classify one photo once the model is loaded (label_image.py: 0.237 s)",
+            round(tw["classify_one_photo_s"], 3), "-", None, "s", "raw_model.json")
+        add("tutorial's way: a whole process loading the model for one photo", round(tw["process_total_s"], 2), "-",
+            None, "s", "raw_model.json")
+    return out
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"Measured on {m['cores']} cores ({m['cpu']}), Python {m['python']}, revision {m['revision']}, "
+             f"{m['measured_at']}; every ratio is against a reference measured in the same run.", "",
+             "| what | measured | target | met |", "|---|---|---|---|"]
+    for row in report["rows"]:
+        met = {True: "yes", False: "**no**", None: ""}[row["met"]]
+        lines.append(f"| {row['what']} | {row['measured']} {row['unit']} | {row['target']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip", default="", help="comma-separated benchmarks to leave out: " + ", ".join(SCRIPTS))
+    parser.add_argument("--seconds", type=float, default=8.0, help="measuring time of each timed phase")
+    args = parser.parse_args(argv)
+    skip = {s for s in args.skip.split(",") if s}
+    ran = {name: run(name, args.seconds) for name in SCRIPTS if name not in skip}
+    report = {"machine": machine_description(), "ran": ran, "rows": rows()}
+    (RESULTS_DIR / "report.json").write_text(json.dumps(report, indent=2))
+    (BENCH_DIR / "REPORT.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0 if all(ran.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
