@@ -170,6 +170,14 @@ class Manager:
         return errors
 
     # ------------------------------------------------------------------ lookups
+    def _labelled_version(self, name: str, label: str) -> int:
+        """The version a label points at (caller holds the lock)."""
+        try:
+            return self._labels[name][label]
+        except KeyError:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"Unrecognized servable version label: {label}") from None
+
     def resolve(self, name: str, version: int | None = None, label: str | None = None) -> Servable:
         with self._lock:
             if name not in self._configs:
@@ -177,10 +185,7 @@ class Manager:
                                    f"Servable not found for request: Latest({name})")
             records = self._versions.get(name, {})
             if label:
-                if label not in self._labels.get(name, {}):
-                    raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                                       f"Unrecognized servable version label: {label}")
-                version = self._labels[name][label]
+                version = self._labelled_version(name, label)
             if version is not None:
                 record = records.get(version)
                 if record is None or record.servable is None:
@@ -198,10 +203,7 @@ class Manager:
                 raise ServingError(grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {name}")
             records = self._versions.get(name, {})
             if label:
-                if label not in self._labels.get(name, {}):
-                    raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                                       f"Unrecognized servable version label: {label}")
-                version = self._labels[name][label]
+                version = self._labelled_version(name, label)
             if version is not None:
                 if version not in records:
                     raise ServingError(grpc.StatusCode.NOT_FOUND,
