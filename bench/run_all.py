@@ -16,6 +16,8 @@ from pathlib import Path
 from bench.common import RESULTS_DIR, machine_description
 
 BENCH_DIR = Path(__file__).resolve().parent
+README = BENCH_DIR.parent / "README.md"
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 SCRIPTS = {
     "raw_model": ["-m", "bench.raw_model_bench"],
     "model_server": ["-m", "bench.model_server_bench"],
@@ -104,14 +106,25 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip", default="", help="comma-separated benchmarks to leave out: " + ", ".join(SCRIPTS))
     parser.add_argument("--seconds", type=float, default=8.0, help="measuring time of each timed phase")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the report from the last results")
     args = parser.parse_args(argv)
-    skip = {s for s in args.skip.split(",") if s}
+    skip = set(SCRIPTS) if args.report_only else {s for s in args.skip.split(",") if s}
     ran = {name: run(name, args.seconds) for name in SCRIPTS if name not in skip}
     report = {"machine": machine_description(), "ran": ran, "rows": rows()}
     (RESULTS_DIR / "report.json").write_text(json.dumps(report, indent=2))
-    (BENCH_DIR / "REPORT.md").write_text(markdown(report))
-    print(markdown(report))
+    table = markdown(report)
+    (BENCH_DIR / "REPORT.md").write_text(table)
+    update_readme(table)
+    print(table)
     return 0 if all(ran.values()) else 1
+
+
+def update_readme(table: str) -> None:
+    """The README's performance section is this report, between its two markers."""
+    text = README.read_text()
+    if START in text and END in text:
+        before, rest = text.split(START, 1)
+        README.write_text(before + START + "\n" + table + END + rest.split(END, 1)[1])
 
 
 if __name__ == "__main__":
