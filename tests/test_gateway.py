@@ -362,3 +362,18 @@ def test_admin_cli_sets_weights_and_shows_status_and_audit(stack):
     refused = subprocess.run([sys.executable, "-m", "services.gateway.admin", "--url", url, "--token", "wrong",
                               "set", "1=100"], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60)
     assert refused.returncode != 0 and "401" in refused.stderr
+
+
+def test_shadow_version_is_mirrored_with_agreement_and_latency(stack):
+    gateway = stack["gateway"]
+    assert set_routing(gateway, {"1": 100}, shadow=2)[0] == 200
+    time.sleep(0.7)
+    for photo in sorted(NOT_MUSHROOMS.iterdir())[10:14]:  # never sent before: cache misses reach the model server
+        status, answer, _ = gateway.classify(photo.read_bytes(), client="dave")
+        assert status == 200 and answer["model"]["version"] == 1
+    def shadowed():
+        return gateway.request("GET", "/v1/admin/status", token=TOKEN)[1]["versions"].get("2", {})
+    wait_until(lambda: shadowed().get("shadow_requests", 0) >= 4, timeout=10, what="4 shadow calls")
+    row = shadowed()
+    assert 0.0 <= row["shadow_agreement"] <= 1.0 and row["shadow_p50_ms"] > 0
+    set_routing(gateway, {"1": 100})

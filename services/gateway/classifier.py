@@ -161,11 +161,12 @@ class Classifier:
             return
 
         async def mirror():
+            start = time.perf_counter()
             try:
                 shadow_answer = await self._predict(pixels, shadow, None)
             except GatewayError:
                 return
             agreed = int(np.argmax(shadow_answer["probabilities"])) == int(np.argmax(answer["probabilities"]))
-            self.stats.record_shadow(shadow, agreed)
+            self.stats.record_shadow(shadow, agreed, time.perf_counter() - start)
 
         self._spawn(mirror())

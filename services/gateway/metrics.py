@@ -19,6 +19,8 @@ ROUTE = Counter("mushroom_gateway_route", "Routing decisions per version", ["mod
                 registry=REGISTRY)
 ROUTED_VERSION_MISSING = Gauge("mushroom_gateway_routed_version_missing",
                                "1 while a version in the routing table is not AVAILABLE", registry=REGISTRY)
+SHADOW_SECONDS = Histogram("mushroom_gateway_shadow_seconds", "Latency of mirrored (shadow) calls",
+                           buckets=LATENCY_BUCKETS, registry=REGISTRY)
 SHADOW = Counter("mushroom_gateway_shadow", "Shadow requests by agreement with the answer", ["agreement"],
                  registry=REGISTRY)
 FEEDBACK_ACCURACY = Gauge("mushroom_gateway_feedback_accuracy", "Accuracy from user feedback per version",

@@ -22,6 +22,7 @@ class VersionStats:
     latencies: deque = field(default_factory=lambda: deque(maxlen=2000))
     shadow_requests: int = 0
     shadow_agreements: int = 0
+    shadow_latencies: deque = field(default_factory=lambda: deque(maxlen=2000))
 
 
 def two_proportion_z_test(correct_a: int, total_a: int, correct_b: int, total_b: int) -> dict | None:
@@ -54,11 +55,13 @@ class Stats:
             self.versions[version].requests += 1
             self.versions[version].errors += 1
 
-    def record_shadow(self, version: int, agreed: bool) -> None:
+    def record_shadow(self, version: int, agreed: bool, seconds: float) -> None:
         s = self.versions[version]
         s.shadow_requests += 1
         s.shadow_agreements += agreed
+        s.shadow_latencies.append(seconds)
         metrics.SHADOW.labels(agreement="agree" if agreed else "disagree").inc()
+        metrics.SHADOW_SECONDS.observe(seconds)
 
     async def remember_request(self, request_id: str, version: int, predicted: str) -> None:
         await self.redis.set(f"mushroom:request:{request_id}", json.dumps({"version": version, "predicted": predicted}),
@@ -92,6 +95,7 @@ class Stats:
         for version in sorted(set(self.versions) | set(feedback)):
             s = self.versions.get(version, VersionStats())
             lat = np.asarray(s.latencies) * 1000
+            shadow_lat = np.asarray(s.shadow_latencies) * 1000
             correct, total = feedback.get(version, (0, 0))
             accuracy = correct / total if total else None
             if accuracy is not None:
@@ -102,7 +106,9 @@ class Stats:
                 "p95_ms": float(np.percentile(lat, 95)) if lat.size else None,
                 "error_rate": s.errors / s.requests if s.requests else 0.0,
                 "cache_hit_rate": s.cache_hits / s.requests if s.requests else 0.0,
+                "shadow_requests": s.shadow_requests,
                 "shadow_agreement": s.shadow_agreements / s.shadow_requests if s.shadow_requests else None,
+                "shadow_p50_ms": float(np.percentile(shadow_lat, 50)) if shadow_lat.size else None,
                 "feedback": {"correct": correct, "total": total}, "feedback_accuracy": accuracy,
             }
         ranked = sorted(feedback.items(), key=lambda kv: -kv[1][1])[:2]
