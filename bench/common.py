@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
-import platform
 import os
+import platform
+import sys
 import time
 from pathlib import Path
 
@@ -42,6 +43,36 @@ def percentiles_ms(seconds: list[float]) -> dict:
     ms = np.asarray(seconds) * 1000.0
     return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
             "p99_ms": float(np.percentile(ms, 99)), "n": int(ms.size)}
+
+
+def raw_throughput(signature, pixels: np.ndarray, batch: int, seconds: float) -> dict:
+    """The published model's serving signature called in-process (no server) at one batch size, for ``seconds``."""
+    import tensorflow as tf
+
+    batch_pixels = tf.constant(np.resize(pixels, (batch,) + pixels.shape[1:]))
+    signature(images=batch_pixels)  # trace and warm up
+    times, images = [], 0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        signature(images=batch_pixels)["probabilities"].numpy()
+        times.append(time.perf_counter() - start)
+        images += batch
+    return {"batch": batch, "images_per_s": images / sum(times), **percentiles_ms(times)}
+
+
+def load_serving_signature(version_dir: Path):
+    import tensorflow as tf
+
+    return tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+
+
+def published_version_or_exit(registry: Path, model_name: str) -> Path:
+    version_dir = latest_published_version(registry, model_name)
+    if version_dir is None:
+        print(f"no published model under {registry}/{model_name}: run `make run` first", file=sys.stderr)
+        raise SystemExit(2)
+    return version_dir
 
 
 def latest_published_version(registry: Path, model_name: str = "mushrooms") -> Path | None:

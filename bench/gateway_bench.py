@@ -18,22 +18,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-from bench.common import latest_published_version, percentiles_ms, write_result
+from bench.common import (
+    load_serving_signature, percentiles_ms, published_version_or_exit, raw_throughput, write_result,
+)
 from training_job.paths import PROJECT_ROOT, default_registry, shared_data_dir
 from training_job.preprocessing import load_image_file
-
-
-def raw_b32(version_dir: Path, pixels: np.ndarray, seconds: float) -> float:
-    import tensorflow as tf
-
-    signature = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
-    images = tf.constant(np.resize(pixels, (32,) + pixels.shape[1:]))
-    signature(images=images)
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        signature(images=images)["probabilities"].numpy()
-        count += 32
-    return count / (time.perf_counter() - start)
 
 
 def rss_mb(pid: int) -> float:
@@ -93,17 +82,15 @@ def main(argv=None) -> int:
     parser.add_argument("--model_name", default="mushrooms")
     parser.add_argument("--seconds", type=float, default=8.0)
     args = parser.parse_args(argv)
-    version_dir = latest_published_version(args.registry, args.model_name)
-    if version_dir is None:
-        print(f"no published model under {args.registry}/{args.model_name}: run `make run` first", file=sys.stderr)
-        return 2
+    version_dir = published_version_or_exit(args.registry, args.model_name)
     from tests.model_server_harness import start_server, stop_server, version_states, wait_until, write_config
     from tests.support import RedisServer, free_port, stop_process, wait_for_port
 
     paths = sorted((shared_data_dir() / "mushrooms").glob("*/*"))
     photos = [p.read_bytes() for p in paths]
     pixels = np.stack([load_image_file(p) for p in paths[:64]])
-    result = {"model": str(version_dir), "raw_b32_images_per_s": raw_b32(version_dir, pixels, args.seconds)}
+    raw_b32 = raw_throughput(load_serving_signature(version_dir), pixels, 32, args.seconds)["images_per_s"]
+    result = {"model": str(version_dir), "raw_b32_images_per_s": raw_b32}
 
     work = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     config = work / "models.config"

@@ -19,27 +19,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import grpc
 import numpy as np
 
-from bench.common import latest_published_version, percentiles_ms, sample_photos, write_result
+from bench.common import (
+    load_serving_signature, percentiles_ms, published_version_or_exit, raw_throughput, sample_photos, write_result,
+)
 from training_job.paths import PROJECT_ROOT, default_registry
 from training_job.preprocessing import load_image_file
 
 
 def raw_model(version_dir: Path, pixels: np.ndarray, seconds: float) -> dict:
-    import tensorflow as tf
-
-    signature = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
-    result = {}
-    for batch in (1, 32):
-        images = tf.constant(np.resize(pixels, (batch,) + pixels.shape[1:]))
-        signature(images=images)
-        times = []
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            start = time.perf_counter()
-            signature(images=images)["probabilities"].numpy()
-            times.append(time.perf_counter() - start)
-        result[f"batch_{batch}"] = {"images_per_s": batch * len(times) / sum(times), **percentiles_ms(times)}
-    return result
+    signature = load_serving_signature(version_dir)
+    return {f"batch_{batch}": raw_throughput(signature, pixels, batch, seconds) for batch in (1, 32)}
 
 
 def start_server(version_dir: Path, batching: bool, workdir: Path) -> tuple[subprocess.Popen, str]:
@@ -97,10 +86,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model_name", default="mushrooms")
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args(argv)
-    version_dir = latest_published_version(args.registry, args.model_name)
-    if version_dir is None:
-        print(f"no published model under {args.registry}/{args.model_name}: run `make run` first", file=sys.stderr)
-        return 2
+    version_dir = published_version_or_exit(args.registry, args.model_name)
     pixels = np.stack([load_image_file(p) for p in sample_photos(64)])
     result = {"model": str(version_dir), "raw": raw_model(version_dir, pixels, args.seconds)}
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,7 +16,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-from bench.common import latest_published_version, percentiles_ms, sample_photos, write_result
+from bench.common import (
+    load_serving_signature, published_version_or_exit, raw_throughput, sample_photos, write_result,
+)
 from training_job.paths import default_registry
 from training_job.preprocessing import load_image_file
 
@@ -33,21 +35,6 @@ best = int(np.argmax(out["probabilities"].numpy()[0]))
 t2 = time.perf_counter()
 print(f"{t1 - t0:.4f} {t2 - t1:.4f} {out['classes'].numpy()[0][best].decode()}")
 """
-
-
-def throughput(signature, pixels: np.ndarray, batch: int, seconds: float) -> dict:
-    import tensorflow as tf
-
-    batch_pixels = tf.constant(np.resize(pixels, (batch,) + pixels.shape[1:]))
-    signature(images=batch_pixels)  # trace and warm up
-    times, images = [], 0
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        signature(images=batch_pixels)["probabilities"].numpy()
-        times.append(time.perf_counter() - start)
-        images += batch
-    return {"batch": batch, "images_per_s": images / sum(times), **percentiles_ms(times)}
 
 
 def tutorial_way(version_dir: Path, photo: Path, runs: int) -> dict:
@@ -72,16 +59,11 @@ def main(argv=None) -> int:
     parser.add_argument("--tutorial_runs", type=int, default=3)
     args = parser.parse_args(argv)
 
-    import tensorflow as tf
-
-    version_dir = latest_published_version(args.registry, args.model_name)
-    if version_dir is None:
-        print(f"no published model under {args.registry}/{args.model_name}: run `make run` first", file=sys.stderr)
-        return 2
-    signature = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    version_dir = published_version_or_exit(args.registry, args.model_name)
+    signature = load_serving_signature(version_dir)
     photos = sample_photos(32)
     pixels = np.stack([load_image_file(p) for p in photos])
-    result = {"model": str(version_dir), "raw_model": [throughput(signature, pixels, b, args.seconds) for b in (1, 8, 32)],
+    result = {"model": str(version_dir), "raw_model": [raw_throughput(signature, pixels, b, args.seconds) for b in (1, 8, 32)],
               "tutorial_way": tutorial_way(version_dir, photos[0], args.tutorial_runs)}
     for row in result["raw_model"]:
         print(f"raw model batch {row['batch']:>2}: {row['images_per_s']:7.1f} img/s  p50 {row['p50_ms']:.1f} ms")
