@@ -48,7 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Redis socket timeout before serving uncached (REDIS_TIMEOUT_SECONDS)")
     p.add_argument("--upstream-timeout", type=float, default=float(env("UPSTREAM_TIMEOUT_SECONDS", "10")),
                    help="deadline of one model server call (UPSTREAM_TIMEOUT_SECONDS)")
+    p.add_argument("--no-single-flight", dest="single_flight", action="store_false",
+                   default=env("SINGLE_FLIGHT", "1").lower() not in ("0", "false", "off", "no"),
+                   help="every identical concurrent miss makes its own model server call (SINGLE_FLIGHT=0; "
+                   "for benchmarks: single-flight is on by default)")
     return p
+
+
+class NoSingleFlight:
+    """--no-single-flight: the SingleFlight interface, without the sharing."""
+
+    async def do(self, key: str, work):
+        return await work()
 
 
 class Gateway:
@@ -70,6 +81,8 @@ class Gateway:
         self.classifier = Classifier(upstream, ResultCache(self.redis, args.cache_ttl),
                                      Router(self.redis, args.model_name), Stats(self.redis, args.model_name),
                                      ModelInfo(args.model_base_path or None), Limits(args.max_bytes, args.max_pixels))
+        if not args.single_flight:
+            self.classifier.single_flight = NoSingleFlight()
         self.upstream_ok = False
         self._stopping = asyncio.Event()
 
