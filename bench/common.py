@@ -45,20 +45,35 @@ def percentiles_ms(seconds: list[float]) -> dict:
             "p99_ms": float(np.percentile(ms, 99)), "n": int(ms.size)}
 
 
+def time_calls(call, seconds: float) -> list[float]:
+    """Calls ``call()`` back to back for ``seconds`` (after one untimed warm-up call); the time of each call."""
+    call()
+    times = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def throughput(times: list[float], batch: int) -> dict:
+    """Images per second and latency percentiles of calls that each classified ``batch`` images."""
+    return {"batch": batch, "images_per_s": batch * len(times) / sum(times), **percentiles_ms(times)}
+
+
+def batch_of(pixels: np.ndarray, batch: int) -> np.ndarray:
+    """``batch`` photos from ``pixels`` (repeated when there are fewer)."""
+    return np.resize(pixels, (batch,) + pixels.shape[1:])
+
+
 def raw_throughput(signature, pixels: np.ndarray, batch: int, seconds: float) -> dict:
     """The published model's serving signature called in-process (no server) at one batch size, for ``seconds``."""
     import tensorflow as tf
 
-    batch_pixels = tf.constant(np.resize(pixels, (batch,) + pixels.shape[1:]))
-    signature(images=batch_pixels)  # trace and warm up
-    times, images = [], 0
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        signature(images=batch_pixels)["probabilities"].numpy()
-        times.append(time.perf_counter() - start)
-        images += batch
-    return {"batch": batch, "images_per_s": images / sum(times), **percentiles_ms(times)}
+    batch_pixels = tf.constant(batch_of(pixels, batch))
+    times = time_calls(lambda: signature(images=batch_pixels)["probabilities"].numpy(), seconds)
+    return throughput(times, batch)
 
 
 def load_serving_signature(version_dir: Path):

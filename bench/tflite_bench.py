@@ -1,0 +1,140 @@
+"""TFLite vs SavedModel on the CPU, in one run, on the same preprocessed photos: the published version's SavedModel
+(serving signature, in-process) against its TFLite float and int8 files (tf.lite.Interpreter, num_threads=2).
+
+Measures single-image latency (p50) and batch-32 throughput of each, each TFLite figure also as a ratio to the
+SavedModel's from this run, and puts next to them the test accuracies the training job stored in the version's
+assets.extra/metrics.json. Phases alternate (SavedModel, float, int8, SavedModel, ...) over --rounds so a burst
+of other work on the machine hits all three alike.
+
+Usage: python -m bench.tflite_bench [--registry DIR] [--seconds 8] [--rounds 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+
+from bench.common import (
+    batch_of, load_serving_signature, published_version_or_exit, sample_photos, throughput, time_calls, write_result,
+)
+from training_job.paths import default_registry
+from training_job.preprocessing import load_image_file
+
+BATCH = 32
+THREADS = 2
+
+
+class TFLiteModel:
+    """One .tflite file in a tf.lite.Interpreter; ``classify(pixels)`` takes uint8 [N, S, S, 3] like the SavedModel.
+
+    A batch runs as one invoke when the interpreter accepts a resized batch dimension, else photo by photo
+    (``batched`` says which)."""
+
+    def __init__(self, path: Path, batch: int):
+        import tensorflow as tf
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
+            self.single = tf.lite.Interpreter(model_path=str(path), num_threads=THREADS)
+            self.single.allocate_tensors()
+            self.multi = tf.lite.Interpreter(model_path=str(path), num_threads=THREADS)
+        self.batched = True
+        try:
+            index = self.multi.get_input_details()[0]["index"]
+            self.multi.resize_tensor_input(index, [batch, *self.single.get_input_details()[0]["shape"][1:]])
+            self.multi.allocate_tensors()
+        except (ValueError, RuntimeError):
+            self.batched = False
+
+    @staticmethod
+    def _run(interpreter, pixels: np.ndarray) -> np.ndarray:
+        inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+        if inp["dtype"] == np.float32:
+            x = pixels.astype(np.float32)
+        else:  # fully quantised input: uint8 pixels -> the input's quantised scale
+            scale, zero = inp["quantization"]
+            info = np.iinfo(inp["dtype"])
+            x = np.clip(np.round(pixels / scale + zero), info.min, info.max).astype(inp["dtype"])
+        interpreter.set_tensor(inp["index"], x)
+        interpreter.invoke()
+        return interpreter.get_tensor(out["index"])
+
+    def classify(self, pixels: np.ndarray) -> np.ndarray:
+        if len(pixels) == 1:
+            return self._run(self.single, pixels)
+        if self.batched:
+            return self._run(self.multi, pixels)
+        return np.concatenate([self._run(self.single, p[None]) for p in pixels])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--registry", type=Path, default=default_registry())
+    parser.add_argument("--model_name", default="mushrooms")
+    parser.add_argument("--seconds", type=float, default=8.0, help="measuring time per model and mode (all rounds)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of the three models")
+    args = parser.parse_args(argv)
+
+    version_dir = published_version_or_exit(args.registry, args.model_name)
+    stored = json.loads((version_dir / "assets.extra" / "metrics.json").read_text())
+    tflite_metrics = stored.get("tflite")
+    if not tflite_metrics:
+        print(f"{version_dir} has no TFLite export (published with --no_tflite?)", file=sys.stderr)
+        return 2
+    import tensorflow as tf
+
+    signature = load_serving_signature(version_dir)
+    tflite = {kind: TFLiteModel(version_dir / tflite_metrics[f"{kind}_file"], BATCH) for kind in ("float", "int8")}
+    pixels = np.stack([load_image_file(p) for p in sample_photos(BATCH)])
+    one, many = pixels[:1], batch_of(pixels, BATCH)
+    one_tf, many_tf = tf.constant(one), tf.constant(many)
+    calls = {
+        "savedmodel": {1: lambda: signature(images=one_tf)["probabilities"].numpy(),
+                       BATCH: lambda: signature(images=many_tf)["probabilities"].numpy()},
+        **{f"tflite_{kind}": {1: (lambda m=model: m.classify(one)), BATCH: (lambda m=model: m.classify(many))}
+           for kind, model in tflite.items()},
+    }
+    # the three must agree on the photos before their speed means anything
+    reference = calls["savedmodel"][BATCH]().argmax(1)
+    agreement = {name: float(np.mean(c[BATCH]().argmax(1) == reference)) for name, c in calls.items()}
+
+    times = {name: {1: [], BATCH: []} for name in calls}
+    for _ in range(args.rounds):
+        for batch in (1, BATCH):
+            for name, by_batch in calls.items():
+                times[name][batch] += time_calls(by_batch[batch], args.seconds / args.rounds)
+    accuracy = {"savedmodel": tflite_metrics.get("savedmodel_test_accuracy", stored.get("test_accuracy")),
+                "tflite_float": tflite_metrics["float_test_accuracy"],
+                "tflite_int8": tflite_metrics["int8_test_accuracy"]}
+    models = {}
+    for name in calls:
+        single, batched = throughput(times[name][1], 1), throughput(times[name][BATCH], BATCH)
+        models[name] = {"single_image": single, f"batch_{BATCH}": batched,
+                        "test_accuracy": accuracy[name], "top1_agreement_with_savedmodel": agreement[name],
+                        "file_bytes": tflite_metrics.get(f"{name.removeprefix('tflite_')}_bytes")}
+    for kind, model in tflite.items():
+        models[f"tflite_{kind}"]["batch_as_one_invoke"] = model.batched
+    base = models["savedmodel"]
+    for row in models.values():
+        row["p50_vs_savedmodel"] = row["single_image"]["p50_ms"] / base["single_image"]["p50_ms"]
+        row["throughput_vs_savedmodel"] = row[f"batch_{BATCH}"]["images_per_s"] / base[f"batch_{BATCH}"]["images_per_s"]
+    result = {"model": str(version_dir), "threads": THREADS, "photos": len(pixels), "batch": BATCH,
+              "seconds_per_phase": args.seconds, "rounds": args.rounds,
+              "test_photos": stored.get("test_photos"), "models": models}
+    for name, row in models.items():
+        print(f"{name:13s} single p50 {row['single_image']['p50_ms']:6.1f} ms ({row['p50_vs_savedmodel']:.2f}x)  "
+              f"batch {BATCH} {row[f'batch_{BATCH}']['images_per_s']:6.1f} img/s ({row['throughput_vs_savedmodel']:.2f}x)"
+              f"  test accuracy {row['test_accuracy']:.3f}  agreement {row['top1_agreement_with_savedmodel']:.2f}")
+    write_result("tflite", result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
