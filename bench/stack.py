@@ -1,0 +1,214 @@
+"""The serving stack the gateway benchmarks run against (Redis, the model server, gateways on free loopback ports)
+and the load drivers they send with (HTTP and gRPC, N concurrent clients, by time or by count)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import percentiles_ms
+from training_job.paths import PROJECT_ROOT
+
+# The model server's batching in every stack the benchmarks start (the same as deploy/tfserving/batching.config's
+# shape: up to 32 requests per batch, 5 ms wait only while a batch is running).
+BATCHING_CONFIG = ("max_batch_size { value: 32 }\nbatch_timeout_micros { value: 5000 }\n"
+                   "num_batch_threads { value: 1 }\nmax_enqueued_batches { value: 1000 }\n")
+MONITORING_PATH = "/monitoring/prometheus/metrics"
+AVAILABLE = 30
+
+
+def prometheus_total(url: str, name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` (with these label values) on a Prometheus text page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+
+
+@dataclass
+class Gateway:
+    process: subprocess.Popen
+    http_url: str
+    grpc_target: str | None
+
+    def metric(self, name: str, **labels: str) -> float:
+        return prometheus_total(f"{self.http_url}/metrics", name, **labels)
+
+
+class Stack:
+    """Redis + the model server (batching on unless told otherwise, Prometheus metrics on) for ``version_dir``'s
+    model; gateways are started and stopped on demand, all on free loopback ports."""
+
+    def __init__(self, version_dir: Path, model_name: str, batching: bool = True):
+        self.version_dir, self.model_name, self.batching = version_dir, model_name, batching
+        self.work = Path(tempfile.mkdtemp(prefix="bench-stack-"))
+        self.gateways: list[Gateway] = []
+
+    def __enter__(self) -> "Stack":
+        from tests.model_server_harness import start_server, version_states, wait_until, write_config
+        from tests.support import RedisServer
+
+        config = self.work / "models.config"
+        write_config(config, {self.model_name: self.version_dir.parent})
+        (self.work / "monitoring.config").write_text(f'prometheus_config {{ enable: true, path: "{MONITORING_PATH}" }}\n')
+        extra = [f"--monitoring_config_file={self.work / 'monitoring.config'}"]
+        if self.batching:
+            (self.work / "batching.config").write_text(BATCHING_CONFIG)
+            extra += ["--enable_batching", f"--batching_parameters_file={self.work / 'batching.config'}"]
+        self.redis = RedisServer().start()
+        self.server = None
+        try:
+            self.server = start_server(self.version_dir.parent.parent, config, *extra)
+            wait_until(lambda: any(state == AVAILABLE for state, _ in
+                                   version_states(self.server.grpc_target, self.model_name).values()),
+                       timeout=180, what=f"{self.model_name} AVAILABLE")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from tests.model_server_harness import stop_server
+
+        for gateway in list(self.gateways):
+            self.stop_gateway(gateway)
+        if self.server is not None:
+            stop_server(self.server)
+        self.redis.stop()
+
+    @property
+    def model_server_metrics_url(self) -> str:
+        return self.server.rest_url + MONITORING_PATH
+
+    def predict_calls(self) -> float:
+        """Predict requests the model server has answered so far (its own Prometheus counter)."""
+        return prometheus_total(self.model_server_metrics_url, ":tensorflow:serving:request_count_total",
+                                API="grpc_predict")
+
+    def flush_cache(self) -> None:
+        import redis
+
+        client = redis.Redis.from_url(self.redis.url)
+        for key in client.scan_iter("mushroom:result:*", count=1000):
+            client.delete(key)
+        client.close()
+
+    def start_gateway(self, *extra: str, grpc: bool = True) -> Gateway:
+        from tests.support import free_port, wait_for_port
+
+        http_port, grpc_port = free_port(), (free_port() if grpc else 0)
+        log = open(self.work / f"gateway-{len(self.gateways)}.log", "w")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.gateway", "--host=127.0.0.1", f"--http-port={http_port}",
+             f"--grpc-port={grpc_port}", f"--model-server={self.server.grpc_target}", f"--redis-url={self.redis.url}",
+             f"--model-name={self.model_name}", *extra],
+            cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+        gateway = Gateway(process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}" if grpc else None)
+        self.gateways.append(gateway)
+        wait_for_port(http_port, timeout=60, process=process)
+        deadline = time.monotonic() + 60
+        while not _ready(gateway.http_url):
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"gateway not ready; see {log.name}")
+            time.sleep(0.2)
+        return gateway
+
+    def stop_gateway(self, gateway: Gateway) -> None:
+        from tests.support import stop_process
+
+        stop_process(gateway.process)
+        self.gateways.remove(gateway)
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+async def _drive(send, photos: list[bytes], concurrency: int, seconds: float | None, count: int | None) -> dict:
+    """``concurrency`` clients call ``send(photo) -> ok`` back to back, taking photos in order from one shared list
+    (so a photo is sent once unless the run outlasts the list), until ``seconds`` pass or ``count`` were sent."""
+    times, errors, next_index = [], 0, 0
+    deadline = time.perf_counter() + (seconds if seconds is not None else 1e9)
+
+    async def client():
+        nonlocal errors, next_index
+        while time.perf_counter() < deadline and (count is None or next_index < count):
+            photo = photos[next_index % len(photos)]
+            next_index += 1
+            start = time.perf_counter()
+            if not await send(photo):
+                errors += 1
+            times.append(time.perf_counter() - start)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - began
+    return {"concurrency": concurrency, "requests_per_s": len(times) / elapsed, "errors": errors,
+            "wall_s": elapsed, **percentiles_ms(times)}
+
+
+async def http_load(url: str, photos: list[bytes], concurrency: int, seconds: float | None = None,
+                    count: int | None = None) -> dict:
+    """POST /v1/classify (raw JPEG body, top_k=1) from ``concurrency`` clients on one aiohttp session."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        async def send(photo: bytes) -> bool:
+            async with session.post(f"{url}/v1/classify?top_k=1", data=photo,
+                                    headers={"Content-Type": "image/jpeg"}) as response:
+                await response.read()
+                return response.status == 200
+
+        return await _drive(send, photos, concurrency, seconds, count)
+
+
+async def grpc_load(target: str, photos: list[bytes], concurrency: int, seconds: float | None = None,
+                    count: int | None = None) -> dict:
+    """mushroom.v1.Classifier/Classify (top_k=1) from ``concurrency`` clients on one channel."""
+    import grpc
+
+    from services.gateway.protos import load
+
+    pb, pb_grpc = load()
+    async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 32 << 20)]) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+
+        async def send(photo: bytes) -> bool:
+            try:
+                await stub.Classify(pb.ClassifyRequest(photo=photo, top_k=1), timeout=60)
+                return True
+            except grpc.aio.AioRpcError:
+                return False
+
+        return await _drive(send, photos, concurrency, seconds, count)
+
+
+def load(protocol: str, gateway: Gateway, photos: list[bytes], concurrency: int, **limits) -> dict:
+    """One load phase against ``gateway`` over ``protocol`` ("http" or "grpc")."""
+    if protocol == "http":
+        return asyncio.run(http_load(gateway.http_url, photos, concurrency, **limits))
+    return asyncio.run(grpc_load(gateway.grpc_target, photos, concurrency, **limits))
+
+
+def distinct_photos(paths: list[Path]) -> list[bytes]:
+    """The bytes of each photo once (byte-identical copies would be cache hits in a cache-miss phase)."""
+    seen, out = set(), []
+    for path in paths:
+        data = path.read_bytes()
+        if data not in seen:
+            seen.add(data)
+            out.append(data)
+    return out
