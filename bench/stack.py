@@ -161,17 +161,20 @@ async def _drive(send, photos: list[bytes], concurrency: int, seconds: float | N
 
 
 async def http_load(url: str, photos: list[bytes], concurrency: int, seconds: float | None = None,
-                    count: int | None = None) -> dict:
-    """POST /v1/classify (raw JPEG body, top_k=1) from ``concurrency`` clients on one aiohttp session."""
+                    count: int | None = None, session=None) -> dict:
+    """POST /v1/classify (raw JPEG body, top_k=1) from ``concurrency`` clients on one aiohttp session (a new one,
+    or ``session`` with its already open connections)."""
     import aiohttp
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
-        async def send(photo: bytes) -> bool:
-            async with session.post(f"{url}/v1/classify?top_k=1", data=photo,
-                                    headers={"Content-Type": "image/jpeg"}) as response:
-                await response.read()
-                return response.status == 200
+    async def send(photo: bytes) -> bool:
+        async with session.post(f"{url}/v1/classify?top_k=1", data=photo,
+                                headers={"Content-Type": "image/jpeg"}) as response:
+            await response.read()
+            return response.status == 200
 
+    if session is not None:
+        return await _drive(send, photos, concurrency, seconds, count)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
         return await _drive(send, photos, concurrency, seconds, count)
 
 
