@@ -45,10 +45,14 @@ def test_a_removed_version_only_moves_its_own_clients():
 
 
 @pytest.mark.parametrize("table, message", [
-    ({"weights": {"x": 1}}, "versions are integers"),
+    ({"weights": {"x!": 1}}, "neither a version number nor a version label"),
+    ({"weights": {"1.5": 1}}, "neither a version number nor a version label"),
+    ({"weights": {"": 1}}, "neither a version number nor a version label"),
+    ({"weights": {"1": "heavy"}}, "weights are numbers"),
     ({"weights": {"1": -5}}, ">= 0"),
     ({"weights": [1, 2]}, "routing must be"),
-    ({"weights": {"1": 1}, "shadow": "canary"}, "shadow"),
+    ({"weights": {"1": 1}, "shadow": "can ary"}, "shadow"),
+    ({"weights": {"1": 1}, "shadow": 1.5}, "shadow"),
 ])
 def test_bad_tables_are_refused(table, message):
     with pytest.raises(RoutingError, match=message):

@@ -1,8 +1,10 @@
 """A/B routing: a weights table per model in Redis that every gateway replica follows, sticky per client id.
 
-Redis keys (plain JSON): ``mushroom:routing:<model>`` = {"weights": {"<version>": weight, ...}, "shadow": version or
-null}; ``mushroom:audit:<model>`` = list of {"who", "when", "old", "new"} (newest first).
-Weighted rendezvous hashing picks a version per client: when a weight changes, only the clients that must move do.
+An entry of the table is a version number (``3``) or a version label (``"canary"``) that the model server resolves
+(see labels.py). Redis keys (plain JSON): ``mushroom:routing:<model>`` = {"weights": {"<version or label>": weight,
+...}, "shadow": version, label or null}; ``mushroom:audit:<model>`` = list of {"who", "when", "old", "new"} (newest
+first), entries as given. Weighted rendezvous hashing on the entry name picks an entry per client: when a weight
+changes only the clients that must move do, and moving a label to another version moves no client between entries.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -17,50 +20,84 @@ from dataclasses import dataclass, field
 from services.gateway import metrics
 
 log = logging.getLogger("gateway.routing")
+Entry = int | str  # a version number or a version label
+LABEL_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 class RoutingError(ValueError):
     pass
 
 
+class UnknownLabel(LookupError):
+    def __init__(self, label: str, reason: str):
+        super().__init__(f"version label {label!r} is unknown to the model server ({reason})")
+        self.label = label
+
+
+def is_label(text: str) -> bool:
+    """TF Serving's rule: letters, digits, '_' and '-'; an all-digit name would be a version number."""
+    return bool(LABEL_RE.match(text)) and not text.isdigit()
+
+
+def parse_entry(value, what: str = "entry") -> Entry:
+    """A version number (int or all-digit string) or a version label (TF Serving's rule)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    if isinstance(value, str) and is_label(value):
+        return value
+    raise RoutingError(f"{what} {value!r} is neither a version number nor a version label (labels are letters, "
+                       f"digits, '_' and '-', not all digits)")
+
+
+def _entry_order(entry: Entry) -> tuple:
+    return (1, 0, entry) if isinstance(entry, str) else (0, entry, "")
+
+
 @dataclass
 class RoutingTable:
-    weights: dict[int, float] = field(default_factory=dict)
-    shadow: int | None = None
+    weights: dict[Entry, float] = field(default_factory=dict)
+    shadow: Entry | None = None
+
+    def entries(self) -> list[Entry]:
+        return sorted(self.weights, key=_entry_order)
+
+    def labels(self) -> set[str]:
+        return {e for e in [*self.weights, self.shadow] if isinstance(e, str)}
 
     def to_json(self) -> dict:
-        return {"weights": {str(v): w for v, w in sorted(self.weights.items())}, "shadow": self.shadow}
+        return {"weights": {str(e): self.weights[e] for e in self.entries()}, "shadow": self.shadow}
 
     @classmethod
     def from_json(cls, data: dict) -> "RoutingTable":
         if not isinstance(data, dict) or not isinstance(data.get("weights", {}), dict):
-            raise RoutingError('routing must be {"weights": {"<version>": <weight>, ...}, "shadow": <version>|null}')
+            raise RoutingError('routing must be {"weights": {"<version or label>": <weight>, ...}, '
+                               '"shadow": <version or label>|null}')
         weights = {}
         for key, weight in data.get("weights", {}).items():
+            entry = parse_entry(key)
             try:
-                version, weight = int(key), float(weight)
+                weight = float(weight)
             except (TypeError, ValueError):
-                raise RoutingError(f"bad entry {key!r}: {weight!r}: versions are integers, weights numbers") from None
+                raise RoutingError(f"bad entry {key!r}: {weight!r}: weights are numbers") from None
             if weight < 0 or not math.isfinite(weight):
-                raise RoutingError(f"weight of version {version} must be a finite number >= 0")
+                raise RoutingError(f"weight of {key} must be a finite number >= 0")
             if weight > 0:
-                weights[version] = weight
+                weights[entry] = weight
         shadow = data.get("shadow")
         if shadow is not None:
-            try:
-                shadow = int(shadow)
-            except (TypeError, ValueError):
-                raise RoutingError(f"shadow must be a version number, not {shadow!r}") from None
+            shadow = parse_entry(shadow, "shadow")
         return cls(weights, shadow)
 
 
 def parse_assignments(items: list[str]) -> RoutingTable:
-    """CLI form: ``3=90 4=10 shadow=5``."""
+    """CLI form: ``3=90 4=10 shadow=5`` or ``stable=90 canary=10 shadow=canary``."""
     weights, shadow = {}, None
     for item in items:
         key, _, value = item.partition("=")
         if not value:
-            raise RoutingError(f"expected VERSION=WEIGHT or shadow=VERSION, got {item!r}")
+            raise RoutingError(f"expected VERSION=WEIGHT, LABEL=WEIGHT or shadow=VERSION|LABEL, got {item!r}")
         if key == "shadow":
             shadow = value
         else:
@@ -68,20 +105,24 @@ def parse_assignments(items: list[str]) -> RoutingTable:
     return RoutingTable.from_json({"weights": weights, "shadow": shadow})
 
 
-def _unit_hash(client: str, version: int) -> float:
-    digest = hashlib.blake2b(f"{client}\x00{version}".encode(), digest_size=8).digest()
+def _unit_hash(client: str, entry: Entry) -> float:
+    digest = hashlib.blake2b(f"{client}\x00{entry}".encode(), digest_size=8).digest()
     return (int.from_bytes(digest, "big") + 0.5) / 2.0**64
 
 
-def pick_version(weights: dict[int, float], client: str) -> int:
-    """Weighted rendezvous (HRW) hashing: the version with the highest -w / ln(u) wins."""
-    return max(weights, key=lambda v: -weights[v] / math.log(_unit_hash(client, v)))
+def pick_entry(weights: dict[Entry, float], client: str) -> Entry:
+    """Weighted rendezvous (HRW) hashing on the entry name: the entry with the highest -w / ln(u) wins."""
+    return max(weights, key=lambda e: -weights[e] / math.log(_unit_hash(client, e)))
+
+
+pick_version = pick_entry  # a table of version numbers only: the entry is the version
 
 
 class Router:
-    def __init__(self, redis, model_name: str):
+    def __init__(self, redis, model_name: str, labels=None):
         self.redis = redis
         self.model_name = model_name
+        self.labels = labels  # a labels.LabelResolver (kept out of this module: it needs the TF Serving stubs)
         self.table = RoutingTable()
         self.available: set[int] = set()
 
@@ -94,31 +135,89 @@ class Router:
         return f"mushroom:audit:{self.model_name}"
 
     async def refresh(self) -> None:
-        """Re-read the table from Redis (about twice a second); the caller keeps the last table when Redis is down."""
+        """Re-read the table from Redis (about twice a second); the caller keeps the last table when Redis is down.
+        Labels new to this replica are resolved at once rather than at the next label refresh."""
         raw = await self.redis.get(self.key)
         self.table = RoutingTable.from_json(json.loads(raw)) if raw else RoutingTable()
+        if self.labels is not None and self.table.labels() - self.labels.asked:
+            await self.refresh_labels()
 
-    def effective_weights(self) -> dict[int, float]:
-        """Weights over AVAILABLE versions only; a routed version that disappeared has its share spread out."""
-        live = {v: w for v, w in self.table.weights.items() if v in self.available}
+    async def refresh_labels(self) -> None:
+        """Ask the model server where each label of the table points now (about once a second)."""
+        if self.labels is not None:
+            await self.labels.refresh(self.table.labels())
+            self.labels.retain(self.table.labels())
+
+    def version_of(self, entry: Entry | None) -> int | None:
+        """The version an entry routes to now; None for a label the model server does not (or no longer) know."""
+        if entry is None or isinstance(entry, int):
+            return entry
+        return self.labels.versions.get(entry) if self.labels is not None else None
+
+    def live_entries(self) -> dict[Entry, float]:
+        """Entries whose version is AVAILABLE; a vanished version or label has its share spread over the rest."""
+        live = {e: w for e, w in self.table.weights.items() if self.version_of(e) in self.available}
         metrics.ROUTED_VERSION_MISSING.set(1 if len(live) < len(self.table.weights) else 0)
         return live
 
+    def effective_weights(self) -> dict[int, float]:
+        """The live weights per resolved version (two entries on one version add up)."""
+        totals: dict[int, float] = {}
+        for entry, weight in self.live_entries().items():
+            version = self.version_of(entry)
+            totals[version] = totals.get(version, 0.0) + weight
+        return totals
+
+    def version_weights(self) -> dict[int, float]:
+        """The table's weights per resolved version, AVAILABLE or not (unresolved labels left out)."""
+        totals: dict[int, float] = {}
+        for entry, weight in self.table.weights.items():
+            version = self.version_of(entry)
+            if version is not None:
+                totals[version] = totals.get(version, 0.0) + weight
+        return totals
+
+    def shadow_version(self) -> int | None:
+        return self.version_of(self.table.shadow)
+
+    def describe(self) -> dict:
+        """The table as set, plus where each entry points now and the effective split (for status and the API)."""
+        entries = [*self.table.entries(), *([self.table.shadow] if self.table.shadow is not None else [])]
+        return {**self.table.to_json(), "resolved": {str(e): self.version_of(e) for e in entries},
+                "effective": {str(v): w for v, w in sorted(self.effective_weights().items())}}
+
     def choose(self, client: str | None) -> tuple[int | None, str]:
         """(version, reason); version None means "latest" (no table and nothing available known)."""
-        live = self.effective_weights()
+        live = self.live_entries()
         if live:
-            version = pick_version(live, client or uuid.uuid4().hex)
-            return version, "ab" if len(live) > 1 else "single"
+            entry = pick_entry(live, client or uuid.uuid4().hex)
+            return self.version_of(entry), "ab" if len(live) > 1 else "single"
         if self.available:
             return max(self.available), "latest"
         return None, "latest"
 
-    async def set_table(self, table: RoutingTable, who: str) -> dict:
-        unknown = [v for v in list(table.weights) + ([table.shadow] if table.shadow else []) if v not in self.available]
+    async def _check(self, table: RoutingTable) -> None:
+        """Refuse entries the model server cannot serve now: unknown labels, versions that are not AVAILABLE."""
+        resolved: dict[str, int] = {}
+        if table.labels():
+            if self.labels is None:
+                raise RoutingError("version labels need the model server's label lookup, which is not set up")
+            try:
+                resolved = await self.labels.resolve_all(table.labels())
+            except UnknownLabel as exc:
+                raise RoutingError(str(exc)) from None
+        entries = [*table.entries(), *([table.shadow] if table.shadow is not None else [])]
+        unknown = [e for e in entries if isinstance(e, int) and e not in self.available]
         if unknown:
             raise RoutingError(f"versions {unknown} are not AVAILABLE on the model server "
                                f"(available: {sorted(self.available)})")
+        stale = {label: v for label, v in resolved.items() if v not in self.available}
+        if stale:
+            raise RoutingError(f"labels point at versions that are not AVAILABLE: {stale} "
+                               f"(available: {sorted(self.available)})")
+
+    async def set_table(self, table: RoutingTable, who: str) -> dict:
+        await self._check(table)
         old_raw = await self.redis.get(self.key)
         old = json.loads(old_raw) if old_raw else RoutingTable().to_json()
         new = table.to_json()
