@@ -156,7 +156,7 @@ class Classifier:
             pass
 
     def _maybe_shadow(self, pixels: np.ndarray, answer: dict) -> None:
-        shadow = self.router.table.shadow
+        shadow = self.router.shadow_version()
         if shadow is None or shadow == answer["version"] or shadow not in self.router.available:
             return
 

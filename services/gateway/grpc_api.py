@@ -58,7 +58,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         return pb.ListModelsResponse(
             model_name=self.classifier.upstream.model_name,
             versions=[pb.ModelVersion(version=v, state=STATE_NAMES.get(s, str(s))) for v, s in sorted(states.items())],
-            routing=[pb.RoutingArm(target=str(v), weight=w) for v, w in sorted(table.weights.items())],
+            routing=[pb.RoutingArm(target=str(e), weight=table.weights[e]) for e in table.entries()],
             shadow=str(table.shadow) if table.shadow is not None else "")
 
 

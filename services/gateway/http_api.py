@@ -15,6 +15,7 @@ from services.gateway.classifier import Classifier
 from services.gateway.errors import GatewayError
 from services.gateway.openapi import OPENAPI
 from services.gateway.routing import RoutingError, RoutingTable
+from services.gateway.upstream import UpstreamUnavailable
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 STATE_NAMES = {10: "START", 20: "LOADING", 30: "AVAILABLE", 40: "UNLOADING", 50: "END"}
@@ -121,10 +122,9 @@ class HttpApi:
         return web.json_response({"models": [{
             "name": self.classifier.upstream.model_name,
             "versions": [{"version": v, "state": STATE_NAMES.get(s, str(s)),
-                          "weight": router.table.weights.get(v, 0.0),
+                          "weight": router.version_weights().get(v, 0.0),
                           "labels": self.classifier.model_info.class_labels(v)} for v, s in sorted(states.items())],
-            "routing": {**router.table.to_json(), "effective": {str(v): w for v, w in
-                                                                router.effective_weights().items()}},
+            "routing": router.describe(),
         }]})
 
     async def feedback(self, request: web.Request) -> web.Response:
@@ -177,8 +177,7 @@ class HttpApi:
     async def get_routing(self, request: web.Request) -> web.Response:
         self._authorise(request, write=False)
         router = self.classifier.router
-        return web.json_response({**router.table.to_json(), "available": sorted(router.available),
-                                  "effective": {str(v): w for v, w in router.effective_weights().items()}})
+        return web.json_response({**router.describe(), "available": sorted(router.available)})
 
     async def put_routing(self, request: web.Request) -> web.Response:
         who = self._authorise(request, write=True)
@@ -189,7 +188,10 @@ class HttpApi:
             raise GatewayError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
         except RoutingError as exc:
             raise GatewayError(400, "bad_routing", str(exc)) from None
-        return web.json_response({**table.to_json(), "audit": entry})
+        except UpstreamUnavailable as exc:
+            raise GatewayError(503, "model_server_unavailable", f"cannot check the labels: {exc}",
+                               retry_after=2) from None
+        return web.json_response({**self.classifier.router.describe(), "audit": entry})
 
     async def audit(self, request: web.Request) -> web.Response:
         self._authorise(request, write=False)
@@ -198,7 +200,7 @@ class HttpApi:
     async def status(self, request: web.Request) -> web.Response:
         self._authorise(request, write=False)
         summary = await self.classifier.stats.summary()
-        return web.json_response({**summary, "routing": self.classifier.router.table.to_json()})
+        return web.json_response({**summary, "routing": self.classifier.router.describe()})
 
     # ------------------------------------------------------------------ operations
     async def healthz(self, request: web.Request) -> web.Response:

@@ -68,6 +68,7 @@ class Gateway:
 
         from services.gateway.cache import ResultCache
         from services.gateway.classifier import Classifier
+        from services.gateway.labels import LabelResolver
         from services.gateway.model_info import ModelInfo
         from services.gateway.routing import Router
         from services.gateway.stats import Stats
@@ -79,7 +80,8 @@ class Gateway:
                                        socket_connect_timeout=args.redis_timeout)
         upstream = ModelServerClient(args.model_server, args.model_name, timeout=args.upstream_timeout)
         self.classifier = Classifier(upstream, ResultCache(self.redis, args.cache_ttl),
-                                     Router(self.redis, args.model_name), Stats(self.redis, args.model_name),
+                                     Router(self.redis, args.model_name, LabelResolver(upstream)),
+                                     Stats(self.redis, args.model_name),
                                      ModelInfo(args.model_base_path or None), Limits(args.max_bytes, args.max_pixels))
         if not args.single_flight:
             self.classifier.single_flight = NoSingleFlight()
@@ -115,13 +117,22 @@ class Gateway:
                 pass  # keep following the last table until Redis answers again
             await asyncio.sleep(0.5)
 
+    async def _watch_labels(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self.classifier.router.refresh_labels()
+            except Exception:  # noqa: BLE001 - keep the last answers; the next second asks again
+                log.exception("version label refresh failed")
+            await asyncio.sleep(1.0)
+
     async def serve(self) -> None:
         from aiohttp import web
 
         from services.gateway.grpc_api import build_server, serving_status
         from services.gateway.http_api import HttpApi
 
-        watchers = [asyncio.create_task(self._watch_versions()), asyncio.create_task(self._watch_routing())]
+        watchers = [asyncio.create_task(self._watch_versions()), asyncio.create_task(self._watch_routing()),
+                    asyncio.create_task(self._watch_labels())]
         runner = web.AppRunner(HttpApi(self.classifier, self.args.admin_token or None, self.args.max_bytes,
                                        self.ready).app(), access_log=None)
         await runner.setup()
