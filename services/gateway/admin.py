@@ -1,4 +1,12 @@
-"""Operators' CLI for A/B routing: `python -m services.gateway.admin set 1=90 2=10 [shadow=3]`, `status`, `audit`.
+"""Operators' CLI for A/B routing: `python -m services.gateway.admin set stable=90 canary=10 [shadow=canary]`,
+`status`, `audit`.
+
+An entry is a version number (`set 1=90 2=10 shadow=3`) or a version label of the model server's config
+(`version_labels` in its --model_config_file: letters, digits, '_' and '-', not all digits); both mix
+(`set 1=90 canary=10`). The gateway resolves labels through the model server and follows a label moved there within
+a second or two; the cache and the answers always carry the resolved version. Each client id sticks to its entry
+(label or version), so moving a label moves no client. An unknown label or a version that is not AVAILABLE is
+refused. `status` shows each entry with the version it points at now; `audit` shows the entries as they were set.
 
 Talks to the gateway's admin API with the bearer token from --token or $GATEWAY_ADMIN_TOKEN.
 """
@@ -29,8 +37,26 @@ def call(url: str, token: str, method: str, path: str, body: dict | None = None)
         raise SystemExit(f"cannot reach the gateway at {url}: {exc.reason}") from None
 
 
+def describe_entry(entry: str, resolved: dict) -> str:
+    """'canary (version 2)' for a label, '1' for a version; '(unknown)' for a label the model server dropped."""
+    if entry.isdigit():
+        return entry
+    version = resolved.get(entry)
+    return f"{entry} (version {version})" if version is not None else f"{entry} (unknown)"
+
+
+def print_routing(routing: dict) -> None:
+    resolved = routing.get("resolved", {})
+    arms = ", ".join(f"{describe_entry(e, resolved)} {w:g}" for e, w in routing.get("weights", {}).items())
+    shadow = routing.get("shadow")
+    print(f"routing: {arms or 'none (latest version)'}"
+          + (f"; shadow {describe_entry(str(shadow), resolved)}" if shadow is not None else ""))
+
+
 def print_status(status: dict) -> None:
-    weights = status.get("routing", {}).get("weights", {})
+    routing = status.get("routing", {})
+    print_routing(routing)
+    weights = routing.get("effective", routing.get("weights", {}))  # per resolved version
     print(f"{'version':>7} {'weight':>7} {'requests':>9} {'p50 ms':>7} {'p95 ms':>7} {'errors':>7} {'cache':>6} "
           f"{'feedback acc':>13}")
     fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
@@ -52,9 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default=os.environ.get("GATEWAY_URL", "http://127.0.0.1:8080"), help="[$GATEWAY_URL]")
     parser.add_argument("--token", default=os.environ.get("GATEWAY_ADMIN_TOKEN", ""), help="[$GATEWAY_ADMIN_TOKEN]")
     sub = parser.add_subparsers(dest="command", required=True)
-    set_parser = sub.add_parser("set", help="set the weights: VERSION=WEIGHT ... [shadow=VERSION]")
-    set_parser.add_argument("assignments", nargs="+")
-    sub.add_parser("status", help="per-version figures and the significance test")
+    set_parser = sub.add_parser("set", help="set the weights: VERSION=WEIGHT or LABEL=WEIGHT ... "
+                                "[shadow=VERSION|LABEL]")
+    set_parser.add_argument("assignments", nargs="+", metavar="ENTRY=WEIGHT",
+                            help="e.g. stable=90 canary=10 shadow=canary, or 1=90 2=10 shadow=3")
+    sub.add_parser("status", help="routing entries with the versions they resolve to, per-version figures and the "
+                   "significance test")
     sub.add_parser("audit", help="who changed the routing, when, from what to what")
     args = parser.parse_args(argv)
     if args.command == "set":
@@ -63,12 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         except RoutingError as exc:
             raise SystemExit(f"error: {exc}") from None
         applied = call(args.url, args.token, "PUT", "/v1/admin/routing", table.to_json())
-        print(f"routing now {applied['weights']} (shadow {applied['shadow']})")
+        print_routing(applied)
     elif args.command == "status":
         print_status(call(args.url, args.token, "GET", "/v1/admin/status"))
     else:
         for entry in call(args.url, args.token, "GET", "/v1/admin/audit")["entries"]:
-            print(f"{entry['when']} {entry['who']}: {entry['old']['weights']} -> {entry['new']['weights']}")
+            shadows = f" (shadow {entry['old'].get('shadow')} -> {entry['new'].get('shadow')})" if (
+                entry["old"].get("shadow") is not None or entry["new"].get("shadow") is not None) else ""
+            print(f"{entry['when']} {entry['who']}: {entry['old']['weights']} -> {entry['new']['weights']}{shadows}")
     return 0
 
 
