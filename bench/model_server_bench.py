@@ -22,6 +22,7 @@ import numpy as np
 from bench.common import (
     load_serving_signature, percentiles_ms, published_version_or_exit, raw_throughput, sample_photos, write_result,
 )
+from bench.stack import BATCHING_CONFIG
 from training_job.paths import PROJECT_ROOT, default_registry
 from training_job.preprocessing import load_image_file
 
@@ -40,8 +41,7 @@ def start_server(version_dir: Path, batching: bool, workdir: Path) -> tuple[subp
             f"--model_base_path={version_dir.parent}", "--file_system_poll_wait_seconds=0"]
     if batching:
         params = workdir / "batching.config"
-        params.write_text("max_batch_size { value: 32 }\nbatch_timeout_micros { value: 5000 }\n"
-                          "num_batch_threads { value: 1 }\nmax_enqueued_batches { value: 1000 }\n")
+        params.write_text(BATCHING_CONFIG)
         args += ["--enable_batching", f"--batching_parameters_file={params}"]
     process = subprocess.Popen(args, stdout=open(workdir / f"server-{batching}.log", "w"), stderr=subprocess.STDOUT,
                                cwd=PROJECT_ROOT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
@@ -90,13 +90,18 @@ def main(argv=None) -> int:
     pixels = np.stack([load_image_file(p) for p in sample_photos(64)])
     result = {"model": str(version_dir), "raw": raw_model(version_dir, pixels, args.seconds)}
     with tempfile.TemporaryDirectory() as tmp:
-        for batching in (True, False):
-            process, target = start_server(version_dir, batching, Path(tmp))
-            try:
-                key = "batching_on" if batching else "batching_off"
-                result[key] = {f"c{c}": asyncio.run(drive(target, args.model_name, pixels, c, args.seconds))
-                               for c in (1, 32)}
-            finally:
+        # both servers up at once, phases alternating (on c1, off c1, on c32, off c32): the two modes see the same
+        # machine, whatever else runs on it
+        servers = {}
+        try:
+            for batching in (True, False):
+                servers["batching_on" if batching else "batching_off"] = start_server(version_dir, batching, Path(tmp))
+            for c in (1, 32):
+                for key, (_, target) in servers.items():
+                    result.setdefault(key, {})[f"c{c}"] = asyncio.run(drive(target, args.model_name, pixels, c,
+                                                                            args.seconds))
+        finally:
+            for process, _ in servers.values():
                 process.terminate()
                 process.wait(30)
     raw32, raw1 = result["raw"]["batch_32"], result["raw"]["batch_1"]
@@ -106,12 +111,16 @@ def main(argv=None) -> int:
                                             "target": ">= 0.9"},
         "p50_c1_minus_raw_ms": {"value": best["c1"]["p50_ms"] - raw1["p50_ms"], "target": "<= 1.0"},
     }
+    on, off = result["batching_on"], result["batching_off"]
+    result["batching_on_vs_off"] = {"c32_throughput_ratio": on["c32"]["images_per_s"] / off["c32"]["images_per_s"],
+                                    "c1_p50_difference_ms": on["c1"]["p50_ms"] - off["c1"]["p50_ms"]}
     for name, row in result["targets"].items():
         print(f"{name}: {row['value']:.3f} (target {row['target']})")
     print(f"raw: b1 {raw1['images_per_s']:.1f} img/s p50 {raw1['p50_ms']:.1f} ms; b32 {raw32['images_per_s']:.1f} img/s")
     for key in ("batching_on", "batching_off"):
         for c, row in result[key].items():
             print(f"server {key} {c}: {row['images_per_s']:.1f} img/s p50 {row['p50_ms']:.1f} ms")
+    print(f"batching on / off at c32: {result['batching_on_vs_off']['c32_throughput_ratio']:.2f}")
     write_result("model_server", result)
     return 0
 
