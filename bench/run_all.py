@@ -1,8 +1,12 @@
 """`make bench`: run every benchmark in one go on this machine and write bench/results/report.json and
 bench/REPORT.md, with one row per target of ../shared/docs/targets.md (measured, target, met or not).
 
+Besides the target rows: server-side batching on vs off, identical concurrent misses with and without
+single-flight, TFLite float/int8 vs the SavedModel on the CPU, and the gateway's 12 cells (HTTP and gRPC, cache miss
+and hit, concurrency 1, 8 and 32) as a second table.
+
 Each benchmark is its own script (a fresh process, so one's threads and memory don't colour another's); they run one
-after the other, never at once. Usage: python -m bench.run_all [--skip train,gateway] [--seconds 8]
+after the other, never at once. Usage: python -m bench.run_all [--skip train,gateway] [--seconds 8] [--report-only]
 """
 from __future__ import annotations
 
@@ -22,8 +26,11 @@ SCRIPTS = {
     "raw_model": ["-m", "bench.raw_model_bench"],
     "model_server": ["-m", "bench.model_server_bench"],
     "gateway": ["-m", "bench.gateway_bench"],
+    "single_flight": ["-m", "bench.single_flight_bench"],
+    "tflite": ["-m", "bench.tflite_bench"],
     "train": [str(BENCH_DIR / "train_bench.py")],
 }
+TIMED = {"raw_model", "model_server", "gateway", "tflite"}  # the scripts that take --seconds
 
 
 def run(name: str, seconds: float) -> bool:
@@ -31,7 +38,7 @@ def run(name: str, seconds: float) -> bool:
     if args[0] == "-m" and not (BENCH_DIR / f"{args[1].split('.')[-1]}.py").exists():
         print(f"-- {name}: no benchmark script yet, skipped")
         return False
-    extra = ["--seconds", str(seconds)] if name in ("raw_model", "model_server") else []
+    extra = ["--seconds", str(seconds)] if name in TIMED else []
     print(f"== {name}", flush=True)
     started = time.monotonic()
     result = subprocess.run([sys.executable, *args, *extra], cwd=BENCH_DIR.parent)
@@ -60,10 +67,42 @@ def rows() -> list[dict]:
         delta = t["p50_c1_minus_raw_ms"]["value"]
         add("model server p50 at concurrency 1 minus raw model p50 at batch 1", round(delta, 2), "<= 1 ms",
             delta <= 1.0, "ms", "model_server.json")
+        on_off = ms.get("batching_on_vs_off")
+        if on_off:
+            on, off = ms["batching_on"]["c32"]["images_per_s"], ms["batching_off"]["c32"]["images_per_s"]
+            add("model server throughput at concurrency 32, server-side batching on / off",
+                f"{on_off['c32_throughput_ratio']:.2f} x ({on:.1f} vs {off:.1f} img/s)", "-", None,
+                source="model_server.json")
+            add("model server p50 at concurrency 1, batching on minus off", round(on_off["c1_p50_difference_ms"], 2),
+                "-", None, "ms", "model_server.json")
     gw = load("gateway")
     for key, row in (gw.get("targets") or {}).items():
         add(row.get("what", key), row.get("value"), row.get("target"), row.get("met"), row.get("unit", ""),
             "gateway.json")
+    sf = load("single_flight")
+    if sf:
+        on, off = sf["single_flight_on"], sf["single_flight_off"]
+        what = (f"{sf['concurrency']} identical concurrent cache misses (one photo, cold cache; median of "
+                f"{sf['rounds']} bursts)")
+        add(f"{what}, single-flight on: Predict calls reaching the model server; burst wall time",
+            f"{on['predict_calls_per_burst']:.0f} Predict; {on['wall_ms']:.0f} ms", "-", None,
+            source="single_flight.json")
+        add(f"{what}, single-flight off: Predict calls reaching the model server; burst wall time",
+            f"{off['predict_calls_per_burst']:.0f} Predict; {off['wall_ms']:.0f} ms ({sf['wall_time_off_vs_on']:.1f}x "
+            "single-flight on)", "-", None, source="single_flight.json")
+    tfl = load("tflite")
+    for name, label in (("savedmodel", "SavedModel (serving signature)"), ("tflite_float", "TFLite float"),
+                        ("tflite_int8", "TFLite int8")):
+        row = (tfl.get("models") or {}).get(name)
+        if not row:
+            continue
+        batch = row[f"batch_{tfl['batch']}"]
+        versus = name != "savedmodel"
+        add(f"{label} on the CPU ({tfl['threads']} threads): single-image p50; batch-{tfl['batch']} throughput; "
+            f"test accuracy ({tfl.get('test_photos')} photos)",
+            f"{row['single_image']['p50_ms']:.1f} ms" + (f" ({row['p50_vs_savedmodel']:.2f}x)" if versus else "")
+            + f"; {batch['images_per_s']:.1f} img/s" + (f" ({row['throughput_vs_savedmodel']:.2f}x)" if versus else "")
+            + f"; {row['test_accuracy']:.3f}", "-", None, source="tflite.json")
     train = load("train")
     if train:
         add("training on the shared photos, cold", train["cold"]["seconds"], "<= 180 s", train["cold"]["seconds"] <= 180,
@@ -91,6 +130,20 @@ def rows() -> list[dict]:
     return out
 
 
+def gateway_cells() -> list[dict]:
+    """The gateway's 12 cells as 4 rows (protocol x cache) of 3 concurrencies: requests/s and p50."""
+    cells = load("gateway").get("cells") or {}
+    out = []
+    for protocol in ("http", "grpc"):
+        for kind in ("miss", "hit"):
+            row = {"protocol": protocol, "cache": kind}
+            for concurrency in (1, 8, 32):
+                cell = cells.get(f"{protocol}_{kind}_c{concurrency}")
+                row[f"c{concurrency}"] = cell and {k: cell[k] for k in ("requests_per_s", "p50_ms", "errors")}
+            out.append(row)
+    return out if cells else []
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"Measured on {m['cores']} cores ({m['cpu']}), Python {m['python']}, revision {m['revision']}, "
@@ -99,6 +152,15 @@ def markdown(report: dict) -> str:
     for row in report["rows"]:
         met = {True: "yes", False: "**no**", None: ""}[row["met"]]
         lines.append(f"| {row['what']} | {row['measured']} {row['unit']} | {row['target']} | {met} |")
+    if report.get("gateway_cells"):
+        lines += ["", "Gateway in front of the model server (batching on), requests/s and p50 latency:", "",
+                  "| gateway | concurrency 1 | concurrency 8 | concurrency 32 |", "|---|---|---|---|"]
+        for row in report["gateway_cells"]:
+            cells = [f"{c['requests_per_s']:.1f} req/s, p50 {c['p50_ms']:.2f} ms"
+                     + (f", {c['errors']} errors" if c["errors"] else "") if c else "not measured"
+                     for c in (row["c1"], row["c8"], row["c32"])]
+            name = f"{'HTTP' if row['protocol'] == 'http' else 'gRPC'}, cache {row['cache']}"
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -110,7 +172,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     skip = set(SCRIPTS) if args.report_only else {s for s in args.skip.split(",") if s}
     ran = {name: run(name, args.seconds) for name in SCRIPTS if name not in skip}
-    report = {"machine": machine_description(), "ran": ran, "rows": rows()}
+    report = {"machine": machine_description(), "ran": ran, "rows": rows(), "gateway_cells": gateway_cells()}
     (RESULTS_DIR / "report.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)
     (BENCH_DIR / "REPORT.md").write_text(table)
