@@ -23,7 +23,7 @@ from services.gateway.routing import Router, RoutingError, RoutingTable, Unknown
 from services.gateway.upstream import UpstreamRejected, UpstreamUnavailable
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
 from tests.support import NOT_MUSHROOMS, RedisServer
-from tests.test_gateway import PHOTOS, TOKEN, GatewayProcess, set_routing
+from tests.test_gateway import PHOTOS, TOKEN, GatewayProcess, pb, pb_grpc, set_routing
 from tests.tiny_model import write_tiny_model
 from training_job.paths import PROJECT_ROOT
 from training_job.publish import publish_dir
@@ -246,6 +246,21 @@ def test_a_table_of_labels_routes_to_the_labelled_versions(stack):
     assert "routing: canary (version 2) 30, stable (version 1) 70" in shown, shown
     entry = gateway.request("GET", "/v1/admin/audit", token=TOKEN)[1]["entries"][0]
     assert entry["new"] == {"weights": {"canary": 30.0, "stable": 70.0}, "shadow": None}
+
+
+def test_versions_and_labels_mix_in_one_table(stack):
+    gateway = stack.gateway
+    result = admin_cli(gateway.url, "set", "1=80", "canary=20")
+    assert result.returncode == 0, result.stderr
+    assert "routing: 1 80, canary (version 2) 20" in result.stdout
+    time.sleep(0.7)
+    counts = Counter(versions_of(gateway, [f"mixed-{i}" for i in range(300)], PHOTOS[5].read_bytes()).values())
+    assert abs(counts[1] / 300 - 0.8) < 0.07, counts  # binomial sd ~0.023
+    with grpc.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+        listed = pb_grpc.ClassifierStub(channel).ListModels(pb.ListModelsRequest(), timeout=30)
+    assert [(arm.target, arm.weight) for arm in listed.routing] == [("1", 80.0), ("canary", 20.0)]
+    models = gateway.request("GET", "/v1/models")[1]["models"][0]
+    assert {v["version"]: v["weight"] for v in models["versions"]} == {1: 80.0, 2: 20.0}
 
 
 def test_moving_a_label_in_the_model_server_config_moves_its_clients(stack):
