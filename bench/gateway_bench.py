@@ -88,6 +88,7 @@ def main(argv=None) -> int:
               "hot_set": len(hot), "cold_set": len(cold)}
 
     with Stack(version_dir, args.model_name) as stack:
+        logs = stack.work
         gateway = stack.start_gateway()
         for protocol in PROTOCOLS:  # connections, threads and the model's first calls, untimed
             load(protocol, gateway, hot[:8], 4, count=8)
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
     write_result("gateway", result)
     errors = sum(row["errors"] for row in c.values())
     if errors:
-        print(f"{errors} requests failed: see the gateway log in the stack's folder", file=sys.stderr)
+        print(f"{errors} requests failed: see the logs in {logs}", file=sys.stderr)
     return 1 if errors else 0
 
 
