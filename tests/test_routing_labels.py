@@ -42,11 +42,28 @@ def test_an_old_numeric_table_loads_and_is_written_back_unchanged():
 
 
 def test_labels_and_versions_mix_and_keep_their_names():
-    table = RoutingTable.from_json({"weights": {"stable": 90, "2": 5, "canary-b": 5}, "shadow": "canary-b"})
-    assert (table.weights, table.shadow) == ({"stable": 90.0, 2: 5.0, "canary-b": 5.0}, "canary-b")
-    assert table.labels() == {"stable", "canary-b"}
-    assert table.to_json() == {"weights": {"2": 5.0, "canary-b": 5.0, "stable": 90.0}, "shadow": "canary-b"}
-    assert list(table.to_json()["weights"]) == ["2", "canary-b", "stable"]  # versions first, then labels
+    table = RoutingTable.from_json({"weights": {"stable": 90, "2": 5, "canary_b": 5}, "shadow": "canary_b"})
+    assert (table.weights, table.shadow) == ({"stable": 90.0, 2: 5.0, "canary_b": 5.0}, "canary_b")
+    assert table.labels() == {"stable", "canary_b"}
+    assert table.to_json() == {"weights": {"2": 5.0, "canary_b": 5.0, "stable": 90.0}, "shadow": "canary_b"}
+    assert list(table.to_json()["weights"]) == ["2", "canary_b", "stable"]  # versions first, then labels
+
+
+@pytest.mark.parametrize("label", ["stable", "Canary_2", "_", "v1", "0x", "A"])
+def test_labels_follow_tf_servings_rule(label):
+    assert RoutingTable.from_json({"weights": {label: 1}}).weights == {label: 1.0}
+    assert parse_assignments(["1=1", f"shadow={label}"]).shadow == label
+
+
+@pytest.mark.parametrize("label", ["canary-b", "can ary", "canary.2", "stable\n", "café", "-", "canary/1"])
+def test_labels_tf_serving_would_refuse_are_refused_naming_the_rule(label):
+    """TF Serving (and our model server) only accept [a-zA-Z0-9_]+ as a version label: the gateway refuses the rest
+    up front with the rule, rather than as an "unknown" label once the model server is asked."""
+    for table in ({"weights": {label: 1}}, {"weights": {"1": 1}, "shadow": label}):
+        with pytest.raises(RoutingError, match=re.escape("[a-zA-Z0-9_]+")):
+            RoutingTable.from_json(table)
+    with pytest.raises(RoutingError, match="letters, digits and '_' only"):
+        parse_assignments([f"{label}=10"])
 
 
 def test_cli_assignments_with_labels():
@@ -299,6 +316,12 @@ def test_an_unknown_label_is_refused_with_400_and_the_table_is_kept(stack):
     assert status == 400 and "'nope'" in body["error"]["message"]
     status, body, _ = set_routing(gateway, {"stable": 90, "bad label!": 10})
     assert status == 400 and "neither a version number nor a version label" in body["error"]["message"]
+    # A label TF Serving could never hold is refused for its name, not asked of the model server as "unknown".
+    status, body, _ = set_routing(gateway, {"stable": 90, "canary-b": 10})
+    assert status == 400 and "[a-zA-Z0-9_]+" in body["error"]["message"], body
+    assert "unknown" not in body["error"]["message"]
+    refused = admin_cli(gateway.url, "set", "stable=90", "canary-b=10")
+    assert refused.returncode != 0 and "[a-zA-Z0-9_]+" in refused.stderr, refused
     refused = admin_cli(gateway.url, "set", "stable=90", "nope=10")
     assert refused.returncode != 0 and "error 400" in refused.stderr and "'nope'" in refused.stderr, refused
     assert gateway.request("GET", "/v1/admin/routing", token=TOKEN)[1]["weights"] == {"stable": 100.0}

@@ -21,7 +21,7 @@ from services.gateway import metrics
 
 log = logging.getLogger("gateway.routing")
 Entry = int | str  # a version number or a version label
-LABEL_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+LABEL_RE = re.compile(r"[a-zA-Z0-9_]+")  # TF Serving's version label rule
 
 
 class RoutingError(ValueError):
@@ -35,8 +35,8 @@ class UnknownLabel(LookupError):
 
 
 def is_label(text: str) -> bool:
-    """TF Serving's rule: letters, digits, '_' and '-'; an all-digit name would be a version number."""
-    return bool(LABEL_RE.match(text)) and not text.isdigit()
+    """TF Serving's rule, [a-zA-Z0-9_]+ (letters, digits and '_'; no '-'); an all-digit name is a version number."""
+    return bool(LABEL_RE.fullmatch(text)) and not text.isdigit()
 
 
 def parse_entry(value, what: str = "entry") -> Entry:
@@ -47,8 +47,8 @@ def parse_entry(value, what: str = "entry") -> Entry:
         return int(value)
     if isinstance(value, str) and is_label(value):
         return value
-    raise RoutingError(f"{what} {value!r} is neither a version number nor a version label (labels are letters, "
-                       f"digits, '_' and '-', not all digits)")
+    raise RoutingError(f"{what} {value!r} is neither a version number nor a version label (labels follow TF "
+                       f"Serving's rule [a-zA-Z0-9_]+: letters, digits and '_' only, not all digits)")
 
 
 def _entry_order(entry: Entry) -> tuple:
