@@ -42,7 +42,13 @@ class BaseNetwork:
         self.imagenet_model = build_imagenet_model(architecture, weights_file)
         pooling = next(layer for layer in self.imagenet_model.layers
                        if isinstance(layer, keras.layers.GlobalAveragePooling2D))
-        features = keras.layers.Flatten(name="bottleneck")(pooling.output)
+        self._set_features(pooling.output)
+
+    def _set_features(self, pooled) -> None:
+        """Make ``self.model`` answer (``pooled`` flattened, the ImageNet softmax) for the same input."""
+        import keras
+
+        features = keras.layers.Flatten(name="bottleneck")(pooled)
         self.model = keras.Model(self.imagenet_model.inputs, [features, self.imagenet_model.outputs[0]],
                                  name="base_features_and_imagenet")
         self.feature_size = int(features.shape[-1])
@@ -81,7 +87,7 @@ def cache_folder(architecture: str, variant: str = PLAIN_VARIANT, root: Path | N
     return root / _safe(architecture) / _safe(PREPROCESSING_VERSION) / _safe(variant)
 
 
-def _load_pixels(path: str, size: int, augment=None, seed: int = 0) -> np.ndarray:
+def load_pixels(path: str, size: int, augment=None, seed: int = 0) -> np.ndarray:
     try:
         pixels = load_image_file(path, size)
     except (OSError, InvalidImage) as exc:
@@ -100,52 +106,68 @@ def get_bottlenecks(rows, base: BaseNetwork, *, batch_size: int = 32, augmentati
     """Features and ImageNet probabilities for ``rows`` (manifest rows: ``path`` and ``sha256``), in row order.
 
     Missing entries are computed in batches (photo decoding overlaps inference) and written to the cache."""
+    variant = variant_name(augmentation, variant_index)
+    augment = augmentation if variant != PLAIN_VARIANT else None
+    D = base.feature_size
+
+    def pixels_of(row):
+        return load_pixels(row.path, base.image_size, augment, _seed(row.sha256, variant))
+
+    def compute(pixels):
+        features, imagenet = base(pixels)
+        return np.concatenate([features, imagenet], axis=1)
+
+    out, computed = cached_outputs(rows, cache_folder(base.architecture, variant, root), (D + 1000,), np.float32,
+                                   pixels_of, compute, f"bottlenecks {base.architecture}/{variant}",
+                                   batch_size=batch_size, progress=progress)
+    return Bottlenecks(out[:, :D].copy(), out[:, D:].copy(), computed)
+
+
+def cached_outputs(rows, folder: Path, shape: tuple, dtype, pixels_of, compute, description: str, *,
+                   batch_size: int = 32, progress: bool = True) -> tuple[np.ndarray, int]:
+    """``compute(pixels batch)`` for every row, one ``<sha256>.npy`` per photo in ``folder``; cached ones are read.
+
+    Returns (array (N, *shape) in row order, how many were computed). ``pixels_of(row)`` loads one photo's pixels;
+    the next batch is decoded while the current one runs through the network."""
     from tqdm import tqdm
 
-    variant = variant_name(augmentation, variant_index)
-    folder = cache_folder(base.architecture, variant, root)
     folder.mkdir(parents=True, exist_ok=True)
-    D = base.feature_size
-    out = np.zeros((len(rows), D + 1000), dtype=np.float32)
+    out = np.zeros((len(rows), *shape), dtype=dtype)
     missing = []
     for i, row in enumerate(rows):
-        file = folder / f"{row.sha256}.npy"
         try:
-            vec = np.load(file)
-            if vec.shape == (D + 1000,):
+            vec = np.load(folder / f"{row.sha256}.npy")
+            if vec.shape == tuple(shape):
                 out[i] = vec
                 continue
         except (OSError, ValueError):
             pass
         missing.append(i)
+    if not missing:
+        return out, 0
 
-    if missing:
-        augment = augmentation if variant != PLAIN_VARIANT else None
-        batches = [missing[k:k + batch_size] for k in range(0, len(missing), batch_size)]
+    batches = [missing[k:k + batch_size] for k in range(0, len(missing), batch_size)]
 
-        def load_batch(idx):
-            return np.stack([_load_pixels(rows[i].path, base.image_size, augment, _seed(rows[i].sha256, variant))
-                             for i in idx])
+    def load_batch(idx):
+        return np.stack([pixels_of(rows[i]) for i in idx])
 
-        bar = tqdm(total=len(missing), desc=f"bottlenecks {base.architecture}/{variant}", unit="photo",
-                   disable=not progress)
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(load_batch, batches[0])
-            for b, idx in enumerate(batches):
-                pixels = pending.result()
-                if b + 1 < len(batches):
-                    pending = pool.submit(load_batch, batches[b + 1])
-                features, imagenet = base(pixels)
-                for j, i in enumerate(idx):
-                    vec = np.concatenate([features[j], imagenet[j]]).astype(np.float32)
-                    out[i] = vec
-                    _atomic_save(folder / f"{rows[i].sha256}.npy", vec)
-                bar.update(len(idx))
-        bar.close()
-    return Bottlenecks(out[:, :D].copy(), out[:, D:].copy(), len(missing))
+    bar = tqdm(total=len(missing), desc=description, unit="photo", disable=not progress)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load_batch, batches[0])
+        for b, idx in enumerate(batches):
+            pixels = pending.result()
+            if b + 1 < len(batches):
+                pending = pool.submit(load_batch, batches[b + 1])
+            values = compute(pixels)
+            for j, i in enumerate(idx):
+                out[i] = values[j]
+                atomic_save(folder / f"{rows[i].sha256}.npy", out[i])
+            bar.update(len(idx))
+    bar.close()
+    return out, len(missing)
 
 
-def _atomic_save(path: Path, vec: np.ndarray) -> None:
+def atomic_save(path: Path, vec: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.{id(vec)}.tmp")
     with open(tmp, "wb") as f:
         np.save(f, vec)

@@ -58,6 +58,22 @@ def code_revision() -> str:
         return "unknown"
 
 
+TUNED_BLOCKS_FILE = "fine_tuned_blocks.npz"
+
+
+def run_base(run_dir: Path, config: TrainConfig, base: BaseNetwork | None = None) -> BaseNetwork:
+    """The network a run's head reads: the frozen base, with the run's fine-tuned blocks if it has some."""
+    from training_job.fine_tune import FineTunedBase, load_tail
+
+    base = base or BaseNetwork(config.architecture, config.weights_file)
+    base = base.original if isinstance(base, FineTunedBase) else base
+    tuned = Path(run_dir) / TUNED_BLOCKS_FILE
+    if not tuned.exists():
+        return base
+    blocks, weights = load_tail(tuned)
+    return FineTunedBase(base, blocks, weights)
+
+
 def train_run(rows, config: TrainConfig, run_dir: Path | None = None, *, base: BaseNetwork | None = None,
               tensorboard_root: Path | None = None, not_mushrooms: Path | None = None,
               open_set_method: str = DEFAULT_METHOD, reject_rate: float = DEFAULT_REJECT_RATE,
@@ -69,15 +85,28 @@ def train_run(rows, config: TrainConfig, run_dir: Path | None = None, *, base: B
                         progress=progress, cache_root=cache_root)
     run_dir = Path(run_dir or runs_dir() / result.run_name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    labels = result.head.labels
+    head, split_bottlenecks = result.head, result.split_bottlenecks
+    summary = {}
+    if config.fine_tune_blocks:
+        from training_job.fine_tune import fine_tune, save_tail
+
+        tuned = fine_tune(rows, config, base, head, split_bottlenecks, result.tensorboard_dir,
+                          cache_root=cache_root, progress=progress)
+        save_tail(run_dir / TUNED_BLOCKS_FILE, config.fine_tune_blocks, tuned.base.tail_weights)
+        head, split_bottlenecks = tuned.head, tuned.split_bottlenecks
+        summary["fine_tune"] = {"blocks": config.fine_tune_blocks, "epochs_run": tuned.epochs_run,
+                                "best_epoch": tuned.best_epoch, "seconds": tuned.seconds,
+                                "validation_accuracy_before": result.validation_accuracy,
+                                "validation_accuracy": tuned.validation_accuracy}
+    labels = head.labels
     index = {l: i for i, l in enumerate(labels)}
     train_idx = np.array([index[r.label] for r in split_rows(rows, "train")])
-    val = result.split_bottlenecks["validation"]
-    open_set = calibrate(open_set_method, result.split_bottlenecks["train"].features, train_idx, len(labels),
+    val = split_bottlenecks["validation"]
+    open_set = calibrate(open_set_method, split_bottlenecks["train"].features, train_idx, len(labels),
                          val.features, val.imagenet, reject_rate)
     write_manifest(rows, run_dir / "manifest.csv")
     save_config(config, run_dir / "config.json")
-    result.head.save(run_dir / "head.npz")
+    head.save(run_dir / "head.npz")
     open_set.save(run_dir / "open_set.npz")
     (run_dir / "train_summary.json").write_text(json.dumps({
         "run_name": result.run_name, "architecture": base.architecture, "tensorboard": result.tensorboard_dir,
@@ -85,10 +114,10 @@ def train_run(rows, config: TrainConfig, run_dir: Path | None = None, *, base: B
         "validation_accuracy": result.validation_accuracy,
         "validation_cross_entropy": result.validation_cross_entropy,
         "bottlenecks_computed": result.bottlenecks_computed, "train_seconds": result.seconds,
-        "train_photos": len(train_idx), "validation_photos": len(val.features),
+        "train_photos": len(train_idx), "validation_photos": len(val.features), **summary,
     }, indent=2))
     metrics = evaluate_run(run_dir, base, not_mushrooms=not_mushrooms, cache_root=cache_root, progress=progress,
-                           split_bottlenecks=result.split_bottlenecks)
+                           split_bottlenecks=split_bottlenecks)
     return run_dir, metrics
 
 
@@ -104,7 +133,7 @@ def load_run(run_dir: Path):
 def evaluate_run(run_dir: Path, base: BaseNetwork | None = None, *, not_mushrooms: Path | None = None,
                  cache_root=None, progress: bool = True, split_bottlenecks=None) -> dict:
     rows, config, head, open_set = load_run(run_dir)
-    base = base or BaseNetwork(config.architecture, config.weights_file)
+    base = run_base(run_dir, config, base)
     if split_bottlenecks is None:
         split_bottlenecks, _ = plain_bottlenecks(rows, base, progress=progress, cache_root=cache_root)
     test_rows = split_rows(rows, "test")
@@ -161,7 +190,7 @@ def export_run(run_dir: Path, target: Path, base: BaseNetwork | None = None, *, 
     from training_job.preprocessing import load_image_file
 
     rows, config, head, open_set = load_run(run_dir)
-    base = base or BaseNetwork(config.architecture, config.weights_file)
+    base = run_base(run_dir, config, base)
     target = Path(target)
     save_model(build_serving_module(base, head, open_set), target)
     extra = target / "assets.extra"

@@ -44,6 +44,10 @@ class TrainConfig:
     l2: float = 1e-4
     patience: int = 20
     seed: int = 0
+    fine_tune_blocks: int = 0  # last MobileNet blocks trained with the head after it converged (0 = frozen base)
+    fine_tune_learning_rate: float = 1e-4
+    fine_tune_epochs: int = 15
+    fine_tune_patience: int = 4
 
     @property
     def augmentation(self) -> Augmentation:
