@@ -1,7 +1,7 @@
 """The web page in a real headless Chromium against the real gateway, model server and Redis.
 
 The model is the session's ``published_model`` copied as versions 1 and 2 of a private registry, so the operator panel
-has an A/B split to steer. Screenshots land in var/screenshots/ (gitignored) as test artifacts."""
+has an A/B split to steer; the model server's config labels them ``stable`` (1) and ``canary`` (2). Screenshots land in var/screenshots/ (gitignored) as test artifacts."""
 from __future__ import annotations
 
 import contextlib
@@ -29,6 +29,7 @@ from training_job.paths import PROJECT_ROOT
 
 
 ADMIN_TOKEN = "web-test-token"
+LABELS = {"stable": 1, "canary": 2}  # version_labels in the model server's config
 MODEL = "mushrooms"
 SCREENSHOTS = PROJECT_ROOT / "var" / "screenshots"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -80,7 +81,7 @@ def stack(published_model, tmp_path_factory):
     for version in (1, 2):
         shutil.copytree(published_model.version_dir, models_dir / MODEL / str(version))
     config = root / "models.config"
-    write_config(config, {MODEL: models_dir / MODEL}, policy="all {}")
+    write_config(config, {MODEL: models_dir / MODEL}, labels={MODEL: LABELS}, policy="all {}")
     redis = RedisServer().start()
     server = start_server(models_dir, config)
     http_port, grpc_port = free_port(), free_port()
@@ -221,6 +222,76 @@ def test_operator_changes_weights_and_the_routing_api_reports_them(stack, page):
     assert {str(k): pytest.approx(float(v)) for k, v in weights.items()} == wanted
     wait_text(page, "audit")
     wait_text(page, "status-rows")
+
+
+def unlock_operator(page):
+    field = page.find_element(By.ID, "admin-token")
+    field.clear()  # the token may already be there from sessionStorage
+    field.send_keys(ADMIN_TOKEN + "\n")
+    WebDriverWait(page, 15).until(lambda d: d.find_element(By.ID, "operator-body").is_displayed())
+    WebDriverWait(page, 15).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#weights input[type=range]"))
+
+
+def set_slider(page, entry: str, weight: float) -> None:
+    slider = page.find_element(By.ID, f"weight-{entry}")
+    page.execute_script("arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input'))",
+                        slider, str(weight))
+
+
+def test_operator_shows_labels_with_their_versions_adds_one_and_sends_labels_back(stack, page):
+    gateway, _ = stack
+    table = {"weights": {"stable": 80, "2": 20}, "shadow": "canary"}  # as `admin set stable=80 2=20 shadow=canary`
+    status, body = gateway.api("PUT", "/v1/admin/routing", json.dumps(table).encode(), "application/json",
+                               token=ADMIN_TOKEN)
+    assert status == 200, body
+    page.get(gateway.url + "/")
+    WebDriverWait(page, 15).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+    unlock_operator(page)
+
+    def label_text(entry):
+        return page.find_element(By.ID, f"weight-{entry}-label").text
+
+    # A label is shown as a label with the version it resolves to, never as "Version stable".
+    WebDriverWait(page, 15).until(lambda d: label_text("stable") == "stable → v1")
+    assert "Version stable" not in page.find_element(By.ID, "weights").text
+    assert (label_text("1"), label_text("2")) == ("Version 1", "Version 2")
+    values = {e: page.find_element(By.ID, f"weight-{e}").get_attribute("value") for e in ("stable", "1", "2")}
+    assert {e: float(v) for e, v in values.items()} == {"stable": 0.8, "1": 0.0, "2": 0.2}  # shares of 80/20
+    assert "canary → v2" in page.find_element(By.ID, "shadow-info").text
+
+    # A name TF Serving would refuse is refused here, naming the rule; nothing is added.
+    new_label = page.find_element(By.ID, "new-label")
+    new_label.send_keys("canary-b")
+    page.find_element(By.ID, "add-label").click()
+    error = page.find_element(By.ID, "new-label-error")
+    assert error.is_displayed() and "[a-zA-Z0-9_]+" in error.text
+    assert not page.find_elements(By.ID, "weight-canary-b")
+    # Enter in the field adds the label (and does not apply the weights).
+    new_label.clear()
+    new_label.send_keys("canary\n")
+    WebDriverWait(page, 5).until(lambda d: d.find_elements(By.ID, "weight-canary"))
+    assert not page.find_element(By.ID, "new-label-error").is_displayed()
+    assert label_text("canary") == "canary → v2"  # already resolved by the gateway, as the shadow
+    assert page.find_element(By.ID, "routing-status").text == ""
+    assert gateway.api("GET", "/v1/admin/routing", token=ADMIN_TOKEN)[1]["weights"] == {"2": 20.0, "stable": 80.0}
+
+    for entry, weight in {"stable": 0.5, "canary": 0.3, "2": 0.2}.items():
+        set_slider(page, entry, weight)
+    page.find_element(By.ID, "routing-apply").click()
+    wait_text(page, "routing-status", lambda t: t == "Applied.")
+    status, routing = gateway.api("GET", "/v1/admin/routing", token=ADMIN_TOKEN)
+    assert status == 200
+    # Labels went back as labels (not as the versions they resolve to), and the shadow label unchanged.
+    assert routing["weights"] == {"2": pytest.approx(0.2), "canary": pytest.approx(0.3), "stable": pytest.approx(0.5)}
+    assert routing["shadow"] == "canary"
+    assert routing["resolved"] == {"2": 2, "canary": 2, "stable": 1}
+    assert (label_text("canary"), label_text("stable")) == ("canary → v2", "stable → v1")
+    # Live figures: the share each version gets now, and through which labels; the audit shows the labels as set.
+    share_of_2 = lambda d: d.find_element(By.CSS_SELECTOR, '#status-rows tr[data-version="2"] .share').text  # noqa: E731
+    WebDriverWait(page, 15).until(lambda d: share_of_2(d) == "50.0% (canary)")
+    newest = WebDriverWait(page, 15).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#audit li"))[0].text
+    assert '"canary":0.3' in newest and '"stable":0.5' in newest, newest
+    assert "[object Object]" not in page.find_element(By.ID, "status-rows").text
 
 
 def test_wrong_admin_token_is_a_readable_error(stack, page):
