@@ -14,11 +14,11 @@ grpc_gevent.init_gevent()  # grpc's own threads would otherwise block locust's g
 import grpc  # noqa: E402
 from locust import HttpUser, User, between, events, task  # noqa: E402
 
-from loadtests.traffic import Traffic, admin_token, grpc_target, photo_paths  # noqa: E402
+from loadtests.traffic import Traffic, admin_token, grpc_target, photo_paths, shifted_routing  # noqa: E402
 from services.stack.grpc_client import ClassifierClient  # noqa: E402
 
 PHOTOS = photo_paths()
-ROUTING_STEPS = [0.9, 0.5, 0.1]  # share of traffic for the older of the two newest versions, in turn
+ROUTING_STEPS = [0.9, 0.5, 0.1]  # share of traffic for the entry on the older of the two newest versions, in turn
 
 
 class PhotoClassifier(HttpUser):
@@ -85,7 +85,8 @@ class GrpcPhotoClassifier(User):
 
 
 class RoutingOperator(HttpUser):
-    """One operator who moves the A/B weights between the two newest versions every few seconds."""
+    """One operator who moves the A/B weights between the two entries on the newest versions every few seconds;
+    entries may be version numbers or version labels ("stable", "canary"), which are kept as labels."""
 
     fixed_count = 1
     wait_time = between(8, 10)
@@ -102,15 +103,9 @@ class RoutingOperator(HttpUser):
                 response.failure(f"{response.status_code}: {response.text[:200]}")
                 return
             routing = response.json()
-        weights = routing.get("weights") or {}
-        if isinstance(weights, list):
-            weights = {str(w["version"]): w["weight"] for w in weights}
-        versions = sorted(weights, key=int)[-2:]
-        if len(versions) == 2:
-            share = ROUTING_STEPS[self.step % len(ROUTING_STEPS)]
-            weights = {**{v: 0.0 for v in weights}, versions[0]: share, versions[1]: 1 - share}
+        table = shifted_routing(routing, ROUTING_STEPS[self.step % len(ROUTING_STEPS)])
         self.step += 1
-        with self.client.put("/v1/admin/routing", json={**routing, "weights": weights}, headers=self.headers,
+        with self.client.put("/v1/admin/routing", json=table, headers=self.headers,
                              name="PUT /v1/admin/routing", catch_response=True) as response:
             if response.status_code != 200:
                 response.failure(f"{response.status_code}: {response.text[:200]}")

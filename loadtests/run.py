@@ -35,7 +35,8 @@ def parse_args(argv):
 
 
 def run_locust(host: str, grpc_target: str, users: int, spawn_rate: float, run_time: str, out: Path,
-               admin_token: str | None = None) -> int:
+               admin_token: str | None = None, user_classes: list[str] | None = None) -> int:
+    """Runs locust headless; ``user_classes`` (e.g. ["RoutingOperator"]) limits the run to those users."""
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "LOADTEST_GRPC_TARGET": grpc_target,
            "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -43,7 +44,8 @@ def run_locust(host: str, grpc_target: str, users: int, spawn_rate: float, run_t
         env["LOADTEST_ADMIN_TOKEN"] = admin_token
     argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", host, "-u", str(users),
             "-r", str(spawn_rate), "--run-time", run_time, "--stop-timeout", "10", "--csv", str(out / "locust"),
-            "--html", str(out / "report.html"), "--only-summary", "--logfile", str(out / "locust.log")]
+            "--html", str(out / "report.html"), "--only-summary", "--logfile", str(out / "locust.log"),
+            *(user_classes or [])]
     with open(out / "locust.out", "w") as log:
         return subprocess.run(argv, env=env, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
 

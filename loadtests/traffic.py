@@ -1,4 +1,5 @@
-"""What the load test sends: many distinct shared photos, a small hot set repeated (cache hits), a few bad inputs."""
+"""What the load test sends: many distinct shared photos, a small hot set repeated (cache hits), a few bad inputs;
+and how the operator user moves the A/B weights (``shifted_routing``)."""
 from __future__ import annotations
 
 import json
@@ -63,3 +64,36 @@ def admin_token() -> str:
 
 def grpc_target() -> str:
     return os.environ.get("LOADTEST_GRPC_TARGET") or stack_state().get("urls", {}).get("gateway gRPC", "")
+
+
+def routing_entries(routing: dict) -> dict[str, float]:
+    """The table's weights by entry name ("3" or a version label such as "canary"); also accepts the list form
+    [{"version", "weight"}]."""
+    weights = routing.get("weights") or {}
+    if isinstance(weights, list):
+        return {str(w["version"]): float(w["weight"]) for w in weights}
+    return {str(entry): float(weight) for entry, weight in weights.items()}
+
+
+def shifted_routing(routing: dict, share: float) -> dict:
+    """The table to PUT so that the two entries on the newest versions get ``share`` / ``1 - share`` (the older one
+    gets ``share``) and every other entry 0. ``routing`` is what GET /v1/admin/routing answered: entries are version
+    numbers or version labels, ordered by the version they resolve to now (``resolved``); labels are sent back as
+    labels and the shadow unchanged. With fewer than two entries, the newest AVAILABLE versions fill in; an entry the
+    gateway would refuse now (a label the model server no longer knows, a version or label on a version that is not
+    AVAILABLE) is set to 0. With nothing to move between, the table is sent back as it is."""
+    weights = routing_entries(routing)
+    resolved = routing.get("resolved") or {}
+    available = set(routing.get("available") or [])
+
+    def version_of(entry: str) -> int | None:
+        return int(entry) if entry.isdigit() else resolved.get(entry)
+
+    live = [e for e in weights if version_of(e) is not None and (not available or version_of(e) in available)]
+    covered = {version_of(entry) for entry in live}
+    newest = [str(v) for v in sorted(available, reverse=True) if v not in covered]
+    candidates = live + newest[:max(0, 2 - len(live))]
+    pair = sorted(candidates, key=lambda e: (version_of(e), not e.isdigit(), e))[-2:]
+    if len(pair) == 2:
+        weights = {**{entry: 0.0 for entry in weights}, pair[0]: share, pair[1]: 1 - share}
+    return {"weights": weights, "shadow": routing.get("shadow")}

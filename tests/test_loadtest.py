@@ -1,5 +1,7 @@
 """A ~30 s headless locust smoke (loadtests/) against a real local stack: HTTP and gRPC users, bad inputs that must be
-rejected with a 4xx / INVALID_ARGUMENT, and the operator shifting A/B weights; it must end with 0 unexpected failures."""
+rejected with a 4xx / INVALID_ARGUMENT, and the operator shifting A/B weights; it must end with 0 unexpected failures.
+The operator's moves on tables of version numbers, version labels and both, and its locust user run against a
+gateway whose table holds labels of the model server's config."""
 from __future__ import annotations
 
 import csv
@@ -7,8 +9,14 @@ import csv
 import pytest
 
 from loadtests.run import aggregated, run_locust
+from loadtests.traffic import shifted_routing
 from services.stack.launch import stop_stack
+from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
+from tests.support import MUSHROOMS, RedisServer
+from tests.test_gateway import TOKEN, GatewayProcess, set_routing
 from tests.test_stack import start_test_stack
+from tests.tiny_model import write_tiny_model
+from training_job.publish import publish_dir
 
 
 @pytest.fixture(scope="module")
@@ -33,3 +41,84 @@ def test_locust_smoke_has_no_unexpected_failures(stack, tmp_path):
     assert any(name.startswith("POST /v1/classify [bad:") for _, name in rows), rows
     assert rows.get(("PUT", "PUT /v1/admin/routing"), 0) >= 2, rows
     assert (out / "report.html").stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------ the operator user's routing moves
+def test_the_operator_moves_a_numeric_table_between_the_two_newest_versions():
+    routing = {"weights": {"1": 20.0, "2": 30.0, "10": 50.0}, "shadow": 2, "available": [1, 2, 10],
+               "resolved": {"1": 1, "2": 2, "10": 10}, "effective": {"1": 20.0, "2": 30.0, "10": 50.0}}
+    assert shifted_routing(routing, 0.9) == {"weights": {"1": 0.0, "2": 0.9, "10": pytest.approx(0.1)}, "shadow": 2}
+
+
+def test_the_operator_moves_a_label_table_and_sends_the_labels_back():
+    """The gateway answers a label table with entries that are not integers: they used to crash the operator."""
+    routing = {"weights": {"canary": 10.0, "stable": 90.0}, "shadow": "canary", "available": [1, 2],
+               "resolved": {"canary": 2, "stable": 1}, "effective": {"1": 90.0, "2": 10.0}}
+    assert shifted_routing(routing, 0.5) == {"weights": {"canary": 0.5, "stable": 0.5}, "shadow": "canary"}
+    assert shifted_routing(routing, 0.9)["weights"] == {"stable": 0.9, "canary": pytest.approx(0.1)}
+    routing["resolved"] = {"canary": 1, "stable": 2}  # the labels were swapped in the model server's config
+    assert shifted_routing(routing, 0.9)["weights"] == {"canary": 0.9, "stable": pytest.approx(0.1)}
+
+
+def test_the_operator_handles_mixed_tables_vanished_labels_and_empty_tables():
+    mixed = {"weights": {"1": 80.0, "canary": 20.0}, "shadow": None, "available": [1, 2],
+             "resolved": {"1": 1, "canary": 2}}
+    assert shifted_routing(mixed, 0.9)["weights"] == {"1": 0.9, "canary": pytest.approx(0.1)}
+    # A label the model server dropped (resolved null) would be refused: it goes to 0, the newest version fills in.
+    vanished = {"weights": {"stable": 50.0, "canary": 50.0}, "shadow": None, "available": [1, 2, 3],
+                "resolved": {"stable": 1, "canary": None}}
+    assert shifted_routing(vanished, 0.1)["weights"] == {"stable": 0.1, "canary": 0.0, "3": pytest.approx(0.9)}
+    one_label = {"weights": {"stable": 100.0}, "shadow": None, "available": [1, 2], "resolved": {"stable": 2}}
+    assert shifted_routing(one_label, 0.9)["weights"] == {"1": 0.9, "stable": pytest.approx(0.1)}
+    empty = {"weights": {}, "shadow": None, "available": [1, 2, 3], "resolved": {}, "effective": {}}
+    assert shifted_routing(empty, 0.5) == {"weights": {"2": 0.5, "3": 0.5}, "shadow": None}
+    alone = {"weights": {}, "shadow": None, "available": [4], "resolved": {}}
+    assert shifted_routing(alone, 0.5) == {"weights": {}, "shadow": None}
+    listed = {"weights": [{"version": 1, "weight": 1}, {"version": 2, "weight": 1}], "available": [1, 2]}
+    assert shifted_routing(listed, 0.9)["weights"] == {"1": 0.9, "2": pytest.approx(0.1)}
+
+
+@pytest.fixture(scope="module")
+def label_stack(tmp_path_factory):
+    """Our model server labelling versions 1 and 2 stable and canary, Redis and a gateway; small models only."""
+    registry = tmp_path_factory.mktemp("label-registry")
+    for bias in (0.0, 2.0):
+        publish_dir(lambda d, b=bias: write_tiny_model(d, bias=b), registry, MODEL)
+    config = registry / "models.config"
+    write_config(config, {MODEL: registry / MODEL}, labels={MODEL: {"stable": 1, "canary": 2}}, policy="all {}")
+    redis = RedisServer().start()
+    server = start_server(registry, config)
+    gateway = None
+    try:
+        wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0] == 30 for v in (1, 2)),
+                   what="versions 1 and 2")
+        gateway = GatewayProcess(server.grpc_target, redis.url, registry / MODEL)
+        yield gateway
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        stop_server(server)
+        redis.stop()
+
+
+def test_the_locust_operator_works_on_a_label_table(label_stack, tmp_path, monkeypatch):
+    gateway = label_stack
+    status, body, _ = set_routing(gateway, {"stable": 70, "canary": 30}, shadow="canary")
+    assert status == 200, body
+    monkeypatch.setenv("LOADTEST_PHOTOS", str(MUSHROOMS))
+    out = tmp_path / "report"
+    code = run_locust(gateway.url, f"127.0.0.1:{gateway.grpc_port}", users=1, spawn_rate=1, run_time="20s", out=out,
+                      admin_token=TOKEN, user_classes=["RoutingOperator"])
+    with open(out / "locust_stats.csv", newline="") as f:
+        rows = {(row["Type"], row["Name"]): int(row["Request Count"]) for row in csv.DictReader(f)}
+    assert int(aggregated(out)["Failure Count"]) == 0, (out / "locust_failures.csv").read_text()
+    assert code == 0, (out / "locust.out").read_text()[-2000:]
+    assert rows.get(("PUT", "PUT /v1/admin/routing"), 0) >= 2, rows
+    # Every change the operator made kept the labels (stable on version 1 gets 0.9, then 0.5, ...) and the shadow.
+    entries = gateway.request("GET", "/v1/admin/audit", token=TOKEN)[1]["entries"]
+    moves = [e["new"] for e in reversed(entries)][1:]  # oldest first, after the table set above
+    assert len(moves) >= 2, entries
+    assert [m["weights"]["stable"] for m in moves[:2]] == [0.9, 0.5]
+    assert all(set(m["weights"]) == {"stable", "canary"} and m["shadow"] == "canary" for m in moves), moves
+    routing = gateway.request("GET", "/v1/admin/routing", token=TOKEN)[1]
+    assert routing["resolved"] == {"canary": 2, "stable": 1}
