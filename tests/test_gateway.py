@@ -321,7 +321,24 @@ def test_model_server_restart_gives_503_then_recovers(stack):
     wait_until(lambda: gateway.classify(photo, version=1, top_k=1)[0] == 200, timeout=60, what="recovery")
 
 
+def openapi_validator(spec: dict, schema: str):
+    """A JSON Schema 2020-12 validator for one of the OpenAPI document's component schemas (OpenAPI 3.1)."""
+    from jsonschema import Draft202012Validator
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    registry = Registry().with_resource("urn:openapi", Resource(contents=spec, specification=DRAFT202012))
+    return Draft202012Validator({"$ref": f"urn:openapi#/components/schemas/{schema}"}, registry=registry)
+
+
+def assert_valid(spec: dict, schema: str, document) -> None:
+    errors = [f"{list(e.absolute_path)}: {e.message}" for e in openapi_validator(spec, schema).iter_errors(document)]
+    assert not errors, (schema, document, errors)
+
+
 def test_openapi_and_models(stack):
+    from jsonschema import Draft202012Validator
+
     gateway = stack["gateway"]
     status, spec, _ = gateway.request("GET", "/openapi.json")
     assert status == 200 and "/v1/classify" in spec["paths"]
@@ -329,6 +346,35 @@ def test_openapi_and_models(stack):
     assert {v["version"] for v in models["models"][0]["versions"]} >= {1, 2}
     assert models["models"][0]["versions"][0]["labels"][0] == {"label": "amanita_muscaria",
                                                                 "display_name": "Fly agaric"}
+    # The routing schema: entries are version numbers or version labels (TF Serving's rule), shadow either or null.
+    assert spec["openapi"].startswith("3.1")
+    for schema in spec["components"]["schemas"].values():
+        Draft202012Validator.check_schema(schema)
+    routing = openapi_validator(spec, "Routing")
+    for table in [{"weights": {"stable": 90, "canary": 10}, "shadow": "canary"}, {"weights": {"1": 90}, "shadow": 3},
+                  {"weights": {"1": 80, "canary_2": 20}, "shadow": None}, {"weights": {}}]:
+        assert routing.is_valid(table), table
+    for table in [{"weights": {"canary-b": 1}}, {"weights": {"can ary": 1}}, {"weights": {"1": -1}},
+                  {"weights": {"1": "heavy"}}, {"weights": {"1": 1}, "shadow": 1.5},
+                  {"weights": {"1": 1}, "shadow": "canary-b"}]:
+        assert not routing.is_valid(table), table
+    put = spec["paths"]["/v1/admin/routing"]["put"]
+    for example in put["requestBody"]["content"]["application/json"]["examples"].values():
+        assert_valid(spec, "Routing", example["value"])
+    # The gateway's answers match their schemas, resolved and effective included.
+    before = gateway.request("GET", "/v1/admin/routing", token=TOKEN)[1]
+    assert set_routing(gateway, {"1": 60, "2": 40}, shadow=2)[0] == 200
+    assert_valid(spec, "Models", gateway.request("GET", "/v1/models")[1])
+    status, body, _ = gateway.request("GET", "/v1/admin/routing", token=TOKEN)
+    assert_valid(spec, "RoutingAdmin", body)
+    assert body["resolved"] == {"1": 1, "2": 2} and body["effective"] == {"1": 60.0, "2": 40.0}
+    assert_valid(spec, "Status", gateway.request("GET", "/v1/admin/status", token=TOKEN)[1])
+    status, applied, _ = set_routing(gateway, {"1": 50, "2": 50})
+    assert status == 200
+    assert_valid(spec, "RoutingApplied", applied)
+    ok = spec["paths"]["/v1/admin/routing"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok == {"$ref": "#/components/schemas/RoutingAdmin"}
+    assert set_routing(gateway, before["weights"], shadow=before["shadow"])[0] == 200  # as the other tests left it
 
 
 def test_not_a_mushroom_answer_is_reported(stack):

@@ -23,7 +23,7 @@ from services.gateway.routing import Router, RoutingError, RoutingTable, Unknown
 from services.gateway.upstream import UpstreamRejected, UpstreamUnavailable
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
 from tests.support import NOT_MUSHROOMS, RedisServer
-from tests.test_gateway import PHOTOS, TOKEN, GatewayProcess, pb, pb_grpc, set_routing
+from tests.test_gateway import PHOTOS, TOKEN, GatewayProcess, assert_valid, pb, pb_grpc, set_routing
 from tests.tiny_model import write_tiny_model
 from training_job.paths import PROJECT_ROOT
 from training_job.publish import publish_dir
@@ -278,6 +278,14 @@ def test_versions_and_labels_mix_in_one_table(stack):
     assert [(arm.target, arm.weight) for arm in listed.routing] == [("1", 80.0), ("canary", 20.0)]
     models = gateway.request("GET", "/v1/models")[1]["models"][0]
     assert {v["version"]: v["weight"] for v in models["versions"]} == {1: 80.0, 2: 20.0}
+    # /openapi.json describes these answers, label entries, resolved and effective included.
+    spec = gateway.request("GET", "/openapi.json")[1]
+    assert_valid(spec, "Models", gateway.request("GET", "/v1/models")[1])
+    routing = gateway.request("GET", "/v1/admin/routing", token=TOKEN)[1]
+    assert routing["resolved"] == {"1": 1, "canary": 2} and routing["effective"] == {"1": 80.0, "2": 20.0}
+    assert_valid(spec, "RoutingAdmin", routing)
+    assert_valid(spec, "Status", gateway.request("GET", "/v1/admin/status", token=TOKEN)[1])
+    assert_valid(spec, "AuditEntry", gateway.request("GET", "/v1/admin/audit", token=TOKEN)[1]["entries"][0])
 
 
 def test_moving_a_label_in_the_model_server_config_moves_its_clients(stack):
@@ -342,6 +350,7 @@ def test_a_label_removed_from_the_model_server_spreads_its_share_and_raises_the_
         assert routed_version_missing(gateway) == 1
         body = gateway.request("GET", "/v1/admin/status", token=TOKEN)[1]
         assert body["routing"]["resolved"] == {"canary": None, "stable": 1}
+        assert_valid(gateway.request("GET", "/openapi.json")[1], "Status", body)  # null: a label gone
         assert "canary (unknown)" in admin_cli(gateway.url, "status").stdout
     finally:
         move_labels(stack, LABELS)

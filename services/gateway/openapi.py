@@ -1,4 +1,9 @@
-"""The OpenAPI description served at /openapi.json."""
+"""The OpenAPI description served at /openapi.json.
+
+OpenAPI 3.1, so the schemas are JSON Schema 2020-12: it can say that the keys of a routing table are version numbers
+or version labels (``propertyNames``), which OpenAPI 3.0 cannot. A routing entry is a version number ("3") or a
+version label of the model server's config ("canary"; TF Serving's rule: letters, digits and '_', not all digits).
+"""
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _ERRORS = {str(s): {"description": d, "content": {"application/json": {"schema": _ERROR}}}
@@ -6,16 +11,27 @@ _ERRORS = {str(s): {"description": d, "content": {"application/json": {"schema":
                         "request or photo"), (413, "body or photo over the limit"),
                         (503, "model server unavailable (Retry-After set)"))}
 
+_LABEL = {"type": "string", "pattern": "^[A-Za-z0-9_]+$",
+          "description": "a version label of the model server's config (version_labels): letters, digits and '_' "
+                         "(TF Serving's rule [a-zA-Z0-9_]+), not all digits"}
+_ENTRY = {"type": "string", "pattern": "^[A-Za-z0-9_]+$",
+          "description": "a routing entry: a version number (all digits, e.g. \"3\") or a version label of the model "
+                         "server's config (letters, digits and '_', not all digits, e.g. \"canary\")"}
+_VERSION_KEY = {"type": "string", "pattern": "^[0-9]+$", "description": "a version number"}
+_NUMBER_OR_NULL = {"type": ["number", "null"]}
+
 OPENAPI = {
-    "openapi": "3.0.3",
+    "openapi": "3.1.0",
     "info": {"title": "mushroom-serving gateway", "version": "1"},
     "paths": {
         "/v1/classify": {"post": {
             "summary": "Classify one photo (multipart field 'photo', a raw image body, or JSON {image_b64})",
             "parameters": [
                 {"name": "top_k", "in": "query", "schema": {"type": "integer", "minimum": 1, "default": 3}},
-                {"name": "version", "in": "query", "schema": {"type": "integer"}},
-                {"name": "label", "in": "query", "schema": {"type": "string"}},
+                {"name": "version", "in": "query", "description": "answer with this version, not the A/B split",
+                 "schema": {"type": "integer", "minimum": 0}},
+                {"name": "label", "in": "query", "description": "answer with the version this version label of the "
+                 "model server points at (also the X-Version-Label header)", "schema": _LABEL},
                 {"name": "X-Client-Id", "in": "header", "schema": {"type": "string"}},
             ],
             "requestBody": {"required": True, "content": {
@@ -28,7 +44,8 @@ OPENAPI = {
             "responses": {"200": {"description": "the answer", "content": {"application/json": {
                 "schema": {"$ref": "#/components/schemas/Answer"}}}}, **_ERRORS}}},
         "/v1/models": {"get": {"summary": "Versions, states and routing", "responses": {"200": {
-            "description": "models"}}}},
+            "description": "models", "content": {"application/json": {"schema": {
+                "$ref": "#/components/schemas/Models"}}}}}}},
         "/v1/feedback": {"post": {"summary": "Ground truth for an answer", "requestBody": {"content": {
             "application/json": {"schema": {"type": "object", "required": ["request_id", "true_label"],
                                              "properties": {"request_id": {"type": "string"},
@@ -40,15 +57,31 @@ OPENAPI = {
             {"name": "sha256", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": {"description": "the photo"}, **_ERRORS}}},
         "/v1/admin/routing": {
-            "get": {"summary": "The A/B table", "responses": {"200": {"description": "routing"}}},
-            "put": {"summary": "Set the A/B table (bearer token)", "security": [{"bearer": []}], "requestBody": {
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Routing"}}}},
-                "responses": {"200": {"description": "applied"}, **_ERRORS}}},
-        "/v1/admin/audit": {"get": {"summary": "Routing changes, newest first", "security": [{"bearer": []}],
-                                    "responses": {"200": {"description": "entries"}, **_ERRORS}}},
-        "/v1/admin/status": {"get": {"summary": "Per-version figures and significance test",
-                                     "security": [{"bearer": []}], "responses": {"200": {"description": "status"},
-                                                                                   **_ERRORS}}},
+            "get": {"summary": "The A/B table, where each entry points now and the AVAILABLE versions",
+                    "security": [{"bearer": []}], "responses": {"200": {"description": "routing", "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/RoutingAdmin"}}}},
+                        **_ERRORS}},
+            "put": {"summary": "Set the A/B table (bearer token). Entries are version numbers or version labels, kept "
+                               "as given; an unknown label or a version that is not AVAILABLE is refused (400); 503 "
+                               "when the model server cannot be asked about the labels",
+                    "security": [{"bearer": []}], "requestBody": {"required": True, "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/Routing"},
+                        "examples": {"labels": {"value": {"weights": {"stable": 90, "canary": 10},
+                                                          "shadow": "canary"}},
+                                     "versions": {"value": {"weights": {"1": 90, "2": 10}, "shadow": 3}},
+                                     "mixed": {"value": {"weights": {"1": 80, "canary": 20}, "shadow": None}}}}}},
+                    "responses": {"200": {"description": "applied", "content": {"application/json": {"schema": {
+                        "$ref": "#/components/schemas/RoutingApplied"}}}}, **_ERRORS}}},
+        "/v1/admin/audit": {"get": {"summary": "Routing changes, newest first (entries as they were set)",
+                                    "security": [{"bearer": []}], "responses": {"200": {
+                                        "description": "entries", "content": {"application/json": {"schema": {
+                                            "type": "object", "properties": {"entries": {"type": "array", "items": {
+                                                "$ref": "#/components/schemas/AuditEntry"}}}}}}}, **_ERRORS}}},
+        "/v1/admin/status": {"get": {"summary": "Per-version figures, significance test and the routing table with "
+                                                "where each entry points now",
+                                     "security": [{"bearer": []}], "responses": {"200": {
+                                         "description": "status", "content": {"application/json": {"schema": {
+                                             "$ref": "#/components/schemas/Status"}}}}, **_ERRORS}}},
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
         "/readyz": {"get": {"summary": "Readiness (a model version is AVAILABLE)",
                             "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
@@ -59,9 +92,66 @@ OPENAPI = {
         "schemas": {
             "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
                 "code": {"type": "string"}, "message": {"type": "string"}}}}},
-            "Routing": {"type": "object", "properties": {
-                "weights": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
-                "shadow": {"type": "integer", "nullable": True}}},
+            "Entry": _ENTRY,
+            "Routing": {
+                "type": "object",
+                "description": "The A/B table as set: weights per entry (relative; 0 removes an entry) and the "
+                               "entry mirrored for comparison. Each client id sticks to its entry, so moving a "
+                               "label in the model server's config moves no client between entries.",
+                "properties": {
+                    "weights": {"type": "object", "propertyNames": {"$ref": "#/components/schemas/Entry"},
+                                "additionalProperties": {"type": "number", "minimum": 0}},
+                    "shadow": {"description": "a version number, a version label or null",
+                               "anyOf": [{"type": "integer", "minimum": 0}, {"$ref": "#/components/schemas/Entry"},
+                                         {"type": "null"}]}}},
+            "RoutingState": {
+                "description": "The table as set, where each entry points now, and the split actually applied.",
+                "allOf": [{"$ref": "#/components/schemas/Routing"}],
+                "required": ["weights", "shadow", "resolved", "effective"],
+                "properties": {
+                    "resolved": {
+                        "type": "object", "description": "every entry of weights and the shadow -> the version it "
+                        "resolves to now; null for a label the model server does not know (any more)",
+                        "propertyNames": {"$ref": "#/components/schemas/Entry"},
+                        "additionalProperties": {"type": ["integer", "null"], "minimum": 0}},
+                    "effective": {
+                        "type": "object", "description": "weights per resolved version over AVAILABLE versions "
+                        "only (entries on one version add up; a vanished version's or label's share is spread)",
+                        "propertyNames": _VERSION_KEY, "additionalProperties": {"type": "number", "minimum": 0}}}},
+            "RoutingAdmin": {"allOf": [{"$ref": "#/components/schemas/RoutingState"}], "required": ["available"],
+                             "properties": {"available": {"type": "array", "items": {"type": "integer"}}}},
+            "RoutingApplied": {"allOf": [{"$ref": "#/components/schemas/RoutingState"}], "required": ["audit"],
+                               "properties": {"audit": {"$ref": "#/components/schemas/AuditEntry"}}},
+            "AuditEntry": {"type": "object", "required": ["who", "when", "old", "new"], "properties": {
+                "who": {"type": "string"}, "when": {"type": "string", "format": "date-time"},
+                "old": {"$ref": "#/components/schemas/Routing"}, "new": {"$ref": "#/components/schemas/Routing"}}},
+            "Status": {"type": "object", "required": ["versions", "routing"], "properties": {
+                "versions": {"type": "object", "propertyNames": _VERSION_KEY, "additionalProperties": {
+                    "type": "object", "properties": {
+                        "requests": {"type": "integer"}, "p50_ms": _NUMBER_OR_NULL, "p95_ms": _NUMBER_OR_NULL,
+                        "error_rate": {"type": "number"}, "cache_hit_rate": {"type": "number"},
+                        "shadow_requests": {"type": "integer"}, "shadow_agreement": _NUMBER_OR_NULL,
+                        "shadow_p50_ms": _NUMBER_OR_NULL,
+                        "feedback": {"type": "object", "properties": {"correct": {"type": "integer"},
+                                                                      "total": {"type": "integer"}}},
+                        "feedback_accuracy": _NUMBER_OR_NULL}}},
+                "significance": {"description": "two-proportion z-test between the two most-rated versions",
+                                 "anyOf": [{"type": "null"}, {"type": "object", "properties": {
+                                     "versions": {"type": "array", "items": {"type": "integer"}},
+                                     "z": {"type": "number"}, "p_value": {"type": "number"},
+                                     "significant": {"type": "boolean"}}}]},
+                "routing": {"$ref": "#/components/schemas/RoutingState"}}},
+            "Models": {"type": "object", "properties": {"models": {"type": "array", "items": {
+                "type": "object", "required": ["name", "versions", "routing"], "properties": {
+                    "name": {"type": "string"},
+                    "versions": {"type": "array", "items": {"type": "object", "properties": {
+                        "version": {"type": "integer"}, "state": {"type": "string"},
+                        "weight": {"type": "number", "description": "the table's weight of the entries resolving "
+                                   "to this version now"},
+                        "labels": {"type": "array", "description": "the model's classes (species), not version "
+                                   "labels", "items": {"type": "object", "properties": {
+                                       "label": {"type": "string"}, "display_name": {"type": "string"}}}}}}},
+                    "routing": {"$ref": "#/components/schemas/RoutingState"}}}}}},
             "Answer": {"type": "object", "properties": {
                 "request_id": {"type": "string"},
                 "model": {"type": "object", "properties": {"name": {"type": "string"}, "version": {"type": "integer"}}},
