@@ -2,7 +2,7 @@
 `status`, `audit`.
 
 An entry is a version number (`set 1=90 2=10 shadow=3`) or a version label of the model server's config
-(`version_labels` in its --model_config_file: letters, digits, '_' and '-', not all digits); both mix
+(`version_labels` in its --model_config_file: letters, digits and '_', not all digits); both mix
 (`set 1=90 canary=10`). The gateway resolves labels through the model server and follows a label moved there within
 a second or two; the cache and the answers always carry the resolved version. Each client id sticks to its entry
 (label or version), so moving a label moves no client. An unknown label or a version that is not AVAILABLE is
