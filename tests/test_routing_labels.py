@@ -20,7 +20,7 @@ import pytest
 from services.gateway import metrics
 from services.gateway.labels import LabelResolver
 from services.gateway.routing import Router, RoutingError, RoutingTable, UnknownLabel, parse_assignments
-from services.gateway.upstream import UpstreamRejected, UpstreamUnavailable
+from services.gateway.upstream import ModelServerClient, UpstreamRejected, UpstreamUnavailable
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
 from tests.support import NOT_MUSHROOMS, RedisServer
 from tests.test_gateway import PHOTOS, TOKEN, GatewayProcess, assert_valid, pb, pb_grpc, set_routing
@@ -154,18 +154,28 @@ class FakeUpstream:
         self.labels = labels
         self.down = False
 
-    def _stubs(self):
-        return SimpleNamespace(GetModelMetadata="GetModelMetadata"), None
-
-    async def _call(self, method, request):
-        assert method == "GetModelMetadata" and request.model_spec.name == MODEL
-        assert list(request.metadata_field) == ["signature_def"]
+    async def version_for_label(self, label):
         if self.down:
             raise UpstreamUnavailable("model server down")
-        label = request.model_spec.version_label
         if label not in self.labels:
             raise UpstreamRejected(grpc.StatusCode.INVALID_ARGUMENT, f"Unrecognized servable version label: {label}")
-        return SimpleNamespace(model_spec=SimpleNamespace(version=SimpleNamespace(value=self.labels[label])))
+        return self.labels[label]
+
+
+def test_client_asks_get_model_metadata_with_the_version_label():
+    """ModelServerClient.version_for_label: the plain TF Serving request, answered with model_spec.version."""
+    client = ModelServerClient("127.0.0.1:1", MODEL)
+    asked = []
+
+    async def get_model_metadata(request, timeout):
+        asked.append(request)
+        return SimpleNamespace(model_spec=SimpleNamespace(version=SimpleNamespace(value=4)))
+
+    client._stubs = lambda: (SimpleNamespace(GetModelMetadata=get_model_metadata), None)
+    assert asyncio.run(client.version_for_label("canary")) == 4
+    (request,) = asked
+    assert request.model_spec.name == MODEL and request.model_spec.version_label == "canary"
+    assert list(request.metadata_field) == ["signature_def"]
 
 
 def test_resolver_follows_moves_drops_vanished_labels_and_keeps_answers_while_the_server_is_down():

@@ -11,7 +11,6 @@ import logging
 from typing import Iterable
 
 import grpc
-from tensorflow_serving.apis import get_model_metadata_pb2
 
 from services.gateway.routing import UnknownLabel
 from services.gateway.upstream import ModelServerClient, UpstreamRejected
@@ -29,19 +28,13 @@ class LabelResolver:
 
     async def lookup(self, label: str) -> int:
         """The version the label points at now. Raises UnknownLabel, or UpstreamUnavailable when the server is down."""
-        request = get_model_metadata_pb2.GetModelMetadataRequest()
-        request.model_spec.name = self.upstream.model_name
-        request.model_spec.version_label = label
-        request.metadata_field.append("signature_def")
         # The client's channel, retries and error mapping: one connection to the model server per gateway.
-        predict_stub, _ = self.upstream._stubs()
         try:
-            response = await self.upstream._call(predict_stub.GetModelMetadata, request)
+            return await self.upstream.version_for_label(label)
         except UpstreamRejected as exc:
             if exc.code in UNKNOWN_LABEL_CODES:
                 raise UnknownLabel(label, f"{exc.code.name}: {exc}") from None
             raise
-        return response.model_spec.version.value
 
     async def resolve_all(self, labels: Iterable[str]) -> dict[str, int]:
         """Asks now, for a routing change: raises UnknownLabel for the first unknown label (or UpstreamUnavailable);

@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import (
-    get_model_status_pb2, model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc,
+    get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc,
 )
 
 log = logging.getLogger("gateway.upstream")
@@ -40,9 +40,18 @@ class Prediction:
 
 def pixels_tensor(pixels: np.ndarray) -> tensor_pb2.TensorProto:
     """uint8 (N, H, W, 3) -> TensorProto without tf.make_tensor_proto's per-call overhead."""
-    shape = tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in pixels.shape])
-    return tensor_pb2.TensorProto(dtype=types_pb2.DT_UINT8, tensor_shape=shape,
-                                  tensor_content=np.ascontiguousarray(pixels, np.uint8).tobytes())
+    tensor = tensor_pb2.TensorProto()
+    fill_pixels_tensor(tensor, pixels)
+    return tensor
+
+
+def fill_pixels_tensor(tensor: tensor_pb2.TensorProto, pixels: np.ndarray) -> None:
+    """Writes uint8 pixels into ``tensor`` in place (a request's input map entry): one copy of the pixels, where
+    building a TensorProto and CopyFrom-ing it into the request made two."""
+    tensor.dtype = types_pb2.DT_UINT8
+    for d in pixels.shape:
+        tensor.tensor_shape.dim.add(size=d)
+    tensor.tensor_content = np.ascontiguousarray(pixels, np.uint8).tobytes()
 
 
 def _array(tensor: tensor_pb2.TensorProto) -> np.ndarray:
@@ -104,13 +113,25 @@ class ModelServerClient:
             request.model_spec.version.value = version
         elif label:
             request.model_spec.version_label = label
-        request.inputs["images"].CopyFrom(pixels_tensor(pixels))
+        fill_pixels_tensor(request.inputs["images"], pixels)
         response = await self._call(predict_stub.Predict, request)
         outputs = {k: _array(v) for k, v in response.outputs.items()}
         served = response.model_spec.version.value
         return [Prediction(served, outputs["probabilities"][i], list(outputs["classes"][i]),
                            float(outputs["mushroom_score"][i]), bool(outputs["not_a_mushroom"][i]))
                 for i in range(len(pixels))]
+
+    async def version_for_label(self, label: str) -> int:
+        """The version a version label points at now: GetModelMetadata with ``model_spec.version_label`` (TF Serving
+        answers with the labelled version in ``model_spec.version``). Raises UpstreamRejected for a label the server
+        does not know (INVALID_ARGUMENT, or NOT_FOUND), UpstreamUnavailable when the server is down."""
+        predict_stub, _ = self._stubs()
+        request = get_model_metadata_pb2.GetModelMetadataRequest()
+        request.model_spec.name = self.model_name
+        request.model_spec.version_label = label
+        request.metadata_field.append("signature_def")
+        response = await self._call(predict_stub.GetModelMetadata, request)
+        return response.model_spec.version.value
 
     async def version_states(self) -> dict[int, int]:
         """{version: state} as GetModelStatus reports it; {} when the model is unknown."""
