@@ -92,3 +92,84 @@ def test_breaker_opens_after_failures_and_retries_later(monkeypatch):
     assert breaker.allow()
     breaker.success()
     assert breaker.allow() and breaker.failures == 0
+
+
+def _jpeg(size: tuple[int, int]) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", size, (120, 80, 40)).save(out, "JPEG")
+    return out.getvalue()
+
+
+def test_only_small_photos_are_decoded_on_the_event_loop():
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    assert classifier._cheap_to_decode(_jpeg((640, 480)))
+    assert not classifier._cheap_to_decode(_jpeg((640, 480)) + b"\0" * classifier.INLINE_MAX_BYTES)  # too many bytes
+    assert not classifier._cheap_to_decode(b"<html>not a photo</html>")  # the pool says what is wrong with it
+    png = io.BytesIO()
+    Image.new("L", (1, 1)).save(png, "PNG")
+    header = png.getvalue()
+    ihdr = struct.pack(">IIBBBBB", 4000, 4000, 8, 0, 0, 0, 0)  # a few bytes claiming 16 M pixels
+    bomb = header[:8] + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    assert not classifier._cheap_to_decode(bomb + header[33:])
+
+
+def test_the_answer_is_cached_off_the_response_path_and_shared_until_stored():
+    """The Redis write happens after the answer is returned; an identical request arriving before it lands shares
+    the answer instead of calling the model server again (as it joined the single-flight call before)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from services.gateway.stats import Stats
+    from services.gateway.upstream import Prediction
+    from training_job.preprocessing import Limits
+
+    stored, release, predictions = {}, None, []
+
+    class Cache:
+        async def get(self, key):
+            return stored.get(key)
+
+        async def put(self, key, value):
+            await release.wait()
+            stored[key] = value
+
+    class Upstream:
+        model_name = "mushrooms"
+
+        async def predict(self, pixels, version, label):
+            predictions.append(version)
+            return [Prediction(version, np.float32([0.25, 0.75]), ["a", "b"], 0.9, False)]
+
+    class Redis:
+        async def set(self, *args, **kwargs):
+            pass
+
+    router = SimpleNamespace(available={1}, choose=lambda client: (1, "latest"), shadow_version=lambda: None)
+    gateway = classifier.Classifier(Upstream(), Cache(), router, Stats(Redis(), "mushrooms"),
+                                    SimpleNamespace(display_names=lambda version: {}), Limits())
+    photo = _jpeg((64, 48))
+
+    async def scenario():
+        nonlocal release
+        release = asyncio.Event()
+        first = await gateway.classify(photo, top_k=1)
+        assert not stored and first["predictions"][0]["label"] == "b"  # answered before the write landed
+        second = await gateway.classify(photo, top_k=1)
+        assert predictions == [1] and not second["cached"]
+        release.set()
+        while gateway._storing:
+            await asyncio.sleep(0.01)
+        third = await gateway.classify(photo, top_k=1)
+        assert third["cached"] and predictions == [1] and len(stored) == 1
+
+    asyncio.run(scenario())

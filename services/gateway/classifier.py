@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from PIL import Image
 
 from services.gateway import metrics
 from services.gateway.cache import ResultCache, SingleFlight, cache_key
@@ -21,6 +23,21 @@ from training_job.preprocessing import InvalidImage, Limits, preprocess_bytes
 
 log = logging.getLogger("gateway.classifier")
 MAX_TOP_K = 100
+# Photos this small are decoded on the event loop: their decode (~1 ms) costs about what the two thread hand-offs
+# to and from the preprocessing pool cost. Bigger ones (or ones whose header says many pixels) go to the pool, so a
+# slow decode never blocks the loop.
+INLINE_MAX_BYTES = 64 * 1024
+INLINE_MAX_PIXELS = 1_000_000
+
+
+def _cheap_to_decode(photo: bytes) -> bool:
+    if len(photo) > INLINE_MAX_BYTES:
+        return False
+    try:
+        width, height = Image.open(io.BytesIO(photo)).size  # header only
+    except Exception:  # noqa: BLE001 - not an image, or a bomb: the pool's preprocess_bytes says what is wrong
+        return False
+    return width * height <= INLINE_MAX_PIXELS
 
 
 class Classifier:
@@ -36,6 +53,9 @@ class Classifier:
         self.executor = ThreadPoolExecutor(preprocess_threads, thread_name_prefix="preprocess")
         self.num_classes: int | None = None
         self._background: set[asyncio.Task] = set()
+        # Answers whose Redis write is still in flight (written after the response, off its path): an identical
+        # request arriving meanwhile shares the answer, as it would have joined the single-flight call before.
+        self._storing: dict[str, dict] = {}
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.create_task(coroutine)
@@ -45,8 +65,11 @@ class Classifier:
     async def _preprocess(self, photo: bytes) -> np.ndarray:
         start = time.perf_counter()
         try:
-            pixels = await asyncio.get_running_loop().run_in_executor(
-                self.executor, preprocess_bytes, photo, 224, self.limits)
+            if _cheap_to_decode(photo):
+                pixels = preprocess_bytes(photo, 224, self.limits)
+            else:
+                pixels = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, preprocess_bytes, photo, 224, self.limits)
         except InvalidImage as exc:
             status = 413 if exc.code in ("too_large",) else 400
             raise GatewayError(status, exc.code, exc.message) from None
@@ -111,11 +134,14 @@ class Classifier:
                 answer = await self.cache.get(key)
             if answer is not None:
                 cache_outcome = "hit"
+            elif key is not None and key in self._storing and isinstance(self.single_flight, SingleFlight):
+                metrics.SINGLE_FLIGHT_SHARED.inc()
+                answer = self._storing[key]
             else:
                 async def miss():
                     pixels = await self._preprocess(photo)
                     fresh = await self._predict(pixels, chosen, label)
-                    await self.cache.put(cache_key(digest, self.upstream.model_name, fresh["version"]), fresh)
+                    self._store(cache_key(digest, self.upstream.model_name, fresh["version"]), fresh)
                     self._maybe_shadow(pixels, fresh)
                     return fresh
                 answer = await self.single_flight.do(key or f"{digest}:{label}", miss)
@@ -148,6 +174,19 @@ class Classifier:
         return {"request_id": request_id, "model": {"name": self.upstream.model_name, "version": version},
                 "predictions": predictions, "not_a_mushroom": raw["not_a_mushroom"],
                 "mushroom_score": raw["mushroom_score"], "cached": cached, "latency_ms": latency * 1000}
+
+    def _store(self, key: str, answer: dict) -> None:
+        """Caches ``answer`` in the background: the Redis round trip is off the response's path."""
+        self._storing[key] = answer
+
+        async def put():
+            try:
+                await self.cache.put(key, answer)
+            finally:
+                if self._storing.get(key) is answer:
+                    del self._storing[key]
+
+        self._spawn(put())
 
     async def _remember(self, request_id: str, version: int, predicted: str) -> None:
         try:
