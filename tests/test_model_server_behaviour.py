@@ -180,3 +180,13 @@ def test_version_policies_and_non_numeric_folders(tmp_path):
     assert aspired("latest { num_versions: 2 }") == [2, 10]
     assert aspired("specific { versions: 1 versions: 7 }") == [1]
     assert aspired("all {}") == [1, 2, 10]
+
+
+def test_output_tensors_are_the_protos_tf_make_tensor_proto_builds():
+    from services.model_server.grpc_api import tensor_proto
+
+    for value in (np.float32([[0.25, 0.75]]), np.float32([0.5]), np.float32(0.5), np.array([True]),
+                  np.array([[True, False]]), np.array([[b"boletus", b"amanita"]], dtype=object),
+                  np.array([b"x"], dtype=object), np.zeros((2, 0), np.float32), np.arange(6, dtype=np.int64),
+                  np.float32([[1, 2, 3]])[:, ::2], np.array(["not bytes"], dtype=object)):
+        assert tensor_proto(value).SerializeToString() == tf.make_tensor_proto(value).SerializeToString()

@@ -42,7 +42,7 @@ class PredictionCore:
             status = "INTERNAL"
             raise
         finally:
-            model_label = name if name in self.manager.model_names() else "unknown"  # bounded cardinality
+            model_label = name if self.manager.has_model(name) else "unknown"  # bounded cardinality
             metrics.REQUEST_COUNT.labels(model_name=model_label, model_version=version_label, API=api,
                                          status=status).inc()
             metrics.REQUEST_LATENCY.labels(model_name=model_label, API=api,

@@ -71,6 +71,10 @@ class Manager:
         with self._lock:
             return sorted(self._configs)
 
+    def has_model(self, name: str) -> bool:
+        """Whether ``name`` is a configured model (per request: no lock, no copy; set_config swaps the dict whole)."""
+        return name in self._configs
+
     # ------------------------------------------------------------------ reconciliation
     def reconcile(self) -> list[str]:
         """One pass: load what is aspired, unload what is not; returns the label errors of this pass."""
