@@ -29,6 +29,7 @@ SCRIPTS = {
     "single_flight": ["-m", "bench.single_flight_bench"],
     "tflite": ["-m", "bench.tflite_bench"],
     "train": [str(BENCH_DIR / "train_bench.py")],
+    "accuracy_cv": ["-m", "bench.accuracy_cv"],
 }
 TIMED = {"raw_model", "model_server", "gateway", "tflite"}  # the scripts that take --seconds
 
@@ -112,11 +113,22 @@ def rows() -> list[dict]:
         acc = train["cold"]["test_accuracy"]
         add(f"top-1 accuracy on the test split ({train['cold']['test_photos']} photos)", round(acc, 3), ">= 0.97",
             acc >= 0.97, source="train.json")
+        tuned = train.get("fine_tuned_1_block")
+        if tuned:
+            add("with --fine_tune_blocks 1: training time (bottlenecks cached, activations computed); test accuracy",
+                f"{tuned['seconds']:.1f} s; {tuned['test_accuracy']:.3f}", "-", None, source="train.json")
         open_set = train["cold"]["open_set"]
         add("non-mushroom photos answered 'not a mushroom'", open_set["not_mushrooms_rejected"], ">= 0.90",
             open_set["not_mushrooms_rejected"] >= 0.9, source="train.json")
         add("test mushrooms wrongly rejected", round(open_set["test_mushrooms_rejected"], 3), "<= 0.05",
             open_set["test_mushrooms_rejected"] <= 0.05, source="train.json")
+    cv = load("accuracy_cv")
+    if cv:
+        gain = cv["fine_tune_gain"]
+        add(f"top-1 accuracy, {cv['folds']}-fold cross-validation over {cv['photos']} photos: frozen base; "
+            f"--fine_tune_blocks 1; paired gain", f"{cv['frozen']['mean']:.3f}; {cv['fine_tuned_1_block']['mean']:.3f}; "
+            f"{gain['mean']:+.3f} ± {gain['standard_error']:.3f}", ">= 0.97", cv["frozen"]["mean"] >= 0.97,
+            source="accuracy_cv.json")
     raw = load("raw_model")
     if raw:
         for row in raw["raw_model"]:
