@@ -62,6 +62,21 @@ def throughput(times: list[float], batch: int) -> dict:
     return {"batch": batch, "images_per_s": batch * len(times) / sum(times), **percentiles_ms(times)}
 
 
+def median(values) -> float:
+    return float(np.median(np.asarray(values, dtype=float)))
+
+
+def alternating_rounds(phases: dict, rounds: int) -> dict[str, list]:
+    """Runs each of ``phases`` (name -> call returning a figure) in turn, ``rounds`` times over (a, b, a, b, ...), never
+    two at once: on a shared machine every phase then sees the load of the same minutes. Each phase's figures in
+    order."""
+    out = {name: [] for name in phases}
+    for _ in range(rounds):
+        for name, call in phases.items():
+            out[name].append(call())
+    return out
+
+
 def batch_of(pixels: np.ndarray, batch: int) -> np.ndarray:
     """``batch`` photos from ``pixels`` (repeated when there are fewer)."""
     return np.resize(pixels, (batch,) + pixels.shape[1:])

@@ -15,10 +15,17 @@ from pathlib import Path
 from bench.common import percentiles_ms
 from training_job.paths import PROJECT_ROOT
 
-# The model server's batching in every stack the benchmarks start (the same as deploy/tfserving/batching.config's
-# shape: up to 32 requests per batch, 5 ms wait only while a batch is running).
-BATCHING_CONFIG = ("max_batch_size { value: 32 }\nbatch_timeout_micros { value: 5000 }\n"
-                   "num_batch_threads { value: 1 }\nmax_enqueued_batches { value: 1000 }\n")
+
+def batching_config(num_batch_threads: int, batch_timeout_micros: int) -> str:
+    """BatchingParameters text: up to 32 requests per batch, waiting ``batch_timeout_micros`` for more only while
+    another batch is running (so with one batch thread the timeout never applies)."""
+    return (f"max_batch_size {{ value: 32 }}\nbatch_timeout_micros {{ value: {batch_timeout_micros} }}\n"
+            f"num_batch_threads {{ value: {num_batch_threads} }}\nmax_enqueued_batches {{ value: 1000 }}\n")
+
+
+# The model server's batching in every stack the benchmarks start (the same parameters as
+# deploy/tfserving/batching.config).
+BATCHING_CONFIG = batching_config(num_batch_threads=1, batch_timeout_micros=5000)
 MONITORING_PATH = "/monitoring/prometheus/metrics"
 AVAILABLE = 30
 
@@ -47,8 +54,10 @@ class Stack:
     """Redis + the model server (batching on unless told otherwise, Prometheus metrics on) for ``version_dir``'s
     model; gateways are started and stopped on demand, all on free loopback ports."""
 
-    def __init__(self, version_dir: Path, model_name: str, batching: bool = True):
+    def __init__(self, version_dir: Path, model_name: str, batching: bool = True,
+                 batching_config: str = BATCHING_CONFIG):
         self.version_dir, self.model_name, self.batching = version_dir, model_name, batching
+        self.batching_config = batching_config
         self.work = Path(tempfile.mkdtemp(prefix="bench-stack-"))
         self.gateways: list[Gateway] = []
 
@@ -61,7 +70,7 @@ class Stack:
         (self.work / "monitoring.config").write_text(f'prometheus_config {{ enable: true, path: "{MONITORING_PATH}" }}\n')
         extra = [f"--monitoring_config_file={self.work / 'monitoring.config'}"]
         if self.batching:
-            (self.work / "batching.config").write_text(BATCHING_CONFIG)
+            (self.work / "batching.config").write_text(self.batching_config)
             extra += ["--enable_batching", f"--batching_parameters_file={self.work / 'batching.config'}"]
         self.redis = RedisServer().start()
         self.server = None
@@ -127,6 +136,20 @@ class Stack:
 
         stop_process(gateway.process)
         self.gateways.remove(gateway)
+
+
+def measured(gateway: Gateway, protocol: str, photos: list[bytes], concurrency: int, **limits) -> dict:
+    """One load phase, with the share of its requests the gateway itself counted as cache hits (a check)."""
+    hits = gateway.metric("mushroom_gateway_cache_total", outcome="hit")
+    row = load(protocol, gateway, photos, concurrency, **limits)
+    row["cache_hit_share"] = (gateway.metric("mushroom_gateway_cache_total", outcome="hit") - hits) / max(row["n"], 1)
+    return row
+
+
+def miss_phase(stack: Stack, gateway: Gateway, photos: list[bytes], concurrency: int, seconds: float) -> dict:
+    """Cache-miss load over HTTP: the cache flushed, each of ``photos`` sent at most once, for ``seconds``."""
+    stack.flush_cache()
+    return measured(gateway, "http", photos, concurrency, seconds=seconds, count=len(photos))
 
 
 def _ready(url: str) -> bool:
