@@ -1,12 +1,14 @@
 """Model server vs the raw model, in one run: throughput at concurrency 32 (server) / batch 32 (raw), and p50 at
-concurrency 1 (server) / batch 1 (raw); server-side batching on and off.
+concurrency 1 (server) / batch 1 (raw); server-side batching on and off; and the batching parameters compared on
+what they are for, the gateway's cache-miss throughput at concurrency 32 (one stack per setting, phases alternating).
 
-Usage: python -m bench.model_server_bench [--registry DIR] [--seconds 10]
+Usage: python -m bench.model_server_bench [--registry DIR] [--seconds 10] [--sweep_only]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -22,8 +24,9 @@ import numpy as np
 from bench.common import (
     load_serving_signature, percentiles_ms, published_version_or_exit, raw_throughput, sample_photos, write_result,
 )
-from bench.stack import BATCHING_CONFIG
-from training_job.paths import PROJECT_ROOT, default_registry
+from bench.common import alternating_rounds, median
+from bench.stack import BATCHING_CONFIG, Stack, batching_config, distinct_photos, load, miss_phase, prometheus_total
+from training_job.paths import PROJECT_ROOT, default_registry, shared_data_dir
 from training_job.preprocessing import load_image_file
 
 
@@ -80,13 +83,76 @@ async def drive(target: str, model: str, pixels: np.ndarray, concurrency: int, s
     return {"concurrency": concurrency, "images_per_s": len(times) / elapsed, **percentiles_ms(times)}
 
 
+# (num_batch_threads, batch_timeout_micros). With one batch thread the timeout never applies: the batcher waits for
+# more requests only while another batch is running (services/model_server/batching.py).
+BATCHING_SETTINGS = {"threads_1": (1, 5000), "threads_2_timeout_2ms": (2, 2000), "threads_2_timeout_5ms": (2, 5000)}
+BATCH_SIZE_METRIC = ":tensorflow:serving:batching_session:processed_batch_size"
+
+
+def batching_sweep(version_dir: Path, model_name: str, seconds: float, rounds: int = 3) -> dict:
+    """The gateway's cache-miss throughput at concurrency 32 (HTTP) with each of BATCHING_SETTINGS: one stack per
+    setting, all up at once but only the measured one busy, phases alternating over ``rounds``; and the mean batch."""
+    photos = distinct_photos(sorted((shared_data_dir() / "mushrooms").glob("*/*")))
+    with contextlib.ExitStack() as running:
+        stacks = {}
+        for name, (threads, timeout) in BATCHING_SETTINGS.items():
+            stack = running.enter_context(Stack(version_dir, model_name, batching_config=batching_config(threads,
+                                                                                                        timeout)))
+            gateway = stack.start_gateway(grpc=False)
+            load("http", gateway, photos[:8], 4, count=8)  # connections and the model's first calls, untimed
+            stacks[name] = (stack, gateway)
+
+        def phase(name: str) -> dict:
+            stack, gateway = stacks[name]
+            url = stack.model_server_metrics_url
+            before = [prometheus_total(url, BATCH_SIZE_METRIC + s) for s in ("_sum", "_count")]
+            row = miss_phase(stack, gateway, photos, 32, seconds)
+            after = [prometheus_total(url, BATCH_SIZE_METRIC + s) for s in ("_sum", "_count")]
+            row["mean_batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
+            return row
+
+        phases = alternating_rounds({name: (lambda name=name: phase(name)) for name in stacks}, rounds)
+    settings = {name: {"num_batch_threads": BATCHING_SETTINGS[name][0],
+                       "batch_timeout_micros": BATCHING_SETTINGS[name][1],
+                       "miss_c32_requests_per_s": [row["requests_per_s"] for row in rows],
+                       "median_requests_per_s": median([row["requests_per_s"] for row in rows]),
+                       "mean_batch": [row["mean_batch"] for row in rows],
+                       "errors": sum(row["errors"] for row in rows),
+                       "cache_hit_share": max(row["cache_hit_share"] for row in rows)}
+                for name, rows in phases.items()}
+    best = max(settings, key=lambda name: settings[name]["median_requests_per_s"])
+    in_use = next((name for name, (t, us) in BATCHING_SETTINGS.items() if batching_config(t, us) == BATCHING_CONFIG),
+                  None)
+    from services.model_server.config import BatchingParameters
+
+    shipped = BatchingParameters.from_text((PROJECT_ROOT / "deploy" / "tfserving" / "batching.config").read_text())
+    shipped_name = next((name for name, setting in BATCHING_SETTINGS.items()
+                         if setting == (shipped.num_batch_threads, shipped.batch_timeout_micros)), None)
+    return {"rounds": rounds, "seconds_per_phase": seconds, "settings": settings, "best": best, "in_use": in_use,
+            "shipped": shipped_name}
+
+
+def print_sweep(sweep: dict) -> None:
+    for name, row in sweep["settings"].items():
+        print(f"batching {name}: miss c32 " + ", ".join(f"{v:.1f}" for v in row["miss_c32_requests_per_s"])
+              + f" req/s (median {row['median_requests_per_s']:.1f}); mean batch "
+              + ", ".join(f"{v:.1f}" for v in row["mean_batch"]) + f"; errors {row['errors']}", flush=True)
+    print(f"best measured: {sweep['best']}; bench uses {sweep['in_use']}, deploy/tfserving {sweep['shipped']}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--registry", type=Path, default=default_registry())
     parser.add_argument("--model_name", default="mushrooms")
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--sweep_only", action="store_true",
+                        help="only compare the batching settings (printed, nothing written)")
     args = parser.parse_args(argv)
     version_dir = published_version_or_exit(args.registry, args.model_name)
+    sweep_seconds = max(2.0, args.seconds / 2)
+    if args.sweep_only:
+        print_sweep(batching_sweep(version_dir, args.model_name, sweep_seconds))
+        return 0
     pixels = np.stack([load_image_file(p) for p in sample_photos(64)])
     result = {"model": str(version_dir), "raw": raw_model(version_dir, pixels, args.seconds)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,6 +187,8 @@ def main(argv=None) -> int:
         for c, row in result[key].items():
             print(f"server {key} {c}: {row['images_per_s']:.1f} img/s p50 {row['p50_ms']:.1f} ms")
     print(f"batching on / off at c32: {result['batching_on_vs_off']['c32_throughput_ratio']:.2f}")
+    result["batching_sweep"] = batching_sweep(version_dir, args.model_name, sweep_seconds)
+    print_sweep(result["batching_sweep"])
     write_result("model_server", result)
     return 0
 

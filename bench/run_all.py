@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import RESULTS_DIR, machine_description
+from bench.common import RESULTS_DIR, machine_description, median
 
 BENCH_DIR = Path(__file__).resolve().parent
 README = BENCH_DIR.parent / "README.md"
@@ -76,6 +76,14 @@ def rows() -> list[dict]:
                 source="model_server.json")
             add("model server p50 at concurrency 1, batching on minus off", round(on_off["c1_p50_difference_ms"], 2),
                 "-", None, "ms", "model_server.json")
+        sweep = ms.get("batching_sweep")
+        if sweep:
+            add(f"gateway cache-miss throughput at concurrency 32 by model-server batching setting (median of "
+                f"{sweep['rounds']} alternating phases; mean batch); the bench uses {sweep['in_use']}, "
+                f"deploy/tfserving {sweep.get('shipped')}",
+                "; ".join(f"{name}: {row['median_requests_per_s']:.1f} req/s ({median(row['mean_batch']):.1f})"
+                          for name, row in sweep["settings"].items()) + f"; best measured: {sweep['best']}", "-", None,
+                source="model_server.json")
     gw = load("gateway")
     for key, row in (gw.get("targets") or {}).items():
         add(row.get("what", key), row.get("value"), row.get("target"), row.get("met"), row.get("unit", ""),
