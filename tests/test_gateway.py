@@ -22,10 +22,9 @@ from PIL import Image
 from services.gateway.protos import load
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
 from tests.support import MUSHROOMS, NOT_MUSHROOMS, RedisServer, free_port, stop_process, wait_for_port
-from tests.tiny_model import write_tiny_model
+from tests.tiny_model import publish_tiny_versions
 from training_job.paths import PROJECT_ROOT
 from training_job.preprocessing import preprocess_bytes
-from training_job.publish import publish_dir
 
 pb, pb_grpc = load()
 TOKEN = "test-admin-token"
@@ -73,8 +72,7 @@ class GatewayProcess:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     registry = tmp_path_factory.mktemp("registry")
-    for bias in (0.0, 2.0):
-        publish_dir(lambda d, b=bias: write_tiny_model(d, bias=b), registry, MODEL)
+    publish_tiny_versions(registry, MODEL)
     config = registry / "models.config"
     write_config(config, {MODEL: registry / MODEL}, policy="all {}")
     redis = RedisServer().start()

@@ -15,8 +15,7 @@ from tests.model_server_harness import MODEL, start_server, stop_server, version
 from tests.support import MUSHROOMS, RedisServer
 from tests.test_gateway import TOKEN, GatewayProcess, set_routing
 from tests.test_stack import start_test_stack
-from tests.tiny_model import write_tiny_model
-from training_job.publish import publish_dir
+from tests.tiny_model import publish_tiny_versions
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +81,7 @@ def test_the_operator_handles_mixed_tables_vanished_labels_and_empty_tables():
 def label_stack(tmp_path_factory):
     """Our model server labelling versions 1 and 2 stable and canary, Redis and a gateway; small models only."""
     registry = tmp_path_factory.mktemp("label-registry")
-    for bias in (0.0, 2.0):
-        publish_dir(lambda d, b=bias: write_tiny_model(d, bias=b), registry, MODEL)
+    publish_tiny_versions(registry, MODEL)
     config = registry / "models.config"
     write_config(config, {MODEL: registry / MODEL}, labels={MODEL: {"stable": 1, "canary": 2}}, policy="all {}")
     redis = RedisServer().start()

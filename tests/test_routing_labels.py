@@ -24,9 +24,8 @@ from services.gateway.upstream import ModelServerClient, UpstreamRejected, Upstr
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
 from tests.support import NOT_MUSHROOMS, RedisServer
 from tests.test_gateway import PHOTOS, TOKEN, GatewayProcess, assert_valid, pb, pb_grpc, set_routing
-from tests.tiny_model import write_tiny_model
+from tests.tiny_model import publish_tiny_versions
 from training_job.paths import PROJECT_ROOT
-from training_job.publish import publish_dir
 
 CLIENTS = [f"client-{i}" for i in range(20000)]
 
@@ -210,8 +209,7 @@ LABELS = {"stable": 1, "canary": 2}
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     registry = tmp_path_factory.mktemp("registry")
-    for bias in (0.0, 2.0):
-        publish_dir(lambda d, b=bias: write_tiny_model(d, bias=b), registry, MODEL)
+    publish_tiny_versions(registry, MODEL)
     config = registry / "models.config"
     write_config(config, {MODEL: registry / MODEL}, labels={MODEL: LABELS}, policy="all {}")
     redis = RedisServer().start()

@@ -66,3 +66,11 @@ def write_tiny_model(version_dir: str | Path, bias: float = 0.0, labels=LABELS) 
     (extra / "labels.json").write_text(json.dumps(
         {"labels": list(labels), "display_names": {k: DISPLAY_NAMES.get(k, k) for k in labels}}))
     return version_dir
+
+
+def publish_tiny_versions(registry: Path, model_name: str, biases=(0.0, 2.0)) -> None:
+    """One tiny version per bias (versions 1, 2, ... in that order) published into ``registry/model_name``."""
+    from training_job.publish import publish_dir
+
+    for bias in biases:
+        publish_dir(lambda d, b=bias: write_tiny_model(d, bias=b), registry, model_name)
