@@ -106,3 +106,21 @@ def test_cli_refuses_impossible_fine_tuning(capsys):
     assert main(["train", "--architecture", "mobilenet_v2_1.0_224", "--fine_tune_blocks", "1"]) == 2
     err = capsys.readouterr().err
     assert "mobilenet_<alpha>_<size> family" in err and "Traceback" not in err
+
+
+def test_training_without_fine_tuning_into_a_used_run_folder_drops_its_old_blocks(fine_tuned_run, small_dataset,
+                                                                                   base_network, tmp_path):
+    import shutil
+
+    from training_job.bottlenecks import BaseNetwork
+    from training_job.fine_tune import FineTunedBase
+    from training_job.pipeline import TUNED_BLOCKS_FILE, load_run, run_base, train_run
+    from training_job.train import TrainConfig
+
+    run_dir = tmp_path / "reused"
+    shutil.copytree(fine_tuned_run[0], run_dir)
+    assert isinstance(run_base(run_dir, load_run(run_dir)[1], base_network), FineTunedBase)
+    train_run(small_dataset[1], TrainConfig(epochs=3, patience=3), run_dir, base=base_network,
+              tensorboard_root=tmp_path / "tensorboard", progress=False)
+    assert not (run_dir / TUNED_BLOCKS_FILE).exists()
+    assert type(run_base(run_dir, load_run(run_dir)[1], base_network)) is BaseNetwork

@@ -87,6 +87,7 @@ def train_run(rows, config: TrainConfig, run_dir: Path | None = None, *, base: B
     run_dir.mkdir(parents=True, exist_ok=True)
     head, split_bottlenecks = result.head, result.split_bottlenecks
     summary = {}
+    (run_dir / TUNED_BLOCKS_FILE).unlink(missing_ok=True)  # a re-used run folder must not keep an older run's blocks
     if config.fine_tune_blocks:
         from training_job.fine_tune import fine_tune, save_tail
 
