@@ -79,15 +79,15 @@ def test_prometheus_scrapes_gateway_latency_per_version(stack, published_model):
         with urllib.request.urlopen(request, timeout=60) as response:
             assert response.status == 200
     deadline = time.monotonic() + 60
-    series = []
-    while time.monotonic() < deadline:
+    series, up = [], {}
+    while time.monotonic() < deadline:  # both targets scraped at least once since the traffic, and both up
         series = [s["metric"] for s in prometheus_query(stack, '{job="gateway", __name__="mushroom_gateway_request_seconds_bucket"}')
                   if any("version" in k and v in ("1", "2") for k, v in s["metric"].items())]
-        if series:
+        up = {s["metric"]["job"]: s["value"][1] for s in prometheus_query(stack, "up")}
+        if series and up == {"gateway": "1", "model-server": "1"}:
             break
         time.sleep(1)
     assert series, prometheus_query(stack, 'count by (__name__) ({job="gateway"})')
-    up = {s["metric"]["job"]: s["value"][1] for s in prometheus_query(stack, "up")}
     assert up == {"gateway": "1", "model-server": "1"}
 
 

@@ -22,6 +22,7 @@ from training_job.paths import PROJECT_ROOT, var_dir
 
 STATE_FILE = "stack.json"
 # Stopped in reverse: whatever depends on a process goes down before it.
+BATCHING_CONFIG = PROJECT_ROOT / "deploy" / "tfserving" / "batching.config"  # the one docker-compose's TF Serving uses
 START_ORDER = ("redis", "model_server", "gateway", "prometheus", "tensorboard")
 
 
@@ -154,7 +155,8 @@ def _start_all(stack: Stack, registry: Path, scrape_interval_s: float, tensorboa
     model_server = launch("model_server", [
         sys.executable, "-m", "services.model_server", f"--port={ports.model_server_grpc}",
         f"--rest_api_port={ports.model_server_rest}", "--host=127.0.0.1", f"--model_config_file={model_config}",
-        f"--monitoring_config_file={monitoring_config}", "--file_system_poll_wait_seconds=1"], env=env)
+        f"--monitoring_config_file={monitoring_config}", "--file_system_poll_wait_seconds=1", "--enable_batching",
+        f"--batching_parameters_file={BATCHING_CONFIG}"], env=env)
 
     prometheus_config = run_dir / "prometheus.yml"
     configs.write_prometheus_config(prometheus_config, f"127.0.0.1:{ports.gateway_http}",
