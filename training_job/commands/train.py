@@ -46,7 +46,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, architecture: bool =
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--fine_tune_blocks", type=int, default=_DEFAULTS.fine_tune_blocks,
                    help="after the head converges, also train the last N MobileNet blocks with it (0 = frozen base; "
-                        "1 or 2 help on fine-grained species, at about 10-40 s per block on 2 cores)")
+                        "1 block: +0.6 +/- 1.0 points in 5-fold cross-validation on the shared photos, ~30 s more)")
     g.add_argument("--fine_tune_learning_rate", type=float, default=_DEFAULTS.fine_tune_learning_rate)
     g.add_argument("--fine_tune_epochs", type=int, default=_DEFAULTS.fine_tune_epochs,
                    help="upper bound on fine-tuning epochs (early stopping on validation usually ends sooner)")
