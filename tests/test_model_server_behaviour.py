@@ -188,5 +188,21 @@ def test_output_tensors_are_the_protos_tf_make_tensor_proto_builds():
     for value in (np.float32([[0.25, 0.75]]), np.float32([0.5]), np.float32(0.5), np.array([True]),
                   np.array([[True, False]]), np.array([[b"boletus", b"amanita"]], dtype=object),
                   np.array([b"x"], dtype=object), np.zeros((2, 0), np.float32), np.arange(6, dtype=np.int64),
-                  np.float32([[1, 2, 3]])[:, ::2], np.array(["not bytes"], dtype=object)):
+                  np.float32([[1, 2, 3]])[:, ::2], np.array(["not bytes"], dtype=object), np.float32([np.nan]),
+                  np.float32([[-1.5e-30]]), np.float64([2.5]), np.int32([7]), np.int64([-3]), np.uint8([9]),
+                  np.array(np.float32(0.25)), np.float32([])):
         assert tensor_proto(value).SerializeToString() == tf.make_tensor_proto(value).SerializeToString()
+
+
+def test_input_tensors_parse_as_tf_make_ndarray_parses_them():
+    from services.model_server.grpc_api import ndarray
+
+    for value in (np.zeros((1, 224, 224, 3), np.uint8), np.arange(6, dtype=np.float32).reshape(2, 3),
+                  np.int64([[1, -2]]), np.float32([0.5]), np.zeros((0, 3), np.uint8), np.array([b"a"], dtype=object)):
+        proto = tf.make_tensor_proto(value)
+        parsed = ndarray(proto)
+        assert parsed.dtype == value.dtype and parsed.shape == value.shape and np.array_equal(parsed, value)
+    short = tf.make_tensor_proto(np.zeros((2, 3), np.uint8))
+    short.tensor_content = short.tensor_content[:-1]  # wrong size: tf.make_ndarray's own error
+    with pytest.raises((ValueError, TypeError)):
+        ndarray(short)

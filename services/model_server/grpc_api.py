@@ -37,6 +37,24 @@ _CONTENT_DTYPES = {np.dtype(np.float32): types_pb2.DT_FLOAT, np.dtype(np.float64
                    np.dtype(np.uint8): types_pb2.DT_UINT8}
 
 
+# ... and the repeated field it writes a single element to instead (a batch-1 answer's per-row outputs).
+_SCALAR_FIELDS = {np.dtype(np.float32): "float_val", np.dtype(np.float64): "double_val",
+                  np.dtype(np.int32): "int_val", np.dtype(np.int64): "int64_val", np.dtype(np.uint8): "int_val"}
+_NUMPY_DTYPES = {v: k for k, v in _CONTENT_DTYPES.items()}
+
+
+def ndarray(tensor: tensor_pb2.TensorProto) -> np.ndarray:
+    """tf.make_ndarray for a request's input tensor, without its copy and per-call cost in the common case (numeric
+    tensor_content of the right size: a read-only view of the bytes); anything else goes to tf.make_ndarray."""
+    dtype = _NUMPY_DTYPES.get(tensor.dtype)
+    if dtype is not None and not tensor.tensor_shape.unknown_rank:
+        content = tensor.tensor_content  # each read of the field copies it: read once
+        shape = [d.size for d in tensor.tensor_shape.dim]
+        if content and all(d >= 0 for d in shape) and len(content) == int(np.prod(shape)) * dtype.itemsize:
+            return np.frombuffer(content, dtype).reshape(shape)
+    return tf.make_ndarray(tensor)
+
+
 def tensor_proto(value) -> tensor_pb2.TensorProto:
     """The TensorProto tf.make_tensor_proto builds for a model output (byte for byte), without its per-call cost
     for the common cases: numeric arrays, bool arrays, arrays of bytes. Anything else goes to tf.make_tensor_proto."""
@@ -44,6 +62,10 @@ def tensor_proto(value) -> tensor_pb2.TensorProto:
         dtype, proto = value.dtype, None
         if dtype in _CONTENT_DTYPES and value.size > 1:
             proto = tensor_pb2.TensorProto(dtype=_CONTENT_DTYPES[dtype], tensor_content=value.tobytes())
+        elif dtype in _CONTENT_DTYPES:
+            proto = tensor_pb2.TensorProto(dtype=_CONTENT_DTYPES[dtype])
+            if value.size:
+                getattr(proto, _SCALAR_FIELDS[dtype]).append(value.item())
         elif dtype == np.bool_:
             proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_BOOL, bool_val=value.ravel().tolist())
         elif dtype == np.object_:
@@ -70,7 +92,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         version, label = _version_and_label(request.model_spec)
         try:
             try:
-                inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+                inputs = {k: ndarray(v) for k, v in request.inputs.items()}
             except (TypeError, ValueError) as exc:
                 raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"bad input tensor: {exc}") from None
             signature = request.model_spec.signature_name or "serving_default"
