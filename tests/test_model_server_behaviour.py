@@ -145,8 +145,34 @@ def test_help_documents_the_tf_serving_flags():
     for flag in ("--port", "--rest_api_port", "--model_name", "--model_base_path", "--model_config_file",
                  "--model_config_file_poll_wait_seconds", "--file_system_poll_wait_seconds", "--enable_batching",
                  "--batching_parameters_file", "--monitoring_config_file",
-                 "--allow_version_labels_for_unavailable_models"):
+                 "--allow_version_labels_for_unavailable_models", "--tensorflow_intra_op_parallelism",
+                 "--tensorflow_inter_op_parallelism"):
         assert flag in out
+
+
+THREADS_PROBE = """
+import os, sys
+import tensorflow as tf
+from services.model_server.core import limit_intra_op_threads
+from services.model_server.main import set_tensorflow_threads
+set_tensorflow_threads(int(sys.argv[1]), int(sys.argv[2]))
+limit_intra_op_threads(2)  # what PredictionCore does with two batch threads
+print(tf.config.threading.get_intra_op_parallelism_threads(), tf.config.threading.get_inter_op_parallelism_threads(),
+      os.cpu_count())
+"""
+
+
+def test_tensorflow_thread_flags_win_over_the_automatic_share():
+    def probe(intra: str, inter: str) -> list[int]:
+        result = subprocess.run([sys.executable, "-c", THREADS_PROBE, intra, inter], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return [int(x) for x in result.stdout.split()]
+
+    intra, inter, cpus = probe("0", "0")
+    assert inter == 0
+    assert intra == (cpus // 2 if cpus // 2 < cpus else 0)  # each of two concurrent calls gets its share of cores
+    assert probe("3", "2")[:2] == [3, 2]  # explicit --tensorflow_*_op_parallelism are kept
 
 
 def test_batching_and_monitoring_text_formats():
