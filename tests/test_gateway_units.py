@@ -10,7 +10,7 @@ import pytest
 import training_job.preprocessing as contract
 from services.gateway import classifier
 from services.gateway.cache import CircuitBreaker, SingleFlight, cache_key
-from services.gateway.routing import RoutingError, RoutingTable, parse_assignments, pick_version
+from services.gateway.routing import RoutingError, RoutingTable, parse_assignments, pick_entry
 
 CLIENTS = [f"client-{i}" for i in range(20000)]
 
@@ -26,21 +26,21 @@ def test_cache_key_depends_on_photo_model_version_and_preprocessing():
 
 
 def test_split_converges_to_the_weights():
-    counts = Counter(pick_version({1: 90, 2: 10}, c) for c in CLIENTS)
+    counts = Counter(pick_entry({1: 90, 2: 10}, c) for c in CLIENTS)
     assert abs(counts[1] / len(CLIENTS) - 0.9) < 0.01
 
 
 def test_a_weight_shift_moves_few_clients_and_only_towards_the_growing_version():
-    before = {c: pick_version({1: 90, 2: 10}, c) for c in CLIENTS}
-    after = {c: pick_version({1: 80, 2: 20}, c) for c in CLIENTS}
+    before = {c: pick_entry({1: 90, 2: 10}, c) for c in CLIENTS}
+    after = {c: pick_entry({1: 80, 2: 20}, c) for c in CLIENTS}
     moved = [c for c in CLIENTS if before[c] != after[c]]
     assert 0.08 < len(moved) / len(CLIENTS) < 0.13  # the ideal is 10 %
     assert all(before[c] == 1 and after[c] == 2 for c in moved)
 
 
 def test_a_removed_version_only_moves_its_own_clients():
-    before = {c: pick_version({1: 50, 2: 30, 3: 20}, c) for c in CLIENTS}
-    after = {c: pick_version({1: 50, 2: 30}, c) for c in CLIENTS}
+    before = {c: pick_entry({1: 50, 2: 30, 3: 20}, c) for c in CLIENTS}
+    after = {c: pick_entry({1: 50, 2: 30}, c) for c in CLIENTS}
     assert all(before[c] == after[c] for c in CLIENTS if before[c] != 3)
 
 

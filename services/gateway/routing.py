@@ -63,8 +63,12 @@ class RoutingTable:
     def entries(self) -> list[Entry]:
         return sorted(self.weights, key=_entry_order)
 
+    def referenced(self) -> list[Entry]:
+        """The weighted entries, then the shadow (if any)."""
+        return [*self.entries(), *([self.shadow] if self.shadow is not None else [])]
+
     def labels(self) -> set[str]:
-        return {e for e in [*self.weights, self.shadow] if isinstance(e, str)}
+        return {e for e in self.referenced() if isinstance(e, str)}
 
     def to_json(self) -> dict:
         return {"weights": {str(e): self.weights[e] for e in self.entries()}, "shadow": self.shadow}
@@ -115,8 +119,6 @@ def pick_entry(weights: dict[Entry, float], client: str) -> Entry:
     return max(weights, key=lambda e: -weights[e] / math.log(_unit_hash(client, e)))
 
 
-pick_version = pick_entry  # a table of version numbers only: the entry is the version
-
 
 class Router:
     def __init__(self, redis, model_name: str, labels=None):
@@ -160,30 +162,29 @@ class Router:
         metrics.ROUTED_VERSION_MISSING.set(1 if len(live) < len(self.table.weights) else 0)
         return live
 
-    def effective_weights(self) -> dict[int, float]:
-        """The live weights per resolved version (two entries on one version add up)."""
+    def _per_version(self, weights: dict[Entry, float]) -> dict[int, float]:
+        """Weights summed per resolved version (two entries on one version add up; unresolved labels left out)."""
         totals: dict[int, float] = {}
-        for entry, weight in self.live_entries().items():
-            version = self.version_of(entry)
-            totals[version] = totals.get(version, 0.0) + weight
-        return totals
-
-    def version_weights(self) -> dict[int, float]:
-        """The table's weights per resolved version, AVAILABLE or not (unresolved labels left out)."""
-        totals: dict[int, float] = {}
-        for entry, weight in self.table.weights.items():
+        for entry, weight in weights.items():
             version = self.version_of(entry)
             if version is not None:
                 totals[version] = totals.get(version, 0.0) + weight
         return totals
+
+    def effective_weights(self) -> dict[int, float]:
+        """The live weights per resolved version."""
+        return self._per_version(self.live_entries())
+
+    def version_weights(self) -> dict[int, float]:
+        """The table's weights per resolved version, AVAILABLE or not."""
+        return self._per_version(self.table.weights)
 
     def shadow_version(self) -> int | None:
         return self.version_of(self.table.shadow)
 
     def describe(self) -> dict:
         """The table as set, plus where each entry points now and the effective split (for status and the API)."""
-        entries = [*self.table.entries(), *([self.table.shadow] if self.table.shadow is not None else [])]
-        return {**self.table.to_json(), "resolved": {str(e): self.version_of(e) for e in entries},
+        return {**self.table.to_json(), "resolved": {str(e): self.version_of(e) for e in self.table.referenced()},
                 "effective": {str(v): w for v, w in sorted(self.effective_weights().items())}}
 
     def choose(self, client: str | None) -> tuple[int | None, str]:
@@ -206,8 +207,7 @@ class Router:
                 resolved = await self.labels.resolve_all(table.labels())
             except UnknownLabel as exc:
                 raise RoutingError(str(exc)) from None
-        entries = [*table.entries(), *([table.shadow] if table.shadow is not None else [])]
-        unknown = [e for e in entries if isinstance(e, int) and e not in self.available]
+        unknown = [e for e in table.referenced() if isinstance(e, int) and e not in self.available]
         if unknown:
             raise RoutingError(f"versions {unknown} are not AVAILABLE on the model server "
                                f"(available: {sorted(self.available)})")
