@@ -50,13 +50,13 @@ async def paired_c1(target: str, model: str, url: str, photos: list[bytes]) -> d
     import grpc
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-    from services.gateway.upstream import pixels_tensor
+    from services.gateway.upstream import fill_pixels_tensor
 
     requests = []
     for photo in photos:
         request = predict_pb2.PredictRequest()
         request.model_spec.name = model
-        request.inputs["images"].CopyFrom(pixels_tensor(preprocess_bytes(photo)[None]))
+        fill_pixels_tensor(request.inputs["images"], preprocess_bytes(photo)[None])
         requests.append(request)
     direct, gateway, cached = [], [], 0
     async with grpc.aio.insecure_channel(target) as channel, aiohttp.ClientSession() as session:

@@ -153,10 +153,8 @@ def test_help_documents_the_tf_serving_flags():
 THREADS_PROBE = """
 import os, sys
 import tensorflow as tf
-from services.model_server.core import limit_intra_op_threads
-from services.model_server.main import set_tensorflow_threads
-set_tensorflow_threads(int(sys.argv[1]), int(sys.argv[2]))
-limit_intra_op_threads(2)  # what PredictionCore does with two batch threads
+from services.model_server.core import configure_tensorflow_threads
+configure_tensorflow_threads(2, int(sys.argv[1]), int(sys.argv[2]))  # as PredictionCore with two batch threads
 print(tf.config.threading.get_intra_op_parallelism_threads(), tf.config.threading.get_inter_op_parallelism_threads(),
       os.cpu_count())
 """

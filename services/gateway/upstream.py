@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc,
 )
@@ -38,16 +38,10 @@ class Prediction:
     not_a_mushroom: bool
 
 
-def pixels_tensor(pixels: np.ndarray) -> tensor_pb2.TensorProto:
-    """uint8 (N, H, W, 3) -> TensorProto without tf.make_tensor_proto's per-call overhead."""
-    tensor = tensor_pb2.TensorProto()
-    fill_pixels_tensor(tensor, pixels)
-    return tensor
-
-
 def fill_pixels_tensor(tensor: tensor_pb2.TensorProto, pixels: np.ndarray) -> None:
-    """Writes uint8 pixels into ``tensor`` in place (a request's input map entry): one copy of the pixels, where
-    building a TensorProto and CopyFrom-ing it into the request made two."""
+    """Writes uint8 pixels (N, H, W, 3) into ``tensor`` in place (a request's input map entry), without
+    tf.make_tensor_proto's per-call overhead: one copy of the pixels, where building a TensorProto and CopyFrom-ing
+    it into the request made two."""
     tensor.dtype = types_pb2.DT_UINT8
     for d in pixels.shape:
         tensor.tensor_shape.dim.add(size=d)

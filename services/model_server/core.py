@@ -19,8 +19,9 @@ from services.model_server.servable import Servable
 log = logging.getLogger("model_server.core")
 
 
-def limit_intra_op_threads(concurrent_calls: int) -> None:
-    """Give each of the model calls that can run at once its share of the cores as TensorFlow intra-op threads.
+def configure_tensorflow_threads(concurrent_calls: int, intra_op: int = 0, inter_op: int = 0) -> None:
+    """TensorFlow's thread counts: ``intra_op``/``inter_op`` when given (--tensorflow_*_op_parallelism), otherwise
+    each of the model calls that can run at once gets its share of the cores as intra-op threads.
 
     By default every call may use all cores; with two batch threads on two cores the two calls then fight over
     the cores and TensorFlow's thread pool spins waiting for work. One intra-op thread per call when the calls
@@ -29,6 +30,11 @@ def limit_intra_op_threads(concurrent_calls: int) -> None:
     Only possible before TensorFlow's runtime starts; an explicit setting (or a started runtime) is left alone."""
     import tensorflow as tf
 
+    if inter_op > 0:
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+    if intra_op > 0:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+        return
     threads = max(1, (os.cpu_count() or 1) // max(1, concurrent_calls))
     if tf.config.threading.get_intra_op_parallelism_threads() != 0 or threads >= (os.cpu_count() or 1):
         return
@@ -39,11 +45,12 @@ def limit_intra_op_threads(concurrent_calls: int) -> None:
 
 
 class PredictionCore:
-    def __init__(self, manager: Manager, batching: BatchingParameters | None, threads: int):
+    def __init__(self, manager: Manager, batching: BatchingParameters | None, threads: int, intra_op: int = 0,
+                 inter_op: int = 0):
         self.manager = manager
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="predict")
         self.batcher = Batcher(batching, self.executor) if batching else None
-        limit_intra_op_threads(max(1, batching.num_batch_threads) if batching else threads)
+        configure_tensorflow_threads(max(1, batching.num_batch_threads) if batching else threads, intra_op, inter_op)
 
     async def predict(self, api: str, name: str, version: int | None, label: str | None, signature: str,
                       inputs: dict[str, np.ndarray], output_filter=()) -> tuple[Servable, dict[str, np.ndarray]]:

@@ -90,16 +90,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def set_tensorflow_threads(intra_op: int, inter_op: int) -> None:
-    """Explicit thread counts, set before any model loads (PredictionCore's automatic choice leaves them alone)."""
-    import tensorflow as tf
-
-    if intra_op > 0:
-        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
-    if inter_op > 0:
-        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
-
-
 class ModelServer:
     def __init__(self, args: argparse.Namespace):
         from services.model_server.core import PredictionCore
@@ -115,8 +105,8 @@ class ModelServer:
         if args.monitoring_config_file:
             self.monitoring = MonitoringConfig.from_text(open(args.monitoring_config_file).read())
         self.manager = Manager(args.max_num_load_retries, args.allow_version_labels_for_unavailable_models)
-        set_tensorflow_threads(args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism)
-        self.core = PredictionCore(self.manager, batching, args.predict_threads)
+        self.core = PredictionCore(self.manager, batching, args.predict_threads, args.tensorflow_intra_op_parallelism,
+                                   args.tensorflow_inter_op_parallelism)
         self.manager.set_config(self._initial_config())
         self._stopping = asyncio.Event()
 
