@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -26,52 +25,31 @@ from bench.common import (
 )
 from training_job.paths import default_registry
 from training_job.preprocessing import load_image_file
+from training_job.tflite_export import tflite_interpreter, tflite_predict
 
 BATCH = 32
 THREADS = 2
 
 
 class TFLiteModel:
-    """One .tflite file in a tf.lite.Interpreter; ``classify(pixels)`` takes uint8 [N, S, S, 3] like the SavedModel.
+    """One exported .tflite file; ``classify(pixels)`` takes uint8 [N, S, S, 3] like the SavedModel.
 
     A batch runs as one invoke when the interpreter accepts a resized batch dimension, else photo by photo
     (``batched`` says which)."""
 
     def __init__(self, path: Path, batch: int):
-        import tensorflow as tf
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
-            self.single = tf.lite.Interpreter(model_path=str(path), num_threads=THREADS)
-            self.single.allocate_tensors()
-            self.multi = tf.lite.Interpreter(model_path=str(path), num_threads=THREADS)
-        self.batched = True
+        self.single = tflite_interpreter(path, threads=THREADS)
         try:
-            index = self.multi.get_input_details()[0]["index"]
-            self.multi.resize_tensor_input(index, [batch, *self.single.get_input_details()[0]["shape"][1:]])
-            self.multi.allocate_tensors()
+            self.multi, self.batched = tflite_interpreter(path, batch=batch, threads=THREADS), True
         except (ValueError, RuntimeError):
-            self.batched = False
-
-    @staticmethod
-    def _run(interpreter, pixels: np.ndarray) -> np.ndarray:
-        inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-        if inp["dtype"] == np.float32:
-            x = pixels.astype(np.float32)
-        else:  # fully quantised input: uint8 pixels -> the input's quantised scale
-            scale, zero = inp["quantization"]
-            info = np.iinfo(inp["dtype"])
-            x = np.clip(np.round(pixels / scale + zero), info.min, info.max).astype(inp["dtype"])
-        interpreter.set_tensor(inp["index"], x)
-        interpreter.invoke()
-        return interpreter.get_tensor(out["index"])
+            self.multi, self.batched = None, False
 
     def classify(self, pixels: np.ndarray) -> np.ndarray:
         if len(pixels) == 1:
-            return self._run(self.single, pixels)
+            return tflite_predict(self.single, pixels)
         if self.batched:
-            return self._run(self.multi, pixels)
-        return np.concatenate([self._run(self.single, p[None]) for p in pixels])
+            return tflite_predict(self.multi, pixels)
+        return np.concatenate([tflite_predict(self.single, p[None]) for p in pixels])
 
 
 def main(argv=None) -> int:

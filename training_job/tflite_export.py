@@ -52,22 +52,35 @@ def _convert(tf, base, head: Head, representative) -> bytes:
     return converter.convert()
 
 
-def tflite_accuracy(model_bytes: bytes, pixels: np.ndarray, y_true: np.ndarray) -> float:
-    import tensorflow as tf
-
+def tflite_interpreter(model_path=None, model_content: bytes | None = None, batch: int = 1, threads: int = 2):
+    """A tf.lite.Interpreter of an exported file (or its bytes), allocated for ``batch`` photos at a time.
+    Raises ValueError or RuntimeError when the model's batch dimension cannot be resized to ``batch``."""
     import warnings
+
+    import tensorflow as tf
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice (ai_edge_litert is not pinned)
-        interpreter = tf.lite.Interpreter(model_content=model_bytes, num_threads=2)
+        interpreter = tf.lite.Interpreter(model_path=None if model_path is None else str(model_path),
+                                          model_content=model_content, num_threads=threads)
+    if batch != 1:
+        inp = interpreter.get_input_details()[0]
+        interpreter.resize_tensor_input(inp["index"], [batch, *inp["shape"][1:]])
     interpreter.allocate_tensors()
-    inp = interpreter.get_input_details()[0]["index"]
-    out = interpreter.get_output_details()[0]["index"]
-    correct = 0
-    for p, t in zip(pixels, y_true):
-        interpreter.set_tensor(inp, p[None].astype(np.float32))
-        interpreter.invoke()
-        correct += int(interpreter.get_tensor(out)[0].argmax() == t)
+    return interpreter
+
+
+def tflite_predict(interpreter, pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels (N, S, S, 3) -> class probabilities (N, C). Both exports (float and int8) take float pixels:
+    the int8 one quantises inside."""
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], pixels.astype(np.float32))
+    interpreter.invoke()
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+
+def tflite_accuracy(model_bytes: bytes, pixels: np.ndarray, y_true: np.ndarray) -> float:
+    interpreter = tflite_interpreter(model_content=model_bytes)
+    correct = sum(int(tflite_predict(interpreter, p[None])[0].argmax() == t) for p, t in zip(pixels, y_true))
     return correct / len(y_true) if len(y_true) else 0.0
 
 
