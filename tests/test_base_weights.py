@@ -57,5 +57,5 @@ def test_missing_offline_weights_say_how_to_supply_them(monkeypatch):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(keras.applications, "MobileNetV2", lambda **kw: no_internet() if kw["weights"] else None)
-    with pytest.raises(WeightsUnavailable, match="--weights-file"):
+    with pytest.raises(WeightsUnavailable, match="--weights_file"):
         build_imagenet_model("mobilenet_v2_1.0_224")

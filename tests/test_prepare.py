@@ -222,3 +222,18 @@ def test_cli_on_a_subset_of_the_shared_photos(tmp_path, capsys):
     assert all(r.sha256 == sha256(Path(r.path)) and r.width >= 64 and r.height >= 64 for r in rows)
     for label in labels:
         assert label in printed
+
+
+def test_flags_are_spelled_as_retrain_py_with_dashed_aliases_hidden(tmp_path, capsys):
+    """--snake_case is the one spelling --help shows; the dashed spelling of earlier versions still parses."""
+    from training_job.cli import build_parser
+
+    parser = build_parser()
+    snake = parser.parse_args(["prepare", "--per_class", "7", "--min_side", "9"])
+    dashed = parser.parse_args(["prepare", "--per-class", "7", "--min-side", "9"])
+    assert (snake.per_class, snake.min_side) == (dashed.per_class, dashed.min_side) == (7, 9)
+    assert parser.parse_args(["prepare"]).per_class == 250  # the hidden alias does not clobber the default
+    with pytest.raises(SystemExit):
+        parser.parse_args(["prepare", "--help"])
+    shown = capsys.readouterr().out
+    assert "--per_class" in shown and "--per-class" not in shown and "--min-side" not in shown

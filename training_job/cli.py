@@ -10,6 +10,8 @@ import importlib
 import os
 import sys
 
+from training_job.errors import UserError
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # In the order `run` performs them.
@@ -25,10 +27,6 @@ COMMAND_MODULES = [
 ]
 
 
-class UserError(Exception):
-    """Bad input from the user: printed as one clear message, exit status 2."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training_job",
@@ -36,13 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # a command not written yet
-                continue
-            raise
-        module.register(subparsers)
+        importlib.import_module(name).register(subparsers)
     return parser
 
 

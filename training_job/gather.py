@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training_job.cli import UserError
+from training_job.errors import UserError
 from training_job.preprocessing import DEFAULT_LIMITS, InvalidImage, decode_image, open_image
 
 FAILURE_LOG = "gather_failures.csv"

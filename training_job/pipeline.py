@@ -139,7 +139,7 @@ def evaluate_run(run_dir: Path, base: BaseNetwork | None = None, *, not_mushroom
         split_bottlenecks, _ = plain_bottlenecks(rows, base, progress=progress, cache_root=cache_root)
     test_rows = split_rows(rows, "test")
     if not test_rows:
-        raise ValueError("the test split is empty: prepare with a non-zero --testing-percentage")
+        raise ValueError("the test split is empty: prepare with a non-zero --testing_percentage")
     index = {l: i for i, l in enumerate(head.labels)}
     y_test = np.array([index[r.label] for r in test_rows])
     test = split_bottlenecks["test"]

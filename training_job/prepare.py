@@ -18,7 +18,7 @@ from pathlib import Path
 import imagehash
 import numpy as np
 
-from training_job.cli import UserError
+from training_job.errors import UserError
 from training_job.dataset import SPLITS, ManifestRow, write_manifest
 from training_job.preprocessing import PREPROCESSING_VERSION, InvalidImage, decode_image, open_image
 
@@ -210,7 +210,7 @@ def _check_params(per_class: int | None, validation_pct: float, test_pct: float,
             "they must leave something for training (< 100)"
         )
     if per_class is not None and per_class < 1:
-        raise UserError(f"--per-class must be at least 1 (or 0 for no limit), got {per_class}")
+        raise UserError(f"--per_class must be at least 1 (or 0 for no limit), got {per_class}")
 
 
 def prepare_dataset(

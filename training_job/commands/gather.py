@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from training_job.commands import add_flag
 from training_job import gather as g
 from training_job.paths import var_dir
 
@@ -13,8 +14,8 @@ def register(subparsers) -> None:
         help="download photos from per-class URL lists (resumable)",
         description="Read LISTS/<class>.txt (one URL per line, '#' starts a comment) and download each photo to "
         "OUT/<class>/<sha1 of URL>.<ext>, concurrently, with timeouts and retries. Files already downloaded are "
-        "skipped, so re-running resumes. Only real photos are kept (no HTML, no placeholders, at least --min-bytes, "
-        "shorter side at least --min-side, decodable); every failed URL and why goes to OUT/"
+        "skipped, so re-running resumes. Only real photos are kept (no HTML, no placeholders, at least --min_bytes, "
+        "shorter side at least --min_side, decodable); every failed URL and why goes to OUT/"
         f"{g.FAILURE_LOG}. OUT is then ready for `prepare --source OUT`.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -26,8 +27,8 @@ def register(subparsers) -> None:
                         help="extra attempts after timeouts, network errors and HTTP 429/5xx")
     parser.add_argument("--backoff", type=float, default=g.DEFAULT_BACKOFF,
                         help="seconds before the first retry; doubles each time")
-    parser.add_argument("--min-bytes", type=int, default=g.DEFAULT_MIN_BYTES, help="smaller files are rejected")
-    parser.add_argument("--min-side", type=int, default=g.DEFAULT_MIN_SIDE,
+    add_flag(parser, "--min_bytes", type=int, default=g.DEFAULT_MIN_BYTES, help="smaller files are rejected")
+    add_flag(parser, "--min_side", type=int, default=g.DEFAULT_MIN_SIDE,
                         help="photos whose shorter side is smaller (px) are rejected")
     parser.set_defaults(func=run)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from training_job.commands import add_flag
 from training_job import prepare as p
 from training_job.paths import shared_data_dir, var_dir
 
@@ -20,7 +21,7 @@ def register(subparsers) -> None:
         "prepare",
         help="decode, de-duplicate, balance and split photos into a manifest",
         description="Decode every file under SOURCE/<class>/ with the preprocessing contract; drop corrupt, tiny, "
-        "byte-identical and near-duplicate (perceptual hash) photos; keep at most --per-class photos per class "
+        "byte-identical and near-duplicate (perceptual hash) photos; keep at most --per_class photos per class "
         "(chosen by a hash of each photo, so the choice is stable); assign each photo to train/validation/test/demo "
         "by a hash of its bytes (adding photos never moves existing ones). With the defaults, 250 photos per class "
         "give ~150 train, ~25 validation, ~25 test and ~50 demo photos (the tutorial's 50 held out for demos). "
@@ -31,18 +32,18 @@ def register(subparsers) -> None:
                         help="folder with one sub-folder of photos per class")
     parser.add_argument("--out", type=str, default=str(default_out()),
                         help="where manifest.csv and report.json are written")
-    parser.add_argument("--per-class", type=int, default=p.DEFAULT_PER_CLASS,
+    add_flag(parser, "--per_class", type=int, default=p.DEFAULT_PER_CLASS,
                         help="photos kept per class (fewer -> a warning; 0 = keep all)")
-    parser.add_argument("--validation-percentage", type=float, default=p.DEFAULT_VALIDATION_PCT,
+    add_flag(parser, "--validation_percentage", type=float, default=p.DEFAULT_VALIDATION_PCT,
                         help="percentage of photos in the validation split")
-    parser.add_argument("--testing-percentage", type=float, default=p.DEFAULT_TEST_PCT,
+    add_flag(parser, "--testing_percentage", type=float, default=p.DEFAULT_TEST_PCT,
                         help="percentage of photos in the test split")
-    parser.add_argument("--demo-percentage", type=float, default=p.DEFAULT_DEMO_PCT,
+    add_flag(parser, "--demo_percentage", type=float, default=p.DEFAULT_DEMO_PCT,
                         help="percentage held out for demos (never trained or tuned on)")
     parser.add_argument("--seed", type=int, default=0, help="changes which photos are balanced out and the splits")
-    parser.add_argument("--min-side", type=int, default=p.DEFAULT_MIN_SIDE,
+    add_flag(parser, "--min_side", type=int, default=p.DEFAULT_MIN_SIDE,
                         help="photos whose shorter side is smaller (px) are dropped as tiny")
-    parser.add_argument("--near-duplicate-distance", type=int, default=p.DEFAULT_NEAR_DUPLICATE_DISTANCE,
+    add_flag(parser, "--near_duplicate_distance", type=int, default=p.DEFAULT_NEAR_DUPLICATE_DISTANCE,
                         help="perceptual-hash Hamming distance at or below which two photos are near duplicates "
                         "(-1 disables)")
     parser.add_argument("--workers", type=int, default=0, help="decoding threads (0 = one per CPU)")

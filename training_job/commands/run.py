@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from training_job.cli import UserError
+from training_job.errors import UserError
 
 
 def default_data() -> Path | None:

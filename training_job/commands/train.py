@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from training_job.cli import UserError
+from training_job.commands import add_flag
+from training_job.errors import UserError
 from training_job.train import TrainConfig
 
 _DEFAULTS = TrainConfig()
@@ -22,9 +23,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, architecture: bool =
     if architecture:
         g.add_argument("--architecture", default=_DEFAULTS.architecture,
                        help="mobilenet_<alpha>_<size>, mobilenet_v2_<alpha>_<size> or inception_v3 (offline, only "
-                       "mobilenet_1.0_224 is built in; others need --weights-file or internet)")
+                       "mobilenet_1.0_224 is built in; others need --weights_file or internet)")
         g.add_argument("--learning_rate", type=float, default=_DEFAULTS.learning_rate, help="Adam learning rate")
-    g.add_argument("--weights-file", default=None, help="Keras ImageNet weights (include_top=True) for --architecture")
+    add_flag(g, "--weights_file", default=None, help="Keras ImageNet weights (include_top=True) for --architecture")
     g.add_argument("--how_many_training_steps", type=int, default=None,
                    help="upper bound on training steps (batches); early stopping usually ends sooner")
     g.add_argument("--epochs", type=int, default=None, help="upper bound on epochs instead (default 200)")
@@ -46,7 +47,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, architecture: bool =
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--fine_tune_blocks", type=int, default=_DEFAULTS.fine_tune_blocks,
                    help="after the head converges, also train the last N MobileNet blocks with it (0 = frozen base; "
-                        "1 block: +0.6 +/- 1.0 points in 5-fold cross-validation on the shared photos, ~30 s more)")
+                        "what it gains and costs: bench/REPORT.md, accuracy_cv)")
     g.add_argument("--fine_tune_learning_rate", type=float, default=_DEFAULTS.fine_tune_learning_rate)
     g.add_argument("--fine_tune_epochs", type=int, default=_DEFAULTS.fine_tune_epochs,
                    help="upper bound on fine-tuning epochs (early stopping on validation usually ends sooner)")
@@ -111,7 +112,7 @@ def check_config(config: TrainConfig) -> None:
         if config.fine_tune_learning_rate <= 0 or config.fine_tune_epochs < 1:
             problems.append("--fine_tune_learning_rate must be > 0 and --fine_tune_epochs at least 1")
     if config.weights_file and not Path(config.weights_file).is_file():
-        problems.append(f"--weights-file {config.weights_file} does not exist")
+        problems.append(f"--weights_file {config.weights_file} does not exist")
     if problems:
         raise UserError("; ".join(problems))
 
