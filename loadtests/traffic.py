@@ -67,12 +67,9 @@ def grpc_target() -> str:
 
 
 def routing_entries(routing: dict) -> dict[str, float]:
-    """The table's weights by entry name ("3" or a version label such as "canary"); also accepts the list form
-    [{"version", "weight"}]."""
-    weights = routing.get("weights") or {}
-    if isinstance(weights, list):
-        return {str(w["version"]): float(w["weight"]) for w in weights}
-    return {str(entry): float(weight) for entry, weight in weights.items()}
+    """The table's weights by entry name ("3" or a version label such as "canary"), as GET /v1/admin/routing
+    answers them."""
+    return {str(entry): float(weight) for entry, weight in (routing.get("weights") or {}).items()}
 
 
 def shifted_routing(routing: dict, share: float) -> dict:

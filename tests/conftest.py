@@ -20,10 +20,6 @@ class PublishedModel:
     version_dir: Path
     run_dir: Path  # the training run it was exported from (manifest, head, open-set, metrics)
 
-    # (registry_path, model_name, version, version_dir) = published_model
-    def __iter__(self):
-        return iter((self.registry_path, self.model_name, self.version, self.version_dir))
-
 
 @pytest.fixture(scope="session")
 def base_network():
@@ -61,7 +57,7 @@ def trained_run(small_dataset, base_network, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def published_model(trained_run, base_network, tmp_path_factory) -> PublishedModel:
-    """(registry_path, model_name, version, version_dir) of a real model published into a temporary registry."""
+    """A real model published into a temporary registry."""
     from training_job.pipeline import publish_run
 
     run_dir, _ = trained_run
