@@ -240,12 +240,32 @@ def test_odd_but_valid_photos_are_classified(stack, name):
     assert len(body["predictions"]) == 3
 
 
-def test_exif_rotation_is_applied():
-    upright = preprocess_bytes(PHOTOS[4].read_bytes())
-    rotated = preprocess_bytes(_rotated_jpeg())
-    assert not np.array_equal(upright, rotated)
-    source = Image.open(PHOTOS[4])
-    assert Image.open(io.BytesIO(_rotated_jpeg())).size == source.size  # stored sideways, shown rotated
+def _rgba_png_of_a_real_photo():
+    """A real photo with a transparent border and a half-transparent band: alpha is flattened over white."""
+    image = Image.open(PHOTOS[6]).convert("RGBA")
+    alpha = np.full(image.size[::-1], 255, np.uint8)
+    alpha[: alpha.shape[0] // 5] = 0
+    alpha[:, : alpha.shape[1] // 3] = 128
+    image.putalpha(Image.fromarray(alpha))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("make", [_rotated_jpeg, _rgba_png_of_a_real_photo], ids=["EXIF-rotated", "RGBA"])
+def test_the_gateway_answers_what_the_model_says_on_the_contracts_pixels(stack, make):
+    """The one preprocessing contract, end to end on real photos: the gateway's answer is the SavedModel's answer on
+    preprocess_bytes' pixels, and those pixels differ from the naive decode (rotation / alpha really applied)."""
+    photo = make()
+    contract = preprocess_bytes(photo)
+    naive = np.asarray(Image.open(io.BytesIO(photo)).convert("RGB").resize((224, 224), Image.BILINEAR))
+    assert np.abs(contract.astype(int) - naive).mean() > 10, "the test photo must exercise the rotation / alpha"
+    status, answer, _ = stack["gateway"].classify(photo, top_k=4, version=1)
+    assert status == 200, answer
+    expected = in_process_probabilities(stack["registry"], 1, photo)
+    got = {p["label"]: p["score"] for p in answer["predictions"]}
+    classes = ["amanita_muscaria", "amanita_vaginata", "boletus_edulis", "boletus_erythropus"]
+    np.testing.assert_allclose([got[c] for c in classes], expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", BAD)

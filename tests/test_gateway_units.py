@@ -15,10 +15,6 @@ from services.gateway.routing import RoutingError, RoutingTable, parse_assignmen
 CLIENTS = [f"client-{i}" for i in range(20000)]
 
 
-def test_gateway_uses_the_training_jobs_preprocessing_function_object():
-    assert classifier.preprocess_bytes is contract.preprocess_bytes
-
-
 def test_cache_key_depends_on_photo_model_version_and_preprocessing():
     key = cache_key("abc", "mushrooms", 3)
     assert contract.PREPROCESSING_VERSION in key

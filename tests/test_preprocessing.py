@@ -102,9 +102,14 @@ def test_animated_gif_uses_its_first_frame():
     assert tuple(pixels[112, 112]) == RED
 
 
-def test_webp_is_decoded():
-    pixels = preprocess_bytes(encode(Image.open(io.BytesIO(a_real_photo())), "WEBP"))
-    assert_contract_shape(pixels)
+def test_webp_is_decoded_to_the_photos_pixels():
+    photo = decode_image(a_real_photo())
+    as_png = preprocess_bytes(encode(photo, "PNG"))
+    lossless = preprocess_bytes(encode(photo, "WEBP", lossless=True))
+    assert_contract_shape(lossless)
+    assert np.array_equal(lossless, as_png)
+    lossy = preprocess_bytes(encode(photo, "WEBP", quality=90))
+    assert np.abs(lossy.astype(int) - as_png).mean() < 3
 
 
 def _png_header_only(width: int, height: int) -> bytes:
