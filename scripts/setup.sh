@@ -42,5 +42,5 @@ if [ "${#missing[@]}" -gt 0 ]; then
   fi
 fi
 
-"$VENV/bin/python" -m services.gateway.protos  # the gateway's gRPC stubs (gitignored)
+"$VENV/bin/python" -m services.protos  # Python stubs of protos/ (gitignored)
 "$VENV/bin/python" -m training_job weights

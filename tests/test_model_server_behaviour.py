@@ -17,7 +17,7 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.config import model_server_config_pb2
 
-from services.model_server.config import BatchingParameters, ConfigError, MonitoringConfig, parse_text_format
+from services.model_server.config import BatchingParameters, ConfigError, MonitoringConfig
 from services.model_server.source import aspired_versions
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
 from tests.tiny_model import write_tiny_model
@@ -183,11 +183,32 @@ def test_batching_and_monitoring_text_formats():
         32, 500, 7, 2, [8, 32], True)
     with pytest.raises(ConfigError, match="allowed_batch_sizes"):
         BatchingParameters.from_text("max_batch_size { value: 32 } allowed_batch_sizes: 8")
-    with pytest.raises(ConfigError, match="unknown"):
-        BatchingParameters.from_text("max_batch_sise { value: 32 }")
     monitoring = MonitoringConfig.from_text('prometheus_config { enable: true, path: "/m" }')
     assert (monitoring.enable, monitoring.path) == (True, "/m")
-    assert parse_text_format("a { b: 1 b: 2 }") == {"a": {"b": [1, 2]}}
+    assert BatchingParameters.from_text("").max_batch_size == BatchingParameters().max_batch_size
+
+
+@pytest.mark.parametrize("text, message", [
+    ("max_batch_sise { value: 32 }", 'no field named "max_batch_sise"'),  # misspelled
+    ("max_batch_size: 32", "max_batch_size"),  # TF Serving's wrapper types want { value: 32 }
+    ('max_batch_size { value: "many" }', "max_batch_size"),
+    ("pad_variable_length_inputs: 3", "pad_variable_length_inputs"),
+    ("max_batch_size { value: 32 } } ", "}"),
+])
+def test_batching_files_are_refused_where_tf_serving_refuses_them(text, message):
+    with pytest.raises(ConfigError, match="Error parsing text-format tensorflow.serving.BatchingParameters") as err:
+        BatchingParameters.from_text(text, "batching.config")
+    assert message in str(err.value) and "Invalid protobuf file: 'batching.config'" in str(err.value)
+
+
+def test_newer_batching_fields_parse_and_large_batch_splitting_is_refused_by_name():
+    params = BatchingParameters.from_text('max_batch_size { value: 16 } max_execution_batch_size { value: 16 } '
+                                          'thread_pool_name { value: "batch" }')
+    assert params.max_batch_size == 16
+    with pytest.raises(ConfigError, match="enable_large_batch_splitting is not implemented"):
+        BatchingParameters.from_text("enable_large_batch_splitting { value: true }")
+    with pytest.raises(ConfigError, match='no field named "prometheus"'):
+        MonitoringConfig.from_text("prometheus { enable: true }")
 
 
 def test_version_policies_and_non_numeric_folders(tmp_path):

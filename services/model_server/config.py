@@ -1,87 +1,38 @@
-"""Config files in TF Serving's text formats.
+"""Config files in TF Serving's text formats, parsed by protobuf with TF Serving's messages.
 
-The model config parses with TF Serving's own protos. `tensorflow-serving-api` ships no proto for the batching and
-monitoring files, so those small text-format files are read by ``parse_text_format`` into plain dicts.
+The model config uses tensorflow-serving-api's ``ModelServerConfig``; the batching and monitoring files use
+``tensorflow.serving.BatchingParameters`` and ``MonitoringConfig`` compiled from ``protos/tfs_config/`` (see
+services.protos), so a misspelled or unknown field is refused exactly as TF Serving refuses it.
 """
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-_TOKEN = re.compile(r'\s*(?:(#[^\n]*|[,;])|([A-Za-z_][A-Za-z0-9_]*)|(\{|\}|:|<|>)|("(?:[^"\\]|\\.)*"|\'[^\']*\')|([-+0-9.eE]+))')
+from services import protos
 
 
 class ConfigError(ValueError):
     pass
 
 
-def parse_text_format(text: str) -> dict:
-    """A small protobuf text-format reader: ``name: value``, ``name { ... }``; repeated names become lists."""
-    tokens = []
-    pos = 0
-    text = text.strip()
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if not m or m.end() == pos:
-            raise ConfigError(f"cannot parse text format near: {text[pos:pos + 40]!r}")
-        pos = m.end()
-        comment, ident, punct, string, number = m.groups()
-        if comment is None:
-            tokens.append(ident or punct or string or number)
-    tokens.reverse()
-
-    def value(tok: str):
-        if tok[0] in "\"'":
-            return tok[1:-1]
-        if tok in ("true", "false"):
-            return tok == "true"
-        try:
-            return int(tok)
-        except ValueError:
-            try:
-                return float(tok)
-            except ValueError:
-                return tok  # enum name
-
-    def block(closing: str | None) -> dict:
-        out: dict = {}
-        while tokens:
-            tok = tokens.pop()
-            if tok == closing:
-                return out
-            name = tok
-            if not tokens:
-                raise ConfigError(f"field {name!r} has no value")
-            nxt = tokens.pop()
-            if nxt == ":":
-                nxt = tokens.pop()
-            if nxt in ("{", "<"):
-                item = block("}" if nxt == "{" else ">")
-            else:
-                item = value(nxt)
-            if name in out:
-                out[name] = out[name] if isinstance(out[name], list) else [out[name]]
-                out[name].append(item)
-            else:
-                out[name] = item
-        if closing:
-            raise ConfigError("unbalanced braces")
-        return out
-
-    return block(None)
-
-
-def _wrapped(d: dict, key: str, default):
-    raw = d.get(key, default)
-    return raw.get("value", default) if isinstance(raw, dict) else raw
+def parse_text_proto(text: str, message_type, what: str):
+    """``text`` parsed into a new ``message_type``; a ConfigError in TF Serving's words if it does not parse."""
+    message = message_type()
+    try:
+        text_format.Parse(text, message)
+    except text_format.ParseError as exc:
+        raise ConfigError(f"Error parsing text-format {message.DESCRIPTOR.full_name}: {exc}\n"
+                          f"Invalid protobuf file: '{what}'") from None
+    return message
 
 
 @dataclass
 class BatchingParameters:
+    """TF Serving's BatchingParameters with its defaults filled in (SharedBatchScheduler's and BatchingSession's)."""
     max_batch_size: int = 32
     batch_timeout_micros: int = 1000
     max_enqueued_batches: int = 100
@@ -90,23 +41,26 @@ class BatchingParameters:
     pad_variable_length_inputs: bool = False
 
     @classmethod
-    def from_text(cls, text: str) -> "BatchingParameters":
-        d = parse_text_format(text)
-        known = {"max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads",
-                 "allowed_batch_sizes", "pad_variable_length_inputs", "thread_pool_name"}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown batching parameters: {sorted(unknown)}")
+    def from_text(cls, text: str, what: str = "batching parameters") -> "BatchingParameters":
+        message = parse_text_proto(text, protos.load("tfs_config.batching_parameters_pb2").BatchingParameters, what)
+        if message.enable_large_batch_splitting.value:
+            raise ConfigError(f"{what}: enable_large_batch_splitting is not implemented by this server (a request "
+                              "larger than max_batch_size is refused instead of split)")
         defaults = cls()
-        allowed = d.get("allowed_batch_sizes", [])
+
+        def wrapped(name: str, default):
+            return getattr(message, name).value if message.HasField(name) else default
+
         params = cls(
-            max_batch_size=int(_wrapped(d, "max_batch_size", defaults.max_batch_size)),
-            batch_timeout_micros=int(_wrapped(d, "batch_timeout_micros", defaults.batch_timeout_micros)),
-            max_enqueued_batches=int(_wrapped(d, "max_enqueued_batches", defaults.max_enqueued_batches)),
-            num_batch_threads=int(_wrapped(d, "num_batch_threads", defaults.num_batch_threads)),
-            allowed_batch_sizes=sorted(int(x) for x in (allowed if isinstance(allowed, list) else [allowed])),
-            pad_variable_length_inputs=bool(_wrapped(d, "pad_variable_length_inputs", False)),
+            max_batch_size=wrapped("max_batch_size", defaults.max_batch_size),
+            batch_timeout_micros=wrapped("batch_timeout_micros", defaults.batch_timeout_micros),
+            max_enqueued_batches=wrapped("max_enqueued_batches", defaults.max_enqueued_batches),
+            num_batch_threads=wrapped("num_batch_threads", defaults.num_batch_threads),
+            allowed_batch_sizes=list(message.allowed_batch_sizes),
+            pad_variable_length_inputs=message.pad_variable_length_inputs,
         )
+        if params.allowed_batch_sizes != sorted(params.allowed_batch_sizes):
+            raise ConfigError(f"{what}: allowed_batch_sizes must be in increasing order (as in TF Serving)")
         if params.allowed_batch_sizes and params.allowed_batch_sizes[-1] != params.max_batch_size:
             raise ConfigError("the last allowed_batch_sizes entry must equal max_batch_size (as in TF Serving)")
         return params
@@ -118,9 +72,10 @@ class MonitoringConfig:
     path: str = "/monitoring/prometheus/metrics"
 
     @classmethod
-    def from_text(cls, text: str) -> "MonitoringConfig":
-        prom = parse_text_format(text).get("prometheus_config", {})
-        return cls(enable=bool(prom.get("enable", False)), path=prom.get("path") or cls.path)
+    def from_text(cls, text: str, what: str = "monitoring config") -> "MonitoringConfig":
+        message = parse_text_proto(text, protos.load("tfs_config.monitoring_config_pb2").MonitoringConfig, what)
+        prometheus = message.prometheus_config
+        return cls(enable=prometheus.enable, path=prometheus.path or cls.path)
 
 
 def read_model_config(path: str) -> model_server_config_pb2.ModelServerConfig:

@@ -100,10 +100,12 @@ class ModelServer:
         if args.enable_batching:
             batching = BatchingParameters()
             if args.batching_parameters_file:
-                batching = BatchingParameters.from_text(open(args.batching_parameters_file).read())
+                batching = BatchingParameters.from_text(open(args.batching_parameters_file).read(),
+                                                       args.batching_parameters_file)
         self.monitoring = MonitoringConfig()
         if args.monitoring_config_file:
-            self.monitoring = MonitoringConfig.from_text(open(args.monitoring_config_file).read())
+            self.monitoring = MonitoringConfig.from_text(open(args.monitoring_config_file).read(),
+                                                       args.monitoring_config_file)
         self.manager = Manager(args.max_num_load_retries, args.allow_version_labels_for_unavailable_models)
         self.core = PredictionCore(self.manager, batching, args.predict_threads, args.tensorflow_intra_op_parallelism,
                                    args.tensorflow_inter_op_parallelism)
