@@ -26,10 +26,11 @@ and, first, `baseline` (no fault) followed by a cache-hit-only phase for Redis k
 Each reports: requests sent; lost (anything but 200 or 503 with Retry-After: other statuses, 503 without
 Retry-After, no answer); 503s; recovery, the seconds from the dependency back (Redis listening or continued; the model
 server's pinned version AVAILABLE again; for the publish and unload scenarios the fault itself) until the last
-answer that was not a 200 (none after: 0; no 200 after it: not recovered); the slowest answer; Redis keys added per
-request; gateway and model server RSS before and after; answers from a version other than the pinned one; for Redis,
-whether the routing table and the audit log are intact after it and when cache hits came back; while a dependency is
-away, what /readyz says (every 0.25 s) and what the admin audit and a feedback call answer (once).
+answer that was not a 200 came (none after: 0; no 200 for any request sent after the last failed one was sent: not
+recovered); the slowest answer; Redis keys added per request; gateway and model server RSS before and after; answers
+from a version other than the pinned one; for Redis, whether the routing table and the audit log are intact after it
+and when cache hits came back; while a dependency is away, what /readyz says (every 0.25 s) and what the admin audit
+and a feedback call answer (once).
 
 Usage: python -m bench.faults [--quick] [--tiny] [--registry DIR] [--only redis_sigstop,...] [--result-name faults]
                                [--label TEXT]
@@ -103,13 +104,15 @@ class Answer:
 
 def recovery_seconds(answers: list[Answer], back_at: float) -> float | None:
     """Seconds from ``back_at`` (the dependency back) until full service: until the last answer that was not a 200
-    came (0 when none came after ``back_at``). None when no 200 came after that last failure and after ``back_at``:
-    not recovered within the window."""
-    last_failure = max((a.done for a in answers if a.outcome != OK), default=None)
-    since = back_at if last_failure is None else max(back_at, last_failure)
-    if not any(a.outcome == OK and a.done >= since for a in answers):
+    came (0 when none came after ``back_at``), so a request stranded for 10 s counts its 10 s. None when the service
+    did not recover within the window: no request sent after the last failed one was sent got a 200."""
+    failures = [a for a in answers if a.outcome != OK]
+    if not failures:
+        return 0.0 if answers else None
+    last_sent = max(a.sent for a in failures)
+    if not any(a.outcome == OK and a.sent > last_sent for a in answers):
         return None
-    return 0.0 if last_failure is None or last_failure <= back_at else last_failure - back_at
+    return max(0.0, max(a.done for a in failures) - back_at)
 
 
 def summarise(answers: list[Answer], fault_at: float, back_at: float, pinned: int | None) -> dict:

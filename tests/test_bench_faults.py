@@ -44,8 +44,12 @@ def test_recovery_runs_from_the_dependency_back_to_the_last_failure():
     assert recovery_seconds(answers, back) == pytest.approx(1.5)
     # failures that all came before the dependency was back cost no recovery time
     assert recovery_seconds([answer(9.0, 9.5, LOST, detail="500"), answer(10.1, 10.2)], back) == 0.0
-    # no success after the last failure: not recovered within the window
+    # a request stranded until its deadline counts its whole wait, though later ones were served meanwhile
+    stranded = [answer(9.9, 20.0, UNAVAILABLE, detail="503"), answer(10.5, 10.6), answer(11.0, 11.1)]
+    assert recovery_seconds(stranded, back) == pytest.approx(10.0)
+    # no success for a request sent after the last failed one: not recovered within the window
     assert recovery_seconds([answer(10.0, 10.1), answer(10.2, 12.0, LOST, detail="500")], back) is None
+    assert recovery_seconds([answer(10.0, 10.1)], back) == 0.0
     assert recovery_seconds([], back) is None
 
 
