@@ -128,7 +128,7 @@ def summarise(answers: list[Answer], fault_at: float, back_at: float, pinned: in
         "fault_to_back_s": back_at - fault_at,
         "slowest_answer_s": latencies[-1] if latencies else None,
         "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
-        "cached_answers_during_fault": sum(a.cached for a in answers if fault_at <= a.sent < back_at),
+        "cached_answers_during_fault": sum(a.cached for a in answers if fault_at <= a.sent and a.done < back_at),
         "cache_hits_resume_s": min(hits_back) - back_at if hits_back else None,
         "answered_by_version": {str(v): n for v, n in sorted(Counter(
             a.version for a in answers if a.outcome == OK).items())},
@@ -178,7 +178,7 @@ class Photos:
         self.bases = bases
         self.hot = [with_comment(photo, f"hot-{i}") for i, photo in enumerate(bases[:hot_count])]
         self._run = uuid.uuid4().hex[:12]
-        self._counter = itertools.count()
+        self._counter, self._hot_counter = itertools.count(), itertools.count()
 
     def next_mixed(self) -> tuple[bytes, bool]:
         i = next(self._counter)
@@ -187,7 +187,7 @@ class Photos:
         return with_comment(self.bases[(i // 2) % len(self.bases)], f"new-{self._run}-{i}"), True
 
     def next_hot(self) -> tuple[bytes, bool]:
-        return self.hot[next(self._counter) % len(self.hot)], False
+        return self.hot[next(self._hot_counter) % len(self.hot)], False
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -365,7 +365,8 @@ class FaultBench:
         shutil.rmtree(target, ignore_errors=True)
 
     def prepare(self) -> None:
-        """Versions 1 and 2 (only) in the registry and AVAILABLE, known to the gateway, traffic pinned to 1."""
+        """Versions 1 and 2 (only) in the registry and AVAILABLE, known to the gateway, traffic pinned to 1, the
+        repeated photos sent once (so cached unless Redis lost them)."""
         for folder in self.model_dir.iterdir():
             if folder.name.isdigit() and int(folder.name) not in (1, 2):
                 self.remove_version_folder(int(folder.name))
@@ -386,6 +387,7 @@ class FaultBench:
         wait_until(gateway_sees_both, 60, "the gateway to see versions 1 and 2", interval=0.2)
         if weights_of(self.admin.call("GET", "/v1/admin/routing")) != weights_of(PIN_TABLE):
             self.admin.call("PUT", "/v1/admin/routing", PIN_TABLE)
+        Load(self.gateway.http_url, self.photos.next_hot, 2, len(self.photos.hot)).run_to_count()
 
     def routing_and_audit(self, answers: list[Answer], back_at: float) -> dict:
         """After a Redis fault: is the table still the pin (as the gateway reports it and as the traffic after the
