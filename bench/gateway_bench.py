@@ -26,18 +26,13 @@ from bench.common import (
     alternating_rounds, load_serving_signature, median, percentiles_ms, published_version_or_exit, raw_throughput,
     write_result,
 )
-from bench.stack import Stack, distinct_photos, load, measured, miss_phase
+from bench.stack import Stack, distinct_photos, load, measured, miss_phase, rss_mb
 from training_job.paths import default_registry, shared_data_dir
 from training_job.preprocessing import load_image_file, preprocess_bytes
 
 PROTOCOLS = ("http", "grpc")
 CONCURRENCY = (1, 8, 32)
 HOT_SET = 200  # photos cached for the hit cells; the rest (about 1,000) are the miss cells' cold set
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
 async def paired_c1(target: str, model: str, url: str, photos: list[bytes]) -> dict:

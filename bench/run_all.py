@@ -2,8 +2,8 @@
 bench/REPORT.md, with one row per target of ../shared/docs/targets.md (measured, target, met or not).
 
 Besides the target rows: server-side batching on vs off, identical concurrent misses with and without
-single-flight, TFLite float/int8 vs the SavedModel on the CPU, and the gateway's 12 cells (HTTP and gRPC, cache miss
-and hit, concurrency 1, 8 and 32) as a second table.
+single-flight, TFLite float/int8 vs the SavedModel on the CPU, the gateway's 12 cells (HTTP and gRPC, cache miss
+and hit, concurrency 1, 8 and 32) as a second table, and the load-under-fault runs (bench/faults.py) as a third.
 
 Each benchmark is its own script (a fresh process, so one's threads and memory don't colour another's); they run one
 after the other, never at once. Usage: python -m bench.run_all [--skip train,gateway] [--seconds 8] [--report-only]
@@ -30,6 +30,7 @@ SCRIPTS = {
     "tflite": ["-m", "bench.tflite_bench"],
     "train": [str(BENCH_DIR / "train_bench.py")],
     "accuracy_cv": ["-m", "bench.accuracy_cv"],
+    "faults": ["-m", "bench.faults"],
 }
 TIMED = {"raw_model", "model_server", "gateway", "tflite"}  # the scripts that take --seconds
 
@@ -147,7 +148,57 @@ def rows() -> list[dict]:
             round(tw["classify_one_photo_s"], 3), "-", None, "s", "raw_model.json")
         add("tutorial's way: a whole process loading the model for one photo", round(tw["process_total_s"], 2), "-",
             None, "s", "raw_model.json")
+    for row in (load("faults").get("targets") or {}).values():
+        add(row["what"], row["value"], row["target"], row["met"], row.get("unit", ""), "faults.json")
     return out
+
+
+FAULT_NAMES = {"baseline": "none (baseline)", "redis_sigkill": "Redis SIGKILL, restarted",
+               "redis_sigstop": "Redis SIGSTOP, SIGCONT", "model_server_sigkill": "model server SIGKILL, restarted",
+               "model_server_sigstop": "model server SIGSTOP, SIGCONT",
+               "publish_non_atomic": "non-atomic publish (`cp -r` seen half done)",
+               "publish_corrupt": "corrupt publish (garbage saved_model.pb)",
+               "unload_under_load": "pinned version's folder removed under load"}
+
+
+def fault_rows() -> dict:
+    """How the load-under-fault runs of faults.json were made, and one row per scenario in the order they ran."""
+    faults = load("faults")
+    out = []
+    scenarios = faults.get("scenarios") or {}
+    for name in faults.get("order") or scenarios:  # the results file is written with sorted keys
+        s, notes = scenarios[name], []
+        if "routing_intact" in s:
+            notes.append(f"routing intact: {'yes' if s['routing_intact'] else '**no**'}, audit intact: "
+                         f"{'yes' if s['audit_intact'] else '**no**'}")
+        if s.get("admin_during_outage"):
+            notes.append("while down: admin audit " + s["admin_during_outage"].get("audit", "?") + ", feedback "
+                         + s["admin_during_outage"].get("feedback", "?"))
+        if s.get("readyz_during_outage"):
+            notes.append("/readyz while down: " + ", ".join(f"{n} × {answer}" for answer, n in
+                                                             sorted(s["readyz_during_outage"].items())))
+        if s.get("answers_off_pinned_version"):
+            notes.append(f"{s['answers_off_pinned_version']} answers not from the pinned version")
+        if "pinned_version_available_at_end" in s and not s["pinned_version_available_at_end"]:
+            notes.append("pinned version not AVAILABLE at the end")
+        if s.get("answers_by_new_version"):
+            notes.append(f"{s['answers_by_new_version']} answers from the new folder")
+        if s.get("half_copy_state_seen"):
+            notes.append(f"half copy seen by the server ({s['half_copy_state_seen']})")
+        if s.get("restart_to_available_s") is not None:
+            notes.append(f"RSS after: the new model server, AVAILABLE {s['restart_to_available_s']:.1f} s after its "
+                         "start")
+        if s.get("lost_by_kind"):
+            notes.append("lost: " + ", ".join(f"{n} × {kind}" for kind, n in s["lost_by_kind"].items()))
+        out.append({"fault": FAULT_NAMES.get(name, name), "requests": s["requests"], "lost": s["lost"],
+                    "unavailable_503": s["unavailable_503"], "recovery_s": s["recovery_s"],
+                    "slowest_answer_s": s["slowest_answer_s"], "redis_keys_per_request": s["redis_keys_per_request"],
+                    "gateway_rss_mb": s["gateway_rss_mb"], "model_server_rss_mb": s["model_server_rss_mb"],
+                    "notes": "; ".join(notes)})
+    if not out:
+        return {}
+    run = {k: faults.get(k) for k in ("concurrency", "timing", "quick", "label", "model", "cache_hits_only")}
+    return {"run": {**run, "revision": (faults.get("machine") or {}).get("revision")}, "rows": out}
 
 
 def gateway_cells() -> list[dict]:
@@ -181,7 +232,37 @@ def markdown(report: dict) -> str:
                      for c in (row["c1"], row["c8"], row["c32"])]
             name = f"{'HTTP' if row['protocol'] == 'http' else 'gRPC'}, cache {row['cache']}"
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if report.get("faults"):
+        lines += ["", *fault_table(report["faults"])]
     return "\n".join(lines) + "\n"
+
+
+def fault_table(faults: dict) -> list[str]:
+    run = faults["run"]
+    timing = run.get("timing") or {}
+    hits = run.get("cache_hits_only")
+    label = f" **{run['label']}**;" if run.get("label") else ""
+    seconds = lambda v: "not recovered" if v is None else f"{v:.2f} s"  # noqa: E731
+    number = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = [f"Under faults (bench/faults.py{', --quick' if run.get('quick') else ''};{label} revision "
+             f"{run.get('revision') or '?'}): HTTP classify at concurrency "
+             f"{run.get('concurrency')}, half repeated photos and half new ones, traffic pinned to version 1 of two; "
+             f"{timing.get('warm_s')} s steady, the fault, {timing.get('down_s')} s down, "
+             f"{timing.get('after_s')} s after the dependency is back. Lost = anything but 200 or 503 with "
+             "Retry-After; recovery = from the dependency back (the model server: its model AVAILABLE again; publish "
+             "and unload: the fault itself) to the last answer that was not a 200."
+             + (f" Cache hits only: {hits['requests']} requests, {number(hits['redis_keys_per_cache_hit'])} Redis "
+                "keys added per cache hit." if hits else ""), "",
+             "| fault | requests | lost | 503 + Retry-After | recovery | slowest answer | Redis keys / request | "
+             "gateway RSS MB before → after | model server RSS MB before → after | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in faults["rows"]:
+        gateway, server = row["gateway_rss_mb"], row["model_server_rss_mb"]
+        lines.append(f"| {row['fault']} | {row['requests']} | {'**' + str(row['lost']) + '**' if row['lost'] else 0} "
+                     f"| {row['unavailable_503']} | {seconds(row['recovery_s'])} | {seconds(row['slowest_answer_s'])} "
+                     f"| {number(row['redis_keys_per_request'])} | {gateway[0]:.0f} → {gateway[1]:.0f} | "
+                     f"{server[0]:.0f} → {server[1]:.0f} | {row['notes']} |")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -192,7 +273,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     skip = set(SCRIPTS) if args.report_only else {s for s in args.skip.split(",") if s}
     ran = {name: run(name, args.seconds) for name in SCRIPTS if name not in skip}
-    report = {"machine": machine_description(), "ran": ran, "rows": rows(), "gateway_cells": gateway_cells()}
+    report = {"machine": machine_description(), "ran": ran, "rows": rows(), "gateway_cells": gateway_cells(),
+              "faults": fault_rows()}
     (RESULTS_DIR / "report.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)
     (BENCH_DIR / "REPORT.md").write_text(table)

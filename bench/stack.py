@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -11,6 +12,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from bench.common import percentiles_ms
 from training_job.paths import PROJECT_ROOT
@@ -55,30 +57,40 @@ class Gateway:
 
 class Stack:
     """Redis + the model server (batching on unless told otherwise, Prometheus metrics on) for ``version_dir``'s
-    model; gateways are started and stopped on demand, all on free loopback ports."""
+    model; gateways are started and stopped on demand, all on free loopback ports.
+
+    ``write_model_config(path)`` writes the model server's --model_config_file (default: the newest version of
+    ``version_dir``'s model only). Redis and the model server can be killed, frozen and restarted on the same ports
+    (the fault benchmark); every process is stopped by its pid on exit."""
 
     def __init__(self, version_dir: Path, model_name: str, batching: bool = True,
-                 batching_config: str = BATCHING_CONFIG):
+                 batching_config: str = BATCHING_CONFIG,
+                 write_model_config: Callable[[Path], None] | None = None):
         self.version_dir, self.model_name, self.batching = version_dir, model_name, batching
         self.batching_config = batching_config
+        self.write_model_config = write_model_config
         self.work = Path(tempfile.mkdtemp(prefix="bench-stack-"))
         self.gateways: list[Gateway] = []
 
     def __enter__(self) -> "Stack":
-        from tests.model_server_harness import start_server, version_states, wait_until, write_config
+        from tests.model_server_harness import version_states, wait_until, write_config
         from tests.support import RedisServer
 
         config = self.work / "models.config"
-        write_config(config, {self.model_name: self.version_dir.parent})
+        if self.write_model_config is not None:
+            self.write_model_config(config)
+        else:
+            write_config(config, {self.model_name: self.version_dir.parent})
         (self.work / "monitoring.config").write_text(f'prometheus_config {{ enable: true, path: "{MONITORING_PATH}" }}\n')
         extra = [f"--monitoring_config_file={self.work / 'monitoring.config'}"]
         if self.batching:
             (self.work / "batching.config").write_text(self.batching_config)
             extra += ["--enable_batching", f"--batching_parameters_file={self.work / 'batching.config'}"]
+        self._server_args = (config, extra)
         self.redis = RedisServer().start()
         self.server = None
         try:
-            self.server = start_server(self.version_dir.parent.parent, config, *extra)
+            self.server = self._start_model_server()
             wait_until(lambda: any(state == AVAILABLE for state, _ in
                                    version_states(self.server.grpc_target, self.model_name).values()),
                        timeout=180, what=f"{self.model_name} AVAILABLE")
@@ -91,10 +103,56 @@ class Stack:
         from tests.model_server_harness import stop_server
 
         for gateway in list(self.gateways):
+            resume(gateway.process)
             self.stop_gateway(gateway)
         if self.server is not None:
+            resume(self.server.process)
             stop_server(self.server)
+        if self.redis.process is not None:
+            resume(self.redis.process)
         self.redis.stop()
+
+    def _start_model_server(self, grpc_port: int | None = None, rest_port: int | None = None):
+        """The model server on these ports (free ones when not given), as tests/model_server_harness starts it."""
+        from tests.model_server_harness import ServerUnderTest
+        from tests.support import free_port, wait_for_port
+
+        config, extra = self._server_args
+        grpc_port, rest_port = grpc_port or free_port(), rest_port or free_port()
+        log_file = self.work / f"model-server-{grpc_port}-{time.monotonic_ns()}.log"
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(PROJECT_ROOT)}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.model_server", f"--port={grpc_port}", f"--rest_api_port={rest_port}",
+             "--host=127.0.0.1", f"--model_config_file={config}", "--file_system_poll_wait_seconds=1", *extra],
+            stdout=open(log_file, "w"), stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT)
+        wait_for_port(rest_port, timeout=180, process=process)
+        return ServerUnderTest(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{rest_port}",
+                               self.version_dir.parent.parent, config, process, log_file)
+
+    def kill_model_server(self) -> None:
+        """SIGKILL, as an OOM kill or a node failure would: no shutdown code runs."""
+        self.server.process.kill()
+        self.server.process.wait()
+
+    def restart_model_server(self) -> None:
+        """A new model server on the killed one's ports and flags (the gateways keep their address); returns once its
+        REST port listens, before any model is loaded."""
+        grpc_port, rest_port = (int(u.rsplit(":", 1)[1]) for u in (self.server.grpc_target, self.server.rest_url))
+        if self.server.process.poll() is None:
+            raise RuntimeError("the model server is still running: kill it first")
+        self.server = self._start_model_server(grpc_port, rest_port)
+
+    def kill_redis(self) -> None:
+        """SIGKILL Redis (with the local stack's settings its data is gone, as after a crash)."""
+        self.redis.process.kill()
+        self.redis.process.wait()
+        self.redis.process = None
+
+    def restart_redis(self) -> None:
+        """Redis again on the same port and folder; returns once it listens."""
+        if self.redis.process is not None:
+            raise RuntimeError("Redis is still running: kill it first")
+        self.redis.start()
 
     @property
     def model_server_metrics_url(self) -> str:
@@ -113,7 +171,7 @@ class Stack:
             client.delete(key)
         client.close()
 
-    def start_gateway(self, *extra: str, grpc: bool = True) -> Gateway:
+    def start_gateway(self, *extra: str, grpc: bool = True, env: dict[str, str] | None = None) -> Gateway:
         from tests.support import free_port, wait_for_port
 
         http_port, grpc_port = free_port(), (free_port() if grpc else 0)
@@ -123,7 +181,7 @@ class Stack:
              f"--grpc-port={grpc_port}", f"--model-server={self.server.grpc_target}", f"--redis-url={self.redis.url}",
              f"--model-name={self.model_name}", *extra],
             cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+            env={**os.environ, **(env or {}), "PYTHONPATH": str(PROJECT_ROOT)})
         gateway = Gateway(process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}" if grpc else None)
         self.gateways.append(gateway)
         wait_for_port(http_port, timeout=60, process=process)
@@ -139,6 +197,22 @@ class Stack:
 
         stop_process(gateway.process)
         self.gateways.remove(gateway)
+
+
+def freeze(process: subprocess.Popen) -> None:
+    """SIGSTOP: the process keeps its sockets (connections are accepted by the kernel) but answers nothing."""
+    process.send_signal(signal.SIGSTOP)
+
+
+def resume(process: subprocess.Popen | None) -> None:
+    """SIGCONT (harmless on a running process); stopping a frozen process by SIGTERM would wait for it otherwise."""
+    if process is not None and process.poll() is None:
+        process.send_signal(signal.SIGCONT)
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
 def measured(gateway: Gateway, protocol: str, photos: list[bytes], concurrency: int, **limits) -> dict:

@@ -1,0 +1,144 @@
+"""bench/faults.py counts what it claims to: the lost-request rule and the recovery time on hand-made answers, new
+photos that are new bytes of a valid photo, and the smallest real run (one Redis SIGSTOP under a few dozen requests,
+two tiny model versions) with its counts adding up and every process it started gone afterwards."""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+
+import pytest
+from PIL import Image
+
+from bench.faults import (
+    LOST, OK, UNAVAILABLE, Answer, Photos, Timing, classify_outcome, recovery_seconds, run_bench, summarise,
+    with_comment,
+)
+
+
+@pytest.mark.parametrize("status, retry_after, outcome", [
+    (200, None, OK),
+    (503, "2", UNAVAILABLE),
+    (503, " 1 ", UNAVAILABLE),
+    (503, "Wed, 21 Oct 2026 07:28:00 GMT", UNAVAILABLE),
+    (503, None, LOST),  # a 503 that does not say when to come back
+    (503, "", LOST),
+    (503, "soon", LOST),
+    (500, "2", LOST),
+    (404, None, LOST),  # e.g. a pinned version that vanished
+    (400, None, LOST),
+    (None, None, LOST),  # refused, reset or timed out: no answer at all
+])
+def test_lost_is_anything_but_success_or_503_with_retry_after(status, retry_after, outcome):
+    assert classify_outcome(status, retry_after) == outcome
+
+
+def answer(sent, done, outcome=OK, version=1, cached=False, detail="200"):
+    return Answer(sent, done, outcome, detail, version if outcome == OK else None, cached)
+
+
+def test_recovery_runs_from_the_dependency_back_to_the_last_failure():
+    back = 10.0
+    answers = [answer(9.0, 9.1), answer(9.5, 10.4, UNAVAILABLE, detail="503"),
+               answer(10.0, 11.5, LOST, detail="ServerTimeoutError"), answer(11.6, 11.7)]
+    assert recovery_seconds(answers, back) == pytest.approx(1.5)
+    # failures that all came before the dependency was back cost no recovery time
+    assert recovery_seconds([answer(9.0, 9.5, LOST, detail="500"), answer(10.1, 10.2)], back) == 0.0
+    # a request stranded until its deadline counts its whole wait, though later ones were served meanwhile
+    stranded = [answer(9.9, 20.0, UNAVAILABLE, detail="503"), answer(10.5, 10.6), answer(11.0, 11.1)]
+    assert recovery_seconds(stranded, back) == pytest.approx(10.0)
+    # no success for a request sent after the last failed one: not recovered within the window
+    assert recovery_seconds([answer(10.0, 10.1), answer(10.2, 12.0, LOST, detail="500")], back) is None
+    assert recovery_seconds([answer(10.0, 10.1)], back) == 0.0
+    assert recovery_seconds([], back) is None
+
+
+def test_summary_counts_each_answer_once_and_flags_the_ones_off_the_pinned_version():
+    answers = [answer(0.0, 0.1, cached=True), answer(1.0, 1.2), answer(1.1, 1.3, UNAVAILABLE, detail="503"),
+               answer(1.2, 2.5, LOST, detail="500"), answer(2.1, 2.2, version=2), answer(2.6, 2.7, cached=True)]
+    figures = summarise(answers, fault_at=1.0, back_at=2.0, pinned=1)
+    assert (figures["requests"], figures["ok"], figures["unavailable_503"], figures["lost"]) == (6, 4, 1, 1)
+    assert figures["lost_by_kind"] == {"500": 1}
+    assert figures["recovery_s"] == pytest.approx(0.5)
+    assert figures["answered_by_version"] == {"1": 3, "2": 1}
+    assert figures["answers_off_pinned_version"] == 1
+    assert figures["cached_answers_during_fault"] == 0
+    assert figures["cache_hits_resume_s"] == pytest.approx(0.7)
+
+
+def test_new_photos_are_new_bytes_of_the_same_valid_photo():
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 24), (200, 30, 30)).save(buffer, "JPEG")
+    photos = Photos([buffer.getvalue()] * 3, hot_count=2)
+    sent = [photos.next_mixed() for _ in range(8)]
+    hot = [data for data, new in sent if not new]
+    fresh = [data for data, new in sent if new]
+    assert len(hot) == len(fresh) == 4 and len(set(hot)) == 2 and len(set(fresh)) == 4
+    for data in fresh + [with_comment(buffer.getvalue(), "x" * 300)]:
+        with Image.open(io.BytesIO(data)) as image:
+            assert image.size == (32, 24) and image.convert("RGB").getpixel((5, 5))[0] > 150
+
+
+def test_a_redis_sigstop_run_counts_every_request_and_stops_its_processes():
+    pids_before = set(os.listdir("/proc"))
+    result = run_bench(["redis_sigstop"], Timing(warm_s=1.0, down_s=1.5, after_s=1.5), concurrency=2, tiny=True,
+                       think_s=0.05, max_requests=120)
+    row = result["scenarios"]["redis_sigstop"]
+    assert 30 <= row["requests"] <= 120, row
+    assert row["ok"] + row["unavailable_503"] + row["lost"] == row["requests"], row
+    assert row["lost"] == sum(row["lost_by_kind"].values()), row
+    assert sum(row["answered_by_version"].values()) == row["ok"], row
+    assert row["new_photo_share"] == pytest.approx(0.5, abs=0.05), row
+    # the freeze took: nothing answered while Redis was stopped came from the cache; the cache answered again after
+    assert row["fault_to_back_s"] >= 1.5 and row["cached_answers_during_fault"] == 0, row
+    assert row["cache_hits_resume_s"] is not None, row
+    assert row["redis_keys_per_request"] is not None and row["routing_table_kept"] in (True, False), row
+    assert row["gateway_rss_mb"][0] > 0 and row["model_server_rss_mb"][1] > 0, row
+    assert sum(row["readyz_during_outage"].values()) >= 1 and set(row["admin_during_outage"]) == {
+        "audit", "feedback"}, row
+    assert "lost" in result["targets"] and "recovery" in result["targets"], result["targets"]
+    shutil.rmtree(result["logs"], ignore_errors=True)
+    left = {pid for pid in set(os.listdir("/proc")) - pids_before if pid.isdigit()}
+    started_by_us = [pid for pid in left if _parent(pid) == os.getpid()]
+    assert started_by_us == [], started_by_us
+
+
+def _parent(pid: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def test_targets_and_the_report_table_show_what_was_not_met(monkeypatch):
+    import bench.run_all as run_all
+    from bench.faults import targets
+
+    base = {"requests": 100, "ok": 100, "unavailable_503": 0, "lost": 0, "lost_by_kind": {}, "recovery_s": 0.0,
+            "slowest_answer_s": 0.1, "redis_keys_per_request": 1.5, "gateway_rss_mb": [90, 95],
+            "model_server_rss_mb": [600, 610], "answers_off_pinned_version": 0}
+    scenarios = {
+        "redis_sigkill": {**base, "routing_intact": False, "audit_intact": True, "answers_off_pinned_version": 40},
+        "model_server_sigkill": {**base, "ok": 80, "unavailable_503": 15, "lost": 5,
+                                 "lost_by_kind": {"HTTP 500": 5}, "recovery_s": None},
+    }
+    hits = {"requests": 50, "cache_hits": 50, "redis_keys_per_cache_hit": 1.0}
+    figures = targets(scenarios, hits)
+    assert figures["lost"]["value"] == 5 and not figures["lost"]["met"]
+    assert figures["recovery"]["value"] == "not recovered" and not figures["recovery"]["met"]
+    assert not figures["keys_per_hit"]["met"] and not figures["state_after_restart"]["met"]
+    assert targets({"redis_sigstop": base}, {"redis_keys_per_cache_hit": 0.0})["keys_per_hit"]["met"]
+
+    result = {"scenarios": scenarios, "order": ["redis_sigkill", "model_server_sigkill"], "targets": figures,
+              "cache_hits_only": hits, "concurrency": 8, "timing": {"warm_s": 1, "down_s": 1, "after_s": 1},
+              "label": "before the fixes", "machine": {"revision": "abc"}}
+    monkeypatch.setattr(run_all, "load", lambda name: result if name == "faults" else {})
+    report = {"machine": {"cores": 2, "cpu": "cpu", "python": "3", "revision": "abc", "measured_at": "now"},
+              "rows": run_all.rows(), "gateway_cells": [], "faults": run_all.fault_rows()}
+    text = run_all.markdown(report)
+    assert "| requests lost under faults" in text and "**before the fixes**" in text
+    lines = [line for line in text.splitlines() if line.startswith("| Redis SIGKILL") or
+             line.startswith("| model server SIGKILL")]
+    assert lines[0].startswith("| Redis SIGKILL") and "routing intact: **no**, audit intact: yes" in lines[0]
+    assert "| **5** | 15 | not recovered |" in lines[1] and "5 × HTTP 500" in lines[1]
