@@ -1,9 +1,9 @@
 """A/B routing: a weights table per model in Redis that every gateway replica follows, sticky per client id.
 
 An entry of the table is a version number (``3``) or a version label (``"canary"``) that the model server resolves
-(see labels.py). Redis keys (plain JSON): ``mushroom:routing:<model>`` = {"weights": {"<version or label>": weight,
-...}, "shadow": version, label or null}; ``mushroom:audit:<model>`` = list of {"who", "when", "old", "new"} (newest
-first), entries as given. Weighted rendezvous hashing on the entry name picks an entry per client: when a weight
+(see labels.py). Redis keys (keys.routing, keys.audit): the table as JSON {"weights": {"<version or label>": weight,
+...}, "shadow": version, label or null}; the audit as a list of {"who", "when", "old", "new"} (newest first), entries
+as given. Weighted rendezvous hashing on the entry name picks an entry per client: when a weight
 changes only the clients that must move do, and moving a label to another version moves no client between entries.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from services.gateway import metrics
+from services.gateway import keys, metrics
 
 log = logging.getLogger("gateway.routing")
 Entry = int | str  # a version number or a version label
@@ -130,11 +130,11 @@ class Router:
 
     @property
     def key(self) -> str:
-        return f"mushroom:routing:{self.model_name}"
+        return keys.routing(self.model_name)
 
     @property
     def audit_key(self) -> str:
-        return f"mushroom:audit:{self.model_name}"
+        return keys.audit(self.model_name)
 
     async def refresh(self) -> None:
         """Re-read the table from Redis (about twice a second); the caller keeps the last table when Redis is down.

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from services.gateway import metrics
+from services.gateway import keys, metrics
 
 REQUEST_TTL_SECONDS = 7 * 24 * 3600
 
@@ -64,30 +64,33 @@ class Stats:
         metrics.SHADOW_SECONDS.observe(seconds)
 
     async def remember_request(self, request_id: str, version: int, predicted: str) -> None:
-        await self.redis.set(f"mushroom:request:{request_id}", json.dumps({"version": version, "predicted": predicted}),
+        await self.redis.set(keys.request(request_id), json.dumps({"version": version, "predicted": predicted}),
                              ex=REQUEST_TTL_SECONDS)
 
     async def feedback(self, request_id: str, true_label: str) -> dict | None:
         """Records ground truth once per request; returns what was recorded, None for an unknown request id."""
-        raw = await self.redis.getdel(f"mushroom:request:{request_id}")
+        raw = await self.redis.getdel(keys.request(request_id))
         if raw is None:
             return None
         answer = json.loads(raw)
         correct = answer["predicted"] == true_label
-        key = f"mushroom:feedback:{self.model_name}:{answer['version']}"
-        await self.redis.hincrby(key, "total", 1)
-        await self.redis.hincrby(key, "correct", int(correct))
+        tally = keys.feedback_tally(self.model_name)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(tally, f"{answer['version']}:total", 1)
+            pipe.hincrby(tally, f"{answer['version']}:correct", int(correct))
+            await pipe.execute()
         return {"version": answer["version"], "predicted": answer["predicted"], "true_label": true_label,
                 "correct": correct}
 
     async def feedback_counts(self) -> dict[int, tuple[int, int]]:
-        counts = {}
-        async for key in self.redis.scan_iter(match=f"mushroom:feedback:{self.model_name}:*"):
-            key = key.decode() if isinstance(key, bytes) else key
-            values = await self.redis.hgetall(key)
-            get = lambda k: int(values.get(k.encode(), values.get(k, 0)))  # noqa: E731
-            counts[int(key.rsplit(":", 1)[1])] = (get("correct"), get("total"))
-        return counts
+        """{version: (correct, total)} from the one tally hash of the model."""
+        counts: dict[int, list[int]] = {}
+        for field_name, value in (await self.redis.hgetall(keys.feedback_tally(self.model_name))).items():
+            field_name = field_name.decode() if isinstance(field_name, bytes) else field_name
+            version, _, kind = field_name.partition(":")
+            if version.isdigit() and kind in ("correct", "total"):
+                counts.setdefault(int(version), [0, 0])[kind == "total"] = int(value)
+        return {version: (correct, total) for version, (correct, total) in counts.items()}
 
     async def summary(self) -> dict:
         feedback = await self.feedback_counts()
