@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from services.gateway import metrics
 from services.gateway.classifier import Classifier
 from services.gateway.errors import GatewayError
+from services.gateway.feedback import BadFeedbackToken
 from services.gateway.openapi import OPENAPI
 from services.gateway.routing import RoutingError, RoutingTable
 from services.gateway.upstream import UpstreamUnavailable
@@ -132,13 +133,20 @@ class HttpApi:
             data = json.loads(await request.read())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise GatewayError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
-        if not isinstance(data, dict) or not isinstance(data.get("request_id"), str) or not isinstance(
+        if not isinstance(data, dict) or not isinstance(data.get("feedback_token"), str) or not isinstance(
                 data.get("true_label"), str):
-            raise GatewayError(400, "bad_feedback", 'feedback is {"request_id": "...", "true_label": "..."}')
-        recorded = await self.classifier.stats.feedback(data["request_id"], data["true_label"])
+            raise GatewayError(400, "bad_feedback", 'feedback is {"feedback_token": "<the answer\'s '
+                               'feedback_token>", "true_label": "..."} (request_id optional)')
+        try:
+            claim = self.classifier.stats.tokens.verify(data["feedback_token"])
+        except BadFeedbackToken as exc:
+            status = {"expired": 410, "forged": 403}.get(exc.reason, 400)
+            raise GatewayError(status, f"feedback_token_{exc.reason}", str(exc)) from None
+        if data.get("request_id") not in (None, claim.request_id):
+            raise GatewayError(400, "bad_feedback", "request_id is not the one of the feedback_token")
+        recorded = await self.classifier.stats.record_feedback(claim, data["true_label"])
         if recorded is None:
-            raise GatewayError(404, "unknown_request", "no recent answer has that request_id (or it already "
-                               "got feedback)")
+            raise GatewayError(409, "feedback_already_recorded", f"answer {claim.request_id} already got feedback")
         return web.json_response(recorded)
 
     def _demo_version(self) -> int:

@@ -44,7 +44,3 @@ def feedback_seen(model: str) -> str:
     removed at each feedback write), so one answer counts once. State: no TTL, bounded by the feedback window."""
     return f"{PREFIX}:feedback_seen:{model}"
 
-
-def request(request_id: str) -> str:
-    """String (JSON): what an answer predicted, for its feedback. Written with a 7-day TTL."""
-    return f"{PREFIX}:request:{request_id}"

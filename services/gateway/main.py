@@ -38,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache, routing table, audit and feedback (REDIS_URL)")
     p.add_argument("--admin-token", default=env("GATEWAY_ADMIN_TOKEN", ""),
                    help="bearer token of the admin API; empty = routing changes refused (GATEWAY_ADMIN_TOKEN)")
+    p.add_argument("--feedback-secret-file", default=env("FEEDBACK_SECRET_FILE", ""),
+                   help="file holding the secret that signs answers' feedback tokens, shared by every replica "
+                   "(FEEDBACK_SECRET_FILE; or the secret itself in FEEDBACK_SECRET; neither = a random one per "
+                   "process)")
+    p.add_argument("--feedback-window", type=int, default=int(env("FEEDBACK_WINDOW_SECONDS", str(7 * 24 * 3600))),
+                   help="seconds after an answer that its feedback is accepted (FEEDBACK_WINDOW_SECONDS, default "
+                   "7 days)")
     p.add_argument("--cache-ttl", type=int, default=int(env("CACHE_TTL_SECONDS", "86400")),
                    help="seconds a cached answer lives (CACHE_TTL_SECONDS)")
     p.add_argument("--max-bytes", type=int, default=int(env("MAX_PHOTO_BYTES", str(20 * 1024 * 1024))),
@@ -68,6 +75,7 @@ class Gateway:
 
         from services.gateway.cache import ResultCache
         from services.gateway.classifier import Classifier
+        from services.gateway.feedback import tokens_from_config
         from services.gateway.labels import LabelResolver
         from services.gateway.model_info import ModelInfo
         from services.gateway.routing import Router
@@ -81,7 +89,8 @@ class Gateway:
         upstream = ModelServerClient(args.model_server, args.model_name, timeout=args.upstream_timeout)
         self.classifier = Classifier(upstream, ResultCache(self.redis, args.cache_ttl),
                                      Router(self.redis, args.model_name, LabelResolver(upstream)),
-                                     Stats(self.redis, args.model_name),
+                                     Stats(self.redis, args.model_name, tokens_from_config(
+                                         args.feedback_secret_file or None, args.model_name, args.feedback_window)),
                                      ModelInfo(args.model_base_path or None), Limits(args.max_bytes, args.max_pixels))
         if not args.single_flight:
             self.classifier.single_flight = NoSingleFlight()

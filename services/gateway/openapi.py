@@ -47,10 +47,12 @@ OPENAPI = {
             "description": "models", "content": {"application/json": {"schema": {
                 "$ref": "#/components/schemas/Models"}}}}}}},
         "/v1/feedback": {"post": {"summary": "Ground truth for an answer", "requestBody": {"content": {
-            "application/json": {"schema": {"type": "object", "required": ["request_id", "true_label"],
-                                             "properties": {"request_id": {"type": "string"},
+            "application/json": {"schema": {"type": "object", "required": ["feedback_token", "true_label"],
+                                             "properties": {"feedback_token": {"type": "string"},
+                                                            "request_id": {"type": "string"},
                                                             "true_label": {"type": "string"}}}}}},
-            "responses": {"200": {"description": "recorded"}, **_ERRORS}}},
+            "responses": {"200": {"description": "recorded"}, "409": {"description": "already recorded"},
+                          "410": {"description": "feedback_token expired"}, **_ERRORS}}},
         "/v1/demo": {"get": {"summary": "The demo photos of the current model", "responses": {"200": {
             "description": "photos"}}}},
         "/v1/demo/photos/{sha256}": {"get": {"summary": "A demo photo", "parameters": [
@@ -154,6 +156,7 @@ OPENAPI = {
                     "routing": {"$ref": "#/components/schemas/RoutingState"}}}}}},
             "Answer": {"type": "object", "properties": {
                 "request_id": {"type": "string"},
+                "feedback_token": {"type": "string", "description": "send it to /v1/feedback with the true label"},
                 "model": {"type": "object", "properties": {"name": {"type": "string"}, "version": {"type": "integer"}}},
                 "predictions": {"type": "array", "items": {"type": "object", "properties": {
                     "label": {"type": "string"}, "display_name": {"type": "string"}, "score": {"type": "number"}}}},

@@ -1,0 +1,195 @@
+"""Gateway state in Redis under faults: answers cost no key (signed feedback tokens), operator state survives a Redis
+restart, admin and feedback answer 503 while Redis is down or frozen, named operator tokens, supervised watchers.
+Real redis-server, model server and gateway processes on free loopback ports."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+
+from services.gateway import keys
+from services.gateway.feedback import BadFeedbackToken, FeedbackTokens
+from services.gateway.protos import load
+from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
+from tests.support import MUSHROOMS, RedisServer, free_port, stop_process, wait_for_port
+from tests.tiny_model import publish_tiny_versions
+from training_job.paths import PROJECT_ROOT
+
+pb, pb_grpc = load()
+FEEDBACK_SECRET = "a-test-feedback-secret-shared-by-replicas"
+OPERATORS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789"}
+PHOTOS = sorted(p for d in sorted(MUSHROOMS.iterdir()) for p in sorted(d.iterdir())[:2])
+
+
+class Gateway:
+    """A gateway process; ``extra`` flags and ``env`` on top of the test defaults."""
+
+    def __init__(self, model_server: str, redis_url: str, *extra: str, env: dict | None = None,
+                 wait_ready: bool = True):
+        self.http_port, self.grpc_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.log = Path(f"/tmp/gateway-state-test-{self.http_port}.log")
+        full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "FEEDBACK_SECRET": FEEDBACK_SECRET,
+                    "GATEWAY_ADMIN_TOKEN": "", **(env or {})}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "services.gateway", "--host=127.0.0.1", f"--http-port={self.http_port}",
+             f"--grpc-port={self.grpc_port}", f"--model-server={model_server}", f"--redis-url={redis_url}",
+             f"--model-name={MODEL}", *extra],
+            stdout=open(self.log, "w"), stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, env=full_env)
+        wait_for_port(self.http_port, timeout=90, process=self.process)
+        if wait_ready:
+            wait_until(lambda: self.request("GET", "/readyz")[0] == 200, timeout=30, what="gateway ready")
+
+    def request(self, method, path, body=None, content_type=None, token=None, headers=None, timeout=30):
+        headers = dict(headers or {})
+        if isinstance(body, (dict, list)):
+            body, content_type = json.dumps(body).encode(), "application/json"
+        if content_type:
+            headers["Content-Type"] = content_type
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as response:
+                raw = response.read()
+                return response.status, (json.loads(raw) if raw[:1] in (b"{", b"[") else raw.decode()), \
+                    dict(response.headers)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read()), dict(exc.headers)
+
+    def classify(self, photo: bytes, **params):
+        query = "&".join(f"{k}={v}" for k, v in params.items())
+        return self.request("POST", f"/v1/classify?{query}", photo, "image/jpeg")
+
+    def metric(self, name: str, **labels) -> float:
+        """The value of one sample of /metrics (0 when absent)."""
+        _, text, _ = self.request("GET", "/metrics")
+        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in text.splitlines():
+            sample, _, value = line.rpartition(" ")
+            if sample == (f"{name}{{{wanted}}}" if labels else name):
+                return float(value)
+        return 0.0
+
+    def stop(self):
+        stop_process(self.process)
+
+
+@pytest.fixture(scope="module")
+def model_server(tmp_path_factory):
+    registry = tmp_path_factory.mktemp("registry")
+    publish_tiny_versions(registry, MODEL)
+    config = registry / "models.config"
+    write_config(config, {MODEL: registry / MODEL}, policy="all {}")
+    server = start_server(registry, config)
+    wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0] == 30 for v in (1, 2)),
+               what="versions 1 and 2")
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture()
+def redis_server():
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture()
+def gateway(model_server, redis_server):
+    gw = Gateway(model_server.grpc_target, redis_server.url, env={"GATEWAY_ADMIN_TOKEN": "the-admin-token"})
+    yield gw
+    gw.stop()
+
+
+# ---------------------------------------------------------------------------------------------- feedback tokens
+def test_cache_hits_add_no_redis_keys(gateway, redis_server):
+    client = redis.Redis.from_url(redis_server.url)
+    photo = PHOTOS[0].read_bytes()
+    assert gateway.classify(photo, version=1)[0] == 200
+    wait_until(lambda: gateway.classify(photo, version=1)[1]["cached"], timeout=10, what="the answer cached")
+    before, hits = client.dbsize(), 200
+    for _ in range(hits):
+        status, answer, _ = gateway.classify(photo, version=1)
+        assert status == 200 and answer["cached"]
+    assert (client.dbsize() - before) / hits <= 0.01
+
+
+def test_feedback_token_from_http_and_grpc_counts_once_on_any_replica(gateway, model_server, redis_server):
+    status, answer, _ = gateway.classify(PHOTOS[1].read_bytes(), version=1)
+    assert status == 200 and answer["feedback_token"]
+    predicted = answer["predictions"][0]["label"]
+    with grpc.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+        grpc_answer = pb_grpc.ClassifierStub(channel).Classify(
+            pb.ClassifyRequest(photo=PHOTOS[2].read_bytes(), version=2), timeout=30)
+    assert grpc_answer.feedback_token
+    other = Gateway(model_server.grpc_target, redis_server.url)  # same FEEDBACK_SECRET: another replica
+    try:
+        body = {"feedback_token": answer["feedback_token"], "request_id": answer["request_id"],
+                "true_label": predicted}
+        status, recorded, _ = other.request("POST", "/v1/feedback", body)
+        assert status == 200 and recorded["correct"] and recorded["version"] == 1
+        assert gateway.request("POST", "/v1/feedback", body)[0] == 409  # once per answer, on any replica
+        wrong = {"feedback_token": grpc_answer.feedback_token, "true_label": "not-" + grpc_answer.predictions[0].label}
+        assert gateway.request("POST", "/v1/feedback", wrong)[0] == 200
+    finally:
+        other.stop()
+    head, payload, signature = answer["feedback_token"].split(".")
+    forged = f"{head}.{payload[:-2]}xx.{signature}"
+    assert gateway.request("POST", "/v1/feedback", {"feedback_token": forged, "true_label": "x"})[0] in (400, 403)
+    assert gateway.request("POST", "/v1/feedback", {"request_id": answer["request_id"], "true_label": "x"})[0] == 400
+    status, summary, _ = gateway.request("GET", "/v1/admin/status", token="the-admin-token")
+    assert summary["versions"]["1"]["feedback"] == {"correct": 1, "total": 1}
+    assert summary["versions"]["2"]["feedback"] == {"correct": 0, "total": 1}
+
+
+def test_feedback_tokens_expire_and_bind_the_model():
+    now = [1_000_000.0]
+    tokens = FeedbackTokens(b"0123456789abcdef0123", MODEL, lifetime_seconds=60, clock=lambda: now[0])
+    token = tokens.issue("r1", 3, "amanita")
+    claim = tokens.verify(token)
+    assert (claim.request_id, claim.version, claim.predicted, claim.expires_at) == ("r1", 3, "amanita", 1_000_060)
+    with pytest.raises(BadFeedbackToken, match="bad signature"):
+        FeedbackTokens(b"another-secret-0123456", MODEL).verify(token)
+    with pytest.raises(BadFeedbackToken) as other_model:
+        FeedbackTokens(b"0123456789abcdef0123", "other", clock=lambda: now[0]).verify(token)
+    assert other_model.value.reason == "forged"
+    now[0] += 60
+    with pytest.raises(BadFeedbackToken) as expired:
+        tokens.verify(token)
+    assert expired.value.reason == "expired"
+
+
+def test_feedback_seen_set_forgets_expired_answers(redis_server):
+    """The single-use set holds an answer only until its token expires: it stays bounded by the window."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from services.gateway.stats import Stats
+
+    now = [1_000_000.0]
+    tokens = FeedbackTokens(b"0123456789abcdef0123", MODEL, lifetime_seconds=60, clock=lambda: now[0])
+
+    async def scenario():
+        client = aioredis.from_url(redis_server.url)
+        stats = Stats(client, MODEL, tokens)
+        first = tokens.verify(tokens.issue("r1", 1, "a"))
+        assert await stats.record_feedback(first, "a") is not None
+        assert await stats.record_feedback(first, "a") is None
+        now[0] += 61
+        second = tokens.verify(tokens.issue("r2", 1, "a"))
+        assert await stats.record_feedback(second, "b") is not None
+        members = await client.zrange(keys.feedback_seen(MODEL), 0, -1)
+        await client.aclose()
+        return members
+
+    assert asyncio.run(scenario()) == [b"r2"]
