@@ -193,3 +193,46 @@ def test_feedback_seen_set_forgets_expired_answers(redis_server):
         return members
 
     assert asyncio.run(scenario()) == [b"r2"]
+
+
+# ---------------------------------------------------------------------------------------------- Redis down or frozen
+ADMIN = "the-admin-token"
+
+
+def assert_state_calls_answer_503_promptly(gateway, answer) -> None:
+    import time
+
+    calls = [("PUT", "/v1/admin/routing", {"weights": {"1": 100}, "shadow": None}, ADMIN),
+             ("GET", "/v1/admin/audit", None, ADMIN), ("GET", "/v1/admin/status", None, ADMIN),
+             ("POST", "/v1/feedback", {"feedback_token": answer["feedback_token"], "true_label": "x"}, None)]
+    for method, path, body, token in calls:
+        start = time.monotonic()
+        status, error, headers = gateway.request(method, path, body, token=token, timeout=20)
+        assert (status, error["error"]["code"]) == (503, "redis_unavailable"), (method, path, status, error)
+        assert int(headers["Retry-After"]) >= 1
+        assert time.monotonic() - start < 5, f"{method} {path} took {time.monotonic() - start:.1f} s"
+
+
+def test_admin_and_feedback_answer_503_while_redis_is_stopped(gateway, redis_server):
+    status, answer, _ = gateway.classify(PHOTOS[0].read_bytes(), version=1)
+    assert status == 200
+    redis_server.stop()
+    try:
+        assert_state_calls_answer_503_promptly(gateway, answer)
+    finally:
+        redis_server.start()
+    wait_until(lambda: gateway.request("GET", "/v1/admin/audit", token=ADMIN)[0] == 200, timeout=15,
+               what="admin reads back after Redis restarted")
+
+
+def test_admin_and_feedback_answer_503_while_redis_is_frozen(gateway, redis_server):
+    status, answer, _ = gateway.classify(PHOTOS[0].read_bytes(), version=1)
+    assert status == 200
+    os.kill(redis_server.process.pid, signal.SIGSTOP)
+    try:
+        assert_state_calls_answer_503_promptly(gateway, answer)
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+    wait_until(lambda: gateway.request("POST", "/v1/feedback", {"feedback_token": answer["feedback_token"],
+                                                                "true_label": "x"})[0] == 200,
+               timeout=15, what="feedback recorded after Redis thawed")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
 
 from services.gateway import metrics
 from services.gateway.classifier import Classifier
@@ -19,6 +20,7 @@ from services.gateway.routing import RoutingError, RoutingTable
 from services.gateway.upstream import UpstreamUnavailable
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
+REDIS_RETRY_AFTER_SECONDS = 2
 STATE_NAMES = {10: "START", 20: "LOADING", 30: "AVAILABLE", 40: "UNLOADING", 50: "END"}
 
 
@@ -33,6 +35,9 @@ async def errors_as_json(request: web.Request, handler):
         return await handler(request)
     except GatewayError as exc:
         return _error_response(exc)
+    except RedisError as exc:  # admin and feedback state (classify never raises it: its cache serves uncached)
+        return _error_response(GatewayError(503, "redis_unavailable", f"Redis (routing, audit and feedback "
+                                            f"state) is unavailable: {exc}", retry_after=REDIS_RETRY_AFTER_SECONDS))
     except web.HTTPException as exc:
         if exc.status >= 400 and exc.content_type != "application/json":
             code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status, "http_error")

@@ -9,7 +9,7 @@ _ERROR = {"$ref": "#/components/schemas/Error"}
 _ERRORS = {str(s): {"description": d, "content": {"application/json": {"schema": _ERROR}}}
            for s, d in ((400, "bad input"), (401, "missing or wrong admin token"), (404, "unknown version, label, "
                         "request or photo"), (413, "body or photo over the limit"),
-                        (503, "model server unavailable (Retry-After set)"))}
+                        (503, "model server or Redis unavailable (Retry-After set)"))}
 
 _LABEL = {"type": "string", "pattern": "^[A-Za-z0-9_]+$",
           "description": "a version label of the model server's config (version_labels): letters, digits and '_' "
