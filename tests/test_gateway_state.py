@@ -236,3 +236,61 @@ def test_admin_and_feedback_answer_503_while_redis_is_frozen(gateway, redis_serv
     wait_until(lambda: gateway.request("POST", "/v1/feedback", {"feedback_token": answer["feedback_token"],
                                                                 "true_label": "x"})[0] == 200,
                timeout=15, what="feedback recorded after Redis thawed")
+
+
+# ---------------------------------------------------------------------------------------------- supervised watchers
+def routed_version(gateway) -> int:
+    status, answer, _ = gateway.request("POST", "/v1/classify", PHOTOS[1].read_bytes(), "image/jpeg",
+                                        headers={"X-Client-Id": "watcher-test"})
+    assert status == 200, answer
+    return answer["model"]["version"]
+
+
+def test_routing_watcher_survives_a_refused_stored_table(gateway, redis_server):
+    client = redis.Redis.from_url(redis_server.url)
+    assert gateway.request("PUT", "/v1/admin/routing", {"weights": {"1": 100}, "shadow": None}, token=ADMIN)[0] == 200
+    assert routed_version(gateway) == 1
+    failures = gateway.metric("mushroom_gateway_loop_failures_total", loop="routing")
+    client.set(keys.routing(MODEL), json.dumps({"weights": {"not-a-label!": 100}, "shadow": None}))
+    wait_until(lambda: gateway.metric("mushroom_gateway_loop_failures_total", loop="routing") > failures,
+               timeout=10, what="the refused table counted as a routing loop failure")
+    assert routed_version(gateway) == 1  # the last good table still routes
+    wait_until(lambda: "routing" in gateway.request("GET", "/readyz")[1]["reason"], timeout=15,
+               what="/readyz to report the failing routing loop")
+    client.set(keys.routing(MODEL), json.dumps({"weights": {"2": 100}, "shadow": None}))
+    wait_until(lambda: routed_version(gateway) == 2, timeout=10, what="the valid table picked up afterwards")
+    wait_until(lambda: gateway.request("GET", "/readyz")[1]["reason"] == "ok", timeout=10, what="readyz ok again")
+
+
+def test_a_supervised_loop_backs_off_reports_stale_and_recovers():
+    import asyncio
+
+    from services.gateway import metrics
+    from services.gateway.loops import Loops
+
+    now = [0.0]
+    calls, recovered = [], {}
+
+    async def scenario():
+        stopping = asyncio.Event()
+        loops = Loops(stopping, clock=lambda: now[0])
+
+        async def step():
+            calls.append(asyncio.get_running_loop().time())
+            if len(calls) <= 3:
+                now[0] += 10  # three failures, each ten (fake) seconds after the last success
+                raise RuntimeError(f"failure {len(calls)}")
+            if len(calls) == 4:
+                recovered.update(loops.stale())
+                stopping.set()
+
+        before = metrics.LOOP_FAILURES.labels(loop="unit")._value.get()
+        await asyncio.wait_for(loops.run("unit", step, 0.01, max_backoff=1.0), 10)
+        return loops, metrics.LOOP_FAILURES.labels(loop="unit")._value.get() - before
+
+    loops, counted = asyncio.run(scenario())
+    assert counted == 3
+    assert "failure 3" in recovered["unit"]  # stale (30 s without success) before the fourth step succeeded
+    assert loops.stale() == {}
+    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    assert gaps[2] >= 0.07 and gaps[2] > gaps[0]  # 0.02, 0.04, 0.08 s: the waits grow after each failure

@@ -77,6 +77,7 @@ class Gateway:
         from services.gateway.classifier import Classifier
         from services.gateway.feedback import tokens_from_config
         from services.gateway.labels import LabelResolver
+        from services.gateway.loops import Loops
         from services.gateway.model_info import ModelInfo
         from services.gateway.routing import Router
         from services.gateway.stats import Stats
@@ -96,43 +97,30 @@ class Gateway:
             self.classifier.single_flight = NoSingleFlight()
         self.upstream_ok = False
         self._stopping = asyncio.Event()
+        self.loops = Loops(self._stopping)
 
     def ready(self) -> tuple[bool, str]:
+        stale = self.loops.stale()
         if not self.upstream_ok:
             return False, f"model server {self.args.model_server} unreachable"
+        if "versions" in stale:
+            return False, f"the version watcher is stale: {stale['versions']}"
         if not self.classifier.router.available:
             return False, f"no AVAILABLE version of {self.args.model_name}"
+        if stale:  # still serving (the last routing table and label answers); reported, not fatal
+            return True, "ok; stale loops: " + "; ".join(f"{name} {why}" for name, why in sorted(stale.items()))
         return True, "ok"
 
-    async def _watch_versions(self) -> None:
+    async def _poll_versions(self) -> None:
         from services.gateway.upstream import UpstreamUnavailable
 
-        while not self._stopping.is_set():
-            try:
-                states = await self.classifier.upstream.version_states()
-                self.classifier.router.available = {v for v, s in states.items() if s == 30}
-                self.upstream_ok = True
-            except UpstreamUnavailable:
-                self.upstream_ok = False
-            await asyncio.sleep(1.0)
-
-    async def _watch_routing(self) -> None:
-        import redis.asyncio as aioredis
-
-        while not self._stopping.is_set():
-            try:
-                await self.classifier.router.refresh()
-            except (aioredis.RedisError, OSError, asyncio.TimeoutError):
-                pass  # keep following the last table until Redis answers again
-            await asyncio.sleep(0.5)
-
-    async def _watch_labels(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                await self.classifier.router.refresh_labels()
-            except Exception:  # noqa: BLE001 - keep the last answers; the next second asks again
-                log.exception("version label refresh failed")
-            await asyncio.sleep(1.0)
+        try:
+            states = await self.classifier.upstream.version_states()
+        except UpstreamUnavailable:
+            self.upstream_ok = False
+            raise
+        self.classifier.router.available = {v for v, s in states.items() if s == 30}
+        self.upstream_ok = True
 
     async def serve(self) -> None:
         from aiohttp import web
@@ -140,8 +128,11 @@ class Gateway:
         from services.gateway.grpc_api import build_server, serving_status
         from services.gateway.http_api import HttpApi
 
-        watchers = [asyncio.create_task(self._watch_versions()), asyncio.create_task(self._watch_routing()),
-                    asyncio.create_task(self._watch_labels())]
+        # Routing: re-read twice a second, keeping the last table while Redis is down or the stored one is refused.
+        router = self.classifier.router
+        watchers = [asyncio.create_task(self.loops.run("versions", self._poll_versions, 1.0, max_backoff=2.0)),
+                    asyncio.create_task(self.loops.run("routing", router.refresh, 0.5, max_backoff=2.0)),
+                    asyncio.create_task(self.loops.run("labels", router.refresh_labels, 1.0, max_backoff=5.0))]
         runner = web.AppRunner(HttpApi(self.classifier, self.args.admin_token or None, self.args.max_bytes,
                                        self.ready).app(), access_log=None)
         await runner.setup()

@@ -25,6 +25,10 @@ SHADOW = Counter("mushroom_gateway_shadow", "Shadow requests by agreement with t
                  registry=REGISTRY)
 FEEDBACK_ACCURACY = Gauge("mushroom_gateway_feedback_accuracy", "Accuracy from user feedback per version",
                           ["model_version"], registry=REGISTRY)
+LOOP_FAILURES = Counter("mushroom_gateway_loop_failures", "Failed steps of a background loop (each is retried with "
+                        "backoff)", ["loop"], registry=REGISTRY)
+LOOP_LAST_SUCCESS = Gauge("mushroom_gateway_loop_last_success_timestamp_seconds",
+                          "Unix time of a background loop's last successful step", ["loop"], registry=REGISTRY)
 
 
 def version_label(version: int | None, known: set[int]) -> str:
