@@ -294,3 +294,92 @@ def test_a_supervised_loop_backs_off_reports_stale_and_recovers():
     assert loops.stale() == {}
     gaps = [b - a for a, b in zip(calls, calls[1:])]
     assert gaps[2] >= 0.07 and gaps[2] > gaps[0]  # 0.02, 0.04, 0.08 s: the waits grow after each failure
+
+
+# ---------------------------------------------------------------------------------------------- Redis restart
+def test_gateway_keeps_the_last_table_when_a_redis_restart_erases_it(gateway, redis_server):
+    """The test's Redis has no persistence: its restart is the loss a misconfigured deployment would suffer."""
+    assert gateway.request("PUT", "/v1/admin/routing", {"weights": {"1": 100}, "shadow": None}, token=ADMIN)[0] == 200
+    assert routed_version(gateway) == 1 and gateway.metric("mushroom_gateway_routing_table_lost") == 0
+    redis_server.stop()
+    redis_server.start()
+    wait_until(lambda: gateway.metric("mushroom_gateway_routing_table_lost") == 1, timeout=15,
+               what="the loss to show in the metric")
+    assert gateway.metric("mushroom_gateway_routing_table_losses_total") == 1
+    assert [routed_version(gateway) for _ in range(5)] == [1] * 5  # not the newest version (2)
+    assert "gone from Redis" in gateway.log.read_text()
+    assert gateway.request("PUT", "/v1/admin/routing", {"weights": {"2": 100}, "shadow": None}, token=ADMIN)[0] == 200
+    assert gateway.metric("mushroom_gateway_routing_table_lost") == 0 and routed_version(gateway) == 2
+
+
+def test_operator_state_survives_a_restart_of_redis_run_as_the_stack_runs_it():
+    from services.gateway.routing import RoutingTable
+    from services.stack.launch import REDIS_STATE_ARGS
+
+    table = json.dumps(RoutingTable({1: 90.0, "canary": 10.0}).to_json())
+    with RedisServer(extra_args=REDIS_STATE_ARGS) as server:
+        client = redis.Redis.from_url(server.url)
+        client.set(keys.routing(MODEL), table)
+        client.lpush(keys.audit(MODEL), json.dumps({"who": "alice"}))
+        client.hincrby(keys.feedback_tally(MODEL), "1:total", 3)
+        client.set(keys.result(MODEL, 1, 1, "ab"), "{}", ex=3600)
+        assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "volatile-lru"
+        for key in (keys.routing(MODEL), keys.audit(MODEL), keys.feedback_tally(MODEL)):
+            assert client.ttl(key) == -1  # no TTL: never a volatile-lru eviction candidate
+        client.close()
+        server.stop()
+        server.start()
+        client = redis.Redis.from_url(server.url)
+        assert client.get(keys.routing(MODEL)).decode() == table
+        assert json.loads(client.lindex(keys.audit(MODEL), 0)) == {"who": "alice"}
+        assert client.hget(keys.feedback_tally(MODEL), "1:total") == b"3"
+        client.close()
+
+
+def test_cache_keys_expire_and_state_keys_do_not(gateway, redis_server):
+    """volatile-lru evicts only keys with a TTL: every cache key has one, no operator-state key has one."""
+    photo = PHOTOS[3].read_bytes()
+    status, answer, _ = gateway.classify(photo, version=2)
+    assert gateway.request("PUT", "/v1/admin/routing", {"weights": {"1": 100}, "shadow": None}, token=ADMIN)[0] == 200
+    feedback = {"feedback_token": answer["feedback_token"], "true_label": "x"}
+    assert gateway.request("POST", "/v1/feedback", feedback)[0] == 200
+    client = redis.Redis.from_url(redis_server.url)
+    wait_until(lambda: client.exists(keys.result(MODEL, 2, _preprocessing_version(), _sha256(photo))), timeout=10,
+               what="the answer cached")
+    ttls = {key.decode(): client.ttl(key) for key in client.scan_iter()}
+    state = {keys.routing(MODEL), keys.audit(MODEL), keys.feedback_tally(MODEL), keys.feedback_seen(MODEL)}
+    assert state <= set(ttls)
+    assert all((ttl == -1) == (key in state) for key, ttl in ttls.items()), ttls
+
+
+def _preprocessing_version():
+    from training_job.preprocessing import PREPROCESSING_VERSION
+
+    return PREPROCESSING_VERSION
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_compose_and_k8s_run_redis_with_the_stacks_state_settings():
+    """The three deployments keep operator state alike: persisted on a volume, never evicted."""
+    import yaml
+
+    from services.stack.launch import REDIS_STATE_ARGS
+
+    def pairs(argv):
+        return {(a, b) for a, b in zip(argv, argv[1:]) if a.startswith("--")}
+
+    wanted = pairs(list(REDIS_STATE_ARGS))
+    compose = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())["services"]["redis"]
+    assert wanted <= pairs(compose["command"]) and any(v.endswith(":/data") for v in compose["volumes"])
+    [deployment] = [d for d in yaml.safe_load_all((PROJECT_ROOT / "deploy/k8s/redis.yaml").read_text())
+                    if d and d["kind"] == "Deployment"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert wanted <= pairs(container["args"]) and ("--dir", "/data") in pairs(container["args"])
+    [mount] = container["volumeMounts"]
+    [volume] = deployment["spec"]["template"]["spec"]["volumes"]
+    assert mount["mountPath"] == "/data" and volume["persistentVolumeClaim"]["claimName"] == "redis-data"

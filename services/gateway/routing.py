@@ -127,6 +127,15 @@ class Router:
         self.labels = labels  # a labels.LabelResolver (kept out of this module: it needs the TF Serving stubs)
         self.table = RoutingTable()
         self.available: set[int] = set()
+        self.seen_stored_table = False  # a table was read from (or written to) Redis at least once
+        self.table_lost = False
+
+    def _stored_table_seen(self) -> None:
+        self.seen_stored_table = True
+        if self.table_lost:
+            log.info("a routing table is stored again: %s", self.table.to_json())
+            self.table_lost = False
+            metrics.ROUTING_TABLE_LOST.set(0)
 
     @property
     def key(self) -> str:
@@ -138,9 +147,23 @@ class Router:
 
     async def refresh(self) -> None:
         """Re-read the table from Redis (about twice a second); the caller keeps the last table when Redis is down.
-        Labels new to this replica are resolved at once rather than at the next label refresh."""
+        A table that vanishes after this replica has seen one stored (a Redis restart without persistence, a flush)
+        is not taken as "no routing": the last known table stays, logged and flagged by the
+        mushroom_gateway_routing_table_lost metrics until an operator stores a table again. Clearing the table is a
+        stored empty table, never a missing key. Labels new to this replica are resolved at once rather than at the
+        next label refresh."""
         raw = await self.redis.get(self.key)
+        if raw is None and self.seen_stored_table:
+            if not self.table_lost:
+                self.table_lost = True
+                metrics.ROUTING_TABLE_LOSSES.inc()
+                metrics.ROUTING_TABLE_LOST.set(1)
+                log.error("the routing table %s is gone from Redis (restarted without its data?): keeping the last "
+                          "known table %s; store a table again to clear this", self.key, self.table.to_json())
+            return
         self.table = RoutingTable.from_json(json.loads(raw)) if raw else RoutingTable()
+        if raw is not None:
+            self._stored_table_seen()
         if self.labels is not None and self.table.labels() - self.labels.asked:
             await self.refresh_labels()
 
@@ -228,6 +251,7 @@ class Router:
             pipe.ltrim(self.audit_key, 0, 999)
             await pipe.execute()
         self.table = table
+        self._stored_table_seen()
         log.info("routing changed by %s: %s -> %s", who, old, new)
         return entry
 
