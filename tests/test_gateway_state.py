@@ -383,3 +383,109 @@ def test_compose_and_k8s_run_redis_with_the_stacks_state_settings():
     [mount] = container["volumeMounts"]
     [volume] = deployment["spec"]["template"]["spec"]["volumes"]
     assert mount["mountPath"] == "/data" and volume["persistentVolumeClaim"]["claimName"] == "redis-data"
+
+
+# ---------------------------------------------------------------------------------------------- operator tokens
+def write_private(path: Path, text: str) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+def test_the_audit_records_the_token_owner_and_reads_need_a_token(model_server, redis_server, tmp_path):
+    tokens = write_private(tmp_path / "operators", "# name:token\n" + "".join(f"{n}:{t}\n" for n, t in
+                                                                           OPERATORS.items()))
+    gw = Gateway(model_server.grpc_target, redis_server.url, f"--operator-tokens={tokens}",
+                 env={"GATEWAY_ADMIN_TOKEN": ADMIN})
+    try:
+        table = {"weights": {"1": 100}, "shadow": None}
+        status, _, _ = gw.request("PUT", "/v1/admin/routing", table, token=OPERATORS["alice"],
+                                  headers={"X-Operator": "mallory"})
+        assert status == 200
+        assert gw.request("PUT", "/v1/admin/routing", {"weights": {"2": 100}, "shadow": None},
+                          token=OPERATORS["bob"])[0] == 200
+        assert gw.request("PUT", "/v1/admin/routing", table, token=ADMIN)[0] == 200  # the old single token
+        status, audit, _ = gw.request("GET", "/v1/admin/audit", token=OPERATORS["bob"])
+        assert status == 200
+        assert [(e["who"], e.get("note")) for e in audit["entries"]] == [("admin", None), ("bob", None),
+                                                                         ("alice", "mallory")]
+        for path in ("/v1/admin/routing", "/v1/admin/audit", "/v1/admin/status"):
+            assert gw.request("GET", path)[0] == 401
+            assert gw.request("GET", path, token="not-a-token")[0] == 401
+            assert gw.request("GET", path, token=OPERATORS["alice"])[0] == 200
+    finally:
+        gw.stop()
+
+
+def test_operator_tokens_from_a_mounted_secret_folder_reload_when_it_changes(tmp_path):
+    import time
+
+    from services.gateway.operators import OperatorTokens, OperatorTokensError
+
+    secret = tmp_path / "secret"
+    (secret / "..2024_01_01").mkdir(parents=True)
+    write_private(secret / "..2024_01_01" / "alice", OPERATORS["alice"] + "\n")
+    (secret / "..data").symlink_to("..2024_01_01")
+    (secret / "alice").symlink_to("..data/alice")
+    tokens = OperatorTokens(secret, admin_token=ADMIN)
+    assert tokens.names() == ["admin", "alice"]
+    assert tokens.owner(OPERATORS["alice"]) == "alice" and tokens.owner(ADMIN) == "admin"
+    assert tokens.owner("") is None and tokens.owner(OPERATORS["alice"] + "x") is None
+    write_private(secret / "..2024_01_01" / "bob", OPERATORS["bob"])
+    (secret / "bob").symlink_to("..data/bob")
+    later = time.time() + 5
+    os.utime(secret, (later, later))
+    assert tokens.owner(OPERATORS["bob"]) == "bob"
+    with pytest.raises(OperatorTokensError, match="share a token"):
+        OperatorTokens(write_private(tmp_path / "dup", f"a:{ADMIN}\nb:{ADMIN}\n"))
+    with pytest.raises(OperatorTokensError, match="name:token"):
+        OperatorTokens(write_private(tmp_path / "bad", "just-a-token\n"))
+
+
+def test_the_stacks_admin_token_file_is_private_from_its_creation(tmp_path, monkeypatch):
+    from services.stack import launch
+    from services.stack.health import StackError
+
+    seen_modes = []
+    chmod = Path.chmod
+
+    def spying_chmod(self, mode, **kwargs):  # the mode the file had until this chmod
+        seen_modes.append(self.stat().st_mode & 0o777)
+        return chmod(self, mode, **kwargs)
+
+    def start_nothing(stack, *args):
+        seen_modes.append((stack.run_dir / "admin_token").stat().st_mode & 0o777)
+        raise StackError("stopped by the test before any process")
+
+    monkeypatch.setattr(Path, "chmod", spying_chmod)
+    monkeypatch.setattr(launch, "_start_all", start_nothing)
+    ports = launch.Ports(*(free_port() for _ in range(7)))
+    umask = os.umask(0)
+    try:
+        with pytest.raises(StackError):
+            launch.start_stack(tmp_path / "registry", MODEL, launch.new_run_dir(tmp_path / "runs"), ports,
+                               admin_token="t" * 20)
+    finally:
+        os.umask(umask)
+    assert seen_modes and set(seen_modes) == {0o600}
+    [run_dir] = [p for p in (tmp_path / "runs").iterdir() if not p.is_symlink()]
+    assert (run_dir / "admin_token").read_text().strip() == "t" * 20
+
+
+def test_compose_and_k8s_give_the_gateway_operator_tokens_and_a_shared_feedback_secret():
+    import yaml
+
+    compose = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
+    gateway_service = compose["services"]["gateway"]
+    assert set(gateway_service["secrets"]) == {"operators", "feedback_secret"} <= set(compose["secrets"])
+    assert gateway_service["environment"]["GATEWAY_OPERATOR_TOKENS"] == "/run/secrets/operators"
+    assert gateway_service["environment"]["FEEDBACK_SECRET_FILE"] == "/run/secrets/feedback_secret"
+    [deployment] = [d for d in yaml.safe_load_all((PROJECT_ROOT / "deploy/k8s/gateway.yaml").read_text())
+                    if d and d["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"]}
+    assert env["GATEWAY_OPERATOR_TOKENS"] == mounts["operators"] and secrets["operators"] == "gateway-operators"
+    assert env["FEEDBACK_SECRET_FILE"].startswith(mounts["feedback"] + "/") and secrets["feedback"] == "gateway-feedback"

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import json
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from services.gateway.classifier import Classifier
 from services.gateway.errors import GatewayError
 from services.gateway.feedback import BadFeedbackToken
 from services.gateway.openapi import OPENAPI
+from services.gateway.operators import OperatorTokens
 from services.gateway.routing import RoutingError, RoutingTable
 from services.gateway.upstream import UpstreamUnavailable
 
@@ -56,9 +56,9 @@ def _int_param(request: web.Request, name: str, default: int | None) -> int | No
 
 
 class HttpApi:
-    def __init__(self, classifier: Classifier, admin_token: str | None, max_body: int, ready):
+    def __init__(self, classifier: Classifier, operators: OperatorTokens, max_body: int, ready):
         self.classifier = classifier
-        self.admin_token = admin_token
+        self.operators = operators
         self.max_body = max_body
         self.ready = ready  # callable -> (bool, reason)
 
@@ -176,16 +176,17 @@ class HttpApi:
 
     # ------------------------------------------------------------------ admin
     def _authorise(self, request: web.Request, write: bool) -> str:
-        if not self.admin_token:
+        """The name of the operator whose bearer token this is. Reads are open only while no token exists."""
+        if not self.operators.configured:
             if write:
-                raise GatewayError(403, "admin_disabled", "no admin token is configured: routing changes are "
-                                   "refused (start the gateway with --admin-token or GATEWAY_ADMIN_TOKEN)")
+                raise GatewayError(403, "admin_disabled", "no operator token is configured: routing changes are "
+                                   "refused (start the gateway with --operator-tokens FILE or --admin-token)")
             return "anonymous"
         header = request.headers.get("Authorization", "")
-        given = header[7:] if header.startswith("Bearer ") else ""
-        if not hmac.compare_digest(given.encode(), self.admin_token.encode()):
-            raise GatewayError(401, "unauthorised", "a valid 'Authorization: Bearer <admin token>' is required")
-        return request.headers.get("X-Operator") or "admin"
+        owner = self.operators.owner(header[7:] if header.startswith("Bearer ") else "")
+        if owner is None:
+            raise GatewayError(401, "unauthorised", "a valid 'Authorization: Bearer <operator token>' is required")
+        return owner
 
     async def get_routing(self, request: web.Request) -> web.Response:
         self._authorise(request, write=False)
@@ -196,7 +197,7 @@ class HttpApi:
         who = self._authorise(request, write=True)
         try:
             table = RoutingTable.from_json(json.loads(await request.read()))
-            entry = await self.classifier.router.set_table(table, who)
+            entry = await self.classifier.router.set_table(table, who, note=request.headers.get("X-Operator"))
         except json.JSONDecodeError as exc:
             raise GatewayError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
         except RoutingError as exc:

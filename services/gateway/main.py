@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", default=env("REDIS_URL", "redis://127.0.0.1:6379/0"),
                    help="cache, routing table, audit and feedback (REDIS_URL)")
     p.add_argument("--admin-token", default=env("GATEWAY_ADMIN_TOKEN", ""),
-                   help="bearer token of the admin API; empty = routing changes refused (GATEWAY_ADMIN_TOKEN)")
+                   help="bearer token of the operator named 'admin' (GATEWAY_ADMIN_TOKEN); no token at all = routing "
+                   "changes refused")
+    p.add_argument("--operator-tokens", default=env("GATEWAY_OPERATOR_TOKENS", ""),
+                   help="named operator tokens: a file of 'name:token' lines, or a folder with one file per operator "
+                   "(a mounted Kubernetes Secret); the audit records the token's owner (GATEWAY_OPERATOR_TOKENS)")
     p.add_argument("--feedback-secret-file", default=env("FEEDBACK_SECRET_FILE", ""),
                    help="file holding the secret that signs answers' feedback tokens, shared by every replica "
                    "(FEEDBACK_SECRET_FILE; or the secret itself in FEEDBACK_SECRET; neither = a random one per "
@@ -79,6 +83,7 @@ class Gateway:
         from services.gateway.labels import LabelResolver
         from services.gateway.loops import Loops
         from services.gateway.model_info import ModelInfo
+        from services.gateway.operators import OperatorTokens
         from services.gateway.routing import Router
         from services.gateway.stats import Stats
         from services.gateway.upstream import ModelServerClient
@@ -98,6 +103,7 @@ class Gateway:
         self.upstream_ok = False
         self._stopping = asyncio.Event()
         self.loops = Loops(self._stopping)
+        self.operators = OperatorTokens(args.operator_tokens or None, args.admin_token or None)
 
     def ready(self) -> tuple[bool, str]:
         stale = self.loops.stale()
@@ -133,7 +139,7 @@ class Gateway:
         watchers = [asyncio.create_task(self.loops.run("versions", self._poll_versions, 1.0, max_backoff=2.0)),
                     asyncio.create_task(self.loops.run("routing", router.refresh, 0.5, max_backoff=2.0)),
                     asyncio.create_task(self.loops.run("labels", router.refresh_labels, 1.0, max_backoff=5.0))]
-        runner = web.AppRunner(HttpApi(self.classifier, self.args.admin_token or None, self.args.max_bytes,
+        runner = web.AppRunner(HttpApi(self.classifier, self.operators, self.args.max_bytes,
                                        self.ready).app(), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, self.args.host, self.args.http_port).start()
@@ -171,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         asyncio.run(Gateway(args).serve())
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ports in use, unreadable or invalid token and secret files
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

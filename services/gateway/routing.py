@@ -239,12 +239,16 @@ class Router:
             raise RoutingError(f"labels point at versions that are not AVAILABLE: {stale} "
                                f"(available: {sorted(self.available)})")
 
-    async def set_table(self, table: RoutingTable, who: str) -> dict:
+    async def set_table(self, table: RoutingTable, who: str, note: str | None = None) -> dict:
+        """``who``: the operator whose token made the change; ``note``: what the caller said (X-Operator), if
+        anything, recorded as given and never taken as who."""
         await self._check(table)
         old_raw = await self.redis.get(self.key)
         old = json.loads(old_raw) if old_raw else RoutingTable().to_json()
         new = table.to_json()
         entry = {"who": who, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "old": old, "new": new}
+        if note:
+            entry["note"] = note[:200]
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self.key, json.dumps(new))
             pipe.lpush(self.audit_key, json.dumps(entry))

@@ -127,9 +127,10 @@ def start_stack(registry: Path, model_name: str, run_dir: Path, ports: Ports | N
         if shutil.which(binary) is None:
             raise StackError(f"{binary} is not installed: run `make setup` (scripts/setup.sh)")
     token = admin_token or os.environ.get("GATEWAY_ADMIN_TOKEN") or secrets.token_urlsafe(24)
-    token_file = run_dir / "admin_token"
-    token_file.write_text(token + "\n")
-    token_file.chmod(0o600)
+    # Mode 600 from its creation (never readable by others, not even between a write and a chmod).
+    fd = os.open(run_dir / "admin_token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as token_file:
+        token_file.write(token + "\n")
     stack = Stack(run_dir, model_name, ports, token)
     try:
         _start_all(stack, registry, scrape_interval_s, tensorboard_logdir, timeout)
