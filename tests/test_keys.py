@@ -65,9 +65,8 @@ def test_feedback_tallies_are_read_through_a_known_key_without_scan(redis_server
 
 
 async def record_feedback(stats, version: int, predicted: str, true_label: str) -> None:
-    """One answer and its feedback, through whatever the Stats API of the day asks for."""
+    """One answer (its signed feedback token) and its feedback."""
     import uuid
 
-    request_id = uuid.uuid4().hex
-    await stats.remember_request(request_id, version, predicted)
-    assert await stats.feedback(request_id, true_label) is not None
+    claim = stats.tokens.verify(stats.feedback_token(uuid.uuid4().hex, version, predicted))
+    assert await stats.record_feedback(claim, true_label) is not None

@@ -125,7 +125,9 @@ OPENAPI = {
             "RoutingApplied": {"allOf": [{"$ref": "#/components/schemas/RoutingState"}], "required": ["audit"],
                                "properties": {"audit": {"$ref": "#/components/schemas/AuditEntry"}}},
             "AuditEntry": {"type": "object", "required": ["who", "when", "old", "new"], "properties": {
-                "who": {"type": "string"}, "when": {"type": "string", "format": "date-time"},
+                "who": {"type": "string", "description": "the operator whose token made the change"},
+                "note": {"type": "string", "description": "X-Operator as sent, if any"},
+                "when": {"type": "string", "format": "date-time"},
                 "old": {"$ref": "#/components/schemas/Routing"}, "new": {"$ref": "#/components/schemas/Routing"}}},
             "Status": {"type": "object", "required": ["versions", "routing"], "properties": {
                 "versions": {"type": "object", "propertyNames": _VERSION_KEY, "additionalProperties": {
