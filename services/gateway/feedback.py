@@ -15,7 +15,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -107,8 +106,9 @@ def load_secret(secret_file: str | None, env_secret: str | None) -> bytes | None
     return env_secret.encode() if env_secret else None
 
 
-def tokens_from_config(secret_file: str | None, model_name: str, lifetime_seconds: int) -> FeedbackTokens:
-    secret = load_secret(secret_file, os.environ.get("FEEDBACK_SECRET"))
+def tokens_from_config(secret_file: str | None, env_secret: str | None, model_name: str,
+                       lifetime_seconds: int) -> FeedbackTokens:
+    secret = load_secret(secret_file, env_secret)
     if secret is None:
         log.warning("no feedback secret (FEEDBACK_SECRET or --feedback-secret-file): using a random one; other "
                     "replicas and this gateway after a restart will refuse its feedback tokens")

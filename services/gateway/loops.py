@@ -52,8 +52,9 @@ class Loops:
                 state.failures_in_a_row += 1
                 state.last_error = f"{type(exc).__name__}: {exc}"
                 metrics.LOOP_FAILURES.labels(loop=name).inc()
-                log.warning("%s loop failed (%d in a row): %s", name, state.failures_in_a_row, state.last_error,
-                            exc_info=state.failures_in_a_row == 1)
+                n = state.failures_in_a_row
+                if n & (n - 1) == 0:  # the 1st, 2nd, 4th, 8th ... failure in a row: a long outage logs little
+                    log.warning("%s loop failed (%d in a row): %s", name, n, state.last_error, exc_info=n == 1)
                 delay = min(interval * 2 ** state.failures_in_a_row, state.max_backoff)
             else:
                 if state.failures_in_a_row:

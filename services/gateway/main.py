@@ -96,7 +96,8 @@ class Gateway:
         self.classifier = Classifier(upstream, ResultCache(self.redis, args.cache_ttl),
                                      Router(self.redis, args.model_name, LabelResolver(upstream)),
                                      Stats(self.redis, args.model_name, tokens_from_config(
-                                         args.feedback_secret_file or None, args.model_name, args.feedback_window)),
+                                         args.feedback_secret_file or None, os.environ.get("FEEDBACK_SECRET"),
+                                         args.model_name, args.feedback_window)),
                                      ModelInfo(args.model_base_path or None), Limits(args.max_bytes, args.max_pixels))
         if not args.single_flight:
             self.classifier.single_flight = NoSingleFlight()
