@@ -166,8 +166,10 @@ class Stack:
     def flush_cache(self) -> None:
         import redis
 
+        from services.gateway import keys
+
         client = redis.Redis.from_url(self.redis.url)
-        for key in client.scan_iter("mushroom:result:*", count=1000):
+        for key in client.scan_iter(keys.result_pattern(self.model_name), count=1000):
             client.delete(key)
         client.close()
 

@@ -45,10 +45,12 @@ def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
 
 
 class RedisServer:
-    """A real redis-server on a free loopback port, with no persistence; restartable on the same port."""
+    """A real redis-server on a free loopback port, with no persistence unless ``extra_args`` turn it on (later
+    arguments win); restartable on the same port."""
 
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = ()):
         self.port = port or free_port()
+        self.extra_args = tuple(extra_args)
         self.dir = Path(tempfile.mkdtemp(prefix="redis-test-"))
         self.process: subprocess.Popen | None = None
 
@@ -62,7 +64,7 @@ class RedisServer:
             raise RuntimeError("redis-server is not installed: run scripts/setup.sh (apt-get install redis-server)")
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.dir)],
+             "--dir", str(self.dir), *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_for_port(self.port, process=self.process)

@@ -171,14 +171,17 @@ def test_feedback_changes_accuracy(stack):
     time.sleep(0.7)
     status, answer, _ = gateway.classify(PHOTOS[2].read_bytes(), client="carol")
     predicted = answer["predictions"][0]["label"]
-    assert gateway.request("POST", "/v1/feedback", {"request_id": answer["request_id"], "true_label": predicted})[0] == 200
+    feedback = {"feedback_token": answer["feedback_token"], "true_label": predicted}
+    assert gateway.request("POST", "/v1/feedback", feedback)[0] == 200
     status, answer2, _ = gateway.classify(PHOTOS[3].read_bytes(), client="carol")
     wrong = "amanita_vaginata" if answer2["predictions"][0]["label"] != "amanita_vaginata" else "boletus_edulis"
-    assert gateway.request("POST", "/v1/feedback", {"request_id": answer2["request_id"], "true_label": wrong})[0] == 200
+    assert gateway.request("POST", "/v1/feedback", {"feedback_token": answer2["feedback_token"],
+                                                    "true_label": wrong})[0] == 200
     status, summary, _ = gateway.request("GET", "/v1/admin/status", token=TOKEN)
     assert summary["versions"]["1"]["feedback"] == {"correct": 1, "total": 2}
     assert summary["versions"]["1"]["feedback_accuracy"] == 0.5
-    assert gateway.request("POST", "/v1/feedback", {"request_id": "nope", "true_label": "x"})[0] == 404
+    assert gateway.request("POST", "/v1/feedback", feedback)[0] == 409  # once per answer
+    assert gateway.request("POST", "/v1/feedback", {"feedback_token": "nope", "true_label": "x"})[0] == 400
 
 
 def _png(mode, size=(64, 48), **save):

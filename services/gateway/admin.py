@@ -8,7 +8,8 @@ a second or two; the cache and the answers always carry the resolved version. Ea
 (label or version), so moving a label moves no client. An unknown label or a version that is not AVAILABLE is
 refused. `status` shows each entry with the version it points at now; `audit` shows the entries as they were set.
 
-Talks to the gateway's admin API with the bearer token from --token or $GATEWAY_ADMIN_TOKEN.
+Talks to the gateway's admin API with an operator's bearer token from --token or $GATEWAY_ADMIN_TOKEN; the audit
+records the token's owner ($USER goes along as X-Operator, a note only).
 """
 from __future__ import annotations
 

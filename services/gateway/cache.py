@@ -12,7 +12,7 @@ import time
 
 import redis.asyncio as aioredis
 
-from services.gateway import metrics
+from services.gateway import keys, metrics
 from training_job.preprocessing import PREPROCESSING_VERSION
 
 log = logging.getLogger("gateway.cache")
@@ -43,7 +43,7 @@ class CircuitBreaker:
 
 
 def cache_key(sha256: str, model: str, version: int) -> str:
-    return f"mushroom:result:{model}:{version}:{PREPROCESSING_VERSION}:{sha256}"
+    return keys.result(model, version, PREPROCESSING_VERSION, sha256)
 
 
 class ResultCache:

@@ -170,8 +170,9 @@ class Classifier:
                         "score": float(probabilities[i])} for i in order]
         latency = time.perf_counter() - start
         self.stats.record(version, latency, cached)
-        self._spawn(self._remember(request_id, version, predictions[0]["label"]))
-        return {"request_id": request_id, "model": {"name": self.upstream.model_name, "version": version},
+        feedback_token = self.stats.feedback_token(request_id, version, predictions[0]["label"])
+        return {"request_id": request_id, "feedback_token": feedback_token,
+                "model": {"name": self.upstream.model_name, "version": version},
                 "predictions": predictions, "not_a_mushroom": raw["not_a_mushroom"],
                 "mushroom_score": raw["mushroom_score"], "cached": cached, "latency_ms": latency * 1000}
 
@@ -187,12 +188,6 @@ class Classifier:
                     del self._storing[key]
 
         self._spawn(put())
-
-    async def _remember(self, request_id: str, version: int, predicted: str) -> None:
-        try:
-            await self.stats.remember_request(request_id, version, predicted)
-        except Exception:  # noqa: BLE001 - feedback is best effort while Redis is down
-            pass
 
     def _maybe_shadow(self, pixels: np.ndarray, answer: dict) -> None:
         shadow = self.router.shadow_version()

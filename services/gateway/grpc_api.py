@@ -20,7 +20,7 @@ def to_proto(answer: dict):
                      for p in answer["predictions"]],
         not_a_mushroom=answer["not_a_mushroom"], mushroom_score=answer["mushroom_score"],
         model_name=answer["model"]["name"], model_version=answer["model"]["version"], cached=answer["cached"],
-        request_id=answer["request_id"], latency_ms=answer["latency_ms"])
+        request_id=answer["request_id"], latency_ms=answer["latency_ms"], feedback_token=answer["feedback_token"])
 
 
 class ClassifierService(pb_grpc.ClassifierServicer):

@@ -3,21 +3,24 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import json
 from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
 
 from services.gateway import metrics
 from services.gateway.classifier import Classifier
 from services.gateway.errors import GatewayError
+from services.gateway.feedback import BadFeedbackToken
 from services.gateway.openapi import OPENAPI
+from services.gateway.operators import OperatorTokens
 from services.gateway.routing import RoutingError, RoutingTable
 from services.gateway.upstream import UpstreamUnavailable
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
+REDIS_RETRY_AFTER_SECONDS = 2
 STATE_NAMES = {10: "START", 20: "LOADING", 30: "AVAILABLE", 40: "UNLOADING", 50: "END"}
 
 
@@ -32,6 +35,9 @@ async def errors_as_json(request: web.Request, handler):
         return await handler(request)
     except GatewayError as exc:
         return _error_response(exc)
+    except RedisError as exc:  # admin and feedback state (classify never raises it: its cache serves uncached)
+        return _error_response(GatewayError(503, "redis_unavailable", f"Redis (routing, audit and feedback "
+                                            f"state) is unavailable: {exc}", retry_after=REDIS_RETRY_AFTER_SECONDS))
     except web.HTTPException as exc:
         if exc.status >= 400 and exc.content_type != "application/json":
             code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status, "http_error")
@@ -50,9 +56,9 @@ def _int_param(request: web.Request, name: str, default: int | None) -> int | No
 
 
 class HttpApi:
-    def __init__(self, classifier: Classifier, admin_token: str | None, max_body: int, ready):
+    def __init__(self, classifier: Classifier, operators: OperatorTokens, max_body: int, ready):
         self.classifier = classifier
-        self.admin_token = admin_token
+        self.operators = operators
         self.max_body = max_body
         self.ready = ready  # callable -> (bool, reason)
 
@@ -132,13 +138,20 @@ class HttpApi:
             data = json.loads(await request.read())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise GatewayError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
-        if not isinstance(data, dict) or not isinstance(data.get("request_id"), str) or not isinstance(
+        if not isinstance(data, dict) or not isinstance(data.get("feedback_token"), str) or not isinstance(
                 data.get("true_label"), str):
-            raise GatewayError(400, "bad_feedback", 'feedback is {"request_id": "...", "true_label": "..."}')
-        recorded = await self.classifier.stats.feedback(data["request_id"], data["true_label"])
+            raise GatewayError(400, "bad_feedback", 'feedback is {"feedback_token": "<the answer\'s '
+                               'feedback_token>", "true_label": "..."} (request_id optional)')
+        try:
+            claim = self.classifier.stats.tokens.verify(data["feedback_token"])
+        except BadFeedbackToken as exc:
+            status = {"expired": 410, "forged": 403}.get(exc.reason, 400)
+            raise GatewayError(status, f"feedback_token_{exc.reason}", str(exc)) from None
+        if data.get("request_id") not in (None, claim.request_id):
+            raise GatewayError(400, "bad_feedback", "request_id is not the one of the feedback_token")
+        recorded = await self.classifier.stats.record_feedback(claim, data["true_label"])
         if recorded is None:
-            raise GatewayError(404, "unknown_request", "no recent answer has that request_id (or it already "
-                               "got feedback)")
+            raise GatewayError(409, "feedback_already_recorded", f"answer {claim.request_id} already got feedback")
         return web.json_response(recorded)
 
     def _demo_version(self) -> int:
@@ -163,16 +176,17 @@ class HttpApi:
 
     # ------------------------------------------------------------------ admin
     def _authorise(self, request: web.Request, write: bool) -> str:
-        if not self.admin_token:
+        """The name of the operator whose bearer token this is. Reads are open only while no token exists."""
+        if not self.operators.configured:
             if write:
-                raise GatewayError(403, "admin_disabled", "no admin token is configured: routing changes are "
-                                   "refused (start the gateway with --admin-token or GATEWAY_ADMIN_TOKEN)")
+                raise GatewayError(403, "admin_disabled", "no operator token is configured: routing changes are "
+                                   "refused (start the gateway with --operator-tokens FILE or --admin-token)")
             return "anonymous"
         header = request.headers.get("Authorization", "")
-        given = header[7:] if header.startswith("Bearer ") else ""
-        if not hmac.compare_digest(given.encode(), self.admin_token.encode()):
-            raise GatewayError(401, "unauthorised", "a valid 'Authorization: Bearer <admin token>' is required")
-        return request.headers.get("X-Operator") or "admin"
+        owner = self.operators.owner(header[7:] if header.startswith("Bearer ") else "")
+        if owner is None:
+            raise GatewayError(401, "unauthorised", "a valid 'Authorization: Bearer <operator token>' is required")
+        return owner
 
     async def get_routing(self, request: web.Request) -> web.Response:
         self._authorise(request, write=False)
@@ -183,7 +197,7 @@ class HttpApi:
         who = self._authorise(request, write=True)
         try:
             table = RoutingTable.from_json(json.loads(await request.read()))
-            entry = await self.classifier.router.set_table(table, who)
+            entry = await self.classifier.router.set_table(table, who, note=request.headers.get("X-Operator"))
         except json.JSONDecodeError as exc:
             raise GatewayError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
         except RoutingError as exc:

@@ -37,7 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", default=env("REDIS_URL", "redis://127.0.0.1:6379/0"),
                    help="cache, routing table, audit and feedback (REDIS_URL)")
     p.add_argument("--admin-token", default=env("GATEWAY_ADMIN_TOKEN", ""),
-                   help="bearer token of the admin API; empty = routing changes refused (GATEWAY_ADMIN_TOKEN)")
+                   help="bearer token of the operator named 'admin' (GATEWAY_ADMIN_TOKEN); no token at all = routing "
+                   "changes refused")
+    p.add_argument("--operator-tokens", default=env("GATEWAY_OPERATOR_TOKENS", ""),
+                   help="named operator tokens: a file of 'name:token' lines, or a folder with one file per operator "
+                   "(a mounted Kubernetes Secret); the audit records the token's owner (GATEWAY_OPERATOR_TOKENS)")
+    p.add_argument("--feedback-secret-file", default=env("FEEDBACK_SECRET_FILE", ""),
+                   help="file holding the secret that signs answers' feedback tokens, shared by every replica "
+                   "(FEEDBACK_SECRET_FILE; or the secret itself in FEEDBACK_SECRET; neither = a random one per "
+                   "process)")
+    p.add_argument("--feedback-window", type=int, default=int(env("FEEDBACK_WINDOW_SECONDS", str(7 * 24 * 3600))),
+                   help="seconds after an answer that its feedback is accepted (FEEDBACK_WINDOW_SECONDS, default "
+                   "7 days)")
     p.add_argument("--cache-ttl", type=int, default=int(env("CACHE_TTL_SECONDS", "86400")),
                    help="seconds a cached answer lives (CACHE_TTL_SECONDS)")
     p.add_argument("--max-bytes", type=int, default=int(env("MAX_PHOTO_BYTES", str(20 * 1024 * 1024))),
@@ -68,8 +79,11 @@ class Gateway:
 
         from services.gateway.cache import ResultCache
         from services.gateway.classifier import Classifier
+        from services.gateway.feedback import tokens_from_config
         from services.gateway.labels import LabelResolver
+        from services.gateway.loops import Loops
         from services.gateway.model_info import ModelInfo
+        from services.gateway.operators import OperatorTokens
         from services.gateway.routing import Router
         from services.gateway.stats import Stats
         from services.gateway.upstream import ModelServerClient
@@ -81,49 +95,39 @@ class Gateway:
         upstream = ModelServerClient(args.model_server, args.model_name, timeout=args.upstream_timeout)
         self.classifier = Classifier(upstream, ResultCache(self.redis, args.cache_ttl),
                                      Router(self.redis, args.model_name, LabelResolver(upstream)),
-                                     Stats(self.redis, args.model_name),
+                                     Stats(self.redis, args.model_name, tokens_from_config(
+                                         args.feedback_secret_file or None, os.environ.get("FEEDBACK_SECRET"),
+                                         args.model_name, args.feedback_window)),
                                      ModelInfo(args.model_base_path or None), Limits(args.max_bytes, args.max_pixels))
         if not args.single_flight:
             self.classifier.single_flight = NoSingleFlight()
         self.upstream_ok = False
         self._stopping = asyncio.Event()
+        self.loops = Loops(self._stopping)
+        self.operators = OperatorTokens(args.operator_tokens or None, args.admin_token or None)
 
     def ready(self) -> tuple[bool, str]:
+        stale = self.loops.stale()
         if not self.upstream_ok:
             return False, f"model server {self.args.model_server} unreachable"
+        if "versions" in stale:
+            return False, f"the version watcher is stale: {stale['versions']}"
         if not self.classifier.router.available:
             return False, f"no AVAILABLE version of {self.args.model_name}"
+        if stale:  # still serving (the last routing table and label answers); reported, not fatal
+            return True, "ok; stale loops: " + "; ".join(f"{name} {why}" for name, why in sorted(stale.items()))
         return True, "ok"
 
-    async def _watch_versions(self) -> None:
+    async def _poll_versions(self) -> None:
         from services.gateway.upstream import UpstreamUnavailable
 
-        while not self._stopping.is_set():
-            try:
-                states = await self.classifier.upstream.version_states()
-                self.classifier.router.available = {v for v, s in states.items() if s == 30}
-                self.upstream_ok = True
-            except UpstreamUnavailable:
-                self.upstream_ok = False
-            await asyncio.sleep(1.0)
-
-    async def _watch_routing(self) -> None:
-        import redis.asyncio as aioredis
-
-        while not self._stopping.is_set():
-            try:
-                await self.classifier.router.refresh()
-            except (aioredis.RedisError, OSError, asyncio.TimeoutError):
-                pass  # keep following the last table until Redis answers again
-            await asyncio.sleep(0.5)
-
-    async def _watch_labels(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                await self.classifier.router.refresh_labels()
-            except Exception:  # noqa: BLE001 - keep the last answers; the next second asks again
-                log.exception("version label refresh failed")
-            await asyncio.sleep(1.0)
+        try:
+            states = await self.classifier.upstream.version_states()
+        except UpstreamUnavailable:
+            self.upstream_ok = False
+            raise
+        self.classifier.router.available = {v for v, s in states.items() if s == 30}
+        self.upstream_ok = True
 
     async def serve(self) -> None:
         from aiohttp import web
@@ -131,9 +135,12 @@ class Gateway:
         from services.gateway.grpc_api import build_server, serving_status
         from services.gateway.http_api import HttpApi
 
-        watchers = [asyncio.create_task(self._watch_versions()), asyncio.create_task(self._watch_routing()),
-                    asyncio.create_task(self._watch_labels())]
-        runner = web.AppRunner(HttpApi(self.classifier, self.args.admin_token or None, self.args.max_bytes,
+        # Routing: re-read twice a second, keeping the last table while Redis is down or the stored one is refused.
+        router = self.classifier.router
+        watchers = [asyncio.create_task(self.loops.run("versions", self._poll_versions, 1.0, max_backoff=2.0)),
+                    asyncio.create_task(self.loops.run("routing", router.refresh, 0.5, max_backoff=2.0)),
+                    asyncio.create_task(self.loops.run("labels", router.refresh_labels, 1.0, max_backoff=5.0))]
+        runner = web.AppRunner(HttpApi(self.classifier, self.operators, self.args.max_bytes,
                                        self.ready).app(), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, self.args.host, self.args.http_port).start()
@@ -171,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         asyncio.run(Gateway(args).serve())
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ports in use, unreadable or invalid token and secret files
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

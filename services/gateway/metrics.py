@@ -25,6 +25,14 @@ SHADOW = Counter("mushroom_gateway_shadow", "Shadow requests by agreement with t
                  registry=REGISTRY)
 FEEDBACK_ACCURACY = Gauge("mushroom_gateway_feedback_accuracy", "Accuracy from user feedback per version",
                           ["model_version"], registry=REGISTRY)
+ROUTING_TABLE_LOST = Gauge("mushroom_gateway_routing_table_lost", "1 while the routing table this gateway had seen is "
+                           "missing from Redis (the last known table is followed)", registry=REGISTRY)
+ROUTING_TABLE_LOSSES = Counter("mushroom_gateway_routing_table_losses", "Times the routing table vanished from Redis "
+                               "after this gateway had seen it", registry=REGISTRY)
+LOOP_FAILURES = Counter("mushroom_gateway_loop_failures", "Failed steps of a background loop (each is retried with "
+                        "backoff)", ["loop"], registry=REGISTRY)
+LOOP_LAST_SUCCESS = Gauge("mushroom_gateway_loop_last_success_timestamp_seconds",
+                          "Unix time of a background loop's last successful step", ["loop"], registry=REGISTRY)
 
 
 def version_label(version: int | None, known: set[int]) -> str:

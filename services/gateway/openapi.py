@@ -9,7 +9,7 @@ _ERROR = {"$ref": "#/components/schemas/Error"}
 _ERRORS = {str(s): {"description": d, "content": {"application/json": {"schema": _ERROR}}}
            for s, d in ((400, "bad input"), (401, "missing or wrong admin token"), (404, "unknown version, label, "
                         "request or photo"), (413, "body or photo over the limit"),
-                        (503, "model server unavailable (Retry-After set)"))}
+                        (503, "model server or Redis unavailable (Retry-After set)"))}
 
 _LABEL = {"type": "string", "pattern": "^[A-Za-z0-9_]+$",
           "description": "a version label of the model server's config (version_labels): letters, digits and '_' "
@@ -47,10 +47,12 @@ OPENAPI = {
             "description": "models", "content": {"application/json": {"schema": {
                 "$ref": "#/components/schemas/Models"}}}}}}},
         "/v1/feedback": {"post": {"summary": "Ground truth for an answer", "requestBody": {"content": {
-            "application/json": {"schema": {"type": "object", "required": ["request_id", "true_label"],
-                                             "properties": {"request_id": {"type": "string"},
+            "application/json": {"schema": {"type": "object", "required": ["feedback_token", "true_label"],
+                                             "properties": {"feedback_token": {"type": "string"},
+                                                            "request_id": {"type": "string"},
                                                             "true_label": {"type": "string"}}}}}},
-            "responses": {"200": {"description": "recorded"}, **_ERRORS}}},
+            "responses": {"200": {"description": "recorded"}, "409": {"description": "already recorded"},
+                          "410": {"description": "feedback_token expired"}, **_ERRORS}}},
         "/v1/demo": {"get": {"summary": "The demo photos of the current model", "responses": {"200": {
             "description": "photos"}}}},
         "/v1/demo/photos/{sha256}": {"get": {"summary": "A demo photo", "parameters": [
@@ -123,7 +125,9 @@ OPENAPI = {
             "RoutingApplied": {"allOf": [{"$ref": "#/components/schemas/RoutingState"}], "required": ["audit"],
                                "properties": {"audit": {"$ref": "#/components/schemas/AuditEntry"}}},
             "AuditEntry": {"type": "object", "required": ["who", "when", "old", "new"], "properties": {
-                "who": {"type": "string"}, "when": {"type": "string", "format": "date-time"},
+                "who": {"type": "string", "description": "the operator whose token made the change"},
+                "note": {"type": "string", "description": "X-Operator as sent, if any"},
+                "when": {"type": "string", "format": "date-time"},
                 "old": {"$ref": "#/components/schemas/Routing"}, "new": {"$ref": "#/components/schemas/Routing"}}},
             "Status": {"type": "object", "required": ["versions", "routing"], "properties": {
                 "versions": {"type": "object", "propertyNames": _VERSION_KEY, "additionalProperties": {
@@ -154,6 +158,7 @@ OPENAPI = {
                     "routing": {"$ref": "#/components/schemas/RoutingState"}}}}}},
             "Answer": {"type": "object", "properties": {
                 "request_id": {"type": "string"},
+                "feedback_token": {"type": "string", "description": "send it to /v1/feedback with the true label"},
                 "model": {"type": "object", "properties": {"name": {"type": "string"}, "version": {"type": "integer"}}},
                 "predictions": {"type": "array", "items": {"type": "object", "properties": {
                     "label": {"type": "string"}, "display_name": {"type": "string"}, "score": {"type": "number"}}}},

@@ -1,9 +1,9 @@
 """A/B routing: a weights table per model in Redis that every gateway replica follows, sticky per client id.
 
 An entry of the table is a version number (``3``) or a version label (``"canary"``) that the model server resolves
-(see labels.py). Redis keys (plain JSON): ``mushroom:routing:<model>`` = {"weights": {"<version or label>": weight,
-...}, "shadow": version, label or null}; ``mushroom:audit:<model>`` = list of {"who", "when", "old", "new"} (newest
-first), entries as given. Weighted rendezvous hashing on the entry name picks an entry per client: when a weight
+(see labels.py). Redis keys (keys.routing, keys.audit): the table as JSON {"weights": {"<version or label>": weight,
+...}, "shadow": version, label or null}; the audit as a list of {"who", "when", "old", "new"} (newest first), entries
+as given. Weighted rendezvous hashing on the entry name picks an entry per client: when a weight
 changes only the clients that must move do, and moving a label to another version moves no client between entries.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from services.gateway import metrics
+from services.gateway import keys, metrics
 
 log = logging.getLogger("gateway.routing")
 Entry = int | str  # a version number or a version label
@@ -127,20 +127,43 @@ class Router:
         self.labels = labels  # a labels.LabelResolver (kept out of this module: it needs the TF Serving stubs)
         self.table = RoutingTable()
         self.available: set[int] = set()
+        self.seen_stored_table = False  # a table was read from (or written to) Redis at least once
+        self.table_lost = False
+
+    def _stored_table_seen(self) -> None:
+        self.seen_stored_table = True
+        if self.table_lost:
+            log.info("a routing table is stored again: %s", self.table.to_json())
+            self.table_lost = False
+            metrics.ROUTING_TABLE_LOST.set(0)
 
     @property
     def key(self) -> str:
-        return f"mushroom:routing:{self.model_name}"
+        return keys.routing(self.model_name)
 
     @property
     def audit_key(self) -> str:
-        return f"mushroom:audit:{self.model_name}"
+        return keys.audit(self.model_name)
 
     async def refresh(self) -> None:
         """Re-read the table from Redis (about twice a second); the caller keeps the last table when Redis is down.
-        Labels new to this replica are resolved at once rather than at the next label refresh."""
+        A table that vanishes after this replica has seen one stored (a Redis restart without persistence, a flush)
+        is not taken as "no routing": the last known table stays, logged and flagged by the
+        mushroom_gateway_routing_table_lost metrics until an operator stores a table again. Clearing the table is a
+        stored empty table, never a missing key. Labels new to this replica are resolved at once rather than at the
+        next label refresh."""
         raw = await self.redis.get(self.key)
+        if raw is None and self.seen_stored_table:
+            if not self.table_lost:
+                self.table_lost = True
+                metrics.ROUTING_TABLE_LOSSES.inc()
+                metrics.ROUTING_TABLE_LOST.set(1)
+                log.error("the routing table %s is gone from Redis (restarted without its data?): keeping the last "
+                          "known table %s; store a table again to clear this", self.key, self.table.to_json())
+            return
         self.table = RoutingTable.from_json(json.loads(raw)) if raw else RoutingTable()
+        if raw is not None:
+            self._stored_table_seen()
         if self.labels is not None and self.table.labels() - self.labels.asked:
             await self.refresh_labels()
 
@@ -216,18 +239,23 @@ class Router:
             raise RoutingError(f"labels point at versions that are not AVAILABLE: {stale} "
                                f"(available: {sorted(self.available)})")
 
-    async def set_table(self, table: RoutingTable, who: str) -> dict:
+    async def set_table(self, table: RoutingTable, who: str, note: str | None = None) -> dict:
+        """``who``: the operator whose token made the change; ``note``: what the caller said (X-Operator), if
+        anything, recorded as given and never taken as who."""
         await self._check(table)
         old_raw = await self.redis.get(self.key)
         old = json.loads(old_raw) if old_raw else RoutingTable().to_json()
         new = table.to_json()
         entry = {"who": who, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "old": old, "new": new}
+        if note:
+            entry["note"] = note[:200]
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self.key, json.dumps(new))
             pipe.lpush(self.audit_key, json.dumps(entry))
             pipe.ltrim(self.audit_key, 0, 999)
             await pipe.execute()
         self.table = table
+        self._stored_table_seen()
         log.info("routing changed by %s: %s -> %s", who, old, new)
         return entry
 

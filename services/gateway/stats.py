@@ -1,17 +1,29 @@
 """Per-version A/B figures: requests, latency, errors and cache hits from this process; feedback from Redis (shared
-by every replica); a two-proportion z-test between the two versions with the most feedback."""
+by every replica); a two-proportion z-test between the two versions with the most feedback.
+
+Answers cost Redis nothing: each carries a signed feedback token (feedback.py); Redis is written only when feedback
+arrives (the tally hash, and the request id in the ``feedback_seen`` set until its token expires, so it counts once).
+"""
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from services.gateway import metrics
+from services.gateway import keys, metrics
+from services.gateway.feedback import FeedbackClaim, FeedbackTokens
 
-REQUEST_TTL_SECONDS = 7 * 24 * 3600
+# KEYS: feedback_seen, feedback_tally; ARGV: now, token expiry, request id, version, 1 if correct else 0.
+# Returns 1 when recorded, 0 when the request id already got feedback. One script: the check and the counts are atomic.
+RECORD_FEEDBACK_LUA = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[3]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[2], ARGV[4] .. ':total', 1)
+redis.call('HINCRBY', KEYS[2], ARGV[4] .. ':correct', ARGV[5])
+return 1
+"""
 
 
 @dataclass
@@ -39,9 +51,11 @@ def two_proportion_z_test(correct_a: int, total_a: int, correct_b: int, total_b:
 
 
 class Stats:
-    def __init__(self, redis, model_name: str):
+    def __init__(self, redis, model_name: str, tokens: FeedbackTokens | None = None):
         self.redis = redis
         self.model_name = model_name
+        self.tokens = tokens or FeedbackTokens.with_random_secret(model_name)
+        self._record_script = None  # registered at the first feedback (no Redis I/O until then)
         self.versions: dict[int, VersionStats] = defaultdict(VersionStats)
 
     def record(self, version: int, seconds: float, cached: bool) -> None:
@@ -63,31 +77,31 @@ class Stats:
         metrics.SHADOW.labels(agreement="agree" if agreed else "disagree").inc()
         metrics.SHADOW_SECONDS.observe(seconds)
 
-    async def remember_request(self, request_id: str, version: int, predicted: str) -> None:
-        await self.redis.set(f"mushroom:request:{request_id}", json.dumps({"version": version, "predicted": predicted}),
-                             ex=REQUEST_TTL_SECONDS)
+    def feedback_token(self, request_id: str, version: int, predicted: str) -> str:
+        return self.tokens.issue(request_id, version, predicted)
 
-    async def feedback(self, request_id: str, true_label: str) -> dict | None:
-        """Records ground truth once per request; returns what was recorded, None for an unknown request id."""
-        raw = await self.redis.getdel(f"mushroom:request:{request_id}")
-        if raw is None:
+    async def record_feedback(self, claim: FeedbackClaim, true_label: str) -> dict | None:
+        """Records ground truth once per answer; returns what was recorded, None if it already got feedback."""
+        correct = claim.predicted == true_label
+        if self._record_script is None:
+            self._record_script = self.redis.register_script(RECORD_FEEDBACK_LUA)
+        recorded = await self._record_script(
+            keys=[keys.feedback_seen(self.model_name), keys.feedback_tally(self.model_name)],
+            args=[self.tokens.clock(), claim.expires_at, claim.request_id, claim.version, int(correct)])
+        if not recorded:
             return None
-        answer = json.loads(raw)
-        correct = answer["predicted"] == true_label
-        key = f"mushroom:feedback:{self.model_name}:{answer['version']}"
-        await self.redis.hincrby(key, "total", 1)
-        await self.redis.hincrby(key, "correct", int(correct))
-        return {"version": answer["version"], "predicted": answer["predicted"], "true_label": true_label,
-                "correct": correct}
+        return {"request_id": claim.request_id, "version": claim.version, "predicted": claim.predicted,
+                "true_label": true_label, "correct": correct}
 
     async def feedback_counts(self) -> dict[int, tuple[int, int]]:
-        counts = {}
-        async for key in self.redis.scan_iter(match=f"mushroom:feedback:{self.model_name}:*"):
-            key = key.decode() if isinstance(key, bytes) else key
-            values = await self.redis.hgetall(key)
-            get = lambda k: int(values.get(k.encode(), values.get(k, 0)))  # noqa: E731
-            counts[int(key.rsplit(":", 1)[1])] = (get("correct"), get("total"))
-        return counts
+        """{version: (correct, total)} from the one tally hash of the model."""
+        counts: dict[int, list[int]] = {}
+        for field_name, value in (await self.redis.hgetall(keys.feedback_tally(self.model_name))).items():
+            field_name = field_name.decode() if isinstance(field_name, bytes) else field_name
+            version, _, kind = field_name.partition(":")
+            if version.isdigit() and kind in ("correct", "total"):
+                counts.setdefault(int(version), [0, 0])[kind == "total"] = int(value)
+        return {version: (correct, total) for version, (correct, total) in counts.items()}
 
     async def summary(self) -> dict:
         feedback = await self.feedback_counts()

@@ -24,6 +24,11 @@ STATE_FILE = "stack.json"
 # Stopped in reverse: whatever depends on a process goes down before it.
 BATCHING_CONFIG = PROJECT_ROOT / "deploy" / "tfserving" / "batching.config"  # the one docker-compose's TF Serving uses
 START_ORDER = ("redis", "model_server", "gateway", "prometheus", "tensorboard")
+# Operator state (routing table, audit, feedback tallies; keys without a TTL) survives a Redis restart (append-only
+# file, fsync every second) and is never evicted: only keys with a TTL (the cache) are (volatile-lru). The same
+# settings as docker-compose.yml and deploy/k8s/redis.yaml; DEVELOPERS.md "Redis layout" says why.
+REDIS_STATE_ARGS = ("--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory", "256mb",
+                    "--maxmemory-policy", "volatile-lru")
 
 
 @dataclass
@@ -122,9 +127,10 @@ def start_stack(registry: Path, model_name: str, run_dir: Path, ports: Ports | N
         if shutil.which(binary) is None:
             raise StackError(f"{binary} is not installed: run `make setup` (scripts/setup.sh)")
     token = admin_token or os.environ.get("GATEWAY_ADMIN_TOKEN") or secrets.token_urlsafe(24)
-    token_file = run_dir / "admin_token"
-    token_file.write_text(token + "\n")
-    token_file.chmod(0o600)
+    # Mode 600 from its creation (never readable by others, not even between a write and a chmod).
+    fd = os.open(run_dir / "admin_token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as token_file:
+        token_file.write(token + "\n")
     stack = Stack(run_dir, model_name, ports, token)
     try:
         _start_all(stack, registry, scrape_interval_s, tensorboard_logdir, timeout)
@@ -144,10 +150,10 @@ def _start_all(stack: Stack, registry: Path, scrape_interval_s: float, tensorboa
         stack.save()
         return record
 
-    redis_dir = run_dir / "redis"
+    redis_dir = run_dir.parent / "redis-data"  # next to the runs: the state outlives one run of the stack
     redis_dir.mkdir(exist_ok=True)
     redis = launch("redis", [shutil.which("redis-server"), "--port", str(ports.redis), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", str(redis_dir)])
+                             "--save", "", *REDIS_STATE_ARGS, "--dir", str(redis_dir)])
 
     model_config, monitoring_config = run_dir / "models.config", run_dir / "monitoring.config"
     configs.write_model_config(model_config, stack.model_name, (registry / stack.model_name).resolve())

@@ -57,8 +57,11 @@ export function classify(blob, { topK = 3, filename = 'photo' } = {}) {
   return request(`/v1/classify?top_k=${topK}`, { method: 'POST', body: form, headers: { 'X-Client-Id': clientId() } });
 }
 
-export const sendFeedback = (requestId, trueLabel) =>
-  request('/v1/feedback', { method: 'POST', body: { request_id: requestId, true_label: trueLabel } });
+// `answer` is a /v1/classify answer: its signed feedback_token is what the gateway checks.
+export const sendFeedback = (answer, trueLabel) => request('/v1/feedback', {
+  method: 'POST',
+  body: { feedback_token: answer.feedback_token, request_id: answer.request_id, true_label: trueLabel },
+});
 export const getModels = () => request('/v1/models');
 export const getDemo = () => request('/v1/demo');
 export const demoPhotoUrl = (sha256) => `/v1/demo/photos/${encodeURIComponent(sha256)}`;

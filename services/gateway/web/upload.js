@@ -7,7 +7,7 @@ const $ = (id) => document.getElementById(id);
 export function setupUpload(getLabels) {
   const input = $('photo-input');
   const zone = $('drop-zone');
-  let lastRequestId = null;
+  let lastAnswer = null;
 
   async function handle(file) {
     showError($('upload-error'), null);
@@ -16,7 +16,7 @@ export function setupUpload(getLabels) {
     $('verdict').textContent = 'Classifying…';
     try {
       const result = await classify(file, { topK: 3, filename: file.name || 'photo' });
-      lastRequestId = result.request_id;
+      lastAnswer = result;
       render(result, file);
     } catch (error) {
       $('result-layout').hidden = true;
@@ -51,9 +51,9 @@ export function setupUpload(getLabels) {
   }
 
   async function feedback(trueLabel) {
-    if (!lastRequestId) return;
+    if (!lastAnswer) return;
     try {
-      await sendFeedback(lastRequestId, trueLabel);
+      await sendFeedback(lastAnswer, trueLabel);
       $('feedback-status').textContent = `Thanks — recorded "${trueLabel}".`;
     } catch (error) {
       $('feedback-status').textContent = `Feedback not recorded: ${error.message}`;

@@ -1,0 +1,116 @@
+"""Feedback tokens: each answer carries a signed token saying what it predicted, so an answer costs no Redis key.
+
+A token is ``v1.<payload>.<signature>``: the payload is base64url JSON {"r": request id, "m": model, "v": version,
+"p": predicted label, "t": issue time (unix seconds)}, the signature base64url HMAC-SHA256 of ``v1.<payload>`` under
+the gateway's feedback secret. ``/v1/feedback`` verifies it; a token is good for ``lifetime`` seconds after issue.
+Every replica must share the secret (FEEDBACK_SECRET or --feedback-secret-file; a Kubernetes Secret / compose
+secret in deploy/), or a replica refuses the tokens of the others. Single use is enforced when feedback arrives
+(stats.Stats.record_feedback), not here.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("gateway.feedback")
+VERSION_PREFIX = "v1"
+DEFAULT_LIFETIME_SECONDS = 7 * 24 * 3600
+
+
+class BadFeedbackToken(ValueError):
+    """``reason`` is "malformed", "forged" (signature or model mismatch) or "expired"."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class FeedbackClaim:
+    request_id: str
+    version: int
+    predicted: str
+    issued_at: int
+    expires_at: int
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class FeedbackTokens:
+    def __init__(self, secret: bytes, model_name: str, lifetime_seconds: int = DEFAULT_LIFETIME_SECONDS,
+                 clock=time.time):
+        if len(secret) < 16:
+            raise ValueError("the feedback secret must be at least 16 bytes")
+        self._secret = secret
+        self.model_name = model_name
+        self.lifetime = lifetime_seconds
+        self.clock = clock
+
+    @classmethod
+    def with_random_secret(cls, model_name: str, **kwargs) -> "FeedbackTokens":
+        """For a single gateway: its tokens are refused by any other replica and after a restart."""
+        return cls(secrets.token_bytes(32), model_name, **kwargs)
+
+    def _sign(self, signed_part: str) -> str:
+        return _b64(hmac.new(self._secret, signed_part.encode(), hashlib.sha256).digest())
+
+    def issue(self, request_id: str, version: int, predicted: str) -> str:
+        payload = {"r": request_id, "m": self.model_name, "v": version, "p": predicted, "t": int(self.clock())}
+        signed_part = f"{VERSION_PREFIX}.{_b64(json.dumps(payload, separators=(',', ':')).encode())}"
+        return f"{signed_part}.{self._sign(signed_part)}"
+
+    def verify(self, token: str) -> FeedbackClaim:
+        parts = token.split(".") if isinstance(token, str) else []
+        if len(parts) != 3 or parts[0] != VERSION_PREFIX:
+            raise BadFeedbackToken("malformed", "feedback_token is not a token this gateway issues")
+        signed_part = f"{parts[0]}.{parts[1]}"
+        if not hmac.compare_digest(self._sign(signed_part), parts[2]):
+            raise BadFeedbackToken("forged", "feedback_token has a bad signature (or was issued with another "
+                                   "feedback secret)")
+        try:
+            payload = json.loads(_unb64(parts[1]))
+            claim = FeedbackClaim(str(payload["r"]), int(payload["v"]), str(payload["p"]), int(payload["t"]),
+                                  int(payload["t"]) + self.lifetime)
+        except (binascii.Error, ValueError, KeyError, TypeError):
+            raise BadFeedbackToken("malformed", "feedback_token carries an unreadable payload") from None
+        if payload.get("m") != self.model_name:
+            raise BadFeedbackToken("forged", f"feedback_token is for model {payload.get('m')!r}, not "
+                                   f"{self.model_name!r}")
+        if self.clock() >= claim.expires_at:
+            raise BadFeedbackToken("expired", f"feedback_token expired ({self.lifetime} s after the answer)")
+        return claim
+
+
+def load_secret(secret_file: str | None, env_secret: str | None) -> bytes | None:
+    """The shared secret from a file (a mounted Kubernetes Secret or compose secret; surrounding whitespace dropped)
+    or from the environment; None when neither is set."""
+    if secret_file:
+        secret = Path(secret_file).read_bytes().strip()
+        if not secret:
+            raise ValueError(f"the feedback secret file {secret_file} is empty")
+        return secret
+    return env_secret.encode() if env_secret else None
+
+
+def tokens_from_config(secret_file: str | None, env_secret: str | None, model_name: str,
+                       lifetime_seconds: int) -> FeedbackTokens:
+    secret = load_secret(secret_file, env_secret)
+    if secret is None:
+        log.warning("no feedback secret (FEEDBACK_SECRET or --feedback-secret-file): using a random one; other "
+                    "replicas and this gateway after a restart will refuse its feedback tokens")
+        return FeedbackTokens.with_random_secret(model_name, lifetime_seconds=lifetime_seconds)
+    return FeedbackTokens(secret, model_name, lifetime_seconds)

@@ -1,0 +1,46 @@
+"""Every Redis key the gateway reads or writes, each built by one function here: the whole Redis layout in one file.
+
+Two kinds of keys share one Redis and are told apart by their expiry (the deployments run ``volatile-lru`` with
+persistence, see DEVELOPERS.md "Redis layout"):
+
+- **cache** (always written with a TTL, so evictable): ``result``.
+- **operator state** (never a TTL, so never evicted; persisted): ``routing``, ``audit``, ``feedback_tally``,
+  ``feedback_seen``.
+
+Collections are found through these known keys, never by scanning the keyspace.
+"""
+from __future__ import annotations
+
+PREFIX = "mushroom"
+
+
+def result(model: str, version: int, preprocessing_version: int | str, sha256: str) -> str:
+    """String (JSON): a version's full answer for a photo. Cache: written with the cache TTL."""
+    return f"{PREFIX}:result:{model}:{version}:{preprocessing_version}:{sha256}"
+
+
+def result_pattern(model: str) -> str:
+    """The MATCH pattern of every cached answer of ``model``: only for dropping the cache (bench), never a tally."""
+    return f"{PREFIX}:result:{model}:*"
+
+
+def routing(model: str) -> str:
+    """String (JSON): the A/B table {"weights": {"<version or label>": weight}, "shadow": ...}. State: no TTL."""
+    return f"{PREFIX}:routing:{model}"
+
+
+def audit(model: str) -> str:
+    """List (JSON items, newest first, at most 1,000): who changed the routing, when, old and new. State: no TTL."""
+    return f"{PREFIX}:audit:{model}"
+
+
+def feedback_tally(model: str) -> str:
+    """Hash: fields ``<version>:total`` and ``<version>:correct``, user feedback counts per version. State: no TTL."""
+    return f"{PREFIX}:feedback:{model}"
+
+
+def feedback_seen(model: str) -> str:
+    """Sorted set: request ids that got feedback, scored by the expiry of their feedback token (members past it are
+    removed at each feedback write), so one answer counts once. State: no TTL, bounded by the feedback window."""
+    return f"{PREFIX}:feedback_seen:{model}"
+

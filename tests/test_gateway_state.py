@@ -1,0 +1,492 @@
+"""Gateway state in Redis under faults: answers cost no key (signed feedback tokens), operator state survives a Redis
+restart, admin and feedback answer 503 while Redis is down or frozen, named operator tokens, supervised watchers.
+Real redis-server, model server and gateway processes on free loopback ports."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+
+from services.gateway import keys
+from services.gateway.feedback import BadFeedbackToken, FeedbackTokens
+from services.gateway.protos import load
+from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
+from tests.support import MUSHROOMS, RedisServer, free_port, stop_process, wait_for_port
+from tests.tiny_model import publish_tiny_versions
+from training_job.paths import PROJECT_ROOT
+
+pb, pb_grpc = load()
+FEEDBACK_SECRET = "a-test-feedback-secret-shared-by-replicas"
+OPERATORS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789"}
+PHOTOS = sorted(p for d in sorted(MUSHROOMS.iterdir()) for p in sorted(d.iterdir())[:2])
+
+
+class Gateway:
+    """A gateway process; ``extra`` flags and ``env`` on top of the test defaults."""
+
+    def __init__(self, model_server: str, redis_url: str, *extra: str, env: dict | None = None,
+                 wait_ready: bool = True):
+        self.http_port, self.grpc_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.log = Path(f"/tmp/gateway-state-test-{self.http_port}.log")
+        full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "FEEDBACK_SECRET": FEEDBACK_SECRET,
+                    "GATEWAY_ADMIN_TOKEN": "", **(env or {})}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "services.gateway", "--host=127.0.0.1", f"--http-port={self.http_port}",
+             f"--grpc-port={self.grpc_port}", f"--model-server={model_server}", f"--redis-url={redis_url}",
+             f"--model-name={MODEL}", *extra],
+            stdout=open(self.log, "w"), stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, env=full_env)
+        wait_for_port(self.http_port, timeout=90, process=self.process)
+        if wait_ready:
+            wait_until(lambda: self.request("GET", "/readyz")[0] == 200, timeout=30, what="gateway ready")
+
+    def request(self, method, path, body=None, content_type=None, token=None, headers=None, timeout=30):
+        headers = dict(headers or {})
+        if isinstance(body, (dict, list)):
+            body, content_type = json.dumps(body).encode(), "application/json"
+        if content_type:
+            headers["Content-Type"] = content_type
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as response:
+                raw = response.read()
+                return response.status, (json.loads(raw) if raw[:1] in (b"{", b"[") else raw.decode()), \
+                    dict(response.headers)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read()), dict(exc.headers)
+
+    def classify(self, photo: bytes, **params):
+        query = "&".join(f"{k}={v}" for k, v in params.items())
+        return self.request("POST", f"/v1/classify?{query}", photo, "image/jpeg")
+
+    def metric(self, name: str, **labels) -> float:
+        """The value of one sample of /metrics (0 when absent)."""
+        _, text, _ = self.request("GET", "/metrics")
+        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in text.splitlines():
+            sample, _, value = line.rpartition(" ")
+            if sample == (f"{name}{{{wanted}}}" if labels else name):
+                return float(value)
+        return 0.0
+
+    def stop(self):
+        stop_process(self.process)
+
+
+@pytest.fixture(scope="module")
+def model_server(tmp_path_factory):
+    registry = tmp_path_factory.mktemp("registry")
+    publish_tiny_versions(registry, MODEL)
+    config = registry / "models.config"
+    write_config(config, {MODEL: registry / MODEL}, policy="all {}")
+    server = start_server(registry, config)
+    wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0] == 30 for v in (1, 2)),
+               what="versions 1 and 2")
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture()
+def redis_server():
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture()
+def gateway(model_server, redis_server):
+    gw = Gateway(model_server.grpc_target, redis_server.url, env={"GATEWAY_ADMIN_TOKEN": "the-admin-token"})
+    yield gw
+    gw.stop()
+
+
+# ---------------------------------------------------------------------------------------------- feedback tokens
+def test_cache_hits_add_no_redis_keys(gateway, redis_server):
+    client = redis.Redis.from_url(redis_server.url)
+    photo = PHOTOS[0].read_bytes()
+    assert gateway.classify(photo, version=1)[0] == 200
+    wait_until(lambda: gateway.classify(photo, version=1)[1]["cached"], timeout=10, what="the answer cached")
+    before, hits = client.dbsize(), 200
+    for _ in range(hits):
+        status, answer, _ = gateway.classify(photo, version=1)
+        assert status == 200 and answer["cached"]
+    assert (client.dbsize() - before) / hits <= 0.01
+
+
+def test_feedback_token_from_http_and_grpc_counts_once_on_any_replica(gateway, model_server, redis_server):
+    status, answer, _ = gateway.classify(PHOTOS[1].read_bytes(), version=1)
+    assert status == 200 and answer["feedback_token"]
+    predicted = answer["predictions"][0]["label"]
+    with grpc.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+        grpc_answer = pb_grpc.ClassifierStub(channel).Classify(
+            pb.ClassifyRequest(photo=PHOTOS[2].read_bytes(), version=2), timeout=30)
+    assert grpc_answer.feedback_token
+    other = Gateway(model_server.grpc_target, redis_server.url)  # same FEEDBACK_SECRET: another replica
+    try:
+        body = {"feedback_token": answer["feedback_token"], "request_id": answer["request_id"],
+                "true_label": predicted}
+        status, recorded, _ = other.request("POST", "/v1/feedback", body)
+        assert status == 200 and recorded["correct"] and recorded["version"] == 1
+        assert gateway.request("POST", "/v1/feedback", body)[0] == 409  # once per answer, on any replica
+        wrong = {"feedback_token": grpc_answer.feedback_token, "true_label": "not-" + grpc_answer.predictions[0].label}
+        assert gateway.request("POST", "/v1/feedback", wrong)[0] == 200
+    finally:
+        other.stop()
+    head, payload, signature = answer["feedback_token"].split(".")
+    forged = f"{head}.{payload[:-2]}xx.{signature}"
+    assert gateway.request("POST", "/v1/feedback", {"feedback_token": forged, "true_label": "x"})[0] in (400, 403)
+    assert gateway.request("POST", "/v1/feedback", {"request_id": answer["request_id"], "true_label": "x"})[0] == 400
+    status, summary, _ = gateway.request("GET", "/v1/admin/status", token="the-admin-token")
+    assert summary["versions"]["1"]["feedback"] == {"correct": 1, "total": 1}
+    assert summary["versions"]["2"]["feedback"] == {"correct": 0, "total": 1}
+
+
+def test_feedback_tokens_expire_and_bind_the_model():
+    now = [1_000_000.0]
+    tokens = FeedbackTokens(b"0123456789abcdef0123", MODEL, lifetime_seconds=60, clock=lambda: now[0])
+    token = tokens.issue("r1", 3, "amanita")
+    claim = tokens.verify(token)
+    assert (claim.request_id, claim.version, claim.predicted, claim.expires_at) == ("r1", 3, "amanita", 1_000_060)
+    with pytest.raises(BadFeedbackToken, match="bad signature"):
+        FeedbackTokens(b"another-secret-0123456", MODEL).verify(token)
+    with pytest.raises(BadFeedbackToken) as other_model:
+        FeedbackTokens(b"0123456789abcdef0123", "other", clock=lambda: now[0]).verify(token)
+    assert other_model.value.reason == "forged"
+    now[0] += 60
+    with pytest.raises(BadFeedbackToken) as expired:
+        tokens.verify(token)
+    assert expired.value.reason == "expired"
+
+
+def test_feedback_seen_set_forgets_expired_answers(redis_server):
+    """The single-use set holds an answer only until its token expires: it stays bounded by the window."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from services.gateway.stats import Stats
+
+    now = [1_000_000.0]
+    tokens = FeedbackTokens(b"0123456789abcdef0123", MODEL, lifetime_seconds=60, clock=lambda: now[0])
+
+    async def scenario():
+        client = aioredis.from_url(redis_server.url)
+        stats = Stats(client, MODEL, tokens)
+        first = tokens.verify(tokens.issue("r1", 1, "a"))
+        assert await stats.record_feedback(first, "a") is not None
+        assert await stats.record_feedback(first, "a") is None
+        now[0] += 61
+        second = tokens.verify(tokens.issue("r2", 1, "a"))
+        assert await stats.record_feedback(second, "b") is not None
+        members = await client.zrange(keys.feedback_seen(MODEL), 0, -1)
+        await client.aclose()
+        return members
+
+    assert asyncio.run(scenario()) == [b"r2"]
+
+
+# ---------------------------------------------------------------------------------------------- Redis down or frozen
+ADMIN = "the-admin-token"
+
+
+def assert_state_calls_answer_503_promptly(gateway, answer) -> None:
+    import time
+
+    calls = [("PUT", "/v1/admin/routing", {"weights": {"1": 100}, "shadow": None}, ADMIN),
+             ("GET", "/v1/admin/audit", None, ADMIN), ("GET", "/v1/admin/status", None, ADMIN),
+             ("POST", "/v1/feedback", {"feedback_token": answer["feedback_token"], "true_label": "x"}, None)]
+    for method, path, body, token in calls:
+        start = time.monotonic()
+        status, error, headers = gateway.request(method, path, body, token=token, timeout=20)
+        assert (status, error["error"]["code"]) == (503, "redis_unavailable"), (method, path, status, error)
+        assert int(headers["Retry-After"]) >= 1
+        assert time.monotonic() - start < 5, f"{method} {path} took {time.monotonic() - start:.1f} s"
+
+
+def test_admin_and_feedback_answer_503_while_redis_is_stopped(gateway, redis_server):
+    status, answer, _ = gateway.classify(PHOTOS[0].read_bytes(), version=1)
+    assert status == 200
+    redis_server.stop()
+    try:
+        assert_state_calls_answer_503_promptly(gateway, answer)
+    finally:
+        redis_server.start()
+    wait_until(lambda: gateway.request("GET", "/v1/admin/audit", token=ADMIN)[0] == 200, timeout=15,
+               what="admin reads back after Redis restarted")
+
+
+def test_admin_and_feedback_answer_503_while_redis_is_frozen(gateway, redis_server):
+    status, answer, _ = gateway.classify(PHOTOS[0].read_bytes(), version=1)
+    assert status == 200
+    os.kill(redis_server.process.pid, signal.SIGSTOP)
+    try:
+        assert_state_calls_answer_503_promptly(gateway, answer)
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+    wait_until(lambda: gateway.request("POST", "/v1/feedback", {"feedback_token": answer["feedback_token"],
+                                                                "true_label": "x"})[0] == 200,
+               timeout=15, what="feedback recorded after Redis thawed")
+
+
+# ---------------------------------------------------------------------------------------------- supervised watchers
+def routed_version(gateway) -> int:
+    status, answer, _ = gateway.request("POST", "/v1/classify", PHOTOS[1].read_bytes(), "image/jpeg",
+                                        headers={"X-Client-Id": "watcher-test"})
+    assert status == 200, answer
+    return answer["model"]["version"]
+
+
+def test_routing_watcher_survives_a_refused_stored_table(gateway, redis_server):
+    client = redis.Redis.from_url(redis_server.url)
+    assert gateway.request("PUT", "/v1/admin/routing", {"weights": {"1": 100}, "shadow": None}, token=ADMIN)[0] == 200
+    assert routed_version(gateway) == 1
+    failures = gateway.metric("mushroom_gateway_loop_failures_total", loop="routing")
+    client.set(keys.routing(MODEL), json.dumps({"weights": {"not-a-label!": 100}, "shadow": None}))
+    wait_until(lambda: gateway.metric("mushroom_gateway_loop_failures_total", loop="routing") > failures,
+               timeout=10, what="the refused table counted as a routing loop failure")
+    assert routed_version(gateway) == 1  # the last good table still routes
+    wait_until(lambda: "routing" in gateway.request("GET", "/readyz")[1]["reason"], timeout=15,
+               what="/readyz to report the failing routing loop")
+    client.set(keys.routing(MODEL), json.dumps({"weights": {"2": 100}, "shadow": None}))
+    wait_until(lambda: routed_version(gateway) == 2, timeout=10, what="the valid table picked up afterwards")
+    wait_until(lambda: gateway.request("GET", "/readyz")[1]["reason"] == "ok", timeout=10, what="readyz ok again")
+
+
+def test_a_supervised_loop_backs_off_reports_stale_and_recovers():
+    import asyncio
+
+    from services.gateway import metrics
+    from services.gateway.loops import Loops
+
+    now = [0.0]
+    calls, recovered = [], {}
+
+    async def scenario():
+        stopping = asyncio.Event()
+        loops = Loops(stopping, clock=lambda: now[0])
+
+        async def step():
+            calls.append(asyncio.get_running_loop().time())
+            if len(calls) <= 3:
+                now[0] += 10  # three failures, each ten (fake) seconds after the last success
+                raise RuntimeError(f"failure {len(calls)}")
+            if len(calls) == 4:
+                recovered.update(loops.stale())
+                stopping.set()
+
+        before = metrics.LOOP_FAILURES.labels(loop="unit")._value.get()
+        await asyncio.wait_for(loops.run("unit", step, 0.01, max_backoff=1.0), 10)
+        return loops, metrics.LOOP_FAILURES.labels(loop="unit")._value.get() - before
+
+    loops, counted = asyncio.run(scenario())
+    assert counted == 3
+    assert "failure 3" in recovered["unit"]  # stale (30 s without success) before the fourth step succeeded
+    assert loops.stale() == {}
+    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    assert gaps[2] >= 0.07 and gaps[2] > gaps[0]  # 0.02, 0.04, 0.08 s: the waits grow after each failure
+
+
+# ---------------------------------------------------------------------------------------------- Redis restart
+def test_gateway_keeps_the_last_table_when_a_redis_restart_erases_it(gateway, redis_server):
+    """The test's Redis has no persistence: its restart is the loss a misconfigured deployment would suffer."""
+    assert gateway.request("PUT", "/v1/admin/routing", {"weights": {"1": 100}, "shadow": None}, token=ADMIN)[0] == 200
+    assert routed_version(gateway) == 1 and gateway.metric("mushroom_gateway_routing_table_lost") == 0
+    redis_server.stop()
+    redis_server.start()
+    wait_until(lambda: gateway.metric("mushroom_gateway_routing_table_lost") == 1, timeout=15,
+               what="the loss to show in the metric")
+    assert gateway.metric("mushroom_gateway_routing_table_losses_total") == 1
+    assert [routed_version(gateway) for _ in range(5)] == [1] * 5  # not the newest version (2)
+    assert "gone from Redis" in gateway.log.read_text()
+    assert gateway.request("PUT", "/v1/admin/routing", {"weights": {"2": 100}, "shadow": None}, token=ADMIN)[0] == 200
+    assert gateway.metric("mushroom_gateway_routing_table_lost") == 0 and routed_version(gateway) == 2
+
+
+def test_operator_state_survives_a_restart_of_redis_run_as_the_stack_runs_it():
+    from services.gateway.routing import RoutingTable
+    from services.stack.launch import REDIS_STATE_ARGS
+
+    table = json.dumps(RoutingTable({1: 90.0, "canary": 10.0}).to_json())
+    with RedisServer(extra_args=REDIS_STATE_ARGS) as server:
+        client = redis.Redis.from_url(server.url)
+        client.set(keys.routing(MODEL), table)
+        client.lpush(keys.audit(MODEL), json.dumps({"who": "alice"}))
+        client.hincrby(keys.feedback_tally(MODEL), "1:total", 3)
+        client.set(keys.result(MODEL, 1, 1, "ab"), "{}", ex=3600)
+        assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "volatile-lru"
+        for key in (keys.routing(MODEL), keys.audit(MODEL), keys.feedback_tally(MODEL)):
+            assert client.ttl(key) == -1  # no TTL: never a volatile-lru eviction candidate
+        client.close()
+        server.stop()
+        server.start()
+        client = redis.Redis.from_url(server.url)
+        assert client.get(keys.routing(MODEL)).decode() == table
+        assert json.loads(client.lindex(keys.audit(MODEL), 0)) == {"who": "alice"}
+        assert client.hget(keys.feedback_tally(MODEL), "1:total") == b"3"
+        client.close()
+
+
+def test_cache_keys_expire_and_state_keys_do_not(gateway, redis_server):
+    """volatile-lru evicts only keys with a TTL: every cache key has one, no operator-state key has one."""
+    photo = PHOTOS[3].read_bytes()
+    status, answer, _ = gateway.classify(photo, version=2)
+    assert gateway.request("PUT", "/v1/admin/routing", {"weights": {"1": 100}, "shadow": None}, token=ADMIN)[0] == 200
+    feedback = {"feedback_token": answer["feedback_token"], "true_label": "x"}
+    assert gateway.request("POST", "/v1/feedback", feedback)[0] == 200
+    client = redis.Redis.from_url(redis_server.url)
+    wait_until(lambda: client.exists(keys.result(MODEL, 2, _preprocessing_version(), _sha256(photo))), timeout=10,
+               what="the answer cached")
+    ttls = {key.decode(): client.ttl(key) for key in client.scan_iter()}
+    state = {keys.routing(MODEL), keys.audit(MODEL), keys.feedback_tally(MODEL), keys.feedback_seen(MODEL)}
+    assert state <= set(ttls)
+    assert all((ttl == -1) == (key in state) for key, ttl in ttls.items()), ttls
+
+
+def _preprocessing_version():
+    from training_job.preprocessing import PREPROCESSING_VERSION
+
+    return PREPROCESSING_VERSION
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_compose_and_k8s_run_redis_with_the_stacks_state_settings():
+    """The three deployments keep operator state alike: persisted on a volume, never evicted."""
+    import yaml
+
+    from services.stack.launch import REDIS_STATE_ARGS
+
+    def pairs(argv):
+        return {(a, b) for a, b in zip(argv, argv[1:]) if a.startswith("--")}
+
+    wanted = pairs(list(REDIS_STATE_ARGS))
+    compose = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())["services"]["redis"]
+    assert wanted <= pairs(compose["command"]) and any(v.endswith(":/data") for v in compose["volumes"])
+    [deployment] = [d for d in yaml.safe_load_all((PROJECT_ROOT / "deploy/k8s/redis.yaml").read_text())
+                    if d and d["kind"] == "Deployment"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert wanted <= pairs(container["args"]) and ("--dir", "/data") in pairs(container["args"])
+    [mount] = container["volumeMounts"]
+    [volume] = deployment["spec"]["template"]["spec"]["volumes"]
+    assert mount["mountPath"] == "/data" and volume["persistentVolumeClaim"]["claimName"] == "redis-data"
+
+
+# ---------------------------------------------------------------------------------------------- operator tokens
+def write_private(path: Path, text: str) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+def test_the_audit_records_the_token_owner_and_reads_need_a_token(model_server, redis_server, tmp_path):
+    tokens = write_private(tmp_path / "operators", "# name:token\n" + "".join(f"{n}:{t}\n" for n, t in
+                                                                           OPERATORS.items()))
+    gw = Gateway(model_server.grpc_target, redis_server.url, f"--operator-tokens={tokens}",
+                 env={"GATEWAY_ADMIN_TOKEN": ADMIN})
+    try:
+        table = {"weights": {"1": 100}, "shadow": None}
+        status, _, _ = gw.request("PUT", "/v1/admin/routing", table, token=OPERATORS["alice"],
+                                  headers={"X-Operator": "mallory"})
+        assert status == 200
+        assert gw.request("PUT", "/v1/admin/routing", {"weights": {"2": 100}, "shadow": None},
+                          token=OPERATORS["bob"])[0] == 200
+        assert gw.request("PUT", "/v1/admin/routing", table, token=ADMIN)[0] == 200  # the old single token
+        status, audit, _ = gw.request("GET", "/v1/admin/audit", token=OPERATORS["bob"])
+        assert status == 200
+        assert [(e["who"], e.get("note")) for e in audit["entries"]] == [("admin", None), ("bob", None),
+                                                                         ("alice", "mallory")]
+        for path in ("/v1/admin/routing", "/v1/admin/audit", "/v1/admin/status"):
+            assert gw.request("GET", path)[0] == 401
+            assert gw.request("GET", path, token="not-a-token")[0] == 401
+            assert gw.request("GET", path, token=OPERATORS["alice"])[0] == 200
+    finally:
+        gw.stop()
+
+
+def test_operator_tokens_from_a_mounted_secret_folder_reload_when_it_changes(tmp_path):
+    import time
+
+    from services.gateway.operators import OperatorTokens, OperatorTokensError
+
+    secret = tmp_path / "secret"
+    (secret / "..2024_01_01").mkdir(parents=True)
+    write_private(secret / "..2024_01_01" / "alice", OPERATORS["alice"] + "\n")
+    (secret / "..data").symlink_to("..2024_01_01")
+    (secret / "alice").symlink_to("..data/alice")
+    tokens = OperatorTokens(secret, admin_token=ADMIN)
+    assert tokens.names() == ["admin", "alice"]
+    assert tokens.owner(OPERATORS["alice"]) == "alice" and tokens.owner(ADMIN) == "admin"
+    assert tokens.owner("") is None and tokens.owner(OPERATORS["alice"] + "x") is None
+    write_private(secret / "..2024_01_01" / "bob", OPERATORS["bob"])
+    (secret / "bob").symlink_to("..data/bob")
+    later = time.time() + 5
+    os.utime(secret, (later, later))
+    assert tokens.owner(OPERATORS["bob"]) == "bob"
+    with pytest.raises(OperatorTokensError, match="share a token"):
+        OperatorTokens(write_private(tmp_path / "dup", f"a:{ADMIN}\nb:{ADMIN}\n"))
+    with pytest.raises(OperatorTokensError, match="name:token"):
+        OperatorTokens(write_private(tmp_path / "bad", "just-a-token\n"))
+
+
+def test_the_stacks_admin_token_file_is_private_from_its_creation(tmp_path, monkeypatch):
+    from services.stack import launch
+    from services.stack.health import StackError
+
+    seen_modes = []
+    chmod = Path.chmod
+
+    def spying_chmod(self, mode, **kwargs):  # the mode the file had until this chmod
+        seen_modes.append(self.stat().st_mode & 0o777)
+        return chmod(self, mode, **kwargs)
+
+    def start_nothing(stack, *args):
+        seen_modes.append((stack.run_dir / "admin_token").stat().st_mode & 0o777)
+        raise StackError("stopped by the test before any process")
+
+    monkeypatch.setattr(Path, "chmod", spying_chmod)
+    monkeypatch.setattr(launch, "_start_all", start_nothing)
+    ports = launch.Ports(*(free_port() for _ in range(7)))
+    umask = os.umask(0)
+    try:
+        with pytest.raises(StackError):
+            launch.start_stack(tmp_path / "registry", MODEL, launch.new_run_dir(tmp_path / "runs"), ports,
+                               admin_token="t" * 20)
+    finally:
+        os.umask(umask)
+    assert seen_modes and set(seen_modes) == {0o600}
+    [run_dir] = [p for p in (tmp_path / "runs").iterdir() if not p.is_symlink()]
+    assert (run_dir / "admin_token").read_text().strip() == "t" * 20
+
+
+def test_compose_and_k8s_give_the_gateway_operator_tokens_and_a_shared_feedback_secret():
+    import yaml
+
+    compose = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
+    gateway_service = compose["services"]["gateway"]
+    assert set(gateway_service["secrets"]) == {"operators", "feedback_secret"} <= set(compose["secrets"])
+    assert gateway_service["environment"]["GATEWAY_OPERATOR_TOKENS"] == "/run/secrets/operators"
+    assert gateway_service["environment"]["FEEDBACK_SECRET_FILE"] == "/run/secrets/feedback_secret"
+    [deployment] = [d for d in yaml.safe_load_all((PROJECT_ROOT / "deploy/k8s/gateway.yaml").read_text())
+                    if d and d["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"]}
+    assert env["GATEWAY_OPERATOR_TOKENS"] == mounts["operators"] and secrets["operators"] == "gateway-operators"
+    assert env["FEEDBACK_SECRET_FILE"].startswith(mounts["feedback"] + "/")
+    assert secrets["feedback"] == "gateway-feedback"
