@@ -228,3 +228,14 @@ def test_a_caller_whose_deadline_expires_cancels_nothing_for_the_others(stack):
     assert status == 200, answer
     assert reply.model_version == answer["model"]["version"] == 1
     assert [p.label for p in reply.predictions] == [p["label"] for p in answer["predictions"]]
+
+
+# ------------------------------------------------------------------------------------------- 8. readiness
+def test_readyz_turns_503_while_the_model_server_is_frozen(stack):
+    gateway, server = stack["gateway"], stack["server"]
+    assert gateway.request("GET", "/readyz")[0] == 200
+    with Frozen(server.process):
+        status, body = wait_until(lambda: (lambda r: r if r[0] == 503 else None)(gateway.request("GET", "/readyz")),
+                                  timeout=5, interval=0.1, what="/readyz to say 503")
+        assert "model server" in body["reason"] and not body["ready"], body
+    gateway.wait_ready(timeout=10)

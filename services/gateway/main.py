@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Redis socket timeout before serving uncached (REDIS_TIMEOUT_SECONDS)")
     p.add_argument("--upstream-timeout", type=float, default=float(env("UPSTREAM_TIMEOUT_SECONDS", "10")),
                    help="deadline of one model server call (UPSTREAM_TIMEOUT_SECONDS)")
+    p.add_argument("--health-timeout", type=float, default=float(env("HEALTH_TIMEOUT_SECONDS", "1")),
+                   help="deadline of the model server status check behind /readyz, run every second: a server "
+                   "that does not answer within it makes the gateway unready (HEALTH_TIMEOUT_SECONDS, default 1)")
     p.add_argument("--no-single-flight", dest="single_flight", action="store_false",
                    default=env("SINGLE_FLIGHT", "1").lower() not in ("0", "false", "off", "no"),
                    help="every identical concurrent miss makes its own model server call (SINGLE_FLIGHT=0; "
@@ -86,11 +89,12 @@ class Gateway:
         if not args.single_flight:
             self.classifier.single_flight = NoSingleFlight()
         self.upstream_ok = False
+        self.upstream_problem = "not checked yet"
         self._stopping = asyncio.Event()
 
     def ready(self) -> tuple[bool, str]:
         if not self.upstream_ok:
-            return False, f"model server {self.args.model_server} unreachable"
+            return False, f"model server {self.args.model_server} unreachable: {self.upstream_problem}"
         if not self.classifier.router.available:
             return False, f"no AVAILABLE version of {self.args.model_name}"
         return True, "ok"
@@ -100,11 +104,11 @@ class Gateway:
 
         while not self._stopping.is_set():
             try:
-                states = await self.classifier.upstream.version_states()
+                states = await self.classifier.upstream.version_states(timeout=self.args.health_timeout)
                 self.classifier.router.available = {v for v, s in states.items() if s == 30}
                 self.upstream_ok = True
-            except UpstreamUnavailable:
-                self.upstream_ok = False
+            except UpstreamUnavailable as exc:
+                self.upstream_ok, self.upstream_problem = False, str(exc)
             await asyncio.sleep(1.0)
 
     async def _watch_routing(self) -> None:

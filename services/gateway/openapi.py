@@ -83,8 +83,11 @@ OPENAPI = {
                                          "description": "status", "content": {"application/json": {"schema": {
                                              "$ref": "#/components/schemas/Status"}}}}, **_ERRORS}}},
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
-        "/readyz": {"get": {"summary": "Readiness (a model version is AVAILABLE)",
-                            "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
+        "/readyz": {"get": {"summary": "Readiness: the model server answered its last status check (a "
+                                       "GetModelStatus every second, deadline --health-timeout) and a version is "
+                                       "AVAILABLE",
+                            "responses": {"200": {"description": "ready"},
+                                          "503": {"description": "not ready; 'reason' says why"}}}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "metrics"}}}},
     },
     "components": {
