@@ -239,3 +239,50 @@ def test_readyz_turns_503_while_the_model_server_is_frozen(stack):
                                   timeout=5, interval=0.1, what="/readyz to say 503")
         assert "model server" in body["reason"] and not body["ready"], body
     gateway.wait_ready(timeout=10)
+
+
+# ------------------------------------------------------------------------------------------- 9. slow clients
+def _closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> float | None:
+    """Seconds until the server closes ``sock`` (sending ``trickle`` every 0.2 s meanwhile), None if still open."""
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        try:
+            if trickle:
+                sock.sendall(trickle)
+            readable, _, _ = select.select([sock], [], [], 0.2)
+            if readable and sock.recv(65536) == b"":
+                return time.monotonic() - start
+        except OSError:  # reset by the server
+            return time.monotonic() - start
+    return None
+
+
+def test_a_client_trickling_its_headers_is_closed_within_the_bound(stack):
+    with socket.create_connection(("127.0.0.1", stack["gateway"].http_port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: gateway\r\n")
+        closed = _closed_within(sock, 8, trickle=b"X")  # one header byte every 0.2 s, never a complete header
+    assert closed is not None and closed < 5, closed  # --keepalive-timeout 1 s, plus slack for a busy machine
+
+
+def test_an_idle_keepalive_connection_is_closed_within_the_bound(stack):
+    with socket.create_connection(("127.0.0.1", stack["gateway"].http_port), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        received = b""
+        while b'"ok"' not in received:
+            received += sock.recv(65536)
+        assert received.startswith(b"HTTP/1.1 200")
+        closed = _closed_within(sock, 8)
+    assert closed is not None and closed < 5, closed
+
+
+@pytest.mark.parametrize("path", ["/v1/classify", "/v1/admin/routing"])
+def test_a_body_that_stops_arriving_gets_408_within_the_bound(stack, path):
+    method = "PUT" if "admin" in path else "POST"
+    with socket.create_connection(("127.0.0.1", stack["gateway"].http_port), timeout=10) as sock:
+        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+                     f"Authorization: Bearer {TOKEN}\r\nContent-Length: 1000\r\n\r\n{{\"wei".encode())
+        start = time.monotonic()
+        readable, _, _ = select.select([sock], [], [], 8)
+        answer = sock.recv(65536) if readable else b""
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert time.monotonic() - start < 6  # --body-timeout 2 s, plus slack

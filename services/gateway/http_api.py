@@ -11,6 +11,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.gateway import metrics
+from services.gateway.bodies import body_deadline
 from services.gateway.classifier import Classifier
 from services.gateway.errors import GatewayError
 from services.gateway.openapi import OPENAPI
@@ -50,14 +51,17 @@ def _int_param(request: web.Request, name: str, default: int | None) -> int | No
 
 
 class HttpApi:
-    def __init__(self, classifier: Classifier, admin_token: str | None, max_body: int, ready):
+    def __init__(self, classifier: Classifier, admin_token: str | None, max_body: int, ready,
+                 body_timeout: float = 60.0):
         self.classifier = classifier
         self.admin_token = admin_token
         self.max_body = max_body
         self.ready = ready  # callable -> (bool, reason)
+        self.body_timeout = body_timeout  # seconds a request's body may take to arrive (0 = no limit)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body + 64 * 1024, middlewares=[errors_as_json])
+        app = web.Application(client_max_size=self.max_body + 64 * 1024,
+                              middlewares=[errors_as_json, body_deadline(self.body_timeout)])
         r = app.router
         r.add_post("/v1/classify", self.classify)
         r.add_get("/v1/models", self.models)

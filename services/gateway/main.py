@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--health-timeout", type=float, default=float(env("HEALTH_TIMEOUT_SECONDS", "1")),
                    help="deadline of the model server status check behind /readyz, run every second: a server "
                    "that does not answer within it makes the gateway unready (HEALTH_TIMEOUT_SECONDS, default 1)")
+    p.add_argument("--keepalive-timeout", type=float, default=float(env("KEEPALIVE_TIMEOUT_SECONDS", "15")),
+                   help="seconds an idle HTTP connection stays open, which is also the most a client has to send a "
+                   "complete request header after connecting or after the previous response "
+                   "(KEEPALIVE_TIMEOUT_SECONDS, default 15)")
+    p.add_argument("--body-timeout", type=float, default=float(env("BODY_TIMEOUT_SECONDS", "60")),
+                   help="seconds an HTTP request body may take to arrive once its headers have; then 408 "
+                   "(BODY_TIMEOUT_SECONDS, default 60; 0 = no limit)")
     p.add_argument("--no-single-flight", dest="single_flight", action="store_false",
                    default=env("SINGLE_FLIGHT", "1").lower() not in ("0", "false", "off", "no"),
                    help="every identical concurrent miss makes its own model server call (SINGLE_FLIGHT=0; "
@@ -138,7 +145,8 @@ class Gateway:
         watchers = [asyncio.create_task(self._watch_versions()), asyncio.create_task(self._watch_routing()),
                     asyncio.create_task(self._watch_labels())]
         runner = web.AppRunner(HttpApi(self.classifier, self.args.admin_token or None, self.args.max_bytes,
-                                       self.ready).app(), access_log=None)
+                                       self.ready, self.args.body_timeout).app(), access_log=None,
+                               keepalive_timeout=self.args.keepalive_timeout)
         await runner.setup()
         await web.TCPSite(runner, self.args.host, self.args.http_port).start()
         grpc_server = health = None
