@@ -286,3 +286,80 @@ def test_a_body_that_stops_arriving_gets_408_within_the_bound(stack, path):
         answer = sock.recv(65536) if readable else b""
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert time.monotonic() - start < 6  # --body-timeout 2 s, plus slack
+
+
+# ------------------------------------------------------------------------------------------- 10. chunked uploads
+def _send_chunked_until_answered(port: int, path: str, content_type: str, head: bytes, total: int):
+    """Sends a chunked body of ``total`` bytes (``head`` then zeros) in 64 KiB chunks, stopping as soon as the server
+    answers. Returns (bytes sent, the answer's first bytes)."""
+    chunk = 64 * 1024
+    sent, answer = 0, b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: gateway\r\nContent-Type: {content_type}\r\n"
+                     "Transfer-Encoding: chunked\r\n\r\n".encode())
+        body = memoryview(head + bytes(total - len(head)))
+        try:
+            while sent < total:
+                piece = body[sent:sent + chunk]
+                sock.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+                sent += len(piece)
+                if select.select([sock], [], [], 0)[0]:
+                    break
+            else:
+                sock.sendall(b"0\r\n\r\n")
+        except OSError:  # the server closed: its answer is readable
+            pass
+        if select.select([sock], [], [], 20)[0]:
+            answer = sock.recv(65536)
+    return sent, answer
+
+
+_PHOTO_PART = (b'--BOUNDARY\r\nContent-Disposition: form-data; name="photo"; filename="a.jpg"\r\n'
+               b"Content-Type: image/jpeg\r\n\r\n")
+_NOTE_PART = b'--BOUNDARY\r\nContent-Disposition: form-data; name="note"\r\n\r\n'
+UPLOADS = {  # content type, the body's first bytes (zeros follow)
+    "raw": ("image/jpeg", b"\xff\xd8"),
+    "multipart photo": ("multipart/form-data; boundary=BOUNDARY", _PHOTO_PART),
+    "multipart field before the photo": ("multipart/form-data; boundary=BOUNDARY", _NOTE_PART),
+    "json": ("application/json", b'{"image_b64": "'),
+}
+
+
+@pytest.mark.parametrize("kind", UPLOADS)
+def test_a_chunked_upload_over_the_limit_gets_413_before_it_is_all_sent(stack, kind):
+    content_type, head = UPLOADS[kind]
+    total = 16 * MAX_PHOTO_BYTES
+    sent, answer = _send_chunked_until_answered(stack["gateway"].http_port, "/v1/classify", content_type, head, total)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
+    assert sent < total // 2, f"{sent} of {total} bytes sent before the answer"
+
+
+def test_a_json_photo_near_the_limit_is_not_refused_for_its_base64_size(stack):
+    """The limit is on the photo: its base64 form in a JSON body is a third bigger."""
+    photo = PHOTOS[0].read_bytes()
+    padded = photo + bytes(MAX_PHOTO_BYTES - 1000 - len(photo))  # a JPEG with trailing bytes Pillow ignores
+    status, answer = stack["gateway"].request("POST", "/v1/classify?version=1",
+                                              {"image_b64": base64.b64encode(padded).decode()})
+    assert status == 200, answer
+    too_big = photo + bytes(MAX_PHOTO_BYTES + 1 - len(photo))
+    status, answer = stack["gateway"].request("POST", "/v1/classify?version=1",
+                                              {"image_b64": base64.b64encode(too_big).decode()})
+    assert status == 413, answer
+
+
+def test_a_photo_at_the_limit_still_goes_through_chunked(stack):
+    photo = PHOTOS[0].read_bytes()
+    head = (b'--BOUNDARY\r\nContent-Disposition: form-data; name="photo"; filename="a.jpg"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n")
+    body = head + photo + b"\r\n--BOUNDARY--\r\n"
+    with socket.create_connection(("127.0.0.1", stack["gateway"].http_port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/classify?version=1 HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n"
+                     b"Content-Type: multipart/form-data; boundary=BOUNDARY\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for start in range(0, len(body), 7000):
+            piece = body[start:start + 7000]
+            sock.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+        sock.sendall(b"0\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]

@@ -11,7 +11,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.gateway import metrics
-from services.gateway.bodies import body_deadline
+from services.gateway.bodies import body_deadline, read_form_file, read_limited
 from services.gateway.classifier import Classifier
 from services.gateway.errors import GatewayError
 from services.gateway.openapi import OPENAPI
@@ -20,6 +20,9 @@ from services.gateway.upstream import UpstreamUnavailable
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 STATE_NAMES = {10: "START", 20: "LOADING", 30: "AVAILABLE", 40: "UNLOADING", 50: "END"}
+PHOTO_FIELDS = ("photo", "file", "image")  # multipart field names of the photo
+FORM_OVERHEAD_BYTES = 64 * 1024  # what a multipart or JSON body may hold besides the photo
+SMALL_BODY_BYTES = 1024 * 1024  # the largest body of the routes other than classify (feedback, admin)
 
 
 def _error_response(exc: GatewayError) -> web.Response:
@@ -60,7 +63,8 @@ class HttpApi:
         self.body_timeout = body_timeout  # seconds a request's body may take to arrive (0 = no limit)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body + 64 * 1024,
+        # client_max_size bounds request.read() (feedback, admin); classify counts its own body (_photo).
+        app = web.Application(client_max_size=SMALL_BODY_BYTES,
                               middlewares=[errors_as_json, body_deadline(self.body_timeout)])
         r = app.router
         r.add_post("/v1/classify", self.classify)
@@ -82,25 +86,27 @@ class HttpApi:
         return app
 
     # ------------------------------------------------------------------ classify
+    def _body_limit(self, content_type: str) -> int:
+        """The most bytes a classify body of this type may hold for a photo of at most --max-bytes."""
+        if content_type.startswith("multipart/"):
+            return self.max_body + FORM_OVERHEAD_BYTES
+        if content_type == "application/json":
+            return 4 * -(-self.max_body // 3) + FORM_OVERHEAD_BYTES  # base64 makes 3 bytes into 4 characters
+        return self.max_body
+
     async def _photo(self, request: web.Request) -> bytes:
         content_type = request.content_type
-        if request.content_length and request.content_length > self.max_body:
+        limit = self._body_limit(content_type)
+        if request.content_length and request.content_length > limit:
             raise GatewayError(413, "too_large", f"the body is {request.content_length} bytes; the limit is "
-                               f"{self.max_body}")
-        try:
-            if content_type.startswith("multipart/"):
-                reader = await request.multipart()
-                async for part in reader:
-                    if part.name in ("photo", "file", "image"):
-                        return bytes(await part.read(decode=False))
-                raise GatewayError(400, "missing_photo", "multipart upload without a 'photo' field")
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise GatewayError(413, "too_large", f"the body is over the limit of {self.max_body} bytes") from None
+                               f"{limit}")
+        if content_type.startswith("multipart/"):
+            return await read_form_file(request, PHOTO_FIELDS, self.max_body, limit)
+        body = await read_limited(request.content, limit, "the body")
         if content_type == "application/json":
             try:
                 data = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            except (ValueError, RecursionError) as exc:
                 raise GatewayError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
             encoded = data.get("image_b64") if isinstance(data, dict) else None
             if not isinstance(encoded, str):
