@@ -363,3 +363,39 @@ def test_a_photo_at_the_limit_still_goes_through_chunked(stack):
         while chunk := sock.recv(65536):
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
+# ------------------------------------------------------------------------------------------- 13. JSON options
+def _json_classify(gateway, query="", **fields):
+    photo = fields.pop("photo", PHOTOS[1].read_bytes())
+    return gateway.request("POST", f"/v1/classify?{query}",
+                           {"image_b64": base64.b64encode(photo).decode(), **fields})
+
+
+def test_json_body_options_are_applied(stack):
+    status, answer = _json_classify(stack["gateway"], top_k=2, version=2, client_id="erin")
+    assert status == 200, answer
+    assert len(answer["predictions"]) == 2 and answer["model"]["version"] == 2
+
+
+@pytest.mark.parametrize("fields, status, code", [
+    ({"top_k": 0}, 400, "bad_top_k"),
+    ({"top_k": 99}, 400, "bad_top_k"),
+    ({"top_k": True}, 400, "bad_top_k"),
+    ({"top_k": "2"}, 400, "bad_top_k"),
+    ({"top_k": 1.5}, 400, "bad_top_k"),
+    ({"version": 987654}, 404, "unknown_version"),
+    ({"version": "1"}, 400, "bad_version"),
+    ({"label": "nope"}, 404, "unknown_label"),
+    ({"label": 3}, 400, "bad_label"),
+    ({"client_id": 7}, 400, "bad_client_id"),
+    ({"colour": "red"}, 400, "unknown_field"),
+])
+def test_json_body_options_are_validated_like_the_query_string(stack, fields, status, code):
+    got, body = _json_classify(stack["gateway"], **fields)
+    assert (got, body["error"]["code"]) == (status, code), body
+
+
+def test_an_option_in_both_the_body_and_the_query_is_refused(stack):
+    status, body = _json_classify(stack["gateway"], "top_k=1", top_k=2)
+    assert status == 400 and "top_k" in body["error"]["message"], body

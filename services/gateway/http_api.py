@@ -53,6 +53,29 @@ def _int_param(request: web.Request, name: str, default: int | None) -> int | No
         raise GatewayError(400, f"bad_{name}", f"{name} must be an integer, got {raw!r}") from None
 
 
+JSON_OPTIONS = {"top_k": int, "version": int, "label": str, "client_id": str}  # besides image_b64
+
+
+def _json_options(data: dict) -> dict:
+    """The classify options of a JSON body: the query string's ``top_k``, ``version``, ``label`` and
+    ``client_id``, as JSON integers or strings; any other field is refused, so a misspelt option never goes
+    unnoticed. Their values are checked further on exactly as the query string's are."""
+    unknown = sorted(set(data) - {"image_b64", *JSON_OPTIONS})
+    if unknown:
+        raise GatewayError(400, "unknown_field", f"unknown fields {unknown}: a JSON body holds image_b64 and "
+                           f"optionally {', '.join(JSON_OPTIONS)}")
+    options = {}
+    for name, kind in JSON_OPTIONS.items():
+        if name not in data:
+            continue
+        value = data[name]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise GatewayError(400, f"bad_{name}", f"{name} must be a JSON {'integer' if kind is int else 'string'}"
+                               f", got {json.dumps(value)[:40]}")
+        options[name] = value
+    return options
+
+
 class HttpApi:
     def __init__(self, classifier: Classifier, admin_token: str | None, max_body: int, ready,
                  body_timeout: float = 60.0):
@@ -63,7 +86,7 @@ class HttpApi:
         self.body_timeout = body_timeout  # seconds a request's body may take to arrive (0 = no limit)
 
     def app(self) -> web.Application:
-        # client_max_size bounds request.read() (feedback, admin); classify counts its own body (_photo).
+        # client_max_size bounds request.read() (feedback, admin); classify counts its own body (_upload).
         app = web.Application(client_max_size=SMALL_BODY_BYTES,
                               middlewares=[errors_as_json, body_deadline(self.body_timeout)])
         r = app.router
@@ -94,35 +117,44 @@ class HttpApi:
             return 4 * -(-self.max_body // 3) + FORM_OVERHEAD_BYTES  # base64 makes 3 bytes into 4 characters
         return self.max_body
 
-    async def _photo(self, request: web.Request) -> bytes:
+    async def _upload(self, request: web.Request) -> tuple[bytes, dict]:
+        """The photo, and the options a JSON body gave (see _json_options)."""
         content_type = request.content_type
         limit = self._body_limit(content_type)
         if request.content_length and request.content_length > limit:
             raise GatewayError(413, "too_large", f"the body is {request.content_length} bytes; the limit is "
                                f"{limit}")
         if content_type.startswith("multipart/"):
-            return await read_form_file(request, PHOTO_FIELDS, self.max_body, limit)
+            return await read_form_file(request, PHOTO_FIELDS, self.max_body, limit), {}
         body = await read_limited(request.content, limit, "the body")
-        if content_type == "application/json":
-            try:
-                data = json.loads(body)
-            except (ValueError, RecursionError) as exc:
-                raise GatewayError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
-            encoded = data.get("image_b64") if isinstance(data, dict) else None
-            if not isinstance(encoded, str):
-                raise GatewayError(400, "missing_photo", 'JSON bodies need {"image_b64": "<base64 photo>"}')
-            try:
-                return base64.b64decode(encoded, validate=True)
-            except (binascii.Error, ValueError):
-                raise GatewayError(400, "bad_base64", "image_b64 is not valid base64") from None
-        return body
+        if content_type != "application/json":
+            return body, {}
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise GatewayError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
+        encoded = data.get("image_b64") if isinstance(data, dict) else None
+        if not isinstance(encoded, str):
+            raise GatewayError(400, "missing_photo", 'JSON bodies need {"image_b64": "<base64 photo>"}')
+        options = _json_options(data)
+        try:
+            return base64.b64decode(encoded, validate=True), options
+        except (binascii.Error, ValueError):
+            raise GatewayError(400, "bad_base64", "image_b64 is not valid base64") from None
 
     async def classify(self, request: web.Request) -> web.Response:
-        photo = await self._photo(request)
+        photo, given = await self._upload(request)
+        options = {"top_k": _int_param(request, "top_k", None), "version": _int_param(request, "version", None),
+                   "label": request.query.get("label") or request.headers.get("X-Version-Label"),
+                   "client_id": request.headers.get("X-Client-Id") or request.query.get("client_id")}
+        for name, value in given.items():
+            if options[name] is not None:
+                raise GatewayError(400, f"bad_{name}", f"{name} is given both in the JSON body and in the query "
+                                   "string or a header: give it once")
+            options[name] = value
         answer = await self.classifier.classify(
-            photo, client_id=request.headers.get("X-Client-Id") or request.query.get("client_id"),
-            top_k=_int_param(request, "top_k", 3), version=_int_param(request, "version", None),
-            label=request.query.get("label") or request.headers.get("X-Version-Label"), protocol="http")
+            photo, client_id=options["client_id"], top_k=3 if options["top_k"] is None else options["top_k"],
+            version=options["version"], label=options["label"], protocol="http")
         return web.json_response(answer)
 
     # ------------------------------------------------------------------ models, feedback, demo

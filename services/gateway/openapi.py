@@ -8,7 +8,8 @@ version label of the model server's config ("canary"; TF Serving's rule: letters
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _ERRORS = {str(s): {"description": d, "content": {"application/json": {"schema": _ERROR}}}
            for s, d in ((400, "bad input"), (401, "missing or wrong admin token"), (404, "unknown version, label, "
-                        "request or photo"), (413, "body or photo over the limit"),
+                        "request or photo"), (408, "the body did not arrive within --body-timeout"),
+                        (413, "body or photo over the limit"),
                         (503, "model server unavailable (Retry-After set)"))}
 
 _LABEL = {"type": "string", "pattern": "^[A-Za-z0-9_]+$",
@@ -39,8 +40,16 @@ OPENAPI = {
                     "photo": {"type": "string", "format": "binary"}}}},
                 "image/*": {"schema": {"type": "string", "format": "binary"}},
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-                "application/json": {"schema": {"type": "object", "required": ["image_b64"], "properties": {
-                    "image_b64": {"type": "string", "format": "byte"}}}}}},
+                "application/json": {"schema": {
+                    "type": "object", "required": ["image_b64"], "additionalProperties": False,
+                    "description": "the photo in base64, and optionally the options of the query string (checked "
+                                   "the same way; an option given both here and in the query string or a header "
+                                   "is refused, so is any other field)",
+                    "properties": {
+                        "image_b64": {"type": "string", "format": "byte"},
+                        "top_k": {"type": "integer", "minimum": 1, "default": 3},
+                        "version": {"type": "integer", "minimum": 0},
+                        "label": _LABEL, "client_id": {"type": "string"}}}}}},
             "responses": {"200": {"description": "the answer", "content": {"application/json": {
                 "schema": {"$ref": "#/components/schemas/Answer"}}}}, **_ERRORS}}},
         "/v1/models": {"get": {"summary": "Versions, states and routing", "responses": {"200": {
