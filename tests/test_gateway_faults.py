@@ -399,3 +399,15 @@ def test_json_body_options_are_validated_like_the_query_string(stack, fields, st
 def test_an_option_in_both_the_body_and_the_query_is_refused(stack):
     status, body = _json_classify(stack["gateway"], "top_k=1", top_k=2)
     assert status == 400 and "top_k" in body["error"]["message"], body
+
+
+# ------------------------------------------------------------------------------------------- 14. top_k per version
+def test_top_k_is_checked_against_the_version_that_answers(stack):
+    gateway = stack["gateway"]
+    status, answer = gateway.classify(PHOTOS[2].read_bytes(), "version=1&top_k=1")
+    assert status == 200, answer
+    status, answer = gateway.classify(PHOTOS[3].read_bytes(), "version=3&top_k=5")  # 5 classes: allowed
+    assert status == 200 and len(answer["predictions"]) == 5, answer
+    status, answer = gateway.classify(PHOTOS[4].read_bytes(), "version=1&top_k=5")  # 4 classes: refused
+    assert status == 400 and answer["error"]["code"] == "bad_top_k", answer
+    assert "4" in answer["error"]["message"]
