@@ -411,3 +411,79 @@ def test_top_k_is_checked_against_the_version_that_answers(stack):
     status, answer = gateway.classify(PHOTOS[4].read_bytes(), "version=1&top_k=5")  # 4 classes: refused
     assert status == 400 and answer["error"]["code"] == "bad_top_k", answer
     assert "4" in answer["error"]["message"]
+
+
+# ------------------------------------------------------------------------------------------- 6. routing PUT
+def _put_routing(gateway, body: bytes):
+    return gateway.request("PUT", "/v1/admin/routing", body, "application/json", token=TOKEN)
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"weights": {"1": 50, "2": 50\xff}}', "not valid JSON"),
+    (b'{"weights": {"' + b"9" * 5000 + b'": 100}}', "version"),
+    (b'{"weights": {"1": 100}, "shadow": ' + b"9" * 5000 + b"}", "not valid JSON"),
+    (b'{"weights": {"1": 100}, "shadow": "' + b"9" * 30 + b'"}', "version"),
+    (b'{"weights": {"\xc2\xb2": 100}}', "neither a version number nor a version label"),
+    (b'{"weights": {"1": 1e9}}', "between 0 and"),
+    (b'{"weights": {"1": true}}', "JSON number"),
+    (b'{"weights": {"1": "50"}}', "JSON number"),
+    (b'{"weights": {"1": 1e308, "2": 1e308}}', "between 0 and"),
+    (b'{"weights": {"1": NaN}}', "finite"),
+    (b'{"weights": {"1": -1}}', "between 0 and"),
+    (b'{"weights": {"1": 50, "01": 50}}', "twice"),
+    (b"{}", "clear"),
+    (b'{"weights": {}}', "clear"),
+    (b'{"weights": {"1": 0, "2": 0}}', "clear"),
+    (b'{"weights": {"1": 100}, "colour": 1}', "unknown field"),
+    (b'{"clear": true, "weights": {"1": 100}}', "clear"),
+    (b'{"clear": 1}', "clear"),
+    (b"[" * 100000 + b"]" * 100000, "JSON"),
+])
+def test_routing_put_refuses_what_it_cannot_split_with_400(stack, body, message):
+    gateway = stack["gateway"]
+    assert _put_routing(gateway, b'{"weights": {"1": 60, "2": 40}}')[0] == 200
+    status, answer = _put_routing(gateway, body)
+    assert status == 400 and answer["error"]["code"] in ("bad_json", "bad_routing"), answer
+    assert message in answer["error"]["message"], answer
+    assert gateway.request("GET", "/v1/admin/routing", token=TOKEN)[1]["weights"] == {"1": 60.0, "2": 40.0}
+
+
+def test_routing_put_accepts_the_bounds_and_clears_only_when_asked(stack):
+    gateway = stack["gateway"]
+    status, applied = _put_routing(gateway, b'{"weights": {"1": 1000000, "2": 1000000.0, "3": 0}, "shadow": null}')
+    assert status == 200, applied
+    assert applied["effective"] == {"1": 1e6, "2": 1e6}
+    status, cleared = _put_routing(gateway, b'{"clear": true}')
+    assert status == 200, cleared
+    assert (cleared["weights"], cleared["shadow"]) == ({}, None)
+    assert cleared["audit"]["old"]["weights"] == {"1": 1e6, "2": 1e6} and cleared["audit"]["new"]["weights"] == {}
+
+
+def test_the_split_follows_large_weights():
+    from collections import Counter
+
+    from services.gateway.routing import RoutingTable, pick_entry
+
+    table = RoutingTable.from_request({"weights": {"1": 1e6, "2": 1e6}})
+    counts = Counter(pick_entry(table.weights, f"client-{i}") for i in range(4000))
+    assert abs(counts[1] / 4000 - 0.5) < 0.03, counts  # binomial sd 0.008
+
+
+def test_admin_cli_clears_the_table_and_refuses_all_zero_weights(stack):
+    gateway = stack["gateway"]
+    env = {**os.environ, "GATEWAY_ADMIN_TOKEN": TOKEN}
+
+    def admin(*args):
+        return subprocess.run([sys.executable, "-m", "services.gateway.admin", "--url", gateway.url, *args],
+                              capture_output=True, text=True, env=env, cwd=PROJECT_ROOT, timeout=60)
+
+    assert admin("set", "1=60", "2=40").returncode == 0
+    zero = admin("set", "1=0", "2=0")
+    assert zero.returncode != 0 and "clear" in zero.stderr, zero.stderr
+    for bad in ("1=true", "1=1e9", "1=nan"):
+        refused = admin("set", bad)
+        assert refused.returncode != 0, (bad, refused.stdout)
+    assert gateway.request("GET", "/v1/admin/routing", token=TOKEN)[1]["weights"] == {"1": 60.0, "2": 40.0}
+    cleared = admin("clear")
+    assert cleared.returncode == 0, cleared.stderr
+    assert gateway.request("GET", "/v1/admin/routing", token=TOKEN)[1]["weights"] == {}

@@ -224,12 +224,12 @@ class HttpApi:
     async def put_routing(self, request: web.Request) -> web.Response:
         who = self._authorise(request, write=True)
         try:
-            table = RoutingTable.from_json(json.loads(await request.read()))
+            table = RoutingTable.from_request(json.loads(await request.read()))
             entry = await self.classifier.router.set_table(table, who)
-        except json.JSONDecodeError as exc:
-            raise GatewayError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
         except RoutingError as exc:
             raise GatewayError(400, "bad_routing", str(exc)) from None
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, an int of thousands of digits, nesting
+            raise GatewayError(400, "bad_json", f"the body is not valid JSON: {str(exc)[:200]}") from None
         except UpstreamUnavailable as exc:
             raise GatewayError(503, "model_server_unavailable", f"cannot check the labels: {exc}",
                                retry_after=2) from None

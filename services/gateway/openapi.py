@@ -71,14 +71,16 @@ OPENAPI = {
                         "application/json": {"schema": {"$ref": "#/components/schemas/RoutingAdmin"}}}},
                         **_ERRORS}},
             "put": {"summary": "Set the A/B table (bearer token). Entries are version numbers or version labels, kept "
-                               "as given; an unknown label or a version that is not AVAILABLE is refused (400); 503 "
-                               "when the model server cannot be asked about the labels",
+                               "as given; an unknown label or a version that is not AVAILABLE is refused (400), so "
+                               "are weights that are not JSON numbers in 0..1000000 or all 0; {\"clear\": true} "
+                               "empties the table; 503 when the model server cannot be asked about the labels",
                     "security": [{"bearer": []}], "requestBody": {"required": True, "content": {"application/json": {
-                        "schema": {"$ref": "#/components/schemas/Routing"},
+                        "schema": {"$ref": "#/components/schemas/RoutingUpdate"},
                         "examples": {"labels": {"value": {"weights": {"stable": 90, "canary": 10},
                                                           "shadow": "canary"}},
                                      "versions": {"value": {"weights": {"1": 90, "2": 10}, "shadow": 3}},
-                                     "mixed": {"value": {"weights": {"1": 80, "canary": 20}, "shadow": None}}}}}},
+                                     "mixed": {"value": {"weights": {"1": 80, "canary": 20}, "shadow": None}},
+                                     "clear": {"value": {"clear": True}}}}}},
                     "responses": {"200": {"description": "applied", "content": {"application/json": {"schema": {
                         "$ref": "#/components/schemas/RoutingApplied"}}}}, **_ERRORS}}},
         "/v1/admin/audit": {"get": {"summary": "Routing changes, newest first (entries as they were set)",
@@ -116,6 +118,20 @@ OPENAPI = {
                     "shadow": {"description": "a version number, a version label or null",
                                "anyOf": [{"type": "integer", "minimum": 0}, {"$ref": "#/components/schemas/Entry"},
                                          {"type": "null"}]}}},
+            "RoutingUpdate": {
+                "description": "What PUT /v1/admin/routing takes: a table whose weights are JSON numbers from 0 to "
+                               "1000000 (relative; 0 leaves the entry out; at least one above 0; an entry may not be "
+                               "given twice, e.g. \"1\" and \"01\"), or exactly {\"clear\": true} to empty the "
+                               "table so that every request goes to the latest AVAILABLE version. Versions are "
+                               "0..2^63-1 (TF Serving's int64). Other fields are refused.",
+                "oneOf": [
+                    {"type": "object", "required": ["weights"], "additionalProperties": False, "properties": {
+                        "weights": {"type": "object", "minProperties": 1,
+                                    "propertyNames": {"$ref": "#/components/schemas/Entry"},
+                                    "additionalProperties": {"type": "number", "minimum": 0, "maximum": 1000000}},
+                        "shadow": {"$ref": "#/components/schemas/Routing/properties/shadow"}}},
+                    {"type": "object", "required": ["clear"], "additionalProperties": False,
+                     "properties": {"clear": {"const": True}}}]},
             "RoutingState": {
                 "description": "The table as set, where each entry points now, and the split actually applied.",
                 "allOf": [{"$ref": "#/components/schemas/Routing"}],
