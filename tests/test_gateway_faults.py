@@ -224,6 +224,7 @@ def test_a_caller_whose_deadline_expires_cancels_nothing_for_the_others(stack):
             assert left.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         reply = grpc_follower.result()
         http_thread.join(30)
+    gateway.wait_ready(timeout=10)  # the status checks missed during the freeze
     status, answer = http_answer["reply"]
     assert status == 200, answer
     assert reply.model_version == answer["model"]["version"] == 1
@@ -233,7 +234,7 @@ def test_a_caller_whose_deadline_expires_cancels_nothing_for_the_others(stack):
 # ------------------------------------------------------------------------------------------- 8. readiness
 def test_readyz_turns_503_while_the_model_server_is_frozen(stack):
     gateway, server = stack["gateway"], stack["server"]
-    assert gateway.request("GET", "/readyz")[0] == 200
+    gateway.wait_ready(timeout=10)
     with Frozen(server.process):
         status, body = wait_until(lambda: (lambda r: r if r[0] == 503 else None)(gateway.request("GET", "/readyz")),
                                   timeout=5, interval=0.1, what="/readyz to say 503")
