@@ -23,7 +23,7 @@ log = logging.getLogger("gateway.routing")
 Entry = int | str  # a version number or a version label
 LABEL_RE = re.compile(r"[a-zA-Z0-9_]+")  # TF Serving's version label rule
 MAX_VERSION = 2**63 - 1  # TF Serving's versions are int64
-MAX_WEIGHT = 1_000_000  # weights are relative; this bound keeps every split exact in floating point
+MAX_WEIGHT = 1_000_000  # weights are relative; bounded so that pick_entry's -w / ln(u) stays far from overflow
 UPDATE_SHAPE = ('a routing update is {"weights": {"<version or label>": <weight>, ...}, "shadow": <version or '
                 'label>|null} with at least one weight above 0; to clear the table send {"clear": true}')
 
@@ -107,7 +107,6 @@ class RoutingTable:
         if shadow is not None:
             shadow = parse_entry(shadow, "shadow")
         return cls(weights, shadow)
-
 
     @classmethod
     def from_request(cls, data) -> "RoutingTable":
