@@ -78,7 +78,8 @@ def shifted_routing(routing: dict, share: float) -> dict:
     numbers or version labels, ordered by the version they resolve to now (``resolved``); labels are sent back as
     labels and the shadow unchanged. With fewer than two entries, the newest AVAILABLE versions fill in; an entry the
     gateway would refuse now (a label the model server no longer knows, a version or label on a version that is not
-    AVAILABLE) is set to 0. With nothing to move between, the table is sent back as it is."""
+    AVAILABLE) is set to 0. With nothing to move between, the table is sent back as it is (an empty one as
+    {"clear": true})."""
     weights = routing_entries(routing)
     resolved = routing.get("resolved") or {}
     available = set(routing.get("available") or [])
@@ -93,4 +94,6 @@ def shifted_routing(routing: dict, share: float) -> dict:
     pair = sorted(candidates, key=lambda e: (version_of(e), not e.isdigit(), e))[-2:]
     if len(pair) == 2:
         weights = {**{entry: 0.0 for entry in weights}, pair[0]: share, pair[1]: 1 - share}
+    if not any(weight > 0 for weight in weights.values()):
+        return {"clear": True}  # an empty table stays empty: the gateway refuses empty weights without "clear"
     return {"weights": weights, "shadow": routing.get("shadow")}

@@ -72,7 +72,7 @@ def test_the_operator_handles_mixed_tables_vanished_labels_and_empty_tables():
     empty = {"weights": {}, "shadow": None, "available": [1, 2, 3], "resolved": {}, "effective": {}}
     assert shifted_routing(empty, 0.5) == {"weights": {"2": 0.5, "3": 0.5}, "shadow": None}
     alone = {"weights": {}, "shadow": None, "available": [4], "resolved": {}}
-    assert shifted_routing(alone, 0.5) == {"weights": {}, "shadow": None}
+    assert shifted_routing(alone, 0.5) == {"clear": True}
 
 
 @pytest.fixture(scope="module")

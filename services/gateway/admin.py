@@ -1,12 +1,14 @@
 """Operators' CLI for A/B routing: `python -m services.gateway.admin set stable=90 canary=10 [shadow=canary]`,
-`status`, `audit`.
+`clear`, `status`, `audit`.
 
 An entry is a version number (`set 1=90 2=10 shadow=3`) or a version label of the model server's config
 (`version_labels` in its --model_config_file: letters, digits and '_', not all digits); both mix
 (`set 1=90 canary=10`). The gateway resolves labels through the model server and follows a label moved there within
 a second or two; the cache and the answers always carry the resolved version. Each client id sticks to its entry
 (label or version), so moving a label moves no client. An unknown label or a version that is not AVAILABLE is
-refused. `status` shows each entry with the version it points at now; `audit` shows the entries as they were set.
+refused, and so are weights outside 0..1,000,000 or all 0: `clear` empties the table (every request then goes to
+the latest AVAILABLE version). `status` shows each entry with the version it points at now; `audit` shows the
+entries as they were set.
 
 Talks to the gateway's admin API with an operator's bearer token from --token or $GATEWAY_ADMIN_TOKEN; the audit
 records the token's owner ($USER goes along as X-Operator, a note only).
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "[shadow=VERSION|LABEL]")
     set_parser.add_argument("assignments", nargs="+", metavar="ENTRY=WEIGHT",
                             help="e.g. stable=90 canary=10 shadow=canary, or 1=90 2=10 shadow=3")
+    sub.add_parser("clear", help="empty the routing table: every request goes to the latest AVAILABLE version")
     sub.add_parser("status", help="routing entries with the versions they resolve to, per-version figures and the "
                    "significance test")
     sub.add_parser("audit", help="who changed the routing, when, from what to what")
@@ -94,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: {exc}") from None
         applied = call(args.url, args.token, "PUT", "/v1/admin/routing", table.to_json())
         print_routing(applied)
+    elif args.command == "clear":
+        print_routing(call(args.url, args.token, "PUT", "/v1/admin/routing", {"clear": True}))
     elif args.command == "status":
         print_status(call(args.url, args.token, "GET", "/v1/admin/status"))
     else:

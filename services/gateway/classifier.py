@@ -51,7 +51,6 @@ class Classifier:
         self.limits = limits
         self.single_flight = SingleFlight()
         self.executor = ThreadPoolExecutor(preprocess_threads, thread_name_prefix="preprocess")
-        self.num_classes: int | None = None
         self._background: set[asyncio.Task] = set()
         # Answers whose Redis write is still in flight (written after the response, off its path): an identical
         # request arriving meanwhile shares the answer, as it would have joined the single-flight call before.
@@ -90,7 +89,6 @@ class Classifier:
             raise GatewayError(400, "rejected_by_model_server", str(exc)) from None
         metrics.UPSTREAM_SECONDS.labels(model_version=metrics.version_label(
             prediction.version, self.router.available)).observe(time.perf_counter() - start)
-        self.num_classes = len(prediction.classes)
         return {"version": prediction.version, "classes": prediction.classes,
                 "probabilities": [float(p) for p in prediction.probabilities],
                 "mushroom_score": prediction.mushroom_score, "not_a_mushroom": prediction.not_a_mushroom}
@@ -101,8 +99,9 @@ class Classifier:
         except UpstreamUnavailable as exc:
             raise GatewayError(503, "model_server_unavailable", str(exc), retry_after=2) from None
 
-    def _check_top_k(self, top_k: int) -> None:
-        limit = self.num_classes or MAX_TOP_K
+    def _check_top_k(self, top_k: int, classes: int = MAX_TOP_K) -> None:
+        """1 <= top_k <= MAX_TOP_K before any work, then <= the class count of the version that answered."""
+        limit = min(classes, MAX_TOP_K)
         if not 1 <= top_k <= limit:
             raise GatewayError(400, "bad_top_k", f"top_k must be between 1 and {limit}, got {top_k}")
 
@@ -145,7 +144,7 @@ class Classifier:
                     self._maybe_shadow(pixels, fresh)
                     return fresh
                 answer = await self.single_flight.do(key or f"{digest}:{label}", miss)
-            self._check_top_k(top_k)
+            self._check_top_k(top_k, len(answer["classes"]))
             metrics.ROUTE.labels(model_version=metrics.version_label(answer["version"], self.router.available),
                                  reason=reason).inc()
             return self._answer(answer, top_k, cache_outcome == "hit", start)

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
 from services.gateway import metrics
+from services.gateway.bodies import body_deadline, read_form_file, read_limited
 from services.gateway.classifier import Classifier
 from services.gateway.errors import GatewayError
 from services.gateway.feedback import BadFeedbackToken
@@ -22,6 +23,9 @@ from services.gateway.upstream import UpstreamUnavailable
 WEB_DIR = Path(__file__).resolve().parent / "web"
 REDIS_RETRY_AFTER_SECONDS = 2
 STATE_NAMES = {10: "START", 20: "LOADING", 30: "AVAILABLE", 40: "UNLOADING", 50: "END"}
+PHOTO_FIELDS = ("photo", "file", "image")  # multipart field names of the photo
+FORM_OVERHEAD_BYTES = 64 * 1024  # what a multipart or JSON body may hold besides the photo
+SMALL_BODY_BYTES = 1024 * 1024  # the largest body of the routes other than classify (feedback, admin)
 
 
 def _error_response(exc: GatewayError) -> web.Response:
@@ -55,15 +59,42 @@ def _int_param(request: web.Request, name: str, default: int | None) -> int | No
         raise GatewayError(400, f"bad_{name}", f"{name} must be an integer, got {raw!r}") from None
 
 
+JSON_OPTIONS = {"top_k": int, "version": int, "label": str, "client_id": str}  # besides image_b64
+
+
+def _json_options(data: dict) -> dict:
+    """The classify options of a JSON body: the query string's ``top_k``, ``version``, ``label`` and
+    ``client_id``, as JSON integers or strings; any other field is refused, so a misspelt option never goes
+    unnoticed. Their values are checked further on exactly as the query string's are."""
+    unknown = sorted(set(data) - {"image_b64", *JSON_OPTIONS})
+    if unknown:
+        raise GatewayError(400, "unknown_field", f"unknown fields {unknown}: a JSON body holds image_b64 and "
+                           f"optionally {', '.join(JSON_OPTIONS)}")
+    options = {}
+    for name, kind in JSON_OPTIONS.items():
+        if name not in data:
+            continue
+        value = data[name]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise GatewayError(400, f"bad_{name}", f"{name} must be a JSON {'integer' if kind is int else 'string'}"
+                               f", got {json.dumps(value)[:40]}")
+        options[name] = value
+    return options
+
+
 class HttpApi:
-    def __init__(self, classifier: Classifier, operators: OperatorTokens, max_body: int, ready):
+    def __init__(self, classifier: Classifier, operators: OperatorTokens, max_body: int, ready,
+                 body_timeout: float = 60.0):
         self.classifier = classifier
         self.operators = operators
         self.max_body = max_body
         self.ready = ready  # callable -> (bool, reason)
+        self.body_timeout = body_timeout  # seconds a request's body may take to arrive (0 = no limit)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body + 64 * 1024, middlewares=[errors_as_json])
+        # client_max_size bounds request.read() (feedback, admin); classify counts its own body (_upload).
+        app = web.Application(client_max_size=SMALL_BODY_BYTES,
+                              middlewares=[errors_as_json, body_deadline(self.body_timeout)])
         r = app.router
         r.add_post("/v1/classify", self.classify)
         r.add_get("/v1/models", self.models)
@@ -84,41 +115,52 @@ class HttpApi:
         return app
 
     # ------------------------------------------------------------------ classify
-    async def _photo(self, request: web.Request) -> bytes:
-        content_type = request.content_type
-        if request.content_length and request.content_length > self.max_body:
-            raise GatewayError(413, "too_large", f"the body is {request.content_length} bytes; the limit is "
-                               f"{self.max_body}")
-        try:
-            if content_type.startswith("multipart/"):
-                reader = await request.multipart()
-                async for part in reader:
-                    if part.name in ("photo", "file", "image"):
-                        return bytes(await part.read(decode=False))
-                raise GatewayError(400, "missing_photo", "multipart upload without a 'photo' field")
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise GatewayError(413, "too_large", f"the body is over the limit of {self.max_body} bytes") from None
+    def _body_limit(self, content_type: str) -> int:
+        """The most bytes a classify body of this type may hold for a photo of at most --max-bytes."""
+        if content_type.startswith("multipart/"):
+            return self.max_body + FORM_OVERHEAD_BYTES
         if content_type == "application/json":
-            try:
-                data = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise GatewayError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
-            encoded = data.get("image_b64") if isinstance(data, dict) else None
-            if not isinstance(encoded, str):
-                raise GatewayError(400, "missing_photo", 'JSON bodies need {"image_b64": "<base64 photo>"}')
-            try:
-                return base64.b64decode(encoded, validate=True)
-            except (binascii.Error, ValueError):
-                raise GatewayError(400, "bad_base64", "image_b64 is not valid base64") from None
-        return body
+            return 4 * -(-self.max_body // 3) + FORM_OVERHEAD_BYTES  # base64 makes 3 bytes into 4 characters
+        return self.max_body
+
+    async def _upload(self, request: web.Request) -> tuple[bytes, dict]:
+        """The photo, and the options a JSON body gave (see _json_options)."""
+        content_type = request.content_type
+        limit = self._body_limit(content_type)
+        if request.content_length and request.content_length > limit:
+            raise GatewayError(413, "too_large", f"the body is {request.content_length} bytes; the limit is "
+                               f"{limit}")
+        if content_type.startswith("multipart/"):
+            return await read_form_file(request, PHOTO_FIELDS, self.max_body, limit), {}
+        body = await read_limited(request.content, limit, "the body")
+        if content_type != "application/json":
+            return body, {}
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise GatewayError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
+        encoded = data.get("image_b64") if isinstance(data, dict) else None
+        if not isinstance(encoded, str):
+            raise GatewayError(400, "missing_photo", 'JSON bodies need {"image_b64": "<base64 photo>"}')
+        options = _json_options(data)
+        try:
+            return base64.b64decode(encoded, validate=True), options
+        except (binascii.Error, ValueError):
+            raise GatewayError(400, "bad_base64", "image_b64 is not valid base64") from None
 
     async def classify(self, request: web.Request) -> web.Response:
-        photo = await self._photo(request)
+        photo, given = await self._upload(request)
+        options = {"top_k": _int_param(request, "top_k", None), "version": _int_param(request, "version", None),
+                   "label": request.query.get("label") or request.headers.get("X-Version-Label"),
+                   "client_id": request.headers.get("X-Client-Id") or request.query.get("client_id")}
+        for name, value in given.items():
+            if options[name] is not None:
+                raise GatewayError(400, f"bad_{name}", f"{name} is given both in the JSON body and in the query "
+                                   "string or a header: give it once")
+            options[name] = value
         answer = await self.classifier.classify(
-            photo, client_id=request.headers.get("X-Client-Id") or request.query.get("client_id"),
-            top_k=_int_param(request, "top_k", 3), version=_int_param(request, "version", None),
-            label=request.query.get("label") or request.headers.get("X-Version-Label"), protocol="http")
+            photo, client_id=options["client_id"], top_k=3 if options["top_k"] is None else options["top_k"],
+            version=options["version"], label=options["label"], protocol="http")
         return web.json_response(answer)
 
     # ------------------------------------------------------------------ models, feedback, demo
@@ -196,12 +238,12 @@ class HttpApi:
     async def put_routing(self, request: web.Request) -> web.Response:
         who = self._authorise(request, write=True)
         try:
-            table = RoutingTable.from_json(json.loads(await request.read()))
+            table = RoutingTable.from_request(json.loads(await request.read()))
             entry = await self.classifier.router.set_table(table, who, note=request.headers.get("X-Operator"))
-        except json.JSONDecodeError as exc:
-            raise GatewayError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
         except RoutingError as exc:
             raise GatewayError(400, "bad_routing", str(exc)) from None
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, an int of thousands of digits, nesting
+            raise GatewayError(400, "bad_json", f"the body is not valid JSON: {str(exc)[:200]}") from None
         except UpstreamUnavailable as exc:
             raise GatewayError(503, "model_server_unavailable", f"cannot check the labels: {exc}",
                                retry_after=2) from None

@@ -59,6 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Redis socket timeout before serving uncached (REDIS_TIMEOUT_SECONDS)")
     p.add_argument("--upstream-timeout", type=float, default=float(env("UPSTREAM_TIMEOUT_SECONDS", "10")),
                    help="deadline of one model server call (UPSTREAM_TIMEOUT_SECONDS)")
+    p.add_argument("--health-timeout", type=float, default=float(env("HEALTH_TIMEOUT_SECONDS", "1")),
+                   help="deadline of the model server status check behind /readyz, run every second: a server "
+                   "that does not answer within it makes the gateway unready (HEALTH_TIMEOUT_SECONDS, default 1)")
+    p.add_argument("--keepalive-timeout", type=float, default=float(env("KEEPALIVE_TIMEOUT_SECONDS", "15")),
+                   help="seconds an idle HTTP connection stays open, which is also the most a client has to send a "
+                   "complete request header after connecting or after the previous response "
+                   "(KEEPALIVE_TIMEOUT_SECONDS, default 15)")
+    p.add_argument("--body-timeout", type=float, default=float(env("BODY_TIMEOUT_SECONDS", "60")),
+                   help="seconds an HTTP request body may take to arrive once its headers have; then 408 "
+                   "(BODY_TIMEOUT_SECONDS, default 60; 0 = no limit)")
     p.add_argument("--no-single-flight", dest="single_flight", action="store_false",
                    default=env("SINGLE_FLIGHT", "1").lower() not in ("0", "false", "off", "no"),
                    help="every identical concurrent miss makes its own model server call (SINGLE_FLIGHT=0; "
@@ -102,6 +112,7 @@ class Gateway:
         if not args.single_flight:
             self.classifier.single_flight = NoSingleFlight()
         self.upstream_ok = False
+        self.upstream_problem = "not checked yet"
         self._stopping = asyncio.Event()
         self.loops = Loops(self._stopping)
         self.operators = OperatorTokens(args.operator_tokens or None, args.admin_token or None)
@@ -109,7 +120,7 @@ class Gateway:
     def ready(self) -> tuple[bool, str]:
         stale = self.loops.stale()
         if not self.upstream_ok:
-            return False, f"model server {self.args.model_server} unreachable"
+            return False, f"model server {self.args.model_server} unreachable: {self.upstream_problem}"
         if "versions" in stale:
             return False, f"the version watcher is stale: {stale['versions']}"
         if not self.classifier.router.available:
@@ -122,9 +133,9 @@ class Gateway:
         from services.gateway.upstream import UpstreamUnavailable
 
         try:
-            states = await self.classifier.upstream.version_states()
-        except UpstreamUnavailable:
-            self.upstream_ok = False
+            states = await self.classifier.upstream.version_states(timeout=self.args.health_timeout)
+        except UpstreamUnavailable as exc:
+            self.upstream_ok, self.upstream_problem = False, str(exc)
             raise
         self.classifier.router.available = {v for v, s in states.items() if s == 30}
         self.upstream_ok = True
@@ -140,8 +151,9 @@ class Gateway:
         watchers = [asyncio.create_task(self.loops.run("versions", self._poll_versions, 1.0, max_backoff=2.0)),
                     asyncio.create_task(self.loops.run("routing", router.refresh, 0.5, max_backoff=2.0)),
                     asyncio.create_task(self.loops.run("labels", router.refresh_labels, 1.0, max_backoff=5.0))]
-        runner = web.AppRunner(HttpApi(self.classifier, self.operators, self.args.max_bytes,
-                                       self.ready).app(), access_log=None)
+        runner = web.AppRunner(HttpApi(self.classifier, self.operators, self.args.max_bytes, self.ready,
+                                       self.args.body_timeout).app(), access_log=None,
+                               keepalive_timeout=self.args.keepalive_timeout)
         await runner.setup()
         await web.TCPSite(runner, self.args.host, self.args.http_port).start()
         grpc_server = health = None

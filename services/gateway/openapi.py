@@ -8,7 +8,8 @@ version label of the model server's config ("canary"; TF Serving's rule: letters
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _ERRORS = {str(s): {"description": d, "content": {"application/json": {"schema": _ERROR}}}
            for s, d in ((400, "bad input"), (401, "missing or wrong admin token"), (404, "unknown version, label, "
-                        "request or photo"), (413, "body or photo over the limit"),
+                        "request or photo"), (408, "the body did not arrive within --body-timeout"),
+                        (413, "body or photo over the limit"),
                         (503, "model server or Redis unavailable (Retry-After set)"))}
 
 _LABEL = {"type": "string", "pattern": "^[A-Za-z0-9_]+$",
@@ -39,8 +40,16 @@ OPENAPI = {
                     "photo": {"type": "string", "format": "binary"}}}},
                 "image/*": {"schema": {"type": "string", "format": "binary"}},
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-                "application/json": {"schema": {"type": "object", "required": ["image_b64"], "properties": {
-                    "image_b64": {"type": "string", "format": "byte"}}}}}},
+                "application/json": {"schema": {
+                    "type": "object", "required": ["image_b64"], "additionalProperties": False,
+                    "description": "the photo in base64, and optionally the options of the query string (checked "
+                                   "the same way; an option given both here and in the query string or a header "
+                                   "is refused, so is any other field)",
+                    "properties": {
+                        "image_b64": {"type": "string", "format": "byte"},
+                        "top_k": {"type": "integer", "minimum": 1, "default": 3},
+                        "version": {"type": "integer", "minimum": 0},
+                        "label": _LABEL, "client_id": {"type": "string"}}}}}},
             "responses": {"200": {"description": "the answer", "content": {"application/json": {
                 "schema": {"$ref": "#/components/schemas/Answer"}}}}, **_ERRORS}}},
         "/v1/models": {"get": {"summary": "Versions, states and routing", "responses": {"200": {
@@ -64,14 +73,16 @@ OPENAPI = {
                         "application/json": {"schema": {"$ref": "#/components/schemas/RoutingAdmin"}}}},
                         **_ERRORS}},
             "put": {"summary": "Set the A/B table (bearer token). Entries are version numbers or version labels, kept "
-                               "as given; an unknown label or a version that is not AVAILABLE is refused (400); 503 "
-                               "when the model server cannot be asked about the labels",
+                               "as given; an unknown label or a version that is not AVAILABLE is refused (400), so "
+                               "are weights that are not JSON numbers in 0..1000000 or all 0; {\"clear\": true} "
+                               "empties the table; 503 when the model server cannot be asked about the labels",
                     "security": [{"bearer": []}], "requestBody": {"required": True, "content": {"application/json": {
-                        "schema": {"$ref": "#/components/schemas/Routing"},
+                        "schema": {"$ref": "#/components/schemas/RoutingUpdate"},
                         "examples": {"labels": {"value": {"weights": {"stable": 90, "canary": 10},
                                                           "shadow": "canary"}},
                                      "versions": {"value": {"weights": {"1": 90, "2": 10}, "shadow": 3}},
-                                     "mixed": {"value": {"weights": {"1": 80, "canary": 20}, "shadow": None}}}}}},
+                                     "mixed": {"value": {"weights": {"1": 80, "canary": 20}, "shadow": None}},
+                                     "clear": {"value": {"clear": True}}}}}},
                     "responses": {"200": {"description": "applied", "content": {"application/json": {"schema": {
                         "$ref": "#/components/schemas/RoutingApplied"}}}}, **_ERRORS}}},
         "/v1/admin/audit": {"get": {"summary": "Routing changes, newest first (entries as they were set)",
@@ -85,8 +96,11 @@ OPENAPI = {
                                          "description": "status", "content": {"application/json": {"schema": {
                                              "$ref": "#/components/schemas/Status"}}}}, **_ERRORS}}},
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
-        "/readyz": {"get": {"summary": "Readiness (a model version is AVAILABLE)",
-                            "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
+        "/readyz": {"get": {"summary": "Readiness: the model server answered its last status check (a "
+                                       "GetModelStatus every second, deadline --health-timeout) and a version is "
+                                       "AVAILABLE",
+                            "responses": {"200": {"description": "ready"},
+                                          "503": {"description": "not ready; 'reason' says why"}}}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "metrics"}}}},
     },
     "components": {
@@ -106,6 +120,20 @@ OPENAPI = {
                     "shadow": {"description": "a version number, a version label or null",
                                "anyOf": [{"type": "integer", "minimum": 0}, {"$ref": "#/components/schemas/Entry"},
                                          {"type": "null"}]}}},
+            "RoutingUpdate": {
+                "description": "What PUT /v1/admin/routing takes: a table whose weights are JSON numbers from 0 to "
+                               "1000000 (relative; 0 leaves the entry out; at least one above 0; an entry may not be "
+                               "given twice, e.g. \"1\" and \"01\"), or exactly {\"clear\": true} to empty the "
+                               "table so that every request goes to the latest AVAILABLE version. Versions are "
+                               "0..2^63-1 (TF Serving's int64). Other fields are refused.",
+                "oneOf": [
+                    {"type": "object", "required": ["weights"], "additionalProperties": False, "properties": {
+                        "weights": {"type": "object", "minProperties": 1,
+                                    "propertyNames": {"$ref": "#/components/schemas/Entry"},
+                                    "additionalProperties": {"type": "number", "minimum": 0, "maximum": 1000000}},
+                        "shadow": {"$ref": "#/components/schemas/Routing/properties/shadow"}}},
+                    {"type": "object", "required": ["clear"], "additionalProperties": False,
+                     "properties": {"clear": {"const": True}}}]},
             "RoutingState": {
                 "description": "The table as set, where each entry points now, and the split actually applied.",
                 "allOf": [{"$ref": "#/components/schemas/Routing"}],

@@ -22,6 +22,10 @@ from services.gateway import keys, metrics
 log = logging.getLogger("gateway.routing")
 Entry = int | str  # a version number or a version label
 LABEL_RE = re.compile(r"[a-zA-Z0-9_]+")  # TF Serving's version label rule
+MAX_VERSION = 2**63 - 1  # TF Serving's versions are int64
+MAX_WEIGHT = 1_000_000  # weights are relative; bounded so that pick_entry's -w / ln(u) stays far from overflow
+UPDATE_SHAPE = ('a routing update is {"weights": {"<version or label>": <weight>, ...}, "shadow": <version or '
+                'label>|null} with at least one weight above 0; to clear the table send {"clear": true}')
 
 
 class RoutingError(ValueError):
@@ -39,12 +43,22 @@ def is_label(text: str) -> bool:
     return bool(LABEL_RE.fullmatch(text)) and not text.isdigit()
 
 
+def _version(value: int, what: str) -> int:
+    if not 0 <= value <= MAX_VERSION:
+        raise RoutingError(f"{what} {str(value)[:24]}{'...' if len(str(value)) > 24 else ''} is not a version "
+                           f"number between 0 and {MAX_VERSION} (TF Serving's int64)")
+    return value
+
+
 def parse_entry(value, what: str = "entry") -> Entry:
-    """A version number (int or all-digit string) or a version label (TF Serving's rule)."""
+    """A version number (int or all-digit ASCII string, 0..2^63-1) or a version label (TF Serving's rule)."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
+        return _version(value, what)
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        if len(value) > len(str(MAX_VERSION)):  # never hand int() thousands of digits
+            raise RoutingError(f"{what} {value[:24]}... is not a version number between 0 and {MAX_VERSION} "
+                               "(TF Serving's int64)")
+        return _version(int(value), what)
     if isinstance(value, str) and is_label(value):
         return value
     raise RoutingError(f"{what} {value!r} is neither a version number nor a version label (labels follow TF "
@@ -94,6 +108,44 @@ class RoutingTable:
             shadow = parse_entry(shadow, "shadow")
         return cls(weights, shadow)
 
+    @classmethod
+    def from_request(cls, data) -> "RoutingTable":
+        """The table an operator sends (PUT /v1/admin/routing, the admin CLI), held to stricter rules than a stored
+        table (from_json): no unknown fields; weights are JSON numbers (not strings or booleans) between 0 and
+        MAX_WEIGHT, 0 leaving the entry out, at least one above 0; an entry given twice ("1" and "01") is refused.
+        Emptying the table is said explicitly: exactly {"clear": true} gives the empty table (route to the latest
+        version)."""
+        if not isinstance(data, dict):
+            raise RoutingError(UPDATE_SHAPE)
+        unknown = sorted(set(data) - {"weights", "shadow", "clear"})
+        if unknown:
+            raise RoutingError(f"unknown fields {unknown}: {UPDATE_SHAPE}")
+        if "clear" in data:
+            if data["clear"] is not True or len(data) != 1:
+                raise RoutingError('to clear the table send exactly {"clear": true}, with no other field')
+            return cls()
+        if not isinstance(data.get("weights"), dict):
+            raise RoutingError(UPDATE_SHAPE)
+        weights, seen = {}, set()
+        for key, weight in data["weights"].items():
+            entry = parse_entry(key)
+            if entry in seen:
+                raise RoutingError(f"entry {entry} is given twice (as {key!r} and another spelling)")
+            seen.add(entry)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise RoutingError(f"weight of {key}: {json.dumps(weight)[:40]} is not a JSON number (weights are "
+                                   "numbers, not strings or booleans)")
+            if isinstance(weight, float) and not math.isfinite(weight):
+                raise RoutingError(f"weight of {key} must be a finite number")
+            if not 0 <= weight <= MAX_WEIGHT:
+                raise RoutingError(f"weight of {key} must be between 0 and {MAX_WEIGHT}, got {weight:.6g}")
+            if weight > 0:
+                weights[entry] = float(weight)
+        if not weights:
+            raise RoutingError(f"no entry has a weight above 0: {UPDATE_SHAPE}")
+        shadow = data.get("shadow")
+        return cls(weights, parse_entry(shadow, "shadow") if shadow is not None else None)
+
 
 def parse_assignments(items: list[str]) -> RoutingTable:
     """CLI form: ``3=90 4=10 shadow=5`` or ``stable=90 canary=10 shadow=canary``."""
@@ -105,8 +157,11 @@ def parse_assignments(items: list[str]) -> RoutingTable:
         if key == "shadow":
             shadow = value
         else:
-            weights[key] = value
-    return RoutingTable.from_json({"weights": weights, "shadow": shadow})
+            try:
+                weights[key] = float(value)
+            except ValueError:
+                raise RoutingError(f"weight of {key}: {value!r} is not a number") from None
+    return RoutingTable.from_request({"weights": weights, "shadow": shadow})
 
 
 def _unit_hash(client: str, entry: Entry) -> float:

@@ -82,11 +82,11 @@ class ModelServerClient:
         if self._channel is not None:
             await self._channel.close()
 
-    async def _call(self, method, request):
+    async def _call(self, method, request, timeout: float | None = None):
         delay = 0.05
         for attempt in range(self.retries + 1):
             try:
-                return await method(request, timeout=self.timeout)
+                return await method(request, timeout=timeout or self.timeout)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
@@ -127,13 +127,14 @@ class ModelServerClient:
         response = await self._call(predict_stub.GetModelMetadata, request)
         return response.model_spec.version.value
 
-    async def version_states(self) -> dict[int, int]:
-        """{version: state} as GetModelStatus reports it; {} when the model is unknown."""
+    async def version_states(self, timeout: float | None = None) -> dict[int, int]:
+        """{version: state} as GetModelStatus reports it; {} when the model is unknown. ``timeout`` overrides the
+        client's deadline (health checks use a short one, so a hung server is seen within it)."""
         _, model_stub = self._stubs()
         request = get_model_status_pb2.GetModelStatusRequest()
         request.model_spec.name = self.model_name
         try:
-            response = await self._call(model_stub.GetModelStatus, request)
+            response = await self._call(model_stub.GetModelStatus, request, timeout)
         except UpstreamRejected:
             return {}
         return {s.version: s.state for s in response.model_version_status}

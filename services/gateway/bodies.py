@@ -1,0 +1,90 @@
+"""Request bodies read within bounds: bytes are counted as they arrive and reading stops at the limit (413, before
+the rest is read), and a body must arrive within a deadline (408).
+
+How long a client may take to send a request's headers, and how long an idle keep-alive connection stays open, is
+aiohttp's ``keepalive_timeout`` (set by main.py's --keepalive-timeout): the timer runs from the connection's start
+or the previous response until a complete request header has arrived, so a client trickling its headers is closed
+as one that sends nothing.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import BodyPartReader, web
+
+from services.gateway.errors import GatewayError
+
+
+CHUNK_BYTES = 64 * 1024
+
+
+class BodyTimeout(TimeoutError):
+    """Raised by reads of a request body that did not arrive within the deadline."""
+
+
+def body_deadline(seconds: float):
+    """Middleware: a request's body must have arrived ``seconds`` after its handler starts. A read still waiting
+    for it then fails with BodyTimeout, answered 408; a handler that already has its body is never interrupted.
+    0 turns the deadline off."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        stream = request.content
+        if seconds <= 0 or not request.body_exists or stream.is_eof():
+            return await handler(request)
+
+        def expire() -> None:
+            if not stream.is_eof():
+                stream.set_exception(BodyTimeout(f"the request body did not arrive within {seconds:g} s"))
+
+        timer = asyncio.get_running_loop().call_later(seconds, expire)
+        try:
+            return await handler(request)
+        except BodyTimeout as exc:
+            raise GatewayError(408, "body_timeout", str(exc)) from None
+        finally:
+            timer.cancel()
+
+    return middleware
+
+
+def _too_large(limit: int, what: str) -> GatewayError:
+    return GatewayError(413, "too_large", f"{what} is over the limit of {limit} bytes")
+
+
+async def read_limited(stream, limit: int, what: str = "the body") -> bytes:
+    """The whole of ``stream`` (a request's content), refused with 413 as soon as more than ``limit`` bytes came."""
+    chunks, size = [], 0
+    async for chunk in stream.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit, what)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_form_file(request: web.Request, names: tuple[str, ...], file_limit: int, body_limit: int) -> bytes:
+    """The first part of a multipart body named one of ``names``. Every part's bytes count towards ``body_limit``
+    as they arrive (parts before the file included), the file's towards ``file_limit``; 413 past either."""
+    try:
+        reader = await request.multipart()
+        size = 0
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise GatewayError(400, "bad_multipart", "nested multipart bodies are not accepted")
+            wanted = part.name in names
+            chunks, part_size = [], 0
+            while chunk := await part.read_chunk(CHUNK_BYTES):
+                size += len(chunk)
+                part_size += len(chunk)
+                if wanted and part_size > file_limit:
+                    raise _too_large(file_limit, f"the '{part.name}' field")
+                if size > body_limit:
+                    raise _too_large(body_limit, "the multipart body")
+                if wanted:
+                    chunks.append(chunk)
+            if wanted:
+                return b"".join(chunks)
+    except ValueError as exc:  # aiohttp's word for a malformed multipart body (no boundary, bad headers, ...)
+        raise GatewayError(400, "bad_multipart", f"the multipart body is malformed: {exc}") from None
+    raise GatewayError(400, "missing_photo", f"multipart upload without a {' or '.join(map(repr, names))} field")

@@ -1,0 +1,490 @@
+"""The gateway under faults (issue 11): a caller that leaves cancels nothing for the others, readiness sees a frozen
+model server, slow or idle connections are closed within their bounds, oversized chunked uploads are refused as they
+arrive, JSON options are validated or refused, top_k follows the version that answered, and the routing PUT refuses
+what it cannot split. Real redis-server, model server and gateway processes on free loopback ports."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.gateway.cache import SingleFlight
+from services.gateway.protos import load
+from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
+from tests.support import MUSHROOMS, NOT_MUSHROOMS, RedisServer, free_port, stop_process, wait_for_port
+from tests.tiny_model import LABELS, publish_tiny_versions, write_tiny_model
+from training_job.paths import PROJECT_ROOT
+from training_job.publish import publish_dir
+
+pb, pb_grpc = load()
+TOKEN = "faults-admin-token"
+PHOTOS = sorted(p for d in sorted(MUSHROOMS.iterdir()) for p in sorted(d.iterdir())[:3])
+FRESH = sorted(NOT_MUSHROOMS.iterdir())  # photos no test of this module sends twice unless it says so
+MAX_PHOTO_BYTES = 1024 * 1024
+# Bounds the gateway under test runs with (environment variables, the flags' documented alternative).
+GATEWAY_ENV = {"MAX_PHOTO_BYTES": str(MAX_PHOTO_BYTES), "KEEPALIVE_TIMEOUT_SECONDS": "1", "BODY_TIMEOUT_SECONDS": "2",
+               "HEALTH_TIMEOUT_SECONDS": "0.5"}
+
+
+class Gateway:
+    def __init__(self, model_server: str, redis_url: str, base_path: Path):
+        self.http_port, self.grpc_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.log = Path(f"/tmp/gateway-faults-{self.http_port}.log")
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "GATEWAY_ADMIN_TOKEN": TOKEN, **GATEWAY_ENV}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "services.gateway", "--host=127.0.0.1", f"--http-port={self.http_port}",
+             f"--grpc-port={self.grpc_port}", f"--model-server={model_server}", f"--redis-url={redis_url}",
+             f"--model-name={MODEL}", f"--model-base-path={base_path}"],
+            stdout=open(self.log, "w"), stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, env=env)
+        wait_for_port(self.http_port, timeout=90, process=self.process)
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30):
+        wait_until(lambda: self.request("GET", "/readyz")[0] == 200, timeout=timeout, what="gateway ready")
+
+    def request(self, method, path, body=None, content_type=None, token=None, timeout=30):
+        headers = {}
+        if isinstance(body, (dict, list)):
+            body, content_type = json.dumps(body).encode(), "application/json"
+        if content_type:
+            headers["Content-Type"] = content_type
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def classify(self, photo: bytes, query: str = "", timeout=30):
+        return self.request("POST", f"/v1/classify?{query}", photo, "image/jpeg", timeout=timeout)
+
+    def metric(self, name: str) -> float:
+        text = urllib.request.urlopen(self.url + "/metrics", timeout=10).read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name + " ") or line.startswith(name + "{"))
+
+    def stop(self):
+        stop_process(self.process)
+
+
+FIVE_LABELS = [*LABELS, "cantharellus_cibarius"]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """Versions 1 and 2: the tiny model's 4 classes; version 3: 5 classes."""
+    registry = tmp_path_factory.mktemp("registry")
+    publish_tiny_versions(registry, MODEL)
+    publish_dir(lambda d: write_tiny_model(d, labels=FIVE_LABELS), registry, MODEL)
+    config = registry / "models.config"
+    write_config(config, {MODEL: registry / MODEL}, policy="all {}")
+    redis = RedisServer().start()
+    server = start_server(registry, config)
+    try:
+        wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0] == 30 for v in (1, 2, 3)),
+                   what="versions 1, 2 and 3")
+        gateway = Gateway(server.grpc_target, redis.url, registry / MODEL)
+    except BaseException:
+        stop_server(server)
+        redis.stop()
+        raise
+    yield {"registry": registry, "redis": redis, "server": server, "gateway": gateway}
+    gateway.stop()
+    stop_server(server)
+    redis.stop()
+
+
+class Frozen:
+    """SIGSTOP a process for the duration of a ``with`` block; SIGCONT whatever happens."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.process = process
+
+    def __enter__(self):
+        os.kill(self.process.pid, signal.SIGSTOP)
+        return self
+
+    def __exit__(self, *exc):
+        os.kill(self.process.pid, signal.SIGCONT)
+
+
+# ------------------------------------------------------------------------------------------- 1. single-flight
+def test_single_flight_survives_the_caller_that_started_it_leaving():
+    async def scenario():
+        flight, release, calls = SingleFlight(), asyncio.Event(), []
+
+        async def work():
+            calls.append(1)
+            await release.wait()
+            return "answer"
+
+        leader = asyncio.create_task(flight.do("photo", work))
+        await asyncio.sleep(0)  # the leader starts the shared call
+        follower = asyncio.create_task(flight.do("photo", work))
+        await asyncio.sleep(0)  # the follower joins it
+        leader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leader
+        release.set()
+        assert await asyncio.wait_for(follower, 5) == "answer"
+        assert calls == [1]
+
+    asyncio.run(scenario())
+
+
+def test_single_flight_call_goes_on_when_every_waiter_left_and_a_latecomer_joins_it():
+    async def scenario():
+        flight, release, calls = SingleFlight(), asyncio.Event(), []
+
+        async def work():
+            calls.append(1)
+            await release.wait()
+            return "answer"
+
+        leaver = asyncio.create_task(flight.do("photo", work))
+        await asyncio.sleep(0)
+        leaver.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaver
+        latecomer = asyncio.create_task(flight.do("photo", work))
+        await asyncio.sleep(0)
+        release.set()
+        assert await asyncio.wait_for(latecomer, 5) == "answer"
+        assert calls == [1]
+
+    asyncio.run(scenario())
+
+
+def test_single_flight_failure_reaches_every_waiter_and_frees_the_key():
+    async def scenario():
+        flight, release = SingleFlight(), asyncio.Event()
+
+        async def failing():
+            await release.wait()
+            raise ValueError("upstream said no")
+
+        waiters = [asyncio.create_task(flight.do("photo", failing)) for _ in range(3)]
+        await asyncio.sleep(0)
+        release.set()
+        results = await asyncio.gather(*waiters, return_exceptions=True)
+        assert all(isinstance(r, ValueError) for r in results), results
+
+        async def fine():
+            return "answer"
+
+        assert await flight.do("photo", fine) == "answer"
+
+    asyncio.run(scenario())
+
+
+def test_a_caller_whose_deadline_expires_cancels_nothing_for_the_others(stack):
+    """A gRPC caller with a short deadline starts the upstream call of a new photo (the model server is frozen, so the
+    call is still in flight when the deadline expires); the same photo over HTTP and over gRPC joins that call. Only
+    the leaver gets DEADLINE_EXCEEDED; the others get the answer once the model server runs again."""
+    gateway, server = stack["gateway"], stack["server"]
+    photo = FRESH[0].read_bytes()
+    preprocessed = gateway.metric("mushroom_gateway_preprocess_seconds_count")
+    shared = gateway.metric("mushroom_gateway_single_flight_shared_total")
+    http_answer = {}
+
+    def http_follower():
+        http_answer["reply"] = gateway.classify(photo, "version=1", timeout=30)
+
+    with grpc.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        with Frozen(server.process):
+            leaver = stub.Classify.future(pb.ClassifyRequest(photo=photo, version=1), timeout=3)
+            wait_until(lambda: gateway.metric("mushroom_gateway_preprocess_seconds_count") > preprocessed,
+                       timeout=3, interval=0.02, what="the leaver's call to reach the model server")
+            http_thread = threading.Thread(target=http_follower)
+            http_thread.start()
+            grpc_follower = stub.Classify.future(pb.ClassifyRequest(photo=photo, version=1), timeout=30)
+            wait_until(lambda: gateway.metric("mushroom_gateway_single_flight_shared_total") >= shared + 2,
+                       timeout=3, interval=0.02, what="both followers to join the leaver's call")
+            assert not leaver.done(), "the followers must join while the leaver still waits"
+            with pytest.raises(grpc.RpcError) as left:
+                leaver.result()
+            assert left.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        reply = grpc_follower.result()
+        http_thread.join(30)
+    gateway.wait_ready(timeout=10)  # the status checks missed during the freeze
+    status, answer = http_answer["reply"]
+    assert status == 200, answer
+    assert reply.model_version == answer["model"]["version"] == 1
+    assert [p.label for p in reply.predictions] == [p["label"] for p in answer["predictions"]]
+
+
+# ------------------------------------------------------------------------------------------- 8. readiness
+def test_readyz_turns_503_while_the_model_server_is_frozen(stack):
+    gateway, server = stack["gateway"], stack["server"]
+    gateway.wait_ready(timeout=10)
+    with Frozen(server.process):
+        status, body = wait_until(lambda: (lambda r: r if r[0] == 503 else None)(gateway.request("GET", "/readyz")),
+                                  timeout=5, interval=0.1, what="/readyz to say 503")
+        assert "model server" in body["reason"] and not body["ready"], body
+    gateway.wait_ready(timeout=10)
+
+
+# ------------------------------------------------------------------------------------------- 9. slow clients
+def _closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> float | None:
+    """Seconds until the server closes ``sock`` (sending ``trickle`` every 0.2 s meanwhile), None if still open."""
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        try:
+            if trickle:
+                sock.sendall(trickle)
+            readable, _, _ = select.select([sock], [], [], 0.2)
+            if readable and sock.recv(65536) == b"":
+                return time.monotonic() - start
+        except OSError:  # reset by the server
+            return time.monotonic() - start
+    return None
+
+
+def test_a_client_trickling_its_headers_is_closed_within_the_bound(stack):
+    with socket.create_connection(("127.0.0.1", stack["gateway"].http_port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: gateway\r\n")
+        closed = _closed_within(sock, 8, trickle=b"X")  # one header byte every 0.2 s, never a complete header
+    assert closed is not None and closed < 5, closed  # --keepalive-timeout 1 s, plus slack for a busy machine
+
+
+def test_an_idle_keepalive_connection_is_closed_within_the_bound(stack):
+    with socket.create_connection(("127.0.0.1", stack["gateway"].http_port), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        received = b""
+        while b'"ok"' not in received:
+            received += sock.recv(65536)
+        assert received.startswith(b"HTTP/1.1 200")
+        closed = _closed_within(sock, 8)
+    assert closed is not None and closed < 5, closed
+
+
+@pytest.mark.parametrize("path", ["/v1/classify", "/v1/admin/routing"])
+def test_a_body_that_stops_arriving_gets_408_within_the_bound(stack, path):
+    method = "PUT" if "admin" in path else "POST"
+    with socket.create_connection(("127.0.0.1", stack["gateway"].http_port), timeout=10) as sock:
+        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+                     f"Authorization: Bearer {TOKEN}\r\nContent-Length: 1000\r\n\r\n{{\"wei".encode())
+        start = time.monotonic()
+        readable, _, _ = select.select([sock], [], [], 8)
+        answer = sock.recv(65536) if readable else b""
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert time.monotonic() - start < 6  # --body-timeout 2 s, plus slack
+
+
+# ------------------------------------------------------------------------------------------- 10. chunked uploads
+def _send_chunked_until_answered(port: int, path: str, content_type: str, head: bytes, total: int):
+    """Sends a chunked body of ``total`` bytes (``head`` then zeros) in 64 KiB chunks, stopping as soon as the server
+    answers. Returns (bytes sent, the answer's first bytes)."""
+    chunk = 64 * 1024
+    sent, answer = 0, b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: gateway\r\nContent-Type: {content_type}\r\n"
+                     "Transfer-Encoding: chunked\r\n\r\n".encode())
+        body = memoryview(head + bytes(total - len(head)))
+        try:
+            while sent < total:
+                piece = body[sent:sent + chunk]
+                sock.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+                sent += len(piece)
+                if select.select([sock], [], [], 0)[0]:
+                    break
+            else:
+                sock.sendall(b"0\r\n\r\n")
+        except OSError:  # the server closed: its answer is readable
+            pass
+        if select.select([sock], [], [], 20)[0]:
+            answer = sock.recv(65536)
+    return sent, answer
+
+
+_PHOTO_PART = (b'--BOUNDARY\r\nContent-Disposition: form-data; name="photo"; filename="a.jpg"\r\n'
+               b"Content-Type: image/jpeg\r\n\r\n")
+_NOTE_PART = b'--BOUNDARY\r\nContent-Disposition: form-data; name="note"\r\n\r\n'
+UPLOADS = {  # content type, the body's first bytes (zeros follow)
+    "raw": ("image/jpeg", b"\xff\xd8"),
+    "multipart photo": ("multipart/form-data; boundary=BOUNDARY", _PHOTO_PART),
+    "multipart field before the photo": ("multipart/form-data; boundary=BOUNDARY", _NOTE_PART),
+    "json": ("application/json", b'{"image_b64": "'),
+}
+
+
+@pytest.mark.parametrize("kind", UPLOADS)
+def test_a_chunked_upload_over_the_limit_gets_413_before_it_is_all_sent(stack, kind):
+    content_type, head = UPLOADS[kind]
+    total = 16 * MAX_PHOTO_BYTES
+    sent, answer = _send_chunked_until_answered(stack["gateway"].http_port, "/v1/classify", content_type, head, total)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
+    assert sent < total // 2, f"{sent} of {total} bytes sent before the answer"
+
+
+def test_a_json_photo_near_the_limit_is_not_refused_for_its_base64_size(stack):
+    """The limit is on the photo: its base64 form in a JSON body is a third bigger."""
+    photo = PHOTOS[0].read_bytes()
+    padded = photo + bytes(MAX_PHOTO_BYTES - 1000 - len(photo))  # a JPEG with trailing bytes Pillow ignores
+    status, answer = stack["gateway"].request("POST", "/v1/classify?version=1",
+                                              {"image_b64": base64.b64encode(padded).decode()})
+    assert status == 200, answer
+    too_big = photo + bytes(MAX_PHOTO_BYTES + 1 - len(photo))
+    status, answer = stack["gateway"].request("POST", "/v1/classify?version=1",
+                                              {"image_b64": base64.b64encode(too_big).decode()})
+    assert status == 413, answer
+
+
+def test_a_photo_at_the_limit_still_goes_through_chunked(stack):
+    photo = PHOTOS[0].read_bytes()
+    head = (b'--BOUNDARY\r\nContent-Disposition: form-data; name="photo"; filename="a.jpg"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n")
+    body = head + photo + b"\r\n--BOUNDARY--\r\n"
+    with socket.create_connection(("127.0.0.1", stack["gateway"].http_port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/classify?version=1 HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n"
+                     b"Content-Type: multipart/form-data; boundary=BOUNDARY\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for start in range(0, len(body), 7000):
+            piece = body[start:start + 7000]
+            sock.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+        sock.sendall(b"0\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
+# ------------------------------------------------------------------------------------------- 13. JSON options
+def _json_classify(gateway, query="", **fields):
+    photo = fields.pop("photo", PHOTOS[1].read_bytes())
+    return gateway.request("POST", f"/v1/classify?{query}",
+                           {"image_b64": base64.b64encode(photo).decode(), **fields})
+
+
+def test_json_body_options_are_applied(stack):
+    status, answer = _json_classify(stack["gateway"], top_k=2, version=2, client_id="erin")
+    assert status == 200, answer
+    assert len(answer["predictions"]) == 2 and answer["model"]["version"] == 2
+
+
+@pytest.mark.parametrize("fields, status, code", [
+    ({"top_k": 0}, 400, "bad_top_k"),
+    ({"top_k": 99}, 400, "bad_top_k"),
+    ({"top_k": True}, 400, "bad_top_k"),
+    ({"top_k": "2"}, 400, "bad_top_k"),
+    ({"top_k": 1.5}, 400, "bad_top_k"),
+    ({"version": 987654}, 404, "unknown_version"),
+    ({"version": "1"}, 400, "bad_version"),
+    ({"label": "nope"}, 404, "unknown_label"),
+    ({"label": 3}, 400, "bad_label"),
+    ({"client_id": 7}, 400, "bad_client_id"),
+    ({"colour": "red"}, 400, "unknown_field"),
+])
+def test_json_body_options_are_validated_like_the_query_string(stack, fields, status, code):
+    got, body = _json_classify(stack["gateway"], **fields)
+    assert (got, body["error"]["code"]) == (status, code), body
+
+
+def test_an_option_in_both_the_body_and_the_query_is_refused(stack):
+    status, body = _json_classify(stack["gateway"], "top_k=1", top_k=2)
+    assert status == 400 and "top_k" in body["error"]["message"], body
+
+
+# ------------------------------------------------------------------------------------------- 14. top_k per version
+def test_top_k_is_checked_against_the_version_that_answers(stack):
+    gateway = stack["gateway"]
+    status, answer = gateway.classify(PHOTOS[2].read_bytes(), "version=1&top_k=1")
+    assert status == 200, answer
+    status, answer = gateway.classify(PHOTOS[3].read_bytes(), "version=3&top_k=5")  # 5 classes: allowed
+    assert status == 200 and len(answer["predictions"]) == 5, answer
+    status, answer = gateway.classify(PHOTOS[4].read_bytes(), "version=1&top_k=5")  # 4 classes: refused
+    assert status == 400 and answer["error"]["code"] == "bad_top_k", answer
+    assert "4" in answer["error"]["message"]
+
+
+# ------------------------------------------------------------------------------------------- 6. routing PUT
+def _put_routing(gateway, body: bytes):
+    return gateway.request("PUT", "/v1/admin/routing", body, "application/json", token=TOKEN)
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"weights": {"1": 50, "2": 50\xff}}', "not valid JSON"),
+    (b'{"weights": {"' + b"9" * 5000 + b'": 100}}', "version"),
+    (b'{"weights": {"1": 100}, "shadow": ' + b"9" * 5000 + b"}", "not valid JSON"),
+    (b'{"weights": {"1": 100}, "shadow": "' + b"9" * 30 + b'"}', "version"),
+    (b'{"weights": {"\xc2\xb2": 100}}', "neither a version number nor a version label"),
+    (b'{"weights": {"1": 1e9}}', "between 0 and"),
+    (b'{"weights": {"1": true}}', "JSON number"),
+    (b'{"weights": {"1": "50"}}', "JSON number"),
+    (b'{"weights": {"1": 1e308, "2": 1e308}}', "between 0 and"),
+    (b'{"weights": {"1": NaN}}', "finite"),
+    (b'{"weights": {"1": -1}}', "between 0 and"),
+    (b'{"weights": {"1": 50, "01": 50}}', "twice"),
+    (b"{}", "clear"),
+    (b'{"weights": {}}', "clear"),
+    (b'{"weights": {"1": 0, "2": 0}}', "clear"),
+    (b'{"weights": {"1": 100}, "colour": 1}', "unknown field"),
+    (b'{"clear": true, "weights": {"1": 100}}', "clear"),
+    (b'{"clear": 1}', "clear"),
+    (b"[" * 100000 + b"]" * 100000, "JSON"),
+])
+def test_routing_put_refuses_what_it_cannot_split_with_400(stack, body, message):
+    gateway = stack["gateway"]
+    assert _put_routing(gateway, b'{"weights": {"1": 60, "2": 40}}')[0] == 200
+    status, answer = _put_routing(gateway, body)
+    assert status == 400 and answer["error"]["code"] in ("bad_json", "bad_routing"), answer
+    assert message in answer["error"]["message"], answer
+    assert gateway.request("GET", "/v1/admin/routing", token=TOKEN)[1]["weights"] == {"1": 60.0, "2": 40.0}
+
+
+def test_routing_put_accepts_the_bounds_and_clears_only_when_asked(stack):
+    gateway = stack["gateway"]
+    status, applied = _put_routing(gateway, b'{"weights": {"1": 1000000, "2": 1000000.0, "3": 0}, "shadow": null}')
+    assert status == 200, applied
+    assert applied["effective"] == {"1": 1e6, "2": 1e6}
+    status, cleared = _put_routing(gateway, b'{"clear": true}')
+    assert status == 200, cleared
+    assert (cleared["weights"], cleared["shadow"]) == ({}, None)
+    assert cleared["audit"]["old"]["weights"] == {"1": 1e6, "2": 1e6} and cleared["audit"]["new"]["weights"] == {}
+
+
+def test_the_split_follows_large_weights():
+    from collections import Counter
+
+    from services.gateway.routing import RoutingTable, pick_entry
+
+    table = RoutingTable.from_request({"weights": {"1": 1e6, "2": 1e6}})
+    counts = Counter(pick_entry(table.weights, f"client-{i}") for i in range(4000))
+    assert abs(counts[1] / 4000 - 0.5) < 0.03, counts  # binomial sd 0.008
+
+
+def test_admin_cli_clears_the_table_and_refuses_all_zero_weights(stack):
+    gateway = stack["gateway"]
+    env = {**os.environ, "GATEWAY_ADMIN_TOKEN": TOKEN}
+
+    def admin(*args):
+        return subprocess.run([sys.executable, "-m", "services.gateway.admin", "--url", gateway.url, *args],
+                              capture_output=True, text=True, env=env, cwd=PROJECT_ROOT, timeout=60)
+
+    assert admin("set", "1=60", "2=40").returncode == 0
+    zero = admin("set", "1=0", "2=0")
+    assert zero.returncode != 0 and "clear" in zero.stderr, zero.stderr
+    for bad in ("1=true", "1=1e9", "1=nan"):
+        refused = admin("set", bad)
+        assert refused.returncode != 0, (bad, refused.stdout)
+    assert gateway.request("GET", "/v1/admin/routing", token=TOKEN)[1]["weights"] == {"1": 60.0, "2": 40.0}
+    cleared = admin("clear")
+    assert cleared.returncode == 0, cleared.stderr
+    assert gateway.request("GET", "/v1/admin/routing", token=TOKEN)[1]["weights"] == {}
