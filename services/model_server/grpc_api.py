@@ -31,16 +31,17 @@ def _version_and_label(spec) -> tuple[int | None, str | None]:
     return None, None
 
 
-# numpy dtypes tf.make_tensor_proto writes as raw tensor_content (when the tensor has more than one element).
-_CONTENT_DTYPES = {np.dtype(np.float32): types_pb2.DT_FLOAT, np.dtype(np.float64): types_pb2.DT_DOUBLE,
-                   np.dtype(np.int32): types_pb2.DT_INT32, np.dtype(np.int64): types_pb2.DT_INT64,
-                   np.dtype(np.uint8): types_pb2.DT_UINT8}
-
-
-# ... and the repeated field it writes a single element to instead (a batch-1 answer's per-row outputs).
-_SCALAR_FIELDS = {np.dtype(np.float32): "float_val", np.dtype(np.float64): "double_val",
-                  np.dtype(np.int32): "int_val", np.dtype(np.int64): "int64_val", np.dtype(np.uint8): "int_val"}
-_NUMPY_DTYPES = {v: k for k, v in _CONTENT_DTYPES.items()}
+# numpy dtype -> (DataType, the TensorProto field Tensor::AsProtoField writes its values to)
+_FIELDS = {
+    np.dtype(np.float32): (types_pb2.DT_FLOAT, "float_val"), np.dtype(np.float64): (types_pb2.DT_DOUBLE, "double_val"),
+    np.dtype(np.int32): (types_pb2.DT_INT32, "int_val"), np.dtype(np.int16): (types_pb2.DT_INT16, "int_val"),
+    np.dtype(np.int8): (types_pb2.DT_INT8, "int_val"), np.dtype(np.uint8): (types_pb2.DT_UINT8, "int_val"),
+    np.dtype(np.uint16): (types_pb2.DT_UINT16, "int_val"), np.dtype(np.int64): (types_pb2.DT_INT64, "int64_val"),
+    np.dtype(np.uint32): (types_pb2.DT_UINT32, "uint32_val"), np.dtype(np.uint64): (types_pb2.DT_UINT64, "uint64_val"),
+    np.dtype(np.bool_): (types_pb2.DT_BOOL, "bool_val"),
+}
+# the dtypes a request's tensor_content is read from without tf.make_ndarray
+_NUMPY_DTYPES = {dt: np_dtype for np_dtype, (dt, _) in _FIELDS.items() if np_dtype != np.dtype(np.bool_)}
 
 
 def ndarray(tensor: tensor_pb2.TensorProto) -> np.ndarray:
@@ -55,20 +56,23 @@ def ndarray(tensor: tensor_pb2.TensorProto) -> np.ndarray:
     return tf.make_ndarray(tensor)
 
 
-def tensor_proto(value) -> tensor_pb2.TensorProto:
-    """The TensorProto tf.make_tensor_proto builds for a model output (byte for byte), without its per-call cost
-    for the common cases: numeric arrays, bool arrays, arrays of bytes. Anything else goes to tf.make_tensor_proto."""
+def tensor_proto(value, as_content: bool = False) -> tensor_pb2.TensorProto:
+    """A model output as TF Serving's Predict writes it: by default Tensor::AsProtoField (values in the typed field,
+    float_val, int_val, bool_val, string_val, ...); with ``as_content`` Tensor::AsProtoTensorContent (numbers and
+    bools as raw tensor_content, strings still in string_val), TF Serving's --enable_serialization_as_tensor_content.
+    Numeric, bool and bytes arrays are written here; anything else goes to tf.make_tensor_proto."""
+    if isinstance(value, np.generic):  # a 0-d output's .numpy()
+        value = np.asarray(value)
     if isinstance(value, np.ndarray):
-        dtype, proto = value.dtype, None
-        if dtype in _CONTENT_DTYPES and value.size > 1:
-            proto = tensor_pb2.TensorProto(dtype=_CONTENT_DTYPES[dtype], tensor_content=value.tobytes())
-        elif dtype in _CONTENT_DTYPES:
-            proto = tensor_pb2.TensorProto(dtype=_CONTENT_DTYPES[dtype])
-            if value.size:
-                getattr(proto, _SCALAR_FIELDS[dtype]).append(value.item())
-        elif dtype == np.bool_:
-            proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_BOOL, bool_val=value.ravel().tolist())
-        elif dtype == np.object_:
+        proto = None
+        if value.dtype in _FIELDS:
+            dtype, field = _FIELDS[value.dtype]
+            proto = tensor_pb2.TensorProto(dtype=dtype)
+            if as_content:
+                proto.tensor_content = np.ascontiguousarray(value).tobytes()
+            else:
+                getattr(proto, field).extend(value.ravel().tolist())
+        elif value.dtype == np.object_:
             flat = value.ravel().tolist()
             if all(type(x) is bytes for x in flat):
                 proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, string_val=flat)
@@ -85,8 +89,9 @@ async def _abort(context, exc: ServingError):
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, core: PredictionCore):
+    def __init__(self, core: PredictionCore, tensor_content: bool = False):
         self.core = core
+        self.tensor_content = tensor_content  # --enable_serialization_as_tensor_content
 
     async def Predict(self, request: predict_pb2.PredictRequest, context):
         version, label = _version_and_label(request.model_spec)
@@ -105,7 +110,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         response.model_spec.version.value = servable.version
         response.model_spec.signature_name = signature
         for name, value in outputs.items():
-            response.outputs[name].CopyFrom(tensor_proto(value))
+            response.outputs[name].CopyFrom(tensor_proto(value, self.tensor_content))
         return response
 
     async def Classify(self, request: classification_pb2.ClassificationRequest, context):
