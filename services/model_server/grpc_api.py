@@ -187,6 +187,7 @@ def status_response(manager: Manager, name: str, version: int | None, label: str
         entry = response.model_version_status.add()
         entry.version = record.version
         entry.state = int(record.state)
+        entry.status.SetInParent()  # TF Serving always sets it: error_code OK for a healthy version
         if record.error:
             entry.status.error_code = 2  # tensorflow.error.UNKNOWN, as TF Serving reports a failed load
             entry.status.error_message = record.error

@@ -11,6 +11,7 @@ import tensorflow as tf
 from aiohttp import web
 from google.protobuf import json_format
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from tensorflow_serving.apis.get_model_metadata_pb2 import SignatureDefMap
 
 from services.model_server import metrics
 from services.model_server.core import PredictionCore
@@ -19,6 +20,13 @@ from services.model_server.grpc_api import metadata_response, status_response
 
 _PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
                    r"(?P<suffix>/metadata|:predict|:classify|:regress)?$")
+
+
+def _json(message) -> dict:
+    """A proto as TF Serving's REST API prints it (http_rest_api_util.cc ToJsonString): field names as in the
+    .proto, and fields holding their default value printed too (always_print_fields_with_no_presence)."""
+    return json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -89,15 +97,14 @@ class RestApi:
         version = int(m["version"]) if m["version"] else None
         try:
             if request.method == "GET" and suffix == "":
-                status = status_response(self.core.manager, name, version, label)
-                return web.json_response(json_format.MessageToDict(
-                    status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
+                return web.json_response(_json(status_response(self.core.manager, name, version, label)))
             if request.method == "GET" and suffix == "/metadata":
                 servable = self.core.manager.resolve(name, version, label)
-                body = json_format.MessageToDict(metadata_response(servable, name), preserving_proto_field_name=True)
-                body["metadata"] = {"signature_def": body["metadata"]["signature_def"]}
-                body["metadata"]["signature_def"].pop("@type", None)
-                return web.json_response(body)
+                response = metadata_response(servable, name)
+                signature_map = SignatureDefMap()
+                response.metadata["signature_def"].Unpack(signature_map)
+                return web.json_response({"model_spec": _json(response.model_spec),
+                                          "metadata": {"signature_def": _json(signature_map)}})
             if request.method == "POST" and suffix == ":predict":
                 return await self.predict(request, name, version, label)
             if request.method == "POST" and suffix in (":classify", ":regress"):
