@@ -127,9 +127,15 @@ def read_model_config(path: str) -> model_server_config_pb2.ModelServerConfig:
     config = model_server_config_pb2.ModelServerConfig()
     try:
         with open(path) as f:
-            text_format.Parse(f.read(), config)
-    except (OSError, text_format.ParseError) as exc:
+            text = f.read()
+    except OSError as exc:
         raise ConfigError(f"cannot read model config {path}: {exc}") from None
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as exc:
+        # what TF Serving prints (protobuf's text parser, then ParseProtoTextFile's status)
+        raise ConfigError(f"Error parsing text-format {config.DESCRIPTOR.full_name}: {exc}\n"
+                          f"Invalid protobuf file: '{path}'") from None
     if config.WhichOneof("config") != "model_config_list":
         raise ConfigError(f"{path}: only model_config_list is supported")
     for model in config.model_config_list.config:

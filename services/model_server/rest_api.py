@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 from aiohttp import web
 from google.protobuf import json_format
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from tensorflow_serving.apis.get_model_metadata_pb2 import SignatureDefMap
 
 from services.model_server import metrics
@@ -87,7 +87,7 @@ class RestApi:
         return app
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(metrics.REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def dispatch(self, request: web.Request) -> web.Response:
         m = _PATH.match(request.path)
