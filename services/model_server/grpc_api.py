@@ -2,20 +2,24 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
 import tensorflow as tf
 from google.protobuf import any_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import HealthServicer
 from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import (
-    classification_pb2, get_model_metadata_pb2, get_model_status_pb2, model_management_pb2, model_service_pb2_grpc,
-    predict_pb2, prediction_service_pb2_grpc,
+    classification_pb2, get_model_metadata_pb2, get_model_status_pb2, inference_pb2, model_management_pb2,
+    model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc, regression_pb2,
 )
 from tensorflow_serving.apis.get_model_metadata_pb2 import SignatureDefMap
 
 from services.model_server.core import PredictionCore
 from services.model_server.errors import ServingError
+from services.model_server.inference import Inference
 from services.model_server.manager import Manager
 
 log = logging.getLogger("model_server.grpc")
@@ -89,8 +93,9 @@ async def _abort(context, exc: ServingError):
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, core: PredictionCore, tensor_content: bool = False):
+    def __init__(self, core: PredictionCore, inference: Inference, tensor_content: bool = False):
         self.core = core
+        self.inference = inference
         self.tensor_content = tensor_content  # --enable_serialization_as_tensor_content
 
     async def Predict(self, request: predict_pb2.PredictRequest, context):
@@ -114,35 +119,22 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         return response
 
     async def Classify(self, request: classification_pb2.ClassificationRequest, context):
-        version, label = _version_and_label(request.model_spec)
         try:
-            servable = self.core.manager.resolve(request.model_spec.name, version, label)
-            info = servable.signature(request.model_spec.signature_name)
-            if info.method_name != "tensorflow/serving/classify":
-                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"Expected classification signature method_name to be tensorflow/serving/classify."
-                                   f" Was: {info.method_name}")
-            examples = [e.SerializeToString() for e in _examples(request.input)]
-            (input_name,) = info.inputs
-            _, outputs = await self.core.predict("grpc_classify", request.model_spec.name, servable.version, None,
-                                                 info.name, {input_name: np.array(examples, dtype=object)})
+            return await self.inference.classify(request)
         except ServingError as exc:
             return await _abort(context, exc)
-        response = classification_pb2.ClassificationResponse()
-        response.model_spec.name = request.model_spec.name
-        response.model_spec.version.value = servable.version
-        response.model_spec.signature_name = info.name
-        classes, scores = outputs.get("classes"), outputs.get("scores")
-        for row in range(len(examples)):
-            result = response.result.classifications.add()
-            count = (classes if classes is not None else scores).shape[1]
-            for i in range(count):
-                entry = result.classes.add()
-                if classes is not None:
-                    entry.label = classes[row][i].decode() if isinstance(classes[row][i], bytes) else str(classes[row][i])
-                if scores is not None:
-                    entry.score = float(scores[row][i])
-        return response
+
+    async def Regress(self, request: regression_pb2.RegressionRequest, context):
+        try:
+            return await self.inference.regress(request)
+        except ServingError as exc:
+            return await _abort(context, exc)
+
+    async def MultiInference(self, request: inference_pb2.MultiInferenceRequest, context):
+        try:
+            return await self.inference.multi_inference(request)
+        except ServingError as exc:
+            return await _abort(context, exc)
 
     async def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest, context):
         version, label = _version_and_label(request.model_spec)
@@ -170,15 +162,6 @@ def metadata_response(servable, name: str) -> get_model_metadata_pb2.GetModelMet
     packed.Pack(signature_map)
     response.metadata["signature_def"].CopyFrom(packed)
     return response
-
-
-def _examples(inp):
-    kind = inp.WhichOneof("kind")
-    if kind == "example_list":
-        return list(inp.example_list.examples)
-    if kind == "example_list_with_context":
-        return list(inp.example_list_with_context.examples)
-    raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "Input is empty")
 
 
 def status_response(manager: Manager, name: str, version: int | None, label: str | None):
@@ -218,14 +201,54 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         return response
 
 
-def build_server(core: PredictionCore, reload_config, port: int, host: str = "0.0.0.0") -> grpc.aio.Server:
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ])
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(core), server)
+@dataclass(frozen=True)
+class GrpcOptions:
+    """How the gRPC server listens and answers: TF Serving's --port, --grpc_socket_path, --grpc_channel_arguments,
+    --enable_serialization_as_tensor_content and --enable_grpc_healthcheck_service."""
+    port: int = 8500
+    host: str = "0.0.0.0"
+    socket_path: str = ""
+    channel_arguments: tuple[tuple[str, int | str], ...] = ()
+    tensor_content: bool = False
+    health_check: bool = False
+
+
+def parse_channel_arguments(text: str) -> tuple[tuple[str, int | str], ...]:
+    """``key=value,key=value`` as TF Serving's parseGrpcChannelArgs reads it; a value that parses as a 32-bit int
+    is passed as an int, anything else as a string (server.cc). Raises ValueError for an entry without ``=``."""
+    arguments = []
+    for entry in text.split(","):
+        if not entry:
+            continue
+        key, sep, value = entry.partition("=")
+        if not sep or not key:
+            raise ValueError(f"gRPC channel argument {entry!r} is not key=value")
+        try:
+            number = int(value)
+            arguments.append((key, number if -2**31 <= number < 2**31 else value))
+        except ValueError:
+            arguments.append((key, value))
+    return tuple(arguments)
+
+
+def build_server(core: PredictionCore, inference: Inference, reload_config, options: GrpcOptions) -> grpc.aio.Server:
+    channel = {"grpc.max_receive_message_length": MAX_MESSAGE_BYTES, "grpc.max_send_message_length": MAX_MESSAGE_BYTES}
+    channel.update(options.channel_arguments)  # the command line wins, as in TF Serving
+    server = grpc.aio.server(options=list(channel.items()))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        PredictionService(core, inference, options.tensor_content), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(core.manager, reload_config), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen for gRPC on {host}:{port}")
+    if options.health_check:
+        health = HealthServicer()
+        for service in ("ModelService", "PredictionService"):  # the names TF Serving marks SERVING
+            health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    if options.port:
+        if server.add_insecure_port(f"{options.host}:{options.port}") == 0:
+            raise OSError(f"cannot listen for gRPC on {options.host}:{options.port}")
+    if options.socket_path:
+        if server.add_insecure_port(f"unix:{options.socket_path}") == 0:
+            raise OSError(f"cannot listen for gRPC on the UNIX socket {options.socket_path}")
+    if not options.port and not options.socket_path:
+        raise OSError("At least one of server_options.grpc_port or server_options.grpc_socket_path must be set.")
     return server

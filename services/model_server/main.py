@@ -93,6 +93,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 class ModelServer:
     def __init__(self, args: argparse.Namespace):
         from services.model_server.core import PredictionCore
+        from services.model_server.inference import Inference
         from services.model_server.manager import Manager
 
         self.args = args
@@ -107,6 +108,7 @@ class ModelServer:
         self.manager = Manager(args.max_num_load_retries, args.allow_version_labels_for_unavailable_models)
         self.core = PredictionCore(self.manager, batching, args.predict_threads, args.tensorflow_intra_op_parallelism,
                                    args.tensorflow_inter_op_parallelism)
+        self.inference = Inference(self.core)
         self.manager.set_config(self._initial_config())
         self._stopping = asyncio.Event()
 
@@ -158,17 +160,18 @@ class ModelServer:
                 await self.reload_config(config)
 
     async def serve(self) -> None:
-        from services.model_server.grpc_api import build_server
+        from services.model_server.grpc_api import GrpcOptions, build_server
         from services.model_server.rest_api import RestApi
 
         if self.args.file_system_poll_wait_seconds >= 0:
             await self._reconcile()
-        grpc_server = build_server(self.core, self.reload_config, self.args.port, self.args.host)
+        grpc_server = build_server(self.core, self.inference, self.reload_config,
+                                   GrpcOptions(port=self.args.port, host=self.args.host))
         await grpc_server.start()
         runner = None
         if self.args.rest_api_port:
             path = self.monitoring.path if self.monitoring.enable else None
-            runner = web.AppRunner(RestApi(self.core, path).app(), access_log=None)
+            runner = web.AppRunner(RestApi(self.core, self.inference, path).app(), access_log=None)
             await runner.setup()
             await web.TCPSite(runner, self.args.host, self.args.rest_api_port).start()
         log.info("serving gRPC on %s:%d, REST on %s (metrics %s)", self.args.host, self.args.port,
