@@ -84,7 +84,7 @@ def test_session_parallelism_sets_both_thread_counts_unless_they_are_given():
 
 
 @pytest.mark.parametrize("argv", [["--grpc_channel_arguments=no_equals_sign"], ["--port=0"],
-                                  ["--ssl_config_file=ssl.config"], ["--platform_config_file=p.config"]])
+                                  ["--mixed_precision=bfloat16"], ["--platform_config_file=p.config"]])
 def test_what_cannot_apply_is_refused_with_the_reason(argv, capsys):
     from services.model_server.main import UNSUPPORTED_TF_SERVING_FLAGS
 
@@ -360,3 +360,64 @@ def http(method, url, body=None, headers=None):
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+
+
+# ---------------------------------------------------------------------------------------------- TLS
+
+
+def self_signed_certificate(folder: Path) -> tuple[str, str]:
+    """(key PEM, certificate PEM) for localhost / 127.0.0.1, made by the openssl command."""
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return key.read_text(), cert.read_text()
+
+
+def text_format_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_ssl_config_file_serves_grpc_over_tls(tmp_path):
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    key, cert = self_signed_certificate(tmp_path)
+    ssl_config = tmp_path / "ssl.config"
+    ssl_config.write_text(f"server_key: {text_format_string(key)}\nserver_cert: {text_format_string(cert)}\n"
+                          "client_verify: false\n")
+    write_tiny_model(tmp_path / MODEL / "1")
+    config = tmp_path / "models.config"
+    write_config(config, {MODEL: tmp_path / MODEL})
+    srv = start_server(tmp_path, config, f"--ssl_config_file={ssl_config}")
+    try:
+        credentials = grpc.ssl_channel_credentials(root_certificates=cert.encode())
+        with grpc.secure_channel(srv.grpc_target, credentials) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            response = wait_until(lambda: _predict_or_none(stub), timeout=60, what="a Predict over TLS")
+        assert response.model_spec.version.value == 1
+        with grpc.insecure_channel(srv.grpc_target) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(small_predict_request(),
+                                                                                   timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        stop_server(srv)
+
+
+def _predict_or_none(stub):
+    import grpc
+
+    try:
+        return stub.Predict(small_predict_request(), timeout=10)
+    except grpc.RpcError as exc:
+        if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+            return None  # version 1 not loaded yet
+        raise
+
+
+def test_alts_and_ssl_together_are_refused_as_tf_serving_refuses_them(capsys):
+    with pytest.raises(SystemExit):
+        parse("--use_alts_credentials", "--ssl_config_file=ssl.config")
+    assert "Either use_alts_credentials must be false or ssl_config_file must be empty." in capsys.readouterr().err

@@ -9,7 +9,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from google.protobuf import text_format
+from google.protobuf import text_encoding, text_format
 from tensorflow_serving.config import model_server_config_pb2
 
 _TOKEN = re.compile(r'\s*(?:(#[^\n]*|[,;])|([A-Za-z_][A-Za-z0-9_]*)|(\{|\}|:|<|>)|("(?:[^"\\]|\\.)*"|\'[^\']*\')|([-+0-9.eE]+))')
@@ -36,7 +36,7 @@ def parse_text_format(text: str) -> dict:
 
     def value(tok: str):
         if tok[0] in "\"'":
-            return tok[1:-1]
+            return text_encoding.CUnescape(tok[1:-1]).decode("utf-8")
         if tok in ("true", "false"):
             return tok == "true"
         try:
@@ -121,6 +121,28 @@ class MonitoringConfig:
     def from_text(cls, text: str) -> "MonitoringConfig":
         prom = parse_text_format(text).get("prometheus_config", {})
         return cls(enable=bool(prom.get("enable", False)), path=prom.get("path") or cls.path)
+
+
+@dataclass
+class SslConfig:
+    """TF Serving's SSLConfig (--ssl_config_file): the server's key and certificate (PEM), an optional CA to check
+    clients against, and whether clients must present a certificate."""
+    server_key: str = ""
+    server_cert: str = ""
+    custom_ca: str = ""
+    client_verify: bool = False
+
+    @classmethod
+    def from_text(cls, text: str) -> "SslConfig":
+        d = parse_text_format(text)
+        unknown = set(d) - {"server_key", "server_cert", "custom_ca", "client_verify"}
+        if unknown:
+            raise ConfigError(f"unknown SSLConfig fields: {sorted(unknown)}")
+        config = cls(server_key=d.get("server_key", ""), server_cert=d.get("server_cert", ""),
+                     custom_ca=d.get("custom_ca", ""), client_verify=bool(d.get("client_verify", False)))
+        if not config.server_key or not config.server_cert:
+            raise ConfigError("SSLConfig needs server_key and server_cert")
+        return config
 
 
 def read_model_config(path: str) -> model_server_config_pb2.ModelServerConfig:

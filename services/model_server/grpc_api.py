@@ -204,13 +204,15 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
 @dataclass(frozen=True)
 class GrpcOptions:
     """How the gRPC server listens and answers: TF Serving's --port, --grpc_socket_path, --grpc_channel_arguments,
-    --enable_serialization_as_tensor_content and --enable_grpc_healthcheck_service."""
+    --enable_serialization_as_tensor_content, --enable_grpc_healthcheck_service, and the credentials of
+    --ssl_config_file / --use_alts_credentials (None: plain text)."""
     port: int = 8500
     host: str = "0.0.0.0"
     socket_path: str = ""
     channel_arguments: tuple[tuple[str, int | str], ...] = ()
     tensor_content: bool = False
     health_check: bool = False
+    credentials: grpc.ServerCredentials | None = None
 
 
 def parse_channel_arguments(text: str) -> tuple[tuple[str, int | str], ...]:
@@ -243,12 +245,12 @@ def build_server(core: PredictionCore, inference: Inference, reload_config, opti
         for service in ("ModelService", "PredictionService"):  # the names TF Serving marks SERVING
             health.set(service, health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    if options.port:
-        if server.add_insecure_port(f"{options.host}:{options.port}") == 0:
-            raise OSError(f"cannot listen for gRPC on {options.host}:{options.port}")
-    if options.socket_path:
-        if server.add_insecure_port(f"unix:{options.socket_path}") == 0:
-            raise OSError(f"cannot listen for gRPC on the UNIX socket {options.socket_path}")
+    for address in ([f"{options.host}:{options.port}"] if options.port else []) + (
+            [f"unix:{options.socket_path}"] if options.socket_path else []):
+        bound = (server.add_secure_port(address, options.credentials) if options.credentials is not None
+                 else server.add_insecure_port(address))
+        if bound == 0:
+            raise OSError(f"cannot listen for gRPC on {address}")
     if not options.port and not options.socket_path:
         raise OSError("At least one of server_options.grpc_port or server_options.grpc_socket_path must be set.")
     return server

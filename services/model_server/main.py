@@ -14,15 +14,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from aiohttp import web
 
 from services.model_server.config import (
-    BatchingParameters, ConfigError, MonitoringConfig, read_model_config, single_model_config,
+    BatchingParameters, ConfigError, MonitoringConfig, SslConfig, read_model_config, single_model_config,
 )
 
 log = logging.getLogger("model_server")
 
 # Real tensorflow_model_server flags this server refuses, each with the reason (also printed by --help).
 UNSUPPORTED_TF_SERVING_FLAGS = {
-    "ssl_config_file": "TLS is not implemented: terminate TLS in front of the server (a proxy or the mesh)",
-    "use_alts_credentials": "ALTS needs Google Cloud's handshaker service",
     "platform_config_file": "a PlatformConfigMap configures TF Serving's C++ session bundles, which this server "
                             "does not have",
     "tensorflow_session_config_file": "a Session ConfigProto configures TF1 sessions; use "
@@ -87,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc_channel_arguments", default="",
                    help="gRPC server arguments key=value,key=value (e.g. grpc.max_connection_age_ms=2000); a value "
                    "that is an integer is passed as one, anything else as a string")
+    p.add_argument("--ssl_config_file", default="",
+                   help="text SSLConfig (server_key, server_cert PEM; custom_ca; client_verify): gRPC over TLS")
+    p.add_argument("--use_alts_credentials", type=_bool, nargs="?", const=True, default=False,
+                   help="gRPC with Google ALTS credentials (needs Google Cloud's ALTS handshaker)")
     p.add_argument("--enable_grpc_healthcheck_service", type=_bool, nargs="?", const=True, default=False,
                    help="serve grpc.health.v1.Health (ModelService and PredictionService SERVING)")
     p.add_argument("--enable_serialization_as_tensor_content", type=_bool, nargs="?", const=True, default=False,
@@ -160,6 +162,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         return args
     if not args.model_config_file and not args.model_base_path:
         parser.error("give --model_config_file, or --model_name with --model_base_path")
+    if args.use_alts_credentials and args.ssl_config_file:
+        parser.error("Either use_alts_credentials must be false or ssl_config_file must be empty.")
     if not args.port and not args.grpc_socket_path:
         parser.error("At least one of server_options.grpc_port or server_options.grpc_socket_path must be set.")
     if min(args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism,
@@ -184,6 +188,25 @@ def thread_counts(args: argparse.Namespace) -> tuple[int, int]:
     return args.tensorflow_session_parallelism, args.tensorflow_session_parallelism
 
 
+def grpc_credentials(args: argparse.Namespace):
+    """The gRPC server's credentials as TF Serving's BuildServerCredentials picks them: ALTS, TLS from the
+    SSLConfig file, or None for plain text."""
+    import grpc
+
+    if args.use_alts_credentials:
+        return grpc.alts_server_credentials()
+    if not args.ssl_config_file:
+        return None
+    try:
+        with open(args.ssl_config_file) as f:
+            ssl = SslConfig.from_text(f.read())
+    except OSError as exc:
+        raise ConfigError(f"cannot read --ssl_config_file: {exc}") from None
+    return grpc.ssl_server_credentials([(ssl.server_key.encode(), ssl.server_cert.encode())],
+                                       root_certificates=ssl.custom_ca.encode() or None,
+                                       require_client_auth=ssl.client_verify)
+
+
 class ModelServer:
     def __init__(self, args: argparse.Namespace):
         from services.model_server.core import PredictionCore
@@ -197,6 +220,7 @@ class ModelServer:
             batching = BatchingParameters()
             if args.batching_parameters_file:
                 batching = BatchingParameters.from_text(open(args.batching_parameters_file).read())
+        self.grpc_credentials = grpc_credentials(args)
         self.monitoring = MonitoringConfig()
         if args.monitoring_config_file:
             self.monitoring = MonitoringConfig.from_text(open(args.monitoring_config_file).read())
@@ -268,7 +292,7 @@ class ModelServer:
             port=self.args.port, host=self.args.host, socket_path=self.args.grpc_socket_path,
             channel_arguments=self.args.channel_arguments,
             tensor_content=self.args.enable_serialization_as_tensor_content,
-            health_check=self.args.enable_grpc_healthcheck_service))
+            health_check=self.args.enable_grpc_healthcheck_service, credentials=self.grpc_credentials))
         await grpc_server.start()
         runner = None
         if self.args.rest_api_port and self.args.rest_api_port == self.args.port:
