@@ -133,10 +133,10 @@ def test_labels_move_and_config_reload_adds_and_removes_models(batching_server, 
 
 
 def test_unknown_tf_serving_flag_gets_a_clear_message():
-    result = subprocess.run([sys.executable, "-m", "services.model_server", "--ssl_config_file=x.conf",
+    result = subprocess.run([sys.executable, "-m", "services.model_server", "--platform_config_file=x.conf",
                              "--model_base_path=/tmp"], capture_output=True, text=True)
     assert result.returncode == 2
-    assert "--ssl_config_file is a tensorflow_model_server flag this server does not implement" in result.stderr
+    assert "--platform_config_file is a tensorflow_model_server flag this server does not implement" in result.stderr
 
 
 def test_help_documents_the_tf_serving_flags():
