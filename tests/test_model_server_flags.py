@@ -421,3 +421,13 @@ def test_alts_and_ssl_together_are_refused_as_tf_serving_refuses_them(capsys):
     with pytest.raises(SystemExit):
         parse("--use_alts_credentials", "--ssl_config_file=ssl.config")
     assert "Either use_alts_credentials must be false or ssl_config_file must be empty." in capsys.readouterr().err
+
+
+def test_a_socket_path_that_cannot_be_bound_is_a_clear_startup_error(tmp_path):
+    blocker = tmp_path / "not-a-socket"
+    blocker.write_text("a plain file: gRPC replaces a socket file there, never a regular file")
+    write_tiny_model(tmp_path / MODEL / "1")
+    result = run_server_until_exit(f"--port={free_port()}", "--rest_api_port=0", f"--model_name={MODEL}",
+                                   f"--model_base_path={tmp_path / MODEL}", f"--grpc_socket_path={blocker}")
+    assert result.returncode != 0
+    assert f"cannot listen for gRPC on unix:{blocker}" in result.stderr and "Traceback" not in result.stderr

@@ -247,8 +247,11 @@ def build_server(core: PredictionCore, inference: Inference, reload_config, opti
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for address in ([f"{options.host}:{options.port}"] if options.port else []) + (
             [f"unix:{options.socket_path}"] if options.socket_path else []):
-        bound = (server.add_secure_port(address, options.credentials) if options.credentials is not None
-                 else server.add_insecure_port(address))
+        try:
+            bound = (server.add_secure_port(address, options.credentials) if options.credentials is not None
+                     else server.add_insecure_port(address))
+        except RuntimeError:  # grpcio raises where it used to return 0
+            bound = 0
         if bound == 0:
             raise OSError(f"cannot listen for gRPC on {address}")
     if not options.port and not options.socket_path:
