@@ -19,20 +19,11 @@ from tensorflow_serving.apis.get_model_metadata_pb2 import SignatureDefMap
 
 from services.model_server.core import PredictionCore
 from services.model_server.errors import ServingError
-from services.model_server.inference import Inference
+from services.model_server.inference import Inference, version_and_label
 from services.model_server.manager import Manager
 
 log = logging.getLogger("model_server.grpc")
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # batches of 224x224x3 images are large
-
-
-def _version_and_label(spec) -> tuple[int | None, str | None]:
-    choice = spec.WhichOneof("version_choice")
-    if choice == "version":
-        return spec.version.value, None
-    if choice == "version_label":
-        return None, spec.version_label
-    return None, None
 
 
 # numpy dtype -> (DataType, the TensorProto field Tensor::AsProtoField writes its values to)
@@ -99,7 +90,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.tensor_content = tensor_content  # --enable_serialization_as_tensor_content
 
     async def Predict(self, request: predict_pb2.PredictRequest, context):
-        version, label = _version_and_label(request.model_spec)
+        version, label = version_and_label(request.model_spec)
         try:
             try:
                 inputs = {k: ndarray(v) for k, v in request.inputs.items()}
@@ -137,7 +128,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             return await _abort(context, exc)
 
     async def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest, context):
-        version, label = _version_and_label(request.model_spec)
+        version, label = version_and_label(request.model_spec)
         try:
             for field in request.metadata_field:
                 if field != "signature_def":
@@ -183,7 +174,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         self.reload_config = reload_config  # async callable(ModelServerConfig) -> list[str] errors
 
     async def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest, context):
-        version, label = _version_and_label(request.model_spec)
+        version, label = version_and_label(request.model_spec)
         try:
             return status_response(self.manager, request.model_spec.name, version, label)
         except ServingError as exc:

@@ -135,7 +135,8 @@ def _model_spec(spec: model_pb2.ModelSpec, signature: str, version: int, out: mo
     out.version.value = version
 
 
-def _version_and_label(spec) -> tuple[int | None, str | None]:
+def version_and_label(spec: model_pb2.ModelSpec) -> tuple[int | None, str | None]:
+    """The (version, label) a ModelSpec asks for; (None, None) = the latest AVAILABLE version."""
     choice = spec.WhichOneof("version_choice")
     if choice == "version":
         return spec.version.value, None
@@ -159,7 +160,7 @@ class Inference:
     async def classify(self, request: classification_pb2.ClassificationRequest, api: str = "grpc_classify"
                        ) -> classification_pb2.ClassificationResponse:
         spec = request.model_spec
-        servable = self.core.manager.resolve(spec.name, *_version_and_label(spec))
+        servable = self.core.manager.resolve(spec.name, *version_and_label(spec))
         name = spec.signature_name or DEFAULT_SIGNATURE
         wanted = classification_outputs(_signature_def(servable, name), self.method_name_check)
         examples = serialized_examples(request.input)
@@ -172,7 +173,7 @@ class Inference:
     async def regress(self, request: regression_pb2.RegressionRequest, api: str = "grpc_regress"
                       ) -> regression_pb2.RegressionResponse:
         spec = request.model_spec
-        servable = self.core.manager.resolve(spec.name, *_version_and_label(spec))
+        servable = self.core.manager.resolve(spec.name, *version_and_label(spec))
         name = spec.signature_name or DEFAULT_SIGNATURE
         wanted = regression_outputs(_signature_def(servable, name), self.method_name_check)
         examples = serialized_examples(request.input)
@@ -187,7 +188,7 @@ class Inference:
         """TF Serving's TensorFlowMultiInferenceRunner: every task names the same model and a distinct signature;
         each runs on the same examples, from the version the first task's spec picks."""
         first = request.tasks[0].model_spec if request.tasks else model_pb2.ModelSpec()
-        servable = self.core.manager.resolve(first.name, *_version_and_label(first))  # first, as TF Serving does
+        servable = self.core.manager.resolve(first.name, *version_and_label(first))  # first, as TF Serving does
         model_name, seen, plan = "", set(), []
         for task in request.tasks:  # the checks of TensorFlowMultiInferenceRunner::Infer, in its order
             if not task.model_spec.name:
