@@ -244,3 +244,20 @@ def test_input_tensors_parse_as_tf_make_ndarray_parses_them():
     short.tensor_content = short.tensor_content[:-1]  # wrong size: tf.make_ndarray's own error
     with pytest.raises((ValueError, TypeError)):
         ndarray(short)
+
+
+def test_float32_decimals_agree_with_printf_over_every_magnitude():
+    """The vectorised WriteDecimal gives the same doubles as TF Serving's printf rule, for random float32 bit
+    patterns (every exponent, subnormals included) and the awkward ones."""
+    from services.model_server.rest_api import _decimal_printf, float32_decimals
+
+    rng = np.random.default_rng(12)
+    bits = rng.integers(0, 2**32, 60_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    values = np.concatenate([bits[np.isfinite(bits)], rng.random(20_000).astype(np.float32),
+                             np.float32([0.1, 0.3, 3.0, 1.5, 2.5, 999999.5, 9999999, 9e6, 1e-5, 1e-45, 3.4028235e38,
+                                         -0.0, 0.0, 123456.5])])
+    expected = np.array([_decimal_printf(v) for v in values.tolist()])
+    np.testing.assert_array_equal(float32_decimals(values), expected)
+    special = float32_decimals(np.float32([np.nan, np.inf, -np.inf]))
+    assert np.isnan(special[0]) and special[1] == np.inf and special[2] == -np.inf
+    assert float32_decimals(np.float32([[0.1, 0.25]])).tolist() == [[0.1, 0.25]]

@@ -419,6 +419,39 @@ def test_rest_classify_and_regress_errors(server, method, body):
     assert isinstance(message, str) and "predict signatures only" not in message
 
 
+def tf_serving_decimal(value: float) -> float:
+    """The number TF Serving's REST API writes for a float32 (json_tensor.cc WriteDecimal): printf %g, or %.9g
+    when six digits do not give the float back; as the double that JSON text parses to."""
+    text = "%g" % value
+    if np.float32(float(text)) != np.float32(value):
+        text = "%.9g" % value
+    return float(text)
+
+
+def test_rest_writes_float32_outputs_as_tf_serving_writes_them(server, stub):
+    """Not the float32's exact binary value widened to a double (0.10000000149011612), but its short decimal
+    (0.1): a client comparing the JSON with TF Serving's sees the same numbers."""
+    images = pixels(2)
+    grpc_outputs = stub.Predict(predict_request(images, version=1), timeout=30).outputs
+    expected = [[tf_serving_decimal(v) for v in row] for row in tf.make_ndarray(grpc_outputs["probabilities"]).tolist()]
+    status, body = http("POST", f"{server.rest_url}/v1/models/{MODEL}/versions/1:predict",
+                        {"inputs": {"images": images.tolist()}})
+    assert status == 200
+    outputs = json.loads(body)["outputs"]
+    assert outputs["probabilities"] == expected
+    assert outputs["mushroom_score"] == [tf_serving_decimal(v) for v in grpc_outputs["mushroom_score"].float_val]
+    colours = [{"mean_colour": list(colour)} for colour in flat_colours()]
+    status, body = http("POST", f"{server.rest_url}/v1/models/{MODEL}/versions/1:regress",
+                        {"signature_name": "regress_mushroom_score", "examples": colours})
+    regress = regression_pb2.RegressionRequest()
+    regress.model_spec.name, regress.model_spec.signature_name = MODEL, "regress_mushroom_score"
+    regress.model_spec.version.value = 1
+    for colour in flat_colours():
+        regress.input.example_list.examples.append(mean_colour_example(colour))
+    values = [r.value for r in stub.Regress(regress, timeout=30).result.regressions]
+    assert json.loads(body)["results"] == [tf_serving_decimal(v) for v in values]
+
+
 # ---------------------------------------------------------------------------------------------- the registry
 
 

@@ -60,10 +60,56 @@ def _to_array(value, dtype) -> np.ndarray:
         raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot convert input to {dtype.name}: {exc}") from None
 
 
+_POWERS_OF_TEN = 10.0 ** np.arange(-22, 23)  # the powers of ten a double holds exactly
+
+
+def _decimal_printf(value: float) -> float:
+    text = "%g" % value
+    if np.float32(float(text)) != np.float32(value):
+        text = "%.9g" % value
+    return float(text)
+
+
+def _rounded(values: np.ndarray, exponents: np.ndarray, digits: int) -> np.ndarray:
+    """``values`` rounded to ``digits`` significant digits, as the doubles nearest those decimals (one correctly
+    rounded multiplication or division by an exact power of ten); NaN where that is not certain (a power of ten
+    beyond 1e22, or a near tie printf could round the other way)."""
+    k = digits - 1 - exponents
+    exact = (k >= -22) & (k <= 22)
+    power = _POWERS_OF_TEN[np.clip(np.abs(k), 0, 22) + 22]
+    scaled = np.where(k >= 0, values * power, values / power)
+    fraction = np.abs(scaled - np.trunc(scaled))
+    exact &= np.abs(fraction - 0.5) > 1e-6
+    mantissa = np.rint(scaled)
+    return np.where(exact, np.where(k >= 0, mantissa / power, mantissa * power), np.nan)
+
+
+def float32_decimals(array: np.ndarray) -> np.ndarray:
+    """float32 values as TF Serving's REST API writes them (json_tensor.cc WriteDecimal: printf %g, or %.9g when
+    six digits do not give the float back), as the doubles that text parses to: 0.1, not 0.10000000149011612.
+    Vectorised; the rare values it cannot decide with certainty go through printf itself."""
+    values = array.astype(np.float64).ravel()
+    out = values.copy()
+    where = np.flatnonzero(np.isfinite(values) & (values != 0))
+    x = values[where]
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        exponents = np.floor(np.log10(np.abs(x))).astype(np.int64)
+        exponents += (np.abs(x) >= 10.0 ** (exponents + 1)).astype(np.int64)
+        exponents -= (np.abs(x) < 10.0 ** exponents).astype(np.int64)
+        six, nine = _rounded(x, exponents, 6), _rounded(x, exponents, 9)
+        chosen = np.where(six.astype(np.float32) == x.astype(np.float32), six, nine)
+    unsure = np.flatnonzero(~np.isfinite(six) | ~np.isfinite(chosen))
+    chosen[unsure] = [_decimal_printf(v) for v in x[unsure].tolist()]
+    out[where] = chosen
+    return out.reshape(array.shape)
+
+
 def _jsonable(name: str, array: np.ndarray):
     if array.dtype == object or array.dtype.kind in "SU":
         flat = [_string_out(name, v) for v in array.reshape(-1)]
         return np.array(flat, dtype=object).reshape(array.shape).tolist()
+    if array.dtype == np.float32:
+        return float32_decimals(array).tolist()
     return array.tolist()
 
 
@@ -252,10 +298,13 @@ class RestApi:
         fill_examples_from_json(body, proto)
         if method == "classify":
             response = await self.inference.classify(proto, api="rest_classify")
-            results = [[[c.label, c.score] for c in row.classes] for row in response.result.classifications]
+            rows = response.result.classifications
+            scores = float32_decimals(np.array([[c.score for c in row.classes] for row in rows], np.float32))
+            results = [[[c.label, score] for c, score in zip(row.classes, row_scores)]
+                       for row, row_scores in zip(rows, scores.tolist())]
         else:
             response = await self.inference.regress(proto, api="rest_regress")
-            results = [r.value for r in response.result.regressions]
+            results = float32_decimals(np.array([r.value for r in response.result.regressions], np.float32)).tolist()
         return web.json_response({"results": results})
 
     async def predict(self, request: web.Request, name: str, version, label) -> web.Response:
