@@ -431,3 +431,10 @@ def test_a_socket_path_that_cannot_be_bound_is_a_clear_startup_error(tmp_path):
                                    f"--model_base_path={tmp_path / MODEL}", f"--grpc_socket_path={blocker}")
     assert result.returncode != 0
     assert f"cannot listen for gRPC on unix:{blocker}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_channel_argument_values_are_ints_only_where_absl_simpleatoi_reads_one():
+    from services.model_server.grpc_api import parse_channel_arguments
+
+    assert parse_channel_arguments("a=1,b=1_000,c= 7,d=-3,e=99999999999,f=grpclb") == (
+        ("a", 1), ("b", "1_000"), ("c", 7), ("d", -3), ("e", "99999999999"), ("f", "grpclb"))

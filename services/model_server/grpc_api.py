@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 import grpc
@@ -216,11 +217,8 @@ def parse_channel_arguments(text: str) -> tuple[tuple[str, int | str], ...]:
         key, sep, value = entry.partition("=")
         if not sep or not key:
             raise ValueError(f"gRPC channel argument {entry!r} is not key=value")
-        try:
-            number = int(value)
-            arguments.append((key, number if -2**31 <= number < 2**31 else value))
-        except ValueError:
-            arguments.append((key, value))
+        number = int(value) if re.fullmatch(r"\s*[+-]?\d+\s*", value) else None  # absl::SimpleAtoi's syntax
+        arguments.append((key, number if number is not None and -2**31 <= number < 2**31 else value))
     return tuple(arguments)
 
 
