@@ -3,7 +3,8 @@
 By default it starts our server (services.model_server) on free loopback ports. To run the same suite against a real
 TensorFlow Serving, start it on a folder you can write to and set TF_SERVING_GRPC=host:port TF_SERVING_REST=host:port
 TF_SERVING_MODEL_BASE=<that folder as seen from here> (README, "Model server"); its model config must serve
-`mushrooms` from <folder>/mushrooms with policy `all {}`, and `--file_system_poll_wait_seconds=1`.
+`mushrooms` from <folder>/mushrooms with policy `all {}`, with `--file_system_poll_wait_seconds=1` and a monitoring
+config serving Prometheus metrics at /monitoring/prometheus/metrics.
 """
 from __future__ import annotations
 
