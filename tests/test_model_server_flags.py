@@ -171,17 +171,21 @@ def flagged_server(tmp_path_factory):
     write_config(config, {MODEL: models_dir / MODEL})
     socket_dir = Path(tempfile.mkdtemp(prefix="tfs-", dir="/tmp"))  # short: a UNIX socket path is <= 107 bytes
     socket_path = socket_dir / "grpc.sock"
-    srv = start_server(models_dir, config, f"--grpc_socket_path={socket_path}",
-                       "--grpc_channel_arguments=grpc.max_receive_message_length=100000,grpc.lb_policy_name=grpclb",
-                       "--enable_signature_method_name_check=true", "--enable_serialization_as_tensor_content",
-                       "--enable_grpc_healthcheck_service=true", "--rest_api_enable_cors_support",
-                       "--rest_api_timeout_in_ms=20000", "--rest_api_num_threads=2", "--grpc_max_threads=4",
-                       "--tensorflow_session_parallelism=1", "--saved_model_tags=serve")
-    srv.socket_path = socket_path
-    wait_until(lambda: version_states(srv.grpc_target, MODEL).get(1, (0,))[0] == AVAILABLE, what="version 1")
-    yield srv
-    stop_server(srv)
-    shutil.rmtree(socket_dir, ignore_errors=True)
+    try:
+        srv = start_server(models_dir, config, f"--grpc_socket_path={socket_path}",
+                           "--grpc_channel_arguments=grpc.max_receive_message_length=100000,grpc.lb_policy_name=grpclb",
+                           "--enable_signature_method_name_check=true", "--enable_serialization_as_tensor_content",
+                           "--enable_grpc_healthcheck_service=true", "--rest_api_enable_cors_support",
+                           "--rest_api_timeout_in_ms=20000", "--rest_api_num_threads=2", "--grpc_max_threads=4",
+                           "--tensorflow_session_parallelism=1", "--saved_model_tags=serve")
+        try:
+            srv.socket_path = socket_path
+            wait_until(lambda: version_states(srv.grpc_target, MODEL).get(1, (0,))[0] == AVAILABLE, what="version 1")
+            yield srv
+        finally:
+            stop_server(srv)
+    finally:
+        shutil.rmtree(socket_dir, ignore_errors=True)
 
 
 def small_predict_request(size: int = 1):
