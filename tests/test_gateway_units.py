@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+import numpy as np
 import pytest
 
 import training_job.preprocessing as contract
@@ -169,3 +170,16 @@ def test_the_answer_is_cached_off_the_response_path_and_shared_until_stored():
         assert third["cached"] and predictions == [1] and len(stored) == 1
 
     asyncio.run(scenario())
+
+
+def test_upstream_reads_outputs_in_either_form_tf_serving_writes():
+    """TF Serving's typed fields (its default) and tensor_content (--enable_serialization_as_tensor_content)."""
+    from services.gateway.upstream import _array
+    from services.model_server.grpc_api import tensor_proto
+
+    for value in (np.float32([[0.25, 0.75]]), np.random.default_rng(0).random((32, 10)).astype(np.float32),
+                  np.array([True, False]), np.float32([0.5])):
+        for as_content in (False, True):
+            np.testing.assert_array_equal(_array(tensor_proto(value, as_content)), value)
+    labels = _array(tensor_proto(np.array([[b"a", b"b"]], dtype=object)))
+    assert labels.shape == (1, 2) and list(labels[0]) == ["a", "b"]

@@ -133,10 +133,10 @@ def test_labels_move_and_config_reload_adds_and_removes_models(batching_server, 
 
 
 def test_unknown_tf_serving_flag_gets_a_clear_message():
-    result = subprocess.run([sys.executable, "-m", "services.model_server", "--ssl_config_file=x.conf",
+    result = subprocess.run([sys.executable, "-m", "services.model_server", "--platform_config_file=x.conf",
                              "--model_base_path=/tmp"], capture_output=True, text=True)
     assert result.returncode == 2
-    assert "--ssl_config_file is a tensorflow_model_server flag this server does not implement" in result.stderr
+    assert "--platform_config_file is a tensorflow_model_server flag this server does not implement" in result.stderr
 
 
 def test_help_documents_the_tf_serving_flags():
@@ -227,16 +227,30 @@ def test_version_policies_and_non_numeric_folders(tmp_path):
     assert aspired("all {}") == [1, 2, 10]
 
 
-def test_output_tensors_are_the_protos_tf_make_tensor_proto_builds():
+def test_output_tensors_are_written_as_tf_serving_writes_them():
+    """Typed fields by default (Tensor::AsProtoField), raw tensor_content for numbers and bools on request
+    (AsProtoTensorContent); either way the proto reads back as the same array."""
     from services.model_server.grpc_api import tensor_proto
 
     for value in (np.float32([[0.25, 0.75]]), np.float32([0.5]), np.float32(0.5), np.array([True]),
                   np.array([[True, False]]), np.array([[b"boletus", b"amanita"]], dtype=object),
                   np.array([b"x"], dtype=object), np.zeros((2, 0), np.float32), np.arange(6, dtype=np.int64),
-                  np.float32([[1, 2, 3]])[:, ::2], np.array(["not bytes"], dtype=object), np.float32([np.nan]),
-                  np.float32([[-1.5e-30]]), np.float64([2.5]), np.int32([7]), np.int64([-3]), np.uint8([9]),
+                  np.float32([[1, 2, 3]])[:, ::2], np.float32([np.nan]), np.float32([[-1.5e-30]]),
+                  np.float64([2.5]), np.int32([7]), np.int64([-3]), np.uint8([9, 200]), np.int8([-4]),
+                  np.uint16([65535]), np.uint32([2**32 - 1]), np.uint64([2**64 - 1]),
                   np.array(np.float32(0.25)), np.float32([])):
-        assert tensor_proto(value).SerializeToString() == tf.make_tensor_proto(value).SerializeToString()
+        typed, content = tensor_proto(value), tensor_proto(value, as_content=True)
+        assert typed.tensor_content == b""
+        assert typed.dtype == content.dtype == tf.make_tensor_proto(value).dtype
+        for proto in (typed, content):
+            np.testing.assert_array_equal(tf.make_ndarray(proto), value)
+        if value.dtype != object:
+            assert content.tensor_content == np.ascontiguousarray(value).tobytes()
+    assert list(tensor_proto(np.float32([[0.25, 0.75]])).float_val) == [0.25, 0.75]
+    assert list(tensor_proto(np.array([[True, False]])).bool_val) == [True, False]
+    assert list(tensor_proto(np.uint8([9, 200])).int_val) == [9, 200]
+    odd = np.array(["not bytes"], dtype=object)  # anything unusual: tf.make_tensor_proto's proto
+    assert tensor_proto(odd).SerializeToString() == tf.make_tensor_proto(odd).SerializeToString()
 
 
 def test_input_tensors_parse_as_tf_make_ndarray_parses_them():
@@ -251,3 +265,20 @@ def test_input_tensors_parse_as_tf_make_ndarray_parses_them():
     short.tensor_content = short.tensor_content[:-1]  # wrong size: tf.make_ndarray's own error
     with pytest.raises((ValueError, TypeError)):
         ndarray(short)
+
+
+def test_float32_decimals_agree_with_printf_over_every_magnitude():
+    """The vectorised WriteDecimal gives the same doubles as TF Serving's printf rule, for random float32 bit
+    patterns (every exponent, subnormals included) and the awkward ones."""
+    from services.model_server.rest_api import _decimal_printf, float32_decimals
+
+    rng = np.random.default_rng(12)
+    bits = rng.integers(0, 2**32, 60_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    values = np.concatenate([bits[np.isfinite(bits)], rng.random(20_000).astype(np.float32),
+                             np.float32([0.1, 0.3, 3.0, 1.5, 2.5, 999999.5, 9999999, 9e6, 1e-5, 1e-45, 3.4028235e38,
+                                         -0.0, 0.0, 123456.5])])
+    expected = np.array([_decimal_printf(v) for v in values.tolist()])
+    np.testing.assert_array_equal(float32_decimals(values), expected)
+    special = float32_decimals(np.float32([np.nan, np.inf, -np.inf]))
+    assert np.isnan(special[0]) and special[1] == np.inf and special[2] == -np.inf
+    assert float32_decimals(np.float32([[0.1, 0.25]])).tolist() == [[0.1, 0.25]]

@@ -3,7 +3,8 @@
 By default it starts our server (services.model_server) on free loopback ports. To run the same suite against a real
 TensorFlow Serving, start it on a folder you can write to and set TF_SERVING_GRPC=host:port TF_SERVING_REST=host:port
 TF_SERVING_MODEL_BASE=<that folder as seen from here> (README, "Model server"); its model config must serve
-`mushrooms` from <folder>/mushrooms with policy `all {}`, and `--file_system_poll_wait_seconds=1`.
+`mushrooms` from <folder>/mushrooms with policy `all {}`, with `--file_system_poll_wait_seconds=1` and a monitoring
+config serving Prometheus metrics at /monitoring/prometheus/metrics.
 """
 from __future__ import annotations
 
@@ -19,13 +20,18 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
+from tensorflow.core.example import example_pb2
+from tensorflow.core.framework import types_pb2
+from tensorflow_serving.apis import (
+    classification_pb2, get_model_metadata_pb2, get_model_status_pb2, inference_pb2, model_service_pb2_grpc,
+    predict_pb2, prediction_service_pb2_grpc, regression_pb2,
+)
 
 from tests.model_server_harness import (
     MODEL, external_server, start_server, stop_server, version_states, wait_until, write_config,
 )
 from tests.support import MUSHROOMS
-from tests.tiny_model import write_tiny_model
+from tests.tiny_model import LABELS, write_tiny_model
 from training_job.publish import publish_dir
 
 AVAILABLE = 30
@@ -155,6 +161,154 @@ def test_classify_needs_a_classify_signature(stub):
     assert err.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
 
 
+def test_predict_fills_the_typed_fields_not_tensor_content(stub):
+    """TF Serving's Predict answers with Tensor::AsProtoField (predict_util.cc): float_val, bool_val, string_val, ...
+    Clients reading `.float_val` (TF Serving's mnist and resnet example clients) rely on it."""
+    response = stub.Predict(predict_request(pixels(3)), timeout=30)
+    probabilities = response.outputs["probabilities"]
+    assert probabilities.dtype == types_pb2.DT_FLOAT and probabilities.tensor_content == b""
+    assert [d.size for d in probabilities.tensor_shape.dim] == [3, 4]
+    np.testing.assert_allclose(np.array(probabilities.float_val).reshape(3, 4).sum(axis=1), 1.0, rtol=1e-5)
+    assert len(response.outputs["mushroom_score"].float_val) == 3
+    assert len(response.outputs["not_a_mushroom"].bool_val) == 3
+    assert list(response.outputs["classes"].string_val[:4]) == [label.encode() for label in LABELS]
+    assert all(t.tensor_content == b"" for t in response.outputs.values())
+
+
+def mean_colour_example(colour) -> example_pb2.Example:
+    example = example_pb2.Example()
+    example.features.feature["mean_colour"].float_list.value.extend(colour)
+    return example
+
+
+COLOURS = [(-0.5, 0.25, 0.75), (0.9, -0.9, 0.0)]
+
+
+def probabilities_of_mean_colours(stub, colours=COLOURS) -> np.ndarray:
+    """serving_default on photos of one flat colour each: the numbers Classify/Regress must give for that colour."""
+    values = [np.round((np.array(c) + 1) * 127.5).astype(np.uint8) for c in colours]
+    images = np.stack([v.reshape(1, 1, 3) for v in values])  # one pixel: its mean is exact
+    response = stub.Predict(predict_request(images, version=1), timeout=30)
+    return tf.make_ndarray(response.outputs["probabilities"])
+
+
+def flat_colours(colours=COLOURS):
+    return [tuple(np.round((np.array(c) + 1) * 127.5) / 127.5 - 1) for c in colours]
+
+
+def test_classify_a_tf2_export_as_tf_serving_does(stub):
+    """A TF2 export's signatures all have method_name tensorflow/serving/predict; TF Serving serves them by Classify
+    unless --enable_signature_method_name_check (off by default)."""
+    request = classification_pb2.ClassificationRequest()
+    request.model_spec.name = MODEL
+    request.model_spec.signature_name = "classify_mean_colour"
+    request.model_spec.version.value = 1
+    for colour in flat_colours():
+        request.input.example_list.examples.append(mean_colour_example(colour))
+    response = stub.Classify(request, timeout=30)
+    expected = probabilities_of_mean_colours(stub)
+    assert len(response.result.classifications) == 2
+    for row, classification in enumerate(response.result.classifications):
+        assert [c.label for c in classification.classes] == LABELS
+        np.testing.assert_allclose([c.score for c in classification.classes], expected[row], rtol=1e-4)
+    assert response.model_spec.name == MODEL and response.model_spec.version.value == 1
+    assert response.model_spec.signature_name == "classify_mean_colour"
+
+
+def test_classify_merges_the_context_into_each_example(stub):
+    request = classification_pb2.ClassificationRequest()
+    request.model_spec.name = MODEL
+    request.model_spec.signature_name = "classify_mean_colour"
+    request.model_spec.version.value = 1
+    (colour,) = flat_colours(COLOURS[:1])
+    request.input.example_list_with_context.context.CopyFrom(mean_colour_example(colour))
+    request.input.example_list_with_context.examples.add()
+    (classification,) = stub.Classify(request, timeout=30).result.classifications
+    np.testing.assert_allclose([c.score for c in classification.classes],
+                               probabilities_of_mean_colours(stub, COLOURS[:1])[0], rtol=1e-4)
+
+
+def test_regress_a_tf2_export(stub):
+    request = regression_pb2.RegressionRequest()
+    request.model_spec.name = MODEL
+    request.model_spec.signature_name = "regress_mushroom_score"
+    request.model_spec.version.value = 1
+    for colour in flat_colours():
+        request.input.example_list.examples.append(mean_colour_example(colour))
+    response = stub.Regress(request, timeout=30)
+    np.testing.assert_allclose([r.value for r in response.result.regressions],
+                               probabilities_of_mean_colours(stub).max(axis=1), rtol=1e-4)
+    assert response.model_spec.signature_name == "regress_mushroom_score"
+    assert response.model_spec.version.value == 1
+
+
+def test_multi_inference_runs_each_task_on_the_same_examples(stub):
+    request = inference_pb2.MultiInferenceRequest()
+    for signature, method in (("regress_mushroom_score", "tensorflow/serving/regress"),
+                              ("classify_mean_colour", "tensorflow/serving/classify")):
+        task = request.tasks.add()
+        task.model_spec.name = MODEL
+        task.model_spec.signature_name = signature
+        task.model_spec.version.value = 1
+        task.method_name = method
+    for colour in flat_colours():
+        request.input.example_list.examples.append(mean_colour_example(colour))
+    response = stub.MultiInference(request, timeout=30)
+    expected = probabilities_of_mean_colours(stub)
+    regression, classification = response.results
+    np.testing.assert_allclose([r.value for r in regression.regression_result.regressions], expected.max(axis=1),
+                               rtol=1e-4)
+    np.testing.assert_allclose([[c.score for c in cs.classes] for cs in classification.classification_result
+                                .classifications], expected, rtol=1e-4)
+    assert [r.model_spec.signature_name for r in response.results] == ["regress_mushroom_score",
+                                                                       "classify_mean_colour"]
+    assert all(r.model_spec.version.value == 1 for r in response.results)
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda r: r.input.example_list.Clear(),  # no examples: "Input is empty."
+    lambda r: setattr(r.model_spec, "signature_name", "serving_default"),  # input "images", not "inputs"
+    lambda r: setattr(r.model_spec, "signature_name", "no_such_signature"),
+])
+def test_classify_and_regress_refuse_what_tf_serving_refuses(stub, mutate):
+    for request, call in ((classification_pb2.ClassificationRequest(), stub.Classify),
+                          (regression_pb2.RegressionRequest(), stub.Regress)):
+        request.model_spec.name = MODEL
+        request.model_spec.signature_name = ("classify_mean_colour" if call is stub.Classify
+                                             else "regress_mushroom_score")
+        request.input.example_list.examples.append(mean_colour_example(COLOURS[0]))
+        mutate(request)
+        with pytest.raises(grpc.RpcError) as err:
+            call(request, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_multi_inference_refuses_mixed_models_and_unknown_methods(stub):
+    request = inference_pb2.MultiInferenceRequest()
+    request.input.example_list.examples.append(mean_colour_example(COLOURS[0]))
+    task = request.tasks.add(method_name="tensorflow/serving/predict")
+    task.model_spec.name, task.model_spec.signature_name = MODEL, "regress_mushroom_score"
+    with pytest.raises(grpc.RpcError) as err:
+        stub.MultiInference(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    task.method_name = "tensorflow/serving/regress"
+    other = request.tasks.add(method_name="tensorflow/serving/classify")
+    other.model_spec.name, other.model_spec.signature_name = "another_model", "classify_mean_colour"
+    with pytest.raises(grpc.RpcError) as err:
+        stub.MultiInference(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_status_of_a_healthy_version_carries_an_ok_status(server):
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = MODEL
+        request.model_spec.version.value = 1
+        (entry,) = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(request, timeout=10) \
+            .model_version_status
+    assert entry.HasField("status") and entry.status.error_code == 0 and entry.status.error_message == ""
+
+
 # ---------------------------------------------------------------------------------------------- REST
 
 
@@ -204,6 +358,99 @@ def test_rest_errors_are_json(server, path, body, status):
     code, raw = http("POST", f"{server.rest_url}{path}", body)
     assert code == status
     assert isinstance(json.loads(raw)["error"], str)
+
+
+def test_rest_status_prints_the_ok_status_as_tf_serving(server):
+    """TF Serving prints its JSON with always_print_fields_with_no_presence (http_rest_api_util.cc)."""
+    status, body = http("GET", f"{server.rest_url}/v1/models/{MODEL}/versions/1")
+    assert status == 200
+    assert json.loads(body) == {"model_version_status": [
+        {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
+
+
+def test_rest_metadata_prints_default_valued_fields(server):
+    status, body = http("GET", f"{server.rest_url}/v1/models/{MODEL}/versions/1/metadata")
+    assert status == 200
+    metadata = json.loads(body)
+    assert metadata["model_spec"] == {"name": MODEL, "signature_name": "", "version": "1"}
+    serving = metadata["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    assert serving["method_name"] == "tensorflow/serving/predict" and serving["defaults"] == {}
+    images = serving["inputs"]["images"]
+    assert images["dtype"] == "DT_UINT8" and images["tensor_shape"]["unknown_rank"] is False
+    assert images["tensor_shape"]["dim"][0] == {"size": "-1", "name": ""}
+
+
+def test_rest_classify_and_regress_in_tf_serving_json(server, stub):
+    expected = probabilities_of_mean_colours(stub)
+    examples = [{"mean_colour": list(colour)} for colour in flat_colours()]
+    status, body = http("POST", f"{server.rest_url}/v1/models/{MODEL}/versions/1:classify",
+                        {"signature_name": "classify_mean_colour", "examples": examples})
+    assert status == 200, body
+    results = json.loads(body)["results"]
+    assert [[label for label, _ in row] for row in results] == [LABELS, LABELS]
+    np.testing.assert_allclose([[score for _, score in row] for row in results], expected, rtol=1e-4)
+    status, body = http("POST", f"{server.rest_url}/v1/models/{MODEL}/versions/1:regress",
+                        {"signature_name": "regress_mushroom_score", "examples": examples})
+    assert status == 200, body
+    np.testing.assert_allclose(json.loads(body)["results"], expected.max(axis=1), rtol=1e-4)
+
+
+def test_rest_classify_with_context(server, stub):
+    (colour,) = flat_colours(COLOURS[:1])
+    status, body = http("POST", f"{server.rest_url}/v1/models/{MODEL}/versions/1:classify",
+                        {"signature_name": "classify_mean_colour", "context": {"mean_colour": list(colour)},
+                         "examples": [{}]})
+    assert status == 200, body
+    (row,) = json.loads(body)["results"]
+    np.testing.assert_allclose([score for _, score in row], probabilities_of_mean_colours(stub, COLOURS[:1])[0],
+                               rtol=1e-4)
+
+
+@pytest.mark.parametrize("method, body", [
+    (":classify", {"signature_name": "classify_mean_colour"}),  # no "examples"
+    (":classify", {"signature_name": "classify_mean_colour", "examples": []}),
+    (":classify", {"signature_name": "classify_mean_colour", "examples": [{"mean_colour": [[1.0]]}]}),
+    (":classify", {"examples": [{"mean_colour": [0.0, 0.0, 0.0]}]}),  # serving_default takes images
+    (":regress", {"signature_name": "no_such_signature", "examples": [{"mean_colour": [0.0, 0.0, 0.0]}]}),
+])
+def test_rest_classify_and_regress_errors(server, method, body):
+    status, raw = http("POST", f"{server.rest_url}/v1/models/{MODEL}{method}", body)
+    assert status == 400
+    message = json.loads(raw)["error"]
+    assert isinstance(message, str) and "predict signatures only" not in message
+
+
+def tf_serving_decimal(value: float) -> float:
+    """The number TF Serving's REST API writes for a float32 (json_tensor.cc WriteDecimal): printf %g, or %.9g
+    when six digits do not give the float back; as the double that JSON text parses to."""
+    text = "%g" % value
+    if np.float32(float(text)) != np.float32(value):
+        text = "%.9g" % value
+    return float(text)
+
+
+def test_rest_writes_float32_outputs_as_tf_serving_writes_them(server, stub):
+    """Not the float32's exact binary value widened to a double (0.10000000149011612), but its short decimal
+    (0.1): a client comparing the JSON with TF Serving's sees the same numbers."""
+    images = pixels(2)
+    grpc_outputs = stub.Predict(predict_request(images, version=1), timeout=30).outputs
+    expected = [[tf_serving_decimal(v) for v in row] for row in tf.make_ndarray(grpc_outputs["probabilities"]).tolist()]
+    status, body = http("POST", f"{server.rest_url}/v1/models/{MODEL}/versions/1:predict",
+                        {"inputs": {"images": images.tolist()}})
+    assert status == 200
+    outputs = json.loads(body)["outputs"]
+    assert outputs["probabilities"] == expected
+    assert outputs["mushroom_score"] == [tf_serving_decimal(v) for v in grpc_outputs["mushroom_score"].float_val]
+    colours = [{"mean_colour": list(colour)} for colour in flat_colours()]
+    status, body = http("POST", f"{server.rest_url}/v1/models/{MODEL}/versions/1:regress",
+                        {"signature_name": "regress_mushroom_score", "examples": colours})
+    regress = regression_pb2.RegressionRequest()
+    regress.model_spec.name, regress.model_spec.signature_name = MODEL, "regress_mushroom_score"
+    regress.model_spec.version.value = 1
+    for colour in flat_colours():
+        regress.input.example_list.examples.append(mean_colour_example(colour))
+    values = [r.value for r in stub.Regress(regress, timeout=30).result.regressions]
+    assert json.loads(body)["results"] == [tf_serving_decimal(v) for v in values]
 
 
 # ---------------------------------------------------------------------------------------------- the registry
@@ -278,12 +525,17 @@ def test_removed_version_folder_is_unloaded(server, stub):
 
 
 def test_metrics_count_requests(server, stub):
-    if server.external:
-        pytest.skip("the real TF Serving's metric names differ; checked against ours only")
+    """TF Serving's exporter (util/prometheus_exporter.cc) prints a counter under its own name, without the `_total`
+    suffix prometheus_client adds: dashboards query `:tensorflow:serving:request_count`."""
     stub.Predict(predict_request(pixels(1)), timeout=30)
     status, body = http("GET", f"{server.rest_url}/monitoring/prometheus/metrics")
     text = body.decode()
     assert status == 200
-    assert ':tensorflow:serving:request_count_total{API="grpc_predict"' in text
+    assert "# TYPE :tensorflow:serving:request_count counter" in text
+    assert ":tensorflow:serving:request_count{" in text and "request_count_total" not in text
+    assert "_created" not in text
+    if server.external:
+        return  # the rest are our own metric names
+    assert ':tensorflow:serving:request_count{API="grpc_predict"' in text
     assert ":tensorflow:serving:request_latency_bucket" in text
     assert f':tensorflow:serving:loaded_versions{{model_name="{MODEL}"}}' in text

@@ -54,13 +54,32 @@ class TinyClassifier(tf.Module):
         images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec([self.size, self.size, 3], tf.uint8))
         return self._outputs(images)
 
+    def _from_mean_colour(self, examples):
+        """The classifier run on serialized tf.Examples holding the float feature ``mean_colour`` (3 values in
+        [-1, 1]): the same numbers as ``serving_default`` on a photo of that (normalised) mean colour."""
+        features = tf.io.parse_example(examples, {"mean_colour": tf.io.FixedLenFeature([3], tf.float32)})
+        probabilities = tf.nn.softmax(tf.matmul(features["mean_colour"], self.weights) + self.bias)
+        return probabilities, tf.tile(self.labels[None, :], [tf.shape(examples)[0], 1])
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+    def classify_mean_colour(self, inputs):
+        probabilities, classes = self._from_mean_colour(inputs)
+        return {"classes": classes, "scores": probabilities}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+    def regress_mushroom_score(self, inputs):
+        probabilities, _ = self._from_mean_colour(inputs)
+        return {"outputs": tf.reduce_max(probabilities, axis=1)}
+
 
 def write_tiny_model(version_dir: str | Path, bias: float = 0.0, labels=LABELS) -> Path:
     """Write a contract-shaped SavedModel straight into ``version_dir`` (tests only; publishing is atomic)."""
     version_dir = Path(version_dir)
     module = TinyClassifier(labels, bias)
     tf.saved_model.save(module, str(version_dir), signatures={
-        "serving_default": module.serve_pixels, "predict_image_bytes": module.serve_bytes})
+        "serving_default": module.serve_pixels, "predict_image_bytes": module.serve_bytes,
+        # TF2 exports: method_name is tensorflow/serving/predict, served by Classify/Regress as TF Serving does
+        "classify_mean_colour": module.classify_mean_colour, "regress_mushroom_score": module.regress_mushroom_score})
     extra = version_dir / "assets.extra"
     extra.mkdir(exist_ok=True)
     (extra / "labels.json").write_text(json.dumps(

@@ -48,16 +48,27 @@ def fill_pixels_tensor(tensor: tensor_pb2.TensorProto, pixels: np.ndarray) -> No
     tensor.tensor_content = np.ascontiguousarray(pixels, np.uint8).tobytes()
 
 
+# DataType -> (the typed TensorProto field TF Serving's Predict fills by default, its numpy dtype)
+_TYPED_FIELDS = {types_pb2.DT_FLOAT: ("float_val", np.float32), types_pb2.DT_BOOL: ("bool_val", np.bool_),
+                 types_pb2.DT_DOUBLE: ("double_val", np.float64), types_pb2.DT_INT32: ("int_val", np.int32),
+                 types_pb2.DT_INT64: ("int64_val", np.int64)}
+_FROMITER_BELOW = 64  # np.fromiter beats np.array on a short repeated field, np.array on a long one
+
+
 def _array(tensor: tensor_pb2.TensorProto) -> np.ndarray:
+    """An output tensor as numpy, from whichever form the server wrote: TF Serving's typed fields (float_val,
+    bool_val, string_val, ...) or raw tensor_content (--enable_serialization_as_tensor_content)."""
     shape = [d.size for d in tensor.tensor_shape.dim]
     if tensor.dtype == types_pb2.DT_STRING:
         return np.array([s.decode() for s in tensor.string_val], dtype=object).reshape(shape)
-    if tensor.dtype == types_pb2.DT_BOOL:
-        data = np.frombuffer(tensor.tensor_content, np.bool_) if tensor.tensor_content else np.array(tensor.bool_val)
-        return data.reshape(shape)
-    data = np.frombuffer(tensor.tensor_content, np.float32) if tensor.tensor_content else np.array(
-        tensor.float_val, np.float32)
-    return data.reshape(shape)
+    field, dtype = _TYPED_FIELDS.get(tensor.dtype, ("float_val", np.float32))
+    values = getattr(tensor, field)
+    count = len(values)
+    if count == 0:
+        return np.frombuffer(tensor.tensor_content, dtype).reshape(shape)
+    if count < _FROMITER_BELOW:
+        return np.fromiter(values, dtype, count).reshape(shape)
+    return np.array(values, dtype).reshape(shape)
 
 
 class ModelServerClient:

@@ -1,7 +1,7 @@
 """Config files in TF Serving's text formats, parsed by protobuf with TF Serving's messages.
 
-The model config uses tensorflow-serving-api's ``ModelServerConfig``; the batching and monitoring files use
-``tensorflow.serving.BatchingParameters`` and ``MonitoringConfig`` compiled from ``protos/tfs_config/`` (see
+The model config uses tensorflow-serving-api's ``ModelServerConfig``; the batching, monitoring and SSL files use
+``tensorflow.serving.BatchingParameters``, ``MonitoringConfig`` and ``SSLConfig`` compiled from ``protos/tfs_config/`` (see
 services.protos), so a misspelled or unknown field is refused exactly as TF Serving refuses it.
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ class ConfigError(ValueError):
 
 
 def parse_text_proto(text: str, message_type, what: str):
-    """``text`` parsed into a new ``message_type``; a ConfigError in TF Serving's words if it does not parse."""
+    """``text`` parsed into a new ``message_type``; a ConfigError in TF Serving's words if it does not parse
+    (protobuf's text parser's message, then ParseProtoTextFile's status naming ``what``, the file)."""
     message = message_type()
     try:
         text_format.Parse(text, message)
@@ -78,13 +79,32 @@ class MonitoringConfig:
         return cls(enable=prometheus.enable, path=prometheus.path or cls.path)
 
 
+@dataclass
+class SslConfig:
+    """TF Serving's SSLConfig (--ssl_config_file): the server's key and certificate (PEM), an optional CA to check
+    clients against, and whether clients must present a certificate."""
+    server_key: str = ""
+    server_cert: str = ""
+    custom_ca: str = ""
+    client_verify: bool = False
+
+    @classmethod
+    def from_text(cls, text: str, what: str = "SSL config") -> "SslConfig":
+        message = parse_text_proto(text, protos.load("tfs_config.ssl_config_pb2").SSLConfig, what)
+        config = cls(server_key=message.server_key, server_cert=message.server_cert, custom_ca=message.custom_ca,
+                     client_verify=message.client_verify)
+        if not config.server_key or not config.server_cert:
+            raise ConfigError("SSLConfig needs server_key and server_cert")
+        return config
+
+
 def read_model_config(path: str) -> model_server_config_pb2.ModelServerConfig:
-    config = model_server_config_pb2.ModelServerConfig()
     try:
         with open(path) as f:
-            text_format.Parse(f.read(), config)
-    except (OSError, text_format.ParseError) as exc:
+            text = f.read()
+    except OSError as exc:
         raise ConfigError(f"cannot read model config {path}: {exc}") from None
+    config = parse_text_proto(text, model_server_config_pb2.ModelServerConfig, path)
     if config.WhichOneof("config") != "model_config_list":
         raise ConfigError(f"{path}: only model_config_list is supported")
     for model in config.model_config_list.config:

@@ -2,45 +2,42 @@
 from __future__ import annotations
 
 import logging
+import re
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
 import tensorflow as tf
 from google.protobuf import any_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import HealthServicer
 from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import (
-    classification_pb2, get_model_metadata_pb2, get_model_status_pb2, model_management_pb2, model_service_pb2_grpc,
-    predict_pb2, prediction_service_pb2_grpc,
+    classification_pb2, get_model_metadata_pb2, get_model_status_pb2, inference_pb2, model_management_pb2,
+    model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc, regression_pb2,
 )
 from tensorflow_serving.apis.get_model_metadata_pb2 import SignatureDefMap
 
 from services.model_server.core import PredictionCore
 from services.model_server.errors import ServingError
+from services.model_server.inference import Inference, version_and_label
 from services.model_server.manager import Manager
 
 log = logging.getLogger("model_server.grpc")
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # batches of 224x224x3 images are large
 
 
-def _version_and_label(spec) -> tuple[int | None, str | None]:
-    choice = spec.WhichOneof("version_choice")
-    if choice == "version":
-        return spec.version.value, None
-    if choice == "version_label":
-        return None, spec.version_label
-    return None, None
-
-
-# numpy dtypes tf.make_tensor_proto writes as raw tensor_content (when the tensor has more than one element).
-_CONTENT_DTYPES = {np.dtype(np.float32): types_pb2.DT_FLOAT, np.dtype(np.float64): types_pb2.DT_DOUBLE,
-                   np.dtype(np.int32): types_pb2.DT_INT32, np.dtype(np.int64): types_pb2.DT_INT64,
-                   np.dtype(np.uint8): types_pb2.DT_UINT8}
-
-
-# ... and the repeated field it writes a single element to instead (a batch-1 answer's per-row outputs).
-_SCALAR_FIELDS = {np.dtype(np.float32): "float_val", np.dtype(np.float64): "double_val",
-                  np.dtype(np.int32): "int_val", np.dtype(np.int64): "int64_val", np.dtype(np.uint8): "int_val"}
-_NUMPY_DTYPES = {v: k for k, v in _CONTENT_DTYPES.items()}
+# numpy dtype -> (DataType, the TensorProto field Tensor::AsProtoField writes its values to)
+_FIELDS = {
+    np.dtype(np.float32): (types_pb2.DT_FLOAT, "float_val"), np.dtype(np.float64): (types_pb2.DT_DOUBLE, "double_val"),
+    np.dtype(np.int32): (types_pb2.DT_INT32, "int_val"), np.dtype(np.int16): (types_pb2.DT_INT16, "int_val"),
+    np.dtype(np.int8): (types_pb2.DT_INT8, "int_val"), np.dtype(np.uint8): (types_pb2.DT_UINT8, "int_val"),
+    np.dtype(np.uint16): (types_pb2.DT_UINT16, "int_val"), np.dtype(np.int64): (types_pb2.DT_INT64, "int64_val"),
+    np.dtype(np.uint32): (types_pb2.DT_UINT32, "uint32_val"), np.dtype(np.uint64): (types_pb2.DT_UINT64, "uint64_val"),
+    np.dtype(np.bool_): (types_pb2.DT_BOOL, "bool_val"),
+}
+# the dtypes a request's tensor_content is read from without tf.make_ndarray
+_NUMPY_DTYPES = {dt: np_dtype for np_dtype, (dt, _) in _FIELDS.items() if np_dtype != np.dtype(np.bool_)}
 
 
 def ndarray(tensor: tensor_pb2.TensorProto) -> np.ndarray:
@@ -55,20 +52,23 @@ def ndarray(tensor: tensor_pb2.TensorProto) -> np.ndarray:
     return tf.make_ndarray(tensor)
 
 
-def tensor_proto(value) -> tensor_pb2.TensorProto:
-    """The TensorProto tf.make_tensor_proto builds for a model output (byte for byte), without its per-call cost
-    for the common cases: numeric arrays, bool arrays, arrays of bytes. Anything else goes to tf.make_tensor_proto."""
+def tensor_proto(value, as_content: bool = False) -> tensor_pb2.TensorProto:
+    """A model output as TF Serving's Predict writes it: by default Tensor::AsProtoField (values in the typed field,
+    float_val, int_val, bool_val, string_val, ...); with ``as_content`` Tensor::AsProtoTensorContent (numbers and
+    bools as raw tensor_content, strings still in string_val), TF Serving's --enable_serialization_as_tensor_content.
+    Numeric, bool and bytes arrays are written here; anything else goes to tf.make_tensor_proto."""
+    if isinstance(value, np.generic):  # a 0-d output's .numpy()
+        value = np.asarray(value)
     if isinstance(value, np.ndarray):
-        dtype, proto = value.dtype, None
-        if dtype in _CONTENT_DTYPES and value.size > 1:
-            proto = tensor_pb2.TensorProto(dtype=_CONTENT_DTYPES[dtype], tensor_content=value.tobytes())
-        elif dtype in _CONTENT_DTYPES:
-            proto = tensor_pb2.TensorProto(dtype=_CONTENT_DTYPES[dtype])
-            if value.size:
-                getattr(proto, _SCALAR_FIELDS[dtype]).append(value.item())
-        elif dtype == np.bool_:
-            proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_BOOL, bool_val=value.ravel().tolist())
-        elif dtype == np.object_:
+        proto = None
+        if value.dtype in _FIELDS:
+            dtype, field = _FIELDS[value.dtype]
+            proto = tensor_pb2.TensorProto(dtype=dtype)
+            if as_content:
+                proto.tensor_content = np.ascontiguousarray(value).tobytes()
+            else:
+                getattr(proto, field).extend(value.ravel().tolist())
+        elif value.dtype == np.object_:
             flat = value.ravel().tolist()
             if all(type(x) is bytes for x in flat):
                 proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, string_val=flat)
@@ -85,11 +85,13 @@ async def _abort(context, exc: ServingError):
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, core: PredictionCore):
+    def __init__(self, core: PredictionCore, inference: Inference, tensor_content: bool = False):
         self.core = core
+        self.inference = inference
+        self.tensor_content = tensor_content  # --enable_serialization_as_tensor_content
 
     async def Predict(self, request: predict_pb2.PredictRequest, context):
-        version, label = _version_and_label(request.model_spec)
+        version, label = version_and_label(request.model_spec)
         try:
             try:
                 inputs = {k: ndarray(v) for k, v in request.inputs.items()}
@@ -105,42 +107,29 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         response.model_spec.version.value = servable.version
         response.model_spec.signature_name = signature
         for name, value in outputs.items():
-            response.outputs[name].CopyFrom(tensor_proto(value))
+            response.outputs[name].CopyFrom(tensor_proto(value, self.tensor_content))
         return response
 
     async def Classify(self, request: classification_pb2.ClassificationRequest, context):
-        version, label = _version_and_label(request.model_spec)
         try:
-            servable = self.core.manager.resolve(request.model_spec.name, version, label)
-            info = servable.signature(request.model_spec.signature_name)
-            if info.method_name != "tensorflow/serving/classify":
-                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"Expected classification signature method_name to be tensorflow/serving/classify."
-                                   f" Was: {info.method_name}")
-            examples = [e.SerializeToString() for e in _examples(request.input)]
-            (input_name,) = info.inputs
-            _, outputs = await self.core.predict("grpc_classify", request.model_spec.name, servable.version, None,
-                                                 info.name, {input_name: np.array(examples, dtype=object)})
+            return await self.inference.classify(request)
         except ServingError as exc:
             return await _abort(context, exc)
-        response = classification_pb2.ClassificationResponse()
-        response.model_spec.name = request.model_spec.name
-        response.model_spec.version.value = servable.version
-        response.model_spec.signature_name = info.name
-        classes, scores = outputs.get("classes"), outputs.get("scores")
-        for row in range(len(examples)):
-            result = response.result.classifications.add()
-            count = (classes if classes is not None else scores).shape[1]
-            for i in range(count):
-                entry = result.classes.add()
-                if classes is not None:
-                    entry.label = classes[row][i].decode() if isinstance(classes[row][i], bytes) else str(classes[row][i])
-                if scores is not None:
-                    entry.score = float(scores[row][i])
-        return response
+
+    async def Regress(self, request: regression_pb2.RegressionRequest, context):
+        try:
+            return await self.inference.regress(request)
+        except ServingError as exc:
+            return await _abort(context, exc)
+
+    async def MultiInference(self, request: inference_pb2.MultiInferenceRequest, context):
+        try:
+            return await self.inference.multi_inference(request)
+        except ServingError as exc:
+            return await _abort(context, exc)
 
     async def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest, context):
-        version, label = _version_and_label(request.model_spec)
+        version, label = version_and_label(request.model_spec)
         try:
             for field in request.metadata_field:
                 if field != "signature_def":
@@ -167,21 +156,13 @@ def metadata_response(servable, name: str) -> get_model_metadata_pb2.GetModelMet
     return response
 
 
-def _examples(inp):
-    kind = inp.WhichOneof("kind")
-    if kind == "example_list":
-        return list(inp.example_list.examples)
-    if kind == "example_list_with_context":
-        return list(inp.example_list_with_context.examples)
-    raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "Input is empty")
-
-
 def status_response(manager: Manager, name: str, version: int | None, label: str | None):
     response = get_model_status_pb2.GetModelStatusResponse()
     for record in manager.status(name, version, label):
         entry = response.model_version_status.add()
         entry.version = record.version
         entry.state = int(record.state)
+        entry.status.SetInParent()  # TF Serving always sets it: error_code OK for a healthy version
         if record.error:
             entry.status.error_code = 2  # tensorflow.error.UNKNOWN, as TF Serving reports a failed load
             entry.status.error_message = record.error
@@ -194,7 +175,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         self.reload_config = reload_config  # async callable(ModelServerConfig) -> list[str] errors
 
     async def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest, context):
-        version, label = _version_and_label(request.model_spec)
+        version, label = version_and_label(request.model_spec)
         try:
             return status_response(self.manager, request.model_spec.name, version, label)
         except ServingError as exc:
@@ -212,14 +193,56 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         return response
 
 
-def build_server(core: PredictionCore, reload_config, port: int, host: str = "0.0.0.0") -> grpc.aio.Server:
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ])
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(core), server)
+@dataclass(frozen=True)
+class GrpcOptions:
+    """How the gRPC server listens and answers: TF Serving's --port, --grpc_socket_path, --grpc_channel_arguments,
+    --enable_serialization_as_tensor_content, --enable_grpc_healthcheck_service, and the credentials of
+    --ssl_config_file / --use_alts_credentials (None: plain text)."""
+    port: int = 8500
+    host: str = "0.0.0.0"
+    socket_path: str = ""
+    channel_arguments: tuple[tuple[str, int | str], ...] = ()
+    tensor_content: bool = False
+    health_check: bool = False
+    credentials: grpc.ServerCredentials | None = None
+
+
+def parse_channel_arguments(text: str) -> tuple[tuple[str, int | str], ...]:
+    """``key=value,key=value`` as TF Serving's parseGrpcChannelArgs reads it; a value that parses as a 32-bit int
+    is passed as an int, anything else as a string (server.cc). Raises ValueError for an entry without ``=``."""
+    arguments = []
+    for entry in text.split(","):
+        if not entry:
+            continue
+        key, sep, value = entry.partition("=")
+        if not sep or not key:
+            raise ValueError(f"gRPC channel argument {entry!r} is not key=value")
+        number = int(value) if re.fullmatch(r"\s*[+-]?\d+\s*", value) else None  # absl::SimpleAtoi's syntax
+        arguments.append((key, number if number is not None and -2**31 <= number < 2**31 else value))
+    return tuple(arguments)
+
+
+def build_server(core: PredictionCore, inference: Inference, reload_config, options: GrpcOptions) -> grpc.aio.Server:
+    channel = {"grpc.max_receive_message_length": MAX_MESSAGE_BYTES, "grpc.max_send_message_length": MAX_MESSAGE_BYTES}
+    channel.update(options.channel_arguments)  # the command line wins, as in TF Serving
+    server = grpc.aio.server(options=list(channel.items()))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        PredictionService(core, inference, options.tensor_content), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(core.manager, reload_config), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen for gRPC on {host}:{port}")
+    if options.health_check:
+        health = HealthServicer()
+        for service in ("ModelService", "PredictionService"):  # the names TF Serving marks SERVING
+            health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    for address in ([f"{options.host}:{options.port}"] if options.port else []) + (
+            [f"unix:{options.socket_path}"] if options.socket_path else []):
+        try:
+            bound = (server.add_secure_port(address, options.credentials) if options.credentials is not None
+                     else server.add_insecure_port(address))
+        except RuntimeError:  # grpcio raises where it used to return 0
+            bound = 0
+        if bound == 0:
+            raise OSError(f"cannot listen for gRPC on {address}")
+    if not options.port and not options.socket_path:
+        raise OSError("At least one of server_options.grpc_port or server_options.grpc_socket_path must be set.")
     return server

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -13,20 +14,43 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from aiohttp import web
 
 from services.model_server.config import (
-    BatchingParameters, ConfigError, MonitoringConfig, read_model_config, single_model_config,
+    BatchingParameters, ConfigError, MonitoringConfig, SslConfig, read_model_config, single_model_config,
 )
 
 log = logging.getLogger("model_server")
 
-# Real tensorflow_model_server flags this server does not implement: named in a clear error instead of argparse's.
+# Real tensorflow_model_server flags this server refuses, each with the reason (also printed by --help).
 UNSUPPORTED_TF_SERVING_FLAGS = {
-    "grpc_socket_path", "ssl_config_file", "platform_config_file", "tensorflow_session_parallelism",
-    "per_process_gpu_memory_fraction",
-    "saved_model_tags", "grpc_channel_arguments", "enable_model_warmup", "num_request_iterations_for_warmup",
-    "rest_api_timeout_in_ms", "rest_api_num_threads", "enable_signature_method_name_check", "xla_cpu_compilation_enabled",
-    "remove_unused_fields_from_bundle_metagraph", "prefer_tflite_model", "mixed_precision", "thread_pool_factory_config_file",
-    "use_tflite_model", "flush_filesystem_caches", "model_version_policy", "enable_profiler",
+    "platform_config_file": "a PlatformConfigMap configures TF Serving's C++ session bundles, which this server "
+                            "does not have",
+    "tensorflow_session_config_file": "a Session ConfigProto configures TF1 sessions; use "
+                                      "--tensorflow_intra_op_parallelism / --tensorflow_inter_op_parallelism",
+    "thread_pool_factory_config_file": "custom thread pool factories are C++ plug-ins",
+    "mixed_precision": "TF Serving's mixed-precision graph rewrite is a C++ session option",
+    "xla_gpu_compilation_enabled": "CPU-only server: there is no XLA:GPU",
+    "enable_per_model_batching_parameters": "batching parameters come from --batching_parameters_file only",
+    "enable_profiler": "no profiler service on the gRPC port",
+    "num_tflite_pools": "TFLite interpreter pools are not implemented",
+    "num_tflite_interpreters_per_pool": "TFLite interpreter pools are not implemented",
+    "use_tflite_model": "an old name: use --prefer_tflite_model",
 }
+# Real flags accepted with no effect here, and why (also printed by --help).
+NO_EFFECT_TF_SERVING_FLAGS = {
+    "grpc_max_threads": "the gRPC server runs on an asyncio event loop, not a thread pool",
+    "flush_filesystem_caches": "no file-system caches to flush",
+    "remove_unused_fields_from_bundle_metagraph": "a memory optimisation of TF Serving's C++ bundles",
+    "per_process_gpu_memory_fraction": "CPU only: no GPU memory to reserve",
+    "skip_initialize_tpu": "no TPU to initialise",
+    "xla_cpu_compilation_enabled": "XLA:CPU JIT stays available either way (TF Serving's default, false, switches it "
+                                   "off; a Python TensorFlow process cannot)",
+}
+
+
+def _epilog() -> str:
+    refused = "\n".join(f"  --{k}: {v}" for k, v in UNSUPPORTED_TF_SERVING_FLAGS.items())
+    no_effect = "\n".join(f"  --{k}: {v}" for k, v in NO_EFFECT_TF_SERVING_FLAGS.items())
+    return (f"tensorflow_model_server flags refused (startup fails, naming the flag):\n{refused}\n"
+            f"tensorflow_model_server flags accepted with no effect:\n{no_effect}")
 
 
 def _bool(text: str) -> bool:
@@ -37,14 +61,62 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+class _KeepEpilogLines(argparse.HelpFormatter):
+    """Wraps the description and the flags' help as usual; the epilog keeps one refused flag per line."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "\n".join(indent + line for line in text.splitlines())
+        return super()._fill_text(text, width, indent)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m services.model_server",
         description="A model server speaking the TensorFlow Serving API (gRPC PredictionService/ModelService and REST "
         "/v1/models) over a folder of versioned SavedModels. Flags are those of tensorflow_model_server.",
+        epilog=_epilog(), formatter_class=_KeepEpilogLines,
     )
-    p.add_argument("--port", type=int, default=8500, help="gRPC port (default 8500)")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    p.add_argument("--port", type=int, default=8500, help="gRPC port (default 8500; 0 = no TCP gRPC, with "
+                   "--grpc_socket_path)")
+    p.add_argument("--grpc_socket_path", default="",
+                   help="also listen for gRPC on this UNIX socket (clients use unix:<path>)")
+    p.add_argument("--grpc_channel_arguments", default="",
+                   help="gRPC server arguments key=value,key=value (e.g. grpc.max_connection_age_ms=2000); a value "
+                   "that is an integer is passed as one, anything else as a string")
+    p.add_argument("--ssl_config_file", default="",
+                   help="text SSLConfig (server_key, server_cert PEM; custom_ca; client_verify): gRPC over TLS")
+    p.add_argument("--use_alts_credentials", type=_bool, nargs="?", const=True, default=False,
+                   help="gRPC with Google ALTS credentials (needs Google Cloud's ALTS handshaker)")
+    p.add_argument("--enable_grpc_healthcheck_service", type=_bool, nargs="?", const=True, default=False,
+                   help="serve grpc.health.v1.Health (ModelService and PredictionService SERVING)")
+    p.add_argument("--enable_serialization_as_tensor_content", type=_bool, nargs="?", const=True, default=False,
+                   help="Predict answers carry numbers as raw tensor_content instead of the typed fields "
+                   "(float_val, ...)")
     p.add_argument("--rest_api_port", type=int, default=8501, help="REST port (default 8501; 0 = no REST)")
+    p.add_argument("--rest_api_num_threads", type=int, default=4 * (os.cpu_count() or 1),
+                   help="REST requests processed at once (default 4 x cores, TF Serving's HTTP threads); more wait")
+    p.add_argument("--rest_api_timeout_in_ms", type=int, default=30_000,
+                   help="deadline of a REST predict/classify/regress (default 30000; 504 when exceeded; 0 = none)")
+    p.add_argument("--rest_api_enable_cors_support", type=_bool, nargs="?", const=True, default=False,
+                   help="add CORS headers (Access-Control-Allow-Origin: *) to REST answers")
+    p.add_argument("--saved_model_tags", default="serve",
+                   help="comma-separated tag set of the MetaGraphDef to load (default serve)")
+    p.add_argument("--enable_model_warmup", type=_bool, nargs="?", const=True, default=True,
+                   help="replay assets.extra/tf_serving_warmup_requests at load (default true)")
+    p.add_argument("--num_request_iterations_for_warmup", type=int, default=0,
+                   help="times each warm-up record is replayed (0 = once)")
+    p.add_argument("--enable_signature_method_name_check", type=_bool, nargs="?", const=True, default=False,
+                   help="Classify/Regress only on signatures whose method_name says so (default off, as in TF "
+                   "Serving: TF2 exports all say tensorflow/serving/predict)")
+    p.add_argument("--prefer_tflite_model", type=_bool, nargs="?", const=True, default=False,
+                   help="serve a version folder's model.tflite instead of its SavedModel when it has one")
+    p.add_argument("--tensorflow_session_parallelism", type=int, default=0,
+                   help="intra- and inter-op threads both, unless --tensorflow_intra_op_parallelism or "
+                   "--tensorflow_inter_op_parallelism is given (0 = automatic)")
+    for name, why in NO_EFFECT_TF_SERVING_FLAGS.items():
+        p.add_argument(f"--{name}", default=None, nargs="?", const="true", help=f"accepted, no effect: {why}")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (not a TF Serving flag; default 0.0.0.0)")
     p.add_argument("--model_name", default="default", help="name of the single model to serve (with --model_base_path)")
     p.add_argument("--model_base_path", default="", help="folder holding the model's numbered version folders")
@@ -82,18 +154,65 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for arg in argv:
         name = arg.lstrip("-").split("=", 1)[0]
         if arg.startswith("--") and name in UNSUPPORTED_TF_SERVING_FLAGS:
-            build_parser().error(f"--{name} is a tensorflow_model_server flag this server does not implement; "
-                                 "leave it out (see --help for the flags it does accept)")
-    args = build_parser().parse_args(argv)
+            build_parser().error(f"--{name} is a tensorflow_model_server flag this server does not implement: "
+                                 f"{UNSUPPORTED_TF_SERVING_FLAGS[name]}; leave it out (see --help)")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        return args
     if not args.model_config_file and not args.model_base_path:
-        build_parser().error("give --model_config_file, or --model_name with --model_base_path")
+        parser.error("give --model_config_file, or --model_name with --model_base_path")
+    if args.use_alts_credentials and args.ssl_config_file:
+        parser.error("Either use_alts_credentials must be false or ssl_config_file must be empty.")
+    if not args.port and not args.grpc_socket_path:
+        parser.error("At least one of server_options.grpc_port or server_options.grpc_socket_path must be set.")
+    if min(args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism,
+           args.tensorflow_session_parallelism) > 0:
+        parser.error("Either configure server_options.tensorflow_session_parallelism or "
+                     "(server_options.tensorflow_intra_op_parallelism, server_options.tensorflow_inter_op_parallelism)"
+                     " separately. You cannot configure all.")
+    try:
+        from services.model_server.grpc_api import parse_channel_arguments
+
+        args.channel_arguments = parse_channel_arguments(args.grpc_channel_arguments)
+    except ValueError as exc:
+        parser.error(f"--grpc_channel_arguments: {exc}")
     return args
+
+
+def thread_counts(args: argparse.Namespace) -> tuple[int, int]:
+    """(intra-op, inter-op) threads as TF Serving's server.cc picks them: the two explicit flags when either is
+    given, otherwise --tensorflow_session_parallelism for both (0 = automatic)."""
+    if args.tensorflow_intra_op_parallelism > 0 or args.tensorflow_inter_op_parallelism > 0:
+        return args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism
+    return args.tensorflow_session_parallelism, args.tensorflow_session_parallelism
+
+
+def grpc_credentials(args: argparse.Namespace):
+    """The gRPC server's credentials as TF Serving's BuildServerCredentials picks them: ALTS, TLS from the
+    SSLConfig file, or None for plain text."""
+    import grpc
+
+    if args.use_alts_credentials:
+        return grpc.alts_server_credentials()
+    if not args.ssl_config_file:
+        return None
+    try:
+        with open(args.ssl_config_file) as f:
+            ssl = SslConfig.from_text(f.read(), args.ssl_config_file)
+    except OSError as exc:
+        raise ConfigError(f"cannot read --ssl_config_file: {exc}") from None
+    return grpc.ssl_server_credentials([(ssl.server_key.encode(), ssl.server_cert.encode())],
+                                       root_certificates=ssl.custom_ca.encode() or None,
+                                       require_client_auth=ssl.client_verify)
 
 
 class ModelServer:
     def __init__(self, args: argparse.Namespace):
         from services.model_server.core import PredictionCore
+        from services.model_server.inference import Inference
         from services.model_server.manager import Manager
+        from services.model_server.servable import LoadOptions, load_servable
 
         self.args = args
         batching = None
@@ -102,13 +221,19 @@ class ModelServer:
             if args.batching_parameters_file:
                 batching = BatchingParameters.from_text(open(args.batching_parameters_file).read(),
                                                        args.batching_parameters_file)
+        self.grpc_credentials = grpc_credentials(args)
         self.monitoring = MonitoringConfig()
         if args.monitoring_config_file:
             self.monitoring = MonitoringConfig.from_text(open(args.monitoring_config_file).read(),
                                                        args.monitoring_config_file)
-        self.manager = Manager(args.max_num_load_retries, args.allow_version_labels_for_unavailable_models)
-        self.core = PredictionCore(self.manager, batching, args.predict_threads, args.tensorflow_intra_op_parallelism,
-                                   args.tensorflow_inter_op_parallelism)
+        load_options = LoadOptions(tags=tuple(t for t in args.saved_model_tags.split(",") if t),
+                                   warmup=args.enable_model_warmup,
+                                   warmup_iterations=max(1, args.num_request_iterations_for_warmup),
+                                   prefer_tflite_model=args.prefer_tflite_model)
+        self.manager = Manager(args.max_num_load_retries, args.allow_version_labels_for_unavailable_models,
+                               load=functools.partial(load_servable, options=load_options))
+        self.core = PredictionCore(self.manager, batching, args.predict_threads, *thread_counts(args))
+        self.inference = Inference(self.core, args.enable_signature_method_name_check)
         self.manager.set_config(self._initial_config())
         self._stopping = asyncio.Event()
 
@@ -160,20 +285,31 @@ class ModelServer:
                 await self.reload_config(config)
 
     async def serve(self) -> None:
-        from services.model_server.grpc_api import build_server
+        from services.model_server.grpc_api import GrpcOptions, build_server
         from services.model_server.rest_api import RestApi
 
         if self.args.file_system_poll_wait_seconds >= 0:
             await self._reconcile()
-        grpc_server = build_server(self.core, self.reload_config, self.args.port, self.args.host)
+        grpc_server = build_server(self.core, self.inference, self.reload_config, GrpcOptions(
+            port=self.args.port, host=self.args.host, socket_path=self.args.grpc_socket_path,
+            channel_arguments=self.args.channel_arguments,
+            tensor_content=self.args.enable_serialization_as_tensor_content,
+            health_check=self.args.enable_grpc_healthcheck_service, credentials=self.grpc_credentials))
         await grpc_server.start()
         runner = None
-        if self.args.rest_api_port:
+        if self.args.rest_api_port and self.args.rest_api_port == self.args.port:
+            log.error("server_options.http_port cannot be same as grpc_port. Please use a different port for "
+                      "HTTP/REST API. Skipped exporting HTTP/REST API.")
+        elif self.args.rest_api_port:
             path = self.monitoring.path if self.monitoring.enable else None
-            runner = web.AppRunner(RestApi(self.core, path).app(), access_log=None)
+            rest = RestApi(self.core, self.inference, path, timeout_ms=self.args.rest_api_timeout_in_ms,
+                           max_concurrent=self.args.rest_api_num_threads,
+                           cors=self.args.rest_api_enable_cors_support)
+            runner = web.AppRunner(rest.app(), access_log=None)
             await runner.setup()
             await web.TCPSite(runner, self.args.host, self.args.rest_api_port).start()
-        log.info("serving gRPC on %s:%d, REST on %s (metrics %s)", self.args.host, self.args.port,
+        log.info("serving gRPC on %s:%d%s, REST on %s (metrics %s)", self.args.host, self.args.port,
+                 f" and unix:{self.args.grpc_socket_path}" if self.args.grpc_socket_path else "",
                  f"{self.args.host}:{self.args.rest_api_port}" if runner else "off",
                  self.monitoring.path if self.monitoring.enable else "off")
         loop = asyncio.get_running_loop()
@@ -194,6 +330,11 @@ class ModelServer:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.version:
+        import tensorflow as tf
+
+        print(f"TensorFlow ModelServer: mushroom-serving (the TF Serving API)\nTensorFlow Library: {tf.__version__}")
+        return 0
     try:
         server = ModelServer(args)
     except (ConfigError, OSError) as exc:

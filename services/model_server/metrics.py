@@ -1,6 +1,8 @@
-"""Prometheus metrics, named as TF Serving names them where it has a name (prometheus_client adds `_total` to
-counters, so TF Serving's `:tensorflow:serving:request_count` is exported as `:tensorflow:serving:request_count_total`)."""
+"""Prometheus metrics, named as TF Serving names them where it has a name, and printed as its exporter prints them
+(util/prometheus_exporter.cc): a counter under its own name (`:tensorflow:serving:request_count`, not
+prometheus_client's `:tensorflow:serving:request_count_total`), and no `_created` series."""
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.utils import floatToGoString
 
 REGISTRY = CollectorRegistry()
 
@@ -17,3 +19,26 @@ LOAD_FAILURES = Counter(":tensorflow:serving:model_load_failures", "Failed load 
                         registry=REGISTRY)
 LOADED_VERSIONS = Gauge(":tensorflow:serving:loaded_versions", "AVAILABLE versions per model", ["model_name"],
                         registry=REGISTRY)
+
+
+def exposition(registry: CollectorRegistry = REGISTRY) -> bytes:
+    """The Prometheus text format of ``registry`` as TF Serving's exporter writes it: `# TYPE name counter` followed
+    by `name{labels} value` (prometheus_client's generate_latest would write `name_total`), histograms as
+    `_bucket`/`_sum`/`_count`; the `_created` timestamps prometheus_client keeps are left out."""
+    lines = []
+    for metric in registry.collect():
+        help_text = metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
+        lines.append(f"# HELP {metric.name} {help_text}")
+        lines.append(f"# TYPE {metric.name} {metric.type if metric.type != 'unknown' else 'untyped'}")
+        for sample in metric.samples:
+            if sample.name.endswith("_created"):
+                continue
+            name = metric.name if metric.type == "counter" and sample.name == metric.name + "_total" else sample.name
+            labels = ",".join(f'{k}="{_label_value(v)}"' for k, v in sorted(sample.labels.items()))
+            lines.append(f"{name}{{{labels}}} {floatToGoString(sample.value)}" if labels
+                         else f"{name} {floatToGoString(sample.value)}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _label_value(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')

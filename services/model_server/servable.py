@@ -19,6 +19,18 @@ DEFAULT_SIGNATURE = "serving_default"
 
 
 @dataclass(frozen=True)
+class LoadOptions:
+    """How versions are loaded, from tensorflow_model_server's flags: --saved_model_tags (the MetaGraphDef whose
+    tag set is exactly these), --enable_model_warmup, --num_request_iterations_for_warmup, --prefer_tflite_model
+    (a `model.tflite` in the version folder is served instead of the SavedModel when there is one: read by the
+    TFLite engine)."""
+    tags: tuple[str, ...] = ("serve",)
+    warmup: bool = True
+    warmup_iterations: int = 1
+    prefer_tflite_model: bool = False
+
+
+@dataclass(frozen=True)
 class SignatureInfo:
     name: str
     method_name: str
@@ -27,16 +39,17 @@ class SignatureInfo:
 
 
 class Servable:
-    def __init__(self, model_name: str, version: int, path: Path):
+    def __init__(self, model_name: str, version: int, path: Path, tags: tuple[str, ...] = ("serve",)):
         self.model_name = model_name
         self.version = version
         self.path = Path(path)
         saved_model = saved_model_pb2.SavedModel()
         saved_model.ParseFromString((self.path / "saved_model.pb").read_bytes())
+        meta_graph = _meta_graph(saved_model, tags)
         self.signature_defs: dict[str, meta_graph_pb2.SignatureDef] = {
-            k: v for k, v in saved_model.meta_graphs[0].signature_def.items() if k != "__saved_model_init_op"
+            k: v for k, v in meta_graph.signature_def.items() if k != "__saved_model_init_op"
         }
-        self._loaded = tf.saved_model.load(str(self.path))
+        self._loaded = tf.saved_model.load(str(self.path), tags=list(tags))
         self._functions = dict(self._loaded.signatures)
         self.signatures = {name: self._describe(name, fn) for name, fn in self._functions.items()}
 
@@ -74,8 +87,9 @@ class Servable:
         wanted = output_filter or info.outputs
         return {k: outputs[k].numpy() for k in wanted}
 
-    def warm_up(self) -> int:
-        """Replay ``assets.extra/tf_serving_warmup_requests`` (TFRecord of PredictionLog); returns how many ran."""
+    def warm_up(self, iterations: int = 1) -> int:
+        """Replay ``assets.extra/tf_serving_warmup_requests`` (TFRecord of PredictionLog), each record
+        ``iterations`` times; returns how many records ran."""
         from tensorflow_serving.apis import prediction_log_pb2
 
         path = self.path / WARMUP_FILE
@@ -87,8 +101,9 @@ class Servable:
             entry.ParseFromString(record.numpy())
             if entry.WhichOneof("log_type") == "predict_log":
                 request = entry.predict_log.request
-                self.run(request.model_spec.signature_name,
-                         {k: tf.make_ndarray(v) for k, v in request.inputs.items()})
+                inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+                for _ in range(max(1, iterations)):
+                    self.run(request.model_spec.signature_name, inputs)
                 count += 1
         return count
 
@@ -98,10 +113,24 @@ def _short(exc: Exception) -> str:
     return text.strip().splitlines()[0][:500] if text.strip() else type(exc).__name__
 
 
-def load_servable(model_name: str, version: int, path: Path) -> tuple[Servable, float]:
+def _meta_graph(saved_model: saved_model_pb2.SavedModel, tags) -> meta_graph_pb2.MetaGraphDef:
+    """The MetaGraphDef whose tag set is exactly ``tags`` (TensorFlow's FindMetaGraphDef)."""
+    for meta_graph in saved_model.meta_graphs:
+        if set(meta_graph.meta_info_def.tags) == set(tags):
+            return meta_graph
+    raise RuntimeError(f"Could not find meta graph def matching supplied tags: {{ {' '.join(sorted(tags))} }}. "
+                       "To inspect available tag-sets in the SavedModel, please use the SavedModel CLI: "
+                       "`saved_model_cli`")
+
+
+def load_servable(model_name: str, version: int, path: Path,
+                  options: LoadOptions = LoadOptions()) -> tuple[Servable, float]:
     start = time.perf_counter()
-    servable = Servable(model_name, version, path)
-    warmed = servable.warm_up()
+    servable = Servable(model_name, version, path, options.tags)
+    warmup = "no warm-up"
+    if options.warmup:
+        warmed = servable.warm_up(options.warmup_iterations)
+        warmup = f"{warmed} warm-up records, each run {options.warmup_iterations} times"
     elapsed = time.perf_counter() - start
-    log.info("loaded %s version %d from %s in %.2fs (%d warm-up requests)", model_name, version, path, elapsed, warmed)
+    log.info("loaded %s version %d from %s in %.2fs (%s)", model_name, version, path, elapsed, warmup)
     return servable, elapsed
