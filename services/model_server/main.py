@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -17,6 +18,7 @@ from services.model_server.config import (
 )
 
 log = logging.getLogger("model_server")
+SHUTDOWN_GRACE_SECONDS = 10.0  # SIGTERM: requests already admitted get this long to finish, then the process exits
 
 # Real tensorflow_model_server flags this server does not implement: named in a clear error instead of argparse's.
 UNSUPPORTED_TF_SERVING_FLAGS = {
@@ -168,7 +170,8 @@ class ModelServer:
         runner = None
         if self.args.rest_api_port:
             path = self.monitoring.path if self.monitoring.enable else None
-            runner = web.AppRunner(RestApi(self.core, path).app(), access_log=None)
+            runner = web.AppRunner(RestApi(self.core, path).app(), access_log=None,
+                                   shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
             await runner.setup()
             await web.TCPSite(runner, self.args.host, self.args.rest_api_port).start()
         log.info("serving gRPC on %s:%d, REST on %s (metrics %s)", self.args.host, self.args.port,
@@ -179,13 +182,28 @@ class ModelServer:
             loop.add_signal_handler(sig, self._stopping.set)
         pollers = [asyncio.create_task(self._poll_file_system()), asyncio.create_task(self._poll_config_file())]
         await self._stopping.wait()
-        log.info("shutting down: finishing in-flight requests")
+        log.info("shutting down: finishing in-flight requests (grace %.0f s)", SHUTDOWN_GRACE_SECONDS)
         for task in pollers:
             task.cancel()
-        await grpc_server.stop(grace=10)
+        await self._drain(grpc_server, runner)
+
+    async def _drain(self, grpc_server, runner) -> None:
+        """Stop listening, give admitted requests SHUTDOWN_GRACE_SECONDS to finish (queued batches included), then
+        fail what is left with UNAVAILABLE; a model call still running after that is abandoned, not waited for."""
+        closing = [grpc_server.stop(grace=SHUTDOWN_GRACE_SECONDS)]
         if runner:
-            await runner.cleanup()
-        self.core.executor.shutdown(wait=True)
+            closing.append(runner.cleanup())
+        if self.core.batcher is not None:
+            closing.append(self.core.batcher.close(SHUTDOWN_GRACE_SECONDS))
+        await asyncio.gather(*closing)
+        executor_stopped = threading.Thread(target=self.core.executor.shutdown, kwargs={"cancel_futures": True},
+                                            daemon=True)
+        executor_stopped.start()
+        await asyncio.get_running_loop().run_in_executor(None, executor_stopped.join, 1.0)
+        if executor_stopped.is_alive():
+            log.warning("stopped with model calls still running past the grace period: abandoning them")
+            logging.shutdown()
+            os._exit(0)  # a normal interpreter exit would join the executor's threads and wait for those calls
         log.info("stopped")
 
 
