@@ -203,3 +203,71 @@ def test_sigterm_while_a_model_call_hangs_exits_within_the_grace_period(gated_se
     clients.join(timeout=10)
     assert len(clients.results) == 5
     assert all(not o.startswith(("OK", "200")) for _, o, _ in clients.results), clients.results
+
+
+# ---------------------------------------------------------------------------------------------- background loops
+
+
+def _predict_label(target: str, label: str) -> str:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = MODEL
+    request.model_spec.version_label = label
+    request.inputs["images"].CopyFrom(tf.make_tensor_proto(pixels()))
+    with grpc.insecure_channel(target) as channel:
+        try:
+            prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=20)
+        except grpc.RpcError as exc:
+            return exc.code().name
+    return "OK"
+
+
+def _loop_failures(url: str, loop: str) -> float:
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+    found = re.findall(r'^model_server_background_loop_failures_total\{loop="%s"\} (\S+)$' % loop, text, re.M)
+    return float(found[0]) if found else 0.0
+
+
+def test_config_poll_survives_an_invalid_label_and_applies_a_later_valid_config(tmp_path):
+    models_dir = tmp_path / "registry"
+    publish_dir(lambda d: write_tiny_model(d), models_dir, MODEL)
+    config = tmp_path / "models.config"
+    write_config(config, {MODEL: models_dir / MODEL}, policy="all {}")
+    (tmp_path / "monitoring.config").write_text('prometheus_config { enable: true path: "/metrics" }')
+    server = start_server(models_dir, config, "--model_config_file_poll_wait_seconds=1",
+                          f"--monitoring_config_file={tmp_path / 'monitoring.config'}")
+    try:
+        wait_until(lambda: version_states(server.grpc_target, MODEL).get(1, (0,))[0] == AVAILABLE, what="v1")
+        write_config(config, {MODEL: models_dir / MODEL}, labels={MODEL: {"not-a-valid-label": 1}}, policy="all {}")
+        wait_until(lambda: _loop_failures(server.rest_url, "config_file_poll") >= 1, timeout=30,
+                   what="the refused config to be counted")
+        assert "Invalid version label" in server.log()
+        write_config(config, {MODEL: models_dir / MODEL}, labels={MODEL: {"stable": 1}}, policy="all {}")
+        wait_until(lambda: _predict_label(server.grpc_target, "stable") == "OK", timeout=60,
+                   what="the later valid config's label")
+    finally:
+        stop_server(server)
+
+
+def test_file_system_poll_survives_an_oserror_on_the_base_path_and_recovers(tmp_path):
+    models_dir = tmp_path / "registry"
+    publish_dir(lambda d: write_tiny_model(d), models_dir, MODEL)
+    link = tmp_path / "base"  # the configured base path: a symlink to the model folder
+    link.symlink_to(models_dir / MODEL)
+    config = tmp_path / "models.config"
+    write_config(config, {MODEL: link}, policy="all {}")
+    (tmp_path / "monitoring.config").write_text('prometheus_config { enable: true path: "/metrics" }')
+    server = start_server(models_dir, config, f"--monitoring_config_file={tmp_path / 'monitoring.config'}")
+    try:
+        wait_until(lambda: version_states(server.grpc_target, MODEL).get(1, (0,))[0] == AVAILABLE, what="v1")
+        link.unlink()
+        link.symlink_to(link)  # listing it now fails with ELOOP, an OSError that is not "not found"
+        wait_until(lambda: _loop_failures(server.rest_url, "file_system_poll") >= 1, timeout=30,
+                   what="the failed poll to be counted")
+        assert version_states(server.grpc_target, MODEL)[1][0] == AVAILABLE  # a failed poll changes nothing
+        link.unlink()
+        link.symlink_to(models_dir / MODEL)
+        publish_dir(lambda d: write_tiny_model(d, bias=1.0), models_dir, MODEL)
+        wait_until(lambda: version_states(server.grpc_target, MODEL).get(2, (0,))[0] == AVAILABLE, timeout=60,
+                   what="version 2, published after the base path recovered")
+    finally:
+        stop_server(server)

@@ -89,6 +89,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if not args.model_config_file and not args.model_base_path:
         build_parser().error("give --model_config_file, or --model_name with --model_base_path")
+    if args.num_load_threads > 1:
+        build_parser().error("--num_load_threads above 1 is not implemented: this server loads one version at a "
+                             "time (0 or 1)")
     return args
 
 
@@ -96,6 +99,7 @@ class ModelServer:
     def __init__(self, args: argparse.Namespace):
         from services.model_server.core import PredictionCore
         from services.model_server.manager import Manager
+        from services.model_server.source import FileSystemSource
 
         self.args = args
         batching = None
@@ -109,7 +113,10 @@ class ModelServer:
         self.manager = Manager(args.max_num_load_retries, args.allow_version_labels_for_unavailable_models)
         self.core = PredictionCore(self.manager, batching, args.predict_threads, args.tensorflow_intra_op_parallelism,
                                    args.tensorflow_inter_op_parallelism)
-        self.manager.set_config(self._initial_config())
+        self.source = FileSystemSource(self.manager.set_aspired_versions)
+        config = self._initial_config()
+        self.manager.set_config(config)
+        self.source.set_config(config)
         self._stopping = asyncio.Event()
 
     def _initial_config(self):
@@ -125,46 +132,68 @@ class ModelServer:
             if not model.name or not model.base_path:
                 raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "every model needs a name and a base_path")
         self.manager.set_config(config)
+        self.source.set_config(config)
         log.info("model config reloaded: %s", ", ".join(m.name for m in config.model_config_list.config))
         return await self._reconcile()
 
-    async def _reconcile(self) -> list[str]:
-        errors = await asyncio.get_running_loop().run_in_executor(None, self.manager.reconcile)
-        for error in errors:
-            log.error("%s", error)
-        if self.core.batcher is not None:
-            live = {id(r.servable) for name in self.manager.model_names()
-                    for r in self.manager.status_records(name) if r.servable is not None}
-            self.core.batcher.forget(live)
+    def _poll_and_manage(self) -> list[str]:
+        """The source pushes what is on disk, then the manager acts; a base path that could not be listed is
+        raised after the manager ran (the other models were served)."""
+        from services.model_server.source import SourceError
+
+        failure = None
+        try:
+            self.source.poll()
+        except SourceError as exc:
+            failure = exc
+        errors = self.manager.manage_state()
+        if failure is not None:
+            raise failure
         return errors
 
-    async def _poll_file_system(self) -> None:
-        wait = self.args.file_system_poll_wait_seconds
-        while wait > 0 and not self._stopping.is_set():
-            await asyncio.sleep(wait)
-            await self._reconcile()
+    async def _reconcile(self) -> list[str]:
+        try:
+            errors = await asyncio.get_running_loop().run_in_executor(None, self._poll_and_manage)
+        finally:
+            if self.core.batcher is not None:
+                live = {id(r.servable) for name in self.manager.model_names()
+                        for r in self.manager.status_records(name) if r.servable is not None}
+                self.core.batcher.forget(live)
+        for error in errors:
+            log.error("%s", error)
+        return errors
 
-    async def _poll_config_file(self) -> None:
-        wait = self.args.model_config_file_poll_wait_seconds
-        last = None
-        while wait > 0 and self.args.model_config_file and not self._stopping.is_set():
-            await asyncio.sleep(wait)
-            try:
-                config = read_model_config(self.args.model_config_file)
-            except ConfigError as exc:
-                log.error("%s (keeping the previous config)", exc)
-                continue
-            text = str(config)
-            if text != last:
-                last = text
-                await self.reload_config(config)
+    async def _poll_config_file_once(self, last: list[str]) -> None:
+        """Reload the config file if its content changed; a config that is refused raises (and is tried again)."""
+        config = read_model_config(self.args.model_config_file)
+        text = str(config)
+        if text != last[0]:
+            await self.reload_config(config)
+            last[0] = text
+
+    def _pollers(self) -> list[asyncio.Task]:
+        from services.model_server.supervision import supervised_loop
+
+        tasks = []
+        if self.args.file_system_poll_wait_seconds > 0:
+            tasks.append(asyncio.create_task(supervised_loop(
+                "file_system_poll", self._reconcile, self.args.file_system_poll_wait_seconds, self._stopping)))
+        if self.args.model_config_file and self.args.model_config_file_poll_wait_seconds > 0:
+            last = [""]
+            tasks.append(asyncio.create_task(supervised_loop(
+                "config_file_poll", lambda: self._poll_config_file_once(last),
+                self.args.model_config_file_poll_wait_seconds, self._stopping)))
+        return tasks
 
     async def serve(self) -> None:
         from services.model_server.grpc_api import build_server
         from services.model_server.rest_api import RestApi
 
         if self.args.file_system_poll_wait_seconds >= 0:
-            await self._reconcile()
+            try:
+                await self._reconcile()
+            except OSError as exc:  # logged by the source; the poll loop tries again
+                log.error("first file-system poll failed: %s", exc)
         grpc_server = build_server(self.core, self.reload_config, self.args.port, self.args.host)
         await grpc_server.start()
         runner = None
@@ -180,7 +209,7 @@ class ModelServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
-        pollers = [asyncio.create_task(self._poll_file_system()), asyncio.create_task(self._poll_config_file())]
+        pollers = self._pollers()
         await self._stopping.wait()
         log.info("shutting down: finishing in-flight requests (grace %.0f s)", SHUTDOWN_GRACE_SECONDS)
         for task in pollers:
