@@ -7,6 +7,7 @@ Requests are made to queue deterministically with a "gated" model: its signature
 exactly one request executes and the others wait in the batch queue, which the server's metrics count."""
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -271,3 +272,70 @@ def test_file_system_poll_survives_an_oserror_on_the_base_path_and_recovers(tmp_
                    what="version 2, published after the base path recovered")
     finally:
         stop_server(server)
+
+
+# ---------------------------------------------------------------------------------------------- the batcher alone
+
+
+class BlockingServable:
+    """Stands in for a Servable: ``run`` waits until ``release`` is set, then echoes its input."""
+
+    def __init__(self):
+        import threading as _threading
+
+        self.model_name, self.version = "fake", 1
+        self.release = _threading.Event()
+
+    def run(self, signature, inputs, output_filter=()):
+        self.release.wait(30)
+        return {"out": inputs["x"] * 2}
+
+
+async def _executing_batch(batcher) -> None:
+    while not any(q.running for q in batcher._queues.values()):
+        await asyncio.sleep(0.01)
+
+
+def _batcher(threads):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.model_server.batching import Batcher
+    from services.model_server.config import BatchingParameters
+
+    params = BatchingParameters(max_batch_size=1, batch_timeout_micros=10_000_000, num_batch_threads=1)
+    return Batcher(params, ThreadPoolExecutor(max_workers=threads))
+
+
+def test_an_unloaded_servables_queue_finishes_what_it_holds():
+    async def scenario():
+        batcher = _batcher(threads=2)
+        servable = BlockingServable()
+        calls = [asyncio.create_task(batcher.run(servable, "s", {"x": np.full((1,), i)}, ())) for i in range(3)]
+        await asyncio.wait_for(_executing_batch(batcher), 10)
+        batcher.forget(set())  # the version was unloaded: nothing is live
+        late = asyncio.create_task(batcher.run(servable, "s", {"x": np.full((1,), 9)}, ()))  # resolved just before
+        servable.release.set()
+        results = await asyncio.wait_for(asyncio.gather(*calls, late), 10)
+        assert [int(r["out"][0]) for r in results] == [0, 2, 4, 18]
+        batcher.executor.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_closing_for_shutdown_fails_what_is_left_after_the_grace():
+    from services.model_server.errors import ServingError
+
+    async def scenario():
+        batcher = _batcher(threads=1)
+        servable = BlockingServable()
+        calls = [asyncio.create_task(batcher.run(servable, "s", {"x": np.full((1,), i)}, ())) for i in range(3)]
+        await asyncio.wait_for(_executing_batch(batcher), 10)
+        await asyncio.wait_for(batcher.close(grace_seconds=0.2), 10)
+        outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+        assert all(isinstance(o, ServingError) and o.code == grpc.StatusCode.UNAVAILABLE for o in outcomes), outcomes
+        with pytest.raises(ServingError):
+            await batcher.run(servable, "s", {"x": np.full((1,), 5)}, ())
+        servable.release.set()
+        batcher.executor.shutdown()
+
+    asyncio.run(scenario())
