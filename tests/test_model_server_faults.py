@@ -159,12 +159,30 @@ def _executing(server) -> bool:
     return bool(re.search(r'^model_server_batch_running\{model_name="%s"\} 1\.0$' % MODEL, text, re.M))
 
 
-def test_requests_queued_for_a_version_being_unloaded_end_promptly(gated_server):
+def reload_with_specific_policy(server, versions: list[int]) -> None:
+    from google.protobuf import text_format
+    from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
+
+    request = model_management_pb2.ReloadConfigRequest()
+    text_format.Parse(f'model_config_list {{ config {{ name: "{MODEL}" base_path: "{server.models_dir / MODEL}" '
+                      'model_platform: "tensorflow" model_version_policy { specific { '
+                      + " ".join(f"versions: {v}" for v in versions) + " } } } }", request.config)
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        response = model_service_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(request, timeout=30)
+    assert response.status.error_code == 0, response.status.error_message
+
+
+@pytest.mark.parametrize("unload", ["delete the folder", "reload a specific policy"])
+def test_requests_queued_for_a_version_being_unloaded_end_promptly(gated_server, unload):
     server, gate = gated_server
     clients = Clients()
     queue_requests_on_version_2(server, clients)
 
-    shutil.rmtree(server.models_dir / MODEL / "2")  # version 1 stays aspired and AVAILABLE: version 2 is unloaded
+    # version 1 stays aspired and AVAILABLE, so version 2 is unloaded at once
+    if unload == "delete the folder":
+        shutil.rmtree(server.models_dir / MODEL / "2")
+    else:
+        reload_with_specific_policy(server, [1])
     wait_until(lambda: version_states(server.grpc_target, MODEL).get(2, (END,))[0] == END, timeout=30,
                what="version 2 to be unloaded")
     gate.touch()
