@@ -211,6 +211,41 @@ def test_sigterm_with_stranded_requests_exits_within_the_grace_period(gated_serv
     assert len(clients.results) == 5
 
 
+def test_sigterm_under_steady_load_exits_within_the_grace_period(gated_server):
+    server, gate = gated_server
+    gate.touch()  # both versions answer at once
+    outcomes: list[str] = []
+    stop = threading.Event()
+
+    def load(call, target, version):
+        while not stop.is_set():
+            outcome = call(target, version, 20.0)[0]
+            outcomes.append(outcome)
+            if outcome not in ("OK", "200"):
+                return  # told the server is going: a client stops or goes elsewhere
+
+    threads = [threading.Thread(target=load, args=(call, target, version), daemon=True)
+               for call, target in ((grpc_predict, server.grpc_target), (rest_predict, server.rest_url))
+               for version in (1, 2)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: outcomes.count("OK") + outcomes.count("200") >= 20, timeout=60, what="20 answers")
+    start = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    server.process.wait(timeout=SHUTDOWN_GRACE_SECONDS + 30)
+    assert time.monotonic() - start < SHUTDOWN_GRACE_SECONDS + 5, "shutdown overran its grace period"
+    assert server.process.returncode == 0
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads), "a request outlived the server"
+    # every request either succeeded or was told at once that the server is going: UNAVAILABLE / 503 from the
+    # server, a refused connection, or CANCELLED (seen once: gRPC's own answer to a call that reached the server
+    # in the instant its listener closed)
+    assert all(o in ("OK", "200", "UNAVAILABLE", "503", "CANCELLED") or o.startswith("connection")
+               for o in outcomes), sorted(set(outcomes))
+
+
 def test_sigterm_while_a_model_call_hangs_exits_within_the_grace_period(gated_server):
     server, gate = gated_server
     clients = Clients()
