@@ -1,4 +1,4 @@
-"""``scripts/stack.py up|down|status``: the whole serving stack on this machine."""
+"""``scripts/stack.py up|down|status|pin``: the whole serving stack on this machine."""
 from __future__ import annotations
 
 import argparse
