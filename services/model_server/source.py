@@ -50,9 +50,6 @@ def select_versions(model: model_server_config_pb2.ModelConfig, on_disk: dict[in
         return dict(on_disk)
     if kind == "specific":
         wanted = specific_versions(model)
-        missing = wanted - set(on_disk)
-        if missing:
-            log.warning("model %s: specific versions %s are not on disk", model.name, sorted(missing))
         return {v: p for v, p in on_disk.items() if v in wanted}
     num = policy.latest.num_versions if kind == "latest" and policy.latest.num_versions > 0 else 1
     return {v: on_disk[v] for v in sorted(on_disk)[-num:]}
@@ -71,6 +68,7 @@ class FileSystemSource:
         self._set_aspired_versions = set_aspired_versions
         self._models: dict[str, model_server_config_pb2.ModelConfig] = {}
         self._missing: set[str] = set()  # models whose base path was missing at the last poll (logged once)
+        self._missing_specific: dict[str, frozenset[int]] = {}  # specific versions not on disk (logged on change)
 
     def set_config(self, config: model_server_config_pb2.ModelServerConfig) -> None:
         """The models to watch; a model no longer configured gets an empty aspired list (all its versions go)."""
@@ -96,6 +94,10 @@ class FileSystemSource:
                 failures.append(f"{name}: {exc}")
                 continue
             self._missing.discard(name)
+            missing = specific_versions(model) - set(on_disk)
+            if missing and self._missing_specific.get(name) != missing:
+                log.warning("model %s: specific versions %s are not on disk", name, sorted(missing))
+            self._missing_specific[name] = missing
             chosen = select_versions(model, on_disk)
             self._set_aspired_versions(name, {v: Loader(name, v, p) for v, p in chosen.items()})
         if failures:
