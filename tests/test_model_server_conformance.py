@@ -539,3 +539,62 @@ def test_metrics_count_requests(server, stub):
     assert ':tensorflow:serving:request_count{API="grpc_predict"' in text
     assert ":tensorflow:serving:request_latency_bucket" in text
     assert f':tensorflow:serving:loaded_versions{{model_name="{MODEL}"}}' in text
+
+
+# ---------------------------------------------------------------------------------------------- version policy
+# TF Serving's AvailabilityPreservingPolicy under `latest`: an unaspired version is unloaded as soon as an aspired
+# one is AVAILABLE, so a newer folder that never loads costs the oldest version its place under `latest 2`, and
+# nothing under `latest 1`. (Operators keep routed versions with a `specific` policy: README, "Model server".)
+
+
+@pytest.fixture(scope="module")
+def latest_server(tmp_path_factory):
+    """Model `latest1` (latest 1) with version 1 and model `latest2` (latest 2) with versions 1 and 2."""
+    if external_server() is not None:
+        pytest.skip("needs its own model config (latest policies); run against our server only")
+    models_dir = tmp_path_factory.mktemp("latest-registry")
+    for model, count in (("latest1", 1), ("latest2", 2)):
+        for bias in range(count):
+            publish_dir(lambda staging, b=bias: write_tiny_model(staging, bias=float(b)), models_dir, model)
+    config = models_dir / "models.config"
+    config.write_text("model_config_list { " + " ".join(
+        f'config {{ name: "{m}" base_path: "{models_dir / m}" model_platform: "tensorflow" '
+        f'model_version_policy {{ latest {{ num_versions: {n} }} }} }}' for m, n in (("latest1", 1), ("latest2", 2)))
+        + " }\n")
+    srv = start_server(models_dir, config)
+    wait_until(lambda: version_states(srv.grpc_target, "latest1").get(1, (0,))[0] == AVAILABLE
+               and version_states(srv.grpc_target, "latest2").get(2, (0,))[0] == AVAILABLE, what="both models")
+    yield srv
+    stop_server(srv)
+
+
+def add_broken_version(model_dir, version: int, corrupt: bool) -> None:
+    staging = model_dir / f".tmp-broken-{version}"
+    staging.mkdir()
+    if corrupt:
+        (staging / "saved_model.pb").write_bytes(b"\x00not a saved model")
+    staging.rename(model_dir / str(version))
+
+
+def served_by(server, model: str) -> int:
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        return stub.Predict(predict_request(pixels(1), model=model), timeout=30).model_spec.version.value
+
+
+def test_latest_1_keeps_its_version_when_a_newer_folder_is_corrupt(latest_server):
+    add_broken_version(latest_server.models_dir / "latest1", 2, corrupt=True)
+    wait_until(lambda: version_states(latest_server.grpc_target, "latest1").get(2, (0, ""))[1], timeout=60,
+               what="version 2's load error")
+    states = version_states(latest_server.grpc_target, "latest1")
+    assert states[1][0] == AVAILABLE and states[2][0] != AVAILABLE
+    assert served_by(latest_server, "latest1") == 1
+
+
+def test_latest_2_unloads_its_oldest_version_when_an_empty_newer_folder_appears(latest_server):
+    add_broken_version(latest_server.models_dir / "latest2", 3, corrupt=False)
+    wait_until(lambda: version_states(latest_server.grpc_target, "latest2").get(1, (50,))[0] == 50, timeout=60,
+               what="version 1 to be unloaded")
+    states = version_states(latest_server.grpc_target, "latest2")
+    assert states[2][0] == AVAILABLE and states.get(3, (0,))[0] != AVAILABLE
+    assert served_by(latest_server, "latest2") == 2

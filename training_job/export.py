@@ -1,7 +1,9 @@
 """Export a trained run as a SavedModel honouring DEVELOPERS.md's "Model registry and SavedModel contract".
 
 The whole model is in the graph: uint8 pixels -> normalise -> frozen base (pooled features + ImageNet softmax)
--> head softmax and open-set score. ``predict_image_bytes`` decodes encoded photos in-graph first.
+-> head softmax and open-set score. ``predict_image_bytes`` decodes encoded photos in-graph first, following the
+preprocessing contract (``preprocessing_graph.decode_and_resize``: EXIF orientation, alpha over white, Pillow's
+JPEG draft scale, antialiased bilinear resize).
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import numpy as np
 
 from training_job.open_set import OpenSet, tf_scores
 from training_job.preprocessing import normalise
+from training_job.preprocessing_graph import decode_and_resize
 from training_job.train import Head
 
 
@@ -50,12 +53,8 @@ def build_serving_module(base, head: Head, open_set: OpenSet):
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")], autograph=False)
         def serve_bytes(self, image_bytes):
-            def decode(data):
-                img = tf.io.decode_image(data, channels=3, expand_animations=False)
-                img = tf.image.resize(img, (size, size), method="bilinear")
-                return tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
-
-            images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
+            images = tf.map_fn(lambda data: decode_and_resize(data, size), image_bytes,
+                               fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
             return self.outputs(images)
 
     return MushroomClassifier()

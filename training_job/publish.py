@@ -1,22 +1,33 @@
 """Atomic publishing into the registry: ``<registry>/<model_name>/<N>/``.
 
-A version is built in ``<registry>/<model_name>/.tmp-<pid>-<uuid>/`` (same file system), every file and folder
-is fsynced, then — holding an exclusive ``flock`` on ``<model_name>/.publish.lock`` so two publishers cannot pick
+A version is built in ``<registry>/<model_name>/.tmp-<host>-<pid>-<uuid>/`` (same file system), every file and
+folder is fsynced, then — holding an exclusive ``flock`` on ``<model_name>/.publish.lock`` so two publishers cannot pick
 the same N — it is renamed to the next free integer and the parent folder is fsynced. A reader never sees a
-half-written numeric folder; a publisher killed at any point leaves at most a ``.tmp-*`` folder, which the next
-publish removes once its owner process is gone. The lock is released by the kernel when its holder dies.
+half-written numeric folder; a publisher killed at any point leaves at most a ``.tmp-*`` folder, which a later
+publish removes once it is stale. The lock is released by the kernel when its holder dies.
+
+Staleness works across pods sharing the registry volume, where a pid means nothing: while it builds, a publisher
+touches ``.heartbeat`` in its staging folder every ``HEARTBEAT_SECONDS``; a staging folder is stale when its
+newest heartbeat (or the folder itself) is older than ``LEASE_SECONDS``, or, on the host that made it, when its
+process is gone.
 """
 from __future__ import annotations
 
 import fcntl
 import os
 import shutil
+import socket
+import threading
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
 LOCK_NAME = ".publish.lock"
+HEARTBEAT_NAME = ".heartbeat"
+HEARTBEAT_SECONDS = 30.0
+LEASE_SECONDS = 15 * 60.0  # many heartbeats: a folder this quiet has no living publisher on any host
 
 
 class PublishError(RuntimeError):
@@ -58,18 +69,67 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _host_tag() -> str:
+    """This host's name as it appears in staging folder names (no '-' inside, so the name splits cleanly)."""
+    return socket.gethostname().replace("-", "_") or "unknown"
+
+
+def _last_sign_of_life(folder: Path) -> float:
+    times = [folder.stat().st_mtime]
+    try:
+        times.append((folder / HEARTBEAT_NAME).stat().st_mtime)
+    except FileNotFoundError:
+        pass
+    return max(times)
+
+
+def _is_stale(folder: Path, now: float) -> bool:
+    try:
+        if now - _last_sign_of_life(folder) > LEASE_SECONDS:
+            return True
+    except FileNotFoundError:
+        return False  # renamed or removed meanwhile
+    host, _, rest = folder.name[len(TMP_PREFIX):].partition("-")
+    pid_text = rest.split("-", 1)[0]
+    if host != _host_tag() or not pid_text.isdigit():
+        return False  # another host's publisher: only its lease tells
+    pid = int(pid_text)
+    return pid != os.getpid() and not _pid_alive(pid)
+
+
 def remove_stale_tmp(model_dir: Path) -> list[str]:
-    """Remove ``.tmp-<pid>-*`` folders whose publisher process no longer exists."""
+    """Remove the ``.tmp-*`` staging folders that are stale (see the module docstring)."""
     removed = []
-    for p in model_dir.glob(TMP_PREFIX + "*"):
-        try:
-            pid = int(p.name[len(TMP_PREFIX):].split("-", 1)[0])
-        except ValueError:
-            continue
-        if pid != os.getpid() and not _pid_alive(pid):
+    now = time.time()
+    for p in sorted(model_dir.glob(TMP_PREFIX + "*")):
+        if p.is_dir() and _is_stale(p, now):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
     return removed
+
+
+@contextmanager
+def _heartbeat(staging: Path):
+    """Touch ``staging/.heartbeat`` every HEARTBEAT_SECONDS while the block runs; the file is removed after."""
+    beat = staging / HEARTBEAT_NAME
+    beat.touch()
+    stop = threading.Event()
+
+    def run():
+        while not stop.wait(HEARTBEAT_SECONDS):
+            try:
+                beat.touch()
+            except OSError:
+                return  # the folder was renamed (committed) or removed
+
+    thread = threading.Thread(target=run, name="publish-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        beat.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -85,7 +145,7 @@ def _locked(model_dir: Path):
 def new_staging_dir(registry: Path, model_name: str) -> Path:
     model_dir = Path(registry) / model_name
     model_dir.mkdir(parents=True, exist_ok=True)
-    staging = model_dir / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
+    staging = model_dir / f"{TMP_PREFIX}{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex}"
     staging.mkdir()
     return staging
 
@@ -113,7 +173,8 @@ def publish_dir(build, registry: Path, model_name: str) -> tuple[int, Path]:
         raise PublishError(f"invalid model name {model_name!r}: use a plain folder name like 'mushrooms'")
     staging = new_staging_dir(Path(registry), model_name)
     try:
-        build(staging)
+        with _heartbeat(staging):
+            build(staging)
         return commit_version(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,8 +1,16 @@
-"""Server-side dynamic batching: concurrent small requests to one servable and signature share one model call."""
+"""Server-side dynamic batching: concurrent small requests to one servable and signature share one model call.
+
+Every request a queue admits ends: it runs on the servable it was admitted for (a queue holds its servable, as TF
+Serving's handle does, until its queue is drained), or it fails at once with UNAVAILABLE when the batcher is
+closed for shutdown and its grace period is over. Unloading a version closes its queues: they refuse new
+requests, finish the ones they hold, and their workers then exit."""
 from __future__ import annotations
 
 import asyncio
 import bisect
+import logging
+import weakref
+from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -14,12 +22,18 @@ from services.model_server.config import BatchingParameters
 from services.model_server.errors import ServingError
 from services.model_server.servable import Servable
 
+log = logging.getLogger("model_server.batching")
+
 
 @dataclass
 class _Task:
     inputs: dict[str, np.ndarray]
     rows: int
     future: asyncio.Future
+
+
+def _unavailable(message: str) -> ServingError:
+    return ServingError(grpc.StatusCode.UNAVAILABLE, message)
 
 
 class _Queue:
@@ -29,38 +43,69 @@ class _Queue:
                  executor: Executor):
         self.servable, self.signature, self.output_filter = servable, signature, output_filter
         self.params, self.executor = params, executor
-        self.pending: asyncio.Queue[_Task] = asyncio.Queue()
+        self.pending: deque[_Task] = deque()
+        self.closed = False  # no new tasks; the workers exit once ``pending`` is empty
+        self._changed = asyncio.Event()  # set when a task arrives or the queue closes
         self.running = 0  # batches executing now
+        self._queued_gauge = metrics.BATCH_QUEUE_TASKS.labels(model_name=servable.model_name)
+        self._running_gauge = metrics.BATCH_RUNNING.labels(model_name=servable.model_name)
         self.workers = [asyncio.create_task(self._work()) for _ in range(max(1, params.num_batch_threads))]
 
     def submit(self, task: _Task) -> None:
+        if self.closed:
+            raise _unavailable(f"version {self.servable.version} of {self.servable.model_name} is being unloaded")
         max_rows = self.params.max_batch_size * self.params.max_enqueued_batches
-        if self.pending.qsize() >= max_rows:
-            raise ServingError(grpc.StatusCode.UNAVAILABLE,
-                               "The batch scheduling queue to which this task was submitted is full")
-        self.pending.put_nowait(task)
+        if len(self.pending) >= max_rows:
+            raise _unavailable("The batch scheduling queue to which this task was submitted is full")
+        self.pending.append(task)
+        self._queued_gauge.inc()
+        self._changed.set()
 
-    async def _collect(self) -> list[_Task]:
-        """Take what is queued, up to max_batch_size. Unlike TF Serving, wait up to batch_timeout_micros for more
-        only while another batch is executing: an idle model runs a lone request at once, and under load requests
-        pile up during execution anyway, so batches fill without adding the timeout to every latency."""
-        first = await self.pending.get()
+    def close(self) -> None:
+        self.closed = True
+        self._changed.set()
+
+    def fail_pending(self, message: str) -> None:
+        while self.pending:
+            task = self.pending.popleft()
+            self._queued_gauge.dec()
+            if not task.future.done():
+                task.future.set_exception(_unavailable(message))
+
+    async def _wait_for_change(self) -> None:
+        self._changed.clear()
+        await self._changed.wait()
+
+    def _take(self) -> _Task:
+        self._queued_gauge.dec()
+        return self.pending.popleft()
+
+    async def _collect(self) -> list[_Task] | None:
+        """Take what is queued, up to max_batch_size; None once the queue is closed and empty. Unlike TF Serving,
+        wait up to batch_timeout_micros for more only while another batch is executing: an idle model runs a lone
+        request at once, and under load requests pile up during execution anyway, so batches fill without adding
+        the timeout to every latency."""
+        while not self.pending:
+            if self.closed:
+                return None
+            await self._wait_for_change()
+        first = self._take()
         batch, rows = [first], first.rows
-        deadline = asyncio.get_running_loop().time() + self.params.batch_timeout_micros / 1e6
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.params.batch_timeout_micros / 1e6
         while rows < self.params.max_batch_size:
-            try:
-                task = self.pending.get_nowait()
-            except asyncio.QueueEmpty:
-                remaining = deadline - asyncio.get_running_loop().time()
-                if remaining <= 0 or self.running == 0:
+            if not self.pending:
+                remaining = deadline - loop.time()
+                if remaining <= 0 or self.running == 0 or self.closed:
                     break
                 try:
-                    task = await asyncio.wait_for(self.pending.get(), remaining)
+                    await asyncio.wait_for(self._wait_for_change(), remaining)
                 except asyncio.TimeoutError:
                     break
-            if rows + task.rows > self.params.max_batch_size:
-                self.pending.put_nowait(task)  # goes first into the next batch (order is not promised)
-                break
+                continue
+            if rows + self.pending[0].rows > self.params.max_batch_size:
+                break  # it goes first into the next batch
+            task = self._take()
             batch.append(task)
             rows += task.rows
         return batch
@@ -68,9 +113,20 @@ class _Queue:
     async def _work(self) -> None:
         while True:
             batch = await self._collect()
+            if batch is None:
+                return
+            batch = [task for task in batch if not task.future.done()]  # callers that left are not run
+            if not batch:
+                continue
             self.running += 1
+            self._running_gauge.inc()
             try:
                 outputs = await asyncio.get_running_loop().run_in_executor(self.executor, self._run, batch)
+            except asyncio.CancelledError:  # the batcher's grace period is over: nobody waits for this call
+                for task in batch:
+                    if not task.future.done():
+                        task.future.set_exception(_unavailable("the server is shutting down"))
+                raise
             except Exception as exc:  # noqa: BLE001 - the error belongs to every task in the batch
                 for task in batch:
                     if not task.future.done():
@@ -78,6 +134,7 @@ class _Queue:
                 continue
             finally:
                 self.running -= 1
+                self._running_gauge.dec()
             start = 0
             for task in batch:
                 if not task.future.done():
@@ -104,12 +161,19 @@ class Batcher:
         self.params = params
         self.executor = executor
         self._queues: dict[tuple, _Queue] = {}
+        self._draining: set[_Queue] = set()  # closed queues whose workers have not exited yet
+        self._retired: weakref.WeakSet[Servable] = weakref.WeakSet()  # unloaded servables still held by requests
+        self._closed = False
 
     async def run(self, servable: Servable, signature: str, inputs: dict[str, np.ndarray],
                   output_filter: tuple) -> dict[str, np.ndarray]:
+        if self._closed:
+            raise _unavailable("the server is shutting down")
         rows = {v.shape[0] if v.ndim else -1 for v in inputs.values()}
-        if len(rows) != 1 or -1 in rows or next(iter(rows)) > self.params.max_batch_size or not inputs:
+        if (len(rows) != 1 or -1 in rows or next(iter(rows)) > self.params.max_batch_size or not inputs
+                or servable in self._retired):
             # Not batchable (scalars, unequal batch dimensions, too big): run alone, as TF Serving splits or rejects.
+            # A request that resolved a version just before it was unloaded also runs alone on it.
             return await asyncio.get_running_loop().run_in_executor(
                 self.executor, servable.run, signature, inputs, output_filter)
         key = (id(servable), signature, output_filter,
@@ -121,8 +185,34 @@ class Batcher:
         queue.submit(_Task(inputs, next(iter(rows)), future))
         return await future
 
+    def _retire(self, queue: _Queue) -> None:
+        self._retired.add(queue.servable)
+        queue.close()
+        self._draining.add(queue)
+        done = asyncio.gather(*queue.workers, return_exceptions=True)
+        done.add_done_callback(lambda _: self._draining.discard(queue))
+
     def forget(self, live_servables: set[int]) -> None:
-        """Stop the queues of servables that were unloaded."""
+        """Close the queues of servables that were unloaded: they finish what they hold, then their workers exit."""
         for key in [k for k in self._queues if k[0] not in live_servables]:
-            for worker in self._queues.pop(key).workers:
+            self._retire(self._queues.pop(key))
+
+    async def close(self, grace_seconds: float) -> None:
+        """Shutdown: refuse new requests, let the queued ones run for up to ``grace_seconds``, then fail what is
+        left with UNAVAILABLE."""
+        self._closed = True
+        for key in list(self._queues):
+            self._retire(self._queues.pop(key))
+        queues = list(self._draining)
+        workers = [w for q in queues for w in q.workers]
+        if workers:
+            _, late = await asyncio.wait(workers, timeout=grace_seconds)
+            if late:
+                log.warning("shutdown: %d batch workers still busy after %.0f s; failing their requests",
+                            len(late), grace_seconds)
+            for queue in queues:
+                queue.fail_pending("the server is shutting down")
+            for worker in late:
                 worker.cancel()
+            if late:
+                await asyncio.wait(late)

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import logging
 import os
 import signal
 import sys
+import threading
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -18,6 +18,7 @@ from services.model_server.config import (
 )
 
 log = logging.getLogger("model_server")
+SHUTDOWN_GRACE_SECONDS = 10.0  # SIGTERM: requests already admitted get this long to finish, then the process exits
 
 # Real tensorflow_model_server flags this server refuses, each with the reason (also printed by --help).
 UNSUPPORTED_TF_SERVING_FLAGS = {
@@ -177,6 +178,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.channel_arguments = parse_channel_arguments(args.grpc_channel_arguments)
     except ValueError as exc:
         parser.error(f"--grpc_channel_arguments: {exc}")
+    if args.num_load_threads > 1:
+        parser.error("--num_load_threads above 1 is not implemented: this server loads one version at a "
+                     "time (0 or 1)")
     return args
 
 
@@ -212,7 +216,8 @@ class ModelServer:
         from services.model_server.core import PredictionCore
         from services.model_server.inference import Inference
         from services.model_server.manager import Manager
-        from services.model_server.servable import LoadOptions, load_servable
+        from services.model_server.loader import LoadOptions
+        from services.model_server.source import FileSystemSource
 
         self.args = args
         batching = None
@@ -230,11 +235,13 @@ class ModelServer:
                                    warmup=args.enable_model_warmup,
                                    warmup_iterations=max(1, args.num_request_iterations_for_warmup),
                                    prefer_tflite_model=args.prefer_tflite_model)
-        self.manager = Manager(args.max_num_load_retries, args.allow_version_labels_for_unavailable_models,
-                               load=functools.partial(load_servable, options=load_options))
+        self.manager = Manager(args.max_num_load_retries, args.allow_version_labels_for_unavailable_models)
         self.core = PredictionCore(self.manager, batching, args.predict_threads, *thread_counts(args))
         self.inference = Inference(self.core, args.enable_signature_method_name_check)
-        self.manager.set_config(self._initial_config())
+        self.source = FileSystemSource(self.manager.set_aspired_versions, load_options)
+        config = self._initial_config()
+        self.manager.set_config(config)
+        self.source.set_config(config)
         self._stopping = asyncio.Event()
 
     def _initial_config(self):
@@ -250,46 +257,68 @@ class ModelServer:
             if not model.name or not model.base_path:
                 raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "every model needs a name and a base_path")
         self.manager.set_config(config)
+        self.source.set_config(config)
         log.info("model config reloaded: %s", ", ".join(m.name for m in config.model_config_list.config))
         return await self._reconcile()
 
-    async def _reconcile(self) -> list[str]:
-        errors = await asyncio.get_running_loop().run_in_executor(None, self.manager.reconcile)
-        for error in errors:
-            log.error("%s", error)
-        if self.core.batcher is not None:
-            live = {id(r.servable) for name in self.manager.model_names()
-                    for r in self.manager.status_records(name) if r.servable is not None}
-            self.core.batcher.forget(live)
+    def _poll_and_manage(self) -> list[str]:
+        """The source pushes what is on disk, then the manager acts; a base path that could not be listed is
+        raised after the manager ran (the other models were served)."""
+        from services.model_server.source import SourceError
+
+        failure = None
+        try:
+            self.source.poll()
+        except SourceError as exc:
+            failure = exc
+        errors = self.manager.manage_state()
+        if failure is not None:
+            raise failure
         return errors
 
-    async def _poll_file_system(self) -> None:
-        wait = self.args.file_system_poll_wait_seconds
-        while wait > 0 and not self._stopping.is_set():
-            await asyncio.sleep(wait)
-            await self._reconcile()
+    async def _reconcile(self) -> list[str]:
+        try:
+            errors = await asyncio.get_running_loop().run_in_executor(None, self._poll_and_manage)
+        finally:
+            if self.core.batcher is not None:
+                live = {id(r.servable) for name in self.manager.model_names()
+                        for r in self.manager.status_records(name) if r.servable is not None}
+                self.core.batcher.forget(live)
+        for error in errors:
+            log.error("%s", error)
+        return errors
 
-    async def _poll_config_file(self) -> None:
-        wait = self.args.model_config_file_poll_wait_seconds
-        last = None
-        while wait > 0 and self.args.model_config_file and not self._stopping.is_set():
-            await asyncio.sleep(wait)
-            try:
-                config = read_model_config(self.args.model_config_file)
-            except ConfigError as exc:
-                log.error("%s (keeping the previous config)", exc)
-                continue
-            text = str(config)
-            if text != last:
-                last = text
-                await self.reload_config(config)
+    async def _poll_config_file_once(self, last: list[str]) -> None:
+        """Reload the config file if its content changed; a config that is refused raises (and is tried again)."""
+        config = read_model_config(self.args.model_config_file)
+        text = str(config)
+        if text != last[0]:
+            await self.reload_config(config)
+            last[0] = text
+
+    def _pollers(self) -> list[asyncio.Task]:
+        from services.model_server.supervision import supervised_loop
+
+        tasks = []
+        if self.args.file_system_poll_wait_seconds > 0:
+            tasks.append(asyncio.create_task(supervised_loop(
+                "file_system_poll", self._reconcile, self.args.file_system_poll_wait_seconds, self._stopping)))
+        if self.args.model_config_file and self.args.model_config_file_poll_wait_seconds > 0:
+            last = [""]
+            tasks.append(asyncio.create_task(supervised_loop(
+                "config_file_poll", lambda: self._poll_config_file_once(last),
+                self.args.model_config_file_poll_wait_seconds, self._stopping)))
+        return tasks
 
     async def serve(self) -> None:
         from services.model_server.grpc_api import GrpcOptions, build_server
         from services.model_server.rest_api import RestApi
 
         if self.args.file_system_poll_wait_seconds >= 0:
-            await self._reconcile()
+            try:
+                await self._reconcile()
+            except OSError as exc:  # logged by the source; the poll loop tries again
+                log.error("first file-system poll failed: %s", exc)
         grpc_server = build_server(self.core, self.inference, self.reload_config, GrpcOptions(
             port=self.args.port, host=self.args.host, socket_path=self.args.grpc_socket_path,
             channel_arguments=self.args.channel_arguments,
@@ -305,7 +334,7 @@ class ModelServer:
             rest = RestApi(self.core, self.inference, path, timeout_ms=self.args.rest_api_timeout_in_ms,
                            max_concurrent=self.args.rest_api_num_threads,
                            cors=self.args.rest_api_enable_cors_support)
-            runner = web.AppRunner(rest.app(), access_log=None)
+            runner = web.AppRunner(rest.app(), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
             await runner.setup()
             await web.TCPSite(runner, self.args.host, self.args.rest_api_port).start()
         log.info("serving gRPC on %s:%d%s, REST on %s (metrics %s)", self.args.host, self.args.port,
@@ -315,15 +344,30 @@ class ModelServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
-        pollers = [asyncio.create_task(self._poll_file_system()), asyncio.create_task(self._poll_config_file())]
+        pollers = self._pollers()
         await self._stopping.wait()
-        log.info("shutting down: finishing in-flight requests")
+        log.info("shutting down: finishing in-flight requests (grace %.0f s)", SHUTDOWN_GRACE_SECONDS)
         for task in pollers:
             task.cancel()
-        await grpc_server.stop(grace=10)
+        await self._drain(grpc_server, runner)
+
+    async def _drain(self, grpc_server, runner) -> None:
+        """Stop listening, give admitted requests SHUTDOWN_GRACE_SECONDS to finish (queued batches included), then
+        fail what is left with UNAVAILABLE; a model call still running after that is abandoned, not waited for."""
+        closing = [grpc_server.stop(grace=SHUTDOWN_GRACE_SECONDS)]
         if runner:
-            await runner.cleanup()
-        self.core.executor.shutdown(wait=True)
+            closing.append(runner.cleanup())
+        if self.core.batcher is not None:
+            closing.append(self.core.batcher.close(SHUTDOWN_GRACE_SECONDS))
+        await asyncio.gather(*closing)
+        executor_stopped = threading.Thread(target=self.core.executor.shutdown, kwargs={"cancel_futures": True},
+                                            daemon=True)
+        executor_stopped.start()
+        await asyncio.get_running_loop().run_in_executor(None, executor_stopped.join, 1.0)
+        if executor_stopped.is_alive():
+            log.warning("stopped with model calls still running past the grace period: abandoning them")
+            logging.shutdown()
+            os._exit(0)  # a normal interpreter exit would join the executor's threads and wait for those calls
         log.info("stopped")
 
 

@@ -1,36 +1,36 @@
-"""The manager: loads and unloads servables to match the aspired versions, never dropping availability.
+"""The manager: holds the loaders the source aspires, and loads and unloads servables as the version policy says.
 
-A version no longer aspired is unloaded only once another aspired version of its model is AVAILABLE, unless its
-folder is gone from disk. A version that fails to load is retried on later polls, then left in an error state that
-GetModelStatus reports; the other versions keep serving.
+The source pushes each model's aspired versions (``set_aspired_versions``); ``manage_state`` then applies
+``version_policy.next_action`` until it has nothing left to do, loading one version at a time. A version that
+fails to load is tried again on the next pass (one attempt per pass), then left in END with its error, which
+GetModelStatus reports; it counts as aspired for as long as the source aspires it. Requests hold the Servable they
+resolved: unloading a version only stops new requests from reaching it.
 """
 from __future__ import annotations
 
 import logging
 import re
 import threading
-from dataclasses import dataclass
-from enum import IntEnum
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from tensorflow_serving.config import model_server_config_pb2
 
 from services.model_server import metrics
 from services.model_server.errors import ServingError
-from services.model_server.servable import Servable, load_servable
-from services.model_server.source import aspired_versions
+from services.model_server.loader import Loader
+from services.model_server.source import specific_versions
+from services.model_server.version_policy import Kind, State, next_action
+
+if TYPE_CHECKING:  # the manager never builds a servable itself: its loaders do
+    from services.model_server.servable import Servable
 
 log = logging.getLogger("model_server.manager")
 LABEL_RE = re.compile(r"^[a-zA-Z0-9_]+$")
 
-
-class State(IntEnum):  # the numbers of tensorflow.serving.ModelVersionStatus.State
-    START = 10
-    LOADING = 20
-    AVAILABLE = 30
-    UNLOADING = 40
-    END = 50
+__all__ = ["Manager", "State", "VersionRecord"]
 
 
 @dataclass
@@ -41,22 +41,23 @@ class VersionRecord:
     servable: Servable | None = None
     error: str = ""
     failures: int = 0
+    aspired: bool = True
+    loader: Loader | None = field(default=None, repr=False)
 
 
 class Manager:
-    def __init__(self, max_load_retries: int = 5, allow_labels_for_unavailable: bool = False,
-                 load=load_servable):
+    def __init__(self, max_load_retries: int = 5, allow_labels_for_unavailable: bool = False):
         self.max_load_retries = max_load_retries
-        self.load = load  # (model_name, version, path) -> (Servable, seconds): how a version is loaded
         self.allow_labels_for_unavailable = allow_labels_for_unavailable
         self._lock = threading.RLock()
-        self._reconcile_lock = threading.Lock()
+        self._manage_lock = threading.Lock()
         self._configs: dict[str, model_server_config_pb2.ModelConfig] = {}
         self._versions: dict[str, dict[int, VersionRecord]] = {}
         self._labels: dict[str, dict[str, int]] = {}
 
     # ------------------------------------------------------------------ configuration
     def set_config(self, config: model_server_config_pb2.ModelServerConfig) -> None:
+        """Refuses (ServingError INVALID_ARGUMENT) a config with an invalid label, changing nothing."""
         models = {m.name: m for m in config.model_config_list.config}
         for name, model in models.items():
             for label in model.version_labels:
@@ -77,10 +78,26 @@ class Manager:
         """Whether ``name`` is a configured model (per request: no lock, no copy; set_config swaps the dict whole)."""
         return name in self._configs
 
-    # ------------------------------------------------------------------ reconciliation
-    def reconcile(self) -> list[str]:
-        """One pass: load what is aspired, unload what is not; returns the label errors of this pass."""
-        with self._reconcile_lock:
+    # ------------------------------------------------------------------ the source's callback
+    def set_aspired_versions(self, name: str, loaders: dict[int, Loader]) -> None:
+        """The full list of aspired versions of ``name``; supersedes the previous call. Cheap: nothing loads here."""
+        with self._lock:
+            records = self._versions.setdefault(name, {})
+            for version, loader in loaders.items():
+                record = records.get(version)
+                if record is None or (record.state == State.END and not record.aspired):
+                    records[version] = VersionRecord(version, loader.path, loader=loader)  # new, or aspired anew
+            for version, record in list(records.items()):
+                record.aspired = version in loaders
+                if not record.aspired and record.state == State.START:
+                    del records[version]  # never loaded and no longer wanted
+                elif not record.aspired and record.state == State.END and record.error:
+                    del records[version]  # a failed version the source dropped is forgotten (TF Serving flushes it)
+
+    # ------------------------------------------------------------------ acting on the policy
+    def manage_state(self) -> list[str]:
+        """Apply the version policy to every model until it has nothing left to do; returns the label errors."""
+        with self._manage_lock:
             with self._lock:
                 configs = dict(self._configs)
                 removed = [name for name in self._versions if name not in configs]
@@ -88,7 +105,7 @@ class Manager:
                 self._unload_model(name)
             errors: list[str] = []
             for name, model in configs.items():
-                self._reconcile_model(name, model)
+                self._manage_model(name, specific_versions(model))
                 errors += self._apply_labels(name, model)
             metrics.LOADED_VERSIONS.clear()
             with self._lock:
@@ -97,54 +114,50 @@ class Manager:
                     metrics.LOADED_VERSIONS.labels(model_name=name).set(available)
             return errors
 
-    def _reconcile_model(self, name: str, model: model_server_config_pb2.ModelConfig) -> None:
-        aspired = aspired_versions(model)
-        with self._lock:
-            records = self._versions.setdefault(name, {})
-            for version, path in aspired.items():
-                record = records.get(version)
-                if record is None or (record.state == State.END and record.servable is None and not record.error):
-                    records[version] = VersionRecord(version, path)
-        for version in sorted(aspired, reverse=True):
-            record = records[version]
-            if record.state == State.START:
+    def _manage_model(self, name: str, pinned: frozenset[int]) -> None:
+        tried: set[int] = set()  # one load attempt per version per pass
+        while True:
+            with self._lock:
+                records = self._versions.get(name, {})
+                states = {v: (State.LOADING if v in tried and r.state == State.START else r.state)
+                          for v, r in records.items()}
+                aspired = {v for v, r in records.items() if r.aspired}
+                action = next_action(states, aspired, pinned)
+                record = records.get(action.version) if action else None
+            if action is None or record is None:
+                return
+            if action.kind is Kind.UNLOAD:
+                self._unload(name, record, "no longer aspired")
+            else:
+                tried.add(action.version)
                 self._load(name, record)
-        with self._lock:
-            any_available = any(records[v].state == State.AVAILABLE for v in aspired)
-            stale = [r for v, r in records.items() if v not in aspired and r.state != State.END]
-        for record in stale:
-            folder_gone = not record.path.is_dir()
-            if folder_gone or any_available or record.state != State.AVAILABLE:
-                self._unload(name, record, "its folder was removed" if folder_gone else "no longer aspired")
-        with self._lock:  # forget errors of versions that left the disk, so a re-published folder is tried anew
-            for version in [v for v, r in records.items() if r.state == State.END and not r.path.is_dir()]:
-                del records[version]
 
     def _load(self, name: str, record: VersionRecord) -> None:
-        record.state = State.LOADING
+        with self._lock:
+            record.state = State.LOADING
         try:
-            servable, seconds = self.load(name, record.version, record.path)
+            servable = (record.loader or Loader(name, record.version, record.path)).load()
         except Exception as exc:  # noqa: BLE001 - any failure to load is reported the same way
-            record.failures += 1
-            record.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
-            if record.failures > self.max_load_retries:
-                record.state = State.END
+            with self._lock:
+                record.failures += 1
+                message = str(exc).strip()
+                record.error = f"{type(exc).__name__}: {message.splitlines()[0][:300] if message else ''}"
+                record.state = State.END if record.failures > self.max_load_retries else State.START
+            if record.state == State.END:
                 log.error("giving up on %s version %d after %d attempts: %s", name, record.version,
                           record.failures, record.error)
             else:
-                record.state = State.START
                 log.warning("failed to load %s version %d (attempt %d, will retry): %s", name, record.version,
                             record.failures, record.error)
             metrics.LOAD_FAILURES.labels(model_name=name).inc()
             return
-        metrics.LOAD_SECONDS.labels(model_name=name).observe(seconds)
         with self._lock:
             record.servable, record.error, record.state = servable, "", State.AVAILABLE
 
     def _unload(self, name: str, record: VersionRecord, why: str) -> None:
         with self._lock:
             record.state = State.UNLOADING
-            record.servable = None
+            record.servable = None  # requests that resolved it keep their reference until they finish
             record.state = State.END
             record.error = ""
         log.info("unloaded %s version %d (%s)", name, record.version, why)

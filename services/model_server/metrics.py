@@ -19,6 +19,10 @@ LOAD_FAILURES = Counter(":tensorflow:serving:model_load_failures", "Failed load 
                         registry=REGISTRY)
 LOADED_VERSIONS = Gauge(":tensorflow:serving:loaded_versions", "AVAILABLE versions per model", ["model_name"],
                         registry=REGISTRY)
+BATCH_QUEUE_TASKS = Gauge("model_server_batch_queue_tasks", "Requests waiting in the batch queues of a model",
+                          ["model_name"], registry=REGISTRY)
+BATCH_RUNNING = Gauge("model_server_batch_running", "Batches of a model executing now", ["model_name"],
+                      registry=REGISTRY)
 
 
 def exposition(registry: CollectorRegistry = REGISTRY) -> bytes:

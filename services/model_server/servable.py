@@ -12,22 +12,13 @@ import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
 from services.model_server.errors import ServingError
+from services.model_server.loader import LoadOptions
 
 log = logging.getLogger("model_server.servable")
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 DEFAULT_SIGNATURE = "serving_default"
 
 
-@dataclass(frozen=True)
-class LoadOptions:
-    """How versions are loaded, from tensorflow_model_server's flags: --saved_model_tags (the MetaGraphDef whose
-    tag set is exactly these), --enable_model_warmup, --num_request_iterations_for_warmup, --prefer_tflite_model
-    (a `model.tflite` in the version folder is served instead of the SavedModel when there is one: read by the
-    TFLite engine)."""
-    tags: tuple[str, ...] = ("serve",)
-    warmup: bool = True
-    warmup_iterations: int = 1
-    prefer_tflite_model: bool = False
 
 
 @dataclass(frozen=True)

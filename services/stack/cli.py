@@ -1,4 +1,4 @@
-"""``scripts/stack.py up|down|status``: the whole serving stack on this machine."""
+"""``scripts/stack.py up|down|status|pin``: the whole serving stack on this machine."""
 from __future__ import annotations
 
 import argparse
@@ -29,7 +29,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         up.add_argument(f"--{port.name.replace('_', '-')}-port", type=int, default=port.default, dest=port.name)
     commands.add_parser("down", help="stop every process of the latest run folder")
     commands.add_parser("status", help="which processes of the latest run folder are alive")
+    pin = commands.add_parser("pin", help="keep versions loaded in the running stack's model server (a `specific` "
+                              "policy: the newest two, the pinned ones, the labelled ones); route only to these")
+    pin.add_argument("versions", nargs="*", type=int, help="versions to add (e.g. a new one before routing to it)")
+    pin.add_argument("--unpin", nargs="+", type=int, default=[], help="versions no longer needed (not routed!)")
+    pin.add_argument("--label", action="append", default=[], metavar="NAME=VERSION", help="set a version label")
     return parser.parse_args(argv)
+
+
+def pin_versions(args: argparse.Namespace) -> int:
+    from services.stack.pinning import pin
+
+    run_dir = latest_run()
+    if run_dir is None:
+        print("No stack run folder found: `make run` first.", file=sys.stderr)
+        return 1
+    labels = {}
+    for item in args.label:
+        name, _, version = item.partition("=")
+        if not version.isdigit():
+            print(f"--label wants NAME=VERSION, got {item!r}", file=sys.stderr)
+            return 2
+        labels[name] = int(version)
+    served, labels = pin(run_dir, args.versions, args.unpin, labels)
+    print(f"The model server keeps versions {served} loaded (labels {labels or 'none'}); it re-reads "
+          f"{run_dir / 'models.config'} every second.")
+    return 0
 
 
 def train_if_needed(registry: Path, model_name: str, data: str | None, run_dir: Path) -> None:
@@ -106,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "up":
             return up(args)
+        if args.command == "pin":
+            return pin_versions(args)
         return down() if args.command == "down" else status()
     except StackError as error:
         print(f"stack: {error}", file=sys.stderr)

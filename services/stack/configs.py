@@ -1,16 +1,61 @@
 """Configuration files the stack writes into its run folder: model server config, monitoring config, Prometheus."""
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 MONITORING_PATH = "/monitoring/prometheus/metrics"
 
 
-def write_model_config(path: Path, model_name: str, base_path: Path, num_versions: int = 2) -> None:
-    # The two newest versions stay loaded so the gateway has an A/B pair as soon as a second version is published.
-    path.write_text(
-        f'model_config_list {{ config {{ name: "{model_name}" base_path: "{base_path}" model_platform: "tensorflow" '
-        f"model_version_policy {{ latest {{ num_versions: {num_versions} }} }} }} }}\n")
+NEWEST_SERVED = 2  # the newest versions on disk are always served, so a second version is ready for an A/B split
+
+
+def served_versions(on_disk: Iterable[int], pinned: Iterable[int] = (), labels: Mapping[str, int] | None = None,
+                    newest: int = NEWEST_SERVED) -> list[int]:
+    """The versions a ``specific`` policy lists: the ``newest`` on disk, every pinned version (routed, or kept by an
+    operator) and every version a label points at."""
+    return sorted(set(sorted(on_disk)[-newest:] if newest > 0 else []) | set(pinned) | set((labels or {}).values()))
+
+
+def model_config_text(model_name: str, base_path: Path, versions: Iterable[int] = (),
+                      labels: Mapping[str, int] | None = None, newest: int = NEWEST_SERVED) -> str:
+    """A ModelServerConfig serving ``versions`` with a ``specific`` policy: under TF Serving's availability-preserving
+    policy a ``latest`` policy unloads the oldest version as soon as a newer folder appears (even one that never
+    loads), and with it the traffic routed to it; a ``specific`` version is only ever unloaded by removing it from
+    this list. With no version yet, ``latest { num_versions: newest }`` so that the first publish is served."""
+    versions = sorted(set(versions))
+    if versions:
+        policy = "specific { " + " ".join(f"versions: {v}" for v in versions) + " }"
+    else:
+        policy = f"latest {{ num_versions: {newest} }}"
+    label_text = "".join(f' version_labels {{ key: "{k}" value: {v} }}' for k, v in sorted((labels or {}).items()))
+    return (f'model_config_list {{ config {{ name: "{model_name}" base_path: "{base_path}" '
+            f'model_platform: "tensorflow" model_version_policy {{ {policy} }}{label_text} }} }}\n')
+
+
+def read_model_config(path: Path) -> tuple[str, Path, list[int], dict[str, int]]:
+    """(model name, base path, specific versions, labels) of a config written by ``write_model_config``."""
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    config = text_format.Parse(path.read_text(), model_server_config_pb2.ModelServerConfig())
+    [model] = config.model_config_list.config
+    return (model.name, Path(model.base_path), sorted(model.model_version_policy.specific.versions),
+            dict(model.version_labels))
+
+
+def write_model_config(path: Path, model_name: str, base_path: Path, pinned: Iterable[int] = (),
+                       labels: Mapping[str, int] | None = None, newest: int = NEWEST_SERVED) -> list[int]:
+    """Write (atomically: the model server polls the file) the config serving ``served_versions`` of what is on
+    disk under ``base_path``; returns those versions."""
+    from training_job.publish import versions as versions_on_disk
+
+    served = served_versions(versions_on_disk(Path(base_path)), pinned, labels, newest)
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(model_config_text(model_name, base_path, served, labels, newest))
+    os.replace(staging, path)
+    return served
 
 
 def write_monitoring_config(path: Path) -> None:

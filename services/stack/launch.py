@@ -161,6 +161,7 @@ def _start_all(stack: Stack, registry: Path, scrape_interval_s: float, tensorboa
     model_server = launch("model_server", [
         sys.executable, "-m", "services.model_server", f"--port={ports.model_server_grpc}",
         f"--rest_api_port={ports.model_server_rest}", "--host=127.0.0.1", f"--model_config_file={model_config}",
+        "--model_config_file_poll_wait_seconds=1",  # `scripts/stack.py pin` rewrites it
         f"--monitoring_config_file={monitoring_config}", "--file_system_poll_wait_seconds=1", "--enable_batching",
         f"--batching_parameters_file={BATCHING_CONFIG}"], env=env)
 

@@ -1,0 +1,35 @@
+"""``scripts/stack.py pin``: which versions the stack's model server keeps loaded.
+
+The stack's model config uses a ``specific`` policy (configs.model_config_text says why): the newest two versions on
+disk, every version pinned here, every version a label points at. Pinning is additive: a rewrite keeps what the
+config already lists, so a routed version disappears only when an operator unpins it (refused while a label points
+at it). The model server re-reads the file every second."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.stack import configs
+from services.stack.health import StackError
+from training_job.publish import versions
+
+CONFIG_NAME = "models.config"
+
+
+def pin(run_dir: Path, add: list[int] = (), unpin: list[int] = (), labels: dict[str, int] | None = None
+        ) -> tuple[list[int], dict[str, int]]:
+    """Rewrite ``run_dir``'s model config; returns (the versions it serves, the labels)."""
+    path = run_dir / CONFIG_NAME
+    if not path.is_file():
+        raise StackError(f"{path} does not exist: is this a stack run folder?")
+    name, base_path, current, current_labels = configs.read_model_config(path)
+    new_labels = {**current_labels, **(labels or {})}
+    labelled = sorted(set(unpin) & set(new_labels.values()))
+    if labelled:
+        raise StackError(f"versions {labelled} are the target of a label ({new_labels}): move the label first")
+    pinned = (set(current) | set(add)) - set(unpin)
+    newest = set(configs.served_versions(versions(base_path)))
+    if set(unpin) & newest:
+        raise StackError(f"versions {sorted(set(unpin) & newest)} are among the newest {configs.NEWEST_SERVED} on "
+                         "disk: they stay served")
+    served = configs.write_model_config(path, name, base_path, pinned, new_labels)
+    return served, new_labels

@@ -1,0 +1,133 @@
+"""``preprocessing.preprocess_bytes`` -- the one preprocessing contract -- as TensorFlow ops, for the exported
+SavedModel's ``predict_image_bytes`` signature, so a client that sends encoded photos gets the pixels training used:
+
+- JPEGs are decoded at the same reduced DCT scale Pillow's ``draft`` picks (1/2, 1/4 or 1/8 while both sides stay
+  >= ``size``), with libjpeg's accurate integer DCT, as Pillow does;
+- the EXIF orientation tag (JPEG APP1 ``Exif``, PNG ``eXIf``, WebP ``EXIF``) is read from the bytes with tensor ops
+  and applied as ``ImageOps.exif_transpose`` does;
+- grey, grey+alpha and RGBA are flattened to RGB over white;
+- the bilinear resize to a square is antialiased, like Pillow's.
+
+Pillow and TensorFlow round differently inside decode and resize: tests/test_export_contract.py measures the pixel
+difference on real photos and bounds it, and checks that the classifier's top-1 answer is the same.
+"""
+from __future__ import annotations
+
+EXIF_SCAN_BYTES = 1 << 16  # the EXIF block sits in the first segments/chunks of a file
+ORIENTATION_TAG = 0x0112
+
+
+def _u16(raw, at, little):
+    import tensorflow as tf
+
+    a, b = tf.cast(tf.gather(raw, at), tf.int32), tf.cast(tf.gather(raw, at + 1), tf.int32)
+    return tf.where(little, a + b * 256, a * 256 + b)
+
+
+def _u32(raw, at, little):
+    import tensorflow as tf
+
+    first, second = _u16(raw, at, little), _u16(raw, at + 2, little)
+    return tf.where(little, first + second * 65536, first * 65536 + second)
+
+
+def _find(raw, pattern: bytes):
+    """Index of the first occurrence of ``pattern`` in ``raw`` (uint8 vector), or -1."""
+    import tensorflow as tf
+
+    n = tf.size(raw) - len(pattern) + 1
+    hits = tf.ones([tf.maximum(n, 0)], tf.bool)
+    for i, byte in enumerate(pattern):
+        hits = tf.logical_and(hits, tf.equal(raw[i:i + tf.maximum(n, 0)], byte))
+    where = tf.where(hits)
+    return tf.cond(tf.size(where) > 0, lambda: tf.cast(where[0, 0], tf.int32), lambda: tf.constant(-1))
+
+
+def exif_orientation(data):
+    """The EXIF orientation (1..8) of encoded image bytes (a scalar string tensor); 1 when absent or unreadable."""
+    import tensorflow as tf
+
+    head = tf.strings.substr(data, 0, EXIF_SCAN_BYTES)
+    raw = tf.io.decode_raw(head, tf.uint8)
+    raw = tf.concat([raw, tf.zeros([16], tf.uint8)], 0)  # reads just past the end see zeros, never fail
+    size = tf.size(raw) - 16
+    jpeg = _find(raw, b"Exif\x00\x00")
+    png = _find(raw, b"eXIf")
+    webp = _find(raw, b"EXIF")
+    tiff = tf.where(jpeg >= 0, jpeg + 6, tf.where(png >= 0, png + 4, tf.where(webp >= 0, webp + 8, -1)))
+    tiff_ok = tf.logical_and(tiff >= 0, tiff + 8 <= size)
+    tiff = tf.where(tiff_ok, tiff, 0)
+    little = tf.logical_and(tf.equal(tf.gather(raw, tiff), ord("I")), tf.equal(tf.gather(raw, tiff + 1), ord("I")))
+    big = tf.logical_and(tf.equal(tf.gather(raw, tiff), ord("M")), tf.equal(tf.gather(raw, tiff + 1), ord("M")))
+    magic_ok = tf.logical_and(tf.logical_or(little, big), tf.equal(_u16(raw, tiff + 2, little), 42))
+    ifd = tiff + _u32(raw, tiff + 4, little)
+    ifd_ok = tf.logical_and(ifd >= tiff + 8, ifd + 2 <= size)
+    ifd = tf.where(ifd_ok, ifd, 0)
+    count = tf.clip_by_value(_u16(raw, ifd, little), 0, 512)
+    entries = ifd + 2 + 12 * tf.range(count)
+    entries = tf.boolean_mask(entries, entries + 12 <= size)
+    tags = _u16(raw, entries, little)
+    values = _u16(raw, entries + 8, little)
+    match = tf.boolean_mask(values, tf.equal(tags, ORIENTATION_TAG))
+    value = tf.cond(tf.size(match) > 0, lambda: match[0], lambda: tf.constant(1))
+    valid = tf.logical_and(tf.logical_and(tiff_ok, magic_ok), tf.logical_and(ifd_ok, (value >= 1) & (value <= 8)))
+    return tf.where(valid, value, 1)
+
+
+def apply_orientation(image, orientation):
+    """``ImageOps.exif_transpose`` for an (H, W, C) tensor and an orientation 1..8."""
+    import tensorflow as tf
+
+    def transpose():
+        return tf.transpose(image, [1, 0, 2])
+
+    branches = [
+        lambda: image,  # 1 (and anything unexpected)
+        lambda: tf.image.flip_left_right(image),  # 2
+        lambda: tf.image.rot90(image, 2),  # 3
+        lambda: tf.image.flip_up_down(image),  # 4
+        transpose,  # 5: Pillow's TRANSPOSE
+        lambda: tf.image.rot90(image, 3),  # 6: Pillow's ROTATE_270 (90 degrees clockwise)
+        lambda: tf.image.rot90(transpose(), 2),  # 7: Pillow's TRANSVERSE
+        lambda: tf.image.rot90(image, 1),  # 8: Pillow's ROTATE_90 (counter-clockwise)
+    ]
+    index = tf.where((orientation >= 1) & (orientation <= 8), orientation - 1, 0)
+    return tf.switch_case(index, branches)
+
+
+def _decode_jpeg(data, size: int):
+    """JPEG at the DCT scale Pillow's draft((size, size)) picks: the largest of 8, 4, 2, 1 <= min(w, h) // size."""
+    import tensorflow as tf
+
+    shape = tf.io.extract_jpeg_shape(data)
+    scale = tf.minimum(shape[0] // size, shape[1] // size)
+    index = tf.where(scale >= 8, 3, tf.where(scale >= 4, 2, tf.where(scale >= 2, 1, 0)))
+
+    def decode(ratio):
+        return lambda: tf.io.decode_jpeg(data, channels=3, ratio=ratio, dct_method="INTEGER_ACCURATE")
+
+    return tf.switch_case(index, [decode(1), decode(2), decode(4), decode(8)])
+
+
+def _flatten_over_white(image):
+    """(H, W, 1|2|3|4) uint8 -> (H, W, 3) float32 RGB with any alpha composited over white."""
+    import tensorflow as tf
+
+    channels = tf.shape(image)[2]
+    pixels = tf.cast(image, tf.float32)
+    colour = tf.cond(channels < 3, lambda: tf.tile(pixels[:, :, :1], [1, 1, 3]), lambda: pixels[:, :, :3])
+    alpha = tf.cond(tf.equal(channels % 2, 0), lambda: pixels[:, :, -1:] / 255.0, lambda: tf.ones_like(pixels[:, :, :1]))
+    return tf.round(colour * alpha + 255.0 * (1.0 - alpha))
+
+
+def decode_and_resize(data, size: int):
+    """One encoded photo (scalar string tensor) -> uint8 (size, size, 3), as ``preprocess_bytes`` makes it."""
+    import tensorflow as tf
+
+    image = tf.cond(
+        tf.io.is_jpeg(data),
+        lambda: tf.cast(_decode_jpeg(data, size), tf.float32),
+        lambda: _flatten_over_white(tf.io.decode_image(data, channels=0, expand_animations=False)))
+    image = apply_orientation(image, exif_orientation(data))
+    image = tf.image.resize(image, (size, size), method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
