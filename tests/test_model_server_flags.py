@@ -111,7 +111,7 @@ def test_prefer_tflite_model_reaches_the_servable_loader(tmp_path):
     server = ModelServer(parse("--prefer_tflite_model=true", "--saved_model_tags=serve",
                                "--num_request_iterations_for_warmup=4"))
     try:
-        options = server.manager.load.keywords["options"]
+        options = server.source.loader_options
         assert options.prefer_tflite_model is True and options.tags == ("serve",) and options.warmup_iterations == 4
     finally:
         server.core.executor.shutdown()

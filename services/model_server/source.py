@@ -66,7 +66,7 @@ def aspired_versions(model: model_server_config_pb2.ModelConfig) -> dict[int, Pa
 class FileSystemSource:
     def __init__(self, set_aspired_versions: AspiredVersionsCallback, loader_options: LoadOptions = LoadOptions()):
         self._set_aspired_versions = set_aspired_versions
-        self._loader_options = loader_options  # how every version this source aspires is loaded (the flags)
+        self.loader_options = loader_options  # how every version this source aspires is loaded (the flags)
         self._models: dict[str, model_server_config_pb2.ModelConfig] = {}
         self._missing: set[str] = set()  # models whose base path was missing at the last poll (logged once)
         self._missing_specific: dict[str, frozenset[int]] = {}  # specific versions not on disk (logged on change)
@@ -100,6 +100,6 @@ class FileSystemSource:
                 log.warning("model %s: specific versions %s are not on disk", name, sorted(missing))
             self._missing_specific[name] = missing
             chosen = select_versions(model, on_disk)
-            self._set_aspired_versions(name, {v: Loader(name, v, p, self._loader_options) for v, p in chosen.items()})
+            self._set_aspired_versions(name, {v: Loader(name, v, p, self.loader_options) for v, p in chosen.items()})
         if failures:
             raise SourceError("; ".join(failures))
