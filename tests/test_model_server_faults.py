@@ -277,7 +277,7 @@ def _predict_label(target: str, label: str) -> str:
 
 def _loop_failures(url: str, loop: str) -> float:
     text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
-    found = re.findall(r'^model_server_background_loop_failures_total\{loop="%s"\} (\S+)$' % loop, text, re.M)
+    found = re.findall(r'^model_server_background_loop_failures\{loop="%s"\} (\S+)$' % loop, text, re.M)
     return float(found[0]) if found else 0.0
 
 

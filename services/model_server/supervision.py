@@ -1,6 +1,6 @@
 """Supervised background loops: a step that raises is logged, counted, and retried with backoff; the loop never
 ends on an exception. Each loop's health is on the monitoring endpoint:
-``model_server_background_loop_failures_total{loop}`` counts failed steps,
+``model_server_background_loop_failures{loop}`` counts failed steps,
 ``model_server_background_loop_last_success_timestamp_seconds{loop}`` says when a step last succeeded and
 ``model_server_background_loop_consecutive_failures{loop}`` is 0 while it is healthy."""
 from __future__ import annotations
