@@ -74,6 +74,7 @@ class Stack:
 
     def __enter__(self) -> "Stack":
         from tests.model_server_harness import version_states, wait_until, write_config
+        from services.stack.launch import REDIS_STATE_ARGS
         from tests.support import RedisServer
 
         config = self.work / "models.config"
@@ -87,7 +88,8 @@ class Stack:
             (self.work / "batching.config").write_text(self.batching_config)
             extra += ["--enable_batching", f"--batching_parameters_file={self.work / 'batching.config'}"]
         self._server_args = (config, extra)
-        self.redis = RedisServer().start()
+        # Redis as the local stack, compose and k8s run it: operator state persisted, only TTL'd cache keys evictable.
+        self.redis = RedisServer(extra_args=REDIS_STATE_ARGS).start()
         self.server = None
         try:
             self.server = self._start_model_server()

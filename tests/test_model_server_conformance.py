@@ -545,25 +545,31 @@ def test_metrics_count_requests(server, stub):
 # TF Serving's AvailabilityPreservingPolicy under `latest`: an unaspired version is unloaded as soon as an aspired
 # one is AVAILABLE, so a newer folder that never loads costs the oldest version its place under `latest 2`, and
 # nothing under `latest 1`. (Operators keep routed versions with a `specific` policy: README, "Model server".)
+# Under `specific`, the file-system source aspires only the listed versions it finds: a listed folder that vanishes
+# is unloaded once another listed version is AVAILABLE (file_system_storage_path_source.cc, AspireSpecificVersions).
 
 
 @pytest.fixture(scope="module")
 def latest_server(tmp_path_factory):
-    """Model `latest1` (latest 1) with version 1 and model `latest2` (latest 2) with versions 1 and 2."""
+    """Model `latest1` (latest 1) with version 1, model `latest2` (latest 2) with versions 1 and 2, and model
+    `specific12` (specific 1, 2) with versions 1 and 2."""
     if external_server() is not None:
         pytest.skip("needs its own model config (latest policies); run against our server only")
     models_dir = tmp_path_factory.mktemp("latest-registry")
-    for model, count in (("latest1", 1), ("latest2", 2)):
+    policies = {"latest1": "latest { num_versions: 1 }", "latest2": "latest { num_versions: 2 }",
+                "specific12": "specific { versions: 1 versions: 2 }"}
+    for model, count in (("latest1", 1), ("latest2", 2), ("specific12", 2)):
         for bias in range(count):
             publish_dir(lambda staging, b=bias: write_tiny_model(staging, bias=float(b)), models_dir, model)
     config = models_dir / "models.config"
     config.write_text("model_config_list { " + " ".join(
         f'config {{ name: "{m}" base_path: "{models_dir / m}" model_platform: "tensorflow" '
-        f'model_version_policy {{ latest {{ num_versions: {n} }} }} }}' for m, n in (("latest1", 1), ("latest2", 2)))
-        + " }\n")
+        f'model_version_policy {{ {policy} }} }}' for m, policy in policies.items()) + " }\n")
     srv = start_server(models_dir, config)
     wait_until(lambda: version_states(srv.grpc_target, "latest1").get(1, (0,))[0] == AVAILABLE
-               and version_states(srv.grpc_target, "latest2").get(2, (0,))[0] == AVAILABLE, what="both models")
+               and version_states(srv.grpc_target, "latest2").get(2, (0,))[0] == AVAILABLE
+               and all(version_states(srv.grpc_target, "specific12").get(v, (0,))[0] == AVAILABLE for v in (1, 2)),
+               what="the three models")
     yield srv
     stop_server(srv)
 
@@ -598,3 +604,12 @@ def test_latest_2_unloads_its_oldest_version_when_an_empty_newer_folder_appears(
     states = version_states(latest_server.grpc_target, "latest2")
     assert states[2][0] == AVAILABLE and states.get(3, (0,))[0] != AVAILABLE
     assert served_by(latest_server, "latest2") == 2
+
+
+def test_specific_unloads_a_listed_version_whose_folder_vanished(latest_server):
+    model_dir = latest_server.models_dir / "specific12"
+    (model_dir / "1").rename(model_dir / ".removed-1")
+    wait_until(lambda: version_states(latest_server.grpc_target, "specific12").get(1, (50,))[0] == 50, timeout=60,
+               what="version 1 to be unloaded")
+    assert version_states(latest_server.grpc_target, "specific12")[2][0] == AVAILABLE
+    assert served_by(latest_server, "specific12") == 2

@@ -64,13 +64,6 @@ def test_loads_take_the_highest_untried_aspired_version():
             assert not untried, (states, aspired)
 
 
-def test_pinned_versions_are_never_unloaded():
-    for states, aspired in SITUATIONS:
-        for pinned in ({1}, {1, 2}, set(VERSIONS)):
-            action = next_action(states, aspired, frozenset(pinned))
-            assert action is None or action.kind is Kind.LOAD or action.version not in pinned
-
-
 @pytest.mark.parametrize("states, aspired, expected", [
     # latest 1: v1 serving, an empty/corrupt folder 2 appears and fails to load: v1 stays
     ({1: State.AVAILABLE, 2: State.START}, {2}, Action(Kind.LOAD, 2)),
@@ -151,13 +144,13 @@ def test_manager_replaces_a_version_only_once_the_new_one_is_available():
     assert manager.resolve("m").version == 2
 
 
-def test_manager_keeps_a_specific_version_whose_folder_is_gone():
+def test_manager_unloads_a_specific_version_whose_folder_is_gone_as_tf_serving_does():
     manager = manager_for("model_version_policy { specific { versions: 1 versions: 2 } }")
     manager.set_aspired_versions("m", {1: FakeLoader(1), 2: FakeLoader(2)})
     manager.manage_state()
-    manager.set_aspired_versions("m", {2: FakeLoader(2)})  # folder 1 deleted
+    manager.set_aspired_versions("m", {2: FakeLoader(2)})  # folder 1 deleted: the source no longer aspires it
     manager.manage_state()
-    assert manager.resolve("m", version=1).version == 1
+    assert states(manager)[1] == (State.END, False) and states(manager)[2][0] == State.AVAILABLE
 
 
 def test_a_version_aspired_again_after_being_unloaded_loads_again():

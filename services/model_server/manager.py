@@ -21,7 +21,6 @@ from tensorflow_serving.config import model_server_config_pb2
 from services.model_server import metrics
 from services.model_server.errors import ServingError
 from services.model_server.loader import Loader
-from services.model_server.source import specific_versions
 from services.model_server.version_policy import Kind, State, next_action
 
 if TYPE_CHECKING:  # the manager never builds a servable itself: its loaders do
@@ -105,7 +104,7 @@ class Manager:
                 self._unload_model(name)
             errors: list[str] = []
             for name, model in configs.items():
-                self._manage_model(name, specific_versions(model))
+                self._manage_model(name)
                 errors += self._apply_labels(name, model)
             metrics.LOADED_VERSIONS.clear()
             with self._lock:
@@ -114,7 +113,7 @@ class Manager:
                     metrics.LOADED_VERSIONS.labels(model_name=name).set(available)
             return errors
 
-    def _manage_model(self, name: str, pinned: frozenset[int]) -> None:
+    def _manage_model(self, name: str) -> None:
         tried: set[int] = set()  # one load attempt per version per pass
         while True:
             with self._lock:
@@ -122,7 +121,7 @@ class Manager:
                 states = {v: (State.LOADING if v in tried and r.state == State.START else r.state)
                           for v, r in records.items()}
                 aspired = {v for v, r in records.items() if r.aspired}
-                action = next_action(states, aspired, pinned)
+                action = next_action(states, aspired)
                 record = records.get(action.version) if action else None
             if action is None or record is None:
                 return

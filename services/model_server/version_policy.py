@@ -9,8 +9,9 @@ server and the real one make the same choices:
   that will never load -- unloads version 1 at once, because aspired version 2 is AVAILABLE. Under
   ``latest { num_versions: 1 }`` a corrupt newest folder costs nothing: version 1 stays until an aspired version
   is AVAILABLE. A version that failed to load counts as aspired (not as AVAILABLE) for as long as it is aspired.
-- A version listed in the model's ``specific`` policy is never unloaded by the policy (even when its folder is
-  gone): the operator asked for it by number.
+- Nothing else protects a version: under ``specific { versions: [1, 2] }`` a folder 1 that vanishes makes version 1
+  unaspired (TF Serving's file-system source aspires only the listed versions it finds), so it is unloaded once
+  version 2 is AVAILABLE. Requests already admitted for it finish first (services/model_server/batching.py).
 - Otherwise the highest aspired version that has not been tried (START) is loaded.
 
 Unloads are preferred over loads. Nothing here touches the file system or TensorFlow.
@@ -42,15 +43,14 @@ class Action:
     version: int
 
 
-def next_action(states: Mapping[int, State], aspired: Set[int], pinned: Set[int] = frozenset()) -> Action | None:
+def next_action(states: Mapping[int, State], aspired: Set[int]) -> Action | None:
     """The next action for one model. ``states``: every version the manager knows; ``aspired``: the versions the
-    source wants now; ``pinned``: the versions of a ``specific`` policy, never unloaded."""
+    source wants now."""
     has_aspired = any(v in aspired for v in states)
     has_aspired_serving = any(v in aspired and s == State.AVAILABLE for v, s in states.items())
     unaspired_serving = sorted(v for v, s in states.items() if v not in aspired and s == State.AVAILABLE)
     if unaspired_serving and (not has_aspired or has_aspired_serving or len(unaspired_serving) > 1):
-        if unaspired_serving[0] not in pinned:
-            return Action(Kind.UNLOAD, unaspired_serving[0])
+        return Action(Kind.UNLOAD, unaspired_serving[0])
     untried = [v for v, s in states.items() if v in aspired and s == State.START]
     if untried:
         return Action(Kind.LOAD, max(untried))
