@@ -183,3 +183,57 @@ def test_upstream_reads_outputs_in_either_form_tf_serving_writes():
             np.testing.assert_array_equal(_array(tensor_proto(value, as_content)), value)
     labels = _array(tensor_proto(np.array([[b"a", b"b"]], dtype=object)))
     assert labels.shape == (1, 2) and list(labels[0]) == ["a", "b"]
+
+
+def test_a_routed_version_unloaded_since_the_last_status_poll_is_routed_around():
+    """The model server unloads the routed version before the gateway's next status poll: the request is routed
+    again without it instead of answering 404. A version the client asked for by number still gets 404."""
+    import grpc as grpc_lib
+
+    from services.gateway.errors import GatewayError
+    from services.gateway.routing import Router
+    from services.gateway.stats import Stats
+    from services.gateway.upstream import Prediction, UpstreamRejected
+    from training_job.preprocessing import Limits
+
+    calls = []
+
+    class Upstream:
+        model_name = "mushrooms"
+
+        async def predict(self, pixels, version, label):
+            calls.append(version)
+            if version == 1:  # unloaded by the model server; the gateway has not polled since
+                raise UpstreamRejected(grpc_lib.StatusCode.NOT_FOUND, "Servable not found for request: 1")
+            return [Prediction(version, np.float32([0.25, 0.75]), ["a", "b"], 0.9, False)]
+
+    class Cache:
+        async def get(self, key):
+            return None
+
+        async def put(self, key, value):
+            pass
+
+    class Redis:
+        async def set(self, *args, **kwargs):
+            pass
+
+    from types import SimpleNamespace
+
+    router = Router(Redis(), "mushrooms")
+    router.table = RoutingTable.from_request({"weights": {"1": 100}})
+    router.available = {1, 2}
+    gateway = classifier.Classifier(Upstream(), Cache(), router, Stats(Redis(), "mushrooms"),
+                                    SimpleNamespace(display_names=lambda version: {}), Limits())
+
+    async def scenario():
+        answer = await gateway.classify(_jpeg((64, 48)), client_id="c", top_k=1)
+        assert answer["model"]["version"] == 2 and calls == [1, 2]
+        assert router.available == {2}
+        calls.clear()
+        router.available = {1, 2}
+        with pytest.raises(GatewayError) as err:
+            await gateway.classify(_jpeg((48, 64)), version=1, top_k=1)
+        assert err.value.status == 404 and calls == [1]
+
+    asyncio.run(scenario())

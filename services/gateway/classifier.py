@@ -117,33 +117,22 @@ class Classifier:
             if len(photo) > self.limits.max_bytes:
                 raise GatewayError(413, "too_large", f"the photo is {len(photo)} bytes; the limit is "
                                    f"{self.limits.max_bytes} bytes")
-            if version is not None:
-                if version not in self.router.available:
-                    raise GatewayError(404, "unknown_version", f"version {version} is not AVAILABLE "
-                                       f"(available: {sorted(self.router.available)})")
-                reason = "override"
-            elif label:
-                reason = "override"
-            else:
+            routed = version is None and not label
+            if version is not None and version not in self.router.available:
+                raise GatewayError(404, "unknown_version", f"version {version} is not AVAILABLE "
+                                   f"(available: {sorted(self.router.available)})")
+            chosen, reason = self.router.choose(client_id) if routed else (version, "override")
+            try:
+                answer, cache_outcome = await self._lookup(photo, chosen, label)
+            except GatewayError as exc:
+                if not (routed and chosen is not None and exc.code == "unknown_version"):
+                    raise
+                # The model server unloaded the routed version after the last status poll: route again without it
+                # (the next poll brings it back if it was only a moment's disagreement).
+                self.router.available.discard(chosen)
+                metrics.REROUTED.inc()
                 chosen, reason = self.router.choose(client_id)
-            digest = hashlib.sha256(photo).hexdigest()
-            answer = None
-            key = cache_key(digest, self.upstream.model_name, chosen) if chosen is not None else None
-            if key is not None:
-                answer = await self.cache.get(key)
-            if answer is not None:
-                cache_outcome = "hit"
-            elif key is not None and key in self._storing and isinstance(self.single_flight, SingleFlight):
-                metrics.SINGLE_FLIGHT_SHARED.inc()
-                answer = self._storing[key]
-            else:
-                async def miss():
-                    pixels = await self._preprocess(photo)
-                    fresh = await self._predict(pixels, chosen, label)
-                    self._store(cache_key(digest, self.upstream.model_name, fresh["version"]), fresh)
-                    self._maybe_shadow(pixels, fresh)
-                    return fresh
-                answer = await self.single_flight.do(key or f"{digest}:{label}", miss)
+                answer, cache_outcome = await self._lookup(photo, chosen, label)
             self._check_top_k(top_k, len(answer["classes"]))
             metrics.ROUTE.labels(model_version=metrics.version_label(answer["version"], self.router.available),
                                  reason=reason).inc()
@@ -158,6 +147,26 @@ class Classifier:
                 protocol=protocol, endpoint=endpoint,
                 model_version=metrics.version_label(chosen, self.router.available),
                 cache=cache_outcome, result=result).observe(time.perf_counter() - start)
+
+    async def _lookup(self, photo: bytes, chosen: int | None, label: str | None) -> tuple[dict, str]:
+        """(answer, "hit" | "miss"): the cached answer of ``chosen`` for this photo, or the model server's."""
+        digest = hashlib.sha256(photo).hexdigest()
+        key = cache_key(digest, self.upstream.model_name, chosen) if chosen is not None else None
+        if key is not None:
+            answer = await self.cache.get(key)
+            if answer is not None:
+                return answer, "hit"
+            if key in self._storing and isinstance(self.single_flight, SingleFlight):
+                metrics.SINGLE_FLIGHT_SHARED.inc()
+                return self._storing[key], "miss"
+
+        async def miss():
+            pixels = await self._preprocess(photo)
+            fresh = await self._predict(pixels, chosen, label)
+            self._store(cache_key(digest, self.upstream.model_name, fresh["version"]), fresh)
+            self._maybe_shadow(pixels, fresh)
+            return fresh
+        return await self.single_flight.do(key or f"{digest}:{label}", miss), "miss"
 
     def _answer(self, raw: dict, top_k: int, cached: bool, start: float) -> dict:
         version = raw["version"]
