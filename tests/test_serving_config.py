@@ -57,6 +57,23 @@ def test_pinning_is_additive_and_never_drops_a_labelled_or_newest_version(tmp_pa
     assert pin(run_dir, unpin=[1])[0] == [2, 3]
 
 
+def test_a_version_the_gateway_still_routes_to_cannot_be_unpinned(tmp_path):
+    from services.stack.pinning import routed_versions
+
+    run_dir, base = fake_run(tmp_path, [1, 2])
+    (base / "3").mkdir()
+    pin(run_dir)
+    # GET /v1/admin/routing of a gateway splitting "stable" (version 1) 90/10 with version 2, shadowing "canary" (3)
+    routing = {"weights": {"stable": 90.0, "2": 10.0}, "shadow": "canary",
+               "resolved": {"stable": 1, "2": 2, "canary": 3}, "effective": {"1": 90.0, "2": 10.0}}
+    assert routed_versions(routing) == {1, 2, 3}
+    assert routed_versions({"weights": {"1": 100.0, "2": 0.0}, "shadow": 2, "resolved": {"1": 1, "2": 2},
+                            "effective": {"1": 100.0}}) == {1, 2}
+    with pytest.raises(StackError, match=r"versions \[1\] still get traffic"):
+        pin(run_dir, unpin=[1], routed=routed_versions(routing))
+    assert pin(run_dir, unpin=[1], routed={2, 3})[0] == [2, 3]
+
+
 def test_a_broken_new_version_costs_no_pinned_version_on_a_real_server(tmp_path):
     models_dir = tmp_path / "registry"
     for bias in (0.0, 1.0):

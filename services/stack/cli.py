@@ -34,7 +34,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     pin.add_argument("versions", nargs="*", type=int, help="versions to add (e.g. a new one before routing to it)")
     pin.add_argument("--unpin", nargs="+", type=int, default=[], help="versions no longer needed (not routed!)")
     pin.add_argument("--label", action="append", default=[], metavar="NAME=VERSION", help="set a version label")
+    pin.add_argument("--force", action="store_true", help="unpin without asking the gateway whether traffic is "
+                     "still routed to those versions")
     return parser.parse_args(argv)
+
+
+def gateway_routed_versions(run_dir: Path) -> set[int]:
+    """The versions the running stack's gateway routes to; a StackError when it cannot be asked."""
+    import json
+    import urllib.request
+
+    from services.stack.pinning import routed_versions
+
+    stack = Stack.load(run_dir)
+    request = urllib.request.Request(stack.urls["gateway"] + "/v1/admin/routing",
+                                     headers={"Authorization": f"Bearer {stack.admin_token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return routed_versions(json.loads(response.read()))
+    except OSError as exc:
+        raise StackError(f"cannot read the gateway's routing table to check that no traffic goes to the versions "
+                         f"to unpin ({exc}); --force unpins without checking") from None
 
 
 def pin_versions(args: argparse.Namespace) -> int:
@@ -51,7 +71,10 @@ def pin_versions(args: argparse.Namespace) -> int:
             print(f"--label wants NAME=VERSION, got {item!r}", file=sys.stderr)
             return 2
         labels[name] = int(version)
-    served, labels = pin(run_dir, args.versions, args.unpin, labels)
+    routed: set[int] = set()
+    if args.unpin and not args.force:
+        routed = gateway_routed_versions(run_dir)
+    served, labels = pin(run_dir, args.versions, args.unpin, labels, routed)
     print(f"The model server keeps versions {served} loaded (labels {labels or 'none'}); it re-reads "
           f"{run_dir / 'models.config'} every second.")
     return 0

@@ -15,9 +15,22 @@ from training_job.publish import versions
 CONFIG_NAME = "models.config"
 
 
-def pin(run_dir: Path, add: list[int] = (), unpin: list[int] = (), labels: dict[str, int] | None = None
-        ) -> tuple[list[int], dict[str, int]]:
-    """Rewrite ``run_dir``'s model config; returns (the versions it serves, the labels)."""
+def routed_versions(routing: dict) -> set[int]:
+    """The versions a gateway's routing table (GET /v1/admin/routing) sends traffic or shadow copies to now."""
+    routed = {int(v) for v, weight in (routing.get("effective") or {}).items() if weight > 0}
+    resolved = routing.get("resolved") or {}
+    shadow = routing.get("shadow")
+    if shadow is not None:
+        shadow_version = resolved.get(str(shadow), shadow)
+        if isinstance(shadow_version, int) or str(shadow_version).isdigit():
+            routed.add(int(shadow_version))
+    return routed
+
+
+def pin(run_dir: Path, add: list[int] = (), unpin: list[int] = (), labels: dict[str, int] | None = None,
+        routed: set[int] = frozenset()) -> tuple[list[int], dict[str, int]]:
+    """Rewrite ``run_dir``'s model config; returns (the versions it serves, the labels). ``routed``: the versions
+    the gateway sends traffic to (routed_versions): unpinning one is refused, as it would drop that traffic."""
     path = run_dir / CONFIG_NAME
     if not path.is_file():
         raise StackError(f"{path} does not exist: is this a stack run folder?")
@@ -26,6 +39,10 @@ def pin(run_dir: Path, add: list[int] = (), unpin: list[int] = (), labels: dict[
     labelled = sorted(set(unpin) & set(new_labels.values()))
     if labelled:
         raise StackError(f"versions {labelled} are the target of a label ({new_labels}): move the label first")
+    still_routed = sorted(set(unpin) & set(routed))
+    if still_routed:
+        raise StackError(f"versions {still_routed} still get traffic from the gateway's routing table: route it "
+                         "away first (python -m services.gateway.admin set ...), then unpin")
     pinned = (set(current) | set(add)) - set(unpin)
     newest = set(configs.served_versions(versions(base_path)))
     if set(unpin) & newest:
