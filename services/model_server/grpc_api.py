@@ -212,10 +212,13 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         return response
 
 
-def build_server(core: PredictionCore, reload_config, port: int, host: str = "0.0.0.0") -> grpc.aio.Server:
+def build_server(core: PredictionCore, reload_config, port: int, host: str = "0.0.0.0",
+                 options: list[tuple[str, int | str]] = ()) -> grpc.aio.Server:
+    """``options``: further gRPC server arguments (--grpc_channel_arguments), after the message size limits."""
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        *options,
     ])
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(core), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(core.manager, reload_config), server)

@@ -20,10 +20,10 @@ log = logging.getLogger("model_server")
 
 # Real tensorflow_model_server flags this server does not implement: named in a clear error instead of argparse's.
 UNSUPPORTED_TF_SERVING_FLAGS = {
-    "grpc_socket_path", "ssl_config_file", "platform_config_file", "tensorflow_session_parallelism",
+    "ssl_config_file", "platform_config_file", "tensorflow_session_parallelism",
     "per_process_gpu_memory_fraction",
-    "saved_model_tags", "grpc_channel_arguments", "enable_model_warmup", "num_request_iterations_for_warmup",
-    "rest_api_timeout_in_ms", "rest_api_num_threads", "enable_signature_method_name_check", "xla_cpu_compilation_enabled",
+    "saved_model_tags", "enable_model_warmup", "num_request_iterations_for_warmup",
+    "rest_api_num_threads", "enable_signature_method_name_check", "xla_cpu_compilation_enabled",
     "remove_unused_fields_from_bundle_metagraph", "prefer_tflite_model", "mixed_precision", "thread_pool_factory_config_file",
     "use_tflite_model", "flush_filesystem_caches", "model_version_policy", "enable_profiler",
 }
@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, default=8500, help="gRPC port (default 8500)")
     p.add_argument("--rest_api_port", type=int, default=8501, help="REST port (default 8501; 0 = no REST)")
+    p.add_argument("--grpc_socket_path", default="",
+                   help="also serve gRPC on this Unix domain socket (a path; empty = no socket)")
+    p.add_argument("--grpc_channel_arguments", default="",
+                   help="gRPC server arguments, comma-separated key=value (integers are passed as numbers), "
+                   "e.g. grpc.max_connection_age_ms=2000")
+    p.add_argument("--rest_api_timeout_in_ms", type=int, default=30000,
+                   help="a REST request still running after this many ms answers 504 (default 30000; 0 = none)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (not a TF Serving flag; default 0.0.0.0)")
     p.add_argument("--model_name", default="default", help="name of the single model to serve (with --model_base_path)")
     p.add_argument("--model_base_path", default="", help="folder holding the model's numbered version folders")
@@ -87,7 +94,38 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if not args.model_config_file and not args.model_base_path:
         build_parser().error("give --model_config_file, or --model_name with --model_base_path")
+    try:
+        parse_grpc_channel_arguments(args.grpc_channel_arguments)
+    except ValueError as exc:
+        build_parser().error(str(exc))
     return args
+
+
+def parse_grpc_channel_arguments(text: str) -> list[tuple[str, int | str]]:
+    """--grpc_channel_arguments as gRPC options: ``k=v,k=v``, each value an int when it parses as one (as TF Serving)."""
+    options: list[tuple[str, int | str]] = []
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--grpc_channel_arguments: {pair!r} is not key=value")
+        try:
+            options.append((key.strip(), int(value)))
+        except ValueError:
+            options.append((key.strip(), value.strip()))
+    return options
+
+
+def rest_timeout_middleware(seconds: float):
+    """Answers 504 (TF Serving's status for DEADLINE_EXCEEDED) for a REST request still running after ``seconds``."""
+    @web.middleware
+    async def timeout(request: web.Request, handler):
+        try:
+            async with asyncio.timeout(seconds):
+                return await handler(request)
+        except TimeoutError:
+            return web.json_response({"error": f"Deadline Exceeded: no answer within {seconds * 1000:.0f} ms "
+                                               "(--rest_api_timeout_in_ms)"}, status=504)
+    return timeout
 
 
 class ModelServer:
@@ -163,12 +201,18 @@ class ModelServer:
 
         if self.args.file_system_poll_wait_seconds >= 0:
             await self._reconcile()
-        grpc_server = build_server(self.core, self.reload_config, self.args.port, self.args.host)
+        grpc_server = build_server(self.core, self.reload_config, self.args.port, self.args.host,
+                                   parse_grpc_channel_arguments(self.args.grpc_channel_arguments))
+        if self.args.grpc_socket_path and not grpc_server.add_insecure_port(f"unix:{self.args.grpc_socket_path}"):
+            raise OSError(f"cannot listen for gRPC on the Unix socket {self.args.grpc_socket_path}")
         await grpc_server.start()
         runner = None
         if self.args.rest_api_port:
             path = self.monitoring.path if self.monitoring.enable else None
-            runner = web.AppRunner(RestApi(self.core, path).app(), access_log=None)
+            app = RestApi(self.core, path).app()
+            if self.args.rest_api_timeout_in_ms > 0:
+                app.middlewares.append(rest_timeout_middleware(self.args.rest_api_timeout_in_ms / 1000))
+            runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             await web.TCPSite(runner, self.args.host, self.args.rest_api_port).start()
         log.info("serving gRPC on %s:%d, REST on %s (metrics %s)", self.args.host, self.args.port,
