@@ -16,6 +16,7 @@ from services.model_server.errors import ServingError
 log = logging.getLogger("model_server.servable")
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 DEFAULT_SIGNATURE = "serving_default"
+SERVE_TAGS = ["serve"]
 
 
 @dataclass(frozen=True)
@@ -27,23 +28,14 @@ class SignatureInfo:
 
 
 class Servable:
-    def __init__(self, model_name: str, version: int, path: Path):
-        self.model_name = model_name
-        self.version = version
-        self.path = Path(path)
-        saved_model = saved_model_pb2.SavedModel()
-        saved_model.ParseFromString((self.path / "saved_model.pb").read_bytes())
-        self.signature_defs: dict[str, meta_graph_pb2.SignatureDef] = {
-            k: v for k, v in saved_model.meta_graphs[0].signature_def.items() if k != "__saved_model_init_op"
-        }
-        self._loaded = tf.saved_model.load(str(self.path))
-        self._functions = dict(self._loaded.signatures)
-        self.signatures = {name: self._describe(name, fn) for name, fn in self._functions.items()}
+    """One loaded version: its SignatureDefs (for metadata), its signatures, and how to run them on numpy arrays.
+    Subclasses load the model and call it (``_call``); checking names against the signature is shared."""
 
-    def _describe(self, name: str, fn) -> SignatureInfo:
-        specs = fn.structured_input_signature[1]
-        method = self.signature_defs[name].method_name if name in self.signature_defs else ""
-        return SignatureInfo(name, method, {k: s.dtype for k, s in specs.items()}, sorted(fn.structured_outputs))
+    model_name: str
+    version: int
+    path: Path
+    signature_defs: dict[str, meta_graph_pb2.SignatureDef]
+    signatures: dict[str, SignatureInfo]
 
     def signature(self, name: str) -> SignatureInfo:
         name = name or DEFAULT_SIGNATURE
@@ -66,13 +58,10 @@ class Servable:
         if unknown:
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"output tensor alias not found in signature: {sorted(unknown)}")
-        try:
-            tensors = {k: tf.convert_to_tensor(v, dtype=info.inputs[k]) for k, v in inputs.items()}
-            outputs = self._functions[info.name](**tensors)
-        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as exc:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, _short(exc)) from None
-        wanted = output_filter or info.outputs
-        return {k: outputs[k].numpy() for k in wanted}
+        return self._call(info, inputs, list(output_filter) or info.outputs)
+
+    def _call(self, info: SignatureInfo, inputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
 
     def warm_up(self) -> int:
         """Replay ``assets.extra/tf_serving_warmup_requests`` (TFRecord of PredictionLog); returns how many ran."""
@@ -98,9 +87,96 @@ def _short(exc: Exception) -> str:
     return text.strip().splitlines()[0][:500] if text.strip() else type(exc).__name__
 
 
+class FunctionServable(Servable):
+    """A TF2 SavedModel (one with an object graph): its signatures are concrete functions (tf.saved_model.load)."""
+
+    def __init__(self, model_name: str, version: int, path: Path, meta_graph: meta_graph_pb2.MetaGraphDef):
+        self.model_name, self.version, self.path = model_name, version, Path(path)
+        self.signature_defs = _signature_defs(meta_graph)
+        self._loaded = tf.saved_model.load(str(self.path))
+        self._functions = dict(self._loaded.signatures)
+        self.signatures = {name: self._describe(name, fn) for name, fn in self._functions.items()}
+
+    def _describe(self, name: str, fn) -> SignatureInfo:
+        specs = fn.structured_input_signature[1]
+        method = self.signature_defs[name].method_name if name in self.signature_defs else ""
+        return SignatureInfo(name, method, {k: s.dtype for k, s in specs.items()}, sorted(fn.structured_outputs))
+
+    def _call(self, info: SignatureInfo, inputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
+        try:
+            tensors = {k: tf.convert_to_tensor(v, dtype=info.inputs[k]) for k, v in inputs.items()}
+            outputs = self._functions[info.name](**tensors)
+        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as exc:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, _short(exc)) from None
+        return {k: outputs[k].numpy() for k in wanted}
+
+
+class SessionServable(Servable):
+    """A TF1 SavedModel (no object graph), run as TF Serving runs every SavedModel: a Session on its MetaGraph,
+    feeding and fetching the tensors its SignatureDefs name. Inputs are fed as given: neither the SignatureDef's
+    shapes nor the placeholders' are checked first (TF2's loader refuses signatures whose shapes disagree with the
+    graph, such as TF Serving's saved_model_half_plus_three, which TF Serving serves)."""
+
+    def __init__(self, model_name: str, version: int, path: Path, tags: list[str]):
+        self.model_name, self.version, self.path = model_name, version, Path(path)
+        self._graph = tf.Graph()
+        threads = tf.config.threading  # the same thread counts as the TF2 runtime (configure_tensorflow_threads)
+        config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=threads.get_intra_op_parallelism_threads(),
+                                          inter_op_parallelism_threads=threads.get_inter_op_parallelism_threads())
+        self._session = tf.compat.v1.Session(graph=self._graph, config=config)
+        with self._graph.as_default():
+            meta_graph = tf.compat.v1.saved_model.loader.load(self._session, tags, str(self.path))
+        self.signature_defs = _signature_defs(meta_graph)
+        self.signatures = {}
+        self._feeds: dict[str, dict[str, tf.Tensor]] = {}
+        self._fetches: dict[str, dict[str, tf.Tensor]] = {}
+        for name, sig in self.signature_defs.items():
+            self._feeds[name] = {k: self._graph.get_tensor_by_name(v.name) for k, v in sig.inputs.items()}
+            self._fetches[name] = {k: self._graph.get_tensor_by_name(v.name) for k, v in sig.outputs.items()}
+            self.signatures[name] = SignatureInfo(name, sig.method_name,
+                                                  {k: tf.as_dtype(v.dtype) for k, v in sig.inputs.items()},
+                                                  sorted(sig.outputs))
+
+    def _call(self, info: SignatureInfo, inputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
+        feeds, fetches = self._feeds[info.name], self._fetches[info.name]
+        try:
+            feed_dict = {feeds[k]._as_tf_output(): np.asarray(v, dtype=info.inputs[k].as_numpy_dtype)
+                         for k, v in inputs.items()}
+            # Session.run would first check each value against the placeholder's static shape; TF Serving's
+            # Session::Run does not, so this calls the step Session.run ends in (pinned TensorFlow version).
+            values = self._session._call_tf_sessionrun(None, feed_dict, [fetches[k]._as_tf_output() for k in wanted],
+                                                       [], None)
+        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as exc:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, _short(exc)) from None
+        return dict(zip(wanted, values))
+
+
+def _signature_defs(meta_graph: meta_graph_pb2.MetaGraphDef) -> dict[str, meta_graph_pb2.SignatureDef]:
+    return {k: v for k, v in meta_graph.signature_def.items() if k != "__saved_model_init_op"}
+
+
+def _meta_graph(path: Path, tags: list[str]) -> meta_graph_pb2.MetaGraphDef:
+    saved_model = saved_model_pb2.SavedModel()
+    saved_model.ParseFromString((path / "saved_model.pb").read_bytes())
+    for meta_graph in saved_model.meta_graphs:
+        if set(meta_graph.meta_info_def.tags) == set(tags):
+            return meta_graph
+    found = [sorted(m.meta_info_def.tags) for m in saved_model.meta_graphs]
+    raise ValueError(f"no MetaGraph with tags {sorted(tags)} in {path} (it has {found})")
+
+
+def open_saved_model(model_name: str, version: int, path: Path, tags: list[str] = SERVE_TAGS) -> Servable:
+    """The servable for a SavedModel folder: TF2 exports through their functions, TF1 exports through a Session."""
+    path = Path(path)
+    meta_graph = _meta_graph(path, tags)
+    if meta_graph.object_graph_def.nodes:
+        return FunctionServable(model_name, version, path, meta_graph)
+    return SessionServable(model_name, version, path, tags)
+
+
 def load_servable(model_name: str, version: int, path: Path) -> tuple[Servable, float]:
     start = time.perf_counter()
-    servable = Servable(model_name, version, path)
+    servable = open_saved_model(model_name, version, path)
     warmed = servable.warm_up()
     elapsed = time.perf_counter() - start
     log.info("loaded %s version %d from %s in %.2fs (%d warm-up requests)", model_name, version, path, elapsed, warmed)
