@@ -15,6 +15,7 @@ from aiohttp import web
 from services.model_server.config import (
     BatchingParameters, ConfigError, MonitoringConfig, read_model_config, single_model_config,
 )
+from services.model_server.errors import ServingError
 
 log = logging.getLogger("model_server")
 
@@ -128,6 +129,14 @@ def rest_timeout_middleware(seconds: float):
     return timeout
 
 
+class StartupError(Exception):
+    """The server cannot start serving (TF Serving then prints 'Failed to start server' and exits with -1)."""
+
+
+def _unavailable_message(failed: list[str], noun: str) -> str:
+    return f"{len(failed)} {noun} did not become available: {{" + "".join(f"{{{f}}}, " for f in failed) + "}"
+
+
 class ModelServer:
     def __init__(self, args: argparse.Namespace):
         from services.model_server.core import PredictionCore
@@ -153,16 +162,47 @@ class ModelServer:
             return read_model_config(self.args.model_config_file)
         return single_model_config(self.args.model_name, os.path.abspath(self.args.model_base_path))
 
-    async def reload_config(self, config) -> list[str]:
-        from services.model_server.errors import ServingError
+    async def reload_config(self, config) -> None:
+        """Apply a new ModelServerConfig as TF Serving's ReloadConfig does: wait until each model new in it has loaded
+        its latest version, then apply version labels; raises ServingError (UNKNOWN naming the versions that did
+        not become available, or the label error) after applying what could be applied."""
         import grpc
 
         for model in config.model_config_list.config:
             if not model.name or not model.base_path:
                 raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "every model needs a name and a base_path")
+        before = set(self.manager.model_names())
         self.manager.set_config(config)
         log.info("model config reloaded: %s", ", ".join(m.name for m in config.model_config_list.config))
-        return await self._reconcile()
+        new_models = [m.name for m in config.model_config_list.config if m.name not in before]
+        failed, label_errors = await self._load_until_settled(new_models)
+        if failed:
+            raise ServingError(grpc.StatusCode.UNKNOWN, _unavailable_message(failed, "model(s)"))
+        if label_errors:
+            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION, "; ".join(label_errors))
+
+    async def _load_until_settled(self, names: list[str]) -> tuple[list[str], list[str]]:
+        """Load passes until the latest version of each model in ``names`` is AVAILABLE or has spent its load
+        retries (passes are --file_system_poll_wait_seconds apart, as the poller's retries are). Returns the
+        versions that gave up, as TF Serving names them ('{name: m version: 1} due to error: ...'), and the
+        label errors of the last pass. A model with no version on disk is not waited for."""
+        from services.model_server.manager import State
+
+        while True:
+            label_errors = await self._reconcile()
+            failed, pending = [], False
+            for name in names:
+                records = self.manager.status_records(name)
+                if not records:
+                    continue
+                latest = max(records, key=lambda r: r.version)
+                if latest.state == State.END and latest.error:
+                    failed.append(f"{{name: {name} version: {latest.version}}} due to error: {latest.error}")
+                elif latest.state != State.AVAILABLE:
+                    pending = True
+            if not pending:
+                return failed, label_errors
+            await asyncio.sleep(max(0, self.args.file_system_poll_wait_seconds))
 
     async def _reconcile(self) -> list[str]:
         errors = await asyncio.get_running_loop().run_in_executor(None, self.manager.reconcile)
@@ -193,14 +233,19 @@ class ModelServer:
             text = str(config)
             if text != last:
                 last = text
-                await self.reload_config(config)
+                try:
+                    await self.reload_config(config)
+                except ServingError as exc:
+                    log.error("model config %s: %s", self.args.model_config_file, exc.message)
 
     async def serve(self) -> None:
         from services.model_server.grpc_api import build_server
         from services.model_server.rest_api import RestApi
 
         if self.args.file_system_poll_wait_seconds >= 0:
-            await self._reconcile()
+            failed, _ = await self._load_until_settled(self.manager.model_names())
+            if failed:
+                raise StartupError(f"UNKNOWN: {_unavailable_message(failed, 'servable(s)')}")
         grpc_server = build_server(self.core, self.reload_config, self.args.port, self.args.host,
                                    parse_grpc_channel_arguments(self.args.grpc_channel_arguments))
         if self.args.grpc_socket_path and not grpc_server.add_insecure_port(f"unix:{self.args.grpc_socket_path}"):
@@ -243,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         asyncio.run(server.serve())
+    except StartupError as exc:
+        print(f"Failed to start server. Error: {exc}", file=sys.stderr)
+        return 255
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
