@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -25,7 +26,7 @@ UNSUPPORTED_TF_SERVING_FLAGS = {
     "per_process_gpu_memory_fraction",
     "saved_model_tags", "enable_model_warmup", "num_request_iterations_for_warmup",
     "rest_api_num_threads", "enable_signature_method_name_check", "xla_cpu_compilation_enabled",
-    "remove_unused_fields_from_bundle_metagraph", "prefer_tflite_model", "mixed_precision", "thread_pool_factory_config_file",
+    "remove_unused_fields_from_bundle_metagraph", "mixed_precision", "thread_pool_factory_config_file",
     "use_tflite_model", "flush_filesystem_caches", "model_version_policy", "enable_profiler",
 }
 
@@ -72,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "cores, which made two concurrent calls on 2 cores spin: 16.2 -> 14.1 ms CPU per request here")
     p.add_argument("--tensorflow_inter_op_parallelism", type=int, default=0,
                    help="TensorFlow inter-op threads; 0 (default) = TensorFlow's choice")
+    p.add_argument("--prefer_tflite_model", type=_bool, nargs="?", const=True, default=False,
+                   help="serve a version's model.tflite (beside saved_model.pb) in place of its SavedModel, with "
+                   "LiteRT and XNNPACK, one interpreter per model call that can run at once; versions without one "
+                   "are served from their SavedModel")
     p.add_argument("--monitoring_config_file", default="",
                    help='text MonitoringConfig, e.g. prometheus_config { enable: true, path: "/monitoring/prometheus/metrics" }')
     p.add_argument("--allow_version_labels_for_unavailable_models", type=_bool, nargs="?", const=True, default=False,
@@ -129,6 +134,18 @@ def rest_timeout_middleware(seconds: float):
     return timeout
 
 
+def _loader(args: argparse.Namespace, batching):
+    """How versions load: with --prefer_tflite_model, TFLite interpreters for the calls that can run at once, each
+    with those calls' share of the cores (as configure_tensorflow_threads shares them)."""
+    from services.model_server.servable import TfLitePreference, load_servable
+
+    if not args.prefer_tflite_model:
+        return load_servable
+    calls = max(1, batching.num_batch_threads) if batching else max(1, args.predict_threads)
+    threads = args.tensorflow_intra_op_parallelism or max(1, (os.cpu_count() or 1) // calls)
+    return functools.partial(load_servable, tflite=TfLitePreference(calls, threads))
+
+
 class StartupError(Exception):
     """The server cannot start serving (TF Serving then prints 'Failed to start server' and exits with -1)."""
 
@@ -151,7 +168,8 @@ class ModelServer:
         self.monitoring = MonitoringConfig()
         if args.monitoring_config_file:
             self.monitoring = MonitoringConfig.from_text(open(args.monitoring_config_file).read())
-        self.manager = Manager(args.max_num_load_retries, args.allow_version_labels_for_unavailable_models)
+        self.manager = Manager(args.max_num_load_retries, args.allow_version_labels_for_unavailable_models,
+                               _loader(args, batching))
         self.core = PredictionCore(self.manager, batching, args.predict_threads, args.tensorflow_intra_op_parallelism,
                                    args.tensorflow_inter_op_parallelism)
         self.manager.set_config(self._initial_config())

@@ -174,10 +174,25 @@ def open_saved_model(model_name: str, version: int, path: Path, tags: list[str] 
     return SessionServable(model_name, version, path, tags)
 
 
-def load_servable(model_name: str, version: int, path: Path) -> tuple[Servable, float]:
+@dataclass(frozen=True)
+class TfLitePreference:
+    """--prefer_tflite_model: serve a version's model.tflite (when it has one) in place of its SavedModel, with
+    ``interpreters`` interpreters (one per model call that can run at once) of ``threads`` threads each."""
+    interpreters: int = 1
+    threads: int = 1
+
+
+def load_servable(model_name: str, version: int, path: Path,
+                  tflite: TfLitePreference | None = None) -> tuple[Servable, float]:
     start = time.perf_counter()
-    servable = open_saved_model(model_name, version, path)
+    from services.model_server.tflite_servable import TFLITE_FILE, TfLiteServable, has_tflite_model
+
+    if tflite is not None and has_tflite_model(path):
+        servable, source = TfLiteServable(model_name, version, path, tflite.interpreters, tflite.threads), TFLITE_FILE
+    else:
+        servable, source = open_saved_model(model_name, version, path), "SavedModel"
     warmed = servable.warm_up()
     elapsed = time.perf_counter() - start
-    log.info("loaded %s version %d from %s in %.2fs (%d warm-up requests)", model_name, version, path, elapsed, warmed)
+    log.info("loaded %s version %d from %s (%s) in %.2fs (%d warm-up requests)", model_name, version, path, source,
+             elapsed, warmed)
     return servable, elapsed
