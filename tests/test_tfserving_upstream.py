@@ -25,7 +25,7 @@ def suite_outcomes(request, tmp_path_factory):
                 if item.module is request.module and hasattr(item, "callspec")]
     names = [n for n in selected if n not in NOT_APPLICABLE]
     if not names:
-        return {}, None
+        return {}
     return run_suite(names, tmp_path_factory.mktemp("tfserving-upstream"))
 
 
@@ -33,9 +33,8 @@ def suite_outcomes(request, tmp_path_factory):
 def test_upstream(name, suite_outcomes):
     if name in NOT_APPLICABLE:
         pytest.skip(f"{name}: {NOT_APPLICABLE[name]}")
-    outcomes, log_path = suite_outcomes
-    outcome = outcomes[name]
+    outcome = suite_outcomes[name]
     if outcome.status == "skipped":
         pytest.skip(f"upstream test skipped itself: {outcome.message}")
     if outcome.status != "passed":
-        pytest.fail(f"upstream {name} {outcome.status} (suite log: {log_path}):\n{outcome.message}", pytrace=False)
+        pytest.fail(f"upstream {name} {outcome.status} (suite log: {outcome.log}):\n{outcome.message}", pytrace=False)

@@ -6,8 +6,8 @@ The suite finds everything the way Bazel lays it out: the server binary at
 ``$TEST_SRCDIR/tf_serving/tensorflow_serving/servables/tensorflow/testdata``. ``prepare_srcdir`` builds that tree in a
 temporary folder: the test data linked in place (read-only) and a small launcher script that starts our server with
 the command line the suite gives. ``run_suite`` runs the chosen tests in one subprocess (as ``bazel test`` runs one
-file in one process, so servers started by one test are reused by the next, as upstream) and returns each test's
-outcome from absltest's XML report. Run as ``python -m tests.tfserving_upstream`` it is that subprocess.
+file in one process, so servers started by one test are reused by the next, as upstream; the few that need a fresh
+process get their own) and returns each test's outcome from absltest's XML report. Run as ``python -m tests.tfserving_upstream`` it is that subprocess.
 """
 from __future__ import annotations
 
@@ -37,11 +37,20 @@ NOT_APPLICABLE = {
 }
 
 
+# Upstream tests that need a process of their own, by name, with the reason (Bazel may shard the file; here one
+# process runs the rest, in upstream order).
+OWN_PROCESS = {
+    "test_distrat_sequential_keras_saved_model_save": "configures two virtual CPUs, which TensorFlow allows only "
+                                                      "before its runtime has started in the process",
+}
+
+
 @dataclass(frozen=True)
 class Outcome:
     name: str
     status: str  # "passed", "failed", "skipped" or "missing" (the test did not report: the run died)
     message: str = ""
+    log: Path | None = None  # the log of the run it was part of
 
 
 def suite_path(upstream: Path | None = None) -> Path:
@@ -79,14 +88,24 @@ def prepare_srcdir(srcdir: Path, upstream: Path | None = None, python: str = sys
 
 
 def run_suite(names: list[str], workdir: Path, timeout: float = 900.0, upstream: Path | None = None,
-              python: str = sys.executable) -> tuple[dict[str, Outcome], Path]:
-    """Run the named tests in one subprocess; returns their outcomes and the path of the run's log.
+              python: str = sys.executable) -> dict[str, Outcome]:
+    """Run the named tests: those of OWN_PROCESS each in a subprocess of its own, the others in one."""
+    groups = [[n for n in names if n not in OWN_PROCESS]] + [[n] for n in names if n in OWN_PROCESS]
+    outcomes: dict[str, Outcome] = {}
+    for number, group in enumerate(g for g in groups if g):
+        outcomes.update(run_in_one_process(group, workdir / f"run{number}", timeout, upstream, python))
+    return outcomes
+
+
+def run_in_one_process(names: list[str], workdir: Path, timeout: float = 900.0, upstream: Path | None = None,
+                       python: str = sys.executable) -> dict[str, Outcome]:
+    """Run the named tests in one subprocess; returns their outcomes.
 
     The subprocess gets its own process group, which is killed afterwards: any server the suite left running (it
     kills them itself at exit) goes with it."""
     upstream = upstream or tfserving_upstream_dir()
     srcdir, tmpdir = workdir / "srcdir", workdir / "tmp"
-    tmpdir.mkdir(parents=True, exist_ok=True)
+    tmpdir.mkdir(parents=True, exist_ok=True)  # makes workdir too
     prepare_srcdir(srcdir, upstream, python)
     report, log_path = workdir / "report.xml", workdir / "suite.log"
     env = {
@@ -112,13 +131,14 @@ def run_suite(names: list[str], workdir: Path, timeout: float = 900.0, upstream:
             except ProcessLookupError:
                 pass
             process.wait()
-    outcomes = read_report(report) if report.exists() else {}
+    outcomes = read_report(report, log_path) if report.exists() else {}
     for name in names:
-        outcomes.setdefault(name, Outcome(name, "missing", f"no result reported (exit code {process.returncode})"))
-    return outcomes, log_path
+        outcomes.setdefault(name, Outcome(name, "missing", f"no result reported (exit code {process.returncode})",
+                                          log_path))
+    return outcomes
 
 
-def read_report(report: Path) -> dict[str, Outcome]:
+def read_report(report: Path, log: Path | None = None) -> dict[str, Outcome]:
     """Each test's outcome from absltest's JUnit-style XML report."""
     outcomes = {}
     for case in ElementTree.parse(report).getroot().iter("testcase"):
@@ -126,12 +146,12 @@ def read_report(report: Path) -> dict[str, Outcome]:
         problems = case.findall("failure") + case.findall("error")
         if problems:
             text = "\n".join(f"{p.get('message', '')}\n{p.text or ''}" for p in problems)
-            outcomes[name] = Outcome(name, "failed", text.strip())
+            outcomes[name] = Outcome(name, "failed", text.strip(), log)
         elif case.find("skipped") is not None or case.get("status") == "notrun":
             skipped = case.find("skipped")
-            outcomes[name] = Outcome(name, "skipped", (skipped.get("message", "") if skipped is not None else ""))
+            outcomes[name] = Outcome(name, "skipped", skipped.get("message", "") if skipped is not None else "", log)
         else:
-            outcomes[name] = Outcome(name, "passed")
+            outcomes[name] = Outcome(name, "passed", "", log)
     return outcomes
 
 
