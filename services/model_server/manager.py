@@ -47,7 +47,7 @@ class Manager:
     def __init__(self, max_load_retries: int = 5, allow_labels_for_unavailable: bool = False,
                  load=load_servable):
         self.max_load_retries = max_load_retries
-        self._load_servable = load  # (model name, version, folder) -> (servable, seconds)
+        self.load = load  # (model_name, version, path) -> (Servable, seconds): how a version is loaded
         self.allow_labels_for_unavailable = allow_labels_for_unavailable
         self._lock = threading.RLock()
         self._reconcile_lock = threading.Lock()
@@ -123,7 +123,7 @@ class Manager:
     def _load(self, name: str, record: VersionRecord) -> None:
         record.state = State.LOADING
         try:
-            servable, seconds = self._load_servable(name, record.version, record.path)
+            servable, seconds = self.load(name, record.version, record.path)
         except Exception as exc:  # noqa: BLE001 - any failure to load is reported the same way
             record.failures += 1
             record.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
