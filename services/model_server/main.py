@@ -134,18 +134,6 @@ def rest_timeout_middleware(seconds: float):
     return timeout
 
 
-def _loader(args: argparse.Namespace, batching):
-    """How versions load: with --prefer_tflite_model, TFLite interpreters for the calls that can run at once, each
-    with those calls' share of the cores (as configure_tensorflow_threads shares them)."""
-    from services.model_server.servable import TfLitePreference, load_servable
-
-    if not args.prefer_tflite_model:
-        return load_servable
-    calls = max(1, batching.num_batch_threads) if batching else max(1, args.predict_threads)
-    threads = args.tensorflow_intra_op_parallelism or max(1, (os.cpu_count() or 1) // calls)
-    return functools.partial(load_servable, tflite=TfLitePreference(calls, threads))
-
-
 class StartupError(Exception):
     """The server cannot start serving (TF Serving then prints 'Failed to start server' and exits with -1)."""
 
@@ -168,8 +156,11 @@ class ModelServer:
         self.monitoring = MonitoringConfig()
         if args.monitoring_config_file:
             self.monitoring = MonitoringConfig.from_text(open(args.monitoring_config_file).read())
+        from services.model_server.servable import LoadOptions, load_servable
+
+        load_options = LoadOptions(prefer_tflite_model=args.prefer_tflite_model)
         self.manager = Manager(args.max_num_load_retries, args.allow_version_labels_for_unavailable_models,
-                               _loader(args, batching))
+                               load=functools.partial(load_servable, options=load_options))
         self.core = PredictionCore(self.manager, batching, args.predict_threads, args.tensorflow_intra_op_parallelism,
                                    args.tensorflow_inter_op_parallelism)
         self.manager.set_config(self._initial_config())

@@ -16,7 +16,18 @@ from services.model_server.errors import ServingError
 log = logging.getLogger("model_server.servable")
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 DEFAULT_SIGNATURE = "serving_default"
-SERVE_TAGS = ["serve"]
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How versions are loaded, from tensorflow_model_server's flags: --saved_model_tags (the MetaGraphDef whose
+    tag set is exactly these), --enable_model_warmup, --num_request_iterations_for_warmup, --prefer_tflite_model
+    (a `model.tflite` in the version folder is served instead of the SavedModel when there is one: read by the
+    TFLite engine)."""
+    tags: tuple[str, ...] = ("serve",)
+    warmup: bool = True
+    warmup_iterations: int = 1
+    prefer_tflite_model: bool = False
 
 
 @dataclass(frozen=True)
@@ -63,8 +74,9 @@ class Servable:
     def _call(self, info: SignatureInfo, inputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
-    def warm_up(self) -> int:
-        """Replay ``assets.extra/tf_serving_warmup_requests`` (TFRecord of PredictionLog); returns how many ran."""
+    def warm_up(self, iterations: int = 1) -> int:
+        """Replay ``assets.extra/tf_serving_warmup_requests`` (TFRecord of PredictionLog), each record
+        ``iterations`` times; returns how many records ran."""
         from tensorflow_serving.apis import prediction_log_pb2
 
         path = self.path / WARMUP_FILE
@@ -76,8 +88,9 @@ class Servable:
             entry.ParseFromString(record.numpy())
             if entry.WhichOneof("log_type") == "predict_log":
                 request = entry.predict_log.request
-                self.run(request.model_spec.signature_name,
-                         {k: tf.make_ndarray(v) for k, v in request.inputs.items()})
+                inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+                for _ in range(max(1, iterations)):
+                    self.run(request.model_spec.signature_name, inputs)
                 count += 1
         return count
 
@@ -90,10 +103,11 @@ def _short(exc: Exception) -> str:
 class FunctionServable(Servable):
     """A TF2 SavedModel (one with an object graph): its signatures are concrete functions (tf.saved_model.load)."""
 
-    def __init__(self, model_name: str, version: int, path: Path, meta_graph: meta_graph_pb2.MetaGraphDef):
+    def __init__(self, model_name: str, version: int, path: Path, meta_graph: meta_graph_pb2.MetaGraphDef,
+                 tags: tuple[str, ...]):
         self.model_name, self.version, self.path = model_name, version, Path(path)
         self.signature_defs = _signature_defs(meta_graph)
-        self._loaded = tf.saved_model.load(str(self.path))
+        self._loaded = tf.saved_model.load(str(self.path), tags=list(tags))
         self._functions = dict(self._loaded.signatures)
         self.signatures = {name: self._describe(name, fn) for name, fn in self._functions.items()}
 
@@ -117,7 +131,7 @@ class SessionServable(Servable):
     shapes nor the placeholders' are checked first (TF2's loader refuses signatures whose shapes disagree with the
     graph, such as TF Serving's saved_model_half_plus_three, which TF Serving serves)."""
 
-    def __init__(self, model_name: str, version: int, path: Path, tags: list[str]):
+    def __init__(self, model_name: str, version: int, path: Path, tags: tuple[str, ...]):
         self.model_name, self.version, self.path = model_name, version, Path(path)
         self._graph = tf.Graph()
         threads = tf.config.threading  # the same thread counts as the TF2 runtime (configure_tensorflow_threads)
@@ -125,7 +139,7 @@ class SessionServable(Servable):
                                           inter_op_parallelism_threads=threads.get_inter_op_parallelism_threads())
         self._session = tf.compat.v1.Session(graph=self._graph, config=config)
         with self._graph.as_default():
-            meta_graph = tf.compat.v1.saved_model.loader.load(self._session, tags, str(self.path))
+            meta_graph = tf.compat.v1.saved_model.loader.load(self._session, list(tags), str(self.path))
         self.signature_defs = _signature_defs(meta_graph)
         self.signatures = {}
         self._feeds: dict[str, dict[str, tf.Tensor]] = {}
@@ -155,44 +169,40 @@ def _signature_defs(meta_graph: meta_graph_pb2.MetaGraphDef) -> dict[str, meta_g
     return {k: v for k, v in meta_graph.signature_def.items() if k != "__saved_model_init_op"}
 
 
-def _meta_graph(path: Path, tags: list[str]) -> meta_graph_pb2.MetaGraphDef:
+def _meta_graph(path: Path, tags: tuple[str, ...]) -> meta_graph_pb2.MetaGraphDef:
+    """The MetaGraphDef whose tag set is exactly ``tags`` (TensorFlow's FindMetaGraphDef)."""
     saved_model = saved_model_pb2.SavedModel()
     saved_model.ParseFromString((path / "saved_model.pb").read_bytes())
     for meta_graph in saved_model.meta_graphs:
         if set(meta_graph.meta_info_def.tags) == set(tags):
             return meta_graph
-    found = [sorted(m.meta_info_def.tags) for m in saved_model.meta_graphs]
-    raise ValueError(f"no MetaGraph with tags {sorted(tags)} in {path} (it has {found})")
+    raise RuntimeError(f"Could not find meta graph def matching supplied tags: {{ {' '.join(sorted(tags))} }}. "
+                       "To inspect available tag-sets in the SavedModel, please use the SavedModel CLI: "
+                       "`saved_model_cli`")
 
 
-def open_saved_model(model_name: str, version: int, path: Path, tags: list[str] = SERVE_TAGS) -> Servable:
+def open_saved_model(model_name: str, version: int, path: Path, tags: tuple[str, ...] = ("serve",)) -> Servable:
     """The servable for a SavedModel folder: TF2 exports through their functions, TF1 exports through a Session."""
     path = Path(path)
     meta_graph = _meta_graph(path, tags)
     if meta_graph.object_graph_def.nodes:
-        return FunctionServable(model_name, version, path, meta_graph)
+        return FunctionServable(model_name, version, path, meta_graph, tags)
     return SessionServable(model_name, version, path, tags)
 
 
-@dataclass(frozen=True)
-class TfLitePreference:
-    """--prefer_tflite_model: serve a version's model.tflite (when it has one) in place of its SavedModel, with
-    ``interpreters`` interpreters (one per model call that can run at once) of ``threads`` threads each."""
-    interpreters: int = 1
-    threads: int = 1
-
-
 def load_servable(model_name: str, version: int, path: Path,
-                  tflite: TfLitePreference | None = None) -> tuple[Servable, float]:
-    start = time.perf_counter()
+                  options: LoadOptions = LoadOptions()) -> tuple[Servable, float]:
     from services.model_server.tflite_servable import TFLITE_FILE, TfLiteServable, has_tflite_model
 
-    if tflite is not None and has_tflite_model(path):
-        servable, source = TfLiteServable(model_name, version, path, tflite.interpreters, tflite.threads), TFLITE_FILE
+    start = time.perf_counter()
+    if options.prefer_tflite_model and has_tflite_model(path):
+        servable, source = TfLiteServable(model_name, version, path), TFLITE_FILE
     else:
-        servable, source = open_saved_model(model_name, version, path), "SavedModel"
-    warmed = servable.warm_up()
+        servable, source = open_saved_model(model_name, version, path, options.tags), "SavedModel"
+    warmup = "no warm-up"
+    if options.warmup:
+        warmed = servable.warm_up(options.warmup_iterations)
+        warmup = f"{warmed} warm-up records, each run {options.warmup_iterations} times"
     elapsed = time.perf_counter() - start
-    log.info("loaded %s version %d from %s (%s) in %.2fs (%d warm-up requests)", model_name, version, path, source,
-             elapsed, warmed)
+    log.info("loaded %s version %d from %s (%s) in %.2fs (%s)", model_name, version, path, source, elapsed, warmup)
     return servable, elapsed

@@ -11,12 +11,14 @@ Signatures, in this order:
 3. else one ``serving_default`` predict signature over the primary subgraph's inputs and outputs, named by their
    tensor names without the suffix, as TF Serving builds it.
 Every call feeds the inputs as given: an input whose shape differs from the interpreter's is resized first (the
-batch dimension, or any), as TF Serving does. Interpreters are a pool, one per model call that can run at once, each
-with ``threads`` threads.
+batch dimension, or any), as TF Serving does. Interpreters are a pool that grows to one per model call running at
+once (so one per worker thread), each with the intra-op threads one TensorFlow call gets
+(``configure_tensorflow_threads``: the call's share of the cores).
 """
 from __future__ import annotations
 
 import logging
+import os
 import queue
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,19 +109,20 @@ class _Instance:
 
 
 class TfLiteServable(Servable):
-    def __init__(self, model_name: str, version: int, path: Path, interpreters: int = 1, threads: int = 1):
+    def __init__(self, model_name: str, version: int, path: Path, threads: int = 0):
+        """``threads``: each interpreter's; 0 = TensorFlow's intra-op setting, or every core when that is 0."""
         self.model_name, self.version, self.path = model_name, version, Path(path)
-        content = (self.path / TFLITE_FILE).read_bytes()
-        self._pool: queue.SimpleQueue[_Instance] = queue.SimpleQueue()
-        instances = [_Instance(self._new_interpreter(content, threads)) for _ in range(max(1, interpreters))]
-        for instance in instances:
-            self._pool.put(instance)
-        probe = instances[0].interpreter
+        self._content = (self.path / TFLITE_FILE).read_bytes()
+        self._threads = threads or tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count() or 1
+        self._idle: queue.SimpleQueue[_Instance] = queue.SimpleQueue()
+        first = self._new_instance()
+        self._idle.put(first)
+        probe = first.interpreter
         input_details, output_details = probe.get_input_details(), probe.get_output_details()
         inputs = {d["name"]: d["index"] for d in input_details}
         outputs = {d["name"]: d["index"] for d in output_details}
 
-        self.signature_defs = stored_signature_defs(content)
+        self.signature_defs = stored_signature_defs(self._content)
         self._native: set[str] = set()
         if not self.signature_defs:
             self.signature_defs = native_signature_defs(probe)
@@ -147,19 +150,25 @@ class TfLiteServable(Servable):
                 {alias: tf.as_dtype(info.dtype) for alias, info in signature_def.inputs.items()},
                 sorted(signature_def.outputs))
 
-    @staticmethod
-    def _new_interpreter(content: bytes, threads: int):
+    def _new_instance(self) -> _Instance:
         from ai_edge_litert.interpreter import Interpreter
 
         # The default op resolver applies the XNNPACK delegate to the float ops it supports.
-        interpreter = Interpreter(model_content=content, num_threads=max(1, threads))
+        interpreter = Interpreter(model_content=self._content, num_threads=self._threads)
         interpreter.allocate_tensors()
-        return interpreter
+        return _Instance(interpreter)
+
+    def _acquire(self) -> _Instance:
+        """An idle interpreter, or a new one when every one is busy in another thread."""
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            return self._new_instance()
 
     def _call(self, info: SignatureInfo, inputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
         values = {alias: np.asarray(value, dtype=object if info.inputs[alias] == tf.string
                                     else info.inputs[alias].as_numpy_dtype) for alias, value in inputs.items()}
-        instance = self._pool.get()
+        instance = self._acquire()
         try:
             if info.name in self._native:
                 outputs = instance.runner(info.name)(**values)  # resizes its inputs to the values' shapes
@@ -170,7 +179,7 @@ class TfLiteServable(Servable):
         except RuntimeError as exc:
             raise ServingError(grpc.StatusCode.INTERNAL, f"TFLite: {_short(exc)}") from None
         finally:
-            self._pool.put(instance)
+            self._idle.put(instance)
         return {alias: outputs[alias].astype(object) if outputs[alias].dtype.kind == "S" else outputs[alias]
                 for alias in wanted}
 
