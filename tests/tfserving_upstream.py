@@ -31,9 +31,6 @@ SUITE_CLASS = "TensorflowModelServerTest"
 NOT_APPLICABLE = {
     "test_tf_text": "needs TF Text's model, whose saved_model.pb blob is absent from the upstream snapshot "
                     "(and the tensorflow-text ops, which are not installed)",
-    "test_profiler_service_with_valid_trace_request": "needs TensorFlow's profiler gRPC service "
-                                                      "(tensorflow.ProfilerService) on the model server's port; the "
-                                                      "server does not offer it (see README)",
 }
 
 

@@ -27,7 +27,7 @@ UNSUPPORTED_TF_SERVING_FLAGS = {
     "saved_model_tags", "enable_model_warmup", "num_request_iterations_for_warmup",
     "rest_api_num_threads", "enable_signature_method_name_check", "xla_cpu_compilation_enabled",
     "remove_unused_fields_from_bundle_metagraph", "mixed_precision", "thread_pool_factory_config_file",
-    "use_tflite_model", "flush_filesystem_caches", "model_version_policy", "enable_profiler",
+    "use_tflite_model", "flush_filesystem_caches", "model_version_policy",
 }
 
 
@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve a version's model.tflite (beside saved_model.pb) in place of its SavedModel, with "
                    "LiteRT and XNNPACK, one interpreter per model call that can run at once; versions without one "
                    "are served from their SavedModel")
+    p.add_argument("--enable_profiler", type=_bool, nargs="?", const=True, default=True,
+                   help="serve TensorFlow's profiler service (tensorflow.ProfilerService) on the gRPC port, for "
+                   "tf.profiler.experimental.client.trace and TensorBoard (default true)")
     p.add_argument("--monitoring_config_file", default="",
                    help='text MonitoringConfig, e.g. prometheus_config { enable: true, path: "/monitoring/prometheus/metrics" }')
     p.add_argument("--allow_version_labels_for_unavailable_models", type=_bool, nargs="?", const=True, default=False,
@@ -257,6 +260,10 @@ class ModelServer:
                 raise StartupError(f"UNKNOWN: {_unavailable_message(failed, 'servable(s)')}")
         grpc_server = build_server(self.core, self.reload_config, self.args.port, self.args.host,
                                    parse_grpc_channel_arguments(self.args.grpc_channel_arguments))
+        if self.args.enable_profiler:
+            from services.model_server.profiler_service import ProfilerService
+
+            grpc_server.add_generic_rpc_handlers((ProfilerService().handler(),))
         if self.args.grpc_socket_path and not grpc_server.add_insecure_port(f"unix:{self.args.grpc_socket_path}"):
             raise OSError(f"cannot listen for gRPC on the Unix socket {self.args.grpc_socket_path}")
         await grpc_server.start()
