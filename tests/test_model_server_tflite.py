@@ -15,7 +15,9 @@ import tensorflow as tf
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
 from services.model_server.batching import Batcher
-from services.model_server.config import BatchingParameters
+from services.model_server.config import BatchingParameters, single_model_config
+from services.model_server.grpc_api import status_response
+from services.model_server.manager import Manager
 from services.model_server.servable import LoadOptions, load_servable
 from services.model_server.tflite_servable import TfLiteServable
 from tests.model_server_harness import start_server, stop_server, version_states, wait_until, write_config
@@ -49,6 +51,42 @@ def test_the_tflite_engine_answers_as_the_saved_model_does_at_any_batch_size(tmp
         np.testing.assert_array_equal(answered["not_a_mushroom"], expected["not_a_mushroom"])
     only = lite.run("", {"images": PHOTOS[:2]}, ("mushroom_score",))
     assert list(only) == ["mushroom_score"] and only["mushroom_score"].shape == (2,)
+
+
+def write_warmup(version_dir: Path, photos: np.ndarray) -> None:
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.signature_name = "serving_default"
+    request.inputs["images"].CopyFrom(tf.make_tensor_proto(photos))
+    (version_dir / "assets.extra").mkdir(exist_ok=True)
+    with tf.io.TFRecordWriter(str(version_dir / "assets.extra" / "tf_serving_warmup_requests")) as writer:
+        writer.write(prediction_log_pb2.PredictionLog(
+            predict_log=prediction_log_pb2.PredictLog(request=request)).SerializeToString())
+
+
+def test_a_tflite_file_that_disagrees_with_its_saved_model_is_refused_and_the_saved_model_served(tmp_path):
+    agreeing = write_tiny_with_tflite(tmp_path / "agreeing" / "1")
+    write_warmup(agreeing, PHOTOS[:3])
+    served, _ = load_servable("m", 1, agreeing, LoadOptions(prefer_tflite_model=True))
+    assert isinstance(served, TfLiteServable) and served.load_note == ""
+
+    other_version = write_tiny_with_tflite(tmp_path / "other" / "2")  # the file of another version ...
+    version_dir = tmp_path / "m" / "1"
+    write_tiny_model(version_dir, bias=4.0)  # ... beside this version's SavedModel
+    (version_dir / "model.tflite").write_bytes((other_version / "model.tflite").read_bytes())
+    write_warmup(version_dir, PHOTOS[:3])
+    served, _ = load_servable("m", 1, version_dir, LoadOptions(prefer_tflite_model=True))
+    assert not isinstance(served, TfLiteServable)
+    assert served.load_note.startswith("serving the SavedModel: model.tflite disagrees with it (signature "
+                                       "serving_default output ")
+    manager = Manager(load=lambda name, version, path: load_servable(name, version, path,
+                                                                     LoadOptions(prefer_tflite_model=True)))
+    manager.set_config(single_model_config("m", str(tmp_path / "m")))
+    manager.reconcile()
+    (status,) = status_response(manager, "m", None, None).model_version_status
+    assert (status.state, status.status.error_code) == (AVAILABLE, 0)  # it serves, from the SavedModel ...
+    assert status.status.error_message == served.load_note  # ... and says why
 
 
 def test_requests_queued_together_share_one_tflite_call(tmp_path):

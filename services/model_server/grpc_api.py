@@ -185,6 +185,8 @@ def status_response(manager: Manager, name: str, version: int | None, label: str
         if record.error:
             entry.status.error_code = 2  # tensorflow.error.UNKNOWN, as TF Serving reports a failed load
             entry.status.error_message = record.error
+        elif record.servable is not None and record.servable.load_note:
+            entry.status.error_message = record.servable.load_note  # error_code stays OK: it serves
     return response
 
 

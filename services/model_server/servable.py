@@ -47,6 +47,7 @@ class Servable:
     path: Path
     signature_defs: dict[str, meta_graph_pb2.SignatureDef]
     signatures: dict[str, SignatureInfo]
+    load_note: str = ""  # why it is served the way it is, when that needs saying (GetModelStatus shows it)
 
     def signature(self, name: str) -> SignatureInfo:
         name = name or DEFAULT_SIGNATURE
@@ -77,22 +78,28 @@ class Servable:
     def warm_up(self, iterations: int = 1) -> int:
         """Replay ``assets.extra/tf_serving_warmup_requests`` (TFRecord of PredictionLog), each record
         ``iterations`` times; returns how many records ran."""
-        from tensorflow_serving.apis import prediction_log_pb2
+        requests = warmup_requests(self.path / WARMUP_FILE)
+        for signature, inputs in requests:
+            for _ in range(max(1, iterations)):
+                self.run(signature, inputs)
+        return len(requests)
 
-        path = self.path / WARMUP_FILE
-        if not path.exists():
-            return 0
-        count = 0
-        for record in tf.data.TFRecordDataset(str(path)):
-            entry = prediction_log_pb2.PredictionLog()
-            entry.ParseFromString(record.numpy())
-            if entry.WhichOneof("log_type") == "predict_log":
-                request = entry.predict_log.request
-                inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
-                for _ in range(max(1, iterations)):
-                    self.run(request.model_spec.signature_name, inputs)
-                count += 1
-        return count
+
+def warmup_requests(path: Path) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """The (signature, inputs) of each predict request in a warm-up file (none when it does not exist)."""
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    if not path.exists():
+        return []
+    requests = []
+    for record in tf.data.TFRecordDataset(str(path)):
+        entry = prediction_log_pb2.PredictionLog()
+        entry.ParseFromString(record.numpy())
+        if entry.WhichOneof("log_type") == "predict_log":
+            request = entry.predict_log.request
+            requests.append((request.model_spec.signature_name,
+                             {k: tf.make_ndarray(v) for k, v in request.inputs.items()}))
+    return requests
 
 
 def _short(exc: Exception) -> str:
@@ -192,11 +199,18 @@ def open_saved_model(model_name: str, version: int, path: Path, tags: tuple[str,
 
 def load_servable(model_name: str, version: int, path: Path,
                   options: LoadOptions = LoadOptions()) -> tuple[Servable, float]:
-    from services.model_server.tflite_servable import TFLITE_FILE, TfLiteServable, has_tflite_model
+    from services.model_server.tflite_servable import TFLITE_FILE, TfLiteServable, has_tflite_model, parity_problem
 
     start = time.perf_counter()
     if options.prefer_tflite_model and has_tflite_model(path):
         servable, source = TfLiteServable(model_name, version, path), TFLITE_FILE
+        if (Path(path) / "saved_model.pb").is_file():
+            saved_model = open_saved_model(model_name, version, path, options.tags)
+            problem = parity_problem(servable, saved_model, warmup_requests(Path(path) / WARMUP_FILE))
+            if problem:
+                servable, source = saved_model, "SavedModel"
+                servable.load_note = f"serving the SavedModel: {TFLITE_FILE} disagrees with it ({problem})"
+                log.warning("%s version %d: %s", model_name, version, servable.load_note)
     else:
         servable, source = open_saved_model(model_name, version, path, options.tags), "SavedModel"
     warmup = "no warm-up"

@@ -37,6 +37,41 @@ SIGNATURE_DEFS_METADATA = b"signature_defs_metadata"
 PREDICT_METHOD = "tensorflow/serving/predict"
 
 
+# A TFLite file served in place of its SavedModel must give, on the version's warm-up requests, float outputs within
+# this absolute difference of the SavedModel's, the same argmax along the last axis (top-1) for float outputs of rank
+# >= 2, and equal non-float outputs.
+PARITY_ATOL = 1e-3
+
+
+def parity_problem(lite: Servable, saved_model: Servable,
+                   requests: list[tuple[str, dict[str, np.ndarray]]]) -> str | None:
+    """How ``lite`` disagrees with ``saved_model`` on ``requests`` (those of signatures both serve, on the outputs
+    both give); None when it agrees or nothing could be compared."""
+    for signature, inputs in requests:
+        name = signature or "serving_default"
+        if name not in lite.signatures or name not in saved_model.signatures:
+            continue
+        wanted = tuple(sorted(set(lite.signatures[name].outputs) & set(saved_model.signatures[name].outputs)))
+        if not wanted:
+            continue
+        expected = saved_model.run(name, inputs, wanted)
+        answered = lite.run(name, inputs, wanted)
+        for alias in wanted:
+            a, b = np.asarray(expected[alias]), np.asarray(answered[alias])
+            where = f"signature {name} output {alias}"
+            if a.shape != b.shape:
+                return f"{where}: shape {b.shape}, SavedModel {a.shape}"
+            if a.dtype.kind == "f":
+                worst = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0))
+                if not worst <= PARITY_ATOL:
+                    return f"{where}: differs by up to {worst:.3g} > {PARITY_ATOL}"
+                if a.ndim >= 2 and a.shape[-1] and not np.array_equal(a.argmax(-1), b.argmax(-1)):
+                    return f"{where}: another top-1"
+            elif not np.array_equal(a, b):
+                return f"{where}: other values"
+    return None
+
+
 def has_tflite_model(version_dir: Path) -> bool:
     return (Path(version_dir) / TFLITE_FILE).is_file()
 
