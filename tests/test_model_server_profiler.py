@@ -39,3 +39,20 @@ def test_tensorflows_profiler_client_traces_the_server_through_its_grpc_port(tmp
     finally:
         stop.set()
         stop_server(server)
+
+
+def test_an_idle_servers_profile_holds_its_load_passes(tmp_path):
+    """With no request during the trace, the profile still shows the server's work (a load pass each
+    --file_system_poll_wait_seconds), so a trace of an idle server is not refused as empty."""
+    publish_tiny(tmp_path)
+    config = tmp_path / "models.config"
+    write_config(config, {MODEL: tmp_path / MODEL})
+    server = start_server(tmp_path, config)
+    try:
+        wait_until(lambda: version_states(server.grpc_target, MODEL).get(1, (0,))[0] == AVAILABLE, what="v1")
+        logdir = tmp_path / "logs"
+        tf.profiler.experimental.client.trace(server.grpc_target, str(logdir), duration_ms=1500,
+                                              num_tracing_attempts=1)
+        assert len(list((logdir / "plugins" / "profile").glob("*/*.xplane.pb"))) == 1
+    finally:
+        stop_server(server)
