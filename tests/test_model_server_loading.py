@@ -16,6 +16,7 @@ from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
 
 from services.model_server.servable import load_servable
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
+from tests.support import free_port
 from tests.test_model_server_behaviour import AVAILABLE, predict, publish_tiny
 from training_job.paths import PROJECT_ROOT
 
@@ -70,7 +71,8 @@ def write_broken_version(base: Path, version: int = 1) -> Path:
 def test_a_version_that_cannot_load_at_startup_stops_the_server(tmp_path):
     write_broken_version(tmp_path / "broken")
     result = subprocess.run(
-        [sys.executable, "-m", "services.model_server", "--port=0", "--rest_api_port=0", "--host=127.0.0.1",
+        [sys.executable, "-m", "services.model_server", f"--port={free_port()}", f"--rest_api_port={free_port()}",
+         "--host=127.0.0.1",
          "--model_name=broken", f"--model_base_path={tmp_path / 'broken'}", "--max_num_load_retries=1"],
         capture_output=True, text=True, timeout=180, cwd=PROJECT_ROOT)
     assert result.returncode == 255, result.stderr[-2000:]
