@@ -118,8 +118,9 @@ def test_labels_move_and_config_reload_adds_and_removes_models(batching_server, 
         predict(stub, label="canary")
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-    refused = reload(server.grpc_target, config_text({MODEL: base}, {"stable": v2, "canary": 99}))
-    assert refused.status.error_code != 0 and "99" in refused.status.error_message
+    with pytest.raises(grpc.RpcError) as refused:  # as TF Serving: the reload's error is the RPC's status
+        reload(server.grpc_target, config_text({MODEL: base}, {"stable": v2, "canary": 99}))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "99" in refused.value.details()
 
     other_dir = tmp_path / "registry"
     publish_tiny(other_dir, model="other")

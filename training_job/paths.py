@@ -25,3 +25,9 @@ def default_registry() -> Path:
 def shared_data_dir() -> Path:
     """The shared photo folder beside the checkout, when it exists (it does not on a user's machine)."""
     return PROJECT_ROOT.parent / "shared" / "data"
+
+
+def tfserving_upstream_dir() -> Path:
+    """TF Serving's own model-server test suite and test data (unchanged upstream files), beside the checkout when it
+    exists: ``<project>/../shared/tfserving-upstream``."""
+    return PROJECT_ROOT.parent / "shared" / "tfserving-upstream"

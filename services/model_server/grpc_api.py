@@ -166,13 +166,15 @@ def status_response(manager: Manager, name: str, version: int | None, label: str
         if record.error:
             entry.status.error_code = 2  # tensorflow.error.UNKNOWN, as TF Serving reports a failed load
             entry.status.error_message = record.error
+        elif record.servable is not None and record.servable.load_note:
+            entry.status.error_message = record.servable.load_note  # error_code stays OK: it serves
     return response
 
 
 class ModelService(model_service_pb2_grpc.ModelServiceServicer):
     def __init__(self, manager: Manager, reload_config):
         self.manager = manager
-        self.reload_config = reload_config  # async callable(ModelServerConfig) -> list[str] errors
+        self.reload_config = reload_config  # async callable(ModelServerConfig); raises ServingError
 
     async def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest, context):
         version, label = version_and_label(request.model_spec)
@@ -182,15 +184,13 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
             return await _abort(context, exc)
 
     async def HandleReloadConfigRequest(self, request: model_management_pb2.ReloadConfigRequest, context):
-        response = model_management_pb2.ReloadConfigResponse()
+        """As TF Serving: a failed reload (a new model that did not become available, a refused label) fails the
+        RPC with that status; the response's status field carries OK otherwise."""
         try:
-            errors = await self.reload_config(request.config)
+            await self.reload_config(request.config)
         except ServingError as exc:
-            errors = [exc.message]
-        if errors:
-            response.status.error_code = 9  # FAILED_PRECONDITION
-            response.status.error_message = "; ".join(errors)
-        return response
+            return await _abort(context, exc)
+        return model_management_pb2.ReloadConfigResponse()
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from aiohttp import web
 from services.model_server.config import (
     BatchingParameters, ConfigError, MonitoringConfig, SslConfig, read_model_config, single_model_config,
 )
+from services.model_server.errors import ServingError
 
 log = logging.getLogger("model_server")
 SHUTDOWN_GRACE_SECONDS = 10.0  # SIGTERM: requests already admitted get this long to finish, then the process exits
@@ -30,7 +31,6 @@ UNSUPPORTED_TF_SERVING_FLAGS = {
     "mixed_precision": "TF Serving's mixed-precision graph rewrite is a C++ session option",
     "xla_gpu_compilation_enabled": "CPU-only server: there is no XLA:GPU",
     "enable_per_model_batching_parameters": "batching parameters come from --batching_parameters_file only",
-    "enable_profiler": "no profiler service on the gRPC port",
     "num_tflite_pools": "TFLite interpreter pools are not implemented",
     "num_tflite_interpreters_per_pool": "TFLite interpreter pools are not implemented",
     "use_tflite_model": "an old name: use --prefer_tflite_model",
@@ -137,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "cores, which made two concurrent calls on 2 cores spin: 16.2 -> 14.1 ms CPU per request here")
     p.add_argument("--tensorflow_inter_op_parallelism", type=int, default=0,
                    help="TensorFlow inter-op threads; 0 (default) = TensorFlow's choice")
+    p.add_argument("--prefer_tflite_model", type=_bool, nargs="?", const=True, default=False,
+                   help="serve a version's model.tflite (beside saved_model.pb) in place of its SavedModel, with "
+                   "LiteRT and XNNPACK, one interpreter per model call that can run at once; versions without one "
+                   "are served from their SavedModel")
+    p.add_argument("--enable_profiler", type=_bool, nargs="?", const=True, default=True,
+                   help="serve TensorFlow's profiler service (tensorflow.ProfilerService) on the gRPC port, for "
+                   "tf.profiler.experimental.client.trace and TensorBoard (default true)")
     p.add_argument("--monitoring_config_file", default="",
                    help='text MonitoringConfig, e.g. prometheus_config { enable: true, path: "/monitoring/prometheus/metrics" }')
     p.add_argument("--allow_version_labels_for_unavailable_models", type=_bool, nargs="?", const=True, default=False,
@@ -211,6 +218,23 @@ def grpc_credentials(args: argparse.Namespace):
                                        require_client_auth=ssl.client_verify)
 
 
+def _traced(name: str, work):
+    """Run ``work()`` as a named event of TensorFlow's profiler (a no-op unless a profile is being recorded), so a
+    profile shows the server's load passes beside its model calls."""
+    import tensorflow as tf
+
+    with tf.profiler.experimental.Trace(name):
+        return work()
+
+
+class StartupError(Exception):
+    """The server cannot start serving (TF Serving then prints 'Failed to start server' and exits with -1)."""
+
+
+def _unavailable_message(failed: list[str], noun: str) -> str:
+    return f"{len(failed)} {noun} did not become available: {{" + "".join(f"{{{f}}}, " for f in failed) + "}"
+
+
 class ModelServer:
     def __init__(self, args: argparse.Namespace):
         from services.model_server.core import PredictionCore
@@ -249,17 +273,52 @@ class ModelServer:
             return read_model_config(self.args.model_config_file)
         return single_model_config(self.args.model_name, os.path.abspath(self.args.model_base_path))
 
-    async def reload_config(self, config) -> list[str]:
-        from services.model_server.errors import ServingError
+    async def reload_config(self, config) -> None:
+        """Apply a new ModelServerConfig as TF Serving's ReloadConfig does: wait until each model new in it has loaded
+        its latest version, then apply version labels; raises ServingError (UNKNOWN naming the versions that did
+        not become available, or the label error) after applying what could be applied."""
         import grpc
 
         for model in config.model_config_list.config:
             if not model.name or not model.base_path:
                 raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "every model needs a name and a base_path")
+        before = set(self.manager.model_names())
         self.manager.set_config(config)
         self.source.set_config(config)
         log.info("model config reloaded: %s", ", ".join(m.name for m in config.model_config_list.config))
-        return await self._reconcile()
+        new_models = [m.name for m in config.model_config_list.config if m.name not in before]
+        failed, label_errors = await self._load_until_settled(new_models)
+        if failed:
+            raise ServingError(grpc.StatusCode.UNKNOWN, _unavailable_message(failed, "model(s)"))
+        if label_errors:
+            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION, "; ".join(label_errors))
+
+    async def _load_until_settled(self, names: list[str]) -> tuple[list[str], list[str]]:
+        """Load passes until the latest version of each model in ``names`` is AVAILABLE or has spent its load
+        retries (passes are --file_system_poll_wait_seconds apart, as the poller's retries are). Returns the
+        versions that gave up, as TF Serving names them ('{name: m version: 1} due to error: ...'), and the
+        label errors of the last pass. A model with no version on disk is not waited for."""
+        from services.model_server.manager import State
+
+        while True:
+            try:
+                label_errors = await self._reconcile()
+            except OSError as exc:  # a base path that cannot be listed: its models have nothing to wait for yet
+                log.error("file-system poll failed: %s", exc)
+                label_errors = []
+            failed, pending = [], False
+            for name in names:
+                records = self.manager.status_records(name)
+                if not records:
+                    continue
+                latest = max(records, key=lambda r: r.version)
+                if latest.state == State.END and latest.error:
+                    failed.append(f"{{name: {name} version: {latest.version}}} due to error: {latest.error}")
+                elif latest.state != State.AVAILABLE:
+                    pending = True
+            if not pending:
+                return failed, label_errors
+            await asyncio.sleep(max(0, self.args.file_system_poll_wait_seconds))
 
     def _poll_and_manage(self) -> list[str]:
         """The source pushes what is on disk, then the manager acts; a base path that could not be listed is
@@ -278,7 +337,7 @@ class ModelServer:
 
     async def _reconcile(self) -> list[str]:
         try:
-            errors = await asyncio.get_running_loop().run_in_executor(None, self._poll_and_manage)
+            errors = await asyncio.get_running_loop().run_in_executor(None, _traced, "reconcile", self._poll_and_manage)
         finally:
             if self.core.batcher is not None:
                 live = {id(r.servable) for name in self.manager.model_names()
@@ -293,8 +352,8 @@ class ModelServer:
         config = read_model_config(self.args.model_config_file)
         text = str(config)
         if text != last[0]:
+            last[0] = text  # a config that cannot be applied is reported once, not re-applied every poll
             await self.reload_config(config)
-            last[0] = text
 
     def _pollers(self) -> list[asyncio.Task]:
         from services.model_server.supervision import supervised_loop
@@ -315,15 +374,18 @@ class ModelServer:
         from services.model_server.rest_api import RestApi
 
         if self.args.file_system_poll_wait_seconds >= 0:
-            try:
-                await self._reconcile()
-            except OSError as exc:  # logged by the source; the poll loop tries again
-                log.error("first file-system poll failed: %s", exc)
+            failed, _ = await self._load_until_settled(self.manager.model_names())
+            if failed:
+                raise StartupError(f"UNKNOWN: {_unavailable_message(failed, 'servable(s)')}")
         grpc_server = build_server(self.core, self.inference, self.reload_config, GrpcOptions(
             port=self.args.port, host=self.args.host, socket_path=self.args.grpc_socket_path,
             channel_arguments=self.args.channel_arguments,
             tensor_content=self.args.enable_serialization_as_tensor_content,
             health_check=self.args.enable_grpc_healthcheck_service, credentials=self.grpc_credentials))
+        if self.args.enable_profiler:
+            from services.model_server.profiler_service import ProfilerService
+
+            grpc_server.add_generic_rpc_handlers((ProfilerService().handler(),))
         await grpc_server.start()
         runner = None
         if self.args.rest_api_port and self.args.rest_api_port == self.args.port:
@@ -386,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         asyncio.run(server.serve())
+    except StartupError as exc:
+        print(f"Failed to start server. Error: {exc}", file=sys.stderr)
+        return 255
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -19,8 +19,6 @@ WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 DEFAULT_SIGNATURE = "serving_default"
 
 
-
-
 @dataclass(frozen=True)
 class SignatureInfo:
     name: str
@@ -30,24 +28,15 @@ class SignatureInfo:
 
 
 class Servable:
-    def __init__(self, model_name: str, version: int, path: Path, tags: tuple[str, ...] = ("serve",)):
-        self.model_name = model_name
-        self.version = version
-        self.path = Path(path)
-        saved_model = saved_model_pb2.SavedModel()
-        saved_model.ParseFromString((self.path / "saved_model.pb").read_bytes())
-        meta_graph = _meta_graph(saved_model, tags)
-        self.signature_defs: dict[str, meta_graph_pb2.SignatureDef] = {
-            k: v for k, v in meta_graph.signature_def.items() if k != "__saved_model_init_op"
-        }
-        self._loaded = tf.saved_model.load(str(self.path), tags=list(tags))
-        self._functions = dict(self._loaded.signatures)
-        self.signatures = {name: self._describe(name, fn) for name, fn in self._functions.items()}
+    """One loaded version: its SignatureDefs (for metadata), its signatures, and how to run them on numpy arrays.
+    Subclasses load the model and call it (``_call``); checking names against the signature is shared."""
 
-    def _describe(self, name: str, fn) -> SignatureInfo:
-        specs = fn.structured_input_signature[1]
-        method = self.signature_defs[name].method_name if name in self.signature_defs else ""
-        return SignatureInfo(name, method, {k: s.dtype for k, s in specs.items()}, sorted(fn.structured_outputs))
+    model_name: str
+    version: int
+    path: Path
+    signature_defs: dict[str, meta_graph_pb2.SignatureDef]
+    signatures: dict[str, SignatureInfo]
+    load_note: str = ""  # why it is served the way it is, when that needs saying (GetModelStatus shows it)
 
     def signature(self, name: str) -> SignatureInfo:
         name = name or DEFAULT_SIGNATURE
@@ -70,33 +59,36 @@ class Servable:
         if unknown:
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"output tensor alias not found in signature: {sorted(unknown)}")
-        try:
-            tensors = {k: tf.convert_to_tensor(v, dtype=info.inputs[k]) for k, v in inputs.items()}
-            outputs = self._functions[info.name](**tensors)
-        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as exc:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, _short(exc)) from None
-        wanted = output_filter or info.outputs
-        return {k: outputs[k].numpy() for k in wanted}
+        return self._call(info, inputs, list(output_filter) or info.outputs)
+
+    def _call(self, info: SignatureInfo, inputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
 
     def warm_up(self, iterations: int = 1) -> int:
         """Replay ``assets.extra/tf_serving_warmup_requests`` (TFRecord of PredictionLog), each record
         ``iterations`` times; returns how many records ran."""
-        from tensorflow_serving.apis import prediction_log_pb2
+        requests = warmup_requests(self.path / WARMUP_FILE)
+        for signature, inputs in requests:
+            for _ in range(max(1, iterations)):
+                self.run(signature, inputs)
+        return len(requests)
 
-        path = self.path / WARMUP_FILE
-        if not path.exists():
-            return 0
-        count = 0
-        for record in tf.data.TFRecordDataset(str(path)):
-            entry = prediction_log_pb2.PredictionLog()
-            entry.ParseFromString(record.numpy())
-            if entry.WhichOneof("log_type") == "predict_log":
-                request = entry.predict_log.request
-                inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
-                for _ in range(max(1, iterations)):
-                    self.run(request.model_spec.signature_name, inputs)
-                count += 1
-        return count
+
+def warmup_requests(path: Path) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """The (signature, inputs) of each predict request in a warm-up file (none when it does not exist)."""
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    if not path.exists():
+        return []
+    requests = []
+    for record in tf.data.TFRecordDataset(str(path)):
+        entry = prediction_log_pb2.PredictionLog()
+        entry.ParseFromString(record.numpy())
+        if entry.WhichOneof("log_type") == "predict_log":
+            request = entry.predict_log.request
+            requests.append((request.model_spec.signature_name,
+                             {k: tf.make_ndarray(v) for k, v in request.inputs.items()}))
+    return requests
 
 
 def _short(exc: Exception) -> str:
@@ -104,8 +96,79 @@ def _short(exc: Exception) -> str:
     return text.strip().splitlines()[0][:500] if text.strip() else type(exc).__name__
 
 
-def _meta_graph(saved_model: saved_model_pb2.SavedModel, tags) -> meta_graph_pb2.MetaGraphDef:
+class FunctionServable(Servable):
+    """A TF2 SavedModel (one with an object graph): its signatures are concrete functions (tf.saved_model.load)."""
+
+    def __init__(self, model_name: str, version: int, path: Path, meta_graph: meta_graph_pb2.MetaGraphDef,
+                 tags: tuple[str, ...]):
+        self.model_name, self.version, self.path = model_name, version, Path(path)
+        self.signature_defs = _signature_defs(meta_graph)
+        self._loaded = tf.saved_model.load(str(self.path), tags=list(tags))
+        self._functions = dict(self._loaded.signatures)
+        self.signatures = {name: self._describe(name, fn) for name, fn in self._functions.items()}
+
+    def _describe(self, name: str, fn) -> SignatureInfo:
+        specs = fn.structured_input_signature[1]
+        method = self.signature_defs[name].method_name if name in self.signature_defs else ""
+        return SignatureInfo(name, method, {k: s.dtype for k, s in specs.items()}, sorted(fn.structured_outputs))
+
+    def _call(self, info: SignatureInfo, inputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
+        try:
+            tensors = {k: tf.convert_to_tensor(v, dtype=info.inputs[k]) for k, v in inputs.items()}
+            outputs = self._functions[info.name](**tensors)
+        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as exc:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, _short(exc)) from None
+        return {k: outputs[k].numpy() for k in wanted}
+
+
+class SessionServable(Servable):
+    """A TF1 SavedModel (no object graph), run as TF Serving runs every SavedModel: a Session on its MetaGraph,
+    feeding and fetching the tensors its SignatureDefs name. Inputs are fed as given: neither the SignatureDef's
+    shapes nor the placeholders' are checked first (TF2's loader refuses signatures whose shapes disagree with the
+    graph, such as TF Serving's saved_model_half_plus_three, which TF Serving serves)."""
+
+    def __init__(self, model_name: str, version: int, path: Path, tags: tuple[str, ...]):
+        self.model_name, self.version, self.path = model_name, version, Path(path)
+        self._graph = tf.Graph()
+        threads = tf.config.threading  # the same thread counts as the TF2 runtime (configure_tensorflow_threads)
+        config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=threads.get_intra_op_parallelism_threads(),
+                                          inter_op_parallelism_threads=threads.get_inter_op_parallelism_threads())
+        self._session = tf.compat.v1.Session(graph=self._graph, config=config)
+        with self._graph.as_default():
+            meta_graph = tf.compat.v1.saved_model.loader.load(self._session, list(tags), str(self.path))
+        self.signature_defs = _signature_defs(meta_graph)
+        self.signatures = {}
+        self._feeds: dict[str, dict[str, tf.Tensor]] = {}
+        self._fetches: dict[str, dict[str, tf.Tensor]] = {}
+        for name, sig in self.signature_defs.items():
+            self._feeds[name] = {k: self._graph.get_tensor_by_name(v.name) for k, v in sig.inputs.items()}
+            self._fetches[name] = {k: self._graph.get_tensor_by_name(v.name) for k, v in sig.outputs.items()}
+            self.signatures[name] = SignatureInfo(name, sig.method_name,
+                                                  {k: tf.as_dtype(v.dtype) for k, v in sig.inputs.items()},
+                                                  sorted(sig.outputs))
+
+    def _call(self, info: SignatureInfo, inputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
+        feeds, fetches = self._feeds[info.name], self._fetches[info.name]
+        try:
+            feed_dict = {feeds[k]._as_tf_output(): np.asarray(v, dtype=info.inputs[k].as_numpy_dtype)
+                         for k, v in inputs.items()}
+            # Session.run would first check each value against the placeholder's static shape; TF Serving's
+            # Session::Run does not, so this calls the step Session.run ends in (pinned TensorFlow version).
+            values = self._session._call_tf_sessionrun(None, feed_dict, [fetches[k]._as_tf_output() for k in wanted],
+                                                       [], None)
+        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as exc:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, _short(exc)) from None
+        return dict(zip(wanted, values))
+
+
+def _signature_defs(meta_graph: meta_graph_pb2.MetaGraphDef) -> dict[str, meta_graph_pb2.SignatureDef]:
+    return {k: v for k, v in meta_graph.signature_def.items() if k != "__saved_model_init_op"}
+
+
+def _meta_graph(path: Path, tags: tuple[str, ...]) -> meta_graph_pb2.MetaGraphDef:
     """The MetaGraphDef whose tag set is exactly ``tags`` (TensorFlow's FindMetaGraphDef)."""
+    saved_model = saved_model_pb2.SavedModel()
+    saved_model.ParseFromString((path / "saved_model.pb").read_bytes())
     for meta_graph in saved_model.meta_graphs:
         if set(meta_graph.meta_info_def.tags) == set(tags):
             return meta_graph
@@ -114,14 +177,35 @@ def _meta_graph(saved_model: saved_model_pb2.SavedModel, tags) -> meta_graph_pb2
                        "`saved_model_cli`")
 
 
+def open_saved_model(model_name: str, version: int, path: Path, tags: tuple[str, ...] = ("serve",)) -> Servable:
+    """The servable for a SavedModel folder: TF2 exports through their functions, TF1 exports through a Session."""
+    path = Path(path)
+    meta_graph = _meta_graph(path, tags)
+    if meta_graph.object_graph_def.nodes:
+        return FunctionServable(model_name, version, path, meta_graph, tags)
+    return SessionServable(model_name, version, path, tags)
+
+
 def load_servable(model_name: str, version: int, path: Path,
                   options: LoadOptions = LoadOptions()) -> tuple[Servable, float]:
+    from services.model_server.tflite_servable import TFLITE_FILE, TfLiteServable, has_tflite_model, parity_problem
+
     start = time.perf_counter()
-    servable = Servable(model_name, version, path, options.tags)
+    if options.prefer_tflite_model and has_tflite_model(path):
+        servable, source = TfLiteServable(model_name, version, path), TFLITE_FILE
+        if (Path(path) / "saved_model.pb").is_file():
+            saved_model = open_saved_model(model_name, version, path, options.tags)
+            problem = parity_problem(servable, saved_model, warmup_requests(Path(path) / WARMUP_FILE))
+            if problem:
+                servable, source = saved_model, "SavedModel"
+                servable.load_note = f"serving the SavedModel: {TFLITE_FILE} disagrees with it ({problem})"
+                log.warning("%s version %d: %s", model_name, version, servable.load_note)
+    else:
+        servable, source = open_saved_model(model_name, version, path, options.tags), "SavedModel"
     warmup = "no warm-up"
     if options.warmup:
         warmed = servable.warm_up(options.warmup_iterations)
         warmup = f"{warmed} warm-up records, each run {options.warmup_iterations} times"
     elapsed = time.perf_counter() - start
-    log.info("loaded %s version %d from %s in %.2fs (%s)", model_name, version, path, elapsed, warmup)
+    log.info("loaded %s version %d from %s (%s) in %.2fs (%s)", model_name, version, path, source, elapsed, warmup)
     return servable, elapsed

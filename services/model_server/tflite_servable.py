@@ -1,0 +1,236 @@
+"""A servable run by LiteRT (TFLite with XNNPACK): a version's ``model.tflite``, served in place of its SavedModel under
+``--prefer_tflite_model`` as TF Serving's TfLiteSession serves it.
+
+Signatures, in this order:
+1. the TF SignatureDefs stored in the file's ``signature_defs_metadata`` (a flexbuffer map of name -> serialized
+   SignatureDef, whose tensor names may carry a ``:0`` suffix the file's tensors lack), the ones TF Serving reads
+   (``servables/tensorflow/tflite_session.cc``);
+2. else the file's own signatures (what today's converter writes), run through LiteRT's signature runners, as
+   predict signatures. TF Serving ignores them and goes on to 3, which for a converted Keras model names the outputs
+   after graph tensors (``StatefulPartitionedCall``) and keeps only one of them;
+3. else one ``serving_default`` predict signature over the primary subgraph's inputs and outputs, named by their
+   tensor names without the suffix, as TF Serving builds it.
+Every call feeds the inputs as given: an input whose shape differs from the interpreter's is resized first (the
+batch dimension, or any), as TF Serving does. Interpreters are a pool that grows to one per model call running at
+once (so one per worker thread), each with the intra-op threads one TensorFlow call gets
+(``configure_tensorflow_threads``: the call's share of the cores).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import meta_graph_pb2
+
+from services.model_server.errors import ServingError
+from services.model_server.servable import Servable, SignatureInfo, _short
+
+log = logging.getLogger("model_server.tflite")
+TFLITE_FILE = "model.tflite"
+SIGNATURE_DEFS_METADATA = b"signature_defs_metadata"
+PREDICT_METHOD = "tensorflow/serving/predict"
+
+
+# A TFLite file served in place of its SavedModel must give, on the version's warm-up requests, float outputs within
+# this absolute difference of the SavedModel's, the same argmax along the last axis (top-1) for float outputs of rank
+# >= 2, and equal non-float outputs.
+PARITY_ATOL = 1e-3
+
+
+def parity_problem(lite: Servable, saved_model: Servable,
+                   requests: list[tuple[str, dict[str, np.ndarray]]]) -> str | None:
+    """How ``lite`` disagrees with ``saved_model`` on ``requests`` (those of signatures both serve, on the outputs
+    both give); None when it agrees or nothing could be compared."""
+    for signature, inputs in requests:
+        name = signature or "serving_default"
+        if name not in lite.signatures or name not in saved_model.signatures:
+            continue
+        wanted = tuple(sorted(set(lite.signatures[name].outputs) & set(saved_model.signatures[name].outputs)))
+        if not wanted:
+            continue
+        expected = saved_model.run(name, inputs, wanted)
+        answered = lite.run(name, inputs, wanted)
+        for alias in wanted:
+            a, b = np.asarray(expected[alias]), np.asarray(answered[alias])
+            where = f"signature {name} output {alias}"
+            if a.shape != b.shape:
+                return f"{where}: shape {b.shape}, SavedModel {a.shape}"
+            if a.dtype.kind == "f":
+                worst = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0))
+                if not worst <= PARITY_ATOL:
+                    return f"{where}: differs by up to {worst:.3g} > {PARITY_ATOL}"
+                if a.ndim >= 2 and a.shape[-1] and not np.array_equal(a.argmax(-1), b.argmax(-1)):
+                    return f"{where}: another top-1"
+            elif not np.array_equal(a, b):
+                return f"{where}: other values"
+    return None
+
+
+def has_tflite_model(version_dir: Path) -> bool:
+    return (Path(version_dir) / TFLITE_FILE).is_file()
+
+
+def _legacy_name(tensor_name: str) -> str:
+    """TF tensor names end in ':0'; early TFLite converters dropped the suffix."""
+    return tensor_name.split(":", 1)[0]
+
+
+def _tensor_index(tensor_name: str, by_name: dict[str, int], what: str) -> int:
+    for name in (tensor_name, _legacy_name(tensor_name)):
+        if name in by_name:
+            return by_name[name]
+    raise ValueError(f"Signature {what} references an unknown tensor '{tensor_name}'")
+
+
+def stored_signature_defs(content: bytes) -> dict[str, meta_graph_pb2.SignatureDef]:
+    """The TF SignatureDefs a TFLite file carries in its ``signature_defs_metadata`` (none: an empty dict)."""
+    from ai_edge_litert import schema_py_generated as schema
+    from flatbuffers import flexbuffers
+
+    model = schema.Model.GetRootAs(content, 0)
+    for i in range(model.MetadataLength()):
+        metadata = model.Metadata(i)
+        if metadata.Name() != SIGNATURE_DEFS_METADATA:
+            continue
+        data = model.Buffers(metadata.Buffer()).DataAsNumpy().tobytes()
+        stored = flexbuffers.GetRoot(data).AsMap
+        signature_defs = {}
+        for key, value in zip(stored.Keys, stored.Values):
+            signature_def = meta_graph_pb2.SignatureDef()
+            signature_def.ParseFromString(bytes(value.AsStringBytes))
+            signature_defs[key.AsKey] = signature_def
+        return signature_defs
+    return {}
+
+
+def _tensor_info(detail: dict, shape_key: str = "shape") -> meta_graph_pb2.TensorInfo:
+    info = meta_graph_pb2.TensorInfo(name=detail["name"], dtype=tf.as_dtype(detail["dtype"]).as_datatype_enum)
+    for size in detail[shape_key]:
+        info.tensor_shape.dim.add(size=int(size))
+    return info
+
+
+def native_signature_defs(interpreter) -> dict[str, meta_graph_pb2.SignatureDef]:
+    """The file's own signatures (LiteRT's signature runners) as predict SignatureDefs; dims unknown until a call
+    are -1."""
+    signature_defs = {}
+    for key in interpreter.get_signature_list():
+        runner = interpreter.get_signature_runner(key)
+        signature_def = meta_graph_pb2.SignatureDef(method_name=PREDICT_METHOD)
+        for alias, detail in runner.get_input_details().items():
+            signature_def.inputs[alias].CopyFrom(_tensor_info(detail, "shape_signature"))
+        for alias, detail in runner.get_output_details().items():
+            signature_def.outputs[alias].CopyFrom(_tensor_info(detail, "shape_signature"))
+        signature_defs[key] = signature_def
+    return signature_defs
+
+
+@dataclass
+class _Instance:
+    """One interpreter of the pool, with the signature runners made for it so far."""
+    interpreter: object
+    runners: dict = field(default_factory=dict)
+
+    def runner(self, key: str):
+        if key not in self.runners:
+            self.runners[key] = self.interpreter.get_signature_runner(key)
+        return self.runners[key]
+
+
+class TfLiteServable(Servable):
+    def __init__(self, model_name: str, version: int, path: Path, threads: int = 0):
+        """``threads``: each interpreter's; 0 = TensorFlow's intra-op setting, or every core when that is 0."""
+        self.model_name, self.version, self.path = model_name, version, Path(path)
+        self._content = (self.path / TFLITE_FILE).read_bytes()
+        self._threads = threads or tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count() or 1
+        self._idle: queue.SimpleQueue[_Instance] = queue.SimpleQueue()
+        first = self._new_instance()
+        self._idle.put(first)
+        probe = first.interpreter
+        input_details, output_details = probe.get_input_details(), probe.get_output_details()
+        inputs = {d["name"]: d["index"] for d in input_details}
+        outputs = {d["name"]: d["index"] for d in output_details}
+
+        self.signature_defs = stored_signature_defs(self._content)
+        self._native: set[str] = set()
+        if not self.signature_defs:
+            self.signature_defs = native_signature_defs(probe)
+            self._native = set(self.signature_defs)
+        if not self.signature_defs:
+            log.warning("%s version %d: no SignatureDef in %s, serving its tensors as serving_default", model_name,
+                        version, TFLITE_FILE)
+            default = meta_graph_pb2.SignatureDef(method_name=PREDICT_METHOD)
+            for detail in input_details:
+                default.inputs[_legacy_name(detail["name"])].CopyFrom(_tensor_info(detail))
+            for detail in output_details:
+                default.outputs[_legacy_name(detail["name"])].CopyFrom(_tensor_info(detail))
+            self.signature_defs = {"serving_default": default}
+        self._input_index: dict[str, dict[str, int]] = {}
+        self._output_index: dict[str, dict[str, int]] = {}
+        self.signatures = {}
+        for name, signature_def in self.signature_defs.items():
+            if name not in self._native:
+                self._input_index[name] = {alias: _tensor_index(info.name, inputs, f"input {alias}")
+                                           for alias, info in signature_def.inputs.items()}
+                self._output_index[name] = {alias: _tensor_index(info.name, outputs, f"output {alias}")
+                                            for alias, info in signature_def.outputs.items()}
+            self.signatures[name] = SignatureInfo(
+                name, signature_def.method_name,
+                {alias: tf.as_dtype(info.dtype) for alias, info in signature_def.inputs.items()},
+                sorted(signature_def.outputs))
+
+    def _new_instance(self) -> _Instance:
+        from ai_edge_litert.interpreter import Interpreter
+
+        # The default op resolver applies the XNNPACK delegate to the float ops it supports.
+        interpreter = Interpreter(model_content=self._content, num_threads=self._threads)
+        interpreter.allocate_tensors()
+        return _Instance(interpreter)
+
+    def _acquire(self) -> _Instance:
+        """An idle interpreter, or a new one when every one is busy in another thread."""
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            return self._new_instance()
+
+    def _call(self, info: SignatureInfo, inputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
+        values = {alias: np.asarray(value, dtype=object if info.inputs[alias] == tf.string
+                                    else info.inputs[alias].as_numpy_dtype) for alias, value in inputs.items()}
+        instance = self._acquire()
+        try:
+            if info.name in self._native:
+                outputs = instance.runner(info.name)(**values)  # resizes its inputs to the values' shapes
+            else:
+                outputs = self._run_primary(instance.interpreter, info.name, values, wanted)
+        except ValueError as exc:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, _short(exc)) from None
+        except RuntimeError as exc:
+            raise ServingError(grpc.StatusCode.INTERNAL, f"TFLite: {_short(exc)}") from None
+        finally:
+            self._idle.put(instance)
+        return {alias: outputs[alias].astype(object) if outputs[alias].dtype.kind == "S" else outputs[alias]
+                for alias in wanted}
+
+    def _run_primary(self, interpreter, name: str, values: dict[str, np.ndarray],
+                     wanted: list[str]) -> dict[str, np.ndarray]:
+        """Feed and fetch the primary subgraph's tensors a SignatureDef names (as TF Serving's TfLiteSession)."""
+        input_index, output_index = self._input_index[name], self._output_index[name]
+        shapes = {d["index"]: tuple(d["shape"]) for d in interpreter.get_input_details()}
+        resized = False
+        for alias, value in values.items():
+            if shapes[input_index[alias]] != value.shape:
+                interpreter.resize_tensor_input(input_index[alias], value.shape)
+                resized = True
+        if resized:
+            interpreter.allocate_tensors()
+        for alias, value in values.items():
+            interpreter.set_tensor(input_index[alias], value)
+        interpreter.invoke()
+        return {alias: interpreter.get_tensor(output_index[alias]) for alias in wanted}
