@@ -111,8 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable_signature_method_name_check", type=_bool, nargs="?", const=True, default=False,
                    help="Classify/Regress only on signatures whose method_name says so (default off, as in TF "
                    "Serving: TF2 exports all say tensorflow/serving/predict)")
-    p.add_argument("--prefer_tflite_model", type=_bool, nargs="?", const=True, default=False,
-                   help="serve a version folder's model.tflite instead of its SavedModel when it has one")
     p.add_argument("--tensorflow_session_parallelism", type=int, default=0,
                    help="intra- and inter-op threads both, unless --tensorflow_intra_op_parallelism or "
                    "--tensorflow_inter_op_parallelism is given (0 = automatic)")
