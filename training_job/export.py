@@ -64,8 +64,11 @@ def build_serving_module(base, head: Head, open_set: OpenSet):
 def save_model(module, export_dir) -> None:
     import tensorflow as tf
 
+    from training_job.explain import explain_signatures
+
     tf.saved_model.save(module, str(export_dir), signatures={
-        "serving_default": module.serve_pixels, "predict_image_bytes": module.serve_bytes})
+        "serving_default": module.serve_pixels, "predict_image_bytes": module.serve_bytes,
+        **explain_signatures(module)})  # Grad-CAM twins of both (training_job/explain.py)
 
 
 def in_process_outputs(base, head: Head, open_set: OpenSet, pixels: np.ndarray) -> dict:

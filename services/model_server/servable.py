@@ -24,6 +24,7 @@ class SignatureInfo:
     method_name: str
     inputs: dict[str, tf.dtypes.DType]
     outputs: list[str]
+    defaults: dict[str, np.ndarray]  # SignatureDef ``defaults``: filled in for inputs a request leaves out
 
 
 class Servable:
@@ -42,8 +43,11 @@ class Servable:
 
     def _describe(self, name: str, fn) -> SignatureInfo:
         specs = fn.structured_input_signature[1]
-        method = self.signature_defs[name].method_name if name in self.signature_defs else ""
-        return SignatureInfo(name, method, {k: s.dtype for k, s in specs.items()}, sorted(fn.structured_outputs))
+        definition = self.signature_defs.get(name)
+        method = definition.method_name if definition is not None else ""
+        defaults = {k: tf.make_ndarray(v) for k, v in definition.defaults.items()} if definition is not None else {}
+        return SignatureInfo(name, method, {k: s.dtype for k, s in specs.items()}, sorted(fn.structured_outputs),
+                             defaults)
 
     def signature(self, name: str) -> SignatureInfo:
         name = name or DEFAULT_SIGNATURE
@@ -55,6 +59,7 @@ class Servable:
 
     def run(self, signature_name: str, inputs: dict[str, np.ndarray], output_filter=()) -> dict[str, np.ndarray]:
         info = self.signature(signature_name)
+        inputs = {**{k: v for k, v in info.defaults.items() if k not in inputs}, **inputs}  # as TF Serving does
         missing = set(info.inputs) - set(inputs)
         extra = set(inputs) - set(info.inputs)
         if missing or extra:

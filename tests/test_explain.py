@@ -1,0 +1,169 @@
+"""Grad-CAM ("why this answer"): the SavedModel's explain signatures, served by our model server, and the gateway's
+``explain`` option."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
+from training_job.explain import EXPLAIN_BYTES_SIGNATURE, EXPLAIN_SIGNATURE, in_process_grad_cam
+from training_job.pipeline import load_run
+from training_job.preprocessing import load_image_file, preprocess_bytes
+from training_job.train import split_rows
+
+EXPLAIN_OUTPUTS = {"probabilities", "classes", "mushroom_score", "not_a_mushroom", "explained_class", "heatmap",
+                   "heatmap_image"}
+
+
+def _test_photos(run_dir, n=4):
+    rows, _, head, _ = load_run(run_dir)
+    return split_rows(rows, "test")[:n], head
+
+
+def _signature_defs(version_dir):
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((version_dir / "saved_model.pb").read_bytes())
+    return saved.meta_graphs[0].signature_def
+
+
+def test_explain_signatures_exist_with_an_optional_class_index(published_model):
+    defs = _signature_defs(published_model.version_dir)
+    pixels, encoded = defs[EXPLAIN_SIGNATURE], defs[EXPLAIN_BYTES_SIGNATURE]
+    assert set(pixels.inputs) == {"images", "class_index"} and set(encoded.inputs) == {"image_bytes", "class_index"}
+    assert pixels.inputs["images"].dtype == tf.uint8.as_datatype_enum
+    assert [d.size for d in pixels.inputs["images"].tensor_shape.dim] == [-1, 224, 224, 3]
+    for definition in (pixels, encoded):
+        assert definition.method_name == "tensorflow/serving/predict"
+        assert set(definition.outputs) == EXPLAIN_OUTPUTS
+        assert tf.make_ndarray(definition.defaults["class_index"]).tolist() == [-1]  # TF Serving fills it in
+        assert [d.size for d in definition.outputs["heatmap"].tensor_shape.dim] == [-1, 7, 7]
+        assert definition.outputs["heatmap_image"].dtype == tf.uint8.as_datatype_enum
+
+
+def test_explain_matches_in_process_grad_cam(published_model, base_network):
+    rows, head = _test_photos(published_model.run_dir, 6)
+    pixels = np.stack([load_image_file(r.path) for r in rows])
+    loaded = tf.saved_model.load(str(published_model.version_dir))
+    explain = loaded.signatures[EXPLAIN_SIGNATURE]
+    out = explain(images=tf.constant(pixels), class_index=tf.constant([-1], tf.int32))
+    expected, chosen = in_process_grad_cam(base_network, head, pixels)
+    np.testing.assert_array_equal(out["explained_class"].numpy(), chosen)
+    np.testing.assert_allclose(out["heatmap"].numpy(), expected, atol=1e-4)
+    assert out["heatmap"].numpy().max(axis=(1, 2)) == pytest.approx(1.0)  # each map is scaled to peak at 1
+    plain = loaded.signatures["serving_default"](images=tf.constant(pixels))
+    np.testing.assert_allclose(out["probabilities"].numpy(), plain["probabilities"].numpy(), atol=1e-6)
+    np.testing.assert_array_equal(out["not_a_mushroom"].numpy(), plain["not_a_mushroom"].numpy())
+    # a class given per photo: every photo explained for the class after its prediction
+    wanted = (chosen + 1) % len(head.labels)
+    given = explain(images=tf.constant(pixels), class_index=tf.constant(wanted, tf.int32))
+    expected_given, _ = in_process_grad_cam(base_network, head, pixels, wanted)
+    np.testing.assert_array_equal(given["explained_class"].numpy(), wanted)
+    np.testing.assert_allclose(given["heatmap"].numpy(), expected_given, atol=1e-4)
+    upsampled = given["heatmap_image"].numpy()
+    assert upsampled.shape == (len(pixels), 224, 224) and upsampled.dtype == np.uint8
+    with pytest.raises(tf.errors.InvalidArgumentError, match="class_index"):
+        explain(images=tf.constant(pixels[:1]), class_index=tf.constant([len(head.labels)], tf.int32))
+
+
+def test_explain_image_bytes_decodes_like_predict_image_bytes(published_model):
+    rows, _ = _test_photos(published_model.run_dir, 3)
+    data = tf.constant([open(r.path, "rb").read() for r in rows])
+    loaded = tf.saved_model.load(str(published_model.version_dir))
+    out = loaded.signatures[EXPLAIN_BYTES_SIGNATURE](image_bytes=data, class_index=tf.constant([-1], tf.int32))
+    plain = loaded.signatures["predict_image_bytes"](image_bytes=data)
+    np.testing.assert_allclose(out["probabilities"].numpy(), plain["probabilities"].numpy(), atol=1e-6)
+    np.testing.assert_array_equal(out["explained_class"].numpy(), plain["probabilities"].numpy().argmax(1))
+
+
+def corner_photo(photo_path, corner: str, size: int = 224, tile: int = 96) -> np.ndarray:
+    """The photo shrunk to ``tile`` pixels square, pasted into ``corner`` of a plain grey square."""
+    photo = Image.fromarray(preprocess_bytes(open(photo_path, "rb").read(), tile))
+    canvas = Image.new("RGB", (size, size), (128, 128, 128))
+    x = 0 if "left" in corner else size - tile
+    y = 0 if "top" in corner else size - tile
+    canvas.paste(photo, (x, y))
+    return np.asarray(canvas)
+
+
+def quadrant_mass(heatmap: np.ndarray, corner: str) -> float:
+    half = heatmap.shape[0] // 2
+    rows = slice(0, half) if "top" in corner else slice(heatmap.shape[0] - half, None)
+    cols = slice(0, half) if "left" in corner else slice(heatmap.shape[1] - half, None)
+    return float(heatmap[rows, cols].sum() / heatmap.sum())
+
+
+def test_heatmap_mass_sits_where_the_mushroom_is(published_model):
+    rows, _ = _test_photos(published_model.run_dir, 40)
+    loaded = tf.saved_model.load(str(published_model.version_dir))
+    explain = loaded.signatures[EXPLAIN_SIGNATURE]
+    corners = ("top left", "top right", "bottom left", "bottom right")
+    photo = next(r for r in rows if r.label == "amanita_muscaria")  # a red cap on grey: unmistakable
+    images = np.stack([corner_photo(photo.path, c) for c in corners])
+    out = explain(images=tf.constant(images), class_index=tf.constant([-1], tf.int32))
+    for corner, upsampled in zip(corners, out["heatmap_image"].numpy().astype(float)):
+        # a quarter of the frame holds most of the heat (an even spread would put 0.25 there), and its peak
+        peak = np.unravel_index(upsampled.argmax(), upsampled.shape)
+        assert quadrant_mass(upsampled, corner) > 0.5, (corner, np.round(upsampled[::32, ::32] / 255, 2))
+        assert (peak[0] < 112) == ("top" in corner) and (peak[1] < 112) == ("left" in corner), (corner, peak)
+
+
+@pytest.fixture(scope="module")
+def model_server(published_model, tmp_path_factory):
+    config = tmp_path_factory.mktemp("explain-model-server") / "models.config"
+    write_config(config, {MODEL: published_model.registry_path / published_model.model_name})
+    server = start_server(published_model.registry_path, config)
+    try:
+        wait_until(lambda: version_states(server.grpc_target, MODEL).get(published_model.version, (0,))[0] == 30,
+                   what="the published version AVAILABLE")
+        yield server
+    finally:
+        stop_server(server)
+
+
+def _grpc_explain(server, inputs: dict) -> dict:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = MODEL
+    request.model_spec.signature_name = EXPLAIN_BYTES_SIGNATURE
+    for name, value in inputs.items():
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=60)
+    return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
+
+
+def test_model_server_serves_explain_over_grpc_and_rest(published_model, model_server):
+    rows, head = _test_photos(published_model.run_dir, 2)
+    photos = [open(r.path, "rb").read() for r in rows]
+    loaded = tf.saved_model.load(str(published_model.version_dir))
+    expected = loaded.signatures[EXPLAIN_BYTES_SIGNATURE](image_bytes=tf.constant(photos),
+                                                          class_index=tf.constant([-1], tf.int32))
+    # gRPC, class_index left out: the SignatureDef's default (the predicted class) is filled in, as TF Serving does
+    answer = _grpc_explain(model_server, {"image_bytes": np.array(photos, dtype=object)})
+    assert set(answer) == EXPLAIN_OUTPUTS
+    np.testing.assert_allclose(answer["heatmap"], expected["heatmap"].numpy(), atol=1e-5)
+    np.testing.assert_array_equal(answer["explained_class"], expected["explained_class"].numpy())
+    # gRPC with a class per photo
+    wanted = (expected["explained_class"].numpy() + 1) % len(head.labels)
+    given = _grpc_explain(model_server, {"image_bytes": np.array(photos, dtype=object),
+                                         "class_index": wanted.astype(np.int32)})
+    np.testing.assert_array_equal(given["explained_class"], wanted)
+    # REST row format naming the input (class_index left out), as a plain TF Serving REST client would send it
+    body = {"signature_name": EXPLAIN_BYTES_SIGNATURE,
+            "instances": [{"image_bytes": {"b64": base64.b64encode(p).decode()}} for p in photos]}
+    request = urllib.request.Request(f"{model_server.rest_url}/v1/models/{MODEL}:predict",
+                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        predictions = json.loads(response.read())["predictions"]
+    assert len(predictions) == 2 and set(predictions[0]) == EXPLAIN_OUTPUTS
+    np.testing.assert_allclose(np.array([p["heatmap"] for p in predictions]), expected["heatmap"].numpy(), atol=1e-5)
+    assert np.array(predictions[0]["heatmap_image"]).shape == (224, 224)
