@@ -169,8 +169,9 @@ class Stack:
         from services.gateway import keys
 
         client = redis.Redis.from_url(self.redis.url)
-        for key in client.scan_iter(keys.result_pattern(self.model_name), count=1000):
-            client.delete(key)
+        for pattern in (keys.result_pattern(self.model_name), keys.explanation_pattern(self.model_name)):
+            for key in client.scan_iter(pattern, count=1000):
+                client.delete(key)
         client.close()
 
     def start_gateway(self, *extra: str, grpc: bool = True, env: dict[str, str] | None = None) -> Gateway:

@@ -167,3 +167,105 @@ def test_model_server_serves_explain_over_grpc_and_rest(published_model, model_s
     assert len(predictions) == 2 and set(predictions[0]) == EXPLAIN_OUTPUTS
     np.testing.assert_allclose(np.array([p["heatmap"] for p in predictions]), expected["heatmap"].numpy(), atol=1e-5)
     assert np.array(predictions[0]["heatmap_image"]).shape == (224, 224)
+
+
+# ------------------------------------------------------------------------------------------------- the gateway
+@pytest.fixture(scope="module")
+def gateway(published_model, model_server):
+    from tests.support import RedisServer
+    from tests.test_gateway import GatewayProcess
+
+    with RedisServer() as redis:
+        process = GatewayProcess(model_server.grpc_target, redis.url,
+                                 published_model.registry_path / published_model.model_name)
+        try:
+            yield process
+        finally:
+            process.stop()
+
+
+def rotated_photo(path, size=(300, 200)) -> bytes:
+    """A real photo stored sideways (300 x 200 pixels) with EXIF orientation 6: displayed 200 x 300."""
+    image = Image.open(path).convert("RGB").resize(size)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    image.save(out, "JPEG", exif=exif.tobytes())
+    return out.getvalue()
+
+
+def _png(encoded: str | bytes) -> Image.Image:
+    data = base64.b64decode(encoded) if isinstance(encoded, str) else encoded
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def test_gateway_explains_with_a_png_of_the_displayed_size(published_model, gateway):
+    rows, head = _test_photos(published_model.run_dir, 1)
+    photo = rotated_photo(rows[0].path)
+    status, answer, _ = gateway.classify(photo, explain=1)
+    assert status == 200, answer
+    explanation = answer["explanation"]
+    assert (explanation["width"], explanation["height"]) == (200, 300)
+    overlay = _png(explanation["overlay_png"])
+    assert overlay.size == (200, 300) and "transparency" in overlay.info
+    assert explanation["label"] == answer["predictions"][0]["label"] == head.labels[explanation["class_index"]]
+    heatmap = np.array(explanation["heatmap"])
+    assert heatmap.shape == (7, 7) and heatmap.min() >= 0 and heatmap.max() == pytest.approx(1.0)
+    # the same map as the SavedModel's explain signature on the gateway's preprocessing of the photo
+    loaded = tf.saved_model.load(str(published_model.version_dir))
+    expected = loaded.signatures[EXPLAIN_SIGNATURE](images=tf.constant(preprocess_bytes(photo)[None]),
+                                                   class_index=tf.constant([-1], tf.int32))
+    np.testing.assert_allclose(heatmap, expected["heatmap"].numpy()[0], atol=1e-5)
+    assert not answer["cached"]
+    # cached beside the answer: the explanation again, and the plain answer, are hits
+    status, again, _ = gateway.classify(photo, explain=1)
+    assert status == 200 and again["cached"] and again["explanation"]["heatmap"] == explanation["heatmap"]
+    status, plain, _ = gateway.classify(photo)
+    assert status == 200 and plain["cached"] and "explanation" not in plain  # off by default
+
+
+def test_gateway_explains_a_chosen_class_from_json_and_checks_the_options(published_model, gateway):
+    rows, head = _test_photos(published_model.run_dir, 2)
+    photo = open(rows[1].path, "rb").read()
+    encoded = base64.b64encode(photo).decode()
+    status, predicted, _ = gateway.request("POST", "/v1/classify", {"image_b64": encoded, "explain": True})
+    assert status == 200, predicted
+    other = next(label for label in head.labels if label != predicted["explanation"]["label"])
+    status, answer, _ = gateway.request("POST", "/v1/classify", {"image_b64": encoded, "explain_class": other})
+    assert status == 200, answer
+    assert answer["explanation"]["label"] == other and answer["explanation"]["class_index"] == head.labels.index(other)
+    assert answer["predictions"][0]["label"] == predicted["predictions"][0]["label"]
+    assert answer["explanation"]["heatmap"] != predicted["explanation"]["heatmap"]
+    for body, query, code in [({"explain": "yes"}, "", "bad_explain"), ({"explain": True}, "?explain=1", "bad_explain"),
+                              ({"explain_class": "no_such_mushroom"}, "", "unknown_class"),
+                              ({"explain_class": "a:b*"}, "", "bad_explain_class"), ({}, "?explain=maybe", "bad_explain")]:
+        status, error, _ = gateway.request("POST", f"/v1/classify{query}", {"image_b64": encoded, **body})
+        assert (status, error["error"]["code"]) == (400, code), (body, query, error)
+
+
+def test_gateway_explains_over_grpc_and_counts_explain_latency_apart(published_model, gateway):
+    from services.gateway.protos import load
+
+    pb, pb_grpc = load()
+    rows, _ = _test_photos(published_model.run_dir, 3)
+    photo = open(rows[2].path, "rb").read()
+    shown = Image.open(io.BytesIO(photo))
+    with grpc.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        plain = stub.Classify(pb.ClassifyRequest(photo=photo), timeout=60)
+        assert not plain.HasField("explanation")
+        answer = stub.Classify(pb.ClassifyRequest(photo=photo, explain=True), timeout=60)
+    explanation = answer.explanation
+    assert explanation.label == answer.predictions[0].label and (explanation.rows, explanation.cols) == (7, 7)
+    assert len(explanation.heatmap) == 49 and max(explanation.heatmap) == pytest.approx(1.0)
+    assert _png(explanation.overlay_png).size == (explanation.width, explanation.height) == shown.size
+    with urllib.request.urlopen(gateway.url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    explain_counts = [line for line in text.splitlines() if line.startswith("mushroom_gateway_explain_seconds_count")]
+    assert any('protocol="grpc"' in line for line in explain_counts), explain_counts
+    plain_grpc = [line for line in text.splitlines() if line.startswith("mushroom_gateway_request_seconds_count")
+                  and 'protocol="grpc"' in line]
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in plain_grpc) == 1  # the plain call only
