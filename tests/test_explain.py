@@ -269,3 +269,34 @@ def test_gateway_explains_over_grpc_and_counts_explain_latency_apart(published_m
     plain_grpc = [line for line in text.splitlines() if line.startswith("mushroom_gateway_request_seconds_count")
                   and 'protocol="grpc"' in line]
     assert sum(float(line.rsplit(" ", 1)[1]) for line in plain_grpc) == 1  # the plain call only
+
+
+# ------------------------------------------------------------------------------------------- the training report
+def test_blend_colours_only_where_the_heat_is():
+    from training_job.heatmaps import blend
+
+    photo = Image.new("RGB", (70, 70), (128, 128, 128))
+    heatmap = np.zeros((7, 7), np.float32)
+    heatmap[0, 0] = 1.0
+    drawn = np.asarray(blend(photo, heatmap)).astype(int)
+    assert np.abs(drawn[:5, :5] - 128).max() > 40  # the hot cell is coloured
+    assert np.abs(drawn[30:, 30:] - 128).max() == 0  # the cold part shows the photo untouched
+
+
+def test_evaluate_writes_a_contact_sheet_of_the_misclassified_photos(published_model):
+    import csv
+
+    from training_job.evaluate import MISCLASSIFIED_SHEET, SHEET_LIMIT
+
+    in_run = published_model.run_dir / MISCLASSIFIED_SHEET
+    published = published_model.version_dir / "assets.extra" / MISCLASSIFIED_SHEET
+    assert in_run.read_bytes() == published.read_bytes()
+    with open(published_model.run_dir / "misclassified.csv", newline="") as f:
+        wrong = list(csv.DictReader(f))
+    assert wrong, "the small test model gets some test photos wrong; the sheet needs them"
+    sheet = _png(published.read_bytes())
+    rows_of_entries = -(-min(len(wrong), SHEET_LIMIT) // 2)
+    assert sheet.size == (2 * (3 * 168 + 8), rows_of_entries * (160 + 30 + 8))  # 2 columns of photo + 2 heatmaps
+    first_photo = np.asarray(sheet.convert("RGB"))[30:190, 8:168].astype(int)
+    first_heatmap = np.asarray(sheet.convert("RGB"))[30:190, 176:336].astype(int)
+    assert np.abs(first_photo - first_heatmap).mean() > 5  # a heatmap is drawn over the photo's copy

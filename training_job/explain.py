@@ -152,8 +152,9 @@ def in_process_grad_cam(base, head, pixels: np.ndarray, class_index=None) -> tup
 
     from training_job.preprocessing import normalise
 
+    to_input = getattr(base, "normalise", None) or normalise  # the base's own input scaling where it defines one
     conv_model = last_conv_model(base.model)
-    conv = conv_model(normalise(tf.constant(pixels)), training=False)[0].numpy().astype(np.float64)
+    conv = conv_model(to_input(tf.constant(pixels)), training=False)[0].numpy().astype(np.float64)
     features = conv.mean(axis=(1, 2))
     pre_activations, x = [], features
     for i, (kernel, bias) in enumerate(zip(head.kernels, head.biases)):
