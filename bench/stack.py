@@ -264,13 +264,13 @@ async def _drive(send, photos: list[bytes], concurrency: int, seconds: float | N
 
 
 async def http_load(url: str, photos: list[bytes], concurrency: int, seconds: float | None = None,
-                    count: int | None = None, session=None) -> dict:
-    """POST /v1/classify (raw JPEG body, top_k=1) from ``concurrency`` clients on one aiohttp session (a new one,
+                    count: int | None = None, session=None, query: str = "top_k=1") -> dict:
+    """POST /v1/classify?<query> (raw JPEG body) from ``concurrency`` clients on one aiohttp session (a new one,
     or ``session`` with its already open connections)."""
     import aiohttp
 
     async def send(photo: bytes) -> bool:
-        async with session.post(f"{url}/v1/classify?top_k=1", data=photo,
+        async with session.post(f"{url}/v1/classify?{query}", data=photo,
                                 headers={"Content-Type": "image/jpeg"}) as response:
             await response.read()
             return response.status == 200
