@@ -80,9 +80,9 @@ def main(argv=None) -> int:
         "p50_c1_ratio": result["explain_c1"]["p50_ms"] / result["plain_c1"]["p50_ms"],
         f"throughput_c{c}_ratio": result[f"explain_c{c}"]["requests_per_s"] / result[f"plain_c{c}"]["requests_per_s"]}
     for mode in QUERIES:
-        print(f"{mode:8s} c1 p50 {result[f'{mode}_c1']['p50_ms']:7.1f} ms   c{c} {result[f'{mode}_c{c}']['requests_per_s']:6.1f} "
-              f"req/s (p50 {result[f'{mode}_c{c}']['p50_ms']:.1f} ms)   errors "
-              f"{result[f'{mode}_c1']['errors'] + result[f'{mode}_c{c}']['errors']}")
+        one, many = result[f"{mode}_c1"], result[f"{mode}_c{c}"]
+        print(f"{mode:8s} c1 p50 {one['p50_ms']:7.1f} ms   c{c} {many['requests_per_s']:6.1f} req/s "
+              f"(p50 {many['p50_ms']:.1f} ms)   errors {one['errors'] + many['errors']}")
     ratios = result["explain_vs_plain"]
     print(f"explain / plain: p50 at c1 {ratios['p50_c1_ratio']:.2f}x, throughput at c{c} "
           f"{ratios[f'throughput_c{c}_ratio']:.2f}x")

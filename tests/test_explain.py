@@ -85,6 +85,27 @@ def test_explain_image_bytes_decodes_like_predict_image_bytes(published_model):
     np.testing.assert_array_equal(out["explained_class"].numpy(), plain["probabilities"].numpy().argmax(1))
 
 
+def test_explain_reads_the_fine_tuned_blocks(published_model, base_network, tmp_path):
+    """With --fine_tune_blocks the last convolutional block is the tuned copy: the heatmap must come from it."""
+    from training_job.export import build_serving_module, save_model
+    from training_job.fine_tune import FineTunedBase, cut_layer_name, tail_layers
+
+    rows, _, head, open_set = load_run(published_model.run_dir)
+    layers = tail_layers(base_network.imagenet_model, cut_layer_name(base_network.architecture, 1))
+    rng = np.random.default_rng(0)  # tuned weights that differ from the original ones
+    weights = {layer.name: [w * rng.uniform(0.5, 1.5, size=w.shape).astype(w.dtype) for w in layer.get_weights()]
+               for layer in layers if layer.weights}
+    tuned = FineTunedBase(base_network, 1, weights)
+    save_model(build_serving_module(tuned, head, open_set), tmp_path / "tuned")
+    pixels = np.stack([load_image_file(r.path) for r in split_rows(rows, "test")[:3]])
+    out = tf.saved_model.load(str(tmp_path / "tuned")).signatures[EXPLAIN_SIGNATURE](
+        images=tf.constant(pixels), class_index=tf.constant([-1], tf.int32))
+    expected, chosen = in_process_grad_cam(tuned, head, pixels)
+    untuned, _ = in_process_grad_cam(base_network, head, pixels, chosen)
+    np.testing.assert_allclose(out["heatmap"].numpy(), expected, atol=1e-4)
+    assert np.abs(expected - untuned).max() > 0.05  # the tuned blocks, not the original ones, were explained
+
+
 def corner_photo(photo_path, corner: str, size: int = 224, tile: int = 96) -> np.ndarray:
     """The photo shrunk to ``tile`` pixels square, pasted into ``corner`` of a plain grey square."""
     photo = Image.fromarray(preprocess_bytes(open(photo_path, "rb").read(), tile))
@@ -241,7 +262,8 @@ def test_gateway_explains_a_chosen_class_from_json_and_checks_the_options(publis
     assert answer["explanation"]["heatmap"] != predicted["explanation"]["heatmap"]
     for body, query, code in [({"explain": "yes"}, "", "bad_explain"), ({"explain": True}, "?explain=1", "bad_explain"),
                               ({"explain_class": "no_such_mushroom"}, "", "unknown_class"),
-                              ({"explain_class": "a:b*"}, "", "bad_explain_class"), ({}, "?explain=maybe", "bad_explain")]:
+                              ({"explain_class": "a:b*"}, "", "bad_explain_class"),
+                              ({}, "?explain=maybe", "bad_explain")]:
         status, error, _ = gateway.request("POST", f"/v1/classify{query}", {"image_b64": encoded, **body})
         assert (status, error["error"]["code"]) == (400, code), (body, query, error)
 

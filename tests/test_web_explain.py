@@ -18,7 +18,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
 from tests.support import RedisServer
 from tests.test_gateway import GatewayProcess
-from tests.test_web import SCREENSHOTS, browser  # noqa: F401 - the headless Chromium fixture
+from tests.test_web import SCREENSHOTS
+from tests.test_web import browser  # noqa: F401 - the headless Chromium fixture, used by name
 from training_job.preprocessing import preprocess_bytes
 
 WAIT = 60  # seconds: each heatmap is one model call on a busy 2-core machine

@@ -77,8 +77,8 @@ _KIND_NAMES = {int: "integer", str: "string", bool: "boolean (true or false)"}
 
 def _json_options(data: dict) -> dict:
     """The classify options of a JSON body: the query string's ``top_k``, ``version``, ``label``, ``client_id``,
-    ``explain`` and ``explain_class``, as JSON integers, strings or booleans; any other field is refused, so a misspelt option never goes
-    unnoticed. Their values are checked further on exactly as the query string's are."""
+    ``explain`` and ``explain_class``, as JSON integers, strings or booleans; any other field is refused, so a
+    misspelt option never goes unnoticed. Their values are checked further on exactly as the query string's are."""
     unknown = sorted(set(data) - {"image_b64", *JSON_OPTIONS})
     if unknown:
         raise GatewayError(400, "unknown_field", f"unknown fields {unknown}: a JSON body holds image_b64 and "

@@ -12,7 +12,7 @@ from tensorflow_serving.apis import (
     get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc,
 )
 
-from training_job.explain import EXPLAIN_SIGNATURE  # a constant: importing it starts no TensorFlow
+from training_job.explain import EXPLAIN_SIGNATURE, PREDICTED_CLASS  # constants: importing them starts no TensorFlow
 
 log = logging.getLogger("gateway.upstream")
 AVAILABLE = 30
@@ -131,7 +131,8 @@ class ModelServerClient:
                            float(outputs["mushroom_score"][i]), bool(outputs["not_a_mushroom"][i]))
                 for i in range(rows)], outputs
 
-    async def predict(self, pixels: np.ndarray, version: int | None = None, label: str | None = None) -> list[Prediction]:
+    async def predict(self, pixels: np.ndarray, version: int | None = None,
+                      label: str | None = None) -> list[Prediction]:
         predict_stub, _ = self._stubs()
         response = await self._call(predict_stub.Predict, self._request("serving_default", pixels, version, label))
         return self._predictions(response, len(pixels))[0]
@@ -139,14 +140,14 @@ class ModelServerClient:
     async def explain(self, pixels: np.ndarray, version: int | None = None, label: str | None = None,
                       class_index: int | None = None) -> list[Explanation]:
         """The ``explain`` signature (Grad-CAM, training_job/explain.py) for ``class_index``, or for the predicted
-        class when None (the input is then left out: the SignatureDef's default is the predicted class)."""
+        class when None. ``class_index`` is always sent (-1 = predicted) rather than left to the SignatureDef's
+        default, so servers that do not fill in defaults answer the same."""
         predict_stub, _ = self._stubs()
         request = self._request(EXPLAIN_SIGNATURE, pixels, version, label)
         request.output_filter.extend(EXPLAIN_OUTPUTS)  # not the upsampled uint8 map: the gateway draws its own
-        if class_index is not None:
-            request.inputs["class_index"].dtype = types_pb2.DT_INT32
-            request.inputs["class_index"].tensor_shape.dim.add(size=1)
-            request.inputs["class_index"].int_val.append(class_index)
+        request.inputs["class_index"].dtype = types_pb2.DT_INT32
+        request.inputs["class_index"].tensor_shape.dim.add(size=1)
+        request.inputs["class_index"].int_val.append(PREDICTED_CLASS if class_index is None else class_index)
         response = await self._call(predict_stub.Predict, request)
         predictions, outputs = self._predictions(response, len(pixels))
         return [Explanation(p, int(outputs["explained_class"][i]), outputs["heatmap"][i])

@@ -63,7 +63,8 @@ export function explain(blob, { explainClass = null, filename = 'photo' } = {}) 
   const form = new FormData();
   form.append('photo', blob, filename);
   const query = explainClass ? `explain_class=${encodeURIComponent(explainClass)}` : 'explain=1';
-  return request(`/v1/classify?top_k=1&${query}`, { method: 'POST', body: form, headers: { 'X-Client-Id': clientId() } });
+  const headers = { 'X-Client-Id': clientId() };
+  return request(`/v1/classify?top_k=1&${query}`, { method: 'POST', body: form, headers });
 }
 
 // `answer` is a /v1/classify answer: its signed feedback_token is what the gateway checks.

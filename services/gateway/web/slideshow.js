@@ -63,7 +63,8 @@ export function setupSlideshow() {
   // The heatmaps of a wrong answer beside its photo in the gallery, under one opacity slider for all of them.
   async function explainMiss(li, item) {
     if (!document.getElementById('misses-opacity')) {
-      $('slide-misses').before(opacitySlider('misses-opacity', () => $('slide-misses').querySelectorAll('.heatmap-overlay')));
+      const overlays = () => $('slide-misses').querySelectorAll('.heatmap-overlay');
+      $('slide-misses').before(opacitySlider('misses-opacity', overlays));
     }
     const opacity = Number($('misses-opacity').value) / 100;
     try {
