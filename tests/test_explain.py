@@ -305,6 +305,18 @@ def test_blend_colours_only_where_the_heat_is():
     assert np.abs(drawn[30:, 30:] - 128).max() == 0  # the cold part shows the photo untouched
 
 
+def test_overlay_png_is_the_heatmap_upsampled_with_transparency_where_cold():
+    from training_job.heatmaps import ALPHA, overlay_png
+
+    heatmap = np.random.default_rng(1).random((7, 7)).astype(np.float32)
+    drawn = _png(overlay_png(heatmap, (350, 210)))
+    assert drawn.size == (350, 210) and drawn.mode == "P"
+    levels = np.asarray(drawn)
+    exact = np.asarray(Image.fromarray(heatmap, "F").resize((350, 210), Image.BILINEAR)) * 255
+    assert np.abs(levels - exact).max() <= 1.5  # the palette index is the heat level (8-bit resize: within 1.5)
+    assert ALPHA[0] == 0 and ALPHA[255] == 255 and np.all(np.diff(ALPHA.astype(int)) >= 0)
+
+
 def test_evaluate_writes_a_contact_sheet_of_the_misclassified_photos(published_model):
     import csv
 

