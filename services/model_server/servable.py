@@ -24,7 +24,6 @@ class SignatureInfo:
     method_name: str
     inputs: dict[str, tf.dtypes.DType]
     outputs: list[str]
-    defaults: dict[str, np.ndarray]  # SignatureDef ``defaults``: filled in for inputs a request leaves out
 
 
 class Servable:
@@ -43,11 +42,8 @@ class Servable:
 
     def _describe(self, name: str, fn) -> SignatureInfo:
         specs = fn.structured_input_signature[1]
-        definition = self.signature_defs.get(name)
-        method = definition.method_name if definition is not None else ""
-        defaults = {k: tf.make_ndarray(v) for k, v in definition.defaults.items()} if definition is not None else {}
-        return SignatureInfo(name, method, {k: s.dtype for k, s in specs.items()}, sorted(fn.structured_outputs),
-                             defaults)
+        method = self.signature_defs[name].method_name if name in self.signature_defs else ""
+        return SignatureInfo(name, method, {k: s.dtype for k, s in specs.items()}, sorted(fn.structured_outputs))
 
     def signature(self, name: str) -> SignatureInfo:
         name = name or DEFAULT_SIGNATURE
@@ -59,7 +55,7 @@ class Servable:
 
     def run(self, signature_name: str, inputs: dict[str, np.ndarray], output_filter=()) -> dict[str, np.ndarray]:
         info = self.signature(signature_name)
-        inputs = {**{k: v for k, v in info.defaults.items() if k not in inputs}, **inputs}  # as TF Serving does
+        inputs = with_defaults(self.signature_defs.get(info.name), inputs)
         missing = set(info.inputs) - set(inputs)
         extra = set(inputs) - set(info.inputs)
         if missing or extra:
@@ -96,6 +92,13 @@ class Servable:
                          {k: tf.make_ndarray(v) for k, v in request.inputs.items()})
                 count += 1
         return count
+
+
+def with_defaults(signature_def: meta_graph_pb2.SignatureDef | None, inputs: dict[str, np.ndarray]) -> dict:
+    """``inputs`` plus the SignatureDef's ``defaults`` for the inputs it leaves out, as TF Serving fills them in."""
+    if signature_def is None or not signature_def.defaults:
+        return inputs
+    return {**{k: tf.make_ndarray(v) for k, v in signature_def.defaults.items() if k not in inputs}, **inputs}
 
 
 def _short(exc: Exception) -> str:
