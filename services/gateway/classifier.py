@@ -233,12 +233,14 @@ class Classifier:
                          wanted: str | None) -> tuple[dict, str]:
         """(the answer with its explanation, "hit" or "miss"): cached under its own key beside the plain answer,
         which a miss stores too (so a plain classify of the photo after it is a hit)."""
-        model, target = self.upstream.model_name, wanted or "predicted"
+        model = self.upstream.model_name
+        # "=" is in no label (CLASS_LABEL), so a class named "predicted" cannot share the predicted class's entry
+        target = "predicted" if wanted is None else f"class={wanted}"
         key = explanation_key(digest, model, chosen, target) if chosen is not None else None
         answer = await self.cache.get(key) if key is not None else None
         if answer is not None:
             return answer, "hit"
-        if key is not None and key in self._storing:
+        if key is not None and key in self._storing and isinstance(self.single_flight, SingleFlight):
             metrics.SINGLE_FLIGHT_SHARED.inc()
             return self._storing[key], "miss"
 

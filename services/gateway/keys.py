@@ -20,7 +20,7 @@ def result(model: str, version: int, preprocessing_version: int | str, sha256: s
 
 
 def explanation(model: str, version: int, preprocessing_version: int | str, sha256: str, target: str) -> str:
-    """String (JSON): a version's answer for a photo with its Grad-CAM heatmap for ``target`` (a class label, or
+    """String (JSON): a version's answer for a photo with its Grad-CAM heatmap for ``target`` (``class=<label>``, or
     ``predicted``), beside ``result``'s. Cache: written with the cache TTL."""
     return f"{PREFIX}:explanation:{model}:{version}:{preprocessing_version}:{sha256}:{target}"
 
