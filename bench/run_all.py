@@ -27,6 +27,7 @@ SCRIPTS = {
     "model_server": ["-m", "bench.model_server_bench"],
     "gateway": ["-m", "bench.gateway_bench"],
     "single_flight": ["-m", "bench.single_flight_bench"],
+    "explain": ["-m", "bench.explain_bench"],
     "tflite": ["-m", "bench.tflite_bench"],
     "train": [str(BENCH_DIR / "train_bench.py")],
     "accuracy_cv": ["-m", "bench.accuracy_cv"],
@@ -100,6 +101,16 @@ def rows() -> list[dict]:
         add(f"{what}, single-flight off: Predict calls reaching the model server; burst wall time",
             f"{off['predict_calls_per_burst']:.0f} Predict; {off['wall_ms']:.0f} ms ({sf['wall_time_off_vs_on']:.1f}x "
             "single-flight on)", "-", None, source="single_flight.json")
+    ex = load("explain")
+    if ex:
+        c = next(int(k.rsplit("_c", 1)[1]) for k in ex if k.startswith("explain_c") and not k.endswith("_c1"))
+        plain, why = ex[f"plain_c{c}"], ex[f"explain_c{c}"]
+        add(f"classify with explain=1 (Grad-CAM + PNG overlay) vs plain, HTTP cache misses, same run: p50 at "
+            f"concurrency 1; throughput at concurrency {c}",
+            f"{ex['explain_c1']['p50_ms']:.1f} vs {ex['plain_c1']['p50_ms']:.1f} ms "
+            f"({ex['explain_vs_plain']['p50_c1_ratio']:.2f}x); {why['requests_per_s']:.1f} vs "
+            f"{plain['requests_per_s']:.1f} req/s ({ex['explain_vs_plain'][f'throughput_c{c}_ratio']:.2f}x)", "-", None,
+            source="explain.json")
     tfl = load("tflite")
     for name, label in (("savedmodel", "SavedModel (serving signature)"), ("tflite_float", "TFLite float"),
                         ("tflite_int8", "TFLite int8")):

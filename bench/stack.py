@@ -173,8 +173,9 @@ class Stack:
         from services.gateway import keys
 
         client = redis.Redis.from_url(self.redis.url)
-        for key in client.scan_iter(keys.result_pattern(self.model_name), count=1000):
-            client.delete(key)
+        for pattern in (keys.result_pattern(self.model_name), keys.explanation_pattern(self.model_name)):
+            for key in client.scan_iter(pattern, count=1000):
+                client.delete(key)
         client.close()
 
     def start_gateway(self, *extra: str, grpc: bool = True, env: dict[str, str] | None = None) -> Gateway:
@@ -267,13 +268,13 @@ async def _drive(send, photos: list[bytes], concurrency: int, seconds: float | N
 
 
 async def http_load(url: str, photos: list[bytes], concurrency: int, seconds: float | None = None,
-                    count: int | None = None, session=None) -> dict:
-    """POST /v1/classify (raw JPEG body, top_k=1) from ``concurrency`` clients on one aiohttp session (a new one,
+                    count: int | None = None, session=None, query: str = "top_k=1") -> dict:
+    """POST /v1/classify?<query> (raw JPEG body) from ``concurrency`` clients on one aiohttp session (a new one,
     or ``session`` with its already open connections)."""
     import aiohttp
 
     async def send(photo: bytes) -> bool:
-        async with session.post(f"{url}/v1/classify?top_k=1", data=photo,
+        async with session.post(f"{url}/v1/classify?{query}", data=photo,
                                 headers={"Content-Type": "image/jpeg"}) as response:
             await response.read()
             return response.status == 200

@@ -89,7 +89,7 @@ def test_assets_extra(published_model):
         log = prediction_log_pb2.PredictionLog()
         log.ParseFromString(record.numpy())
         logs.append(log.predict_log.request)
-    assert {r.model_spec.signature_name for r in logs} == {"serving_default", "predict_image_bytes"}
+    assert {r.model_spec.signature_name for r in logs} == {"serving_default", "predict_image_bytes", "explain"}
     assert all(r.model_spec.name == "mushrooms" for r in logs)
 
 

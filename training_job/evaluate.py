@@ -53,6 +53,40 @@ def write_misclassified(items: list[dict], path: Path) -> None:
         writer.writerows(items)
 
 
+MISCLASSIFIED_SHEET = "misclassified_heatmaps.png"
+SHEET_LIMIT = 60  # photos on the contact sheet at most (the first ones in test-split order)
+
+
+def write_misclassified_sheet(path: Path, base, head, rows: list[ManifestRow], y_true, probs) -> int:
+    """A contact sheet (PNG) of the misclassified photos, each as the model saw it beside its Grad-CAM heatmaps
+    for the predicted and for the true class (training_job/explain.py's in-process Grad-CAM). Returns how many
+    photos it shows."""
+    from PIL import Image
+
+    from training_job.explain import in_process_grad_cam
+    from training_job.heatmaps import contact_sheet
+    from training_job.preprocessing import load_image_file
+
+    probs = np.asarray(probs)
+    wrong = [i for i, (t, p) in enumerate(zip(y_true, probs)) if int(p.argmax()) != int(t)][:SHEET_LIMIT]
+    entries = []
+    if wrong:
+        pixels = np.stack([load_image_file(rows[i].path, base.image_size) for i in wrong])
+        predicted = probs[wrong].argmax(axis=1)
+        truth = np.asarray(y_true)[wrong]
+        predicted_maps, _ = in_process_grad_cam(base, head, pixels, predicted)
+        true_maps, _ = in_process_grad_cam(base, head, pixels, truth)
+        for k, i in enumerate(wrong):
+            entries.append({
+                "photo": Image.fromarray(pixels[k]),
+                "caption": f"{Path(rows[i].path).name[:28]}: {head.labels[truth[k]]} taken for "
+                           f"{head.labels[predicted[k]]} ({probs[i, predicted[k]]:.2f})",
+                "panels": [(f"why {head.labels[predicted[k]]}", predicted_maps[k]),
+                           (f"why {head.labels[truth[k]]}", true_maps[k])]})
+    contact_sheet(entries).save(path)
+    return len(entries)
+
+
 def plot_confusion_matrix(labels: list[str], cm: list[list[int]], path: Path, title: str = "test split") -> None:
     import matplotlib
 

@@ -63,8 +63,11 @@ def build_serving_module(base, head: Head, open_set: OpenSet):
 def save_model(module, export_dir) -> None:
     import tensorflow as tf
 
+    from training_job.explain import explain_signatures
+
     tf.saved_model.save(module, str(export_dir), signatures={
-        "serving_default": module.serve_pixels, "predict_image_bytes": module.serve_bytes})
+        "serving_default": module.serve_pixels, "predict_image_bytes": module.serve_bytes,
+        **explain_signatures(module)})  # Grad-CAM twins of both (training_job/explain.py)
 
 
 def in_process_outputs(base, head: Head, open_set: OpenSet, pixels: np.ndarray) -> dict:
@@ -80,6 +83,8 @@ def write_warmup_requests(path, pixels: np.ndarray, photo_bytes: list[bytes], mo
     import tensorflow as tf
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
+    from training_job.explain import EXPLAIN_SIGNATURE, PREDICTED_CLASS
+
     def log(signature: str, key: str, tensor):
         request = predict_pb2.PredictRequest(
             model_spec=model_pb2.ModelSpec(name=model_name, signature_name=signature))
@@ -90,6 +95,10 @@ def write_warmup_requests(path, pixels: np.ndarray, photo_bytes: list[bytes], mo
         writer.write(log("serving_default", "images", pixels[:1]).SerializeToString())
         if len(pixels) > 1:
             writer.write(log("serving_default", "images", pixels).SerializeToString())
+        explain = log(EXPLAIN_SIGNATURE, "images", pixels[:1])  # a failed warm-up fails the load: no default relied on
+        explain.predict_log.request.inputs["class_index"].CopyFrom(
+            tf.make_tensor_proto(np.array([PREDICTED_CLASS], np.int32)))
+        writer.write(explain.SerializeToString())
         if photo_bytes:
             writer.write(log("predict_image_bytes", "image_bytes",
                              np.array(photo_bytes[:1], dtype=object)).SerializeToString())

@@ -2,7 +2,8 @@
 
 A run folder (``var/runs/<run name>/``) holds everything a later step needs: ``manifest.csv``, ``config.json``,
 ``head.npz``, ``open_set.npz``, ``train_summary.json`` and the evaluation (``metrics.json``,
-``confusion_matrix.png``, ``misclassified.csv``). ``publish`` exports a run into the registry.
+``confusion_matrix.png``, ``misclassified.csv``, ``misclassified_heatmaps.png``). ``publish`` exports a run into the
+registry.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import numpy as np
 
 from training_job.bottlenecks import BaseNetwork, get_bottlenecks
 from training_job.dataset import labels_of, manifest_fingerprint, read_manifest, write_manifest
-from training_job.evaluate import candidate_report, open_set_metrics, photo_rows, write_evaluation
+from training_job.evaluate import (
+    MISCLASSIFIED_SHEET, candidate_report, open_set_metrics, photo_rows, write_evaluation, write_misclassified_sheet,
+)
 from training_job.open_set import DEFAULT_METHOD, DEFAULT_REJECT_RATE, OpenSet, calibrate
 from training_job.paths import PROJECT_ROOT, shared_data_dir, var_dir
 from training_job.train import Head, TrainConfig, load_config, plain_bottlenecks, save_config, split_rows, train_head
@@ -157,7 +160,10 @@ def evaluate_run(run_dir: Path, base: BaseNetwork | None = None, *, not_mushroom
     report["candidates_at_same_reject_rate"] = candidate_report(
         split_bottlenecks["train"].features, train_idx, len(head.labels), split_bottlenecks["validation"], test, ood,
         open_set.reject_rate_target)
-    return write_evaluation(Path(run_dir), head.labels, test_rows, y_test, head.predict(test.features), report)
+    probs = head.predict(test.features)
+    metrics = write_evaluation(Path(run_dir), head.labels, test_rows, y_test, probs, report)
+    write_misclassified_sheet(Path(run_dir) / MISCLASSIFIED_SHEET, base, head, test_rows, y_test, probs)
+    return metrics
 
 
 def model_card(run_dir: Path, base: BaseNetwork, config: TrainConfig, open_set: OpenSet, rows) -> dict:
@@ -207,8 +213,9 @@ def export_run(run_dir: Path, target: Path, base: BaseNetwork | None = None, *, 
         metrics["tflite"]["savedmodel_test_accuracy"] = metrics["test_accuracy"]
     (extra / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (extra / "model_card.json").write_text(json.dumps(model_card(run_dir, base, config, open_set, rows), indent=2))
-    for name in ("confusion_matrix.png", "misclassified.csv", "manifest.csv"):
-        shutil.copyfile(Path(run_dir) / name, extra / name)
+    for name in ("confusion_matrix.png", "misclassified.csv", "manifest.csv", MISCLASSIFIED_SHEET):
+        if name != MISCLASSIFIED_SHEET or (Path(run_dir) / name).exists():  # runs evaluated before it existed
+            shutil.copyfile(Path(run_dir) / name, extra / name)
     sample = (split_rows(rows, "test") or rows)[:4]
     write_warmup_requests(extra / "tf_serving_warmup_requests",
                           np.stack([load_image_file(r.path, base.image_size) for r in sample]),

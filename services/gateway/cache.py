@@ -46,6 +46,10 @@ def cache_key(sha256: str, model: str, version: int) -> str:
     return keys.result(model, version, PREPROCESSING_VERSION, sha256)
 
 
+def explanation_key(sha256: str, model: str, version: int, target: str) -> str:
+    return keys.explanation(model, version, PREPROCESSING_VERSION, sha256, target)
+
+
 class ResultCache:
     def __init__(self, redis: aioredis.Redis, ttl_seconds: int, breaker: CircuitBreaker | None = None):
         self.redis = redis

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import io
+import re
 import logging
 import time
 import uuid
@@ -13,13 +15,14 @@ import numpy as np
 from PIL import Image
 
 from services.gateway import metrics
-from services.gateway.cache import ResultCache, SingleFlight, cache_key
+from services.gateway.cache import ResultCache, SingleFlight, cache_key, explanation_key
 from services.gateway.errors import GatewayError
 from services.gateway.model_info import ModelInfo, display_name
 from services.gateway.routing import Router
 from services.gateway.stats import Stats
 from services.gateway.upstream import ModelServerClient, UpstreamRejected, UpstreamUnavailable
-from training_job.preprocessing import InvalidImage, Limits, preprocess_bytes
+from training_job.heatmaps import displayed_size, overlay_png
+from training_job.preprocessing import InvalidImage, Limits, open_image, preprocess_bytes
 
 log = logging.getLogger("gateway.classifier")
 MAX_TOP_K = 100
@@ -28,6 +31,7 @@ MAX_TOP_K = 100
 # slow decode never blocks the loop.
 INLINE_MAX_BYTES = 64 * 1024
 INLINE_MAX_PIXELS = 1_000_000
+CLASS_LABEL = re.compile(r"[A-Za-z0-9_.-]{1,100}")  # a label as training names its folders; it goes into a cache key
 
 
 def _cheap_to_decode(photo: bytes) -> bool:
@@ -55,6 +59,7 @@ class Classifier:
         # Answers whose Redis write is still in flight (written after the response, off its path): an identical
         # request arriving meanwhile shares the answer, as it would have joined the single-flight call before.
         self._storing: dict[str, dict] = {}
+        self._classes: dict[int, list[str]] = {}  # version -> its class labels in column order, from its answers
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.create_task(coroutine)
@@ -75,10 +80,10 @@ class Classifier:
         metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - start)
         return pixels
 
-    async def _predict(self, pixels: np.ndarray, version: int | None, label: str | None):
-        start = time.perf_counter()
+    async def _ask_upstream(self, call, label: str | None):
+        """``await call()``, the model server's refusals turned into GatewayErrors."""
         try:
-            (prediction,) = await self.upstream.predict(pixels[None], version, label)
+            return await call()
         except UpstreamUnavailable as exc:
             raise GatewayError(503, "model_server_unavailable", str(exc), retry_after=2) from None
         except UpstreamRejected as exc:
@@ -87,11 +92,59 @@ class Classifier:
             if label and "label" in str(exc).lower():
                 raise GatewayError(404, "unknown_label", f"unknown version label {label!r}: {exc}") from None
             raise GatewayError(400, "rejected_by_model_server", str(exc)) from None
+
+    def _raw_answer(self, prediction, start: float) -> dict:
         metrics.UPSTREAM_SECONDS.labels(model_version=metrics.version_label(
             prediction.version, self.router.available)).observe(time.perf_counter() - start)
+        self._classes[prediction.version] = prediction.classes
         return {"version": prediction.version, "classes": prediction.classes,
                 "probabilities": [float(p) for p in prediction.probabilities],
                 "mushroom_score": prediction.mushroom_score, "not_a_mushroom": prediction.not_a_mushroom}
+
+    async def _predict(self, pixels: np.ndarray, version: int | None, label: str | None):
+        start = time.perf_counter()
+        (prediction,) = await self._ask_upstream(lambda: self.upstream.predict(pixels[None], version, label), label)
+        return self._raw_answer(prediction, start)
+
+    async def _explain_once(self, pixels: np.ndarray, version: int | None, label: str | None,
+                            class_index: int | None) -> dict:
+        start = time.perf_counter()
+        (explained,) = await self._ask_upstream(
+            lambda: self.upstream.explain(pixels[None], version, label, class_index), label)
+        return {**self._raw_answer(explained.prediction, start),
+                "explanation": {"class_index": explained.explained_class, "heatmap": explained.heatmap.tolist()}}
+
+    @staticmethod
+    def _column(classes: list[str], wanted: str) -> int:
+        if wanted not in classes:
+            raise GatewayError(400, "unknown_class", f"explain_class {wanted!r} is not a class of this model "
+                               f"({', '.join(classes)})")
+        return classes.index(wanted)
+
+    async def _explain(self, pixels: np.ndarray, version: int | None, label: str | None,
+                       wanted: str | None) -> dict:
+        """The answer with a Grad-CAM heatmap for the class labelled ``wanted`` (None = the predicted class).
+        Columns are known from an earlier answer of the version; otherwise the first call (predicted class) tells
+        them, and a second call is made only when another class was wanted."""
+        known = self._classes.get(version) if version is not None else None
+        index = self._column(known, wanted) if wanted is not None and known is not None else None
+        answer = await self._explain_once(pixels, version, label, index)
+        if wanted is not None and index is None:
+            index = self._column(answer["classes"], wanted)
+            if answer["explanation"]["class_index"] != index:
+                answer = await self._explain_once(pixels, answer["version"], None, index)
+        return answer
+
+    def _draw_explanation(self, photo: bytes, raw: dict) -> dict:
+        """The explanation of an answer: the raw map, and a PNG overlay as large as the photo is displayed."""
+        explanation = raw["explanation"]
+        width, height = displayed_size(open_image(photo, self.limits))
+        index = explanation["class_index"]
+        label = raw["classes"][index]
+        return {"label": label, "display_name": display_name(label, self.model_info.display_names(raw["version"])),
+                "class_index": index, "heatmap": explanation["heatmap"], "width": width, "height": height,
+                "overlay_png": base64.b64encode(overlay_png(np.asarray(explanation["heatmap"], np.float32),
+                                                            (width, height))).decode()}
 
     async def version_states(self) -> dict[int, int]:
         try:
@@ -107,11 +160,17 @@ class Classifier:
 
     async def classify(self, photo: bytes, *, client_id: str | None = None, top_k: int = 3,
                        version: int | None = None, label: str | None = None, protocol: str = "http",
-                       endpoint: str = "classify") -> dict:
+                       endpoint: str = "classify", explain: bool = False, explain_class: str | None = None) -> dict:
+        """The answer; with ``explain`` also its Grad-CAM ``explanation`` for the predicted class, or for the class
+        labelled ``explain_class``."""
         start = time.perf_counter()
+        explain = explain or explain_class is not None
         cache_outcome, result, chosen = "miss", "ok", version
         try:
             self._check_top_k(top_k)
+            if explain_class is not None and not CLASS_LABEL.fullmatch(explain_class):
+                raise GatewayError(400, "bad_explain_class", f"explain_class must be a class label "
+                                   f"({CLASS_LABEL.pattern}), got {explain_class[:80]!r}")
             if not photo:
                 raise GatewayError(400, "empty", "the photo is empty (0 bytes)")
             if len(photo) > self.limits.max_bytes:
@@ -123,7 +182,7 @@ class Classifier:
                                    f"(available: {sorted(self.router.available)})")
             chosen, reason = self.router.choose(client_id) if routed else (version, "override")
             try:
-                answer, cache_outcome = await self._lookup(photo, chosen, label)
+                answer, cache_outcome = await self._lookup(photo, chosen, label, explain, explain_class)
             except GatewayError as exc:
                 if not (routed and chosen is not None and exc.code == "unknown_version"):
                     raise
@@ -132,25 +191,62 @@ class Classifier:
                 self.router.available.discard(chosen)
                 metrics.REROUTED.inc()
                 chosen, reason = self.router.choose(client_id)
-                answer, cache_outcome = await self._lookup(photo, chosen, label)
+                answer, cache_outcome = await self._lookup(photo, chosen, label, explain, explain_class)
             self._check_top_k(top_k, len(answer["classes"]))
+            explanation = None
+            if explain:
+                explanation = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self._draw_explanation, photo, answer)
             metrics.ROUTE.labels(model_version=metrics.version_label(answer["version"], self.router.available),
                                  reason=reason).inc()
-            return self._answer(answer, top_k, cache_outcome == "hit", start)
+            reply = self._answer(answer, top_k, cache_outcome == "hit", start)
+            return reply if explanation is None else {**reply, "explanation": explanation}
         except GatewayError as exc:
             result = "client_error" if exc.status < 500 else "unavailable"
             if exc.status >= 500:
                 self.stats.record_error(chosen)
             raise
         finally:
-            metrics.REQUEST_SECONDS.labels(
-                protocol=protocol, endpoint=endpoint,
-                model_version=metrics.version_label(chosen, self.router.available),
-                cache=cache_outcome, result=result).observe(time.perf_counter() - start)
+            version_label = metrics.version_label(chosen, self.router.available)
+            if explain:
+                metrics.EXPLAIN_SECONDS.labels(protocol=protocol, model_version=version_label, cache=cache_outcome,
+                                               result=result).observe(time.perf_counter() - start)
+            else:
+                metrics.REQUEST_SECONDS.labels(protocol=protocol, endpoint=endpoint, model_version=version_label,
+                                               cache=cache_outcome, result=result).observe(time.perf_counter() - start)
 
-    async def _lookup(self, photo: bytes, chosen: int | None, label: str | None) -> tuple[dict, str]:
-        """(answer, "hit" | "miss"): the cached answer of ``chosen`` for this photo, or the model server's."""
+    async def _explained(self, photo: bytes, digest: str, chosen: int | None, label: str | None,
+                         wanted: str | None) -> tuple[dict, str]:
+        """(the answer with its explanation, "hit" or "miss"): cached under its own key beside the plain answer,
+        which a miss stores too (so a plain classify of the photo after it is a hit)."""
+        model = self.upstream.model_name
+        # "=" is in no label (CLASS_LABEL), so a class named "predicted" cannot share the predicted class's entry
+        target = "predicted" if wanted is None else f"class={wanted}"
+        key = explanation_key(digest, model, chosen, target) if chosen is not None else None
+        answer = await self.cache.get(key) if key is not None else None
+        if answer is not None:
+            return answer, "hit"
+        if key is not None and key in self._storing and isinstance(self.single_flight, SingleFlight):
+            metrics.SINGLE_FLIGHT_SHARED.inc()
+            return self._storing[key], "miss"
+
+        async def miss():
+            pixels = await self._preprocess(photo)
+            fresh = await self._explain(pixels, chosen, label, wanted)
+            self._store(explanation_key(digest, model, fresh["version"], target), fresh)
+            self._store(cache_key(digest, model, fresh["version"]),
+                        {k: v for k, v in fresh.items() if k != "explanation"})
+            return fresh
+
+        return await self.single_flight.do(key or f"{digest}:{label}:explain:{target}", miss), "miss"
+
+    async def _lookup(self, photo: bytes, chosen: int | None, label: str | None, explain: bool = False,
+                      explain_class: str | None = None) -> tuple[dict, str]:
+        """(answer, "hit" | "miss"): the cached answer of ``chosen`` for this photo (with its explanation when
+        ``explain``), or the model server's."""
         digest = hashlib.sha256(photo).hexdigest()
+        if explain:
+            return await self._explained(photo, digest, chosen, label, explain_class)
         key = cache_key(digest, self.upstream.model_name, chosen) if chosen is not None else None
         if key is not None:
             answer = await self.cache.get(key)

@@ -1,6 +1,8 @@
 """gRPC: mushroom.v1.Classifier, with health checking and reflection."""
 from __future__ import annotations
 
+import base64
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -14,13 +16,25 @@ pb, pb_grpc = load()
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 
 
+def explanation_proto(explanation: dict):
+    heatmap = explanation["heatmap"]
+    return pb.Explanation(
+        label=explanation["label"], display_name=explanation["display_name"], class_index=explanation["class_index"],
+        rows=len(heatmap), cols=len(heatmap[0]) if heatmap else 0, heatmap=[v for row in heatmap for v in row],
+        overlay_png=base64.b64decode(explanation["overlay_png"]), width=explanation["width"],
+        height=explanation["height"])
+
+
 def to_proto(answer: dict):
-    return pb.ClassifyResponse(
+    response = pb.ClassifyResponse(
         predictions=[pb.Prediction(label=p["label"], display_name=p["display_name"], score=p["score"])
                      for p in answer["predictions"]],
         not_a_mushroom=answer["not_a_mushroom"], mushroom_score=answer["mushroom_score"],
         model_name=answer["model"]["name"], model_version=answer["model"]["version"], cached=answer["cached"],
         request_id=answer["request_id"], latency_ms=answer["latency_ms"], feedback_token=answer["feedback_token"])
+    if "explanation" in answer:
+        response.explanation.CopyFrom(explanation_proto(answer["explanation"]))
+    return response
 
 
 class ClassifierService(pb_grpc.ClassifierServicer):
@@ -32,7 +46,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         answer = await self.classifier.classify(
             request.photo, client_id=request.client_id or None, top_k=request.top_k or 3,
             version=request.version if choice == "version" else None,
-            label=request.label if choice == "label" else None, protocol="grpc", endpoint=endpoint)
+            label=request.label if choice == "label" else None, protocol="grpc", endpoint=endpoint,
+            explain=request.explain, explain_class=request.explain_class or None)
         return to_proto(answer)
 
     async def Classify(self, request, context):

@@ -59,13 +59,26 @@ def _int_param(request: web.Request, name: str, default: int | None) -> int | No
         raise GatewayError(400, f"bad_{name}", f"{name} must be an integer, got {raw!r}") from None
 
 
-JSON_OPTIONS = {"top_k": int, "version": int, "label": str, "client_id": str}  # besides image_b64
+def _bool_param(request: web.Request, name: str) -> bool | None:
+    raw = request.query.get(name)
+    if raw in (None, ""):
+        return None
+    if raw.lower() in ("1", "true", "yes"):
+        return True
+    if raw.lower() in ("0", "false", "no"):
+        return False
+    raise GatewayError(400, f"bad_{name}", f"{name} must be 1/true or 0/false, got {raw[:40]!r}")
+
+
+JSON_OPTIONS = {"top_k": int, "version": int, "label": str, "client_id": str, "explain": bool,
+                "explain_class": str}  # besides image_b64
+_KIND_NAMES = {int: "integer", str: "string", bool: "boolean (true or false)"}
 
 
 def _json_options(data: dict) -> dict:
-    """The classify options of a JSON body: the query string's ``top_k``, ``version``, ``label`` and
-    ``client_id``, as JSON integers or strings; any other field is refused, so a misspelt option never goes
-    unnoticed. Their values are checked further on exactly as the query string's are."""
+    """The classify options of a JSON body: the query string's ``top_k``, ``version``, ``label``, ``client_id``,
+    ``explain`` and ``explain_class``, as JSON integers, strings or booleans; any other field is refused, so a
+    misspelt option never goes unnoticed. Their values are checked further on exactly as the query string's are."""
     unknown = sorted(set(data) - {"image_b64", *JSON_OPTIONS})
     if unknown:
         raise GatewayError(400, "unknown_field", f"unknown fields {unknown}: a JSON body holds image_b64 and "
@@ -75,9 +88,9 @@ def _json_options(data: dict) -> dict:
         if name not in data:
             continue
         value = data[name]
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise GatewayError(400, f"bad_{name}", f"{name} must be a JSON {'integer' if kind is int else 'string'}"
-                               f", got {json.dumps(value)[:40]}")
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise GatewayError(400, f"bad_{name}", f"{name} must be a JSON {_KIND_NAMES[kind]}, got "
+                               f"{json.dumps(value)[:40]}")
         options[name] = value
     return options
 
@@ -152,7 +165,8 @@ class HttpApi:
         photo, given = await self._upload(request)
         options = {"top_k": _int_param(request, "top_k", None), "version": _int_param(request, "version", None),
                    "label": request.query.get("label") or request.headers.get("X-Version-Label"),
-                   "client_id": request.headers.get("X-Client-Id") or request.query.get("client_id")}
+                   "client_id": request.headers.get("X-Client-Id") or request.query.get("client_id"),
+                   "explain": _bool_param(request, "explain"), "explain_class": request.query.get("explain_class")}
         for name, value in given.items():
             if options[name] is not None:
                 raise GatewayError(400, f"bad_{name}", f"{name} is given both in the JSON body and in the query "
@@ -160,7 +174,8 @@ class HttpApi:
             options[name] = value
         answer = await self.classifier.classify(
             photo, client_id=options["client_id"], top_k=3 if options["top_k"] is None else options["top_k"],
-            version=options["version"], label=options["label"], protocol="http")
+            version=options["version"], label=options["label"], protocol="http",
+            explain=bool(options["explain"]), explain_class=options["explain_class"] or None)
         return web.json_response(answer)
 
     # ------------------------------------------------------------------ models, feedback, demo

@@ -3,7 +3,7 @@
 Two kinds of keys share one Redis and are told apart by their expiry (the deployments run ``volatile-lru`` with
 persistence, see DEVELOPERS.md "Redis layout"):
 
-- **cache** (always written with a TTL, so evictable): ``result``.
+- **cache** (always written with a TTL, so evictable): ``result``, ``explanation``.
 - **operator state** (never a TTL, so never evicted; persisted): ``routing``, ``audit``, ``feedback_tally``,
   ``feedback_seen``.
 
@@ -19,9 +19,20 @@ def result(model: str, version: int, preprocessing_version: int | str, sha256: s
     return f"{PREFIX}:result:{model}:{version}:{preprocessing_version}:{sha256}"
 
 
+def explanation(model: str, version: int, preprocessing_version: int | str, sha256: str, target: str) -> str:
+    """String (JSON): a version's answer for a photo with its Grad-CAM heatmap for ``target`` (``class=<label>``, or
+    ``predicted``), beside ``result``'s. Cache: written with the cache TTL."""
+    return f"{PREFIX}:explanation:{model}:{version}:{preprocessing_version}:{sha256}:{target}"
+
+
 def result_pattern(model: str) -> str:
     """The MATCH pattern of every cached answer of ``model``: only for dropping the cache (bench), never a tally."""
     return f"{PREFIX}:result:{model}:*"
+
+
+def explanation_pattern(model: str) -> str:
+    """The MATCH pattern of every cached explanation of ``model``: only for dropping the cache (bench)."""
+    return f"{PREFIX}:explanation:{model}:*"
 
 
 def routing(model: str) -> str:

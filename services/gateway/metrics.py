@@ -7,6 +7,10 @@ LATENCY_BUCKETS = (.001, .002, .005, .01, .015, .02, .03, .05, .075, .1, .2, .5,
 REQUEST_SECONDS = Histogram(
     "mushroom_gateway_request_seconds", "Classify latency end to end",
     ["protocol", "endpoint", "model_version", "cache", "result"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
+EXPLAIN_SECONDS = Histogram(
+    "mushroom_gateway_explain_seconds", "Classify with explain (Grad-CAM heatmap and its PNG) end to end; these "
+    "requests are not in mushroom_gateway_request_seconds", ["protocol", "model_version", "cache", "result"],
+    buckets=LATENCY_BUCKETS, registry=REGISTRY)
 UPSTREAM_SECONDS = Histogram("mushroom_gateway_upstream_seconds", "Model server Predict latency", ["model_version"],
                              buckets=LATENCY_BUCKETS, registry=REGISTRY)
 PREPROCESS_SECONDS = Histogram("mushroom_gateway_preprocess_seconds", "Decode and resize time",

@@ -34,6 +34,11 @@ OPENAPI = {
                 {"name": "label", "in": "query", "description": "answer with the version this version label of the "
                  "model server points at (also the X-Version-Label header)", "schema": _LABEL},
                 {"name": "X-Client-Id", "in": "header", "schema": {"type": "string"}},
+                {"name": "explain", "in": "query", "description": "also return a Grad-CAM heatmap of why (the "
+                 "model's explain signature): the raw map and a PNG overlay of the photo's displayed size; off by "
+                 "default", "schema": {"type": "string", "enum": ["1", "true", "0", "false"]}},
+                {"name": "explain_class", "in": "query", "description": "explain this class label instead of the "
+                 "predicted one (implies explain)", "schema": {"type": "string"}},
             ],
             "requestBody": {"required": True, "content": {
                 "multipart/form-data": {"schema": {"type": "object", "properties": {
@@ -49,7 +54,8 @@ OPENAPI = {
                         "image_b64": {"type": "string", "format": "byte"},
                         "top_k": {"type": "integer", "minimum": 1, "default": 3},
                         "version": {"type": "integer", "minimum": 0},
-                        "label": _LABEL, "client_id": {"type": "string"}}}}}},
+                        "label": _LABEL, "client_id": {"type": "string"}, "explain": {"type": "boolean"},
+                        "explain_class": {"type": "string"}}}}}},
             "responses": {"200": {"description": "the answer", "content": {"application/json": {
                 "schema": {"$ref": "#/components/schemas/Answer"}}}}, **_ERRORS}}},
         "/v1/models": {"get": {"summary": "Versions, states and routing", "responses": {"200": {
@@ -191,7 +197,17 @@ OPENAPI = {
                 "predictions": {"type": "array", "items": {"type": "object", "properties": {
                     "label": {"type": "string"}, "display_name": {"type": "string"}, "score": {"type": "number"}}}},
                 "not_a_mushroom": {"type": "boolean"}, "mushroom_score": {"type": "number"},
-                "cached": {"type": "boolean"}, "latency_ms": {"type": "number"}}},
+                "cached": {"type": "boolean"}, "latency_ms": {"type": "number"},
+                "explanation": {"$ref": "#/components/schemas/Explanation"}}},
+            "Explanation": {"type": "object", "description": "only with explain: Grad-CAM on the last "
+                            "convolutional block for one class", "properties": {
+                "label": {"type": "string"}, "display_name": {"type": "string"}, "class_index": {"type": "integer"},
+                "heatmap": {"type": "array", "description": "rows of the raw map (7x7 for MobileNet 224), each value "
+                            "in [0, 1]", "items": {"type": "array", "items": {"type": "number"}}},
+                "width": {"type": "integer"}, "height": {"type": "integer"},
+                "overlay_png": {"type": "string", "format": "byte", "description": "base64 PNG of width x height "
+                                "(the photo as displayed, after its EXIF orientation): the coloured map, transparent "
+                                "where the heat is low, to lay over the photo"}}},
         },
     },
 }

@@ -12,8 +12,11 @@ from tensorflow_serving.apis import (
     get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc,
 )
 
+from training_job.explain import EXPLAIN_SIGNATURE, PREDICTED_CLASS  # constants: importing them starts no TensorFlow
+
 log = logging.getLogger("gateway.upstream")
 AVAILABLE = 30
+EXPLAIN_OUTPUTS = ("probabilities", "classes", "mushroom_score", "not_a_mushroom", "explained_class", "heatmap")
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
@@ -36,6 +39,13 @@ class Prediction:
     classes: list[str]
     mushroom_score: float
     not_a_mushroom: bool
+
+
+@dataclass
+class Explanation:
+    prediction: Prediction
+    explained_class: int  # the column of ``prediction.classes`` the heatmap is for
+    heatmap: np.ndarray  # float32 (h, w) in [0, 1]: Grad-CAM on the last convolutional block
 
 
 def fill_pixels_tensor(tensor: tensor_pb2.TensorProto, pixels: np.ndarray) -> None:
@@ -109,22 +119,46 @@ class ModelServerClient:
                     raise UpstreamUnavailable(f"model server {self.target}: {code.name}: {exc.details()}") from None
                 raise UpstreamRejected(code, exc.details() or code.name) from None
 
-    async def predict(self, pixels: np.ndarray, version: int | None = None, label: str | None = None) -> list[Prediction]:
-        predict_stub, _ = self._stubs()
+    def _request(self, signature: str, pixels: np.ndarray, version: int | None, label: str | None):
         request = predict_pb2.PredictRequest()
         request.model_spec.name = self.model_name
-        request.model_spec.signature_name = "serving_default"
+        request.model_spec.signature_name = signature
         if version is not None:
             request.model_spec.version.value = version
         elif label:
             request.model_spec.version_label = label
         fill_pixels_tensor(request.inputs["images"], pixels)
-        response = await self._call(predict_stub.Predict, request)
+        return request
+
+    @staticmethod
+    def _predictions(response, rows: int) -> tuple[list[Prediction], dict[str, np.ndarray]]:
         outputs = {k: _array(v) for k, v in response.outputs.items()}
         served = response.model_spec.version.value
         return [Prediction(served, outputs["probabilities"][i], list(outputs["classes"][i]),
                            float(outputs["mushroom_score"][i]), bool(outputs["not_a_mushroom"][i]))
-                for i in range(len(pixels))]
+                for i in range(rows)], outputs
+
+    async def predict(self, pixels: np.ndarray, version: int | None = None,
+                      label: str | None = None) -> list[Prediction]:
+        predict_stub, _ = self._stubs()
+        response = await self._call(predict_stub.Predict, self._request("serving_default", pixels, version, label))
+        return self._predictions(response, len(pixels))[0]
+
+    async def explain(self, pixels: np.ndarray, version: int | None = None, label: str | None = None,
+                      class_index: int | None = None) -> list[Explanation]:
+        """The ``explain`` signature (Grad-CAM, training_job/explain.py) for ``class_index``, or for the predicted
+        class when None. ``class_index`` is always sent (-1 = predicted) rather than left to the SignatureDef's
+        default, so servers that do not fill in defaults answer the same."""
+        predict_stub, _ = self._stubs()
+        request = self._request(EXPLAIN_SIGNATURE, pixels, version, label)
+        request.output_filter.extend(EXPLAIN_OUTPUTS)  # not the upsampled uint8 map: the gateway draws its own
+        request.inputs["class_index"].dtype = types_pb2.DT_INT32
+        request.inputs["class_index"].tensor_shape.dim.add(size=1)
+        request.inputs["class_index"].int_val.append(PREDICTED_CLASS if class_index is None else class_index)
+        response = await self._call(predict_stub.Predict, request)
+        predictions, outputs = self._predictions(response, len(pixels))
+        return [Explanation(p, int(outputs["explained_class"][i]), outputs["heatmap"][i])
+                for i, p in enumerate(predictions)]
 
     async def version_for_label(self, label: str) -> int:
         """The version a version label points at now: GetModelMetadata with ``model_spec.version_label`` (TF Serving

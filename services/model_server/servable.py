@@ -48,6 +48,7 @@ class Servable:
 
     def run(self, signature_name: str, inputs: dict[str, np.ndarray], output_filter=()) -> dict[str, np.ndarray]:
         info = self.signature(signature_name)
+        inputs = with_defaults(self.signature_defs.get(info.name), inputs)
         missing = set(info.inputs) - set(inputs)
         extra = set(inputs) - set(info.inputs)
         if missing or extra:
@@ -89,6 +90,13 @@ def warmup_requests(path: Path) -> list[tuple[str, dict[str, np.ndarray]]]:
             requests.append((request.model_spec.signature_name,
                              {k: tf.make_ndarray(v) for k, v in request.inputs.items()}))
     return requests
+
+
+def with_defaults(signature_def: meta_graph_pb2.SignatureDef | None, inputs: dict[str, np.ndarray]) -> dict:
+    """``inputs`` plus the SignatureDef's ``defaults`` for the inputs it leaves out, as TF Serving fills them in."""
+    if signature_def is None or not signature_def.defaults:
+        return inputs
+    return {**{k: tf.make_ndarray(v) for k, v in signature_def.defaults.items() if k not in inputs}, **inputs}
 
 
 def _short(exc: Exception) -> str:

@@ -57,6 +57,16 @@ export function classify(blob, { topK = 3, filename = 'photo' } = {}) {
   return request(`/v1/classify?top_k=${topK}`, { method: 'POST', body: form, headers: { 'X-Client-Id': clientId() } });
 }
 
+// The answer with its Grad-CAM `explanation` (heatmap PNG overlay and raw map): for the predicted class, or for
+// the class labelled `explainClass`.
+export function explain(blob, { explainClass = null, filename = 'photo' } = {}) {
+  const form = new FormData();
+  form.append('photo', blob, filename);
+  const query = explainClass ? `explain_class=${encodeURIComponent(explainClass)}` : 'explain=1';
+  const headers = { 'X-Client-Id': clientId() };
+  return request(`/v1/classify?top_k=1&${query}`, { method: 'POST', body: form, headers });
+}
+
 // `answer` is a /v1/classify answer: its signed feedback_token is what the gateway checks.
 export const sendFeedback = (answer, trueLabel) => request('/v1/feedback', {
   method: 'POST',

@@ -1,5 +1,6 @@
 // Cycle through the model's demo photos, classify each, keep running accuracy per answering version.
 import { getDemo, demoPhotoUrl, classify } from './api.js';
+import { opacitySlider, whyWrong } from './explain.js';
 import { el, pct, showError, versionOf, topLabel } from './format.js';
 
 const $ = (id) => document.getElementById(id);
@@ -33,7 +34,7 @@ export function setupSlideshow() {
     const s = stats.get(version) || { n: 0, correct: 0 };
     s.n += 1; s.correct += correct ? 1 : 0;
     stats.set(version, s);
-    return { photo, result, predicted, correct, url: URL.createObjectURL(blob) };
+    return { photo, result, predicted, correct, blob, url: URL.createObjectURL(blob) };
   }
 
   function renderStats() {
@@ -59,6 +60,20 @@ export function setupSlideshow() {
         el('span', { class: 'meta', text: `v${item.result.model.version} · ${item.correct ? 'right' : 'wrong'}` })));
   }
 
+  // The heatmaps of a wrong answer beside its photo in the gallery, under one opacity slider for all of them.
+  async function explainMiss(li, item) {
+    if (!document.getElementById('misses-opacity')) {
+      const overlays = () => $('slide-misses').querySelectorAll('.heatmap-overlay');
+      $('slide-misses').before(opacitySlider('misses-opacity', overlays));
+    }
+    const opacity = Number($('misses-opacity').value) / 100;
+    try {
+      li.append(await whyWrong(item.blob, item.url, item.predicted, item.photo.label, opacity));
+    } catch (error) {
+      li.append(el('p', { class: 'error', text: `No heatmap: ${error.message}` }));
+    }
+  }
+
   async function step() {
     if (busy) return;
     busy = true;
@@ -74,10 +89,12 @@ export function setupSlideshow() {
       for (const photo of chosen) items.push(await classifyOne(photo));  // sequential: keeps the server load gentle
       for (const old of $('slide-current').querySelectorAll('.slide.right img')) URL.revokeObjectURL(old.src);  // wrong ones live on in the gallery
       $('slide-current').replaceChildren(...items.map(figure));
-      for (const item of items.filter((i) => !i.correct)) $('slide-misses').append(el('li', {}, figure(item)));
+      const misses = items.filter((i) => !i.correct).map((item) => [el('li', {}, figure(item)), item]);
+      for (const [li] of misses) $('slide-misses').append(li);
       const seen = [...stats.values()].reduce((a, s) => a + s.n, 0);
       $('slide-progress').textContent = `Demo photos: ${all.length} · classified so far: ${seen}`;
       renderStats();
+      for (const [li, item] of misses) await explainMiss(li, item);  // after the answers: they come first
     } catch (error) {
       showError($('slide-error'), error);
       stop();

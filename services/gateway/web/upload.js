@@ -1,5 +1,6 @@
 // Upload a photo (picker, drag & drop, phone camera), show the answer, send right/wrong feedback.
-import { classify, sendFeedback } from './api.js';
+import { classify, explain, sendFeedback } from './api.js';
+import { showWhy } from './explain.js';
 import { el, pct, ms, showError } from './format.js';
 
 const $ = (id) => document.getElementById(id);
@@ -8,6 +9,7 @@ export function setupUpload(getLabels) {
   const input = $('photo-input');
   const zone = $('drop-zone');
   let lastAnswer = null;
+  let lastFile = null;
 
   async function handle(file) {
     showError($('upload-error'), null);
@@ -17,6 +19,7 @@ export function setupUpload(getLabels) {
     try {
       const result = await classify(file, { topK: 3, filename: file.name || 'photo' });
       lastAnswer = result;
+      lastFile = file;
       render(result, file);
     } catch (error) {
       $('result-layout').hidden = true;
@@ -28,6 +31,8 @@ export function setupUpload(getLabels) {
     const preview = $('upload-preview');
     if (preview.src.startsWith('blob:')) URL.revokeObjectURL(preview.src);
     preview.src = URL.createObjectURL(file);
+    $('why').hidden = true;
+    $('why').replaceChildren();
     const top = result.predictions[0];
     $('verdict').textContent = result.not_a_mushroom
       ? `Not a mushroom (mushroom score ${pct(result.mushroom_score)})`
@@ -76,4 +81,17 @@ export function setupUpload(getLabels) {
     if (first) feedback(first.dataset.label);
   });
   $('feedback-wrong').addEventListener('click', () => feedback($('feedback-true').value));
+  $('why-button').addEventListener('click', async () => {
+    if (!lastFile) return;
+    const button = $('why-button');
+    button.disabled = true;
+    try {
+      const result = await explain(lastFile, { filename: lastFile.name || 'photo' });
+      showWhy($('why'), $('upload-preview').src, result.explanation);
+    } catch (error) {
+      showError($('upload-error'), error);
+    } finally {
+      button.disabled = false;
+    }
+  });
 }
