@@ -62,6 +62,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench.common import latest_published_version, write_result
 from bench.stack import Stack, freeze, resume, rss_mb
+from training_job import registry as registry_layout
 from training_job.paths import default_registry, shared_data_dir
 
 OK, UNAVAILABLE, LOST = "ok", "unavailable", "lost"
@@ -367,9 +368,9 @@ class FaultBench:
     def prepare(self) -> None:
         """Versions 1 and 2 (only) in the registry and AVAILABLE, known to the gateway, traffic pinned to 1, the
         repeated photos sent once (so cached unless Redis lost them)."""
-        for folder in self.model_dir.iterdir():
-            if folder.name.isdigit() and int(folder.name) not in (1, 2):
-                self.remove_version_folder(int(folder.name))
+        for version in registry_layout.versions(self.model_dir):
+            if version not in (1, 2):
+                self.remove_version_folder(version)
         for version in (1, 2):
             if not (self.model_dir / str(version)).exists():
                 staging = self.trash / f"restore-{version}-{uuid.uuid4().hex[:8]}"
@@ -503,7 +504,7 @@ class FaultBench:
         return struck, time.monotonic(), facts
 
     def new_version_number(self) -> int:
-        taken = [int(p.name) for p in self.model_dir.iterdir() if p.name.isdigit()]
+        taken = registry_layout.versions(self.model_dir)
         self._next_version = max([self._next_version, *(v + 1 for v in taken)])
         number, self._next_version = self._next_version, self._next_version + 1
         return number

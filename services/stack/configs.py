@@ -5,6 +5,8 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from training_job import registry
+
 MONITORING_PATH = "/monitoring/prometheus/metrics"
 
 
@@ -49,9 +51,7 @@ def write_model_config(path: Path, model_name: str, base_path: Path, pinned: Ite
                        labels: Mapping[str, int] | None = None, newest: int = NEWEST_SERVED) -> list[int]:
     """Write (atomically: the model server polls the file) the config serving ``served_versions`` of what is on
     disk under ``base_path``; returns those versions."""
-    from training_job.publish import versions as versions_on_disk
-
-    served = served_versions(versions_on_disk(Path(base_path)), pinned, labels, newest)
+    served = served_versions(registry.versions(base_path), pinned, labels, newest)
     staging = path.with_name(f".{path.name}.tmp")
     staging.write_text(model_config_text(model_name, base_path, served, labels, newest))
     os.replace(staging, path)
