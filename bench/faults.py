@@ -60,14 +60,15 @@ from typing import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
+
 from bench.common import latest_published_version, write_result
 from bench.stack import Stack, freeze, resume, rss_mb
 from training_job import registry as registry_layout
 from training_job.paths import default_registry, shared_data_dir
 
 OK, UNAVAILABLE, LOST = "ok", "unavailable", "lost"
-AVAILABLE = 30
-STATE_NAMES = {10: "START", 20: "LOADING", 30: "AVAILABLE", 40: "UNLOADING", 50: "END"}
+AVAILABLE = ModelVersionStatus.AVAILABLE
 PINNED_VERSION = 1
 PIN_TABLE = {"weights": {str(PINNED_VERSION): 100}, "shadow": None}
 HOT_PHOTOS = 16
@@ -330,7 +331,7 @@ class FaultBench:
             return {}
 
     def state_names(self) -> dict[str, str]:
-        return {str(v): STATE_NAMES.get(s, str(s)) for v, s in sorted(self.version_states().items())}
+        return {str(v): ModelVersionStatus.State.Name(s) for v, s in sorted(self.version_states().items())}
 
     def redis_keys(self) -> int | None:
         import redis
@@ -523,7 +524,7 @@ class FaultBench:
             if item.name != "saved_model.pb":
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, target / item.name)
         return struck, time.monotonic(), {"new_version": number,
-                                          "half_copy_state_seen": STATE_NAMES.get(seen) if seen else None}
+                                          "half_copy_state_seen": ModelVersionStatus.State.Name(seen) if seen else None}
 
     def fault_publish_corrupt(self) -> tuple[float, float, dict]:
         number = self.new_version_number()

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
+
 from bench.common import percentiles_ms
 from training_job.paths import PROJECT_ROOT
 
@@ -32,7 +34,7 @@ def batching_config(num_batch_threads: int, batch_timeout_micros: int) -> str:
 # batches of ~15 that never overlap, two make ~7 that do.
 BATCHING_CONFIG = batching_config(num_batch_threads=2, batch_timeout_micros=2000)
 MONITORING_PATH = "/monitoring/prometheus/metrics"
-AVAILABLE = 30
+AVAILABLE = ModelVersionStatus.AVAILABLE
 
 
 def prometheus_total(url: str, name: str, **labels: str) -> float:

@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from services.gateway.protos import load
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
@@ -77,7 +78,8 @@ def stack(tmp_path_factory):
     write_config(config, {MODEL: registry / MODEL}, policy="all {}")
     redis = RedisServer().start()
     server = start_server(registry, config)
-    wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0] == 30 for v in (1, 2)),
+    wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0]
+                           == ModelVersionStatus.AVAILABLE for v in (1, 2)),
                what="versions 1 and 2")
     parts = {"registry": registry, "redis": redis, "server": server, "config": config,
              "gateway": GatewayProcess(server.grpc_target, redis.url, registry / MODEL)}

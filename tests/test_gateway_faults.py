@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from services.gateway.cache import SingleFlight
 from services.gateway.protos import load
@@ -98,7 +99,8 @@ def stack(tmp_path_factory):
     redis = RedisServer().start()
     server = start_server(registry, config)
     try:
-        wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0] == 30 for v in (1, 2, 3)),
+        wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0]
+                           == ModelVersionStatus.AVAILABLE for v in (1, 2, 3)),
                    what="versions 1, 2 and 3")
         gateway = Gateway(server.grpc_target, redis.url, registry / MODEL)
     except BaseException:

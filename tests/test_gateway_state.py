@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from services.gateway import keys
 from services.gateway.feedback import BadFeedbackToken, FeedbackTokens
@@ -91,7 +92,8 @@ def model_server(tmp_path_factory):
     config = registry / "models.config"
     write_config(config, {MODEL: registry / MODEL}, policy="all {}")
     server = start_server(registry, config)
-    wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0] == 30 for v in (1, 2)),
+    wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0]
+                           == ModelVersionStatus.AVAILABLE for v in (1, 2)),
                what="versions 1 and 2")
     yield server
     stop_server(server)

@@ -27,6 +27,8 @@ from tensorflow_serving.apis import (
     predict_pb2, prediction_service_pb2_grpc, regression_pb2,
 )
 
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
+
 from tests.model_server_harness import (
     MODEL, external_server, start_server, stop_server, version_states, wait_until, write_config,
 )
@@ -34,7 +36,7 @@ from tests.support import MUSHROOMS
 from tests.tiny_model import LABELS, write_tiny_model
 from training_job.publish import publish_dir
 
-AVAILABLE = 30
+AVAILABLE = ModelVersionStatus.AVAILABLE
 PHOTO = sorted((MUSHROOMS / "amanita_muscaria").iterdir())[0]
 
 

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from services.gateway import metrics
 from services.gateway.labels import LabelResolver
@@ -214,7 +215,8 @@ def stack(tmp_path_factory):
     write_config(config, {MODEL: registry / MODEL}, labels={MODEL: LABELS}, policy="all {}")
     redis = RedisServer().start()
     server = start_server(registry, config, "--model_config_file_poll_wait_seconds=1")
-    wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0] == 30 for v in (1, 2)),
+    wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0]
+                           == ModelVersionStatus.AVAILABLE for v in (1, 2)),
                what="versions 1 and 2")
     gateway = GatewayProcess(server.grpc_target, redis.url, registry / MODEL)
     yield SimpleNamespace(registry=registry, config=config, redis=redis, server=server, gateway=gateway)

@@ -130,14 +130,14 @@ class Gateway:
         return True, "ok"
 
     async def _poll_versions(self) -> None:
-        from services.gateway.upstream import UpstreamUnavailable
+        from services.gateway.upstream import AVAILABLE, UpstreamUnavailable
 
         try:
             states = await self.classifier.upstream.version_states(timeout=self.args.health_timeout)
         except UpstreamUnavailable as exc:
             self.upstream_ok, self.upstream_problem = False, str(exc)
             raise
-        self.classifier.router.available = {v for v, s in states.items() if s == 30}
+        self.classifier.router.available = {v for v, s in states.items() if s == AVAILABLE}
         self.upstream_ok = True
 
     async def serve(self) -> None:
