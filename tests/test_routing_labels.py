@@ -135,6 +135,68 @@ def test_entries_on_one_version_add_up_and_describe_shows_where_labels_point():
         "resolved": {"2": 2, "canary": 1, "stable": 1}, "effective": {"1": 90.0, "2": 10.0}}
 
 
+class SlowReadRedis:
+    """Just enough of redis.asyncio for Router.refresh and Router.set_table; the first GET reads the stored value
+    at once but answers only when ``release`` is set (a watcher read in flight while an operator PUTs)."""
+
+    def __init__(self, stored: dict[str, str]):
+        self.stored = stored
+        self.release = asyncio.Event()
+        self.held = asyncio.Event()
+        self.gets = 0
+
+    async def get(self, key):
+        value = self.stored.get(key)
+        self.gets += 1
+        if self.gets == 1:
+            self.held.set()
+            await self.release.wait()
+        return value
+
+    def pipeline(self, transaction=True):
+        redis = self
+
+        class Pipeline:
+            async def __aenter__(self):
+                self.calls = []
+                return self
+
+            async def __aexit__(self, *exc):
+                return False
+
+            def set(self, key, value):
+                self.calls.append((key, value))
+
+            def lpush(self, key, value):
+                pass
+
+            def ltrim(self, key, start, end):
+                pass
+
+            async def execute(self):
+                redis.stored.update(self.calls)
+
+        return Pipeline()
+
+
+def test_a_watcher_read_in_flight_never_undoes_a_table_just_set():
+    async def scenario():
+        redis = SlowReadRedis({})
+        router = Router(redis=redis, model_name=MODEL)
+        router.available = {1, 2}
+        redis.stored[router.key] = json.dumps(RoutingTable.from_json({"weights": {"1": 100}}).to_json())
+        refresh = asyncio.create_task(router.refresh())
+        await redis.held.wait()  # the watcher has read the old table and waits for the answer
+        await router.set_table(RoutingTable.from_json({"weights": {"2": 100}}), who="operator")
+        redis.release.set()
+        await refresh
+        return router.table.to_json(), json.loads(redis.stored[router.key])
+
+    table, stored = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert stored["weights"] == {"2": 100.0}
+    assert table == stored
+
+
 def test_set_table_refuses_unknown_labels_and_labels_on_unavailable_versions():
     router = label_router({"stable": 1, "old": 7}, {})
     with pytest.raises(RoutingError, match="'nope' is unknown to the model server"):
