@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -100,6 +99,18 @@ def set_routing(gateway, weights, shadow=None, token=TOKEN):
     return gateway.request("PUT", "/v1/admin/routing", {"weights": weights, "shadow": shadow}, token=token)
 
 
+def wait_for_routing(gateway, weights, shadow=None, timeout=10.0):
+    """Until GET /v1/admin/routing shows this table in force: these weights and shadow, every entry resolved to a
+    version."""
+    expected = {"weights": {str(k): float(v) for k, v in weights.items()}, "shadow": shadow}
+
+    def in_force():
+        body = gateway.request("GET", "/v1/admin/routing", token=TOKEN)[1]
+        return ({"weights": body["weights"], "shadow": body["shadow"]} == expected
+                and all(v is not None for v in body["resolved"].values()))
+    wait_until(in_force, timeout=timeout, interval=0.05, what=f"routing {expected} in force")
+
+
 def test_http_and_grpc_give_the_in_process_answer_and_repeats_hit_the_cache(stack):
     gateway = stack["gateway"]
     photo = PHOTOS[0].read_bytes()
@@ -138,7 +149,7 @@ def test_http_and_grpc_give_the_in_process_answer_and_repeats_hit_the_cache(stac
 def test_split_converges_sticky_clients_stay_and_a_second_gateway_follows(stack):
     gateway = stack["gateway"]
     assert set_routing(gateway, {"1": 70, "2": 30})[0] == 200
-    time.sleep(0.7)
+    wait_for_routing(gateway, {"1": 70, "2": 30})
     photo = PHOTOS[1].read_bytes()
     counts = Counter(gateway.classify(photo, client=f"client-{i}")[1]["model"]["version"] for i in range(300))
     assert abs(counts[1] / 300 - 0.7) < 0.08, counts  # 300 clients: binomial sd ~0.026, tolerance ~3 sd
@@ -169,8 +180,8 @@ def test_admin_needs_the_token_and_refuses_unavailable_versions(stack):
 
 def test_feedback_changes_accuracy(stack):
     gateway = stack["gateway"]
-    set_routing(gateway, {"1": 100})
-    time.sleep(0.7)
+    assert set_routing(gateway, {"1": 100})[0] == 200
+    wait_for_routing(gateway, {"1": 100})
     status, answer, _ = gateway.classify(PHOTOS[2].read_bytes(), client="carol")
     predicted = answer["predictions"][0]["label"]
     feedback = {"feedback_token": answer["feedback_token"], "true_label": predicted}
@@ -300,6 +311,15 @@ def test_multipart_and_base64_uploads(stack):
     assert b64[1]["predictions"] == multipart[1]["predictions"]
 
 
+def cache_lookups(gateway, outcome: str) -> float:
+    """The gateway's mushroom_gateway_cache_total{outcome=...} (hit, miss, error, bypass)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"{gateway.url}/metrics", timeout=10).read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "mushroom_gateway_cache_total" and sample.labels.get("outcome") == outcome)
+
+
 def test_redis_killed_under_load_loses_no_request(stack):
     gateway, redis = stack["gateway"], stack["redis"]
     failures, done = [], []
@@ -312,15 +332,22 @@ def test_redis_killed_under_load_loses_no_request(stack):
             (done if status == 200 else failures).append((status, body))
             i += 1
 
+    bypassed = cache_lookups(gateway, "bypass")
     threads = [threading.Thread(target=load, args=(k,)) for k in range(3)]
     for t in threads:
         t.start()
     try:
-        time.sleep(0.5)
+        wait_until(lambda: len(done) >= 5, timeout=30, interval=0.05, what="answers before the kill")
         redis.stop()
-        time.sleep(1.5)
+        wait_until(lambda: cache_lookups(gateway, "bypass") > bypassed, timeout=30, interval=0.1,
+                   what="the breaker to open (lookups bypass the cache)")
+        answered_while_open = len(done)
+        wait_until(lambda: len(done) >= answered_while_open + 5, timeout=30, interval=0.05,
+                   what="answers while Redis is down")
         redis.start()
-        time.sleep(2.5)  # the breaker closes again
+        hits = cache_lookups(gateway, "hit")
+        wait_until(lambda: cache_lookups(gateway, "hit") > hits, timeout=30, interval=0.1,
+                   what="the breaker to close again (cache hits)")
     finally:
         stop.set()
         for t in threads:
@@ -438,7 +465,7 @@ def test_admin_cli_sets_weights_and_shows_status_and_audit(stack):
 def test_shadow_version_is_mirrored_with_agreement_and_latency(stack):
     gateway = stack["gateway"]
     assert set_routing(gateway, {"1": 100}, shadow=2)[0] == 200
-    time.sleep(0.7)
+    wait_for_routing(gateway, {"1": 100}, shadow=2)
     for photo in sorted(NOT_MUSHROOMS.iterdir())[10:14]:  # never sent before: cache misses reach the model server
         status, answer, _ = gateway.classify(photo.read_bytes(), client="dave")
         assert status == 200 and answer["model"]["version"] == 1

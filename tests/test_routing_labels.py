@@ -24,7 +24,9 @@ from services.gateway.routing import Router, RoutingError, RoutingTable, Unknown
 from services.gateway.upstream import ModelServerClient, UpstreamRejected, UpstreamUnavailable
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
 from tests.support import NOT_MUSHROOMS, RedisServer
-from tests.test_gateway import PHOTOS, TOKEN, GatewayProcess, assert_valid, pb, pb_grpc, set_routing
+from tests.test_gateway import (
+    PHOTOS, TOKEN, GatewayProcess, assert_valid, pb, pb_grpc, set_routing, wait_for_routing,
+)
 from tests.tiny_model import publish_tiny_versions
 from training_job.paths import PROJECT_ROOT
 
@@ -314,7 +316,7 @@ def test_a_table_of_labels_routes_to_the_labelled_versions(stack):
     result = admin_cli(gateway.url, "set", "stable=70", "canary=30")
     assert result.returncode == 0, result.stderr
     assert "stable (version 1) 70" in result.stdout and "canary (version 2) 30" in result.stdout
-    time.sleep(0.7)
+    wait_for_routing(gateway, {"stable": 70, "canary": 30})
     photo = PHOTOS[1].read_bytes()
     routed = versions_of(gateway, [f"client-{i}" for i in range(300)], photo)
     counts = Counter(routed.values())
@@ -342,7 +344,7 @@ def test_versions_and_labels_mix_in_one_table(stack):
     result = admin_cli(gateway.url, "set", "1=80", "canary=20")
     assert result.returncode == 0, result.stderr
     assert "routing: 1 80, canary (version 2) 20" in result.stdout
-    time.sleep(0.7)
+    wait_for_routing(gateway, {"1": 80, "canary": 20})
     counts = Counter(versions_of(gateway, [f"mixed-{i}" for i in range(300)], PHOTOS[5].read_bytes()).values())
     assert abs(counts[1] / 300 - 0.8) < 0.07, counts  # binomial sd ~0.023
     with grpc.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
@@ -363,7 +365,7 @@ def test_versions_and_labels_mix_in_one_table(stack):
 def test_moving_a_label_in_the_model_server_config_moves_its_clients(stack):
     gateway = stack.gateway
     assert set_routing(gateway, {"stable": 50, "canary": 50})[0] == 200
-    time.sleep(0.7)
+    wait_for_routing(gateway, {"stable": 50, "canary": 50})
     photo = PHOTOS[2].read_bytes()
     clients = [f"mover-{i}" for i in range(60)]
     before = versions_of(gateway, clients, photo)
@@ -410,7 +412,7 @@ def test_an_unknown_label_is_refused_with_400_and_the_table_is_kept(stack):
 def test_a_label_removed_from_the_model_server_spreads_its_share_and_raises_the_metric(stack):
     gateway = stack.gateway
     assert set_routing(gateway, {"stable": 50, "canary": 50})[0] == 200
-    time.sleep(0.7)
+    wait_for_routing(gateway, {"stable": 50, "canary": 50})
     photo = PHOTOS[3].read_bytes()
     clients = [f"leaver-{i}" for i in range(40)]
     assert set(versions_of(gateway, clients, photo).values()) == {1, 2}
@@ -433,7 +435,7 @@ def test_a_label_removed_from_the_model_server_spreads_its_share_and_raises_the_
 def test_a_label_can_be_the_shadow(stack):
     gateway = stack.gateway
     assert set_routing(gateway, {"stable": 100}, shadow="canary")[0] == 200
-    time.sleep(0.7)
+    wait_for_routing(gateway, {"stable": 100}, shadow="canary")
     for photo in sorted(NOT_MUSHROOMS.iterdir())[20:23]:  # never sent before: misses reach the model server
         status, answer, _ = gateway.classify(photo.read_bytes(), client="erin")
         assert status == 200 and answer["model"]["version"] == 1
