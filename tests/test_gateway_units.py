@@ -183,3 +183,22 @@ def test_upstream_reads_outputs_in_either_form_tf_serving_writes():
             np.testing.assert_array_equal(_array(tensor_proto(value, as_content)), value)
     labels = _array(tensor_proto(np.array([[b"a", b"b"]], dtype=object)))
     assert labels.shape == (1, 2) and list(labels[0]) == ["a", "b"]
+
+
+def test_each_gateway_flag_has_one_environment_variable(monkeypatch):
+    """The name its --help shows, and no other: GATEWAY_<NAME> is not a second spelling of <NAME>."""
+    import re
+
+    from services.gateway.main import build_parser
+
+    parser = build_parser()
+    named = {a.dest: re.findall(r"\b([A-Z][A-Z_]{3,})\b", a.help or "") for a in parser._actions if a.dest != "help"}
+    assert named["model_server"][0] == "GATEWAY_MODEL_SERVER" and named["redis_url"][0] == "GATEWAY_REDIS_URL"
+    monkeypatch.setenv("GATEWAY_MODEL_SERVER", "tfserving:8500")
+    monkeypatch.setenv("GATEWAY_REDIS_URL", "redis://redis:6379/0")
+    monkeypatch.setenv("GATEWAY_GATEWAY_HOST", "10.0.0.1")
+    monkeypatch.setenv("GATEWAY_MODEL_NAME", "elsewhere")
+    monkeypatch.setenv("MODEL_SERVER", "wrong:1")
+    args = build_parser().parse_args([])
+    assert (args.model_server, args.redis_url) == ("tfserving:8500", "redis://redis:6379/0")
+    assert (args.host, args.model_name) == ("0.0.0.0", "mushrooms")
