@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -189,21 +187,12 @@ def _start_all(stack: Stack, registry: Path, scrape_interval_s: float, tensorboa
 
 
 def gateway_argv(stack: Stack, registry: Path) -> list[str]:
-    """The gateway's command line in the spelling its --help shows (--http-port or --http_port); flags it does not
-    know (e.g. --grpc-port on an HTTP-only build) are left out."""
-    help_text = subprocess.run([sys.executable, "-m", "services.gateway", "--help"], capture_output=True, text=True,
-                               cwd=PROJECT_ROOT, env=_python_env(), timeout=120).stdout
-    dash = "-" if "--http-port" in help_text else "_"
+    """The gateway's command line, its flags spelled as services/gateway/main.py defines them."""
     ports = stack.ports
-    wanted = {"host": "127.0.0.1", "http-port": ports.gateway_http, "grpc-port": ports.gateway_grpc,
-              "model-server": f"127.0.0.1:{ports.model_server_grpc}", "redis-url": f"redis://127.0.0.1:{ports.redis}/0",
-              "model-name": stack.model_name, "model-base-path": (registry / stack.model_name).resolve()}
-    argv = [sys.executable, "-m", "services.gateway"]
-    for name, value in wanted.items():
-        flag = "--" + name.replace("-", dash)
-        if re.search(re.escape(flag) + r"\b", help_text):
-            argv.append(f"{flag}={value}")
-    return argv
+    return [sys.executable, "-m", "services.gateway", "--host=127.0.0.1", f"--http-port={ports.gateway_http}",
+            f"--grpc-port={ports.gateway_grpc}", f"--model-server=127.0.0.1:{ports.model_server_grpc}",
+            f"--redis-url=redis://127.0.0.1:{ports.redis}/0", f"--model-name={stack.model_name}",
+            f"--model-base-path={(registry / stack.model_name).resolve()}"]
 
 
 def stop_stack(stack: Stack) -> list[str]:
