@@ -28,10 +28,7 @@ def batching_config(num_batch_threads: int, batch_timeout_micros: int) -> str:
 
 
 # The model server's batching in every stack the benchmarks start, the same parameters as
-# deploy/tfserving/batching.config. Chosen by model_server_bench's batching sweep (gateway cache-miss throughput at
-# concurrency 32, 2 cores, 3 runs of 3 alternating rounds): 2 batch threads with a 2 ms timeout beat 1 thread in 7 of
-# 9 paired rounds (medians 68/71/91 vs 67/55/90 req/s) and 2 threads with 5 ms in 6 of 9 (57/64/98); one thread makes
-# batches of ~15 that never overlap, two make ~7 that do.
+# deploy/tfserving/batching.config (which says why); model_server_bench's batching sweep measures the alternatives.
 BATCHING_CONFIG = batching_config(num_batch_threads=2, batch_timeout_micros=2000)
 MONITORING_PATH = "/monitoring/prometheus/metrics"
 AVAILABLE = ModelVersionStatus.AVAILABLE

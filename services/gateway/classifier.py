@@ -23,8 +23,8 @@ from training_job.preprocessing import InvalidImage, Limits, preprocess_bytes
 
 log = logging.getLogger("gateway.classifier")
 MAX_TOP_K = 100
-# Photos this small are decoded on the event loop: their decode (~1 ms) costs about what the two thread hand-offs
-# to and from the preprocessing pool cost. Bigger ones (or ones whose header says many pixels) go to the pool, so a
+# Photos this small are decoded on the event loop: their decode costs about what the two thread hand-offs to and
+# from the preprocessing pool cost. Bigger ones (or ones whose header says many pixels) go to the pool, so a
 # slow decode never blocks the loop.
 INLINE_MAX_BYTES = 64 * 1024
 INLINE_MAX_PIXELS = 1_000_000

@@ -23,11 +23,9 @@ def configure_tensorflow_threads(concurrent_calls: int, intra_op: int = 0, inter
     """TensorFlow's thread counts: ``intra_op``/``inter_op`` when given (--tensorflow_*_op_parallelism), otherwise
     each of the model calls that can run at once gets its share of the cores as intra-op threads.
 
-    By default every call may use all cores; with two batch threads on two cores the two calls then fight over
-    the cores and TensorFlow's thread pool spins waiting for work. One intra-op thread per call when the calls
-    fill the cores gave the same outputs (bit for bit) for less CPU: a batch of 7 on two concurrent threads 14.0 ->
-    12.7 ms CPU per photo (140 -> 152 img/s); a lone batch of 1, 22.3 -> 13.8 ms CPU (14.5 -> 13.5 ms latency).
-    Only possible before TensorFlow's runtime starts; an explicit setting (or a started runtime) is left alone."""
+    By default every call may use all cores; when the calls that can run at once fill the cores they then fight
+    over them and TensorFlow's thread pool spins waiting for work. Splitting the cores between the calls gives the
+    same outputs (bit for bit) for less CPU per call (bench/model_server_bench.py measures it). Only possible before TensorFlow's runtime starts; an explicit setting (or a started runtime) is left alone."""
     import tensorflow as tf
 
     if inter_op > 0:
