@@ -64,6 +64,7 @@ from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from bench.common import latest_published_version, write_result
 from bench.stack import Stack, freeze, resume, rss_mb
+from services.stack.servers import version_states
 from training_job import registry as registry_layout
 from training_job.paths import default_registry, shared_data_dir
 
@@ -322,8 +323,6 @@ class FaultBench:
 
     # ----------------------------------------------------------------------------------------- state
     def version_states(self) -> dict[int, int]:
-        from tests.model_server_harness import version_states
-
         try:
             return {v: state for v, (state, _) in version_states(self.stack.server.grpc_target,
                                                                  self.stack.model_name).items()}
@@ -617,7 +616,7 @@ def build_registry(root: Path, model_name: str, published: Path | None) -> Path:
         for version in (1, 2):
             shutil.copytree(published, originals / str(version))
     else:
-        from tests.tiny_model import write_tiny_model
+        from training_job.tiny_model import write_tiny_model
 
         for version, bias in ((1, 0.0), (2, 2.0)):
             write_tiny_model(originals / str(version), bias=bias)
@@ -652,7 +651,7 @@ def run_bench(scenarios: list[str], timing: Timing, concurrency: int = 8, tiny: 
             logs = str(stack.work)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return {"model": str(published) if published else "tests/tiny_model.py (two tiny versions)",
+    return {"model": str(published) if published else "training_job/tiny_model.py (two tiny versions)",
             "timing": asdict(timing), "concurrency": concurrency, "pinned_version": PINNED_VERSION,
             "client_timeout_s": CLIENT_TIMEOUT_S, "scenarios": results, "order": list(results), "cache_hits_only": hits,
             "targets": targets(results, hits), "logs": logs}

@@ -20,9 +20,10 @@ from PIL import Image
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from services.gateway.protos import load
+from services.stack.servers import start_gateway
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
-from tests.support import MUSHROOMS, NOT_MUSHROOMS, RedisServer, free_port, stop_process, wait_for_port
-from tests.tiny_model import publish_tiny_versions
+from tests.support import MUSHROOMS, NOT_MUSHROOMS, RedisServer, stop_process
+from training_job.tiny_model import publish_tiny_versions
 from training_job.paths import PROJECT_ROOT
 from training_job.preprocessing import preprocess_bytes
 
@@ -33,16 +34,9 @@ PHOTOS = sorted(p for d in sorted(MUSHROOMS.iterdir()) for p in sorted(d.iterdir
 
 class GatewayProcess:
     def __init__(self, model_server: str, redis_url: str, base_path: Path, token: str | None = TOKEN):
-        self.http_port, self.grpc_port = free_port(), free_port()
+        self.process, self.http_port, self.grpc_port, self.log = start_gateway(
+            model_server, redis_url, MODEL, f"--model-base-path={base_path}", env={"GATEWAY_ADMIN_TOKEN": token or ""})
         self.url = f"http://127.0.0.1:{self.http_port}"
-        self.log = Path(f"/tmp/gateway-test-{self.http_port}.log")
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "GATEWAY_ADMIN_TOKEN": token or ""}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.gateway", "--host=127.0.0.1", f"--http-port={self.http_port}",
-             f"--grpc-port={self.grpc_port}", f"--model-server={model_server}", f"--redis-url={redis_url}",
-             f"--model-name={MODEL}", f"--model-base-path={base_path}"],
-            stdout=open(self.log, "w"), stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, env=env)
-        wait_for_port(self.http_port, timeout=90, process=self.process)
         wait_until(lambda: self.request("GET", "/readyz")[0] == 200, timeout=30, what="gateway ready")
 
     def request(self, method, path, body=None, content_type=None, headers=None, token=None):

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,9 +18,10 @@ from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 from services.gateway import keys
 from services.gateway.feedback import BadFeedbackToken, FeedbackTokens
 from services.gateway.protos import load
+from services.stack.servers import start_gateway
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
-from tests.support import MUSHROOMS, RedisServer, free_port, stop_process, wait_for_port
-from tests.tiny_model import publish_tiny_versions
+from tests.support import MUSHROOMS, RedisServer, free_port, stop_process
+from training_job.tiny_model import publish_tiny_versions
 from training_job.paths import PROJECT_ROOT
 
 pb, pb_grpc = load()
@@ -36,17 +35,10 @@ class Gateway:
 
     def __init__(self, model_server: str, redis_url: str, *extra: str, env: dict | None = None,
                  wait_ready: bool = True):
-        self.http_port, self.grpc_port = free_port(), free_port()
+        self.process, self.http_port, self.grpc_port, self.log = start_gateway(
+            model_server, redis_url, MODEL, *extra,
+            env={"FEEDBACK_SECRET": FEEDBACK_SECRET, "GATEWAY_ADMIN_TOKEN": "", **(env or {})})
         self.url = f"http://127.0.0.1:{self.http_port}"
-        self.log = Path(f"/tmp/gateway-state-test-{self.http_port}.log")
-        full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "FEEDBACK_SECRET": FEEDBACK_SECRET,
-                    "GATEWAY_ADMIN_TOKEN": "", **(env or {})}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.gateway", "--host=127.0.0.1", f"--http-port={self.http_port}",
-             f"--grpc-port={self.grpc_port}", f"--model-server={model_server}", f"--redis-url={redis_url}",
-             f"--model-name={MODEL}", *extra],
-            stdout=open(self.log, "w"), stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, env=full_env)
-        wait_for_port(self.http_port, timeout=90, process=self.process)
         if wait_ready:
             wait_until(lambda: self.request("GET", "/readyz")[0] == 200, timeout=30, what="gateway ready")
 

@@ -17,7 +17,7 @@ from tests.model_server_harness import MODEL, start_server, stop_server, version
 from tests.support import MUSHROOMS, RedisServer
 from tests.test_gateway import TOKEN, GatewayProcess, set_routing
 from tests.test_stack import start_test_stack
-from tests.tiny_model import publish_tiny_versions
+from training_job.tiny_model import publish_tiny_versions
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 from services.model_server.config import BatchingParameters, ConfigError, MonitoringConfig
 from services.model_server.source import aspired_versions
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
-from tests.tiny_model import write_tiny_model
+from training_job.tiny_model import write_tiny_model
 from training_job.publish import publish_dir
 
 AVAILABLE = ModelVersionStatus.AVAILABLE

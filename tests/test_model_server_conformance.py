@@ -32,7 +32,7 @@ from tests.model_server_harness import (
     MODEL, external_server, start_server, stop_server, version_states, wait_until, write_config,
 )
 from tests.support import MUSHROOMS
-from tests.tiny_model import LABELS, write_tiny_model
+from training_job.tiny_model import LABELS, write_tiny_model
 from training_job import registry
 from training_job.paths import PROJECT_ROOT
 from training_job.publish import publish_dir

@@ -27,7 +27,7 @@ from tests.support import NOT_MUSHROOMS, RedisServer
 from tests.test_gateway import (
     PHOTOS, TOKEN, GatewayProcess, assert_valid, pb, pb_grpc, set_routing, wait_for_routing,
 )
-from tests.tiny_model import publish_tiny_versions
+from training_job.tiny_model import publish_tiny_versions
 from training_job.paths import PROJECT_ROOT
 
 CLIENTS = [f"client-{i}" for i in range(20000)]

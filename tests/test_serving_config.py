@@ -13,7 +13,7 @@ from services.stack import configs
 from services.stack.health import StackError
 from services.stack.pinning import pin
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until
-from tests.tiny_model import write_tiny_model
+from training_job.tiny_model import write_tiny_model
 from training_job.publish import publish_dir
 
 AVAILABLE = ModelVersionStatus.AVAILABLE

@@ -58,6 +58,19 @@ def write_model_config(path: Path, model_name: str, base_path: Path, pinned: Ite
     return served
 
 
+def write_model_list(path: Path, models: Mapping[str, Path], labels: Mapping[str, Mapping[str, int]] | None = None,
+                     policy: str = "latest { num_versions: 1 }") -> None:
+    """A --model_config_file serving each of ``models`` ({name: base path}) under one version ``policy`` (text of a
+    ModelVersionPolicy), with ``labels`` ({name: {label: version}}); for the tests and the benchmarks."""
+    parts = []
+    for name, base in models.items():
+        label_text = "".join(f' version_labels {{ key: "{k}" value: {v} }}'
+                             for k, v in (labels or {}).get(name, {}).items())
+        parts.append(f'config {{ name: "{name}" base_path: "{base}" model_platform: "tensorflow" '
+                     f'model_version_policy {{ {policy} }}{label_text} }}')
+    path.write_text("model_config_list { " + " ".join(parts) + " }\n")
+
+
 def write_monitoring_config(path: Path) -> None:
     path.write_text(f'prometheus_config {{ enable: true, path: "{MONITORING_PATH}" }}\n')
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from services.stack import configs
+from services.stack import configs, servers
 from services.stack.health import StackError, http_ok, model_available, tcp_open, wait_healthy
 from services.stack.processes import ProcessRecord, is_alive, port_is_free, spawn, stop
 from training_job.paths import PROJECT_ROOT, var_dir
@@ -150,18 +150,16 @@ def _start_all(stack: Stack, registry: Path, scrape_interval_s: float, tensorboa
 
     redis_dir = run_dir.parent / "redis-data"  # next to the runs: the state outlives one run of the stack
     redis_dir.mkdir(exist_ok=True)
-    redis = launch("redis", [shutil.which("redis-server"), "--port", str(ports.redis), "--bind", "127.0.0.1",
-                             "--save", "", *REDIS_STATE_ARGS, "--dir", str(redis_dir)])
+    redis = launch("redis", servers.redis_argv(ports.redis, redis_dir, *REDIS_STATE_ARGS))
 
     model_config, monitoring_config = run_dir / "models.config", run_dir / "monitoring.config"
     configs.write_model_config(model_config, stack.model_name, (registry / stack.model_name).resolve())
     configs.write_monitoring_config(monitoring_config)
-    model_server = launch("model_server", [
-        sys.executable, "-m", "services.model_server", f"--port={ports.model_server_grpc}",
-        f"--rest_api_port={ports.model_server_rest}", "--host=127.0.0.1", f"--model_config_file={model_config}",
+    model_server = launch("model_server", servers.model_server_argv(
+        ports.model_server_grpc, ports.model_server_rest, f"--model_config_file={model_config}",
         "--model_config_file_poll_wait_seconds=1",  # `scripts/stack.py pin` rewrites it
-        f"--monitoring_config_file={monitoring_config}", "--file_system_poll_wait_seconds=1", "--enable_batching",
-        f"--batching_parameters_file={BATCHING_CONFIG}"], env=env)
+        f"--monitoring_config_file={monitoring_config}", "--enable_batching",
+        f"--batching_parameters_file={BATCHING_CONFIG}"), env=env)
 
     prometheus_config = run_dir / "prometheus.yml"
     configs.write_prometheus_config(prometheus_config, f"127.0.0.1:{ports.gateway_http}",
@@ -189,10 +187,9 @@ def _start_all(stack: Stack, registry: Path, scrape_interval_s: float, tensorboa
 def gateway_argv(stack: Stack, registry: Path) -> list[str]:
     """The gateway's command line, its flags spelled as services/gateway/main.py defines them."""
     ports = stack.ports
-    return [sys.executable, "-m", "services.gateway", "--host=127.0.0.1", f"--http-port={ports.gateway_http}",
-            f"--grpc-port={ports.gateway_grpc}", f"--model-server=127.0.0.1:{ports.model_server_grpc}",
-            f"--redis-url=redis://127.0.0.1:{ports.redis}/0", f"--model-name={stack.model_name}",
-            f"--model-base-path={(registry / stack.model_name).resolve()}"]
+    return servers.gateway_argv(ports.gateway_http, ports.gateway_grpc, f"127.0.0.1:{ports.model_server_grpc}",
+                                f"redis://127.0.0.1:{ports.redis}/0", stack.model_name,
+                                f"--model-base-path={(registry / stack.model_name).resolve()}")
 
 
 def stop_stack(stack: Stack) -> list[str]:
