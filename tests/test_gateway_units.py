@@ -202,3 +202,23 @@ def test_each_gateway_flag_has_one_environment_variable(monkeypatch):
     args = build_parser().parse_args([])
     assert (args.model_server, args.redis_url) == ("tfserving:8500", "redis://redis:6379/0")
     assert (args.host, args.model_name) == ("0.0.0.0", "mushrooms")
+
+
+def test_class_names_and_metric_label_values_have_their_own_words(tmp_path):
+    """"label" alone means a version label; a model's output columns are class names, a Prometheus label's value
+    is a metric value."""
+    import json
+
+    from services.gateway import metrics
+    from services.gateway.model_info import ModelInfo
+
+    assets = tmp_path / "3" / "assets.extra"
+    assets.mkdir(parents=True)
+    (assets / "labels.json").write_text(json.dumps({"labels": ["boletus_edulis", "amanita_muscaria"],
+                                                    "display_names": {"boletus_edulis": "Penny bun"}}))
+    assert ModelInfo(str(tmp_path)).class_names(3) == [
+        {"label": "boletus_edulis", "display_name": "Penny bun"},
+        {"label": "amanita_muscaria", "display_name": "Amanita muscaria"}]
+    assert ModelInfo(None).class_names(3) == []
+    assert metrics.version_metric_value(3, {3}) == "3"
+    assert metrics.version_metric_value(4, {3}) == metrics.version_metric_value(None, {3}) == "other"

@@ -87,7 +87,7 @@ class Classifier:
             if label and "label" in str(exc).lower():
                 raise GatewayError(404, "unknown_label", f"unknown version label {label!r}: {exc}") from None
             raise GatewayError(400, "rejected_by_model_server", str(exc)) from None
-        metrics.UPSTREAM_SECONDS.labels(model_version=metrics.version_label(
+        metrics.UPSTREAM_SECONDS.labels(model_version=metrics.version_metric_value(
             prediction.version, self.router.available)).observe(time.perf_counter() - start)
         return {"version": prediction.version, "classes": prediction.classes,
                 "probabilities": [float(p) for p in prediction.probabilities],
@@ -145,7 +145,7 @@ class Classifier:
                     return fresh
                 answer = await self.single_flight.do(key or f"{digest}:{label}", miss)
             self._check_top_k(top_k, len(answer["classes"]))
-            metrics.ROUTE.labels(model_version=metrics.version_label(answer["version"], self.router.available),
+            metrics.ROUTE.labels(model_version=metrics.version_metric_value(answer["version"], self.router.available),
                                  reason=reason).inc()
             return self._answer(answer, top_k, cache_outcome == "hit", start)
         except GatewayError as exc:
@@ -156,7 +156,7 @@ class Classifier:
         finally:
             metrics.REQUEST_SECONDS.labels(
                 protocol=protocol, endpoint=endpoint,
-                model_version=metrics.version_label(chosen, self.router.available),
+                model_version=metrics.version_metric_value(chosen, self.router.available),
                 cache=cache_outcome, result=result).observe(time.perf_counter() - start)
 
     def _answer(self, raw: dict, top_k: int, cached: bool, start: float) -> dict:

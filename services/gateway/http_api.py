@@ -170,7 +170,7 @@ class HttpApi:
             "name": self.classifier.upstream.model_name,
             "versions": [{"version": v, "state": state_name(s),
                           "weight": router.version_weights().get(v, 0.0),
-                          "labels": self.classifier.model_info.class_labels(v)} for v, s in sorted(states.items())],
+                          "labels": self.classifier.model_info.class_names(v)} for v, s in sorted(states.items())],
             "routing": router.describe(),
         }]})
 

@@ -53,10 +53,10 @@ class PredictionCore:
     async def predict(self, api: str, name: str, version: int | None, label: str | None, signature: str,
                       inputs: dict[str, np.ndarray], output_filter=()) -> tuple[Servable, dict[str, np.ndarray]]:
         start = time.perf_counter()
-        version_label, status = "", "OK"
+        version_value, status = "", "OK"  # the model_version metric label's value
         try:
             servable = self.manager.resolve(name, version, label)
-            version_label = str(servable.version)
+            version_value = str(servable.version)
             output_filter = tuple(sorted(output_filter))
             if self.batcher is not None:
                 outputs = await self.batcher.run(servable, signature, inputs, output_filter)
@@ -71,9 +71,9 @@ class PredictionCore:
             status = "INTERNAL"
             raise
         finally:
-            model_label = name if self.manager.has_model(name) else "unknown"  # bounded cardinality
-            metrics.REQUEST_COUNT.labels(model_name=model_label, model_version=version_label, API=api,
+            model_value = name if self.manager.has_model(name) else "unknown"  # bounded cardinality
+            metrics.REQUEST_COUNT.labels(model_name=model_value, model_version=version_value, API=api,
                                          status=status).inc()
-            metrics.REQUEST_LATENCY.labels(model_name=model_label, API=api,
+            metrics.REQUEST_LATENCY.labels(model_name=model_value, API=api,
                                            entrypoint="GRPC" if api.startswith("grpc") else "REST"
                                            ).observe(time.perf_counter() - start)
