@@ -13,7 +13,8 @@ server and the real one make the same choices:
   gone): the operator asked for it by number.
 - Otherwise the highest aspired version that has not been tried (START) is loaded.
 
-Unloads are preferred over loads. Nothing here touches the file system or TensorFlow.
+Unloads are preferred over loads. Nothing here touches the file system or runs a model; the states are TF Serving's
+own enum (importing it imports TensorFlow's protos).
 """
 from __future__ import annotations
 
