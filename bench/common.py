@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from training_job import registry as registry_layout
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -106,11 +108,7 @@ def published_version_or_exit(registry: Path, model_name: str) -> Path:
 
 
 def latest_published_version(registry: Path, model_name: str = "mushrooms") -> Path | None:
-    model_dir = registry / model_name
-    if not model_dir.is_dir():
-        return None
-    versions = sorted((int(p.name), p) for p in model_dir.iterdir() if p.name.isdigit() and p.is_dir())
-    return versions[-1][1] if versions else None
+    return registry_layout.latest_version_dir(registry / model_name)
 
 
 def sample_photos(n: int) -> list[Path]:

@@ -60,13 +60,16 @@ from typing import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
+
 from bench.common import latest_published_version, write_result
 from bench.stack import Stack, freeze, resume, rss_mb
+from services.stack.servers import version_states
+from training_job import registry as registry_layout
 from training_job.paths import default_registry, shared_data_dir
 
 OK, UNAVAILABLE, LOST = "ok", "unavailable", "lost"
-AVAILABLE = 30
-STATE_NAMES = {10: "START", 20: "LOADING", 30: "AVAILABLE", 40: "UNLOADING", 50: "END"}
+AVAILABLE = ModelVersionStatus.AVAILABLE
 PINNED_VERSION = 1
 PIN_TABLE = {"weights": {str(PINNED_VERSION): 100}, "shadow": None}
 HOT_PHOTOS = 16
@@ -320,8 +323,6 @@ class FaultBench:
 
     # ----------------------------------------------------------------------------------------- state
     def version_states(self) -> dict[int, int]:
-        from tests.model_server_harness import version_states
-
         try:
             return {v: state for v, (state, _) in version_states(self.stack.server.grpc_target,
                                                                  self.stack.model_name).items()}
@@ -329,7 +330,7 @@ class FaultBench:
             return {}
 
     def state_names(self) -> dict[str, str]:
-        return {str(v): STATE_NAMES.get(s, str(s)) for v, s in sorted(self.version_states().items())}
+        return {str(v): ModelVersionStatus.State.Name(s) for v, s in sorted(self.version_states().items())}
 
     def redis_keys(self) -> int | None:
         import redis
@@ -367,9 +368,9 @@ class FaultBench:
     def prepare(self) -> None:
         """Versions 1 and 2 (only) in the registry and AVAILABLE, known to the gateway, traffic pinned to 1, the
         repeated photos sent once (so cached unless Redis lost them)."""
-        for folder in self.model_dir.iterdir():
-            if folder.name.isdigit() and int(folder.name) not in (1, 2):
-                self.remove_version_folder(int(folder.name))
+        for version in registry_layout.versions(self.model_dir):
+            if version not in (1, 2):
+                self.remove_version_folder(version)
         for version in (1, 2):
             if not (self.model_dir / str(version)).exists():
                 staging = self.trash / f"restore-{version}-{uuid.uuid4().hex[:8]}"
@@ -503,7 +504,7 @@ class FaultBench:
         return struck, time.monotonic(), facts
 
     def new_version_number(self) -> int:
-        taken = [int(p.name) for p in self.model_dir.iterdir() if p.name.isdigit()]
+        taken = registry_layout.versions(self.model_dir)
         self._next_version = max([self._next_version, *(v + 1 for v in taken)])
         number, self._next_version = self._next_version, self._next_version + 1
         return number
@@ -522,7 +523,7 @@ class FaultBench:
             if item.name != "saved_model.pb":
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, target / item.name)
         return struck, time.monotonic(), {"new_version": number,
-                                          "half_copy_state_seen": STATE_NAMES.get(seen) if seen else None}
+                                          "half_copy_state_seen": ModelVersionStatus.State.Name(seen) if seen else None}
 
     def fault_publish_corrupt(self) -> tuple[float, float, dict]:
         number = self.new_version_number()
@@ -615,7 +616,7 @@ def build_registry(root: Path, model_name: str, published: Path | None) -> Path:
         for version in (1, 2):
             shutil.copytree(published, originals / str(version))
     else:
-        from tests.tiny_model import write_tiny_model
+        from training_job.tiny_model import write_tiny_model
 
         for version, bias in ((1, 0.0), (2, 2.0)):
             write_tiny_model(originals / str(version), bias=bias)
@@ -650,7 +651,7 @@ def run_bench(scenarios: list[str], timing: Timing, concurrency: int = 8, tiny: 
             logs = str(stack.work)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return {"model": str(published) if published else "tests/tiny_model.py (two tiny versions)",
+    return {"model": str(published) if published else "training_job/tiny_model.py (two tiny versions)",
             "timing": asdict(timing), "concurrency": concurrency, "pinned_version": PINNED_VERSION,
             "client_timeout_s": CLIENT_TIMEOUT_S, "scenarios": results, "order": list(results), "cache_hits_only": hits,
             "targets": targets(results, hits), "logs": logs}

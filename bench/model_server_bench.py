@@ -36,20 +36,16 @@ def raw_model(version_dir: Path, pixels: np.ndarray, seconds: float) -> dict:
 
 
 def start_server(version_dir: Path, batching: bool, workdir: Path) -> tuple[subprocess.Popen, str]:
-    from tests.support import free_port, wait_for_port
+    from services.stack.servers import start_model_server
 
-    grpc_port, rest_port = free_port(), free_port()
-    args = [sys.executable, "-m", "services.model_server", f"--port={grpc_port}", f"--rest_api_port={rest_port}",
-            "--host=127.0.0.1", f"--model_name={version_dir.parent.name}",
-            f"--model_base_path={version_dir.parent}", "--file_system_poll_wait_seconds=0"]
+    args = [f"--model_name={version_dir.parent.name}", f"--model_base_path={version_dir.parent}",
+            "--file_system_poll_wait_seconds=0"]
     if batching:
         params = workdir / "batching.config"
         params.write_text(BATCHING_CONFIG)
         args += ["--enable_batching", f"--batching_parameters_file={params}"]
-    process = subprocess.Popen(args, stdout=open(workdir / f"server-{batching}.log", "w"), stderr=subprocess.STDOUT,
-                               cwd=PROJECT_ROOT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
-    wait_for_port(rest_port, timeout=120, process=process)
-    return process, f"127.0.0.1:{grpc_port}"
+    server = start_model_server(*args, log_file=workdir / f"server-{batching}.log", timeout=120)
+    return server.process, server.grpc_target
 
 
 async def drive(target: str, model: str, pixels: np.ndarray, concurrency: int, seconds: float) -> dict:

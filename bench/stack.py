@@ -3,10 +3,8 @@ and the load drivers they send with (HTTP and gRPC, N concurrent clients, by tim
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -14,8 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
+
 from bench.common import percentiles_ms
-from training_job.paths import PROJECT_ROOT
+from services.stack.configs import write_model_list
+from services.stack.servers import (
+    REDIS_STATE_ARGS, ModelServerProcess, RedisServer, start_gateway, start_model_server, stop_process,
+    version_states, wait_until,
+)
 
 
 def batching_config(num_batch_threads: int, batch_timeout_micros: int) -> str:
@@ -26,13 +30,10 @@ def batching_config(num_batch_threads: int, batch_timeout_micros: int) -> str:
 
 
 # The model server's batching in every stack the benchmarks start, the same parameters as
-# deploy/tfserving/batching.config. Chosen by model_server_bench's batching sweep (gateway cache-miss throughput at
-# concurrency 32, 2 cores, 3 runs of 3 alternating rounds): 2 batch threads with a 2 ms timeout beat 1 thread in 7 of
-# 9 paired rounds (medians 68/71/91 vs 67/55/90 req/s) and 2 threads with 5 ms in 6 of 9 (57/64/98); one thread makes
-# batches of ~15 that never overlap, two make ~7 that do.
+# deploy/tfserving/batching.config (which says why); model_server_bench's batching sweep measures the alternatives.
 BATCHING_CONFIG = batching_config(num_batch_threads=2, batch_timeout_micros=2000)
 MONITORING_PATH = "/monitoring/prometheus/metrics"
-AVAILABLE = 30
+AVAILABLE = ModelVersionStatus.AVAILABLE
 
 
 def prometheus_total(url: str, name: str, **labels: str) -> float:
@@ -73,15 +74,11 @@ class Stack:
         self.gateways: list[Gateway] = []
 
     def __enter__(self) -> "Stack":
-        from tests.model_server_harness import version_states, wait_until, write_config
-        from services.stack.launch import REDIS_STATE_ARGS
-        from tests.support import RedisServer
-
         config = self.work / "models.config"
         if self.write_model_config is not None:
             self.write_model_config(config)
         else:
-            write_config(config, {self.model_name: self.version_dir.parent})
+            write_model_list(config, {self.model_name: self.version_dir.parent})
         (self.work / "monitoring.config").write_text(f'prometheus_config {{ enable: true, path: "{MONITORING_PATH}" }}\n')
         extra = [f"--monitoring_config_file={self.work / 'monitoring.config'}"]
         if self.batching:
@@ -102,34 +99,22 @@ class Stack:
         return self
 
     def __exit__(self, *exc) -> None:
-        from tests.model_server_harness import stop_server
-
         for gateway in list(self.gateways):
             resume(gateway.process)
             self.stop_gateway(gateway)
         if self.server is not None:
             resume(self.server.process)
-            stop_server(self.server)
+            stop_process(self.server.process, timeout=20)
         if self.redis.process is not None:
             resume(self.redis.process)
         self.redis.stop()
 
-    def _start_model_server(self, grpc_port: int | None = None, rest_port: int | None = None):
-        """The model server on these ports (free ones when not given), as tests/model_server_harness starts it."""
-        from tests.model_server_harness import ServerUnderTest
-        from tests.support import free_port, wait_for_port
-
+    def _start_model_server(self, grpc_port: int | None = None, rest_port: int | None = None) -> ModelServerProcess:
+        """The model server on these ports (free ones when not given)."""
         config, extra = self._server_args
-        grpc_port, rest_port = grpc_port or free_port(), rest_port or free_port()
         log_file = self.work / f"model-server-{grpc_port}-{time.monotonic_ns()}.log"
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(PROJECT_ROOT)}
-        process = subprocess.Popen(
-            [sys.executable, "-m", "services.model_server", f"--port={grpc_port}", f"--rest_api_port={rest_port}",
-             "--host=127.0.0.1", f"--model_config_file={config}", "--file_system_poll_wait_seconds=1", *extra],
-            stdout=open(log_file, "w"), stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT)
-        wait_for_port(rest_port, timeout=180, process=process)
-        return ServerUnderTest(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{rest_port}",
-                               self.version_dir.parent.parent, config, process, log_file)
+        return start_model_server(f"--model_config_file={config}", *extra, grpc_port=grpc_port, rest_port=rest_port,
+                                  log_file=log_file, timeout=180)
 
     def kill_model_server(self) -> None:
         """SIGKILL, as an OOM kill or a node failure would: no shutdown code runs."""
@@ -179,29 +164,20 @@ class Stack:
         client.close()
 
     def start_gateway(self, *extra: str, grpc: bool = True, env: dict[str, str] | None = None) -> Gateway:
-        from tests.support import free_port, wait_for_port
-
-        http_port, grpc_port = free_port(), (free_port() if grpc else 0)
-        log = open(self.work / f"gateway-{len(self.gateways)}.log", "w")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "services.gateway", "--host=127.0.0.1", f"--http-port={http_port}",
-             f"--grpc-port={grpc_port}", f"--model-server={self.server.grpc_target}", f"--redis-url={self.redis.url}",
-             f"--model-name={self.model_name}", *extra],
-            cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {}), "PYTHONPATH": str(PROJECT_ROOT)})
+        log_file = self.work / f"gateway-{len(self.gateways)}.log"
+        process, http_port, grpc_port, _ = start_gateway(
+            self.server.grpc_target, self.redis.url, self.model_name, *extra, env=env,
+            grpc_port=None if grpc else 0, log_file=log_file, timeout=60)
         gateway = Gateway(process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}" if grpc else None)
         self.gateways.append(gateway)
-        wait_for_port(http_port, timeout=60, process=process)
         deadline = time.monotonic() + 60
         while not _ready(gateway.http_url):
             if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError(f"gateway not ready; see {log.name}")
+                raise RuntimeError(f"gateway not ready; see {log_file}")
             time.sleep(0.2)
         return gateway
 
     def stop_gateway(self, gateway: Gateway) -> None:
-        from tests.support import stop_process
-
         stop_process(gateway.process)
         self.gateways.remove(gateway)
 

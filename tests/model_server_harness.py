@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+from services.stack import servers
+from services.stack.configs import write_model_list as write_config
+from services.stack.servers import stop_process, version_states, wait_until
 
-from tests.support import free_port, stop_process, wait_for_port
-from training_job.paths import PROJECT_ROOT
+__all__ = ["MODEL", "ServerUnderTest", "write_config", "start_server", "external_server", "stop_server",
+           "version_states", "wait_until"]
 
 MODEL = "mushrooms"
 
@@ -36,29 +34,10 @@ class ServerUnderTest:
         return self.log_file.read_text() if self.log_file else ""
 
 
-def write_config(path: Path, models: dict[str, Path], labels: dict[str, dict[str, int]] | None = None,
-                 policy: str = "latest { num_versions: 1 }") -> None:
-    parts = []
-    for name, base in models.items():
-        label_text = "".join(f' version_labels {{ key: "{k}" value: {v} }}'
-                             for k, v in (labels or {}).get(name, {}).items())
-        parts.append(f'config {{ name: "{name}" base_path: "{base}" model_platform: "tensorflow" '
-                     f'model_version_policy {{ {policy} }}{label_text} }}')
-    path.write_text("model_config_list { " + " ".join(parts) + " }\n")
-
-
 def start_server(models_dir: Path, config_file: Path, *extra: str) -> ServerUnderTest:
-    grpc_port, rest_port = free_port(), free_port()
-    log_file = Path(tempfile.mkstemp(prefix="model-server-", suffix=".log")[1])
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(PROJECT_ROOT)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.model_server", f"--port={grpc_port}", f"--rest_api_port={rest_port}",
-         "--host=127.0.0.1", f"--model_config_file={config_file}", "--file_system_poll_wait_seconds=1", *extra],
-        stdout=open(log_file, "w"), stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT,
-    )
-    wait_for_port(rest_port, timeout=90, process=process)
-    return ServerUnderTest(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{rest_port}", models_dir, config_file,
-                           process, log_file)
+    server = servers.start_model_server(f"--model_config_file={config_file}", *extra)
+    return ServerUnderTest(server.grpc_target, server.rest_url, models_dir, config_file, server.process,
+                           server.log_file)
 
 
 def external_server() -> ServerUnderTest | None:
@@ -71,27 +50,3 @@ def external_server() -> ServerUnderTest | None:
 def stop_server(server: ServerUnderTest) -> None:
     if server.process is not None:
         stop_process(server.process, timeout=20)
-
-
-def version_states(target: str, model: str) -> dict[int, tuple[int, str]]:
-    with grpc.insecure_channel(target) as channel:
-        stub = model_service_pb2_grpc.ModelServiceStub(channel)
-        request = get_model_status_pb2.GetModelStatusRequest()
-        request.model_spec.name = model
-        try:
-            response = stub.GetModelStatus(request, timeout=10)
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return {}
-            raise
-    return {s.version: (s.state, s.status.error_message) for s in response.model_version_status}
-
-
-def wait_until(predicate, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")

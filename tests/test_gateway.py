@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -18,11 +17,13 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from services.gateway.protos import load
+from services.stack.servers import start_gateway
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
-from tests.support import MUSHROOMS, NOT_MUSHROOMS, RedisServer, free_port, stop_process, wait_for_port
-from tests.tiny_model import publish_tiny_versions
+from tests.support import MUSHROOMS, NOT_MUSHROOMS, RedisServer, stop_process
+from training_job.tiny_model import publish_tiny_versions
 from training_job.paths import PROJECT_ROOT
 from training_job.preprocessing import preprocess_bytes
 
@@ -33,16 +34,9 @@ PHOTOS = sorted(p for d in sorted(MUSHROOMS.iterdir()) for p in sorted(d.iterdir
 
 class GatewayProcess:
     def __init__(self, model_server: str, redis_url: str, base_path: Path, token: str | None = TOKEN):
-        self.http_port, self.grpc_port = free_port(), free_port()
+        self.process, self.http_port, self.grpc_port, self.log = start_gateway(
+            model_server, redis_url, MODEL, f"--model-base-path={base_path}", env={"GATEWAY_ADMIN_TOKEN": token or ""})
         self.url = f"http://127.0.0.1:{self.http_port}"
-        self.log = Path(f"/tmp/gateway-test-{self.http_port}.log")
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "GATEWAY_ADMIN_TOKEN": token or ""}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.gateway", "--host=127.0.0.1", f"--http-port={self.http_port}",
-             f"--grpc-port={self.grpc_port}", f"--model-server={model_server}", f"--redis-url={redis_url}",
-             f"--model-name={MODEL}", f"--model-base-path={base_path}"],
-            stdout=open(self.log, "w"), stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, env=env)
-        wait_for_port(self.http_port, timeout=90, process=self.process)
         wait_until(lambda: self.request("GET", "/readyz")[0] == 200, timeout=30, what="gateway ready")
 
     def request(self, method, path, body=None, content_type=None, headers=None, token=None):
@@ -77,7 +71,8 @@ def stack(tmp_path_factory):
     write_config(config, {MODEL: registry / MODEL}, policy="all {}")
     redis = RedisServer().start()
     server = start_server(registry, config)
-    wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0] == 30 for v in (1, 2)),
+    wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0]
+                           == ModelVersionStatus.AVAILABLE for v in (1, 2)),
                what="versions 1 and 2")
     parts = {"registry": registry, "redis": redis, "server": server, "config": config,
              "gateway": GatewayProcess(server.grpc_target, redis.url, registry / MODEL)}
@@ -96,6 +91,18 @@ def in_process_probabilities(registry: Path, version: int, photo: bytes) -> np.n
 
 def set_routing(gateway, weights, shadow=None, token=TOKEN):
     return gateway.request("PUT", "/v1/admin/routing", {"weights": weights, "shadow": shadow}, token=token)
+
+
+def wait_for_routing(gateway, weights, shadow=None, timeout=10.0):
+    """Until GET /v1/admin/routing shows this table in force: these weights and shadow, every entry resolved to a
+    version."""
+    expected = {"weights": {str(k): float(v) for k, v in weights.items()}, "shadow": shadow}
+
+    def in_force():
+        body = gateway.request("GET", "/v1/admin/routing", token=TOKEN)[1]
+        return ({"weights": body["weights"], "shadow": body["shadow"]} == expected
+                and all(v is not None for v in body["resolved"].values()))
+    wait_until(in_force, timeout=timeout, interval=0.05, what=f"routing {expected} in force")
 
 
 def test_http_and_grpc_give_the_in_process_answer_and_repeats_hit_the_cache(stack):
@@ -136,7 +143,7 @@ def test_http_and_grpc_give_the_in_process_answer_and_repeats_hit_the_cache(stac
 def test_split_converges_sticky_clients_stay_and_a_second_gateway_follows(stack):
     gateway = stack["gateway"]
     assert set_routing(gateway, {"1": 70, "2": 30})[0] == 200
-    time.sleep(0.7)
+    wait_for_routing(gateway, {"1": 70, "2": 30})
     photo = PHOTOS[1].read_bytes()
     counts = Counter(gateway.classify(photo, client=f"client-{i}")[1]["model"]["version"] for i in range(300))
     assert abs(counts[1] / 300 - 0.7) < 0.08, counts  # 300 clients: binomial sd ~0.026, tolerance ~3 sd
@@ -167,8 +174,8 @@ def test_admin_needs_the_token_and_refuses_unavailable_versions(stack):
 
 def test_feedback_changes_accuracy(stack):
     gateway = stack["gateway"]
-    set_routing(gateway, {"1": 100})
-    time.sleep(0.7)
+    assert set_routing(gateway, {"1": 100})[0] == 200
+    wait_for_routing(gateway, {"1": 100})
     status, answer, _ = gateway.classify(PHOTOS[2].read_bytes(), client="carol")
     predicted = answer["predictions"][0]["label"]
     feedback = {"feedback_token": answer["feedback_token"], "true_label": predicted}
@@ -298,6 +305,15 @@ def test_multipart_and_base64_uploads(stack):
     assert b64[1]["predictions"] == multipart[1]["predictions"]
 
 
+def cache_lookups(gateway, outcome: str) -> float:
+    """The gateway's mushroom_gateway_cache_total{outcome=...} (hit, miss, error, bypass)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"{gateway.url}/metrics", timeout=10).read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "mushroom_gateway_cache_total" and sample.labels.get("outcome") == outcome)
+
+
 def test_redis_killed_under_load_loses_no_request(stack):
     gateway, redis = stack["gateway"], stack["redis"]
     failures, done = [], []
@@ -310,15 +326,22 @@ def test_redis_killed_under_load_loses_no_request(stack):
             (done if status == 200 else failures).append((status, body))
             i += 1
 
+    bypassed = cache_lookups(gateway, "bypass")
     threads = [threading.Thread(target=load, args=(k,)) for k in range(3)]
     for t in threads:
         t.start()
     try:
-        time.sleep(0.5)
+        wait_until(lambda: len(done) >= 5, timeout=30, interval=0.05, what="answers before the kill")
         redis.stop()
-        time.sleep(1.5)
+        wait_until(lambda: cache_lookups(gateway, "bypass") > bypassed, timeout=30, interval=0.1,
+                   what="the breaker to open (lookups bypass the cache)")
+        answered_while_open = len(done)
+        wait_until(lambda: len(done) >= answered_while_open + 5, timeout=30, interval=0.05,
+                   what="answers while Redis is down")
         redis.start()
-        time.sleep(2.5)  # the breaker closes again
+        hits = cache_lookups(gateway, "hit")
+        wait_until(lambda: cache_lookups(gateway, "hit") > hits, timeout=30, interval=0.1,
+                   what="the breaker to close again (cache hits)")
     finally:
         stop.set()
         for t in threads:
@@ -436,7 +459,7 @@ def test_admin_cli_sets_weights_and_shows_status_and_audit(stack):
 def test_shadow_version_is_mirrored_with_agreement_and_latency(stack):
     gateway = stack["gateway"]
     assert set_routing(gateway, {"1": 100}, shadow=2)[0] == 200
-    time.sleep(0.7)
+    wait_for_routing(gateway, {"1": 100}, shadow=2)
     for photo in sorted(NOT_MUSHROOMS.iterdir())[10:14]:  # never sent before: cache misses reach the model server
         status, answer, _ = gateway.classify(photo.read_bytes(), client="dave")
         assert status == 200 and answer["model"]["version"] == 1

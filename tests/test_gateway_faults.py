@@ -21,12 +21,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from services.gateway.cache import SingleFlight
 from services.gateway.protos import load
+from services.stack.servers import start_gateway
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
-from tests.support import MUSHROOMS, NOT_MUSHROOMS, RedisServer, free_port, stop_process, wait_for_port
-from tests.tiny_model import LABELS, publish_tiny_versions, write_tiny_model
+from tests.support import MUSHROOMS, NOT_MUSHROOMS, RedisServer, stop_process
+from training_job.tiny_model import LABELS, publish_tiny_versions, write_tiny_model
 from training_job.paths import PROJECT_ROOT
 from training_job.publish import publish_dir
 
@@ -42,16 +44,10 @@ GATEWAY_ENV = {"MAX_PHOTO_BYTES": str(MAX_PHOTO_BYTES), "KEEPALIVE_TIMEOUT_SECON
 
 class Gateway:
     def __init__(self, model_server: str, redis_url: str, base_path: Path):
-        self.http_port, self.grpc_port = free_port(), free_port()
+        self.process, self.http_port, self.grpc_port, self.log = start_gateway(
+            model_server, redis_url, MODEL, f"--model-base-path={base_path}",
+            env={"GATEWAY_ADMIN_TOKEN": TOKEN, **GATEWAY_ENV})
         self.url = f"http://127.0.0.1:{self.http_port}"
-        self.log = Path(f"/tmp/gateway-faults-{self.http_port}.log")
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "GATEWAY_ADMIN_TOKEN": TOKEN, **GATEWAY_ENV}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.gateway", "--host=127.0.0.1", f"--http-port={self.http_port}",
-             f"--grpc-port={self.grpc_port}", f"--model-server={model_server}", f"--redis-url={redis_url}",
-             f"--model-name={MODEL}", f"--model-base-path={base_path}"],
-            stdout=open(self.log, "w"), stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, env=env)
-        wait_for_port(self.http_port, timeout=90, process=self.process)
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 30):
@@ -98,7 +94,8 @@ def stack(tmp_path_factory):
     redis = RedisServer().start()
     server = start_server(registry, config)
     try:
-        wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0] == 30 for v in (1, 2, 3)),
+        wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0]
+                           == ModelVersionStatus.AVAILABLE for v in (1, 2, 3)),
                    what="versions 1, 2 and 3")
         gateway = Gateway(server.grpc_target, redis.url, registry / MODEL)
     except BaseException:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,13 +13,15 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from services.gateway import keys
 from services.gateway.feedback import BadFeedbackToken, FeedbackTokens
 from services.gateway.protos import load
+from services.stack.servers import start_gateway
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
-from tests.support import MUSHROOMS, RedisServer, free_port, stop_process, wait_for_port
-from tests.tiny_model import publish_tiny_versions
+from tests.support import MUSHROOMS, RedisServer, free_port, stop_process
+from training_job.tiny_model import publish_tiny_versions
 from training_job.paths import PROJECT_ROOT
 
 pb, pb_grpc = load()
@@ -35,17 +35,10 @@ class Gateway:
 
     def __init__(self, model_server: str, redis_url: str, *extra: str, env: dict | None = None,
                  wait_ready: bool = True):
-        self.http_port, self.grpc_port = free_port(), free_port()
+        self.process, self.http_port, self.grpc_port, self.log = start_gateway(
+            model_server, redis_url, MODEL, *extra,
+            env={"FEEDBACK_SECRET": FEEDBACK_SECRET, "GATEWAY_ADMIN_TOKEN": "", **(env or {})})
         self.url = f"http://127.0.0.1:{self.http_port}"
-        self.log = Path(f"/tmp/gateway-state-test-{self.http_port}.log")
-        full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "FEEDBACK_SECRET": FEEDBACK_SECRET,
-                    "GATEWAY_ADMIN_TOKEN": "", **(env or {})}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.gateway", "--host=127.0.0.1", f"--http-port={self.http_port}",
-             f"--grpc-port={self.grpc_port}", f"--model-server={model_server}", f"--redis-url={redis_url}",
-             f"--model-name={MODEL}", *extra],
-            stdout=open(self.log, "w"), stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, env=full_env)
-        wait_for_port(self.http_port, timeout=90, process=self.process)
         if wait_ready:
             wait_until(lambda: self.request("GET", "/readyz")[0] == 200, timeout=30, what="gateway ready")
 
@@ -91,7 +84,8 @@ def model_server(tmp_path_factory):
     config = registry / "models.config"
     write_config(config, {MODEL: registry / MODEL}, policy="all {}")
     server = start_server(registry, config)
-    wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0] == 30 for v in (1, 2)),
+    wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0]
+                           == ModelVersionStatus.AVAILABLE for v in (1, 2)),
                what="versions 1 and 2")
     yield server
     stop_server(server)
@@ -314,7 +308,7 @@ def test_gateway_keeps_the_last_table_when_a_redis_restart_erases_it(gateway, re
 
 def test_operator_state_survives_a_restart_of_redis_run_as_the_stack_runs_it():
     from services.gateway.routing import RoutingTable
-    from services.stack.launch import REDIS_STATE_ARGS
+    from services.stack.servers import REDIS_STATE_ARGS
 
     table = json.dumps(RoutingTable({1: 90.0, "canary": 10.0}).to_json())
     with RedisServer(extra_args=REDIS_STATE_ARGS) as server:
@@ -368,7 +362,7 @@ def test_compose_and_k8s_run_redis_with_the_stacks_state_settings():
     """The three deployments keep operator state alike: persisted on a volume, never evicted."""
     import yaml
 
-    from services.stack.launch import REDIS_STATE_ARGS
+    from services.stack.servers import REDIS_STATE_ARGS
 
     def pairs(argv):
         return {(a, b) for a, b in zip(argv, argv[1:]) if a.startswith("--")}

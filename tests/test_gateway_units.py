@@ -237,3 +237,42 @@ def test_a_routed_version_unloaded_since_the_last_status_poll_is_routed_around()
         assert err.value.status == 404 and calls == [1]
 
     asyncio.run(scenario())
+
+
+def test_each_gateway_flag_has_one_environment_variable(monkeypatch):
+    """The name its --help shows, and no other: GATEWAY_<NAME> is not a second spelling of <NAME>."""
+    import re
+
+    from services.gateway.main import build_parser
+
+    parser = build_parser()
+    named = {a.dest: re.findall(r"\b([A-Z][A-Z_]{3,})\b", a.help or "") for a in parser._actions if a.dest != "help"}
+    assert named["model_server"][0] == "GATEWAY_MODEL_SERVER" and named["redis_url"][0] == "GATEWAY_REDIS_URL"
+    monkeypatch.setenv("GATEWAY_MODEL_SERVER", "tfserving:8500")
+    monkeypatch.setenv("GATEWAY_REDIS_URL", "redis://redis:6379/0")
+    monkeypatch.setenv("GATEWAY_GATEWAY_HOST", "10.0.0.1")
+    monkeypatch.setenv("GATEWAY_MODEL_NAME", "elsewhere")
+    monkeypatch.setenv("MODEL_SERVER", "wrong:1")
+    args = build_parser().parse_args([])
+    assert (args.model_server, args.redis_url) == ("tfserving:8500", "redis://redis:6379/0")
+    assert (args.host, args.model_name) == ("0.0.0.0", "mushrooms")
+
+
+def test_class_names_and_metric_label_values_have_their_own_words(tmp_path):
+    """"label" alone means a version label; a model's output columns are class names, a Prometheus label's value
+    is a metric value."""
+    import json
+
+    from services.gateway import metrics
+    from services.gateway.model_info import ModelInfo
+
+    assets = tmp_path / "3" / "assets.extra"
+    assets.mkdir(parents=True)
+    (assets / "labels.json").write_text(json.dumps({"labels": ["boletus_edulis", "amanita_muscaria"],
+                                                    "display_names": {"boletus_edulis": "Penny bun"}}))
+    assert ModelInfo(str(tmp_path)).class_names(3) == [
+        {"label": "boletus_edulis", "display_name": "Penny bun"},
+        {"label": "amanita_muscaria", "display_name": "Amanita muscaria"}]
+    assert ModelInfo(None).class_names(3) == []
+    assert metrics.version_metric_value(3, {3}) == "3"
+    assert metrics.version_metric_value(4, {3}) == metrics.version_metric_value(None, {3}) == "other"

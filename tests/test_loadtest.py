@@ -10,12 +10,14 @@ import pytest
 
 from loadtests.run import aggregated, run_locust
 from loadtests.traffic import shifted_routing
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
+
 from services.stack.launch import stop_stack
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
 from tests.support import MUSHROOMS, RedisServer
 from tests.test_gateway import TOKEN, GatewayProcess, set_routing
 from tests.test_stack import start_test_stack
-from tests.tiny_model import publish_tiny_versions
+from training_job.tiny_model import publish_tiny_versions
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,8 @@ def label_stack(tmp_path_factory):
     server = start_server(registry, config)
     gateway = None
     try:
-        wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0] == 30 for v in (1, 2)),
+        wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0]
+                           == ModelVersionStatus.AVAILABLE for v in (1, 2)),
                    what="versions 1 and 2")
         gateway = GatewayProcess(server.grpc_target, redis.url, registry / MODEL)
         yield gateway

@@ -16,14 +16,15 @@ from tensorflow_serving.apis import (
     model_management_pb2, model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc,
 )
 from tensorflow_serving.config import model_server_config_pb2
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from services.model_server.config import BatchingParameters, ConfigError, MonitoringConfig
 from services.model_server.source import aspired_versions
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
-from tests.tiny_model import write_tiny_model
+from training_job.tiny_model import write_tiny_model
 from training_job.publish import publish_dir
 
-AVAILABLE = 30
+AVAILABLE = ModelVersionStatus.AVAILABLE
 
 
 def publish_tiny(models_dir, model=MODEL, bias=0.0) -> int:

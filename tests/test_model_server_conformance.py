@@ -12,7 +12,6 @@ import base64
 import json
 import shutil
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -27,14 +26,18 @@ from tensorflow_serving.apis import (
     predict_pb2, prediction_service_pb2_grpc, regression_pb2,
 )
 
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
+
 from tests.model_server_harness import (
     MODEL, external_server, start_server, stop_server, version_states, wait_until, write_config,
 )
 from tests.support import MUSHROOMS
-from tests.tiny_model import LABELS, write_tiny_model
+from training_job.tiny_model import LABELS, write_tiny_model
+from training_job import registry
+from training_job.paths import PROJECT_ROOT
 from training_job.publish import publish_dir
 
-AVAILABLE = 30
+AVAILABLE, END = ModelVersionStatus.AVAILABLE, ModelVersionStatus.END
 PHOTO = sorted((MUSHROOMS / "amanita_muscaria").iterdir())[0]
 
 
@@ -56,6 +59,24 @@ def server(tmp_path_factory):
     monitoring = models_dir / "monitoring.config"
     monitoring.write_text('prometheus_config { enable: true, path: "/monitoring/prometheus/metrics" }\n')
     srv = start_server(models_dir, config, f"--monitoring_config_file={monitoring}")
+    wait_until(lambda: version_states(srv.grpc_target, MODEL).get(1, (0,))[0] == AVAILABLE, what="version 1")
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def deployed_batching_server(tmp_path_factory):
+    """Our server with batching on, as the stack and deploy/ run it: deploy/tfserving/batching.config itself."""
+    external = external_server()
+    if external is not None:
+        yield external
+        return
+    models_dir = tmp_path_factory.mktemp("registry-batched")
+    publish_tiny(models_dir, bias=0.0)
+    config = models_dir / "models.config"
+    write_config(config, {MODEL: models_dir / MODEL}, policy="all {}")
+    srv = start_server(models_dir, config, "--enable_batching",
+                       f"--batching_parameters_file={PROJECT_ROOT / 'deploy' / 'tfserving' / 'batching.config'}")
     wait_until(lambda: version_states(srv.grpc_target, MODEL).get(1, (0,))[0] == AVAILABLE, what="version 1")
     yield srv
     stop_server(srv)
@@ -456,15 +477,18 @@ def test_rest_writes_float32_outputs_as_tf_serving_writes_them(server, stub):
 # ---------------------------------------------------------------------------------------------- the registry
 
 
-def test_new_version_under_load_no_request_fails(server, stub):
+def test_new_version_under_load_no_request_fails(deployed_batching_server):
+    server = deployed_batching_server
+    channel = grpc.insecure_channel(server.grpc_target)
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     before = latest_version(server)
-    failures, answered_by = [], set()
+    failures, answers = [], []
     stop = threading.Event()
 
     def load():
         while not stop.is_set():
             try:
-                answered_by.add(stub.Predict(predict_request(pixels(1)), timeout=30).model_spec.version.value)
+                answers.append(stub.Predict(predict_request(pixels(1)), timeout=30).model_spec.version.value)
             except grpc.RpcError as exc:
                 failures.append(exc.code())
 
@@ -472,32 +496,42 @@ def test_new_version_under_load_no_request_fails(server, stub):
     for t in threads:
         t.start()
     try:
-        time.sleep(0.5)
+        wait_until(lambda: len(answers) >= 8, timeout=60, interval=0.05, what="answers before the publish")
         new = publish_tiny(server.models_dir, bias=3.0)
-        wait_until(lambda: new in answered_by, timeout=60, what=f"version {new} to answer")
-        time.sleep(0.5)
+        wait_until(lambda: new in answers, timeout=60, what=f"version {new} to answer")
+        after_switch = len(answers)
+        wait_until(lambda: len(answers) >= after_switch + 8, timeout=60, interval=0.05,
+                   what="answers after the switch")
     finally:
         stop.set()
         for t in threads:
             t.join()
+        channel.close()
     assert failures == []
-    assert before in answered_by and new in answered_by
+    assert before in answers and new in answers
 
 
 def test_half_written_temp_folder_is_never_served(server):
-    staging = server.models_dir / MODEL / ".tmp-half-written"
+    model_dir = server.models_dir / MODEL
+    staging = model_dir / ".tmp-half-written"
     staging.mkdir()
     (staging / "saved_model.pb").write_bytes(b"half")
-    time.sleep(2.5)  # two polls
-    states = version_states(server.grpc_target, MODEL)
-    assert all(isinstance(v, int) for v in states) and all(error == "" for _, error in states.values())
-    shutil.rmtree(staging)
+    try:
+        # A version published after the staging folder exists: once it is AVAILABLE, a poll has seen both.
+        witness = publish_tiny(server.models_dir, bias=1.0)
+        wait_until(lambda: version_states(server.grpc_target, MODEL).get(witness, (0,))[0] == AVAILABLE,
+                   timeout=60, what=f"version {witness}, published after the staging folder")
+        states = version_states(server.grpc_target, MODEL)
+        assert set(states) <= set(registry.versions(model_dir)), states
+        assert all(error == "" for _, error in states.values()), states
+    finally:
+        shutil.rmtree(staging)
 
 
 def test_corrupt_version_is_reported_and_others_keep_serving(server, stub):
     model_dir = server.models_dir / MODEL
     good = latest_version(server)
-    corrupt = max(int(p.name) for p in model_dir.iterdir() if p.name.isdigit()) + 1
+    corrupt = max(registry.versions(model_dir)) + 1
     staging = model_dir / ".tmp-corrupt"
     shutil.copytree(model_dir / str(good), staging)
     (staging / "saved_model.pb").write_bytes(b"\x00not a saved model")
@@ -517,7 +551,7 @@ def test_removed_version_folder_is_unloaded(server, stub):
     wait_until(lambda: version_states(server.grpc_target, MODEL).get(extra, (0,))[0] == AVAILABLE,
                what=f"version {extra}")
     shutil.rmtree(server.models_dir / MODEL / str(extra))
-    wait_until(lambda: version_states(server.grpc_target, MODEL).get(extra, (50,))[0] == 50, timeout=30,
+    wait_until(lambda: version_states(server.grpc_target, MODEL).get(extra, (END,))[0] == END, timeout=30,
                what=f"version {extra} to end")
     with pytest.raises(grpc.RpcError) as err:
         stub.Predict(predict_request(pixels(1), version=extra), timeout=30)
@@ -599,7 +633,7 @@ def test_latest_1_keeps_its_version_when_a_newer_folder_is_corrupt(latest_server
 
 def test_latest_2_unloads_its_oldest_version_when_an_empty_newer_folder_appears(latest_server):
     add_broken_version(latest_server.models_dir / "latest2", 3, corrupt=False)
-    wait_until(lambda: version_states(latest_server.grpc_target, "latest2").get(1, (50,))[0] == 50, timeout=60,
+    wait_until(lambda: version_states(latest_server.grpc_target, "latest2").get(1, (END,))[0] == END, timeout=60,
                what="version 1 to be unloaded")
     states = version_states(latest_server.grpc_target, "latest2")
     assert states[2][0] == AVAILABLE and states.get(3, (0,))[0] != AVAILABLE

@@ -23,12 +23,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
-from tests.tiny_model import TinyClassifier, write_tiny_model
+from training_job.tiny_model import TinyClassifier, write_tiny_model
 from training_job.publish import publish_dir
 
-AVAILABLE, END = 30, 50
+AVAILABLE, END = ModelVersionStatus.AVAILABLE, ModelVersionStatus.END
 GATE_MAX_SECONDS = 30.0  # a closed gate never holds a model call longer than this
 SHUTDOWN_GRACE_SECONDS = 10.0  # services.model_server.main.SHUTDOWN_GRACE_SECONDS
 

@@ -13,13 +13,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
 from tests.support import free_port
-from tests.tiny_model import write_tiny_model
+from training_job.tiny_model import write_tiny_model
 from training_job.paths import PROJECT_ROOT
 
-AVAILABLE = 30
+AVAILABLE = ModelVersionStatus.AVAILABLE
 
 
 def run_server_until_exit(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

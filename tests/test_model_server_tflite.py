@@ -22,7 +22,7 @@ from services.model_server.servable import LoadOptions, load_servable
 from services.model_server.source import FileSystemSource
 from services.model_server.tflite_servable import TfLiteServable
 from tests.model_server_harness import start_server, stop_server, version_states, wait_until, write_config
-from tests.tiny_model import write_tiny_model
+from training_job.tiny_model import write_tiny_model
 
 AVAILABLE = 30
 PHOTOS = np.random.default_rng(7).integers(0, 256, (6, 224, 224, 3), dtype=np.uint8)

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from services.gateway import metrics
 from services.gateway.labels import LabelResolver
@@ -23,8 +24,10 @@ from services.gateway.routing import Router, RoutingError, RoutingTable, Unknown
 from services.gateway.upstream import ModelServerClient, UpstreamRejected, UpstreamUnavailable
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
 from tests.support import NOT_MUSHROOMS, RedisServer
-from tests.test_gateway import PHOTOS, TOKEN, GatewayProcess, assert_valid, pb, pb_grpc, set_routing
-from tests.tiny_model import publish_tiny_versions
+from tests.test_gateway import (
+    PHOTOS, TOKEN, GatewayProcess, assert_valid, pb, pb_grpc, set_routing, wait_for_routing,
+)
+from training_job.tiny_model import publish_tiny_versions
 from training_job.paths import PROJECT_ROOT
 
 CLIENTS = [f"client-{i}" for i in range(20000)]
@@ -134,6 +137,68 @@ def test_entries_on_one_version_add_up_and_describe_shows_where_labels_point():
         "resolved": {"2": 2, "canary": 1, "stable": 1}, "effective": {"1": 90.0, "2": 10.0}}
 
 
+class SlowReadRedis:
+    """Just enough of redis.asyncio for Router.refresh and Router.set_table; the first GET reads the stored value
+    at once but answers only when ``release`` is set (a watcher read in flight while an operator PUTs)."""
+
+    def __init__(self, stored: dict[str, str]):
+        self.stored = stored
+        self.release = asyncio.Event()
+        self.held = asyncio.Event()
+        self.gets = 0
+
+    async def get(self, key):
+        value = self.stored.get(key)
+        self.gets += 1
+        if self.gets == 1:
+            self.held.set()
+            await self.release.wait()
+        return value
+
+    def pipeline(self, transaction=True):
+        redis = self
+
+        class Pipeline:
+            async def __aenter__(self):
+                self.calls = []
+                return self
+
+            async def __aexit__(self, *exc):
+                return False
+
+            def set(self, key, value):
+                self.calls.append((key, value))
+
+            def lpush(self, key, value):
+                pass
+
+            def ltrim(self, key, start, end):
+                pass
+
+            async def execute(self):
+                redis.stored.update(self.calls)
+
+        return Pipeline()
+
+
+def test_a_watcher_read_in_flight_never_undoes_a_table_just_set():
+    async def scenario():
+        redis = SlowReadRedis({})
+        router = Router(redis=redis, model_name=MODEL)
+        router.available = {1, 2}
+        redis.stored[router.key] = json.dumps(RoutingTable.from_json({"weights": {"1": 100}}).to_json())
+        refresh = asyncio.create_task(router.refresh())
+        await redis.held.wait()  # the watcher has read the old table and waits for the answer
+        await router.set_table(RoutingTable.from_json({"weights": {"2": 100}}), who="operator")
+        redis.release.set()
+        await refresh
+        return router.table.to_json(), json.loads(redis.stored[router.key])
+
+    table, stored = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert stored["weights"] == {"2": 100.0}
+    assert table == stored
+
+
 def test_set_table_refuses_unknown_labels_and_labels_on_unavailable_versions():
     router = label_router({"stable": 1, "old": 7}, {})
     with pytest.raises(RoutingError, match="'nope' is unknown to the model server"):
@@ -214,7 +279,8 @@ def stack(tmp_path_factory):
     write_config(config, {MODEL: registry / MODEL}, labels={MODEL: LABELS}, policy="all {}")
     redis = RedisServer().start()
     server = start_server(registry, config, "--model_config_file_poll_wait_seconds=1")
-    wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0] == 30 for v in (1, 2)),
+    wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0]
+                           == ModelVersionStatus.AVAILABLE for v in (1, 2)),
                what="versions 1 and 2")
     gateway = GatewayProcess(server.grpc_target, redis.url, registry / MODEL)
     yield SimpleNamespace(registry=registry, config=config, redis=redis, server=server, gateway=gateway)
@@ -250,7 +316,7 @@ def test_a_table_of_labels_routes_to_the_labelled_versions(stack):
     result = admin_cli(gateway.url, "set", "stable=70", "canary=30")
     assert result.returncode == 0, result.stderr
     assert "stable (version 1) 70" in result.stdout and "canary (version 2) 30" in result.stdout
-    time.sleep(0.7)
+    wait_for_routing(gateway, {"stable": 70, "canary": 30})
     photo = PHOTOS[1].read_bytes()
     routed = versions_of(gateway, [f"client-{i}" for i in range(300)], photo)
     counts = Counter(routed.values())
@@ -278,7 +344,7 @@ def test_versions_and_labels_mix_in_one_table(stack):
     result = admin_cli(gateway.url, "set", "1=80", "canary=20")
     assert result.returncode == 0, result.stderr
     assert "routing: 1 80, canary (version 2) 20" in result.stdout
-    time.sleep(0.7)
+    wait_for_routing(gateway, {"1": 80, "canary": 20})
     counts = Counter(versions_of(gateway, [f"mixed-{i}" for i in range(300)], PHOTOS[5].read_bytes()).values())
     assert abs(counts[1] / 300 - 0.8) < 0.07, counts  # binomial sd ~0.023
     with grpc.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
@@ -299,7 +365,7 @@ def test_versions_and_labels_mix_in_one_table(stack):
 def test_moving_a_label_in_the_model_server_config_moves_its_clients(stack):
     gateway = stack.gateway
     assert set_routing(gateway, {"stable": 50, "canary": 50})[0] == 200
-    time.sleep(0.7)
+    wait_for_routing(gateway, {"stable": 50, "canary": 50})
     photo = PHOTOS[2].read_bytes()
     clients = [f"mover-{i}" for i in range(60)]
     before = versions_of(gateway, clients, photo)
@@ -346,7 +412,7 @@ def test_an_unknown_label_is_refused_with_400_and_the_table_is_kept(stack):
 def test_a_label_removed_from_the_model_server_spreads_its_share_and_raises_the_metric(stack):
     gateway = stack.gateway
     assert set_routing(gateway, {"stable": 50, "canary": 50})[0] == 200
-    time.sleep(0.7)
+    wait_for_routing(gateway, {"stable": 50, "canary": 50})
     photo = PHOTOS[3].read_bytes()
     clients = [f"leaver-{i}" for i in range(40)]
     assert set(versions_of(gateway, clients, photo).values()) == {1, 2}
@@ -369,7 +435,7 @@ def test_a_label_removed_from_the_model_server_spreads_its_share_and_raises_the_
 def test_a_label_can_be_the_shadow(stack):
     gateway = stack.gateway
     assert set_routing(gateway, {"stable": 100}, shadow="canary")[0] == 200
-    time.sleep(0.7)
+    wait_for_routing(gateway, {"stable": 100}, shadow="canary")
     for photo in sorted(NOT_MUSHROOMS.iterdir())[20:23]:  # never sent before: misses reach the model server
         status, answer, _ = gateway.classify(photo.read_bytes(), client="erin")
         assert status == 200 and answer["model"]["version"] == 1

@@ -7,15 +7,16 @@ import shutil
 import pytest
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from services.stack import configs
 from services.stack.health import StackError
 from services.stack.pinning import pin
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until
-from tests.tiny_model import write_tiny_model
+from training_job.tiny_model import write_tiny_model
 from training_job.publish import publish_dir
 
-AVAILABLE = 30
+AVAILABLE = ModelVersionStatus.AVAILABLE
 
 
 def test_served_versions_are_the_newest_two_the_pinned_and_the_labelled():

@@ -114,3 +114,24 @@ def test_generated_prometheus_config_passes_promtool(tmp_path):
     result = subprocess.run(["promtool", "check", "config", str(config)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert MONITORING_PATH in config.read_text()
+
+
+def test_the_gateway_command_line_is_written_out_not_guessed_from_help(monkeypatch, tmp_path):
+    """launch.gateway_argv names the gateway's flags as services/gateway/main.py defines them, with no process run
+    to read --help first."""
+    from services.gateway.main import build_parser
+    from services.stack import launch
+
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError(f"gateway_argv ran a process: {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    monkeypatch.setattr(subprocess, "Popen", no_subprocess)
+    ports = launch.Ports(redis=6391, model_server_grpc=8502, gateway_http=8081, gateway_grpc=50052)
+    stack = launch.Stack(tmp_path, "mushrooms", ports, admin_token="t")
+    argv = launch.gateway_argv(stack, tmp_path / "registry")
+    assert argv[1:3] == ["-m", "services.gateway"]
+    args = build_parser().parse_args(argv[3:])
+    assert (args.host, args.http_port, args.grpc_port) == ("127.0.0.1", 8081, 50052)
+    assert (args.model_server, args.redis_url) == ("127.0.0.1:8502", "redis://127.0.0.1:6391/0")
+    assert (args.model_name, args.model_base_path) == ("mushrooms", str((tmp_path / "registry" / "mushrooms").resolve()))

@@ -1,5 +1,5 @@
 """The version policy (TF Serving's AvailabilityPreservingPolicy) as a pure function, and the manager acting on it
-with fake loaders: no TensorFlow, no files."""
+with fake loaders: no models, no files."""
 from __future__ import annotations
 
 import itertools

@@ -7,10 +7,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -23,8 +21,9 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from services.stack.servers import start_gateway
 from tests.model_server_harness import start_server, stop_server, write_config
-from tests.support import RedisServer, free_port, stop_process, wait_for_port
+from tests.support import RedisServer, stop_process
 from training_job.paths import PROJECT_ROOT
 
 
@@ -84,17 +83,10 @@ def stack(published_model, tmp_path_factory):
     write_config(config, {MODEL: models_dir / MODEL}, labels={MODEL: LABELS}, policy="all {}")
     redis = RedisServer().start()
     server = start_server(models_dir, config)
-    http_port, grpc_port = free_port(), free_port()
-    log_file = root / "gateway.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.gateway", "--host=127.0.0.1", f"--http-port={http_port}",
-         f"--grpc-port={grpc_port}", f"--model-server={server.grpc_target}", f"--redis-url={redis.url}",
-         f"--model-name={MODEL}", f"--model-base-path={models_dir / MODEL}"],
-        stdout=open(log_file, "w"), stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN},
-    )
+    process, http_port, _, log_file = start_gateway(
+        server.grpc_target, redis.url, MODEL, f"--model-base-path={models_dir / MODEL}",
+        env={"GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN}, log_file=root / "gateway.log")
     try:
-        wait_for_port(http_port, timeout=90, process=process)
         gateway = Gateway(f"http://127.0.0.1:{http_port}", process, log_file)
         gateway.wait_ready()
         manifest = list(csv.DictReader(open(published_model.version_dir / "assets.extra" / "manifest.csv")))

@@ -23,6 +23,8 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+from training_job import registry
+
 TMP_PREFIX = ".tmp-"
 LOCK_NAME = ".publish.lock"
 HEARTBEAT_NAME = ".heartbeat"
@@ -35,9 +37,8 @@ class PublishError(RuntimeError):
 
 
 def versions(model_dir: Path) -> list[int]:
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and p.is_dir())
+    """The published version numbers under ``model_dir``, ascending (training_job/registry.py says which folders)."""
+    return registry.versions(model_dir)
 
 
 def fsync_tree(root: Path) -> None:

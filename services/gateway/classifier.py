@@ -26,8 +26,8 @@ from training_job.preprocessing import InvalidImage, Limits, open_image, preproc
 
 log = logging.getLogger("gateway.classifier")
 MAX_TOP_K = 100
-# Photos this small are decoded on the event loop: their decode (~1 ms) costs about what the two thread hand-offs
-# to and from the preprocessing pool cost. Bigger ones (or ones whose header says many pixels) go to the pool, so a
+# Photos this small are decoded on the event loop: their decode costs about what the two thread hand-offs to and
+# from the preprocessing pool cost. Bigger ones (or ones whose header says many pixels) go to the pool, so a
 # slow decode never blocks the loop.
 INLINE_MAX_BYTES = 64 * 1024
 INLINE_MAX_PIXELS = 1_000_000
@@ -94,7 +94,7 @@ class Classifier:
             raise GatewayError(400, "rejected_by_model_server", str(exc)) from None
 
     def _raw_answer(self, prediction, start: float) -> dict:
-        metrics.UPSTREAM_SECONDS.labels(model_version=metrics.version_label(
+        metrics.UPSTREAM_SECONDS.labels(model_version=metrics.version_metric_value(
             prediction.version, self.router.available)).observe(time.perf_counter() - start)
         self._classes[prediction.version] = prediction.classes
         return {"version": prediction.version, "classes": prediction.classes,
@@ -197,7 +197,7 @@ class Classifier:
             if explain:
                 explanation = await asyncio.get_running_loop().run_in_executor(
                     self.executor, self._draw_explanation, photo, answer)
-            metrics.ROUTE.labels(model_version=metrics.version_label(answer["version"], self.router.available),
+            metrics.ROUTE.labels(model_version=metrics.version_metric_value(answer["version"], self.router.available),
                                  reason=reason).inc()
             reply = self._answer(answer, top_k, cache_outcome == "hit", start)
             return reply if explanation is None else {**reply, "explanation": explanation}
@@ -207,7 +207,7 @@ class Classifier:
                 self.stats.record_error(chosen)
             raise
         finally:
-            version_label = metrics.version_label(chosen, self.router.available)
+            version_label = metrics.version_metric_value(chosen, self.router.available)
             if explain:
                 metrics.EXPLAIN_SECONDS.labels(protocol=protocol, model_version=version_label, cache=cache_outcome,
                                                result=result).observe(time.perf_counter() - start)

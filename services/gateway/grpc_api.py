@@ -9,8 +9,8 @@ from grpc_reflection.v1alpha import reflection
 
 from services.gateway.classifier import Classifier
 from services.gateway.errors import GatewayError
-from services.gateway.http_api import STATE_NAMES
 from services.gateway.protos import load
+from services.gateway.upstream import state_name
 
 pb, pb_grpc = load()
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
@@ -72,7 +72,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         table = self.classifier.router.table
         return pb.ListModelsResponse(
             model_name=self.classifier.upstream.model_name,
-            versions=[pb.ModelVersion(version=v, state=STATE_NAMES.get(s, str(s))) for v, s in sorted(states.items())],
+            versions=[pb.ModelVersion(version=v, state=state_name(s)) for v, s in sorted(states.items())],
             routing=[pb.RoutingArm(target=str(e), weight=table.weights[e]) for e in table.entries()],
             shadow=str(table.shadow) if table.shadow is not None else "")
 

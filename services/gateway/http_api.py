@@ -18,11 +18,10 @@ from services.gateway.feedback import BadFeedbackToken
 from services.gateway.openapi import OPENAPI
 from services.gateway.operators import OperatorTokens
 from services.gateway.routing import RoutingError, RoutingTable
-from services.gateway.upstream import UpstreamUnavailable
+from services.gateway.upstream import UpstreamUnavailable, state_name
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 REDIS_RETRY_AFTER_SECONDS = 2
-STATE_NAMES = {10: "START", 20: "LOADING", 30: "AVAILABLE", 40: "UNLOADING", 50: "END"}
 PHOTO_FIELDS = ("photo", "file", "image")  # multipart field names of the photo
 FORM_OVERHEAD_BYTES = 64 * 1024  # what a multipart or JSON body may hold besides the photo
 SMALL_BODY_BYTES = 1024 * 1024  # the largest body of the routes other than classify (feedback, admin)
@@ -184,9 +183,9 @@ class HttpApi:
         router = self.classifier.router
         return web.json_response({"models": [{
             "name": self.classifier.upstream.model_name,
-            "versions": [{"version": v, "state": STATE_NAMES.get(s, str(s)),
+            "versions": [{"version": v, "state": state_name(s),
                           "weight": router.version_weights().get(v, 0.0),
-                          "labels": self.classifier.model_info.class_labels(v)} for v, s in sorted(states.items())],
+                          "labels": self.classifier.model_info.class_names(v)} for v, s in sorted(states.items())],
             "routing": router.describe(),
         }]})
 

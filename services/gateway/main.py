@@ -14,8 +14,8 @@ log = logging.getLogger("gateway")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    def env(name: str, default: str) -> str:  # GATEWAY_<NAME> also works, as deploy/ spells some of them
-        return os.environ.get(name) or os.environ.get(f"GATEWAY_{name}") or default
+    def env(name: str, default: str) -> str:  # the one variable named in the flag's help
+        return os.environ.get(name) or default
 
     p = argparse.ArgumentParser(
         prog="python -m services.gateway",
@@ -28,14 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HTTP port (GATEWAY_HTTP_PORT, default 8080)")
     p.add_argument("--grpc-port", type=int, default=int(env("GATEWAY_GRPC_PORT", "8090")),
                    help="gRPC port (GATEWAY_GRPC_PORT, default 8090; 0 = off)")
-    p.add_argument("--model-server", default=env("MODEL_SERVER", "127.0.0.1:8500"),
-                   help="gRPC address of TF Serving or services.model_server (MODEL_SERVER)")
+    p.add_argument("--model-server", default=env("GATEWAY_MODEL_SERVER", "127.0.0.1:8500"),
+                   help="gRPC address of TF Serving or services.model_server (GATEWAY_MODEL_SERVER)")
     p.add_argument("--model-name", default=env("MODEL_NAME", "mushrooms"), help="model to serve (MODEL_NAME)")
     p.add_argument("--model-base-path", default=env("MODEL_BASE_PATH", ""),
                    help="the model's registry folder, if mounted: display names and demo photos come from its "
                    "assets.extra/ (MODEL_BASE_PATH; optional)")
-    p.add_argument("--redis-url", default=env("REDIS_URL", "redis://127.0.0.1:6379/0"),
-                   help="cache, routing table, audit and feedback (REDIS_URL)")
+    p.add_argument("--redis-url", default=env("GATEWAY_REDIS_URL", "redis://127.0.0.1:6379/0"),
+                   help="cache, routing table, audit and feedback (GATEWAY_REDIS_URL)")
     p.add_argument("--admin-token", default=env("GATEWAY_ADMIN_TOKEN", ""),
                    help="bearer token of the operator named 'admin' (GATEWAY_ADMIN_TOKEN); no token at all = routing "
                    "changes refused")
@@ -130,14 +130,14 @@ class Gateway:
         return True, "ok"
 
     async def _poll_versions(self) -> None:
-        from services.gateway.upstream import UpstreamUnavailable
+        from services.gateway.upstream import AVAILABLE, UpstreamUnavailable
 
         try:
             states = await self.classifier.upstream.version_states(timeout=self.args.health_timeout)
         except UpstreamUnavailable as exc:
             self.upstream_ok, self.upstream_problem = False, str(exc)
             raise
-        self.classifier.router.available = {v for v, s in states.items() if s == 30}
+        self.classifier.router.available = {v for v, s in states.items() if s == AVAILABLE}
         self.upstream_ok = True
 
     async def serve(self) -> None:

@@ -1,4 +1,7 @@
-"""Prometheus metrics of the gateway; every label has a small, fixed set of values."""
+"""Prometheus metrics of the gateway; every metric label has a small, fixed set of values.
+
+Words: a *metric label* is a Prometheus label (``model_version="3"``); a *version label* is TF Serving's name for a
+version ("stable"); a *class name* is a column of the model's output ("boletus_edulis")."""
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry()
@@ -41,6 +44,7 @@ LOOP_LAST_SUCCESS = Gauge("mushroom_gateway_loop_last_success_timestamp_seconds"
                           "Unix time of a background loop's last successful step", ["loop"], registry=REGISTRY)
 
 
-def version_label(version: int | None, known: set[int]) -> str:
-    """Bounded cardinality: only versions the model server reports become label values."""
+def version_metric_value(version: int | None, known: set[int]) -> str:
+    """The value of a ``model_version`` metric label, of bounded cardinality: only versions the model server reports
+    become values; anything else is "other"."""
     return str(version) if version is not None and version in known else "other"

@@ -1,5 +1,6 @@
 """What the gateway may know of a model beyond the TF Serving API: display names and the demo photos, read from
-the version folders' ``assets.extra/`` when the registry is mounted (optional: without it labels are shown as is)."""
+the version folders' ``assets.extra/`` when the registry is mounted (optional: without it class names are shown as
+is). Its *class names* are the model's output columns (labels.json's "labels", the HTTP API's "label" fields)."""
 from __future__ import annotations
 
 import csv
@@ -7,14 +8,14 @@ import json
 from pathlib import Path
 
 
-def display_name(label: str, names: dict[str, str]) -> str:
-    return names.get(label) or label.replace("_", " ").capitalize()
+def display_name(class_name: str, names: dict[str, str]) -> str:
+    return names.get(class_name) or class_name.replace("_", " ").capitalize()
 
 
 class ModelInfo:
     def __init__(self, base_path: str | None):
         self.base_path = Path(base_path) if base_path else None
-        self._names: dict[int, dict] = {}  # version -> its labels.json
+        self._classes: dict[int, dict] = {}  # version -> its labels.json (class names, display names)
 
     def _assets(self, version: int) -> Path | None:
         if self.base_path is None:
@@ -22,22 +23,23 @@ class ModelInfo:
         folder = self.base_path / str(version) / "assets.extra"
         return folder if folder.is_dir() else None
 
-    def _labels_json(self, version: int) -> dict:
-        if version not in self._names:
+    def _classes_file(self, version: int) -> dict:
+        if version not in self._classes:
             assets = self._assets(version)
-            self._names[version] = {}
+            self._classes[version] = {}
             if assets and (assets / "labels.json").exists():
-                self._names[version] = json.loads((assets / "labels.json").read_text())
-        return self._names[version]
+                self._classes[version] = json.loads((assets / "labels.json").read_text())
+        return self._classes[version]
 
     def display_names(self, version: int) -> dict[str, str]:
-        return self._labels_json(version).get("display_names", {})
+        return self._classes_file(version).get("display_names", {})
 
-    def class_labels(self, version: int) -> list[dict]:
-        """The model's classes in column order with display names ([] without the registry)."""
+    def class_names(self, version: int) -> list[dict]:
+        """The model's class names in column order with display names ([] without the registry), as the HTTP API
+        writes them ({"label", "display_name"})."""
         names = self.display_names(version)
-        return [{"label": label, "display_name": display_name(label, names)}
-                for label in self._labels_json(version).get("labels", [])]
+        return [{"label": class_name, "display_name": display_name(class_name, names)}
+                for class_name in self._classes_file(version).get("labels", [])]
 
     def demo_photos(self, version: int) -> list[dict]:
         assets = self._assets(version)

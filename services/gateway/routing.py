@@ -184,6 +184,7 @@ class Router:
         self.available: set[int] = set()
         self.seen_stored_table = False  # a table was read from (or written to) Redis at least once
         self.table_lost = False
+        self.table_generation = 0  # bumped by every set_table: a Redis read begun before it is older than the table
 
     def _stored_table_seen(self) -> None:
         self.seen_stored_table = True
@@ -206,8 +207,12 @@ class Router:
         is not taken as "no routing": the last known table stays, logged and flagged by the
         mushroom_gateway_routing_table_lost metrics until an operator stores a table again. Clearing the table is a
         stored empty table, never a missing key. Labels new to this replica are resolved at once rather than at the
-        next label refresh."""
+        next label refresh. A read that was in flight while ``set_table`` stored a table is dropped: it may hold the
+        table from before the change."""
+        generation = self.table_generation
         raw = await self.redis.get(self.key)
+        if generation != self.table_generation:
+            return
         if raw is None and self.seen_stored_table:
             if not self.table_lost:
                 self.table_lost = True
@@ -310,6 +315,7 @@ class Router:
             pipe.ltrim(self.audit_key, 0, 999)
             await pipe.execute()
         self.table = table
+        self.table_generation += 1
         self._stored_table_seen()
         log.info("routing changed by %s: %s -> %s", who, old, new)
         return entry

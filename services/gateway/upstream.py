@@ -15,9 +15,17 @@ from tensorflow_serving.apis import (
 from training_job.explain import EXPLAIN_SIGNATURE, PREDICTED_CLASS  # constants: importing them starts no TensorFlow
 
 log = logging.getLogger("gateway.upstream")
-AVAILABLE = 30
+AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE  # TF Serving's own table of version states
 EXPLAIN_OUTPUTS = ("probabilities", "classes", "mushroom_score", "not_a_mushroom", "explained_class", "heatmap")
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def state_name(state: int) -> str:
+    """TF Serving's name of a version state (AVAILABLE, ...); the number as text for a state it does not name."""
+    try:
+        return get_model_status_pb2.ModelVersionStatus.State.Name(state)
+    except ValueError:
+        return str(state)
 
 
 class UpstreamUnavailable(Exception):

@@ -23,11 +23,9 @@ def configure_tensorflow_threads(concurrent_calls: int, intra_op: int = 0, inter
     """TensorFlow's thread counts: ``intra_op``/``inter_op`` when given (--tensorflow_*_op_parallelism), otherwise
     each of the model calls that can run at once gets its share of the cores as intra-op threads.
 
-    By default every call may use all cores; with two batch threads on two cores the two calls then fight over
-    the cores and TensorFlow's thread pool spins waiting for work. One intra-op thread per call when the calls
-    fill the cores gave the same outputs (bit for bit) for less CPU: a batch of 7 on two concurrent threads 14.0 ->
-    12.7 ms CPU per photo (140 -> 152 img/s); a lone batch of 1, 22.3 -> 13.8 ms CPU (14.5 -> 13.5 ms latency).
-    Only possible before TensorFlow's runtime starts; an explicit setting (or a started runtime) is left alone."""
+    By default every call may use all cores; when the calls that can run at once fill the cores they then fight
+    over them and TensorFlow's thread pool spins waiting for work. Splitting the cores between the calls gives the
+    same outputs (bit for bit) for less CPU per call (bench/model_server_bench.py measures it). Only possible before TensorFlow's runtime starts; an explicit setting (or a started runtime) is left alone."""
     import tensorflow as tf
 
     if inter_op > 0:
@@ -55,10 +53,10 @@ class PredictionCore:
     async def predict(self, api: str, name: str, version: int | None, label: str | None, signature: str,
                       inputs: dict[str, np.ndarray], output_filter=()) -> tuple[Servable, dict[str, np.ndarray]]:
         start = time.perf_counter()
-        version_label, status = "", "OK"
+        version_value, status = "", "OK"  # the model_version metric label's value
         try:
             servable = self.manager.resolve(name, version, label)
-            version_label = str(servable.version)
+            version_value = str(servable.version)
             output_filter = tuple(sorted(output_filter))
             if self.batcher is not None:
                 outputs = await self.batcher.run(servable, signature, inputs, output_filter)
@@ -73,9 +71,9 @@ class PredictionCore:
             status = "INTERNAL"
             raise
         finally:
-            model_label = name if self.manager.has_model(name) else "unknown"  # bounded cardinality
-            metrics.REQUEST_COUNT.labels(model_name=model_label, model_version=version_label, API=api,
+            model_value = name if self.manager.has_model(name) else "unknown"  # bounded cardinality
+            metrics.REQUEST_COUNT.labels(model_name=model_value, model_version=version_value, API=api,
                                          status=status).inc()
-            metrics.REQUEST_LATENCY.labels(model_name=model_label, API=api,
+            metrics.REQUEST_LATENCY.labels(model_name=model_value, API=api,
                                            entrypoint="GRPC" if api.startswith("grpc") else "REST"
                                            ).observe(time.perf_counter() - start)

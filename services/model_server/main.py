@@ -131,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "num_batch_threads, allowed_batch_sizes, pad_variable_length_inputs")
     p.add_argument("--tensorflow_intra_op_parallelism", type=int, default=0,
                    help="threads one model call may use; 0 (default) = the cores divided by the calls that can run "
-                   "at once (num_batch_threads, or --predict_threads without batching). TF Serving's 0 means all "
-                   "cores, which made two concurrent calls on 2 cores spin: 16.2 -> 14.1 ms CPU per request here")
+                   "at once (num_batch_threads, or --predict_threads without batching), so concurrent calls do not "
+                   "fight over the cores; TF Serving's 0 means all cores")
     p.add_argument("--tensorflow_inter_op_parallelism", type=int, default=0,
                    help="TensorFlow inter-op threads; 0 (default) = TensorFlow's choice")
     p.add_argument("--prefer_tflite_model", type=_bool, nargs="?", const=True, default=False,

@@ -15,6 +15,7 @@ from pathlib import Path
 from tensorflow_serving.config import model_server_config_pb2
 
 from services.model_server.loader import LoadOptions, Loader
+from training_job.registry import version_dirs
 
 log = logging.getLogger("model_server.source")
 
@@ -26,15 +27,9 @@ class SourceError(OSError):
 
 
 def versions_on_disk(base_path: str | Path) -> dict[int, Path]:
-    """Children whose name parses as an integer and that are directories; anything else (`.tmp-…`) is ignored.
-    Raises FileNotFoundError if the base path is missing, OSError if it cannot be listed."""
-    base = Path(base_path)
-    found: dict[int, Path] = {}
-    for child in base.iterdir():
-        name = child.name
-        if name.isdigit() and child.is_dir():
-            found[int(name)] = child
-    return found
+    """The version folders under ``base_path`` by the registry's rule (training_job/registry.py). Raises
+    FileNotFoundError if the base path is missing, OSError if it cannot be listed."""
+    return version_dirs(base_path)
 
 
 def specific_versions(model: model_server_config_pb2.ModelConfig) -> frozenset[int]:

@@ -14,7 +14,8 @@ server and the real one make the same choices:
   version 2 is AVAILABLE. Requests already admitted for it finish first (services/model_server/batching.py).
 - Otherwise the highest aspired version that has not been tried (START) is loaded.
 
-Unloads are preferred over loads. Nothing here touches the file system or TensorFlow.
+Unloads are preferred over loads. Nothing here touches the file system or runs a model; the states are TF Serving's
+own enum (importing it imports TensorFlow's protos).
 """
 from __future__ import annotations
 
@@ -22,14 +23,12 @@ from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
-class State(IntEnum):
-    """A version's state, numbered as tensorflow.serving.ModelVersionStatus.State."""
-    START = 10  # aspired, not tried yet (TF Serving's LoaderHarness kNew)
-    LOADING = 20
-    AVAILABLE = 30  # serving (kReady)
-    UNLOADING = 40
-    END = 50  # unloaded, or given up on after failed loads (kDisabled / kError)
+# A version's state: TF Serving's own enum (tensorflow.serving.ModelVersionStatus.State), the one table of states.
+# START: aspired, not tried yet (LoaderHarness kNew); AVAILABLE: serving (kReady); END: unloaded, or given up on after
+# failed loads (kDisabled / kError). UNKNOWN is never a state of a version the manager knows.
+State = IntEnum("State", {name: value for name, value in ModelVersionStatus.State.items() if name != "UNKNOWN"})
 
 
 class Kind(Enum):

@@ -5,6 +5,8 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from training_job import registry
+
 MONITORING_PATH = "/monitoring/prometheus/metrics"
 
 
@@ -49,13 +51,24 @@ def write_model_config(path: Path, model_name: str, base_path: Path, pinned: Ite
                        labels: Mapping[str, int] | None = None, newest: int = NEWEST_SERVED) -> list[int]:
     """Write (atomically: the model server polls the file) the config serving ``served_versions`` of what is on
     disk under ``base_path``; returns those versions."""
-    from training_job.publish import versions as versions_on_disk
-
-    served = served_versions(versions_on_disk(Path(base_path)), pinned, labels, newest)
+    served = served_versions(registry.versions(base_path), pinned, labels, newest)
     staging = path.with_name(f".{path.name}.tmp")
     staging.write_text(model_config_text(model_name, base_path, served, labels, newest))
     os.replace(staging, path)
     return served
+
+
+def write_model_list(path: Path, models: Mapping[str, Path], labels: Mapping[str, Mapping[str, int]] | None = None,
+                     policy: str = "latest { num_versions: 1 }") -> None:
+    """A --model_config_file serving each of ``models`` ({name: base path}) under one version ``policy`` (text of a
+    ModelVersionPolicy), with ``labels`` ({name: {label: version}}); for the tests and the benchmarks."""
+    parts = []
+    for name, base in models.items():
+        label_text = "".join(f' version_labels {{ key: "{k}" value: {v} }}'
+                             for k, v in (labels or {}).get(name, {}).items())
+        parts.append(f'config {{ name: "{name}" base_path: "{base}" model_platform: "tensorflow" '
+                     f'model_version_policy {{ {policy} }}{label_text} }}')
+    path.write_text("model_config_list { " + " ".join(parts) + " }\n")
 
 
 def write_monitoring_config(path: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 
 from services.stack.grpc_client import ClassifierClient
+from training_job.registry import version_dirs
 
 
 @dataclass
@@ -32,8 +33,13 @@ class Answer:
 
 
 def latest_version_dir(registry: Path, model_name: str) -> Path | None:
-    versions = [p for p in (registry / model_name).glob("*") if p.name.isdigit() and (p / "saved_model.pb").exists()]
-    return max(versions, key=lambda p: int(p.name)) if versions else None
+    """The newest version of ``model_name`` that holds a SavedModel (None when there is none)."""
+    try:
+        found = version_dirs(registry / model_name)
+    except FileNotFoundError:
+        return None
+    complete = [v for v, path in found.items() if (path / "saved_model.pb").exists()]
+    return found[max(complete)] if complete else None
 
 
 def demo_photos(version_dir: Path) -> list[DemoPhoto]:

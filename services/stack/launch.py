@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from services.stack import configs
+from services.stack import configs, servers
 from services.stack.health import StackError, http_ok, model_available, tcp_open, wait_healthy
 from services.stack.processes import ProcessRecord, is_alive, port_is_free, spawn, stop
 from training_job.paths import PROJECT_ROOT, var_dir
@@ -24,11 +22,6 @@ STATE_FILE = "stack.json"
 # Stopped in reverse: whatever depends on a process goes down before it.
 BATCHING_CONFIG = PROJECT_ROOT / "deploy" / "tfserving" / "batching.config"  # the one docker-compose's TF Serving uses
 START_ORDER = ("redis", "model_server", "gateway", "prometheus", "tensorboard")
-# Operator state (routing table, audit, feedback tallies; keys without a TTL) survives a Redis restart (append-only
-# file, fsync every second) and is never evicted: only keys with a TTL (the cache) are (volatile-lru). The same
-# settings as docker-compose.yml and deploy/k8s/redis.yaml; DEVELOPERS.md "Redis layout" says why.
-REDIS_STATE_ARGS = ("--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory", "256mb",
-                    "--maxmemory-policy", "volatile-lru")
 
 
 @dataclass
@@ -152,18 +145,16 @@ def _start_all(stack: Stack, registry: Path, scrape_interval_s: float, tensorboa
 
     redis_dir = run_dir.parent / "redis-data"  # next to the runs: the state outlives one run of the stack
     redis_dir.mkdir(exist_ok=True)
-    redis = launch("redis", [shutil.which("redis-server"), "--port", str(ports.redis), "--bind", "127.0.0.1",
-                             "--save", "", *REDIS_STATE_ARGS, "--dir", str(redis_dir)])
+    redis = launch("redis", servers.redis_argv(ports.redis, redis_dir, *servers.REDIS_STATE_ARGS))
 
     model_config, monitoring_config = run_dir / "models.config", run_dir / "monitoring.config"
     configs.write_model_config(model_config, stack.model_name, (registry / stack.model_name).resolve())
     configs.write_monitoring_config(monitoring_config)
-    model_server = launch("model_server", [
-        sys.executable, "-m", "services.model_server", f"--port={ports.model_server_grpc}",
-        f"--rest_api_port={ports.model_server_rest}", "--host=127.0.0.1", f"--model_config_file={model_config}",
+    model_server = launch("model_server", servers.model_server_argv(
+        ports.model_server_grpc, ports.model_server_rest, f"--model_config_file={model_config}",
         "--model_config_file_poll_wait_seconds=1",  # `scripts/stack.py pin` rewrites it
-        f"--monitoring_config_file={monitoring_config}", "--file_system_poll_wait_seconds=1", "--enable_batching",
-        f"--batching_parameters_file={BATCHING_CONFIG}"], env=env)
+        f"--monitoring_config_file={monitoring_config}", "--enable_batching",
+        f"--batching_parameters_file={BATCHING_CONFIG}"), env=env)
 
     prometheus_config = run_dir / "prometheus.yml"
     configs.write_prometheus_config(prometheus_config, f"127.0.0.1:{ports.gateway_http}",
@@ -189,21 +180,11 @@ def _start_all(stack: Stack, registry: Path, scrape_interval_s: float, tensorboa
 
 
 def gateway_argv(stack: Stack, registry: Path) -> list[str]:
-    """The gateway's command line in the spelling its --help shows (--http-port or --http_port); flags it does not
-    know (e.g. --grpc-port on an HTTP-only build) are left out."""
-    help_text = subprocess.run([sys.executable, "-m", "services.gateway", "--help"], capture_output=True, text=True,
-                               cwd=PROJECT_ROOT, env=_python_env(), timeout=120).stdout
-    dash = "-" if "--http-port" in help_text else "_"
+    """The gateway's command line, its flags spelled as services/gateway/main.py defines them."""
     ports = stack.ports
-    wanted = {"host": "127.0.0.1", "http-port": ports.gateway_http, "grpc-port": ports.gateway_grpc,
-              "model-server": f"127.0.0.1:{ports.model_server_grpc}", "redis-url": f"redis://127.0.0.1:{ports.redis}/0",
-              "model-name": stack.model_name, "model-base-path": (registry / stack.model_name).resolve()}
-    argv = [sys.executable, "-m", "services.gateway"]
-    for name, value in wanted.items():
-        flag = "--" + name.replace("-", dash)
-        if re.search(re.escape(flag) + r"\b", help_text):
-            argv.append(f"{flag}={value}")
-    return argv
+    return servers.gateway_argv(ports.gateway_http, ports.gateway_grpc, f"127.0.0.1:{ports.model_server_grpc}",
+                                f"redis://127.0.0.1:{ports.redis}/0", stack.model_name,
+                                f"--model-base-path={(registry / stack.model_name).resolve()}")
 
 
 def stop_stack(stack: Stack) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from services.stack import configs
 from services.stack.health import StackError
-from training_job.publish import versions
+from training_job.registry import versions
 
 CONFIG_NAME = "models.config"
 

@@ -1,4 +1,5 @@
-"""A tiny SavedModel that honours the registry contract (DEVELOPERS.md), for fast server and gateway tests.
+"""A tiny SavedModel that honours the registry contract (DEVELOPERS.md), for fast server, gateway and fault tests
+and the fault benchmark's --tiny run (bench/faults.py); no training, no photos.
 
 It is not MobileNet: its "classifier" is a fixed linear map of the mean colour, so outputs are deterministic and
 differ between photos, and a version can be told apart by ``bias`` (added to the first class's logit).

@@ -1,0 +1,193 @@
+"""Our servers as child processes on loopback ports: the one launcher of Redis, the model server and the gateway.
+
+The stack (launch.py, detached processes with records), the benchmarks (bench/stack.py) and the tests start them
+through these command lines and helpers, so a flag is spelled in one place. Every process started here is stopped
+by its own Popen handle (``stop_process``), never by name.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.stack.processes import free_port
+from training_job.paths import PROJECT_ROOT
+
+__all__ = ["free_port", "wait_for_port", "wait_until", "stop_process", "python_env", "redis_argv", "RedisServer",
+           "model_server_argv", "ModelServerProcess", "start_model_server", "version_states", "gateway_argv",
+           "start_gateway"]
+
+
+def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0, process=None) -> None:
+    """Until something accepts connections on ``host:port``; fails early when ``process`` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def wait_until(predicate, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):
+    """Poll ``predicate`` until it returns something true (returned) or ``timeout`` seconds pass (TimeoutError)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds; reaps the process."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def python_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment our Python servers run in: this checkout importable, TensorFlow's C++ logging quiet."""
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+            "PYTHONPATH": str(PROJECT_ROOT), **(extra or {})}
+
+
+# Operator state (routing table, audit, feedback tallies; keys without a TTL) survives a Redis restart (append-only
+# file, fsync every second) and is never evicted: only keys with a TTL (the cache) are (volatile-lru). The same
+# settings as docker-compose.yml and deploy/k8s/redis.yaml; DEVELOPERS.md "Redis layout" says why.
+REDIS_STATE_ARGS = ("--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory", "256mb",
+                    "--maxmemory-policy", "volatile-lru")
+
+
+def redis_argv(port: int, data_dir: Path, *extra: str) -> list[str]:
+    """redis-server on loopback with no snapshots; ``extra`` arguments come last, so they win."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed: run scripts/setup.sh (apt-get install redis-server)")
+    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *extra, "--dir", str(data_dir)]
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, with no persistence unless ``extra_args`` turn it on (later
+    arguments win); restartable on the same port."""
+
+    def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = ()):
+        self.port = port or free_port()
+        self.extra_args = tuple(extra_args)
+        self.dir = Path(tempfile.mkdtemp(prefix="redis-test-"))
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        self.process = subprocess.Popen(redis_argv(self.port, self.dir, "--appendonly", "no", *self.extra_args),
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, process=self.process)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+
+    def __enter__(self) -> "RedisServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def model_server_argv(grpc_port: int, rest_port: int, *extra: str) -> list[str]:
+    """services.model_server on loopback, looking for new versions every second; ``extra`` flags come last."""
+    return [sys.executable, "-m", "services.model_server", f"--port={grpc_port}", f"--rest_api_port={rest_port}",
+            "--host=127.0.0.1", "--file_system_poll_wait_seconds=1", *extra]
+
+
+@dataclass
+class ModelServerProcess:
+    grpc_target: str
+    rest_url: str
+    process: subprocess.Popen
+    log_file: Path
+
+    def log(self) -> str:
+        return self.log_file.read_text()
+
+
+def start_model_server(*extra: str, grpc_port: int | None = None, rest_port: int | None = None,
+                       log_file: Path | None = None, timeout: float = 90.0) -> ModelServerProcess:
+    """The model server with ``extra`` flags (its config, batching, ...) on these ports (free ones when not given);
+    returns once its REST port listens, before any model is loaded."""
+    grpc_port, rest_port = grpc_port or free_port(), rest_port or free_port()
+    log_file = log_file or Path(tempfile.mkstemp(prefix="model-server-", suffix=".log")[1])
+    with open(log_file, "w") as log:
+        process = subprocess.Popen(model_server_argv(grpc_port, rest_port, *extra), stdout=log,
+                                   stderr=subprocess.STDOUT, env=python_env(), cwd=PROJECT_ROOT)
+    server = ModelServerProcess(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{rest_port}", process, log_file)
+    try:
+        wait_for_port(rest_port, timeout=timeout, process=process)
+    except BaseException:
+        stop_process(process)
+        raise
+    return server
+
+
+def version_states(target: str, model: str) -> dict[int, tuple[int, str]]:
+    """{version: (ModelVersionStatus.State, error message)} from GetModelStatus; {} for a model it does not know."""
+    import grpc
+    from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = model
+        try:
+            response = stub.GetModelStatus(request, timeout=10)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return {}
+            raise
+    return {s.version: (s.state, s.status.error_message) for s in response.model_version_status}
+
+
+def gateway_argv(http_port: int, grpc_port: int, model_server: str, redis_url: str, model_name: str,
+                 *extra: str) -> list[str]:
+    """services.gateway on loopback, its flags spelled as services/gateway/main.py defines them; ``extra`` last."""
+    return [sys.executable, "-m", "services.gateway", "--host=127.0.0.1", f"--http-port={http_port}",
+            f"--grpc-port={grpc_port}", f"--model-server={model_server}", f"--redis-url={redis_url}",
+            f"--model-name={model_name}", *extra]
+
+
+def start_gateway(model_server: str, redis_url: str, model_name: str, *extra: str, env: dict | None = None,
+                  http_port: int | None = None, grpc_port: int | None = None, log_file: Path | None = None,
+                  timeout: float = 90.0) -> tuple[subprocess.Popen, int, int, Path]:
+    """A gateway (``grpc_port=0``: HTTP only) with ``env`` on top of python_env(); returns (process, http port,
+    grpc port, log file) once its HTTP port listens, before it is ready."""
+    http_port = http_port or free_port()
+    grpc_port = free_port() if grpc_port is None else grpc_port
+    log_file = log_file or Path(tempfile.mkstemp(prefix=f"gateway-{http_port}-", suffix=".log")[1])
+    with open(log_file, "w") as log:
+        process = subprocess.Popen(gateway_argv(http_port, grpc_port, model_server, redis_url, model_name, *extra),
+                                   stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, env=python_env(env))
+    try:
+        wait_for_port(http_port, timeout=timeout, process=process)
+    except BaseException:
+        stop_process(process)
+        raise
+    return process, http_port, grpc_port, log_file

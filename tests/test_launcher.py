@@ -1,0 +1,34 @@
+"""One process launcher (services/stack/servers.py) for the stack, the benchmarks and the tests; the benchmarks
+import nothing from tests/."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from services.stack import launch, servers
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_benchmarks_import_nothing_from_the_tests():
+    importing_tests = re.compile(r"^\s*(from|import)\s+tests(\.|\s|$)", re.M)
+    offenders = [p.name for p in (ROOT / "bench").rglob("*.py") if importing_tests.search(p.read_text())]
+    assert offenders == []
+
+
+def test_the_tests_and_the_benchmarks_start_servers_through_the_launcher():
+    import bench.stack
+    import tests.model_server_harness
+    import tests.support
+
+    assert tests.support.RedisServer is servers.RedisServer and tests.support.free_port is servers.free_port
+    assert tests.model_server_harness.version_states is servers.version_states
+    assert bench.stack.RedisServer is servers.RedisServer and bench.stack.start_gateway is servers.start_gateway
+
+
+def test_the_stack_spells_its_command_lines_as_the_launcher_does(tmp_path):
+    ports = launch.Ports(redis=6391, model_server_grpc=8502, gateway_http=8081, gateway_grpc=50052)
+    stack = launch.Stack(tmp_path, "mushrooms", ports, admin_token="t")
+    assert launch.gateway_argv(stack, tmp_path) == servers.gateway_argv(
+        8081, 50052, "127.0.0.1:8502", "redis://127.0.0.1:6391/0", "mushrooms",
+        f"--model-base-path={(tmp_path / 'mushrooms').resolve()}")
