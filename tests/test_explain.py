@@ -14,6 +14,7 @@ import tensorflow as tf
 from PIL import Image
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
 from training_job.explain import EXPLAIN_BYTES_SIGNATURE, EXPLAIN_SIGNATURE, in_process_grad_cam
@@ -144,8 +145,8 @@ def model_server(published_model, tmp_path_factory):
     write_config(config, {MODEL: published_model.registry_path / published_model.model_name})
     server = start_server(published_model.registry_path, config)
     try:
-        wait_until(lambda: version_states(server.grpc_target, MODEL).get(published_model.version, (0,))[0] == 30,
-                   what="the published version AVAILABLE")
+        wait_until(lambda: version_states(server.grpc_target, MODEL).get(published_model.version, (0,))[0]
+                   == ModelVersionStatus.AVAILABLE, what="the published version AVAILABLE")
         yield server
     finally:
         stop_server(server)
