@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from services.model_server.batching import Batcher
 from services.model_server.config import BatchingParameters, single_model_config
@@ -24,7 +25,7 @@ from services.model_server.tflite_servable import TfLiteServable
 from tests.model_server_harness import start_server, stop_server, version_states, wait_until, write_config
 from training_job.tiny_model import write_tiny_model
 
-AVAILABLE = 30
+AVAILABLE = ModelVersionStatus.AVAILABLE
 PHOTOS = np.random.default_rng(7).integers(0, 256, (6, 224, 224, 3), dtype=np.uint8)
 
 

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
 from tests.support import RedisServer
@@ -58,7 +59,8 @@ def stack(published_model, tmp_path_factory):
     write_config(config, {MODEL: models / MODEL})
     server = start_server(models, config)
     try:
-        wait_until(lambda: version_states(server.grpc_target, MODEL).get(1, (0,))[0] == 30, what="version 1")
+        wait_until(lambda: version_states(server.grpc_target, MODEL).get(1, (0,))[0] == ModelVersionStatus.AVAILABLE,
+                   what="version 1")
         with RedisServer() as redis:
             gateway = GatewayProcess(server.grpc_target, redis.url, models / MODEL)
             try:
