@@ -145,7 +145,7 @@ def test_alert_rules_pass_promtool_and_cover_the_required_alerts(tmp_path):
     names = {r["alert"] for g in yaml.safe_load((DEPLOY / "prometheus/alerts.yml").read_text())["groups"]
              for r in g["rules"]}
     assert {"GatewayP99LatencyHigh", "GatewayErrorRateHigh", "CanaryErrorRateAboveStable", "CacheErrors",
-            "RoutingTableLost", "GatewayLoopFailing"} <= names
+            "RoutingTableLost", "GatewayLoopFailing", "RolloutRolledBack", "RolloutControllerDown"} <= names
     broken = tmp_path / "broken.yml"
     broken.write_text("groups:\n  - name: x\n    rules:\n      - alert: X\n        expr: rate(\n")
     assert promtool("check", "rules", str(broken)).returncode != 0
@@ -157,8 +157,16 @@ def test_grafana_dashboards_load_and_query_gateway_metrics():
     assert json.loads(compose_copy.read_text()) == json.loads(k8s_copy.read_text())
     dashboard = json.loads(compose_copy.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
-    assert exprs and all("mushroom_gateway_" in e for e in exprs)
+    assert exprs and all("mushroom_gateway_" in e or "mushroom_rollout_" in e for e in exprs)
     assert any("model_version" in e for e in exprs)
+    rollout_exprs = " ".join(e for e in exprs if "mushroom_rollout_" in e)  # the rollout panel: step and decisions
+    assert "mushroom_rollout_step" in rollout_exprs and "mushroom_rollout_decisions_total" in rollout_exprs
+
+
+@pytest.mark.parametrize("config", ["prometheus/prometheus.yml", "k8s/monitoring/prometheus.yml"])
+def test_prometheus_scrapes_the_rollout_controller(config):
+    jobs = {j["job_name"]: j for j in yaml.safe_load((DEPLOY / config).read_text())["scrape_configs"]}
+    assert "rollout" in jobs and "8095" in json.dumps(jobs["rollout"])
 
 
 @pytest.mark.parametrize("dockerfile", ["gateway.Dockerfile", "training.Dockerfile"])
