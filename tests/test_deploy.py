@@ -102,7 +102,8 @@ def test_k8s_manifests_validate_against_the_kubernetes_schema():
     kinds = {(d["kind"], d["metadata"]["name"]) for _, d in docs}
     for needed in [("Namespace", "mushrooms"), ("Deployment", "gateway"), ("HorizontalPodAutoscaler", "gateway"),
                    ("PodDisruptionBudget", "gateway"), ("Deployment", "tfserving"), ("Deployment", "redis"),
-                   ("Job", "train"), ("CronJob", "train-nightly"), ("PersistentVolumeClaim", "model-registry")]:
+                   ("Job", "train"), ("CronJob", "train-nightly"), ("PersistentVolumeClaim", "model-registry"),
+                   ("Deployment", "rollout"), ("Service", "rollout")]:
         assert needed in kinds
     broken = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}, "spec": {"replicas": "two"}}
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -115,6 +116,42 @@ def test_k8s_gateway_has_probes_and_resources():
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["resources"]["requests"] and container["resources"]["limits"]
+
+
+def test_k8s_rollout_controller_runs_once_with_the_operator_secret_and_the_policy():
+    [deployment] = [d for _, d in k8s_documents() if d["kind"] == "Deployment" and d["metadata"]["name"] == "rollout"]
+    assert deployment["spec"]["replicas"] == 1
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["args"] == ["python", "-m", "services.rollout"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["operators"]["secret"]["secretName"] == "gateway-operators"  # the gateway's operator tokens
+    assert env["ROLLOUT_GATEWAY_TOKEN_FILE"] == f"{mounts['operators']}/rollout-controller"
+    assert env["ROLLOUT_POLICY"] == f"{mounts['policy']}/policy.yaml"
+    assert volumes["policy"]["configMap"]["name"] == "rollout-policy"
+    generators = {g["name"]: g for g in yaml.safe_load((K8S / "kustomization.yaml").read_text())["configMapGenerator"]}
+    assert generators["rollout-policy"]["files"] == ["policy.yaml=rollout-policy.yaml"]
+    assert env["GATEWAY_STATUS_DNS"].startswith("gateway-pods.")  # every gateway pod's figures
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz" and container["resources"]["limits"]
+
+
+def test_rollout_policy_files_hold_the_documented_defaults():
+    from services.rollout.policy import load_policy
+
+    assert (DEPLOY / "rollout/policy.yaml").read_text() == (K8S / "rollout-policy.yaml").read_text()
+    assert load_policy(DEPLOY / "rollout/policy.yaml") == load_policy(None)
+
+
+def test_compose_runs_the_rollout_controller_with_its_token_secret():
+    doc = compose()
+    rollout = doc["services"]["rollout"]
+    assert rollout["command"] == ["python", "-m", "services.rollout"]
+    assert set(rollout["secrets"]) == {"operators", "rollout_token"} <= set(doc["secrets"])
+    assert rollout["environment"]["ROLLOUT_GATEWAY_TOKEN_FILE"] == "/run/secrets/rollout_token"
+    mounts = dict(v.split(":")[:2][::-1] for v in rollout["volumes"])
+    assert (ROOT / mounts["/config"] / "policy.yaml").is_file()
 
 
 def test_kustomization_references_existing_files():

@@ -69,7 +69,7 @@ def redis_server():
 
 class Controller:
     def __init__(self, model: str, redis_url: str, gateway: Gateway, model_server, files, policy: dict,
-                 name: str = "ctl", lease_seconds: float = 2.0):
+                 name: str = "ctl", lease_seconds: float = 2.0, extra: tuple = ()):
         root, registry, _, tokens = files
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -81,7 +81,7 @@ class Controller:
              f"--policy={policy_file}", f"--redis-url={redis_url}", f"--gateway-url={gateway.url}",
              f"--model-server-rest={model_server.rest_url}", f"--model-name={model}",
              f"--model-base-path={registry / model}", f"--operator-tokens={tokens}", f"--identity={name}",
-             f"--lease-seconds={lease_seconds}"],
+             f"--lease-seconds={lease_seconds}", *extra],
             stdout=open(self.log, "w"), stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
             env={**os.environ, "ROLLOUT_GATEWAY_TOKEN": CONTROLLER_TOKEN, "GATEWAY_ADMIN_TOKEN": ""})
         wait_for_port(self.port, timeout=60, process=self.process)
@@ -323,7 +323,9 @@ def test_paused_rollout_stays_put_until_resumed_and_abort_rolls_back(model_serve
         {"name": "canary", "weight": 25, "hold_seconds": 3, "min_requests": 5},
         {"name": "half", "weight": 50, "hold_seconds": 3600, "min_requests": 5},
         {"name": "full", "weight": 100}]}
-    controller = Controller("pause", redis_server.url, gateway, model_server, stack_files, policy)
+    # the figures come from every address "localhost" resolves to (as from a Kubernetes headless Service)
+    controller = Controller("pause", redis_server.url, gateway, model_server, stack_files, policy,
+                            extra=(f"--gateway-status-dns=localhost:{gateway.http_port}",))
     try:
         wait_until(lambda: events(controller.status(), "adopt"), timeout=30, what="v1 adopted as stable")
         assert controller.request("POST", "/v1/rollout/pause", token="wrong")[0] == 401
@@ -372,3 +374,39 @@ def test_a_bad_policy_file_is_refused_with_a_clear_message(tmp_path):
                               "--check-policy"], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60)
     assert checked.returncode == 0 and [s["weight"] for s in json.loads(checked.stdout)["steps"]] == [0, 5, 25, 50,
                                                                                                       100]
+
+
+def test_stack_up_with_rollout_starts_the_controller_acting_as_its_own_operator(tmp_path):
+    from services.stack.launch import Ports, Stack, new_run_dir, start_stack, stop_stack
+
+    registry = tmp_path / "registry"
+    publish_dir(lambda d: write_tiny_model(d), registry, "stacked")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("tick_seconds: 0.3\nsteps:\n  - {weight: 50, hold_seconds: 3600}\n  - {weight: 100}\n")
+    ports = Ports(*(free_port() for _ in range(8)))
+    run_dir = new_run_dir(tmp_path / "var" / "run")
+    stack = start_stack(registry, "stacked", run_dir, ports, scrape_interval_s=1.0, admin_token="stack-admin-token",
+                        rollout=True, rollout_policy=policy)
+    try:
+        assert set(Stack.load(run_dir).processes) == {"redis", "model_server", "gateway", "rollout", "prometheus"}
+        assert oct((run_dir / "rollout_token").stat().st_mode & 0o777) == "0o600"
+        assert oct((run_dir / "operators").stat().st_mode & 0o777) == "0o600"
+        url = stack.urls["rollout controller"]
+
+        def rollout_status():
+            req = urllib.request.Request(url + "/v1/rollout", headers={"Authorization": "Bearer stack-admin-token"})
+            with urllib.request.urlopen(req, timeout=10) as response:
+                return json.loads(response.read())
+
+        wait_until(lambda: rollout_status()["state"], timeout=60, what="the controller adopted version 1")
+        publish_dir(lambda d: write_tiny_model(d), registry, "stacked")
+        wait_until(lambda: rollout_status()["state"]["candidate"] == 2, timeout=60, what="the rollout of v2")
+        req = urllib.request.Request(stack.urls["gateway"] + "/v1/admin/audit",
+                                     headers={"Authorization": "Bearer stack-admin-token"})
+        with urllib.request.urlopen(req, timeout=10) as response:
+            entries = json.loads(response.read())["entries"]
+        assert entries[0]["who"] == "rollout-controller" and entries[0]["new"]["weights"] == {"1": 50, "2": 50}
+        assert "job_name: rollout" in (run_dir / "prometheus.yml").read_text()
+    finally:
+        stop_stack(stack)
+    assert Stack.load(run_dir).alive() == []

@@ -3,6 +3,9 @@ reads and changes under the controller's operator token, so every change lands i
 model server's REST model status (TF Serving's GET /v1/models/<name>)."""
 from __future__ import annotations
 
+import asyncio
+import socket
+
 import aiohttp
 
 
@@ -24,24 +27,35 @@ async def _json(response: aiohttp.ClientResponse) -> dict:
 
 
 class GatewayAdmin:
-    """``status_urls``: every gateway replica whose per-process figures are added up (default: ``url`` alone)."""
+    """``status_urls``: every gateway replica whose per-process figures are added up (default: ``url`` alone);
+    ``status_dns`` ("host:port"): instead, every IPv4 address the name resolves to at each read (a Kubernetes
+    headless Service has one A record per ready pod)."""
 
     def __init__(self, session: aiohttp.ClientSession, url: str, token: str, status_urls: list[str] | None = None,
-                 timeout: float = 5.0):
+                 timeout: float = 5.0, status_dns: str | None = None):
         self.session = session
         self.url = url.rstrip("/")
         self.status_urls = [u.rstrip("/") for u in (status_urls or [url])]
+        self.status_dns = status_dns
         self.headers = {"Authorization": f"Bearer {token}"}
         self.timeout = aiohttp.ClientTimeout(total=timeout)
 
     async def statuses(self) -> list[dict]:
         """GET /v1/admin/status of every replica (the first one's feedback counts are the shared Redis tally)."""
         result = []
-        for url in self.status_urls:
+        for url in await self._status_urls():
             async with self.session.get(f"{url}/v1/admin/status", headers=self.headers,
                                         timeout=self.timeout) as response:
                 result.append(await _json(response))
         return result
+
+    async def _status_urls(self) -> list[str]:
+        if not self.status_dns:
+            return self.status_urls
+        host, _, port = self.status_dns.rpartition(":")
+        infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), family=socket.AF_INET,
+                                                             type=socket.SOCK_STREAM)
+        return [f"http://{address}:{port}" for address in sorted({info[4][0] for info in infos})]
 
     async def routing(self) -> dict:
         async with self.session.get(f"{self.url}/v1/admin/routing", headers=self.headers,

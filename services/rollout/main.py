@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gateway-status-url", action="append", default=None,
                    help="a gateway replica whose figures count; repeat for every replica (default: --gateway-url; "
                    "the gateway keeps request figures per process)")
+    p.add_argument("--gateway-status-dns", default=env("GATEWAY_STATUS_DNS", ""),
+                   help="HOST:PORT whose every IPv4 address is a gateway replica to count, resolved at each tick, "
+                   "e.g. a Kubernetes headless Service (GATEWAY_STATUS_DNS; overrides --gateway-status-url)")
     p.add_argument("--gateway-token", default=env("ROLLOUT_GATEWAY_TOKEN", ""),
                    help="the controller's operator token for the gateway's admin API (ROLLOUT_GATEWAY_TOKEN)")
     p.add_argument("--gateway-token-file", default=env("ROLLOUT_GATEWAY_TOKEN_FILE", ""),
@@ -116,7 +119,8 @@ async def serve(args: argparse.Namespace, policy) -> None:
     session = aiohttp.ClientSession()
     http_timeout = max(min(lease_seconds / 3, 10.0), 0.5)
     controller = Controller(
-        redis, GatewayAdmin(session, args.gateway_url, token, args.gateway_status_url, timeout=http_timeout),
+        redis, GatewayAdmin(session, args.gateway_url, token, args.gateway_status_url, timeout=http_timeout,
+                                status_dns=args.gateway_status_dns or None),
         ModelServerStates(session, args.model_server_rest, args.model_name, timeout=http_timeout), policy,
         args.model_name, args.model_base_path or None, args.identity and f"{args.identity}-{os.getpid()}",
         lease_seconds)
