@@ -19,11 +19,12 @@ import pytest
 from tests.model_server_harness import start_server, stop_server, version_states, wait_until
 from tests.support import MUSHROOMS, RedisServer, free_port, stop_process, wait_for_port
 from tests.test_gateway_state import Gateway
+from tests.test_web import browser  # noqa: F401 - the headless Chromium fixture
 from tests.tiny_model import LABELS, write_tiny_model
 from training_job.paths import PROJECT_ROOT
 from training_job.publish import publish_dir
 
-MODELS = ("promote", "feedback", "shadow", "resume", "pause")
+MODELS = ("promote", "feedback", "shadow", "resume", "pause", "web")
 CONTROLLER_TOKEN = "rollout-controller-token-0123456789"
 ALICE_TOKEN = "alice-token-0123456789"
 PHOTOS = [p for d in sorted(MUSHROOMS.iterdir()) for p in sorted(d.iterdir())[:130]]  # 520 photos
@@ -69,9 +70,9 @@ def redis_server():
 
 class Controller:
     def __init__(self, model: str, redis_url: str, gateway: Gateway, model_server, files, policy: dict,
-                 name: str = "ctl", lease_seconds: float = 2.0, extra: tuple = ()):
+                 name: str = "ctl", lease_seconds: float = 2.0, extra: tuple = (), port: int | None = None):
         root, registry, _, tokens = files
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         policy_file = root / f"policy-{model}-{uuid.uuid4().hex[:6]}.json"
         policy_file.write_text(json.dumps(policy))
@@ -150,9 +151,9 @@ def wait_available(model_server, model: str, version: int) -> None:
                what=f"{model} version {version} AVAILABLE")
 
 
-def start_gateway(model_server, redis_server, files, model: str) -> Gateway:
+def start_gateway(model_server, redis_server, files, model: str, *extra: str) -> Gateway:
     return Gateway(model_server.grpc_target, redis_server.url, f"--model-name={model}",
-                   f"--operator-tokens={files[3]}")
+                   f"--operator-tokens={files[3]}", *extra)
 
 
 def events(status: dict, outcome: str | None = None) -> list[dict]:
@@ -211,6 +212,8 @@ def test_good_version_goes_shadow_canary_full_and_becomes_stable(model_server, r
 
 def test_bad_version_is_rolled_back_by_feedback_accuracy(model_server, redis_server, stack_files):
     gateway = start_gateway(model_server, redis_server, stack_files, "feedback")
+    code, body, _ = gateway.request("GET", "/v1/admin/rollout", token=ALICE_TOKEN)  # no --rollout-url given
+    assert (code, body["error"]["code"]) == (404, "rollout_not_configured")
     sample = photos(200, 40)
     truth = {i: gateway.classify(photo, version=1)[1]["predictions"][0]["label"] for i, photo in enumerate(sample)}
     policy = {"tick_seconds": 0.3, "rules": FAST_RULES, "steps": [
@@ -410,3 +413,60 @@ def test_stack_up_with_rollout_starts_the_controller_acting_as_its_own_operator(
     finally:
         stop_stack(stack)
     assert Stack.load(run_dir).alive() == []
+
+
+def test_web_operator_panel_shows_the_rollout_and_sends_commands(model_server, redis_server, stack_files, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.test_web import SCREENSHOTS
+
+    controller_port = free_port()
+    gateway = start_gateway(model_server, redis_server, stack_files, "web",
+                            f"--rollout-url=http://127.0.0.1:{controller_port}")
+    policy = {"tick_seconds": 0.3, "rules": FAST_RULES, "steps": [
+        {"name": "half", "weight": 50, "hold_seconds": 3600, "min_requests": 5}, {"name": "full", "weight": 100}]}
+    controller = Controller("web", redis_server.url, gateway, model_server, stack_files, policy,
+                            port=controller_port)
+    page = browser
+
+    def text(element_id: str, predicate, timeout: float = 30) -> str:
+        return WebDriverWait(page, timeout).until(
+            lambda d: (lambda t: t if predicate(t) else None)(d.find_element(By.ID, element_id).text))
+
+    try:
+        assert gateway.request("GET", "/v1/admin/rollout", token="wrong")[0] == 401  # checked by the controller
+        page.get(gateway.url + "/")
+        WebDriverWait(page, 15).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+        field = page.find_element(By.ID, "admin-token")
+        field.clear()
+        field.send_keys(ALICE_TOKEN + "\n")
+        text("rollout-summary", lambda t: t == "Stable: version 1. No rollout running.")
+        assert not page.find_element(By.CSS_SELECTOR, "#rollout-controls [data-action=abort]").is_enabled()
+
+        publish(stack_files, "web", bias=0.0)
+        wait_available(model_server, "web", 2)
+        with Traffic(gateway, photos(0, 20), max_requests=40):
+            text("rollout-summary", lambda t: t.startswith(
+                "Rolling out version 2 over stable version 1: step 1 of 2, half (50% of traffic)"))
+            text("rollout-timers", lambda t: "Step held" in t and "of 3600 s" in t and "Controller: ctl-" in t)
+            WebDriverWait(page, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rollout-verdicts tr")) == 4)
+        rules = [row.get_attribute("data-rule") for row in page.find_elements(By.CSS_SELECTOR, "#rollout-verdicts tr")]
+        assert rules == ["error_rate", "p95_latency", "shadow_agreement", "feedback_accuracy"]
+
+        page.find_element(By.CSS_SELECTOR, "#rollout-controls [data-action=pause]").click()
+        text("rollout-command-status", lambda t: t.startswith("Queued pause (by alice)"))
+        text("rollout-summary", lambda t: t.endswith("— PAUSED."))
+        text("rollout-history", lambda t: " pause v2 at half by alice: paused by alice" in t.splitlines()[0])
+
+        page.find_element(By.CSS_SELECTOR, "#rollout-controls [data-action=abort]").click()
+        text("rollout-summary", lambda t: t == "Stable: version 1. No rollout running. Rejected versions: 2.")
+        newest = page.find_element(By.CSS_SELECTOR, "#rollout-history li")
+        assert newest.get_attribute("data-outcome") == "rollback"
+        assert "by alice [rule operator_abort]: aborted by alice" in newest.text
+        assert routing(gateway) == {"1": 100}
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.save_screenshot(str(SCREENSHOTS / "rollout-panel.png"))
+    finally:
+        controller.stop()
+        gateway.stop()

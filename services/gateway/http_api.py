@@ -16,6 +16,7 @@ from services.gateway.errors import GatewayError
 from services.gateway.feedback import BadFeedbackToken
 from services.gateway.openapi import OPENAPI
 from services.gateway.operators import OperatorTokens
+from services.gateway.rollout_proxy import RolloutProxy
 from services.gateway.routing import RoutingError, RoutingTable
 from services.gateway.upstream import UpstreamUnavailable
 
@@ -56,7 +57,9 @@ def _int_param(request: web.Request, name: str, default: int | None) -> int | No
 
 
 class HttpApi:
-    def __init__(self, classifier: Classifier, operators: OperatorTokens, max_body: int, ready):
+    def __init__(self, classifier: Classifier, operators: OperatorTokens, max_body: int, ready,
+                 rollout: RolloutProxy | None = None):
+        self.rollout = rollout or RolloutProxy(None)  # the rollout controller's API, for the operator panel
         self.classifier = classifier
         self.operators = operators
         self.max_body = max_body
@@ -74,6 +77,7 @@ class HttpApi:
         r.add_put("/v1/admin/routing", self.put_routing)
         r.add_get("/v1/admin/audit", self.audit)
         r.add_get("/v1/admin/status", self.status)
+        self.rollout.add_routes(app)
         r.add_get("/healthz", self.healthz)
         r.add_get("/readyz", self.readyz)
         r.add_get("/metrics", self.metrics)

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feedback-window", type=int, default=int(env("FEEDBACK_WINDOW_SECONDS", str(7 * 24 * 3600))),
                    help="seconds after an answer that its feedback is accepted (FEEDBACK_WINDOW_SECONDS, default "
                    "7 days)")
+    p.add_argument("--rollout-url", default=env("ROLLOUT_URL", ""),
+                   help="the rollout controller's API (services/rollout), shown in the web operator panel through "
+                   "/v1/admin/rollout (ROLLOUT_URL; optional)")
     p.add_argument("--cache-ttl", type=int, default=int(env("CACHE_TTL_SECONDS", "86400")),
                    help="seconds a cached answer lives (CACHE_TTL_SECONDS)")
     p.add_argument("--max-bytes", type=int, default=int(env("MAX_PHOTO_BYTES", str(20 * 1024 * 1024))),
@@ -140,8 +143,10 @@ class Gateway:
         watchers = [asyncio.create_task(self.loops.run("versions", self._poll_versions, 1.0, max_backoff=2.0)),
                     asyncio.create_task(self.loops.run("routing", router.refresh, 0.5, max_backoff=2.0)),
                     asyncio.create_task(self.loops.run("labels", router.refresh_labels, 1.0, max_backoff=5.0))]
-        runner = web.AppRunner(HttpApi(self.classifier, self.operators, self.args.max_bytes,
-                                       self.ready).app(), access_log=None)
+        from services.gateway.rollout_proxy import RolloutProxy
+
+        runner = web.AppRunner(HttpApi(self.classifier, self.operators, self.args.max_bytes, self.ready,
+                                       RolloutProxy(self.args.rollout_url or None)).app(), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, self.args.host, self.args.http_port).start()
         grpc_server = health = None

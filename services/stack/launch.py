@@ -196,8 +196,9 @@ def _start_all(stack: Stack, registry: Path, scrape_interval_s: float, tensorboa
     rest = f"http://127.0.0.1:{ports.model_server_rest}"
     wait_healthy(model_server, lambda: model_available(rest, stack.model_name), timeout, "serving the model")
 
-    operators = run_dir / "operators" if rollout else None
-    gateway = launch("gateway", gateway_argv(stack, registry, operators),
+    operators = run_dir / "operators"
+    with_rollout = {"operator-tokens": operators, "rollout-url": f"http://127.0.0.1:{ports.rollout}"}
+    gateway = launch("gateway", gateway_argv(stack, registry, with_rollout if rollout else None),
                      env={**env, "GATEWAY_ADMIN_TOKEN": stack.admin_token})
     gateway_url = f"http://127.0.0.1:{ports.gateway_http}"
     wait_healthy(gateway, lambda: http_ok(f"{gateway_url}/readyz"), timeout, "ready")
@@ -216,7 +217,7 @@ def _start_all(stack: Stack, registry: Path, scrape_interval_s: float, tensorboa
         wait_healthy(stack.processes["tensorboard"], lambda: tcp_open(ports.tensorboard), 90, "listening")
 
 
-def gateway_argv(stack: Stack, registry: Path, operator_tokens: Path | None = None) -> list[str]:
+def gateway_argv(stack: Stack, registry: Path, extra: dict | None = None) -> list[str]:
     """The gateway's command line in the spelling its --help shows (--http-port or --http_port); flags it does not
     know (e.g. --grpc-port on an HTTP-only build) are left out."""
     help_text = subprocess.run([sys.executable, "-m", "services.gateway", "--help"], capture_output=True, text=True,
@@ -226,7 +227,7 @@ def gateway_argv(stack: Stack, registry: Path, operator_tokens: Path | None = No
     wanted = {"host": "127.0.0.1", "http-port": ports.gateway_http, "grpc-port": ports.gateway_grpc,
               "model-server": f"127.0.0.1:{ports.model_server_grpc}", "redis-url": f"redis://127.0.0.1:{ports.redis}/0",
               "model-name": stack.model_name, "model-base-path": (registry / stack.model_name).resolve(),
-              **({"operator-tokens": operator_tokens} if operator_tokens else {})}
+              **(extra or {})}
     argv = [sys.executable, "-m", "services.gateway"]
     for name, value in wanted.items():
         flag = "--" + name.replace("-", dash)
