@@ -154,6 +154,34 @@ def test_compose_runs_the_rollout_controller_with_its_token_secret():
     assert (ROOT / mounts["/config"] / "policy.yaml").is_file()
 
 
+def test_nightly_cronjob_collects_corrections_from_the_gateways_photo_store_then_retrains():
+    docs = k8s_documents()
+    [cron] = [d for _, d in docs if d["kind"] == "CronJob" and d["metadata"]["name"] == "train-nightly"]
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["args"] == ["sh", "scripts/collect_and_retrain.sh"]
+    assert (ROOT / "scripts/collect_and_retrain.sh").is_file()
+    env = {e["name"]: e["value"] for e in container["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
+    assert env["PHOTO_STORE_DIR"] == mounts["photo-store"] and claims["photo-store"] == "photo-store"
+    [gateway] = [d for _, d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "gateway"]
+    gw_pod = gateway["spec"]["template"]["spec"]
+    gw_env = {e["name"]: e.get("value") for e in gw_pod["containers"][0]["env"]}
+    gw_mounts = {m["name"]: m["mountPath"] for m in gw_pod["containers"][0]["volumeMounts"]}
+    assert gw_env["PHOTO_STORE_DIR"] == gw_mounts["photo-store"]
+    assert {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in gw_pod["volumes"]}[
+        "photo-store"] == "photo-store"
+    [pvc] = [d for _, d in docs if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == "photo-store"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # every gateway replica and the CronJob share it
+    services = compose()["services"]
+    assert services["retrain"]["command"] == ["sh", "scripts/collect_and_retrain.sh"]
+    assert services["retrain"]["profiles"] == ["train"]
+    assert "photo-store:/photo-store" in services["retrain"]["volumes"]
+    assert "photo-store:/photo-store" in services["gateway"]["volumes"]
+    assert services["gateway"]["environment"]["PHOTO_STORE_DIR"] == "/photo-store"
+
+
 def test_kustomization_references_existing_files():
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     for resource in kustomization["resources"]:

@@ -16,6 +16,7 @@ from services.gateway.errors import GatewayError
 from services.gateway.feedback import BadFeedbackToken
 from services.gateway.openapi import OPENAPI
 from services.gateway.operators import OperatorTokens
+from services.gateway.photo_store import PhotoStore
 from services.gateway.rollout_proxy import RolloutProxy
 from services.gateway.routing import RoutingError, RoutingTable
 from services.gateway.upstream import UpstreamUnavailable
@@ -58,8 +59,9 @@ def _int_param(request: web.Request, name: str, default: int | None) -> int | No
 
 class HttpApi:
     def __init__(self, classifier: Classifier, operators: OperatorTokens, max_body: int, ready,
-                 rollout: RolloutProxy | None = None):
+                 rollout: RolloutProxy | None = None, photo_store: PhotoStore | None = None):
         self.rollout = rollout or RolloutProxy(None)  # the rollout controller's API, for the operator panel
+        self.photo_store = photo_store  # opt-in: photos kept by hash so corrections become training data
         self.classifier = classifier
         self.operators = operators
         self.max_body = max_body
@@ -123,6 +125,8 @@ class HttpApi:
             photo, client_id=request.headers.get("X-Client-Id") or request.query.get("client_id"),
             top_k=_int_param(request, "top_k", 3), version=_int_param(request, "version", None),
             label=request.query.get("label") or request.headers.get("X-Version-Label"), protocol="http")
+        if self.photo_store is not None:
+            answer = await self.photo_store.keep(photo, answer)
         return web.json_response(answer)
 
     # ------------------------------------------------------------------ models, feedback, demo
@@ -156,6 +160,8 @@ class HttpApi:
         recorded = await self.classifier.stats.record_feedback(claim, data["true_label"])
         if recorded is None:
             raise GatewayError(409, "feedback_already_recorded", f"answer {claim.request_id} already got feedback")
+        if self.photo_store is not None:
+            recorded["photo_kept"] = await self.photo_store.record(claim, data["true_label"])
         return web.json_response(recorded)
 
     def _demo_version(self) -> int:
