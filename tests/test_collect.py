@@ -150,7 +150,7 @@ def test_collect_and_retrain_script_trains_on_the_data_plus_collected_photos(tmp
     bin_dir.mkdir()
     shim = bin_dir / "python"
     shim.write_text(f"""#!/bin/sh
-if [ "$3" = "run" ]; then echo "run $*" > {tmp_path}/run.txt; find "$5" -type f | sort >> {tmp_path}/run.txt; exit 0; fi
+if [ "$3" = "run" ]; then echo "run $*" > {tmp_path}/run.txt; find "$8" -type f | sort >> {tmp_path}/run.txt; exit 0; fi
 exec {sys.executable} "$@"
 """)
     shim.chmod(0o755)
@@ -162,7 +162,7 @@ exec {sys.executable} "$@"
     assert result.returncode == 0, result.stderr
     assert "0 corrections read" in result.stdout  # nobody corrected anything yet: not an error
     lines = (tmp_path / "run.txt").read_text().splitlines()
-    assert lines[0] == (f"run -m training_job run --data {work}/data --registry {tmp_path / 'registry'} "
-                        "--epochs 3")
+    assert lines[0] == (f"run -m training_job run --challenge --corrections {store}/collected/provenance.csv "
+                        f"--data {work}/data --registry {tmp_path / 'registry'} --epochs 3")
     assert lines[1:] == sorted([f"{work}/data/{LABELS[0]}/old.jpg", f"{work}/data/{LABELS[1]}/new.jpg",
                                 f"{work}/data/{LABELS[1]}/old.jpg"])
