@@ -1,0 +1,34 @@
+"""bench/rollout_bench.py measures what it says: the scaled policy keeps the default's shape, and the smallest real
+run (a good version at a very compressed schedule) reports a promotion with its steps in order."""
+from __future__ import annotations
+
+import json
+
+from bench.rollout_bench import main, scaled_policy
+from bench.common import RESULTS_DIR
+from services.rollout.policy import DEFAULT_POLICY, parse_policy
+
+
+def test_scaled_policy_divides_holds_and_scales_counts():
+    policy = scaled_policy(time_scale=100, request_scale=0.1)
+    assert [s["hold_seconds"] for s in policy["steps"]] == [6.0] * 5
+    assert [s["min_requests"] for s in policy["steps"]] == [20, 20, 50, 100, 100]
+    assert policy["rules"]["feedback_accuracy"]["min_feedback"] == 3 and policy["tick_seconds"] == 0.2
+    assert [s["weight"] for s in policy["steps"]] == [s["weight"] for s in DEFAULT_POLICY["steps"]]
+    parse_policy(policy)  # still a valid policy
+    assert scaled_policy(1, 1) == DEFAULT_POLICY
+
+
+def test_smallest_real_run_promotes_a_good_version_through_every_step():
+    name = "rollout-test"
+    assert main(["--time-scale", "600", "--request-scale", "0.02", "--concurrency", "2", "--only", "promote",
+                 "--result-name", name]) == 0
+    result = json.loads((RESULTS_DIR / f"{name}.json").read_text())
+    (RESULTS_DIR / f"{name}.json").unlink()
+    [scenario] = result["scenarios"]
+    assert scenario["outcome"] == "promote" and scenario["failed"] == 0
+    assert [e["outcome"] for e in scenario["events"]] == ["start", "advance", "advance", "advance", "advance",
+                                                          "promote"]
+    times = [e["seconds_after_publish"] for e in scenario["events"]]
+    assert times == sorted(times) and 0 < scenario["seconds_to_available"] <= times[0]
+    assert scenario["seconds_to_outcome"] == times[-1] and scenario["answers_per_version"].get("2", 0) > 0
