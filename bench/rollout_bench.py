@@ -74,6 +74,16 @@ def scaled_policy(time_scale: float, request_scale: float) -> dict:
     return policy
 
 
+def derived_default_seconds(seconds_to_outcome: float | None, events: list[dict], scaled: dict) -> float | None:
+    """The time the outcome would take under the default policy: each hold the version went through counted at the
+    default's length instead of the scaled one (the rest, detection and reaction, as measured)."""
+    if seconds_to_outcome is None:
+        return None
+    held = sum(e["outcome"] in ("advance", "promote") for e in events)  # a step held to its end before each
+    return seconds_to_outcome + sum(DEFAULT_POLICY["steps"][i]["hold_seconds"] - scaled["steps"][i]["hold_seconds"]
+                                    for i in range(held))
+
+
 def call(url: str, body: bytes | None = None, content_type: str = "application/json", token: str | None = None,
          headers: dict | None = None, timeout: float = 30.0) -> tuple[int | None, dict]:
     request = urllib.request.Request(url, data=body, headers={**(headers or {}), "Content-Type": content_type,
@@ -209,8 +219,11 @@ def run_scenario(name: str, policy: dict, concurrency: int, feedback_rate: float
                "seconds_after_publish": round(e["at"] - wall_at_publish, 2)}
               for e in reversed(body.get("history", [])) if e.get("version") == 2]
     final = next((e for e in reversed(events) if e["outcome"] in ("promote", "rollback")), None)
+    seconds = final["seconds_after_publish"] if final else None
     return {"scenario": name, "outcome": final["outcome"] if final else "timeout", "rule": final and final["rule"],
-            "seconds_to_outcome": final["seconds_after_publish"] if final else None,
+            "seconds_to_outcome": seconds,
+            "default_policy_seconds_derived": derived_default_seconds(seconds, events, policy),
+            "requests_per_second": round(traffic.sent / ended, 1),
             "seconds_to_available": available_at, "seconds_watched": round(ended, 2), "events": events,
             "requests": traffic.sent, "failed": traffic.failed, "feedback": traffic.feedback,
             "answers_per_version": traffic.per_version}
@@ -241,11 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         for event in result["events"]:
             print(f"     {event['seconds_after_publish']:>8.1f} s  {event['outcome']:<8} {event['step'] or ''}"
                   f"{' [' + event['rule'] + ']' if event['rule'] else ''}", flush=True)
-    path = write_result(args.result_name, {"machine": machine_description(), "time_scale": args.time_scale,
+    write_result(args.result_name, {"machine": machine_description(), "time_scale": args.time_scale,
                                            "request_scale": args.request_scale, "concurrency": args.concurrency,
                                            "feedback_rate": args.feedback_rate, "policy": policy,
                                            "scenarios": results})
-    print(f"written {path}")
     return 0 if all(r["outcome"] != "timeout" for r in results) else 1
 
 

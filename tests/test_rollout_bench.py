@@ -32,3 +32,26 @@ def test_smallest_real_run_promotes_a_good_version_through_every_step():
     times = [e["seconds_after_publish"] for e in scenario["events"]]
     assert times == sorted(times) and 0 < scenario["seconds_to_available"] <= times[0]
     assert scenario["seconds_to_outcome"] == times[-1] and scenario["answers_per_version"].get("2", 0) > 0
+
+
+def test_default_policy_time_is_derived_from_the_holds_gone_through():
+    from bench.rollout_bench import derived_default_seconds
+
+    scaled = scaled_policy(time_scale=60, request_scale=0.2)  # holds of 10 s
+    events = [{"outcome": "start"}, {"outcome": "advance"}, {"outcome": "rollback"}]
+    assert derived_default_seconds(17.0, events, scaled) == 17.0 + 590  # the shadow step held to its end
+    promoted = [{"outcome": "start"}] + [{"outcome": "advance"}] * 4 + [{"outcome": "promote"}]
+    assert derived_default_seconds(53.0, promoted, scaled) == 53.0 + 5 * 590
+    assert derived_default_seconds(4.6, [{"outcome": "start"}, {"outcome": "rollback"}], scaled) == 4.6
+    assert derived_default_seconds(None, [], scaled) is None
+
+
+def test_run_all_renders_the_rollout_table():
+    from bench.run_all import rollout_table
+
+    lines = rollout_table({"time_scale": 60, "request_scale": 0.2, "concurrency": 4, "feedback_rate": 0.5,
+                           "scenarios": [{"scenario": "promote", "outcome": "promote", "rule": None,
+                                          "seconds_to_available": 1.4, "seconds_to_outcome": 52.9,
+                                          "default_policy_seconds_derived": 3002.9, "requests": 6127,
+                                          "requests_per_second": 115.0, "feedback": 3077}]})
+    assert lines[-1] == "| promote | promote | 1.4 s | 52.9 s | 3002.9 s | 6127 (115.0) | 3077 |"
