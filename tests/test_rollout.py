@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.model_server_harness import start_server, stop_server, version_states, wait_until
+from tests.model_server_harness import start_server, stop_server, version_states, wait_until, write_config
 from tests.support import MUSHROOMS, RedisServer, free_port, stop_process, wait_for_port
 from tests.test_gateway_state import Gateway
 from tests.test_web import browser  # noqa: F401 - the headless Chromium fixture
@@ -470,3 +470,57 @@ def test_web_operator_panel_shows_the_rollout_and_sends_commands(model_server, r
     finally:
         controller.stop()
         gateway.stop()
+
+
+def test_with_labels_canary_and_stable_move_in_the_model_server_config(redis_server, stack_files, tmp_path):
+    registry = tmp_path / "registry"
+    publish_dir(lambda d: write_tiny_model(d), registry, "labelled")
+    config = tmp_path / "models.config"
+    write_config(config, {"labelled": registry / "labelled"}, labels={"labelled": {"stable": 1}}, policy="all {}")
+    server = start_server(registry, config, "--model_config_file_poll_wait_seconds=1")
+    gateway = None
+    controller = None
+    try:
+        wait_available(server, "labelled", 1)
+        gateway = start_gateway(server, redis_server, stack_files, "labelled")
+        policy = {"tick_seconds": 0.3, "rules": FAST_RULES, "steps": [
+            {"name": "shadow", "weight": 0, "hold_seconds": 1, "min_requests": 10},
+            {"name": "half", "weight": 50, "hold_seconds": 1, "min_requests": 10},
+            {"name": "full", "weight": 100, "hold_seconds": 1, "min_requests": 10}]}
+        controller = Controller("labelled", redis_server.url, gateway, server, (tmp_path, registry, config,
+                                                                               stack_files[3]), policy,
+                                extra=(f"--labels-config={config}",))
+        wait_until(lambda: events(controller.status(), "adopt"), timeout=30, what="v1 adopted as stable")
+
+        def labels_in_config() -> dict:
+            from google.protobuf import text_format
+            from tensorflow_serving.config import model_server_config_pb2
+
+            parsed = text_format.Parse(config.read_text(), model_server_config_pb2.ModelServerConfig())
+            return dict(parsed.model_config_list.config[0].version_labels)
+
+        publish_dir(lambda d: write_tiny_model(d), registry, "labelled")  # good
+        wait_available(server, "labelled", 2)
+        with Traffic(gateway, photos(0, 200)):
+            wait_until(lambda: controller.status()["state"]["stable"] == 2, timeout=120, what="v2 promoted")
+        assert [e["new"]["weights"] for e in audit(gateway)] == [
+            {"stable": 100}, {"stable": 100}, {"stable": 50, "canary": 50}, {"canary": 100}, {"stable": 100}]
+        assert audit(gateway)[1]["new"]["shadow"] == "canary"
+        assert labels_in_config() == {"stable": 2}  # canary removed once the routing stopped naming it
+        assert gateway.request("GET", "/v1/admin/routing", token=ALICE_TOKEN)[1]["resolved"] == {"stable": 2}
+
+        publish_dir(lambda d: write_tiny_model(d, bias=8.0), registry, "labelled")  # bad: rolled back in shadow
+        wait_available(server, "labelled", 3)
+        with Traffic(gateway, photos(240, 200)):
+            status = wait_until(lambda: (s := controller.status())["state"]["rejected"] == [3] and s, timeout=120,
+                                what="v3 rolled back")
+        assert events(status, "rollback")[0]["rule"] == "shadow_agreement"
+        last = audit(gateway)[-1]
+        assert last["new"]["weights"] == {"stable": 100} and "rule shadow_agreement" in last["note"]
+        assert labels_in_config() == {"stable": 2}  # canary moved back: removed with the rollback
+    finally:
+        if controller is not None:
+            controller.stop()
+        if gateway is not None:
+            gateway.stop()
+        stop_server(server)

@@ -85,3 +85,12 @@ class ModelServerStates:
                 return set()
             body = await _json(response)
         return {int(s["version"]) for s in body.get("model_version_status", []) if s.get("state") == "AVAILABLE"}
+
+    async def label_version(self, label: str) -> int | None:
+        """The version a version label points at now (TF Serving's REST label status), None when unknown."""
+        async with self.session.get(f"{self.url}/labels/{label}", timeout=self.timeout) as response:
+            if response.status >= 400:
+                return None
+            body = await _json(response)
+        statuses = body.get("model_version_status", [])
+        return int(statuses[0]["version"]) if statuses else None

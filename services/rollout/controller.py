@@ -88,16 +88,23 @@ class State:
         return cls(**json.loads(raw))
 
 
-def table_for(step: Step | None, stable: int, candidate: int | None) -> dict:
-    """The routing table of a step: stable alone (no step), stable + shadow, stable/candidate split, candidate."""
+def table_for(step: Step | None, stable: int, candidate: int | None, by_label: bool = False) -> dict:
+    """The routing table of a step: stable alone (no step), stable + shadow, stable/candidate split, candidate.
+    ``by_label``: the entries are the labels ``stable`` and ``canary`` (labels.py moves them) instead of numbers."""
+    stable_entry, candidate_entry = ("stable", "canary") if by_label else (str(stable), str(candidate))
     if step is None or candidate is None:
-        return {"weights": {str(stable): 100}, "shadow": None}
+        return {"weights": {stable_entry: 100}, "shadow": None}
     if step.weight >= 100:
-        return {"weights": {str(candidate): 100}, "shadow": None}
-    weights = {str(stable): 100 - step.weight}
+        return {"weights": {candidate_entry: 100}, "shadow": None}
+    weights = {stable_entry: 100 - step.weight}
     if step.weight > 0:
-        weights[str(candidate)] = step.weight
-    return {"weights": weights, "shadow": candidate if step.shadow else None}
+        weights[candidate_entry] = step.weight
+    shadow = (candidate_entry if by_label else candidate) if step.shadow else None
+    return {"weights": weights, "shadow": shadow}
+
+
+def labels_for(stable: int, candidate: int | None) -> dict[str, int]:
+    return {"stable": stable, **({"canary": candidate} if candidate is not None else {})}
 
 
 def same_table(stored: dict, wanted: dict) -> bool:
@@ -111,7 +118,8 @@ def same_table(stored: dict, wanted: dict) -> bool:
 class Controller:
     def __init__(self, redis, gateway: GatewayAdmin, model_server: ModelServerStates, policy: Policy,
                  model_name: str, registry_dir: str | Path | None = None, identity: str | None = None,
-                 lease_seconds: float = 15.0, clock=time.time):
+                 lease_seconds: float = 15.0, clock=time.time, labels=None):
+        self.labels = labels  # a labels.LabelConfig when the rollout moves version labels, else None
         self.redis = redis
         self.gateway = gateway
         self.model_server = model_server
@@ -206,10 +214,21 @@ class Controller:
         log.info("rollout %s: %s", outcome, {k: v for k, v in event.items() if k != "at"})
         return event
 
-    async def _route(self, table: dict, note: str) -> None:
+    def _table(self, step: Step | None, stable: int, candidate: int | None) -> dict:
+        return table_for(step, stable, candidate, by_label=self.labels is not None)
+
+    async def _route(self, table: dict, note: str, labels: dict[str, int] | None = None,
+                     labels_first: bool = True) -> None:
+        """Changes the routing (and, with labels, moves them: before the routing when it starts referring to them,
+        after it when it stops)."""
         if not await self.hold_lease():  # never change the routing without the lease
             raise LeaseLost(f"{self.identity} lost the lease of {self.model_name}: routing not changed")
+        move = self.labels is not None and labels is not None
+        if move and labels_first:
+            await self.labels.move(labels)
         await self.gateway.put_routing(table, f"rollout: {note}")
+        if move and not labels_first:
+            await self.labels.move(labels)
 
     def _step(self, state: State) -> Step:
         return self.policy.steps[state.step]
@@ -230,15 +249,17 @@ class Controller:
         state.step_baseline = figures[candidate].to_json()
         state.judgement = None
         step = self._step(state)
-        await self._route(table_for(step, state.stable, candidate),
-                          f"start v{candidate} (stable v{state.stable}) at {step.name}; offline: {offline.reason}")
+        await self._route(self._table(step, state.stable, candidate),
+                          f"start v{candidate} (stable v{state.stable}) at {step.name}; offline: {offline.reason}",
+                          labels_for(state.stable, candidate))
         await self.save_state(state, self._event(state, "start", f"v{candidate} AVAILABLE; offline: "
                                                  f"{offline.reason}", verdicts=[offline.to_json()]))
 
     async def _rollback(self, state: State, rule: str, reason: str, who: str | None = None, **extra) -> None:
         candidate, step = state.candidate, self._step(state)
-        await self._route(table_for(None, state.stable, None),
-                          f"rollback v{candidate} at {step.name}: rule {rule}: {reason}")
+        await self._route(self._table(None, state.stable, None),
+                          f"rollback v{candidate} at {step.name}: rule {rule}: {reason}",
+                          labels_for(state.stable, None), labels_first=False)
         event = self._event(state, "rollback", reason, rule=rule, who=who, **extra)
         state.rejected = sorted(set(state.rejected) | {candidate})
         state.candidate, state.step, state.paused, state.baseline, state.step_baseline = None, 0, False, {}, {}
@@ -246,8 +267,12 @@ class Controller:
 
     async def _promote(self, state: State, reason: str, rule: str | None = None, who: str | None = None) -> None:
         candidate = state.candidate
-        await self._route(table_for(self.policy.steps[-1], state.stable, candidate),
-                          f"promote v{candidate} to stable (was v{state.stable}): {reason}")
+        note = f"promote v{candidate} to stable (was v{state.stable}): {reason}"
+        if self.labels is None:
+            await self._route(table_for(self.policy.steps[-1], state.stable, candidate), note)
+        else:  # stable moves to the new version, then the routing names stable alone, then canary goes
+            await self._route(self._table(None, candidate, None), note, {"stable": candidate, "canary": candidate})
+            await self.labels.move(labels_for(candidate, None))
         event = self._event(state, "promote", reason, rule=rule, who=who)
         state.stable, state.candidate, state.step, state.paused = candidate, None, 0, False
         state.baseline, state.step_baseline = {}, {}
@@ -258,7 +283,7 @@ class Controller:
         state.step_started = self.clock()
         state.step_baseline = figures[state.candidate].to_json()
         step = self._step(state)
-        await self._route(table_for(step, state.stable, state.candidate),
+        await self._route(self._table(step, state.stable, state.candidate),
                           f"advance v{state.candidate} to {step.name} ({step.weight:g} %): {reason}")
         await self.save_state(state, self._event(state, "advance", reason))
 
@@ -284,14 +309,20 @@ class Controller:
         changing the routing and saving its state, or an operator's hand edit), noted in the audit."""
         if state.stable is None:
             return
-        wanted = table_for(self._step(state) if state.candidate is not None else None, state.stable,
-                           state.candidate)
+        wanted = self._table(self._step(state) if state.candidate is not None else None, state.stable,
+                             state.candidate)
+        if self.labels is not None:
+            await self.labels.move(labels_for(state.stable, state.candidate))
         stored = await self.gateway.routing()
         if not same_table(stored, wanted):
             where = f"v{state.candidate} at {self._step(state).name}" if state.candidate is not None else "idle"
             await self._route(wanted, f"take over: {where} (stable v{state.stable}) by {self.identity}")
 
     async def _current_stable(self, available: set[int]) -> int:
+        if self.labels is not None:
+            labelled = self.labels.current().get("stable")
+            if labelled in available:
+                return labelled
         weights = (await self.gateway.routing()).get("weights", {})
         routed = [int(entry) for entry in weights if entry.isdigit() and int(entry) in available]
         return routed[0] if len(weights) == 1 and routed else max(available)

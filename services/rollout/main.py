@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=env("MODEL_NAME", "mushrooms"), help="(MODEL_NAME)")
     p.add_argument("--model-base-path", default=env("MODEL_BASE_PATH", ""),
                    help="the model's registry folder, for the offline scores (MODEL_BASE_PATH; optional)")
+    p.add_argument("--labels-config", default=env("ROLLOUT_LABELS_CONFIG", ""),
+                   help="the model server's --model_config_file: route by the labels 'stable' and 'canary' and move "
+                   "them in this file (the model server must poll it: --model_config_file_poll_wait_seconds) "
+                   "(ROLLOUT_LABELS_CONFIG; default: route by version numbers)")
     p.add_argument("--host", default=env("ROLLOUT_HOST", "0.0.0.0"), help="(ROLLOUT_HOST)")
     p.add_argument("--http-port", type=int, default=int(env("ROLLOUT_HTTP_PORT", "8095")),
                    help="the controller's API and /metrics (ROLLOUT_HTTP_PORT, default 8095)")
@@ -118,12 +122,23 @@ async def serve(args: argparse.Namespace, policy) -> None:
     redis = aioredis.from_url(args.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
     session = aiohttp.ClientSession()
     http_timeout = max(min(lease_seconds / 3, 10.0), 0.5)
+    model_server = ModelServerStates(session, args.model_server_rest, args.model_name, timeout=http_timeout)
+    labels = None
+    if args.labels_config:
+        from google.protobuf.text_format import ParseError
+
+        from services.rollout.labels import LabelConfig, LabelsNotApplied
+
+        labels = LabelConfig(args.labels_config, args.model_name, model_server)
+        try:
+            labels.current()  # a missing or unreadable file or model fails at start, not at the first rollout
+        except (LabelsNotApplied, ParseError) as exc:
+            raise ValueError(f"--labels-config: {exc}") from None
     controller = Controller(
         redis, GatewayAdmin(session, args.gateway_url, token, args.gateway_status_url, timeout=http_timeout,
                                 status_dns=args.gateway_status_dns or None),
-        ModelServerStates(session, args.model_server_rest, args.model_name, timeout=http_timeout), policy,
-        args.model_name, args.model_base_path or None, args.identity and f"{args.identity}-{os.getpid()}",
-        lease_seconds)
+        model_server, policy, args.model_name, args.model_base_path or None,
+        args.identity and f"{args.identity}-{os.getpid()}", lease_seconds, labels=labels)
     runner = web.AppRunner(RolloutApi(controller, operators).app(), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.http_port).start()
