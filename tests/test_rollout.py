@@ -104,6 +104,12 @@ class Controller:
     def leader(self) -> bool:
         return self.request("GET", "/healthz")[1]["leader"]
 
+    def last_tick(self) -> float:
+        """Unix time of the controller's last successful tick, from its /metrics."""
+        text = urllib.request.urlopen(self.url + "/metrics", timeout=10).read().decode()
+        [line] = [x for x in text.splitlines() if x.startswith("mushroom_rollout_last_tick_timestamp_seconds ")]
+        return float(line.split()[1])
+
     def stop(self):
         stop_process(self.process)
 
@@ -235,9 +241,10 @@ def test_bad_version_is_rolled_back_by_feedback_accuracy(model_server, redis_ser
         last = audit(gateway)[-1]
         assert last["who"] == "rollout-controller" and last["new"]["weights"] == {"1": 100}
         assert "rollback v2 at half: rule feedback_accuracy" in last["note"]
-        # a rejected version is not tried again
-        wait_until(lambda: controller.status()["history"][0]["outcome"] == "rollback" and len(
-            audit(gateway)) == 3 and controller.leader(), timeout=5, what="no new rollout of version 2")
+        # a rejected version is not tried again: over several more ticks nothing happens
+        rolled_back_at = controller.last_tick()
+        wait_until(lambda: controller.last_tick() > rolled_back_at + 1.5, timeout=30, what="more ticks")
+        assert controller.status()["history"][0]["outcome"] == "rollback" and len(audit(gateway)) == 3
     finally:
         controller.stop()
         gateway.stop()
