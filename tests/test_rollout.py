@@ -531,3 +531,35 @@ def test_with_labels_canary_and_stable_move_in_the_model_server_config(redis_ser
         if gateway is not None:
             gateway.stop()
         stop_server(server)
+
+
+def test_an_unloaded_stable_version_blocks_rollouts_with_a_clear_failure(redis_server, stack_files, tmp_path):
+    registry = tmp_path / "registry"
+    publish_dir(lambda d: write_tiny_model(d), registry, "single")
+    config = tmp_path / "models.config"
+    write_config(config, {"single": registry / "single"}, policy="latest { num_versions: 1 }")
+    server = start_server(registry, config)
+    gateway = controller = None
+    try:
+        wait_available(server, "single", 1)
+        gateway = start_gateway(server, redis_server, stack_files, "single")
+        policy = {"tick_seconds": 0.3, "steps": [{"weight": 50}, {"weight": 100}]}
+        controller = Controller("single", redis_server.url, gateway, server,
+                                (tmp_path, registry, config, stack_files[3]), policy)
+        wait_until(lambda: events(controller.status(), "adopt"), timeout=30, what="v1 adopted as stable")
+        publish_dir(lambda d: write_tiny_model(d), registry, "single")  # latest {1}: version 1 is unloaded
+        wait_available(server, "single", 2)
+        wait_until(lambda: "the stable version 1 is not AVAILABLE" in controller.log.read_text(), timeout=30,
+                   what="the controller saying why it cannot act")
+        text = urllib.request.urlopen(controller.url + "/metrics", timeout=10).read().decode()
+        [failures] = [line for line in text.splitlines() if line.startswith("mushroom_rollout_loop_failures_total ")]
+        assert float(failures.split()[1]) >= 1
+        status = controller.status()
+        assert status["state"]["candidate"] is None and [e["outcome"] for e in events(status)] == ["adopt"]
+        assert routing(gateway) == {"1": 100}  # the take-over table, never a rollout towards version 2
+    finally:
+        if controller is not None:
+            controller.stop()
+        if gateway is not None:
+            gateway.stop()
+        stop_server(server)

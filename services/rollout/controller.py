@@ -67,6 +67,10 @@ class LeaseLost(RuntimeError):
     pass
 
 
+class StableUnavailable(RuntimeError):
+    """The stable version is not AVAILABLE: nothing can be rolled out against it or rolled back to it."""
+
+
 @dataclass
 class State:
     stable: int | None = None
@@ -130,6 +134,7 @@ class Controller:
         self.lease_ms = int(lease_seconds * 1000)
         self.clock = clock
         self.leader = False
+        self._reconciled = False  # the gateway's table checked against the state since this lease was taken
         self._scripts = None
 
     # ------------------------------------------------------------------ Redis: lease, state, history, commands
@@ -163,7 +168,7 @@ class Controller:
             keys=[keys.lease(self.model_name), keys.state(self.model_name), keys.history(self.model_name)],
             args=[self.identity, state.to_json(), *(json.dumps(e) for e in events)])
         if not saved:
-            self.leader = False
+            self.leader, self._reconciled = False, False
             metrics.LEADER.set(0)
             raise LeaseLost(f"{self.identity} lost the lease of {self.model_name}: state not written")
         self._export(state)
@@ -330,8 +335,8 @@ class Controller:
     # ------------------------------------------------------------------ the tick
     async def tick(self) -> None:
         """One round: lease, commands, version states, figures, judgement, at most one routing change per cause."""
-        was_leader = self.leader
         if not await self.hold_lease():
+            self._reconciled = False
             return
         state = await self.load_state()
         available = await self.model_server.available()
@@ -341,8 +346,15 @@ class Controller:
             state = State(stable=await self._current_stable(available))
             await self.save_state(state, self._event(state, "adopt", f"v{state.stable} taken as stable (no earlier "
                                                      "state: the routed version, else the newest AVAILABLE one)"))
-        if not was_leader:
+        full = state.candidate is not None and self._step(state).weight >= 100  # routes no traffic to stable
+        if state.stable not in available and not full:
+            raise StableUnavailable(
+                f"the stable version {state.stable} is not AVAILABLE on the model server (AVAILABLE: "
+                f"{sorted(available)}): no rollout can start or roll back; keep it loaded (a model_version_policy "
+                "that includes it, not latest { num_versions: 1 })")
+        if not self._reconciled:
             await self._reconcile(state)
+            self._reconciled = True
         versions = [v for v in (state.stable, state.candidate) if v is not None]
         figures = await self._figures(versions)
         for command in await self._pop_commands():
