@@ -166,3 +166,30 @@ exec {sys.executable} "$@"
                         f"--data {work}/data --registry {tmp_path / 'registry'} --epochs 3")
     assert lines[1:] == sorted([f"{work}/data/{LABELS[0]}/old.jpg", f"{work}/data/{LABELS[1]}/new.jpg",
                                 f"{work}/data/{LABELS[1]}/old.jpg"])
+
+
+def test_collect_drops_missing_unreadable_and_malformed_corrections(tmp_path):
+    from training_job.collect import collect
+
+    data = tmp_path / "data"
+    for label in LABELS:
+        (data / label).mkdir(parents=True)
+        shutil.copy(PHOTOS[label][0], data / label / "one.jpg")
+    store = tmp_path / "store"
+    (store / "corrected").mkdir(parents=True)
+    good = PHOTOS["boletus_edulis"][30].read_bytes()
+    good_sha = hashlib.sha256(good).hexdigest()
+    (store / "corrected" / good_sha).write_bytes(good)
+    text_sha = hashlib.sha256(b"not a photo").hexdigest()
+    (store / "corrected" / text_sha).write_bytes(b"not a photo")
+    missing_sha = hashlib.sha256(b"evicted").hexdigest()
+    lines = [json.dumps({"sha256": sha, "true_label": "boletus_edulis", "version": 3, "request_id": f"r{i}",
+                         "corrected_at": i}) for i, sha in enumerate((good_sha, text_sha, missing_sha))]
+    (store / "corrections.jsonl").write_text("\n".join([*lines, "{not json", json.dumps({"sha256": 5})]) + "\n")
+    report = collect(store, data, data)  # straight into the data folder: the next run trains on it
+    assert report.corrections == 3 and [r["sha256"] for r in report.collected] == [good_sha]
+    assert report.counts() == {"not_an_image": 1, "photo_missing": 1, "unreadable_record": 2}
+    assert (data / "boletus_edulis" / f"{good_sha}.jpg").read_bytes() == good
+    assert collect(store, data, data).counts()["duplicate"] == 1  # the second time it is already there
+    with pytest.raises(Exception, match="does not exist"):
+        collect(tmp_path / "nowhere", data, data)
