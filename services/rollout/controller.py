@@ -186,11 +186,14 @@ class Controller:
         await self.redis.rpush(keys.commands(self.model_name), json.dumps(command))
         return command
 
-    async def _pop_commands(self) -> list[dict]:
-        commands = []
-        while (raw := await self.redis.lpop(keys.commands(self.model_name))) is not None:
-            commands.append(json.loads(raw))
-        return commands
+    async def _apply_commands(self, state: State) -> None:
+        """Operators' commands, oldest first; one leaves the queue only once applied, so a command whose routing
+        change fails (gateway down) is retried at the next tick rather than lost (at least once: an abort or
+        promote applied twice finds no rollout the second time and is recorded as ignored)."""
+        key = keys.commands(self.model_name)
+        while (raw := await self.redis.lindex(key, 0)) is not None:
+            await self._apply_command(state, json.loads(raw))
+            await self.redis.lpop(key)
 
     # ------------------------------------------------------------------ figures
     async def _figures(self, versions: list[int]) -> dict[int, Figures]:
@@ -357,8 +360,7 @@ class Controller:
             self._reconciled = True
         versions = [v for v in (state.stable, state.candidate) if v is not None]
         figures = await self._figures(versions)
-        for command in await self._pop_commands():
-            await self._apply_command(state, command)
+        await self._apply_commands(state)
         if state.candidate is None:
             newer = [v for v in available if v > state.stable and v not in state.rejected]
             if newer:
