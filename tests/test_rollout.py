@@ -24,7 +24,7 @@ from tests.tiny_model import LABELS, write_tiny_model
 from training_job.paths import PROJECT_ROOT
 from training_job.publish import publish_dir
 
-MODELS = ("promote", "feedback", "shadow", "resume", "pause", "web")
+MODELS = ("promote", "feedback", "shadow", "resume", "pause", "web", "mirror")
 CONTROLLER_TOKEN = "rollout-controller-token-0123456789"
 ALICE_TOKEN = "alice-token-0123456789"
 PHOTOS = [p for d in sorted(MUSHROOMS.iterdir()) for p in sorted(d.iterdir())[:130]]  # 520 photos
@@ -563,3 +563,25 @@ def test_an_unloaded_stable_version_blocks_rollouts_with_a_clear_failure(redis_s
         if gateway is not None:
             gateway.stop()
         stop_server(server)
+
+
+def test_shadow_agreement_compares_labels_not_column_positions(model_server, redis_server, stack_files):
+    """A head whose label order is shuffled answers other labels from the same columns: it must count as disagreeing
+    (the rollout's shadow rule depends on it)."""
+    gateway = start_gateway(model_server, redis_server, stack_files, "mirror")
+    try:
+        publish(stack_files, "mirror", labels=LABELS[1:] + LABELS[:1])
+        wait_available(model_server, "mirror", 2)
+        wait_until(lambda: gateway.request("PUT", "/v1/admin/routing", {"weights": {"1": 100}, "shadow": 2},
+                                           token=ALICE_TOKEN)[0] == 200, timeout=30, what="shadow 2 accepted")
+        for photo in photos(100, 12):
+            assert gateway.classify(photo)[0] == 200
+
+        def mirrored():
+            row = gateway.request("GET", "/v1/admin/status", token=ALICE_TOKEN)[1]["versions"].get("2", {})
+            return row.get("shadow_requests", 0) >= 12 and row
+
+        row = wait_until(mirrored, timeout=30, what="12 mirrored requests")
+        assert row["shadow_agreement"] == 0.0
+    finally:
+        gateway.stop()
