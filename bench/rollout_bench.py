@@ -6,9 +6,11 @@ model server, gateway, controller, Prometheus) on free loopback ports over a reg
 tiny model as version 1, waits until the controller takes version 1 as stable, starts the traffic, publishes
 version 2 and measures, from the publish: when the model server has it AVAILABLE, when the controller starts the
 rollout, each step, and the promotion or the rollback (with the rule that fired).
-  promote            version 2 answers like version 1 (a good version)
-  rollback_feedback  version 2's labels are rotated (a head trained on shuffled labels): users' feedback says wrong
-  rollback_shadow    version 2 answers the first class for every photo: its mirrored answers disagree
+  promote                 version 2 answers like version 1 (a good version)
+  rollback_shadow         version 2's labels are rotated (a head trained on shuffled labels): its mirrored answers
+                          disagree in the shadow step
+  rollback_feedback       the same version under the default policy without its shadow step (a deployment that
+                          mirrors nothing): the users' feedback catches it at 5 %
 
 Traffic: --concurrency clients (8) POST /v1/classify back to back with 1,000 client ids (sticky A/B routing),
 alternating a repeated photo (16, cached after their first answer) and a photo never sent before (a shared photo
@@ -51,10 +53,11 @@ from training_job.publish import publish_dir
 
 MODEL = "mushrooms"
 ADMIN_TOKEN = "rollout-bench-admin-token"
-SCENARIOS = {
-    "promote": {"bias": 0.0},
-    "rollback_feedback": {"labels": LABELS[1:] + LABELS[:1]},
-    "rollback_shadow": {"bias": 8.0},
+SHUFFLED = {"labels": LABELS[1:] + LABELS[:1]}
+SCENARIOS = {  # name: (version 2's tiny model, whether the policy keeps its shadow step)
+    "promote": ({"bias": 0.0}, True),
+    "rollback_shadow": (SHUFFLED, True),
+    "rollback_feedback": (SHUFFLED, False),
 }
 
 
@@ -74,13 +77,19 @@ def scaled_policy(time_scale: float, request_scale: float) -> dict:
     return policy
 
 
-def derived_default_seconds(seconds_to_outcome: float | None, events: list[dict], scaled: dict) -> float | None:
-    """The time the outcome would take under the default policy: each hold the version went through counted at the
-    default's length instead of the scaled one (the rest, detection and reaction, as measured)."""
+def without_shadow(policy: dict) -> dict:
+    return {**policy, "steps": [s for s in policy["steps"] if s["weight"] > 0]}
+
+
+def derived_default_seconds(seconds_to_outcome: float | None, events: list[dict], scaled: dict,
+                            default: dict = DEFAULT_POLICY) -> float | None:
+    """The time the outcome would take under ``default`` (the unscaled policy of the run): each hold the version went
+    through counted at the default's length instead of the scaled one (the rest, detection and reaction, as
+    measured)."""
     if seconds_to_outcome is None:
         return None
     held = sum(e["outcome"] in ("advance", "promote") for e in events)  # a step held to its end before each
-    return seconds_to_outcome + sum(DEFAULT_POLICY["steps"][i]["hold_seconds"] - scaled["steps"][i]["hold_seconds"]
+    return seconds_to_outcome + sum(default["steps"][i]["hold_seconds"] - scaled["steps"][i]["hold_seconds"]
                                     for i in range(held))
 
 
@@ -178,6 +187,9 @@ def rollout_status(url: str) -> dict:
 
 
 def run_scenario(name: str, policy: dict, concurrency: int, feedback_rate: float, timeout: float) -> dict:
+    model, with_shadow = SCENARIOS[name]
+    default = DEFAULT_POLICY if with_shadow else without_shadow(DEFAULT_POLICY)
+    policy = policy if with_shadow else without_shadow(policy)
     root = Path(tempfile.mkdtemp(prefix=f"rollout-bench-{name}-"))
     registry = root / "registry"
     publish_dir(lambda d: write_tiny_model(d), registry, MODEL)
@@ -198,7 +210,7 @@ def run_scenario(name: str, policy: dict, concurrency: int, feedback_rate: float
         with Traffic(urls["gateway"], photos, oracle, concurrency, feedback_rate) as traffic:
             time.sleep(1.0)  # the stable version's figures start before the publish
             published = time.monotonic()
-            publish_dir(lambda d: write_tiny_model(d, **SCENARIOS[name]), registry, MODEL)
+            publish_dir(lambda d: write_tiny_model(d, **model), registry, MODEL)
             available_at = None
             while time.monotonic() - published < timeout:
                 if available_at is None:
@@ -222,7 +234,8 @@ def run_scenario(name: str, policy: dict, concurrency: int, feedback_rate: float
     seconds = final["seconds_after_publish"] if final else None
     return {"scenario": name, "outcome": final["outcome"] if final else "timeout", "rule": final and final["rule"],
             "seconds_to_outcome": seconds,
-            "default_policy_seconds_derived": derived_default_seconds(seconds, events, policy),
+            "default_policy_seconds_derived": derived_default_seconds(seconds, events, policy, default),
+            "shadow_step": with_shadow,
             "requests_per_second": round(traffic.sent / ended, 1),
             "seconds_to_available": available_at, "seconds_watched": round(ended, 2), "events": events,
             "requests": traffic.sent, "failed": traffic.failed, "feedback": traffic.feedback,

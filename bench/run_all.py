@@ -253,7 +253,8 @@ def rollout_table(rollout: dict) -> list[str]:
              "| requests (req/s) | feedback |", "|---|---|---|---|---|---|---|"]
     for row in rollout["scenarios"]:
         outcome = row["outcome"] + (f" ({row['rule']})" if row.get("rule") else "")
-        lines.append(f"| {row['scenario']} | {outcome} | {seconds(row['seconds_to_available'])} | "
+        scenario = row["scenario"] + ("" if row.get("shadow_step", True) else " (policy without its shadow step)")
+        lines.append(f"| {scenario} | {outcome} | {seconds(row['seconds_to_available'])} | "
                      f"{seconds(row['seconds_to_outcome'])} | {seconds(row.get('default_policy_seconds_derived'))} "
                      f"| {row['requests']} ({row.get('requests_per_second', '-')}) | {row['feedback']} |")
     return lines

@@ -44,6 +44,11 @@ def test_default_policy_time_is_derived_from_the_holds_gone_through():
     assert derived_default_seconds(53.0, promoted, scaled) == 53.0 + 5 * 590
     assert derived_default_seconds(4.6, [{"outcome": "start"}, {"outcome": "rollback"}], scaled) == 4.6
     assert derived_default_seconds(None, [], scaled) is None
+    from bench.rollout_bench import without_shadow
+
+    no_shadow = without_shadow(scaled)
+    assert [s["weight"] for s in no_shadow["steps"]] == [5, 25, 50, 100]
+    assert derived_default_seconds(5.0, events, no_shadow, without_shadow(DEFAULT_POLICY)) == 5.0 + 590
 
 
 def test_run_all_renders_the_rollout_table():
