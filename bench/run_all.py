@@ -248,7 +248,9 @@ def rollout_table(rollout: dict) -> list[str]:
              f"controller's default policy with every hold divided by {rollout['time_scale']:g} and every minimum "
              f"count multiplied by {rollout['request_scale']:g}; {rollout['concurrency']} clients, feedback on "
              f"{rollout['feedback_rate']:.0%} of the answers; tiny models. 'Default policy' is derived: the measured "
-             "time with each hold the version went through counted at its default length (600 s).", "",
+             "time with each hold the version went through counted at its default length (600 s); the minimum counts "
+             "are not corrected (at the default's, a rule needs that many more requests or feedback before it can "
+             "fire).", "",
              "| new version | outcome | publish → AVAILABLE | publish → outcome (measured) | default policy (derived) "
              "| requests (req/s) | feedback |", "|---|---|---|---|---|---|---|"]
     for row in rollout["scenarios"]:
