@@ -193,3 +193,45 @@ def test_collect_drops_missing_unreadable_and_malformed_corrections(tmp_path):
     assert collect(store, data, data).counts()["duplicate"] == 1  # the second time it is already there
     with pytest.raises(Exception, match="does not exist"):
         collect(tmp_path / "nowhere", data, data)
+
+
+def test_grpc_feedback_records_once_and_keeps_corrected_photos(model_server, tmp_path):
+    import grpc
+
+    from services.gateway.protos import load
+
+    pb, pb_grpc = load()
+    store = tmp_path / "store"
+    with RedisServer() as redis_server:
+        gateway = Gateway(model_server.grpc_target, redis_server.url, f"--photo-store={store}")
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+                stub = pb_grpc.ClassifierStub(channel)
+                photo = PHOTOS["amanita_vaginata"][40].read_bytes()
+                answer = stub.Classify(pb.ClassifyRequest(photo=photo), timeout=30)
+                top = answer.predictions[0].label
+                wrong = next(x for x in LABELS if x != top)
+                reply = stub.Feedback(pb.FeedbackRequest(feedback_token=answer.feedback_token, true_label=wrong),
+                                      timeout=30)
+                assert (reply.request_id, reply.model_version, reply.predicted, reply.correct) == (
+                    answer.request_id, 1, top, False)
+                assert reply.HasField("photo_kept") and reply.photo_kept
+                with pytest.raises(grpc.RpcError) as again:
+                    stub.Feedback(pb.FeedbackRequest(feedback_token=answer.feedback_token, true_label=wrong),
+                                  timeout=30)
+                assert again.value.code() == grpc.StatusCode.ALREADY_EXISTS
+                confirmed = stub.Classify(pb.ClassifyRequest(photo=PHOTOS["amanita_vaginata"][41].read_bytes()),
+                                          timeout=30)
+                agree = stub.Feedback(pb.FeedbackRequest(feedback_token=confirmed.feedback_token,
+                                                         true_label=confirmed.predictions[0].label), timeout=30)
+                assert agree.correct and not agree.HasField("photo_kept")  # no correction, nothing logged
+                with pytest.raises(grpc.RpcError) as forged:
+                    stub.Feedback(pb.FeedbackRequest(feedback_token=answer.feedback_token[:-4] + "AAAA",
+                                                     true_label=wrong), timeout=30)
+                assert forged.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        finally:
+            gateway.stop()
+    [record] = [json.loads(line) for line in (store / "corrections.jsonl").read_text().splitlines()]
+    assert (record["sha256"], record["true_label"], record["request_id"]) == (
+        hashlib.sha256(photo).hexdigest(), wrong, answer.request_id)
+    assert (store / "corrected" / record["sha256"]).read_bytes() == photo

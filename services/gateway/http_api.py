@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from services.gateway import metrics
 from services.gateway.classifier import Classifier
 from services.gateway.errors import GatewayError
-from services.gateway.feedback import BadFeedbackToken
+from services.gateway.feedback_intake import take_feedback
 from services.gateway.openapi import OPENAPI
 from services.gateway.operators import OperatorTokens
 from services.gateway.photo_store import PhotoStore
@@ -150,18 +150,8 @@ class HttpApi:
                 data.get("true_label"), str):
             raise GatewayError(400, "bad_feedback", 'feedback is {"feedback_token": "<the answer\'s '
                                'feedback_token>", "true_label": "..."} (request_id optional)')
-        try:
-            claim = self.classifier.stats.tokens.verify(data["feedback_token"])
-        except BadFeedbackToken as exc:
-            status = {"expired": 410, "forged": 403}.get(exc.reason, 400)
-            raise GatewayError(status, f"feedback_token_{exc.reason}", str(exc)) from None
-        if data.get("request_id") not in (None, claim.request_id):
-            raise GatewayError(400, "bad_feedback", "request_id is not the one of the feedback_token")
-        recorded = await self.classifier.stats.record_feedback(claim, data["true_label"])
-        if recorded is None:
-            raise GatewayError(409, "feedback_already_recorded", f"answer {claim.request_id} already got feedback")
-        if self.photo_store is not None:
-            recorded["photo_kept"] = await self.photo_store.record(claim, data["true_label"])
+        recorded = await take_feedback(self.classifier.stats, self.photo_store, data["feedback_token"],
+                                       data["true_label"], data.get("request_id"))
         return web.json_response(recorded)
 
     def _demo_version(self) -> int:

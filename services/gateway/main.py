@@ -163,7 +163,7 @@ class Gateway:
         await web.TCPSite(runner, self.args.host, self.args.http_port).start()
         grpc_server = health = None
         if self.args.grpc_port:
-            grpc_server, health = build_server(self.classifier, self.args.host, self.args.grpc_port)
+            grpc_server, health = build_server(self.classifier, self.args.host, self.args.grpc_port, photo_store)
             await grpc_server.start()
         log.info("gateway on http://%s:%d and gRPC %s:%s -> model server %s, redis %s", self.args.host,
                  self.args.http_port, self.args.host, self.args.grpc_port or "off", self.args.model_server,
