@@ -32,6 +32,8 @@ SCRIPTS = {
     "train": [str(BENCH_DIR / "train_bench.py")],
     "accuracy_cv": ["-m", "bench.accuracy_cv"],
     "faults": ["-m", "bench.faults"],
+    # the default policy holds 5 x 600 s: measured compressed, the default's times derived (bench/rollout_bench.py)
+    "rollout": ["-m", "bench.rollout_bench", "--time-scale", "60", "--request-scale", "0.2", "--concurrency", "4"],
 }
 TIMED = {"raw_model", "model_server", "gateway", "tflite"}  # the scripts that take --seconds
 
@@ -242,7 +244,30 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if report.get("faults"):
         lines += ["", *fault_table(report["faults"])]
+    if report.get("rollout"):
+        lines += ["", *rollout_table(report["rollout"])]
     return "\n".join(lines) + "\n"
+
+
+def rollout_table(rollout: dict) -> list[str]:
+    """bench/rollout_bench.py: publish to 100 % and to rollback, measured compressed and derived for the default."""
+    seconds = lambda v: "-" if v is None else f"{v:.1f} s"  # noqa: E731
+    lines = [f"Rollout (bench/rollout_bench.py, revision {(rollout.get('machine') or {}).get('revision', '?')}): the "
+             f"controller's default policy with every hold divided by {rollout['time_scale']:g} and every minimum "
+             f"count multiplied by {rollout['request_scale']:g}; {rollout['concurrency']} clients, feedback on "
+             f"{rollout['feedback_rate']:.0%} of the answers; tiny models. 'Default policy' is derived: the measured "
+             "time with each hold the version went through counted at its default length (600 s); the minimum counts "
+             "are not corrected (at the default's, a rule needs that many more requests or feedback before it can "
+             "fire).", "",
+             "| new version | outcome | publish → AVAILABLE | publish → outcome (measured) | default policy (derived) "
+             "| requests (req/s) | feedback |", "|---|---|---|---|---|---|---|"]
+    for row in rollout["scenarios"]:
+        outcome = row["outcome"] + (f" ({row['rule']})" if row.get("rule") else "")
+        scenario = row["scenario"] + ("" if row.get("shadow_step", True) else " (policy without its shadow step)")
+        lines.append(f"| {scenario} | {outcome} | {seconds(row['seconds_to_available'])} | "
+                     f"{seconds(row['seconds_to_outcome'])} | {seconds(row.get('default_policy_seconds_derived'))} "
+                     f"| {row['requests']} ({row.get('requests_per_second', '-')}) | {row['feedback']} |")
+    return lines
 
 
 def fault_table(faults: dict) -> list[str]:
@@ -282,7 +307,7 @@ def main(argv=None) -> int:
     skip = set(SCRIPTS) if args.report_only else {s for s in args.skip.split(",") if s}
     ran = {name: run(name, args.seconds) for name in SCRIPTS if name not in skip}
     report = {"machine": machine_description(), "ran": ran, "rows": rows(), "gateway_cells": gateway_cells(),
-              "faults": fault_rows()}
+              "faults": fault_rows(), "rollout": load("rollout")}
     (RESULTS_DIR / "report.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)
     (BENCH_DIR / "REPORT.md").write_text(table)

@@ -102,7 +102,8 @@ def test_k8s_manifests_validate_against_the_kubernetes_schema():
     kinds = {(d["kind"], d["metadata"]["name"]) for _, d in docs}
     for needed in [("Namespace", "mushrooms"), ("Deployment", "gateway"), ("HorizontalPodAutoscaler", "gateway"),
                    ("PodDisruptionBudget", "gateway"), ("Deployment", "tfserving"), ("Deployment", "redis"),
-                   ("Job", "train"), ("CronJob", "train-nightly"), ("PersistentVolumeClaim", "model-registry")]:
+                   ("Job", "train"), ("CronJob", "train-nightly"), ("PersistentVolumeClaim", "model-registry"),
+                   ("Deployment", "rollout"), ("Service", "rollout")]:
         assert needed in kinds
     broken = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}, "spec": {"replicas": "two"}}
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -115,6 +116,70 @@ def test_k8s_gateway_has_probes_and_resources():
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["resources"]["requests"] and container["resources"]["limits"]
+
+
+def test_k8s_rollout_controller_runs_once_with_the_operator_secret_and_the_policy():
+    [deployment] = [d for _, d in k8s_documents() if d["kind"] == "Deployment" and d["metadata"]["name"] == "rollout"]
+    assert deployment["spec"]["replicas"] == 1
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["args"] == ["python", "-m", "services.rollout"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["operators"]["secret"]["secretName"] == "gateway-operators"  # the gateway's operator tokens
+    assert env["ROLLOUT_GATEWAY_TOKEN_FILE"] == f"{mounts['operators']}/rollout-controller"
+    assert env["ROLLOUT_POLICY"] == f"{mounts['policy']}/policy.yaml"
+    assert volumes["policy"]["configMap"]["name"] == "rollout-policy"
+    generators = {g["name"]: g for g in yaml.safe_load((K8S / "kustomization.yaml").read_text())["configMapGenerator"]}
+    assert generators["rollout-policy"]["files"] == ["policy.yaml=rollout-policy.yaml"]
+    assert env["GATEWAY_STATUS_DNS"].startswith("gateway-pods.")  # every gateway pod's figures
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz" and container["resources"]["limits"]
+
+
+def test_rollout_policy_files_hold_the_documented_defaults():
+    from services.rollout.policy import load_policy
+
+    assert (DEPLOY / "rollout/policy.yaml").read_text() == (K8S / "rollout-policy.yaml").read_text()
+    assert load_policy(DEPLOY / "rollout/policy.yaml") == load_policy(None)
+
+
+def test_compose_runs_the_rollout_controller_with_its_token_secret():
+    doc = compose()
+    rollout = doc["services"]["rollout"]
+    assert rollout["command"] == ["python", "-m", "services.rollout"]
+    assert set(rollout["secrets"]) == {"operators", "rollout_token"} <= set(doc["secrets"])
+    assert rollout["environment"]["ROLLOUT_GATEWAY_TOKEN_FILE"] == "/run/secrets/rollout_token"
+    mounts = dict(v.split(":")[:2][::-1] for v in rollout["volumes"])
+    assert (ROOT / mounts["/config"] / "policy.yaml").is_file()
+
+
+def test_nightly_cronjob_collects_corrections_from_the_gateways_photo_store_then_retrains():
+    docs = k8s_documents()
+    [cron] = [d for _, d in docs if d["kind"] == "CronJob" and d["metadata"]["name"] == "train-nightly"]
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["args"] == ["sh", "scripts/collect_and_retrain.sh"]
+    assert (ROOT / "scripts/collect_and_retrain.sh").is_file()
+    env = {e["name"]: e["value"] for e in container["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
+    assert env["PHOTO_STORE_DIR"] == mounts["photo-store"] and claims["photo-store"] == "photo-store"
+    [gateway] = [d for _, d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "gateway"]
+    gw_pod = gateway["spec"]["template"]["spec"]
+    gw_env = {e["name"]: e.get("value") for e in gw_pod["containers"][0]["env"]}
+    gw_mounts = {m["name"]: m["mountPath"] for m in gw_pod["containers"][0]["volumeMounts"]}
+    assert gw_env["PHOTO_STORE_DIR"] == gw_mounts["photo-store"]
+    assert {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in gw_pod["volumes"]}[
+        "photo-store"] == "photo-store"
+    [pvc] = [d for _, d in docs if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == "photo-store"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # every gateway replica and the CronJob share it
+    services = compose()["services"]
+    assert services["retrain"]["command"] == ["sh", "scripts/collect_and_retrain.sh"]
+    assert services["retrain"]["profiles"] == ["train"]
+    assert "photo-store:/photo-store" in services["retrain"]["volumes"]
+    assert "photo-store:/photo-store" in services["gateway"]["volumes"]
+    assert services["gateway"]["environment"]["PHOTO_STORE_DIR"] == "/photo-store"
 
 
 def test_kustomization_references_existing_files():
@@ -145,7 +210,7 @@ def test_alert_rules_pass_promtool_and_cover_the_required_alerts(tmp_path):
     names = {r["alert"] for g in yaml.safe_load((DEPLOY / "prometheus/alerts.yml").read_text())["groups"]
              for r in g["rules"]}
     assert {"GatewayP99LatencyHigh", "GatewayErrorRateHigh", "CanaryErrorRateAboveStable", "CacheErrors",
-            "RoutingTableLost", "GatewayLoopFailing"} <= names
+            "RoutingTableLost", "GatewayLoopFailing", "RolloutRolledBack", "RolloutControllerDown"} <= names
     broken = tmp_path / "broken.yml"
     broken.write_text("groups:\n  - name: x\n    rules:\n      - alert: X\n        expr: rate(\n")
     assert promtool("check", "rules", str(broken)).returncode != 0
@@ -157,8 +222,16 @@ def test_grafana_dashboards_load_and_query_gateway_metrics():
     assert json.loads(compose_copy.read_text()) == json.loads(k8s_copy.read_text())
     dashboard = json.loads(compose_copy.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
-    assert exprs and all("mushroom_gateway_" in e for e in exprs)
+    assert exprs and all("mushroom_gateway_" in e or "mushroom_rollout_" in e for e in exprs)
     assert any("model_version" in e for e in exprs)
+    rollout_exprs = " ".join(e for e in exprs if "mushroom_rollout_" in e)  # the rollout panel: step and decisions
+    assert "mushroom_rollout_step" in rollout_exprs and "mushroom_rollout_decisions_total" in rollout_exprs
+
+
+@pytest.mark.parametrize("config", ["prometheus/prometheus.yml", "k8s/monitoring/prometheus.yml"])
+def test_prometheus_scrapes_the_rollout_controller(config):
+    jobs = {j["job_name"]: j for j in yaml.safe_load((DEPLOY / config).read_text())["scrape_configs"]}
+    assert "rollout" in jobs and "8095" in json.dumps(jobs["rollout"])
 
 
 @pytest.mark.parametrize("dockerfile", ["gateway.Dockerfile", "training.Dockerfile"])

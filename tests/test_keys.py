@@ -1,5 +1,5 @@
-"""The Redis layout lives in services/gateway/keys.py: no other module spells a key, and tallies are read through known
-keys (never a keyspace SCAN)."""
+"""The Redis layout lives in services/gateway/keys.py (and the rollout controller's in services/rollout/keys.py): no
+other module spells a key, and tallies are read through known keys (never a keyspace SCAN)."""
 from __future__ import annotations
 
 import asyncio
@@ -14,13 +14,14 @@ from training_job.paths import PROJECT_ROOT
 from tests.support import RedisServer
 
 KEY_LITERAL = re.compile(r"""["']mushroom:""")
+KEY_MODULES = {PROJECT_ROOT / "services/gateway/keys.py", PROJECT_ROOT / "services/rollout/keys.py"}
 
 
 def test_no_module_but_keys_spells_a_redis_key():
     spelled = []
     for folder in ("services", "bench", "loadtests"):
         for path in sorted((PROJECT_ROOT / folder).rglob("*.py")):
-            if path == PROJECT_ROOT / "services/gateway/keys.py" or "proto_gen" in path.parts:
+            if path in KEY_MODULES or "proto_gen" in path.parts:
                 continue
             spelled += [f"{path.relative_to(PROJECT_ROOT)}:{n}" for n, line in
                         enumerate(path.read_text().splitlines(), 1) if KEY_LITERAL.search(line)]
@@ -33,6 +34,15 @@ def test_every_key_has_the_project_prefix_and_the_model_in_it():
              keys.feedback_tally("m"), keys.feedback_seen("m")]
     assert all(k.startswith("mushroom:") and ":m" in k for k in built)
     assert len(set(built)) == len(built)
+
+
+def test_rollout_keys_have_their_own_prefix_and_the_model_in_them():
+    from services.rollout import keys as rollout_keys
+
+    built = [rollout_keys.state("m"), rollout_keys.lease("m"), rollout_keys.commands("m"), rollout_keys.history("m")]
+    gateway_built = [keys.routing("m"), keys.audit("m"), keys.feedback_tally("m"), keys.feedback_seen("m")]
+    assert all(k.startswith("mushroom:rollout:") and k.endswith(":m") for k in built)
+    assert len(set(built)) == len(built) and not set(built) & set(gateway_built)
 
 
 @pytest.fixture()

@@ -18,6 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 COMMAND_MODULES = [
     "training_job.commands.weights",
     "training_job.commands.gather",
+    "training_job.commands.collect",
     "training_job.commands.prepare",
     "training_job.commands.train",
     "training_job.commands.evaluate",

@@ -10,6 +10,9 @@ refused, and so are weights outside 0..1,000,000 or all 0: `clear` empties the t
 the latest AVAILABLE version). `status` shows each entry with the version it points at now; `audit` shows the
 entries as they were set.
 
+`rollout [status|pause|resume|abort|promote]` talks to the rollout controller (services/rollout) at --rollout-url
+with the same operator token: its step, timers, judged figures and decisions, or a command for its next tick.
+
 Talks to the gateway's admin API with an operator's bearer token from --token or $GATEWAY_ADMIN_TOKEN; the audit
 records the token's owner ($USER goes along as X-Operator, a note only).
 """
@@ -75,6 +78,25 @@ def print_status(status: dict) -> None:
               f"({verdict} at 5 %)")
 
 
+def print_rollout(body: dict) -> None:
+    state = body.get("state") or {}
+    print(f"model {body['model']}: stable v{state.get('stable')}; lease held by {body.get('leader') or 'nobody'}")
+    step, timers, judgement = body.get("step"), body.get("timers"), state.get("judgement") or {}
+    if step:
+        print(f"rolling out v{state['candidate']}: step {step['index'] + 1} of {step['of']} {step['name']} "
+              f"({step['weight']:g} %{', shadow' if step['shadow'] else ''}){' PAUSED' if state.get('paused') else ''}"
+              f"; held {timers['held_seconds']:.0f} of {timers['hold_seconds']:g} s")
+        print(f"last judgement: {judgement.get('decision')}: {judgement.get('reason')}")
+        for verdict in judgement.get("verdicts", []):
+            print(f"  {verdict['rule']:<18} {verdict['outcome']:<12} {verdict['reason']}")
+    else:
+        print("no rollout running" + (f"; rejected versions: {state['rejected']}" if state.get("rejected") else ""))
+    for event in body.get("history", [])[:10]:
+        rule = f" [{event['rule']}]" if event.get("rule") else ""
+        print(f"  {event['outcome']:<9} v{event.get('version')} {event.get('step') or '':<10} by {event['who']}{rule}: "
+              f"{event['reason']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.gateway.admin", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,8 +111,19 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", help="routing entries with the versions they resolve to, per-version figures and the "
                    "significance test")
     sub.add_parser("audit", help="who changed the routing, when, from what to what")
+    rollout = sub.add_parser("rollout", help="the rollout controller: status, or pause / resume / abort / promote")
+    rollout.add_argument("action", nargs="?", default="status",
+                         choices=("status", "pause", "resume", "abort", "promote"))
+    rollout.add_argument("--rollout-url", default=os.environ.get("ROLLOUT_URL", "http://127.0.0.1:8095"),
+                         help="[$ROLLOUT_URL]")
     args = parser.parse_args(argv)
-    if args.command == "set":
+    if args.command == "rollout":
+        if args.action == "status":
+            print_rollout(call(args.rollout_url, args.token, "GET", "/v1/rollout"))
+        else:
+            queued = call(args.rollout_url, args.token, "POST", f"/v1/rollout/{args.action}", {})["queued"]
+            print(f"queued {queued['action']} by {queued['who']}: applied at the controller's next tick")
+    elif args.command == "set":
         try:
             table = parse_assignments(args.assignments)
         except RoutingError as exc:

@@ -304,7 +304,12 @@ class Classifier:
                 shadow_answer = await self._predict(pixels, shadow, None)
             except GatewayError:
                 return
-            agreed = int(np.argmax(shadow_answer["probabilities"])) == int(np.argmax(answer["probabilities"]))
+            # the same top-1 label (two versions may order their columns differently)
+            agreed = _top_label(shadow_answer) == _top_label(answer)
             self.stats.record_shadow(shadow, agreed, time.perf_counter() - start)
 
         self._spawn(mirror())
+
+
+def _top_label(answer: dict) -> str:
+    return answer["classes"][int(np.argmax(answer["probabilities"]))]

@@ -1,7 +1,8 @@
 """Feedback tokens: each answer carries a signed token saying what it predicted, so an answer costs no Redis key.
 
 A token is ``v1.<payload>.<signature>``: the payload is base64url JSON {"r": request id, "m": model, "v": version,
-"p": predicted label, "t": issue time (unix seconds)}, the signature base64url HMAC-SHA256 of ``v1.<payload>`` under
+"p": predicted label, "t": issue time (unix seconds), and "h": the photo's sha256 when the photo store keeps it
+(photo_store.py)}, the signature base64url HMAC-SHA256 of ``v1.<payload>`` under
 the gateway's feedback secret. ``/v1/feedback`` verifies it; a token is good for ``lifetime`` seconds after issue.
 Every replica must share the secret (FEEDBACK_SECRET or --feedback-secret-file; a Kubernetes Secret / compose
 secret in deploy/), or a replica refuses the tokens of the others. Single use is enforced when feedback arrives
@@ -40,6 +41,7 @@ class FeedbackClaim:
     predicted: str
     issued_at: int
     expires_at: int
+    photo_sha256: str | None = None  # set when the gateway kept the photo (--photo-store)
 
 
 def _b64(data: bytes) -> str:
@@ -68,8 +70,10 @@ class FeedbackTokens:
     def _sign(self, signed_part: str) -> str:
         return _b64(hmac.new(self._secret, signed_part.encode(), hashlib.sha256).digest())
 
-    def issue(self, request_id: str, version: int, predicted: str) -> str:
+    def issue(self, request_id: str, version: int, predicted: str, photo_sha256: str | None = None) -> str:
         payload = {"r": request_id, "m": self.model_name, "v": version, "p": predicted, "t": int(self.clock())}
+        if photo_sha256 is not None:
+            payload["h"] = photo_sha256
         signed_part = f"{VERSION_PREFIX}.{_b64(json.dumps(payload, separators=(',', ':')).encode())}"
         return f"{signed_part}.{self._sign(signed_part)}"
 
@@ -84,7 +88,7 @@ class FeedbackTokens:
         try:
             payload = json.loads(_unb64(parts[1]))
             claim = FeedbackClaim(str(payload["r"]), int(payload["v"]), str(payload["p"]), int(payload["t"]),
-                                  int(payload["t"]) + self.lifetime)
+                                  int(payload["t"]) + self.lifetime, str(payload["h"]) if "h" in payload else None)
         except (binascii.Error, ValueError, KeyError, TypeError):
             raise BadFeedbackToken("malformed", "feedback_token carries an unreadable payload") from None
         if payload.get("m") != self.model_name:

@@ -9,6 +9,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.gateway.classifier import Classifier
 from services.gateway.errors import GatewayError
+from services.gateway.feedback_intake import take_feedback
 from services.gateway.protos import load
 from services.gateway.upstream import state_name
 
@@ -38,8 +39,9 @@ def to_proto(answer: dict):
 
 
 class ClassifierService(pb_grpc.ClassifierServicer):
-    def __init__(self, classifier: Classifier):
+    def __init__(self, classifier: Classifier, photo_store=None):
         self.classifier = classifier
+        self.photo_store = photo_store  # opt-in (photo_store.PhotoStore): photos kept so corrections become data
 
     async def _classify(self, request, endpoint: str):
         choice = request.WhichOneof("override")
@@ -48,6 +50,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             version=request.version if choice == "version" else None,
             label=request.label if choice == "label" else None, protocol="grpc", endpoint=endpoint,
             explain=request.explain, explain_class=request.explain_class or None)
+        if self.photo_store is not None:
+            answer = await self.photo_store.keep(request.photo, answer)
         return to_proto(answer)
 
     async def Classify(self, request, context):
@@ -64,6 +68,19 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             except GatewayError as exc:
                 yield pb.ClassifyResponse(error=pb.Error(code=exc.code, message=exc.message))
 
+    async def Feedback(self, request, context):
+        try:
+            recorded = await take_feedback(self.classifier.stats, self.photo_store, request.feedback_token,
+                                           request.true_label, request.request_id or None)
+        except GatewayError as exc:
+            await context.abort(exc.grpc_code, f"{exc.code}: {exc.message}")
+        response = pb.FeedbackResponse(request_id=recorded["request_id"], model_version=recorded["version"],
+                                       predicted=recorded["predicted"], true_label=recorded["true_label"],
+                                       correct=recorded["correct"])
+        if recorded.get("photo_kept") is not None:
+            response.photo_kept = recorded["photo_kept"]
+        return response
+
     async def ListModels(self, request, context):
         try:
             states = await self.classifier.version_states()
@@ -77,9 +94,10 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             shadow=str(table.shadow) if table.shadow is not None else "")
 
 
-def build_server(classifier: Classifier, host: str, port: int) -> tuple[grpc.aio.Server, health.HealthServicer]:
+def build_server(classifier: Classifier, host: str, port: int,
+                 photo_store=None) -> tuple[grpc.aio.Server, health.HealthServicer]:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 32 * 1024 * 1024)])
-    pb_grpc.add_ClassifierServicer_to_server(ClassifierService(classifier), server)
+    pb_grpc.add_ClassifierServicer_to_server(ClassifierService(classifier, photo_store), server)
     health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

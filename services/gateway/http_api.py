@@ -14,9 +14,11 @@ from services.gateway import metrics
 from services.gateway.bodies import body_deadline, read_form_file, read_limited
 from services.gateway.classifier import Classifier
 from services.gateway.errors import GatewayError
-from services.gateway.feedback import BadFeedbackToken
+from services.gateway.feedback_intake import take_feedback
 from services.gateway.openapi import OPENAPI
 from services.gateway.operators import OperatorTokens
+from services.gateway.photo_store import PhotoStore
+from services.gateway.rollout_proxy import RolloutProxy
 from services.gateway.routing import RoutingError, RoutingTable
 from services.gateway.upstream import UpstreamUnavailable, state_name
 
@@ -96,7 +98,10 @@ def _json_options(data: dict) -> dict:
 
 class HttpApi:
     def __init__(self, classifier: Classifier, operators: OperatorTokens, max_body: int, ready,
-                 body_timeout: float = 60.0):
+                 body_timeout: float = 60.0, rollout: RolloutProxy | None = None,
+                 photo_store: PhotoStore | None = None):
+        self.rollout = rollout or RolloutProxy(None)  # the rollout controller's API, for the operator panel
+        self.photo_store = photo_store  # opt-in: photos kept by hash so corrections become training data
         self.classifier = classifier
         self.operators = operators
         self.max_body = max_body
@@ -117,6 +122,7 @@ class HttpApi:
         r.add_put("/v1/admin/routing", self.put_routing)
         r.add_get("/v1/admin/audit", self.audit)
         r.add_get("/v1/admin/status", self.status)
+        self.rollout.add_routes(app)
         r.add_get("/healthz", self.healthz)
         r.add_get("/readyz", self.readyz)
         r.add_get("/metrics", self.metrics)
@@ -175,6 +181,8 @@ class HttpApi:
             photo, client_id=options["client_id"], top_k=3 if options["top_k"] is None else options["top_k"],
             version=options["version"], label=options["label"], protocol="http",
             explain=bool(options["explain"]), explain_class=options["explain_class"] or None)
+        if self.photo_store is not None:
+            answer = await self.photo_store.keep(photo, answer)
         return web.json_response(answer)
 
     # ------------------------------------------------------------------ models, feedback, demo
@@ -198,16 +206,8 @@ class HttpApi:
                 data.get("true_label"), str):
             raise GatewayError(400, "bad_feedback", 'feedback is {"feedback_token": "<the answer\'s '
                                'feedback_token>", "true_label": "..."} (request_id optional)')
-        try:
-            claim = self.classifier.stats.tokens.verify(data["feedback_token"])
-        except BadFeedbackToken as exc:
-            status = {"expired": 410, "forged": 403}.get(exc.reason, 400)
-            raise GatewayError(status, f"feedback_token_{exc.reason}", str(exc)) from None
-        if data.get("request_id") not in (None, claim.request_id):
-            raise GatewayError(400, "bad_feedback", "request_id is not the one of the feedback_token")
-        recorded = await self.classifier.stats.record_feedback(claim, data["true_label"])
-        if recorded is None:
-            raise GatewayError(409, "feedback_already_recorded", f"answer {claim.request_id} already got feedback")
+        recorded = await take_feedback(self.classifier.stats, self.photo_store, data["feedback_token"],
+                                       data["true_label"], data.get("request_id"))
         return web.json_response(recorded)
 
     def _demo_version(self) -> int:

@@ -49,6 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feedback-window", type=int, default=int(env("FEEDBACK_WINDOW_SECONDS", str(7 * 24 * 3600))),
                    help="seconds after an answer that its feedback is accepted (FEEDBACK_WINDOW_SECONDS, default "
                    "7 days)")
+    p.add_argument("--rollout-url", default=env("ROLLOUT_URL", ""),
+                   help="the rollout controller's API (services/rollout), shown in the web operator panel through "
+                   "/v1/admin/rollout (ROLLOUT_URL; optional)")
+    p.add_argument("--photo-store", default=env("PHOTO_STORE_DIR", ""),
+                   help="opt-in: keep every classified photo by its hash in this folder (bounded), so feedback that "
+                   "corrects an answer becomes training data for `python -m training_job collect` (PHOTO_STORE_DIR; "
+                   "off by default)")
+    p.add_argument("--photo-store-max-bytes", type=int,
+                   default=int(env("PHOTO_STORE_MAX_BYTES", str(2 * 1024 ** 3))),
+                   help="bytes kept for plain classifications, and again for corrected photos; the oldest go first "
+                   "(PHOTO_STORE_MAX_BYTES, default 2 GiB)")
     p.add_argument("--cache-ttl", type=int, default=int(env("CACHE_TTL_SECONDS", "86400")),
                    help="seconds a cached answer lives (CACHE_TTL_SECONDS)")
     p.add_argument("--max-bytes", type=int, default=int(env("MAX_PHOTO_BYTES", str(20 * 1024 * 1024))),
@@ -151,14 +162,20 @@ class Gateway:
         watchers = [asyncio.create_task(self.loops.run("versions", self._poll_versions, 1.0, max_backoff=2.0)),
                     asyncio.create_task(self.loops.run("routing", router.refresh, 0.5, max_backoff=2.0)),
                     asyncio.create_task(self.loops.run("labels", router.refresh_labels, 1.0, max_backoff=5.0))]
+        from services.gateway.photo_store import PhotoStore
+        from services.gateway.rollout_proxy import RolloutProxy
+
+        photo_store = PhotoStore(self.args.photo_store, self.classifier.stats.tokens,
+                                 self.args.photo_store_max_bytes) if self.args.photo_store else None
         runner = web.AppRunner(HttpApi(self.classifier, self.operators, self.args.max_bytes, self.ready,
-                                       self.args.body_timeout).app(), access_log=None,
-                               keepalive_timeout=self.args.keepalive_timeout)
+                                       self.args.body_timeout, RolloutProxy(self.args.rollout_url or None),
+                                       photo_store).app(),
+                               access_log=None, keepalive_timeout=self.args.keepalive_timeout)
         await runner.setup()
         await web.TCPSite(runner, self.args.host, self.args.http_port).start()
         grpc_server = health = None
         if self.args.grpc_port:
-            grpc_server, health = build_server(self.classifier, self.args.host, self.args.grpc_port)
+            grpc_server, health = build_server(self.classifier, self.args.host, self.args.grpc_port, photo_store)
             await grpc_server.start()
         log.info("gateway on http://%s:%d and gRPC %s:%s -> model server %s, redis %s", self.args.host,
                  self.args.http_port, self.args.host, self.args.grpc_port or "off", self.args.model_server,

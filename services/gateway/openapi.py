@@ -101,6 +101,18 @@ OPENAPI = {
                                      "security": [{"bearer": []}], "responses": {"200": {
                                          "description": "status", "content": {"application/json": {"schema": {
                                              "$ref": "#/components/schemas/Status"}}}}, **_ERRORS}}},
+        "/v1/admin/rollout": {"get": {"summary": "The rollout controller's state, step, timers, judged figures and "
+                                                 "decision history (forwarded to --rollout-url; 404 "
+                                                 "rollout_not_configured without one)",
+                                      "security": [{"bearer": []}], "responses": {"200": {
+                                          "description": "rollout", "content": {"application/json": {"schema": {
+                                              "type": "object"}}}}, **_ERRORS}}},
+        "/v1/admin/rollout/{action}": {"post": {"summary": "Queue pause, resume, abort or promote for the rollout "
+                                                           "controller's next tick",
+                                                "security": [{"bearer": []}], "parameters": [{
+                                                    "name": "action", "in": "path", "required": True, "schema": {
+                                                        "enum": ["pause", "resume", "abort", "promote"]}}],
+                                                "responses": {"202": {"description": "queued"}, **_ERRORS}}},
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
         "/readyz": {"get": {"summary": "Readiness: the model server answered its last status check (a "
                                        "GetModelStatus every second, deadline --health-timeout) and a version is "

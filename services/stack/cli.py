@@ -25,6 +25,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     up.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
     up.add_argument("--scrape-interval", type=float, default=5.0, help="Prometheus scrape interval, seconds")
     up.add_argument("--no-tensorboard", action="store_true")
+    up.add_argument("--rollout", action="store_true",
+                    help="also start the rollout controller (python -m services.rollout): each newly published "
+                    "version is rolled out and judged automatically")
+    up.add_argument("--rollout-policy", type=Path, default=None,
+                    help="its policy file (default: the built-in policy, deploy/rollout/policy.yaml)")
     for port in fields(Ports):
         up.add_argument(f"--{port.name.replace('_', '-')}-port", type=int, default=port.default, dest=port.name)
     commands.add_parser("down", help="stop every process of the latest run folder")
@@ -107,10 +112,12 @@ def up(args: argparse.Namespace) -> int:
     run_dir = new_run_dir(runs_root())
     train_if_needed(args.registry, args.model_name, args.data, run_dir)
     ports = Ports(**{f.name: getattr(args, f.name) for f in fields(Ports)})
-    print(f"Starting Redis, the model server, the gateway, Prometheus{'' if args.no_tensorboard else ', TensorBoard'}"
+    print(f"Starting Redis, the model server, the gateway{', the rollout controller' if args.rollout else ''}, "
+          f"Prometheus{'' if args.no_tensorboard else ', TensorBoard'}"
           f" (logs in {run_dir}) ...")
     stack = start_stack(args.registry, args.model_name, run_dir, ports, args.scrape_interval,
-                        None if args.no_tensorboard else var_dir() / "tensorboard")
+                        None if args.no_tensorboard else var_dir() / "tensorboard", rollout=args.rollout,
+                        rollout_policy=args.rollout_policy)
     photos = demo_photos(latest_version_dir(args.registry, args.model_name))
     urls = stack.urls
     http_answers, grpc_answers, grpc_problem = run_demo(urls["gateway"], urls["gateway gRPC"], photos)

@@ -75,8 +75,14 @@ def write_monitoring_config(path: Path) -> None:
     path.write_text(f'prometheus_config {{ enable: true, path: "{MONITORING_PATH}" }}\n')
 
 
-def write_prometheus_config(path: Path, gateway_http: str, model_server_rest: str, scrape_interval_s: float) -> None:
+def write_prometheus_config(path: Path, gateway_http: str, model_server_rest: str, scrape_interval_s: float,
+                            rollout_http: str | None = None) -> None:
     interval = f"{scrape_interval_s:g}s"
+    rollout_job = f"""  - job_name: rollout
+    metrics_path: /metrics
+    static_configs:
+      - targets: ["{rollout_http}"]
+""" if rollout_http else ""
     path.write_text(f"""global:
   scrape_interval: {interval}
   evaluation_interval: {interval}
@@ -89,4 +95,4 @@ scrape_configs:
     metrics_path: {MONITORING_PATH}
     static_configs:
       - targets: ["{model_server_rest}"]
-""")
+{rollout_job}""")

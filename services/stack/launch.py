@@ -21,7 +21,8 @@ from training_job.paths import PROJECT_ROOT, var_dir
 STATE_FILE = "stack.json"
 # Stopped in reverse: whatever depends on a process goes down before it.
 BATCHING_CONFIG = PROJECT_ROOT / "deploy" / "tfserving" / "batching.config"  # the one docker-compose's TF Serving uses
-START_ORDER = ("redis", "model_server", "gateway", "prometheus", "tensorboard")
+START_ORDER = ("redis", "model_server", "gateway", "rollout", "prometheus", "tensorboard")
+ROLLOUT_OPERATOR = "rollout-controller"  # the name the gateway's audit gives the rollout controller's changes
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Ports:
     gateway_grpc: int = 50051
     prometheus: int = 9090
     tensorboard: int = 6006
+    rollout: int = 8095
 
 
 @dataclass
@@ -55,6 +57,8 @@ class Stack:
             "Prometheus": f"http://127.0.0.1:{p.prometheus}",
             "Redis": f"redis://127.0.0.1:{p.redis}/0",
         }
+        if "rollout" in self.processes:
+            urls["rollout controller"] = f"http://127.0.0.1:{p.rollout}"
         if "tensorboard" in self.processes:
             urls["TensorBoard"] = f"http://127.0.0.1:{p.tensorboard}"
         return urls
@@ -108,11 +112,14 @@ def _python_env() -> dict:
 
 def start_stack(registry: Path, model_name: str, run_dir: Path, ports: Ports | None = None,
                 scrape_interval_s: float = 5.0, tensorboard_logdir: Path | None = None,
-                admin_token: str | None = None, timeout: float = 180.0) -> Stack:
-    """Start every process on loopback and wait until each is healthy. On failure everything started is stopped."""
+                admin_token: str | None = None, timeout: float = 180.0, rollout: bool = False,
+                rollout_policy: Path | None = None) -> Stack:
+    """Start every process on loopback and wait until each is healthy. On failure everything started is stopped.
+    ``rollout``: also the rollout controller (services/rollout), with ``rollout_policy`` or the default policy."""
     ports = ports or Ports()
+    optional = {"tensorboard": tensorboard_logdir is not None, "rollout": rollout}
     busy = [f"{name}={port}" for name, port in asdict(ports).items()
-            if (name != "tensorboard" or tensorboard_logdir) and not port_is_free(port)]
+            if optional.get(name, True) and not port_is_free(port)]
     if busy:
         raise StackError(f"ports already in use: {', '.join(busy)} (is a stack already up? `scripts/stack.py down`, "
                          "or choose other ports)")
@@ -121,20 +128,29 @@ def start_stack(registry: Path, model_name: str, run_dir: Path, ports: Ports | N
             raise StackError(f"{binary} is not installed: run `make setup` (scripts/setup.sh)")
     token = admin_token or os.environ.get("GATEWAY_ADMIN_TOKEN") or secrets.token_urlsafe(24)
     # Mode 600 from its creation (never readable by others, not even between a write and a chmod).
-    fd = os.open(run_dir / "admin_token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as token_file:
-        token_file.write(token + "\n")
+    _write_private(run_dir / "admin_token", token + "\n")
+    if rollout:  # the controller's own operator token, so the gateway's audit names it
+        rollout_token = secrets.token_urlsafe(24)
+        _write_private(run_dir / "rollout_token", rollout_token + "\n")
+        _write_private(run_dir / "operators", f"{ROLLOUT_OPERATOR}:{rollout_token}\n")
     stack = Stack(run_dir, model_name, ports, token)
     try:
-        _start_all(stack, registry, scrape_interval_s, tensorboard_logdir, timeout)
+        _start_all(stack, registry, scrape_interval_s, tensorboard_logdir, timeout, rollout, rollout_policy)
     except BaseException:
         stop_stack(stack)
         raise
     return stack
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Mode 600 from its creation (never readable by others, not even between a write and a chmod)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 def _start_all(stack: Stack, registry: Path, scrape_interval_s: float, tensorboard_logdir: Path | None,
-               timeout: float) -> None:
+               timeout: float, rollout: bool = False, rollout_policy: Path | None = None) -> None:
     run_dir, ports, env = stack.run_dir, stack.ports, _python_env()
 
     def launch(name: str, argv: list[str], **kwargs) -> ProcessRecord:
@@ -158,7 +174,8 @@ def _start_all(stack: Stack, registry: Path, scrape_interval_s: float, tensorboa
 
     prometheus_config = run_dir / "prometheus.yml"
     configs.write_prometheus_config(prometheus_config, f"127.0.0.1:{ports.gateway_http}",
-                                    f"127.0.0.1:{ports.model_server_rest}", scrape_interval_s)
+                                    f"127.0.0.1:{ports.model_server_rest}", scrape_interval_s,
+                                    f"127.0.0.1:{ports.rollout}" if rollout else None)
     prometheus = launch("prometheus", [
         shutil.which("prometheus"), f"--config.file={prometheus_config}",
         f"--storage.tsdb.path={run_dir / 'prometheus-data'}", f"--web.listen-address=127.0.0.1:{ports.prometheus}"])
@@ -171,20 +188,35 @@ def _start_all(stack: Stack, registry: Path, scrape_interval_s: float, tensorboa
     rest = f"http://127.0.0.1:{ports.model_server_rest}"
     wait_healthy(model_server, lambda: model_available(rest, stack.model_name), timeout, "serving the model")
 
-    gateway = launch("gateway", gateway_argv(stack, registry), env={**env, "GATEWAY_ADMIN_TOKEN": stack.admin_token})
+    operators = run_dir / "operators"
+    with_rollout = {"operator-tokens": operators, "rollout-url": f"http://127.0.0.1:{ports.rollout}"}
+    gateway = launch("gateway", gateway_argv(stack, registry, with_rollout if rollout else None),
+                     env={**env, "GATEWAY_ADMIN_TOKEN": stack.admin_token})
     gateway_url = f"http://127.0.0.1:{ports.gateway_http}"
     wait_healthy(gateway, lambda: http_ok(f"{gateway_url}/readyz"), timeout, "ready")
+    if rollout:
+        controller = launch("rollout", [
+            sys.executable, "-m", "services.rollout", "--host=127.0.0.1", f"--http-port={ports.rollout}",
+            f"--redis-url=redis://127.0.0.1:{ports.redis}/0", f"--gateway-url={gateway_url}",
+            f"--model-server-rest={rest}", f"--model-name={stack.model_name}",
+            f"--model-base-path={(registry / stack.model_name).resolve()}",
+            f"--gateway-token-file={run_dir / 'rollout_token'}", f"--operator-tokens={operators}",
+            *([f"--policy={rollout_policy}"] if rollout_policy else [])],
+            env={**env, "GATEWAY_ADMIN_TOKEN": stack.admin_token})  # the admin operator may use its API too
+        wait_healthy(controller, lambda: http_ok(f"http://127.0.0.1:{ports.rollout}/healthz"), 60, "listening")
     wait_healthy(prometheus, lambda: http_ok(f"http://127.0.0.1:{ports.prometheus}/-/ready"), 60, "ready")
     if "tensorboard" in stack.processes:
         wait_healthy(stack.processes["tensorboard"], lambda: tcp_open(ports.tensorboard), 90, "listening")
 
 
-def gateway_argv(stack: Stack, registry: Path) -> list[str]:
-    """The gateway's command line, its flags spelled as services/gateway/main.py defines them."""
+def gateway_argv(stack: Stack, registry: Path, extra: dict | None = None) -> list[str]:
+    """The gateway's command line, its flags spelled as services/gateway/main.py defines them; ``extra``: more
+    flags by name (without the leading dashes) and value."""
     ports = stack.ports
     return servers.gateway_argv(ports.gateway_http, ports.gateway_grpc, f"127.0.0.1:{ports.model_server_grpc}",
                                 f"redis://127.0.0.1:{ports.redis}/0", stack.model_name,
-                                f"--model-base-path={(registry / stack.model_name).resolve()}")
+                                f"--model-base-path={(registry / stack.model_name).resolve()}",
+                                *(f"--{name}={value}" for name, value in (extra or {}).items()))
 
 
 def stop_stack(stack: Stack) -> list[str]:

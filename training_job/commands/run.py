@@ -36,6 +36,16 @@ def register(subparsers) -> None:
     parser.add_argument("--demo_percentage", type=float, default=p.DEFAULT_DEMO_PCT)
     add_training_arguments(parser)
     add_publish_arguments(parser)
+    g = parser.add_argument_group("champion/challenger (training_job/challenge.py)")
+    g.add_argument("--challenge", action="store_true",
+                   help="publish only if the new model is not worse than the champion (the newest published version, "
+                   "or --champion_version) on the test split: paired bootstrap interval of the accuracy difference "
+                   "at or above -margin; both scores go to assets.extra/challenge.json")
+    g.add_argument("--champion_version", type=int, default=None, help="the version to beat (default: the newest)")
+    g.add_argument("--challenge_margin", type=float, default=0.01,
+                   help="non-inferiority margin: how much lower the interval's bound may go")
+    g.add_argument("--corrections", default=None,
+                   help="provenance.csv of `collect`: its photos' scores are also reported on their own")
     parser.set_defaults(func=run)
 
 
@@ -77,11 +87,64 @@ def run(args) -> int:
     print(format_summary(read_report(work / "dataset")))
     print("[2/4] train + [3/4] evaluate")
     run_dir, metrics = train_and_report(rows, config, args)
-    print("[4/4] publish")
-    n, version_dir, _ = publish(run_dir, args)
+    if args.challenge:
+        print("[4/4] challenge the champion, then publish")
+        published = publish_challenger(run_dir, args)
+        if published is None:
+            return 0
+        n, version_dir = published
+    else:
+        print("[4/4] publish")
+        n, version_dir, _ = publish(run_dir, args)
     print(f"\nmodel published: {version_dir}  (registry {version_dir.parent.parent}, model {args.model_name}, version {n})")
     print(f"headline: test accuracy {metrics['test_accuracy']:.4f}; not-a-mushroom rejects "
           f"{metrics['open_set']['test_mushrooms_rejected']:.1%} of test mushrooms"
           + (f" and {metrics['open_set']['not_mushrooms_rejected']:.1%} of non-mushroom photos"
              if "not_mushrooms_rejected" in metrics["open_set"] else ""))
     return 0
+
+
+def publish_challenger(run_dir: Path, args) -> tuple[int, Path] | None:
+    """Export the run into a staging version, judge it against the champion there, and commit it only when it is
+    not worse; None (and the report in the run folder) when it is refused."""
+    from training_job.challenge import ChallengeRefused, challenge, champion_dir, correction_hashes, write_report
+    from training_job.paths import default_registry
+    from training_job.pipeline import export_run, load_run
+    from training_job.publish import publish_dir
+
+    registry = Path(args.registry) if args.registry else default_registry()
+    try:
+        champion = champion_dir(registry, args.model_name, args.champion_version)
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
+    rows = load_run(run_dir)[0]
+    corrections = correction_hashes(args.corrections)
+    reports = {}
+
+    def build(staging: Path) -> None:
+        export_run(run_dir, staging, model_name=args.model_name, tflite=not args.no_tflite)
+        if champion is None:
+            report = {"publish": True, "champion": None, "reason": "no champion yet: the first version is published"}
+        else:
+            report = challenge(staging, champion, rows, corrections, args.challenge_margin)
+        write_report(report, Path(run_dir))
+        reports["last"] = report
+        if not report["publish"]:
+            raise ChallengeRefused(report)
+        write_report(report, staging / "assets.extra")
+
+    try:
+        n, version_dir = publish_dir(build, registry, args.model_name)
+    except ChallengeRefused as refused:
+        r = refused.report
+        print(f"NOT PUBLISHED: {r['reason']} (challenger {r['challenger_accuracy']:.4f}, champion "
+              f"{r['champion_accuracy']:.4f} on {r['test_photos']} test photos; report in "
+              f"{run_dir / 'challenge.json'})")
+        return None
+    r = reports["last"]
+    if r.get("champion"):
+        print(f"challenge passed: {r['reason']} (challenger {r['challenger_accuracy']:.4f}, champion "
+              f"{r['champion_accuracy']:.4f} on {r['test_photos']} test photos)")
+    else:
+        print(r["reason"])
+    return n, version_dir

@@ -1,6 +1,6 @@
 // Operator panel: admin token (sessionStorage), routing weights with sliders (versions and version labels),
-// audit log, live per-version figures.
-import { getRouting, putRouting, getAudit, getStatus } from './api.js';
+// audit log, live per-version figures, and the rollout controller's step, timers, judged figures and decisions.
+import { getRouting, putRouting, getAudit, getStatus, getRollout, rolloutCommand } from './api.js';
 import { el, pct, ms, showError } from './format.js';
 
 const $ = (id) => document.getElementById(id);
@@ -44,6 +44,39 @@ const feedbackCount = (v) => v.feedback_count ?? (v.feedback && typeof v.feedbac
 // Numbers first, then labels, as the gateway lists them.
 export const entryOrder = (a, b) => (isLabel(a) - isLabel(b))
   || (isLabel(a) ? (a < b ? -1 : a > b ? 1 : 0) : Number(a) - Number(b));
+
+const seconds = (x) => `${Math.round(Number(x) || 0)} s`;
+
+// One sentence for the rollout's state: what is stable, what is being rolled out, at which step, paused or not.
+export function rolloutSummary(body) {
+  const state = body && body.state;
+  if (!state) return 'Rollout controller: no stable version adopted yet.';
+  const rejected = state.rejected && state.rejected.length ? ` Rejected versions: ${state.rejected.join(', ')}.` : '';
+  if (!body.step) return `Stable: version ${state.stable}. No rollout running.${rejected}`;
+  const s = body.step;
+  return `Rolling out version ${state.candidate} over stable version ${state.stable}: step ${s.index + 1} of ${s.of}, `
+    + `${s.name} (${s.weight}% of traffic${s.shadow ? ', mirrored as shadow' : ''})`
+    + `${state.paused ? ' — PAUSED' : ''}.${rejected}`;
+}
+
+export function timersText(body) {
+  const t = body && body.timers;
+  const judgement = body && body.state && body.state.judgement;
+  const lease = `Controller: ${body && body.leader ? body.leader : 'no controller holds the lease'}.`;
+  if (!t) return lease;
+  const last = judgement ? ` Last judgement: ${judgement.decision} — ${judgement.reason}.` : '';
+  return `Step held ${seconds(t.held_seconds)} of ${seconds(t.hold_seconds)} (${seconds(t.remaining_seconds)} left); `
+    + `${judgement ? judgement.step_requests : 0} of ${body.step.min_requests} requests; rollout running for `
+    + `${seconds(t.rollout_seconds)}.${last} ${lease}`;
+}
+
+export function historyText(event) {
+  const when = new Date(event.at * 1000).toLocaleTimeString();
+  const version = event.version === null || event.version === undefined ? '' : ` v${event.version}`;
+  const step = event.step ? ` at ${event.step}` : '';
+  const rule = event.rule ? ` [rule ${event.rule}]` : '';
+  return `${when} ${event.outcome}${version}${step} by ${event.who}${rule}: ${event.reason}`;
+}
 
 export function setupOperator() {
   let token = sessionStorage.getItem(TOKEN_KEY);
@@ -136,7 +169,56 @@ export function setupOperator() {
     }
   }
 
+  async function refreshRollout() {
+    let body;
+    try {
+      body = await getRollout(token);
+    } catch (error) {
+      const missing = error.code === 'rollout_not_configured';
+      $('rollout-summary').textContent = missing ? 'No rollout controller is configured for this gateway.' : '';
+      $('rollout-controls').hidden = missing;
+      showError($('rollout-error'), missing ? null : error);
+      return;
+    }
+    showError($('rollout-error'), null);
+    $('rollout-controls').hidden = false;
+    $('rollout-summary').textContent = rolloutSummary(body);
+    $('rollout-timers').textContent = timersText(body);
+    const state = body.state || {};
+    const rolling = state.candidate !== null && state.candidate !== undefined;
+    for (const button of $('rollout-controls').querySelectorAll('button')) {
+      const action = button.dataset.action;
+      button.disabled = !rolling || (action === 'pause' && state.paused) || (action === 'resume' && !state.paused);
+    }
+    const judgement = rolling ? state.judgement : null;
+    const verdicts = judgement ? judgement.verdicts : [];
+    $('rollout-verdicts').replaceChildren(...verdicts.map((v) => el('tr', { 'data-rule': v.rule },
+      el('th', { scope: 'row', text: v.rule }), el('td', { class: `outcome-${v.outcome}`, text: v.outcome }),
+      el('td', { text: v.reason }))));
+    $('rollout-figures').textContent = judgement
+      ? `(new version: ${judgement.new.requests} requests, ${judgement.new.shadow_requests} mirrored, `
+        + `${judgement.new.feedback_total} feedback; stable: ${judgement.stable.requests} requests, `
+        + `${judgement.stable.feedback_total} feedback, since the rollout started)` : '';
+    $('rollout-history').replaceChildren(...(body.history || []).slice(0, 30).map((event) => el('li', {
+      class: `outcome-${event.outcome}`, 'data-outcome': event.outcome, text: historyText(event) })));
+  }
+
+  async function command(event) {
+    const action = event.target.dataset.action;
+    if (!action) return;
+    showError($('rollout-error'), null);
+    try {
+      const { queued } = await rolloutCommand(token, action);
+      $('rollout-command-status').textContent = `Queued ${queued.action} (by ${queued.who}): applied at the `
+        + "controller's next tick.";
+      await refreshRollout();
+    } catch (error) {
+      showError($('rollout-error'), error);
+    }
+  }
+
   async function refresh() {
+    refreshRollout();
     try {
       const [status, audit] = await Promise.all([getStatus(token), getAudit(token)]);
       renderStatus(status);
@@ -200,6 +282,7 @@ export function setupOperator() {
     $('admin-token').value = '';
   });
   $('routing-form').addEventListener('submit', apply);
+  $('rollout-controls').addEventListener('click', command);
   $('add-label').addEventListener('click', addLabel);
   // Enter in the label field adds the label; it must not submit (apply) the weights form.
   $('new-label').addEventListener('keydown', (event) => { if (event.key === 'Enter') addLabel(event); });

@@ -1,0 +1,152 @@
+"""Opt-in (``--photo-store DIR``): classified photos kept by content hash, so feedback that corrects an answer
+becomes training data (``python -m training_job collect`` reads it).
+
+Layout of DIR (any number of gateway replicas may share it, e.g. a ReadWriteMany volume):
+- ``pending/<sha256>``: every photo classified while the store is on, newest kept; when the folder passes
+  ``max_bytes`` the oldest (by modification time) are deleted down to 90 % of it;
+- ``corrected/<sha256>``: a photo whose answer got a correction is moved here (its own ``max_bytes`` bound, same
+  eviction), so corrections outlive the stream of plain classifications;
+- ``corrections.jsonl``: one JSON line per correction, appended: ``sha256``, ``true_label``, ``predicted``, ``model``,
+  ``version``, ``request_id``, ``answered_at`` and ``corrected_at`` (unix seconds): which answer, which version,
+  when. Never the request log: only photos and the labels users sent back.
+
+The answer's feedback token carries the photo's hash (signed, feedback.py), so feedback can only attach a label to
+the photo that was classified. A correction is feedback whose ``true_label`` differs from the answer's top label.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from services.gateway.feedback import FeedbackClaim, FeedbackTokens
+
+log = logging.getLogger("gateway.photo_store")
+HASH_LENGTH = 64
+
+
+class BoundedFolder:
+    """Files named by sha256 in one folder, at most ``max_bytes`` (oldest deleted first), written atomically."""
+
+    def __init__(self, path: Path, max_bytes: int):
+        self.path = path
+        self.max_bytes = max_bytes
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._bytes = sum(self._sizes().values())
+
+    def _sizes(self) -> dict[Path, int]:
+        sizes = {}
+        for entry in self.path.iterdir():
+            if len(entry.name) == HASH_LENGTH:
+                try:
+                    sizes[entry] = entry.stat().st_size
+                except FileNotFoundError:  # another replica evicted it meanwhile
+                    pass
+        return sizes
+
+    def file(self, sha256: str) -> Path:
+        if len(sha256) != HASH_LENGTH or not all(c in "0123456789abcdef" for c in sha256):
+            raise ValueError(f"not a sha256: {sha256!r}")
+        return self.path / sha256
+
+    def put(self, sha256: str, data: bytes) -> None:
+        target = self.file(sha256)
+        if target.exists():
+            os.utime(target)  # recently seen: evicted last
+            return
+        tmp = self.path / f".tmp-{uuid.uuid4().hex}"
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+        self._added(len(data))
+
+    def adopt(self, source: Path, sha256: str) -> bool:
+        """Moves ``source`` in (same file system); False when it is gone."""
+        try:
+            size = source.stat().st_size
+            os.replace(source, self.file(sha256))
+        except FileNotFoundError:
+            return False
+        self._added(size)
+        return True
+
+    def _added(self, size: int) -> None:
+        with self._lock:
+            self._bytes += size
+            if self._bytes <= self.max_bytes:
+                return
+            sizes = self._sizes()  # the truth on disk (other replicas write here too)
+            total = sum(sizes.values())
+            for path in sorted(sizes, key=lambda p: _mtime(p)):
+                if total <= 0.9 * self.max_bytes:
+                    break
+                try:
+                    path.unlink()
+                    total -= sizes[path]
+                except FileNotFoundError:
+                    pass
+            self._bytes = total
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+class PhotoStore:
+    def __init__(self, root: str | Path, tokens: FeedbackTokens, max_bytes: int, clock=time.time):
+        self.root = Path(root)
+        self.tokens = tokens
+        self.pending = BoundedFolder(self.root / "pending", max_bytes)
+        self.corrected = BoundedFolder(self.root / "corrected", max_bytes)
+        self.log_path = self.root / "corrections.jsonl"
+        self.clock = clock
+
+    def _keep(self, photo: bytes) -> str:
+        sha256 = hashlib.sha256(photo).hexdigest()
+        self.pending.put(sha256, photo)
+        return sha256
+
+    async def keep(self, photo: bytes, answer: dict) -> dict:
+        """Stores the photo and gives the answer a feedback token that names it."""
+        sha256 = await asyncio.to_thread(self._keep, photo)
+        token = self.tokens.issue(answer["request_id"], answer["model"]["version"],
+                                  answer["predictions"][0]["label"], photo_sha256=sha256)
+        return {**answer, "feedback_token": token}
+
+    def _record(self, claim: FeedbackClaim, true_label: str) -> bool:
+        sha256 = claim.photo_sha256
+        kept = self.corrected.file(sha256).exists() or self.corrected.adopt(self.pending.file(sha256), sha256)
+        line = json.dumps({"sha256": sha256, "true_label": true_label, "predicted": claim.predicted,
+                           "model": self.tokens.model_name, "version": claim.version,
+                           "request_id": claim.request_id, "answered_at": claim.issued_at,
+                           "corrected_at": round(self.clock(), 3), "photo_kept": kept})
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, (line + "\n").encode())  # one write per line: replicas appending never interleave
+        finally:
+            os.close(fd)
+        return kept
+
+    async def record(self, claim: FeedbackClaim, true_label: str) -> bool | None:
+        """For feedback already recorded: a correction (``true_label`` differs from the answer) of a kept photo is
+        logged; returns whether its photo is kept, None when this is no correction or the answer named no photo."""
+        if claim.photo_sha256 is None or true_label == claim.predicted:
+            return None
+        kept = await asyncio.to_thread(self._record, claim, true_label)
+        if not kept:
+            log.warning("correction of %s logged without its photo (evicted, or kept by a replica with another "
+                        "store)", claim.request_id)
+        return kept

@@ -1,0 +1,5 @@
+import sys
+
+from services.rollout.main import main
+
+sys.exit(main())

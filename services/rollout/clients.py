@@ -1,0 +1,96 @@
+"""The controller's two windows on the world, both plain HTTP: the gateway's admin API (status figures, routing
+reads and changes under the controller's operator token, so every change lands in the gateway's audit log) and the
+model server's REST model status (TF Serving's GET /v1/models/<name>)."""
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import aiohttp
+
+
+class ApiError(RuntimeError):
+    def __init__(self, status: int, message: str):
+        super().__init__(f"{status}: {message}")
+        self.status = status
+
+
+async def _json(response: aiohttp.ClientResponse) -> dict:
+    try:
+        body = await response.json(content_type=None)
+    except ValueError:
+        body = {}
+    if response.status >= 400:
+        message = body.get("error", {}).get("message") if isinstance(body, dict) else None
+        raise ApiError(response.status, message or response.reason or "error")
+    return body
+
+
+class GatewayAdmin:
+    """``status_urls``: every gateway replica whose per-process figures are added up (default: ``url`` alone);
+    ``status_dns`` ("host:port"): instead, every IPv4 address the name resolves to at each read (a Kubernetes
+    headless Service has one A record per ready pod)."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, token: str, status_urls: list[str] | None = None,
+                 timeout: float = 5.0, status_dns: str | None = None):
+        self.session = session
+        self.url = url.rstrip("/")
+        self.status_urls = [u.rstrip("/") for u in (status_urls or [url])]
+        self.status_dns = status_dns
+        self.headers = {"Authorization": f"Bearer {token}"}
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+
+    async def statuses(self) -> list[dict]:
+        """GET /v1/admin/status of every replica (the first one's feedback counts are the shared Redis tally)."""
+        result = []
+        for url in await self._status_urls():
+            async with self.session.get(f"{url}/v1/admin/status", headers=self.headers,
+                                        timeout=self.timeout) as response:
+                result.append(await _json(response))
+        return result
+
+    async def _status_urls(self) -> list[str]:
+        if not self.status_dns:
+            return self.status_urls
+        host, _, port = self.status_dns.rpartition(":")
+        infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), family=socket.AF_INET,
+                                                             type=socket.SOCK_STREAM)
+        return [f"http://{address}:{port}" for address in sorted({info[4][0] for info in infos})]
+
+    async def routing(self) -> dict:
+        async with self.session.get(f"{self.url}/v1/admin/routing", headers=self.headers,
+                                    timeout=self.timeout) as response:
+            return await _json(response)
+
+    async def put_routing(self, table: dict, note: str) -> dict:
+        """Changes the routing; ``note`` (the decision, rule and reason) is recorded in the gateway's audit entry."""
+        headers = {**self.headers, "X-Operator": note.encode("ascii", "replace").decode()[:200]}
+        async with self.session.put(f"{self.url}/v1/admin/routing", json=table, headers=headers,
+                                    timeout=self.timeout) as response:
+            return await _json(response)
+
+
+class ModelServerStates:
+    STATES = {"START", "LOADING", "AVAILABLE", "UNLOADING", "END"}
+
+    def __init__(self, session: aiohttp.ClientSession, rest_url: str, model_name: str, timeout: float = 5.0):
+        self.session = session
+        self.url = f"{rest_url.rstrip('/')}/v1/models/{model_name}"
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+
+    async def available(self) -> set[int]:
+        """The AVAILABLE versions (TF Serving's REST model status)."""
+        async with self.session.get(self.url, timeout=self.timeout) as response:
+            if response.status == 404:
+                return set()
+            body = await _json(response)
+        return {int(s["version"]) for s in body.get("model_version_status", []) if s.get("state") == "AVAILABLE"}
+
+    async def label_version(self, label: str) -> int | None:
+        """The version a version label points at now (TF Serving's REST label status), None when unknown."""
+        async with self.session.get(f"{self.url}/labels/{label}", timeout=self.timeout) as response:
+            if response.status >= 400:
+                return None
+            body = await _json(response)
+        statuses = body.get("model_version_status", [])
+        return int(statuses[0]["version"]) if statuses else None

@@ -1,0 +1,432 @@
+"""The rollout state machine: one tick reads the figures, judges the current step and acts through the gateway.
+
+States (kept in Redis, keys.state, so a restarted or another controller resumes where the last one was):
+
+- **idle** (``candidate`` None): the ``stable`` version serves everything. A version that is AVAILABLE on the model
+  server, newer than ``stable`` and never rejected starts a rollout: the offline rule is judged first (a breach
+  rejects the version before it sees traffic), then step 0 of the policy is routed.
+- **rolling** (``candidate`` set, at step ``step``): every tick judges the rollout's figures since it started
+  (judge.judge_online). A breach rolls back at once: routing back to ``stable`` alone, the version added to
+  ``rejected``. When the step has held ``hold_seconds`` and counted ``min_requests`` it advances; after the last
+  step (100 %) the version is promoted: it becomes ``stable``. A rollout newer versions arrive during is finished
+  first; the newest of them starts next.
+
+Operators' commands (keys.commands, from the controller's HTTP API or the CLI) are applied at the next tick:
+``pause`` holds the current step (a breach still rolls back: pausing never disables the safety net), ``resume``,
+``abort`` (rolls back, rule ``operator_abort``), ``promote`` (straight to 100 % and stable, rule
+``operator_promote``).
+
+Only the holder of the lease (keys.lease) acts; its state writes go through a script that checks the lease in the
+same step, so a controller that lost its lease cannot overwrite the state. Every routing change goes through the
+gateway's admin API under the controller's operator token, the decision, rule and reason in the audit note; every
+decision is also appended to the history (keys.history) with the judged figures.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from services.rollout import judge, keys, metrics
+from services.rollout.clients import GatewayAdmin, ModelServerStates
+from services.rollout.judge import ADVANCE, BREACH, ROLLBACK, Figures, Verdict
+from services.rollout.policy import Policy, Step
+
+log = logging.getLogger("rollout.controller")
+HISTORY_LENGTH = 500
+MAX_QUEUED_COMMANDS = 100
+COMMANDS = ("pause", "resume", "abort", "promote")
+
+# KEYS: lease; ARGV: holder id, ttl ms. 1 when the caller holds the lease now (taken or renewed), else 0.
+HOLD_LEASE_LUA = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+return 0
+"""
+# KEYS: lease, state, history; ARGV: holder id, state JSON, history items (JSON) ... . 0 (nothing written) unless the
+# caller holds the lease.
+SAVE_STATE_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2])
+for i = 3, #ARGV do redis.call('LPUSH', KEYS[3], ARGV[i]) end
+redis.call('LTRIM', KEYS[3], 0, %d)
+return 1
+""" % (HISTORY_LENGTH - 1)
+# KEYS: lease; ARGV: holder id. Gives the lease up if the caller holds it.
+RELEASE_LEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class LeaseLost(RuntimeError):
+    pass
+
+
+class StableUnavailable(RuntimeError):
+    """The stable version is not AVAILABLE: nothing can be rolled out against it or rolled back to it."""
+
+
+@dataclass
+class State:
+    stable: int | None = None
+    candidate: int | None = None
+    step: int = 0
+    rollout_started: float = 0.0
+    step_started: float = 0.0
+    paused: bool = False
+    baseline: dict = field(default_factory=dict)  # "stable" / "candidate" -> Figures at the rollout's start
+    step_baseline: dict = field(default_factory=dict)  # the candidate's Figures at the step's start
+    rejected: list = field(default_factory=list)
+    judgement: dict | None = None  # the last tick's verdicts, decision and figures
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw) -> "State":
+        return cls(**json.loads(raw))
+
+
+def table_for(step: Step | None, stable: int, candidate: int | None, by_label: bool = False) -> dict:
+    """The routing table of a step: stable alone (no step), stable + shadow, stable/candidate split, candidate.
+    ``by_label``: the entries are the labels ``stable`` and ``canary`` (labels.py moves them) instead of numbers."""
+    stable_entry, candidate_entry = ("stable", "canary") if by_label else (str(stable), str(candidate))
+    if step is None or candidate is None:
+        return {"weights": {stable_entry: 100}, "shadow": None}
+    if step.weight >= 100:
+        return {"weights": {candidate_entry: 100}, "shadow": None}
+    weights = {stable_entry: 100 - step.weight}
+    if step.weight > 0:
+        weights[candidate_entry] = step.weight
+    shadow = (candidate_entry if by_label else candidate) if step.shadow else None
+    return {"weights": weights, "shadow": shadow}
+
+
+def labels_for(stable: int, candidate: int | None) -> dict[str, int]:
+    return {"stable": stable, **({"canary": candidate} if candidate is not None else {})}
+
+
+def same_table(stored: dict, wanted: dict) -> bool:
+    stored_weights = {k: float(v) for k, v in stored.get("weights", {}).items()}
+    wanted_weights = {k: float(v) for k, v in wanted["weights"].items()}
+    shadow = stored.get("shadow")
+    return stored_weights == wanted_weights and (None if shadow is None else str(shadow)) == (
+        None if wanted["shadow"] is None else str(wanted["shadow"]))
+
+
+class Controller:
+    def __init__(self, redis, gateway: GatewayAdmin, model_server: ModelServerStates, policy: Policy,
+                 model_name: str, registry_dir: str | Path | None = None, identity: str | None = None,
+                 lease_seconds: float = 15.0, clock=time.time, labels=None):
+        self.labels = labels  # a labels.LabelConfig when the rollout moves version labels, else None
+        self.redis = redis
+        self.gateway = gateway
+        self.model_server = model_server
+        self.policy = policy
+        self.model_name = model_name
+        self.registry_dir = Path(registry_dir) if registry_dir else None  # <registry>/<model>: offline scores
+        self.identity = identity or f"rollout-{uuid.uuid4().hex[:12]}"
+        self.lease_ms = int(lease_seconds * 1000)
+        self.clock = clock
+        self.leader = False
+        self._reconciled = False  # the gateway's table checked against the state since this lease was taken
+        self._scripts = None
+
+    # ------------------------------------------------------------------ Redis: lease, state, history, commands
+    def _script(self, name: str):
+        if self._scripts is None:
+            self._scripts = {"hold": self.redis.register_script(HOLD_LEASE_LUA),
+                             "save": self.redis.register_script(SAVE_STATE_LUA),
+                             "release": self.redis.register_script(RELEASE_LEASE_LUA)}
+        return self._scripts[name]
+
+    async def hold_lease(self) -> bool:
+        held = bool(await self._script("hold")(keys=[keys.lease(self.model_name)],
+                                               args=[self.identity, self.lease_ms]))
+        if held != self.leader:
+            log.info("%s %s the lease of %s", self.identity, "took" if held else "does not hold", self.model_name)
+        self.leader = held
+        metrics.LEADER.set(1 if held else 0)
+        return held
+
+    async def release_lease(self) -> None:
+        await self._script("release")(keys=[keys.lease(self.model_name)], args=[self.identity])
+        self.leader = False
+        metrics.LEADER.set(0)
+
+    async def load_state(self) -> State | None:
+        raw = await self.redis.get(keys.state(self.model_name))
+        return State.from_json(raw) if raw else None
+
+    async def save_state(self, state: State, *events: dict) -> None:
+        saved = await self._script("save")(
+            keys=[keys.lease(self.model_name), keys.state(self.model_name), keys.history(self.model_name)],
+            args=[self.identity, state.to_json(), *(json.dumps(e) for e in events)])
+        if not saved:
+            self.leader, self._reconciled = False, False
+            metrics.LEADER.set(0)
+            raise LeaseLost(f"{self.identity} lost the lease of {self.model_name}: state not written")
+        self._export(state)
+
+    async def history(self, limit: int = 50) -> list[dict]:
+        return [json.loads(e) for e in await self.redis.lrange(keys.history(self.model_name), 0, limit - 1)]
+
+    async def queue_command(self, action: str, who: str, note: str | None = None) -> dict:
+        """Queues an operator's command for the lease holder's next tick (any controller replica may queue)."""
+        if action not in COMMANDS:
+            raise ValueError(f"unknown command {action!r} (known: {', '.join(COMMANDS)})")
+        if await self.redis.llen(keys.commands(self.model_name)) >= MAX_QUEUED_COMMANDS:
+            raise OverflowError(f"{MAX_QUEUED_COMMANDS} commands are already queued")
+        command = {"action": action, "who": who, "at": self.clock(), **({"note": note[:200]} if note else {})}
+        await self.redis.rpush(keys.commands(self.model_name), json.dumps(command))
+        return command
+
+    async def _apply_commands(self, state: State) -> None:
+        """Operators' commands, oldest first; one leaves the queue only once applied, so a command whose routing
+        change fails (gateway down) is retried at the next tick rather than lost (at least once: an abort or
+        promote applied twice finds no rollout the second time and is recorded as ignored)."""
+        key = keys.commands(self.model_name)
+        while (raw := await self.redis.lindex(key, 0)) is not None:
+            await self._apply_command(state, json.loads(raw))
+            await self.redis.lpop(key)
+
+    # ------------------------------------------------------------------ figures
+    async def _figures(self, versions: list[int]) -> dict[int, Figures]:
+        statuses = await self.gateway.statuses()
+        totals = {}
+        for version in versions:
+            total = Figures()
+            for i, status in enumerate(statuses):  # feedback is the shared Redis tally: counted once
+                total = total.plus(judge.figures_from_status(status, version, with_feedback=i == 0))
+            totals[version] = total
+        return totals
+
+    def _offline_scores(self, version: int) -> dict | None:
+        return judge.read_offline_scores(self.registry_dir / str(version) if self.registry_dir else None)
+
+    # ------------------------------------------------------------------ acting
+    def _event(self, state: State, outcome: str, reason: str, rule: str | None = None, who: str | None = None,
+               **extra) -> dict:
+        step = self.policy.steps[state.step] if state.candidate is not None and state.step < len(
+            self.policy.steps) else None
+        event = {"at": self.clock(), "outcome": outcome, "version": state.candidate, "stable": state.stable,
+                 "step": step.name if step else None, "rule": rule, "reason": reason,
+                 "who": who or self.identity, **extra}
+        if outcome in metrics.OUTCOMES:
+            metrics.DECISIONS.labels(outcome=outcome).inc()
+        log.info("rollout %s: %s", outcome, {k: v for k, v in event.items() if k != "at"})
+        return event
+
+    def _table(self, step: Step | None, stable: int, candidate: int | None) -> dict:
+        return table_for(step, stable, candidate, by_label=self.labels is not None)
+
+    async def _route(self, table: dict, note: str, labels: dict[str, int] | None = None,
+                     labels_first: bool = True) -> None:
+        """Changes the routing (and, with labels, moves them: before the routing when it starts referring to them,
+        after it when it stops)."""
+        if not await self.hold_lease():  # never change the routing without the lease
+            raise LeaseLost(f"{self.identity} lost the lease of {self.model_name}: routing not changed")
+        move = self.labels is not None and labels is not None
+        if move and labels_first:
+            await self.labels.move(labels)
+        await self.gateway.put_routing(table, f"rollout: {note}")
+        if move and not labels_first:
+            await self.labels.move(labels)
+
+    def _step(self, state: State) -> Step:
+        return self.policy.steps[state.step]
+
+    async def _start(self, state: State, candidate: int, figures: dict[int, Figures]) -> None:
+        offline = judge.judge_offline(self._offline_scores(candidate), self._offline_scores(state.stable),
+                                      self.policy.rules["offline"])
+        if offline.outcome == BREACH:
+            state.rejected = sorted(set(state.rejected) | {candidate})
+            probe = State(**{**asdict(state), "candidate": candidate})
+            await self.save_state(state, self._event(probe, "reject", offline.reason, rule="offline",
+                                                     verdicts=[offline.to_json()]))
+            return
+        now = self.clock()
+        state.candidate, state.step, state.paused = candidate, 0, False
+        state.rollout_started = state.step_started = now
+        state.baseline = {"stable": figures[state.stable].to_json(), "candidate": figures[candidate].to_json()}
+        state.step_baseline = figures[candidate].to_json()
+        state.judgement = None
+        step = self._step(state)
+        await self._route(self._table(step, state.stable, candidate),
+                          f"start v{candidate} (stable v{state.stable}) at {step.name}; offline: {offline.reason}",
+                          labels_for(state.stable, candidate))
+        await self.save_state(state, self._event(state, "start", f"v{candidate} AVAILABLE; offline: "
+                                                 f"{offline.reason}", verdicts=[offline.to_json()]))
+
+    async def _rollback(self, state: State, rule: str, reason: str, who: str | None = None, **extra) -> None:
+        candidate, step = state.candidate, self._step(state)
+        await self._route(self._table(None, state.stable, None),
+                          f"rollback v{candidate} at {step.name}: rule {rule}: {reason}",
+                          labels_for(state.stable, None), labels_first=False)
+        event = self._event(state, "rollback", reason, rule=rule, who=who, **extra)
+        state.rejected = sorted(set(state.rejected) | {candidate})
+        state.candidate, state.step, state.paused, state.baseline, state.step_baseline = None, 0, False, {}, {}
+        await self.save_state(state, event)
+
+    async def _promote(self, state: State, reason: str, rule: str | None = None, who: str | None = None) -> None:
+        candidate = state.candidate
+        note = f"promote v{candidate} to stable (was v{state.stable}): {reason}"
+        if self.labels is None:
+            await self._route(table_for(self.policy.steps[-1], state.stable, candidate), note)
+        else:  # stable moves to the new version, then the routing names stable alone, then canary goes
+            await self._route(self._table(None, candidate, None), note, {"stable": candidate, "canary": candidate})
+            await self.labels.move(labels_for(candidate, None))
+        event = self._event(state, "promote", reason, rule=rule, who=who)
+        state.stable, state.candidate, state.step, state.paused = candidate, None, 0, False
+        state.baseline, state.step_baseline = {}, {}
+        await self.save_state(state, event)
+
+    async def _advance(self, state: State, figures: dict[int, Figures], reason: str) -> None:
+        state.step += 1
+        state.step_started = self.clock()
+        state.step_baseline = figures[state.candidate].to_json()
+        step = self._step(state)
+        await self._route(self._table(step, state.stable, state.candidate),
+                          f"advance v{state.candidate} to {step.name} ({step.weight:g} %): {reason}")
+        await self.save_state(state, self._event(state, "advance", reason))
+
+    async def _apply_command(self, state: State, command: dict) -> None:
+        action, who = command["action"], command["who"]
+        if state.candidate is None:
+            await self.save_state(state, self._event(state, "ignored", f"{action}: no rollout is running",
+                                                     who=who, command=action))
+            return
+        if action == "pause":
+            state.paused = True
+            await self.save_state(state, self._event(state, "pause", f"paused by {who}", who=who))
+        elif action == "resume":
+            state.paused = False
+            await self.save_state(state, self._event(state, "resume", f"resumed by {who}", who=who))
+        elif action == "abort":
+            await self._rollback(state, "operator_abort", f"aborted by {who}", who=who)
+        elif action == "promote":
+            await self._promote(state, f"promoted by {who}", rule="operator_promote", who=who)
+
+    async def _reconcile(self, state: State) -> None:
+        """On taking the lease: make the gateway's table the one the state says (a controller that died between
+        changing the routing and saving its state, or an operator's hand edit), noted in the audit."""
+        if state.stable is None:
+            return
+        wanted = self._table(self._step(state) if state.candidate is not None else None, state.stable,
+                             state.candidate)
+        if self.labels is not None:
+            await self.labels.move(labels_for(state.stable, state.candidate))
+        stored = await self.gateway.routing()
+        if not same_table(stored, wanted):
+            where = f"v{state.candidate} at {self._step(state).name}" if state.candidate is not None else "idle"
+            await self._route(wanted, f"take over: {where} (stable v{state.stable}) by {self.identity}")
+
+    async def _current_stable(self, available: set[int]) -> int:
+        if self.labels is not None:
+            labelled = self.labels.current().get("stable")
+            if labelled in available:
+                return labelled
+        weights = (await self.gateway.routing()).get("weights", {})
+        routed = [int(entry) for entry in weights if entry.isdigit() and int(entry) in available]
+        return routed[0] if len(weights) == 1 and routed else max(available)
+
+    # ------------------------------------------------------------------ the tick
+    async def tick(self) -> None:
+        """One round: lease, commands, version states, figures, judgement, at most one routing change per cause."""
+        if not await self.hold_lease():
+            self._reconciled = False
+            return
+        state = await self.load_state()
+        available = await self.model_server.available()
+        if state is None:
+            if not available:
+                return
+            state = State(stable=await self._current_stable(available))
+            await self.save_state(state, self._event(state, "adopt", f"v{state.stable} taken as stable (no earlier "
+                                                     "state: the routed version, else the newest AVAILABLE one)"))
+        full = state.candidate is not None and self._step(state).weight >= 100  # routes no traffic to stable
+        if state.stable not in available and not full:
+            raise StableUnavailable(
+                f"the stable version {state.stable} is not AVAILABLE on the model server (AVAILABLE: "
+                f"{sorted(available)}): no rollout can start or roll back; keep it loaded (a model_version_policy "
+                "that includes it, not latest { num_versions: 1 })")
+        if not self._reconciled:
+            await self._reconcile(state)
+            self._reconciled = True
+        versions = [v for v in (state.stable, state.candidate) if v is not None]
+        figures = await self._figures(versions)
+        await self._apply_commands(state)
+        if state.candidate is None:
+            newer = [v for v in available if v > state.stable and v not in state.rejected]
+            if newer:
+                candidate = max(newer)
+                figures.update(await self._figures([candidate]))
+                await self._start(state, candidate, figures)
+            else:
+                self._export(state)
+            return
+        await self._judge(state, available, figures)
+
+    async def _judge(self, state: State, available: set[int], figures: dict[int, Figures]) -> None:
+        step = self._step(state)
+        if state.candidate not in available:
+            await self._rollback(state, "candidate_unavailable", f"v{state.candidate} is no longer AVAILABLE on "
+                                 "the model server")
+            return
+        new = figures[state.candidate].since(Figures.from_json(state.baseline.get("candidate")))
+        stable = figures[state.stable].since(Figures.from_json(state.baseline.get("stable")))
+        in_step = figures[state.candidate].since(Figures.from_json(state.step_baseline))
+        step_requests = in_step.shadow_requests if step.weight == 0 else in_step.requests
+        verdicts = judge.judge_online(new, stable, self.policy.rules)
+        held = self.clock() - state.step_started
+        decision = judge.decide(verdicts, held, step.hold_seconds, step_requests, step.min_requests)
+        state.judgement = {"at": self.clock(), "decision": decision.outcome, "rule": decision.rule,
+                           "reason": decision.reason, "step_requests": step_requests, "held_seconds": held,
+                           "new": new.to_json(), "stable": stable.to_json(),
+                           "verdicts": [v.to_json() for v in verdicts]}
+        if decision.outcome == ROLLBACK:
+            await self._rollback(state, decision.rule, decision.reason, verdicts=_brief(verdicts))
+        elif decision.outcome == ADVANCE and state.paused:
+            state.judgement["reason"] = f"paused ({decision.reason})"
+            await self.save_state(state)
+        elif decision.outcome == ADVANCE and state.step + 1 >= len(self.policy.steps):
+            await self._promote(state, f"all steps passed; {decision.reason}")
+        elif decision.outcome == ADVANCE:
+            await self._advance(state, figures, decision.reason)
+        else:
+            await self.save_state(state)
+
+    def _export(self, state: State) -> None:
+        rolling = state.candidate is not None
+        metrics.STEP.set(state.step if rolling else -1)
+        metrics.CANDIDATE_WEIGHT.set(self._step(state).weight if rolling else 0)
+        metrics.CANDIDATE_VERSION.set(state.candidate or 0)
+        metrics.STABLE_VERSION.set(state.stable or 0)
+        metrics.PAUSED.set(1 if state.paused else 0)
+
+    # ------------------------------------------------------------------ reading, for the API and the web panel
+    async def describe(self) -> dict:
+        state = await self.load_state()
+        holder = await self.redis.get(keys.lease(self.model_name))
+        holder = holder.decode() if isinstance(holder, bytes) else holder
+        body = {"model": self.model_name, "identity": self.identity, "leader": holder, "policy":
+                self.policy.to_json(), "state": asdict(state) if state else None, "step": None, "timers": None,
+                "history": await self.history()}
+        if state is not None and state.candidate is not None:
+            step = self._step(state)
+            held = self.clock() - state.step_started
+            body["step"] = {"index": state.step, "of": len(self.policy.steps), "name": step.name,
+                            "weight": step.weight, "shadow": step.shadow, "min_requests": step.min_requests}
+            body["timers"] = {"held_seconds": held, "hold_seconds": step.hold_seconds,
+                              "remaining_seconds": max(step.hold_seconds - held, 0.0),
+                              "rollout_seconds": self.clock() - state.rollout_started}
+        return body
+
+
+def _brief(verdicts: list[Verdict]) -> list[dict]:
+    return [{"rule": v.rule, "outcome": v.outcome, "reason": v.reason} for v in verdicts]

@@ -1,0 +1,214 @@
+"""Pure judging functions: a version's figures in, a verdict per rule out, and the step's decision from the verdicts.
+
+No I/O except ``read_offline_scores`` (one JSON file). Each rule answers ``pass``, ``breach`` (roll back now),
+``insufficient`` (not enough data yet: it neither breaches nor blocks) or ``skipped`` (not applicable); its
+``reason`` is the sentence that goes into the audit log and the history.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+PASS, BREACH, INSUFFICIENT, SKIPPED = "pass", "breach", "insufficient", "skipped"
+ROLLBACK, ADVANCE, HOLD = "rollback", "advance", "hold"
+
+
+@dataclass(frozen=True)
+class Figures:
+    """One version's counts over a period (as the gateway's GET /v1/admin/status reports them, or a difference of
+    two such reports) and its p95 latency over the gateway's recent window."""
+    requests: int = 0
+    errors: int = 0
+    shadow_requests: int = 0
+    shadow_agreements: int = 0
+    feedback_correct: int = 0
+    feedback_total: int = 0
+    p95_ms: float | None = None
+
+    def since(self, base: "Figures") -> "Figures":
+        """The counts added since ``base``. A counter below its base (the gateway restarted and counts from zero)
+        is taken whole: base treated as 0 for that group of counters."""
+        served = (self.requests - base.requests, self.errors - base.errors) if self.requests >= base.requests \
+            else (self.requests, self.errors)
+        shadow = (self.shadow_requests - base.shadow_requests, self.shadow_agreements - base.shadow_agreements) \
+            if self.shadow_requests >= base.shadow_requests else (self.shadow_requests, self.shadow_agreements)
+        feedback = (self.feedback_correct - base.feedback_correct, self.feedback_total - base.feedback_total) \
+            if self.feedback_total >= base.feedback_total else (self.feedback_correct, self.feedback_total)
+        return Figures(max(served[0], 0), max(served[1], 0), max(shadow[0], 0), max(shadow[1], 0),
+                       max(feedback[0], 0), max(feedback[1], 0), self.p95_ms)
+
+    def plus(self, other: "Figures") -> "Figures":
+        """Counts of two gateway replicas added; the p95 is the worse of the two (a conservative bound)."""
+        p95s = [p for p in (self.p95_ms, other.p95_ms) if p is not None]
+        return Figures(self.requests + other.requests, self.errors + other.errors,
+                       self.shadow_requests + other.shadow_requests, self.shadow_agreements + other.shadow_agreements,
+                       self.feedback_correct + other.feedback_correct, self.feedback_total + other.feedback_total,
+                       max(p95s) if p95s else None)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict | None) -> "Figures":
+        return cls(**(data or {}))
+
+
+def figures_from_status(status: dict, version: int, with_feedback: bool = True) -> Figures:
+    """One version's Figures from a gateway's GET /v1/admin/status body (rates turned back into counts)."""
+    row = status.get("versions", {}).get(str(version))
+    if row is None:
+        return Figures()
+    requests, shadow_requests = int(row.get("requests", 0)), int(row.get("shadow_requests", 0))
+    feedback = row.get("feedback", {}) if with_feedback else {}
+    return Figures(requests, round(float(row.get("error_rate") or 0.0) * requests), shadow_requests,
+                   round(float(row.get("shadow_agreement") or 0.0) * shadow_requests),
+                   int(feedback.get("correct", 0)), int(feedback.get("total", 0)), row.get("p95_ms"))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    rule: str
+    outcome: str  # PASS, BREACH, INSUFFICIENT or SKIPPED
+    reason: str
+    figures: dict
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _rate(numerator: int, denominator: int) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def one_sided_z_test(correct_new: int, total_new: int, correct_old: int, total_old: int) -> tuple[float, float]:
+    """Pooled two-proportion z-test of H1 "the new accuracy is lower than the old one": (z, one-sided p-value).
+    z = (p_new - p_old) / se, p = Phi(z). Identical all-right or all-wrong samples give z = 0, p = 0.5."""
+    if total_new <= 0 or total_old <= 0:
+        raise ValueError("both samples need at least one answer")
+    p_new, p_old = correct_new / total_new, correct_old / total_old
+    pooled = (correct_new + correct_old) / (total_new + total_old)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / total_new + 1 / total_old))
+    if se == 0:
+        return 0.0, 0.5
+    z = (p_new - p_old) / se
+    return z, 0.5 * math.erfc(-z / math.sqrt(2))
+
+
+def judge_error_rate(new: Figures, stable: Figures, params: dict) -> Verdict:
+    new_rate, stable_rate = _rate(new.errors, new.requests), _rate(stable.errors, stable.requests) or 0.0
+    figures = {"new_error_rate": new_rate, "stable_error_rate": stable_rate, "new_requests": new.requests,
+               "stable_requests": stable.requests}
+    if new.requests < params["min_requests"]:
+        return Verdict("error_rate", INSUFFICIENT, f"{new.requests} of {params['min_requests']} requests answered",
+                       figures)
+    limit = stable_rate + params["max_increase"]
+    if new_rate > limit:
+        return Verdict("error_rate", BREACH, f"error rate {new_rate:.2%} > stable {stable_rate:.2%} + "
+                       f"{params['max_increase']:.2%}", figures)
+    return Verdict("error_rate", PASS, f"error rate {new_rate:.2%} <= {limit:.2%}", figures)
+
+
+def judge_p95_latency(new: Figures, stable: Figures, params: dict) -> Verdict:
+    figures = {"new_p95_ms": new.p95_ms, "stable_p95_ms": stable.p95_ms, "new_requests": new.requests}
+    if new.requests < params["min_requests"] or new.p95_ms is None or stable.p95_ms is None:
+        return Verdict("p95_latency", INSUFFICIENT, f"{new.requests} of {params['min_requests']} requests answered "
+                       "(or no stable p95 yet)", figures)
+    limit = stable.p95_ms * params["max_ratio"] + params["slack_ms"]
+    if new.p95_ms > limit:
+        return Verdict("p95_latency", BREACH, f"p95 {new.p95_ms:.1f} ms > {params['max_ratio']:g} x stable "
+                       f"{stable.p95_ms:.1f} ms + {params['slack_ms']:g} ms", figures)
+    return Verdict("p95_latency", PASS, f"p95 {new.p95_ms:.1f} ms <= {limit:.1f} ms", figures)
+
+
+def judge_shadow_agreement(new: Figures, params: dict) -> Verdict:
+    agreement = _rate(new.shadow_agreements, new.shadow_requests)
+    figures = {"agreement": agreement, "shadow_requests": new.shadow_requests}
+    if new.shadow_requests == 0:
+        return Verdict("shadow_agreement", SKIPPED, "no mirrored requests", figures)
+    if new.shadow_requests < params["min_requests"]:
+        return Verdict("shadow_agreement", INSUFFICIENT, f"{new.shadow_requests} of {params['min_requests']} "
+                       "requests mirrored", figures)
+    if agreement < params["min_agreement"]:
+        return Verdict("shadow_agreement", BREACH, f"top-1 agrees with the answer on {agreement:.1%} of "
+                       f"{new.shadow_requests} mirrored requests < {params['min_agreement']:.0%}", figures)
+    return Verdict("shadow_agreement", PASS, f"agreement {agreement:.1%} >= {params['min_agreement']:.0%}", figures)
+
+
+def judge_feedback_accuracy(new: Figures, stable: Figures, params: dict) -> Verdict:
+    figures = {"new_accuracy": _rate(new.feedback_correct, new.feedback_total), "new_feedback": new.feedback_total,
+               "stable_accuracy": _rate(stable.feedback_correct, stable.feedback_total),
+               "stable_feedback": stable.feedback_total}
+    if min(new.feedback_total, stable.feedback_total) < params["min_feedback"]:
+        return Verdict("feedback_accuracy", INSUFFICIENT, f"feedback {new.feedback_total} (new) and "
+                       f"{stable.feedback_total} (stable) of {params['min_feedback']} each", figures)
+    z, p_value = one_sided_z_test(new.feedback_correct, new.feedback_total, stable.feedback_correct,
+                                  stable.feedback_total)
+    figures.update(z=z, p_value=p_value)
+    summary = (f"accuracy {figures['new_accuracy']:.1%} of {new.feedback_total} vs stable "
+               f"{figures['stable_accuracy']:.1%} of {stable.feedback_total}: z = {z:.2f}, one-sided p = {p_value:.3g}")
+    if p_value < params["alpha"]:
+        return Verdict("feedback_accuracy", BREACH, f"{summary} < {params['alpha']:g}", figures)
+    return Verdict("feedback_accuracy", PASS, summary, figures)
+
+
+def read_offline_scores(version_dir: str | Path | None) -> dict | None:
+    """The version's ``assets.extra/metrics.json`` (as written at export), or None when absent or unreadable."""
+    if version_dir is None:
+        return None
+    try:
+        data = json.loads((Path(version_dir) / "assets.extra" / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def judge_offline(new_scores: dict | None, stable_scores: dict | None, params: dict) -> Verdict:
+    metric = params["metric"]
+    new_value = new_scores.get(metric) if new_scores else None
+    stable_value = stable_scores.get(metric) if stable_scores else None
+    figures = {"metric": metric, "new": new_value, "stable": stable_value}
+    if not isinstance(new_value, (int, float)):
+        if params["required"]:
+            return Verdict("offline", BREACH, f"the new version has no {metric} in assets.extra/metrics.json and the "
+                           "policy requires offline scores", figures)
+        return Verdict("offline", SKIPPED, f"no {metric} in the new version's assets.extra/metrics.json", figures)
+    if not isinstance(stable_value, (int, float)):
+        return Verdict("offline", SKIPPED, f"no {metric} for the stable version to compare with", figures)
+    if new_value < stable_value - params["max_drop"]:
+        return Verdict("offline", BREACH, f"offline {metric} {new_value:.4f} < stable {stable_value:.4f} - "
+                       f"{params['max_drop']:g}", figures)
+    return Verdict("offline", PASS, f"offline {metric} {new_value:.4f} vs stable {stable_value:.4f}", figures)
+
+
+def judge_online(new: Figures, stable: Figures, rules: dict) -> list[Verdict]:
+    """Every online rule, in a fixed order (the first breach is the one reported)."""
+    return [judge_error_rate(new, stable, rules["error_rate"]),
+            judge_p95_latency(new, stable, rules["p95_latency"]),
+            judge_shadow_agreement(new, rules["shadow_agreement"]),
+            judge_feedback_accuracy(new, stable, rules["feedback_accuracy"])]
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: str  # ROLLBACK, ADVANCE or HOLD
+    rule: str | None  # the rule that fired (ROLLBACK), else None
+    reason: str
+
+
+def decide(verdicts: list[Verdict], held_seconds: float, hold_seconds: float, step_requests: int,
+           min_requests: int) -> Decision:
+    """ROLLBACK at the first breach, whatever the timers; ADVANCE once the step has held long enough and counted
+    enough requests; HOLD otherwise."""
+    for verdict in verdicts:
+        if verdict.outcome == BREACH:
+            return Decision(ROLLBACK, verdict.rule, verdict.reason)
+    waiting = []
+    if held_seconds < hold_seconds:
+        waiting.append(f"held {held_seconds:.0f} of {hold_seconds:g} s")
+    if step_requests < min_requests:
+        waiting.append(f"{step_requests} of {min_requests} requests")
+    if waiting:
+        return Decision(HOLD, None, "; ".join(waiting))
+    return Decision(ADVANCE, None, f"held {held_seconds:.0f} s with {step_requests} requests; no rule breached")

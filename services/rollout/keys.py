@@ -1,0 +1,33 @@
+"""Every Redis key the rollout controller reads or writes, each built by one function here (the gateway's keys are in
+services/gateway/keys.py; the controller never writes them: it changes the routing through the gateway's admin API).
+
+All of them are **operator state**: never a TTL except the lease, so ``volatile-lru`` never evicts them, and they
+are persisted with the gateway's state (DEVELOPERS.md "Redis layout").
+"""
+from __future__ import annotations
+
+PREFIX = "mushroom:rollout"
+
+
+def state(model: str) -> str:
+    """String (JSON): the controller's state machine (stable version, candidate, step, timers, baselines, paused,
+    rejected versions). Written only by the lease holder, in the same script that checks the lease. State: no TTL."""
+    return f"{PREFIX}:state:{model}"
+
+
+def lease(model: str) -> str:
+    """String: the id of the controller process allowed to act, written with a TTL it renews each tick (the one
+    key here with a TTL: a dead holder's lease expires and another controller takes over)."""
+    return f"{PREFIX}:lease:{model}"
+
+
+def commands(model: str) -> str:
+    """List (JSON items, oldest first): operators' pause, resume, abort and promote commands, consumed by the lease
+    holder at its next tick. State: no TTL, bounded by the API (at most 100 queued)."""
+    return f"{PREFIX}:commands:{model}"
+
+
+def history(model: str) -> str:
+    """List (JSON items, newest first, at most 500): every decision with its step, rule, reason and figures.
+    State: no TTL."""
+    return f"{PREFIX}:history:{model}"

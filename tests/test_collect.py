@@ -1,0 +1,237 @@
+"""Photos come back: a gateway started with --photo-store keeps classified photos by hash; feedback that corrects an
+answer is logged with its provenance; `python -m training_job collect` turns the corrections into class folders,
+de-duplicated against the existing data. Real redis-server, model server (tiny model) and gateway processes."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from services.gateway.feedback import FeedbackTokens
+from services.gateway.photo_store import BoundedFolder
+from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
+from tests.support import MUSHROOMS, RedisServer
+from tests.test_gateway_state import Gateway
+from tests.tiny_model import LABELS, publish_tiny_versions
+from training_job.paths import PROJECT_ROOT
+
+PHOTOS = {label: sorted((MUSHROOMS / label).iterdir()) for label in LABELS}
+
+
+def test_feedback_tokens_name_the_kept_photo_and_old_tokens_still_verify():
+    tokens = FeedbackTokens(b"0123456789abcdef0123", MODEL)
+    sha = hashlib.sha256(b"photo").hexdigest()
+    assert tokens.verify(tokens.issue("r1", 2, "boletus_edulis", photo_sha256=sha)).photo_sha256 == sha
+    assert tokens.verify(tokens.issue("r2", 2, "boletus_edulis")).photo_sha256 is None
+
+
+def test_bounded_folder_deletes_the_oldest_photos_past_its_size(tmp_path):
+    folder = BoundedFolder(tmp_path / "pending", max_bytes=1000)
+    shas = [hashlib.sha256(bytes([i])).hexdigest() for i in range(6)]
+    for i, sha in enumerate(shas):
+        folder.put(sha, bytes(300))
+        stamp = time.time() - 100 + i  # explicit ages: the oldest first
+        import os
+        os.utime(folder.file(sha), (stamp, stamp))
+    kept = sorted(p.name for p in (tmp_path / "pending").iterdir())
+    assert sum(p.stat().st_size for p in (tmp_path / "pending").iterdir()) <= 1000
+    assert kept == sorted(shas[-len(kept):]) and len(kept) == 3  # down to 90 %: the newest three
+    with pytest.raises(ValueError):
+        folder.file("../../etc/passwd")
+    assert BoundedFolder(tmp_path / "pending", max_bytes=1000).bytes == 900  # the size is re-read at start
+
+
+@pytest.fixture(scope="module")
+def model_server(tmp_path_factory):
+    registry = tmp_path_factory.mktemp("registry")
+    publish_tiny_versions(registry, MODEL, biases=(0.0,))
+    config = registry / "models.config"
+    write_config(config, {MODEL: registry / MODEL}, policy="all {}")
+    server = start_server(registry, config)
+    wait_until(lambda: version_states(server.grpc_target, MODEL).get(1, (0,))[0] == 30, what="version 1")
+    yield server
+    stop_server(server)
+
+
+def jpeg_resized(path, scale: float) -> bytes:
+    image = Image.open(path).convert("RGB")
+    image = image.resize((int(image.width * scale), int(image.height * scale)))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def test_corrections_become_class_folders_with_provenance_and_no_duplicates(model_server, tmp_path):
+    data = tmp_path / "data"
+    for label in LABELS:  # the existing training photos: 3 per class
+        (data / label).mkdir(parents=True)
+        for photo in PHOTOS[label][:3]:
+            shutil.copy(photo, data / label / photo.name)
+    store = tmp_path / "store"
+    with RedisServer() as redis_server:
+        gateway = Gateway(model_server.grpc_target, redis_server.url, f"--photo-store={store}")
+        try:
+            def answer(photo: bytes):
+                code, body, _ = gateway.classify(photo)
+                assert code == 200, body
+                return body
+
+            def feedback(body, true_label):
+                code, reply, _ = gateway.request("POST", "/v1/feedback", {"feedback_token": body["feedback_token"],
+                                                                          "true_label": true_label})
+                assert code == 200, reply
+                return reply
+
+            def other_than(label):
+                return next(x for x in LABELS if x != label)
+
+            new = PHOTOS["boletus_edulis"][10].read_bytes()  # not in the data: a real new training photo
+            a = answer(new)
+            assert feedback(a, other_than(a["predictions"][0]["label"]))["photo_kept"] is True
+            confirmed = answer(PHOTOS["boletus_edulis"][11].read_bytes())
+            assert feedback(confirmed, confirmed["predictions"][0]["label"])["photo_kept"] is None  # no correction
+            unknown = answer(PHOTOS["boletus_edulis"][12].read_bytes())
+            feedback(unknown, "cantharellus_cibarius")
+            in_data = answer(PHOTOS["amanita_muscaria"][0].read_bytes())  # byte-identical to a data photo
+            feedback(in_data, other_than(in_data["predictions"][0]["label"]))
+            resized = answer(jpeg_resized(PHOTOS["amanita_vaginata"][1], 0.5))  # a smaller copy of a data photo
+            feedback(resized, other_than(resized["predictions"][0]["label"]))
+            disputed_photo = PHOTOS["boletus_erythropus"][13].read_bytes()
+            first, second = answer(disputed_photo), answer(disputed_photo)
+            feedback(first, LABELS[2])
+            feedback(second, LABELS[3])
+        finally:
+            gateway.stop()
+
+    records = [json.loads(line) for line in (store / "corrections.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and oct((store / "corrections.jsonl").stat().st_mode & 0o777) == "0o600"
+    first_record = records[0]
+    assert first_record["sha256"] == hashlib.sha256(new).hexdigest() and first_record["version"] == 1
+    assert first_record["request_id"] == a["request_id"] and first_record["predicted"] == a["predictions"][0]["label"]
+    assert (store / "corrected" / first_record["sha256"]).read_bytes() == new
+
+    out = tmp_path / "collected"
+    run = subprocess.run([sys.executable, "-m", "training_job", "collect", f"--store={store}", f"--data={data}",
+                          f"--out={out}"], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "6 corrections read; 1 new photos collected" in run.stdout
+    report = json.loads((out / "collect_report.json").read_text())
+    assert report["dropped"] == {"unknown_class": 1, "duplicate": 1, "near_duplicate": 1, "disagreement": 1}
+    label = first_record["true_label"]
+    sha = first_record["sha256"]
+    assert (out / label / f"{sha}.jpg").read_bytes() == new
+    [row] = list(csv.DictReader(open(out / "provenance.csv")))
+    assert (row["sha256"], row["label"], row["version"], row["request_id"], row["file"]) == (
+        sha, label, "1", a["request_id"], f"{label}/{sha}.jpg")
+    assert row["answered_at"] and row["corrected_at"] and row["predicted"] == a["predictions"][0]["label"]
+
+    again = subprocess.run([sys.executable, "-m", "training_job", "collect", f"--store={store}", f"--data={data}",
+                            f"--out={out}"], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300)
+    assert again.returncode == 0 and "0 new photos collected" in again.stdout  # collecting twice adds nothing
+    assert len(list(csv.DictReader(open(out / "provenance.csv")))) == 1
+
+
+def test_collect_and_retrain_script_trains_on_the_data_plus_collected_photos(tmp_path):
+    """scripts/collect_and_retrain.sh with a `python` on PATH that runs collect for real and records `run`."""
+    data, store, work, bin_dir = tmp_path / "data", tmp_path / "store", tmp_path / "work", tmp_path / "bin"
+    for label in LABELS[:2]:
+        (data / label).mkdir(parents=True)
+        shutil.copy(PHOTOS[label][0], data / label / "old.jpg")
+    (store / "collected" / LABELS[1]).mkdir(parents=True)
+    shutil.copy(PHOTOS[LABELS[1]][20], store / "collected" / LABELS[1] / "new.jpg")  # collected on an earlier night
+    bin_dir.mkdir()
+    shim = bin_dir / "python"
+    shim.write_text(f"""#!/bin/sh
+if [ "$3" = "run" ]; then echo "run $*" > {tmp_path}/run.txt; find "$8" -type f | sort >> {tmp_path}/run.txt; exit 0; fi
+exec {sys.executable} "$@"
+""")
+    shim.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "DATA": str(data), "PHOTO_STORE_DIR": str(store),
+           "MUSHROOM_REGISTRY": str(tmp_path / "registry"), "WORK_DIR": str(work), "RETRAIN_ARGS": "--epochs 3",
+           "PYTHONPATH": str(PROJECT_ROOT), "HOME": str(tmp_path)}
+    result = subprocess.run(["sh", "scripts/collect_and_retrain.sh"], capture_output=True, text=True,
+                            cwd=PROJECT_ROOT, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "0 corrections read" in result.stdout  # nobody corrected anything yet: not an error
+    lines = (tmp_path / "run.txt").read_text().splitlines()
+    assert lines[0] == (f"run -m training_job run --challenge --corrections {store}/collected/provenance.csv "
+                        f"--data {work}/data --registry {tmp_path / 'registry'} --epochs 3")
+    assert lines[1:] == sorted([f"{work}/data/{LABELS[0]}/old.jpg", f"{work}/data/{LABELS[1]}/new.jpg",
+                                f"{work}/data/{LABELS[1]}/old.jpg"])
+
+
+def test_collect_drops_missing_unreadable_and_malformed_corrections(tmp_path):
+    from training_job.collect import collect
+
+    data = tmp_path / "data"
+    for label in LABELS:
+        (data / label).mkdir(parents=True)
+        shutil.copy(PHOTOS[label][0], data / label / "one.jpg")
+    store = tmp_path / "store"
+    (store / "corrected").mkdir(parents=True)
+    good = PHOTOS["boletus_edulis"][30].read_bytes()
+    good_sha = hashlib.sha256(good).hexdigest()
+    (store / "corrected" / good_sha).write_bytes(good)
+    text_sha = hashlib.sha256(b"not a photo").hexdigest()
+    (store / "corrected" / text_sha).write_bytes(b"not a photo")
+    missing_sha = hashlib.sha256(b"evicted").hexdigest()
+    lines = [json.dumps({"sha256": sha, "true_label": "boletus_edulis", "version": 3, "request_id": f"r{i}",
+                         "corrected_at": i}) for i, sha in enumerate((good_sha, text_sha, missing_sha))]
+    (store / "corrections.jsonl").write_text("\n".join([*lines, "{not json", json.dumps({"sha256": 5})]) + "\n")
+    report = collect(store, data, data)  # straight into the data folder: the next run trains on it
+    assert report.corrections == 3 and [r["sha256"] for r in report.collected] == [good_sha]
+    assert report.counts() == {"not_an_image": 1, "photo_missing": 1, "unreadable_record": 2}
+    assert (data / "boletus_edulis" / f"{good_sha}.jpg").read_bytes() == good
+    assert collect(store, data, data).counts()["duplicate"] == 1  # the second time it is already there
+    with pytest.raises(Exception, match="does not exist"):
+        collect(tmp_path / "nowhere", data, data)
+
+
+def test_grpc_feedback_records_once_and_keeps_corrected_photos(model_server, tmp_path):
+    import grpc
+
+    from services.gateway.protos import load
+
+    pb, pb_grpc = load()
+    store = tmp_path / "store"
+    with RedisServer() as redis_server:
+        gateway = Gateway(model_server.grpc_target, redis_server.url, f"--photo-store={store}")
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+                stub = pb_grpc.ClassifierStub(channel)
+                photo = PHOTOS["amanita_vaginata"][40].read_bytes()
+                answer = stub.Classify(pb.ClassifyRequest(photo=photo), timeout=30)
+                top = answer.predictions[0].label
+                wrong = next(x for x in LABELS if x != top)
+                reply = stub.Feedback(pb.FeedbackRequest(feedback_token=answer.feedback_token, true_label=wrong),
+                                      timeout=30)
+                assert (reply.request_id, reply.model_version, reply.predicted, reply.correct) == (
+                    answer.request_id, 1, top, False)
+                assert reply.HasField("photo_kept") and reply.photo_kept
+                with pytest.raises(grpc.RpcError) as again:
+                    stub.Feedback(pb.FeedbackRequest(feedback_token=answer.feedback_token, true_label=wrong),
+                                  timeout=30)
+                assert again.value.code() == grpc.StatusCode.ALREADY_EXISTS
+                confirmed = stub.Classify(pb.ClassifyRequest(photo=PHOTOS["amanita_vaginata"][41].read_bytes()),
+                                          timeout=30)
+                agree = stub.Feedback(pb.FeedbackRequest(feedback_token=confirmed.feedback_token,
+                                                         true_label=confirmed.predictions[0].label), timeout=30)
+                assert agree.correct and not agree.HasField("photo_kept")  # no correction, nothing logged
+                with pytest.raises(grpc.RpcError) as forged:
+                    stub.Feedback(pb.FeedbackRequest(feedback_token=answer.feedback_token[:-4] + "AAAA",
+                                                     true_label=wrong), timeout=30)
+                assert forged.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        finally:
+            gateway.stop()
+    [record] = [json.loads(line) for line in (store / "corrections.jsonl").read_text().splitlines()]
+    assert (record["sha256"], record["true_label"], record["request_id"]) == (
+        hashlib.sha256(photo).hexdigest(), wrong, answer.request_id)
+    assert (store / "corrected" / record["sha256"]).read_bytes() == photo

@@ -1,0 +1,194 @@
+"""The rollout controller's pure parts: policy validation and the judging rules (no processes)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from services.rollout import judge
+from services.rollout.judge import (ADVANCE, BREACH, HOLD, INSUFFICIENT, PASS, ROLLBACK, SKIPPED, Figures, Verdict,
+                                    decide, figures_from_status, one_sided_z_test)
+from services.rollout.policy import DEFAULT_POLICY, PolicyError, load_policy, parse_policy
+
+RULES = parse_policy({}).rules
+
+
+# ---------------------------------------------------------------------------------------------- policy
+def test_default_policy_is_shadow_then_5_25_50_100_with_holds():
+    policy = load_policy(None)
+    assert [(s.name, s.weight, s.shadow) for s in policy.steps] == [
+        ("shadow", 0, True), ("canary-5", 5, False), ("canary-25", 25, False), ("canary-50", 50, False),
+        ("full", 100, False)]
+    assert all(s.hold_seconds > 0 and s.min_requests > 0 for s in policy.steps)
+    assert set(policy.rules) == {"error_rate", "p95_latency", "shadow_agreement", "feedback_accuracy", "offline"}
+
+
+def test_policy_files_yaml_and_json_fill_in_defaults(tmp_path):
+    (tmp_path / "p.yaml").write_text("tick_seconds: 0.5\nsteps:\n  - {weight: 50, hold_seconds: 2}\n"
+                                     "  - {name: all, weight: 100}\nrules:\n  feedback_accuracy: {min_feedback: 5}\n")
+    (tmp_path / "p.json").write_text(json.dumps({"steps": [{"weight": 100}]}))
+    policy = load_policy(tmp_path / "p.yaml")
+    assert policy.tick_seconds == 0.5
+    assert [(s.name, s.weight, s.hold_seconds) for s in policy.steps] == [("step-0", 50, 2), ("all", 100, 0)]
+    assert policy.rules["feedback_accuracy"] == {"alpha": 0.05, "min_feedback": 5}
+    assert policy.rules["error_rate"] == DEFAULT_POLICY["rules"]["error_rate"]
+    assert load_policy(tmp_path / "p.json").steps[0].weight == 100
+    assert parse_policy(policy.to_json()) == policy
+
+
+@pytest.mark.parametrize("data, message", [
+    ([1, 2], "must be a mapping"),
+    ({"stepz": []}, "unknown field 'stepz'"),
+    ({"steps": []}, "non-empty list"),
+    ({"steps": [{"weight": 50}]}, "last step must have weight 100"),
+    ({"steps": [{"weight": 50}, {"weight": 25}, {"weight": 100}]}, "steps[1].weight: 25 is lower"),
+    ({"steps": [{"weight": 101}]}, "steps[0].weight: must be a percentage 0..100, got 101"),
+    ({"steps": [{"weight": "50"}, {"weight": 100}]}, 'steps[0].weight: must be a percentage 0..100, got "50"'),
+    ({"steps": [{"weight": True}]}, "steps[0].weight: must be a percentage"),
+    ({"steps": [{"weight": 0, "shadow": False}, {"weight": 100}]}, "set shadow: true"),
+    ({"steps": [{"hold_seconds": 3}]}, "'weight' is required"),
+    ({"steps": [{"weight": 100, "hold": 3}]}, "steps[0]: unknown field 'hold'"),
+    ({"steps": [{"weight": 100, "hold_seconds": -1}]}, "hold_seconds: must be seconds >= 0"),
+    ({"steps": [{"weight": 100, "hold_seconds": float("inf")}]}, "hold_seconds: must be seconds >= 0"),
+    ({"steps": [{"weight": 100, "min_requests": 2.5}]}, "min_requests: must be an integer"),
+    ({"steps": [{"name": "a", "weight": 50}, {"name": "a", "weight": 100}]}, "step names must differ"),
+    ({"rules": {"accuracy": {}}}, "unknown rule 'accuracy'"),
+    ({"rules": {"feedback_accuracy": {"alpha": 0.7}}}, "rules.feedback_accuracy.alpha: must be a level"),
+    ({"rules": {"error_rate": {"max_increase": 0.1, "min": 3}}}, "rules.error_rate: unknown field 'min'"),
+    ({"rules": {"offline": {"required": "yes"}}}, "rules.offline.required: must be true or false"),
+    ({"tick_seconds": 0}, "tick_seconds: must be seconds > 0"),
+])
+def test_bad_policies_are_refused_naming_the_field(data, message):
+    with pytest.raises(PolicyError) as info:
+        parse_policy(data, "p.yaml")
+    assert message in str(info.value)
+    assert str(info.value).startswith("p.yaml")
+
+
+def test_unreadable_or_unparsable_policy_files_are_refused(tmp_path):
+    with pytest.raises(PolicyError, match="cannot read the policy file"):
+        load_policy(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("steps: [\n")
+    with pytest.raises(PolicyError, match="not valid YAML"):
+        load_policy(tmp_path / "bad.yaml")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(PolicyError, match="not valid JSON"):
+        load_policy(tmp_path / "bad.json")
+
+
+# ---------------------------------------------------------------------------------------------- figures
+def test_figures_from_status_turn_rates_back_into_counts():
+    status = {"versions": {"2": {"requests": 40, "error_rate": 0.05, "shadow_requests": 30, "shadow_agreement": 0.9,
+                                 "p95_ms": 12.5, "feedback": {"correct": 7, "total": 9}}}}
+    assert figures_from_status(status, 2) == Figures(40, 2, 30, 27, 7, 9, 12.5)
+    assert figures_from_status(status, 3) == Figures()
+    assert figures_from_status(status, 2, with_feedback=False).feedback_total == 0
+
+
+def test_figures_since_a_base_and_after_a_gateway_restart():
+    base = Figures(100, 5, 50, 40, 10, 12, 9.0)
+    assert Figures(150, 6, 70, 55, 13, 20, 11.0).since(base) == Figures(50, 1, 20, 15, 3, 8, 11.0)
+    # the gateway restarted: its per-process counters start again from zero, feedback (in Redis) kept counting
+    assert Figures(30, 1, 10, 9, 14, 20, 8.0).since(base) == Figures(30, 1, 10, 9, 4, 8, 8.0)
+    assert Figures(1, 0, 0, 0, 0, 0, 5.0).plus(Figures(2, 1, 0, 0, 1, 1, 7.0)) == Figures(3, 1, 0, 0, 1, 1, 7.0)
+    assert Figures.from_json(base.to_json()) == base
+
+
+# ---------------------------------------------------------------------------------------------- rules
+def test_one_sided_z_test_matches_the_normal_tail():
+    z, p = one_sided_z_test(60, 100, 80, 100)
+    pooled = 0.7
+    assert z == pytest.approx((0.6 - 0.8) / math.sqrt(pooled * 0.3 * 0.02))
+    assert p == pytest.approx(0.0009, abs=2e-4)  # Phi(-3.086)
+    z_up, p_up = one_sided_z_test(80, 100, 60, 100)  # better, not worse: one-sided p near 1
+    assert z_up == pytest.approx(-z) and p_up == pytest.approx(1 - p)
+    assert one_sided_z_test(10, 10, 20, 20) == (0.0, 0.5)
+    with pytest.raises(ValueError):
+        one_sided_z_test(0, 0, 1, 1)
+
+
+def test_error_rate_rule():
+    params = RULES["error_rate"]  # max_increase 0.01, min_requests 100
+    stable = Figures(requests=1000, errors=10)
+    assert judge.judge_error_rate(Figures(requests=99, errors=50), stable, params).outcome == INSUFFICIENT
+    assert judge.judge_error_rate(Figures(requests=100, errors=2), stable, params).outcome == PASS
+    breach = judge.judge_error_rate(Figures(requests=100, errors=3), stable, params)
+    assert breach.outcome == BREACH and "3.00% > stable 1.00% + 1.00%" in breach.reason
+    assert judge.judge_error_rate(Figures(requests=100, errors=1), Figures(), params).outcome == PASS
+
+
+def test_p95_latency_rule():
+    params = RULES["p95_latency"]  # 1.5 x stable + 25 ms, min 100
+    stable = Figures(requests=500, p95_ms=20.0)
+    assert judge.judge_p95_latency(Figures(requests=100, p95_ms=55.0), stable, params).outcome == PASS
+    breach = judge.judge_p95_latency(Figures(requests=100, p95_ms=55.1), stable, params)
+    assert breach.outcome == BREACH and "p95 55.1 ms > 1.5 x stable 20.0 ms + 25 ms" == breach.reason
+    assert judge.judge_p95_latency(Figures(requests=99, p95_ms=500.0), stable, params).outcome == INSUFFICIENT
+    assert judge.judge_p95_latency(Figures(requests=100, p95_ms=5.0), Figures(), params).outcome == INSUFFICIENT
+
+
+def test_shadow_agreement_rule():
+    params = RULES["shadow_agreement"]  # 0.9, min 100
+    assert judge.judge_shadow_agreement(Figures(), params).outcome == SKIPPED
+    assert judge.judge_shadow_agreement(Figures(shadow_requests=99, shadow_agreements=0), params).outcome \
+        == INSUFFICIENT
+    assert judge.judge_shadow_agreement(Figures(shadow_requests=100, shadow_agreements=90), params).outcome == PASS
+    breach = judge.judge_shadow_agreement(Figures(shadow_requests=100, shadow_agreements=89), params)
+    assert breach.outcome == BREACH and "89.0% of 100 mirrored requests < 90%" in breach.reason
+
+
+def test_feedback_accuracy_rule_is_one_sided():
+    params = {"alpha": 0.05, "min_feedback": 30}
+    stable = Figures(feedback_correct=80, feedback_total=100)
+    assert judge.judge_feedback_accuracy(Figures(feedback_correct=0, feedback_total=29), stable, params).outcome \
+        == INSUFFICIENT
+    assert judge.judge_feedback_accuracy(Figures(feedback_correct=30, feedback_total=30), Figures(
+        feedback_correct=0, feedback_total=29), params).outcome == INSUFFICIENT
+    worse = judge.judge_feedback_accuracy(Figures(feedback_correct=60, feedback_total=100), stable, params)
+    assert worse.outcome == BREACH and worse.figures["p_value"] < 0.05 and "one-sided p" in worse.reason
+    slightly = judge.judge_feedback_accuracy(Figures(feedback_correct=75, feedback_total=100), stable, params)
+    assert slightly.outcome == PASS  # 75 % vs 80 % on 100 each: not significant
+    better = judge.judge_feedback_accuracy(Figures(feedback_correct=99, feedback_total=100), stable, params)
+    assert better.outcome == PASS and better.figures["p_value"] > 0.5  # a better version never breaches
+
+
+def test_offline_rule_reads_metrics_json(tmp_path):
+    params = dict(RULES["offline"])  # test_accuracy, max_drop 0.02, not required
+    for name, accuracy in (("1", 0.90), ("2", 0.89), ("3", 0.85)):
+        (tmp_path / name / "assets.extra").mkdir(parents=True)
+        (tmp_path / name / "assets.extra" / "metrics.json").write_text(json.dumps({"test_accuracy": accuracy}))
+    (tmp_path / "4" / "assets.extra").mkdir(parents=True)
+    (tmp_path / "4" / "assets.extra" / "metrics.json").write_text("{not json")
+    scores = {v: judge.read_offline_scores(tmp_path / v) for v in "12345"}
+    assert scores["4"] is None and scores["5"] is None and judge.read_offline_scores(None) is None
+    assert judge.judge_offline(scores["2"], scores["1"], params).outcome == PASS
+    breach = judge.judge_offline(scores["3"], scores["1"], params)
+    assert breach.outcome == BREACH and "0.8500 < stable 0.9000 - 0.02" in breach.reason
+    assert judge.judge_offline(None, scores["1"], params).outcome == SKIPPED
+    assert judge.judge_offline(scores["3"], None, params).outcome == SKIPPED
+    assert judge.judge_offline(None, scores["1"], {**params, "required": True}).outcome == BREACH
+
+
+# ---------------------------------------------------------------------------------------------- decisions
+def _verdict(rule, outcome):
+    return Verdict(rule, outcome, f"{rule} {outcome}", {})
+
+
+def test_decide_rolls_back_at_the_first_breach_whatever_the_timers():
+    verdicts = [_verdict("error_rate", PASS), _verdict("shadow_agreement", BREACH),
+                _verdict("feedback_accuracy", BREACH)]
+    decision = decide(verdicts, held_seconds=0, hold_seconds=600, step_requests=0, min_requests=100)
+    assert (decision.outcome, decision.rule, decision.reason) == (ROLLBACK, "shadow_agreement",
+                                                                 "shadow_agreement breach")
+
+
+@pytest.mark.parametrize("held, requests, outcome", [(5, 100, HOLD), (10, 99, HOLD), (10, 100, ADVANCE)])
+def test_decide_advances_only_after_hold_time_and_request_count(held, requests, outcome):
+    verdicts = [_verdict("error_rate", PASS), _verdict("feedback_accuracy", INSUFFICIENT)]
+    assert decide(verdicts, held, 10, requests, 100).outcome == outcome
+
+
+def test_online_rules_in_a_fixed_order():
+    verdicts = judge.judge_online(Figures(), Figures(), RULES)
+    assert [v.rule for v in verdicts] == ["error_rate", "p95_latency", "shadow_agreement", "feedback_accuracy"]
