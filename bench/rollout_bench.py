@@ -47,9 +47,9 @@ from bench.common import machine_description, write_result
 from bench.faults import Photos, base_photos, with_comment
 from services.rollout.policy import DEFAULT_POLICY
 from services.stack.launch import Ports, new_run_dir, start_stack, stop_stack
-from tests.support import free_port
-from tests.tiny_model import LABELS, write_tiny_model
+from services.stack.servers import free_port
 from training_job.publish import publish_dir
+from training_job.tiny_model import LABELS, write_tiny_model
 
 MODEL = "mushrooms"
 ADMIN_TOKEN = "rollout-bench-admin-token"

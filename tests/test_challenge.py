@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.support import MUSHROOMS
-from tests.tiny_model import LABELS, write_tiny_model
+from training_job.tiny_model import LABELS, write_tiny_model
 from training_job.challenge import challenge, decide, mcnemar_exact, paired_bootstrap, predict_labels
 from training_job.dataset import ManifestRow
 from training_job.paths import PROJECT_ROOT

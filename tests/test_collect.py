@@ -14,14 +14,17 @@ import time
 
 import pytest
 from PIL import Image
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from services.gateway.feedback import FeedbackTokens
 from services.gateway.photo_store import BoundedFolder
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
 from tests.support import MUSHROOMS, RedisServer
 from tests.test_gateway_state import Gateway
-from tests.tiny_model import LABELS, publish_tiny_versions
 from training_job.paths import PROJECT_ROOT
+from training_job.tiny_model import LABELS, publish_tiny_versions
+
+AVAILABLE = ModelVersionStatus.AVAILABLE
 
 PHOTOS = {label: sorted((MUSHROOMS / label).iterdir()) for label in LABELS}
 
@@ -56,7 +59,7 @@ def model_server(tmp_path_factory):
     config = registry / "models.config"
     write_config(config, {MODEL: registry / MODEL}, policy="all {}")
     server = start_server(registry, config)
-    wait_until(lambda: version_states(server.grpc_target, MODEL).get(1, (0,))[0] == 30, what="version 1")
+    wait_until(lambda: version_states(server.grpc_target, MODEL).get(1, (0,))[0] == AVAILABLE, what="version 1")
     yield server
     stop_server(server)
 

@@ -1,5 +1,5 @@
 """The rollout controller with the real stack on a compressed schedule: redis-server, our model server (tiny models,
-tests/tiny_model.py), the gateway and `python -m services.rollout` processes on free loopback ports. Traffic is a
+training_job/tiny_model.py), the gateway and `python -m services.rollout` processes on free loopback ports. Traffic is a
 bounded loop of classify (and feedback) calls to 127.0.0.1."""
 from __future__ import annotations
 
@@ -15,14 +15,17 @@ import uuid
 from pathlib import Path
 
 import pytest
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from tests.model_server_harness import start_server, stop_server, version_states, wait_until, write_config
 from tests.support import MUSHROOMS, RedisServer, free_port, stop_process, wait_for_port
 from tests.test_gateway_state import Gateway
 from tests.test_web import browser  # noqa: F401 - the headless Chromium fixture
-from tests.tiny_model import LABELS, write_tiny_model
+from training_job.tiny_model import LABELS, write_tiny_model
 from training_job.paths import PROJECT_ROOT
 from training_job.publish import publish_dir
+
+AVAILABLE = ModelVersionStatus.AVAILABLE
 
 MODELS = ("promote", "feedback", "shadow", "resume", "pause", "web", "mirror")
 CONTROLLER_TOKEN = "rollout-controller-token-0123456789"
@@ -56,7 +59,7 @@ def stack_files(tmp_path_factory):
 def model_server(stack_files):
     _, registry, config, _ = stack_files
     server = start_server(registry, config)
-    wait_until(lambda: all(version_states(server.grpc_target, m).get(1, (0,))[0] == 30 for m in MODELS),
+    wait_until(lambda: all(version_states(server.grpc_target, m).get(1, (0,))[0] == AVAILABLE for m in MODELS),
                timeout=120, what="version 1 of every model")
     yield server
     stop_server(server)
@@ -153,8 +156,8 @@ def publish(files, model: str, **kwargs) -> None:
 
 
 def wait_available(model_server, model: str, version: int) -> None:
-    wait_until(lambda: version_states(model_server.grpc_target, model).get(version, (0,))[0] == 30, timeout=60,
-               what=f"{model} version {version} AVAILABLE")
+    wait_until(lambda: version_states(model_server.grpc_target, model).get(version, (0,))[0] == AVAILABLE,
+               timeout=60, what=f"{model} version {version} AVAILABLE")
 
 
 def start_gateway(model_server, redis_server, files, model: str, *extra: str) -> Gateway:
