@@ -192,3 +192,24 @@ def test_decide_advances_only_after_hold_time_and_request_count(held, requests, 
 def test_online_rules_in_a_fixed_order():
     verdicts = judge.judge_online(Figures(), Figures(), RULES)
     assert [v.rule for v in verdicts] == ["error_rate", "p95_latency", "shadow_agreement", "feedback_accuracy"]
+
+
+def test_new_versions_are_appended_to_a_specific_list_and_nothing_else_changes(tmp_path):
+    from services.rollout.serving_config import serve_new_versions
+    from services.stack.configs import model_config_text, read_model_config
+
+    base = tmp_path / "registry" / "m"
+    for name in ("1", "2", ".tmp-host-3-x", "notes"):
+        (base / name).mkdir(parents=True)
+    config = tmp_path / "models.config"
+    config.write_text(model_config_text("m", base, [1, 2], labels={"stable": 1}))
+    assert serve_new_versions(config, "m") == []
+    (base / "3").mkdir()
+    (base / "4").mkdir()
+    assert serve_new_versions(config, "m") == [3, 4]
+    assert read_model_config(config) == ("m", base, [1, 2, 3, 4], {"stable": 1})
+    assert serve_new_versions(config, "m") == []  # idempotent
+    latest = tmp_path / "latest.config"
+    latest.write_text(model_config_text("m", base, []))  # no version yet: a latest policy serves new ones itself
+    before = latest.read_text()
+    assert serve_new_versions(latest, "m") == [] and latest.read_text() == before

@@ -122,8 +122,10 @@ def same_table(stored: dict, wanted: dict) -> bool:
 class Controller:
     def __init__(self, redis, gateway: GatewayAdmin, model_server: ModelServerStates, policy: Policy,
                  model_name: str, registry_dir: str | Path | None = None, identity: str | None = None,
-                 lease_seconds: float = 15.0, clock=time.time, labels=None):
+                 lease_seconds: float = 15.0, clock=time.time, labels=None, serve_new_versions=None):
         self.labels = labels  # a labels.LabelConfig when the rollout moves version labels, else None
+        # () -> [versions added to the model server's specific list] (serving_config.py), or None
+        self.serve_new_versions = serve_new_versions
         self.redis = redis
         self.gateway = gateway
         self.model_server = model_server
@@ -341,6 +343,10 @@ class Controller:
         if not await self.hold_lease():
             self._reconciled = False
             return
+        if self.serve_new_versions is not None:
+            added = self.serve_new_versions()
+            if added:
+                log.info("listed new versions %s in the model server's config so that they load", added)
         state = await self.load_state()
         available = await self.model_server.available()
         if state is None:

@@ -201,6 +201,7 @@ def _start_all(stack: Stack, registry: Path, scrape_interval_s: float, tensorboa
             f"--model-server-rest={rest}", f"--model-name={stack.model_name}",
             f"--model-base-path={(registry / stack.model_name).resolve()}",
             f"--gateway-token-file={run_dir / 'rollout_token'}", f"--operator-tokens={operators}",
+            f"--serve-new-versions={run_dir / 'models.config'}",  # the stack lists versions: see configs.py
             *([f"--policy={rollout_policy}"] if rollout_policy else [])],
             env={**env, "GATEWAY_ADMIN_TOKEN": stack.admin_token})  # the admin operator may use its API too
         wait_healthy(controller, lambda: http_ok(f"http://127.0.0.1:{ports.rollout}/healthz"), 60, "listening")

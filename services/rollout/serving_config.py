@@ -1,0 +1,40 @@
+"""New versions reach the model server (opt-in, ``--serve-new-versions CONFIG``).
+
+Operators keep routed versions loaded with a ``specific`` version policy (README, "Keeping routed versions loaded"):
+under ``latest`` a newer folder, even a broken one, unloads the oldest version. A ``specific`` list also means a
+freshly published version is not served until it is listed, so the controller, which exists to roll new versions
+out, lists it: each newer version folder in the registry (training_job.registry's rule) is appended to the model's
+``specific`` versions in the model server's config file (atomic rename; the model server re-reads the file every
+``--model_config_file_poll_wait_seconds``). Versions are only ever added; nothing already listed is removed. A model
+under another policy is left alone (``latest`` and ``all`` serve new folders by themselves).
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from google.protobuf import text_format
+from tensorflow_serving.config import model_server_config_pb2
+
+from training_job.registry import versions
+
+
+def serve_new_versions(config_path: str | Path, model_name: str) -> list[int]:
+    """Append to ``model_name``'s ``specific`` list every version on disk newer than the newest listed; returns the
+    versions added (none when the model's policy is not ``specific`` or nothing is new)."""
+    path = Path(config_path)
+    config = text_format.Parse(path.read_text(), model_server_config_pb2.ModelServerConfig())
+    model = next((m for m in config.model_config_list.config if m.name == model_name), None)
+    if model is None or model.model_version_policy.WhichOneof("policy_choice") != "specific":
+        return []
+    listed = list(model.model_version_policy.specific.versions)
+    newest_listed = max(listed, default=0)
+    added = [v for v in versions(Path(model.base_path)) if v > newest_listed]
+    if not added:
+        return []
+    model.model_version_policy.specific.versions.extend(added)
+    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    staging.write_text(text_format.MessageToString(config))
+    os.replace(staging, path)
+    return added
