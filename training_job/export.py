@@ -1,6 +1,6 @@
 """Export a trained run as a SavedModel honouring DEVELOPERS.md's "Model registry and SavedModel contract".
 
-The whole model is in the graph: uint8 pixels -> normalise -> frozen base (pooled features + ImageNet softmax)
+The whole model is in the graph: uint8 pixels -> the base's normalisation -> frozen base (pooled features + ImageNet softmax)
 -> head softmax and open-set score. ``predict_image_bytes`` decodes encoded photos in-graph first.
 """
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 
 from training_job.open_set import OpenSet, tf_scores
-from training_job.preprocessing import normalise
 from training_job.train import Head
 
 
@@ -27,7 +26,7 @@ def build_serving_module(base, head: Head, open_set: OpenSet):
             self.threshold = tf.constant(open_set.threshold, tf.float32)
 
         def outputs(self, images):
-            features, imagenet = self.base(normalise(images), training=False)
+            features, imagenet = self.base(base.normalise(images), training=False)
             x = features
             for i, (kernel, bias) in enumerate(zip(self.kernels, self.biases)):
                 x = tf.matmul(x, kernel) + bias

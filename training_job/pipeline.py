@@ -161,7 +161,7 @@ def evaluate_run(run_dir: Path, base: BaseNetwork | None = None, *, not_mushroom
 
 
 def model_card(run_dir: Path, base: BaseNetwork, config: TrainConfig, open_set: OpenSet, rows) -> dict:
-    from training_job.base_weights import SOURCE_DESCRIPTION
+    from training_job.base_weights import weights_source
     from training_job.preprocessing import PREPROCESSING_VERSION
 
     summary_file = Path(run_dir) / "train_summary.json"
@@ -170,7 +170,8 @@ def model_card(run_dir: Path, base: BaseNetwork, config: TrainConfig, open_set: 
         "architecture": base.architecture,
         "image_size": base.image_size,
         "preprocessing_version": PREPROCESSING_VERSION,
-        "base_weights_source": SOURCE_DESCRIPTION if not config.weights_file else f"weights file {config.weights_file}",
+        "base_weights_source": (weights_source(config.architecture) if not config.weights_file
+                                else f"weights file {config.weights_file}"),
         "hyper_parameters": asdict(config),
         "training": summary,
         "code_revision": code_revision(),
