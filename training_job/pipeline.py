@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from training_job.bottlenecks import BaseNetwork, get_bottlenecks
+from training_job.calibration import DEFAULT_BINS, calibration_report, fit_temperature
 from training_job.dataset import labels_of, manifest_fingerprint, read_manifest, write_manifest
 from training_job.evaluate import candidate_report, open_set_metrics, photo_rows, write_evaluation
 from training_job.open_set import DEFAULT_METHOD, DEFAULT_REJECT_RATE, OpenSet, calibrate
@@ -103,6 +104,13 @@ def train_run(rows, config: TrainConfig, run_dir: Path | None = None, *, base: B
     index = {l: i for i, l in enumerate(labels)}
     train_idx = np.array([index[r.label] for r in split_rows(rows, "train")])
     val = split_bottlenecks["validation"]
+    # Temperature scaling on validation (folded into the head's last layer), before anything reads the head's
+    # probabilities; the open-set threshold below is then set on the served model's outputs.
+    val_idx = np.array([index[r.label] for r in split_rows(rows, "validation")])
+    temperature = fit_temperature(head.logits(val.features), val_idx)
+    summary["calibration"] = {"temperature": temperature,
+                              "validation": calibration_report(head.logits(val.features), val_idx, temperature)}
+    head = head.with_temperature(temperature)
     open_set = calibrate(open_set_method, split_bottlenecks["train"].features, train_idx, len(labels),
                          val.features, val.imagenet, reject_rate)
     write_manifest(rows, run_dir / "manifest.csv")
@@ -157,7 +165,18 @@ def evaluate_run(run_dir: Path, base: BaseNetwork | None = None, *, not_mushroom
     report["candidates_at_same_reject_rate"] = candidate_report(
         split_bottlenecks["train"].features, train_idx, len(head.labels), split_bottlenecks["validation"], test, ood,
         open_set.reject_rate_target)
-    return write_evaluation(Path(run_dir), head.labels, test_rows, y_test, head.predict(test.features), report)
+    raw = head.uncalibrated()
+    y_val = np.array([index[r.label] for r in split_rows(rows, "validation")])
+    calibration = {
+        "method": "temperature scaling on the validation split",
+        "temperature": head.temperature,
+        "bins": DEFAULT_BINS,
+        "validation": calibration_report(raw.logits(split_bottlenecks["validation"].features), y_val,
+                                         head.temperature),
+        "test": calibration_report(raw.logits(test.features), y_test, head.temperature),
+    }
+    return write_evaluation(Path(run_dir), head.labels, test_rows, y_test, head.predict(test.features), report,
+                            calibration)
 
 
 def model_card(run_dir: Path, base: BaseNetwork, config: TrainConfig, open_set: OpenSet, rows) -> dict:

@@ -163,6 +163,10 @@ def print_summary(run_dir: Path, metrics: dict) -> None:
           f"{summary['bottlenecks_computed']} bottlenecks computed, the rest from the cache")
     print(f"validation accuracy {summary['validation_accuracy']:.4f}; test accuracy {metrics['test_accuracy']:.4f} "
           f"on {metrics['test_photos']} photos ({metrics['misclassified']} misclassified)")
+    if "calibration" in metrics:
+        c = metrics["calibration"]
+        print(f"calibration: temperature {c['temperature']:.3f}; expected calibration error on test "
+              f"{c['test']['ece_before']:.3f} before, {c['test']['ece_after']:.3f} after")
     line = f"not-a-mushroom ({o['method']}): rejects {o['test_mushrooms_rejected']:.1%} of test mushrooms"
     if "not_mushrooms_rejected" in o:
         line += f", {o['not_mushrooms_rejected']:.1%} of {o['not_mushroom_photos']} non-mushroom photos"
