@@ -68,6 +68,11 @@ def run_base(run_dir: Path, config: TrainConfig, base: BaseNetwork | None = None
 
     base = base or BaseNetwork(config.architecture, config.weights_file)
     base = base.original if isinstance(base, FineTunedBase) else base
+    from training_job.whole_fine_tune import TUNED_NETWORK_FILE, WholeTunedBase
+
+    base = base.original if isinstance(base, WholeTunedBase) else base
+    if (Path(run_dir) / TUNED_NETWORK_FILE).exists():
+        return WholeTunedBase.load(base, Path(run_dir) / TUNED_NETWORK_FILE)
     tuned = Path(run_dir) / TUNED_BLOCKS_FILE
     if not tuned.exists():
         return base
@@ -89,6 +94,25 @@ def train_run(rows, config: TrainConfig, run_dir: Path | None = None, *, base: B
     head, split_bottlenecks = result.head, result.split_bottlenecks
     summary = {}
     (run_dir / TUNED_BLOCKS_FILE).unlink(missing_ok=True)  # a re-used run folder must not keep an older run's blocks
+    if config.fine_tune_whole:
+        import shutil
+
+        from training_job.whole_fine_tune import CHECKPOINT_FOLDER, TUNED_NETWORK_FILE, fine_tune_whole
+
+        (run_dir / TUNED_NETWORK_FILE).unlink(missing_ok=True)
+        whole = fine_tune_whole(rows, config, base, head, split_bottlenecks, result.tensorboard_dir,
+                                run_dir / CHECKPOINT_FOLDER, progress=progress)
+        whole.base.save(run_dir / TUNED_NETWORK_FILE)
+        shutil.rmtree(run_dir / CHECKPOINT_FOLDER, ignore_errors=True)
+        head, split_bottlenecks = whole.head, whole.split_bottlenecks
+        summary["fine_tune_whole"] = {"epochs_run": whole.epochs_run, "best_epoch": whole.best_epoch,
+                                      "seconds": whole.seconds, "stopped_by": whole.stopped_by,
+                                      "validation_accuracy_before": result.validation_accuracy,
+                                      "validation_accuracy": whole.validation_accuracy}
+    else:
+        from training_job.whole_fine_tune import TUNED_NETWORK_FILE
+
+        (run_dir / TUNED_NETWORK_FILE).unlink(missing_ok=True)
     if config.fine_tune_blocks:
         from training_job.fine_tune import fine_tune, save_tail
 

@@ -48,6 +48,9 @@ class TrainConfig:
     fine_tune_learning_rate: float = 1e-4
     fine_tune_epochs: int = 15
     fine_tune_patience: int = 4
+    fine_tune_whole: bool = False  # train every convolution of the base with the head (training_job.whole_fine_tune)
+    fine_tune_warmup_epochs: int = 1
+    fine_tune_max_minutes: float | None = 15.0  # whole-network fine-tuning's wall-clock budget
 
     @property
     def augmentation(self) -> Augmentation:
