@@ -103,3 +103,15 @@ def test_a_whole_fine_tuned_run_exports_the_tuned_network(tiny):
     frozen_features = base(pixels)[0]
     assert not np.allclose(served_base(pixels)[0], frozen_features, atol=1e-3)
     assert "fine_tune_whole" in (run_dir / "train_summary.json").read_text()
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    from training_job.train import TrainConfig
+    from training_job.whole_fine_tune import learning_rate_schedule
+
+    config = TrainConfig(train_batch_size=10, fine_tune_epochs=5, fine_tune_warmup_epochs=1,
+                         fine_tune_learning_rate=1e-4)
+    schedule = learning_rate_schedule(config, n_train=95)  # 10 steps per epoch
+    rates = [float(schedule(step)) for step in range(50)]
+    assert rates[0] == 0.0 and rates[5] == pytest.approx(5e-5) and rates[10] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:])) and rates[49] < 1e-6

@@ -168,6 +168,18 @@ def augment(image, size: int):
     return tf.clip_by_value(image, 0.0, 255.0)
 
 
+def learning_rate_schedule(config: TrainConfig, n_train: int):
+    """Linear warm-up from 0 to ``fine_tune_learning_rate`` over ``fine_tune_warmup_epochs``, then cosine decay to 0
+    at the end of ``fine_tune_epochs`` (a function of the optimizer's step, so a resumed run continues it)."""
+    import keras
+
+    steps_per_epoch = max(1, -(-n_train // config.train_batch_size))
+    warmup = steps_per_epoch * config.fine_tune_warmup_epochs
+    total = steps_per_epoch * config.fine_tune_epochs
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, max(1, total - warmup), warmup_target=config.fine_tune_learning_rate, warmup_steps=warmup)
+
+
 def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, split_bottlenecks: dict,
                     tensorboard_dir: Path, checkpoint_dir: Path, *, callbacks=(), progress: bool = True
                     ) -> WholeFineTuneResult:
@@ -197,12 +209,7 @@ def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, sp
     model = keras.Model(inputs, x)
 
     n_train = len(labels["train"])
-    steps_per_epoch = max(1, -(-n_train // config.train_batch_size))
-    warmup = steps_per_epoch * config.fine_tune_warmup_epochs
-    total = steps_per_epoch * config.fine_tune_epochs
-    schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, max(1, total - warmup), warmup_target=config.fine_tune_learning_rate, warmup_steps=warmup)
-    model.compile(optimizer=keras.optimizers.Adam(schedule),
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate_schedule(config, n_train)),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
                   metrics=["accuracy", keras.metrics.CategoricalCrossentropy(name="cross_entropy")])
 
