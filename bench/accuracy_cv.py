@@ -98,7 +98,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(shared_data_dir() / "mushrooms"))
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from {list(METHOD_ARCHITECTURES)}")
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help=f"comma-separated, from {list(METHOD_ARCHITECTURES)}")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHOD_ARCHITECTURES]

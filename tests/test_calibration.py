@@ -36,8 +36,8 @@ def test_fitted_temperature_recovers_an_overconfident_model():
 
 def test_temperature_is_folded_into_the_head_and_survives_saving(tmp_path):
     rng = np.random.default_rng(2)
-    head = Head(["a", "b", "c"], [rng.normal(size=(8, 5)).astype(np.float32), rng.normal(size=(5, 3)).astype(np.float32)],
-                [rng.normal(size=5).astype(np.float32), rng.normal(size=3).astype(np.float32)])
+    kernels = [rng.normal(size=(8, 5)).astype(np.float32), rng.normal(size=(5, 3)).astype(np.float32)]
+    head = Head(["a", "b", "c"], kernels, [rng.normal(size=5).astype(np.float32), rng.normal(size=3).astype(np.float32)])
     features = rng.normal(size=(10, 8)).astype(np.float32)
     calibrated = head.with_temperature(2.5)
     np.testing.assert_allclose(calibrated.predict(features), softmax(head.logits(features) / 2.5), atol=1e-6)
