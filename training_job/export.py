@@ -1,6 +1,6 @@
 """Export a trained run as a SavedModel honouring DEVELOPERS.md's "Model registry and SavedModel contract".
 
-The whole model is in the graph: uint8 pixels -> the base's own normalisation -> base (pooled features + ImageNet softmax)
+The whole model is in the graph: uint8 pixels -> normalise -> frozen base (pooled features + ImageNet softmax)
 -> head softmax and open-set score. ``predict_image_bytes`` decodes encoded photos in-graph first.
 """
 from __future__ import annotations
