@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from training_job.open_set import OpenSet, tf_scores
+from training_job.preprocessing import normalise
 from training_job.train import Head
 
 
