@@ -43,6 +43,13 @@ class Storage:
         self.key, self.data = key, np.ascontiguousarray(data).ravel()
 
 
+class StorageView:
+    """A pre-1.0 storage view: ``view_size`` elements of ``root`` from ``offset`` (its data is the root's)."""
+
+    def __init__(self, key: str, root: Storage, offset: int, view_size: int):
+        self.key, self.root, self.offset, self.view_size = key, root, offset, view_size
+
+
 class Tensor:
     """A view (offset, size, stride in elements) of a Storage, pickled as torch does."""
 
@@ -72,6 +79,11 @@ def write_legacy(obj, storages: list[Storage], *, magic=MAGIC_NUMBER, little_end
             if isinstance(obj, Storage):
                 storage_class = getattr(torch, STORAGE_NAMES[obj.data.dtype])
                 return ("storage", storage_class, obj.key, "cpu", obj.data.size, None)
+            if isinstance(obj, StorageView):
+                root = obj.root
+                storage_class = getattr(torch, STORAGE_NAMES[root.data.dtype])
+                return ("storage", storage_class, root.key, "cpu", root.data.size,
+                        (obj.key, obj.offset, obj.view_size))
             return None
 
     Pickler(out, protocol=2).dump(obj)
@@ -107,6 +119,15 @@ def test_state_dict_round_trip_with_offsets_strides_and_shared_storage(fake_torc
     assert got["bn.num_batches_tracked"].shape == () and int(got["bn.num_batches_tracked"]) == 7
     assert got["half"].dtype == np.float16 and got["half"].tolist() == [0.5, -2.0, 3.0]
     assert got["conv.weight"].flags.c_contiguous and got["fc.weight"].flags.writeable
+
+
+def test_storage_views_index_into_their_root_storage(fake_torch):
+    root = Storage("root", np.arange(10, dtype=np.float32))
+    view = StorageView("view", root, 4, 6)
+    state = {"whole": contiguous(root, (10,)), "tail": Tensor(view, 1, (2, 2), (2, 1))}
+    got = read_legacy_file(io.BytesIO(write_legacy(state, [root])))
+    np.testing.assert_array_equal(got["tail"], [[5, 6], [7, 8]])
+    np.testing.assert_array_equal(got["whole"], np.arange(10))
 
 
 def test_storage_keys_order_decides_where_data_is(fake_torch):
