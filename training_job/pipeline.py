@@ -63,14 +63,19 @@ TUNED_BLOCKS_FILE = "fine_tuned_blocks.npz"
 
 
 def run_base(run_dir: Path, config: TrainConfig, base: BaseNetwork | None = None) -> BaseNetwork:
-    """The network a run's head reads: the frozen base, with the run's fine-tuned blocks if it has some."""
-    from training_job.fine_tune import FineTunedBase, load_tail
+    """The network a run's head reads: the frozen base, with the run's fine-tuned blocks or network if it has some,
+    mirror-averaged if the run uses mirror test-time augmentation."""
+    from training_job.mirror_tta import MirrorAveragedBase, plain_base
 
-    base = base or BaseNetwork(config.architecture, config.weights_file)
-    base = base.original if isinstance(base, FineTunedBase) else base
+    base = tuned_base(run_dir, plain_base(base or BaseNetwork(config.architecture, config.weights_file)))
+    return MirrorAveragedBase(base) if config.mirror_tta else base
+
+
+def tuned_base(run_dir: Path, base: BaseNetwork) -> BaseNetwork:
+    """The plain ``base`` with the run's fine-tuned blocks or whole fine-tuned network, if it has some."""
+    from training_job.fine_tune import FineTunedBase, load_tail
     from training_job.whole_fine_tune import TUNED_NETWORK_FILE, WholeTunedBase
 
-    base = base.original if isinstance(base, WholeTunedBase) else base
     if (Path(run_dir) / TUNED_NETWORK_FILE).exists():
         return WholeTunedBase.load(base, Path(run_dir) / TUNED_NETWORK_FILE)
     tuned = Path(run_dir) / TUNED_BLOCKS_FILE
@@ -85,7 +90,9 @@ def train_run(rows, config: TrainConfig, run_dir: Path | None = None, *, base: B
               open_set_method: str = DEFAULT_METHOD, reject_rate: float = DEFAULT_REJECT_RATE,
               cache_root=None, progress: bool = True) -> tuple[Path, dict]:
     """Train, calibrate the open-set check, evaluate on test; write the run folder. Returns (run_dir, metrics)."""
-    base = base or BaseNetwork(config.architecture, config.weights_file)
+    from training_job.mirror_tta import plain_base
+
+    base = plain_base(base or BaseNetwork(config.architecture, config.weights_file))
     run_name = run_dir.name if run_dir else None
     result = train_head(rows, config, tensorboard_root or tensorboard_dir(), run_name, base=base,
                         progress=progress, cache_root=cache_root)
@@ -124,6 +131,13 @@ def train_run(rows, config: TrainConfig, run_dir: Path | None = None, *, base: B
                                 "best_epoch": tuned.best_epoch, "seconds": tuned.seconds,
                                 "validation_accuracy_before": result.validation_accuracy,
                                 "validation_accuracy": tuned.validation_accuracy}
+    if config.mirror_tta:  # everything after training reads what will be served: mirror-averaged features
+        from training_job.mirror_tta import MirrorAveragedBase
+
+        served = tuned.base if config.fine_tune_blocks else whole.base if config.fine_tune_whole else base
+        split_bottlenecks, _ = plain_bottlenecks(rows, MirrorAveragedBase(served), progress=progress,
+                                                 cache_root=cache_root)
+        summary["mirror_tta"] = True
     labels = head.labels
     index = {l: i for i, l in enumerate(labels)}
     train_idx = np.array([index[r.label] for r in split_rows(rows, "train")])

@@ -51,6 +51,7 @@ class TrainConfig:
     fine_tune_whole: bool = False  # train every convolution of the base with the head (training_job.whole_fine_tune)
     fine_tune_warmup_epochs: int = 1
     fine_tune_max_minutes: float | None = 15.0  # whole-network fine-tuning's wall-clock budget
+    mirror_tta: bool = False  # serve the mean features of each photo and its mirror image (training_job.mirror_tta)
 
     @property
     def augmentation(self) -> Augmentation:

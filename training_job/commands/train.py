@@ -59,6 +59,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, architecture: bool =
     g.add_argument("--fine_tune_warmup_epochs", type=int, default=_DEFAULTS.fine_tune_warmup_epochs)
     g.add_argument("--fine_tune_max_minutes", type=float, default=_DEFAULTS.fine_tune_max_minutes,
                    help="wall-clock budget of --fine_tune_whole (checked after each epoch)")
+    g.add_argument("--mirror_tta", action="store_true",
+                   help="mirror test-time augmentation: the served model averages the base's features of each photo "
+                        "and its mirror image (two passes per photo); calibration, open set and evaluation use them")
     g.add_argument("--open_set_reject_rate", type=float, default=0.03,
                    help="share of validation mushroom photos the 'not a mushroom' threshold may reject")
     g.add_argument("--not_mushrooms", default=None,
@@ -78,7 +81,7 @@ def config_from_args(args, **override) -> TrainConfig:
         l2=args.l2, patience=args.patience, seed=args.seed, fine_tune_blocks=args.fine_tune_blocks,
         fine_tune_learning_rate=args.fine_tune_learning_rate, fine_tune_epochs=args.fine_tune_epochs,
         fine_tune_whole=args.fine_tune_whole, fine_tune_warmup_epochs=args.fine_tune_warmup_epochs,
-        fine_tune_max_minutes=args.fine_tune_max_minutes,
+        fine_tune_max_minutes=args.fine_tune_max_minutes, mirror_tta=args.mirror_tta,
     )
     values.update(override)
     config = TrainConfig(**values)
