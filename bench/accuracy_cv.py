@@ -10,7 +10,8 @@ Methods (``--methods``, comma-separated; the first is the reference of the paire
 - ``frozen``: MobileNet v1 1.0/224 frozen, head on bottlenecks (the default recipe);
 - ``fine_tuned_1_block``: the same, then ``--fine_tune_blocks 1``;
 - ``lite0_frozen``, ``lite1_frozen``, ``lite2_frozen``: EfficientNet-Lite0/1/2 frozen;
-- ``lite0_fine_tuned_whole``: Lite0 frozen, then ``--fine_tune_whole`` (slow: minutes per fold on 2 cores).
+- ``lite0_fine_tuned_whole``: Lite0 frozen, then ``--fine_tune_whole`` (slow: minutes per fold on 2 cores);
+- ``<method>_mirror`` (for the frozen ones): the same head reading mirror-averaged features (``--mirror_tta``).
 Per method and fold: top-1 accuracy, balanced accuracy, expected calibration error before/after temperature scaling
 and the training seconds (head, plus fine-tuning; bottlenecks excluded, as they are cached across runs).
 
@@ -43,7 +44,11 @@ METHOD_ARCHITECTURES = {
     "lite1_frozen": "efficientnet_lite1",
     "lite2_frozen": "efficientnet_lite2",
     "lite0_fine_tuned_whole": "efficientnet_lite0",
+    "frozen_mirror": "mobilenet_1.0_224",
+    "lite0_frozen_mirror": "efficientnet_lite0",
+    "lite2_frozen_mirror": "efficientnet_lite2",
 }
+MIRROR = "_mirror"
 
 
 def fold_rows(rows, folds: list[np.ndarray], k: int):
@@ -68,11 +73,25 @@ def paired_difference(values: list[float], reference: list[float]) -> dict:
             "ci95": [round(mean - t * se, 4), round(mean + t * se, 4)]}
 
 
-def run_method(method: str, rows_k, k: int, base, work: Path):
-    """(head, test Bottlenecks, validation Bottlenecks, training seconds) of one method on one fold."""
+def run_method(method: str, rows_k, k: int, base, work: Path, done: dict):
+    """(head, test Bottlenecks, validation Bottlenecks, training seconds) of one method on one fold; ``done`` holds
+    the results so far by (method, fold), so a mirror method reuses its plain method's head."""
     from training_job.fine_tune import fine_tune
     from training_job.train import TrainConfig, train_head
     from training_job.whole_fine_tune import fine_tune_whole
+
+    if method.endswith(MIRROR):
+        from training_job.bottlenecks import get_bottlenecks
+        from training_job.mirror_tta import MirrorAveragedBase
+
+        plain = method[:-len(MIRROR)]
+        if (plain, k) not in done:
+            done[(plain, k)] = run_method(plain, rows_k, k, base, work, done)
+        head, _, _, seconds = done[(plain, k)]
+        mirrored = MirrorAveragedBase(base)
+        test, validation = (get_bottlenecks([r for r in rows_k if r.split == s], mirrored, progress=False)
+                            for s in ("test", "validation"))
+        return head, test, validation, seconds
 
     architecture = METHOD_ARCHITECTURES[method]
     config = TrainConfig(architecture=architecture, seed=k,
@@ -116,6 +135,7 @@ def main(argv=None) -> int:
     index = {label: i for i, label in enumerate(labels)}
     folds = np.array_split(np.random.default_rng(0).permutation(len(rows)), args.folds)
     bases = {}
+    done: dict = {}
     per_fold = []
     for k in range(args.folds):
         rows_k = fold_rows(rows, folds, k)
@@ -126,7 +146,9 @@ def main(argv=None) -> int:
             architecture = METHOD_ARCHITECTURES[method]
             if architecture not in bases:
                 bases[architecture] = BaseNetwork(architecture)
-            head, test, validation, seconds = run_method(method, rows_k, k, bases[architecture], work)
+            if (method, k) not in done:
+                done[(method, k)] = run_method(method, rows_k, k, bases[architecture], work, done)
+            head, test, validation, seconds = done[(method, k)]
             temperature = fit_temperature(head.logits(validation.features), y_val)
             calibration = calibration_report(head.logits(test.features), truth, temperature)
             predicted = head.predict(test.features).argmax(1)

@@ -38,7 +38,7 @@ def test_main_pairs_methods_fold_by_fold(monkeypatch):
     monkeypatch.setattr(prepare, "prepare_dataset", lambda *a, **k: rows)
     monkeypatch.setattr(bottlenecks, "BaseNetwork", lambda architecture: architecture)
 
-    def fake_run(method, rows_k, k, base, work):
+    def fake_run(method, rows_k, k, base, work, done):
         def features(split):  # one-hot of the true class, except that "worse" confuses every 4th photo
             out = []
             for j, r in enumerate(x for x in rows_k if x.split == split):
