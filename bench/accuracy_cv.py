@@ -1,11 +1,21 @@
-"""Accuracy with less noise than one test split: 5-fold cross-validation over all the shared photos, the frozen
-base (the default) against --fine_tune_blocks 1, paired fold by fold (same folds, same seeds).
+"""Accuracy with less noise than one test split: k-fold cross-validation over all the shared photos, several
+methods paired fold by fold (same folds, same seeds), each difference to the first method with a 95 % interval.
 
 A test split of ~150 photos moves by 0.7 points per photo, so one split cannot tell two methods 1-2 points apart;
 five folds that each hold out a fifth of the photos can, roughly. Each fold: validation = 80 photos of the other
-four fifths (early stopping), train = the rest; the bottleneck and activation caches are the user's own.
+four fifths (early stopping and the calibration temperature), train = the rest; the bottleneck and activation caches
+are the user's own.
 
-Usage: python -m bench.accuracy_cv [--data DIR] [--folds 5]
+Methods (``--methods``, comma-separated; the first is the reference of the paired differences):
+- ``frozen``: MobileNet v1 1.0/224 frozen, head on bottlenecks (the default recipe);
+- ``fine_tuned_1_block``: the same, then ``--fine_tune_blocks 1``;
+- ``lite0_frozen``, ``lite1_frozen``, ``lite2_frozen``: EfficientNet-Lite0/1/2 frozen;
+- ``lite0_fine_tuned_whole``: Lite0 frozen, then ``--fine_tune_whole`` (slow: minutes per fold on 2 cores);
+- ``<method>_mirror`` (for the frozen ones): the same head reading mirror-averaged features (``--mirror_tta``).
+Per method and fold: top-1 accuracy, balanced accuracy, expected calibration error before/after temperature scaling
+and the training seconds (head, plus fine-tuning; bottlenecks excluded, as they are cached across runs).
+
+Usage: python -m bench.accuracy_cv [--data DIR] [--folds 5] [--methods frozen,lite0_frozen]
 """
 from __future__ import annotations
 
@@ -14,6 +24,7 @@ import dataclasses
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -24,6 +35,20 @@ from bench.common import write_result
 from training_job.paths import shared_data_dir
 
 VALIDATION_PHOTOS = 80
+DEFAULT_METHODS = "frozen,fine_tuned_1_block,lite0_frozen"
+T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+METHOD_ARCHITECTURES = {
+    "frozen": "mobilenet_1.0_224",
+    "fine_tuned_1_block": "mobilenet_1.0_224",
+    "lite0_frozen": "efficientnet_lite0",
+    "lite1_frozen": "efficientnet_lite1",
+    "lite2_frozen": "efficientnet_lite2",
+    "lite0_fine_tuned_whole": "efficientnet_lite0",
+    "frozen_mirror": "mobilenet_1.0_224",
+    "lite0_frozen_mirror": "efficientnet_lite0",
+    "lite2_frozen_mirror": "efficientnet_lite2",
+}
+MIRROR = "_mirror"
 
 
 def fold_rows(rows, folds: list[np.ndarray], k: int):
@@ -34,47 +59,124 @@ def fold_rows(rows, folds: list[np.ndarray], k: int):
     return [dataclasses.replace(row, split=split[i]) for i, row in enumerate(rows)]
 
 
+def balanced_accuracy(truth: np.ndarray, predicted: np.ndarray) -> float:
+    return float(np.mean([np.mean(predicted[truth == c] == c) for c in np.unique(truth)]))
+
+
+def paired_difference(values: list[float], reference: list[float]) -> dict:
+    diff = np.array(values) - np.array(reference)
+    n = len(diff)
+    se = float(np.std(diff, ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+    t = T_95.get(n - 1, 1.96)
+    mean = float(diff.mean())
+    return {"mean": round(mean, 4), "standard_error": round(se, 4),
+            "ci95": [round(mean - t * se, 4), round(mean + t * se, 4)]}
+
+
+def run_method(method: str, rows_k, k: int, base, work: Path, done: dict):
+    """(head, test Bottlenecks, validation Bottlenecks, training seconds) of one method on one fold; ``done`` holds
+    the results so far by (method, fold), so a mirror method reuses its plain method's head."""
+    from training_job.fine_tune import fine_tune
+    from training_job.train import TrainConfig, train_head
+    from training_job.whole_fine_tune import fine_tune_whole
+
+    if method.endswith(MIRROR):
+        from training_job.bottlenecks import get_bottlenecks
+        from training_job.mirror_tta import MirrorAveragedBase
+
+        plain = method[:-len(MIRROR)]
+        if (plain, k) not in done:
+            done[(plain, k)] = run_method(plain, rows_k, k, base, work, done)
+        head, _, _, seconds = done[(plain, k)]
+        mirrored = MirrorAveragedBase(base)
+        test, validation = (get_bottlenecks([r for r in rows_k if r.split == s], mirrored, progress=False)
+                            for s in ("test", "validation"))
+        return head, test, validation, seconds
+
+    architecture = METHOD_ARCHITECTURES[method]
+    config = TrainConfig(architecture=architecture, seed=k,
+                         fine_tune_blocks=1 if method == "fine_tuned_1_block" else 0,
+                         fine_tune_whole=method.endswith("whole"))
+    frozen = train_head(rows_k, config, work / "tensorboard", f"{method}-fold{k}", base=base, progress=False)
+    seconds = frozen.seconds
+    head, splits = frozen.head, frozen.split_bottlenecks
+    if config.fine_tune_blocks:
+        tuned = fine_tune(rows_k, config, base, head, splits, work / "tensorboard" / f"{method}-fold{k}",
+                          progress=False)
+        head, splits, seconds = tuned.head, tuned.split_bottlenecks, seconds + tuned.seconds
+    elif config.fine_tune_whole:
+        started = time.monotonic()
+        tuned = fine_tune_whole(rows_k, config, base, head, splits, work / "tensorboard" / f"{method}-fold{k}",
+                                work / f"checkpoint-{method}-fold{k}", progress=False)
+        head, splits = tuned.head, tuned.split_bottlenecks
+        seconds += time.monotonic() - started
+    return head, splits["test"], splits["validation"], seconds
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(shared_data_dir() / "mushrooms"))
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help=f"comma-separated, from {list(METHOD_ARCHITECTURES)}")
     args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHOD_ARCHITECTURES]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {list(METHOD_ARCHITECTURES)}")
 
     from training_job.bottlenecks import BaseNetwork
-    from training_job.fine_tune import fine_tune
+    from training_job.calibration import calibration_report, fit_temperature
     from training_job.prepare import prepare_dataset
-    from training_job.train import TrainConfig, train_head
 
     work = Path(tempfile.mkdtemp(prefix="accuracy-cv-"))
     rows = prepare_dataset(args.data, work / "dataset", per_class=0, progress=False)
     labels = sorted({r.label for r in rows})
     index = {label: i for i, label in enumerate(labels)}
     folds = np.array_split(np.random.default_rng(0).permutation(len(rows)), args.folds)
-    base = BaseNetwork("mobilenet_1.0_224")
+    bases = {}
+    done: dict = {}
     per_fold = []
     for k in range(args.folds):
         rows_k = fold_rows(rows, folds, k)
-        config = TrainConfig(fine_tune_blocks=1, seed=k)
-        frozen = train_head(rows_k, config, work / "tensorboard", f"fold{k}", base=base, progress=False)
         truth = np.array([index[r.label] for r in rows_k if r.split == "test"])
-        tuned = fine_tune(rows_k, config, base, frozen.head, frozen.split_bottlenecks,
-                          work / "tensorboard" / f"fold{k}", progress=False)
-        accuracy = {
-            "frozen": float(np.mean(frozen.head.predict(frozen.split_bottlenecks["test"].features).argmax(1) == truth)),
-            "fine_tuned_1_block": float(np.mean(
-                tuned.head.predict(tuned.split_bottlenecks["test"].features).argmax(1) == truth)),
-        }
-        per_fold.append({"fold": k, "test_photos": len(truth), **accuracy,
-                         "fine_tune_epochs": tuned.epochs_run, "fine_tune_seconds": round(tuned.seconds, 1)})
-        print(per_fold[-1], flush=True)
-    result = {"photos": len(rows), "folds": args.folds, "per_fold": per_fold}
-    for method in ("frozen", "fine_tuned_1_block"):
+        y_val = np.array([index[r.label] for r in rows_k if r.split == "validation"])
+        entry = {"fold": k, "test_photos": len(truth)}
+        for method in methods:
+            architecture = METHOD_ARCHITECTURES[method]
+            if architecture not in bases:
+                bases[architecture] = BaseNetwork(architecture)
+            if (method, k) not in done:
+                done[(method, k)] = run_method(method, rows_k, k, bases[architecture], work, done)
+            head, test, validation, seconds = done[(method, k)]
+            temperature = fit_temperature(head.logits(validation.features), y_val)
+            calibration = calibration_report(head.logits(test.features), truth, temperature)
+            predicted = head.predict(test.features).argmax(1)
+            entry[method] = float(np.mean(predicted == truth))
+            entry[f"{method}_details"] = {
+                "balanced_accuracy": round(balanced_accuracy(truth, predicted), 4),
+                "ece_before": round(calibration["ece_before"], 4), "ece_after": round(calibration["ece_after"], 4),
+                "temperature": round(temperature, 3), "train_seconds": round(seconds, 1)}
+        per_fold.append(entry)
+        print(entry, flush=True)
+    result = {"photos": len(rows), "folds": args.folds, "methods": methods, "reference": methods[0],
+              "per_fold": per_fold}
+    for method in methods:
         values = [f[method] for f in per_fold]
-        result[method] = {"mean": round(float(np.mean(values)), 4), "min": min(values), "max": max(values)}
-    gain = [f["fine_tuned_1_block"] - f["frozen"] for f in per_fold]
-    result["fine_tune_gain"] = {"mean": round(float(np.mean(gain)), 4),
-                                "standard_error": round(float(np.std(gain, ddof=1) / np.sqrt(len(gain))), 4)}
-    print(result["frozen"], result["fine_tuned_1_block"], result["fine_tune_gain"])
+        details = [f[f"{method}_details"] for f in per_fold]
+        result[method] = {"mean": round(float(np.mean(values)), 4), "min": min(values), "max": max(values),
+                          **{key: round(float(np.mean([d[key] for d in details])), 4)
+                             for key in ("balanced_accuracy", "ece_before", "ece_after", "train_seconds")}}
+        if method != methods[0]:
+            result.setdefault("paired_differences", {})[f"{method} - {methods[0]}"] = paired_difference(
+                values, [f[methods[0]] for f in per_fold])
+    if "frozen" in methods and "fine_tuned_1_block" in methods:  # the key bench/run_all.py reports
+        gain = paired_difference([f["fine_tuned_1_block"] for f in per_fold], [f["frozen"] for f in per_fold])
+        result["fine_tune_gain"] = {"mean": gain["mean"], "standard_error": gain["standard_error"]}
+    for method in methods:
+        print(method, result[method])
+    for name, diff in result.get("paired_differences", {}).items():
+        print(name, diff)
     write_result("accuracy_cv", result)
     return 0
 

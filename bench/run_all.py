@@ -142,7 +142,11 @@ def rows() -> list[dict]:
         add("test mushrooms wrongly rejected", round(open_set["test_mushrooms_rejected"], 3), "<= 0.05",
             open_set["test_mushrooms_rejected"] <= 0.05, source="train.json")
     cv = load("accuracy_cv")
-    if cv:
+    for name, diff in (cv or {}).get("paired_differences", {}).items():
+        add(f"cross-validation, paired top-1 difference {name} (95 % interval)",
+            f"{diff['mean']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]", "-", None,
+            source="accuracy_cv.json")
+    if cv and "fine_tune_gain" in cv:
         gain = cv["fine_tune_gain"]
         add(f"top-1 accuracy, {cv['folds']}-fold cross-validation over {cv['photos']} photos: frozen base; "
             f"--fine_tune_blocks 1; paired gain", f"{cv['frozen']['mean']:.3f}; {cv['fine_tuned_1_block']['mean']:.3f}; "

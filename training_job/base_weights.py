@@ -40,14 +40,17 @@ class WeightsUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Architecture:
-    family: str  # "mobilenet", "mobilenet_v2" or "inception_v3"
+    family: str  # "mobilenet", "mobilenet_v2", "inception_v3" or "efficientnet_lite"
     alpha: float
     size: int
+    variant: int = 0  # EfficientNet-Lite's number
 
     @property
     def name(self) -> str:
         if self.family == "inception_v3":
             return "inception_v3"
+        if self.family == "efficientnet_lite":
+            return f"efficientnet_lite{self.variant}"
         alpha = "1.0" if self.alpha == 1.0 else f"{self.alpha:.2f}"
         return f"{self.family}_{alpha}_{self.size}"
 
@@ -55,20 +58,34 @@ class Architecture:
     def input_shape(self) -> tuple[int, int, int]:
         return (self.size, self.size, 3)
 
+    @property
+    def normalises_inside(self) -> bool:
+        """True when the network's first layer normalises (it takes float pixels in [0, 255]); otherwise it
+        takes ``preprocessing.normalise``'s [-1, 1]."""
+        return self.family == "efficientnet_lite"
 
+
+LITE_ARCHITECTURES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+OFFLINE_ARCHITECTURES = ("mobilenet_1.0_224", *LITE_ARCHITECTURES)  # weights built in, no internet needed
 _MOBILENET_RE = re.compile(r"^(mobilenet|mobilenet_v2)_(\d+(?:\.\d+)?)_(\d+)$")
 
 
 def parse_architecture(name: str) -> Architecture:
     """Parse the tutorial's architecture names: ``mobilenet_<alpha>_<size>``, ``mobilenet_v2_<alpha>_<size>``,
-    ``inception_v3``."""
+    ``inception_v3``, and ``efficientnet_lite0`` ... ``efficientnet_lite2`` (each at its own input size)."""
     if name == "inception_v3":
         return Architecture("inception_v3", 1.0, 299)
+    if name in LITE_ARCHITECTURES:
+        from training_job.efficientnet_lite import LITE_SPECS
+
+        variant = int(name[-1])
+        return Architecture("efficientnet_lite", 1.0, LITE_SPECS[variant].size, variant)
     m = _MOBILENET_RE.match(name)
     if not m:
         raise ValueError(
             f"unknown architecture {name!r}: use mobilenet_<alpha>_<size> (e.g. mobilenet_1.0_224), "
-            "mobilenet_v2_<alpha>_<size> (e.g. mobilenet_v2_1.0_224) or inception_v3"
+            "mobilenet_v2_<alpha>_<size> (e.g. mobilenet_v2_1.0_224), inception_v3 or "
+            + ", ".join(LITE_ARCHITECTURES)
         )
     family, alpha, size = m.group(1), float(m.group(2)), int(m.group(3))
     alphas = (0.25, 0.5, 0.75, 1.0) if family == "mobilenet" else (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
@@ -192,6 +209,26 @@ def verify_on_photo(model, photo: Path, expected_class: int) -> list[str]:
     return [names[i] for i in top5]
 
 
+def weights_source(architecture: str) -> str:
+    """Where a built-in architecture's ImageNet weights come from (for the model card)."""
+    if architecture in LITE_ARCHITECTURES:
+        from training_job.lite_weights import LITE_WHEELS
+
+        return LITE_WHEELS[int(architecture[-1])].description
+    return SOURCE_DESCRIPTION
+
+
+def prepare_weights(architecture: str, force: bool = False, progress=print) -> Path:
+    """Convert, verify and cache the built-in weights of ``architecture`` (one of ``OFFLINE_ARCHITECTURES``)."""
+    if architecture in LITE_ARCHITECTURES:
+        from training_job.lite_weights import prepare_lite_weights
+
+        return prepare_lite_weights(architecture, force=force, progress=progress)
+    if architecture == "mobilenet_1.0_224":
+        return prepare_mobilenet_weights(force=force, progress=progress)
+    raise ValueError(f"no built-in weights for {architecture}; built in: {', '.join(OFFLINE_ARCHITECTURES)}")
+
+
 def converted_weights_path() -> Path:
     return cache_dir() / "weights" / CONVERTED_NAME
 
@@ -225,11 +262,16 @@ def prepare_mobilenet_weights(force: bool = False, progress=print) -> Path:
 def build_imagenet_model(architecture: str = "mobilenet_1.0_224", weights_file: str | Path | None = None):
     """The full ImageNet classifier (1,000 softmax outputs, Keras order) with pretrained weights.
 
-    Input: float pixels already normalised to [-1, 1] (see ``preprocessing.normalise``).
+    Input: float pixels already normalised to [-1, 1] (see ``preprocessing.normalise``), except for
+    EfficientNet-Lite, which takes float pixels in [0, 255] and normalises inside (``Architecture.normalises_inside``).
     """
     import keras
 
     arch = parse_architecture(architecture)
+    if arch.family == "efficientnet_lite":
+        from training_job.lite_weights import build_lite_imagenet_model
+
+        return build_lite_imagenet_model(arch.name, weights_file)
     constructors = {
         "mobilenet": lambda w: keras.applications.MobileNet(
             alpha=arch.alpha, include_top=True, weights=w, input_shape=arch.input_shape),
@@ -252,7 +294,8 @@ def build_imagenet_model(architecture: str = "mobilenet_1.0_224", weights_file: 
     except Exception as exc:  # noqa: BLE001 - any download failure means the same thing to the user
         raise WeightsUnavailable(
             f"no ImageNet weights for {architecture} are available offline, and Keras could not download them "
-            f"({type(exc).__name__}: {str(exc)[:200]}). Offline, only mobilenet_1.0_224 is built in. "
+            f"({type(exc).__name__}: {str(exc)[:200]}). Offline, only {', '.join(OFFLINE_ARCHITECTURES)} "
+            "are built in. "
             f"Supply a Keras weights file for {arch.family} (alpha={arch.alpha}, size={arch.size}, include_top=True) "
             "with --weights_file PATH, or run once on a machine with internet so Keras caches them in ~/.keras/models."
         ) from exc

@@ -30,15 +30,18 @@ class Bottlenecks:
 
 
 class BaseNetwork:
-    """The frozen ImageNet base: normalised pixels -> (pooled features, ImageNet probabilities)."""
+    """The frozen ImageNet base: uint8 pixels -> (pooled features, ImageNet probabilities). ``normalise`` turns the
+    contract's pixels into what ``model`` takes (each architecture its own input size and normalisation)."""
 
     def __init__(self, architecture: str = "mobilenet_1.0_224", weights_file=None):
         import keras
 
         from training_job.base_weights import build_imagenet_model, parse_architecture
 
-        self.architecture = parse_architecture(architecture).name
-        self.image_size = parse_architecture(architecture).size
+        arch = parse_architecture(architecture)
+        self.architecture = arch.name
+        self.image_size = arch.size
+        self.normalises_inside = arch.normalises_inside
         self.imagenet_model = build_imagenet_model(architecture, weights_file)
         pooling = next(layer for layer in self.imagenet_model.layers
                        if isinstance(layer, keras.layers.GlobalAveragePooling2D))
@@ -54,14 +57,21 @@ class BaseNetwork:
         self.feature_size = int(features.shape[-1])
         self._predict = None
 
-    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 pixels (N, S, S, 3) -> (features (N, D), imagenet probabilities (N, 1000)) as float32 numpy."""
+    def normalise(self, pixels):
+        """uint8 pixels (TF) -> ``model``'s input: ``preprocessing.normalise`` ([-1, 1]) for MobileNet; a float cast
+        for networks whose first layer normalises (EfficientNet-Lite: (x - 127) / 128)."""
         import tensorflow as tf
 
         from training_job.preprocessing import normalise
 
+        return tf.cast(pixels, tf.float32) if self.normalises_inside else normalise(pixels)
+
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 pixels (N, S, S, 3) -> (features (N, D), imagenet probabilities (N, 1000)) as float32 numpy."""
+        import tensorflow as tf
+
         if self._predict is None:
-            model = self.model
+            model, normalise = self.model, self.normalise
 
             @tf.function(reduce_retracing=True, autograph=False)
             def predict(images):

@@ -151,10 +151,13 @@ def candidate_report(train_features, train_index, n_classes, val, test, ood, rej
     return report
 
 
-def write_evaluation(out_dir: Path, labels, rows, y_true, probs, open_set_report: dict) -> dict:
+def write_evaluation(out_dir: Path, labels, rows, y_true, probs, open_set_report: dict,
+                     calibration: dict | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = classification_metrics(labels, y_true, probs)
     metrics["open_set"] = open_set_report
+    if calibration is not None:
+        metrics["calibration"] = calibration
     wrong = misclassified(rows, labels, y_true, probs)
     metrics["misclassified"] = len(wrong)
     write_misclassified(wrong, out_dir / "misclassified.csv")

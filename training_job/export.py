@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 
 from training_job.open_set import OpenSet, tf_scores
-from training_job.preprocessing import normalise
 from training_job.preprocessing_graph import decode_and_resize
 from training_job.train import Head
 
@@ -30,7 +29,7 @@ def build_serving_module(base, head: Head, open_set: OpenSet):
             self.threshold = tf.constant(open_set.threshold, tf.float32)
 
         def outputs(self, images):
-            features, imagenet = self.base(normalise(images), training=False)
+            features, imagenet = self.base(base.normalise(images), training=False)
             x = features
             for i, (kernel, bias) in enumerate(zip(self.kernels, self.biases)):
                 x = tf.matmul(x, kernel) + bias

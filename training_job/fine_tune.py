@@ -103,6 +103,7 @@ class FineTunedBase(BaseNetwork):
         self.tail_weights = weights
         self.architecture = f"{base.architecture}-tuned{blocks}-{tail_fingerprint(weights)}"
         self.image_size = base.image_size
+        self.normalises_inside = base.normalises_inside
         self.imagenet_model = base.imagenet_model
         layers = tail_layers(base.imagenet_model, cut)
         tuned = apply_tail(layers, base.imagenet_model.get_layer(cut).output, weights)
@@ -116,10 +117,8 @@ def cut_activations(rows, base: BaseNetwork, cut: str, *, mirrored: bool = False
     import keras
     import tensorflow as tf
 
-    from training_job.preprocessing import normalise
-
     model = keras.Model(base.imagenet_model.inputs, base.imagenet_model.get_layer(cut).output)
-    run = tf.function(lambda pixels: model(normalise(pixels), training=False), autograph=False,
+    run = tf.function(lambda pixels: model(base.normalise(pixels), training=False), autograph=False,
                       reduce_retracing=True)
     variant = f"cut-{cut}" + ("-mirrored" if mirrored else "")
 

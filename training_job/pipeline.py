@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from training_job.bottlenecks import BaseNetwork, get_bottlenecks
+from training_job.calibration import DEFAULT_BINS, calibration_report, fit_temperature
 from training_job.dataset import labels_of, manifest_fingerprint, read_manifest, write_manifest
 from training_job.evaluate import (
     MISCLASSIFIED_SHEET, candidate_report, open_set_metrics, photo_rows, write_evaluation, write_misclassified_sheet,
@@ -65,11 +66,21 @@ TUNED_BLOCKS_FILE = "fine_tuned_blocks.npz"
 
 
 def run_base(run_dir: Path, config: TrainConfig, base: BaseNetwork | None = None) -> BaseNetwork:
-    """The network a run's head reads: the frozen base, with the run's fine-tuned blocks if it has some."""
-    from training_job.fine_tune import FineTunedBase, load_tail
+    """The network a run's head reads: the frozen base, with the run's fine-tuned blocks or network if it has some,
+    mirror-averaged if the run uses mirror test-time augmentation."""
+    from training_job.mirror_tta import MirrorAveragedBase, plain_base
 
-    base = base or BaseNetwork(config.architecture, config.weights_file)
-    base = base.original if isinstance(base, FineTunedBase) else base
+    base = tuned_base(run_dir, plain_base(base or BaseNetwork(config.architecture, config.weights_file)))
+    return MirrorAveragedBase(base) if config.mirror_tta else base
+
+
+def tuned_base(run_dir: Path, base: BaseNetwork) -> BaseNetwork:
+    """The plain ``base`` with the run's fine-tuned blocks or whole fine-tuned network, if it has some."""
+    from training_job.fine_tune import FineTunedBase, load_tail
+    from training_job.whole_fine_tune import TUNED_NETWORK_FILE, WholeTunedBase
+
+    if (Path(run_dir) / TUNED_NETWORK_FILE).exists():
+        return WholeTunedBase.load(base, Path(run_dir) / TUNED_NETWORK_FILE)
     tuned = Path(run_dir) / TUNED_BLOCKS_FILE
     if not tuned.exists():
         return base
@@ -82,7 +93,9 @@ def train_run(rows, config: TrainConfig, run_dir: Path | None = None, *, base: B
               open_set_method: str = DEFAULT_METHOD, reject_rate: float = DEFAULT_REJECT_RATE,
               cache_root=None, progress: bool = True) -> tuple[Path, dict]:
     """Train, calibrate the open-set check, evaluate on test; write the run folder. Returns (run_dir, metrics)."""
-    base = base or BaseNetwork(config.architecture, config.weights_file)
+    from training_job.mirror_tta import plain_base
+
+    base = plain_base(base or BaseNetwork(config.architecture, config.weights_file))
     run_name = run_dir.name if run_dir else None
     result = train_head(rows, config, tensorboard_root or tensorboard_dir(), run_name, base=base,
                         progress=progress, cache_root=cache_root)
@@ -91,6 +104,25 @@ def train_run(rows, config: TrainConfig, run_dir: Path | None = None, *, base: B
     head, split_bottlenecks = result.head, result.split_bottlenecks
     summary = {}
     (run_dir / TUNED_BLOCKS_FILE).unlink(missing_ok=True)  # a re-used run folder must not keep an older run's blocks
+    if config.fine_tune_whole:
+        import shutil
+
+        from training_job.whole_fine_tune import CHECKPOINT_FOLDER, TUNED_NETWORK_FILE, fine_tune_whole
+
+        (run_dir / TUNED_NETWORK_FILE).unlink(missing_ok=True)
+        whole = fine_tune_whole(rows, config, base, head, split_bottlenecks, result.tensorboard_dir,
+                                run_dir / CHECKPOINT_FOLDER, progress=progress)
+        whole.base.save(run_dir / TUNED_NETWORK_FILE)
+        shutil.rmtree(run_dir / CHECKPOINT_FOLDER, ignore_errors=True)
+        head, split_bottlenecks = whole.head, whole.split_bottlenecks
+        summary["fine_tune_whole"] = {"epochs_run": whole.epochs_run, "best_epoch": whole.best_epoch,
+                                      "seconds": whole.seconds, "stopped_by": whole.stopped_by,
+                                      "validation_accuracy_before": result.validation_accuracy,
+                                      "validation_accuracy": whole.validation_accuracy}
+    else:
+        from training_job.whole_fine_tune import TUNED_NETWORK_FILE
+
+        (run_dir / TUNED_NETWORK_FILE).unlink(missing_ok=True)
     if config.fine_tune_blocks:
         from training_job.fine_tune import fine_tune, save_tail
 
@@ -102,10 +134,24 @@ def train_run(rows, config: TrainConfig, run_dir: Path | None = None, *, base: B
                                 "best_epoch": tuned.best_epoch, "seconds": tuned.seconds,
                                 "validation_accuracy_before": result.validation_accuracy,
                                 "validation_accuracy": tuned.validation_accuracy}
+    if config.mirror_tta:  # everything after training reads what will be served: mirror-averaged features
+        from training_job.mirror_tta import MirrorAveragedBase
+
+        served = tuned.base if config.fine_tune_blocks else whole.base if config.fine_tune_whole else base
+        split_bottlenecks, _ = plain_bottlenecks(rows, MirrorAveragedBase(served), progress=progress,
+                                                 cache_root=cache_root)
+        summary["mirror_tta"] = True
     labels = head.labels
     index = {l: i for i, l in enumerate(labels)}
     train_idx = np.array([index[r.label] for r in split_rows(rows, "train")])
     val = split_bottlenecks["validation"]
+    # Temperature scaling on validation (folded into the head's last layer), before anything reads the head's
+    # probabilities; the open-set threshold below is then set on the served model's outputs.
+    val_idx = np.array([index[r.label] for r in split_rows(rows, "validation")])
+    temperature = fit_temperature(head.logits(val.features), val_idx)
+    summary["calibration"] = {"temperature": temperature,
+                              "validation": calibration_report(head.logits(val.features), val_idx, temperature)}
+    head = head.with_temperature(temperature)
     open_set = calibrate(open_set_method, split_bottlenecks["train"].features, train_idx, len(labels),
                          val.features, val.imagenet, reject_rate)
     write_manifest(rows, run_dir / "manifest.csv")
@@ -160,14 +206,24 @@ def evaluate_run(run_dir: Path, base: BaseNetwork | None = None, *, not_mushroom
     report["candidates_at_same_reject_rate"] = candidate_report(
         split_bottlenecks["train"].features, train_idx, len(head.labels), split_bottlenecks["validation"], test, ood,
         open_set.reject_rate_target)
+    raw = head.uncalibrated()
+    y_val = np.array([index[r.label] for r in split_rows(rows, "validation")])
+    calibration = {
+        "method": "temperature scaling on the validation split",
+        "temperature": head.temperature,
+        "bins": DEFAULT_BINS,
+        "validation": calibration_report(raw.logits(split_bottlenecks["validation"].features), y_val,
+                                         head.temperature),
+        "test": calibration_report(raw.logits(test.features), y_test, head.temperature),
+    }
     probs = head.predict(test.features)
-    metrics = write_evaluation(Path(run_dir), head.labels, test_rows, y_test, probs, report)
+    metrics = write_evaluation(Path(run_dir), head.labels, test_rows, y_test, probs, report, calibration)
     write_misclassified_sheet(Path(run_dir) / MISCLASSIFIED_SHEET, base, head, test_rows, y_test, probs)
     return metrics
 
 
 def model_card(run_dir: Path, base: BaseNetwork, config: TrainConfig, open_set: OpenSet, rows) -> dict:
-    from training_job.base_weights import SOURCE_DESCRIPTION
+    from training_job.base_weights import weights_source
     from training_job.preprocessing import PREPROCESSING_VERSION
 
     summary_file = Path(run_dir) / "train_summary.json"
@@ -176,7 +232,8 @@ def model_card(run_dir: Path, base: BaseNetwork, config: TrainConfig, open_set: 
         "architecture": base.architecture,
         "image_size": base.image_size,
         "preprocessing_version": PREPROCESSING_VERSION,
-        "base_weights_source": SOURCE_DESCRIPTION if not config.weights_file else f"weights file {config.weights_file}",
+        "base_weights_source": (weights_source(config.architecture) if not config.weights_file
+                                else f"weights file {config.weights_file}"),
         "hyper_parameters": asdict(config),
         "training": summary,
         "code_revision": code_revision(),

@@ -14,12 +14,12 @@ REPRESENTATIVE_PHOTOS = 64
 
 def _classifier_model(base, head: Head):
     """Keras model: uint8-valued float pixels [1, S, S, 3] -> probabilities; normalisation inside (x / 127.5 - 1,
-    the contract's ``normalise``), as in the SavedModel."""
+    the contract's ``normalise``, or the base's own first layer), as in the SavedModel."""
     import keras
 
     size = base.image_size
     pixels = keras.Input((size, size, 3), batch_size=1, name="pixels")
-    normalised = keras.layers.Rescaling(1 / 127.5, offset=-1.0)(pixels)
+    normalised = pixels if base.normalises_inside else keras.layers.Rescaling(1 / 127.5, offset=-1.0)(pixels)
     features, _ = base.model(normalised)
     x = features
     for i, (kernel, bias) in enumerate(zip(head.kernels, head.biases)):

@@ -48,6 +48,10 @@ class TrainConfig:
     fine_tune_learning_rate: float = 1e-4
     fine_tune_epochs: int = 15
     fine_tune_patience: int = 4
+    fine_tune_whole: bool = False  # train every convolution of the base with the head (training_job.whole_fine_tune)
+    fine_tune_warmup_epochs: int = 1
+    fine_tune_max_minutes: float | None = 15.0  # whole-network fine-tuning's wall-clock budget
+    mirror_tta: bool = False  # serve the mean features of each photo and its mirror image (training_job.mirror_tta)
 
     @property
     def augmentation(self) -> Augmentation:
@@ -62,32 +66,52 @@ class TrainConfig:
 
 @dataclass
 class Head:
-    """The trained head: dense layers (ReLU between them) then softmax, columns in ``labels`` order."""
+    """The trained head: dense layers (ReLU between them) then softmax, columns in ``labels`` order.
+
+    ``temperature`` is the calibration temperature already folded into the last layer (its kernel and bias are
+    divided by it; see ``training_job.calibration``); 1.0 = uncalibrated."""
     labels: list[str]
     kernels: list[np.ndarray]  # (D, H), ..., (H, C)
     biases: list[np.ndarray]
+    temperature: float = 1.0
 
-    def predict(self, features: np.ndarray) -> np.ndarray:
+    def logits(self, features: np.ndarray) -> np.ndarray:
         x = features.astype(np.float32)
         for i, (k, b) in enumerate(zip(self.kernels, self.biases)):
             x = x @ k + b
             if i < len(self.kernels) - 1:
                 x = np.maximum(x, 0.0)
+        return x
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        x = self.logits(features)
         x -= x.max(axis=1, keepdims=True)
         e = np.exp(x)
         return e / e.sum(axis=1, keepdims=True)
 
+    def with_temperature(self, temperature: float) -> "Head":
+        """This head with its logits further divided by ``temperature`` (folded into the last layer)."""
+        scale = np.float32(1.0 / temperature)
+        return Head(self.labels, [*self.kernels[:-1], (self.kernels[-1] * scale).astype(np.float32)],
+                    [*self.biases[:-1], (self.biases[-1] * scale).astype(np.float32)],
+                    self.temperature * temperature)
+
+    def uncalibrated(self) -> "Head":
+        return self.with_temperature(1.0 / self.temperature)
+
     def save(self, path: Path) -> None:
         arrays = {f"kernel{i}": k for i, k in enumerate(self.kernels)}
         arrays.update({f"bias{i}": b for i, b in enumerate(self.biases)})
-        np.savez(path, labels=np.array(self.labels), layers=len(self.kernels), **arrays)
+        np.savez(path, labels=np.array(self.labels), layers=len(self.kernels), temperature=self.temperature,
+                 **arrays)
 
     @classmethod
     def load(cls, path: Path) -> "Head":
         with np.load(path) as z:
             n = int(z["layers"])
+            temperature = float(z["temperature"]) if "temperature" in z.files else 1.0
             return cls([str(x) for x in z["labels"]], [z[f"kernel{i}"] for i in range(n)],
-                       [z[f"bias{i}"] for i in range(n)])
+                       [z[f"bias{i}"] for i in range(n)], temperature)
 
 
 @dataclass

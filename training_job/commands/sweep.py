@@ -31,7 +31,7 @@ def register(subparsers) -> None:
     parser.add_argument("--learning_rates", type=_floats, default=[0.0003, 0.001, 0.003, 0.01],
                         help="comma-separated learning rates")
     parser.add_argument("--architectures", default="mobilenet_1.0_224",
-                        help="comma-separated architectures (offline only mobilenet_1.0_224 has weights)")
+                        help="comma-separated architectures (built in: mobilenet_1.0_224, efficientnet_lite0..2)")
     parser.add_argument("--sweep_dir", default=None, help="folder for the runs (default var/runs/sweep-<timestamp>)")
     add_training_arguments(parser, architecture=False)
     parser.set_defaults(func=run)

@@ -22,8 +22,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, architecture: bool =
     g = parser.add_argument_group("training (names as in retrain.py)")
     if architecture:
         g.add_argument("--architecture", default=_DEFAULTS.architecture,
-                       help="mobilenet_<alpha>_<size>, mobilenet_v2_<alpha>_<size> or inception_v3 (offline, only "
-                       "mobilenet_1.0_224 is built in; others need --weights_file or internet)")
+                       help="mobilenet_1.0_224 or efficientnet_lite0/1/2 (built in, offline; Lite inputs are 224, "
+                       "240, 260), or mobilenet_<alpha>_<size>, mobilenet_v2_<alpha>_<size>, inception_v3 "
+                       "(these need --weights_file or internet)")
         g.add_argument("--learning_rate", type=float, default=_DEFAULTS.learning_rate, help="Adam learning rate")
     add_flag(g, "--weights_file", default=None, help="Keras ImageNet weights (include_top=True) for --architecture")
     g.add_argument("--how_many_training_steps", type=int, default=None,
@@ -51,6 +52,16 @@ def add_training_arguments(parser: argparse.ArgumentParser, architecture: bool =
     g.add_argument("--fine_tune_learning_rate", type=float, default=_DEFAULTS.fine_tune_learning_rate)
     g.add_argument("--fine_tune_epochs", type=int, default=_DEFAULTS.fine_tune_epochs,
                    help="upper bound on fine-tuning epochs (early stopping on validation usually ends sooner)")
+    g.add_argument("--fine_tune_whole", action="store_true",
+                   help="after the head converges, train the whole base network with it (augmentation on the fly, "
+                        "BatchNorm frozen, warm-up + cosine learning rate, early stopping; resumable with the same "
+                        "--run_dir); uses --fine_tune_learning_rate and --fine_tune_epochs")
+    g.add_argument("--fine_tune_warmup_epochs", type=int, default=_DEFAULTS.fine_tune_warmup_epochs)
+    g.add_argument("--fine_tune_max_minutes", type=float, default=_DEFAULTS.fine_tune_max_minutes,
+                   help="wall-clock budget of --fine_tune_whole (checked after each epoch)")
+    g.add_argument("--mirror_tta", action="store_true",
+                   help="mirror test-time augmentation: the served model averages the base's features of each photo "
+                        "and its mirror image (two passes per photo); calibration, open set and evaluation use them")
     g.add_argument("--open_set_reject_rate", type=float, default=0.03,
                    help="share of validation mushroom photos the 'not a mushroom' threshold may reject")
     g.add_argument("--not_mushrooms", default=None,
@@ -69,6 +80,8 @@ def config_from_args(args, **override) -> TrainConfig:
         label_smoothing=args.label_smoothing, dropout=args.dropout,
         l2=args.l2, patience=args.patience, seed=args.seed, fine_tune_blocks=args.fine_tune_blocks,
         fine_tune_learning_rate=args.fine_tune_learning_rate, fine_tune_epochs=args.fine_tune_epochs,
+        fine_tune_whole=args.fine_tune_whole, fine_tune_warmup_epochs=args.fine_tune_warmup_epochs,
+        fine_tune_max_minutes=args.fine_tune_max_minutes, mirror_tta=args.mirror_tta,
     )
     values.update(override)
     config = TrainConfig(**values)
@@ -111,6 +124,12 @@ def check_config(config: TrainConfig) -> None:
             problems.append(str(exc))
         if config.fine_tune_learning_rate <= 0 or config.fine_tune_epochs < 1:
             problems.append("--fine_tune_learning_rate must be > 0 and --fine_tune_epochs at least 1")
+    if config.fine_tune_whole:
+        if config.fine_tune_blocks:
+            problems.append("--fine_tune_whole and --fine_tune_blocks exclude each other")
+        if config.fine_tune_learning_rate <= 0 or config.fine_tune_epochs < 1 or config.fine_tune_warmup_epochs < 0:
+            problems.append("--fine_tune_learning_rate must be > 0, --fine_tune_epochs at least 1 and "
+                            "--fine_tune_warmup_epochs at least 0")
     if config.weights_file and not Path(config.weights_file).is_file():
         problems.append(f"--weights_file {config.weights_file} does not exist")
     if problems:
@@ -162,6 +181,15 @@ def print_summary(run_dir: Path, metrics: dict) -> None:
           f"{summary['bottlenecks_computed']} bottlenecks computed, the rest from the cache")
     print(f"validation accuracy {summary['validation_accuracy']:.4f}; test accuracy {metrics['test_accuracy']:.4f} "
           f"on {metrics['test_photos']} photos ({metrics['misclassified']} misclassified)")
+    if "fine_tune_whole" in summary:
+        w = summary["fine_tune_whole"]
+        print(f"whole-network fine-tuning: {w['epochs_run']} epochs (best {w['best_epoch']}, stopped by "
+              f"{w['stopped_by'] or 'the epoch limit'}) in {w['seconds']:.0f} s; validation accuracy "
+              f"{w['validation_accuracy_before']:.4f} -> {w['validation_accuracy']:.4f}")
+    if "calibration" in metrics:
+        c = metrics["calibration"]
+        print(f"calibration: temperature {c['temperature']:.3f}; expected calibration error on test "
+              f"{c['test']['ece_before']:.3f} before, {c['test']['ece_after']:.3f} after")
     line = f"not-a-mushroom ({o['method']}): rejects {o['test_mushrooms_rejected']:.1%} of test mushrooms"
     if "not_mushrooms_rejected" in o:
         line += f", {o['not_mushrooms_rejected']:.1%} of {o['not_mushroom_photos']} non-mushroom photos"

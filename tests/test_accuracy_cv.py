@@ -1,0 +1,60 @@
+"""The cross-validation bench's arithmetic: folds partition the photos, paired differences carry a t interval."""
+import numpy as np
+import pytest
+
+from bench.accuracy_cv import balanced_accuracy, fold_rows, paired_difference
+from training_job.dataset import ManifestRow
+
+
+def test_folds_partition_the_photos_and_validation_comes_from_the_rest():
+    rows = [ManifestRow(f"p{i}.jpg", "a", f"{i:064x}", "train", 10, 10, 100) for i in range(200)]
+    folds = np.array_split(np.random.default_rng(0).permutation(len(rows)), 5)
+    tests = []
+    for k in range(5):
+        split = [r.split for r in fold_rows(rows, folds, k)]
+        assert split.count("test") == 40 and split.count("validation") == 80 and split.count("train") == 80
+        tests.append({i for i, s in enumerate(split) if s == "test"})
+    assert set().union(*tests) == set(range(200)) and sum(len(t) for t in tests) == 200
+
+
+def test_paired_difference_uses_the_t_quantile_of_the_fold_count():
+    diff = paired_difference([0.93, 0.92, 0.94, 0.95, 0.91], [0.91, 0.90, 0.93, 0.92, 0.90])
+    se = np.std([0.02, 0.02, 0.01, 0.03, 0.01], ddof=1) / np.sqrt(5)
+    assert diff["mean"] == pytest.approx(0.018) and diff["standard_error"] == pytest.approx(se, abs=1e-4)
+    assert diff["ci95"] == pytest.approx([0.018 - 2.776 * se, 0.018 + 2.776 * se], abs=1e-4)
+    assert balanced_accuracy(np.array([0, 0, 0, 1]), np.array([0, 0, 1, 1])) == pytest.approx((2 / 3 + 1) / 2)
+
+
+def test_main_pairs_methods_fold_by_fold(monkeypatch):
+    """The bench's bookkeeping with the training replaced by fixed heads (no network, no photos decoded)."""
+    import bench.accuracy_cv as cv
+    import training_job.bottlenecks as bottlenecks
+    import training_job.prepare as prepare
+    from training_job.bottlenecks import Bottlenecks
+    from training_job.train import Head
+
+    labels = ["a", "b"]
+    rows = [ManifestRow(f"p{i}.jpg", labels[i % 2], f"{i:064x}", "train", 10, 10, 100) for i in range(150)]
+    monkeypatch.setattr(prepare, "prepare_dataset", lambda *a, **k: rows)
+    monkeypatch.setattr(bottlenecks, "BaseNetwork", lambda architecture: architecture)
+
+    def fake_run(method, rows_k, k, base, work, done):
+        def features(split):  # one-hot of the true class, except that "worse" confuses every 4th photo
+            out = []
+            for j, r in enumerate(x for x in rows_k if x.split == split):
+                c = labels.index(r.label)
+                out.append(np.eye(2)[1 - c if method == "lite0_frozen" and j % 4 == 0 else c])
+            return Bottlenecks(np.array(out, np.float32), np.zeros((len(out), 1000), np.float32), 0)
+
+        head = Head(labels, [np.eye(2, dtype=np.float32) * 4], [np.zeros(2, np.float32)])
+        return head, features("test"), features("validation"), 1.0
+
+    monkeypatch.setattr(cv, "run_method", fake_run)
+    written = {}
+    monkeypatch.setattr(cv, "write_result", lambda name, result: written.update(result))
+    assert cv.main(["--folds", "3", "--methods", "frozen,lite0_frozen"]) == 0
+    assert written["frozen"]["mean"] == 1.0 and written["lite0_frozen"]["mean"] == pytest.approx(0.75, abs=0.02)
+    diff = written["paired_differences"]["lite0_frozen - frozen"]
+    assert diff["mean"] == pytest.approx(-0.25, abs=0.02) and diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1]
+    assert "fine_tune_gain" not in written and written["frozen"]["train_seconds"] == 1.0
+    assert 0 <= written["frozen"]["ece_after"] <= written["frozen"]["ece_before"] + 1e-9

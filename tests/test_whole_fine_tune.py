@@ -1,0 +1,117 @@
+"""Whole-network fine-tuning: the tuned copy learns, BatchNorm and the ImageNet head stay, a stopped run resumes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.support import IMAGENET_FUNGI, MUSHROOMS
+from training_job.preprocessing import load_image_file
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from training_job.bottlenecks import BaseNetwork
+    from training_job.prepare import prepare_dataset
+    from training_job.train import TrainConfig, train_head
+
+    work = tmp_path_factory.mktemp("whole")
+    rows = prepare_dataset(MUSHROOMS, work / "dataset", per_class=12, validation_pct=25, test_pct=25, demo_pct=0,
+                           progress=False)
+    base = BaseNetwork("efficientnet_lite0")
+    config = TrainConfig(architecture="efficientnet_lite0", epochs=20, patience=5, train_batch_size=8,
+                         fine_tune_whole=True, fine_tune_epochs=2, fine_tune_learning_rate=3e-4,
+                         fine_tune_warmup_epochs=1, fine_tune_patience=3)
+    result = train_head(rows, config, work / "tb", "tiny", base=base, progress=False, cache_root=work / "cache")
+    return rows, config, base, result, work
+
+
+class CrashAfterFirstEpoch:
+    def __new__(cls):
+        import keras
+
+        class Callback(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                if epoch == 0:
+                    raise RuntimeError("stopped on purpose")
+
+        return Callback()
+
+
+class EpochsBegun:
+    def __new__(cls, seen: list):
+        import keras
+
+        class Callback(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                seen.append(epoch)
+
+        return Callback()
+
+
+def test_stopped_fine_tuning_resumes_and_tunes_only_what_it_should(tiny):
+    from training_job.whole_fine_tune import feature_model, fine_tune_whole
+
+    rows, config, base, result, work = tiny
+    checkpoint = work / "checkpoint"
+    with pytest.raises(RuntimeError, match="on purpose"):
+        fine_tune_whole(rows, config, base, result.head, result.split_bottlenecks, work / "tb", checkpoint,
+                        callbacks=[CrashAfterFirstEpoch()], progress=False)
+    assert (checkpoint / "backup").exists() and (checkpoint / "best" / "best.json").exists()
+    begun = []
+    tuned = fine_tune_whole(rows, config, base, result.head, result.split_bottlenecks, work / "tb", checkpoint,
+                            callbacks=[EpochsBegun(begun)], progress=False)
+    assert begun == [1]  # resumed after the finished first epoch
+    assert tuned.epochs_run == 2 and tuned.best_epoch in (1, 2)
+
+    original = feature_model(base)
+    tuned_layers = {layer.name: layer for layer in tuned.base.tuned.layers}
+    conv_changed = [not np.allclose(layer.get_weights()[0], tuned_layers[layer.name].get_weights()[0])
+                    for layer in original.layers if layer.name.endswith(("conv", "dwconv")) and layer.weights]
+    assert sum(conv_changed) > len(conv_changed) // 2  # the whole network trained, not only its end
+    for name in ("stem_bn", "block5_dw_bn", "head_bn"):
+        for a, b in zip(original.get_layer(name).get_weights(), tuned_layers[name].get_weights()):
+            np.testing.assert_array_equal(a, b)  # BatchNorm kept its ImageNet statistics and scale
+
+    photo = load_image_file(IMAGENET_FUNGI / "n13044778_earthstar.JPEG", 224)[None]
+    np.testing.assert_allclose(tuned.base(photo)[1], base(photo)[1], atol=1e-6)  # the open-set input is unchanged
+    val_rows = [r for r in rows if r.split == "validation"]
+    val_pixels = np.stack([load_image_file(r.path, 224) for r in val_rows])
+    np.testing.assert_allclose(tuned.base(val_pixels)[0], tuned.split_bottlenecks["validation"].features,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_a_whole_fine_tuned_run_exports_the_tuned_network(tiny):
+    import tensorflow as tf
+
+    from training_job.export import in_process_outputs
+    from training_job.pipeline import export_run, load_run, run_base, train_run
+    from training_job.whole_fine_tune import CHECKPOINT_FOLDER, TUNED_NETWORK_FILE, WholeTunedBase
+
+    rows, config, base, _, work = tiny
+    run_dir, metrics = train_run(rows, config, work / "run", base=base, tensorboard_root=work / "tb2",
+                                 cache_root=work / "cache", progress=False)
+    assert (run_dir / TUNED_NETWORK_FILE).exists() and not (run_dir / CHECKPOINT_FOLDER).exists()
+    _, _, head, open_set = load_run(run_dir)
+    served_base = run_base(run_dir, config, base)
+    assert isinstance(served_base, WholeTunedBase)
+    export_run(run_dir, work / "export", base, tflite=False, progress=False)
+    serving = tf.saved_model.load(str(work / "export")).signatures["serving_default"]
+    pixels = np.stack([load_image_file(r.path, 224) for r in rows if r.split == "test"][:3])
+    expected = in_process_outputs(served_base, head, open_set, pixels)
+    np.testing.assert_allclose(serving(images=tf.constant(pixels))["probabilities"].numpy(),
+                               expected["probabilities"], atol=1e-4)
+    frozen_features = base(pixels)[0]
+    assert not np.allclose(served_base(pixels)[0], frozen_features, atol=1e-3)
+    assert "fine_tune_whole" in (run_dir / "train_summary.json").read_text()
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    from training_job.train import TrainConfig
+    from training_job.whole_fine_tune import learning_rate_schedule
+
+    config = TrainConfig(train_batch_size=10, fine_tune_epochs=5, fine_tune_warmup_epochs=1,
+                         fine_tune_learning_rate=1e-4)
+    schedule = learning_rate_schedule(config, n_train=95)  # 10 steps per epoch
+    rates = [float(schedule(step)) for step in range(50)]
+    assert rates[0] == 0.0 and rates[5] == pytest.approx(5e-5) and rates[10] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:])) and rates[49] < 1e-6

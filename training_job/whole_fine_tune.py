@@ -1,0 +1,252 @@
+"""Whole-network fine-tuning (``--fine_tune_whole``): every convolution of the base trains with the head.
+
+After the head has converged on frozen bottlenecks, a copy of the base's feature path (input to pooled features)
+trains together with that head on photos augmented on the fly (mirror, random crop of 80-100 % of the side resized
+back, brightness x0.9-1.1), with:
+- BatchNorm layers in inference mode, keeping their ImageNet statistics (a few hundred photos are too few to
+  re-estimate them);
+- Adam at a low learning rate: linear warm-up over ``fine_tune_warmup_epochs``, then cosine decay;
+- early stopping on the validation cross-entropy (the best epoch's weights are kept) and a wall-clock budget
+  (``fine_tune_max_minutes``, checked after each epoch: training ends after the first epoch that passes it);
+- float32 throughout (mixed precision brings nothing on CPU).
+
+Stopped part-way (Ctrl-C, a killed pod), the same call with the same ``checkpoint_dir`` resumes after the last
+finished epoch: ``keras.callbacks.BackupAndRestore`` restores the weights, optimizer and epoch, and
+``BestEpoch`` its own record of the best epoch so far.
+
+The tuned copy serves the features; the untouched base still gives the ImageNet probabilities, so the open-set check
+keeps its meaning (``WholeTunedBase``). Serving then runs both networks.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training_job.bottlenecks import BaseNetwork, Bottlenecks, load_pixels
+from training_job.train import Head, TrainConfig, split_rows
+
+TUNED_NETWORK_FILE = "fine_tuned_network.weights.h5"
+CHECKPOINT_FOLDER = "fine_tune_checkpoint"
+
+
+def feature_model(base: BaseNetwork):
+    """The base's feature path (its input to the global average pooling), as one Keras model."""
+    import keras
+
+    pooling = next(layer for layer in base.imagenet_model.layers
+                   if isinstance(layer, keras.layers.GlobalAveragePooling2D))
+    return keras.Model(base.imagenet_model.inputs, pooling.output, name="features")
+
+
+def tuned_copy(base: BaseNetwork, weights_file: Path | None = None):
+    """A separate copy of the feature path (its own variables), named ``tuned_features``; BatchNorm frozen."""
+    import keras
+
+    original = feature_model(base)
+    copy = keras.models.clone_model(original)
+    copy.name = "tuned_features"
+    if weights_file is not None:
+        copy.load_weights(str(weights_file))
+    else:
+        copy.set_weights(original.get_weights())
+    for layer in copy.layers:
+        layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+    return copy
+
+
+def weights_fingerprint(model) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for w in model.get_weights():
+        digest.update(np.ascontiguousarray(w).tobytes())
+    return digest.hexdigest()[:12]
+
+
+class WholeTunedBase(BaseNetwork):
+    """``base`` whose features come from a whole fine-tuned copy; the ImageNet probabilities stay the original's."""
+
+    def __init__(self, base: BaseNetwork, tuned):
+        import keras
+
+        self.original = base
+        self.tuned = tuned
+        self.architecture = f"{base.architecture}-whole-{weights_fingerprint(tuned)}"
+        self.image_size = base.image_size
+        self.normalises_inside = base.normalises_inside
+        self.imagenet_model = base.imagenet_model
+        inputs = keras.Input(base.imagenet_model.inputs[0].shape[1:], name="base_input")
+        features = keras.layers.Flatten(name="bottleneck")(tuned(inputs))
+        self.model = keras.Model(inputs, [features, base.imagenet_model(inputs)], name="tuned_features_and_imagenet")
+        self.feature_size = int(features.shape[-1])
+        self._predict = None
+
+    def save(self, path: Path) -> None:
+        self.tuned.save_weights(str(path))
+
+    @classmethod
+    def load(cls, base: BaseNetwork, path: Path) -> "WholeTunedBase":
+        return cls(base, tuned_copy(base, path))
+
+
+class BestEpoch:
+    """Early stopping and a time budget whose state survives a restart (kept in ``folder``)."""
+
+    def __init__(self, folder: Path, patience: int, max_seconds: float | None):
+        import keras
+
+        outer = self
+
+        class Callback(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                outer.started = time.monotonic()
+
+            def on_epoch_end(self, epoch, logs=None):
+                outer.epoch_end(self.model, epoch, logs or {})
+
+        self.callback = Callback()
+        self.folder = Path(folder)
+        self.patience = patience
+        self.max_seconds = max_seconds
+        self.state_file = self.folder / "best.json"
+        self.weights_file = self.folder / "best.weights.h5"
+        self.state = {"best": None, "best_epoch": None, "epochs_run": 0, "seconds": 0.0, "stopped_by": None}
+        if self.state_file.exists():
+            self.state = json.loads(self.state_file.read_text())
+        self.started = time.monotonic()
+
+    def epoch_end(self, model, epoch: int, logs: dict) -> None:
+        value = float(logs["val_cross_entropy"])
+        self.folder.mkdir(parents=True, exist_ok=True)
+        now = time.monotonic()
+        self.state["seconds"] += now - self.started
+        self.started = now
+        self.state["epochs_run"] = epoch + 1
+        if self.state["best"] is None or value < self.state["best"]:
+            self.state.update(best=value, best_epoch=epoch + 1)
+            model.save_weights(str(self.weights_file))
+        if epoch + 1 - self.state["best_epoch"] >= self.patience:
+            self.state["stopped_by"] = "early stopping"
+            model.stop_training = True
+        elif self.max_seconds is not None and self.state["seconds"] >= self.max_seconds:
+            self.state["stopped_by"] = "time budget"
+            model.stop_training = True
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state))
+        tmp.replace(self.state_file)
+
+    def restore_best(self, model) -> None:
+        if self.weights_file.exists():
+            model.load_weights(str(self.weights_file))
+
+
+@dataclass
+class WholeFineTuneResult:
+    base: WholeTunedBase
+    head: Head
+    epochs_run: int
+    best_epoch: int
+    validation_accuracy: float
+    seconds: float
+    stopped_by: str | None
+    split_bottlenecks: dict  # split -> Bottlenecks with the tuned features and the original ImageNet probabilities
+
+
+def augment(image, size: int):
+    """One photo's on-the-fly augmentation (TF ops, float pixels in [0, 255])."""
+    import tensorflow as tf
+
+    image = tf.image.random_flip_left_right(image)
+    side = tf.cast(tf.round(tf.random.uniform([], 0.8, 1.0) * size), tf.int32)
+    image = tf.image.random_crop(image, tf.stack([side, side, 3]))
+    image = tf.image.resize(image, (size, size), method="bilinear")
+    image = image * tf.random.uniform([], 0.9, 1.1)
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def learning_rate_schedule(config: TrainConfig, n_train: int):
+    """Linear warm-up from 0 to ``fine_tune_learning_rate`` over ``fine_tune_warmup_epochs``, then cosine decay to 0
+    at the end of ``fine_tune_epochs`` (a function of the optimizer's step, so a resumed run continues it)."""
+    import keras
+
+    steps_per_epoch = max(1, -(-n_train // config.train_batch_size))
+    warmup = steps_per_epoch * config.fine_tune_warmup_epochs
+    total = steps_per_epoch * config.fine_tune_epochs
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, max(1, total - warmup), warmup_target=config.fine_tune_learning_rate, warmup_steps=warmup)
+
+
+def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, split_bottlenecks: dict,
+                    tensorboard_dir: Path, checkpoint_dir: Path, *, callbacks=(), progress: bool = True
+                    ) -> WholeFineTuneResult:
+    """Train the whole feature path with ``head`` (its starting point); resumable from ``checkpoint_dir``."""
+    import keras
+    import tensorflow as tf
+
+    size = base.image_size
+    index = {label: i for i, label in enumerate(head.labels)}
+    splits = {s: split_rows(rows, s) for s in ("train", "validation", "test")}
+    pixels = {s: np.stack([load_pixels(r.path, size) for r in rs]) for s, rs in splits.items() if rs}
+    labels = {s: np.array([index[r.label] for r in rs]) for s, rs in splits.items() if rs}
+    C = len(head.labels)
+
+    keras.utils.set_random_seed(config.seed)
+    tuned = tuned_copy(base)
+    inputs = keras.Input((size, size, 3), name="pixels")
+    x = inputs if base.normalises_inside else keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
+    x = tuned(x)
+    for i, (kernel, bias) in enumerate(zip(head.kernels, head.biases)):
+        last = i == len(head.kernels) - 1
+        x = keras.layers.Dropout(config.dropout)(x)
+        dense = keras.layers.Dense(kernel.shape[1], activation="softmax" if last else "relu",
+                                   kernel_regularizer=keras.regularizers.L2(config.l2), name=f"head{i}")
+        x = dense(x)
+        dense.set_weights([kernel, bias])
+    model = keras.Model(inputs, x)
+
+    n_train = len(labels["train"])
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate_schedule(config, n_train)),
+                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+                  metrics=["accuracy", keras.metrics.CategoricalCrossentropy(name="cross_entropy")])
+
+    train = (tf.data.Dataset.from_tensor_slices((pixels["train"], tf.one_hot(labels["train"], C)))
+             .shuffle(n_train, seed=config.seed, reshuffle_each_iteration=True)
+             .map(lambda image, y: (augment(tf.cast(image, tf.float32), size), y),
+                  num_parallel_calls=tf.data.AUTOTUNE)
+             .batch(config.train_batch_size).prefetch(1))
+    validation = (tf.data.Dataset.from_tensor_slices(
+        (tf.cast(pixels["validation"], tf.float32), tf.one_hot(labels["validation"], C)))
+        .batch(config.validation_batch_size))
+
+    checkpoint_dir = Path(checkpoint_dir)
+    if not (checkpoint_dir / "backup").exists():  # a fresh start: an older run's record of its best epoch goes
+        import shutil
+
+        shutil.rmtree(checkpoint_dir / "best", ignore_errors=True)
+    best = BestEpoch(checkpoint_dir / "best", config.fine_tune_patience,
+                     config.fine_tune_max_minutes * 60 if config.fine_tune_max_minutes else None)
+    started = time.monotonic()
+    model.fit(train, validation_data=validation, epochs=config.fine_tune_epochs, verbose=1 if progress else 0,
+              callbacks=[keras.callbacks.BackupAndRestore(str(checkpoint_dir / "backup")), best.callback,
+                         keras.callbacks.TensorBoard(str(Path(tensorboard_dir) / "fine_tune_whole"),
+                                                     write_graph=False, profile_batch=0),
+                         *callbacks])
+    best.restore_best(model)
+
+    dense = [model.get_layer(f"head{i}") for i in range(len(head.kernels))]
+    tuned_head = Head(head.labels, [d.get_weights()[0] for d in dense], [d.get_weights()[1] for d in dense])
+    tuned_base = WholeTunedBase(base, tuned)
+    tuned_splits = {}
+    for split, split_pixels in pixels.items():
+        features = np.concatenate([tuned_base(split_pixels[k:k + 32])[0] for k in range(0, len(split_pixels), 32)])
+        tuned_splits[split] = Bottlenecks(features, split_bottlenecks[split].imagenet, 0)
+    val_accuracy = float(np.mean(tuned_head.predict(tuned_splits["validation"].features).argmax(1)
+                                 == labels["validation"]))
+    state = best.state
+    return WholeFineTuneResult(tuned_base, tuned_head, int(state["epochs_run"]), int(state["best_epoch"] or 0),
+                               val_accuracy, float(state["seconds"]) or time.monotonic() - started,
+                               state["stopped_by"], tuned_splits)
