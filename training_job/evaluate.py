@@ -63,10 +63,14 @@ def write_misclassified_sheet(path: Path, base, head, rows: list[ManifestRow], y
     photos it shows."""
     from PIL import Image
 
-    from training_job.explain import in_process_grad_cam
+    from training_job.explain import grad_cam_problem, in_process_grad_cam
     from training_job.heatmaps import contact_sheet
     from training_job.preprocessing import load_image_file
 
+    problem = grad_cam_problem(base.model)
+    if problem is not None:
+        print(f"no misclassified heatmap sheet: {problem}")
+        return 0
     probs = np.asarray(probs)
     wrong = [i for i, (t, p) in enumerate(zip(y_true, probs)) if int(p.argmax()) != int(t)][:SHEET_LIMIT]
     entries = []

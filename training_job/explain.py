@@ -46,6 +46,17 @@ def last_conv_model(features_model):
     return keras.Model(features_model.inputs, [pooling.input, features_model.outputs[1]], name="last_conv_and_imagenet")
 
 
+def grad_cam_problem(features_model) -> str | None:
+    """Why Grad-CAM cannot explain ``features_model`` (a BaseNetwork's ``model``), or None when it can. Mirror
+    averaging and a whole fine-tuned network wrap the base so that no single convolutional map feeds the features:
+    such versions are exported without the explain signatures."""
+    try:
+        last_conv_model(features_model)
+    except ValueError as exc:
+        return str(exc).splitlines()[0]
+    return None
+
+
 def head_logits(kernels, biases, features):
     """The head's pre-softmax scores (TensorFlow ops): dense layers with ReLU between them."""
     import tensorflow as tf

@@ -60,13 +60,16 @@ def build_serving_module(base, head: Head, open_set: OpenSet):
 
 
 def save_model(module, export_dir) -> None:
+    """The SavedModel, with the Grad-CAM twins of both signatures (training_job/explain.py) when the base allows
+    them (explain.grad_cam_problem)."""
     import tensorflow as tf
 
-    from training_job.explain import explain_signatures
+    from training_job.explain import explain_signatures, grad_cam_problem
 
-    tf.saved_model.save(module, str(export_dir), signatures={
-        "serving_default": module.serve_pixels, "predict_image_bytes": module.serve_bytes,
-        **explain_signatures(module)})  # Grad-CAM twins of both (training_job/explain.py)
+    signatures = {"serving_default": module.serve_pixels, "predict_image_bytes": module.serve_bytes}
+    if grad_cam_problem(module.base) is None:
+        signatures.update(explain_signatures(module))
+    tf.saved_model.save(module, str(export_dir), signatures=signatures)
 
 
 def in_process_outputs(base, head: Head, open_set: OpenSet, pixels: np.ndarray) -> dict:
@@ -77,8 +80,10 @@ def in_process_outputs(base, head: Head, open_set: OpenSet, pixels: np.ndarray) 
             "not_a_mushroom": score < open_set.threshold}
 
 
-def write_warmup_requests(path, pixels: np.ndarray, photo_bytes: list[bytes], model_name: str) -> None:
-    """TF Serving warm-up file: PredictionLogs for both signatures (batch 1 and the whole sample)."""
+def write_warmup_requests(path, pixels: np.ndarray, photo_bytes: list[bytes], model_name: str,
+                          explain: bool = True) -> None:
+    """TF Serving warm-up file: PredictionLogs for both signatures (batch 1 and the whole sample), and for the
+    explain signature when the model has it."""
     import tensorflow as tf
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
@@ -94,10 +99,11 @@ def write_warmup_requests(path, pixels: np.ndarray, photo_bytes: list[bytes], mo
         writer.write(log("serving_default", "images", pixels[:1]).SerializeToString())
         if len(pixels) > 1:
             writer.write(log("serving_default", "images", pixels).SerializeToString())
-        explain = log(EXPLAIN_SIGNATURE, "images", pixels[:1])  # a failed warm-up fails the load: no default relied on
-        explain.predict_log.request.inputs["class_index"].CopyFrom(
-            tf.make_tensor_proto(np.array([PREDICTED_CLASS], np.int32)))
-        writer.write(explain.SerializeToString())
+        if explain:  # a failed warm-up fails the load: no default relied on
+            request = log(EXPLAIN_SIGNATURE, "images", pixels[:1])
+            request.predict_log.request.inputs["class_index"].CopyFrom(
+                tf.make_tensor_proto(np.array([PREDICTED_CLASS], np.int32)))
+            writer.write(request.SerializeToString())
         if photo_bytes:
             writer.write(log("predict_image_bytes", "image_bytes",
                              np.array(photo_bytes[:1], dtype=object)).SerializeToString())

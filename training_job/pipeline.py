@@ -250,6 +250,7 @@ def export_run(run_dir: Path, target: Path, base: BaseNetwork | None = None, *, 
     """Write the SavedModel and ``assets.extra/`` of ``run_dir`` into ``target``; returns the metrics written."""
     import shutil
 
+    from training_job.explain import grad_cam_problem
     from training_job.export import build_serving_module, save_model, write_warmup_requests
     from training_job.preprocessing import load_image_file
 
@@ -276,7 +277,8 @@ def export_run(run_dir: Path, target: Path, base: BaseNetwork | None = None, *, 
     sample = (split_rows(rows, "test") or rows)[:4]
     write_warmup_requests(extra / "tf_serving_warmup_requests",
                           np.stack([load_image_file(r.path, base.image_size) for r in sample]),
-                          [Path(r.path).read_bytes() for r in sample[:1]], model_name)
+                          [Path(r.path).read_bytes() for r in sample[:1]], model_name,
+                          explain=grad_cam_problem(base.model) is None)
     return metrics
 
 
