@@ -64,7 +64,7 @@ from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from bench.common import latest_published_version, write_result
 from bench.stack import Stack, freeze, resume, rss_mb
-from services.stack.servers import version_states
+from services.stack.servers import version_states, wait_until
 from training_job import registry as registry_layout
 from training_job.paths import default_registry, shared_data_dir
 
@@ -277,17 +277,8 @@ class Timing:
 
 
 FULL = Timing(warm_s=3.0, down_s=3.0, after_s=6.0)
+POLL_S = 0.05  # how often a state is polled when its time is measured (recovery, restart to AVAILABLE)
 QUICK = Timing(warm_s=1.5, down_s=1.5, after_s=3.0)
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 class Admin:
@@ -376,8 +367,8 @@ class FaultBench:
                 staging = self.trash / f"restore-{version}-{uuid.uuid4().hex[:8]}"
                 shutil.copytree(self.originals / str(version), staging)
                 os.rename(staging, self.model_dir / str(version))
-        wait_until(lambda: all(self.version_states().get(v) == AVAILABLE for v in (1, 2)), 180,
-                   "versions 1 and 2 AVAILABLE")
+        wait_until(lambda: all(self.version_states().get(v) == AVAILABLE for v in (1, 2)), timeout=180,
+                   interval=POLL_S, what="versions 1 and 2 AVAILABLE")
 
         def gateway_sees_both() -> bool:
             try:
@@ -385,7 +376,7 @@ class FaultBench:
             except (OSError, ValueError):
                 return False
 
-        wait_until(gateway_sees_both, 60, "the gateway to see versions 1 and 2", interval=0.2)
+        wait_until(gateway_sees_both, timeout=60, interval=0.2, what="the gateway to see versions 1 and 2")
         if weights_of(self.admin.call("GET", "/v1/admin/routing")) != weights_of(PIN_TABLE):
             self.admin.call("PUT", "/v1/admin/routing", PIN_TABLE)
         Load(self.gateway.http_url, self.photos.next_hot, 2, len(self.photos.hot)).run_to_count()
@@ -487,8 +478,8 @@ class FaultBench:
         facts = self.outage()
         restarted = time.monotonic()
         self.stack.restart_model_server()
-        back = wait_until(lambda: self.version_states().get(PINNED_VERSION) == AVAILABLE and time.monotonic(), 180,
-                          f"version {PINNED_VERSION} AVAILABLE after the restart")
+        back = wait_until(lambda: self.version_states().get(PINNED_VERSION) == AVAILABLE and time.monotonic(),
+                          timeout=180, interval=POLL_S, what=f"version {PINNED_VERSION} AVAILABLE after the restart")
         return struck, back, {**facts, "restart_to_available_s": back - restarted}
 
     def fault_model_server_sigstop(self) -> tuple[float, float, dict]:
@@ -516,7 +507,8 @@ class FaultBench:
         struck = time.monotonic()
         shutil.copy2(source / "saved_model.pb", target / "saved_model.pb")
         try:  # the server polls every second: let it find the half copy
-            seen = wait_until(lambda: self.version_states().get(number), 3.5, "the half copy to be seen")
+            seen = wait_until(lambda: self.version_states().get(number), timeout=3.5, interval=POLL_S,
+                              what="the half copy to be seen")
         except TimeoutError:
             seen = None
         for item in sorted(source.iterdir()):
