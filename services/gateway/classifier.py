@@ -197,8 +197,8 @@ class Classifier:
             if explain:
                 explanation = await asyncio.get_running_loop().run_in_executor(
                     self.executor, self._draw_explanation, photo, answer)
-            metrics.ROUTE.labels(model_version=metrics.version_metric_value(answer["version"], self.router.available),
-                                 reason=reason).inc()
+            answered = metrics.version_metric_value(answer["version"], self.router.available)
+            metrics.ROUTE.labels(model_version=answered, reason=reason).inc()
             reply = self._answer(answer, top_k, cache_outcome == "hit", start)
             return reply if explanation is None else {**reply, "explanation": explanation}
         except GatewayError as exc:
@@ -207,12 +207,12 @@ class Classifier:
                 self.stats.record_error(chosen)
             raise
         finally:
-            version_label = metrics.version_metric_value(chosen, self.router.available)
+            chosen_value = metrics.version_metric_value(chosen, self.router.available)
             if explain:
-                metrics.EXPLAIN_SECONDS.labels(protocol=protocol, model_version=version_label, cache=cache_outcome,
+                metrics.EXPLAIN_SECONDS.labels(protocol=protocol, model_version=chosen_value, cache=cache_outcome,
                                                result=result).observe(time.perf_counter() - start)
             else:
-                metrics.REQUEST_SECONDS.labels(protocol=protocol, endpoint=endpoint, model_version=version_label,
+                metrics.REQUEST_SECONDS.labels(protocol=protocol, endpoint=endpoint, model_version=chosen_value,
                                                cache=cache_outcome, result=result).observe(time.perf_counter() - start)
 
     async def _explained(self, photo: bytes, digest: str, chosen: int | None, label: str | None,
