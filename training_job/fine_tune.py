@@ -164,13 +164,7 @@ def fine_tune(rows, config: TrainConfig, base: BaseNetwork, head: Head, split_bo
     keras.utils.set_random_seed(config.seed)
     inputs = keras.Input(plain["train"].shape[1:])
     x = keras.layers.GlobalAveragePooling2D()(apply_tail(layers, inputs))
-    for i, (kernel, bias) in enumerate(zip(head.kernels, head.biases)):
-        last = i == len(head.kernels) - 1
-        x = keras.layers.Dropout(config.dropout)(x)
-        dense = keras.layers.Dense(kernel.shape[1], activation="softmax" if last else "relu",
-                                   kernel_regularizer=keras.regularizers.L2(config.l2), name=f"head{i}")
-        x = dense(x)
-        dense.set_weights([kernel, bias])
+    x = trainable_head(x, head, config)
     model = keras.Model(inputs, x)
     model.compile(optimizer=keras.optimizers.Adam(config.fine_tune_learning_rate),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
@@ -199,3 +193,18 @@ def fine_tune(rows, config: TrainConfig, base: BaseNetwork, head: Head, split_bo
                                  == labels_of["validation"]))
     return FineTuneResult(tuned_base, tuned_head, len(val_ce), int(np.argmin(val_ce)) + 1, val_accuracy,
                           time.monotonic() - started, tuned_splits)
+
+
+def trainable_head(x, head, config):
+    """``head`` as trainable Keras layers on ``x`` (dropout, dense layers with its weights, L2 as in training):
+    what both fine-tuning modes train together with the network below it."""
+    import keras
+
+    for i, (kernel, bias) in enumerate(zip(head.kernels, head.biases)):
+        last = i == len(head.kernels) - 1
+        x = keras.layers.Dropout(config.dropout)(x)
+        dense = keras.layers.Dense(kernel.shape[1], activation="softmax" if last else "relu",
+                                   kernel_regularizer=keras.regularizers.L2(config.l2), name=f"head{i}")
+        x = dense(x)
+        dense.set_weights([kernel, bias])
+    return x

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from training_job.bottlenecks import BaseNetwork, Bottlenecks, load_pixels
+from training_job.fine_tune import trainable_head
 from training_job.train import Head, TrainConfig, split_rows
 
 TUNED_NETWORK_FILE = "fine_tuned_network.weights.h5"
@@ -199,13 +200,7 @@ def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, sp
     inputs = keras.Input((size, size, 3), name="pixels")
     x = inputs if base.normalises_inside else keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
     x = tuned(x)
-    for i, (kernel, bias) in enumerate(zip(head.kernels, head.biases)):
-        last = i == len(head.kernels) - 1
-        x = keras.layers.Dropout(config.dropout)(x)
-        dense = keras.layers.Dense(kernel.shape[1], activation="softmax" if last else "relu",
-                                   kernel_regularizer=keras.regularizers.L2(config.l2), name=f"head{i}")
-        x = dense(x)
-        dense.set_weights([kernel, bias])
+    x = trainable_head(x, head, config)
     model = keras.Model(inputs, x)
 
     n_train = len(labels["train"])
