@@ -64,7 +64,7 @@ from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from bench.common import latest_published_version, write_result
 from bench.stack import Stack, freeze, resume, rss_mb
-from services.stack.servers import version_states, wait_until
+from devstack.servers import version_states, wait_until
 from training_job import registry as registry_layout
 from training_job.paths import default_registry, shared_data_dir
 
@@ -621,7 +621,7 @@ def run_bench(scenarios: list[str], timing: Timing, concurrency: int = 8, tiny: 
               registry: Path | None = None, model_name: str = "mushrooms", think_s: float = 0.0,
               max_requests: int = 50_000, hit_requests: int = 400) -> dict:
     """Starts the stack, runs ``scenarios`` in order ("baseline" adds the cache-hit phase), stops everything."""
-    from services.stack import configs
+    from devstack import configs
 
     published = None if tiny else latest_published_version(registry or default_registry(), model_name)
     root = Path(tempfile.mkdtemp(prefix="fault-bench-"))

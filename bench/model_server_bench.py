@@ -36,7 +36,7 @@ def raw_model(version_dir: Path, pixels: np.ndarray, seconds: float) -> dict:
 
 
 def start_server(version_dir: Path, batching: bool, workdir: Path) -> tuple[subprocess.Popen, str]:
-    from services.stack.servers import start_model_server
+    from devstack.servers import start_model_server
 
     args = [f"--model_name={version_dir.parent.name}", f"--model_base_path={version_dir.parent}",
             "--file_system_poll_wait_seconds=0"]

@@ -1,7 +1,7 @@
 """Rollout timing: from publishing a new version to 100 % (a good version) and to its rollback (bad versions), under
 the rollout controller's default policy (services/rollout/policy.py) with simulated traffic and user feedback.
 
-Each scenario starts the local stack with the controller (services.stack.launch.start_stack(rollout=True): Redis,
+Each scenario starts the local stack with the controller (devstack.launch.start_stack(rollout=True): Redis,
 model server, gateway, controller, Prometheus) on free loopback ports over a registry of our own holding the tests'
 tiny model as version 1, waits until the controller takes version 1 as stable, starts the traffic, publishes
 version 2 and measures, from the publish: when the model server has it AVAILABLE, when the controller starts the
@@ -46,8 +46,8 @@ import yaml
 from bench.common import machine_description, write_result
 from bench.faults import Photos, base_photos, with_comment
 from services.rollout.policy import DEFAULT_POLICY
-from services.stack.launch import Ports, new_run_dir, start_stack, stop_stack
-from services.stack.servers import free_port
+from devstack.launch import Ports, new_run_dir, start_stack, stop_stack
+from devstack.servers import free_port
 from training_job.publish import publish_dir
 from training_job.tiny_model import LABELS, write_tiny_model
 

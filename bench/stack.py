@@ -15,8 +15,8 @@ from typing import Callable
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from bench.common import percentiles_ms
-from services.stack.configs import write_model_list
-from services.stack.servers import (
+from devstack.configs import write_model_list
+from devstack.servers import (
     REDIS_STATE_ARGS, ModelServerProcess, RedisServer, start_gateway, start_model_server, stop_process,
     version_states, wait_until,
 )

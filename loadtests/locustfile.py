@@ -15,7 +15,7 @@ import grpc  # noqa: E402
 from locust import HttpUser, User, between, events, task  # noqa: E402
 
 from loadtests.traffic import Traffic, admin_token, grpc_target, photo_paths, shifted_routing  # noqa: E402
-from services.stack.grpc_client import ClassifierClient  # noqa: E402
+from devstack.grpc_client import ClassifierClient  # noqa: E402
 
 PHOTOS = photo_paths()
 ROUTING_STEPS = [0.9, 0.5, 0.1]  # share of traffic for the entry on the older of the two newest versions, in turn

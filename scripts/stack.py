@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """The local stack: `up` (train if needed, start everything, print the demo report), `down`, `status`.
-See services/stack/ for the code the tests share."""
+See devstack/ for the code the tests share."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from services.stack.cli import main  # noqa: E402
+from devstack.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

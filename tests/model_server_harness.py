@@ -7,9 +7,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.stack import servers
-from services.stack.configs import write_model_list as write_config
-from services.stack.servers import stop_process, version_states, wait_until
+from devstack import servers
+from devstack.configs import write_model_list as write_config
+from devstack.servers import stop_process, version_states, wait_until
 
 __all__ = ["MODEL", "ServerUnderTest", "write_config", "start_server", "external_server", "stop_server",
            "version_states", "wait_until"]

@@ -20,7 +20,7 @@ from PIL import Image
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from services.gateway.protos import load
-from services.stack.servers import start_gateway
+from devstack.servers import start_gateway
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
 from tests.support import MUSHROOMS, NOT_MUSHROOMS, RedisServer, stop_process
 from training_job.tiny_model import publish_tiny_versions
@@ -443,7 +443,7 @@ def test_admin_cli_sets_weights_and_shows_status_and_audit(stack):
     env = {**os.environ, "GATEWAY_ADMIN_TOKEN": TOKEN}
 
     def admin(*args):
-        return subprocess.run([sys.executable, "-m", "services.gateway.admin", "--url", url, *args],
+        return subprocess.run([sys.executable, "-m", "services.gateway.operator_cli", "--url", url, *args],
                               capture_output=True, text=True, env=env, cwd=PROJECT_ROOT, timeout=60)
 
     result = admin("set", "1=60", "2=40")
@@ -451,7 +451,7 @@ def test_admin_cli_sets_weights_and_shows_status_and_audit(stack):
     assert stack["gateway"].request("GET", "/v1/admin/routing", token=TOKEN)[1]["weights"] == {"1": 60.0, "2": 40.0}
     assert "version" in admin("status").stdout
     assert "{'1': 60.0, '2': 40.0}" in admin("audit").stdout.splitlines()[0]
-    refused = subprocess.run([sys.executable, "-m", "services.gateway.admin", "--url", url, "--token", "wrong",
+    refused = subprocess.run([sys.executable, "-m", "services.gateway.operator_cli", "--url", url, "--token", "wrong",
                               "set", "1=100"], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60)
     assert refused.returncode != 0 and "401" in refused.stderr
 

@@ -25,7 +25,7 @@ from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from services.gateway.cache import SingleFlight
 from services.gateway.protos import load
-from services.stack.servers import start_gateway
+from devstack.servers import start_gateway
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
 from tests.support import MUSHROOMS, NOT_MUSHROOMS, RedisServer, stop_process
 from training_job.tiny_model import LABELS, publish_tiny_versions, write_tiny_model
@@ -472,7 +472,7 @@ def test_admin_cli_clears_the_table_and_refuses_all_zero_weights(stack):
     env = {**os.environ, "GATEWAY_ADMIN_TOKEN": TOKEN}
 
     def admin(*args):
-        return subprocess.run([sys.executable, "-m", "services.gateway.admin", "--url", gateway.url, *args],
+        return subprocess.run([sys.executable, "-m", "services.gateway.operator_cli", "--url", gateway.url, *args],
                               capture_output=True, text=True, env=env, cwd=PROJECT_ROOT, timeout=60)
 
     assert admin("set", "1=60", "2=40").returncode == 0

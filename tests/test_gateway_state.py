@@ -18,7 +18,7 @@ from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 from services.gateway import keys
 from services.gateway.feedback import BadFeedbackToken, FeedbackTokens
 from services.gateway.protos import load
-from services.stack.servers import start_gateway
+from devstack.servers import start_gateway
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
 from tests.support import MUSHROOMS, RedisServer, free_port, stop_process
 from training_job.tiny_model import publish_tiny_versions
@@ -308,7 +308,7 @@ def test_gateway_keeps_the_last_table_when_a_redis_restart_erases_it(gateway, re
 
 def test_operator_state_survives_a_restart_of_redis_run_as_the_stack_runs_it():
     from services.gateway.routing import RoutingTable
-    from services.stack.servers import REDIS_STATE_ARGS
+    from devstack.servers import REDIS_STATE_ARGS
 
     table = json.dumps(RoutingTable({1: 90.0, "canary": 10.0}).to_json())
     with RedisServer(extra_args=REDIS_STATE_ARGS) as server:
@@ -362,7 +362,7 @@ def test_compose_and_k8s_run_redis_with_the_stacks_state_settings():
     """The three deployments keep operator state alike: persisted on a volume, never evicted."""
     import yaml
 
-    from services.stack.servers import REDIS_STATE_ARGS
+    from devstack.servers import REDIS_STATE_ARGS
 
     def pairs(argv):
         return {(a, b) for a, b in zip(argv, argv[1:]) if a.startswith("--")}
@@ -438,8 +438,8 @@ def test_operator_tokens_from_a_mounted_secret_folder_reload_when_it_changes(tmp
 
 
 def test_the_stacks_admin_token_file_is_private_from_its_creation(tmp_path, monkeypatch):
-    from services.stack import launch
-    from services.stack.health import StackError
+    from devstack import launch
+    from devstack.health import StackError
 
     seen_modes = []
     chmod = Path.chmod

@@ -1,11 +1,11 @@
-"""One process launcher (services/stack/servers.py) for the stack, the benchmarks and the tests; the benchmarks
+"""One process launcher (devstack/servers.py) for the stack, the benchmarks and the tests; the benchmarks
 import nothing from tests/."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from services.stack import launch, servers
+from devstack import launch, servers
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,7 @@ from loadtests.run import aggregated, run_locust
 from loadtests.traffic import shifted_routing
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
-from services.stack.launch import stop_stack
+from devstack.launch import stop_stack
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
 from tests.support import MUSHROOMS, RedisServer
 from tests.test_gateway import TOKEN, GatewayProcess, set_routing

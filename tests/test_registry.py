@@ -5,7 +5,7 @@ from pathlib import Path
 
 from bench.common import latest_published_version
 from services.model_server.source import versions_on_disk
-from services.stack.demo_report import latest_version_dir
+from devstack.demo_report import latest_version_dir
 from training_job import publish, registry
 
 

@@ -311,7 +311,7 @@ def test_two_controllers_never_both_act_and_a_killed_one_is_resumed(model_server
 
         # an operator promotes through the CLI; the history names her
         cli = subprocess.run(
-            [sys.executable, "-m", "services.gateway.admin", "--token", ALICE_TOKEN, "rollout", "--rollout-url",
+            [sys.executable, "-m", "services.gateway.operator_cli", "--token", ALICE_TOKEN, "rollout", "--rollout-url",
              standby.url, "promote"], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60)
         assert cli.returncode == 0, cli.stderr
         assert "queued promote" in cli.stdout
@@ -320,7 +320,7 @@ def test_two_controllers_never_both_act_and_a_killed_one_is_resumed(model_server
         promote = events(done, "promote")[0]
         assert (promote["rule"], promote["who"]) == ("operator_promote", "alice")
         assert routing(gateway) == {"2": 100}
-        shown = subprocess.run([sys.executable, "-m", "services.gateway.admin", "--token", ALICE_TOKEN, "rollout",
+        shown = subprocess.run([sys.executable, "-m", "services.gateway.operator_cli", "--token", ALICE_TOKEN, "rollout",
                                 "--rollout-url", standby.url], capture_output=True, text=True, cwd=PROJECT_ROOT,
                                timeout=60)
         assert shown.returncode == 0 and "stable v2" in shown.stdout and "promote" in shown.stdout
@@ -390,7 +390,7 @@ def test_a_bad_policy_file_is_refused_with_a_clear_message(tmp_path):
 
 
 def test_stack_up_with_rollout_starts_the_controller_acting_as_its_own_operator(tmp_path):
-    from services.stack.launch import Ports, Stack, new_run_dir, start_stack, stop_stack
+    from devstack.launch import Ports, Stack, new_run_dir, start_stack, stop_stack
 
     registry = tmp_path / "registry"
     publish_dir(lambda d: write_tiny_model(d), registry, "stacked")

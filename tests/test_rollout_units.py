@@ -196,7 +196,7 @@ def test_online_rules_in_a_fixed_order():
 
 def test_new_versions_are_appended_to_a_specific_list_and_nothing_else_changes(tmp_path):
     from services.rollout.serving_config import serve_new_versions
-    from services.stack.configs import model_config_text, read_model_config
+    from devstack.configs import model_config_text, read_model_config
 
     base = tmp_path / "registry" / "m"
     for name in ("1", "2", ".tmp-host-3-x", "notes"):

@@ -302,7 +302,7 @@ def versions_of(gateway, clients, photo) -> dict[str, int]:
 
 
 def admin_cli(url, *args, token=TOKEN):
-    return subprocess.run([sys.executable, "-m", "services.gateway.admin", "--url", url, *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "services.gateway.operator_cli", "--url", url, *args], capture_output=True,
                           text=True, env={**os.environ, "GATEWAY_ADMIN_TOKEN": token}, cwd=PROJECT_ROOT, timeout=60)
 
 

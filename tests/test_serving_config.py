@@ -9,9 +9,9 @@ from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
-from services.stack import configs
-from services.stack.health import StackError
-from services.stack.pinning import pin
+from devstack import configs
+from devstack.health import StackError
+from devstack.pinning import pin
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until
 from training_job.tiny_model import write_tiny_model
 from training_job.publish import publish_dir
@@ -59,7 +59,7 @@ def test_pinning_is_additive_and_never_drops_a_labelled_or_newest_version(tmp_pa
 
 
 def test_a_version_the_gateway_still_routes_to_cannot_be_unpinned(tmp_path):
-    from services.stack.pinning import routed_versions
+    from devstack.pinning import routed_versions
 
     run_dir, base = fake_run(tmp_path, [1, 2])
     (base / "3").mkdir()

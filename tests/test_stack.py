@@ -1,4 +1,4 @@
-"""The local stack (services/stack): real Redis, model server, gateway and Prometheus on free loopback ports serving
+"""The local stack (devstack): real Redis, model server, gateway and Prometheus on free loopback ports serving
 the session's published model as versions 1 and 2; traffic over HTTP and gRPC; the gateway's latency histogram with
 per-version labels read back from Prometheus' HTTP API; `scripts/stack.py down` leaves no process behind."""
 from __future__ import annotations
@@ -14,9 +14,9 @@ import urllib.request
 
 import pytest
 
-from services.stack.demo_report import demo_photos, format_report, run_demo
-from services.stack.launch import Ports, Stack, latest_run, new_run_dir, start_stack, stop_stack
-from services.stack.processes import group_members, port_is_free
+from devstack.demo_report import demo_photos, format_report, run_demo
+from devstack.launch import Ports, Stack, latest_run, new_run_dir, start_stack, stop_stack
+from devstack.processes import group_members, port_is_free
 from tests.support import free_port
 from training_job.paths import PROJECT_ROOT
 
@@ -107,7 +107,7 @@ def test_down_command_leaves_no_process_behind(published_model, tmp_path_factory
 
 
 def test_generated_prometheus_config_passes_promtool(tmp_path):
-    from services.stack.configs import MONITORING_PATH, write_prometheus_config
+    from devstack.configs import MONITORING_PATH, write_prometheus_config
 
     config = tmp_path / "prometheus.yml"
     write_prometheus_config(config, "127.0.0.1:8080", "127.0.0.1:8501", scrape_interval_s=1.0)
@@ -120,7 +120,7 @@ def test_the_gateway_command_line_is_written_out_not_guessed_from_help(monkeypat
     """launch.gateway_argv names the gateway's flags as services/gateway/main.py defines them, with no process run
     to read --help first."""
     from services.gateway.main import build_parser
-    from services.stack import launch
+    from devstack import launch
 
     def no_subprocess(*args, **kwargs):
         raise AssertionError(f"gateway_argv ran a process: {args}")

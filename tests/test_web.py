@@ -21,7 +21,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from services.stack.servers import start_gateway
+from devstack.servers import start_gateway
 from tests.model_server_harness import start_server, stop_server, write_config
 from tests.support import RedisServer, stop_process
 from training_job.paths import PROJECT_ROOT

@@ -7,7 +7,7 @@ import time
 import urllib.error
 import urllib.request
 
-from services.stack.processes import ProcessRecord, is_alive
+from devstack.processes import ProcessRecord, is_alive
 
 
 class StackError(RuntimeError):

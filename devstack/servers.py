@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.stack.processes import free_port
+from devstack.processes import free_port
 from training_job.paths import PROJECT_ROOT
 
 __all__ = ["free_port", "wait_for_port", "wait_until", "stop_process", "python_env", "redis_argv", "RedisServer",

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.stack import configs
-from services.stack.health import StackError
+from devstack import configs
+from devstack.health import StackError
 from training_job.registry import versions
 
 CONFIG_NAME = "models.config"
@@ -42,7 +42,7 @@ def pin(run_dir: Path, add: list[int] = (), unpin: list[int] = (), labels: dict[
     still_routed = sorted(set(unpin) & set(routed))
     if still_routed:
         raise StackError(f"versions {still_routed} still get traffic from the gateway's routing table: route it "
-                         "away first (python -m services.gateway.admin set ...), then unpin")
+                         "away first (python -m services.gateway.operator_cli set ...), then unpin")
     pinned = (set(current) | set(add)) - set(unpin)
     newest = set(configs.served_versions(versions(base_path)))
     if set(unpin) & newest:

@@ -13,9 +13,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from services.stack import configs, servers
-from services.stack.health import StackError, http_ok, model_available, tcp_open, wait_healthy
-from services.stack.processes import ProcessRecord, is_alive, port_is_free, spawn, stop
+from devstack import configs, servers
+from devstack.health import StackError, http_ok, model_available, tcp_open, wait_healthy
+from devstack.processes import ProcessRecord, is_alive, port_is_free, spawn, stop
 from training_job.paths import PROJECT_ROOT, var_dir
 
 STATE_FILE = "stack.json"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 
-from services.stack.grpc_client import ClassifierClient
+from devstack.grpc_client import ClassifierClient
 from training_job.registry import version_dirs
 
 

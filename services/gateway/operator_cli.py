@@ -1,4 +1,4 @@
-"""Operators' CLI for A/B routing: `python -m services.gateway.admin set stable=90 canary=10 [shadow=canary]`,
+"""Operators' CLI for A/B routing: `python -m services.gateway.operator_cli set stable=90 canary=10 [shadow=canary]`,
 `clear`, `status`, `audit`.
 
 An entry is a version number (`set 1=90 2=10 shadow=3`) or a version label of the model server's config
@@ -98,7 +98,7 @@ def print_rollout(body: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.gateway.admin", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m services.gateway.operator_cli", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=os.environ.get("GATEWAY_URL", "http://127.0.0.1:8080"), help="[$GATEWAY_URL]")
     parser.add_argument("--token", default=os.environ.get("GATEWAY_ADMIN_TOKEN", ""), help="[$GATEWAY_ADMIN_TOKEN]")

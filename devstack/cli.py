@@ -8,9 +8,9 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from services.stack.demo_report import demo_photos, format_report, latest_version_dir, run_demo
-from services.stack.health import StackError
-from services.stack.launch import Ports, Stack, latest_run, new_run_dir, runs_root, start_stack, stop_stack
+from devstack.demo_report import demo_photos, format_report, latest_version_dir, run_demo
+from devstack.health import StackError
+from devstack.launch import Ports, Stack, latest_run, new_run_dir, runs_root, start_stack, stop_stack
 from training_job.paths import DEFAULT_MODEL_NAME, PROJECT_ROOT, default_registry, var_dir
 
 
@@ -49,7 +49,7 @@ def gateway_routed_versions(run_dir: Path) -> set[int]:
     import json
     import urllib.request
 
-    from services.stack.pinning import routed_versions
+    from devstack.pinning import routed_versions
 
     stack = Stack.load(run_dir)
     request = urllib.request.Request(stack.urls["gateway"] + "/v1/admin/routing",
@@ -63,7 +63,7 @@ def gateway_routed_versions(run_dir: Path) -> set[int]:
 
 
 def pin_versions(args: argparse.Namespace) -> int:
-    from services.stack.pinning import pin
+    from devstack.pinning import pin
 
     run_dir = latest_run()
     if run_dir is None:

@@ -1,5 +1,0 @@
-import sys
-
-from services.stack.cli import main
-
-sys.exit(main())
