@@ -248,3 +248,25 @@ def test_hadolint_flags_an_unpinned_pip_install(tmp_path):
     bad.write_text("FROM python:3.11-slim\nRUN pip install requests\n")
     result = subprocess.run([tool, "--no-color", str(bad)], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "DL3013" in result.stdout
+
+
+def pinned(requirement: str) -> str:
+    """The version requirements*.txt pins for ``requirement``."""
+    for path in (ROOT / "requirements.txt", ROOT / "requirements-nodeps.txt"):
+        for line in path.read_text().splitlines():
+            if line.split("==")[0].strip() == requirement:
+                return line.split("==")[1].split()[0]
+    raise AssertionError(f"{requirement} is not pinned")
+
+
+def test_every_tensorflow_serving_image_is_the_release_of_the_tensorflow_that_exports_the_models():
+    """A TF Serving older than the exporting TensorFlow may meet ops it does not know; a newer one is not what the
+    serving API stubs were generated from. Both pins must name the same release as the image tag."""
+    assert pinned("tensorflow-cpu") == pinned("tensorflow-serving-api")
+    images = [services["tfserving"]["image"] for services in [compose()["services"]]]
+    for _, doc in k8s_documents():
+        pod = doc.get("spec", {}).get("template", {}).get("spec", {})
+        images += [c["image"] for c in pod.get("containers", []) + pod.get("initContainers", [])
+                   if c["image"].startswith("tensorflow/serving")]
+    assert len(images) >= 2
+    assert set(images) == {f"tensorflow/serving:{pinned('tensorflow-serving-api')}"}
