@@ -6,6 +6,9 @@ import json
 import shutil
 import subprocess
 import sys
+import time
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import jsonschema
@@ -13,9 +16,16 @@ import kubernetes_validate
 import pytest
 import yaml
 from google.protobuf import text_format
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 from tensorflow_serving.config import model_server_config_pb2
 
+from devstack.configs import MONITORING_PATH
 from services.model_server.config import BatchingParameters, MonitoringConfig
+from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until
+from training_job.publish import publish_dir
+from training_job.tiny_model import write_tiny_model
+
+AVAILABLE = ModelVersionStatus.AVAILABLE
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -69,10 +79,177 @@ def test_compose_tfserving_flags_point_at_mounted_configs():
     mounts = dict(v.split(":")[:2][::-1] for v in tfs["volumes"])
     config_dir = ROOT / mounts["/config"]
     for flag in tfs["command"]:
-        if flag.startswith(("--model_config_file=", "--monitoring_config_file=", "--batching_parameters_file=")):
+        if flag.startswith(("--monitoring_config_file=", "--batching_parameters_file=")):
             container_path = flag.split("=", 1)[1]
             assert container_path.startswith("/config/")
             assert (config_dir / container_path.removeprefix("/config/")).is_file(), flag
+    # the model config is the seeded copy on a volume (next tests); its seed is deploy/tfserving/models.config
+    seed, _ = compose_seed_paths(compose()["services"])
+    assert seed.source == "./deploy/tfserving" and (ROOT / seed.source / seed.inside).is_file()
+
+
+# ---------------------------------------------------------------- the model config TF Serving polls, and who writes it
+SEED_ARGS = ["python", "-m", "services.rollout.serving_config", "--seed"]  # SEED CONFIG: copy unless CONFIG exists
+
+
+@dataclass(frozen=True)
+class Mounted:
+    """Where a container path lives: ``source`` names the volume ("pvc:<claim>", "configMap:<name>", "emptyDir:<pod
+    volume>", compose "volume:<name>" or a bind's host path), ``inside`` the path within it."""
+    source: str
+    inside: str
+    read_only: bool
+
+
+def k8s_mounted(pod: dict, container: dict, path: str) -> Mounted:
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    [(mount, inside)] = [(m, path.removeprefix(m["mountPath"].rstrip("/") + "/")) for m in container["volumeMounts"]
+                         if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    volume = volumes[mount["name"]]
+    if "persistentVolumeClaim" in volume:
+        claim = volume["persistentVolumeClaim"]
+        return Mounted(f"pvc:{claim['claimName']}", inside, bool(mount.get("readOnly") or claim.get("readOnly")))
+    kind = next(k for k in ("configMap", "secret", "emptyDir") if k in volume)
+    name = (volume[kind] or {}).get("name") or (volume[kind] or {}).get("secretName") or mount["name"]
+    return Mounted(f"{kind}:{name}", inside, kind in ("configMap", "secret") or bool(mount.get("readOnly")))
+
+
+def compose_mounted(service: dict, path: str, named_volumes: dict) -> Mounted:
+    found = []
+    for volume in service.get("volumes", []):
+        source, target, *mode = volume.split(":")
+        if path.startswith(target.rstrip("/") + "/"):
+            kind = f"volume:{source}" if source in named_volumes else source
+            found.append(Mounted(kind, path.removeprefix(target.rstrip("/") + "/"), mode == ["ro"]))
+    [mounted] = found
+    return mounted
+
+
+def k8s_pod(kind: str, name: str) -> dict:
+    [doc] = [d for _, d in k8s_documents() if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc["spec"]["template"]["spec"]
+
+
+def flags(args: list[str]) -> dict[str, str]:
+    return dict(a.removeprefix("--").split("=", 1) for a in args if a.startswith("--") and "=" in a)
+
+
+def compose_seed_paths(services: dict) -> tuple[Mounted, Mounted]:
+    """(the seed, the seeded config) of compose's one-shot service that seeds the writable model config."""
+    [seeder] = [s for s in services.values() if s.get("command", [])[:len(SEED_ARGS)] == SEED_ARGS]
+    seed, config = seeder["command"][len(SEED_ARGS):]
+    named = compose().get("volumes", {})
+    return compose_mounted(seeder, seed, named), compose_mounted(seeder, config, named)
+
+
+def test_k8s_tfserving_polls_a_model_config_the_rollout_controller_writes():
+    """A version the nightly CronJob publishes is served only once the model config lists it: the config is a file
+    on a volume every TF Serving replica and the controller (--serve-new-versions) share, seeded once from the
+    ConfigMap, not the read-only ConfigMap itself."""
+    tfs_pod = k8s_pod("Deployment", "tfserving")
+    [tfs] = tfs_pod["containers"]
+    tfs_flags = flags(tfs["args"])
+    assert int(tfs_flags["model_config_file_poll_wait_seconds"]) > 0
+    served = k8s_mounted(tfs_pod, tfs, tfs_flags["model_config_file"])
+    assert served.source.startswith("pvc:"), served  # neither the ConfigMap (read-only) nor one pod's emptyDir
+    [pvc] = [d for _, d in k8s_documents() if d["kind"] == "PersistentVolumeClaim"
+             and f"pvc:{d['metadata']['name']}" == served.source]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # every TF Serving replica and the controller
+
+    rollout_pod = k8s_pod("Deployment", "rollout")
+    [controller] = rollout_pod["containers"]
+    env = {e["name"]: e.get("value") for e in controller["env"]}
+    written = k8s_mounted(rollout_pod, controller, env["ROLLOUT_SERVE_NEW_VERSIONS"])
+    assert (written.source, written.inside) == (served.source, served.inside) and not written.read_only
+
+    # seeded from the ConfigMap's models.config before either starts (whichever pod comes first; never overwritten)
+    for pod in (tfs_pod, rollout_pod):
+        [init] = pod["initContainers"]
+        assert init["args"][:len(SEED_ARGS)] == SEED_ARGS
+        seed, config = (k8s_mounted(pod, init, path) for path in init["args"][len(SEED_ARGS):])
+        assert seed == Mounted("configMap:tfserving-config", "models.config", True)
+        assert (config.source, config.inside, config.read_only) == (served.source, served.inside, False)
+    # the writer lists the version folders of the registry TF Serving loads from, at the config's base path
+    [cm] = [d for _, d in k8s_documents() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "tfserving-config"]
+    [model] = text_format.Parse(cm["data"]["models.config"],
+                                model_server_config_pb2.ModelServerConfig()).model_config_list.config
+    registry = k8s_mounted(tfs_pod, tfs, model.base_path + "/1")
+    assert registry.source == "pvc:model-registry" == k8s_mounted(rollout_pod, controller, model.base_path + "/1").source
+    assert env["MODEL_NAME"] == model.name
+
+
+def test_compose_tfserving_polls_a_model_config_the_rollout_controller_writes():
+    doc = compose()
+    services, named = doc["services"], doc["volumes"]
+    tfs, rollout = services["tfserving"], services["rollout"]
+    tfs_flags = flags(tfs["command"])
+    assert int(tfs_flags["model_config_file_poll_wait_seconds"]) > 0
+    served = compose_mounted(tfs, tfs_flags["model_config_file"], named)
+    assert served.source.startswith("volume:"), served  # a named volume, not the read-only ./deploy/tfserving bind
+    written = compose_mounted(rollout, rollout["environment"]["ROLLOUT_SERVE_NEW_VERSIONS"], named)
+    assert (written.source, written.inside) == (served.source, served.inside) and not written.read_only
+    seed, config = compose_seed_paths(services)
+    assert (config.source, config.inside, config.read_only) == (served.source, served.inside, False)
+    assert (seed.source, seed.inside) == ("./deploy/tfserving", "models.config")
+    [seeder] = [n for n, s in services.items() if s.get("command", [])[:len(SEED_ARGS)] == SEED_ARGS]
+    for name in ("tfserving", "rollout"):  # both start once the seed is in place
+        assert services[name]["depends_on"][seeder] == {"condition": "service_completed_successfully"}
+    [model] = text_format.Parse((DEPLOY / "tfserving/models.config").read_text(),
+                                model_server_config_pb2.ModelServerConfig()).model_config_list.config
+    assert compose_mounted(tfs, model.base_path + "/1", named).source == "volume:registry"
+    assert compose_mounted(rollout, model.base_path + "/1", named).source == "volume:registry"
+
+
+def loop_last_success(server, loop: str) -> float:
+    """When the model server's background loop ``loop`` last completed a step (its monitoring endpoint)."""
+    text = urllib.request.urlopen(server.rest_url + MONITORING_PATH, timeout=10).read().decode()
+    prefix = f'model_server_background_loop_last_success_timestamp_seconds{{loop="{loop}"}} '
+    return max([float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix)], default=0.0)
+
+
+def test_a_version_published_after_start_loads_once_the_controller_lists_it(tmp_path):
+    """The deploy wiring end to end with our model server: deploy/tfserving/models.config as seeded (its base path
+    moved to a temporary registry, a label added), polled every second, and the controller's config writer (what
+    --serve-new-versions runs each tick). Nothing is restarted."""
+    from services.rollout.serving_config import serve_new_versions
+
+    registry = tmp_path / "registry"
+    for bias in (0.0, 1.0):
+        publish_dir(lambda d, b=bias: write_tiny_model(d, bias=b), registry, MODEL)
+    config = text_format.Parse((DEPLOY / "tfserving/models.config").read_text(),
+                               model_server_config_pb2.ModelServerConfig())
+    [model] = config.model_config_list.config
+    model.base_path = str(registry / model.name)
+    model.version_labels["stable"] = 1
+    served = tmp_path / "serving-config" / "models.config"
+    served.parent.mkdir()
+    served.write_text(text_format.MessageToString(config))
+    server = start_server(registry, served, "--model_config_file_poll_wait_seconds=1",
+                          "--file_system_poll_wait_seconds=1",
+                          f"--monitoring_config_file={DEPLOY / 'tfserving/monitoring.config'}")
+    try:
+        wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0] == AVAILABLE
+                               for v in (1, 2)), timeout=120, what="versions 1 and 2")
+        published = time.time()
+        publish_dir(lambda d: write_tiny_model(d, bias=2.0), registry, MODEL)
+        # the gap without the writer: two full file-system and config polls after the publish, version 3 is not
+        # even aspired (a `specific` list that does not name it), so a rollout would never start
+        for loop in ("file_system_poll", "config_file_poll"):
+            first = wait_until(lambda: (t := loop_last_success(server, loop)) > published and t, timeout=30,
+                               what=f"a {loop} after the publish")
+            wait_until(lambda: loop_last_success(server, loop) > first, timeout=30, what=f"another {loop}")
+        assert 3 not in version_states(server.grpc_target, MODEL)
+
+        assert serve_new_versions(served, MODEL) == [3]  # the controller's tick, with the lease
+        wait_until(lambda: version_states(server.grpc_target, MODEL).get(3, (0,))[0] == AVAILABLE, timeout=60,
+                   what="version 3 AVAILABLE")
+        states = version_states(server.grpc_target, MODEL)
+        assert states[1][0] == AVAILABLE and states[2][0] == AVAILABLE
+        assert server.process.poll() is None  # the same process: nothing was restarted
+        with urllib.request.urlopen(f"{server.rest_url}/v1/models/{MODEL}/labels/stable", timeout=10) as response:
+            assert json.loads(response.read())["model_version_status"][0]["version"] == "1"  # labels kept
+    finally:
+        stop_server(server)
 
 
 def check_tfserving_configs(models: str, monitoring: str, batching: str):

@@ -19,6 +19,7 @@ from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from tests.model_server_harness import start_server, stop_server, version_states, wait_until, write_config
 from tests.support import MUSHROOMS, RedisServer, free_port, stop_process, wait_for_port
+from tests.test_gateway import assert_valid
 from tests.test_gateway_state import Gateway
 from tests.test_web import browser  # noqa: F401 - the headless Chromium fixture
 from training_job.tiny_model import LABELS, write_tiny_model
@@ -330,23 +331,41 @@ def test_two_controllers_never_both_act_and_a_killed_one_is_resumed(model_server
         gateway.stop()
 
 
+def operator_cli(gateway: Gateway, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "services.gateway.operator_cli", "--url", gateway.url, "--token",
+                           ALICE_TOKEN, *args], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def test_paused_rollout_stays_put_until_resumed_and_abort_rolls_back(model_server, redis_server, stack_files):
-    gateway = start_gateway(model_server, redis_server, stack_files, "pause")
+    controller_port = free_port()
+    gateway = start_gateway(model_server, redis_server, stack_files, "pause",
+                            f"--rollout-url=http://127.0.0.1:{controller_port}")
     policy = {"tick_seconds": 0.3, "rules": FAST_RULES, "steps": [
         {"name": "canary", "weight": 25, "hold_seconds": 3, "min_requests": 5},
         {"name": "half", "weight": 50, "hold_seconds": 3600, "min_requests": 5},
         {"name": "full", "weight": 100}]}
     # the figures come from every address "localhost" resolves to (as from a Kubernetes headless Service)
     controller = Controller("pause", redis_server.url, gateway, model_server, stack_files, policy,
-                            extra=(f"--gateway-status-dns=localhost:{gateway.http_port}",))
+                            extra=(f"--gateway-status-dns=localhost:{gateway.http_port}",), port=controller_port)
     try:
         wait_until(lambda: events(controller.status(), "adopt"), timeout=30, what="v1 adopted as stable")
         assert controller.request("POST", "/v1/rollout/pause", token="wrong")[0] == 401
         assert controller.request("POST", "/v1/rollout/jump")[0] == 404
+        assert gateway.request("POST", "/v1/admin/rollout/pause", token="wrong")[0] == 401
         publish(stack_files, "pause", bias=0.0)
         wait_available(model_server, "pause", 2)
         wait_until(lambda: controller.status()["state"]["candidate"] == 2, timeout=30, what="the rollout started")
-        assert controller.request("POST", "/v1/rollout/pause")[0] == 202
+        # an operator pauses through the gateway's admin API (the CLI's default): the gateway's audit names her
+        assert "queued pause by alice" in operator_cli(gateway, "rollout", "pause")
+        [entry] = [e for e in audit(gateway) if "action" in e]
+        assert (entry["who"], entry["action"], entry["status"]) == ("alice", "rollout pause", 202)
+        assert entry["answer"]["queued"]["who"] == "alice"  # the controller's answer, as it gave it
+        assert "alice: rollout pause -> 202" in operator_cli(gateway, "audit")
+        spec = gateway.request("GET", "/openapi.json")[1]  # /openapi.json describes both kinds of entries
+        assert_valid(spec, "RolloutCommandEntry", entry)
+        assert_valid(spec, "AuditEntry", audit(gateway)[0])  # the routing change that started the rollout
         wait_until(lambda: controller.status()["state"]["paused"], timeout=10, what="paused")
         with Traffic(gateway, photos(480, 40)):
             ready = wait_until(lambda: (s := controller.status())["state"]["judgement"]["reason"].startswith(

@@ -213,3 +213,25 @@ def test_new_versions_are_appended_to_a_specific_list_and_nothing_else_changes(t
     latest.write_text(model_config_text("m", base, []))  # no version yet: a latest policy serves new ones itself
     before = latest.read_text()
     assert serve_new_versions(latest, "m") == [] and latest.read_text() == before
+
+
+def test_the_writable_model_config_is_seeded_once_and_never_overwritten(tmp_path):
+    import subprocess
+    import sys
+
+    from services.rollout.serving_config import seed_config
+    from training_job.paths import PROJECT_ROOT
+
+    seed, config = tmp_path / "seed.config", tmp_path / "volume" / "models.config"
+    seed.write_text("model_config_list { }\n")
+    config.parent.mkdir()
+    assert seed_config(seed, config) and config.read_text() == seed.read_text()
+    config.write_text("written by the controller\n")
+    seed.write_text("a new seed\n")
+    assert not seed_config(seed, config) and config.read_text() == "written by the controller\n"
+    assert [p.name for p in config.parent.iterdir()] == ["models.config"]  # no staging file left behind
+    # the initContainers' command line
+    fresh = tmp_path / "volume" / "fresh.config"
+    done = subprocess.run([sys.executable, "-m", "services.rollout.serving_config", "--seed", str(seed), str(fresh)],
+                          capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60)
+    assert done.returncode == 0 and "seeded" in done.stdout and fresh.read_text() == "a new seed\n"

@@ -91,11 +91,14 @@ OPENAPI = {
                                      "clear": {"value": {"clear": True}}}}}},
                     "responses": {"200": {"description": "applied", "content": {"application/json": {"schema": {
                         "$ref": "#/components/schemas/RoutingApplied"}}}}, **_ERRORS}}},
-        "/v1/admin/audit": {"get": {"summary": "Routing changes, newest first (entries as they were set)",
+        "/v1/admin/audit": {"get": {"summary": "Routing changes (entries as they were set) and rollout commands sent "
+                                               "through the gateway, newest first",
                                     "security": [{"bearer": []}], "responses": {"200": {
                                         "description": "entries", "content": {"application/json": {"schema": {
                                             "type": "object", "properties": {"entries": {"type": "array", "items": {
-                                                "$ref": "#/components/schemas/AuditEntry"}}}}}}}, **_ERRORS}}},
+                                                "oneOf": [{"$ref": "#/components/schemas/AuditEntry"},
+                                                          {"$ref": "#/components/schemas/RolloutCommandEntry"}]}}}}}}},
+                                        **_ERRORS}}},
         "/v1/admin/status": {"get": {"summary": "Per-version figures, significance test and the routing table with "
                                                 "where each entry points now",
                                      "security": [{"bearer": []}], "responses": {"200": {
@@ -175,6 +178,14 @@ OPENAPI = {
                 "note": {"type": "string", "description": "X-Operator as sent, if any"},
                 "when": {"type": "string", "format": "date-time"},
                 "old": {"$ref": "#/components/schemas/Routing"}, "new": {"$ref": "#/components/schemas/Routing"}}},
+            "RolloutCommandEntry": {"type": "object", "required": ["who", "when", "action", "status", "answer"],
+                                    "properties": {
+                "who": {"type": "string", "description": "the operator whose token sent the command"},
+                "note": {"type": "string", "description": "X-Operator as sent, if any"},
+                "when": {"type": "string", "format": "date-time"},
+                "action": {"type": "string", "examples": ["rollout pause"]},
+                "status": {"type": "integer", "description": "the rollout controller's HTTP status (202: queued)"},
+                "answer": {"description": "the controller's answer as it gave it"}}},
             "Status": {"type": "object", "required": ["versions", "routing"], "properties": {
                 "versions": {"type": "object", "propertyNames": _VERSION_KEY, "additionalProperties": {
                     "type": "object", "properties": {

@@ -10,8 +10,10 @@ refused, and so are weights outside 0..1,000,000 or all 0: `clear` empties the t
 the latest AVAILABLE version). `status` shows each entry with the version it points at now; `audit` shows the
 entries as they were set.
 
-`rollout [status|pause|resume|abort|promote]` talks to the rollout controller (services/rollout) at --rollout-url
-with the same operator token: its step, timers, judged figures and decisions, or a command for its next tick.
+`rollout [status|pause|resume|abort|promote]` talks to the rollout controller (services/rollout) through the
+gateway's admin API (the gateway forwards to its --rollout-url) with the same operator token: its step, timers,
+judged figures and decisions, or a command for its next tick, which the gateway's audit records too. With
+--rollout-url the CLI talks to the controller's own API instead (commands are then only in its history).
 
 Talks to the gateway's admin API with an operator's bearer token from --token or $GATEWAY_ADMIN_TOKEN; the audit
 records the token's owner ($USER goes along as X-Operator, a note only).
@@ -110,18 +112,19 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("clear", help="empty the routing table: every request goes to the latest AVAILABLE version")
     sub.add_parser("status", help="routing entries with the versions they resolve to, per-version figures and the "
                    "significance test")
-    sub.add_parser("audit", help="who changed the routing, when, from what to what")
+    sub.add_parser("audit", help="who changed the routing, when, from what to what (and rollout commands)")
     rollout = sub.add_parser("rollout", help="the rollout controller: status, or pause / resume / abort / promote")
     rollout.add_argument("action", nargs="?", default="status",
                          choices=("status", "pause", "resume", "abort", "promote"))
-    rollout.add_argument("--rollout-url", default=os.environ.get("ROLLOUT_URL", "http://127.0.0.1:8095"),
-                         help="[$ROLLOUT_URL]")
+    rollout.add_argument("--rollout-url", default="",
+                         help="the controller's own API, e.g. http://127.0.0.1:8095 (default: through the gateway)")
     args = parser.parse_args(argv)
     if args.command == "rollout":
+        base, path = (args.rollout_url, "/v1/rollout") if args.rollout_url else (args.url, "/v1/admin/rollout")
         if args.action == "status":
-            print_rollout(call(args.rollout_url, args.token, "GET", "/v1/rollout"))
+            print_rollout(call(base, args.token, "GET", path))
         else:
-            queued = call(args.rollout_url, args.token, "POST", f"/v1/rollout/{args.action}", {})["queued"]
+            queued = call(base, args.token, "POST", f"{path}/{args.action}", {})["queued"]
             print(f"queued {queued['action']} by {queued['who']}: applied at the controller's next tick")
     elif args.command == "set":
         try:
@@ -136,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         print_status(call(args.url, args.token, "GET", "/v1/admin/status"))
     else:
         for entry in call(args.url, args.token, "GET", "/v1/admin/audit")["entries"]:
+            if "action" in entry:  # a rollout command sent through the gateway, and the controller's answer
+                print(f"{entry['when']} {entry['who']}: {entry['action']} -> {entry['status']}")
+                continue
             shadows = f" (shadow {entry['old'].get('shadow')} -> {entry['new'].get('shadow')})" if (
                 entry["old"].get("shadow") is not None or entry["new"].get("shadow") is not None) else ""
             print(f"{entry['when']} {entry['who']}: {entry['old']['weights']} -> {entry['new']['weights']}{shadows}")

@@ -3,7 +3,8 @@
 An entry of the table is a version number (``3``) or a version label (``"canary"``) that the model server resolves
 (see labels.py). Redis keys (keys.routing, keys.audit): the table as JSON {"weights": {"<version or label>": weight,
 ...}, "shadow": version, label or null}; the audit as a list of {"who", "when", "old", "new"} (newest first), entries
-as given. Weighted rendezvous hashing on the entry name picks an entry per client: when a weight
+as given, and of the rollout commands operators send through the gateway ({"who", "when", "action", "status",
+"answer"}, rollout_proxy.py). Weighted rendezvous hashing on the entry name picks an entry per client: when a weight
 changes only the clients that must move do, and moving a label to another version moves no client between entries.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ Entry = int | str  # a version number or a version label
 LABEL_RE = re.compile(r"[a-zA-Z0-9_]+")  # TF Serving's version label rule
 MAX_VERSION = 2**63 - 1  # TF Serving's versions are int64
 MAX_WEIGHT = 1_000_000  # weights are relative; bounded so that pick_entry's -w / ln(u) stays far from overflow
+AUDIT_ENTRIES = 1000  # the audit keeps the newest entries
 UPDATE_SHAPE = ('a routing update is {"weights": {"<version or label>": <weight>, ...}, "shadow": <version or '
                 'label>|null} with at least one weight above 0; to clear the table send {"clear": true}')
 
@@ -306,13 +308,10 @@ class Router:
         old_raw = await self.redis.get(self.key)
         old = json.loads(old_raw) if old_raw else RoutingTable().to_json()
         new = table.to_json()
-        entry = {"who": who, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "old": old, "new": new}
-        if note:
-            entry["note"] = note[:200]
+        entry = _audit_entry(who, note, old=old, new=new)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self.key, json.dumps(new))
-            pipe.lpush(self.audit_key, json.dumps(entry))
-            pipe.ltrim(self.audit_key, 0, 999)
+            self._push_audit(pipe, entry)
             await pipe.execute()
         self.table = table
         self.table_generation += 1
@@ -320,5 +319,25 @@ class Router:
         log.info("routing changed by %s: %s -> %s", who, old, new)
         return entry
 
+    def _push_audit(self, pipe, entry: dict) -> None:
+        pipe.lpush(self.audit_key, json.dumps(entry))
+        pipe.ltrim(self.audit_key, 0, AUDIT_ENTRIES - 1)
+
+    async def record(self, who: str, note: str | None = None, **fields) -> dict:
+        """Adds an audit entry for something other than a routing change (``fields``, e.g. a rollout command and
+        the controller's answer), in the same list and shape: ``who`` the operator, ``note`` X-Operator as sent."""
+        entry = _audit_entry(who, note, **fields)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            self._push_audit(pipe, entry)
+            await pipe.execute()
+        return entry
+
     async def audit(self, limit: int = 100) -> list[dict]:
         return [json.loads(e) for e in await self.redis.lrange(self.audit_key, 0, limit - 1)]
+
+
+def _audit_entry(who: str, note: str | None, **fields) -> dict:
+    entry = {"who": who, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **fields}
+    if note:
+        entry["note"] = note[:200]
+    return entry

@@ -7,10 +7,18 @@ out, lists it: each newer version folder in the registry (training_job.registry'
 ``specific`` versions in the model server's config file (atomic rename; the model server re-reads the file every
 ``--model_config_file_poll_wait_seconds``). Versions are only ever added; nothing already listed is removed. A model
 under another policy is left alone (``latest`` and ``all`` serve new folders by themselves).
+
+In Kubernetes and compose that file lives on a volume shared by every TF Serving replica and the controller, seeded
+once from the shipped config: ``python -m services.rollout.serving_config --seed SEED CONFIG`` (an initContainer of
+both Deployments, compose's one-shot ``tfserving-config`` service) copies SEED to CONFIG unless CONFIG exists, so a
+restart never loses the versions the controller listed.
 """
 from __future__ import annotations
 
+import argparse
 import os
+import shutil
+import sys
 import uuid
 from pathlib import Path
 
@@ -38,3 +46,36 @@ def serve_new_versions(config_path: str | Path, model_name: str) -> list[int]:
     staging.write_text(text_format.MessageToString(config))
     os.replace(staging, path)
     return added
+
+
+def seed_config(seed: str | Path, config_path: str | Path) -> bool:
+    """Copy ``seed`` to ``config_path`` unless a file is there already; True when this call created it. The copy is
+    complete before it appears (a hard link of a finished staging file, which fails if the name exists), so pods
+    seeding at once never see half a file and never overwrite each other or a config the controller wrote."""
+    path = Path(config_path)
+    if path.exists():
+        return False
+    staging = path.with_name(f".{path.name}.seed.{uuid.uuid4().hex}")
+    shutil.copyfile(seed, staging)
+    try:
+        os.link(staging, path)
+    except FileExistsError:
+        return False
+    finally:
+        staging.unlink()
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m services.rollout.serving_config",
+                                description="Seed the model server's writable --model_config_file.")
+    p.add_argument("--seed", required=True, metavar="SEED", help="the shipped config (e.g. a mounted ConfigMap)")
+    p.add_argument("config", help="the model server's --model_config_file, on a volume the controller writes")
+    args = p.parse_args(argv)
+    created = seed_config(args.seed, args.config)
+    print(f"{args.config}: {'seeded from ' + args.seed if created else 'kept (already there)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
