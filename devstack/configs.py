@@ -5,19 +5,10 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from services.rollout.serving_config import NEWEST_SERVED, served_versions  # the rule the rollout controller keeps
 from training_job import registry
 
 MONITORING_PATH = "/monitoring/prometheus/metrics"
-
-
-NEWEST_SERVED = 2  # the newest versions on disk are always served, so a second version is ready for an A/B split
-
-
-def served_versions(on_disk: Iterable[int], pinned: Iterable[int] = (), labels: Mapping[str, int] | None = None,
-                    newest: int = NEWEST_SERVED) -> list[int]:
-    """The versions a ``specific`` policy lists: the ``newest`` on disk, every pinned version (routed, or kept by an
-    operator) and every version a label points at."""
-    return sorted(set(sorted(on_disk)[-newest:] if newest > 0 else []) | set(pinned) | set((labels or {}).values()))
 
 
 def model_config_text(model_name: str, base_path: Path, versions: Iterable[int] = (),

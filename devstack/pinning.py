@@ -10,21 +10,10 @@ from pathlib import Path
 
 from devstack import configs
 from devstack.health import StackError
+from services.rollout.serving_config import routed_versions
 from training_job.registry import versions
 
 CONFIG_NAME = "models.config"
-
-
-def routed_versions(routing: dict) -> set[int]:
-    """The versions a gateway's routing table (GET /v1/admin/routing) sends traffic or shadow copies to now."""
-    routed = {int(v) for v, weight in (routing.get("effective") or {}).items() if weight > 0}
-    resolved = routing.get("resolved") or {}
-    shadow = routing.get("shadow")
-    if shadow is not None:
-        shadow_version = resolved.get(str(shadow), shadow)
-        if isinstance(shadow_version, int) or str(shadow_version).isdigit():
-            routed.add(int(shadow_version))
-    return routed
 
 
 def pin(run_dir: Path, add: list[int] = (), unpin: list[int] = (), labels: dict[str, int] | None = None,

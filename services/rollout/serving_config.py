@@ -20,12 +20,34 @@ import os
 import shutil
 import sys
 import uuid
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
 from training_job.registry import versions
+
+NEWEST_SERVED = 2  # the newest versions on disk are always served, so a second version is ready for an A/B split
+
+
+def served_versions(on_disk: Iterable[int], pinned: Iterable[int] = (), labels: Mapping[str, int] | None = None,
+                    newest: int = NEWEST_SERVED) -> list[int]:
+    """The versions a ``specific`` policy lists: the ``newest`` on disk, every pinned version (routed, or kept by an
+    operator) and every version a label points at."""
+    return sorted(set(sorted(on_disk)[-newest:] if newest > 0 else []) | set(pinned) | set((labels or {}).values()))
+
+
+def routed_versions(routing: dict) -> set[int]:
+    """The versions a gateway's routing table (GET /v1/admin/routing) sends traffic or shadow copies to now."""
+    routed = {int(v) for v, weight in (routing.get("effective") or {}).items() if weight > 0}
+    resolved = routing.get("resolved") or {}
+    shadow = routing.get("shadow")
+    if shadow is not None:
+        shadow_version = resolved.get(str(shadow), shadow)
+        if isinstance(shadow_version, int) or str(shadow_version).isdigit():
+            routed.add(int(shadow_version))
+    return routed
 
 
 def serve_new_versions(config_path: str | Path, model_name: str) -> list[int]:
