@@ -235,3 +235,62 @@ def test_the_writable_model_config_is_seeded_once_and_never_overwritten(tmp_path
     done = subprocess.run([sys.executable, "-m", "services.rollout.serving_config", "--seed", str(seed), str(fresh)],
                           capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60)
     assert done.returncode == 0 and "seeded" in done.stdout and fresh.read_text() == "a new seed\n"
+
+
+IDLE_ROUTING = {"weights": {"3": 100.0}, "shadow": None, "resolved": {"3": 3}, "effective": {"3": 100.0}}
+
+
+def test_retirement_keeps_the_newest_the_stable_the_routed_the_shadow_and_the_labelled():
+    from services.rollout.serving_config import retirable
+
+    listed, on_disk = [1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]
+    # idle, stable 3 routed alone: 5 and 6 are the newest two on disk, everything else goes
+    assert retirable(listed, on_disk, {}, stable=3, routing=IDLE_ROUTING, rolling=False) == [1, 2, 4]
+    assert retirable(listed, on_disk, {}, stable=3, routing=IDLE_ROUTING, rolling=False, newest=3) == [1, 2]
+    assert retirable(listed, on_disk, {"old": 4}, stable=3, routing=IDLE_ROUTING, rolling=False) == [1, 2]
+    # an operator's hand-set split and shadow, by number and by label; a weight on a version the gateway does not
+    # see AVAILABLE now (not in "effective") counts too
+    routed = {"weights": {"stable": 80.0, "2": 20.0}, "shadow": "canary",
+              "resolved": {"stable": 3, "2": 2, "canary": 1}, "effective": {"3": 80.0}}
+    assert retirable(listed, on_disk, {}, stable=3, routing=routed, rolling=False) == [4]
+    # an entry with weight 0 is still named by the table (the gateway refuses a table naming an unloaded version)
+    zero = {"weights": {"3": 100.0, "4": 0.0}, "shadow": None, "resolved": {"3": 3, "4": 4}, "effective": {"3": 100.0}}
+    assert retirable(listed, on_disk, {}, stable=3, routing=zero, rolling=False) == [1, 2]
+    assert retirable(listed, on_disk, {}, stable=3, rolling=False,
+                     routing={"weights": {"3": 100}, "shadow": 2}) == [1, 4]  # the controller's own table
+
+
+def test_nothing_is_retired_during_a_rollout_without_routing_or_registry_or_when_the_list_would_empty():
+    from services.rollout.serving_config import retirable
+
+    listed, on_disk = [1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]
+    assert retirable(listed, on_disk, {}, stable=3, routing=IDLE_ROUTING, rolling=True) == []
+    assert retirable(listed, on_disk, {}, stable=3, routing=None, rolling=False) == []  # routing unreadable
+    assert retirable(listed, on_disk, {}, stable=None, routing=IDLE_ROUTING, rolling=False) == []
+    assert retirable(listed, [], {}, stable=3, routing=IDLE_ROUTING, rolling=False) == []  # registry not mounted
+    # what stays would not be listed (nothing newer is listed yet, the stable version was hand-removed)
+    assert retirable([1, 2], [1, 2, 7, 8], {}, stable=9, routing={"weights": {"9": 100}}, rolling=False) == []
+
+
+def test_retired_versions_leave_the_specific_list_and_nothing_else_changes(tmp_path):
+    from services.rollout.serving_config import retire_versions
+    from devstack.configs import model_config_text, read_model_config
+
+    base = tmp_path / "registry" / "m"
+    for v in range(1, 6):
+        (base / str(v)).mkdir(parents=True)
+    config = tmp_path / "models.config"
+    config.write_text(model_config_text("m", base, [1, 2, 3, 4, 5], labels={"old": 2}))
+    assert retire_versions(config, "m", stable=3, routing=IDLE_ROUTING, rolling=True) == []
+    assert retire_versions(config, "m", stable=3, routing=None) == []
+    assert read_model_config(config)[2] == [1, 2, 3, 4, 5]
+    assert retire_versions(config, "m", stable=3, routing=IDLE_ROUTING) == [1]
+    assert read_model_config(config) == ("m", base, [2, 3, 4, 5], {"old": 2})
+    assert 'model_platform: "tensorflow"' in config.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models.config", "registry"]  # no staging file left
+    assert retire_versions(config, "m", stable=3, routing=IDLE_ROUTING) == []  # idempotent
+    latest = tmp_path / "latest.config"
+    latest.write_text(model_config_text("m", base, []))  # a latest policy unloads old versions by itself
+    before = latest.read_text()
+    assert retire_versions(latest, "m", stable=3, routing=IDLE_ROUTING) == [] and latest.read_text() == before
+    assert retire_versions(config, "other", stable=3, routing=IDLE_ROUTING) == []
