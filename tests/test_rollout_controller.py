@@ -3,11 +3,13 @@ server (its collaborators are passed in), for what the process tests cannot prov
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import pytest
 import redis.asyncio as aioredis
 
-from services.rollout import keys
+from devstack.configs import model_config_text, read_model_config
+from services.rollout import keys, metrics
 from services.rollout.clients import ApiError
 from services.rollout.controller import Controller
 from services.rollout.policy import parse_policy
@@ -15,17 +17,21 @@ from tests.support import RedisServer
 
 
 class FakeGateway:
-    """Routing in memory; ``failures`` PUTs answer 503 first."""
+    """Routing in memory; ``failures`` PUTs and ``routing_failures`` GETs answer 503 first."""
 
     def __init__(self):
         self.table = {"weights": {}, "shadow": None}
         self.puts: list[tuple[dict, str]] = []
         self.failures = 0
+        self.routing_failures = 0
 
     async def statuses(self):
         return [{"versions": {}}]
 
     async def routing(self):
+        if self.routing_failures:
+            self.routing_failures -= 1
+            raise ApiError(503, "the gateway is restarting")
         return self.table
 
     async def put_routing(self, table, note):
@@ -76,3 +82,68 @@ def test_an_abort_whose_routing_change_fails_is_retried_not_lost(redis_server):
     gateway, state = asyncio.run(scenario())
     assert gateway.table["weights"] == {"1": 100} and state.candidate is None and state.rejected == [2]
     assert "rule operator_abort: aborted by alice" in gateway.puts[-1][1]
+
+
+def test_an_idle_controller_retires_versions_nothing_routes_to_from_the_specific_list(redis_server, tmp_path):
+    """A nightly retrain publishes a version a day: the model server's list stays the newest two and the stable
+    version (rejected versions included) instead of growing with every publish."""
+    from services.rollout.serving_config import retire_versions, serve_new_versions
+
+    policy = parse_policy({"tick_seconds": 1, "steps": [{"weight": 50, "hold_seconds": 3600}, {"weight": 100}]})
+    base = tmp_path / "registry" / "m"
+    (base / "1").mkdir(parents=True)
+    config = tmp_path / "models.config"
+    config.write_text(model_config_text("m", base, [1]))
+
+    def listed() -> list[int]:
+        return read_model_config(config)[2]
+
+    async def scenario():
+        client = aioredis.from_url(redis_server.url)
+        gateway, model_server = FakeGateway(), FakeModelServer({1})
+        controller = Controller(client, gateway, model_server, policy, "m", identity="unit",
+                                serve_new_versions=functools.partial(serve_new_versions, config, "m"),
+                                retire_versions=functools.partial(retire_versions, config, "m"))
+
+        async def publish_and_start(version: int) -> None:
+            (base / str(version)).mkdir()
+            await controller.tick()  # lists it (and, idle, retires what the new one pushed out of the newest two)
+            model_server.versions = set(listed())  # the model server loads what is listed, unloads the rest
+            await controller.tick()  # starts its rollout at 50 %
+            assert (await controller.load_state()).candidate == version
+
+        await controller.tick()  # adopts version 1
+        for version in range(2, 6):
+            await publish_and_start(version)
+            assert listed() == [version - 1, version]
+            await controller.queue_command("promote", "alice")
+            await controller.tick()
+            assert listed() == [version - 1, version]
+        gateway.routing_failures = 1
+        (base / "6").mkdir()
+        await controller.tick()  # lists 6, idle, but the routing is unreadable: nothing is removed
+        assert listed() == [4, 5, 6]
+        retired_before = metrics.RETIRED_VERSIONS._value.get()
+        await controller.tick()
+        assert listed() == [5, 6] and metrics.RETIRED_VERSIONS._value.get() == retired_before + 1
+        model_server.versions = set(listed())
+        await controller.tick()  # starts the rollout of 6
+        config.write_text(model_config_text("m", base, [2, 5, 6]))  # an operator lists version 2 again by hand
+        await controller.tick()
+        assert listed() == [2, 5, 6]  # a rollout is in progress: nothing leaves the list
+        await controller.queue_command("abort", "alice")
+        await controller.tick()  # rolled back, idle: 2 has no route and no label
+        assert (await controller.load_state()).rejected == [6] and listed() == [5, 6]
+        for version in (7, 8):
+            await publish_and_start(version)
+            await controller.queue_command("promote", "alice")
+            await controller.tick()
+        history = await controller.history(limit=100)
+        await client.aclose()
+        return history
+
+    history = asyncio.run(scenario())
+    assert listed() == [7, 8]  # the rejected version 6 went too, once two newer ones were published
+    retired = [e["retired"] for e in reversed(history) if e["outcome"] == "retire"]
+    assert retired == [[1], [2], [3], [4], [2], [5], [6]]
+    assert all(e["stable"] is not None and e["version"] is None for e in history if e["outcome"] == "retire")

@@ -11,6 +11,10 @@ States (kept in Redis, keys.state, so a restarted or another controller resumes 
   step (100 %) the version is promoted: it becomes ``stable``. A rollout newer versions arrive during is finished
   first; the newest of them starts next.
 
+With ``serve_new_versions`` (serving_config.py) the controller lists each new version in the model server's config
+at every tick, and while idle retires the versions nothing keeps loaded any more (``retire_versions``: not among the
+newest on disk, not stable, not named by the gateway's routing table, not labelled), recorded as a ``retire`` event.
+
 Operators' commands (keys.commands, from the controller's HTTP API or the CLI) are applied at the next tick:
 ``pause`` holds the current step (a breach still rolls back: pausing never disables the safety net), ``resume``,
 ``abort`` (rolls back, rule ``operator_abort``), ``promote`` (straight to 100 % and stable, rule
@@ -23,6 +27,7 @@ decision is also appended to the history (keys.history) with the judged figures.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -31,7 +36,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from services.rollout import judge, keys, metrics
-from services.rollout.clients import GatewayAdmin, ModelServerStates
+import aiohttp
+
+from services.rollout.clients import ApiError, GatewayAdmin, ModelServerStates
 from services.rollout.judge import ADVANCE, BREACH, ROLLBACK, Figures, Verdict
 from services.rollout.policy import Policy, Step
 
@@ -122,10 +129,13 @@ def same_table(stored: dict, wanted: dict) -> bool:
 class Controller:
     def __init__(self, redis, gateway: GatewayAdmin, model_server: ModelServerStates, policy: Policy,
                  model_name: str, registry_dir: str | Path | None = None, identity: str | None = None,
-                 lease_seconds: float = 15.0, clock=time.time, labels=None, serve_new_versions=None):
+                 lease_seconds: float = 15.0, clock=time.time, labels=None, serve_new_versions=None,
+                 retire_versions=None):
         self.labels = labels  # a labels.LabelConfig when the rollout moves version labels, else None
         # () -> [versions added to the model server's specific list] (serving_config.py), or None
         self.serve_new_versions = serve_new_versions
+        # (stable, routing table or None, rolling) -> [versions removed from that list] (serving_config.py), or None
+        self.retire_versions = retire_versions
         self.redis = redis
         self.gateway = gateway
         self.model_server = model_server
@@ -314,6 +324,26 @@ class Controller:
         elif action == "promote":
             await self._promote(state, f"promoted by {who}", rule="operator_promote", who=who)
 
+    async def _retire(self, state: State) -> None:
+        """Idle: remove from the model server's list the versions nothing keeps loaded (serving_config.retirable);
+        with the routing table unreadable, nothing is removed this tick."""
+        if self.retire_versions is None or state.candidate is not None:
+            return
+        try:
+            routing = await self.gateway.routing()
+        except (ApiError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            log.warning("no version retired: the gateway's routing table is unreadable (%s: %s)",
+                        type(exc).__name__, exc)
+            return
+        if not await self.hold_lease():  # never change the model server's config without the lease
+            raise LeaseLost(f"{self.identity} lost the lease of {self.model_name}: no version retired")
+        retired = await asyncio.to_thread(self.retire_versions, state.stable, routing, False)
+        if retired:
+            metrics.RETIRED_VERSIONS.inc(len(retired))
+            await self.save_state(state, self._event(
+                state, "retire", f"versions {retired} removed from the model server's list: not among the newest "
+                "on disk, not stable, not routed, not labelled", retired=retired))
+
     async def _reconcile(self, state: State) -> None:
         """On taking the lease: make the gateway's table the one the state says (a controller that died between
         changing the routing and saving its state, or an operator's hand edit), noted in the audit."""
@@ -375,6 +405,7 @@ class Controller:
                 await self._start(state, candidate, figures)
             else:
                 self._export(state)
+                await self._retire(state)
             return
         await self._judge(state, available, figures)
 

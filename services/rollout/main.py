@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(ROLLOUT_LABELS_CONFIG; default: route by version numbers)")
     p.add_argument("--serve-new-versions", default=env("ROLLOUT_SERVE_NEW_VERSIONS", ""),
                    help="the model server's --model_config_file, when it serves a 'specific' list of versions: "
-                   "each newly published version is added to the list so that it loads and can be rolled out "
+                   "each newly published version is added to the list so that it loads and can be rolled out, and "
+                   "with no rollout in progress the versions not among the newest two, not stable, not routed and "
+                   "not labelled are removed so that it unloads them "
                    "(ROLLOUT_SERVE_NEW_VERSIONS; default: the model server's policy serves new versions itself)")
     p.add_argument("--host", default=env("ROLLOUT_HOST", "0.0.0.0"), help="(ROLLOUT_HOST)")
     p.add_argument("--http-port", type=int, default=int(env("ROLLOUT_HTTP_PORT", "8095")),
@@ -139,18 +141,19 @@ async def serve(args: argparse.Namespace, policy) -> None:
             labels.current()  # a missing or unreadable file or model fails at start, not at the first rollout
         except (LabelsNotApplied, ParseError) as exc:
             raise ValueError(f"--labels-config: {exc}") from None
-    serve_new = None
+    serve_new = retire = None
     if args.serve_new_versions:
-        from services.rollout.serving_config import serve_new_versions
+        from services.rollout.serving_config import retire_versions, serve_new_versions
 
         serve_new = functools.partial(serve_new_versions, args.serve_new_versions, args.model_name)
         serve_new()  # an unreadable file fails at start, not at the first tick
+        retire = functools.partial(retire_versions, args.serve_new_versions, args.model_name)
     controller = Controller(
         redis, GatewayAdmin(session, args.gateway_url, token, args.gateway_status_url, timeout=http_timeout,
                                 status_dns=args.gateway_status_dns or None),
         model_server, policy, args.model_name, args.model_base_path or None,
         args.identity and f"{args.identity}-{os.getpid()}", lease_seconds, labels=labels,
-        serve_new_versions=serve_new)
+        serve_new_versions=serve_new, retire_versions=retire)
     runner = web.AppRunner(RolloutApi(controller, operators).app(), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.http_port).start()

@@ -14,6 +14,8 @@ STABLE_VERSION = Gauge("mushroom_rollout_stable_version", "The stable version", 
 PAUSED = Gauge("mushroom_rollout_paused", "1 while an operator has paused the rollout", registry=REGISTRY)
 LEADER = Gauge("mushroom_rollout_leader", "1 while this controller holds the lease and acts", registry=REGISTRY)
 DECISIONS = Counter("mushroom_rollout_decisions", "Rollout decisions by outcome", ["outcome"], registry=REGISTRY)
+RETIRED_VERSIONS = Counter("mushroom_rollout_retired_versions", "Versions removed from the model server's specific "
+                           "list (--serve-new-versions), so that it unloads them", registry=REGISTRY)
 LOOP_FAILURES = Counter("mushroom_rollout_loop_failures", "Failed controller ticks (each is retried with backoff)",
                         registry=REGISTRY)
 LAST_TICK = Gauge("mushroom_rollout_last_tick_timestamp_seconds", "Unix time of the last successful tick",
