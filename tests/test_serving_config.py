@@ -16,7 +16,7 @@ from tests.model_server_harness import MODEL, start_server, stop_server, version
 from training_job.tiny_model import write_tiny_model
 from training_job.publish import publish_dir
 
-AVAILABLE = ModelVersionStatus.AVAILABLE
+AVAILABLE, END = ModelVersionStatus.AVAILABLE, ModelVersionStatus.END
 
 
 def test_served_versions_are_the_newest_two_the_pinned_and_the_labelled():
@@ -100,5 +100,35 @@ def test_a_broken_new_version_costs_no_pinned_version_on_a_real_server(tmp_path)
         wait_until(lambda: version_states(server.grpc_target, MODEL).get(3, (0,))[0] == AVAILABLE, timeout=60,
                    what="the good version 3")
         assert all(version_states(server.grpc_target, MODEL)[v][0] == AVAILABLE for v in (1, 2))
+    finally:
+        stop_server(server)
+
+
+def test_a_retired_version_is_unloaded_while_the_kept_ones_and_labels_keep_serving(tmp_path):
+    """The rollout controller's rewrite (serving_config.retire_versions) as a real model server polling its config
+    sees it: the version it removes is unloaded, the stable, the newest and the labelled ones stay AVAILABLE."""
+    import json
+    import urllib.request
+
+    from services.rollout.serving_config import retire_versions
+
+    models_dir = tmp_path / "registry"
+    for bias in (0.0, 1.0, 2.0, 3.0):
+        publish_dir(lambda d, b=bias: write_tiny_model(d, bias=b), models_dir, MODEL)
+    config = tmp_path / "models.config"
+    config.write_text(configs.model_config_text(MODEL, models_dir / MODEL, [1, 2, 3, 4], {"old": 1}))
+    server = start_server(models_dir, config, "--model_config_file_poll_wait_seconds=1")
+    try:
+        wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0] == AVAILABLE
+                               for v in (1, 2, 3, 4)), timeout=120, what="versions 1 to 4")
+        # GET /v1/admin/routing of a gateway sending everything to the stable version 3
+        routing = {"weights": {"3": 100.0}, "shadow": None, "resolved": {"3": 3}, "effective": {"3": 100.0}}
+        assert retire_versions(config, MODEL, stable=3, routing=routing) == [2]
+        wait_until(lambda: version_states(server.grpc_target, MODEL).get(2, (END,))[0] == END, timeout=60,
+                   what="version 2 unloaded")
+        states = version_states(server.grpc_target, MODEL)
+        assert all(states[v][0] == AVAILABLE for v in (1, 3, 4))
+        with urllib.request.urlopen(f"{server.rest_url}/v1/models/{MODEL}/labels/old", timeout=10) as response:
+            assert json.loads(response.read())["model_version_status"][0]["version"] == "1"
     finally:
         stop_server(server)
