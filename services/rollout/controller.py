@@ -35,9 +35,9 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from services.rollout import judge, keys, metrics
 import aiohttp
 
+from services.rollout import judge, keys, metrics
 from services.rollout.clients import ApiError, GatewayAdmin, ModelServerStates
 from services.rollout.judge import ADVANCE, BREACH, ROLLBACK, Figures, Verdict
 from services.rollout.policy import Policy, Step
