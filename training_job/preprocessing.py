@@ -1,14 +1,10 @@
 """The preprocessing contract shared by training and serving.
 
 Every photo the project ever shows a model — bottlenecks at training time, the gateway at serving time, the
-evaluation and the demo — goes through ``preprocess_bytes``: decode (JPEGs at the reduced DCT scale of Pillow's
-``draft``), honour EXIF orientation, flatten to 8-bit RGB over white, resize bilinearly to a square, uint8 out.
-
-Two decoders, one result: YCbCr and grey JPEGs go through libjpeg-turbo's own API (``simplejpeg``, less work per
-call than Pillow's decoder), at the scale Pillow's ``draft`` picks, with the same accurate integer DCT and fancy
-upsampling, so the pixels are Pillow's bit for bit (tests/test_preprocessing.py). Everything else (other formats,
-CMYK, data libjpeg-turbo finds damaged or warns about) is decoded by Pillow, which decides. Normalisation to [-1, 1]
-happens inside the exported model (``normalise``), so a client that sends uint8 pixels cannot drift from training.
+evaluation and the demo — goes through ``preprocess_bytes``: decode with Pillow (JPEGs at the reduced DCT scale of
+``draft``), honour EXIF orientation, flatten to 8-bit RGB over white, resize bilinearly to a square, uint8 out. An
+upright 8-bit RGB photo is resized as decoded, never copied first. Normalisation to [-1, 1] happens inside the
+exported model (``normalise``), so a client that sends uint8 pixels cannot drift from training.
 
 Changing anything here changes what models see: bump ``PREPROCESSING_VERSION`` (it keys the bottleneck cache and
 the gateway's result cache).
@@ -20,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import simplejpeg
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 PREPROCESSING_VERSION = "pil-draft-bilinear-rgb-white-v1"
 DEFAULT_IMAGE_SIZE = 224
@@ -30,7 +25,6 @@ ORIENTATION_TAG = 0x0112
 UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
            8: Image.Transpose.ROTATE_90}
-TURBO_COLOURSPACES = ("YCbCr", "Gray")  # JPEG colour spaces libjpeg-turbo turns into Pillow's RGB pixels
 
 
 @dataclass(frozen=True)
@@ -97,63 +91,38 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def draft_scale(width: int, height: int, size: int) -> int:
-    """The DCT scale denominator Pillow's ``draft`` picks: the largest of 8, 4, 2 <= min(width // size, height //
-    size), else 1 (a photo smaller than ``size`` is decoded whole)."""
-    fits = min(width // size, height // size)
-    return next((s for s in (8, 4, 2) if fits >= s), 1)
+def load_pillow(header: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> Image.Image:
+    """``header`` (an opened photo) decoded as stored, JPEGs at the smallest ``draft`` scale that stays >= ``size``."""
+    if header.format == "JPEG":
+        header.draft("RGB", (size, size))
+    header.load()
+    return header
 
 
-def exif_orientation(header: Image.Image) -> int:
-    """The photo's orientation (1..8; 1 when untagged), read as ``ImageOps.exif_transpose`` reads it."""
-    return header.getexif().get(ORIENTATION_TAG, 1)
+def exif_orientation(loaded: Image.Image) -> int:
+    """The photo's EXIF orientation (1..8; 1 when untagged), read as ``ImageOps.exif_transpose`` reads it."""
+    return loaded.getexif().get(ORIENTATION_TAG, 1)
 
 
 def orient(img: Image.Image, orientation: int) -> Image.Image:
-    """The stored pixels turned upright for ``orientation``."""
+    """The stored pixels turned upright for ``orientation``: ``img`` itself when they already are (no copy)."""
     method = UPRIGHT.get(orientation)
     return img if method is None else img.transpose(method)
 
 
-def decode_jpeg_turbo(header: Image.Image, data: bytes, size: int = DEFAULT_IMAGE_SIZE) -> Image.Image | None:
-    """A YCbCr or grey JPEG decoded by libjpeg-turbo at ``draft_scale``, as stored (not yet oriented): Pillow's
-    draft pixels. None where Pillow must decide: another format or colour space, or data libjpeg-turbo finds damaged
-    or warns about (it may be refused as ``corrupt``, or decoded as Pillow decodes it)."""
-    if header.format != "JPEG":
-        return None
-    width, height = header.size
-    scale = draft_scale(width, height, size)
-    scaled = (-(-height // scale), -(-width // scale))
-    try:
-        if simplejpeg.decode_jpeg_header(data)[2] not in TURBO_COLOURSPACES:
-            return None
-        pixels = simplejpeg.decode_jpeg(data, "RGB", min_height=scaled[0], min_width=scaled[1], strict=True)
-    except ValueError:
-        return None
-    if pixels.shape[:2] != scaled:
-        return None
-    return Image.fromarray(pixels, "RGB")
-
-
-def decode_pillow(header: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> Image.Image:
-    """``header`` (an opened photo) decoded by Pillow, JPEGs at ``draft`` scale, upright, 8-bit RGB."""
-    if header.format == "JPEG":
-        header.draft("RGB", (size, size))
-    header.load()
-    return _to_rgb(ImageOps.exif_transpose(header))
+def upright_rgb(loaded: Image.Image) -> Image.Image:
+    """A decoded photo turned upright from its EXIF orientation and flattened to 8-bit RGB."""
+    return _to_rgb(orient(loaded, exif_orientation(loaded)))
 
 
 def decode_image(data: bytes, size: int = DEFAULT_IMAGE_SIZE, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
     """Decoded, upright, 8-bit RGB image; JPEGs are decoded at the smallest scale that stays >= ``size``."""
-    header = open_image(data, limits)
+    img = open_image(data, limits)
     try:
-        stored = decode_jpeg_turbo(header, data, size)
-        if stored is not None:
-            return orient(stored, exif_orientation(header))
-        return decode_pillow(header, size)
+        return upright_rgb(load_pillow(img, size))
     except InvalidImage:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
