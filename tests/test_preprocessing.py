@@ -168,7 +168,6 @@ def test_byte_limit():
     assert caught.value.code == "too_large"
 
 
-
 def exif_transpose_path(data: bytes, size: int = 224) -> np.ndarray:
     """The contract as it was first written for photos Pillow decodes to RGB: draft, load, ImageOps.exif_transpose,
     convert, resize."""
