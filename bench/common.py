@@ -111,11 +111,13 @@ def latest_published_version(registry: Path, model_name: str = "mushrooms") -> P
     return registry_layout.latest_version_dir(registry / model_name)
 
 
-def sample_photos(n: int) -> list[Path]:
+def sample_photos(n: int, folder: Path | None = None) -> list[Path]:
+    """``n`` photos spread over ``folder``/<class>/* (default ../shared/data/mushrooms)."""
     from training_job.paths import shared_data_dir
 
-    photos = sorted((shared_data_dir() / "mushrooms").glob("*/*"))
+    folder = folder or shared_data_dir() / "mushrooms"
+    photos = sorted(folder.glob("*/*"))
     if not photos:
-        raise SystemExit("the benchmarks need photos in ../shared/data/mushrooms")
+        raise SystemExit(f"the benchmarks need photos in {folder}")
     step = max(1, len(photos) // n)
     return photos[::step][:n]

@@ -29,6 +29,7 @@ SCRIPTS = {
     "single_flight": ["-m", "bench.single_flight_bench"],
     "explain": ["-m", "bench.explain_bench"],
     "tflite": ["-m", "bench.tflite_bench"],
+    "decode": ["-m", "bench.decode_bench"],
     "train": [str(BENCH_DIR / "train_bench.py")],
     "accuracy_cv": ["-m", "bench.accuracy_cv"],
     "faults": ["-m", "bench.faults"],
@@ -123,6 +124,12 @@ def rows() -> list[dict]:
             f"{row['single_image']['p50_ms']:.1f} ms" + (f" ({row['p50_vs_savedmodel']:.2f}x)" if versus else "")
             + f"; {batch['images_per_s']:.1f} img/s" + (f" ({row['throughput_vs_savedmodel']:.2f}x)" if versus else "")
             + f"; {row['test_accuracy']:.3f}", "-", None, source="tflite.json")
+    decode = load("decode")
+    if decode:
+        before, now = (decode["paths"][decode[key]] for key in ("reference_path", "contract_path"))
+        add(f"preprocess_bytes CPU per photo, one thread, {decode['photos']} shared photos: before → now "
+            "(bench/decode_bench.py: decode paths split into stages)", f"{before['ms_per_photo']['total']:.2f} → "
+            f"{now['ms_per_photo']['total']:.2f} ms ({now['vs_before']:.2f}x)", "-", None, source="decode.json")
     train = load("train")
     if train:
         add("training on the shared photos, cold", train["cold"]["seconds"], "<= 180 s", train["cold"]["seconds"] <= 180,

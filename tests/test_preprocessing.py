@@ -9,10 +9,12 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from tests.support import MUSHROOMS
-from training_job.preprocessing import InvalidImage, Limits, decode_image, preprocess_bytes
+from training_job.preprocessing import (
+    InvalidImage, Limits, decode_image, exif_orientation, load_pillow, open_image, orient, preprocess_bytes,
+)
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -164,3 +166,46 @@ def test_byte_limit():
     with pytest.raises(InvalidImage) as caught:
         preprocess_bytes(a_real_photo(), limits=Limits(max_bytes=1000))
     assert caught.value.code == "too_large"
+
+
+def exif_transpose_path(data: bytes, size: int = 224) -> np.ndarray:
+    """The contract as it was first written for photos Pillow decodes to RGB: draft, load, ImageOps.exif_transpose,
+    convert, resize."""
+    img = Image.open(io.BytesIO(data))
+    if img.format == "JPEG":
+        img.draft("RGB", (size, size))
+    img.load()
+    return np.asarray(ImageOps.exif_transpose(img).convert("RGB").resize((size, size), Image.BILINEAR))
+
+
+def exif_rotated(photo: Image.Image, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(photo, "JPEG", quality=92, exif=exif.tobytes())
+
+
+def test_orient_turns_every_exif_orientation_as_exif_transpose_does():
+    photo = Image.open(io.BytesIO(a_real_photo())).convert("RGB").resize((900, 500))  # draft scale 2: 450 x 250
+    for orientation in range(1, 9):
+        data = exif_rotated(photo, orientation)
+        loaded = load_pillow(open_image(data), 224)
+        assert exif_orientation(loaded) == orientation
+        upright = orient(loaded, orientation)
+        expected = ImageOps.exif_transpose(load_pillow(open_image(data), 224))
+        assert upright.size == expected.size == ((450, 250) if orientation < 5 else (250, 450)), orientation
+        assert np.array_equal(np.asarray(upright), np.asarray(expected)), orientation
+    assert orient(loaded, 1) is loaded, "an upright photo is not copied"
+
+
+def test_the_contract_gives_exif_transposes_pixels_exactly_on_real_photos():
+    """Turning photos upright without copies is a cheaper way to the same pixels, not a new contract:
+    PREPROCESSING_VERSION (which keys the bottleneck and gateway caches) did not change with it."""
+    if not MUSHROOMS.is_dir():
+        pytest.skip("the shared photos are not on this machine")
+    cases = [path.read_bytes() for folder in sorted(p for p in MUSHROOMS.iterdir() if p.is_dir())
+             for path in sorted(folder.iterdir())[:3]]
+    first = Image.open(io.BytesIO(cases[0])).convert("RGB")
+    cases += [exif_rotated(first, 6), exif_rotated(first, 3), encode(first.convert("L"), "JPEG"),
+              encode(first, "JPEG", progressive=True), encode(first, "JPEG", subsampling=0)]
+    for i, data in enumerate(cases):
+        assert np.array_equal(preprocess_bytes(data), exif_transpose_path(data)), i

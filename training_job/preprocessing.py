@@ -1,8 +1,9 @@
 """The preprocessing contract shared by training and serving.
 
 Every photo the project ever shows a model — bottlenecks at training time, the gateway at serving time, the
-evaluation and the demo — goes through ``preprocess_bytes``: decode with Pillow, honour EXIF orientation, flatten
-to 8-bit RGB over white, resize bilinearly to a square, uint8 out. Normalisation to [-1, 1] happens inside the
+evaluation and the demo — goes through ``preprocess_bytes``: decode with Pillow (JPEGs at the reduced DCT scale of
+``draft``), honour EXIF orientation, flatten to 8-bit RGB over white, resize bilinearly to a square, uint8 out. An
+upright 8-bit RGB photo is resized as decoded, never copied first. Normalisation to [-1, 1] happens inside the
 exported model (``normalise``), so a client that sends uint8 pixels cannot drift from training.
 
 Changing anything here changes what models see: bump ``PREPROCESSING_VERSION`` (it keys the bottleneck cache and
@@ -15,10 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 PREPROCESSING_VERSION = "pil-draft-bilinear-rgb-white-v1"
 DEFAULT_IMAGE_SIZE = 224
+ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the transpose that makes the photo upright, as ImageOps.exif_transpose maps it
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
 
 
 @dataclass(frozen=True)
@@ -85,18 +91,38 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_pillow(header: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> Image.Image:
+    """``header`` (an opened photo) decoded as stored, JPEGs at the smallest ``draft`` scale that stays >= ``size``."""
+    if header.format == "JPEG":
+        header.draft("RGB", (size, size))
+    header.load()
+    return header
+
+
+def exif_orientation(loaded: Image.Image) -> int:
+    """The photo's EXIF orientation (1..8; 1 when untagged), read as ``ImageOps.exif_transpose`` reads it."""
+    return loaded.getexif().get(ORIENTATION_TAG, 1)
+
+
+def orient(img: Image.Image, orientation: int) -> Image.Image:
+    """The stored pixels turned upright for ``orientation``: ``img`` itself when they already are (no copy)."""
+    method = UPRIGHT.get(orientation)
+    return img if method is None else img.transpose(method)
+
+
+def upright_rgb(loaded: Image.Image) -> Image.Image:
+    """A decoded photo turned upright from its EXIF orientation and flattened to 8-bit RGB."""
+    return _to_rgb(orient(loaded, exif_orientation(loaded)))
 
 
 def decode_image(data: bytes, size: int = DEFAULT_IMAGE_SIZE, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
     """Decoded, upright, 8-bit RGB image; JPEGs are decoded at the smallest scale that stays >= ``size``."""
     img = open_image(data, limits)
     try:
-        if img.format == "JPEG":
-            img.draft("RGB", (size, size))
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
+        return upright_rgb(load_pillow(img, size))
     except InvalidImage:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
