@@ -307,14 +307,24 @@ def publish_run(run_dir: Path, registry: Path, model_name: str = "mushrooms", *,
     return n, version_dir, out["metrics"]
 
 
-def publish_variants(version_dir: Path, registry: Path, model_name: str, progress: bool = True) -> None:
+def publish_variants(version_dir: Path, registry: Path, model_name: str, progress: bool = True) -> Path | None:
     """After a version with TFLite files is published: its int8 variant, as the model ``<model_name>_int8``
-    (training_job/tflite_export.py)."""
+    (training_job/tflite_export.py); its folder, or None when that version number is taken there (the float
+    version stays published: the job does not fail, it says so)."""
+    import sys
+
+    from training_job.publish import PublishError
     from training_job.tflite_export import publish_int8_variant
 
-    n, variant_dir = publish_int8_variant(version_dir, registry, model_name)
+    try:
+        n, variant_dir = publish_int8_variant(version_dir, registry, model_name)
+    except PublishError as exc:
+        print(f"warning: the int8 variant of {model_name} version {version_dir.name} is not published: {exc}",
+              file=sys.stderr)
+        return None
     if progress:
         print(f"published the int8 variant as {variant_dir.parent.name} version {n}: {variant_dir}")
+    return variant_dir
 
 
 def timestamp() -> str:
