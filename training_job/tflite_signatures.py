@@ -3,10 +3,11 @@
 TF Serving (``servables/tensorflow/tflite_session.cc``, under ``--prefer_tflite_model``) reads the SignatureDefs a
 TFLite file stores in its ``signature_defs_metadata`` metadata buffer: a flexbuffer map of signature key -> serialized
 ``SignatureDef`` (a flexbuffer string), as ``tensorflow/lite/tools/signature/signature_def_util.cc`` writes it. It
-accepts at most one, serves it as ``serving_default``, and matches it to the interpreter's inputs and outputs by
-tensor name: a SignatureDef tensor name with its ``:N`` suffix cut off must equal the TFLite tensor's name, so the
-file's input and output tensors must be named without a colon. Every input and output of the primary subgraph must
-be named by the SignatureDef. The file's own (LiteRT) signatures are not read by TF Serving.
+matches a SignatureDef's tensor names to the primary subgraph's input and output tensors: older releases accept one
+SignatureDef, serve it as ``serving_default``, require it to name every input and output, and compare names with
+the ``:N`` suffix cut off; newer ones keep the keys and take the exact name or, failing that, the name without the
+suffix. A file whose tensors are named ``<alias>`` (no colon) and whose one SignatureDef ``serving_default`` names
+them ``<alias>:0`` is read the same way by both. The file's own (LiteRT) signatures are not read by TF Serving.
 """
 from __future__ import annotations
 
