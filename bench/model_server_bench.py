@@ -39,7 +39,7 @@ def start_server(version_dir: Path, batching: bool, workdir: Path) -> tuple[subp
     from devstack.servers import start_model_server
 
     args = [f"--model_name={version_dir.parent.name}", f"--model_base_path={version_dir.parent}",
-            "--file_system_poll_wait_seconds=0"]
+            "--file_system_poll_wait_seconds=0", "--prefer_tflite_model"]  # as deployed: model.tflite when it agrees
     if batching:
         params = workdir / "batching.config"
         params.write_text(BATCHING_CONFIG)

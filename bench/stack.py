@@ -80,7 +80,7 @@ class Stack:
         else:
             write_model_list(config, {self.model_name: self.version_dir.parent})
         (self.work / "monitoring.config").write_text(f'prometheus_config {{ enable: true, path: "{MONITORING_PATH}" }}\n')
-        extra = [f"--monitoring_config_file={self.work / 'monitoring.config'}"]
+        extra = [f"--monitoring_config_file={self.work / 'monitoring.config'}", "--prefer_tflite_model"]  # as deployed
         if self.batching:
             (self.work / "batching.config").write_text(self.batching_config)
             extra += ["--enable_batching", f"--batching_parameters_file={self.work / 'batching.config'}"]

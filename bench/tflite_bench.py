@@ -1,5 +1,7 @@
 """TFLite vs SavedModel on the CPU, in one run, on the same preprocessed photos: the published version's SavedModel
-(serving signature, in-process) against its TFLite float and int8 files (tf.lite.Interpreter, num_threads=2).
+(serving signature, in-process) against its TFLite float and int8 files (LiteRT's interpreter with XNNPACK,
+num_threads=2). The float file at batch 32 is the fastest engine for the same answers: bench/run_all.py's speed
+targets are ratios to it.
 
 Measures single-image latency (p50) and batch-32 throughput of each, each TFLite figure also as a ratio to the
 SavedModel's from this run, and puts next to them the test accuracies the training job stored in the version's
@@ -103,7 +105,10 @@ def main(argv=None) -> int:
     for row in models.values():
         row["p50_vs_savedmodel"] = row["single_image"]["p50_ms"] / base["single_image"]["p50_ms"]
         row["throughput_vs_savedmodel"] = row[f"batch_{BATCH}"]["images_per_s"] / base[f"batch_{BATCH}"]["images_per_s"]
+    from importlib.metadata import version
+
     result = {"model": str(version_dir), "threads": THREADS, "photos": len(pixels), "batch": BATCH,
+              "engine": f"LiteRT {version('ai-edge-litert')} (XNNPACK)",
               "seconds_per_phase": args.seconds, "rounds": args.rounds,
               "test_photos": stored.get("test_photos"), "models": models}
     for name, row in models.items():

@@ -170,7 +170,8 @@ def _start_all(stack: Stack, registry: Path, scrape_interval_s: float, tensorboa
         ports.model_server_grpc, ports.model_server_rest, f"--model_config_file={model_config}",
         "--model_config_file_poll_wait_seconds=1",  # `scripts/stack.py pin` rewrites it
         f"--monitoring_config_file={monitoring_config}", "--enable_batching",
-        f"--batching_parameters_file={BATCHING_CONFIG}"), env=env)
+        f"--batching_parameters_file={BATCHING_CONFIG}",
+        "--prefer_tflite_model"), env=env)  # a version whose model.tflite disagrees with it keeps its SavedModel
 
     prometheus_config = run_dir / "prometheus.yml"
     configs.write_prometheus_config(prometheus_config, f"127.0.0.1:{ports.gateway_http}",

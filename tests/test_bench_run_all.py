@@ -25,3 +25,68 @@ def test_a_missing_benchmark_script_fails_the_run_instead_of_being_skipped(monke
     monkeypatch.setattr(run_all.subprocess, "run", fake_run)
     assert run_all.run("ghost", 1.0) is False
     assert calls and calls[0][1:3] == ["-m", "bench.ghost_bench"]
+
+
+def _results(tflite_model="/registry/mushrooms/3"):
+    """Minimal result files as the benchmarks write them: one version, the fastest engine at 200 img/s."""
+    speed = lambda images_per_s, p50_ms=5.0: {"images_per_s": images_per_s, "p50_ms": p50_ms}  # noqa: E731
+    return {
+        "tflite": {"model": tflite_model, "batch": 32, "threads": 2, "engine": "LiteRT 2.3.0 (XNNPACK)",
+                   "models": {"savedmodel": {"single_image": speed(9.0, 15.0), "batch_32": speed(110.0),
+                                             "test_accuracy": 0.9},
+                              "tflite_float": {"single_image": speed(150.0), "batch_32": speed(200.0),
+                                               "test_accuracy": 0.9, "p50_vs_savedmodel": 0.3,
+                                               "throughput_vs_savedmodel": 1.8}}},
+        "model_server": {"model": "/registry/mushrooms/3",
+                         "raw": {"batch_1": speed(60.0, 15.0), "batch_32": speed(110.0)},
+                         "batching_on": {"c1": speed(60.0, 14.0), "c32": speed(190.0)},
+                         "targets": {"throughput_ratio_c32_vs_raw_b32": {"value": 1.7, "target": ">= 0.9"},
+                                     "p50_c1_minus_raw_ms": {"value": -1.0, "target": "<= 1.0"}}},
+        "gateway": {"model": "/registry/mushrooms/3",
+                    "cells": {"http_miss_c1": {"requests_per_s": 70.0, "p50_ms": 13.0, "errors": 0},
+                              "http_miss_c32": {"requests_per_s": 160.0, "p50_ms": 200.0, "errors": 0}},
+                    "raw_vs_miss_c32": {"miss_c32_requests_per_s": [150.0, 175.0, 180.0],
+                                        "cpu": {"gateway_ms_per_request": 1.5}},
+                    "targets": {"cache_hit_p50": {"what": "cache-hit p50 over HTTP", "value": 1.0,
+                                                  "target": "<= 2 ms", "unit": "ms", "met": True},
+                                "miss_c32_vs_raw_b32": {"what": "cache-miss throughput at concurrency 32 / raw model "
+                                                                "at batch 32", "value": 1.5, "target": ">= 0.85",
+                                                        "unit": "", "met": True},
+                                "single_photo_p50": {"what": "single-photo p50 end to end at concurrency 1 (cache "
+                                                             "miss)", "value": 13.0, "target": "<= 25 ms",
+                                                     "unit": "ms", "met": True}}},
+    }
+
+
+def _rows(monkeypatch, results):
+    monkeypatch.setattr(run_all, "load", lambda name: results.get(name, {}))
+    return {row["what"].split(":")[0]: row for row in run_all.rows()}
+
+
+def test_speed_targets_are_ratios_to_the_fastest_engine_at_batch_32(monkeypatch):
+    rows = _rows(monkeypatch, _results())
+    reference = rows["fastest engine at batch 32 (reference)"]
+    assert "TFLite float" in reference["what"] and "200.0 img/s" in str(reference["measured"])
+    assert "110.0" in str(reference["measured"])  # the raw SavedModel beside it, same run
+    server = rows["model server throughput at concurrency 32 / fastest engine at batch 32"]
+    assert (server["measured"], server["target"], server["met"]) == (0.95, ">= 0.9", True)  # 190 / 200
+    miss = rows["gateway cache-miss throughput at concurrency 32 / fastest engine at batch 32"]
+    assert (miss["measured"], miss["target"], miss["met"]) == (0.875, ">= 0.85", True)  # median 175 / 200
+    cpu = rows["gateway CPU time per cache miss"]
+    assert (cpu["measured"], cpu["target"], cpu["met"]) == (1.5, "<= 2 ms", True)
+    single = rows["single-photo p50 end to end at concurrency 1 (cache miss)"]
+    assert (single["measured"], single["target"], single["met"]) == (13.0, "<= 12 ms", False)
+    # the ratios to the raw SavedModel stay as information, no longer as targets
+    assert all(row["met"] is None for what, row in rows.items() if "/ raw model at batch 32" in what)
+    assert rows["cache-hit p50 over HTTP"]["met"] is True  # the other gateway targets are kept
+
+
+def test_without_the_fastest_engine_or_on_another_version_the_ratios_are_not_met_by_default(monkeypatch):
+    results = _results()
+    del results["tflite"]
+    rows = _rows(monkeypatch, results)
+    server = rows["model server throughput at concurrency 32 / fastest engine at batch 32"]
+    assert server["met"] is None and "not measured" in str(server["measured"])
+    rows = _rows(monkeypatch, _results(tflite_model="/registry/mushrooms/2"))
+    miss = rows["gateway cache-miss throughput at concurrency 32 / fastest engine at batch 32"]
+    assert miss["met"] is None and "another version" in str(miss["measured"])

@@ -252,6 +252,15 @@ def test_a_version_published_after_start_loads_once_the_controller_lists_it(tmp_
         stop_server(server)
 
 
+def test_tf_serving_prefers_each_versions_model_tflite():
+    """The training job publishes model.tflite beside saved_model.pb, carrying serving_default as TF Serving reads
+    it (training_job/tflite_export.py): compose and k8s serve it."""
+    [deployment] = [d for _, d in k8s_documents() if d["kind"] == "Deployment" and d["metadata"]["name"] == "tfserving"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    for flags in (compose()["services"]["tfserving"]["command"], container["args"]):
+        assert "--prefer_tflite_model=true" in flags
+
+
 def check_tfserving_configs(models: str, monitoring: str, batching: str):
     config = text_format.Parse(models, model_server_config_pb2.ModelServerConfig())
     [model] = config.model_config_list.config

@@ -93,13 +93,18 @@ def test_assets_extra(published_model):
     assert all(r.model_spec.name == "mushrooms" for r in logs)
 
 
-def test_tflite_float_and_int8_accuracy(trained_run, base_network, tmp_path):
-    from training_job.tflite_export import export_tflite
+def test_tflite_float_and_int8_accuracy(published_model, tmp_path):
+    import shutil
 
-    run_dir, metrics = trained_run
-    rows, _, head, _ = load_run(run_dir)
-    result = export_tflite(base_network, head, rows, tmp_path, representative_photos=8, progress=False)
-    assert (tmp_path / "model_float.tflite").stat().st_size > 1e6
+    from training_job.tflite_export import INT8_FILE, export_tflite
+
+    version_dir = tmp_path / "1"
+    shutil.copytree(published_model.version_dir, version_dir)
+    rows, _, head, _ = load_run(published_model.run_dir)
+    metrics = json.loads((version_dir / "assets.extra" / "metrics.json").read_text())
+    result = export_tflite(version_dir, rows, head.labels, 224, representative_photos=8, progress=False)
+    assert (version_dir / "model.tflite").stat().st_size > 1e6 and (version_dir / INT8_FILE).is_file()
+    assert result["float_file"] == "model.tflite" and result["int8_file"] == str(INT8_FILE)
     assert result["int8_bytes"] < result["float_bytes"] / 2
     assert abs(result["float_test_accuracy"] - metrics["test_accuracy"]) <= 0.05
     assert result["int8_test_accuracy"] >= metrics["test_accuracy"] - 0.2

@@ -54,6 +54,7 @@ def test_run_folder_records_pids_ports_and_logs(stack):
     assert set(loaded.processes) == {"redis", "model_server", "gateway", "prometheus"}
     assert loaded.ports == stack.ports and loaded.admin_token == "stack-test-token"
     assert sorted(loaded.alive()) == sorted(loaded.processes)
+    assert "--prefer_tflite_model" in loaded.processes["model_server"].argv  # model.tflite when it agrees
     for record in loaded.processes.values():
         assert (stack.run_dir / f"{record.name}.log").exists()
 

@@ -265,20 +265,23 @@ def export_run(run_dir: Path, target: Path, base: BaseNetwork | None = None, *, 
     metrics_file = Path(run_dir) / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else evaluate_run(run_dir, base)
     if tflite:
-        from training_job.tflite_export import export_tflite
+        from training_job.tflite_export import export_tflite, int8_model_name
 
-        metrics["tflite"] = export_tflite(base, head, rows, extra / "tflite", progress=progress)
+        metrics["tflite"] = export_tflite(target, rows, head.labels, base.image_size, progress=progress)
         metrics["tflite"]["savedmodel_test_accuracy"] = metrics["test_accuracy"]
+        metrics["tflite"]["int8_model_name"] = int8_model_name(model_name)
     (extra / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (extra / "model_card.json").write_text(json.dumps(model_card(run_dir, base, config, open_set, rows), indent=2))
     for name in ("confusion_matrix.png", "misclassified.csv", "manifest.csv", MISCLASSIFIED_SHEET):
         if name != MISCLASSIFIED_SHEET or (Path(run_dir) / name).exists():  # runs evaluated before it existed
             shutil.copyfile(Path(run_dir) / name, extra / name)
     sample = (split_rows(rows, "test") or rows)[:4]
+    # With model.tflite, whose engine serves serving_default only, the warm-up requests are serving_default's: under
+    # --prefer_tflite_model TF Serving replays them on the TFLite file, and one for a signature it lacks fails the load.
     write_warmup_requests(extra / "tf_serving_warmup_requests",
                           np.stack([load_image_file(r.path, base.image_size) for r in sample]),
-                          [Path(r.path).read_bytes() for r in sample[:1]], model_name,
-                          explain=grad_cam_problem(base.model) is None)
+                          [] if tflite else [Path(r.path).read_bytes() for r in sample[:1]], model_name,
+                          explain=not tflite and grad_cam_problem(base.model) is None)
     return metrics
 
 
@@ -299,7 +302,29 @@ def publish_run(run_dir: Path, registry: Path, model_name: str = "mushrooms", *,
         out["metrics"] = export_run(run_dir, staging, base, model_name=model_name, tflite=tflite, progress=progress)
 
     n, version_dir = publish_dir(build, Path(registry), model_name)
+    if tflite:
+        publish_variants(version_dir, Path(registry), model_name, progress)
     return n, version_dir, out["metrics"]
+
+
+def publish_variants(version_dir: Path, registry: Path, model_name: str, progress: bool = True) -> Path | None:
+    """After a version with TFLite files is published: its int8 variant, as the model ``<model_name>_int8``
+    (training_job/tflite_export.py); its folder, or None when that version number is taken there (the float
+    version stays published: the job does not fail, it says so)."""
+    import sys
+
+    from training_job.publish import PublishError
+    from training_job.tflite_export import publish_int8_variant
+
+    try:
+        n, variant_dir = publish_int8_variant(version_dir, registry, model_name)
+    except PublishError as exc:
+        print(f"warning: the int8 variant of {model_name} version {version_dir.name} is not published: {exc}",
+              file=sys.stderr)
+        return None
+    if progress:
+        print(f"published the int8 variant as {variant_dir.parent.name} version {n}: {variant_dir}")
+    return variant_dir
 
 
 def timestamp() -> str:

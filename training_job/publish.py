@@ -151,12 +151,21 @@ def new_staging_dir(registry: Path, model_name: str) -> Path:
     return staging
 
 
-def commit_version(staging: Path) -> tuple[int, Path]:
-    """fsync ``staging`` and rename it to the next free integer version in its folder; returns (N, path)."""
+def commit_version(staging: Path, version: int | None = None) -> tuple[int, Path]:
+    """fsync ``staging`` and rename it to the next free integer version in its folder, or to ``version`` (a
+    variant published under another model name with its source's number: PublishError when it exists); returns
+    (N, path)."""
     model_dir = staging.parent
     fsync_tree(staging)
     with _locked(model_dir):
         remove_stale_tmp(model_dir)
+        if version is not None:
+            target = model_dir / str(version)
+            if target.exists():
+                raise PublishError(f"{target} exists: a version is never overwritten")
+            os.rename(staging, target)
+            fsync_dir(model_dir)
+            return version, target
         n = (versions(model_dir) or [0])[-1] + 1
         target = model_dir / str(n)
         while target.exists():  # a stray non-folder or hand-made entry: never overwrite it
@@ -167,8 +176,9 @@ def commit_version(staging: Path) -> tuple[int, Path]:
     return n, target
 
 
-def publish_dir(build, registry: Path, model_name: str) -> tuple[int, Path]:
-    """Call ``build(staging_dir)`` to fill a fresh staging folder, then commit it as the next version.
+def publish_dir(build, registry: Path, model_name: str, version: int | None = None) -> tuple[int, Path]:
+    """Call ``build(staging_dir)`` to fill a fresh staging folder, then commit it as the next version (or as
+    ``version``: ``commit_version``).
     On any failure the staging folder is removed and no version appears."""
     if not model_name or "/" in model_name or model_name.startswith("."):
         raise PublishError(f"invalid model name {model_name!r}: use a plain folder name like 'mushrooms'")
@@ -176,7 +186,7 @@ def publish_dir(build, registry: Path, model_name: str) -> tuple[int, Path]:
     try:
         with _heartbeat(staging):
             build(staging)
-        return commit_version(staging)
+        return commit_version(staging, version)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -2,9 +2,9 @@
 ``--prefer_tflite_model`` as TF Serving's TfLiteSession serves it.
 
 Signatures, in this order:
-1. the TF SignatureDefs stored in the file's ``signature_defs_metadata`` (a flexbuffer map of name -> serialized
-   SignatureDef, whose tensor names may carry a ``:0`` suffix the file's tensors lack), the ones TF Serving reads
-   (``servables/tensorflow/tflite_session.cc``);
+1. the TF SignatureDefs stored in the file's ``signature_defs_metadata`` (``training_job/tflite_signatures.py``, what
+   the training job writes; their tensor names may carry a ``:0`` suffix the file's tensors lack), the ones TF
+   Serving reads (``servables/tensorflow/tflite_session.cc``);
 2. else the file's own signatures (what today's converter writes), run through LiteRT's signature runners, as
    predict signatures. TF Serving ignores them and goes on to 3, which for a converted Keras model names the outputs
    after graph tensors (``StatefulPartitionedCall``) and keeps only one of them;
@@ -30,23 +30,31 @@ from tensorflow.core.protobuf import meta_graph_pb2
 
 from services.model_server.errors import ServingError
 from services.model_server.servable import Servable, SignatureInfo, _short
+from training_job.tflite_signatures import TFLITE_FILE, read_signature_defs
 
 log = logging.getLogger("model_server.tflite")
-TFLITE_FILE = "model.tflite"
-SIGNATURE_DEFS_METADATA = b"signature_defs_metadata"
 PREDICT_METHOD = "tensorflow/serving/predict"
 
 
-# A TFLite file served in place of its SavedModel must give, on the version's warm-up requests, float outputs within
-# this absolute difference of the SavedModel's, the same argmax along the last axis (top-1) for float outputs of rank
-# >= 2, and equal non-float outputs.
+# A float TFLite file served in place of its SavedModel must give, on the version's warm-up requests, float outputs
+# within this absolute difference of the SavedModel's, the same argmax along the last axis (top-1) for float outputs of
+# rank >= 2, and equal non-float outputs.
 PARITY_ATOL = 1e-3
+# A quantized file (one holding int8 tensors: the ``<model>_int8`` variant the training job publishes) computes
+# other numbers by design, so it is held to a looser rule: over all the rows of the warm-up requests, the top-1 of its
+# float outputs of rank >= 2 must agree with the SavedModel's on at least this fraction of rows, and string outputs
+# must be equal; other outputs are not compared. This catches a wrong or broken file (another model's file agrees on
+# about 1 / classes of the rows), not a loss of accuracy: the training job measures the int8 test accuracy at export
+# (``metrics.json`` ``tflite.int8_test_accuracy``).
+QUANTIZED_MIN_TOP1_AGREEMENT = 0.75
 
 
-def parity_problem(lite: Servable, saved_model: Servable,
+def parity_problem(lite: "TfLiteServable", saved_model: Servable,
                    requests: list[tuple[str, dict[str, np.ndarray]]]) -> str | None:
     """How ``lite`` disagrees with ``saved_model`` on ``requests`` (those of signatures both serve, on the outputs
-    both give); None when it agrees or nothing could be compared."""
+    both give), by the rule for its kind of file; None when it agrees or nothing could be compared."""
+    quantized = lite.quantized
+    agreeing_rows, rows = 0, 0
     for signature, inputs in requests:
         name = signature or "serving_default"
         if name not in lite.signatures or name not in saved_model.signatures:
@@ -61,14 +69,24 @@ def parity_problem(lite: Servable, saved_model: Servable,
             where = f"signature {name} output {alias}"
             if a.shape != b.shape:
                 return f"{where}: shape {b.shape}, SavedModel {a.shape}"
-            if a.dtype.kind == "f":
+            top1 = a.dtype.kind == "f" and a.ndim >= 2 and a.shape[-1]
+            if quantized:
+                if top1:
+                    same = a.argmax(-1) == b.argmax(-1)
+                    agreeing_rows, rows = agreeing_rows + int(same.sum()), rows + same.size
+                elif a.dtype.kind in "OSU" and not np.array_equal(a, b):
+                    return f"{where}: other values"
+            elif a.dtype.kind == "f":
                 worst = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0))
                 if not worst <= PARITY_ATOL:
                     return f"{where}: differs by up to {worst:.3g} > {PARITY_ATOL}"
-                if a.ndim >= 2 and a.shape[-1] and not np.array_equal(a.argmax(-1), b.argmax(-1)):
+                if top1 and not np.array_equal(a.argmax(-1), b.argmax(-1)):
                     return f"{where}: another top-1"
             elif not np.array_equal(a, b):
                 return f"{where}: other values"
+    if quantized and rows and agreeing_rows < QUANTIZED_MIN_TOP1_AGREEMENT * rows:
+        return (f"quantized file: top-1 agrees on {agreeing_rows} of {rows} warm-up rows, fewer than "
+                f"{QUANTIZED_MIN_TOP1_AGREEMENT:.0%}")
     return None
 
 
@@ -86,27 +104,6 @@ def _tensor_index(tensor_name: str, by_name: dict[str, int], what: str) -> int:
         if name in by_name:
             return by_name[name]
     raise ValueError(f"Signature {what} references an unknown tensor '{tensor_name}'")
-
-
-def stored_signature_defs(content: bytes) -> dict[str, meta_graph_pb2.SignatureDef]:
-    """The TF SignatureDefs a TFLite file carries in its ``signature_defs_metadata`` (none: an empty dict)."""
-    from ai_edge_litert import schema_py_generated as schema
-    from flatbuffers import flexbuffers
-
-    model = schema.Model.GetRootAs(content, 0)
-    for i in range(model.MetadataLength()):
-        metadata = model.Metadata(i)
-        if metadata.Name() != SIGNATURE_DEFS_METADATA:
-            continue
-        data = model.Buffers(metadata.Buffer()).DataAsNumpy().tobytes()
-        stored = flexbuffers.GetRoot(data).AsMap
-        signature_defs = {}
-        for key, value in zip(stored.Keys, stored.Values):
-            signature_def = meta_graph_pb2.SignatureDef()
-            signature_def.ParseFromString(bytes(value.AsStringBytes))
-            signature_defs[key.AsKey] = signature_def
-        return signature_defs
-    return {}
 
 
 def _tensor_info(detail: dict, shape_key: str = "shape") -> meta_graph_pb2.TensorInfo:
@@ -154,10 +151,13 @@ class TfLiteServable(Servable):
         self._idle.put(first)
         probe = first.interpreter
         input_details, output_details = probe.get_input_details(), probe.get_output_details()
+        # int8 tensors with quantization scales: the file is quantized (parity_problem's looser rule)
+        self.quantized = any(d["dtype"] == np.int8 and len(d["quantization_parameters"]["scales"])
+                             for d in probe.get_tensor_details())
         inputs = {d["name"]: d["index"] for d in input_details}
         outputs = {d["name"]: d["index"] for d in output_details}
 
-        self.signature_defs = stored_signature_defs(self._content)
+        self.signature_defs = read_signature_defs(self._content)
         self._native: set[str] = set()
         if not self.signature_defs:
             self.signature_defs = native_signature_defs(probe)

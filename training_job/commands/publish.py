@@ -15,7 +15,7 @@ def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model_name", default=DEFAULT_MODEL_NAME, help="model folder inside the registry")
     parser.add_argument("--min_test_accuracy", type=float, default=None,
                         help="refuse to publish when the test accuracy is below this (0-1)")
-    parser.add_argument("--no_tflite", action="store_true", help="skip the TFLite float/int8 export")
+    parser.add_argument("--no_tflite", action="store_true", help="skip the TFLite export (model.tflite and the <model_name>_int8 variant)")
 
 
 def publish(run_dir: Path, args, base=None):
@@ -47,8 +47,9 @@ def register(subparsers) -> None:
         "publish", help="export a run as a SavedModel into <registry>/<model_name>/<N>/ atomically",
         description="Export a training run (SavedModel with serving_default and predict_image_bytes, "
         "assets.extra/ with labels, model card, metrics, confusion matrix, manifest and TF Serving warm-up "
-        "requests, TFLite float and int8) into a temporary folder, fsync it, and rename it to the next integer "
-        "version. Safe against concurrent publishers and interruption.",
+        "requests), model.tflite (float, serving_default only) into a temporary folder, fsync it, and rename it to the next integer "
+        "version; then the int8 TFLite variant as the model <model_name>_int8, same version number. Safe against "
+        "concurrent publishers and interruption.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--run_dir", default=None, help="run folder (default: the newest under var/runs)")

@@ -147,4 +147,8 @@ def publish_challenger(run_dir: Path, args) -> tuple[int, Path] | None:
               f"{r['champion_accuracy']:.4f} on {r['test_photos']} test photos)")
     else:
         print(r["reason"])
+    if not args.no_tflite:
+        from training_job.pipeline import publish_variants
+
+        publish_variants(version_dir, registry, args.model_name)
     return n, version_dir
