@@ -140,6 +140,34 @@ def test_http_and_grpc_give_the_in_process_answer_and_repeats_hit_the_cache(stac
     assert 'mushroom_gateway_request_seconds_count{cache="hit",endpoint="classify",model_version="2"' in metrics
 
 
+def stage_counts(gateway) -> dict[str, float]:
+    """{stage: count} of mushroom_gateway_stage_seconds (route, lookup, preprocess, predict, store, answer)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"{gateway.url}/metrics", timeout=10).read().decode()
+    return {sample.labels["stage"]: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == "mushroom_gateway_stage_seconds_count"}
+
+
+def test_a_miss_goes_through_every_stage_and_a_hit_skips_preprocess_predict_and_store(stack):
+    """The request stages, each timed in one histogram family by stage: a miss runs route -> lookup -> preprocess ->
+    predict -> store -> answer; the same photo again is found by the lookup and answered without the model."""
+    gateway = stack["gateway"]
+    photo = sorted(NOT_MUSHROOMS.iterdir())[30].read_bytes()  # never sent before: a miss
+    before = stage_counts(gateway)
+    status, miss, _ = gateway.classify(photo, version=1)
+    assert status == 200 and not miss["cached"], miss
+    after_miss = wait_until(lambda: (counts := stage_counts(gateway)).get("store", 0) > before.get("store", 0)
+                            and counts, timeout=10, what="the miss's answer stored")
+    ran = {stage: after_miss.get(stage, 0) - before.get(stage, 0) for stage in after_miss}
+    assert ran == {"route": 1, "lookup": 1, "preprocess": 1, "predict": 1, "store": 1, "answer": 1}, ran
+    status, hit, _ = gateway.classify(photo, version=1)
+    assert status == 200 and hit["cached"], hit
+    counts = stage_counts(gateway)
+    ran = {stage: counts[stage] - after_miss[stage] for stage in counts}
+    assert ran == {"route": 1, "lookup": 1, "preprocess": 0, "predict": 0, "store": 0, "answer": 1}, ran
+
+
 def test_split_converges_sticky_clients_stay_and_a_second_gateway_follows(stack):
     gateway = stack["gateway"]
     assert set_routing(gateway, {"1": 70, "2": 30})[0] == 200

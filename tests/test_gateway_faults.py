@@ -23,7 +23,7 @@ import grpc
 import pytest
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
-from services.gateway.cache import SingleFlight
+from services.gateway.single_flight import SingleFlight
 from services.gateway.protos import load
 from devstack.servers import start_gateway
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config

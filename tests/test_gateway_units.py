@@ -10,7 +10,8 @@ import pytest
 
 import training_job.preprocessing as contract
 from services.gateway import classifier
-from services.gateway.cache import CircuitBreaker, SingleFlight, cache_key
+from services.gateway.cache import CircuitBreaker, cache_key
+from services.gateway.single_flight import SingleFlight
 from services.gateway.routing import RoutingError, RoutingTable, parse_assignments, pick_entry
 
 CLIENTS = [f"client-{i}" for i in range(20000)]
@@ -153,7 +154,7 @@ def test_the_answer_is_cached_off_the_response_path_and_shared_until_stored():
 
     router = SimpleNamespace(available={1}, choose=lambda client: (1, "latest"), shadow_version=lambda: None)
     gateway = classifier.Classifier(Upstream(), Cache(), router, Stats(Redis(), "mushrooms"),
-                                    SimpleNamespace(display_names=lambda version: {}), Limits())
+                                    SimpleNamespace(display_names=lambda version: {}), Limits(), SingleFlight())
     photo = _jpeg((64, 48))
 
     async def scenario():
@@ -164,7 +165,7 @@ def test_the_answer_is_cached_off_the_response_path_and_shared_until_stored():
         second = await gateway.classify(photo, top_k=1)
         assert predictions == [1] and not second["cached"]
         release.set()
-        while gateway._storing:
+        while not stored:
             await asyncio.sleep(0.01)
         third = await gateway.classify(photo, top_k=1)
         assert third["cached"] and predictions == [1] and len(stored) == 1
@@ -224,7 +225,7 @@ def test_a_routed_version_unloaded_since_the_last_status_poll_is_routed_around()
     router.table = RoutingTable.from_request({"weights": {"1": 100}})
     router.available = {1, 2}
     gateway = classifier.Classifier(Upstream(), Cache(), router, Stats(Redis(), "mushrooms"),
-                                    SimpleNamespace(display_names=lambda version: {}), Limits())
+                                    SimpleNamespace(display_names=lambda version: {}), Limits(), SingleFlight())
 
     async def scenario():
         answer = await gateway.classify(_jpeg((64, 48)), client_id="c", top_k=1)

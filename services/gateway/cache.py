@@ -78,30 +78,3 @@ class ResultCache:
         except (aioredis.RedisError, OSError, asyncio.TimeoutError):
             self.breaker.failure()
 
-
-class SingleFlight:
-    """Identical concurrent misses share one upstream call.
-
-    The call runs in a task the single-flight owns, not in the first caller: a caller that goes away (a gRPC
-    deadline, a cancelled call, a closed HTTP connection) only stops waiting, and the call goes on for the others
-    (and for callers arriving while it is still in flight). Its outcome, answer or error, reaches every waiter.
-    """
-
-    def __init__(self):
-        self._calls: dict[str, asyncio.Task] = {}
-
-    async def do(self, key: str, work):
-        call = self._calls.get(key)
-        if call is not None:
-            metrics.SINGLE_FLIGHT_SHARED.inc()
-        else:
-            call = asyncio.create_task(work())
-            self._calls[key] = call
-            call.add_done_callback(lambda done: self._finished(key, done))
-        return await asyncio.shield(call)
-
-    def _finished(self, key: str, call: asyncio.Task) -> None:
-        if self._calls.get(key) is call:
-            del self._calls[key]
-        if not call.cancelled():
-            call.exception()  # retrieved here, so a call every waiter left logs no "never retrieved" warning
