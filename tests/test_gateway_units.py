@@ -11,16 +11,18 @@ import pytest
 import training_job.preprocessing as contract
 from services.gateway import classifier
 from services.gateway.cache import CircuitBreaker, cache_key
+from services.gateway.input_sizes import InputSizes
 from services.gateway.single_flight import SingleFlight
 from services.gateway.routing import RoutingError, RoutingTable, parse_assignments, pick_entry
 
 CLIENTS = [f"client-{i}" for i in range(20000)]
 
 
-def test_cache_key_depends_on_photo_model_version_and_preprocessing():
-    key = cache_key("abc", "mushrooms", 3)
+def test_cache_key_depends_on_photo_model_version_preprocessing_and_input_size():
+    key = cache_key("abc", "mushrooms", 3, 224)
     assert contract.PREPROCESSING_VERSION in key
-    assert len({key, cache_key("abd", "mushrooms", 3), cache_key("abc", "other", 3), cache_key("abc", "mushrooms", 4)}) == 4
+    assert len({key, cache_key("abd", "mushrooms", 3, 224), cache_key("abc", "other", 3, 224),
+                cache_key("abc", "mushrooms", 4, 224), cache_key("abc", "mushrooms", 3, 240)}) == 5
 
 
 def test_split_converges_to_the_weights():
@@ -144,6 +146,9 @@ def test_the_answer_is_cached_off_the_response_path_and_shared_until_stored():
     class Upstream:
         model_name = "mushrooms"
 
+        async def input_size(self, version, label=None):
+            return version, 224
+
         async def predict(self, pixels, version, label):
             predictions.append(version)
             return [Prediction(version, np.float32([0.25, 0.75]), ["a", "b"], 0.9, False)]
@@ -154,7 +159,8 @@ def test_the_answer_is_cached_off_the_response_path_and_shared_until_stored():
 
     router = SimpleNamespace(available={1}, choose=lambda client: (1, "latest"), shadow_version=lambda: None)
     gateway = classifier.Classifier(Upstream(), Cache(), router, Stats(Redis(), "mushrooms"),
-                                    SimpleNamespace(display_names=lambda version: {}), Limits(), SingleFlight())
+                                    SimpleNamespace(display_names=lambda version: {}), Limits(), SingleFlight(),
+                                    InputSizes(Upstream()))
     photo = _jpeg((64, 48))
 
     async def scenario():
@@ -202,6 +208,9 @@ def test_a_routed_version_unloaded_since_the_last_status_poll_is_routed_around()
     class Upstream:
         model_name = "mushrooms"
 
+        async def input_size(self, version, label=None):
+            return version, 224
+
         async def predict(self, pixels, version, label):
             calls.append(version)
             if version == 1:  # unloaded by the model server; the gateway has not polled since
@@ -225,7 +234,8 @@ def test_a_routed_version_unloaded_since_the_last_status_poll_is_routed_around()
     router.table = RoutingTable.from_request({"weights": {"1": 100}})
     router.available = {1, 2}
     gateway = classifier.Classifier(Upstream(), Cache(), router, Stats(Redis(), "mushrooms"),
-                                    SimpleNamespace(display_names=lambda version: {}), Limits(), SingleFlight())
+                                    SimpleNamespace(display_names=lambda version: {}), Limits(), SingleFlight(),
+                                    InputSizes(Upstream()))
 
     async def scenario():
         answer = await gateway.classify(_jpeg((64, 48)), client_id="c", top_k=1)

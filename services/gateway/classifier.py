@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
@@ -20,6 +20,7 @@ from PIL import Image
 from services.gateway import metrics
 from services.gateway.cache import ResultCache, cache_key, explanation_key
 from services.gateway.errors import GatewayError
+from services.gateway.input_sizes import InputSizes
 from services.gateway.model_info import ModelInfo, display_name
 from services.gateway.routing import Router
 from services.gateway.single_flight import NoSingleFlight, SingleFlight
@@ -41,10 +42,12 @@ CLASS_LABEL = re.compile(r"[A-Za-z0-9_.-]{1,100}")  # a label as training names 
 
 @dataclass(frozen=True)
 class Target:
-    """Where a request goes: a version number, or None for the version ``label`` points at (or the latest)."""
+    """Where a request goes: a version number, or None for the version ``label`` points at (or the latest), and
+    the input size S its photo is preprocessed at (that version's)."""
     version: int | None
     label: str | None
     reason: str  # the ROUTE metric's reason: "override", "ab", "single", "latest"
+    size: int = 0  # 0 until the route stage has asked the version's size
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ def _cheap_to_decode(photo: bytes) -> bool:
 class Classifier:
     def __init__(self, upstream: ModelServerClient, cache: ResultCache, router: Router, stats: Stats,
                  model_info: ModelInfo, limits: Limits, single_flight: SingleFlight | NoSingleFlight,
-                 preprocess_threads: int = 2):
+                 input_sizes: InputSizes, preprocess_threads: int = 2):
         self.upstream = upstream
         self.cache = cache
         self.router = router
@@ -84,6 +87,7 @@ class Classifier:
         self.model_info = model_info
         self.limits = limits
         self.single_flight = single_flight
+        self.input_sizes = input_sizes
         self.executor = ThreadPoolExecutor(preprocess_threads, thread_name_prefix="preprocess")
         self._background: set[asyncio.Task] = set()
         self._classes: dict[int, list[str]] = {}  # version -> its class labels in column order, from its answers
@@ -93,14 +97,14 @@ class Classifier:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _preprocess(self, photo: bytes) -> np.ndarray:
+    async def _preprocess(self, photo: bytes, size: int) -> np.ndarray:
         start = time.perf_counter()
         try:
             if _cheap_to_decode(photo):
-                pixels = preprocess_bytes(photo, 224, self.limits)
+                pixels = preprocess_bytes(photo, size, self.limits)
             else:
                 pixels = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, preprocess_bytes, photo, 224, self.limits)
+                    self.executor, preprocess_bytes, photo, size, self.limits)
         except InvalidImage as exc:
             status = 413 if exc.code in ("too_large",) else 400
             raise GatewayError(status, exc.code, exc.message) from None
@@ -211,20 +215,21 @@ class Classifier:
         try:
             self._validate(photo, top_k, explain_class)
             routed = version is None and not label
-            target = await self._route(client_id, version, label)
-            chosen = target.version
-            try:
-                answer, cache_outcome = await self._lookup_or_predict(photo, target, wanted)
-            except GatewayError as exc:
-                if not (routed and target.version is not None and exc.code == "unknown_version"):
-                    raise
-                # The model server unloaded the routed version after the last status poll: route again without it
-                # (the next poll brings it back if it was only a moment's disagreement).
-                self.router.available.discard(target.version)
-                metrics.REROUTED.inc()
-                target = await self._route(client_id, None, None)
-                chosen = target.version
-                answer, cache_outcome = await self._lookup_or_predict(photo, target, wanted)
+            for attempt in (1, 2):
+                try:
+                    with metrics.stage("route"):
+                        target = self._route(client_id, version, label)
+                        chosen = target.version
+                        target = await self._sized(target)
+                    answer, cache_outcome = await self._lookup_or_predict(photo, target, wanted)
+                    break
+                except GatewayError as exc:
+                    if attempt == 2 or not (routed and chosen is not None and exc.code == "unknown_version"):
+                        raise
+                    # The model server unloaded the routed version after the last status poll: route again without
+                    # it (the next poll brings it back if it was only a moment's disagreement).
+                    self.router.available.discard(chosen)
+                    metrics.REROUTED.inc()
             self._check_top_k(top_k, len(answer["classes"]))
             with metrics.stage("answer"):
                 return await self._reply(photo, answer, target.reason, top_k, cache_outcome == "hit", wanted, start)
@@ -243,53 +248,61 @@ class Classifier:
                                                cache=cache_outcome, result=result).observe(time.perf_counter() - start)
 
     # ------------------------------------------------------------------ the stages
-    async def _route(self, client_id: str | None, version: int | None, label: str | None) -> Target:
-        """Stage route: the version asked for by number (it must be AVAILABLE), by version label (resolved by the
-        model server when it answers), or else the routing table's choice for this client."""
-        with metrics.stage("route"):
-            if label:
-                return Target(version, label, "override")
-            if version is not None:
-                if version not in self.router.available:
-                    raise GatewayError(404, "unknown_version", f"version {version} is not AVAILABLE "
-                                       f"(available: {sorted(self.router.available)})")
-                return Target(version, None, "override")
-            chosen, reason = self.router.choose(client_id)
-            return Target(chosen, None, reason)
+    def _route(self, client_id: str | None, version: int | None, label: str | None) -> Target:
+        """Stage route, first half: the version asked for by number (it must be AVAILABLE), by version label
+        (resolved by the model server when it answers), or else the routing table's choice for this client."""
+        if label:
+            return Target(version, label, "override")
+        if version is not None:
+            if version not in self.router.available:
+                raise GatewayError(404, "unknown_version", f"version {version} is not AVAILABLE "
+                                   f"(available: {sorted(self.router.available)})")
+            return Target(version, None, "override")
+        chosen, reason = self.router.choose(client_id)
+        return Target(chosen, None, reason)
+
+    async def _sized(self, target: Target) -> Target:
+        """Stage route, second half: the input size of the version that will answer (kept per version; asked
+        afresh for a version label, or when no version is known, as the label may move)."""
+        if target.version is not None:
+            size = await self._ask_upstream(lambda: self.input_sizes.of(target.version), target.label)
+        else:
+            _, size = await self._ask_upstream(lambda: self.input_sizes.resolve(target.label), target.label)
+        return replace(target, size=size)
 
     async def _lookup_or_predict(self, photo: bytes, target: Target, wanted: Wanted) -> tuple[dict, str]:
         """(answer, "hit" | "miss"): the answer of ``target`` for this photo found by the lookup stage, or else
         made by the preprocess and predict stages (identical concurrent misses share one call) and stored."""
         digest = hashlib.sha256(photo).hexdigest()
-        key = self._key(digest, target.version, wanted) if target.version is not None else None
+        key = self._key(digest, target.version, target.size, wanted) if target.version is not None else None
         found = await self._lookup(key)
         if found is not None:
             return found
 
         async def miss():
             with metrics.stage("preprocess"):
-                pixels = await self._preprocess(photo)
+                pixels = await self._preprocess(photo, target.size)
             with metrics.stage("predict"):
                 fresh = await (self._explain(pixels, target.version, target.label, wanted.class_name)
                                if wanted.explain else self._predict(pixels, target.version, target.label))
-            self._store(self._key(digest, fresh["version"], wanted), fresh)
+            self._store(self._key(digest, fresh["version"], target.size, wanted), fresh)
             if wanted.explain:  # the plain answer too, so a plain classify of the photo after it is a hit
-                self._store(self._key(digest, fresh["version"], PLAIN),
+                self._store(self._key(digest, fresh["version"], target.size, PLAIN),
                             {k: v for k, v in fresh.items() if k != "explanation"})
             else:
-                self._maybe_shadow(pixels, fresh)
+                self._maybe_shadow(photo, pixels, fresh)
             return fresh
 
         flight = key or f"{digest}:{target.label}" + (f":explain:{wanted.target}" if wanted.explain else "")
         return await self.single_flight.do(flight, miss), "miss"
 
-    def _key(self, digest: str, version: int, wanted: Wanted) -> str:
-        """The cache key of a version's answer for a photo: the plain answer, or the one with its explanation (under
-        its own key beside the plain answer's)."""
+    def _key(self, digest: str, version: int, size: int, wanted: Wanted) -> str:
+        """The cache key of a version's answer for a photo preprocessed at ``size``: the plain answer, or the one
+        with its explanation (under its own key beside the plain answer's)."""
         model = self.upstream.model_name
         if wanted.explain:
-            return explanation_key(digest, model, version, wanted.target)
-        return cache_key(digest, model, version)
+            return explanation_key(digest, model, version, size, wanted.target)
+        return cache_key(digest, model, version, size)
 
     async def _lookup(self, key: str | None) -> tuple[dict, str] | None:
         """Stage lookup: (the cached answer, "hit"), or (an answer still being written to the cache, "miss"), or
@@ -345,7 +358,9 @@ class Classifier:
 
         self._spawn(put())
 
-    def _maybe_shadow(self, pixels: np.ndarray, answer: dict) -> None:
+    def _maybe_shadow(self, photo: bytes, pixels: np.ndarray, answer: dict) -> None:
+        """Mirrors a miss to the shadow version, in the background, the photo preprocessed at the shadow's own input
+        size (the answer's pixels when it is the same)."""
         shadow = self.router.shadow_version()
         if shadow is None or shadow == answer["version"] or shadow not in self.router.available:
             return
@@ -353,7 +368,9 @@ class Classifier:
         async def mirror():
             start = time.perf_counter()
             try:
-                shadow_answer = await self._predict(pixels, shadow, None)
+                size = await self._ask_upstream(lambda: self.input_sizes.of(shadow), None)
+                shadow_pixels = pixels if size == pixels.shape[0] else await self._preprocess(photo, size)
+                shadow_answer = await self._predict(shadow_pixels, shadow, None)
             except GatewayError:
                 return
             # the same top-1 label (two versions may order their columns differently)

@@ -183,7 +183,8 @@ class HttpApi:
                                    "string or a header: give it once")
             options[name] = value
         answer = await self.classifier.classify(
-            photo, client_id=options["client_id"], top_k=DEFAULT_TOP_K if options["top_k"] is None else options["top_k"],
+            photo, client_id=options["client_id"],
+            top_k=DEFAULT_TOP_K if options["top_k"] is None else options["top_k"],
             version=options["version"], label=options["label"], protocol="http",
             explain=bool(options["explain"]), explain_class=options["explain_class"] or None)
         if self.photo_store is not None:

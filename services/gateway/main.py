@@ -94,6 +94,7 @@ class Gateway:
         from services.gateway.cache import ResultCache
         from services.gateway.classifier import Classifier
         from services.gateway.feedback import tokens_from_config
+        from services.gateway.input_sizes import InputSizes
         from services.gateway.labels import LabelResolver
         from services.gateway.loops import Loops
         from services.gateway.model_info import ModelInfo
@@ -113,9 +114,10 @@ class Gateway:
             args.feedback_secret_file or None, os.environ.get("FEEDBACK_SECRET"), args.model_name,
             args.feedback_window))
         self.model_info = ModelInfo(args.model_base_path or None)
+        self.input_sizes = InputSizes(self.upstream)
         self.classifier = Classifier(self.upstream, ResultCache(self.redis, args.cache_ttl), self.router, self.stats,
                                      self.model_info, Limits(args.max_bytes, args.max_pixels),
-                                     SingleFlight() if args.single_flight else NoSingleFlight())
+                                     SingleFlight() if args.single_flight else NoSingleFlight(), self.input_sizes)
         self.upstream_ok = False
         self.upstream_problem = "not checked yet"
         self._stopping = asyncio.Event()
@@ -142,7 +144,9 @@ class Gateway:
         except UpstreamUnavailable as exc:
             self.upstream_ok, self.upstream_problem = False, str(exc)
             raise
-        self.router.available = {v for v, s in states.items() if s == AVAILABLE}
+        available = {v for v, s in states.items() if s == AVAILABLE}
+        await self.input_sizes.refresh(available, timeout=self.args.health_timeout)  # known before routed to
+        self.router.available = available
         self.upstream_ok = True
 
     async def serve(self) -> None:
