@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import threading
-import urllib.error
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -20,9 +19,9 @@ from PIL import Image
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from services.gateway.protos import load
-from devstack.servers import start_gateway
+from tests import gateway_harness
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
-from tests.support import MUSHROOMS, NOT_MUSHROOMS, RedisServer, stop_process
+from tests.support import MUSHROOMS, NOT_MUSHROOMS, RedisServer
 from training_job.tiny_model import publish_tiny_versions
 from training_job.paths import PROJECT_ROOT
 from training_job.preprocessing import preprocess_bytes
@@ -32,35 +31,12 @@ TOKEN = "test-admin-token"
 PHOTOS = sorted(p for d in sorted(MUSHROOMS.iterdir()) for p in sorted(d.iterdir())[:5])
 
 
-class GatewayProcess:
+class GatewayProcess(gateway_harness.GatewayProcess):
+    """A gateway showing the registry's display names, with the admin token ``token`` (None: none)."""
+
     def __init__(self, model_server: str, redis_url: str, base_path: Path, token: str | None = TOKEN):
-        self.process, self.http_port, self.grpc_port, self.log = start_gateway(
-            model_server, redis_url, MODEL, f"--model-base-path={base_path}", env={"GATEWAY_ADMIN_TOKEN": token or ""})
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        wait_until(lambda: self.request("GET", "/readyz")[0] == 200, timeout=30, what="gateway ready")
-
-    def request(self, method, path, body=None, content_type=None, headers=None, token=None):
-        headers = dict(headers or {})
-        if isinstance(body, (dict, list)):
-            body, content_type = json.dumps(body).encode(), "application/json"
-        if content_type:
-            headers["Content-Type"] = content_type
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=30) as response:
-                return response.status, json.loads(response.read()), dict(response.headers)
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read()), dict(exc.headers)
-
-    def classify(self, photo: bytes, **params):
-        query = "&".join(f"{k}={v}" for k, v in params.items() if k != "client")
-        headers = {"X-Client-Id": params["client"]} if "client" in params else None
-        return self.request("POST", f"/v1/classify?{query}", photo, "image/jpeg", headers)
-
-    def stop(self):
-        stop_process(self.process)
+        super().__init__(model_server, redis_url, f"--model-base-path={base_path}",
+                         env={"GATEWAY_ADMIN_TOKEN": token or ""})
 
 
 @pytest.fixture(scope="module")
@@ -142,11 +118,8 @@ def test_http_and_grpc_give_the_in_process_answer_and_repeats_hit_the_cache(stac
 
 def stage_counts(gateway) -> dict[str, float]:
     """{stage: count} of mushroom_gateway_stage_seconds (route, lookup, preprocess, predict, store, answer)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"{gateway.url}/metrics", timeout=10).read().decode()
-    return {sample.labels["stage"]: sample.value for family in text_string_to_metric_families(text)
-            for sample in family.samples if sample.name == "mushroom_gateway_stage_seconds_count"}
+    return {stage: gateway.metric("mushroom_gateway_stage_seconds_count", stage=stage)
+            for stage in ("route", "lookup", "preprocess", "predict", "store", "answer")}
 
 
 def test_a_miss_goes_through_every_stage_and_a_hit_skips_preprocess_predict_and_store(stack):
@@ -335,11 +308,7 @@ def test_multipart_and_base64_uploads(stack):
 
 def cache_lookups(gateway, outcome: str) -> float:
     """The gateway's mushroom_gateway_cache_total{outcome=...} (hit, miss, error, bypass)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"{gateway.url}/metrics", timeout=10).read().decode()
-    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-               if sample.name == "mushroom_gateway_cache_total" and sample.labels.get("outcome") == outcome)
+    return gateway.metric("mushroom_gateway_cache_total", outcome=outcome)
 
 
 def test_redis_killed_under_load_loses_no_request(stack):
