@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import training_job.preprocessing as contract
-from services.gateway import classifier
+from services.gateway import classifier, pixels
 from services.gateway.cache import CircuitBreaker, cache_key
 from services.gateway.input_sizes import InputSizes
 from services.gateway.single_flight import SingleFlight
@@ -111,15 +111,15 @@ def test_only_small_photos_are_decoded_on_the_event_loop():
 
     from PIL import Image
 
-    assert classifier._cheap_to_decode(_jpeg((640, 480)))
-    assert not classifier._cheap_to_decode(_jpeg((640, 480)) + b"\0" * classifier.INLINE_MAX_BYTES)  # too many bytes
-    assert not classifier._cheap_to_decode(b"<html>not a photo</html>")  # the pool says what is wrong with it
+    assert pixels.cheap_to_decode(_jpeg((640, 480)))
+    assert not pixels.cheap_to_decode(_jpeg((640, 480)) + b"\0" * pixels.INLINE_MAX_BYTES)  # too many bytes
+    assert not pixels.cheap_to_decode(b"<html>not a photo</html>")  # the pool says what is wrong with it
     png = io.BytesIO()
     Image.new("L", (1, 1)).save(png, "PNG")
     header = png.getvalue()
     ihdr = struct.pack(">IIBBBBB", 4000, 4000, 8, 0, 0, 0, 0)  # a few bytes claiming 16 M pixels
     bomb = header[:8] + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
-    assert not classifier._cheap_to_decode(bomb + header[33:])
+    assert not pixels.cheap_to_decode(bomb + header[33:])
 
 
 def test_the_answer_is_cached_off_the_response_path_and_shared_until_stored():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import io
 import re
 import logging
 import time
@@ -15,28 +14,23 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
-from PIL import Image
 
 from services.gateway import metrics
 from services.gateway.cache import ResultCache, cache_key, explanation_key
 from services.gateway.errors import GatewayError
 from services.gateway.input_sizes import InputSizes
 from services.gateway.model_info import ModelInfo, display_name
+from services.gateway.pixels import Preprocessor
 from services.gateway.routing import Router
 from services.gateway.single_flight import NoSingleFlight, SingleFlight
 from services.gateway.stats import Stats
 from services.gateway.upstream import ModelServerClient, UpstreamRejected, UpstreamUnavailable
 from training_job.heatmaps import displayed_size, overlay_png
-from training_job.preprocessing import InvalidImage, Limits, open_image, preprocess_bytes
+from training_job.preprocessing import Limits, open_image
 
 log = logging.getLogger("gateway.classifier")
 MAX_TOP_K = 100
 DEFAULT_TOP_K = 3  # both protocols' default
-# Photos this small are decoded on the event loop: their decode costs about what the two thread hand-offs to and
-# from the preprocessing pool cost. Bigger ones (or ones whose header says many pixels) go to the pool, so a
-# slow decode never blocks the loop.
-INLINE_MAX_BYTES = 64 * 1024
-INLINE_MAX_PIXELS = 1_000_000
 CLASS_LABEL = re.compile(r"[A-Za-z0-9_.-]{1,100}")  # a label as training names its folders; it goes into a cache key
 
 
@@ -66,16 +60,6 @@ class Wanted:
 PLAIN = Wanted(False)
 
 
-def _cheap_to_decode(photo: bytes) -> bool:
-    if len(photo) > INLINE_MAX_BYTES:
-        return False
-    try:
-        width, height = Image.open(io.BytesIO(photo)).size  # header only
-    except Exception:  # noqa: BLE001 - not an image, or a bomb: the pool's preprocess_bytes says what is wrong
-        return False
-    return width * height <= INLINE_MAX_PIXELS
-
-
 class Classifier:
     def __init__(self, upstream: ModelServerClient, cache: ResultCache, router: Router, stats: Stats,
                  model_info: ModelInfo, limits: Limits, single_flight: SingleFlight | NoSingleFlight,
@@ -89,6 +73,7 @@ class Classifier:
         self.single_flight = single_flight
         self.input_sizes = input_sizes
         self.executor = ThreadPoolExecutor(preprocess_threads, thread_name_prefix="preprocess")
+        self.preprocessor = Preprocessor(limits, self.executor)
         self._background: set[asyncio.Task] = set()
         self._classes: dict[int, list[str]] = {}  # version -> its class labels in column order, from its answers
 
@@ -96,20 +81,6 @@ class Classifier:
         task = asyncio.create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    async def _preprocess(self, photo: bytes, size: int) -> np.ndarray:
-        start = time.perf_counter()
-        try:
-            if _cheap_to_decode(photo):
-                pixels = preprocess_bytes(photo, size, self.limits)
-            else:
-                pixels = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, preprocess_bytes, photo, size, self.limits)
-        except InvalidImage as exc:
-            status = 413 if exc.code in ("too_large",) else 400
-            raise GatewayError(status, exc.code, exc.message) from None
-        metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - start)
-        return pixels
 
     async def _ask_upstream(self, call, label: str | None):
         """``await call()``, the model server's refusals turned into GatewayErrors."""
@@ -281,7 +252,7 @@ class Classifier:
 
         async def miss():
             with metrics.stage("preprocess"):
-                pixels = await self._preprocess(photo, target.size)
+                pixels = await self.preprocessor.pixels(photo, target.size)
             with metrics.stage("predict"):
                 fresh = await (self._explain(pixels, target.version, target.label, wanted.class_name)
                                if wanted.explain else self._predict(pixels, target.version, target.label))
@@ -369,7 +340,7 @@ class Classifier:
             start = time.perf_counter()
             try:
                 size = await self._ask_upstream(lambda: self.input_sizes.of(shadow), None)
-                shadow_pixels = pixels if size == pixels.shape[0] else await self._preprocess(photo, size)
+                shadow_pixels = pixels if size == pixels.shape[0] else await self.preprocessor.pixels(photo, size)
                 shadow_answer = await self._predict(shadow_pixels, shadow, None)
             except GatewayError:
                 return

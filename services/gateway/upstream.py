@@ -127,14 +127,18 @@ class ModelServerClient:
                     raise UpstreamUnavailable(f"model server {self.target}: {code.name}: {exc.details()}") from None
                 raise UpstreamRejected(code, exc.details() or code.name) from None
 
+    def _spec(self, spec, version: int | None, label: str | None) -> None:
+        """Fills a request's ``model_spec``: this model, the version, else the version label, else the latest."""
+        spec.name = self.model_name
+        if version is not None:
+            spec.version.value = version
+        elif label:
+            spec.version_label = label
+
     def _request(self, signature: str, pixels: np.ndarray, version: int | None, label: str | None):
         request = predict_pb2.PredictRequest()
-        request.model_spec.name = self.model_name
+        self._spec(request.model_spec, version, label)
         request.model_spec.signature_name = signature
-        if version is not None:
-            request.model_spec.version.value = version
-        elif label:
-            request.model_spec.version_label = label
         fill_pixels_tensor(request.inputs["images"], pixels)
         return request
 
@@ -173,11 +177,7 @@ class ModelServerClient:
         with the labelled version in ``model_spec.version``), or of the latest when neither is given."""
         predict_stub, _ = self._stubs()
         request = get_model_metadata_pb2.GetModelMetadataRequest()
-        request.model_spec.name = self.model_name
-        if version is not None:
-            request.model_spec.version.value = version
-        elif label:
-            request.model_spec.version_label = label
+        self._spec(request.model_spec, version, label)
         request.metadata_field.append("signature_def")
         return await self._call(predict_stub.GetModelMetadata, request, timeout)
 
