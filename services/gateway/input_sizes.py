@@ -50,6 +50,6 @@ class InputSizes:
                                        return_exceptions=True)
         for version, answer in zip(missing, answers):
             if isinstance(answer, BaseException):
-                log.info("input size of version %d not known yet: %s", version, answer)
+                log.debug("input size of version %d not known yet: %s", version, answer)
             else:
                 self._sizes[version] = answer[1] or OPEN_SIZE
