@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import threading
-import urllib.error
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -20,9 +19,9 @@ from PIL import Image
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from services.gateway.protos import load
-from devstack.servers import start_gateway
+from tests import gateway_harness
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
-from tests.support import MUSHROOMS, NOT_MUSHROOMS, RedisServer, stop_process
+from tests.support import MUSHROOMS, NOT_MUSHROOMS, RedisServer
 from training_job.tiny_model import publish_tiny_versions
 from training_job.paths import PROJECT_ROOT
 from training_job.preprocessing import preprocess_bytes
@@ -32,35 +31,12 @@ TOKEN = "test-admin-token"
 PHOTOS = sorted(p for d in sorted(MUSHROOMS.iterdir()) for p in sorted(d.iterdir())[:5])
 
 
-class GatewayProcess:
+class GatewayProcess(gateway_harness.GatewayProcess):
+    """A gateway showing the registry's display names, with the admin token ``token`` (None: none)."""
+
     def __init__(self, model_server: str, redis_url: str, base_path: Path, token: str | None = TOKEN):
-        self.process, self.http_port, self.grpc_port, self.log = start_gateway(
-            model_server, redis_url, MODEL, f"--model-base-path={base_path}", env={"GATEWAY_ADMIN_TOKEN": token or ""})
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        wait_until(lambda: self.request("GET", "/readyz")[0] == 200, timeout=30, what="gateway ready")
-
-    def request(self, method, path, body=None, content_type=None, headers=None, token=None):
-        headers = dict(headers or {})
-        if isinstance(body, (dict, list)):
-            body, content_type = json.dumps(body).encode(), "application/json"
-        if content_type:
-            headers["Content-Type"] = content_type
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=30) as response:
-                return response.status, json.loads(response.read()), dict(response.headers)
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read()), dict(exc.headers)
-
-    def classify(self, photo: bytes, **params):
-        query = "&".join(f"{k}={v}" for k, v in params.items() if k != "client")
-        headers = {"X-Client-Id": params["client"]} if "client" in params else None
-        return self.request("POST", f"/v1/classify?{query}", photo, "image/jpeg", headers)
-
-    def stop(self):
-        stop_process(self.process)
+        super().__init__(model_server, redis_url, f"--model-base-path={base_path}",
+                         env={"GATEWAY_ADMIN_TOKEN": token or ""})
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +114,31 @@ def test_http_and_grpc_give_the_in_process_answer_and_repeats_hit_the_cache(stac
         assert {v.version for v in listed.versions} >= {1, 2}
     metrics = urllib.request.urlopen(gateway.url + "/metrics").read().decode()
     assert 'mushroom_gateway_request_seconds_count{cache="hit",endpoint="classify",model_version="2"' in metrics
+
+
+def stage_counts(gateway) -> dict[str, float]:
+    """{stage: count} of mushroom_gateway_stage_seconds (route, lookup, preprocess, predict, store, answer)."""
+    return {stage: gateway.metric("mushroom_gateway_stage_seconds_count", stage=stage)
+            for stage in ("route", "lookup", "preprocess", "predict", "store", "answer")}
+
+
+def test_a_miss_goes_through_every_stage_and_a_hit_skips_preprocess_predict_and_store(stack):
+    """The request stages, each timed in one histogram family by stage: a miss runs route -> lookup -> preprocess ->
+    predict -> store -> answer; the same photo again is found by the lookup and answered without the model."""
+    gateway = stack["gateway"]
+    photo = sorted(NOT_MUSHROOMS.iterdir())[30].read_bytes()  # never sent before: a miss
+    before = stage_counts(gateway)
+    status, miss, _ = gateway.classify(photo, version=1)
+    assert status == 200 and not miss["cached"], miss
+    after_miss = wait_until(lambda: (counts := stage_counts(gateway)).get("store", 0) > before.get("store", 0)
+                            and counts, timeout=10, what="the miss's answer stored")
+    ran = {stage: after_miss.get(stage, 0) - before.get(stage, 0) for stage in after_miss}
+    assert ran == {"route": 1, "lookup": 1, "preprocess": 1, "predict": 1, "store": 1, "answer": 1}, ran
+    status, hit, _ = gateway.classify(photo, version=1)
+    assert status == 200 and hit["cached"], hit
+    counts = stage_counts(gateway)
+    ran = {stage: counts[stage] - after_miss[stage] for stage in counts}
+    assert ran == {"route": 1, "lookup": 1, "preprocess": 0, "predict": 0, "store": 0, "answer": 1}, ran
 
 
 def test_split_converges_sticky_clients_stay_and_a_second_gateway_follows(stack):
@@ -307,11 +308,7 @@ def test_multipart_and_base64_uploads(stack):
 
 def cache_lookups(gateway, outcome: str) -> float:
     """The gateway's mushroom_gateway_cache_total{outcome=...} (hit, miss, error, bypass)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"{gateway.url}/metrics", timeout=10).read().decode()
-    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-               if sample.name == "mushroom_gateway_cache_total" and sample.labels.get("outcome") == outcome)
+    return gateway.metric("mushroom_gateway_cache_total", outcome=outcome)
 
 
 def test_redis_killed_under_load_loses_no_request(stack):

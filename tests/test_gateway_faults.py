@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import os
 import select
 import signal
@@ -15,19 +14,17 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
-from services.gateway.cache import SingleFlight
+from services.gateway.single_flight import SingleFlight
 from services.gateway.protos import load
-from devstack.servers import start_gateway
+from tests.gateway_harness import GatewayProcess
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
-from tests.support import MUSHROOMS, NOT_MUSHROOMS, RedisServer, stop_process
+from tests.support import MUSHROOMS, NOT_MUSHROOMS, RedisServer
 from training_job.tiny_model import LABELS, publish_tiny_versions, write_tiny_model
 from training_job.paths import PROJECT_ROOT
 from training_job.publish import publish_dir
@@ -42,42 +39,12 @@ GATEWAY_ENV = {"MAX_PHOTO_BYTES": str(MAX_PHOTO_BYTES), "KEEPALIVE_TIMEOUT_SECON
                "HEALTH_TIMEOUT_SECONDS": "0.5"}
 
 
-class Gateway:
+class Gateway(GatewayProcess):
+    """A gateway showing the registry's display names, with the admin token TOKEN and the bounds of GATEWAY_ENV."""
+
     def __init__(self, model_server: str, redis_url: str, base_path: Path):
-        self.process, self.http_port, self.grpc_port, self.log = start_gateway(
-            model_server, redis_url, MODEL, f"--model-base-path={base_path}",
-            env={"GATEWAY_ADMIN_TOKEN": TOKEN, **GATEWAY_ENV})
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        self.wait_ready()
-
-    def wait_ready(self, timeout: float = 30):
-        wait_until(lambda: self.request("GET", "/readyz")[0] == 200, timeout=timeout, what="gateway ready")
-
-    def request(self, method, path, body=None, content_type=None, token=None, timeout=30):
-        headers = {}
-        if isinstance(body, (dict, list)):
-            body, content_type = json.dumps(body).encode(), "application/json"
-        if content_type:
-            headers["Content-Type"] = content_type
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-
-    def classify(self, photo: bytes, query: str = "", timeout=30):
-        return self.request("POST", f"/v1/classify?{query}", photo, "image/jpeg", timeout=timeout)
-
-    def metric(self, name: str) -> float:
-        text = urllib.request.urlopen(self.url + "/metrics", timeout=10).read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(name + " ") or line.startswith(name + "{"))
-
-    def stop(self):
-        stop_process(self.process)
+        super().__init__(model_server, redis_url, f"--model-base-path={base_path}",
+                         env={"GATEWAY_ADMIN_TOKEN": TOKEN, **GATEWAY_ENV})
 
 
 FIVE_LABELS = [*LABELS, "cantharellus_cibarius"]
@@ -222,7 +189,7 @@ def test_a_caller_whose_deadline_expires_cancels_nothing_for_the_others(stack):
         reply = grpc_follower.result()
         http_thread.join(30)
     gateway.wait_ready(timeout=10)  # the status checks missed during the freeze
-    status, answer = http_answer["reply"]
+    status, answer, _ = http_answer["reply"]
     assert status == 200, answer
     assert reply.model_version == answer["model"]["version"] == 1
     assert [p.label for p in reply.predictions] == [p["label"] for p in answer["predictions"]]
@@ -233,7 +200,7 @@ def test_readyz_turns_503_while_the_model_server_is_frozen(stack):
     gateway, server = stack["gateway"], stack["server"]
     gateway.wait_ready(timeout=10)
     with Frozen(server.process):
-        status, body = wait_until(lambda: (lambda r: r if r[0] == 503 else None)(gateway.request("GET", "/readyz")),
+        status, body, _ = wait_until(lambda: (lambda r: r if r[0] == 503 else None)(gateway.request("GET", "/readyz")),
                                   timeout=5, interval=0.1, what="/readyz to say 503")
         assert "model server" in body["reason"] and not body["ready"], body
     gateway.wait_ready(timeout=10)
@@ -336,11 +303,11 @@ def test_a_json_photo_near_the_limit_is_not_refused_for_its_base64_size(stack):
     """The limit is on the photo: its base64 form in a JSON body is a third bigger."""
     photo = PHOTOS[0].read_bytes()
     padded = photo + bytes(MAX_PHOTO_BYTES - 1000 - len(photo))  # a JPEG with trailing bytes Pillow ignores
-    status, answer = stack["gateway"].request("POST", "/v1/classify?version=1",
+    status, answer, _ = stack["gateway"].request("POST", "/v1/classify?version=1",
                                               {"image_b64": base64.b64encode(padded).decode()})
     assert status == 200, answer
     too_big = photo + bytes(MAX_PHOTO_BYTES + 1 - len(photo))
-    status, answer = stack["gateway"].request("POST", "/v1/classify?version=1",
+    status, answer, _ = stack["gateway"].request("POST", "/v1/classify?version=1",
                                               {"image_b64": base64.b64encode(too_big).decode()})
     assert status == 413, answer
 
@@ -371,7 +338,7 @@ def _json_classify(gateway, query="", **fields):
 
 
 def test_json_body_options_are_applied(stack):
-    status, answer = _json_classify(stack["gateway"], top_k=2, version=2, client_id="erin")
+    status, answer, _ = _json_classify(stack["gateway"], top_k=2, version=2, client_id="erin")
     assert status == 200, answer
     assert len(answer["predictions"]) == 2 and answer["model"]["version"] == 2
 
@@ -390,23 +357,23 @@ def test_json_body_options_are_applied(stack):
     ({"colour": "red"}, 400, "unknown_field"),
 ])
 def test_json_body_options_are_validated_like_the_query_string(stack, fields, status, code):
-    got, body = _json_classify(stack["gateway"], **fields)
+    got, body, _ = _json_classify(stack["gateway"], **fields)
     assert (got, body["error"]["code"]) == (status, code), body
 
 
 def test_an_option_in_both_the_body_and_the_query_is_refused(stack):
-    status, body = _json_classify(stack["gateway"], "top_k=1", top_k=2)
+    status, body, _ = _json_classify(stack["gateway"], "top_k=1", top_k=2)
     assert status == 400 and "top_k" in body["error"]["message"], body
 
 
 # ------------------------------------------------------------------------------------------- 14. top_k per version
 def test_top_k_is_checked_against_the_version_that_answers(stack):
     gateway = stack["gateway"]
-    status, answer = gateway.classify(PHOTOS[2].read_bytes(), "version=1&top_k=1")
+    status, answer, _ = gateway.classify(PHOTOS[2].read_bytes(), "version=1&top_k=1")
     assert status == 200, answer
-    status, answer = gateway.classify(PHOTOS[3].read_bytes(), "version=3&top_k=5")  # 5 classes: allowed
+    status, answer, _ = gateway.classify(PHOTOS[3].read_bytes(), "version=3&top_k=5")  # 5 classes: allowed
     assert status == 200 and len(answer["predictions"]) == 5, answer
-    status, answer = gateway.classify(PHOTOS[4].read_bytes(), "version=1&top_k=5")  # 4 classes: refused
+    status, answer, _ = gateway.classify(PHOTOS[4].read_bytes(), "version=1&top_k=5")  # 4 classes: refused
     assert status == 400 and answer["error"]["code"] == "bad_top_k", answer
     assert "4" in answer["error"]["message"]
 
@@ -440,7 +407,7 @@ def _put_routing(gateway, body: bytes):
 def test_routing_put_refuses_what_it_cannot_split_with_400(stack, body, message):
     gateway = stack["gateway"]
     assert _put_routing(gateway, b'{"weights": {"1": 60, "2": 40}}')[0] == 200
-    status, answer = _put_routing(gateway, body)
+    status, answer, _ = _put_routing(gateway, body)
     assert status == 400 and answer["error"]["code"] in ("bad_json", "bad_routing"), answer
     assert message in answer["error"]["message"], answer
     assert gateway.request("GET", "/v1/admin/routing", token=TOKEN)[1]["weights"] == {"1": 60.0, "2": 40.0}
@@ -448,10 +415,10 @@ def test_routing_put_refuses_what_it_cannot_split_with_400(stack, body, message)
 
 def test_routing_put_accepts_the_bounds_and_clears_only_when_asked(stack):
     gateway = stack["gateway"]
-    status, applied = _put_routing(gateway, b'{"weights": {"1": 1000000, "2": 1000000.0, "3": 0}, "shadow": null}')
+    status, applied, _ = _put_routing(gateway, b'{"weights": {"1": 1000000, "2": 1000000.0, "3": 0}, "shadow": null}')
     assert status == 200, applied
     assert applied["effective"] == {"1": 1e6, "2": 1e6}
-    status, cleared = _put_routing(gateway, b'{"clear": true}')
+    status, cleared, _ = _put_routing(gateway, b'{"clear": true}')
     assert status == 200, cleared
     assert (cleared["weights"], cleared["shadow"]) == ({}, None)
     assert cleared["audit"]["old"]["weights"] == {"1": 1e6, "2": 1e6} and cleared["audit"]["new"]["weights"] == {}

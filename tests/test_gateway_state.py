@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -18,9 +16,9 @@ from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 from services.gateway import keys
 from services.gateway.feedback import BadFeedbackToken, FeedbackTokens
 from services.gateway.protos import load
-from devstack.servers import start_gateway
+from tests.gateway_harness import GatewayProcess
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
-from tests.support import MUSHROOMS, RedisServer, free_port, stop_process
+from tests.support import MUSHROOMS, RedisServer, free_port
 from training_job.tiny_model import publish_tiny_versions
 from training_job.paths import PROJECT_ROOT
 
@@ -30,51 +28,13 @@ OPERATORS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789"}
 PHOTOS = sorted(p for d in sorted(MUSHROOMS.iterdir()) for p in sorted(d.iterdir())[:2])
 
 
-class Gateway:
-    """A gateway process; ``extra`` flags and ``env`` on top of the test defaults."""
+class Gateway(GatewayProcess):
+    """A gateway with the replicas' shared FEEDBACK_SECRET and no admin token; ``extra`` flags and ``env`` on top."""
 
     def __init__(self, model_server: str, redis_url: str, *extra: str, env: dict | None = None,
                  wait_ready: bool = True):
-        self.process, self.http_port, self.grpc_port, self.log = start_gateway(
-            model_server, redis_url, MODEL, *extra,
-            env={"FEEDBACK_SECRET": FEEDBACK_SECRET, "GATEWAY_ADMIN_TOKEN": "", **(env or {})})
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        if wait_ready:
-            wait_until(lambda: self.request("GET", "/readyz")[0] == 200, timeout=30, what="gateway ready")
-
-    def request(self, method, path, body=None, content_type=None, token=None, headers=None, timeout=30):
-        headers = dict(headers or {})
-        if isinstance(body, (dict, list)):
-            body, content_type = json.dumps(body).encode(), "application/json"
-        if content_type:
-            headers["Content-Type"] = content_type
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as response:
-                raw = response.read()
-                return response.status, (json.loads(raw) if raw[:1] in (b"{", b"[") else raw.decode()), \
-                    dict(response.headers)
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read()), dict(exc.headers)
-
-    def classify(self, photo: bytes, **params):
-        query = "&".join(f"{k}={v}" for k, v in params.items())
-        return self.request("POST", f"/v1/classify?{query}", photo, "image/jpeg")
-
-    def metric(self, name: str, **labels) -> float:
-        """The value of one sample of /metrics (0 when absent)."""
-        _, text, _ = self.request("GET", "/metrics")
-        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        for line in text.splitlines():
-            sample, _, value = line.rpartition(" ")
-            if sample == (f"{name}{{{wanted}}}" if labels else name):
-                return float(value)
-        return 0.0
-
-    def stop(self):
-        stop_process(self.process)
+        super().__init__(model_server, redis_url, *extra, wait_ready=wait_ready,
+                         env={"FEEDBACK_SECRET": FEEDBACK_SECRET, "GATEWAY_ADMIN_TOKEN": "", **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +276,7 @@ def test_operator_state_survives_a_restart_of_redis_run_as_the_stack_runs_it():
         client.set(keys.routing(MODEL), table)
         client.lpush(keys.audit(MODEL), json.dumps({"who": "alice"}))
         client.hincrby(keys.feedback_tally(MODEL), "1:total", 3)
-        client.set(keys.result(MODEL, 1, 1, "ab"), "{}", ex=3600)
+        client.set(keys.result(MODEL, 1, 1, 224, "ab"), "{}", ex=3600)
         assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "volatile-lru"
         for key in (keys.routing(MODEL), keys.audit(MODEL), keys.feedback_tally(MODEL)):
             assert client.ttl(key) == -1  # no TTL: never a volatile-lru eviction candidate
@@ -338,7 +298,7 @@ def test_cache_keys_expire_and_state_keys_do_not(gateway, redis_server):
     feedback = {"feedback_token": answer["feedback_token"], "true_label": "x"}
     assert gateway.request("POST", "/v1/feedback", feedback)[0] == 200
     client = redis.Redis.from_url(redis_server.url)
-    wait_until(lambda: client.exists(keys.result(MODEL, 2, _preprocessing_version(), _sha256(photo))), timeout=10,
+    wait_until(lambda: client.exists(keys.result(MODEL, 2, _preprocessing_version(), 224, _sha256(photo))), timeout=10,
                what="the answer cached")
     ttls = {key.decode(): client.ttl(key) for key in client.scan_iter()}
     state = {keys.routing(MODEL), keys.audit(MODEL), keys.feedback_tally(MODEL), keys.feedback_seen(MODEL)}

@@ -9,17 +9,20 @@ import numpy as np
 import pytest
 
 import training_job.preprocessing as contract
-from services.gateway import classifier
-from services.gateway.cache import CircuitBreaker, SingleFlight, cache_key
+from services.gateway import classifier, pixels
+from services.gateway.cache import CircuitBreaker, cache_key
+from services.gateway.input_sizes import InputSizes
+from services.gateway.single_flight import SingleFlight
 from services.gateway.routing import RoutingError, RoutingTable, parse_assignments, pick_entry
 
 CLIENTS = [f"client-{i}" for i in range(20000)]
 
 
-def test_cache_key_depends_on_photo_model_version_and_preprocessing():
-    key = cache_key("abc", "mushrooms", 3)
+def test_cache_key_depends_on_photo_model_version_preprocessing_and_input_size():
+    key = cache_key("abc", "mushrooms", 3, 224)
     assert contract.PREPROCESSING_VERSION in key
-    assert len({key, cache_key("abd", "mushrooms", 3), cache_key("abc", "other", 3), cache_key("abc", "mushrooms", 4)}) == 4
+    assert len({key, cache_key("abd", "mushrooms", 3, 224), cache_key("abc", "other", 3, 224),
+                cache_key("abc", "mushrooms", 4, 224), cache_key("abc", "mushrooms", 3, 240)}) == 5
 
 
 def test_split_converges_to_the_weights():
@@ -108,15 +111,15 @@ def test_only_small_photos_are_decoded_on_the_event_loop():
 
     from PIL import Image
 
-    assert classifier._cheap_to_decode(_jpeg((640, 480)))
-    assert not classifier._cheap_to_decode(_jpeg((640, 480)) + b"\0" * classifier.INLINE_MAX_BYTES)  # too many bytes
-    assert not classifier._cheap_to_decode(b"<html>not a photo</html>")  # the pool says what is wrong with it
+    assert pixels.cheap_to_decode(_jpeg((640, 480)))
+    assert not pixels.cheap_to_decode(_jpeg((640, 480)) + b"\0" * pixels.INLINE_MAX_BYTES)  # too many bytes
+    assert not pixels.cheap_to_decode(b"<html>not a photo</html>")  # the pool says what is wrong with it
     png = io.BytesIO()
     Image.new("L", (1, 1)).save(png, "PNG")
     header = png.getvalue()
     ihdr = struct.pack(">IIBBBBB", 4000, 4000, 8, 0, 0, 0, 0)  # a few bytes claiming 16 M pixels
     bomb = header[:8] + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
-    assert not classifier._cheap_to_decode(bomb + header[33:])
+    assert not pixels.cheap_to_decode(bomb + header[33:])
 
 
 def test_the_answer_is_cached_off_the_response_path_and_shared_until_stored():
@@ -143,6 +146,9 @@ def test_the_answer_is_cached_off_the_response_path_and_shared_until_stored():
     class Upstream:
         model_name = "mushrooms"
 
+        async def input_size(self, version, label=None):
+            return version, 224
+
         async def predict(self, pixels, version, label):
             predictions.append(version)
             return [Prediction(version, np.float32([0.25, 0.75]), ["a", "b"], 0.9, False)]
@@ -153,7 +159,8 @@ def test_the_answer_is_cached_off_the_response_path_and_shared_until_stored():
 
     router = SimpleNamespace(available={1}, choose=lambda client: (1, "latest"), shadow_version=lambda: None)
     gateway = classifier.Classifier(Upstream(), Cache(), router, Stats(Redis(), "mushrooms"),
-                                    SimpleNamespace(display_names=lambda version: {}), Limits())
+                                    SimpleNamespace(display_names=lambda version: {}), Limits(), SingleFlight(),
+                                    InputSizes(Upstream()))
     photo = _jpeg((64, 48))
 
     async def scenario():
@@ -164,7 +171,7 @@ def test_the_answer_is_cached_off_the_response_path_and_shared_until_stored():
         second = await gateway.classify(photo, top_k=1)
         assert predictions == [1] and not second["cached"]
         release.set()
-        while gateway._storing:
+        while not stored:
             await asyncio.sleep(0.01)
         third = await gateway.classify(photo, top_k=1)
         assert third["cached"] and predictions == [1] and len(stored) == 1
@@ -201,6 +208,9 @@ def test_a_routed_version_unloaded_since_the_last_status_poll_is_routed_around()
     class Upstream:
         model_name = "mushrooms"
 
+        async def input_size(self, version, label=None):
+            return version, 224
+
         async def predict(self, pixels, version, label):
             calls.append(version)
             if version == 1:  # unloaded by the model server; the gateway has not polled since
@@ -224,7 +234,8 @@ def test_a_routed_version_unloaded_since_the_last_status_poll_is_routed_around()
     router.table = RoutingTable.from_request({"weights": {"1": 100}})
     router.available = {1, 2}
     gateway = classifier.Classifier(Upstream(), Cache(), router, Stats(Redis(), "mushrooms"),
-                                    SimpleNamespace(display_names=lambda version: {}), Limits())
+                                    SimpleNamespace(display_names=lambda version: {}), Limits(), SingleFlight(),
+                                    InputSizes(Upstream()))
 
     async def scenario():
         answer = await gateway.classify(_jpeg((64, 48)), client_id="c", top_k=1)

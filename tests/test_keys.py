@@ -29,7 +29,8 @@ def test_no_module_but_keys_spells_a_redis_key():
 
 
 def test_every_key_has_the_project_prefix_and_the_model_in_it():
-    built = [keys.result("m", 1, 3, "ab"), keys.result_pattern("m"), keys.explanation("m", 1, 3, "ab", "predicted"),
+    built = [keys.result("m", 1, 3, 224, "ab"), keys.result_pattern("m"),
+             keys.explanation("m", 1, 3, 224, "ab", "predicted"),
              keys.explanation_pattern("m"), keys.routing("m"), keys.audit("m"),
              keys.feedback_tally("m"), keys.feedback_seen("m")]
     assert all(k.startswith("mushroom:") and ":m" in k for k in built)

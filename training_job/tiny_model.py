@@ -73,12 +73,26 @@ class TinyClassifier(tf.Module):
         return {"outputs": tf.reduce_max(probabilities, axis=1)}
 
 
-def write_tiny_model(version_dir: str | Path, bias: float = 0.0, labels=LABELS) -> Path:
-    """Write a contract-shaped SavedModel straight into ``version_dir`` (tests only; publishing is atomic)."""
+def write_tiny_model(version_dir: str | Path, bias: float = 0.0, labels=LABELS, image_size: int | None = None) -> Path:
+    """Write a contract-shaped SavedModel straight into ``version_dir`` (tests only; publishing is atomic).
+
+    ``image_size`` S: ``serving_default`` declares ``images`` uint8 [batch, S, S, 3], as an exported model of that
+    input size does (EfficientNet-Lite1 240, Lite2 260), and refuses pixels of another size (INVALID_ARGUMENT), as
+    TF Serving does; None = any height and width."""
     version_dir = Path(version_dir)
-    module = TinyClassifier(labels, bias)
+    module = TinyClassifier(labels, bias, size=image_size or 224)
+    serve_pixels = module.serve_pixels
+    if image_size is not None:
+        def sized(images):
+            tf.debugging.assert_equal(tf.shape(images)[1:3], tf.constant([image_size, image_size]),
+                                      message=f"images must be {image_size}x{image_size}")
+            return module._outputs(images)
+
+        module.serve_sized_pixels = tf.function(
+            sized, input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.uint8, name="images")])
+        serve_pixels = module.serve_sized_pixels
     tf.saved_model.save(module, str(version_dir), signatures={
-        "serving_default": module.serve_pixels, "predict_image_bytes": module.serve_bytes,
+        "serving_default": serve_pixels, "predict_image_bytes": module.serve_bytes,
         # TF2 exports: method_name is tensorflow/serving/predict, served by Classify/Regress as TF Serving does
         "classify_mean_colour": module.classify_mean_colour, "regress_mushroom_score": module.regress_mushroom_score})
     extra = version_dir / "assets.extra"

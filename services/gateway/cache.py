@@ -1,7 +1,8 @@
 """Redis result cache: the full answer of a model version for a photo, keyed so that nothing stale can be served.
 
-Key = photo sha256 + model + resolved version + preprocessing version. Redis trouble never fails a request: after a
-short timeout the request is served uncached, and a circuit breaker skips Redis for a while before trying again.
+Key = photo sha256 + model + resolved version + preprocessing version + the version's input size. Redis trouble
+never fails a request: after a short timeout the request is served uncached, and a circuit breaker skips Redis for a
+while before trying again.
 """
 from __future__ import annotations
 
@@ -42,12 +43,12 @@ class CircuitBreaker:
         metrics.CACHE.labels(outcome="error").inc()
 
 
-def cache_key(sha256: str, model: str, version: int) -> str:
-    return keys.result(model, version, PREPROCESSING_VERSION, sha256)
+def cache_key(sha256: str, model: str, version: int, image_size: int) -> str:
+    return keys.result(model, version, PREPROCESSING_VERSION, image_size, sha256)
 
 
-def explanation_key(sha256: str, model: str, version: int, target: str) -> str:
-    return keys.explanation(model, version, PREPROCESSING_VERSION, sha256, target)
+def explanation_key(sha256: str, model: str, version: int, image_size: int, target: str) -> str:
+    return keys.explanation(model, version, PREPROCESSING_VERSION, image_size, sha256, target)
 
 
 class ResultCache:
@@ -78,30 +79,3 @@ class ResultCache:
         except (aioredis.RedisError, OSError, asyncio.TimeoutError):
             self.breaker.failure()
 
-
-class SingleFlight:
-    """Identical concurrent misses share one upstream call.
-
-    The call runs in a task the single-flight owns, not in the first caller: a caller that goes away (a gRPC
-    deadline, a cancelled call, a closed HTTP connection) only stops waiting, and the call goes on for the others
-    (and for callers arriving while it is still in flight). Its outcome, answer or error, reaches every waiter.
-    """
-
-    def __init__(self):
-        self._calls: dict[str, asyncio.Task] = {}
-
-    async def do(self, key: str, work):
-        call = self._calls.get(key)
-        if call is not None:
-            metrics.SINGLE_FLIGHT_SHARED.inc()
-        else:
-            call = asyncio.create_task(work())
-            self._calls[key] = call
-            call.add_done_callback(lambda done: self._finished(key, done))
-        return await asyncio.shield(call)
-
-    def _finished(self, key: str, call: asyncio.Task) -> None:
-        if self._calls.get(key) is call:
-            del self._calls[key]
-        if not call.cancelled():
-            call.exception()  # retrieved here, so a call every waiter left logs no "never retrieved" warning

@@ -1,84 +1,86 @@
-"""The classify path both protocols share: route -> cache -> (miss) preprocess -> model server -> answer."""
+"""The classify path both protocols share, in named stages (as KServe's ``Model.__call__`` names preprocess,
+predict and postprocess): route -> lookup -> (on a miss) preprocess -> predict -> store -> answer, each timed in
+mushroom_gateway_stage_seconds{stage=...}."""
 from __future__ import annotations
 
 import asyncio
 import base64
 import hashlib
-import io
 import re
 import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 import numpy as np
-from PIL import Image
 
 from services.gateway import metrics
-from services.gateway.cache import ResultCache, SingleFlight, cache_key, explanation_key
+from services.gateway.cache import ResultCache, cache_key, explanation_key
 from services.gateway.errors import GatewayError
+from services.gateway.input_sizes import InputSizes
 from services.gateway.model_info import ModelInfo, display_name
+from services.gateway.pixels import Preprocessor
 from services.gateway.routing import Router
+from services.gateway.single_flight import NoSingleFlight, SingleFlight
 from services.gateway.stats import Stats
 from services.gateway.upstream import ModelServerClient, UpstreamRejected, UpstreamUnavailable
 from training_job.heatmaps import displayed_size, overlay_png
-from training_job.preprocessing import InvalidImage, Limits, open_image, preprocess_bytes
+from training_job.preprocessing import Limits, open_image
 
 log = logging.getLogger("gateway.classifier")
 MAX_TOP_K = 100
-# Photos this small are decoded on the event loop: their decode costs about what the two thread hand-offs to and
-# from the preprocessing pool cost. Bigger ones (or ones whose header says many pixels) go to the pool, so a
-# slow decode never blocks the loop.
-INLINE_MAX_BYTES = 64 * 1024
-INLINE_MAX_PIXELS = 1_000_000
+DEFAULT_TOP_K = 3  # both protocols' default
 CLASS_LABEL = re.compile(r"[A-Za-z0-9_.-]{1,100}")  # a label as training names its folders; it goes into a cache key
 
 
-def _cheap_to_decode(photo: bytes) -> bool:
-    if len(photo) > INLINE_MAX_BYTES:
-        return False
-    try:
-        width, height = Image.open(io.BytesIO(photo)).size  # header only
-    except Exception:  # noqa: BLE001 - not an image, or a bomb: the pool's preprocess_bytes says what is wrong
-        return False
-    return width * height <= INLINE_MAX_PIXELS
+@dataclass(frozen=True)
+class Target:
+    """Where a request goes: a version number, or None for the version ``label`` points at (or the latest), and
+    the input size S its photo is preprocessed at (that version's)."""
+    version: int | None
+    label: str | None
+    reason: str  # the ROUTE metric's reason: "override", "ab", "single", "latest"
+    size: int = 0  # 0 until the route stage has asked the version's size
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """The plain answer, or the answer with a Grad-CAM explanation for ``class_name`` (None = the predicted class)."""
+    explain: bool
+    class_name: str | None = None
+
+    @property
+    def target(self) -> str:
+        """The explanation's part of its cache key: "=" is in no class name (CLASS_LABEL), so a class named
+        "predicted" cannot share the predicted class's entry."""
+        return "predicted" if self.class_name is None else f"class={self.class_name}"
+
+
+PLAIN = Wanted(False)
 
 
 class Classifier:
     def __init__(self, upstream: ModelServerClient, cache: ResultCache, router: Router, stats: Stats,
-                 model_info: ModelInfo, limits: Limits, preprocess_threads: int = 2):
+                 model_info: ModelInfo, limits: Limits, single_flight: SingleFlight | NoSingleFlight,
+                 input_sizes: InputSizes, preprocess_threads: int = 2):
         self.upstream = upstream
         self.cache = cache
         self.router = router
         self.stats = stats
         self.model_info = model_info
         self.limits = limits
-        self.single_flight = SingleFlight()
+        self.single_flight = single_flight
+        self.input_sizes = input_sizes
         self.executor = ThreadPoolExecutor(preprocess_threads, thread_name_prefix="preprocess")
+        self.preprocessor = Preprocessor(limits, self.executor)
         self._background: set[asyncio.Task] = set()
-        # Answers whose Redis write is still in flight (written after the response, off its path): an identical
-        # request arriving meanwhile shares the answer, as it would have joined the single-flight call before.
-        self._storing: dict[str, dict] = {}
         self._classes: dict[int, list[str]] = {}  # version -> its class labels in column order, from its answers
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    async def _preprocess(self, photo: bytes) -> np.ndarray:
-        start = time.perf_counter()
-        try:
-            if _cheap_to_decode(photo):
-                pixels = preprocess_bytes(photo, 224, self.limits)
-            else:
-                pixels = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, preprocess_bytes, photo, 224, self.limits)
-        except InvalidImage as exc:
-            status = 413 if exc.code in ("too_large",) else 400
-            raise GatewayError(status, exc.code, exc.message) from None
-        metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - start)
-        return pixels
 
     async def _ask_upstream(self, call, label: str | None):
         """``await call()``, the model server's refusals turned into GatewayErrors."""
@@ -158,49 +160,50 @@ class Classifier:
         if not 1 <= top_k <= limit:
             raise GatewayError(400, "bad_top_k", f"top_k must be between 1 and {limit}, got {top_k}")
 
-    async def classify(self, photo: bytes, *, client_id: str | None = None, top_k: int = 3,
+    def _validate(self, photo: bytes, top_k: int, explain_class: str | None) -> None:
+        """Refuses a request before any work: top_k out of range, a malformed class name, an empty or oversized
+        photo."""
+        self._check_top_k(top_k)
+        if explain_class is not None and not CLASS_LABEL.fullmatch(explain_class):
+            raise GatewayError(400, "bad_explain_class", f"explain_class must be a class label "
+                               f"({CLASS_LABEL.pattern}), got {explain_class[:80]!r}")
+        if not photo:
+            raise GatewayError(400, "empty", "the photo is empty (0 bytes)")
+        if len(photo) > self.limits.max_bytes:
+            raise GatewayError(413, "too_large", f"the photo is {len(photo)} bytes; the limit is "
+                               f"{self.limits.max_bytes} bytes")
+
+    async def classify(self, photo: bytes, *, client_id: str | None = None, top_k: int = DEFAULT_TOP_K,
                        version: int | None = None, label: str | None = None, protocol: str = "http",
                        endpoint: str = "classify", explain: bool = False, explain_class: str | None = None) -> dict:
         """The answer; with ``explain`` also its Grad-CAM ``explanation`` for the predicted class, or for the class
-        labelled ``explain_class``."""
+        labelled ``explain_class``. Stages (each timed in mushroom_gateway_stage_seconds): route -> lookup ->
+        (on a miss) preprocess -> predict -> store (after the answer) -> answer."""
         start = time.perf_counter()
         explain = explain or explain_class is not None
+        wanted = Wanted(explain, explain_class)
         cache_outcome, result, chosen = "miss", "ok", version
         try:
-            self._check_top_k(top_k)
-            if explain_class is not None and not CLASS_LABEL.fullmatch(explain_class):
-                raise GatewayError(400, "bad_explain_class", f"explain_class must be a class label "
-                                   f"({CLASS_LABEL.pattern}), got {explain_class[:80]!r}")
-            if not photo:
-                raise GatewayError(400, "empty", "the photo is empty (0 bytes)")
-            if len(photo) > self.limits.max_bytes:
-                raise GatewayError(413, "too_large", f"the photo is {len(photo)} bytes; the limit is "
-                                   f"{self.limits.max_bytes} bytes")
+            self._validate(photo, top_k, explain_class)
             routed = version is None and not label
-            if version is not None and version not in self.router.available:
-                raise GatewayError(404, "unknown_version", f"version {version} is not AVAILABLE "
-                                   f"(available: {sorted(self.router.available)})")
-            chosen, reason = self.router.choose(client_id) if routed else (version, "override")
-            try:
-                answer, cache_outcome = await self._lookup(photo, chosen, label, explain, explain_class)
-            except GatewayError as exc:
-                if not (routed and chosen is not None and exc.code == "unknown_version"):
-                    raise
-                # The model server unloaded the routed version after the last status poll: route again without it
-                # (the next poll brings it back if it was only a moment's disagreement).
-                self.router.available.discard(chosen)
-                metrics.REROUTED.inc()
-                chosen, reason = self.router.choose(client_id)
-                answer, cache_outcome = await self._lookup(photo, chosen, label, explain, explain_class)
+            for attempt in (1, 2):
+                try:
+                    with metrics.stage("route"):
+                        target = self._route(client_id, version, label)
+                        chosen = target.version
+                        target = await self._sized(target)
+                    answer, cache_outcome = await self._lookup_or_predict(photo, target, wanted)
+                    break
+                except GatewayError as exc:
+                    if attempt == 2 or not (routed and chosen is not None and exc.code == "unknown_version"):
+                        raise
+                    # The model server unloaded the routed version after the last status poll: route again without
+                    # it (the next poll brings it back if it was only a moment's disagreement).
+                    self.router.available.discard(chosen)
+                    metrics.REROUTED.inc()
             self._check_top_k(top_k, len(answer["classes"]))
-            explanation = None
-            if explain:
-                explanation = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, self._draw_explanation, photo, answer)
-            answered = metrics.version_metric_value(answer["version"], self.router.available)
-            metrics.ROUTE.labels(model_version=answered, reason=reason).inc()
-            reply = self._answer(answer, top_k, cache_outcome == "hit", start)
-            return reply if explanation is None else {**reply, "explanation": explanation}
+            with metrics.stage("answer"):
+                return await self._reply(photo, answer, target.reason, top_k, cache_outcome == "hit", wanted, start)
         except GatewayError as exc:
             result = "client_error" if exc.status < 500 else "unavailable"
             if exc.status >= 500:
@@ -215,54 +218,86 @@ class Classifier:
                 metrics.REQUEST_SECONDS.labels(protocol=protocol, endpoint=endpoint, model_version=chosen_value,
                                                cache=cache_outcome, result=result).observe(time.perf_counter() - start)
 
-    async def _explained(self, photo: bytes, digest: str, chosen: int | None, label: str | None,
-                         wanted: str | None) -> tuple[dict, str]:
-        """(the answer with its explanation, "hit" or "miss"): cached under its own key beside the plain answer,
-        which a miss stores too (so a plain classify of the photo after it is a hit)."""
-        model = self.upstream.model_name
-        # "=" is in no label (CLASS_LABEL), so a class named "predicted" cannot share the predicted class's entry
-        target = "predicted" if wanted is None else f"class={wanted}"
-        key = explanation_key(digest, model, chosen, target) if chosen is not None else None
-        answer = await self.cache.get(key) if key is not None else None
-        if answer is not None:
-            return answer, "hit"
-        if key is not None and key in self._storing and isinstance(self.single_flight, SingleFlight):
-            metrics.SINGLE_FLIGHT_SHARED.inc()
-            return self._storing[key], "miss"
+    # ------------------------------------------------------------------ the stages
+    def _route(self, client_id: str | None, version: int | None, label: str | None) -> Target:
+        """Stage route, first half: the version asked for by number (it must be AVAILABLE), by version label
+        (resolved by the model server when it answers), or else the routing table's choice for this client."""
+        if label:
+            return Target(version, label, "override")
+        if version is not None:
+            if version not in self.router.available:
+                raise GatewayError(404, "unknown_version", f"version {version} is not AVAILABLE "
+                                   f"(available: {sorted(self.router.available)})")
+            return Target(version, None, "override")
+        chosen, reason = self.router.choose(client_id)
+        return Target(chosen, None, reason)
+
+    async def _sized(self, target: Target) -> Target:
+        """Stage route, second half: the input size of the version that will answer (kept per version; asked
+        afresh for a version label, or when no version is known, as the label may move)."""
+        if target.version is not None:
+            size = await self._ask_upstream(lambda: self.input_sizes.of(target.version), target.label)
+        else:
+            _, size = await self._ask_upstream(lambda: self.input_sizes.resolve(target.label), target.label)
+        return replace(target, size=size)
+
+    async def _lookup_or_predict(self, photo: bytes, target: Target, wanted: Wanted) -> tuple[dict, str]:
+        """(answer, "hit" | "miss"): the answer of ``target`` for this photo found by the lookup stage, or else
+        made by the preprocess and predict stages (identical concurrent misses share one call) and stored."""
+        digest = hashlib.sha256(photo).hexdigest()
+        key = self._key(digest, target.version, target.size, wanted) if target.version is not None else None
+        found = await self._lookup(key)
+        if found is not None:
+            return found
 
         async def miss():
-            pixels = await self._preprocess(photo)
-            fresh = await self._explain(pixels, chosen, label, wanted)
-            self._store(explanation_key(digest, model, fresh["version"], target), fresh)
-            self._store(cache_key(digest, model, fresh["version"]),
-                        {k: v for k, v in fresh.items() if k != "explanation"})
+            with metrics.stage("preprocess"):
+                pixels = await self.preprocessor.pixels(photo, target.size)
+            with metrics.stage("predict"):
+                fresh = await (self._explain(pixels, target.version, target.label, wanted.class_name)
+                               if wanted.explain else self._predict(pixels, target.version, target.label))
+            self._store(self._key(digest, fresh["version"], target.size, wanted), fresh)
+            if wanted.explain:  # the plain answer too, so a plain classify of the photo after it is a hit
+                self._store(self._key(digest, fresh["version"], target.size, PLAIN),
+                            {k: v for k, v in fresh.items() if k != "explanation"})
+            else:
+                self._maybe_shadow(photo, pixels, fresh)
             return fresh
 
-        return await self.single_flight.do(key or f"{digest}:{label}:explain:{target}", miss), "miss"
+        flight = key or f"{digest}:{target.label}" + (f":explain:{wanted.target}" if wanted.explain else "")
+        return await self.single_flight.do(flight, miss), "miss"
 
-    async def _lookup(self, photo: bytes, chosen: int | None, label: str | None, explain: bool = False,
-                      explain_class: str | None = None) -> tuple[dict, str]:
-        """(answer, "hit" | "miss"): the cached answer of ``chosen`` for this photo (with its explanation when
-        ``explain``), or the model server's."""
-        digest = hashlib.sha256(photo).hexdigest()
-        if explain:
-            return await self._explained(photo, digest, chosen, label, explain_class)
-        key = cache_key(digest, self.upstream.model_name, chosen) if chosen is not None else None
-        if key is not None:
+    def _key(self, digest: str, version: int, size: int, wanted: Wanted) -> str:
+        """The cache key of a version's answer for a photo preprocessed at ``size``: the plain answer, or the one
+        with its explanation (under its own key beside the plain answer's)."""
+        model = self.upstream.model_name
+        if wanted.explain:
+            return explanation_key(digest, model, version, size, wanted.target)
+        return cache_key(digest, model, version, size)
+
+    async def _lookup(self, key: str | None) -> tuple[dict, str] | None:
+        """Stage lookup: (the cached answer, "hit"), or (an answer still being written to the cache, "miss"), or
+        None. Nothing to look up without a version number (a version label's answer names its version)."""
+        if key is None:
+            return None
+        with metrics.stage("lookup"):
             answer = await self.cache.get(key)
             if answer is not None:
                 return answer, "hit"
-            if key in self._storing and isinstance(self.single_flight, SingleFlight):
-                metrics.SINGLE_FLIGHT_SHARED.inc()
-                return self._storing[key], "miss"
+            answer = self.single_flight.held(key)
+            return (answer, "miss") if answer is not None else None
 
-        async def miss():
-            pixels = await self._preprocess(photo)
-            fresh = await self._predict(pixels, chosen, label)
-            self._store(cache_key(digest, self.upstream.model_name, fresh["version"]), fresh)
-            self._maybe_shadow(pixels, fresh)
-            return fresh
-        return await self.single_flight.do(key or f"{digest}:{label}", miss), "miss"
+    async def _reply(self, photo: bytes, answer: dict, reason: str, top_k: int, cached: bool, wanted: Wanted,
+                     start: float) -> dict:
+        """Stage answer: the reply to the client, with the drawn explanation when one was asked for."""
+        explanation = None
+        if wanted.explain:
+            explanation = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self._draw_explanation, photo, answer)
+        answered = metrics.version_metric_value(answer["version"], self.router.available)
+        metrics.ROUTE.labels(model_version=answered, reason=reason).inc()
+        reply = self._answer(answer, top_k, cached, start)
+        return reply if explanation is None else {**reply, "explanation": explanation}
 
     def _answer(self, raw: dict, top_k: int, cached: bool, start: float) -> dict:
         version = raw["version"]
@@ -281,19 +316,22 @@ class Classifier:
                 "mushroom_score": raw["mushroom_score"], "cached": cached, "latency_ms": latency * 1000}
 
     def _store(self, key: str, answer: dict) -> None:
-        """Caches ``answer`` in the background: the Redis round trip is off the response's path."""
-        self._storing[key] = answer
+        """Stage store: caches ``answer`` in the background, off the response's path; until the write ends the
+        single-flight shares the answer with identical requests."""
+        release = self.single_flight.hold(key, answer)
 
         async def put():
             try:
-                await self.cache.put(key, answer)
+                with metrics.stage("store"):
+                    await self.cache.put(key, answer)
             finally:
-                if self._storing.get(key) is answer:
-                    del self._storing[key]
+                release()
 
         self._spawn(put())
 
-    def _maybe_shadow(self, pixels: np.ndarray, answer: dict) -> None:
+    def _maybe_shadow(self, photo: bytes, pixels: np.ndarray, answer: dict) -> None:
+        """Mirrors a miss to the shadow version, in the background, the photo preprocessed at the shadow's own input
+        size (the answer's pixels when it is the same)."""
         shadow = self.router.shadow_version()
         if shadow is None or shadow == answer["version"] or shadow not in self.router.available:
             return
@@ -301,7 +339,9 @@ class Classifier:
         async def mirror():
             start = time.perf_counter()
             try:
-                shadow_answer = await self._predict(pixels, shadow, None)
+                size = await self._ask_upstream(lambda: self.input_sizes.of(shadow), None)
+                shadow_pixels = pixels if size == pixels.shape[0] else await self.preprocessor.pixels(photo, size)
+                shadow_answer = await self._predict(shadow_pixels, shadow, None)
             except GatewayError:
                 return
             # the same top-1 label (two versions may order their columns differently)

@@ -7,10 +7,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.gateway.classifier import Classifier
+from services.gateway.classifier import DEFAULT_TOP_K, Classifier
 from services.gateway.errors import GatewayError
 from services.gateway.feedback_intake import take_feedback
 from services.gateway.protos import load
+from services.gateway.routing import Router
+from services.gateway.stats import Stats
 from services.gateway.upstream import state_name
 
 pb, pb_grpc = load()
@@ -39,14 +41,16 @@ def to_proto(answer: dict):
 
 
 class ClassifierService(pb_grpc.ClassifierServicer):
-    def __init__(self, classifier: Classifier, photo_store=None):
+    def __init__(self, classifier: Classifier, router: Router, stats: Stats, photo_store=None):
         self.classifier = classifier
+        self.router = router
+        self.stats = stats
         self.photo_store = photo_store  # opt-in (photo_store.PhotoStore): photos kept so corrections become data
 
     async def _classify(self, request, endpoint: str):
         choice = request.WhichOneof("override")
         answer = await self.classifier.classify(
-            request.photo, client_id=request.client_id or None, top_k=request.top_k or 3,
+            request.photo, client_id=request.client_id or None, top_k=request.top_k or DEFAULT_TOP_K,
             version=request.version if choice == "version" else None,
             label=request.label if choice == "label" else None, protocol="grpc", endpoint=endpoint,
             explain=request.explain, explain_class=request.explain_class or None)
@@ -70,7 +74,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
 
     async def Feedback(self, request, context):
         try:
-            recorded = await take_feedback(self.classifier.stats, self.photo_store, request.feedback_token,
+            recorded = await take_feedback(self.stats, self.photo_store, request.feedback_token,
                                            request.true_label, request.request_id or None)
         except GatewayError as exc:
             await context.abort(exc.grpc_code, f"{exc.code}: {exc.message}")
@@ -86,18 +90,18 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             states = await self.classifier.version_states()
         except GatewayError as exc:
             await context.abort(exc.grpc_code, f"{exc.code}: {exc.message}")
-        table = self.classifier.router.table
+        table = self.router.table
         return pb.ListModelsResponse(
-            model_name=self.classifier.upstream.model_name,
+            model_name=self.router.model_name,
             versions=[pb.ModelVersion(version=v, state=state_name(s)) for v, s in sorted(states.items())],
             routing=[pb.RoutingArm(target=str(e), weight=table.weights[e]) for e in table.entries()],
             shadow=str(table.shadow) if table.shadow is not None else "")
 
 
-def build_server(classifier: Classifier, host: str, port: int,
+def build_server(classifier: Classifier, router: Router, stats: Stats, host: str, port: int,
                  photo_store=None) -> tuple[grpc.aio.Server, health.HealthServicer]:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 32 * 1024 * 1024)])
-    pb_grpc.add_ClassifierServicer_to_server(ClassifierService(classifier, photo_store), server)
+    pb_grpc.add_ClassifierServicer_to_server(ClassifierService(classifier, router, stats, photo_store), server)
     health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -12,14 +12,16 @@ from redis.exceptions import RedisError
 
 from services.gateway import metrics
 from services.gateway.bodies import body_deadline, read_form_file, read_limited
-from services.gateway.classifier import Classifier
+from services.gateway.classifier import DEFAULT_TOP_K, Classifier
 from services.gateway.errors import GatewayError
 from services.gateway.feedback_intake import take_feedback
+from services.gateway.model_info import ModelInfo
 from services.gateway.openapi import OPENAPI
 from services.gateway.operators import OperatorTokens
 from services.gateway.photo_store import PhotoStore
 from services.gateway.rollout_proxy import RolloutProxy
-from services.gateway.routing import RoutingError, RoutingTable
+from services.gateway.routing import Router, RoutingError, RoutingTable
+from services.gateway.stats import Stats
 from services.gateway.upstream import UpstreamUnavailable, state_name
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
@@ -97,12 +99,15 @@ def _json_options(data: dict) -> dict:
 
 
 class HttpApi:
-    def __init__(self, classifier: Classifier, operators: OperatorTokens, max_body: int, ready,
-                 body_timeout: float = 60.0, rollout: RolloutProxy | None = None,
-                 photo_store: PhotoStore | None = None):
+    def __init__(self, classifier: Classifier, router: Router, stats: Stats, model_info: ModelInfo,
+                 operators: OperatorTokens, max_body: int, ready, body_timeout: float = 60.0,
+                 rollout: RolloutProxy | None = None, photo_store: PhotoStore | None = None):
         self.rollout = rollout or RolloutProxy(None)  # the rollout controller's API, for the operator panel
         self.photo_store = photo_store  # opt-in: photos kept by hash so corrections become training data
         self.classifier = classifier
+        self.router = router
+        self.stats = stats
+        self.model_info = model_info
         self.operators = operators
         self.max_body = max_body
         self.ready = ready  # callable -> (bool, reason)
@@ -178,7 +183,8 @@ class HttpApi:
                                    "string or a header: give it once")
             options[name] = value
         answer = await self.classifier.classify(
-            photo, client_id=options["client_id"], top_k=3 if options["top_k"] is None else options["top_k"],
+            photo, client_id=options["client_id"],
+            top_k=DEFAULT_TOP_K if options["top_k"] is None else options["top_k"],
             version=options["version"], label=options["label"], protocol="http",
             explain=bool(options["explain"]), explain_class=options["explain_class"] or None)
         if self.photo_store is not None:
@@ -188,12 +194,12 @@ class HttpApi:
     # ------------------------------------------------------------------ models, feedback, demo
     async def models(self, request: web.Request) -> web.Response:
         states = await self.classifier.version_states()
-        router = self.classifier.router
+        router = self.router
         return web.json_response({"models": [{
-            "name": self.classifier.upstream.model_name,
+            "name": self.router.model_name,
             "versions": [{"version": v, "state": state_name(s),
                           "weight": router.version_weights().get(v, 0.0),
-                          "labels": self.classifier.model_info.class_names(v)} for v, s in sorted(states.items())],
+                          "labels": self.model_info.class_names(v)} for v, s in sorted(states.items())],
             "routing": router.describe(),
         }]})
 
@@ -206,12 +212,12 @@ class HttpApi:
                 data.get("true_label"), str):
             raise GatewayError(400, "bad_feedback", 'feedback is {"feedback_token": "<the answer\'s '
                                'feedback_token>", "true_label": "..."} (request_id optional)')
-        recorded = await take_feedback(self.classifier.stats, self.photo_store, data["feedback_token"],
+        recorded = await take_feedback(self.stats, self.photo_store, data["feedback_token"],
                                        data["true_label"], data.get("request_id"))
         return web.json_response(recorded)
 
     def _demo_version(self) -> int:
-        available = self.classifier.router.available
+        available = self.router.available
         if not available:
             raise GatewayError(503, "no_model", "no model version is AVAILABLE yet", retry_after=2)
         return max(available)
@@ -219,13 +225,13 @@ class HttpApi:
     async def demo(self, request: web.Request) -> web.Response:
         version = self._demo_version()
         photos = [{k: p[k] for k in ("sha256", "label", "display_name")}
-                  for p in self.classifier.model_info.demo_photos(version)]
-        return web.json_response({"model": {"name": self.classifier.upstream.model_name, "version": version},
+                  for p in self.model_info.demo_photos(version)]
+        return web.json_response({"model": {"name": self.router.model_name, "version": version},
                                   "photos": photos})
 
     async def demo_photo(self, request: web.Request) -> web.StreamResponse:
         sha = request.match_info["sha256"]
-        for photo in self.classifier.model_info.demo_photos(self._demo_version()):
+        for photo in self.model_info.demo_photos(self._demo_version()):
             if photo["sha256"] == sha and Path(photo["path"]).is_file():
                 return web.FileResponse(photo["path"], headers={"Cache-Control": "max-age=3600"})
         raise GatewayError(404, "not_found", f"no demo photo {sha}")
@@ -246,14 +252,14 @@ class HttpApi:
 
     async def get_routing(self, request: web.Request) -> web.Response:
         self._authorise(request, write=False)
-        router = self.classifier.router
+        router = self.router
         return web.json_response({**router.describe(), "available": sorted(router.available)})
 
     async def put_routing(self, request: web.Request) -> web.Response:
         who = self._authorise(request, write=True)
         try:
             table = RoutingTable.from_request(json.loads(await request.read()))
-            entry = await self.classifier.router.set_table(table, who, note=request.headers.get("X-Operator"))
+            entry = await self.router.set_table(table, who, note=request.headers.get("X-Operator"))
         except RoutingError as exc:
             raise GatewayError(400, "bad_routing", str(exc)) from None
         except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, an int of thousands of digits, nesting
@@ -261,16 +267,16 @@ class HttpApi:
         except UpstreamUnavailable as exc:
             raise GatewayError(503, "model_server_unavailable", f"cannot check the labels: {exc}",
                                retry_after=2) from None
-        return web.json_response({**self.classifier.router.describe(), "audit": entry})
+        return web.json_response({**self.router.describe(), "audit": entry})
 
     async def audit(self, request: web.Request) -> web.Response:
         self._authorise(request, write=False)
-        return web.json_response({"entries": await self.classifier.router.audit()})
+        return web.json_response({"entries": await self.router.audit()})
 
     async def status(self, request: web.Request) -> web.Response:
         self._authorise(request, write=False)
-        summary = await self.classifier.stats.summary()
-        return web.json_response({**summary, "routing": self.classifier.router.describe()})
+        summary = await self.stats.summary()
+        return web.json_response({**summary, "routing": self.router.describe()})
 
     # ------------------------------------------------------------------ operations
     async def healthz(self, request: web.Request) -> web.Response:

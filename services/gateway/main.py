@@ -87,13 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class NoSingleFlight:
-    """--no-single-flight: the SingleFlight interface, without the sharing."""
-
-    async def do(self, key: str, work):
-        return await work()
-
-
 class Gateway:
     def __init__(self, args: argparse.Namespace):
         import redis.asyncio as aioredis
@@ -101,11 +94,13 @@ class Gateway:
         from services.gateway.cache import ResultCache
         from services.gateway.classifier import Classifier
         from services.gateway.feedback import tokens_from_config
+        from services.gateway.input_sizes import InputSizes
         from services.gateway.labels import LabelResolver
         from services.gateway.loops import Loops
         from services.gateway.model_info import ModelInfo
         from services.gateway.operators import OperatorTokens
         from services.gateway.routing import Router
+        from services.gateway.single_flight import NoSingleFlight, SingleFlight
         from services.gateway.stats import Stats
         from services.gateway.upstream import ModelServerClient
         from training_job.preprocessing import Limits
@@ -113,15 +108,16 @@ class Gateway:
         self.args = args
         self.redis = aioredis.from_url(args.redis_url, socket_timeout=args.redis_timeout,
                                        socket_connect_timeout=args.redis_timeout)
-        upstream = ModelServerClient(args.model_server, args.model_name, timeout=args.upstream_timeout)
-        self.classifier = Classifier(upstream, ResultCache(self.redis, args.cache_ttl),
-                                     Router(self.redis, args.model_name, LabelResolver(upstream)),
-                                     Stats(self.redis, args.model_name, tokens_from_config(
-                                         args.feedback_secret_file or None, os.environ.get("FEEDBACK_SECRET"),
-                                         args.model_name, args.feedback_window)),
-                                     ModelInfo(args.model_base_path or None), Limits(args.max_bytes, args.max_pixels))
-        if not args.single_flight:
-            self.classifier.single_flight = NoSingleFlight()
+        self.upstream = ModelServerClient(args.model_server, args.model_name, timeout=args.upstream_timeout)
+        self.router = Router(self.redis, args.model_name, LabelResolver(self.upstream))
+        self.stats = Stats(self.redis, args.model_name, tokens_from_config(
+            args.feedback_secret_file or None, os.environ.get("FEEDBACK_SECRET"), args.model_name,
+            args.feedback_window))
+        self.model_info = ModelInfo(args.model_base_path or None)
+        self.input_sizes = InputSizes(self.upstream)
+        self.classifier = Classifier(self.upstream, ResultCache(self.redis, args.cache_ttl), self.router, self.stats,
+                                     self.model_info, Limits(args.max_bytes, args.max_pixels),
+                                     SingleFlight() if args.single_flight else NoSingleFlight(), self.input_sizes)
         self.upstream_ok = False
         self.upstream_problem = "not checked yet"
         self._stopping = asyncio.Event()
@@ -134,7 +130,7 @@ class Gateway:
             return False, f"model server {self.args.model_server} unreachable: {self.upstream_problem}"
         if "versions" in stale:
             return False, f"the version watcher is stale: {stale['versions']}"
-        if not self.classifier.router.available:
+        if not self.router.available:
             return False, f"no AVAILABLE version of {self.args.model_name}"
         if stale:  # still serving (the last routing table and label answers); reported, not fatal
             return True, "ok; stale loops: " + "; ".join(f"{name} {why}" for name, why in sorted(stale.items()))
@@ -144,11 +140,13 @@ class Gateway:
         from services.gateway.upstream import AVAILABLE, UpstreamUnavailable
 
         try:
-            states = await self.classifier.upstream.version_states(timeout=self.args.health_timeout)
+            states = await self.upstream.version_states(timeout=self.args.health_timeout)
         except UpstreamUnavailable as exc:
             self.upstream_ok, self.upstream_problem = False, str(exc)
             raise
-        self.classifier.router.available = {v for v, s in states.items() if s == AVAILABLE}
+        available = {v for v, s in states.items() if s == AVAILABLE}
+        await self.input_sizes.refresh(available, timeout=self.args.health_timeout)  # known before routed to
+        self.router.available = available
         self.upstream_ok = True
 
     async def serve(self) -> None:
@@ -158,24 +156,24 @@ class Gateway:
         from services.gateway.http_api import HttpApi
 
         # Routing: re-read twice a second, keeping the last table while Redis is down or the stored one is refused.
-        router = self.classifier.router
         watchers = [asyncio.create_task(self.loops.run("versions", self._poll_versions, 1.0, max_backoff=2.0)),
-                    asyncio.create_task(self.loops.run("routing", router.refresh, 0.5, max_backoff=2.0)),
-                    asyncio.create_task(self.loops.run("labels", router.refresh_labels, 1.0, max_backoff=5.0))]
+                    asyncio.create_task(self.loops.run("routing", self.router.refresh, 0.5, max_backoff=2.0)),
+                    asyncio.create_task(self.loops.run("labels", self.router.refresh_labels, 1.0, max_backoff=5.0))]
         from services.gateway.photo_store import PhotoStore
         from services.gateway.rollout_proxy import RolloutProxy
 
-        photo_store = PhotoStore(self.args.photo_store, self.classifier.stats.tokens,
+        photo_store = PhotoStore(self.args.photo_store, self.stats.tokens,
                                  self.args.photo_store_max_bytes) if self.args.photo_store else None
-        runner = web.AppRunner(HttpApi(self.classifier, self.operators, self.args.max_bytes, self.ready,
-                                       self.args.body_timeout, RolloutProxy(self.args.rollout_url or None),
-                                       photo_store).app(),
+        runner = web.AppRunner(HttpApi(self.classifier, self.router, self.stats, self.model_info, self.operators,
+                                       self.args.max_bytes, self.ready, self.args.body_timeout,
+                                       RolloutProxy(self.args.rollout_url or None), photo_store).app(),
                                access_log=None, keepalive_timeout=self.args.keepalive_timeout)
         await runner.setup()
         await web.TCPSite(runner, self.args.host, self.args.http_port).start()
         grpc_server = health = None
         if self.args.grpc_port:
-            grpc_server, health = build_server(self.classifier, self.args.host, self.args.grpc_port, photo_store)
+            grpc_server, health = build_server(self.classifier, self.router, self.stats, self.args.host,
+                                               self.args.grpc_port, photo_store)
             await grpc_server.start()
         log.info("gateway on http://%s:%d and gRPC %s:%s -> model server %s, redis %s", self.args.host,
                  self.args.http_port, self.args.host, self.args.grpc_port or "off", self.args.model_server,
@@ -198,7 +196,7 @@ class Gateway:
         await runner.cleanup()
         for task in watchers:
             task.cancel()
-        await self.classifier.upstream.close()
+        await self.upstream.close()
         await self.redis.aclose()
 
 

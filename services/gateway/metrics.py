@@ -18,6 +18,12 @@ UPSTREAM_SECONDS = Histogram("mushroom_gateway_upstream_seconds", "Model server 
                              buckets=LATENCY_BUCKETS, registry=REGISTRY)
 PREPROCESS_SECONDS = Histogram("mushroom_gateway_preprocess_seconds", "Decode and resize time",
                                buckets=LATENCY_BUCKETS, registry=REGISTRY)
+STAGES = ("route", "lookup", "preprocess", "predict", "store", "answer")
+STAGE_SECONDS = Histogram(
+    "mushroom_gateway_stage_seconds", "Time in each stage of a classify request: route (pick the version), lookup "
+    "(the cache, and answers still being written to it), preprocess (decode and resize, on a miss), predict (the "
+    "model server, on a miss), store (the cache write, after the answer is sent), answer (the reply, and an "
+    "explanation's drawing)", ["stage"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
 CACHE = Counter("mushroom_gateway_cache", "Cache lookups by outcome (hit, miss, error, bypass)", ["outcome"],
                 registry=REGISTRY)
 SINGLE_FLIGHT_SHARED = Counter("mushroom_gateway_single_flight_shared", "Misses that joined an identical call",
@@ -48,3 +54,8 @@ def version_metric_value(version: int | None, known: set[int]) -> str:
     """The value of a ``model_version`` metric label, of bounded cardinality: only versions the model server reports
     become values; anything else is "other"."""
     return str(version) if version is not None and version in known else "other"
+
+
+def stage(name: str):
+    """``with stage("predict"): ...`` observes the block's duration in mushroom_gateway_stage_seconds."""
+    return STAGE_SECONDS.labels(stage=name).time()

@@ -127,14 +127,18 @@ class ModelServerClient:
                     raise UpstreamUnavailable(f"model server {self.target}: {code.name}: {exc.details()}") from None
                 raise UpstreamRejected(code, exc.details() or code.name) from None
 
+    def _spec(self, spec, version: int | None, label: str | None) -> None:
+        """Fills a request's ``model_spec``: this model, the version, else the version label, else the latest."""
+        spec.name = self.model_name
+        if version is not None:
+            spec.version.value = version
+        elif label:
+            spec.version_label = label
+
     def _request(self, signature: str, pixels: np.ndarray, version: int | None, label: str | None):
         request = predict_pb2.PredictRequest()
-        request.model_spec.name = self.model_name
+        self._spec(request.model_spec, version, label)
         request.model_spec.signature_name = signature
-        if version is not None:
-            request.model_spec.version.value = version
-        elif label:
-            request.model_spec.version_label = label
         fill_pixels_tensor(request.inputs["images"], pixels)
         return request
 
@@ -168,17 +172,32 @@ class ModelServerClient:
         return [Explanation(p, int(outputs["explained_class"][i]), outputs["heatmap"][i])
                 for i, p in enumerate(predictions)]
 
-    async def version_for_label(self, label: str) -> int:
-        """The version a version label points at now: GetModelMetadata with ``model_spec.version_label`` (TF Serving
-        answers with the labelled version in ``model_spec.version``). Raises UpstreamRejected for a label the server
-        does not know (INVALID_ARGUMENT, or NOT_FOUND), UpstreamUnavailable when the server is down."""
+    async def _metadata(self, version: int | None, label: str | None, timeout: float | None = None):
+        """GetModelMetadata (signature_def) of a version, of the one a version label points at (TF Serving answers
+        with the labelled version in ``model_spec.version``), or of the latest when neither is given."""
         predict_stub, _ = self._stubs()
         request = get_model_metadata_pb2.GetModelMetadataRequest()
-        request.model_spec.name = self.model_name
-        request.model_spec.version_label = label
+        self._spec(request.model_spec, version, label)
         request.metadata_field.append("signature_def")
-        response = await self._call(predict_stub.GetModelMetadata, request)
-        return response.model_spec.version.value
+        return await self._call(predict_stub.GetModelMetadata, request, timeout)
+
+    async def version_for_label(self, label: str) -> int:
+        """The version a version label points at now. Raises UpstreamRejected for a label the server does not know
+        (INVALID_ARGUMENT, or NOT_FOUND), UpstreamUnavailable when the server is down."""
+        return (await self._metadata(None, label)).model_spec.version.value
+
+    async def input_size(self, version: int | None = None, label: str | None = None,
+                         timeout: float | None = None) -> tuple[int, int | None]:
+        """(the version, the side S of its ``serving_default`` input ``images`` uint8 [batch, S, S, 3]): of
+        ``version``, of the one ``label`` points at, or of the latest. S is None when the signature leaves it open
+        (-1) or the version has no such input. ``timeout`` overrides the client's deadline."""
+        response = await self._metadata(version, label, timeout)
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        response.metadata["signature_def"].Unpack(signatures)
+        images = signatures.signature_def["serving_default"].inputs.get("images")
+        dims = [d.size for d in images.tensor_shape.dim] if images is not None else []
+        square = len(dims) == 4 and dims[1] == dims[2] and dims[1] > 0
+        return response.model_spec.version.value, dims[1] if square else None
 
     async def version_states(self, timeout: float | None = None) -> dict[int, int]:
         """{version: state} as GetModelStatus reports it; {} when the model is unknown. ``timeout`` overrides the
