@@ -10,7 +10,6 @@ from pathlib import Path
 
 from devstack import configs
 from devstack.health import StackError
-from services.rollout.serving_config import routed_versions
 from training_job.registry import versions
 
 CONFIG_NAME = "models.config"
@@ -19,7 +18,7 @@ CONFIG_NAME = "models.config"
 def pin(run_dir: Path, add: list[int] = (), unpin: list[int] = (), labels: dict[str, int] | None = None,
         routed: set[int] = frozenset()) -> tuple[list[int], dict[str, int]]:
     """Rewrite ``run_dir``'s model config; returns (the versions it serves, the labels). ``routed``: the versions
-    the gateway sends traffic to (routed_versions): unpinning one is refused, as it would drop that traffic."""
+    the gateway sends traffic to (services.rollout.serving_config.routed_versions): unpinning one is refused, as it would drop that traffic."""
     path = run_dir / CONFIG_NAME
     if not path.is_file():
         raise StackError(f"{path} does not exist: is this a stack run folder?")

@@ -127,7 +127,7 @@ class HttpApi:
         r.add_put("/v1/admin/routing", self.put_routing)
         r.add_get("/v1/admin/audit", self.audit)
         r.add_get("/v1/admin/status", self.status)
-        self.rollout.add_routes(app, self._authorise, self.classifier.router)  # commands audited here too
+        self.rollout.add_routes(app, self._authorise, self.router)  # commands audited here too
         r.add_get("/healthz", self.healthz)
         r.add_get("/readyz", self.readyz)
         r.add_get("/metrics", self.metrics)
