@@ -261,6 +261,37 @@ def test_tf_serving_prefers_each_versions_model_tflite():
         assert "--prefer_tflite_model=true" in flags
 
 
+def flag_value(flags: list[str], name: str) -> str | None:
+    return next((f.split("=", 1)[1] for f in flags if f.startswith(f"--{name}=")), None)
+
+
+def test_explanations_go_to_a_tf_serving_of_the_same_models_without_the_tflite_engine():
+    """TF Serving under --prefer_tflite_model serves only what model.tflite holds (serving_default), so the gateway
+    sends explain=1 to a second TF Serving on the same registry and model config without that flag."""
+    services = compose()["services"]
+    k8s = {d["metadata"]["name"]: d for _, d in k8s_documents() if d["kind"] == "Deployment"}
+    [k8s_gateway] = k8s["gateway"]["spec"]["template"]["spec"]["containers"]
+    k8s_env = {e["name"]: e.get("value") for e in k8s_gateway["env"]}
+    pairs = [(services["tfserving"]["command"], services["tfserving-explain"]["command"],
+              services["gateway"]["environment"]["GATEWAY_EXPLAIN_MODEL_SERVER"], "tfserving-explain")]
+    [k8s_main] = k8s["tfserving"]["spec"]["template"]["spec"]["containers"]
+    [k8s_explain] = k8s["tfserving-explain"]["spec"]["template"]["spec"]["containers"]
+    assert any(d["kind"] == "Service" and d["metadata"]["name"] == "tfserving-explain"
+               and d["spec"]["selector"] == {"app": "tfserving-explain"} for _, d in k8s_documents())
+    pairs.append((k8s_main["args"], k8s_explain["args"], k8s_env["GATEWAY_EXPLAIN_MODEL_SERVER"],
+                  "tfserving-explain"))
+    for main_flags, explain_flags, address, host in pairs:
+        assert address == f"{host}:{flag_value(explain_flags, 'port')}"
+        assert flag_value(explain_flags, "prefer_tflite_model") in (None, "false")
+        assert flag_value(explain_flags, "model_config_file") == flag_value(main_flags, "model_config_file")
+    explain_mounts = {v.split(":")[0]: v.split(":")[1] for v in services["tfserving-explain"]["volumes"]}
+    main_mounts = {v.split(":")[0]: v.split(":")[1] for v in services["tfserving"]["volumes"]}
+    for volume in ("registry", "tfserving-model-config"):
+        assert explain_mounts[volume] == main_mounts[volume]
+    assert {m["name"]: m["mountPath"] for m in k8s_explain["volumeMounts"]} == {
+        m["name"]: m["mountPath"] for m in k8s_main["volumeMounts"]}
+
+
 def check_tfserving_configs(models: str, monitoring: str, batching: str):
     config = text_format.Parse(models, model_server_config_pb2.ModelServerConfig())
     [model] = config.model_config_list.config
@@ -449,10 +480,10 @@ def test_every_tensorflow_serving_image_is_the_release_of_the_tensorflow_that_ex
     """A TF Serving older than the exporting TensorFlow may meet ops it does not know; a newer one is not what the
     serving API stubs were generated from. Both pins must name the same release as the image tag."""
     assert pinned("tensorflow-cpu") == pinned("tensorflow-serving-api")
-    images = [services["tfserving"]["image"] for services in [compose()["services"]]]
+    images = [s["image"] for s in compose()["services"].values() if s.get("image", "").startswith("tensorflow/serving")]
     for _, doc in k8s_documents():
         pod = doc.get("spec", {}).get("template", {}).get("spec", {})
         images += [c["image"] for c in pod.get("containers", []) + pod.get("initContainers", [])
                    if c["image"].startswith("tensorflow/serving")]
-    assert len(images) >= 2
+    assert len(images) >= 4
     assert set(images) == {f"tensorflow/serving:{pinned('tensorflow-serving-api')}"}

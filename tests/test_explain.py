@@ -294,6 +294,59 @@ def test_gateway_explains_over_grpc_and_counts_explain_latency_apart(published_m
     assert sum(float(line.rsplit(" ", 1)[1]) for line in plain_grpc) == 1  # the plain call only
 
 
+@pytest.fixture(scope="module")
+def tflite_like_server(published_model, tmp_path_factory):
+    """A model server whose version 1 has no explain signature, as a real TF Serving under --prefer_tflite_model
+    serves a version from its model.tflite (serving_default only): a tiny model stands in for it."""
+    from training_job.publish import publish_dir
+    from training_job.tiny_model import write_tiny_model
+
+    registry = tmp_path_factory.mktemp("no-explain-registry")
+    version, _ = publish_dir(write_tiny_model, registry, MODEL)
+    assert version == published_model.version
+    config = registry / "models.config"
+    write_config(config, {MODEL: registry / MODEL})
+    server = start_server(registry, config)
+    try:
+        wait_until(lambda: version_states(server.grpc_target, MODEL).get(version, (0,))[0]
+                   == ModelVersionStatus.AVAILABLE, what="the tiny version AVAILABLE")
+        yield server
+    finally:
+        stop_server(server)
+
+
+def test_explanations_come_from_the_explain_model_server_when_the_model_server_has_none(
+        published_model, model_server, tflite_like_server):
+    from tests.gateway_harness import GatewayProcess
+    from tests.support import RedisServer
+
+    rows, _ = _test_photos(published_model.run_dir, 1)
+    photo = open(rows[0].path, "rb").read()
+    with RedisServer() as redis:
+        alone = GatewayProcess(tflite_like_server.grpc_target, redis.url)
+        try:
+            status, plain, _ = alone.classify(photo)
+            assert status == 200, plain
+            status, refused, _ = alone.classify(photo, explain=1)
+            assert status == 501, refused
+            assert refused["error"]["code"] == "signature_not_served"
+            assert "--explain-model-server" in refused["error"]["message"]
+        finally:
+            alone.stop()
+        helped = GatewayProcess(tflite_like_server.grpc_target, redis.url,
+                                f"--explain-model-server={model_server.grpc_target}")
+        try:
+            status, answer, _ = helped.classify(photo, explain=1)
+            assert status == 200, answer
+            loaded = tf.saved_model.load(str(published_model.version_dir))
+            expected = loaded.signatures[EXPLAIN_SIGNATURE](images=tf.constant(preprocess_bytes(photo)[None]),
+                                                           class_index=tf.constant([-1], tf.int32))
+            np.testing.assert_allclose(np.array(answer["explanation"]["heatmap"]), expected["heatmap"].numpy()[0],
+                                       atol=1e-5)
+        finally:
+            helped.stop()
+
+
 # ------------------------------------------------------------------------------------------- the training report
 def test_blend_colours_only_where_the_heat_is():
     from training_job.heatmaps import blend

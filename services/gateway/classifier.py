@@ -24,7 +24,7 @@ from services.gateway.pixels import Preprocessor
 from services.gateway.routing import Router
 from services.gateway.single_flight import NoSingleFlight, SingleFlight
 from services.gateway.stats import Stats
-from services.gateway.upstream import ModelServerClient, UpstreamRejected, UpstreamUnavailable
+from services.gateway.upstream import ModelServerClient, SignatureNotServed, UpstreamRejected, UpstreamUnavailable
 from training_job.heatmaps import displayed_size, overlay_png
 from training_job.preprocessing import Limits, open_image
 
@@ -88,6 +88,11 @@ class Classifier:
             return await call()
         except UpstreamUnavailable as exc:
             raise GatewayError(503, "model_server_unavailable", str(exc), retry_after=2) from None
+        except SignatureNotServed as exc:
+            hint = ("; explanations need the SavedModel engine: start the gateway with --explain-model-server, a "
+                    "model server serving the same registry without --prefer_tflite_model"
+                    if exc.signature.startswith("explain") else "")
+            raise GatewayError(501, "signature_not_served", f"{exc}{hint}") from None
         except UpstreamRejected as exc:
             if exc.code.name == "NOT_FOUND":
                 raise GatewayError(404, "unknown_version", f"the model server has no such version: {exc}") from None

@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gRPC port (GATEWAY_GRPC_PORT, default 8090; 0 = off)")
     p.add_argument("--model-server", default=env("GATEWAY_MODEL_SERVER", "127.0.0.1:8500"),
                    help="gRPC address of TF Serving or services.model_server (GATEWAY_MODEL_SERVER)")
+    p.add_argument("--explain-model-server", default=env("GATEWAY_EXPLAIN_MODEL_SERVER", ""),
+                   help="gRPC address answering explain=1 (Grad-CAM), when --model-server is a TF Serving started "
+                   "with --prefer_tflite_model, whose TFLite engine has no explain signature: a TF Serving on the "
+                   "same registry without that flag (GATEWAY_EXPLAIN_MODEL_SERVER; default: --model-server)")
     p.add_argument("--model-name", default=env("MODEL_NAME", "mushrooms"), help="model to serve (MODEL_NAME)")
     p.add_argument("--model-base-path", default=env("MODEL_BASE_PATH", ""),
                    help="the model's registry folder, if mounted: display names and demo photos come from its "
@@ -108,7 +112,8 @@ class Gateway:
         self.args = args
         self.redis = aioredis.from_url(args.redis_url, socket_timeout=args.redis_timeout,
                                        socket_connect_timeout=args.redis_timeout)
-        self.upstream = ModelServerClient(args.model_server, args.model_name, timeout=args.upstream_timeout)
+        self.upstream = ModelServerClient(args.model_server, args.model_name, timeout=args.upstream_timeout,
+                                          explain_target=args.explain_model_server or None)
         self.router = Router(self.redis, args.model_name, LabelResolver(self.upstream))
         self.stats = Stats(self.redis, args.model_name, tokens_from_config(
             args.feedback_secret_file or None, os.environ.get("FEEDBACK_SECRET"), args.model_name,

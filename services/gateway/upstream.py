@@ -40,6 +40,15 @@ class UpstreamRejected(Exception):
         self.code = code
 
 
+class SignatureNotServed(UpstreamRejected):
+    """The version is loaded but does not serve the signature asked for: TF Serving under --prefer_tflite_model
+    serves only what a version's model.tflite holds, and the explain signatures (gradients) never are."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, signature: str):
+        super().__init__(code, message)
+        self.signature = signature
+
+
 @dataclass
 class Prediction:
     version: int
@@ -89,29 +98,42 @@ def _array(tensor: tensor_pb2.TensorProto) -> np.ndarray:
     return np.array(values, dtype).reshape(shape)
 
 
+def _channel(target: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(target, options=[
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000),
+    ])
+
+
 class ModelServerClient:
-    def __init__(self, target: str, model_name: str, timeout: float = 10.0, retries: int = 2):
+    """One model's calls to the model server at ``target``. ``explain_target``: another model server serving the
+    same registry without --prefer_tflite_model, which answers the explain signatures (the TFLite engine of a real
+    TF Serving has none); None = ``target`` answers them too."""
+
+    def __init__(self, target: str, model_name: str, timeout: float = 10.0, retries: int = 2,
+                 explain_target: str | None = None):
         self.target = target
+        self.explain_target = explain_target or target
         self.model_name = model_name
         self.timeout = timeout
         self.retries = retries
-        self._channel: grpc.aio.Channel | None = None
+        self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def _stubs(self):
-        if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000),
-            ])
-        return (prediction_service_pb2_grpc.PredictionServiceStub(self._channel),
-                model_service_pb2_grpc.ModelServiceStub(self._channel))
+    def _stubs(self, target: str | None = None):
+        target = target or self.target
+        if target not in self._channels:
+            self._channels[target] = _channel(target)
+        channel = self._channels[target]
+        return (prediction_service_pb2_grpc.PredictionServiceStub(channel),
+                model_service_pb2_grpc.ModelServiceStub(channel))
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
+        for channel in self._channels.values():
+            await channel.close()
 
-    async def _call(self, method, request, timeout: float | None = None):
+    async def _call(self, method, request, timeout: float | None = None, target: str | None = None):
+        target = target or self.target
         delay = 0.05
         for attempt in range(self.retries + 1):
             try:
@@ -124,8 +146,14 @@ class ModelServerClient:
                     continue
                 if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED):
-                    raise UpstreamUnavailable(f"model server {self.target}: {code.name}: {exc.details()}") from None
-                raise UpstreamRejected(code, exc.details() or code.name) from None
+                    raise UpstreamUnavailable(f"model server {target}: {code.name}: {exc.details()}") from None
+                details = exc.details() or code.name
+                signature = getattr(request, "model_spec", None) and request.model_spec.signature_name
+                # TF Serving's Predict: FAILED_PRECONDITION 'Serving signature key "x" not found.'; its REST API and
+                # ours: INVALID_ARGUMENT 'Serving signature name: "x" not found in signature def'
+                if signature and f'"{signature}" not found' in details:
+                    raise SignatureNotServed(code, f"model server {target}: {details}", signature) from None
+                raise UpstreamRejected(code, details) from None
 
     def _spec(self, spec, version: int | None, label: str | None) -> None:
         """Fills a request's ``model_spec``: this model, the version, else the version label, else the latest."""
@@ -161,13 +189,13 @@ class ModelServerClient:
         """The ``explain`` signature (Grad-CAM, training_job/explain.py) for ``class_index``, or for the predicted
         class when None. ``class_index`` is always sent (-1 = predicted) rather than left to the SignatureDef's
         default, so servers that do not fill in defaults answer the same."""
-        predict_stub, _ = self._stubs()
+        predict_stub, _ = self._stubs(self.explain_target)
         request = self._request(EXPLAIN_SIGNATURE, pixels, version, label)
         request.output_filter.extend(EXPLAIN_OUTPUTS)  # not the upsampled uint8 map: the gateway draws its own
         request.inputs["class_index"].dtype = types_pb2.DT_INT32
         request.inputs["class_index"].tensor_shape.dim.add(size=1)
         request.inputs["class_index"].int_val.append(PREDICTED_CLASS if class_index is None else class_index)
-        response = await self._call(predict_stub.Predict, request)
+        response = await self._call(predict_stub.Predict, request, target=self.explain_target)
         predictions, outputs = self._predictions(response, len(pixels))
         return [Explanation(p, int(outputs["explained_class"][i]), outputs["heatmap"][i])
                 for i, p in enumerate(predictions)]
