@@ -167,6 +167,34 @@ def test_requests_queued_together_share_one_tflite_call(tmp_path):
         np.testing.assert_allclose(answer["probabilities"], expected[row:row + 1], atol=1e-6)
 
 
+def test_requests_to_either_engine_are_batched_per_signature(tmp_path):
+    served, _ = load_servable("m", 1, write_tiny_with_tflite(tmp_path / "1"), LoadOptions(prefer_tflite_model=True))
+    calls = []  # (engine, signature, rows) of each model call
+
+    def spy(engine):
+        call = engine._call
+        engine._call = lambda info, inputs, wanted: calls.append(
+            (engine.engine, info.name, len(next(iter(inputs.values()))))) or call(info, inputs, wanted)
+
+    spy(served.lite)
+    spy(served.saved_model)
+    jpegs = _jpegs(PHOTOS)
+
+    async def both_at_once():
+        params = BatchingParameters.from_text("max_batch_size { value: 16 } batch_timeout_micros { value: 0 } "
+                                              "num_batch_threads { value: 1 }")
+        batcher = Batcher(params, ThreadPoolExecutor(1))
+        pixels = [batcher.run(served, "serving_default", {"images": PHOTOS[i:i + 1]}, ()) for i in range(6)]
+        photos = [batcher.run(served, "predict_image_bytes", {"image_bytes": jpegs[i:i + 1]}, ()) for i in range(6)]
+        return await asyncio.gather(*pixels, *photos)
+
+    answers = asyncio.run(both_at_once())
+    assert sorted(calls) == [("SavedModel", "predict_image_bytes", 6), (TFLITE_FILE, "serving_default", 6)]
+    expected = served.saved_model.run("predict_image_bytes", {"image_bytes": jpegs})
+    for row, answer in enumerate(answers[6:]):
+        np.testing.assert_array_equal(answer["probabilities"], expected["probabilities"][row:row + 1])
+
+
 def _signature_names(stub, model: str) -> set[str]:
     request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
     request.model_spec.name = model

@@ -246,7 +246,7 @@ class TfLiteWithSavedModel(Servable):
     SavedModel; both stay resident. The checks of ``Servable.run`` are made once, against the engine's own
     SignatureDef. TF Serving under ``--prefer_tflite_model`` serves only what the file holds."""
 
-    engine = TFLITE_FILE
+    engine = TFLITE_FILE  # the file's signatures'; engine_of names each signature's engine
 
     def __init__(self, lite: TfLiteServable, saved_model: Servable):
         self.model_name, self.version, self.path = lite.model_name, lite.version, lite.path
