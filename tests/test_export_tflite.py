@@ -1,6 +1,7 @@
 """The training job's TFLite export: ``<version>/model.tflite`` carries the SavedModel's ``serving_default`` the way
-TF Serving reads it, a published version serves the same answers with and without ``--prefer_tflite_model``, and the
-int8 file is published as its own model ``<model>_int8``."""
+TF Serving reads it, a published version serves the same answers and signatures with and without
+``--prefer_tflite_model`` (those the file lacks from the SavedModel), and the int8 file is published as its own model
+``<model>_int8``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,7 +16,7 @@ from tensorflow_serving.apis import (
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from services.model_server.servable import LoadOptions, load_servable
-from services.model_server.tflite_servable import PARITY_ATOL, TfLiteServable
+from services.model_server.tflite_servable import PARITY_ATOL
 from tests.model_server_harness import start_server, stop_server, version_states, wait_until, write_config
 from training_job.pipeline import publish_variants
 from training_job.publish import PublishError, publish_dir
@@ -62,7 +63,7 @@ def test_model_tflite_carries_serving_default_as_tf_serving_reads_it(tmp_path):
     (version_dir / TFLITE_FILE).write_bytes(content)
     saved_model, _ = load_servable("m", 1, version_dir)
     lite, _ = load_servable("m", 1, version_dir, LoadOptions(prefer_tflite_model=True))
-    assert isinstance(lite, TfLiteServable) and not lite._native  # served through the stored SignatureDef
+    assert lite.engine_of("") == TFLITE_FILE and not lite.lite._native  # served through the stored SignatureDef
     expected_answers = saved_model.run("", {"images": PHOTOS})
     answered = lite.run("", {"images": PHOTOS})
     np.testing.assert_allclose(answered["probabilities"], expected_answers["probabilities"], atol=1e-5)
@@ -83,19 +84,18 @@ def test_an_int8_file_is_held_to_the_looser_rule_and_a_wrong_one_is_still_refuse
     int8 = convert_serving_default(version_dir, COLOURS)
     (version_dir / TFLITE_FILE).write_bytes(int8)
     served, _ = load_servable("m", 1, version_dir, LoadOptions(prefer_tflite_model=True))
-    assert isinstance(served, TfLiteServable) and served.quantized and served.load_note == ""
+    assert served.engine_of("") == TFLITE_FILE and served.lite.quantized
 
     other = write_tiny_model(tmp_path / "other" / "1", bias=40.0)  # the int8 file of a model answering class 0
     (version_dir / TFLITE_FILE).write_bytes(convert_serving_default(other, COLOURS))
     served, _ = load_servable("m", 1, version_dir, LoadOptions(prefer_tflite_model=True))
-    assert not isinstance(served, TfLiteServable)
-    assert "quantized file: top-1 agrees on" in served.load_note
+    assert served.engine_of("") == "SavedModel" and "quantized file: top-1 agrees on" in served.load_note
 
     float_dir = write_tiny_model(tmp_path / "f" / "1")  # a float file keeps the strict rule
     _write_warmup(float_dir, COLOURS)
     (float_dir / TFLITE_FILE).write_bytes(convert_serving_default(write_tiny_model(tmp_path / "g" / "1", bias=0.05)))
     served, _ = load_servable("m", 1, float_dir, LoadOptions(prefer_tflite_model=True))
-    assert not isinstance(served, TfLiteServable) and f"> {PARITY_ATOL}" in served.load_note
+    assert served.engine_of("") == "SavedModel" and f"> {PARITY_ATOL}" in served.load_note
 
 
 def test_the_int8_variant_is_published_as_its_own_model_with_the_same_version(tmp_path, capsys):
@@ -138,10 +138,12 @@ def _metadata(stub, model: str) -> dict:
     return dict(signature_map.signature_def)
 
 
-def _predict(stub, model: str, pixels: np.ndarray) -> dict:
+def _predict(stub, model: str, pixels: np.ndarray, signature: str = "", **more: np.ndarray) -> dict:
     request = predict_pb2.PredictRequest()
-    request.model_spec.name = model
-    request.inputs["images"].CopyFrom(tf.make_tensor_proto(pixels))
+    request.model_spec.name, request.model_spec.signature_name = model, signature
+    for alias, value in {"images": pixels, **more}.items():
+        if value is not None:
+            request.inputs[alias].CopyFrom(tf.make_tensor_proto(value))
     return {k: tf.make_ndarray(v) for k, v in stub.Predict(request, timeout=60).outputs.items()}
 
 
@@ -165,13 +167,18 @@ def test_a_published_version_answers_the_same_with_and_without_prefer_tflite_mod
         plain_channel, lite_channel = grpc.insecure_channel(plain.grpc_target), grpc.insecure_channel(lite.grpc_target)
         plain_stub = prediction_service_pb2_grpc.PredictionServiceStub(plain_channel)
         lite_stub = prediction_service_pb2_grpc.PredictionServiceStub(lite_channel)
-        # both passed the parity check: served from model.tflite, nothing to say in GetModelStatus
-        assert version_states(lite.grpc_target, "mushrooms")[version] == (AVAILABLE, "")
-        assert version_states(lite.grpc_target, "mushrooms_int8")[version] == (AVAILABLE, "")
+        # both passed the parity check: serving_default from model.tflite, the rest from the SavedModel, as
+        # GetModelStatus says
+        lacking = "explain, explain_image_bytes, predict_image_bytes"
+        for model in ("mushrooms", "mushrooms_int8"):
+            assert version_states(lite.grpc_target, model)[version] == (AVAILABLE, (
+                f"serving_default from {TFLITE_FILE}; {lacking} from the SavedModel ({TFLITE_FILE} lacks them)"))
+        assert version_states(plain.grpc_target, "mushrooms")[version] == (AVAILABLE, "")
 
         plain_meta, lite_meta = _metadata(plain_stub, "mushrooms"), _metadata(lite_stub, "mushrooms")
-        assert set(lite_meta) == {"serving_default"}  # the TFLite engine serves (the bytes signature is not in it)
-        assert {"serving_default", "predict_image_bytes"} <= set(plain_meta)
+        assert set(lite_meta) == set(plain_meta) == {"serving_default", *lacking.split(", ")}
+        for name in lacking.split(", "):
+            assert lite_meta[name] == plain_meta[name]
         for side in ("inputs", "outputs"):
             want, got = getattr(plain_meta["serving_default"], side), getattr(lite_meta["serving_default"], side)
             assert {a: (i.dtype, i.tensor_shape) for a, i in got.items()} == \
@@ -189,13 +196,22 @@ def test_a_published_version_answers_the_same_with_and_without_prefer_tflite_mod
         assert np.mean(int8.argmax(1) == expected["probabilities"].argmax(1)) >= 0.75
         assert np.abs(int8 - expected["probabilities"]).max() > 0  # ... with its own numbers; the default is float
 
-        request = predict_pb2.PredictRequest()  # a signature the TFLite file lacks: a clear error
-        request.model_spec.name, request.model_spec.signature_name = "mushrooms", "predict_image_bytes"
-        request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto([b"x"]))
-        with pytest.raises(grpc.RpcError) as refused:
-            lite_stub.Predict(request, timeout=30)
-        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert 'Serving signature name: "predict_image_bytes" not found' in refused.value.details()
+        # the signatures the TFLite file lacks answer from the SavedModel, as without the flag
+        photo_bytes = np.array([Path(r.path).read_bytes() for r in split_rows(_manifest_rows(version_dir),
+                                                                              "test")[:2]], dtype=object)
+        one_class = np.array([-1], np.int32)  # explain the predicted class
+        for signature, more in (("predict_image_bytes", {"images": None, "image_bytes": photo_bytes}),
+                                ("explain", {"class_index": one_class}),
+                                ("explain_image_bytes", {"images": None, "image_bytes": photo_bytes[:1],
+                                                         "class_index": one_class})):
+            expected = _predict(plain_stub, "mushrooms", pixels[:1], signature, **more)
+            answered = _predict(lite_stub, "mushrooms", pixels[:1], signature, **more)
+            assert set(answered) == set(expected), signature
+            for alias in expected:
+                if expected[alias].dtype.kind == "f":
+                    np.testing.assert_allclose(answered[alias], expected[alias], atol=1e-5, err_msg=signature)
+                else:
+                    np.testing.assert_array_equal(answered[alias], expected[alias], err_msg=signature)
         plain_channel.close()
         lite_channel.close()
     finally:

@@ -1,5 +1,6 @@
 """The TFLite engine (--prefer_tflite_model): a version's model.tflite served by LiteRT in place of its SavedModel,
-with the same answers, the same signatures, batching and metrics; versions without one stay on their SavedModel."""
+with the same answers, batching and metrics, and the SavedModel's signatures the file lacks still served from the
+SavedModel; versions without one stay on their SavedModel."""
 from __future__ import annotations
 
 import asyncio
@@ -11,18 +12,21 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from services.model_server.batching import Batcher
 from services.model_server.config import BatchingParameters, single_model_config
+from services.model_server.errors import ServingError
 from services.model_server.grpc_api import status_response
 from services.model_server.manager import Manager
 from services.model_server.servable import LoadOptions, load_servable
 from services.model_server.source import FileSystemSource
 from services.model_server.tflite_servable import TfLiteServable
 from tests.model_server_harness import start_server, stop_server, version_states, wait_until, write_config
+from training_job.tflite_signatures import TFLITE_FILE
 from training_job.tiny_model import write_tiny_model
 
 AVAILABLE = ModelVersionStatus.AVAILABLE
@@ -41,8 +45,8 @@ def test_the_tflite_engine_answers_as_the_saved_model_does_at_any_batch_size(tmp
     version_dir = write_tiny_with_tflite(tmp_path / "1")
     saved_model, _ = load_servable("m", 1, version_dir)
     lite, _ = load_servable("m", 1, version_dir, LoadOptions(prefer_tflite_model=True))
-    assert isinstance(lite, TfLiteServable) and not isinstance(saved_model, TfLiteServable)
-    assert set(lite.signature_defs) == {"serving_default"}  # the signature the file carries
+    assert lite.engine_of("serving_default") == TFLITE_FILE and saved_model.engine_of("serving_default") == "SavedModel"
+    assert lite.signature_defs["serving_default"] == lite.lite.signature_defs["serving_default"]  # the file's
     assert lite.signatures["serving_default"].inputs == {"images": tf.uint8}
     assert lite.signatures["serving_default"].outputs == saved_model.signatures["serving_default"].outputs
     for rows in (6, 1, 3):  # the interpreter's input is resized to each batch
@@ -53,6 +57,54 @@ def test_the_tflite_engine_answers_as_the_saved_model_does_at_any_batch_size(tmp
         np.testing.assert_array_equal(answered["not_a_mushroom"], expected["not_a_mushroom"])
     only = lite.run("", {"images": PHOTOS[:2]}, ("mushroom_score",))
     assert list(only) == ["mushroom_score"] and only["mushroom_score"].shape == (2,)
+
+
+def _jpegs(photos: np.ndarray) -> np.ndarray:
+    return np.array([tf.io.encode_jpeg(photo).numpy() for photo in photos], dtype=object)
+
+
+def test_under_the_flag_the_signatures_model_tflite_lacks_are_served_from_the_saved_model(tmp_path):
+    version_dir = write_tiny_with_tflite(tmp_path / "1")
+    saved_model, _ = load_servable("m", 1, version_dir)
+    served, _ = load_servable("m", 1, version_dir, LoadOptions(prefer_tflite_model=True))
+    assert set(served.signature_defs) == set(saved_model.signature_defs)  # GetModelMetadata lists them all
+    assert set(served.signatures) == set(saved_model.signatures)
+    lacking = ["classify_mean_colour", "predict_image_bytes", "regress_mushroom_score"]
+    assert served.engine_of("serving_default") == TFLITE_FILE and served.engine_of("") == TFLITE_FILE
+    assert [served.engine_of(name) for name in lacking] == ["SavedModel"] * 3
+    assert served.load_note == (f"serving_default from {TFLITE_FILE}; {', '.join(lacking)} from the SavedModel "
+                                f"({TFLITE_FILE} lacks them)")  # GetModelStatus shows it
+    for name in lacking:
+        assert served.signature_defs[name] == saved_model.signature_defs[name]
+
+    photos = _jpegs(PHOTOS[:3])
+    expected = saved_model.run("predict_image_bytes", {"image_bytes": photos})
+    answered = served.run("predict_image_bytes", {"image_bytes": photos})
+    assert set(answered) == set(expected)
+    for alias in expected:  # the same engine: the same numbers
+        np.testing.assert_array_equal(answered[alias], expected[alias])
+    only = served.run("predict_image_bytes", {"image_bytes": photos[:1]}, ("mushroom_score",))
+    assert list(only) == ["mushroom_score"]
+    with pytest.raises(ServingError, match="input names do not match signature 'predict_image_bytes'"):
+        served.run("predict_image_bytes", {"images": PHOTOS[:1]})  # the checks are the same
+
+    pixels = served.run("serving_default", {"images": PHOTOS[:3]})
+    lite_alone = TfLiteServable("m", 1, version_dir).run("serving_default", {"images": PHOTOS[:3]})
+    for alias in lite_alone:  # from LiteRT
+        np.testing.assert_array_equal(pixels[alias], lite_alone[alias])
+
+
+def test_a_saved_model_with_nothing_the_file_lacks_is_not_kept(tmp_path):
+    from training_job.tiny_model import TinyClassifier
+
+    version_dir = tmp_path / "1"
+    module = TinyClassifier()
+    tf.saved_model.save(module, str(version_dir), signatures={"serving_default": module.serve_pixels})
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(version_dir), signature_keys=["serving_default"])
+    (version_dir / TFLITE_FILE).write_bytes(converter.convert())
+    served, _ = load_servable("m", 1, version_dir, LoadOptions(prefer_tflite_model=True))
+    assert isinstance(served, TfLiteServable)  # LiteRT alone: the SavedModel is not resident
+    assert set(served.signature_defs) == {"serving_default"} and served.load_note == ""
 
 
 def write_warmup(version_dir: Path, photos: np.ndarray) -> None:
@@ -71,7 +123,7 @@ def test_a_tflite_file_that_disagrees_with_its_saved_model_is_refused_and_the_sa
     agreeing = write_tiny_with_tflite(tmp_path / "agreeing" / "1")
     write_warmup(agreeing, PHOTOS[:3])
     served, _ = load_servable("m", 1, agreeing, LoadOptions(prefer_tflite_model=True))
-    assert isinstance(served, TfLiteServable) and served.load_note == ""
+    assert served.engine_of("serving_default") == TFLITE_FILE
 
     other_version = write_tiny_with_tflite(tmp_path / "other" / "2")  # the file of another version ...
     version_dir = tmp_path / "m" / "1"
@@ -79,7 +131,7 @@ def test_a_tflite_file_that_disagrees_with_its_saved_model_is_refused_and_the_sa
     (version_dir / "model.tflite").write_bytes((other_version / "model.tflite").read_bytes())
     write_warmup(version_dir, PHOTOS[:3])
     served, _ = load_servable("m", 1, version_dir, LoadOptions(prefer_tflite_model=True))
-    assert not isinstance(served, TfLiteServable)
+    assert {served.engine_of(name) for name in served.signatures} == {"SavedModel"}  # every signature
     assert served.load_note.startswith("serving the SavedModel: model.tflite disagrees with it (signature "
                                        "serving_default output ")
     manager = Manager()
@@ -115,6 +167,34 @@ def test_requests_queued_together_share_one_tflite_call(tmp_path):
         np.testing.assert_allclose(answer["probabilities"], expected[row:row + 1], atol=1e-6)
 
 
+def test_requests_to_either_engine_are_batched_per_signature(tmp_path):
+    served, _ = load_servable("m", 1, write_tiny_with_tflite(tmp_path / "1"), LoadOptions(prefer_tflite_model=True))
+    calls = []  # (engine, signature, rows) of each model call
+
+    def spy(engine):
+        call = engine._call
+        engine._call = lambda info, inputs, wanted: calls.append(
+            (engine.engine, info.name, len(next(iter(inputs.values()))))) or call(info, inputs, wanted)
+
+    spy(served.lite)
+    spy(served.saved_model)
+    jpegs = _jpegs(PHOTOS)
+
+    async def both_at_once():
+        params = BatchingParameters.from_text("max_batch_size { value: 16 } batch_timeout_micros { value: 0 } "
+                                              "num_batch_threads { value: 1 }")
+        batcher = Batcher(params, ThreadPoolExecutor(1))
+        pixels = [batcher.run(served, "serving_default", {"images": PHOTOS[i:i + 1]}, ()) for i in range(6)]
+        photos = [batcher.run(served, "predict_image_bytes", {"image_bytes": jpegs[i:i + 1]}, ()) for i in range(6)]
+        return await asyncio.gather(*pixels, *photos)
+
+    answers = asyncio.run(both_at_once())
+    assert sorted(calls) == [("SavedModel", "predict_image_bytes", 6), (TFLITE_FILE, "serving_default", 6)]
+    expected = served.saved_model.run("predict_image_bytes", {"image_bytes": jpegs})
+    for row, answer in enumerate(answers[6:]):
+        np.testing.assert_array_equal(answer["probabilities"], expected["probabilities"][row:row + 1])
+
+
 def _signature_names(stub, model: str) -> set[str]:
     request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
     request.model_spec.name = model
@@ -140,15 +220,24 @@ def test_under_the_flag_tflite_versions_answer_through_the_batcher_and_others_ke
                        what=f"{model} v1")
         channel = grpc.insecure_channel(server.grpc_target)
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        assert _signature_names(stub, "lite") == {"serving_default"}  # model.tflite's signature only
         assert {"serving_default", "predict_image_bytes"} <= _signature_names(stub, "saved")  # the SavedModel's
+        assert _signature_names(stub, "lite") == _signature_names(stub, "saved")  # the file's and the SavedModel's
+        note = version_states(server.grpc_target, "lite")[1][1]
+        assert note.startswith(f"serving_default from {TFLITE_FILE}; ") and "predict_image_bytes" in note
 
         expected, _ = load_servable("m", 1, tmp_path / "saved" / "1")
 
+        jpegs = _jpegs(PHOTOS)
+
         def predict(row: int) -> np.ndarray:
+            """Even calls ask serving_default (LiteRT), odd ones predict_image_bytes (the SavedModel)."""
             request = predict_pb2.PredictRequest()
             request.model_spec.name = "lite"
-            request.inputs["images"].CopyFrom(tf.make_tensor_proto(PHOTOS[row:row + 1]))
+            if row % 2:
+                request.model_spec.signature_name = "predict_image_bytes"
+                request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(jpegs[row % len(PHOTOS):][:1]))
+            else:
+                request.inputs["images"].CopyFrom(tf.make_tensor_proto(PHOTOS[row % len(PHOTOS):][:1]))
             request.output_filter.append("probabilities")
             return tf.make_ndarray(stub.Predict(request, timeout=30).outputs["probabilities"])
 
@@ -156,18 +245,22 @@ def test_under_the_flag_tflite_versions_answer_through_the_batcher_and_others_ke
 
         def together(row: int) -> np.ndarray:
             start.wait(timeout=30)
-            return predict(row % len(PHOTOS))
+            return predict(row)
 
         with ThreadPoolExecutor(12) as pool:
             answers = list(pool.map(together, range(12)))
         for row, answer in enumerate(answers):
-            np.testing.assert_allclose(
-                answer, expected.run("", {"images": PHOTOS[row % len(PHOTOS):row % len(PHOTOS) + 1]})["probabilities"],
-                atol=1e-5)
+            at = row % len(PHOTOS)
+            if row % 2:
+                want = expected.run("predict_image_bytes", {"image_bytes": jpegs[at:at + 1]})["probabilities"]
+                np.testing.assert_array_equal(answer, want)  # the SavedModel's own numbers
+            else:
+                np.testing.assert_allclose(answer, expected.run("", {"images": PHOTOS[at:at + 1]})["probabilities"],
+                                           atol=1e-5)
         channel.close()
         text = urllib.request.urlopen(f"{server.rest_url}/metrics", timeout=10).read().decode()
         total = float(re.search(r'processed_batch_size_sum\{model_name="lite"\} (\S+)', text).group(1))
-        assert total >= 12  # through the batch scheduler (how many share a call depends on timing: see below)
+        assert total >= 12  # both engines through the batch scheduler (how many share a call depends on timing)
         served = [line for line in text.splitlines() if re.match(r":tensorflow:serving:request_count(_total)?\{", line)
                   and 'model_name="lite"' in line and 'API="grpc_predict"' in line and 'status="OK"' in line]
         assert len(served) == 1 and float(served[0].split()[-1]) == 12, served  # counted as for SavedModels

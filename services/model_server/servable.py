@@ -37,6 +37,7 @@ class Servable:
     signature_defs: dict[str, meta_graph_pb2.SignatureDef]
     signatures: dict[str, SignatureInfo]
     load_note: str = ""  # why it is served the way it is, when that needs saying (GetModelStatus shows it)
+    engine: str = "SavedModel"  # what runs its signatures: "SavedModel", or the TFLite file's name
 
     def signature(self, name: str) -> SignatureInfo:
         name = name or DEFAULT_SIGNATURE
@@ -45,6 +46,11 @@ class Servable:
         except KeyError:
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"Serving signature name: \"{name}\" not found in signature def") from None
+
+    def engine_of(self, signature_name: str) -> str:
+        """What runs the signature (an engine that serves some signatures from another engine overrides this)."""
+        self.signature(signature_name)
+        return self.engine
 
     def run(self, signature_name: str, inputs: dict[str, np.ndarray], output_filter=()) -> dict[str, np.ndarray]:
         info = self.signature(signature_name)
@@ -196,7 +202,9 @@ def open_saved_model(model_name: str, version: int, path: Path, tags: tuple[str,
 
 def load_servable(model_name: str, version: int, path: Path,
                   options: LoadOptions = LoadOptions()) -> tuple[Servable, float]:
-    from services.model_server.tflite_servable import TFLITE_FILE, TfLiteServable, has_tflite_model, parity_problem
+    from services.model_server.tflite_servable import (
+        TFLITE_FILE, TfLiteServable, TfLiteWithSavedModel, has_tflite_model, parity_problem,
+    )
 
     start = time.perf_counter()
     if options.prefer_tflite_model and has_tflite_model(path):
@@ -208,6 +216,9 @@ def load_servable(model_name: str, version: int, path: Path,
                 servable, source = saved_model, "SavedModel"
                 servable.load_note = f"serving the SavedModel: {TFLITE_FILE} disagrees with it ({problem})"
                 log.warning("%s version %d: %s", model_name, version, servable.load_note)
+            elif set(saved_model.signatures) - set(servable.signatures):
+                servable = TfLiteWithSavedModel(servable, saved_model)  # keeps what the file lacks
+                source = servable.load_note
     else:
         servable, source = open_saved_model(model_name, version, path, options.tags), "SavedModel"
     warmup = "no warm-up"

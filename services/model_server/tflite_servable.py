@@ -141,6 +141,8 @@ class _Instance:
 
 
 class TfLiteServable(Servable):
+    engine = TFLITE_FILE
+
     def __init__(self, model_name: str, version: int, path: Path, threads: int = 0):
         """``threads``: each interpreter's; 0 = TensorFlow's intra-op setting, or every core when that is 0."""
         self.model_name, self.version, self.path = model_name, version, Path(path)
@@ -234,3 +236,32 @@ class TfLiteServable(Servable):
             interpreter.set_tensor(input_index[alias], value)
         interpreter.invoke()
         return {alias: interpreter.get_tensor(output_index[alias]) for alias in wanted}
+
+
+class TfLiteWithSavedModel(Servable):
+    """A version served from its ``model.tflite`` that keeps serving, from its SavedModel, the signatures the file
+    lacks (the training job's file holds ``serving_default`` only: TFLite has no DecodeJpeg for
+    ``predict_image_bytes`` and no gradients for the Grad-CAM ``explain`` signatures). One servable presenting the
+    union: each signature the file has runs on LiteRT (its SignatureDef is the file's), every other one on the
+    SavedModel; both stay resident. The checks of ``Servable.run`` are made once, against the engine's own
+    SignatureDef. TF Serving under ``--prefer_tflite_model`` serves only what the file holds."""
+
+    engine = TFLITE_FILE  # the file's signatures'; engine_of names each signature's engine
+
+    def __init__(self, lite: TfLiteServable, saved_model: Servable):
+        self.model_name, self.version, self.path = lite.model_name, lite.version, lite.path
+        self.lite, self.saved_model = lite, saved_model
+        self._engine_by_signature: dict[str, Servable] = {
+            **{name: saved_model for name in saved_model.signatures}, **{name: lite for name in lite.signatures}}
+        self.signature_defs = {name: engine.signature_defs[name] for name, engine in self._engine_by_signature.items()
+                               if name in engine.signature_defs}
+        self.signatures = {name: engine.signatures[name] for name, engine in self._engine_by_signature.items()}
+        lacking = sorted(set(saved_model.signatures) - set(lite.signatures))
+        self.load_note = (f"{', '.join(sorted(lite.signatures))} from {TFLITE_FILE}; {', '.join(lacking)} from the "
+                          f"SavedModel ({TFLITE_FILE} lacks them)")
+
+    def engine_of(self, signature_name: str) -> str:
+        return self._engine_by_signature[self.signature(signature_name).name].engine
+
+    def _call(self, info: SignatureInfo, inputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
+        return self._engine_by_signature[info.name]._call(info, inputs, wanted)
