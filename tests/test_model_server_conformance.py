@@ -145,7 +145,9 @@ def test_predict_output_filter(stub):
     (lambda r: setattr(r.model_spec, "name", "no_such_model"), grpc.StatusCode.NOT_FOUND),
     (lambda r: r.model_spec.version.__setattr__("value", 999), grpc.StatusCode.NOT_FOUND),
     (lambda r: setattr(r.model_spec, "version_label", "no_such_label"), grpc.StatusCode.INVALID_ARGUMENT),
-    (lambda r: setattr(r.model_spec, "signature_name", "nope"), grpc.StatusCode.INVALID_ARGUMENT),
+    # TF Serving's predict_util.cc: FAILED_PRECONDITION 'Serving signature key "nope" not found.' (its REST API
+    # checks first and answers INVALID_ARGUMENT)
+    (lambda r: setattr(r.model_spec, "signature_name", "nope"), grpc.StatusCode.FAILED_PRECONDITION),
     (lambda r: r.inputs["wrong_name"].CopyFrom(r.inputs.pop("images")), grpc.StatusCode.INVALID_ARGUMENT),
     (lambda r: r.inputs["images"].CopyFrom(tf.make_tensor_proto(np.zeros((1, 224, 224), np.uint8))),
      grpc.StatusCode.INVALID_ARGUMENT),
@@ -156,6 +158,8 @@ def test_predict_errors_use_tf_serving_status_codes(stub, mutate, code):
     with pytest.raises(grpc.RpcError) as err:
         stub.Predict(request, timeout=30)
     assert err.value.code() == code
+    if request.model_spec.signature_name == "nope":
+        assert err.value.details() == 'Serving signature key "nope" not found.'
 
 
 def test_get_model_metadata_describes_signatures(stub):

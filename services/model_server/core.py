@@ -7,6 +7,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import numpy as np
 
 from services.model_server import metrics
@@ -57,6 +58,10 @@ class PredictionCore:
         try:
             servable = self.manager.resolve(name, version, label)
             version_value = str(servable.version)
+            if api == "grpc_predict" and (signature or "serving_default") not in servable.signatures:
+                # TF Serving's gRPC Predict (predict_util.cc); its REST API checks first, with INVALID_ARGUMENT
+                raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f'Serving signature key "{signature or "serving_default"}" not found.')
             output_filter = tuple(sorted(output_filter))
             if self.batcher is not None:
                 outputs = await self.batcher.run(servable, signature, inputs, output_filter)
