@@ -49,7 +49,7 @@ def gateway_routed_versions(run_dir: Path) -> set[int]:
     import json
     import urllib.request
 
-    from devstack.pinning import routed_versions
+    from services.rollout.serving_config import routed_versions
 
     stack = Stack.load(run_dir)
     request = urllib.request.Request(stack.urls["gateway"] + "/v1/admin/routing",

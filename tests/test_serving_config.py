@@ -59,7 +59,7 @@ def test_pinning_is_additive_and_never_drops_a_labelled_or_newest_version(tmp_pa
 
 
 def test_a_version_the_gateway_still_routes_to_cannot_be_unpinned(tmp_path):
-    from devstack.pinning import routed_versions
+    from services.rollout.serving_config import routed_versions
 
     run_dir, base = fake_run(tmp_path, [1, 2])
     (base / "3").mkdir()
