@@ -40,7 +40,7 @@ class CircuitBreaker:
             if self.failures == self.failures_to_open:
                 log.warning("redis failing: serving uncached for %.1fs before retrying", self.open_seconds)
             self.opened_at = time.monotonic()
-        metrics.CACHE.labels(outcome="error").inc()
+        metrics.CACHE_OUTCOMES["error"].inc()
 
 
 def cache_key(sha256: str, model: str, version: int, image_size: int) -> str:
@@ -59,7 +59,7 @@ class ResultCache:
 
     async def get(self, key: str) -> dict | None:
         if not self.breaker.allow():
-            metrics.CACHE.labels(outcome="bypass").inc()
+            metrics.CACHE_OUTCOMES["bypass"].inc()
             return None
         try:
             raw = await self.redis.get(key)
@@ -67,7 +67,7 @@ class ResultCache:
             self.breaker.failure()
             return None
         self.breaker.success()
-        metrics.CACHE.labels(outcome="hit" if raw is not None else "miss").inc()
+        metrics.CACHE_OUTCOMES["hit" if raw is not None else "miss"].inc()
         return json.loads(raw) if raw is not None else None
 
     async def put(self, key: str, value: dict) -> None:
