@@ -322,3 +322,34 @@ def test_cache_commands_reuse_a_connection_and_drop_one_that_failed():
 
     with RedisServer() as redis_server:
         asyncio.run(scenario(redis_server))
+
+
+def test_a_cache_command_to_a_frozen_redis_ends_at_the_clients_socket_timeout():
+    import signal
+    import time
+
+    import redis.asyncio as aioredis
+
+    from services.gateway.cache import ResultCache
+    from tests.support import RedisServer
+
+    async def scenario(redis_server):
+        client = aioredis.from_url(redis_server.url, socket_timeout=0.2, socket_connect_timeout=0.2)
+        cache = ResultCache(client, ttl_seconds=60)
+        try:
+            await cache.put("mushroom:result:k", {"version": 1})
+            redis_server.process.send_signal(signal.SIGSTOP)
+            try:
+                start = time.monotonic()
+                assert await cache.get("mushroom:result:k") is None  # served uncached
+                assert time.monotonic() - start < 2.0  # one deadline of 0.2 s, generously bounded
+                assert cache.breaker.failures == 1 and cache.connections._free == []
+            finally:
+                redis_server.process.send_signal(signal.SIGCONT)
+            assert await cache.get("mushroom:result:k") == {"version": 1}
+        finally:
+            await cache.close()
+            await client.aclose()
+
+    with RedisServer() as redis_server:
+        asyncio.run(scenario(redis_server))
