@@ -96,16 +96,19 @@ class ModelServerClient:
         self.timeout = timeout
         self.retries = retries
         self._channel: grpc.aio.Channel | None = None
+        self._stub_pair = None  # (PredictionServiceStub, ModelServiceStub) on the channel, made with it
 
     def _stubs(self):
+        """The two stubs, made once with the channel (a stub makes a callable for each of its service's methods)."""
         if self._channel is None:
             self._channel = grpc.aio.insecure_channel(self.target, options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000),
             ])
-        return (prediction_service_pb2_grpc.PredictionServiceStub(self._channel),
-                model_service_pb2_grpc.ModelServiceStub(self._channel))
+            self._stub_pair = (prediction_service_pb2_grpc.PredictionServiceStub(self._channel),
+                               model_service_pb2_grpc.ModelServiceStub(self._channel))
+        return self._stub_pair
 
     async def close(self) -> None:
         if self._channel is not None:
