@@ -37,6 +37,7 @@ def test_the_bench_writes_cpu_per_miss_split_into_preprocess_and_rest(photo_fold
     assert cpu["preprocess"] > 0
     assert cpu["rest"] == pytest.approx(cpu["median"] - cpu["preprocess"])
     assert result["met"] == (cpu["median"] <= result["target_ms"])
+    assert 0 <= result["gateway_loop_thread_cpu_ms_per_miss"] and result["model_server_cpu_ms_per_miss"] > 0
 
 
 def test_run_all_lists_the_gateway_cpu_bench_and_reports_its_row(monkeypatch):
