@@ -62,7 +62,8 @@ def miss_round(stack: Stack, gateway, photos: list[bytes], concurrency: int) -> 
     row = measured(gateway, "http", photos, concurrency, count=len(photos))
     answered = max(row["n"], 1)
     return {**{name: (clock() - before[name]) * 1000 / answered for name, clock in clocks.items()},
-            "requests_per_s": row["requests_per_s"], "errors": row["errors"], "cache_hit_share": row["cache_hit_share"]}
+            "requests_per_s": row["requests_per_s"], "p50_ms": row["p50_ms"], "p95_ms": row["p95_ms"],
+            "errors": row["errors"], "cache_hit_share": row["cache_hit_share"]}
 
 
 def summary(rounds: list[dict], preprocess_ms: float) -> dict:
@@ -71,7 +72,7 @@ def summary(rounds: list[dict], preprocess_ms: float) -> dict:
                                         "preprocess": preprocess_ms, "rest": gateway_ms - preprocess_ms},
             "gateway_loop_thread_cpu_ms_per_miss": median([r["gateway_loop_thread_ms"] for r in rounds]),
             "model_server_cpu_ms_per_miss": median([r["model_server_ms"] for r in rounds]),
-            "requests_per_s": median([r["requests_per_s"] for r in rounds])}
+            **{key: median([r[key] for r in rounds]) for key in ("requests_per_s", "p50_ms", "p95_ms")}}
 
 
 def print_profile(path: Path, requests: int, top: int = 30) -> None:
