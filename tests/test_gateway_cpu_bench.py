@@ -32,6 +32,7 @@ def test_the_bench_writes_cpu_per_miss_split_into_preprocess_and_rest(photo_fold
     result = written["gateway_cpu"]
     assert (result["photos"], result["rounds"], result["concurrency"]) == (6, 2, 2)
     assert result["errors"] == 0 and result["cache_hit_share_max"] == 0.0, "every request a cache miss"
+    assert result["cache_lookups_skipped"] == 0, "every miss looked up and stored in Redis"
     cpu = result["gateway_cpu_ms_per_miss"]
     assert len(cpu["rounds"]) == 2 and all(ms > 0 for ms in cpu["rounds"])
     assert cpu["preprocess"] > 0
