@@ -33,6 +33,7 @@ SCRIPTS = {
     "explain": ["-m", "bench.explain_bench"],
     "tflite": ["-m", "bench.tflite_bench"],
     "decode": ["-m", "bench.decode_bench"],
+    "gateway_cpu": ["-m", "bench.gateway_cpu_bench"],
     "train": [str(BENCH_DIR / "train_bench.py")],
     "accuracy_cv": ["-m", "bench.accuracy_cv"],
     "faults": ["-m", "bench.faults"],
@@ -189,6 +190,13 @@ def rows() -> list[dict]:
         add(f"preprocess_bytes CPU per photo, one thread, {decode['photos']} shared photos: before → now "
             "(bench/decode_bench.py: decode paths split into stages)", f"{before['ms_per_photo']['total']:.2f} → "
             f"{now['ms_per_photo']['total']:.2f} ms ({now['vs_before']:.2f}x)", "-", None, source="decode.json")
+    gateway_cpu = load("gateway_cpu")
+    if gateway_cpu:
+        cpu = gateway_cpu["gateway_cpu_ms_per_miss"]
+        add(f"gateway CPU per cache miss against a tiny model (HTTP, concurrency {gateway_cpu['concurrency']}, "
+            f"{gateway_cpu['photos']} photos): preprocess_bytes + the rest (bench/gateway_cpu_bench.py)",
+            f"{cpu['median']:.2f} ms = {cpu['preprocess']:.2f} + {cpu['rest']:.2f} ms", "-", None,
+            source="gateway_cpu.json")
     train = load("train")
     if train:
         add("training on the shared photos, cold", train["cold"]["seconds"], "<= 180 s", train["cold"]["seconds"] <= 180,

@@ -287,3 +287,69 @@ def test_class_names_and_metric_label_values_have_their_own_words(tmp_path):
     assert ModelInfo(None).class_names(3) == []
     assert metrics.version_metric_value(3, {3}) == "3"
     assert metrics.version_metric_value(4, {3}) == metrics.version_metric_value(None, {3}) == "other"
+
+
+def test_cache_commands_reuse_a_connection_and_drop_one_that_failed():
+    import redis.asyncio as aioredis
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from services.gateway.cache import ResultCache
+    from tests.support import RedisServer
+
+    async def scenario(redis_server):
+        client = aioredis.from_url(redis_server.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        cache = ResultCache(client, ttl_seconds=60)
+        try:
+            assert await cache.get("mushroom:result:k") is None
+            await cache.put("mushroom:result:k", {"version": 1})
+            assert await cache.get("mushroom:result:k") == {"version": 1}
+            assert await client.ttl("mushroom:result:k") > 0  # written with the cache TTL
+            used = cache.connections._free[:]
+            assert len(used) == 1, "one connection for commands one after another"
+            redis_server.stop()
+            with pytest.raises((RedisConnectionError, OSError)):
+                await cache.connections.command("GET", "mushroom:result:k")
+            assert cache.connections._free == [], "the failed connection is not given back"
+            assert await cache.get("mushroom:result:k") is None  # Redis down: served uncached, counted
+            assert cache.breaker.failures == 1
+            redis_server.start()
+            await cache.put("mushroom:result:k", {"version": 2})
+            assert await cache.get("mushroom:result:k") == {"version": 2}
+            assert cache.connections._free[0] is not used[0]
+        finally:
+            await cache.close()
+            await client.aclose()
+
+    with RedisServer() as redis_server:
+        asyncio.run(scenario(redis_server))
+
+
+def test_a_cache_command_to_a_frozen_redis_ends_at_the_clients_socket_timeout():
+    import signal
+    import time
+
+    import redis.asyncio as aioredis
+
+    from services.gateway.cache import ResultCache
+    from tests.support import RedisServer
+
+    async def scenario(redis_server):
+        client = aioredis.from_url(redis_server.url, socket_timeout=0.2, socket_connect_timeout=0.2)
+        cache = ResultCache(client, ttl_seconds=60)
+        try:
+            await cache.put("mushroom:result:k", {"version": 1})
+            redis_server.process.send_signal(signal.SIGSTOP)
+            try:
+                start = time.monotonic()
+                assert await cache.get("mushroom:result:k") is None  # served uncached
+                assert time.monotonic() - start < 2.0  # one deadline of 0.2 s, generously bounded
+                assert cache.breaker.failures == 1 and cache.connections._free == []
+            finally:
+                redis_server.process.send_signal(signal.SIGCONT)
+            assert await cache.get("mushroom:result:k") == {"version": 1}
+        finally:
+            await cache.close()
+            await client.aclose()
+
+    with RedisServer() as redis_server:
+        asyncio.run(scenario(redis_server))

@@ -40,7 +40,7 @@ class CircuitBreaker:
             if self.failures == self.failures_to_open:
                 log.warning("redis failing: serving uncached for %.1fs before retrying", self.open_seconds)
             self.opened_at = time.monotonic()
-        metrics.CACHE.labels(outcome="error").inc()
+        metrics.CACHE_OUTCOMES["error"].inc()
 
 
 def cache_key(sha256: str, model: str, version: int, image_size: int) -> str:
@@ -51,30 +51,62 @@ def explanation_key(sha256: str, model: str, version: int, image_size: int, targ
     return keys.explanation(model, version, PREPROCESSING_VERSION, image_size, sha256, target)
 
 
+class CommandConnections:
+    """Connections for the cache's GET and SET, with the client's own settings (address, TLS, password, database,
+    timeouts): a free one is taken for a command and given back after its reply. The client's pool machinery around
+    each command (lock, retries, observability hooks, events) cost about as much CPU as the command itself; a cache
+    command needs none of it, as a failed one is not retried but served uncached. A connection whose command failed
+    is dropped (its reply may still be on the way); the next command opens a new one."""
+
+    def __init__(self, redis: aioredis.Redis):
+        self._pool = redis.connection_pool
+        self._free: list = []
+
+    async def command(self, *args):
+        connection = self._free.pop() if self._free else self._pool.make_connection()
+        try:
+            await connection.connect()  # at once when connected
+            await connection.send_command(*args)
+            reply = await connection.read_response()
+        except BaseException:
+            await connection.disconnect(nowait=True)
+            raise
+        self._free.append(connection)
+        return reply
+
+    async def close(self) -> None:
+        while self._free:
+            await self._free.pop().disconnect()
+
+
 class ResultCache:
     def __init__(self, redis: aioredis.Redis, ttl_seconds: int, breaker: CircuitBreaker | None = None):
         self.redis = redis
+        self.connections = CommandConnections(redis)
         self.ttl = ttl_seconds
         self.breaker = breaker or CircuitBreaker()
 
+    async def close(self) -> None:
+        await self.connections.close()
+
     async def get(self, key: str) -> dict | None:
         if not self.breaker.allow():
-            metrics.CACHE.labels(outcome="bypass").inc()
+            metrics.CACHE_OUTCOMES["bypass"].inc()
             return None
         try:
-            raw = await self.redis.get(key)
+            raw = await self.connections.command("GET", key)
         except (aioredis.RedisError, OSError, asyncio.TimeoutError):
             self.breaker.failure()
             return None
         self.breaker.success()
-        metrics.CACHE.labels(outcome="hit" if raw is not None else "miss").inc()
+        metrics.CACHE_OUTCOMES["hit" if raw is not None else "miss"].inc()
         return json.loads(raw) if raw is not None else None
 
     async def put(self, key: str, value: dict) -> None:
         if not self.breaker.allow():
             return
         try:
-            await self.redis.set(key, json.dumps(value), ex=self.ttl)
+            await self.connections.command("SET", key, json.dumps(value), "EX", self.ttl)
             self.breaker.success()
         except (aioredis.RedisError, OSError, asyncio.TimeoutError):
             self.breaker.failure()

@@ -101,7 +101,7 @@ class Classifier:
             raise GatewayError(400, "rejected_by_model_server", str(exc)) from None
 
     def _raw_answer(self, prediction, start: float) -> dict:
-        metrics.UPSTREAM_SECONDS.labels(model_version=metrics.version_metric_value(
+        metrics.child(metrics.UPSTREAM_SECONDS, model_version=metrics.version_metric_value(
             prediction.version, self.router.available)).observe(time.perf_counter() - start)
         self._classes[prediction.version] = prediction.classes
         return {"version": prediction.version, "classes": prediction.classes,
@@ -217,11 +217,11 @@ class Classifier:
         finally:
             chosen_value = metrics.version_metric_value(chosen, self.router.available)
             if explain:
-                metrics.EXPLAIN_SECONDS.labels(protocol=protocol, model_version=chosen_value, cache=cache_outcome,
-                                               result=result).observe(time.perf_counter() - start)
+                metrics.child(metrics.EXPLAIN_SECONDS, protocol=protocol, model_version=chosen_value,
+                              cache=cache_outcome, result=result).observe(time.perf_counter() - start)
             else:
-                metrics.REQUEST_SECONDS.labels(protocol=protocol, endpoint=endpoint, model_version=chosen_value,
-                                               cache=cache_outcome, result=result).observe(time.perf_counter() - start)
+                metrics.child(metrics.REQUEST_SECONDS, protocol=protocol, endpoint=endpoint, model_version=chosen_value,
+                              cache=cache_outcome, result=result).observe(time.perf_counter() - start)
 
     # ------------------------------------------------------------------ the stages
     def _route(self, client_id: str | None, version: int | None, label: str | None) -> Target:
@@ -300,7 +300,7 @@ class Classifier:
             explanation = await asyncio.get_running_loop().run_in_executor(
                 self.executor, self._draw_explanation, photo, answer)
         answered = metrics.version_metric_value(answer["version"], self.router.available)
-        metrics.ROUTE.labels(model_version=answered, reason=reason).inc()
+        metrics.child(metrics.ROUTE, model_version=answered, reason=reason).inc()
         reply = self._answer(answer, top_k, cached, start)
         return reply if explanation is None else {**reply, "explanation": explanation}
 

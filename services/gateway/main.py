@@ -202,6 +202,7 @@ class Gateway:
         for task in watchers:
             task.cancel()
         await self.upstream.close()
+        await self.classifier.cache.close()
         await self.redis.aclose()
 
 

@@ -26,6 +26,9 @@ STAGE_SECONDS = Histogram(
     "explanation's drawing)", ["stage"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
 CACHE = Counter("mushroom_gateway_cache", "Cache lookups by outcome (hit, miss, error, bypass)", ["outcome"],
                 registry=REGISTRY)
+# The children of the fixed label values, bound once: labels() validates and locks on every call.
+STAGE_CHILDREN = {name: STAGE_SECONDS.labels(stage=name) for name in STAGES}
+CACHE_OUTCOMES = {outcome: CACHE.labels(outcome=outcome) for outcome in ("hit", "miss", "error", "bypass")}
 SINGLE_FLIGHT_SHARED = Counter("mushroom_gateway_single_flight_shared", "Misses that joined an identical call",
                                registry=REGISTRY)
 REROUTED = Counter("mushroom_gateway_rerouted", "Routed requests whose version the model server had unloaded since "
@@ -56,6 +59,19 @@ def version_metric_value(version: int | None, known: set[int]) -> str:
     return str(version) if version is not None and version in known else "other"
 
 
+_CHILDREN: dict = {}  # (metric, its label values) -> the child; every label has a small, fixed set of values
+
+
+def child(metric, **labels: str):
+    """``metric.labels(**labels)``, each child looked up once and then taken from a dict (labels() validates the
+    names and takes a lock on every call). Children are never removed from the gateway's metrics."""
+    key = (metric, *labels.items())
+    found = _CHILDREN.get(key)
+    if found is None:
+        found = _CHILDREN[key] = metric.labels(**labels)
+    return found
+
+
 def stage(name: str):
     """``with stage("predict"): ...`` observes the block's duration in mushroom_gateway_stage_seconds."""
-    return STAGE_SECONDS.labels(stage=name).time()
+    return STAGE_CHILDREN[name].time()

@@ -118,18 +118,20 @@ class ModelServerClient:
         self.model_name = model_name
         self.timeout = timeout
         self.retries = retries
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        # target -> (channel, PredictionServiceStub, ModelServiceStub), made once (a stub makes a callable for
+        # each of its service's methods)
+        self._stubs_by_target: dict[str, tuple] = {}
 
     def _stubs(self, target: str | None = None):
         target = target or self.target
-        if target not in self._channels:
-            self._channels[target] = _channel(target)
-        channel = self._channels[target]
-        return (prediction_service_pb2_grpc.PredictionServiceStub(channel),
-                model_service_pb2_grpc.ModelServiceStub(channel))
+        if target not in self._stubs_by_target:
+            channel = _channel(target)
+            self._stubs_by_target[target] = (channel, prediction_service_pb2_grpc.PredictionServiceStub(channel),
+                                             model_service_pb2_grpc.ModelServiceStub(channel))
+        return self._stubs_by_target[target][1:]
 
     async def close(self) -> None:
-        for channel in self._channels.values():
+        for channel, _, _ in self._stubs_by_target.values():
             await channel.close()
 
     async def _call(self, method, request, timeout: float | None = None, target: str | None = None):
