@@ -44,7 +44,8 @@ def fine_tuned_run(small_dataset, base_network, tmp_path_factory):
 
     _, rows = small_dataset
     work = tmp_path_factory.mktemp("fine-tune")
-    config = TrainConfig(epochs=60, patience=10, fine_tune_blocks=1, fine_tune_epochs=4)
+    config = TrainConfig(architecture=base_network.architecture, epochs=60, patience=10, fine_tune_blocks=1,
+                         fine_tune_epochs=4)
     run_dir, metrics = train_run(rows, config, work / "runs" / "tuned", base=base_network,
                                  tensorboard_root=work / "tensorboard", progress=False)
     return run_dir, metrics
@@ -101,7 +102,7 @@ def test_fine_tuned_savedmodel_matches_the_in_process_model(fine_tuned_run, base
 
 
 def test_cli_refuses_impossible_fine_tuning(capsys):
-    assert main(["train", "--fine_tune_blocks", "14"]) == 2
+    assert main(["train", "--architecture", "mobilenet_1.0_224", "--fine_tune_blocks", "14"]) == 2
     assert "between 1 and 13" in capsys.readouterr().err
     assert main(["train", "--architecture", "mobilenet_v2_1.0_224", "--fine_tune_blocks", "1"]) == 2
     err = capsys.readouterr().err
@@ -120,7 +121,7 @@ def test_training_without_fine_tuning_into_a_used_run_folder_drops_its_old_block
     run_dir = tmp_path / "reused"
     shutil.copytree(fine_tuned_run[0], run_dir)
     assert isinstance(run_base(run_dir, load_run(run_dir)[1], base_network), FineTunedBase)
-    train_run(small_dataset[1], TrainConfig(epochs=3, patience=3), run_dir, base=base_network,
-              tensorboard_root=tmp_path / "tensorboard", progress=False)
+    train_run(small_dataset[1], TrainConfig(architecture=base_network.architecture, epochs=3, patience=3), run_dir,
+              base=base_network, tensorboard_root=tmp_path / "tensorboard", progress=False)
     assert not (run_dir / TUNED_BLOCKS_FILE).exists()
     assert type(run_base(run_dir, load_run(run_dir)[1], base_network)) is BaseNetwork

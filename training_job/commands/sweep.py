@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from training_job.errors import UserError
+from training_job.train import DEFAULT_ARCHITECTURE
 
 
 def _floats(text: str) -> list[float]:
@@ -30,8 +31,8 @@ def register(subparsers) -> None:
     parser.add_argument("--manifest", default=str(default_manifest()), help="manifest.csv written by `prepare`")
     parser.add_argument("--learning_rates", type=_floats, default=[0.0003, 0.001, 0.003, 0.01],
                         help="comma-separated learning rates")
-    parser.add_argument("--architectures", default="mobilenet_1.0_224",
-                        help="comma-separated architectures (built in: mobilenet_1.0_224, efficientnet_lite0..2)")
+    parser.add_argument("--architectures", default=DEFAULT_ARCHITECTURE,
+                        help="comma-separated architectures (built in: efficientnet_lite0..2, mobilenet_1.0_224)")
     parser.add_argument("--sweep_dir", default=None, help="folder for the runs (default var/runs/sweep-<timestamp>)")
     add_training_arguments(parser, architecture=False)
     parser.set_defaults(func=run)

@@ -22,9 +22,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, architecture: bool =
     g = parser.add_argument_group("training (names as in retrain.py)")
     if architecture:
         g.add_argument("--architecture", default=_DEFAULTS.architecture,
-                       help="mobilenet_1.0_224 or efficientnet_lite0/1/2 (built in, offline; Lite inputs are 224, "
-                       "240, 260), or mobilenet_<alpha>_<size>, mobilenet_v2_<alpha>_<size>, inception_v3 "
-                       "(these need --weights_file or internet)")
+                       help="efficientnet_lite0 (the default), efficientnet_lite1/2 or mobilenet_1.0_224 (built in, "
+                       "offline; Lite inputs are 224, 240, 260), or mobilenet_<alpha>_<size>, "
+                       "mobilenet_v2_<alpha>_<size>, inception_v3 (these need --weights_file or internet)")
         g.add_argument("--learning_rate", type=float, default=_DEFAULTS.learning_rate, help="Adam learning rate")
     add_flag(g, "--weights_file", default=None, help="Keras ImageNet weights (include_top=True) for --architecture")
     g.add_argument("--how_many_training_steps", type=int, default=None,
