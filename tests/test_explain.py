@@ -331,6 +331,13 @@ def test_explanations_come_from_the_explain_model_server_when_the_model_server_h
             assert status == 501, refused
             assert refused["error"]["code"] == "signature_not_served"
             assert "--explain-model-server" in refused["error"]["message"]
+            from services.gateway.protos import load
+
+            pb, pb_grpc = load()
+            with grpc.insecure_channel(f"127.0.0.1:{alone.grpc_port}") as channel, \
+                    pytest.raises(grpc.RpcError) as over_grpc:
+                pb_grpc.ClassifierStub(channel).Classify(pb.ClassifyRequest(photo=photo, explain=True), timeout=60)
+            assert over_grpc.value.code() == grpc.StatusCode.UNIMPLEMENTED
         finally:
             alone.stop()
         helped = GatewayProcess(tflite_like_server.grpc_target, redis.url,
