@@ -180,6 +180,13 @@ def routing(gateway: Gateway) -> dict:
     return gateway.request("GET", "/v1/admin/routing", token=ALICE_TOKEN)[1]["weights"]
 
 
+def wait_for_shadow(gateway: Gateway, version: int) -> None:
+    """Until the controller's shadow step is in force at the gateway: only cache misses are mirrored to a shadow, so
+    traffic of new photos sent before it would all be hits by the time the shadow is set."""
+    wait_until(lambda: gateway.request("GET", "/v1/admin/routing", token=ALICE_TOKEN)[1]["shadow"] == version,
+               timeout=60, what=f"version {version} as the shadow")
+
+
 def photos(start: int, count: int) -> list[bytes]:
     assert start + count <= len(PHOTOS)
     return [p.read_bytes() for p in PHOTOS[start:start + count]]
@@ -197,6 +204,7 @@ def test_good_version_goes_shadow_canary_full_and_becomes_stable(model_server, r
         wait_until(lambda: events(controller.status(), "adopt"), timeout=30, what="v1 adopted as stable")
         publish(stack_files, "promote", bias=0.0)  # the same answers: a good version
         wait_available(model_server, "promote", 2)
+        wait_for_shadow(gateway, 2)
         with Traffic(gateway, photos(0, 200)) as traffic:  # new photos: cache misses are mirrored to the shadow
             status = wait_until(lambda: (s := controller.status())["state"]["stable"] == 2 and s, timeout=120,
                                 what="version 2 promoted")
@@ -264,6 +272,7 @@ def test_bad_version_is_rolled_back_by_shadow_disagreement(model_server, redis_s
         wait_until(lambda: events(controller.status(), "adopt"), timeout=30, what="v1 adopted as stable")
         publish(stack_files, "shadow", bias=8.0)  # answers the first class for every photo
         wait_available(model_server, "shadow", 2)
+        wait_for_shadow(gateway, 2)
         with Traffic(gateway, photos(240, 200)) as traffic:
             status = wait_until(lambda: (s := controller.status())["state"]["rejected"] == [2] and s, timeout=120,
                                 what="version 2 rolled back")
