@@ -59,6 +59,25 @@ def test_the_tflite_engine_answers_as_the_saved_model_does_at_any_batch_size(tmp
     assert list(only) == ["mushroom_score"] and only["mushroom_score"].shape == (2,)
 
 
+def test_a_call_that_starts_alone_gets_every_core_and_calls_side_by_side_get_their_share(tmp_path):
+    lite = TfLiteServable("m", 1, write_tiny_with_tflite(tmp_path / "1"), threads=1, lone_call_threads=2)
+    assert (lite.threads_for_call(0), lite.threads_for_call(1), lite.threads_for_call(3)) == (2, 1, 1)
+
+    alone = lite.run("serving_default", {"images": PHOTOS})
+    assert lite._idle[2].qsize() == 1  # it ran on a two-thread interpreter, now idle again
+
+    beside = lite._acquire()  # a call in progress
+    assert beside.threads == 2
+    try:
+        shared = lite.run("serving_default", {"images": PHOTOS})
+        assert lite._idle[1].qsize() == 1 and lite._idle[2].qsize() == 0  # this one got one thread
+    finally:
+        lite._release(beside)
+    assert lite._running == 0
+    np.testing.assert_allclose(shared["probabilities"], alone["probabilities"], atol=1e-6)
+    np.testing.assert_array_equal(shared["classes"], alone["classes"])
+
+
 def _jpegs(photos: np.ndarray) -> np.ndarray:
     return np.array([tf.io.encode_jpeg(photo).numpy() for photo in photos], dtype=object)
 

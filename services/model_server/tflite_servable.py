@@ -11,15 +11,18 @@ Signatures, in this order:
 3. else one ``serving_default`` predict signature over the primary subgraph's inputs and outputs, named by their
    tensor names without the suffix, as TF Serving builds it.
 Every call feeds the inputs as given: an input whose shape differs from the interpreter's is resized first (the
-batch dimension, or any), as TF Serving does. Interpreters are a pool that grows to one per model call running at
-once (so one per worker thread), each with the intra-op threads one TensorFlow call gets
-(``configure_tensorflow_threads``: the call's share of the cores).
+batch dimension, or any), as TF Serving does. Interpreters are pools that grow to one per model call running at
+once (so one per worker thread). A call that starts while another call of this servable runs gets an interpreter with
+the intra-op threads one TensorFlow call gets (``configure_tensorflow_threads``: its share of the cores); a call that
+starts alone gets one with every core this process may use, so a lone request (low load, concurrency 1) is not
+held to one core's speed while the others idle. Both give the same outputs.
 """
 from __future__ import annotations
 
 import logging
 import os
 import queue
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,10 +131,19 @@ def native_signature_defs(interpreter) -> dict[str, meta_graph_pb2.SignatureDef]
     return signature_defs
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 @dataclass
 class _Instance:
-    """One interpreter of the pool, with the signature runners made for it so far."""
+    """One interpreter of a pool, its intra-op threads, and the signature runners made for it so far."""
     interpreter: object
+    threads: int
     runners: dict = field(default_factory=dict)
 
     def runner(self, key: str):
@@ -143,14 +155,20 @@ class _Instance:
 class TfLiteServable(Servable):
     engine = TFLITE_FILE
 
-    def __init__(self, model_name: str, version: int, path: Path, threads: int = 0):
-        """``threads``: each interpreter's; 0 = TensorFlow's intra-op setting, or every core when that is 0."""
+    def __init__(self, model_name: str, version: int, path: Path, threads: int = 0, lone_call_threads: int = 0):
+        """``threads``: the interpreters' of calls that run beside another; 0 = TensorFlow's intra-op setting, or
+        every core when that is 0. ``lone_call_threads``: the interpreters' of calls that start alone; 0 = every core
+        this process may use (never fewer than ``threads``)."""
         self.model_name, self.version, self.path = model_name, version, Path(path)
         self._content = (self.path / TFLITE_FILE).read_bytes()
-        self._threads = threads or tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count() or 1
-        self._idle: queue.SimpleQueue[_Instance] = queue.SimpleQueue()
-        first = self._new_instance()
-        self._idle.put(first)
+        self._threads = threads or tf.config.threading.get_intra_op_parallelism_threads() or usable_cores()
+        self._lone_call_threads = max(self._threads, lone_call_threads or usable_cores())
+        self._idle: dict[int, queue.SimpleQueue[_Instance]] = {
+            count: queue.SimpleQueue() for count in {self._threads, self._lone_call_threads}}
+        self._running_lock = threading.Lock()
+        self._running = 0  # model calls of this servable running now
+        first = self._new_instance(self._threads)
+        self._idle[self._threads].put(first)
         probe = first.interpreter
         input_details, output_details = probe.get_input_details(), probe.get_output_details()
         # int8 tensors with quantization scales: the file is quantized (parity_problem's looser rule)
@@ -187,20 +205,38 @@ class TfLiteServable(Servable):
                 {alias: tf.as_dtype(info.dtype) for alias, info in signature_def.inputs.items()},
                 sorted(signature_def.outputs))
 
-    def _new_instance(self) -> _Instance:
+    def _new_instance(self, threads: int) -> _Instance:
         from ai_edge_litert.interpreter import Interpreter
 
         # The default op resolver applies the XNNPACK delegate to the float ops it supports.
-        interpreter = Interpreter(model_content=self._content, num_threads=self._threads)
+        interpreter = Interpreter(model_content=self._content, num_threads=threads)
         interpreter.allocate_tensors()
-        return _Instance(interpreter)
+        return _Instance(interpreter, threads)
+
+    def threads_for_call(self, calls_running: int) -> int:
+        """The intra-op threads of a call that starts while ``calls_running`` others run."""
+        return self._lone_call_threads if calls_running == 0 else self._threads
 
     def _acquire(self) -> _Instance:
-        """An idle interpreter, or a new one when every one is busy in another thread."""
+        """An idle interpreter with the threads this call gets, or a new one when every such one is busy."""
+        with self._running_lock:
+            threads = self.threads_for_call(self._running)
+            self._running += 1
         try:
-            return self._idle.get_nowait()
+            return self._idle[threads].get_nowait()
         except queue.Empty:
-            return self._new_instance()
+            pass
+        try:
+            return self._new_instance(threads)
+        except BaseException:
+            with self._running_lock:
+                self._running -= 1
+            raise
+
+    def _release(self, instance: _Instance) -> None:
+        self._idle[instance.threads].put(instance)
+        with self._running_lock:
+            self._running -= 1
 
     def _call(self, info: SignatureInfo, inputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
         values = {alias: np.asarray(value, dtype=object if info.inputs[alias] == tf.string
@@ -216,7 +252,7 @@ class TfLiteServable(Servable):
         except RuntimeError as exc:
             raise ServingError(grpc.StatusCode.INTERNAL, f"TFLite: {_short(exc)}") from None
         finally:
-            self._idle.put(instance)
+            self._release(instance)
         return {alias: outputs[alias].astype(object) if outputs[alias].dtype.kind == "S" else outputs[alias]
                 for alias in wanted}
 
