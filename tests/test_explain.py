@@ -354,6 +354,53 @@ def test_explanations_come_from_the_explain_model_server_when_the_model_server_h
             helped.stop()
 
 
+def test_an_explain_server_that_has_not_loaded_the_version_yet_is_a_503_and_the_version_stays_routed(
+        published_model, model_server, tmp_path_factory):
+    """The explain model server loads new versions on its own poll, so it can trail the model server: an explanation
+    asked of it for a version it does not have yet is a 503 to retry, not a sign the version is gone (which would
+    re-route the request to an older version and drop the new one from the gateway's routing until the next
+    status poll)."""
+    import shutil
+
+    from tests.gateway_harness import GatewayProcess
+    from tests.support import RedisServer
+
+    old, new = published_model.version, published_model.version + 1
+    registry = tmp_path_factory.mktemp("ahead-registry")
+    for version in (old, new):
+        shutil.copytree(published_model.version_dir, registry / MODEL / str(version))
+    config = registry / "models.config"
+    write_config(config, {MODEL: registry / MODEL}, policy="all {}")
+    ahead = start_server(registry, config)  # the explain server (``model_server``) has only ``old``
+    rows, _ = _test_photos(published_model.run_dir, 2)
+    photos = [open(r.path, "rb").read() for r in rows]
+    try:
+        wait_until(lambda: {v: s[0] for v, s in version_states(ahead.grpc_target, MODEL).items()}
+                   == {old: ModelVersionStatus.AVAILABLE, new: ModelVersionStatus.AVAILABLE},
+                   timeout=120, what="both versions AVAILABLE")
+        with RedisServer() as redis:
+            gateway = GatewayProcess(ahead.grpc_target, redis.url, f"--explain-model-server={model_server.grpc_target}")
+            try:
+                wait_until(lambda: gateway.classify(photos[0]).body["model"]["version"] == new, what="routed to the new "
+                           "version")
+                status, refused, headers = gateway.classify(photos[1], explain=1)
+                assert status == 503, refused
+                assert refused["error"]["code"] == "explain_version_loading"
+                assert f"version {new}" in refused["error"]["message"] and headers["Retry-After"] == "5"
+                status, plain, _ = gateway.classify(photos[1])  # the new version still answers
+                assert status == 200 and plain["model"]["version"] == new, plain
+                assert gateway.metric("mushroom_gateway_rerouted_total") == 0
+                status, refused, _ = gateway.classify(photos[1], version=new, explain=1)  # asked by number
+                assert status == 503 and refused["error"]["code"] == "explain_version_loading", refused
+                status, explained, _ = gateway.classify(photos[1], version=old, explain=1)  # one it has
+                assert status == 200 and explained["model"]["version"] == old, explained
+                assert explained["explanation"]["heatmap"]
+            finally:
+                gateway.stop()
+    finally:
+        stop_server(ahead)
+
+
 # ------------------------------------------------------------------------------------------- the training report
 def test_blend_colours_only_where_the_heat_is():
     from training_job.heatmaps import blend

@@ -24,12 +24,17 @@ from services.gateway.pixels import Preprocessor
 from services.gateway.routing import Router
 from services.gateway.single_flight import NoSingleFlight, SingleFlight
 from services.gateway.stats import Stats
-from services.gateway.upstream import ModelServerClient, SignatureNotServed, UpstreamRejected, UpstreamUnavailable
+from services.gateway.upstream import (
+    ExplainServerBehind, ModelServerClient, SignatureNotServed, UpstreamRejected, UpstreamUnavailable,
+)
 from training_job.heatmaps import displayed_size, overlay_png
 from training_job.preprocessing import Limits, open_image
 
 log = logging.getLogger("gateway.classifier")
 MAX_TOP_K = 100
+# Retry-After of an explanation the explain model server cannot give yet: it loads the version on its next poll
+# (TF Serving's --model_config_file_poll_wait_seconds, or its file-system poll for a base path)
+EXPLAIN_RETRY_AFTER_SECONDS = 5
 DEFAULT_TOP_K = 3  # both protocols' default
 CLASS_LABEL = re.compile(r"[A-Za-z0-9_.-]{1,100}")  # a label as training names its folders; it goes into a cache key
 
@@ -86,6 +91,8 @@ class Classifier:
         """``await call()``, the model server's refusals turned into GatewayErrors."""
         try:
             return await call()
+        except ExplainServerBehind as exc:
+            raise GatewayError(503, "explain_version_loading", str(exc), retry_after=EXPLAIN_RETRY_AFTER_SECONDS) from None
         except UpstreamUnavailable as exc:
             raise GatewayError(503, "model_server_unavailable", str(exc), retry_after=2) from None
         except SignatureNotServed as exc:

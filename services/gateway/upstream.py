@@ -49,6 +49,12 @@ class SignatureNotServed(UpstreamRejected):
         self.signature = signature
 
 
+class ExplainServerBehind(UpstreamUnavailable):
+    """The explain model server (--explain-model-server) has not loaded the version the model server answers with:
+    it loads new versions on its own config or registry poll, so it can trail the model server by one poll. The
+    version is not gone (the model server has it), so the request is not re-routed: a 503 with Retry-After."""
+
+
 @dataclass
 class Prediction:
     version: int
@@ -197,7 +203,15 @@ class ModelServerClient:
         request.inputs["class_index"].dtype = types_pb2.DT_INT32
         request.inputs["class_index"].tensor_shape.dim.add(size=1)
         request.inputs["class_index"].int_val.append(PREDICTED_CLASS if class_index is None else class_index)
-        response = await self._call(predict_stub.Predict, request, target=self.explain_target)
+        try:
+            response = await self._call(predict_stub.Predict, request, target=self.explain_target)
+        except UpstreamRejected as exc:
+            if exc.code != grpc.StatusCode.NOT_FOUND or self.explain_target == self.target:
+                raise
+            wanted = f"version {version}" if version is not None else f"the version labelled {label!r}" if label \
+                else "the latest version"
+            raise ExplainServerBehind(f"the explain model server {self.explain_target} has not loaded {wanted} of "
+                                      f"{self.model_name} yet (the model server {self.target} has): {exc}") from None
         predictions, outputs = self._predictions(response, len(pixels))
         return [Explanation(p, int(outputs["explained_class"][i]), outputs["heatmap"][i])
                 for i, p in enumerate(predictions)]
