@@ -58,3 +58,18 @@ def test_main_pairs_methods_fold_by_fold(monkeypatch):
     assert diff["mean"] == pytest.approx(-0.25, abs=0.02) and diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1]
     assert "fine_tune_gain" not in written and written["frozen"]["train_seconds"] == 1.0
     assert 0 <= written["frozen"]["ece_after"] <= written["frozen"]["ece_before"] + 1e-9
+
+
+def test_cross_fitting_holds_every_training_photo_out_once_and_never_touches_the_test_fold():
+    from bench.calibration_cv import held_out_parts
+
+    splits = ["train"] * 90 + ["validation"] * 20 + ["test"] * 30
+    rows = [ManifestRow(f"p{i}.jpg", "ab"[i % 2], f"{i:064x}", s, 10, 10, 100) for i, s in enumerate(splits)]
+    parts = held_out_parts(rows, 4, seed=3)
+    held = [{i for i, r in enumerate(part) if r.split == "test"} for part in parts]
+    assert sorted(len(h) for h in held) == [22, 22, 23, 23]
+    assert set().union(*held) == set(range(90)) and sum(map(len, held)) == 90  # each training photo once
+    for part, out in zip(parts, held):
+        assert [r.split for r in part[90:110]] == ["validation"] * 20  # validation as it was
+        assert [r.split for r in part[110:]] == ["unused"] * 30  # the fold's test photos: never read
+        assert {i for i, r in enumerate(part) if r.split == "train"} == set(range(90)) - out
