@@ -93,6 +93,20 @@ def raw_throughput(signature, pixels: np.ndarray, batch: int, seconds: float) ->
     return throughput(times, batch)
 
 
+FASTEST_ENGINE_THREADS = 2  # LiteRT's threads for the reference (bench/tflite_bench.py's THREADS)
+
+
+def fastest_engine_throughput(version_dir: Path, pixels: np.ndarray, batch: int, seconds: float) -> dict:
+    """The fastest engine in this process at one batch size, for ``seconds``: the version's ``model.tflite`` (float)
+    run by LiteRT with XNNPACK, the reference of bench/run_all.py's speed targets. A bench that alternates it with
+    its own phases compares the two on the same minutes' machine."""
+    from training_job.tflite_export import tflite_interpreter, tflite_predict
+
+    interpreter = tflite_interpreter(Path(version_dir) / "model.tflite", batch=batch, threads=FASTEST_ENGINE_THREADS)
+    batch_pixels = batch_of(pixels, batch)
+    return throughput(time_calls(lambda: tflite_predict(interpreter, batch_pixels), seconds), batch)
+
+
 def load_serving_signature(version_dir: Path):
     import tensorflow as tf
 

@@ -23,8 +23,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 
 from bench.common import (
-    alternating_rounds, load_serving_signature, median, percentiles_ms, published_version_or_exit, raw_throughput,
-    write_result,
+    alternating_rounds, fastest_engine_throughput, load_serving_signature, median, percentiles_ms,
+    published_version_or_exit, raw_throughput, write_result,
 )
 from bench.stack import Stack, distinct_photos, load, measured, miss_phase, rss_mb
 from training_job.paths import default_registry, shared_data_dir
@@ -99,9 +99,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 def raw_vs_miss(stack: Stack, gateway, signature, pixels: np.ndarray, cold: list[bytes], seconds: float,
-                rounds: int = 3) -> dict:
-    """Raw model at batch 32 (in this process, the stack idle) and the gateway's cache-miss throughput at concurrency
-    32 (HTTP), in alternating phases: the ratio of their medians compares the two on the same minutes' machine.
+                version_dir: Path, rounds: int = 3) -> dict:
+    """Raw model at batch 32 and, when the version has its model.tflite, the fastest engine at batch 32 (both in this
+    process, the stack idle), and the gateway's cache-miss throughput at concurrency 32 (HTTP), in alternating
+    phases: the ratio of their medians compares them on the same minutes' machine.
 
     CPU time per photo is recorded too: the raw model's (this process) and, during the miss phases, the gateway's, the
     model server's and Redis's. On a machine whose cores are all busy, the ratio can be at most about
@@ -126,7 +127,11 @@ def raw_vs_miss(stack: Stack, gateway, signature, pixels: np.ndarray, cold: list
             stack_cpu_ms[name].append((cpu_seconds(pid) - before[name]) * 1000 / max(answered, 1))
         return misses[-1]["requests_per_s"]
 
-    figures = alternating_rounds({"raw_b32_images_per_s": raw, "miss_c32_requests_per_s": miss}, rounds)
+    phases = {"raw_b32_images_per_s": raw, "miss_c32_requests_per_s": miss}
+    if (version_dir / "model.tflite").is_file():
+        phases["fastest_b32_images_per_s"] = lambda: fastest_engine_throughput(version_dir, pixels, 32,
+                                                                               seconds)["images_per_s"]
+    figures = alternating_rounds(phases, rounds)
     cpu = {"raw_model_ms_per_photo": median(raw_cpu_ms),
            **{f"{name}_ms_per_request": median(values) for name, values in stack_cpu_ms.items()}}
     stack_total = sum(cpu[f"{name}_ms_per_request"] for name in processes)
@@ -134,7 +139,9 @@ def raw_vs_miss(stack: Stack, gateway, signature, pixels: np.ndarray, cold: list
     return {**figures, "rounds": rounds, "seconds_per_phase": seconds, "cpu": cpu,
             "miss_c32_cache_hit_share": max(m["cache_hit_share"] for m in misses),
             "miss_c32_errors": sum(m["errors"] for m in misses),
-            "ratio_of_medians": median(figures["miss_c32_requests_per_s"]) / median(figures["raw_b32_images_per_s"])}
+            "ratio_of_medians": median(figures["miss_c32_requests_per_s"]) / median(figures["raw_b32_images_per_s"]),
+            **({"miss_vs_fastest_ratio_of_medians": median(figures["miss_c32_requests_per_s"])
+                / median(figures["fastest_b32_images_per_s"])} if "fastest_b32_images_per_s" in figures else {})}
 
 
 def cells(stack: Stack, gateway, cold: list[bytes], hot: list[bytes], seconds: float) -> dict:
@@ -187,7 +194,8 @@ def main(argv=None) -> int:
               f"direct p50 {paired['direct_model_server_c1']['p50_ms']:.2f} ms, median difference "
               f"{paired['median_difference_ms']:.2f} ms; gateway cache misses counted "
               f"{paired['gateway_cache_misses_counted']:.0f} of {len(pairs)}", flush=True)
-        result["raw_vs_miss_c32"] = alternated = raw_vs_miss(stack, gateway, signature, pixels, cold, args.seconds)
+        result["raw_vs_miss_c32"] = alternated = raw_vs_miss(stack, gateway, signature, pixels, cold, args.seconds,
+                                                                   version_dir)
         result["raw_b32_images_per_s"] = median(alternated["raw_b32_images_per_s"])
         print("alternating: raw b32 " + ", ".join(f"{v:.1f}" for v in alternated["raw_b32_images_per_s"])
               + " img/s; miss c32 " + ", ".join(f"{v:.1f}" for v in alternated["miss_c32_requests_per_s"])

@@ -1,6 +1,7 @@
 """Model server vs the raw model, in one run: throughput at concurrency 32 (server) / batch 32 (raw), and p50 at
-concurrency 1 (server) / batch 1 (raw); server-side batching on and off; and the batching parameters compared on
-what they are for, the gateway's cache-miss throughput at concurrency 32 (one stack per setting, phases alternating).
+concurrency 1 (server) / batch 1 (raw); server-side batching on and off; the server at concurrency 32 against the
+fastest engine at batch 32 in alternating phases; and the batching parameters compared on what they are for, the
+gateway's cache-miss throughput at concurrency 32 (one stack per setting, phases alternating).
 
 Usage: python -m bench.model_server_bench [--registry DIR] [--seconds 10] [--sweep_only]
 """
@@ -22,9 +23,9 @@ import grpc
 import numpy as np
 
 from bench.common import (
-    load_serving_signature, percentiles_ms, published_version_or_exit, raw_throughput, sample_photos, write_result,
+    alternating_rounds, fastest_engine_throughput, load_serving_signature, median, percentiles_ms,
+    published_version_or_exit, raw_throughput, sample_photos, write_result,
 )
-from bench.common import alternating_rounds, median
 from bench.stack import BATCHING_CONFIG, Stack, batching_config, distinct_photos, load, miss_phase, prometheus_total
 from training_job.paths import PROJECT_ROOT, default_registry, shared_data_dir
 from training_job.preprocessing import load_image_file
@@ -136,6 +137,22 @@ def print_sweep(sweep: dict) -> None:
     print(f"best measured: {sweep['best']}; bench uses {sweep['in_use']}, deploy/tfserving {sweep['shipped']}")
 
 
+def fastest_vs_server(version_dir: Path, target: str, model: str, pixels: np.ndarray, seconds: float,
+                      rounds: int = 3) -> dict:
+    """The fastest engine at batch 32 (in this process, the server idle) and the server (batching on) at concurrency
+    32, in alternating phases: the ratio of their medians compares the two on the same minutes' machine, where
+    bench/tflite_bench.py's figure, minutes earlier, compares the machine's load too."""
+    figures = alternating_rounds({
+        "fastest_b32_images_per_s": lambda: fastest_engine_throughput(version_dir, pixels, 32, seconds)["images_per_s"],
+        "server_c32_images_per_s": lambda: asyncio.run(drive(target, model, pixels, 32, seconds))["images_per_s"],
+    }, rounds)
+    ratio = median(figures["server_c32_images_per_s"]) / median(figures["fastest_b32_images_per_s"])
+    print("alternating: fastest engine b32 " + ", ".join(f"{v:.1f}" for v in figures["fastest_b32_images_per_s"])
+          + " img/s; server c32 " + ", ".join(f"{v:.1f}" for v in figures["server_c32_images_per_s"])
+          + f" img/s; ratio of medians {ratio:.3f}", flush=True)
+    return {**figures, "rounds": rounds, "seconds_per_phase": seconds, "ratio_of_medians": ratio}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--registry", type=Path, default=default_registry())
@@ -162,6 +179,9 @@ def main(argv=None) -> int:
                 for key, (_, target) in servers.items():
                     result.setdefault(key, {})[f"c{c}"] = asyncio.run(drive(target, args.model_name, pixels, c,
                                                                             args.seconds))
+            if (version_dir / "model.tflite").is_file():
+                result["fastest_vs_c32"] = fastest_vs_server(version_dir, servers["batching_on"][1], args.model_name,
+                                                             pixels, args.seconds)
         finally:
             for process, _ in servers.values():
                 process.terminate()

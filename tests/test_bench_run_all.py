@@ -92,6 +92,21 @@ def test_without_the_fastest_engine_or_on_another_version_the_ratios_are_not_met
     assert miss["met"] is None and "another version" in str(miss["measured"])
 
 
+def test_a_ratio_measured_alternating_with_the_fastest_engine_is_preferred_to_tflite_json(monkeypatch):
+    """tflite.json's figure was measured minutes before: a bench's own alternated phases compare the same minutes."""
+    results = _results()
+    results["model_server"]["fastest_vs_c32"] = {"server_c32_images_per_s": [150.0, 160.0, 170.0],
+                                                 "fastest_b32_images_per_s": [150.0, 170.0, 175.0],
+                                                 "ratio_of_medians": 160.0 / 170.0}
+    results["gateway"]["raw_vs_miss_c32"].update(fastest_b32_images_per_s=[190.0, 200.0, 210.0],
+                                                 miss_vs_fastest_ratio_of_medians=175.0 / 200.0)
+    rows = _rows(monkeypatch, results)
+    server = rows["model server throughput at concurrency 32 / fastest engine at batch 32"]
+    assert (server["measured"], server["met"]) == (0.941, True) and "150, 160, 170 vs 150, 170, 175" in server["what"]
+    miss = rows["gateway cache-miss throughput at concurrency 32 / fastest engine at batch 32"]
+    assert (miss["measured"], miss["met"]) == (0.875, True) and "alternating" in miss["what"]
+
+
 def _cv(methods: dict[str, list[float]], photos: int = 100) -> dict:
     """A bench/accuracy_cv.py result: per-fold top-1 of each method, the first the reference."""
     names = list(methods)
@@ -117,3 +132,12 @@ def test_every_cross_validation_run_is_reported_and_the_best_is_judged_against_t
     assert "paired top-1 difference lite0_frozen - frozen" in " ".join(rows)
     best = rows["best cross-validated top-1 (lite0_fine_tuned_whole); the target is on a hidden hold-out"]
     assert (best["measured"], best["target"], best["met"]) == (0.955, ">= 0.97", False)
+
+
+def test_the_calibration_run_is_judged_on_the_temperature_the_training_job_fits(monkeypatch):
+    calibration = {"method": "lite0_frozen", "folds": 5, "parts": 4, "ece_uncalibrated": 0.085,
+                   "validation": {"ece": 0.039}, "cross_fitted": {"ece": 0.035}, "oracle": {"ece": 0.029}}
+    _rows(monkeypatch, {"calibration_cv": calibration})
+    (row,) = [r for r in run_all.rows() if r["what"].startswith("expected calibration error")]
+    assert (row["measured"], row["target"], row["met"]) == ("0.039; 0.035; 0.029", "<= 0.03", False)
+    assert "before: 0.085" in row["what"] and row["source"] == "calibration_cv.json"

@@ -381,8 +381,8 @@ def test_an_explain_server_that_has_not_loaded_the_version_yet_is_a_503_and_the_
         with RedisServer() as redis:
             gateway = GatewayProcess(ahead.grpc_target, redis.url, f"--explain-model-server={model_server.grpc_target}")
             try:
-                wait_until(lambda: gateway.classify(photos[0]).body["model"]["version"] == new, what="routed to the new "
-                           "version")
+                wait_until(lambda: gateway.classify(photos[0]).body["model"]["version"] == new,
+                           what="routed to the new version")
                 status, refused, headers = gateway.classify(photos[1], explain=1)
                 assert status == 503, refused
                 assert refused["error"]["code"] == "explain_version_loading"

@@ -92,7 +92,8 @@ class Classifier:
         try:
             return await call()
         except ExplainServerBehind as exc:
-            raise GatewayError(503, "explain_version_loading", str(exc), retry_after=EXPLAIN_RETRY_AFTER_SECONDS) from None
+            raise GatewayError(503, "explain_version_loading", str(exc),
+                               retry_after=EXPLAIN_RETRY_AFTER_SECONDS) from None
         except UpstreamUnavailable as exc:
             raise GatewayError(503, "model_server_unavailable", str(exc), retry_after=2) from None
         except SignatureNotServed as exc:
