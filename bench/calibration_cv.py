@@ -35,7 +35,10 @@ FROZEN_METHODS = [m for m in METHOD_ARCHITECTURES if m.endswith("_frozen") or m 
 def held_out_parts(rows, parts: int, seed: int) -> list[list]:
     """The rows of one fold re-split ``parts`` times: in the j-th, part j of the training photos is "test" (the
     photos its sub-head is read on), the other training photos stay "train", validation stays, and the fold's own
-    test photos are "unused" (never trained on, never read). Every training photo is held out exactly once."""
+    test photos are "unused" (never trained on, never read). Every training photo is held out exactly once; none
+    when ``parts`` is 0."""
+    if parts == 0:
+        return []
     train = [i for i, r in enumerate(rows) if r.split == "train"]
     chunks = np.array_split(np.random.default_rng(seed).permutation(train), parts)
     out = []
@@ -52,7 +55,11 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=str(shared_data_dir() / "mushrooms"))
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--method", default="lite0_frozen", choices=FROZEN_METHODS)
-    parser.add_argument("--parts", type=int, default=4, help="sub-heads per fold for the cross-fitted temperature")
+    parser.add_argument("--parts", type=int, default=4,
+                        help="sub-heads per fold for the cross-fitted temperature (0: not measured)")
+    parser.add_argument("--label_smoothing", type=float, default=None,
+                        help="the heads' label smoothing (default: the training job's)")
+    parser.add_argument("--result", default="calibration_cv", help="the result file's name in bench/results")
     args = parser.parse_args(argv)
 
     from training_job.bottlenecks import BaseNetwork
@@ -75,6 +82,8 @@ def main(argv=None) -> int:
     for k in range(args.folds):
         rows_k = fold_rows(rows, folds, k)
         config = TrainConfig(architecture=architecture, seed=k)  # accuracy_cv's head of this fold
+        if args.label_smoothing is not None:
+            config = dataclasses.replace(config, label_smoothing=args.label_smoothing)
         trained = train_head(rows_k, config, work / "tensorboard", f"fold{k}", base=base, progress=False)
         truth, y_val = classes(rows_k, "test"), classes(rows_k, "validation")
         test_logits = trained.head.logits(trained.split_bottlenecks["test"].features)
@@ -85,12 +94,13 @@ def main(argv=None) -> int:
             sub = train_head(sub_rows, config, work / "tensorboard", f"fold{k}-part{j}", base=base, progress=False)
             logits.append(sub.head.logits(sub.split_bottlenecks["test"].features))
             answers.append(classes(sub_rows, "test"))
-        fitted_on["cross_fitted"] = (np.concatenate(logits), np.concatenate(answers))
+        if args.parts:
+            fitted_on["cross_fitted"] = (np.concatenate(logits), np.concatenate(answers))
         test_logits = test_logits.astype(np.float64)
         entry = {"fold": k, "test_photos": len(truth),
                  "accuracy": round(float(np.mean(test_logits.argmax(1) == truth)), 4),
                  "ece_uncalibrated": round(expected_calibration_error(softmax(test_logits), truth), 4)}
-        for estimate in ESTIMATES:
+        for estimate in fitted_on:
             x, y = fitted_on[estimate]
             temperature = fit_temperature(x, y)
             entry[estimate] = {"temperature": round(temperature, 3), "fitted_on_photos": len(y),
@@ -99,18 +109,20 @@ def main(argv=None) -> int:
         per_fold.append(entry)
         print(entry, flush=True)
 
+    estimates = [e for e in ESTIMATES if e in per_fold[0]]
     result = {"method": args.method, "architecture": architecture, "photos": len(rows), "folds": args.folds,
-              "parts": args.parts, "per_fold": per_fold,
+              "parts": args.parts, "label_smoothing": config.label_smoothing, "per_fold": per_fold,
               "ece_uncalibrated": round(float(np.mean([f["ece_uncalibrated"] for f in per_fold])), 4)}
-    for estimate in ESTIMATES:
+    result["accuracy"] = round(float(np.mean([f["accuracy"] for f in per_fold])), 4)
+    for estimate in estimates:
         result[estimate] = {"ece": round(float(np.mean([f[estimate]["ece"] for f in per_fold])), 4),
                             "temperature": round(float(np.mean([f[estimate]["temperature"] for f in per_fold])), 3)}
-    result["cross_fitted_minus_validation"] = paired_difference(
-        [f["cross_fitted"]["ece"] for f in per_fold], [f["validation"]["ece"] for f in per_fold])
-    for estimate in ESTIMATES:
         print(estimate, result[estimate])
-    print("cross_fitted - validation", result["cross_fitted_minus_validation"])
-    write_result("calibration_cv", result)
+    if "cross_fitted" in estimates:
+        result["cross_fitted_minus_validation"] = paired_difference(
+            [f["cross_fitted"]["ece"] for f in per_fold], [f["validation"]["ece"] for f in per_fold])
+        print("cross_fitted - validation", result["cross_fitted_minus_validation"])
+    write_result(args.result, result)
     return 0
 
 

@@ -73,3 +73,4 @@ def test_cross_fitting_holds_every_training_photo_out_once_and_never_touches_the
         assert [r.split for r in part[90:110]] == ["validation"] * 20  # validation as it was
         assert [r.split for r in part[110:]] == ["unused"] * 30  # the fold's test photos: never read
         assert {i for i, r in enumerate(part) if r.split == "train"} == set(range(90)) - out
+    assert held_out_parts(rows, 0, seed=3) == []  # --parts 0: no cross-fitting
