@@ -262,7 +262,8 @@ def rows() -> list[dict]:
             ">= 0.97", best[0] >= 0.97, source="accuracy_cv*.json")
     calibration = load("calibration_cv")
     if calibration:
-        ece = {e: calibration[e]["ece"] for e in ("validation", "cross_fitted", "oracle")}
+        ece = {e: calibration[e]["ece"] if e in calibration else float("nan")  # cross_fitted: not with --parts 0
+               for e in ("validation", "cross_fitted", "oracle")}
         add(f"expected calibration error on the test folds ({calibration['folds']}-fold CV, {calibration['method']}), "
             f"temperature fitted on: the validation photos (as trained); cross-fitted ({calibration['parts']} "
             f"sub-heads); the test fold itself (the best any temperature does; before: "
