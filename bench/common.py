@@ -47,6 +47,14 @@ def percentiles_ms(seconds: list[float]) -> dict:
             "p99_ms": float(np.percentile(ms, 99)), "n": int(ms.size)}
 
 
+def cpu_seconds(pid: int | str) -> float:
+    """User + system CPU time a process (or ``"<pid>/task/<tid>"``, one thread) has used so far
+    (/proc/<pid>/stat, children excluded)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def time_calls(call, seconds: float) -> list[float]:
     """Calls ``call()`` back to back for ``seconds`` (after one untimed warm-up call); the time of each call."""
     call()

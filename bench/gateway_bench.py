@@ -23,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 
 from bench.common import (
-    alternating_rounds, fastest_engine_throughput, load_serving_signature, median, percentiles_ms,
+    alternating_rounds, cpu_seconds, fastest_engine_throughput, load_serving_signature, median, percentiles_ms,
     published_version_or_exit, raw_throughput, write_result,
 )
 from bench.stack import Stack, distinct_photos, load, measured, miss_phase, rss_mb
@@ -89,13 +89,6 @@ async def paired_c1(target: str, model: str, url: str, photos: list[bytes]) -> d
             "median_difference_ms": float(np.median(differences)),
             "difference_iqr_ms": [float(np.percentile(differences, 25)), float(np.percentile(differences, 75))],
             "gateway_http_miss_c1": percentiles_ms(gateway), "direct_model_server_c1": percentiles_ms(direct)}
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (/proc/<pid>/stat, children excluded)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def raw_vs_miss(stack: Stack, gateway, signature, pixels: np.ndarray, cold: list[bytes], seconds: float,

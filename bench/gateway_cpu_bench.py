@@ -27,8 +27,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench.common import median, sample_photos, write_result
-from bench.gateway_bench import cpu_seconds
+from bench.common import cpu_seconds, median, sample_photos, write_result
 from bench.stack import Stack, distinct_photos, load, measured
 from training_job.paths import shared_data_dir
 from training_job.preprocessing import Limits, preprocess_bytes

@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 
 from bench.common import (
-    alternating_rounds, fastest_engine_throughput, load_serving_signature, median, percentiles_ms,
+    alternating_rounds, cpu_seconds, fastest_engine_throughput, load_serving_signature, median, percentiles_ms,
     published_version_or_exit, raw_throughput, sample_photos, write_result,
 )
 from bench.stack import BATCHING_CONFIG, Stack, batching_config, distinct_photos, load, miss_phase, prometheus_total
@@ -137,20 +137,39 @@ def print_sweep(sweep: dict) -> None:
     print(f"best measured: {sweep['best']}; bench uses {sweep['in_use']}, deploy/tfserving {sweep['shipped']}")
 
 
-def fastest_vs_server(version_dir: Path, target: str, model: str, pixels: np.ndarray, seconds: float,
-                      rounds: int = 3) -> dict:
+def fastest_vs_server(version_dir: Path, server: subprocess.Popen, target: str, model: str, pixels: np.ndarray,
+                      seconds: float, rounds: int = 3) -> dict:
     """The fastest engine at batch 32 (in this process, the server idle) and the server (batching on) at concurrency
     32, in alternating phases: the ratio of their medians compares the two on the same minutes' machine, where
-    bench/tflite_bench.py's figure, minutes earlier, compares the machine's load too."""
-    figures = alternating_rounds({
-        "fastest_b32_images_per_s": lambda: fastest_engine_throughput(version_dir, pixels, 32, seconds)["images_per_s"],
-        "server_c32_images_per_s": lambda: asyncio.run(drive(target, model, pixels, 32, seconds))["images_per_s"],
-    }, rounds)
+    bench/tflite_bench.py's figure, minutes earlier, compares the machine's load too.
+
+    CPU per image too: the engine's (this process), and in the server phases the server's and this process's, the
+    load generator, whose CPU the server's throughput shares the cores with (the engine phases have none)."""
+    cpu_ms = {"engine_ms_per_image": [], "server_ms_per_image": [], "load_generator_ms_per_request": []}
+
+    def engine() -> float:
+        before = time.process_time()
+        figures = fastest_engine_throughput(version_dir, pixels, 32, seconds)
+        cpu_ms["engine_ms_per_image"].append((time.process_time() - before) * 1000 / (32 * (figures["n"] + 1)))
+        return figures["images_per_s"]
+
+    def served() -> float:
+        before, server_before = time.process_time(), cpu_seconds(server.pid)
+        figures = asyncio.run(drive(target, model, pixels, 32, seconds))
+        answered = max(figures["n"], 1)
+        cpu_ms["server_ms_per_image"].append((cpu_seconds(server.pid) - server_before) * 1000 / answered)
+        cpu_ms["load_generator_ms_per_request"].append((time.process_time() - before) * 1000 / answered)
+        return figures["images_per_s"]
+
+    figures = alternating_rounds({"fastest_b32_images_per_s": engine, "server_c32_images_per_s": served}, rounds)
     ratio = median(figures["server_c32_images_per_s"]) / median(figures["fastest_b32_images_per_s"])
+    cpu = {name: median(values) for name, values in cpu_ms.items()}
     print("alternating: fastest engine b32 " + ", ".join(f"{v:.1f}" for v in figures["fastest_b32_images_per_s"])
           + " img/s; server c32 " + ", ".join(f"{v:.1f}" for v in figures["server_c32_images_per_s"])
-          + f" img/s; ratio of medians {ratio:.3f}", flush=True)
-    return {**figures, "rounds": rounds, "seconds_per_phase": seconds, "ratio_of_medians": ratio}
+          + f" img/s; ratio of medians {ratio:.3f}; CPU ms per image: engine {cpu['engine_ms_per_image']:.2f}, "
+          f"server {cpu['server_ms_per_image']:.2f} + load generator {cpu['load_generator_ms_per_request']:.2f}",
+          flush=True)
+    return {**figures, "rounds": rounds, "seconds_per_phase": seconds, "ratio_of_medians": ratio, "cpu": cpu}
 
 
 def main(argv=None) -> int:
@@ -180,7 +199,7 @@ def main(argv=None) -> int:
                     result.setdefault(key, {})[f"c{c}"] = asyncio.run(drive(target, args.model_name, pixels, c,
                                                                             args.seconds))
             if (version_dir / "model.tflite").is_file():
-                result["fastest_vs_c32"] = fastest_vs_server(version_dir, servers["batching_on"][1], args.model_name,
+                result["fastest_vs_c32"] = fastest_vs_server(version_dir, *servers["batching_on"], args.model_name,
                                                              pixels, args.seconds)
         finally:
             for process, _ in servers.values():

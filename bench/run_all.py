@@ -102,10 +102,10 @@ def rows() -> list[dict]:
             add(what, round(ratio, 3), f">= {target}", ratio >= target, source=f"{source}, tflite.json")
 
     def alternated_with_fastest(what: str, ratio: float, ours: list[float], engine: list[float], target: float,
-                                source: str) -> None:
+                                source: str, note: str = "") -> None:
         """A ratio the bench measured itself, its phases alternating with the fastest engine's (same minutes)."""
         add(f"{what} / fastest engine at batch 32: ratio of the medians of {len(ours)} phases alternating with it ("
-            + ", ".join(f"{v:.0f}" for v in ours) + " vs " + ", ".join(f"{v:.0f}" for v in engine) + " img/s)",
+            + ", ".join(f"{v:.0f}" for v in ours) + " vs " + ", ".join(f"{v:.0f}" for v in engine) + f" img/s{note})",
             round(ratio, 3), f">= {target}", ratio >= target, source=source)
 
     if fastest:
@@ -120,9 +120,13 @@ def rows() -> list[dict]:
         t = ms["targets"]
         beside = ms.get("fastest_vs_c32")
         if beside:
+            cpu = beside.get("cpu")
             alternated_with_fastest("model server throughput at concurrency 32", beside["ratio_of_medians"],
                                     beside["server_c32_images_per_s"], beside["fastest_b32_images_per_s"], 0.9,
-                                    "model_server.json")
+                                    "model_server.json", cpu and (
+                                        f"; CPU ms per image: engine {cpu['engine_ms_per_image']:.2f}, server "
+                                        f"{cpu['server_ms_per_image']:.2f} plus the load generator's "
+                                        f"{cpu['load_generator_ms_per_request']:.2f} on the same cores") or "")
         else:
             versus_fastest("model server throughput at concurrency 32", ms["batching_on"]["c32"]["images_per_s"],
                            ms.get("model"), 0.9, "model_server.json")

@@ -97,12 +97,15 @@ def test_a_ratio_measured_alternating_with_the_fastest_engine_is_preferred_to_tf
     results = _results()
     results["model_server"]["fastest_vs_c32"] = {"server_c32_images_per_s": [150.0, 160.0, 170.0],
                                                  "fastest_b32_images_per_s": [150.0, 170.0, 175.0],
-                                                 "ratio_of_medians": 160.0 / 170.0}
+                                                 "ratio_of_medians": 160.0 / 170.0,
+                                                 "cpu": {"engine_ms_per_image": 10.0, "server_ms_per_image": 10.5,
+                                                         "load_generator_ms_per_request": 1.5}}
     results["gateway"]["raw_vs_miss_c32"].update(fastest_b32_images_per_s=[190.0, 200.0, 210.0],
                                                  miss_vs_fastest_ratio_of_medians=175.0 / 200.0)
     rows = _rows(monkeypatch, results)
     server = rows["model server throughput at concurrency 32 / fastest engine at batch 32"]
     assert (server["measured"], server["met"]) == (0.941, True) and "150, 160, 170 vs 150, 170, 175" in server["what"]
+    assert "engine 10.00, server 10.50 plus the load generator's 1.50" in server["what"]
     miss = rows["gateway cache-miss throughput at concurrency 32 / fastest engine at batch 32"]
     assert (miss["measured"], miss["met"]) == (0.875, True) and "alternating" in miss["what"]
 
