@@ -78,6 +78,12 @@ def test_a_call_that_starts_alone_gets_every_core_and_calls_side_by_side_get_the
     np.testing.assert_array_equal(shared["classes"], alone["classes"])
 
 
+def test_intra_op_threads_an_operator_fixed_hold_for_lone_calls_too(tmp_path):
+    version_dir = write_tiny_with_tflite(tmp_path / "1")
+    fixed, _ = load_servable("m", 1, version_dir, LoadOptions(prefer_tflite_model=True, intra_op_threads=1))
+    assert (fixed.lite.threads_for_call(0), fixed.lite.threads_for_call(1)) == (1, 1)
+
+
 def _jpegs(photos: np.ndarray) -> np.ndarray:
     return np.array([tf.io.encode_jpeg(photo).numpy() for photo in photos], dtype=object)
 

@@ -14,11 +14,13 @@ class LoadOptions:
     """How versions are loaded, from tensorflow_model_server's flags: --saved_model_tags (the MetaGraphDef whose
     tag set is exactly these), --enable_model_warmup, --num_request_iterations_for_warmup, --prefer_tflite_model
     (a `model.tflite` in the version folder is served instead of the SavedModel when there is one: read by the
-    TFLite engine)."""
+    TFLite engine), and the intra-op threads an operator fixed (--tensorflow_intra_op_parallelism or
+    --tensorflow_session_parallelism): every TFLite interpreter's, lone calls' too (0 = automatic)."""
     tags: tuple[str, ...] = ("serve",)
     warmup: bool = True
     warmup_iterations: int = 1
     prefer_tflite_model: bool = False
+    intra_op_threads: int = 0
 
 
 @dataclass(frozen=True)

@@ -256,7 +256,8 @@ class ModelServer:
         load_options = LoadOptions(tags=tuple(t for t in args.saved_model_tags.split(",") if t),
                                    warmup=args.enable_model_warmup,
                                    warmup_iterations=max(1, args.num_request_iterations_for_warmup),
-                                   prefer_tflite_model=args.prefer_tflite_model)
+                                   prefer_tflite_model=args.prefer_tflite_model,
+                                   intra_op_threads=thread_counts(args)[0])
         self.manager = Manager(args.max_num_load_retries, args.allow_version_labels_for_unavailable_models)
         self.core = PredictionCore(self.manager, batching, args.predict_threads, *thread_counts(args))
         self.inference = Inference(self.core, args.enable_signature_method_name_check)

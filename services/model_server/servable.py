@@ -208,7 +208,8 @@ def load_servable(model_name: str, version: int, path: Path,
 
     start = time.perf_counter()
     if options.prefer_tflite_model and has_tflite_model(path):
-        servable, source = TfLiteServable(model_name, version, path), TFLITE_FILE
+        fixed = options.intra_op_threads
+        servable, source = TfLiteServable(model_name, version, path, fixed, lone_call_threads=fixed), TFLITE_FILE
         if (Path(path) / "saved_model.pb").is_file():
             saved_model = open_saved_model(model_name, version, path, options.tags)
             problem = parity_problem(servable, saved_model, warmup_requests(Path(path) / WARMUP_FILE))
