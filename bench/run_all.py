@@ -37,6 +37,7 @@ SCRIPTS = {
     "train": [str(BENCH_DIR / "train_bench.py")],
     "accuracy_cv": ["-m", "bench.accuracy_cv"],
     "calibration_cv": ["-m", "bench.calibration_cv"],
+    "served_latency": ["-m", "bench.served_latency"],
     "faults": ["-m", "bench.faults"],
     # the default policy holds 5 x 600 s: measured compressed, the default's times derived (bench/rollout_bench.py)
     "rollout": ["-m", "bench.rollout_bench", "--time-scale", "60", "--request-scale", "0.2", "--concurrency", "4"],
@@ -264,6 +265,13 @@ def rows() -> list[dict]:
     if best:
         add(f"best cross-validated top-1 ({best[1]}); the target is on a hidden hold-out", round(best[0], 3),
             ">= 0.97", best[0] >= 0.97, source="accuracy_cv*.json")
+    served = load("served_latency")
+    if served:
+        add(f"served cost of each recipe (its model.tflite run by LiteRT): single-photo p50 on 1 and on "
+            f"{served['cores']} threads; batch-{served['batch']} img/s",
+            "; ".join(f"{name} {row['p50_ms_one_thread']:.1f} / {row['p50_ms_every_core']:.1f} ms, "
+                      f"{row['batch_images_per_s']:.0f} img/s" for name, row in served["recipes"].items()),
+            "-", None, source="served_latency.json")
     calibration = load("calibration_cv")
     if calibration:
         ece = {e: calibration[e]["ece"] if e in calibration else float("nan")  # cross_fitted: not with --parts 0

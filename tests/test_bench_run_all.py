@@ -144,3 +144,10 @@ def test_the_calibration_run_is_judged_on_the_temperature_the_training_job_fits(
     (row,) = [r for r in run_all.rows() if r["what"].startswith("expected calibration error")]
     assert (row["measured"], row["target"], row["met"]) == ("0.039; 0.035; 0.029", "<= 0.03", False)
     assert "before: 0.085" in row["what"] and row["source"] == "calibration_cv.json"
+
+
+def test_the_served_cost_of_each_recipe_is_listed(monkeypatch):
+    row = {"p50_ms_one_thread": 9.04, "p50_ms_every_core": 5.16, "batch_images_per_s": 201.4}
+    _rows(monkeypatch, {"served_latency": {"cores": 2, "batch": 32, "recipes": {"lite0_frozen": row}}})
+    (listed,) = [r for r in run_all.rows() if r["what"].startswith("served cost of each recipe")]
+    assert listed["measured"] == "lite0_frozen 9.0 / 5.2 ms, 201 img/s" and listed["met"] is None
