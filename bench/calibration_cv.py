@@ -75,15 +75,15 @@ def main(argv=None) -> int:
     architecture = METHOD_ARCHITECTURES[args.method]
     base = BaseNetwork(architecture)
 
+    smoothing = TrainConfig.label_smoothing if args.label_smoothing is None else args.label_smoothing
+
     def classes(rows_k, split: str) -> np.ndarray:
         return np.array([index[r.label] for r in rows_k if r.split == split])
 
     per_fold = []
     for k in range(args.folds):
         rows_k = fold_rows(rows, folds, k)
-        config = TrainConfig(architecture=architecture, seed=k)  # accuracy_cv's head of this fold
-        if args.label_smoothing is not None:
-            config = dataclasses.replace(config, label_smoothing=args.label_smoothing)
+        config = TrainConfig(architecture=architecture, seed=k, label_smoothing=smoothing)  # accuracy_cv's head
         trained = train_head(rows_k, config, work / "tensorboard", f"fold{k}", base=base, progress=False)
         truth, y_val = classes(rows_k, "test"), classes(rows_k, "validation")
         test_logits = trained.head.logits(trained.split_bottlenecks["test"].features)
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
 
     estimates = [e for e in ESTIMATES if e in per_fold[0]]
     result = {"method": args.method, "architecture": architecture, "photos": len(rows), "folds": args.folds,
-              "parts": args.parts, "label_smoothing": config.label_smoothing, "per_fold": per_fold,
+              "parts": args.parts, "label_smoothing": smoothing, "per_fold": per_fold,
               "ece_uncalibrated": round(float(np.mean([f["ece_uncalibrated"] for f in per_fold])), 4)}
     result["accuracy"] = round(float(np.mean([f["accuracy"] for f in per_fold])), 4)
     for estimate in estimates:

@@ -101,18 +101,23 @@ def raw_throughput(signature, pixels: np.ndarray, batch: int, seconds: float) ->
     return throughput(times, batch)
 
 
-FASTEST_ENGINE_THREADS = 2  # LiteRT's threads for the reference (bench/tflite_bench.py's THREADS)
+FASTEST_ENGINE_THREADS = 2  # LiteRT's threads for the reference (bench/tflite_bench.py measures it too)
 
 
-def fastest_engine_throughput(version_dir: Path, pixels: np.ndarray, batch: int, seconds: float) -> dict:
-    """The fastest engine in this process at one batch size, for ``seconds``: the version's ``model.tflite`` (float)
-    run by LiteRT with XNNPACK, the reference of bench/run_all.py's speed targets. A bench that alternates it with
-    its own phases compares the two on the same minutes' machine."""
+def fastest_engine(version_dir: Path, pixels: np.ndarray, batch: int):
+    """The fastest engine in this process at one batch size: the version's ``model.tflite`` (float) run by LiteRT
+    with XNNPACK, the reference of bench/run_all.py's speed targets. Its interpreter is made once, here; the
+    returned ``measure(seconds) -> throughput dict`` times it, so a bench that alternates it with its own phases
+    compares the two on the same minutes' machine, and CPU read around a call is the engine's alone."""
     from training_job.tflite_export import tflite_interpreter, tflite_predict
 
     interpreter = tflite_interpreter(Path(version_dir) / "model.tflite", batch=batch, threads=FASTEST_ENGINE_THREADS)
     batch_pixels = batch_of(pixels, batch)
-    return throughput(time_calls(lambda: tflite_predict(interpreter, batch_pixels), seconds), batch)
+
+    def measure(seconds: float) -> dict:
+        return throughput(time_calls(lambda: tflite_predict(interpreter, batch_pixels), seconds), batch)
+
+    return measure
 
 
 def load_serving_signature(version_dir: Path):

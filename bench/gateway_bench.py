@@ -23,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 
 from bench.common import (
-    alternating_rounds, cpu_seconds, fastest_engine_throughput, load_serving_signature, median, percentiles_ms,
+    alternating_rounds, cpu_seconds, fastest_engine, load_serving_signature, median, percentiles_ms,
     published_version_or_exit, raw_throughput, write_result,
 )
 from bench.stack import Stack, distinct_photos, load, measured, miss_phase, rss_mb
@@ -122,8 +122,8 @@ def raw_vs_miss(stack: Stack, gateway, signature, pixels: np.ndarray, cold: list
 
     phases = {"raw_b32_images_per_s": raw, "miss_c32_requests_per_s": miss}
     if (version_dir / "model.tflite").is_file():
-        phases["fastest_b32_images_per_s"] = lambda: fastest_engine_throughput(version_dir, pixels, 32,
-                                                                               seconds)["images_per_s"]
+        engine = fastest_engine(version_dir, pixels, 32)
+        phases["fastest_b32_images_per_s"] = lambda: engine(seconds)["images_per_s"]
     figures = alternating_rounds(phases, rounds)
     cpu = {"raw_model_ms_per_photo": median(raw_cpu_ms),
            **{f"{name}_ms_per_request": median(values) for name, values in stack_cpu_ms.items()}}

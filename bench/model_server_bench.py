@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 
 from bench.common import (
-    alternating_rounds, cpu_seconds, fastest_engine_throughput, load_serving_signature, median, percentiles_ms,
+    alternating_rounds, cpu_seconds, fastest_engine, load_serving_signature, median, percentiles_ms,
     published_version_or_exit, raw_throughput, sample_photos, write_result,
 )
 from bench.stack import BATCHING_CONFIG, Stack, batching_config, distinct_photos, load, miss_phase, prometheus_total
@@ -146,10 +146,11 @@ def fastest_vs_server(version_dir: Path, server: subprocess.Popen, target: str, 
     CPU per image too: the engine's (this process), and in the server phases the server's and this process's, the
     load generator, whose CPU the server's throughput shares the cores with (the engine phases have none)."""
     cpu_ms = {"engine_ms_per_image": [], "server_ms_per_image": [], "load_generator_ms_per_request": []}
+    measure = fastest_engine(version_dir, pixels, 32)
 
     def engine() -> float:
         before = time.process_time()
-        figures = fastest_engine_throughput(version_dir, pixels, 32, seconds)
+        figures = measure(seconds)
         cpu_ms["engine_ms_per_image"].append((time.process_time() - before) * 1000 / (32 * (figures["n"] + 1)))
         return figures["images_per_s"]
 

@@ -86,9 +86,10 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown recipes {unknown}; choose from {list(RECIPES)}")
 
+    from services.model_server.tflite_servable import usable_cores
     from training_job.tflite_export import tflite_interpreter, tflite_predict
 
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()  # as many as the model server gives a lone call
     work = Path(tempfile.mkdtemp(prefix="served-latency-"))
     phases, sizes, file_mb = {}, {}, {}
     for name in recipes:

@@ -23,14 +23,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 
 from bench.common import (
-    batch_of, load_serving_signature, published_version_or_exit, sample_photos, throughput, time_calls, write_result,
+    FASTEST_ENGINE_THREADS, batch_of, load_serving_signature, published_version_or_exit, sample_photos, throughput,
+    time_calls, write_result,
 )
 from training_job.paths import default_registry
 from training_job.preprocessing import load_image_file
 from training_job.tflite_export import tflite_interpreter, tflite_predict
 
 BATCH = 32
-THREADS = 2
+THREADS = FASTEST_ENGINE_THREADS  # the reference's threads: this bench measures it
 
 
 class TFLiteModel:
