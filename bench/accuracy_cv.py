@@ -11,11 +11,13 @@ Methods (``--methods``, comma-separated; the first is the reference of the paire
 - ``fine_tuned_1_block``: the same, then ``--fine_tune_blocks 1``;
 - ``lite0_frozen``, ``lite1_frozen``, ``lite2_frozen``: EfficientNet-Lite0/1/2 frozen;
 - ``lite0_fine_tuned_whole``: Lite0 frozen, then ``--fine_tune_whole`` (slow: minutes per fold on 2 cores);
-- ``<method>_mirror`` (for the frozen ones): the same head reading mirror-averaged features (``--mirror_tta``).
+- ``<method>_mirror`` (for the frozen ones): the same head reading mirror-averaged features (``--mirror_tta``);
+- ``<method>@N``: the same, trained on N of the fold's training photos only (the same N in every method, nested: a
+  smaller N keeps a subset of a larger one's), the learning curve that tells what more photos would buy.
 Per method and fold: top-1 accuracy, balanced accuracy, expected calibration error before/after temperature scaling
 and the training seconds (head, plus fine-tuning; bottlenecks excluded, as they are cached across runs).
 
-Usage: python -m bench.accuracy_cv [--data DIR] [--folds 5] [--methods frozen,lite0_frozen]
+Usage: python -m bench.accuracy_cv [--data DIR] [--folds 5] [--methods frozen,lite0_frozen] [--result NAME]
 """
 from __future__ import annotations
 
@@ -49,13 +51,24 @@ METHOD_ARCHITECTURES = {
     "lite2_frozen_mirror": "efficientnet_lite2",
 }
 MIRROR = "_mirror"
+UNUSED_SPLIT = "unused"  # a split training never reads (as bench/calibration_cv.py marks them)
 
 
-def fold_rows(rows, folds: list[np.ndarray], k: int):
+def parse_method(method: str) -> tuple[str, int | None]:
+    """``lite0_frozen@600`` -> ("lite0_frozen", 600); a method without ``@`` trains on every training photo."""
+    name, _, photos = method.partition("@")
+    return name, int(photos) if photos else None
+
+
+def fold_rows(rows, folds: list[np.ndarray], k: int, train_photos: int | None = None):
+    """Fold ``k`` as test, 80 of the rest as validation, the others (or the first ``train_photos`` of them, in the
+    same fixed order for every method) as train."""
     rest = np.concatenate([folds[j] for j in range(len(folds)) if j != k])
+    train = rest[VALIDATION_PHOTOS:]
     split = {int(i): "test" for i in folds[k]}
     split.update({int(i): "validation" for i in rest[:VALIDATION_PHOTOS]})
-    split.update({int(i): "train" for i in rest[VALIDATION_PHOTOS:]})
+    split.update({int(i): "train" if train_photos is None or n < train_photos else UNUSED_SPLIT
+                  for n, i in enumerate(train)})
     return [dataclasses.replace(row, split=split[i]) for i, row in enumerate(rows)]
 
 
@@ -80,11 +93,11 @@ def run_method(method: str, rows_k, k: int, base, work: Path, done: dict):
     from training_job.train import TrainConfig, train_head
     from training_job.whole_fine_tune import fine_tune_whole
 
-    if method.endswith(MIRROR):
+    if parse_method(method)[0].endswith(MIRROR):
         from training_job.bottlenecks import get_bottlenecks
         from training_job.mirror_tta import MirrorAveragedBase
 
-        plain = method[:-len(MIRROR)]
+        plain = method.replace(MIRROR, "", 1)
         if (plain, k) not in done:
             done[(plain, k)] = run_method(plain, rows_k, k, base, work, done)
         head, _, _, seconds = done[(plain, k)]
@@ -93,10 +106,11 @@ def run_method(method: str, rows_k, k: int, base, work: Path, done: dict):
                             for s in ("test", "validation"))
         return head, test, validation, seconds
 
-    architecture = METHOD_ARCHITECTURES[method]
+    name = parse_method(method)[0]
+    architecture = METHOD_ARCHITECTURES[name]
     config = TrainConfig(architecture=architecture, seed=k,
-                         fine_tune_blocks=1 if method == "fine_tuned_1_block" else 0,
-                         fine_tune_whole=method.endswith("whole"))
+                         fine_tune_blocks=1 if name == "fine_tuned_1_block" else 0,
+                         fine_tune_whole=name.endswith("whole"))
     frozen = train_head(rows_k, config, work / "tensorboard", f"{method}-fold{k}", base=base, progress=False)
     seconds = frozen.seconds
     head, splits = frozen.head, frozen.split_bottlenecks
@@ -118,10 +132,11 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=str(shared_data_dir() / "mushrooms"))
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--methods", default=DEFAULT_METHODS,
-                        help=f"comma-separated, from {list(METHOD_ARCHITECTURES)}")
+                        help=f"comma-separated, from {list(METHOD_ARCHITECTURES)}, each optionally @N")
+    parser.add_argument("--result", default="accuracy_cv", help="bench/results/<NAME>.json")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHOD_ARCHITECTURES]
+    unknown = [m for m in methods if parse_method(m)[0] not in METHOD_ARCHITECTURES]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(METHOD_ARCHITECTURES)}")
 
@@ -141,13 +156,15 @@ def main(argv=None) -> int:
         rows_k = fold_rows(rows, folds, k)
         truth = np.array([index[r.label] for r in rows_k if r.split == "test"])
         y_val = np.array([index[r.label] for r in rows_k if r.split == "validation"])
-        entry = {"fold": k, "test_photos": len(truth)}
+        entry = {"fold": k, "test_photos": len(truth), "train_photos": sum(r.split == "train" for r in rows_k)}
         for method in methods:
-            architecture = METHOD_ARCHITECTURES[method]
+            name, train_photos = parse_method(method)
+            architecture = METHOD_ARCHITECTURES[name]
             if architecture not in bases:
                 bases[architecture] = BaseNetwork(architecture)
             if (method, k) not in done:
-                done[(method, k)] = run_method(method, rows_k, k, bases[architecture], work, done)
+                done[(method, k)] = run_method(method, fold_rows(rows, folds, k, train_photos), k,
+                                               bases[architecture], work, done)
             head, test, validation, seconds = done[(method, k)]
             temperature = fit_temperature(head.logits(validation.features), y_val)
             calibration = calibration_report(head.logits(test.features), truth, temperature)
@@ -177,7 +194,7 @@ def main(argv=None) -> int:
         print(method, result[method])
     for name, diff in result.get("paired_differences", {}).items():
         print(name, diff)
-    write_result("accuracy_cv", result)
+    write_result(args.result, result)
     return 0
 
 

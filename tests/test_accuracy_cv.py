@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from bench.accuracy_cv import balanced_accuracy, fold_rows, paired_difference
+from bench.accuracy_cv import balanced_accuracy, fold_rows, paired_difference, parse_method
 from training_job.dataset import ManifestRow
 
 
@@ -15,6 +15,21 @@ def test_folds_partition_the_photos_and_validation_comes_from_the_rest():
         assert split.count("test") == 40 and split.count("validation") == 80 and split.count("train") == 80
         tests.append({i for i, s in enumerate(split) if s == "test"})
     assert set().union(*tests) == set(range(200)) and sum(len(t) for t in tests) == 200
+
+
+def test_fewer_training_photos_are_nested_subsets_with_the_same_validation_and_test():
+    rows = [ManifestRow(f"p{i}.jpg", "a", f"{i:064x}", "train", 10, 10, 100) for i in range(200)]
+    folds = np.array_split(np.random.default_rng(0).permutation(len(rows)), 5)
+    assert parse_method("lite0_frozen_mirror@50") == ("lite0_frozen_mirror", 50)
+    assert parse_method("frozen") == ("frozen", None)
+    every = fold_rows(rows, folds, 2)
+    train = {n: {i for i, r in enumerate(fold_rows(rows, folds, 2, n)) if r.split == "train"} for n in (30, 50)}
+    assert len(train[30]) == 30 and len(train[50]) == 50 and train[30] < train[50]
+    assert train[50] < {i for i, r in enumerate(every) if r.split == "train"}
+    for n in (30, 50):
+        fewer = fold_rows(rows, folds, 2, n)
+        assert all(a.split == b.split for a, b in zip(fewer, every) if b.split in ("test", "validation"))
+        assert [r.split for r in fewer].count("unused") == 80 - n
 
 
 def test_paired_difference_uses_the_t_quantile_of_the_fold_count():
