@@ -146,6 +146,35 @@ def test_split_shares_follow_the_percentages():
     assert set(which_split(s, 0, 0, 0) for s in shas[:100]) == {"train"}
 
 
+def test_by_default_every_usable_photo_is_kept_and_three_quarters_of_them_train():
+    """More training photos are more accuracy (bench/results/accuracy_cv_photos.json), so neither a class cap nor a
+    large demo share holds photos back unless asked."""
+    from training_job.cli import build_parser
+    from training_job.prepare import DEFAULT_DEMO_PCT, DEFAULT_TEST_PCT, DEFAULT_VALIDATION_PCT
+
+    parser = build_parser()
+    for command in (["prepare"], ["run"]):
+        args = parser.parse_args(command)
+        assert not args.per_class
+        assert (args.validation_percentage, args.testing_percentage, args.demo_percentage) == (
+            DEFAULT_VALIDATION_PCT, DEFAULT_TEST_PCT, DEFAULT_DEMO_PCT)
+    shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(20_000)]
+    splits = [which_split(s, DEFAULT_VALIDATION_PCT, DEFAULT_TEST_PCT, DEFAULT_DEMO_PCT) for s in shas]
+    assert splits.count("train") / len(splits) >= 0.74 and splits.count("demo") > 0
+
+
+def test_imbalanced_classes_are_kept_whole_with_a_warning_that_names_the_balancing_flag(tmp_path):
+    source = tmp_path / "photos"
+    link_photos(source / "many", distinct_photos("amanita_muscaria", 16))
+    link_photos(source / "few", distinct_photos("boletus_edulis", 5))
+    rows = prepare_dataset(source, tmp_path / "all", progress=False)
+    assert sum(r.label == "many" for r in rows) == 16
+    warnings = read_report(tmp_path / "all")["warnings"]
+    assert any("imbalanced" in w and "'many' has 16" in w and "--per_class 5" in w for w in warnings)
+    prepare_dataset(source, tmp_path / "balanced", per_class=5, progress=False)
+    assert not any("imbalanced" in w for w in read_report(tmp_path / "balanced")["warnings"])
+
+
 def test_balance_keeps_a_stable_subset_and_warns_about_small_classes(tmp_path):
     source = tmp_path / "photos"
     link_photos(source / "many", distinct_photos("amanita_muscaria", 16))
@@ -232,7 +261,7 @@ def test_flags_are_spelled_as_retrain_py_with_dashed_aliases_hidden(tmp_path, ca
     snake = parser.parse_args(["prepare", "--per_class", "7", "--min_side", "9"])
     dashed = parser.parse_args(["prepare", "--per-class", "7", "--min-side", "9"])
     assert (snake.per_class, snake.min_side) == (dashed.per_class, dashed.min_side) == (7, 9)
-    assert parser.parse_args(["prepare"]).per_class == 250  # the hidden alias does not clobber the default
+    assert parser.parse_args(["prepare"]).per_class is None  # the hidden alias does not clobber the default
     with pytest.raises(SystemExit):
         parser.parse_args(["prepare", "--help"])
     shown = capsys.readouterr().out

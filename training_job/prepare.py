@@ -2,7 +2,8 @@
 
 Every file is decoded with the preprocessing contract (so anything the model will later read is readable), then
 corrupt, tiny, exact-duplicate (sha256) and near-duplicate (perceptual hash) photos are dropped, each class is
-balanced to N photos and every photo gets a split. Both the balance and the split depend only on the file's sha256
+balanced to N photos when asked (by default every usable photo is kept: fewer training photos cost accuracy, which
+``bench/accuracy_cv.py``'s ``<method>@N`` measures) and every photo gets a split. Both the balance and the split depend only on the file's sha256
 (and the seed), as in retrain.py's ``which_set``: adding photos never moves an existing photo to another split.
 """
 from __future__ import annotations
@@ -22,10 +23,11 @@ from training_job.errors import UserError
 from training_job.dataset import SPLITS, ManifestRow, write_manifest
 from training_job.preprocessing import PREPROCESSING_VERSION, InvalidImage, decode_image, open_image
 
-DEFAULT_PER_CLASS = 250  # the tutorial's 200 training + 50 demo photos per class
+DEFAULT_PER_CLASS = None  # keep every usable photo; N balances the classes to N photos each
 DEFAULT_VALIDATION_PCT = 10.0
 DEFAULT_TEST_PCT = 10.0
-DEFAULT_DEMO_PCT = 20.0  # 20 % of 250 = ~50 demo photos per class, as the tutorial held out
+DEFAULT_DEMO_PCT = 5.0  # photos held out to show the served model; every other unseen photo is in test
+IMBALANCE_WARNING_RATIO = 2.0  # largest class / smallest class kept
 DEFAULT_MIN_SIDE = 64
 DEFAULT_NEAR_DUPLICATE_DISTANCE = 4  # phash Hamming distance; resized/recompressed copies land at 0-2
 FEW_PHOTOS_WARNING = 20  # retrain.py warns below 20 photos per class
@@ -291,6 +293,13 @@ def prepare_dataset(
                    and {"validation": validation_pct, "test": test_pct, "demo": demo_pct}.get(s, 1) > 0]
         if class_rows and missing:
             report.warnings.append(f"class '{label}' has no photos in split(s): {', '.join(missing)}")
+
+    kept = {label: c["kept"] for label, c in report.classes.items() if c["kept"]}
+    if kept and max(kept.values()) > IMBALANCE_WARNING_RATIO * min(kept.values()):
+        largest, smallest = max(kept, key=kept.get), min(kept, key=kept.get)
+        report.warnings.append(
+            f"classes are imbalanced: '{largest}' has {kept[largest]} usable photos, '{smallest}' {kept[smallest]}; "
+            f"the model will lean towards the larger classes (--per_class {kept[smallest]} balances them)")
 
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -21,10 +21,10 @@ def register(subparsers) -> None:
         "prepare",
         help="decode, de-duplicate, balance and split photos into a manifest",
         description="Decode every file under SOURCE/<class>/ with the preprocessing contract; drop corrupt, tiny, "
-        "byte-identical and near-duplicate (perceptual hash) photos; keep at most --per_class photos per class "
-        "(chosen by a hash of each photo, so the choice is stable); assign each photo to train/validation/test/demo "
-        "by a hash of its bytes (adding photos never moves existing ones). With the defaults, 250 photos per class "
-        "give ~150 train, ~25 validation, ~25 test and ~50 demo photos (the tutorial's 50 held out for demos). "
+        "byte-identical and near-duplicate (perceptual hash) photos; keep every usable photo, or at most --per_class "
+        "per class (chosen by a hash of each photo, so the choice is stable); assign each photo to "
+        "train/validation/test/demo by a hash of its bytes (adding photos never moves existing ones). With the "
+        "defaults, 75 % of the photos train, 10 % validate, 10 % test and 5 % are held out for the demo. "
         "Writes OUT/manifest.csv and OUT/report.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -33,7 +33,7 @@ def register(subparsers) -> None:
     parser.add_argument("--out", type=str, default=str(default_out()),
                         help="where manifest.csv and report.json are written")
     add_flag(parser, "--per_class", type=int, default=p.DEFAULT_PER_CLASS,
-                        help="photos kept per class (fewer -> a warning; 0 = keep all)")
+                        help="photos kept per class, to balance them (fewer -> a warning); 0 or unset = keep all")
     add_flag(parser, "--validation_percentage", type=float, default=p.DEFAULT_VALIDATION_PCT,
                         help="percentage of photos in the validation split")
     add_flag(parser, "--testing_percentage", type=float, default=p.DEFAULT_TEST_PCT,
