@@ -43,8 +43,8 @@ SCRIPTS = {
     "rollout": ["-m", "bench.rollout_bench", "--time-scale", "60", "--request-scale", "0.2", "--concurrency", "4"],
 }
 # cross-validation runs reported (bench/accuracy_cv.py; each its own methods on the same folds): the default
-# methods (make bench), the frozen bases, whole-network fine-tuning
-CV_RESULTS = ("accuracy_cv", "accuracy_cv_bases", "accuracy_cv_whole")
+# methods (make bench), the frozen bases, whole-network fine-tuning, fewer training photos (the learning curve)
+CV_RESULTS = ("accuracy_cv", "accuracy_cv_bases", "accuracy_cv_whole", "accuracy_cv_photos")
 TIMED = {"raw_model", "model_server", "gateway", "tflite"}  # the scripts that take --seconds
 
 
