@@ -9,7 +9,14 @@ temperature ``T`` fitted on:
 - ``oracle``: the test fold itself. Not a method (it looks at the answers it is scored on): the lowest ECE any single
   temperature reaches on those photos, so it tells what temperature scaling can do at all.
 
+And the floor of the measurement itself: ECE is a binned estimate, biased upwards on few photos, so even a perfectly
+calibrated model shows some. ``calibrated_model_ece`` draws the answers of a model whose confidences are the
+validation-scaled test confidences and which is right exactly that often, on as many photos as a test fold and as
+``--holdout_photos`` (the hidden hold-out's size), and reports the mean ECE of those draws: a measured ECE near it
+cannot be told from perfect calibration.
+
 Usage: python -m bench.calibration_cv [--data DIR] [--folds 5] [--method lite0_frozen] [--parts 4]
+       [--holdout_photos 440]
 """
 from __future__ import annotations
 
@@ -29,6 +36,24 @@ from bench.common import write_result
 from training_job.paths import shared_data_dir
 
 ESTIMATES = ("validation", "cross_fitted", "oracle")
+CALIBRATED_DRAWS = 400
+
+
+def calibrated_model_ece(confidences: np.ndarray, classes: int, photos: int, rng: np.random.Generator,
+                         draws: int = CALIBRATED_DRAWS) -> float:
+    """Mean ECE, over ``draws``, of ``photos`` answers of a perfectly calibrated ``classes``-way model: each draw
+    samples that many top-1 confidences (with replacement) from ``confidences`` and makes each answer right with
+    exactly that probability."""
+    from training_job.calibration import expected_calibration_error
+
+    total = 0.0
+    for _ in range(draws):
+        confidence = rng.choice(confidences, photos)
+        right = rng.random(photos) < confidence
+        # class 0 is the answer (a top-1 confidence is at least 1 / classes), the rest share what is left
+        probs = np.column_stack([confidence] + [(1 - confidence) / (classes - 1)] * (classes - 1))
+        total += expected_calibration_error(probs, np.where(right, 0, 1))
+    return total / draws
 FROZEN_METHODS = [m for m in METHOD_ARCHITECTURES if m.endswith("_frozen") or m == "frozen"]
 
 
@@ -59,6 +84,8 @@ def main(argv=None) -> int:
                         help="sub-heads per fold for the cross-fitted temperature (0: not measured)")
     parser.add_argument("--label_smoothing", type=float, default=None,
                         help="the heads' label smoothing (default: the training job's)")
+    parser.add_argument("--holdout_photos", type=int, default=440,
+                        help="photos of the hold-out the floor is also reported for")
     parser.add_argument("--result", default="calibration_cv", help="the result file's name in bench/results")
     args = parser.parse_args(argv)
 
@@ -80,7 +107,7 @@ def main(argv=None) -> int:
     def classes(rows_k, split: str) -> np.ndarray:
         return np.array([index[r.label] for r in rows_k if r.split == split])
 
-    per_fold = []
+    per_fold, scaled_confidences = [], []
     for k in range(args.folds):
         rows_k = fold_rows(rows, folds, k)
         config = TrainConfig(architecture=architecture, seed=k, label_smoothing=smoothing)  # accuracy_cv's head
@@ -106,6 +133,7 @@ def main(argv=None) -> int:
             entry[estimate] = {"temperature": round(temperature, 3), "fitted_on_photos": len(y),
                                "ece": round(expected_calibration_error(softmax(test_logits / temperature), truth),
                                             4)}
+        scaled_confidences.append(softmax(test_logits / entry["validation"]["temperature"]).max(axis=1))
         per_fold.append(entry)
         print(entry, flush=True)
 
@@ -122,6 +150,14 @@ def main(argv=None) -> int:
         result["cross_fitted_minus_validation"] = paired_difference(
             [f["cross_fitted"]["ece"] for f in per_fold], [f["validation"]["ece"] for f in per_fold])
         print("cross_fitted - validation", result["cross_fitted_minus_validation"])
+    rng = np.random.default_rng(0)
+    pooled = np.concatenate(scaled_confidences)
+    result["calibrated_model_ece"] = {
+        "test_fold": round(float(np.mean([calibrated_model_ece(c, len(labels), len(c), rng)
+                                          for c in scaled_confidences])), 4),
+        "holdout": round(calibrated_model_ece(pooled, len(labels), args.holdout_photos, rng), 4),
+        "holdout_photos": args.holdout_photos, "draws": CALIBRATED_DRAWS}
+    print("a perfectly calibrated model's ECE", result["calibrated_model_ece"])
     write_result(args.result, result)
     return 0
 

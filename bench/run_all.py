@@ -281,6 +281,11 @@ def rows() -> list[dict]:
             f"sub-heads); the test fold itself (the best any temperature does; before: "
             f"{calibration['ece_uncalibrated']:.3f})", f"{ece['validation']:.3f}; {ece['cross_fitted']:.3f}; "
             f"{ece['oracle']:.3f}", "<= 0.03", ece["validation"] <= 0.03, source="calibration_cv.json")
+        floor = calibration.get("calibrated_model_ece")
+        if floor:
+            add(f"expected calibration error of a perfectly calibrated model with these confidences (the estimate's "
+                f"own noise): on a test fold; on {floor['holdout_photos']} photos", f"{floor['test_fold']:.3f}; "
+                f"{floor['holdout']:.3f}", "-", None, source="calibration_cv.json")
     cv = load("accuracy_cv")
     if cv and "fine_tune_gain" in cv:
         gain = cv["fine_tune_gain"]

@@ -89,3 +89,16 @@ def test_cross_fitting_holds_every_training_photo_out_once_and_never_touches_the
         assert [r.split for r in part[110:]] == ["unused"] * 30  # the fold's test photos: never read
         assert {i for i, r in enumerate(part) if r.split == "train"} == set(range(90)) - out
     assert held_out_parts(rows, 0, seed=3) == []  # --parts 0: no cross-fitting
+
+
+def test_a_perfectly_calibrated_models_ece_is_the_sampling_noise_of_its_photo_count():
+    from bench.calibration_cv import calibrated_model_ece
+
+    rng = np.random.default_rng(1)
+    assert calibrated_model_ece(np.ones(50), 4, 100, rng, draws=20) == 0.0  # always right, always sure
+    # one confidence c in one bin: E|mean of n Bernoulli(c) - c| ~ sqrt(c (1 - c) / n) sqrt(2 / pi)
+    for photos in (100, 400):
+        expected = np.sqrt(0.9 * 0.1 / photos) * np.sqrt(2 / np.pi)
+        assert calibrated_model_ece(np.full(10, 0.9), 4, photos, rng) == pytest.approx(expected, rel=0.15)
+    spread = rng.uniform(0.3, 1.0, 1000)  # a confidence under 1/2 is still the 4-way answer
+    assert calibrated_model_ece(spread, 4, 5000, rng, draws=20) < calibrated_model_ece(spread, 4, 200, rng, draws=20)

@@ -139,9 +139,11 @@ def test_every_cross_validation_run_is_reported_and_the_best_is_judged_against_t
 
 def test_the_calibration_run_is_judged_on_the_temperature_the_training_job_fits(monkeypatch):
     calibration = {"method": "lite0_frozen", "folds": 5, "parts": 4, "ece_uncalibrated": 0.085,
-                   "validation": {"ece": 0.039}, "cross_fitted": {"ece": 0.035}, "oracle": {"ece": 0.029}}
+                   "validation": {"ece": 0.039}, "cross_fitted": {"ece": 0.035}, "oracle": {"ece": 0.029},
+                   "calibrated_model_ece": {"test_fold": 0.021, "holdout": 0.016, "holdout_photos": 440}}
     _rows(monkeypatch, {"calibration_cv": calibration})
-    (row,) = [r for r in run_all.rows() if r["what"].startswith("expected calibration error")]
+    row, floor = [r for r in run_all.rows() if r["what"].startswith("expected calibration error")]
+    assert floor["measured"] == "0.021; 0.016" and "on 440 photos" in floor["what"] and floor["met"] is None
     assert (row["measured"], row["target"], row["met"]) == ("0.039; 0.035; 0.029", "<= 0.03", False)
     assert "before: 0.085" in row["what"] and row["source"] == "calibration_cv.json"
 
