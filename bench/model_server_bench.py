@@ -1,7 +1,9 @@
 """Model server vs the raw model, in one run: throughput at concurrency 32 (server) / batch 32 (raw), and p50 at
 concurrency 1 (server) / batch 1 (raw); server-side batching on and off; the server at concurrency 32 against the
-fastest engine at batch 32 in alternating phases; and the batching parameters compared on what they are for, the
-gateway's cache-miss throughput at concurrency 32 (one stack per setting, phases alternating).
+fastest engine at batch 32 in alternating phases; the server's own CPU per request beyond inference (a version whose
+TFLite model does almost nothing) and the ratio to the fastest engine that it and the load generator leave; and the
+batching parameters compared on what they are for, the gateway's cache-miss throughput at concurrency 32 (one stack
+per setting, phases alternating).
 
 Usage: python -m bench.model_server_bench [--registry DIR] [--seconds 10] [--sweep_only]
 """
@@ -173,6 +175,34 @@ def fastest_vs_server(version_dir: Path, server: subprocess.Popen, target: str, 
     return {**figures, "rounds": rounds, "seconds_per_phase": seconds, "ratio_of_medians": ratio, "cpu": cpu}
 
 
+def server_overhead(pixels: np.ndarray, seconds: float, workdir: Path) -> dict:
+    """CPU ms per request, at concurrency 32 with batching on (as deployed), of the server and of this process (the
+    load generator) on the tiny model's ``model.tflite``, whose inference is a mean colour: what every request costs
+    beside its inference (gRPC, protobuf, batching, the event loop)."""
+    from training_job.tiny_model import write_tiny_model_with_tflite
+
+    version_dir = write_tiny_model_with_tflite(workdir / "tiny-registry" / "tiny" / "1")
+    process, target = start_server(version_dir, True, workdir)
+    try:
+        asyncio.run(drive(target, "tiny", pixels, 32, 2))  # connections and first calls, unmeasured
+        before, server_before = time.process_time(), cpu_seconds(process.pid)
+        figures = asyncio.run(drive(target, "tiny", pixels, 32, seconds))
+        answered = max(figures["n"], 1)
+        return {"server_ms_per_request": (cpu_seconds(process.pid) - server_before) * 1000 / answered,
+                "load_generator_ms_per_request": (time.process_time() - before) * 1000 / answered,
+                "requests_per_s": figures["images_per_s"]}
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def ratio_left(engine_ms_per_image: float, overhead: dict) -> float:
+    """The server-to-engine throughput ratio the per-request costs allow on fully busy shared cores: the engine's
+    CPU per image over that plus the server's and the load generator's CPU per request."""
+    return engine_ms_per_image / (engine_ms_per_image + overhead["server_ms_per_request"]
+                                  + overhead["load_generator_ms_per_request"])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--registry", type=Path, default=default_registry())
@@ -206,6 +236,12 @@ def main(argv=None) -> int:
             for process, _ in servers.values():
                 process.terminate()
                 process.wait(30)
+        result["server_overhead"] = overhead = server_overhead(pixels, args.seconds, Path(tmp))
+    if "fastest_vs_c32" in result:
+        overhead["ratio_left"] = ratio_left(result["fastest_vs_c32"]["cpu"]["engine_ms_per_image"], overhead)
+    print(f"server's own CPU per request (tiny model, c32): {overhead['server_ms_per_request']:.2f} ms, load generator "
+          f"{overhead['load_generator_ms_per_request']:.2f} ms" + (f"; ratio they leave {overhead['ratio_left']:.3f}"
+                                                                   if "ratio_left" in overhead else ""))
     raw32, raw1 = result["raw"]["batch_32"], result["raw"]["batch_1"]
     best = result["batching_on"]
     result["targets"] = {

@@ -131,6 +131,14 @@ def rows() -> list[dict]:
         else:
             versus_fastest("model server throughput at concurrency 32", ms["batching_on"]["c32"]["images_per_s"],
                            ms.get("model"), 0.9, "model_server.json")
+        overhead = ms.get("server_overhead")
+        if overhead:
+            add("model server's own CPU per request beyond inference (the tiny model's model.tflite, concurrency "
+                "32, batching on); the load generator's on the same cores; the ratio to the fastest engine they "
+                "leave when the cores are never idle",
+                f"{overhead['server_ms_per_request']:.2f} ms; {overhead['load_generator_ms_per_request']:.2f} ms"
+                + (f"; {overhead['ratio_left']:.3f}" if "ratio_left" in overhead else ""), "-", None,
+                source="model_server.json")
         ratio = t["throughput_ratio_c32_vs_raw_b32"]["value"]
         add("model server throughput at concurrency 32 / raw model at batch 32", round(ratio, 3), "-", None,
             source="model_server.json")

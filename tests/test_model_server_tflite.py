@@ -27,22 +27,14 @@ from services.model_server.source import FileSystemSource
 from services.model_server.tflite_servable import TfLiteServable
 from tests.model_server_harness import start_server, stop_server, version_states, wait_until, write_config
 from training_job.tflite_signatures import TFLITE_FILE
-from training_job.tiny_model import write_tiny_model
+from training_job.tiny_model import write_tiny_model, write_tiny_model_with_tflite
 
 AVAILABLE = ModelVersionStatus.AVAILABLE
 PHOTOS = np.random.default_rng(7).integers(0, 256, (6, 224, 224, 3), dtype=np.uint8)
 
 
-def write_tiny_with_tflite(version_dir: Path) -> Path:
-    """The tiny SavedModel and, beside it, its serving_default converted to model.tflite (as TF Serving expects it)."""
-    write_tiny_model(version_dir)
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(version_dir), signature_keys=["serving_default"])
-    (version_dir / "model.tflite").write_bytes(converter.convert())
-    return version_dir
-
-
 def test_the_tflite_engine_answers_as_the_saved_model_does_at_any_batch_size(tmp_path):
-    version_dir = write_tiny_with_tflite(tmp_path / "1")
+    version_dir = write_tiny_model_with_tflite(tmp_path / "1")
     saved_model, _ = load_servable("m", 1, version_dir)
     lite, _ = load_servable("m", 1, version_dir, LoadOptions(prefer_tflite_model=True))
     assert lite.engine_of("serving_default") == TFLITE_FILE and saved_model.engine_of("serving_default") == "SavedModel"
@@ -60,7 +52,7 @@ def test_the_tflite_engine_answers_as_the_saved_model_does_at_any_batch_size(tmp
 
 
 def test_a_call_that_starts_alone_gets_every_core_and_calls_side_by_side_get_their_share(tmp_path):
-    lite = TfLiteServable("m", 1, write_tiny_with_tflite(tmp_path / "1"), threads=1, lone_call_threads=2)
+    lite = TfLiteServable("m", 1, write_tiny_model_with_tflite(tmp_path / "1"), threads=1, lone_call_threads=2)
     assert (lite.threads_for_call(0), lite.threads_for_call(1), lite.threads_for_call(3)) == (2, 1, 1)
 
     alone = lite.run("serving_default", {"images": PHOTOS})
@@ -79,7 +71,7 @@ def test_a_call_that_starts_alone_gets_every_core_and_calls_side_by_side_get_the
 
 
 def test_intra_op_threads_an_operator_fixed_hold_for_lone_calls_too(tmp_path):
-    version_dir = write_tiny_with_tflite(tmp_path / "1")
+    version_dir = write_tiny_model_with_tflite(tmp_path / "1")
     fixed, _ = load_servable("m", 1, version_dir, LoadOptions(prefer_tflite_model=True, intra_op_threads=1))
     assert (fixed.lite.threads_for_call(0), fixed.lite.threads_for_call(1)) == (1, 1)
 
@@ -89,7 +81,7 @@ def _jpegs(photos: np.ndarray) -> np.ndarray:
 
 
 def test_under_the_flag_the_signatures_model_tflite_lacks_are_served_from_the_saved_model(tmp_path):
-    version_dir = write_tiny_with_tflite(tmp_path / "1")
+    version_dir = write_tiny_model_with_tflite(tmp_path / "1")
     saved_model, _ = load_servable("m", 1, version_dir)
     served, _ = load_servable("m", 1, version_dir, LoadOptions(prefer_tflite_model=True))
     assert set(served.signature_defs) == set(saved_model.signature_defs)  # GetModelMetadata lists them all
@@ -145,12 +137,12 @@ def write_warmup(version_dir: Path, photos: np.ndarray) -> None:
 
 
 def test_a_tflite_file_that_disagrees_with_its_saved_model_is_refused_and_the_saved_model_served(tmp_path):
-    agreeing = write_tiny_with_tflite(tmp_path / "agreeing" / "1")
+    agreeing = write_tiny_model_with_tflite(tmp_path / "agreeing" / "1")
     write_warmup(agreeing, PHOTOS[:3])
     served, _ = load_servable("m", 1, agreeing, LoadOptions(prefer_tflite_model=True))
     assert served.engine_of("serving_default") == TFLITE_FILE
 
-    other_version = write_tiny_with_tflite(tmp_path / "other" / "2")  # the file of another version ...
+    other_version = write_tiny_model_with_tflite(tmp_path / "other" / "2")  # the file of another version ...
     version_dir = tmp_path / "m" / "1"
     write_tiny_model(version_dir, bias=4.0)  # ... beside this version's SavedModel
     (version_dir / "model.tflite").write_bytes((other_version / "model.tflite").read_bytes())
@@ -172,7 +164,7 @@ def test_a_tflite_file_that_disagrees_with_its_saved_model_is_refused_and_the_sa
 
 
 def test_requests_queued_together_share_one_tflite_call(tmp_path):
-    lite, _ = load_servable("m", 1, write_tiny_with_tflite(tmp_path / "1"), LoadOptions(prefer_tflite_model=True))
+    lite, _ = load_servable("m", 1, write_tiny_model_with_tflite(tmp_path / "1"), LoadOptions(prefer_tflite_model=True))
     expected = lite.run("", {"images": PHOTOS})["probabilities"]
     rows_per_call = []
     run = lite.run
@@ -193,7 +185,7 @@ def test_requests_queued_together_share_one_tflite_call(tmp_path):
 
 
 def test_requests_to_either_engine_are_batched_per_signature(tmp_path):
-    served, _ = load_servable("m", 1, write_tiny_with_tflite(tmp_path / "1"), LoadOptions(prefer_tflite_model=True))
+    served, _ = load_servable("m", 1, write_tiny_model_with_tflite(tmp_path / "1"), LoadOptions(prefer_tflite_model=True))
     calls = []  # (engine, signature, rows) of each model call
 
     def spy(engine):
@@ -229,7 +221,7 @@ def _signature_names(stub, model: str) -> set[str]:
 
 
 def test_under_the_flag_tflite_versions_answer_through_the_batcher_and_others_keep_their_saved_model(tmp_path):
-    write_tiny_with_tflite(tmp_path / "lite" / "1")
+    write_tiny_model_with_tflite(tmp_path / "lite" / "1")
     write_tiny_model(tmp_path / "saved" / "1")
     config = tmp_path / "models.config"
     write_config(config, {"lite": tmp_path / "lite", "saved": tmp_path / "saved"})

@@ -102,6 +102,17 @@ def write_tiny_model(version_dir: str | Path, bias: float = 0.0, labels=LABELS, 
     return version_dir
 
 
+def write_tiny_model_with_tflite(version_dir: str | Path) -> Path:
+    """The tiny SavedModel and, beside it, its ``serving_default`` converted to ``model.tflite`` (as TF Serving's
+    ``--prefer_tflite_model`` expects it): a version whose TFLite engine does almost nothing per photo."""
+    from training_job.tflite_signatures import TFLITE_FILE
+
+    version_dir = write_tiny_model(version_dir)
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(version_dir), signature_keys=["serving_default"])
+    (version_dir / TFLITE_FILE).write_bytes(converter.convert())
+    return version_dir
+
+
 def publish_tiny_versions(registry: Path, model_name: str, biases=(0.0, 2.0)) -> None:
     """One tiny version per bias (versions 1, 2, ... in that order) published into ``registry/model_name``."""
     from training_job.publish import publish_dir
