@@ -159,27 +159,24 @@ class Inference:
 
     async def classify(self, request: classification_pb2.ClassificationRequest, api: str = "grpc_classify"
                        ) -> classification_pb2.ClassificationResponse:
-        spec = request.model_spec
-        servable = self.core.manager.resolve(spec.name, *version_and_label(spec))
-        name = spec.signature_name or DEFAULT_SIGNATURE
-        wanted = classification_outputs(_signature_def(servable, name), self.method_name_check)
-        examples = serialized_examples(request.input)
-        outputs = await self._run(api, spec, servable, name, examples, wanted)
-        response = classification_pb2.ClassificationResponse()
-        classification_result(outputs, len(examples), response.result)
-        _model_spec(spec, name, servable.version, response.model_spec)
-        return response
+        return await self._single(request, api, classification_outputs, classification_result,
+                                  classification_pb2.ClassificationResponse())
 
     async def regress(self, request: regression_pb2.RegressionRequest, api: str = "grpc_regress"
                       ) -> regression_pb2.RegressionResponse:
+        return await self._single(request, api, regression_outputs, regression_result,
+                                  regression_pb2.RegressionResponse())
+
+    async def _single(self, request, api: str, outputs_of, write_result, response):
+        """One Classify or Regress: the signature's outputs (``outputs_of``) on the request's examples, written into
+        ``response.result`` by ``write_result``, with the model spec that answered."""
         spec = request.model_spec
         servable = self.core.manager.resolve(spec.name, *version_and_label(spec))
         name = spec.signature_name or DEFAULT_SIGNATURE
-        wanted = regression_outputs(_signature_def(servable, name), self.method_name_check)
+        wanted = outputs_of(_signature_def(servable, name), self.method_name_check)
         examples = serialized_examples(request.input)
         outputs = await self._run(api, spec, servable, name, examples, wanted)
-        response = regression_pb2.RegressionResponse()
-        regression_result(outputs, len(examples), response.result)
+        write_result(outputs, len(examples), response.result)
         _model_spec(spec, name, servable.version, response.model_spec)
         return response
 
