@@ -185,7 +185,8 @@ def test_requests_queued_together_share_one_tflite_call(tmp_path):
 
 
 def test_requests_to_either_engine_are_batched_per_signature(tmp_path):
-    served, _ = load_servable("m", 1, write_tiny_model_with_tflite(tmp_path / "1"), LoadOptions(prefer_tflite_model=True))
+    served, _ = load_servable("m", 1, write_tiny_model_with_tflite(tmp_path / "1"),
+                              LoadOptions(prefer_tflite_model=True))
     calls = []  # (engine, signature, rows) of each model call
 
     def spy(engine):

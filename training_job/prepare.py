@@ -1,10 +1,11 @@
-"""`prepare`: a folder of class sub-folders -> a clean, balanced, split dataset manifest.
+"""`prepare`: a folder of class sub-folders -> a clean, split dataset manifest.
 
 Every file is decoded with the preprocessing contract (so anything the model will later read is readable), then
-corrupt, tiny, exact-duplicate (sha256) and near-duplicate (perceptual hash) photos are dropped, each class is
-balanced to N photos when asked (by default every usable photo is kept: fewer training photos cost accuracy, which
-``bench/accuracy_cv.py``'s ``<method>@N`` measures) and every photo gets a split. Both the balance and the split depend only on the file's sha256
-(and the seed), as in retrain.py's ``which_set``: adding photos never moves an existing photo to another split.
+corrupt, tiny, exact-duplicate (sha256) and near-duplicate (perceptual hash) photos are dropped, every usable photo
+is kept (fewer training photos cost accuracy, which ``bench/accuracy_cv.py``'s ``<method>@N`` measures) or, when
+asked, each class is balanced to N photos, and every photo gets a split. Both the balance and the split depend only
+on the file's sha256 (and the seed), as in retrain.py's ``which_set``: adding photos never moves an existing photo to
+another split.
 """
 from __future__ import annotations
 

@@ -30,7 +30,8 @@ def register(subparsers) -> None:
                         help="photo folder with one sub-folder per class (default ../shared/data/mushrooms)")
     parser.add_argument("--urls", default=None, help="folder of URL-list files (one per class) to gather first")
     parser.add_argument("--work_dir", default=None, help="where dataset/, runs/ and tensorboard/ go (default var/)")
-    parser.add_argument("--per_class", type=int, default=p.DEFAULT_PER_CLASS, help="photos kept per class, to balance them (0 or unset = all)")
+    parser.add_argument("--per_class", type=int, default=p.DEFAULT_PER_CLASS,
+                        help="photos kept per class, to balance them (0 or unset = all)")
     parser.add_argument("--validation_percentage", type=float, default=p.DEFAULT_VALIDATION_PCT)
     parser.add_argument("--testing_percentage", type=float, default=p.DEFAULT_TEST_PCT)
     parser.add_argument("--demo_percentage", type=float, default=p.DEFAULT_DEMO_PCT)
