@@ -19,8 +19,7 @@ from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
 from tests.support import RedisServer
 from tests.test_gateway import GatewayProcess
-from tests.test_web import SCREENSHOTS
-from tests.test_web import browser  # noqa: F401 - the headless Chromium fixture, used by name
+from tests.test_web import browser, page  # noqa: F401 - the headless Chromium and the loaded page, used by name
 from training_job.preprocessing import preprocess_bytes
 
 WAIT = 60  # seconds: each heatmap is one model call on a busy 2-core machine
@@ -69,16 +68,6 @@ def stack(published_model, tmp_path_factory):
                 gateway.stop()
     finally:
         stop_server(server)
-
-
-@pytest.fixture
-def page(stack, browser, request):  # noqa: F811
-    gateway, _ = stack
-    browser.get(gateway.url + "/")
-    WebDriverWait(browser, 15).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
-    yield browser
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    browser.save_screenshot(str(SCREENSHOTS / f"{request.node.name}.png"))
 
 
 def overlay_pixels(image_element) -> np.ndarray:
