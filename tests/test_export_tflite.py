@@ -1,7 +1,7 @@
 """The training job's TFLite export: ``<version>/model.tflite`` carries the SavedModel's ``serving_default`` the way
 TF Serving reads it, a published version serves the same answers and signatures with and without
 ``--prefer_tflite_model`` (those the file lacks from the SavedModel), and the int8 file is published as its own model
-``<model>_int8``."""
+``<model>_int8`` and, on request, as the next version of the model itself."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,7 +21,7 @@ from tests.model_server_harness import start_server, stop_server, version_states
 from training_job.pipeline import publish_variants
 from training_job.publish import PublishError, publish_dir
 from training_job.tflite_export import (
-    INT8_FILE, convert_serving_default, publish_int8_variant, saved_model_signature_def,
+    INT8_FILE, VARIANT_FILE, convert_serving_default, publish_int8_variant, saved_model_signature_def,
 )
 from training_job.tflite_signatures import TFLITE_FILE, read_signature_defs
 from training_job.tiny_model import write_tiny_model
@@ -117,6 +117,57 @@ def test_the_int8_variant_is_published_as_its_own_model_with_the_same_version(tm
     # after the float version is published, a taken number leaves the variant out with a warning, not a failed job
     assert publish_variants(version_dir, tmp_path, "mushrooms", progress=False) is None
     assert "int8 variant of mushrooms version 2 is not published" in capsys.readouterr().err
+
+
+def test_publish_int8_makes_the_int8_file_the_next_version_so_the_gateway_can_weigh_it_against_float(tmp_path,
+                                                                                                       capsys):
+    """The gateway routes versions of one model, so an A/B of int8 against float needs the int8 file as a version of
+    the same model: served by LiteRT under --prefer_tflite_model, answering as the float version does."""
+    import json
+
+    from training_job import cli
+
+    def build(staging: Path) -> None:
+        write_tiny_model(staging)
+        _write_warmup(staging, COLOURS)
+        (staging / TFLITE_FILE).write_bytes(convert_serving_default(staging))
+        (staging / INT8_FILE).parent.mkdir(parents=True, exist_ok=True)
+        (staging / INT8_FILE).write_bytes(convert_serving_default(staging, COLOURS))
+
+    publish_dir(build, tmp_path, "mushrooms")
+    publish_dir(lambda d: write_tiny_model(d, bias=1.0), tmp_path, "mushrooms")  # v2: no TFLite files
+    argv = ["publish_int8", "--registry", str(tmp_path), "--model_name", "mushrooms", "--version"]
+    assert cli.main([*argv, "1"]) == 0
+    assert "int8 variant of mushrooms version 1 as version 3" in capsys.readouterr().out
+    variant = tmp_path / "mushrooms" / "3"
+    assert (variant / TFLITE_FILE).read_bytes() == (tmp_path / "mushrooms" / "1" / INT8_FILE).read_bytes()
+    assert json.loads((variant / VARIANT_FILE).read_text())["of_version"] == 1
+    assert not (variant / INT8_FILE).exists()
+    for missing, says in (("2", "has no int8 file"), ("9", "has no published version 9")):
+        assert cli.main([*argv, missing]) == 2
+        assert says in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "mushrooms").iterdir() if p.name.isdigit()) == ["1", "2", "3"]
+
+    config = tmp_path / "models.config"
+    write_config(config, {"mushrooms": tmp_path / "mushrooms"}, policy="specific { versions: 1 versions: 3 }")
+    server = start_server(tmp_path, config, "--prefer_tflite_model=true")
+    try:
+        for version in (1, 3):
+            wait_until(lambda v=version: version_states(server.grpc_target, "mushrooms").get(v, (0,))[0] == AVAILABLE,
+                       timeout=120, what=f"version {version}")
+        assert version_states(server.grpc_target, "mushrooms")[3][1].startswith(f"serving_default from {TFLITE_FILE}")
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            answers = {}
+            for version in (1, 3):
+                request = predict_pb2.PredictRequest()
+                request.model_spec.name = "mushrooms"
+                request.model_spec.version.value = version
+                request.inputs["images"].CopyFrom(tf.make_tensor_proto(COLOURS))
+                answers[version] = tf.make_ndarray(stub.Predict(request, timeout=60).outputs["probabilities"])
+        assert np.mean(answers[1].argmax(1) == answers[3].argmax(1)) >= 0.75  # the int8 rule of the parity check
+    finally:
+        stop_server(server)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "training_job.commands.train",
     "training_job.commands.evaluate",
     "training_job.commands.publish",
+    "training_job.commands.publish_int8",
     "training_job.commands.sweep",
     "training_job.commands.run",
 ]

@@ -7,7 +7,9 @@
 - int8: weights and activations int8 (calibrated on training photos; inputs and outputs keep their types), written
   to ``assets.extra/tflite/model_int8.tflite``. It is never served in place of the float file: ``publish_int8_variant``
   publishes it as its own model ``<model>_int8`` (same version number, same SavedModel, ``model.tflite`` = the int8
-  file), so operators can serve it beside the float model and A/B them by model name.
+  file), for clients that choose it by model name; ``publish_int8_as_version`` (``python -m training_job
+  publish_int8``, on request) as the next version of the model itself, so the gateway's A/B routing and the
+  rollout's feedback verdict weigh it against the float version.
 
 Only ``serving_default`` is converted. ``predict_image_bytes`` decodes photos in-graph (DecodeJpeg and friends), which
 TFLite's builtin ops lack (they need the Flex delegate, which TF Serving's TfLiteSession does not link), and the
@@ -18,6 +20,7 @@ in TF Serving as in our model server: a request for another signature is refused
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -31,6 +34,7 @@ REPRESENTATIVE_PHOTOS = 64
 SERVING_SIGNATURE = "serving_default"
 INT8_FILE = Path("assets.extra") / "tflite" / "model_int8.tflite"
 INT8_MODEL_SUFFIX = "_int8"
+VARIANT_FILE = Path("assets.extra") / "variant.json"  # in a version that is another version's int8 variant
 
 
 def saved_model_signature_def(saved_model_dir: Path, key: str = SERVING_SIGNATURE, tags=("serve",)):
@@ -136,16 +140,43 @@ def int8_model_name(model_name: str) -> str:
     return model_name + INT8_MODEL_SUFFIX
 
 
-def publish_int8_variant(version_dir: Path, registry: Path, model_name: str) -> tuple[int, Path]:
-    """Publish ``<registry>/<model_name>_int8/<N>/`` (N = ``version_dir``'s number): the published float version's
-    folder with its int8 file as ``model.tflite``. Raises PublishError when that version already exists."""
-    from training_job.publish import publish_dir
-
+def _int8_build(version_dir: Path, variant_note: dict | None = None):
+    """A ``publish_dir`` build: the published float version's folder with its int8 file as ``model.tflite`` (and,
+    given ``variant_note``, that note as ``VARIANT_FILE``)."""
     version_dir = Path(version_dir)
+    if not (version_dir / INT8_FILE).is_file():
+        from training_job.publish import PublishError
+
+        raise PublishError(f"{version_dir} has no int8 file ({INT8_FILE}): it was published without TFLite files")
 
     def build(staging: Path) -> None:
         shutil.copytree(version_dir, staging, dirs_exist_ok=True,
                         ignore=lambda folder, names: [n for n in names if n in (TFLITE_FILE, INT8_FILE.name)])
         shutil.copyfile(version_dir / INT8_FILE, staging / TFLITE_FILE)
+        if variant_note is not None:
+            (staging / VARIANT_FILE).write_text(json.dumps(variant_note, indent=2))
 
-    return publish_dir(build, Path(registry), int8_model_name(model_name), version=int(version_dir.name))
+    return build
+
+
+def publish_int8_variant(version_dir: Path, registry: Path, model_name: str) -> tuple[int, Path]:
+    """Publish ``<registry>/<model_name>_int8/<N>/`` (N = ``version_dir``'s number): the published float version's
+    folder with its int8 file as ``model.tflite``. Raises PublishError when that version already exists."""
+    from training_job.publish import publish_dir
+
+    return publish_dir(_int8_build(version_dir), Path(registry), int8_model_name(model_name),
+                       version=int(Path(version_dir).name))
+
+
+def publish_int8_as_version(version_dir: Path, registry: Path, model_name: str) -> tuple[int, Path]:
+    """Publish the int8 file of the published float ``version_dir`` as the next version of ``model_name`` itself,
+    with ``VARIANT_FILE`` naming the float version it comes from. To the model server, the gateway's A/B routing and
+    the rollout controller it is a version like any other, so operators weigh int8 against float on live traffic
+    with the feedback verdict (``<model>_int8`` is reachable by model name only, which the gateway does not route)."""
+    from training_job.publish import publish_dir
+
+    version_dir = Path(version_dir)
+    note = {"variant": "int8", "of_version": int(version_dir.name),
+            "model_tflite": f"the full-integer conversion of version {version_dir.name}'s serving_default "
+                            f"({INT8_FILE} there); every other file as in that version"}
+    return publish_dir(_int8_build(version_dir, note), Path(registry), model_name)

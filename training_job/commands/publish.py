@@ -7,12 +7,22 @@ from pathlib import Path
 from training_job.errors import UserError
 
 
-def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
+def add_registry_arguments(parser: argparse.ArgumentParser) -> None:
     from training_job.paths import DEFAULT_MODEL_NAME, default_registry
 
     parser.add_argument("--registry", default=None,
                         help=f"registry folder (default $MUSHROOM_REGISTRY or <work dir>/registry: {default_registry()})")
     parser.add_argument("--model_name", default=DEFAULT_MODEL_NAME, help="model folder inside the registry")
+
+
+def registry_of(args) -> Path:
+    from training_job.paths import default_registry
+
+    return Path(args.registry) if args.registry else default_registry()
+
+
+def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
+    add_registry_arguments(parser)
     parser.add_argument("--min_test_accuracy", type=float, default=None,
                         help="refuse to publish when the test accuracy is below this (0-1)")
     parser.add_argument("--no_tflite", action="store_true", help="skip the TFLite export (model.tflite and the <model_name>_int8 variant)")
@@ -24,9 +34,7 @@ def publish(run_dir: Path, args, base=None):
 
     if args.min_test_accuracy is not None and not 0 <= args.min_test_accuracy <= 1:
         raise UserError(f"--min_test_accuracy is a fraction in [0, 1] (got {args.min_test_accuracy})")
-    from training_job.paths import default_registry
-
-    registry = Path(args.registry) if args.registry else default_registry()
+    registry = registry_of(args)
     try:
         n, version_dir, metrics = publish_run(run_dir, registry, args.model_name, base=base,
                                               min_test_accuracy=args.min_test_accuracy, tflite=not args.no_tflite)

@@ -109,11 +109,11 @@ def publish_challenger(run_dir: Path, args) -> tuple[int, Path] | None:
     """Export the run into a staging version, judge it against the champion there, and commit it only when it is
     not worse; None (and the report in the run folder) when it is refused."""
     from training_job.challenge import ChallengeRefused, challenge, champion_dir, correction_hashes, write_report
-    from training_job.paths import default_registry
+    from training_job.commands.publish import registry_of
     from training_job.pipeline import export_run, load_run
     from training_job.publish import publish_dir
 
-    registry = Path(args.registry) if args.registry else default_registry()
+    registry = registry_of(args)
     try:
         champion = champion_dir(registry, args.model_name, args.champion_version)
     except FileNotFoundError as exc:
