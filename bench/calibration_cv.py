@@ -36,6 +36,7 @@ from bench.common import write_result
 from training_job.paths import shared_data_dir
 
 ESTIMATES = ("validation", "cross_fitted", "oracle")
+FROZEN_METHODS = [m for m in METHOD_ARCHITECTURES if m.endswith("_frozen") or m == "frozen"]
 CALIBRATED_DRAWS = 400
 
 
@@ -54,7 +55,6 @@ def calibrated_model_ece(confidences: np.ndarray, classes: int, photos: int, rng
         probs = np.column_stack([confidence] + [(1 - confidence) / (classes - 1)] * (classes - 1))
         total += expected_calibration_error(probs, np.where(right, 0, 1))
     return total / draws
-FROZEN_METHODS = [m for m in METHOD_ARCHITECTURES if m.endswith("_frozen") or m == "frozen"]
 
 
 def held_out_parts(rows, parts: int, seed: int) -> list[list]:
