@@ -23,10 +23,10 @@ def test_fewer_training_photos_are_nested_subsets_with_the_same_validation_and_t
     assert parse_method("lite0_frozen_mirror@50") == ("lite0_frozen_mirror", 50)
     assert parse_method("frozen") == ("frozen", None)
     every = fold_rows(rows, folds, 2)
-    train = {n: {i for i, r in enumerate(fold_rows(rows, folds, 2, n)) if r.split == "train"} for n in (30, 50)}
-    assert len(train[30]) == 30 and len(train[50]) == 50 and train[30] < train[50]
+    train = {n: {i for i, r in enumerate(fold_rows(rows, folds, 2, n)) if r.split == "train"} for n in (25, 50)}
+    assert len(train[25]) == 25 and len(train[50]) == 50 and train[25] < train[50]
     assert train[50] < {i for i, r in enumerate(every) if r.split == "train"}
-    for n in (30, 50):
+    for n in (25, 50):
         fewer = fold_rows(rows, folds, 2, n)
         assert all(a.split == b.split for a, b in zip(fewer, every) if b.split in ("test", "validation"))
         assert [r.split for r in fewer].count("unused") == 80 - n
