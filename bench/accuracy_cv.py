@@ -120,7 +120,7 @@ def run_method(method: str, rows_k, k: int, base, work: Path, done: dict):
         head, splits, seconds = tuned.head, tuned.split_bottlenecks, seconds + tuned.seconds
     elif config.fine_tune_whole:
         started = time.monotonic()
-        tuned = fine_tune_whole(rows_k, config, base, head, splits, work / "tensorboard" / f"{method}-fold{k}",
+        tuned = fine_tune_whole(rows_k, config, base, head, work / "tensorboard" / f"{method}-fold{k}",
                                 work / f"checkpoint-{method}-fold{k}", progress=False)
         head, splits = tuned.head, tuned.split_bottlenecks
         seconds += time.monotonic() - started

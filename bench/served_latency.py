@@ -4,7 +4,7 @@ the model server runs under ``--prefer_tflite_model``, timed with LiteRT (XNNPAC
 
 The head and the open-set centroids are random (serving cost does not depend on their values); the bases carry their
 ImageNet weights. Recipes: MobileNet v1, EfficientNet-Lite0/1/2 frozen, Lite2 mirror averaged (two passes), Lite0
-whole fine-tuned (the tuned network for the features beside the original one for the ImageNet scores). Per recipe:
+whole fine-tuned (its tuned network, which gives the features and the ImageNet scores). Per recipe:
 single-photo p50 with one thread and with every core (a lone request), and batch-32 throughput on every core. Phases
 alternate over --rounds so a burst of other work hits all recipes alike.
 
@@ -48,8 +48,7 @@ def served_base(architecture: str, wrapping: str):
     if wrapping == "whole":
         from training_job.whole_fine_tune import WholeTunedBase, tuned_copy
 
-        # Weights moved as fine-tuning moves them: a copy left equal to the original would be merged with it by the
-        # converter (same constants, same ops), and the file would hold one network where a tuned version has two.
+        # weights moved as fine-tuning moves them, so the file holds what a tuned version's does
         tuned, rng = tuned_copy(base), np.random.default_rng(2)
         tuned.set_weights([w * (1 + 1e-3 * rng.standard_normal(w.shape)).astype(w.dtype) for w in tuned.get_weights()])
         return WholeTunedBase(base, tuned)

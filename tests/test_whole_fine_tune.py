@@ -1,4 +1,5 @@
-"""Whole-network fine-tuning: the tuned copy learns, BatchNorm and the ImageNet head stay, a stopped run resumes."""
+"""Whole-network fine-tuning: the tuned copy learns, BatchNorm and the ImageNet classifier stay, one network serves
+both, a stopped run resumes."""
 from __future__ import annotations
 
 import numpy as np
@@ -54,11 +55,11 @@ def test_stopped_fine_tuning_resumes_and_tunes_only_what_it_should(tiny):
     rows, config, base, result, work = tiny
     checkpoint = work / "checkpoint"
     with pytest.raises(RuntimeError, match="on purpose"):
-        fine_tune_whole(rows, config, base, result.head, result.split_bottlenecks, work / "tb", checkpoint,
+        fine_tune_whole(rows, config, base, result.head, work / "tb", checkpoint,
                         callbacks=[CrashAfterFirstEpoch()], progress=False)
     assert (checkpoint / "backup").exists() and (checkpoint / "best" / "best.json").exists()
     begun = []
-    tuned = fine_tune_whole(rows, config, base, result.head, result.split_bottlenecks, work / "tb", checkpoint,
+    tuned = fine_tune_whole(rows, config, base, result.head, work / "tb", checkpoint,
                             callbacks=[EpochsBegun(begun)], progress=False)
     assert begun == [1]  # resumed after the finished first epoch
     assert tuned.epochs_run == 2 and tuned.best_epoch in (1, 2)
@@ -73,11 +74,18 @@ def test_stopped_fine_tuning_resumes_and_tunes_only_what_it_should(tiny):
             np.testing.assert_array_equal(a, b)  # BatchNorm kept its ImageNet statistics and scale
 
     photo = load_image_file(IMAGENET_FUNGI / "n13044778_earthstar.JPEG", 224)[None]
-    np.testing.assert_allclose(tuned.base(photo)[1], base(photo)[1], atol=1e-6)  # the open-set input is unchanged
+    # the ImageNet classifier the open-set check reads is the original's, untouched, now on the tuned features: an
+    # ImageNet fungus photo keeps its ImageNet answer
+    classifier = base.imagenet_model.get_layer("predictions").get_weights()
+    for a, b in zip(tuned.base.model.get_layer("imagenet_classifier").get_layer("predictions").get_weights(),
+                    classifier):
+        np.testing.assert_array_equal(a, b)
+    assert tuned.base(photo)[1].argmax() == base(photo)[1].argmax()
     val_rows = [r for r in rows if r.split == "validation"]
     val_pixels = np.stack([load_image_file(r.path, 224) for r in val_rows])
-    np.testing.assert_allclose(tuned.base(val_pixels)[0], tuned.split_bottlenecks["validation"].features,
-                               rtol=1e-4, atol=1e-4)
+    for answer, kept in zip(tuned.base(val_pixels), (tuned.split_bottlenecks["validation"].features,
+                                                     tuned.split_bottlenecks["validation"].imagenet)):
+        np.testing.assert_allclose(answer, kept, rtol=1e-4, atol=1e-4)
 
 
 def test_a_whole_fine_tuned_run_exports_the_tuned_network(tiny):
@@ -100,9 +108,16 @@ def test_a_whole_fine_tuned_run_exports_the_tuned_network(tiny):
     expected = in_process_outputs(served_base, head, open_set, pixels)
     np.testing.assert_allclose(serving(images=tf.constant(pixels))["probabilities"].numpy(),
                                expected["probabilities"], atol=1e-4)
-    frozen_features = base(pixels)[0]
-    assert not np.allclose(served_base(pixels)[0], frozen_features, atol=1e-3)
+    frozen_features, frozen_imagenet = base(pixels)
+    tuned_features, tuned_imagenet = served_base(pixels)
+    assert not np.allclose(tuned_features, frozen_features, atol=1e-3)
     assert "fine_tune_whole" in (run_dir / "train_summary.json").read_text()
+    # one network: the tuned copy's weights and the original ImageNet classifier, as many as the base has, and the
+    # ImageNet probabilities the open-set check reads are the tuned network's
+    assert sum(int(np.prod(w.shape)) for w in served_base.model.weights) == \
+        sum(int(np.prod(w.shape)) for w in base.imagenet_model.weights)
+    assert not np.allclose(tuned_imagenet, frozen_imagenet, atol=1e-6)
+    np.testing.assert_allclose(tuned_imagenet.sum(axis=1), 1.0, atol=1e-4)
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():

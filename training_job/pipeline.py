@@ -110,7 +110,7 @@ def train_run(rows, config: TrainConfig, run_dir: Path | None = None, *, base: B
         from training_job.whole_fine_tune import CHECKPOINT_FOLDER, TUNED_NETWORK_FILE, fine_tune_whole
 
         (run_dir / TUNED_NETWORK_FILE).unlink(missing_ok=True)
-        whole = fine_tune_whole(rows, config, base, head, split_bottlenecks, result.tensorboard_dir,
+        whole = fine_tune_whole(rows, config, base, head, result.tensorboard_dir,
                                 run_dir / CHECKPOINT_FOLDER, progress=progress)
         whole.base.save(run_dir / TUNED_NETWORK_FILE)
         shutil.rmtree(run_dir / CHECKPOINT_FOLDER, ignore_errors=True)

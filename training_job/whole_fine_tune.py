@@ -14,8 +14,11 @@ Stopped part-way (Ctrl-C, a killed pod), the same call with the same ``checkpoin
 finished epoch: ``keras.callbacks.BackupAndRestore`` restores the weights, optimizer and epoch, and
 ``BestEpoch`` its own record of the best epoch so far.
 
-The tuned copy serves the features; the untouched base still gives the ImageNet probabilities, so the open-set check
-keeps its meaning (``WholeTunedBase``). Serving then runs both networks.
+The tuned copy is the one network a version runs (``WholeTunedBase``): its pooled features feed the head and, through
+the base's own ImageNet classifier (the layers after the pooling, never trained here), the ImageNet probabilities
+the open-set check reads. The classifier stays the original's, so the check keeps its meaning as long as the
+features move little, which the evaluation's open-set rates (validation, test, the not-a-mushroom photos) show for
+each run.
 """
 from __future__ import annotations
 
@@ -59,6 +62,16 @@ def tuned_copy(base: BaseNetwork, weights_file: Path | None = None):
     return copy
 
 
+def imagenet_classifier(base: BaseNetwork):
+    """The base's ImageNet classifier after its global pooling (pooled output -> softmax), as one Keras model on the
+    base's own layers and weights."""
+    import keras
+
+    pooling = next(layer for layer in base.imagenet_model.layers
+                   if isinstance(layer, keras.layers.GlobalAveragePooling2D))
+    return keras.Model(pooling.output, base.imagenet_model.outputs[0], name="imagenet_classifier")
+
+
 def weights_fingerprint(model) -> str:
     import hashlib
 
@@ -69,20 +82,25 @@ def weights_fingerprint(model) -> str:
 
 
 class WholeTunedBase(BaseNetwork):
-    """``base`` whose features come from a whole fine-tuned copy; the ImageNet probabilities stay the original's."""
+    """``base`` with its feature path whole fine-tuned: one network gives the features and, through the original
+    ImageNet classifier, the ImageNet probabilities."""
 
     def __init__(self, base: BaseNetwork, tuned):
         import keras
 
         self.original = base
         self.tuned = tuned
-        self.architecture = f"{base.architecture}-whole-{weights_fingerprint(tuned)}"
+        # "whole1": the ImageNet probabilities are the tuned network's (bottlenecks cached under the plain "whole"
+        # key held the original network's)
+        self.architecture = f"{base.architecture}-whole1-{weights_fingerprint(tuned)}"
         self.image_size = base.image_size
         self.normalises_inside = base.normalises_inside
         self.imagenet_model = base.imagenet_model
         inputs = keras.Input(base.imagenet_model.inputs[0].shape[1:], name="base_input")
-        features = keras.layers.Flatten(name="bottleneck")(tuned(inputs))
-        self.model = keras.Model(inputs, [features, base.imagenet_model(inputs)], name="tuned_features_and_imagenet")
+        pooled = tuned(inputs)
+        features = keras.layers.Flatten(name="bottleneck")(pooled)
+        self.model = keras.Model(inputs, [features, imagenet_classifier(base)(pooled)],
+                                 name="tuned_features_and_imagenet")
         self.feature_size = int(features.shape[-1])
         self._predict = None
 
@@ -154,7 +172,7 @@ class WholeFineTuneResult:
     validation_accuracy: float
     seconds: float
     stopped_by: str | None
-    split_bottlenecks: dict  # split -> Bottlenecks with the tuned features and the original ImageNet probabilities
+    split_bottlenecks: dict  # split -> Bottlenecks of the tuned network (features and ImageNet probabilities)
 
 
 def augment(image, size: int):
@@ -181,9 +199,8 @@ def learning_rate_schedule(config: TrainConfig, n_train: int):
         0.0, max(1, total - warmup), warmup_target=config.fine_tune_learning_rate, warmup_steps=warmup)
 
 
-def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, split_bottlenecks: dict,
-                    tensorboard_dir: Path, checkpoint_dir: Path, *, callbacks=(), progress: bool = True
-                    ) -> WholeFineTuneResult:
+def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, tensorboard_dir: Path,
+                    checkpoint_dir: Path, *, callbacks=(), progress: bool = True) -> WholeFineTuneResult:
     """Train the whole feature path with ``head`` (its starting point); resumable from ``checkpoint_dir``."""
     import keras
     import tensorflow as tf
@@ -237,8 +254,9 @@ def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, sp
     tuned_base = WholeTunedBase(base, tuned)
     tuned_splits = {}
     for split, split_pixels in pixels.items():
-        features = np.concatenate([tuned_base(split_pixels[k:k + 32])[0] for k in range(0, len(split_pixels), 32)])
-        tuned_splits[split] = Bottlenecks(features, split_bottlenecks[split].imagenet, 0)
+        features, imagenet = (np.concatenate(parts) for parts in zip(
+            *(tuned_base(split_pixels[k:k + 32]) for k in range(0, len(split_pixels), 32))))
+        tuned_splits[split] = Bottlenecks(features, imagenet, 0)
     val_accuracy = float(np.mean(tuned_head.predict(tuned_splits["validation"].features).argmax(1)
                                  == labels["validation"]))
     state = best.state
