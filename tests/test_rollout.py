@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -119,18 +120,24 @@ class Controller:
 
 
 class Traffic:
-    """Classify calls from 64 client ids over ``photos`` in a background thread, at most ``max_requests`` and until
-    stopped; with ``truth`` ({photo index: label}) every answer gets feedback."""
+    """Classify calls from 64 client ids over ``photos`` in a background thread, at most ``max_requests``, at most
+    ``per_second`` and until stopped; with ``truth`` ({photo index: label}) every answer gets feedback. The pace
+    keeps the budget spread over tens of seconds: cache hits are fast, and a controller slowed by a busy machine
+    must still find traffic at its last step."""
 
-    def __init__(self, gateway: Gateway, photos: list[bytes], truth: dict | None = None, max_requests: int = 4000):
+    def __init__(self, gateway: Gateway, photos: list[bytes], truth: dict | None = None, max_requests: int = 4000,
+                 per_second: float = 100.0):
         self.gateway, self.photos, self.truth, self.max_requests = gateway, photos, truth, max_requests
+        self.interval = 1.0 / per_second
         self.sent = 0
         self.versions: dict[int, int] = {}
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
+        started = time.monotonic()
         while not self._stop.is_set() and self.sent < self.max_requests:
+            self._stop.wait(started + self.sent * self.interval - time.monotonic())
             i = self.sent % len(self.photos)
             code, body, _ = self.gateway.request("POST", "/v1/classify", self.photos[i], "image/jpeg",
                                                  headers={"X-Client-Id": f"client-{self.sent % 64}"})
@@ -180,11 +187,12 @@ def routing(gateway: Gateway) -> dict:
     return gateway.request("GET", "/v1/admin/routing", token=ALICE_TOKEN)[1]["weights"]
 
 
-def wait_for_shadow(gateway: Gateway, version: int) -> None:
-    """Until the controller's shadow step is in force at the gateway: only cache misses are mirrored to a shadow, so
-    traffic of new photos sent before it would all be hits by the time the shadow is set."""
+def wait_for_shadow(gateway: Gateway, version: int | str) -> None:
+    """Until the controller's shadow step is in force at the gateway (``version``: a number, or the label naming it):
+    only cache misses are mirrored to a shadow, so traffic of new photos sent before it would all be hits by the time
+    the shadow is set, and the step would wait for mirrored requests that never come."""
     wait_until(lambda: gateway.request("GET", "/v1/admin/routing", token=ALICE_TOKEN)[1]["shadow"] == version,
-               timeout=60, what=f"version {version} as the shadow")
+               timeout=60, what=f"{version} as the shadow")
 
 
 def photos(start: int, count: int) -> list[bytes]:
@@ -539,6 +547,7 @@ def test_with_labels_canary_and_stable_move_in_the_model_server_config(redis_ser
 
         publish_dir(lambda d: write_tiny_model(d), registry, "labelled")  # good
         wait_available(server, "labelled", 2)
+        wait_for_shadow(gateway, "canary")
         with Traffic(gateway, photos(0, 200)):
             wait_until(lambda: controller.status()["state"]["stable"] == 2, timeout=120, what="v2 promoted")
         assert [e["new"]["weights"] for e in audit(gateway)] == [
@@ -549,6 +558,7 @@ def test_with_labels_canary_and_stable_move_in_the_model_server_config(redis_ser
 
         publish_dir(lambda d: write_tiny_model(d, bias=8.0), registry, "labelled")  # bad: rolled back in shadow
         wait_available(server, "labelled", 3)
+        wait_for_shadow(gateway, "canary")
         with Traffic(gateway, photos(240, 200)):
             status = wait_until(lambda: (s := controller.status())["state"]["rejected"] == [3] and s, timeout=120,
                                 what="v3 rolled back")
