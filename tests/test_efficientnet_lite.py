@@ -108,7 +108,8 @@ def lite1_run(tmp_path_factory):
     rows = prepare_dataset(MUSHROOMS, work / "dataset", per_class=16, validation_pct=25, test_pct=25, demo_pct=0,
                            progress=False)
     base = BaseNetwork("efficientnet_lite1")
-    run_dir, metrics = train_run(rows, TrainConfig(architecture="efficientnet_lite1", epochs=30, patience=10),
+    run_dir, metrics = train_run(rows, TrainConfig(architecture="efficientnet_lite1", epochs=30, patience=10,
+                                                 fine_tune_whole=False),
                                  work / "run", base=base, tensorboard_root=work / "tb", cache_root=work / "cache",
                                  progress=False)
     return base, run_dir, metrics, work

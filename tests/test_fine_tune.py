@@ -45,7 +45,7 @@ def fine_tuned_run(small_dataset, base_network, tmp_path_factory):
     _, rows = small_dataset
     work = tmp_path_factory.mktemp("fine-tune")
     config = TrainConfig(architecture=base_network.architecture, epochs=60, patience=10, fine_tune_blocks=1,
-                         fine_tune_epochs=4)
+                         fine_tune_whole=False, fine_tune_epochs=4)
     run_dir, metrics = train_run(rows, config, work / "runs" / "tuned", base=base_network,
                                  tensorboard_root=work / "tensorboard", progress=False)
     return run_dir, metrics
@@ -121,7 +121,8 @@ def test_training_without_fine_tuning_into_a_used_run_folder_drops_its_old_block
     run_dir = tmp_path / "reused"
     shutil.copytree(fine_tuned_run[0], run_dir)
     assert isinstance(run_base(run_dir, load_run(run_dir)[1], base_network), FineTunedBase)
-    train_run(small_dataset[1], TrainConfig(architecture=base_network.architecture, epochs=3, patience=3), run_dir,
+    train_run(small_dataset[1], TrainConfig(architecture=base_network.architecture, epochs=3, patience=3,
+                                                     fine_tune_whole=False), run_dir,
               base=base_network, tensorboard_root=tmp_path / "tensorboard", progress=False)
     assert not (run_dir / TUNED_BLOCKS_FILE).exists()
     assert type(run_base(run_dir, load_run(run_dir)[1], base_network)) is BaseNetwork

@@ -43,7 +43,8 @@ def test_a_mirror_tta_run_serves_and_evaluates_the_averaged_features(base_networ
     from training_job.train import TrainConfig
 
     rows, work = tiny_rows
-    config = TrainConfig(architecture=base_network.architecture, epochs=30, patience=10, mirror_tta=True)
+    config = TrainConfig(architecture=base_network.architecture, epochs=30, patience=10, mirror_tta=True,
+                         fine_tune_whole=False)
     run_dir, metrics = train_run(rows, config, work / "run", base=base_network, tensorboard_root=work / "tb",
                                  cache_root=work / "cache", progress=False)
     _, config, head, open_set = load_run(run_dir)

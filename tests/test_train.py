@@ -12,6 +12,7 @@ from training_job.augmentation import Augmentation
 from training_job.bottlenecks import get_bottlenecks
 from training_job.cli import main
 from training_job.dataset import ManifestRow, read_manifest, write_manifest
+from training_job.errors import UserError
 
 
 def test_bottleneck_cache_is_reused_and_augmented_variants_are_kept_apart(small_dataset, base_network, tmp_path):
@@ -76,8 +77,8 @@ def test_sweep_picks_best_on_validation(small_dataset, base_network, tmp_path):
     from training_job.train import TrainConfig
 
     _, rows = small_dataset
-    report = run_sweep(rows, TrainConfig(epochs=15, patience=5), [0.001, 0.01], ["mobilenet_1.0_224"],
-                       tmp_path / "sweep", tensorboard_root=tmp_path / "tb", progress=False)
+    report = run_sweep(rows, TrainConfig(epochs=15, patience=5, fine_tune_whole=False), [0.001, 0.01],
+                       ["mobilenet_1.0_224"], tmp_path / "sweep", tensorboard_root=tmp_path / "tb", progress=False)
     assert len(report["runs"]) == 2
     assert report["best"]["validation_accuracy"] == max(r["validation_accuracy"] for r in report["runs"])
     assert len(list((tmp_path / "tb" / "sweep").iterdir())) == 2
@@ -103,6 +104,26 @@ def test_cli_bad_input_gives_clear_messages(tmp_path, capsys):
     assert code == 2 and "not a training run folder" in err
     code, err = _run_cli(["run", "--data", str(tmp_path / "nope")], capsys)
     assert code == 2 and "not a folder" in err
+
+
+def test_run_fine_tunes_the_whole_network_unless_told_otherwise():
+    """The default recipe (README, "Which base and recipe"): whole-network fine-tuning within its time budget;
+    --no_fine_tune_whole trains the head alone; --fine_tune_blocks alone asks for the other kind of fine-tuning."""
+    from training_job.cli import build_parser
+    from training_job.commands.train import config_from_args
+    from training_job.whole_fine_tune import EPOCHS
+
+    def config(*argv):
+        return config_from_args(build_parser().parse_args(["run", *argv]))
+
+    default = config()
+    assert default.architecture == "efficientnet_lite0" and default.fine_tune_whole
+    assert default.fine_tune_max_minutes == 5 and (default.fine_tune_epochs or EPOCHS) == 6
+    assert not config("--no_fine_tune_whole").fine_tune_whole
+    blocks = config("--architecture", "mobilenet_1.0_224", "--fine_tune_blocks", "1")
+    assert blocks.fine_tune_blocks == 1 and not blocks.fine_tune_whole
+    with pytest.raises(UserError, match="exclude each other"):
+        config("--architecture", "mobilenet_1.0_224", "--fine_tune_blocks", "1", "--fine_tune_whole")
 
 
 def test_training_refuses_a_single_class_manifest(tmp_path, capsys):

@@ -22,6 +22,7 @@ from training_job.bottlenecks import BaseNetwork, Bottlenecks, cache_folder, cac
 from training_job.train import Head, TrainConfig, TrainingError, split_rows
 
 MOBILENET_BLOCKS = 13
+EPOCHS = 15  # upper bound on fine-tuning epochs unless the config sets one; early stopping usually ends sooner
 TAIL_PREFIX = "tuned_"
 
 
@@ -173,7 +174,7 @@ def fine_tune(rows, config: TrainConfig, base: BaseNetwork, head: Head, split_bo
     history = model.fit(
         x_train.astype(np.float32), tf.one_hot(y_train, C),
         validation_data=(plain["validation"].astype(np.float32), tf.one_hot(labels_of["validation"], C)),
-        epochs=config.fine_tune_epochs, batch_size=config.train_batch_size, shuffle=True, verbose=0,
+        epochs=config.fine_tune_epochs or EPOCHS, batch_size=config.train_batch_size, shuffle=True, verbose=0,
         callbacks=[keras.callbacks.TensorBoard(str(Path(tensorboard_dir) / "fine_tune"), write_graph=False,
                                                profile_batch=0),
                    keras.callbacks.EarlyStopping(monitor="val_cross_entropy", patience=config.fine_tune_patience,

@@ -51,11 +51,13 @@ class TrainConfig:
     seed: int = 0
     fine_tune_blocks: int = 0  # last MobileNet blocks trained with the head after it converged (0 = frozen base)
     fine_tune_learning_rate: float = 1e-4
-    fine_tune_epochs: int = 15
+    fine_tune_epochs: int | None = None  # None: each method's own (fine_tune.EPOCHS, whole_fine_tune.EPOCHS)
     fine_tune_patience: int = 4
-    fine_tune_whole: bool = False  # train every convolution of the base with the head (training_job.whole_fine_tune)
+    # The default recipe trains every convolution of the base with the head (training_job.whole_fine_tune); False
+    # trains the head alone on frozen bottlenecks. Excludes fine_tune_blocks.
+    fine_tune_whole: bool = True
     fine_tune_warmup_epochs: int = 1
-    fine_tune_max_minutes: float | None = 15.0  # whole-network fine-tuning's wall-clock budget
+    fine_tune_max_minutes: float | None = 5.0  # whole-network fine-tuning's wall-clock budget
     mirror_tta: bool = False  # serve the mean features of each photo and its mirror image (training_job.mirror_tta)
 
     @property

@@ -33,6 +33,9 @@ from training_job.bottlenecks import BaseNetwork, Bottlenecks, load_pixels
 from training_job.fine_tune import trainable_head
 from training_job.train import Head, TrainConfig, split_rows
 
+# Fine-tuning epochs unless the config sets them: where the cosine decay ends. Chosen in cross-validation
+# (bench/results/accuracy_cv_whole_short.json against accuracy_cv_whole.json's 15) to keep `make run` short.
+EPOCHS = 6
 TUNED_NETWORK_FILE = "fine_tuned_network.weights.h5"
 CHECKPOINT_FOLDER = "fine_tune_checkpoint"
 
@@ -189,12 +192,13 @@ def augment(image, size: int):
 
 def learning_rate_schedule(config: TrainConfig, n_train: int):
     """Linear warm-up from 0 to ``fine_tune_learning_rate`` over ``fine_tune_warmup_epochs``, then cosine decay to 0
-    at the end of ``fine_tune_epochs`` (a function of the optimizer's step, so a resumed run continues it)."""
+    at the end of ``fine_tune_epochs`` (default EPOCHS; a function of the optimizer's step, so a resumed run
+    continues it)."""
     import keras
 
     steps_per_epoch = max(1, -(-n_train // config.train_batch_size))
     warmup = steps_per_epoch * config.fine_tune_warmup_epochs
-    total = steps_per_epoch * config.fine_tune_epochs
+    total = steps_per_epoch * (config.fine_tune_epochs or EPOCHS)
     return keras.optimizers.schedules.CosineDecay(
         0.0, max(1, total - warmup), warmup_target=config.fine_tune_learning_rate, warmup_steps=warmup)
 
@@ -242,7 +246,8 @@ def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, te
     best = BestEpoch(checkpoint_dir / "best", config.fine_tune_patience,
                      config.fine_tune_max_minutes * 60 if config.fine_tune_max_minutes else None)
     started = time.monotonic()
-    model.fit(train, validation_data=validation, epochs=config.fine_tune_epochs, verbose=1 if progress else 0,
+    model.fit(train, validation_data=validation, epochs=config.fine_tune_epochs or EPOCHS, verbose=1 if progress else 0,
+              shuffle=False,  # the dataset shuffles itself each epoch
               callbacks=[keras.callbacks.BackupAndRestore(str(checkpoint_dir / "backup")), best.callback,
                          keras.callbacks.TensorBoard(str(Path(tensorboard_dir) / "fine_tune_whole"),
                                                      write_graph=False, profile_batch=0),

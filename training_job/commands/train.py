@@ -7,7 +7,9 @@ from pathlib import Path
 
 from training_job.commands import add_flag
 from training_job.errors import UserError
+from training_job.fine_tune import EPOCHS as BLOCKS_EPOCHS
 from training_job.train import TrainConfig
+from training_job.whole_fine_tune import EPOCHS as WHOLE_EPOCHS
 
 _DEFAULTS = TrainConfig()
 
@@ -51,14 +53,20 @@ def add_training_arguments(parser: argparse.ArgumentParser, architecture: bool =
                         "what it gains and costs: bench/REPORT.md, accuracy_cv)")
     g.add_argument("--fine_tune_learning_rate", type=float, default=_DEFAULTS.fine_tune_learning_rate)
     g.add_argument("--fine_tune_epochs", type=int, default=_DEFAULTS.fine_tune_epochs,
-                   help="upper bound on fine-tuning epochs (early stopping on validation usually ends sooner)")
-    g.add_argument("--fine_tune_whole", action="store_true",
-                   help="after the head converges, train the whole base network with it (augmentation on the fly, "
-                        "BatchNorm frozen, warm-up + cosine learning rate, early stopping; resumable with the same "
-                        "--run_dir); uses --fine_tune_learning_rate and --fine_tune_epochs")
+                   help="fine-tuning epochs: where the whole network's cosine decay ends (default "
+                        f"{WHOLE_EPOCHS}), or the upper bound of --fine_tune_blocks (default {BLOCKS_EPOCHS}); early "
+                        "stopping on validation may end either sooner")
+    g.add_argument("--fine_tune_whole", dest="fine_tune_whole", action="store_true", default=None,
+                   help="the default (unless --fine_tune_blocks): after the head converges, train the whole base "
+                        "network with it (augmentation on the fly, BatchNorm frozen, warm-up + cosine learning rate, "
+                        "early stopping; resumable with the same --run_dir); uses --fine_tune_learning_rate, "
+                        "--fine_tune_epochs and --fine_tune_max_minutes")
+    g.add_argument("--no_fine_tune_whole", dest="fine_tune_whole", action="store_false",
+                   help="train the head alone on the frozen base's features: minutes faster, less accurate (what "
+                        "each recipe gains and costs: README, bench/REPORT.md)")
     g.add_argument("--fine_tune_warmup_epochs", type=int, default=_DEFAULTS.fine_tune_warmup_epochs)
     g.add_argument("--fine_tune_max_minutes", type=float, default=_DEFAULTS.fine_tune_max_minutes,
-                   help="wall-clock budget of --fine_tune_whole (checked after each epoch)")
+                   help="wall-clock budget of whole-network fine-tuning (checked after each epoch)")
     g.add_argument("--mirror_tta", action="store_true",
                    help="mirror test-time augmentation: the served model averages the base's features of each photo "
                         "and its mirror image (two passes per photo); calibration, open set and evaluation use them")
@@ -67,6 +75,14 @@ def add_training_arguments(parser: argparse.ArgumentParser, architecture: bool =
     g.add_argument("--not_mushrooms", default=None,
                    help="folder of non-mushroom photos to REPORT open-set rates on (never calibrated on); "
                    "default ../shared/data/not-mushrooms when present")
+
+
+def whole_fine_tuning(args) -> bool:
+    """--fine_tune_whole or --no_fine_tune_whole as given; unset, the default recipe unless --fine_tune_blocks asks
+    for the other kind of fine-tuning."""
+    if args.fine_tune_whole is not None:
+        return args.fine_tune_whole
+    return _DEFAULTS.fine_tune_whole and not args.fine_tune_blocks
 
 
 def config_from_args(args, **override) -> TrainConfig:
@@ -80,7 +96,7 @@ def config_from_args(args, **override) -> TrainConfig:
         label_smoothing=args.label_smoothing, dropout=args.dropout,
         l2=args.l2, patience=args.patience, seed=args.seed, fine_tune_blocks=args.fine_tune_blocks,
         fine_tune_learning_rate=args.fine_tune_learning_rate, fine_tune_epochs=args.fine_tune_epochs,
-        fine_tune_whole=args.fine_tune_whole, fine_tune_warmup_epochs=args.fine_tune_warmup_epochs,
+        fine_tune_whole=whole_fine_tuning(args), fine_tune_warmup_epochs=args.fine_tune_warmup_epochs,
         fine_tune_max_minutes=args.fine_tune_max_minutes, mirror_tta=args.mirror_tta,
     )
     values.update(override)
@@ -122,12 +138,13 @@ def check_config(config: TrainConfig) -> None:
             cut_layer_name(config.architecture, config.fine_tune_blocks)
         except TrainingError as exc:
             problems.append(str(exc))
-        if config.fine_tune_learning_rate <= 0 or config.fine_tune_epochs < 1:
+        if config.fine_tune_learning_rate <= 0 or (config.fine_tune_epochs or 1) < 1:
             problems.append("--fine_tune_learning_rate must be > 0 and --fine_tune_epochs at least 1")
     if config.fine_tune_whole:
         if config.fine_tune_blocks:
             problems.append("--fine_tune_whole and --fine_tune_blocks exclude each other")
-        if config.fine_tune_learning_rate <= 0 or config.fine_tune_epochs < 1 or config.fine_tune_warmup_epochs < 0:
+        if (config.fine_tune_learning_rate <= 0 or (config.fine_tune_epochs or 1) < 1
+                or config.fine_tune_warmup_epochs < 0):
             problems.append("--fine_tune_learning_rate must be > 0, --fine_tune_epochs at least 1 and "
                             "--fine_tune_warmup_epochs at least 0")
     if config.weights_file and not Path(config.weights_file).is_file():
