@@ -91,6 +91,7 @@ def test_stopped_fine_tuning_resumes_and_tunes_only_what_it_should(tiny):
 def test_a_whole_fine_tuned_run_exports_the_tuned_network(tiny):
     import tensorflow as tf
 
+    from training_job.explain import EXPLAIN_SIGNATURE, in_process_grad_cam
     from training_job.export import in_process_outputs
     from training_job.pipeline import export_run, load_run, run_base, train_run
     from training_job.whole_fine_tune import CHECKPOINT_FOLDER, TUNED_NETWORK_FILE, WholeTunedBase
@@ -118,6 +119,13 @@ def test_a_whole_fine_tuned_run_exports_the_tuned_network(tiny):
         sum(int(np.prod(w.shape)) for w in base.imagenet_model.weights)
     assert not np.allclose(tuned_imagenet, frozen_imagenet, atol=1e-6)
     np.testing.assert_allclose(tuned_imagenet.sum(axis=1), 1.0, atol=1e-4)
+    # "Why this answer" explains the tuned network, as it does a frozen one (the default recipe must keep it)
+    explained = tf.saved_model.load(str(work / "export")).signatures[EXPLAIN_SIGNATURE](
+        images=tf.constant(pixels), class_index=tf.constant([-1], tf.int32))
+    expected_cam, chosen = in_process_grad_cam(served_base, head, pixels)
+    frozen_cam, _ = in_process_grad_cam(base, head, pixels, chosen)
+    np.testing.assert_allclose(explained["heatmap"].numpy(), expected_cam, atol=1e-4)
+    assert np.abs(expected_cam - frozen_cam).max() > 0.05
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():

@@ -48,8 +48,8 @@ def last_conv_model(features_model):
 
 def grad_cam_problem(features_model) -> str | None:
     """Why Grad-CAM cannot explain ``features_model`` (a BaseNetwork's ``model``), or None when it can. Mirror
-    averaging and a whole fine-tuned network wrap the base so that no single convolutional map feeds the features:
-    such versions are exported without the explain signatures."""
+    averaging wraps the base so that no single convolutional map feeds the features: such versions are exported
+    without the explain signatures."""
     try:
         last_conv_model(features_model)
     except ValueError as exc:

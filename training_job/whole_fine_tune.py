@@ -86,7 +86,8 @@ def weights_fingerprint(model) -> str:
 
 class WholeTunedBase(BaseNetwork):
     """``base`` with its feature path whole fine-tuned: one network gives the features and, through the original
-    ImageNet classifier, the ImageNet probabilities."""
+    ImageNet classifier, the ImageNet probabilities. Its last convolutional map is pooled in the outer graph, as in a
+    plain base, so Grad-CAM (training_job/explain.py) explains the tuned network's answers."""
 
     def __init__(self, base: BaseNetwork, tuned):
         import keras
@@ -100,7 +101,9 @@ class WholeTunedBase(BaseNetwork):
         self.normalises_inside = base.normalises_inside
         self.imagenet_model = base.imagenet_model
         inputs = keras.Input(base.imagenet_model.inputs[0].shape[1:], name="base_input")
-        pooled = tuned(inputs)
+        pooling = next(layer for layer in tuned.layers if isinstance(layer, keras.layers.GlobalAveragePooling2D))
+        conv = keras.Model(tuned.inputs, pooling.input, name="tuned_convolutions")(inputs)  # tuned's own weights
+        pooled = keras.layers.GlobalAveragePooling2D(keepdims=pooling.keepdims, name="tuned_pooling")(conv)
         features = keras.layers.Flatten(name="bottleneck")(pooled)
         self.model = keras.Model(inputs, [features, imagenet_classifier(base)(pooled)],
                                  name="tuned_features_and_imagenet")
