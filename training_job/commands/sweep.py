@@ -24,7 +24,9 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "sweep", help="grid of learning rates x architectures; best picked on validation",
         description="Train one run per (architecture, learning rate) on the same cached bottlenecks, each with its "
-        "own TensorBoard run under var/tensorboard/<sweep>/, and pick the best on the validation split. "
+        "own TensorBoard run under var/tensorboard/<sweep>/, and pick the best on the validation split. Each run is "
+        "the whole recipe, whole-network fine-tuning included (minutes per run; --no_fine_tune_whole sweeps the "
+        "head alone in seconds). "
         "Writes var/runs/<sweep>/sweep.json; publish the best with `publish --run_dir`.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
