@@ -107,7 +107,7 @@ def test_cli_bad_input_gives_clear_messages(tmp_path, capsys):
 
 
 def test_run_fine_tunes_the_whole_network_unless_told_otherwise():
-    """The default recipe (README, "Which base and recipe"): whole-network fine-tuning within its time budget;
+    """The default recipe (README, "The default recipe fine-tunes the whole of Lite0"): whole-network fine-tuning;
     --no_fine_tune_whole trains the head alone; --fine_tune_blocks alone asks for the other kind of fine-tuning."""
     from training_job.cli import build_parser
     from training_job.commands.train import config_from_args
