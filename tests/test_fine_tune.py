@@ -122,7 +122,7 @@ def test_training_without_fine_tuning_into_a_used_run_folder_drops_its_old_block
     shutil.copytree(fine_tuned_run[0], run_dir)
     assert isinstance(run_base(run_dir, load_run(run_dir)[1], base_network), FineTunedBase)
     train_run(small_dataset[1], TrainConfig(architecture=base_network.architecture, epochs=3, patience=3,
-                                                     fine_tune_whole=False), run_dir,
+                                            fine_tune_whole=False), run_dir,
               base=base_network, tensorboard_root=tmp_path / "tensorboard", progress=False)
     assert not (run_dir / TUNED_BLOCKS_FILE).exists()
     assert type(run_base(run_dir, load_run(run_dir)[1], base_network)) is BaseNetwork

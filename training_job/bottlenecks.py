@@ -29,13 +29,18 @@ class Bottlenecks:
     computed: int  # how many were computed (not read from the cache)
 
 
+def global_pooling(model):
+    """The model's global average pooling layer: where a base's last convolutional map becomes its features."""
+    import keras
+
+    return next(layer for layer in model.layers if isinstance(layer, keras.layers.GlobalAveragePooling2D))
+
+
 class BaseNetwork:
     """The frozen ImageNet base: uint8 pixels -> (pooled features, ImageNet probabilities). ``normalise`` turns the
     contract's pixels into what ``model`` takes (each architecture its own input size and normalisation)."""
 
     def __init__(self, architecture: str = "mobilenet_1.0_224", weights_file=None):
-        import keras
-
         from training_job.base_weights import build_imagenet_model, parse_architecture
 
         arch = parse_architecture(architecture)
@@ -43,9 +48,7 @@ class BaseNetwork:
         self.image_size = arch.size
         self.normalises_inside = arch.normalises_inside
         self.imagenet_model = build_imagenet_model(architecture, weights_file)
-        pooling = next(layer for layer in self.imagenet_model.layers
-                       if isinstance(layer, keras.layers.GlobalAveragePooling2D))
-        self._set_features(pooling.output)
+        self._set_features(global_pooling(self.imagenet_model).output)
 
     def _set_features(self, pooled) -> None:
         """Make ``self.model`` answer (``pooled`` flattened, the ImageNet softmax) for the same input."""

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from training_job.bottlenecks import BaseNetwork, Bottlenecks, cache_folder, cached_outputs, load_pixels
+from training_job.bottlenecks import (BaseNetwork, Bottlenecks, cache_folder, cached_outputs, global_pooling,
+                                      load_pixels)
 from training_job.train import Head, TrainConfig, TrainingError, split_rows
 
 MOBILENET_BLOCKS = 13
@@ -41,11 +42,8 @@ def cut_layer_name(architecture: str, blocks: int) -> str:
 
 def tail_layers(imagenet_model, cut: str) -> list:
     """The layers after ``cut`` up to (not including) global average pooling."""
-    import keras
-
     names = [layer.name for layer in imagenet_model.layers]
-    pooling = next(i for i, layer in enumerate(imagenet_model.layers)
-                   if isinstance(layer, keras.layers.GlobalAveragePooling2D))
+    pooling = imagenet_model.layers.index(global_pooling(imagenet_model))
     return imagenet_model.layers[names.index(cut) + 1:pooling]
 
 

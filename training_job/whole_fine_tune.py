@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training_job.bottlenecks import BaseNetwork, Bottlenecks, load_pixels
+from training_job.bottlenecks import BaseNetwork, Bottlenecks, global_pooling, load_pixels
 from training_job.fine_tune import trainable_head
 from training_job.train import Head, TrainConfig, split_rows
 
@@ -41,12 +41,10 @@ CHECKPOINT_FOLDER = "fine_tune_checkpoint"
 
 
 def feature_model(base: BaseNetwork):
-    """The base's feature path (its input to the global average pooling), as one Keras model."""
+    """The base's feature path (its input to the pooled features), as one Keras model."""
     import keras
 
-    pooling = next(layer for layer in base.imagenet_model.layers
-                   if isinstance(layer, keras.layers.GlobalAveragePooling2D))
-    return keras.Model(base.imagenet_model.inputs, pooling.output, name="features")
+    return keras.Model(base.imagenet_model.inputs, global_pooling(base.imagenet_model).output, name="features")
 
 
 def tuned_copy(base: BaseNetwork, weights_file: Path | None = None):
@@ -70,9 +68,8 @@ def imagenet_classifier(base: BaseNetwork):
     base's own layers and weights."""
     import keras
 
-    pooling = next(layer for layer in base.imagenet_model.layers
-                   if isinstance(layer, keras.layers.GlobalAveragePooling2D))
-    return keras.Model(pooling.output, base.imagenet_model.outputs[0], name="imagenet_classifier")
+    return keras.Model(global_pooling(base.imagenet_model).output, base.imagenet_model.outputs[0],
+                       name="imagenet_classifier")
 
 
 def weights_fingerprint(model) -> str:
@@ -101,7 +98,7 @@ class WholeTunedBase(BaseNetwork):
         self.normalises_inside = base.normalises_inside
         self.imagenet_model = base.imagenet_model
         inputs = keras.Input(base.imagenet_model.inputs[0].shape[1:], name="base_input")
-        pooling = next(layer for layer in tuned.layers if isinstance(layer, keras.layers.GlobalAveragePooling2D))
+        pooling = global_pooling(tuned)
         conv = keras.Model(tuned.inputs, pooling.input, name="tuned_convolutions")(inputs)  # tuned's own weights
         pooled = keras.layers.GlobalAveragePooling2D(keepdims=pooling.keepdims, name="tuned_pooling")(conv)
         features = keras.layers.Flatten(name="bottleneck")(pooled)
@@ -249,8 +246,8 @@ def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, te
     best = BestEpoch(checkpoint_dir / "best", config.fine_tune_patience,
                      config.fine_tune_max_minutes * 60 if config.fine_tune_max_minutes else None)
     started = time.monotonic()
-    model.fit(train, validation_data=validation, epochs=config.fine_tune_epochs or EPOCHS, verbose=1 if progress else 0,
-              shuffle=False,  # the dataset shuffles itself each epoch
+    model.fit(train, validation_data=validation, epochs=config.fine_tune_epochs or EPOCHS,
+              verbose=1 if progress else 0, shuffle=False,  # the dataset shuffles itself each epoch
               callbacks=[keras.callbacks.BackupAndRestore(str(checkpoint_dir / "backup")), best.callback,
                          keras.callbacks.TensorBoard(str(Path(tensorboard_dir) / "fine_tune_whole"),
                                                      write_graph=False, profile_batch=0),
