@@ -15,7 +15,9 @@ Methods (``--methods``, comma-separated; the first is the reference of the paire
 - ``<method>@N``: the same, trained on N of the fold's training photos only (the same N in every method, nested: a
   smaller N keeps a subset of a larger one's), the learning curve that tells what more photos would buy;
 - ``<method>:E`` (for the fine-tuned ones): at most E fine-tuning epochs (``--fine_tune_epochs E``: the cosine
-  decay ends there) instead of the training job's default; ``lite0_fine_tuned_whole:6@400`` combines both.
+  decay ends there) instead of the training job's default; ``lite0_fine_tuned_whole:6@400`` combines both;
+- ``<method>+FIELD=VALUE`` (repeatable, last): the same with that ``TrainConfig`` field changed, e.g.
+  ``lite0_fine_tuned_whole:6+fine_tune_learning_rate=3e-4``.
 Per method and fold: top-1 accuracy, balanced accuracy, expected calibration error before/after temperature scaling
 and the training seconds (head, plus fine-tuning; bottlenecks excluded, as they are cached across runs); for whole
 fine-tuning also its epochs run, best epoch and what stopped it.
@@ -59,10 +61,28 @@ UNUSED_SPLIT = "unused"  # a split training never reads (as bench/calibration_cv
 
 def parse_method(method: str) -> tuple[str, int | None, int | None]:
     """``lite0_fine_tuned_whole:6@600`` -> ("lite0_fine_tuned_whole", 600, 6): (name, training photos, fine-tuning
-    epochs); without ``@`` every training photo, without ``:`` the training job's default epochs."""
-    spec, _, photos = method.partition("@")
+    epochs); without ``@`` every training photo, without ``:`` the training job's default epochs. ``+`` overrides
+    (``config_overrides``) are not part of these."""
+    spec, _, photos = method.split("+", 1)[0].partition("@")
     name, _, epochs = spec.partition(":")
     return name, int(photos) if photos else None, int(epochs) if epochs else None
+
+
+def config_overrides(method: str) -> dict:
+    """``lite0_fine_tuned_whole+fine_tune_learning_rate=3e-4+dropout=0.5`` -> the TrainConfig fields it changes,
+    each value converted to the type of the field's default."""
+    from training_job.train import TrainConfig
+
+    defaults = TrainConfig()
+    overrides = {}
+    for part in method.split("+")[1:]:
+        field, equals, text = part.partition("=")
+        if not equals or not hasattr(defaults, field):
+            raise ValueError(f"{part!r} in {method!r} is not FIELD=VALUE for a TrainConfig field")
+        default = getattr(defaults, field)
+        kind = type(default) if default is not None else float
+        overrides[field] = (text.lower() in ("1", "true", "yes")) if kind is bool else kind(text)
+    return overrides
 
 
 def fold_rows(rows, folds: list[np.ndarray], k: int, train_photos: int | None = None):
@@ -118,6 +138,7 @@ def run_method(method: str, rows_k, k: int, base, work: Path, done: dict):
                          fine_tune_whole=name.endswith("whole"))
     if fine_tune_epochs is not None:
         config = dataclasses.replace(config, fine_tune_epochs=fine_tune_epochs)
+    config = dataclasses.replace(config, **config_overrides(method))
     details = {}
     frozen = train_head(rows_k, config, work / "tensorboard", f"{method}-fold{k}", base=base, progress=False)
     seconds = frozen.seconds
@@ -142,13 +163,18 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=str(shared_data_dir() / "mushrooms"))
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--methods", default=DEFAULT_METHODS,
-                        help=f"comma-separated, from {list(METHOD_ARCHITECTURES)}, each optionally :E and @N")
+                        help=f"comma-separated, from {list(METHOD_ARCHITECTURES)}, each optionally :E, @N and +FIELD=VALUE")
     parser.add_argument("--result", default="accuracy_cv", help="bench/results/<NAME>.json")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if parse_method(m)[0] not in METHOD_ARCHITECTURES]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(METHOD_ARCHITECTURES)}")
+    for method in methods:
+        try:
+            config_overrides(method)
+        except ValueError as exc:
+            parser.error(str(exc))
 
     from training_job.bottlenecks import BaseNetwork
     from training_job.calibration import calibration_report, fit_temperature

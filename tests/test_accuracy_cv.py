@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from bench.accuracy_cv import balanced_accuracy, fold_rows, paired_difference, parse_method
+from bench.accuracy_cv import balanced_accuracy, config_overrides, fold_rows, paired_difference, parse_method
 from training_job.dataset import ManifestRow
 
 
@@ -105,3 +105,15 @@ def test_a_perfectly_calibrated_models_ece_is_the_sampling_noise_of_its_photo_co
         assert calibrated_model_ece(np.full(10, 0.9), 4, photos, rng) == pytest.approx(expected, rel=0.15)
     spread = rng.uniform(0.3, 1.0, 1000)  # a confidence under 1/2 is still the 4-way answer
     assert calibrated_model_ece(spread, 4, 5000, rng, draws=20) < calibrated_model_ece(spread, 4, 200, rng, draws=20)
+
+
+def test_a_method_can_change_any_train_config_field_for_itself():
+    method = "lite0_fine_tuned_whole:6@400+fine_tune_learning_rate=3e-4+fine_tune_whole=false+fine_tune_blocks=2"
+    assert parse_method(method) == ("lite0_fine_tuned_whole", 400, 6)
+    assert config_overrides(method) == {"fine_tune_learning_rate": 3e-4, "fine_tune_whole": False,
+                                        "fine_tune_blocks": 2}
+    assert config_overrides("lite0_frozen") == {}
+    with pytest.raises(ValueError, match="not_a_field"):
+        config_overrides("lite0_frozen+not_a_field=1")
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        config_overrides("lite0_frozen+dropout")
