@@ -23,6 +23,7 @@ and the training seconds (head, plus fine-tuning; bottlenecks excluded, as they 
 fine-tuning also its epochs run, best epoch and what stopped it.
 
 Usage: python -m bench.accuracy_cv [--data DIR] [--folds 5] [--methods frozen,lite0_frozen] [--result NAME]
+       [--compare-to RESULT:METHOD] [--save-logits DIR]
 """
 from __future__ import annotations
 
@@ -83,6 +84,24 @@ def config_overrides(method: str) -> dict:
         kind = type(default) if default is not None else float
         overrides[field] = (text.lower() in ("1", "true", "yes")) if kind is bool else kind(text)
     return overrides
+
+
+def earlier_folds(spec: str, folds: int) -> tuple[int, list[float]]:
+    """``RESULT:METHOD`` -> (photos, METHOD's top-1 per fold) of bench/results/RESULT.json, which must have ``folds``
+    folds."""
+    import json
+
+    from bench.common import RESULTS_DIR
+
+    name, _, method = spec.partition(":")
+    path = RESULTS_DIR / f"{name}.json"
+    if not path.is_file():
+        sys.exit(f"--compare-to {spec}: no {path}")
+    earlier = json.loads(path.read_text())
+    if earlier["folds"] != folds or not all(method in f for f in earlier["per_fold"]):
+        sys.exit(f"--compare-to {spec}: {path.name} has {earlier['folds']} folds"
+                 f"{'' if all(method in f for f in earlier['per_fold']) else f' and no method {method!r}'}")
+    return earlier["photos"], [f[method] for f in earlier["per_fold"]]
 
 
 def fold_rows(rows, folds: list[np.ndarray], k: int, train_photos: int | None = None):
@@ -165,6 +184,13 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=DEFAULT_METHODS,
                         help=f"comma-separated, from {list(METHOD_ARCHITECTURES)}, each optionally :E, @N and +FIELD=VALUE")
     parser.add_argument("--result", default="accuracy_cv", help="bench/results/<NAME>.json")
+    parser.add_argument("--compare-to", metavar="RESULT:METHOD", action="append", default=[],
+                        help="also pair each method with METHOD of an earlier run's bench/results/RESULT.json (the "
+                             "same folds: same photos and --folds; checked), e.g. accuracy_cv_whole_short:"
+                             "lite0_fine_tuned_whole:6")
+    parser.add_argument("--save-logits", metavar="DIR",
+                        help="also write each method's and fold's validation and test logits and labels to "
+                             "DIR/<method>-fold<k>.npz (to study calibration without retraining)")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if parse_method(m)[0] not in METHOD_ARCHITECTURES]
@@ -175,6 +201,8 @@ def main(argv=None) -> int:
             config_overrides(method)
         except ValueError as exc:
             parser.error(str(exc))
+
+    earlier = {spec: earlier_folds(spec, args.folds) for spec in args.compare_to}
 
     from training_job.bottlenecks import BaseNetwork
     from training_job.calibration import calibration_report, fit_temperature
@@ -203,6 +231,10 @@ def main(argv=None) -> int:
                                                bases[architecture], work, done)
             head, test, validation, seconds, details = done[(method, k)]
             temperature = fit_temperature(head.logits(validation.features), y_val)
+            if args.save_logits:
+                Path(args.save_logits).mkdir(parents=True, exist_ok=True)
+                np.savez(Path(args.save_logits) / f"{method}-fold{k}.npz", validation=head.logits(validation.features),
+                         validation_labels=y_val, test=head.logits(test.features), test_labels=truth)
             calibration = calibration_report(head.logits(test.features), truth, temperature)
             predicted = head.predict(test.features).argmax(1)
             entry[method] = float(np.mean(predicted == truth))
@@ -223,6 +255,12 @@ def main(argv=None) -> int:
         if method != methods[0]:
             result.setdefault("paired_differences", {})[f"{method} - {methods[0]}"] = paired_difference(
                 values, [f[methods[0]] for f in per_fold])
+    for spec, (photos, values) in earlier.items():
+        if photos != len(rows):
+            sys.exit(f"--compare-to {spec}: that run had {photos} photos, this one {len(rows)}: not the same folds")
+        for method in methods:
+            result.setdefault("paired_differences", {})[f"{method} - {spec}"] = paired_difference(
+                [f[method] for f in per_fold], values)
     if "frozen" in methods and "fine_tuned_1_block" in methods:  # the key bench/run_all.py reports
         gain = paired_difference([f["fine_tuned_1_block"] for f in per_fold], [f["frozen"] for f in per_fold])
         result["fine_tune_gain"] = {"mean": gain["mean"], "standard_error": gain["standard_error"]}
