@@ -126,6 +126,31 @@ def test_run_fine_tunes_the_whole_network_unless_told_otherwise():
         config("--architecture", "mobilenet_1.0_224", "--fine_tune_blocks", "1", "--fine_tune_whole")
 
 
+def test_whole_fine_tuning_peaks_at_its_own_learning_rate_unless_told_otherwise():
+    """The default recipe's peak learning rate (README, "The default recipe fine-tunes the whole of Lite0") is
+    whole_fine_tune.LEARNING_RATE, --fine_tune_blocks keeps its own, and a rate or epoch count of 0 is refused rather
+    than silently replaced by the default."""
+    from training_job.cli import build_parser
+    from training_job.commands.train import config_from_args
+    from training_job.whole_fine_tune import LEARNING_RATE, learning_rate_schedule
+
+    def config(*argv):
+        return config_from_args(build_parser().parse_args(["run", *argv]))
+
+    def peak(train_config):
+        schedule = learning_rate_schedule(train_config, 320)  # 10 steps per epoch: the warm-up ends at step 10
+        return max(float(schedule(step)) for step in range(70))
+
+    assert LEARNING_RATE == 3e-4 and config().fine_tune_learning_rate is None
+    assert peak(config()) == pytest.approx(3e-4)
+    assert peak(config("--fine_tune_learning_rate", "5e-5")) == pytest.approx(5e-5)
+    for flag in ("--fine_tune_learning_rate", "--fine_tune_epochs"):
+        with pytest.raises(UserError, match=flag):
+            config(flag, "0")
+        with pytest.raises(UserError, match=flag):
+            config("--architecture", "mobilenet_1.0_224", "--fine_tune_blocks", "1", flag, "0")
+
+
 def test_training_refuses_a_single_class_manifest(tmp_path, capsys):
     photos = sorted((MUSHROOMS / "boletus_edulis").iterdir())[:4]
     rows = [ManifestRow(str(p), "boletus_edulis", f"{i:064x}", split, 1, 1, 1)

@@ -24,6 +24,7 @@ from training_job.train import Head, TrainConfig, TrainingError, split_rows
 
 MOBILENET_BLOCKS = 13
 EPOCHS = 15  # upper bound on fine-tuning epochs unless the config sets one; early stopping usually ends sooner
+LEARNING_RATE = 1e-4  # unless the config sets one
 TAIL_PREFIX = "tuned_"
 
 
@@ -165,7 +166,7 @@ def fine_tune(rows, config: TrainConfig, base: BaseNetwork, head: Head, split_bo
     x = keras.layers.GlobalAveragePooling2D()(apply_tail(layers, inputs))
     x = trainable_head(x, head, config)
     model = keras.Model(inputs, x)
-    model.compile(optimizer=keras.optimizers.Adam(config.fine_tune_learning_rate),
+    model.compile(optimizer=keras.optimizers.Adam(config.fine_tune_learning_rate or LEARNING_RATE),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
                   metrics=["accuracy", keras.metrics.CategoricalCrossentropy(name="cross_entropy")])
     C = len(head.labels)

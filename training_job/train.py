@@ -50,8 +50,9 @@ class TrainConfig:
     patience: int = 20
     seed: int = 0
     fine_tune_blocks: int = 0  # last MobileNet blocks trained with the head after it converged (0 = frozen base)
-    fine_tune_learning_rate: float = 1e-4
-    fine_tune_epochs: int | None = None  # None: each method's own (fine_tune.EPOCHS, whole_fine_tune.EPOCHS)
+    # None: each method's own (fine_tune.LEARNING_RATE and EPOCHS, whole_fine_tune.LEARNING_RATE and EPOCHS)
+    fine_tune_learning_rate: float | None = None
+    fine_tune_epochs: int | None = None
     fine_tune_patience: int = 4
     # The default recipe trains every convolution of the base with the head (training_job.whole_fine_tune); False
     # trains the head alone on frozen bottlenecks. Excludes fine_tune_blocks.

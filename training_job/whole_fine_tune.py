@@ -36,6 +36,9 @@ from training_job.train import Head, TrainConfig, split_rows
 # Fine-tuning epochs unless the config sets them: where the cosine decay ends. Chosen in cross-validation
 # (bench/results/accuracy_cv_whole_short.json against accuracy_cv_whole.json's 15) to keep `make run` short.
 EPOCHS = 6
+# The peak learning rate unless the config sets one, chosen in cross-validation
+# (bench/results/accuracy_cv_whole_lr.json against accuracy_cv_whole_short.json's 1e-4).
+LEARNING_RATE = 3e-4
 TUNED_NETWORK_FILE = "fine_tuned_network.weights.h5"
 CHECKPOINT_FOLDER = "fine_tune_checkpoint"
 
@@ -191,16 +194,16 @@ def augment(image, size: int):
 
 
 def learning_rate_schedule(config: TrainConfig, n_train: int):
-    """Linear warm-up from 0 to ``fine_tune_learning_rate`` over ``fine_tune_warmup_epochs``, then cosine decay to 0
-    at the end of ``fine_tune_epochs`` (default EPOCHS; a function of the optimizer's step, so a resumed run
-    continues it)."""
+    """Linear warm-up from 0 to ``fine_tune_learning_rate`` (default LEARNING_RATE) over ``fine_tune_warmup_epochs``,
+    then cosine decay to 0 at the end of ``fine_tune_epochs`` (default EPOCHS; a function of the optimizer's step, so
+    a resumed run continues it)."""
     import keras
 
     steps_per_epoch = max(1, -(-n_train // config.train_batch_size))
     warmup = steps_per_epoch * config.fine_tune_warmup_epochs
     total = steps_per_epoch * (config.fine_tune_epochs or EPOCHS)
     return keras.optimizers.schedules.CosineDecay(
-        0.0, max(1, total - warmup), warmup_target=config.fine_tune_learning_rate, warmup_steps=warmup)
+        0.0, max(1, total - warmup), warmup_target=config.fine_tune_learning_rate or LEARNING_RATE, warmup_steps=warmup)
 
 
 def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, tensorboard_dir: Path,

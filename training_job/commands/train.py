@@ -7,11 +7,16 @@ from pathlib import Path
 
 from training_job.commands import add_flag
 from training_job.errors import UserError
-from training_job.fine_tune import EPOCHS as BLOCKS_EPOCHS
+from training_job.fine_tune import EPOCHS as BLOCKS_EPOCHS, LEARNING_RATE as BLOCKS_LEARNING_RATE
 from training_job.train import TrainConfig
-from training_job.whole_fine_tune import EPOCHS as WHOLE_EPOCHS
+from training_job.whole_fine_tune import EPOCHS as WHOLE_EPOCHS, LEARNING_RATE as WHOLE_LEARNING_RATE
 
 _DEFAULTS = TrainConfig()
+
+
+def not_positive(value: float | None) -> bool:
+    """A rate or count the user set to zero or less (None = the method's default)."""
+    return value is not None and value <= 0
 
 
 def default_manifest() -> Path:
@@ -51,7 +56,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, architecture: bool =
     g.add_argument("--fine_tune_blocks", type=int, default=_DEFAULTS.fine_tune_blocks,
                    help="after the head converges, also train the last N MobileNet blocks with it (0 = frozen base; "
                         "what it gains and costs: bench/REPORT.md, accuracy_cv)")
-    g.add_argument("--fine_tune_learning_rate", type=float, default=_DEFAULTS.fine_tune_learning_rate)
+    g.add_argument("--fine_tune_learning_rate", type=float, default=_DEFAULTS.fine_tune_learning_rate,
+                   help=f"fine-tuning's (peak) learning rate: default {WHOLE_LEARNING_RATE:g} for the whole network, "
+                        f"{BLOCKS_LEARNING_RATE:g} for --fine_tune_blocks")
     g.add_argument("--fine_tune_epochs", type=int, default=_DEFAULTS.fine_tune_epochs,
                    help="fine-tuning epochs: where the whole network's cosine decay ends (default "
                         f"{WHOLE_EPOCHS}), or the upper bound of --fine_tune_blocks (default {BLOCKS_EPOCHS}); early "
@@ -138,12 +145,12 @@ def check_config(config: TrainConfig) -> None:
             cut_layer_name(config.architecture, config.fine_tune_blocks)
         except TrainingError as exc:
             problems.append(str(exc))
-        if config.fine_tune_learning_rate <= 0 or (config.fine_tune_epochs or 1) < 1:
+        if not_positive(config.fine_tune_learning_rate) or not_positive(config.fine_tune_epochs):
             problems.append("--fine_tune_learning_rate must be > 0 and --fine_tune_epochs at least 1")
     if config.fine_tune_whole:
         if config.fine_tune_blocks:
             problems.append("--fine_tune_whole and --fine_tune_blocks exclude each other")
-        if (config.fine_tune_learning_rate <= 0 or (config.fine_tune_epochs or 1) < 1
+        if (not_positive(config.fine_tune_learning_rate) or not_positive(config.fine_tune_epochs)
                 or config.fine_tune_warmup_epochs < 0):
             problems.append("--fine_tune_learning_rate must be > 0, --fine_tune_epochs at least 1 and "
                             "--fine_tune_warmup_epochs at least 0")
