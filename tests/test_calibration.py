@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from training_job.calibration import (
-    calibration_report, expected_calibration_error, fit_temperature, negative_log_likelihood, softmax,
+    MIN_TEMPERATURE, calibration_report, expected_calibration_error, fit_temperature, negative_log_likelihood, softmax,
 )
 from training_job.train import Head
 
@@ -32,6 +32,21 @@ def test_fitted_temperature_recovers_an_overconfident_model():
     assert report["ece_after"] < 0.03 < report["ece_before"]
     assert report["nll_after"] < report["nll_before"]
     assert fit_temperature(true_logits, labels) == pytest.approx(1.0, rel=0.1)
+
+
+def test_a_validation_split_answered_all_right_does_not_make_the_model_certain():
+    """80 validation photos, every one right: the plain likelihood fit runs to the smallest temperature allowed
+    (probabilities of 1.0 for every answer); with one error's worth of doubt the mean confidence stays near the
+    rule of succession's 81 / 82."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, 80)
+    logits = rng.normal(scale=0.5, size=(80, 4))
+    logits[np.arange(80), labels] = logits.max(axis=1) + rng.uniform(1.0, 3.0, 80)  # right, with a margin
+    assert fit_temperature(logits, labels, doubt=0.0) == pytest.approx(MIN_TEMPERATURE, rel=0.01)
+    temperature = fit_temperature(logits, labels)
+    assert temperature > 2 * MIN_TEMPERATURE
+    confidence = softmax(logits / temperature).max(axis=1).mean()
+    assert 0.95 < confidence < 0.995
 
 
 def test_temperature_is_folded_into_the_head_and_survives_saving(tmp_path):
