@@ -138,3 +138,33 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     rates = [float(schedule(step)) for step in range(50)]
     assert rates[0] == 0.0 and rates[5] == pytest.approx(5e-5) and rates[10] == pytest.approx(1e-4)
     assert all(a >= b for a, b in zip(rates[10:], rates[11:])) and rates[49] < 1e-6
+
+
+def test_augmentation_crops_keep_at_least_the_side_asked_for():
+    """--fine_tune_crop_min: 1 keeps the whole photo (mirror and brightness only); smaller values crop and resize
+    back, never below the fraction asked; 0 and values above 1 are refused."""
+    import tensorflow as tf
+
+    from training_job.cli import build_parser
+    from training_job.commands.train import config_from_args
+    from training_job.errors import UserError
+    from training_job.whole_fine_tune import augment
+
+    size = 32
+    ramp = np.broadcast_to(np.arange(size, dtype=np.float32)[None, :, None] * 4 + 50, (size, size, 3))
+    image = tf.constant(ramp)
+    tf.random.set_seed(0)
+    for _ in range(10):
+        out = augment(image, size, crop_min=1.0).numpy()
+        row = out[0, :, 0]
+        ratio = row / (ramp[0, :, 0] if row[0] < row[-1] else ramp[0, ::-1, 0])
+        np.testing.assert_allclose(ratio, ratio[0], rtol=1e-4)  # the whole ramp, maybe mirrored, times one factor
+        assert 0.9 - 1e-6 <= ratio[0] <= 1.1 + 1e-6
+    # a crop of half the side spans about half the ramp once resized back
+    spans = [np.ptp(augment(image, size, crop_min=0.5).numpy()[0, :, 0]) for _ in range(40)]
+    full = np.ptp(ramp[0, :, 0])
+    assert min(spans) >= 0.5 * 0.9 * full * (size - 2) / size and max(spans) < 1.1 * full
+    assert min(spans) < 0.8 * full  # some crops were smaller than the old fixed minimum of 0.8
+    for bad in ("0", "1.5"):
+        with pytest.raises(UserError, match="--fine_tune_crop_min"):
+            config_from_args(build_parser().parse_args(["run", "--fine_tune_crop_min", bad]))

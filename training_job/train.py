@@ -58,6 +58,7 @@ class TrainConfig:
     # trains the head alone on frozen bottlenecks. Excludes fine_tune_blocks.
     fine_tune_whole: bool = True
     fine_tune_warmup_epochs: int = 1
+    fine_tune_crop_min: float = 0.8  # whole fine-tuning's random crops keep this much of the side, or more
     fine_tune_max_minutes: float | None = 5.0  # whole-network fine-tuning's wall-clock budget
     mirror_tta: bool = False  # serve the mean features of each photo and its mirror image (training_job.mirror_tta)
 

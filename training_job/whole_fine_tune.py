@@ -1,8 +1,8 @@
 """Whole-network fine-tuning (``--fine_tune_whole``): every convolution of the base trains with the head.
 
 After the head has converged on frozen bottlenecks, a copy of the base's feature path (input to pooled features)
-trains together with that head on photos augmented on the fly (mirror, random crop of 80-100 % of the side resized
-back, brightness x0.9-1.1), with:
+trains together with that head on photos augmented on the fly (mirror, random crop of ``fine_tune_crop_min`` (0.8)
+to 100 % of the side resized back, brightness x0.9-1.1), with:
 - BatchNorm layers in inference mode, keeping their ImageNet statistics (a few hundred photos are too few to
   re-estimate them);
 - Adam at a low learning rate: linear warm-up over ``fine_tune_warmup_epochs``, then cosine decay;
@@ -181,12 +181,13 @@ class WholeFineTuneResult:
     split_bottlenecks: dict  # split -> Bottlenecks of the tuned network (features and ImageNet probabilities)
 
 
-def augment(image, size: int):
-    """One photo's on-the-fly augmentation (TF ops, float pixels in [0, 255])."""
+def augment(image, size: int, crop_min: float = 0.8):
+    """One photo's on-the-fly augmentation (TF ops, float pixels in [0, 255]): mirror, a random square crop whose
+    side is ``crop_min`` to 1 of the photo's, resized back, brightness x0.9-1.1."""
     import tensorflow as tf
 
     image = tf.image.random_flip_left_right(image)
-    side = tf.cast(tf.round(tf.random.uniform([], 0.8, 1.0) * size), tf.int32)
+    side = tf.cast(tf.round(tf.random.uniform([], crop_min, 1.0) * size), tf.int32)
     image = tf.image.random_crop(image, tf.stack([side, side, 3]))
     image = tf.image.resize(image, (size, size), method="bilinear")
     image = image * tf.random.uniform([], 0.9, 1.1)
@@ -234,7 +235,7 @@ def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, te
 
     train = (tf.data.Dataset.from_tensor_slices((pixels["train"], tf.one_hot(labels["train"], C)))
              .shuffle(n_train, seed=config.seed, reshuffle_each_iteration=True)
-             .map(lambda image, y: (augment(tf.cast(image, tf.float32), size), y),
+             .map(lambda image, y: (augment(tf.cast(image, tf.float32), size, config.fine_tune_crop_min), y),
                   num_parallel_calls=tf.data.AUTOTUNE)
              .batch(config.train_batch_size).prefetch(1))
     validation = (tf.data.Dataset.from_tensor_slices(

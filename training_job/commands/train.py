@@ -72,6 +72,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, architecture: bool =
                    help="train the head alone on the frozen base's features: minutes faster, less accurate (what "
                         "each recipe gains and costs: README, bench/REPORT.md)")
     g.add_argument("--fine_tune_warmup_epochs", type=int, default=_DEFAULTS.fine_tune_warmup_epochs)
+    g.add_argument("--fine_tune_crop_min", type=float, default=_DEFAULTS.fine_tune_crop_min,
+                   help="whole fine-tuning's augmentation: the random square crops keep this fraction of the side "
+                        "or more (0 < x <= 1)")
     g.add_argument("--fine_tune_max_minutes", type=float, default=_DEFAULTS.fine_tune_max_minutes,
                    help="wall-clock budget of whole-network fine-tuning (checked after each epoch)")
     g.add_argument("--mirror_tta", action="store_true",
@@ -104,6 +107,7 @@ def config_from_args(args, **override) -> TrainConfig:
         l2=args.l2, patience=args.patience, seed=args.seed, fine_tune_blocks=args.fine_tune_blocks,
         fine_tune_learning_rate=args.fine_tune_learning_rate, fine_tune_epochs=args.fine_tune_epochs,
         fine_tune_whole=whole_fine_tuning(args), fine_tune_warmup_epochs=args.fine_tune_warmup_epochs,
+        fine_tune_crop_min=args.fine_tune_crop_min,
         fine_tune_max_minutes=args.fine_tune_max_minutes, mirror_tta=args.mirror_tta,
     )
     values.update(override)
@@ -154,6 +158,8 @@ def check_config(config: TrainConfig) -> None:
                 or config.fine_tune_warmup_epochs < 0):
             problems.append("--fine_tune_learning_rate must be > 0, --fine_tune_epochs at least 1 and "
                             "--fine_tune_warmup_epochs at least 0")
+        if not 0 < config.fine_tune_crop_min <= 1:
+            problems.append(f"--fine_tune_crop_min must be in (0, 1] (got {config.fine_tune_crop_min})")
     if config.weights_file and not Path(config.weights_file).is_file():
         problems.append(f"--weights_file {config.weights_file} does not exist")
     if problems:
