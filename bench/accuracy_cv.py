@@ -182,7 +182,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=str(shared_data_dir() / "mushrooms"))
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--methods", default=DEFAULT_METHODS,
-                        help=f"comma-separated, from {list(METHOD_ARCHITECTURES)}, each optionally :E, @N and +FIELD=VALUE")
+                        help=f"comma-separated, from {list(METHOD_ARCHITECTURES)}, each optionally :E, @N and "
+                             "+FIELD=VALUE")
     parser.add_argument("--result", default="accuracy_cv", help="bench/results/<NAME>.json")
     parser.add_argument("--compare-to", metavar="RESULT:METHOD", action="append", default=[],
                         help="also pair each method with METHOD of an earlier run's bench/results/RESULT.json (the "
@@ -230,12 +231,13 @@ def main(argv=None) -> int:
                 done[(method, k)] = run_method(method, fold_rows(rows, folds, k, train_photos), k,
                                                bases[architecture], work, done)
             head, test, validation, seconds, details = done[(method, k)]
-            temperature = fit_temperature(head.logits(validation.features), y_val)
+            validation_logits, test_logits = head.logits(validation.features), head.logits(test.features)
+            temperature = fit_temperature(validation_logits, y_val)
             if args.save_logits:
                 Path(args.save_logits).mkdir(parents=True, exist_ok=True)
-                np.savez(Path(args.save_logits) / f"{method}-fold{k}.npz", validation=head.logits(validation.features),
-                         validation_labels=y_val, test=head.logits(test.features), test_labels=truth)
-            calibration = calibration_report(head.logits(test.features), truth, temperature)
+                np.savez(Path(args.save_logits) / f"{method}-fold{k}.npz", validation=validation_logits,
+                         validation_labels=y_val, test=test_logits, test_labels=truth)
+            calibration = calibration_report(test_logits, truth, temperature)
             predicted = head.predict(test.features).argmax(1)
             entry[method] = float(np.mean(predicted == truth))
             entry[f"{method}_details"] = {

@@ -7,9 +7,10 @@ growing as ``T`` shrinks: the fit would make the model as confident as the bound
 error's worth of doubt (the rule of succession: after n right answers out of n, expect the next to be wrong with
 probability 1 / (n + 2)): each photo's target is its label with weight 1 - 1 / (n + 2), the rest spread evenly over
 the classes. It leans every fit towards less confidence by that much, errors or not; bench/calibration_doubt.py
-measures what it does to the test folds' calibration. The trained head keeps
-the fitted ``T`` folded into its last layer (``Head.with_temperature``), so the exported SavedModel and TFLite files
-serve calibrated probabilities without any change to the graph.
+measures what it does to the test folds' calibration.
+
+The trained head keeps the fitted ``T`` folded into its last layer (``Head.with_temperature``), so the exported
+SavedModel and TFLite files serve calibrated probabilities without any change to the graph.
 
 Expected calibration error (ECE): photos are binned by their top probability into ``bins`` equal-width bins; ECE is
 the photo-weighted mean over bins of |accuracy - mean top probability|.
