@@ -45,7 +45,8 @@ SCRIPTS = {
 # cross-validation runs reported (bench/accuracy_cv.py; each its own methods on the same folds): the default
 # methods (make bench), the frozen bases, whole-network fine-tuning, fewer training photos (the learning curve)
 CV_RESULTS = ("accuracy_cv", "accuracy_cv_bases", "accuracy_cv_whole", "accuracy_cv_whole_short",
-              "accuracy_cv_photos", "accuracy_cv_whole_lr", "accuracy_cv_whole_lr6")
+              "accuracy_cv_photos", "accuracy_cv_whole_lr", "accuracy_cv_whole_lr6", "accuracy_cv_whole_nocrop",
+              "accuracy_cv_whole_default")
 TIMED = {"raw_model", "model_server", "gateway", "tflite"}  # the scripts that take --seconds
 
 
@@ -303,14 +304,14 @@ def rows() -> list[dict]:
             add(f"expected calibration error of a perfectly calibrated model with these confidences (the estimate's "
                 f"own noise): on a test fold; on {floor['holdout_photos']} photos", f"{floor['test_fold']:.3f}; "
                 f"{floor['holdout']:.3f}", "-", None, source="calibration_cv.json")
-    doubt = load("calibration_doubt")
-    for method, figures in (doubt or {}).get("methods", {}).items():
+    doubt_runs = [load(name) or {} for name in ("calibration_doubt", "calibration_doubt_default")]
+    for method, figures in [item for run in doubt_runs for item in run.get("methods", {}).items()]:
         diff = figures["doubt_minus_plain"]
         add(f"expected calibration error on the test folds ({figures['folds']}-fold CV, {method}), temperature "
             "fitted on the validation photos with one error's worth of doubt (as trained); plainly; on the test fold "
             f"itself; paired difference doubt - plain (95 % interval)", f"{figures['ece_doubt']:.3f}; "
             f"{figures['ece_plain']:.3f}; {figures['ece_oracle']:.3f}; {diff['mean']:+.3f} [{diff['ci95'][0]:+.3f}, "
-            f"{diff['ci95'][1]:+.3f}]", "<= 0.03", figures["ece_doubt"] <= 0.03, source="calibration_doubt.json")
+            f"{diff['ci95'][1]:+.3f}]", "<= 0.03", figures["ece_doubt"] <= 0.03, source="calibration_doubt*.json")
     cv = load("accuracy_cv")
     if cv and "fine_tune_gain" in cv:
         gain = cv["fine_tune_gain"]
