@@ -98,9 +98,10 @@ def earlier_folds(spec: str, folds: int) -> tuple[int, list[float]]:
     if not path.is_file():
         sys.exit(f"--compare-to {spec}: no {path}")
     earlier = json.loads(path.read_text())
-    if earlier["folds"] != folds or not all(method in f for f in earlier["per_fold"]):
-        sys.exit(f"--compare-to {spec}: {path.name} has {earlier['folds']} folds"
-                 f"{'' if all(method in f for f in earlier['per_fold']) else f' and no method {method!r}'}")
+    if earlier["folds"] != folds:
+        sys.exit(f"--compare-to {spec}: {path.name} has {earlier['folds']} folds, this run {folds}")
+    if not all(method in f for f in earlier["per_fold"]):
+        sys.exit(f"--compare-to {spec}: {path.name} has no method {method!r}")
     return earlier["photos"], [f[method] for f in earlier["per_fold"]]
 
 
@@ -211,6 +212,9 @@ def main(argv=None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="accuracy-cv-"))
     rows = prepare_dataset(args.data, work / "dataset", per_class=0, progress=False)
+    for spec, (photos, _) in earlier.items():  # checked before hours of training, not after
+        if photos != len(rows):
+            sys.exit(f"--compare-to {spec}: that run had {photos} photos, this one {len(rows)}: not the same folds")
     labels = sorted({r.label for r in rows})
     index = {label: i for i, label in enumerate(labels)}
     folds = np.array_split(np.random.default_rng(0).permutation(len(rows)), args.folds)
@@ -257,9 +261,7 @@ def main(argv=None) -> int:
         if method != methods[0]:
             result.setdefault("paired_differences", {})[f"{method} - {methods[0]}"] = paired_difference(
                 values, [f[methods[0]] for f in per_fold])
-    for spec, (photos, values) in earlier.items():
-        if photos != len(rows):
-            sys.exit(f"--compare-to {spec}: that run had {photos} photos, this one {len(rows)}: not the same folds")
+    for spec, (_, values) in earlier.items():
         for method in methods:
             result.setdefault("paired_differences", {})[f"{method} - {spec}"] = paired_difference(
                 [f[method] for f in per_fold], values)

@@ -28,6 +28,11 @@ LEARNING_RATE = 1e-4  # unless the config sets one
 TAIL_PREFIX = "tuned_"
 
 
+
+def learning_rate(config: TrainConfig) -> float:
+    """The rate this method fine-tunes at: the config's, or LEARNING_RATE."""
+    return config.fine_tune_learning_rate or LEARNING_RATE
+
 def cut_layer_name(architecture: str, blocks: int) -> str:
     """The layer whose output feeds the last ``blocks`` depthwise-separable blocks of MobileNet v1."""
     from training_job.base_weights import parse_architecture
@@ -166,7 +171,7 @@ def fine_tune(rows, config: TrainConfig, base: BaseNetwork, head: Head, split_bo
     x = keras.layers.GlobalAveragePooling2D()(apply_tail(layers, inputs))
     x = trainable_head(x, head, config)
     model = keras.Model(inputs, x)
-    model.compile(optimizer=keras.optimizers.Adam(config.fine_tune_learning_rate or LEARNING_RATE),
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate(config)),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
                   metrics=["accuracy", keras.metrics.CategoricalCrossentropy(name="cross_entropy")])
     C = len(head.labels)

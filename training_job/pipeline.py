@@ -107,7 +107,8 @@ def train_run(rows, config: TrainConfig, run_dir: Path | None = None, *, base: B
     if config.fine_tune_whole:
         import shutil
 
-        from training_job.whole_fine_tune import CHECKPOINT_FOLDER, LEARNING_RATE, TUNED_NETWORK_FILE, fine_tune_whole
+        from training_job.whole_fine_tune import (CHECKPOINT_FOLDER, TUNED_NETWORK_FILE, fine_tune_whole,
+                                                 peak_learning_rate)
 
         (run_dir / TUNED_NETWORK_FILE).unlink(missing_ok=True)
         whole = fine_tune_whole(rows, config, base, head, result.tensorboard_dir,
@@ -115,7 +116,7 @@ def train_run(rows, config: TrainConfig, run_dir: Path | None = None, *, base: B
         whole.base.save(run_dir / TUNED_NETWORK_FILE)
         shutil.rmtree(run_dir / CHECKPOINT_FOLDER, ignore_errors=True)
         head, split_bottlenecks = whole.head, whole.split_bottlenecks
-        summary["fine_tune_whole"] = {"learning_rate": config.fine_tune_learning_rate or LEARNING_RATE,
+        summary["fine_tune_whole"] = {"learning_rate": peak_learning_rate(config),
                                       "epochs_run": whole.epochs_run, "best_epoch": whole.best_epoch,
                                       "seconds": whole.seconds, "stopped_by": whole.stopped_by,
                                       "validation_accuracy_before": result.validation_accuracy,
@@ -125,14 +126,14 @@ def train_run(rows, config: TrainConfig, run_dir: Path | None = None, *, base: B
 
         (run_dir / TUNED_NETWORK_FILE).unlink(missing_ok=True)
     if config.fine_tune_blocks:
-        from training_job.fine_tune import LEARNING_RATE, fine_tune, save_tail
+        from training_job.fine_tune import fine_tune, learning_rate, save_tail
 
         tuned = fine_tune(rows, config, base, head, split_bottlenecks, result.tensorboard_dir,
                           cache_root=cache_root, progress=progress)
         save_tail(run_dir / TUNED_BLOCKS_FILE, config.fine_tune_blocks, tuned.base.tail_weights)
         head, split_bottlenecks = tuned.head, tuned.split_bottlenecks
         summary["fine_tune"] = {"blocks": config.fine_tune_blocks,
-                                "learning_rate": config.fine_tune_learning_rate or LEARNING_RATE,
+                                "learning_rate": learning_rate(config),
                                 "epochs_run": tuned.epochs_run,
                                 "best_epoch": tuned.best_epoch, "seconds": tuned.seconds,
                                 "validation_accuracy_before": result.validation_accuracy,

@@ -194,6 +194,11 @@ def augment(image, size: int, crop_min: float = 0.8):
     return tf.clip_by_value(image, 0.0, 255.0)
 
 
+
+def peak_learning_rate(config: TrainConfig) -> float:
+    """The rate the schedule peaks at: the config's, or LEARNING_RATE."""
+    return config.fine_tune_learning_rate or LEARNING_RATE
+
 def learning_rate_schedule(config: TrainConfig, n_train: int):
     """Linear warm-up from 0 to ``fine_tune_learning_rate`` (default LEARNING_RATE) over ``fine_tune_warmup_epochs``,
     then cosine decay to 0 at the end of ``fine_tune_epochs`` (default EPOCHS; a function of the optimizer's step, so
@@ -204,7 +209,7 @@ def learning_rate_schedule(config: TrainConfig, n_train: int):
     warmup = steps_per_epoch * config.fine_tune_warmup_epochs
     total = steps_per_epoch * (config.fine_tune_epochs or EPOCHS)
     return keras.optimizers.schedules.CosineDecay(
-        0.0, max(1, total - warmup), warmup_target=config.fine_tune_learning_rate or LEARNING_RATE, warmup_steps=warmup)
+        0.0, max(1, total - warmup), warmup_target=peak_learning_rate(config), warmup_steps=warmup)
 
 
 def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, tensorboard_dir: Path,
