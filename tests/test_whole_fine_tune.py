@@ -168,3 +168,54 @@ def test_augmentation_crops_keep_at_least_the_side_asked_for():
     for bad in ("0", "1.5"):
         with pytest.raises(UserError, match="--fine_tune_crop_min"):
             config_from_args(build_parser().parse_args(["run", "--fine_tune_crop_min", bad]))
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class SavesNothing:
+    stop_training = False
+
+    def save_weights(self, path):
+        pass
+
+
+def test_a_slow_machine_runs_a_shorter_schedule_to_its_end(tmp_path):
+    """--fine_tune_max_minutes: when fewer epochs fit in the budget at the pace of the epochs run than were asked,
+    the cosine decay is brought forward to end with the last one that fits (the learning rate reaches 0 there) and
+    training stops after it, rather than in the middle of the decay; a resumed run keeps the shortened schedule; a
+    run the budget holds keeps its schedule."""
+    from training_job.whole_fine_tune import BestEpoch, WarmupCosine
+
+    def schedule():  # 10 steps per epoch, 1 warm-up epoch, 6 epochs asked
+        return WarmupCosine(1e-3, warmup_steps=10, total_steps=60, steps_per_epoch=10)
+
+    def run(folder, budget, epoch_seconds, epochs_to_run):
+        clock, model, rates = Clock(), SavesNothing(), schedule()
+        best = BestEpoch(folder, patience=10, max_seconds=budget, schedule=rates, epochs=6, clock=clock)
+        best.train_begins()
+        for epoch in range(epochs_to_run):
+            clock.now += epoch_seconds
+            best.epoch_end(model, epoch, {"val_cross_entropy": 1.0 / (epoch + 1)})
+            if model.stop_training:
+                break
+        return best, rates
+
+    # 30 s an epoch in a 100 s budget: three epochs fit, the third one ends the decay
+    best, rates = run(tmp_path / "slow", 100, 30.0, 6)
+    assert best.state["epochs_run"] == 3 and best.state["stopped_by"] == "time budget"
+    assert best.state["planned_epochs"] == 3
+    assert float(rates(29)) > 0 and float(rates(30)) == 0.0  # the rate reaches 0 with the last epoch run
+    assert float(rates(10)) == pytest.approx(1e-3)  # the warm-up is kept
+    # the same folder resumed: the fresh schedule ends where the budget had ended it
+    resumed, rates = run(tmp_path / "slow", 100, 30.0, 0)
+    assert float(rates(30)) == 0.0 and float(rates(35)) == 0.0
+    # a budget that holds all six epochs changes nothing
+    best, rates = run(tmp_path / "fast", 1000, 30.0, 6)
+    assert best.state["epochs_run"] == 6 and best.state["stopped_by"] is None
+    assert float(rates(30)) > 0 and float(rates(59)) > 0 and float(rates(60)) == 0.0

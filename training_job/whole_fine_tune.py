@@ -7,7 +7,9 @@ to 100 % of the side resized back, brightness x0.9-1.1), with:
   re-estimate them);
 - Adam at a low learning rate: linear warm-up over ``fine_tune_warmup_epochs``, then cosine decay;
 - early stopping on the validation cross-entropy (the best epoch's weights are kept) and a wall-clock budget
-  (``fine_tune_max_minutes``, checked after each epoch: training ends after the first epoch that passes it);
+  (``fine_tune_max_minutes``): after each epoch, the epochs still left are those that fit in the budget at the pace
+  of the epoch just run, and when fewer fit than planned the cosine decay is brought forward to end with the last
+  one that fits, so a slow machine runs a shorter recipe to its end instead of stopping in the middle of one;
 - float32 throughout (mixed precision brings nothing on CPU).
 
 Stopped part-way (Ctrl-C, a killed pod), the same call with the same ``checkpoint_dir`` resumes after the last
@@ -119,16 +121,18 @@ class WholeTunedBase(BaseNetwork):
 
 
 class BestEpoch:
-    """Early stopping and a time budget whose state survives a restart (kept in ``folder``)."""
+    """Early stopping and the time budget (fitting ``schedule`` to it), whose state survives a restart (kept in
+    ``folder``)."""
 
-    def __init__(self, folder: Path, patience: int, max_seconds: float | None):
+    def __init__(self, folder: Path, patience: int, max_seconds: float | None, schedule: "WarmupCosine",
+                 epochs: int, clock=time.monotonic):
         import keras
 
         outer = self
 
         class Callback(keras.callbacks.Callback):
             def on_train_begin(self, logs=None):
-                outer.started = time.monotonic()
+                outer.train_begins()
 
             def on_epoch_end(self, epoch, logs=None):
                 outer.epoch_end(self.model, epoch, logs or {})
@@ -137,27 +141,49 @@ class BestEpoch:
         self.folder = Path(folder)
         self.patience = patience
         self.max_seconds = max_seconds
+        self.schedule = schedule
+        self.epochs = epochs
+        self.clock = clock
         self.state_file = self.folder / "best.json"
         self.weights_file = self.folder / "best.weights.h5"
-        self.state = {"best": None, "best_epoch": None, "epochs_run": 0, "seconds": 0.0, "stopped_by": None}
+        self.state = {"best": None, "best_epoch": None, "epochs_run": 0, "seconds": 0.0, "stopped_by": None,
+                      "planned_epochs": epochs}
         if self.state_file.exists():
-            self.state = json.loads(self.state_file.read_text())
-        self.started = time.monotonic()
+            self.state = {**self.state, **json.loads(self.state_file.read_text())}
+        self.started = self.clock()
+
+    def train_begins(self) -> None:
+        """A resumed run keeps the schedule its budget had fitted."""
+        self.started = self.clock()
+        if self.state["planned_epochs"] < self.epochs:
+            self.schedule.end_at_epoch(self.state["planned_epochs"])
+
+    def _fit_to_budget(self, done: int, epoch_seconds: float) -> int:
+        """The epochs the run will end with: the plan so far, or fewer when fewer fit in what is left of the budget at
+        this epoch's pace (never more: the decay only ever comes sooner). Moves the schedule's end there."""
+        left = self.max_seconds - self.state["seconds"]
+        fit = done + int(max(0.0, left) // max(epoch_seconds, 1e-9))
+        planned = min(self.state["planned_epochs"], fit)
+        if done < planned < self.state["planned_epochs"]:
+            self.schedule.end_at_epoch(planned)
+        self.state["planned_epochs"] = max(planned, done)
+        return planned
 
     def epoch_end(self, model, epoch: int, logs: dict) -> None:
         value = float(logs["val_cross_entropy"])
         self.folder.mkdir(parents=True, exist_ok=True)
-        now = time.monotonic()
-        self.state["seconds"] += now - self.started
+        now = self.clock()
+        epoch_seconds = now - self.started
+        self.state["seconds"] += epoch_seconds
         self.started = now
-        self.state["epochs_run"] = epoch + 1
+        done = self.state["epochs_run"] = epoch + 1
         if self.state["best"] is None or value < self.state["best"]:
-            self.state.update(best=value, best_epoch=epoch + 1)
+            self.state.update(best=value, best_epoch=done)
             model.save_weights(str(self.weights_file))
-        if epoch + 1 - self.state["best_epoch"] >= self.patience:
+        if done - self.state["best_epoch"] >= self.patience:
             self.state["stopped_by"] = "early stopping"
             model.stop_training = True
-        elif self.max_seconds is not None and self.state["seconds"] >= self.max_seconds:
+        elif self.max_seconds is not None and done < self.epochs and self._fit_to_budget(done, epoch_seconds) <= done:
             self.state["stopped_by"] = "time budget"
             model.stop_training = True
         tmp = self.state_file.with_suffix(".tmp")
@@ -178,6 +204,7 @@ class WholeFineTuneResult:
     validation_accuracy: float
     seconds: float
     stopped_by: str | None
+    planned_epochs: int  # the epochs the schedule ended with: fewer than asked when the time budget brought it forward
     split_bottlenecks: dict  # split -> Bottlenecks of the tuned network (features and ImageNet probabilities)
 
 
@@ -199,17 +226,51 @@ def peak_learning_rate(config: TrainConfig) -> float:
     """The rate the schedule peaks at: the config's, or LEARNING_RATE."""
     return config.fine_tune_learning_rate or LEARNING_RATE
 
-def learning_rate_schedule(config: TrainConfig, n_train: int):
-    """Linear warm-up from 0 to ``fine_tune_learning_rate`` (default LEARNING_RATE) over ``fine_tune_warmup_epochs``,
-    then cosine decay to 0 at the end of ``fine_tune_epochs`` (default EPOCHS; a function of the optimizer's step, so
-    a resumed run continues it)."""
-    import keras
+class WarmupCosine:
+    """Linear warm-up from 0 to ``peak`` over ``warmup_steps``, then cosine decay to 0 at ``total_steps`` (Keras's
+    ``CosineDecay`` with warm-up), as a function of the optimizer's step, so a resumed run continues it. The end of
+    the decay is a variable: ``end_at_epoch`` brings it forward while the compiled training step runs."""
 
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int, steps_per_epoch: int):
+        import keras
+        import tensorflow as tf
+
+        self.peak = float(peak)
+        self.warmup_steps = float(warmup_steps)
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = tf.Variable(float(total_steps), trainable=False, dtype=tf.float32, name="decay_end")
+        outer = self
+
+        class Schedule(keras.optimizers.schedules.LearningRateSchedule):
+            def __call__(self, step):
+                return outer(step)
+
+            def get_config(self):
+                return {"peak": outer.peak, "warmup_steps": outer.warmup_steps,
+                        "total_steps": float(outer.total_steps.numpy())}
+
+        self.keras_schedule = Schedule()
+
+    def __call__(self, step):
+        import tensorflow as tf
+
+        step = tf.cast(step, tf.float32)
+        warming = self.peak * step / max(self.warmup_steps, 1.0)
+        progress = tf.clip_by_value((step - self.warmup_steps) / tf.maximum(self.total_steps - self.warmup_steps, 1.0),
+                                    0.0, 1.0)
+        decayed = 0.5 * self.peak * (1.0 + tf.cos(np.pi * progress))
+        return tf.where(step < self.warmup_steps, warming, decayed)
+
+    def end_at_epoch(self, epochs: int) -> None:
+        self.total_steps.assign(float(epochs * self.steps_per_epoch))
+
+
+def learning_rate_schedule(config: TrainConfig, n_train: int) -> WarmupCosine:
+    """Warm-up to ``fine_tune_learning_rate`` (default LEARNING_RATE) over ``fine_tune_warmup_epochs``, then cosine
+    decay to 0 at the end of ``fine_tune_epochs`` (default EPOCHS), or sooner when the time budget says so."""
     steps_per_epoch = max(1, -(-n_train // config.train_batch_size))
-    warmup = steps_per_epoch * config.fine_tune_warmup_epochs
-    total = steps_per_epoch * (config.fine_tune_epochs or EPOCHS)
-    return keras.optimizers.schedules.CosineDecay(
-        0.0, max(1, total - warmup), warmup_target=peak_learning_rate(config), warmup_steps=warmup)
+    return WarmupCosine(peak_learning_rate(config), steps_per_epoch * config.fine_tune_warmup_epochs,
+                        steps_per_epoch * (config.fine_tune_epochs or EPOCHS), steps_per_epoch)
 
 
 def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, tensorboard_dir: Path,
@@ -234,7 +295,8 @@ def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, te
     model = keras.Model(inputs, x)
 
     n_train = len(labels["train"])
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate_schedule(config, n_train)),
+    schedule = learning_rate_schedule(config, n_train)
+    model.compile(optimizer=keras.optimizers.Adam(schedule.keras_schedule),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
                   metrics=["accuracy", keras.metrics.CategoricalCrossentropy(name="cross_entropy")])
 
@@ -252,10 +314,11 @@ def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, te
         import shutil
 
         shutil.rmtree(checkpoint_dir / "best", ignore_errors=True)
+    epochs = config.fine_tune_epochs or EPOCHS
     best = BestEpoch(checkpoint_dir / "best", config.fine_tune_patience,
-                     config.fine_tune_max_minutes * 60 if config.fine_tune_max_minutes else None)
+                     config.fine_tune_max_minutes * 60 if config.fine_tune_max_minutes else None, schedule, epochs)
     started = time.monotonic()
-    model.fit(train, validation_data=validation, epochs=config.fine_tune_epochs or EPOCHS,
+    model.fit(train, validation_data=validation, epochs=epochs,
               verbose=1 if progress else 0, shuffle=False,  # the dataset shuffles itself each epoch
               callbacks=[keras.callbacks.BackupAndRestore(str(checkpoint_dir / "backup")), best.callback,
                          keras.callbacks.TensorBoard(str(Path(tensorboard_dir) / "fine_tune_whole"),
@@ -276,4 +339,4 @@ def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, te
     state = best.state
     return WholeFineTuneResult(tuned_base, tuned_head, int(state["epochs_run"]), int(state["best_epoch"] or 0),
                                val_accuracy, float(state["seconds"]) or time.monotonic() - started,
-                               state["stopped_by"], tuned_splits)
+                               state["stopped_by"], int(state["planned_epochs"]), tuned_splits)

@@ -213,8 +213,10 @@ def print_summary(run_dir: Path, metrics: dict) -> None:
           f"on {metrics['test_photos']} photos ({metrics['misclassified']} misclassified)")
     if "fine_tune_whole" in summary:
         w = summary["fine_tune_whole"]
+        shortened = (f"; the time budget ended the learning rate's decay after {w['epochs_planned']} of "
+                     f"{w['epochs_asked']} epochs" if w.get("epochs_planned", 0) < w.get("epochs_asked", 0) else "")
         print(f"whole-network fine-tuning: {w['epochs_run']} epochs (best {w['best_epoch']}, stopped by "
-              f"{w['stopped_by'] or 'the epoch limit'}) in {w['seconds']:.0f} s; validation accuracy "
+              f"{w['stopped_by'] or 'the epoch limit'}{shortened}) in {w['seconds']:.0f} s; validation accuracy "
               f"{w['validation_accuracy_before']:.4f} -> {w['validation_accuracy']:.4f}")
     if "calibration" in metrics:
         c = metrics["calibration"]
