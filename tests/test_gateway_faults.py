@@ -195,6 +195,69 @@ def test_a_caller_whose_deadline_expires_cancels_nothing_for_the_others(stack):
     assert [p.label for p in reply.predictions] == [p["label"] for p in answer["predictions"]]
 
 
+def test_misses_for_one_version_share_a_predict_call_and_a_leaver_cancels_nothing(stack):
+    """Distinct photos for one version pile up while the model server is frozen: two calls are in flight, the other
+    photos wait and then go out together in one Predict call. A gRPC caller among the waiting ones whose deadline
+    expires gets DEADLINE_EXCEEDED; every other photo gets its own answer, the one the model server gives that photo
+    alone."""
+    from services.gateway.upstream import ModelServerClient
+    from training_job.preprocessing import Limits, preprocess_bytes
+
+    gateway, server = stack["gateway"], stack["server"]
+    photos = [p.read_bytes() for p in FRESH[10:18]]
+    calls = gateway.metric("mushroom_gateway_predict_batch_photos_count")
+    sent = gateway.metric("mushroom_gateway_predict_batch_photos_sum")
+    preprocessed = gateway.metric("mushroom_gateway_preprocess_seconds_count")
+    replies: dict[int, object] = {}
+
+    def http(index: int) -> threading.Thread:
+        def run():
+            replies[index] = gateway.classify(photos[index], "version=2&top_k=4", timeout=30)
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    def arrived(count: int) -> None:
+        wait_until(lambda: gateway.metric("mushroom_gateway_preprocess_seconds_count") >= preprocessed + count,
+                   timeout=5, interval=0.02, what=f"{count} photos to reach the predict stage")
+
+    with grpc.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        with Frozen(server.process):
+            threads = [http(0)]
+            arrived(1)
+            threads.append(http(1))
+            arrived(2)  # both calls in flight
+            leaver = stub.Classify.future(pb.ClassifyRequest(photo=photos[2], version=2), timeout=2)
+            arrived(3)
+            threads += [http(i) for i in range(3, len(photos))]
+            arrived(len(photos))
+            with pytest.raises(grpc.RpcError) as left:
+                leaver.result()
+            assert left.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for thread in threads:
+            thread.join(30)
+    gateway.wait_ready(timeout=10)
+    # 1 + 1 photos in the calls in flight, then the 6 that waited (the leaver's too: its miss goes on for the cache)
+    assert gateway.metric("mushroom_gateway_predict_batch_photos_count") - calls == 3
+    assert gateway.metric("mushroom_gateway_predict_batch_photos_sum") - sent == len(photos)
+
+    async def alone(photo: bytes):
+        client = ModelServerClient(server.grpc_target, MODEL)
+        try:
+            (prediction,) = await client.predict(preprocess_bytes(photo, 224, Limits())[None], 2)
+        finally:
+            await client.close()
+        return dict(zip(prediction.classes, prediction.probabilities.tolist()))
+
+    for index in sorted(replies):
+        status, answer, _ = replies[index]
+        assert status == 200, answer
+        assert answer["model"]["version"] == 2
+        expected = asyncio.run(alone(photos[index]))
+        assert {p["label"]: p["score"] for p in answer["predictions"]} == pytest.approx(expected, abs=1e-6)
+
+
 # ------------------------------------------------------------------------------------------- 8. readiness
 def test_readyz_turns_503_while_the_model_server_is_frozen(stack):
     gateway, server = stack["gateway"], stack["server"]

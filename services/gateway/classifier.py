@@ -21,6 +21,7 @@ from services.gateway.errors import GatewayError
 from services.gateway.input_sizes import InputSizes
 from services.gateway.model_info import ModelInfo, display_name
 from services.gateway.pixels import Preprocessor
+from services.gateway.predict_batching import NoBatching, PredictBatcher
 from services.gateway.routing import Router
 from services.gateway.single_flight import NoSingleFlight, SingleFlight
 from services.gateway.stats import Stats
@@ -68,8 +69,10 @@ PLAIN = Wanted(False)
 class Classifier:
     def __init__(self, upstream: ModelServerClient, cache: ResultCache, router: Router, stats: Stats,
                  model_info: ModelInfo, limits: Limits, single_flight: SingleFlight | NoSingleFlight,
-                 input_sizes: InputSizes, preprocess_threads: int = 2):
+                 input_sizes: InputSizes, preprocess_threads: int = 2,
+                 batcher: PredictBatcher | NoBatching | None = None):
         self.upstream = upstream
+        self.batcher = batcher or NoBatching(upstream)  # plain predictions go through it; explanations do not
         self.cache = cache
         self.router = router
         self.stats = stats
@@ -118,7 +121,7 @@ class Classifier:
 
     async def _predict(self, pixels: np.ndarray, version: int | None, label: str | None):
         start = time.perf_counter()
-        (prediction,) = await self._ask_upstream(lambda: self.upstream.predict(pixels[None], version, label), label)
+        prediction = await self._ask_upstream(lambda: self.batcher.predict(pixels, version, label), label)
         return self._raw_answer(prediction, start)
 
     async def _explain_once(self, pixels: np.ndarray, version: int | None, label: str | None,

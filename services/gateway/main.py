@@ -13,6 +13,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 log = logging.getLogger("gateway")
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     def env(name: str, default: str) -> str:  # the one variable named in the flag's help
         return os.environ.get(name) or default
@@ -88,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
                    default=env("SINGLE_FLIGHT", "1").lower() not in ("0", "false", "off", "no"),
                    help="every identical concurrent miss makes its own model server call (SINGLE_FLIGHT=0; "
                    "for benchmarks: single-flight is on by default)")
+    p.add_argument("--predict-batch-max", type=positive_int, default=int(env("PREDICT_BATCH_MAX", "32")),
+                   help="concurrent misses for the same version share one Predict call of up to this many photos, "
+                   "sent when one of the version's calls in flight returns (PREDICT_BATCH_MAX; 1 = a call per photo)")
+    p.add_argument("--predict-batch-in-flight", type=positive_int,
+                   default=int(env("PREDICT_BATCH_IN_FLIGHT", "2")),
+                   help="Predict calls per version in flight at once before photos wait to share the next "
+                   "(PREDICT_BATCH_IN_FLIGHT)")
     return p
 
 
@@ -104,6 +118,7 @@ class Gateway:
         from services.gateway.model_info import ModelInfo
         from services.gateway.operators import OperatorTokens
         from services.gateway.routing import Router
+        from services.gateway.predict_batching import NoBatching, PredictBatcher
         from services.gateway.single_flight import NoSingleFlight, SingleFlight
         from services.gateway.stats import Stats
         from services.gateway.upstream import ModelServerClient
@@ -122,7 +137,10 @@ class Gateway:
         self.input_sizes = InputSizes(self.upstream)
         self.classifier = Classifier(self.upstream, ResultCache(self.redis, args.cache_ttl), self.router, self.stats,
                                      self.model_info, Limits(args.max_bytes, args.max_pixels),
-                                     SingleFlight() if args.single_flight else NoSingleFlight(), self.input_sizes)
+                                     SingleFlight() if args.single_flight else NoSingleFlight(), self.input_sizes,
+                                     batcher=PredictBatcher(self.upstream, args.predict_batch_max,
+                                                            args.predict_batch_in_flight)
+                                     if args.predict_batch_max > 1 else NoBatching(self.upstream))
         self.upstream_ok = False
         self.upstream_problem = "not checked yet"
         self._stopping = asyncio.Event()

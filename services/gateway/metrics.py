@@ -14,8 +14,12 @@ EXPLAIN_SECONDS = Histogram(
     "mushroom_gateway_explain_seconds", "Classify with explain (Grad-CAM heatmap and its PNG) end to end; these "
     "requests are not in mushroom_gateway_request_seconds", ["protocol", "model_version", "cache", "result"],
     buckets=LATENCY_BUCKETS, registry=REGISTRY)
-UPSTREAM_SECONDS = Histogram("mushroom_gateway_upstream_seconds", "Model server Predict latency", ["model_version"],
+UPSTREAM_SECONDS = Histogram("mushroom_gateway_upstream_seconds", "Model server Predict latency of a photo (with its "
+                             "wait for a place in a call)", ["model_version"],
                              buckets=LATENCY_BUCKETS, registry=REGISTRY)
+PREDICT_BATCH_PHOTOS = Histogram("mushroom_gateway_predict_batch_photos", "Photos per Predict call to the model server "
+                                 "(concurrent misses for the same version share a call)",
+                                 buckets=(1, 2, 4, 8, 16, 32, 64), registry=REGISTRY)
 PREPROCESS_SECONDS = Histogram("mushroom_gateway_preprocess_seconds", "Decode and resize time",
                                buckets=LATENCY_BUCKETS, registry=REGISTRY)
 STAGES = ("route", "lookup", "preprocess", "predict", "store", "answer")
