@@ -46,7 +46,7 @@ SCRIPTS = {
 # methods (make bench), the frozen bases, whole-network fine-tuning, fewer training photos (the learning curve)
 CV_RESULTS = ("accuracy_cv", "accuracy_cv_bases", "accuracy_cv_whole", "accuracy_cv_whole_short",
               "accuracy_cv_photos", "accuracy_cv_whole_lr", "accuracy_cv_whole_lr6", "accuracy_cv_whole_nocrop",
-              "accuracy_cv_whole_default")
+              "accuracy_cv_whole_default", "accuracy_cv_whole_3")
 TIMED = {"raw_model", "model_server", "gateway", "tflite"}  # the scripts that take --seconds
 
 
@@ -175,6 +175,15 @@ def rows() -> list[dict]:
             versus_fastest("gateway cache-miss throughput at concurrency 32",
                            median(misses) if misses else gw["cells"]["http_miss_c32"]["requests_per_s"],
                            gw.get("model"), 0.85, "gateway.json", f": median of {len(misses)} phases" if misses else "")
+        if "miss_c32_unbatched_requests_per_s" in alternated:
+            on, off = (alternated[k] for k in ("miss_c32_requests_per_s", "miss_c32_unbatched_requests_per_s"))
+            cpu_on, cpu_off = alternated["cpu"], alternated["cpu"]["unbatched"]
+            add(f"gateway cache-miss throughput at concurrency 32, Predict batching on / off (a call per photo): "
+                f"ratio of the medians of {len(on)} alternating phases each (" + ", ".join(f"{v:.0f}" for v in on)
+                + " vs " + ", ".join(f"{v:.0f}" for v in off) + " req/s; CPU ms per miss, gateway + model server: "
+                f"{cpu_on['gateway_ms_per_request']:.2f} + {cpu_on['model_server_ms_per_request']:.2f} vs "
+                f"{cpu_off['gateway_ms_per_request']:.2f} + {cpu_off['model_server_ms_per_request']:.2f})",
+                f"{alternated['batched_vs_unbatched_ratio_of_medians']:.2f} x", "-", None, source="gateway.json")
         cpu = (alternated.get("cpu") or {}).get("gateway_ms_per_request")
         if cpu is not None:
             add("gateway CPU time per cache miss", round(cpu, 3), "<= 2 ms", cpu <= 2, "ms", "gateway.json")

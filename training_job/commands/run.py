@@ -52,6 +52,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     import os
+    import time
 
     from training_job.commands.publish import publish
     from training_job.commands.train import config_from_args, train_and_report
@@ -81,13 +82,21 @@ def run(args) -> int:
 
         print("=" * 100 + f"\n{SYNTHETIC_WARNING}\n" + "=" * 100)
         source = generate_synthetic_dataset(work / "synthetic-photos", per_class=40, seed=0)
+    took, started = {}, time.monotonic()
+
+    def step_done(name: str) -> None:
+        nonlocal started
+        took[name], started = time.monotonic() - started, time.monotonic()
+
     print(f"[1/4] prepare {source}")
     rows = prepare_dataset(source, work / "dataset", per_class=args.per_class,
                            validation_pct=args.validation_percentage, test_pct=args.testing_percentage,
                            demo_pct=args.demo_percentage)
     print(format_summary(read_report(work / "dataset")))
+    step_done("prepare")
     print("[2/4] train + [3/4] evaluate")
     run_dir, metrics = train_and_report(rows, config, args)
+    step_done("train + evaluate")
     if args.challenge:
         print("[4/4] challenge the champion, then publish")
         published = publish_challenger(run_dir, args)
@@ -97,6 +106,8 @@ def run(args) -> int:
     else:
         print("[4/4] publish")
         n, version_dir, _ = publish(run_dir, args)
+    step_done("publish")
+    print("steps took: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in took.items()))
     print(f"\nmodel published: {version_dir}  (registry {version_dir.parent.parent}, model {args.model_name}, version {n})")
     print(f"headline: test accuracy {metrics['test_accuracy']:.4f}; not-a-mushroom rejects "
           f"{metrics['open_set']['test_mushrooms_rejected']:.1%} of test mushrooms"
