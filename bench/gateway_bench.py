@@ -1,6 +1,7 @@
 """The gateway against its references, in one run: the raw model, the model server called directly, and the gateway
 over HTTP and gRPC, cache miss and cache hit, at concurrency 1, 8 and 32 (12 cells); gateway memory after 1,000 and
-10,000 requests. The model server runs with batching on, as deployed.
+10,000 requests. The model server runs with batching on, as deployed; the gateway batches its Predict calls, as
+deployed, and a second gateway making a call per photo (--predict-batch-max 1) runs cache-miss phases beside it.
 
 The two target rows that compare against a reference measure both sides together, since on a shared machine two
 phases minutes apart compare the machine's load, not our code: the gateway minus the model server at concurrency 1 is
@@ -92,18 +93,22 @@ async def paired_c1(target: str, model: str, url: str, photos: list[bytes]) -> d
 
 
 def raw_vs_miss(stack: Stack, gateway, signature, pixels: np.ndarray, cold: list[bytes], seconds: float,
-                version_dir: Path, rounds: int = 3) -> dict:
+                version_dir: Path, unbatched=None, rounds: int = 3) -> dict:
     """Raw model at batch 32 and, when the version has its model.tflite, the fastest engine at batch 32 (both in this
     process, the stack idle), and the gateway's cache-miss throughput at concurrency 32 (HTTP), in alternating
     phases: the ratio of their medians compares them on the same minutes' machine.
 
     CPU time per photo is recorded too: the raw model's (this process) and, during the miss phases, the gateway's, the
     model server's and Redis's. On a machine whose cores are all busy, the ratio can be at most about
-    raw CPU per photo / (the sum of the stack's CPU per request), whatever the latency tricks."""
+    raw CPU per photo / (the sum of the stack's CPU per request), whatever the latency tricks.
+
+    ``unbatched``: a second gateway on the same stack started with ``--predict-batch-max 1`` (a Predict call per
+    photo), whose cache-miss phases alternate with the others', with their own CPU figures."""
     misses, raw_cpu_ms = [], []
     processes = {"gateway": gateway.process.pid, "model_server": stack.server.process.pid,
                  "redis": stack.redis.process.pid}
     stack_cpu_ms = {name: [] for name in processes}
+    unbatched_cpu_ms = {name: [] for name in processes}
 
     def raw() -> float:
         before = time.process_time()
@@ -112,15 +117,18 @@ def raw_vs_miss(stack: Stack, gateway, signature, pixels: np.ndarray, cold: list
         raw_cpu_ms.append((time.process_time() - before) * 1000 / photos)
         return figures["images_per_s"]
 
-    def miss() -> float:
-        before = {name: cpu_seconds(pid) for name, pid in processes.items()}
-        misses.append(miss_phase(stack, gateway, cold, 32, seconds))
+    def miss(through=gateway, cpu_ms=stack_cpu_ms) -> float:
+        pids = {**processes, "gateway": through.process.pid}
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        misses.append(miss_phase(stack, through, cold, 32, seconds))
         answered = misses[-1]["n"]
-        for name, pid in processes.items():
-            stack_cpu_ms[name].append((cpu_seconds(pid) - before[name]) * 1000 / max(answered, 1))
+        for name, pid in pids.items():
+            cpu_ms[name].append((cpu_seconds(pid) - before[name]) * 1000 / max(answered, 1))
         return misses[-1]["requests_per_s"]
 
     phases = {"raw_b32_images_per_s": raw, "miss_c32_requests_per_s": miss}
+    if unbatched is not None:
+        phases["miss_c32_unbatched_requests_per_s"] = lambda: miss(unbatched, unbatched_cpu_ms)
     if (version_dir / "model.tflite").is_file():
         engine = fastest_engine(version_dir, pixels, 32)
         phases["fastest_b32_images_per_s"] = lambda: engine(seconds)["images_per_s"]
@@ -129,6 +137,10 @@ def raw_vs_miss(stack: Stack, gateway, signature, pixels: np.ndarray, cold: list
            **{f"{name}_ms_per_request": median(values) for name, values in stack_cpu_ms.items()}}
     stack_total = sum(cpu[f"{name}_ms_per_request"] for name in processes)
     cpu["ratio_bound_from_cpu"] = cpu["raw_model_ms_per_photo"] / stack_total if stack_total else None
+    if unbatched is not None:
+        cpu["unbatched"] = {f"{name}_ms_per_request": median(values) for name, values in unbatched_cpu_ms.items()}
+        figures["batched_vs_unbatched_ratio_of_medians"] = (median(figures["miss_c32_requests_per_s"])
+                                                            / median(figures["miss_c32_unbatched_requests_per_s"]))
     return {**figures, "rounds": rounds, "seconds_per_phase": seconds, "cpu": cpu,
             "miss_c32_cache_hit_share": max(m["cache_hit_share"] for m in misses),
             "miss_c32_errors": sum(m["errors"] for m in misses),
@@ -176,8 +188,10 @@ def main(argv=None) -> int:
     with Stack(version_dir, args.model_name) as stack:
         logs = stack.work
         gateway = stack.start_gateway()
+        unbatched = stack.start_gateway("--predict-batch-max", "1", grpc=False)
         for protocol in PROTOCOLS:  # connections, threads and the model's first calls, untimed
             load(protocol, gateway, hot[:8], 4, count=8)
+        load("http", unbatched, hot[:8], 4, count=8)
         stack.flush_cache()
         misses = gateway.metric("mushroom_gateway_cache_total", outcome="miss")
         result["paired_c1"] = paired = asyncio.run(paired_c1(stack.server.grpc_target, args.model_name,
@@ -188,11 +202,14 @@ def main(argv=None) -> int:
               f"{paired['median_difference_ms']:.2f} ms; gateway cache misses counted "
               f"{paired['gateway_cache_misses_counted']:.0f} of {len(pairs)}", flush=True)
         result["raw_vs_miss_c32"] = alternated = raw_vs_miss(stack, gateway, signature, pixels, cold, args.seconds,
-                                                                   version_dir)
+                                                                   version_dir, unbatched)
+        stack.stop_gateway(unbatched)
         result["raw_b32_images_per_s"] = median(alternated["raw_b32_images_per_s"])
         print("alternating: raw b32 " + ", ".join(f"{v:.1f}" for v in alternated["raw_b32_images_per_s"])
               + " img/s; miss c32 " + ", ".join(f"{v:.1f}" for v in alternated["miss_c32_requests_per_s"])
-              + f" req/s; ratio of medians {alternated['ratio_of_medians']:.3f}", flush=True)
+              + f" req/s; ratio of medians {alternated['ratio_of_medians']:.3f}; miss c32 with a Predict call per "
+              "photo " + ", ".join(f"{v:.1f}" for v in alternated["miss_c32_unbatched_requests_per_s"]) + " req/s",
+              flush=True)
         cpu = alternated["cpu"]
         print(f"CPU per photo: raw model {cpu['raw_model_ms_per_photo']:.1f} ms; per cache-miss request: gateway "
               f"{cpu['gateway_ms_per_request']:.1f} ms, model server {cpu['model_server_ms_per_request']:.1f} ms, "

@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "for benchmarks: single-flight is on by default)")
     p.add_argument("--predict-batch-max", type=positive_int, default=int(env("PREDICT_BATCH_MAX", "32")),
                    help="concurrent misses for the same version share one Predict call of up to this many photos, "
-                   "sent when one of the version's calls in flight returns (PREDICT_BATCH_MAX; 1 = a call per photo)")
+                   "sent when one of the version's calls in flight returns (PREDICT_BATCH_MAX; 1 = a call per photo; "
+                   "at most the model server's max_batch_size, which TF Serving enforces on each request)")
     p.add_argument("--predict-batch-in-flight", type=positive_int,
                    default=int(env("PREDICT_BATCH_IN_FLIGHT", "2")),
                    help="Predict calls per version in flight at once before photos wait to share the next "
