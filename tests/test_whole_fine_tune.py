@@ -199,8 +199,9 @@ def test_a_slow_machine_runs_a_shorter_schedule_to_its_end(tmp_path):
         clock, model, rates = Clock(), SavesNothing(), schedule()
         best = BestEpoch(folder, patience=10, max_seconds=budget, schedule=rates, epochs=6, clock=clock)
         best.train_begins()
+        paces = epoch_seconds if isinstance(epoch_seconds, list) else [epoch_seconds] * epochs_to_run
         for epoch in range(epochs_to_run):
-            clock.now += epoch_seconds
+            clock.now += paces[epoch]
             best.epoch_end(model, epoch, {"val_cross_entropy": 1.0 / (epoch + 1)})
             if model.stop_training:
                 break
@@ -215,6 +216,9 @@ def test_a_slow_machine_runs_a_shorter_schedule_to_its_end(tmp_path):
     # the same folder resumed: the fresh schedule ends where the budget had ended it
     resumed, rates = run(tmp_path / "slow", 100, 30.0, 0)
     assert float(rates(30)) == 0.0 and float(rates(35)) == 0.0
+    # an epoch far slower than the first leaves no room even for the shortened plan: stopped, and said to be mid-decay
+    best, rates = run(tmp_path / "stalled", 100, [30.0, 80.0, 30.0], 3)
+    assert best.state["epochs_run"] == 2 and best.state["stopped_by"] == "time budget, before the end of the decay"
     # a budget that holds all six epochs changes nothing
     best, rates = run(tmp_path / "fast", 1000, 30.0, 6)
     assert best.state["epochs_run"] == 6 and best.state["stopped_by"] is None

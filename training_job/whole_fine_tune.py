@@ -42,6 +42,10 @@ EPOCHS = 6
 # (bench/results/accuracy_cv_whole_lr.json against accuracy_cv_whole_short.json's 1e-4).
 LEARNING_RATE = 3e-4
 TUNED_NETWORK_FILE = "fine_tuned_network.weights.h5"
+# what stopped a run the time budget stopped: after the epoch it had brought the end of the decay forward to, or
+# before that end
+TIME_BUDGET = "time budget"
+TIME_BUDGET_MID_DECAY = "time budget, before the end of the decay"
 CHECKPOINT_FOLDER = "fine_tune_checkpoint"
 
 
@@ -183,9 +187,12 @@ class BestEpoch:
         if done - self.state["best_epoch"] >= self.patience:
             self.state["stopped_by"] = "early stopping"
             model.stop_training = True
-        elif self.max_seconds is not None and done < self.epochs and self._fit_to_budget(done, epoch_seconds) <= done:
-            self.state["stopped_by"] = "time budget"
-            model.stop_training = True
+        elif self.max_seconds is not None and done < self.epochs:
+            decay_ends_here = self.state["planned_epochs"] == done  # brought forward to this epoch before
+            if self._fit_to_budget(done, epoch_seconds) <= done:
+                # an epoch far slower than the ones before can leave no room even for the plan: stopped mid-decay
+                self.state["stopped_by"] = TIME_BUDGET if decay_ends_here else TIME_BUDGET_MID_DECAY
+                model.stop_training = True
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.state))
         tmp.replace(self.state_file)

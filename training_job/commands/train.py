@@ -203,6 +203,8 @@ def train_and_report(rows, config: TrainConfig, args, run_dir: Path | None = Non
 def print_summary(run_dir: Path, metrics: dict) -> None:
     import json
 
+    from training_job.whole_fine_tune import TIME_BUDGET
+
     summary = json.loads((run_dir / "train_summary.json").read_text())
     o = metrics["open_set"]
     print(f"run folder: {run_dir}")
@@ -213,8 +215,8 @@ def print_summary(run_dir: Path, metrics: dict) -> None:
           f"on {metrics['test_photos']} photos ({metrics['misclassified']} misclassified)")
     if "fine_tune_whole" in summary:
         w = summary["fine_tune_whole"]
-        shortened = (f"; the time budget ended the learning rate's decay after {w['epochs_planned']} of "
-                     f"{w['epochs_asked']} epochs" if w.get("epochs_planned", 0) < w.get("epochs_asked", 0) else "")
+        shortened = (f"; it ended the learning rate's decay after {w['epochs_planned']} of {w['epochs_asked']} "
+                     "epochs" if w["stopped_by"] == TIME_BUDGET else "")
         print(f"whole-network fine-tuning: {w['epochs_run']} epochs (best {w['best_epoch']}, stopped by "
               f"{w['stopped_by'] or 'the epoch limit'}{shortened}) in {w['seconds']:.0f} s; validation accuracy "
               f"{w['validation_accuracy_before']:.4f} -> {w['validation_accuracy']:.4f}")
