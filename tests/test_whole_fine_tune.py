@@ -219,6 +219,10 @@ def test_a_slow_machine_runs_a_shorter_schedule_to_its_end(tmp_path):
     # an epoch far slower than the first leaves no room even for the shortened plan: stopped, and said to be mid-decay
     best, rates = run(tmp_path / "stalled", 100, [30.0, 80.0, 30.0], 3)
     assert best.state["epochs_run"] == 2 and best.state["stopped_by"] == "time budget, before the end of the decay"
+    # the first epoch also traces the steps: its pace alone (90 s) shortens nothing; the next epochs' pace (30 s) does
+    best, rates = run(tmp_path / "traced", 200, [90.0] + [30.0] * 5, 6)
+    assert best.state["epochs_run"] == 4 and best.state["stopped_by"] == "time budget"
+    assert float(rates(39)) > 0 and float(rates(40)) == 0.0
     # a budget that holds all six epochs changes nothing
     best, rates = run(tmp_path / "fast", 1000, 30.0, 6)
     assert best.state["epochs_run"] == 6 and best.state["stopped_by"] is None

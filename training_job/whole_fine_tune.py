@@ -148,6 +148,7 @@ class BestEpoch:
         self.schedule = schedule
         self.epochs = epochs
         self.clock = clock
+        self.first_epoch = True
         self.state_file = self.folder / "best.json"
         self.weights_file = self.folder / "best.weights.h5"
         self.state = {"best": None, "best_epoch": None, "epochs_run": 0, "seconds": 0.0, "stopped_by": None,
@@ -159,14 +160,19 @@ class BestEpoch:
     def train_begins(self) -> None:
         """A resumed run keeps the schedule its budget had fitted."""
         self.started = self.clock()
+        self.first_epoch = True  # of this process: it also traces the steps, so its pace is not the run's
         if self.state["planned_epochs"] < self.epochs:
             self.schedule.end_at_epoch(self.state["planned_epochs"])
 
     def _fit_to_budget(self, done: int, epoch_seconds: float) -> int:
         """The epochs the run will end with: the plan so far, or fewer when fewer fit in what is left of the budget at
-        this epoch's pace (never more: the decay only ever comes sooner). Moves the schedule's end there."""
+        this epoch's pace (never more: the decay only ever comes sooner). Moves the schedule's end there. The first
+        epoch of a process only stops the run when no other epoch fits; the plan waits for an epoch without tracing."""
         left = self.max_seconds - self.state["seconds"]
         fit = done + int(max(0.0, left) // max(epoch_seconds, 1e-9))
+        first, self.first_epoch = self.first_epoch, False
+        if first and fit > done:
+            return self.state["planned_epochs"]
         planned = min(self.state["planned_epochs"], fit)
         if done < planned < self.state["planned_epochs"]:
             self.schedule.end_at_epoch(planned)
