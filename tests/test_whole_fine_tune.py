@@ -227,35 +227,3 @@ def test_a_slow_machine_runs_a_shorter_schedule_to_its_end(tmp_path):
     best, rates = run(tmp_path / "fast", 1000, 30.0, 6)
     assert best.state["epochs_run"] == 6 and best.state["stopped_by"] is None
     assert float(rates(30)) > 0 and float(rates(59)) > 0 and float(rates(60)) == 0.0
-
-
-def test_fine_tuning_can_train_on_smaller_crops_and_still_serve_at_the_base_size(tiny):
-    """--fine_tune_train_size: the random crops are resized to that side for training; validation, the tuned network
-    and everything served stay at the base's input size, with the trained weights; sizes outside 32..224 are
-    refused."""
-    from dataclasses import replace
-
-    import tensorflow as tf
-
-    from training_job.cli import build_parser
-    from training_job.commands.train import config_from_args
-    from training_job.errors import UserError
-    from training_job.whole_fine_tune import augment, feature_model, fine_tune_whole
-
-    image = tf.constant(np.random.default_rng(0).uniform(0, 255, (224, 224, 3)).astype(np.float32))
-    assert augment(image, 224, 0.8, out_size=160).shape == (160, 160, 3)
-    rows, config, base, result, work = tiny
-    tuned = fine_tune_whole(rows, replace(config, fine_tune_train_size=160, fine_tune_epochs=1), base, result.head,
-                            work / "tb_small", work / "checkpoint_small", progress=False)
-    network = tuned.base.tuned
-    assert tuple(network.inputs[0].shape) == (None, 224, 224, 3)
-    tuned_layers = {layer.name: layer for layer in network.layers}
-    conv_changed = [not np.allclose(layer.get_weights()[0], tuned_layers[layer.name].get_weights()[0])
-                    for layer in feature_model(base).layers if layer.name.endswith(("conv", "dwconv")) and layer.weights]
-    assert sum(conv_changed) > len(conv_changed) // 2  # the trained weights, copied into the network served at 224
-    photo = load_image_file(IMAGENET_FUNGI / "n13044778_earthstar.JPEG", 224)[None]
-    features, _ = tuned.base(photo)
-    assert features.shape == (1, base.feature_size)
-    for bad in ("16", "300"):
-        with pytest.raises(UserError, match="--fine_tune_train_size"):
-            config_from_args(build_parser().parse_args(["run", "--fine_tune_train_size", bad]))

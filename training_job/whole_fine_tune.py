@@ -72,17 +72,6 @@ def tuned_copy(base: BaseNetwork, weights_file: Path | None = None):
     return copy
 
 
-def any_size_copy(tuned):
-    """``tuned`` (its weights too) taking photos of any side, for training at another size than it serves at."""
-    import keras
-
-    copy = keras.models.clone_model(tuned, input_tensors=[keras.Input((None, None, 3), name="any_size_pixels")])
-    copy.set_weights(tuned.get_weights())
-    for layer in copy.layers:
-        layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
-    return copy
-
-
 def imagenet_classifier(base: BaseNetwork):
     """The base's ImageNet classifier after its global pooling (pooled output -> softmax), as one Keras model on the
     base's own layers and weights."""
@@ -232,16 +221,15 @@ class WholeFineTuneResult:
     split_bottlenecks: dict  # split -> Bottlenecks of the tuned network (features and ImageNet probabilities)
 
 
-def augment(image, size: int, crop_min: float = 0.8, out_size: int | None = None):
-    """One photo's on-the-fly augmentation (TF ops, float pixels [size, size, 3] in [0, 255]): mirror, a random square
-    crop whose side is ``crop_min`` to 1 of the photo's, resized to ``out_size`` (default ``size``), brightness
-    x0.9-1.1."""
+def augment(image, size: int, crop_min: float = 0.8):
+    """One photo's on-the-fly augmentation (TF ops, float pixels in [0, 255]): mirror, a random square crop whose
+    side is ``crop_min`` to 1 of the photo's, resized back, brightness x0.9-1.1."""
     import tensorflow as tf
 
     image = tf.image.random_flip_left_right(image)
     side = tf.cast(tf.round(tf.random.uniform([], crop_min, 1.0) * size), tf.int32)
     image = tf.image.random_crop(image, tf.stack([side, side, 3]))
-    image = tf.image.resize(image, (out_size or size, out_size or size), method="bilinear")
+    image = tf.image.resize(image, (size, size), method="bilinear")
     image = image * tf.random.uniform([], 0.9, 1.1)
     return tf.clip_by_value(image, 0.0, 255.0)
 
@@ -313,13 +301,9 @@ def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, te
 
     keras.utils.set_random_seed(config.seed)
     tuned = tuned_copy(base)
-    train_size = config.fine_tune_train_size or size
-    # trained on crops of train_size and validated at size: a copy taking any side, its weights copied back after
-    trainer = tuned if train_size == size else any_size_copy(tuned)
-    side = size if trainer is tuned else None
-    inputs = keras.Input((side, side, 3), name="pixels")
+    inputs = keras.Input((size, size, 3), name="pixels")
     x = inputs if base.normalises_inside else keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
-    x = trainer(x)
+    x = tuned(x)
     x = trainable_head(x, head, config)
     model = keras.Model(inputs, x)
 
@@ -331,8 +315,7 @@ def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, te
 
     train = (tf.data.Dataset.from_tensor_slices((pixels["train"], tf.one_hot(labels["train"], C)))
              .shuffle(n_train, seed=config.seed, reshuffle_each_iteration=True)
-             .map(lambda image, y: (augment(tf.cast(image, tf.float32), size, config.fine_tune_crop_min,
-                                            train_size), y),
+             .map(lambda image, y: (augment(tf.cast(image, tf.float32), size, config.fine_tune_crop_min), y),
                   num_parallel_calls=tf.data.AUTOTUNE)
              .batch(config.train_batch_size).prefetch(1))
     validation = (tf.data.Dataset.from_tensor_slices(
@@ -355,8 +338,6 @@ def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, te
                                                      write_graph=False, profile_batch=0),
                          *callbacks])
     best.restore_best(model)
-    if trainer is not tuned:
-        tuned.set_weights(trainer.get_weights())
 
     dense = [model.get_layer(f"head{i}") for i in range(len(head.kernels))]
     tuned_head = Head(head.labels, [d.get_weights()[0] for d in dense], [d.get_weights()[1] for d in dense])

@@ -75,9 +75,6 @@ def add_training_arguments(parser: argparse.ArgumentParser, architecture: bool =
     g.add_argument("--fine_tune_crop_min", type=float, default=_DEFAULTS.fine_tune_crop_min,
                    help="whole fine-tuning's augmentation: the random square crops keep this fraction of the side "
                         "or more (0 < x <= 1)")
-    g.add_argument("--fine_tune_train_size", type=int, default=_DEFAULTS.fine_tune_train_size,
-                   help="whole fine-tuning trains on its random crops resized to this side, and validates and serves "
-                        "at the base's input size (0 = the base's input size; 32 to that size)")
     g.add_argument("--fine_tune_max_minutes", type=float, default=_DEFAULTS.fine_tune_max_minutes,
                    help="wall-clock budget of whole-network fine-tuning (checked after each epoch)")
     g.add_argument("--mirror_tta", action="store_true",
@@ -110,7 +107,7 @@ def config_from_args(args, **override) -> TrainConfig:
         l2=args.l2, patience=args.patience, seed=args.seed, fine_tune_blocks=args.fine_tune_blocks,
         fine_tune_learning_rate=args.fine_tune_learning_rate, fine_tune_epochs=args.fine_tune_epochs,
         fine_tune_whole=whole_fine_tuning(args), fine_tune_warmup_epochs=args.fine_tune_warmup_epochs,
-        fine_tune_crop_min=args.fine_tune_crop_min, fine_tune_train_size=args.fine_tune_train_size,
+        fine_tune_crop_min=args.fine_tune_crop_min,
         fine_tune_max_minutes=args.fine_tune_max_minutes, mirror_tta=args.mirror_tta,
     )
     values.update(override)
@@ -123,7 +120,7 @@ def check_config(config: TrainConfig) -> None:
     from training_job.base_weights import parse_architecture
 
     try:
-        image_size = parse_architecture(config.architecture).size
+        parse_architecture(config.architecture)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     problems = []
@@ -163,9 +160,6 @@ def check_config(config: TrainConfig) -> None:
                             "--fine_tune_warmup_epochs at least 0")
         if not 0 < config.fine_tune_crop_min <= 1:
             problems.append(f"--fine_tune_crop_min must be in (0, 1] (got {config.fine_tune_crop_min})")
-        if config.fine_tune_train_size and not 32 <= config.fine_tune_train_size <= image_size:
-            problems.append(f"--fine_tune_train_size must be 0 or from 32 to the base's input size {image_size} "
-                            f"(got {config.fine_tune_train_size})")
     if config.weights_file and not Path(config.weights_file).is_file():
         problems.append(f"--weights_file {config.weights_file} does not exist")
     if problems:
