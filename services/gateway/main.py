@@ -118,8 +118,8 @@ class Gateway:
         from services.gateway.loops import Loops
         from services.gateway.model_info import ModelInfo
         from services.gateway.operators import OperatorTokens
-        from services.gateway.routing import Router
         from services.gateway.predict_batching import NoBatching, PredictBatcher
+        from services.gateway.routing import Router
         from services.gateway.single_flight import NoSingleFlight, SingleFlight
         from services.gateway.stats import Stats
         from services.gateway.upstream import ModelServerClient
