@@ -7,9 +7,10 @@ to 100 % of the side resized back, brightness x0.9-1.1), with:
   re-estimate them);
 - Adam at a low learning rate: linear warm-up over ``fine_tune_warmup_epochs``, then cosine decay;
 - early stopping on the validation cross-entropy (the best epoch's weights are kept) and a wall-clock budget
-  (``fine_tune_max_minutes``): after each epoch, the epochs still left are those that fit in the budget at the pace
-  of the epoch just run, and when fewer fit than planned the cosine decay is brought forward to end with the last
-  one that fits, so a slow machine runs a shorter recipe to its end instead of stopping in the middle of one;
+  (``fine_tune_max_minutes``): after each epoch but a process's first (which also traces the steps), the epochs
+  still left are those that fit in the budget at the pace of the epoch just run, and when fewer fit than planned
+  the cosine decay is brought forward to end with the last one that fits, so a slow machine runs a shorter recipe
+  to its end instead of stopping in the middle of one;
 - float32 throughout (mixed precision brings nothing on CPU).
 
 Stopped part-way (Ctrl-C, a killed pod), the same call with the same ``checkpoint_dir`` resumes after the last
