@@ -240,6 +240,11 @@ def peak_learning_rate(config: TrainConfig) -> float:
     """The rate the schedule peaks at: the config's, or LEARNING_RATE."""
     return config.fine_tune_learning_rate or LEARNING_RATE
 
+
+def epochs_asked(config: TrainConfig) -> int:
+    """The epochs the schedule is planned for: the config's, or EPOCHS (the time budget may end it sooner)."""
+    return config.fine_tune_epochs or EPOCHS
+
 class WarmupCosine:
     """Linear warm-up from 0 to ``peak`` over ``warmup_steps``, then cosine decay to 0 at ``total_steps`` (Keras's
     ``CosineDecay`` with warm-up), as a function of the optimizer's step, so a resumed run continues it. The end of
@@ -284,7 +289,7 @@ def learning_rate_schedule(config: TrainConfig, n_train: int) -> WarmupCosine:
     decay to 0 at the end of ``fine_tune_epochs`` (default EPOCHS), or sooner when the time budget says so."""
     steps_per_epoch = max(1, -(-n_train // config.train_batch_size))
     return WarmupCosine(peak_learning_rate(config), steps_per_epoch * config.fine_tune_warmup_epochs,
-                        steps_per_epoch * (config.fine_tune_epochs or EPOCHS), steps_per_epoch)
+                        steps_per_epoch * epochs_asked(config), steps_per_epoch)
 
 
 def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, tensorboard_dir: Path,
@@ -328,7 +333,7 @@ def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, te
         import shutil
 
         shutil.rmtree(checkpoint_dir / "best", ignore_errors=True)
-    epochs = config.fine_tune_epochs or EPOCHS
+    epochs = epochs_asked(config)
     best = BestEpoch(checkpoint_dir / "best", config.fine_tune_patience,
                      config.fine_tune_max_minutes * 60 if config.fine_tune_max_minutes else None, schedule, epochs)
     started = time.monotonic()
