@@ -111,15 +111,49 @@ def test_only_small_photos_are_decoded_on_the_event_loop():
 
     from PIL import Image
 
-    assert pixels.cheap_to_decode(_jpeg((640, 480)))
-    assert not pixels.cheap_to_decode(_jpeg((640, 480)) + b"\0" * pixels.INLINE_MAX_BYTES)  # too many bytes
-    assert not pixels.cheap_to_decode(b"<html>not a photo</html>")  # the pool says what is wrong with it
+    from training_job.preprocessing import InvalidImage, Limits
+
+    limits = Limits()
+    assert pixels.cheap_to_decode(pixels.opened_on_the_loop(_jpeg((640, 480)), limits))
+    big = _jpeg((640, 480)) + b"\0" * pixels.INLINE_MAX_BYTES
+    assert pixels.opened_on_the_loop(big, limits) is None  # too many bytes: the pool opens it
+    assert not pixels.cheap_to_decode(None)
+    with pytest.raises(InvalidImage, match="HTML"):  # refused at once, before any decode
+        pixels.opened_on_the_loop(b"<html>not a photo</html>", limits)
     png = io.BytesIO()
     Image.new("L", (1, 1)).save(png, "PNG")
     header = png.getvalue()
-    ihdr = struct.pack(">IIBBBBB", 4000, 4000, 8, 0, 0, 0, 0)  # a few bytes claiming 16 M pixels
-    bomb = header[:8] + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
-    assert not pixels.cheap_to_decode(bomb + header[33:])
+    ihdr = struct.pack(">IIBBBBB", 1200, 1000, 8, 0, 0, 0, 0)  # a few bytes claiming 1.2 M pixels
+    many = header[:8] + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    assert not pixels.cheap_to_decode(pixels.opened_on_the_loop(many + header[33:], limits))
+
+
+def test_each_photo_is_opened_once_wherever_it_is_decoded(monkeypatch):
+    """The header read that chooses between the event loop and the pool is the one the decode uses: a photo is not
+    opened (its markers parsed) twice. The pixels are the contract's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from training_job.preprocessing import Limits, preprocess_bytes
+
+    opened = []
+    real_open = Image.open
+
+    def counting_open(*args, **kwargs):
+        opened.append(args)
+        return real_open(*args, **kwargs)
+
+    small, many_pixels = _jpeg((64, 48)), _jpeg((1200, 1000))
+    assert len(many_pixels) <= pixels.INLINE_MAX_BYTES  # small in bytes, decoded in the pool
+    expected = [preprocess_bytes(photo, 224) for photo in (small, many_pixels)]
+    monkeypatch.setattr(Image, "open", counting_open)
+    with ThreadPoolExecutor(1) as pool:
+        preprocessor = pixels.Preprocessor(Limits(), pool)
+        for photo, want in zip((small, many_pixels), expected):
+            opened.clear()
+            np.testing.assert_array_equal(asyncio.run(preprocessor.pixels(photo, 224)), want)
+            assert len(opened) == 1
 
 
 def test_the_answer_is_cached_off_the_response_path_and_shared_until_stored():

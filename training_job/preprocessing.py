@@ -120,7 +120,11 @@ def upright_rgb(loaded: Image.Image) -> Image.Image:
 
 def decode_image(data: bytes, size: int = DEFAULT_IMAGE_SIZE, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
     """Decoded, upright, 8-bit RGB image; JPEGs are decoded at the smallest scale that stays >= ``size``."""
-    img = open_image(data, limits)
+    return decode_opened(open_image(data, limits), size)
+
+
+def decode_opened(img: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> Image.Image:
+    """``decode_image`` of a photo ``open_image`` has opened (and checked against the limits)."""
     try:
         return upright_rgb(load_pillow(img, size))
     except InvalidImage:
@@ -136,7 +140,13 @@ def resize_pixels(img: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> np.ndarra
 
 def preprocess_bytes(data: bytes, size: int = DEFAULT_IMAGE_SIZE, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
     """Encoded photo bytes -> uint8 pixels (size, size, 3). The one function training and serving share."""
-    return resize_pixels(decode_image(data, size, limits), size)
+    return preprocess_opened(open_image(data, limits), size)
+
+
+def preprocess_opened(img: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
+    """``preprocess_bytes`` of a photo ``open_image`` has opened: for a caller that read its header first (the
+    gateway, to choose where to decode it)."""
+    return resize_pixels(decode_opened(img, size), size)
 
 
 def load_image_file(path: str | Path, size: int = DEFAULT_IMAGE_SIZE, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:

@@ -4,7 +4,6 @@ large)."""
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 from concurrent.futures import Executor
 
@@ -13,23 +12,24 @@ from PIL import Image
 
 from services.gateway import metrics
 from services.gateway.errors import GatewayError
-from training_job.preprocessing import InvalidImage, Limits, preprocess_bytes
+from training_job.preprocessing import InvalidImage, Limits, open_image, preprocess_bytes, preprocess_opened
 
-# Photos this small are decoded on the event loop: their decode costs about what the two thread hand-offs to and
-# from the preprocessing pool cost. Bigger ones (or ones whose header says many pixels) go to the pool, so a
-# slow decode never blocks the loop.
+# Photos this small are opened on the event loop (header only), and decoded there too when their header says few
+# pixels: their decode costs about what the two thread hand-offs to and from the preprocessing pool cost. Bigger ones
+# go to the pool, so a slow decode never blocks the loop. Each photo is opened once, where its header is first read.
 INLINE_MAX_BYTES = 64 * 1024
 INLINE_MAX_PIXELS = 1_000_000
 
 
-def cheap_to_decode(photo: bytes) -> bool:
-    if len(photo) > INLINE_MAX_BYTES:
-        return False
-    try:
-        width, height = Image.open(io.BytesIO(photo)).size  # header only
-    except Exception:  # noqa: BLE001 - not an image, or a bomb: the pool's preprocess_bytes says what is wrong
-        return False
-    return width * height <= INLINE_MAX_PIXELS
+def opened_on_the_loop(photo: bytes, limits: Limits) -> Image.Image | None:
+    """The photo opened (``open_image``: header only, limits checked) when it is small enough to open on the event
+    loop; None when the pool opens it. Raises ``InvalidImage``."""
+    return open_image(photo, limits) if len(photo) <= INLINE_MAX_BYTES else None
+
+
+def cheap_to_decode(opened: Image.Image | None) -> bool:
+    """True for a photo opened on the loop whose decode is cheap enough to run there."""
+    return opened is not None and opened.width * opened.height <= INLINE_MAX_PIXELS
 
 
 class Preprocessor:
@@ -40,11 +40,13 @@ class Preprocessor:
     async def pixels(self, photo: bytes, size: int) -> np.ndarray:
         start = time.perf_counter()
         try:
-            if cheap_to_decode(photo):
-                pixels = preprocess_bytes(photo, size, self.limits)
+            opened = opened_on_the_loop(photo, self.limits)
+            if cheap_to_decode(opened):
+                pixels = preprocess_opened(opened, size)
             else:
-                pixels = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, preprocess_bytes, photo, size, self.limits)
+                work = (preprocess_bytes, photo, size, self.limits) if opened is None else \
+                    (preprocess_opened, opened, size)
+                pixels = await asyncio.get_running_loop().run_in_executor(self.executor, *work)
         except InvalidImage as exc:
             status = 413 if exc.code in ("too_large",) else 400
             raise GatewayError(status, exc.code, exc.message) from None
