@@ -11,7 +11,8 @@ Methods (``--methods``, comma-separated; the first is the reference of the paire
 - ``fine_tuned_1_block``: the same, then ``--fine_tune_blocks 1``;
 - ``lite0_frozen``, ``lite1_frozen``, ``lite2_frozen``: EfficientNet-Lite0/1/2 frozen;
 - ``lite0_fine_tuned_whole``: Lite0 frozen, then ``--fine_tune_whole`` (slow: minutes per fold on 2 cores);
-- ``<method>_mirror`` (for the frozen ones): the same head reading mirror-averaged features (``--mirror_tta``);
+- ``<method>_mirror`` (``frozen``, ``lite0_frozen``, ``lite2_frozen``, ``lite0_fine_tuned_whole``): the same trained
+  network and head (reused from the plain method in the same run) reading mirror-averaged features (``--mirror_tta``);
 - ``<method>@N``: the same, trained on N of the fold's training photos only (the same N in every method, nested: a
   smaller N keeps a subset of a larger one's), the learning curve that tells what more photos would buy;
 - ``<method>:E`` (for the fine-tuned ones): at most E fine-tuning epochs (``--fine_tune_epochs E``: the cosine
@@ -55,6 +56,7 @@ METHOD_ARCHITECTURES = {
     "frozen_mirror": "mobilenet_1.0_224",
     "lite0_frozen_mirror": "efficientnet_lite0",
     "lite2_frozen_mirror": "efficientnet_lite2",
+    "lite0_fine_tuned_whole_mirror": "efficientnet_lite0",
 }
 MIRROR = "_mirror"
 UNUSED_SPLIT = "unused"  # a split training never reads (as bench/calibration_cv.py marks them)
@@ -131,9 +133,21 @@ def paired_difference(values: list[float], reference: list[float]) -> dict:
             "ci95": [round(mean - t * se, 4), round(mean + t * se, 4)]}
 
 
-def run_method(method: str, rows_k, k: int, base, work: Path, done: dict):
-    """(head, test Bottlenecks, validation Bottlenecks, training seconds, details) of one method on one fold;
-    ``done`` holds the results so far by (method, fold), so a mirror method reuses its plain method's head."""
+@dataclasses.dataclass
+class MethodRun:
+    """One method trained on one fold: its head, the test and validation features it reads, the training seconds,
+    details for the result, and the network that made the features (a fine-tuned copy, or the base itself)."""
+    head: object
+    test: object
+    validation: object
+    seconds: float
+    details: dict
+    network: object
+
+
+def run_method(method: str, rows_k, k: int, base, work: Path, done: dict) -> MethodRun:
+    """One method on one fold; ``done`` holds the runs so far by (method, fold), so a mirror method reuses its plain
+    method's network and head."""
     from training_job.fine_tune import fine_tune
     from training_job.train import TrainConfig, train_head
     from training_job.whole_fine_tune import fine_tune_whole
@@ -145,11 +159,11 @@ def run_method(method: str, rows_k, k: int, base, work: Path, done: dict):
         plain = method.replace(MIRROR, "", 1)
         if (plain, k) not in done:
             done[(plain, k)] = run_method(plain, rows_k, k, base, work, done)
-        head, _, _, seconds, details = done[(plain, k)]
-        mirrored = MirrorAveragedBase(base)
+        run = done[(plain, k)]
+        mirrored = MirrorAveragedBase(run.network)
         test, validation = (get_bottlenecks([r for r in rows_k if r.split == s], mirrored, progress=False)
                             for s in ("test", "validation"))
-        return head, test, validation, seconds, details
+        return dataclasses.replace(run, test=test, validation=validation, network=mirrored)
 
     name, _, fine_tune_epochs = parse_method(method)
     architecture = METHOD_ARCHITECTURES[name]
@@ -162,20 +176,20 @@ def run_method(method: str, rows_k, k: int, base, work: Path, done: dict):
     details = {}
     frozen = train_head(rows_k, config, work / "tensorboard", f"{method}-fold{k}", base=base, progress=False)
     seconds = frozen.seconds
-    head, splits = frozen.head, frozen.split_bottlenecks
+    head, splits, network = frozen.head, frozen.split_bottlenecks, base
     if config.fine_tune_blocks:
         tuned = fine_tune(rows_k, config, base, head, splits, work / "tensorboard" / f"{method}-fold{k}",
                           progress=False)
-        head, splits, seconds = tuned.head, tuned.split_bottlenecks, seconds + tuned.seconds
+        head, splits, network, seconds = tuned.head, tuned.split_bottlenecks, tuned.base, seconds + tuned.seconds
     elif config.fine_tune_whole:
         started = time.monotonic()
         tuned = fine_tune_whole(rows_k, config, base, head, work / "tensorboard" / f"{method}-fold{k}",
                                 work / f"checkpoint-{method}-fold{k}", progress=False)
-        head, splits = tuned.head, tuned.split_bottlenecks
+        head, splits, network = tuned.head, tuned.split_bottlenecks, tuned.base
         seconds += time.monotonic() - started
         details = {"fine_tune_epochs_run": tuned.epochs_run, "fine_tune_best_epoch": tuned.best_epoch,
                    "fine_tune_stopped_by": tuned.stopped_by}
-    return head, splits["test"], splits["validation"], seconds, details
+    return MethodRun(head, splits["test"], splits["validation"], seconds, details, network)
 
 
 def main(argv=None) -> int:
@@ -234,7 +248,8 @@ def main(argv=None) -> int:
             if (method, k) not in done:
                 done[(method, k)] = run_method(method, fold_rows(rows, folds, k, train_photos), k,
                                                bases[architecture], work, done)
-            head, test, validation, seconds, details = done[(method, k)]
+            run = done[(method, k)]
+            head, test, validation = run.head, run.test, run.validation
             validation_logits, test_logits = head.logits(validation.features), head.logits(test.features)
             temperature = fit_temperature(validation_logits, y_val)
             if args.save_logits:
@@ -247,7 +262,7 @@ def main(argv=None) -> int:
             entry[f"{method}_details"] = {
                 "balanced_accuracy": round(balanced_accuracy(truth, predicted), 4),
                 "ece_before": round(calibration["ece_before"], 4), "ece_after": round(calibration["ece_after"], 4),
-                "temperature": round(temperature, 3), "train_seconds": round(seconds, 1), **details}
+                "temperature": round(temperature, 3), "train_seconds": round(run.seconds, 1), **run.details}
         per_fold.append(entry)
         print(entry, flush=True)
     result = {"photos": len(rows), "folds": args.folds, "methods": methods, "reference": methods[0],

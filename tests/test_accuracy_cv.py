@@ -64,7 +64,7 @@ def test_main_pairs_methods_fold_by_fold(monkeypatch):
             return Bottlenecks(np.array(out, np.float32), np.zeros((len(out), 1000), np.float32), 0)
 
         head = Head(labels, [np.eye(2, dtype=np.float32) * 4], [np.zeros(2, np.float32)])
-        return head, features("test"), features("validation"), 1.0, {"fine_tune_epochs_run": k}
+        return cv.MethodRun(head, features("test"), features("validation"), 1.0, {"fine_tune_epochs_run": k}, base)
 
     monkeypatch.setattr(cv, "run_method", fake_run)
     written = {}
@@ -117,3 +117,23 @@ def test_a_method_can_change_any_train_config_field_for_itself():
         config_overrides("lite0_frozen+not_a_field=1")
     with pytest.raises(ValueError, match="FIELD=VALUE"):
         config_overrides("lite0_frozen+dropout")
+
+
+def test_a_mirror_method_reads_its_plain_methods_own_trained_network(monkeypatch):
+    """``lite0_fine_tuned_whole_mirror``: the mirror-averaged features come from the network the plain method
+    fine-tuned on that fold, with its head; not from the untouched base."""
+    import bench.accuracy_cv as cv
+    import training_job.bottlenecks as bottlenecks
+    import training_job.mirror_tta as mirror_tta
+
+    monkeypatch.setattr(mirror_tta, "MirrorAveragedBase", lambda network: ("mirrored", network))
+    monkeypatch.setattr(bottlenecks, "get_bottlenecks", lambda rows, network, progress: (network, len(rows)))
+    rows = [ManifestRow(f"p{i}.jpg", "ab"[i % 2], f"{i:064x}", s, 10, 10, 100)
+            for i, s in enumerate(["train"] * 6 + ["validation"] * 3 + ["test"] * 2)]
+    plain = cv.MethodRun("tuned head", "test", "validation", 5.0, {"fine_tune_epochs_run": 6}, "tuned network")
+    done = {("lite0_fine_tuned_whole:6+fine_tune_frozen_blocks=3", 0): plain}
+    run = cv.run_method("lite0_fine_tuned_whole_mirror:6+fine_tune_frozen_blocks=3", rows, 0, "untouched base",
+                        None, done)
+    assert run.head == "tuned head" and run.seconds == 5.0 and run.details == {"fine_tune_epochs_run": 6}
+    assert run.test == (("mirrored", "tuned network"), 2) and run.validation == (("mirrored", "tuned network"), 3)
+    assert cv.METHOD_ARCHITECTURES["lite0_fine_tuned_whole_mirror"] == "efficientnet_lite0"
