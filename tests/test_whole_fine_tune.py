@@ -128,6 +128,51 @@ def test_a_whole_fine_tuned_run_exports_the_tuned_network(tiny):
     assert np.abs(expected_cam - frozen_cam).max() > 0.05
 
 
+def test_frozen_blocks_keep_their_imagenet_weights_while_the_rest_trains(tiny):
+    """--fine_tune_frozen_blocks 3: the stem and Lite0's blocks 0-2 keep the ImageNet weights, every later convolution
+    trains; the blocks are told apart by the layer names of each family that has them."""
+    from dataclasses import replace
+
+    from training_job.whole_fine_tune import early_block, feature_model, fine_tune_whole
+
+    rows, config, base, result, work = tiny
+    frozen = fine_tune_whole(rows, replace(config, fine_tune_epochs=1, fine_tune_frozen_blocks=3), base, result.head,
+                             work / "tb-frozen", work / "checkpoint-frozen", progress=False)
+    tuned_layers = {layer.name: layer for layer in frozen.base.tuned.layers}
+    kept, changed = [], []
+    for layer in feature_model(base).layers:
+        if layer.name.endswith(("conv", "dwconv")) and layer.weights:
+            same = np.array_equal(layer.get_weights()[0], tuned_layers[layer.name].get_weights()[0])
+            (kept if same else changed).append(layer.name)
+    early = [name for name in kept + changed if name.startswith(("stem_", "block0_", "block1_", "block2_"))]
+    assert len(early) == 1 + 2 + 3 + 3 and set(early) <= set(kept)  # the stem, block0 (no expansion), 1 and 2
+    assert set(changed) == set(kept + changed) - set(early)  # every later convolution trained
+    assert [early_block("efficientnet_lite", n) for n in ("stem_conv", "block0_dwconv", "block2_add", "head_conv")] \
+        == [1, 1, 3, None]
+    assert [early_block("mobilenet", n) for n in ("conv1", "conv1_relu", "conv_pad_2", "conv_pw_13_bn",
+                                                   "global_average_pooling2d")] == [1, 1, 2, 13, None]
+
+
+def test_frozen_blocks_are_refused_where_they_mean_nothing():
+    from training_job.cli import build_parser
+    from training_job.commands.train import config_from_args
+    from training_job.errors import UserError
+
+    def config(*args):
+        return config_from_args(build_parser().parse_args(["run", *args]))
+
+    assert config("--architecture", "efficientnet_lite0", "--fine_tune_frozen_blocks", "15").fine_tune_frozen_blocks \
+        == 15
+    assert config("--architecture", "mobilenet_1.0_224", "--fine_tune_frozen_blocks", "12").fine_tune_frozen_blocks \
+        == 12
+    for architecture, blocks, message in (("efficientnet_lite0", "16", "between 0 and 15"),
+                                          ("efficientnet_lite0", "-1", "between 0 and 15"),
+                                          ("mobilenet_1.0_224", "13", "between 0 and 12"),
+                                          ("mobilenet_v2_1.0_224", "2", "not mobilenet_v2_1.0_224")):
+        with pytest.raises(UserError, match=message):
+            config("--architecture", architecture, "--fine_tune_frozen_blocks", blocks)
+
+
 def test_learning_rate_warms_up_then_decays_to_zero():
     from training_job.train import TrainConfig
     from training_job.whole_fine_tune import learning_rate_schedule

@@ -12,6 +12,8 @@ to 100 % of the side resized back, brightness x0.9-1.1), with:
   the cosine decay is brought forward to end with the last one that fits, so a slow machine runs a shorter recipe
   to its end instead of stopping in the middle of one;
 - float32 throughout (mixed precision brings nothing on CPU).
+- optionally (``fine_tune_frozen_blocks``) the stem and first blocks kept as ImageNet trained: a step then costs
+  less, as backpropagation stops at the first trained block.
 
 Stopped part-way (Ctrl-C, a killed pod), the same call with the same ``checkpoint_dir`` resumes after the last
 finished epoch: ``keras.callbacks.BackupAndRestore`` restores the weights, optimizer and epoch, and
@@ -26,6 +28,7 @@ each run.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from training_job.bottlenecks import BaseNetwork, Bottlenecks, global_pooling, load_pixels
-from training_job.fine_tune import trainable_head
+from training_job.fine_tune import MOBILENET_BLOCKS, trainable_head
 from training_job.train import Head, TrainConfig, split_rows
 
 # Fine-tuning epochs unless the config sets them: where the cosine decay ends. Chosen in cross-validation
@@ -57,9 +60,48 @@ def feature_model(base: BaseNetwork):
     return keras.Model(base.imagenet_model.inputs, global_pooling(base.imagenet_model).output, name="features")
 
 
-def tuned_copy(base: BaseNetwork, weights_file: Path | None = None):
-    """A separate copy of the feature path (its own variables), named ``tuned_features``; BatchNorm frozen."""
+# The layers of a base network's first blocks, by family: the stem is part of block 1. EfficientNet-Lite's are
+# "stem_*" and "block<i>_*" (i from 0); MobileNet v1's "conv1*" and "conv_{dw,pw,pad}_<k>*" (k from 1).
+_LITE_BLOCK = re.compile(r"block(\d+)_")
+_MOBILENET_BLOCK = re.compile(r"conv_(?:dw|pw|pad)_(\d+)")
+
+
+def early_block(architecture_family: str, layer_name: str) -> int | None:
+    """The 1-based block of the base network that ``layer_name`` belongs to, with the stem in block 1; None for the
+    layers after the blocks (the last convolution, the pooling, the classifier) or a family without named blocks."""
+    if architecture_family == "efficientnet_lite":
+        if layer_name.startswith("stem_"):
+            return 1
+        match = _LITE_BLOCK.match(layer_name)
+        return int(match.group(1)) + 1 if match else None
+    if architecture_family == "mobilenet":
+        if layer_name.startswith("conv1"):
+            return 1
+        match = _MOBILENET_BLOCK.match(layer_name)
+        return int(match.group(1)) if match else None
+    return None
+
+
+def block_count(architecture: str) -> int:
+    """The blocks of ``architecture`` as ``early_block`` numbers them (0 for a family without named blocks);
+    ``--fine_tune_frozen_blocks`` may keep all but the last frozen."""
+    from training_job.base_weights import parse_architecture
+    from training_job.efficientnet_lite import LITE_SPECS, block_plan
+
+    arch = parse_architecture(architecture)
+    if arch.family == "efficientnet_lite":
+        return len(block_plan(LITE_SPECS[arch.variant]))
+    if arch.family == "mobilenet":
+        return MOBILENET_BLOCKS
+    return 0
+
+
+def tuned_copy(base: BaseNetwork, weights_file: Path | None = None, frozen_blocks: int = 0):
+    """A separate copy of the feature path (its own variables), named ``tuned_features``; BatchNorm frozen, and the
+    stem and first ``frozen_blocks`` blocks frozen whole (backpropagation then stops at the first trained block)."""
     import keras
+
+    from training_job.base_weights import parse_architecture
 
     original = feature_model(base)
     copy = keras.models.clone_model(original)
@@ -68,8 +110,11 @@ def tuned_copy(base: BaseNetwork, weights_file: Path | None = None):
         copy.load_weights(str(weights_file))
     else:
         copy.set_weights(original.get_weights())
+    family = parse_architecture(base.architecture).family if frozen_blocks else None
     for layer in copy.layers:
-        layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+        block = early_block(family, layer.name) if frozen_blocks else None
+        layer.trainable = (not isinstance(layer, keras.layers.BatchNormalization)
+                           and (block is None or block > frozen_blocks))
     return copy
 
 
@@ -306,7 +351,7 @@ def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, te
     C = len(head.labels)
 
     keras.utils.set_random_seed(config.seed)
-    tuned = tuned_copy(base)
+    tuned = tuned_copy(base, frozen_blocks=config.fine_tune_frozen_blocks)
     inputs = keras.Input((size, size, 3), name="pixels")
     x = inputs if base.normalises_inside else keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
     x = tuned(x)

@@ -75,6 +75,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, architecture: bool =
     g.add_argument("--fine_tune_crop_min", type=float, default=_DEFAULTS.fine_tune_crop_min,
                    help="whole fine-tuning's augmentation: the random square crops keep this fraction of the side "
                         "or more (0 < x <= 1)")
+    g.add_argument("--fine_tune_frozen_blocks", type=int, default=_DEFAULTS.fine_tune_frozen_blocks,
+                   help="whole fine-tuning keeps the stem and this many first blocks of the base as ImageNet trained: "
+                        "each step is cheaper, as backpropagation stops where training starts (0 = train them all)")
     g.add_argument("--fine_tune_max_minutes", type=float, default=_DEFAULTS.fine_tune_max_minutes,
                    help="wall-clock budget of whole-network fine-tuning (checked after each epoch)")
     g.add_argument("--mirror_tta", action="store_true",
@@ -107,7 +110,7 @@ def config_from_args(args, **override) -> TrainConfig:
         l2=args.l2, patience=args.patience, seed=args.seed, fine_tune_blocks=args.fine_tune_blocks,
         fine_tune_learning_rate=args.fine_tune_learning_rate, fine_tune_epochs=args.fine_tune_epochs,
         fine_tune_whole=whole_fine_tuning(args), fine_tune_warmup_epochs=args.fine_tune_warmup_epochs,
-        fine_tune_crop_min=args.fine_tune_crop_min,
+        fine_tune_crop_min=args.fine_tune_crop_min, fine_tune_frozen_blocks=args.fine_tune_frozen_blocks,
         fine_tune_max_minutes=args.fine_tune_max_minutes, mirror_tta=args.mirror_tta,
     )
     values.update(override)
@@ -160,6 +163,16 @@ def check_config(config: TrainConfig) -> None:
                             "--fine_tune_warmup_epochs at least 0")
         if not 0 < config.fine_tune_crop_min <= 1:
             problems.append(f"--fine_tune_crop_min must be in (0, 1] (got {config.fine_tune_crop_min})")
+        if config.fine_tune_frozen_blocks:
+            from training_job.whole_fine_tune import block_count
+
+            blocks = block_count(config.architecture)
+            if not blocks:
+                problems.append(f"--fine_tune_frozen_blocks works with efficientnet_lite<N> and "
+                                f"mobilenet_<alpha>_<size> (named blocks), not {config.architecture}")
+            elif not 0 <= config.fine_tune_frozen_blocks < blocks:
+                problems.append(f"--fine_tune_frozen_blocks must be between 0 and {blocks - 1} for "
+                                f"{config.architecture} (got {config.fine_tune_frozen_blocks})")
     if config.weights_file and not Path(config.weights_file).is_file():
         problems.append(f"--weights_file {config.weights_file} does not exist")
     if problems:
