@@ -47,7 +47,7 @@ SCRIPTS = {
 CV_RESULTS = ("accuracy_cv", "accuracy_cv_bases", "accuracy_cv_whole", "accuracy_cv_whole_short",
               "accuracy_cv_photos", "accuracy_cv_whole_lr", "accuracy_cv_whole_lr6", "accuracy_cv_whole_nocrop",
               "accuracy_cv_whole_default", "accuracy_cv_whole_3",
-              "accuracy_cv_whole_192")
+              "accuracy_cv_whole_192", "accuracy_cv_whole_frozen", "accuracy_cv_whole_mirror")
 TIMED = {"raw_model", "model_server", "gateway", "tflite"}  # the scripts that take --seconds
 
 

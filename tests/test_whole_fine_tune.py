@@ -153,7 +153,7 @@ def test_frozen_blocks_keep_their_imagenet_weights_while_the_rest_trains(tiny):
                                                    "global_average_pooling2d")] == [1, 1, 2, 13, None]
 
 
-def test_frozen_blocks_are_refused_where_they_mean_nothing():
+def test_frozen_blocks_default_where_the_base_has_blocks_and_are_refused_elsewhere():
     from training_job.cli import build_parser
     from training_job.commands.train import config_from_args
     from training_job.errors import UserError
@@ -165,6 +165,14 @@ def test_frozen_blocks_are_refused_where_they_mean_nothing():
         == 15
     assert config("--architecture", "mobilenet_1.0_224", "--fine_tune_frozen_blocks", "12").fine_tune_frozen_blocks \
         == 12
+    # by default the recipe's FROZEN_BLOCKS where the base has named blocks, none where it has not (not refused)
+    from training_job.whole_fine_tune import FROZEN_BLOCKS, frozen_blocks_asked
+
+    assert FROZEN_BLOCKS == 3
+    for architecture, frozen in (("efficientnet_lite0", 3), ("efficientnet_lite2", 3), ("mobilenet_1.0_224", 3),
+                                 ("mobilenet_v2_1.0_224", 0), ("inception_v3", 0)):
+        assert frozen_blocks_asked(config("--architecture", architecture)) == frozen
+    assert frozen_blocks_asked(config("--fine_tune_frozen_blocks", "0")) == 0
     for architecture, blocks, message in (("efficientnet_lite0", "16", "between 0 and 15"),
                                           ("efficientnet_lite0", "-1", "between 0 and 15"),
                                           ("mobilenet_1.0_224", "13", "between 0 and 12"),

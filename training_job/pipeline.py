@@ -108,7 +108,7 @@ def train_run(rows, config: TrainConfig, run_dir: Path | None = None, *, base: B
         import shutil
 
         from training_job.whole_fine_tune import (CHECKPOINT_FOLDER, TUNED_NETWORK_FILE, epochs_asked,
-                                                 fine_tune_whole, peak_learning_rate)
+                                                 fine_tune_whole, frozen_blocks_asked, peak_learning_rate)
 
         (run_dir / TUNED_NETWORK_FILE).unlink(missing_ok=True)
         whole = fine_tune_whole(rows, config, base, head, result.tensorboard_dir,
@@ -117,6 +117,7 @@ def train_run(rows, config: TrainConfig, run_dir: Path | None = None, *, base: B
         shutil.rmtree(run_dir / CHECKPOINT_FOLDER, ignore_errors=True)
         head, split_bottlenecks = whole.head, whole.split_bottlenecks
         summary["fine_tune_whole"] = {"learning_rate": peak_learning_rate(config),
+                                      "frozen_blocks": frozen_blocks_asked(config),
                                       "epochs_asked": epochs_asked(config),
                                       "epochs_planned": whole.planned_epochs,
                                       "epochs_run": whole.epochs_run, "best_epoch": whole.best_epoch,

@@ -59,8 +59,9 @@ class TrainConfig:
     fine_tune_whole: bool = True
     fine_tune_warmup_epochs: int = 1
     fine_tune_crop_min: float = 0.8  # whole fine-tuning's random crops keep this much of the side, or more
-    # whole fine-tuning keeps the base's stem and first blocks as ImageNet trained (whole_fine_tune.tuned_copy)
-    fine_tune_frozen_blocks: int = 0
+    # whole fine-tuning keeps the base's stem and first blocks as ImageNet trained (whole_fine_tune.tuned_copy);
+    # None: whole_fine_tune.FROZEN_BLOCKS where the base has named blocks
+    fine_tune_frozen_blocks: int | None = None
     # whole-network fine-tuning's wall-clock budget: the default recipe's 6 epochs fit where an epoch takes under 40 s;
     # a slower machine runs fewer (whole_fine_tune.BestEpoch), so that `make run` stays within 10 minutes
     fine_tune_max_minutes: float | None = 4.0

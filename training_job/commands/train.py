@@ -9,7 +9,8 @@ from training_job.commands import add_flag
 from training_job.errors import UserError
 from training_job.fine_tune import EPOCHS as BLOCKS_EPOCHS, LEARNING_RATE as BLOCKS_LEARNING_RATE
 from training_job.train import TrainConfig
-from training_job.whole_fine_tune import EPOCHS as WHOLE_EPOCHS, LEARNING_RATE as WHOLE_LEARNING_RATE
+from training_job.whole_fine_tune import EPOCHS as WHOLE_EPOCHS, FROZEN_BLOCKS as WHOLE_FROZEN_BLOCKS
+from training_job.whole_fine_tune import LEARNING_RATE as WHOLE_LEARNING_RATE
 
 _DEFAULTS = TrainConfig()
 
@@ -77,7 +78,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, architecture: bool =
                         "or more (0 < x <= 1)")
     g.add_argument("--fine_tune_frozen_blocks", type=int, default=_DEFAULTS.fine_tune_frozen_blocks,
                    help="whole fine-tuning keeps the stem and this many first blocks of the base as ImageNet trained: "
-                        "each step is cheaper, as backpropagation stops where training starts (0 = train them all)")
+                        "each step is cheaper, as backpropagation stops where training starts (0 = train them all; "
+                        f"default {WHOLE_FROZEN_BLOCKS} for efficientnet_lite<N> and mobilenet_<alpha>_<size>)")
     g.add_argument("--fine_tune_max_minutes", type=float, default=_DEFAULTS.fine_tune_max_minutes,
                    help="wall-clock budget of whole-network fine-tuning (checked after each epoch)")
     g.add_argument("--mirror_tta", action="store_true",
@@ -163,7 +165,7 @@ def check_config(config: TrainConfig) -> None:
                             "--fine_tune_warmup_epochs at least 0")
         if not 0 < config.fine_tune_crop_min <= 1:
             problems.append(f"--fine_tune_crop_min must be in (0, 1] (got {config.fine_tune_crop_min})")
-        if config.fine_tune_frozen_blocks:
+        if config.fine_tune_frozen_blocks:  # None: the recipe's default, which fits any base
             from training_job.whole_fine_tune import block_count
 
             blocks = block_count(config.architecture)
@@ -230,9 +232,10 @@ def print_summary(run_dir: Path, metrics: dict) -> None:
         w = summary["fine_tune_whole"]
         shortened = (f"; it ended the learning rate's decay after {w['epochs_planned']} of {w['epochs_asked']} "
                      "epochs" if w["stopped_by"] == TIME_BUDGET else "")
-        print(f"whole-network fine-tuning: {w['epochs_run']} epochs (best {w['best_epoch']}, stopped by "
-              f"{w['stopped_by'] or 'the epoch limit'}{shortened}) in {w['seconds']:.0f} s; validation accuracy "
-              f"{w['validation_accuracy_before']:.4f} -> {w['validation_accuracy']:.4f}")
+        print(f"whole-network fine-tuning (stem and first {w['frozen_blocks']} blocks frozen): {w['epochs_run']} "
+              f"epochs (best {w['best_epoch']}, stopped by {w['stopped_by'] or 'the epoch limit'}{shortened}) in "
+              f"{w['seconds']:.0f} s; validation accuracy {w['validation_accuracy_before']:.4f} -> "
+              f"{w['validation_accuracy']:.4f}")
     if "calibration" in metrics:
         c = metrics["calibration"]
         print(f"calibration: temperature {c['temperature']:.3f}; expected calibration error on test "
