@@ -11,9 +11,9 @@ to 100 % of the side resized back, brightness x0.9-1.1), with:
   still left are those that fit in the budget at the pace of the epoch just run, and when fewer fit than planned
   the cosine decay is brought forward to end with the last one that fits, so a slow machine runs a shorter recipe
   to its end instead of stopping in the middle of one;
-- float32 throughout (mixed precision brings nothing on CPU);
 - the stem and first blocks (``fine_tune_frozen_blocks``, default FROZEN_BLOCKS) kept as ImageNet trained: a step
   costs less, as backpropagation stops at the first trained block;
+- float32 throughout (mixed precision brings nothing on CPU).
 
 Stopped part-way (Ctrl-C, a killed pod), the same call with the same ``checkpoint_dir`` resumes after the last
 finished epoch: ``keras.callbacks.BackupAndRestore`` restores the weights, optimizer and epoch, and

@@ -232,7 +232,8 @@ def print_summary(run_dir: Path, metrics: dict) -> None:
         w = summary["fine_tune_whole"]
         shortened = (f"; it ended the learning rate's decay after {w['epochs_planned']} of {w['epochs_asked']} "
                      "epochs" if w["stopped_by"] == TIME_BUDGET else "")
-        print(f"whole-network fine-tuning (stem and first {w['frozen_blocks']} blocks frozen): {w['epochs_run']} "
+        frozen = f" (stem and first {w['frozen_blocks']} blocks frozen)" if w.get("frozen_blocks") else ""
+        print(f"whole-network fine-tuning{frozen}: {w['epochs_run']} "
               f"epochs (best {w['best_epoch']}, stopped by {w['stopped_by'] or 'the epoch limit'}{shortened}) in "
               f"{w['seconds']:.0f} s; validation accuracy {w['validation_accuracy_before']:.4f} -> "
               f"{w['validation_accuracy']:.4f}")
