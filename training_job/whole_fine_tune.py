@@ -285,6 +285,18 @@ def augment(image, size: int, crop_min: float = 0.8):
 
 
 
+def augmented_batches(pixels: np.ndarray, labels: np.ndarray, classes: int, config: TrainConfig, size: int):
+    """The training photos (uint8 [N, S, S, 3]) as a tf.data pipeline: shuffled each epoch, ``augment``ed on the fly,
+    in batches of ``train_batch_size`` with one-hot labels."""
+    import tensorflow as tf
+
+    return (tf.data.Dataset.from_tensor_slices((pixels, tf.one_hot(labels, classes)))
+            .shuffle(len(pixels), seed=config.seed, reshuffle_each_iteration=True)
+            .map(lambda image, y: (augment(tf.cast(image, tf.float32), size, config.fine_tune_crop_min), y),
+                 num_parallel_calls=tf.data.AUTOTUNE)
+            .batch(config.train_batch_size).prefetch(1))
+
+
 def peak_learning_rate(config: TrainConfig) -> float:
     """The rate the schedule peaks at: the config's, or LEARNING_RATE."""
     return config.fine_tune_learning_rate or LEARNING_RATE
@@ -376,11 +388,7 @@ def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, te
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
                   metrics=["accuracy", keras.metrics.CategoricalCrossentropy(name="cross_entropy")])
 
-    train = (tf.data.Dataset.from_tensor_slices((pixels["train"], tf.one_hot(labels["train"], C)))
-             .shuffle(n_train, seed=config.seed, reshuffle_each_iteration=True)
-             .map(lambda image, y: (augment(tf.cast(image, tf.float32), size, config.fine_tune_crop_min), y),
-                  num_parallel_calls=tf.data.AUTOTUNE)
-             .batch(config.train_batch_size).prefetch(1))
+    train = augmented_batches(pixels["train"], labels["train"], C, config, size)
     validation = (tf.data.Dataset.from_tensor_slices(
         (tf.cast(pixels["validation"], tf.float32), tf.one_hot(labels["validation"], C)))
         .batch(config.validation_batch_size))
