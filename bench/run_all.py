@@ -35,6 +35,7 @@ SCRIPTS = {
     "decode": ["-m", "bench.decode_bench"],
     "gateway_cpu": ["-m", "bench.gateway_cpu_bench"],
     "train": [str(BENCH_DIR / "train_bench.py")],
+    "fine_tune_step": ["-m", "bench.fine_tune_step_bench"],
     "accuracy_cv": ["-m", "bench.accuracy_cv"],
     "calibration_cv": ["-m", "bench.calibration_cv"],
     "served_latency": ["-m", "bench.served_latency"],
@@ -244,6 +245,13 @@ def rows() -> list[dict]:
             f"{gateway_cpu['photos']} photos): preprocess_bytes + the rest (bench/gateway_cpu_bench.py)",
             f"{cpu['median']:.2f} ms = {cpu['preprocess']:.2f} + {cpu['rest']:.2f} ms", "-", None,
             source="gateway_cpu.json")
+    step = load("fine_tune_step")
+    if step:
+        add(f"whole fine-tuning step ({step['architecture']}, batch {step['batch']}, the training job's pipeline), "
+            "by frozen first blocks, settings alternating in one process: wall and CPU time against the first",
+            "; ".join(f"{name} {row['wall_s']:.2f} s ({row['wall_ratio']:.2f}x), CPU {row['cpu_s']:.2f} s "
+                      f"({row['cpu_ratio']:.2f}x)" for name, row in step["settings"].items()),
+            "-", None, source="fine_tune_step.json")
     train = load("train")
     if train:
         # files written before the default recipe fine-tuned the whole network measured the head alone only

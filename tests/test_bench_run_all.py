@@ -163,3 +163,12 @@ def test_the_served_cost_of_each_recipe_is_listed(monkeypatch):
     _rows(monkeypatch, {"served_latency": {"cores": 2, "batch": 32, "recipes": {"lite0_frozen": row}}})
     (listed,) = [r for r in run_all.rows() if r["what"].startswith("served cost of each recipe")]
     assert listed["measured"] == "lite0_frozen 9.0 / 5.2 ms, 201 img/s" and listed["met"] is None
+
+
+def test_the_fine_tuning_step_by_frozen_blocks_is_listed(monkeypatch):
+    settings = {"frozen_0": {"wall_s": 2.0, "cpu_s": 3.0, "wall_ratio": 1.0, "cpu_ratio": 1.0},
+                "frozen_3": {"wall_s": 1.2, "cpu_s": 2.4, "wall_ratio": 0.6, "cpu_ratio": 0.8}}
+    _rows(monkeypatch, {"fine_tune_step": {"architecture": "efficientnet_lite0", "batch": 32, "settings": settings}})
+    (listed,) = [r for r in run_all.rows() if r["what"].startswith("whole fine-tuning step")]
+    assert listed["measured"] == ("frozen_0 2.00 s (1.00x), CPU 3.00 s (1.00x); "
+                                  "frozen_3 1.20 s (0.60x), CPU 2.40 s (0.80x)") and listed["met"] is None
