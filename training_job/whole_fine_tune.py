@@ -46,8 +46,8 @@ EPOCHS = 6
 # (bench/results/accuracy_cv_whole_lr.json against accuracy_cv_whole_short.json's 1e-4).
 LEARNING_RATE = 3e-4
 # The stem and first blocks kept frozen unless the config says otherwise, where the base has named blocks. Chosen in
-# cross-validation (bench/results/accuracy_cv_whole_frozen.json: 3 blocks scored as training every block, 5 blocks
-# slightly less) for the cheaper step.
+# cross-validation (bench/results/accuracy_cv_whole_frozen.json, and accuracy_cv_whole_mirror.json's second run: 3
+# blocks score as training every block within the noise between runs) for the cheaper step (fine_tune_step.json).
 FROZEN_BLOCKS = 3
 TUNED_NETWORK_FILE = "fine_tuned_network.weights.h5"
 # what stopped a run the time budget stopped: after the epoch it had brought the end of the decay forward to, or
