@@ -116,7 +116,7 @@ def tuned_copy(base: BaseNetwork, weights_file: Path | None = None, frozen_block
         copy.set_weights(original.get_weights())
     family = parse_architecture(base.architecture).family if frozen_blocks else None
     for layer in copy.layers:
-        block = early_block(family, layer.name) if frozen_blocks else None
+        block = early_block(family, layer.name)
         layer.trainable = (not isinstance(layer, keras.layers.BatchNormalization)
                            and (block is None or block > frozen_blocks))
     return copy
