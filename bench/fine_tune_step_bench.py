@@ -1,7 +1,7 @@
 """Wall and CPU time of one whole fine-tuning step by the number of frozen first blocks (``--fine_tune_frozen_blocks``),
 the settings alternating in one process so that each sees the same minutes of a shared machine.
 
-Each setting is the training job's tuned copy of the base (``whole_fine_tune.tuned_copy``) under a softmax layer,
+Each setting is the network whole fine-tuning trains (``whole_fine_tune.tuned_on_pixels``) under a softmax layer,
 compiled with Adam, fed by the training job's own pipeline (``whole_fine_tune.augmented_batches``: shuffle, augment on
 the fly, batch, prefetch) over --photos of the shared photos. After two untimed steps each (tracing), every round
 times --steps steps of each setting in turn, the order reversed every other round; a setting's figure is the median
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     from training_job.bottlenecks import BaseNetwork
     from training_job.preprocessing import load_image_file
     from training_job.train import TrainConfig
-    from training_job.whole_fine_tune import augmented_batches, tuned_copy
+    from training_job.whole_fine_tune import augmented_batches, tuned_copy, tuned_on_pixels
 
     base = BaseNetwork(args.architecture)
     size = base.image_size
@@ -74,10 +74,8 @@ def main(argv=None) -> int:
     batches = iter(augmented_batches(pixels, labels, classes, config, size).repeat())
 
     def setting(blocks: int):
-        inputs = keras.Input((size, size, 3))
-        x = inputs if base.normalises_inside else keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
-        outputs = keras.layers.Dense(classes, activation="softmax")(tuned_copy(base, frozen_blocks=blocks)(x))
-        model = keras.Model(inputs, outputs)
+        inputs, features = tuned_on_pixels(base, tuned_copy(base, frozen_blocks=blocks))
+        model = keras.Model(inputs, keras.layers.Dense(classes, activation="softmax")(features))
         model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="categorical_crossentropy")
 
         def step():

@@ -285,6 +285,16 @@ def augment(image, size: int, crop_min: float = 0.8):
 
 
 
+def tuned_on_pixels(base: BaseNetwork, tuned):
+    """(inputs, features): float pixels in [0, 255] in, normalised as ``base`` expects, through ``tuned``: the network
+    whole fine-tuning trains, before its head."""
+    import keras
+
+    inputs = keras.Input((base.image_size, base.image_size, 3), name="pixels")
+    x = inputs if base.normalises_inside else keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
+    return inputs, tuned(x)
+
+
 def augmented_batches(pixels: np.ndarray, labels: np.ndarray, classes: int, config: TrainConfig, size: int):
     """The training photos (uint8 [N, S, S, 3]) as a tf.data pipeline: shuffled each epoch, ``augment``ed on the fly,
     in batches of ``train_batch_size`` with one-hot labels."""
@@ -376,11 +386,8 @@ def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, te
 
     keras.utils.set_random_seed(config.seed)
     tuned = tuned_copy(base, frozen_blocks=frozen_blocks_asked(config))
-    inputs = keras.Input((size, size, 3), name="pixels")
-    x = inputs if base.normalises_inside else keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
-    x = tuned(x)
-    x = trainable_head(x, head, config)
-    model = keras.Model(inputs, x)
+    inputs, features = tuned_on_pixels(base, tuned)
+    model = keras.Model(inputs, trainable_head(features, head, config))
 
     n_train = len(labels["train"])
     schedule = learning_rate_schedule(config, n_train)
