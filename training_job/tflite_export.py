@@ -49,9 +49,17 @@ def saved_model_signature_def(saved_model_dir: Path, key: str = SERVING_SIGNATUR
     raise ValueError(f"{saved_model_dir} has no MetaGraphDef tagged {sorted(tags)}")
 
 
-def convert_serving_default(saved_model_dir: Path, representative: np.ndarray | None = None) -> bytes:
+def load_saved_model(saved_model_dir: Path):
+    """The SavedModel in ``saved_model_dir``, loaded for ``convert_serving_default`` (one load serves both files)."""
+    import tensorflow as tf
+
+    return tf.saved_model.load(str(saved_model_dir))
+
+
+def convert_serving_default(saved_model_dir: Path, representative: np.ndarray | None = None, loaded=None) -> bytes:
     """The SavedModel's ``serving_default`` as a TFLite file carrying that SignatureDef (float; with
-    ``representative`` uint8 photos [N, S, S, 3], int8 calibrated on them, ops without an int8 kernel kept float)."""
+    ``representative`` uint8 photos [N, S, S, 3], int8 calibrated on them, ops without an int8 kernel kept float).
+    ``loaded``: the SavedModel as ``load_saved_model`` returned it, when the caller has it already."""
     import contextlib
     import io
     import warnings
@@ -60,9 +68,14 @@ def convert_serving_default(saved_model_dir: Path, representative: np.ndarray | 
 
     # From the loaded signature, not from_saved_model: that one keeps as resource variables (VAR_HANDLE/READ_VARIABLE,
     # left uninitialised in the served subgraph) the variables it finds assigned anywhere in the SavedModel; this
-    # freezes every variable into a constant.
-    loaded = tf.saved_model.load(str(saved_model_dir))
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([loaded.signatures[SERVING_SIGNATURE]], loaded)
+    # freezes every variable into a constant. The converter saves the object it is given (with the function) to a
+    # temporary SavedModel and converts that: an object tracking only this function's variables, rather than the
+    # whole loaded model, spares it re-saving every other signature (Grad-CAM's gradients among them).
+    loaded = loaded or load_saved_model(saved_model_dir)  # alive until the conversion ends: it owns the variables
+    serving = loaded.signatures[SERVING_SIGNATURE]
+    serving_variables = tf.Module()
+    serving_variables.captured = list(serving.variables)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([serving], serving_variables)
     if representative is not None:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: ({"images": p[None]} for p in representative)
@@ -123,8 +136,9 @@ def export_tflite(version_dir: Path, rows, labels: list[str], image_size: int,
     test_pixels = np.stack([load_image_file(r.path, image_size) for r in test_rows])
     y_test = np.array([index[r.label] for r in test_rows])
     result = {"representative_photos": int(len(representative)), "signatures": [SERVING_SIGNATURE]}
+    loaded = load_saved_model(version_dir)
     for name, rep, path in (("float", None, Path(TFLITE_FILE)), ("int8", representative, INT8_FILE)):
-        model_bytes = convert_serving_default(version_dir, rep)
+        model_bytes = convert_serving_default(version_dir, rep, loaded)
         (version_dir / path).parent.mkdir(parents=True, exist_ok=True)
         (version_dir / path).write_bytes(model_bytes)
         result[f"{name}_test_accuracy"] = tflite_accuracy(model_bytes, test_pixels, y_test)
