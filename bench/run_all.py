@@ -36,6 +36,7 @@ SCRIPTS = {
     "gateway_cpu": ["-m", "bench.gateway_cpu_bench"],
     "train": [str(BENCH_DIR / "train_bench.py")],
     "fine_tune_step": ["-m", "bench.fine_tune_step_bench"],
+    "publish": ["-m", "bench.publish_bench"],
     "accuracy_cv": ["-m", "bench.accuracy_cv"],
     "calibration_cv": ["-m", "bench.calibration_cv"],
     "served_latency": ["-m", "bench.served_latency"],
@@ -252,6 +253,15 @@ def rows() -> list[dict]:
             "; ".join(f"{name} {row['wall_s']:.2f} s ({row['wall_ratio']:.2f}x), CPU {row['cpu_s']:.2f} s "
                       f"({row['cpu_ratio']:.2f}x)" for name, row in step["settings"].items()),
             "-", None, source="fine_tune_step.json")
+    publish = load("publish")
+    if publish:
+        compared = publish.get("compared_to")
+        add("publishing a trained run (`training_job publish`, the whole command into an empty registry: SavedModel, "
+            "model.tflite, int8 file and variant), median of the rounds"
+            + (f"; against {compared.get('label', compared['checkout'])}, rounds alternating" if compared else ""),
+            f"{publish['publish_seconds']['median']:.1f} s"
+            + (f" vs {compared['publish_seconds']['median']:.1f} s ({compared['this_over_compared']['median']:.2f}x)"
+               if compared else ""), "-", None, source="publish.json")
     train = load("train")
     if train:
         # files written before the default recipe fine-tuned the whole network measured the head alone only
