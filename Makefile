@@ -20,6 +20,7 @@ bench: setup
 	$(PY) -m bench.run_all
 
 test: setup
+	$(PY) -m training_job weights  # every base the tests use (setup converts the default's only)
 	$(PY) -m pytest -q tests
 
 clean:

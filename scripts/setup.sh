@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup of a fresh machine: virtualenv with pinned dependencies, Debian's redis-server and prometheus,
-# and the offline ImageNet base weights (converted once into ~/.cache/mushroom-serving).
+# and the default base network's offline ImageNet weights (converted once into ~/.cache/mushroom-serving; the
+# other bases' when first used).
 set -euo pipefail
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 cd "$(dirname "$0")/.."
@@ -43,4 +44,4 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 "$VENV/bin/python" -m services.protos  # Python stubs of protos/ (gitignored)
-"$VENV/bin/python" -m training_job weights
+"$VENV/bin/python" -m training_job weights --default_architecture  # the other bases: when first used

@@ -59,3 +59,21 @@ def test_missing_offline_weights_say_how_to_supply_them(monkeypatch):
     monkeypatch.setattr(keras.applications, "MobileNetV2", lambda **kw: no_internet() if kw["weights"] else None)
     with pytest.raises(WeightsUnavailable, match="--weights_file"):
         build_imagenet_model("mobilenet_v2_1.0_224")
+
+
+def test_setup_prepares_only_the_default_architectures_weights(monkeypatch, capsys):
+    """`make run` on a fresh machine converts what it trains (scripts/setup.sh: weights --default_architecture);
+    every other base is prepared when first used, and `weights` alone still prepares them all."""
+    from training_job import base_weights
+    from training_job.cli import main
+    from training_job.paths import PROJECT_ROOT
+    from training_job.train import DEFAULT_ARCHITECTURE
+
+    prepared = []
+    monkeypatch.setattr(base_weights, "prepare_weights", lambda architecture, force=False: prepared.append(architecture))
+    assert main(["weights", "--default_architecture"]) == 0
+    assert prepared == [DEFAULT_ARCHITECTURE]
+    prepared.clear()
+    assert main(["weights"]) == 0
+    assert prepared == list(base_weights.OFFLINE_ARCHITECTURES)
+    assert "weights --default_architecture" in (PROJECT_ROOT / "scripts" / "setup.sh").read_text()
