@@ -118,7 +118,7 @@ def test_run_fine_tunes_the_whole_network_unless_told_otherwise():
 
     default = config()
     assert default.architecture == "efficientnet_lite0" and default.fine_tune_whole
-    assert default.fine_tune_max_minutes == 4 and (default.fine_tune_epochs or EPOCHS) == 6
+    assert default.fine_tune_max_minutes == 5 and (default.fine_tune_epochs or EPOCHS) == 6
     assert not config("--no_fine_tune_whole").fine_tune_whole
     blocks = config("--architecture", "mobilenet_1.0_224", "--fine_tune_blocks", "1")
     assert blocks.fine_tune_blocks == 1 and not blocks.fine_tune_whole
