@@ -126,6 +126,21 @@ def test_run_fine_tunes_the_whole_network_unless_told_otherwise():
         config("--architecture", "mobilenet_1.0_224", "--fine_tune_blocks", "1", "--fine_tune_whole")
 
 
+def test_the_not_a_mushroom_threshold_is_the_1_percent_validation_quantile_unless_told_otherwise():
+    """README ("The check's threshold is a low quantile"): 1 % (bench/results/open_set_rates.json), one default
+    that the train and run commands and the sweep all take."""
+    import inspect
+
+    from training_job.cli import build_parser
+    from training_job.open_set import DEFAULT_REJECT_RATE
+    from training_job.sweep import run_sweep
+
+    assert DEFAULT_REJECT_RATE == 0.01
+    for command in ("run", "train"):
+        assert build_parser().parse_args([command]).open_set_reject_rate == DEFAULT_REJECT_RATE
+    assert inspect.signature(run_sweep).parameters["reject_rate"].default == DEFAULT_REJECT_RATE
+
+
 def test_whole_fine_tuning_peaks_at_its_own_learning_rate_unless_told_otherwise():
     """The default recipe's peak learning rate (README, "The default recipe fine-tunes the whole of Lite0") is
     whole_fine_tune.LEARNING_RATE, --fine_tune_blocks keeps its own, and a rate or epoch count of 0 is refused rather

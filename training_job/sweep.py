@@ -7,12 +7,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from training_job.bottlenecks import BaseNetwork
+from training_job.open_set import DEFAULT_REJECT_RATE
 from training_job.pipeline import tensorboard_dir, train_run
 from training_job.train import TrainConfig
 
 
 def run_sweep(rows, base_config: TrainConfig, learning_rates, architectures, sweep_dir: Path, *,
-              tensorboard_root: Path | None = None, not_mushrooms=None, reject_rate: float = 0.03,
+              tensorboard_root: Path | None = None, not_mushrooms=None, reject_rate: float = DEFAULT_REJECT_RATE,
               progress: bool = True) -> dict:
     sweep_dir = Path(sweep_dir)
     tensorboard_root = Path(tensorboard_root or tensorboard_dir()) / sweep_dir.name

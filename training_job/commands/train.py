@@ -8,6 +8,7 @@ from pathlib import Path
 from training_job.commands import add_flag
 from training_job.errors import UserError
 from training_job.fine_tune import EPOCHS as BLOCKS_EPOCHS, LEARNING_RATE as BLOCKS_LEARNING_RATE
+from training_job.open_set import DEFAULT_REJECT_RATE
 from training_job.train import TrainConfig
 from training_job.whole_fine_tune import EPOCHS as WHOLE_EPOCHS, FROZEN_BLOCKS as WHOLE_FROZEN_BLOCKS
 from training_job.whole_fine_tune import LEARNING_RATE as WHOLE_LEARNING_RATE
@@ -85,7 +86,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, architecture: bool =
     g.add_argument("--mirror_tta", action="store_true",
                    help="mirror test-time augmentation: the served model averages the base's features of each photo "
                         "and its mirror image (two passes per photo); calibration, open set and evaluation use them")
-    g.add_argument("--open_set_reject_rate", type=float, default=0.03,
+    g.add_argument("--open_set_reject_rate", type=float, default=DEFAULT_REJECT_RATE,
                    help="share of validation mushroom photos the 'not a mushroom' threshold may reject")
     g.add_argument("--not_mushrooms", default=None,
                    help="folder of non-mushroom photos to REPORT open-set rates on (never calibrated on); "
