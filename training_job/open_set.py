@@ -22,10 +22,9 @@ from training_job.base_weights import FUNGUS_CLASS_IDS
 
 METHODS = ("combined", "fungus_mass", "centroid_cosine")
 DEFAULT_METHOD = "combined"
-# A validation quantile from about a hundred photos is noisy, and on whole-fine-tuned features unseen mushrooms score
-# lower than validation ones: at 0.03, fresh runs rejected 4 to 11 % of the unseen mushrooms while every
-# not-mushroom photo scored far below the threshold; at 0.01, 1 to 7 % and 92 to 100 %
-# (bench/results/open_set_rates.json).
+# The validation quantile the threshold sits at: below the share of unseen mushrooms the check may reject, as a
+# quantile of about a hundred scores is noisy and whole-fine-tuned features score unseen mushrooms lower than
+# validation ones (bench/open_set_rates.py measures the rejected shares at each quantile).
 DEFAULT_REJECT_RATE = 0.01
 
 
