@@ -253,6 +253,21 @@ def rows() -> list[dict]:
             "; ".join(f"{name} {row['wall_s']:.2f} s ({row['wall_ratio']:.2f}x), CPU {row['cpu_s']:.2f} s "
                       f"({row['cpu_ratio']:.2f}x)" for name, row in step["settings"].items()),
             "-", None, source="fine_tune_step.json")
+    open_set = load("open_set_rates")
+    if open_set:  # run by hand on chosen versions (its --version arguments), so not in SCRIPTS
+
+        def unseen(row: dict, version: dict) -> float:
+            photos = version["photos"]
+            return ((row["test"] * photos["test"] + row["demo"] * photos["demo"])
+                    / max(photos["test"] + photos["demo"], 1))
+
+        add(f"'not a mushroom' by the validation quantile its threshold sits at, on {len(open_set['versions'])} "
+            "published versions (bench/open_set_rates.py): unseen mushrooms (test + demo) rejected; not-mushroom "
+            "photos rejected",
+            "; ".join(f"{rate}: " + ", ".join(f"{unseen(v['by_rate'][str(rate)], v):.3f}" for v in open_set["versions"])
+                      + " / " + ", ".join(f"{v['by_rate'][str(rate)]['not_mushrooms']:.2f}" for v in open_set["versions"])
+                      for rate in open_set["rates"]),
+            "<= 0.05 / >= 0.90", None, source="open_set_rates.json")
     publish = load("publish")
     if publish:
         compared = publish.get("compared_to")

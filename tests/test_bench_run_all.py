@@ -172,3 +172,21 @@ def test_the_fine_tuning_step_by_frozen_blocks_is_listed(monkeypatch):
     (listed,) = [r for r in run_all.rows() if r["what"].startswith("whole fine-tuning step")]
     assert listed["measured"] == ("frozen_0 2.00 s (1.00x), CPU 3.00 s (1.00x); "
                                   "frozen_3 1.20 s (0.60x), CPU 2.40 s (0.80x)") and listed["met"] is None
+
+
+def test_the_not_a_mushroom_rates_by_quantile_pool_test_and_demo_photos(monkeypatch):
+    version = {"photos": {"validation": 100, "test": 30, "demo": 10, "not_mushrooms": 60},
+               "by_rate": {"0.01": {"threshold": 0.6, "validation": 0.01, "test": 0.1, "demo": 0.0,
+                                    "not_mushrooms": 0.95}}}
+    _rows(monkeypatch, {"open_set_rates": {"rates": [0.01], "versions": [version, version]}})
+    (listed,) = [r for r in run_all.rows() if r["what"].startswith("'not a mushroom' by the validation quantile")]
+    assert listed["measured"] == "0.01: 0.075, 0.075 / 0.95, 0.95" and listed["met"] is None
+
+
+def test_the_publish_time_is_listed_against_the_compared_checkout(monkeypatch):
+    result = {"publish_seconds": {"median": 50.0},
+              "compared_to": {"checkout": "/tmp/x", "label": "abc123", "publish_seconds": {"median": 80.0},
+                              "this_over_compared": {"median": 0.625}}}
+    _rows(monkeypatch, {"publish": result})
+    (listed,) = [r for r in run_all.rows() if r["what"].startswith("publishing a trained run")]
+    assert "against abc123" in listed["what"] and listed["measured"] == "50.0 s vs 80.0 s (0.62x)"
