@@ -87,6 +87,16 @@ def alternating_rounds(phases: dict, rounds: int) -> dict[str, list]:
     return out
 
 
+def abba_rounds(phases: dict, rounds: int) -> dict[str, list]:
+    """``alternating_rounds`` with the order reversed every other round (a b, b a, a b, ...): a drift in the
+    machine's speed over the run then weighs on the first phase as on the last. Each phase's figures in order."""
+    out = {name: [] for name in phases}
+    for index in range(rounds):
+        for name in list(phases) if index % 2 == 0 else list(reversed(phases)):
+            out[name].append(phases[name]())
+    return out
+
+
 def batch_of(pixels: np.ndarray, batch: int) -> np.ndarray:
     """``batch`` photos from ``pixels`` (repeated when there are fewer)."""
     return np.resize(pixels, (batch,) + pixels.shape[1:])

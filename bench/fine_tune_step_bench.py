@@ -20,21 +20,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-from bench.common import median, sample_photos, write_result
+from bench.common import abba_rounds, median, sample_photos, write_result
 
 
 def step_times(steps: dict, rounds: int, steps_per_round: int, clocks=(time.perf_counter, time.process_time)) -> dict:
     """``steps``: setting -> a call running one training step. Each setting's (wall, CPU) seconds per step, one pair a
     round, the settings in turn and their order reversed every other round."""
-    times = {name: [] for name in steps}
-    for index in range(rounds):
-        order = list(steps) if index % 2 == 0 else list(reversed(steps))
-        for name in order:
+    def timed(step):
+        def one_round() -> tuple:
             before = [clock() for clock in clocks]
             for _ in range(steps_per_round):
-                steps[name]()
-            times[name].append(tuple((clock() - start) / steps_per_round for clock, start in zip(clocks, before)))
-    return times
+                step()
+            return tuple((clock() - start) / steps_per_round for clock, start in zip(clocks, before))
+        return one_round
+
+    return abba_rounds({name: timed(step) for name, step in steps.items()}, rounds)
 
 
 def summary(times: dict) -> dict:

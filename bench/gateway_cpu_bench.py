@@ -27,7 +27,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench.common import cpu_seconds, median, sample_photos, write_result
+from bench.common import abba_rounds, cpu_seconds, median, sample_photos, write_result
 from bench.stack import Stack, distinct_photos, load, measured
 from training_job.paths import shared_data_dir
 from training_job.preprocessing import Limits, preprocess_bytes
@@ -123,15 +123,17 @@ def main(argv=None) -> int:
         if args.compare_to:  # that checkout's code: its folder first on the path, not this one (the cwd)
             gateways["compared"] = stack.start_gateway(grpc=False, env={
                 "PYTHONPATH": str(args.compare_to.resolve()), "PYTHONSAFEPATH": "1"})
-        runs = {name: [] for name in gateways}
         for gateway in gateways.values():
             load("http", gateway, photos[:64], 8, count=64)  # connections, threads, first calls: untimed
-        for index in range(args.rounds):
-            order = list(gateways) if index % 2 == 0 else list(reversed(gateways))  # ABBA: drift hits both alike
-            for name in order:
-                runs[name].append(miss_round(stack, gateways[name], photos, args.concurrency))
-                print(f"round {index + 1} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in runs[name][-1].items()),
-                      flush=True)
+
+        def round_on(name: str):
+            def one_round() -> dict:
+                row = miss_round(stack, gateways[name], photos, args.concurrency)
+                print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
+                return row
+            return one_round
+
+        runs = abba_rounds({name: round_on(name) for name in gateways}, args.rounds)  # drift hits both alike
         for gateway in list(gateways.values()):
             stack.stop_gateway(gateway)  # SIGTERM: a profiled gateway writes its profile
     if args.profile:

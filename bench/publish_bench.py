@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import median, write_result
+from bench.common import abba_rounds, median, write_result
 from training_job.paths import PROJECT_ROOT, var_dir
 
 
@@ -50,14 +50,17 @@ def main(argv=None) -> int:
     checkouts = {"this": PROJECT_ROOT}
     if args.compare_to:
         checkouts["compared"] = args.compare_to.resolve()
-    seconds = {name: [] for name in checkouts}
     with tempfile.TemporaryDirectory(prefix="publish-bench-") as work:
-        for index in range(args.rounds):
-            order = list(checkouts) if index % 2 == 0 else list(reversed(checkouts))
-            for name in order:
-                registry = Path(work) / f"{name}-{index}"
-                seconds[name].append(publish_seconds(checkouts[name], run_dir.resolve(), registry))
-                print(f"round {index + 1} {name}: {seconds[name][-1]:.1f} s", flush=True)
+
+        def publish_with(name: str):
+            def one_round() -> float:
+                registry = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=work))  # empty, as a first publish finds it
+                took = publish_seconds(checkouts[name], run_dir.resolve(), registry)
+                print(f"{name}: {took:.1f} s", flush=True)
+                return took
+            return one_round
+
+        seconds = abba_rounds({name: publish_with(name) for name in checkouts}, args.rounds)
     result = {"run_dir": str(run_dir), "rounds": args.rounds,
               "publish_seconds": {"rounds": seconds["this"], "median": median(seconds["this"])}}
     if args.compare_to:
