@@ -2,8 +2,8 @@
 
 For each version (a SavedModel in the registry and the run folder it was published from), the served
 ``mushroom_score`` of the run's validation, test and demo photos and of the not-mushroom photos; then, for each
---rates value, the threshold the training job would set (that quantile of the validation scores,
-``open_set.calibrate``) and the share of each set it rejects. Issue 14's targets: >= 90 % of the not-mushroom
+--rates value, the threshold the training job would set (``open_set.threshold_at``: that quantile of the
+validation scores) and the share of each set it rejects. Issue 14's targets: >= 90 % of the not-mushroom
 photos rejected, <= 5 % of unseen mushrooms (test and demo) wrongly rejected.
 
 Usage: python -m bench.open_set_rates --version REGISTRY_VERSION_DIR RUN_DIR [--version ...] [--rates 0,0.01,0.03]
@@ -20,7 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 
 from bench.common import write_result
-from training_job.open_set import DEFAULT_REJECT_RATE
+from training_job.open_set import DEFAULT_REJECT_RATE, threshold_at
 from training_job.paths import shared_data_dir
 from training_job.preprocessing import load_image_file
 
@@ -33,7 +33,7 @@ def served_scores(signature, paths: list[Path], size: int) -> np.ndarray:
 
 
 def rates_at(scores: dict[str, np.ndarray], rate: float) -> dict:
-    threshold = float(np.quantile(scores["validation"], rate))
+    threshold = threshold_at(scores["validation"], rate)
     return {"threshold": threshold, **{name: float(np.mean(values < threshold)) for name, values in scores.items()}}
 
 

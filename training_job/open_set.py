@@ -80,13 +80,19 @@ def method_scores(method: str, features: np.ndarray, imagenet: np.ndarray, centr
     raise ValueError(f"unknown open-set method {method!r}; choose from {METHODS}")
 
 
+def threshold_at(validation_scores: np.ndarray, reject_rate: float) -> float:
+    """The threshold that rejects ``reject_rate`` of the validation photos: that quantile of their scores (0 when
+    there are none)."""
+    return float(np.quantile(validation_scores, reject_rate)) if len(validation_scores) else 0.0
+
+
 def calibrate(method: str, train_features, train_label_index, n_classes: int, val_features, val_imagenet,
               reject_rate: float = DEFAULT_REJECT_RATE) -> OpenSet:
     if not 0 <= reject_rate < 0.5:
         raise ValueError(f"the open-set reject rate must be in [0, 0.5), got {reject_rate}")
     centroids = class_centroids(train_features, train_label_index, n_classes)
     scores = method_scores(method, val_features, val_imagenet, centroids)
-    threshold = float(np.quantile(scores, reject_rate)) if len(scores) else 0.0
+    threshold = threshold_at(scores, reject_rate)
     return OpenSet(method, threshold, centroids, reject_rate, float(np.mean(scores < threshold)))
 
 
