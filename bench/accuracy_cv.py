@@ -21,10 +21,13 @@ Methods (``--methods``, comma-separated; the first is the reference of the paire
   ``lite0_fine_tuned_whole:6+fine_tune_learning_rate=3e-4``.
 Per method and fold: top-1 accuracy, balanced accuracy, expected calibration error before/after temperature scaling
 and the training seconds (head, plus fine-tuning; bottlenecks excluded, as they are cached across runs); for whole
-fine-tuning also its epochs run, best epoch and what stopped it.
+fine-tuning also its epochs run, best epoch and what stopped it. And the "not a mushroom" check as the training job
+calibrates it (``training_job.open_set.calibrate``: centroids from the fold's training photos, threshold at a quantile
+of its validation photos' scores) at each of ``OPEN_SET_RATES``: the share of the fold's test mushrooms and of the
+not-mushroom photos (``--not_mushrooms``) it rejects, and how many folds meet both of issue 14's targets.
 
 Usage: python -m bench.accuracy_cv [--data DIR] [--folds 5] [--methods frozen,lite0_frozen] [--result NAME]
-       [--compare-to RESULT:METHOD] [--save-logits DIR]
+       [--compare-to RESULT:METHOD] [--save-logits DIR] [--not_mushrooms DIR]
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 
 from bench.common import write_result
+from training_job.open_set import DEFAULT_REJECT_RATE
 from training_job.paths import shared_data_dir
 
 VALIDATION_PHOTOS = 80
@@ -60,6 +64,10 @@ METHOD_ARCHITECTURES = {
 }
 MIRROR = "_mirror"
 UNUSED_SPLIT = "unused"  # a split training never reads (as bench/calibration_cv.py marks them)
+# the validation quantiles the open-set threshold is calibrated at, the training job's own among them
+OPEN_SET_RATES = tuple(sorted({0.005, 0.01, 0.015, 0.02, 0.03, DEFAULT_REJECT_RATE}))
+# issue 14's targets: at most this share of mushrooms rejected, at least this share of not-mushroom photos
+MUSHROOMS_REJECTED_AT_MOST, NOT_MUSHROOMS_REJECTED_AT_LEAST = 0.05, 0.90
 
 
 def parse_method(method: str) -> tuple[str, int | None, int | None]:
@@ -136,13 +144,50 @@ def paired_difference(values: list[float], reference: list[float]) -> dict:
 @dataclasses.dataclass
 class MethodRun:
     """One method trained on one fold: its head, the test and validation features it reads, the training seconds,
-    details for the result, and the network that made the features (a fine-tuned copy, or the base itself)."""
+    details for the result, the network that made the features (a fine-tuned copy, or the base itself) and its
+    features of the training photos (the open-set centroids')."""
     head: object
     test: object
     validation: object
     seconds: float
     details: dict
     network: object
+    train: object
+
+
+def open_set_rates(run: MethodRun, train_index: np.ndarray, n_classes: int, not_mushrooms=None) -> dict:
+    """``{rate: {"test_rejected", "not_mushrooms_rejected"}}``: the open-set check calibrated as the training job
+    does at each of ``OPEN_SET_RATES``, and the shares of the test photos and of ``not_mushrooms`` (Bottlenecks read
+    by the run's network; None: not measured) it rejects."""
+    from training_job.open_set import DEFAULT_METHOD, calibrate
+
+    out = {}
+    for rate in OPEN_SET_RATES:
+        check = calibrate(DEFAULT_METHOD, run.train.features, train_index, n_classes, run.validation.features,
+                          run.validation.imagenet, rate)
+        out[str(rate)] = {
+            "test_rejected": round(float(np.mean(check.not_a_mushroom(run.test.features, run.test.imagenet))), 4),
+            "not_mushrooms_rejected": None if not_mushrooms is None else round(float(np.mean(
+                check.not_a_mushroom(not_mushrooms.features, not_mushrooms.imagenet))), 4)}
+    return out
+
+
+def open_set_summary(per_fold_rates: list[dict]) -> dict:
+    """Per rate, over the folds: the mean shares rejected, and the folds meeting both targets."""
+    summary = {}
+    for rate in per_fold_rates[0]:
+        folds = [f[rate] for f in per_fold_rates]
+        measured_ood = all(f["not_mushrooms_rejected"] is not None for f in folds)
+        summary[rate] = {
+            "test_rejected": round(float(np.mean([f["test_rejected"] for f in folds])), 4),
+            "test_rejected_max": max(f["test_rejected"] for f in folds),
+            "not_mushrooms_rejected": round(float(np.mean([f["not_mushrooms_rejected"] for f in folds])), 4)
+            if measured_ood else None,
+            "not_mushrooms_rejected_min": min(f["not_mushrooms_rejected"] for f in folds) if measured_ood else None,
+            "folds_meeting_both": sum(f["test_rejected"] <= MUSHROOMS_REJECTED_AT_MOST
+                                      and f["not_mushrooms_rejected"] >= NOT_MUSHROOMS_REJECTED_AT_LEAST
+                                      for f in folds) if measured_ood else None}
+    return summary
 
 
 def run_method(method: str, rows_k, k: int, base, work: Path, done: dict) -> MethodRun:
@@ -161,9 +206,9 @@ def run_method(method: str, rows_k, k: int, base, work: Path, done: dict) -> Met
             done[(plain, k)] = run_method(plain, rows_k, k, base, work, done)
         run = done[(plain, k)]
         mirrored = MirrorAveragedBase(run.network)
-        test, validation = (get_bottlenecks([r for r in rows_k if r.split == s], mirrored, progress=False)
-                            for s in ("test", "validation"))
-        return dataclasses.replace(run, test=test, validation=validation, network=mirrored)
+        train, test, validation = (get_bottlenecks([r for r in rows_k if r.split == s], mirrored, progress=False)
+                                   for s in ("train", "test", "validation"))
+        return dataclasses.replace(run, test=test, validation=validation, network=mirrored, train=train)
 
     name, _, fine_tune_epochs = parse_method(method)
     architecture = METHOD_ARCHITECTURES[name]
@@ -189,7 +234,7 @@ def run_method(method: str, rows_k, k: int, base, work: Path, done: dict) -> Met
         seconds += time.monotonic() - started
         details = {"fine_tune_epochs_run": tuned.epochs_run, "fine_tune_best_epoch": tuned.best_epoch,
                    "fine_tune_stopped_by": tuned.stopped_by}
-    return MethodRun(head, splits["test"], splits["validation"], seconds, details, network)
+    return MethodRun(head, splits["test"], splits["validation"], seconds, details, network, splits["train"])
 
 
 def main(argv=None) -> int:
@@ -206,7 +251,10 @@ def main(argv=None) -> int:
                              "lite0_fine_tuned_whole:6")
     parser.add_argument("--save-logits", metavar="DIR",
                         help="also write each method's and fold's validation and test logits and labels to "
-                             "DIR/<method>-fold<k>.npz (to study calibration without retraining)")
+                             "DIR/<method>-fold<k>.npz (to study calibration without retraining), and the "
+                             "open-set scores of the validation, test and not-mushroom photos")
+    parser.add_argument("--not_mushrooms", type=Path, default=shared_data_dir() / "not-mushrooms",
+                        help="photos the open-set check should reject (absent: only the test mushrooms' rate)")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if parse_method(m)[0] not in METHOD_ARCHITECTURES]
@@ -220,8 +268,10 @@ def main(argv=None) -> int:
 
     earlier = {spec: earlier_folds(spec, args.folds) for spec in args.compare_to}
 
-    from training_job.bottlenecks import BaseNetwork
+    from training_job.bottlenecks import BaseNetwork, get_bottlenecks
     from training_job.calibration import calibration_report, fit_temperature
+    from training_job.evaluate import photo_rows
+    from training_job.open_set import DEFAULT_METHOD, class_centroids, method_scores
     from training_job.prepare import prepare_dataset
 
     work = Path(tempfile.mkdtemp(prefix="accuracy-cv-"))
@@ -231,6 +281,7 @@ def main(argv=None) -> int:
             sys.exit(f"--compare-to {spec}: that run had {photos} photos, this one {len(rows)}: not the same folds")
     labels = sorted({r.label for r in rows})
     index = {label: i for i, label in enumerate(labels)}
+    not_mushroom_rows = photo_rows(args.not_mushrooms) if args.not_mushrooms.is_dir() else []
     folds = np.array_split(np.random.default_rng(0).permutation(len(rows)), args.folds)
     bases = {}
     done: dict = {}
@@ -245,24 +296,35 @@ def main(argv=None) -> int:
             architecture = METHOD_ARCHITECTURES[name]
             if architecture not in bases:
                 bases[architecture] = BaseNetwork(architecture)
+            rows_method = fold_rows(rows, folds, k, train_photos)
+            y_train = np.array([index[r.label] for r in rows_method if r.split == "train"])
             if (method, k) not in done:
-                done[(method, k)] = run_method(method, fold_rows(rows, folds, k, train_photos), k,
-                                               bases[architecture], work, done)
+                done[(method, k)] = run_method(method, rows_method, k, bases[architecture], work, done)
             run = done[(method, k)]
             head, test, validation = run.head, run.test, run.validation
             validation_logits, test_logits = head.logits(validation.features), head.logits(test.features)
             temperature = fit_temperature(validation_logits, y_val)
+            # read by the fold's own network, cached only for this run (a fine-tuned network is never seen again)
+            not_mushrooms = get_bottlenecks(not_mushroom_rows, run.network, root=work / "not-mushrooms",
+                                            progress=False) if not_mushroom_rows else None
             if args.save_logits:
                 Path(args.save_logits).mkdir(parents=True, exist_ok=True)
                 np.savez(Path(args.save_logits) / f"{method}-fold{k}.npz", validation=validation_logits,
                          validation_labels=y_val, test=test_logits, test_labels=truth)
+                centroids = class_centroids(run.train.features, y_train, len(labels))
+                np.savez(Path(args.save_logits) / f"{method}-fold{k}-open_set.npz", **{
+                    split: method_scores(DEFAULT_METHOD, b.features, b.imagenet, centroids)
+                    for split, b in (("validation", validation), ("test", test), ("not_mushrooms", not_mushrooms))
+                    if b is not None})
             calibration = calibration_report(test_logits, truth, temperature)
             predicted = head.predict(test.features).argmax(1)
             entry[method] = float(np.mean(predicted == truth))
             entry[f"{method}_details"] = {
                 "balanced_accuracy": round(balanced_accuracy(truth, predicted), 4),
                 "ece_before": round(calibration["ece_before"], 4), "ece_after": round(calibration["ece_after"], 4),
-                "temperature": round(temperature, 3), "train_seconds": round(run.seconds, 1), **run.details}
+                "temperature": round(temperature, 3), "train_seconds": round(run.seconds, 1),
+                "open_set": open_set_rates(run, y_train, len(labels), not_mushrooms),
+                **run.details}
         per_fold.append(entry)
         print(entry, flush=True)
     result = {"photos": len(rows), "folds": args.folds, "methods": methods, "reference": methods[0],
@@ -272,7 +334,8 @@ def main(argv=None) -> int:
         details = [f[f"{method}_details"] for f in per_fold]
         result[method] = {"mean": round(float(np.mean(values)), 4), "min": min(values), "max": max(values),
                           **{key: round(float(np.mean([d[key] for d in details])), 4)
-                             for key in ("balanced_accuracy", "ece_before", "ece_after", "train_seconds")}}
+                             for key in ("balanced_accuracy", "ece_before", "ece_after", "train_seconds")},
+                          "open_set": open_set_summary([d["open_set"] for d in details])}
         if method != methods[0]:
             result.setdefault("paired_differences", {})[f"{method} - {methods[0]}"] = paired_difference(
                 values, [f[methods[0]] for f in per_fold])

@@ -49,7 +49,8 @@ SCRIPTS = {
 CV_RESULTS = ("accuracy_cv", "accuracy_cv_bases", "accuracy_cv_whole", "accuracy_cv_whole_short",
               "accuracy_cv_photos", "accuracy_cv_whole_lr", "accuracy_cv_whole_lr6", "accuracy_cv_whole_nocrop",
               "accuracy_cv_whole_default", "accuracy_cv_whole_3",
-              "accuracy_cv_whole_192", "accuracy_cv_whole_frozen", "accuracy_cv_whole_mirror")
+              "accuracy_cv_whole_192", "accuracy_cv_whole_frozen", "accuracy_cv_whole_mirror",
+              "accuracy_cv_open_set")
 TIMED = {"raw_model", "model_server", "gateway", "tflite"}  # the scripts that take --seconds
 
 
@@ -318,6 +319,17 @@ def rows() -> list[dict]:
         add(f"{run_cv['folds']}-fold cross-validation over {run_cv['photos']} photos, same folds: top-1 "
             "(balanced accuracy; ECE after temperature scaling) by method", "; ".join(map(figures, methods)), "-",
             None, source=f"{name}.json")
+        for m in methods:  # runs before the bench measured the open-set check have none
+            if "open_set" in run_cv[m]:
+                add(f"cross-validation, the 'not a mushroom' check of {m} by the validation quantile its threshold "
+                    "sits at: test mushrooms rejected (mean, worst fold); not-mushroom photos rejected (mean, worst "
+                    f"fold); folds of {run_cv['folds']} meeting both targets",
+                    "; ".join(f"{rate}: {o['test_rejected']:.3f}, {o['test_rejected_max']:.3f} / "
+                              + (f"{o['not_mushrooms_rejected']:.2f}, {o['not_mushrooms_rejected_min']:.2f} / "
+                                 f"{o['folds_meeting_both']}" if o["not_mushrooms_rejected"] is not None
+                                 else "not measured")
+                              for rate, o in run_cv[m]["open_set"].items()),
+                    "<= 0.05 / >= 0.90", None, source=f"{name}.json")
         for diff_name, diff in run_cv.get("paired_differences", {}).items():
             add(f"cross-validation, paired top-1 difference {diff_name} (95 % interval)",
                 f"{diff['mean']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]", "-", None,

@@ -64,18 +64,23 @@ def test_main_pairs_methods_fold_by_fold(monkeypatch):
             return Bottlenecks(np.array(out, np.float32), np.zeros((len(out), 1000), np.float32), 0)
 
         head = Head(labels, [np.eye(2, dtype=np.float32) * 4], [np.zeros(2, np.float32)])
-        return cv.MethodRun(head, features("test"), features("validation"), 1.0, {"fine_tune_epochs_run": k}, base)
+        return cv.MethodRun(head, features("test"), features("validation"), 1.0, {"fine_tune_epochs_run": k}, base,
+                            features("train"))
 
     monkeypatch.setattr(cv, "run_method", fake_run)
     written = {}
     monkeypatch.setattr(cv, "write_result", lambda name, result: written.update(result))
-    assert cv.main(["--folds", "3", "--methods", "frozen,lite0_frozen"]) == 0
+    assert cv.main(["--folds", "3", "--methods", "frozen,lite0_frozen", "--not_mushrooms", "/nonexistent"]) == 0
     assert written["frozen"]["mean"] == 1.0 and written["lite0_frozen"]["mean"] == pytest.approx(0.75, abs=0.02)
     diff = written["paired_differences"]["lite0_frozen - frozen"]
     assert diff["mean"] == pytest.approx(-0.25, abs=0.02) and diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1]
     assert "fine_tune_gain" not in written and written["frozen"]["train_seconds"] == 1.0
     assert 0 <= written["frozen"]["ece_after"] <= written["frozen"]["ece_before"] + 1e-9
     assert [f["frozen_details"]["fine_tune_epochs_run"] for f in written["per_fold"]] == [0, 1, 2]
+    # the open-set check on each fold: without not-mushroom photos, only the test mushrooms' share is measured
+    default = written["frozen"]["open_set"][str(cv.DEFAULT_REJECT_RATE)]
+    assert default["test_rejected"] == 0.0 and default["not_mushrooms_rejected"] is None
+    assert set(written["frozen"]["open_set"]) == {str(r) for r in cv.OPEN_SET_RATES}
 
 
 def test_cross_fitting_holds_every_training_photo_out_once_and_never_touches_the_test_fold():
@@ -130,10 +135,46 @@ def test_a_mirror_method_reads_its_plain_methods_own_trained_network(monkeypatch
     monkeypatch.setattr(bottlenecks, "get_bottlenecks", lambda rows, network, progress: (network, len(rows)))
     rows = [ManifestRow(f"p{i}.jpg", "ab"[i % 2], f"{i:064x}", s, 10, 10, 100)
             for i, s in enumerate(["train"] * 6 + ["validation"] * 3 + ["test"] * 2)]
-    plain = cv.MethodRun("tuned head", "test", "validation", 5.0, {"fine_tune_epochs_run": 6}, "tuned network")
+    plain = cv.MethodRun("tuned head", "test", "validation", 5.0, {"fine_tune_epochs_run": 6}, "tuned network",
+                         "train")
     done = {("lite0_fine_tuned_whole:6+fine_tune_frozen_blocks=3", 0): plain}
     run = cv.run_method("lite0_fine_tuned_whole_mirror:6+fine_tune_frozen_blocks=3", rows, 0, "untouched base",
                         None, done)
     assert run.head == "tuned head" and run.seconds == 5.0 and run.details == {"fine_tune_epochs_run": 6}
     assert run.test == (("mirrored", "tuned network"), 2) and run.validation == (("mirrored", "tuned network"), 3)
+    assert run.train == (("mirrored", "tuned network"), 6)  # the open-set centroids read what is served
     assert cv.METHOD_ARCHITECTURES["lite0_fine_tuned_whole_mirror"] == "efficientnet_lite0"
+
+
+def test_open_set_rates_calibrate_on_validation_and_count_each_sets_rejections():
+    """The check as the training job calibrates it: a quantile of the validation photos' scores; the test mushrooms
+    and the not-mushroom photos are only counted."""
+    import bench.accuracy_cv as cv
+    from training_job.base_weights import FUNGUS_CLASS_IDS
+    from training_job.bottlenecks import Bottlenecks
+
+    def photos(n, fungus, direction):
+        features = np.tile(direction, (n, 1))
+        imagenet = np.zeros((n, 1000), np.float32)
+        imagenet[:, FUNGUS_CLASS_IDS[0]] = fungus
+        return Bottlenecks(features.astype(np.float32), imagenet, 0)
+
+    a, b, elsewhere = np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0])
+    train = Bottlenecks(*(np.concatenate(x) for x in zip(
+        (photos(20, 0.5, a).features, photos(20, 0.5, a).imagenet),
+        (photos(20, 0.5, b).features, photos(20, 0.5, b).imagenet))), 0)
+    validation = photos(200, np.linspace(0.0, 1.0, 200), a)  # scores spread evenly: the quantile is a rank
+    test = photos(100, np.linspace(0.0, 1.0, 100), b)
+    run = cv.MethodRun(None, test, validation, 0.0, {}, None, train)
+    rates = cv.open_set_rates(run, np.repeat([0, 1], 20), 2, photos(10, 0.0, elsewhere))
+    for rate in cv.OPEN_SET_RATES:
+        assert rates[str(rate)]["test_rejected"] == pytest.approx(rate, abs=0.011)
+        assert rates[str(rate)]["not_mushrooms_rejected"] == 1.0
+    assert cv.open_set_rates(run, np.repeat([0, 1], 20), 2)["0.01"]["not_mushrooms_rejected"] is None
+
+    folds = [{"0.01": {"test_rejected": t, "not_mushrooms_rejected": n}}
+             for t, n in ((0.02, 0.95), (0.06, 1.0), (0.05, 0.90), (0.01, 0.85))]
+    summary = cv.open_set_summary(folds)["0.01"]
+    assert summary["folds_meeting_both"] == 2  # the second rejects too many mushrooms, the fourth too few others
+    assert summary["test_rejected_max"] == 0.06 and summary["not_mushrooms_rejected_min"] == 0.85
+    assert summary["test_rejected"] == pytest.approx(0.035) and summary["not_mushrooms_rejected"] == pytest.approx(0.925)

@@ -190,3 +190,16 @@ def test_the_publish_time_is_listed_against_the_compared_checkout(monkeypatch):
     _rows(monkeypatch, {"publish": result})
     (listed,) = [r for r in run_all.rows() if r["what"].startswith("publishing a trained run")]
     assert "against abc123" in listed["what"] and listed["measured"] == "50.0 s vs 80.0 s (0.62x)"
+
+
+def test_the_cross_validated_not_a_mushroom_rates_are_listed_per_method(monkeypatch):
+    result = _cv({"lite0_fine_tuned_whole": [0.96, 0.97]})
+    result["lite0_fine_tuned_whole"]["open_set"] = {
+        "0.015": {"test_rejected": 0.031, "test_rejected_max": 0.054, "not_mushrooms_rejected": 0.97,
+                  "not_mushrooms_rejected_min": 0.93, "folds_meeting_both": 1},
+        "0.03": {"test_rejected": 0.06, "test_rejected_max": 0.08, "not_mushrooms_rejected": None,
+                 "not_mushrooms_rejected_min": None, "folds_meeting_both": None}}
+    _rows(monkeypatch, {"accuracy_cv_open_set": result})
+    (listed,) = [r for r in run_all.rows() if "'not a mushroom' check of lite0_fine_tuned_whole" in r["what"]]
+    assert listed["measured"] == "0.015: 0.031, 0.054 / 0.97, 0.93 / 1; 0.03: 0.060, 0.080 / not measured"
+    assert "folds of 2 meeting both targets" in listed["what"] and listed["source"] == "accuracy_cv_open_set.json"
