@@ -252,7 +252,8 @@ def main(argv=None) -> int:
     parser.add_argument("--save-logits", metavar="DIR",
                         help="also write each method's and fold's validation and test logits and labels to "
                              "DIR/<method>-fold<k>.npz (to study calibration without retraining), and the "
-                             "open-set scores of the validation, test and not-mushroom photos")
+                             "open-set scores, features and ImageNet probabilities of the training, validation, test "
+                             "and not-mushroom photos to DIR/<method>-fold<k>-open_set.npz")
     parser.add_argument("--not_mushrooms", type=Path, default=shared_data_dir() / "not-mushrooms",
                         help="photos the open-set check should reject (absent: only the test mushrooms' rate)")
     args = parser.parse_args(argv)
@@ -312,10 +313,11 @@ def main(argv=None) -> int:
                 np.savez(Path(args.save_logits) / f"{method}-fold{k}.npz", validation=validation_logits,
                          validation_labels=y_val, test=test_logits, test_labels=truth)
                 centroids = class_centroids(run.train.features, y_train, len(labels))
-                np.savez(Path(args.save_logits) / f"{method}-fold{k}-open_set.npz", **{
-                    split: method_scores(DEFAULT_METHOD, b.features, b.imagenet, centroids)
-                    for split, b in (("validation", validation), ("test", test), ("not_mushrooms", not_mushrooms))
-                    if b is not None})
+                splits = {"train": run.train, "validation": validation, "test": test, "not_mushrooms": not_mushrooms}
+                np.savez(Path(args.save_logits) / f"{method}-fold{k}-open_set.npz", train_labels=y_train, **{
+                    f"{split}_{what}": value for split, b in splits.items() if b is not None
+                    for what, value in (("scores", method_scores(DEFAULT_METHOD, b.features, b.imagenet, centroids)),
+                                        ("features", b.features), ("imagenet", b.imagenet))})
             calibration = calibration_report(test_logits, truth, temperature)
             predicted = head.predict(test.features).argmax(1)
             entry[method] = float(np.mean(predicted == truth))

@@ -42,7 +42,7 @@ def test_paired_difference_uses_the_t_quantile_of_the_fold_count():
     assert balanced_accuracy(np.array([0, 0, 0, 1]), np.array([0, 0, 1, 1])) == pytest.approx((2 / 3 + 1) / 2)
 
 
-def test_main_pairs_methods_fold_by_fold(monkeypatch):
+def test_main_pairs_methods_fold_by_fold(monkeypatch, tmp_path):
     """The bench's bookkeeping with the training replaced by fixed heads (no network, no photos decoded)."""
     import bench.accuracy_cv as cv
     import training_job.bottlenecks as bottlenecks
@@ -70,7 +70,8 @@ def test_main_pairs_methods_fold_by_fold(monkeypatch):
     monkeypatch.setattr(cv, "run_method", fake_run)
     written = {}
     monkeypatch.setattr(cv, "write_result", lambda name, result: written.update(result))
-    assert cv.main(["--folds", "3", "--methods", "frozen,lite0_frozen", "--not_mushrooms", "/nonexistent"]) == 0
+    assert cv.main(["--folds", "3", "--methods", "frozen,lite0_frozen", "--not_mushrooms", "/nonexistent",
+                    "--save-logits", str(tmp_path)]) == 0
     assert written["frozen"]["mean"] == 1.0 and written["lite0_frozen"]["mean"] == pytest.approx(0.75, abs=0.02)
     diff = written["paired_differences"]["lite0_frozen - frozen"]
     assert diff["mean"] == pytest.approx(-0.25, abs=0.02) and diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1]
@@ -81,6 +82,10 @@ def test_main_pairs_methods_fold_by_fold(monkeypatch):
     default = written["frozen"]["open_set"][str(cv.DEFAULT_REJECT_RATE)]
     assert default["test_rejected"] == 0.0 and default["not_mushrooms_rejected"] is None
     assert set(written["frozen"]["open_set"]) == {str(r) for r in cv.OPEN_SET_RATES}
+    with np.load(tmp_path / "frozen-fold1-open_set.npz") as saved:  # what a threshold study reads
+        assert set(saved.files) == {"train_labels", *(f"{split}_{what}" for split in ("train", "validation", "test")
+                                                      for what in ("scores", "features", "imagenet"))}
+        assert len(saved["train_labels"]) == len(saved["train_features"]) == written["per_fold"][1]["train_photos"]
 
 
 def test_cross_fitting_holds_every_training_photo_out_once_and_never_touches_the_test_fold():
