@@ -23,7 +23,7 @@ Per method and fold: top-1 accuracy, balanced accuracy, expected calibration err
 and the training seconds (head, plus fine-tuning; bottlenecks excluded, as they are cached across runs); for whole
 fine-tuning also its epochs run, best epoch and what stopped it. And the "not a mushroom" check as the training job
 calibrates it (``training_job.open_set.calibrate``: centroids from the fold's training photos, threshold at a quantile
-of its validation photos' scores) at each of ``OPEN_SET_RATES``: the share of the fold's test mushrooms and of the
+of its training and validation photos' scores) at each of ``OPEN_SET_RATES``: the share of the fold's test mushrooms and of the
 not-mushroom photos (``--not_mushrooms``) it rejects, and how many folds meet both of issue 14's targets.
 
 Usage: python -m bench.accuracy_cv [--data DIR] [--folds 5] [--methods frozen,lite0_frozen] [--result NAME]
@@ -64,7 +64,7 @@ METHOD_ARCHITECTURES = {
 }
 MIRROR = "_mirror"
 UNUSED_SPLIT = "unused"  # a split training never reads (as bench/calibration_cv.py marks them)
-# the validation quantiles the open-set threshold is calibrated at, the training job's own among them
+# the quantiles the open-set threshold is calibrated at, the training job's own among them
 OPEN_SET_RATES = tuple(sorted({0.005, 0.01, 0.015, 0.02, 0.03, DEFAULT_REJECT_RATE}))
 # issue 14's targets: at most this share of mushrooms rejected, at least this share of not-mushroom photos
 MUSHROOMS_REJECTED_AT_MOST, NOT_MUSHROOMS_REJECTED_AT_LEAST = 0.05, 0.90
@@ -163,8 +163,8 @@ def open_set_rates(run: MethodRun, train_index: np.ndarray, n_classes: int, not_
 
     out = {}
     for rate in OPEN_SET_RATES:
-        check = calibrate(DEFAULT_METHOD, run.train.features, train_index, n_classes, run.validation.features,
-                          run.validation.imagenet, rate)
+        check = calibrate(DEFAULT_METHOD, run.train.features, run.train.imagenet, train_index, n_classes,
+                          run.validation.features, run.validation.imagenet, rate)
         out[str(rate)] = {
             "test_rejected": round(float(np.mean(check.not_a_mushroom(run.test.features, run.test.imagenet))), 4),
             "not_mushrooms_rejected": None if not_mushrooms is None else round(float(np.mean(

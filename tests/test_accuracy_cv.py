@@ -152,8 +152,8 @@ def test_a_mirror_method_reads_its_plain_methods_own_trained_network(monkeypatch
 
 
 def test_open_set_rates_calibrate_on_validation_and_count_each_sets_rejections():
-    """The check as the training job calibrates it: a quantile of the validation photos' scores; the test mushrooms
-    and the not-mushroom photos are only counted."""
+    """The check as the training job calibrates it: a quantile of the training and validation photos' scores; the
+    test mushrooms and the not-mushroom photos are only counted."""
     import bench.accuracy_cv as cv
     from training_job.base_weights import FUNGUS_CLASS_IDS
     from training_job.bottlenecks import Bottlenecks

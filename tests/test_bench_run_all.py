@@ -179,7 +179,8 @@ def test_the_not_a_mushroom_rates_by_quantile_pool_test_and_demo_photos(monkeypa
                "by_rate": {"0.01": {"threshold": 0.6, "validation": 0.01, "test": 0.1, "demo": 0.0,
                                     "not_mushrooms": 0.95}}}
     _rows(monkeypatch, {"open_set_rates": {"rates": [0.01], "versions": [version, version]}})
-    (listed,) = [r for r in run_all.rows() if r["what"].startswith("'not a mushroom' by the validation quantile")]
+    (listed,) = [r for r in run_all.rows() if r["what"].startswith("'not a mushroom' by the quantile of the "
+                                                                    "validation photos' scores")]
     assert listed["measured"] == "0.01: 0.075, 0.075 / 0.95, 0.95" and listed["met"] is None
 
 
@@ -203,3 +204,13 @@ def test_the_cross_validated_not_a_mushroom_rates_are_listed_per_method(monkeypa
     (listed,) = [r for r in run_all.rows() if "'not a mushroom' check of lite0_fine_tuned_whole" in r["what"]]
     assert listed["measured"] == "0.015: 0.031, 0.054 / 0.97, 0.93 / 1; 0.03: 0.060, 0.080 / not measured"
     assert "folds of 2 meeting both targets" in listed["what"] and listed["source"] == "accuracy_cv_open_set.json"
+
+
+def test_the_not_a_mushroom_rates_say_which_photos_the_threshold_was_calibrated_on(monkeypatch):
+    version = {"photos": {"train": 800, "validation": 100, "test": 30, "demo": 10, "not_mushrooms": 60},
+               "by_rate": {"0.02": {"threshold": 0.6, "train": 0.02, "validation": 0.01, "test": 0.1, "demo": 0.0,
+                                    "not_mushrooms": 0.95}}}
+    _rows(monkeypatch, {"open_set_rates": {"rates": [0.02], "versions": [version]}})
+    (listed,) = [r for r in run_all.rows() if r["what"].startswith("'not a mushroom' by the quantile of the "
+                                                                    "training and validation photos' scores")]
+    assert listed["measured"] == "0.02: 0.075 / 0.95"

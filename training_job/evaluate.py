@@ -130,8 +130,8 @@ def photo_rows(folder: Path, label: str = "not_a_mushroom", split: str = "ood") 
 
 
 def open_set_metrics(open_set: OpenSet, test_features, test_imagenet, ood_features=None, ood_imagenet=None) -> dict:
-    """Rates of the chosen method, plus what each candidate would have done at its own validation-calibrated
-    quantile, for the record (never used to choose the threshold)."""
+    """Rates of the chosen method, plus what each candidate would have done calibrated at the same quantile, for the
+    record (never used to choose the threshold)."""
     out = {
         "method": open_set.method,
         "threshold": open_set.threshold,
@@ -144,12 +144,13 @@ def open_set_metrics(open_set: OpenSet, test_features, test_imagenet, ood_featur
     return out
 
 
-def candidate_report(train_features, train_index, n_classes, val, test, ood, reject_rate) -> dict:
+def candidate_report(train, train_index, n_classes, val, test, ood, reject_rate) -> dict:
     from training_job.open_set import calibrate
 
     report = {}
     for method in METHODS:
-        os_ = calibrate(method, train_features, train_index, n_classes, val.features, val.imagenet, reject_rate)
+        os_ = calibrate(method, train.features, train.imagenet, train_index, n_classes, val.features, val.imagenet,
+                        reject_rate)
         report[method] = open_set_metrics(os_, test.features, test.imagenet,
                                           ood.features if ood else None, ood.imagenet if ood else None)
     return report

@@ -159,8 +159,8 @@ def train_run(rows, config: TrainConfig, run_dir: Path | None = None, *, base: B
     summary["calibration"] = {"temperature": temperature,
                               "validation": calibration_report(head.logits(val.features), val_idx, temperature)}
     head = head.with_temperature(temperature)
-    open_set = calibrate(open_set_method, split_bottlenecks["train"].features, train_idx, len(labels),
-                         val.features, val.imagenet, reject_rate)
+    open_set = calibrate(open_set_method, split_bottlenecks["train"].features, split_bottlenecks["train"].imagenet,
+                         train_idx, len(labels), val.features, val.imagenet, reject_rate)
     write_manifest(rows, run_dir / "manifest.csv")
     save_config(config, run_dir / "config.json")
     head.save(run_dir / "head.npz")
@@ -211,7 +211,7 @@ def evaluate_run(run_dir: Path, base: BaseNetwork | None = None, *, not_mushroom
         report["not_mushrooms_folder"] = str(not_mushrooms)
     train_idx = np.array([index[r.label] for r in split_rows(rows, "train")])
     report["candidates_at_same_reject_rate"] = candidate_report(
-        split_bottlenecks["train"].features, train_idx, len(head.labels), split_bottlenecks["validation"], test, ood,
+        split_bottlenecks["train"], train_idx, len(head.labels), split_bottlenecks["validation"], test, ood,
         open_set.reject_rate_target)
     raw = head.uncalibrated()
     y_val = np.array([index[r.label] for r in split_rows(rows, "validation")])

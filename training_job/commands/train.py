@@ -87,7 +87,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, architecture: bool =
                    help="mirror test-time augmentation: the served model averages the base's features of each photo "
                         "and its mirror image (two passes per photo); calibration, open set and evaluation use them")
     g.add_argument("--open_set_reject_rate", type=float, default=DEFAULT_REJECT_RATE,
-                   help="share of validation mushroom photos the 'not a mushroom' threshold may reject")
+                   help="share of the labelled mushroom photos (training and validation splits) the 'not a "
+                        "mushroom' threshold may reject")
     g.add_argument("--not_mushrooms", default=None,
                    help="folder of non-mushroom photos to REPORT open-set rates on (never calibrated on); "
                    "default ../shared/data/not-mushrooms when present")
