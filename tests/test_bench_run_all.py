@@ -204,6 +204,10 @@ def test_the_cross_validated_not_a_mushroom_rates_are_listed_per_method(monkeypa
     (listed,) = [r for r in run_all.rows() if "'not a mushroom' check of lite0_fine_tuned_whole" in r["what"]]
     assert listed["measured"] == "0.015: 0.031, 0.054 / 0.97, 0.93 / 1; 0.03: 0.060, 0.080 / not measured"
     assert "folds of 2 meeting both targets" in listed["what"] and listed["source"] == "accuracy_cv_open_set.json"
+    assert "the training and validation photos' scores" in listed["what"]
+    _rows(monkeypatch, {"accuracy_cv_open_set_validation": result})  # measured before training photos counted
+    (listed,) = [r for r in run_all.rows() if "'not a mushroom' check of lite0_fine_tuned_whole" in r["what"]]
+    assert "the validation photos' scores" in listed["what"]
 
 
 def test_the_not_a_mushroom_rates_say_which_photos_the_threshold_was_calibrated_on(monkeypatch):
