@@ -23,8 +23,8 @@ Per method and fold: top-1 accuracy, balanced accuracy, expected calibration err
 and the training seconds (head, plus fine-tuning; bottlenecks excluded, as they are cached across runs); for whole
 fine-tuning also its epochs run, best epoch and what stopped it. And the "not a mushroom" check as the training job
 calibrates it (``training_job.open_set.calibrate``: centroids from the fold's training photos, threshold at a quantile
-of its training and validation photos' scores) at each of ``OPEN_SET_RATES``: the share of the fold's test mushrooms and of the
-not-mushroom photos (``--not_mushrooms``) it rejects, and how many folds meet both of issue 14's targets.
+of its training and validation photos' scores) at each of ``OPEN_SET_RATES``: the share of the fold's test mushrooms
+and of the not-mushroom photos (``--not_mushrooms``) it rejects, and how many folds meet both of issue 14's targets.
 
 Usage: python -m bench.accuracy_cv [--data DIR] [--folds 5] [--methods frozen,lite0_frozen] [--result NAME]
        [--compare-to RESULT:METHOD] [--save-logits DIR] [--not_mushrooms DIR]

@@ -3,8 +3,8 @@
 For each version (a SavedModel in the registry and the run folder it was published from), the served
 ``mushroom_score`` of the run's training, validation, test and demo photos and of the not-mushroom photos; then, for
 each --rates value, the threshold the training job would set (``open_set.threshold_at``: that quantile of the
-training and validation scores together) and the share of each set it rejects. Issue 14's targets: >= 90 % of the not-mushroom
-photos rejected, <= 5 % of unseen mushrooms (test and demo) wrongly rejected.
+training and validation scores together) and the share of each set it rejects. Issue 14's targets: >= 90 % of the
+not-mushroom photos rejected, <= 5 % of unseen mushrooms (test and demo) wrongly rejected.
 
 Usage: python -m bench.open_set_rates --version REGISTRY_VERSION_DIR RUN_DIR [--version ...] [--rates 0,0.01,0.03]
 """

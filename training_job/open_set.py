@@ -11,8 +11,8 @@ Candidates (all "higher = more mushroom-like"):
 The threshold is the ``reject_rate`` quantile of the scores of every labelled mushroom photo the run holds, its
 training and validation splits, so about that share of mushrooms is rejected; the not-mushroom photos are never used
 for calibration, only to report rates. The training photos count although the network was fitted to them: neither
-score reads the classifier, and their scores are spread as unseen mushrooms' are (bench/accuracy_cv.py measures the
-rates in each fold), while a quantile of the ~100 validation scores alone moved by several points between runs.
+score reads the trained head, and their scores are spread as unseen mushrooms' are (bench/accuracy_cv.py measures
+the rates in each fold), while a quantile of the ~100 validation scores alone moved by several points between runs.
 """
 from __future__ import annotations
 
