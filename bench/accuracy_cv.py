@@ -206,7 +206,11 @@ def run_method(method: str, rows_k, k: int, base, work: Path, done: dict) -> Met
             done[(plain, k)] = run_method(plain, rows_k, k, base, work, done)
         run = done[(plain, k)]
         mirrored = MirrorAveragedBase(run.network)
-        train, test, validation = (get_bottlenecks([r for r in rows_k if r.split == s], mirrored, progress=False)
+        # a fold's fine-tuned network is never seen again: its features are cached for this run only, the base's in
+        # the user's cache
+        root = None if run.network is base else work / "bottlenecks"
+        train, test, validation = (get_bottlenecks([r for r in rows_k if r.split == s], mirrored, progress=False,
+                                                   root=root)
                                    for s in ("train", "test", "validation"))
         return dataclasses.replace(run, test=test, validation=validation, network=mirrored, train=train)
 

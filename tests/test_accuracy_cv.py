@@ -129,7 +129,7 @@ def test_a_method_can_change_any_train_config_field_for_itself():
         config_overrides("lite0_frozen+dropout")
 
 
-def test_a_mirror_method_reads_its_plain_methods_own_trained_network(monkeypatch):
+def test_a_mirror_method_reads_its_plain_methods_own_trained_network(monkeypatch, tmp_path):
     """``lite0_fine_tuned_whole_mirror``: the mirror-averaged features come from the network the plain method
     fine-tuned on that fold, with its head; not from the untouched base."""
     import bench.accuracy_cv as cv
@@ -137,17 +137,24 @@ def test_a_mirror_method_reads_its_plain_methods_own_trained_network(monkeypatch
     import training_job.mirror_tta as mirror_tta
 
     monkeypatch.setattr(mirror_tta, "MirrorAveragedBase", lambda network: ("mirrored", network))
-    monkeypatch.setattr(bottlenecks, "get_bottlenecks", lambda rows, network, progress: (network, len(rows)))
+    cached_in = []
+    monkeypatch.setattr(bottlenecks, "get_bottlenecks",
+                        lambda rows, network, progress, root: cached_in.append(root) or (network, len(rows)))
     rows = [ManifestRow(f"p{i}.jpg", "ab"[i % 2], f"{i:064x}", s, 10, 10, 100)
             for i, s in enumerate(["train"] * 6 + ["validation"] * 3 + ["test"] * 2)]
     plain = cv.MethodRun("tuned head", "test", "validation", 5.0, {"fine_tune_epochs_run": 6}, "tuned network",
                          "train")
     done = {("lite0_fine_tuned_whole:6+fine_tune_frozen_blocks=3", 0): plain}
     run = cv.run_method("lite0_fine_tuned_whole_mirror:6+fine_tune_frozen_blocks=3", rows, 0, "untouched base",
-                        None, done)
+                        tmp_path, done)
     assert run.head == "tuned head" and run.seconds == 5.0 and run.details == {"fine_tune_epochs_run": 6}
     assert run.test == (("mirrored", "tuned network"), 2) and run.validation == (("mirrored", "tuned network"), 3)
     assert run.train == (("mirrored", "tuned network"), 6)  # the open-set centroids read what is served
+    # a fold's fine-tuned network is never seen again: its features stay out of the user's cache
+    assert cached_in == [tmp_path / "bottlenecks"] * 3
+    base_run = cv.MethodRun("head", "test", "validation", 1.0, {}, "untouched base", "train")
+    cv.run_method("lite0_frozen_mirror", rows, 0, "untouched base", tmp_path, {("lite0_frozen", 0): base_run})
+    assert cached_in[3:] == [None] * 3  # the untouched base's are the user's to keep
     assert cv.METHOD_ARCHITECTURES["lite0_fine_tuned_whole_mirror"] == "efficientnet_lite0"
 
 
