@@ -76,23 +76,14 @@ def median(values) -> float:
     return float(np.median(np.asarray(values, dtype=float)))
 
 
-def alternating_rounds(phases: dict, rounds: int) -> dict[str, list]:
+def alternating_rounds(phases: dict, rounds: int, *, abba: bool = False) -> dict[str, list]:
     """Runs each of ``phases`` (name -> call returning a figure) in turn, ``rounds`` times over (a, b, a, b, ...), never
-    two at once: on a shared machine every phase then sees the load of the same minutes. Each phase's figures in
-    order."""
-    out = {name: [] for name in phases}
-    for _ in range(rounds):
-        for name, call in phases.items():
-            out[name].append(call())
-    return out
-
-
-def abba_rounds(phases: dict, rounds: int) -> dict[str, list]:
-    """``alternating_rounds`` with the order reversed every other round (a b, b a, a b, ...): a drift in the
-    machine's speed over the run then weighs on the first phase as on the last. Each phase's figures in order."""
+    two at once: on a shared machine every phase then sees the load of the same minutes. ``abba``: the order reversed
+    every other round (a b, b a, a b, ...), so that a drift in the machine's speed over the run weighs on the first
+    phase as on the last. Each phase's figures in order."""
     out = {name: [] for name in phases}
     for index in range(rounds):
-        for name in list(phases) if index % 2 == 0 else list(reversed(phases)):
+        for name in reversed(phases) if abba and index % 2 else phases:
             out[name].append(phases[name]())
     return out
 

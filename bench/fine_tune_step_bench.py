@@ -20,7 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-from bench.common import abba_rounds, median, sample_photos, write_result
+from bench.common import alternating_rounds, median, sample_photos, write_result
 
 
 def step_times(steps: dict, rounds: int, steps_per_round: int, clocks=(time.perf_counter, time.process_time)) -> dict:
@@ -34,7 +34,7 @@ def step_times(steps: dict, rounds: int, steps_per_round: int, clocks=(time.perf
             return tuple((clock() - start) / steps_per_round for clock, start in zip(clocks, before))
         return one_round
 
-    return abba_rounds({name: timed(step) for name, step in steps.items()}, rounds)
+    return alternating_rounds({name: timed(step) for name, step in steps.items()}, rounds, abba=True)
 
 
 def summary(times: dict) -> dict:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench.common import abba_rounds, cpu_seconds, median, sample_photos, write_result
+from bench.common import alternating_rounds, cpu_seconds, median, sample_photos, write_result
 from bench.stack import Stack, distinct_photos, load, measured
 from training_job.paths import shared_data_dir
 from training_job.preprocessing import Limits, preprocess_bytes
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
                 return row
             return one_round
 
-        runs = abba_rounds({name: round_on(name) for name in gateways}, args.rounds)  # drift hits both alike
+        runs = alternating_rounds({name: round_on(name) for name in gateways}, args.rounds, abba=True)
         for gateway in list(gateways.values()):
             stack.stop_gateway(gateway)  # SIGTERM: a profiled gateway writes its profile
     if args.profile:

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import abba_rounds, median, write_result
+from bench.common import alternating_rounds, median, write_result
 from training_job.paths import PROJECT_ROOT, var_dir
 
 
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
                 return took
             return one_round
 
-        seconds = abba_rounds({name: publish_with(name) for name in checkouts}, args.rounds)
+        seconds = alternating_rounds({name: publish_with(name) for name in checkouts}, args.rounds, abba=True)
     result = {"run_dir": str(run_dir), "rounds": args.rounds,
               "publish_seconds": {"rounds": seconds["this"], "median": median(seconds["this"])}}
     if args.compare_to:
