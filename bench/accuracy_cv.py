@@ -163,8 +163,7 @@ def open_set_rates(run: MethodRun, train_index: np.ndarray, n_classes: int, not_
 
     out = {}
     for rate in OPEN_SET_RATES:
-        check = calibrate(DEFAULT_METHOD, run.train.features, run.train.imagenet, train_index, n_classes,
-                          run.validation.features, run.validation.imagenet, rate)
+        check = calibrate(DEFAULT_METHOD, run.train, train_index, n_classes, run.validation, rate)
         out[str(rate)] = {
             "test_rejected": round(float(np.mean(check.not_a_mushroom(run.test.features, run.test.imagenet))), 4),
             "not_mushrooms_rejected": None if not_mushrooms is None else round(float(np.mean(

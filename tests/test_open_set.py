@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from training_job.base_weights import FUNGUS_CLASS_IDS
+from training_job.bottlenecks import Bottlenecks
 from training_job.open_set import OpenSet, calibrate
 
 
@@ -28,7 +29,8 @@ def test_the_threshold_is_a_quantile_of_the_training_and_validation_scores_toget
     labels = np.repeat([0, 1], [len(train_a), len(train_b)])
     val, val_imagenet = _photos(val_fungus, 0)
 
-    check = calibrate("combined", train, train_imagenet, labels, 2, val, val_imagenet, 0.1)
+    train_split, val_split = Bottlenecks(train, train_imagenet, 0), Bottlenecks(val, val_imagenet, 0)
+    check = calibrate("combined", train_split, labels, 2, val_split, 0.1)
     assert check.threshold == pytest.approx(1 + np.quantile(np.concatenate([train_fungus, val_fungus]), 0.1))
     assert check.threshold == pytest.approx(1.11, abs=0.005)  # validation's alone: 1.55
     assert check.validation_rejected == 0.0  # the share of validation photos under it, reported
@@ -37,7 +39,7 @@ def test_the_threshold_is_a_quantile_of_the_training_and_validation_scores_toget
     not_mushrooms, not_mushrooms_imagenet = _photos(np.zeros(3), 0)
     assert check.not_a_mushroom(not_mushrooms, not_mushrooms_imagenet).all()
     with pytest.raises(ValueError, match="reject rate"):
-        calibrate("combined", train, train_imagenet, labels, 2, val, val_imagenet, 0.5)
+        calibrate("combined", train_split, labels, 2, val_split, 0.5)
 
 
 def test_an_open_set_survives_its_file(tmp_path):

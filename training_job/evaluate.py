@@ -149,8 +149,7 @@ def candidate_report(train, train_index, n_classes, val, test, ood, reject_rate)
 
     report = {}
     for method in METHODS:
-        os_ = calibrate(method, train.features, train.imagenet, train_index, n_classes, val.features, val.imagenet,
-                        reject_rate)
+        os_ = calibrate(method, train, train_index, n_classes, val, reject_rate)
         report[method] = open_set_metrics(os_, test.features, test.imagenet,
                                           ood.features if ood else None, ood.imagenet if ood else None)
     return report

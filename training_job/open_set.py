@@ -88,15 +88,16 @@ def threshold_at(mushroom_scores: np.ndarray, reject_rate: float) -> float:
     return float(np.quantile(mushroom_scores, reject_rate)) if len(mushroom_scores) else 0.0
 
 
-def calibrate(method: str, train_features, train_imagenet, train_label_index, n_classes: int, val_features,
-              val_imagenet, reject_rate: float = DEFAULT_REJECT_RATE) -> OpenSet:
-    """Centroids from the training photos; the threshold from the training and validation photos' scores together;
+def calibrate(method: str, train, train_label_index, n_classes: int, validation,
+              reject_rate: float = DEFAULT_REJECT_RATE) -> OpenSet:
+    """``train`` and ``validation``: the splits' ``Bottlenecks`` (features and ImageNet probabilities). Centroids
+    from the training photos; the threshold from the training and validation photos' scores together;
     ``validation_rejected``: the validation photos' share under it."""
     if not 0 <= reject_rate < 0.5:
         raise ValueError(f"the open-set reject rate must be in [0, 0.5), got {reject_rate}")
-    centroids = class_centroids(train_features, train_label_index, n_classes)
-    val_scores = method_scores(method, val_features, val_imagenet, centroids)
-    mushroom_scores = np.concatenate([method_scores(method, train_features, train_imagenet, centroids), val_scores])
+    centroids = class_centroids(train.features, train_label_index, n_classes)
+    val_scores = method_scores(method, validation.features, validation.imagenet, centroids)
+    mushroom_scores = np.concatenate([method_scores(method, train.features, train.imagenet, centroids), val_scores])
     threshold = threshold_at(mushroom_scores, reject_rate)
     return OpenSet(method, threshold, centroids, reject_rate, float(np.mean(val_scores < threshold)))
 

@@ -159,8 +159,7 @@ def train_run(rows, config: TrainConfig, run_dir: Path | None = None, *, base: B
     summary["calibration"] = {"temperature": temperature,
                               "validation": calibration_report(head.logits(val.features), val_idx, temperature)}
     head = head.with_temperature(temperature)
-    open_set = calibrate(open_set_method, split_bottlenecks["train"].features, split_bottlenecks["train"].imagenet,
-                         train_idx, len(labels), val.features, val.imagenet, reject_rate)
+    open_set = calibrate(open_set_method, split_bottlenecks["train"], train_idx, len(labels), val, reject_rate)
     write_manifest(rows, run_dir / "manifest.csv")
     save_config(config, run_dir / "config.json")
     head.save(run_dir / "head.npz")
