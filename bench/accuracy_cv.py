@@ -43,8 +43,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-from bench.common import write_result
-from training_job.open_set import DEFAULT_REJECT_RATE
+from bench.common import OPEN_SET_RATES, write_result
 from training_job.paths import shared_data_dir
 
 VALIDATION_PHOTOS = 80
@@ -64,8 +63,6 @@ METHOD_ARCHITECTURES = {
 }
 MIRROR = "_mirror"
 UNUSED_SPLIT = "unused"  # a split training never reads (as bench/calibration_cv.py marks them)
-# the quantiles the open-set threshold is calibrated at, the training job's own among them
-OPEN_SET_RATES = tuple(sorted({0.005, 0.01, 0.015, 0.02, 0.03, DEFAULT_REJECT_RATE}))
 # issue 14's targets: at most this share of mushrooms rejected, at least this share of not-mushroom photos
 MUSHROOMS_REJECTED_AT_MOST, NOT_MUSHROOMS_REJECTED_AT_LEAST = 0.05, 0.90
 

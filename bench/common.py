@@ -11,8 +11,13 @@ from pathlib import Path
 import numpy as np
 
 from training_job import registry as registry_layout
+from training_job.open_set import DEFAULT_REJECT_RATE
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# the quantiles the benches calibrate the "not a mushroom" threshold at (bench/accuracy_cv.py and
+# bench/open_set_rates.py), the training job's own among them
+OPEN_SET_RATES = tuple(sorted({0.005, 0.01, 0.015, 0.02, 0.03, DEFAULT_REJECT_RATE}))
 
 
 def machine_description() -> dict:

@@ -19,8 +19,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-from bench.common import write_result
-from training_job.open_set import DEFAULT_REJECT_RATE, threshold_at
+from bench.common import OPEN_SET_RATES, write_result
+from training_job.open_set import threshold_at
 from training_job.paths import shared_data_dir
 from training_job.preprocessing import load_image_file
 
@@ -40,14 +40,13 @@ def rates_at(scores: dict[str, np.ndarray], rate: float) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", nargs=2, action="append", required=True, metavar=("VERSION_DIR", "RUN_DIR"))
-    parser.add_argument("--rates", default=None, help="comma-separated quantiles (default: 0, 0.005, 0.01, 0.02, "
-                        "0.03 and the training job's own, open_set.DEFAULT_REJECT_RATE)")
+    parser.add_argument("--rates", default=None, help="comma-separated quantiles (default: 0 and "
+                        "bench.common.OPEN_SET_RATES, the training job's own among them)")
     parser.add_argument("--not_mushrooms", type=Path, default=shared_data_dir() / "not-mushrooms")
     args = parser.parse_args(argv)
     import tensorflow as tf
 
-    rates = ([float(r) for r in args.rates.split(",")] if args.rates
-             else sorted({0.0, 0.005, 0.01, 0.02, 0.03, DEFAULT_REJECT_RATE}))
+    rates = [float(r) for r in args.rates.split(",")] if args.rates else [0.0, *OPEN_SET_RATES]
     not_mushrooms = sorted(p for p in args.not_mushrooms.iterdir() if p.is_file())
     versions = []
     for version_dir, run_dir in args.version:

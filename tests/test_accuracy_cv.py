@@ -79,7 +79,9 @@ def test_main_pairs_methods_fold_by_fold(monkeypatch, tmp_path):
     assert 0 <= written["frozen"]["ece_after"] <= written["frozen"]["ece_before"] + 1e-9
     assert [f["frozen_details"]["fine_tune_epochs_run"] for f in written["per_fold"]] == [0, 1, 2]
     # the open-set check on each fold: without not-mushroom photos, only the test mushrooms' share is measured
-    default = written["frozen"]["open_set"][str(cv.DEFAULT_REJECT_RATE)]
+    from training_job.open_set import DEFAULT_REJECT_RATE
+
+    default = written["frozen"]["open_set"][str(DEFAULT_REJECT_RATE)]
     assert default["test_rejected"] == 0.0 and default["not_mushrooms_rejected"] is None
     assert set(written["frozen"]["open_set"]) == {str(r) for r in cv.OPEN_SET_RATES}
     with np.load(tmp_path / "frozen-fold1-open_set.npz") as saved:  # what a threshold study reads
