@@ -126,9 +126,9 @@ def test_run_fine_tunes_the_whole_network_unless_told_otherwise():
         config("--architecture", "mobilenet_1.0_224", "--fine_tune_blocks", "1", "--fine_tune_whole")
 
 
-def test_the_not_a_mushroom_threshold_is_the_1_5_percent_validation_quantile_unless_told_otherwise():
-    """README ("The check's threshold is a low quantile"): 1.5 % (bench/results/open_set_rates.json), one default
-    that the train and run commands and the sweep all take."""
+def test_the_not_a_mushroom_threshold_is_the_1_5_percent_quantile_unless_told_otherwise():
+    """README ("The check's threshold is a low quantile"): 1.5 % of the training and validation photos' scores
+    (bench/results/accuracy_cv_open_set.json), one default that the train and run commands and the sweep all take."""
     import inspect
 
     from training_job.cli import build_parser
