@@ -43,7 +43,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-from bench.common import OPEN_SET_RATES, write_result
+from bench.common import (
+    MUSHROOMS_REJECTED_AT_MOST, NOT_MUSHROOMS_REJECTED_AT_LEAST, OPEN_SET_RATES, write_result,
+)
 from training_job.paths import shared_data_dir
 
 VALIDATION_PHOTOS = 80
@@ -63,8 +65,6 @@ METHOD_ARCHITECTURES = {
 }
 MIRROR = "_mirror"
 UNUSED_SPLIT = "unused"  # a split training never reads (as bench/calibration_cv.py marks them)
-# issue 14's targets: at most this share of mushrooms rejected, at least this share of not-mushroom photos
-MUSHROOMS_REJECTED_AT_MOST, NOT_MUSHROOMS_REJECTED_AT_LEAST = 0.05, 0.90
 
 
 def parse_method(method: str) -> tuple[str, int | None, int | None]:

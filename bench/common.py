@@ -18,6 +18,10 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # the quantiles the benches calibrate the "not a mushroom" threshold at (bench/accuracy_cv.py and
 # bench/open_set_rates.py), the training job's own among them
 OPEN_SET_RATES = tuple(sorted({0.005, 0.01, 0.015, 0.02, 0.03, DEFAULT_REJECT_RATE}))
+# issue 14's targets for the check: at most this share of mushrooms wrongly rejected, at least this share of
+# not-mushroom photos answered "not a mushroom"
+MUSHROOMS_REJECTED_AT_MOST, NOT_MUSHROOMS_REJECTED_AT_LEAST = 0.05, 0.90
+OPEN_SET_TARGETS = f"<= {MUSHROOMS_REJECTED_AT_MOST:.2f} / >= {NOT_MUSHROOMS_REJECTED_AT_LEAST:.2f}"
 
 
 def machine_description() -> dict:
