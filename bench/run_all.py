@@ -155,8 +155,14 @@ def rows() -> list[dict]:
         add("model server throughput at concurrency 32 / raw model at batch 32", round(ratio, 3), "-", None,
             source="model_server.json")
         delta = t["p50_c1_minus_raw_ms"]["value"]
-        add("model server p50 at concurrency 1 minus raw model p50 at batch 1", round(delta, 2), "<= 1 ms",
-            delta <= 1.0, "ms", "model_server.json")
+        c1 = ms.get("fastest_vs_c1")  # results before the bench measured it held the server to the SavedModel
+        if c1:
+            add(f"model server p50 at concurrency 1 minus the fastest engine's p50 at batch 1: median of {c1['pairs']} "
+                f"interleaved per-photo differences (p50s {c1['server_p50_ms']:.2f} vs {c1['engine_p50_ms']:.2f} ms)",
+                round(c1["median_difference_ms"], 2), "<= 1 ms", c1["median_difference_ms"] <= 1.0, "ms",
+                "model_server.json")
+        add("model server p50 at concurrency 1 minus raw model p50 at batch 1", round(delta, 2),
+            "-" if c1 else "<= 1 ms", None if c1 else delta <= 1.0, "ms", "model_server.json")
         on_off = ms.get("batching_on_vs_off")
         if on_off:
             on, off = ms["batching_on"]["c32"]["images_per_s"], ms["batching_off"]["c32"]["images_per_s"]
