@@ -51,9 +51,10 @@ def start_server(version_dir: Path, batching: bool, workdir: Path) -> tuple[subp
     return server.process, server.grpc_target
 
 
-async def drive(target: str, model: str, pixels: np.ndarray, concurrency: int, seconds: float) -> dict:
+def predict_requests(model: str, pixels: np.ndarray) -> list:
+    """One Predict request of ``model`` per photo of ``pixels`` [N, S, S, 3], built once, before any timing."""
     import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+    from tensorflow_serving.apis import predict_pb2
 
     requests = []
     for i in range(len(pixels)):
@@ -61,6 +62,13 @@ async def drive(target: str, model: str, pixels: np.ndarray, concurrency: int, s
         request.model_spec.name = model
         request.inputs["images"].CopyFrom(tf.make_tensor_proto(pixels[i:i + 1]))
         requests.append(request)
+    return requests
+
+
+async def drive(target: str, model: str, pixels: np.ndarray, concurrency: int, seconds: float) -> dict:
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    requests = predict_requests(model, pixels)
     async with grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         for request in requests[:4]:
@@ -181,18 +189,12 @@ def fastest_vs_c1(version_dir: Path, target: str, model: str, pixels: np.ndarray
     while the server answers), interleaved: one call of each per photo, which goes first alternating. The median of
     the per-photo differences is the server's own latency over the engine it runs (gRPC, protobuf, the batch
     scheduler, the thread hop), on the same moment's machine, where two phases minutes apart compare its load."""
-    import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
 
     from training_job.tflite_export import tflite_interpreter, tflite_predict
 
     interpreter = tflite_interpreter(version_dir / "model.tflite", batch=1, threads=FASTEST_ENGINE_THREADS)
-    requests = []
-    for i in range(len(pixels)):
-        request = predict_pb2.PredictRequest()
-        request.model_spec.name = model
-        request.inputs["images"].CopyFrom(tf.make_tensor_proto(pixels[i:i + 1]))
-        requests.append(request)
+    requests = predict_requests(model, pixels)
 
     def timed(call) -> float:
         start = time.perf_counter()
