@@ -9,7 +9,7 @@ import pytest
 
 from tests.support import MUSHROOMS
 from training_job.augmentation import Augmentation
-from training_job.bottlenecks import get_bottlenecks
+from training_job.bottlenecks import atomic_save, get_bottlenecks
 from training_job.cli import main
 from training_job.dataset import ManifestRow, read_manifest, write_manifest
 from training_job.errors import UserError
@@ -31,6 +31,23 @@ def test_bottleneck_cache_is_reused_and_augmented_variants_are_kept_apart(small_
     assert not np.allclose(augmented.features, first.features)
     assert get_bottlenecks(some, base_network, root=tmp_path, progress=False).computed == 0
     assert get_bottlenecks(some, base_network, augmentation=aug, root=tmp_path, progress=False).computed == 0
+
+
+def test_processes_sharing_the_bottleneck_cache_never_write_through_one_temporary_file(tmp_path, monkeypatch):
+    """The cache is shared by every process of a user (``make test``'s pytest workers, a CV run beside ``make run``):
+    two processes saving the same photo's vector, even from an object at the same address, stage it in files of
+    their own before the atomic rename."""
+    import builtins
+
+    vec, target, staged = np.arange(4, dtype=np.float32), tmp_path / "photo.npy", []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open",
+                        lambda path, *a, **k: staged.append(Path(path).name) or real_open(path, *a, **k))
+    for pid in (101, 102):
+        monkeypatch.setattr("os.getpid", lambda pid=pid: pid)
+        atomic_save(target, vec)
+    assert len(set(staged)) == 2 and np.array_equal(np.load(target), vec)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.npy"]
 
 
 def test_short_training_run_reaches_meaningful_accuracy(trained_run):

@@ -9,6 +9,7 @@ recomputes or mixes with them.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -181,7 +182,7 @@ def cached_outputs(rows, folder: Path, shape: tuple, dtype, pixels_of, compute, 
 
 
 def atomic_save(path: Path, vec: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{id(vec)}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{id(vec)}.tmp")  # processes share the cache
     with open(tmp, "wb") as f:
         np.save(f, vec)
     tmp.replace(path)
