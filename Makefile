@@ -1,6 +1,9 @@
 # The two commands of the README: `make run` (set up, then the main job) and `make test`.
 PY := .venv/bin/python
 DATA ?=
+# pytest's worker processes: each takes whole test modules (--dist loadfile), so a module's fixtures stay in one
+# process; TEST_WORKERS=0 runs the suite in this one
+TEST_WORKERS ?= 2
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: setup run stop loadtest bench test clean
@@ -21,7 +24,7 @@ bench: setup
 
 test: setup
 	$(PY) -m training_job weights  # every base the tests use (setup converts the default's only)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf var .pytest_cache
