@@ -5,6 +5,11 @@ server's own CPU per request beyond inference (a version whose TFLite model does
 fastest engine that it and the load generator leave; and the batching parameters compared on what they are for, the
 gateway's cache-miss throughput at concurrency 32 (one stack per setting, phases alternating).
 
+The server's figures against the fastest engine are measured twice: with a Python gRPC client (as the gateway calls
+the server) and with h2load (bench/h2load.py, C) as the client. The Python client's CPU shares the two cores with the
+server at concurrency 32 and its own latency adds to the server's at concurrency 1; h2load's is a small part of it, so
+its figures are the server's own. The targets hold the h2load figures; the Python client's stay beside them.
+
 Usage: python -m bench.model_server_bench [--registry DIR] [--seconds 10] [--sweep_only]
 """
 from __future__ import annotations
@@ -24,6 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import grpc
 import numpy as np
 
+from bench import h2load
 from bench.common import (
     FASTEST_ENGINE_THREADS, alternating_rounds, cpu_seconds, fastest_engine, load_serving_signature, median,
     percentiles_ms, published_version_or_exit, raw_throughput, sample_photos, write_result,
@@ -38,17 +44,44 @@ def raw_model(version_dir: Path, pixels: np.ndarray, seconds: float) -> dict:
     return {f"batch_{batch}": raw_throughput(signature, pixels, batch, seconds) for batch in (1, 32)}
 
 
-def start_server(version_dir: Path, batching: bool, workdir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(version_dir: Path, batching: bool, workdir: Path):
+    """The model server on ``version_dir``'s model, as deployed (``--prefer_tflite_model``), with its Prometheus page
+    (``answered``); a devstack.servers.ModelServerProcess."""
+    from devstack.configs import write_monitoring_config
     from devstack.servers import start_model_server
 
+    monitoring = workdir / "monitoring.config"
+    write_monitoring_config(monitoring)
     args = [f"--model_name={version_dir.parent.name}", f"--model_base_path={version_dir.parent}",
-            "--file_system_poll_wait_seconds=0", "--prefer_tflite_model"]  # as deployed: model.tflite when it agrees
+            "--file_system_poll_wait_seconds=0", "--prefer_tflite_model", f"--monitoring_config_file={monitoring}"]
     if batching:
         params = workdir / "batching.config"
         params.write_text(BATCHING_CONFIG)
         args += ["--enable_batching", f"--batching_parameters_file={params}"]
-    server = start_model_server(*args, log_file=workdir / f"server-{batching}.log", timeout=120)
-    return server.process, server.grpc_target
+    return start_model_server(*args, log_file=workdir / f"server-{batching}.log", timeout=120)
+
+
+def answered(server) -> float:
+    """Predict calls the model server has answered OK so far (its own counter, as TF Serving names it)."""
+    from devstack.configs import MONITORING_PATH
+
+    return prometheus_total(server.rest_url + MONITORING_PATH, ":tensorflow:serving:request_count_total",
+                            API="grpc_predict", status="OK")
+
+
+def h2load_predict(server, request, concurrency: int, workdir: Path, *, seconds: float | None = None,
+                   calls: int | None = None) -> h2load.Load:
+    """``request`` from h2load at ``concurrency`` (bench/h2load.py), every call checked answered OK on the server's
+    side: h2load reads only HTTP statuses, and gRPC errors come as HTTP 200."""
+    before = answered(server)
+    load = h2load.run(server.grpc_target, h2load.PREDICT, request, concurrency=concurrency, workdir=workdir,
+                      seconds=seconds, calls=calls)
+    ok = answered(server) - before
+    # a timed run leaves up to `concurrency` calls in flight when h2load stops: the server may still answer them
+    if load.other_statuses or not load.calls <= ok <= load.calls + concurrency:
+        raise RuntimeError(f"h2load: {load.calls} answers with HTTP 200, {load.other_statuses} without; the server "
+                           f"answered {ok:.0f} OK")
+    return load
 
 
 def predict_requests(model: str, pixels: np.ndarray) -> list:
@@ -95,6 +128,7 @@ async def drive(target: str, model: str, pixels: np.ndarray, concurrency: int, s
 BATCHING_SETTINGS = {"threads_1": (1, 5000), "threads_2_timeout_2ms": (2, 2000), "threads_2_timeout_5ms": (2, 5000)}
 BATCH_SIZE_METRIC = ":tensorflow:serving:batching_session:processed_batch_size"
 C1_PAIRS = 300  # interleaved calls of the server and the fastest engine at concurrency 1, one of each per pair
+C1_H2LOAD_ROUNDS, C1_H2LOAD_CALLS = 6, 100  # alternating phases at concurrency 1 with h2load as the client
 
 
 def batching_sweep(version_dir: Path, model_name: str, seconds: float, rounds: int = 3) -> dict:
@@ -148,16 +182,23 @@ def print_sweep(sweep: dict) -> None:
     print(f"best measured: {sweep['best']}; bench uses {sweep['in_use']}, deploy/tfserving {sweep['shipped']}")
 
 
-def fastest_vs_server(version_dir: Path, server: subprocess.Popen, target: str, model: str, pixels: np.ndarray,
-                      seconds: float, rounds: int = 3) -> dict:
+def fastest_vs_server(version_dir: Path, server, model: str, pixels: np.ndarray, seconds: float, workdir: Path,
+                      rounds: int = 3) -> dict:
     """The fastest engine at batch 32 (in this process, the server idle) and the server (batching on) at concurrency
     32, in alternating phases: the ratio of their medians compares the two on the same minutes' machine, where
-    bench/tflite_bench.py's figure, minutes earlier, compares the machine's load too.
+    bench/tflite_bench.py's figure, minutes earlier, compares the machine's load too. The server's load comes from
+    two generators in turn: this process's Python gRPC client (as the gateway calls it), and h2load (C), whose CPU per
+    call is a small part of the Python client's, so that the server's throughput shares the cores with less of the
+    client's work. The two cores are all there is: in a deployment the clients run elsewhere.
 
-    CPU per image too: the engine's (this process), and in the server phases the server's and this process's, the
-    load generator, whose CPU the server's throughput shares the cores with (the engine phases have none)."""
-    cpu_ms = {"engine_ms_per_image": [], "server_ms_per_image": [], "load_generator_ms_per_request": []}
+    CPU per image too: the engine's (this process), and in the server phases the server's and the load generator's
+    (this process, or h2load)."""
+    import resource
+
+    cpu_ms = {"engine_ms_per_image": [], "server_ms_per_image": [], "load_generator_ms_per_request": [],
+              "server_ms_per_image_h2load": [], "h2load_ms_per_request": []}
     measure = fastest_engine(version_dir, pixels, 32)
+    request = predict_requests(model, pixels[:1])[0]
 
     def engine() -> float:
         before = time.process_time()
@@ -166,22 +207,46 @@ def fastest_vs_server(version_dir: Path, server: subprocess.Popen, target: str, 
         return figures["images_per_s"]
 
     def served() -> float:
-        before, server_before = time.process_time(), cpu_seconds(server.pid)
-        figures = asyncio.run(drive(target, model, pixels, 32, seconds))
-        answered = max(figures["n"], 1)
-        cpu_ms["server_ms_per_image"].append((cpu_seconds(server.pid) - server_before) * 1000 / answered)
-        cpu_ms["load_generator_ms_per_request"].append((time.process_time() - before) * 1000 / answered)
+        before, server_before = time.process_time(), cpu_seconds(server.process.pid)
+        figures = asyncio.run(drive(server.grpc_target, model, pixels, 32, seconds))
+        calls = max(figures["n"], 1)
+        cpu_ms["server_ms_per_image"].append((cpu_seconds(server.process.pid) - server_before) * 1000 / calls)
+        cpu_ms["load_generator_ms_per_request"].append((time.process_time() - before) * 1000 / calls)
         return figures["images_per_s"]
 
-    figures = alternating_rounds({"fastest_b32_images_per_s": engine, "server_c32_images_per_s": served}, rounds)
-    ratio = median(figures["server_c32_images_per_s"]) / median(figures["fastest_b32_images_per_s"])
+    def children_cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    def served_h2load() -> float:
+        before, server_before = children_cpu(), cpu_seconds(server.process.pid)
+        load = h2load_predict(server, request, 32, workdir, seconds=seconds)
+        cpu_ms["server_ms_per_image_h2load"].append((cpu_seconds(server.process.pid) - server_before) * 1000
+                                                    / load.calls)
+        cpu_ms["h2load_ms_per_request"].append((children_cpu() - before) * 1000 / load.calls)
+        return load.calls_per_s
+
+    figures = alternating_rounds({"fastest_b32_images_per_s": engine, "server_c32_images_per_s": served,
+                                  "server_c32_h2load_images_per_s": served_h2load}, rounds)
+    engine_median = median(figures["fastest_b32_images_per_s"])
+    ratio = median(figures["server_c32_images_per_s"]) / engine_median
+    ratio_h2load = median(figures["server_c32_h2load_images_per_s"]) / engine_median
     cpu = {name: median(values) for name, values in cpu_ms.items()}
     print("alternating: fastest engine b32 " + ", ".join(f"{v:.1f}" for v in figures["fastest_b32_images_per_s"])
-          + " img/s; server c32 " + ", ".join(f"{v:.1f}" for v in figures["server_c32_images_per_s"])
-          + f" img/s; ratio of medians {ratio:.3f}; CPU ms per image: engine {cpu['engine_ms_per_image']:.2f}, "
-          f"server {cpu['server_ms_per_image']:.2f} + load generator {cpu['load_generator_ms_per_request']:.2f}",
-          flush=True)
-    return {**figures, "rounds": rounds, "seconds_per_phase": seconds, "ratio_of_medians": ratio, "cpu": cpu}
+          + " img/s; server c32 (Python client) " + ", ".join(f"{v:.1f}" for v in figures["server_c32_images_per_s"])
+          + " img/s; server c32 (h2load) " + ", ".join(f"{v:.1f}" for v in figures["server_c32_h2load_images_per_s"])
+          + f" img/s; ratios of medians {ratio:.3f} (Python client), {ratio_h2load:.3f} (h2load); CPU ms per image: "
+          f"engine {cpu['engine_ms_per_image']:.2f}, server {cpu['server_ms_per_image']:.2f} + Python client "
+          f"{cpu['load_generator_ms_per_request']:.2f}, server {cpu['server_ms_per_image_h2load']:.2f} + h2load "
+          f"{cpu['h2load_ms_per_request']:.2f}", flush=True)
+    return {**figures, "rounds": rounds, "seconds_per_phase": seconds, "ratio_of_medians": ratio,
+            "ratio_of_medians_h2load": ratio_h2load, "cpu": cpu}
+
+
+def _timed(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
 
 
 def fastest_vs_c1(version_dir: Path, target: str, model: str, pixels: np.ndarray, pairs: int) -> dict:
@@ -196,11 +261,6 @@ def fastest_vs_c1(version_dir: Path, target: str, model: str, pixels: np.ndarray
     interpreter = tflite_interpreter(version_dir / "model.tflite", batch=1, threads=FASTEST_ENGINE_THREADS)
     requests = predict_requests(model, pixels)
 
-    def timed(call) -> float:
-        start = time.perf_counter()
-        call()
-        return time.perf_counter() - start
-
     server, engine = [], []
     with grpc.insecure_channel(target) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
@@ -212,11 +272,11 @@ def fastest_vs_c1(version_dir: Path, target: str, model: str, pixels: np.ndarray
             call_server = lambda: stub.Predict(requests[k], timeout=60)  # noqa: E731
             call_engine = lambda: tflite_predict(interpreter, pixels[k][None])  # noqa: E731
             if i % 2:
-                engine.append(timed(call_engine))
-                server.append(timed(call_server))
+                engine.append(_timed(call_engine))
+                server.append(_timed(call_server))
             else:
-                server.append(timed(call_server))
-                engine.append(timed(call_engine))
+                server.append(_timed(call_server))
+                engine.append(_timed(call_engine))
     differences_ms = (np.asarray(server) - np.asarray(engine)) * 1000
     result = {"pairs": pairs, "server_p50_ms": percentiles_ms(server)["p50_ms"],
               "engine_p50_ms": percentiles_ms(engine)["p50_ms"],
@@ -226,25 +286,67 @@ def fastest_vs_c1(version_dir: Path, target: str, model: str, pixels: np.ndarray
     return result
 
 
+def fastest_vs_c1_h2load(version_dir: Path, server, model: str, pixels: np.ndarray, workdir: Path,
+                         rounds: int = C1_H2LOAD_ROUNDS, calls: int = C1_H2LOAD_CALLS) -> dict:
+    """The server at concurrency 1 with h2load as the client (no Python on the client's side) against the fastest
+    engine at batch 1 in this process, in alternating phases of ``calls`` calls on one photo each (round k: photo
+    k): the median over the rounds of the differences between the two p50s. ``fastest_vs_c1``'s figure adds the
+    Python gRPC client's own latency; this one is the server's (gRPC, protobuf, the batch scheduler, the thread hop)
+    and the loopback's."""
+    from training_job.tflite_export import tflite_interpreter, tflite_predict
+
+    interpreter = tflite_interpreter(version_dir / "model.tflite", batch=1, threads=FASTEST_ENGINE_THREADS)
+    requests = predict_requests(model, pixels[:rounds])
+    h2load_predict(server, requests[0], 1, workdir, calls=10)  # h2load's first connection, untimed
+    tflite_predict(interpreter, pixels[:1])
+    server_p50, engine_p50 = [], []
+    for k in range(rounds):
+        photo = pixels[k % len(pixels)][None]
+        engine_p50.append(percentiles_ms([_timed(lambda: tflite_predict(interpreter, photo))
+                                          for _ in range(calls)])["p50_ms"])
+        load = h2load_predict(server, requests[k % len(requests)], 1, workdir, calls=calls)
+        server_p50.append(percentiles_ms(load.latencies_s)["p50_ms"])
+    differences = [s - e for s, e in zip(server_p50, engine_p50)]
+    result = {"rounds": rounds, "calls_per_phase": calls, "server_p50_ms": server_p50, "engine_p50_ms": engine_p50,
+              "median_difference_ms": median(differences)}
+    print(f"c1, h2load as the client ({rounds} rounds of {calls} calls): server p50 "
+          + ", ".join(f"{v:.2f}" for v in server_p50) + " ms; fastest engine b1 p50 "
+          + ", ".join(f"{v:.2f}" for v in engine_p50) + f" ms; median difference {result['median_difference_ms']:.2f} ms",
+          flush=True)
+    return result
+
+
 def server_overhead(pixels: np.ndarray, seconds: float, workdir: Path) -> dict:
-    """CPU ms per request, at concurrency 32 with batching on (as deployed), of the server and of this process (the
-    load generator) on the tiny model's ``model.tflite``, whose inference is a mean colour: what every request costs
-    beside its inference (gRPC, protobuf, batching, the event loop)."""
+    """CPU ms per request, at concurrency 32 with batching on (as deployed), of the server and of the load generator
+    (this process's Python client; then h2load, under ``"h2load"``) on the tiny model's ``model.tflite``, whose
+    inference is a mean colour: what every request costs beside its inference (gRPC, protobuf, batching, the event
+    loop)."""
+    import resource
+
     from training_job.tiny_model import write_tiny_model_with_tflite
 
     version_dir = write_tiny_model_with_tflite(workdir / "tiny-registry" / "tiny" / "1")
-    process, target = start_server(version_dir, True, workdir)
+    server = start_server(version_dir, True, workdir)
     try:
-        asyncio.run(drive(target, "tiny", pixels, 32, 2))  # connections and first calls, unmeasured
-        before, server_before = time.process_time(), cpu_seconds(process.pid)
-        figures = asyncio.run(drive(target, "tiny", pixels, 32, seconds))
-        answered = max(figures["n"], 1)
-        return {"server_ms_per_request": (cpu_seconds(process.pid) - server_before) * 1000 / answered,
-                "load_generator_ms_per_request": (time.process_time() - before) * 1000 / answered,
-                "requests_per_s": figures["images_per_s"]}
+        asyncio.run(drive(server.grpc_target, "tiny", pixels, 32, 2))  # connections and first calls, unmeasured
+        before, server_before = time.process_time(), cpu_seconds(server.process.pid)
+        figures = asyncio.run(drive(server.grpc_target, "tiny", pixels, 32, seconds))
+        calls = max(figures["n"], 1)
+        out = {"server_ms_per_request": (cpu_seconds(server.process.pid) - server_before) * 1000 / calls,
+               "load_generator_ms_per_request": (time.process_time() - before) * 1000 / calls,
+               "requests_per_s": figures["images_per_s"]}
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        before, server_before = usage.ru_utime + usage.ru_stime, cpu_seconds(server.process.pid)
+        load = h2load_predict(server, predict_requests("tiny", pixels[:1])[0], 32, workdir, seconds=seconds)
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out["h2load"] = {
+            "server_ms_per_request": (cpu_seconds(server.process.pid) - server_before) * 1000 / load.calls,
+            "load_generator_ms_per_request": (usage.ru_utime + usage.ru_stime - before) * 1000 / load.calls,
+            "requests_per_s": load.calls_per_s}
+        return out
     finally:
-        process.terminate()
-        process.wait(30)
+        server.process.terminate()
+        server.process.wait(30)
 
 
 def ratio_left(engine_ms_per_image: float, overhead: dict) -> float:
@@ -263,6 +365,8 @@ def main(argv=None) -> int:
                         help="only compare the batching settings (printed, nothing written)")
     args = parser.parse_args(argv)
     version_dir = published_version_or_exit(args.registry, args.model_name)
+    if not h2load.available():
+        sys.exit(f"no {h2load.H2LOAD} here: Debian's nghttp2-client has it (scripts/setup.sh installs it)")
     sweep_seconds = max(2.0, args.seconds / 2)
     if args.sweep_only:
         print_sweep(batching_sweep(version_dir, args.model_name, sweep_seconds))
@@ -277,24 +381,28 @@ def main(argv=None) -> int:
             for batching in (True, False):
                 servers["batching_on" if batching else "batching_off"] = start_server(version_dir, batching, Path(tmp))
             for c in (1, 32):
-                for key, (_, target) in servers.items():
-                    result.setdefault(key, {})[f"c{c}"] = asyncio.run(drive(target, args.model_name, pixels, c,
-                                                                            args.seconds))
+                for key, server in servers.items():
+                    result.setdefault(key, {})[f"c{c}"] = asyncio.run(drive(server.grpc_target, args.model_name,
+                                                                            pixels, c, args.seconds))
             if (version_dir / "model.tflite").is_file():
-                result["fastest_vs_c32"] = fastest_vs_server(version_dir, *servers["batching_on"], args.model_name,
-                                                             pixels, args.seconds)
-                result["fastest_vs_c1"] = fastest_vs_c1(version_dir, servers["batching_on"][1], args.model_name,
-                                                        pixels, C1_PAIRS)
+                deployed = servers["batching_on"]
+                result["fastest_vs_c32"] = fastest_vs_server(version_dir, deployed, args.model_name, pixels,
+                                                             args.seconds, Path(tmp))
+                result["fastest_vs_c1"] = fastest_vs_c1(version_dir, deployed.grpc_target, args.model_name, pixels,
+                                                        C1_PAIRS)
+                result["fastest_vs_c1_h2load"] = fastest_vs_c1_h2load(version_dir, deployed, args.model_name, pixels,
+                                                                      Path(tmp))
         finally:
-            for process, _ in servers.values():
-                process.terminate()
-                process.wait(30)
+            for server in servers.values():
+                server.process.terminate()
+                server.process.wait(30)
         result["server_overhead"] = overhead = server_overhead(pixels, args.seconds, Path(tmp))
-    if "fastest_vs_c32" in result:
-        overhead["ratio_left"] = ratio_left(result["fastest_vs_c32"]["cpu"]["engine_ms_per_image"], overhead)
-    print(f"server's own CPU per request (tiny model, c32): {overhead['server_ms_per_request']:.2f} ms, load generator "
-          f"{overhead['load_generator_ms_per_request']:.2f} ms" + (f"; ratio they leave {overhead['ratio_left']:.3f}"
-                                                                   if "ratio_left" in overhead else ""))
+    for client, costs in (("Python client", overhead), ("h2load", overhead["h2load"])):
+        if "fastest_vs_c32" in result:
+            costs["ratio_left"] = ratio_left(result["fastest_vs_c32"]["cpu"]["engine_ms_per_image"], costs)
+        print(f"server's own CPU per request (tiny model, c32, {client}): {costs['server_ms_per_request']:.2f} ms, "
+              f"load generator {costs['load_generator_ms_per_request']:.2f} ms"
+              + (f"; ratio they leave {costs['ratio_left']:.3f}" if "ratio_left" in costs else ""))
     raw32, raw1 = result["raw"]["batch_32"], result["raw"]["batch_1"]
     best = result["batching_on"]
     result["targets"] = {
@@ -306,6 +414,10 @@ def main(argv=None) -> int:
         result["targets"]["p50_c1_minus_raw_ms"]["target"] = "-"
         result["targets"]["p50_c1_minus_fastest_ms"] = {"value": result["fastest_vs_c1"]["median_difference_ms"],
                                                         "target": "<= 1.0"}
+        result["targets"]["p50_c1_minus_fastest_h2load_ms"] = {
+            "value": result["fastest_vs_c1_h2load"]["median_difference_ms"], "target": "<= 1.0"}
+        result["targets"]["throughput_ratio_c32_h2load_vs_fastest_b32"] = {
+            "value": result["fastest_vs_c32"]["ratio_of_medians_h2load"], "target": ">= 0.9"}
     on, off = result["batching_on"], result["batching_off"]
     result["batching_on_vs_off"] = {"c32_throughput_ratio": on["c32"]["images_per_s"] / off["c32"]["images_per_s"],
                                     "c1_p50_difference_ms": on["c1"]["p50_ms"] - off["c1"]["p50_ms"]}

@@ -237,3 +237,37 @@ def test_the_model_servers_latency_target_is_against_the_engine_it_runs(monkeypa
 def test_an_older_model_server_result_keeps_its_raw_latency_target(monkeypatch):
     raw = _rows(monkeypatch, _results())["model server p50 at concurrency 1 minus raw model p50 at batch 1"]
     assert (raw["measured"], raw["target"], raw["met"]) == (-1.0, "<= 1 ms", True)
+
+
+def test_the_model_servers_targets_hold_its_figures_with_h2load_as_the_client(monkeypatch):
+    """A Python gRPC client shares the two cores with the server at concurrency 32 and adds its own latency at
+    concurrency 1; h2load's figures are the server's own, so they carry the targets and the Python client's stay as
+    context."""
+    results = _results()
+    results["model_server"]["fastest_vs_c32"] = {
+        "server_c32_images_per_s": [150.0, 160.0, 170.0], "server_c32_h2load_images_per_s": [180.0, 185.0, 190.0],
+        "fastest_b32_images_per_s": [190.0, 200.0, 210.0], "ratio_of_medians": 0.8, "ratio_of_medians_h2load": 0.925,
+        "cpu": {"engine_ms_per_image": 10.0, "server_ms_per_image": 10.5, "load_generator_ms_per_request": 1.5,
+                "server_ms_per_image_h2load": 10.2, "h2load_ms_per_request": 0.1}}
+    results["model_server"]["fastest_vs_c1"] = {"pairs": 300, "server_p50_ms": 8.5, "engine_p50_ms": 5.0,
+                                                "median_difference_ms": 3.4}
+    results["model_server"]["fastest_vs_c1_h2load"] = {"rounds": 3, "calls_per_phase": 100,
+                                                       "server_p50_ms": [6.0, 6.1, 5.9], "engine_p50_ms": [5.0, 5.0, 5.1],
+                                                       "median_difference_ms": 0.9}
+    results["model_server"]["server_overhead"] = {
+        "server_ms_per_request": 0.7, "load_generator_ms_per_request": 0.3, "ratio_left": 0.9,
+        "h2load": {"server_ms_per_request": 0.6, "load_generator_ms_per_request": 0.05, "ratio_left": 0.94}}
+    rows = _rows(monkeypatch, results)
+    h2load = rows["model server throughput at concurrency 32 (h2load as the client) / fastest engine at batch 32"]
+    assert (h2load["measured"], h2load["target"], h2load["met"]) == (0.925, ">= 0.9", True)
+    assert "180, 185, 190 vs 190, 200, 210" in h2load["what"] and "plus h2load's 0.10" in h2load["what"]
+    python = rows["model server throughput at concurrency 32 (a Python gRPC client) / fastest engine at batch 32"]
+    assert (python["measured"], python["target"], python["met"]) == (0.8, "-", None)
+    latency = rows["model server p50 at concurrency 1 (h2load as the client) minus the fastest engine's p50 at batch 1"]
+    assert (latency["measured"], latency["target"], latency["met"]) == (0.9, "<= 1 ms", True)
+    assert "6.00, 6.10, 5.90 vs 5.00, 5.00, 5.10 ms" in latency["what"]
+    python_c1 = rows["model server p50 at concurrency 1 (a Python gRPC client) minus the fastest engine's p50 at "
+                     "batch 1"]
+    assert (python_c1["measured"], python_c1["met"]) == (3.4, None)
+    overhead = [row for what, row in rows.items() if what.startswith("model server's own CPU per request")]
+    assert sorted(row["measured"] for row in overhead) == ["0.60 ms; 0.05 ms; 0.940", "0.70 ms; 0.30 ms; 0.900"]
