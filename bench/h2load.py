@@ -12,6 +12,7 @@ seconds=10, workdir=tmp)``.
 """
 from __future__ import annotations
 
+import resource
 import shutil
 import struct
 import subprocess
@@ -40,6 +41,7 @@ class Load:
     other_statuses: int  # answers with another HTTP status, and streams h2load reports failed
     seconds: float  # from the first call's start to the end of the last answer
     latencies_s: np.ndarray  # one per answered call, in order of their start
+    cpu_s: float  # h2load's own CPU time (user + system)
 
     @property
     def calls_per_s(self) -> float:
@@ -75,14 +77,21 @@ def run(target: str, path: str, message, *, concurrency: int, workdir: Path, sec
             "--header=content-type: application/grpc", "--header=te: trailers", f"--log-file={log}",
             *([f"--duration={seconds:g}"] if seconds is not None else [f"--requests={calls}"]),
             f"http://{target}{path}"]
+    cpu_before = _children_cpu_s()
     done = subprocess.run(argv, capture_output=True, text=True, timeout=(seconds or 0) + timeout_s)
+    cpu_s = _children_cpu_s() - cpu_before  # h2load is the only child reaped in between
     if done.returncode != 0:
         raise RuntimeError(f"h2load exited {done.returncode}: {done.stderr.strip() or done.stdout[-500:]}")
     ok, other, span = parse_log(log.read_text() if log.exists() else "")
     failed = _failed_streams(done.stdout)
     if not ok:
         raise RuntimeError(f"h2load got no answer from {target}{path}: {done.stdout[-500:]}")
-    return Load(len(ok), other + failed, span, np.asarray(ok))
+    return Load(len(ok), other + failed, span, np.asarray(ok), cpu_s)
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _failed_streams(report: str) -> int:

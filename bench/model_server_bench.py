@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -193,8 +192,6 @@ def fastest_vs_server(version_dir: Path, server, model: str, pixels: np.ndarray,
 
     CPU per image too: the engine's (this process), and in the server phases the server's and the load generator's
     (this process, or h2load)."""
-    import resource
-
     cpu_ms = {"engine_ms_per_image": [], "server_ms_per_image": [], "load_generator_ms_per_request": [],
               "server_ms_per_image_h2load": [], "h2load_ms_per_request": []}
     measure = fastest_engine(version_dir, pixels, 32)
@@ -214,16 +211,12 @@ def fastest_vs_server(version_dir: Path, server, model: str, pixels: np.ndarray,
         cpu_ms["load_generator_ms_per_request"].append((time.process_time() - before) * 1000 / calls)
         return figures["images_per_s"]
 
-    def children_cpu() -> float:
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return usage.ru_utime + usage.ru_stime
-
     def served_h2load() -> float:
-        before, server_before = children_cpu(), cpu_seconds(server.process.pid)
+        server_before = cpu_seconds(server.process.pid)
         load = h2load_predict(server, request, 32, workdir, seconds=seconds)
         cpu_ms["server_ms_per_image_h2load"].append((cpu_seconds(server.process.pid) - server_before) * 1000
                                                     / load.calls)
-        cpu_ms["h2load_ms_per_request"].append((children_cpu() - before) * 1000 / load.calls)
+        cpu_ms["h2load_ms_per_request"].append(load.cpu_s * 1000 / load.calls)
         return load.calls_per_s
 
     figures = alternating_rounds({"fastest_b32_images_per_s": engine, "server_c32_images_per_s": served,
@@ -321,8 +314,6 @@ def server_overhead(pixels: np.ndarray, seconds: float, workdir: Path) -> dict:
     (this process's Python client; then h2load, under ``"h2load"``) on the tiny model's ``model.tflite``, whose
     inference is a mean colour: what every request costs beside its inference (gRPC, protobuf, batching, the event
     loop)."""
-    import resource
-
     from training_job.tiny_model import write_tiny_model_with_tflite
 
     version_dir = write_tiny_model_with_tflite(workdir / "tiny-registry" / "tiny" / "1")
@@ -335,14 +326,11 @@ def server_overhead(pixels: np.ndarray, seconds: float, workdir: Path) -> dict:
         out = {"server_ms_per_request": (cpu_seconds(server.process.pid) - server_before) * 1000 / calls,
                "load_generator_ms_per_request": (time.process_time() - before) * 1000 / calls,
                "requests_per_s": figures["images_per_s"]}
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        before, server_before = usage.ru_utime + usage.ru_stime, cpu_seconds(server.process.pid)
+        server_before = cpu_seconds(server.process.pid)
         load = h2load_predict(server, predict_requests("tiny", pixels[:1])[0], 32, workdir, seconds=seconds)
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         out["h2load"] = {
             "server_ms_per_request": (cpu_seconds(server.process.pid) - server_before) * 1000 / load.calls,
-            "load_generator_ms_per_request": (usage.ru_utime + usage.ru_stime - before) * 1000 / load.calls,
-            "requests_per_s": load.calls_per_s}
+            "load_generator_ms_per_request": load.cpu_s * 1000 / load.calls, "requests_per_s": load.calls_per_s}
         return out
     finally:
         server.process.terminate()

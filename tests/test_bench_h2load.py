@@ -53,6 +53,7 @@ def test_h2load_calls_are_answered_predict_calls(tiny_server):
     assert load.calls == 40 and load.other_statuses == 0
     assert len(load.latencies_s) == 40 and (load.latencies_s > 0).all()
     assert load.calls_per_s > 0
+    assert load.cpu_s > 0  # h2load's own CPU, the load generator's cost beside the server's
 
 
 def test_grpc_errors_that_h2load_counts_as_answers_fail_the_check(tiny_server):
