@@ -68,6 +68,28 @@ def answered(server) -> float:
                             API="grpc_predict", status="OK")
 
 
+# The server's own latency histograms (TF Serving's, in microseconds) that split a gRPC Predict's time: the whole
+# call inside the server, the model run (the batch queue included), the wait in the batch queue.
+SERVER_LATENCIES = {"request": (":tensorflow:serving:request_latency", {"API": "Predict", "entrypoint": "GRPC"}),
+                    "runtime": (":tensorflow:serving:runtime_latency", {"API": "Predict"}),
+                    "queuing": (":tensorflow:serving:batching_session:queuing_latency", {})}
+
+
+def server_latency_totals(server) -> dict[str, tuple[float, float]]:
+    """{SERVER_LATENCIES name: (sum in microseconds, count)} so far."""
+    from devstack.configs import MONITORING_PATH
+
+    url = server.rest_url + MONITORING_PATH
+    return {name: (prometheus_total(url, metric + "_sum", **labels), prometheus_total(url, metric + "_count", **labels))
+            for name, (metric, labels) in SERVER_LATENCIES.items()}
+
+
+def server_latency_means_ms(before: dict, after: dict) -> dict[str, float]:
+    """Mean ms per observation of each SERVER_LATENCIES histogram between two ``server_latency_totals``."""
+    return {name: (after[name][0] - before[name][0]) / 1000 / max(after[name][1] - before[name][1], 1)
+            for name in after}
+
+
 def h2load_predict(server, request, concurrency: int, workdir: Path, *, seconds: float | None = None,
                    calls: int | None = None) -> h2load.Load:
     """``request`` from h2load at ``concurrency`` (bench/h2load.py), every call checked answered OK on the server's
@@ -292,20 +314,27 @@ def fastest_vs_c1_h2load(version_dir: Path, server, model: str, pixels: np.ndarr
     requests = predict_requests(model, pixels[:rounds])
     h2load_predict(server, requests[0], 1, workdir, calls=10)  # h2load's first connection, untimed
     tflite_predict(interpreter, pixels[:1])
-    server_p50, engine_p50 = [], []
+    server_p50, engine_p50, client_mean, inside = [], [], [], []
     for k in range(rounds):
         photo = pixels[k % len(pixels)][None]
         engine_p50.append(percentiles_ms([_timed(lambda: tflite_predict(interpreter, photo))
                                           for _ in range(calls)])["p50_ms"])
+        before = server_latency_totals(server)
         load = h2load_predict(server, requests[k % len(requests)], 1, workdir, calls=calls)
+        inside.append(server_latency_means_ms(before, server_latency_totals(server)))
         server_p50.append(percentiles_ms(load.latencies_s)["p50_ms"])
+        client_mean.append(float(np.mean(load.latencies_s)) * 1000)
     differences = [s - e for s, e in zip(server_p50, engine_p50)]
+    # where the time goes, as means (the server's histograms give no medians): h2load's call, the call inside the
+    # server (from the Predict handler's start to its response built), the model run (queue included), the queue
+    means = {"h2load_call_ms": median(client_mean), **{f"server_{name}_ms": median([r[name] for r in inside])
+                                                        for name in SERVER_LATENCIES}}
     result = {"rounds": rounds, "calls_per_phase": calls, "server_p50_ms": server_p50, "engine_p50_ms": engine_p50,
-              "median_difference_ms": median(differences)}
+              "median_difference_ms": median(differences), "means": means}
     print(f"c1, h2load as the client ({rounds} rounds of {calls} calls): server p50 "
           + ", ".join(f"{v:.2f}" for v in server_p50) + " ms; fastest engine b1 p50 "
-          + ", ".join(f"{v:.2f}" for v in engine_p50) + f" ms; median difference {result['median_difference_ms']:.2f} ms",
-          flush=True)
+          + ", ".join(f"{v:.2f}" for v in engine_p50) + f" ms; median difference {result['median_difference_ms']:.2f} ms"
+          "; means: " + ", ".join(f"{name} {value:.2f}" for name, value in means.items()), flush=True)
     return result
 
 

@@ -176,7 +176,10 @@ def rows() -> list[dict]:
             add(f"model server p50 at concurrency 1 (h2load as the client) minus the fastest engine's p50 at batch 1: "
                 f"median over {c1_h2load['rounds']} alternating rounds of {c1_h2load['calls_per_phase']} calls "
                 "(p50s " + ", ".join(f"{v:.2f}" for v in c1_h2load["server_p50_ms"]) + " vs "
-                + ", ".join(f"{v:.2f}" for v in c1_h2load["engine_p50_ms"]) + " ms)",
+                + ", ".join(f"{v:.2f}" for v in c1_h2load["engine_p50_ms"]) + " ms" + (
+                    "; means: h2load's call {h2load_call_ms:.2f}, inside the server {server_request_ms:.2f}, the "
+                    "model run (queue included) {server_runtime_ms:.2f}, the batch queue {server_queuing_ms:.2f} ms"
+                    .format(**c1_h2load["means"]) if "means" in c1_h2load else "") + ")",
                 round(c1_h2load["median_difference_ms"], 2), "<= 1 ms", c1_h2load["median_difference_ms"] <= 1.0,
                 "ms", "model_server.json")
         if c1:

@@ -75,8 +75,11 @@ def deployed_batching_server(tmp_path_factory):
     publish_tiny(models_dir, bias=0.0)
     config = models_dir / "models.config"
     write_config(config, {MODEL: models_dir / MODEL}, policy="all {}")
+    monitoring = models_dir / "monitoring.config"
+    monitoring.write_text('prometheus_config { enable: true, path: "/monitoring/prometheus/metrics" }\n')
     srv = start_server(models_dir, config, "--enable_batching",
-                       f"--batching_parameters_file={PROJECT_ROOT / 'deploy' / 'tfserving' / 'batching.config'}")
+                       f"--batching_parameters_file={PROJECT_ROOT / 'deploy' / 'tfserving' / 'batching.config'}",
+                       f"--monitoring_config_file={monitoring}")
     wait_until(lambda: version_states(srv.grpc_target, MODEL).get(1, (0,))[0] == AVAILABLE, what="version 1")
     yield srv
     stop_server(srv)
@@ -577,6 +580,61 @@ def test_metrics_count_requests(server, stub):
     assert ':tensorflow:serving:request_count{API="grpc_predict"' in text
     assert ":tensorflow:serving:request_latency_bucket" in text
     assert f':tensorflow:serving:loaded_versions{{model_name="{MODEL}"}}' in text
+
+
+def metric_samples(server, name: str, **labels: str) -> list:
+    """The samples called ``name`` with these label values on the server's Prometheus page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = http("GET", f"{server.rest_url}/monitoring/prometheus/metrics")
+    assert status == 200
+    return [sample for family in text_string_to_metric_families(body.decode()) for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())]
+
+
+# Buckets::Exponential(10, 1.8, 33) of TF Serving's servables/tensorflow/util.cc, in microseconds, then +Inf
+TF_SERVING_LATENCY_BOUNDS = [10 * 1.8 ** i for i in range(33)] + [float("inf")]
+
+
+def test_latencies_are_tf_servings_microsecond_histograms(server, stub):
+    """TF Serving records request_latency (a call answered OK, by API and entrypoint) and runtime_latency (the model
+    run) in microseconds, in the same buckets (servables/tensorflow/util.cc; API "Predict" over gRPC, the URL's verb
+    over REST; runtime "TF1"): a dashboard's quantiles read the same numbers from either server."""
+    stub.Predict(predict_request(pixels(1)), timeout=30)
+    status, _ = http("POST", f"{server.rest_url}/v1/models/{MODEL}:predict", {"instances": pixels(1).tolist()})
+    assert status == 200
+    with pytest.raises(grpc.RpcError):
+        stub.Predict(predict_request(pixels(1), model="no_such_model"), timeout=30)
+    for name, labels in ((":tensorflow:serving:request_latency", {"API": "Predict", "entrypoint": "GRPC"}),
+                         (":tensorflow:serving:request_latency", {"API": "predict", "entrypoint": "REST"}),
+                         (":tensorflow:serving:runtime_latency", {"API": "Predict", "runtime": "TF1"})):
+        count = sum(s.value for s in metric_samples(server, name + "_count", model_name=MODEL, **labels))
+        total = sum(s.value for s in metric_samples(server, name + "_sum", model_name=MODEL, **labels))
+        assert count >= 1, (name, labels)
+        assert 10 <= total / count <= 60e6, (name, labels, total / count)  # microseconds, not seconds
+        bounds = sorted({float(s.labels["le"]) for s in metric_samples(server, name + "_bucket", model_name=MODEL,
+                                                                        **labels)})
+        assert bounds == pytest.approx(TF_SERVING_LATENCY_BOUNDS, rel=1e-5), name
+    # only calls answered OK are timed (TF Serving's PredictionServiceImpl, http_server.cc)
+    assert not metric_samples(server, ":tensorflow:serving:request_latency_count", model_name="no_such_model")
+
+
+def test_batched_calls_are_timed_in_the_queue(deployed_batching_server):
+    """TF Serving's batching session records each task's wait in the batch queue (queuing_latency, microseconds, by
+    the batching parameters' thread_pool_name, "batch_threads" unless set); runtime_latency includes it, as a
+    batched Session::Run blocks until its batch has run."""
+    server = deployed_batching_server
+    channel = grpc.insecure_channel(server.grpc_target)
+    prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(predict_request(pixels(1)), timeout=30)
+    channel.close()
+    if server.external:
+        return  # TF Serving's queuing_latency is the same, but the external server's batching is its own setting
+    queuing = ":tensorflow:serving:batching_session:queuing_latency"
+    count = sum(s.value for s in metric_samples(server, queuing + "_count", thread_pool_name="batch_threads"))
+    total = sum(s.value for s in metric_samples(server, queuing + "_sum", thread_pool_name="batch_threads"))
+    assert count >= 1 and 0 < total / count <= 60e6
+    runtime = metric_samples(server, ":tensorflow:serving:runtime_latency_sum", model_name=MODEL, API="Predict")
+    assert sum(s.value for s in runtime) >= total
 
 
 # ---------------------------------------------------------------------------------------------- version policy

@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import time
 import weakref
 from collections import deque
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
@@ -30,6 +31,7 @@ class _Task:
     inputs: dict[str, np.ndarray]
     rows: int
     future: asyncio.Future
+    queued_at: float = field(default_factory=time.perf_counter)
 
 
 def _unavailable(message: str) -> ServingError:
@@ -142,6 +144,10 @@ class _Queue:
                 start += task.rows
 
     def _run(self, batch: list[_Task]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
+        queuing = metrics.QUEUING_LATENCY.labels(thread_pool_name=self.params.thread_pool_name)
+        for task in batch:  # TF Serving's queuing_latency: from the task's arrival to its batch starting to run
+            queuing.observe((started - task.queued_at) * 1e6)
         rows = sum(t.rows for t in batch)
         names = batch[0].inputs.keys()
         joined = {k: np.concatenate([t.inputs[k] for t in batch]) if len(batch) > 1 else batch[0].inputs[k]

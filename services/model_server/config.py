@@ -38,6 +38,7 @@ class BatchingParameters:
     batch_timeout_micros: int = 1000
     max_enqueued_batches: int = 100
     num_batch_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    thread_pool_name: str = "batch_threads"  # the label of the batch queue's queuing_latency
     allowed_batch_sizes: list[int] = field(default_factory=list)
     pad_variable_length_inputs: bool = False
 
@@ -57,6 +58,7 @@ class BatchingParameters:
             batch_timeout_micros=wrapped("batch_timeout_micros", defaults.batch_timeout_micros),
             max_enqueued_batches=wrapped("max_enqueued_batches", defaults.max_enqueued_batches),
             num_batch_threads=wrapped("num_batch_threads", defaults.num_batch_threads),
+            thread_pool_name=wrapped("thread_pool_name", defaults.thread_pool_name),
             allowed_batch_sizes=list(message.allowed_batch_sizes),
             pad_variable_length_inputs=message.pad_variable_length_inputs,
         )

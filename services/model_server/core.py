@@ -43,6 +43,12 @@ def configure_tensorflow_threads(concurrent_calls: int, intra_op: int = 0, inter
         log.debug("TensorFlow already initialised: intra-op threads left as they are")
 
 
+# the API label TF Serving gives a model run (RecordRuntimeLatency in predict_util.cc, classifier.cc, regressor.cc);
+# MultiInference records none there
+RUNTIME_API = {"grpc_predict": "Predict", "rest_predict": "Predict", "grpc_classify": "Classify",
+               "rest_classify": "Classify", "grpc_regress": "Regress", "rest_regress": "Regress"}
+
+
 class PredictionCore:
     def __init__(self, manager: Manager, batching: BatchingParameters | None, threads: int, intra_op: int = 0,
                  inter_op: int = 0):
@@ -53,7 +59,9 @@ class PredictionCore:
 
     async def predict(self, api: str, name: str, version: int | None, label: str | None, signature: str,
                       inputs: dict[str, np.ndarray], output_filter=()) -> tuple[Servable, dict[str, np.ndarray]]:
-        start = time.perf_counter()
+        """The signature's outputs, counted in ``request_count`` whatever the outcome; a run that succeeds is timed in
+        ``runtime_latency`` as TF Serving times its Session::Run: from handing the inputs over to the outputs back, the
+        batch queue included when batching is on."""
         version_value, status = "", "OK"  # the model_version metric label's value
         try:
             servable = self.manager.resolve(name, version, label)
@@ -63,11 +71,15 @@ class PredictionCore:
                 raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
                                    f'Serving signature key "{signature or "serving_default"}" not found.')
             output_filter = tuple(sorted(output_filter))
+            started = time.perf_counter()
             if self.batcher is not None:
                 outputs = await self.batcher.run(servable, signature, inputs, output_filter)
             else:
                 outputs = await asyncio.get_running_loop().run_in_executor(
                     self.executor, servable.run, signature, inputs, output_filter)
+            if api in RUNTIME_API:
+                metrics.RUNTIME_LATENCY.labels(model_name=servable.model_name, API=RUNTIME_API[api],
+                                               runtime=metrics.RUNTIME).observe((time.perf_counter() - started) * 1e6)
             return servable, outputs
         except ServingError as exc:
             status = exc.code.name
@@ -79,6 +91,3 @@ class PredictionCore:
             model_value = name if self.manager.has_model(name) else "unknown"  # bounded cardinality
             metrics.REQUEST_COUNT.labels(model_name=model_value, model_version=version_value, API=api,
                                          status=status).inc()
-            metrics.REQUEST_LATENCY.labels(model_name=model_value, API=api,
-                                           entrypoint="GRPC" if api.startswith("grpc") else "REST"
-                                           ).observe(time.perf_counter() - start)

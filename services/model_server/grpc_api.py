@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -18,6 +19,7 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.apis.get_model_metadata_pb2 import SignatureDefMap
 
+from services.model_server import metrics
 from services.model_server.core import PredictionCore
 from services.model_server.errors import ServingError
 from services.model_server.inference import Inference, version_and_label
@@ -91,6 +93,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.tensor_content = tensor_content  # --enable_serialization_as_tensor_content
 
     async def Predict(self, request: predict_pb2.PredictRequest, context):
+        started = time.perf_counter()
         version, label = version_and_label(request.model_spec)
         try:
             try:
@@ -108,19 +111,26 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         response.model_spec.signature_name = signature
         for name, value in outputs.items():
             response.outputs[name].CopyFrom(tensor_proto(value, self.tensor_content))
+        metrics.observe_request(request.model_spec.name, "Predict", "GRPC", started)
         return response
 
     async def Classify(self, request: classification_pb2.ClassificationRequest, context):
+        started = time.perf_counter()
         try:
-            return await self.inference.classify(request)
+            response = await self.inference.classify(request)
         except ServingError as exc:
             return await _abort(context, exc)
+        metrics.observe_request(request.model_spec.name, "Classify", "GRPC", started)
+        return response
 
     async def Regress(self, request: regression_pb2.RegressionRequest, context):
+        started = time.perf_counter()
         try:
-            return await self.inference.regress(request)
+            response = await self.inference.regress(request)
         except ServingError as exc:
             return await _abort(context, exc)
+        metrics.observe_request(request.model_spec.name, "Regress", "GRPC", started)
+        return response
 
     async def MultiInference(self, request: inference_pb2.MultiInferenceRequest, context):
         try:

@@ -1,16 +1,40 @@
 """Prometheus metrics, named as TF Serving names them where it has a name, and printed as its exporter prints them
 (util/prometheus_exporter.cc): a counter under its own name (`:tensorflow:serving:request_count`, not
 prometheus_client's `:tensorflow:serving:request_count_total`), and no `_created` series."""
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.utils import floatToGoString
 
 REGISTRY = CollectorRegistry()
 
+
+def exponential_buckets(scale: float, growth_factor: float, count: int) -> tuple[float, ...]:
+    """TensorFlow's ``monitoring::Buckets::Exponential``: ``count`` upper bounds from ``scale``, each ``growth_factor``
+    times the last (computed as TF does, by repeated multiplication), then +Inf."""
+    bounds, bound = [], float(scale)
+    for _ in range(count):
+        bounds.append(bound)
+        bound *= growth_factor
+    return (*bounds, float("inf"))
+
+
+# TF Serving's latencies are microseconds, in the buckets of servables/tensorflow/util.cc
+LATENCY_MICROSECONDS_BUCKETS = exponential_buckets(10, 1.8, 33)
+RUNTIME = "TF1"  # the runtime label TF Serving gives every model run outside TFRT (TFLite's included)
+
 REQUEST_COUNT = Counter(":tensorflow:serving:request_count", "Requests by model, version, API and status",
                         ["model_name", "model_version", "API", "status"], registry=REGISTRY)
-REQUEST_LATENCY = Histogram(":tensorflow:serving:request_latency", "Request latency in seconds",
+REQUEST_LATENCY = Histogram(":tensorflow:serving:request_latency",
+                            "Distribution of wall time (in microseconds) for Tensorflow Serving request.",
                             ["model_name", "API", "entrypoint"], registry=REGISTRY,
-                            buckets=(.001, .0025, .005, .01, .02, .04, .08, .16, .32, .64, 1.28, 2.56, 5.12))
+                            buckets=LATENCY_MICROSECONDS_BUCKETS)
+RUNTIME_LATENCY = Histogram(":tensorflow:serving:runtime_latency",
+                            "Distribution of wall time (in microseconds) for Tensorflow runtime.",
+                            ["model_name", "API", "runtime"], registry=REGISTRY, buckets=LATENCY_MICROSECONDS_BUCKETS)
+QUEUING_LATENCY = Histogram(":tensorflow:serving:batching_session:queuing_latency",
+                            "Distribution of wall time spent (in microseconds) in queuing", ["thread_pool_name"],
+                            registry=REGISTRY, buckets=exponential_buckets(100, 1.2, 52))
 BATCH_SIZE = Histogram(":tensorflow:serving:batching_session:processed_batch_size", "Batch sizes run by the model",
                        ["model_name"], registry=REGISTRY, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 LOAD_SECONDS = Histogram(":tensorflow:serving:model_load_seconds", "Time to load (and warm up) a version",
@@ -23,6 +47,14 @@ BATCH_QUEUE_TASKS = Gauge("model_server_batch_queue_tasks", "Requests waiting in
                           ["model_name"], registry=REGISTRY)
 BATCH_RUNNING = Gauge("model_server_batch_running", "Batches of a model executing now", ["model_name"],
                       registry=REGISTRY)
+
+
+def observe_request(model_name: str, api: str, entrypoint: str, started: float) -> None:
+    """A request answered OK, as TF Serving records it (RecordRequestLatency): microseconds since ``started``
+    (``time.perf_counter()``), by model, API (``Predict``/``Classify``/``Regress`` over gRPC, the URL's verb over REST)
+    and entrypoint (``GRPC``/``REST``). Failed requests are counted in REQUEST_COUNT only, as there."""
+    REQUEST_LATENCY.labels(model_name=model_name, API=api, entrypoint=entrypoint).observe(
+        (time.perf_counter() - started) * 1e6)
 
 
 def exposition(registry: CollectorRegistry = REGISTRY) -> bytes:

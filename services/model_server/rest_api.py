@@ -5,6 +5,7 @@ import asyncio
 import base64
 import json
 import re
+import time
 
 import grpc
 import numpy as np
@@ -256,15 +257,21 @@ class RestApi:
             if re.search(r"https?://", request.headers.get("Origin", "")):
                 return web.Response()
             return _error(400, "Origin header is missing in CORS preflight")
+        started = time.perf_counter()
         try:
             if request.method == "POST" and self.timeout is not None:
                 try:
-                    return await asyncio.wait_for(self._route(request, name, version, label, suffix), self.timeout)
+                    response = await asyncio.wait_for(self._route(request, name, version, label, suffix),
+                                                      self.timeout)
                 except asyncio.TimeoutError:
                     raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
-            return await self._route(request, name, version, label, suffix)
+            else:
+                response = await self._route(request, name, version, label, suffix)
         except ServingError as exc:
             return _error(exc.http_status, exc.message)
+        if response.status == 200:  # as TF Serving's http_server.cc: the API is the URL's verb ("" for a GET)
+            metrics.observe_request(name, suffix[1:] if suffix.startswith(":") else "", "REST", started)
+        return response
 
     async def _route(self, request: web.Request, name: str, version, label, suffix: str) -> web.Response:
         if request.method == "GET" and suffix == "":
