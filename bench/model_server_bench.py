@@ -333,8 +333,9 @@ def fastest_vs_c1_h2load(version_dir: Path, server, model: str, pixels: np.ndarr
               "median_difference_ms": median(differences), "means": means}
     print(f"c1, h2load as the client ({rounds} rounds of {calls} calls): server p50 "
           + ", ".join(f"{v:.2f}" for v in server_p50) + " ms; fastest engine b1 p50 "
-          + ", ".join(f"{v:.2f}" for v in engine_p50) + f" ms; median difference {result['median_difference_ms']:.2f} ms"
-          "; means: " + ", ".join(f"{name} {value:.2f}" for name, value in means.items()), flush=True)
+          + ", ".join(f"{v:.2f}" for v in engine_p50)
+          + f" ms; median difference {result['median_difference_ms']:.2f} ms; means: "
+          + ", ".join(f"{name} {value:.2f}" for name, value in means.items()), flush=True)
     return result
 
 

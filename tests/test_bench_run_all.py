@@ -252,8 +252,8 @@ def test_the_model_servers_targets_hold_its_figures_with_h2load_as_the_client(mo
     results["model_server"]["fastest_vs_c1"] = {"pairs": 300, "server_p50_ms": 8.5, "engine_p50_ms": 5.0,
                                                 "median_difference_ms": 3.4}
     results["model_server"]["fastest_vs_c1_h2load"] = {"rounds": 3, "calls_per_phase": 100,
-                                                       "server_p50_ms": [6.0, 6.1, 5.9], "engine_p50_ms": [5.0, 5.0, 5.1],
-                                                       "median_difference_ms": 0.9,
+                                                       "server_p50_ms": [6.0, 6.1, 5.9],
+                                                       "engine_p50_ms": [5.0, 5.0, 5.1], "median_difference_ms": 0.9,
                                                        "means": {"h2load_call_ms": 6.2, "server_request_ms": 5.6,
                                                                  "server_runtime_ms": 5.3, "server_queuing_ms": 0.2}}
     results["model_server"]["server_overhead"] = {

@@ -79,7 +79,8 @@ class PredictionCore:
                     self.executor, servable.run, signature, inputs, output_filter)
             if api in RUNTIME_API:
                 metrics.RUNTIME_LATENCY.labels(model_name=servable.model_name, API=RUNTIME_API[api],
-                                               runtime=metrics.RUNTIME).observe((time.perf_counter() - started) * 1e6)
+                                               runtime=metrics.RUNTIME_LABEL
+                                               ).observe((time.perf_counter() - started) * 1e6)
             return servable, outputs
         except ServingError as exc:
             status = exc.code.name

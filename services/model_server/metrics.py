@@ -21,7 +21,7 @@ def exponential_buckets(scale: float, growth_factor: float, count: int) -> tuple
 
 # TF Serving's latencies are microseconds, in the buckets of servables/tensorflow/util.cc
 LATENCY_MICROSECONDS_BUCKETS = exponential_buckets(10, 1.8, 33)
-RUNTIME = "TF1"  # the runtime label TF Serving gives every model run outside TFRT (TFLite's included)
+RUNTIME_LABEL = "TF1"  # the runtime label TF Serving gives every model run outside TFRT (TFLite's included)
 
 REQUEST_COUNT = Counter(":tensorflow:serving:request_count", "Requests by model, version, API and status",
                         ["model_name", "model_version", "API", "status"], registry=REGISTRY)
