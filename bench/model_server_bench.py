@@ -34,6 +34,7 @@ from bench.common import (
     percentiles_ms, published_version_or_exit, raw_throughput, sample_photos, write_result,
 )
 from bench.stack import BATCHING_CONFIG, Stack, batching_config, distinct_photos, load, miss_phase, prometheus_total
+from devstack.configs import MONITORING_PATH, write_monitoring_config
 from training_job.paths import PROJECT_ROOT, default_registry, shared_data_dir
 from training_job.preprocessing import load_image_file
 
@@ -46,7 +47,6 @@ def raw_model(version_dir: Path, pixels: np.ndarray, seconds: float) -> dict:
 def start_server(version_dir: Path, batching: bool, workdir: Path):
     """The model server on ``version_dir``'s model, as deployed (``--prefer_tflite_model``), with its Prometheus page
     (``answered``); a devstack.servers.ModelServerProcess."""
-    from devstack.configs import write_monitoring_config
     from devstack.servers import start_model_server
 
     monitoring = workdir / "monitoring.config"
@@ -62,8 +62,6 @@ def start_server(version_dir: Path, batching: bool, workdir: Path):
 
 def answered(server) -> float:
     """Predict calls the model server has answered OK so far (its own counter, as TF Serving names it)."""
-    from devstack.configs import MONITORING_PATH
-
     return prometheus_total(server.rest_url + MONITORING_PATH, ":tensorflow:serving:request_count_total",
                             API="grpc_predict", status="OK")
 
@@ -77,8 +75,6 @@ SERVER_LATENCIES = {"request": (":tensorflow:serving:request_latency", {"API": "
 
 def server_latency_totals(server) -> dict[str, tuple[float, float]]:
     """{SERVER_LATENCIES name: (sum in microseconds, count)} so far."""
-    from devstack.configs import MONITORING_PATH
-
     url = server.rest_url + MONITORING_PATH
     return {name: (prometheus_total(url, metric + "_sum", **labels), prometheus_total(url, metric + "_count", **labels))
             for name, (metric, labels) in SERVER_LATENCIES.items()}

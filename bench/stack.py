@@ -15,7 +15,7 @@ from typing import Callable
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from bench.common import percentiles_ms
-from devstack.configs import write_model_list
+from devstack.configs import MONITORING_PATH, write_model_list, write_monitoring_config
 from devstack.servers import (
     REDIS_STATE_ARGS, ModelServerProcess, RedisServer, start_gateway, start_model_server, stop_process,
     version_states, wait_until,
@@ -32,7 +32,6 @@ def batching_config(num_batch_threads: int, batch_timeout_micros: int) -> str:
 # The model server's batching in every stack the benchmarks start, the same parameters as
 # deploy/tfserving/batching.config (which says why); model_server_bench's batching sweep measures the alternatives.
 BATCHING_CONFIG = batching_config(num_batch_threads=2, batch_timeout_micros=2000)
-MONITORING_PATH = "/monitoring/prometheus/metrics"
 AVAILABLE = ModelVersionStatus.AVAILABLE
 
 
@@ -79,7 +78,7 @@ class Stack:
             self.write_model_config(config)
         else:
             write_model_list(config, {self.model_name: self.version_dir.parent})
-        (self.work / "monitoring.config").write_text(f'prometheus_config {{ enable: true, path: "{MONITORING_PATH}" }}\n')
+        write_monitoring_config(self.work / "monitoring.config")
         extra = [f"--monitoring_config_file={self.work / 'monitoring.config'}", "--prefer_tflite_model"]  # as deployed
         if self.batching:
             (self.work / "batching.config").write_text(self.batching_config)
