@@ -33,7 +33,10 @@ from bench.common import (
     FASTEST_ENGINE_THREADS, alternating_rounds, cpu_seconds, fastest_engine, load_serving_signature, median,
     percentiles_ms, published_version_or_exit, raw_throughput, sample_photos, write_result,
 )
-from bench.stack import BATCHING_CONFIG, Stack, batching_config, distinct_photos, load, miss_phase, prometheus_total
+from bench.stack import (
+    BATCHING_CONFIG, Stack, batching_config, distinct_photos, load, miss_phase, prometheus_samples, prometheus_total,
+    samples_total,
+)
 from devstack.configs import MONITORING_PATH, write_monitoring_config
 from training_job.paths import PROJECT_ROOT, default_registry, shared_data_dir
 from training_job.preprocessing import load_image_file
@@ -74,9 +77,9 @@ SERVER_LATENCIES = {"request": (":tensorflow:serving:request_latency", {"API": "
 
 
 def server_latency_totals(server) -> dict[str, tuple[float, float]]:
-    """{SERVER_LATENCIES name: (sum in microseconds, count)} so far."""
-    url = server.rest_url + MONITORING_PATH
-    return {name: (prometheus_total(url, metric + "_sum", **labels), prometheus_total(url, metric + "_count", **labels))
+    """{SERVER_LATENCIES name: (sum in microseconds, count)} so far, from one read of the server's page."""
+    samples = prometheus_samples(server.rest_url + MONITORING_PATH)
+    return {name: tuple(samples_total(samples, metric + part, **labels) for part in ("_sum", "_count"))
             for name, (metric, labels) in SERVER_LATENCIES.items()}
 
 

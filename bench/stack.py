@@ -35,14 +35,24 @@ BATCHING_CONFIG = batching_config(num_batch_threads=2, batch_timeout_micros=2000
 AVAILABLE = ModelVersionStatus.AVAILABLE
 
 
-def prometheus_total(url: str, name: str, **labels: str) -> float:
-    """Sum of the samples called ``name`` (with these label values) on a Prometheus text page."""
+def prometheus_samples(url: str) -> list:
+    """Every sample of a Prometheus text page, read once."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
-    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def samples_total(samples: list, name: str, **labels: str) -> float:
+    """Sum of the ``samples`` called ``name`` with these label values."""
+    return sum(sample.value for sample in samples
                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+
+
+def prometheus_total(url: str, name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` (with these label values) on a Prometheus text page."""
+    return samples_total(prometheus_samples(url), name, **labels)
 
 
 @dataclass
