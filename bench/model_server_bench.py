@@ -104,6 +104,25 @@ def h2load_predict(server, request, concurrency: int, workdir: Path, *, seconds:
     return load
 
 
+def python_client_phase(server, model: str, pixels: np.ndarray, concurrency: int, seconds: float
+                        ) -> tuple[dict, dict]:
+    """``drive``'s figures against ``server``, and the CPU ms per call of the server and of this process (the load
+    generator, whose CPU shares the cores with the server's)."""
+    before, server_before = time.process_time(), cpu_seconds(server.process.pid)
+    figures = asyncio.run(drive(server.grpc_target, model, pixels, concurrency, seconds))
+    calls = max(figures["n"], 1)
+    return figures, {"server_ms_per_request": (cpu_seconds(server.process.pid) - server_before) * 1000 / calls,
+                     "load_generator_ms_per_request": (time.process_time() - before) * 1000 / calls}
+
+
+def h2load_phase(server, request, concurrency: int, seconds: float, workdir: Path) -> tuple[h2load.Load, dict]:
+    """``h2load_predict`` for ``seconds``, and the CPU ms per call of the server and of h2load."""
+    server_before = cpu_seconds(server.process.pid)
+    load = h2load_predict(server, request, concurrency, workdir, seconds=seconds)
+    return load, {"server_ms_per_request": (cpu_seconds(server.process.pid) - server_before) * 1000 / load.calls,
+                  "load_generator_ms_per_request": load.cpu_s * 1000 / load.calls}
+
+
 def predict_requests(model: str, pixels: np.ndarray) -> list:
     """One Predict request of ``model`` per photo of ``pixels`` [N, S, S, 3], built once, before any timing."""
     import tensorflow as tf
@@ -225,19 +244,15 @@ def fastest_vs_server(version_dir: Path, server, model: str, pixels: np.ndarray,
         return figures["images_per_s"]
 
     def served() -> float:
-        before, server_before = time.process_time(), cpu_seconds(server.process.pid)
-        figures = asyncio.run(drive(server.grpc_target, model, pixels, 32, seconds))
-        calls = max(figures["n"], 1)
-        cpu_ms["server_ms_per_image"].append((cpu_seconds(server.process.pid) - server_before) * 1000 / calls)
-        cpu_ms["load_generator_ms_per_request"].append((time.process_time() - before) * 1000 / calls)
+        figures, cpu = python_client_phase(server, model, pixels, 32, seconds)
+        cpu_ms["server_ms_per_image"].append(cpu["server_ms_per_request"])
+        cpu_ms["load_generator_ms_per_request"].append(cpu["load_generator_ms_per_request"])
         return figures["images_per_s"]
 
     def served_h2load() -> float:
-        server_before = cpu_seconds(server.process.pid)
-        load = h2load_predict(server, request, 32, workdir, seconds=seconds)
-        cpu_ms["server_ms_per_image_h2load"].append((cpu_seconds(server.process.pid) - server_before) * 1000
-                                                    / load.calls)
-        cpu_ms["h2load_ms_per_request"].append(load.cpu_s * 1000 / load.calls)
+        load, cpu = h2load_phase(server, request, 32, seconds, workdir)
+        cpu_ms["server_ms_per_image_h2load"].append(cpu["server_ms_per_request"])
+        cpu_ms["h2load_ms_per_request"].append(cpu["load_generator_ms_per_request"])
         return load.calls_per_s
 
     figures = alternating_rounds({"fastest_b32_images_per_s": engine, "server_c32_images_per_s": served,
@@ -349,18 +364,10 @@ def server_overhead(pixels: np.ndarray, seconds: float, workdir: Path) -> dict:
     server = start_server(version_dir, True, workdir)
     try:
         asyncio.run(drive(server.grpc_target, "tiny", pixels, 32, 2))  # connections and first calls, unmeasured
-        before, server_before = time.process_time(), cpu_seconds(server.process.pid)
-        figures = asyncio.run(drive(server.grpc_target, "tiny", pixels, 32, seconds))
-        calls = max(figures["n"], 1)
-        out = {"server_ms_per_request": (cpu_seconds(server.process.pid) - server_before) * 1000 / calls,
-               "load_generator_ms_per_request": (time.process_time() - before) * 1000 / calls,
-               "requests_per_s": figures["images_per_s"]}
-        server_before = cpu_seconds(server.process.pid)
-        load = h2load_predict(server, predict_requests("tiny", pixels[:1])[0], 32, workdir, seconds=seconds)
-        out["h2load"] = {
-            "server_ms_per_request": (cpu_seconds(server.process.pid) - server_before) * 1000 / load.calls,
-            "load_generator_ms_per_request": load.cpu_s * 1000 / load.calls, "requests_per_s": load.calls_per_s}
-        return out
+        figures, out = python_client_phase(server, "tiny", pixels, 32, seconds)
+        load, with_h2load = h2load_phase(server, predict_requests("tiny", pixels[:1])[0], 32, seconds, workdir)
+        return {**out, "requests_per_s": figures["images_per_s"],
+                "h2load": {**with_h2load, "requests_per_s": load.calls_per_s}}
     finally:
         server.process.terminate()
         server.process.wait(30)
