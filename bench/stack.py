@@ -16,6 +16,7 @@ from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from bench.common import percentiles_ms
 from devstack.configs import MONITORING_PATH, write_model_list, write_monitoring_config
+from devstack.health import http_ok
 from devstack.servers import (
     REDIS_STATE_ARGS, ModelServerProcess, RedisServer, start_gateway, start_model_server, stop_process,
     version_states, wait_until,
@@ -180,7 +181,7 @@ class Stack:
         gateway = Gateway(process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}" if grpc else None)
         self.gateways.append(gateway)
         deadline = time.monotonic() + 60
-        while not _ready(gateway.http_url):
+        while not http_ok(f"{gateway.http_url}/readyz"):
             if time.monotonic() > deadline or process.poll() is not None:
                 raise RuntimeError(f"gateway not ready; see {log_file}")
             time.sleep(0.2)
@@ -219,14 +220,6 @@ def miss_phase(stack: Stack, gateway: Gateway, photos: list[bytes], concurrency:
     """Cache-miss load over HTTP: the cache flushed, each of ``photos`` sent at most once, for ``seconds``."""
     stack.flush_cache()
     return measured(gateway, "http", photos, concurrency, seconds=seconds, count=len(photos))
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 async def _drive(send, photos: list[bytes], concurrency: int, seconds: float | None, count: int | None) -> dict:

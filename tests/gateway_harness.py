@@ -12,6 +12,7 @@ import urllib.parse
 import urllib.request
 from typing import NamedTuple
 
+from devstack.health import http_ok
 from devstack.servers import start_gateway, stop_process, wait_until
 from tests.model_server_harness import MODEL
 
@@ -41,7 +42,13 @@ class GatewayProcess:
             self.wait_ready()
 
     def wait_ready(self, timeout: float = 30) -> None:
-        wait_until(lambda: self.request("GET", "/readyz").status == 200, timeout=timeout, what="gateway ready")
+        """Until /readyz answers 200; a refused or reset connection means "not ready yet", an exited gateway fails."""
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the gateway exited with {self.process.returncode} before it was ready")
+            return http_ok(self.url + "/readyz")
+
+        wait_until(ready, timeout=timeout, what="gateway ready")
 
     def request(self, method: str, path: str, body=None, content_type: str | None = None, headers=None,
                 token: str | None = None, timeout: float = 30) -> Reply:
