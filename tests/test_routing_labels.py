@@ -199,6 +199,50 @@ def test_a_watcher_read_in_flight_never_undoes_a_table_just_set():
     assert table == stored
 
 
+class HeldWriteRedis(SlowReadRedis):
+    """Reads answer at once; the first routing write answers only when ``release`` is set (a table being stored
+    while the label refresh runs)."""
+
+    async def get(self, key):
+        return self.stored.get(key)
+
+    def pipeline(self, transaction=True):
+        pipeline, redis = super().pipeline(transaction), self
+        execute = pipeline.execute
+
+        async def held_execute():
+            redis.held.set()
+            await redis.release.wait()
+            await execute()
+
+        pipeline.execute = held_execute
+        return pipeline
+
+
+def test_a_label_refresh_during_a_table_change_keeps_the_new_tables_labels():
+    """A rollout's promotion: the table goes from {canary: 100} to {stable: 100} just after stable moved to the
+    canary's version. A label refresh that ends while the new table is being stored must not forget the stable
+    label it has just resolved: unresolved, it would route nowhere (or to the latest version) until re-asked."""
+    upstream = FakeUpstream({"stable": 2, "canary": 2})
+
+    async def scenario():
+        router = Router(redis=HeldWriteRedis({}), model_name=MODEL, labels=LabelResolver(upstream))
+        router.available = {1, 2}
+        router.table = RoutingTable.from_json({"weights": {"canary": 100}})
+        await router.refresh_labels()
+        del upstream.labels["canary"]  # the controller took canary out of the model server's config
+        change = asyncio.create_task(router.set_table(RoutingTable.from_json({"weights": {"stable": 100}}), "ctl"))
+        await router.redis.held.wait()  # the new table's labels are resolved; the write is in flight
+        await router.refresh_labels()  # the once-a-second refresh, of the table in force until the write ends
+        router.redis.release.set()
+        await change
+        return router.describe()["resolved"], router.choose("client")
+
+    resolved, (version, _) = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert resolved == {"stable": 2}
+    assert version == 2
+
+
 def test_set_table_refuses_unknown_labels_and_labels_on_unavailable_versions():
     router = label_router({"stable": 1, "old": 7}, {})
     with pytest.raises(RoutingError, match="'nope' is unknown to the model server"):

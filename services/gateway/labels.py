@@ -43,8 +43,13 @@ class LabelResolver:
         self.asked.update(labels)
         versions = await asyncio.gather(*(self.lookup(label) for label in labels))
         answers = dict(zip(labels, versions))
-        self.versions.update(answers)
+        self.remember(answers)
         return answers
+
+    def remember(self, answers: dict[str, int]) -> None:
+        """Keeps ``answers`` (label: version) as the last answers, asked."""
+        self.asked.update(answers)
+        self.versions.update(answers)
 
     async def refresh(self, labels: Iterable[str]) -> None:
         """Re-asks every label. One the server no longer knows is dropped (so it routes nowhere); any other failure

@@ -282,8 +282,9 @@ class Router:
             return max(self.available), "latest"
         return None, "latest"
 
-    async def _check(self, table: RoutingTable) -> None:
-        """Refuse entries the model server cannot serve now: unknown labels, versions that are not AVAILABLE."""
+    async def _check(self, table: RoutingTable) -> dict[str, int]:
+        """Refuse entries the model server cannot serve now: unknown labels, versions that are not AVAILABLE.
+        Returns where the table's labels point."""
         resolved: dict[str, int] = {}
         if table.labels():
             if self.labels is None:
@@ -300,11 +301,12 @@ class Router:
         if stale:
             raise RoutingError(f"labels point at versions that are not AVAILABLE: {stale} "
                                f"(available: {sorted(self.available)})")
+        return resolved
 
     async def set_table(self, table: RoutingTable, who: str, note: str | None = None) -> dict:
         """``who``: the operator whose token made the change; ``note``: what the caller said (X-Operator), if
         anything, recorded as given and never taken as who."""
-        await self._check(table)
+        resolved = await self._check(table)
         old_raw = await self.redis.get(self.key)
         old = json.loads(old_raw) if old_raw else RoutingTable().to_json()
         new = table.to_json()
@@ -315,6 +317,8 @@ class Router:
             await pipe.execute()
         self.table = table
         self.table_generation += 1
+        if resolved:  # a label refresh of the old table, ended during the write, may have dropped them
+            self.labels.remember(resolved)
         self._stored_table_seen()
         log.info("routing changed by %s: %s -> %s", who, old, new)
         return entry
