@@ -211,12 +211,18 @@ def run_scenario(name: str, policy: dict, concurrency: int, feedback_rate: float
             time.sleep(1.0)  # the stable version's figures start before the publish
             published = time.monotonic()
             publish_dir(lambda d: write_tiny_model(d, **model), registry, MODEL)
-            available_at = None
+            # When version 2 became AVAILABLE lies between the last poll that saw it not yet so and the first that
+            # saw it; the controller's own start can fall in between.
+            available_at, unavailable_at = None, 0.0
+            while available_at is None and time.monotonic() - published < timeout:
+                asked = time.monotonic() - published
+                status, body = call(f"{urls['model server REST']}/v1/models/{MODEL}/versions/2")
+                if status == 200 and body["model_version_status"][0]["state"] == "AVAILABLE":
+                    available_at = time.monotonic() - published
+                else:
+                    unavailable_at = asked
+                    time.sleep(0.05)
             while time.monotonic() - published < timeout:
-                if available_at is None:
-                    status, body = call(f"{urls['model server REST']}/v1/models/{MODEL}/versions/2")
-                    if status == 200 and body["model_version_status"][0]["state"] == "AVAILABLE":
-                        available_at = time.monotonic() - published
                 state = rollout_status(urls["rollout controller"]).get("state") or {}
                 if state.get("stable") == 2 or 2 in state.get("rejected", []):
                     break
@@ -237,7 +243,8 @@ def run_scenario(name: str, policy: dict, concurrency: int, feedback_rate: float
             "default_policy_seconds_derived": derived_default_seconds(seconds, events, policy, default),
             "shadow_step": with_shadow,
             "requests_per_second": round(traffic.sent / ended, 1),
-            "seconds_to_available": available_at, "seconds_watched": round(ended, 2), "events": events,
+            "seconds_to_available": available_at, "seconds_last_seen_unavailable": round(unavailable_at, 3),
+            "seconds_watched": round(ended, 2), "events": events,
             "requests": traffic.sent, "failed": traffic.failed, "feedback": traffic.feedback,
             "answers_per_version": traffic.per_version}
 
