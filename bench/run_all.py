@@ -37,6 +37,7 @@ SCRIPTS = {
     "tflite": ["-m", "bench.tflite_bench"],
     "decode": ["-m", "bench.decode_bench"],
     "gateway_cpu": ["-m", "bench.gateway_cpu_bench"],
+    "c1_stages": ["-m", "bench.c1_stages"],
     "train": [str(BENCH_DIR / "train_bench.py")],
     "fine_tune_step": ["-m", "bench.fine_tune_step_bench"],
     "publish": ["-m", "bench.publish_bench"],
@@ -182,6 +183,16 @@ def rows() -> list[dict]:
                     .format(**c1_h2load["means"]) if "means" in c1_h2load else "") + ")",
                 round(c1_h2load["median_difference_ms"], 2), "<= 1 ms", c1_h2load["median_difference_ms"] <= 1.0,
                 "ms", "model_server.json")
+        stages = load("c1_stages")
+        if stages:
+            p50 = stages["median_p50_ms"]
+            add("a gRPC Predict at concurrency 1 (h2load), stage by stage on the tiny model's model.tflite (bench/"
+                "c1_stages.py; medians of the p50s of " + f"{stages['rounds']} alternating rounds): Python gRPC "
+                "answering unparsed; + the request parsed and the response written; + a round trip to a worker "
+                "thread; + the tiny model run there; our model server, batching on (off)",
+                f"{p50['grpc_floor']:.2f}; {p50['parse']:.2f}; {p50['thread_hop']:.2f}; {p50['tiny_model']:.2f}; "
+                f"{p50['model_server']:.2f} ({p50['model_server_no_batching']:.2f}) ms", "-", None,
+                source="c1_stages.json")
         if c1:
             add("model server p50 at concurrency 1" + (" (a Python gRPC client)" if c1_h2load else "") + " minus the "
                 f"fastest engine's p50 at batch 1: median of {c1['pairs']} interleaved per-photo differences (p50s "
