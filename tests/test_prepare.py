@@ -104,6 +104,32 @@ def test_each_kind_of_bad_file_is_dropped_with_its_reason(tmp_path):
     assert read_manifest(tmp_path / "out" / "manifest.csv") == sorted(rows, key=lambda r: (r.label, r.split, r.sha256))
 
 
+def test_a_photo_filed_under_two_classes_is_dropped_from_both(tmp_path):
+    """The shared photos hold such pairs (a bolete filed as both edulis and erythropus): one of the two labels is
+    wrong and nothing says which, so keeping either copy teaches the model a label that may be false."""
+    source = tmp_path / "photos"
+    fly, bolete = distinct_photos("amanita_muscaria", 4), distinct_photos("boletus_edulis", 4)
+    link_photos(source / "fly agaric", fly)
+    link_photos(source / "bolete", bolete)
+    (source / "bolete" / "filed twice.jpg").write_bytes(fly[0].read_bytes())  # byte-identical
+    smaller = decode_image(fly[1].read_bytes())
+    smaller = smaller.resize((smaller.width * 7 // 10, smaller.height * 7 // 10))
+    (source / "bolete" / "recompressed.jpg").write_bytes(encode(smaller, "JPEG", quality=70))  # a near copy
+    (source / "fly agaric" / "z copy.jpg").write_bytes(fly[2].read_bytes())  # an ordinary duplicate
+
+    rows = prepare_dataset(source, tmp_path / "out", progress=False)
+
+    report = read_report(tmp_path / "out")
+    conflicts = {(d["label"], Path(d["path"]).name) for d in report["dropped"] if d["reason"] == "label_conflict"}
+    assert conflicts == {("fly agaric", fly[0].name), ("bolete", "filed twice.jpg"),
+                         ("fly agaric", fly[1].name), ("bolete", "recompressed.jpg")}
+    assert all("'bolete'" in d["detail"] and "'fly agaric'" in d["detail"]
+               for d in report["dropped"] if d["reason"] == "label_conflict")
+    assert {Path(r.path).name for r in rows} == {p.name for p in fly[2:] + bolete}
+    assert [d["reason"] for d in report["dropped"] if d["reason"] != "label_conflict"] == ["duplicate"]
+    assert report["classes"]["bolete"]["dropped"] == {"label_conflict": 2}
+
+
 def test_an_unreadable_file_is_reported_not_raised(tmp_path):
     item = inspect_file(tmp_path, "a")  # a directory cannot be read as a file
     assert item.reason == "unreadable" and "cannot read" in item.detail

@@ -1,9 +1,10 @@
 """`prepare`: a folder of class sub-folders -> a clean, split dataset manifest.
 
 Every file is decoded with the preprocessing contract (so anything the model will later read is readable), then
-corrupt, tiny, exact-duplicate (sha256) and near-duplicate (perceptual hash) photos are dropped, every usable photo
-is kept (fewer training photos cost accuracy, which ``bench/accuracy_cv.py``'s ``<method>@N`` measures) or, when
-asked, each class is balanced to N photos, and every photo gets a split. Both the balance and the split depend only
+corrupt, tiny, exact-duplicate (sha256) and near-duplicate (perceptual hash) photos are dropped, and so is every
+copy of a photo filed under two classes (its label is unknown). Every usable photo is kept (fewer training photos
+cost accuracy, which ``bench/accuracy_cv.py``'s ``<method>@N`` measures) or, when asked, each class is balanced to
+N photos, and every photo gets a split. Both the balance and the split depend only
 on the file's sha256 (and the seed), as in retrain.py's ``which_set``: adding photos never moves an existing photo to
 another split.
 """
@@ -172,35 +173,54 @@ def _inspect_all(classes: dict[str, list[Path]], min_side: int, workers: int, pr
 
 
 def _drop_duplicates(items: list[Inspected], distance: int, dropped: list[Dropped]) -> list[Inspected]:
-    """Exact (sha256) then near (phash) duplicates, across all classes; the largest, then lowest-hash, photo wins."""
+    """Exact (sha256) then near (phash) duplicates, across all classes; the largest, then lowest-hash, photo wins.
+    A photo whose copies are filed under different classes has no label anyone can trust (one of them is wrong and
+    nothing says which): every copy is dropped as a ``label_conflict``."""
     ordered = sorted(items, key=lambda i: (-(i.width * i.height), i.sha256, str(i.path)))
+    copies: dict[str, list[Dropped]] = {}  # the sha256 of each photo kept so far -> its copies, dropped
     by_sha: dict[str, Inspected] = {}
     kept: list[Inspected] = []
     for item in ordered:
         first = by_sha.get(item.sha256)
         if first is not None:
-            where = "" if first.label == item.label else f" in class '{first.label}'"
-            dropped.append(Dropped(str(item.path), item.label, "duplicate",
-                                   f"byte-identical to {first.path}{where}"))
+            copies[first.sha256].append(Dropped(str(item.path), item.label, "duplicate",
+                                                f"byte-identical to {first.path}{_other_class(first, item)}"))
             continue
         by_sha[item.sha256] = item
+        copies[item.sha256] = []
         kept.append(item)
-    if distance < 0:
-        return kept
-    unique: list[Inspected] = []
-    hashes = np.zeros(len(kept), dtype=np.uint64)  # phashes of ``unique``, for a vectorised Hamming distance
-    for item in kept:
-        gaps = np.bitwise_count(hashes[: len(unique)] ^ np.uint64(item.phash))
-        close = np.flatnonzero(gaps <= distance)
-        if close.size:
-            twin, gap = unique[close[0]], int(gaps[close[0]])
-            where = "" if twin.label == item.label else f" in class '{twin.label}'"
-            dropped.append(Dropped(str(item.path), item.label, "near_duplicate",
-                                   f"looks like {twin.path}{where} (perceptual-hash distance {gap})"))
+    unique = kept
+    if distance >= 0:
+        unique = []
+        hashes = np.zeros(len(kept), dtype=np.uint64)  # phashes of ``unique``, for a vectorised Hamming distance
+        for item in kept:
+            gaps = np.bitwise_count(hashes[: len(unique)] ^ np.uint64(item.phash))
+            close = np.flatnonzero(gaps <= distance)
+            if close.size:
+                twin, gap = unique[close[0]], int(gaps[close[0]])
+                copies[twin.sha256] += [Dropped(str(item.path), item.label, "near_duplicate",
+                                                f"looks like {twin.path}{_other_class(twin, item)} (perceptual-hash "
+                                                f"distance {gap})"), *copies.pop(item.sha256)]
+                continue
+            hashes[len(unique)] = item.phash
+            unique.append(item)
+    usable = []
+    for item in unique:
+        group = copies[item.sha256]
+        labels = sorted({item.label, *(copy.label for copy in group)})
+        if len(labels) == 1:
+            dropped.extend(group)
+            usable.append(item)
             continue
-        hashes[len(unique)] = item.phash
-        unique.append(item)
-    return unique
+        detail = (f"the same photo is filed under classes {', '.join(repr(label) for label in labels)} "
+                  f"({len(group) + 1} copies): its label is unknown")
+        dropped.extend(Dropped(path, label, "label_conflict", detail)
+                       for path, label in [(str(item.path), item.label), *((c.path, c.label) for c in group)])
+    return usable
+
+
+def _other_class(kept: Inspected, copy: Inspected) -> str:
+    return "" if kept.label == copy.label else f" in class '{kept.label}'"
 
 
 def _check_params(per_class: int | None, validation_pct: float, test_pct: float, demo_pct: float) -> None:
