@@ -619,6 +619,18 @@ def test_latencies_are_tf_servings_microsecond_histograms(server, stub):
     assert not metric_samples(server, ":tensorflow:serving:request_latency_count", model_name="no_such_model")
 
 
+def test_bucket_bounds_are_written_as_tf_servings_exporter_writes_them(server, stub):
+    """TF Serving's Prometheus exporter writes a bucket's bound with absl::StrCat, six significant digits as
+    printf's %g ("18", "188.957", "1.27482e+06"; util/prometheus_exporter.cc). Prometheus 2 keeps ``le`` as the
+    string it scraped, so a query or a sum by ``le`` over a fleet of TF Serving and this server needs the same
+    strings from both."""
+    stub.Predict(predict_request(pixels(1)), timeout=30)
+    written = [s.labels["le"] for s in metric_samples(server, ":tensorflow:serving:request_latency_bucket",
+                                                      model_name=MODEL, API="Predict", entrypoint="GRPC")]
+    assert written == ["%.6g" % bound for bound in TF_SERVING_LATENCY_BOUNDS[:-1]] + ["+Inf"]
+    assert written[:6] == ["10", "18", "32.4", "58.32", "104.976", "188.957"]
+
+
 def test_batched_calls_are_timed_in_the_queue(deployed_batching_server):
     """TF Serving's batching session records each task's wait in the batch queue (queuing_latency, microseconds, by
     the batching parameters' thread_pool_name, "batch_threads" unless set); runtime_latency includes it, as a

@@ -60,7 +60,8 @@ def observe_request(model_name: str, api: str, entrypoint: str, started: float) 
 def exposition(registry: CollectorRegistry = REGISTRY) -> bytes:
     """The Prometheus text format of ``registry`` as TF Serving's exporter writes it: `# TYPE name counter` followed
     by `name{labels} value` (prometheus_client's generate_latest would write `name_total`), histograms as
-    `_bucket`/`_sum`/`_count`; the `_created` timestamps prometheus_client keeps are left out."""
+    `_bucket`/`_sum`/`_count`, each bucket's bound as absl::StrCat writes a double (``tf_serving_bound``); the
+    `_created` timestamps prometheus_client keeps are left out."""
     lines = []
     for metric in registry.collect():
         help_text = metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
@@ -70,10 +71,19 @@ def exposition(registry: CollectorRegistry = REGISTRY) -> bytes:
             if sample.name.endswith("_created"):
                 continue
             name = metric.name if metric.type == "counter" and sample.name == metric.name + "_total" else sample.name
-            labels = ",".join(f'{k}="{_label_value(v)}"' for k, v in sorted(sample.labels.items()))
+            values = sample.labels
+            if metric.type == "histogram" and "le" in values:
+                values = {**values, "le": tf_serving_bound(float(values["le"]))}
+            labels = ",".join(f'{k}="{_label_value(v)}"' for k, v in sorted(values.items()))
             lines.append(f"{name}{{{labels}}} {floatToGoString(sample.value)}" if labels
                          else f"{name} {floatToGoString(sample.value)}")
     return ("\n".join(lines) + "\n").encode()
+
+
+def tf_serving_bound(bound: float) -> str:
+    """A histogram bucket's ``le`` as TF Serving's exporter writes it: absl::StrCat of a double, six significant
+    digits as printf's %g ("18", "188.957", "1.27482e+06"), and "+Inf" for the last bucket."""
+    return "+Inf" if bound == float("inf") else "%.6g" % bound
 
 
 def _label_value(value: str) -> str:
