@@ -4,9 +4,8 @@ Every file is decoded with the preprocessing contract (so anything the model wil
 corrupt, tiny, exact-duplicate (sha256) and near-duplicate (perceptual hash) photos are dropped, and so is every
 copy of a photo filed under two classes (its label is unknown). Every usable photo is kept (fewer training photos
 cost accuracy, which ``bench/accuracy_cv.py``'s ``<method>@N`` measures) or, when asked, each class is balanced to
-N photos, and every photo gets a split. Both the balance and the split depend only
-on the file's sha256 (and the seed), as in retrain.py's ``which_set``: adding photos never moves an existing photo to
-another split.
+N photos, and every photo gets a split. Both the balance and the split depend only on the file's sha256 (and the
+seed), as in retrain.py's ``which_set``: adding photos never moves an existing photo to another split.
 """
 from __future__ import annotations
 
