@@ -33,7 +33,7 @@ import queue
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -45,6 +45,7 @@ from tensorflow_serving.apis import predict_pb2
 from bench import h2load
 from bench.common import alternating_rounds, median, percentiles_ms, write_result
 from bench.model_server_bench import h2load_predict, predict_requests, start_server
+from devstack.servers import stop_process
 from services.model_server.grpc_api import ndarray, tensor_proto
 from services.model_server.tflite_servable import TfLiteServable
 from training_job.tiny_model import write_tiny_model_with_tflite
@@ -147,12 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         rungs = {name: Rung(name, servable, outputs) for name in LADDER}
         for batching in ("on", "off"):
             (workdir / batching).mkdir()
-        servers = {"model_server": start_server(version_dir, True, workdir / "on"),
-                   "model_server_no_batching": start_server(version_dir, False, workdir / "off")}
+        servers = {}
         try:
-            with serving(rungs["grpc_floor"]) as floor, serving(rungs["parse"]) as parse, \
-                    serving(rungs["thread_hop"]) as hop, serving(rungs["tiny_model"]) as tiny:
-                targets = {"grpc_floor": floor, "parse": parse, "thread_hop": hop, "tiny_model": tiny}
+            servers["model_server"] = start_server(version_dir, True, workdir / "on")
+            servers["model_server_no_batching"] = start_server(version_dir, False, workdir / "off")
+            with ExitStack() as serving_rungs:
+                targets = {name: serving_rungs.enter_context(serving(rung)) for name, rung in rungs.items()}
                 phases = {name: (lambda n=name: rung_p50(rungs[n], targets[n], request, args.calls, workdir))
                           for name in LADDER}
                 phases.update({name: (lambda n=name: server_p50(servers[n], request, args.calls, workdir))
@@ -162,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 p50s = alternating_rounds(phases, args.rounds, abba=True)
         finally:
             for server in servers.values():
-                server.process.terminate()
-                server.process.wait(30)
+                stop_process(server.process)
 
     medians = {name: median(values) for name, values in p50s.items()}
     order = [*LADDER, "model_server"]
