@@ -18,11 +18,15 @@ server's path to the rung before:
 Each rung's p50 minus the rung before's is what that stage costs a call; the model server minus ``tiny_model`` is
 what the server adds to the bare stages (version resolution, the batch queue, metrics). Against the fastest engine,
 a call of the real model costs the engine's own time plus what every rung adds but ``tiny_model``'s run, so the
-stages without a model (``thread_hop`` over nothing) are a floor under the target's difference. Rungs alternate,
-``--rounds`` times over; each figure is the median over the rounds of the rung's p50. Every call is checked
-answered: h2load reads HTTP statuses only and gRPC errors come as HTTP 200, so each rung counts its own answers.
+stages without a model (``thread_hop`` over nothing) are a floor under the target's difference.
 
-Usage: python -m bench.c1_stages [--rounds 5] [--calls 1000]
+Rungs alternate in short phases, ``--rounds`` times over (the order reversed every other round), so that a machine
+whose speed drifts by the minute weighs on every rung alike. A rung's figure is the median over the rounds of its
+p50; a stage's is the median over the rounds of the difference between its two rungs' p50s in the same round.
+Every call is checked answered: h2load reads HTTP statuses only and gRPC errors come as HTTP 200, so each rung
+counts its own answers.
+
+Usage: python -m bench.c1_stages [--rounds 20] [--calls 250]
 """
 from __future__ import annotations
 
@@ -129,10 +133,15 @@ def server_p50(server, request, calls: int, workdir: Path) -> float:
     return percentiles_ms(h2load_predict(server, request, 1, workdir, calls=calls).latencies_s)["p50_ms"]
 
 
+def paired_difference(after: list[float], before: list[float]) -> float:
+    """The median over the rounds of ``after - before`` (one figure of each per round)."""
+    return median([a - b for a, b in zip(after, before)])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--calls", type=int, default=1000, help="calls per rung and round")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--calls", type=int, default=250, help="calls per rung and round")
     parser.add_argument("--result-name", default="c1_stages")
     args = parser.parse_args(argv)
     if not h2load.available():
@@ -167,10 +176,11 @@ def main(argv: list[str] | None = None) -> int:
 
     medians = {name: median(values) for name, values in p50s.items()}
     order = [*LADDER, "model_server"]
-    stages = {f"{after}_minus_{before}": medians[after] - medians[before] for before, after in zip(order, order[1:])}
+    stages = {f"{after}_minus_{before}": paired_difference(p50s[after], p50s[before])
+              for before, after in zip(order, order[1:])}
     result = {"rounds": args.rounds, "calls_per_phase": args.calls, "p50_ms": p50s, "median_p50_ms": medians,
-              "stage_ms": stages, "batching_on_minus_off_ms": medians["model_server"]
-              - medians["model_server_no_batching"]}
+              "stage_ms": stages,
+              "batching_on_minus_off_ms": paired_difference(p50s["model_server"], p50s["model_server_no_batching"])}
     for name in (*LADDER, *SERVERS):
         print(f"{name:26s} p50 {medians[name]:6.3f} ms  (" + ", ".join(f"{v:.3f}" for v in p50s[name]) + ")")
     for name, value in stages.items():

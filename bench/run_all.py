@@ -54,7 +54,7 @@ CV_RESULTS = ("accuracy_cv", "accuracy_cv_bases", "accuracy_cv_whole", "accuracy
               "accuracy_cv_photos", "accuracy_cv_whole_lr", "accuracy_cv_whole_lr6", "accuracy_cv_whole_nocrop",
               "accuracy_cv_whole_default", "accuracy_cv_whole_3",
               "accuracy_cv_whole_192", "accuracy_cv_whole_frozen", "accuracy_cv_whole_mirror",
-              "accuracy_cv_whole_crop06",
+              "accuracy_cv_whole_crop06", "accuracy_cv_whole_default_1112",
               "accuracy_cv_open_set_validation", "accuracy_cv_open_set")
 # the photos whose scores the open-set threshold was a quantile of, in the CV runs that measured the check: the
 # training job's (training and validation) unless listed
@@ -186,13 +186,17 @@ def rows() -> list[dict]:
         stages = load("c1_stages")
         if stages:
             p50 = stages["median_p50_ms"]
+            added = stages["stage_ms"]
             add("a gRPC Predict at concurrency 1 (h2load), stage by stage on the tiny model's model.tflite (bench/"
                 "c1_stages.py; medians of the p50s of " + f"{stages['rounds']} alternating rounds): Python gRPC "
                 "answering unparsed; + the request parsed and the response written; + a round trip to a worker "
-                "thread; + the tiny model run there; our model server, batching on (off)",
-                f"{p50['grpc_floor']:.2f}; {p50['parse']:.2f}; {p50['thread_hop']:.2f}; {p50['tiny_model']:.2f}; "
-                f"{p50['model_server']:.2f} ({p50['model_server_no_batching']:.2f}) ms", "-", None,
-                source="c1_stages.json")
+                "thread; + the tiny model run there; our model server, batching on (off). In brackets, what each "
+                "stage adds, paired within rounds",
+                f"{p50['grpc_floor']:.2f}; {p50['parse']:.2f} ({added['parse_minus_grpc_floor']:+.2f}); "
+                f"{p50['thread_hop']:.2f} ({added['thread_hop_minus_parse']:+.2f}); {p50['tiny_model']:.2f} "
+                f"({added['tiny_model_minus_thread_hop']:+.2f}); {p50['model_server']:.2f} "
+                f"({added['model_server_minus_tiny_model']:+.2f}; batching off "
+                f"{p50['model_server_no_batching']:.2f}) ms", "-", None, source="c1_stages.json")
         if c1:
             add("model server p50 at concurrency 1" + (" (a Python gRPC client)" if c1_h2load else "") + " minus the "
                 f"fastest engine's p50 at batch 1: median of {c1['pairs']} interleaved per-photo differences (p50s "
