@@ -100,14 +100,15 @@ class Rung:
 
 @contextmanager
 def serving(rung: Rung):
-    """``rung`` on a grpc.aio server of its own event loop thread; yields its host:port."""
+    """``rung`` on a grpc.aio server of its own event loop thread; yields its host:port once it serves."""
     ports, stop = queue.SimpleQueue(), threading.Event()
 
     async def main():
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
         server.add_generic_rpc_handlers((rung.handler(),))
-        ports.put(server.add_insecure_port("127.0.0.1:0"))
+        port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
+        ports.put(port)
         await asyncio.to_thread(stop.wait)
         await server.stop(None)
 
@@ -118,6 +119,7 @@ def serving(rung: Rung):
     finally:
         stop.set()
         thread.join(30)
+        rung.executor.shutdown()
 
 
 def rung_p50(rung: Rung, target: str, request, calls: int, workdir: Path) -> float:
