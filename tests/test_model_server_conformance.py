@@ -28,6 +28,7 @@ from tensorflow_serving.apis import (
 
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
+from devstack.configs import MONITORING_PATH, write_monitoring_config
 from tests.model_server_harness import (
     MODEL, external_server, start_server, stop_server, version_states, wait_until, write_config,
 )
@@ -57,7 +58,7 @@ def server(tmp_path_factory):
     config = models_dir / "models.config"
     write_config(config, {MODEL: models_dir / MODEL}, policy="all {}")
     monitoring = models_dir / "monitoring.config"
-    monitoring.write_text('prometheus_config { enable: true, path: "/monitoring/prometheus/metrics" }\n')
+    write_monitoring_config(monitoring)
     srv = start_server(models_dir, config, f"--monitoring_config_file={monitoring}")
     wait_until(lambda: version_states(srv.grpc_target, MODEL).get(1, (0,))[0] == AVAILABLE, what="version 1")
     yield srv
@@ -76,7 +77,7 @@ def deployed_batching_server(tmp_path_factory):
     config = models_dir / "models.config"
     write_config(config, {MODEL: models_dir / MODEL}, policy="all {}")
     monitoring = models_dir / "monitoring.config"
-    monitoring.write_text('prometheus_config { enable: true, path: "/monitoring/prometheus/metrics" }\n')
+    write_monitoring_config(monitoring)
     srv = start_server(models_dir, config, "--enable_batching",
                        f"--batching_parameters_file={PROJECT_ROOT / 'deploy' / 'tfserving' / 'batching.config'}",
                        f"--monitoring_config_file={monitoring}")
@@ -565,13 +566,18 @@ def test_removed_version_folder_is_unloaded(server, stub):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def metrics_page(server) -> str:
+    """The server's Prometheus page, at the path both servers are configured with (checked answered)."""
+    status, body = http("GET", server.rest_url + MONITORING_PATH)
+    assert status == 200
+    return body.decode()
+
+
 def test_metrics_count_requests(server, stub):
     """TF Serving's exporter (util/prometheus_exporter.cc) prints a counter under its own name, without the `_total`
     suffix prometheus_client adds: dashboards query `:tensorflow:serving:request_count`."""
     stub.Predict(predict_request(pixels(1)), timeout=30)
-    status, body = http("GET", f"{server.rest_url}/monitoring/prometheus/metrics")
-    text = body.decode()
-    assert status == 200
+    text = metrics_page(server)
     assert "# TYPE :tensorflow:serving:request_count counter" in text
     assert ":tensorflow:serving:request_count{" in text and "request_count_total" not in text
     assert "_created" not in text
@@ -586,9 +592,7 @@ def metric_samples(server, name: str, **labels: str) -> list:
     """The samples called ``name`` with these label values on the server's Prometheus page."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    status, body = http("GET", f"{server.rest_url}/monitoring/prometheus/metrics")
-    assert status == 200
-    return [sample for family in text_string_to_metric_families(body.decode()) for sample in family.samples
+    return [sample for family in text_string_to_metric_families(metrics_page(server)) for sample in family.samples
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())]
 
 
