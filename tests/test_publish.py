@@ -91,3 +91,19 @@ def test_accuracy_gate_refuses_to_publish(trained_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "below --min_test_accuracy" in err and "Traceback" not in err
     assert versions(tmp_path / "mushrooms") == []
+
+
+def test_a_version_number_is_never_given_twice_even_after_its_folder_is_removed(tmp_path):
+    """Serving keys everything by version number (the gateway's cache, its class lists, TF Serving's version
+    states): a removed version's number handed to another model would serve the old model's cached answers."""
+    import shutil
+
+    def publish(tag):
+        return publish_dir(lambda d: (d / "tag").write_text(tag), tmp_path, "mushrooms")
+
+    assert publish("a")[0] == 1 and publish("b")[0] == 2
+    shutil.rmtree(tmp_path / "mushrooms" / "2")  # a bad version taken away by hand
+    assert publish("c")[0] == 3
+    assert publish_dir(lambda d: None, tmp_path, "mushrooms", version=9)[0] == 9  # a variant's own number
+    shutil.rmtree(tmp_path / "mushrooms" / "9")
+    assert publish("d")[0] == 10

@@ -27,6 +27,9 @@ from training_job import registry
 
 TMP_PREFIX = ".tmp-"
 LOCK_NAME = ".publish.lock"
+# The highest version number ever committed in a model's folder: a number is never given twice, even after its
+# folder was removed, since serving keys answers, caches and states by version number.
+LAST_VERSION_NAME = ".last_version"
 HEARTBEAT_NAME = ".heartbeat"
 HEARTBEAT_SECONDS = 30.0
 LEASE_SECONDS = 15 * 60.0  # many heartbeats: a folder this quiet has no living publisher on any host
@@ -151,10 +154,25 @@ def new_staging_dir(registry: Path, model_name: str) -> Path:
     return staging
 
 
+def _last_version(model_dir: Path) -> int:
+    try:
+        return int((model_dir / LAST_VERSION_NAME).read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def _record_last_version(model_dir: Path, n: int) -> None:
+    if n <= _last_version(model_dir):
+        return
+    tmp = model_dir / f"{LAST_VERSION_NAME}.{uuid.uuid4().hex}"
+    tmp.write_text(f"{n}\n")
+    os.replace(tmp, model_dir / LAST_VERSION_NAME)
+
+
 def commit_version(staging: Path, version: int | None = None) -> tuple[int, Path]:
-    """fsync ``staging`` and rename it to the next free integer version in its folder, or to ``version`` (a
-    variant published under another model name with its source's number: PublishError when it exists); returns
-    (N, path)."""
+    """fsync ``staging`` and rename it to the next version number of its folder: above every version there and
+    every number committed there before (``LAST_VERSION_NAME``), or to ``version`` (a variant published under
+    another model name with its source's number: PublishError when it exists); returns (N, path)."""
     model_dir = staging.parent
     fsync_tree(staging)
     with _locked(model_dir):
@@ -163,15 +181,15 @@ def commit_version(staging: Path, version: int | None = None) -> tuple[int, Path
             target = model_dir / str(version)
             if target.exists():
                 raise PublishError(f"{target} exists: a version is never overwritten")
-            os.rename(staging, target)
-            fsync_dir(model_dir)
-            return version, target
-        n = (versions(model_dir) or [0])[-1] + 1
-        target = model_dir / str(n)
-        while target.exists():  # a stray non-folder or hand-made entry: never overwrite it
-            n += 1
+            n = version
+        else:
+            n = max((versions(model_dir) or [0])[-1], _last_version(model_dir)) + 1
             target = model_dir / str(n)
+            while target.exists():  # a stray non-folder or hand-made entry: never overwrite it
+                n += 1
+                target = model_dir / str(n)
         os.rename(staging, target)
+        _record_last_version(model_dir, n)
         fsync_dir(model_dir)
     return n, target
 

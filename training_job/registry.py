@@ -3,7 +3,8 @@ side (our model server, TF Serving, the stack, the benchmarks), which reads them
 
 A registry holds ``<registry>/<model_name>/<N>/``. A child of a model's folder is a **version** when it is a
 directory whose name is ASCII decimal digits (``1``, ``42``); its number is ``int(name)``. Anything else is not a
-version and is ignored by every reader: publishing's staging folders (``.tmp-…``), its lock file, stray files, and
+version and is ignored by every reader: publishing's staging folders (``.tmp-…``), its lock file, its record of the
+last number given (a number is never given twice, even after its folder was removed), stray files, and
 names that Python's ``str.isdigit`` accepts but ``int`` does not (``²``) or TF Serving would not parse (``٣``).
 Services may import this module; the training job never imports services.
 """
