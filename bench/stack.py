@@ -18,8 +18,8 @@ from bench.common import percentiles_ms
 from devstack.configs import MONITORING_PATH, write_model_list, write_monitoring_config
 from devstack.health import http_ok
 from devstack.servers import (
-    REDIS_STATE_ARGS, ModelServerProcess, RedisServer, start_gateway, start_model_server, stop_process,
-    version_states, wait_until,
+    ALLOW_LABELS_BEFORE_LOAD, REDIS_STATE_ARGS, ModelServerProcess, RedisServer, start_gateway, start_model_server,
+    stop_process, version_states, wait_until,
 )
 
 
@@ -123,8 +123,8 @@ class Stack:
         """The model server on these ports (free ones when not given)."""
         config, extra = self._server_args
         log_file = self.work / f"model-server-{grpc_port}-{time.monotonic_ns()}.log"
-        return start_model_server(f"--model_config_file={config}", *extra, grpc_port=grpc_port, rest_port=rest_port,
-                                  log_file=log_file, timeout=180)
+        return start_model_server(f"--model_config_file={config}", ALLOW_LABELS_BEFORE_LOAD, *extra,
+                                  grpc_port=grpc_port, rest_port=rest_port, log_file=log_file, timeout=180)
 
     def kill_model_server(self) -> None:
         """SIGKILL, as an OOM kill or a node failure would: no shutdown code runs."""

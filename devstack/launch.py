@@ -168,7 +168,7 @@ def _start_all(stack: Stack, registry: Path, scrape_interval_s: float, tensorboa
     configs.write_monitoring_config(monitoring_config)
     model_server = launch("model_server", servers.model_server_argv(
         ports.model_server_grpc, ports.model_server_rest, f"--model_config_file={model_config}",
-        "--model_config_file_poll_wait_seconds=1",  # `scripts/stack.py pin` rewrites it
+        "--model_config_file_poll_wait_seconds=1", servers.ALLOW_LABELS_BEFORE_LOAD,  # `stack.py pin` rewrites it
         f"--monitoring_config_file={monitoring_config}", "--enable_batching",
         f"--batching_parameters_file={BATCHING_CONFIG}",
         "--prefer_tflite_model"), env=env)  # a version whose model.tflite disagrees with it keeps its SavedModel

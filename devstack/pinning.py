@@ -3,7 +3,8 @@
 The stack's model config uses a ``specific`` policy (configs.model_config_text says why): the newest two versions on
 disk, every version pinned here, every version a label points at. Pinning is additive: a rewrite keeps what the
 config already lists, so a routed version disappears only when an operator unpins it (refused while a label points
-at it). The model server re-reads the file every second."""
+at it). An existing label moves only to a version already served, as TF Serving moves it only to an AVAILABLE one.
+The model server re-reads the file every second."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,6 +25,12 @@ def pin(run_dir: Path, add: list[int] = (), unpin: list[int] = (), labels: dict[
         raise StackError(f"{path} does not exist: is this a stack run folder?")
     name, base_path, current, current_labels = configs.read_model_config(path)
     new_labels = {**current_labels, **(labels or {})}
+    for label, version in (labels or {}).items():
+        if label in current_labels and current_labels[label] != version and version not in current:
+            # TF Serving moves a label only to an AVAILABLE version and refuses the whole config otherwise
+            raise StackError(f"label {label!r} points at version {current_labels[label]}; the model server does not "
+                             f"serve version {version}, and would refuse the move: pin {version} first, then move "
+                             "the label once it is AVAILABLE")
     labelled = sorted(set(unpin) & set(new_labels.values()))
     if labelled:
         raise StackError(f"versions {labelled} are the target of a label ({new_labels}): move the label first")

@@ -113,6 +113,11 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+# As compose and k8s run TF Serving: a config file holding version labels can start the server (TF Serving checks
+# labels before it loads anything) and a new label may arrive with its version in one edit.
+ALLOW_LABELS_BEFORE_LOAD = "--allow_version_labels_for_unavailable_models"
+
+
 def model_server_argv(grpc_port: int, rest_port: int, *extra: str) -> list[str]:
     """services.model_server on loopback, looking for new versions every second; ``extra`` flags come last."""
     return [sys.executable, "-m", "services.model_server", f"--port={grpc_port}", f"--rest_api_port={rest_port}",

@@ -35,7 +35,10 @@ class ServerUnderTest:
 
 
 def start_server(models_dir: Path, config_file: Path, *extra: str) -> ServerUnderTest:
-    server = servers.start_model_server(f"--model_config_file={config_file}", *extra)
+    """Our model server on ``config_file``, run as the stack and deploy/ run TF Serving (version labels allowed
+    before their versions load), with ``extra`` flags."""
+    server = servers.start_model_server(f"--model_config_file={config_file}", servers.ALLOW_LABELS_BEFORE_LOAD,
+                                        *extra)
     return ServerUnderTest(server.grpc_target, server.rest_url, models_dir, config_file, server.process,
                            server.log_file)
 

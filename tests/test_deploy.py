@@ -246,8 +246,9 @@ def test_a_version_published_after_start_loads_once_the_controller_lists_it(tmp_
         states = version_states(server.grpc_target, MODEL)
         assert states[1][0] == AVAILABLE and states[2][0] == AVAILABLE
         assert server.process.poll() is None  # the same process: nothing was restarted
-        with urllib.request.urlopen(f"{server.rest_url}/v1/models/{MODEL}/labels/stable", timeout=10) as response:
-            assert json.loads(response.read())["model_version_status"][0]["version"] == "1"  # labels kept
+        with urllib.request.urlopen(f"{server.rest_url}/v1/models/{MODEL}/labels/stable/metadata",
+                                    timeout=10) as response:
+            assert json.loads(response.read())["model_spec"]["version"] == "1"  # labels kept
     finally:
         stop_server(server)
 
@@ -259,6 +260,20 @@ def test_tf_serving_prefers_each_versions_model_tflite():
     [container] = deployment["spec"]["template"]["spec"]["containers"]
     for flags in (compose()["services"]["tfserving"]["command"], container["args"]):
         assert "--prefer_tflite_model=true" in flags
+
+
+def test_every_tf_serving_reading_a_config_file_may_start_with_version_labels_in_it():
+    """The rollout controller writes version labels into the shared model config. TF Serving checks a config's
+    labels before loading its models (server_core.cc ReloadConfig), so after a restart it would refuse to start
+    with any label in the file, unless --allow_version_labels_for_unavailable_models is given."""
+    k8s = [c for _, d in k8s_documents() if d["kind"] == "Deployment"
+           for c in d["spec"]["template"]["spec"]["containers"] if c["image"].startswith("tensorflow/serving")]
+    runs = [s["command"] for s in compose()["services"].values() if s.get("image", "").startswith("tensorflow/serving")]
+    runs += [c["args"] for c in k8s]
+    assert len(runs) == 4  # compose's and k8s's tfserving and tfserving-explain
+    for flags in runs:
+        assert flag_value(flags, "model_config_file"), flags
+        assert flag_value(flags, "allow_version_labels_for_unavailable_models") == "true", flags
 
 
 def flag_value(flags: list[str], name: str) -> str | None:

@@ -119,9 +119,12 @@ def test_labels_move_and_config_reload_adds_and_removes_models(batching_server, 
         predict(stub, label="canary")
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-    with pytest.raises(grpc.RpcError) as refused:  # as TF Serving: the reload's error is the RPC's status
-        reload(server.grpc_target, config_text({MODEL: base}, {"stable": v2, "canary": 99}))
+    # as TF Serving, even with --allow_version_labels_for_unavailable_models: an existing label moves only to an
+    # AVAILABLE version, and the reload's error is the RPC's status
+    with pytest.raises(grpc.RpcError) as refused:
+        reload(server.grpc_target, config_text({MODEL: base}, {"stable": 99}))
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "99" in refused.value.details()
+    assert predict(stub, label="stable") == v2
 
     other_dir = tmp_path / "registry"
     publish_tiny(other_dir, model="other")

@@ -58,6 +58,18 @@ def test_pinning_is_additive_and_never_drops_a_labelled_or_newest_version(tmp_pa
     assert pin(run_dir, unpin=[1])[0] == [2, 3]
 
 
+def test_a_label_moves_only_to_a_version_already_served(tmp_path):
+    """TF Serving moves an existing label only to an AVAILABLE version, and refuses the whole config otherwise, so
+    serving a version and moving a label onto it in one edit would never apply: the version is pinned first."""
+    run_dir, base = fake_run(tmp_path, [1, 2, 3, 4])
+    assert pin(run_dir, labels={"stable": 3})[0] == [3, 4]  # a new label: it may wait for its version
+    with pytest.raises(StackError, match=r"pin 1 first"):
+        pin(run_dir, labels={"stable": 1})
+    assert configs.read_model_config(run_dir / "models.config")[2:] == ([3, 4], {"stable": 3})  # unchanged
+    assert pin(run_dir, add=[1])[0] == [1, 3, 4]
+    assert pin(run_dir, labels={"stable": 1})[1] == {"stable": 1}
+
+
 def test_a_version_the_gateway_still_routes_to_cannot_be_unpinned(tmp_path):
     from services.rollout.serving_config import routed_versions
 
@@ -128,7 +140,8 @@ def test_a_retired_version_is_unloaded_while_the_kept_ones_and_labels_keep_servi
                    what="version 2 unloaded")
         states = version_states(server.grpc_target, MODEL)
         assert all(states[v][0] == AVAILABLE for v in (1, 3, 4))
-        with urllib.request.urlopen(f"{server.rest_url}/v1/models/{MODEL}/labels/old", timeout=10) as response:
-            assert json.loads(response.read())["model_version_status"][0]["version"] == "1"
+        with urllib.request.urlopen(f"{server.rest_url}/v1/models/{MODEL}/labels/old/metadata",
+                                    timeout=10) as response:
+            assert json.loads(response.read())["model_spec"]["version"] == "1"
     finally:
         stop_server(server)

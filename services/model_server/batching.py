@@ -162,6 +162,29 @@ class _Queue:
         return {k: v[:rows] for k, v in outputs.items()}
 
 
+def _batch_rows(inputs: dict[str, np.ndarray], max_batch_size: int) -> int | None:
+    """The rows of a request, which its inputs all hold along their first dimension (None: no inputs). Raises
+    INVALID_ARGUMENT as TF Serving's batching does: inputs without a first dimension or of unequal ones
+    (batching_util.h ComputeTensorBatchSize), more rows than ``max_batch_size`` (TensorFlow's shared batch
+    scheduler: TF Serving does not turn on large-batch splitting, so clients split their own requests)."""
+    if not inputs:
+        return None
+    sizes = set()
+    for value in inputs.values():
+        if value.ndim == 0:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               "Batching Run() input tensors must have at least one dimension")
+        sizes.add(value.shape[0])
+    if len(sizes) > 1:
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                           "Batching Run() input tensors must have equal 0th-dimension size")
+    [rows] = sizes
+    if rows > max_batch_size:
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"Task size {rows} is larger than maximum input batch size {max_batch_size}")
+    return rows
+
+
 class Batcher:
     def __init__(self, params: BatchingParameters, executor: Executor):
         self.params = params
@@ -175,11 +198,10 @@ class Batcher:
                   output_filter: tuple) -> dict[str, np.ndarray]:
         if self._closed:
             raise _unavailable("the server is shutting down")
-        rows = {v.shape[0] if v.ndim else -1 for v in inputs.values()}
-        if (len(rows) != 1 or -1 in rows or next(iter(rows)) > self.params.max_batch_size or not inputs
-                or servable in self._retired):
-            # Not batchable (scalars, unequal batch dimensions, too big): run alone, as TF Serving splits or rejects.
-            # A request that resolved a version just before it was unloaded also runs alone on it.
+        rows = _batch_rows(inputs, self.params.max_batch_size)
+        if rows is None or servable in self._retired:
+            # No inputs to cut into rows, or a request that resolved a version just before it was unloaded: it runs
+            # alone on that version.
             return await asyncio.get_running_loop().run_in_executor(
                 self.executor, servable.run, signature, inputs, output_filter)
         key = (id(servable), signature, output_filter,
@@ -188,7 +210,7 @@ class Batcher:
         if queue is None or queue.servable is not servable:
             queue = self._queues[key] = _Queue(servable, signature, output_filter, self.params, self.executor)
         future = asyncio.get_running_loop().create_future()
-        queue.submit(_Task(inputs, next(iter(rows)), future))
+        queue.submit(_Task(inputs, rows, future))
         return await future
 
     def _retire(self, queue: _Queue) -> None:

@@ -115,6 +115,33 @@ def read_model_config(path: str) -> model_server_config_pb2.ModelServerConfig:
     return config
 
 
+def check_model_config_list(config: model_server_config_pb2.ModelServerConfig) -> None:
+    """Refuse (ConfigError, in TF Serving's words) a model list tensorflow_model_server refuses: a model listed twice
+    or with a relative base path (server_core.cc ValidateModelConfigList), neither or both of model_platform and the
+    deprecated model_type (GetPlatform), a platform other than "tensorflow" (CreateStoragePathRoutes)."""
+    seen = set()
+    for model in config.model_config_list.config:
+        if model.name in seen:
+            raise ConfigError(f"Illegal to list model {model.name} multiple times in config list")
+        seen.add(model.name)
+    for model in config.model_config_list.config:
+        if "://" not in model.base_path and not model.base_path.startswith("/"):
+            raise ConfigError(f"Expected model {model.name} to have an absolute path or URI; got "
+                              f"base_path()={model.base_path}")
+    for model in config.model_config_list.config:
+        if model.model_type and model.model_platform:
+            raise ConfigError("Illegal setting both ModelServerConfig::model_type (deprecated) and "
+                              f"ModelServerConfig::model_platform, model name is {model.name}")
+        if model.model_type and model.model_type != model_server_config_pb2.TENSORFLOW:
+            raise ConfigError(f"ModelServerConfig::model_type choice {model.model_type} not supported.")
+        platform = "tensorflow" if model.model_type else model.model_platform
+        if not platform:
+            raise ConfigError("Illegal setting neither ModelServerConfig::model_type (deprecated) nor "
+                              f"ModelServerConfig::model_platform, model name is {model.name}")
+        if platform != "tensorflow":
+            raise ConfigError(f"Model {model.name} requests unsupported platform {platform}")
+
+
 def single_model_config(name: str, base_path: str) -> model_server_config_pb2.ModelServerConfig:
     config = model_server_config_pb2.ModelServerConfig()
     model = config.model_config_list.config.add()

@@ -166,9 +166,10 @@ def metadata_response(servable, name: str) -> get_model_metadata_pb2.GetModelMet
     return response
 
 
-def status_response(manager: Manager, name: str, version: int | None, label: str | None):
+def status_response(manager: Manager, name: str, version: int | None):
+    """A GetModelStatusResponse; a version label in the request is not read, as TF Serving does not read it."""
     response = get_model_status_pb2.GetModelStatusResponse()
-    for record in manager.status(name, version, label):
+    for record in manager.status(name, version):
         entry = response.model_version_status.add()
         entry.version = record.version
         entry.state = int(record.state)
@@ -187,20 +188,27 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         self.reload_config = reload_config  # async callable(ModelServerConfig); raises ServingError
 
     async def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest, context):
-        version, label = version_and_label(request.model_spec)
+        version, _ = version_and_label(request.model_spec)
         try:
-            return status_response(self.manager, request.model_spec.name, version, label)
+            return status_response(self.manager, request.model_spec.name, version)
         except ServingError as exc:
             return await _abort(context, exc)
 
     async def HandleReloadConfigRequest(self, request: model_management_pb2.ReloadConfigRequest, context):
-        """As TF Serving: a failed reload (a new model that did not become available, a refused label) fails the
-        RPC with that status; the response's status field carries OK otherwise."""
+        """As TF Serving (model_service_impl.cc): only a ModelConfigList is reloaded, anything else (an empty config
+        too) is INVALID_ARGUMENT and changes nothing; a failed reload (a config refused, a new model that did not
+        become available) fails the RPC with that status; the response's status field carries OK otherwise."""
         try:
+            if request.config.WhichOneof("config") != "model_config_list":
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   "ServerModelConfig type not supported by HandleReloadConfigRequest. Only "
+                                   "ModelConfigList is currently supported")
             await self.reload_config(request.config)
         except ServingError as exc:
             return await _abort(context, exc)
-        return model_management_pb2.ReloadConfigResponse()
+        response = model_management_pb2.ReloadConfigResponse()
+        response.status.SetInParent()  # error_code OK, as TF Serving always sets it
+        return response
 
 
 @dataclass(frozen=True)

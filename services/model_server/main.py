@@ -14,7 +14,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from aiohttp import web
 
 from services.model_server.config import (
-    BatchingParameters, ConfigError, MonitoringConfig, SslConfig, read_model_config, single_model_config,
+    BatchingParameters, ConfigError, MonitoringConfig, SslConfig, check_model_config_list, read_model_config,
+    single_model_config,
 )
 from services.model_server.errors import ServingError
 
@@ -243,6 +244,9 @@ class ModelServer:
 
         self.args = args
         batching = None
+        if args.batching_parameters_file and not args.enable_batching:  # as server.cc refuses it
+            raise ConfigError("server_options.batching_parameters_file is set without setting "
+                              "server_options.enable_batching to true.")
         if args.enable_batching:
             batching = BatchingParameters()
             if args.batching_parameters_file:
@@ -269,42 +273,46 @@ class ModelServer:
 
     def _initial_config(self):
         if self.args.model_config_file:
-            return read_model_config(self.args.model_config_file)
+            config = read_model_config(self.args.model_config_file)
+            check_model_config_list(config)
+            return config
         return single_model_config(self.args.model_name, os.path.abspath(self.args.model_base_path))
 
     async def reload_config(self, config) -> None:
-        """Apply a new ModelServerConfig as TF Serving's ReloadConfig does: wait until each model new in it has loaded
-        its latest version, then apply version labels; raises ServingError (UNKNOWN naming the versions that did
-        not become available, or the label error) after applying what could be applied."""
+        """Apply a new ModelServerConfig as TF Serving's ServerCore::ReloadConfig does. A config it would refuse
+        (INVALID_ARGUMENT: ``check_model_config_list``; FAILED_PRECONDITION: a label on a version not AVAILABLE,
+        ``Manager.set_config``) changes nothing. Otherwise its labels and models take effect, and this waits until
+        each model new in it has loaded its latest version: UNKNOWN names the versions that did not."""
         import grpc
 
         for model in config.model_config_list.config:
             if not model.name or not model.base_path:
                 raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "every model needs a name and a base_path")
+        try:
+            check_model_config_list(config)
+        except ConfigError as exc:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         before = set(self.manager.model_names())
         self.manager.set_config(config)
         self.source.set_config(config)
         log.info("model config reloaded: %s", ", ".join(m.name for m in config.model_config_list.config))
         new_models = [m.name for m in config.model_config_list.config if m.name not in before]
-        failed, label_errors = await self._load_until_settled(new_models)
+        failed = await self._load_until_settled(new_models)
         if failed:
             raise ServingError(grpc.StatusCode.UNKNOWN, _unavailable_message(failed, "model(s)"))
-        if label_errors:
-            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION, "; ".join(label_errors))
 
-    async def _load_until_settled(self, names: list[str]) -> tuple[list[str], list[str]]:
+    async def _load_until_settled(self, names: list[str]) -> list[str]:
         """Load passes until the latest version of each model in ``names`` is AVAILABLE or has spent its load
         retries (passes are --file_system_poll_wait_seconds apart, as the poller's retries are). Returns the
-        versions that gave up, as TF Serving names them ('{name: m version: 1} due to error: ...'), and the
-        label errors of the last pass. A model with no version on disk is not waited for."""
+        versions that gave up, as TF Serving names them ('{name: m version: 1} due to error: ...'). A model with
+        no version on disk is not waited for."""
         from services.model_server.manager import State
 
         while True:
             try:
-                label_errors = await self._reconcile()
+                await self._reconcile()
             except OSError as exc:  # a base path that cannot be listed: its models have nothing to wait for yet
                 log.error("file-system poll failed: %s", exc)
-                label_errors = []
             failed, pending = [], False
             for name in names:
                 records = self.manager.status_records(name)
@@ -316,10 +324,10 @@ class ModelServer:
                 elif latest.state != State.AVAILABLE:
                     pending = True
             if not pending:
-                return failed, label_errors
+                return failed
             await asyncio.sleep(max(0, self.args.file_system_poll_wait_seconds))
 
-    def _poll_and_manage(self) -> list[str]:
+    def _poll_and_manage(self) -> None:
         """The source pushes what is on disk, then the manager acts; a base path that could not be listed is
         raised after the manager ran (the other models were served)."""
         from services.model_server.source import SourceError
@@ -329,30 +337,39 @@ class ModelServer:
             self.source.poll()
         except SourceError as exc:
             failure = exc
-        errors = self.manager.manage_state()
+        self.manager.manage_state()
         if failure is not None:
             raise failure
-        return errors
 
-    async def _reconcile(self) -> list[str]:
+    async def _reconcile(self) -> None:
         try:
-            errors = await asyncio.get_running_loop().run_in_executor(None, _traced, "reconcile", self._poll_and_manage)
+            await asyncio.get_running_loop().run_in_executor(None, _traced, "reconcile", self._poll_and_manage)
         finally:
             if self.core.batcher is not None:
                 live = {id(r.servable) for name in self.manager.model_names()
                         for r in self.manager.status_records(name) if r.servable is not None}
                 self.core.batcher.forget(live)
-        for error in errors:
-            log.error("%s", error)
-        return errors
 
-    async def _poll_config_file_once(self, last: list[str]) -> None:
-        """Reload the config file if its content changed; a config that is refused raises (and is tried again)."""
+    async def _poll_config_file_once(self, applied: list[str], refused: list[str]) -> None:
+        """Reload the config file unless its content is the config in force. A refused config is tried again at
+        every poll, as TF Serving's poller tries it (a label may become valid once its version loads), and raised
+        (reported) only the first time."""
+        import grpc
+
         config = read_model_config(self.args.model_config_file)
         text = str(config)
-        if text != last[0]:
-            last[0] = text  # a config that cannot be applied is reported once, not re-applied every poll
+        if text == applied[0]:
+            return
+        try:
             await self.reload_config(config)
+        except ServingError as exc:
+            if exc.code == grpc.StatusCode.UNKNOWN:  # applied: only a new model failed to load, which is reported
+                applied[0] = text
+            if text == refused[0]:
+                return
+            refused[0] = text
+            raise
+        applied[0], refused[0] = text, ""
 
     def _pollers(self) -> list[asyncio.Task]:
         from services.model_server.supervision import supervised_loop
@@ -362,9 +379,9 @@ class ModelServer:
             tasks.append(asyncio.create_task(supervised_loop(
                 "file_system_poll", self._reconcile, self.args.file_system_poll_wait_seconds, self._stopping)))
         if self.args.model_config_file and self.args.model_config_file_poll_wait_seconds > 0:
-            last = [""]
+            applied, refused = [""], [""]
             tasks.append(asyncio.create_task(supervised_loop(
-                "config_file_poll", lambda: self._poll_config_file_once(last),
+                "config_file_poll", lambda: self._poll_config_file_once(applied, refused),
                 self.args.model_config_file_poll_wait_seconds, self._stopping)))
         return tasks
 
@@ -373,7 +390,7 @@ class ModelServer:
         from services.model_server.rest_api import RestApi
 
         if self.args.file_system_poll_wait_seconds >= 0:
-            failed, _ = await self._load_until_settled(self.manager.model_names())
+            failed = await self._load_until_settled(self.manager.model_names())
             if failed:
                 raise StartupError(f"UNKNOWN: {_unavailable_message(failed, 'servable(s)')}")
         grpc_server = build_server(self.core, self.inference, self.reload_config, GrpcOptions(
@@ -445,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ServingError as exc:  # the initial config refused as TF Serving's ReloadConfig refuses it
+        print(f"Failed to start server. Error: {exc.code.name}: {exc.message}", file=sys.stderr)
+        return 255
     try:
         asyncio.run(server.serve())
     except StartupError as exc:

@@ -5,6 +5,10 @@ The source pushes each model's aspired versions (``set_aspired_versions``); ``ma
 fails to load is tried again on the next pass (one attempt per pass), then left in END with its error, which
 GetModelStatus reports; it counts as aspired for as long as the source aspires it. Requests hold the Servable they
 resolved: unloading a version only stops new requests from reaching it.
+
+Version labels change only with the config (``set_config``), checked as TF Serving's ServerCore::ReloadConfig checks
+them (UpdateModelVersionLabelMap), before any of the config's models change. The states of a model taken out of the
+config are kept, in END, as TF Serving's servable state monitor keeps them.
 """
 from __future__ import annotations
 
@@ -56,18 +60,31 @@ class Manager:
 
     # ------------------------------------------------------------------ configuration
     def set_config(self, config: model_server_config_pb2.ModelServerConfig) -> None:
-        """Refuses (ServingError INVALID_ARGUMENT) a config with an invalid label, changing nothing."""
+        """Make ``config`` the one in force, with its version labels. Refuses it (ServingError, changing nothing) for
+        an invalid label (INVALID_ARGUMENT) or, as TF Serving's UpdateModelVersionLabelMap, a label on a version that
+        is not AVAILABLE now (FAILED_PRECONDITION). ``allow_labels_for_unavailable``
+        (--allow_version_labels_for_unavailable_models) lets a new label, or one that keeps its version, point at a
+        version not loaded yet; an existing label still moves only to an AVAILABLE version."""
         models = {m.name: m for m in config.model_config_list.config}
-        for name, model in models.items():
-            for label in model.version_labels:
-                if not LABEL_RE.match(label):
-                    raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                                       f"Invalid version label: '{label}' (must match [a-zA-Z0-9_]+)")
+        labels: dict[str, dict[str, int]] = {}
         with self._lock:
+            for name, model in models.items():
+                for label, version in model.version_labels.items():
+                    if not LABEL_RE.match(label):
+                        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                                           f"Invalid version label: '{label}' (must match [a-zA-Z0-9_]+)")
+                    current = self._labels.get(name, {}).get(label)
+                    allowed = self.allow_labels_for_unavailable and current in (None, version)
+                    record = self._versions.get(name, {}).get(version)
+                    if not allowed and (record is None or record.state != State.AVAILABLE):
+                        raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                           f"Request to assign label to version {version} of model {name}, which "
+                                           "is not currently available for inference")
+                    labels.setdefault(name, {})[label] = version
             self._configs = models
+            self._labels = labels
             for name in models:
                 self._versions.setdefault(name, {})
-                self._labels.setdefault(name, {})
 
     def model_names(self) -> list[str]:
         with self._lock:
@@ -94,24 +111,21 @@ class Manager:
                     del records[version]  # a failed version the source dropped is forgotten (TF Serving flushes it)
 
     # ------------------------------------------------------------------ acting on the policy
-    def manage_state(self) -> list[str]:
-        """Apply the version policy to every model until it has nothing left to do; returns the label errors."""
+    def manage_state(self) -> None:
+        """Apply the version policy to every model until it has nothing left to do."""
         with self._manage_lock:
             with self._lock:
                 configs = dict(self._configs)
                 removed = [name for name in self._versions if name not in configs]
             for name in removed:
                 self._unload_model(name)
-            errors: list[str] = []
-            for name, model in configs.items():
+            for name in configs:
                 self._manage_model(name)
-                errors += self._apply_labels(name, model)
             metrics.LOADED_VERSIONS.clear()
             with self._lock:
-                for name, records in self._versions.items():
-                    available = sum(r.state == State.AVAILABLE for r in records.values())
+                for name in configs:
+                    available = sum(r.state == State.AVAILABLE for r in self._versions.get(name, {}).values())
                     metrics.LOADED_VERSIONS.labels(model_name=name).set(available)
-            return errors
 
     def _manage_model(self, name: str) -> None:
         tried: set[int] = set()  # one load attempt per version per pass
@@ -162,30 +176,13 @@ class Manager:
         log.info("unloaded %s version %d (%s)", name, record.version, why)
 
     def _unload_model(self, name: str) -> None:
+        """A model taken out of the config: its versions unload and stay, in END, for GetModelStatus."""
         with self._lock:
-            records = self._versions.pop(name, {})
-            self._labels.pop(name, None)
-        for record in records.values():
-            if record.servable is not None:
-                log.info("unloaded %s version %d (model removed from config)", name, record.version)
-
-    def _apply_labels(self, name: str, model: model_server_config_pb2.ModelConfig) -> list[str]:
-        errors = []
-        with self._lock:
-            records = self._versions.get(name, {})
-            current = self._labels.setdefault(name, {})
-            wanted = dict(model.version_labels)
-            for label in list(current):
-                if label not in wanted:
-                    del current[label]
-            for label, version in wanted.items():
-                available = version in records and records[version].state == State.AVAILABLE
-                if available or (self.allow_labels_for_unavailable and label not in current):
-                    current[label] = version
-                elif current.get(label) != version:
-                    errors.append(f"model {name}: label '{label}' cannot point at version {version}: "
-                                  "it is not AVAILABLE")
-        return errors
+            loaded = [r for r in self._versions.get(name, {}).values() if r.state != State.END]
+            for record in loaded:
+                record.servable, record.state, record.aspired = None, State.END, False
+        for record in loaded:
+            log.info("unloaded %s version %d (model removed from config)", name, record.version)
 
     # ------------------------------------------------------------------ lookups
     def _labelled_version(self, name: str, label: str) -> int:
@@ -215,13 +212,11 @@ class Manager:
                 raise ServingError(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Latest({name})")
             return max(available, key=lambda r: r.version).servable
 
-    def status(self, name: str, version: int | None = None, label: str | None = None) -> list[VersionRecord]:
+    def status(self, name: str, version: int | None = None) -> list[VersionRecord]:
+        """GetModelStatus as TF Serving answers it (get_model_status_impl.cc): one version, or every version newest
+        first (a version label is not read); a model once configured keeps its last states."""
         with self._lock:
-            if name not in self._configs:
-                raise ServingError(grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {name}")
             records = self._versions.get(name, {})
-            if label:
-                version = self._labelled_version(name, label)
             if version is not None:
                 if version not in records:
                     raise ServingError(grpc.StatusCode.NOT_FOUND,
@@ -229,7 +224,7 @@ class Manager:
                 return [records[version]]
             if not records:
                 raise ServingError(grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {name}")
-            return [records[v] for v in sorted(records)]
+            return [records[v] for v in sorted(records, reverse=True)]
 
     def status_records(self, name: str) -> list[VersionRecord]:
         with self._lock:

@@ -275,7 +275,7 @@ class RestApi:
 
     async def _route(self, request: web.Request, name: str, version, label, suffix: str) -> web.Response:
         if request.method == "GET" and suffix == "":
-            return web.json_response(_json(status_response(self.core.manager, name, version, label)))
+            return web.json_response(_json(status_response(self.core.manager, name, version)))
         if request.method == "GET" and suffix == "/metadata":
             servable = self.core.manager.resolve(name, version, label)
             response = metadata_response(servable, name)

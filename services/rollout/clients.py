@@ -87,10 +87,11 @@ class ModelServerStates:
         return {int(s["version"]) for s in body.get("model_version_status", []) if s.get("state") == "AVAILABLE"}
 
     async def label_version(self, label: str) -> int | None:
-        """The version a version label points at now (TF Serving's REST label status), None when unknown."""
-        async with self.session.get(f"{self.url}/labels/{label}", timeout=self.timeout) as response:
+        """The version a version label points at now, None when unknown or not loaded: the ``model_spec`` of
+        TF Serving's REST metadata by label (its model status does not read a label)."""
+        async with self.session.get(f"{self.url}/labels/{label}/metadata", timeout=self.timeout) as response:
             if response.status >= 400:
                 return None
             body = await _json(response)
-        statuses = body.get("model_version_status", [])
-        return int(statuses[0]["version"]) if statuses else None
+        version = body.get("model_spec", {}).get("version")
+        return int(version) if version is not None else None

@@ -2,8 +2,8 @@
 the model server's config file (TF Serving's text ModelServerConfig, which the model server re-reads every
 ``--model_config_file_poll_wait_seconds``) and routes by label, as operators do with ``admin set stable=90
 canary=10``. Only the ``version_labels`` of the controller's model change; every other field is kept. A move is
-done once the model server's REST status of each label names the wanted version (TF Serving's
-``GET /v1/models/<name>/labels/<label>``).
+done once the model server's REST metadata of each label names the wanted version (TF Serving's
+``GET /v1/models/<name>/labels/<label>/metadata``: its model status does not read a label).
 """
 from __future__ import annotations
 
