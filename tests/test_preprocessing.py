@@ -209,3 +209,49 @@ def test_the_contract_gives_exif_transposes_pixels_exactly_on_real_photos():
               encode(first, "JPEG", progressive=True), encode(first, "JPEG", subsampling=0)]
     for i, data in enumerate(cases):
         assert np.array_equal(preprocess_bytes(data), exif_transpose_path(data)), i
+
+
+def _child_preprocess(data: bytes, address_space: int = 1 << 30) -> str:
+    """The contract run on ``data`` in a child that may address ``address_space`` bytes: 'ok', or the refusal code."""
+    script = (
+        "import resource, sys\n"
+        f"resource.setrlimit(resource.RLIMIT_AS, ({address_space}, {address_space}))\n"
+        "from training_job.preprocessing import InvalidImage, preprocess_bytes\n"
+        "try:\n"
+        "    preprocess_bytes(sys.stdin.buffer.read())\n"
+        "    print('ok')\n"
+        "except InvalidImage as exc:\n"
+        "    print(exc.code, exc.message)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], input=data, capture_output=True, timeout=120)
+    return done.stdout.decode().strip() or done.stderr.decode()[-500:]
+
+
+def test_a_small_file_that_decodes_to_too_many_bytes_is_refused_before_decoding():
+    """A 7,700 x 7,700 transparent PNG is a few hundred KB, inside the pixel limit, and decodes to about 240 MB
+    before it is flattened: the contract counts the bytes its decode would hold, not only its pixels."""
+    side = 7_700
+    data = encode(Image.new("RGBA", (side, side), (200, 30, 30, 128)), "PNG")
+    assert len(data) < 1_000_000 and side * side < Limits().max_pixels
+    answer = _child_preprocess(data)
+    assert answer.startswith("too_many_pixels") and "MB" in answer, answer
+
+
+def test_flattening_in_bands_gives_the_pixels_of_a_whole_conversion():
+    """RGBA, 16-bit grey and palette-with-transparency photos are flattened to RGB a band of rows at a time (so a
+    large one needs no full-size temporaries): band by band, the pixels of one whole conversion."""
+    import training_job.preprocessing as preprocessing
+
+    gradient = np.add.outer(np.arange(200), np.arange(300))
+    images = [Image.fromarray(np.dstack([gradient % 256] * 3 + [gradient % 199]).astype(np.uint8), "RGBA"),
+              Image.fromarray((gradient * 97).astype(np.uint16)),
+              Image.fromarray(np.dstack([gradient % 256] * 3).astype(np.uint8), "RGB").quantize(64)]
+    images[2].info["transparency"] = 0
+    whole = [np.asarray(preprocessing._to_rgb(img)) for img in images]
+    banded = preprocessing.STRIP_PIXELS
+    try:
+        preprocessing.STRIP_PIXELS = 1_000  # bands of 3 rows
+        for img, expected in zip(images, whole):
+            assert np.array_equal(np.asarray(preprocessing._to_rgb(img)), expected), img.mode
+    finally:
+        preprocessing.STRIP_PIXELS = banded

@@ -31,9 +31,11 @@ UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4:
 class Limits:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 60_000_000  # a 40,000 x 40,000 "bomb" is 1.6 G pixels
+    max_decode_bytes: int = 256 * 1024 * 1024  # what decoding one photo may hold at once (``decode_bytes``)
 
 
 DEFAULT_LIMITS = Limits()
+STRIP_PIXELS = 1 << 20  # pixels per band when a photo is flattened to 8-bit RGB (``_by_strips``)
 
 
 class InvalidImage(ValueError):
@@ -77,20 +79,54 @@ def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
         )
     if width < 1 or height < 1:
         raise InvalidImage("not_an_image", f"the photo has no pixels ({width}x{height})")
+    needed = decode_bytes(img)
+    if needed > limits.max_decode_bytes:
+        raise InvalidImage(
+            "too_many_pixels",
+            f"the photo is {width}x{height} pixels in mode {img.mode} ({img.format}): decoding it would take "
+            f"{needed / 2**20:.0f} MB; the limit is {limits.max_decode_bytes / 2**20:.0f} MB (a JPEG is decoded "
+            "at a reduced scale and costs far less)",
+        )
     return img
+
+
+def decode_bytes(header: Image.Image) -> int:
+    """What decoding an opened photo and flattening it to 8-bit RGB hold at once, as Pillow stores images: the
+    decoded photo (1 byte per pixel in 8-bit single-band modes, 2 in 16-bit ones, 4 in any other) and its RGB copy
+    (4 bytes per pixel) unless it is decoded as RGB. 0 for a JPEG: it is decoded at a reduced DCT scale (``draft``),
+    and ``max_pixels`` bounds it."""
+    if header.format == "JPEG":
+        return 0
+    pixels = header.size[0] * header.size[1]
+    stored = 1 if header.mode in ("1", "L", "P") else 2 if header.mode.startswith("I;16") else 4
+    return pixels * (stored + (0 if header.mode == "RGB" else 4))
+
+
+def _by_strips(img: Image.Image, mode: str, convert) -> Image.Image:
+    """``convert`` (a per-pixel conversion to ``mode``) applied to ``img`` a band of rows at a time: the same pixels as
+    converting it whole, without full-size temporaries (a 60 M pixel photo stays within its decoded size)."""
+    out = Image.new(mode, img.size)
+    rows = max(1, STRIP_PIXELS // img.width)
+    for top in range(0, img.height, rows):
+        box = (0, top, img.width, min(top + rows, img.height))
+        out.paste(convert(img.crop(box)), box[:2])
+    return out
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        wide = np.asarray(img, dtype=np.uint32)
-        peak = 65535 if img.mode.startswith("I;16") or wide.max(initial=0) > 255 else 255
-        img = Image.fromarray((wide * 255 // peak).astype(np.uint8), "L")
+        peak = 65535 if img.mode.startswith("I;16") or img.getextrema()[1] > 255 else 255
+        img = _by_strips(img, "L", lambda strip: Image.fromarray(
+            (np.asarray(strip, dtype=np.uint32) * 255 // peak).astype(np.uint8), "L"))
     elif img.mode == "F":
-        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
+        img = _by_strips(img, "L", lambda strip: Image.fromarray(
+            np.clip(np.asarray(strip), 0, 255).astype(np.uint8), "L"))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        def over_white(strip: Image.Image) -> Image.Image:
+            rgba = strip.convert("RGBA")
+            return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+        return _by_strips(img, "RGB", over_white)
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
