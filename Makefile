@@ -11,7 +11,7 @@ setup:
 	bash scripts/setup.sh
 
 run: setup
-	$(PY) scripts/stack.py up $(if $(DATA),--data $(DATA),)
+	$(PY) scripts/stack.py up $(if $(DATA),--data "$(DATA)",)
 
 stop:
 	$(PY) scripts/stack.py down

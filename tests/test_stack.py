@@ -136,3 +136,15 @@ def test_the_gateway_command_line_is_written_out_not_guessed_from_help(monkeypat
     assert (args.host, args.http_port, args.grpc_port) == ("127.0.0.1", 8081, 50052)
     assert (args.model_server, args.redis_url) == ("127.0.0.1:8502", "redis://127.0.0.1:6391/0")
     assert (args.model_name, args.model_base_path) == ("mushrooms", str((tmp_path / "registry" / "mushrooms").resolve()))
+
+
+def test_make_run_passes_a_photo_folder_with_spaces_as_one_argument():
+    """`make run DATA="my photos"`: the folder reaches `scripts/stack.py up --data` whole (make -n prints the
+    command it would run; the shell splits it as it would run it)."""
+    import shlex
+
+    printed = subprocess.run(["make", "-n", "run", "DATA=/tmp/my mushroom photos"], cwd=PROJECT_ROOT,
+                             capture_output=True, text=True, timeout=60).stdout
+    [command] = [line for line in printed.splitlines() if "scripts/stack.py up" in line]
+    argv = shlex.split(command)
+    assert argv[argv.index("--data") + 1] == "/tmp/my mushroom photos"

@@ -251,11 +251,13 @@ def print_summary(run_dir: Path, metrics: dict) -> None:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "train", help="train the head on cached bottlenecks, then evaluate on the test split",
+        "train", help="train (head, then the whole network fine-tuned by default), then evaluate on the test split",
         description="Train a classification head on the frozen ImageNet base's bottlenecks (cached by photo hash, "
-        "architecture and preprocessing version), with early stopping on validation; calibrate the "
-        "'not a mushroom' threshold on validation; evaluate on test. Writes a run folder (default "
-        "var/runs/<run name>) and TensorBoard summaries (var/tensorboard/<run name>).",
+        "architecture and preprocessing version) with early stopping on validation, then fine-tune the whole "
+        "network with it (--no_fine_tune_whole: the head alone; resumable: run again with the same --run_dir); "
+        "fit the calibration temperature on validation; set the 'not a mushroom' threshold on the training and "
+        "validation photos' scores; evaluate on test. Writes a run folder (default var/runs/<run name>) and "
+        "TensorBoard summaries (var/tensorboard/<run name>).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--manifest", default=str(default_manifest()), help="manifest.csv written by `prepare`")
