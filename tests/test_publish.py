@@ -107,3 +107,13 @@ def test_a_version_number_is_never_given_twice_even_after_its_folder_is_removed(
     assert publish_dir(lambda d: None, tmp_path, "mushrooms", version=9)[0] == 9  # a variant's own number
     shutil.rmtree(tmp_path / "mushrooms" / "9")
     assert publish("d")[0] == 10
+
+
+def test_a_dangling_link_where_the_next_version_would_go_is_never_overwritten(tmp_path):
+    """A broken symlink named like the next version is a hand-made entry: publishing goes past it, as past a file."""
+    model_dir = tmp_path / "mushrooms"
+    model_dir.mkdir()
+    (model_dir / "1").symlink_to(tmp_path / "nowhere")
+    n, path = publish_dir(lambda d: (d / "tag").write_text("x"), tmp_path, "mushrooms")
+    assert n == 2 and (path / "tag").read_text() == "x"
+    assert (model_dir / "1").is_symlink()

@@ -179,13 +179,13 @@ def commit_version(staging: Path, version: int | None = None) -> tuple[int, Path
         remove_stale_tmp(model_dir)
         if version is not None:
             target = model_dir / str(version)
-            if target.exists():
+            if os.path.lexists(target):
                 raise PublishError(f"{target} exists: a version is never overwritten")
             n = version
         else:
             n = max((versions(model_dir) or [0])[-1], _last_version(model_dir)) + 1
             target = model_dir / str(n)
-            while target.exists():  # a stray non-folder or hand-made entry: never overwrite it
+            while os.path.lexists(target):  # a stray file, link or hand-made entry: never overwrite it
                 n += 1
                 target = model_dir / str(n)
         os.rename(staging, target)
