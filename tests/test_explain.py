@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import urllib.error
 import urllib.request
 
 import grpc
@@ -17,7 +18,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
-from training_job.explain import EXPLAIN_BYTES_SIGNATURE, EXPLAIN_SIGNATURE, in_process_grad_cam
+from training_job.explain import EXPLAIN_BYTES_SIGNATURE, EXPLAIN_SIGNATURE, PREDICTED_CLASS, in_process_grad_cam
 from training_job.pipeline import load_run
 from training_job.preprocessing import load_image_file, preprocess_bytes
 from training_job.train import split_rows
@@ -179,12 +180,23 @@ def test_model_server_serves_explain_over_grpc_and_rest(published_model, model_s
     given = _grpc_explain(model_server, {"image_bytes": np.array(photos, dtype=object),
                                          "class_index": wanted.astype(np.int32)})
     np.testing.assert_array_equal(given["explained_class"], wanted)
-    # REST row format naming the input (class_index left out), as a plain TF Serving REST client would send it
+    # REST row format, as a plain TF Serving REST client must send it: each instance names every input, the
+    # defaulted class_index too (TF Serving's REST API fills in no defaults: json_tensor.cc)
+    url = f"{model_server.rest_url}/v1/models/{MODEL}:predict"
+    encoded = [{"b64": base64.b64encode(p).decode()} for p in photos]
+
+    def rest(body):
+        request = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        return urllib.request.urlopen(request, timeout=60)
+
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        rest({"signature_name": EXPLAIN_BYTES_SIGNATURE, "instances": [{"image_bytes": e} for e in encoded]})
+    assert refused.value.code == 400
+    assert "keys must be equal to: class_index,image_bytes" in json.loads(refused.value.read())["error"]
     body = {"signature_name": EXPLAIN_BYTES_SIGNATURE,
-            "instances": [{"image_bytes": {"b64": base64.b64encode(p).decode()}} for p in photos]}
-    request = urllib.request.Request(f"{model_server.rest_url}/v1/models/{MODEL}:predict",
-                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
+            "instances": [{"image_bytes": e, "class_index": PREDICTED_CLASS} for e in encoded]}
+    with rest(body) as response:
         predictions = json.loads(response.read())["predictions"]
     assert len(predictions) == 2 and set(predictions[0]) == EXPLAIN_OUTPUTS
     np.testing.assert_allclose(np.array([p["heatmap"] for p in predictions]), expected["heatmap"].numpy(), atol=1e-5)

@@ -7,9 +7,10 @@ map = relu(sum_k alpha_k A_k), divided by its maximum so it lies in [0, 1] (all 
 speaks for c). c is the predicted class, or ``class_index`` when the request gives one.
 
 Signature contract (both signatures):
-- inputs: ``images`` uint8 [batch, S, S, 3] or ``image_bytes`` string [batch]; optional ``class_index`` int32
-  [batch] or [1] (broadcast), negative = the predicted class. Its default ([-1]) is written into the SignatureDef's
-  ``defaults``, which TF Serving (and our model server) fill in when a request leaves the input out.
+- inputs: ``images`` uint8 [batch, S, S, 3] or ``image_bytes`` string [batch]; ``class_index`` int32 [batch] or
+  [1] (broadcast), negative = the predicted class. Its default ([-1]) is written into the SignatureDef's
+  ``defaults``, which gRPC Predict (TF Serving's and our model server's) fills in when a request leaves the input
+  out; their REST API fills in none, so a REST request names ``class_index`` too (-1 in each instance).
 - outputs: ``probabilities``, ``classes``, ``mushroom_score``, ``not_a_mushroom`` exactly as ``serving_default``;
   ``explained_class`` int32 [batch] (the column explained); ``heatmap`` float32 [batch, h, w] in [0, 1];
   ``heatmap_image`` uint8 [batch, S, S] (the heatmap upsampled bilinearly to the model's input size, x 255).
