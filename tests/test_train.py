@@ -191,3 +191,29 @@ def test_training_refuses_a_single_class_manifest(tmp_path, capsys):
     assert len(read_manifest(tmp_path / "manifest.csv")) == 4
     code, err = _run_cli(["train", "--manifest", str(tmp_path / "manifest.csv")], capsys)
     assert code == 2 and "at least 2 classes" in err
+
+
+def test_a_run_folder_trained_again_is_not_a_finished_run_until_training_ends(tmp_path, monkeypatch):
+    """Training again into a finished run's folder and stopping it (Ctrl-C) must not leave the old run's head,
+    threshold and metrics beside a half-trained network: evaluate and publish would serve that mix as the run."""
+    from training_job import pipeline
+    from training_job.commands.evaluate import latest_run, resolve_run
+    from training_job.train import TrainConfig
+
+    monkeypatch.setenv("MUSHROOM_VAR", str(tmp_path / "var"))
+    older, reused = pipeline.runs_dir() / "older", pipeline.runs_dir() / "reused"
+    for run in (older, reused):
+        run.mkdir(parents=True)
+        for name in ("head.npz", "open_set.npz", "train_summary.json", "metrics.json", "config.json"):
+            (run / name).write_text("a finished run's file")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "train_head", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.train_run([], TrainConfig(), reused, base=object())
+    assert not [p.name for p in reused.iterdir() if p.name in ("head.npz", "open_set.npz", "metrics.json")]
+    assert latest_run() == older
+    with pytest.raises(UserError, match="not a training run folder"):
+        resolve_run(str(reused))

@@ -63,6 +63,10 @@ def code_revision() -> str:
 
 
 TUNED_BLOCKS_FILE = "fine_tuned_blocks.npz"
+# What a finished run leaves besides its inputs (manifest, config) and the networks it trained. ``head.npz`` marks a
+# finished run: evaluate and publish take no folder without it.
+RUN_OUTPUTS = ("head.npz", "open_set.npz", "train_summary.json", "metrics.json", "confusion_matrix.png",
+               "misclassified.csv", MISCLASSIFIED_SHEET)
 
 
 def run_base(run_dir: Path, config: TrainConfig, base: BaseNetwork | None = None) -> BaseNetwork:
@@ -95,6 +99,9 @@ def train_run(rows, config: TrainConfig, run_dir: Path | None = None, *, base: B
     """Train, calibrate the open-set check, evaluate on test; write the run folder. Returns (run_dir, metrics)."""
     from training_job.mirror_tta import plain_base
 
+    if run_dir is not None:  # a folder trained again is not a finished run until this training ends
+        for name in RUN_OUTPUTS:
+            (Path(run_dir) / name).unlink(missing_ok=True)
     base = plain_base(base or BaseNetwork(config.architecture, config.weights_file))
     run_name = run_dir.name if run_dir else None
     result = train_head(rows, config, tensorboard_root or tensorboard_dir(), run_name, base=base,
