@@ -193,6 +193,19 @@ def test_training_refuses_a_single_class_manifest(tmp_path, capsys):
     assert code == 2 and "at least 2 classes" in err
 
 
+def test_training_refuses_a_manifest_without_test_photos_before_it_trains(tmp_path, capsys):
+    """A handful of photos can all hash outside the test split: that is refused before minutes of training, in
+    words that say why, and no run folder is left for publish to trip over."""
+    photos = sorted((MUSHROOMS / "boletus_edulis").iterdir())[:3] + sorted((MUSHROOMS / "amanita_muscaria").iterdir())[:3]
+    rows = [ManifestRow(str(p), p.parent.name, f"{i:064x}", split, 1, 1, 1)
+            for i, (p, split) in enumerate(zip(photos, ["train", "train", "validation"] * 2))]
+    write_manifest(rows, tmp_path / "manifest.csv")
+    code, err = _run_cli(["train", "--manifest", str(tmp_path / "manifest.csv"), "--run_dir", str(tmp_path / "run")],
+                         capsys)
+    assert code == 2 and "no test photos" in err and "6 photos" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_folder_trained_again_is_not_a_finished_run_until_training_ends(tmp_path, monkeypatch):
     """Training again into a finished run's folder and stopping it (Ctrl-C) must not leave the old run's head,
     threshold and metrics beside a half-trained network: evaluate and publish would serve that mix as the run."""

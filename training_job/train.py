@@ -157,6 +157,9 @@ def check_trainable(rows) -> list[str]:
         if missing:
             raise TrainingError(f"the {split} split has no photos of {missing}; add photos or lower the "
                                 "number of classes")
+    if not split_rows(rows, "test"):  # evaluation and publishing need one: refused before training, not after
+        raise TrainingError(f"the manifest's {len(rows)} photos left no test photos (each photo's split comes "
+                            "from a hash of it): add photos, or prepare with a larger --testing_percentage")
     return labels
 
 
