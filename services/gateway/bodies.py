@@ -1,5 +1,7 @@
 """Request bodies read within bounds: bytes are counted as they arrive and reading stops at the limit (413, before
-the rest is read), and a body must arrive within a deadline (408).
+the rest is read), and a body must arrive within a deadline (408). What cannot be read is a 400: a body that is not
+what its Content-Encoding says (``bad_encoding``), a malformed multipart body (``bad_multipart``), JSON that
+json.loads refuses (``bad_json``; every JSON route reads its body with read_json).
 
 How long a client may take to send a request's headers, and how long an idle keep-alive connection stays open, is
 aiohttp's ``keepalive_timeout`` (set by main.py's --keepalive-timeout): the timer runs from the connection's start
@@ -9,8 +11,10 @@ as one that sends nothing.
 from __future__ import annotations
 
 import asyncio
+import json
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import BadHttpMessage, PayloadEncodingError
 
 from services.gateway.errors import GatewayError
 
@@ -52,15 +56,41 @@ def _too_large(limit: int, what: str) -> GatewayError:
     return GatewayError(413, "too_large", f"{what} is over the limit of {limit} bytes")
 
 
+# aiohttp decodes a body as it arrives (Content-Encoding gzip, deflate, br; chunked transfer) and fails the read with
+# one of these when the bytes are not so encoded: its parser's error (PayloadEncodingError), which it hands the reader
+# as the cause of a RequestPayloadError.
+UNDECODABLE = (PayloadEncodingError, web.RequestPayloadError)
+
+
+def _bad_encoding(exc: Exception) -> GatewayError:
+    cause = exc if isinstance(exc, PayloadEncodingError) else exc.__cause__
+    reason = cause.message if isinstance(cause, PayloadEncodingError) else str(exc)
+    return GatewayError(400, "bad_encoding", f"the body cannot be decoded: {reason}")
+
+
 async def read_limited(stream, limit: int, what: str = "the body") -> bytes:
     """The whole of ``stream`` (a request's content), refused with 413 as soon as more than ``limit`` bytes came."""
     chunks, size = [], 0
-    async for chunk in stream.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit, what)
-        chunks.append(chunk)
+    try:
+        async for chunk in stream.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit, what)
+            chunks.append(chunk)
+    except UNDECODABLE as exc:
+        raise _bad_encoding(exc) from None
     return b"".join(chunks)
+
+
+async def read_json(request: web.Request, limit: int):
+    """The request's body of at most ``limit`` bytes (413), parsed as JSON: 400 ``bad_json`` for whatever json.loads
+    refuses (not JSON, not UTF-8, nested deeper than the recursion limit, an integer of more digits than Python
+    converts)."""
+    body = await read_limited(request.content, limit, "the body")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise GatewayError(400, "bad_json", f"the body is not valid JSON: {str(exc)[:200]}") from None
 
 
 async def read_form_file(request: web.Request, names: tuple[str, ...], file_limit: int, body_limit: int) -> bytes:
@@ -85,6 +115,10 @@ async def read_form_file(request: web.Request, names: tuple[str, ...], file_limi
                     chunks.append(chunk)
             if wanted:
                 return b"".join(chunks)
+    except UNDECODABLE as exc:
+        raise _bad_encoding(exc) from None
+    except BadHttpMessage as exc:  # a part's header line that is not a header (InvalidHeader), ...
+        raise GatewayError(400, "bad_multipart", f"the multipart body is malformed: {exc.message}") from None
     except ValueError as exc:  # aiohttp's word for a malformed multipart body (no boundary, bad headers, ...)
         raise GatewayError(400, "bad_multipart", f"the multipart body is malformed: {exc}") from None
     raise GatewayError(400, "missing_photo", f"multipart upload without a {' or '.join(map(repr, names))} field")

@@ -176,10 +176,14 @@ class Classifier:
         if not 1 <= top_k <= limit:
             raise GatewayError(400, "bad_top_k", f"top_k must be between 1 and {limit}, got {top_k}")
 
-    def _validate(self, photo: bytes, top_k: int, explain_class: str | None) -> None:
-        """Refuses a request before any work: top_k out of range, a malformed class name, an empty or oversized
-        photo."""
+    def _validate(self, photo: bytes, top_k: int, explain_class: str | None, label: str | None,
+                  client_id: str | None) -> None:
+        """Refuses a request before any work: top_k out of range, a malformed class name, a version label or client
+        id that is not UTF-8 text, an empty or oversized photo."""
         self._check_top_k(top_k)
+        for name, value in (("label", label), ("client_id", client_id)):
+            if value is not None and not _is_text(value):
+                raise GatewayError(400, f"bad_{name}", f"{name} must be UTF-8 text, got {ascii(value[:80])}")
         if explain_class is not None and not CLASS_LABEL.fullmatch(explain_class):
             raise GatewayError(400, "bad_explain_class", f"explain_class must be a class label "
                                f"({CLASS_LABEL.pattern}), got {explain_class[:80]!r}")
@@ -200,7 +204,7 @@ class Classifier:
         wanted = Wanted(explain, explain_class)
         cache_outcome, result, chosen = "miss", "ok", version
         try:
-            self._validate(photo, top_k, explain_class)
+            self._validate(photo, top_k, explain_class, label, client_id)
             routed = version is None and not label
             for attempt in (1, 2):
                 try:
@@ -365,6 +369,16 @@ class Classifier:
             self.stats.record_shadow(shadow, agreed, time.perf_counter() - start)
 
         self._spawn(mirror())
+
+
+def _is_text(value: str) -> bool:
+    """False for a string holding lone surrogates, which nothing downstream can encode: what aiohttp makes of header
+    bytes that are not UTF-8 (surrogateescape), or a JSON string's "\\ud800"."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _top_label(answer: dict) -> str:

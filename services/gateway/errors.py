@@ -8,6 +8,7 @@ _GRPC = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTIC
          410: grpc.StatusCode.FAILED_PRECONDITION,
          413: grpc.StatusCode.INVALID_ARGUMENT, 415: grpc.StatusCode.INVALID_ARGUMENT,
          501: grpc.StatusCode.UNIMPLEMENTED, 503: grpc.StatusCode.UNAVAILABLE}
+REDIS_RETRY_AFTER_SECONDS = 2
 
 
 class GatewayError(Exception):
@@ -24,3 +25,10 @@ class GatewayError(Exception):
 
     def body(self) -> dict:
         return {"error": {"code": self.code, "message": self.message}}
+
+
+def redis_unavailable(exc: Exception) -> GatewayError:
+    """What admin and feedback calls answer for a RedisError (Redis down or frozen), on both protocols: HTTP 503
+    ``redis_unavailable`` with Retry-After, gRPC UNAVAILABLE. Classify never sees one: its cache serves uncached."""
+    return GatewayError(503, "redis_unavailable", f"Redis (routing, audit and feedback state) is unavailable: {exc}",
+                        retry_after=REDIS_RETRY_AFTER_SECONDS)

@@ -78,7 +78,7 @@ class FeedbackTokens:
         return f"{signed_part}.{self._sign(signed_part)}"
 
     def verify(self, token: str) -> FeedbackClaim:
-        parts = token.split(".") if isinstance(token, str) else []
+        parts = token.split(".") if isinstance(token, str) and token.isascii() else []  # issued tokens are ASCII
         if len(parts) != 3 or parts[0] != VERSION_PREFIX:
             raise BadFeedbackToken("malformed", "feedback_token is not a token this gateway issues")
         signed_part = f"{parts[0]}.{parts[1]}"

@@ -6,9 +6,10 @@ import base64
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from redis.exceptions import RedisError
 
 from services.gateway.classifier import DEFAULT_TOP_K, Classifier
-from services.gateway.errors import GatewayError
+from services.gateway.errors import GatewayError, redis_unavailable
 from services.gateway.feedback_intake import take_feedback
 from services.gateway.protos import load
 from services.gateway.routing import Router
@@ -17,6 +18,16 @@ from services.gateway.upstream import state_name
 
 pb, pb_grpc = load()
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
+ANSWERED = (GatewayError, RedisError)  # answered with their status, as HTTP answers them; anything else is a bug
+
+
+def _gateway_error(exc: Exception) -> GatewayError:
+    return exc if isinstance(exc, GatewayError) else redis_unavailable(exc)
+
+
+async def _abort(context, exc: Exception) -> None:
+    error = _gateway_error(exc)
+    await context.abort(error.grpc_code, f"{error.code}: {error.message}")
 
 
 def explanation_proto(explanation: dict):
@@ -61,23 +72,24 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     async def Classify(self, request, context):
         try:
             return await self._classify(request, "classify")
-        except GatewayError as exc:
-            await context.abort(exc.grpc_code, f"{exc.code}: {exc.message}")
+        except ANSWERED as exc:
+            await _abort(context, exc)
 
     async def ClassifyStream(self, request_iterator, context):
         """A bad frame answers with ``error`` set; the stream goes on."""
         async for request in request_iterator:
             try:
                 yield await self._classify(request, "classify_stream")
-            except GatewayError as exc:
-                yield pb.ClassifyResponse(error=pb.Error(code=exc.code, message=exc.message))
+            except ANSWERED as exc:
+                error = _gateway_error(exc)
+                yield pb.ClassifyResponse(error=pb.Error(code=error.code, message=error.message))
 
     async def Feedback(self, request, context):
         try:
             recorded = await take_feedback(self.stats, self.photo_store, request.feedback_token,
                                            request.true_label, request.request_id or None)
-        except GatewayError as exc:
-            await context.abort(exc.grpc_code, f"{exc.code}: {exc.message}")
+        except ANSWERED as exc:
+            await _abort(context, exc)
         response = pb.FeedbackResponse(request_id=recorded["request_id"], model_version=recorded["version"],
                                        predicted=recorded["predicted"], true_label=recorded["true_label"],
                                        correct=recorded["correct"])
@@ -88,8 +100,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     async def ListModels(self, request, context):
         try:
             states = await self.classifier.version_states()
-        except GatewayError as exc:
-            await context.abort(exc.grpc_code, f"{exc.code}: {exc.message}")
+        except ANSWERED as exc:
+            await _abort(context, exc)
         table = self.router.table
         return pb.ListModelsResponse(
             model_name=self.router.model_name,

@@ -6,14 +6,15 @@ import binascii
 import json
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
 from services.gateway import metrics
-from services.gateway.bodies import body_deadline, read_form_file, read_limited
+from services.gateway.bodies import body_deadline, read_form_file, read_json, read_limited
 from services.gateway.classifier import DEFAULT_TOP_K, Classifier
-from services.gateway.errors import GatewayError
+from services.gateway.errors import GatewayError, redis_unavailable
 from services.gateway.feedback_intake import take_feedback
 from services.gateway.model_info import ModelInfo
 from services.gateway.openapi import OPENAPI
@@ -25,7 +26,6 @@ from services.gateway.stats import Stats
 from services.gateway.upstream import UpstreamUnavailable, state_name
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
-REDIS_RETRY_AFTER_SECONDS = 2
 PHOTO_FIELDS = ("photo", "file", "image")  # multipart field names of the photo
 FORM_OVERHEAD_BYTES = 64 * 1024  # what a multipart or JSON body may hold besides the photo
 SMALL_BODY_BYTES = 1024 * 1024  # the largest body of the routes other than classify (feedback, admin)
@@ -42,13 +42,16 @@ async def errors_as_json(request: web.Request, handler):
         return await handler(request)
     except GatewayError as exc:
         return _error_response(exc)
-    except RedisError as exc:  # admin and feedback state (classify never raises it: its cache serves uncached)
-        return _error_response(GatewayError(503, "redis_unavailable", f"Redis (routing, audit and feedback "
-                                            f"state) is unavailable: {exc}", retry_after=REDIS_RETRY_AFTER_SECONDS))
+    except RedisError as exc:  # admin and feedback state
+        return _error_response(redis_unavailable(exc))
     except web.HTTPException as exc:
         if exc.status >= 400 and exc.content_type != "application/json":
             code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status, "http_error")
-            return web.json_response({"error": {"code": code, "message": exc.reason}}, status=exc.status)
+            headers = CIMultiDict(exc.headers)  # e.g. a 405's Allow, which RFC 9110 requires
+            for name in (hdrs.CONTENT_TYPE, hdrs.CONTENT_LENGTH):
+                headers.popall(name, None)
+            return web.json_response({"error": {"code": code, "message": exc.reason}}, status=exc.status,
+                                     headers=headers)
         raise
 
 
@@ -114,7 +117,8 @@ class HttpApi:
         self.body_timeout = body_timeout  # seconds a request's body may take to arrive (0 = no limit)
 
     def app(self) -> web.Application:
-        # client_max_size bounds request.read() (feedback, admin); classify counts its own body (_upload).
+        # Bodies are read through bodies.py, which counts their bytes (413) and answers what aiohttp or json.loads
+        # refuse with a 400; client_max_size bounds request.read(), which no route calls.
         app = web.Application(client_max_size=SMALL_BODY_BYTES,
                               middlewares=[errors_as_json, body_deadline(self.body_timeout)])
         r = app.router
@@ -155,13 +159,9 @@ class HttpApi:
                                f"{limit}")
         if content_type.startswith("multipart/"):
             return await read_form_file(request, PHOTO_FIELDS, self.max_body, limit), {}
-        body = await read_limited(request.content, limit, "the body")
         if content_type != "application/json":
-            return body, {}
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError) as exc:
-            raise GatewayError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
+            return await read_limited(request.content, limit, "the body"), {}
+        data = await read_json(request, limit)
         encoded = data.get("image_b64") if isinstance(data, dict) else None
         if not isinstance(encoded, str):
             raise GatewayError(400, "missing_photo", 'JSON bodies need {"image_b64": "<base64 photo>"}')
@@ -204,10 +204,7 @@ class HttpApi:
         }]})
 
     async def feedback(self, request: web.Request) -> web.Response:
-        try:
-            data = json.loads(await request.read())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise GatewayError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
+        data = await read_json(request, SMALL_BODY_BYTES)
         if not isinstance(data, dict) or not isinstance(data.get("feedback_token"), str) or not isinstance(
                 data.get("true_label"), str):
             raise GatewayError(400, "bad_feedback", 'feedback is {"feedback_token": "<the answer\'s '
@@ -257,13 +254,12 @@ class HttpApi:
 
     async def put_routing(self, request: web.Request) -> web.Response:
         who = self._authorise(request, write=True)
+        data = await read_json(request, SMALL_BODY_BYTES)
         try:
-            table = RoutingTable.from_request(json.loads(await request.read()))
+            table = RoutingTable.from_request(data)
             entry = await self.router.set_table(table, who, note=request.headers.get("X-Operator"))
         except RoutingError as exc:
             raise GatewayError(400, "bad_routing", str(exc)) from None
-        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, an int of thousands of digits, nesting
-            raise GatewayError(400, "bad_json", f"the body is not valid JSON: {str(exc)[:200]}") from None
         except UpstreamUnavailable as exc:
             raise GatewayError(503, "model_server_unavailable", f"cannot check the labels: {exc}",
                                retry_after=2) from None

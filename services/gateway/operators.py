@@ -101,10 +101,12 @@ class OperatorTokens:
         return sorted(self._tokens)
 
     def owner(self, bearer: str) -> str | None:
-        """The operator whose token ``bearer`` is, or None. Compares with every token (no early exit)."""
+        """The operator whose token ``bearer`` is, or None. Compares with every token (no early exit). A header's
+        bytes that are not UTF-8 arrive as lone surrogates (aiohttp decodes with surrogateescape): they are encoded
+        as such, so they match no token rather than fail."""
         self._maybe_reload()
-        found = None
+        found, given = None, bearer.encode("utf-8", "surrogatepass")
         for name, token in self._tokens.items():
-            if hmac.compare_digest(bearer.encode(), token.encode()):
+            if hmac.compare_digest(given, token.encode()):
                 found = name
         return found

@@ -140,13 +140,23 @@ class RoutingTable:
             if isinstance(weight, float) and not math.isfinite(weight):
                 raise RoutingError(f"weight of {key} must be a finite number")
             if not 0 <= weight <= MAX_WEIGHT:
-                raise RoutingError(f"weight of {key} must be between 0 and {MAX_WEIGHT}, got {weight:.6g}")
+                raise RoutingError(f"weight of {key} must be between 0 and {MAX_WEIGHT}, got {_number(weight)}")
             if weight > 0:
                 weights[entry] = float(weight)
         if not weights:
             raise RoutingError(f"no entry has a weight above 0: {UPDATE_SHAPE}")
         shadow = data.get("shadow")
         return cls(weights, parse_entry(shadow, "shadow") if shadow is not None else None)
+
+
+def _number(value: int | float) -> str:
+    """A number as an error message shows it: 6 significant digits, or for an integer past a float's range (a JSON
+    integer of hundreds of digits) its size."""
+    try:
+        return f"{value:.6g}"
+    except OverflowError:
+        sign = "a negative" if value < 0 else "an"
+        return f"{sign} integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
 
 
 def parse_assignments(items: list[str]) -> RoutingTable:

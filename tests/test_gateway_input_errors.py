@@ -1,0 +1,270 @@
+"""The gateway's error promise (DEVELOPERS.md "Gateway HTTP API"): bad input gets a 4xx
+``{"error": {"code", "message"}}`` (gRPC: the matching status), never a 500, and while Redis is frozen feedback is
+503 ``redis_unavailable`` on HTTP and UNAVAILABLE on gRPC. Header values that are not UTF-8, JSON bodies that parse
+only partly, bodies whose Content-Encoding or multipart headers are broken, 405 answers (with their Allow header).
+One real redis-server, model server and gateway on free loopback ports for the module."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import io
+import json
+import os
+import signal
+
+import grpc
+import pytest
+from PIL import Image
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
+
+from services.gateway.errors import GatewayError
+from services.gateway.grpc_api import ClassifierService
+from services.gateway.protos import load
+from tests.gateway_harness import GatewayProcess
+from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
+from tests.support import RedisServer
+from training_job.tiny_model import publish_tiny_versions
+
+pb, pb_grpc = load()
+TOKEN = "input-errors-admin-token"
+NOT_UTF8 = "caf\xe9"  # sent as the one byte 0xE9 (http.client writes header values as Latin-1)
+
+
+def jpeg(colour: tuple[int, int, int]) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), colour).save(out, "JPEG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    registry = tmp_path_factory.mktemp("registry")
+    publish_tiny_versions(registry, MODEL)
+    config = registry / "models.config"
+    write_config(config, {MODEL: registry / MODEL}, policy="all {}")
+    redis = RedisServer().start()
+    server = start_server(registry, config)
+    try:
+        wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0]
+                               == ModelVersionStatus.AVAILABLE for v in (1, 2)), what="versions 1 and 2")
+        gateway = GatewayProcess(server.grpc_target, redis.url, env={"GATEWAY_ADMIN_TOKEN": TOKEN})
+    except BaseException:
+        stop_server(server)
+        redis.stop()
+        raise
+    yield {"redis": redis, "gateway": gateway}
+    gateway.stop()
+    stop_server(server)
+    redis.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(stack) -> GatewayProcess:
+    return stack["gateway"]
+
+
+@pytest.fixture(scope="module")
+def stub(gateway):
+    with grpc.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+        yield pb_grpc.ClassifierStub(channel)
+
+
+@pytest.fixture()
+def ab_table(gateway):
+    """A 50/50 table for the duration of a test, so that the client id is hashed; cleared afterwards."""
+    status, body, _ = gateway.request("PUT", "/v1/admin/routing", {"weights": {"1": 50, "2": 50}}, token=TOKEN)
+    assert status == 200, body
+    yield
+    assert gateway.request("PUT", "/v1/admin/routing", {"clear": True}, token=TOKEN)[0] == 200
+
+
+def assert_error(reply, status: int, code: str) -> None:
+    assert reply.status == status and isinstance(reply.body, dict), reply
+    assert reply.body["error"]["code"] == code, reply
+    assert reply.body["error"]["message"], reply
+
+
+# ---------------------------------------------------------------------------------- header values that are not UTF-8
+def test_a_version_label_that_is_not_utf8_is_a_400(gateway):
+    reply = gateway.request("POST", "/v1/classify", jpeg((10, 20, 30)), "image/jpeg", {"X-Version-Label": NOT_UTF8})
+    assert_error(reply, 400, "bad_label")
+
+
+def test_a_client_id_that_is_not_utf8_is_a_400(gateway, ab_table):
+    assert gateway.classify(jpeg((10, 20, 31)), client="cafe").status == 200
+    assert_error(gateway.classify(jpeg((10, 20, 31)), client=NOT_UTF8), 400, "bad_client_id")
+
+
+@pytest.mark.parametrize("field, value, code", [("label", "caf\udce9", "bad_label"), ("label", "\ud800", "bad_label"),
+                                                ("client_id", "\udce9", "bad_client_id")])
+def test_json_options_that_are_not_unicode_text_are_a_400(gateway, ab_table, field, value, code):
+    body = json.dumps({"image_b64": base64.b64encode(jpeg((10, 20, 32))).decode(), field: value}).encode()
+    assert_error(gateway.request("POST", "/v1/classify", body, "application/json"), 400, code)
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/v1/admin/routing"), ("PUT", "/v1/admin/routing"),
+                                          ("GET", "/v1/admin/audit")])
+def test_a_bearer_token_that_is_not_utf8_is_a_401_as_a_wrong_one(gateway, method, path):
+    body = {"weights": {"1": 100}}
+    assert_error(gateway.request(method, path, body, token="wrong"), 401, "unauthorised")
+    assert_error(gateway.request(method, path, body, token=NOT_UTF8), 401, "unauthorised")
+
+
+def test_an_operator_note_that_is_not_utf8_is_kept_escaped(gateway):
+    reply = gateway.request("PUT", "/v1/admin/routing", {"clear": True}, token=TOKEN,
+                            headers={"X-Operator": NOT_UTF8})
+    assert reply.status == 200, reply
+    assert gateway.request("GET", "/v1/admin/audit", token=TOKEN).status == 200
+
+
+@pytest.mark.parametrize("token", ["v1.abc.d\u00e9f", "v1.\ud800.x"])
+def test_a_feedback_token_that_is_not_ascii_is_malformed(gateway, stub, token):
+    reply = gateway.request("POST", "/v1/feedback", {"feedback_token": token, "true_label": "x"})
+    assert_error(reply, 400, "feedback_token_malformed")
+    if "\ud800" in token:
+        return  # a protobuf string is UTF-8: a lone surrogate cannot be sent over gRPC
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Feedback(pb.FeedbackRequest(feedback_token=token, true_label="x"), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert caught.value.details().startswith("feedback_token_malformed: ")
+
+
+# ---------------------------------------------------------------------------------- Redis frozen: gRPC as HTTP
+def test_grpc_feedback_is_unavailable_as_http_feedback_is_503_while_redis_is_frozen(stack, gateway, stub):
+    tokens = [stub.Classify(pb.ClassifyRequest(photo=jpeg((40, 50, c))), timeout=20).feedback_token for c in (1, 2)]
+    redis = stack["redis"].process
+    os.kill(redis.pid, signal.SIGSTOP)
+    try:
+        http = gateway.request("POST", "/v1/feedback", {"feedback_token": tokens[0], "true_label": "x"})
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Feedback(pb.FeedbackRequest(feedback_token=tokens[1], true_label="x"), timeout=10)
+        # the calls that need no Redis still answer (classify serves uncached)
+        assert stub.Classify(pb.ClassifyRequest(photo=jpeg((40, 50, 3))), timeout=20).predictions
+        assert stub.ListModels(pb.ListModelsRequest(), timeout=10).versions
+    finally:
+        os.kill(redis.pid, signal.SIGCONT)
+    assert_error(http, 503, "redis_unavailable")
+    assert int(http.headers["Retry-After"]) >= 1
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+    assert caught.value.details().startswith("redis_unavailable: Redis (routing, audit and feedback state) is "
+                                             "unavailable: ")
+    wait_until(lambda: gateway.request("POST", "/v1/feedback", {"feedback_token": tokens[0], "true_label": "x"})
+               .status == 200, timeout=15, what="feedback recorded after Redis thawed")
+    assert stub.Feedback(pb.FeedbackRequest(feedback_token=tokens[1], true_label="x"), timeout=10).request_id
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    """What grpc.aio's ServicerContext.abort does: raise, after noting the status."""
+
+    async def abort(self, code, details):
+        self.code, self.details = code, details
+        raise _Aborted()
+
+
+class _RedisDownClassifier:
+    async def classify(self, *args, **kwargs):
+        raise RedisTimeoutError("Timeout reading from 127.0.0.1:1")
+
+    async def version_states(self):
+        raise RedisTimeoutError("Timeout reading from 127.0.0.1:1")
+
+
+def test_every_grpc_method_answers_a_redis_failure_as_unavailable():
+    """A unit test of grpc_api alone: Redis errors reaching any method are UNAVAILABLE (a stream's frame: its
+    ``error``), as GatewayErrors are answered, not UNKNOWN."""
+    service = ClassifierService(_RedisDownClassifier(), router=None, stats=None)
+
+    async def scenario():
+        answers = {}
+        for name, call in (("Classify", lambda c: service.Classify(pb.ClassifyRequest(photo=b"x"), c)),
+                           ("ListModels", lambda c: service.ListModels(pb.ListModelsRequest(), c))):
+            context = _Context()
+            with pytest.raises(_Aborted):
+                await call(context)
+            answers[name] = (context.code, context.details)
+
+        async def frames():
+            yield pb.ClassifyRequest(photo=b"x")
+            yield pb.ClassifyRequest(photo=b"y")
+
+        answers["ClassifyStream"] = [(r.error.code, r.error.message)
+                                     async for r in service.ClassifyStream(frames(), _Context())]
+        return answers
+
+    answers = asyncio.run(scenario())
+    for name in ("Classify", "ListModels"):
+        code, details = answers[name]
+        assert code == grpc.StatusCode.UNAVAILABLE and details.startswith("redis_unavailable: "), (name, details)
+    assert [code for code, _ in answers["ClassifyStream"]] == ["redis_unavailable"] * 2
+    assert GatewayError(503, "x", "y").grpc_code == grpc.StatusCode.UNAVAILABLE
+
+
+# ---------------------------------------------------------------------------------- JSON bodies, on every route
+JSON_ROUTES = [("POST", "/v1/classify"), ("POST", "/v1/feedback"), ("PUT", "/v1/admin/routing")]
+BAD_JSON = {"not JSON": b"{nope", "not UTF-8": b'{"a": "caf\xe9"}',
+            "50,000 nested arrays": b"[" * 50_000 + b"]" * 50_000,
+            "an integer of 5,000 digits": b'{"feedback_token": "x", "true_label": "y", "n": ' + b"1" * 5000 + b"}"}
+
+
+@pytest.mark.parametrize("what", BAD_JSON)
+@pytest.mark.parametrize("method, path", JSON_ROUTES)
+def test_json_a_route_cannot_parse_is_a_400_on_every_route(gateway, method, path, what):
+    reply = gateway.request(method, path, BAD_JSON[what], "application/json", token=TOKEN)
+    assert_error(reply, 400, "bad_json")
+
+
+def test_a_routing_weight_of_400_digits_is_a_400(gateway):
+    reply = gateway.request("PUT", "/v1/admin/routing", b'{"weights": {"1": 1' + b"0" * 400 + b"}}",
+                            "application/json", token=TOKEN)
+    assert_error(reply, 400, "bad_routing")
+    assert "between 0 and 1000000" in reply.body["error"]["message"] and len(reply.body["error"]["message"]) < 300
+
+
+# ---------------------------------------------------------------------------------- body encodings and multipart
+def multipart(part: bytes) -> tuple[bytes, str]:
+    return b"--XYZ\r\n" + part + b"\r\n--XYZ--\r\n", "multipart/form-data; boundary=XYZ"
+
+
+def test_a_multipart_part_header_line_without_a_colon_is_a_400(gateway):
+    body, content_type = multipart(b'Content-Disposition: form-data; name="photo"\r\n\r\n' + jpeg((60, 1, 1)))
+    assert gateway.request("POST", "/v1/classify", body, content_type).status == 200
+    body, content_type = multipart(b"this header line has no colon\r\n\r\nabc")
+    assert_error(gateway.request("POST", "/v1/classify", body, content_type), 400, "bad_multipart")
+
+
+ENCODED = [("POST", "/v1/classify", jpeg((70, 1, 1)), "image/jpeg"),
+           ("POST", "/v1/classify", *multipart(b'Content-Disposition: form-data; name="photo"\r\n\r\n'
+                                               + jpeg((70, 1, 2)))),
+           ("POST", "/v1/feedback", b'{"feedback_token": "x", "true_label": "y"}', "application/json"),
+           ("PUT", "/v1/admin/routing", b'{"weights": {"1": 100}}', "application/json")]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "deflate"])
+@pytest.mark.parametrize("method, path, body, content_type", ENCODED, ids=["raw", "multipart", "feedback", "routing"])
+def test_a_body_not_encoded_as_its_content_encoding_says_is_a_400(gateway, method, path, body, content_type,
+                                                                   encoding):
+    reply = gateway.request(method, path, body, content_type, {"Content-Encoding": encoding}, token=TOKEN)
+    assert_error(reply, 400, "bad_encoding")
+
+
+def test_a_body_really_gzipped_is_read(gateway):
+    reply = gateway.request("POST", "/v1/classify", gzip.compress(jpeg((80, 1, 1))), "image/jpeg",
+                            {"Content-Encoding": "gzip"})
+    assert reply.status == 200, reply
+
+
+# ---------------------------------------------------------------------------------- 405 keeps its Allow header
+@pytest.mark.parametrize("method, path, allowed", [("GET", "/v1/classify", {"POST"}),
+                                                   ("DELETE", "/v1/admin/routing", {"GET", "PUT"}),
+                                                   ("PUT", "/v1/feedback", {"POST"})])
+def test_a_405_answers_json_and_keeps_its_allow_header(gateway, method, path, allowed):
+    reply = gateway.request(method, path)
+    assert_error(reply, 405, "method_not_allowed")
+    assert reply.headers.get("Content-Type", "").startswith("application/json"), reply.headers
+    assert allowed <= set(reply.headers.get("Allow", "").replace(" ", "").split(",")), reply.headers
