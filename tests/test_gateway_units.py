@@ -128,6 +128,24 @@ def test_only_small_photos_are_decoded_on_the_event_loop():
     assert not pixels.cheap_to_decode(pixels.opened_on_the_loop(many + header[33:], limits))
 
 
+def test_only_jpegs_are_decoded_on_the_event_loop():
+    """A JPEG decodes at a reduced DCT scale: cheap at a million pixels. Other formats decode every pixel (a 1 M pixel
+    JPEG 2000 or PNG of a few KB costs tens of ms), which would stall every request the loop serves: the pool
+    decodes them, however small in bytes."""
+    import io
+
+    from PIL import Image
+
+    from training_job.preprocessing import Limits
+
+    gradient = Image.linear_gradient("L").resize((1000, 1000)).convert("RGB")
+    for fmt in ("PNG", "WEBP", "GIF", "JPEG2000"):
+        out = io.BytesIO()
+        gradient.save(out, fmt)
+        assert len(out.getvalue()) <= pixels.INLINE_MAX_BYTES, fmt
+        assert not pixels.cheap_to_decode(pixels.opened_on_the_loop(out.getvalue(), Limits())), fmt
+
+
 def test_each_photo_is_opened_once_wherever_it_is_decoded(monkeypatch):
     """The header read that chooses between the event loop and the pool is the one the decode uses: a photo is not
     opened (its markers parsed) twice. The pixels are the contract's."""

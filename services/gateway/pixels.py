@@ -14,9 +14,10 @@ from services.gateway import metrics
 from services.gateway.errors import GatewayError
 from training_job.preprocessing import InvalidImage, Limits, open_image, preprocess_bytes, preprocess_opened
 
-# Photos this small are opened on the event loop (header only), and decoded there too when their header says few
-# pixels: their decode costs about what the two thread hand-offs to and from the preprocessing pool cost. Bigger ones
-# go to the pool, so a slow decode never blocks the loop. Each photo is opened once, where its header is first read.
+# Photos this small are opened on the event loop (header only), and decoded there too when they are JPEGs of few
+# pixels: decoded at a reduced DCT scale, they cost about what the two thread hand-offs to and from the
+# preprocessing pool cost. Other formats decode every pixel, however few the bytes, and bigger photos cost more:
+# they go to the pool, so a slow decode never blocks the loop. Each photo is opened once, where its header is read.
 INLINE_MAX_BYTES = 64 * 1024
 INLINE_MAX_PIXELS = 1_000_000
 
@@ -28,8 +29,8 @@ def opened_on_the_loop(photo: bytes, limits: Limits) -> Image.Image | None:
 
 
 def cheap_to_decode(opened: Image.Image | None) -> bool:
-    """True for a photo opened on the loop whose decode is cheap enough to run there."""
-    return opened is not None and opened.width * opened.height <= INLINE_MAX_PIXELS
+    """True for a photo opened on the loop whose decode is cheap enough to run there: a JPEG of few pixels."""
+    return opened is not None and opened.format == "JPEG" and opened.width * opened.height <= INLINE_MAX_PIXELS
 
 
 class Preprocessor:
