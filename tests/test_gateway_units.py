@@ -405,3 +405,27 @@ def test_a_cache_command_to_a_frozen_redis_ends_at_the_clients_socket_timeout():
 
     with RedisServer() as redis_server:
         asyncio.run(scenario(redis_server))
+
+
+@pytest.mark.parametrize("code, status, error", [
+    ("INVALID_ARGUMENT", 400, "rejected_by_model_server"),
+    ("FAILED_PRECONDITION", 400, "rejected_by_model_server"),
+    ("INTERNAL", 502, "model_server_error"),
+    ("UNKNOWN", 502, "model_server_error"),
+    ("DATA_LOSS", 502, "model_server_error"),
+])
+def test_a_model_server_failure_is_a_502_and_only_its_refusals_are_400s(code, status, error):
+    """INVALID_ARGUMENT and FAILED_PRECONDITION refuse what was asked: the client's 4xx. INTERNAL, UNKNOWN and the
+    like are the model server failing: a 5xx, which the error rates (and a rollout's verdict) count as failures."""
+    import grpc as grpc_lib
+
+    from services.gateway.errors import GatewayError
+    from services.gateway.upstream import UpstreamRejected
+
+    async def failing():
+        raise UpstreamRejected(getattr(grpc_lib.StatusCode, code), "what the model server said")
+
+    gateway = classifier.Classifier.__new__(classifier.Classifier)
+    with pytest.raises(GatewayError) as err:
+        asyncio.run(gateway._ask_upstream(failing, None))
+    assert (err.value.status, err.value.code) == (status, error)

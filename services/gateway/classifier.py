@@ -37,6 +37,9 @@ MAX_TOP_K = 100
 # (TF Serving's --model_config_file_poll_wait_seconds, or its file-system poll for a base path)
 EXPLAIN_RETRY_AFTER_SECONDS = 5
 DEFAULT_TOP_K = 3  # both protocols' default
+# The model server's status codes that refuse what was asked (a 400 to the client); any other it answers with is
+# the model server failing (502), counted as a failure in the error rates a rollout is judged on.
+REFUSALS = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE"})
 CLASS_LABEL = re.compile(r"[A-Za-z0-9_.-]{1,100}")  # a label as training names its folders; it goes into a cache key
 
 
@@ -109,7 +112,9 @@ class Classifier:
                 raise GatewayError(404, "unknown_version", f"the model server has no such version: {exc}") from None
             if label and "label" in str(exc).lower():
                 raise GatewayError(404, "unknown_label", f"unknown version label {label!r}: {exc}") from None
-            raise GatewayError(400, "rejected_by_model_server", str(exc)) from None
+            if exc.code.name in REFUSALS:
+                raise GatewayError(400, "rejected_by_model_server", str(exc)) from None
+            raise GatewayError(502, "model_server_error", f"the model server failed: {exc.code.name}: {exc}") from None
 
     def _raw_answer(self, prediction, start: float) -> dict:
         metrics.child(metrics.UPSTREAM_SECONDS, model_version=metrics.version_metric_value(
