@@ -292,3 +292,23 @@ def test_flags_are_spelled_as_retrain_py_with_dashed_aliases_hidden(tmp_path, ca
         parser.parse_args(["prepare", "--help"])
     shown = capsys.readouterr().out
     assert "--per_class" in shown and "--per-class" not in shown and "--min-side" not in shown
+
+
+def test_a_failed_prepare_leaves_no_manifest_of_an_earlier_folder(tmp_path):
+    """prepare writes the report of the folder it was given, then refuses it (an empty class): the manifest of an
+    earlier folder must not stay beside that report, or train would quietly train on the earlier photos."""
+    from training_job.errors import UserError
+
+    first = tmp_path / "first"
+    for species in ("amanita_muscaria", "boletus_edulis"):
+        link_photos(first / species, distinct_photos(species, 3))
+    out = tmp_path / "out"
+    prepare_dataset(first, out, progress=False)
+    assert (out / "manifest.csv").is_file()
+    second = tmp_path / "second"
+    link_photos(second / "amanita_vaginata", distinct_photos("amanita_vaginata", 3))
+    (second / "empty_species").mkdir()
+    with pytest.raises(UserError, match="no usable photos"):
+        prepare_dataset(second, out, progress=False)
+    assert read_report(out)["source"] == str(second)
+    assert not (out / "manifest.csv").exists()

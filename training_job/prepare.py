@@ -323,6 +323,7 @@ def prepare_dataset(
 
     try:
         out.mkdir(parents=True, exist_ok=True)
+        (out / "manifest.csv").unlink(missing_ok=True)  # an earlier folder's, which must not outlive this report
         _write_json(report.to_json(), out / "report.json")
     except OSError as exc:
         raise UserError(f"cannot write to {out}: {exc.strerror or exc}") from None
