@@ -312,3 +312,17 @@ def test_a_failed_prepare_leaves_no_manifest_of_an_earlier_folder(tmp_path):
         prepare_dataset(second, out, progress=False)
     assert read_report(out)["source"] == str(second)
     assert not (out / "manifest.csv").exists()
+
+
+def test_photos_in_a_linked_sub_folder_of_a_class_are_read(tmp_path):
+    """A class folder may hold a link to a folder elsewhere (photos on another disk): its photos are the class's,
+    as those of a linked class folder are; a link back up the tree is read once, not forever."""
+    elsewhere = tmp_path / "other-disk"
+    link_photos(elsewhere, distinct_photos("amanita_muscaria", 3))
+    source = tmp_path / "photos"
+    link_photos(source / "amanita_muscaria", distinct_photos("amanita_muscaria", 6)[3:])
+    (source / "amanita_muscaria" / "from-other-disk").symlink_to(elsewhere)
+    (source / "amanita_muscaria" / "loop").symlink_to(source / "amanita_muscaria")
+    link_photos(source / "boletus_edulis", distinct_photos("boletus_edulis", 3))
+    rows = prepare_dataset(source, tmp_path / "out", progress=False)
+    assert sum(r.label == "amanita_muscaria" for r in rows) == 6

@@ -132,6 +132,23 @@ def inspect_file(path: Path, label: str, min_side: int = DEFAULT_MIN_SIDE) -> In
     return item
 
 
+def _class_files(folder: Path) -> list[Path]:
+    """Every file under a class folder, following links to folders (photos kept on another disk) but reading each
+    real folder once (a link back up the tree ends there); hidden files and folders skipped."""
+    import os
+
+    files, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [Path(root) / n for n in names if not n.startswith(".") and (Path(root) / n).is_file()]
+    return sorted(files)
+
+
 def _list_classes(source: Path) -> tuple[dict[str, list[Path]], list[str]]:
     if not source.exists():
         raise UserError(f"the photo folder {source} does not exist")
@@ -145,10 +162,7 @@ def _list_classes(source: Path) -> tuple[dict[str, list[Path]], list[str]]:
         if not entry.is_dir():
             ignored.append(str(entry))
             continue
-        classes[entry.name] = sorted(
-            p for p in entry.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(entry).parts)
-        )
+        classes[entry.name] = _class_files(entry)
     if not classes:
         loose = f" (it holds {len(ignored)} file(s) directly; move them into a folder named after their class)" \
             if ignored else ""
