@@ -230,3 +230,14 @@ def test_a_run_folder_trained_again_is_not_a_finished_run_until_training_ends(tm
     assert latest_run() == older
     with pytest.raises(UserError, match="not a training run folder"):
         resolve_run(str(reused))
+
+
+def test_a_class_without_test_photos_has_no_recall_rather_than_zero():
+    """0 photos of a class in the test split say nothing about it: its recall is unknown (null, "n/a"), not 0, and a
+    class never predicted has no precision."""
+    from training_job.evaluate import classification_metrics
+
+    probs = np.array([[0.9, 0.1, 0.0], [0.8, 0.2, 0.0], [0.3, 0.7, 0.0]])
+    per_class = classification_metrics(["a", "b", "c"], np.array([0, 1, 1]), probs)["per_class"]
+    assert per_class["a"] == {"precision": 0.5, "recall": 1.0, "support": 1}
+    assert per_class["c"] == {"precision": None, "recall": None, "support": 0}

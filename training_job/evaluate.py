@@ -23,9 +23,9 @@ def classification_metrics(labels: list[str], y_true: np.ndarray, probs: np.ndar
     for c, label in enumerate(labels):
         tp = int(cm[c, c])
         predicted, actual = int(cm[:, c].sum()), int(cm[c, :].sum())
-        per_class[label] = {
-            "precision": tp / predicted if predicted else 0.0,
-            "recall": tp / actual if actual else 0.0,
+        per_class[label] = {  # None where undefined: a class never predicted, a class with no test photos
+            "precision": tp / predicted if predicted else None,
+            "recall": tp / actual if actual else None,
             "support": actual,
         }
     return {

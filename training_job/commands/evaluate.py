@@ -55,7 +55,8 @@ def run(args) -> int:
         raise UserError(str(exc)) from None
     print(f"test accuracy {metrics['test_accuracy']:.4f} on {metrics['test_photos']} photos")
     for label, m in metrics["per_class"].items():
-        print(f"  {label:24s} precision {m['precision']:.3f} recall {m['recall']:.3f} ({m['support']} photos)")
+        shown = {k: "n/a" if m[k] is None else f"{m[k]:.3f}" for k in ("precision", "recall")}
+        print(f"  {label:24s} precision {shown['precision']} recall {shown['recall']} ({m['support']} photos)")
     print("confusion matrix (rows true, columns predicted):")
     print(json.dumps(metrics["confusion_matrix"]["rows_true_columns_predicted"]))
     o = metrics["open_set"]
