@@ -3,6 +3,7 @@ the open-set check, TensorBoard summaries, the sweep and clear CLI errors."""
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -241,3 +242,28 @@ def test_a_class_without_test_photos_has_no_recall_rather_than_zero():
     per_class = classification_metrics(["a", "b", "c"], np.array([0, 1, 1]), probs)["per_class"]
     assert per_class["a"] == {"precision": 0.5, "recall": 1.0, "support": 1}
     assert per_class["c"] == {"precision": None, "recall": None, "support": 0}
+
+
+def test_sweep_picks_the_run_whose_served_model_is_best_on_validation(tmp_path, monkeypatch):
+    """With fine-tuning, the model a run serves is the fine-tuned one: the sweep ranks runs by its validation
+    accuracy (then cross-entropy), not by the head's before fine-tuning."""
+    from training_job import sweep
+    from training_job.train import TrainConfig
+
+    served = {0.001: (0.95, 0.90, 0.30), 0.01: (0.97, 0.85, 0.40)}  # lr: head's accuracy, served accuracy, NLL
+
+    def fake_train_run(rows, config, run_dir, **kwargs):
+        head, tuned, nll = served[config.learning_rate]
+        run_dir.mkdir(parents=True)
+        (run_dir / "train_summary.json").write_text(json.dumps({
+            "validation_accuracy": head, "validation_cross_entropy": 0.1, "epochs_run": 3,
+            "fine_tune_whole": {"validation_accuracy_before": head, "validation_accuracy": tuned},
+            "calibration": {"validation": {"nll_before": nll}}}))
+        return run_dir, {"test_accuracy": tuned}
+
+    monkeypatch.setattr(sweep, "train_run", fake_train_run)
+    monkeypatch.setattr(sweep, "BaseNetwork", lambda architecture, weights: SimpleNamespace(architecture=architecture))
+    report = sweep.run_sweep([], TrainConfig(), [0.001, 0.01], ["efficientnet_lite0"], tmp_path / "sweep",
+                             tensorboard_root=tmp_path / "tb", progress=False)
+    assert report["best"]["learning_rate"] == 0.001
+    assert [r["validation_accuracy"] for r in report["runs"]] == [0.90, 0.85]
