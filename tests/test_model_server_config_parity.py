@@ -311,3 +311,20 @@ def test_batching_refuses_inputs_it_cannot_split_into_rows(inputs, error):
             executor.shutdown()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("output_filter, error", [
+    (["probabilities", "probabilities"], "duplicate output tensor alias: probabilities"),
+    (["nope"], "output tensor alias not found in signature: nope Outputs expected to be in the set {"),
+])
+def test_an_output_filter_tf_serving_refuses_is_refused_in_its_words(labelled, output_filter, error):
+    """predict_util.cc PreProcessPrediction: each alias once, each one the signature's."""
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = MODEL
+    request.inputs["images"].CopyFrom(tf.make_tensor_proto(np.zeros((1, 8, 8, 3), np.uint8)))
+    request.output_filter.extend(output_filter)
+    with grpc.insecure_channel(labelled.grpc_target) as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error in refused.value.details()

@@ -62,10 +62,15 @@ class Servable:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"input names do not match signature {info.name!r}: expected {sorted(info.inputs)}, got {sorted(inputs)}",
             )
-        unknown = set(output_filter) - set(info.outputs)
-        if unknown:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"output tensor alias not found in signature: {sorted(unknown)}")
+        seen = set()
+        for alias in output_filter:  # as TF Serving's predict_util.cc checks them
+            if alias not in info.outputs:
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"output tensor alias not found in signature: {alias} Outputs expected to be in "
+                                   f"the set {{{','.join(sorted(info.outputs))}}}.")
+            if alias in seen:
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"duplicate output tensor alias: {alias}")
+            seen.add(alias)
         return self._call(info, inputs, list(output_filter) or info.outputs)
 
     def _call(self, info: SignatureInfo, inputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
