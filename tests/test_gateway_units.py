@@ -429,3 +429,14 @@ def test_a_model_server_failure_is_a_502_and_only_its_refusals_are_400s(code, st
     with pytest.raises(GatewayError) as err:
         asyncio.run(gateway._ask_upstream(failing, None))
     assert (err.value.status, err.value.code) == (status, error)
+
+
+def test_a_version_and_a_label_together_are_refused_not_one_ignored():
+    """?version=1&label=canary named two versions; the label was ignored without a word. gRPC's request makes them a
+    oneof; HTTP refuses both at once."""
+    from services.gateway.errors import GatewayError
+
+    gateway = classifier.Classifier.__new__(classifier.Classifier)
+    with pytest.raises(GatewayError) as err:  # the checks classify runs before any work
+        gateway._validate(_jpeg((8, 8)), 1, None, version=1, label="canary", client_id=None)
+    assert (err.value.status, err.value.code) == (400, "bad_version")

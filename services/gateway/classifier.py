@@ -181,11 +181,14 @@ class Classifier:
         if not 1 <= top_k <= limit:
             raise GatewayError(400, "bad_top_k", f"top_k must be between 1 and {limit}, got {top_k}")
 
-    def _validate(self, photo: bytes, top_k: int, explain_class: str | None, label: str | None,
+    def _validate(self, photo: bytes, top_k: int, explain_class: str | None, version: int | None, label: str | None,
                   client_id: str | None) -> None:
-        """Refuses a request before any work: top_k out of range, a malformed class name, a version label or client
-        id that is not UTF-8 text, an empty or oversized photo."""
+        """Refuses a request before any work: top_k out of range, a malformed class name, both a version and a
+        label, a version label or client id that is not UTF-8 text, an empty or oversized photo."""
         self._check_top_k(top_k)
+        if version is not None and label:
+            raise GatewayError(400, "bad_version", f"give a version or a version label, not both (got version "
+                               f"{version} and label {ascii(label[:80])})")
         for name, value in (("label", label), ("client_id", client_id)):
             if value is not None and not _is_text(value):
                 raise GatewayError(400, f"bad_{name}", f"{name} must be UTF-8 text, got {ascii(value[:80])}")
@@ -209,7 +212,7 @@ class Classifier:
         wanted = Wanted(explain, explain_class)
         cache_outcome, result, chosen = "miss", "ok", version
         try:
-            self._validate(photo, top_k, explain_class, label, client_id)
+            self._validate(photo, top_k, explain_class, version, label, client_id)
             routed = version is None and not label
             for attempt in (1, 2):
                 try:
