@@ -267,3 +267,11 @@ def test_sweep_picks_the_run_whose_served_model_is_best_on_validation(tmp_path, 
                              tensorboard_root=tmp_path / "tb", progress=False)
     assert report["best"]["learning_rate"] == 0.001
     assert [r["validation_accuracy"] for r in report["runs"]] == [0.90, 0.85]
+
+
+def test_run_reads_a_photo_folder_given_from_the_home_folder(tmp_path, monkeypatch, capsys):
+    """`make run DATA=~/photos` quotes the folder for the shell, which then leaves the ~ to `run`: it is the user's
+    home folder there, as in `prepare --source`."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    code, err = _run_cli(["run", "--data", "~/no-such-photos"], capsys)
+    assert code == 2 and f"{tmp_path}/no-such-photos is not a folder" in err

@@ -67,12 +67,12 @@ def run(args) -> int:
     if args.urls:
         from training_job.gather import gather_photos
 
-        source = Path(args.data) if args.data else work / "photos"
+        source = Path(args.data).expanduser() if args.data else work / "photos"
         result = gather_photos(args.urls, source)
         print(f"gathered {result.downloaded} new photos into {source} ({result.already_present} already there, "
               f"{len(result.failures)} failed; see {source / 'gather_failures.csv'})")
     elif args.data:
-        source = Path(args.data)
+        source = Path(args.data).expanduser()
         if not source.is_dir():
             raise UserError(f"--data {source} is not a folder (expected one sub-folder of photos per class)")
     elif default_data() is not None:
