@@ -326,3 +326,15 @@ def test_photos_in_a_linked_sub_folder_of_a_class_are_read(tmp_path):
     link_photos(source / "boletus_edulis", distinct_photos("boletus_edulis", 3))
     rows = prepare_dataset(source, tmp_path / "out", progress=False)
     assert sum(r.label == "amanita_muscaria" for r in rows) == 6
+
+
+def test_the_folder_macos_zips_carry_is_not_a_class(tmp_path):
+    """Unzipping a folder zipped on a Mac adds __MACOSX/ (AppleDouble '._' files): not a species, so not a class
+    to refuse as empty."""
+    source = tmp_path / "photos"
+    link_photos(source / "amanita_muscaria", distinct_photos("amanita_muscaria", 3))
+    link_photos(source / "boletus_edulis", distinct_photos("boletus_edulis", 3))
+    (source / "__MACOSX" / "amanita_muscaria").mkdir(parents=True)
+    (source / "__MACOSX" / "amanita_muscaria" / "._photo.jpg").write_bytes(b"\0\5\26\7" + b"\0" * 60)
+    rows = prepare_dataset(source, tmp_path / "out", progress=False)
+    assert {r.label for r in rows} == {"amanita_muscaria", "boletus_edulis"}

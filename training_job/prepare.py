@@ -132,6 +132,10 @@ def inspect_file(path: Path, label: str, min_side: int = DEFAULT_MIN_SIDE) -> In
     return item
 
 
+# Folders a photo folder may hold that are not classes: macOS's zip metadata (AppleDouble "._" files).
+NOT_CLASSES = frozenset({"__MACOSX"})
+
+
 def _class_files(folder: Path) -> list[Path]:
     """Every file under a class folder, following links to folders (photos kept on another disk) but reading each
     real folder once (a link back up the tree ends there); hidden files and folders skipped."""
@@ -157,7 +161,7 @@ def _list_classes(source: Path) -> tuple[dict[str, list[Path]], list[str]]:
     classes: dict[str, list[Path]] = {}
     ignored: list[str] = []
     for entry in sorted(source.iterdir()):
-        if entry.name.startswith("."):
+        if entry.name.startswith(".") or entry.name in NOT_CLASSES:
             continue
         if not entry.is_dir():
             ignored.append(str(entry))
