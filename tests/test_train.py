@@ -275,3 +275,23 @@ def test_run_reads_a_photo_folder_given_from_the_home_folder(tmp_path, monkeypat
     monkeypatch.setenv("HOME", str(tmp_path))
     code, err = _run_cli(["run", "--data", "~/no-such-photos"], capsys)
     assert code == 2 and f"{tmp_path}/no-such-photos is not a folder" in err
+
+
+def test_a_fine_tuning_stopped_by_ctrl_c_says_how_to_resume_it(tmp_path, monkeypatch, capsys):
+    """Whole fine-tuning checkpoints every epoch; stopping it must say where and how to go on."""
+    from training_job import pipeline
+    from training_job.train import TrainConfig
+    from training_job import whole_fine_tune
+
+    monkeypatch.setenv("MUSHROOM_VAR", str(tmp_path / "var"))
+    trained = SimpleNamespace(run_name="the-run", head=None, split_bottlenecks={}, tensorboard_dir=tmp_path / "tb")
+    monkeypatch.setattr(pipeline, "train_head", lambda *args, **kwargs: trained)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(whole_fine_tune, "fine_tune_whole", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.train_run([], TrainConfig(), base=object())
+    run_dir = pipeline.runs_dir() / "the-run"
+    assert f"train --run_dir {run_dir}" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -118,8 +119,14 @@ def train_run(rows, config: TrainConfig, run_dir: Path | None = None, *, base: B
                                                  fine_tune_whole, frozen_blocks_asked, peak_learning_rate)
 
         (run_dir / TUNED_NETWORK_FILE).unlink(missing_ok=True)
-        whole = fine_tune_whole(rows, config, base, head, result.tensorboard_dir,
-                                run_dir / CHECKPOINT_FOLDER, progress=progress)
+        try:
+            whole = fine_tune_whole(rows, config, base, head, result.tensorboard_dir,
+                                    run_dir / CHECKPOINT_FOLDER, progress=progress)
+        except KeyboardInterrupt:
+            print(f"\nfine-tuning stopped; its checkpoint is in {run_dir / CHECKPOINT_FOLDER}: "
+                  f"`python -m training_job train --run_dir {run_dir}` (with the same flags) goes on from it",
+                  file=sys.stderr)
+            raise
         whole.base.save(run_dir / TUNED_NETWORK_FILE)
         shutil.rmtree(run_dir / CHECKPOINT_FOLDER, ignore_errors=True)
         head, split_bottlenecks = whole.head, whole.split_bottlenecks
