@@ -280,3 +280,25 @@ def test_a_slow_machine_runs_a_shorter_schedule_to_its_end(tmp_path):
     best, rates = run(tmp_path / "fast", 1000, 30.0, 6)
     assert best.state["epochs_run"] == 6 and best.state["stopped_by"] is None
     assert float(rates(30)) > 0 and float(rates(59)) > 0 and float(rates(60)) == 0.0
+
+
+def test_a_checkpoint_of_other_classes_is_set_aside_not_restored(tiny, capsys):
+    """Stopped, then trained again after the photo folder changed (a class added or removed): the checkpoint's
+    weights no longer fit the head. Fine-tuning starts over, saying so, instead of failing in Keras' restore."""
+    from training_job.train import train_head
+    from training_job.whole_fine_tune import fine_tune_whole
+
+    rows, config, base, result, work = tiny
+    checkpoint = work / "checkpoint-other-classes"
+    with pytest.raises(RuntimeError, match="on purpose"):
+        fine_tune_whole(rows, config, base, result.head, work / "tb", checkpoint,
+                        callbacks=[CrashAfterFirstEpoch()], progress=False)
+    dropped = sorted({r.label for r in rows})[-1]
+    fewer = [r for r in rows if r.label != dropped]
+    three = train_head(fewer, config, work / "tb", "tiny-three", base=base, progress=False,
+                       cache_root=work / "cache")
+    begun = []
+    tuned = fine_tune_whole(fewer, config, base, three.head, work / "tb", checkpoint,
+                            callbacks=[EpochsBegun(begun)], progress=False)
+    assert begun == [0, 1] and tuned.epochs_run == 2 and len(tuned.head.labels) == 3
+    assert "starting over" in capsys.readouterr().err

@@ -371,6 +371,37 @@ def learning_rate_schedule(config: TrainConfig, n_train: int) -> WarmupCosine:
                         steps_per_epoch * epochs_asked(config), steps_per_epoch)
 
 
+CHECKPOINT_IDENTITY = "identity.json"
+
+
+def checkpoint_identity(rows, config: TrainConfig, base: BaseNetwork, head: Head) -> dict:
+    """What a fine-tuning checkpoint belongs to: the photos it trains and validates on, the classes, the base, the
+    blocks it keeps frozen and the head's shape. A checkpoint of anything else cannot go on."""
+    from training_job.dataset import manifest_fingerprint
+
+    return {"photos": manifest_fingerprint([r for r in rows if r.split in ("train", "validation")]),
+            "labels": list(head.labels), "architecture": base.architecture,
+            "frozen_blocks": frozen_blocks_asked(config), "head": [list(k.shape) for k in head.kernels]}
+
+
+def claim_checkpoint(checkpoint_dir: Path, identity: dict) -> None:
+    """Make ``checkpoint_dir`` this fine-tuning's: a checkpoint left by another (other photos or classes: the photo
+    folder changed since it stopped) is set aside, and fine-tuning starts over, saying so."""
+    import shutil
+    import sys
+
+    record = checkpoint_dir / CHECKPOINT_IDENTITY
+    if (checkpoint_dir / "backup").exists():
+        kept = json.loads(record.read_text()) if record.exists() else None
+        if kept != identity:
+            print(f"the fine-tuning checkpoint in {checkpoint_dir} belongs to other photos, classes or settings "
+                  "(the photo folder changed since it stopped): starting over", file=sys.stderr)
+            for folder in ("backup", "best"):
+                shutil.rmtree(checkpoint_dir / folder, ignore_errors=True)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(identity))
+
+
 def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, tensorboard_dir: Path,
                     checkpoint_dir: Path, *, callbacks=(), progress: bool = True) -> WholeFineTuneResult:
     """Train the whole feature path with ``head`` (its starting point); resumable from ``checkpoint_dir``."""
@@ -401,6 +432,7 @@ def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, te
         .batch(config.validation_batch_size))
 
     checkpoint_dir = Path(checkpoint_dir)
+    claim_checkpoint(checkpoint_dir, checkpoint_identity(rows, config, base, head))
     if not (checkpoint_dir / "backup").exists():  # a fresh start: an older run's record of its best epoch goes
         import shutil
 
