@@ -117,3 +117,29 @@ def test_a_dangling_link_where_the_next_version_would_go_is_never_overwritten(tm
     n, path = publish_dir(lambda d: (d / "tag").write_text("x"), tmp_path, "mushrooms")
     assert n == 2 and (path / "tag").read_text() == "x"
     assert (model_dir / "1").is_symlink()
+
+
+def test_publishing_a_run_whose_photos_moved_says_so(trained_run, tmp_path, capsys):
+    """publish re-reads the run's test photos (its warm-up requests): if they moved since training, it says which
+    and why instead of a traceback."""
+    import csv
+    import shutil
+
+    from training_job.cli import main
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run[0], run_dir)
+    manifest = run_dir / "manifest.csv"
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        if row["split"] == "test":
+            row["path"] = str(tmp_path / "moved-away" / "photo.jpg")
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    code = main(["publish", "--run_dir", str(run_dir), "--registry", str(tmp_path / "registry"), "--no_tflite"])
+    err = capsys.readouterr().err
+    assert code == 2 and "moved-away/photo.jpg" in err and "Traceback" not in err
+    assert versions(tmp_path / "registry" / "mushrooms") == []

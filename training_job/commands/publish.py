@@ -42,6 +42,9 @@ def publish(run_dir: Path, args, base=None):
         raise UserError(str(exc)) from None
     except PermissionError as exc:
         raise UserError(f"cannot write to the registry: {exc}") from None
+    except FileNotFoundError as exc:  # the run's photos, re-read for the warm-up requests and the TFLite check
+        raise UserError(f"{exc.filename} is missing: publishing reads the run's test photos where `prepare` found "
+                        "them; put them back, or prepare and train again") from None
     print(f"published {args.model_name} version {n}: {version_dir}")
     if "tflite" in metrics:
         t = metrics["tflite"]
