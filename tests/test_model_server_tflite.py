@@ -158,7 +158,7 @@ def test_a_tflite_file_that_disagrees_with_its_saved_model_is_refused_and_the_sa
     source.set_config(config)
     source.poll()
     manager.manage_state()
-    (status,) = status_response(manager, "m", None, None).model_version_status
+    (status,) = status_response(manager, "m", None).model_version_status
     assert (status.state, status.status.error_code) == (AVAILABLE, 0)  # it serves, from the SavedModel ...
     assert status.status.error_message == served.load_note  # ... and says why
 
