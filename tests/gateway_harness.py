@@ -10,11 +10,15 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
 from typing import NamedTuple
 
 from devstack.health import http_ok
-from devstack.servers import start_gateway, stop_process, wait_until
-from tests.model_server_harness import MODEL
+from devstack.servers import RedisServer, start_gateway, stop_process, wait_until
+from tests.model_server_harness import MODEL, serve_registry, stop_server
 
 
 class Reply(NamedTuple):
@@ -85,3 +89,30 @@ class GatewayProcess:
 
     def stop(self) -> None:
         stop_process(self.process)
+
+
+@contextmanager
+def gateway_stack(registry: Path, versions, make_gateway: Callable[[str, str], "GatewayProcess"],
+                  labels: dict[str, int] | None = None) -> Iterator[SimpleNamespace]:
+    """Redis, our model server on ``registry`` (``serve_registry``: ``versions`` AVAILABLE, ``labels``) and the gateway
+    ``make_gateway(model_server_target, redis_url)`` starts, as ``.redis``, ``.server``, ``.gateway`` (a test may put
+    a restarted server in ``.server``); whatever started is stopped, also when a later part fails to start."""
+    redis = RedisServer().start()
+    try:
+        server = serve_registry(registry, versions, labels)
+    except BaseException:
+        redis.stop()
+        raise
+    try:
+        parts = SimpleNamespace(registry=registry, redis=redis, server=server,
+                                gateway=make_gateway(server.grpc_target, redis.url))
+    except BaseException:
+        stop_server(server)
+        redis.stop()
+        raise
+    try:
+        yield parts
+    finally:
+        parts.gateway.stop()
+        stop_server(parts.server)
+        redis.stop()

@@ -11,8 +11,8 @@ from devstack import servers
 from devstack.configs import write_model_list as write_config
 from devstack.servers import stop_process, version_states, wait_until
 
-__all__ = ["MODEL", "ServerUnderTest", "write_config", "start_server", "external_server", "stop_server",
-           "version_states", "wait_until"]
+__all__ = ["MODEL", "ServerUnderTest", "write_config", "start_server", "serve_registry", "external_server",
+           "stop_server", "version_states", "wait_until"]
 
 MODEL = "mushrooms"
 
@@ -41,6 +41,24 @@ def start_server(models_dir: Path, config_file: Path, *extra: str) -> ServerUnde
                                         *extra)
     return ServerUnderTest(server.grpc_target, server.rest_url, models_dir, config_file, server.process,
                            server.log_file)
+
+
+def serve_registry(registry: Path, versions, labels: dict[str, int] | None = None, *extra: str) -> ServerUnderTest:
+    """Our model server on ``registry``'s MODEL (policy ``all``, these version ``labels``), returned once each of
+    ``versions`` is AVAILABLE; stopped again if they never are."""
+    from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
+
+    config = registry / "models.config"
+    write_config(config, {MODEL: registry / MODEL}, labels={MODEL: labels or {}}, policy="all {}")
+    server = start_server(registry, config, *extra)
+    try:
+        wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0]
+                               == ModelVersionStatus.AVAILABLE for v in versions),
+                   what=f"versions {', '.join(map(str, versions))}")
+    except BaseException:
+        stop_server(server)
+        raise
+    return server
 
 
 def external_server() -> ServerUnderTest | None:

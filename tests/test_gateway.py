@@ -16,12 +16,12 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
-from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from services.gateway.protos import load
 from tests import gateway_harness
-from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
-from tests.support import MUSHROOMS, NOT_MUSHROOMS, RedisServer
+from tests.gateway_harness import gateway_stack
+from tests.model_server_harness import MODEL, start_server, wait_until
+from tests.support import MUSHROOMS, NOT_MUSHROOMS
 from training_job.tiny_model import publish_tiny_versions
 from training_job.paths import PROJECT_ROOT
 from training_job.preprocessing import preprocess_bytes
@@ -43,19 +43,12 @@ class GatewayProcess(gateway_harness.GatewayProcess):
 def stack(tmp_path_factory):
     registry = tmp_path_factory.mktemp("registry")
     publish_tiny_versions(registry, MODEL)
-    config = registry / "models.config"
-    write_config(config, {MODEL: registry / MODEL}, policy="all {}")
-    redis = RedisServer().start()
-    server = start_server(registry, config)
-    wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0]
-                           == ModelVersionStatus.AVAILABLE for v in (1, 2)),
-               what="versions 1 and 2")
-    parts = {"registry": registry, "redis": redis, "server": server, "config": config,
-             "gateway": GatewayProcess(server.grpc_target, redis.url, registry / MODEL)}
-    yield parts
-    parts["gateway"].stop()
-    stop_server(parts["server"])  # the model server restart test replaces it
-    redis.stop()
+    with gateway_stack(registry, (1, 2),
+                       lambda server, redis: GatewayProcess(server, redis, registry / MODEL)) as parts:
+        stack = {"registry": registry, "redis": parts.redis, "server": parts.server,
+                 "config": registry / "models.config", "gateway": parts.gateway}
+        yield stack
+        parts.server = stack["server"]  # the model server restart test replaces it: the one to stop
 
 
 def in_process_probabilities(registry: Path, version: int, photo: bytes) -> np.ndarray:

@@ -18,13 +18,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from services.gateway.single_flight import SingleFlight
 from services.gateway.protos import load
-from tests.gateway_harness import GatewayProcess
-from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
-from tests.support import MUSHROOMS, NOT_MUSHROOMS, RedisServer
+from tests.gateway_harness import GatewayProcess, gateway_stack
+from tests.model_server_harness import MODEL, wait_until
+from tests.support import MUSHROOMS, NOT_MUSHROOMS
 from training_job.tiny_model import LABELS, publish_tiny_versions, write_tiny_model
 from training_job.paths import PROJECT_ROOT
 from training_job.publish import publish_dir
@@ -56,23 +55,9 @@ def stack(tmp_path_factory):
     registry = tmp_path_factory.mktemp("registry")
     publish_tiny_versions(registry, MODEL)
     publish_dir(lambda d: write_tiny_model(d, labels=FIVE_LABELS), registry, MODEL)
-    config = registry / "models.config"
-    write_config(config, {MODEL: registry / MODEL}, policy="all {}")
-    redis = RedisServer().start()
-    server = start_server(registry, config)
-    try:
-        wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0]
-                           == ModelVersionStatus.AVAILABLE for v in (1, 2, 3)),
-                   what="versions 1, 2 and 3")
-        gateway = Gateway(server.grpc_target, redis.url, registry / MODEL)
-    except BaseException:
-        stop_server(server)
-        redis.stop()
-        raise
-    yield {"registry": registry, "redis": redis, "server": server, "gateway": gateway}
-    gateway.stop()
-    stop_server(server)
-    redis.stop()
+    with gateway_stack(registry, (1, 2, 3),
+                       lambda server, redis: Gateway(server, redis, registry / MODEL)) as parts:
+        yield {"registry": registry, "redis": parts.redis, "server": parts.server, "gateway": parts.gateway}
 
 
 class Frozen:

@@ -17,14 +17,12 @@ import grpc
 import pytest
 from PIL import Image
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from services.gateway.errors import GatewayError
 from services.gateway.grpc_api import ClassifierService
 from services.gateway.protos import load
-from tests.gateway_harness import GatewayProcess
-from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
-from tests.support import RedisServer
+from tests.gateway_harness import GatewayProcess, gateway_stack
+from tests.model_server_harness import MODEL, wait_until
 from training_job.tiny_model import publish_tiny_versions
 
 pb, pb_grpc = load()
@@ -42,22 +40,9 @@ def jpeg(colour: tuple[int, int, int]) -> bytes:
 def stack(tmp_path_factory):
     registry = tmp_path_factory.mktemp("registry")
     publish_tiny_versions(registry, MODEL)
-    config = registry / "models.config"
-    write_config(config, {MODEL: registry / MODEL}, policy="all {}")
-    redis = RedisServer().start()
-    server = start_server(registry, config)
-    try:
-        wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0]
-                               == ModelVersionStatus.AVAILABLE for v in (1, 2)), what="versions 1 and 2")
-        gateway = GatewayProcess(server.grpc_target, redis.url, env={"GATEWAY_ADMIN_TOKEN": TOKEN})
-    except BaseException:
-        stop_server(server)
-        redis.stop()
-        raise
-    yield {"redis": redis, "gateway": gateway}
-    gateway.stop()
-    stop_server(server)
-    redis.stop()
+    with gateway_stack(registry, (1, 2), lambda server, redis: GatewayProcess(
+            server, redis, env={"GATEWAY_ADMIN_TOKEN": TOKEN})) as parts:
+        yield {"redis": parts.redis, "gateway": parts.gateway}
 
 
 @pytest.fixture(scope="module")

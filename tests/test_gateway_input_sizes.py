@@ -8,11 +8,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
-from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
+from tests.model_server_harness import MODEL, wait_until
+from tests.gateway_harness import gateway_stack
 from tests.test_gateway import TOKEN, GatewayProcess, set_routing, wait_for_routing
-from tests.support import NOT_MUSHROOMS, RedisServer
+from tests.support import NOT_MUSHROOMS
 from training_job.preprocessing import preprocess_bytes
 from training_job.publish import publish_dir
 from training_job.tiny_model import write_tiny_model
@@ -28,22 +28,9 @@ def stack(tmp_path_factory):
         published, _ = publish_dir(lambda d, s=size, b=float(version): write_tiny_model(d, bias=b, image_size=s),
                                    registry, MODEL)
         assert published == version
-    config = registry / "models.config"
-    write_config(config, {MODEL: registry / MODEL}, labels={MODEL: {"wide": 2}}, policy="all {}")
-    redis = RedisServer().start()
-    server = start_server(registry, config)
-    try:
-        wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0]
-                               == ModelVersionStatus.AVAILABLE for v in SIZES), what="versions 1 and 2")
-        gateway = GatewayProcess(server.grpc_target, redis.url, registry / MODEL)
-    except BaseException:
-        stop_server(server)
-        redis.stop()
-        raise
-    yield {"registry": registry, "gateway": gateway}
-    gateway.stop()
-    stop_server(server)
-    redis.stop()
+    with gateway_stack(registry, SIZES, lambda server, redis: GatewayProcess(server, redis, registry / MODEL),
+                       labels={"wide": 2}) as parts:
+        yield {"registry": registry, "gateway": parts.gateway}
 
 
 def model_answer(registry, version: int, photo: bytes) -> dict[str, float]:

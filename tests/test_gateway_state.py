@@ -11,13 +11,12 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
-from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from services.gateway import keys
 from services.gateway.feedback import BadFeedbackToken, FeedbackTokens
 from services.gateway.protos import load
 from tests.gateway_harness import GatewayProcess
-from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
+from tests.model_server_harness import MODEL, serve_registry, stop_server, wait_until
 from tests.support import MUSHROOMS, RedisServer, free_port
 from training_job.tiny_model import publish_tiny_versions
 from training_job.paths import PROJECT_ROOT
@@ -41,12 +40,7 @@ class Gateway(GatewayProcess):
 def model_server(tmp_path_factory):
     registry = tmp_path_factory.mktemp("registry")
     publish_tiny_versions(registry, MODEL)
-    config = registry / "models.config"
-    write_config(config, {MODEL: registry / MODEL}, policy="all {}")
-    server = start_server(registry, config)
-    wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0]
-                           == ModelVersionStatus.AVAILABLE for v in (1, 2)),
-               what="versions 1 and 2")
+    server = serve_registry(registry, (1, 2))
     yield server
     stop_server(server)
 
