@@ -165,6 +165,8 @@ def test_moving_a_label_to_a_version_not_available_refuses_the_whole_reload(labe
 
 
 @pytest.mark.parametrize("text, error", [
+    ('model_config_list { config { base_path: "/a" model_platform: "tensorflow" } }',
+     "every model needs a name and a base_path"),
     ('model_config_list { config { name: "m" base_path: "/a" model_platform: "tensorflow" } '
      'config { name: "m" base_path: "/b" model_platform: "tensorflow" } }',
      "Illegal to list model m multiple times in config list"),
@@ -221,6 +223,8 @@ def test_startup_refuses_a_label_on_a_version_not_loaded_unless_allowed(tmp_path
 
 
 @pytest.mark.parametrize("text, error", [
+    ('model_config_list { config { name: "m" model_platform: "tensorflow" } }',
+     "models.config: every model needs a name and a base_path"),
     ('model_config_list { config { name: "m" base_path: "/a" model_platform: "tensorflow" } '
      'config { name: "m" base_path: "/b" model_platform: "tensorflow" } }',
      "Illegal to list model m multiple times in config list"),

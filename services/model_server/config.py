@@ -109,18 +109,18 @@ def read_model_config(path: str) -> model_server_config_pb2.ModelServerConfig:
     config = parse_text_proto(text, model_server_config_pb2.ModelServerConfig, path)
     if config.WhichOneof("config") != "model_config_list":
         raise ConfigError(f"{path}: only model_config_list is supported")
-    for model in config.model_config_list.config:
-        if not model.name or not model.base_path:
-            raise ConfigError(f"{path}: every model needs a name and a base_path")
     return config
 
 
 def check_model_config_list(config: model_server_config_pb2.ModelServerConfig) -> None:
-    """Refuse (ConfigError, in TF Serving's words) a model list tensorflow_model_server refuses: a model listed twice
-    or with a relative base path (server_core.cc ValidateModelConfigList), neither or both of model_platform and the
-    deprecated model_type (GetPlatform), a platform other than "tensorflow" (CreateStoragePathRoutes)."""
+    """Refuse (ConfigError, in TF Serving's words) a model list tensorflow_model_server refuses: a model without a
+    name or base path, a model listed twice or with a relative base path (server_core.cc ValidateModelConfigList),
+    neither or both of model_platform and the deprecated model_type (GetPlatform), a platform other than
+    "tensorflow" (CreateStoragePathRoutes)."""
     seen = set()
     for model in config.model_config_list.config:
+        if not model.name or not model.base_path:
+            raise ConfigError("every model needs a name and a base_path")
         if model.name in seen:
             raise ConfigError(f"Illegal to list model {model.name} multiple times in config list")
         seen.add(model.name)

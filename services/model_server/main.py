@@ -274,7 +274,10 @@ class ModelServer:
     def _initial_config(self):
         if self.args.model_config_file:
             config = read_model_config(self.args.model_config_file)
-            check_model_config_list(config)
+            try:
+                check_model_config_list(config)
+            except ConfigError as exc:
+                raise ConfigError(f"{self.args.model_config_file}: {exc}") from None
             return config
         return single_model_config(self.args.model_name, os.path.abspath(self.args.model_base_path))
 
@@ -285,9 +288,6 @@ class ModelServer:
         each model new in it has loaded its latest version: UNKNOWN names the versions that did not."""
         import grpc
 
-        for model in config.model_config_list.config:
-            if not model.name or not model.base_path:
-                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "every model needs a name and a base_path")
         try:
             check_model_config_list(config)
         except ConfigError as exc:
