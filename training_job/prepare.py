@@ -139,8 +139,6 @@ NOT_CLASSES = frozenset({"__MACOSX"})
 def _class_files(folder: Path) -> list[Path]:
     """Every file under a class folder, following links to folders (photos kept on another disk) but reading each
     real folder once (a link back up the tree ends there); hidden files and folders skipped."""
-    import os
-
     files, seen = [], set()
     for root, dirs, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
