@@ -26,7 +26,7 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
-from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
+from tests.model_server_harness import MODEL, serve_registry, stop_server, version_states, wait_until
 from tests.support import free_port
 from training_job.paths import PROJECT_ROOT
 from training_job.publish import publish_dir
@@ -81,11 +81,7 @@ def labelled(tmp_path_factory):
     models_dir = tmp_path_factory.mktemp("registry-labelled")
     publish_tiny(models_dir, bias=0.0)
     publish_tiny(models_dir, bias=1.0)
-    config = models_dir / "models.config"
-    write_config(config, {MODEL: models_dir / MODEL}, labels={MODEL: {"stable": 1}}, policy="all {}")
-    server = start_server(models_dir, config, "--allow_version_labels_for_unavailable_models")
-    wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0] == AVAILABLE for v in (1, 2)),
-               what="versions 1 and 2")
+    server = serve_registry(models_dir, (1, 2), {"stable": 1})
     wait_until(lambda: labelled_version(server, "stable") == "1", what="the stable label")
     yield server
     stop_server(server)
@@ -254,12 +250,9 @@ def test_a_batching_parameters_file_needs_enable_batching(tmp_path):
 def batching_server(tmp_path_factory):
     models_dir = tmp_path_factory.mktemp("registry-batching")
     publish_tiny(models_dir, bias=0.0)
-    config = models_dir / "models.config"
-    write_config(config, {MODEL: models_dir / MODEL})
     params = models_dir / "batching.config"
     params.write_text("max_batch_size { value: 4 }\nbatch_timeout_micros { value: 1000 }\n")
-    server = start_server(models_dir, config, "--enable_batching", f"--batching_parameters_file={params}")
-    wait_until(lambda: version_states(server.grpc_target, MODEL).get(1, (0,))[0] == AVAILABLE, what="version 1")
+    server = serve_registry(models_dir, (1,), None, "--enable_batching", f"--batching_parameters_file={params}")
     yield server
     stop_server(server)
 
