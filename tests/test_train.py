@@ -74,6 +74,24 @@ def test_evaluation_writes_matrix_png_and_misclassified_list(trained_run):
         assert row["true"] != row["predicted"] and Path(row["path"]).exists() and 0 < float(row["confidence"]) <= 1
 
 
+def test_misclassified_list_names_the_photos_the_run_gets_wrong(trained_run, base_network):
+    """Each listed photo, run through the run's own network and head, gets the listed answer: the list pairs each
+    answer with its own photo even when training was handed the rows in another order than its manifest's (as
+    ``prepare`` hands them to ``training_job run``)."""
+    from training_job.pipeline import load_run, run_base
+
+    run_dir, _ = trained_run
+    _, config, head, _ = load_run(run_dir)
+    with open(run_dir / "misclassified.csv") as f:
+        wrong = list(csv.DictReader(f))
+    assert wrong, "the short run got every test photo right: nothing to check"
+    by_path = {r.path: r for r in read_manifest(run_dir / "manifest.csv")}
+    rows = [by_path[w["path"]] for w in wrong]
+    probs = head.predict(get_bottlenecks(rows, run_base(run_dir, config, base_network), progress=False).features)
+    assert [(head.labels[int(p.argmax())], round(float(p.max()), 4)) for p in probs] \
+        == [(w["predicted"], float(w["confidence"])) for w in wrong]
+
+
 def test_open_set_rejects_non_mushrooms_and_keeps_mushrooms(trained_run):
     _, metrics = trained_run
     o = metrics["open_set"]

@@ -23,6 +23,12 @@ class ManifestRow:
 FIELDS = [f.name for f in fields(ManifestRow)]
 
 
+def manifest_order(rows: list[ManifestRow]) -> list[ManifestRow]:
+    """``rows`` in the order a manifest file holds them: by label, split, then photo hash. Whatever pairs per-photo
+    results with a run's manifest (the misclassified list) relies on the run having used this order."""
+    return sorted(rows, key=lambda r: (r.label, r.split, r.sha256))
+
+
 def write_manifest(rows: list[ManifestRow], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,7 +36,7 @@ def write_manifest(rows: list[ManifestRow], path: str | Path) -> None:
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
-        for row in sorted(rows, key=lambda r: (r.label, r.split, r.sha256)):
+        for row in manifest_order(rows):
             writer.writerow(asdict(row))
     tmp.replace(path)
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from training_job.bottlenecks import BaseNetwork, get_bottlenecks
 from training_job.calibration import DEFAULT_BINS, calibration_report, fit_temperature
-from training_job.dataset import labels_of, manifest_fingerprint, read_manifest, write_manifest
+from training_job.dataset import labels_of, manifest_fingerprint, manifest_order, read_manifest, write_manifest
 from training_job.evaluate import (
     MISCLASSIFIED_SHEET, candidate_report, open_set_metrics, photo_rows, write_evaluation, write_misclassified_sheet,
 )
@@ -97,9 +97,11 @@ def train_run(rows, config: TrainConfig, run_dir: Path | None = None, *, base: B
               tensorboard_root: Path | None = None, not_mushrooms: Path | None = None,
               open_set_method: str = DEFAULT_METHOD, reject_rate: float = DEFAULT_REJECT_RATE,
               cache_root=None, progress: bool = True) -> tuple[Path, dict]:
-    """Train, calibrate the open-set check, evaluate on test; write the run folder. Returns (run_dir, metrics)."""
+    """Train, calibrate the open-set check, evaluate on test; write the run folder. Returns (run_dir, metrics).
+    The run works on ``rows`` in its manifest's order, whatever order they come in."""
     from training_job.mirror_tta import plain_base
 
+    rows = manifest_order(rows)
     if run_dir is not None:  # a folder trained again is not a finished run until this training ends
         for name in RUN_OUTPUTS:
             (Path(run_dir) / name).unlink(missing_ok=True)
