@@ -255,7 +255,7 @@ def test_bad_version_is_rolled_back_by_feedback_accuracy(model_server, redis_ser
                                 what="version 2 rolled back")
         rollback = events(status, "rollback")[0]
         assert rollback["rule"] == "feedback_accuracy" and rollback["step"] == "half"
-        assert "one-sided p" in rollback["reason"]
+        assert "sequential p" in rollback["reason"]
         assert status["state"] == {**status["state"], "stable": 1, "candidate": None}
         assert routing(gateway) == {"1": 100}
         last = audit(gateway)[-1]

@@ -8,7 +8,7 @@ import pytest
 
 from services.rollout import judge
 from services.rollout.judge import (ADVANCE, BREACH, HOLD, INSUFFICIENT, PASS, ROLLBACK, SKIPPED, Figures, Verdict,
-                                    decide, figures_from_status, one_sided_z_test)
+                                    decide, figures_from_status, sequential_log_evidence)
 from services.rollout.policy import DEFAULT_POLICY, PolicyError, load_policy, parse_policy
 
 RULES = parse_policy({}).rules
@@ -96,26 +96,29 @@ def test_figures_since_a_base_and_after_a_gateway_restart():
 
 
 # ---------------------------------------------------------------------------------------------- rules
-def test_one_sided_z_test_matches_the_normal_tail():
-    z, p = one_sided_z_test(60, 100, 80, 100)
-    pooled = 0.7
-    assert z == pytest.approx((0.6 - 0.8) / math.sqrt(pooled * 0.3 * 0.02))
-    assert p == pytest.approx(0.0009, abs=2e-4)  # Phi(-3.086)
-    z_up, p_up = one_sided_z_test(80, 100, 60, 100)  # better, not worse: one-sided p near 1
-    assert z_up == pytest.approx(-z) and p_up == pytest.approx(1 - p)
-    assert one_sided_z_test(10, 10, 20, 20) == (0.0, 0.5)
+def test_sequential_evidence_is_the_normal_mixture_ratio():
+    """mSPRT's log ratio for a difference of 0.1 measured with variance 0.001, mixture N(0, 0.05^2), by hand."""
+    v, t2 = 0.001, 0.0025
+    assert sequential_log_evidence(0.1, v) == pytest.approx(0.5 * math.log(v / (v + t2)) + 0.01 * t2 / (2 * v * (v + t2)))
+    assert sequential_log_evidence(0.0, v) < 0  # nothing measured: the ratio is below 1
+    assert sequential_log_evidence(0.2, v) > sequential_log_evidence(0.1, v)  # more difference, more evidence
     with pytest.raises(ValueError):
-        one_sided_z_test(0, 0, 1, 1)
+        sequential_log_evidence(0.1, 0.0)
 
 
 def test_error_rate_rule():
-    params = RULES["error_rate"]  # max_increase 0.01, min_requests 100
+    params = RULES["error_rate"]  # max_increase 0.01, alpha 0.01, min_requests 100
     stable = Figures(requests=1000, errors=10)
     assert judge.judge_error_rate(Figures(requests=99, errors=50), stable, params).outcome == INSUFFICIENT
     assert judge.judge_error_rate(Figures(requests=100, errors=2), stable, params).outcome == PASS
-    breach = judge.judge_error_rate(Figures(requests=100, errors=3), stable, params)
-    assert breach.outcome == BREACH and "3.00% > stable 1.00% + 1.00%" in breach.reason
+    # 4 % against 1 % + 1 %: above the limit, but 4 errors in 100 requests are no evidence yet
+    noisy = judge.judge_error_rate(Figures(requests=100, errors=4), stable, params)
+    assert noisy.outcome == PASS and noisy.figures["sequential_p"] > 0.01
+    breach = judge.judge_error_rate(Figures(requests=100, errors=20), stable, params)
+    assert breach.outcome == BREACH and "error rate 20.00% of 100 vs stable 1.00% + 1.00%" in breach.reason
+    assert judge.judge_error_rate(Figures(requests=1000, errors=60), stable, params).outcome == BREACH
     assert judge.judge_error_rate(Figures(requests=100, errors=1), Figures(), params).outcome == PASS
+    assert judge.judge_error_rate(Figures(requests=100, errors=100), Figures(), params).outcome == BREACH
 
 
 def test_p95_latency_rule():
@@ -140,17 +143,17 @@ def test_shadow_agreement_rule():
 
 def test_feedback_accuracy_rule_is_one_sided():
     params = {"alpha": 0.05, "min_feedback": 30}
-    stable = Figures(feedback_correct=80, feedback_total=100)
+    stable = Figures(feedback_correct=800, feedback_total=1000)
     assert judge.judge_feedback_accuracy(Figures(feedback_correct=0, feedback_total=29), stable, params).outcome \
         == INSUFFICIENT
     assert judge.judge_feedback_accuracy(Figures(feedback_correct=30, feedback_total=30), Figures(
         feedback_correct=0, feedback_total=29), params).outcome == INSUFFICIENT
-    worse = judge.judge_feedback_accuracy(Figures(feedback_correct=60, feedback_total=100), stable, params)
-    assert worse.outcome == BREACH and worse.figures["p_value"] < 0.05 and "one-sided p" in worse.reason
+    worse = judge.judge_feedback_accuracy(Figures(feedback_correct=120, feedback_total=200), stable, params)
+    assert worse.outcome == BREACH and worse.figures["sequential_p"] < 0.05 and "sequential p" in worse.reason
     slightly = judge.judge_feedback_accuracy(Figures(feedback_correct=75, feedback_total=100), stable, params)
-    assert slightly.outcome == PASS  # 75 % vs 80 % on 100 each: not significant
-    better = judge.judge_feedback_accuracy(Figures(feedback_correct=99, feedback_total=100), stable, params)
-    assert better.outcome == PASS and better.figures["p_value"] > 0.5  # a better version never breaches
+    assert slightly.outcome == PASS  # 75 % vs 80 %: not enough evidence
+    better = judge.judge_feedback_accuracy(Figures(feedback_correct=990, feedback_total=1000), stable, params)
+    assert better.outcome == PASS and better.figures["sequential_p"] == 1.0  # a better version never breaches
 
 
 def test_offline_rule_reads_metrics_json(tmp_path):

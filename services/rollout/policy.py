@@ -6,15 +6,18 @@ Defaults (``DEFAULT_POLICY``, printed by ``python -m services.rollout --print-de
   -> ``canary-5`` (5 %, 10 min, 200 requests) -> ``canary-25`` (25 %, 10 min, 500) -> ``canary-50`` (50 %, 10 min,
   1,000) -> ``full`` (100 %, 10 min, 1,000). A step passes when it has held ``hold_seconds`` AND the new version got
   ``min_requests`` requests in it (mirrored ones in a shadow step), with no rule breached.
-- rules (each judged at every tick, over the whole rollout so far; a breach rolls back at once):
-  - ``error_rate``: breached when the new version's error rate exceeds the stable version's by more than
-    ``max_increase`` (0.01), once it has ``min_requests`` (100) answered requests;
+- rules (each judged at every tick, over the whole rollout so far; a breach rolls back at once). The two statistical
+  rules use sequential tests (judge.sequential_log_evidence), valid however many ticks look: an identical version is
+  rolled back by one of them in at most ``alpha`` of its rollouts (bench/judge_sim.py measures it);
+  - ``error_rate``: breached when a sequential test at level ``alpha`` (0.01) says the new version's error rate
+    exceeds the stable version's by more than ``max_increase`` (0.01), once it has ``min_requests`` (100) answered
+    requests;
   - ``p95_latency``: breached when its p95 exceeds ``max_ratio`` (1.5) x the stable p95 + ``slack_ms`` (25), once
     it has ``min_requests`` (100);
   - ``shadow_agreement``: breached when its top-1 agrees with the answer given less often than ``min_agreement``
     (0.9), once ``min_requests`` (100) requests were mirrored;
-  - ``feedback_accuracy``: breached when a one-sided two-proportion z-test says its accuracy from user feedback is
-    lower than the stable version's (p < ``alpha``, 0.05), once each has ``min_feedback`` (30) feedback answers;
+  - ``feedback_accuracy``: breached when a one-sided sequential test at level ``alpha`` (0.05) says its accuracy
+    from user feedback is lower than the stable version's, once each has ``min_feedback`` (30) feedback answers;
   - ``offline``: judged once when the rollout starts: breached when ``metric`` (``test_accuracy``) in the version's
     ``assets.extra/metrics.json`` is lower than the stable version's by more than ``max_drop`` (0.02);
     ``required: true`` refuses a version without the scores (default false: skipped, said in the history).
@@ -48,7 +51,7 @@ DEFAULT_POLICY: dict = {
         {"name": "full", "weight": 100, "hold_seconds": 600, "min_requests": 1000},
     ],
     "rules": {
-        "error_rate": {"max_increase": 0.01, "min_requests": 100},
+        "error_rate": {"max_increase": 0.01, "alpha": 0.01, "min_requests": 100},
         "p95_latency": {"max_ratio": 1.5, "slack_ms": 25, "min_requests": 100},
         "shadow_agreement": {"min_agreement": 0.9, "min_requests": 100},
         "feedback_accuracy": {"alpha": 0.05, "min_feedback": 30},
@@ -67,6 +70,7 @@ STEP_FIELDS = {
 }
 RULE_FIELDS = {
     "error_rate": {"max_increase": (_NUMBER, "a rate 0..1", lambda v: 0 <= v <= 1),
+                   "alpha": (_NUMBER, "a level between 0 and 0.5", lambda v: 0 < v < 0.5),
                    "min_requests": (int, "an integer >= 1", lambda v: v >= 1)},
     "p95_latency": {"max_ratio": (_NUMBER, "a ratio >= 1", lambda v: v >= 1),
                     "slack_ms": (_NUMBER, "milliseconds >= 0", lambda v: v >= 0),
