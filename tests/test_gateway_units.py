@@ -440,3 +440,83 @@ def test_a_version_and_a_label_together_are_refused_not_one_ignored():
     with pytest.raises(GatewayError) as err:  # the checks classify runs before any work
         gateway._validate(_jpeg((8, 8)), 1, None, version=1, label="canary", client_id=None)
     assert (err.value.status, err.value.code) == (400, "bad_version")
+
+
+class _Answering:
+    """A classifier's model server whose Predict is ``predict`` (a coroutine function), with a cache that finds
+    nothing, a router choosing version 1 and real Stats: what a classify records is what the tests read."""
+
+    def __init__(self, predict):
+        from types import SimpleNamespace
+
+        from services.gateway.stats import Stats
+        from training_job.preprocessing import Limits
+
+        class Upstream:
+            model_name = "mushrooms"
+
+            async def input_size(self, version, label=None):
+                return version, 224
+
+        class Cache:
+            async def get(self, key):
+                return None
+
+            async def put(self, key, value):
+                pass
+
+        upstream = Upstream()
+        upstream.predict = predict
+        router = SimpleNamespace(available={1}, choose=lambda client: (1, "latest"), shadow_version=lambda: None)
+        self.stats = Stats(None, "mushrooms")
+        self.classifier = classifier.Classifier(upstream, Cache(), router, self.stats,
+                                                SimpleNamespace(display_names=lambda version: {}), Limits(),
+                                                SingleFlight(), InputSizes(upstream))
+
+
+def _classify_count(result: str) -> float:
+    """mushroom_gateway_request_seconds_count of a gRPC classify miss answered by version 1 with ``result``."""
+    from services.gateway import metrics
+
+    return metrics.REGISTRY.get_sample_value("mushroom_gateway_request_seconds_count", {
+        "protocol": "grpc", "endpoint": "classify", "model_version": "1", "cache": "miss", "result": result}) or 0.0
+
+
+def test_a_classify_failing_on_a_bug_is_an_internal_error_of_its_version():
+    """A failure that is no GatewayError (here a version's answer without mushroom_score: a KeyError, which aiohttp
+    answers 500 and gRPC UNKNOWN) is recorded as result="internal_error", not "ok", and counts in the version's error
+    rate (/v1/admin/status, which the rollout judge reads)."""
+    async def predict(pixels, version, label):
+        outputs = {"probabilities": [[0.25, 0.75]], "classes": [["a", "b"]]}
+        return [outputs["mushroom_score"]]
+
+    answering = _Answering(predict)
+    ok, failed = _classify_count("ok"), _classify_count("internal_error")
+    with pytest.raises(KeyError):
+        asyncio.run(answering.classifier.classify(_jpeg((64, 48)), protocol="grpc"))
+    assert (_classify_count("ok") - ok, _classify_count("internal_error") - failed) == (0, 1)
+    assert (answering.stats.versions[1].requests, answering.stats.versions[1].errors) == (1, 1)
+
+
+def test_a_classify_the_client_left_is_cancelled_not_ok():
+    """A gRPC deadline or a cancelled call cancels the classify while it waits for the model server: recorded as
+    result="cancelled", not "ok", and not as the version's error (the client left; the version did not fail)."""
+    asked = asyncio.Event()
+
+    async def predict(pixels, version, label):
+        asked.set()
+        await asyncio.Event().wait()  # a model server that has not answered yet
+
+    answering = _Answering(predict)
+    ok, cancelled = _classify_count("ok"), _classify_count("cancelled")
+
+    async def scenario():
+        call = asyncio.create_task(answering.classifier.classify(_jpeg((48, 64)), protocol="grpc"))
+        await asyncio.wait_for(asked.wait(), 10)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+
+    asyncio.run(scenario())
+    assert (_classify_count("ok") - ok, _classify_count("cancelled") - cancelled) == (0, 1)
+    assert answering.stats.versions[1].errors == 0

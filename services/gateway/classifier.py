@@ -206,7 +206,10 @@ class Classifier:
                        endpoint: str = "classify", explain: bool = False, explain_class: str | None = None) -> dict:
         """The answer; with ``explain`` also its Grad-CAM ``explanation`` for the predicted class, or for the class
         labelled ``explain_class``. Stages (each timed in mushroom_gateway_stage_seconds): route -> lookup ->
-        (on a miss) preprocess -> predict -> store (after the answer) -> answer."""
+        (on a miss) preprocess -> predict -> store (after the answer) -> answer. Every call, however it ends, is
+        one observation of mushroom_gateway_request_seconds (with explain: _explain_seconds) with how it ended
+        (``result``, see metrics.py); a 5xx or a failure that is no GatewayError also counts in the chosen
+        version's error rate."""
         start = time.perf_counter()
         explain = explain or explain_class is not None
         wanted = Wanted(explain, explain_class)
@@ -236,6 +239,13 @@ class Classifier:
             result = "client_error" if exc.status < 500 else "unavailable"
             if exc.status >= 500:
                 self.stats.record_error(chosen)
+            raise
+        except asyncio.CancelledError:  # the caller left: a gRPC deadline or cancellation, or a shutdown
+            result = "cancelled"
+            raise
+        except Exception:  # a bug of the gateway's, answered HTTP 500 / gRPC UNKNOWN: the chosen version failed
+            result = "internal_error"
+            self.stats.record_error(chosen)
             raise
         finally:
             chosen_value = metrics.version_metric_value(chosen, self.router.available)

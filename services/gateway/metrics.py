@@ -7,8 +7,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 REGISTRY = CollectorRegistry()
 LATENCY_BUCKETS = (.001, .002, .005, .01, .015, .02, .03, .05, .075, .1, .2, .5, 1, 2, 5)
 
+# ``result`` of REQUEST_SECONDS and EXPLAIN_SECONDS, how a classify ended: "ok" answered; "client_error" a 4xx
+# GatewayError (the client's photo or options); "unavailable" a 5xx GatewayError (the model server down, failing or
+# lacking the signature); "cancelled" the caller left before the answer (a gRPC deadline or cancellation: no
+# response); "internal_error" anything else raised (a bug: HTTP 500, gRPC UNKNOWN). The server's own failures are
+# "unavailable" and "internal_error".
 REQUEST_SECONDS = Histogram(
-    "mushroom_gateway_request_seconds", "Classify latency end to end",
+    "mushroom_gateway_request_seconds", "Classify latency end to end, by result: ok, client_error (4xx), "
+    "unavailable (5xx: model server down or failing), cancelled (the client left: deadline or cancellation), "
+    "internal_error (a gateway bug: HTTP 500, gRPC UNKNOWN)",
     ["protocol", "endpoint", "model_version", "cache", "result"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
 EXPLAIN_SECONDS = Histogram(
     "mushroom_gateway_explain_seconds", "Classify with explain (Grad-CAM heatmap and its PNG) end to end; these "
