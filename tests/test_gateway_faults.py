@@ -301,6 +301,66 @@ def test_a_body_that_stops_arriving_gets_408_within_the_bound(stack, path):
     assert time.monotonic() - start < 6  # --body-timeout 2 s, plus slack
 
 
+# ------------------------------------------------------------------------------------------- 9b. every response counted
+def _responses(gateway, protocol: str, code: str) -> float:
+    return gateway.metric("mushroom_gateway_responses_total", protocol=protocol, code=code)
+
+
+def test_http_answers_given_before_classify_runs_are_counted_by_status(stack):
+    """A body over the limit (413), JSON that does not parse (400), a body that stops arriving (408) and an unknown
+    route (404) never reach the classify histogram; each is one response in mushroom_gateway_responses_total."""
+    gateway = stack["gateway"]
+    codes = ("413", "400", "408", "404")
+    before = {code: _responses(gateway, "http", code) for code in codes}
+    assert gateway.request("POST", "/v1/classify", bytes(MAX_PHOTO_BYTES + 1), "image/jpeg").status == 413
+    assert gateway.request("POST", "/v1/classify", b'{"image_b64": ', "application/json").status == 400
+    with socket.create_connection(("127.0.0.1", gateway.http_port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: gateway\r\nContent-Type: image/jpeg\r\n"
+                     b"Content-Length: 1000\r\n\r\n\xff\xd8")
+        assert select.select([sock], [], [], 8)[0] and sock.recv(65536).startswith(b"HTTP/1.1 408")
+    assert gateway.request("GET", "/v1/nothing-here").status == 404
+    assert {code: _responses(gateway, "http", code) - before[code] for code in codes} == dict.fromkeys(codes, 1)
+
+
+def test_grpc_answers_are_counted_by_status_code(stack):
+    gateway = stack["gateway"]
+    ok, invalid = _responses(gateway, "grpc", "OK"), _responses(gateway, "grpc", "INVALID_ARGUMENT")
+    with grpc.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        assert stub.Classify(pb.ClassifyRequest(photo=PHOTOS[3].read_bytes(), version=1), timeout=30).predictions
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Classify(pb.ClassifyRequest(photo=b"", version=1), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (_responses(gateway, "grpc", "OK") - ok, _responses(gateway, "grpc", "INVALID_ARGUMENT") - invalid) == (1, 1)
+
+
+def test_a_grpc_caller_whose_deadline_expires_is_counted_as_such_not_as_answered(stack):
+    """The model server is frozen, so the classify still waits for it when the client's deadline expires: the
+    histogram records result="cancelled" and the responses DEADLINE_EXCEEDED, what the client saw."""
+    gateway, server = stack["gateway"], stack["server"]
+
+    def classified(result: str) -> float:
+        return gateway.metric("mushroom_gateway_request_seconds_count", protocol="grpc", result=result)
+
+    before = {"ok": classified("ok"), "cancelled": classified("cancelled"),
+              "DEADLINE_EXCEEDED": _responses(gateway, "grpc", "DEADLINE_EXCEEDED"),
+              "OK": _responses(gateway, "grpc", "OK")}
+    with grpc.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        with Frozen(server.process):
+            with pytest.raises(grpc.RpcError) as left:
+                stub.Classify(pb.ClassifyRequest(photo=FRESH[20].read_bytes(), version=1), timeout=1)
+            assert left.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            wait_until(lambda: classified("cancelled") > before["cancelled"], timeout=5, interval=0.05,
+                       what="the cancelled classify to be recorded")
+    gateway.wait_ready(timeout=10)  # the status checks missed during the freeze
+    after = {"ok": classified("ok"), "cancelled": classified("cancelled"),
+             "DEADLINE_EXCEEDED": _responses(gateway, "grpc", "DEADLINE_EXCEEDED"),
+             "OK": _responses(gateway, "grpc", "OK")}
+    assert {name: after[name] - before[name] for name in before} == {
+        "ok": 0, "cancelled": 1, "DEADLINE_EXCEEDED": 1, "OK": 0}
+
+
 # ------------------------------------------------------------------------------------------- 10. chunked uploads
 def _send_chunked_until_answered(port: int, path: str, content_type: str, head: bytes, total: int):
     """Sends a chunked body of ``total`` bytes (``head`` then zeros) in 64 KiB chunks, stopping as soon as the server

@@ -520,3 +520,71 @@ def test_a_classify_the_client_left_is_cancelled_not_ok():
     asyncio.run(scenario())
     assert (_classify_count("ok") - ok, _classify_count("cancelled") - cancelled) == (0, 1)
     assert answering.stats.versions[1].errors == 0
+
+
+def _responses(protocol: str, code: str) -> float:
+    from services.gateway import metrics
+
+    return metrics.REGISTRY.get_sample_value("mushroom_gateway_responses_total",
+                                             {"protocol": protocol, "code": code}) or 0.0
+
+
+async def _failing_classify(photo, **options):
+    raise KeyError("mushroom_score")  # a bug: no GatewayError
+
+
+def test_an_http_request_failing_on_a_bug_is_counted_as_the_500_aiohttp_answers():
+    """The HTTP API's app counts each response by status, the 500 aiohttp makes of an exception nothing answered
+    included (its classifier here fails with a KeyError)."""
+    from types import SimpleNamespace
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from services.gateway.http_api import HttpApi
+    from services.gateway.operators import OperatorTokens
+
+    api = HttpApi(SimpleNamespace(classify=_failing_classify), None, None, None, OperatorTokens(), 1024 * 1024,
+                  lambda: (True, "ok"))
+
+    async def scenario():
+        async with TestClient(TestServer(api.app())) as client:
+            failed, healthy = _responses("http", "500"), _responses("http", "200")
+            assert (await client.post("/v1/classify", data=_jpeg((8, 8)),
+                                      headers={"Content-Type": "image/jpeg"})).status == 500
+            assert (await client.get("/healthz")).status == 200
+            assert (_responses("http", "500") - failed, _responses("http", "200") - healthy) == (1, 1)
+
+    asyncio.run(scenario())
+
+
+def test_grpc_calls_failing_on_a_bug_or_naming_no_method_are_counted_by_their_status():
+    """UNKNOWN for a Classify whose classifier fails with a KeyError (what gRPC answers an exception with),
+    UNIMPLEMENTED for a method the server does not have."""
+    import grpc as grpc_lib
+    from types import SimpleNamespace
+
+    from devstack.servers import free_port
+    from services.gateway.grpc_api import build_server, pb
+
+    async def scenario():
+        port = free_port()
+        server, _ = build_server(SimpleNamespace(classify=_failing_classify), None, None, "127.0.0.1", port)
+        await server.start()
+        try:
+            unknown, unimplemented = _responses("grpc", "UNKNOWN"), _responses("grpc", "UNIMPLEMENTED")
+            async with grpc_lib.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                classify = channel.unary_unary("/mushroom.v1.Classifier/Classify",
+                                               request_serializer=pb.ClassifyRequest.SerializeToString,
+                                               response_deserializer=pb.ClassifyResponse.FromString)
+                nothing = channel.unary_unary("/mushroom.v1.Classifier/NoSuchMethod")
+                for call, code in ((classify(pb.ClassifyRequest(photo=_jpeg((8, 8)))), "UNKNOWN"),
+                                   (nothing(b""), "UNIMPLEMENTED")):
+                    with pytest.raises(grpc_lib.aio.AioRpcError) as failed:
+                        await call
+                    assert failed.value.code().name == code
+            assert (_responses("grpc", "UNKNOWN") - unknown, _responses("grpc", "UNIMPLEMENTED") - unimplemented) \
+                == (1, 1)
+        finally:
+            await server.stop(0)
+
+    asyncio.run(scenario())

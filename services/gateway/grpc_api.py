@@ -1,13 +1,17 @@
-"""gRPC: mushroom.v1.Classifier, with health checking and reflection."""
+"""gRPC: mushroom.v1.Classifier, with health checking and reflection; every RPC is counted by the status it ends
+with (ResponseCounter)."""
 from __future__ import annotations
 
+import asyncio
 import base64
+import inspect
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.exceptions import RedisError
 
+from services.gateway import metrics
 from services.gateway.classifier import DEFAULT_TOP_K, Classifier
 from services.gateway.errors import GatewayError, redis_unavailable
 from services.gateway.feedback_intake import take_feedback
@@ -110,9 +114,64 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             shadow=str(table.shadow) if table.shadow is not None else "")
 
 
+def _count(code: grpc.StatusCode) -> None:
+    metrics.child(metrics.RESPONSES, protocol="grpc", code=code.name).inc()
+
+
+def _ended_by(exc: BaseException, context) -> grpc.StatusCode:
+    """The status an RPC whose handler raised ``exc`` ends with: a handler cancelled because its caller left ends
+    DEADLINE_EXCEEDED once the deadline passed, else CANCELLED; an abort ends with its code; any other exception
+    UNKNOWN, as gRPC answers it."""
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        remaining = context.time_remaining()
+        return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else \
+            grpc.StatusCode.CANCELLED
+    return context.code() or grpc.StatusCode.UNKNOWN
+
+
+def _counted(behavior):
+    """``behavior`` (a method handler's coroutine function or async generator function, as gRPC tells them apart),
+    counting the status its RPC ends with."""
+    if inspect.isasyncgenfunction(behavior):
+        async def streamed(request, context):
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except BaseException as exc:
+                _count(_ended_by(exc, context))
+                raise
+            _count(context.code() or grpc.StatusCode.OK)
+        return streamed
+
+    async def answered(request, context):
+        try:
+            response = await behavior(request, context)
+        except BaseException as exc:
+            _count(_ended_by(exc, context))
+            raise
+        _count(context.code() or grpc.StatusCode.OK)
+        return response
+    return answered
+
+
+class ResponseCounter(grpc.aio.ServerInterceptor):
+    """Each RPC of every service (Classifier, health, reflection) is one count of mushroom_gateway_responses_total
+    by the status it ends with, as HTTP responses are counted by theirs."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:  # no such method: gRPC answers UNIMPLEMENTED
+            _count(grpc.StatusCode.UNIMPLEMENTED)
+            return None
+        kind = ("stream_" if handler.request_streaming else "unary_") + (
+            "stream" if handler.response_streaming else "unary")
+        return handler._replace(**{kind: _counted(getattr(handler, kind))})
+
+
 def build_server(classifier: Classifier, router: Router, stats: Stats, host: str, port: int,
                  photo_store=None) -> tuple[grpc.aio.Server, health.HealthServicer]:
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 32 * 1024 * 1024)])
+    server = grpc.aio.server(interceptors=[ResponseCounter()],
+                             options=[("grpc.max_receive_message_length", 32 * 1024 * 1024)])
     pb_grpc.add_ClassifierServicer_to_server(ClassifierService(classifier, router, stats, photo_store), server)
     health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -55,6 +55,13 @@ async def errors_as_json(request: web.Request, handler):
         raise
 
 
+async def count_response(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: each response the app sends is one count of mushroom_gateway_responses_total by its
+    status, whatever made it: a handler, errors_as_json, or aiohttp's 500 for an exception nothing answered. (A
+    request aiohttp cannot parse is answered before any app sees it: not counted.)"""
+    metrics.child(metrics.RESPONSES, protocol="http", code=str(response.status)).inc()
+
+
 def _int_param(request: web.Request, name: str, default: int | None) -> int | None:
     raw = request.query.get(name) or request.headers.get(f"X-{name.replace('_', '-').title()}")
     if raw in (None, ""):
@@ -121,6 +128,7 @@ class HttpApi:
         # refuse with a 400; client_max_size bounds request.read(), which no route calls.
         app = web.Application(client_max_size=SMALL_BODY_BYTES,
                               middlewares=[errors_as_json, body_deadline(self.body_timeout)])
+        app.on_response_prepare.append(count_response)
         r = app.router
         r.add_post("/v1/classify", self.classify)
         r.add_get("/v1/models", self.models)

@@ -17,6 +17,11 @@ REQUEST_SECONDS = Histogram(
     "unavailable (5xx: model server down or failing), cancelled (the client left: deadline or cancellation), "
     "internal_error (a gateway bug: HTTP 500, gRPC UNKNOWN)",
     ["protocol", "endpoint", "model_version", "cache", "result"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
+RESPONSES = Counter(
+    "mushroom_gateway_responses", "Responses sent on every route and method, by protocol and status: HTTP the status "
+    "number, gRPC the status code's name (DEADLINE_EXCEEDED or CANCELLED when the caller left). Answers given before "
+    "classify runs (a body over the limit, one that does not parse or does not arrive) are counted only here",
+    ["protocol", "code"], registry=REGISTRY)
 EXPLAIN_SECONDS = Histogram(
     "mushroom_gateway_explain_seconds", "Classify with explain (Grad-CAM heatmap and its PNG) end to end; these "
     "requests are not in mushroom_gateway_request_seconds", ["protocol", "model_version", "cache", "result"],
