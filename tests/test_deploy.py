@@ -440,12 +440,20 @@ def test_alert_rules_pass_promtool_and_cover_the_required_alerts(tmp_path):
         result = promtool("check", "rules", str(DEPLOY / rules))
         assert result.returncode == 0, result.stdout + result.stderr
     names = {r["alert"] for g in yaml.safe_load((DEPLOY / "prometheus/alerts.yml").read_text())["groups"]
-             for r in g["rules"]}
+             for r in g["rules"] if "alert" in r}  # recording rules have "record"
     assert {"GatewayP99LatencyHigh", "GatewayErrorRateHigh", "CanaryErrorRateAboveStable", "CacheErrors",
             "RoutingTableLost", "GatewayLoopFailing", "RolloutRolledBack", "RolloutControllerDown"} <= names
     broken = tmp_path / "broken.yml"
     broken.write_text("groups:\n  - name: x\n    rules:\n      - alert: X\n        expr: rate(\n")
     assert promtool("check", "rules", str(broken)).returncode != 0
+
+
+def test_alert_rules_fire_when_they_should_and_only_then():
+    """promtool's unit tests of the rules (tests/alert_rules_test.yml) on deploy/prometheus/alerts.yml; the k8s
+    ConfigMap's copy is the same file."""
+    assert (DEPLOY / "prometheus/alerts.yml").read_text() == (K8S / "monitoring/alerts.yml").read_text()
+    result = promtool("test", "rules", str(ROOT / "tests/alert_rules_test.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_grafana_dashboards_load_and_query_gateway_metrics():
