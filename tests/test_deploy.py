@@ -3,6 +3,7 @@ the tool or schema that owns its format (compose spec from the docker-compose Py
 kubernetes-validate, promtool)."""
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -466,6 +467,17 @@ def test_grafana_dashboards_load_and_query_gateway_metrics():
     assert any("model_version" in e for e in exprs)
     rollout_exprs = " ".join(e for e in exprs if "mushroom_rollout_" in e)  # the rollout panel: step and decisions
     assert "mushroom_rollout_step" in rollout_exprs and "mushroom_rollout_decisions_total" in rollout_exprs
+
+
+def test_grafana_latency_per_version_compares_cache_misses():
+    """The cache key holds the version, so a new version starts with a cold cache: beside a warm version, its
+    latency would compare misses with hits. Per-version latency queries read misses only, or split by cache."""
+    dashboard = json.loads((DEPLOY / "grafana/dashboards/mushroom-serving.json").read_text())
+    per_version = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])
+                   if "mushroom_gateway_request_seconds_bucket" in t["expr"] and "model_version" in t["expr"]]
+    assert per_version
+    for expr in per_version:
+        assert 'cache="miss"' in expr or re.search(r"by \([^)]*\bcache\b", expr), expr
 
 
 @pytest.mark.parametrize("config", ["prometheus/prometheus.yml", "k8s/monitoring/prometheus.yml"])
