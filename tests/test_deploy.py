@@ -480,6 +480,20 @@ def test_grafana_latency_per_version_compares_cache_misses():
         assert 'cache="miss"' in expr or re.search(r"by \([^)]*\bcache\b", expr), expr
 
 
+def test_grafana_draws_only_ratios_as_percentages():
+    """A series in percentunit is a ratio (a division); a rate drawn as one reads 0.3 requests/s as 30 %. Each
+    query's unit is its panel's, or an override of its refId."""
+    dashboard = json.loads((DEPLOY / "grafana/dashboards/mushroom-serving.json").read_text())
+    for panel in dashboard["panels"]:
+        config = panel.get("fieldConfig", {})
+        units = {o["matcher"]["options"]: prop["value"] for o in config.get("overrides", [])
+                 if o["matcher"]["id"] == "byFrameRefID" for prop in o["properties"] if prop["id"] == "unit"}
+        for target in panel.get("targets", []):
+            unit = units.get(target["refId"], config.get("defaults", {}).get("unit"))
+            if unit == "percentunit":
+                assert " / " in target["expr"], (panel["title"], target["refId"], target["expr"])
+
+
 @pytest.mark.parametrize("config", ["prometheus/prometheus.yml", "k8s/monitoring/prometheus.yml"])
 def test_prometheus_scrapes_the_rollout_controller(config):
     jobs = {j["job_name"]: j for j in yaml.safe_load((DEPLOY / config).read_text())["scrape_configs"]}
