@@ -10,9 +10,11 @@ import json
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -163,6 +165,191 @@ def test_a_non_image_gives_a_readable_error(stack, page, tmp_path):
     assert 400 <= status < 500
     assert page.find_element(By.ID, "upload-error").text == answer["error"]["message"]
     assert page.find_element(By.ID, "result-layout").is_displayed() is False
+
+
+# ------------------------------------------------------------------------------------------- answers arriving late
+class HoldingProxy:
+    """An HTTP proxy in front of the gateway that holds the answer to a request until the test releases it, so that
+    answers reach the page in the order a test chooses, as slow answers do. ``hold(matches)`` holds the first
+    request ``matches(path, body)`` picks from then on."""
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream
+        self._holds: list[Held] = []
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                held = proxy._take(self.path, body)
+                headers = {name: self.headers[name] for name in ("Content-Type", "X-Client-Id", "Authorization")
+                           if self.headers[name]}
+                request = urllib.request.Request(proxy.upstream + self.path, data=body or None, method=self.command,
+                                                 headers=headers)
+                try:
+                    with urllib.request.urlopen(request, timeout=60) as response:
+                        status, answer, reply_headers = response.status, response.read(), response.headers
+                except urllib.error.HTTPError as error:
+                    status, answer, reply_headers = error.code, error.read(), error.headers
+                if held is not None:
+                    held.arrived.set()
+                    assert held.released.wait(60), "the test never released a held answer"
+                self.send_response(status)
+                for name in ("Content-Type", "Retry-After"):
+                    if reply_headers[name]:
+                        self.send_header(name, reply_headers[name])
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+                if held is not None:
+                    held.answered.set()
+
+            do_GET = do_POST = do_PUT = _forward
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def hold(self, matches) -> "Held":
+        held = Held(matches)
+        with self._lock:
+            self._holds.append(held)
+        return held
+
+    def _take(self, path: str, body: bytes) -> "Held | None":
+        with self._lock:
+            for held in self._holds:
+                if held.matches(path, body):
+                    self._holds.remove(held)
+                    return held
+        return None
+
+    def stop(self) -> None:
+        with self._lock:
+            for held in self._holds:
+                held.released.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Held:
+    """One held answer: ``arrived`` once the gateway answered it, ``released`` by the test, ``answered`` once the
+    page has it."""
+
+    def __init__(self, matches):
+        self.matches = matches
+        self.arrived, self.released, self.answered = threading.Event(), threading.Event(), threading.Event()
+
+    def release(self) -> None:
+        self.released.set()
+        assert self.answered.wait(30), "the held answer did not reach the page"
+        time.sleep(1)  # for the page's script to do whatever it does with it
+
+
+def classify_of(name_start: str):
+    return lambda path, body: path.startswith("/v1/classify") and f'filename="{name_start}'.encode() in body
+
+
+def explain_request(path: str, body: bytes) -> bool:
+    return path.startswith("/v1/classify") and "explain" in path
+
+
+@pytest.fixture(scope="module")
+def proxy(stack):
+    gateway, _ = stack
+    holding = HoldingProxy(gateway.url)
+    yield holding
+    holding.stop()
+
+
+@pytest.fixture
+def held_page(proxy, browser, request):
+    """The page, loaded through the proxy."""
+    browser.get(proxy.url + "/")
+    WebDriverWait(browser, 15).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+    yield browser
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(SCREENSHOTS / f"{request.node.name}.png"))
+
+
+def named_copies(stack, tmp_path, **labels: str) -> dict[str, tuple[Path, str]]:
+    """{name: (a copy, named ``name``.jpg, of a training photo of the class labelled ``labels[name]``, the verdict the
+    page shows for it)}. Photos of different classes must get different verdicts, so that the verdict on the page
+    tells which photo it answers."""
+    gateway, manifest = stack
+    photos = {}
+    for index, (name, label) in enumerate(labels.items()):
+        row = [r for r in manifest if r["label"] == label and r["split"] == "train"][index]
+        copy = tmp_path / f"{name}.jpg"
+        shutil.copy(row["path"], copy)
+        top = gateway.classify(copy)["predictions"][0]
+        photos[name] = copy, top.get("display_name") or top["label"]
+    assert len({verdict for _, verdict in photos.values()}) == len(set(labels.values())), photos
+    return photos
+
+
+def showing(driver, verdict: str, timeout: float = 30) -> None:
+    WebDriverWait(driver, timeout).until(
+        lambda d: verdict in d.find_element(By.ID, "verdict").text and d.find_element(By.ID, "result-meta").text)
+
+
+def test_progress_is_visible_while_the_first_photo_is_classified(stack, proxy, held_page, tmp_path):
+    photos = named_copies(stack, tmp_path, slow_first="amanita_muscaria")
+    held = proxy.hold(classify_of("slow_"))
+    held_page.find_element(By.ID, "photo-input").send_keys(str(photos["slow_first"][0]))
+    assert held.arrived.wait(30)
+    progress = [e.text for e in held_page.find_elements(By.CSS_SELECTOR, "#upload *")
+                if e.is_displayed() and "Classifying" in e.text]
+    held.release()
+    assert progress, "nothing on the page says the photo is being classified"
+    showing(held_page, photos["slow_first"][1])
+
+
+def test_a_slow_answer_to_an_earlier_photo_does_not_replace_the_later_ones(stack, proxy, held_page, tmp_path):
+    photos = named_copies(stack, tmp_path, slow_boletus="boletus_edulis", fast_amanita="amanita_muscaria")
+    held = proxy.hold(classify_of("slow_"))
+    held_page.find_element(By.ID, "photo-input").send_keys(str(photos["slow_boletus"][0]))
+    assert held.arrived.wait(30)
+    held_page.find_element(By.ID, "photo-input").send_keys(str(photos["fast_amanita"][0]))
+    showing(held_page, photos["fast_amanita"][1])
+    held.release()
+    assert photos["fast_amanita"][1] in held_page.find_element(By.ID, "verdict").text
+
+
+def test_why_is_drawn_only_over_the_photo_it_explains(stack, proxy, held_page, tmp_path):
+    """An explanation asked for photo A that arrives once photo B was chosen is dropped; choosing a photo hides the
+    previous photo's explanation at once."""
+    photos = named_copies(stack, tmp_path, first="amanita_muscaria", slow_second="boletus_edulis",
+                          slow_third="amanita_muscaria")
+    why = lambda: held_page.find_element(By.ID, "why")  # noqa: E731
+    held_page.find_element(By.ID, "photo-input").send_keys(str(photos["first"][0]))
+    showing(held_page, photos["first"][1])
+    explanation = proxy.hold(explain_request)
+    held_page.find_element(By.ID, "why-button").click()
+    assert explanation.arrived.wait(60)
+    second = proxy.hold(classify_of("slow_second"))
+    held_page.find_element(By.ID, "photo-input").send_keys(str(photos["slow_second"][0]))
+    assert second.arrived.wait(30)
+    explanation.release()  # A's, while B is being classified
+    assert not why().is_displayed(), "the first photo's explanation is shown over the second photo's turn"
+    second.release()
+    showing(held_page, photos["slow_second"][1])
+    assert not why().is_displayed() and not why().find_elements(By.CSS_SELECTOR, "figure")
+    held_page.find_element(By.ID, "why-button").click()  # B's own explanation, over B
+    WebDriverWait(held_page, 60).until(lambda d: why().is_displayed())
+    assert why().find_element(By.CSS_SELECTOR, ".heatmap-frame img").get_attribute("src") == \
+        held_page.find_element(By.ID, "upload-preview").get_attribute("src")
+    third = proxy.hold(classify_of("slow_third"))
+    held_page.find_element(By.ID, "photo-input").send_keys(str(photos["slow_third"][0]))
+    assert third.arrived.wait(30)
+    hidden_at_once = not why().is_displayed()
+    third.release()
+    assert hidden_at_once, "B's explanation stayed on screen while another photo was being classified"
 
 
 def test_slideshow_accuracy_matches_the_api(stack, page):

@@ -1,4 +1,7 @@
 // Upload a photo (picker, drag & drop, phone camera), show the answer, send right/wrong feedback.
+//
+// Answers may come back in any order: only the answer to the newest photo chosen is shown, and a "Why?" or a
+// feedback reply counts only while the answer it was asked for is still the one on screen.
 import { classify, explain, sendFeedback } from './api.js';
 import { showWhy } from './explain.js';
 import { el, pct, ms, showError } from './format.js';
@@ -8,22 +11,33 @@ const $ = (id) => document.getElementById(id);
 export function setupUpload(getLabels) {
   const input = $('photo-input');
   const zone = $('drop-zone');
-  let lastAnswer = null;
-  let lastFile = null;
+  let chosen = 0;  // how many photos were chosen so far; an answer to any but the last one is dropped
+  let shown = null;  // {result, file, previewUrl} of the answer on screen, null while none (or while classifying)
+
+  function hideWhy() {
+    $('why').hidden = true;
+    $('why').replaceChildren();
+  }
 
   async function handle(file) {
+    if (!file) return;
+    const ticket = ++chosen;
+    shown = null;
     showError($('upload-error'), null);
     $('feedback-status').textContent = '';
-    if (!file) return;
-    $('verdict').textContent = 'Classifying…';
+    hideWhy();
+    $('result-layout').hidden = true;  // the previous photo's answer, which is not this photo's
+    $('upload-status').textContent = `Classifying ${file.name || 'the photo'}…`;
+    $('upload-status').hidden = false;
     try {
       const result = await classify(file, { topK: 3, filename: file.name || 'photo' });
-      lastAnswer = result;
-      lastFile = file;
+      if (ticket !== chosen) return;
       render(result, file);
     } catch (error) {
-      $('result-layout').hidden = true;
+      if (ticket !== chosen) return;
       showError($('upload-error'), error);
+    } finally {
+      if (ticket === chosen) $('upload-status').hidden = true;
     }
   }
 
@@ -31,8 +45,8 @@ export function setupUpload(getLabels) {
     const preview = $('upload-preview');
     if (preview.src.startsWith('blob:')) URL.revokeObjectURL(preview.src);
     preview.src = URL.createObjectURL(file);
-    $('why').hidden = true;
-    $('why').replaceChildren();
+    shown = { result, file, previewUrl: preview.src };
+    $('why-button').disabled = false;
     const top = result.predictions[0];
     $('verdict').textContent = result.not_a_mushroom
       ? `Not a mushroom (mushroom score ${pct(result.mushroom_score)})`
@@ -56,12 +70,13 @@ export function setupUpload(getLabels) {
   }
 
   async function feedback(trueLabel) {
-    if (!lastAnswer) return;
+    const answered = shown;
+    if (!answered) return;
     try {
-      await sendFeedback(lastAnswer, trueLabel);
-      $('feedback-status').textContent = `Thanks — recorded "${trueLabel}".`;
+      await sendFeedback(answered.result, trueLabel);
+      if (shown === answered) $('feedback-status').textContent = `Thanks — recorded "${trueLabel}".`;
     } catch (error) {
-      $('feedback-status').textContent = `Feedback not recorded: ${error.message}`;
+      if (shown === answered) $('feedback-status').textContent = `Feedback not recorded: ${error.message}`;
     }
   }
 
@@ -82,16 +97,17 @@ export function setupUpload(getLabels) {
   });
   $('feedback-wrong').addEventListener('click', () => feedback($('feedback-true').value));
   $('why-button').addEventListener('click', async () => {
-    if (!lastFile) return;
+    const asked = shown;  // the explanation is drawn only while this answer is still the one on screen
+    if (!asked) return;
     const button = $('why-button');
     button.disabled = true;
     try {
-      const result = await explain(lastFile, { filename: lastFile.name || 'photo' });
-      showWhy($('why'), $('upload-preview').src, result.explanation);
+      const result = await explain(asked.file, { filename: asked.file.name || 'photo' });
+      if (shown === asked) showWhy($('why'), asked.previewUrl, result.explanation);
     } catch (error) {
-      showError($('upload-error'), error);
+      if (shown === asked) showError($('upload-error'), error);
     } finally {
-      button.disabled = false;
+      if (shown === asked) button.disabled = false;
     }
   });
 }
