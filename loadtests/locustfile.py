@@ -2,10 +2,15 @@
 
 Host = the gateway's HTTP URL; the gRPC target and admin token come from $LOADTEST_GRPC_TARGET / $LOADTEST_ADMIN_TOKEN
 or from the latest local stack (var/run/latest). Rejections of deliberately bad inputs count as successes; anything
-else that is not a 2xx (or gRPC OK) is a failure."""
+else that is not a 2xx (or gRPC OK) within the request timeout ($LOADTEST_REQUEST_TIMEOUT_S) is a failure. When locust
+quits, the run's ``Outcome`` (loadtests/outcome.py) is written to $LOADTEST_OUTCOME_DIR, and the exit status is 1
+when it names a problem (a user class that made no request, too)."""
 from __future__ import annotations
 
+import os
 import time
+from collections import Counter
+from pathlib import Path
 
 import grpc.experimental.gevent as grpc_gevent
 
@@ -14,18 +19,79 @@ grpc_gevent.init_gevent()  # grpc's own threads would otherwise block locust's g
 import grpc  # noqa: E402
 from locust import HttpUser, User, between, events, task  # noqa: E402
 
-from loadtests.traffic import Traffic, admin_token, grpc_target, photo_paths, shifted_routing  # noqa: E402
+from loadtests.outcome import Outcome, problems_of  # noqa: E402
+from loadtests.traffic import (Traffic, admin_token, grpc_target, photo_paths, request_timeout_s,  # noqa: E402
+                               shifted_routing)
 from devstack.grpc_client import ClassifierClient  # noqa: E402
 
 PHOTOS = photo_paths()
 ROUTING_STEPS = [0.9, 0.5, 0.1]  # share of traffic for the entry on the older of the two newest versions, in turn
+REQUEST_TIMEOUT_S = request_timeout_s()  # every HTTP request and gRPC call; run.py stops users after a longer wait
 
 
-class PhotoClassifier(HttpUser):
+class Tally:
+    """What the run's users did, from locust's request events: requests by user class (the users' ``context()``
+    names it) and photos answered with predictions (requests sent with ``{"photo": True}`` that succeeded)."""
+
+    def __init__(self):
+        self.requests: Counter[str] = Counter()
+        self.photos_answered = 0
+
+    def count(self, context: dict, exception, **_) -> None:
+        self.requests[context.get("user", "?")] += 1
+        if context.get("photo") and exception is None:
+            self.photos_answered += 1
+
+    def outcome(self, environment) -> Outcome:
+        users = [user_class.__name__ for user_class in environment.user_classes]
+        requests_by_user = {user: self.requests[user] for user in users}
+        classifying = any(user_class.classifies_photos for user_class in environment.user_classes)
+        failures = [error.serialize() for error in environment.runner.stats.errors.values()]
+        exceptions = [{"count": e["count"], "msg": e["msg"], "traceback": e["traceback"]}
+                      for e in environment.runner.exceptions.values()]
+        photos = self.photos_answered if classifying else None
+        return Outcome(requests_by_user, photos, failures, exceptions,
+                       problems_of(requests_by_user, photos, failures, exceptions))
+
+
+TALLY = Tally()
+events.request.add_listener(TALLY.count)
+
+
+@events.quitting.add_listener
+def record_outcome(environment, **_):
+    """After the users have stopped: the outcome into $LOADTEST_OUTCOME_DIR, and exit status 1 on any problem."""
+    outcome = TALLY.outcome(environment)
+    if os.environ.get("LOADTEST_OUTCOME_DIR"):
+        outcome.write(Path(os.environ["LOADTEST_OUTCOME_DIR"]))
+    if outcome.problems:
+        environment.process_exit_code = 1
+
+
+class NamedUser(User):
+    """Names its class in the context of every request it reports, for the ``Tally``; ``classifies_photos``: its
+    users send photos, so a run with them must answer some."""
+
+    abstract = True
+    classifies_photos = False
+
+    def context(self) -> dict:
+        return {"user": type(self).__name__}
+
+
+def http_problem(response) -> str:
+    """Why an HTTP request got no usable answer: the connection's error (a timeout, a refusal) or the status."""
+    if response.error is not None:
+        return f"no answer: {response.error}"
+    return f"{response.status_code}: {response.text[:200]}"
+
+
+class PhotoClassifier(HttpUser, NamedUser):
     """A person or an app posting photos over HTTP."""
 
     wait_time = between(0.05, 0.3)
     weight = 3
+    classifies_photos = True
 
     def on_start(self):
         self.traffic = Traffic(PHOTOS)
@@ -36,23 +102,24 @@ class PhotoClassifier(HttpUser):
         name, body, bad = self.traffic.next()
         with self.client.post("/v1/classify?top_k=3", data=body, name=f"POST /v1/classify [{name}]",
                               headers={"Content-Type": "application/octet-stream", "X-Client-Id": self.client_id},
-                              catch_response=True) as response:
+                              timeout=REQUEST_TIMEOUT_S, context={"photo": not bad}, catch_response=True) as response:
             if bad:
                 if 400 <= response.status_code < 500:
                     response.success()
                 else:
-                    response.failure(f"bad input answered {response.status_code}, expected a 4xx")
+                    response.failure(f"bad input: {http_problem(response)}; expected a 4xx")
             elif response.status_code != 200:
-                response.failure(f"{response.status_code}: {response.text[:200]}")
+                response.failure(http_problem(response))
             elif not response.json().get("predictions"):
                 response.failure("no predictions in the answer")
 
 
-class GrpcPhotoClassifier(User):
+class GrpcPhotoClassifier(NamedUser):
     """A backend service calling mushroom.v1.Classifier over gRPC; each call is reported as a locust request."""
 
     wait_time = between(0.05, 0.3)
     weight = 1
+    classifies_photos = True
 
     def on_start(self):
         target = grpc_target()
@@ -71,7 +138,7 @@ class GrpcPhotoClassifier(User):
         started = time.perf_counter()
         exception, length = None, 0
         try:
-            answer = self.grpc.classify(body, top_k=3, client_id=self.client_id)
+            answer = self.grpc.classify(body, top_k=3, client_id=self.client_id, timeout=REQUEST_TIMEOUT_S)
             length = len(str(answer))
             if bad:
                 exception = AssertionError("bad input was accepted")
@@ -79,12 +146,13 @@ class GrpcPhotoClassifier(User):
                 exception = AssertionError("no predictions in the answer")
         except grpc.RpcError as error:
             if not (bad and error.code() == grpc.StatusCode.INVALID_ARGUMENT):
-                exception = error
+                exception = RuntimeError(f"{error.code().name}: {error.details()}")  # DEADLINE_EXCEEDED on timeout
         events.request.fire(request_type="gRPC", name=f"Classify [{name}]", response_time=(time.perf_counter() - started)
-                            * 1000, response_length=length, exception=exception, context={})
+                            * 1000, response_length=length, exception=exception,
+                            context={**self.context(), "photo": not bad})
 
 
-class RoutingOperator(HttpUser):
+class RoutingOperator(HttpUser, NamedUser):
     """One operator who moves the A/B weights between the two entries on the newest versions every few seconds;
     entries may be version numbers or version labels ("stable", "canary"), which are kept as labels."""
 
@@ -98,14 +166,14 @@ class RoutingOperator(HttpUser):
     @task
     def shift_weights(self):
         with self.client.get("/v1/admin/routing", headers=self.headers, name="GET /v1/admin/routing",
-                             catch_response=True) as response:
+                             timeout=REQUEST_TIMEOUT_S, catch_response=True) as response:
             if response.status_code != 200:
-                response.failure(f"{response.status_code}: {response.text[:200]}")
+                response.failure(http_problem(response))
                 return
             routing = response.json()
         table = shifted_routing(routing, ROUTING_STEPS[self.step % len(ROUTING_STEPS)])
         self.step += 1
-        with self.client.put("/v1/admin/routing", json=table, headers=self.headers,
-                             name="PUT /v1/admin/routing", catch_response=True) as response:
+        with self.client.put("/v1/admin/routing", json=table, headers=self.headers, name="PUT /v1/admin/routing",
+                             timeout=REQUEST_TIMEOUT_S, catch_response=True) as response:
             if response.status_code != 200:
-                response.failure(f"{response.status_code}: {response.text[:200]}")
+                response.failure(http_problem(response))

@@ -11,6 +11,7 @@ from training_job.paths import shared_data_dir, var_dir
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 HOT_SET_SIZE = 20
+DEFAULT_REQUEST_TIMEOUT_S = 5.0  # a request unanswered this long is a failure (run.py --request-timeout)
 # (name, body): each must be answered with a 4xx over HTTP / INVALID_ARGUMENT over gRPC, never a 5xx.
 BAD_INPUTS = [("empty", b""), ("text", b"this is not a photo"), ("truncated-jpeg", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00")]
 
@@ -64,6 +65,11 @@ def admin_token() -> str:
 
 def grpc_target() -> str:
     return os.environ.get("LOADTEST_GRPC_TARGET") or stack_state().get("urls", {}).get("gateway gRPC", "")
+
+
+def request_timeout_s() -> float:
+    """Seconds each request may take before it counts as failed: $LOADTEST_REQUEST_TIMEOUT_S (run.py sets it)."""
+    return float(os.environ.get("LOADTEST_REQUEST_TIMEOUT_S") or DEFAULT_REQUEST_TIMEOUT_S)
 
 
 def routing_entries(routing: dict) -> dict[str, float]:

@@ -4,11 +4,13 @@ The operator's moves on tables of version numbers, version labels and both, and 
 gateway whose table holds labels of the model server's config."""
 from __future__ import annotations
 
-import csv
+import socket
+import threading
+from contextlib import contextmanager
 
 import pytest
 
-from loadtests.run import aggregated, run_locust
+from loadtests.run import final_rows, main, run_locust, summary, total
 from loadtests.traffic import shifted_routing
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
@@ -31,13 +33,9 @@ def test_locust_smoke_has_no_unexpected_failures(stack, tmp_path):
     out = tmp_path / "report"
     code = run_locust(stack.urls["gateway"], stack.urls["gateway gRPC"], users=6, spawn_rate=6, run_time="30s",
                       out=out, admin_token=stack.admin_token)
-    with open(out / "locust_stats.csv", newline="") as f:
-        rows = {(row["Type"], row["Name"]): int(row["Request Count"]) for row in csv.DictReader(f)}
-    failures = (out / "locust_failures.csv").read_text()
-    total = aggregated(out)
-    assert int(total["Failure Count"]) == 0, failures
-    assert code == 0, (out / "locust.out").read_text()[-2000:]
-    assert int(total["Request Count"]) > 50
+    rows = {(row.method, row.name): row.requests for row in final_rows(out)}
+    assert code == 0, summary(out)
+    assert total(final_rows(out)).requests > 50
     assert any(kind == "gRPC" and count > 0 for (kind, _), count in rows.items()), rows
     assert any(name.startswith("POST /v1/classify [bad:") for _, name in rows), rows
     assert rows.get(("PUT", "PUT /v1/admin/routing"), 0) >= 2, rows
@@ -108,10 +106,8 @@ def test_the_locust_operator_works_on_a_label_table(label_stack, tmp_path, monke
     out = tmp_path / "report"
     code = run_locust(gateway.url, f"127.0.0.1:{gateway.grpc_port}", users=1, spawn_rate=1, run_time="20s", out=out,
                       admin_token=TOKEN, user_classes=["RoutingOperator"])
-    with open(out / "locust_stats.csv", newline="") as f:
-        rows = {(row["Type"], row["Name"]): int(row["Request Count"]) for row in csv.DictReader(f)}
-    assert int(aggregated(out)["Failure Count"]) == 0, (out / "locust_failures.csv").read_text()
-    assert code == 0, (out / "locust.out").read_text()[-2000:]
+    rows = {(row.method, row.name): row.requests for row in final_rows(out)}
+    assert code == 0, summary(out)
     assert rows.get(("PUT", "PUT /v1/admin/routing"), 0) >= 2, rows
     # Every change the operator made kept the labels (stable on version 1 gets 0.9, then 0.5, ...) and the shadow.
     entries = gateway.request("GET", "/v1/admin/audit", token=TOKEN)[1]["entries"]
@@ -121,3 +117,63 @@ def test_the_locust_operator_works_on_a_label_table(label_stack, tmp_path, monke
     assert all(set(m["weights"]) == {"stable", "canary"} and m["shadow"] == "canary" for m in moves), moves
     routing = gateway.request("GET", "/v1/admin/routing", token=TOKEN)[1]
     assert routing["resolved"] == {"canary": 2, "stable": 1}
+
+
+# ------------------------------------------------------------------------------ a run that cannot pass
+@contextmanager
+def unanswering_port():
+    """A port on 127.0.0.1 that accepts connections and reads what is sent but never answers: a hung gateway."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    connections = []
+
+    def drain(connection):
+        try:
+            while connection.recv(65536):
+                pass
+        except OSError:
+            pass
+
+    def accept():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            connections.append(connection)
+            threading.Thread(target=drain, args=(connection,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+        for connection in connections:
+            connection.close()
+
+
+def test_a_gateway_that_never_answers_fails_the_run(tmp_path, capsys, monkeypatch):
+    """Each request times out before locust stops its users, so every one is counted, as a failure."""
+    monkeypatch.setenv("LOADTEST_PHOTOS", str(MUSHROOMS))
+    with unanswering_port() as http_port, unanswering_port() as grpc_port:
+        code = main(["--host", f"http://127.0.0.1:{http_port}", "--grpc", f"127.0.0.1:{grpc_port}", "--users", "4",
+                     "--spawn-rate", "4", "--run-time", "3s", "--out", str(tmp_path / "report")])
+    printed = capsys.readouterr().out
+    assert code != 0, printed
+    assert "timed out" in printed.lower() or "deadline" in printed.lower(), printed
+    # The requests failed after the run time, while locust stopped its users: its CSV never sees them.
+    every = total(final_rows(tmp_path / "report"))
+    assert every.requests > 0 and every.failures == every.requests, printed
+    assert "FAILED: no photo was answered with predictions" in printed, printed
+
+
+def test_a_user_class_that_made_no_request_fails_the_run(label_stack, tmp_path, monkeypatch):
+    """The gRPC users cannot start (no gRPC target): the HTTP users' requests alone must not pass for the run."""
+    monkeypatch.setenv("LOADTEST_PHOTOS", str(MUSHROOMS))
+    monkeypatch.setenv("MUSHROOM_VAR", str(tmp_path / "no-stack"))  # no local stack to take a gRPC target from
+    out = tmp_path / "report"
+    code = run_locust(label_stack.url, "", users=4, spawn_rate=4, run_time="4s", out=out,
+                      user_classes=["PhotoClassifier", "GrpcPhotoClassifier"])
+    report = summary(out)
+    assert code != 0, report
+    assert "GrpcPhotoClassifier made no request" in report, report
+    assert "no gRPC target" in report, report
