@@ -1,4 +1,5 @@
-"""Locust traffic against the gateway: HTTP clients, gRPC clients and one operator shifting the A/B weights mid-run.
+"""Locust traffic against the gateway: HTTP clients, gRPC clients and, when named (run.py --operator), one operator
+shifting the A/B weights mid-run, whose moves the ``RoutingKeeper`` undoes when the run stops.
 
 Host = the gateway's HTTP URL; the gRPC target and admin token come from $LOADTEST_GRPC_TARGET / $LOADTEST_ADMIN_TOKEN
 or from the latest local stack (var/run/latest). Rejections of deliberately bad inputs count as successes; anything
@@ -17,11 +18,12 @@ import grpc.experimental.gevent as grpc_gevent
 grpc_gevent.init_gevent()  # grpc's own threads would otherwise block locust's gevent loop
 
 import grpc  # noqa: E402
+import requests  # noqa: E402
 from locust import HttpUser, User, between, events, task  # noqa: E402
 
 from loadtests.outcome import Outcome, problems_of  # noqa: E402
 from loadtests.traffic import (Traffic, admin_token, grpc_target, photo_paths, request_timeout_s,  # noqa: E402
-                               shifted_routing)
+                               settable, shifted_routing)
 from devstack.grpc_client import ClassifierClient  # noqa: E402
 
 PHOTOS = photo_paths()
@@ -42,7 +44,8 @@ class Tally:
         if context.get("photo") and exception is None:
             self.photos_answered += 1
 
-    def outcome(self, environment) -> Outcome:
+    def outcome(self, environment, other_problems: list[str]) -> Outcome:
+        """The run's outcome; ``other_problems``: found outside the requests (the ``RoutingKeeper``'s)."""
         users = [user_class.__name__ for user_class in environment.user_classes]
         requests_by_user = {user: self.requests[user] for user in users}
         classifying = any(user_class.classifies_photos for user_class in environment.user_classes)
@@ -51,7 +54,7 @@ class Tally:
                       for e in environment.runner.exceptions.values()]
         photos = self.photos_answered if classifying else None
         return Outcome(requests_by_user, photos, failures, exceptions,
-                       problems_of(requests_by_user, photos, failures, exceptions))
+                       problems_of(requests_by_user, photos, failures, exceptions) + other_problems)
 
 
 TALLY = Tally()
@@ -61,7 +64,7 @@ events.request.add_listener(TALLY.count)
 @events.quitting.add_listener
 def record_outcome(environment, **_):
     """After the users have stopped: the outcome into $LOADTEST_OUTCOME_DIR, and exit status 1 on any problem."""
-    outcome = TALLY.outcome(environment)
+    outcome = TALLY.outcome(environment, KEEPER.problems)
     if os.environ.get("LOADTEST_OUTCOME_DIR"):
         outcome.write(Path(os.environ["LOADTEST_OUTCOME_DIR"]))
     if outcome.problems:
@@ -154,12 +157,15 @@ class GrpcPhotoClassifier(NamedUser):
 
 class RoutingOperator(HttpUser, NamedUser):
     """One operator who moves the A/B weights between the two entries on the newest versions every few seconds;
-    entries may be version numbers or version labels ("stable", "canary"), which are kept as labels."""
+    entries may be version numbers or version labels ("stable", "canary"), which are kept as labels. It moves
+    nothing unless the ``RoutingKeeper`` saved the table first."""
 
     fixed_count = 1
     wait_time = between(8, 10)
 
     def on_start(self):
+        if KEEPER.saved is None:
+            raise RuntimeError("the routing table the run started with was not saved: the operator leaves it alone")
         self.headers = {"Authorization": f"Bearer {admin_token()}"}
         self.step = 0
 
@@ -173,7 +179,58 @@ class RoutingOperator(HttpUser, NamedUser):
             routing = response.json()
         table = shifted_routing(routing, ROUTING_STEPS[self.step % len(ROUTING_STEPS)])
         self.step += 1
+        KEEPER.sent.append(settable(table))  # before it is sent: an answer lost to a timeout may still have set it
         with self.client.put("/v1/admin/routing", json=table, headers=self.headers, name="PUT /v1/admin/routing",
                              timeout=REQUEST_TIMEOUT_S, catch_response=True) as response:
             if response.status_code != 200:
                 response.failure(http_problem(response))
+
+
+class RoutingKeeper:
+    """When RoutingOperator is one of the run's users: the gateway's routing table as the run found it, saved before
+    any user starts and put back once they have all stopped. The table is operator state (kept in Redis, never
+    expiring), so the operator's moves must not outlast the run. It is put back only from a table the operator set;
+    one someone else set during the run (a rollout controller, a person) is left as it is, and named as a problem."""
+
+    PATH = "/v1/admin/routing"
+
+    def __init__(self):
+        self.saved: dict | None = None  # ``settable`` of the table found at the start
+        self.sent: list[dict] = []  # ``settable`` of every table the operator sent
+        self.problems: list[str] = []  # for the run's outcome
+
+    def _call(self, environment, method: str, body: dict | None = None) -> dict:
+        answer = requests.request(method, environment.host + self.PATH, json=body, timeout=REQUEST_TIMEOUT_S,
+                                  headers={"Authorization": f"Bearer {admin_token()}",
+                                           "X-Operator": "locust: the table as the load test found it"})
+        if answer.status_code != 200:
+            raise RuntimeError(f"{method} {self.PATH} answered {answer.status_code}: {answer.text[:200]}")
+        return answer.json()
+
+    def save(self, environment, **_) -> None:
+        if RoutingOperator not in environment.user_classes:
+            return
+        try:
+            self.saved = settable(self._call(environment, "GET"))
+        except (requests.RequestException, RuntimeError, ValueError) as exc:
+            self.problems.append(f"the routing table could not be saved: {exc}")
+
+    def restore(self, environment, **_) -> None:
+        if self.saved is None or not self.sent:
+            return
+        try:
+            now = settable(self._call(environment, "GET"))
+            if now == self.saved:
+                return
+            if now not in self.sent:
+                self.problems.append(f"the routing table was set by someone else during the run; left as it is, "
+                                     f"not put back to {self.saved}")
+                return
+            self._call(environment, "PUT", self.saved)
+        except (requests.RequestException, RuntimeError, ValueError) as exc:
+            self.problems.append(f"the routing table could not be put back to {self.saved}: {exc}")
+
+
+KEEPER = RoutingKeeper()
+events.test_start.add_listener(KEEPER.save)
+events.test_stop.add_listener(KEEPER.restore)

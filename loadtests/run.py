@@ -1,7 +1,10 @@
 """Run the locust load test headless against the local stack for a bounded time.
 
-    python -m loadtests.run [--users 20] [--spawn-rate 5] [--run-time 60s] [--request-timeout 5] [--host URL]
-                            [--grpc HOST:PORT]
+    python -m loadtests.run [--users 20] [--spawn-rate 5] [--run-time 60s] [--request-timeout 5] [--operator]
+                            [--host URL] [--grpc HOST:PORT]
+
+HTTP and gRPC users classify photos; with --operator one more user moves the gateway's A/B weights every ~9 s, and
+the table it found is put back when the run stops.
 
 Writes locust's CSV files and HTML report into var/loadtests/<timestamp>/ and prints, from what locust and the
 locustfile write once every user has stopped (final_stats.json, outcome.json): a row per request name, the requests
@@ -26,6 +29,8 @@ from training_job.paths import PROJECT_ROOT, var_dir
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 FINAL_STATS = "final_stats"  # locust --json-file: <out>/final_stats.json, written after the users stopped
 PERCENTILES = (0.5, 0.95, 0.99)
+CLASSIFY_USERS = ["PhotoClassifier", "GrpcPhotoClassifier"]  # the locustfile's users of every run
+OPERATOR_USER = "RoutingOperator"  # only with --operator: it changes the gateway's routing table while the run lasts
 
 
 def parse_args(argv):
@@ -40,6 +45,9 @@ def parse_args(argv):
     parser.add_argument("--run-time", default="60s", help="locust duration, e.g. 30s, 5m")
     parser.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
                         help="seconds a request may take before it counts as failed (default %(default)s)")
+    parser.add_argument("--operator", action="store_true",
+                        help="also run the operator user, who moves the gateway's A/B weights (admin token needed); "
+                             "the routing table is put back when the run stops")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default var/loadtests/<timestamp>)")
     return parser.parse_args(argv)
 
@@ -54,8 +62,8 @@ def stop_timeout_s(request_timeout: float) -> int:
 def run_locust(host: str, grpc_target: str, users: int, spawn_rate: float, run_time: str, out: Path,
                admin_token: str | None = None, user_classes: list[str] | None = None,
                request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S) -> int:
-    """Runs locust headless and returns its exit status; ``user_classes`` (e.g. ["RoutingOperator"]) limits the run
-    to those users."""
+    """Runs locust headless and returns its exit status; ``user_classes``: the locustfile's users to run
+    (default CLASSIFY_USERS)."""
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "LOADTEST_GRPC_TARGET": grpc_target,
            "LOADTEST_REQUEST_TIMEOUT_S": str(request_timeout), "LOADTEST_OUTCOME_DIR": str(out),
@@ -65,7 +73,7 @@ def run_locust(host: str, grpc_target: str, users: int, spawn_rate: float, run_t
     argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", host, "-u", str(users),
             "-r", str(spawn_rate), "--run-time", run_time, "--stop-timeout", str(stop_timeout_s(request_timeout)),
             "--csv", str(out / "locust"), "--html", str(out / "report.html"), "--json-file", str(out / FINAL_STATS),
-            "--only-summary", "--logfile", str(out / "locust.log"), *(user_classes or [])]
+            "--only-summary", "--logfile", str(out / "locust.log"), *(user_classes or CLASSIFY_USERS)]
     with open(out / "locust.out", "w") as log:
         return subprocess.run(argv, env=env, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
 
@@ -164,10 +172,11 @@ def main(argv=None) -> int:
         print("No local stack found (var/run/latest): `make run` first, or pass --host and --grpc.", file=sys.stderr)
         return 1
     out = args.out or var_dir() / "loadtests" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    print(f"locust: {args.users} users for {args.run_time} against {args.host} (gRPC {args.grpc}), requests time "
-          f"out after {args.request_timeout:g} s -> {out}")
+    users = CLASSIFY_USERS + ([OPERATOR_USER] if args.operator else [])
+    print(f"locust: {args.users} users ({', '.join(users)}) for {args.run_time} against {args.host} (gRPC "
+          f"{args.grpc}), requests time out after {args.request_timeout:g} s -> {out}")
     code = run_locust(args.host, args.grpc, args.users, args.spawn_rate, args.run_time, out, args.admin_token,
-                      request_timeout=args.request_timeout)
+                      users, args.request_timeout)
     print(summary(out))
     if outcome.read(out) is None:
         code = code or 1

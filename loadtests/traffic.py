@@ -1,5 +1,5 @@
 """What the load test sends: many distinct shared photos, a small hot set repeated (cache hits), a few bad inputs;
-and how the operator user moves the A/B weights (``shifted_routing``)."""
+and how the operator user moves the A/B weights (``shifted_routing``) and tells tables apart (``settable``)."""
 from __future__ import annotations
 
 import json
@@ -76,6 +76,14 @@ def routing_entries(routing: dict) -> dict[str, float]:
     """The table's weights by entry name ("3" or a version label such as "canary"), as GET /v1/admin/routing
     answers them."""
     return {str(entry): float(weight) for entry, weight in (routing.get("weights") or {}).items()}
+
+
+def settable(routing: dict) -> dict:
+    """The PUT /v1/admin/routing body that sets the table ``routing`` describes (what GET answered, or a body the
+    operator sent), in the form the gateway stores it: entries of weight 0 left out, {"clear": true} for no entry.
+    Two tables are the same table when their ``settable`` are equal."""
+    weights = {entry: weight for entry, weight in routing_entries(routing).items() if weight > 0}
+    return {"weights": weights, "shadow": routing.get("shadow")} if weights else {"clear": True}
 
 
 def shifted_routing(routing: dict, share: float) -> dict:

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import pytest
 
 from loadtests.run import final_rows, main, run_locust, summary, total
-from loadtests.traffic import shifted_routing
+from loadtests.traffic import settable, shifted_routing
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from devstack.launch import stop_stack
@@ -32,7 +32,8 @@ def stack(published_model, tmp_path_factory):
 def test_locust_smoke_has_no_unexpected_failures(stack, tmp_path):
     out = tmp_path / "report"
     code = run_locust(stack.urls["gateway"], stack.urls["gateway gRPC"], users=6, spawn_rate=6, run_time="30s",
-                      out=out, admin_token=stack.admin_token)
+                      out=out, admin_token=stack.admin_token,
+                      user_classes=["PhotoClassifier", "GrpcPhotoClassifier", "RoutingOperator"])
     rows = {(row.method, row.name): row.requests for row in final_rows(out)}
     assert code == 0, summary(out)
     assert total(final_rows(out)).requests > 50
@@ -73,6 +74,16 @@ def test_the_operator_handles_mixed_tables_vanished_labels_and_empty_tables():
     assert shifted_routing(empty, 0.5) == {"weights": {"2": 0.5, "3": 0.5}, "shadow": None}
     alone = {"weights": {}, "shadow": None, "available": [4], "resolved": {}}
     assert shifted_routing(alone, 0.5) == {"clear": True}
+
+
+def test_tables_are_compared_as_the_gateway_stores_them():
+    """The keeper puts the table back only from one the operator sent: entries of weight 0 are not stored."""
+    sent = {"weights": {"1": 0.0, "stable": 0.9, "canary": 0.1}, "shadow": "canary"}
+    stored = {"weights": {"stable": 0.9, "canary": 0.1}, "shadow": "canary", "resolved": {"stable": 1, "canary": 2}}
+    assert settable(sent) == settable(stored) == {"weights": {"stable": 0.9, "canary": 0.1}, "shadow": "canary"}
+    empty = {"weights": {}, "shadow": None, "available": [1, 2]}
+    assert settable(empty) == settable({"clear": True}) == {"clear": True}
+    assert settable(stored) != settable({**stored, "shadow": None})
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +128,8 @@ def test_the_locust_operator_works_on_a_label_table(label_stack, tmp_path, monke
     assert all(set(m["weights"]) == {"stable", "canary"} and m["shadow"] == "canary" for m in moves), moves
     routing = gateway.request("GET", "/v1/admin/routing", token=TOKEN)[1]
     assert routing["resolved"] == {"canary": 2, "stable": 1}
+    # The run over, the table is the one it found: the gateway keeps it (in Redis) after the load test.
+    assert (routing["weights"], routing["shadow"]) == ({"stable": 70.0, "canary": 30.0}, "canary"), entries
 
 
 # ------------------------------------------------------------------------------ a run that cannot pass
@@ -177,3 +190,14 @@ def test_a_user_class_that_made_no_request_fails_the_run(label_stack, tmp_path, 
     assert code != 0, report
     assert "GrpcPhotoClassifier made no request" in report, report
     assert "no gRPC target" in report, report
+
+
+def test_the_load_test_leaves_the_routing_table_alone_unless_asked(label_stack, tmp_path, monkeypatch):
+    """Without --operator no user moves the A/B weights: the gateway's table is operator state, kept in Redis."""
+    gateway = label_stack
+    monkeypatch.setenv("LOADTEST_PHOTOS", str(MUSHROOMS))
+    audit_before = gateway.request("GET", "/v1/admin/audit", token=TOKEN)[1]["entries"]
+    code = main(["--host", gateway.url, "--grpc", f"127.0.0.1:{gateway.grpc_port}", "--admin-token", TOKEN,
+                 "--users", "3", "--spawn-rate", "3", "--run-time", "3s", "--out", str(tmp_path / "report")])
+    assert gateway.request("GET", "/v1/admin/audit", token=TOKEN)[1]["entries"] == audit_before
+    assert code == 0, summary(tmp_path / "report")
