@@ -22,8 +22,8 @@ import requests  # noqa: E402
 from locust import HttpUser, User, between, events, task  # noqa: E402
 
 from loadtests.outcome import Outcome, problems_of  # noqa: E402
-from loadtests.traffic import (Traffic, admin_token, grpc_target, photo_paths, request_timeout_s,  # noqa: E402
-                               settable, shifted_routing)
+from loadtests.traffic import (Traffic, admin_token, grpc_target, photo_paths, request_label,  # noqa: E402
+                               request_timeout_s, settable, shifted_routing)
 from devstack.grpc_client import ClassifierClient  # noqa: E402
 
 PHOTOS = photo_paths()
@@ -102,8 +102,8 @@ class PhotoClassifier(HttpUser, NamedUser):
 
     @task
     def classify(self):
-        name, body, bad = self.traffic.next()
-        with self.client.post("/v1/classify?top_k=3", data=body, name=f"POST /v1/classify [{name}]",
+        kind, body, bad = self.traffic.next()
+        with self.client.post("/v1/classify?top_k=3", data=body, name=f"POST /v1/classify [{kind}]",
                               headers={"Content-Type": "application/octet-stream", "X-Client-Id": self.client_id},
                               timeout=REQUEST_TIMEOUT_S, context={"photo": not bad}, catch_response=True) as response:
             if bad:
@@ -113,8 +113,12 @@ class PhotoClassifier(HttpUser, NamedUser):
                     response.failure(f"bad input: {http_problem(response)}; expected a 4xx")
             elif response.status_code != 200:
                 response.failure(http_problem(response))
-            elif not response.json().get("predictions"):
-                response.failure("no predictions in the answer")
+            else:
+                answer = response.json()
+                # the row is named once the answer says whether it came from the cache
+                response.request_meta["name"] = f"POST /v1/classify [{request_label(kind, answer.get('cached'))}]"
+                if not answer.get("predictions"):
+                    response.failure("no predictions in the answer")
 
 
 class GrpcPhotoClassifier(NamedUser):
@@ -137,12 +141,13 @@ class GrpcPhotoClassifier(NamedUser):
 
     @task
     def classify(self):
-        name, body, bad = self.traffic.next()
+        kind, body, bad = self.traffic.next()
         started = time.perf_counter()
-        exception, length = None, 0
+        exception, length, cached = None, 0, None
         try:
             answer = self.grpc.classify(body, top_k=3, client_id=self.client_id, timeout=REQUEST_TIMEOUT_S)
             length = len(str(answer))
+            cached = answer.get("cached", False)  # proto3 leaves a false bool out of the dict
             if bad:
                 exception = AssertionError("bad input was accepted")
             elif not answer.get("predictions"):
@@ -150,9 +155,9 @@ class GrpcPhotoClassifier(NamedUser):
         except grpc.RpcError as error:
             if not (bad and error.code() == grpc.StatusCode.INVALID_ARGUMENT):
                 exception = RuntimeError(f"{error.code().name}: {error.details()}")  # DEADLINE_EXCEEDED on timeout
-        events.request.fire(request_type="gRPC", name=f"Classify [{name}]", response_time=(time.perf_counter() - started)
-                            * 1000, response_length=length, exception=exception,
-                            context={**self.context(), "photo": not bad})
+        events.request.fire(request_type="gRPC", name=f"Classify [{request_label(kind, None if bad else cached)}]",
+                            response_time=(time.perf_counter() - started) * 1000, response_length=length,
+                            exception=exception, context={**self.context(), "photo": not bad})
 
 
 class RoutingOperator(HttpUser, NamedUser):

@@ -1,5 +1,6 @@
-"""What the load test sends: many distinct shared photos, a small hot set repeated (cache hits), a few bad inputs;
-and how the operator user moves the A/B weights (``shifted_routing``) and tells tables apart (``settable``)."""
+"""What the load test sends: many distinct shared photos (new to the cache), a small hot set repeated (cache hits
+after the first), a few bad inputs, and what each request's row is called (``request_label``); and how the operator
+user moves the A/B weights (``shifted_routing``) and tells tables apart (``settable``)."""
 from __future__ import annotations
 
 import json
@@ -25,28 +26,49 @@ def photo_paths() -> list[Path]:
 
 
 class Traffic:
-    """Per user: 60 % distinct photos (mostly cache misses), 35 % the hot set (cache hits), 5 % bad inputs."""
+    """Per user: 60 % distinct photos, 35 % the hot set, 5 % bad inputs. A distinct photo is one of the photos with
+    bytes of its own after the image's end (``distinct``), so the gateway's cache, keyed by the bytes' sha256, has
+    never seen it, in this run or an earlier one; the hot set is sent as it is, so it is answered from the cache once
+    each photo has been answered once. ``next`` tells which kind a request is; the locustfile names it by kind and
+    by the answer's ``cached`` (``request_label``)."""
 
     def __init__(self, paths: list[Path], seed: int | None = None):
         self.rng = random.Random(seed)
         self.paths = paths
         self.hot = paths[:: max(1, len(paths) // HOT_SET_SIZE)][:HOT_SET_SIZE]
         self._bytes: dict[Path, bytes] = {}
+        self._tag = os.urandom(8).hex()  # not from the seed: a seeded run must not repeat an earlier run's bytes
+        self._sent = 0
 
     def _read(self, path: Path) -> bytes:
         if path not in self._bytes:
             self._bytes[path] = path.read_bytes()
         return self._bytes[path]
 
+    def distinct(self, path: Path) -> bytes:
+        """The photo at ``path`` followed by bytes no other request carries. Decoders stop at the image's end (JPEG's
+        EOI marker, PNG's IEND chunk, WebP's RIFF length), so the pixels are the photo's own
+        (tests/test_loadtest.py checks the three formats against ``preprocess_bytes``)."""
+        self._sent += 1
+        return self._read(path) + f"\n(load test {self._tag} photo {self._sent})".encode()
+
     def next(self) -> tuple[str, bytes, bool]:
-        """(request name, body, expected to be rejected)."""
+        """(kind: "distinct", "hot" or "bad:<name>", body, expected to be rejected)."""
         roll = self.rng.random()
         if roll < 0.05:
             name, body = self.rng.choice(BAD_INPUTS)
             return f"bad:{name}", body, True
         if roll < 0.40:
-            return "photo:hot", self._read(self.rng.choice(self.hot)), False
-        return "photo:distinct", self._read(self.rng.choice(self.paths)), False
+            return "hot", self._read(self.rng.choice(self.hot)), False
+        return "distinct", self.distinct(self.rng.choice(self.paths)), False
+
+
+def request_label(kind: str, cached: bool | None) -> str:
+    """What a request's row is called after its kind and the answer's ``cached`` field: "hot:hit", "distinct:miss";
+    the kind alone for a bad input or a request without an answer (``cached`` None)."""
+    if cached is None:
+        return kind
+    return f"{kind}:{'hit' if cached else 'miss'}"
 
 
 def stack_state() -> dict:

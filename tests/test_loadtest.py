@@ -4,14 +4,17 @@ The operator's moves on tables of version numbers, version labels and both, and 
 gateway whose table holds labels of the model server's config."""
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from loadtests.run import final_rows, main, run_locust, summary, total
-from loadtests.traffic import settable, shifted_routing
+from loadtests.traffic import Traffic, settable, shifted_routing
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from devstack.launch import stop_stack
@@ -19,6 +22,7 @@ from tests.model_server_harness import MODEL, start_server, stop_server, version
 from tests.support import MUSHROOMS, RedisServer
 from tests.test_gateway import TOKEN, GatewayProcess, set_routing
 from tests.test_stack import start_test_stack
+from training_job.preprocessing import preprocess_bytes
 from training_job.tiny_model import publish_tiny_versions
 
 
@@ -201,3 +205,47 @@ def test_the_load_test_leaves_the_routing_table_alone_unless_asked(label_stack, 
                  "--users", "3", "--spawn-rate", "3", "--run-time", "3s", "--out", str(tmp_path / "report")])
     assert gateway.request("GET", "/v1/admin/audit", token=TOKEN)[1]["entries"] == audit_before
     assert code == 0, summary(tmp_path / "report")
+
+
+# ------------------------------------------------------------------------------ cache hits and misses apart
+def one_photo_per_format() -> dict[str, object]:
+    """The first shared photo of each format (the shared folder holds JPEG, PNG and WebP under .jpg names)."""
+    found = {}
+    for path in sorted(MUSHROOMS.rglob("*.jpg")):
+        with Image.open(path) as image:
+            found.setdefault(image.format, path)
+        if len(found) == 3:
+            return found
+    raise AssertionError(f"the shared photos hold only {sorted(found)}")
+
+
+def test_distinct_photos_are_new_bytes_with_the_same_pixels():
+    """Each distinct photo is sent with bytes of its own after the image's end: the gateway's cache (keyed by the
+    bytes' sha256) has never seen it, and preprocessing decodes the very same pixels."""
+    photos = one_photo_per_format()
+    traffic = Traffic(list(photos.values()))
+    for image_format, path in photos.items():
+        first, second = traffic.distinct(path), traffic.distinct(path)
+        assert len({first, second, path.read_bytes()}) == 3, image_format
+        assert np.array_equal(preprocess_bytes(first), preprocess_bytes(path.read_bytes())), image_format
+
+
+def test_rows_say_whether_the_cache_answered(label_stack, tmp_path, monkeypatch):
+    """The photos are all in the cache before the run: the hot set is answered from it, no distinct photo is (its
+    bytes are new), and each photo's row says which it was, over HTTP and gRPC."""
+    gateway = label_stack
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in sorted(MUSHROOMS.rglob("*.jpg"))[:4]:
+        shutil.copy(path, photos / path.name)
+        for version in (1, 2):  # whichever version the routing table sends a user to
+            wait_until(lambda: gateway.classify(path.read_bytes(), version=version).body["cached"],
+                       what=f"{path.name} cached for version {version}")
+    monkeypatch.setenv("LOADTEST_PHOTOS", str(photos))
+    out = tmp_path / "report"
+    code = run_locust(gateway.url, f"127.0.0.1:{gateway.grpc_port}", users=2, spawn_rate=2, run_time="3s", out=out)
+    assert code == 0, summary(out)
+    rows = {(row.method, row.name): row.requests for row in final_rows(out)}
+    kinds = {name.split("[")[1].rstrip("]") for _, name in rows if "[bad:" not in name}  # "hot:hit", ...
+    assert kinds == {"distinct:miss", "hot:hit"}, rows
+    assert {method for method, _ in rows} == {"POST", "gRPC"}, rows
