@@ -2,10 +2,11 @@
 shifting the A/B weights mid-run, whose moves the ``RoutingKeeper`` undoes when the run stops.
 
 Host = the gateway's HTTP URL; the gRPC target and admin token come from $LOADTEST_GRPC_TARGET / $LOADTEST_ADMIN_TOKEN
-or from the latest local stack (var/run/latest). Rejections of deliberately bad inputs count as successes; anything
-else that is not a 2xx (or gRPC OK) within the request timeout ($LOADTEST_REQUEST_TIMEOUT_S) is a failure. When locust
-quits, the run's ``Outcome`` (loadtests/outcome.py) is written to $LOADTEST_OUTCOME_DIR, and the exit status is 1
-when it names a problem (a user class that made no request, too)."""
+or from the latest local stack (var/run/latest); the photos from $LOADTEST_PHOTOS, the phone-size ones from
+$LOADTEST_PHONE_PHOTOS (run.py makes them; without it, none are sent). Rejections of deliberately bad inputs count as
+successes; anything else that is not a 2xx (or gRPC OK) within the request timeout ($LOADTEST_REQUEST_TIMEOUT_S) is a
+failure. When locust quits, the run's ``Outcome`` (loadtests/outcome.py) is written to $LOADTEST_OUTCOME_DIR, and the
+exit status is 1 when it names a problem (a user class that made no request, too)."""
 from __future__ import annotations
 
 import os
@@ -22,11 +23,13 @@ import requests  # noqa: E402
 from locust import HttpUser, User, between, events, task  # noqa: E402
 
 from loadtests.outcome import Outcome, problems_of  # noqa: E402
-from loadtests.traffic import (Traffic, admin_token, grpc_target, photo_paths, request_label,  # noqa: E402
-                               request_timeout_s, settable, shifted_routing)
+from loadtests.traffic import (PhotoFiles, Traffic, admin_token, grpc_target, phone_photo_paths,  # noqa: E402
+                               photo_paths, request_label, request_timeout_s, settable, shifted_routing)
 from devstack.grpc_client import ClassifierClient  # noqa: E402
 
 PHOTOS = photo_paths()
+PHONES = phone_photo_paths()  # made by run.py, before locust starts (see loadtests/phone_photos.py)
+FILES = PhotoFiles()  # every user's photos, read once
 ROUTING_STEPS = [0.9, 0.5, 0.1]  # share of traffic for the entry on the older of the two newest versions, in turn
 REQUEST_TIMEOUT_S = request_timeout_s()  # every HTTP request and gRPC call; run.py stops users after a longer wait
 
@@ -97,7 +100,7 @@ class PhotoClassifier(HttpUser, NamedUser):
     classifies_photos = True
 
     def on_start(self):
-        self.traffic = Traffic(PHOTOS)
+        self.traffic = Traffic(PHOTOS, PHONES, files=FILES)
         self.client_id = f"locust-http-{id(self)}"
 
     @task
@@ -134,7 +137,7 @@ class GrpcPhotoClassifier(NamedUser):
             raise RuntimeError("no gRPC target: set LOADTEST_GRPC_TARGET or bring the local stack up")
         self.grpc = ClassifierClient(target)
         self.client_id = f"locust-grpc-{id(self)}"
-        self.traffic = Traffic(PHOTOS)
+        self.traffic = Traffic(PHOTOS, PHONES, files=FILES)
 
     def on_stop(self):
         self.grpc.close()

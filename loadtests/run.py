@@ -6,9 +6,9 @@
 HTTP and gRPC users classify photos; with --operator one more user moves the gateway's A/B weights every ~9 s, and
 the table it found is put back when the run stops.
 
-Writes locust's CSV files and HTML report into var/loadtests/<timestamp>/ and prints, from what locust and the
-locustfile write once every user has stopped (final_stats.json, outcome.json): a row per request name, the requests
-each user class made, the failures and exceptions, and why the run failed.
+Writes locust's CSV files and HTML report into var/loadtests/<timestamp>/ and prints the traffic's mix (traffic.txt)
+and, from what locust and the locustfile write once every user has stopped (final_stats.json, outcome.json), a row
+per request name, the requests each user class made, the failures and exceptions, and why the run failed.
 Exit status: 0 when every user class made requests, photos were answered, and no request failed and no user raised."""
 from __future__ import annotations
 
@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loadtests import outcome
-from loadtests.traffic import DEFAULT_REQUEST_TIMEOUT_S, stack_state
+from loadtests.phone_photos import phone_photos
+from loadtests.traffic import DEFAULT_REQUEST_TIMEOUT_S, describe_mix, photo_paths, stack_state
 from training_job.paths import PROJECT_ROOT, var_dir
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 FINAL_STATS = "final_stats"  # locust --json-file: <out>/final_stats.json, written after the users stopped
+TRAFFIC = "traffic.txt"  # the mix of the run's requests, in words (``describe_mix``)
 PERCENTILES = (0.5, 0.95, 0.99)
 CLASSIFY_USERS = ["PhotoClassifier", "GrpcPhotoClassifier"]  # the locustfile's users of every run
 OPERATOR_USER = "RoutingOperator"  # only with --operator: it changes the gateway's routing table while the run lasts
@@ -63,11 +65,15 @@ def run_locust(host: str, grpc_target: str, users: int, spawn_rate: float, run_t
                admin_token: str | None = None, user_classes: list[str] | None = None,
                request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S) -> int:
     """Runs locust headless and returns its exit status; ``user_classes``: the locustfile's users to run
-    (default CLASSIFY_USERS)."""
+    (default CLASSIFY_USERS). The phone-size photos are made first when missing (``phone_photos``), and the
+    traffic's mix is written to <out>/traffic.txt."""
     out.mkdir(parents=True, exist_ok=True)
+    photos = photo_paths()
+    phones = phone_photos(photos)
+    (out / TRAFFIC).write_text(describe_mix(photos, phones) + "\n")
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "LOADTEST_GRPC_TARGET": grpc_target,
            "LOADTEST_REQUEST_TIMEOUT_S": str(request_timeout), "LOADTEST_OUTCOME_DIR": str(out),
-           "TF_CPP_MIN_LOG_LEVEL": "2"}
+           "LOADTEST_PHONE_PHOTOS": os.pathsep.join(map(str, phones)), "TF_CPP_MIN_LOG_LEVEL": "2"}
     if admin_token:
         env["LOADTEST_ADMIN_TOKEN"] = admin_token
     argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", host, "-u", str(users),
@@ -143,9 +149,9 @@ def table(rows: list[Row]) -> list[str]:
 
 
 def summary(out: Path) -> str:
-    """What the run did and, when it failed, why: the final figures per request name, the requests each user class
-    made, the failures, the exceptions users raised, and the problems (``outcome.problems_of``)."""
-    lines = []
+    """What the run did and, when it failed, why: the traffic's mix, the final figures per request name, the requests
+    each user class made, the failures, the exceptions users raised, and the problems (``outcome.problems_of``)."""
+    lines = [f"traffic: {(out / TRAFFIC).read_text().strip()}"] if (out / TRAFFIC).exists() else []
     if (out / f"{FINAL_STATS}.json").exists():
         lines += table(final_rows(out))
     else:

@@ -1,17 +1,23 @@
-"""What the load test sends: many distinct shared photos (new to the cache), a small hot set repeated (cache hits
-after the first), a few bad inputs, and what each request's row is called (``request_label``); and how the operator
+"""What the load test sends (``MIX``): many distinct shared photos (new to the cache), a few phone-size photos (new to
+the cache too; loadtests/phone_photos.py), a small hot set repeated (cache hits after the first), a few bad inputs;
+what each request's row is called (``request_label``) and the mix in words (``describe_mix``); and how the operator
 user moves the A/B weights (``shifted_routing``) and tells tables apart (``settable``)."""
 from __future__ import annotations
 
 import json
 import os
 import random
+import statistics
 from pathlib import Path
+
+from PIL import Image
 
 from training_job.paths import shared_data_dir, var_dir
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 HOT_SET_SIZE = 20
+# Each request's kind and its share of the requests; a run without phone-size photos sends "distinct" in their stead.
+MIX = {"bad": 0.05, "hot": 0.35, "phone": 0.05, "distinct": 0.55}
 DEFAULT_REQUEST_TIMEOUT_S = 5.0  # a request unanswered this long is a failure (run.py --request-timeout)
 # (name, body): each must be answered with a 4xx over HTTP / INVALID_ARGUMENT over gRPC, never a 5xx.
 BAD_INPUTS = [("empty", b""), ("text", b"this is not a photo"), ("truncated-jpeg", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00")]
@@ -25,42 +31,84 @@ def photo_paths() -> list[Path]:
     return paths
 
 
-class Traffic:
-    """Per user: 60 % distinct photos, 35 % the hot set, 5 % bad inputs. A distinct photo is one of the photos with
-    bytes of its own after the image's end (``distinct``), so the gateway's cache, keyed by the bytes' sha256, has
-    never seen it, in this run or an earlier one; the hot set is sent as it is, so it is answered from the cache once
-    each photo has been answered once. ``next`` tells which kind a request is; the locustfile names it by kind and
-    by the answer's ``cached`` (``request_label``)."""
+def phone_photo_paths() -> list[Path]:
+    """The phone-size photos to send: $LOADTEST_PHONE_PHOTOS, paths joined by os.pathsep (run.py sets it to those of
+    loadtests/phone_photos.py); none without it."""
+    value = os.environ.get("LOADTEST_PHONE_PHOTOS", "")
+    return [Path(path) for path in value.split(os.pathsep) if path]
 
-    def __init__(self, paths: list[Path], seed: int | None = None):
-        self.rng = random.Random(seed)
-        self.paths = paths
-        self.hot = paths[:: max(1, len(paths) // HOT_SET_SIZE)][:HOT_SET_SIZE]
+
+class PhotoFiles:
+    """The bytes of photo files, each read once; one per process, shared by its users (a phone-size photo is MBs)."""
+
+    def __init__(self):
         self._bytes: dict[Path, bytes] = {}
-        self._tag = os.urandom(8).hex()  # not from the seed: a seeded run must not repeat an earlier run's bytes
-        self._sent = 0
 
-    def _read(self, path: Path) -> bytes:
+    def __getitem__(self, path: Path) -> bytes:
         if path not in self._bytes:
             self._bytes[path] = path.read_bytes()
         return self._bytes[path]
+
+
+class Traffic:
+    """Per user, the requests of ``MIX``. A distinct photo, and a phone-size one (``phones``), is sent with bytes of
+    its own after the image's end (``distinct``), so the gateway's cache, keyed by the bytes' sha256, has never seen
+    it, in this run or an earlier one; the hot set is sent as it is, so it is answered from the cache once each photo
+    has been answered once. ``next`` tells which kind a request is; the locustfile names it by kind and by the
+    answer's ``cached`` (``request_label``)."""
+
+    def __init__(self, paths: list[Path], phones: list[Path] = (), seed: int | None = None,
+                 files: PhotoFiles | None = None):
+        self.rng = random.Random(seed)
+        self.paths = paths
+        self.phones = list(phones)
+        self.hot = paths[:: max(1, len(paths) // HOT_SET_SIZE)][:HOT_SET_SIZE]
+        self.files = files or PhotoFiles()
+        self._tag = os.urandom(8).hex()  # not from the seed: a seeded run must not repeat an earlier run's bytes
+        self._sent = 0
 
     def distinct(self, path: Path) -> bytes:
         """The photo at ``path`` followed by bytes no other request carries. Decoders stop at the image's end (JPEG's
         EOI marker, PNG's IEND chunk, WebP's RIFF length), so the pixels are the photo's own
         (tests/test_loadtest.py checks the three formats against ``preprocess_bytes``)."""
         self._sent += 1
-        return self._read(path) + f"\n(load test {self._tag} photo {self._sent})".encode()
+        return self.files[path] + f"\n(load test {self._tag} photo {self._sent})".encode()
 
     def next(self) -> tuple[str, bytes, bool]:
-        """(kind: "distinct", "hot" or "bad:<name>", body, expected to be rejected)."""
+        """(kind: "distinct", "phone", "hot" or "bad:<name>", body, expected to be rejected)."""
         roll = self.rng.random()
-        if roll < 0.05:
+        if roll < MIX["bad"]:
             name, body = self.rng.choice(BAD_INPUTS)
             return f"bad:{name}", body, True
-        if roll < 0.40:
-            return "hot", self._read(self.rng.choice(self.hot)), False
+        roll -= MIX["bad"]
+        if roll < MIX["hot"]:
+            return "hot", self.files[self.rng.choice(self.hot)], False
+        roll -= MIX["hot"]
+        if roll < MIX["phone"] and self.phones:
+            return "phone", self.distinct(self.rng.choice(self.phones)), False
         return "distinct", self.distinct(self.rng.choice(self.paths)), False
+
+
+def describe_mix(paths: list[Path], phones: list[Path]) -> str:
+    """The traffic ``Traffic(paths, phones)`` sends, in words, with the photos' median bytes and pixels."""
+    def sizes(files: list[Path]) -> str:
+        pixels = []
+        for path in files:
+            with Image.open(path) as image:
+                pixels.append(image.width * image.height)
+        size = statistics.median(path.stat().st_size for path in files)
+        shown = f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.0f} KB"
+        return f"median {shown}, {statistics.median(pixels) / 1e6:.2f} MP"
+
+    pct = {kind: round(share * 100) for kind, share in MIX.items()}
+    parts = [f"{pct['distinct'] + (0 if phones else pct['phone'])} % distinct photos ({len(paths)} photos, "
+             f"{sizes(paths)}; new bytes each time)"]
+    if phones:
+        parts.append(f"{pct['phone']} % phone-size photos ({len(phones)} JPEGs, {sizes(phones)}; new bytes each "
+                     "time)")
+    parts.append(f"{pct['hot']} % the hot set ({min(HOT_SET_SIZE, len(paths))} photos as they are)")
+    parts.append(f"{pct['bad']} % bad inputs ({', '.join(name for name, _ in BAD_INPUTS)})")
+    return ", ".join(parts)
 
 
 def request_label(kind: str, cached: bool | None) -> str:

@@ -14,9 +14,11 @@ import pytest
 from PIL import Image
 
 from loadtests.run import final_rows, main, run_locust, summary, total
-from loadtests.traffic import Traffic, settable, shifted_routing
+from loadtests.phone_photos import PHONE_PHOTOS, phone_photos
+from loadtests.traffic import Traffic, describe_mix, settable, shifted_routing
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
+from devstack.grpc_client import ClassifierClient
 from devstack.launch import stop_stack
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
 from tests.support import MUSHROOMS, RedisServer
@@ -24,6 +26,15 @@ from tests.test_gateway import TOKEN, GatewayProcess, set_routing
 from tests.test_stack import start_test_stack
 from training_job.preprocessing import preprocess_bytes
 from training_job.tiny_model import publish_tiny_versions
+
+
+@pytest.fixture(scope="module", autouse=True)
+def own_var(tmp_path_factory):
+    """The module's var/ (MUSHROOM_VAR): the load test's phone-size photos are made there, once for the module, not
+    in the checkout's; and it holds no local stack (var/run/latest) to take a gRPC target from."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MUSHROOM_VAR", str(tmp_path_factory.mktemp("var")))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -181,12 +192,12 @@ def test_a_gateway_that_never_answers_fails_the_run(tmp_path, capsys, monkeypatc
     every = total(final_rows(tmp_path / "report"))
     assert every.requests > 0 and every.failures == every.requests, printed
     assert "FAILED: no photo was answered with predictions" in printed, printed
+    assert "5 % phone-size photos" in printed, printed  # the mix is part of the report
 
 
 def test_a_user_class_that_made_no_request_fails_the_run(label_stack, tmp_path, monkeypatch):
     """The gRPC users cannot start (no gRPC target): the HTTP users' requests alone must not pass for the run."""
-    monkeypatch.setenv("LOADTEST_PHOTOS", str(MUSHROOMS))
-    monkeypatch.setenv("MUSHROOM_VAR", str(tmp_path / "no-stack"))  # no local stack to take a gRPC target from
+    monkeypatch.setenv("LOADTEST_PHOTOS", str(MUSHROOMS))  # own_var holds no local stack to take a gRPC target from
     out = tmp_path / "report"
     code = run_locust(label_stack.url, "", users=4, spawn_rate=4, run_time="4s", out=out,
                       user_classes=["PhotoClassifier", "GrpcPhotoClassifier"])
@@ -247,5 +258,40 @@ def test_rows_say_whether_the_cache_answered(label_stack, tmp_path, monkeypatch)
     assert code == 0, summary(out)
     rows = {(row.method, row.name): row.requests for row in final_rows(out)}
     kinds = {name.split("[")[1].rstrip("]") for _, name in rows if "[bad:" not in name}  # "hot:hit", ...
-    assert kinds == {"distinct:miss", "hot:hit"}, rows
+    assert {"distinct:miss", "hot:hit"} <= kinds <= {"distinct:miss", "hot:hit", "phone:miss"}, rows
     assert {method for method, _ in rows} == {"POST", "gRPC"}, rows
+
+
+# ------------------------------------------------------------------------------ phone-size photos
+def test_phone_photos_are_12_megapixel_jpegs_the_gateway_answers(label_stack, tmp_path):
+    """Phones send JPEGs of about 12 MP and megabytes, some stored sideways (EXIF orientation 6); the gateway answers
+    them, followed by a distinct photo's own bytes, over HTTP and gRPC."""
+    sources = sorted(MUSHROOMS.rglob("*.jpg"))
+    phones = phone_photos(sources, tmp_path / "phones")
+    assert len(phones) == PHONE_PHOTOS
+    orientations = set()
+    for path in phones:
+        with Image.open(path) as image:
+            assert image.format == "JPEG" and abs(image.width * image.height - 12_000_000) < 120_000, image.size
+            orientations.add(image.getexif().get(0x0112, 1))
+        assert path.stat().st_size > 2_000_000, path.stat().st_size
+    assert orientations == {1, 6}
+    assert phone_photos(sources, tmp_path / "phones") == phones  # made once, then found
+    traffic = Traffic(sources, phones)
+    http = label_stack.classify(traffic.distinct(phones[0]))
+    assert http.status == 200 and http.body["predictions"] and not http.body["cached"], http
+    with ClassifierClient(f"127.0.0.1:{label_stack.grpc_port}") as client:
+        assert client.classify(traffic.distinct(phones[1]), timeout=30)["predictions"]
+
+
+def test_one_request_in_20_sends_a_phone_size_photo():
+    paths = sorted(MUSHROOMS.rglob("*.jpg"))[:40]
+    phones = paths[-2:]  # stand-ins: the mix does not look inside them
+    traffic = Traffic(paths[:-2], phones, seed=7)
+    draws = [traffic.next() for _ in range(4000)]
+    phone_bodies = [body for kind, body, _ in draws if kind == "phone"]
+    assert 0.04 < len(phone_bodies) / len(draws) < 0.06
+    assert all(any(body.startswith(phone.read_bytes()) for phone in phones) for body in phone_bodies)
+    assert len(set(phone_bodies)) == len(phone_bodies)  # each is new to the cache, like a distinct photo
+    mix = describe_mix(paths[:-2], phones)
+    assert "5 % phone-size photos (2 JPEGs" in mix and "55 % distinct photos (38 photos" in mix, mix
