@@ -147,3 +147,45 @@ def test_an_idle_controller_retires_versions_nothing_routes_to_from_the_specific
     retired = [e["retired"] for e in reversed(history) if e["outcome"] == "retire"]
     assert retired == [[1], [2], [3], [4], [2], [5], [6]]
     assert all(e["stable"] is not None and e["version"] is None for e in history if e["outcome"] == "retire")
+
+
+def test_a_candidate_not_available_for_a_moment_holds_and_rolls_back_only_after_the_grace(redis_server):
+    """Kubernetes runs two TF Serving replicas behind one Service, which load a new version at different times: one
+    reading of "not AVAILABLE" must not reject the version for good. The rollout holds meanwhile and rolls back only
+    once every reading for the policy's candidate_unavailable_seconds said so."""
+    policy = parse_policy({"tick_seconds": 1, "steps": [{"weight": 50, "hold_seconds": 0}, {"weight": 100}]})
+    now = [1000.0]
+
+    async def scenario():
+        client = aioredis.from_url(redis_server.url)
+        gateway, model_server = FakeGateway(), FakeModelServer({1})
+        controller = Controller(client, gateway, model_server, policy, "m", identity="unit", clock=lambda: now[0])
+        await controller.tick()  # adopts version 1
+        model_server.versions.add(2)
+        await controller.tick()  # starts the rollout of version 2 at 50 %
+        model_server.versions = {1}  # answered by the replica that has not loaded version 2 yet
+        await controller.tick()
+        state = await controller.load_state()
+        assert (state.candidate, state.rejected, state.step) == (2, [], 0)
+        assert gateway.table["weights"] == {"1": 50, "2": 50}  # held: neither rolled back nor advanced
+        assert "not AVAILABLE" in state.judgement["reason"]
+        now[0] += 60
+        model_server.versions = {1, 2}
+        await controller.tick()  # AVAILABLE again: the grace starts again at the next absence; it advances
+        assert (await controller.load_state()).step == 1
+        grace = policy.candidate_unavailable_seconds
+        model_server.versions = {1}
+        await controller.tick()
+        now[0] += grace - 1
+        await controller.tick()
+        assert (await controller.load_state()).candidate == 2
+        now[0] += 1
+        await controller.tick()
+        state = await controller.load_state()
+        history = await controller.history()
+        await client.aclose()
+        return gateway, state, history
+
+    gateway, state, history = asyncio.run(scenario())
+    assert state.candidate is None and state.rejected == [2] and gateway.table["weights"] == {"1": 100}
+    assert history[0]["rule"] == "candidate_unavailable" and "for 180 s" in history[0]["reason"]

@@ -58,6 +58,7 @@ def test_policy_files_yaml_and_json_fill_in_defaults(tmp_path):
     ({"rules": {"error_rate": {"max_increase": 0.1, "min": 3}}}, "rules.error_rate: unknown field 'min'"),
     ({"rules": {"offline": {"required": "yes"}}}, "rules.offline.required: must be true or false"),
     ({"tick_seconds": 0}, "tick_seconds: must be seconds > 0"),
+    ({"candidate_unavailable_seconds": -1}, "candidate_unavailable_seconds: must be seconds >= 0"),
 ])
 def test_bad_policies_are_refused_naming_the_field(data, message):
     with pytest.raises(PolicyError) as info:

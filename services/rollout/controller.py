@@ -9,7 +9,10 @@ States (kept in Redis, keys.state, so a restarted or another controller resumes 
   (judge.judge_online). A breach rolls back at once: routing back to ``stable`` alone, the version added to
   ``rejected``. When the step has held ``hold_seconds`` and counted ``min_requests`` it advances; after the last
   step (100 %) the version is promoted: it becomes ``stable``. A rollout newer versions arrive during is finished
-  first; the newest of them starts next.
+  first; the newest of them starts next. A candidate the model server does not report AVAILABLE holds the step
+  (``candidate_unavailable_since`` keeps when that began); it rolls back (rule ``candidate_unavailable``) only once
+  every reading for the policy's ``candidate_unavailable_seconds`` said so: replicas of TF Serving behind one Service
+  load a version at different times.
 
 With ``serve_new_versions`` (serving_config.py) the controller lists each new version in the model server's config
 at every tick, and while idle retires the versions nothing keeps loaded any more (``retire_versions``: not among the
@@ -90,6 +93,7 @@ class State:
     step_baseline: dict = field(default_factory=dict)  # the candidate's Figures at the step's start
     rejected: list = field(default_factory=list)
     judgement: dict | None = None  # the last tick's verdicts, decision and figures
+    candidate_unavailable_since: float | None = None  # the first of the readings since which the candidate is missing
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -263,7 +267,7 @@ class Controller:
                                                      verdicts=[offline.to_json()]))
             return
         now = self.clock()
-        state.candidate, state.step, state.paused = candidate, 0, False
+        state.candidate, state.step, state.paused, state.candidate_unavailable_since = candidate, 0, False, None
         state.rollout_started = state.step_started = now
         state.baseline = {"stable": figures[state.stable].to_json(), "candidate": figures[candidate].to_json()}
         state.step_baseline = figures[candidate].to_json()
@@ -283,6 +287,7 @@ class Controller:
         event = self._event(state, "rollback", reason, rule=rule, who=who, **extra)
         state.rejected = sorted(set(state.rejected) | {candidate})
         state.candidate, state.step, state.paused, state.baseline, state.step_baseline = None, 0, False, {}, {}
+        state.candidate_unavailable_since = None
         await self.save_state(state, event)
 
     async def _promote(self, state: State, reason: str, rule: str | None = None, who: str | None = None) -> None:
@@ -295,7 +300,7 @@ class Controller:
             await self.labels.move(labels_for(candidate, None))
         event = self._event(state, "promote", reason, rule=rule, who=who)
         state.stable, state.candidate, state.step, state.paused = candidate, None, 0, False
-        state.baseline, state.step_baseline = {}, {}
+        state.baseline, state.step_baseline, state.candidate_unavailable_since = {}, {}, None
         await self.save_state(state, event)
 
     async def _advance(self, state: State, figures: dict[int, Figures], reason: str) -> None:
@@ -411,9 +416,11 @@ class Controller:
 
     async def _judge(self, state: State, available: set[int], figures: dict[int, Figures]) -> None:
         step = self._step(state)
-        if state.candidate not in available:
-            await self._rollback(state, "candidate_unavailable", f"v{state.candidate} is no longer AVAILABLE on "
-                                 "the model server")
+        missing = self._candidate_missing(state, available)
+        if missing is not None and missing >= self.policy.candidate_unavailable_seconds:
+            await self._rollback(state, "candidate_unavailable", f"v{state.candidate} not AVAILABLE on the model "
+                                 f"server for {missing:.0f} s (every reading since; the policy's grace: "
+                                 f"{self.policy.candidate_unavailable_seconds:g} s)")
             return
         new = figures[state.candidate].since(Figures.from_json(state.baseline.get("candidate")))
         stable = figures[state.stable].since(Figures.from_json(state.baseline.get("stable")))
@@ -431,12 +438,27 @@ class Controller:
         elif decision.outcome == ADVANCE and state.paused:
             state.judgement["reason"] = f"paused ({decision.reason})"
             await self.save_state(state)
+        elif decision.outcome == ADVANCE and missing is not None:
+            state.judgement["reason"] = (f"held: v{state.candidate} not AVAILABLE on the model server for "
+                                         f"{missing:.0f} of {self.policy.candidate_unavailable_seconds:g} s "
+                                         f"({decision.reason})")
+            await self.save_state(state)
         elif decision.outcome == ADVANCE and state.step + 1 >= len(self.policy.steps):
             await self._promote(state, f"all steps passed; {decision.reason}")
         elif decision.outcome == ADVANCE:
             await self._advance(state, figures, decision.reason)
         else:
             await self.save_state(state)
+
+    def _candidate_missing(self, state: State, available: set[int]) -> float | None:
+        """Seconds since the first of the readings, this one included, that did not list the candidate as AVAILABLE;
+        None when this one does."""
+        if state.candidate in available:
+            state.candidate_unavailable_since = None
+            return None
+        if state.candidate_unavailable_since is None:
+            state.candidate_unavailable_since = self.clock()
+        return self.clock() - state.candidate_unavailable_since
 
     def _export(self, state: State) -> None:
         rolling = state.candidate is not None

@@ -22,6 +22,10 @@ Defaults (``DEFAULT_POLICY``, printed by ``python -m services.rollout --print-de
     ``assets.extra/metrics.json`` is lower than the stable version's by more than ``max_drop`` (0.02);
     ``required: true`` refuses a version without the scores (default false: skipped, said in the history).
 - ``tick_seconds`` (5): how often the controller reads the figures and judges.
+- ``candidate_unavailable_seconds`` (180): how long every reading of the model server may say the new version is not
+  AVAILABLE before the rollout rolls back (rule ``candidate_unavailable``); meanwhile the step holds. Replicas of TF
+  Serving behind one Service load a version at different times (each at its own config poll, 60 s in k8s), so one
+  reading says little; 0 rolls back at the first one.
 
 Every field is checked; an unknown field, a wrong type, a weight out of 0..100, weights going down, a last step
 below 100 % are refused with the path of the offending field.
@@ -43,6 +47,7 @@ class PolicyError(ValueError):
 
 DEFAULT_POLICY: dict = {
     "tick_seconds": 5,
+    "candidate_unavailable_seconds": 180,
     "steps": [
         {"name": "shadow", "weight": 0, "shadow": True, "hold_seconds": 600, "min_requests": 200},
         {"name": "canary-5", "weight": 5, "hold_seconds": 600, "min_requests": 200},
@@ -99,9 +104,11 @@ class Policy:
     steps: tuple[Step, ...]
     rules: dict  # rule name -> its parameters (every rule present, defaults filled in)
     tick_seconds: float
+    candidate_unavailable_seconds: float  # the grace before a candidate the model server does not serve rolls back
 
     def to_json(self) -> dict:
-        return {"tick_seconds": self.tick_seconds, "rules": self.rules,
+        return {"tick_seconds": self.tick_seconds, "candidate_unavailable_seconds": self.candidate_unavailable_seconds,
+                "rules": self.rules,
                 "steps": [{"name": s.name, "weight": s.weight, "shadow": s.shadow, "hold_seconds": s.hold_seconds,
                            "min_requests": s.min_requests} for s in self.steps]}
 
@@ -130,11 +137,15 @@ def parse_policy(data, source: str = "policy") -> Policy:
         data = {}
     if not isinstance(data, dict):
         raise PolicyError(f"{source}: must be a mapping with 'steps', 'rules' and 'tick_seconds'")
-    unknown = sorted(set(data) - {"steps", "rules", "tick_seconds"})
+    unknown = sorted(set(data) - set(DEFAULT_POLICY))
     if unknown:
-        raise PolicyError(f"{source}: unknown field {unknown[0]!r} (known: rules, steps, tick_seconds)")
+        raise PolicyError(f"{source}: unknown field {unknown[0]!r} (known: {', '.join(sorted(DEFAULT_POLICY))})")
     tick = _check(data.get("tick_seconds", DEFAULT_POLICY["tick_seconds"]),
                   (_NUMBER, "seconds > 0", lambda v: 0 < v <= 3600), f"{source}.tick_seconds")
+    unavailable_grace = _check(data.get("candidate_unavailable_seconds",
+                                        DEFAULT_POLICY["candidate_unavailable_seconds"]),
+                               (_NUMBER, "seconds >= 0", lambda v: 0 <= v <= 86400),
+                               f"{source}.candidate_unavailable_seconds")
     raw_steps = data.get("steps", DEFAULT_POLICY["steps"])
     if not isinstance(raw_steps, list) or not raw_steps:
         raise PolicyError(f"{source}.steps: must be a non-empty list of steps")
@@ -167,7 +178,7 @@ def parse_policy(data, source: str = "policy") -> Policy:
         if name not in RULE_FIELDS:
             raise PolicyError(f"{source}.rules: unknown rule {name!r} (known: {', '.join(sorted(RULE_FIELDS))})")
         rules[name].update(_check_fields(params, RULE_FIELDS[name], f"{source}.rules.{name}"))
-    return Policy(tuple(steps), rules, float(tick))
+    return Policy(tuple(steps), rules, float(tick), float(unavailable_grace))
 
 
 def load_policy(path: str | Path | None) -> Policy:
