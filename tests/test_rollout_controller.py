@@ -189,3 +189,63 @@ def test_a_candidate_not_available_for_a_moment_holds_and_rolls_back_only_after_
     gateway, state, history = asyncio.run(scenario())
     assert state.candidate is None and state.rejected == [2] and gateway.table["weights"] == {"1": 100}
     assert history[0]["rule"] == "candidate_unavailable" and "for 180 s" in history[0]["reason"]
+
+
+def test_an_operator_retries_a_rejected_version_through_the_cli_and_the_gateways_proxy(redis_server, capsys):
+    """`operator_cli rollout retry 2` goes through the gateway's rollout proxy (audited there) to the controller's API
+    and its command queue; the next tick clears version 2 from ``rejected`` (a history event naming the operator),
+    and, being the newest AVAILABLE version, it starts again."""
+    from aiohttp import web
+
+    from services.gateway.operator_cli import main as operator_cli
+    from services.gateway.operators import OperatorTokens
+    from services.gateway.rollout_proxy import RolloutProxy
+    from services.gateway.routing import Router
+    from services.rollout.http_api import RolloutApi
+    from tests.support import free_port
+
+    policy = parse_policy({"tick_seconds": 1, "steps": [{"weight": 50, "hold_seconds": 3600}, {"weight": 100}]})
+
+    async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return runner, f"http://127.0.0.1:{port}"
+
+    async def scenario():
+        client = aioredis.from_url(redis_server.url)
+        gateway, model_server = FakeGateway(), FakeModelServer({1})
+        controller = Controller(client, gateway, model_server, policy, "m", identity="unit")
+        await controller.tick()  # adopts version 1
+        model_server.versions.add(2)
+        await controller.tick()  # starts version 2
+        await controller.queue_command("abort", "alice")
+        await controller.tick()
+        assert (await controller.load_state()).rejected == [2]
+        api, api_url = await serve(RolloutApi(controller, OperatorTokens(None, "the-admin-token")).app())
+        router = Router(client, "m")
+        proxy_app = web.Application()
+        RolloutProxy(api_url).add_routes(proxy_app, authorise=lambda request, write: "admin", audit=router)
+        proxy, proxy_url = await serve(proxy_app)
+        try:
+            for argv in (["rollout", "retry", "2"], ["rollout", "retry", "7"]):
+                await asyncio.to_thread(operator_cli, ["--url", proxy_url, "--token", "the-admin-token", *argv])
+                assert "queued retry of v" in capsys.readouterr().out
+            await controller.tick()
+            state = await controller.load_state()
+            history = await controller.history()
+            audited = await router.audit()
+        finally:
+            await proxy.cleanup()
+            await api.cleanup()
+            await client.aclose()
+        return gateway, state, history, audited
+
+    gateway, state, history, audited = asyncio.run(scenario())
+    assert state.rejected == [] and state.candidate == 2 and gateway.table["weights"] == {"1": 50, "2": 50}
+    outcomes = [(e["outcome"], e["who"], e.get("version")) for e in reversed(history[:3])]
+    assert outcomes == [("retry", "admin", 2), ("ignored", "admin", 7), ("start", "unit", 2)]
+    assert "v2 removed from the rejected versions by admin" in history[2]["reason"]
+    assert [(e["action"], e["status"], e["answer"]["queued"]["version"]) for e in reversed(audited)] == [
+        ("rollout retry", 202, 2), ("rollout retry", 202, 7)]

@@ -110,11 +110,18 @@ OPENAPI = {
                                       "security": [{"bearer": []}], "responses": {"200": {
                                           "description": "rollout", "content": {"application/json": {"schema": {
                                               "type": "object"}}}}, **_ERRORS}}},
-        "/v1/admin/rollout/{action}": {"post": {"summary": "Queue pause, resume, abort or promote for the rollout "
-                                                           "controller's next tick",
+        "/v1/admin/rollout/{action}": {"post": {"summary": "Queue pause, resume, abort, promote or retry (a "
+                                                           "rejected version may be rolled out again) for the "
+                                                           "rollout controller's next tick",
                                                 "security": [{"bearer": []}], "parameters": [{
                                                     "name": "action", "in": "path", "required": True, "schema": {
-                                                        "enum": ["pause", "resume", "abort", "promote"]}}],
+                                                        "enum": ["pause", "resume", "abort", "promote", "retry"]}}],
+                                                "requestBody": {"required": False, "content": {"application/json": {
+                                                    "schema": {"type": "object", "additionalProperties": False,
+                                                               "properties": {"version": {
+                                                                   "type": "integer", "minimum": 0,
+                                                                   "description": "retry only (required there): "
+                                                                   "the rejected version"}}}}}},
                                                 "responses": {"202": {"description": "queued"}, **_ERRORS}}},
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
         "/readyz": {"get": {"summary": "Readiness: the model server answered its last status check (a "

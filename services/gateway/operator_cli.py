@@ -10,9 +10,10 @@ refused, and so are weights outside 0..1,000,000 or all 0: `clear` empties the t
 the latest AVAILABLE version). `status` shows each entry with the version it points at now; `audit` shows the
 entries as they were set.
 
-`rollout [status|pause|resume|abort|promote]` talks to the rollout controller (services/rollout) through the
-gateway's admin API (the gateway forwards to its --rollout-url) with the same operator token: its step, timers,
-judged figures and decisions, or a command for its next tick, which the gateway's audit records too. With
+`rollout [status|pause|resume|abort|promote|retry VERSION]` talks to the rollout controller (services/rollout)
+through the gateway's admin API (the gateway forwards to its --rollout-url) with the same operator token: its step,
+timers, judged figures and decisions, or a command for its next tick, which the gateway's audit records too
+(`retry 3` takes the rejected version 3 out of the controller's rejected list, so that it may be rolled out again). With
 --rollout-url the CLI talks to the controller's own API instead (commands are then only in its history).
 
 Talks to the gateway's admin API with an operator's bearer token from --token or $GATEWAY_ADMIN_TOKEN; the audit
@@ -113,19 +114,25 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", help="routing entries with the versions they resolve to, per-version figures and the "
                    "significance test")
     sub.add_parser("audit", help="who changed the routing, when, from what to what (and rollout commands)")
-    rollout = sub.add_parser("rollout", help="the rollout controller: status, or pause / resume / abort / promote")
+    rollout = sub.add_parser("rollout", help="the rollout controller: status, or pause / resume / abort / promote, "
+                             "or retry VERSION (a rejected version may be rolled out again)")
     rollout.add_argument("action", nargs="?", default="status",
-                         choices=("status", "pause", "resume", "abort", "promote"))
+                         choices=("status", "pause", "resume", "abort", "promote", "retry"))
+    rollout.add_argument("version", nargs="?", type=int, help="retry: the rejected version")
     rollout.add_argument("--rollout-url", default="",
                          help="the controller's own API, e.g. http://127.0.0.1:8095 (default: through the gateway)")
     args = parser.parse_args(argv)
+    if args.command == "rollout" and (args.action == "retry") != (args.version is not None):
+        parser.error("rollout retry takes the rejected version (rollout retry 3); no other rollout command takes one")
     if args.command == "rollout":
         base, path = (args.rollout_url, "/v1/rollout") if args.rollout_url else (args.url, "/v1/admin/rollout")
         if args.action == "status":
             print_rollout(call(base, args.token, "GET", path))
         else:
-            queued = call(base, args.token, "POST", f"{path}/{args.action}", {})["queued"]
-            print(f"queued {queued['action']} by {queued['who']}: applied at the controller's next tick")
+            body = {"version": args.version} if args.version is not None else {}
+            queued = call(base, args.token, "POST", f"{path}/{args.action}", body)["queued"]
+            what = f"{queued['action']} of v{queued['version']}" if "version" in queued else queued["action"]
+            print(f"queued {what} by {queued['who']}: applied at the controller's next tick")
     elif args.command == "set":
         try:
             table = parse_assignments(args.assignments)

@@ -1,6 +1,7 @@
 """The rollout controller's API under the gateway's origin, for the web operator panel and the operator CLI:
-``GET /v1/admin/rollout`` and ``POST /v1/admin/rollout/{pause,resume,abort,promote}`` are forwarded to the
-controller (``--rollout-url``) with the caller's Authorization header; the controller checks the operator token
+``GET /v1/admin/rollout`` and ``POST /v1/admin/rollout/{pause,resume,abort,promote,retry}`` are forwarded to the
+controller (``--rollout-url``) with the caller's Authorization header and body (retry's names the version); the
+controller checks the operator token
 (the same tokens file) and its history names the token's owner. A command is also an entry in the gateway's audit
 log, where operators read the routing changes (``/v1/admin/audit``): the gateway checks the token as for a routing
 change (its owner is ``who``) and records ``action``, the controller's ``status`` and ``answer`` once it answered.
@@ -18,7 +19,7 @@ from services.gateway.errors import GatewayError
 
 log = logging.getLogger("gateway.rollout_proxy")
 
-FORWARDED_HEADERS = ("Authorization", "X-Operator")
+FORWARDED_HEADERS = ("Authorization", "X-Operator", "Content-Type")
 MAX_AUDITED_ANSWER = 4096  # bytes of the controller's answer kept as JSON in the audit entry; longer ones as text
 
 
@@ -52,8 +53,9 @@ class RolloutProxy:
             self._session = aiohttp.ClientSession()
         path = request.path.replace("/v1/admin/rollout", "/v1/rollout", 1)
         headers = {name: request.headers[name] for name in FORWARDED_HEADERS if name in request.headers}
+        body = await request.read() if request.method == "POST" else None  # bounded by the app's client_max_size
         try:
-            async with self._session.request(request.method, self.url + path, headers=headers,
+            async with self._session.request(request.method, self.url + path, headers=headers, data=body,
                                              timeout=self.timeout) as response:
                 status, body = response.status, await response.read()
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -21,7 +21,8 @@ newest on disk, not stable, not named by the gateway's routing table, not labell
 Operators' commands (keys.commands, from the controller's HTTP API or the CLI) are applied at the next tick:
 ``pause`` holds the current step (a breach still rolls back: pausing never disables the safety net), ``resume``,
 ``abort`` (rolls back, rule ``operator_abort``), ``promote`` (straight to 100 % and stable, rule
-``operator_promote``).
+``operator_promote``), ``retry`` with a version (takes it out of ``rejected``, running or not, so that it may be
+rolled out again: the next idle tick starts it if it is the newest AVAILABLE version).
 
 Only the holder of the lease (keys.lease) acts; its state writes go through a script that checks the lease in the
 same step, so a controller that lost its lease cannot overwrite the state. Every routing change goes through the
@@ -48,7 +49,8 @@ from services.rollout.policy import Policy, Step
 log = logging.getLogger("rollout.controller")
 HISTORY_LENGTH = 500
 MAX_QUEUED_COMMANDS = 100
-COMMANDS = ("pause", "resume", "abort", "promote")
+COMMANDS = ("pause", "resume", "abort", "promote", "retry")
+VERSION_COMMANDS = ("retry",)  # the commands that name a version (and only they)
 
 # KEYS: lease; ARGV: holder id, ttl ms. 1 when the caller holds the lease now (taken or renewed), else 0.
 HOLD_LEASE_LUA = """
@@ -192,13 +194,20 @@ class Controller:
     async def history(self, limit: int = 50) -> list[dict]:
         return [json.loads(e) for e in await self.redis.lrange(keys.history(self.model_name), 0, limit - 1)]
 
-    async def queue_command(self, action: str, who: str, note: str | None = None) -> dict:
-        """Queues an operator's command for the lease holder's next tick (any controller replica may queue)."""
+    async def queue_command(self, action: str, who: str, note: str | None = None, version: int | None = None) -> dict:
+        """Queues an operator's command for the lease holder's next tick (any controller replica may queue).
+        ``version``: the version a command of VERSION_COMMANDS is about; no other command takes one."""
         if action not in COMMANDS:
             raise ValueError(f"unknown command {action!r} (known: {', '.join(COMMANDS)})")
+        if action in VERSION_COMMANDS and (isinstance(version, bool) or not isinstance(version, int) or version < 0):
+            raise ValueError(f"{action} needs the version it is about: a JSON integer >= 0, e.g. {{\"version\": 3}}")
+        if action not in VERSION_COMMANDS and version is not None:
+            raise ValueError(f"{action} takes no version")
         if await self.redis.llen(keys.commands(self.model_name)) >= MAX_QUEUED_COMMANDS:
             raise OverflowError(f"{MAX_QUEUED_COMMANDS} commands are already queued")
-        command = {"action": action, "who": who, "at": self.clock(), **({"note": note[:200]} if note else {})}
+        command = {"action": action, "who": who, "at": self.clock(), **({"version": version} if version is not None
+                                                                          else {}),
+                   **({"note": note[:200]} if note else {})}
         await self.redis.rpush(keys.commands(self.model_name), json.dumps(command))
         return command
 
@@ -314,6 +323,9 @@ class Controller:
 
     async def _apply_command(self, state: State, command: dict) -> None:
         action, who = command["action"], command["who"]
+        if action == "retry":
+            await self._retry(state, command["version"], who)
+            return
         if state.candidate is None:
             await self.save_state(state, self._event(state, "ignored", f"{action}: no rollout is running",
                                                      who=who, command=action))
@@ -328,6 +340,18 @@ class Controller:
             await self._rollback(state, "operator_abort", f"aborted by {who}", who=who)
         elif action == "promote":
             await self._promote(state, f"promoted by {who}", rule="operator_promote", who=who)
+
+    async def _retry(self, state: State, version: int, who: str) -> None:
+        """An operator's second chance for a rejected version: out of ``rejected``, recorded with who asked."""
+        if version not in state.rejected:
+            await self.save_state(state, self._event(
+                state, "ignored", f"retry v{version}: not a rejected version (rejected: {state.rejected})", who=who,
+                command="retry", version=version))
+            return
+        state.rejected = [v for v in state.rejected if v != version]
+        await self.save_state(state, self._event(
+            state, "retry", f"v{version} removed from the rejected versions by {who}: a rollout may start it again",
+            who=who, version=version))
 
     async def _retire(self, state: State) -> None:
         """Idle: remove from the model server's list the versions nothing keeps loaded (serving_config.retirable);

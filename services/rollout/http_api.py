@@ -1,7 +1,10 @@
 """The controller's own small HTTP API: GET /v1/rollout (state, step, timers, judged figures, history) and
-POST /v1/rollout/{pause,resume,abort,promote}, both behind the gateway's operator tokens (the same file, so the
-history names the operator); /metrics, /healthz."""
+POST /v1/rollout/{pause,resume,abort,promote,retry} (retry's body names the version: ``{"version": 3}``; the others
+take none, or ``{}``), both behind the gateway's operator tokens (the same file, so the history names the operator);
+/metrics, /healthz."""
 from __future__ import annotations
+
+import json
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -61,8 +64,18 @@ class RolloutApi:
         action = request.match_info["action"]
         if action not in COMMANDS:
             return _error(404, "not_found", f"unknown rollout command {action!r} (known: {', '.join(COMMANDS)})")
+        body = await request.read()
         try:
-            command = await self.controller.queue_command(action, who, request.headers.get("X-Operator"))
+            options = json.loads(body) if body.strip() else {}
+        except ValueError:
+            options = None
+        if not isinstance(options, dict) or set(options) - {"version"}:
+            return _error(400, "bad_command", 'a command\'s body is empty, {} or, for retry, {"version": <version>}')
+        try:
+            command = await self.controller.queue_command(action, who, request.headers.get("X-Operator"),
+                                                          options.get("version"))
+        except ValueError as exc:
+            return _error(400, "bad_command", str(exc))
         except OverflowError as exc:
             return _error(429, "too_many_commands", str(exc), **{"Retry-After": "5"})
         return web.json_response({"queued": command}, status=202)
