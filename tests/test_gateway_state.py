@@ -99,6 +99,25 @@ def test_feedback_token_from_http_and_grpc_counts_once_on_any_replica(gateway, m
     assert summary["versions"]["2"]["feedback"] == {"correct": 0, "total": 1}
 
 
+def test_status_names_the_process_whose_counts_it_reports(gateway, model_server, redis_server):
+    """Request counts are per process: the status says which process (``instance``: an id new at every start, and
+    the start time), so that a reader can tell a restarted replica counting from zero from one that goes on."""
+    import time
+
+    assert gateway.classify(PHOTOS[0].read_bytes(), version=1)[0] == 200
+    first = gateway.request("GET", "/v1/admin/status", token=ADMIN)[1]
+    assert first["versions"]["1"]["requests"] == 1
+    assert first["instance"] == gateway.request("GET", "/v1/admin/status", token=ADMIN)[1]["instance"]
+    other = Gateway(model_server.grpc_target, redis_server.url, env={"GATEWAY_ADMIN_TOKEN": ADMIN})
+    try:
+        second = other.request("GET", "/v1/admin/status", token=ADMIN)[1]
+    finally:
+        other.stop()
+    assert second["instance"]["id"] != first["instance"]["id"]
+    assert first["instance"]["started"] <= second["instance"]["started"] <= time.time()
+    assert "1" not in second["versions"] or second["versions"]["1"]["requests"] == 0
+
+
 def test_feedback_tokens_expire_and_bind_the_model():
     now = [1_000_000.0]
     tokens = FeedbackTokens(b"0123456789abcdef0123", MODEL, lifetime_seconds=60, clock=lambda: now[0])

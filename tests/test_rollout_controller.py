@@ -26,7 +26,7 @@ class FakeGateway:
         self.routing_failures = 0
 
     async def statuses(self):
-        return [{"versions": {}}]
+        return {"http://gateway": {"versions": {}}}
 
     async def routing(self):
         if self.routing_failures:
@@ -41,6 +41,58 @@ class FakeGateway:
         self.table = table
         self.puts.append((table, note))
         return table
+
+
+class StandInReplicas:
+    """Gateway replicas in process (aiohttp on free loopback ports) whose GET /v1/admin/status answers ``bodies[i]``,
+    read by the controller's real GatewayAdmin; ``stop(i)`` makes replica i unreachable."""
+
+    def __init__(self, bodies: list[dict]):
+        self.bodies = bodies
+        self.runners: list = []
+        self.urls: list[str] = []
+
+    async def start(self) -> "StandInReplicas":
+        from aiohttp import web
+
+        from tests.support import free_port
+
+        for i in range(len(self.bodies)):
+            async def status(request, i=i):
+                return web.json_response(self.bodies[i])
+
+            app = web.Application()
+            app.router.add_get("/v1/admin/status", status)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            port = free_port()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            self.runners.append(runner)
+            self.urls.append(f"http://127.0.0.1:{port}")
+        return self
+
+    async def stop(self, i: int) -> None:
+        await self.runners[i].cleanup()
+
+    async def close(self) -> None:
+        for runner in self.runners:
+            await runner.cleanup()
+
+
+class ReplicatedGateway(FakeGateway):
+    """FakeGateway's routing; the figures of the stand-in replicas through a real GatewayAdmin."""
+
+    def __init__(self, admin):
+        super().__init__()
+        self.admin = admin
+
+    async def statuses(self):
+        return await self.admin.statuses()
+
+
+def served(requests: int, errors: int) -> dict:
+    """A version's row of GET /v1/admin/status."""
+    return {"requests": requests, "error_rate": errors / requests if requests else 0.0}
 
 
 class FakeModelServer:
@@ -249,3 +301,44 @@ def test_an_operator_retries_a_rejected_version_through_the_cli_and_the_gateways
     assert "v2 removed from the rejected versions by admin" in history[2]["reason"]
     assert [(e["action"], e["status"], e["answer"]["queued"]["version"]) for e in reversed(audited)] == [
         ("rollout retry", 202, 2), ("rollout retry", 202, 7)]
+
+
+def test_a_restarted_gateway_replica_counts_from_zero_and_the_others_from_their_baselines(redis_server):
+    """Each replica counts per process, and its status names the process (``instance``). Before the rollout each of
+    the two replicas served v1 5,000 requests with an old incident's 250 errors; replica B then restarts. Its counts
+    start again from zero, and only its own: replica A's pre-rollout counts must not come back into the stable
+    version's figures (they would hide v2's 4 % errors behind the stable version's old 4.9 %)."""
+    import aiohttp
+
+    from services.rollout.clients import GatewayAdmin
+
+    policy = parse_policy({"tick_seconds": 1, "steps": [{"weight": 50, "hold_seconds": 3600}, {"weight": 100}]})
+    before = {"versions": {"1": served(5000, 250)}}
+    replicas = StandInReplicas([{**before, "instance": {"id": "a-1", "started": 1.0}},
+                                {**before, "instance": {"id": "b-1", "started": 1.0}}])
+
+    async def scenario():
+        await replicas.start()
+        session = aiohttp.ClientSession()
+        client = aioredis.from_url(redis_server.url)
+        try:
+            admin = GatewayAdmin(session, replicas.urls[0], "token", replicas.urls, timeout=5)
+            gateway, model_server = ReplicatedGateway(admin), FakeModelServer({1})
+            controller = Controller(client, gateway, model_server, policy, "m", identity="unit")
+            await controller.tick()  # adopts version 1
+            model_server.versions.add(2)
+            await controller.tick()  # starts version 2: the baselines
+            replicas.bodies[0] = {"versions": {"1": served(5100, 250), "2": served(150, 6)},
+                                  "instance": {"id": "a-1", "started": 1.0}}
+            replicas.bodies[1] = {"versions": {"1": served(20, 0), "2": served(3, 0)},  # restarted
+                                  "instance": {"id": "b-2", "started": 2.0}}
+            await controller.tick()
+            return await controller.load_state(), await controller.history()
+        finally:
+            await client.aclose()
+            await session.close()
+            await replicas.close()
+
+    state, history = asyncio.run(scenario())
+    assert (state.candidate, state.rejected) == (None, [2])
+    assert history[0]["rule"] == "error_rate" and "stable 0.00%" in history[0]["reason"]

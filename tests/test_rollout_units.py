@@ -96,6 +96,23 @@ def test_figures_since_a_base_and_after_a_gateway_restart():
     assert Figures.from_json(base.to_json()) == base
 
 
+def test_replica_figures_count_each_replica_from_its_own_baseline_and_the_feedback_once():
+    from services.rollout.replica_figures import FEEDBACK, ReplicaFigures, replica_key
+
+    def body(instance, requests, errors, correct, total):
+        return {"instance": {"id": instance, "started": 0.0}, "versions": {"2": {
+            "requests": requests, "error_rate": errors / requests, "feedback": {"correct": correct, "total": total}}}}
+
+    at_start = ReplicaFigures({"http://a": body("a1", 100, 10, 5, 8), "http://b": body("b1", 100, 10, 5, 8)})
+    baseline = at_start.baseline(2)
+    assert set(baseline) == {"http://a#a1", "http://b#b1", FEEDBACK}
+    later = ReplicaFigures({"http://a": body("a1", 150, 11, 9, 12), "http://b": body("b2", 20, 1, 9, 12)})
+    assert later.since(2, baseline) == Figures(50 + 20, 1 + 1, 0, 0, 4, 4, None)  # b restarted: its 20 whole
+    flat = Figures(200, 20, 0, 0, 5, 8).to_json()  # a state saved before baselines were kept per source
+    assert later.since(2, flat) == Figures(170, 12, 0, 0, 4, 4)  # the sum below the base: taken whole, as then
+    assert replica_key("http://c", {"versions": {}}) == "http://c"  # a gateway whose status names no instance
+
+
 # ---------------------------------------------------------------------------------------------- rules
 def test_sequential_evidence_is_the_normal_mixture_ratio():
     """mSPRT's log ratio for a difference of 0.1 measured with variance 0.001, mixture N(0, 0.05^2), by hand."""

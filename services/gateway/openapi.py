@@ -193,7 +193,7 @@ OPENAPI = {
                 "action": {"type": "string", "examples": ["rollout pause"]},
                 "status": {"type": "integer", "description": "the rollout controller's HTTP status (202: queued)"},
                 "answer": {"description": "the controller's answer as it gave it"}}},
-            "Status": {"type": "object", "required": ["versions", "routing"], "properties": {
+            "Status": {"type": "object", "required": ["versions", "routing", "instance"], "properties": {
                 "versions": {"type": "object", "propertyNames": _VERSION_KEY, "additionalProperties": {
                     "type": "object", "properties": {
                         "requests": {"type": "integer"}, "p50_ms": _NUMBER_OR_NULL, "p95_ms": _NUMBER_OR_NULL,
@@ -208,7 +208,13 @@ OPENAPI = {
                                      "versions": {"type": "array", "items": {"type": "integer"}},
                                      "z": {"type": "number"}, "p_value": {"type": "number"},
                                      "significant": {"type": "boolean"}}}]},
-                "routing": {"$ref": "#/components/schemas/RoutingState"}}},
+                "routing": {"$ref": "#/components/schemas/RoutingState"},
+                "instance": {"type": "object", "description": "the gateway process whose counts these are (requests, "
+                             "errors, latency and shadow figures are per process; feedback is shared): an id drawn "
+                             "at start and the start time, so that a restart, which counts from zero, is told apart",
+                             "required": ["id", "started"], "properties": {
+                                 "id": {"type": "string"}, "started": {"type": "number",
+                                                                       "description": "Unix time"}}}}},
             "Models": {"type": "object", "properties": {"models": {"type": "array", "items": {
                 "type": "object", "required": ["name", "versions", "routing"], "properties": {
                     "name": {"type": "string"},

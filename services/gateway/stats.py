@@ -1,12 +1,18 @@
 """Per-version A/B figures: requests, latency, errors and cache hits from this process; feedback from Redis (shared
 by every replica); a two-proportion z-test between the two versions with the most feedback.
 
+The per-process counts start from zero with the process, so the summary names the process they belong to
+(``instance``: an id drawn at start and the start time): a reader that keeps baselines (the rollout controller) tells a
+restarted replica from one that goes on counting.
+
 Answers cost Redis nothing: each carries a signed feedback token (feedback.py); Redis is written only when feedback
 arrives (the tally hash, and the request id in the ``feedback_seen`` set until its token expires, so it counts once).
 """
 from __future__ import annotations
 
 import math
+import time
+import uuid
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
@@ -57,6 +63,7 @@ class Stats:
         self.tokens = tokens or FeedbackTokens.with_random_secret(model_name)
         self._record_script = None  # registered at the first feedback (no Redis I/O until then)
         self.versions: dict[int, VersionStats] = defaultdict(VersionStats)
+        self.instance = {"id": uuid.uuid4().hex, "started": time.time()}  # the process these counts belong to
 
     def record(self, version: int, seconds: float, cached: bool) -> None:
         s = self.versions[version]
@@ -132,4 +139,4 @@ class Stats:
             test = two_proportion_z_test(ca, ta, cb, tb)
             if test:
                 significance = {"versions": [va, vb], **test}
-        return {"versions": versions, "significance": significance}
+        return {"versions": versions, "significance": significance, "instance": self.instance}

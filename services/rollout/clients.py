@@ -40,13 +40,14 @@ class GatewayAdmin:
         self.headers = {"Authorization": f"Bearer {token}"}
         self.timeout = aiohttp.ClientTimeout(total=timeout)
 
-    async def statuses(self) -> list[dict]:
-        """GET /v1/admin/status of every replica (the first one's feedback counts are the shared Redis tally)."""
-        result = []
+    async def statuses(self) -> dict[str, dict]:
+        """GET /v1/admin/status of every replica: status URL -> body (the feedback counts in every body are the one
+        shared Redis tally; the requests, errors, latency and shadow figures are the replica's process's own)."""
+        result = {}
         for url in await self._status_urls():
             async with self.session.get(f"{url}/v1/admin/status", headers=self.headers,
                                         timeout=self.timeout) as response:
-                result.append(await _json(response))
+                result[url] = await _json(response)
         return result
 
     async def _status_urls(self) -> list[str]:

@@ -43,8 +43,9 @@ import aiohttp
 
 from services.rollout import judge, keys, metrics
 from services.rollout.clients import ApiError, GatewayAdmin, ModelServerStates
-from services.rollout.judge import ADVANCE, BREACH, ROLLBACK, Figures, Verdict
+from services.rollout.judge import ADVANCE, BREACH, ROLLBACK, Verdict
 from services.rollout.policy import Policy, Step
+from services.rollout.replica_figures import ReplicaFigures
 
 log = logging.getLogger("rollout.controller")
 HISTORY_LENGTH = 500
@@ -91,8 +92,9 @@ class State:
     rollout_started: float = 0.0
     step_started: float = 0.0
     paused: bool = False
-    baseline: dict = field(default_factory=dict)  # "stable" / "candidate" -> Figures at the rollout's start
-    step_baseline: dict = field(default_factory=dict)  # the candidate's Figures at the step's start
+    # "stable" / "candidate" -> that version's figures at the rollout's start, per source (replica_figures.py)
+    baseline: dict = field(default_factory=dict)
+    step_baseline: dict = field(default_factory=dict)  # the candidate's figures at the step's start, per source
     rejected: list = field(default_factory=list)
     judgement: dict | None = None  # the last tick's verdicts, decision and figures
     candidate_unavailable_since: float | None = None  # the first of the readings since which the candidate is missing
@@ -221,15 +223,8 @@ class Controller:
             await self.redis.lpop(key)
 
     # ------------------------------------------------------------------ figures
-    async def _figures(self, versions: list[int]) -> dict[int, Figures]:
-        statuses = await self.gateway.statuses()
-        totals = {}
-        for version in versions:
-            total = Figures()
-            for i, status in enumerate(statuses):  # feedback is the shared Redis tally: counted once
-                total = total.plus(judge.figures_from_status(status, version, with_feedback=i == 0))
-            totals[version] = total
-        return totals
+    async def _figures(self) -> ReplicaFigures:
+        return ReplicaFigures(await self.gateway.statuses())
 
     def _offline_scores(self, version: int) -> dict | None:
         return judge.read_offline_scores(self.registry_dir / str(version) if self.registry_dir else None)
@@ -266,7 +261,7 @@ class Controller:
     def _step(self, state: State) -> Step:
         return self.policy.steps[state.step]
 
-    async def _start(self, state: State, candidate: int, figures: dict[int, Figures]) -> None:
+    async def _start(self, state: State, candidate: int, figures: ReplicaFigures) -> None:
         offline = judge.judge_offline(self._offline_scores(candidate), self._offline_scores(state.stable),
                                       self.policy.rules["offline"])
         if offline.outcome == BREACH:
@@ -278,8 +273,8 @@ class Controller:
         now = self.clock()
         state.candidate, state.step, state.paused, state.candidate_unavailable_since = candidate, 0, False, None
         state.rollout_started = state.step_started = now
-        state.baseline = {"stable": figures[state.stable].to_json(), "candidate": figures[candidate].to_json()}
-        state.step_baseline = figures[candidate].to_json()
+        state.baseline = {"stable": figures.baseline(state.stable), "candidate": figures.baseline(candidate)}
+        state.step_baseline = figures.baseline(candidate)
         state.judgement = None
         step = self._step(state)
         await self._route(self._table(step, state.stable, candidate),
@@ -312,10 +307,10 @@ class Controller:
         state.baseline, state.step_baseline, state.candidate_unavailable_since = {}, {}, None
         await self.save_state(state, event)
 
-    async def _advance(self, state: State, figures: dict[int, Figures], reason: str) -> None:
+    async def _advance(self, state: State, figures: ReplicaFigures, reason: str) -> None:
         state.step += 1
         state.step_started = self.clock()
-        state.step_baseline = figures[state.candidate].to_json()
+        state.step_baseline = figures.baseline(state.candidate)
         step = self._step(state)
         await self._route(self._table(step, state.stable, state.candidate),
                           f"advance v{state.candidate} to {step.name} ({step.weight:g} %): {reason}")
@@ -423,22 +418,19 @@ class Controller:
         if not self._reconciled:
             await self._reconcile(state)
             self._reconciled = True
-        versions = [v for v in (state.stable, state.candidate) if v is not None]
-        figures = await self._figures(versions)
+        figures = await self._figures()
         await self._apply_commands(state)
         if state.candidate is None:
             newer = [v for v in available if v > state.stable and v not in state.rejected]
             if newer:
-                candidate = max(newer)
-                figures.update(await self._figures([candidate]))
-                await self._start(state, candidate, figures)
+                await self._start(state, max(newer), figures)
             else:
                 self._export(state)
                 await self._retire(state)
             return
         await self._judge(state, available, figures)
 
-    async def _judge(self, state: State, available: set[int], figures: dict[int, Figures]) -> None:
+    async def _judge(self, state: State, available: set[int], figures: ReplicaFigures) -> None:
         step = self._step(state)
         missing = self._candidate_missing(state, available)
         if missing is not None and missing >= self.policy.candidate_unavailable_seconds:
@@ -446,9 +438,9 @@ class Controller:
                                  f"server for {missing:.0f} s (every reading since; the policy's grace: "
                                  f"{self.policy.candidate_unavailable_seconds:g} s)")
             return
-        new = figures[state.candidate].since(Figures.from_json(state.baseline.get("candidate")))
-        stable = figures[state.stable].since(Figures.from_json(state.baseline.get("stable")))
-        in_step = figures[state.candidate].since(Figures.from_json(state.step_baseline))
+        new = figures.since(state.candidate, state.baseline.get("candidate", {}))
+        stable = figures.since(state.stable, state.baseline.get("stable", {}))
+        in_step = figures.since(state.candidate, state.step_baseline)
         step_requests = in_step.shadow_requests if step.weight == 0 else in_step.requests
         verdicts = judge.judge_online(new, stable, self.policy.rules)
         held = self.clock() - state.step_started
