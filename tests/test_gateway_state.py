@@ -205,6 +205,55 @@ def test_admin_and_feedback_answer_503_while_redis_is_frozen(gateway, redis_serv
                timeout=15, what="feedback recorded after Redis thawed")
 
 
+# ---------------------------------------------------------------------------------------------- routing changes
+def test_two_replicas_changing_the_routing_at_once_audit_the_table_each_replaced(redis_server):
+    """Two operators' PUTs reach two gateway replicas at once: each audit entry's ``old`` is the table its change
+    replaced, so the audit reads as one chain (the later entry's old is the earlier entry's new)."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from services.gateway.routing import Router, RoutingTable
+
+    async def scenario():
+        clients = [aioredis.from_url(redis_server.url) for _ in range(2)]
+        replicas = [Router(client, MODEL) for client in clients]
+        for router in replicas:
+            router.available = {1, 2, 3}
+        await replicas[0].set_table(RoutingTable.from_json({"weights": {"1": 100}}), "setup")
+        await asyncio.gather(*(client.ping() for client in clients))  # both connected: the two changes interleave
+        await asyncio.gather(replicas[0].set_table(RoutingTable.from_json({"weights": {"1": 50, "2": 50}}), "alice"),
+                             replicas[1].set_table(RoutingTable.from_json({"weights": {"1": 90, "3": 10}}), "bob"))
+        entries = await replicas[0].audit()
+        stored = json.loads(await clients[0].get(keys.routing(MODEL)))
+        for client in clients:
+            await client.aclose()
+        return entries, stored
+
+    (later, earlier, first), stored = asyncio.run(scenario())
+    assert earlier["old"] == first["new"] == {"weights": {"1": 100.0}, "shadow": None}
+    assert later["old"] == earlier["new"]
+    assert stored == later["new"]
+
+
+def test_a_routing_change_made_against_an_older_generation_is_refused_with_409(gateway):
+    """GET /v1/admin/routing names the stored table's generation; a PUT with ?expected_generation= is applied only
+    while the table is still that generation, so that a read-modify-write never undoes a change made meanwhile."""
+    status, routing, _ = gateway.request("GET", "/v1/admin/routing", token=ADMIN)
+    assert status == 200
+    seen = routing["generation"]
+    status, applied, _ = gateway.request("PUT", f"/v1/admin/routing?expected_generation={seen}",
+                                         {"weights": {"1": 100}}, token=ADMIN)
+    assert (status, applied["generation"]) == (200, seen + 1)
+    status, error, _ = gateway.request("PUT", f"/v1/admin/routing?expected_generation={seen}",
+                                       {"weights": {"2": 100}}, token=ADMIN)
+    assert (status, error["error"]["code"]) == (409, "routing_changed")
+    routing = gateway.request("GET", "/v1/admin/routing", token=ADMIN)[1]
+    assert (routing["weights"], routing["generation"]) == ({"1": 100.0}, seen + 1)
+    assert gateway.request("PUT", "/v1/admin/routing?expected_generation=x", {"weights": {"2": 100}},
+                           token=ADMIN)[0] == 400
+
+
 # ---------------------------------------------------------------------------------------------- supervised watchers
 def routed_version(gateway) -> int:
     status, answer, _ = gateway.request("POST", "/v1/classify", PHOTOS[1].read_bytes(), "image/jpeg",
@@ -314,7 +363,8 @@ def test_cache_keys_expire_and_state_keys_do_not(gateway, redis_server):
     wait_until(lambda: client.exists(keys.result(MODEL, 2, _preprocessing_version(), 224, _sha256(photo))), timeout=10,
                what="the answer cached")
     ttls = {key.decode(): client.ttl(key) for key in client.scan_iter()}
-    state = {keys.routing(MODEL), keys.audit(MODEL), keys.feedback_tally(MODEL), keys.feedback_seen(MODEL)}
+    state = {keys.routing(MODEL), keys.routing_generation(MODEL), keys.audit(MODEL), keys.feedback_tally(MODEL),
+             keys.feedback_seen(MODEL)}
     assert state <= set(ttls)
     assert all((ttl == -1) == (key in state) for key, ttl in ttls.items()), ttls
 

@@ -137,96 +137,80 @@ def test_entries_on_one_version_add_up_and_describe_shows_where_labels_point():
         "resolved": {"2": 2, "canary": 1, "stable": 1}, "effective": {"1": 90.0, "2": 10.0}}
 
 
-class SlowReadRedis:
-    """Just enough of redis.asyncio for Router.refresh and Router.set_table; the first GET reads the stored value
-    at once but answers only when ``release`` is set (a watcher read in flight while an operator PUTs)."""
+class HeldRedis:
+    """A real redis.asyncio client whose first routing read (``hold_read``: the table is read at once, answered only
+    when ``release`` is set: a watcher read in flight while an operator PUTs) or first routing change (``hold_write``:
+    sent only when ``release`` is set: a table being stored while the label refresh runs) is held."""
 
-    def __init__(self, stored: dict[str, str]):
-        self.stored = stored
+    def __init__(self, url: str, hold_read: bool = False, hold_write: bool = False):
+        import redis.asyncio as aioredis
+
+        self.client = aioredis.from_url(url)
+        self.hold_read, self.hold_write = hold_read, hold_write
         self.release = asyncio.Event()
         self.held = asyncio.Event()
-        self.gets = 0
 
-    async def get(self, key):
-        value = self.stored.get(key)
-        self.gets += 1
-        if self.gets == 1:
-            self.held.set()
-            await self.release.wait()
-        return value
+    def __getattr__(self, name):
+        return getattr(self.client, name)
 
-    def pipeline(self, transaction=True):
-        redis = self
+    async def _hold(self) -> None:
+        self.held.set()
+        await self.release.wait()
 
-        class Pipeline:
-            async def __aenter__(self):
-                self.calls = []
-                return self
+    async def mget(self, *names):
+        values = await self.client.mget(*names)
+        if self.hold_read:
+            self.hold_read = False
+            await self._hold()
+        return values
 
-            async def __aexit__(self, *exc):
-                return False
+    def register_script(self, lua: str):
+        script = self.client.register_script(lua)
 
-            def set(self, key, value):
-                self.calls.append((key, value))
+        async def run(**kwargs):
+            if self.hold_write:
+                self.hold_write = False
+                await self._hold()
+            return await script(**kwargs)
 
-            def lpush(self, key, value):
-                pass
-
-            def ltrim(self, key, start, end):
-                pass
-
-            async def execute(self):
-                redis.stored.update(self.calls)
-
-        return Pipeline()
+        return run
 
 
-def test_a_watcher_read_in_flight_never_undoes_a_table_just_set():
+@pytest.fixture()
+def redis_server():
+    with RedisServer() as server:
+        yield server
+
+
+def test_a_watcher_read_in_flight_never_undoes_a_table_just_set(redis_server):
     async def scenario():
-        redis = SlowReadRedis({})
+        redis = HeldRedis(redis_server.url, hold_read=True)
         router = Router(redis=redis, model_name=MODEL)
         router.available = {1, 2}
-        redis.stored[router.key] = json.dumps(RoutingTable.from_json({"weights": {"1": 100}}).to_json())
+        await redis.client.set(router.key, json.dumps(RoutingTable.from_json({"weights": {"1": 100}}).to_json()))
         refresh = asyncio.create_task(router.refresh())
         await redis.held.wait()  # the watcher has read the old table and waits for the answer
         await router.set_table(RoutingTable.from_json({"weights": {"2": 100}}), who="operator")
         redis.release.set()
         await refresh
-        return router.table.to_json(), json.loads(redis.stored[router.key])
+        stored = json.loads(await redis.client.get(router.key))
+        await redis.client.aclose()
+        return router.table.to_json(), stored
 
     table, stored = asyncio.run(asyncio.wait_for(scenario(), 10))
     assert stored["weights"] == {"2": 100.0}
     assert table == stored
 
 
-class HeldWriteRedis(SlowReadRedis):
-    """Reads answer at once; the first routing write answers only when ``release`` is set (a table being stored
-    while the label refresh runs)."""
-
-    async def get(self, key):
-        return self.stored.get(key)
-
-    def pipeline(self, transaction=True):
-        pipeline, redis = super().pipeline(transaction), self
-        execute = pipeline.execute
-
-        async def held_execute():
-            redis.held.set()
-            await redis.release.wait()
-            await execute()
-
-        pipeline.execute = held_execute
-        return pipeline
-
-
-def test_a_label_refresh_during_a_table_change_keeps_the_new_tables_labels():
+def test_a_label_refresh_during_a_table_change_keeps_the_new_tables_labels(redis_server):
     """A rollout's promotion: the table goes from {canary: 100} to {stable: 100} just after stable moved to the
     canary's version. A label refresh that ends while the new table is being stored must not forget the stable
     label it has just resolved: unresolved, it would route nowhere (or to the latest version) until re-asked."""
     upstream = FakeUpstream({"stable": 2, "canary": 2})
 
     async def scenario():
-        router = Router(redis=HeldWriteRedis({}), model_name=MODEL, labels=LabelResolver(upstream))
+        router = Router(redis=HeldRedis(redis_server.url, hold_write=True), model_name=MODEL,
+                        labels=LabelResolver(upstream))
         router.available = {1, 2}
         router.table = RoutingTable.from_json({"weights": {"canary": 100}})
         await router.refresh_labels()
@@ -236,6 +220,7 @@ def test_a_label_refresh_during_a_table_change_keeps_the_new_tables_labels():
         await router.refresh_labels()  # the once-a-second refresh, of the table in force until the write ends
         router.redis.release.set()
         await change
+        await router.redis.client.aclose()
         return router.describe()["resolved"], router.choose("client")
 
     resolved, (version, _) = asyncio.run(asyncio.wait_for(scenario(), 10))

@@ -21,7 +21,7 @@ from services.gateway.openapi import OPENAPI
 from services.gateway.operators import OperatorTokens
 from services.gateway.photo_store import PhotoStore
 from services.gateway.rollout_proxy import RolloutProxy
-from services.gateway.routing import Router, RoutingError, RoutingTable
+from services.gateway.routing import Router, RoutingChanged, RoutingError, RoutingTable
 from services.gateway.stats import Stats
 from services.gateway.upstream import UpstreamUnavailable, state_name
 
@@ -258,20 +258,27 @@ class HttpApi:
     async def get_routing(self, request: web.Request) -> web.Response:
         self._authorise(request, write=False)
         router = self.router
-        return web.json_response({**router.describe(), "available": sorted(router.available)})
+        return web.json_response({**router.describe(), "available": sorted(router.available),
+                                  "generation": router.stored_generation})
 
     async def put_routing(self, request: web.Request) -> web.Response:
+        """``?expected_generation=N``: apply only while the stored table is generation N (from a GET), else 409."""
         who = self._authorise(request, write=True)
+        expected = _int_param(request, "expected_generation", None)
         data = await read_json(request, SMALL_BODY_BYTES)
         try:
             table = RoutingTable.from_request(data)
-            entry = await self.router.set_table(table, who, note=request.headers.get("X-Operator"))
+            entry = await self.router.set_table(table, who, note=request.headers.get("X-Operator"),
+                                                expected_generation=expected)
         except RoutingError as exc:
             raise GatewayError(400, "bad_routing", str(exc)) from None
+        except RoutingChanged as exc:
+            raise GatewayError(409, "routing_changed", str(exc)) from None
         except UpstreamUnavailable as exc:
             raise GatewayError(503, "model_server_unavailable", f"cannot check the labels: {exc}",
                                retry_after=2) from None
-        return web.json_response({**self.router.describe(), "audit": entry})
+        return web.json_response({**self.router.describe(), "audit": entry,
+                                  "generation": self.router.stored_generation})
 
     async def audit(self, request: web.Request) -> web.Response:
         self._authorise(request, write=False)

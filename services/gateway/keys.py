@@ -4,8 +4,8 @@ Two kinds of keys share one Redis and are told apart by their expiry (the deploy
 persistence, see DEVELOPERS.md "Redis layout"):
 
 - **cache** (always written with a TTL, so evictable): ``result``, ``explanation``.
-- **operator state** (never a TTL, so never evicted; persisted): ``routing``, ``audit``, ``feedback_tally``,
-  ``feedback_seen``.
+- **operator state** (never a TTL, so never evicted; persisted): ``routing``, ``routing_generation``, ``audit``,
+  ``feedback_tally``, ``feedback_seen``.
 
 Collections are found through these known keys, never by scanning the keyspace.
 """
@@ -40,6 +40,12 @@ def explanation_pattern(model: str) -> str:
 def routing(model: str) -> str:
     """String (JSON): the A/B table {"weights": {"<version or label>": weight}, "shadow": ...}. State: no TTL."""
     return f"{PREFIX}:routing:{model}"
+
+
+def routing_generation(model: str) -> str:
+    """String (integer): the generation of ``routing``, incremented by every change in the script that stores the
+    table, so that a change made against an older generation is refused. State: no TTL."""
+    return f"{PREFIX}:routing_generation:{model}"
 
 
 def audit(model: str) -> str:

@@ -81,8 +81,14 @@ OPENAPI = {
             "put": {"summary": "Set the A/B table (bearer token). Entries are version numbers or version labels, kept "
                                "as given; an unknown label or a version that is not AVAILABLE is refused (400), so "
                                "are weights that are not JSON numbers in 0..1000000 or all 0; {\"clear\": true} "
-                               "empties the table; 503 when the model server cannot be asked about the labels",
-                    "security": [{"bearer": []}], "requestBody": {"required": True, "content": {"application/json": {
+                               "empties the table; 503 when the model server cannot be asked about the labels; 409 "
+                               "routing_changed when expected_generation is not the stored table's generation",
+                    "security": [{"bearer": []}],
+                    "parameters": [{"name": "expected_generation", "in": "query", "required": False,
+                                    "description": "apply the change only while the stored table is this generation "
+                                    "(the generation a GET answered), so that a change made meanwhile is not undone",
+                                    "schema": {"type": "integer", "minimum": 0}}],
+                    "requestBody": {"required": True, "content": {"application/json": {
                         "schema": {"$ref": "#/components/schemas/RoutingUpdate"},
                         "examples": {"labels": {"value": {"weights": {"stable": 90, "canary": 10},
                                                           "shadow": "canary"}},
@@ -176,10 +182,16 @@ OPENAPI = {
                         "type": "object", "description": "weights per resolved version over AVAILABLE versions "
                         "only (entries on one version add up; a vanished version's or label's share is spread)",
                         "propertyNames": _VERSION_KEY, "additionalProperties": {"type": "number", "minimum": 0}}}},
-            "RoutingAdmin": {"allOf": [{"$ref": "#/components/schemas/RoutingState"}], "required": ["available"],
-                             "properties": {"available": {"type": "array", "items": {"type": "integer"}}}},
-            "RoutingApplied": {"allOf": [{"$ref": "#/components/schemas/RoutingState"}], "required": ["audit"],
-                               "properties": {"audit": {"$ref": "#/components/schemas/AuditEntry"}}},
+            "RoutingAdmin": {"allOf": [{"$ref": "#/components/schemas/RoutingState"}],
+                             "required": ["available", "generation"],
+                             "properties": {"available": {"type": "array", "items": {"type": "integer"}},
+                                            "generation": {"$ref": "#/components/schemas/Generation"}}},
+            "RoutingApplied": {"allOf": [{"$ref": "#/components/schemas/RoutingState"}],
+                               "required": ["audit", "generation"],
+                               "properties": {"audit": {"$ref": "#/components/schemas/AuditEntry"},
+                                              "generation": {"$ref": "#/components/schemas/Generation"}}},
+            "Generation": {"type": "integer", "minimum": 0, "description": "the stored table's generation, "
+                           "incremented by every change (0: never set); PUT ?expected_generation= takes it"},
             "AuditEntry": {"type": "object", "required": ["who", "when", "old", "new"], "properties": {
                 "who": {"type": "string", "description": "the operator whose token made the change"},
                 "note": {"type": "string", "description": "X-Operator as sent, if any"},

@@ -1,10 +1,13 @@
 """A/B routing: a weights table per model in Redis that every gateway replica follows, sticky per client id.
 
 An entry of the table is a version number (``3``) or a version label (``"canary"``) that the model server resolves
-(see labels.py). Redis keys (keys.routing, keys.audit): the table as JSON {"weights": {"<version or label>": weight,
-...}, "shadow": version, label or null}; the audit as a list of {"who", "when", "old", "new"} (newest first), entries
-as given, and of the rollout commands operators send through the gateway ({"who", "when", "action", "status",
-"answer"}, rollout_proxy.py). Weighted rendezvous hashing on the entry name picks an entry per client: when a weight
+(see labels.py). Redis keys (keys.routing, keys.routing_generation, keys.audit): the table as JSON {"weights":
+{"<version or label>": weight, ...}, "shadow": version, label or null}; its generation, incremented by every change;
+the audit as a list of {"who", "when", "old", "new"} (newest first), entries as given, and of the rollout commands
+operators send through the gateway ({"who", "when", "action", "status", "answer"}, rollout_proxy.py). A change reads
+the table it replaces, stores the new one, bumps the generation and appends the audit entry in one Lua script, so
+that two changes at once (two operators, two replicas) each audit the table they really replaced, and a change made
+against a generation that is no longer the stored one is refused (RoutingChanged). Weighted rendezvous hashing on the entry name picks an entry per client: when a weight
 changes only the clients that must move do, and moving a label to another version moves no client between entries.
 """
 from __future__ import annotations
@@ -30,8 +33,32 @@ UPDATE_SHAPE = ('a routing update is {"weights": {"<version or label>": <weight>
                 'label>|null} with at least one weight above 0; to clear the table send {"clear": true}')
 
 
+# KEYS: routing, routing_generation, audit; ARGV: the new table (JSON), the audit entry (a JSON object without "old"),
+# the empty table (JSON, "old" when none is stored), the expected generation or '' for any, the audit's last index.
+# {1, new generation, old table JSON} once stored; {0, stored generation} (nothing written) when ARGV[4] names another.
+SET_TABLE_LUA = """
+local generation = tonumber(redis.call('GET', KEYS[2]) or '0')
+if ARGV[4] ~= '' and tonumber(ARGV[4]) ~= generation then return {0, generation} end
+local old = redis.call('GET', KEYS[1]) or ARGV[3]
+redis.call('SET', KEYS[1], ARGV[1])
+generation = redis.call('INCR', KEYS[2])
+redis.call('LPUSH', KEYS[3], string.sub(ARGV[2], 1, -2) .. ', "old": ' .. old .. '}')
+redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[5]))
+return {1, generation, old}
+"""
+
+
 class RoutingError(ValueError):
     pass
+
+
+class RoutingChanged(RuntimeError):
+    """A change made against a generation of the table that is no longer the stored one."""
+
+    def __init__(self, expected: int, stored: int):
+        super().__init__(f"the routing table is at generation {stored}, not {expected}: it changed since it was read; "
+                         "read it again (GET /v1/admin/routing) before changing it")
+        self.expected, self.stored = expected, stored
 
 
 class UnknownLabel(LookupError):
@@ -197,6 +224,8 @@ class Router:
         self.seen_stored_table = False  # a table was read from (or written to) Redis at least once
         self.table_lost = False
         self.table_generation = 0  # bumped by every set_table: a Redis read begun before it is older than the table
+        self.stored_generation = 0  # the generation (keys.routing_generation) of ``table`` as last read or written
+        self._set_table_script = None  # registered at the first change
 
     def _stored_table_seen(self) -> None:
         self.seen_stored_table = True
@@ -208,6 +237,10 @@ class Router:
     @property
     def key(self) -> str:
         return keys.routing(self.model_name)
+
+    @property
+    def generation_key(self) -> str:
+        return keys.routing_generation(self.model_name)
 
     @property
     def audit_key(self) -> str:
@@ -222,7 +255,7 @@ class Router:
         next label refresh. A read that was in flight while ``set_table`` stored a table is dropped: it may hold the
         table from before the change."""
         generation = self.table_generation
-        raw = await self.redis.get(self.key)
+        raw, stored_generation = await self.redis.mget(self.key, self.generation_key)
         if generation != self.table_generation:
             return
         if raw is None and self.seen_stored_table:
@@ -234,6 +267,7 @@ class Router:
                           "known table %s; store a table again to clear this", self.key, self.table.to_json())
             return
         self.table = RoutingTable.from_json(json.loads(raw)) if raw else RoutingTable()
+        self.stored_generation = int(stored_generation or 0)
         if raw is not None:
             self._stored_table_seen()
         if self.labels is not None and self.table.labels() - self.labels.asked:
@@ -313,19 +347,25 @@ class Router:
                                f"(available: {sorted(self.available)})")
         return resolved
 
-    async def set_table(self, table: RoutingTable, who: str, note: str | None = None) -> dict:
-        """``who``: the operator whose token made the change; ``note``: what the caller said (X-Operator), if
-        anything, recorded as given and never taken as who."""
+    async def set_table(self, table: RoutingTable, who: str, note: str | None = None,
+                        expected_generation: int | None = None) -> dict:
+        """Stores ``table`` and its audit entry (returned) in one step (SET_TABLE_LUA). ``who``: the operator whose
+        token made the change; ``note``: what the caller said (X-Operator), if anything, recorded as given and never
+        taken as who; ``expected_generation``: change only that generation of the table, else RoutingChanged."""
         resolved = await self._check(table)
-        old_raw = await self.redis.get(self.key)
-        old = json.loads(old_raw) if old_raw else RoutingTable().to_json()
         new = table.to_json()
-        entry = _audit_entry(who, note, old=old, new=new)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self.key, json.dumps(new))
-            self._push_audit(pipe, entry)
-            await pipe.execute()
+        entry = _audit_entry(who, note, new=new)
+        if self._set_table_script is None:
+            self._set_table_script = self.redis.register_script(SET_TABLE_LUA)
+        answer = await self._set_table_script(
+            keys=[self.key, self.generation_key, self.audit_key],
+            args=[json.dumps(new), json.dumps(entry), json.dumps(RoutingTable().to_json()),
+                  "" if expected_generation is None else str(expected_generation), AUDIT_ENTRIES - 1])
+        if not answer[0]:
+            raise RoutingChanged(expected_generation, int(answer[1]))
+        entry["old"] = old = json.loads(answer[2])
         self.table = table
+        self.stored_generation = int(answer[1])
         self.table_generation += 1
         if resolved:  # a label refresh of the old table, ended during the write, may have dropped them
             self.labels.remember(resolved)
