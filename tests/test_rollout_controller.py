@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 
 import pytest
 import redis.asyncio as aioredis
 
 from devstack.configs import model_config_text, read_model_config
+from services.gateway import keys as gateway_keys
 from services.rollout import keys, metrics
 from services.rollout.clients import ApiError
-from services.rollout.controller import Controller
+from services.rollout.controller import Controller, LeaseLost
 from services.rollout.policy import parse_policy
 from tests.support import RedisServer
 
@@ -34,7 +36,7 @@ class FakeGateway:
             raise ApiError(503, "the gateway is restarting")
         return self.table
 
-    async def put_routing(self, table, note):
+    async def put_routing(self, table, note, lease=None):
         if self.failures:
             self.failures -= 1
             raise ApiError(503, "the gateway is restarting")
@@ -88,6 +90,44 @@ class ReplicatedGateway(FakeGateway):
 
     async def statuses(self):
         return await self.admin.statuses()
+
+
+class InProcessGateway:
+    """The gateway's own admin API (services/gateway/http_api.py: routing, audit and status over a real Router and
+    Stats on the test's Redis) in process on a free loopback port, without a model server: ``available`` stands for
+    the versions the version watcher would report."""
+
+    def __init__(self, redis_url: str, model: str, available: set[int], token: str = "controller-token"):
+        self.redis_url, self.model, self.available, self.token = redis_url, model, available, token
+
+    async def __aenter__(self) -> "InProcessGateway":
+        from aiohttp import web
+
+        from services.gateway.http_api import HttpApi
+        from services.gateway.operators import OperatorTokens
+        from services.gateway.routing import Router
+        from services.gateway.stats import Stats
+        from tests.support import free_port
+
+        self.client = aioredis.from_url(self.redis_url)
+        self.router = Router(self.client, self.model)
+        self.router.available = self.available
+        api = HttpApi(None, self.router, Stats(self.client, self.model), None, OperatorTokens(None, self.token),
+                      max_body=1024, ready=lambda: (True, "ok"))
+        self.runner = web.AppRunner(api.app())
+        await self.runner.setup()
+        port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.runner.cleanup()
+        await self.client.aclose()
+
+    async def table(self) -> dict:
+        raw = await self.client.get(gateway_keys.routing(self.model))
+        return json.loads(raw)["weights"] if raw else {}
 
 
 def served(requests: int, errors: int) -> dict:
@@ -342,3 +382,55 @@ def test_a_restarted_gateway_replica_counts_from_zero_and_the_others_from_their_
     state, history = asyncio.run(scenario())
     assert (state.candidate, state.rejected) == (None, [2])
     assert history[0]["rule"] == "error_rate" and "stable 0.00%" in history[0]["reason"]
+
+
+def test_a_controller_that_lost_its_lease_cannot_change_the_routing(redis_server):
+    """Controller a holds the lease, then its routing change is delayed past the lease (a paused process, a slow
+    network); b takes the lease over, starts the rollout itself and an operator aborts it. a's late change must be
+    refused by the gateway (the lease it was sent under is no longer held), not undo the abort."""
+    import aiohttp
+
+    from services.rollout.clients import GatewayAdmin
+
+    policy = parse_policy({"tick_seconds": 1, "steps": [{"weight": 5, "hold_seconds": 600}, {"weight": 100}]})
+
+    class DelayedAdmin(GatewayAdmin):
+        delay = 0.0
+
+        async def put_routing(self, *args, **kwargs):
+            await asyncio.sleep(self.delay)
+            return await super().put_routing(*args, **kwargs)
+
+    async def scenario():
+        client = aioredis.from_url(redis_server.url)
+        session = aiohttp.ClientSession()
+        async with InProcessGateway(redis_server.url, "m", {1}) as gateway:
+            admins = [DelayedAdmin(session, gateway.url, gateway.token, timeout=10) for _ in range(2)]
+            model_server = FakeModelServer({1})
+            a = Controller(client, admins[0], model_server, policy, "m", identity="a", lease_seconds=1.0)
+            b = Controller(client, admins[1], model_server, policy, "m", identity="b", lease_seconds=1.0)
+            await a.tick()  # adopts version 1
+            gateway.available.add(2)
+            model_server.versions.add(2)
+            admins[0].delay = 2.5
+            a_tick = asyncio.create_task(a.tick())  # a starts v2: its routing change is on its way
+            await asyncio.sleep(1.5)  # a's lease expires meanwhile
+            await b.tick()  # b takes the lease over and starts v2 itself
+            await b.queue_command("abort", "alice")
+            await b.tick()  # {1: 100}, v2 rejected
+            with pytest.raises(LeaseLost):
+                await a_tick
+            table = await gateway.table()
+            async with session.put(f"{gateway.url}/v1/admin/routing", json={"weights": {"1": 100}},
+                                   headers={"Authorization": f"Bearer {gateway.token}"}) as response:
+                assert response.status == 200  # an operator's change carries no lease token: always applied
+            state = await b.load_state()
+            audit = await gateway.router.audit()
+        await session.close()
+        await client.aclose()
+        return table, state, audit
+
+    table, state, audit = asyncio.run(scenario())
+    assert state.rejected == [2] and table == {"1": 100.0}
+    assert [e["new"]["weights"] for e in reversed(audit)] == [{"1": 100.0}, {"1": 95.0, "2": 5.0}, {"1": 100.0},
+                                                               {"1": 100.0}]

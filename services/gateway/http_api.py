@@ -21,7 +21,7 @@ from services.gateway.openapi import OPENAPI
 from services.gateway.operators import OperatorTokens
 from services.gateway.photo_store import PhotoStore
 from services.gateway.rollout_proxy import RolloutProxy
-from services.gateway.routing import Router, RoutingChanged, RoutingError, RoutingTable
+from services.gateway.routing import LeaseNotHeld, Router, RoutingChanged, RoutingError, RoutingTable
 from services.gateway.stats import Stats
 from services.gateway.upstream import UpstreamUnavailable, state_name
 
@@ -262,16 +262,21 @@ class HttpApi:
                                   "generation": router.stored_generation})
 
     async def put_routing(self, request: web.Request) -> web.Response:
-        """``?expected_generation=N``: apply only while the stored table is generation N (from a GET), else 409."""
+        """``?expected_generation=N``: apply only while the stored table is generation N (from a GET), else 409
+        routing_changed. ``X-Rollout-Lease``: the rollout controller's lease token; the change is applied only while
+        the controller holds that lease, else 409 lease_lost. Without it the change is an operator's, always applied."""
         who = self._authorise(request, write=True)
         expected = _int_param(request, "expected_generation", None)
         data = await read_json(request, SMALL_BODY_BYTES)
         try:
             table = RoutingTable.from_request(data)
             entry = await self.router.set_table(table, who, note=request.headers.get("X-Operator"),
-                                                expected_generation=expected)
+                                                expected_generation=expected,
+                                                lease=request.headers.get("X-Rollout-Lease") or None)
         except RoutingError as exc:
             raise GatewayError(400, "bad_routing", str(exc)) from None
+        except LeaseNotHeld as exc:
+            raise GatewayError(409, "lease_lost", str(exc)) from None
         except RoutingChanged as exc:
             raise GatewayError(409, "routing_changed", str(exc)) from None
         except UpstreamUnavailable as exc:

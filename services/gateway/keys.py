@@ -7,6 +7,8 @@ persistence, see DEVELOPERS.md "Redis layout"):
 - **operator state** (never a TTL, so never evicted; persisted): ``routing``, ``routing_generation``, ``audit``,
   ``feedback_tally``, ``feedback_seen``.
 
+One more key is read here and written by the rollout controller: ``rollout_lease`` (its lease, with a TTL).
+
 Collections are found through these known keys, never by scanning the keyspace.
 """
 from __future__ import annotations
@@ -63,3 +65,9 @@ def feedback_seen(model: str) -> str:
     removed at each feedback write), so one answer counts once. State: no TTL, bounded by the feedback window."""
     return f"{PREFIX}:feedback_seen:{model}"
 
+
+def rollout_lease(model: str) -> str:
+    """String: the token of the rollout controller process that holds the lease of ``model``, with a TTL it renews
+    (services/rollout/keys.lease is this key). Written by the controller only; the gateway reads it in the script
+    that stores a routing table sent under a lease, to refuse a change from a controller that no longer holds it."""
+    return f"{PREFIX}:rollout:lease:{model}"

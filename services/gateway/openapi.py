@@ -82,12 +82,17 @@ OPENAPI = {
                                "as given; an unknown label or a version that is not AVAILABLE is refused (400), so "
                                "are weights that are not JSON numbers in 0..1000000 or all 0; {\"clear\": true} "
                                "empties the table; 503 when the model server cannot be asked about the labels; 409 "
-                               "routing_changed when expected_generation is not the stored table's generation",
+                               "routing_changed when expected_generation is not the stored table's generation, 409 "
+                               "lease_lost when X-Rollout-Lease is not the lease the rollout controller holds now",
                     "security": [{"bearer": []}],
                     "parameters": [{"name": "expected_generation", "in": "query", "required": False,
                                     "description": "apply the change only while the stored table is this generation "
                                     "(the generation a GET answered), so that a change made meanwhile is not undone",
-                                    "schema": {"type": "integer", "minimum": 0}}],
+                                    "schema": {"type": "integer", "minimum": 0}},
+                                   {"name": "X-Rollout-Lease", "in": "header", "required": False,
+                                    "description": "the rollout controller's lease token: the change is applied "
+                                    "only while that lease is held (fencing); operators send none",
+                                    "schema": {"type": "string"}}],
                     "requestBody": {"required": True, "content": {"application/json": {
                         "schema": {"$ref": "#/components/schemas/RoutingUpdate"},
                         "examples": {"labels": {"value": {"weights": {"stable": 90, "canary": 10},

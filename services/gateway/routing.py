@@ -7,8 +7,13 @@ the audit as a list of {"who", "when", "old", "new"} (newest first), entries as 
 operators send through the gateway ({"who", "when", "action", "status", "answer"}, rollout_proxy.py). A change reads
 the table it replaces, stores the new one, bumps the generation and appends the audit entry in one Lua script, so
 that two changes at once (two operators, two replicas) each audit the table they really replaced, and a change made
-against a generation that is no longer the stored one is refused (RoutingChanged). Weighted rendezvous hashing on the entry name picks an entry per client: when a weight
-changes only the clients that must move do, and moving a label to another version moves no client between entries.
+against a generation that is no longer the stored one is refused (RoutingChanged). A change the rollout controller
+sends under its lease carries the lease token, checked in the same script against the lease key (keys.rollout_lease):
+a controller that no longer holds the lease changes nothing (LeaseNotHeld). A change without a token is an operator's:
+always applied.
+
+Weighted rendezvous hashing on the entry name picks an entry per client: when a weight changes only the clients that
+must move do, and moving a label to another version moves no client between entries.
 """
 from __future__ import annotations
 
@@ -33,10 +38,16 @@ UPDATE_SHAPE = ('a routing update is {"weights": {"<version or label>": <weight>
                 'label>|null} with at least one weight above 0; to clear the table send {"clear": true}')
 
 
-# KEYS: routing, routing_generation, audit; ARGV: the new table (JSON), the audit entry (a JSON object without "old"),
-# the empty table (JSON, "old" when none is stored), the expected generation or '' for any, the audit's last index.
-# {1, new generation, old table JSON} once stored; {0, stored generation} (nothing written) when ARGV[4] names another.
+# KEYS: routing, routing_generation, audit, rollout lease; ARGV: the new table (JSON), the audit entry (a JSON object
+# without "old"), the empty table (JSON, "old" when none is stored), the expected generation or '' for any, the
+# audit's last index, the lease token the change is sent under or '' for none. {1, new generation, old table JSON}
+# once stored; nothing written and {0, stored generation} when ARGV[4] names another generation, {-1, lease holder or
+# ''} when ARGV[6] is not the token the lease key holds.
 SET_TABLE_LUA = """
+if ARGV[6] ~= '' then
+  local holder = redis.call('GET', KEYS[4])
+  if holder ~= ARGV[6] then return {-1, holder or ''} end
+end
 local generation = tonumber(redis.call('GET', KEYS[2]) or '0')
 if ARGV[4] ~= '' and tonumber(ARGV[4]) ~= generation then return {0, generation} end
 local old = redis.call('GET', KEYS[1]) or ARGV[3]
@@ -50,6 +61,15 @@ return {1, generation, old}
 
 class RoutingError(ValueError):
     pass
+
+
+class LeaseNotHeld(RuntimeError):
+    """A change sent under a rollout lease token that the lease key does not hold (any more)."""
+
+    def __init__(self, token: str, holder: str):
+        super().__init__(f"the rollout lease is held by {holder or 'nobody'}, not {token}: a controller that lost its "
+                         "lease changes no routing")
+        self.token, self.holder = token, holder
 
 
 class RoutingChanged(RuntimeError):
@@ -348,19 +368,24 @@ class Router:
         return resolved
 
     async def set_table(self, table: RoutingTable, who: str, note: str | None = None,
-                        expected_generation: int | None = None) -> dict:
+                        expected_generation: int | None = None, lease: str | None = None) -> dict:
         """Stores ``table`` and its audit entry (returned) in one step (SET_TABLE_LUA). ``who``: the operator whose
         token made the change; ``note``: what the caller said (X-Operator), if anything, recorded as given and never
-        taken as who; ``expected_generation``: change only that generation of the table, else RoutingChanged."""
+        taken as who; ``expected_generation``: change only that generation of the table, else RoutingChanged;
+        ``lease``: the rollout controller's lease token, change only while the lease key holds it, else
+        LeaseNotHeld."""
         resolved = await self._check(table)
         new = table.to_json()
         entry = _audit_entry(who, note, new=new)
         if self._set_table_script is None:
             self._set_table_script = self.redis.register_script(SET_TABLE_LUA)
         answer = await self._set_table_script(
-            keys=[self.key, self.generation_key, self.audit_key],
+            keys=[self.key, self.generation_key, self.audit_key, keys.rollout_lease(self.model_name)],
             args=[json.dumps(new), json.dumps(entry), json.dumps(RoutingTable().to_json()),
-                  "" if expected_generation is None else str(expected_generation), AUDIT_ENTRIES - 1])
+                  "" if expected_generation is None else str(expected_generation), AUDIT_ENTRIES - 1, lease or ""])
+        if answer[0] == -1:
+            holder = answer[1].decode() if isinstance(answer[1], bytes) else answer[1]
+            raise LeaseNotHeld(lease, holder)
         if not answer[0]:
             raise RoutingChanged(expected_generation, int(answer[1]))
         entry["old"] = old = json.loads(answer[2])

@@ -10,9 +10,12 @@ import aiohttp
 
 
 class ApiError(RuntimeError):
-    def __init__(self, status: int, message: str):
+    """An error answer: its HTTP status and, when the body says it, its ``error.code`` (e.g. lease_lost)."""
+
+    def __init__(self, status: int, message: str, code: str | None = None):
         super().__init__(f"{status}: {message}")
         self.status = status
+        self.code = code
 
 
 async def _json(response: aiohttp.ClientResponse) -> dict:
@@ -21,8 +24,8 @@ async def _json(response: aiohttp.ClientResponse) -> dict:
     except ValueError:
         body = {}
     if response.status >= 400:
-        message = body.get("error", {}).get("message") if isinstance(body, dict) else None
-        raise ApiError(response.status, message or response.reason or "error")
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        raise ApiError(response.status, error.get("message") or response.reason or "error", error.get("code"))
     return body
 
 
@@ -63,9 +66,12 @@ class GatewayAdmin:
                                     timeout=self.timeout) as response:
             return await _json(response)
 
-    async def put_routing(self, table: dict, note: str) -> dict:
-        """Changes the routing; ``note`` (the decision, rule and reason) is recorded in the gateway's audit entry."""
-        headers = {**self.headers, "X-Operator": note.encode("ascii", "replace").decode()[:200]}
+    async def put_routing(self, table: dict, note: str, lease: str | None = None) -> dict:
+        """Changes the routing; ``note`` (the decision, rule and reason) is recorded in the gateway's audit entry;
+        ``lease``: the controller's lease token, so that the gateway refuses the change (409 lease_lost) unless the
+        lease is still held under it."""
+        headers = {**self.headers, "X-Operator": note.encode("ascii", "replace").decode()[:200],
+                   **({"X-Rollout-Lease": lease} if lease else {})}
         async with self.session.put(f"{self.url}/v1/admin/routing", json=table, headers=headers,
                                     timeout=self.timeout) as response:
             return await _json(response)

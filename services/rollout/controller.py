@@ -24,10 +24,14 @@ Operators' commands (keys.commands, from the controller's HTTP API or the CLI) a
 ``operator_promote``), ``retry`` with a version (takes it out of ``rejected``, running or not, so that it may be
 rolled out again: the next idle tick starts it if it is the newest AVAILABLE version).
 
-Only the holder of the lease (keys.lease) acts; its state writes go through a script that checks the lease in the
-same step, so a controller that lost its lease cannot overwrite the state. Every routing change goes through the
-gateway's admin API under the controller's operator token, the decision, rule and reason in the audit note; every
-decision is also appended to the history (keys.history) with the judged figures.
+Only the holder of the lease (keys.lease) acts. The lease holds a token drawn at each taking (``lease_token``); the
+tick takes or renews it, anything later in the tick only renews it, so a controller that lost its lease mid-tick acts
+no further on what it read under it. Its state writes go through a script that checks the token in the same step,
+and its routing changes carry the token, which the gateway checks in the script that stores the table (409
+lease_lost, taken as LeaseLost): a controller that lost its lease overwrites neither the state nor the routing.
+Every routing change goes through the gateway's admin API under the controller's operator token, the decision, rule
+and reason in the audit note; every decision is also appended to the history (keys.history) with the judged
+figures.
 """
 from __future__ import annotations
 
@@ -53,15 +57,16 @@ MAX_QUEUED_COMMANDS = 100
 COMMANDS = ("pause", "resume", "abort", "promote", "retry")
 VERSION_COMMANDS = ("retry",)  # the commands that name a version (and only they)
 
-# KEYS: lease; ARGV: holder id, ttl ms. 1 when the caller holds the lease now (taken or renewed), else 0.
+# KEYS: lease; ARGV: the caller's token or '', a new token to take a free lease with or '' (renew only), ttl ms.
+# The token the caller holds the lease under now (renewed or taken), else nil.
 HOLD_LEASE_LUA = """
 local holder = redis.call('GET', KEYS[1])
-if holder == false then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
-if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
-return 0
+if holder and holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[3]) return ARGV[1] end
+if not holder and ARGV[2] ~= '' then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return ARGV[2] end
+return false
 """
-# KEYS: lease, state, history; ARGV: holder id, state JSON, history items (JSON) ... . 0 (nothing written) unless the
-# caller holds the lease.
+# KEYS: lease, state, history; ARGV: lease token, state JSON, history items (JSON) ... . 0 (nothing written) unless
+# the lease holds that token.
 SAVE_STATE_LUA = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], ARGV[2])
@@ -69,7 +74,7 @@ for i = 3, #ARGV do redis.call('LPUSH', KEYS[3], ARGV[i]) end
 redis.call('LTRIM', KEYS[3], 0, %d)
 return 1
 """ % (HISTORY_LENGTH - 1)
-# KEYS: lease; ARGV: holder id. Gives the lease up if the caller holds it.
+# KEYS: lease; ARGV: lease token. Gives the lease up if it holds that token.
 RELEASE_LEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -154,6 +159,7 @@ class Controller:
         self.lease_ms = int(lease_seconds * 1000)
         self.clock = clock
         self.leader = False
+        self.lease_token = ""  # "<identity>/<drawn at the taking>" while this process holds the lease
         self._reconciled = False  # the gateway's table checked against the state since this lease was taken
         self._scripts = None
 
@@ -165,18 +171,23 @@ class Controller:
                              "release": self.redis.register_script(RELEASE_LEASE_LUA)}
         return self._scripts[name]
 
-    async def hold_lease(self) -> bool:
-        held = bool(await self._script("hold")(keys=[keys.lease(self.model_name)],
-                                               args=[self.identity, self.lease_ms]))
+    async def hold_lease(self, take: bool = True) -> bool:
+        """Renews the lease under this process's token, or with ``take`` takes it when free under a new token (at the
+        start of a tick only: later steps act on what the tick read under the token it began with)."""
+        fresh = f"{self.identity}/{uuid.uuid4().hex[:8]}" if take else ""
+        token = await self._script("hold")(keys=[keys.lease(self.model_name)],
+                                           args=[self.lease_token, fresh, self.lease_ms])
+        token = token.decode() if isinstance(token, bytes) else token
+        held = token is not None
         if held != self.leader:
             log.info("%s %s the lease of %s", self.identity, "took" if held else "does not hold", self.model_name)
-        self.leader = held
+        self.leader, self.lease_token = held, token or ""
         metrics.LEADER.set(1 if held else 0)
         return held
 
     async def release_lease(self) -> None:
-        await self._script("release")(keys=[keys.lease(self.model_name)], args=[self.identity])
-        self.leader = False
+        await self._script("release")(keys=[keys.lease(self.model_name)], args=[self.lease_token])
+        self.leader, self.lease_token = False, ""
         metrics.LEADER.set(0)
 
     async def load_state(self) -> State | None:
@@ -186,9 +197,9 @@ class Controller:
     async def save_state(self, state: State, *events: dict) -> None:
         saved = await self._script("save")(
             keys=[keys.lease(self.model_name), keys.state(self.model_name), keys.history(self.model_name)],
-            args=[self.identity, state.to_json(), *(json.dumps(e) for e in events)])
+            args=[self.lease_token, state.to_json(), *(json.dumps(e) for e in events)])
         if not saved:
-            self.leader, self._reconciled = False, False
+            self.leader, self._reconciled, self.lease_token = False, False, ""
             metrics.LEADER.set(0)
             raise LeaseLost(f"{self.identity} lost the lease of {self.model_name}: state not written")
         self._export(state)
@@ -249,12 +260,20 @@ class Controller:
                      labels_first: bool = True) -> None:
         """Changes the routing (and, with labels, moves them: before the routing when it starts referring to them,
         after it when it stops)."""
-        if not await self.hold_lease():  # never change the routing without the lease
+        if not await self.hold_lease(take=False):  # never change the routing without the lease
             raise LeaseLost(f"{self.identity} lost the lease of {self.model_name}: routing not changed")
         move = self.labels is not None and labels is not None
         if move and labels_first:
             await self.labels.move(labels)
-        await self.gateway.put_routing(table, f"rollout: {note}")
+        try:  # the gateway checks the token where it stores the table: a lease lost since is caught there
+            await self.gateway.put_routing(table, f"rollout: {note}", lease=self.lease_token)
+        except ApiError as exc:
+            if exc.code != "lease_lost":
+                raise
+            self.leader, self._reconciled, self.lease_token = False, False, ""
+            metrics.LEADER.set(0)
+            raise LeaseLost(f"{self.identity} lost the lease of {self.model_name}: the gateway refused the routing "
+                            f"change ({exc})") from None
         if move and not labels_first:
             await self.labels.move(labels)
 
@@ -359,7 +378,7 @@ class Controller:
             log.warning("no version retired: the gateway's routing table is unreadable (%s: %s)",
                         type(exc).__name__, exc)
             return
-        if not await self.hold_lease():  # never change the model server's config without the lease
+        if not await self.hold_lease(take=False):  # never change the model server's config without the lease
             raise LeaseLost(f"{self.identity} lost the lease of {self.model_name}: no version retired")
         retired = await asyncio.to_thread(self.retire_versions, state.stable, routing, False)
         if retired:
@@ -487,8 +506,9 @@ class Controller:
     # ------------------------------------------------------------------ reading, for the API and the web panel
     async def describe(self) -> dict:
         state = await self.load_state()
-        holder = await self.redis.get(keys.lease(self.model_name))
-        holder = holder.decode() if isinstance(holder, bytes) else holder
+        token = await self.redis.get(keys.lease(self.model_name))
+        token = token.decode() if isinstance(token, bytes) else token
+        holder = token.rpartition("/")[0] if token else None  # the identity of "<identity>/<drawn at the taking>"
         body = {"model": self.model_name, "identity": self.identity, "leader": holder, "policy":
                 self.policy.to_json(), "state": asdict(state) if state else None, "step": None, "timers": None,
                 "history": await self.history()}

@@ -6,6 +6,8 @@ are persisted with the gateway's state (DEVELOPERS.md "Redis layout").
 """
 from __future__ import annotations
 
+from services.gateway import keys as gateway_keys
+
 PREFIX = "mushroom:rollout"
 
 
@@ -16,9 +18,11 @@ def state(model: str) -> str:
 
 
 def lease(model: str) -> str:
-    """String: the id of the controller process allowed to act, written with a TTL it renews each tick (the one
-    key here with a TTL: a dead holder's lease expires and another controller takes over)."""
-    return f"{PREFIX}:lease:{model}"
+    """String: the lease token of the controller process allowed to act (its identity and a part drawn anew at each
+    taking), written with a TTL it renews each tick (the one key here with a TTL: a dead holder's lease expires and
+    another controller takes over). Built by services/gateway/keys.rollout_lease: the gateway reads it too, to refuse
+    a routing change sent under a lease that is no longer held."""
+    return gateway_keys.rollout_lease(model)
 
 
 def commands(model: str) -> str:
