@@ -434,3 +434,32 @@ def test_a_controller_that_lost_its_lease_cannot_change_the_routing(redis_server
     assert state.rejected == [2] and table == {"1": 100.0}
     assert [e["new"]["weights"] for e in reversed(audit)] == [{"1": 100.0}, {"1": 95.0, "2": 5.0}, {"1": 100.0},
                                                                {"1": 100.0}]
+
+
+def test_a_lost_state_mid_canary_keeps_the_larger_share_as_stable_and_says_so(redis_server):
+    """The state is gone (Redis restarted without its last second) while v2 serves 5 %: the controller must not take
+    the canary for the stable version (promoting it to 100 % at once). The table's largest weight is the stable
+    version, the history says the state was lost, and v2's rollout starts again from its first step."""
+    policy = parse_policy({"tick_seconds": 1, "steps": [{"weight": 5, "hold_seconds": 600}, {"weight": 100}]})
+
+    async def scenario():
+        client = aioredis.from_url(redis_server.url)
+        gateway, model_server = FakeGateway(), FakeModelServer({1})
+        first = Controller(client, gateway, model_server, policy, "m", identity="first")
+        await first.tick()  # adopts version 1
+        model_server.versions.add(2)
+        await first.tick()  # v2 at 5 %
+        assert gateway.table["weights"] == {"1": 95, "2": 5}
+        await first.release_lease()
+        await client.delete(keys.state("m"))
+        second = Controller(client, gateway, model_server, policy, "m", identity="second")
+        await second.tick()
+        state, history = await second.load_state(), await second.history()
+        await client.aclose()
+        return gateway, state, history
+
+    gateway, state, history = asyncio.run(scenario())
+    assert (state.stable, state.candidate, state.step) == (1, 2, 0)
+    assert gateway.table["weights"] == {"1": 95, "2": 5} and {"2": 100} not in [t["weights"] for t, _ in gateway.puts]
+    adopt = [e for e in history if e["outcome"] == "adopt"][0]
+    assert adopt["state_lost"] is True and adopt["stable"] == 1 and "state lost" in adopt["reason"]

@@ -401,14 +401,36 @@ class Controller:
             where = f"v{state.candidate} at {self._step(state).name}" if state.candidate is not None else "idle"
             await self._route(wanted, f"take over: {where} (stable v{state.stable}) by {self.identity}")
 
-    async def _current_stable(self, available: set[int]) -> int:
-        if self.labels is not None:
-            labelled = self.labels.current().get("stable")
-            if labelled in available:
-                return labelled
+    async def _adopt(self, available: set[int]) -> State:
+        """A state for a controller that finds none: the stable version is the label ``stable`` (with labels), else
+        the AVAILABLE version with the routing table's largest weight (ties: the lower version), else the newest
+        AVAILABLE one. A rollout's table gives the larger share to the stable version until its last step, so a
+        state lost mid-rollout never makes the candidate stable; its rollout starts again from the first step.
+        The loss is said in the history (``state_lost``) when the history holds decisions or the table splits
+        traffic, which only a controller or an operator did."""
         weights = (await self.gateway.routing()).get("weights", {})
-        routed = [int(entry) for entry in weights if entry.isdigit() and int(entry) in available]
-        return routed[0] if len(weights) == 1 and routed else max(available)
+        routed = sorted((-float(weight), int(entry)) for entry, weight in weights.items()
+                        if entry.isdigit() and int(entry) in available)
+        labelled = self.labels.current().get("stable") if self.labels is not None else None
+        if labelled in available:
+            stable, how = labelled, "the version labelled stable"
+        elif routed:
+            stable, how = routed[0][1], "the routing table's largest weight"
+        else:
+            stable, how = max(available), "the newest AVAILABLE version"
+        state = State(stable=stable)
+        evidence = [what for what, seen in (("the history holds decisions", await self.history(limit=1)),
+                                            (f"the routing table splits traffic {weights}", len(weights) > 1)) if seen]
+        if not evidence:
+            await self.save_state(state, self._event(state, "adopt", f"v{stable} taken as stable ({how}; no earlier "
+                                                     "state)"))
+            return state
+        reason = (f"state lost: no saved state, though {' and '.join(evidence)}; v{stable} taken as stable ({how}); a "
+                  "rollout in progress starts again from its first step, and earlier rejections are forgotten (a "
+                  "rejected version newer than stable is rolled out again)")
+        log.error("rollout of %s: %s", self.model_name, reason)
+        await self.save_state(state, self._event(state, "adopt", reason, state_lost=True, routing=weights))
+        return state
 
     # ------------------------------------------------------------------ the tick
     async def tick(self) -> None:
@@ -425,9 +447,7 @@ class Controller:
         if state is None:
             if not available:
                 return
-            state = State(stable=await self._current_stable(available))
-            await self.save_state(state, self._event(state, "adopt", f"v{state.stable} taken as stable (no earlier "
-                                                     "state: the routed version, else the newest AVAILABLE one)"))
+            state = await self._adopt(available)
         full = state.candidate is not None and self._step(state).weight >= 100  # routes no traffic to stable
         if state.stable not in available and not full:
             raise StableUnavailable(
