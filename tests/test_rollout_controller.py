@@ -28,7 +28,7 @@ class FakeGateway:
         self.routing_failures = 0
 
     async def statuses(self):
-        return {"http://gateway": {"versions": {}}}
+        return {"http://gateway": {"versions": {}}}, {}
 
     async def routing(self):
         if self.routing_failures:
@@ -47,10 +47,12 @@ class FakeGateway:
 
 class StandInReplicas:
     """Gateway replicas in process (aiohttp on free loopback ports) whose GET /v1/admin/status answers ``bodies[i]``,
-    read by the controller's real GatewayAdmin; ``stop(i)`` makes replica i unreachable."""
+    read by the controller's real GatewayAdmin; replica i answers 503 while ``i in failing``, and ``stop(i)`` makes it
+    unreachable."""
 
     def __init__(self, bodies: list[dict]):
         self.bodies = bodies
+        self.failing: set[int] = set()
         self.runners: list = []
         self.urls: list[str] = []
 
@@ -61,6 +63,8 @@ class StandInReplicas:
 
         for i in range(len(self.bodies)):
             async def status(request, i=i):
+                if i in self.failing:
+                    return web.json_response({"error": {"code": "redis_unavailable", "message": "down"}}, status=503)
                 return web.json_response(self.bodies[i])
 
             app = web.Application()
@@ -463,3 +467,76 @@ def test_a_lost_state_mid_canary_keeps_the_larger_share_as_stable_and_says_so(re
     assert gateway.table["weights"] == {"1": 95, "2": 5} and {"2": 100} not in [t["weights"] for t, _ in gateway.puts]
     adopt = [e for e in history if e["outcome"] == "adopt"][0]
     assert adopt["state_lost"] is True and adopt["stable"] == 1 and "state lost" in adopt["reason"]
+
+
+def replicated(replicas: StandInReplicas, session) -> ReplicatedGateway:
+    from services.rollout.clients import GatewayAdmin
+
+    return ReplicatedGateway(GatewayAdmin(session, replicas.urls[0], "token", replicas.urls, timeout=5))
+
+
+def test_an_unreachable_status_replica_holds_an_advance_and_blocks_no_operator_command(redis_server):
+    """One of two gateway replicas stops answering its status: the rollout is judged on the replica that answers,
+    marked partial, so it does not advance; an operator's abort is applied all the same (it needs no figures)."""
+    import aiohttp
+
+    policy = parse_policy({"tick_seconds": 1, "steps": [{"weight": 50, "hold_seconds": 0, "min_requests": 10},
+                                                         {"weight": 100}]})
+    replicas = StandInReplicas([{"versions": {"1": served(100, 0)}}, {"versions": {"1": served(100, 0)}}])
+
+    async def scenario():
+        await replicas.start()
+        session = aiohttp.ClientSession()
+        client = aioredis.from_url(redis_server.url)
+        try:
+            gateway, model_server = replicated(replicas, session), FakeModelServer({1})
+            controller = Controller(client, gateway, model_server, policy, "m", identity="unit")
+            await controller.tick()  # adopts version 1
+            model_server.versions.add(2)
+            await controller.tick()  # starts v2 at 50 %
+            await replicas.stop(1)
+            replicas.bodies[0] = {"versions": {"1": served(300, 0), "2": served(200, 0)}}
+            await controller.tick()  # would advance (held 0 s, 200 of 10 requests), but replica 1 did not answer
+            held = await controller.load_state()
+            await controller.queue_command("abort", "alice")
+            await controller.tick()
+            return held, await controller.load_state(), gateway.table
+        finally:
+            await client.aclose()
+            await session.close()
+            await replicas.close()
+
+    held, state, table = asyncio.run(scenario())
+    assert (held.candidate, held.step) == (2, 0)
+    assert held.judgement["partial"] == [replicas.urls[1]] and "partial" in held.judgement["reason"]
+    assert (state.candidate, state.rejected, table["weights"]) == (None, [2], {"1": 100})
+
+
+def test_a_breach_on_the_replicas_that_answered_rolls_back(redis_server):
+    import aiohttp
+
+    policy = parse_policy({"tick_seconds": 1, "steps": [{"weight": 50, "hold_seconds": 600}, {"weight": 100}]})
+    replicas = StandInReplicas([{"versions": {"1": served(100, 0)}}, {"versions": {"1": served(100, 0)}}])
+
+    async def scenario():
+        await replicas.start()
+        session = aiohttp.ClientSession()
+        client = aioredis.from_url(redis_server.url)
+        try:
+            gateway, model_server = replicated(replicas, session), FakeModelServer({1})
+            controller = Controller(client, gateway, model_server, policy, "m", identity="unit")
+            await controller.tick()
+            model_server.versions.add(2)
+            await controller.tick()  # starts v2 at 50 %
+            replicas.failing.add(1)
+            replicas.bodies[0] = {"versions": {"1": served(300, 0), "2": served(200, 100)}}  # v2 fails half
+            await controller.tick()
+            return await controller.load_state(), await controller.history(), gateway.table
+        finally:
+            await client.aclose()
+            await session.close()
+            await replicas.close()
+
+    state, history, table = asyncio.run(scenario())
+    assert (state.candidate, state.rejected, table["weights"]) == (None, [2], {"1": 100})
+    assert history[0]["rule"] == "error_rate" and history[0]["partial"] == [replicas.urls[1]]

@@ -43,15 +43,30 @@ class GatewayAdmin:
         self.headers = {"Authorization": f"Bearer {token}"}
         self.timeout = aiohttp.ClientTimeout(total=timeout)
 
-    async def statuses(self) -> dict[str, dict]:
-        """GET /v1/admin/status of every replica: status URL -> body (the feedback counts in every body are the one
-        shared Redis tally; the requests, errors, latency and shadow figures are the replica's process's own)."""
-        result = {}
-        for url in await self._status_urls():
+    async def statuses(self) -> tuple[dict[str, dict], dict[str, str]]:
+        """GET /v1/admin/status of every replica at once: (status URL -> body, for the replicas that answered;
+        status URL -> why not, for those that did not). The feedback counts in every body are the one shared Redis
+        tally; the requests, errors, latency and shadow figures are the replica's process's own."""
+        try:
+            urls = await self._status_urls()
+        except OSError as exc:  # the name of the replicas does not resolve: no replica is known
+            return {}, {self.status_dns: f"{type(exc).__name__}: {exc}"}
+
+        async def status(url: str) -> dict:
             async with self.session.get(f"{url}/v1/admin/status", headers=self.headers,
                                         timeout=self.timeout) as response:
-                result[url] = await _json(response)
-        return result
+                return await _json(response)
+
+        results = await asyncio.gather(*(status(url) for url in urls), return_exceptions=True)
+        answered, unanswered = {}, {}
+        for url, result in zip(urls, results):
+            if isinstance(result, (ApiError, aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError)):
+                unanswered[url] = f"{type(result).__name__}: {result}"
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                answered[url] = result
+        return answered, unanswered
 
     async def _status_urls(self) -> list[str]:
         if not self.status_dns:

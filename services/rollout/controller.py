@@ -9,7 +9,10 @@ States (kept in Redis, keys.state, so a restarted or another controller resumes 
   (judge.judge_online). A breach rolls back at once: routing back to ``stable`` alone, the version added to
   ``rejected``. When the step has held ``hold_seconds`` and counted ``min_requests`` it advances; after the last
   step (100 %) the version is promoted: it becomes ``stable``. A rollout newer versions arrive during is finished
-  first; the newest of them starts next. A candidate the model server does not report AVAILABLE holds the step
+  first; the newest of them starts next. The figures are every gateway replica's, each counted from its own
+  baseline (replica_figures.py); with a replica that did not answer they are partial: a breach in them rolls back,
+  but the step does not advance (nor does a rollout start). A candidate the model server does not report AVAILABLE
+  holds the step
   (``candidate_unavailable_since`` keeps when that began); it rolls back (rule ``candidate_unavailable``) only once
   every reading for the policy's ``candidate_unavailable_seconds`` said so: replicas of TF Serving behind one Service
   load a version at different times.
@@ -235,7 +238,11 @@ class Controller:
 
     # ------------------------------------------------------------------ figures
     async def _figures(self) -> ReplicaFigures:
-        return ReplicaFigures(await self.gateway.statuses())
+        """Every gateway replica's figures; those that did not answer are left out (the figures are then partial)."""
+        answered, unanswered = await self.gateway.statuses()
+        for url, why in unanswered.items():
+            log.warning("gateway replica %s did not answer its status: %s (the figures are partial)", url, why)
+        return ReplicaFigures(answered, unanswered)
 
     def _offline_scores(self, version: int) -> dict | None:
         return judge.read_offline_scores(self.registry_dir / str(version) if self.registry_dir else None)
@@ -457,11 +464,15 @@ class Controller:
         if not self._reconciled:
             await self._reconcile(state)
             self._reconciled = True
+        await self._apply_commands(state)  # operators' commands need no figures: no unanswering replica blocks them
         figures = await self._figures()
-        await self._apply_commands(state)
         if state.candidate is None:
             newer = [v for v in available if v > state.stable and v not in state.rejected]
-            if newer:
+            if newer and figures.partial:  # a replica without a baseline would count what it served before
+                log.warning("v%d not started yet: its baselines need every gateway replica, and %s did not answer",
+                            max(newer), sorted(figures.unanswered))
+                self._export(state)
+            elif newer:
                 await self._start(state, max(newer), figures)
             else:
                 self._export(state)
@@ -484,18 +495,23 @@ class Controller:
         verdicts = judge.judge_online(new, stable, self.policy.rules)
         held = self.clock() - state.step_started
         decision = judge.decide(verdicts, held, step.hold_seconds, step_requests, step.min_requests)
+        partial = sorted(figures.unanswered)  # replicas left out: a breach in the rest is a breach, a pass is not
         state.judgement = {"at": self.clock(), "decision": decision.outcome, "rule": decision.rule,
                            "reason": decision.reason, "step_requests": step_requests, "held_seconds": held,
                            "new": new.to_json(), "stable": stable.to_json(),
-                           "verdicts": [v.to_json() for v in verdicts]}
+                           "verdicts": [v.to_json() for v in verdicts], "partial": partial}
         if decision.outcome == ROLLBACK:
-            await self._rollback(state, decision.rule, decision.reason, verdicts=_brief(verdicts))
+            await self._rollback(state, decision.rule, decision.reason, verdicts=_brief(verdicts), partial=partial)
         elif decision.outcome == ADVANCE and state.paused:
             state.judgement["reason"] = f"paused ({decision.reason})"
             await self.save_state(state)
         elif decision.outcome == ADVANCE and missing is not None:
             state.judgement["reason"] = (f"held: v{state.candidate} not AVAILABLE on the model server for "
                                          f"{missing:.0f} of {self.policy.candidate_unavailable_seconds:g} s "
+                                         f"({decision.reason})")
+            await self.save_state(state)
+        elif decision.outcome == ADVANCE and partial:
+            state.judgement["reason"] = (f"held: figures partial, gateway replicas {partial} did not answer "
                                          f"({decision.reason})")
             await self.save_state(state)
         elif decision.outcome == ADVANCE and state.step + 1 >= len(self.policy.steps):

@@ -8,6 +8,9 @@ is then taken whole, the other replicas' counts from before the rollout included
 start, so a restarted replica is a new source counting from zero), and the feedback, one tally in Redis that every
 replica reports alike, under FEEDBACK (read from one replica). Each source is counted from its own baseline
 (Figures.since), then the sources are added up (Figures.plus). A source that has no baseline counts from zero.
+
+A replica that did not answer is left out and named in ``unanswered``: the figures are then **partial** (a lower
+bound of what was served), enough to find a breach, not to pass a step.
 """
 from __future__ import annotations
 
@@ -23,10 +26,16 @@ def replica_key(url: str, status: dict) -> str:
 
 
 class ReplicaFigures:
-    """One reading of every replica's GET /v1/admin/status (``statuses``: status URL -> body)."""
+    """One reading of every replica's GET /v1/admin/status (``statuses``: status URL -> body of the replicas that
+    answered; ``unanswered``: status URL -> why not, for the others)."""
 
-    def __init__(self, statuses: dict[str, dict]):
+    def __init__(self, statuses: dict[str, dict], unanswered: dict[str, str] | None = None):
         self.statuses = statuses
+        self.unanswered = unanswered or {}
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.unanswered)
 
     def sources(self, version: int) -> dict[str, Figures]:
         """Each replica's counts of ``version`` (without feedback), and the feedback tally under FEEDBACK."""
