@@ -363,8 +363,8 @@ def test_cache_keys_expire_and_state_keys_do_not(gateway, redis_server):
     wait_until(lambda: client.exists(keys.result(MODEL, 2, _preprocessing_version(), 224, _sha256(photo))), timeout=10,
                what="the answer cached")
     ttls = {key.decode(): client.ttl(key) for key in client.scan_iter()}
-    state = {keys.routing(MODEL), keys.routing_generation(MODEL), keys.audit(MODEL), keys.feedback_tally(MODEL),
-             keys.feedback_seen(MODEL)}
+    state = {keys.routing(MODEL), keys.routing_generation(MODEL), keys.routing_writer(MODEL), keys.audit(MODEL),
+             keys.feedback_tally(MODEL), keys.feedback_seen(MODEL)}
     assert state <= set(ttls)
     assert all((ttl == -1) == (key in state) for key, ttl in ttls.items()), ttls
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -36,7 +38,7 @@ class FakeGateway:
             raise ApiError(503, "the gateway is restarting")
         return self.table
 
-    async def put_routing(self, table, note, lease=None):
+    async def put_routing(self, table, note, **fencing):  # lease, candidate, expected_generation: not checked
         if self.failures:
             self.failures -= 1
             raise ApiError(503, "the gateway is restarting")
@@ -101,6 +103,8 @@ class InProcessGateway:
     Stats on the test's Redis) in process on a free loopback port, without a model server: ``available`` stands for
     the versions the version watcher would report."""
 
+    OPERATOR_TOKEN = "alice-token-0123456789"  # the operator alice's; ``token`` is the controller's
+
     def __init__(self, redis_url: str, model: str, available: set[int], token: str = "controller-token"):
         self.redis_url, self.model, self.available, self.token = redis_url, model, available, token
 
@@ -116,8 +120,12 @@ class InProcessGateway:
         self.client = aioredis.from_url(self.redis_url)
         self.router = Router(self.client, self.model)
         self.router.available = self.available
-        api = HttpApi(None, self.router, Stats(self.client, self.model), None, OperatorTokens(None, self.token),
-                      max_body=1024, ready=lambda: (True, "ok"))
+        self.stats = Stats(self.client, self.model)
+        self.folder = tempfile.TemporaryDirectory()
+        tokens = Path(self.folder.name) / "operators"
+        tokens.write_text(f"rollout-controller:{self.token}\nalice:{self.OPERATOR_TOKEN}\n")
+        api = HttpApi(None, self.router, self.stats, None, OperatorTokens(tokens), max_body=1024,
+                      ready=lambda: (True, "ok"))
         self.runner = web.AppRunner(api.app())
         await self.runner.setup()
         port = free_port()
@@ -128,6 +136,14 @@ class InProcessGateway:
     async def __aexit__(self, *exc) -> None:
         await self.runner.cleanup()
         await self.client.aclose()
+        self.folder.cleanup()
+
+    async def put_by_operator(self, session, table: dict) -> dict:
+        """alice's PUT /v1/admin/routing, as the CLI or the web panel sends it (no lease token)."""
+        async with session.put(f"{self.url}/v1/admin/routing", json=table,
+                               headers={"Authorization": f"Bearer {self.OPERATOR_TOKEN}"}) as response:
+            assert response.status == 200, await response.text()
+            return await response.json()
 
     async def table(self) -> dict:
         raw = await self.client.get(gateway_keys.routing(self.model))
@@ -425,9 +441,7 @@ def test_a_controller_that_lost_its_lease_cannot_change_the_routing(redis_server
             with pytest.raises(LeaseLost):
                 await a_tick
             table = await gateway.table()
-            async with session.put(f"{gateway.url}/v1/admin/routing", json={"weights": {"1": 100}},
-                                   headers={"Authorization": f"Bearer {gateway.token}"}) as response:
-                assert response.status == 200  # an operator's change carries no lease token: always applied
+            await gateway.put_by_operator(session, {"weights": {"1": 100}})  # no lease token: always applied
             state = await b.load_state()
             audit = await gateway.router.audit()
         await session.close()
@@ -540,3 +554,98 @@ def test_a_breach_on_the_replicas_that_answered_rolls_back(redis_server):
     state, history, table = asyncio.run(scenario())
     assert (state.candidate, state.rejected, table["weights"]) == (None, [2], {"1": 100})
     assert history[0]["rule"] == "error_rate" and history[0]["partial"] == [replicas.urls[1]]
+
+
+def test_an_operators_table_during_a_rollout_pauses_it_and_is_kept_until_resumed(redis_server):
+    """An operator takes v2 out by hand ({1: 100}) while it serves 5 %: the controller must not put its next step
+    over the operator's table. It pauses the rollout, records an operator override naming her, and leaves the table
+    alone until she resumes (the step's table comes back) or aborts; the PUT's answer says so."""
+    import aiohttp
+
+    from services.rollout.clients import GatewayAdmin
+
+    policy = parse_policy({"tick_seconds": 1, "steps": [{"weight": 5, "hold_seconds": 600, "min_requests": 10},
+                                                         {"weight": 50, "hold_seconds": 600}, {"weight": 100}]})
+    now = [1000.0]
+
+    async def scenario():
+        client = aioredis.from_url(redis_server.url)
+        session = aiohttp.ClientSession()
+        async with InProcessGateway(redis_server.url, "m", {1, 2}) as gateway:
+            admin = GatewayAdmin(session, gateway.url, gateway.token, timeout=10)
+            model_server = FakeModelServer({1})
+            controller = Controller(client, admin, model_server, policy, "m", identity="unit", clock=lambda: now[0])
+            await controller.tick()  # adopts version 1
+            model_server.versions.add(2)
+            await controller.tick()  # v2 at 5 %
+            answer = await gateway.put_by_operator(session, {"weights": {"1": 100}})
+            for _ in range(20):
+                gateway.stats.record(2, 0.01, cached=False)  # v2 answered enough, and the step held: it would advance
+            now[0] += 601
+            await controller.tick()
+            overridden = (await gateway.table(), await controller.load_state())
+            await controller.tick()
+            still = await gateway.table()
+            await controller.queue_command("resume", "alice")
+            await controller.tick()
+            resumed = await gateway.table()
+            history = await controller.history()
+            audit = await gateway.router.audit()
+        await session.close()
+        await client.aclose()
+        return answer, overridden, still, resumed, history, audit
+
+    answer, (table, state), still, resumed, history, audit = asyncio.run(scenario())
+    assert table == still == {"1": 100.0}
+    assert state.paused and state.step == 0 and state.override["weights"] == {"1": 100.0}
+    assert resumed == {"1": 50.0, "2": 50.0}  # the step's table again, then (held long enough) the next step
+    override = [e for e in history if e["outcome"] == "override"][0]
+    assert override["who"] == "alice" and override["table"]["weights"] == {"1": 100.0}
+    assert "operator override" in override["reason"]
+    assert answer["rollout"]["candidate"] == 2 and "paused" in answer["rollout"]["message"]
+    assert audit[-3]["who"] == "alice" and audit[-3]["rollout"]["candidate"] == 2  # her change, and what it overrode
+    assert audit[1]["note"].startswith("rollout: resume v2") and audit[1]["new"]["weights"] == {"1": 95.0, "2": 5.0}
+    assert audit[0]["note"].startswith("rollout: advance v2")
+
+
+def test_an_operators_change_between_the_controllers_read_and_its_write_is_not_undone(redis_server):
+    """The controller read the table, then an operator changes it before the controller's next step lands: the
+    gateway refuses the controller's change (it names the generation it read), and the next tick sees the
+    operator's table as an override."""
+    import aiohttp
+
+    from services.rollout.clients import GatewayAdmin
+
+    policy = parse_policy({"tick_seconds": 1, "steps": [{"weight": 5, "hold_seconds": 0}, {"weight": 100}]})
+
+    class OvertakenAdmin(GatewayAdmin):
+        before_put = None  # a coroutine function run before the next PUT is sent
+
+        async def put_routing(self, *args, **kwargs):
+            if self.before_put is not None:
+                before, self.before_put = self.before_put, None
+                await before()
+            return await super().put_routing(*args, **kwargs)
+
+    async def scenario():
+        client = aioredis.from_url(redis_server.url)
+        session = aiohttp.ClientSession()
+        async with InProcessGateway(redis_server.url, "m", {1, 2}) as gateway:
+            admin = OvertakenAdmin(session, gateway.url, gateway.token, timeout=10)
+            model_server = FakeModelServer({1})
+            controller = Controller(client, admin, model_server, policy, "m", identity="unit")
+            await controller.tick()  # adopts version 1
+            model_server.versions.add(2)
+            await controller.tick()  # v2 at 5 %
+            admin.before_put = lambda: gateway.put_by_operator(session, {"weights": {"1": 100}})
+            await controller.tick()  # would advance to 100 %: the operator's change lands first
+            table = await gateway.table()
+            await controller.tick()
+            state = await controller.load_state()
+        await session.close()
+        await client.aclose()
+        return table, state
+
+    table, state = asyncio.run(scenario())
+    assert table == {"1": 100.0}
+    assert state.paused and state.step == 0 and state.override["weights"] == {"1": 100.0}

@@ -256,23 +256,33 @@ class HttpApi:
         return owner
 
     async def get_routing(self, request: web.Request) -> web.Response:
+        """The stored table as Redis holds it now (not this replica's copy of up to half a second ago: a reader
+        behind a load balancer compares it with what it wrote), its generation and who wrote it; while Redis cannot
+        be read, this replica's last known table."""
         self._authorise(request, write=False)
         router = self.router
+        try:
+            await router.refresh()
+        except (RedisError, RoutingError):  # the routing watcher logs and counts the same failure
+            pass
         return web.json_response({**router.describe(), "available": sorted(router.available),
-                                  "generation": router.stored_generation})
+                                  "generation": router.stored_generation, "writer": router.stored_writer})
 
     async def put_routing(self, request: web.Request) -> web.Response:
         """``?expected_generation=N``: apply only while the stored table is generation N (from a GET), else 409
-        routing_changed. ``X-Rollout-Lease``: the rollout controller's lease token; the change is applied only while
-        the controller holds that lease, else 409 lease_lost. Without it the change is an operator's, always applied."""
+        routing_changed. ``X-Rollout-Lease``: the rollout controller's lease token, applied only while the
+        controller holds that lease, else 409 lease_lost (``X-Rollout-Candidate``: the version its table rolls out).
+        Without a token the change is an operator's, always applied; replacing a running rollout's table, it is an
+        override, which the answer's ``rollout`` says (the controller pauses the rollout)."""
         who = self._authorise(request, write=True)
         expected = _int_param(request, "expected_generation", None)
+        lease = request.headers.get("X-Rollout-Lease") or None
+        candidate = _int_param(request, "rollout_candidate", None) if lease else None
         data = await read_json(request, SMALL_BODY_BYTES)
         try:
             table = RoutingTable.from_request(data)
             entry = await self.router.set_table(table, who, note=request.headers.get("X-Operator"),
-                                                expected_generation=expected,
-                                                lease=request.headers.get("X-Rollout-Lease") or None)
+                                                expected_generation=expected, lease=lease, candidate=candidate)
         except RoutingError as exc:
             raise GatewayError(400, "bad_routing", str(exc)) from None
         except LeaseNotHeld as exc:
@@ -282,8 +292,15 @@ class HttpApi:
         except UpstreamUnavailable as exc:
             raise GatewayError(503, "model_server_unavailable", f"cannot check the labels: {exc}",
                                retry_after=2) from None
-        return web.json_response({**self.router.describe(), "audit": entry,
-                                  "generation": self.router.stored_generation})
+        answer = {**self.router.describe(), "audit": entry, "generation": self.router.stored_generation}
+        if "rollout" in entry:
+            overridden = entry["rollout"]
+            answer["rollout"] = {**overridden, "paused": True, "message": (
+                f"a rollout of v{overridden['candidate']} by the rollout controller {overridden['controller']} is "
+                "running: this table overrides its step, so the rollout is paused at the controller's next tick and "
+                "this table left in place until `operator_cli rollout resume` (the step's table again) or `abort`; "
+                "a breach of its rules still rolls back")}
+        return web.json_response(answer)
 
     async def audit(self, request: web.Request) -> web.Response:
         self._authorise(request, write=False)

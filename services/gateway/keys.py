@@ -4,8 +4,8 @@ Two kinds of keys share one Redis and are told apart by their expiry (the deploy
 persistence, see DEVELOPERS.md "Redis layout"):
 
 - **cache** (always written with a TTL, so evictable): ``result``, ``explanation``.
-- **operator state** (never a TTL, so never evicted; persisted): ``routing``, ``routing_generation``, ``audit``,
-  ``feedback_tally``, ``feedback_seen``.
+- **operator state** (never a TTL, so never evicted; persisted): ``routing``, ``routing_generation``,
+  ``routing_writer``, ``audit``, ``feedback_tally``, ``feedback_seen``.
 
 One more key is read here and written by the rollout controller: ``rollout_lease`` (its lease, with a TTL).
 
@@ -48,6 +48,13 @@ def routing_generation(model: str) -> str:
     """String (integer): the generation of ``routing``, incremented by every change in the script that stores the
     table, so that a change made against an older generation is refused. State: no TTL."""
     return f"{PREFIX}:routing_generation:{model}"
+
+
+def routing_writer(model: str) -> str:
+    """String (JSON): who stored ``routing``: {"who": the operator, "lease": the rollout lease token the change was
+    sent under ("" for an operator's own change), "candidate": the version the rollout was rolling out, or null}.
+    Written with the table, in the same script. State: no TTL."""
+    return f"{PREFIX}:routing_writer:{model}"
 
 
 def audit(model: str) -> str:

@@ -92,7 +92,11 @@ OPENAPI = {
                                    {"name": "X-Rollout-Lease", "in": "header", "required": False,
                                     "description": "the rollout controller's lease token: the change is applied "
                                     "only while that lease is held (fencing); operators send none",
-                                    "schema": {"type": "string"}}],
+                                    "schema": {"type": "string"}},
+                                   {"name": "X-Rollout-Candidate", "in": "header", "required": False,
+                                    "description": "with X-Rollout-Lease: the version the table rolls out, kept with "
+                                    "it, so that an operator's change replacing it is told an override",
+                                    "schema": {"type": "integer", "minimum": 0}}],
                     "requestBody": {"required": True, "content": {"application/json": {
                         "schema": {"$ref": "#/components/schemas/RoutingUpdate"},
                         "examples": {"labels": {"value": {"weights": {"stable": 90, "canary": 10},
@@ -190,18 +194,37 @@ OPENAPI = {
             "RoutingAdmin": {"allOf": [{"$ref": "#/components/schemas/RoutingState"}],
                              "required": ["available", "generation"],
                              "properties": {"available": {"type": "array", "items": {"type": "integer"}},
-                                            "generation": {"$ref": "#/components/schemas/Generation"}}},
+                                            "generation": {"$ref": "#/components/schemas/Generation"},
+                                            "writer": {"description": "who stored the table: the operator, the "
+                                                       "rollout lease token it was sent under (\"\" for an "
+                                                       "operator's own change) and the version it rolled out; null "
+                                                       "when unknown", "anyOf": [{"type": "null"}, {
+                                                           "type": "object", "properties": {
+                                                               "who": {"type": "string"},
+                                                               "lease": {"type": "string"},
+                                                               "candidate": {"type": ["integer", "null"]}}}]}}},
             "RoutingApplied": {"allOf": [{"$ref": "#/components/schemas/RoutingState"}],
                                "required": ["audit", "generation"],
                                "properties": {"audit": {"$ref": "#/components/schemas/AuditEntry"},
-                                              "generation": {"$ref": "#/components/schemas/Generation"}}},
+                                              "generation": {"$ref": "#/components/schemas/Generation"},
+                                              "rollout": {"type": "object", "description": "only when this "
+                                                          "operator's change replaced a running rollout's table: the "
+                                                          "rollout is paused (operator override)", "properties": {
+                                                              "controller": {"type": "string"},
+                                                              "candidate": {"type": "integer"},
+                                                              "paused": {"type": "boolean"},
+                                                              "message": {"type": "string"}}}}},
             "Generation": {"type": "integer", "minimum": 0, "description": "the stored table's generation, "
                            "incremented by every change (0: never set); PUT ?expected_generation= takes it"},
             "AuditEntry": {"type": "object", "required": ["who", "when", "old", "new"], "properties": {
                 "who": {"type": "string", "description": "the operator whose token made the change"},
                 "note": {"type": "string", "description": "X-Operator as sent, if any"},
                 "when": {"type": "string", "format": "date-time"},
-                "old": {"$ref": "#/components/schemas/Routing"}, "new": {"$ref": "#/components/schemas/Routing"}}},
+                "old": {"$ref": "#/components/schemas/Routing"}, "new": {"$ref": "#/components/schemas/Routing"},
+                "rollout": {"type": "object", "description": "an operator's change that replaced a running "
+                            "rollout's table (an override): the controller holding the lease and the version it "
+                            "rolled out", "properties": {"controller": {"type": "string"},
+                                                         "candidate": {"type": "integer"}}}}},
             "RolloutCommandEntry": {"type": "object", "required": ["who", "when", "action", "status", "answer"],
                                     "properties": {
                 "who": {"type": "string", "description": "the operator whose token sent the command"},

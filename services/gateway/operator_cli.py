@@ -89,6 +89,9 @@ def print_rollout(body: dict) -> None:
         print(f"rolling out v{state['candidate']}: step {step['index'] + 1} of {step['of']} {step['name']} "
               f"({step['weight']:g} %{', shadow' if step['shadow'] else ''}){' PAUSED' if state.get('paused') else ''}"
               f"; held {timers['held_seconds']:.0f} of {timers['hold_seconds']:g} s")
+        if state.get("override"):
+            print(f"operator override: routing kept at {state['override'].get('weights')} until `rollout resume` "
+                  "(the step's table again) or `rollout abort`")
         print(f"last judgement: {judgement.get('decision')}: {judgement.get('reason')}")
         for verdict in judgement.get("verdicts", []):
             print(f"  {verdict['rule']:<18} {verdict['outcome']:<12} {verdict['reason']}")

@@ -1,16 +1,19 @@
 """A/B routing: a weights table per model in Redis that every gateway replica follows, sticky per client id.
 
-An entry of the table is a version number (``3``) or a version label (``"canary"``) that the model server resolves
-(see labels.py). Redis keys (keys.routing, keys.routing_generation, keys.audit): the table as JSON {"weights":
-{"<version or label>": weight, ...}, "shadow": version, label or null}; its generation, incremented by every change;
-the audit as a list of {"who", "when", "old", "new"} (newest first), entries as given, and of the rollout commands
-operators send through the gateway ({"who", "when", "action", "status", "answer"}, rollout_proxy.py). A change reads
-the table it replaces, stores the new one, bumps the generation and appends the audit entry in one Lua script, so
+An entry of the table is a version number (``3``) or a version label (``"canary"``) that the model server resolves (see
+labels.py). Redis keys (keys.routing, keys.routing_generation, keys.routing_writer, keys.audit): the table as JSON
+{"weights": {"<version or label>": weight, ...}, "shadow": version, label or null}; its generation, incremented by every
+change; who wrote it ({"who", "lease", "candidate"}); the audit as a list of {"who", "when", "old", "new"} (newest
+first; "rollout" too when an operator's change replaced a running rollout's table), entries as given, and of the rollout
+commands operators send through the gateway ({"who", "when", "action", "status", "answer"}, rollout_proxy.py). A change
+reads the table it replaces, stores the new one, bumps the generation and appends the audit entry in one Lua script, so
 that two changes at once (two operators, two replicas) each audit the table they really replaced, and a change made
-against a generation that is no longer the stored one is refused (RoutingChanged). A change the rollout controller
-sends under its lease carries the lease token, checked in the same script against the lease key (keys.rollout_lease):
-a controller that no longer holds the lease changes nothing (LeaseNotHeld). A change without a token is an operator's:
-always applied.
+against a generation that is no longer the stored one is refused (RoutingChanged). A change the rollout controller sends
+under its lease carries the lease token, checked in the same script against the lease key (keys.rollout_lease): a
+controller that no longer holds the lease changes nothing (LeaseNotHeld). A change without a token is an operator's:
+always applied; when it replaces a table the lease holder wrote for a running rollout it is an **override**, said in its
+audit entry ({"rollout": {"controller", "candidate"}}), and the controller pauses that rollout at its next tick
+(services/rollout/controller.py).
 
 Weighted rendezvous hashing on the entry name picks an entry per client: when a weight changes only the clients that
 must move do, and moving a label to another version moves no client between entries.
@@ -38,24 +41,32 @@ UPDATE_SHAPE = ('a routing update is {"weights": {"<version or label>": <weight>
                 'label>|null} with at least one weight above 0; to clear the table send {"clear": true}')
 
 
-# KEYS: routing, routing_generation, audit, rollout lease; ARGV: the new table (JSON), the audit entry (a JSON object
-# without "old"), the empty table (JSON, "old" when none is stored), the expected generation or '' for any, the
-# audit's last index, the lease token the change is sent under or '' for none. {1, new generation, old table JSON}
-# once stored; nothing written and {0, stored generation} when ARGV[4] names another generation, {-1, lease holder or
-# ''} when ARGV[6] is not the token the lease key holds.
+# KEYS: routing, routing_generation, audit, rollout lease, routing_writer; ARGV: the new table (JSON), the audit entry
+# (a JSON object without "old"), the empty table (JSON, "old" when none is stored), the expected generation or '' for
+# any, the audit's last index, the lease token the change is sent under or '' for none, the writer (JSON). Once stored:
+# {1, new generation, the audit entry (JSON) with "old", and "rollout" when a change without a token replaces the
+# table the lease holder wrote for a rollout}. Nothing written: {0, stored generation} when ARGV[4] names another
+# generation, {-1, lease holder or ''} when ARGV[6] is not the token the lease key holds.
 SET_TABLE_LUA = """
-if ARGV[6] ~= '' then
-  local holder = redis.call('GET', KEYS[4])
-  if holder ~= ARGV[6] then return {-1, holder or ''} end
-end
+local holder = redis.call('GET', KEYS[4])
+if ARGV[6] ~= '' and holder ~= ARGV[6] then return {-1, holder or ''} end
 local generation = tonumber(redis.call('GET', KEYS[2]) or '0')
 if ARGV[4] ~= '' and tonumber(ARGV[4]) ~= generation then return {0, generation} end
-local old = redis.call('GET', KEYS[1]) or ARGV[3]
+local entry = string.sub(ARGV[2], 1, -2) .. ', "old": ' .. (redis.call('GET', KEYS[1]) or ARGV[3])
+local previous = redis.call('GET', KEYS[5])
+if ARGV[6] == '' and holder and previous then
+  local writer = cjson.decode(previous)
+  if writer.lease == holder and type(writer.candidate) == 'number' then
+    entry = entry .. ', "rollout": ' .. cjson.encode({controller = holder, candidate = writer.candidate})
+  end
+end
+entry = entry .. '}'
 redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[5], ARGV[7])
 generation = redis.call('INCR', KEYS[2])
-redis.call('LPUSH', KEYS[3], string.sub(ARGV[2], 1, -2) .. ', "old": ' .. old .. '}')
+redis.call('LPUSH', KEYS[3], entry)
 redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[5]))
-return {1, generation, old}
+return {1, generation, entry}
 """
 
 
@@ -245,6 +256,7 @@ class Router:
         self.table_lost = False
         self.table_generation = 0  # bumped by every set_table: a Redis read begun before it is older than the table
         self.stored_generation = 0  # the generation (keys.routing_generation) of ``table`` as last read or written
+        self.stored_writer: dict | None = None  # who wrote ``table`` (keys.routing_writer), None when unknown
         self._set_table_script = None  # registered at the first change
 
     def _stored_table_seen(self) -> None:
@@ -263,6 +275,10 @@ class Router:
         return keys.routing_generation(self.model_name)
 
     @property
+    def writer_key(self) -> str:
+        return keys.routing_writer(self.model_name)
+
+    @property
     def audit_key(self) -> str:
         return keys.audit(self.model_name)
 
@@ -275,7 +291,7 @@ class Router:
         next label refresh. A read that was in flight while ``set_table`` stored a table is dropped: it may hold the
         table from before the change."""
         generation = self.table_generation
-        raw, stored_generation = await self.redis.mget(self.key, self.generation_key)
+        raw, stored_generation, writer = await self.redis.mget(self.key, self.generation_key, self.writer_key)
         if generation != self.table_generation:
             return
         if raw is None and self.seen_stored_table:
@@ -288,6 +304,7 @@ class Router:
             return
         self.table = RoutingTable.from_json(json.loads(raw)) if raw else RoutingTable()
         self.stored_generation = int(stored_generation or 0)
+        self.stored_writer = json.loads(writer) if writer else None
         if raw is not None:
             self._stored_table_seen()
         if self.labels is not None and self.table.labels() - self.labels.asked:
@@ -368,29 +385,34 @@ class Router:
         return resolved
 
     async def set_table(self, table: RoutingTable, who: str, note: str | None = None,
-                        expected_generation: int | None = None, lease: str | None = None) -> dict:
+                        expected_generation: int | None = None, lease: str | None = None,
+                        candidate: int | None = None) -> dict:
         """Stores ``table`` and its audit entry (returned) in one step (SET_TABLE_LUA). ``who``: the operator whose
         token made the change; ``note``: what the caller said (X-Operator), if anything, recorded as given and never
         taken as who; ``expected_generation``: change only that generation of the table, else RoutingChanged;
         ``lease``: the rollout controller's lease token, change only while the lease key holds it, else
-        LeaseNotHeld."""
+        LeaseNotHeld; ``candidate``: the version the controller's table rolls out (with ``lease``), so that an
+        operator's change replacing it is told an override (the entry's "rollout")."""
         resolved = await self._check(table)
         new = table.to_json()
         entry = _audit_entry(who, note, new=new)
+        writer = {"who": who, "lease": lease or "", "candidate": candidate if lease else None}
         if self._set_table_script is None:
             self._set_table_script = self.redis.register_script(SET_TABLE_LUA)
         answer = await self._set_table_script(
-            keys=[self.key, self.generation_key, self.audit_key, keys.rollout_lease(self.model_name)],
+            keys=[self.key, self.generation_key, self.audit_key, keys.rollout_lease(self.model_name), self.writer_key],
             args=[json.dumps(new), json.dumps(entry), json.dumps(RoutingTable().to_json()),
-                  "" if expected_generation is None else str(expected_generation), AUDIT_ENTRIES - 1, lease or ""])
+                  "" if expected_generation is None else str(expected_generation), AUDIT_ENTRIES - 1, lease or "",
+                  json.dumps(writer)])
         if answer[0] == -1:
             holder = answer[1].decode() if isinstance(answer[1], bytes) else answer[1]
             raise LeaseNotHeld(lease, holder)
         if not answer[0]:
             raise RoutingChanged(expected_generation, int(answer[1]))
-        entry["old"] = old = json.loads(answer[2])
+        entry = json.loads(answer[2])
+        old = entry["old"]
         self.table = table
-        self.stored_generation = int(answer[1])
+        self.stored_generation, self.stored_writer = int(answer[1]), writer
         self.table_generation += 1
         if resolved:  # a label refresh of the old table, ended during the write, may have dropped them
             self.labels.remember(resolved)

@@ -81,13 +81,19 @@ class GatewayAdmin:
                                     timeout=self.timeout) as response:
             return await _json(response)
 
-    async def put_routing(self, table: dict, note: str, lease: str | None = None) -> dict:
+    async def put_routing(self, table: dict, note: str, lease: str | None = None, candidate: int | None = None,
+                          expected_generation: int | None = None) -> dict:
         """Changes the routing; ``note`` (the decision, rule and reason) is recorded in the gateway's audit entry;
         ``lease``: the controller's lease token, so that the gateway refuses the change (409 lease_lost) unless the
-        lease is still held under it."""
+        lease is still held under it; ``candidate``: the version the table rolls out (the gateway keeps it with the
+        table, to tell an operator's change that replaces it an override); ``expected_generation``: the table's
+        generation when it was read, so that the gateway refuses the change (409 routing_changed) if another came
+        in between."""
         headers = {**self.headers, "X-Operator": note.encode("ascii", "replace").decode()[:200],
-                   **({"X-Rollout-Lease": lease} if lease else {})}
-        async with self.session.put(f"{self.url}/v1/admin/routing", json=table, headers=headers,
+                   **({"X-Rollout-Lease": lease} if lease else {}),
+                   **({"X-Rollout-Candidate": str(candidate)} if candidate is not None else {})}
+        params = {"expected_generation": str(expected_generation)} if expected_generation is not None else None
+        async with self.session.put(f"{self.url}/v1/admin/routing", json=table, headers=headers, params=params,
                                     timeout=self.timeout) as response:
             return await _json(response)
 

@@ -22,10 +22,19 @@ at every tick, and while idle retires the versions nothing keeps loaded any more
 newest on disk, not stable, not named by the gateway's routing table, not labelled), recorded as a ``retire`` event.
 
 Operators' commands (keys.commands, from the controller's HTTP API or the CLI) are applied at the next tick:
-``pause`` holds the current step (a breach still rolls back: pausing never disables the safety net), ``resume``,
+``pause`` holds the current step (a breach still rolls back: pausing never disables the safety net), ``resume`` (after
+an operator override, the step's table is routed again),
 ``abort`` (rolls back, rule ``operator_abort``), ``promote`` (straight to 100 % and stable, rule
 ``operator_promote``), ``retry`` with a version (takes it out of ``rejected``, running or not, so that it may be
 rolled out again: the next idle tick starts it if it is the newest AVAILABLE version).
+
+During a rollout every tick compares the gateway's routing table with the step's. A table the controller did not
+write (the gateway's ``writer`` names no lease token: an operator's PUT) is an **operator override**: the rollout is
+paused, the table kept as the operator set it (``override``) and an ``override`` event names who set it; ``resume``
+routes the step again, ``abort`` rolls back. A table written under a lease that the state does not hold (a controller
+that died between its routing change and its state save) is put back to the step's. The controller's own changes
+name the table generation it read (``?expected_generation=``), so an operator's change landing in between is refused
+to the controller (409 routing_changed), never undone: the next tick sees it as an override.
 
 Only the holder of the lease (keys.lease) acts. The lease holds a token drawn at each taking (``lease_token``); the
 tick takes or renews it, anything later in the tick only renews it, so a controller that lost its lease mid-tick acts
@@ -88,6 +97,11 @@ class LeaseLost(RuntimeError):
     pass
 
 
+class RoutingChangedMeanwhile(RuntimeError):
+    """The gateway's table changed between this tick's read and its change: nothing was changed; the next tick
+    reads the table again."""
+
+
 class StableUnavailable(RuntimeError):
     """The stable version is not AVAILABLE: nothing can be rolled out against it or rolled back to it."""
 
@@ -106,6 +120,7 @@ class State:
     rejected: list = field(default_factory=list)
     judgement: dict | None = None  # the last tick's verdicts, decision and figures
     candidate_unavailable_since: float | None = None  # the first of the readings since which the candidate is missing
+    override: dict | None = None  # an operator's table the rollout is paused under, as the gateway stored it
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -164,6 +179,7 @@ class Controller:
         self.leader = False
         self.lease_token = ""  # "<identity>/<drawn at the taking>" while this process holds the lease
         self._reconciled = False  # the gateway's table checked against the state since this lease was taken
+        self._routing: dict | None = None  # the gateway's routing as this tick read it (or its own change left it)
         self._scripts = None
 
     # ------------------------------------------------------------------ Redis: lease, state, history, commands
@@ -263,24 +279,38 @@ class Controller:
     def _table(self, step: Step | None, stable: int, candidate: int | None) -> dict:
         return table_for(step, stable, candidate, by_label=self.labels is not None)
 
+    async def _read_routing(self) -> dict:
+        """The gateway's routing (weights, shadow, generation, writer), read once a tick."""
+        if self._routing is None:
+            self._routing = await self.gateway.routing()
+        return self._routing
+
     async def _route(self, table: dict, note: str, labels: dict[str, int] | None = None,
-                     labels_first: bool = True) -> None:
+                     labels_first: bool = True, candidate: int | None = None) -> None:
         """Changes the routing (and, with labels, moves them: before the routing when it starts referring to them,
-        after it when it stops)."""
+        after it when it stops); ``candidate``: the version the table rolls out, if it does. The change names the
+        generation this tick read, so that one made meanwhile is not undone (RoutingChangedMeanwhile)."""
         if not await self.hold_lease(take=False):  # never change the routing without the lease
             raise LeaseLost(f"{self.identity} lost the lease of {self.model_name}: routing not changed")
         move = self.labels is not None and labels is not None
         if move and labels_first:
             await self.labels.move(labels)
+        generation = (await self._read_routing()).get("generation")
         try:  # the gateway checks the token where it stores the table: a lease lost since is caught there
-            await self.gateway.put_routing(table, f"rollout: {note}", lease=self.lease_token)
+            applied = await self.gateway.put_routing(table, f"rollout: {note}", lease=self.lease_token,
+                                                     candidate=candidate, expected_generation=generation)
         except ApiError as exc:
+            if exc.code == "routing_changed":
+                self._routing = None
+                raise RoutingChangedMeanwhile(f"routing not changed ({note}): {exc}") from None
             if exc.code != "lease_lost":
                 raise
             self.leader, self._reconciled, self.lease_token = False, False, ""
             metrics.LEADER.set(0)
             raise LeaseLost(f"{self.identity} lost the lease of {self.model_name}: the gateway refused the routing "
                             f"change ({exc})") from None
+        self._routing = {**table, "generation": applied.get("generation"),
+                         "writer": {"who": self.identity, "lease": self.lease_token, "candidate": candidate}}
         if move and not labels_first:
             await self.labels.move(labels)
 
@@ -298,6 +328,7 @@ class Controller:
             return
         now = self.clock()
         state.candidate, state.step, state.paused, state.candidate_unavailable_since = candidate, 0, False, None
+        state.override = None
         state.rollout_started = state.step_started = now
         state.baseline = {"stable": figures.baseline(state.stable), "candidate": figures.baseline(candidate)}
         state.step_baseline = figures.baseline(candidate)
@@ -305,7 +336,7 @@ class Controller:
         step = self._step(state)
         await self._route(self._table(step, state.stable, candidate),
                           f"start v{candidate} (stable v{state.stable}) at {step.name}; offline: {offline.reason}",
-                          labels_for(state.stable, candidate))
+                          labels_for(state.stable, candidate), candidate=candidate)
         await self.save_state(state, self._event(state, "start", f"v{candidate} AVAILABLE; offline: "
                                                  f"{offline.reason}", verdicts=[offline.to_json()]))
 
@@ -317,7 +348,7 @@ class Controller:
         event = self._event(state, "rollback", reason, rule=rule, who=who, **extra)
         state.rejected = sorted(set(state.rejected) | {candidate})
         state.candidate, state.step, state.paused, state.baseline, state.step_baseline = None, 0, False, {}, {}
-        state.candidate_unavailable_since = None
+        state.candidate_unavailable_since = state.override = None
         await self.save_state(state, event)
 
     async def _promote(self, state: State, reason: str, rule: str | None = None, who: str | None = None) -> None:
@@ -330,7 +361,7 @@ class Controller:
             await self.labels.move(labels_for(candidate, None))
         event = self._event(state, "promote", reason, rule=rule, who=who)
         state.stable, state.candidate, state.step, state.paused = candidate, None, 0, False
-        state.baseline, state.step_baseline, state.candidate_unavailable_since = {}, {}, None
+        state.baseline, state.step_baseline, state.candidate_unavailable_since, state.override = {}, {}, None, None
         await self.save_state(state, event)
 
     async def _advance(self, state: State, figures: ReplicaFigures, reason: str) -> None:
@@ -339,7 +370,8 @@ class Controller:
         state.step_baseline = figures.baseline(state.candidate)
         step = self._step(state)
         await self._route(self._table(step, state.stable, state.candidate),
-                          f"advance v{state.candidate} to {step.name} ({step.weight:g} %): {reason}")
+                          f"advance v{state.candidate} to {step.name} ({step.weight:g} %): {reason}",
+                          candidate=state.candidate)
         await self.save_state(state, self._event(state, "advance", reason))
 
     async def _apply_command(self, state: State, command: dict) -> None:
@@ -355,7 +387,12 @@ class Controller:
             state.paused = True
             await self.save_state(state, self._event(state, "pause", f"paused by {who}", who=who))
         elif action == "resume":
-            state.paused = False
+            if state.override is not None:  # the operator hands the routing back: the step's table again
+                step = self._step(state)
+                await self._route(self._table(step, state.stable, state.candidate),
+                                  f"resume v{state.candidate} at {step.name} by {who}: the step's table replaces the "
+                                  "operator override", candidate=state.candidate)
+            state.paused, state.override = False, None
             await self.save_state(state, self._event(state, "resume", f"resumed by {who}", who=who))
         elif action == "abort":
             await self._rollback(state, "operator_abort", f"aborted by {who}", who=who)
@@ -394,19 +431,34 @@ class Controller:
                 state, "retire", f"versions {retired} removed from the model server's list: not among the newest "
                 "on disk, not stable, not routed, not labelled", retired=retired))
 
-    async def _reconcile(self, state: State) -> None:
-        """On taking the lease: make the gateway's table the one the state says (a controller that died between
-        changing the routing and saving its state, or an operator's hand edit), noted in the audit."""
-        if state.stable is None:
+    async def _follow_routing(self, state: State, taking_over: bool) -> None:
+        """The gateway's table against the state's: on taking the lease (labels moved too) and at every tick of a
+        rollout. Idle, on taking over, the table becomes stable alone. Rolling: the step's table, or the operator's
+        table the rollout is paused under, is as it should be; a table written under a lease (a controller that died
+        between its change and its state save) is put back to the step's; any other is an operator override: the
+        rollout pauses and keeps it."""
+        if state.stable is None or not taking_over and state.candidate is None:
             return
-        wanted = self._table(self._step(state) if state.candidate is not None else None, state.stable,
-                             state.candidate)
-        if self.labels is not None:
+        rolling = state.candidate is not None
+        wanted = self._table(self._step(state) if rolling else None, state.stable, state.candidate)
+        if taking_over and self.labels is not None:
             await self.labels.move(labels_for(state.stable, state.candidate))
-        stored = await self.gateway.routing()
-        if not same_table(stored, wanted):
-            where = f"v{state.candidate} at {self._step(state).name}" if state.candidate is not None else "idle"
-            await self._route(wanted, f"take over: {where} (stable v{state.stable}) by {self.identity}")
+        stored = await self._read_routing()
+        if same_table(stored, wanted) or state.override is not None and same_table(stored, state.override):
+            return
+        writer = stored.get("writer") or {}
+        if rolling and not writer.get("lease"):
+            table = {"weights": stored.get("weights", {}), "shadow": stored.get("shadow")}
+            who = writer.get("who") or "an operator"
+            state.paused, state.override = True, table
+            await self.save_state(state, self._event(
+                state, "override", f"operator override: {who} set the routing to {table} during the rollout (the "
+                f"step's is {wanted}); the rollout is paused and the table left as set until `rollout resume` "
+                "routes the step again or `rollout abort` rolls back", who=who, table=table))
+            return
+        where = f"v{state.candidate} at {self._step(state).name}" if rolling else "idle"
+        await self._route(wanted, f"take over: {where} (stable v{state.stable}) by {self.identity}",
+                          candidate=state.candidate)
 
     async def _adopt(self, available: set[int]) -> State:
         """A state for a controller that finds none: the stable version is the label ``stable`` (with labels), else
@@ -415,7 +467,7 @@ class Controller:
         state lost mid-rollout never makes the candidate stable; its rollout starts again from the first step.
         The loss is said in the history (``state_lost``) when the history holds decisions or the table splits
         traffic, which only a controller or an operator did."""
-        weights = (await self.gateway.routing()).get("weights", {})
+        weights = (await self._read_routing()).get("weights", {})
         routed = sorted((-float(weight), int(entry)) for entry, weight in weights.items()
                         if entry.isdigit() and int(entry) in available)
         labelled = self.labels.current().get("stable") if self.labels is not None else None
@@ -441,10 +493,18 @@ class Controller:
 
     # ------------------------------------------------------------------ the tick
     async def tick(self) -> None:
-        """One round: lease, commands, version states, figures, judgement, at most one routing change per cause."""
+        """One round: lease, routing, commands, version states, figures, judgement, at most one routing change per
+        cause."""
         if not await self.hold_lease():
             self._reconciled = False
             return
+        self._routing = None
+        try:
+            await self._tick()
+        except RoutingChangedMeanwhile as exc:
+            log.info("tick ended early: %s", exc)
+
+    async def _tick(self) -> None:
         if self.serve_new_versions is not None:
             added = self.serve_new_versions()
             if added:
@@ -461,9 +521,8 @@ class Controller:
                 f"the stable version {state.stable} is not AVAILABLE on the model server (AVAILABLE: "
                 f"{sorted(available)}): no rollout can start or roll back; keep it loaded (a model_version_policy "
                 "that includes it, not latest { num_versions: 1 })")
-        if not self._reconciled:
-            await self._reconcile(state)
-            self._reconciled = True
+        await self._follow_routing(state, taking_over=not self._reconciled)
+        self._reconciled = True
         await self._apply_commands(state)  # operators' commands need no figures: no unanswering replica blocks them
         figures = await self._figures()
         if state.candidate is None:

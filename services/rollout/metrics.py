@@ -2,7 +2,7 @@
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 REGISTRY = CollectorRegistry()
-OUTCOMES = ("start", "advance", "promote", "rollback", "reject", "pause", "resume", "retry")
+OUTCOMES = ("start", "advance", "promote", "rollback", "reject", "pause", "resume", "retry", "override")
 
 STEP = Gauge("mushroom_rollout_step", "Index of the rollout's current step in the policy (-1 when no rollout runs)",
              registry=REGISTRY)
