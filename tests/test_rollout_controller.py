@@ -15,7 +15,7 @@ from devstack.configs import model_config_text, read_model_config
 from services.gateway import keys as gateway_keys
 from services.rollout import keys, metrics
 from services.rollout.clients import ApiError
-from services.rollout.controller import Controller, LeaseLost
+from services.rollout.controller import Controller, LeaseLost, StableUnavailable
 from services.rollout.policy import parse_policy
 from tests.support import RedisServer
 
@@ -649,3 +649,37 @@ def test_an_operators_change_between_the_controllers_read_and_its_write_is_not_u
     table, state = asyncio.run(scenario())
     assert table == {"1": 100.0}
     assert state.paused and state.step == 0 and state.override["weights"] == {"1": 100.0}
+
+
+def test_operators_commands_are_applied_while_the_stable_version_is_unloaded(redis_server):
+    """The stable version v1 is unloaded mid-rollout (the gateway already sends everything to v2): the controller can
+    neither judge nor roll back, but an operator's commands still apply: pause is recorded, an abort (nothing to roll
+    back to) is refused in the history, and a promote makes v2 the stable version."""
+    policy = parse_policy({"tick_seconds": 1, "steps": [{"weight": 5, "hold_seconds": 600}, {"weight": 100}]})
+
+    async def scenario():
+        client = aioredis.from_url(redis_server.url)
+        gateway, model_server = FakeGateway(), FakeModelServer({1})
+        controller = Controller(client, gateway, model_server, policy, "m", identity="unit")
+        await controller.tick()  # adopts version 1
+        model_server.versions.add(2)
+        await controller.tick()  # v2 at 5 %
+        model_server.versions = {2}
+        await controller.queue_command("pause", "alice")
+        await controller.queue_command("abort", "bob")
+        with pytest.raises(StableUnavailable):
+            await controller.tick()
+        paused = await controller.load_state()
+        await controller.queue_command("promote", "carol")
+        await controller.tick()
+        state, history = await controller.load_state(), await controller.history()
+        queued = await client.llen(keys.commands("m"))
+        await client.aclose()
+        return gateway, paused, state, history, queued
+
+    gateway, paused, state, history, queued = asyncio.run(scenario())
+    assert paused.paused and paused.candidate == 2
+    assert (state.stable, state.candidate, queued) == (2, None, 0) and gateway.table["weights"] == {"2": 100}
+    assert [(e["outcome"], e["who"]) for e in reversed(history[:3])] == [
+        ("pause", "alice"), ("ignored", "bob"), ("promote", "carol")]
+    assert "v1 is not AVAILABLE" in history[1]["reason"]

@@ -243,13 +243,14 @@ class Controller:
         await self.redis.rpush(keys.commands(self.model_name), json.dumps(command))
         return command
 
-    async def _apply_commands(self, state: State) -> None:
+    async def _apply_commands(self, state: State, stable_available: bool = True) -> None:
         """Operators' commands, oldest first; one leaves the queue only once applied, so a command whose routing
         change fails (gateway down) is retried at the next tick rather than lost (at least once: an abort or
-        promote applied twice finds no rollout the second time and is recorded as ignored)."""
+        promote applied twice finds no rollout the second time and is recorded as ignored). Without the stable
+        version (``stable_available`` False) the commands that would route to it are refused in the history."""
         key = keys.commands(self.model_name)
         while (raw := await self.redis.lindex(key, 0)) is not None:
-            await self._apply_command(state, json.loads(raw))
+            await self._apply_command(state, json.loads(raw), stable_available)
             await self.redis.lpop(key)
 
     # ------------------------------------------------------------------ figures
@@ -374,7 +375,7 @@ class Controller:
                           candidate=state.candidate)
         await self.save_state(state, self._event(state, "advance", reason))
 
-    async def _apply_command(self, state: State, command: dict) -> None:
+    async def _apply_command(self, state: State, command: dict, stable_available: bool = True) -> None:
         action, who = command["action"], command["who"]
         if action == "retry":
             await self._retry(state, command["version"], who)
@@ -382,6 +383,11 @@ class Controller:
         if state.candidate is None:
             await self.save_state(state, self._event(state, "ignored", f"{action}: no rollout is running",
                                                      who=who, command=action))
+            return
+        if not stable_available and (action == "abort" or action == "resume" and state.override is not None):
+            reason = (f"{action}: the stable version v{state.stable} is not AVAILABLE on the model server, so no "
+                      f"table can route to it; promote v{state.candidate}, or load v{state.stable} again")
+            await self.save_state(state, self._event(state, "ignored", reason, who=who, command=action))
             return
         if action == "pause":
             state.paused = True
@@ -515,8 +521,9 @@ class Controller:
             if not available:
                 return
             state = await self._adopt(available)
-        full = state.candidate is not None and self._step(state).weight >= 100  # routes no traffic to stable
-        if state.stable not in available and not full:
+        if self._stable_missing(state, available):  # operators' commands still apply: a promote needs no stable
+            await self._apply_commands(state, stable_available=False)
+        if self._stable_missing(state, available):
             raise StableUnavailable(
                 f"the stable version {state.stable} is not AVAILABLE on the model server (AVAILABLE: "
                 f"{sorted(available)}): no rollout can start or roll back; keep it loaded (a model_version_policy "
@@ -579,6 +586,11 @@ class Controller:
             await self._advance(state, figures, decision.reason)
         else:
             await self.save_state(state)
+
+    def _stable_missing(self, state: State, available: set[int]) -> bool:
+        """The stable version is not AVAILABLE, while the table routes it traffic (any step below 100 %, or idle)."""
+        full = state.candidate is not None and self._step(state).weight >= 100
+        return state.stable not in available and not full
 
     def _candidate_missing(self, state: State, available: set[int]) -> float | None:
         """Seconds since the first of the readings, this one included, that did not list the candidate as AVAILABLE;
