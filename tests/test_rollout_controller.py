@@ -683,3 +683,54 @@ def test_operators_commands_are_applied_while_the_stable_version_is_unloaded(red
     assert [(e["outcome"], e["who"]) for e in reversed(history[:3])] == [
         ("pause", "alice"), ("ignored", "bob"), ("promote", "carol")]
     assert "v1 is not AVAILABLE" in history[1]["reason"]
+
+
+def test_hold_timers_run_on_redis_time_not_on_the_clock_of_the_controllers_host(redis_server):
+    """Controller a starts a rollout whose first step holds 600 s; b takes over at once from a host whose clock is an
+    hour ahead (a separate process whose time.time() says so). The step must not count as held for an hour: the
+    timers are read from Redis TIME, the one clock every controller replica shares."""
+    import subprocess
+    import sys
+
+    from training_job.paths import PROJECT_ROOT
+
+    policy = {"tick_seconds": 1, "steps": [{"weight": 5, "hold_seconds": 600}, {"weight": 100}]}
+    b_on_a_fast_host = f"""
+import asyncio, time
+real = time.time
+time.time = lambda: real() + 3600  # this host's clock is an hour ahead
+import redis.asyncio as aioredis
+from services.rollout.controller import Controller
+from services.rollout.policy import parse_policy
+from tests.test_rollout_controller import FakeGateway, FakeModelServer
+
+async def main():
+    client = aioredis.from_url({redis_server.url!r})
+    gateway = FakeGateway()
+    gateway.table = {{"weights": {{"1": 95, "2": 5}}, "shadow": None}}  # the table a routed
+    b = Controller(client, gateway, FakeModelServer({{1, 2}}), parse_policy({policy!r}), "m", identity="b")
+    await b.tick()
+    await client.aclose()
+
+asyncio.run(main())
+"""
+
+    async def scenario():
+        client = aioredis.from_url(redis_server.url)
+        gateway, model_server = FakeGateway(), FakeModelServer({1})
+        a = Controller(client, gateway, model_server, parse_policy(policy), "m", identity="a")
+        await a.tick()  # adopts version 1
+        model_server.versions.add(2)
+        await a.tick()  # v2 at 5 %: the step's 600 s begin
+        assert gateway.table["weights"] == {"1": 95, "2": 5}
+        await a.release_lease()
+        done = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", b_on_a_fast_host], cwd=PROJECT_ROOT,
+                                       capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        state = await a.load_state()
+        await client.aclose()
+        return state
+
+    state = asyncio.run(scenario())
+    assert (state.candidate, state.step) == (2, 0)
+    assert state.judgement["held_seconds"] < 60

@@ -36,6 +36,9 @@ that died between its routing change and its state save) is put back to the step
 name the table generation it read (``?expected_generation=``), so an operator's change landing in between is refused
 to the controller (409 routing_changed), never undone: the next tick sees it as an override.
 
+Times (a step's start and hold, the candidate's grace, the history's ``at``) come from Redis TIME, read once a tick:
+the clock every controller replica shares, whatever the clock of the host it runs on.
+
 Only the holder of the lease (keys.lease) acts. The lease holds a token drawn at each taking (``lease_token``); the
 tick takes or renews it, anything later in the tick only renews it, so a controller that lost its lease mid-tick acts
 no further on what it read under it. Its state writes go through a script that checks the token in the same step,
@@ -50,7 +53,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -160,7 +162,7 @@ def same_table(stored: dict, wanted: dict) -> bool:
 class Controller:
     def __init__(self, redis, gateway: GatewayAdmin, model_server: ModelServerStates, policy: Policy,
                  model_name: str, registry_dir: str | Path | None = None, identity: str | None = None,
-                 lease_seconds: float = 15.0, clock=time.time, labels=None, serve_new_versions=None,
+                 lease_seconds: float = 15.0, clock=None, labels=None, serve_new_versions=None,
                  retire_versions=None):
         self.labels = labels  # a labels.LabelConfig when the rollout moves version labels, else None
         # () -> [versions added to the model server's specific list] (serving_config.py), or None
@@ -175,14 +177,24 @@ class Controller:
         self.registry_dir = Path(registry_dir) if registry_dir else None  # <registry>/<model>: offline scores
         self.identity = identity or f"rollout-{uuid.uuid4().hex[:12]}"
         self.lease_ms = int(lease_seconds * 1000)
+        # () -> Unix seconds for the timers and the history, or None for Redis TIME: the one clock every controller
+        # replica shares, so a hold begun by one counts the same on another whose host clock is off
         self.clock = clock
+        self._now = 0.0  # this tick's time (read once at its start)
         self.leader = False
         self.lease_token = ""  # "<identity>/<drawn at the taking>" while this process holds the lease
         self._reconciled = False  # the gateway's table checked against the state since this lease was taken
         self._routing: dict | None = None  # the gateway's routing as this tick read it (or its own change left it)
         self._scripts = None
 
-    # ------------------------------------------------------------------ Redis: lease, state, history, commands
+    # ------------------------------------------------------------------ Redis: clock, lease, state, history, commands
+    async def now(self) -> float:
+        """Unix seconds: the injected clock, else Redis TIME (shared by every controller replica)."""
+        if self.clock is not None:
+            return float(self.clock())
+        seconds, microseconds = await self.redis.time()
+        return seconds + microseconds / 1_000_000
+
     def _script(self, name: str):
         if self._scripts is None:
             self._scripts = {"hold": self.redis.register_script(HOLD_LEASE_LUA),
@@ -237,9 +249,11 @@ class Controller:
             raise ValueError(f"{action} takes no version")
         if await self.redis.llen(keys.commands(self.model_name)) >= MAX_QUEUED_COMMANDS:
             raise OverflowError(f"{MAX_QUEUED_COMMANDS} commands are already queued")
-        command = {"action": action, "who": who, "at": self.clock(), **({"version": version} if version is not None
-                                                                          else {}),
-                   **({"note": note[:200]} if note else {})}
+        command = {"action": action, "who": who, "at": await self.now()}
+        if version is not None:
+            command["version"] = version
+        if note:
+            command["note"] = note[:200]
         await self.redis.rpush(keys.commands(self.model_name), json.dumps(command))
         return command
 
@@ -269,7 +283,7 @@ class Controller:
                **extra) -> dict:
         step = self.policy.steps[state.step] if state.candidate is not None and state.step < len(
             self.policy.steps) else None
-        event = {"at": self.clock(), "outcome": outcome, "version": state.candidate, "stable": state.stable,
+        event = {"at": self._now, "outcome": outcome, "version": state.candidate, "stable": state.stable,
                  "step": step.name if step else None, "rule": rule, "reason": reason,
                  "who": who or self.identity, **extra}
         if outcome in metrics.OUTCOMES:
@@ -327,7 +341,7 @@ class Controller:
             await self.save_state(state, self._event(probe, "reject", offline.reason, rule="offline",
                                                      verdicts=[offline.to_json()]))
             return
-        now = self.clock()
+        now = self._now
         state.candidate, state.step, state.paused, state.candidate_unavailable_since = candidate, 0, False, None
         state.override = None
         state.rollout_started = state.step_started = now
@@ -367,7 +381,7 @@ class Controller:
 
     async def _advance(self, state: State, figures: ReplicaFigures, reason: str) -> None:
         state.step += 1
-        state.step_started = self.clock()
+        state.step_started = self._now
         state.step_baseline = figures.baseline(state.candidate)
         step = self._step(state)
         await self._route(self._table(step, state.stable, state.candidate),
@@ -505,6 +519,7 @@ class Controller:
             self._reconciled = False
             return
         self._routing = None
+        self._now = await self.now()
         try:
             await self._tick()
         except RoutingChangedMeanwhile as exc:
@@ -559,10 +574,10 @@ class Controller:
         in_step = figures.since(state.candidate, state.step_baseline)
         step_requests = in_step.shadow_requests if step.weight == 0 else in_step.requests
         verdicts = judge.judge_online(new, stable, self.policy.rules)
-        held = self.clock() - state.step_started
+        held = self._now - state.step_started
         decision = judge.decide(verdicts, held, step.hold_seconds, step_requests, step.min_requests)
         partial = sorted(figures.unanswered)  # replicas left out: a breach in the rest is a breach, a pass is not
-        state.judgement = {"at": self.clock(), "decision": decision.outcome, "rule": decision.rule,
+        state.judgement = {"at": self._now, "decision": decision.outcome, "rule": decision.rule,
                            "reason": decision.reason, "step_requests": step_requests, "held_seconds": held,
                            "new": new.to_json(), "stable": stable.to_json(),
                            "verdicts": [v.to_json() for v in verdicts], "partial": partial}
@@ -599,8 +614,8 @@ class Controller:
             state.candidate_unavailable_since = None
             return None
         if state.candidate_unavailable_since is None:
-            state.candidate_unavailable_since = self.clock()
-        return self.clock() - state.candidate_unavailable_since
+            state.candidate_unavailable_since = self._now
+        return self._now - state.candidate_unavailable_since
 
     def _export(self, state: State) -> None:
         rolling = state.candidate is not None
@@ -621,12 +636,13 @@ class Controller:
                 "history": await self.history()}
         if state is not None and state.candidate is not None:
             step = self._step(state)
-            held = self.clock() - state.step_started
+            now = await self.now()
+            held = now - state.step_started
             body["step"] = {"index": state.step, "of": len(self.policy.steps), "name": step.name,
                             "weight": step.weight, "shadow": step.shadow, "min_requests": step.min_requests}
             body["timers"] = {"held_seconds": held, "hold_seconds": step.hold_seconds,
                               "remaining_seconds": max(step.hold_seconds - held, 0.0),
-                              "rollout_seconds": self.clock() - state.rollout_started}
+                              "rollout_seconds": now - state.rollout_started}
         return body
 
 
