@@ -388,7 +388,7 @@ def test_a_restarted_gateway_replica_counts_from_zero_and_the_others_from_their_
             await controller.tick()  # adopts version 1
             model_server.versions.add(2)
             await controller.tick()  # starts version 2: the baselines
-            replicas.bodies[0] = {"versions": {"1": served(5100, 250), "2": served(150, 6)},
+            replicas.bodies[0] = {"versions": {"1": served(6500, 250), "2": served(1500, 60)},
                                   "instance": {"id": "a-1", "started": 1.0}}
             replicas.bodies[1] = {"versions": {"1": served(20, 0), "2": served(3, 0)},  # restarted
                                   "instance": {"id": "b-2", "started": 2.0}}
