@@ -152,14 +152,29 @@ class _Queue:
         names = batch[0].inputs.keys()
         joined = {k: np.concatenate([t.inputs[k] for t in batch]) if len(batch) > 1 else batch[0].inputs[k]
                   for k in names}
+        padded = rows  # the rows of the model call: the batch's, padded up to an allowed batch size
         allowed = self.params.allowed_batch_sizes
         if allowed:
-            target = allowed[min(bisect.bisect_left(allowed, rows), len(allowed) - 1)]
-            if target > rows:
-                joined = {k: np.concatenate([v, np.repeat(v[:1], target - rows, axis=0)]) for k, v in joined.items()}
+            padded = max(rows, allowed[min(bisect.bisect_left(allowed, rows), len(allowed) - 1)])
+            if padded > rows:
+                joined = {k: np.concatenate([v, np.repeat(v[:1], padded - rows, axis=0)]) for k, v in joined.items()}
         metrics.BATCH_SIZE.labels(model_name=self.servable.model_name).observe(rows)
         outputs = self.servable.run(self.signature, joined, self.output_filter)
+        _check_batched_outputs(outputs, padded)
         return {k: v[:rows] for k, v in outputs.items()}
+
+
+def _check_batched_outputs(outputs: dict[str, np.ndarray], rows: int) -> None:
+    """Every output of a batched call must hold the batch's ``rows`` (padding included) along its first dimension,
+    to be split between the batch's requests; otherwise FAILED_PRECONDITION for all of them, with TF Serving's
+    words (batching_session.cc SplitOutputTensors), never an answer cut to a request's rows."""
+    for value in outputs.values():
+        if np.ndim(value) == 0:
+            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION, "Batched output tensor has 0 dimensions")
+        if np.shape(value)[0] != rows:
+            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                               "Batched output tensor's 0th dimension does not equal the sum of the 0th dimension "
+                               "sizes of the input tensors")
 
 
 def _batch_rows(inputs: dict[str, np.ndarray], max_batch_size: int) -> int | None:

@@ -1,0 +1,122 @@
+"""The model server's batch scheduler (services/model_server/batching.py) driven in-process: each test runs the real
+``Batcher`` on a stand-in servable, a real ``Servable`` (its checks are the real ones) whose engine is a Python
+function, so a test decides what each model call answers and when it returns."""
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from services.model_server.batching import Batcher
+from services.model_server.config import BatchingParameters
+from services.model_server.errors import ServingError
+from services.model_server.servable import Servable, SignatureInfo
+
+
+class StandIn(Servable):
+    """Signature ``s``: input ``x`` (float32), the outputs ``compute`` returns. A call waits for ``release`` (set
+    from the start unless ``held``); ``calls`` records the rows of ``x`` each model call got."""
+
+    def __init__(self, compute, outputs=("y",), held: bool = False):
+        self.model_name, self.version, self.path = "fake", 1, Path("/nonexistent")
+        self.signature_defs = {}
+        self.signatures = {"s": SignatureInfo("s", "tensorflow/serving/predict", {"x": tf.float32}, sorted(outputs))}
+        self.compute = compute
+        self.calls: list[list] = []
+        self.release = threading.Event()
+        if not held:
+            self.release.set()
+
+    def _call(self, info, inputs, wanted):
+        self.calls.append(inputs["x"].tolist())
+        self.release.wait(30)
+        outputs = self.compute(inputs)
+        return {k: outputs[k] for k in wanted}
+
+
+def doubled(inputs):
+    return {"y": inputs["x"] * 2}
+
+
+def batcher(**params) -> Batcher:
+    return Batcher(BatchingParameters(**{"num_batch_threads": 1, **params}), ThreadPoolExecutor(max_workers=2))
+
+
+def rows(*values) -> dict[str, np.ndarray]:
+    return {"x": np.array([[v] for v in values], np.float32)}
+
+
+async def until(condition, timeout: float = 10.0) -> None:
+    async def poll():
+        while not condition():
+            await asyncio.sleep(0.005)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def settle() -> None:
+    """Let every task created so far run up to where it waits: a request waits once it is queued."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+def failure(outcome) -> tuple[str, str]:
+    assert isinstance(outcome, ServingError), outcome
+    return outcome.code.name, outcome.message
+
+
+# ---------------------------------------------------------------------------------------------- splitting outputs
+
+
+def with_labels(inputs):
+    return {"y": inputs["x"] * 2, "labels": np.array([b"a", b"b", b"c", b"d"], dtype=object),
+            "scalar": np.float32(1.0)}
+
+
+SPLIT_ERROR = ("FAILED_PRECONDITION", "Batched output tensor's 0th dimension does not equal the sum of the 0th "
+               "dimension sizes of the input tensors")
+SCALAR_ERROR = ("FAILED_PRECONDITION", "Batched output tensor has 0 dimensions")
+
+
+def test_outputs_without_a_batch_dimension_are_refused_as_tf_serving_refuses_them():
+    """TF Serving's BatchingSession splits every output along its first dimension, which must hold the batch's
+    rows (SplitOutputTensors); an output that does not is an error for every request of the batch, never a
+    silently cut answer."""
+    async def scenario():
+        b = batcher(max_batch_size=8)
+        servable = StandIn(with_labels, outputs=("y", "labels", "scalar"))
+        lone = await asyncio.gather(b.run(servable, "s", rows(1.0), ("labels",)),
+                                    return_exceptions=True)
+        scalar = await asyncio.gather(b.run(servable, "s", rows(1.0), ("scalar",)), return_exceptions=True)
+        answered = await b.run(servable, "s", rows(1.0, 2.0), ("y",))
+        b.executor.shutdown()
+        return lone[0], scalar[0], answered
+
+    lone, scalar, answered = asyncio.run(scenario())
+    assert failure(lone) == SPLIT_ERROR
+    assert failure(scalar) == SCALAR_ERROR
+    np.testing.assert_array_equal(answered["y"], [[2.0], [4.0]])
+
+
+def test_a_batch_with_an_output_without_a_batch_dimension_fails_for_each_of_its_requests():
+    async def scenario():
+        b = batcher(max_batch_size=8, batch_timeout_micros=1_000_000)
+        servable = StandIn(with_labels, outputs=("y", "labels", "scalar"), held=True)
+        first = asyncio.create_task(b.run(servable, "s", rows(0.0), ("labels", "y")))
+        await until(lambda: servable.calls)
+        queued = [asyncio.create_task(b.run(servable, "s", rows(v), ("labels", "y"))) for v in (1.0, 2.0, 3.0)]
+        await settle()
+        servable.release.set()
+        outcomes = await asyncio.gather(first, *queued, return_exceptions=True)
+        b.executor.shutdown()
+        return servable.calls, outcomes
+
+    calls, outcomes = asyncio.run(scenario())
+    assert calls == [[[0.0]], [[1.0], [2.0], [3.0]]]  # the three queued requests shared one model call
+    assert [failure(o) for o in outcomes] == [SPLIT_ERROR] * 4
