@@ -300,12 +300,12 @@ class StuckCore:
 
         return SignatureInfo(name or "serving_default", "tensorflow/serving/predict", {"x": tf.float32}, ["y"])
 
-    async def predict(self, api, name, version, label, signature, inputs, output_filter=()):
+    async def run(self, api, servable, signature, inputs, output_filter=()):
         import numpy as np
 
         self.calls += 1
         await self.release.wait()
-        return self, {"y": np.float32([1.0])}
+        return {"y": np.float32([1.0])}
 
 
 async def _rest_client(core, **options):

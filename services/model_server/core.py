@@ -59,13 +59,24 @@ class PredictionCore:
 
     async def predict(self, api: str, name: str, version: int | None, label: str | None, signature: str,
                       inputs: dict[str, np.ndarray], output_filter=()) -> tuple[Servable, dict[str, np.ndarray]]:
-        """The signature's outputs, counted in ``request_count`` whatever the outcome; a run that succeeds is timed in
-        ``runtime_latency`` as TF Serving times its Session::Run: from handing the inputs over to the outputs back, the
-        batch queue included when batching is on."""
-        version_value, status = "", "OK"  # the model_version metric label's value
+        """Resolve the model spec, then ``run`` the signature on the servable it names; a spec that names no
+        servable is counted in ``request_count`` too."""
         try:
             servable = self.manager.resolve(name, version, label)
-            version_value = str(servable.version)
+        except ServingError as exc:
+            self._count(api, name, "", exc.code.name)
+            raise
+        return servable, await self.run(api, servable, signature, inputs, output_filter)
+
+    async def run(self, api: str, servable: Servable, signature: str, inputs: dict[str, np.ndarray],
+                  output_filter=()) -> dict[str, np.ndarray]:
+        """The signature's outputs on ``servable``, which the caller resolved once and holds for the whole request
+        (as TF Serving's ServableHandle: a request of several model runs, MultiInference's tasks, runs them all on
+        one version even if that version is unloaded meanwhile). Counted in ``request_count`` whatever the outcome;
+        a run that succeeds is timed in ``runtime_latency`` as TF Serving times its Session::Run: from handing the
+        inputs over to the outputs back, the batch queue included when batching is on."""
+        status = "OK"
+        try:
             if api == "grpc_predict" and (signature or "serving_default") not in servable.signatures:
                 # TF Serving's gRPC Predict (predict_util.cc); its REST API checks first, with INVALID_ARGUMENT
                 raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
@@ -81,7 +92,7 @@ class PredictionCore:
                 metrics.RUNTIME_LATENCY.labels(model_name=servable.model_name, API=RUNTIME_API[api],
                                                runtime=metrics.RUNTIME_LABEL
                                                ).observe((time.perf_counter() - started) * 1e6)
-            return servable, outputs
+            return outputs
         except ServingError as exc:
             status = exc.code.name
             raise
@@ -89,6 +100,8 @@ class PredictionCore:
             status = "INTERNAL"
             raise
         finally:
-            model_value = name if self.manager.has_model(name) else "unknown"  # bounded cardinality
-            metrics.REQUEST_COUNT.labels(model_name=model_value, model_version=version_value, API=api,
-                                         status=status).inc()
+            self._count(api, servable.model_name, str(servable.version), status)
+
+    def _count(self, api: str, name: str, version: str, status: str) -> None:
+        model_value = name if self.manager.has_model(name) else "unknown"  # bounded cardinality
+        metrics.REQUEST_COUNT.labels(model_name=model_value, model_version=version, API=api, status=status).inc()

@@ -146,16 +146,17 @@ def version_and_label(spec: model_pb2.ModelSpec) -> tuple[int | None, str | None
 
 
 class Inference:
-    """Classify / Regress / MultiInference over a PredictionCore (which resolves versions, batches and counts)."""
+    """Classify / Regress / MultiInference over a PredictionCore (which batches and counts). A request resolves
+    its servable once and runs every signature it asks for on that one."""
 
     def __init__(self, core: PredictionCore, method_name_check: bool = False):
         self.core = core
         self.method_name_check = method_name_check  # --enable_signature_method_name_check
 
-    async def _run(self, api: str, spec, servable, signature_name: str, examples: np.ndarray, wanted):
-        _, outputs = await self.core.predict(api, spec.name, servable.version, None, signature_name,
-                                             {"inputs": examples}, tuple(wanted))
-        return outputs
+    async def _run(self, api: str, servable, signature_name: str, examples: np.ndarray, wanted):
+        """The ``wanted`` outputs of a signature on the examples, run on ``servable``: the one the request
+        resolved, held until it ends."""
+        return await self.core.run(api, servable, signature_name, {"inputs": examples}, tuple(wanted))
 
     async def classify(self, request: classification_pb2.ClassificationRequest, api: str = "grpc_classify"
                        ) -> classification_pb2.ClassificationResponse:
@@ -175,7 +176,7 @@ class Inference:
         name = spec.signature_name or DEFAULT_SIGNATURE
         wanted = outputs_of(_signature_def(servable, name), self.method_name_check)
         examples = serialized_examples(request.input)
-        outputs = await self._run(api, spec, servable, name, examples, wanted)
+        outputs = await self._run(api, servable, name, examples, wanted)
         write_result(outputs, len(examples), response.result)
         _model_spec(spec, name, servable.version, response.model_spec)
         return response
@@ -210,7 +211,7 @@ class Inference:
         examples = serialized_examples(request.input)
         response = inference_pb2.MultiInferenceResponse()
         for task, name, wanted in plan:
-            outputs = await self._run("grpc_multi_inference", first, servable, name, examples, wanted)
+            outputs = await self._run("grpc_multi_inference", servable, name, examples, wanted)
             result = response.results.add()
             if task.method_name == CLASSIFY_METHOD:
                 classification_result(outputs, len(examples), result.classification_result)

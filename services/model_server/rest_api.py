@@ -676,8 +676,7 @@ class RestApi:
             inputs = _inputs_to_tensors(body["inputs"], info.inputs)
         else:
             raise _invalid("Missing 'inputs' or 'instances' key")
-        _, outputs = await self.core.predict("rest_predict", name, servable.version, None,
-                                             signature_name or "serving_default", inputs)
+        outputs = await self.core.run("rest_predict", servable, signature_name or "serving_default", inputs)
         if not outputs:
             raise _invalid("Cannot convert empty tensor map to JSON")
         if row_format:
