@@ -120,3 +120,31 @@ def test_a_batch_with_an_output_without_a_batch_dimension_fails_for_each_of_its_
     calls, outcomes = asyncio.run(scenario())
     assert calls == [[[0.0]], [[1.0], [2.0], [3.0]]]  # the three queued requests shared one model call
     assert [failure(o) for o in outcomes] == [SPLIT_ERROR] * 4
+
+
+# ---------------------------------------------------------------------------------------------- queue capacity
+
+
+@pytest.mark.parametrize("task_rows, admitted", [(4, 2), (3, 2), (1, 8)])
+def test_the_queue_holds_max_enqueued_batches_batches_as_tf_serving_counts_them(task_rows, admitted):
+    """TF Serving's shared batch scheduler (ValidateBatchTaskQueueCapacity): a task that does not fit the open batch
+    is refused with UNAVAILABLE when max_enqueued_batches batches are already queued (a batch that executes is no
+    longer queued). With max_batch_size 4 and two batches: one 4-row or 3-row task per batch, or 8 one-row tasks."""
+    async def scenario():
+        b = batcher(max_batch_size=4, max_enqueued_batches=2, batch_timeout_micros=1_000_000)
+        servable = StandIn(doubled, held=True)
+        executing = asyncio.create_task(b.run(servable, "s", rows(*[0.0] * 4), ()))
+        await until(lambda: servable.calls)
+        tasks = [asyncio.create_task(b.run(servable, "s", rows(*[float(i)] * task_rows), ())) for i in range(10)]
+        await settle()
+        refused = [t for t in tasks if t.done()]
+        servable.release.set()
+        outcomes = await asyncio.gather(executing, *tasks, return_exceptions=True)
+        b.executor.shutdown()
+        return len(tasks) - len(refused), [failure(t.exception()) for t in refused], outcomes
+
+    queued, refusals, outcomes = asyncio.run(scenario())
+    assert queued == admitted
+    assert {code for code, _ in refusals} == {"UNAVAILABLE"}
+    assert all("The batch scheduling queue to which this task was submitted is full" in m for _, m in refusals)
+    assert sum(isinstance(o, dict) for o in outcomes) == 1 + admitted

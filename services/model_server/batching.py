@@ -34,19 +34,29 @@ class _Task:
     queued_at: float = field(default_factory=time.perf_counter)
 
 
+@dataclass
+class _Batch:
+    """Tasks that will share one model call, grouped as they arrive, as TF Serving's scheduler groups them."""
+    tasks: list[_Task]
+    rows: int
+    opened_at: float = field(default_factory=time.monotonic)  # when its first task arrived
+
+
 def _unavailable(message: str) -> ServingError:
     return ServingError(grpc.StatusCode.UNAVAILABLE, message)
 
 
 class _Queue:
-    """One queue (and its worker tasks) per servable, signature and input shape."""
+    """One queue (and its worker tasks) per servable, signature and input shape. Its batches are formed as tasks
+    arrive: a task joins the last batch when its rows fit (max_batch_size), or opens a new one, of which at most
+    max_enqueued_batches wait (TF Serving's shared batch scheduler; a batch executing no longer waits)."""
 
     def __init__(self, servable: Servable, signature: str, output_filter: tuple, params: BatchingParameters,
                  executor: Executor):
         self.servable, self.signature, self.output_filter = servable, signature, output_filter
         self.params, self.executor = params, executor
-        self.pending: deque[_Task] = deque()
-        self.closed = False  # no new tasks; the workers exit once ``pending`` is empty
+        self.batches: deque[_Batch] = deque()  # waiting to run, oldest first; the last one takes new tasks
+        self.closed = False  # no new tasks; the workers exit once ``batches`` is empty
         self._changed = asyncio.Event()  # set when a task arrives or the queue closes
         self.running = 0  # batches executing now
         self._queued_gauge = metrics.BATCH_QUEUE_TASKS.labels(model_name=servable.model_name)
@@ -54,12 +64,20 @@ class _Queue:
         self.workers = [asyncio.create_task(self._work()) for _ in range(max(1, params.num_batch_threads))]
 
     def submit(self, task: _Task) -> None:
+        """Queue ``task`` in the last batch, or a new one; UNAVAILABLE when it needs a new batch and
+        max_enqueued_batches are waiting (shared_batch_scheduler.h ValidateBatchTaskQueueCapacity)."""
         if self.closed:
             raise _unavailable(f"version {self.servable.version} of {self.servable.model_name} is being unloaded")
-        max_rows = self.params.max_batch_size * self.params.max_enqueued_batches
-        if len(self.pending) >= max_rows:
-            raise _unavailable("The batch scheduling queue to which this task was submitted is full")
-        self.pending.append(task)
+        last = self.batches[-1] if self.batches else None
+        if last is not None and last.rows + task.rows <= self.params.max_batch_size:
+            last.tasks.append(task)
+            last.rows += task.rows
+        elif len(self.batches) >= self.params.max_enqueued_batches:
+            raise _unavailable(f"The batch scheduling queue to which this task was submitted is full; currently "
+                               f"{len(self.batches)} batches enqueued and max_enqueued_batches is "
+                               f"{self.params.max_enqueued_batches}")
+        else:
+            self.batches.append(_Batch([task], task.rows))
         self._queued_gauge.inc()
         self._changed.set()
 
@@ -68,49 +86,42 @@ class _Queue:
         self._changed.set()
 
     def fail_pending(self, message: str) -> None:
-        while self.pending:
-            task = self.pending.popleft()
-            self._queued_gauge.dec()
-            if not task.future.done():
-                task.future.set_exception(_unavailable(message))
+        while self.batches:
+            batch = self.batches.popleft()
+            self._queued_gauge.dec(len(batch.tasks))
+            for task in batch.tasks:
+                if not task.future.done():
+                    task.future.set_exception(_unavailable(message))
 
     async def _wait_for_change(self) -> None:
         self._changed.clear()
         await self._changed.wait()
 
-    def _take(self) -> _Task:
-        self._queued_gauge.dec()
-        return self.pending.popleft()
-
     async def _collect(self) -> list[_Task] | None:
-        """Take what is queued, up to max_batch_size; None once the queue is closed and empty. Unlike TF Serving,
-        wait up to batch_timeout_micros for more only while another batch is executing: an idle model runs a lone
-        request at once, and under load requests pile up during execution anyway, so batches fill without adding
-        the timeout to every latency."""
-        while not self.pending:
-            if self.closed:
-                return None
-            await self._wait_for_change()
-        first = self._take()
-        batch, rows = [first], first.rows
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.params.batch_timeout_micros / 1e6
-        while rows < self.params.max_batch_size:
-            if not self.pending:
-                remaining = deadline - loop.time()
-                if remaining <= 0 or self.running == 0 or self.closed:
-                    break
-                try:
-                    await asyncio.wait_for(self._wait_for_change(), remaining)
-                except asyncio.TimeoutError:
-                    break
+        """The tasks of the next batch to run; None once the queue is closed and empty. A batch goes when another
+        was opened behind it, when it is full, or when the queue closes; the last batch also goes at once when no
+        batch of this queue is executing, and otherwise once batch_timeout_micros have passed since its first task
+        arrived. Unlike TF Serving, which waits for the timeout either way: an idle model runs a lone request at
+        once, and under load requests pile up during execution anyway, so batches fill without adding the timeout
+        to every latency."""
+        timeout = self.params.batch_timeout_micros / 1e6
+        while True:
+            if not self.batches:
+                if self.closed:
+                    return None
+                await self._wait_for_change()
                 continue
-            if rows + self.pending[0].rows > self.params.max_batch_size:
-                break  # it goes first into the next batch
-            task = self._take()
-            batch.append(task)
-            rows += task.rows
-        return batch
+            first = self.batches[0]
+            remaining = first.opened_at + timeout - time.monotonic()
+            if (len(self.batches) > 1 or first.rows >= self.params.max_batch_size or self.closed
+                    or self.running == 0 or remaining <= 0):
+                self.batches.popleft()
+                self._queued_gauge.dec(len(first.tasks))
+                return first.tasks
+            try:
+                await asyncio.wait_for(self._wait_for_change(), remaining)
+            except asyncio.TimeoutError:
+                pass
 
     async def _work(self) -> None:
         while True:
