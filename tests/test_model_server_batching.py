@@ -148,3 +148,70 @@ def test_the_queue_holds_max_enqueued_batches_batches_as_tf_serving_counts_them(
     assert {code for code, _ in refusals} == {"UNAVAILABLE"}
     assert all("The batch scheduling queue to which this task was submitted is full" in m for _, m in refusals)
     assert sum(isinstance(o, dict) for o in outcomes) == 1 + admitted
+
+
+# ---------------------------------------------------------------------------------------------- what makes a queue
+
+
+def other_tasks() -> int:
+    """The asyncio tasks alive besides the caller's: the batch queues' workers."""
+    return len(asyncio.all_tasks()) - 1
+
+
+def test_requests_the_signature_refuses_never_make_a_queue():
+    """Input names and output filters are the client's: each refused one used to leave a queue and its workers
+    behind, for as long as the version stayed loaded."""
+    async def scenario():
+        b = batcher(max_batch_size=8, num_batch_threads=2)
+        servable = StandIn(doubled)
+        outcomes = [*await asyncio.gather(*(b.run(servable, "s", {f"x{i}": np.zeros((1, 1), np.float32)}, ())
+                                            for i in range(50)), return_exceptions=True),
+                    *await asyncio.gather(b.run(servable, "s", rows(1.0), ("nope",)), return_exceptions=True)]
+        workers = other_tasks()
+        b.executor.shutdown()
+        return outcomes, workers
+
+    outcomes, workers = asyncio.run(scenario())
+    assert {failure(o)[0] for o in outcomes} == {"INVALID_ARGUMENT"}
+    assert workers == 0
+
+
+def test_requests_of_other_shapes_share_a_queue_but_never_a_model_call():
+    async def scenario():
+        b = batcher(max_batch_size=8, batch_timeout_micros=1_000_000)
+        servable = StandIn(doubled, held=True)
+        executing = asyncio.create_task(b.run(servable, "s", rows(0.0), ()))
+        await until(lambda: servable.calls)
+        wide = {"x": np.full((1, 2), 2.0, np.float32)}
+        queued = [asyncio.create_task(b.run(servable, "s", inputs, ())) for inputs in (rows(1.0), wide, rows(3.0))]
+        await settle()
+        workers = other_tasks() - 4  # minus the four requests
+        servable.release.set()
+        answers = await asyncio.gather(executing, *queued)
+        b.executor.shutdown()
+        return servable.calls, workers, answers
+
+    calls, workers, answers = asyncio.run(scenario())
+    assert workers == 1  # one queue: num_batch_threads workers
+    assert calls == [[[0.0]], [[1.0]], [[2.0, 2.0]], [[3.0]]]  # a batch takes a task of its own shape only
+    assert [a["y"].tolist() for a in answers] == [[[0.0]], [[2.0]], [[4.0, 4.0]], [[6.0]]]
+
+
+def test_a_queue_idle_for_idle_seconds_goes_with_its_workers():
+    async def scenario():
+        b = Batcher(BatchingParameters(num_batch_threads=2), ThreadPoolExecutor(max_workers=2), idle_seconds=0.05)
+        servable = StandIn(doubled)
+        first = await b.run(servable, "s", rows(1.0), ())
+        busy = other_tasks()
+        for _ in range(500):  # up to 5 s
+            if other_tasks() == 0:
+                break
+            await asyncio.sleep(0.01)
+        idle = other_tasks()
+        again = await b.run(servable, "s", rows(2.0), ())  # a new queue when traffic comes back
+        b.executor.shutdown()
+        return busy, idle, first, again
+
+    busy, idle, first, again = asyncio.run(scenario())
+    assert busy >= 2 and idle == 0  # num_batch_threads workers, then none
+    assert (first["y"].tolist(), again["y"].tolist()) == ([[2.0]], [[4.0]])

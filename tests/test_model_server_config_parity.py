@@ -14,6 +14,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import aiohttp
 import grpc
@@ -26,6 +27,7 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
+from services.model_server.servable import Servable, SignatureInfo
 from tests.model_server_harness import MODEL, serve_registry, stop_server, version_states, wait_until
 from tests.support import free_port
 from training_job.paths import PROJECT_ROOT
@@ -275,11 +277,17 @@ def test_batching_refuses_a_request_larger_than_max_batch_size(batching_server):
     assert "Task size 5 is larger than maximum input batch size 4" in refused.value.details()
 
 
-class DoublingServable:
-    model_name, version = "fake", 1
+class DoublingServable(Servable):
+    """Signature ``s``: inputs ``x`` and ``k``, each doubled into the output of its name."""
 
-    def run(self, signature, inputs, output_filter=()):
-        return {k: v * 2 for k, v in inputs.items()}
+    def __init__(self):
+        self.model_name, self.version, self.path = "fake", 1, Path("/nonexistent")
+        self.signature_defs = {}
+        self.signatures = {"s": SignatureInfo("s", "tensorflow/serving/predict", {"x": tf.float64, "k": tf.float64},
+                                              ["k", "x"])}
+
+    def _call(self, info, inputs, wanted):
+        return {k: inputs[k] * 2 for k in wanted}
 
 
 @pytest.mark.parametrize("inputs, error", [
@@ -299,7 +307,8 @@ def test_batching_refuses_inputs_it_cannot_split_into_rows(inputs, error):
         executor = ThreadPoolExecutor(max_workers=1)
         batcher = Batcher(BatchingParameters(max_batch_size=4), executor)
         try:
-            assert (await batcher.run(DoublingServable(), "s", {"x": np.ones((3, 2))}, ()))["x"].shape == (3, 2)
+            answer = await batcher.run(DoublingServable(), "s", {"x": np.ones((3, 2)), "k": np.ones((3,))}, ())
+            assert answer["x"].shape == (3, 2)
             with pytest.raises(ServingError) as refused:
                 await batcher.run(DoublingServable(), "s", inputs, ())
             assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT and error in refused.value.message

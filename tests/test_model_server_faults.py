@@ -25,6 +25,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
+from services.model_server.servable import Servable, SignatureInfo
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
 from training_job.tiny_model import TinyClassifier, write_tiny_model
 from training_job.publish import publish_dir
@@ -331,16 +332,16 @@ def test_file_system_poll_survives_an_oserror_on_the_base_path_and_recovers(tmp_
 # ---------------------------------------------------------------------------------------------- the batcher alone
 
 
-class BlockingServable:
-    """Stands in for a Servable: ``run`` waits until ``release`` is set, then echoes its input."""
+class BlockingServable(Servable):
+    """A Servable whose signature ``s`` waits until ``release`` is set, then doubles its input ``x``."""
 
     def __init__(self):
-        import threading as _threading
+        self.model_name, self.version, self.path = "fake", 1, Path("/nonexistent")
+        self.signature_defs = {}
+        self.signatures = {"s": SignatureInfo("s", "tensorflow/serving/predict", {"x": tf.int64}, ["out"])}
+        self.release = threading.Event()
 
-        self.model_name, self.version = "fake", 1
-        self.release = _threading.Event()
-
-    def run(self, signature, inputs, output_filter=()):
+    def _call(self, info, inputs, wanted):
         self.release.wait(30)
         return {"out": inputs["x"] * 2}
 

@@ -1,5 +1,11 @@
 """Server-side dynamic batching: concurrent small requests to one servable and signature share one model call.
 
+A queue (and its num_batch_threads workers) serves one servable, signature, output filter and set of input names,
+as TF Serving keys its batch schedulers by tensor names: a request is checked against its signature before it is
+queued, so what a client sends cannot make queues the signature does not have. Requests whose inputs differ in shape
+(beyond their rows) or type share a queue but never a model call. A queue idle for ``idle_seconds`` goes, workers
+included, and comes back with the next request.
+
 Every request a queue admits ends: it runs on the servable it was admitted for (a queue holds its servable, as TF
 Serving's handle does, until its queue is drained), or it fails at once with UNAVAILABLE when the batcher is
 closed for shutdown and its grace period is over. Unloading a version closes its queues: they refuse new
@@ -24,6 +30,7 @@ from services.model_server.errors import ServingError
 from services.model_server.servable import Servable
 
 log = logging.getLogger("model_server.batching")
+QUEUE_IDLE_SECONDS = 30.0  # a queue without a request for this long goes; the next request makes a new one
 
 
 @dataclass
@@ -31,6 +38,7 @@ class _Task:
     inputs: dict[str, np.ndarray]
     rows: int
     future: asyncio.Future
+    kind: tuple  # each input's shape beyond its rows, and type: only tasks of one kind are joined into a batch
     queued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -39,6 +47,7 @@ class _Batch:
     """Tasks that will share one model call, grouped as they arrive, as TF Serving's scheduler groups them."""
     tasks: list[_Task]
     rows: int
+    kind: tuple  # its tasks'
     opened_at: float = field(default_factory=time.monotonic)  # when its first task arrived
 
 
@@ -47,14 +56,17 @@ def _unavailable(message: str) -> ServingError:
 
 
 class _Queue:
-    """One queue (and its worker tasks) per servable, signature and input shape. Its batches are formed as tasks
-    arrive: a task joins the last batch when its rows fit (max_batch_size), or opens a new one, of which at most
-    max_enqueued_batches wait (TF Serving's shared batch scheduler; a batch executing no longer waits)."""
+    """One queue (and its worker tasks) per servable, signature, output filter and input names. Its batches are
+    formed as tasks arrive: a task joins the last batch when its rows fit (max_batch_size) and it is of that batch's
+    kind, or opens a new one, of which at most max_enqueued_batches wait (TF Serving's shared batch scheduler; a
+    batch executing no longer waits). After ``idle_seconds`` with nothing queued or executing it calls
+    ``on_idle(self)``, which closes it."""
 
     def __init__(self, servable: Servable, signature: str, output_filter: tuple, params: BatchingParameters,
-                 executor: Executor):
+                 executor: Executor, idle_seconds: float, on_idle):
         self.servable, self.signature, self.output_filter = servable, signature, output_filter
         self.params, self.executor = params, executor
+        self.idle_seconds, self._on_idle = idle_seconds, on_idle
         self.batches: deque[_Batch] = deque()  # waiting to run, oldest first; the last one takes new tasks
         self.closed = False  # no new tasks; the workers exit once ``batches`` is empty
         self._changed = asyncio.Event()  # set when a task arrives or the queue closes
@@ -69,7 +81,7 @@ class _Queue:
         if self.closed:
             raise _unavailable(f"version {self.servable.version} of {self.servable.model_name} is being unloaded")
         last = self.batches[-1] if self.batches else None
-        if last is not None and last.rows + task.rows <= self.params.max_batch_size:
+        if last is not None and last.kind == task.kind and last.rows + task.rows <= self.params.max_batch_size:
             last.tasks.append(task)
             last.rows += task.rows
         elif len(self.batches) >= self.params.max_enqueued_batches:
@@ -77,7 +89,7 @@ class _Queue:
                                f"{len(self.batches)} batches enqueued and max_enqueued_batches is "
                                f"{self.params.max_enqueued_batches}")
         else:
-            self.batches.append(_Batch([task], task.rows))
+            self.batches.append(_Batch([task], task.rows, task.kind))
         self._queued_gauge.inc()
         self._changed.set()
 
@@ -109,7 +121,12 @@ class _Queue:
             if not self.batches:
                 if self.closed:
                     return None
-                await self._wait_for_change()
+                try:
+                    async with asyncio.timeout(self.idle_seconds):
+                        await self._wait_for_change()
+                except TimeoutError:
+                    if not self.batches and not self.running and not self.closed:
+                        self._on_idle(self)
                 continue
             first = self.batches[0]
             remaining = first.opened_at + timeout - time.monotonic()
@@ -119,8 +136,9 @@ class _Queue:
                 self._queued_gauge.dec(len(first.tasks))
                 return first.tasks
             try:
-                await asyncio.wait_for(self._wait_for_change(), remaining)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(remaining):
+                    await self._wait_for_change()
+            except TimeoutError:
                 pass
 
     async def _work(self) -> None:
@@ -212,9 +230,10 @@ def _batch_rows(inputs: dict[str, np.ndarray], max_batch_size: int) -> int | Non
 
 
 class Batcher:
-    def __init__(self, params: BatchingParameters, executor: Executor):
+    def __init__(self, params: BatchingParameters, executor: Executor, idle_seconds: float = QUEUE_IDLE_SECONDS):
         self.params = params
         self.executor = executor
+        self.idle_seconds = idle_seconds
         self._queues: dict[tuple, _Queue] = {}
         self._draining: set[_Queue] = set()  # closed queues whose workers have not exited yet
         self._retired: weakref.WeakSet[Servable] = weakref.WeakSet()  # unloaded servables still held by requests
@@ -222,22 +241,32 @@ class Batcher:
 
     async def run(self, servable: Servable, signature: str, inputs: dict[str, np.ndarray],
                   output_filter: tuple) -> dict[str, np.ndarray]:
+        """The signature's outputs for this request, run in a batch with other requests when it can be. The request
+        is checked against its signature first (``Servable.check_request``)."""
         if self._closed:
             raise _unavailable("the server is shutting down")
+        signature = servable.check_request(signature, inputs, output_filter).name
         rows = _batch_rows(inputs, self.params.max_batch_size)
         if rows is None or servable in self._retired:
             # No inputs to cut into rows, or a request that resolved a version just before it was unloaded: it runs
             # alone on that version.
             return await asyncio.get_running_loop().run_in_executor(
                 self.executor, servable.run, signature, inputs, output_filter)
-        key = (id(servable), signature, output_filter,
-               tuple(sorted((k, v.shape[1:], v.dtype.str) for k, v in inputs.items())))
+        key = (id(servable), signature, output_filter, tuple(sorted(inputs)))
         queue = self._queues.get(key)
         if queue is None or queue.servable is not servable:
-            queue = self._queues[key] = _Queue(servable, signature, output_filter, self.params, self.executor)
+            queue = self._queues[key] = _Queue(servable, signature, output_filter, self.params, self.executor,
+                                               self.idle_seconds, lambda idle: self._drop_idle(key, idle))
         future = asyncio.get_running_loop().create_future()
-        queue.submit(_Task(inputs, rows, future))
+        kind = tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(inputs.items()))
+        queue.submit(_Task(inputs, rows, future, kind))
         return await future
+
+    def _drop_idle(self, key: tuple, queue: _Queue) -> None:
+        """An idle queue goes (its workers exit, as it holds nothing); the next request for its key makes another."""
+        if self._queues.get(key) is queue:
+            del self._queues[key]
+        queue.close()
 
     def _retire(self, queue: _Queue) -> None:
         self._retired.add(queue.servable)

@@ -52,15 +52,17 @@ class Servable:
         self.signature(signature_name)
         return self.engine
 
-    def run(self, signature_name: str, inputs: dict[str, np.ndarray], output_filter=()) -> dict[str, np.ndarray]:
+    def check_request(self, signature_name: str, inputs: dict[str, np.ndarray], output_filter=()) -> SignatureInfo:
+        """The signature a request names, once its input names (with the SignatureDef's defaults for those it leaves
+        out) and its output filter are checked against it; INVALID_ARGUMENT otherwise. ``run`` checks this before
+        any model call, the batch scheduler before queueing a request."""
         info = self.signature(signature_name)
-        inputs = with_defaults(self.signature_defs.get(info.name), inputs)
-        missing = set(info.inputs) - set(inputs)
-        extra = set(inputs) - set(info.inputs)
-        if missing or extra:
+        signature_def = self.signature_defs.get(info.name)
+        given = set(inputs) | (set(signature_def.defaults) if signature_def is not None else set())
+        if given != set(info.inputs):
             raise ServingError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"input names do not match signature {info.name!r}: expected {sorted(info.inputs)}, got {sorted(inputs)}",
+                f"input names do not match signature {info.name!r}: expected {sorted(info.inputs)}, got {sorted(given)}",
             )
         seen = set()
         for alias in output_filter:  # as TF Serving's predict_util.cc checks them
@@ -71,6 +73,11 @@ class Servable:
             if alias in seen:
                 raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"duplicate output tensor alias: {alias}")
             seen.add(alias)
+        return info
+
+    def run(self, signature_name: str, inputs: dict[str, np.ndarray], output_filter=()) -> dict[str, np.ndarray]:
+        info = self.check_request(signature_name, inputs, output_filter)
+        inputs = with_defaults(self.signature_defs.get(info.name), inputs)
         return self._call(info, inputs, list(output_filter) or info.outputs)
 
     def _call(self, info: SignatureInfo, inputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
