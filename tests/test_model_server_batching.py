@@ -215,3 +215,54 @@ def test_a_queue_idle_for_idle_seconds_goes_with_its_workers():
     busy, idle, first, again = asyncio.run(scenario())
     assert busy >= 2 and idle == 0  # num_batch_threads workers, then none
     assert (first["y"].tolist(), again["y"].tolist()) == ([[2.0]], [[4.0]])
+
+
+# ---------------------------------------------------------------------------------------------- one bad request
+
+
+def refuses_negatives(inputs):
+    if (inputs["x"] < 0).any():
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "a negative value")
+    return doubled(inputs)
+
+
+def test_a_request_the_model_refuses_fails_alone_not_with_the_others_of_its_batch():
+    """Unlike TF Serving, where one undecodable photo fails every request of its batch: a batch that fails with
+    INVALID_ARGUMENT (an input's fault) runs again one request at a time, so only the request at fault fails."""
+    async def scenario():
+        b = batcher(max_batch_size=8, batch_timeout_micros=1_000_000)
+        servable = StandIn(refuses_negatives, held=True)
+        executing = asyncio.create_task(b.run(servable, "s", rows(0.0), ()))
+        await until(lambda: servable.calls)
+        queued = [asyncio.create_task(b.run(servable, "s", rows(v), ())) for v in (1.0, -1.0, 3.0)]
+        await settle()
+        servable.release.set()
+        outcomes = await asyncio.gather(executing, *queued, return_exceptions=True)
+        b.executor.shutdown()
+        return servable.calls, outcomes
+
+    calls, outcomes = asyncio.run(scenario())
+    assert calls == [[[0.0]], [[1.0], [-1.0], [3.0]], [[1.0]], [[-1.0]], [[3.0]]]
+    assert [o["y"].tolist() for o in (outcomes[0], outcomes[1], outcomes[3])] == [[[0.0]], [[2.0]], [[6.0]]]
+    assert failure(outcomes[2]) == ("INVALID_ARGUMENT", "a negative value")
+
+
+def test_a_batch_that_fails_otherwise_fails_for_all_its_requests_at_once():
+    def broken(inputs):
+        raise ServingError(grpc.StatusCode.INTERNAL, "the model is broken")
+
+    async def scenario():
+        b = batcher(max_batch_size=8, batch_timeout_micros=1_000_000)
+        servable = StandIn(broken, held=True)
+        executing = asyncio.create_task(b.run(servable, "s", rows(0.0), ()))
+        await until(lambda: servable.calls)
+        queued = [asyncio.create_task(b.run(servable, "s", rows(v), ())) for v in (1.0, 2.0)]
+        await settle()
+        servable.release.set()
+        outcomes = await asyncio.gather(executing, *queued, return_exceptions=True)
+        b.executor.shutdown()
+        return servable.calls, outcomes
+
+    calls, outcomes = asyncio.run(scenario())
+    assert calls == [[[0.0]], [[1.0], [2.0]]]  # not run again: it is not a request's fault
+    assert [failure(o) for o in outcomes] == [("INTERNAL", "the model is broken")] * 3

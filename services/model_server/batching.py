@@ -152,7 +152,7 @@ class _Queue:
             self.running += 1
             self._running_gauge.inc()
             try:
-                outputs = await asyncio.get_running_loop().run_in_executor(self.executor, self._run, batch)
+                results = await asyncio.get_running_loop().run_in_executor(self.executor, self._run, batch)
             except asyncio.CancelledError:  # the batcher's grace period is over: nobody waits for this call
                 for task in batch:
                     if not task.future.done():
@@ -166,17 +166,41 @@ class _Queue:
             finally:
                 self.running -= 1
                 self._running_gauge.dec()
-            start = 0
-            for task in batch:
-                if not task.future.done():
-                    task.future.set_result({k: v[start:start + task.rows] for k, v in outputs.items()})
-                start += task.rows
+            for task, result in zip(batch, results):
+                if task.future.done():
+                    continue
+                if isinstance(result, Exception):
+                    task.future.set_exception(result)
+                else:
+                    task.future.set_result(result)
 
-    def _run(self, batch: list[_Task]) -> dict[str, np.ndarray]:
+    def _run(self, batch: list[_Task]) -> list[dict[str, np.ndarray] | ServingError]:
+        """Each task's outputs, from one model call; raises what fails them all. A batch of several tasks that fails
+        with INVALID_ARGUMENT (some request's input: an undecodable photo) runs again one task at a time, so only
+        the tasks at fault get their error (unlike TF Serving, where one client's bad input fails every request
+        batched with it)."""
         started = time.perf_counter()
         queuing = metrics.QUEUING_LATENCY.labels(thread_pool_name=self.params.thread_pool_name)
         for task in batch:  # TF Serving's queuing_latency: from the task's arrival to its batch starting to run
             queuing.observe((started - task.queued_at) * 1e6)
+        try:
+            return self._call(batch)
+        except ServingError as exc:
+            if exc.code != grpc.StatusCode.INVALID_ARGUMENT or len(batch) == 1:
+                raise
+            log.debug("a batch of %d requests failed with INVALID_ARGUMENT (%s): running them one by one",
+                      len(batch), exc.message)
+        results: list[dict[str, np.ndarray] | ServingError] = []
+        for task in batch:
+            try:
+                results.extend(self._call([task]))
+            except ServingError as exc:
+                results.append(exc)
+        return results
+
+    def _call(self, batch: list[_Task]) -> list[dict[str, np.ndarray]]:
+        """One model call on the batch's inputs joined (padded up to an allowed batch size), split into each task's
+        outputs."""
         rows = sum(t.rows for t in batch)
         names = batch[0].inputs.keys()
         joined = {k: np.concatenate([t.inputs[k] for t in batch]) if len(batch) > 1 else batch[0].inputs[k]
@@ -190,7 +214,11 @@ class _Queue:
         metrics.BATCH_SIZE.labels(model_name=self.servable.model_name).observe(rows)
         outputs = self.servable.run(self.signature, joined, self.output_filter)
         _check_batched_outputs(outputs, padded)
-        return {k: v[:rows] for k, v in outputs.items()}
+        results, start = [], 0
+        for task in batch:
+            results.append({k: v[start:start + task.rows] for k, v in outputs.items()})
+            start += task.rows
+        return results
 
 
 def _check_batched_outputs(outputs: dict[str, np.ndarray], rows: int) -> None:
