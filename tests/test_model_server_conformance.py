@@ -39,6 +39,7 @@ from training_job.paths import PROJECT_ROOT
 from training_job.publish import publish_dir
 
 AVAILABLE, END = ModelVersionStatus.AVAILABLE, ModelVersionStatus.END
+NO_RETRY_WAIT = "--load_retry_interval_micros=0"  # a failed load is retried at the next poll, not a minute later
 PHOTO = sorted((MUSHROOMS / "amanita_muscaria").iterdir())[0]
 
 
@@ -59,7 +60,8 @@ def server(tmp_path_factory):
     write_config(config, {MODEL: models_dir / MODEL}, policy="all {}")
     monitoring = models_dir / "monitoring.config"
     write_monitoring_config(monitoring)
-    srv = start_server(models_dir, config, f"--monitoring_config_file={monitoring}")
+    # a corrupt version is given up on after its retries, taken without the default minute between them
+    srv = start_server(models_dir, config, f"--monitoring_config_file={monitoring}", NO_RETRY_WAIT)
     wait_until(lambda: version_states(srv.grpc_target, MODEL).get(1, (0,))[0] == AVAILABLE, what="version 1")
     yield srv
     stop_server(srv)
@@ -677,7 +679,7 @@ def latest_server(tmp_path_factory):
     config.write_text("model_config_list { " + " ".join(
         f'config {{ name: "{m}" base_path: "{models_dir / m}" model_platform: "tensorflow" '
         f'model_version_policy {{ {policy} }} }}' for m, policy in policies.items()) + " }\n")
-    srv = start_server(models_dir, config)
+    srv = start_server(models_dir, config, NO_RETRY_WAIT)
     wait_until(lambda: version_states(srv.grpc_target, "latest1").get(1, (0,))[0] == AVAILABLE
                and version_states(srv.grpc_target, "latest2").get(2, (0,))[0] == AVAILABLE
                and all(version_states(srv.grpc_target, "specific12").get(v, (0,))[0] == AVAILABLE for v in (1, 2)),

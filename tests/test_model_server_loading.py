@@ -3,8 +3,10 @@ shapes disagree with the graph still load), a version that cannot load at startu
 reload whose new model cannot load fails the ReloadConfig RPC with the reason."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -19,6 +21,7 @@ from tests.model_server_harness import MODEL, start_server, stop_server, version
 from tests.support import free_port
 from tests.test_model_server_behaviour import AVAILABLE, predict, publish_tiny
 from training_job.paths import PROJECT_ROOT
+from training_job.tiny_model import write_tiny_model
 
 
 def write_tf1_half_plus_three(version_dir: Path) -> Path:
@@ -73,7 +76,8 @@ def test_a_version_that_cannot_load_at_startup_stops_the_server(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "services.model_server", f"--port={free_port()}", f"--rest_api_port={free_port()}",
          "--host=127.0.0.1",
-         "--model_name=broken", f"--model_base_path={tmp_path / 'broken'}", "--max_num_load_retries=1"],
+         "--model_name=broken", f"--model_base_path={tmp_path / 'broken'}", "--max_num_load_retries=1",
+         "--load_retry_interval_micros=0"],
         capture_output=True, text=True, timeout=180, cwd=PROJECT_ROOT)
     assert result.returncode == 255, result.stderr[-2000:]
     assert "Failed to start server. Error: UNKNOWN: 1 servable(s) did not become available: " \
@@ -85,7 +89,7 @@ def test_a_reload_whose_new_model_cannot_load_fails_the_rpc(tmp_path):
     write_broken_version(tmp_path / "broken")
     config = tmp_path / "models.config"
     write_config(config, {MODEL: tmp_path / MODEL})
-    server = start_server(tmp_path, config, "--max_num_load_retries=1")
+    server = start_server(tmp_path, config, "--max_num_load_retries=1", "--load_retry_interval_micros=0")
     try:
         wait_until(lambda: version_states(server.grpc_target, MODEL).get(1, (0,))[0] == AVAILABLE, what="v1")
         request = model_management_pb2.ReloadConfigRequest()
@@ -101,5 +105,35 @@ def test_a_reload_whose_new_model_cannot_load_fails_the_rpc(tmp_path):
             assert predict(prediction_service_pb2_grpc.PredictionServiceStub(channel)) == 1  # the others serve on
         state, error = version_states(server.grpc_target, "broken")[1]
         assert error
+    finally:
+        stop_server(server)
+
+
+def test_a_half_copied_version_is_retried_after_the_interval_and_again_once_its_copy_completes(tmp_path):
+    """A version folder copied in place (cp -r, rsync) is seen before its saved_model.pb lands: its load fails.
+    TF Serving retries it --max_num_load_retries times, --load_retry_interval_micros apart; this server also tries a
+    version it gave up on again once its folder's contents change."""
+    from services.model_server.version_policy import State
+
+    publish_tiny(tmp_path)
+    complete = write_tiny_model(tmp_path / "complete", bias=1.0)
+    config = tmp_path / "models.config"
+    write_config(config, {MODEL: tmp_path / MODEL}, policy="all {}")
+    server = start_server(tmp_path, config, "--max_num_load_retries=1", "--load_retry_interval_micros=3000000")
+    try:
+        wait_until(lambda: version_states(server.grpc_target, MODEL).get(1, (0,))[0] == AVAILABLE, what="v1")
+        half = tmp_path / MODEL / "2"
+        half.mkdir()
+        shutil.copytree(complete / "variables", half / "variables")  # saved_model.pb is not there yet
+        seen = wait_until(lambda: 2 in version_states(server.grpc_target, MODEL) and time.monotonic(), timeout=30,
+                          interval=0.1, what="version 2 to be seen")
+        given_up = wait_until(lambda: version_states(server.grpc_target, MODEL)[2][0] == State.END
+                              and time.monotonic(), timeout=30, interval=0.1, what="version 2 to be given up on")
+        assert given_up - seen > 2.5, "the retry did not wait for --load_retry_interval_micros"
+        state, error = version_states(server.grpc_target, MODEL)[2]
+        assert error
+        shutil.copy(complete / "saved_model.pb", half / "saved_model.pb")  # the copy completes
+        wait_until(lambda: version_states(server.grpc_target, MODEL)[2][0] == AVAILABLE, timeout=30,
+                   what="version 2, once its copy completed")
     finally:
         stop_server(server)

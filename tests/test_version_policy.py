@@ -87,9 +87,10 @@ def test_tf_serving_cases(states, aspired, expected):
 
 
 class FakeLoader:
-    def __init__(self, version: int, fails: bool = False):
+    def __init__(self, version: int, fails: bool = False, contents: tuple = ()):
         self.model_name, self.version, self.path = "m", version, Path(f"/nowhere/{version}")
         self.fails = fails
+        self.contents = contents  # what the source saw in the folder
         self.loads = 0
 
     def load(self):
@@ -104,12 +105,14 @@ class FakeServable:
         self.model_name, self.version = "m", version
 
 
-def manager_for(policy: str = "") -> Manager:
+def manager_for(policy: str = "", **options) -> Manager:
+    """A manager of model "m"; ``options`` as Manager takes them (two load retries, none waited for, unless
+    given)."""
     from google.protobuf import text_format
 
     config = model_server_config_pb2.ModelServerConfig()
     text_format.Parse('model_config_list { config { name: "m" base_path: "/nowhere" %s } }' % policy, config)
-    manager = Manager(max_load_retries=2)
+    manager = Manager(**{"max_load_retries": 2, "load_retry_interval": 0.0, **options})
     manager.set_config(config)
     return manager
 
@@ -127,7 +130,7 @@ def test_manager_keeps_serving_while_the_newest_version_fails_and_gives_up_after
         manager.set_aspired_versions("m", {2: corrupt})
         manager.manage_state()
         assert manager.resolve("m").version == 1
-    assert corrupt.loads == 3  # one attempt per pass, then given up (max_load_retries=2)
+    assert corrupt.loads == 3  # the first attempt and max_load_retries=2 retries, then given up
     assert states(manager) == {1: (State.AVAILABLE, False), 2: (State.END, True)}
     manager.set_aspired_versions("m", {1: FakeLoader(1)})  # the corrupt folder is removed: its error is forgotten
     manager.manage_state()
@@ -163,6 +166,59 @@ def test_a_version_aspired_again_after_being_unloaded_loads_again():
     manager.set_aspired_versions("m", {1: FakeLoader(1), 2: FakeLoader(2)})
     manager.manage_state()
     assert states(manager)[1] == (State.AVAILABLE, False)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_failed_load_is_retried_after_the_retry_interval_as_tf_serving_retries_it():
+    """TF Serving's LoaderHarness: max_num_load_retries retries, load_retry_interval_micros apart, the version
+    LOADING meanwhile; then END with the error."""
+    clock = Clock()
+    manager = manager_for(load_retry_interval=60.0, clock=clock)
+    failing = FakeLoader(1, fails=True)
+    attempts = []
+    for now in (0, 1, 30, 59.9, 60, 61, 119, 120, 500):
+        clock.now = now
+        manager.set_aspired_versions("m", {1: failing})  # a poll: the folder is still there
+        manager.manage_state()
+        attempts.append((now, failing.loads, states(manager)[1]))
+    assert attempts == [(0, 1, (State.LOADING, False)), (1, 1, (State.LOADING, False)),
+                        (30, 1, (State.LOADING, False)), (59.9, 1, (State.LOADING, False)),
+                        (60, 2, (State.LOADING, False)), (61, 2, (State.LOADING, False)),
+                        (119, 2, (State.LOADING, False)), (120, 3, (State.END, True)), (500, 3, (State.END, True))]
+
+
+def test_a_version_whose_folder_goes_while_it_waits_for_a_retry_is_forgotten():
+    clock = Clock()
+    manager = manager_for(load_retry_interval=60.0, clock=clock)
+    failing = FakeLoader(1, fails=True)
+    manager.set_aspired_versions("m", {1: failing})
+    manager.manage_state()
+    manager.set_aspired_versions("m", {})
+    clock.now = 60
+    manager.manage_state()
+    assert failing.loads == 1 and states(manager) == {}
+
+
+def test_a_version_given_up_on_is_loaded_again_once_its_folder_changes():
+    """A deliberate extension over TF Serving (which never tries a given-up version again while it is aspired): a
+    folder copied in place, not renamed, fails until its last file lands."""
+    manager = manager_for(max_load_retries=0)
+    half = FakeLoader(1, fails=True, contents=(("variables/variables.index", 10, 1),))
+    for _ in range(3):
+        manager.set_aspired_versions("m", {1: half})
+        manager.manage_state()
+    assert half.loads == 1 and states(manager) == {1: (State.END, True)}
+    whole = FakeLoader(1, contents=(("saved_model.pb", 20, 2), ("variables/variables.index", 10, 1)))
+    manager.set_aspired_versions("m", {1: whole})
+    manager.manage_state()
+    assert whole.loads == 1 and states(manager) == {1: (State.AVAILABLE, False)}
 
 
 def test_num_load_threads_above_one_is_refused():

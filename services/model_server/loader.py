@@ -29,6 +29,7 @@ class Loader:
     version: int
     path: Path
     options: LoadOptions = LoadOptions()
+    contents: tuple = ()  # what the source saw in the folder (``source.folder_contents``): a change re-arms a failure
 
     def load(self):
         """Build the servable (raises whatever loading raises); the time it took is recorded."""

@@ -147,9 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help='text MonitoringConfig, e.g. prometheus_config { enable: true, path: "/monitoring/prometheus/metrics" }')
     p.add_argument("--allow_version_labels_for_unavailable_models", type=_bool, nargs="?", const=True, default=False,
                    help="let NEW version labels point at versions that are not AVAILABLE yet")
-    p.add_argument("--max_num_load_retries", type=int, default=5, help="retries of a failed load (default 5)")
+    p.add_argument("--max_num_load_retries", type=int, default=5,
+                   help="retries of a failed load before it is given up on (default 5; 0 = one attempt)")
     p.add_argument("--load_retry_interval_micros", type=int, default=60_000_000,
-                   help="accepted for compatibility: failed loads are retried on each file-system poll")
+                   help="the wait between a failed load and its retry (default 1 minute; negative = none); the "
+                   "retry runs at the first file-system poll after it")
     p.add_argument("--num_load_threads", type=int, default=1, help="accepted for compatibility (loads are serial)")
     p.add_argument("--num_unload_threads", type=int, default=1, help="accepted for compatibility")
     p.add_argument("--predict_threads", type=int, default=os.cpu_count() or 2,
@@ -262,7 +264,8 @@ class ModelServer:
                                    warmup_iterations=max(1, args.num_request_iterations_for_warmup),
                                    prefer_tflite_model=args.prefer_tflite_model,
                                    intra_op_threads=thread_counts(args)[0])
-        self.manager = Manager(args.max_num_load_retries, args.allow_version_labels_for_unavailable_models)
+        self.manager = Manager(args.max_num_load_retries, args.allow_version_labels_for_unavailable_models,
+                               load_retry_interval=max(0, args.load_retry_interval_micros) / 1e6)
         self.core = PredictionCore(self.manager, batching, args.predict_threads, *thread_counts(args))
         self.inference = Inference(self.core, args.enable_signature_method_name_check)
         self.source = FileSystemSource(self.manager.set_aspired_versions, load_options)
@@ -303,7 +306,8 @@ class ModelServer:
 
     async def _load_until_settled(self, names: list[str]) -> list[str]:
         """Load passes until the latest version of each model in ``names`` is AVAILABLE or has spent its load
-        retries (passes are --file_system_poll_wait_seconds apart, as the poller's retries are). Returns the
+        retries (passes are --file_system_poll_wait_seconds apart, as the poller's are; a failed load is retried at
+        the first pass --load_retry_interval_micros after it, as TF Serving waits for its loads). Returns the
         versions that gave up, as TF Serving names them ('{name: m version: 1} due to error: ...'). A model with
         no version on disk is not waited for."""
         from services.model_server.manager import State
@@ -325,7 +329,11 @@ class ModelServer:
                     pending = True
             if not pending:
                 return failed
-            await asyncio.sleep(max(0, self.args.file_system_poll_wait_seconds))
+            wait = max(0, self.args.file_system_poll_wait_seconds)
+            retry_in = self.manager.seconds_to_next_retry()
+            if wait == 0 and retry_in is not None:  # no poll to wait for: sleep until a failed load's retry is due
+                wait = retry_in
+            await asyncio.sleep(wait)
 
     def _poll_and_manage(self) -> None:
         """The source pushes what is on disk, then the manager acts; a base path that could not be listed is

@@ -2,9 +2,12 @@
 
 The source pushes each model's aspired versions (``set_aspired_versions``); ``manage_state`` then applies
 ``version_policy.next_action`` until it has nothing left to do, loading one version at a time. A version that
-fails to load is tried again on the next pass (one attempt per pass), then left in END with its error, which
-GetModelStatus reports; it counts as aspired for as long as the source aspires it. Requests hold the Servable they
-resolved: unloading a version only stops new requests from reaching it.
+fails to load is retried as TF Serving's LoaderHarness retries it: up to ``max_load_retries`` times, each at the
+first pass at least ``load_retry_interval`` seconds after the last attempt, LOADING meanwhile; then it is left in END
+with its error, which GetModelStatus reports, and counts as aspired for as long as the source aspires it. Unlike TF
+Serving, such a version is tried again (from scratch) once the source sees other contents in its folder: a folder
+copied in place is seen before its last file lands. Requests hold the Servable they resolved: unloading a version
+only stops new requests from reaching it.
 
 Version labels change only with the config (``set_config``), checked as TF Serving's ServerCore::ReloadConfig checks
 them (UpdateModelVersionLabelMap), before any of the config's models change. The states of a model taken out of the
@@ -15,6 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,7 +29,7 @@ from tensorflow_serving.config import model_server_config_pb2
 from services.model_server import metrics
 from services.model_server.errors import ServingError
 from services.model_server.loader import Loader
-from services.model_server.version_policy import Kind, State, next_action
+from services.model_server.version_policy import Action, Kind, State, next_action
 
 if TYPE_CHECKING:  # the manager never builds a servable itself: its loaders do
     from services.model_server.servable import Servable
@@ -42,15 +46,21 @@ class VersionRecord:
     path: Path
     state: State = State.START
     servable: Servable | None = None
-    error: str = ""
-    failures: int = 0
+    error: str = ""  # why it was given up on (END)
+    failures: int = 0  # failed load attempts
+    retry_at: float | None = None  # LOADING after a failed attempt: when (the clock's time) to try again
     aspired: bool = True
     loader: Loader | None = field(default=None, repr=False)
 
 
 class Manager:
-    def __init__(self, max_load_retries: int = 5, allow_labels_for_unavailable: bool = False):
+    def __init__(self, max_load_retries: int = 5, allow_labels_for_unavailable: bool = False,
+                 load_retry_interval: float = 60.0, clock=time.monotonic):
+        """``max_load_retries`` and ``load_retry_interval`` (seconds) are --max_num_load_retries and
+        --load_retry_interval_micros; ``clock`` tells the time retries are due by."""
         self.max_load_retries = max_load_retries
+        self.load_retry_interval = max(0.0, load_retry_interval)
+        self.clock = clock
         self.allow_labels_for_unavailable = allow_labels_for_unavailable
         self._lock = threading.RLock()
         self._manage_lock = threading.Lock()
@@ -103,10 +113,15 @@ class Manager:
                 record = records.get(version)
                 if record is None or (record.state == State.END and not record.aspired):
                     records[version] = VersionRecord(version, loader.path, loader=loader)  # new, or aspired anew
+                elif (record.state == State.END and record.error and record.loader is not None
+                      and loader.contents != record.loader.contents):
+                    log.info("%s version %d: its folder changed since it failed to load; loading it again", name,
+                             version)
+                    records[version] = VersionRecord(version, loader.path, loader=loader)
             for version, record in list(records.items()):
                 record.aspired = version in loaders
-                if not record.aspired and record.state == State.START:
-                    del records[version]  # never loaded and no longer wanted
+                if not record.aspired and (record.state == State.START or record.retry_at is not None):
+                    del records[version]  # never loaded (or waiting for a retry) and no longer wanted
                 elif not record.aspired and record.state == State.END and record.error:
                     del records[version]  # a failed version the source dropped is forgotten (TF Serving flushes it)
 
@@ -132,10 +147,15 @@ class Manager:
         while True:
             with self._lock:
                 records = self._versions.get(name, {})
-                states = {v: (State.LOADING if v in tried and r.state == State.START else r.state)
-                          for v, r in records.items()}
+                states = {v: r.state for v, r in records.items()}
                 aspired = {v for v, r in records.items() if r.aspired}
                 action = next_action(states, aspired)
+                now = self.clock()
+                # loads in progress, as the policy sees them (LOADING), whose retry is due
+                due = [r for v, r in records.items()
+                       if r.aspired and r.retry_at is not None and r.retry_at <= now and v not in tried]
+                if due and (action is None or action.kind is Kind.LOAD):  # unloads still come first
+                    action = Action(Kind.LOAD, max(r.version for r in due))
                 record = records.get(action.version) if action else None
             if action is None or record is None:
                 return
@@ -146,26 +166,38 @@ class Manager:
                 self._load(name, record)
 
     def _load(self, name: str, record: VersionRecord) -> None:
+        """One load attempt; a failed one is retried later (LOADING, ``retry_at``) or, past the retries, ends in END
+        with its error."""
         with self._lock:
-            record.state = State.LOADING
+            record.state, record.retry_at = State.LOADING, None
         try:
             servable = (record.loader or Loader(name, record.version, record.path)).load()
         except Exception as exc:  # noqa: BLE001 - any failure to load is reported the same way
+            message = str(exc).strip()
+            error = f"{type(exc).__name__}: {message.splitlines()[0][:300] if message else ''}"
             with self._lock:
                 record.failures += 1
-                message = str(exc).strip()
-                record.error = f"{type(exc).__name__}: {message.splitlines()[0][:300] if message else ''}"
-                record.state = State.END if record.failures > self.max_load_retries else State.START
+                if record.failures > self.max_load_retries:
+                    record.state, record.error = State.END, error
+                else:
+                    record.retry_at = self.clock() + self.load_retry_interval
             if record.state == State.END:
                 log.error("giving up on %s version %d after %d attempts: %s", name, record.version,
-                          record.failures, record.error)
+                          record.failures, error)
             else:
-                log.warning("failed to load %s version %d (attempt %d, will retry): %s", name, record.version,
-                            record.failures, record.error)
+                log.warning("failed to load %s version %d (attempt %d, retry in %.0f s): %s", name, record.version,
+                            record.failures, self.load_retry_interval, error)
             metrics.LOAD_FAILURES.labels(model_name=name).inc()
             return
         with self._lock:
             record.servable, record.error, record.state = servable, "", State.AVAILABLE
+
+    def seconds_to_next_retry(self) -> float | None:
+        """How long until the next failed load is due to be retried (0 if one is due now); None if none waits."""
+        with self._lock:
+            due = [r.retry_at for records in self._versions.values() for r in records.values()
+                   if r.retry_at is not None and r.aspired]
+        return max(0.0, min(due) - self.clock()) if due else None
 
     def _unload(self, name: str, record: VersionRecord, why: str) -> None:
         with self._lock:
@@ -180,7 +212,7 @@ class Manager:
         with self._lock:
             loaded = [r for r in self._versions.get(name, {}).values() if r.state != State.END]
             for record in loaded:
-                record.servable, record.state, record.aspired = None, State.END, False
+                record.servable, record.state, record.aspired, record.retry_at = None, State.END, False, None
         for record in loaded:
             log.info("unloaded %s version %d (model removed from config)", name, record.version)
 

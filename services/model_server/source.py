@@ -9,6 +9,7 @@ the supervised poll loop counts it and backs off.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +31,21 @@ def versions_on_disk(base_path: str | Path) -> dict[int, Path]:
     """The version folders under ``base_path`` by the registry's rule (training_job/registry.py). Raises
     FileNotFoundError if the base path is missing, OSError if it cannot be listed."""
     return version_dirs(base_path)
+
+
+def folder_contents(folder: Path) -> tuple:
+    """Every file below ``folder`` with its size and modification time, sorted: what changes while a copy lands in
+    it. Files that vanish while it is read are left out."""
+    entries = []
+    for root, _, files in os.walk(folder):
+        for file in files:
+            path = os.path.join(root, file)
+            try:
+                stat = os.stat(path)
+            except OSError:
+                continue
+            entries.append((os.path.relpath(path, folder), stat.st_size, stat.st_mtime_ns))
+    return tuple(sorted(entries))
 
 
 def specific_versions(model: model_server_config_pb2.ModelConfig) -> frozenset[int]:
@@ -95,6 +111,7 @@ class FileSystemSource:
                 log.warning("model %s: specific versions %s are not on disk", name, sorted(missing))
             self._missing_specific[name] = missing
             chosen = select_versions(model, on_disk)
-            self._set_aspired_versions(name, {v: Loader(name, v, p, self.loader_options) for v, p in chosen.items()})
+            self._set_aspired_versions(name, {v: Loader(name, v, p, self.loader_options, folder_contents(p))
+                                              for v, p in chosen.items()})
         if failures:
             raise SourceError("; ".join(failures))
