@@ -261,6 +261,33 @@ def test_sigterm_while_a_model_call_hangs_exits_within_the_grace_period(gated_se
     assert all(not o.startswith(("OK", "200")) for _, o, _ in clients.results), clients.results
 
 
+def test_sigterm_while_a_version_loads_exits_without_waiting_for_the_load(tmp_path):
+    """A load (here a warm-up held by the closed gate) is abandoned at shutdown, as a model call past the grace
+    period is: under k8s a process that outlives its terminationGracePeriodSeconds is killed."""
+    from tests.test_model_server_tflite import write_warmup
+
+    gate = tmp_path / "gate"
+    models_dir = tmp_path / "registry"
+    publish_dir(lambda d: write_tiny_model(d), models_dir, MODEL)
+    config = tmp_path / "models.config"
+    write_config(config, {MODEL: models_dir / MODEL}, policy="all {}")
+    server = start_server(models_dir, config)
+    try:
+        wait_until(lambda: version_states(server.grpc_target, MODEL).get(1, (0,))[0] == AVAILABLE, timeout=90,
+                   what="version 1")
+        publish_dir(lambda d: (write_gated_model(d, gate), write_warmup(d, pixels())), models_dir, MODEL)
+        wait_until(lambda: version_states(server.grpc_target, MODEL).get(2, (0,))[0] == ModelVersionStatus.LOADING,
+                   timeout=30, interval=0.1, what="version 2 to be loading")
+        start = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(timeout=GATE_MAX_SECONDS + 30)
+        assert time.monotonic() - start < SHUTDOWN_GRACE_SECONDS, "shutdown waited for the load"
+        assert server.process.returncode == 0
+    finally:
+        gate.touch()
+        stop_server(server)
+
+
 # ---------------------------------------------------------------------------------------------- background loops
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import logging
 import os
 import signal
@@ -273,6 +274,10 @@ class ModelServer:
         self.manager.set_config(config)
         self.source.set_config(config)
         self._stopping = asyncio.Event()
+        # load passes (poll, then load and unload) run here, one at a time, not on asyncio's default executor, which
+        # asyncio.run waits for at exit: a pass still loading a version at shutdown is abandoned (_drain)
+        self._load_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
+        self._load_pass: concurrent.futures.Future | None = None  # the latest pass
 
     def _initial_config(self):
         if self.args.model_config_file:
@@ -351,7 +356,8 @@ class ModelServer:
 
     async def _reconcile(self) -> None:
         try:
-            await asyncio.get_running_loop().run_in_executor(None, _traced, "reconcile", self._poll_and_manage)
+            self._load_pass = self._load_executor.submit(_traced, "reconcile", self._poll_and_manage)
+            await asyncio.wrap_future(self._load_pass)
         finally:
             if self.core.batcher is not None:
                 live = {id(r.servable) for name in self.manager.model_names()
@@ -439,7 +445,8 @@ class ModelServer:
 
     async def _drain(self, grpc_server, runner) -> None:
         """Stop listening, give admitted requests SHUTDOWN_GRACE_SECONDS to finish (queued batches included), then
-        fail what is left with UNAVAILABLE; a model call still running after that is abandoned, not waited for."""
+        fail what is left with UNAVAILABLE; a model call still running after that, or a load pass (a version
+        loading), is abandoned, not waited for."""
         closing = [grpc_server.stop(grace=SHUTDOWN_GRACE_SECONDS)]
         if runner:
             closing.append(runner.cleanup())
@@ -450,10 +457,16 @@ class ModelServer:
                                             daemon=True)
         executor_stopped.start()
         await asyncio.get_running_loop().run_in_executor(None, executor_stopped.join, 1.0)
+        abandoned = []
         if executor_stopped.is_alive():
-            log.warning("stopped with model calls still running past the grace period: abandoning them")
+            abandoned.append("model calls still running past the grace period")
+        if self._load_pass is not None and not self._load_pass.done():
+            abandoned.append("a load pass still running")
+        if abandoned:
+            log.warning("stopped with %s: not waiting for it", " and ".join(abandoned))
             logging.shutdown()
-            os._exit(0)  # a normal interpreter exit would join the executor's threads and wait for those calls
+            os._exit(0)  # a normal interpreter exit would join the executors' threads and wait for that work
+        self._load_executor.shutdown(wait=False)
         log.info("stopped")
 
 
