@@ -163,6 +163,38 @@ def test_a_tflite_file_that_disagrees_with_its_saved_model_is_refused_and_the_sa
     assert status.status.error_message == served.load_note  # ... and says why
 
 
+class InputNamedOtherwise(tf.Module):
+    """A well-formed file of another export: its input is ``input_1``, not ``images``."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 224, 224, 3], tf.uint8, name="input_1")])
+    def serve(self, input_1):
+        mean = tf.reduce_mean(tf.cast(input_1, tf.float32), axis=[1, 2])
+        return {"probabilities": tf.nn.softmax(tf.concat([mean, mean[:, :1]], 1))}
+
+
+@pytest.mark.parametrize("broken, reason", [
+    ("truncated", "serving the SavedModel: model.tflite cannot be opened ("),
+    ("input named otherwise", "serving the SavedModel: model.tflite fails on the warm-up requests ("),
+])
+def test_a_tflite_file_that_cannot_serve_beside_a_saved_model_leaves_the_saved_model_served(tmp_path, broken, reason):
+    """As a file that disagrees with its SavedModel: the SavedModel is served, and GetModelStatus says why (a folder
+    without saved_model.pb has nothing to fall back on: its load fails, as in TF Serving)."""
+    version_dir = write_tiny_model_with_tflite(tmp_path / "m" / "1")
+    write_warmup(version_dir, PHOTOS[:2])
+    if broken == "truncated":  # a copy cut short
+        data = (version_dir / TFLITE_FILE).read_bytes()
+        (version_dir / TFLITE_FILE).write_bytes(data[:len(data) // 2])
+    else:
+        module = InputNamedOtherwise()
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([module.serve.get_concrete_function()], module)
+        (version_dir / TFLITE_FILE).write_bytes(converter.convert())
+    served, _ = load_servable("m", 1, version_dir, LoadOptions(prefer_tflite_model=True))
+    assert {served.engine_of(name) for name in served.signatures} == {"SavedModel"}
+    assert served.load_note.startswith(reason), served.load_note
+    np.testing.assert_allclose(served.run("", {"images": PHOTOS[:1]})["probabilities"],
+                               load_servable("m", 1, version_dir)[0].run("", {"images": PHOTOS[:1]})["probabilities"])
+
+
 def test_requests_queued_together_share_one_tflite_call(tmp_path):
     lite, _ = load_servable("m", 1, write_tiny_model_with_tflite(tmp_path / "1"), LoadOptions(prefer_tflite_model=True))
     expected = lite.run("", {"images": PHOTOS})["probabilities"]

@@ -221,13 +221,25 @@ def load_servable(model_name: str, version: int, path: Path,
     start = time.perf_counter()
     if options.prefer_tflite_model and has_tflite_model(path):
         fixed = options.intra_op_threads
-        servable, source = TfLiteServable(model_name, version, path, fixed, lone_call_threads=fixed), TFLITE_FILE
-        if (Path(path) / "saved_model.pb").is_file():
-            saved_model = open_saved_model(model_name, version, path, options.tags)
-            problem = parity_problem(servable, saved_model, warmup_requests(Path(path) / WARMUP_FILE))
+        if not (Path(path) / "saved_model.pb").is_file():  # nothing to fall back on: the file serves or the load fails
+            servable, source = TfLiteServable(model_name, version, path, fixed, lone_call_threads=fixed), TFLITE_FILE
+        else:
+            saved_model, problem = open_saved_model(model_name, version, path, options.tags), None
+            try:
+                servable = TfLiteServable(model_name, version, path, fixed, lone_call_threads=fixed)
+                source = TFLITE_FILE
+            except Exception as exc:  # noqa: BLE001 - whatever keeps LiteRT from reading the file
+                problem = f"{TFLITE_FILE} cannot be opened ({_short(exc)})"
+            if problem is None:
+                try:
+                    disagreement = parity_problem(servable, saved_model, warmup_requests(Path(path) / WARMUP_FILE))
+                except Exception as exc:  # noqa: BLE001 - the file fails where the SavedModel answers
+                    problem = f"{TFLITE_FILE} fails on the warm-up requests ({_short(exc)})"
+                else:
+                    problem = disagreement and f"{TFLITE_FILE} disagrees with it ({disagreement})"
             if problem:
                 servable, source = saved_model, "SavedModel"
-                servable.load_note = f"serving the SavedModel: {TFLITE_FILE} disagrees with it ({problem})"
+                servable.load_note = f"serving the SavedModel: {problem}"
                 log.warning("%s version %d: %s", model_name, version, servable.load_note)
             elif set(saved_model.signatures) - set(servable.signatures):
                 servable = TfLiteWithSavedModel(servable, saved_model)  # keeps what the file lacks
