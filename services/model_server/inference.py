@@ -129,6 +129,51 @@ def regression_result(outputs: dict[str, np.ndarray], examples: int,
         result.regressions.add(value=float(value))
 
 
+def prepared(servable, request, outputs_of, method_check: bool = False) -> tuple[str, tuple[str, ...], np.ndarray]:
+    """What a Classify or Regress ``request`` runs on ``servable``: its signature's name, the outputs it reads
+    (``outputs_of``: classification_outputs or regression_outputs) and its examples."""
+    name = request.model_spec.signature_name or DEFAULT_SIGNATURE
+    wanted = outputs_of(_signature_def(servable, name), method_check)
+    return name, wanted, serialized_examples(request.input)
+
+
+def multi_inference_plan(servable, request: inference_pb2.MultiInferenceRequest, method_check: bool = False
+                         ) -> list[tuple[inference_pb2.InferenceTask, str, tuple[str, ...]]]:
+    """Each task of a MultiInference with its signature's name and the outputs it reads, after the checks of TF
+    Serving's TensorFlowMultiInferenceRunner::Infer, in its order."""
+    model_name, seen, plan = "", set(), []
+    for task in request.tasks:
+        if not task.model_spec.name:
+            raise _invalid("Found ModelSpec with an empty model name.")
+        if model_name and task.model_spec.name != model_name:
+            raise _invalid("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
+        model_name = task.model_spec.name
+        name = task.model_spec.signature_name or DEFAULT_SIGNATURE
+        if name in seen:
+            raise _invalid(f"Duplicate evaluation of signature: {name}")
+        seen.add(name)
+        signature = servable.signature_defs.get(name)
+        if signature is None:
+            raise _invalid(f"Requested signature not found in model graph: {name}")
+        if task.method_name == CLASSIFY_METHOD:
+            plan.append((task, name, classification_outputs(signature, method_check)))
+        elif task.method_name == REGRESS_METHOD:
+            plan.append((task, name, regression_outputs(signature, method_check)))
+        else:
+            raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
+                               f"Unsupported signature method_name: {task.method_name}")
+    return plan
+
+
+def inference_result(task: inference_pb2.InferenceTask, outputs: dict[str, np.ndarray], examples: int,
+                     result: inference_pb2.InferenceResult) -> None:
+    """One MultiInference task's outputs written into its ``result``, by its method."""
+    if task.method_name == CLASSIFY_METHOD:
+        classification_result(outputs, examples, result.classification_result)
+    else:
+        regression_result(outputs, examples, result.regression_result)
+
+
 def _model_spec(spec: model_pb2.ModelSpec, signature: str, version: int, out: model_pb2.ModelSpec) -> None:
     out.name = spec.name
     out.signature_name = signature
@@ -173,9 +218,7 @@ class Inference:
         ``response.result`` by ``write_result``, with the model spec that answered."""
         spec = request.model_spec
         servable = self.core.manager.resolve(spec.name, *version_and_label(spec))
-        name = spec.signature_name or DEFAULT_SIGNATURE
-        wanted = outputs_of(_signature_def(servable, name), self.method_name_check)
-        examples = serialized_examples(request.input)
+        name, wanted, examples = prepared(servable, request, outputs_of, self.method_name_check)
         outputs = await self._run(api, servable, name, examples, wanted)
         write_result(outputs, len(examples), response.result)
         _model_spec(spec, name, servable.version, response.model_spec)
@@ -187,35 +230,12 @@ class Inference:
         each runs on the same examples, from the version the first task's spec picks."""
         first = request.tasks[0].model_spec if request.tasks else model_pb2.ModelSpec()
         servable = self.core.manager.resolve(first.name, *version_and_label(first))  # first, as TF Serving does
-        model_name, seen, plan = "", set(), []
-        for task in request.tasks:  # the checks of TensorFlowMultiInferenceRunner::Infer, in its order
-            if not task.model_spec.name:
-                raise _invalid("Found ModelSpec with an empty model name.")
-            if model_name and task.model_spec.name != model_name:
-                raise _invalid("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
-            model_name = task.model_spec.name
-            name = task.model_spec.signature_name or DEFAULT_SIGNATURE
-            if name in seen:
-                raise _invalid(f"Duplicate evaluation of signature: {name}")
-            seen.add(name)
-            signature = servable.signature_defs.get(name)
-            if signature is None:
-                raise _invalid(f"Requested signature not found in model graph: {name}")
-            if task.method_name == CLASSIFY_METHOD:
-                plan.append((task, name, classification_outputs(signature, self.method_name_check)))
-            elif task.method_name == REGRESS_METHOD:
-                plan.append((task, name, regression_outputs(signature, self.method_name_check)))
-            else:
-                raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
-                                   f"Unsupported signature method_name: {task.method_name}")
+        plan = multi_inference_plan(servable, request, self.method_name_check)
         examples = serialized_examples(request.input)
         response = inference_pb2.MultiInferenceResponse()
         for task, name, wanted in plan:
             outputs = await self._run("grpc_multi_inference", servable, name, examples, wanted)
             result = response.results.add()
-            if task.method_name == CLASSIFY_METHOD:
-                classification_result(outputs, len(examples), result.classification_result)
-            else:
-                regression_result(outputs, len(examples), result.regression_result)
+            inference_result(task, outputs, len(examples), result)
             _model_spec(task.model_spec, name, servable.version, result.model_spec)
         return response

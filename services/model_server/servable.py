@@ -15,7 +15,6 @@ from services.model_server.errors import ServingError
 from services.model_server.loader import LoadOptions
 
 log = logging.getLogger("model_server.servable")
-WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 DEFAULT_SIGNATURE = "serving_default"
 
 
@@ -82,32 +81,6 @@ class Servable:
 
     def _call(self, info: SignatureInfo, inputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
         raise NotImplementedError
-
-    def warm_up(self, iterations: int = 1) -> int:
-        """Replay ``assets.extra/tf_serving_warmup_requests`` (TFRecord of PredictionLog), each record
-        ``iterations`` times; returns how many records ran."""
-        requests = warmup_requests(self.path / WARMUP_FILE)
-        for signature, inputs in requests:
-            for _ in range(max(1, iterations)):
-                self.run(signature, inputs)
-        return len(requests)
-
-
-def warmup_requests(path: Path) -> list[tuple[str, dict[str, np.ndarray]]]:
-    """The (signature, inputs) of each predict request in a warm-up file (none when it does not exist)."""
-    from tensorflow_serving.apis import prediction_log_pb2
-
-    if not path.exists():
-        return []
-    requests = []
-    for record in tf.data.TFRecordDataset(str(path)):
-        entry = prediction_log_pb2.PredictionLog()
-        entry.ParseFromString(record.numpy())
-        if entry.WhichOneof("log_type") == "predict_log":
-            request = entry.predict_log.request
-            requests.append((request.model_spec.signature_name,
-                             {k: tf.make_ndarray(v) for k, v in request.inputs.items()}))
-    return requests
 
 
 def with_defaults(signature_def: meta_graph_pb2.SignatureDef | None, inputs: dict[str, np.ndarray]) -> dict:
@@ -214,6 +187,7 @@ def open_saved_model(model_name: str, version: int, path: Path, tags: tuple[str,
 
 def load_servable(model_name: str, version: int, path: Path,
                   options: LoadOptions = LoadOptions()) -> tuple[Servable, float]:
+    from services.model_server import warmup  # imports inference, which imports this module
     from services.model_server.tflite_servable import (
         TFLITE_FILE, TfLiteServable, TfLiteWithSavedModel, has_tflite_model, parity_problem,
     )
@@ -232,7 +206,7 @@ def load_servable(model_name: str, version: int, path: Path,
                 problem = f"{TFLITE_FILE} cannot be opened ({_short(exc)})"
             if problem is None:
                 try:
-                    disagreement = parity_problem(servable, saved_model, warmup_requests(Path(path) / WARMUP_FILE))
+                    disagreement = parity_problem(servable, saved_model, warmup.predict_requests(path))
                 except Exception as exc:  # noqa: BLE001 - the file fails where the SavedModel answers
                     problem = f"{TFLITE_FILE} fails on the warm-up requests ({_short(exc)})"
                 else:
@@ -246,10 +220,11 @@ def load_servable(model_name: str, version: int, path: Path,
                 source = servable.load_note
     else:
         servable, source = open_saved_model(model_name, version, path, options.tags), "SavedModel"
-    warmup = "no warm-up"
+    replayed = "no warm-up"
     if options.warmup:
-        warmed = servable.warm_up(options.warmup_iterations)
-        warmup = f"{warmed} warm-up records, each run {options.warmup_iterations} times"
+        count = warmup.replay(servable, options.warmup_iterations)
+        replayed = f"{count} warm-up records, each run {options.warmup_iterations} times"
     elapsed = time.perf_counter() - start
-    log.info("loaded %s version %d from %s (%s) in %.2fs (%s)", model_name, version, path, source, elapsed, warmup)
+    log.info("loaded %s version %d from %s (%s) in %.2fs (%s)", model_name, version, path, source, elapsed,
+             replayed)
     return servable, elapsed
