@@ -94,7 +94,9 @@ def test_a_broken_new_version_costs_no_pinned_version_on_a_real_server(tmp_path)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     configs.write_model_config(run_dir / "models.config", MODEL, models_dir / MODEL)
-    server = start_server(models_dir, run_dir / "models.config", "--model_config_file_poll_wait_seconds=1")
+    # a failed load is retried every --load_retry_interval_micros (TF Serving's minute by default): 0 gives up at once
+    server = start_server(models_dir, run_dir / "models.config", "--model_config_file_poll_wait_seconds=1",
+                          "--load_retry_interval_micros=0")
     try:
         wait_until(lambda: all(version_states(server.grpc_target, MODEL).get(v, (0,))[0] == AVAILABLE
                                for v in (1, 2)), what="versions 1 and 2")
