@@ -104,20 +104,26 @@ def test_outputs_without_a_batch_dimension_are_refused_as_tf_serving_refuses_the
     np.testing.assert_array_equal(answered["y"], [[2.0], [4.0]])
 
 
-def test_a_batch_with_an_output_without_a_batch_dimension_fails_for_each_of_its_requests():
+def one_held_then_queued(servable: StandIn, queued: tuple, output_filter: tuple = ()) -> tuple[list, list]:
+    """A request for 0.0 runs on ``servable`` (held) while one request per value of ``queued`` is queued behind it;
+    then the model is released. (the model calls, each request's outcome: the held one's first)"""
     async def scenario():
         b = batcher(max_batch_size=8, batch_timeout_micros=1_000_000)
-        servable = StandIn(with_labels, outputs=("y", "labels", "scalar"), held=True)
-        first = asyncio.create_task(b.run(servable, "s", rows(0.0), ("labels", "y")))
+        executing = asyncio.create_task(b.run(servable, "s", rows(0.0), output_filter))
         await until(lambda: servable.calls)
-        queued = [asyncio.create_task(b.run(servable, "s", rows(v), ("labels", "y"))) for v in (1.0, 2.0, 3.0)]
+        waiting = [asyncio.create_task(b.run(servable, "s", rows(v), output_filter)) for v in queued]
         await settle()
         servable.release.set()
-        outcomes = await asyncio.gather(first, *queued, return_exceptions=True)
+        outcomes = await asyncio.gather(executing, *waiting, return_exceptions=True)
         b.executor.shutdown()
         return servable.calls, outcomes
 
-    calls, outcomes = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_a_batch_with_an_output_without_a_batch_dimension_fails_for_each_of_its_requests():
+    calls, outcomes = one_held_then_queued(StandIn(with_labels, outputs=("y", "labels", "scalar"), held=True),
+                                           (1.0, 2.0, 3.0), ("labels", "y"))
     assert calls == [[[0.0]], [[1.0], [2.0], [3.0]]]  # the three queued requests shared one model call
     assert [failure(o) for o in outcomes] == [SPLIT_ERROR] * 4
 
@@ -229,19 +235,7 @@ def refuses_negatives(inputs):
 def test_a_request_the_model_refuses_fails_alone_not_with_the_others_of_its_batch():
     """Unlike TF Serving, where one undecodable photo fails every request of its batch: a batch that fails with
     INVALID_ARGUMENT (an input's fault) runs again one request at a time, so only the request at fault fails."""
-    async def scenario():
-        b = batcher(max_batch_size=8, batch_timeout_micros=1_000_000)
-        servable = StandIn(refuses_negatives, held=True)
-        executing = asyncio.create_task(b.run(servable, "s", rows(0.0), ()))
-        await until(lambda: servable.calls)
-        queued = [asyncio.create_task(b.run(servable, "s", rows(v), ())) for v in (1.0, -1.0, 3.0)]
-        await settle()
-        servable.release.set()
-        outcomes = await asyncio.gather(executing, *queued, return_exceptions=True)
-        b.executor.shutdown()
-        return servable.calls, outcomes
-
-    calls, outcomes = asyncio.run(scenario())
+    calls, outcomes = one_held_then_queued(StandIn(refuses_negatives, held=True), (1.0, -1.0, 3.0))
     assert calls == [[[0.0]], [[1.0], [-1.0], [3.0]], [[1.0]], [[-1.0]], [[3.0]]]
     assert [o["y"].tolist() for o in (outcomes[0], outcomes[1], outcomes[3])] == [[[0.0]], [[2.0]], [[6.0]]]
     assert failure(outcomes[2]) == ("INVALID_ARGUMENT", "a negative value")
@@ -251,18 +245,6 @@ def test_a_batch_that_fails_otherwise_fails_for_all_its_requests_at_once():
     def broken(inputs):
         raise ServingError(grpc.StatusCode.INTERNAL, "the model is broken")
 
-    async def scenario():
-        b = batcher(max_batch_size=8, batch_timeout_micros=1_000_000)
-        servable = StandIn(broken, held=True)
-        executing = asyncio.create_task(b.run(servable, "s", rows(0.0), ()))
-        await until(lambda: servable.calls)
-        queued = [asyncio.create_task(b.run(servable, "s", rows(v), ())) for v in (1.0, 2.0)]
-        await settle()
-        servable.release.set()
-        outcomes = await asyncio.gather(executing, *queued, return_exceptions=True)
-        b.executor.shutdown()
-        return servable.calls, outcomes
-
-    calls, outcomes = asyncio.run(scenario())
+    calls, outcomes = one_held_then_queued(StandIn(broken, held=True), (1.0, 2.0))
     assert calls == [[[0.0]], [[1.0], [2.0]]]  # not run again: it is not a request's fault
     assert [failure(o) for o in outcomes] == [("INTERNAL", "the model is broken")] * 3
