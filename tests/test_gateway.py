@@ -181,7 +181,11 @@ def test_feedback_changes_accuracy(stack):
     status, summary, _ = gateway.request("GET", "/v1/admin/status", token=TOKEN)
     assert summary["versions"]["1"]["feedback"] == {"correct": 1, "total": 2}
     assert summary["versions"]["1"]["feedback_accuracy"] == 0.5
-    assert gateway.request("POST", "/v1/feedback", feedback)[0] == 409  # once per answer
+    status, again, _ = gateway.request("POST", "/v1/feedback", feedback)  # the same again (a retry): as recorded
+    assert status == 200 and again["correct"] and again["true_label"] == predicted
+    assert gateway.request("POST", "/v1/feedback", {**feedback, "true_label": wrong})[0] == 409  # once per answer
+    status, summary, _ = gateway.request("GET", "/v1/admin/status", token=TOKEN)
+    assert summary["versions"]["1"]["feedback"] == {"correct": 1, "total": 2}
     assert gateway.request("POST", "/v1/feedback", {"feedback_token": "nope", "true_label": "x"})[0] == 400
 
 

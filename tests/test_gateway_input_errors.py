@@ -23,7 +23,7 @@ from services.gateway.grpc_api import ClassifierService
 from services.gateway.protos import load
 from tests.gateway_harness import GatewayProcess, gateway_stack
 from tests.model_server_harness import MODEL, wait_until
-from training_job.tiny_model import publish_tiny_versions
+from training_job.tiny_model import LABELS, publish_tiny_versions
 
 pb, pb_grpc = load()
 TOKEN = "input-errors-admin-token"
@@ -116,15 +116,33 @@ def test_a_feedback_token_that_is_not_ascii_is_malformed(gateway, stub, token):
     assert caught.value.details().startswith("feedback_token_malformed: ")
 
 
+@pytest.mark.parametrize("true_label", ["Boletus edulis", "chanterelle", ""])
+def test_feedback_whose_label_is_no_class_of_the_version_is_refused(gateway, stub, true_label):
+    """Recorded, a typo would count as a wrong answer in the version's feedback accuracy (the rollout's verdict)."""
+    answer = stub.Classify(pb.ClassifyRequest(photo=jpeg((90, 60, len(true_label)))), timeout=20)
+    code = "unknown_label" if true_label else "bad_feedback"
+    reply = gateway.request("POST", "/v1/feedback", {"feedback_token": answer.feedback_token, "true_label": true_label})
+    assert_error(reply, 400, code)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Feedback(pb.FeedbackRequest(feedback_token=answer.feedback_token, true_label=true_label), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert caught.value.details().startswith(f"{code}: ")
+    if true_label:
+        assert ", ".join(LABELS) in reply.body["error"]["message"]
+    recorded = stub.Feedback(pb.FeedbackRequest(feedback_token=answer.feedback_token, true_label=LABELS[1]),
+                             timeout=10)  # nothing was recorded by the refusals
+    assert recorded.true_label == LABELS[1] and recorded.model_version == answer.model_version
+
+
 # ---------------------------------------------------------------------------------- Redis frozen: gRPC as HTTP
 def test_grpc_feedback_is_unavailable_as_http_feedback_is_503_while_redis_is_frozen(stack, gateway, stub):
     tokens = [stub.Classify(pb.ClassifyRequest(photo=jpeg((40, 50, c))), timeout=20).feedback_token for c in (1, 2)]
     redis = stack["redis"].process
     os.kill(redis.pid, signal.SIGSTOP)
     try:
-        http = gateway.request("POST", "/v1/feedback", {"feedback_token": tokens[0], "true_label": "x"})
+        http = gateway.request("POST", "/v1/feedback", {"feedback_token": tokens[0], "true_label": LABELS[0]})
         with pytest.raises(grpc.RpcError) as caught:
-            stub.Feedback(pb.FeedbackRequest(feedback_token=tokens[1], true_label="x"), timeout=10)
+            stub.Feedback(pb.FeedbackRequest(feedback_token=tokens[1], true_label=LABELS[0]), timeout=10)
         # the calls that need no Redis still answer (classify serves uncached)
         assert stub.Classify(pb.ClassifyRequest(photo=jpeg((40, 50, 3))), timeout=20).predictions
         assert stub.ListModels(pb.ListModelsRequest(), timeout=10).versions
@@ -135,9 +153,10 @@ def test_grpc_feedback_is_unavailable_as_http_feedback_is_503_while_redis_is_fro
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
     assert caught.value.details().startswith("redis_unavailable: Redis (routing, audit and feedback state) is "
                                              "unavailable: ")
-    wait_until(lambda: gateway.request("POST", "/v1/feedback", {"feedback_token": tokens[0], "true_label": "x"})
+    # the write answered 503 may have reached Redis when it thawed: the retry is answered as recorded either way
+    wait_until(lambda: gateway.request("POST", "/v1/feedback", {"feedback_token": tokens[0], "true_label": LABELS[0]})
                .status == 200, timeout=15, what="feedback recorded after Redis thawed")
-    assert stub.Feedback(pb.FeedbackRequest(feedback_token=tokens[1], true_label="x"), timeout=10).request_id
+    assert stub.Feedback(pb.FeedbackRequest(feedback_token=tokens[1], true_label=LABELS[0]), timeout=10).request_id
 
 
 class _Aborted(Exception):

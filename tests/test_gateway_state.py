@@ -18,7 +18,7 @@ from services.gateway.protos import load
 from tests.gateway_harness import GatewayProcess
 from tests.model_server_harness import MODEL, serve_registry, stop_server, wait_until
 from tests.support import MUSHROOMS, RedisServer, free_port
-from training_job.tiny_model import publish_tiny_versions
+from training_job.tiny_model import LABELS, publish_tiny_versions
 from training_job.paths import PROJECT_ROOT
 
 pb, pb_grpc = load()
@@ -85,9 +85,17 @@ def test_feedback_token_from_http_and_grpc_counts_once_on_any_replica(gateway, m
                 "true_label": predicted}
         status, recorded, _ = other.request("POST", "/v1/feedback", body)
         assert status == 200 and recorded["correct"] and recorded["version"] == 1
-        assert gateway.request("POST", "/v1/feedback", body)[0] == 409  # once per answer, on any replica
-        wrong = {"feedback_token": grpc_answer.feedback_token, "true_label": "not-" + grpc_answer.predictions[0].label}
-        assert gateway.request("POST", "/v1/feedback", wrong)[0] == 200
+        other_label = {**body, "true_label": next(c for c in LABELS if c != predicted)}
+        assert gateway.request("POST", "/v1/feedback", other_label)[0] == 409  # once per answer, on any replica
+        assert gateway.request("POST", "/v1/feedback", body)[:2] == (200, recorded)  # the same again: as recorded
+        typo = {"feedback_token": grpc_answer.feedback_token, "true_label": grpc_answer.predictions[0].label.upper()}
+        status, error, _ = other.request("POST", "/v1/feedback", typo)  # a replica that never answered version 2
+        assert (status, error["error"]["code"]) == (400, "unknown_label"), error
+        assert ", ".join(LABELS) in error["error"]["message"]
+        wrong = {"feedback_token": grpc_answer.feedback_token,
+                 "true_label": next(c for c in LABELS if c != grpc_answer.predictions[0].label)}
+        status, recorded, _ = gateway.request("POST", "/v1/feedback", wrong)
+        assert status == 200 and not recorded["correct"]  # the refused label did not use up the answer's feedback
     finally:
         other.stop()
     head, payload, signature = answer["feedback_token"].split(".")
@@ -151,15 +159,16 @@ def test_feedback_seen_set_forgets_expired_answers(redis_server):
         stats = Stats(client, MODEL, tokens)
         first = tokens.verify(tokens.issue("r1", 1, "a"))
         assert await stats.record_feedback(first, "a") is not None
-        assert await stats.record_feedback(first, "a") is None
+        assert await stats.record_feedback(first, "b") is None
         now[0] += 61
         second = tokens.verify(tokens.issue("r2", 1, "a"))
         assert await stats.record_feedback(second, "b") is not None
         members = await client.zrange(keys.feedback_seen(MODEL), 0, -1)
+        labels = await client.hgetall(keys.feedback_labels(MODEL))
         await client.aclose()
-        return members
+        return members, labels
 
-    assert asyncio.run(scenario()) == [b"r2"]
+    assert asyncio.run(scenario()) == ([b"r2"], {b"r2": b"b"})
 
 
 # ---------------------------------------------------------------------------------------------- Redis down or frozen
@@ -171,7 +180,7 @@ def assert_state_calls_answer_503_promptly(gateway, answer) -> None:
 
     calls = [("PUT", "/v1/admin/routing", {"weights": {"1": 100}, "shadow": None}, ADMIN),
              ("GET", "/v1/admin/audit", None, ADMIN), ("GET", "/v1/admin/status", None, ADMIN),
-             ("POST", "/v1/feedback", {"feedback_token": answer["feedback_token"], "true_label": "x"}, None)]
+             ("POST", "/v1/feedback", {"feedback_token": answer["feedback_token"], "true_label": LABELS[0]}, None)]
     for method, path, body, token in calls:
         start = time.monotonic()
         status, error, headers = gateway.request(method, path, body, token=token, timeout=20)
@@ -201,7 +210,7 @@ def test_admin_and_feedback_answer_503_while_redis_is_frozen(gateway, redis_serv
     finally:
         os.kill(redis_server.process.pid, signal.SIGCONT)
     wait_until(lambda: gateway.request("POST", "/v1/feedback", {"feedback_token": answer["feedback_token"],
-                                                                "true_label": "x"})[0] == 200,
+                                                                "true_label": LABELS[0]})[0] == 200,
                timeout=15, what="feedback recorded after Redis thawed")
 
 
@@ -357,14 +366,14 @@ def test_cache_keys_expire_and_state_keys_do_not(gateway, redis_server):
     photo = PHOTOS[3].read_bytes()
     status, answer, _ = gateway.classify(photo, version=2)
     assert gateway.request("PUT", "/v1/admin/routing", {"weights": {"1": 100}, "shadow": None}, token=ADMIN)[0] == 200
-    feedback = {"feedback_token": answer["feedback_token"], "true_label": "x"}
+    feedback = {"feedback_token": answer["feedback_token"], "true_label": LABELS[0]}
     assert gateway.request("POST", "/v1/feedback", feedback)[0] == 200
     client = redis.Redis.from_url(redis_server.url)
     wait_until(lambda: client.exists(keys.result(MODEL, 2, _preprocessing_version(), 224, _sha256(photo))), timeout=10,
                what="the answer cached")
     ttls = {key.decode(): client.ttl(key) for key in client.scan_iter()}
     state = {keys.routing(MODEL), keys.routing_generation(MODEL), keys.routing_writer(MODEL), keys.audit(MODEL),
-             keys.feedback_tally(MODEL), keys.feedback_seen(MODEL)}
+             keys.feedback_tally(MODEL), keys.feedback_seen(MODEL), keys.feedback_labels(MODEL)}
     assert state <= set(ttls)
     assert all((ttl == -1) == (key in state) for key, ttl in ttls.items()), ttls
 

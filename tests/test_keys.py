@@ -32,7 +32,8 @@ def test_every_key_has_the_project_prefix_and_the_model_in_it():
     built = [keys.result("m", 1, 3, 224, "ab"), keys.result_pattern("m"),
              keys.explanation("m", 1, 3, 224, "ab", "predicted"),
              keys.explanation_pattern("m"), keys.routing("m"), keys.routing_generation("m"), keys.routing_writer("m"),
-             keys.audit("m"), keys.feedback_tally("m"), keys.feedback_seen("m"), keys.rollout_lease("m")]
+             keys.audit("m"), keys.feedback_tally("m"), keys.feedback_seen("m"), keys.feedback_labels("m"),
+             keys.rollout_lease("m")]
     assert all(k.startswith("mushroom:") and ":m" in k for k in built)
     assert len(set(built)) == len(built)
 
@@ -42,7 +43,7 @@ def test_rollout_keys_have_their_own_prefix_and_the_model_in_them():
 
     built = [rollout_keys.state("m"), rollout_keys.lease("m"), rollout_keys.commands("m"), rollout_keys.history("m")]
     gateway_built = [keys.routing("m"), keys.routing_generation("m"), keys.routing_writer("m"), keys.audit("m"),
-                     keys.feedback_tally("m"), keys.feedback_seen("m")]
+                     keys.feedback_tally("m"), keys.feedback_seen("m"), keys.feedback_labels("m")]
     assert all(k.startswith("mushroom:rollout:") and k.endswith(":m") for k in built)
     assert rollout_keys.lease("m") == keys.rollout_lease("m")  # the one lease key the gateway reads to fence
     assert len(set(built)) == len(built) and not set(built) & set(gateway_built)

@@ -124,6 +124,24 @@ class Classifier:
                 "probabilities": [float(p) for p in prediction.probabilities],
                 "mushroom_score": prediction.mushroom_score, "not_a_mushroom": prediction.not_a_mushroom}
 
+    async def classes_of(self, version: int) -> list[str] | None:
+        """The class labels of ``version`` in column order: from its answers, else from the registry's labels.json,
+        else asked of the model server once with a blank photo (kept, as a version never changes); None when the
+        model server has no such version any more. Raises GatewayError 503 while the model server is down."""
+        known = self._classes.get(version) or [c["label"] for c in self.model_info.class_names(version)]
+        if known:
+            return known
+        try:
+            size = await self._ask_upstream(lambda: self.input_sizes.of(version), None)
+            (prediction,) = await self._ask_upstream(
+                lambda: self.upstream.predict(np.zeros((1, size, size, 3), np.uint8), version), None)
+        except GatewayError as exc:
+            if exc.code == "unknown_version":
+                return None
+            raise
+        self._classes[prediction.version] = prediction.classes
+        return prediction.classes
+
     async def _predict(self, pixels: np.ndarray, version: int | None, label: str | None):
         start = time.perf_counter()
         prediction = await self._ask_upstream(lambda: self.batcher.predict(pixels, version, label), label)

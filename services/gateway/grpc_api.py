@@ -90,8 +90,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
 
     async def Feedback(self, request, context):
         try:
-            recorded = await take_feedback(self.stats, self.photo_store, request.feedback_token,
-                                           request.true_label, request.request_id or None)
+            recorded = await take_feedback(self.stats, self.photo_store, self.classifier.classes_of,
+                                           request.feedback_token, request.true_label, request.request_id or None)
         except ANSWERED as exc:
             await _abort(context, exc)
         response = pb.FeedbackResponse(request_id=recorded["request_id"], model_version=recorded["version"],

@@ -217,8 +217,8 @@ class HttpApi:
                 data.get("true_label"), str):
             raise GatewayError(400, "bad_feedback", 'feedback is {"feedback_token": "<the answer\'s '
                                'feedback_token>", "true_label": "..."} (request_id optional)')
-        recorded = await take_feedback(self.stats, self.photo_store, data["feedback_token"],
-                                       data["true_label"], data.get("request_id"))
+        recorded = await take_feedback(self.stats, self.photo_store, self.classifier.classes_of,
+                                       data["feedback_token"], data["true_label"], data.get("request_id"))
         return web.json_response(recorded)
 
     def _demo_version(self) -> int:

@@ -5,7 +5,7 @@ persistence, see DEVELOPERS.md "Redis layout"):
 
 - **cache** (always written with a TTL, so evictable): ``result``, ``explanation``.
 - **operator state** (never a TTL, so never evicted; persisted): ``routing``, ``routing_generation``,
-  ``routing_writer``, ``audit``, ``feedback_tally``, ``feedback_seen``.
+  ``routing_writer``, ``audit``, ``feedback_tally``, ``feedback_seen``, ``feedback_labels``.
 
 One more key is read here and written by the rollout controller: ``rollout_lease`` (its lease, with a TTL).
 
@@ -71,6 +71,13 @@ def feedback_seen(model: str) -> str:
     """Sorted set: request ids that got feedback, scored by the expiry of their feedback token (members past it are
     removed at each feedback write), so one answer counts once. State: no TTL, bounded by the feedback window."""
     return f"{PREFIX}:feedback_seen:{model}"
+
+
+def feedback_labels(model: str) -> str:
+    """Hash: request id -> the true label its feedback recorded, so the same feedback sent again (a retry after a 503
+    whose write landed, or a lost reply) is answered as recorded, not as a conflict; a field goes when its request id
+    leaves ``feedback_seen``. State: no TTL, bounded as ``feedback_seen`` is."""
+    return f"{PREFIX}:feedback_labels:{model}"
 
 
 def rollout_lease(model: str) -> str:

@@ -65,7 +65,9 @@ OPENAPI = {
             "application/json": {"schema": {"type": "object", "required": ["feedback_token", "true_label"],
                                              "properties": {"feedback_token": {"type": "string"},
                                                             "request_id": {"type": "string"},
-                                                            "true_label": {"type": "string"}}}}}},
+                                                            "true_label": {"type": "string", "description":
+                                                                           "a class of the version that answered "
+                                                                           "(400 unknown_label otherwise)"}}}}}},
             "responses": {"200": {"description": "recorded"}, "409": {"description": "already recorded"},
                           "410": {"description": "feedback_token expired"}, **_ERRORS}}},
         "/v1/demo": {"get": {"summary": "The demo photos of the current model", "responses": {"200": {

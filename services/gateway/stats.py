@@ -6,7 +6,8 @@ The per-process counts start from zero with the process, so the summary names th
 restarted replica from one that goes on counting.
 
 Answers cost Redis nothing: each carries a signed feedback token (feedback.py); Redis is written only when feedback
-arrives (the tally hash, and the request id in the ``feedback_seen`` set until its token expires, so it counts once).
+arrives (the tally hash, and the request id in the ``feedback_seen`` set with its true label in ``feedback_labels``
+until its token expires, so it counts once and the same feedback sent again is answered as recorded).
 """
 from __future__ import annotations
 
@@ -21,11 +22,20 @@ import numpy as np
 from services.gateway import keys, metrics
 from services.gateway.feedback import FeedbackClaim, FeedbackTokens
 
-# KEYS: feedback_seen, feedback_tally; ARGV: now, token expiry, request id, version, 1 if correct else 0.
-# Returns 1 when recorded, 0 when the request id already got feedback. One script: the check and the counts are atomic.
+# KEYS: feedback_seen, feedback_tally, feedback_labels; ARGV: now, token expiry, request id, version, 1 if correct
+# else 0, true label. Returns 1 when recorded, 2 when the request id's feedback was recorded with this true label
+# before (the same feedback again), 0 when it was recorded with another. One script: the check and the counts are
+# atomic.
 RECORD_FEEDBACK_LUA = """
+for _, expired in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])) do
+  redis.call('HDEL', KEYS[3], expired)
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[3]) == 0 then return 0 end
+if redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[3]) == 0 then
+  if redis.call('HGET', KEYS[3], ARGV[3]) == ARGV[6] then return 2 end
+  return 0
+end
+redis.call('HSET', KEYS[3], ARGV[3], ARGV[6])
 redis.call('HINCRBY', KEYS[2], ARGV[4] .. ':total', 1)
 redis.call('HINCRBY', KEYS[2], ARGV[4] .. ':correct', ARGV[5])
 return 1
@@ -88,13 +98,15 @@ class Stats:
         return self.tokens.issue(request_id, version, predicted)
 
     async def record_feedback(self, claim: FeedbackClaim, true_label: str) -> dict | None:
-        """Records ground truth once per answer; returns what was recorded, None if it already got feedback."""
+        """Records ground truth once per answer; returns what was recorded (also when this same feedback was
+        recorded before), None if the answer already got feedback with another true label."""
         correct = claim.predicted == true_label
         if self._record_script is None:
             self._record_script = self.redis.register_script(RECORD_FEEDBACK_LUA)
         recorded = await self._record_script(
-            keys=[keys.feedback_seen(self.model_name), keys.feedback_tally(self.model_name)],
-            args=[self.tokens.clock(), claim.expires_at, claim.request_id, claim.version, int(correct)])
+            keys=[keys.feedback_seen(self.model_name), keys.feedback_tally(self.model_name),
+                  keys.feedback_labels(self.model_name)],
+            args=[self.tokens.clock(), claim.expires_at, claim.request_id, claim.version, int(correct), true_label])
         if not recorded:
             return None
         return {"request_id": claim.request_id, "version": claim.version, "predicted": claim.predicted,
