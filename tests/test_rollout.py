@@ -513,6 +513,15 @@ def test_web_operator_panel_shows_the_rollout_and_sends_commands(model_server, r
         assert routing(gateway) == {"1": 100}
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         page.save_screenshot(str(SCREENSHOTS / "rollout-panel.png"))
+
+        retry = WebDriverWait(page, 15).until(
+            lambda d: d.find_elements(By.CSS_SELECTOR, "#rollout-rejected button[data-version='2']"))[0]
+        assert retry.text == "Retry version 2"
+        retry.click()
+        text("rollout-command-status", lambda t: t.startswith("Queued retry of version 2 (by alice)"))
+        text("rollout-summary", lambda t: t.startswith("Rolling out version 2 over stable version 1: step 1 of 2"))
+        assert page.find_elements(By.CSS_SELECTOR, "#rollout-rejected button") == []
+        assert any(" retry " in line and "by alice" in line for line in text("rollout-history", bool).splitlines())
     finally:
         controller.stop()
         gateway.stop()

@@ -79,7 +79,8 @@ export const getRouting = (token) => request('/v1/admin/routing', { token });
 export const putRouting = (token, routing) => request('/v1/admin/routing', { method: 'PUT', body: routing, token });
 export const getAudit = (token) => request('/v1/admin/audit', { token });
 export const getStatus = (token) => request('/v1/admin/status', { token });
-// The rollout controller's state and commands, forwarded by the gateway (404 rollout_not_configured without one).
+// The rollout controller's state and commands, forwarded by the gateway (404 rollout_not_configured without one);
+// `version` names the version of a command about one (retry).
 export const getRollout = (token) => request('/v1/admin/rollout', { token });
-export const rolloutCommand = (token, action) => request(`/v1/admin/rollout/${encodeURIComponent(action)}`,
-  { method: 'POST', token });
+export const rolloutCommand = (token, action, version) => request(`/v1/admin/rollout/${encodeURIComponent(action)}`,
+  { method: 'POST', token, ...(version === undefined ? {} : { body: { version } }) });

@@ -1,5 +1,6 @@
 // Operator panel: admin token (sessionStorage), routing weights with sliders (versions and version labels),
-// audit log, live per-version figures, and the rollout controller's step, timers, judged figures and decisions.
+// audit log, live per-version figures, and the rollout controller's step, timers, judged figures and decisions,
+// with a retry for each version it rejected.
 import { getRouting, putRouting, getAudit, getStatus, getRollout, rolloutCommand } from './api.js';
 import { el, pct, ms, showError } from './format.js';
 
@@ -177,6 +178,7 @@ export function setupOperator() {
       const missing = error.code === 'rollout_not_configured';
       $('rollout-summary').textContent = missing ? 'No rollout controller is configured for this gateway.' : '';
       $('rollout-controls').hidden = missing;
+      $('rollout-rejected').replaceChildren();
       showError($('rollout-error'), missing ? null : error);
       return;
     }
@@ -199,17 +201,20 @@ export function setupOperator() {
       ? `(new version: ${judgement.new.requests} requests, ${judgement.new.shadow_requests} mirrored, `
         + `${judgement.new.feedback_total} feedback; stable: ${judgement.stable.requests} requests, `
         + `${judgement.stable.feedback_total} feedback, since the rollout started)` : '';
+    $('rollout-rejected').replaceChildren(...(state.rejected || []).map((version) => el('button', {
+      type: 'button', 'data-action': 'retry', 'data-version': String(version), text: `Retry version ${version}` })));
     $('rollout-history').replaceChildren(...(body.history || []).slice(0, 30).map((event) => el('li', {
       class: `outcome-${event.outcome}`, 'data-outcome': event.outcome, text: historyText(event) })));
   }
 
   async function command(event) {
-    const action = event.target.dataset.action;
+    const { action, version } = event.target.dataset;
     if (!action) return;
     showError($('rollout-error'), null);
     try {
-      const { queued } = await rolloutCommand(token, action);
-      $('rollout-command-status').textContent = `Queued ${queued.action} (by ${queued.who}): applied at the `
+      const { queued } = await rolloutCommand(token, action, version === undefined ? undefined : Number(version));
+      const about = queued.version === undefined ? '' : ` of version ${queued.version}`;
+      $('rollout-command-status').textContent = `Queued ${queued.action}${about} (by ${queued.who}): applied at the `
         + "controller's next tick.";
       await refreshRollout();
     } catch (error) {
@@ -283,6 +288,7 @@ export function setupOperator() {
   });
   $('routing-form').addEventListener('submit', apply);
   $('rollout-controls').addEventListener('click', command);
+  $('rollout-rejected').addEventListener('click', command);
   $('add-label').addEventListener('click', addLabel);
   // Enter in the label field adds the label; it must not submit (apply) the weights form.
   $('new-label').addEventListener('keydown', (event) => { if (event.key === 'Enter') addLabel(event); });
