@@ -483,6 +483,39 @@ def test_a_lost_state_mid_canary_keeps_the_larger_share_as_stable_and_says_so(re
     assert adopt["state_lost"] is True and adopt["stable"] == 1 and "state lost" in adopt["reason"]
 
 
+def test_a_lost_state_keeps_the_rejections_the_history_shows(redis_server):
+    """v2 was rolled back, v3 rolled back then retried by an operator; the state is gone: the controller that adopts
+    must not roll v2 out again (its users were protected from it once), and v3 stays free to go."""
+    policy = parse_policy({"tick_seconds": 1, "steps": [{"weight": 5, "hold_seconds": 600}, {"weight": 100}]})
+
+    async def scenario():
+        client = aioredis.from_url(redis_server.url)
+        gateway, model_server = FakeGateway(), FakeModelServer({1})
+        first = Controller(client, gateway, model_server, policy, "m", identity="first")
+        await first.tick()  # adopts version 1
+        for version in (2, 3):
+            model_server.versions.add(version)
+            await first.tick()  # the version at 5 %
+            await first.queue_command("abort", "alice")
+            await first.tick()  # rolled back: rejected
+        await first.queue_command("retry", "alice", version=3)
+        model_server.versions.discard(3)  # unloaded meanwhile: nothing starts it before the state is lost
+        await first.tick()
+        assert (await first.load_state()).rejected == [2]
+        await first.release_lease()
+        await client.delete(keys.state("m"))
+        second = Controller(client, gateway, model_server, policy, "m", identity="second")
+        await second.tick()
+        state, history = await second.load_state(), await second.history()
+        await client.aclose()
+        return gateway, state, history
+
+    gateway, state, history = asyncio.run(scenario())
+    assert state.rejected == [2] and state.candidate is None and gateway.table["weights"] == {"1": 100}
+    adopt = [e for e in history if e["outcome"] == "adopt"][0]
+    assert adopt["state_lost"] is True and "the rejected versions are those the history shows (v2)" in adopt["reason"]
+
+
 def replicated(replicas: StandInReplicas, session) -> ReplicatedGateway:
     from services.rollout.clients import GatewayAdmin
 

@@ -480,13 +480,26 @@ class Controller:
         await self._route(wanted, f"take over: {where} (stable v{state.stable}) by {self.identity}",
                           candidate=state.candidate)
 
+    async def _rejected_in_history(self) -> list[int]:
+        """The versions the kept history rejects (``reject`` or ``rollback``) with no ``retry`` after: what a lost
+        state's ``rejected`` held, as far as the last HISTORY_LENGTH decisions tell."""
+        retried, rejected = set(), set()
+        for event in await self.history(limit=HISTORY_LENGTH):  # newest first
+            version = event.get("version")
+            if event.get("outcome") == "retry":
+                retried.add(version)
+            elif event.get("outcome") in ("reject", "rollback") and version not in retried:
+                rejected.add(version)
+        return sorted(v for v in rejected if isinstance(v, int))
+
     async def _adopt(self, available: set[int]) -> State:
         """A state for a controller that finds none: the stable version is the label ``stable`` (with labels), else
         the AVAILABLE version with the routing table's largest weight (ties: the lower version), else the newest
         AVAILABLE one. A rollout's table gives the larger share to the stable version until its last step, so a
         state lost mid-rollout never makes the candidate stable; its rollout starts again from the first step.
         The loss is said in the history (``state_lost``) when the history holds decisions or the table splits
-        traffic, which only a controller or an operator did."""
+        traffic, which only a controller or an operator did; the rejected versions are rebuilt from the history, so a
+        version rolled back before the loss is not rolled out again."""
         weights = (await self._read_routing()).get("weights", {})
         routed = sorted((-float(weight), int(entry)) for entry, weight in weights.items()
                         if entry.isdigit() and int(entry) in available)
@@ -504,9 +517,11 @@ class Controller:
             await self.save_state(state, self._event(state, "adopt", f"v{stable} taken as stable ({how}; no earlier "
                                                      "state)"))
             return state
+        state.rejected = await self._rejected_in_history()
+        rejections = (f"the rejected versions are those the history shows ({', '.join(f'v{v}' for v in state.rejected)})"
+                      if state.rejected else "the history shows no rejected version")
         reason = (f"state lost: no saved state, though {' and '.join(evidence)}; v{stable} taken as stable ({how}); a "
-                  "rollout in progress starts again from its first step, and earlier rejections are forgotten (a "
-                  "rejected version newer than stable is rolled out again)")
+                  f"rollout in progress starts again from its first step; {rejections}")
         log.error("rollout of %s: %s", self.model_name, reason)
         await self.save_state(state, self._event(state, "adopt", reason, state_lost=True, routing=weights))
         return state
