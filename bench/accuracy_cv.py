@@ -21,7 +21,8 @@ Methods (``--methods``, comma-separated; the first is the reference of the paire
   ``lite0_fine_tuned_whole:6+fine_tune_learning_rate=3e-4``.
 Per method and fold: top-1 accuracy, balanced accuracy, expected calibration error before/after temperature scaling
 and the training seconds (head, plus fine-tuning; bottlenecks excluded, as they are cached across runs); for whole
-fine-tuning also its epochs run, best epoch and what stopped it. And the "not a mushroom" check as the training job
+fine-tuning also its epochs run, best epoch and what stopped it. Per method, every misclassified test photo (its path
+under ``--data``, label, prediction and both probabilities), to look at what the method gets wrong. And the "not a mushroom" check as the training job
 calibrates it (``training_job.open_set.calibrate``: centroids from the fold's training photos, threshold at a quantile
 of its training and validation photos' scores) at each of ``OPEN_SET_RATES``: the share of the fold's test mushrooms
 and of the not-mushroom photos (``--not_mushrooms``) it rejects, and how many folds meet both of issue 14's targets.
@@ -319,8 +320,15 @@ def main(argv=None) -> int:
                     for what, value in (("scores", method_scores(DEFAULT_METHOD, b.features, b.imagenet, centroids)),
                                         ("features", b.features), ("imagenet", b.imagenet))})
             calibration = calibration_report(test_logits, truth, temperature)
-            predicted = head.predict(test.features).argmax(1)
+            probabilities = head.predict(test.features)
+            predicted = probabilities.argmax(1)
             entry[method] = float(np.mean(predicted == truth))
+            test_rows = [r for r in rows_k if r.split == "test"]
+            entry[f"{method}_misclassified"] = [
+                {"photo": os.path.relpath(test_rows[i].path, args.data), "label": labels[truth[i]],
+                 "predicted": labels[predicted[i]], "p_predicted": round(float(probabilities[i, predicted[i]]), 3),
+                 "p_label": round(float(probabilities[i, truth[i]]), 3)}
+                for i in np.flatnonzero(predicted != truth)]
             entry[f"{method}_details"] = {
                 "balanced_accuracy": round(balanced_accuracy(truth, predicted), 4),
                 "ece_before": round(calibration["ece_before"], 4), "ece_after": round(calibration["ece_after"], 4),
@@ -328,7 +336,7 @@ def main(argv=None) -> int:
                 "open_set": open_set_rates(run, y_train, len(labels), not_mushrooms),
                 **run.details}
         per_fold.append(entry)
-        print(entry, flush=True)
+        print({key: value for key, value in entry.items() if not key.endswith("_misclassified")}, flush=True)
     result = {"photos": len(rows), "folds": args.folds, "methods": methods, "reference": methods[0],
               "per_fold": per_fold}
     for method in methods:
@@ -337,7 +345,9 @@ def main(argv=None) -> int:
         result[method] = {"mean": round(float(np.mean(values)), 4), "min": min(values), "max": max(values),
                           **{key: round(float(np.mean([d[key] for d in details])), 4)
                              for key in ("balanced_accuracy", "ece_before", "ece_after", "train_seconds")},
-                          "open_set": open_set_summary([d["open_set"] for d in details])}
+                          "open_set": open_set_summary([d["open_set"] for d in details]),
+                          "misclassified": sorted((m for f in per_fold for m in f.pop(f"{method}_misclassified")),
+                                                  key=lambda m: m["photo"])}
         if method != methods[0]:
             result.setdefault("paired_differences", {})[f"{method} - {methods[0]}"] = paired_difference(
                 values, [f[methods[0]] for f in per_fold])

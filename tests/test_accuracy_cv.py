@@ -78,6 +78,11 @@ def test_main_pairs_methods_fold_by_fold(monkeypatch, tmp_path):
     assert "fine_tune_gain" not in written and written["frozen"]["train_seconds"] == 1.0
     assert 0 <= written["frozen"]["ece_after"] <= written["frozen"]["ece_before"] + 1e-9
     assert [f["frozen_details"]["fine_tune_epochs_run"] for f in written["per_fold"]] == [0, 1, 2]
+    # every misclassified test photo, once, with its label and prediction (to look at what a method gets wrong)
+    wrong = written["lite0_frozen"]["misclassified"]
+    assert len(wrong) == sum(round((1 - f["lite0_frozen"]) * f["test_photos"]) for f in written["per_fold"]) > 0
+    assert all(m["label"] != m["predicted"] and m["p_predicted"] > m["p_label"] for m in wrong)
+    assert len({m["photo"] for m in wrong}) == len(wrong) and written["frozen"]["misclassified"] == []
     # the open-set check on each fold: without not-mushroom photos, only the test mushrooms' share is measured
     from training_job.open_set import DEFAULT_REJECT_RATE
 
