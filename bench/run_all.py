@@ -55,7 +55,7 @@ CV_RESULTS = ("accuracy_cv", "accuracy_cv_bases", "accuracy_cv_whole", "accuracy
               "accuracy_cv_whole_default", "accuracy_cv_whole_3",
               "accuracy_cv_whole_192", "accuracy_cv_whole_frozen", "accuracy_cv_whole_mirror",
               "accuracy_cv_whole_crop06", "accuracy_cv_whole_default_1112",
-              "accuracy_cv_open_set_validation", "accuracy_cv_open_set")
+              "accuracy_cv_open_set_validation", "accuracy_cv_open_set", "accuracy_cv_whole_epochs10")
 # the photos whose scores the open-set threshold was a quantile of, in the CV runs that measured the check: the
 # training job's (training and validation) unless listed
 OPEN_SET_CALIBRATED_ON = {"accuracy_cv_open_set_validation": "validation"}
@@ -511,10 +511,23 @@ def gateway_cells() -> list[dict]:
     return out if cells else []
 
 
+def measured_revisions() -> dict[str, list[str]]:
+    """{revision: the benchmarks whose last results were measured there}, for the benchmarks of SCRIPTS."""
+    by_revision: dict[str, list[str]] = {}
+    for name in SCRIPTS:
+        revision = (load(name).get("machine") or {}).get("revision")
+        if revision:
+            by_revision.setdefault(revision, []).append(name)
+    return by_revision
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
-    lines = [f"Measured on {m['cores']} cores ({m['cpu']}), Python {m['python']}, revision {m['revision']}, "
-             f"{m['measured_at']}; every ratio is against a reference measured in the same run.", "",
+    revisions = report.get("measured_revisions") or {}
+    where = "; ".join(f"{revision}: {', '.join(names)}" for revision, names in revisions.items())
+    lines = [f"Measured on {m['cores']} cores ({m['cpu']}), Python {m['python']}; report built at revision "
+             f"{m['revision']}, {m['measured_at']}" + (f"; results measured at revision {where}" if where else "")
+             + "; every ratio is against a reference measured in the same run.", "",
              "| what | measured | target | met |", "|---|---|---|---|"]
     for row in report["rows"]:
         met = {True: "yes", False: "**no**", None: ""}[row["met"]]
@@ -592,8 +605,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     skip = set(SCRIPTS) if args.report_only else {s for s in args.skip.split(",") if s}
     ran = {name: run(name, args.seconds) for name in SCRIPTS if name not in skip}
-    report = {"machine": machine_description(), "ran": ran, "rows": rows(), "gateway_cells": gateway_cells(),
-              "faults": fault_rows(), "rollout": load("rollout")}
+    report = {"machine": machine_description(), "measured_revisions": measured_revisions(), "ran": ran,
+              "rows": rows(), "gateway_cells": gateway_cells(), "faults": fault_rows(), "rollout": load("rollout")}
     (RESULTS_DIR / "report.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)
     (BENCH_DIR / "REPORT.md").write_text(table)
