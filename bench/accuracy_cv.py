@@ -11,6 +11,7 @@ Methods (``--methods``, comma-separated; the first is the reference of the paire
 - ``fine_tuned_1_block``: the same, then ``--fine_tune_blocks 1``;
 - ``lite0_frozen``, ``lite1_frozen``, ``lite2_frozen``: EfficientNet-Lite0/1/2 frozen;
 - ``lite0_fine_tuned_whole``: Lite0 frozen, then ``--fine_tune_whole`` (slow: minutes per fold on 2 cores);
+  ``lite1_fine_tuned_whole`` the same with Lite1 (240 pixels);
 - ``<method>_mirror`` (``frozen``, ``lite0_frozen``, ``lite2_frozen``, ``lite0_fine_tuned_whole``): the same trained
   network and head (reused from the plain method in the same run) reading mirror-averaged features (``--mirror_tta``);
 - ``<method>@N``: the same, trained on N of the fold's training photos only (the same N in every method, nested: a
@@ -59,6 +60,7 @@ METHOD_ARCHITECTURES = {
     "lite1_frozen": "efficientnet_lite1",
     "lite2_frozen": "efficientnet_lite2",
     "lite0_fine_tuned_whole": "efficientnet_lite0",
+    "lite1_fine_tuned_whole": "efficientnet_lite1",
     "frozen_mirror": "mobilenet_1.0_224",
     "lite0_frozen_mirror": "efficientnet_lite0",
     "lite2_frozen_mirror": "efficientnet_lite2",
