@@ -120,7 +120,7 @@ def test_a_feedback_token_that_is_not_ascii_is_malformed(gateway, stub, token):
 def test_feedback_whose_label_is_no_class_of_the_version_is_refused(gateway, stub, true_label):
     """Recorded, a typo would count as a wrong answer in the version's feedback accuracy (the rollout's verdict)."""
     answer = stub.Classify(pb.ClassifyRequest(photo=jpeg((90, 60, len(true_label)))), timeout=20)
-    code = "unknown_label" if true_label else "bad_feedback"
+    code = "unknown_class" if true_label else "bad_feedback"
     reply = gateway.request("POST", "/v1/feedback", {"feedback_token": answer.feedback_token, "true_label": true_label})
     assert_error(reply, 400, code)
     with pytest.raises(grpc.RpcError) as caught:
@@ -137,6 +137,9 @@ def test_feedback_whose_label_is_no_class_of_the_version_is_refused(gateway, stu
 # ---------------------------------------------------------------------------------- Redis frozen: gRPC as HTTP
 def test_grpc_feedback_is_unavailable_as_http_feedback_is_503_while_redis_is_frozen(stack, gateway, stub):
     tokens = [stub.Classify(pb.ClassifyRequest(photo=jpeg((40, 50, c))), timeout=20).feedback_token for c in (1, 2)]
+    # one feedback first, so Redis holds the feedback script: the calls sent while it is frozen then run when it thaws
+    warm = stub.Classify(pb.ClassifyRequest(photo=jpeg((40, 50, 4))), timeout=20).feedback_token
+    assert stub.Feedback(pb.FeedbackRequest(feedback_token=warm, true_label=LABELS[0]), timeout=10).request_id
     redis = stack["redis"].process
     os.kill(redis.pid, signal.SIGSTOP)
     try:
@@ -153,7 +156,7 @@ def test_grpc_feedback_is_unavailable_as_http_feedback_is_503_while_redis_is_fro
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
     assert caught.value.details().startswith("redis_unavailable: Redis (routing, audit and feedback state) is "
                                              "unavailable: ")
-    # the write answered 503 may have reached Redis when it thawed: the retry is answered as recorded either way
+    # the writes answered 503 reached Redis when it thawed: the retries are answered as recorded
     wait_until(lambda: gateway.request("POST", "/v1/feedback", {"feedback_token": tokens[0], "true_label": LABELS[0]})
                .status == 200, timeout=15, what="feedback recorded after Redis thawed")
     assert stub.Feedback(pb.FeedbackRequest(feedback_token=tokens[1], true_label=LABELS[0]), timeout=10).request_id

@@ -90,7 +90,7 @@ def test_feedback_token_from_http_and_grpc_counts_once_on_any_replica(gateway, m
         assert gateway.request("POST", "/v1/feedback", body)[:2] == (200, recorded)  # the same again: as recorded
         typo = {"feedback_token": grpc_answer.feedback_token, "true_label": grpc_answer.predictions[0].label.upper()}
         status, error, _ = other.request("POST", "/v1/feedback", typo)  # a replica that never answered version 2
-        assert (status, error["error"]["code"]) == (400, "unknown_label"), error
+        assert (status, error["error"]["code"]) == (400, "unknown_class"), error
         assert ", ".join(LABELS) in error["error"]["message"]
         wrong = {"feedback_token": grpc_answer.feedback_token,
                  "true_label": next(c for c in LABELS if c != grpc_answer.predictions[0].label)}
@@ -204,6 +204,10 @@ def test_admin_and_feedback_answer_503_while_redis_is_stopped(gateway, redis_ser
 def test_admin_and_feedback_answer_503_while_redis_is_frozen(gateway, redis_server):
     status, answer, _ = gateway.classify(PHOTOS[0].read_bytes(), version=1)
     assert status == 200
+    # one feedback first, so Redis holds the feedback script: a write sent while it is frozen can run when it thaws
+    status, warm, _ = gateway.classify(PHOTOS[1].read_bytes(), version=1)
+    assert gateway.request("POST", "/v1/feedback", {"feedback_token": warm["feedback_token"],
+                                                    "true_label": LABELS[0]})[0] == 200
     os.kill(redis_server.process.pid, signal.SIGSTOP)
     try:
         assert_state_calls_answer_503_promptly(gateway, answer)
@@ -212,6 +216,9 @@ def test_admin_and_feedback_answer_503_while_redis_is_frozen(gateway, redis_serv
     wait_until(lambda: gateway.request("POST", "/v1/feedback", {"feedback_token": answer["feedback_token"],
                                                                 "true_label": LABELS[0]})[0] == 200,
                timeout=15, what="feedback recorded after Redis thawed")
+    client = redis.Redis.from_url(redis_server.url)  # the feedback answered 503 and its retry: counted once
+    assert client.hget(keys.feedback_tally(MODEL), "1:total") == b"2"
+    client.close()
 
 
 # ---------------------------------------------------------------------------------------------- routing changes

@@ -87,6 +87,7 @@ class Classifier:
         self.preprocessor = Preprocessor(limits, self.executor)
         self._background: set[asyncio.Task] = set()
         self._classes: dict[int, list[str]] = {}  # version -> its class labels in column order, from its answers
+        self._asking_classes: dict[int, asyncio.Lock] = {}  # version -> held while classes_of asks the model server
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.create_task(coroutine)
@@ -131,16 +132,19 @@ class Classifier:
         known = self._classes.get(version) or [c["label"] for c in self.model_info.class_names(version)]
         if known:
             return known
-        try:
-            size = await self._ask_upstream(lambda: self.input_sizes.of(version), None)
-            (prediction,) = await self._ask_upstream(
-                lambda: self.upstream.predict(np.zeros((1, size, size, 3), np.uint8), version), None)
-        except GatewayError as exc:
-            if exc.code == "unknown_version":
-                return None
-            raise
-        self._classes[prediction.version] = prediction.classes
-        return prediction.classes
+        async with self._asking_classes.setdefault(version, asyncio.Lock()):  # one blank Predict per version at a time
+            if version in self._classes:
+                return self._classes[version]
+            try:
+                size = await self._ask_upstream(lambda: self.input_sizes.of(version), None)
+                (prediction,) = await self._ask_upstream(
+                    lambda: self.upstream.predict(np.zeros((1, size, size, 3), np.uint8), version), None)
+            except GatewayError as exc:
+                if exc.code == "unknown_version":
+                    return None
+                raise
+            self._classes[prediction.version] = prediction.classes
+            return prediction.classes
 
     async def _predict(self, pixels: np.ndarray, version: int | None, label: str | None):
         start = time.perf_counter()

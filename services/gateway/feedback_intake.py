@@ -2,7 +2,7 @@
 signed token, check that the ground truth is a class of the version that answered, record it once per answer
 (stats.py), and with the opt-in photo store log a correction of a kept photo (photo_store.py).
 
-A ground truth outside the version's classes (a typo, another species) is refused with 400 ``unknown_label`` and the
+A ground truth outside the version's classes (a typo, another species) is refused with 400 ``unknown_class`` and the
 classes that are accepted: recorded, it would count as a wrong answer in the version's feedback accuracy, which the
 rollout controller judges versions by. Feedback on a version the model server no longer has is recorded unchecked
 when this process does not know its classes (from its answers or the registry): nothing is left to ask.
@@ -36,7 +36,7 @@ async def take_feedback(stats: Stats, photo_store: PhotoStore | None,
         raise GatewayError(400, "bad_feedback", "request_id is not the one of the feedback_token")
     classes = await classes_of(claim.version)
     if classes is not None and true_label not in classes:
-        raise GatewayError(400, "unknown_label", f"true_label {true_label[:80]!r} is not a class of version "
+        raise GatewayError(400, "unknown_class", f"true_label {true_label[:80]!r} is not a class of version "
                            f"{claim.version}, which answered: give one of {', '.join(classes)}")
     recorded = await stats.record_feedback(claim, true_label)
     if recorded is None:

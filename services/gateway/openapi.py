@@ -67,7 +67,7 @@ OPENAPI = {
                                                             "request_id": {"type": "string"},
                                                             "true_label": {"type": "string", "description":
                                                                            "a class of the version that answered "
-                                                                           "(400 unknown_label otherwise)"}}}}}},
+                                                                           "(400 unknown_class otherwise)"}}}}}},
             "responses": {"200": {"description": "recorded"}, "409": {"description": "already recorded"},
                           "410": {"description": "feedback_token expired"}, **_ERRORS}}},
         "/v1/demo": {"get": {"summary": "The demo photos of the current model", "responses": {"200": {
