@@ -151,6 +151,11 @@ def test_upload_shows_the_species_the_api_answers(stack, page):
     assert shown == [p["label"] for p in answer["predictions"]]
     meta = page.find_element(By.ID, "result-meta").text
     assert f"version {answer['model']['version']}" in meta
+    # the feedback choices: every class of the version that answered (the gateway refuses any other label)
+    listed = next(v["labels"] for v in gateway.api("GET", "/v1/models")[1]["models"][0]["versions"]
+                  if v["version"] == answer["model"]["version"])
+    options = [o.get_attribute("value") for o in page.find_elements(By.CSS_SELECTOR, "#feedback-true option")]
+    assert options == [label["label"] for label in listed] and len(options) > len(answer["predictions"])
     page.find_element(By.ID, "feedback-right").click()
     assert "recorded" in wait_text(page, "feedback-status")
 

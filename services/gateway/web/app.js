@@ -4,23 +4,19 @@ import { setupUpload } from './upload.js';
 import { setupSlideshow } from './slideshow.js';
 import { setupOperator } from './operator.js';
 
-let labels = [];
+let models = [];
 
-// Labels of the first model version that lists them; tolerant of list- or dict-shaped answers.
-export function labelsOf(models) {
-  const list = Array.isArray(models) ? models : (models.models || []);
-  for (const model of list) {
-    for (const version of model.versions || []) {
-      if (version.labels && version.labels.length) {
-        return version.labels.map((l) => (typeof l === 'string' ? { label: l, display_name: l } : l));
-      }
-    }
-  }
-  return [];
+// The labels /v1/models lists for model version `version` ([] when it lists none); tolerant of list- or
+// dict-shaped answers. The gateway takes feedback only in the labels of the version that answered.
+export function labelsOf(modelsAnswer, version) {
+  const list = Array.isArray(modelsAnswer) ? modelsAnswer : (modelsAnswer.models || []);
+  const chosen = list.flatMap((model) => model.versions || []).find((v) => v.version === version);
+  const labels = (chosen && chosen.labels) || [];
+  return labels.map((l) => (typeof l === 'string' ? { label: l, display_name: l } : l));
 }
 
-getModels().then((models) => { labels = labelsOf(models); }).catch(() => { labels = []; });
-setupUpload(() => labels);
+getModels().then((answer) => { models = answer; }).catch(() => { models = []; });
+setupUpload((version) => labelsOf(models, version));
 setupSlideshow();
 setupOperator();
 document.body.dataset.ready = 'true';

@@ -62,7 +62,8 @@ export function setupUpload(getLabels) {
       `Model ${result.model.name} version ${result.model.version} · ${ms(result.latency_ms)} ms · ` +
       (result.cached ? 'cached' : 'not cached');
     const select = $('feedback-true');
-    const known = getLabels();  // from /v1/models; the answer's own labels if that listed none
+    // the answering version's labels from /v1/models; the answer's own if that listed none
+    const known = getLabels(result.model.version);
     const labels = known.length ? known : result.predictions;
     select.replaceChildren(...labels.map((l) => el('option', { value: l.label, text: l.display_name || l.label })));
     if (top) select.value = top.label;
