@@ -22,11 +22,12 @@ Methods (``--methods``, comma-separated; the first is the reference of the paire
   ``lite0_fine_tuned_whole:6+fine_tune_learning_rate=3e-4``.
 Per method and fold: top-1 accuracy, balanced accuracy, expected calibration error before/after temperature scaling
 and the training seconds (head, plus fine-tuning; bottlenecks excluded, as they are cached across runs); for whole
-fine-tuning also its epochs run, best epoch and what stopped it. Per method, every misclassified test photo (its path
-under ``--data``, label, prediction and both probabilities), to look at what the method gets wrong. And the "not a mushroom" check as the training job
+fine-tuning also its epochs run, best epoch and what stopped it. And the "not a mushroom" check as the training job
 calibrates it (``training_job.open_set.calibrate``: centroids from the fold's training photos, threshold at a quantile
 of its training and validation photos' scores) at each of ``OPEN_SET_RATES``: the share of the fold's test mushrooms
 and of the not-mushroom photos (``--not_mushrooms``) it rejects, and how many folds meet both of issue 14's targets.
+Per method, every misclassified test photo (its path under ``--data``, label, prediction and both probabilities), to
+look at what the method gets wrong.
 
 Usage: python -m bench.accuracy_cv [--data DIR] [--folds 5] [--methods frozen,lite0_frozen] [--result NAME]
        [--compare-to RESULT:METHOD] [--save-logits DIR] [--not_mushrooms DIR]

@@ -454,20 +454,18 @@ def test_a_controller_that_lost_its_lease_cannot_change_the_routing(redis_server
                                                                {"1": 100.0}]
 
 
-def test_a_lost_state_mid_canary_keeps_the_larger_share_as_stable_and_says_so(redis_server):
-    """The state is gone (Redis restarted without its last second) while v2 serves 5 %: the controller must not take
-    the canary for the stable version (promoting it to 100 % at once). The table's largest weight is the stable
-    version, the history says the state was lost, and v2's rollout starts again from its first step."""
+def after_a_lost_state(redis_url: str, before) -> tuple:
+    """A controller adopts version 1, ``await before(controller, gateway, model_server)`` plays what happened next,
+    the controller lets go of the lease, model "m"'s saved state is deleted, and a second controller ticks once:
+    (gateway, its state, its history). Policy: 5 % held 600 s, then 100 %."""
     policy = parse_policy({"tick_seconds": 1, "steps": [{"weight": 5, "hold_seconds": 600}, {"weight": 100}]})
 
     async def scenario():
-        client = aioredis.from_url(redis_server.url)
+        client = aioredis.from_url(redis_url)
         gateway, model_server = FakeGateway(), FakeModelServer({1})
         first = Controller(client, gateway, model_server, policy, "m", identity="first")
         await first.tick()  # adopts version 1
-        model_server.versions.add(2)
-        await first.tick()  # v2 at 5 %
-        assert gateway.table["weights"] == {"1": 95, "2": 5}
+        await before(first, gateway, model_server)
         await first.release_lease()
         await client.delete(keys.state("m"))
         second = Controller(client, gateway, model_server, policy, "m", identity="second")
@@ -476,7 +474,19 @@ def test_a_lost_state_mid_canary_keeps_the_larger_share_as_stable_and_says_so(re
         await client.aclose()
         return gateway, state, history
 
-    gateway, state, history = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_a_lost_state_mid_canary_keeps_the_larger_share_as_stable_and_says_so(redis_server):
+    """The state is gone (Redis restarted without its last second) while v2 serves 5 %: the controller must not take
+    the canary for the stable version (promoting it to 100 % at once). The table's largest weight is the stable
+    version, the history says the state was lost, and v2's rollout starts again from its first step."""
+    async def canary(first, gateway, model_server):
+        model_server.versions.add(2)
+        await first.tick()  # v2 at 5 %
+        assert gateway.table["weights"] == {"1": 95, "2": 5}
+
+    gateway, state, history = after_a_lost_state(redis_server.url, canary)
     assert (state.stable, state.candidate, state.step) == (1, 2, 0)
     assert gateway.table["weights"] == {"1": 95, "2": 5} and {"2": 100} not in [t["weights"] for t, _ in gateway.puts]
     adopt = [e for e in history if e["outcome"] == "adopt"][0]
@@ -486,13 +496,7 @@ def test_a_lost_state_mid_canary_keeps_the_larger_share_as_stable_and_says_so(re
 def test_a_lost_state_keeps_the_rejections_the_history_shows(redis_server):
     """v2 was rolled back, v3 rolled back then retried by an operator; the state is gone: the controller that adopts
     must not roll v2 out again (its users were protected from it once), and v3 stays free to go."""
-    policy = parse_policy({"tick_seconds": 1, "steps": [{"weight": 5, "hold_seconds": 600}, {"weight": 100}]})
-
-    async def scenario():
-        client = aioredis.from_url(redis_server.url)
-        gateway, model_server = FakeGateway(), FakeModelServer({1})
-        first = Controller(client, gateway, model_server, policy, "m", identity="first")
-        await first.tick()  # adopts version 1
+    async def two_rollbacks_and_a_retry(first, gateway, model_server):
         for version in (2, 3):
             model_server.versions.add(version)
             await first.tick()  # the version at 5 %
@@ -502,15 +506,8 @@ def test_a_lost_state_keeps_the_rejections_the_history_shows(redis_server):
         model_server.versions.discard(3)  # unloaded meanwhile: nothing starts it before the state is lost
         await first.tick()
         assert (await first.load_state()).rejected == [2]
-        await first.release_lease()
-        await client.delete(keys.state("m"))
-        second = Controller(client, gateway, model_server, policy, "m", identity="second")
-        await second.tick()
-        state, history = await second.load_state(), await second.history()
-        await client.aclose()
-        return gateway, state, history
 
-    gateway, state, history = asyncio.run(scenario())
+    gateway, state, history = after_a_lost_state(redis_server.url, two_rollbacks_and_a_retry)
     assert state.rejected == [2] and state.candidate is None and gateway.table["weights"] == {"1": 100}
     adopt = [e for e in history if e["outcome"] == "adopt"][0]
     assert adopt["state_lost"] is True and "the rejected versions are those the history shows (v2)" in adopt["reason"]
