@@ -517,6 +517,13 @@ def test_web_operator_panel_shows_the_rollout_and_sends_commands(model_server, r
         retry = WebDriverWait(page, 15).until(
             lambda d: d.find_elements(By.CSS_SELECTOR, "#rollout-rejected button[data-version='2']"))[0]
         assert retry.text == "Retry version 2"
+        # the panel's refreshes leave the button under the keyboard focus: two refreshes of the status line go by, so
+        # the rollout refresh started with the first has ended
+        page.execute_script("arguments[0].focus()", retry)
+        for _ in range(2):
+            shown = page.find_element(By.ID, "status-updated").text
+            text("status-updated", lambda t, shown=shown: t != shown, timeout=15)
+        assert page.switch_to.active_element == retry
         retry.click()
         text("rollout-command-status", lambda t: t.startswith("Queued retry of version 2 (by alice)"))
         text("rollout-summary", lambda t: t.startswith("Rolling out version 2 over stable version 1: step 1 of 2"))

@@ -178,7 +178,7 @@ export function setupOperator() {
       const missing = error.code === 'rollout_not_configured';
       $('rollout-summary').textContent = missing ? 'No rollout controller is configured for this gateway.' : '';
       $('rollout-controls').hidden = missing;
-      $('rollout-rejected').replaceChildren();
+      renderRejected([]);
       showError($('rollout-error'), missing ? null : error);
       return;
     }
@@ -201,10 +201,19 @@ export function setupOperator() {
       ? `(new version: ${judgement.new.requests} requests, ${judgement.new.shadow_requests} mirrored, `
         + `${judgement.new.feedback_total} feedback; stable: ${judgement.stable.requests} requests, `
         + `${judgement.stable.feedback_total} feedback, since the rollout started)` : '';
-    $('rollout-rejected').replaceChildren(...(state.rejected || []).map((version) => el('button', {
-      type: 'button', 'data-action': 'retry', 'data-version': String(version), text: `Retry version ${version}` })));
+    renderRejected(state.rejected || []);
     $('rollout-history').replaceChildren(...(body.history || []).slice(0, 30).map((event) => el('li', {
       class: `outcome-${event.outcome}`, 'data-outcome': event.outcome, text: historyText(event) })));
+  }
+
+  // One "Retry version N" button per rejected version, rebuilt only when those versions change: a refresh keeps the
+  // button under the keyboard focus.
+  function renderRejected(versions) {
+    const box = $('rollout-rejected');
+    const shown = [...box.children].map((button) => button.dataset.version);
+    if (shown.join(',') === versions.map(String).join(',')) return;
+    box.replaceChildren(...versions.map((version) => el('button', {
+      type: 'button', 'data-action': 'retry', 'data-version': String(version), text: `Retry version ${version}` })));
   }
 
   async function command(event) {
