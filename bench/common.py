@@ -35,6 +35,13 @@ def machine_description() -> dict:
     try:
         revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                   cwd=RESULTS_DIR.parent).stdout.strip()
+        # "-dirty": the code measured differs from that commit (the results themselves, which a run of several
+        # benchmarks writes one after another, do not count)
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                  f":!{RESULTS_DIR.relative_to(RESULTS_DIR.parents[1])}"],
+                                 capture_output=True, text=True, cwd=RESULTS_DIR.parents[1]).stdout.strip()
+        if revision and changed:
+            revision += "-dirty"
     except OSError:
         revision = ""
     return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "revision": revision,

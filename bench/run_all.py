@@ -513,9 +513,9 @@ def gateway_cells() -> list[dict]:
 
 
 def measured_revisions() -> dict[str, list[str]]:
-    """{revision: the benchmarks whose last results were measured there}, for the benchmarks of SCRIPTS."""
+    """{revision: the results last measured there}, for the benchmarks of SCRIPTS and the cross-validation runs."""
     by_revision: dict[str, list[str]] = {}
-    for name in SCRIPTS:
+    for name in dict.fromkeys([*SCRIPTS, *CV_RESULTS]):
         revision = (load(name).get("machine") or {}).get("revision")
         if revision:
             by_revision.setdefault(revision, []).append(name)

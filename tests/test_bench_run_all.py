@@ -274,3 +274,29 @@ def test_the_model_servers_targets_hold_its_figures_with_h2load_as_the_client(mo
     assert (python_c1["measured"], python_c1["met"]) == (3.4, None)
     overhead = [row for what, row in rows.items() if what.startswith("model server's own CPU per request")]
     assert sorted(row["measured"] for row in overhead) == ["0.60 ms; 0.05 ms; 0.940", "0.70 ms; 0.30 ms; 0.900"]
+
+
+def test_the_report_names_the_revision_of_every_result_it_reads_cross_validation_included(monkeypatch):
+    results = {"tflite": {"machine": {"revision": "aaa1111"}},
+               "accuracy_cv_whole_lite1": {"machine": {"revision": "bbb2222-dirty"}}}
+    monkeypatch.setattr(run_all, "load", lambda name: results.get(name, {}))
+    assert run_all.measured_revisions() == {"aaa1111": ["tflite"], "bbb2222-dirty": ["accuracy_cv_whole_lite1"]}
+
+
+def test_a_result_measured_on_changed_code_says_so_but_not_for_changed_results(tmp_path, monkeypatch):
+    import bench.common as common
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "code.py").write_text("x = 1\n")
+    (tmp_path / "bench" / "results" / "old.json").write_text("{}")
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "bench" / "results")
+
+    (tmp_path / "bench" / "results" / "old.json").write_text('{"again": 1}')  # an earlier benchmark of the run
+    assert common.machine_description()["revision"] == head
+    (tmp_path / "bench" / "code.py").write_text("x = 2\n")
+    assert common.machine_description()["revision"] == f"{head}-dirty"
