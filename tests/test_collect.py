@@ -174,7 +174,7 @@ exec {sys.executable} "$@"
 
 
 def test_collect_drops_missing_unreadable_and_malformed_corrections(tmp_path):
-    from training_job.collect import collect
+    from training_job.collect import collect, format_collect_summary
 
     data = tmp_path / "data"
     for label in LABELS:
@@ -190,9 +190,13 @@ def test_collect_drops_missing_unreadable_and_malformed_corrections(tmp_path):
     missing_sha = hashlib.sha256(b"evicted").hexdigest()
     lines = [json.dumps({"sha256": sha, "true_label": "boletus_edulis", "version": 3, "request_id": f"r{i}",
                          "corrected_at": i}) for i, sha in enumerate((good_sha, text_sha, missing_sha))]
-    (store / "corrections.jsonl").write_text("\n".join([*lines, "{not json", json.dumps({"sha256": 5})]) + "\n")
+    retried = json.dumps({**json.loads(lines[0]), "corrected_at": 9})  # a client's retry of a logged feedback
+    (store / "corrections.jsonl").write_text(
+        "\n".join([*lines, retried, "{not json", json.dumps({"sha256": 5})]) + "\n")
     report = collect(store, data, data)  # straight into the data folder: the next run trains on it
-    assert report.corrections == 3 and [r["sha256"] for r in report.collected] == [good_sha]
+    assert (report.corrections, report.repeated) == (3, 1)
+    assert "3 corrections read (and 1 repeated lines)" in format_collect_summary(report, data)
+    assert [r["sha256"] for r in report.collected] == [good_sha]
     assert report.counts() == {"not_an_image": 1, "photo_missing": 1, "unreadable_record": 2}
     assert (data / "boletus_edulis" / f"{good_sha}.jpg").read_bytes() == good
     assert collect(store, data, data).counts()["duplicate"] == 1  # the second time it is already there

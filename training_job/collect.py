@@ -34,6 +34,7 @@ EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": 
 @dataclass
 class CollectReport:
     corrections: int = 0
+    repeated: int = 0  # lines repeating a correction already read: a client retried a feedback that had been logged
     collected: list[dict] = field(default_factory=list)
     dropped: list[dict] = field(default_factory=list)  # {"sha256", "label", "reason", "detail"}
 
@@ -41,18 +42,20 @@ class CollectReport:
         return dict(Counter(d["reason"] for d in self.dropped))
 
     def to_json(self) -> dict:
-        return {"corrections": self.corrections, "collected": len(self.collected), "dropped": self.counts(),
+        return {"corrections": self.corrections, "repeated": self.repeated, "collected": len(self.collected), "dropped": self.counts(),
                 "photos": self.collected, "dropped_photos": self.dropped}
 
 
 def read_corrections(store: Path, report: CollectReport) -> dict[str, dict]:
-    """{sha256: the photo's last correction}; photos corrected to different labels are dropped (``disagreement``)."""
+    """{sha256: the photo's last correction}; photos corrected to different labels are dropped (``disagreement``).
+    One answer (request id) corrected to one label is one correction however many times it was logged."""
     log = store / "corrections.jsonl"
     if not store.is_dir():
         raise UserError(f"{store} does not exist: give the gateway's photo store folder (its --photo-store)")
     if not log.is_file():
         return {}  # a store nobody corrected anything in yet
     by_photo: dict[str, list[dict]] = {}
+    read = set()
     for number, line in enumerate(log.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -64,6 +67,11 @@ def read_corrections(store: Path, report: CollectReport) -> dict[str, dict]:
             report.dropped.append({"sha256": "", "label": "", "reason": "unreadable_record",
                                    "detail": f"{log}:{number} is not a correction record"})
             continue
+        key = (sha, record.get("request_id"), record["true_label"])
+        if key in read:
+            report.repeated += 1
+            continue
+        read.add(key)
         report.corrections += 1
         by_photo.setdefault(sha, []).append(record)
     latest = {}
@@ -155,5 +163,6 @@ def format_collect_summary(report: CollectReport, out: Path) -> str:
     dropped = ", ".join(f"{reason} {n}" for reason, n in sorted(report.counts().items())) or "none"
     per_class = Counter(r["label"] for r in report.collected)
     classes = ", ".join(f"{label} {n}" for label, n in sorted(per_class.items())) or "none"
-    return (f"{report.corrections} corrections read; {len(report.collected)} new photos collected into {out} "
+    repeated = f" (and {report.repeated} repeated lines)" if report.repeated else ""
+    return (f"{report.corrections} corrections read{repeated}; {len(report.collected)} new photos collected into {out} "
             f"({classes}); dropped: {dropped}")
