@@ -138,6 +138,16 @@ def shared_photo(manifest, label: str) -> Path:
     return Path(row["path"])
 
 
+def test_the_feedback_choices_are_the_classes_of_the_version_that_answered(page):
+    # the page's own module, as the browser loaded it: versions of different classes (this stack's two share theirs)
+    choices = page.execute_async_script("""const done = arguments[arguments.length - 1];
+        import('/static/app.js').then((app) => done([2, 3].map((version) => app.labelsOf({ models: [{ name: 'm',
+          versions: [{ version: 1, labels: ['amanita_muscaria', 'boletus_edulis'] },
+                     { version: 2, labels: [{ label: 'amanita_vaginata', display_name: 'Grisette' }] }] }] },
+          version))));""")
+    assert choices == [[{"label": "amanita_vaginata", "display_name": "Grisette"}], []]
+
+
 def test_upload_shows_the_species_the_api_answers(stack, page):
     gateway, manifest = stack
     photo = shared_photo(manifest, "amanita_muscaria")
