@@ -19,7 +19,9 @@ Methods (``--methods``, comma-separated; the first is the reference of the paire
 - ``<method>:E`` (for the fine-tuned ones): at most E fine-tuning epochs (``--fine_tune_epochs E``: the cosine
   decay ends there) instead of the training job's default; ``lite0_fine_tuned_whole:6@400`` combines both;
 - ``<method>+FIELD=VALUE`` (repeatable, last): the same with that ``TrainConfig`` field changed, e.g.
-  ``lite0_fine_tuned_whole:6+fine_tune_learning_rate=3e-4``.
+  ``lite0_fine_tuned_whole:6+fine_tune_learning_rate=3e-4``; with ``+fine_tune_soup=N`` (N > 1) the method is also
+  paired with each of its N runs alone on the same folds, and the ensemble of those runs (their answers averaged, N
+  times the served cost) with it.
 Per method and fold: top-1 accuracy, balanced accuracy, expected calibration error before/after temperature scaling
 and the training seconds (head, plus fine-tuning; bottlenecks excluded, as they are cached across runs); for whole
 fine-tuning also its epochs run, best epoch and what stopped it. And the "not a mushroom" check as the training job
@@ -238,6 +240,19 @@ def run_method(method: str, rows_k, k: int, base, work: Path, done: dict) -> Met
         seconds += time.monotonic() - started
         details = {"fine_tune_epochs_run": tuned.epochs_run, "fine_tune_best_epoch": tuned.best_epoch,
                    "fine_tune_stopped_by": tuned.stopped_by}
+        if tuned.run_models:  # a soup: each run alone on the same test photos, paired with their average
+            from training_job.bottlenecks import load_pixels
+
+            index = {label: i for i, label in enumerate(head.labels)}
+            test_rows = [r for r in rows_k if r.split == "test"]
+            pixels = np.stack([load_pixels(r.path, base.image_size) for r in test_rows]).astype(np.float32)
+            truth = np.array([index[r.label] for r in test_rows])
+            probabilities = [model.predict(pixels, batch_size=32, verbose=0) for model in tuned.run_models]
+            details["fine_tune_runs_test_accuracy"] = [float(np.mean(p.argmax(1) == truth)) for p in probabilities]
+            # what serving every run and averaging their answers would score (at as many times the served cost)
+            details["fine_tune_runs_ensemble_test_accuracy"] = float(
+                np.mean(np.mean(probabilities, axis=0).argmax(1) == truth))
+            details["fine_tune_soup"] = tuned.soup
     return MethodRun(head, splits["test"], splits["validation"], seconds, details, network, splits["train"])
 
 
@@ -354,6 +369,15 @@ def main(argv=None) -> int:
         if method != methods[0]:
             result.setdefault("paired_differences", {})[f"{method} - {methods[0]}"] = paired_difference(
                 values, [f[methods[0]] for f in per_fold])
+        if all("fine_tune_runs_test_accuracy" in d for d in details):  # a soup against each of its runs alone
+            alone = list(zip(*(d["fine_tune_runs_test_accuracy"] for d in details)))
+            result[method]["runs_alone"] = [round(float(np.mean(run)), 4) for run in alone]
+            for i, run in enumerate(alone):
+                result.setdefault("paired_differences", {})[f"{method} - its run {i + 1} alone"] = \
+                    paired_difference(values, list(run))
+            ensemble = [d["fine_tune_runs_ensemble_test_accuracy"] for d in details]
+            result[method]["runs_ensemble"] = round(float(np.mean(ensemble)), 4)
+            result["paired_differences"][f"its runs' ensemble - {method}"] = paired_difference(ensemble, values)
     for spec, (_, values) in earlier.items():
         for method in methods:
             result.setdefault("paired_differences", {})[f"{method} - {spec}"] = paired_difference(

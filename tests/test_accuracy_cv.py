@@ -64,8 +64,11 @@ def test_main_pairs_methods_fold_by_fold(monkeypatch, tmp_path):
             return Bottlenecks(np.array(out, np.float32), np.zeros((len(out), 1000), np.float32), 0)
 
         head = Head(labels, [np.eye(2, dtype=np.float32) * 4], [np.zeros(2, np.float32)])
-        return cv.MethodRun(head, features("test"), features("validation"), 1.0, {"fine_tune_epochs_run": k}, base,
-                            features("train"))
+        # "frozen" stands for a soup here: its two runs alone scored 0.75 and 1.0 on the fold's test photos
+        runs = {"fine_tune_runs_test_accuracy": [0.75, 1.0], "fine_tune_runs_ensemble_test_accuracy": 1.0} \
+            if method == "frozen" else {}
+        return cv.MethodRun(head, features("test"), features("validation"), 1.0,
+                            {"fine_tune_epochs_run": k, **runs}, base, features("train"))
 
     monkeypatch.setattr(cv, "run_method", fake_run)
     written = {}
@@ -78,6 +81,12 @@ def test_main_pairs_methods_fold_by_fold(monkeypatch, tmp_path):
     assert "fine_tune_gain" not in written and written["frozen"]["train_seconds"] == 1.0
     assert 0 <= written["frozen"]["ece_after"] <= written["frozen"]["ece_before"] + 1e-9
     assert [f["frozen_details"]["fine_tune_epochs_run"] for f in written["per_fold"]] == [0, 1, 2]
+    # a soup is paired with each of its runs alone, on the same folds
+    assert written["frozen"]["runs_alone"] == [0.75, 1.0] and "runs_alone" not in written["lite0_frozen"]
+    assert written["paired_differences"]["frozen - its run 1 alone"]["mean"] == pytest.approx(0.25)
+    assert written["paired_differences"]["frozen - its run 2 alone"]["mean"] == 0.0
+    assert written["frozen"]["runs_ensemble"] == 1.0
+    assert written["paired_differences"]["its runs' ensemble - frozen"]["mean"] == 0.0
     # every misclassified test photo, once, with its label and prediction (to look at what a method gets wrong)
     wrong = written["lite0_frozen"]["misclassified"]
     assert len(wrong) == sum(round((1 - f["lite0_frozen"]) * f["test_photos"]) for f in written["per_fold"]) > 0

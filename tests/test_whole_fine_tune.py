@@ -21,7 +21,7 @@ def tiny(tmp_path_factory):
     base = BaseNetwork("efficientnet_lite0")
     config = TrainConfig(architecture="efficientnet_lite0", epochs=20, patience=5, train_batch_size=8,
                          fine_tune_whole=True, fine_tune_epochs=2, fine_tune_learning_rate=3e-4,
-                         fine_tune_warmup_epochs=1, fine_tune_patience=3)
+                         fine_tune_warmup_epochs=1, fine_tune_patience=3, fine_tune_soup=1)
     result = train_head(rows, config, work / "tb", "tiny", base=base, progress=False, cache_root=work / "cache")
     return rows, config, base, result, work
 
@@ -57,7 +57,7 @@ def test_stopped_fine_tuning_resumes_and_tunes_only_what_it_should(tiny):
     with pytest.raises(RuntimeError, match="on purpose"):
         fine_tune_whole(rows, config, base, result.head, work / "tb", checkpoint,
                         callbacks=[CrashAfterFirstEpoch()], progress=False)
-    assert (checkpoint / "backup").exists() and (checkpoint / "best" / "best.json").exists()
+    assert (checkpoint / "run0" / "backup").exists() and (checkpoint / "run0" / "best" / "best.json").exists()
     begun = []
     tuned = fine_tune_whole(rows, config, base, result.head, work / "tb", checkpoint,
                             callbacks=[EpochsBegun(begun)], progress=False)
@@ -86,6 +86,61 @@ def test_stopped_fine_tuning_resumes_and_tunes_only_what_it_should(tiny):
     for answer, kept in zip(tuned.base(val_pixels), (tuned.split_bottlenecks["validation"].features,
                                                      tuned.split_bottlenecks["validation"].imagenet)):
         np.testing.assert_allclose(answer, kept, rtol=1e-4, atol=1e-4)
+
+
+class CrashInSecondRun:
+    """Stops the second fit it sees after its first epoch, as a Ctrl-C during a soup's second run would."""
+
+    def __new__(cls):
+        import keras
+
+        class Callback(keras.callbacks.Callback):
+            fits = 0
+
+            def on_train_begin(self, logs=None):
+                type(self).fits += 1
+
+            def on_epoch_end(self, epoch, logs=None):
+                if type(self).fits == 2 and epoch == 0:
+                    raise RuntimeError("stopped on purpose")
+
+        return Callback()
+
+
+def test_a_soup_averages_its_runs_and_a_stop_in_the_second_keeps_the_first(tiny):
+    import dataclasses
+
+    from training_job.whole_fine_tune import _fine_tune_ingredient, fine_tune_whole
+
+    rows, config, base, result, work = tiny
+    config = dataclasses.replace(config, fine_tune_soup=2, seed=7)
+    checkpoint = work / "checkpoint-soup"
+    with pytest.raises(RuntimeError, match="on purpose"):
+        fine_tune_whole(rows, config, base, result.head, work / "tb", checkpoint,
+                        callbacks=[CrashInSecondRun()], progress=False)
+    assert (checkpoint / "run0" / "finished.weights.h5").exists() and (checkpoint / "run1" / "backup").exists()
+    begun = []
+    tuned = fine_tune_whole(rows, config, base, result.head, work / "tb", checkpoint,
+                            callbacks=[EpochsBegun(begun)], progress=False)
+    assert begun == [1]  # the first run is not trained again; the second resumes after its finished first epoch
+    assert [r["seed"] for r in tuned.runs] == [7, 1007] and tuned.seconds == sum(r["seconds"] for r in tuned.runs)
+    assert tuned.soup["runs"] == 2
+
+    # the served network is the runs' average (or, when the average did worse on validation, the better run)
+    runs = [_fine_tune_ingredient(dataclasses.replace(config, seed=r["seed"]), base, result.head, None, None, None,
+                                  checkpoint / f"run{i}", work / "tb", None, (), False)[0]
+            for i, r in enumerate(tuned.runs)]
+    each = [m.get_layer("tuned_features").get_weights() for m in runs]
+    assert not all(np.allclose(a, b) for a, b in zip(*each))  # two seeds, two networks
+    if tuned.soup["kept"] == "soup":
+        expected = [np.mean(ws, axis=0) for ws in zip(*each)]
+    else:
+        expected = each[int(tuned.soup["kept"].split()[-1]) - 1]
+    for a, b in zip(tuned.base.tuned.get_weights(), expected):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    val_pixels = np.stack([load_image_file(r.path, 224) for r in rows if r.split == "validation"])
+    np.testing.assert_allclose(tuned.base(val_pixels)[0], tuned.split_bottlenecks["validation"].features,
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_a_whole_fine_tuned_run_exports_the_tuned_network(tiny):

@@ -139,7 +139,8 @@ def train_run(rows, config: TrainConfig, run_dir: Path | None = None, *, base: B
                                       "epochs_run": whole.epochs_run, "best_epoch": whole.best_epoch,
                                       "seconds": whole.seconds, "stopped_by": whole.stopped_by,
                                       "validation_accuracy_before": result.validation_accuracy,
-                                      "validation_accuracy": whole.validation_accuracy}
+                                      "validation_accuracy": whole.validation_accuracy,
+                                      "runs": whole.runs, "soup": whole.soup}
     else:
         from training_job.whole_fine_tune import TUNED_NETWORK_FILE
 

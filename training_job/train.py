@@ -65,6 +65,8 @@ class TrainConfig:
     # whole-network fine-tuning's wall-clock budget: the default recipe's 6 epochs fit where an epoch takes under 48 s;
     # a slower machine runs fewer (whole_fine_tune.BestEpoch), so that `make run` stays within 10 minutes
     fine_tune_max_minutes: float | None = 5.0
+    # whole fine-tuning runs (other seeds, same start) whose weights are averaged; None: whole_fine_tune.SOUP_SIZE
+    fine_tune_soup: int | None = None
     mirror_tta: bool = False  # serve the mean features of each photo and its mirror image (training_job.mirror_tta)
 
     @property

@@ -13,11 +13,16 @@ to 100 % of the side resized back, brightness x0.9-1.1), with:
   to its end instead of stopping in the middle of one;
 - the stem and first blocks (``fine_tune_frozen_blocks``, default FROZEN_BLOCKS) kept as ImageNet trained: a step
   costs less, as backpropagation stops at the first trained block;
-- float32 throughout (mixed precision brings nothing on CPU).
+- float32 throughout (mixed precision brings nothing on CPU);
+- ``fine_tune_soup`` runs (default SOUP_SIZE) from the same start, each with its own seed (augmentation, order,
+  dropout), their weights then averaged into one network of the same size (a uniform "model soup": runs fine-tuned
+  from one start at a low rate stay in one basin, where the average of their weights answers like the average of
+  their answers, at one run's serving cost); should the average do worse on validation than every run (runs that
+  did not stay in one basin), the run best on validation is served instead. The time budget is all the runs'.
 
 Stopped part-way (Ctrl-C, a killed pod), the same call with the same ``checkpoint_dir`` resumes after the last
 finished epoch: ``keras.callbacks.BackupAndRestore`` restores the weights, optimizer and epoch, and
-``BestEpoch`` its own record of the best epoch so far.
+``BestEpoch`` its own record of the best epoch so far; a run that had finished is read back, not trained again.
 
 The tuned copy is the one network a version runs (``WholeTunedBase``): its pooled features feed the head and, through
 the base's own ImageNet classifier (the layers after the pooling, never trained here), the ImageNet probabilities
@@ -27,6 +32,7 @@ each run.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -49,12 +55,18 @@ LEARNING_RATE = 3e-4
 # cross-validation (bench/results/accuracy_cv_whole_frozen.json, and accuracy_cv_whole_mirror.json's second run: 3
 # blocks score as training every block within the noise between runs) for the cheaper step (fine_tune_step.json).
 FROZEN_BLOCKS = 3
+# Fine-tuning runs averaged into the served network unless the config says otherwise (TrainConfig.fine_tune_soup).
+SOUP_SIZE = 1
+SOUP_SEED_STEP = 1000  # run i of a soup trains with the config's seed + i * SOUP_SEED_STEP
 TUNED_NETWORK_FILE = "fine_tuned_network.weights.h5"
 # what stopped a run the time budget stopped: after the epoch it had brought the end of the decay forward to, or
 # before that end
 TIME_BUDGET = "time budget"
 TIME_BUDGET_MID_DECAY = "time budget, before the end of the decay"
 CHECKPOINT_FOLDER = "fine_tune_checkpoint"
+INGREDIENT_FOLDER = "run"  # CHECKPOINT_FOLDER/run<i>: run i's epoch backup, best epoch and, once finished, its weights
+FINISHED_WEIGHTS = "finished.weights.h5"
+FINISHED_RECORD = "finished.json"
 
 
 def feature_model(base: BaseNetwork):
@@ -269,6 +281,14 @@ class WholeFineTuneResult:
     stopped_by: str | None
     planned_epochs: int  # the epochs the schedule ended with: fewer than asked when the time budget brought it forward
     split_bottlenecks: dict  # split -> Bottlenecks of the tuned network (features and ImageNet probabilities)
+    # the first four fields above are the first run's, ``seconds`` all runs'; each run's record ({"seed",
+    # "epochs_run", "best_epoch", "seconds", "stopped_by", "planned_epochs", "validation_cross_entropy"})
+    runs: list = dataclasses.field(default_factory=list)
+    # with several runs: {"runs", "validation_cross_entropy" of their average, "kept": "soup" or "run <i>"}
+    soup: dict | None = None
+    # with several runs: each run's own Keras model (pixels to probabilities) at its best epoch, to compare with
+    # their average (bench/accuracy_cv.py)
+    run_models: list = dataclasses.field(default_factory=list, repr=False)
 
 
 def augment(image, size: int, crop_min: float = 0.8):
@@ -318,6 +338,15 @@ def frozen_blocks_asked(config: TrainConfig) -> int:
     if config.fine_tune_frozen_blocks is not None:
         return config.fine_tune_frozen_blocks
     return FROZEN_BLOCKS if block_count(config.architecture) > FROZEN_BLOCKS else 0
+
+
+def soup_size(config: TrainConfig) -> int:
+    """The fine-tuning runs averaged: the config's, or SOUP_SIZE."""
+    return config.fine_tune_soup or SOUP_SIZE
+
+
+def ingredient_seed(config: TrainConfig, i: int) -> int:
+    return config.seed + SOUP_SEED_STEP * i
 
 
 def epochs_asked(config: TrainConfig) -> int:
@@ -376,12 +405,14 @@ CHECKPOINT_IDENTITY = "identity.json"
 
 def checkpoint_identity(rows, config: TrainConfig, base: BaseNetwork, head: Head) -> dict:
     """What a fine-tuning checkpoint belongs to: the photos it trains and validates on, the classes, the base, the
-    blocks it keeps frozen and the head's shape. A checkpoint of anything else cannot go on."""
+    blocks it keeps frozen, the head's shape and the seed its runs' seeds come from. A checkpoint of anything else
+    cannot go on."""
     from training_job.dataset import manifest_fingerprint
 
     return {"photos": manifest_fingerprint([r for r in rows if r.split in ("train", "validation")]),
             "labels": list(head.labels), "architecture": base.architecture,
-            "frozen_blocks": frozen_blocks_asked(config), "head": [list(k.shape) for k in head.kernels]}
+            "frozen_blocks": frozen_blocks_asked(config), "head": [list(k.shape) for k in head.kernels],
+            "seed": config.seed}
 
 
 def claim_checkpoint(checkpoint_dir: Path, identity: dict) -> None:
@@ -391,21 +422,24 @@ def claim_checkpoint(checkpoint_dir: Path, identity: dict) -> None:
     import sys
 
     record = checkpoint_dir / CHECKPOINT_IDENTITY
-    if (checkpoint_dir / "backup").exists():
+    runs = sorted(checkpoint_dir.glob(f"{INGREDIENT_FOLDER}*")) if checkpoint_dir.is_dir() else []
+    if runs:
         kept = json.loads(record.read_text()) if record.exists() else None
         if kept != identity:
             print(f"the fine-tuning checkpoint in {checkpoint_dir} belongs to other photos, classes or settings "
                   "(the photo folder changed since it stopped): starting over", file=sys.stderr)
-            for folder in ("backup", "best"):
-                shutil.rmtree(checkpoint_dir / folder, ignore_errors=True)
+            for folder in runs:
+                shutil.rmtree(folder, ignore_errors=True)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(identity))
 
 
 def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, tensorboard_dir: Path,
                     checkpoint_dir: Path, *, callbacks=(), progress: bool = True) -> WholeFineTuneResult:
-    """Train the whole feature path with ``head`` (its starting point); resumable from ``checkpoint_dir``."""
-    import keras
+    """Train the whole feature path with ``head`` (its starting point), ``soup_size(config)`` times from that same
+    start with other seeds, and average the runs' weights (a uniform "model soup", Wortsman et al. 2022): one network
+    of the same size, whose answers vary less with the seed than one run's. Resumable from ``checkpoint_dir``: each
+    run has its folder there, and a finished run is not trained again."""
     import tensorflow as tf
 
     size = base.image_size
@@ -414,44 +448,43 @@ def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, te
     pixels = {s: np.stack([load_pixels(r.path, size) for r in rs]) for s, rs in splits.items() if rs}
     labels = {s: np.array([index[r.label] for r in rs]) for s, rs in splits.items() if rs}
     C = len(head.labels)
-
-    keras.utils.set_random_seed(config.seed)
-    tuned = tuned_copy(base, frozen_blocks=frozen_blocks_asked(config))
-    inputs, features = tuned_on_pixels(base, tuned)
-    model = keras.Model(inputs, trainable_head(features, head, config))
-
-    n_train = len(labels["train"])
-    schedule = learning_rate_schedule(config, n_train)
-    model.compile(optimizer=keras.optimizers.Adam(schedule.keras_schedule),
-                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-                  metrics=["accuracy", keras.metrics.CategoricalCrossentropy(name="cross_entropy")])
-
-    train = augmented_batches(pixels["train"], labels["train"], C, config, size)
     validation = (tf.data.Dataset.from_tensor_slices(
         (tf.cast(pixels["validation"], tf.float32), tf.one_hot(labels["validation"], C)))
         .batch(config.validation_batch_size))
 
     checkpoint_dir = Path(checkpoint_dir)
     claim_checkpoint(checkpoint_dir, checkpoint_identity(rows, config, base, head))
-    if not (checkpoint_dir / "backup").exists():  # a fresh start: an older run's record of its best epoch goes
-        import shutil
-
-        shutil.rmtree(checkpoint_dir / "best", ignore_errors=True)
-    epochs = epochs_asked(config)
-    best = BestEpoch(checkpoint_dir / "best", config.fine_tune_patience,
-                     config.fine_tune_max_minutes * 60 if config.fine_tune_max_minutes else None, schedule, epochs)
-    started = time.monotonic()
-    model.fit(train, validation_data=validation, epochs=epochs,
-              verbose=1 if progress else 0, shuffle=False,  # the dataset shuffles itself each epoch
-              callbacks=[keras.callbacks.BackupAndRestore(str(checkpoint_dir / "backup")), best.callback,
-                         keras.callbacks.TensorBoard(str(Path(tensorboard_dir) / "fine_tune_whole"),
-                                                     write_graph=False, profile_batch=0),
-                         *callbacks])
-    best.restore_best(model)
+    n = soup_size(config)
+    budget = config.fine_tune_max_minutes * 60 if config.fine_tune_max_minutes else None
+    runs, weights, run_models = [], [], []
+    for i in range(n):
+        if progress and n > 1:
+            print(f"fine-tuning run {i + 1} of {n} (seed {ingredient_seed(config, i)}), averaged at the end")
+        folder = checkpoint_dir / f"{INGREDIENT_FOLDER}{i}"
+        left = None if budget is None else max(0.0, budget - sum(r["seconds"] for r in runs)) / (n - i)
+        model, run = _fine_tune_ingredient(
+            dataclasses.replace(config, seed=ingredient_seed(config, i)), base, head, pixels["train"],
+            labels["train"], validation, folder, Path(tensorboard_dir) / "fine_tune_whole" / f"run{i}"
+            if n > 1 else Path(tensorboard_dir) / "fine_tune_whole", left, callbacks, progress)
+        runs.append(run)
+        weights.append(model.get_weights())
+        run_models.append(model)
+    soup = None
+    if n > 1:
+        model = _pixels_to_head(config, base, head)  # the average's own: each run's model stays as it was trained
+        run_losses = [r["validation_cross_entropy"] for r in runs]
+        model.set_weights([np.mean(ws, axis=0) for ws in zip(*weights)])
+        soup_loss = _validation_cross_entropy(model, validation)
+        kept = "soup"
+        if soup_loss > max(run_losses):  # the runs' weights do not average (they ended in different basins)
+            best = int(np.argmin(run_losses))
+            model.set_weights(weights[best])
+            kept = f"run {best + 1}"
+        soup = {"runs": n, "validation_cross_entropy": round(soup_loss, 4), "kept": kept}
 
     dense = [model.get_layer(f"head{i}") for i in range(len(head.kernels))]
     tuned_head = Head(head.labels, [d.get_weights()[0] for d in dense], [d.get_weights()[1] for d in dense])
-    tuned_base = WholeTunedBase(base, tuned)
+    tuned_base = WholeTunedBase(base, model.get_layer("tuned_features"))
     tuned_splits = {}
     for split, split_pixels in pixels.items():
         features, imagenet = (np.concatenate(parts) for parts in zip(
@@ -459,7 +492,67 @@ def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, te
         tuned_splits[split] = Bottlenecks(features, imagenet, 0)
     val_accuracy = float(np.mean(tuned_head.predict(tuned_splits["validation"].features).argmax(1)
                                  == labels["validation"]))
+    first = runs[0]
+    return WholeFineTuneResult(tuned_base, tuned_head, first["epochs_run"], first["best_epoch"], val_accuracy,
+                               sum(r["seconds"] for r in runs), first["stopped_by"], first["planned_epochs"],
+                               tuned_splits, runs, soup, run_models if n > 1 else [])
+
+
+def _pixels_to_head(config: TrainConfig, base: BaseNetwork, head: Head):
+    """The Keras model whole fine-tuning trains: pixels, a tuned copy of the base (``tuned_features``), ``head``."""
+    import keras
+
+    tuned = tuned_copy(base, frozen_blocks=frozen_blocks_asked(config))
+    inputs, features = tuned_on_pixels(base, tuned)
+    return keras.Model(inputs, trainable_head(features, head, config))
+
+
+def _validation_cross_entropy(model, validation) -> float:
+    import keras
+
+    loss = keras.metrics.CategoricalCrossentropy()
+    for x, y in validation:
+        loss.update_state(y, model(x, training=False))
+    return float(loss.result())
+
+
+def _fine_tune_ingredient(config: TrainConfig, base: BaseNetwork, head: Head, train_pixels, train_labels, validation,
+                          folder: Path, tensorboard_dir: Path, budget_seconds: float | None, callbacks, progress):
+    """One fine-tuning run from ``head`` and the base's weights, with ``config.seed``: (the Keras model, pixels to
+    head, at its best epoch; its record). A run finished before (its weights kept in ``folder``) is read back."""
+    import keras
+
+    keras.utils.set_random_seed(config.seed)
+    model = _pixels_to_head(config, base, head)
+    finished_weights, finished_record = folder / FINISHED_WEIGHTS, folder / FINISHED_RECORD
+    if finished_weights.exists() and finished_record.exists():
+        model.load_weights(str(finished_weights))
+        return model, json.loads(finished_record.read_text())
+
+    n_train = len(train_labels)
+    schedule = learning_rate_schedule(config, n_train)
+    model.compile(optimizer=keras.optimizers.Adam(schedule.keras_schedule),
+                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+                  metrics=["accuracy", keras.metrics.CategoricalCrossentropy(name="cross_entropy")])
+    train = augmented_batches(train_pixels, train_labels, model.output_shape[-1], config, base.image_size)
+    if not (folder / "backup").exists():  # a fresh start: an older run's record of its best epoch goes
+        import shutil
+
+        shutil.rmtree(folder / "best", ignore_errors=True)
+    epochs = epochs_asked(config)
+    best = BestEpoch(folder / "best", config.fine_tune_patience, budget_seconds, schedule, epochs)
+    started = time.monotonic()
+    model.fit(train, validation_data=validation, epochs=epochs,
+              verbose=1 if progress else 0, shuffle=False,  # the dataset shuffles itself each epoch
+              callbacks=[keras.callbacks.BackupAndRestore(str(folder / "backup")), best.callback,
+                         keras.callbacks.TensorBoard(str(tensorboard_dir), write_graph=False, profile_batch=0),
+                         *callbacks])
+    best.restore_best(model)
     state = best.state
-    return WholeFineTuneResult(tuned_base, tuned_head, int(state["epochs_run"]), int(state["best_epoch"] or 0),
-                               val_accuracy, float(state["seconds"]) or time.monotonic() - started,
-                               state["stopped_by"], int(state["planned_epochs"]), tuned_splits)
+    record = {"seed": config.seed, "epochs_run": int(state["epochs_run"]), "best_epoch": int(state["best_epoch"] or 0),
+              "seconds": float(state["seconds"]) or time.monotonic() - started, "stopped_by": state["stopped_by"],
+              "planned_epochs": int(state["planned_epochs"]),
+              "validation_cross_entropy": _validation_cross_entropy(model, validation)}
+    model.save_weights(str(finished_weights))
+    finished_record.write_text(json.dumps(record))
+    return model, record

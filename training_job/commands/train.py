@@ -11,7 +11,7 @@ from training_job.fine_tune import EPOCHS as BLOCKS_EPOCHS, LEARNING_RATE as BLO
 from training_job.open_set import DEFAULT_REJECT_RATE
 from training_job.train import TrainConfig
 from training_job.whole_fine_tune import EPOCHS as WHOLE_EPOCHS, FROZEN_BLOCKS as WHOLE_FROZEN_BLOCKS
-from training_job.whole_fine_tune import LEARNING_RATE as WHOLE_LEARNING_RATE
+from training_job.whole_fine_tune import LEARNING_RATE as WHOLE_LEARNING_RATE, SOUP_SIZE as WHOLE_SOUP_SIZE
 
 _DEFAULTS = TrainConfig()
 
@@ -82,7 +82,11 @@ def add_training_arguments(parser: argparse.ArgumentParser, architecture: bool =
                         "each step is cheaper, as backpropagation stops where training starts (0 = train them all; "
                         f"default {WHOLE_FROZEN_BLOCKS} for efficientnet_lite<N> and mobilenet_<alpha>_<size>)")
     g.add_argument("--fine_tune_max_minutes", type=float, default=_DEFAULTS.fine_tune_max_minutes,
-                   help="wall-clock budget of whole-network fine-tuning (checked after each epoch)")
+                   help="wall-clock budget of whole-network fine-tuning, all its runs together (checked after each "
+                        "epoch)")
+    g.add_argument("--fine_tune_soup", type=int, default=_DEFAULTS.fine_tune_soup,
+                   help="whole fine-tuning runs from the same start with other seeds, their weights averaged into "
+                        f"the one served network (default {WHOLE_SOUP_SIZE}; 1 = a single run, half the time)")
     g.add_argument("--mirror_tta", action="store_true",
                    help="mirror test-time augmentation: the served model averages the base's features of each photo "
                         "and its mirror image (two passes per photo); calibration, open set and evaluation use them")
@@ -115,7 +119,8 @@ def config_from_args(args, **override) -> TrainConfig:
         fine_tune_learning_rate=args.fine_tune_learning_rate, fine_tune_epochs=args.fine_tune_epochs,
         fine_tune_whole=whole_fine_tuning(args), fine_tune_warmup_epochs=args.fine_tune_warmup_epochs,
         fine_tune_crop_min=args.fine_tune_crop_min, fine_tune_frozen_blocks=args.fine_tune_frozen_blocks,
-        fine_tune_max_minutes=args.fine_tune_max_minutes, mirror_tta=args.mirror_tta,
+        fine_tune_max_minutes=args.fine_tune_max_minutes, fine_tune_soup=args.fine_tune_soup,
+        mirror_tta=args.mirror_tta,
     )
     values.update(override)
     config = TrainConfig(**values)
@@ -148,6 +153,8 @@ def check_config(config: TrainConfig) -> None:
         problems.append(f"--dropout must be in [0, 1) (got {config.dropout})")
     if not 0 <= config.label_smoothing < 1:
         problems.append(f"--label_smoothing must be in [0, 1) (got {config.label_smoothing})")
+    if config.fine_tune_soup is not None and config.fine_tune_soup < 1:
+        problems.append(f"--fine_tune_soup must be at least 1 (got {config.fine_tune_soup})")
     if config.fine_tune_blocks:
         from training_job.fine_tune import cut_layer_name
         from training_job.train import TrainingError
@@ -232,11 +239,17 @@ def print_summary(run_dir: Path, metrics: dict) -> None:
           f"on {metrics['test_photos']} photos ({metrics['misclassified']} misclassified)")
     if "fine_tune_whole" in summary:
         w = summary["fine_tune_whole"]
-        shortened = (f"; it ended the learning rate's decay after {w['epochs_planned']} of {w['epochs_asked']} "
-                     "epochs" if w["stopped_by"] == TIME_BUDGET else "")
         frozen = f" (stem and first {w['frozen_blocks']} blocks frozen)" if w.get("frozen_blocks") else ""
-        print(f"whole-network fine-tuning{frozen}: {w['epochs_run']} "
-              f"epochs (best {w['best_epoch']}, stopped by {w['stopped_by'] or 'the epoch limit'}{shortened}) in "
+        runs = w.get("runs") or [{**w, "planned_epochs": w["epochs_planned"]}]
+        each = "; ".join(f"{r['epochs_run']} epochs (best {r['best_epoch']}, stopped by "
+                         f"{r['stopped_by'] or 'the epoch limit'}"
+                         + (f": it ended the learning rate's decay after {r['planned_epochs']} of {w['epochs_asked']} "
+                            "epochs" if r["stopped_by"] == TIME_BUDGET else "") + ")" for r in runs)
+        soup = w.get("soup")
+        averaged = (f", {len(runs)} runs averaged" + ("" if soup["kept"] == "soup" else
+                                                      f" (their average did worse on validation: {soup['kept']} "
+                                                      "kept)")) if soup else ""
+        print(f"whole-network fine-tuning{frozen}{averaged}: {each} in "
               f"{w['seconds']:.0f} s; validation accuracy {w['validation_accuracy_before']:.4f} -> "
               f"{w['validation_accuracy']:.4f}")
     if "calibration" in metrics:
