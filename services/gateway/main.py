@@ -228,8 +228,10 @@ class Gateway:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    from services import event_loop
+
     try:
-        asyncio.run(Gateway(args).serve())
+        event_loop.run(Gateway(args).serve())
     except (OSError, ValueError) as exc:  # ports in use, unreadable or invalid token and secret files
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from aiohttp import web
 
+from services import event_loop
 from services.model_server.config import (
     BatchingParameters, ConfigError, MonitoringConfig, SslConfig, check_model_config_list, read_model_config,
     single_model_config,
@@ -487,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Failed to start server. Error: {exc.code.name}: {exc.message}", file=sys.stderr)
         return 255
     try:
-        asyncio.run(server.serve())
+        event_loop.run(server.serve())
     except StartupError as exc:
         print(f"Failed to start server. Error: {exc}", file=sys.stderr)
         return 255

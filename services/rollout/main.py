@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 
+from services import event_loop
 from services.rollout.policy import DEFAULT_POLICY, PolicyError, load_policy
 
 log = logging.getLogger("rollout")
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(policy.to_json(), indent=2))
         return 0
     try:
-        asyncio.run(serve(args, policy))
+        event_loop.run(serve(args, policy))
     except (OSError, ValueError) as exc:  # ports in use, unreadable token files
         print(f"error: {exc}", file=sys.stderr)
         return 1
