@@ -84,17 +84,17 @@ def parse_method(method: str) -> tuple[str, int | None, int | None]:
 
 def config_overrides(method: str) -> dict:
     """``lite0_fine_tuned_whole+fine_tune_learning_rate=3e-4+dropout=0.5`` -> the TrainConfig fields it changes,
-    each value converted to the type of the field's default."""
+    each value converted to the field's declared type (``int | None`` -> int)."""
     from training_job.train import TrainConfig
 
-    defaults = TrainConfig()
+    declared = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    kinds = {"int": int, "float": float, "bool": bool, "str": str}
     overrides = {}
     for part in method.split("+")[1:]:
         field, equals, text = part.partition("=")
-        if not equals or not hasattr(defaults, field):
+        if not equals or field not in declared:
             raise ValueError(f"{part!r} in {method!r} is not FIELD=VALUE for a TrainConfig field")
-        default = getattr(defaults, field)
-        kind = type(default) if default is not None else float
+        kind = kinds[declared[field].split("|")[0].strip()]
         overrides[field] = (text.lower() in ("1", "true", "yes")) if kind is bool else kind(text)
     return overrides
 

@@ -139,6 +139,9 @@ def test_a_method_can_change_any_train_config_field_for_itself():
     assert config_overrides(method) == {"fine_tune_learning_rate": 3e-4, "fine_tune_whole": False,
                                         "fine_tune_blocks": 2}
     assert config_overrides("lite0_frozen") == {}
+    # a field whose default is None takes its declared type: a soup of 2 runs, not of 2.0
+    soup = config_overrides("lite0_fine_tuned_whole+fine_tune_soup=2+fine_tune_max_minutes=7.5")
+    assert soup == {"fine_tune_soup": 2, "fine_tune_max_minutes": 7.5} and type(soup["fine_tune_soup"]) is int
     with pytest.raises(ValueError, match="not_a_field"):
         config_overrides("lite0_frozen+not_a_field=1")
     with pytest.raises(ValueError, match="FIELD=VALUE"):
