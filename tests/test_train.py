@@ -147,7 +147,7 @@ def test_run_fine_tunes_the_whole_network_unless_told_otherwise():
     --no_fine_tune_whole trains the head alone; --fine_tune_blocks alone asks for the other kind of fine-tuning."""
     from training_job.cli import build_parser
     from training_job.commands.train import config_from_args
-    from training_job.whole_fine_tune import EPOCHS
+    from training_job.whole_fine_tune import EPOCHS, soup_size
 
     def config(*argv):
         return config_from_args(build_parser().parse_args(["run", *argv]))
@@ -155,6 +155,7 @@ def test_run_fine_tunes_the_whole_network_unless_told_otherwise():
     default = config()
     assert default.architecture == "efficientnet_lite0" and default.fine_tune_whole
     assert default.fine_tune_max_minutes == 5 and (default.fine_tune_epochs or EPOCHS) == 6
+    assert soup_size(default) == 2 and soup_size(config("--fine_tune_soup", "1")) == 1  # two runs averaged
     assert not config("--no_fine_tune_whole").fine_tune_whole
     blocks = config("--architecture", "mobilenet_1.0_224", "--fine_tune_blocks", "1")
     assert blocks.fine_tune_blocks == 1 and not blocks.fine_tune_whole

@@ -55,8 +55,10 @@ LEARNING_RATE = 3e-4
 # cross-validation (bench/results/accuracy_cv_whole_frozen.json, and accuracy_cv_whole_mirror.json's second run: 3
 # blocks score as training every block within the noise between runs) for the cheaper step (fine_tune_step.json).
 FROZEN_BLOCKS = 3
-# Fine-tuning runs averaged into the served network unless the config says otherwise (TrainConfig.fine_tune_soup).
-SOUP_SIZE = 1
+# Fine-tuning runs averaged into the served network unless the config says otherwise (TrainConfig.fine_tune_soup):
+# chosen in cross-validation (bench/results/accuracy_cv_soup.json: the average against each of its runs alone, on
+# the same folds), for twice the fine-tuning time within the same budget.
+SOUP_SIZE = 2
 SOUP_SEED_STEP = 1000  # run i of a soup trains with the config's seed + i * SOUP_SEED_STEP
 TUNED_NETWORK_FILE = "fine_tuned_network.weights.h5"
 # what stopped a run the time budget stopped: after the epoch it had brought the end of the decay forward to, or
