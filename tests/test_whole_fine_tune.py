@@ -107,7 +107,7 @@ class CrashInSecondRun:
         return Callback()
 
 
-def test_a_soup_averages_its_runs_and_a_stop_in_the_second_keeps_the_first(tiny):
+def test_a_soup_averages_its_runs_and_a_stop_in_the_second_keeps_the_first(tiny, capsys):
     import dataclasses
 
     from training_job.whole_fine_tune import _fine_tune_ingredient, fine_tune_whole
@@ -132,15 +132,23 @@ def test_a_soup_averages_its_runs_and_a_stop_in_the_second_keeps_the_first(tiny)
             for i, r in enumerate(tuned.runs)]
     each = [m.get_layer("tuned_features").get_weights() for m in runs]
     assert not all(np.allclose(a, b) for a, b in zip(*each))  # two seeds, two networks
-    if tuned.soup["kept"] == "soup":
-        expected = [np.mean(ws, axis=0) for ws in zip(*each)]
-    else:
-        expected = each[int(tuned.soup["kept"].split()[-1]) - 1]
-    for a, b in zip(tuned.base.tuned.get_weights(), expected):
+    heads = [[w for k in range(len(result.head.kernels)) for w in m.get_layer(f"head{k}").get_weights()]
+             for m in runs]
+    kept = tuned.soup["kept"]
+    average = (lambda runs_weights: [np.mean(ws, axis=0) for ws in zip(*runs_weights)]) if kept == "soup" else \
+        (lambda runs_weights: runs_weights[int(kept.split()[-1]) - 1])
+    served_head = [w for k, b in zip(tuned.head.kernels, tuned.head.biases) for w in (k, b)]
+    for a, b in zip([*tuned.base.tuned.get_weights(), *served_head], [*average(each), *average(heads)]):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     val_pixels = np.stack([load_image_file(r.path, 224) for r in rows if r.split == "validation"])
     np.testing.assert_allclose(tuned.base(val_pixels)[0], tuned.split_bottlenecks["validation"].features,
                                rtol=1e-4, atol=1e-4)
+
+    # finished runs trained by other settings are not averaged into this one: it starts over, saying so
+    begun = []
+    fine_tune_whole(rows, dataclasses.replace(config, fine_tune_learning_rate=1e-4), base, result.head, work / "tb",
+                    checkpoint, callbacks=[EpochsBegun(begun)], progress=False)
+    assert begun == [0, 1, 0, 1] and "starting over" in capsys.readouterr().err
 
 
 def test_a_whole_fine_tuned_run_exports_the_tuned_network(tiny):

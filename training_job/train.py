@@ -62,8 +62,9 @@ class TrainConfig:
     # whole fine-tuning keeps the base's stem and first blocks as ImageNet trained (whole_fine_tune.tuned_copy);
     # None: whole_fine_tune.FROZEN_BLOCKS where the base has named blocks
     fine_tune_frozen_blocks: int | None = None
-    # whole-network fine-tuning's wall-clock budget: the default recipe's 6 epochs fit where an epoch takes under 48 s;
-    # a slower machine runs fewer (whole_fine_tune.BestEpoch), so that `make run` stays within 10 minutes
+    # whole-network fine-tuning's wall-clock budget, all its runs together (fine_tune_soup): the default recipe's two
+    # runs of 6 epochs fit where an epoch takes under 25 s; a slower machine runs fewer (whole_fine_tune.BestEpoch),
+    # so that `make run` stays within 10 minutes
     fine_tune_max_minutes: float | None = 5.0
     # whole fine-tuning runs (other seeds, same start) whose weights are averaged; None: whole_fine_tune.SOUP_SIZE
     fine_tune_soup: int | None = None

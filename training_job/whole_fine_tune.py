@@ -403,18 +403,21 @@ def learning_rate_schedule(config: TrainConfig, n_train: int) -> WarmupCosine:
 
 
 CHECKPOINT_IDENTITY = "identity.json"
+# the TrainConfig fields a fine-tuning run trains by, beyond those checkpoint_identity names otherwise
+RUN_SETTINGS = ("fine_tune_learning_rate", "fine_tune_epochs", "fine_tune_warmup_epochs", "fine_tune_crop_min",
+                "fine_tune_patience", "train_batch_size", "label_smoothing", "dropout", "l2", "hidden_units")
 
 
 def checkpoint_identity(rows, config: TrainConfig, base: BaseNetwork, head: Head) -> dict:
     """What a fine-tuning checkpoint belongs to: the photos it trains and validates on, the classes, the base, the
-    blocks it keeps frozen, the head's shape and the seed its runs' seeds come from. A checkpoint of anything else
-    cannot go on."""
+    blocks it keeps frozen, the head's shape, the seed its runs' seeds come from and the settings a run trains by. A
+    checkpoint of anything else cannot go on (nor be averaged with runs trained otherwise)."""
     from training_job.dataset import manifest_fingerprint
 
     return {"photos": manifest_fingerprint([r for r in rows if r.split in ("train", "validation")]),
             "labels": list(head.labels), "architecture": base.architecture,
             "frozen_blocks": frozen_blocks_asked(config), "head": [list(k.shape) for k in head.kernels],
-            "seed": config.seed}
+            "seed": config.seed, "settings": {name: getattr(config, name) for name in RUN_SETTINGS}}
 
 
 def claim_checkpoint(checkpoint_dir: Path, identity: dict) -> None:
@@ -425,7 +428,8 @@ def claim_checkpoint(checkpoint_dir: Path, identity: dict) -> None:
 
     record = checkpoint_dir / CHECKPOINT_IDENTITY
     runs = sorted(checkpoint_dir.glob(f"{INGREDIENT_FOLDER}*")) if checkpoint_dir.is_dir() else []
-    if runs:
+    runs += [folder for folder in (checkpoint_dir / "backup", checkpoint_dir / "best") if folder.exists()]  # one run's
+    if runs:                                                                          # layout, before soups
         kept = json.loads(record.read_text()) if record.exists() else None
         if kept != identity:
             print(f"the fine-tuning checkpoint in {checkpoint_dir} belongs to other photos, classes or settings "
@@ -556,5 +560,7 @@ def _fine_tune_ingredient(config: TrainConfig, base: BaseNetwork, head: Head, tr
               "planned_epochs": int(state["planned_epochs"]),
               "validation_cross_entropy": _validation_cross_entropy(model, validation)}
     model.save_weights(str(finished_weights))
-    finished_record.write_text(json.dumps(record))
+    tmp = finished_record.with_suffix(".tmp")  # the record last: a run is finished once it is whole
+    tmp.write_text(json.dumps(record))
+    tmp.replace(finished_record)
     return model, record

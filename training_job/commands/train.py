@@ -86,7 +86,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, architecture: bool =
                         "epoch)")
     g.add_argument("--fine_tune_soup", type=int, default=_DEFAULTS.fine_tune_soup,
                    help="whole fine-tuning runs from the same start with other seeds, their weights averaged into "
-                        f"the one served network (default {WHOLE_SOUP_SIZE}; 1 = a single run, half the time)")
+                        f"the one served network (default {WHOLE_SOUP_SIZE}; they share --fine_tune_max_minutes; 1 = a "
+                        "single run)")
     g.add_argument("--mirror_tta", action="store_true",
                    help="mirror test-time augmentation: the served model averages the base's features of each photo "
                         "and its mirror image (two passes per photo); calibration, open set and evaluation use them")
