@@ -19,9 +19,10 @@ Methods (``--methods``, comma-separated; the first is the reference of the paire
 - ``<method>:E`` (for the fine-tuned ones): at most E fine-tuning epochs (``--fine_tune_epochs E``: the cosine
   decay ends there) instead of the training job's default; ``lite0_fine_tuned_whole:6@400`` combines both;
 - ``<method>+FIELD=VALUE`` (repeatable, last): the same with that ``TrainConfig`` field changed, e.g.
-  ``lite0_fine_tuned_whole:6+fine_tune_learning_rate=3e-4``; with ``+fine_tune_soup=N`` (N > 1) the method is also
-  paired with each of its N runs alone on the same folds, and the ensemble of those runs (their answers averaged, N
-  times the served cost) with it.
+  ``lite0_fine_tuned_whole:6+fine_tune_learning_rate=3e-4``. A whole fine-tuned method averaging several runs (the
+  default's 2, or ``+fine_tune_soup=N``) is also paired with each of its runs alone on the same folds, and the
+  ensemble of those runs (their answers averaged, N times the served cost) with it; a ``_mirror`` method reuses its
+  plain method's runs, scored without mirroring.
 Per method and fold: top-1 accuracy, balanced accuracy, expected calibration error before/after temperature scaling
 and the training seconds (head, plus fine-tuning; bottlenecks excluded, as they are cached across runs); for whole
 fine-tuning also its epochs run, best epoch and what stopped it. And the "not a mushroom" check as the training job
@@ -253,6 +254,7 @@ def run_method(method: str, rows_k, k: int, base, work: Path, done: dict) -> Met
             details["fine_tune_runs_ensemble_test_accuracy"] = float(
                 np.mean(np.mean(probabilities, axis=0).argmax(1) == truth))
             details["fine_tune_soup"] = tuned.soup
+            details["fine_tune_runs"] = tuned.runs
     return MethodRun(head, splits["test"], splits["validation"], seconds, details, network, splits["train"])
 
 

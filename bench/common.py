@@ -35,10 +35,11 @@ def machine_description() -> dict:
     try:
         revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                   cwd=RESULTS_DIR.parent).stdout.strip()
-        # "-dirty": the code measured differs from that commit (the results themselves, which a run of several
-        # benchmarks writes one after another, do not count)
+        # "-dirty": the code measured differs from that commit (the results and the report built from them, which a
+        # run of several benchmarks rewrites as it goes, do not count)
         changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                  f":!{RESULTS_DIR.relative_to(RESULTS_DIR.parents[1])}"],
+                                  f":!{RESULTS_DIR.relative_to(RESULTS_DIR.parents[1])}", ":!bench/REPORT.md",
+                                  ":!README.md"],
                                  capture_output=True, text=True, cwd=RESULTS_DIR.parents[1]).stdout.strip()
         if revision and changed:
             revision += "-dirty"
