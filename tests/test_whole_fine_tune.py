@@ -110,7 +110,7 @@ class CrashInSecondRun:
 def test_a_soup_averages_its_runs_and_a_stop_in_the_second_keeps_the_first(tiny, capsys):
     import dataclasses
 
-    from training_job.whole_fine_tune import _fine_tune_ingredient, fine_tune_whole
+    from training_job.whole_fine_tune import _fine_tune_run, fine_tune_whole
 
     rows, config, base, result, work = tiny
     config = dataclasses.replace(config, fine_tune_soup=2, seed=7)
@@ -127,7 +127,7 @@ def test_a_soup_averages_its_runs_and_a_stop_in_the_second_keeps_the_first(tiny,
     assert tuned.soup["runs"] == 2
 
     # the served network is the runs' average (or, when the average did worse on validation, the better run)
-    runs = [_fine_tune_ingredient(dataclasses.replace(config, seed=r["seed"]), base, result.head, None, None, None,
+    runs = [_fine_tune_run(dataclasses.replace(config, seed=r["seed"]), base, result.head, None, None, None,
                                   checkpoint / f"run{i}", work / "tb", None, (), False)[0]
             for i, r in enumerate(tuned.runs)]
     each = [m.get_layer("tuned_features").get_weights() for m in runs]

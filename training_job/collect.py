@@ -42,8 +42,8 @@ class CollectReport:
         return dict(Counter(d["reason"] for d in self.dropped))
 
     def to_json(self) -> dict:
-        return {"corrections": self.corrections, "repeated": self.repeated, "collected": len(self.collected), "dropped": self.counts(),
-                "photos": self.collected, "dropped_photos": self.dropped}
+        return {"corrections": self.corrections, "repeated": self.repeated, "collected": len(self.collected),
+                "dropped": self.counts(), "photos": self.collected, "dropped_photos": self.dropped}
 
 
 def read_corrections(store: Path, report: CollectReport) -> dict[str, dict]:

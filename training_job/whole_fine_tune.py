@@ -66,7 +66,7 @@ TUNED_NETWORK_FILE = "fine_tuned_network.weights.h5"
 TIME_BUDGET = "time budget"
 TIME_BUDGET_MID_DECAY = "time budget, before the end of the decay"
 CHECKPOINT_FOLDER = "fine_tune_checkpoint"
-INGREDIENT_FOLDER = "run"  # CHECKPOINT_FOLDER/run<i>: run i's epoch backup, best epoch and, once finished, its weights
+RUN_FOLDER = "run"  # CHECKPOINT_FOLDER/run<i>: run i's epoch backup, best epoch and, once finished, its weights
 FINISHED_WEIGHTS = "finished.weights.h5"
 FINISHED_RECORD = "finished.json"
 
@@ -347,7 +347,7 @@ def soup_size(config: TrainConfig) -> int:
     return config.fine_tune_soup or SOUP_SIZE
 
 
-def ingredient_seed(config: TrainConfig, i: int) -> int:
+def run_seed(config: TrainConfig, i: int) -> int:
     return config.seed + SOUP_SEED_STEP * i
 
 
@@ -427,9 +427,10 @@ def claim_checkpoint(checkpoint_dir: Path, identity: dict) -> None:
     import sys
 
     record = checkpoint_dir / CHECKPOINT_IDENTITY
-    runs = sorted(checkpoint_dir.glob(f"{INGREDIENT_FOLDER}*")) if checkpoint_dir.is_dir() else []
-    runs += [folder for folder in (checkpoint_dir / "backup", checkpoint_dir / "best") if folder.exists()]  # one run's
-    if runs:                                                                          # layout, before soups
+    runs = sorted(checkpoint_dir.glob(f"{RUN_FOLDER}*")) if checkpoint_dir.is_dir() else []
+    # and the one-run layout of before soups
+    runs += [folder for folder in (checkpoint_dir / "backup", checkpoint_dir / "best") if folder.exists()]
+    if runs:
         kept = json.loads(record.read_text()) if record.exists() else None
         if kept != identity:
             print(f"the fine-tuning checkpoint in {checkpoint_dir} belongs to other photos, classes or settings "
@@ -462,29 +463,28 @@ def fine_tune_whole(rows, config: TrainConfig, base: BaseNetwork, head: Head, te
     claim_checkpoint(checkpoint_dir, checkpoint_identity(rows, config, base, head))
     n = soup_size(config)
     budget = config.fine_tune_max_minutes * 60 if config.fine_tune_max_minutes else None
-    runs, weights, run_models = [], [], []
+    runs, run_models = [], []
     for i in range(n):
         if progress and n > 1:
-            print(f"fine-tuning run {i + 1} of {n} (seed {ingredient_seed(config, i)}), averaged at the end")
-        folder = checkpoint_dir / f"{INGREDIENT_FOLDER}{i}"
+            print(f"fine-tuning run {i + 1} of {n} (seed {run_seed(config, i)}), averaged at the end")
+        folder = checkpoint_dir / f"{RUN_FOLDER}{i}"
         left = None if budget is None else max(0.0, budget - sum(r["seconds"] for r in runs)) / (n - i)
-        model, run = _fine_tune_ingredient(
-            dataclasses.replace(config, seed=ingredient_seed(config, i)), base, head, pixels["train"],
+        model, run = _fine_tune_run(
+            dataclasses.replace(config, seed=run_seed(config, i)), base, head, pixels["train"],
             labels["train"], validation, folder, Path(tensorboard_dir) / "fine_tune_whole" / f"run{i}"
             if n > 1 else Path(tensorboard_dir) / "fine_tune_whole", left, callbacks, progress)
         runs.append(run)
-        weights.append(model.get_weights())
         run_models.append(model)
     soup = None
     if n > 1:
         model = _pixels_to_head(config, base, head)  # the average's own: each run's model stays as it was trained
         run_losses = [r["validation_cross_entropy"] for r in runs]
-        model.set_weights([np.mean(ws, axis=0) for ws in zip(*weights)])
+        model.set_weights([np.mean(ws, axis=0) for ws in zip(*(m.get_weights() for m in run_models))])
         soup_loss = _validation_cross_entropy(model, validation)
         kept = "soup"
         if soup_loss > max(run_losses):  # the runs' weights do not average (they ended in different basins)
             best = int(np.argmin(run_losses))
-            model.set_weights(weights[best])
+            model.set_weights(run_models[best].get_weights())
             kept = f"run {best + 1}"
         soup = {"runs": n, "validation_cross_entropy": round(soup_loss, 4), "kept": kept}
 
@@ -522,7 +522,7 @@ def _validation_cross_entropy(model, validation) -> float:
     return float(loss.result())
 
 
-def _fine_tune_ingredient(config: TrainConfig, base: BaseNetwork, head: Head, train_pixels, train_labels, validation,
+def _fine_tune_run(config: TrainConfig, base: BaseNetwork, head: Head, train_pixels, train_labels, validation,
                           folder: Path, tensorboard_dir: Path, budget_seconds: float | None, callbacks, progress):
     """One fine-tuning run from ``head`` and the base's weights, with ``config.seed``: (the Keras model, pixels to
     head, at its best epoch; its record). A run finished before (its weights kept in ``folder``) is read back."""

@@ -247,9 +247,11 @@ def print_summary(run_dir: Path, metrics: dict) -> None:
                          + (f": it ended the learning rate's decay after {r['planned_epochs']} of {w['epochs_asked']} "
                             "epochs" if r["stopped_by"] == TIME_BUDGET else "") + ")" for r in runs)
         soup = w.get("soup")
-        averaged = (f", {len(runs)} runs averaged" + ("" if soup["kept"] == "soup" else
-                                                      f" (their average did worse on validation: {soup['kept']} "
-                                                      "kept)")) if soup else ""
+        averaged = ""
+        if soup:
+            averaged = f", {len(runs)} runs averaged"
+            if soup["kept"] != "soup":
+                averaged += f" (their average did worse on validation: {soup['kept']} kept)"
         print(f"whole-network fine-tuning{frozen}{averaged}: {each} in "
               f"{w['seconds']:.0f} s; validation accuracy {w['validation_accuracy_before']:.4f} -> "
               f"{w['validation_accuracy']:.4f}")
