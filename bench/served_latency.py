@@ -22,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-from bench.common import alternating_rounds, batch_of, median, percentiles_ms, time_calls, throughput, write_result
+from bench.common import alternating_rounds, median, percentiles_ms, time_calls, throughput, write_result
 from training_job.tflite_signatures import TFLITE_FILE
 
 RECIPES = {  # name -> (architecture, how the base is wrapped)

@@ -523,7 +523,7 @@ def _validation_cross_entropy(model, validation) -> float:
 
 
 def _fine_tune_run(config: TrainConfig, base: BaseNetwork, head: Head, train_pixels, train_labels, validation,
-                          folder: Path, tensorboard_dir: Path, budget_seconds: float | None, callbacks, progress):
+                   folder: Path, tensorboard_dir: Path, budget_seconds: float | None, callbacks, progress):
     """One fine-tuning run from ``head`` and the base's weights, with ``config.seed``: (the Keras model, pixels to
     head, at its best epoch; its record). A run finished before (its weights kept in ``folder``) is read back."""
     import keras
