@@ -314,3 +314,27 @@ def test_a_fine_tuning_stopped_by_ctrl_c_says_how_to_resume_it(tmp_path, monkeyp
         pipeline.train_run([], TrainConfig(), base=object())
     run_dir = pipeline.runs_dir() / "the-run"
     assert f"train --run_dir {run_dir}" in capsys.readouterr().err
+
+
+def test_the_summary_pairs_the_served_models_validation_and_test_accuracy(tmp_path, capsys):
+    """After fine-tuning, the head's validation accuracy is not the served model's: the line with the test accuracy
+    gives the validation accuracy of the network that answered it, and the head's stays on the head's line."""
+    from training_job.commands.train import print_summary
+
+    runs = [{"seed": s, "epochs_run": 6, "best_epoch": 5, "seconds": 100.0, "stopped_by": None,
+             "planned_epochs": 6, "validation_cross_entropy": 0.2} for s in (0, 1000)]
+    summary = {"tensorboard": str(tmp_path / "tb" / "run"), "epochs_run": 36, "best_epoch": 16,
+               "train_seconds": 5.8, "bottlenecks_computed": 0, "validation_accuracy": 0.9573,
+               "calibration": {"validation": {"nll_before": 0.2}},
+               "fine_tune_whole": {"frozen_blocks": 3, "epochs_asked": 6, "seconds": 200.0,
+                                   "validation_accuracy_before": 0.9573, "validation_accuracy": 0.9487,
+                                   "runs": runs, "soup": {"runs": 2, "kept": "soup"}}}
+    (tmp_path / "train_summary.json").write_text(json.dumps(summary))
+    metrics = {"test_accuracy": 0.9831, "test_photos": 118, "misclassified": 2,
+               "open_set": {"method": "combined", "test_mushrooms_rejected": 0.008}}
+    print_summary(tmp_path, metrics)
+    lines = capsys.readouterr().out.splitlines()
+    (tested,) = [line for line in lines if "test accuracy 0.9831" in line]
+    assert "validation accuracy 0.9487" in tested and "0.9573" not in tested
+    (head,) = [line for line in lines if "36 epochs" in line]
+    assert head.startswith("head:") and "validation accuracy 0.9573" in head

@@ -228,16 +228,16 @@ def train_and_report(rows, config: TrainConfig, args, run_dir: Path | None = Non
 def print_summary(run_dir: Path, metrics: dict) -> None:
     import json
 
+    from training_job.sweep import served_validation
     from training_job.whole_fine_tune import TIME_BUDGET
 
     summary = json.loads((run_dir / "train_summary.json").read_text())
     o = metrics["open_set"]
     print(f"run folder: {run_dir}")
     print(f"tensorboard: {summary['tensorboard']}  (tensorboard --logdir {Path(summary['tensorboard']).parent})")
-    print(f"trained {summary['epochs_run']} epochs (best {summary['best_epoch']}) in {summary['train_seconds']:.1f} s; "
+    print(f"head: trained {summary['epochs_run']} epochs (best {summary['best_epoch']}) in "
+          f"{summary['train_seconds']:.1f} s, validation accuracy {summary['validation_accuracy']:.4f}; "
           f"{summary['bottlenecks_computed']} bottlenecks computed, the rest from the cache")
-    print(f"validation accuracy {summary['validation_accuracy']:.4f}; test accuracy {metrics['test_accuracy']:.4f} "
-          f"on {metrics['test_photos']} photos ({metrics['misclassified']} misclassified)")
     if "fine_tune_whole" in summary:
         w = summary["fine_tune_whole"]
         frozen = f" (stem and first {w['frozen_blocks']} blocks frozen)" if w.get("frozen_blocks") else ""
@@ -255,6 +255,9 @@ def print_summary(run_dir: Path, metrics: dict) -> None:
         print(f"whole-network fine-tuning{frozen}{averaged}: {each} in "
               f"{w['seconds']:.0f} s; validation accuracy {w['validation_accuracy_before']:.4f} -> "
               f"{w['validation_accuracy']:.4f}")
+    print(f"served model: validation accuracy {served_validation(summary)[0]:.4f}; test accuracy "
+          f"{metrics['test_accuracy']:.4f} on {metrics['test_photos']} photos ({metrics['misclassified']} "
+          "misclassified)")
     if "calibration" in metrics:
         c = metrics["calibration"]
         print(f"calibration: temperature {c['temperature']:.3f}; expected calibration error on test "
