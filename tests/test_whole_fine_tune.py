@@ -128,7 +128,7 @@ def test_a_soup_averages_its_runs_and_a_stop_in_the_second_keeps_the_first(tiny,
 
     # the served network is the runs' average (or, when the average did worse on validation, the better run)
     runs = [_fine_tune_run(dataclasses.replace(config, seed=r["seed"]), base, result.head, None, None, None,
-                                  checkpoint / f"run{i}", work / "tb", None, (), False)[0]
+                           checkpoint / f"run{i}", work / "tb", None, (), False)[0]
             for i, r in enumerate(tuned.runs)]
     each = [m.get_layer("tuned_features").get_weights() for m in runs]
     assert not all(np.allclose(a, b) for a, b in zip(*each))  # two seeds, two networks
