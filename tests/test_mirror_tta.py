@@ -50,7 +50,14 @@ def test_a_mirror_tta_run_serves_and_evaluates_the_averaged_features(base_networ
     _, config, head, open_set = load_run(run_dir)
     served = run_base(run_dir, config, base_network)
     assert isinstance(served, MirrorAveragedBase)
-    assert json.loads((run_dir / "train_summary.json").read_text())["mirror_tta"] is True
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert summary["mirror_tta"] is True
+    validation_rows = [r for r in rows if r.split == "validation"]
+    on_validation = in_process_outputs(served, head, open_set,
+                                       np.stack([load_image_file(r.path) for r in validation_rows]))
+    # the validation accuracy the summary (and a sweep) gives is the mirror-averaged network's, the one served
+    assert summary["served_validation_accuracy"] == pytest.approx(np.mean(
+        on_validation["probabilities"].argmax(1) == [head.labels.index(r.label) for r in validation_rows]))
     test_rows = [r for r in rows if r.split == "test"]
     pixels = np.stack([load_image_file(r.path) for r in test_rows])
     expected = in_process_outputs(served, head, open_set, pixels)

@@ -176,6 +176,9 @@ def train_run(rows, config: TrainConfig, run_dir: Path | None = None, *, base: B
     summary["calibration"] = {"temperature": temperature,
                               "validation": calibration_report(head.logits(val.features), val_idx, temperature)}
     head = head.with_temperature(temperature)
+    # what the served network (fine-tuned, mirror-averaged, as the run asked) scores on validation: the figure a sweep
+    # picks by and the summary pairs with the test accuracy (the temperature does not change a top-1)
+    summary["served_validation_accuracy"] = float(np.mean(head.logits(val.features).argmax(1) == val_idx))
     open_set = calibrate(open_set_method, split_bottlenecks["train"], train_idx, len(labels), val, reject_rate)
     write_manifest(rows, run_dir / "manifest.csv")
     save_config(config, run_dir / "config.json")

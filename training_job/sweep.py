@@ -14,11 +14,13 @@ from training_job.train import TrainConfig
 
 
 def served_validation(summary: dict) -> tuple[float, float]:
-    """(validation accuracy, validation cross-entropy) of the model a run serves, from its train_summary.json: after
-    fine-tuning when the run fine-tuned, uncalibrated (the temperature does not change the ranking)."""
+    """(validation accuracy, validation cross-entropy) of the model a run serves, from its train_summary.json:
+    fine-tuned and mirror-averaged as the run was, uncalibrated (the temperature does not change the ranking). Run
+    folders from before ``served_validation_accuracy`` was recorded give their fine-tuning's figure (or the head's)."""
     tuned = summary.get("fine_tune_whole") or summary.get("fine_tune") or {}
-    return (tuned.get("validation_accuracy", summary["validation_accuracy"]),
-            summary["calibration"]["validation"]["nll_before"])
+    accuracy = summary.get("served_validation_accuracy",
+                           tuned.get("validation_accuracy", summary["validation_accuracy"]))
+    return accuracy, summary["calibration"]["validation"]["nll_before"]
 
 
 def run_sweep(rows, base_config: TrainConfig, learning_rates, architectures, sweep_dir: Path, *,
