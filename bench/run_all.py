@@ -56,7 +56,8 @@ CV_RESULTS = ("accuracy_cv", "accuracy_cv_bases", "accuracy_cv_whole", "accuracy
               "accuracy_cv_whole_192", "accuracy_cv_whole_frozen", "accuracy_cv_whole_mirror",
               "accuracy_cv_whole_crop06", "accuracy_cv_whole_default_1112",
               "accuracy_cv_open_set_validation", "accuracy_cv_open_set", "accuracy_cv_whole_epochs10",
-              "accuracy_cv_whole_lite1", "accuracy_cv_soup", "accuracy_cv_soup_slow")
+              "accuracy_cv_whole_lite1", "accuracy_cv_soup", "accuracy_cv_soup_slow",
+              "accuracy_cv_soup_lr6")
 # the photos whose scores the open-set threshold was a quantile of, in the CV runs that measured the check: the
 # training job's (training and validation) unless listed
 OPEN_SET_CALIBRATED_ON = {"accuracy_cv_open_set_validation": "validation"}
