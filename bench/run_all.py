@@ -58,6 +58,9 @@ CV_RESULTS = ("accuracy_cv", "accuracy_cv_bases", "accuracy_cv_whole", "accuracy
               "accuracy_cv_open_set_validation", "accuracy_cv_open_set", "accuracy_cv_whole_epochs10",
               "accuracy_cv_whole_lite1", "accuracy_cv_soup", "accuracy_cv_soup_slow",
               "accuracy_cv_soup_lr6")
+# the cross-validation run and method that measured the recipe `make run` trains: the one judged against the
+# hold-out target (a better recipe measured but not made the default is listed, not judged)
+DEFAULT_RECIPE_CV = ("accuracy_cv_soup", "lite0_fine_tuned_whole+fine_tune_soup=2")
 # the photos whose scores the open-set threshold was a quantile of, in the CV runs that measured the check: the
 # training job's (training and validation) unless listed
 OPEN_SET_CALIBRATED_ON = {"accuracy_cv_open_set_validation": "validation"}
@@ -397,9 +400,15 @@ def rows() -> list[dict]:
                 f"{diff['mean']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]", "-", None,
                 source=f"{name}.json")
         best = max([(run_cv[m]["mean"], m) for m in methods] + ([best] if best else []))
+    default_run, default_method = DEFAULT_RECIPE_CV
+    default_cv = load(default_run)
+    if default_cv and default_method in default_cv:
+        top1 = default_cv[default_method]["mean"]
+        add(f"cross-validated top-1 of the default recipe ({default_method} in {default_run}.json); the target is "
+            "on a hidden hold-out", round(top1, 3), ">= 0.97", top1 >= 0.97, source=f"{default_run}.json")
     if best:
-        add(f"best cross-validated top-1 ({best[1]}); the target is on a hidden hold-out", round(best[0], 3),
-            ">= 0.97", best[0] >= 0.97, source="accuracy_cv*.json")
+        add(f"best cross-validated top-1 of any recipe measured ({best[1]})", round(best[0], 3), "-", None,
+            source="accuracy_cv*.json")
     served = load("served_latency")
     if served:
         add(f"served cost of each recipe (its model.tflite run by LiteRT): single-photo p50 on 1 and on "
