@@ -14,6 +14,9 @@ Methods (``--methods``, comma-separated; the first is the reference of the paire
   ``lite1_fine_tuned_whole`` the same with Lite1 (240 pixels);
 - ``<method>_mirror`` (``frozen``, ``lite0_frozen``, ``lite2_frozen``, ``lite0_fine_tuned_whole``): the same trained
   network and head (reused from the plain method in the same run) reading mirror-averaged features (``--mirror_tta``);
+- ``<method>_at<S>`` (a whole fine-tuned or frozen Lite or MobileNet method): the same trained network and head
+  (reused from the plain method in the same run) reading photos resized to S pixels, not the size it trained at
+  (``training_job.serving_size``); the soup's runs alone are not scored again at S;
 - ``<method>@N``: the same, trained on N of the fold's training photos only (the same N in every method, nested: a
   smaller N keeps a subset of a larger one's), the learning curve that tells what more photos would buy;
 - ``<method>:E`` (for the fine-tuned ones): at most E fine-tuning epochs (``--fine_tune_epochs E``: the cosine
@@ -40,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import tempfile
 import time
@@ -71,6 +75,8 @@ METHOD_ARCHITECTURES = {
     "lite0_fine_tuned_whole_mirror": "efficientnet_lite0",
 }
 MIRROR = "_mirror"
+AT_SIZE = re.compile(r"^(.+)_at(\d+)$")  # <method>_at<S>: the plain method's network read at S pixels
+SOUP_RUNS_SCORED = ("fine_tune_runs_test_accuracy", "fine_tune_runs_ensemble_test_accuracy")
 UNUSED_SPLIT = "unused"  # a split training never reads (as bench/calibration_cv.py marks them)
 
 
@@ -81,6 +87,13 @@ def parse_method(method: str) -> tuple[str, int | None, int | None]:
     spec, _, photos = method.split("+", 1)[0].partition("@")
     name, _, epochs = spec.partition(":")
     return name, int(photos) if photos else None, int(epochs) if epochs else None
+
+
+def method_architecture(name: str) -> str | None:
+    """The base architecture of a method's ``parse_method`` name (``_at<S>`` read as its plain method), or None for
+    an unknown method."""
+    at_size = AT_SIZE.match(name)
+    return METHOD_ARCHITECTURES.get(at_size.group(1) if at_size else name)
 
 
 def config_overrides(method: str) -> dict:
@@ -217,6 +230,23 @@ def run_method(method: str, rows_k, k: int, base, work: Path, done: dict) -> Met
                                    for s in ("train", "test", "validation"))
         return dataclasses.replace(run, test=test, validation=validation, network=mirrored, train=train)
 
+    at_size = AT_SIZE.match(parse_method(method)[0])
+    if at_size:
+        from training_job.bottlenecks import get_bottlenecks
+        from training_job.serving_size import ResizedBase
+
+        plain = method.replace(f"_at{at_size.group(2)}", "", 1)
+        if (plain, k) not in done:
+            done[(plain, k)] = run_method(plain, rows_k, k, base, work, done)
+        run = done[(plain, k)]
+        resized = ResizedBase(run.network, int(at_size.group(2)))
+        train, test, validation = (get_bottlenecks([r for r in rows_k if r.split == s], resized, progress=False,
+                                                   root=work / "bottlenecks")
+                                   for s in ("train", "test", "validation"))
+        details = {key: value for key, value in run.details.items() if key not in SOUP_RUNS_SCORED}
+        return dataclasses.replace(run, test=test, validation=validation, network=resized, train=train,
+                                   details=details)
+
     name, _, fine_tune_epochs = parse_method(method)
     architecture = METHOD_ARCHITECTURES[name]
     config = TrainConfig(architecture=architecture, seed=k,
@@ -279,7 +309,7 @@ def main(argv=None) -> int:
                         help="photos the open-set check should reject (absent: only the test mushrooms' rate)")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if parse_method(m)[0] not in METHOD_ARCHITECTURES]
+    unknown = [m for m in methods if method_architecture(parse_method(m)[0]) is None]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(METHOD_ARCHITECTURES)}")
     for method in methods:
@@ -315,7 +345,7 @@ def main(argv=None) -> int:
         entry = {"fold": k, "test_photos": len(truth), "train_photos": sum(r.split == "train" for r in rows_k)}
         for method in methods:
             name, train_photos, _ = parse_method(method)
-            architecture = METHOD_ARCHITECTURES[name]
+            architecture = method_architecture(name)
             if architecture not in bases:
                 bases[architecture] = BaseNetwork(architecture)
             rows_method = fold_rows(rows, folds, k, train_photos)

@@ -177,6 +177,33 @@ def test_a_mirror_method_reads_its_plain_methods_own_trained_network(monkeypatch
     assert cv.METHOD_ARCHITECTURES["lite0_fine_tuned_whole_mirror"] == "efficientnet_lite0"
 
 
+def test_an_at_size_method_reads_its_plain_methods_network_at_that_size(monkeypatch, tmp_path):
+    """``lite0_fine_tuned_whole_at256``: the fold's fine-tuned network and head, reading photos at 256 pixels; the
+    soup's runs alone (scored at the trained size) are not carried over as if scored at 256."""
+    import bench.accuracy_cv as cv
+    import training_job.bottlenecks as bottlenecks
+    import training_job.serving_size as serving_size
+
+    monkeypatch.setattr(serving_size, "ResizedBase", lambda network, size: ("resized", network, size))
+    cached_in = []
+    monkeypatch.setattr(bottlenecks, "get_bottlenecks",
+                        lambda rows, network, progress, root: cached_in.append(root) or (network, len(rows)))
+    rows = [ManifestRow(f"p{i}.jpg", "ab"[i % 2], f"{i:064x}", s, 10, 10, 100)
+            for i, s in enumerate(["train"] * 6 + ["validation"] * 3 + ["test"] * 2)]
+    soup = {"fine_tune_epochs_run": 6, "fine_tune_runs_test_accuracy": [0.9, 0.8],
+            "fine_tune_runs_ensemble_test_accuracy": 0.9}
+    plain = cv.MethodRun("tuned head", "test", "validation", 5.0, soup, "tuned network", "train")
+    done = {("lite0_fine_tuned_whole+fine_tune_learning_rate=6e-4", 1): plain}
+    run = cv.run_method("lite0_fine_tuned_whole_at256+fine_tune_learning_rate=6e-4", rows, 1, "untouched base",
+                        tmp_path, done)
+    assert run.head == "tuned head" and run.details == {"fine_tune_epochs_run": 6}
+    assert (run.test, run.validation, run.train) == tuple((("resized", "tuned network", 256), n) for n in (2, 3, 6))
+    assert cached_in == [tmp_path / "bottlenecks"] * 3
+    assert cv.method_architecture(cv.parse_method("lite0_fine_tuned_whole_at288:6@400")[0]) == "efficientnet_lite0"
+    assert cv.method_architecture("lite0_fine_tuned_whole_at") is None
+    assert cv.method_architecture("no_such_method_at256") is None
+
+
 def test_open_set_rates_calibrate_on_validation_and_count_each_sets_rejections():
     """The check as the training job calibrates it: a quantile of the training and validation photos' scores; the
     test mushrooms and the not-mushroom photos are only counted."""

@@ -79,8 +79,9 @@ def block_plan(spec: LiteSpec) -> list[tuple[int, int, int, int, int]]:
 
 
 def build_efficientnet_lite(variant: int, *, include_top: bool = True, padding: str = "same",
-                            normalisation: str = "lite"):
-    """The Keras model (float pixels [0, 255] in; ImageNet softmax out, or pooled features without the top)."""
+                            normalisation: str = "lite", size: int | None = None):
+    """The Keras model (float pixels [0, 255] in; ImageNet softmax out, or pooled features without the top), taking
+    ``size`` x ``size`` photos (default: the variant's own size; the weights are the same at any size)."""
     import keras
 
     spec = LITE_SPECS[variant]
@@ -106,7 +107,7 @@ def build_efficientnet_lite(variant: int, *, include_top: bool = True, padding: 
     def relu6(x, name):
         return layers.ReLU(6.0, name=name)(x)
 
-    inputs = keras.Input((spec.size, spec.size, 3), name="pixels")
+    inputs = keras.Input((size or spec.size, size or spec.size, 3), name="pixels")
     if normalisation == "lite":
         x = layers.Rescaling(1.0 / INPUT_STD, offset=-INPUT_MEAN / INPUT_STD, name="normalise")(inputs)
     elif normalisation == "torchvision":

@@ -1,0 +1,61 @@
+"""A network served at another input size: the same weights (the whole fine-tuned ones included) read a larger photo."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.support import MUSHROOMS
+from training_job.preprocessing import load_image_file
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    from training_job.bottlenecks import BaseNetwork
+
+    return BaseNetwork("efficientnet_lite0")
+
+
+def _photos(size: int) -> np.ndarray:
+    paths = sorted(p for p in MUSHROOMS.glob("*/*") if p.suffix.lower() in (".jpg", ".jpeg"))[:3]
+    return np.stack([load_image_file(str(p), size) for p in paths])
+
+
+def test_at_its_own_size_a_resized_network_answers_as_the_original(lite0):
+    from training_job.mirror_tta import plain_base
+    from training_job.serving_size import ResizedBase
+
+    same = ResizedBase(lite0, lite0.image_size)
+    for got, want in zip(same(_photos(224)), lite0(_photos(224))):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    larger = ResizedBase(lite0, 256)
+    features, imagenet = larger(_photos(256))
+    assert features.shape == (3, lite0.feature_size) and imagenet.shape == (3, 1000)
+    assert larger.image_size == 256 and larger.architecture == "efficientnet_lite0-at256"
+    assert plain_base(larger) is lite0
+    # the same photos seen larger: close to, not the same as, the features at 224
+    at_224 = lite0(_photos(224))[0]
+    cosine = np.sum(features * at_224, 1) / np.linalg.norm(features, axis=1) / np.linalg.norm(at_224, axis=1)
+    assert np.all(cosine > 0.8) and not np.allclose(features, at_224, atol=1e-3)
+
+
+def test_a_whole_fine_tuned_network_is_resized_with_its_tuned_weights(lite0):
+    from training_job.serving_size import ResizedBase
+    from training_job.whole_fine_tune import WholeTunedBase, tuned_copy
+
+    tuned = tuned_copy(lite0)
+    layer = tuned.get_layer("head_conv")
+    layer.set_weights([w * 1.25 for w in layer.get_weights()])  # as if fine-tuning had changed it
+    whole = WholeTunedBase(lite0, tuned)
+    resized = ResizedBase(whole, lite0.image_size)
+    for got, want, original in zip(resized(_photos(224)), whole(_photos(224)), lite0(_photos(224))):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        assert not np.allclose(got, original, atol=1e-4)
+    assert ResizedBase(whole, 256).architecture == f"{whole.architecture}-at256"
+
+
+def test_a_network_whose_features_and_imagenet_layers_differ_is_refused(lite0):
+    from training_job.mirror_tta import MirrorAveragedBase
+    from training_job.serving_size import ResizedBase
+
+    with pytest.raises(ValueError, match="cannot be served at another size"):
+        ResizedBase(MirrorAveragedBase(lite0), 256)

@@ -1,0 +1,61 @@
+"""A network served at another input size than it was trained at: the same weights, the photos resized to ``size``.
+
+Training crops photos at random (``whole_fine_tune.augment``), so the network learns objects seen larger than a whole
+photo shows them at the same size; a larger input at test time brings them back to the scale it learnt ("FixRes",
+Touvron et al. 2019). The convolutions and the global pooling work at any size, so ``ResizedBase`` rebuilds the
+architecture at ``size`` and copies every weight by layer name; the features and the ImageNet probabilities (which
+the open-set check reads) are the wrapped network's, computed on the larger photo.
+"""
+from __future__ import annotations
+
+from training_job.bottlenecks import BaseNetwork, global_pooling
+
+
+def untrained_network(architecture: str, size: int):
+    """``architecture``'s ImageNet classifier taking ``size`` x ``size`` photos, its weights not yet set."""
+    import keras
+
+    from training_job.base_weights import parse_architecture
+
+    arch = parse_architecture(architecture)
+    if arch.family == "efficientnet_lite":
+        from training_job.efficientnet_lite import build_efficientnet_lite
+
+        return build_efficientnet_lite(arch.variant, size=size)
+    if arch.family == "mobilenet":
+        return keras.applications.MobileNet(alpha=arch.alpha, include_top=True, weights=None,
+                                            input_shape=(size, size, 3))
+    raise ValueError(f"serving {architecture} at another size is not supported")
+
+
+def layer_weights(base: BaseNetwork) -> dict[str, list]:
+    """The weights of ``base``'s ImageNet classifier by layer name, the whole fine-tuned feature path's in place of
+    the original's. Raises ValueError for a base whose features and ImageNet probabilities come from different
+    layers (``--fine_tune_blocks`` keeps the original last blocks for the ImageNet output) or another wrapper."""
+    from training_job.whole_fine_tune import WholeTunedBase
+
+    if type(base) not in (BaseNetwork, WholeTunedBase):
+        raise ValueError(f"{type(base).__name__} cannot be served at another size (a plain or whole fine-tuned "
+                         "network can)")
+    weights = {layer.name: layer.get_weights() for layer in base.imagenet_model.layers}
+    if isinstance(base, WholeTunedBase):
+        weights.update({layer.name: layer.get_weights() for layer in base.tuned.layers})
+    return weights
+
+
+class ResizedBase(BaseNetwork):
+    """``base`` (plain or whole fine-tuned) rebuilt to read ``size`` x ``size`` photos, with the same weights."""
+
+    def __init__(self, base: BaseNetwork, size: int):
+        from training_job.mirror_tta import plain_base
+
+        weights = layer_weights(base)
+        self.original = base
+        self.architecture = f"{base.architecture}-at{size}"
+        self.image_size = size
+        self.normalises_inside = base.normalises_inside
+        self.imagenet_model = untrained_network(plain_base(base).architecture, size)
+        for layer in self.imagenet_model.layers:
+            if layer.weights:
+                layer.set_weights(weights[layer.name])
+        self._set_features(global_pooling(self.imagenet_model).output)
