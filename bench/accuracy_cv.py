@@ -16,7 +16,7 @@ Methods (``--methods``, comma-separated; the first is the reference of the paire
   network and head (reused from the plain method in the same run) reading mirror-averaged features (``--mirror_tta``);
 - ``<method>_at<S>`` (a whole fine-tuned or frozen Lite or MobileNet method): the same trained network and head
   (reused from the plain method in the same run) reading photos resized to S pixels, not the size it trained at
-  (``training_job.serving_size``); the soup's runs alone are not scored again at S;
+  (``training_job.fixres``); the soup's runs alone are not scored again at S;
 - ``<method>@N``: the same, trained on N of the fold's training photos only (the same N in every method, nested: a
   smaller N keeps a subset of a larger one's), the learning curve that tells what more photos would buy;
 - ``<method>:E`` (for the fine-tuned ones): at most E fine-tuning epochs (``--fine_tune_epochs E``: the cosine
@@ -91,8 +91,11 @@ def parse_method(method: str) -> tuple[str, int | None, int | None]:
 
 def method_architecture(name: str) -> str | None:
     """The base architecture of a method's ``parse_method`` name (``_at<S>`` read as its plain method), or None for
-    an unknown method."""
+    an unknown method; ``_at<S>`` of a method whose network ``fixres.ResizedBase`` cannot rebuild (mirror-averaged,
+    last blocks fine-tuned) is unknown."""
     at_size = AT_SIZE.match(name)
+    if at_size and (at_size.group(1).endswith(MIRROR) or at_size.group(1) == "fine_tuned_1_block"):
+        return None
     return METHOD_ARCHITECTURES.get(at_size.group(1) if at_size else name)
 
 
@@ -233,7 +236,7 @@ def run_method(method: str, rows_k, k: int, base, work: Path, done: dict) -> Met
     at_size = AT_SIZE.match(parse_method(method)[0])
     if at_size:
         from training_job.bottlenecks import get_bottlenecks
-        from training_job.serving_size import ResizedBase
+        from training_job.fixres import ResizedBase
 
         plain = method.replace(f"_at{at_size.group(2)}", "", 1)
         if (plain, k) not in done:

@@ -182,9 +182,9 @@ def test_an_at_size_method_reads_its_plain_methods_network_at_that_size(monkeypa
     soup's runs alone (scored at the trained size) are not carried over as if scored at 256."""
     import bench.accuracy_cv as cv
     import training_job.bottlenecks as bottlenecks
-    import training_job.serving_size as serving_size
+    import training_job.fixres as fixres
 
-    monkeypatch.setattr(serving_size, "ResizedBase", lambda network, size: ("resized", network, size))
+    monkeypatch.setattr(fixres, "ResizedBase", lambda network, size: ("resized", network, size))
     cached_in = []
     monkeypatch.setattr(bottlenecks, "get_bottlenecks",
                         lambda rows, network, progress, root: cached_in.append(root) or (network, len(rows)))
@@ -202,6 +202,9 @@ def test_an_at_size_method_reads_its_plain_methods_network_at_that_size(monkeypa
     assert cv.method_architecture(cv.parse_method("lite0_fine_tuned_whole_at288:6@400")[0]) == "efficientnet_lite0"
     assert cv.method_architecture("lite0_fine_tuned_whole_at") is None
     assert cv.method_architecture("no_such_method_at256") is None
+    # refused before any training: these networks cannot be rebuilt at another size
+    assert cv.method_architecture("lite0_fine_tuned_whole_mirror_at256") is None
+    assert cv.method_architecture("fine_tuned_1_block_at256") is None
 
 
 def test_open_set_rates_calibrate_on_validation_and_count_each_sets_rejections():

@@ -1,4 +1,4 @@
-"""A network served at another input size: the same weights (the whole fine-tuned ones included) read a larger photo."""
+"""FixRes: a network read at another input size, with the same weights (the whole fine-tuned ones included)."""
 from __future__ import annotations
 
 import numpy as np
@@ -22,7 +22,7 @@ def _photos(size: int) -> np.ndarray:
 
 def test_at_its_own_size_a_resized_network_answers_as_the_original(lite0):
     from training_job.mirror_tta import plain_base
-    from training_job.serving_size import ResizedBase
+    from training_job.fixres import ResizedBase
 
     same = ResizedBase(lite0, lite0.image_size)
     for got, want in zip(same(_photos(224)), lite0(_photos(224))):
@@ -39,7 +39,7 @@ def test_at_its_own_size_a_resized_network_answers_as_the_original(lite0):
 
 
 def test_a_whole_fine_tuned_network_is_resized_with_its_tuned_weights(lite0):
-    from training_job.serving_size import ResizedBase
+    from training_job.fixres import ResizedBase
     from training_job.whole_fine_tune import WholeTunedBase, tuned_copy
 
     tuned = tuned_copy(lite0)
@@ -55,7 +55,7 @@ def test_a_whole_fine_tuned_network_is_resized_with_its_tuned_weights(lite0):
 
 def test_a_network_whose_features_and_imagenet_layers_differ_is_refused(lite0):
     from training_job.mirror_tta import MirrorAveragedBase
-    from training_job.serving_size import ResizedBase
+    from training_job.fixres import ResizedBase
 
-    with pytest.raises(ValueError, match="cannot be served at another size"):
+    with pytest.raises(ValueError, match="cannot be read at another size"):
         ResizedBase(MirrorAveragedBase(lite0), 256)

@@ -1,10 +1,11 @@
-"""A network served at another input size than it was trained at: the same weights, the photos resized to ``size``.
+"""FixRes (Touvron et al. 2019): a trained network read at a larger input size than it trained at, the same weights.
 
-Training crops photos at random (``whole_fine_tune.augment``), so the network learns objects seen larger than a whole
-photo shows them at the same size; a larger input at test time brings them back to the scale it learnt ("FixRes",
-Touvron et al. 2019). The convolutions and the global pooling work at any size, so ``ResizedBase`` rebuilds the
-architecture at ``size`` and copies every weight by layer name; the features and the ImageNet probabilities (which
-the open-set check reads) are the wrapped network's, computed on the larger photo.
+Whole fine-tuning crops photos at random (``whole_fine_tune.augment``), so the network learns objects seen larger than
+a whole photo shows them at the same size; a larger input brings them back to the scale it learnt. The convolutions
+and the global pooling work at any size, so ``ResizedBase`` rebuilds the architecture at ``size`` and copies every
+weight by layer name; the features and the ImageNet probabilities (which the open-set check reads) are the wrapped
+network's, computed on the larger photo. ``bench/accuracy_cv.py`` measures it (``<method>_at<S>``); no recipe serves
+it, as it bought nothing there (README).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def untrained_network(architecture: str, size: int):
     if arch.family == "mobilenet":
         return keras.applications.MobileNet(alpha=arch.alpha, include_top=True, weights=None,
                                             input_shape=(size, size, 3))
-    raise ValueError(f"serving {architecture} at another size is not supported")
+    raise ValueError(f"reading {architecture} at another size is not supported")
 
 
 def layer_weights(base: BaseNetwork) -> dict[str, list]:
@@ -35,7 +36,7 @@ def layer_weights(base: BaseNetwork) -> dict[str, list]:
     from training_job.whole_fine_tune import WholeTunedBase
 
     if type(base) not in (BaseNetwork, WholeTunedBase):
-        raise ValueError(f"{type(base).__name__} cannot be served at another size (a plain or whole fine-tuned "
+        raise ValueError(f"{type(base).__name__} cannot be read at another size (a plain or whole fine-tuned "
                          "network can)")
     weights = {layer.name: layer.get_weights() for layer in base.imagenet_model.layers}
     if isinstance(base, WholeTunedBase):
