@@ -17,6 +17,8 @@ for (a client gives up after 30 s). The faults:
   redis_sigstop         Redis SIGSTOP, SIGCONT after --down seconds
   model_server_sigkill  model server SIGKILL, restarted on the same ports after --down seconds
   model_server_sigstop  model server SIGSTOP, SIGCONT after --down seconds
+  model_server_crash_loop  a crash loop: the model server SIGKILLed, restarted after --down seconds, SIGKILLed again
+                        1 s after it listens (its model still loading), 3 crashes in all; then restarted for good
   publish_non_atomic    `cp -r` of version 2 into a new numeric folder, slow enough for the server to see half of it:
                         saved_model.pb first, the rest once the server lists the new version (or 3 polls passed)
   publish_corrupt       a new numeric folder holding a garbage saved_model.pb
@@ -75,9 +77,12 @@ PIN_TABLE = {"weights": {str(PINNED_VERSION): 100}, "shadow": None}
 HOT_PHOTOS = 16
 CLIENT_TIMEOUT_S = 30.0
 PAUSE_AFTER_ERROR_S = 0.05
-DEPENDENCY_SCENARIOS = ("redis_sigkill", "redis_sigstop", "model_server_sigkill", "model_server_sigstop")
+DEPENDENCY_SCENARIOS = ("redis_sigkill", "redis_sigstop", "model_server_sigkill", "model_server_sigstop",
+                        "model_server_crash_loop")
 SCENARIOS = ("baseline", "redis_sigkill", "redis_sigstop", "model_server_sigkill", "model_server_sigstop",
-             "publish_non_atomic", "publish_corrupt", "unload_under_load")
+             "model_server_crash_loop", "publish_non_atomic", "publish_corrupt", "unload_under_load")
+CRASH_LOOP_CRASHES = 3  # model server crashes in the crash-loop scenario, the last one followed by a lasting restart
+CRASH_LOOP_UP_S = 1.0  # how long each restarted server lives before its next crash: listening, its model loading
 
 
 # ---------------------------------------------------------------------------------------------- counting (pure)
@@ -476,11 +481,28 @@ class FaultBench:
         self.stack.kill_model_server()
         struck = time.monotonic()
         facts = self.outage()
+        restarted, back = self.restart_until_available()
+        return struck, back, {**facts, "restart_to_available_s": back - restarted}
+
+    def restart_until_available(self) -> tuple[float, float]:
+        """The model server restarted for good: (when it was started, when the pinned version was AVAILABLE)."""
         restarted = time.monotonic()
         self.stack.restart_model_server()
         back = wait_until(lambda: self.version_states().get(PINNED_VERSION) == AVAILABLE and time.monotonic(),
                           timeout=180, interval=POLL_S, what=f"version {PINNED_VERSION} AVAILABLE after the restart")
-        return struck, back, {**facts, "restart_to_available_s": back - restarted}
+        return restarted, back
+
+    def fault_model_server_crash_loop(self) -> tuple[float, float, dict]:
+        self.stack.kill_model_server()
+        struck = time.monotonic()
+        facts = self.outage()
+        for _ in range(CRASH_LOOP_CRASHES - 1):
+            self.stack.restart_model_server()
+            time.sleep(CRASH_LOOP_UP_S)  # the span the restarted server lives, not a synchronisation
+            self.stack.kill_model_server()
+            time.sleep(self.timing.down_s)
+        restarted, back = self.restart_until_available()
+        return struck, back, {**facts, "crashes": CRASH_LOOP_CRASHES, "restart_to_available_s": back - restarted}
 
     def fault_model_server_sigstop(self) -> tuple[float, float, dict]:
         return self._frozen(self.stack.server.process)

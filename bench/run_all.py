@@ -463,6 +463,7 @@ def rows() -> list[dict]:
 FAULT_NAMES = {"baseline": "none (baseline)", "redis_sigkill": "Redis SIGKILL, restarted",
                "redis_sigstop": "Redis SIGSTOP, SIGCONT", "model_server_sigkill": "model server SIGKILL, restarted",
                "model_server_sigstop": "model server SIGSTOP, SIGCONT",
+               "model_server_crash_loop": "model server crash loop (3 SIGKILLs, the last restart for good)",
                "publish_non_atomic": "non-atomic publish (`cp -r` seen half done)",
                "publish_corrupt": "corrupt publish (garbage saved_model.pb)",
                "unload_under_load": "pinned version's folder removed under load"}
