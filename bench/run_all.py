@@ -57,7 +57,7 @@ CV_RESULTS = ("accuracy_cv", "accuracy_cv_bases", "accuracy_cv_whole", "accuracy
               "accuracy_cv_whole_crop06", "accuracy_cv_whole_default_1112",
               "accuracy_cv_open_set_validation", "accuracy_cv_open_set", "accuracy_cv_whole_epochs10",
               "accuracy_cv_whole_lite1", "accuracy_cv_soup", "accuracy_cv_soup_slow",
-              "accuracy_cv_soup_lr6", "accuracy_cv_soup_sizes")
+              "accuracy_cv_soup_lr6", "accuracy_cv_soup_sizes", "accuracy_cv_soup_photos")
 # the cross-validation run and method that measured the recipe `make run` trains: the one judged against the
 # hold-out target (a better recipe measured but not made the default is listed, not judged)
 DEFAULT_RECIPE_CV = ("accuracy_cv_soup", "lite0_fine_tuned_whole+fine_tune_soup=2")
