@@ -209,46 +209,49 @@ def open_set_summary(per_fold_rates: list[dict]) -> dict:
     return summary
 
 
+def _plain_run(plain: str, rows_k, k: int, base, work: Path, done: dict) -> MethodRun:
+    """Method ``plain`` on fold ``k``: its run in ``done``, made first if it has none (a mirror or ``_at<S>`` method
+    reads its plain method's network)."""
+    if (plain, k) not in done:
+        done[(plain, k)] = run_method(plain, rows_k, k, base, work, done)
+    return done[(plain, k)]
+
+
+def _read_by(run: MethodRun, network, rows_k, root: Path | None) -> MethodRun:
+    """``run`` with its training, test and validation features read by ``network`` (cached under ``root``; None: the
+    user's cache)."""
+    from training_job.bottlenecks import get_bottlenecks
+
+    train, test, validation = (get_bottlenecks([r for r in rows_k if r.split == s], network, progress=False,
+                                               root=root)
+                               for s in ("train", "test", "validation"))
+    return dataclasses.replace(run, test=test, validation=validation, network=network, train=train)
+
+
 def run_method(method: str, rows_k, k: int, base, work: Path, done: dict) -> MethodRun:
-    """One method on one fold; ``done`` holds the runs so far by (method, fold), so a mirror method reuses its plain
-    method's network and head."""
+    """One method on one fold; ``done`` holds the runs so far by (method, fold), so a mirror or ``_at<S>`` method
+    reuses its plain method's network and head."""
     from training_job.fine_tune import fine_tune
     from training_job.train import TrainConfig, train_head
     from training_job.whole_fine_tune import fine_tune_whole
 
     if parse_method(method)[0].endswith(MIRROR):
-        from training_job.bottlenecks import get_bottlenecks
         from training_job.mirror_tta import MirrorAveragedBase
 
-        plain = method.replace(MIRROR, "", 1)
-        if (plain, k) not in done:
-            done[(plain, k)] = run_method(plain, rows_k, k, base, work, done)
-        run = done[(plain, k)]
-        mirrored = MirrorAveragedBase(run.network)
+        run = _plain_run(method.replace(MIRROR, "", 1), rows_k, k, base, work, done)
         # a fold's fine-tuned network is never seen again: its features are cached for this run only, the base's in
         # the user's cache
-        root = None if run.network is base else work / "bottlenecks"
-        train, test, validation = (get_bottlenecks([r for r in rows_k if r.split == s], mirrored, progress=False,
-                                                   root=root)
-                                   for s in ("train", "test", "validation"))
-        return dataclasses.replace(run, test=test, validation=validation, network=mirrored, train=train)
+        return _read_by(run, MirrorAveragedBase(run.network), rows_k,
+                        None if run.network is base else work / "bottlenecks")
 
     at_size = AT_SIZE.match(parse_method(method)[0])
     if at_size:
-        from training_job.bottlenecks import get_bottlenecks
         from training_job.fixres import ResizedBase
 
-        plain = method.replace(f"_at{at_size.group(2)}", "", 1)
-        if (plain, k) not in done:
-            done[(plain, k)] = run_method(plain, rows_k, k, base, work, done)
-        run = done[(plain, k)]
-        resized = ResizedBase(run.network, int(at_size.group(2)))
-        train, test, validation = (get_bottlenecks([r for r in rows_k if r.split == s], resized, progress=False,
-                                                   root=work / "bottlenecks")
-                                   for s in ("train", "test", "validation"))
+        run = _plain_run(method.replace(f"_at{at_size.group(2)}", "", 1), rows_k, k, base, work, done)
         details = {key: value for key, value in run.details.items() if key not in SOUP_RUNS_SCORED}
-        return dataclasses.replace(run, test=test, validation=validation, network=resized, train=train,
-                                   details=details)
+        return _read_by(dataclasses.replace(run, details=details), ResizedBase(run.network, int(at_size.group(2))),
+                        rows_k, work / "bottlenecks")
 
     name, _, fine_tune_epochs = parse_method(method)
     architecture = METHOD_ARCHITECTURES[name]
