@@ -588,3 +588,20 @@ def test_grpc_calls_failing_on_a_bug_or_naming_no_method_are_counted_by_their_st
             await server.stop(0)
 
     asyncio.run(scenario())
+
+
+def test_a_caller_leaving_at_its_deadline_is_counted_deadline_exceeded_though_our_clock_is_behind():
+    """The caller's deadline runs from the moment it sent the call, ours from the moment we received it, so when its
+    RST_STREAM arrives our clock may still show a few milliseconds left: that caller left because of its deadline.
+    A caller leaving long before its deadline, or without one, cancelled."""
+    import grpc as grpc_lib
+    from types import SimpleNamespace
+
+    from services.gateway.grpc_api import _ended_by
+
+    def left_with(remaining):
+        return _ended_by(asyncio.CancelledError(), SimpleNamespace(time_remaining=lambda: remaining))
+
+    assert [left_with(remaining) for remaining in (-0.01, 0.0, 0.004, 0.05)] == \
+        [grpc_lib.StatusCode.DEADLINE_EXCEEDED] * 4
+    assert [left_with(remaining) for remaining in (5.0, None)] == [grpc_lib.StatusCode.CANCELLED] * 2

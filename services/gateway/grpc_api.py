@@ -118,14 +118,19 @@ def _count(code: grpc.StatusCode) -> None:
     metrics.child(metrics.RESPONSES, protocol="grpc", code=code.name).inc()
 
 
+# A caller's deadline runs from when it sent the call, ours from when the call reached us: a caller leaving when its
+# deadline expires may still have this much left on our clock (transit, a busy event loop).
+DEADLINE_CLOCK_LAG_S = 0.25
+
+
 def _ended_by(exc: BaseException, context) -> grpc.StatusCode:
     """The status an RPC whose handler raised ``exc`` ends with: a handler cancelled because its caller left ends
-    DEADLINE_EXCEEDED once the deadline passed, else CANCELLED; an abort ends with its code; any other exception
-    UNKNOWN, as gRPC answers it."""
+    DEADLINE_EXCEEDED when the deadline passed (on the caller's clock, up to DEADLINE_CLOCK_LAG_S ahead of ours),
+    else CANCELLED; an abort ends with its code; any other exception UNKNOWN, as gRPC answers it."""
     if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
         remaining = context.time_remaining()
-        return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else \
-            grpc.StatusCode.CANCELLED
+        return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= DEADLINE_CLOCK_LAG_S \
+            else grpc.StatusCode.CANCELLED
     return context.code() or grpc.StatusCode.UNKNOWN
 
 
