@@ -59,3 +59,20 @@ def test_a_network_whose_features_and_imagenet_layers_differ_is_refused(lite0):
 
     with pytest.raises(ValueError, match="cannot be read at another size"):
         ResizedBase(MirrorAveragedBase(lite0), 256)
+
+
+def test_a_mobilenet_is_read_at_another_size_with_its_own_weights():
+    """The weight-less builder names MobileNet's layers as the pretrained one's, so every weight copies across by
+    name; at its own size the copy answers as the original."""
+    from training_job.base_weights import untrained_imagenet_model
+    from training_job.bottlenecks import BaseNetwork
+    from training_job.fixres import ResizedBase
+
+    mobilenet = BaseNetwork("mobilenet_1.0_224")
+    untrained = untrained_imagenet_model("mobilenet_1.0_224", 256)
+    assert untrained.input_shape == (None, 256, 256, 3)
+    assert [layer.name for layer in untrained.layers if layer.weights] == \
+        [layer.name for layer in mobilenet.imagenet_model.layers if layer.weights]
+    for got, want in zip(ResizedBase(mobilenet, 224)(_photos(224)), mobilenet(_photos(224))):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert ResizedBase(mobilenet, 256)(_photos(256))[0].shape == (3, mobilenet.feature_size)

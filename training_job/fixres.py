@@ -12,23 +12,6 @@ from __future__ import annotations
 from training_job.bottlenecks import BaseNetwork, global_pooling
 
 
-def untrained_network(architecture: str, size: int):
-    """``architecture``'s ImageNet classifier taking ``size`` x ``size`` photos, its weights not yet set."""
-    import keras
-
-    from training_job.base_weights import parse_architecture
-
-    arch = parse_architecture(architecture)
-    if arch.family == "efficientnet_lite":
-        from training_job.efficientnet_lite import build_efficientnet_lite
-
-        return build_efficientnet_lite(arch.variant, size=size)
-    if arch.family == "mobilenet":
-        return keras.applications.MobileNet(alpha=arch.alpha, include_top=True, weights=None,
-                                            input_shape=(size, size, 3))
-    raise ValueError(f"reading {architecture} at another size is not supported")
-
-
 def layer_weights(base: BaseNetwork) -> dict[str, list]:
     """The weights of ``base``'s ImageNet classifier by layer name, the whole fine-tuned feature path's in place of
     the original's. Raises ValueError for a base whose features and ImageNet probabilities come from different
@@ -48,6 +31,7 @@ class ResizedBase(BaseNetwork):
     """``base`` (plain or whole fine-tuned) rebuilt to read ``size`` x ``size`` photos, with the same weights."""
 
     def __init__(self, base: BaseNetwork, size: int):
+        from training_job.base_weights import untrained_imagenet_model
         from training_job.mirror_tta import plain_base
 
         weights = layer_weights(base)
@@ -55,7 +39,7 @@ class ResizedBase(BaseNetwork):
         self.architecture = f"{base.architecture}-at{size}"
         self.image_size = size
         self.normalises_inside = base.normalises_inside
-        self.imagenet_model = untrained_network(plain_base(base).architecture, size)
+        self.imagenet_model = untrained_imagenet_model(plain_base(base).architecture, size)
         for layer in self.imagenet_model.layers:
             if layer.weights:
                 layer.set_weights(weights[layer.name])
