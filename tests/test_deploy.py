@@ -328,6 +328,19 @@ def test_k8s_tfserving_configmap_parses():
     check_tfserving_configs(cm["data"]["models.config"], cm["data"]["monitoring.config"], cm["data"]["batching.config"])
 
 
+def test_compose_k8s_and_the_benchmarks_batch_alike():
+    """One batching setting, chosen by the benchmarks' sweep, in its three copies: compose's (which the local stack
+    reads too), the k8s ConfigMap's and the benchmark stacks'."""
+    from bench.stack import BATCHING_CONFIG
+
+    [cm] = [d for _, d in k8s_documents() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "tfserving-config"]
+    compose = BatchingParameters.from_text((DEPLOY / "tfserving" / "batching.config").read_text())
+    assert BatchingParameters.from_text(cm["data"]["batching.config"]) == compose
+    bench = BatchingParameters.from_text(BATCHING_CONFIG)
+    assert (bench.max_batch_size, bench.batch_timeout_micros, bench.num_batch_threads) == \
+        (compose.max_batch_size, compose.batch_timeout_micros, compose.num_batch_threads)
+
+
 def test_k8s_manifests_validate_against_the_kubernetes_schema():
     docs = k8s_documents()
     for name, doc in docs:
