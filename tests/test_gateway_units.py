@@ -174,6 +174,43 @@ def test_each_photo_is_opened_once_wherever_it_is_decoded(monkeypatch):
             assert len(opened) == 1
 
 
+def test_the_only_request_under_way_decodes_its_jpeg_on_the_event_loop(monkeypatch):
+    """Alone, a request's JPEG of many pixels and bytes is opened and decoded on the loop (no thread hand-offs); with
+    company, or in another format, it goes to the pool. The pixels are the contract's either way."""
+    import io
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from training_job import preprocessing
+    from training_job.preprocessing import Limits, preprocess_bytes
+
+    decoded_on = []
+    real_decode = pixels.preprocess_opened
+
+    def recording(*args, **kwargs):
+        decoded_on.append(threading.current_thread() is threading.main_thread())
+        return real_decode(*args, **kwargs)
+
+    noisy = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (2000, 3000, 3), np.uint8)).save(noisy, "JPEG")
+    photo = noisy.getvalue()
+    png = io.BytesIO()
+    Image.new("RGB", (600, 400), (90, 60, 30)).save(png, "PNG")
+    assert len(photo) > pixels.INLINE_MAX_BYTES and 3000 * 2000 > pixels.INLINE_MAX_PIXELS
+    expected = {data: preprocess_bytes(data, 224) for data in (photo, png.getvalue())}
+    monkeypatch.setattr(pixels, "preprocess_opened", recording)
+    monkeypatch.setattr(preprocessing, "preprocess_opened", recording)  # the pool's path, through preprocess_bytes
+    with ThreadPoolExecutor(1) as pool:
+        for alone, data, on_the_loop in ((True, photo, True), (False, photo, False), (True, png.getvalue(), False)):
+            decoded_on.clear()
+            preprocessor = pixels.Preprocessor(Limits(), pool, alone=lambda alone=alone: alone)
+            got = asyncio.run(preprocessor.pixels(data, 224))
+            np.testing.assert_array_equal(got, expected[data])
+            assert decoded_on == [on_the_loop], (alone, on_the_loop)
+
+
 def test_the_answer_is_cached_off_the_response_path_and_shared_until_stored():
     """The Redis write happens after the answer is returned; an identical request arriving before it lands shares
     the answer instead of calling the model server again (as it joined the single-flight call before)."""
@@ -227,6 +264,65 @@ def test_the_answer_is_cached_off_the_response_path_and_shared_until_stored():
             await asyncio.sleep(0.01)
         third = await gateway.classify(photo, top_k=1)
         assert third["cached"] and predictions == [1] and len(stored) == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_classify_is_alone_only_while_no_other_is_under_way():
+    """The preprocessor is told a request is alone (decode on the loop) only when it is the one classify under way:
+    not when another is, and not after one failed."""
+    from types import SimpleNamespace
+
+    from services.gateway.errors import GatewayError
+    from services.gateway.stats import Stats
+    from services.gateway.upstream import Prediction
+    from training_job.preprocessing import Limits
+
+    class Cache:
+        async def get(self, key):
+            await asyncio.sleep(0)  # a round trip to Redis: the other classify gets its turn
+            return None
+
+        async def put(self, key, value):
+            pass
+
+    class Upstream:
+        model_name = "mushrooms"
+
+        async def input_size(self, version, label=None):
+            return version, 224
+
+        async def predict(self, pixels, version, label):
+            return [Prediction(version, np.float32([0.25, 0.75]), ["a", "b"], 0.9, False)]
+
+    class Redis:
+        async def set(self, *args, **kwargs):
+            pass
+
+    router = SimpleNamespace(available={1}, choose=lambda client: (1, "latest"), shadow_version=lambda: None)
+    gateway = classifier.Classifier(Upstream(), Cache(), router, Stats(Redis(), "mushrooms"),
+                                    SimpleNamespace(display_names=lambda version: {}), Limits(), SingleFlight(),
+                                    InputSizes(Upstream()))
+    told = []
+    real_pixels = gateway.preprocessor.pixels
+
+    async def recording(photo, size):
+        told.append(gateway.preprocessor.alone())
+        return await real_pixels(photo, size)
+
+    gateway.preprocessor.pixels = recording
+
+    async def scenario():
+        await gateway.classify(_jpeg((64, 48)), top_k=1)
+        assert told == [True]
+        told.clear()
+        await asyncio.gather(gateway.classify(_jpeg((64, 49)), top_k=1), gateway.classify(_jpeg((64, 50)), top_k=1))
+        assert told == [False, False]
+        told.clear()
+        with pytest.raises(GatewayError):
+            await gateway.classify(b"not a photo", top_k=1)
+        await gateway.classify(_jpeg((64, 51)), top_k=1)
+        assert told == [True, True] and gateway.serving == 0
 
     asyncio.run(scenario())
 

@@ -84,7 +84,8 @@ class Classifier:
         self.single_flight = single_flight
         self.input_sizes = input_sizes
         self.executor = ThreadPoolExecutor(preprocess_threads, thread_name_prefix="preprocess")
-        self.preprocessor = Preprocessor(limits, self.executor)
+        self.serving = 0  # classify calls under way
+        self.preprocessor = Preprocessor(limits, self.executor, alone=lambda: self.serving == 1)
         self._background: set[asyncio.Task] = set()
         self._classes: dict[int, list[str]] = {}  # version -> its class labels in column order, from its answers
         self._asking_classes: dict[int, asyncio.Lock] = {}  # version -> held while classes_of asks the model server
@@ -236,6 +237,7 @@ class Classifier:
         explain = explain or explain_class is not None
         wanted = Wanted(explain, explain_class)
         cache_outcome, result, chosen = "miss", "ok", version
+        self.serving += 1
         try:
             self._validate(photo, top_k, explain_class, version, label, client_id)
             routed = version is None and not label
@@ -270,6 +272,7 @@ class Classifier:
             self.stats.record_error(chosen)
             raise
         finally:
+            self.serving -= 1
             chosen_value = metrics.version_metric_value(chosen, self.router.available)
             if explain:
                 metrics.child(metrics.EXPLAIN_SECONDS, protocol=protocol, model_version=chosen_value,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 
 import numpy as np
@@ -17,32 +18,42 @@ from training_job.preprocessing import InvalidImage, Limits, open_image, preproc
 # Photos this small are opened on the event loop (header only), and decoded there too when they are JPEGs of few
 # pixels: decoded at a reduced DCT scale, they cost about what the two thread hand-offs to and from the
 # preprocessing pool cost. Other formats decode every pixel, however few the bytes, and bigger photos cost more:
-# they go to the pool, so a slow decode never blocks the loop. Each photo is opened once, where its header is read.
+# they go to the pool, so a slow decode never blocks the loop other requests need. Each photo is opened once, where
+# its header is read.
 INLINE_MAX_BYTES = 64 * 1024
 INLINE_MAX_PIXELS = 1_000_000
+# The one request the gateway is serving has the event loop to itself: its photo is opened there whatever its size,
+# and decoded there too when it is a JPEG of at most this many pixels (DCT-scaled, a few milliseconds at most),
+# sparing the two thread hand-offs. A request arriving meanwhile waits for that decode; a photo of more pixels, or
+# of another format, still goes to the pool.
+ALONE_INLINE_MAX_PIXELS = 24_000_000
 
 
-def opened_on_the_loop(photo: bytes, limits: Limits) -> Image.Image | None:
+def opened_on_the_loop(photo: bytes, limits: Limits, alone: bool = False) -> Image.Image | None:
     """The photo opened (``open_image``: header only, limits checked) when it is small enough to open on the event
-    loop; None when the pool opens it. Raises ``InvalidImage``."""
-    return open_image(photo, limits) if len(photo) <= INLINE_MAX_BYTES else None
+    loop, or its request is ``alone``; None when the pool opens it. Raises ``InvalidImage``."""
+    return open_image(photo, limits) if alone or len(photo) <= INLINE_MAX_BYTES else None
 
 
-def cheap_to_decode(opened: Image.Image | None) -> bool:
-    """True for a photo opened on the loop whose decode is cheap enough to run there: a JPEG of few pixels."""
-    return opened is not None and opened.format == "JPEG" and opened.width * opened.height <= INLINE_MAX_PIXELS
+def cheap_to_decode(opened: Image.Image | None, alone: bool = False) -> bool:
+    """True for a photo opened on the loop whose decode is cheap enough to run there: a JPEG of few pixels, or of
+    up to ALONE_INLINE_MAX_PIXELS when its request is ``alone``."""
+    limit = ALONE_INLINE_MAX_PIXELS if alone else INLINE_MAX_PIXELS
+    return opened is not None and opened.format == "JPEG" and opened.width * opened.height <= limit
 
 
 class Preprocessor:
-    def __init__(self, limits: Limits, executor: Executor):
+    def __init__(self, limits: Limits, executor: Executor, alone: Callable[[], bool] = lambda: False):
         self.limits = limits
         self.executor = executor  # the pool photos too costly for the event loop are decoded in
+        self.alone = alone  # () -> True while the asking request is the only one the gateway serves
 
     async def pixels(self, photo: bytes, size: int) -> np.ndarray:
         start = time.perf_counter()
         try:
-            opened = opened_on_the_loop(photo, self.limits)
-            if cheap_to_decode(opened):
+            alone = self.alone()
+            opened = opened_on_the_loop(photo, self.limits, alone)
+            if cheap_to_decode(opened, alone):
                 pixels = preprocess_opened(opened, size)
             else:
                 work = (preprocess_bytes, photo, size, self.limits) if opened is None else \
