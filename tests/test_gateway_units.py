@@ -211,17 +211,39 @@ def test_the_only_request_under_way_decodes_its_jpeg_on_the_event_loop(monkeypat
             assert decoded_on == [on_the_loop], (alone, on_the_loop)
 
 
-def test_the_answer_is_cached_off_the_response_path_and_shared_until_stored():
-    """The Redis write happens after the answer is returned; an identical request arriving before it lands shares
-    the answer instead of calling the model server again (as it joined the single-flight call before)."""
+def _two_class_gateway(cache, predictions: list | None = None):
+    """A Classifier over fakes of one module's neighbours: ``cache``, a model server whose version 1 answers every
+    photo "b" at 0.75 (each call's version appended to ``predictions``), a router choosing version 1."""
     from types import SimpleNamespace
-
-    import numpy as np
 
     from services.gateway.stats import Stats
     from services.gateway.upstream import Prediction
     from training_job.preprocessing import Limits
 
+    class Upstream:
+        model_name = "mushrooms"
+
+        async def input_size(self, version, label=None):
+            return version, 224
+
+        async def predict(self, pixels, version, label):
+            if predictions is not None:
+                predictions.append(version)
+            return [Prediction(version, np.float32([0.25, 0.75]), ["a", "b"], 0.9, False)]
+
+    class Redis:
+        async def set(self, *args, **kwargs):
+            pass
+
+    router = SimpleNamespace(available={1}, choose=lambda client: (1, "latest"), shadow_version=lambda: None)
+    return classifier.Classifier(Upstream(), cache, router, Stats(Redis(), "mushrooms"),
+                                 SimpleNamespace(display_names=lambda version: {}), Limits(), SingleFlight(),
+                                 InputSizes(Upstream()))
+
+
+def test_the_answer_is_cached_off_the_response_path_and_shared_until_stored():
+    """The Redis write happens after the answer is returned; an identical request arriving before it lands shares
+    the answer instead of calling the model server again (as it joined the single-flight call before)."""
     stored, release, predictions = {}, None, []
 
     class Cache:
@@ -232,24 +254,7 @@ def test_the_answer_is_cached_off_the_response_path_and_shared_until_stored():
             await release.wait()
             stored[key] = value
 
-    class Upstream:
-        model_name = "mushrooms"
-
-        async def input_size(self, version, label=None):
-            return version, 224
-
-        async def predict(self, pixels, version, label):
-            predictions.append(version)
-            return [Prediction(version, np.float32([0.25, 0.75]), ["a", "b"], 0.9, False)]
-
-    class Redis:
-        async def set(self, *args, **kwargs):
-            pass
-
-    router = SimpleNamespace(available={1}, choose=lambda client: (1, "latest"), shadow_version=lambda: None)
-    gateway = classifier.Classifier(Upstream(), Cache(), router, Stats(Redis(), "mushrooms"),
-                                    SimpleNamespace(display_names=lambda version: {}), Limits(), SingleFlight(),
-                                    InputSizes(Upstream()))
+    gateway = _two_class_gateway(Cache(), predictions)
     photo = _jpeg((64, 48))
 
     async def scenario():
@@ -271,12 +276,7 @@ def test_the_answer_is_cached_off_the_response_path_and_shared_until_stored():
 def test_a_classify_is_alone_only_while_no_other_is_under_way():
     """The preprocessor is told a request is alone (decode on the loop) only when it is the one classify under way:
     not when another is, and not after one failed."""
-    from types import SimpleNamespace
-
     from services.gateway.errors import GatewayError
-    from services.gateway.stats import Stats
-    from services.gateway.upstream import Prediction
-    from training_job.preprocessing import Limits
 
     class Cache:
         async def get(self, key):
@@ -286,23 +286,7 @@ def test_a_classify_is_alone_only_while_no_other_is_under_way():
         async def put(self, key, value):
             pass
 
-    class Upstream:
-        model_name = "mushrooms"
-
-        async def input_size(self, version, label=None):
-            return version, 224
-
-        async def predict(self, pixels, version, label):
-            return [Prediction(version, np.float32([0.25, 0.75]), ["a", "b"], 0.9, False)]
-
-    class Redis:
-        async def set(self, *args, **kwargs):
-            pass
-
-    router = SimpleNamespace(available={1}, choose=lambda client: (1, "latest"), shadow_version=lambda: None)
-    gateway = classifier.Classifier(Upstream(), Cache(), router, Stats(Redis(), "mushrooms"),
-                                    SimpleNamespace(display_names=lambda version: {}), Limits(), SingleFlight(),
-                                    InputSizes(Upstream()))
+    gateway = _two_class_gateway(Cache())
     told = []
     real_pixels = gateway.preprocessor.pixels
 
