@@ -175,8 +175,9 @@ def test_each_photo_is_opened_once_wherever_it_is_decoded(monkeypatch):
 
 
 def test_the_only_request_under_way_decodes_its_jpeg_on_the_event_loop(monkeypatch):
-    """Alone, a request's JPEG of many pixels and bytes is opened and decoded on the loop (no thread hand-offs); with
-    company, or in another format, it goes to the pool. The pixels are the contract's either way."""
+    """Alone, a request's JPEG of more pixels and bytes than the loop takes otherwise is opened and decoded there (no
+    thread hand-offs); with company, beyond the lone request's bounds, or in another format, it goes to the pool.
+    The pixels are the contract's either way."""
     import io
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -193,17 +194,24 @@ def test_the_only_request_under_way_decodes_its_jpeg_on_the_event_loop(monkeypat
         decoded_on.append(threading.current_thread() is threading.main_thread())
         return real_decode(*args, **kwargs)
 
-    noisy = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (2000, 3000, 3), np.uint8)).save(noisy, "JPEG")
-    photo = noisy.getvalue()
+    def gradient_jpeg(noise: int) -> bytes:  # 1600 x 1000, its bytes growing with the noise
+        ramp = np.linspace(0, 255, 1600)[None, :, None] * np.ones((1000, 1, 3))
+        noisy = ramp + np.random.default_rng(0).integers(-noise, noise + 1, ramp.shape)
+        out = io.BytesIO()
+        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=85)
+        return out.getvalue()
+
+    photo, heavy = gradient_jpeg(8), gradient_jpeg(40)
     png = io.BytesIO()
     Image.new("RGB", (600, 400), (90, 60, 30)).save(png, "PNG")
-    assert len(photo) > pixels.INLINE_MAX_BYTES and 3000 * 2000 > pixels.INLINE_MAX_PIXELS
-    expected = {data: preprocess_bytes(data, 224) for data in (photo, png.getvalue())}
+    assert pixels.INLINE_MAX_BYTES < len(photo) <= pixels.ALONE_INLINE_MAX_BYTES < len(heavy)
+    assert pixels.INLINE_MAX_PIXELS < 1600 * 1000 <= pixels.ALONE_INLINE_MAX_PIXELS
+    expected = {data: preprocess_bytes(data, 224) for data in (photo, heavy, png.getvalue())}
     monkeypatch.setattr(pixels, "preprocess_opened", recording)
     monkeypatch.setattr(preprocessing, "preprocess_opened", recording)  # the pool's path, through preprocess_bytes
     with ThreadPoolExecutor(1) as pool:
-        for alone, data, on_the_loop in ((True, photo, True), (False, photo, False), (True, png.getvalue(), False)):
+        for alone, data, on_the_loop in ((True, photo, True), (False, photo, False), (True, heavy, False),
+                                         (True, png.getvalue(), False)):
             decoded_on.clear()
             preprocessor = pixels.Preprocessor(Limits(), pool, alone=lambda alone=alone: alone)
             got = asyncio.run(preprocessor.pixels(data, 224))

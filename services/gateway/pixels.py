@@ -22,17 +22,19 @@ from training_job.preprocessing import InvalidImage, Limits, open_image, preproc
 # its header is read.
 INLINE_MAX_BYTES = 64 * 1024
 INLINE_MAX_PIXELS = 1_000_000
-# The one request the gateway is serving has the event loop to itself: its photo is opened there whatever its size,
-# and decoded there too when it is a JPEG of at most this many pixels (DCT-scaled, a few milliseconds at most),
-# sparing the two thread hand-offs. A request arriving meanwhile waits for that decode; a photo of more pixels, or
-# of another format, still goes to the pool.
-ALONE_INLINE_MAX_PIXELS = 24_000_000
+# The one request the gateway is serving has the event loop to itself: a JPEG of up to these bytes and pixels (the
+# decode's cost grows with both: a few typical web photos' worth at most) is opened and decoded there, sparing the
+# two thread hand-offs. A request arriving meanwhile waits for that decode; a larger photo, whose decode costs far
+# more than the hand-offs, or another format, still goes to the pool.
+ALONE_INLINE_MAX_BYTES = 256 * 1024
+ALONE_INLINE_MAX_PIXELS = 2_000_000
 
 
 def opened_on_the_loop(photo: bytes, limits: Limits, alone: bool = False) -> Image.Image | None:
-    """The photo opened (``open_image``: header only, limits checked) when it is small enough to open on the event
-    loop, or its request is ``alone``; None when the pool opens it. Raises ``InvalidImage``."""
-    return open_image(photo, limits) if alone or len(photo) <= INLINE_MAX_BYTES else None
+    """The photo opened (``open_image``: header only, limits checked) when it is small enough in bytes to open on the
+    event loop (larger when its request is ``alone``); None when the pool opens it. Raises ``InvalidImage``."""
+    return open_image(photo, limits) if len(photo) <= (ALONE_INLINE_MAX_BYTES if alone else INLINE_MAX_BYTES) \
+        else None
 
 
 def cheap_to_decode(opened: Image.Image | None, alone: bool = False) -> bool:
