@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import hdrs, web
@@ -111,7 +112,8 @@ def _json_options(data: dict) -> dict:
 class HttpApi:
     def __init__(self, classifier: Classifier, router: Router, stats: Stats, model_info: ModelInfo,
                  operators: OperatorTokens, max_body: int, ready, body_timeout: float = 60.0,
-                 rollout: RolloutProxy | None = None, photo_store: PhotoStore | None = None):
+                 rollout: RolloutProxy | None = None, photo_store: PhotoStore | None = None,
+                 closing: Callable[[], bool] = lambda: False):
         self.rollout = rollout or RolloutProxy(None)  # the rollout controller's API, for the operator panel
         self.photo_store = photo_store  # opt-in: photos kept by hash so corrections become training data
         self.classifier = classifier
@@ -122,6 +124,7 @@ class HttpApi:
         self.max_body = max_body
         self.ready = ready  # callable -> (bool, reason)
         self.body_timeout = body_timeout  # seconds a request's body may take to arrive (0 = no limit)
+        self.closing = closing  # () -> True once the gateway is stopping: every answer closes its connection
 
     def app(self) -> web.Application:
         # Bodies are read through bodies.py, which counts their bytes (413) and answers what aiohttp or json.loads
@@ -129,6 +132,7 @@ class HttpApi:
         app = web.Application(client_max_size=SMALL_BODY_BYTES,
                               middlewares=[errors_as_json, body_deadline(self.body_timeout)])
         app.on_response_prepare.append(count_response)
+        app.on_response_prepare.append(self._close_when_stopping)
         r = app.router
         r.add_post("/v1/classify", self.classify)
         r.add_get("/v1/models", self.models)
@@ -148,6 +152,14 @@ class HttpApi:
             r.add_get("/", self.index)
             r.add_static("/static", WEB_DIR)
         return app
+
+    async def _close_when_stopping(self, request: web.Request, response: web.StreamResponse) -> None:
+        """A stopping gateway's answers say ``Connection: close`` and close their connection after them: its client
+        opens a new one (to another replica) rather than send its next request where it will not be read. aiohttp
+        has written the response's Connection header before this hook runs, so the header is set here too."""
+        if self.closing():
+            response.force_close()
+            response.headers[hdrs.CONNECTION] = "close"
 
     # ------------------------------------------------------------------ classify
     def _body_limit(self, content_type: str) -> int:

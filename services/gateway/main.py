@@ -11,6 +11,10 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 log = logging.getLogger("gateway")
+# At shutdown, how long an open HTTP keep-alive connection may still bring a request (answered with Connection:
+# close) before the idle ones are closed: a client whose answer came just before the stop has sent its next request
+# within it, so closing the connection cannot cross that request on the wire.
+CLOSE_LINGER_SECONDS = 0.5
 
 
 def positive_int(text: str) -> int:
@@ -91,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--body-timeout", type=float, default=float(env("BODY_TIMEOUT_SECONDS", "60")),
                    help="seconds an HTTP request body may take to arrive once its headers have; then 408 "
                    "(BODY_TIMEOUT_SECONDS, default 60; 0 = no limit)")
+    p.add_argument("--shutdown-delay", type=float, default=float(env("SHUTDOWN_DELAY_SECONDS", "0")),
+                   help="seconds the gateway keeps serving after SIGTERM while /readyz answers 503 and gRPC health "
+                   "NOT_SERVING, every HTTP answer closing its connection, so that load balancers stop sending to it "
+                   "before it stops listening; a second SIGTERM or SIGINT ends the wait (SHUTDOWN_DELAY_SECONDS, "
+                   "default 0)")
+    p.add_argument("--shutdown-grace", type=float, default=float(env("SHUTDOWN_GRACE_SECONDS", "15")),
+                   help="once the gateway stops listening, seconds its calls in flight get to finish before they are "
+                   "cancelled (SHUTDOWN_GRACE_SECONDS, default 15: longer than --upstream-timeout's default, so a "
+                   "call waiting on the model server ends by that call's own deadline)")
     p.add_argument("--no-single-flight", dest="single_flight", action="store_false",
                    default=env("SINGLE_FLIGHT", "1").lower() not in ("0", "false", "off", "no"),
                    help="every identical concurrent miss makes its own model server call (SINGLE_FLIGHT=0; "
@@ -144,11 +157,16 @@ class Gateway:
                                      if args.predict_batch_max > 1 else NoBatching(self.upstream))
         self.upstream_ok = False
         self.upstream_problem = "not checked yet"
-        self._stopping = asyncio.Event()
+        self._draining = asyncio.Event()  # SIGTERM or SIGINT came: unready
+        self._hurry = asyncio.Event()  # a second one: the shutdown delay ends at once
+        self._closing_connections = asyncio.Event()  # HTTP answers close their connections
+        self._stopping = asyncio.Event()  # nothing is served any more: the background loops end
         self.loops = Loops(self._stopping)
         self.operators = OperatorTokens(args.operator_tokens or None, args.admin_token or None)
 
     def ready(self) -> tuple[bool, str]:
+        if self._draining.is_set():
+            return False, "shutting down"
         stale = self.loops.stale()
         if not self.upstream_ok:
             return False, f"model server {self.args.model_server} unreachable: {self.upstream_problem}"
@@ -176,7 +194,7 @@ class Gateway:
     async def serve(self) -> None:
         from aiohttp import web
 
-        from services.gateway.grpc_api import build_server, serving_status
+        from services.gateway.grpc_api import SERVICE_NAME, build_server, serving_status
         from services.gateway.http_api import HttpApi
 
         # Routing: re-read twice a second, keeping the last table while Redis is down or the stored one is refused.
@@ -190,10 +208,13 @@ class Gateway:
                                  self.args.photo_store_max_bytes) if self.args.photo_store else None
         runner = web.AppRunner(HttpApi(self.classifier, self.router, self.stats, self.model_info, self.operators,
                                        self.args.max_bytes, self.ready, self.args.body_timeout,
-                                       RolloutProxy(self.args.rollout_url or None), photo_store).app(),
-                               access_log=None, keepalive_timeout=self.args.keepalive_timeout)
+                                       RolloutProxy(self.args.rollout_url or None), photo_store,
+                                       closing=self._closing_connections.is_set).app(),
+                               access_log=None, keepalive_timeout=self.args.keepalive_timeout,
+                               shutdown_timeout=self.args.shutdown_grace)
         await runner.setup()
-        await web.TCPSite(runner, self.args.host, self.args.http_port).start()
+        site = web.TCPSite(runner, self.args.host, self.args.http_port)
+        await site.start()
         grpc_server = health = None
         if self.args.grpc_port:
             grpc_server, health = build_server(self.classifier, self.router, self.stats, self.args.host,
@@ -204,25 +225,59 @@ class Gateway:
                  self.args.redis_url)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
-        while not self._stopping.is_set():
+            loop.add_signal_handler(sig, self._signalled)
+        while True:
             if health is not None:
                 status = serving_status(self.ready()[0])
-                await health.set("", status)
-                await health.set("mushroom.v1.Classifier", status)
+                for service in ("", SERVICE_NAME):  # the server's health, and the Classifier's
+                    await health.set(service, status)
+            if self._draining.is_set():
+                break
             try:
-                await asyncio.wait_for(self._stopping.wait(), 1.0)
+                await asyncio.wait_for(self._draining.wait(), 1.0)
             except asyncio.TimeoutError:
                 pass
-        log.info("shutting down: finishing in-flight requests")
-        if grpc_server is not None:
-            await grpc_server.stop(grace=5)
-        await runner.cleanup()
+        await self._shut_down(runner, site, grpc_server)
         for task in watchers:
             task.cancel()
         await self.upstream.close()
         await self.classifier.cache.close()
         await self.redis.aclose()
+
+    def _signalled(self) -> None:
+        """SIGTERM or SIGINT: the first starts the shutdown, the next ends its delay."""
+        if self._draining.is_set():
+            self._hurry.set()
+        self._draining.set()
+
+    async def _shut_down(self, runner, site, grpc_server) -> None:
+        """After SIGTERM (readiness is off already, ``ready``): for --shutdown-delay still serving, each HTTP answer
+        closing its connection so that its client reconnects, through its load balancer, elsewhere. Then both
+        listeners close, and only then (without a delay) do HTTP answers close their connections: a client told to
+        reconnect before could land in the closing listener's backlog and be reset after sending its request. Each
+        open HTTP connection gets up to CLOSE_LINGER_SECONDS to bring one more request, answered and closed, so no
+        connection is closed under a request its client has just sent; then the idle ones close, and the calls in
+        flight get --shutdown-grace to finish."""
+        if self.args.shutdown_delay > 0:
+            log.info("stopping: unready, still serving for %.1f s", self.args.shutdown_delay)
+            self._closing_connections.set()
+            try:
+                await asyncio.wait_for(self._hurry.wait(), self.args.shutdown_delay)
+            except asyncio.TimeoutError:
+                pass
+        log.info("shutting down: no new connections; calls in flight get %.0f s", self.args.shutdown_grace)
+        grpc_stopped = asyncio.ensure_future(grpc_server.stop(grace=self.args.shutdown_grace)) \
+            if grpc_server is not None else None
+        await site.stop()
+        self._closing_connections.set()
+        loop = asyncio.get_running_loop()
+        lingering_until = loop.time() + CLOSE_LINGER_SECONDS
+        while runner.server.connections and loop.time() < lingering_until:
+            await asyncio.sleep(0.01)
+        await runner.cleanup()
+        if grpc_stopped is not None:
+            await grpc_stopped
+        self._stopping.set()
 
 
 def main(argv: list[str] | None = None) -> int:
