@@ -364,6 +364,27 @@ def test_k8s_gateway_has_probes_and_resources():
     assert container["resources"]["requests"] and container["resources"]["limits"]
 
 
+def test_the_gateway_finishes_stopping_before_compose_or_kubernetes_kill_it():
+    """SIGTERM, the shutdown delay, the close linger and the grace for calls in flight (the gateway's settings in
+    each file, its own defaults otherwise) fit within the time the platform waits before SIGKILL."""
+    from services.gateway.main import CLOSE_LINGER_SECONDS, build_parser
+
+    defaults = build_parser().parse_args([])
+
+    def stopping_takes(env: dict) -> float:
+        return (float(env.get("SHUTDOWN_DELAY_SECONDS", defaults.shutdown_delay)) + CLOSE_LINGER_SECONDS
+                + float(env.get("SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace)))
+
+    pod = k8s_pod("Deployment", "gateway")
+    [container] = pod["containers"]
+    k8s_env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert float(k8s_env["SHUTDOWN_DELAY_SECONDS"]) > 0  # endpoints stop routing to the pod while it still serves
+    assert stopping_takes(k8s_env) < pod["terminationGracePeriodSeconds"]
+    gateway = compose()["services"]["gateway"]
+    seconds = re.fullmatch(r"(\d+)s", gateway["stop_grace_period"]).group(1)
+    assert stopping_takes(gateway["environment"]) < int(seconds)
+
+
 def test_k8s_rollout_controller_runs_once_with_the_operator_secret_and_the_policy():
     [deployment] = [d for _, d in k8s_documents() if d["kind"] == "Deployment" and d["metadata"]["name"] == "rollout"]
     assert deployment["spec"]["replicas"] == 1
