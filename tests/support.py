@@ -1,14 +1,70 @@
-"""Helpers the tests share: the shared photos, and the launcher's free ports, waits and real Redis instances
-(devstack/servers.py, the one launcher the stack and the benchmarks use too)."""
+"""Helpers the tests share: the shared photos, the launcher's free ports, waits and real Redis instances
+(devstack/servers.py, the one launcher the stack and the benchmarks use too), and HTTP keep-alive clients."""
 from __future__ import annotations
+
+import http.client
+import threading
+import time
 
 from devstack.servers import RedisServer, free_port, stop_process, wait_for_port
 from training_job.paths import shared_data_dir
 
 __all__ = ["SHARED_DATA", "MUSHROOMS", "NOT_MUSHROOMS", "IMAGENET_FUNGI", "RedisServer", "free_port", "stop_process",
-           "wait_for_port"]
+           "wait_for_port", "KeepAliveClients"]
 
 SHARED_DATA = shared_data_dir()
 MUSHROOMS = SHARED_DATA / "mushrooms"
 NOT_MUSHROOMS = SHARED_DATA / "not-mushrooms"
 IMAGENET_FUNGI = SHARED_DATA / "imagenet-fungi"
+
+
+class KeepAliveClients:
+    """``clients`` threads, each sending ``requests`` ((method, path, body, headers) in turn) back to back on its own
+    keep-alive connection to 127.0.0.1:``port``, a new one when the server closed the last (as a browser or a
+    connection pool does), until the ``with`` block ends. Every request is recorded in ``outcomes`` with how it
+    ended: ``refused`` when a new connection was refused (nothing was sent), ``lost (<error>)`` when the request was
+    sent and the connection closed or reset under it, otherwise its HTTP status."""
+
+    def __init__(self, port: int, requests: list[tuple[str, str, bytes | None, dict]], clients: int = 8):
+        self.port, self.requests = port, requests
+        self.outcomes: list[str] = []
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self.threads = [threading.Thread(target=self._client, args=(i, clients)) for i in range(clients)]
+
+    def _client(self, index: int, clients: int) -> None:
+        connection, n = None, index
+        while not self._stop.is_set():
+            (method, path, body, headers), n = self.requests[n % len(self.requests)], n + clients
+            fresh = connection is None
+            if fresh:
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+            try:
+                if fresh:
+                    connection.connect()
+            except ConnectionRefusedError:
+                outcome, connection = "refused", None
+            else:
+                try:
+                    connection.request(method, path, body=body, headers=headers)
+                    response = connection.getresponse()
+                    response.read()
+                    outcome = str(response.status)
+                    if response.will_close:
+                        connection.close()
+                        connection = None
+                except (http.client.HTTPException, OSError) as exc:
+                    outcome, connection = f"lost ({type(exc).__name__})", None
+            with self._lock:
+                self.outcomes.append(outcome)
+            if outcome == "refused":
+                time.sleep(0.02)
+
+    def __enter__(self) -> "KeepAliveClients":
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self.threads:
+            thread.join(60)

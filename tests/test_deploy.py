@@ -367,7 +367,8 @@ def test_k8s_gateway_has_probes_and_resources():
 def test_the_gateway_finishes_stopping_before_compose_or_kubernetes_kill_it():
     """SIGTERM, the shutdown delay, the close linger and the grace for calls in flight (the gateway's settings in
     each file, its own defaults otherwise) fit within the time the platform waits before SIGKILL."""
-    from services.gateway.main import CLOSE_LINGER_SECONDS, build_parser
+    from services.gateway.main import build_parser
+    from services.http_stop import CLOSE_LINGER_SECONDS
 
     defaults = build_parser().parse_args([])
 

@@ -21,11 +21,11 @@ from PIL import Image
 from services.gateway.protos import load
 from tests.gateway_harness import GatewayProcess, gateway_stack
 from tests.model_server_harness import MODEL, wait_until
+from tests.support import KeepAliveClients
 from tests.test_gateway_faults import Frozen
 from training_job.tiny_model import publish_tiny_versions
 
 pb, pb_grpc = load()
-CLIENTS = 8
 
 
 def drawn_photo(seed: int) -> bytes:
@@ -67,64 +67,13 @@ def exits_within(gateway: GatewayProcess, seconds: float) -> int:
         raise AssertionError(f"the gateway was still running {seconds} s after SIGTERM") from None
 
 
-class KeepAliveClients:
-    """CLIENTS threads, each POSTing photos back to back on its own keep-alive connection (a new one when the
-    gateway closed the last, as a browser or a connection pool does). Every request is recorded with how it ended:
-    ``refused`` when a new connection was refused (nothing was sent), ``lost`` when the request was sent and the
-    connection closed or reset under it, otherwise its HTTP status."""
-
-    def __init__(self, port: int, photos: list[bytes]):
-        self.port, self.photos = port, photos
-        self.outcomes: list[str] = []
-        self._lock, self._stop = threading.Lock(), threading.Event()
-        self.threads = [threading.Thread(target=self._client, args=(i,)) for i in range(CLIENTS)]
-
-    def _client(self, index: int) -> None:
-        connection, n = None, index
-        while not self._stop.is_set():
-            photo, n = self.photos[n % len(self.photos)], n + CLIENTS
-            fresh = connection is None
-            if fresh:
-                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-            try:
-                if fresh:
-                    connection.connect()
-            except ConnectionRefusedError:
-                outcome, connection = "refused", None
-            else:
-                try:
-                    connection.request("POST", "/v1/classify", body=photo, headers={"Content-Type": "image/jpeg"})
-                    response = connection.getresponse()
-                    response.read()
-                    outcome = str(response.status)
-                    if response.will_close:
-                        connection.close()
-                        connection = None
-                except (http.client.RemoteDisconnected, ConnectionError, OSError) as exc:
-                    outcome, connection = f"lost ({type(exc).__name__})", None
-            with self._lock:
-                self.outcomes.append(outcome)
-            if outcome == "refused":
-                time.sleep(0.02)
-
-    def __enter__(self) -> "KeepAliveClients":
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for thread in self.threads:
-            thread.join(60)
-
-
 def test_sigterm_under_keepalive_load_leaves_no_request_it_was_sent_unanswered(stack, stopping_gateway):
     """Eight clients keep their connections busy; SIGTERM. Each connection's last answer closes it (``Connection:
     close``); a request sent on it is never met by a closed or reset connection instead (the race of closing an idle
     keep-alive connection while its client sends). New connections are refused once the gateway stops listening."""
     gateway = stopping_gateway()
-    photos = [drawn_photo(seed) for seed in range(16)]
-    with KeepAliveClients(gateway.http_port, photos) as clients:
+    requests = [("POST", "/v1/classify", drawn_photo(seed), {"Content-Type": "image/jpeg"}) for seed in range(16)]
+    with KeepAliveClients(gateway.http_port, requests) as clients:
         wait_until(lambda: len(clients.outcomes) >= 200, timeout=30, interval=0.05, what="steady load")
         gateway.process.send_signal(signal.SIGTERM)
         assert exits_within(gateway, 10) == 0

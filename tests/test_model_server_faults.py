@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from services.model_server.servable import Servable, SignatureInfo
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
+from tests.support import KeepAliveClients
 from training_job.tiny_model import TinyClassifier, write_tiny_model
 from training_job.publish import publish_dir
 
@@ -246,6 +248,27 @@ def test_sigterm_under_steady_load_exits_within_the_grace_period(gated_server):
     # in the instant its listener closed)
     assert all(o in ("OK", "200", "UNAVAILABLE", "503", "CANCELLED") or o.startswith("connection")
                for o in outcomes), sorted(set(outcomes))
+
+
+def test_sigterm_under_keepalive_rest_load_leaves_no_request_it_was_sent_unanswered(gated_server):
+    """Eight REST clients keep their connections busy (a predict and a model status, in turn); SIGTERM. Each
+    connection's last answer says ``Connection: close``: no request sent on one meets a closed or reset connection
+    instead (``services.http_stop``, as the gateway stops; tests/test_gateway_shutdown.py). A predict the closed
+    batch queue no longer takes is answered 503."""
+    server, gate = gated_server
+    gate.touch()
+    predict = json.dumps({"instances": pixels().tolist()}).encode()
+    requests = [("POST", f"/v1/models/{MODEL}/versions/1:predict", predict, {"Content-Type": "application/json"}),
+                ("GET", f"/v1/models/{MODEL}", None, {})]
+    with KeepAliveClients(urllib.parse.urlsplit(server.rest_url).port, requests) as clients:
+        wait_until(lambda: len(clients.outcomes) >= 200, timeout=60, interval=0.05, what="steady load")
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(timeout=SHUTDOWN_GRACE_SECONDS + 30)
+        time.sleep(0.3)  # the clients meet the closed port
+    assert server.process.returncode == 0
+    lost = [o for o in clients.outcomes if o.startswith("lost")]
+    assert not lost, f"{len(lost)} requests lost of {len(clients.outcomes)}: {sorted(set(lost))}"
+    assert set(clients.outcomes) <= {"200", "503", "refused"}, sorted(set(clients.outcomes))
 
 
 def test_sigterm_while_a_model_call_hangs_exits_within_the_grace_period(gated_server):

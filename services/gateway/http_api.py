@@ -25,6 +25,7 @@ from services.gateway.rollout_proxy import RolloutProxy
 from services.gateway.routing import LeaseNotHeld, Router, RoutingChanged, RoutingError, RoutingTable
 from services.gateway.stats import Stats
 from services.gateway.upstream import UpstreamUnavailable, state_name
+from services.http_stop import close_connections_when
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 PHOTO_FIELDS = ("photo", "file", "image")  # multipart field names of the photo
@@ -124,7 +125,7 @@ class HttpApi:
         self.max_body = max_body
         self.ready = ready  # callable -> (bool, reason)
         self.body_timeout = body_timeout  # seconds a request's body may take to arrive (0 = no limit)
-        self.closing = closing  # () -> True once the gateway is stopping: every answer closes its connection
+        self.closing = closing  # () -> True once the gateway is stopping: answers close their connections
 
     def app(self) -> web.Application:
         # Bodies are read through bodies.py, which counts their bytes (413) and answers what aiohttp or json.loads
@@ -132,7 +133,7 @@ class HttpApi:
         app = web.Application(client_max_size=SMALL_BODY_BYTES,
                               middlewares=[errors_as_json, body_deadline(self.body_timeout)])
         app.on_response_prepare.append(count_response)
-        app.on_response_prepare.append(self._close_when_stopping)
+        app.on_response_prepare.append(close_connections_when(self.closing))
         r = app.router
         r.add_post("/v1/classify", self.classify)
         r.add_get("/v1/models", self.models)
@@ -152,14 +153,6 @@ class HttpApi:
             r.add_get("/", self.index)
             r.add_static("/static", WEB_DIR)
         return app
-
-    async def _close_when_stopping(self, request: web.Request, response: web.StreamResponse) -> None:
-        """A stopping gateway's answers say ``Connection: close`` and close their connection after them: its client
-        opens a new one (to another replica) rather than send its next request where it will not be read. aiohttp
-        has written the response's Connection header before this hook runs, so the header is set here too."""
-        if self.closing():
-            response.force_close()
-            response.headers[hdrs.CONNECTION] = "close"
 
     # ------------------------------------------------------------------ classify
     def _body_limit(self, content_type: str) -> int:

@@ -11,10 +11,6 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 log = logging.getLogger("gateway")
-# At shutdown, how long an open HTTP keep-alive connection may still bring a request (answered with Connection:
-# close) before the idle ones are closed: a client whose answer came just before the stop has sent its next request
-# within it, so closing the connection cannot cross that request on the wire.
-CLOSE_LINGER_SECONDS = 0.5
 
 
 def positive_int(text: str) -> int:
@@ -252,12 +248,11 @@ class Gateway:
 
     async def _shut_down(self, runner, site, grpc_server) -> None:
         """After SIGTERM (readiness is off already, ``ready``): for --shutdown-delay still serving, each HTTP answer
-        closing its connection so that its client reconnects, through its load balancer, elsewhere. Then both
-        listeners close, and only then (without a delay) do HTTP answers close their connections: a client told to
-        reconnect before could land in the closing listener's backlog and be reset after sending its request. Each
-        open HTTP connection gets up to CLOSE_LINGER_SECONDS to bring one more request, answered and closed, so no
-        connection is closed under a request its client has just sent; then the idle ones close, and the calls in
-        flight get --shutdown-grace to finish."""
+        closing its connection so that its client reconnects, through its load balancer, elsewhere; then both
+        listeners close, open HTTP connections get their last request answered (``services.http_stop``) and the
+        calls in flight --shutdown-grace to finish."""
+        from services.http_stop import stop_serving
+
         if self.args.shutdown_delay > 0:
             log.info("stopping: unready, still serving for %.1f s", self.args.shutdown_delay)
             self._closing_connections.set()
@@ -266,17 +261,10 @@ class Gateway:
             except asyncio.TimeoutError:
                 pass
         log.info("shutting down: no new connections; calls in flight get %.0f s", self.args.shutdown_grace)
-        grpc_stopped = asyncio.ensure_future(grpc_server.stop(grace=self.args.shutdown_grace)) \
-            if grpc_server is not None else None
-        await site.stop()
-        self._closing_connections.set()
-        loop = asyncio.get_running_loop()
-        lingering_until = loop.time() + CLOSE_LINGER_SECONDS
-        while runner.server.connections and loop.time() < lingering_until:
-            await asyncio.sleep(0.01)
-        await runner.cleanup()
-        if grpc_stopped is not None:
-            await grpc_stopped
+        stopped = [stop_serving(runner, site, self._closing_connections)]
+        if grpc_server is not None:
+            stopped.append(grpc_server.stop(grace=self.args.shutdown_grace))
+        await asyncio.gather(*stopped)
         self._stopping.set()
 
 

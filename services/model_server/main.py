@@ -15,6 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from aiohttp import web
 
 from services import event_loop
+from services.http_stop import stop_serving
 from services.model_server.config import (
     BatchingParameters, ConfigError, MonitoringConfig, SslConfig, check_model_config_list, read_model_config,
     single_model_config,
@@ -275,6 +276,7 @@ class ModelServer:
         self.manager.set_config(config)
         self.source.set_config(config)
         self._stopping = asyncio.Event()
+        self._closing_connections = asyncio.Event()  # stopping: REST answers close their connections
         # load passes (poll, then load and unload) run here, one at a time, not on asyncio's default executor, which
         # asyncio.run waits for at exit: a pass still loading a version at shutdown is abandoned (_drain)
         self._load_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
@@ -418,7 +420,7 @@ class ModelServer:
 
             grpc_server.add_generic_rpc_handlers((ProfilerService().handler(),))
         await grpc_server.start()
-        runner = None
+        runner = site = None
         if self.args.rest_api_port and self.args.rest_api_port == self.args.port:
             log.error("server_options.http_port cannot be same as grpc_port. Please use a different port for "
                       "HTTP/REST API. Skipped exporting HTTP/REST API.")
@@ -426,10 +428,11 @@ class ModelServer:
             path = self.monitoring.path if self.monitoring.enable else None
             rest = RestApi(self.core, self.inference, path, timeout_ms=self.args.rest_api_timeout_in_ms,
                            max_concurrent=self.args.rest_api_num_threads,
-                           cors=self.args.rest_api_enable_cors_support)
+                           cors=self.args.rest_api_enable_cors_support, closing=self._closing_connections.is_set)
             runner = web.AppRunner(rest.app(), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
             await runner.setup()
-            await web.TCPSite(runner, self.args.host, self.args.rest_api_port).start()
+            site = web.TCPSite(runner, self.args.host, self.args.rest_api_port)
+            await site.start()
         log.info("serving gRPC on %s:%d%s, REST on %s (metrics %s)", self.args.host, self.args.port,
                  f" and unix:{self.args.grpc_socket_path}" if self.args.grpc_socket_path else "",
                  f"{self.args.host}:{self.args.rest_api_port}" if runner else "off",
@@ -442,15 +445,16 @@ class ModelServer:
         log.info("shutting down: finishing in-flight requests (grace %.0f s)", SHUTDOWN_GRACE_SECONDS)
         for task in pollers:
             task.cancel()
-        await self._drain(grpc_server, runner)
+        await self._drain(grpc_server, runner, site)
 
-    async def _drain(self, grpc_server, runner) -> None:
+    async def _drain(self, grpc_server, runner, site) -> None:
         """Stop listening, give admitted requests SHUTDOWN_GRACE_SECONDS to finish (queued batches included), then
         fail what is left with UNAVAILABLE; a model call still running after that, or a load pass (a version
-        loading), is abandoned, not waited for."""
+        loading), is abandoned, not waited for. Open REST connections get their last request answered
+        (``services.http_stop``)."""
         closing = [grpc_server.stop(grace=SHUTDOWN_GRACE_SECONDS)]
         if runner:
-            closing.append(runner.cleanup())
+            closing.append(stop_serving(runner, site, self._closing_connections))
         if self.core.batcher is not None:
             closing.append(self.core.batcher.close(SHUTDOWN_GRACE_SECONDS))
         await asyncio.gather(*closing)

@@ -8,6 +8,7 @@ import json
 import re
 import time
 import urllib.parse
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -20,6 +21,7 @@ from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import classification_pb2, regression_pb2
 from tensorflow_serving.apis.get_model_metadata_pb2 import SignatureDefMap
 
+from services.http_stop import close_connections_when
 from services.model_server import metrics
 from services.model_server.core import PredictionCore
 from services.model_server.errors import ServingError
@@ -544,7 +546,9 @@ class RestApi:
     CORS headers to every answer (--rest_api_enable_cors_support)."""
 
     def __init__(self, core: PredictionCore, inference: Inference, monitoring_path: str | None,
-                 timeout_ms: int = 30_000, max_concurrent: int = 0, cors: bool = False):
+                 timeout_ms: int = 30_000, max_concurrent: int = 0, cors: bool = False,
+                 closing: Callable[[], bool] = lambda: False):
+        self.closing = closing  # () -> True once the server is stopping: answers close their connections
         self.core = core
         self.inference = inference
         self.monitoring_path = monitoring_path
@@ -557,6 +561,7 @@ class RestApi:
         if self.max_concurrent > 0:
             middlewares.append(self._limit_concurrency(asyncio.Semaphore(self.max_concurrent)))
         app = web.Application(client_max_size=256 * 1024 * 1024, middlewares=middlewares)
+        app.on_response_prepare.append(close_connections_when(self.closing))
         if self.monitoring_path:
             app.router.add_get(self.monitoring_path, self.metrics)
         app.router.add_route("*", "/{path:" + _HANDLER_PATH + "}", self.dispatch)
