@@ -23,6 +23,9 @@ for (a client gives up after 30 s). The faults:
                         saved_model.pb first, the rest once the server lists the new version (or 3 polls passed)
   publish_corrupt       a new numeric folder holding a garbage saved_model.pb
   unload_under_load     version 1's folder removed while the routing table pins all traffic to it
+  gateway_rolling_update  the gateway replaced as a Kubernetes rolling update replaces a pod: a new one started and
+                        balanced to, then the old one SIGTERMed, still balanced to for 0.5 s (a refused connect
+                        retried on the new one, as load balancers do); the new one serves the scenarios after it
 and, first, `baseline` (no fault) followed by a cache-hit-only phase for Redis keys per cache-hit request.
 
 Each reports: requests sent; lost (anything but 200 or 503 with Retry-After: other statuses, 503 without
@@ -48,6 +51,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -80,7 +84,9 @@ PAUSE_AFTER_ERROR_S = 0.05
 DEPENDENCY_SCENARIOS = ("redis_sigkill", "redis_sigstop", "model_server_sigkill", "model_server_sigstop",
                         "model_server_crash_loop")
 SCENARIOS = ("baseline", "redis_sigkill", "redis_sigstop", "model_server_sigkill", "model_server_sigstop",
-             "model_server_crash_loop", "publish_non_atomic", "publish_corrupt", "unload_under_load")
+             "model_server_crash_loop", "publish_non_atomic", "publish_corrupt", "unload_under_load",
+             "gateway_rolling_update")
+ENDPOINT_LAG_S = 0.5  # rolling update: how long the balancer still sends to a gateway after its SIGTERM
 CRASH_LOOP_CRASHES = 3  # model server crashes in the crash-loop scenario, the last one followed by a lasting restart
 CRASH_LOOP_UP_S = 1.0  # how long each restarted server lives before its next crash: listening, its model loading
 
@@ -108,6 +114,7 @@ class Answer:
     version: int | None = None  # the version that answered a 200
     cached: bool = False
     new_photo: bool = False
+    rerouted: bool = False  # a gateway refused the connection and the next one took the request (nothing was sent)
 
 
 def recovery_seconds(answers: list[Answer], back_at: float) -> float | None:
@@ -141,6 +148,7 @@ def summarise(answers: list[Answer], fault_at: float, back_at: float, pinned: in
         "answered_by_version": {str(v): n for v, n in sorted(Counter(
             a.version for a in answers if a.outcome == OK).items())},
         "answers_off_pinned_version": sum(1 for a in answers if a.outcome == OK and a.version != pinned),
+        "rerouted": sum(a.rerouted for a in answers),
     }
 
 
@@ -202,11 +210,15 @@ class Photos:
 class Load:
     """``concurrency`` clients send ``next_photo()`` to POST /v1/classify back to back (after ``think_s``), from a
     thread and event loop of their own, until stop() or ``max_requests`` were sent. A client answered anything but 200
-    waits PAUSE_AFTER_ERROR_S before its next request."""
+    waits PAUSE_AFTER_ERROR_S before its next request.
 
-    def __init__(self, url: str, next_photo: Callable[[], tuple[bytes, bool]], concurrency: int,
+    ``urls`` are the gateways, as a load balancer in front of them sees them: requests go to each in turn, and a
+    request whose connection a gateway refuses (nothing was sent) goes to the next one, as a load balancer retries a
+    failed connect on the next upstream. The list is read at every request: a scenario may change it under load."""
+
+    def __init__(self, urls: list[str], next_photo: Callable[[], tuple[bytes, bool]], concurrency: int,
                  max_requests: int, think_s: float = 0.0, client_id: str = "fault-bench"):
-        self.url, self.next_photo, self.concurrency = url, next_photo, concurrency
+        self.urls, self.next_photo, self.concurrency = urls, next_photo, concurrency
         self.max_requests, self.think_s, self.client_id = max_requests, think_s, client_id
         self.answers: list[Answer] = []
         self._stopping = threading.Event()
@@ -252,21 +264,30 @@ class Load:
             self._sent += 1
             photo, new = self.next_photo()
             version, cached, sent = None, False, time.monotonic()
-            try:
-                async with session.post(f"{self.url}/v1/classify?top_k=1", data=photo, headers={
-                        "Content-Type": "image/jpeg", "X-Client-Id": self.client_id}) as response:
-                    body = await response.read()
-                    status, retry_after = response.status, response.headers.get("Retry-After")
-                    detail = f"HTTP {status}"
-                if status == 200:
-                    answer = json.loads(body)
-                    version, cached = int(answer["model"]["version"]), bool(answer["cached"])
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                status, retry_after, detail = None, None, type(exc).__name__
-            except (ValueError, KeyError, TypeError):
-                status, retry_after, detail = None, None, "unreadable_200"
+            urls = list(self.urls)
+            first, rerouted = self._sent % len(urls), False
+            for attempt in range(len(urls)):
+                url = urls[(first + attempt) % len(urls)]
+                try:
+                    async with session.post(f"{url}/v1/classify?top_k=1", data=photo, headers={
+                            "Content-Type": "image/jpeg", "X-Client-Id": self.client_id}) as response:
+                        body = await response.read()
+                        status, retry_after = response.status, response.headers.get("Retry-After")
+                        detail = f"HTTP {status}"
+                    if status == 200:
+                        answer = json.loads(body)
+                        version, cached = int(answer["model"]["version"]), bool(answer["cached"])
+                except aiohttp.ClientConnectorError as exc:  # refused: nothing sent, the next gateway may take it
+                    status, retry_after, detail = None, None, type(exc).__name__
+                    rerouted = True
+                    continue
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    status, retry_after, detail = None, None, type(exc).__name__
+                except (ValueError, KeyError, TypeError):
+                    status, retry_after, detail = None, None, "unreadable_200"
+                break
             outcome = classify_outcome(status, retry_after)
-            self.answers.append(Answer(sent, time.monotonic(), outcome, detail, version, cached, new))
+            self.answers.append(Answer(sent, time.monotonic(), outcome, detail, version, cached, new, rerouted))
             if outcome != OK:
                 await asyncio.sleep(PAUSE_AFTER_ERROR_S)
             elif self.think_s:
@@ -312,7 +333,9 @@ class FaultBench:
         self.stack, self.gateway, self.model_dir, self.originals = stack, gateway, model_dir, originals
         self.photos, self.timing, self.concurrency, self.think_s = photos, timing, concurrency, think_s
         self.max_requests = max_requests
+        self.admin_token = admin_token
         self.admin = Admin(gateway.http_url, admin_token)
+        self.urls = [gateway.http_url]  # the gateways the load balances over (Load), changed by a rolling update
         self.trash = originals.parent / "removed"
         self.trash.mkdir(exist_ok=True)
         self._next_version = 3
@@ -384,7 +407,7 @@ class FaultBench:
         wait_until(gateway_sees_both, timeout=60, interval=0.2, what="the gateway to see versions 1 and 2")
         if weights_of(self.admin.call("GET", "/v1/admin/routing")) != weights_of(PIN_TABLE):
             self.admin.call("PUT", "/v1/admin/routing", PIN_TABLE)
-        Load(self.gateway.http_url, self.photos.next_hot, 2, len(self.photos.hot)).run_to_count()
+        Load([self.gateway.http_url], self.photos.next_hot, 2, len(self.photos.hot)).run_to_count()
 
     def routing_and_audit(self, answers: list[Answer], back_at: float) -> dict:
         """After a Redis fault: is the table still the pin (as the gateway reports it and as the traffic after the
@@ -407,7 +430,7 @@ class FaultBench:
         fault = getattr(self, f"fault_{name}")
         self.prepare()
         before = self.snapshot()
-        load = Load(self.gateway.http_url, self.photos.next_mixed, self.concurrency, self.max_requests, self.think_s)
+        load = Load(self.urls, self.photos.next_mixed, self.concurrency, self.max_requests, self.think_s)
         with load:
             time.sleep(self.timing.warm_s)  # steady load before the fault (a measured span, not a synchronisation)
             fault_at, back_at, facts = fault()
@@ -549,6 +572,27 @@ class FaultBench:
         now = time.monotonic()
         return now, now, {"new_version": number}
 
+    def fault_gateway_rolling_update(self) -> tuple[float, float, dict]:
+        """The gateway replaced under load as Kubernetes' rolling update replaces a pod (maxSurge 1, maxUnavailable
+        0): a new gateway is started and, once ready, taken into the balancing; the old one gets SIGTERM, and the
+        balancer stops sending to it ENDPOINT_LAG_S later (endpoint updates race the signal), retrying a refused
+        connect on the new one meanwhile. The old gateway runs as the bench's does: no shutdown delay. Fault: the
+        SIGTERM; back: the old gateway has exited."""
+        old = self.gateway
+        new = self.stack.start_gateway(grpc=False, env={"GATEWAY_ADMIN_TOKEN": self.admin_token})
+        self.urls.append(new.http_url)
+        time.sleep(1.0)  # both serve
+        fault_at = time.monotonic()
+        old.process.send_signal(signal.SIGTERM)
+        time.sleep(ENDPOINT_LAG_S)
+        self.urls.remove(old.http_url)
+        old.process.wait(60)
+        back_at = time.monotonic()
+        self.stack.stop_gateway(old)
+        self.gateway, self.admin = new, Admin(new.http_url, self.admin_token)
+        return fault_at, back_at, {"old_gateway_exit_code": old.process.returncode,
+                                   "old_gateway_stopped_in_s": round(back_at - fault_at, 3)}
+
     def fault_unload_under_load(self) -> tuple[float, float, dict]:
         self.remove_version_folder(PINNED_VERSION)
         now = time.monotonic()
@@ -576,11 +620,11 @@ def cache_hit_phase(bench: FaultBench, requests: int) -> dict:
     """Only repeated photos, each cached beforehand: the Redis keys each cache-hit answer adds."""
     bench.prepare()
     for _ in range(5):  # until every hot photo is answered from the cache
-        warm = Load(bench.gateway.http_url, bench.photos.next_hot, 1, len(bench.photos.hot)).run_to_count()
+        warm = Load([bench.gateway.http_url], bench.photos.next_hot, 1, len(bench.photos.hot)).run_to_count()
         if all(a.cached for a in warm):
             break
     before = bench.settled_redis_keys()
-    answers = Load(bench.gateway.http_url, bench.photos.next_hot, bench.concurrency, requests,
+    answers = Load([bench.gateway.http_url], bench.photos.next_hot, bench.concurrency, requests,
                    bench.think_s).run_to_count()
     after = bench.settled_redis_keys()
     hits = sum(a.cached for a in answers)

@@ -466,7 +466,8 @@ FAULT_NAMES = {"baseline": "none (baseline)", "redis_sigkill": "Redis SIGKILL, r
                "model_server_crash_loop": "model server crash loop (3 SIGKILLs, the last restart for good)",
                "publish_non_atomic": "non-atomic publish (`cp -r` seen half done)",
                "publish_corrupt": "corrupt publish (garbage saved_model.pb)",
-               "unload_under_load": "pinned version's folder removed under load"}
+               "unload_under_load": "pinned version's folder removed under load",
+               "gateway_rolling_update": "gateway replaced (rolling update: new one in, old one SIGTERMed)"}
 
 
 def fault_rows() -> dict:
@@ -496,6 +497,9 @@ def fault_rows() -> dict:
         if s.get("restart_to_available_s") is not None:
             notes.append(f"RSS after: the new model server, AVAILABLE {s['restart_to_available_s']:.1f} s after its "
                          "start")
+        if "old_gateway_stopped_in_s" in s:
+            notes.append(f"old gateway exited {s['old_gateway_exit_code']} after {s['old_gateway_stopped_in_s']:.2f} s;"
+                         f" {s['rerouted']} connects it refused retried on the new one; RSS after: the new gateway")
         if s.get("lost_by_kind"):
             notes.append("lost: " + ", ".join(f"{n} × {kind}" for kind, n in s["lost_by_kind"].items()))
         out.append({"fault": FAULT_NAMES.get(name, name), "requests": s["requests"], "lost": s["lost"],

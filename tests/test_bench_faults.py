@@ -1,6 +1,7 @@
 """bench/faults.py counts what it claims to: the lost-request rule and the recovery time on hand-made answers, new
-photos that are new bytes of a valid photo, and the smallest real run (one Redis SIGSTOP under a few dozen requests,
-two tiny model versions) with its counts adding up and every process it started gone afterwards."""
+photos that are new bytes of a valid photo, the smallest real run (one Redis SIGSTOP under a few dozen requests,
+two tiny model versions) with its counts adding up and every process it started gone afterwards, and a rolling
+update of the gateway under load that loses nothing."""
 from __future__ import annotations
 
 import io
@@ -101,6 +102,20 @@ def test_a_redis_sigstop_run_counts_every_request_and_stops_its_processes():
     left = {pid for pid in set(os.listdir("/proc")) - pids_before if pid.isdigit()}
     started_by_us = [pid for pid in left if _parent(pid) == os.getpid()]
     assert started_by_us == [], started_by_us
+
+
+def test_a_gateway_rolling_update_loses_nothing_and_the_new_gateway_serves_on():
+    """The old gateway's SIGTERM under load (the balancer still sending to it for a while, retrying a refused
+    connect on the new one): every request answered, the old gateway exited 0, and the scenario after it runs
+    against the new gateway."""
+    result = run_bench(["gateway_rolling_update", "baseline"], Timing(warm_s=1.0, down_s=1.0, after_s=1.5),
+                       concurrency=8, tiny=True, max_requests=5000)
+    row = result["scenarios"]["gateway_rolling_update"]
+    assert row["requests"] >= 100 and row["ok"] == row["requests"], row
+    assert row["old_gateway_exit_code"] == 0 and row["old_gateway_stopped_in_s"] < 5, row
+    after = result["scenarios"]["baseline"]
+    assert after["ok"] == after["requests"] > 0, after
+    shutil.rmtree(result["logs"], ignore_errors=True)
 
 
 def _parent(pid: str) -> int | None:
