@@ -1,5 +1,5 @@
-"""Stopping an aiohttp server without cutting off a request its client has sent: the gateway's HTTP API and the model
-server's REST API both stop this way.
+"""Stopping an aiohttp server without cutting off a request its client has sent: the gateway's HTTP API, the model
+server's REST API and the rollout controller's API all stop this way.
 
 HTTP/1.1 keep-alive has a race: a server closing an idle connection can cross a request its client is sending on it,
 and the client sees the connection closed or reset without knowing whether the request ran (a POST is not retried).

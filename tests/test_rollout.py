@@ -19,7 +19,7 @@ import pytest
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from tests.model_server_harness import start_server, stop_server, version_states, wait_until, write_config
-from tests.support import MUSHROOMS, RedisServer, free_port, stop_process, wait_for_port
+from tests.support import MUSHROOMS, KeepAliveClients, RedisServer, free_port, stop_process, wait_for_port
 from tests.test_gateway import assert_valid
 from tests.test_gateway_state import Gateway
 from tests.test_web import browser  # noqa: F401 - the headless Chromium fixture
@@ -29,7 +29,7 @@ from training_job.publish import publish_dir
 
 AVAILABLE = ModelVersionStatus.AVAILABLE
 
-MODELS = ("promote", "feedback", "shadow", "resume", "pause", "web", "mirror")
+MODELS = ("promote", "feedback", "shadow", "resume", "pause", "web", "mirror", "stopping")
 CONTROLLER_TOKEN = "rollout-controller-token-0123456789"
 ALICE_TOKEN = "alice-token-0123456789"
 PHOTOS = [p for d in sorted(MUSHROOMS.iterdir()) for p in sorted(d.iterdir())[:130]]  # 520 photos
@@ -231,6 +231,30 @@ def test_good_version_goes_shadow_canary_full_and_becomes_stable(model_server, r
         text = urllib.request.urlopen(controller.url + "/metrics", timeout=10).read().decode()
         assert 'mushroom_rollout_decisions_total{outcome="promote"} 1.0' in text
         assert "mushroom_rollout_stable_version 2.0" in text and "mushroom_rollout_step -1.0" in text
+    finally:
+        controller.stop()
+        gateway.stop()
+
+
+def test_sigterm_under_keepalive_load_leaves_no_request_it_was_sent_unanswered(model_server, redis_server,
+                                                                                stack_files):
+    """Eight clients read the controller's status and health over keep-alive connections; SIGTERM. No request sent
+    on one meets a closed or reset connection (``services.http_stop``, as the gateway and the model server stop)."""
+    gateway = start_gateway(model_server, redis_server, stack_files, "stopping")
+    policy = {"tick_seconds": 0.3, "rules": FAST_RULES, "steps": [
+        {"name": "full", "weight": 100, "hold_seconds": 1, "min_requests": 10}]}
+    controller = Controller("stopping", redis_server.url, gateway, model_server, stack_files, policy)
+    try:
+        requests = [("GET", "/v1/rollout", None, {"Authorization": f"Bearer {ALICE_TOKEN}"}),
+                    ("GET", "/healthz", None, {})]
+        with KeepAliveClients(controller.port, requests) as clients:
+            wait_until(lambda: len(clients.outcomes) >= 200, timeout=60, interval=0.05, what="steady load")
+            controller.process.send_signal(signal.SIGTERM)
+            assert controller.process.wait(30) == 0
+            time.sleep(0.3)  # the clients meet the closed port
+        lost = [o for o in clients.outcomes if o.startswith("lost")]
+        assert not lost, f"{len(lost)} requests lost of {len(clients.outcomes)}: {sorted(set(lost))}"
+        assert set(clients.outcomes) <= {"200", "refused"}, sorted(set(clients.outcomes))
     finally:
         controller.stop()
         gateway.stop()

@@ -5,12 +5,14 @@ take none, or ``{}``), both behind the gateway's operator tokens (the same file,
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
 from services.gateway.operators import OperatorTokens
+from services.http_stop import close_connections_when
 from services.rollout import metrics
 from services.rollout.controller import COMMANDS, Controller
 
@@ -20,12 +22,14 @@ def _error(status: int, code: str, message: str, **headers) -> web.Response:
 
 
 class RolloutApi:
-    def __init__(self, controller: Controller, operators: OperatorTokens):
+    def __init__(self, controller: Controller, operators: OperatorTokens, closing: Callable[[], bool] = lambda: False):
         self.controller = controller
         self.operators = operators
+        self.closing = closing  # () -> True once the controller is stopping: answers close their connections
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024, middlewares=[self._errors])
+        app.on_response_prepare.append(close_connections_when(self.closing))
         app.router.add_get("/v1/rollout", self.status)
         app.router.add_post("/v1/rollout/{action}", self.command)
         app.router.add_get("/metrics", self.metrics)

@@ -117,6 +117,7 @@ async def serve(args: argparse.Namespace, policy) -> None:
     from aiohttp import web
 
     from services.gateway.operators import OperatorTokens
+    from services.http_stop import stop_serving
     from services.rollout.clients import GatewayAdmin, ModelServerStates
     from services.rollout.controller import Controller
     from services.rollout.http_api import RolloutApi
@@ -155,9 +156,11 @@ async def serve(args: argparse.Namespace, policy) -> None:
         model_server, policy, args.model_name, args.model_base_path or None,
         args.identity and f"{args.identity}-{os.getpid()}", lease_seconds, labels=labels,
         serve_new_versions=serve_new, retire_versions=retire)
-    runner = web.AppRunner(RolloutApi(controller, operators).app(), access_log=None)
+    closing = asyncio.Event()  # stopping: answers close their connections (services.http_stop)
+    runner = web.AppRunner(RolloutApi(controller, operators, closing.is_set).app(), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, args.host, args.http_port).start()
+    site = web.TCPSite(runner, args.host, args.http_port)
+    await site.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -172,7 +175,7 @@ async def serve(args: argparse.Namespace, policy) -> None:
             await controller.release_lease()  # a clean stop hands over at once
         except Exception as exc:  # noqa: BLE001 - the lease expires on its own anyway
             log.warning("lease not released: %s", exc)
-        await runner.cleanup()
+        await stop_serving(runner, site, closing)
         await session.close()
         await redis.aclose()
 
