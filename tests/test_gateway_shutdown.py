@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import io
+import queue
 import signal
 import subprocess
 import threading
@@ -170,3 +171,30 @@ def test_stopping_is_bounded_by_the_grace_period_when_a_call_cannot_finish(stack
         caller.join(5)
         assert "at" in ended and ended["at"] - signalled < 4, ended
     stack.gateway.wait_ready(timeout=10)  # the module's gateway, after the freeze
+
+
+def test_an_open_classify_stream_ends_with_unavailable_when_the_gateway_stops(stack, stopping_gateway):
+    """A ClassifyStream client between frames at SIGTERM: its stream ends at once with UNAVAILABLE (reconnect, and
+    send again what was not answered) rather than stay open until the grace period cancels it, and the gateway exits
+    without waiting that period out."""
+    gateway = stopping_gateway()
+    frames: queue.SimpleQueue = queue.SimpleQueue()
+
+    def requests():
+        while (frame := frames.get()) is not None:
+            yield frame
+
+    with grpc.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+        responses = pb_grpc.ClassifierStub(channel).ClassifyStream(requests(), timeout=60)
+        try:
+            frames.put(pb.ClassifyRequest(photo=drawn_photo(400)))
+            assert next(responses).predictions
+            signalled = time.monotonic()
+            gateway.process.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.RpcError) as ended:
+                next(responses)
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value
+            assert time.monotonic() - signalled < 3
+        finally:
+            frames.put(None)
+    assert exits_within(gateway, 5) == 0

@@ -23,6 +23,7 @@ from services.gateway.upstream import state_name
 pb, pb_grpc = load()
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 ANSWERED = (GatewayError, RedisError)  # answered with their status, as HTTP answers them; anything else is a bug
+STREAM_CLOSING = "the gateway is shutting down: reconnect and send again the frames that were not answered"
 
 
 def _gateway_error(exc: Exception) -> GatewayError:
@@ -56,11 +57,13 @@ def to_proto(answer: dict):
 
 
 class ClassifierService(pb_grpc.ClassifierServicer):
-    def __init__(self, classifier: Classifier, router: Router, stats: Stats, photo_store=None):
+    def __init__(self, classifier: Classifier, router: Router, stats: Stats, photo_store=None,
+                 closing: asyncio.Event | None = None):
         self.classifier = classifier
         self.router = router
         self.stats = stats
         self.photo_store = photo_store  # opt-in (photo_store.PhotoStore): photos kept so corrections become data
+        self.closing = closing or asyncio.Event()  # set when the gateway stops: open streams end (ClassifyStream)
 
     async def _classify(self, request, endpoint: str):
         choice = request.WhichOneof("override")
@@ -80,13 +83,33 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             await _abort(context, exc)
 
     async def ClassifyStream(self, request_iterator, context):
-        """A bad frame answers with ``error`` set; the stream goes on."""
-        async for request in request_iterator:
-            try:
-                yield await self._classify(request, "classify_stream")
-            except ANSWERED as exc:
-                error = _gateway_error(exc)
-                yield pb.ClassifyResponse(error=pb.Error(code=error.code, message=error.message))
+        """Each frame answered in order; a bad frame answers with ``error`` set and the stream goes on. Once the
+        gateway stops (``closing``), the stream ends with UNAVAILABLE after answering the frame under way: its
+        client reconnects (to another replica) and sends again the frames that got no answer, rather than hold the
+        stream open until the shutdown's grace period cancels it."""
+        frames, next_frame = request_iterator.__aiter__(), None
+        closing = asyncio.ensure_future(self.closing.wait())
+        try:
+            while True:
+                next_frame = asyncio.ensure_future(frames.__anext__())
+                await asyncio.wait((next_frame, closing), return_when=asyncio.FIRST_COMPLETED)
+                if not next_frame.done():
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, STREAM_CLOSING)
+                try:
+                    request = next_frame.result()
+                except StopAsyncIteration:
+                    return
+                try:
+                    yield await self._classify(request, "classify_stream")
+                except ANSWERED as exc:
+                    error = _gateway_error(exc)
+                    yield pb.ClassifyResponse(error=pb.Error(code=error.code, message=error.message))
+                if self.closing.is_set():
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, STREAM_CLOSING)
+        finally:  # however the stream ends (its caller may leave): no read or wait outlives it
+            closing.cancel()
+            if next_frame is not None:
+                next_frame.cancel()
 
     async def Feedback(self, request, context):
         try:
@@ -173,11 +196,12 @@ class ResponseCounter(grpc.aio.ServerInterceptor):
         return handler._replace(**{kind: _counted(getattr(handler, kind))})
 
 
-def build_server(classifier: Classifier, router: Router, stats: Stats, host: str, port: int,
-                 photo_store=None) -> tuple[grpc.aio.Server, health.HealthServicer]:
+def build_server(classifier: Classifier, router: Router, stats: Stats, host: str, port: int, photo_store=None,
+                 closing: asyncio.Event | None = None) -> tuple[grpc.aio.Server, health.HealthServicer]:
     server = grpc.aio.server(interceptors=[ResponseCounter()],
                              options=[("grpc.max_receive_message_length", 32 * 1024 * 1024)])
-    pb_grpc.add_ClassifierServicer_to_server(ClassifierService(classifier, router, stats, photo_store), server)
+    pb_grpc.add_ClassifierServicer_to_server(ClassifierService(classifier, router, stats, photo_store, closing),
+                                             server)
     health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

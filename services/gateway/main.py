@@ -155,7 +155,7 @@ class Gateway:
         self.upstream_problem = "not checked yet"
         self._draining = asyncio.Event()  # SIGTERM or SIGINT came: unready
         self._hurry = asyncio.Event()  # a second one: the shutdown delay ends at once
-        self._closing_connections = asyncio.Event()  # HTTP answers close their connections
+        self._closing_connections = asyncio.Event()  # HTTP answers close their connections, gRPC streams end
         self._stopping = asyncio.Event()  # nothing is served any more: the background loops end
         self.loops = Loops(self._stopping)
         self.operators = OperatorTokens(args.operator_tokens or None, args.admin_token or None)
@@ -214,7 +214,7 @@ class Gateway:
         grpc_server = health = None
         if self.args.grpc_port:
             grpc_server, health = build_server(self.classifier, self.router, self.stats, self.args.host,
-                                               self.args.grpc_port, photo_store)
+                                               self.args.grpc_port, photo_store, self._closing_connections)
             await grpc_server.start()
         log.info("gateway on http://%s:%d and gRPC %s:%s -> model server %s, redis %s", self.args.host,
                  self.args.http_port, self.args.host, self.args.grpc_port or "off", self.args.model_server,
