@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=int(env("GATEWAY_GRPC_PORT", "8090")),
                    help="gRPC port (GATEWAY_GRPC_PORT, default 8090; 0 = off)")
     p.add_argument("--model-server", default=env("GATEWAY_MODEL_SERVER", "127.0.0.1:8500"),
-                   help="gRPC address of TF Serving or services.model_server (GATEWAY_MODEL_SERVER)")
+                   help="gRPC target of TF Serving or services.model_server: host:port, or several replicas as "
+                   "dns:///<name>:port (every address the name resolves to) or ipv4:<a>:<port>,<b>:<port>, calls "
+                   "spread over them in turn (GATEWAY_MODEL_SERVER)")
     p.add_argument("--explain-model-server", default=env("GATEWAY_EXPLAIN_MODEL_SERVER", ""),
                    help="gRPC address answering explain=1 (Grad-CAM), when --model-server is a TF Serving started "
                    "with --prefer_tflite_model, whose TFLite engine has no explain signature: a TF Serving on the "

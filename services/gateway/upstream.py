@@ -105,10 +105,15 @@ def _array(tensor: tensor_pb2.TensorProto) -> np.ndarray:
 
 
 def _channel(target: str) -> grpc.aio.Channel:
+    """A channel to every address ``target`` resolves to, calls spread over them in turn (round_robin): behind a
+    headless Kubernetes Service (``dns:///<service>:8500``, one address per model server pod) or a static
+    ``ipv4:a:p,b:p`` list each replica takes its share, where gRPC's default (pick_first) would send everything to
+    one. A replica that fails is left out until it connects again; one address works as before."""
     return grpc.aio.insecure_channel(target, options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000),
+        ("grpc.lb_policy_name", "round_robin"),
     ])
 
 
