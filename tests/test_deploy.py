@@ -386,6 +386,23 @@ def test_the_gateway_finishes_stopping_before_compose_or_kubernetes_kill_it():
     assert stopping_takes(gateway["environment"]) < int(seconds)
 
 
+def test_k8s_gateways_spread_their_calls_over_every_tf_serving_pod():
+    """A gRPC connection lives on, so through the ClusterIP Service each gateway would send every call to one TF
+    Serving pod: the gateways resolve the headless Service (one address per pod) and balance over its addresses, and
+    TF Serving closes their connections now and then so new pods are found."""
+    [gateway] = k8s_pod("Deployment", "gateway")["containers"]
+    target = {e["name"]: e.get("value") for e in gateway["env"]}["GATEWAY_MODEL_SERVER"]
+    match = re.fullmatch(r"dns:///([a-z-]+)\.mushrooms\.svc\.cluster\.local:(\d+)", target)
+    assert match, target
+    [service] = [d for _, d in k8s_documents() if d["kind"] == "Service" and d["metadata"]["name"] == match[1]]
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["selector"] == {"app": "tfserving"}
+    assert int(match[2]) in [p["port"] for p in service["spec"]["ports"]]
+    [tfserving] = k8s_pod("Deployment", "tfserving")["containers"]
+    assert int(match[2]) == int(flag_value(tfserving["args"], "port"))
+    age = dict(a.split("=") for a in flag_value(tfserving["args"], "grpc_channel_arguments").split(","))
+    assert 0 < int(age["grpc.max_connection_age_ms"]) <= 300_000
+
+
 def test_k8s_rollout_controller_runs_once_with_the_operator_secret_and_the_policy():
     [deployment] = [d for _, d in k8s_documents() if d["kind"] == "Deployment" and d["metadata"]["name"] == "rollout"]
     assert deployment["spec"]["replicas"] == 1
