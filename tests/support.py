@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import http.client
+import io
 import threading
 import time
+
+import numpy as np
+from PIL import Image
 
 from devstack.servers import RedisServer, free_port, stop_process, wait_for_port
 from training_job.paths import shared_data_dir
 
 __all__ = ["SHARED_DATA", "MUSHROOMS", "NOT_MUSHROOMS", "IMAGENET_FUNGI", "RedisServer", "free_port", "stop_process",
-           "wait_for_port", "KeepAliveClients"]
+           "wait_for_port", "KeepAliveClients", "drawn_jpeg"]
 
 SHARED_DATA = shared_data_dir()
 MUSHROOMS = SHARED_DATA / "mushrooms"
@@ -68,3 +72,12 @@ class KeepAliveClients:
         self._stop.set()
         for thread in self.threads:
             thread.join(60)
+
+
+def drawn_jpeg(seed: int, height: int = 96, width: int = 128) -> bytes:
+    """A small JPEG of random pixels, the same for a seed and different across seeds (a new photo, so a cache
+    miss), for tests that need many distinct photos without the shared ones."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=85)
+    return buffer.getvalue()

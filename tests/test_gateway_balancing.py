@@ -4,33 +4,21 @@ a replica that dies leaves the others answering. Real redis-server, model server
 loopback ports."""
 from __future__ import annotations
 
-import io
-import urllib.parse
+import urllib.request
 
-import numpy as np
 import pytest
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.gateway_harness import GatewayProcess
 from tests.model_server_harness import MODEL, serve_registry, stop_server
-from tests.support import RedisServer
+from tests.support import RedisServer, drawn_jpeg
 from training_job.tiny_model import publish_tiny_versions
 
 MISSES = 40
 
 
-def drawn_photo(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (64, 96, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=85)
-    return buffer.getvalue()
-
-
 def predicts_answered(server) -> float:
     """The Predict calls a model server answered OK (its own :tensorflow:serving:request_count)."""
-    import urllib.request
-
     text = urllib.request.urlopen(f"{server.rest_url}/metrics", timeout=10).read().decode()
     return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
                if sample.name.startswith(":tensorflow:serving:request_count")
@@ -48,8 +36,7 @@ def replicas(tmp_path_factory):
         try:
             for _ in range(2):
                 servers.append(serve_registry(registry, (1, 2), None, f"--monitoring_config_file={monitoring}"))
-            targets = ",".join(urllib.parse.urlsplit(f"//{s.grpc_target}").netloc for s in servers)
-            gateway = GatewayProcess(f"ipv4:{targets}", redis.url)
+            gateway = GatewayProcess("ipv4:" + ",".join(s.grpc_target for s in servers), redis.url)
             try:
                 yield servers, gateway
             finally:
@@ -63,7 +50,7 @@ def test_calls_spread_over_every_replica_behind_one_target(replicas):
     servers, gateway = replicas
     before = [predicts_answered(s) for s in servers]
     for seed in range(MISSES):
-        status, body, _ = gateway.classify(drawn_photo(seed))
+        status, body, _ = gateway.classify(drawn_jpeg(seed))
         assert status == 200 and not body["cached"], body
     shares = [predicts_answered(s) - b for s, b in zip(servers, before)]
     assert sum(shares) >= MISSES and min(shares) >= MISSES // 4, shares
@@ -72,5 +59,5 @@ def test_calls_spread_over_every_replica_behind_one_target(replicas):
 def test_a_replica_that_dies_leaves_the_others_answering(replicas):
     servers, gateway = replicas
     stop_server(servers[1])  # SIGTERM; the fixture's stop of it again is a no-op
-    answers = [gateway.classify(drawn_photo(1000 + seed)) for seed in range(MISSES)]
+    answers = [gateway.classify(drawn_jpeg(1000 + seed)) for seed in range(MISSES)]
     assert [status for status, _, _ in answers] == [200] * MISSES, [(s, b) for s, b, _ in answers if s != 200]

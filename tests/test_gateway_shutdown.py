@@ -6,7 +6,6 @@ and gateway processes on free loopback ports; each test stops a gateway of its o
 from __future__ import annotations
 
 import http.client
-import io
 import queue
 import signal
 import subprocess
@@ -14,27 +13,17 @@ import threading
 import time
 
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
 
 from services.gateway.protos import load
 from tests.gateway_harness import GatewayProcess, gateway_stack
 from tests.model_server_harness import MODEL, wait_until
-from tests.support import KeepAliveClients
+from tests.support import KeepAliveClients, drawn_jpeg
 from tests.test_gateway_faults import Frozen
 from training_job.tiny_model import publish_tiny_versions
 
 pb, pb_grpc = load()
-
-
-def drawn_photo(seed: int) -> bytes:
-    """A small JPEG no other photo of these tests shares (a new cache key, so a miss)."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (96, 128, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=85)
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +62,7 @@ def test_sigterm_under_keepalive_load_leaves_no_request_it_was_sent_unanswered(s
     close``); a request sent on it is never met by a closed or reset connection instead (the race of closing an idle
     keep-alive connection while its client sends). New connections are refused once the gateway stops listening."""
     gateway = stopping_gateway()
-    requests = [("POST", "/v1/classify", drawn_photo(seed), {"Content-Type": "image/jpeg"}) for seed in range(16)]
+    requests = [("POST", "/v1/classify", drawn_jpeg(seed), {"Content-Type": "image/jpeg"}) for seed in range(16)]
     with KeepAliveClients(gateway.http_port, requests) as clients:
         wait_until(lambda: len(clients.outcomes) >= 200, timeout=30, interval=0.05, what="steady load")
         gateway.process.send_signal(signal.SIGTERM)
@@ -103,10 +92,10 @@ def test_a_stopping_gateway_turns_unready_and_keeps_serving_for_its_shutdown_del
         for service in ("", "mushroom.v1.Classifier"):
             assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == \
                 health_pb2.HealthCheckResponse.NOT_SERVING
-        status, body, headers = gateway.classify(drawn_photo(100))
+        status, body, headers = gateway.classify(drawn_jpeg(100))
         assert status == 200, body
         assert headers.get("Connection", "").lower() == "close"
-        assert classifier.Classify(pb.ClassifyRequest(photo=drawn_photo(101)), timeout=10).predictions
+        assert classifier.Classify(pb.ClassifyRequest(photo=drawn_jpeg(101)), timeout=10).predictions
         assert time.monotonic() - signalled < 3 and gateway.process.poll() is None
     assert exits_within(gateway, 8) == 0
     assert time.monotonic() - signalled >= 3
@@ -118,7 +107,7 @@ def test_a_call_in_flight_at_sigterm_is_answered(stack, stopping_gateway, protoc
     answered 200 / OK, then the gateway exits."""
     gateway = stopping_gateway()
     preprocessed = gateway.metric("mushroom_gateway_preprocess_seconds_count")
-    photo, answer = drawn_photo(200 if protocol == "http" else 201), {}
+    photo, answer = drawn_jpeg(200 if protocol == "http" else 201), {}
 
     def call():
         if protocol == "http":
@@ -154,7 +143,7 @@ def test_stopping_is_bounded_by_the_grace_period_when_a_call_cannot_finish(stack
 
     def call():
         try:
-            ended["reply"] = gateway.classify(drawn_photo(300), timeout=30)
+            ended["reply"] = gateway.classify(drawn_jpeg(300), timeout=30)
         except (http.client.HTTPException, ConnectionError, OSError) as exc:
             ended["error"] = exc
         ended["at"] = time.monotonic()
@@ -187,7 +176,7 @@ def test_an_open_classify_stream_ends_with_unavailable_when_the_gateway_stops(st
     with grpc.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
         responses = pb_grpc.ClassifierStub(channel).ClassifyStream(requests(), timeout=60)
         try:
-            frames.put(pb.ClassifyRequest(photo=drawn_photo(400)))
+            frames.put(pb.ClassifyRequest(photo=drawn_jpeg(400)))
             assert next(responses).predictions
             signalled = time.monotonic()
             gateway.process.send_signal(signal.SIGTERM)
