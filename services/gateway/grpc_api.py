@@ -92,6 +92,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         try:
             while True:
                 next_frame = asyncio.ensure_future(frames.__anext__())
+                # returns at once once closing is set, before the next frame is read
                 await asyncio.wait((next_frame, closing), return_when=asyncio.FIRST_COMPLETED)
                 if not next_frame.done():
                     await context.abort(grpc.StatusCode.UNAVAILABLE, STREAM_CLOSING)
@@ -104,8 +105,6 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                 except ANSWERED as exc:
                     error = _gateway_error(exc)
                     yield pb.ClassifyResponse(error=pb.Error(code=error.code, message=error.message))
-                if self.closing.is_set():
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, STREAM_CLOSING)
         finally:  # however the stream ends (its caller may leave): no read or wait outlives it
             closing.cancel()
             if next_frame is not None:
