@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from services.gateway import metrics
 from services.gateway.single_flight import SingleFlight
 from services.gateway.protos import load
 from tests.gateway_harness import GatewayProcess, gateway_stack
@@ -98,25 +99,40 @@ def test_single_flight_survives_the_caller_that_started_it_leaving():
     asyncio.run(scenario())
 
 
-def test_single_flight_call_goes_on_when_every_waiter_left_and_a_latecomer_joins_it():
+def test_single_flight_call_every_waiter_left_is_cancelled_and_a_latecomer_starts_afresh():
+    """Work nobody waits for is not done: when the last caller of a call leaves, the call is cancelled (under
+    overload, clients that gave up would otherwise still cost a decode and a Predict each); an identical request
+    arriving afterwards makes a call of its own rather than joining the cancelled one."""
     async def scenario():
-        flight, release, calls = SingleFlight(), asyncio.Event(), []
+        flight, release, calls, cancelled = SingleFlight(), asyncio.Event(), [], []
+        abandoned = metrics.MISSES_ABANDONED._value.get()
 
         async def work():
             calls.append(1)
-            await release.wait()
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                cancelled.append(1)
+                raise
             return "answer"
 
-        leaver = asyncio.create_task(flight.do("photo", work))
+        leavers = [asyncio.create_task(flight.do("photo", work)) for _ in range(2)]
         await asyncio.sleep(0)
-        leaver.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await leaver
+        leavers[0].cancel()
+        await asyncio.sleep(0)
+        assert not cancelled, "a caller is still waiting: the call goes on"
+        leavers[1].cancel()
+        for leaver in leavers:
+            with pytest.raises(asyncio.CancelledError):
+                await leaver
+        await asyncio.sleep(0)
+        assert cancelled == [1]
+        assert metrics.MISSES_ABANDONED._value.get() == abandoned + 1
         latecomer = asyncio.create_task(flight.do("photo", work))
         await asyncio.sleep(0)
         release.set()
         assert await asyncio.wait_for(latecomer, 5) == "answer"
-        assert calls == [1]
+        assert calls == [1, 1]
 
     asyncio.run(scenario())
 
@@ -223,9 +239,9 @@ def test_misses_for_one_version_share_a_predict_call_and_a_leaver_cancels_nothin
         for thread in threads:
             thread.join(30)
     gateway.wait_ready(timeout=10)
-    # 1 + 1 photos in the calls in flight, then the 6 that waited (the leaver's too: its miss goes on for the cache)
+    # 1 + 1 photos in the calls in flight, then the 5 that waited (not the leaver's: nobody waits for its answer)
     assert gateway.metric("mushroom_gateway_predict_batch_photos_count") - calls == 3
-    assert gateway.metric("mushroom_gateway_predict_batch_photos_sum") - sent == len(photos)
+    assert gateway.metric("mushroom_gateway_predict_batch_photos_sum") - sent == len(photos) - 1
 
     async def alone(photo: bytes):
         client = ModelServerClient(server.grpc_target, MODEL)
@@ -241,6 +257,52 @@ def test_misses_for_one_version_share_a_predict_call_and_a_leaver_cancels_nothin
         assert answer["model"]["version"] == 2
         expected = asyncio.run(alone(photos[index]))
         assert {p["label"]: p["score"] for p in answer["predictions"]} == pytest.approx(expected, abs=1e-6)
+
+
+def test_misses_whose_clients_all_left_are_not_sent_to_the_model_server(stack):
+    """HTTP clients give up (their timeout closes the connection) while their misses wait behind a frozen model
+    server: two photos in the calls in flight, four waiting for a place in a call. The gateway drops every one of
+    them, so once the server runs again it is sent nothing more than the calls already in flight and the next
+    request's photo. (Before, the four abandoned photos still went out in a Predict call of their own, ahead of the
+    next request.)"""
+    gateway, server = stack["gateway"], stack["server"]
+    photos = [p.read_bytes() for p in FRESH[20:26]]
+    probe = FRESH[26].read_bytes()
+    calls = gateway.metric("mushroom_gateway_predict_batch_photos_count")
+    sent = gateway.metric("mushroom_gateway_predict_batch_photos_sum")
+    preprocessed = gateway.metric("mushroom_gateway_preprocess_seconds_count")
+    abandoned = gateway.metric("mushroom_gateway_misses_abandoned_total")
+    gave_up = []
+
+    def impatient(photo: bytes) -> threading.Thread:
+        def run():
+            try:
+                gateway.classify(photo, "version=1", timeout=1.5)
+            except OSError:  # the client's timeout: urllib closes the connection
+                gave_up.append(1)
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    def arrived(count: int) -> None:
+        wait_until(lambda: gateway.metric("mushroom_gateway_preprocess_seconds_count") >= preprocessed + count,
+                   timeout=5, interval=0.02, what=f"{count} photos to reach the predict stage")
+
+    with Frozen(server.process):
+        threads = []
+        for count, photo in enumerate(photos, 1):
+            threads.append(impatient(photo))
+            arrived(count)  # in order: the first two go out at once, the other four wait
+        for thread in threads:
+            thread.join(10)
+        assert len(gave_up) == len(photos)
+        wait_until(lambda: gateway.metric("mushroom_gateway_misses_abandoned_total") >= abandoned + len(photos),
+                   timeout=5, interval=0.05, what="every miss to be dropped")
+    gateway.wait_ready(timeout=10)
+    status, answer, _ = gateway.classify(probe, "version=1")
+    assert status == 200, answer
+    assert gateway.metric("mushroom_gateway_predict_batch_photos_count") - calls == 3  # two in flight, the probe's
+    assert gateway.metric("mushroom_gateway_predict_batch_photos_sum") - sent == 3
 
 
 # ------------------------------------------------------------------------------------------- 8. readiness

@@ -693,3 +693,52 @@ def test_a_caller_leaving_at_its_deadline_is_counted_deadline_exceeded_though_ou
     assert [left_with(remaining) for remaining in (-0.01, 0.0, 0.004, 0.05)] == \
         [grpc_lib.StatusCode.DEADLINE_EXCEEDED] * 4
     assert [left_with(remaining) for remaining in (5.0, None)] == [grpc_lib.StatusCode.CANCELLED] * 2
+
+
+def test_only_classify_ends_when_its_client_closes_the_connection():
+    """The gateway's HTTP server cancels a request whose client closed its connection (aiohttp's
+    handler_cancellation), which stops a classify's work; any other route's handler runs to its end regardless
+    (``finish_what_was_started``), here a slow one standing for a routing change."""
+    from aiohttp import web
+
+    from services.gateway.http_api import ends_with_its_client, finish_what_was_started
+
+    started, finished, cancelled = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def slow(request):
+        started.set()
+        await asyncio.sleep(0.3)
+        finished.set()
+        return web.json_response({})
+
+    @ends_with_its_client
+    async def classify(request):
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def scenario():
+        app = web.Application(middlewares=[finish_what_was_started])
+        app.router.add_put("/v1/admin/routing", slow)
+        app.router.add_post("/v1/classify", classify)
+        runner = web.AppRunner(app, handler_cancellation=True)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            for method, path, outcome in (("PUT", "/v1/admin/routing", finished), ("POST", "/v1/classify", cancelled)):
+                started.clear()
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(f"{method} {path} HTTP/1.1\r\nHost: gateway\r\nContent-Length: 0\r\n\r\n".encode())
+                await asyncio.wait_for(started.wait(), 5)
+                writer.close()  # the client leaves before the answer
+                await asyncio.wait_for(outcome.wait(), 5)
+            assert finished.is_set() and cancelled.is_set()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(scenario())

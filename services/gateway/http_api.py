@@ -1,6 +1,7 @@
 """HTTP JSON API (see DEVELOPERS.md "Gateway HTTP API" and /openapi.json) and the web page's static files."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -55,6 +56,34 @@ async def errors_as_json(request: web.Request, handler):
             return web.json_response({"error": {"code": code, "message": exc.reason}}, status=exc.status,
                                      headers=headers)
         raise
+
+
+def ends_with_its_client(handler):
+    """Marks a route's handler as one whose work stops when its client closes the connection: the server runs with
+    aiohttp's ``handler_cancellation``, which cancels the request on a closed connection. Every other handler
+    finishes what it started (``finish_what_was_started``)."""
+    handler.ends_with_its_client = True
+    return handler
+
+
+@web.middleware
+async def finish_what_was_started(request: web.Request, handler):
+    """The handler of a route not marked ``ends_with_its_client`` runs to its end even when the client leaves
+    meanwhile, as if no connection had closed: a routing change or a feedback is recorded whole or refused whole."""
+    if getattr(request.match_info.handler, "ends_with_its_client", False):
+        return await handler(request)
+    work = asyncio.ensure_future(handler(request))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        if not work.done():
+            work.add_done_callback(_outcome_read)
+        raise
+
+
+def _outcome_read(work: asyncio.Future) -> None:
+    if not work.cancelled():
+        work.exception()  # read, so a handler whose client left logs no "exception was never retrieved"
 
 
 async def count_response(request: web.Request, response: web.StreamResponse) -> None:
@@ -131,7 +160,7 @@ class HttpApi:
         # Bodies are read through bodies.py, which counts their bytes (413) and answers what aiohttp or json.loads
         # refuse with a 400; client_max_size bounds request.read(), which no route calls.
         app = web.Application(client_max_size=SMALL_BODY_BYTES,
-                              middlewares=[errors_as_json, body_deadline(self.body_timeout)])
+                              middlewares=[finish_what_was_started, errors_as_json, body_deadline(self.body_timeout)])
         app.on_response_prepare.append(count_response)
         app.on_response_prepare.append(close_connections_when(self.closing))
         r = app.router
@@ -184,7 +213,10 @@ class HttpApi:
         except (binascii.Error, ValueError):
             raise GatewayError(400, "bad_base64", "image_b64 is not valid base64") from None
 
+    @ends_with_its_client
     async def classify(self, request: web.Request) -> web.Response:
+        """A client closing its connection cancels its classify (as a gRPC caller's deadline does): the miss it
+        started is dropped unless another request waits for the same answer (single_flight.py)."""
         photo, given = await self._upload(request)
         options = {"top_k": _int_param(request, "top_k", None), "version": _int_param(request, "version", None),
                    "label": request.query.get("label") or request.headers.get("X-Version-Label"),

@@ -209,7 +209,7 @@ class Gateway:
                                        RolloutProxy(self.args.rollout_url or None), photo_store,
                                        closing=self._closing_connections.is_set).app(),
                                access_log=None, keepalive_timeout=self.args.keepalive_timeout,
-                               shutdown_timeout=self.args.shutdown_grace)
+                               shutdown_timeout=self.args.shutdown_grace, handler_cancellation=True)
         await runner.setup()
         site = web.TCPSite(runner, self.args.host, self.args.http_port)
         await site.start()

@@ -47,6 +47,9 @@ STAGE_CHILDREN = {name: STAGE_SECONDS.labels(stage=name) for name in STAGES}
 CACHE_OUTCOMES = {outcome: CACHE.labels(outcome=outcome) for outcome in ("hit", "miss", "error", "bypass")}
 SINGLE_FLIGHT_SHARED = Counter("mushroom_gateway_single_flight_shared", "Misses that joined an identical call",
                                registry=REGISTRY)
+MISSES_ABANDONED = Counter("mushroom_gateway_misses_abandoned", "Cache misses dropped before their answer because "
+                           "every client waiting for them had left (deadlines, closed connections)",
+                           registry=REGISTRY)
 REROUTED = Counter("mushroom_gateway_rerouted", "Routed requests whose version the model server had unloaded since "
                    "the last status poll, routed again without it", registry=REGISTRY)
 ROUTE = Counter("mushroom_gateway_route", "Routing decisions per version", ["model_version", "reason"],
