@@ -494,8 +494,9 @@ def test_alert_rules_pass_promtool_and_cover_the_required_alerts(tmp_path):
         assert result.returncode == 0, result.stdout + result.stderr
     names = {r["alert"] for g in yaml.safe_load((DEPLOY / "prometheus/alerts.yml").read_text())["groups"]
              for r in g["rules"] if "alert" in r}  # recording rules have "record"
-    assert {"GatewayP99LatencyHigh", "GatewayErrorRateHigh", "CanaryErrorRateAboveStable", "CacheErrors",
-            "RoutingTableLost", "GatewayLoopFailing", "RolloutRolledBack", "RolloutControllerDown"} <= names
+    assert {"GatewayP99LatencyHigh", "GatewayErrorRateHigh", "GatewayShedding", "CanaryErrorRateAboveStable",
+            "CacheErrors", "RoutingTableLost", "GatewayLoopFailing", "RolloutRolledBack",
+            "RolloutControllerDown"} <= names
     broken = tmp_path / "broken.yml"
     broken.write_text("groups:\n  - name: x\n    rules:\n      - alert: X\n        expr: rate(\n")
     assert promtool("check", "rules", str(broken)).returncode != 0

@@ -305,6 +305,63 @@ def test_misses_whose_clients_all_left_are_not_sent_to_the_model_server(stack):
     assert gateway.metric("mushroom_gateway_predict_batch_photos_sum") - sent == 3
 
 
+def test_misses_beyond_what_can_be_answered_in_time_are_refused_at_once_and_hits_still_served(stack):
+    """The model server frozen, the gateway takes on admission.MIN_ADMITTED misses (before any answer rate is known);
+    the next miss is refused at once: HTTP 503 overloaded with Retry-After, gRPC UNAVAILABLE, counted as
+    result="overloaded" and not as the version's error. A cache hit is still answered meanwhile, and every miss
+    taken on gets its answer once the server runs again. (Before, every miss queued until the model server
+    answered or the call's 10 s deadline expired.)"""
+    from services.gateway.admission import MIN_ADMITTED
+
+    gateway, server = stack["gateway"], stack["server"]
+    cached = PHOTOS[0].read_bytes()
+    assert gateway.classify(cached, "version=1")[0] == 200
+    photo = FRESH[30].read_bytes()
+
+    def distinct(index: int) -> bytes:  # a distinct cache miss: bytes after the JPEG's end, which decoders ignore
+        return photo + b"\0admission\0" + str(index).encode()
+
+    def requests(result: str) -> float:
+        return gateway.metric("mushroom_gateway_request_seconds_count", result=result)
+
+    def version_errors() -> int:  # what the rollout rules judge a version by
+        figures = gateway.request("GET", "/v1/admin/status", token=TOKEN).body["versions"]["1"]
+        return round(figures["error_rate"] * figures["requests"])
+
+    overloaded, unavailable, errors = requests("overloaded"), requests("unavailable"), version_errors()
+    replies = {}
+
+    def taken_on(index: int) -> threading.Thread:
+        def run():
+            replies[index] = gateway.classify(distinct(index), "version=1", timeout=30)
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    with Frozen(server.process):
+        threads = [taken_on(i) for i in range(MIN_ADMITTED)]
+        wait_until(lambda: gateway.metric("mushroom_gateway_misses_in_progress") == MIN_ADMITTED, timeout=20,
+                   interval=0.1, what=f"{MIN_ADMITTED} misses in progress")
+        started = time.monotonic()
+        status, body, headers = gateway.classify(distinct(MIN_ADMITTED), "version=1", timeout=10)
+        assert time.monotonic() - started < 2
+        assert (status, body["error"]["code"]) == (503, "overloaded"), body
+        assert int(headers["Retry-After"]) >= 1
+        with grpc.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                pb_grpc.ClassifierStub(channel).Classify(
+                    pb.ClassifyRequest(photo=distinct(MIN_ADMITTED + 1), version=1), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "overloaded" in refused.value.details()
+        status, answer, _ = gateway.classify(cached, "version=1", timeout=10)
+        assert status == 200 and answer["cached"], answer
+    for thread in threads:
+        thread.join(30)
+    assert sorted(reply[0] for reply in replies.values()) == [200] * MIN_ADMITTED
+    assert requests("overloaded") - overloaded == 2 and requests("unavailable") == unavailable
+    assert version_errors() == errors
+    gateway.wait_ready(timeout=10)
+
+
 # ------------------------------------------------------------------------------------------- 8. readiness
 def test_readyz_turns_503_while_the_model_server_is_frozen(stack):
     gateway, server = stack["gateway"], stack["server"]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from services.gateway import metrics
+from services.gateway.admission import MissAdmission
 from services.gateway.cache import ResultCache, cache_key, explanation_key
 from services.gateway.errors import GatewayError
 from services.gateway.input_sizes import InputSizes
@@ -73,8 +74,9 @@ class Classifier:
     def __init__(self, upstream: ModelServerClient, cache: ResultCache, router: Router, stats: Stats,
                  model_info: ModelInfo, limits: Limits, single_flight: SingleFlight | NoSingleFlight,
                  input_sizes: InputSizes, preprocess_threads: int = 2,
-                 batcher: PredictBatcher | NoBatching | None = None):
+                 batcher: PredictBatcher | NoBatching | None = None, admission: MissAdmission | None = None):
         self.upstream = upstream
+        self.admission = admission or MissAdmission(0)  # which misses are taken on (0: every one)
         self.batcher = batcher or NoBatching(upstream)  # plain predictions go through it; explanations do not
         self.cache = cache
         self.router = router
@@ -260,8 +262,9 @@ class Classifier:
             with metrics.stage("answer"):
                 return await self._reply(photo, answer, target.reason, top_k, cache_outcome == "hit", wanted, start)
         except GatewayError as exc:
-            result = "client_error" if exc.status < 500 else "unavailable"
-            if exc.status >= 500:
+            result = "client_error" if exc.status < 500 else "overloaded" if exc.code == "overloaded" else \
+                "unavailable"
+            if result == "unavailable":  # a refused miss says nothing of the version that would have answered
                 self.stats.record_error(chosen)
             raise
         except asyncio.CancelledError:  # the caller left: a gRPC deadline or cancellation, or a shutdown
@@ -314,11 +317,12 @@ class Classifier:
             return found
 
         async def miss():
-            with metrics.stage("preprocess"):
-                pixels = await self.preprocessor.pixels(photo, target.size)
-            with metrics.stage("predict"):
-                fresh = await (self._explain(pixels, target.version, target.label, wanted.class_name)
-                               if wanted.explain else self._predict(pixels, target.version, target.label))
+            with self.admission.admitted():
+                with metrics.stage("preprocess"):
+                    pixels = await self.preprocessor.pixels(photo, target.size)
+                with metrics.stage("predict"):
+                    fresh = await (self._explain(pixels, target.version, target.label, wanted.class_name)
+                                   if wanted.explain else self._predict(pixels, target.version, target.label))
             self._store(self._key(digest, fresh["version"], target.size, wanted), fresh)
             if wanted.explain:  # the plain answer too, so a plain classify of the photo after it is a hit
                 self._store(self._key(digest, fresh["version"], target.size, PLAIN),
@@ -402,9 +406,10 @@ class Classifier:
         async def mirror():
             start = time.perf_counter()
             try:
-                size = await self._ask_upstream(lambda: self.input_sizes.of(shadow), None)
-                shadow_pixels = pixels if size == pixels.shape[0] else await self.preprocessor.pixels(photo, size)
-                shadow_answer = await self._predict(shadow_pixels, shadow, None)
+                with self.admission.admitted():  # a miss of the shadow's, refused as a client's would be
+                    size = await self._ask_upstream(lambda: self.input_sizes.of(shadow), None)
+                    shadow_pixels = pixels if size == pixels.shape[0] else await self.preprocessor.pixels(photo, size)
+                    shadow_answer = await self._predict(shadow_pixels, shadow, None)
             except GatewayError:
                 return
             # the same top-1 label (two versions may order their columns differently)

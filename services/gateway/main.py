@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="once the gateway stops listening, seconds its calls in flight get to finish before they are "
                    "cancelled (SHUTDOWN_GRACE_SECONDS, default 15: longer than --upstream-timeout's default, so a "
                    "call waiting on the model server ends by that call's own deadline)")
+    p.add_argument("--max-queue-wait", type=float, default=float(env("MAX_QUEUE_WAIT_SECONDS", "1")),
+                   help="seconds a cache miss may expect to wait for those already in progress, at the rate they "
+                   "have been answered lately; a miss beyond that is refused at once with 503 overloaded and "
+                   "Retry-After (gRPC UNAVAILABLE); 0 takes every miss on (MAX_QUEUE_WAIT_SECONDS)")
     p.add_argument("--no-single-flight", dest="single_flight", action="store_false",
                    default=env("SINGLE_FLIGHT", "1").lower() not in ("0", "false", "off", "no"),
                    help="every identical concurrent miss makes its own model server call (SINGLE_FLIGHT=0; "
@@ -121,6 +125,7 @@ class Gateway:
     def __init__(self, args: argparse.Namespace):
         import redis.asyncio as aioredis
 
+        from services.gateway.admission import MissAdmission
         from services.gateway.cache import ResultCache
         from services.gateway.classifier import Classifier
         from services.gateway.feedback import tokens_from_config
@@ -152,7 +157,9 @@ class Gateway:
                                      SingleFlight() if args.single_flight else NoSingleFlight(), self.input_sizes,
                                      batcher=PredictBatcher(self.upstream, args.predict_batch_max,
                                                             args.predict_batch_in_flight)
-                                     if args.predict_batch_max > 1 else NoBatching(self.upstream))
+                                     if args.predict_batch_max > 1 else NoBatching(self.upstream),
+                                     admission=MissAdmission(args.max_queue_wait))
+        self.classifier.admission.export()
         self.upstream_ok = False
         self.upstream_problem = "not checked yet"
         self._draining = asyncio.Event()  # SIGTERM or SIGINT came: unready

@@ -1,0 +1,86 @@
+"""Admission of cache misses (services/gateway/admission.py) on a fake clock: which misses are taken on and which
+are refused with 503 overloaded."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.gateway import metrics
+from services.gateway.admission import MIN_ADMITTED, RATE_WINDOWS, RETRY_AFTER_S, MissAdmission
+from services.gateway.errors import GatewayError
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def answer(admission: MissAdmission, count: int) -> None:
+    for _ in range(count):
+        with admission.admitted():
+            pass
+
+
+def hold(admission: MissAdmission, count: int) -> list:
+    """``count`` misses taken on and left in progress: their context managers, entered."""
+    held = [admission.admitted() for _ in range(count)]
+    for miss in held:
+        miss.__enter__()
+    return held
+
+
+def test_before_any_rate_is_known_the_first_misses_are_taken_on_and_the_next_refused_at_once():
+    admission = MissAdmission(1.0, Clock())
+    refused = metrics.MISSES_REFUSED._value.get()
+    held = hold(admission, MIN_ADMITTED)
+    with pytest.raises(GatewayError) as exc, admission.admitted():
+        pass
+    assert (exc.value.status, exc.value.code, exc.value.retry_after) == (503, "overloaded", RETRY_AFTER_S)
+    assert exc.value.grpc_code.name == "UNAVAILABLE"
+    assert admission.in_progress == len(held)
+    assert metrics.MISSES_REFUSED._value.get() == refused + 1
+
+
+def test_the_limit_is_what_the_recent_answer_rate_serves_within_the_wait():
+    clock = Clock()
+    admission = MissAdmission(0.5, clock)
+    answer(admission, 300)  # 300 answers in the first second
+    clock.now += 1.0
+    assert admission.rate() == 300
+    assert admission.limit() == 150
+    held = hold(admission, 150)
+    assert not admission.has_room() and admission.in_progress == len(held)
+    held[0].__exit__(None, None, None)  # one answered: room for one more
+    assert admission.has_room()
+
+
+def test_a_lull_does_not_shrink_the_rate_until_every_window_has_passed():
+    clock = Clock()
+    admission = MissAdmission(1.0, clock)
+    answer(admission, 200)  # a busy second
+    clock.now += RATE_WINDOWS  # quiet since: the busy second is the oldest of the last RATE_WINDOWS
+    assert admission.limit() == 200
+    answer(admission, 10)
+    clock.now += 1.0
+    assert admission.limit() == MIN_ADMITTED  # no window since the busy one held more than 10 answers
+
+
+def test_misses_that_failed_or_were_dropped_are_not_counted_as_answered():
+    clock = Clock()
+    admission = MissAdmission(1.0, clock)
+    for failure in (ValueError("the model server failed"), asyncio.CancelledError()):
+        for _ in range(100):
+            with pytest.raises(type(failure)), admission.admitted():
+                raise failure
+    clock.now += 1.0
+    assert admission.rate() == 0 and admission.in_progress == 0
+
+
+def test_a_wait_of_zero_takes_every_miss_on():
+    admission = MissAdmission(0, Clock())
+    held = hold(admission, 10 * MIN_ADMITTED)
+    assert admission.has_room() and admission.in_progress == len(held)
