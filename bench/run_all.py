@@ -45,6 +45,7 @@ SCRIPTS = {
     "calibration_cv": ["-m", "bench.calibration_cv"],
     "served_latency": ["-m", "bench.served_latency"],
     "faults": ["-m", "bench.faults"],
+    "overload": ["-m", "bench.overload"],
     # the default policy holds 5 x 600 s: measured compressed, the default's times derived (bench/rollout_bench.py)
     "rollout": ["-m", "bench.rollout_bench", "--time-scale", "60", "--request-scale", "0.2", "--concurrency", "4"],
 }
@@ -270,6 +271,26 @@ def rows() -> list[dict]:
         add(f"{what}, single-flight off: Predict calls reaching the model server; burst wall time",
             f"{off['predict_calls_per_burst']:.0f} Predict; {off['wall_ms']:.0f} ms ({sf['wall_time_off_vs_on']:.1f}x "
             "single-flight on)", "-", None, source="single_flight.json")
+    for name, when in (("overload-before-fixes", "before admission and dropping abandoned misses"),
+                       ("overload", "")):
+        over = load(name)
+        if not over:
+            continue
+        spike = over["overload"]
+        what = (f"cache misses at {over['load']:g}x the miss throughput ({over['capacity_per_s']:.0f} req/s at "
+                f"concurrency 32), open loop for {over['seconds']:.0f} s to clients giving up after "
+                f"{over['client_timeout_s']:g} s (bench/overload.py"
+                + (f"; {when}, revision {over['machine']['revision']}" if when else "") + ")")
+        served, refused = spike["served_latency"], spike["refused_latency"]
+        recovery = "never" if over["recovery_s"] is None else f"{over['recovery_s']:.1f} s"
+        add(f"{what}: answered in time per second / that throughput; answered p50, p99; refused at once (503 "
+            "overloaded with Retry-After), their p99; gateway peak RSS; after the spike, until a request is answered "
+            "within twice its usual time",
+            f"{over['goodput']:.2f}; " + (f"{served['p50_ms']:.0f}, {served['p99_ms']:.0f} ms; " if served else "-; ")
+            + f"{spike['refused_share']:.0%}" + (f", {refused['p99_ms']:.0f} ms; " if refused else "; ")
+            + f"{spike['gateway_rss_peak_mb']:.0f} MB; {recovery}", "-", None, source=f"{name}.json")
+        add(f"{what}: requests whose client gave up (timed out)", f"{spike['timed_out_share']:.3f}", "<= 0.01",
+            None if when else spike["timed_out_share"] <= 0.01, source=f"{name}.json")
     ex = load("explain")
     if ex:
         c = next(int(k.rsplit("_c", 1)[1]) for k in ex if k.startswith("explain_c") and not k.endswith("_c1"))
