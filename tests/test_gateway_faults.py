@@ -75,6 +75,20 @@ class Frozen:
         os.kill(self.process.pid, signal.SIGCONT)
 
 
+def started(run) -> threading.Thread:
+    """``run()`` in a thread of its own, started: a client whose request waits while the test goes on."""
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def wait_preprocessed(gateway, before: float, count: int) -> None:
+    """Until ``count`` photos more than ``before`` (the preprocess histogram's count) have been preprocessed: their
+    misses have reached the predict stage."""
+    wait_until(lambda: gateway.metric("mushroom_gateway_preprocess_seconds_count") >= before + count,
+               timeout=5, interval=0.02, what=f"{count} photos to reach the predict stage")
+
+
 # ------------------------------------------------------------------------------------------- 1. single-flight
 def test_single_flight_survives_the_caller_that_started_it_leaving():
     async def scenario():
@@ -178,8 +192,7 @@ def test_a_caller_whose_deadline_expires_cancels_nothing_for_the_others(stack):
             leaver = stub.Classify.future(pb.ClassifyRequest(photo=photo, version=1), timeout=3)
             wait_until(lambda: gateway.metric("mushroom_gateway_preprocess_seconds_count") > preprocessed,
                        timeout=3, interval=0.02, what="the leaver's call to reach the model server")
-            http_thread = threading.Thread(target=http_follower)
-            http_thread.start()
+            http_thread = started(http_follower)
             grpc_follower = stub.Classify.future(pb.ClassifyRequest(photo=photo, version=1), timeout=30)
             wait_until(lambda: gateway.metric("mushroom_gateway_single_flight_shared_total") >= shared + 2,
                        timeout=3, interval=0.02, what="both followers to join the leaver's call")
@@ -214,13 +227,10 @@ def test_misses_for_one_version_share_a_predict_call_and_a_leaver_cancels_nothin
     def http(index: int) -> threading.Thread:
         def run():
             replies[index] = gateway.classify(photos[index], "version=2&top_k=4", timeout=30)
-        thread = threading.Thread(target=run)
-        thread.start()
-        return thread
+        return started(run)
 
     def arrived(count: int) -> None:
-        wait_until(lambda: gateway.metric("mushroom_gateway_preprocess_seconds_count") >= preprocessed + count,
-                   timeout=5, interval=0.02, what=f"{count} photos to reach the predict stage")
+        wait_preprocessed(gateway, preprocessed, count)
 
     with grpc.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
         stub = pb_grpc.ClassifierStub(channel)
@@ -280,19 +290,13 @@ def test_misses_whose_clients_all_left_are_not_sent_to_the_model_server(stack):
                 gateway.classify(photo, "version=1", timeout=1.5)
             except OSError:  # the client's timeout: urllib closes the connection
                 gave_up.append(1)
-        thread = threading.Thread(target=run)
-        thread.start()
-        return thread
-
-    def arrived(count: int) -> None:
-        wait_until(lambda: gateway.metric("mushroom_gateway_preprocess_seconds_count") >= preprocessed + count,
-                   timeout=5, interval=0.02, what=f"{count} photos to reach the predict stage")
+        return started(run)
 
     with Frozen(server.process):
         threads = []
         for count, photo in enumerate(photos, 1):
             threads.append(impatient(photo))
-            arrived(count)  # in order: the first two go out at once, the other four wait
+            wait_preprocessed(gateway, preprocessed, count)  # in order: two go out at once, the other four wait
         for thread in threads:
             thread.join(10)
         assert len(gave_up) == len(photos)
@@ -334,17 +338,15 @@ def test_misses_beyond_what_can_be_answered_in_time_are_refused_at_once_and_hits
     def taken_on(index: int) -> threading.Thread:
         def run():
             replies[index] = gateway.classify(distinct(index), "version=1", timeout=30)
-        thread = threading.Thread(target=run)
-        thread.start()
-        return thread
+        return started(run)
 
     with Frozen(server.process):
         threads = [taken_on(i) for i in range(MIN_ADMITTED)]
         wait_until(lambda: gateway.metric("mushroom_gateway_misses_in_progress") == MIN_ADMITTED, timeout=20,
                    interval=0.1, what=f"{MIN_ADMITTED} misses in progress")
-        started = time.monotonic()
+        asked_at = time.monotonic()
         status, body, headers = gateway.classify(distinct(MIN_ADMITTED), "version=1", timeout=10)
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - asked_at < 2
         assert (status, body["error"]["code"]) == (503, "overloaded"), body
         assert int(headers["Retry-After"]) >= 1
         with grpc.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:

@@ -69,7 +69,7 @@ def ends_with_its_client(handler):
 @web.middleware
 async def finish_what_was_started(request: web.Request, handler):
     """The handler of a route not marked ``ends_with_its_client`` runs to its end even when the client leaves
-    meanwhile, as if no connection had closed: a routing change or a feedback is recorded whole or refused whole."""
+    meanwhile, as if no connection had closed: a routing change or a feedback is never cut off half way by it."""
     if getattr(request.match_info.handler, "ends_with_its_client", False):
         return await handler(request)
     work = asyncio.ensure_future(handler(request))
