@@ -52,6 +52,26 @@ def test_bounded_folder_deletes_the_oldest_photos_past_its_size(tmp_path):
     assert BoundedFolder(tmp_path / "pending", max_bytes=1000).bytes == 900  # the size is re-read at start
 
 
+def test_a_photo_the_volume_has_no_room_for_leaves_no_part_behind(tmp_path, monkeypatch):
+    """A write that fills the volume half way (ENOSPC) raises, and the part written is removed: the folder holds
+    whole photos only, and its size count is unchanged."""
+    import errno
+    from pathlib import Path
+
+    folder = BoundedFolder(tmp_path / "pending", max_bytes=10_000)
+    write_bytes = Path.write_bytes
+
+    def volume_full(path, data):
+        write_bytes(path, data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(Path, "write_bytes", volume_full)
+    with pytest.raises(OSError) as exc:
+        folder.put(hashlib.sha256(b"photo").hexdigest(), bytes(1000))
+    assert exc.value.errno == errno.ENOSPC
+    assert list((tmp_path / "pending").iterdir()) == [] and folder.bytes == 0
+
+
 @pytest.fixture(scope="module")
 def model_server(tmp_path_factory):
     registry = tmp_path_factory.mktemp("registry")
@@ -251,3 +271,44 @@ def test_grpc_feedback_records_once_and_keeps_corrected_photos(model_server, tmp
         (hashlib.sha256(photo).hexdigest(), wrong, answer.request_id)} and len(records) == 2
     record = records[0]
     assert (store / "corrected" / record["sha256"]).read_bytes() == photo
+
+
+def test_a_broken_photo_store_never_costs_an_answer_and_a_correction_waits_for_it(model_server, tmp_path):
+    """The store's folders stop taking files (here replaced by a file; a full or read-only volume fails the same
+    way): a classify is still answered 200, its token naming no photo, and the failure is counted. A correction
+    whose log line cannot be written is a 503 with Retry-After (the feedback itself is recorded, and the same
+    feedback again is safe); once the store works, the retry logs the correction, once. (Before: both were 500s.)"""
+    store = tmp_path / "store"
+    kept_photo, unkept_photo = PHOTOS["boletus_edulis"][20].read_bytes(), PHOTOS["boletus_edulis"][21].read_bytes()
+    with RedisServer() as redis_server:
+        gateway = Gateway(model_server.grpc_target, redis_server.url, f"--photo-store={store}")
+        try:
+            code, kept, _ = gateway.classify(kept_photo)
+            assert code == 200, kept
+            (store / "pending").rename(store / "pending-away")
+            (store / "pending").write_text("not a folder any more")
+            failures = gateway.metric("mushroom_gateway_photo_store_failures_total", operation="keep")
+            code, unkept, _ = gateway.classify(unkept_photo)
+            assert code == 200, unkept
+            assert gateway.metric("mushroom_gateway_photo_store_failures_total", operation="keep") == failures + 1
+            wrong = next(label for label in LABELS if label != unkept["predictions"][0]["label"])
+            code, reply, _ = gateway.request("POST", "/v1/feedback", {"feedback_token": unkept["feedback_token"],
+                                                                      "true_label": wrong})
+            assert code == 200 and reply["photo_kept"] is None, reply  # counted; no photo to attach
+            (store / "pending").unlink()
+            (store / "pending-away").rename(store / "pending")
+
+            (store / "corrections.jsonl").mkdir()  # the log cannot be appended to
+            wrong = next(label for label in LABELS if label != kept["predictions"][0]["label"])
+            correction = {"feedback_token": kept["feedback_token"], "true_label": wrong}
+            code, reply, headers = gateway.request("POST", "/v1/feedback", correction)
+            assert (code, reply["error"]["code"]) == (503, "photo_store_unavailable"), reply
+            assert int(headers["Retry-After"]) >= 1
+            (store / "corrections.jsonl").rmdir()
+            code, reply, _ = gateway.request("POST", "/v1/feedback", correction)
+            assert code == 200 and reply["photo_kept"] is True, reply
+        finally:
+            gateway.stop()
+    [line] = (store / "corrections.jsonl").read_text().splitlines()
+    assert json.loads(line)["true_label"] == wrong
+    assert (store / "corrected" / json.loads(line)["sha256"]).read_bytes() == kept_photo

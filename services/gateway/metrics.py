@@ -77,6 +77,9 @@ ROUTING_TABLE_LOST = Gauge("mushroom_gateway_routing_table_lost", "1 while the r
                            "missing from Redis (the last known table is followed)", registry=REGISTRY)
 ROUTING_TABLE_LOSSES = Counter("mushroom_gateway_routing_table_losses", "Times the routing table vanished from Redis "
                                "after this gateway had seen it", registry=REGISTRY)
+PHOTO_STORE_FAILURES = Counter("mushroom_gateway_photo_store_failures", "Photo store operations that failed on the "
+                               "file system (--photo-store: keep a classified photo, record a correction)",
+                               ["operation"], registry=REGISTRY)
 LOOP_FAILURES = Counter("mushroom_gateway_loop_failures", "Failed steps of a background loop (each is retried with "
                         "backoff)", ["loop"], registry=REGISTRY)
 LOOP_LAST_SUCCESS = Gauge("mushroom_gateway_loop_last_success_timestamp_seconds",

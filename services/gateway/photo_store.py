@@ -12,6 +12,12 @@ Layout of DIR (any number of gateway replicas may share it, e.g. a ReadWriteMany
 
 The answer's feedback token carries the photo's hash (signed, feedback.py), so feedback can only attach a label to
 the photo that was classified. A correction is feedback whose ``true_label`` differs from the answer's top label.
+
+The store is a side benefit of classifying, never a condition of it: a photo that cannot be stored (a full or
+read-only volume, a folder gone) is answered all the same, its token naming no photo, and the failure is counted
+(``mushroom_gateway_photo_store_failures_total``) and logged once until the store works again. A correction whose
+line cannot be logged is a 503 with Retry-After: the feedback is recorded, and the same feedback sent again (which
+stats.py answers as recorded) logs it then.
 """
 from __future__ import annotations
 
@@ -25,10 +31,13 @@ import time
 import uuid
 from pathlib import Path
 
+from services.gateway import metrics
+from services.gateway.errors import GatewayError
 from services.gateway.feedback import FeedbackClaim, FeedbackTokens
 
 log = logging.getLogger("gateway.photo_store")
 HASH_LENGTH = 64
+RETRY_AFTER_S = 5  # a correction that could not be logged: the store's volume needs a person, not a moment
 
 
 class BoundedFolder:
@@ -62,8 +71,12 @@ class BoundedFolder:
             os.utime(target)  # recently seen: evicted last
             return
         tmp = self.path / f".tmp-{uuid.uuid4().hex}"
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a part written before the volume filled up is not left behind
+            raise
         self._added(len(data))
 
     def adopt(self, source: Path, sha256: str) -> bool:
@@ -113,6 +126,24 @@ class PhotoStore:
         self.corrected = BoundedFolder(self.root / "corrected", max_bytes)
         self.log_path = self.root / "corrections.jsonl"
         self.clock = clock
+        self._failing = False  # the last store operation failed: logged once, until one succeeds again
+
+    async def _run(self, operation: str, work, *args):
+        """``work(*args)`` in a thread; an OSError is counted by ``operation`` (keep, record), logged once per spell
+        of failures, and raised."""
+        try:
+            result = await asyncio.to_thread(work, *args)
+        except OSError as exc:
+            metrics.child(metrics.PHOTO_STORE_FAILURES, operation=operation).inc()
+            if not self._failing:
+                log.warning("the photo store %s cannot %s: %s (classify goes on without it; corrections are 503 "
+                            "until it works)", self.root, operation, exc)
+            self._failing = True
+            raise
+        if self._failing:
+            log.info("the photo store %s works again", self.root)
+            self._failing = False
+        return result
 
     def _keep(self, photo: bytes) -> str:
         sha256 = hashlib.sha256(photo).hexdigest()
@@ -120,8 +151,12 @@ class PhotoStore:
         return sha256
 
     async def keep(self, photo: bytes, answer: dict) -> dict:
-        """Stores the photo and gives the answer a feedback token that names it."""
-        sha256 = await asyncio.to_thread(self._keep, photo)
+        """Stores the photo and gives the answer a feedback token that names it; ``answer`` as it is (its token
+        naming no photo) when the photo cannot be stored."""
+        try:
+            sha256 = await self._run("keep", self._keep, photo)
+        except OSError:
+            return answer
         token = self.tokens.issue(answer["request_id"], answer["model"]["version"],
                                   answer["predictions"][0]["label"], photo_sha256=sha256)
         return {**answer, "feedback_token": token}
@@ -145,7 +180,12 @@ class PhotoStore:
         logged; returns whether its photo is kept, None when this is no correction or the answer named no photo."""
         if claim.photo_sha256 is None or true_label == claim.predicted:
             return None
-        kept = await asyncio.to_thread(self._record, claim, true_label)
+        try:
+            kept = await self._run("record", self._record, claim, true_label)
+        except OSError as exc:
+            raise GatewayError(503, "photo_store_unavailable", f"the feedback is recorded, but the correction cannot "
+                               f"be logged in the photo store ({exc}): send the same feedback again later",
+                               retry_after=RETRY_AFTER_S) from None
         if not kept:
             log.warning("correction of %s logged without its photo (evicted, or kept by a replica with another "
                         "store)", claim.request_id)
