@@ -495,8 +495,8 @@ def test_alert_rules_pass_promtool_and_cover_the_required_alerts(tmp_path):
     names = {r["alert"] for g in yaml.safe_load((DEPLOY / "prometheus/alerts.yml").read_text())["groups"]
              for r in g["rules"] if "alert" in r}  # recording rules have "record"
     assert {"GatewayP99LatencyHigh", "GatewayErrorRateHigh", "GatewayShedding", "CanaryErrorRateAboveStable",
-            "CacheErrors", "RoutingTableLost", "GatewayLoopFailing", "RolloutRolledBack",
-            "RolloutControllerDown"} <= names
+            "CacheErrors", "RoutingTableLost", "GatewayLoopFailing", "GatewayFileDescriptorsNearLimit",
+            "RolloutRolledBack", "RolloutControllerDown"} <= names
     broken = tmp_path / "broken.yml"
     broken.write_text("groups:\n  - name: x\n    rules:\n      - alert: X\n        expr: rate(\n")
     assert promtool("check", "rules", str(broken)).returncode != 0

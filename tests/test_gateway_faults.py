@@ -375,6 +375,41 @@ def test_readyz_turns_503_while_the_model_server_is_frozen(stack):
     gateway.wait_ready(timeout=10)
 
 
+def test_a_gateway_near_its_descriptor_limit_says_so_and_serves_again_once_connections_close(stack):
+    """Every client connection holds a file descriptor. A gateway whose limit (RLIMIT_NOFILE, lowered here on the
+    running process) is nearly taken by idle connections logs a warning and exports process_open_fds near
+    process_max_fds (alert GatewayFileDescriptorsNearLimit); once they close it logs that, and answers. (Before:
+    nothing in its log or metrics.)"""
+    import resource
+
+    from tests.gateway_harness import GatewayProcess
+
+    gateway = GatewayProcess(stack["server"].grpc_target, stack["redis"].url,
+                             env={"KEEPALIVE_TIMEOUT_SECONDS": "60"})  # idle connections stay open
+    fd_dir = Path(f"/proc/{gateway.process.pid}/fd")
+    sockets = []
+    try:
+        limit = len(list(fd_dir.iterdir())) + 40
+        resource.prlimit(gateway.process.pid, resource.RLIMIT_NOFILE, (limit, limit))
+        assert gateway.metric("process_max_fds") == limit
+        while len(list(fd_dir.iterdir())) < 0.92 * limit:
+            sockets.append(socket.create_connection(("127.0.0.1", gateway.http_port), timeout=5))
+            time.sleep(0.01)  # accepted before the next one comes
+        wait_until(lambda: "file descriptors in use" in gateway.log.read_text(), timeout=10, interval=0.2,
+                   what="the warning")
+        assert gateway.metric("process_open_fds") >= 0.9 * limit
+        for sock in sockets:
+            sock.close()
+        sockets.clear()
+        wait_until(lambda: "file descriptors back to" in gateway.log.read_text(), timeout=10, interval=0.2,
+                   what="the all-clear")
+        assert gateway.classify(PHOTOS[0].read_bytes())[0] == 200
+    finally:
+        for sock in sockets:
+            sock.close()
+        gateway.stop()
+
+
 # ------------------------------------------------------------------------------------------- 9. slow clients
 def _closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> float | None:
     """Seconds until the server closes ``sock`` (sending ``trickle`` every 0.2 s meanwhile), None if still open."""

@@ -199,13 +199,15 @@ class Gateway:
     async def serve(self) -> None:
         from aiohttp import web
 
+        from services.gateway.descriptors import CHECK_INTERVAL_S, DescriptorWatch
         from services.gateway.grpc_api import SERVICE_NAME, build_server, serving_status
         from services.gateway.http_api import HttpApi
 
         # Routing: re-read twice a second, keeping the last table while Redis is down or the stored one is refused.
         watchers = [asyncio.create_task(self.loops.run("versions", self._poll_versions, 1.0, max_backoff=2.0)),
                     asyncio.create_task(self.loops.run("routing", self.router.refresh, 0.5, max_backoff=2.0)),
-                    asyncio.create_task(self.loops.run("labels", self.router.refresh_labels, 1.0, max_backoff=5.0))]
+                    asyncio.create_task(self.loops.run("labels", self.router.refresh_labels, 1.0, max_backoff=5.0)),
+                    asyncio.create_task(self.loops.run("descriptors", DescriptorWatch().check, CHECK_INTERVAL_S))]
         from services.gateway.photo_store import PhotoStore
         from services.gateway.rollout_proxy import RolloutProxy
 

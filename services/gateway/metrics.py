@@ -2,9 +2,11 @@
 
 Words: a *metric label* is a Prometheus label (``model_version="3"``); a *version label* is TF Serving's name for a
 version ("stable"); a *class name* is a column of the model's output ("boletus_edulis")."""
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 REGISTRY = CollectorRegistry()
+# process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, process_max_fds, ... (descriptors.py)
+ProcessCollector(registry=REGISTRY)
 LATENCY_BUCKETS = (.001, .002, .005, .01, .015, .02, .03, .05, .075, .1, .2, .5, 1, 2, 5)
 
 # ``result`` of REQUEST_SECONDS and EXPLAIN_SECONDS, how a classify ended: "ok" answered; "client_error" a 4xx
