@@ -354,6 +354,7 @@ def test_misses_beyond_what_can_be_answered_in_time_are_refused_at_once_and_hits
                 pb_grpc.ClassifierStub(channel).Classify(
                     pb.ClassifyRequest(photo=distinct(MIN_ADMITTED + 1), version=1), timeout=10)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "overloaded" in refused.value.details()
+        assert int(dict(refused.value.trailing_metadata())["grpc-retry-pushback-ms"]) >= 1000  # its Retry-After
         status, answer, _ = gateway.classify(cached, "version=1", timeout=10)
         assert status == 200 and answer["cached"], answer
     for thread in threads:

@@ -31,8 +31,11 @@ def _gateway_error(exc: Exception) -> GatewayError:
 
 
 async def _abort(context, exc: Exception) -> None:
+    """Ends the call with the error's status; an error with a Retry-After carries it in gRPC's own form, the
+    ``grpc-retry-pushback-ms`` trailer (gRFC A6), which a client's retry policy waits for before its next attempt."""
     error = _gateway_error(exc)
-    await context.abort(error.grpc_code, f"{error.code}: {error.message}")
+    pushback = (("grpc-retry-pushback-ms", str(int(error.retry_after * 1000))),) if error.retry_after else ()
+    await context.abort(error.grpc_code, f"{error.code}: {error.message}", trailing_metadata=pushback)
 
 
 def explanation_proto(explanation: dict):
