@@ -22,6 +22,7 @@ stats.py answers as recorded) logs it then.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -75,7 +76,8 @@ class BoundedFolder:
             tmp.write_bytes(data)
             os.replace(tmp, target)
         except OSError:
-            tmp.unlink(missing_ok=True)  # a part written before the volume filled up is not left behind
+            with contextlib.suppress(OSError):  # a part written before the volume filled up is not left behind
+                tmp.unlink()
             raise
         self._added(len(data))
 
