@@ -558,12 +558,25 @@ def measured_revisions() -> dict[str, list[str]]:
     return by_revision
 
 
+def measured_machines() -> dict[str, list[str]]:
+    """{cpu: the results last measured on it}, as measured_revisions."""
+    by_cpu: dict[str, list[str]] = {}
+    for name in dict.fromkeys([*SCRIPTS, *CV_RESULTS]):
+        cpu = (load(name).get("machine") or {}).get("cpu")
+        if cpu:
+            by_cpu.setdefault(cpu, []).append(name)
+    return by_cpu
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     revisions = report.get("measured_revisions") or {}
     where = "; ".join(f"{revision}: {', '.join(names)}" for revision, names in revisions.items())
-    lines = [f"Measured on {m['cores']} cores ({m['cpu']}), Python {m['python']}; report built at revision "
-             f"{m['revision']}, {m['measured_at']}" + (f"; results measured at revision {where}" if where else "")
+    machines = report.get("measured_machines") or {}
+    on = (f"; results measured on {len(machines)} machines: " + "; ".join(
+        f"{cpu}: {', '.join(names)}" for cpu, names in machines.items())) if len(machines) > 1 else ""
+    lines = [f"Report built on {m['cores']} cores ({m['cpu']}), Python {m['python']}, at revision "
+             f"{m['revision']}, {m['measured_at']}" + on + (f"; results measured at revision {where}" if where else "")
              + "; every ratio is against a reference measured in the same run.", "",
              "| what | measured | target | met |", "|---|---|---|---|"]
     for row in report["rows"]:
@@ -642,7 +655,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     skip = set(SCRIPTS) if args.report_only else {s for s in args.skip.split(",") if s}
     ran = {name: run(name, args.seconds) for name in SCRIPTS if name not in skip}
-    report = {"machine": machine_description(), "measured_revisions": measured_revisions(), "ran": ran,
+    report = {"machine": machine_description(), "measured_revisions": measured_revisions(),
+              "measured_machines": measured_machines(), "ran": ran,
               "rows": rows(), "gateway_cells": gateway_cells(), "faults": fault_rows(), "rollout": load("rollout")}
     (RESULTS_DIR / "report.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)

@@ -290,6 +290,22 @@ def test_the_report_names_the_revision_of_every_result_it_reads_cross_validation
     assert run_all.measured_revisions() == {"aaa1111": ["tflite"], "bbb2222-dirty": ["accuracy_cv_whole_lite1"]}
 
 
+def test_the_report_names_each_machine_its_results_were_measured_on_when_there_are_several(monkeypatch):
+    """The header once named only the machine the report was built on, so results measured elsewhere read as its."""
+    results = {"tflite": {"machine": {"cpu": "Intel Xeon", "revision": "aaa1111"}},
+               "overload": {"machine": {"cpu": "AMD EPYC", "revision": "bbb2222"}}}
+    monkeypatch.setattr(run_all, "load", lambda name: results.get(name, {}))
+    machines = run_all.measured_machines()
+    assert machines == {"Intel Xeon": ["tflite"], "AMD EPYC": ["overload"]}
+    report = {"machine": {"cores": 2, "cpu": "AMD EPYC", "python": "3.11", "revision": "ccc3333", "measured_at": "now"},
+              "measured_machines": machines, "rows": []}
+    header = run_all.markdown(report).splitlines()[0]
+    assert header.startswith("Report built on 2 cores (AMD EPYC)")
+    assert "results measured on 2 machines: Intel Xeon: tflite; AMD EPYC: overload" in header
+    one = {**report, "measured_machines": {"AMD EPYC": ["overload"]}}
+    assert "machines" not in run_all.markdown(one).splitlines()[0]
+
+
 def test_a_result_measured_on_changed_code_says_so_but_not_for_changed_results(tmp_path, monkeypatch):
     import bench.common as common
 
