@@ -169,8 +169,8 @@ class _Aborted(Exception):
 class _Context:
     """What grpc.aio's ServicerContext.abort does: raise, after noting the status."""
 
-    async def abort(self, code, details):
-        self.code, self.details = code, details
+    async def abort(self, code, details="", trailing_metadata=()):
+        self.code, self.details, self.trailers = code, details, dict(trailing_metadata)
         raise _Aborted()
 
 
@@ -194,7 +194,7 @@ def test_every_grpc_method_answers_a_redis_failure_as_unavailable():
             context = _Context()
             with pytest.raises(_Aborted):
                 await call(context)
-            answers[name] = (context.code, context.details)
+            answers[name] = (context.code, context.details, context.trailers)
 
         async def frames():
             yield pb.ClassifyRequest(photo=b"x")
@@ -206,8 +206,9 @@ def test_every_grpc_method_answers_a_redis_failure_as_unavailable():
 
     answers = asyncio.run(scenario())
     for name in ("Classify", "ListModels"):
-        code, details = answers[name]
+        code, details, trailers = answers[name]
         assert code == grpc.StatusCode.UNAVAILABLE and details.startswith("redis_unavailable: "), (name, details)
+        assert trailers == {"grpc-retry-pushback-ms": "2000"}  # Retry-After: 2, as gRPC retry policies read it
     assert [code for code, _ in answers["ClassifyStream"]] == ["redis_unavailable"] * 2
     assert GatewayError(503, "x", "y").grpc_code == grpc.StatusCode.UNAVAILABLE
 
