@@ -548,24 +548,25 @@ def gateway_cells() -> list[dict]:
     return out if cells else []
 
 
-def measured_revisions() -> dict[str, list[str]]:
-    """{revision: the results last measured there}, for the benchmarks of SCRIPTS and the cross-validation runs."""
-    by_revision: dict[str, list[str]] = {}
+def _results_by(field: str) -> dict[str, list[str]]:
+    """{value of the results' machine ``field``: the results that hold it}, for the benchmarks of SCRIPTS and the
+    cross-validation runs; results without it are left out."""
+    grouped: dict[str, list[str]] = {}
     for name in dict.fromkeys([*SCRIPTS, *CV_RESULTS]):
-        revision = (load(name).get("machine") or {}).get("revision")
-        if revision:
-            by_revision.setdefault(revision, []).append(name)
-    return by_revision
+        value = (load(name).get("machine") or {}).get(field)
+        if value:
+            grouped.setdefault(value, []).append(name)
+    return grouped
+
+
+def measured_revisions() -> dict[str, list[str]]:
+    """{revision: the results last measured there}."""
+    return _results_by("revision")
 
 
 def measured_machines() -> dict[str, list[str]]:
-    """{cpu: the results last measured on it}, as measured_revisions."""
-    by_cpu: dict[str, list[str]] = {}
-    for name in dict.fromkeys([*SCRIPTS, *CV_RESULTS]):
-        cpu = (load(name).get("machine") or {}).get("cpu")
-        if cpu:
-            by_cpu.setdefault(cpu, []).append(name)
-    return by_cpu
+    """{cpu: the results last measured on it}."""
+    return _results_by("cpu")
 
 
 def markdown(report: dict) -> str:
