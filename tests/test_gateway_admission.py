@@ -1,5 +1,5 @@
 """Admission of cache misses (services/gateway/admission.py) on a fake clock: which misses are taken on and which
-are refused with 503 overloaded."""
+are refused with 503 overloaded, and which with 504 deadline_unreachable for their caller's own deadline."""
 from __future__ import annotations
 
 import asyncio
@@ -35,14 +35,14 @@ def hold(admission: MissAdmission, count: int) -> list:
 
 def test_before_any_rate_is_known_the_first_misses_are_taken_on_and_the_next_refused_at_once():
     admission = MissAdmission(1.0, Clock())
-    refused = metrics.MISSES_REFUSED._value.get()
+    refused = metrics.MISSES_REFUSED_BY["queue"]._value.get()
     held = hold(admission, MIN_ADMITTED)
     with pytest.raises(GatewayError) as exc, admission.admitted():
         pass
     assert (exc.value.status, exc.value.code, exc.value.retry_after) == (503, "overloaded", RETRY_AFTER_S)
     assert exc.value.grpc_code.name == "UNAVAILABLE"
     assert admission.in_progress == len(held)
-    assert metrics.MISSES_REFUSED._value.get() == refused + 1
+    assert metrics.MISSES_REFUSED_BY["queue"]._value.get() == refused + 1
 
 
 def test_the_limit_is_what_the_recent_answer_rate_serves_within_the_wait():
@@ -84,3 +84,34 @@ def test_a_wait_of_zero_takes_every_miss_on():
     admission = MissAdmission(0, Clock())
     held = hold(admission, 10 * MIN_ADMITTED)
     assert admission.has_room() and admission.in_progress == len(held)
+
+
+def test_a_miss_the_queue_would_not_answer_within_its_deadline_is_refused_and_a_longer_one_taken_on():
+    clock = Clock()
+    admission = MissAdmission(1.0, clock)
+    answer(admission, 100)
+    clock.now += 1.0  # 100 answers per second: 100 in progress within a second's wait
+    held = hold(admission, 80)
+    refused = metrics.MISSES_REFUSED_BY["deadline"]._value.get()
+    with pytest.raises(GatewayError) as exc, admission.admitted(deadline=clock.now + 0.5):  # 50 within 0.5 s
+        pass
+    assert (exc.value.status, exc.value.code, exc.value.retry_after) == (504, "deadline_unreachable", None)
+    assert exc.value.grpc_code.name == "DEADLINE_EXCEEDED"
+    assert metrics.MISSES_REFUSED_BY["deadline"]._value.get() == refused + 1
+    assert admission.in_progress == len(held)
+    with admission.admitted(deadline=clock.now + 0.9):  # 90 within 0.9 s
+        assert admission.in_progress == len(held) + 1
+    with admission.admitted(deadline=None), admission.admitted(deadline=clock.now + 5):  # max_wait's 100 for both
+        assert admission.in_progress == len(held) + 2
+
+
+def test_a_deadline_is_never_refused_below_the_floor_nor_when_admission_is_off():
+    clock = Clock()
+    admission = MissAdmission(1.0, clock)
+    held = hold(admission, MIN_ADMITTED - 1)  # no rate known yet
+    with admission.admitted(deadline=clock.now - 1):  # even one already past: its caller's cancel drops the miss
+        assert admission.in_progress == len(held) + 1
+    off = MissAdmission(0, clock)
+    hold(off, 10 * MIN_ADMITTED)
+    with off.admitted(deadline=clock.now + 0.001):
+        pass

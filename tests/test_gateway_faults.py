@@ -365,6 +365,72 @@ def test_misses_beyond_what_can_be_answered_in_time_are_refused_at_once_and_hits
     gateway.wait_ready(timeout=10)
 
 
+def test_a_miss_its_callers_deadline_would_not_see_answered_is_refused_at_once(stack):
+    """A gateway that may queue a minute of misses (--max-queue-wait 60) and has answered misses lately holds
+    admission.MIN_ADMITTED of them behind a frozen model server. A miss whose caller waits 1 s (a gRPC deadline, or
+    Envoy's x-envoy-expected-rq-timeout-ms over HTTP) is refused at once, 504 deadline_unreachable / gRPC
+    DEADLINE_EXCEEDED, counted as result="overloaded"; one without a deadline, or with a long one, is taken on, and
+    every miss taken on is answered once the server runs again. (Before, the short deadline's miss was taken on too,
+    holding a place until its caller left.)"""
+    from services.gateway.admission import MIN_ADMITTED
+
+    server = stack["server"]
+    gateway = GatewayProcess(server.grpc_target, stack["redis"].url, f"--model-base-path={stack['registry'] / MODEL}",
+                             env={**GATEWAY_ENV, "MAX_QUEUE_WAIT_SECONDS": "60"})
+    try:
+        photo = FRESH[31].read_bytes()
+
+        def distinct(index: int) -> bytes:  # a distinct cache miss: bytes after the JPEG's end, which decoders ignore
+            return photo + b"\0deadline\0" + str(index).encode()
+
+        for index in range(30):  # an answer rate, so that the limit is the rate times 60 s, not the floor
+            assert gateway.classify(distinct(index), "version=1")[0] == 200
+        wait_until(lambda: gateway.metric("mushroom_gateway_misses_admitted_limit") > MIN_ADMITTED + 2, timeout=5,
+                   interval=0.1, what="the answer rate's one-second window to end")
+        refused_before = gateway.metric("mushroom_gateway_misses_refused_total", reason="deadline")
+        overloaded_before = gateway.metric("mushroom_gateway_request_seconds_count", result="overloaded")
+        replies = {}
+
+        def taken_on(index: int, headers: dict | None = None) -> threading.Thread:
+            def run():
+                replies[index] = gateway.request("POST", "/v1/classify?version=1", distinct(index), "image/jpeg",
+                                                 headers, timeout=30)
+            return started(run)
+
+        with Frozen(server.process):
+            threads = [taken_on(100 + i) for i in range(MIN_ADMITTED)]
+            wait_until(lambda: gateway.metric("mushroom_gateway_misses_in_progress") == MIN_ADMITTED, timeout=20,
+                       interval=0.1, what=f"{MIN_ADMITTED} misses in progress")
+            status, body, _ = gateway.request("POST", "/v1/classify?version=1", distinct(1000), "image/jpeg",
+                                              {"x-envoy-expected-rq-timeout-ms": "1000"}, timeout=10)
+            assert (status, body["error"]["code"]) == (504, "deadline_unreachable"), body
+            with grpc.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+                with pytest.raises(grpc.RpcError) as refused:
+                    pb_grpc.ClassifierStub(channel).Classify(pb.ClassifyRequest(photo=distinct(1001), version=1),
+                                                             timeout=1.0)
+            assert refused.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "deadline_unreachable" in refused.value.details()  # the gateway's refusal, not the client's expiry
+            threads.append(taken_on(200))
+            threads.append(taken_on(201, {"x-envoy-expected-rq-timeout-ms": "120000"}))
+            wait_until(lambda: gateway.metric("mushroom_gateway_misses_in_progress") == MIN_ADMITTED + 2,
+                       timeout=10, interval=0.05, what="the misses without a short deadline taken on")
+        for thread in threads:
+            thread.join(30)
+        assert sorted(reply[0] for reply in replies.values()) == [200] * (MIN_ADMITTED + 2)
+        assert gateway.metric("mushroom_gateway_misses_refused_total", reason="deadline") - refused_before == 2
+        assert gateway.metric("mushroom_gateway_request_seconds_count", result="overloaded") - overloaded_before == 2
+    finally:
+        gateway.stop()
+    stack["gateway"].wait_ready(timeout=10)
+
+
+@pytest.mark.parametrize("value", ["soon", "-5", "1.5", "\u00b2"])
+def test_an_expected_timeout_header_that_is_not_whole_milliseconds_is_a_400(stack, value):
+    status, body, _ = stack["gateway"].request("POST", "/v1/classify", PHOTOS[0].read_bytes(), "image/jpeg",
+                                               {"x-envoy-expected-rq-timeout-ms": value})
+    assert (status, body["error"]["code"]) == (400, "bad_timeout"), body
+
+
 # ------------------------------------------------------------------------------------------- 8. readiness
 def test_readyz_turns_503_while_the_model_server_is_frozen(stack):
     gateway, server = stack["gateway"], stack["server"]

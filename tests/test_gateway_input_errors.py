@@ -167,7 +167,10 @@ class _Aborted(Exception):
 
 
 class _Context:
-    """What grpc.aio's ServicerContext.abort does: raise, after noting the status."""
+    """What grpc.aio's ServicerContext.abort does: raise, after noting the status; a call without a deadline."""
+
+    def time_remaining(self):
+        return None
 
     async def abort(self, code, details="", trailing_metadata=()):
         self.code, self.details, self.trailers = code, details, dict(trailing_metadata)

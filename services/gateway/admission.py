@@ -8,6 +8,12 @@ law a new miss waits about (misses in progress) / (rate). The rate is the best o
 windows, so a lull does not shrink it; at least MIN_ADMITTED misses are always admitted, so a burst after a quiet
 spell (or at start, before any rate is known) is not refused for want of a measured rate.
 
+A caller that says how long it will wait (a gRPC deadline; over HTTP, Envoy's ``x-envoy-expected-rq-timeout-ms``,
+which Istio and so KServe set) is held to that instead when it is shorter: a miss the queue could not answer before
+its caller leaves is refused at once (504 ``deadline_unreachable``, gRPC DEADLINE_EXCEEDED) rather than taken on,
+holding a place a caller that waits longer could have had, and dropped when the deadline expires. The same floor of
+MIN_ADMITTED applies, so a short deadline is never refused for want of a measured rate.
+
 Only misses pass through here: a cache hit, or a request joining an identical miss already in progress, costs no
 model work and is never refused. A miss whose clients all left counts as in progress until it is dropped, and is not
 counted as answered.
@@ -26,6 +32,7 @@ MIN_ADMITTED = 64  # two full Predict calls (predict_batching.MAX_BATCH photos e
 RATE_WINDOWS = 10  # one-second windows the answered-miss rate is the best of
 WINDOW_S = 1.0
 RETRY_AFTER_S = 1
+REFUSAL_CODES = ("overloaded", "deadline_unreachable")  # the GatewayError codes of a miss refused here
 
 
 class MissAdmission:
@@ -48,23 +55,32 @@ class MissAdmission:
         self._roll()
         return max(self._windows, default=0) / WINDOW_S
 
-    def limit(self) -> int:
-        """How many misses may be in progress at once now."""
-        return max(MIN_ADMITTED, int(self.rate() * self.max_wait))
+    def limit(self, wait: float | None = None) -> int:
+        """How many misses may be in progress at once now for a miss that may wait ``wait`` seconds (max_wait)."""
+        return max(MIN_ADMITTED, int(self.rate() * (self.max_wait if wait is None else wait)))
 
-    def has_room(self) -> bool:
-        return self.max_wait <= 0 or self.in_progress < self.limit()
+    def has_room(self, wait: float | None = None) -> bool:
+        return self.max_wait <= 0 or self.in_progress < self.limit(wait)
 
     @contextmanager
-    def admitted(self):
-        """``with admission.admitted():`` around a miss's work; raises the 503 ``overloaded`` GatewayError at once
-        when there is no room."""
+    def admitted(self, deadline: float | None = None):
+        """``with admission.admitted(deadline):`` around a miss's work, ``deadline`` the instant (on this admission's
+        clock) its caller stops waiting, or None. Raises at once, when there is no room: the 503 ``overloaded``
+        GatewayError (for any caller), or the 504 ``deadline_unreachable`` one (for this caller's deadline)."""
         if not self.has_room():
-            metrics.MISSES_REFUSED.inc()
+            metrics.MISSES_REFUSED_BY["queue"].inc()
             raise GatewayError(
                 503, "overloaded", f"the gateway is answering as many cache misses as it can ({self.in_progress} in "
                 f"progress, about {self.max_wait:g} s of work at {self.rate():.0f} answers per second): try again "
                 "in a moment", retry_after=RETRY_AFTER_S)
+        if deadline is not None and self.max_wait > 0:
+            left = max(0.0, deadline - self._clock())
+            if left < self.max_wait and not self.has_room(left):
+                metrics.MISSES_REFUSED_BY["deadline"].inc()
+                raise GatewayError(
+                    504, "deadline_unreachable", f"the {self.in_progress} cache misses in progress would not be "
+                    f"answered within this request's deadline ({left:.3g} s left) at {self.rate():.0f} answers per "
+                    "second")
         self.in_progress += 1
         try:
             yield

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from services.gateway import metrics
-from services.gateway.admission import MissAdmission
+from services.gateway.admission import REFUSAL_CODES, MissAdmission
 from services.gateway.cache import ResultCache, cache_key, explanation_key
 from services.gateway.errors import GatewayError
 from services.gateway.input_sizes import InputSizes
@@ -228,13 +228,15 @@ class Classifier:
 
     async def classify(self, photo: bytes, *, client_id: str | None = None, top_k: int = DEFAULT_TOP_K,
                        version: int | None = None, label: str | None = None, protocol: str = "http",
-                       endpoint: str = "classify", explain: bool = False, explain_class: str | None = None) -> dict:
+                       endpoint: str = "classify", explain: bool = False, explain_class: str | None = None,
+                       deadline: float | None = None) -> dict:
         """The answer; with ``explain`` also its Grad-CAM ``explanation`` for the predicted class, or for the class
         labelled ``explain_class``. Stages (each timed in mushroom_gateway_stage_seconds): route -> lookup ->
         (on a miss) preprocess -> predict -> store (after the answer) -> answer. Every call, however it ends, is
         one observation of mushroom_gateway_request_seconds (with explain: _explain_seconds) with how it ended
         (``result``, see metrics.py); a 5xx or a failure that is no GatewayError also counts in the chosen
-        version's error rate."""
+        version's error rate. ``deadline``: the ``time.monotonic()`` instant the caller stops waiting, if it said:
+        a miss that would not be answered by then is refused at once (admission.py)."""
         start = time.perf_counter()
         explain = explain or explain_class is not None
         wanted = Wanted(explain, explain_class)
@@ -249,7 +251,7 @@ class Classifier:
                         target = self._route(client_id, version, label)
                         chosen = target.version
                         target = await self._sized(target)
-                    answer, cache_outcome = await self._lookup_or_predict(photo, target, wanted)
+                    answer, cache_outcome = await self._lookup_or_predict(photo, target, wanted, deadline)
                     break
                 except GatewayError as exc:
                     if attempt == 2 or not (routed and chosen is not None and exc.code == "unknown_version"):
@@ -262,7 +264,7 @@ class Classifier:
             with metrics.stage("answer"):
                 return await self._reply(photo, answer, target.reason, top_k, cache_outcome == "hit", wanted, start)
         except GatewayError as exc:
-            result = "client_error" if exc.status < 500 else "overloaded" if exc.code == "overloaded" else \
+            result = "client_error" if exc.status < 500 else "overloaded" if exc.code in REFUSAL_CODES else \
                 "unavailable"
             if result == "unavailable":  # a refused miss says nothing of the version that would have answered
                 self.stats.record_error(chosen)
@@ -307,9 +309,11 @@ class Classifier:
             _, size = await self._ask_upstream(lambda: self.input_sizes.resolve(target.label), target.label)
         return replace(target, size=size)
 
-    async def _lookup_or_predict(self, photo: bytes, target: Target, wanted: Wanted) -> tuple[dict, str]:
+    async def _lookup_or_predict(self, photo: bytes, target: Target, wanted: Wanted,
+                                 deadline: float | None) -> tuple[dict, str]:
         """(answer, "hit" | "miss"): the answer of ``target`` for this photo found by the lookup stage, or else
-        made by the preprocess and predict stages (identical concurrent misses share one call) and stored."""
+        made by the preprocess and predict stages (identical concurrent misses share one call, admitted by the
+        deadline of the request that started it) and stored."""
         digest = hashlib.sha256(photo).hexdigest()
         key = self._key(digest, target.version, target.size, wanted) if target.version is not None else None
         found = await self._lookup(key)
@@ -317,7 +321,7 @@ class Classifier:
             return found
 
         async def miss():
-            with self.admission.admitted():
+            with self.admission.admitted(deadline):
                 with metrics.stage("preprocess"):
                     pixels = await self.preprocessor.pixels(photo, target.size)
                 with metrics.stage("predict"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import inspect
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -68,20 +69,22 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         self.photo_store = photo_store  # opt-in (photo_store.PhotoStore): photos kept so corrections become data
         self.closing = closing or asyncio.Event()  # set when the gateway stops: open streams end (ClassifyStream)
 
-    async def _classify(self, request, endpoint: str):
+    async def _classify(self, request, context, endpoint: str):
         choice = request.WhichOneof("override")
+        remaining = context.time_remaining()  # None without a deadline
         answer = await self.classifier.classify(
             request.photo, client_id=request.client_id or None, top_k=request.top_k or DEFAULT_TOP_K,
             version=request.version if choice == "version" else None,
             label=request.label if choice == "label" else None, protocol="grpc", endpoint=endpoint,
-            explain=request.explain, explain_class=request.explain_class or None)
+            explain=request.explain, explain_class=request.explain_class or None,
+            deadline=None if remaining is None else time.monotonic() + remaining)
         if self.photo_store is not None:
             answer = await self.photo_store.keep(request.photo, answer)
         return to_proto(answer)
 
     async def Classify(self, request, context):
         try:
-            return await self._classify(request, "classify")
+            return await self._classify(request, context, "classify")
         except ANSWERED as exc:
             await _abort(context, exc)
 
@@ -104,7 +107,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                 except StopAsyncIteration:
                     return
                 try:
-                    yield await self._classify(request, "classify_stream")
+                    yield await self._classify(request, context, "classify_stream")
                 except ANSWERED as exc:
                     error = _gateway_error(exc)
                     yield pb.ClassifyResponse(error=pb.Error(code=error.code, message=error.message))

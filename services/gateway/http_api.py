@@ -5,6 +5,7 @@ import asyncio
 import base64
 import binascii
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -101,6 +102,23 @@ def _int_param(request: web.Request, name: str, default: int | None) -> int | No
         return int(raw)
     except ValueError:
         raise GatewayError(400, f"bad_{name}", f"{name} must be an integer, got {raw!r}") from None
+
+
+# Envoy's header telling the upstream how long the route waits for its answer, "so that the upstream host receiving
+# the request can make decisions based on the request timeout, e.g., early exit" (Istio, and so KServe, send it).
+EXPECTED_TIMEOUT_HEADER = "x-envoy-expected-rq-timeout-ms"
+
+
+def _caller_deadline(request: web.Request) -> float | None:
+    """The ``time.monotonic()`` instant the caller stops waiting, when its proxy says (EXPECTED_TIMEOUT_HEADER; 0,
+    Envoy's "no timeout", or no header: None)."""
+    raw = request.headers.get(EXPECTED_TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    if not raw.isascii() or not raw.isdigit():
+        raise GatewayError(400, "bad_timeout", f"{EXPECTED_TIMEOUT_HEADER} must be a whole number of milliseconds, "
+                           f"got {raw[:40]!r}")
+    return time.monotonic() + int(raw) / 1000 if int(raw) else None
 
 
 def _bool_param(request: web.Request, name: str) -> bool | None:
@@ -217,6 +235,7 @@ class HttpApi:
     async def classify(self, request: web.Request) -> web.Response:
         """A client closing its connection cancels its classify (as a gRPC caller's deadline does): the miss it
         started is dropped unless another request waits for the same answer (single_flight.py)."""
+        deadline = _caller_deadline(request)
         photo, given = await self._upload(request)
         options = {"top_k": _int_param(request, "top_k", None), "version": _int_param(request, "version", None),
                    "label": request.query.get("label") or request.headers.get("X-Version-Label"),
@@ -231,7 +250,7 @@ class HttpApi:
             photo, client_id=options["client_id"],
             top_k=DEFAULT_TOP_K if options["top_k"] is None else options["top_k"],
             version=options["version"], label=options["label"], protocol="http",
-            explain=bool(options["explain"]), explain_class=options["explain_class"] or None)
+            explain=bool(options["explain"]), explain_class=options["explain_class"] or None, deadline=deadline)
         if self.photo_store is not None:
             answer = await self.photo_store.keep(photo, answer)
         return web.json_response(answer)

@@ -11,13 +11,15 @@ LATENCY_BUCKETS = (.001, .002, .005, .01, .015, .02, .03, .05, .075, .1, .2, .5,
 
 # ``result`` of REQUEST_SECONDS and EXPLAIN_SECONDS, how a classify ended: "ok" answered; "client_error" a 4xx
 # GatewayError (the client's photo or options); "overloaded" a cache miss refused because the gateway has as many in
-# progress as it can answer in time (admission.py: 503 with Retry-After); "unavailable" another 5xx GatewayError (the
+# progress as it can answer in time (admission.py: 503 with Retry-After, or 504 when not within the request's own
+# deadline); "unavailable" another 5xx GatewayError (the
 # model server down, failing or lacking the signature); "cancelled" the caller left before the answer (a gRPC
 # deadline or cancellation, a closed HTTP connection: no response); "internal_error" anything else raised (a bug:
 # HTTP 500, gRPC UNKNOWN). The server's own failures are "unavailable" and "internal_error".
 REQUEST_SECONDS = Histogram(
     "mushroom_gateway_request_seconds", "Classify latency end to end, by result: ok, client_error (4xx), "
-    "overloaded (503: a cache miss refused, the gateway answering as many as it can), unavailable (5xx: model "
+    "overloaded (503, or 504 for the request's deadline: a cache miss refused, the gateway answering as many as it "
+    "can), unavailable (5xx: model "
     "server down or failing), cancelled (the client left: deadline, cancellation, closed connection), "
     "internal_error (a gateway bug: HTTP 500, gRPC UNKNOWN)",
     ["protocol", "endpoint", "model_version", "cache", "result"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
@@ -51,10 +53,12 @@ STAGE_CHILDREN = {name: STAGE_SECONDS.labels(stage=name) for name in STAGES}
 CACHE_OUTCOMES = {outcome: CACHE.labels(outcome=outcome) for outcome in ("hit", "miss", "error", "bypass")}
 SINGLE_FLIGHT_SHARED = Counter("mushroom_gateway_single_flight_shared", "Misses that joined an identical call",
                                registry=REGISTRY)
-MISSES_REFUSED = Counter("mushroom_gateway_misses_refused", "Cache misses refused at once (503 overloaded) because "
-                         "the misses in progress would take longer than --max-queue-wait to answer (a shadow "
-                         "version's mirrored calls included, which are then skipped)",
+MISSES_REFUSED = Counter("mushroom_gateway_misses_refused", "Cache misses refused at once because the misses in "
+                         "progress would take longer to answer than --max-queue-wait (reason queue: 503 overloaded; a "
+                         "shadow version's mirrored calls included, which are then skipped) or than the request's own "
+                         "deadline (reason deadline: 504 deadline_unreachable, gRPC DEADLINE_EXCEEDED)", ["reason"],
                          registry=REGISTRY)
+MISSES_REFUSED_BY = {reason: MISSES_REFUSED.labels(reason=reason) for reason in ("queue", "deadline")}
 MISSES_IN_PROGRESS = Gauge("mushroom_gateway_misses_in_progress", "Cache misses being preprocessed, waiting for a "
                            "Predict call or in one", registry=REGISTRY)
 MISSES_ADMITTED_LIMIT = Gauge("mushroom_gateway_misses_admitted_limit", "How many cache misses may be in progress "

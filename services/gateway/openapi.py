@@ -35,6 +35,10 @@ OPENAPI = {
                 {"name": "label", "in": "query", "description": "answer with the version this version label of the "
                  "model server points at (also the X-Version-Label header)", "schema": _LABEL},
                 {"name": "X-Client-Id", "in": "header", "schema": {"type": "string"}},
+                {"name": "x-envoy-expected-rq-timeout-ms", "in": "header", "description": "how long the caller "
+                 "waits for the answer, as Envoy (Istio, KServe) tells it: a cache miss that the gateway would not "
+                 "answer within it is refused at once with 504 deadline_unreachable; 0 or absent: no deadline",
+                 "schema": {"type": "integer", "minimum": 0}},
                 {"name": "explain", "in": "query", "description": "also return a Grad-CAM heatmap of why (the "
                  "model's explain signature): the raw map and a PNG overlay of the photo's displayed size; off by "
                  "default", "schema": {"type": "string", "enum": ["1", "true", "0", "false"]}},
@@ -58,7 +62,10 @@ OPENAPI = {
                         "label": _LABEL, "client_id": {"type": "string"}, "explain": {"type": "boolean"},
                         "explain_class": {"type": "string"}}}}}},
             "responses": {"200": {"description": "the answer", "content": {"application/json": {
-                "schema": {"$ref": "#/components/schemas/Answer"}}}}, **_ERRORS}}},
+                "schema": {"$ref": "#/components/schemas/Answer"}}}}, **_ERRORS,
+                "504": {"description": "deadline_unreachable: a cache miss the gateway would not answer within the "
+                        "caller's x-envoy-expected-rq-timeout-ms", "content": {"application/json": {
+                            "schema": _ERROR}}}}}},
         "/v1/models": {"get": {"summary": "Versions, states and routing", "responses": {"200": {
             "description": "models", "content": {"application/json": {"schema": {
                 "$ref": "#/components/schemas/Models"}}}}}}},
