@@ -105,11 +105,17 @@ def test_a_miss_the_queue_would_not_answer_within_its_deadline_is_refused_and_a_
         assert admission.in_progress == len(held) + 2
 
 
-def test_a_deadline_is_never_refused_below_the_floor_nor_when_admission_is_off():
+def test_before_any_rate_is_known_a_deadline_gets_its_share_of_the_floor_and_admission_off_takes_all():
     clock = Clock()
     admission = MissAdmission(1.0, clock)
-    held = hold(admission, MIN_ADMITTED - 1)  # no rate known yet
-    with admission.admitted(deadline=clock.now - 1):  # even one already past: its caller's cancel drops the miss
+    held = hold(admission, MIN_ADMITTED // 2 - 1)  # no rate known yet: MIN_ADMITTED per second assumed
+    with admission.admitted(deadline=clock.now + 0.5):  # half a second: MIN_ADMITTED // 2 places
+        with pytest.raises(GatewayError) as exc, admission.admitted(deadline=clock.now + 0.5):
+            pass
+    assert exc.value.code == "deadline_unreachable"
+    with pytest.raises(GatewayError), admission.admitted(deadline=clock.now - 1):  # its caller has left already
+        pass
+    with admission.admitted(deadline=clock.now + 0.75):
         assert admission.in_progress == len(held) + 1
     off = MissAdmission(0, clock)
     hold(off, 10 * MIN_ADMITTED)

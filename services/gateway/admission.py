@@ -5,14 +5,15 @@ expired and the work done for them is wasted.
 A miss is admitted while the misses already in progress (being preprocessed, waiting for a place in a Predict call,
 in one) would all be answered within ``max_wait`` seconds at the rate misses have been answered lately: by Little's
 law a new miss waits about (misses in progress) / (rate). The rate is the best of the last RATE_WINDOWS one-second
-windows, so a lull does not shrink it; at least MIN_ADMITTED misses are always admitted, so a burst after a quiet
-spell (or at start, before any rate is known) is not refused for want of a measured rate.
+windows, so a lull does not shrink it, and at least MIN_ADMITTED per ``max_wait``, so a burst after a quiet spell (or
+at start, before any rate is known) is not refused for want of a measured rate: a caller without a shorter deadline
+always gets MIN_ADMITTED places.
 
 A caller that says how long it will wait (a gRPC deadline; over HTTP, Envoy's ``x-envoy-expected-rq-timeout-ms``,
 which Istio and so KServe set) is held to that instead when it is shorter: a miss the queue could not answer before
 its caller leaves is refused at once (504 ``deadline_unreachable``, gRPC DEADLINE_EXCEEDED) rather than taken on,
-holding a place a caller that waits longer could have had, and dropped when the deadline expires. The same floor of
-MIN_ADMITTED applies, so a short deadline is never refused for want of a measured rate.
+holding a place a caller that waits longer could have had, and dropped when the deadline expires. The rate's floor
+is the same (MIN_ADMITTED per ``max_wait``), so a caller waiting half of ``max_wait`` always gets half as many places.
 
 Only misses pass through here: a cache hit, or a request joining an identical miss already in progress, costs no
 model work and is never refused. A miss whose clients all left counts as in progress until it is dropped, and is not
@@ -56,8 +57,10 @@ class MissAdmission:
         return max(self._windows, default=0) / WINDOW_S
 
     def limit(self, wait: float | None = None) -> int:
-        """How many misses may be in progress at once now for a miss that may wait ``wait`` seconds (max_wait)."""
-        return max(MIN_ADMITTED, int(self.rate() * (self.max_wait if wait is None else wait)))
+        """How many misses may be in progress at once now for a miss that may wait ``wait`` seconds (at most, and by
+        default, max_wait): as many as are answered in that time at the recent rate, or at its floor."""
+        wait = self.max_wait if wait is None else min(wait, self.max_wait)
+        return max(int(MIN_ADMITTED * (wait / self.max_wait)), int(self.rate() * wait))
 
     def has_room(self, wait: float | None = None) -> bool:
         return self.max_wait <= 0 or self.in_progress < self.limit(wait)
