@@ -22,7 +22,7 @@ import grpc  # noqa: E402
 import requests  # noqa: E402
 from locust import HttpUser, User, between, events, task  # noqa: E402
 
-from loadtests.outcome import Outcome, problems_of  # noqa: E402
+from loadtests.outcome import Outcome, grpc_failure, http_failure, problems_of  # noqa: E402
 from loadtests.traffic import (PhotoFiles, Traffic, admin_token, grpc_target, phone_photo_paths,  # noqa: E402
                                photo_paths, request_label, request_timeout_s, settable, shifted_routing)
 from devstack.grpc_client import ClassifierClient  # noqa: E402
@@ -86,10 +86,11 @@ class NamedUser(User):
 
 
 def http_problem(response) -> str:
-    """Why an HTTP request got no usable answer: the connection's error (a timeout, a refusal) or the status."""
+    """Why an HTTP request got no usable answer: the connection's error (a timeout, a refusal) or the status and the
+    gateway's error code (outcome.failure_name)."""
     if response.error is not None:
         return f"no answer: {response.error}"
-    return f"{response.status_code}: {response.text[:200]}"
+    return http_failure(response.status_code, response.text)
 
 
 class PhotoClassifier(HttpUser, NamedUser):
@@ -157,7 +158,8 @@ class GrpcPhotoClassifier(NamedUser):
                 exception = AssertionError("no predictions in the answer")
         except grpc.RpcError as error:
             if not (bad and error.code() == grpc.StatusCode.INVALID_ARGUMENT):
-                exception = RuntimeError(f"{error.code().name}: {error.details()}")  # DEADLINE_EXCEEDED on timeout
+                # its own deadline expired: DEADLINE_EXCEEDED, with no error code of the gateway's
+                exception = RuntimeError(grpc_failure(error.code().name, error.details() or ""))
         events.request.fire(request_type="gRPC", name=f"Classify [{request_label(kind, None if bad else cached)}]",
                             response_time=(time.perf_counter() - started) * 1000, response_length=length,
                             exception=exception, context={**self.context(), "photo": not bad})

@@ -6,6 +6,7 @@ that gateway or a port that never answers: a run that made no request, or none o
 rows say whether the cache answered; phone-size photos are 12 MP JPEGs the gateway answers."""
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import threading
@@ -297,3 +298,30 @@ def test_one_request_in_20_sends_a_phone_size_photo():
     assert len(set(phone_bodies)) == len(phone_bodies)  # each is new to the cache, like a distinct photo
     mix = describe_mix(paths[:-2], phones)
     assert "5 % phone-size photos (2 JPEGs" in mix and "55 % distinct photos (38 photos" in mix, mix
+
+
+def test_failures_are_named_by_status_and_error_code_so_locust_groups_them_and_shedding_is_told_apart():
+    """The gateway's messages name figures of the moment (misses in progress, a rate): named by them, each refusal
+    under overload was a row of its own in locust's failures table. Bodies and details as the gateway makes them."""
+    from loadtests.outcome import grpc_failure, http_failure, problems_of
+    from services.gateway.errors import GatewayError
+
+    def body(error: GatewayError) -> str:
+        return json.dumps(error.body())
+
+    overloaded = [GatewayError(503, "overloaded", f"{n} in progress at {n + 7} answers per second") for n in (80, 93)]
+    assert len({http_failure(e.status, body(e)) for e in overloaded}) == 1
+    assert len({grpc_failure("UNAVAILABLE", f"{e.code}: {e.message}") for e in overloaded}) == 1
+    shed = [http_failure(503, body(overloaded[0])), grpc_failure("UNAVAILABLE", "overloaded: 80 in progress"),
+            http_failure(504, body(GatewayError(504, "deadline_unreachable", "0.2 s left"))),
+            grpc_failure("DEADLINE_EXCEEDED", "deadline_unreachable: 0.2 s left")]
+    other = [http_failure(503, body(GatewayError(503, "model_server_unavailable", "connection refused"))),
+             http_failure(502, "<html>Bad Gateway</html>"),  # a proxy's, not the gateway's
+             grpc_failure("DEADLINE_EXCEEDED", "Deadline Exceeded"),  # the caller's own deadline expired
+             grpc_failure("UNAVAILABLE", "failed to connect to all addresses; last error: refused")]
+    assert other[1] == "502: <html>Bad Gateway</html>" and other[2] == "DEADLINE_EXCEEDED: Deadline Exceeded"
+    failures = [{"method": "POST", "name": "x", "error": f"CatchResponseError({name!r})", "occurrences": 3}
+                for name in shed + other]
+    problems = problems_of({"PhotoClassifier": 10}, 5, failures, [])
+    assert problems[0] == "12 requests failed"
+    assert problems[1].startswith("12 requests were shed by the gateway as overloaded"), problems
