@@ -46,6 +46,7 @@ SCRIPTS = {
     "served_latency": ["-m", "bench.served_latency"],
     "faults": ["-m", "bench.faults"],
     "overload": ["-m", "bench.overload"],
+    "overload_deadlines": ["-m", "bench.overload", "--short-timeout", "0.5"],
     # the default policy holds 5 x 600 s: measured compressed, the default's times derived (bench/rollout_bench.py)
     "rollout": ["-m", "bench.rollout_bench", "--time-scale", "60", "--request-scale", "0.2", "--concurrency", "4"],
 }
@@ -291,6 +292,23 @@ def rows() -> list[dict]:
             + f"{spike['gateway_rss_peak_mb']:.0f} MB; {recovery}", "-", None, source=f"{name}.json")
         add(f"{what}: requests whose client gave up (timed out)", f"{spike['timed_out_share']:.3f}", "<= 0.01",
             None if when else spike["timed_out_share"] <= 0.01, source=f"{name}.json")
+    dl = load("overload_deadlines")
+    if dl:
+        untold, told = dl["median"]["untold"], dl["median"]["told"]
+        refusals = [p["by_kind"]["short"]["deadline_refused_latency"] for p in dl["phases"]["told"]]
+        p99 = median([r["p99_ms"] for r in refusals if r]) if any(refusals) else None
+        add(f"cache misses at {dl['load']:g}x the miss throughput ({dl['capacity_per_s']:.0f} req/s), open loop for "
+            f"{dl['seconds']:.0f} s, {dl['short_share']:.0%} of the clients giving up after {dl['short_timeout_s']:g} s "
+            f"and the rest after {dl['client_timeout_s']:g} s (bench/overload.py --short-timeout; median of "
+            f"{dl['rounds']} phases each, alternating, same arrivals), their deadline not told / told to the gateway "
+            "(x-envoy-expected-rq-timeout-ms): answered in time / that throughput; the patient clients answered; "
+            "the hasty clients left waiting until they gave up; the hasty refused at once (504 deadline_unreachable), "
+            "their p99",
+            f"{untold['goodput']:.2f} / {told['goodput']:.2f}; {untold['long_served_share']:.0%} / "
+            f"{told['long_served_share']:.0%}; {untold['short_timed_out_share']:.0%} / "
+            f"{told['short_timed_out_share']:.0%}; {untold['short_deadline_refused_share']:.0%} / "
+            f"{told['short_deadline_refused_share']:.0%}" + (f", {p99:.0f} ms" if p99 is not None else ""), "-", None,
+            source="overload_deadlines.json")
     ex = load("explain")
     if ex:
         c = next(int(k.rsplit("_c", 1)[1]) for k in ex if k.startswith("explain_c") and not k.endswith("_c1"))
