@@ -424,6 +424,24 @@ def test_a_miss_its_callers_deadline_would_not_see_answered_is_refused_at_once(s
     stack["gateway"].wait_ready(timeout=10)
 
 
+def test_an_expected_timeout_runs_from_when_the_body_has_arrived_as_envoys_route_timeout_does(stack):
+    """Envoy's route timeout, which x-envoy-expected-rq-timeout-ms tells, starts once the whole request has reached
+    it: a photo uploaded over a slow link for longer than that timeout is still answered by an idle gateway. (Before,
+    the deadline ran from the request's headers, so the upload had spent it and the miss was refused with 504.)"""
+    photo = FRESH[32].read_bytes() + b"\0slow upload"  # a miss
+    half = len(photo) // 2
+    with socket.create_connection(("127.0.0.1", stack["gateway"].http_port), timeout=10) as sock:
+        sock.sendall(f"POST /v1/classify?version=1 HTTP/1.1\r\nHost: gateway\r\nContent-Type: image/jpeg\r\n"
+                     f"x-envoy-expected-rq-timeout-ms: 300\r\nContent-Length: {len(photo)}\r\n\r\n".encode()
+                     + photo[:half])
+        time.sleep(0.6)  # the link is slow: the rest arrives after twice the timeout
+        sock.sendall(photo[half:])
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
 @pytest.mark.parametrize("value", ["soon", "-5", "1.5", "\u00b2"])
 def test_an_expected_timeout_header_that_is_not_whole_milliseconds_is_a_400(stack, value):
     status, body, _ = stack["gateway"].request("POST", "/v1/classify", PHOTOS[0].read_bytes(), "image/jpeg",

@@ -109,16 +109,17 @@ def _int_param(request: web.Request, name: str, default: int | None) -> int | No
 EXPECTED_TIMEOUT_HEADER = "x-envoy-expected-rq-timeout-ms"
 
 
-def _caller_deadline(request: web.Request) -> float | None:
-    """The ``time.monotonic()`` instant the caller stops waiting, when its proxy says (EXPECTED_TIMEOUT_HEADER; 0,
-    Envoy's "no timeout", or no header: None)."""
+def _expected_timeout(request: web.Request) -> float | None:
+    """Seconds the caller waits once its request has arrived whole (Envoy starts its route timeout at the end of the
+    downstream request), when its proxy says (EXPECTED_TIMEOUT_HEADER; 0, Envoy's "no timeout", or no header:
+    None)."""
     raw = request.headers.get(EXPECTED_TIMEOUT_HEADER)
     if raw is None:
         return None
     if not raw.isascii() or not raw.isdigit():
         raise GatewayError(400, "bad_timeout", f"{EXPECTED_TIMEOUT_HEADER} must be a whole number of milliseconds, "
                            f"got {raw[:40]!r}")
-    return time.monotonic() + int(raw) / 1000 if int(raw) else None
+    return int(raw) / 1000 or None
 
 
 def _bool_param(request: web.Request, name: str) -> bool | None:
@@ -235,8 +236,9 @@ class HttpApi:
     async def classify(self, request: web.Request) -> web.Response:
         """A client closing its connection cancels its classify (as a gRPC caller's deadline does): the miss it
         started is dropped unless another request waits for the same answer (single_flight.py)."""
-        deadline = _caller_deadline(request)
+        timeout = _expected_timeout(request)
         photo, given = await self._upload(request)
+        deadline = None if timeout is None else time.monotonic() + timeout
         options = {"top_k": _int_param(request, "top_k", None), "version": _int_param(request, "version", None),
                    "label": request.query.get("label") or request.headers.get("X-Version-Label"),
                    "client_id": request.headers.get("X-Client-Id") or request.query.get("client_id"),
