@@ -115,6 +115,26 @@ def test_a_caller_that_leaves_cancels_nothing_for_the_others_in_its_call():
     asyncio.run(scenario())
 
 
+def test_a_call_every_caller_left_is_cancelled_and_its_place_goes_to_the_photos_waiting():
+    async def scenario():
+        upstream = HeldUpstream()
+        batcher = PredictBatcher(upstream, max_batch=4, max_in_flight=1)
+        sent = asyncio.create_task(batcher.predict(photo(1), 3, None))
+        await settle()
+        left, waiting = (asyncio.create_task(batcher.predict(photo(v), 3, None)) for v in (2, 3))
+        await settle()
+        assert [c[0] for c in upstream.calls] == [[1.0]]  # photos 2 and 3 wait for the place in flight
+        left.cancel()  # a waiting photo's caller leaves: no call to cancel yet
+        sent.cancel()  # the call's only caller leaves: the call is cancelled, unanswered
+        await settle()
+        assert [c[0] for c in upstream.calls] == [[1.0], [3.0]]  # the place went to the photo still wanted
+        upstream.release[1].set()
+        assert float((await waiting).probabilities[0]) == 3.0
+        assert not upstream.release[0].is_set()
+
+    asyncio.run(scenario())
+
+
 def test_a_failed_call_fails_its_own_photos_only_and_the_next_call_goes_out():
     async def scenario():
         upstream = HeldUpstream()

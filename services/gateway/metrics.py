@@ -64,6 +64,8 @@ MISSES_IN_PROGRESS = Gauge("mushroom_gateway_misses_in_progress", "Cache misses 
 MISSES_ADMITTED_LIMIT = Gauge("mushroom_gateway_misses_admitted_limit", "How many cache misses may be in progress "
                               "now: the recent answer rate times --max-queue-wait, at least admission.MIN_ADMITTED "
                               "(0 while every miss is admitted)", registry=REGISTRY)
+PREDICT_CALLS_ABANDONED = Counter("mushroom_gateway_predict_calls_abandoned", "Predict calls in flight cancelled "
+                                  "because every caller of their photos had left", registry=REGISTRY)
 MISSES_ABANDONED = Counter("mushroom_gateway_misses_abandoned", "Cache misses dropped before their answer because "
                            "every client waiting for them had left (deadlines, closed connections)",
                            registry=REGISTRY)

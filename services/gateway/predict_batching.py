@@ -9,7 +9,9 @@ together, up to ``max_batch`` per call. A batch is one ``[N, S, S, 3]`` Predict 
 it answers any batch, so the gateway works the same against it.
 
 The call runs in a task the batcher owns, not in a caller: a caller that goes away (its deadline, a closed
-connection) only stops waiting, and the others in its batch get their answers. The call's outcome reaches each
+connection) only stops waiting, and the others in its batch get their answers. Once every caller of a call has
+gone, the call is cancelled: gRPC tells the model server, which does not run a request whose caller left, and the
+call's place in flight goes at once to the photos waiting for one. The call's outcome reaches each
 photo's caller: its own row of the answer, or the call's error (the photos of one call share a target, so a refusal
 or an outage is the same for all of them).
 
@@ -68,6 +70,7 @@ class PredictBatcher:
             call = asyncio.create_task(self._call(key, target, batch))
             self._calls.add(call)
             call.add_done_callback(self._calls.discard)
+            _cancel_once_all_left(call, [answer for _, answer in batch])
         if not target.pending and not target.in_flight:
             self._targets.pop(key, None)
 
@@ -76,7 +79,7 @@ class PredictBatcher:
         metrics.PREDICT_BATCH_PHOTOS.observe(len(batch))
         try:
             predictions = await self.upstream.predict(np.stack([pixels for pixels, _ in batch]), version, label)
-        except asyncio.CancelledError:  # the gateway is stopping
+        except asyncio.CancelledError:  # every caller left (_cancel_once_all_left), or the gateway is stopping
             for _, answer in batch:
                 answer.cancel()
             raise
@@ -91,6 +94,22 @@ class PredictBatcher:
         finally:
             target.in_flight -= 1
             self._send(key, target)
+
+
+def _cancel_once_all_left(call: asyncio.Task, answers: list[asyncio.Future]) -> None:
+    """Cancels ``call`` when the last of ``answers`` is cancelled (a caller awaiting its answer was: it left)."""
+    waiting = len(answers)
+
+    def left(answer: asyncio.Future) -> None:
+        nonlocal waiting
+        if answer.cancelled():
+            waiting -= 1
+            if waiting == 0 and not call.done():
+                metrics.PREDICT_CALLS_ABANDONED.inc()
+                call.cancel()
+
+    for answer in answers:
+        answer.add_done_callback(left)
 
 
 class NoBatching:
