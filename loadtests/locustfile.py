@@ -158,7 +158,7 @@ class GrpcPhotoClassifier(NamedUser):
                 exception = AssertionError("no predictions in the answer")
         except grpc.RpcError as error:
             if not (bad and error.code() == grpc.StatusCode.INVALID_ARGUMENT):
-                # its own deadline expired: DEADLINE_EXCEEDED, with no error code of the gateway's
+                # DEADLINE_EXCEEDED with no gateway error code in its details when the call's own deadline expired
                 exception = RuntimeError(grpc_failure(error.code().name, error.details() or ""))
         events.request.fire(request_type="gRPC", name=f"Classify [{request_label(kind, None if bad else cached)}]",
                             response_time=(time.perf_counter() - started) * 1000, response_length=length,

@@ -12,16 +12,15 @@ LATENCY_BUCKETS = (.001, .002, .005, .01, .015, .02, .03, .05, .075, .1, .2, .5,
 # ``result`` of REQUEST_SECONDS and EXPLAIN_SECONDS, how a classify ended: "ok" answered; "client_error" a 4xx
 # GatewayError (the client's photo or options); "overloaded" a cache miss refused because the gateway has as many in
 # progress as it can answer in time (admission.py: 503 with Retry-After, or 504 when not within the request's own
-# deadline); "unavailable" another 5xx GatewayError (the
-# model server down, failing or lacking the signature); "cancelled" the caller left before the answer (a gRPC
-# deadline or cancellation, a closed HTTP connection: no response); "internal_error" anything else raised (a bug:
-# HTTP 500, gRPC UNKNOWN). The server's own failures are "unavailable" and "internal_error".
+# deadline); "unavailable" another 5xx GatewayError (the model server down, failing or lacking the signature);
+# "cancelled" the caller left before the answer (a gRPC deadline or cancellation, a closed HTTP connection: no
+# response); "internal_error" anything else raised (a bug: HTTP 500, gRPC UNKNOWN). The server's own failures are
+# "unavailable" and "internal_error".
 REQUEST_SECONDS = Histogram(
     "mushroom_gateway_request_seconds", "Classify latency end to end, by result: ok, client_error (4xx), "
     "overloaded (503, or 504 for the request's deadline: a cache miss refused, the gateway answering as many as it "
-    "can), unavailable (5xx: model "
-    "server down or failing), cancelled (the client left: deadline, cancellation, closed connection), "
-    "internal_error (a gateway bug: HTTP 500, gRPC UNKNOWN)",
+    "can), unavailable (5xx: model server down or failing), cancelled (the client left: deadline, cancellation, "
+    "closed connection), internal_error (a gateway bug: HTTP 500, gRPC UNKNOWN)",
     ["protocol", "endpoint", "model_version", "cache", "result"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
 RESPONSES = Counter(
     "mushroom_gateway_responses", "Responses sent on every route and method, by protocol and status: HTTP the status "

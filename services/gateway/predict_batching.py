@@ -10,8 +10,8 @@ it answers any batch, so the gateway works the same against it.
 
 The call runs in a task the batcher owns, not in a caller: a caller that goes away (its deadline, a closed
 connection) only stops waiting, and the others in its batch get their answers. Once every caller of a call has
-gone, the call is cancelled: gRPC tells the model server, which does not run a request whose caller left, and the
-call's place in flight goes at once to the photos waiting for one. The call's outcome reaches each
+gone, the call is cancelled: gRPC tells the model server, whose batching does not start a request whose caller
+left, and the call's place in flight goes at once to the photos waiting for one. The call's outcome reaches each
 photo's caller: its own row of the answer, or the call's error (the photos of one call share a target, so a refusal
 or an outage is the same for all of them).
 
