@@ -76,9 +76,9 @@ class MissAdmission:
                 503, "overloaded", f"the gateway is answering as many cache misses as it can ({self.in_progress} in "
                 f"progress, about {self.max_wait:g} s of work at {self.rate():.0f} answers per second): try again "
                 "in a moment", retry_after=RETRY_AFTER_S)
-        if deadline is not None and self.max_wait > 0:
+        if deadline is not None:
             left = max(0.0, deadline - self._clock())
-            if left < self.max_wait and not self.has_room(left):
+            if not self.has_room(left):  # the same room as above for a deadline of max_wait or more
                 metrics.MISSES_REFUSED_BY["deadline"].inc()
                 raise GatewayError(
                     504, "deadline_unreachable", f"the {self.in_progress} cache misses in progress would not be "
