@@ -89,6 +89,19 @@ def wait_preprocessed(gateway, before: float, count: int) -> None:
                timeout=5, interval=0.02, what=f"{count} photos to reach the predict stage")
 
 
+def distinct_miss(photo: bytes, tag: bytes, index: int) -> bytes:
+    """``photo`` made a distinct cache miss: bytes after the JPEG's end, which decoders ignore."""
+    return photo + b"\0" + tag + b"\0" + str(index).encode()
+
+
+def waiting_client(gateway, photo: bytes, replies: dict, key, headers: dict | None = None) -> threading.Thread:
+    """A client asking version 1 about ``photo`` and waiting up to 30 s, in a thread of its own: its reply goes into
+    ``replies[key]``."""
+    def run():
+        replies[key] = gateway.request("POST", "/v1/classify?version=1", photo, "image/jpeg", headers, timeout=30)
+    return started(run)
+
+
 # ------------------------------------------------------------------------------------------- 1. single-flight
 def test_single_flight_survives_the_caller_that_started_it_leaving():
     async def scenario():
@@ -328,8 +341,8 @@ def test_misses_beyond_what_can_be_answered_in_time_are_refused_at_once_and_hits
     assert gateway.classify(cached, "version=1")[0] == 200
     photo = FRESH[30].read_bytes()
 
-    def distinct(index: int) -> bytes:  # a distinct cache miss: bytes after the JPEG's end, which decoders ignore
-        return photo + b"\0admission\0" + str(index).encode()
+    def distinct(index: int) -> bytes:
+        return distinct_miss(photo, b"admission", index)
 
     def requests(result: str) -> float:
         return gateway.metric("mushroom_gateway_request_seconds_count", result=result)
@@ -341,13 +354,8 @@ def test_misses_beyond_what_can_be_answered_in_time_are_refused_at_once_and_hits
     overloaded, unavailable, errors = requests("overloaded"), requests("unavailable"), version_errors()
     replies = {}
 
-    def taken_on(index: int) -> threading.Thread:
-        def run():
-            replies[index] = gateway.classify(distinct(index), "version=1", timeout=30)
-        return started(run)
-
     with Frozen(server.process):
-        threads = [taken_on(i) for i in range(MIN_ADMITTED)]
+        threads = [waiting_client(gateway, distinct(i), replies, i) for i in range(MIN_ADMITTED)]
         wait_until(lambda: gateway.metric("mushroom_gateway_misses_in_progress") == MIN_ADMITTED, timeout=20,
                    interval=0.1, what=f"{MIN_ADMITTED} misses in progress")
         asked_at = time.monotonic()
@@ -386,8 +394,8 @@ def test_a_miss_its_callers_deadline_would_not_see_answered_is_refused_at_once(s
     try:
         photo = FRESH[31].read_bytes()
 
-        def distinct(index: int) -> bytes:  # a distinct cache miss: bytes after the JPEG's end, which decoders ignore
-            return photo + b"\0deadline\0" + str(index).encode()
+        def distinct(index: int) -> bytes:
+            return distinct_miss(photo, b"deadline", index)
 
         for index in range(30):  # an answer rate, so that the limit is the rate times 60 s, not the floor
             assert gateway.classify(distinct(index), "version=1")[0] == 200
@@ -397,14 +405,8 @@ def test_a_miss_its_callers_deadline_would_not_see_answered_is_refused_at_once(s
         overloaded_before = gateway.metric("mushroom_gateway_request_seconds_count", result="overloaded")
         replies = {}
 
-        def taken_on(index: int, headers: dict | None = None) -> threading.Thread:
-            def run():
-                replies[index] = gateway.request("POST", "/v1/classify?version=1", distinct(index), "image/jpeg",
-                                                 headers, timeout=30)
-            return started(run)
-
         with Frozen(server.process):
-            threads = [taken_on(100 + i) for i in range(MIN_ADMITTED)]
+            threads = [waiting_client(gateway, distinct(100 + i), replies, 100 + i) for i in range(MIN_ADMITTED)]
             wait_until(lambda: gateway.metric("mushroom_gateway_misses_in_progress") == MIN_ADMITTED, timeout=20,
                        interval=0.1, what=f"{MIN_ADMITTED} misses in progress")
             status, body, _ = gateway.request("POST", "/v1/classify?version=1", distinct(1000), "image/jpeg",
@@ -416,8 +418,9 @@ def test_a_miss_its_callers_deadline_would_not_see_answered_is_refused_at_once(s
                                                              timeout=1.0)
             assert refused.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             assert "deadline_unreachable" in refused.value.details()  # the gateway's refusal, not the client's expiry
-            threads.append(taken_on(200))
-            threads.append(taken_on(201, {"x-envoy-expected-rq-timeout-ms": "120000"}))
+            threads.append(waiting_client(gateway, distinct(200), replies, 200))
+            threads.append(waiting_client(gateway, distinct(201), replies, 201,
+                                          {"x-envoy-expected-rq-timeout-ms": "120000"}))
             wait_until(lambda: gateway.metric("mushroom_gateway_misses_in_progress") == MIN_ADMITTED + 2,
                        timeout=10, interval=0.05, what="the misses without a short deadline taken on")
         for thread in threads:
