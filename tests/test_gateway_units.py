@@ -243,6 +243,9 @@ def _two_class_gateway(cache, predictions: list | None = None):
         async def set(self, *args, **kwargs):
             pass
 
+        async def hgetall(self, key):  # the feedback tally: none
+            return {}
+
     router = SimpleNamespace(available={1}, choose=lambda client: (1, "latest"), shadow_version=lambda: None)
     return classifier.Classifier(Upstream(), cache, router, Stats(Redis(), "mushrooms"),
                                  SimpleNamespace(display_names=lambda version: {}), Limits(), SingleFlight(),
@@ -279,6 +282,33 @@ def test_the_answer_is_cached_off_the_response_path_and_shared_until_stored():
         assert third["cached"] and predictions == [1] and len(stored) == 1
 
     asyncio.run(scenario())
+
+
+def test_status_gives_the_latency_of_the_answers_a_version_computed_apart_from_cached_ones():
+    """The rollout's latency rule compares versions on their cache misses: a new version's cache starts empty."""
+    stored = {}
+
+    class Cache:
+        async def get(self, key):
+            return stored.get(key)
+
+        async def put(self, key, value):
+            stored[key] = value
+
+    gateway = _two_class_gateway(Cache())
+
+    async def scenario():
+        computed = await gateway.classify(_jpeg((64, 48)), top_k=1)
+        while not stored:
+            await asyncio.sleep(0.01)
+        hits = [await gateway.classify(_jpeg((64, 48)), top_k=1) for _ in range(3)]
+        assert [hit["cached"] for hit in hits] == [True] * 3
+        return computed, await gateway.stats.summary()
+
+    computed, summary = asyncio.run(scenario())
+    row = summary["versions"]["1"]
+    assert (row["requests"], row["misses"], row["cache_hit_rate"]) == (4, 1, 0.75)
+    assert row["miss_p95_ms"] == pytest.approx(computed["latency_ms"])
 
 
 def test_a_classify_is_alone_only_while_no_other_is_under_way():

@@ -81,19 +81,23 @@ def test_unreadable_or_unparsable_policy_files_are_refused(tmp_path):
 # ---------------------------------------------------------------------------------------------- figures
 def test_figures_from_status_turn_rates_back_into_counts():
     status = {"versions": {"2": {"requests": 40, "error_rate": 0.05, "shadow_requests": 30, "shadow_agreement": 0.9,
-                                 "p95_ms": 12.5, "feedback": {"correct": 7, "total": 9}}}}
-    assert figures_from_status(status, 2) == Figures(40, 2, 30, 27, 7, 9, 12.5)
+                                 "p95_ms": 3.0, "misses": 12, "miss_p95_ms": 12.5,
+                                 "feedback": {"correct": 7, "total": 9}}}}
+    assert figures_from_status(status, 2) == Figures(40, 2, 30, 27, 7, 9, misses=12, miss_p95_ms=12.5)
     assert figures_from_status(status, 3) == Figures()
     assert figures_from_status(status, 2, with_feedback=False).feedback_total == 0
 
 
 def test_figures_since_a_base_and_after_a_gateway_restart():
-    base = Figures(100, 5, 50, 40, 10, 12, 9.0)
-    assert Figures(150, 6, 70, 55, 13, 20, 11.0).since(base) == Figures(50, 1, 20, 15, 3, 8, 11.0)
+    base = Figures(100, 5, 50, 40, 10, 12, 60, 9.0)
+    assert Figures(150, 6, 70, 55, 13, 20, 90, 11.0).since(base) == Figures(50, 1, 20, 15, 3, 8, 30, 11.0)
     # the gateway restarted: its per-process counters start again from zero, feedback (in Redis) kept counting
-    assert Figures(30, 1, 10, 9, 14, 20, 8.0).since(base) == Figures(30, 1, 10, 9, 4, 8, 8.0)
-    assert Figures(1, 0, 0, 0, 0, 0, 5.0).plus(Figures(2, 1, 0, 0, 1, 1, 7.0)) == Figures(3, 1, 0, 0, 1, 1, 7.0)
+    assert Figures(30, 1, 10, 9, 14, 20, 25, 8.0).since(base) == Figures(30, 1, 10, 9, 4, 8, 25, 8.0)
+    assert Figures(1, 0, 0, 0, 0, 0, 1, 5.0).plus(Figures(2, 1, 0, 0, 1, 1, 2, 7.0)) == \
+        Figures(3, 1, 0, 0, 1, 1, 3, 7.0)
     assert Figures.from_json(base.to_json()) == base
+    # saved by a controller that judged the p95 of every answer: that figure is dropped, the counts kept
+    assert Figures.from_json({"requests": 100, "errors": 5, "p95_ms": 9.0}) == Figures(100, 5)
 
 
 def test_replica_figures_count_each_replica_from_its_own_baseline_and_the_feedback_once():
@@ -107,7 +111,7 @@ def test_replica_figures_count_each_replica_from_its_own_baseline_and_the_feedba
     baseline = at_start.baseline(2)
     assert set(baseline) == {"http://a#a1", "http://b#b1", FEEDBACK}
     later = ReplicaFigures({"http://a": body("a1", 150, 11, 9, 12), "http://b": body("b2", 20, 1, 9, 12)})
-    assert later.since(2, baseline) == Figures(50 + 20, 1 + 1, 0, 0, 4, 4, None)  # b restarted: its 20 whole
+    assert later.since(2, baseline) == Figures(50 + 20, 1 + 1, 0, 0, 4, 4)  # b restarted: its 20 whole
     flat = Figures(200, 20, 0, 0, 5, 8).to_json()  # a state saved before baselines were kept per source
     assert later.since(2, flat) == Figures(170, 12, 0, 0, 4, 4)  # the sum below the base: taken whole, as then
     assert replica_key("http://c", {"versions": {}}) == "http://c"  # a gateway whose status names no instance
@@ -141,12 +145,29 @@ def test_error_rate_rule():
 
 def test_p95_latency_rule():
     params = RULES["p95_latency"]  # 1.5 x stable + 25 ms, min 100
-    stable = Figures(requests=500, p95_ms=20.0)
-    assert judge.judge_p95_latency(Figures(requests=100, p95_ms=55.0), stable, params).outcome == PASS
-    breach = judge.judge_p95_latency(Figures(requests=100, p95_ms=55.1), stable, params)
-    assert breach.outcome == BREACH and "p95 55.1 ms > 1.5 x stable 20.0 ms + 25 ms" == breach.reason
-    assert judge.judge_p95_latency(Figures(requests=99, p95_ms=500.0), stable, params).outcome == INSUFFICIENT
-    assert judge.judge_p95_latency(Figures(requests=100, p95_ms=5.0), Figures(), params).outcome == INSUFFICIENT
+    stable = Figures(requests=500, misses=500, miss_p95_ms=20.0)
+    assert judge.judge_p95_latency(Figures(requests=100, misses=100, miss_p95_ms=55.0), stable, params).outcome \
+        == PASS
+    breach = judge.judge_p95_latency(Figures(requests=100, misses=100, miss_p95_ms=55.1), stable, params)
+    assert breach.outcome == BREACH and "cache-miss p95 55.1 ms > 1.5 x stable 20.0 ms + 25 ms" == breach.reason
+    slow = Figures(requests=1000, misses=99, miss_p95_ms=500.0)  # 100 answered, but 99 computed
+    assert judge.judge_p95_latency(slow, stable, params).outcome == INSUFFICIENT
+    assert judge.judge_p95_latency(Figures(requests=100, misses=100, miss_p95_ms=5.0), Figures(), params).outcome \
+        == INSUFFICIENT
+
+
+def test_a_new_version_with_a_cold_cache_is_judged_on_its_misses_against_the_stable_ones():
+    """A popular service answers the stable version mostly from the cache; the new version's cache starts empty.
+    Both compute an answer in the same time: the latency rule must not take the empty cache for a slow version."""
+    status = {"versions": {
+        "1": {"requests": 5000, "p95_ms": 3.0, "cache_hit_rate": 0.96, "misses": 200, "miss_p95_ms": 40.0},
+        "2": {"requests": 150, "p95_ms": 40.0, "cache_hit_rate": 0.0, "misses": 150, "miss_p95_ms": 40.0}}}
+    verdict = judge.judge_p95_latency(figures_from_status(status, 2), figures_from_status(status, 1),
+                                      RULES["p95_latency"])
+    assert verdict.outcome == PASS, verdict.reason
+    status["versions"]["2"]["miss_p95_ms"] = 90.0  # slower at computing: breached
+    assert judge.judge_p95_latency(figures_from_status(status, 2), figures_from_status(status, 1),
+                                   RULES["p95_latency"]).outcome == BREACH
 
 
 def test_shadow_agreement_rule():

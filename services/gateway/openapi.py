@@ -248,6 +248,8 @@ OPENAPI = {
                     "type": "object", "properties": {
                         "requests": {"type": "integer"}, "p50_ms": _NUMBER_OR_NULL, "p95_ms": _NUMBER_OR_NULL,
                         "error_rate": {"type": "number"}, "cache_hit_rate": {"type": "number"},
+                        "misses": {"type": "integer", "description": "answers the version computed (not cached)"},
+                        "miss_p95_ms": _NUMBER_OR_NULL,
                         "shadow_requests": {"type": "integer"}, "shadow_agreement": _NUMBER_OR_NULL,
                         "shadow_p50_ms": _NUMBER_OR_NULL,
                         "feedback": {"type": "object", "properties": {"correct": {"type": "integer"},

@@ -48,6 +48,8 @@ class VersionStats:
     errors: int = 0
     cache_hits: int = 0
     latencies: deque = field(default_factory=lambda: deque(maxlen=2000))
+    misses: int = 0  # answers computed by the version (not from the cache)
+    miss_latencies: deque = field(default_factory=lambda: deque(maxlen=2000))
     shadow_requests: int = 0
     shadow_agreements: int = 0
     shadow_latencies: deque = field(default_factory=lambda: deque(maxlen=2000))
@@ -80,6 +82,9 @@ class Stats:
         s.requests += 1
         s.cache_hits += cached
         s.latencies.append(seconds)
+        if not cached:
+            s.misses += 1
+            s.miss_latencies.append(seconds)
 
     def record_error(self, version: int | None) -> None:
         if version is not None:
@@ -127,7 +132,7 @@ class Stats:
         versions = {}
         for version in sorted(set(self.versions) | set(feedback)):
             s = self.versions.get(version, VersionStats())
-            lat = np.asarray(s.latencies) * 1000
+            lat, miss_lat = np.asarray(s.latencies) * 1000, np.asarray(s.miss_latencies) * 1000
             shadow_lat = np.asarray(s.shadow_latencies) * 1000
             correct, total = feedback.get(version, (0, 0))
             accuracy = correct / total if total else None
@@ -139,6 +144,8 @@ class Stats:
                 "p95_ms": float(np.percentile(lat, 95)) if lat.size else None,
                 "error_rate": s.errors / s.requests if s.requests else 0.0,
                 "cache_hit_rate": s.cache_hits / s.requests if s.requests else 0.0,
+                "misses": s.misses,
+                "miss_p95_ms": float(np.percentile(miss_lat, 95)) if miss_lat.size else None,
                 "shadow_requests": s.shadow_requests,
                 "shadow_agreement": s.shadow_agreements / s.shadow_requests if s.shadow_requests else None,
                 "shadow_p50_ms": float(np.percentile(shadow_lat, 50)) if shadow_lat.size else None,
