@@ -20,7 +20,7 @@ directly, so it costs the gateway's figures nothing): the users agree with the s
 
 The default policy holds each of its 5 steps 600 s, so a promotion takes at least 50 minutes by design.
 --time-scale N divides every hold and the tick by N and --request-scale F multiplies every request and feedback
-minimum by F, for a quicker run; the result says which scales were used. Writes bench/results/<--result-name>.json.
+minimum by F (the p95 rule's never below 20 answers), for a quicker run; the result says which scales were used. Writes bench/results/<--result-name>.json.
 
 Usage: python -m bench.rollout_bench [--time-scale 1] [--request-scale 1] [--concurrency 8] [--feedback-rate 0.5]
                                      [--only promote,rollback_feedback,rollback_shadow] [--result-name rollout]
@@ -61,9 +61,14 @@ SCENARIOS = {  # name: (version 2's tiny model, whether the policy keeps its sha
 }
 
 
+# The fewest answers a p95 is judged on however small the request scale: of fewer, the p95 is their slowest one,
+# and one stall of a shared machine would roll a good version back.
+P95_MIN_ANSWERS = 20
+
+
 def scaled_policy(time_scale: float, request_scale: float) -> dict:
     """The default policy with holds and the tick divided by ``time_scale`` and every minimum count multiplied by
-    ``request_scale`` (at least 1)."""
+    ``request_scale`` (at least 1; the p95 rule's at least ``P95_MIN_ANSWERS``)."""
     policy = copy.deepcopy(DEFAULT_POLICY)
     scale = lambda n: max(1, math.ceil(n * request_scale))  # noqa: E731
     policy["tick_seconds"] = max(DEFAULT_POLICY["tick_seconds"] / time_scale, 0.2)
@@ -74,6 +79,8 @@ def scaled_policy(time_scale: float, request_scale: float) -> dict:
         for name in ("min_requests", "min_feedback"):
             if name in params:
                 params[name] = scale(params[name])
+    latency = policy["rules"]["p95_latency"]
+    latency["min_requests"] = max(latency["min_requests"], P95_MIN_ANSWERS)
     return policy
 
 

@@ -17,6 +17,8 @@ def test_scaled_policy_divides_holds_and_scales_counts():
     assert [s["weight"] for s in policy["steps"]] == [s["weight"] for s in DEFAULT_POLICY["steps"]]
     parse_policy(policy)  # still a valid policy
     assert scaled_policy(1, 1) == DEFAULT_POLICY
+    # A p95 of 2 answers is the slower of the two: the smallest run below judged one stall a slow version.
+    assert scaled_policy(600, 0.02)["rules"]["p95_latency"]["min_requests"] == 20
 
 
 def test_smallest_real_run_promotes_a_good_version_through_every_step():
