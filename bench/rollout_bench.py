@@ -20,7 +20,8 @@ directly, so it costs the gateway's figures nothing): the users agree with the s
 
 The default policy holds each of its 5 steps 600 s, so a promotion takes at least 50 minutes by design.
 --time-scale N divides every hold and the tick by N and --request-scale F multiplies every request and feedback
-minimum by F (the p95 rule's never below 20 answers), for a quicker run; the result says which scales were used. Writes bench/results/<--result-name>.json.
+minimum by F (the p95 rule's never below 20 answers), for a quicker run; the result says which scales were used.
+Writes bench/results/<--result-name>.json.
 
 Usage: python -m bench.rollout_bench [--time-scale 1] [--request-scale 1] [--concurrency 8] [--feedback-rate 0.5]
                                      [--only promote,rollback_feedback,rollback_shadow] [--result-name rollout]
