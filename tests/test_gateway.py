@@ -443,7 +443,8 @@ def test_admin_cli_sets_weights_and_shows_status_and_audit(stack):
     result = admin("set", "1=60", "2=40")
     assert result.returncode == 0, result.stderr
     assert stack["gateway"].request("GET", "/v1/admin/routing", token=TOKEN)[1]["weights"] == {"1": 60.0, "2": 40.0}
-    assert "version" in admin("status").stdout
+    shown = admin("status").stdout
+    assert "version" in shown and "miss p95" in shown  # the latency a rollout judges, beside every answer's
     assert "{'1': 60.0, '2': 40.0}" in admin("audit").stdout.splitlines()[0]
     refused = subprocess.run([sys.executable, "-m", "services.gateway.operator_cli", "--url", url, "--token", "wrong",
                               "set", "1=100"], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60)

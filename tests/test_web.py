@@ -417,6 +417,11 @@ def test_operator_changes_weights_and_the_routing_api_reports_them(stack, page):
     assert {str(k): pytest.approx(float(v)) for k, v in weights.items()} == wanted
     wait_text(page, "audit")
     wait_text(page, "status-rows")
+    # The latency a rollout judges (cache misses only) is shown beside the p95 of every answer.
+    figures = gateway.api("GET", "/v1/admin/status", token=ADMIN_TOKEN)[1]["versions"]
+    shown = {row.get_attribute("data-version"): row.find_element(By.CLASS_NAME, "miss-p95").text
+             for row in page.find_elements(By.CSS_SELECTOR, "#status-rows tr")}
+    assert shown == {v: "–" if f["miss_p95_ms"] is None else f"{f['miss_p95_ms']:.1f}" for v, f in figures.items()}
 
 
 def unlock_operator(page):

@@ -262,6 +262,7 @@ export function setupOperator() {
       el('th', { scope: 'row', text: version }), el('td', { class: 'share', text: share(version) }),
       el('td', { text: String(v.requests ?? 0) }),
       el('td', { text: ms(v.p50_ms ?? v.latency_p50_ms) }), el('td', { text: ms(v.p95_ms ?? v.latency_p95_ms) }),
+      el('td', { class: 'miss-p95', text: ms(v.miss_p95_ms) }),
       el('td', { text: pct(v.error_rate) }),
       el('td', { text: `${pct(v.feedback_accuracy)} (${feedbackCount(v)} answers)` }))));
     const sig = status.significance;
