@@ -47,8 +47,11 @@ def simulate_rollout(policy: Policy, traffic: Traffic, rng: np.random.Generator)
             errors = rng.binomial(n, error_rate)
             feedback = rng.binomial(n - errors, traffic.feedback_share)
             totals += (n, errors, rng.binomial(feedback, accuracy), feedback)
-        new_figures = Figures(int(new[0]), int(new[1]), mirrored, mirrored, int(new[2]), int(new[3]), 50.0)
-        stable_figures = Figures(int(stable[0]), int(stable[1]), 0, 0, int(stable[2]), int(stable[3]), 50.0)
+        # No cache: every request is computed, and every version as fast as the other.
+        new_figures = Figures(int(new[0]), int(new[1]), mirrored, mirrored, int(new[2]), int(new[3]),
+                              misses=int(new[0] - new[1]), miss_p95_ms=50.0)
+        stable_figures = Figures(int(stable[0]), int(stable[1]), 0, 0, int(stable[2]), int(stable[3]),
+                                 misses=int(stable[0] - stable[1]), miss_p95_ms=50.0)
         verdicts = judge.judge_online(new_figures, stable_figures, policy.rules)
         step_requests = mirrored if weight == 0 else int(new[0]) - step_requests_before
         decision = judge.decide(verdicts, now - step_started, policy.steps[step].hold_seconds, step_requests,

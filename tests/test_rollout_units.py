@@ -111,9 +111,10 @@ def test_replica_figures_count_each_replica_from_its_own_baseline_and_the_feedba
     baseline = at_start.baseline(2)
     assert set(baseline) == {"http://a#a1", "http://b#b1", FEEDBACK}
     later = ReplicaFigures({"http://a": body("a1", 150, 11, 9, 12), "http://b": body("b2", 20, 1, 9, 12)})
-    assert later.since(2, baseline) == Figures(50 + 20, 1 + 1, 0, 0, 4, 4)  # b restarted: its 20 whole
+    # b restarted: its 20 whole (these rows count no misses: every answer taken as computed)
+    assert later.since(2, baseline) == Figures(50 + 20, 1 + 1, 0, 0, 4, 4, misses=49 + 19)
     flat = Figures(200, 20, 0, 0, 5, 8).to_json()  # a state saved before baselines were kept per source
-    assert later.since(2, flat) == Figures(170, 12, 0, 0, 4, 4)  # the sum below the base: taken whole, as then
+    assert later.since(2, flat) == Figures(170, 12, 0, 0, 4, 4, misses=158)  # the sum below the base: taken whole
     assert replica_key("http://c", {"versions": {}}) == "http://c"  # a gateway whose status names no instance
 
 
@@ -128,19 +129,42 @@ def test_sequential_evidence_is_the_normal_mixture_ratio():
         sequential_log_evidence(0.1, 0.0)
 
 
+def computed(requests: int, errors: int) -> Figures:
+    """A version's figures with no cache hits: every request computed, ``errors`` of them failed."""
+    return Figures(requests=requests, errors=errors, misses=requests - errors)
+
+
 def test_error_rate_rule():
     params = RULES["error_rate"]  # max_increase 0.01, alpha 0.01, min_requests 100
-    stable = Figures(requests=1000, errors=10)
-    assert judge.judge_error_rate(Figures(requests=99, errors=50), stable, params).outcome == INSUFFICIENT
-    assert judge.judge_error_rate(Figures(requests=100, errors=2), stable, params).outcome == PASS
+    stable = computed(1000, 10)
+    assert judge.judge_error_rate(computed(99, 50), stable, params).outcome == INSUFFICIENT
+    assert judge.judge_error_rate(computed(100, 2), stable, params).outcome == PASS
     # 4 % against 1 % + 1 %: above the limit, but 4 errors in 100 requests are no evidence yet
-    noisy = judge.judge_error_rate(Figures(requests=100, errors=4), stable, params)
+    noisy = judge.judge_error_rate(computed(100, 4), stable, params)
     assert noisy.outcome == PASS and noisy.figures["sequential_p"] > 0.01
-    breach = judge.judge_error_rate(Figures(requests=100, errors=20), stable, params)
-    assert breach.outcome == BREACH and "error rate 20.00% of 100 vs stable 1.00% + 1.00%" in breach.reason
-    assert judge.judge_error_rate(Figures(requests=1000, errors=60), stable, params).outcome == BREACH
-    assert judge.judge_error_rate(Figures(requests=100, errors=1), Figures(), params).outcome == PASS
-    assert judge.judge_error_rate(Figures(requests=100, errors=100), Figures(), params).outcome == BREACH
+    breach = judge.judge_error_rate(computed(100, 20), stable, params)
+    assert breach.outcome == BREACH and "error rate 20.00% of 100 cache misses vs stable 1.00% + 1.00%" in \
+        breach.reason
+    assert judge.judge_error_rate(computed(1000, 60), stable, params).outcome == BREACH
+    assert judge.judge_error_rate(computed(100, 1), Figures(), params).outcome == PASS
+    assert judge.judge_error_rate(computed(100, 100), Figures(), params).outcome == BREACH
+
+
+def test_a_new_version_with_a_cold_cache_is_judged_on_the_errors_of_its_misses():
+    """The model server fails 2 % of the calls, whatever the version: the stable version, answered 96 % from the
+    cache, shows 0.08 % of its requests failed, the new one, whose cache starts empty, 2 %. Of what each had to
+    compute, both failed 2 %: no breach. A version that fails more of its own misses is still breached."""
+    status = {"versions": {
+        "1": {"requests": 50000, "error_rate": 0.0008, "cache_hit_rate": 0.96, "misses": 1960},
+        "2": {"requests": 5000, "error_rate": 0.02, "cache_hit_rate": 0.0, "misses": 4900}}}
+    verdict = judge.judge_error_rate(figures_from_status(status, 2), figures_from_status(status, 1),
+                                     RULES["error_rate"])
+    assert verdict.outcome == PASS, verdict.reason
+    status["versions"]["2"].update(error_rate=0.06, misses=4700)
+    assert judge.judge_error_rate(figures_from_status(status, 2), figures_from_status(status, 1),
+                                  RULES["error_rate"]).outcome == BREACH
+    # A gateway that does not count its misses: every answer taken as computed, as before.
+    assert figures_from_status({"versions": {"2": {"requests": 100, "error_rate": 0.03}}}, 2).computing == 100
 
 
 def test_p95_latency_rule():

@@ -48,6 +48,11 @@ class Figures:
                        self.feedback_correct + other.feedback_correct, self.feedback_total + other.feedback_total,
                        self.misses + other.misses, max(p95s) if p95s else None)
 
+    @property
+    def computing(self) -> int:
+        """Cache misses the version was asked to compute: answered, or failed (a cache hit never fails)."""
+        return self.misses + self.errors
+
     def to_json(self) -> dict:
         return asdict(self)
 
@@ -64,11 +69,13 @@ def figures_from_status(status: dict, version: int, with_feedback: bool = True) 
     if row is None:
         return Figures()
     requests, shadow_requests = int(row.get("requests", 0)), int(row.get("shadow_requests", 0))
+    errors = round(float(row.get("error_rate") or 0.0) * requests)
     feedback = row.get("feedback", {}) if with_feedback else {}
-    return Figures(requests, round(float(row.get("error_rate") or 0.0) * requests), shadow_requests,
-                   round(float(row.get("shadow_agreement") or 0.0) * shadow_requests),
-                   int(feedback.get("correct", 0)), int(feedback.get("total", 0)), int(row.get("misses", 0)),
-                   row.get("miss_p95_ms"))
+    # A gateway older than the misses' count: every answer taken as computed, as they were judged then.
+    misses = int(row.get("misses", requests - errors))
+    agreements = round(float(row.get("shadow_agreement") or 0.0) * shadow_requests)
+    return Figures(requests, errors, shadow_requests, agreements, int(feedback.get("correct", 0)),
+                   int(feedback.get("total", 0)), misses, row.get("miss_p95_ms"))
 
 
 @dataclass(frozen=True)
@@ -118,22 +125,25 @@ def _succession(successes: int, trials: int) -> float:
 
 def judge_error_rate(new: Figures, stable: Figures, params: dict) -> Verdict:
     """Breached when the new version's error rate exceeds the stable version's (0 when it has no requests) by more
-    than ``max_increase``, by a sequential test at level ``alpha``."""
-    new_rate, stable_rate = _rate(new.errors, new.requests), _rate(stable.errors, stable.requests) or 0.0
-    figures = {"new_error_rate": new_rate, "stable_error_rate": stable_rate, "new_requests": new.requests,
-               "stable_requests": stable.requests}
-    if new.requests < params["min_requests"]:
-        return Verdict("error_rate", INSUFFICIENT, f"{new.requests} of {params['min_requests']} requests answered",
+    than ``max_increase``, by a sequential test at level ``alpha``. The rate is of the answers each version had to
+    compute (``Figures.computing``): a cached answer cannot fail, and a new version's cache starts empty, so over
+    every answer the same failures of the model server would weigh on it alone."""
+    new_tried, stable_tried = new.computing, stable.computing
+    new_rate, stable_rate = _rate(new.errors, new_tried), _rate(stable.errors, stable_tried) or 0.0
+    figures = {"new_error_rate": new_rate, "stable_error_rate": stable_rate, "new_computing": new_tried,
+               "stable_computing": stable_tried}
+    if new_tried < params["min_requests"]:
+        return Verdict("error_rate", INSUFFICIENT, f"{new_tried} of {params['min_requests']} cache misses tried",
                        figures)
     limit = stable_rate + params["max_increase"]
-    doubt = _succession(new.errors, new.requests)
-    variance = doubt * (1 - doubt) / new.requests
-    if stable.requests:
-        doubt = _succession(stable.errors, stable.requests)
-        variance += doubt * (1 - doubt) / stable.requests
+    doubt = _succession(new.errors, new_tried)
+    variance = doubt * (1 - doubt) / new_tried
+    if stable_tried:
+        doubt = _succession(stable.errors, stable_tried)
+        variance += doubt * (1 - doubt) / stable_tried
     log_evidence = sequential_log_evidence(new_rate - limit, variance) if new_rate > limit else 0.0
     figures.update(sequential_p=_sequential_p(log_evidence))
-    summary = (f"error rate {new_rate:.2%} of {new.requests} vs stable {stable_rate:.2%} + "
+    summary = (f"error rate {new_rate:.2%} of {new_tried} cache misses vs stable {stable_rate:.2%} + "
                f"{params['max_increase']:.2%}: sequential p = {figures['sequential_p']:.3g}")
     if log_evidence >= math.log(1 / params["alpha"]):
         return Verdict("error_rate", BREACH, f"{summary} < {params['alpha']:g}", figures)

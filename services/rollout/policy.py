@@ -10,11 +10,12 @@ Defaults (``DEFAULT_POLICY``, printed by ``python -m services.rollout --print-de
   rules use sequential tests (judge.sequential_log_evidence), valid however many ticks look: an identical version is
   rolled back by one of them in at most ``alpha`` of its rollouts (bench/judge_sim.py measures it);
   - ``error_rate``: breached when a sequential test at level ``alpha`` (0.01) says the new version's error rate
-    exceeds the stable version's by more than ``max_increase`` (0.01), once it has ``min_requests`` (100) answered
-    requests;
+    exceeds the stable version's by more than ``max_increase`` (0.01), once it has tried ``min_requests`` (100)
+    cache misses;
   - ``p95_latency``: breached when the p95 of its cache misses exceeds ``max_ratio`` (1.5) x the stable version's
-    + ``slack_ms`` (25), once it has ``min_requests`` (100) misses answered (cached answers cost neither version
-    anything, and a new version's cache starts empty);
+    + ``slack_ms`` (25), once it has answered ``min_requests`` (100) misses. Both rules count cache misses only,
+    for both versions: a cached answer costs neither anything and cannot fail, and a new version's cache starts
+    empty;
   - ``shadow_agreement``: breached when its top-1 agrees with the answer given less often than ``min_agreement``
     (0.9), once ``min_requests`` (100) requests were mirrored;
   - ``feedback_accuracy``: breached when a one-sided sequential test at level ``alpha`` (0.05) says its accuracy
