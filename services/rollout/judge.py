@@ -59,7 +59,9 @@ class Figures:
     @classmethod
     def from_json(cls, data: dict | None) -> "Figures":
         """Figures saved by this or an earlier controller: a field this one no longer has (``p95_ms``, the p95 of
-        every answer, before latency was judged on cache misses) is dropped."""
+        every answer, before latency was judged on cache misses) is dropped. A baseline saved without ``misses``
+        has 0: a rollout under way when the controller was upgraded then counts its misses from the gateway's
+        start, which can only dilute its error rate, never raise it."""
         return cls(**{name: value for name, value in (data or {}).items() if name in cls.__dataclass_fields__})
 
 
