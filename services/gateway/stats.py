@@ -48,8 +48,7 @@ class VersionStats:
     errors: int = 0
     cache_hits: int = 0
     latencies: deque = field(default_factory=lambda: deque(maxlen=2000))
-    misses: int = 0  # answers computed by the version (not from the cache)
-    miss_latencies: deque = field(default_factory=lambda: deque(maxlen=2000))
+    miss_latencies: deque = field(default_factory=lambda: deque(maxlen=2000))  # of answers computed, not cached
     shadow_requests: int = 0
     shadow_agreements: int = 0
     shadow_latencies: deque = field(default_factory=lambda: deque(maxlen=2000))
@@ -83,7 +82,6 @@ class Stats:
         s.cache_hits += cached
         s.latencies.append(seconds)
         if not cached:
-            s.misses += 1
             s.miss_latencies.append(seconds)
 
     def record_error(self, version: int | None) -> None:
@@ -144,7 +142,7 @@ class Stats:
                 "p95_ms": float(np.percentile(lat, 95)) if lat.size else None,
                 "error_rate": s.errors / s.requests if s.requests else 0.0,
                 "cache_hit_rate": s.cache_hits / s.requests if s.requests else 0.0,
-                "misses": s.misses,
+                "misses": s.requests - s.cache_hits - s.errors,  # answers computed: neither cached nor failed
                 "miss_p95_ms": float(np.percentile(miss_lat, 95)) if miss_lat.size else None,
                 "shadow_requests": s.shadow_requests,
                 "shadow_agreement": s.shadow_agreements / s.shadow_requests if s.shadow_requests else None,
