@@ -354,7 +354,7 @@ def test_operator_state_survives_a_restart_of_redis_run_as_the_stack_runs_it():
         client.set(keys.routing(MODEL), table)
         client.lpush(keys.audit(MODEL), json.dumps({"who": "alice"}))
         client.hincrby(keys.feedback_tally(MODEL), "1:total", 3)
-        client.set(keys.result(MODEL, 1, 1, 224, "ab"), "{}", ex=3600)
+        client.set(keys.result(MODEL, 1, "c0ffee", 1, 224, "ab"), "{}", ex=3600)
         assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "volatile-lru"
         for key in (keys.routing(MODEL), keys.audit(MODEL), keys.feedback_tally(MODEL)):
             assert client.ttl(key) == -1  # no TTL: never a volatile-lru eviction candidate
@@ -376,8 +376,9 @@ def test_cache_keys_expire_and_state_keys_do_not(gateway, redis_server):
     feedback = {"feedback_token": answer["feedback_token"], "true_label": LABELS[0]}
     assert gateway.request("POST", "/v1/feedback", feedback)[0] == 200
     client = redis.Redis.from_url(redis_server.url)
-    wait_until(lambda: client.exists(keys.result(MODEL, 2, _preprocessing_version(), 224, _sha256(photo))), timeout=10,
-               what="the answer cached")
+    identity = {v["version"]: v["identity"] for v in gateway.request("GET", "/v1/models").body["models"][0]["versions"]}
+    key = keys.result(MODEL, 2, identity[2], _preprocessing_version(), 224, _sha256(photo))
+    wait_until(lambda: client.exists(key), timeout=10, what="the answer cached")
     ttls = {key.decode(): client.ttl(key) for key in client.scan_iter()}
     state = {keys.routing(MODEL), keys.routing_generation(MODEL), keys.routing_writer(MODEL), keys.audit(MODEL),
              keys.feedback_tally(MODEL), keys.feedback_seen(MODEL), keys.feedback_labels(MODEL)}

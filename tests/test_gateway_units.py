@@ -11,18 +11,30 @@ import pytest
 import training_job.preprocessing as contract
 from services.gateway import classifier, pixels
 from services.gateway.cache import CircuitBreaker, cache_key
-from services.gateway.input_sizes import InputSizes
+from services.gateway.version_facts import Facts
 from services.gateway.single_flight import SingleFlight
 from services.gateway.routing import RoutingError, RoutingTable, parse_assignments, pick_entry
 
 CLIENTS = [f"client-{i}" for i in range(20000)]
 
 
-def test_cache_key_depends_on_photo_model_version_preprocessing_and_input_size():
-    key = cache_key("abc", "mushrooms", 3, 224)
+
+class KnownFacts:
+    """The classifier's version facts (version_facts.VersionFacts), every version's known at once (a unit-test double:
+    the classifier is under test here, not how the facts are learnt): size 224, one identity, classes "a" and "b"."""
+
+    def known(self, version: int) -> Facts:
+        return Facts(version, 224, "c0ffee", ("a", "b"))
+
+    async def of(self, version: int, timeout: float | None = None) -> Facts:
+        return self.known(version)
+
+def test_cache_key_depends_on_photo_model_version_identity_preprocessing_and_input_size():
+    key = cache_key("abc", "mushrooms", 3, "1d", 224)
     assert contract.PREPROCESSING_VERSION in key
-    assert len({key, cache_key("abd", "mushrooms", 3, 224), cache_key("abc", "other", 3, 224),
-                cache_key("abc", "mushrooms", 4, 224), cache_key("abc", "mushrooms", 3, 240)}) == 5
+    assert len({key, cache_key("abd", "mushrooms", 3, "1d", 224), cache_key("abc", "other", 3, "1d", 224),
+                cache_key("abc", "mushrooms", 4, "1d", 224), cache_key("abc", "mushrooms", 3, "2e", 224),
+                cache_key("abc", "mushrooms", 3, "1d", 240)}) == 6
 
 
 def test_split_converges_to_the_weights():
@@ -249,7 +261,7 @@ def _two_class_gateway(cache, predictions: list | None = None):
     router = SimpleNamespace(available={1}, choose=lambda client: (1, "latest"), shadow_version=lambda: None)
     return classifier.Classifier(Upstream(), cache, router, Stats(Redis(), "mushrooms"),
                                  SimpleNamespace(display_names=lambda version: {}), Limits(), SingleFlight(),
-                                 InputSizes(Upstream()))
+                                 KnownFacts())
 
 
 def test_the_answer_is_cached_off_the_response_path_and_shared_until_stored():
@@ -405,7 +417,7 @@ def test_a_routed_version_unloaded_since_the_last_status_poll_is_routed_around()
     router.available = {1, 2}
     gateway = classifier.Classifier(Upstream(), Cache(), router, Stats(Redis(), "mushrooms"),
                                     SimpleNamespace(display_names=lambda version: {}), Limits(), SingleFlight(),
-                                    InputSizes(Upstream()))
+                                    KnownFacts())
 
     async def scenario():
         answer = await gateway.classify(_jpeg((64, 48)), client_id="c", top_k=1)
@@ -589,7 +601,7 @@ class _Answering:
         self.stats = Stats(None, "mushrooms")
         self.classifier = classifier.Classifier(upstream, Cache(), router, self.stats,
                                                 SimpleNamespace(display_names=lambda version: {}), Limits(),
-                                                SingleFlight(), InputSizes(upstream))
+                                                SingleFlight(), KnownFacts())
 
 
 def _classify_count(result: str) -> float:

@@ -29,8 +29,8 @@ def test_no_module_but_keys_spells_a_redis_key():
 
 
 def test_every_key_has_the_project_prefix_and_the_model_in_it():
-    built = [keys.result("m", 1, 3, 224, "ab"), keys.result_pattern("m"),
-             keys.explanation("m", 1, 3, 224, "ab", "predicted"),
+    built = [keys.result("m", 1, "1d", 3, 224, "ab"), keys.result_pattern("m"),
+             keys.explanation("m", 1, "1d", 3, 224, "ab", "predicted"),
              keys.explanation_pattern("m"), keys.routing("m"), keys.routing_generation("m"), keys.routing_writer("m"),
              keys.audit("m"), keys.feedback_tally("m"), keys.feedback_seen("m"), keys.feedback_labels("m"),
              keys.rollout_lease("m")]

@@ -1,6 +1,8 @@
 """Redis result cache: the full answer of a model version for a photo, keyed so that nothing stale can be served.
 
-Key = photo sha256 + model + resolved version + preprocessing version + the version's input size. Redis trouble
+Key = photo sha256 + model + resolved version and its identity (the digest of its answers to fixed probes,
+version_facts.py: a number given again to another model) + preprocessing version + the version's input size. Redis
+trouble
 never fails a request: after a short timeout the request is served uncached, and a circuit breaker skips Redis for a
 while before trying again.
 """
@@ -43,12 +45,12 @@ class CircuitBreaker:
         metrics.CACHE_OUTCOMES["error"].inc()
 
 
-def cache_key(sha256: str, model: str, version: int, image_size: int) -> str:
-    return keys.result(model, version, PREPROCESSING_VERSION, image_size, sha256)
+def cache_key(sha256: str, model: str, version: int, identity: str, image_size: int) -> str:
+    return keys.result(model, version, identity, PREPROCESSING_VERSION, image_size, sha256)
 
 
-def explanation_key(sha256: str, model: str, version: int, image_size: int, target: str) -> str:
-    return keys.explanation(model, version, PREPROCESSING_VERSION, image_size, sha256, target)
+def explanation_key(sha256: str, model: str, version: int, identity: str, image_size: int, target: str) -> str:
+    return keys.explanation(model, version, identity, PREPROCESSING_VERSION, image_size, sha256, target)
 
 
 class CommandConnections:

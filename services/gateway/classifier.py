@@ -19,7 +19,7 @@ from services.gateway import metrics
 from services.gateway.admission import REFUSAL_CODES, MissAdmission
 from services.gateway.cache import ResultCache, cache_key, explanation_key
 from services.gateway.errors import GatewayError
-from services.gateway.input_sizes import InputSizes
+from services.gateway.version_facts import Facts, VersionFacts
 from services.gateway.model_info import ModelInfo, display_name
 from services.gateway.pixels import Preprocessor
 from services.gateway.predict_batching import NoBatching, PredictBatcher
@@ -47,11 +47,15 @@ CLASS_LABEL = re.compile(r"[A-Za-z0-9_.-]{1,100}")  # a label as training names 
 @dataclass(frozen=True)
 class Target:
     """Where a request goes: a version number, or None for the version ``label`` points at (or the latest), and
-    the input size S its photo is preprocessed at (that version's)."""
+    the facts of the version that will answer (its input size S, its photo preprocessed at it; its identity)."""
     version: int | None
     label: str | None
     reason: str  # the ROUTE metric's reason: "override", "ab", "single", "latest"
-    size: int = 0  # 0 until the route stage has asked the version's size
+    facts: Facts | None = None  # None until the route stage has learnt them
+
+    @property
+    def size(self) -> int:
+        return self.facts.size
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,7 @@ PLAIN = Wanted(False)
 class Classifier:
     def __init__(self, upstream: ModelServerClient, cache: ResultCache, router: Router, stats: Stats,
                  model_info: ModelInfo, limits: Limits, single_flight: SingleFlight | NoSingleFlight,
-                 input_sizes: InputSizes, preprocess_threads: int = 2,
+                 version_facts: VersionFacts, preprocess_threads: int = 2,
                  batcher: PredictBatcher | NoBatching | None = None, admission: MissAdmission | None = None):
         self.upstream = upstream
         self.admission = admission or MissAdmission(0)  # which misses are taken on (0: every one)
@@ -84,13 +88,11 @@ class Classifier:
         self.model_info = model_info
         self.limits = limits
         self.single_flight = single_flight
-        self.input_sizes = input_sizes
+        self.version_facts = version_facts
         self.executor = ThreadPoolExecutor(preprocess_threads, thread_name_prefix="preprocess")
         self.serving = 0  # classify calls under way
         self.preprocessor = Preprocessor(limits, self.executor, alone=lambda: self.serving == 1)
         self._background: set[asyncio.Task] = set()
-        self._classes: dict[int, list[str]] = {}  # version -> its class labels in column order, from its answers
-        self._asking_classes: dict[int, asyncio.Lock] = {}  # version -> held while classes_of asks the model server
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.create_task(coroutine)
@@ -123,31 +125,32 @@ class Classifier:
     def _raw_answer(self, prediction, start: float) -> dict:
         metrics.child(metrics.UPSTREAM_SECONDS, model_version=metrics.version_metric_value(
             prediction.version, self.router.available)).observe(time.perf_counter() - start)
-        self._classes[prediction.version] = prediction.classes
         return {"version": prediction.version, "classes": prediction.classes,
                 "probabilities": [float(p) for p in prediction.probabilities],
                 "mushroom_score": prediction.mushroom_score, "not_a_mushroom": prediction.not_a_mushroom}
 
+    def identity_of(self, version: int) -> str | None:
+        """Which model ``version`` names (version_facts.py), once learnt; None before, or once it left AVAILABLE."""
+        known = self.version_facts.known(version)
+        return known.identity if known is not None else None
+
     async def classes_of(self, version: int) -> list[str] | None:
-        """The class labels of ``version`` in column order: from its answers, else from the registry's labels.json,
-        else asked of the model server once with a blank photo (kept, as a version never changes); None when the
-        model server has no such version any more. Raises GatewayError 503 while the model server is down."""
-        known = self._classes.get(version) or [c["label"] for c in self.model_info.class_names(version)]
-        if known:
-            return known
-        async with self._asking_classes.setdefault(version, asyncio.Lock()):  # one blank Predict per version at a time
-            if version in self._classes:
-                return self._classes[version]
-            try:
-                size = await self._ask_upstream(lambda: self.input_sizes.of(version), None)
-                (prediction,) = await self._ask_upstream(
-                    lambda: self.upstream.predict(np.zeros((1, size, size, 3), np.uint8), version), None)
-            except GatewayError as exc:
-                if exc.code == "unknown_version":
-                    return None
-                raise
-            self._classes[prediction.version] = prediction.classes
-            return prediction.classes
+        """The class labels of ``version`` in column order: from its facts (as it had them when it left AVAILABLE,
+        if it did), else from the registry's labels.json, else learnt from the model server; None when the model
+        server has no such version any more. Raises GatewayError 503 while the model server is down."""
+        known = self.version_facts.last_known(version)
+        if known is not None:
+            return list(known.classes)
+        labels = [c["label"] for c in self.model_info.class_names(version)]
+        if labels:
+            return labels
+        try:
+            facts = await self._ask_upstream(lambda: self.version_facts.of(version), None)
+        except GatewayError as exc:
+            if exc.code == "unknown_version":
+                return None
+            raise
+        return list(facts.classes)
 
     async def _predict(self, pixels: np.ndarray, version: int | None, label: str | None):
         start = time.perf_counter()
@@ -172,10 +175,10 @@ class Classifier:
     async def _explain(self, pixels: np.ndarray, version: int | None, label: str | None,
                        wanted: str | None) -> dict:
         """The answer with a Grad-CAM heatmap for the class labelled ``wanted`` (None = the predicted class).
-        Columns are known from an earlier answer of the version; otherwise the first call (predicted class) tells
-        them, and a second call is made only when another class was wanted."""
-        known = self._classes.get(version) if version is not None else None
-        index = self._column(known, wanted) if wanted is not None and known is not None else None
+        Columns are known from the version's facts; otherwise (a version label) the first call (predicted class)
+        tells them, and a second call is made only when another class was wanted."""
+        known = self.version_facts.known(version) if version is not None else None
+        index = self._column(list(known.classes), wanted) if wanted is not None and known is not None else None
         answer = await self._explain_once(pixels, version, label, index)
         if wanted is not None and index is None:
             index = self._column(answer["classes"], wanted)
@@ -250,7 +253,7 @@ class Classifier:
                     with metrics.stage("route"):
                         target = self._route(client_id, version, label)
                         chosen = target.version
-                        target = await self._sized(target)
+                        target = await self._learnt(target)
                     answer, cache_outcome = await self._lookup_or_predict(photo, target, wanted, deadline)
                     break
                 except GatewayError as exc:
@@ -300,14 +303,14 @@ class Classifier:
         chosen, reason = self.router.choose(client_id)
         return Target(chosen, None, reason)
 
-    async def _sized(self, target: Target) -> Target:
-        """Stage route, second half: the input size of the version that will answer (kept per version; asked
-        afresh for a version label, or when no version is known, as the label may move)."""
+    async def _learnt(self, target: Target) -> Target:
+        """Stage route, second half: the facts of the version that will answer (kept per version; which version is
+        asked afresh for a version label, or when no version is known, as the label may move)."""
         if target.version is not None:
-            size = await self._ask_upstream(lambda: self.input_sizes.of(target.version), target.label)
+            facts = await self._ask_upstream(lambda: self.version_facts.of(target.version), target.label)
         else:
-            _, size = await self._ask_upstream(lambda: self.input_sizes.resolve(target.label), target.label)
-        return replace(target, size=size)
+            facts = await self._ask_upstream(lambda: self.version_facts.resolve(target.label), target.label)
+        return replace(target, facts=facts)
 
     async def _lookup_or_predict(self, photo: bytes, target: Target, wanted: Wanted,
                                  deadline: float | None) -> tuple[dict, str]:
@@ -315,7 +318,7 @@ class Classifier:
         made by the preprocess and predict stages (identical concurrent misses share one call, admitted by the
         deadline of the request that started it) and stored."""
         digest = hashlib.sha256(photo).hexdigest()
-        key = self._key(digest, target.version, target.size, wanted) if target.version is not None else None
+        key = self._key(digest, target.facts, wanted) if target.version is not None else None
         found = await self._lookup(key)
         if found is not None:
             return found
@@ -327,24 +330,35 @@ class Classifier:
                 with metrics.stage("predict"):
                     fresh = await (self._explain(pixels, target.version, target.label, wanted.class_name)
                                    if wanted.explain else self._predict(pixels, target.version, target.label))
-            self._store(self._key(digest, fresh["version"], target.size, wanted), fresh)
-            if wanted.explain:  # the plain answer too, so a plain classify of the photo after it is a hit
-                self._store(self._key(digest, fresh["version"], target.size, PLAIN),
-                            {k: v for k, v in fresh.items() if k != "explanation"})
-            else:
+            answered = self._answered_by(fresh["version"], target)
+            if answered is not None:
+                self._store(self._key(digest, answered, wanted), fresh)
+                if wanted.explain:  # the plain answer too, so a plain classify of the photo after it is a hit
+                    self._store(self._key(digest, answered, PLAIN),
+                                {k: v for k, v in fresh.items() if k != "explanation"})
+            if not wanted.explain:
                 self._maybe_shadow(photo, pixels, fresh)
             return fresh
 
         flight = key or f"{digest}:{target.label}" + (f":explain:{wanted.target}" if wanted.explain else "")
         return await self.single_flight.do(flight, miss), "miss"
 
-    def _key(self, digest: str, version: int, size: int, wanted: Wanted) -> str:
-        """The cache key of a version's answer for a photo preprocessed at ``size``: the plain answer, or the one
+    def _answered_by(self, version: int, target: Target) -> Facts | None:
+        """The facts of the version that answered ``target``'s request, to key its answer by: None, and the answer
+        not cached, when they are not the ones it was preprocessed for (a version label moved meanwhile, to a
+        version not known or of another size)."""
+        if version == target.facts.version:
+            return target.facts
+        facts = self.version_facts.known(version)
+        return facts if facts is not None and facts.size == target.size else None
+
+    def _key(self, digest: str, facts: Facts, wanted: Wanted) -> str:
+        """The cache key of a version's answer for a photo preprocessed at its size: the plain answer, or the one
         with its explanation (under its own key beside the plain answer's)."""
         model = self.upstream.model_name
         if wanted.explain:
-            return explanation_key(digest, model, version, size, wanted.target)
-        return cache_key(digest, model, version, size)
+            return explanation_key(digest, model, facts.version, facts.identity, facts.size, wanted.target)
+        return cache_key(digest, model, facts.version, facts.identity, facts.size)
 
     async def _lookup(self, key: str | None) -> tuple[dict, str] | None:
         """Stage lookup: (the cached answer, "hit"), or (an answer still being written to the cache, "miss"), or
@@ -411,7 +425,7 @@ class Classifier:
             start = time.perf_counter()
             try:
                 with self.admission.admitted():  # a miss of the shadow's, refused as a client's would be
-                    size = await self._ask_upstream(lambda: self.input_sizes.of(shadow), None)
+                    size = (await self._ask_upstream(lambda: self.version_facts.of(shadow), None)).size
                     shadow_pixels = pixels if size == pixels.shape[0] else await self.preprocessor.pixels(photo, size)
                     shadow_answer = await self._predict(shadow_pixels, shadow, None)
             except GatewayError:

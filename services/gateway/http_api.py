@@ -265,6 +265,7 @@ class HttpApi:
             "name": self.router.model_name,
             "versions": [{"version": v, "state": state_name(s),
                           "weight": router.version_weights().get(v, 0.0),
+                          "identity": self.classifier.identity_of(v),
                           "labels": self.model_info.class_names(v)} for v, s in sorted(states.items())],
             "routing": router.describe(),
         }]})

@@ -16,17 +16,18 @@ from __future__ import annotations
 PREFIX = "mushroom"
 
 
-def result(model: str, version: int, preprocessing_version: int | str, image_size: int, sha256: str) -> str:
-    """String (JSON): a version's full answer for a photo preprocessed at ``image_size`` (the version's input size).
-    Cache: written with the cache TTL."""
-    return f"{PREFIX}:result:{model}:{version}:{preprocessing_version}:{image_size}:{sha256}"
+def result(model: str, version: int, identity: str, preprocessing_version: int | str, image_size: int,
+           sha256: str) -> str:
+    """String (JSON): the full answer of a version, the model of that ``identity`` (version_facts.py), for a photo
+    preprocessed at ``image_size`` (the version's input size). Cache: written with the cache TTL."""
+    return f"{PREFIX}:result:{model}:{version}:{identity}:{preprocessing_version}:{image_size}:{sha256}"
 
 
-def explanation(model: str, version: int, preprocessing_version: int | str, image_size: int, sha256: str,
-                target: str) -> str:
+def explanation(model: str, version: int, identity: str, preprocessing_version: int | str, image_size: int,
+                sha256: str, target: str) -> str:
     """String (JSON): a version's answer for a photo preprocessed at ``image_size``, with its Grad-CAM heatmap for
     ``target`` (``class=<label>``, or ``predicted``), beside ``result``'s. Cache: written with the cache TTL."""
-    return f"{PREFIX}:explanation:{model}:{version}:{preprocessing_version}:{image_size}:{sha256}:{target}"
+    return f"{PREFIX}:explanation:{model}:{version}:{identity}:{preprocessing_version}:{image_size}:{sha256}:{target}"
 
 
 def result_pattern(model: str) -> str:

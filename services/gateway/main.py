@@ -129,7 +129,6 @@ class Gateway:
         from services.gateway.cache import ResultCache
         from services.gateway.classifier import Classifier
         from services.gateway.feedback import tokens_from_config
-        from services.gateway.input_sizes import InputSizes
         from services.gateway.labels import LabelResolver
         from services.gateway.loops import Loops
         from services.gateway.model_info import ModelInfo
@@ -139,6 +138,7 @@ class Gateway:
         from services.gateway.single_flight import NoSingleFlight, SingleFlight
         from services.gateway.stats import Stats
         from services.gateway.upstream import ModelServerClient
+        from services.gateway.version_facts import VersionFacts
         from training_job.preprocessing import Limits
 
         self.args = args
@@ -151,10 +151,10 @@ class Gateway:
             args.feedback_secret_file or None, os.environ.get("FEEDBACK_SECRET"), args.model_name,
             args.feedback_window))
         self.model_info = ModelInfo(args.model_base_path or None)
-        self.input_sizes = InputSizes(self.upstream)
+        self.version_facts = VersionFacts(self.upstream)
         self.classifier = Classifier(self.upstream, ResultCache(self.redis, args.cache_ttl), self.router, self.stats,
                                      self.model_info, Limits(args.max_bytes, args.max_pixels),
-                                     SingleFlight() if args.single_flight else NoSingleFlight(), self.input_sizes,
+                                     SingleFlight() if args.single_flight else NoSingleFlight(), self.version_facts,
                                      batcher=PredictBatcher(self.upstream, args.predict_batch_max,
                                                             args.predict_batch_in_flight)
                                      if args.predict_batch_max > 1 else NoBatching(self.upstream),
@@ -190,9 +190,11 @@ class Gateway:
             states = await self.upstream.version_states(timeout=self.args.health_timeout)
         except UpstreamUnavailable as exc:
             self.upstream_ok, self.upstream_problem = False, str(exc)
+            self.version_facts.doubt()  # it may serve other models under the same numbers when it answers again
             raise
         available = {v for v, s in states.items() if s == AVAILABLE}
-        await self.input_sizes.refresh(available, timeout=self.args.health_timeout)  # known before routed to
+        changed = await self.version_facts.refresh(available, timeout=self.args.health_timeout)  # before routed to
+        self.model_info.keep(available - changed)
         self.router.available = available
         self.upstream_ok = True
 

@@ -31,6 +31,11 @@ class ModelInfo:
                 self._classes[version] = json.loads((assets / "labels.json").read_text())
         return self._classes[version]
 
+    def keep(self, versions) -> None:
+        """Forgets what was read for any other version: a version number that comes back, or is found to be another
+        model (version_facts.py), has its labels.json read afresh."""
+        self._classes = {v: known for v, known in self._classes.items() if v in versions}
+
     def display_names(self, version: int) -> dict[str, str]:
         return self._classes_file(version).get("display_names", {})
 

@@ -274,6 +274,10 @@ OPENAPI = {
                         "version": {"type": "integer"}, "state": {"type": "string"},
                         "weight": {"type": "number", "description": "the table's weight of the entries resolving "
                                    "to this version now"},
+                        "identity": {"type": ["string", "null"], "description": "which model the number names: a "
+                                     "digest of its answers to fixed probe images, in the keys of its cached answers "
+                                     "(a number given again to another model gets another); null until the gateway "
+                                     "has learnt it, or while the version is not AVAILABLE"},
                         "labels": {"type": "array", "description": "the model's classes (species), not version "
                                    "labels", "items": {"type": "object", "properties": {
                                        "label": {"type": "string"}, "display_name": {"type": "string"}}}}}}},

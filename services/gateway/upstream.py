@@ -191,10 +191,12 @@ class ModelServerClient:
                            float(outputs["mushroom_score"][i]), bool(outputs["not_a_mushroom"][i]))
                 for i in range(rows)], outputs
 
-    async def predict(self, pixels: np.ndarray, version: int | None = None,
-                      label: str | None = None) -> list[Prediction]:
+    async def predict(self, pixels: np.ndarray, version: int | None = None, label: str | None = None,
+                      timeout: float | None = None) -> list[Prediction]:
+        """``timeout`` overrides the client's deadline."""
         predict_stub, _ = self._stubs()
-        response = await self._call(predict_stub.Predict, self._request("serving_default", pixels, version, label))
+        response = await self._call(predict_stub.Predict, self._request("serving_default", pixels, version, label),
+                                    timeout)
         return self._predictions(response, len(pixels))[0]
 
     async def explain(self, pixels: np.ndarray, version: int | None = None, label: str | None = None,
