@@ -47,6 +47,13 @@ class Upstream:
         return answers(self.models[version])
 
 
+def held(models: dict[int, float]) -> tuple[Upstream, VersionFacts]:
+    """A stand-in whose probes wait until ``upstream.gate`` opens, and the facts learnt from it."""
+    upstream = Upstream(models)
+    upstream.gate = asyncio.Event()
+    return upstream, VersionFacts(upstream)
+
+
 def test_the_probes_are_the_same_pixels_everywhere():
     """Every gateway replica must compute the same identity: the probes are fixed integer arithmetic."""
     assert hashlib.sha256(probes(224).tobytes()).hexdigest() == \
@@ -86,9 +93,7 @@ def test_a_version_that_leaves_is_learnt_afresh_when_it_comes_back():
 
 def test_facts_learnt_while_their_version_left_are_not_kept():
     async def scenario():
-        upstream = Upstream({1: 0.0})
-        facts = VersionFacts(upstream)
-        upstream.gate = asyncio.Event()
+        upstream, facts = held({1: 0.0})
         learning = asyncio.create_task(facts.of(1))
         await asyncio.sleep(0)
         await asyncio.sleep(0)
@@ -103,9 +108,7 @@ def test_facts_learnt_while_their_version_left_are_not_kept():
 
 def test_askers_at_once_share_one_probe_and_a_leaving_asker_does_not_cancel_it():
     async def scenario():
-        upstream = Upstream({1: 0.0})
-        facts = VersionFacts(upstream)
-        upstream.gate = asyncio.Event()
+        upstream, facts = held({1: 0.0})
         leaving = asyncio.create_task(facts.of(1))
         staying = asyncio.create_task(facts.of(1))
         await asyncio.sleep(0)

@@ -1,10 +1,9 @@
 """Redis result cache: the full answer of a model version for a photo, keyed so that nothing stale can be served.
 
 Key = photo sha256 + model + resolved version and its identity (the digest of its answers to fixed probes,
-version_facts.py: a number given again to another model) + preprocessing version + the version's input size. Redis
-trouble
-never fails a request: after a short timeout the request is served uncached, and a circuit breaker skips Redis for a
-while before trying again.
+version_facts.py: a number given again to another model gets another) + preprocessing version + the version's input
+size. Redis trouble never fails a request: after a short timeout the request is served uncached, and a circuit
+breaker skips Redis for a while before trying again.
 """
 from __future__ import annotations
 
