@@ -14,7 +14,7 @@ knowledge (class labels, display names: ModelInfo.keep) is dropped when the vers
 are. A version can also change unseen, while the model server is out of reach (restarted on a new registry): then
 every version is learnt again at the first status poll it answers (``doubt``), its facts as they were kept until
 then, so that cached answers are still found while it is down; requests between the model server's return and that
-poll (one poll interval at most) still read the old identity.
+poll (the poll's interval at most, its back-off's while polls fail) still read the old identity.
 
 The identity rounds every probability and mushroom score to 1/``IDENTITY_STEPS``: the same model read by two engines
 (its SavedModel and its model.tflite) or in two batches differs by far less, so it keeps its identity but for a
