@@ -64,7 +64,9 @@ def probes(size: int) -> np.ndarray:
     gradient = np.stack([x * 255 // side, y * 255 // side, (x + y) * 255 // (2 * side)], axis=-1)
     noise = np.stack([((x * 73856093) ^ (y * 19349663) ^ (c * 83492791)) * np.uint32(2654435761) >> np.uint32(24)
                       for c in range(3)], axis=-1)
-    return np.stack([grey, gradient, noise]).astype(np.uint8)
+    images = np.stack([grey, gradient, noise]).astype(np.uint8)
+    images.setflags(write=False)  # one array for every call (cached)
+    return images
 
 
 def identity(predictions) -> str:
