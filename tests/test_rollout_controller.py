@@ -156,11 +156,17 @@ def served(requests: int, errors: int) -> dict:
 
 
 class FakeModelServer:
-    def __init__(self, available):
+    """``versions`` AVAILABLE, and ``others`` {version: state} listed beside them (LOADING, END ...)."""
+
+    def __init__(self, available, others: dict[int, str] | None = None):
         self.versions = set(available)
+        self.others = dict(others or {})
 
     async def available(self):
         return set(self.versions)
+
+    async def listed(self):
+        return {**self.others, **{v: "AVAILABLE" for v in self.versions}}
 
 
 @pytest.fixture()
@@ -764,3 +770,64 @@ asyncio.run(main())
     state = asyncio.run(scenario())
     assert (state.candidate, state.step) == (2, 0)
     assert state.judgement["held_seconds"] < 60
+
+
+def test_version_numbers_that_started_again_start_the_rollouts_over(redis_server):
+    """A registry removed and published anew (the model server restarted on it) numbers from 1 again: the state's
+    stable v3 and rejected v4 name models that are gone. The controller takes the newest AVAILABLE version as stable,
+    routes it alone, says so in the history, and rolls out the next new version 2 (the old v4's rejection does not
+    carry over, nor into a state lost afterwards)."""
+    policy = parse_policy({"tick_seconds": 1, "steps": [{"weight": 5, "hold_seconds": 600}, {"weight": 100}]})
+
+    async def scenario():
+        client = aioredis.from_url(redis_server.url)
+        gateway, model_server = FakeGateway(), FakeModelServer({3})
+        controller = Controller(client, gateway, model_server, policy, "m", identity="unit")
+        await controller.tick()  # adopts version 3
+        state = await controller.load_state()
+        state.rejected = [4]
+        await controller.save_state(state)
+        model_server.versions = {1}  # the new registry's first version, on a restarted model server
+        await controller.tick()
+        started_over = await controller.load_state()
+        table = dict(gateway.table["weights"])
+        model_server.versions.add(2)
+        await controller.tick()
+        rolling = await controller.load_state()
+        await client.delete(keys.state("m"))  # a state lost after the renumbering
+        lost = await controller._rejected_in_history()
+        history = await controller.history()
+        await client.aclose()
+        return started_over, table, rolling, lost, history
+
+    started_over, table, rolling, lost, history = asyncio.run(scenario())
+    assert (started_over.stable, started_over.candidate, started_over.rejected) == (1, None, [])
+    assert table == {"1": 100}
+    assert (rolling.stable, rolling.candidate) == (1, 2)
+    assert lost == []
+    renumbered = next(e for e in history if e["outcome"] == "renumbered")
+    assert renumbered["dropped"]["stable"] == 3 and renumbered["dropped"]["rejected"] == [4]
+    assert "no version from the stable v3 up" in renumbered["reason"]
+
+
+@pytest.mark.parametrize("others", [{3: "LOADING", 4: "START"}, {3: "END"}], ids=["still_loading", "stable_unloaded"])
+def test_a_model_server_loading_or_without_its_stable_version_is_no_renumbering(redis_server, others):
+    """Restarted and still loading (v3 listed LOADING while v1 is AVAILABLE), or the stable v3 unloaded (listed END
+    until a restart): the state stays; with v3 not AVAILABLE the controller says so and starts nothing."""
+    policy = parse_policy({"tick_seconds": 1, "steps": [{"weight": 5, "hold_seconds": 600}, {"weight": 100}]})
+
+    async def scenario():
+        client = aioredis.from_url(redis_server.url)
+        gateway, model_server = FakeGateway(), FakeModelServer({3})
+        controller = Controller(client, gateway, model_server, policy, "m", identity="unit")
+        await controller.tick()  # adopts version 3
+        model_server.versions, model_server.others = {1}, others
+        with pytest.raises(StableUnavailable):
+            await controller.tick()
+        state, history = await controller.load_state(), await controller.history()
+        await client.aclose()
+        return state, history
+
+    state, history = asyncio.run(scenario())
+    assert (state.stable, state.candidate) == (3, None)
+    assert not any(e["outcome"] == "renumbered" for e in history)

@@ -106,13 +106,18 @@ class ModelServerStates:
         self.url = f"{rest_url.rstrip('/')}/v1/models/{model_name}"
         self.timeout = aiohttp.ClientTimeout(total=timeout)
 
-    async def available(self) -> set[int]:
-        """The AVAILABLE versions (TF Serving's REST model status)."""
+    async def listed(self) -> dict[int, str]:
+        """{version: state} of every version TF Serving's REST model status lists: the ones it manages now (START,
+        LOADING, AVAILABLE, UNLOADING) and, in END, the ones it unloaded or failed to load since it started."""
         async with self.session.get(self.url, timeout=self.timeout) as response:
             if response.status == 404:
-                return set()
+                return {}
             body = await _json(response)
-        return {int(s["version"]) for s in body.get("model_version_status", []) if s.get("state") == "AVAILABLE"}
+        return {int(s["version"]): s.get("state") for s in body.get("model_version_status", [])}
+
+    async def available(self) -> set[int]:
+        """The AVAILABLE versions."""
+        return {v for v, state in (await self.listed()).items() if state == "AVAILABLE"}
 
     async def label_version(self, label: str) -> int | None:
         """The version a version label points at now, None when unknown or not loaded: the ``model_spec`` of

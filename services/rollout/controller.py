@@ -17,6 +17,12 @@ States (kept in Redis, keys.state, so a restarted or another controller resumes 
   every reading for the policy's ``candidate_unavailable_seconds`` said so: replicas of TF Serving behind one Service
   load a version at different times.
 
+**Numbers started again**: when the model server lists no version, in any state, from ``stable`` up and serves an
+older one (a registry removed and published anew, the model server restarted on it: ``_renumbered``), the state's
+versions and rejections name models that are gone. The controller starts over from the newest AVAILABLE version as
+stable, routed alone, and says so in the history (``renumbered``, with the state it dropped); rejections from before
+it are not rebuilt into a lost state.
+
 With ``serve_new_versions`` (serving_config.py) the controller lists each new version in the model server's config
 at every tick, and while idle retires the versions nothing keeps loaded any more (``retire_versions``: not among the
 newest on disk, not stable, not named by the gateway's routing table, not labelled), recorded as a ``retire`` event.
@@ -486,6 +492,8 @@ class Controller:
         retried, rejected = set(), set()
         for event in await self.history(limit=HISTORY_LENGTH):  # newest first
             version = event.get("version")
+            if event.get("outcome") == "renumbered":  # older decisions are of other models' numbers
+                break
             if event.get("outcome") == "retry":
                 retried.add(version)
             elif event.get("outcome") in ("reject", "rollback") and version not in retried:
@@ -546,11 +554,14 @@ class Controller:
             if added:
                 log.info("listed new versions %s in the model server's config so that they load", added)
         state = await self.load_state()
-        available = await self.model_server.available()
+        listed = await self.model_server.listed()
+        available = {v for v, s in listed.items() if s == "AVAILABLE"}
         if state is None:
             if not available:
                 return
             state = await self._adopt(available)
+        elif self._renumbered(state, listed, available):
+            state = await self._start_over(state, listed, available)
         if self._stable_missing(state, available):  # operators' commands still apply: a promote needs no stable
             await self._apply_commands(state, stable_available=False)
         if self._stable_missing(state, available):
@@ -616,6 +627,29 @@ class Controller:
             await self._advance(state, figures, decision.reason)
         else:
             await self.save_state(state)
+
+    @staticmethod
+    def _renumbered(state: State, listed: dict[int, str], available: set[int]) -> bool:
+        """The model server's version numbers started again below the state's: it lists no version from ``stable``
+        up, in any state, and serves an older one. Neither a model server still loading (it lists every version it
+        aspires from its first look at the disk, START or LOADING) nor one that unloaded the stable version (it lists
+        it in END until it restarts) is taken for this; one restarted on a config that keeps only older versions is,
+        and the controller follows what it serves (a version rejected before is judged again if it comes back)."""
+        return state.stable is not None and bool(available) and all(v < state.stable for v in listed)
+
+    async def _start_over(self, state: State, listed: dict[int, str], available: set[int]) -> State:
+        """A state for numbers that started again: the newest AVAILABLE version stable and routed alone (at this
+        tick), nothing rejected; the dropped state goes into the history's ``renumbered`` event."""
+        fresh = State(stable=max(available))
+        seen = ", ".join(f"v{v} {s}" for v, s in sorted(listed.items()))
+        reason = (f"version numbers started again: the model server lists no version from the stable v{state.stable} "
+                  f"up ({seen}), as after a registry removed and published anew; the state's versions named other "
+                  f"models (candidate {state.candidate and f'v{state.candidate}'}, rejected {state.rejected}); "
+                  f"v{fresh.stable}, the newest AVAILABLE version, taken as stable")
+        log.warning("rollout of %s: %s", self.model_name, reason)
+        await self.save_state(fresh, self._event(fresh, "renumbered", reason, dropped=asdict(state)))
+        self._reconciled = False  # the table of the dropped state's versions is replaced at this tick
+        return fresh
 
     def _stable_missing(self, state: State, available: set[int]) -> bool:
         """The stable version is not AVAILABLE, while the table routes it traffic (any step below 100 %, or idle)."""
