@@ -772,18 +772,24 @@ asyncio.run(main())
     assert state.judgement["held_seconds"] < 60
 
 
+async def stable_v3(redis_url: str):
+    """(Redis client, gateway, model server, controller): a controller that adopted v3, the one AVAILABLE version, as
+    stable under a two-step policy."""
+    policy = parse_policy({"tick_seconds": 1, "steps": [{"weight": 5, "hold_seconds": 600}, {"weight": 100}]})
+    client = aioredis.from_url(redis_url)
+    gateway, model_server = FakeGateway(), FakeModelServer({3})
+    controller = Controller(client, gateway, model_server, policy, "m", identity="unit")
+    await controller.tick()
+    return client, gateway, model_server, controller
+
+
 def test_version_numbers_that_started_again_start_the_rollouts_over(redis_server):
     """A registry removed and published anew (the model server restarted on it) numbers from 1 again: the state's
     stable v3 and rejected v4 name models that are gone. The controller takes the newest AVAILABLE version as stable,
     routes it alone, says so in the history, and rolls out the next new version 2 (the old v4's rejection does not
     carry over, nor into a state lost afterwards)."""
-    policy = parse_policy({"tick_seconds": 1, "steps": [{"weight": 5, "hold_seconds": 600}, {"weight": 100}]})
-
     async def scenario():
-        client = aioredis.from_url(redis_server.url)
-        gateway, model_server = FakeGateway(), FakeModelServer({3})
-        controller = Controller(client, gateway, model_server, policy, "m", identity="unit")
-        await controller.tick()  # adopts version 3
+        client, gateway, model_server, controller = await stable_v3(redis_server.url)
         state = await controller.load_state()
         state.rejected = [4]
         await controller.save_state(state)
@@ -814,13 +820,8 @@ def test_version_numbers_that_started_again_start_the_rollouts_over(redis_server
 def test_a_model_server_loading_or_without_its_stable_version_is_no_renumbering(redis_server, others):
     """Restarted and still loading (v3 listed LOADING while v1 is AVAILABLE), or the stable v3 unloaded (listed END
     until a restart): the state stays; with v3 not AVAILABLE the controller says so and starts nothing."""
-    policy = parse_policy({"tick_seconds": 1, "steps": [{"weight": 5, "hold_seconds": 600}, {"weight": 100}]})
-
     async def scenario():
-        client = aioredis.from_url(redis_server.url)
-        gateway, model_server = FakeGateway(), FakeModelServer({3})
-        controller = Controller(client, gateway, model_server, policy, "m", identity="unit")
-        await controller.tick()  # adopts version 3
+        client, gateway, model_server, controller = await stable_v3(redis_server.url)
         model_server.versions, model_server.others = {1}, others
         with pytest.raises(StableUnavailable):
             await controller.tick()
