@@ -162,9 +162,6 @@ class FakeModelServer:
         self.versions = set(available)
         self.others = dict(others or {})
 
-    async def available(self):
-        return set(self.versions)
-
     async def listed(self):
         return {**self.others, **{v: "AVAILABLE" for v in self.versions}}
 

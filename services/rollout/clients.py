@@ -115,10 +115,6 @@ class ModelServerStates:
             body = await _json(response)
         return {int(s["version"]): s.get("state") for s in body.get("model_version_status", [])}
 
-    async def available(self) -> set[int]:
-        """The AVAILABLE versions."""
-        return {v for v, state in (await self.listed()).items() if state == "AVAILABLE"}
-
     async def label_version(self, label: str) -> int | None:
         """The version a version label points at now, None when unknown or not loaded: the ``model_spec`` of
         TF Serving's REST metadata by label (its model status does not read a label)."""
