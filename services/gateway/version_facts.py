@@ -11,10 +11,11 @@ from version 1 again (its ``.last_version`` went with it), and a model server th
 restarted, serves the new model under the old number, while Redis still holds the old one's answers. The cache keys
 hold the identity (cache.py), so those answers are never found for the new model. These facts, and the display
 names read from the registry (ModelInfo.keep), are forgotten when the version leaves AVAILABLE (the facts kept aside
-only to check feedback on the answers it gave, ``last_known``). A version can also change unseen, while the model server is out of reach (restarted on a new registry): then
-every version is learnt again at the first status poll it answers (``doubt``), its facts as they were kept until
-then, so that cached answers are still found while it is down; requests between the model server's return and that
-poll (the poll's interval at most, its back-off's while polls fail) still read the old identity.
+only to check feedback on the answers it gave, ``last_known``). A version can also change unseen, while the model
+server is out of reach (restarted on a new registry): then every version is learnt again at the first status poll
+it answers (``doubt``), its facts as they were kept until then, so that cached answers are still found while it is
+down; requests between the model server's return and that poll (the poll's interval at most, its back-off's while
+polls fail) still read the old identity.
 
 The identity rounds every probability and mushroom score to 1/``IDENTITY_STEPS``: the same model read by two engines
 (its SavedModel and its model.tflite) or in two batches differs by far less, so it keeps its identity but for a
