@@ -1,7 +1,9 @@
 """A version number given again to another model gets nothing of the old model's: a registry removed and trained
 anew publishes from version 1 again (``.last_version`` went with it), while Redis, which outlives a run of the
-stack, still holds the old version 1's answers. A real model server, Redis and gateway: the old model's answers,
-class labels and display names are never served for the new one, and the new one's answers are cached in turn."""
+stack, still holds the old version 1's answers and feedback. A real model server, Redis and gateway: the old model's
+answers, class labels and display names are never served for the new one, and the new one's answers are cached in
+turn; the old model's feedback, also what arrives after the new one took its number, is never counted as the new
+one's."""
 from __future__ import annotations
 
 import shutil
@@ -12,7 +14,7 @@ import pytest
 from tests.gateway_harness import gateway_stack
 from tests.model_server_harness import MODEL, start_server, wait_until
 from tests.support import NOT_MUSHROOMS
-from tests.test_gateway import GatewayProcess, in_process_probabilities
+from tests.test_gateway import TOKEN, GatewayProcess, in_process_probabilities
 from training_job.publish import LAST_VERSION_NAME, publish_dir
 from training_job.tiny_model import LABELS, write_tiny_model
 
@@ -95,3 +97,37 @@ def assert_answered_by_the_new_model(gateway, registry, photo: bytes, old: dict,
     listed = versions_listed(gateway)[1]
     assert [c["label"] for c in listed["labels"]] == NEW_LABELS
     assert listed["identity"] not in (None, old_identity)
+
+
+def feedback_of_version_1(gateway) -> dict:
+    return gateway.request("GET", "/v1/admin/status", token=TOKEN).body["versions"].get("1", {}).get("feedback")
+
+
+def give_feedback(gateway, answer: dict, correct: bool) -> dict:
+    predicted = answer["predictions"][0]["label"]
+    true_label = predicted if correct else next(label for label in LABELS if label != predicted)
+    reply = gateway.request("POST", "/v1/feedback", {"feedback_token": answer["feedback_token"],
+                                                      "true_label": true_label})
+    assert reply.status == 200, reply.body
+    return reply.body
+
+
+def test_feedback_on_a_version_number_given_to_another_model_counts_for_the_model_that_answered(stack):
+    gateway, registry = stack.gateway, stack.registry
+    old_answers = [gateway.classify(photo.read_bytes(), version=1)[1] for photo in PHOTOS[:3]]
+    for answer in old_answers[:2]:
+        give_feedback(gateway, answer, correct=True)
+    assert feedback_of_version_1(gateway) == {"correct": 2, "total": 2}
+    empty_the_registry(registry)
+    wait_until(lambda: gateway.classify(PHOTOS[4].read_bytes(), version=1)[0] == 404, timeout=30,
+               what="version 1 gone")
+    publish_another_model(registry)
+    wait_until(lambda: gateway.classify(PHOTOS[4].read_bytes(), version=1)[0] == 200, timeout=30,
+               what="the new version 1 served")
+    assert feedback_of_version_1(gateway) == {"correct": 0, "total": 0}
+    # an answer of the old model, given feedback once the new one holds its number: the old model's
+    recorded = give_feedback(gateway, old_answers[2], correct=False)
+    assert recorded["version"] == 1 and not recorded["correct"]
+    assert feedback_of_version_1(gateway) == {"correct": 0, "total": 0}
+    give_feedback(gateway, gateway.classify(PHOTOS[5].read_bytes(), version=1)[1], correct=False)
+    assert feedback_of_version_1(gateway) == {"correct": 0, "total": 1}

@@ -171,8 +171,74 @@ def test_feedback_seen_set_forgets_expired_answers(redis_server):
     assert asyncio.run(scenario()) == ([b"r2"], {b"r2": b"b"})
 
 
+def test_feedback_tokens_carry_the_identity_of_the_model_that_answered():
+    tokens = FeedbackTokens(b"0123456789abcdef0123", MODEL)
+    assert tokens.verify(tokens.issue("r1", 2, "amanita", identity="0a1b2c3d4e5f")).identity == "0a1b2c3d4e5f"
+    assert tokens.verify(tokens.issue("r2", 2, "amanita")).identity is None  # as tokens issued before identities
+
+
+class Models:
+    """The gateway's version facts as feedback_counts reads them: ``serving`` {version: identity} AVAILABLE now,
+    ``former`` {version: identity} of versions that left."""
+
+    def __init__(self, serving: dict[int, str], former: dict[int, str]):
+        from services.gateway.version_facts import Facts
+
+        self.serving = {v: Facts(v, 224, i, ("a", "b")) for v, i in serving.items()}
+        self.former = {v: Facts(v, 224, i, ("a", "b")) for v, i in former.items()}
+
+    def known(self, version: int):
+        return self.serving.get(version)
+
+    def last_known(self, version: int):
+        return self.serving.get(version) or self.former.get(version)
+
+
+def test_feedback_is_tallied_per_model_and_unnamed_tallies_go_to_the_model_serving_their_number(redis_server):
+    """Version 1's number is held by the model "new" now, after "old": each has its own tally. Unnamed tallies
+    (tokens from before answers named their model) of a version being served are named after its model, in Redis,
+    once; a version that left keeps its unnamed tally beside its model's; a version never learnt shows all."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from services.gateway.stats import Stats
+
+    tokens = FeedbackTokens(b"0123456789abcdef0123", MODEL)
+    feedback = [(1, "old", "a", "a"), (1, "old", "a", "b"), (1, "new", "a", "a"), (1, None, "a", "a"),
+                (2, "two", "a", "b"), (2, None, "a", "a"), (3, "x", "a", "a"), (3, "y", "a", "b"), (3, None, "a", "a")]
+    models = Models(serving={1: "new"}, former={2: "two"})
+
+    async def scenario():
+        client = aioredis.from_url(redis_server.url)
+        await client.delete(keys.feedback_tally(MODEL), keys.feedback_seen(MODEL), keys.feedback_labels(MODEL))
+        stats = Stats(client, MODEL, tokens, models)
+        for n, (version, identity, predicted, true_label) in enumerate(feedback):
+            claim = tokens.verify(tokens.issue(f"r{n}", version, predicted, identity=identity))
+            assert await stats.record_feedback(claim, true_label) is not None
+        first, everyone = await stats.feedback_counts(), await Stats(client, MODEL, tokens).feedback_counts()
+        tally = await client.hgetall(keys.feedback_tally(MODEL))
+        again = await stats.feedback_counts()
+        await client.aclose()
+        return first, everyone, {k.decode(): int(v) for k, v in tally.items()}, again
+
+    first, everyone, tally, again = asyncio.run(scenario())
+    assert first == again == {1: (2, 2), 2: (1, 2), 3: (2, 3)}
+    assert everyone == {1: (3, 4), 2: (1, 2), 3: (2, 3)}
+    assert tally == {"1:old:total": 2, "1:old:correct": 1, "1:new:total": 2, "1:new:correct": 2,
+                     "2:two:total": 1, "2:two:correct": 0, "2:total": 1, "2:correct": 1,
+                     "3:x:total": 1, "3:x:correct": 1, "3:y:total": 1, "3:y:correct": 0, "3:total": 1, "3:correct": 1}
+
+
 # ---------------------------------------------------------------------------------------------- Redis down or frozen
 ADMIN = "the-admin-token"
+
+
+def tallied_total(client, version: int) -> int:
+    """The feedback answers tallied for ``version``: every model's under its number (keys.feedback_tally)."""
+    fields = client.hgetall(keys.feedback_tally(MODEL)).items()
+    return sum(int(count) for name, count in fields
+               if name.decode().startswith(f"{version}:") and name.decode().endswith(":total"))
 
 
 def assert_state_calls_answer_503_promptly(gateway, answer) -> None:
@@ -217,7 +283,7 @@ def test_admin_and_feedback_answer_503_while_redis_is_frozen(gateway, redis_serv
                                                                 "true_label": LABELS[0]})[0] == 200,
                timeout=15, what="feedback recorded after Redis thawed")
     client = redis.Redis.from_url(redis_server.url)  # the feedback answered 503 and its retry: counted once
-    assert client.hget(keys.feedback_tally(MODEL), "1:total") == b"2"
+    assert tallied_total(client, version=1) == 2
     client.close()
 
 
@@ -353,7 +419,7 @@ def test_operator_state_survives_a_restart_of_redis_run_as_the_stack_runs_it():
         client = redis.Redis.from_url(server.url)
         client.set(keys.routing(MODEL), table)
         client.lpush(keys.audit(MODEL), json.dumps({"who": "alice"}))
-        client.hincrby(keys.feedback_tally(MODEL), "1:total", 3)
+        client.hincrby(keys.feedback_tally(MODEL), "1:c0ffee:total", 3)
         client.set(keys.result(MODEL, 1, "c0ffee", 1, 224, "ab"), "{}", ex=3600)
         assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "volatile-lru"
         for key in (keys.routing(MODEL), keys.audit(MODEL), keys.feedback_tally(MODEL)):
@@ -364,7 +430,7 @@ def test_operator_state_survives_a_restart_of_redis_run_as_the_stack_runs_it():
         client = redis.Redis.from_url(server.url)
         assert client.get(keys.routing(MODEL)).decode() == table
         assert json.loads(client.lindex(keys.audit(MODEL), 0)) == {"who": "alice"}
-        assert client.hget(keys.feedback_tally(MODEL), "1:total") == b"3"
+        assert client.hget(keys.feedback_tally(MODEL), "1:c0ffee:total") == b"3"
         client.close()
 
 

@@ -29,6 +29,7 @@ class KnownFacts:
     async def of(self, version: int, timeout: float | None = None) -> Facts:
         return self.known(version)
 
+
 def test_cache_key_depends_on_photo_model_version_identity_preprocessing_and_input_size():
     key = cache_key("abc", "mushrooms", 3, "1d", 224)
     assert contract.PREPROCESSING_VERSION in key
@@ -784,3 +785,30 @@ def test_only_classify_ends_when_its_client_closes_the_connection():
             await runner.cleanup()
 
     asyncio.run(scenario())
+
+
+def test_the_classes_feedback_is_checked_against_are_those_of_the_model_that_answered():
+    """A feedback token names the model behind its version number: the classes of that model, else None (checked
+    against nothing) when another model holds the number now, however the classes are found."""
+    from types import SimpleNamespace
+
+    from training_job.preprocessing import Limits
+
+    class TwoVersions:
+        """Version 6's model "current" is known; version 5's model is "learnt" once the model server is asked."""
+
+        def last_known(self, version):
+            return Facts(6, 224, "current", ("c", "d")) if version == 6 else None
+
+        async def of(self, version, timeout=None):
+            return Facts(version, 224, "learnt", ("e", "f"))
+
+    registry = SimpleNamespace(class_names=lambda version: [{"label": "r"}, {"label": "s"}])
+    gateway = classifier.Classifier(SimpleNamespace(model_name="mushrooms"), None, None, None, registry, Limits(),
+                                    SingleFlight(), TwoVersions())
+
+    def classes(version, identity=None):
+        return asyncio.run(gateway.classes_of(version, identity))
+
+    assert (classes(6), classes(6, "current"), classes(6, "former")) == (["c", "d"], ["c", "d"], None)
+    assert (classes(5), classes(5, "learnt"), classes(5, "former")) == (["r", "s"], ["e", "f"], None)

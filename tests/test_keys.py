@@ -83,5 +83,5 @@ async def record_feedback(stats, version: int, predicted: str, true_label: str) 
     """One answer (its signed feedback token) and its feedback."""
     import uuid
 
-    claim = stats.tokens.verify(stats.feedback_token(uuid.uuid4().hex, version, predicted))
+    claim = stats.tokens.verify(stats.feedback_token(uuid.uuid4().hex, version, None, predicted))
     assert await stats.record_feedback(claim, true_label) is not None

@@ -134,14 +134,16 @@ class Classifier:
         known = self.version_facts.known(version)
         return known.identity if known is not None else None
 
-    async def classes_of(self, version: int) -> list[str] | None:
-        """The class labels of ``version`` in column order: from its facts (as it had them when it left AVAILABLE,
-        if it did), else from the registry's labels.json, else learnt from the model server; None when the model
-        server has no such version any more. Raises GatewayError 503 while the model server is down."""
+    async def classes_of(self, version: int, identity: str | None = None) -> list[str] | None:
+        """The class labels of ``version`` in column order, the model of ``identity`` (None: whichever holds the
+        number): from its facts (as it had them when it left AVAILABLE, if it did), else from the registry's
+        labels.json (with no ``identity``: the registry cannot say which model it holds), else learnt from the model
+        server; None when the model server has no such version any more, or it is another model now. Raises
+        GatewayError 503 while the model server is down."""
         known = self.version_facts.last_known(version)
         if known is not None:
-            return list(known.classes)
-        labels = [c["label"] for c in self.model_info.class_names(version)]
+            return list(known.classes) if identity in (None, known.identity) else None
+        labels = [c["label"] for c in self.model_info.class_names(version)] if identity is None else []
         if labels:
             return labels
         try:
@@ -150,7 +152,7 @@ class Classifier:
             if exc.code == "unknown_version":
                 return None
             raise
-        return list(facts.classes)
+        return list(facts.classes) if identity in (None, facts.identity) else None
 
     async def _predict(self, pixels: np.ndarray, version: int | None, label: str | None):
         start = time.perf_counter()
@@ -265,7 +267,7 @@ class Classifier:
                     metrics.REROUTED.inc()
             self._check_top_k(top_k, len(answer["classes"]))
             with metrics.stage("answer"):
-                return await self._reply(photo, answer, target.reason, top_k, cache_outcome == "hit", wanted, start)
+                return await self._reply(photo, answer, target, top_k, cache_outcome == "hit", wanted, start)
         except GatewayError as exc:
             result = "client_error" if exc.status < 500 else "overloaded" if exc.code in REFUSAL_CODES else \
                 "unavailable"
@@ -372,19 +374,23 @@ class Classifier:
             answer = self.single_flight.held(key)
             return (answer, "miss") if answer is not None else None
 
-    async def _reply(self, photo: bytes, answer: dict, reason: str, top_k: int, cached: bool, wanted: Wanted,
+    async def _reply(self, photo: bytes, answer: dict, target: Target, top_k: int, cached: bool, wanted: Wanted,
                      start: float) -> dict:
-        """Stage answer: the reply to the client, with the drawn explanation when one was asked for."""
+        """Stage answer: the reply to ``target``'s request, with the drawn explanation when one was asked for."""
         explanation = None
         if wanted.explain:
             explanation = await asyncio.get_running_loop().run_in_executor(
                 self.executor, self._draw_explanation, photo, answer)
         answered = metrics.version_metric_value(answer["version"], self.router.available)
-        metrics.child(metrics.ROUTE, model_version=answered, reason=reason).inc()
-        reply = self._answer(answer, top_k, cached, start)
+        metrics.child(metrics.ROUTE, model_version=answered, reason=target.reason).inc()
+        identity = target.facts.identity if answer["version"] == target.facts.version else \
+            self.identity_of(answer["version"])
+        reply = self._answer(answer, identity, top_k, cached, start)
         return reply if explanation is None else {**reply, "explanation": explanation}
 
-    def _answer(self, raw: dict, top_k: int, cached: bool, start: float) -> dict:
+    def _answer(self, raw: dict, identity: str | None, top_k: int, cached: bool, start: float) -> dict:
+        """The reply to the client from ``raw``, the answer of the model of ``identity`` (None: not known), which its
+        feedback token names."""
         version = raw["version"]
         names = self.model_info.display_names(version)
         probabilities = np.asarray(raw["probabilities"])
@@ -394,7 +400,7 @@ class Classifier:
                         "score": float(probabilities[i])} for i in order]
         latency = time.perf_counter() - start
         self.stats.record(version, latency, cached)
-        feedback_token = self.stats.feedback_token(request_id, version, predictions[0]["label"])
+        feedback_token = self.stats.feedback_token(request_id, version, identity, predictions[0]["label"])
         return {"request_id": request_id, "feedback_token": feedback_token,
                 "model": {"name": self.upstream.model_name, "version": version},
                 "predictions": predictions, "not_a_mushroom": raw["not_a_mushroom"],

@@ -1,9 +1,11 @@
 """Feedback tokens: each answer carries a signed token saying what it predicted, so an answer costs no Redis key.
 
 A token is ``v1.<payload>.<signature>``: the payload is base64url JSON {"r": request id, "m": model, "v": version,
-"p": predicted label, "t": issue time (unix seconds), and "h": the photo's sha256 when the photo store keeps it
-(photo_store.py)}, the signature base64url HMAC-SHA256 of ``v1.<payload>`` under
-the gateway's feedback secret. ``/v1/feedback`` verifies it; a token is good for ``lifetime`` seconds after issue.
+"p": predicted label, "t": issue time (unix seconds), "i": the identity of the model behind that version number when
+the gateway knew it (version_facts.py; tokens issued before answers named their model have none), and "h": the
+photo's sha256 when the photo store keeps it (photo_store.py)}, the signature base64url HMAC-SHA256 of
+``v1.<payload>`` under the gateway's feedback secret. ``/v1/feedback`` verifies it; a token is good for ``lifetime``
+seconds after issue.
 Every replica must share the secret (FEEDBACK_SECRET or --feedback-secret-file; a Kubernetes Secret / compose
 secret in deploy/), or a replica refuses the tokens of the others. Single use is enforced when feedback arrives
 (stats.Stats.record_feedback), not here.
@@ -42,6 +44,7 @@ class FeedbackClaim:
     issued_at: int
     expires_at: int
     photo_sha256: str | None = None  # set when the gateway kept the photo (--photo-store)
+    identity: str | None = None  # the model that answered under ``version`` (version_facts.identity), when known
 
 
 def _b64(data: bytes) -> str:
@@ -70,8 +73,11 @@ class FeedbackTokens:
     def _sign(self, signed_part: str) -> str:
         return _b64(hmac.new(self._secret, signed_part.encode(), hashlib.sha256).digest())
 
-    def issue(self, request_id: str, version: int, predicted: str, photo_sha256: str | None = None) -> str:
+    def issue(self, request_id: str, version: int, predicted: str, photo_sha256: str | None = None,
+              identity: str | None = None) -> str:
         payload = {"r": request_id, "m": self.model_name, "v": version, "p": predicted, "t": int(self.clock())}
+        if identity is not None:
+            payload["i"] = identity
         if photo_sha256 is not None:
             payload["h"] = photo_sha256
         signed_part = f"{VERSION_PREFIX}.{_b64(json.dumps(payload, separators=(',', ':')).encode())}"
@@ -88,7 +94,8 @@ class FeedbackTokens:
         try:
             payload = json.loads(_unb64(parts[1]))
             claim = FeedbackClaim(str(payload["r"]), int(payload["v"]), str(payload["p"]), int(payload["t"]),
-                                  int(payload["t"]) + self.lifetime, str(payload["h"]) if "h" in payload else None)
+                                  int(payload["t"]) + self.lifetime, str(payload["h"]) if "h" in payload else None,
+                                  str(payload["i"]) if "i" in payload else None)
         except (binascii.Error, ValueError, KeyError, TypeError):
             raise BadFeedbackToken("malformed", "feedback_token carries an unreadable payload") from None
         if payload.get("m") != self.model_name:

@@ -64,7 +64,9 @@ def audit(model: str) -> str:
 
 
 def feedback_tally(model: str) -> str:
-    """Hash: fields ``<version>:total`` and ``<version>:correct``, user feedback counts per version. State: no TTL."""
+    """Hash: fields ``<version>:<identity>:total`` and ``<version>:<identity>:correct``, user feedback counts per
+    model (a version and the identity of the model behind it, version_facts.py); ``<version>:total`` and
+    ``<version>:correct`` for feedback on answers that named no model (stats.py). State: no TTL."""
     return f"{PREFIX}:feedback:{model}"
 
 

@@ -147,11 +147,11 @@ class Gateway:
         self.upstream = ModelServerClient(args.model_server, args.model_name, timeout=args.upstream_timeout,
                                           explain_target=args.explain_model_server or None)
         self.router = Router(self.redis, args.model_name, LabelResolver(self.upstream))
+        self.version_facts = VersionFacts(self.upstream)
         self.stats = Stats(self.redis, args.model_name, tokens_from_config(
             args.feedback_secret_file or None, os.environ.get("FEEDBACK_SECRET"), args.model_name,
-            args.feedback_window))
+            args.feedback_window), self.version_facts)
         self.model_info = ModelInfo(args.model_base_path or None)
-        self.version_facts = VersionFacts(self.upstream)
         self.classifier = Classifier(self.upstream, ResultCache(self.redis, args.cache_ttl), self.router, self.stats,
                                      self.model_info, Limits(args.max_bytes, args.max_pixels),
                                      SingleFlight() if args.single_flight else NoSingleFlight(), self.version_facts,

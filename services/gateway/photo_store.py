@@ -159,8 +159,9 @@ class PhotoStore:
             sha256 = await self._run("keep", self._keep, photo)
         except OSError:
             return answer
-        token = self.tokens.issue(answer["request_id"], answer["model"]["version"],
-                                  answer["predictions"][0]["label"], photo_sha256=sha256)
+        claim = self.tokens.verify(answer["feedback_token"])  # the answer's own, issued a moment ago
+        token = self.tokens.issue(claim.request_id, claim.version, claim.predicted, photo_sha256=sha256,
+                                  identity=claim.identity)
         return {**answer, "feedback_token": token}
 
     def _record(self, claim: FeedbackClaim, true_label: str) -> bool:

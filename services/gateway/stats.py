@@ -8,6 +8,13 @@ restarted replica from one that goes on counting.
 Answers cost Redis nothing: each carries a signed feedback token (feedback.py); Redis is written only when feedback
 arrives (the tally hash, and the request id in the ``feedback_seen`` set with its true label in ``feedback_labels``
 until its token expires, so it counts once and the same feedback sent again is answered as recorded).
+
+Feedback is tallied per model, not per version number: under the version and the identity of the model that
+answered (version_facts.py), which the token carries, so a number given again to another model (a registry removed
+and trained anew) starts with no feedback, and what arrives later for the old model's answers stays the old
+model's. A version's figures show the tally of the model this process knows under its number. Tallies without an
+identity (tokens issued before answers named their model) are moved, once, to the model serving under their number
+when they are first seen; a version this process never learnt shows every model's tally under its number together.
 """
 from __future__ import annotations
 
@@ -16,16 +23,20 @@ import time
 import uuid
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from services.gateway import keys, metrics
 from services.gateway.feedback import FeedbackClaim, FeedbackTokens
 
-# KEYS: feedback_seen, feedback_tally, feedback_labels; ARGV: now, token expiry, request id, version, 1 if correct
-# else 0, true label. Returns 1 when recorded, 2 when the request id's feedback was recorded with this true label
-# before (the same feedback again), 0 when it was recorded with another. One script: the check and the counts are
-# atomic.
+if TYPE_CHECKING:
+    from services.gateway.version_facts import Facts
+
+# KEYS: feedback_seen, feedback_tally, feedback_labels; ARGV: now, token expiry, request id, the tally's field prefix
+# (``tally_prefix``), 1 if correct else 0, true label. Returns 1 when recorded, 2 when the request id's feedback was
+# recorded with this true label before (the same feedback again), 0 when it was recorded with another. One script:
+# the check and the counts are atomic.
 RECORD_FEEDBACK_LUA = """
 for _, expired in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])) do
   redis.call('HDEL', KEYS[3], expired)
@@ -40,6 +51,34 @@ redis.call('HINCRBY', KEYS[2], ARGV[4] .. ':total', 1)
 redis.call('HINCRBY', KEYS[2], ARGV[4] .. ':correct', ARGV[5])
 return 1
 """
+# KEYS: feedback_tally; ARGV: version, identity. The version's tally without an identity added to the identity's,
+# and removed: atomic, so replicas doing it at once move it once.
+NAME_UNNAMED_TALLY_LUA = """
+for _, kind in ipairs({'total', 'correct'}) do
+  local unnamed = redis.call('HGET', KEYS[1], ARGV[1] .. ':' .. kind)
+  if unnamed then
+    redis.call('HINCRBY', KEYS[1], ARGV[1] .. ':' .. ARGV[2] .. ':' .. kind, unnamed)
+    redis.call('HDEL', KEYS[1], ARGV[1] .. ':' .. kind)
+  end
+end
+return 1
+"""
+UNNAMED = None  # the identity of a tally kept before answers named their model
+
+
+def tally_prefix(version: int, identity: str | None) -> str:
+    """The start of a tally's field names in ``keys.feedback_tally``: ``<version>:<identity>``, or ``<version>`` for
+    feedback on an answer that named no model."""
+    return str(version) if identity is None else f"{version}:{identity}"
+
+
+class KnownModels(Protocol):
+    """Which model a version number names (version_facts.VersionFacts): ``known`` while it is AVAILABLE,
+    ``last_known`` also once it left."""
+
+    def known(self, version: int) -> Facts | None: ...
+
+    def last_known(self, version: int) -> Facts | None: ...
 
 
 @dataclass
@@ -67,12 +106,21 @@ def two_proportion_z_test(correct_a: int, total_a: int, correct_b: int, total_b:
     return {"z": z, "p_value": p_value, "significant": p_value < 0.05}
 
 
+def _added(tallies) -> tuple[int, int]:
+    """(correct, total) tallies added up."""
+    tallies = list(tallies)
+    return sum(correct for correct, _ in tallies), sum(total for _, total in tallies)
+
+
 class Stats:
-    def __init__(self, redis, model_name: str, tokens: FeedbackTokens | None = None):
+    def __init__(self, redis, model_name: str, tokens: FeedbackTokens | None = None,
+                 models: KnownModels | None = None):
         self.redis = redis
         self.model_name = model_name
         self.tokens = tokens or FeedbackTokens.with_random_secret(model_name)
+        self.models = models  # which model each version number names, for its feedback (None: every model's)
         self._record_script = None  # registered at the first feedback (no Redis I/O until then)
+        self._name_script = None  # registered when a tally without an identity is first seen
         self.versions: dict[int, VersionStats] = defaultdict(VersionStats)
         self.instance = {"id": uuid.uuid4().hex, "started": time.time()}  # the process these counts belong to
 
@@ -97,8 +145,9 @@ class Stats:
         metrics.SHADOW.labels(agreement="agree" if agreed else "disagree").inc()
         metrics.SHADOW_SECONDS.observe(seconds)
 
-    def feedback_token(self, request_id: str, version: int, predicted: str) -> str:
-        return self.tokens.issue(request_id, version, predicted)
+    def feedback_token(self, request_id: str, version: int, identity: str | None, predicted: str) -> str:
+        """The token of an answer of ``version``, the model of ``identity`` (None: not known)."""
+        return self.tokens.issue(request_id, version, predicted, identity=identity)
 
     async def record_feedback(self, claim: FeedbackClaim, true_label: str) -> dict | None:
         """Records ground truth once per answer; returns what was recorded (also when this same feedback was
@@ -109,23 +158,47 @@ class Stats:
         recorded = await self._record_script(
             keys=[keys.feedback_seen(self.model_name), keys.feedback_tally(self.model_name),
                   keys.feedback_labels(self.model_name)],
-            args=[self.tokens.clock(), claim.expires_at, claim.request_id, claim.version, int(correct), true_label])
+            args=[self.tokens.clock(), claim.expires_at, claim.request_id, tally_prefix(claim.version, claim.identity),
+                  int(correct), true_label])
         if not recorded:
             return None
         return {"request_id": claim.request_id, "version": claim.version, "predicted": claim.predicted,
                 "true_label": true_label, "correct": correct}
 
-    async def feedback_counts(self) -> dict[int, tuple[int, int]]:
-        """{version: (correct, total)} from the one tally hash of the model."""
-        counts: dict[int, list[int]] = {}
+    async def feedback_tallies(self) -> dict[int, dict[str | None, tuple[int, int]]]:
+        """{version: {identity (UNNAMED: none): (correct, total)}} from the one tally hash of the model."""
+        counts: dict[int, dict[str | None, list[int]]] = {}
         for field_name, value in (await self.redis.hgetall(keys.feedback_tally(self.model_name))).items():
             field_name = field_name.decode() if isinstance(field_name, bytes) else field_name
-            version, _, kind = field_name.partition(":")
-            if version.isdigit() and kind in ("correct", "total"):
-                counts.setdefault(int(version), [0, 0])[kind == "total"] = int(value)
-        return {version: (correct, total) for version, (correct, total) in counts.items()}
+            version, *identity, kind = field_name.split(":")
+            if version.isdigit() and kind in ("correct", "total") and len(identity) <= 1:
+                tally = counts.setdefault(int(version), {}).setdefault(identity[0] if identity else UNNAMED, [0, 0])
+                tally[kind == "total"] = int(value)
+        return {version: {identity: (correct, total) for identity, (correct, total) in by_identity.items()}
+                for version, by_identity in counts.items()}
+
+    async def feedback_counts(self) -> dict[int, tuple[int, int]]:
+        """{version: (correct, total)}: for each version, the tally of the model ``self.models`` knows under its
+        number, with its unnamed tally (named after the model serving under that number, in Redis, the first time
+        it is seen); every model's together for a version it does not know, or with no ``self.models``."""
+        counts, models = {}, self.models
+        for version, by_identity in (await self.feedback_tallies()).items():
+            facts = models.last_known(version) if models is not None else None
+            if facts is None:
+                counts[version] = _added(by_identity.values())
+                continue
+            if UNNAMED in by_identity and models.known(version) is not None:
+                await self._name_unnamed(version, facts.identity)
+            counts[version] = _added([by_identity.get(facts.identity, (0, 0)), by_identity.get(UNNAMED, (0, 0))])
+        return counts
+
+    async def _name_unnamed(self, version: int, identity: str) -> None:
+        if self._name_script is None:
+            self._name_script = self.redis.register_script(NAME_UNNAMED_TALLY_LUA)
+        await self._name_script(keys=[keys.feedback_tally(self.model_name)], args=[version, identity])
 
     async def summary(self) -> dict:
+        """Each version's figures, its feedback that of the model known under its number (``feedback_counts``)."""
         feedback = await self.feedback_counts()
         versions = {}
         for version in sorted(set(self.versions) | set(feedback)):
