@@ -99,8 +99,12 @@ def assert_answered_by_the_new_model(gateway, registry, photo: bytes, old: dict,
     assert listed["identity"] not in (None, old_identity)
 
 
+def status_of_version_1(gateway) -> dict:
+    return gateway.request("GET", "/v1/admin/status", token=TOKEN).body["versions"].get("1", {})
+
+
 def feedback_of_version_1(gateway) -> dict:
-    return gateway.request("GET", "/v1/admin/status", token=TOKEN).body["versions"].get("1", {}).get("feedback")
+    return status_of_version_1(gateway).get("feedback")
 
 
 def give_feedback(gateway, answer: dict, correct: bool) -> dict:
@@ -112,7 +116,9 @@ def give_feedback(gateway, answer: dict, correct: bool) -> dict:
     return reply.body
 
 
-def test_feedback_on_a_version_number_given_to_another_model_counts_for_the_model_that_answered(stack):
+def test_figures_and_feedback_of_a_version_number_given_to_another_model_are_the_new_models_own(stack):
+    """The new version 1's requests start from its first answer (the gateway's own counts: 404s while version 1 was
+    gone count for no version), its feedback from nothing."""
     gateway, registry = stack.gateway, stack.registry
     old_answers = [gateway.classify(photo.read_bytes(), version=1)[1] for photo in PHOTOS[:3]]
     for answer in old_answers[:2]:
@@ -124,7 +130,8 @@ def test_feedback_on_a_version_number_given_to_another_model_counts_for_the_mode
     publish_another_model(registry)
     wait_until(lambda: gateway.classify(PHOTOS[4].read_bytes(), version=1)[0] == 200, timeout=30,
                what="the new version 1 served")
-    assert feedback_of_version_1(gateway) == {"correct": 0, "total": 0}
+    figures = status_of_version_1(gateway)
+    assert (figures["requests"], figures["feedback"]) == (1, {"correct": 0, "total": 0})
     # an answer of the old model, given feedback once the new one holds its number: the old model's
     recorded = give_feedback(gateway, old_answers[2], correct=False)
     assert recorded["version"] == 1 and not recorded["correct"]

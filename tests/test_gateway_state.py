@@ -230,6 +230,38 @@ def test_feedback_is_tallied_per_model_and_unnamed_tallies_go_to_the_model_servi
                      "3:x:total": 1, "3:x:correct": 1, "3:y:total": 1, "3:y:correct": 0, "3:total": 1, "3:correct": 1}
 
 
+def test_a_versions_own_figures_start_anew_when_another_model_holds_its_number():
+    """Requests, errors and latency of version 1 count the model "old" until "new" holds the number: then none are
+    shown until "new" answers, and its own are counted from there. A version whose model is not known yet (2) is
+    counted as it comes."""
+    import asyncio
+
+    from services.gateway.stats import Stats
+
+    class NoFeedback:
+        async def hgetall(self, key):
+            return {}
+
+    models = Models(serving={1: "old"}, former={})
+    stats = Stats(NoFeedback(), MODEL, models=models)
+
+    def requests() -> dict[str, int]:
+        return {v: row["requests"] for v, row in asyncio.run(stats.summary())["versions"].items()}
+
+    stats.record(1, 0.01, cached=False)
+    stats.record_error(1)
+    stats.record(2, 0.01, cached=True)
+    assert requests() == {"1": 2, "2": 1}
+    models.former, models.serving = {1: models.serving[1]}, {}  # version 1 left: its figures stay the old model's
+    assert requests() == {"1": 2, "2": 1}
+    models.serving = Models(serving={1: "new"}, former={}).serving
+    assert requests() == {"1": 0, "2": 1}
+    stats.record(1, 0.02, cached=False)
+    stats.record(2, 0.01, cached=True)
+    assert requests() == {"1": 1, "2": 2}
+    assert asyncio.run(stats.summary())["versions"]["1"]["p50_ms"] == pytest.approx(20.0)
+
+
 # ---------------------------------------------------------------------------------------------- Redis down or frozen
 ADMIN = "the-admin-token"
 

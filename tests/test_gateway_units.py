@@ -650,7 +650,7 @@ def test_a_classify_the_client_left_is_cancelled_not_ok():
 
     asyncio.run(scenario())
     assert (_classify_count("ok") - ok, _classify_count("cancelled") - cancelled) == (0, 1)
-    assert answering.stats.versions[1].errors == 0
+    assert getattr(answering.stats.versions.get(1), "errors", 0) == 0  # no figures, or no error among them
 
 
 def _responses(protocol: str, code: str) -> float:

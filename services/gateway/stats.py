@@ -3,7 +3,8 @@ by every replica); a two-proportion z-test between the two versions with the mos
 
 The per-process counts start from zero with the process, so the summary names the process they belong to
 (``instance``: an id drawn at start and the start time): a reader that keeps baselines (the rollout controller) tells a
-restarted replica from one that goes on counting.
+restarted replica from one that goes on counting. They also start from zero for a version number once another model
+holds it (its identity, version_facts.py, is not the one they counted), as a restarted replica's do.
 
 Answers cost Redis nothing: each carries a signed feedback token (feedback.py); Redis is written only when feedback
 arrives (the tally hash, and the request id in the ``feedback_seen`` set with its true label in ``feedback_labels``
@@ -21,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections import defaultdict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -83,6 +84,7 @@ class KnownModels(Protocol):
 
 @dataclass
 class VersionStats:
+    identity: str | None = None  # the model counted (version_facts.identity), None until known
     requests: int = 0
     errors: int = 0
     cache_hits: int = 0
@@ -121,11 +123,29 @@ class Stats:
         self.models = models  # which model each version number names, for its feedback (None: every model's)
         self._record_script = None  # registered at the first feedback (no Redis I/O until then)
         self._name_script = None  # registered when a tally without an identity is first seen
-        self.versions: dict[int, VersionStats] = defaultdict(VersionStats)
+        self.versions: dict[int, VersionStats] = {}
         self.instance = {"id": uuid.uuid4().hex, "started": time.time()}  # the process these counts belong to
 
+    def _counted(self, version: int) -> VersionStats:
+        """The figures of the model under ``version`` now: begun anew when the number names another model than the
+        one they counted."""
+        facts = self.models.known(version) if self.models is not None else None
+        s = self.versions.get(version)
+        if s is None or (facts is not None and s.identity not in (None, facts.identity)):
+            s = self.versions[version] = VersionStats()
+        if facts is not None:
+            s.identity = facts.identity
+        return s
+
+    def _shown(self, version: int) -> VersionStats:
+        """The figures ``summary`` shows for ``version``: none yet when the model last known under its number is
+        not the one they counted."""
+        facts = self.models.last_known(version) if self.models is not None else None
+        s = self.versions.get(version, VersionStats())
+        return VersionStats() if facts is not None and s.identity not in (None, facts.identity) else s
+
     def record(self, version: int, seconds: float, cached: bool) -> None:
-        s = self.versions[version]
+        s = self._counted(version)
         s.requests += 1
         s.cache_hits += cached
         s.latencies.append(seconds)
@@ -134,11 +154,12 @@ class Stats:
 
     def record_error(self, version: int | None) -> None:
         if version is not None:
-            self.versions[version].requests += 1
-            self.versions[version].errors += 1
+            s = self._counted(version)
+            s.requests += 1
+            s.errors += 1
 
     def record_shadow(self, version: int, agreed: bool, seconds: float) -> None:
-        s = self.versions[version]
+        s = self._counted(version)
         s.shadow_requests += 1
         s.shadow_agreements += agreed
         s.shadow_latencies.append(seconds)
@@ -202,7 +223,7 @@ class Stats:
         feedback = await self.feedback_counts()
         versions = {}
         for version in sorted(set(self.versions) | set(feedback)):
-            s = self.versions.get(version, VersionStats())
+            s = self._shown(version)
             lat, miss_lat = np.asarray(s.latencies) * 1000, np.asarray(s.miss_latencies) * 1000
             shadow_lat = np.asarray(s.shadow_latencies) * 1000
             correct, total = feedback.get(version, (0, 0))
