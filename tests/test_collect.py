@@ -148,6 +148,8 @@ def test_corrections_become_class_folders_with_provenance_and_no_duplicates(mode
             first, second = answer(disputed_photo), answer(disputed_photo)
             feedback(first, LABELS[2])
             feedback(second, LABELS[3])
+            [identity] = [v["identity"] for v in gateway.request("GET", "/v1/models").body["models"][0]["versions"]
+                          if v["version"] == 1]
         finally:
             gateway.stop()
 
@@ -155,6 +157,7 @@ def test_corrections_become_class_folders_with_provenance_and_no_duplicates(mode
     assert len(records) == 6 and oct((store / "corrections.jsonl").stat().st_mode & 0o777) == "0o600"
     first_record = records[0]
     assert first_record["sha256"] == hashlib.sha256(new).hexdigest() and first_record["version"] == 1
+    assert first_record["identity"] == identity  # the model behind version 1 (a number can be given again)
     assert first_record["request_id"] == a["request_id"] and first_record["predicted"] == a["predictions"][0]["label"]
     assert (store / "corrected" / first_record["sha256"]).read_bytes() == new
 
@@ -169,8 +172,8 @@ def test_corrections_become_class_folders_with_provenance_and_no_duplicates(mode
     sha = first_record["sha256"]
     assert (out / label / f"{sha}.jpg").read_bytes() == new
     [row] = list(csv.DictReader(open(out / "provenance.csv")))
-    assert (row["sha256"], row["label"], row["version"], row["request_id"], row["file"]) == (
-        sha, label, "1", a["request_id"], f"{label}/{sha}.jpg")
+    assert (row["sha256"], row["label"], row["version"], row["identity"], row["request_id"], row["file"]) == (
+        sha, label, "1", identity, a["request_id"], f"{label}/{sha}.jpg")
     assert row["answered_at"] and row["corrected_at"] and row["predicted"] == a["predictions"][0]["label"]
 
     again = subprocess.run([sys.executable, "-m", "training_job", "collect", f"--store={store}", f"--data={data}",
@@ -327,3 +330,21 @@ def test_a_broken_photo_store_never_costs_an_answer_and_a_correction_waits_for_i
     [line] = (store / "corrections.jsonl").read_text().splitlines()
     assert json.loads(line)["true_label"] == wrong
     assert (store / "corrected" / json.loads(line)["sha256"]).read_bytes() == kept_photo
+
+
+def test_provenance_rows_are_appended_under_the_columns_the_file_already_has(tmp_path):
+    """A provenance.csv written before a column was added keeps its header: new rows fill its columns."""
+    from training_job.collect import append_provenance
+
+    provenance = tmp_path / "provenance.csv"
+    old_columns = ["sha256", "label", "version", "file"]
+    provenance.write_text(",".join(old_columns) + "\nabc,boletus_edulis,1,boletus_edulis/abc.jpg\n")
+    append_provenance(provenance, [{"sha256": "def", "label": "amanita_muscaria", "version": 2, "identity": "0a1b",
+                                    "file": "amanita_muscaria/def.jpg", "request_id": "r9"}])
+    rows = list(csv.DictReader(open(provenance)))
+    assert [list(row) for row in rows] == [old_columns, old_columns]
+    assert [row["sha256"] for row in rows] == ["abc", "def"] and rows[1]["file"] == "amanita_muscaria/def.jpg"
+    fresh = tmp_path / "fresh.csv"
+    append_provenance(fresh, [{"sha256": "def", "identity": "0a1b"}])
+    [row] = list(csv.DictReader(open(fresh)))
+    assert row["identity"] == "0a1b" and row["label"] == ""

@@ -6,7 +6,8 @@ left out): the photo must still be in the store, decode under the preprocessing 
 carry a label that is a class of the existing data, and be neither byte-identical (sha256) nor a near duplicate
 (perceptual hash within ``near_duplicate_distance``, prepare's rule) of an existing photo, of a photo collected
 before, or of another new one. Kept photos go to ``OUT/<label>/<sha256>.<ext>``; ``OUT/provenance.csv`` gets one row
-per photo: which answer (request id), which version, when it was answered and corrected. ``OUT`` may be the data
+per photo: which answer (request id), which version and model (its identity: a version number can be given again
+to another model), when it was answered and corrected. ``OUT`` may be the data
 folder itself (then the next ``run`` trains on old + new photos) or a folder of its own.
 """
 from __future__ import annotations
@@ -26,8 +27,8 @@ from training_job.prepare import DEFAULT_MIN_SIDE, DEFAULT_NEAR_DUPLICATE_DISTAN
     _list_classes, inspect_file
 
 PROVENANCE = "provenance.csv"
-PROVENANCE_FIELDS = ["sha256", "label", "predicted", "model", "version", "request_id", "answered_at", "corrected_at",
-                     "collected_at", "file"]
+PROVENANCE_FIELDS = ["sha256", "label", "predicted", "model", "version", "identity", "request_id", "answered_at",
+                     "corrected_at", "collected_at", "file"]
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "MPO": "jpg"}
 
 
@@ -141,22 +142,31 @@ def collect(store: str | Path, data: str | Path, out: str | Path, min_side: int 
         hashes = np.append(hashes, np.uint64(item.phash))
         row = {"sha256": item.sha256, "label": label, "predicted": record.get("predicted", ""),
                "model": record.get("model", ""), "version": record.get("version", ""),
+               "identity": record.get("identity") or "",
                "request_id": record.get("request_id", ""), "answered_at": record.get("answered_at", ""),
                "corrected_at": record.get("corrected_at", ""), "collected_at": round(clock(), 3),
                "file": str(target.relative_to(out))}
         rows.append(row)
         report.collected.append(row)
     if rows:
-        provenance = out / PROVENANCE
-        new_file = not provenance.exists()
-        with open(provenance, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=PROVENANCE_FIELDS)
-            if new_file:
-                writer.writeheader()
-            writer.writerows(rows)
+        append_provenance(out / PROVENANCE, rows)
     out.mkdir(parents=True, exist_ok=True)
     (out / "collect_report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
     return report
+
+
+def append_provenance(path: Path, rows: list[dict]) -> None:
+    """``rows`` appended to the provenance file, under the columns its header has (a file written before a column
+    was added keeps its header; the rows fill those columns); a new file gets PROVENANCE_FIELDS."""
+    header = None
+    if path.exists():
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), None)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header or PROVENANCE_FIELDS, restval="", extrasaction="ignore")
+        if header is None:
+            writer.writeheader()
+        writer.writerows(rows)
 
 
 def format_collect_summary(report: CollectReport, out: Path) -> str:

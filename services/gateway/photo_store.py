@@ -168,7 +168,7 @@ class PhotoStore:
         sha256 = claim.photo_sha256
         kept = self.corrected.file(sha256).exists() or self.corrected.adopt(self.pending.file(sha256), sha256)
         line = json.dumps({"sha256": sha256, "true_label": true_label, "predicted": claim.predicted,
-                           "model": self.tokens.model_name, "version": claim.version,
+                           "model": self.tokens.model_name, "version": claim.version, "identity": claim.identity,
                            "request_id": claim.request_id, "answered_at": claim.issued_at,
                            "corrected_at": round(self.clock(), 3), "photo_kept": kept})
         fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
