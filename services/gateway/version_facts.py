@@ -19,9 +19,10 @@ polls fail) still read the old identity.
 
 The identity rounds every probability and mushroom score to 1/``IDENTITY_STEPS``: the same model read by two engines
 (its SavedModel and its model.tflite) or in two batches differs by far less, so it keeps its identity but for a
-value that falls on a rounding boundary, which costs cache misses only; two different trainings give the same
-rounded answers to every probe hardly ever, as a probe (a grey, a gradient, a noise image) is nothing a model was
-trained to be sure of.
+value that falls on a rounding boundary, which costs cache misses, and begins the version's feedback tally and
+figures anew (stats.py; the earlier tally stays in Redis under the identity it had): nothing is served or counted
+for the wrong model. Two different trainings give the same rounded answers to every probe hardly ever, as a probe
+(a grey, a gradient, a noise image) is nothing a model was trained to be sure of.
 
 The gateway preprocesses a photo at the size of the version that will answer it, and the cache key holds that size.
 The version watcher learns the facts of each newly AVAILABLE version before routing to it (``refresh``).
