@@ -36,19 +36,25 @@ def test_feedback_tokens_name_the_kept_photo_and_old_tokens_still_verify():
     assert tokens.verify(tokens.issue("r2", 2, "boletus_edulis")).photo_sha256 is None
 
 
-def test_the_token_naming_a_kept_photo_names_the_model_the_answer_named(tmp_path):
+def test_the_token_naming_a_kept_photo_is_the_answers_own_with_the_photo(tmp_path):
+    """The same answer (request, version, model identity, issue time) with the photo's hash, however long keeping
+    the photo took: even past a short --feedback-window (the token then expires as the answer's would)."""
     import asyncio
 
     from services.gateway.photo_store import PhotoStore
 
-    tokens = FeedbackTokens(b"0123456789abcdef0123", MODEL)
+    now = [1_000_000.0]
+    tokens = FeedbackTokens(b"0123456789abcdef0123", MODEL, lifetime_seconds=1, clock=lambda: now[0])
     store = PhotoStore(tmp_path / "store", tokens, max_bytes=10_000)
     answer = {"request_id": "r1", "model": {"name": MODEL, "version": 2},
               "predictions": [{"label": "boletus_edulis"}],
               "feedback_token": tokens.issue("r1", 2, "boletus_edulis", identity="0a1b2c3d4e5f")}
-    claim = tokens.verify(asyncio.run(store.keep(b"photo", answer))["feedback_token"])
-    assert (claim.request_id, claim.version, claim.predicted, claim.identity, claim.photo_sha256) == (
-        "r1", 2, "boletus_edulis", "0a1b2c3d4e5f", hashlib.sha256(b"photo").hexdigest())
+    now[0] += 2  # the answer's token expired meanwhile
+    kept = asyncio.run(store.keep(b"photo", answer))["feedback_token"]
+    now[0] -= 2
+    claim = tokens.verify(kept)
+    assert (claim.request_id, claim.version, claim.predicted, claim.identity, claim.issued_at, claim.photo_sha256) \
+        == ("r1", 2, "boletus_edulis", "0a1b2c3d4e5f", 1_000_000, hashlib.sha256(b"photo").hexdigest())
 
 
 def test_bounded_folder_deletes_the_oldest_photos_past_its_size(tmp_path):

@@ -73,6 +73,10 @@ class FeedbackTokens:
     def _sign(self, signed_part: str) -> str:
         return _b64(hmac.new(self._secret, signed_part.encode(), hashlib.sha256).digest())
 
+    def _signed(self, payload: dict) -> str:
+        signed_part = f"{VERSION_PREFIX}.{_b64(json.dumps(payload, separators=(',', ':')).encode())}"
+        return f"{signed_part}.{self._sign(signed_part)}"
+
     def issue(self, request_id: str, version: int, predicted: str, photo_sha256: str | None = None,
               identity: str | None = None) -> str:
         payload = {"r": request_id, "m": self.model_name, "v": version, "p": predicted, "t": int(self.clock())}
@@ -80,10 +84,15 @@ class FeedbackTokens:
             payload["i"] = identity
         if photo_sha256 is not None:
             payload["h"] = photo_sha256
-        signed_part = f"{VERSION_PREFIX}.{_b64(json.dumps(payload, separators=(',', ':')).encode())}"
-        return f"{signed_part}.{self._sign(signed_part)}"
+        return self._signed(payload)
 
-    def verify(self, token: str) -> FeedbackClaim:
+    def naming_photo(self, token: str, photo_sha256: str) -> str:
+        """``token``, one this gateway issued (its signature is checked, not its expiry), naming a kept photo too:
+        the same answer and issue time, with "h"."""
+        return self._signed({**self._payload(token), "h": photo_sha256})
+
+    def _payload(self, token: str) -> dict:
+        """The payload of a token signed with this secret; BadFeedbackToken "malformed" or "forged" otherwise."""
         parts = token.split(".") if isinstance(token, str) and token.isascii() else []  # issued tokens are ASCII
         if len(parts) != 3 or parts[0] != VERSION_PREFIX:
             raise BadFeedbackToken("malformed", "feedback_token is not a token this gateway issues")
@@ -93,10 +102,19 @@ class FeedbackTokens:
                                    "feedback secret)")
         try:
             payload = json.loads(_unb64(parts[1]))
+        except (binascii.Error, ValueError):
+            raise BadFeedbackToken("malformed", "feedback_token carries an unreadable payload") from None
+        if not isinstance(payload, dict):
+            raise BadFeedbackToken("malformed", "feedback_token carries an unreadable payload")
+        return payload
+
+    def verify(self, token: str) -> FeedbackClaim:
+        payload = self._payload(token)
+        try:
             claim = FeedbackClaim(str(payload["r"]), int(payload["v"]), str(payload["p"]), int(payload["t"]),
                                   int(payload["t"]) + self.lifetime, str(payload["h"]) if "h" in payload else None,
                                   str(payload["i"]) if "i" in payload else None)
-        except (binascii.Error, ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):
             raise BadFeedbackToken("malformed", "feedback_token carries an unreadable payload") from None
         if payload.get("m") != self.model_name:
             raise BadFeedbackToken("forged", f"feedback_token is for model {payload.get('m')!r}, not "

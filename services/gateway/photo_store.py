@@ -159,10 +159,7 @@ class PhotoStore:
             sha256 = await self._run("keep", self._keep, photo)
         except OSError:
             return answer
-        claim = self.tokens.verify(answer["feedback_token"])  # the answer's own, issued a moment ago
-        token = self.tokens.issue(claim.request_id, claim.version, claim.predicted, photo_sha256=sha256,
-                                  identity=claim.identity)
-        return {**answer, "feedback_token": token}
+        return {**answer, "feedback_token": self.tokens.naming_photo(answer["feedback_token"], sha256)}
 
     def _record(self, claim: FeedbackClaim, true_label: str) -> bool:
         sha256 = claim.photo_sha256
