@@ -445,6 +445,9 @@ def test_admin_cli_sets_weights_and_shows_status_and_audit(stack):
     assert stack["gateway"].request("GET", "/v1/admin/routing", token=TOKEN)[1]["weights"] == {"1": 60.0, "2": 40.0}
     shown = admin("status").stdout
     assert "version" in shown and "miss p95" in shown  # the latency a rollout judges, beside every answer's
+    identity = next(v["identity"] for v in stack["gateway"].request("GET", "/v1/models").body["models"][0]["versions"]
+                    if v["version"] == 1)
+    assert any(line.split()[:2] == ["1", identity] for line in shown.splitlines())  # the model the figures are of
     assert "{'1': 60.0, '2': 40.0}" in admin("audit").stdout.splitlines()[0]
     refused = subprocess.run([sys.executable, "-m", "services.gateway.operator_cli", "--url", url, "--token", "wrong",
                               "set", "1=100"], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60)

@@ -121,6 +121,8 @@ def test_figures_and_feedback_of_a_version_number_given_to_another_model_are_the
     gone count for no version), its feedback from nothing."""
     gateway, registry = stack.gateway, stack.registry
     old_answers = [gateway.classify(photo.read_bytes(), version=1)[1] for photo in PHOTOS[:3]]
+    old_identity = versions_listed(gateway)[1]["identity"]
+    assert status_of_version_1(gateway)["identity"] == old_identity
     for answer in old_answers[:2]:
         give_feedback(gateway, answer, correct=True)
     assert feedback_of_version_1(gateway) == {"correct": 2, "total": 2}
@@ -132,6 +134,7 @@ def test_figures_and_feedback_of_a_version_number_given_to_another_model_are_the
                what="the new version 1 served")
     figures = status_of_version_1(gateway)
     assert (figures["requests"], figures["feedback"]) == (1, {"correct": 0, "total": 0})
+    assert figures["identity"] == versions_listed(gateway)[1]["identity"] != old_identity
     # an answer of the old model, given feedback once the new one holds its number: the old model's
     recorded = give_feedback(gateway, old_answers[2], correct=False)
     assert recorded["version"] == 1 and not recorded["correct"]

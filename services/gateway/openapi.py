@@ -246,6 +246,9 @@ OPENAPI = {
             "Status": {"type": "object", "required": ["versions", "routing", "instance"], "properties": {
                 "versions": {"type": "object", "propertyNames": _VERSION_KEY, "additionalProperties": {
                     "type": "object", "properties": {
+                        "identity": {"type": ["string", "null"], "description": "the model these figures and this "
+                                     "feedback are of (as in /v1/models; kept once the version left); null when this "
+                                     "gateway has not learnt it"},
                         "requests": {"type": "integer"}, "p50_ms": _NUMBER_OR_NULL, "p95_ms": _NUMBER_OR_NULL,
                         "error_rate": {"type": "number"}, "cache_hit_rate": {"type": "number"},
                         "misses": {"type": "integer", "description": "answers the version computed (not cached)"},

@@ -66,12 +66,13 @@ def print_status(status: dict) -> None:
     routing = status.get("routing", {})
     print_routing(routing)
     weights = routing.get("effective", routing.get("weights", {}))  # per resolved version
-    print(f"{'version':>7} {'weight':>7} {'requests':>9} {'p50 ms':>7} {'p95 ms':>7} {'miss p95':>8} {'errors':>7} "
-          f"{'cache':>6} {'feedback acc':>13}")
+    print(f"{'version':>7} {'model':<12} {'weight':>7} {'requests':>9} {'p50 ms':>7} {'p95 ms':>7} {'miss p95':>8} "
+          f"{'errors':>7} {'cache':>6} {'feedback acc':>13}")
     fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
     for version, row in status["versions"].items():
         acc = row["feedback_accuracy"]
-        print(f"{version:>7} {weights.get(version, 0):>7g} {row['requests']:>9} {fmt(row['p50_ms'], '7.1f')} "
+        print(f"{version:>7} {row.get('identity') or '-':<12} {weights.get(version, 0):>7g} {row['requests']:>9} "
+              f"{fmt(row['p50_ms'], '7.1f')} "
               f"{fmt(row['p95_ms'], '7.1f')} {fmt(row.get('miss_p95_ms'), '8.1f')} {row['error_rate']:>7.1%} "
               f"{row['cache_hit_rate']:>6.0%} "
               f"{fmt(acc, '.1%'):>8} of {row['feedback']['total']}")

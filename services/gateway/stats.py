@@ -230,7 +230,9 @@ class Stats:
             accuracy = correct / total if total else None
             if accuracy is not None:
                 metrics.FEEDBACK_ACCURACY.labels(model_version=str(version)).set(accuracy)
+            facts = self.models.last_known(version) if self.models is not None else None
             versions[str(version)] = {
+                "identity": facts.identity if facts is not None else None,  # the model these figures are of
                 "requests": s.requests,
                 "p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
                 "p95_ms": float(np.percentile(lat, 95)) if lat.size else None,
