@@ -120,7 +120,9 @@ class Stats:
         self.redis = redis
         self.model_name = model_name
         self.tokens = tokens or FeedbackTokens.with_random_secret(model_name)
-        self.models = models  # which model each version number names, for its feedback (None: every model's)
+        # which model each version number names (version_facts.VersionFacts): the figures and feedback shown for a
+        # version are that model's (None: every model's under the number together)
+        self.models = models
         self._record_script = None  # registered at the first feedback (no Redis I/O until then)
         self._name_script = None  # registered when a tally without an identity is first seen
         self.versions: dict[int, VersionStats] = {}
