@@ -52,13 +52,13 @@ redis.call('HINCRBY', KEYS[2], ARGV[4] .. ':total', 1)
 redis.call('HINCRBY', KEYS[2], ARGV[4] .. ':correct', ARGV[5])
 return 1
 """
-# KEYS: feedback_tally; ARGV: version, identity. The version's tally without an identity added to the identity's,
-# and removed: atomic, so replicas doing it at once move it once.
+# KEYS: feedback_tally; ARGV: the unnamed tally's field prefix, the named one's (``tally_prefix``). The version's
+# tally without an identity added to the identity's, and removed: atomic, so replicas doing it at once move it once.
 NAME_UNNAMED_TALLY_LUA = """
 for _, kind in ipairs({'total', 'correct'}) do
   local unnamed = redis.call('HGET', KEYS[1], ARGV[1] .. ':' .. kind)
   if unnamed then
-    redis.call('HINCRBY', KEYS[1], ARGV[1] .. ':' .. ARGV[2] .. ':' .. kind, unnamed)
+    redis.call('HINCRBY', KEYS[1], ARGV[2] .. ':' .. kind, unnamed)
     redis.call('HDEL', KEYS[1], ARGV[1] .. ':' .. kind)
   end
 end
@@ -139,10 +139,14 @@ class Stats:
             s.identity = facts.identity
         return s
 
+    def _last_known(self, version: int) -> Facts | None:
+        """The model ``self.models`` last knew under ``version`` (None: none, or no ``self.models``)."""
+        return self.models.last_known(version) if self.models is not None else None
+
     def _shown(self, version: int) -> VersionStats:
         """The figures ``summary`` shows for ``version``: none yet when the model last known under its number is
         not the one they counted."""
-        facts = self.models.last_known(version) if self.models is not None else None
+        facts = self._last_known(version)
         s = self.versions.get(version, VersionStats())
         return VersionStats() if facts is not None and s.identity not in (None, facts.identity) else s
 
@@ -204,13 +208,13 @@ class Stats:
         """{version: (correct, total)}: for each version, the tally of the model ``self.models`` knows under its
         number, with its unnamed tally (named after the model serving under that number, in Redis, the first time
         it is seen); every model's together for a version it does not know, or with no ``self.models``."""
-        counts, models = {}, self.models
+        counts = {}
         for version, by_identity in (await self.feedback_tallies()).items():
-            facts = models.last_known(version) if models is not None else None
+            facts = self._last_known(version)
             if facts is None:
                 counts[version] = _added(by_identity.values())
                 continue
-            if UNNAMED in by_identity and models.known(version) is not None:
+            if UNNAMED in by_identity and self.models.known(version) is not None:
                 await self._name_unnamed(version, facts.identity)
             counts[version] = _added([by_identity.get(facts.identity, (0, 0)), by_identity.get(UNNAMED, (0, 0))])
         return counts
@@ -218,7 +222,8 @@ class Stats:
     async def _name_unnamed(self, version: int, identity: str) -> None:
         if self._name_script is None:
             self._name_script = self.redis.register_script(NAME_UNNAMED_TALLY_LUA)
-        await self._name_script(keys=[keys.feedback_tally(self.model_name)], args=[version, identity])
+        await self._name_script(keys=[keys.feedback_tally(self.model_name)],
+                                args=[tally_prefix(version, UNNAMED), tally_prefix(version, identity)])
 
     async def summary(self) -> dict:
         """Each version's figures, its feedback that of the model known under its number (``feedback_counts``)."""
@@ -232,7 +237,7 @@ class Stats:
             accuracy = correct / total if total else None
             if accuracy is not None:
                 metrics.FEEDBACK_ACCURACY.labels(model_version=str(version)).set(accuracy)
-            facts = self.models.last_known(version) if self.models is not None else None
+            facts = self._last_known(version)
             versions[str(version)] = {
                 "identity": facts.identity if facts is not None else None,  # the model these figures are of
                 "requests": s.requests,
