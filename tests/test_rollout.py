@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from training_job.tiny_model import LABELS, write_tiny_model
 from training_job.paths import PROJECT_ROOT
 from training_job.publish import publish_dir
 
-AVAILABLE = ModelVersionStatus.AVAILABLE
+AVAILABLE, END = ModelVersionStatus.AVAILABLE, ModelVersionStatus.END
 
 MODELS = ("promote", "feedback", "shadow", "resume", "pause", "web", "mirror", "stopping")
 CONTROLLER_TOKEN = "rollout-controller-token-0123456789"
@@ -638,6 +639,51 @@ def test_an_unloaded_stable_version_blocks_rollouts_with_a_clear_failure(redis_s
         status = controller.status()
         assert status["state"]["candidate"] is None and [e["outcome"] for e in events(status)] == ["adopt"]
         assert routing(gateway) == {"1": 100}  # the take-over table, never a rollout towards version 2
+    finally:
+        if controller is not None:
+            controller.stop()
+        if gateway is not None:
+            gateway.stop()
+        stop_server(server)
+
+
+def test_a_registry_published_anew_on_a_running_model_server_is_rolled_out_from_its_first_version(
+        redis_server, stack_files, tmp_path):
+    """The registry removed and published anew while the model server runs: it unloads v1 and v2 (listed END until
+    it restarts) and loads the new v1. The controller, whose stable version was v2, starts over from the new v1, and
+    the new v2 published next is rolled out at the canary step: before, it failed every tick while its table, still
+    routing v2 alone, sent the gateway's every request to the new v2 as soon as it loaded, never judged."""
+    registry = tmp_path / "registry"
+    for bias in (0.0, 0.0):
+        publish_dir(lambda d: write_tiny_model(d, bias=bias), registry, "anew")
+    config = tmp_path / "models.config"
+    write_config(config, {"anew": registry / "anew"}, policy="all {}")
+    server = start_server(registry, config)
+    gateway = controller = None
+    try:
+        wait_available(server, "anew", 2)
+        gateway = start_gateway(server, redis_server, stack_files, "anew")
+        policy = {"tick_seconds": 0.3, "steps": [{"name": "canary", "weight": 50, "hold_seconds": 600},
+                                                 {"name": "full", "weight": 100}]}
+        controller = Controller("anew", redis_server.url, gateway, server,
+                                (tmp_path, registry, config, stack_files[3]), policy)
+        wait_until(lambda: controller.status()["state"]["stable"] == 2, timeout=30, what="v2 adopted as stable")
+        shutil.rmtree(registry / "anew")
+        (registry / "anew").mkdir()  # as `rm -r var/registry` and the next publish leave it, polled in between
+        wait_until(lambda: [s for s, _ in version_states(server.grpc_target, "anew").values()] == [END, END],
+                   timeout=60, what="v1 and v2 unloaded")
+        publish_dir(lambda d: write_tiny_model(d, bias=0.0), registry, "anew")
+        wait_available(server, "anew", 1)
+        status = wait_until(lambda: (s := controller.status())["state"]["stable"] == 1 and s, timeout=30,
+                            what="the controller starting over from the new v1")
+        assert routing(gateway) == {"1": 100}
+        [renumbered] = events(status, "renumbered")
+        assert renumbered["dropped"]["stable"] == 2 and "unloaded the stable v2" in renumbered["reason"]
+        publish_dir(lambda d: write_tiny_model(d, bias=0.0), registry, "anew")
+        wait_available(server, "anew", 2)
+        status = wait_until(lambda: (s := controller.status())["state"]["candidate"] == 2 and s, timeout=30,
+                            what="the new v2 rolled out")
+        assert status["state"]["step"] == 0 and routing(gateway) == {"1": 50, "2": 50}
     finally:
         if controller is not None:
             controller.stop()

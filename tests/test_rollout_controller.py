@@ -813,10 +813,42 @@ def test_version_numbers_that_started_again_start_the_rollouts_over(redis_server
     assert "no version from the stable v3 up" in renumbered["reason"]
 
 
-@pytest.mark.parametrize("others", [{3: "LOADING", 4: "START"}, {3: "END"}], ids=["still_loading", "stable_unloaded"])
-def test_a_model_server_loading_or_without_its_stable_version_is_no_renumbering(redis_server, others):
-    """Restarted and still loading (v3 listed LOADING while v1 is AVAILABLE), or the stable v3 unloaded (listed END
-    until a restart): the state stays; with v3 not AVAILABLE the controller says so and starts nothing."""
+def test_a_stable_version_unloaded_with_nothing_from_it_up_starts_the_rollouts_over(redis_server):
+    """A registry removed and published anew while the model server runs: it unloads the old versions and keeps
+    listing them in END (TF Serving does until it restarts) beside the new v1. Nothing from the stable v3 up will be
+    served again, so the controller starts over from v1, as after a restart, instead of failing every tick while the
+    gateway, whose routed versions are gone, answers from whichever version is newest: a v2 published next is rolled
+    out step by step, not served whole."""
+    async def scenario():
+        client, gateway, model_server, controller = await stable_v3(redis_server.url)
+        state = await controller.load_state()
+        state.rejected = [4]
+        await controller.save_state(state)
+        model_server.versions, model_server.others = {1}, {3: "END", 4: "END"}
+        await controller.tick()
+        started_over = await controller.load_state()
+        table = dict(gateway.table["weights"])
+        model_server.versions.add(2)
+        await controller.tick()
+        rolling, history = await controller.load_state(), await controller.history()
+        await client.aclose()
+        return started_over, table, rolling, gateway.table["weights"], history
+
+    started_over, table, rolling, rolling_table, history = asyncio.run(scenario())
+    assert (started_over.stable, started_over.candidate, started_over.rejected) == (1, None, [])
+    assert table == {"1": 100}
+    assert (rolling.stable, rolling.candidate) == (1, 2) and rolling_table == {"1": 95, "2": 5}
+    renumbered = next(e for e in history if e["outcome"] == "renumbered")
+    assert renumbered["dropped"]["stable"] == 3 and renumbered["dropped"]["rejected"] == [4]
+    assert "v3 END" in renumbered["reason"] and "unloaded" in renumbered["reason"]
+
+
+@pytest.mark.parametrize("others", [{3: "LOADING", 4: "START"}, {3: "END", 4: "LOADING"}, {3: "UNLOADING"}],
+                         ids=["still_loading", "newer_loading", "stable_unloading"])
+def test_a_model_server_that_will_serve_a_version_from_the_stable_up_is_no_renumbering(redis_server, others):
+    """Restarted and still loading (v3 listed LOADING while v1 is AVAILABLE), the stable v3 unloaded while a newer v4
+    loads (a `latest` policy), or v3 still unloading: the state stays; with v3 not AVAILABLE the controller says so
+    and starts nothing."""
     async def scenario():
         client, gateway, model_server, controller = await stable_v3(redis_server.url)
         model_server.versions, model_server.others = {1}, others

@@ -17,11 +17,14 @@ States (kept in Redis, keys.state, so a restarted or another controller resumes 
   every reading for the policy's ``candidate_unavailable_seconds`` said so: replicas of TF Serving behind one Service
   load a version at different times.
 
-**Numbers started again**: when the model server lists no version, in any state, from ``stable`` up and serves an
-older one (a registry removed and published anew, the model server restarted on it: ``_renumbered``), the state's
-versions and rejections name models that are gone. The controller starts over from the newest AVAILABLE version as
-stable, routed alone, and says so in the history (``renumbered``, with the state it dropped); rejections from before
-it are not rebuilt into a lost state.
+**The state's versions gone**: when the model server lists nothing from ``stable`` up that it serves or will load
+(no such version, or each in END: unloaded, as TF Serving lists them until it restarts) and serves an older one (a
+registry removed and published anew, or the stable version's folder removed: ``_renumbered``), the state's versions
+and rejections name models that are gone or will not be served again. The controller starts over from the newest
+AVAILABLE version as stable, routed alone, and says so in the history (``renumbered``, with the state it dropped);
+rejections from before it are not rebuilt into a lost state. Waiting instead would leave later versions unjudged:
+the gateway answers from the newest version when every routed one is gone, and the old table's numbers name the new
+versions published under them (a new v2 under a table routing v2 alone takes every request as soon as it loads).
 
 With ``serve_new_versions`` (serving_config.py) the controller lists each new version in the model server's config
 at every tick, and while idle retires the versions nothing keeps loaded any more (``retire_versions``: not among the
@@ -630,22 +633,30 @@ class Controller:
 
     @staticmethod
     def _renumbered(state: State, listed: dict[int, str], available: set[int]) -> bool:
-        """The model server's version numbers started again below the state's: it lists no version from ``stable``
-        up, in any state, and serves an older one. Neither a model server still loading (it lists every version it
-        aspires from its first look at the disk, START or LOADING) nor one that unloaded the stable version (it lists
-        it in END until it restarts) is taken for this; one restarted on a config that keeps only older versions is,
-        and the controller follows what it serves (a version rejected before is judged again if it comes back)."""
-        return state.stable is not None and bool(available) and all(v < state.stable for v in listed)
+        """The state's versions are gone: the model server lists no version from ``stable`` up that it serves or
+        will load (none, or each in END) and serves an older one. A model server still loading lists every version
+        it aspires from its first look at the disk (START or LOADING), one unloading the stable version lists it
+        UNLOADING, one whose `latest` policy replaced the stable version lists the newer one: none of these is taken
+        for this. One restarted on a registry published anew (its numbers started again), or one that unloaded the
+        stable version and every newer one (their folders removed: it lists them in END until it restarts), is; the
+        controller follows what it serves (a version rejected before is judged again if it comes back)."""
+        return (state.stable is not None and bool(available)
+                and all(v < state.stable or s == "END" for v, s in listed.items()))
 
     async def _start_over(self, state: State, listed: dict[int, str], available: set[int]) -> State:
-        """A state for numbers that started again: the newest AVAILABLE version stable and routed alone (at this
-        tick), nothing rejected; the dropped state goes into the history's ``renumbered`` event."""
+        """A state for versions that are gone: the newest AVAILABLE version stable and routed alone (at this tick),
+        nothing rejected; the dropped state goes into the history's ``renumbered`` event."""
         fresh = State(stable=max(available))
         seen = ", ".join(f"v{v} {s}" for v, s in sorted(listed.items()))
-        reason = (f"version numbers started again: the model server lists no version from the stable v{state.stable} "
-                  f"up ({seen}), as after a registry removed and published anew; the state's versions named other "
-                  f"models (candidate {state.candidate and f'v{state.candidate}'}, rejected {state.rejected}); "
-                  f"v{fresh.stable}, the newest AVAILABLE version, taken as stable")
+        unloaded = any(v >= state.stable for v in listed)
+        what = (f"unloaded the stable v{state.stable} and lists no version from it up that it serves or will load "
+                f"({seen}), as after its folder was removed or a registry removed and published anew"
+                if unloaded else
+                f"lists no version from the stable v{state.stable} up ({seen}), as after a registry removed and "
+                "published anew (version numbers started again)")
+        reason = (f"the model server {what}; the state's versions name models it will not serve again (candidate "
+                  f"{state.candidate and f'v{state.candidate}'}, rejected {state.rejected}); v{fresh.stable}, the "
+                  "newest AVAILABLE version, taken as stable")
         log.warning("rollout of %s: %s", self.model_name, reason)
         await self.save_state(fresh, self._event(fresh, "renumbered", reason, dropped=asdict(state)))
         self._reconciled = False  # the table of the dropped state's versions is replaced at this tick
