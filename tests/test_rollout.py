@@ -3,6 +3,7 @@ training_job/tiny_model.py), the gateway and `python -m services.rollout` proces
 bounded loop of classify (and feedback) calls to 127.0.0.1."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -199,6 +200,35 @@ def wait_for_shadow(gateway: Gateway, version: int | str) -> None:
 def photos(start: int, count: int) -> list[bytes]:
     assert start + count <= len(PHOTOS)
     return [p.read_bytes() for p in PHOTOS[start:start + count]]
+
+
+@contextlib.contextmanager
+def own_stack(tmp_path, redis_server, stack_files, model: str, policy: dict, versions: int = 1,
+              version_policy: str = "all {}", labels: dict | None = None, server_args: tuple = (),
+              controller_args: tuple = ()):
+    """A model server of its own (``versions`` tiny versions of ``model`` published, the model's config under
+    ``version_policy``), a gateway and a controller on ``policy``, each stopped at the end: for a test that changes
+    the registry or the config under them. Yields (registry, config, server, gateway, controller) once the newest
+    version is AVAILABLE; the config is ``tmp_path / "models.config"``."""
+    registry = tmp_path / "registry"
+    for _ in range(versions):
+        publish_dir(lambda d: write_tiny_model(d), registry, model)
+    config = tmp_path / "models.config"
+    write_config(config, {model: registry / model}, labels=labels and {model: labels}, policy=version_policy)
+    server = start_server(registry, config, *server_args)
+    gateway = controller = None
+    try:
+        wait_available(server, model, versions)
+        gateway = start_gateway(server, redis_server, stack_files, model)
+        controller = Controller(model, redis_server.url, gateway, server, (tmp_path, registry, config, stack_files[3]),
+                                policy, extra=controller_args)
+        yield registry, config, server, gateway, controller
+    finally:
+        if controller is not None:
+            controller.stop()
+        if gateway is not None:
+            gateway.stop()
+        stop_server(server)
 
 
 # ---------------------------------------------------------------------------------------------- tests
@@ -560,23 +590,14 @@ def test_web_operator_panel_shows_the_rollout_and_sends_commands(model_server, r
 
 
 def test_with_labels_canary_and_stable_move_in_the_model_server_config(redis_server, stack_files, tmp_path):
-    registry = tmp_path / "registry"
-    publish_dir(lambda d: write_tiny_model(d), registry, "labelled")
-    config = tmp_path / "models.config"
-    write_config(config, {"labelled": registry / "labelled"}, labels={"labelled": {"stable": 1}}, policy="all {}")
-    server = start_server(registry, config, "--model_config_file_poll_wait_seconds=1")
-    gateway = None
-    controller = None
-    try:
-        wait_available(server, "labelled", 1)
-        gateway = start_gateway(server, redis_server, stack_files, "labelled")
-        policy = {"tick_seconds": 0.3, "rules": FAST_RULES, "steps": [
-            {"name": "shadow", "weight": 0, "hold_seconds": 1, "min_requests": 10},
-            {"name": "half", "weight": 50, "hold_seconds": 1, "min_requests": 10},
-            {"name": "full", "weight": 100, "hold_seconds": 1, "min_requests": 10}]}
-        controller = Controller("labelled", redis_server.url, gateway, server, (tmp_path, registry, config,
-                                                                               stack_files[3]), policy,
-                                extra=(f"--labels-config={config}",))
+    policy = {"tick_seconds": 0.3, "rules": FAST_RULES, "steps": [
+        {"name": "shadow", "weight": 0, "hold_seconds": 1, "min_requests": 10},
+        {"name": "half", "weight": 50, "hold_seconds": 1, "min_requests": 10},
+        {"name": "full", "weight": 100, "hold_seconds": 1, "min_requests": 10}]}
+    config = tmp_path / "models.config"  # where own_stack writes it
+    with own_stack(tmp_path, redis_server, stack_files, "labelled", policy, labels={"stable": 1},
+                   server_args=("--model_config_file_poll_wait_seconds=1",),
+                   controller_args=(f"--labels-config={config}",)) as (registry, _, server, gateway, controller):
         wait_until(lambda: events(controller.status(), "adopt"), timeout=30, what="v1 adopted as stable")
 
         def labels_in_config() -> dict:
@@ -607,27 +628,12 @@ def test_with_labels_canary_and_stable_move_in_the_model_server_config(redis_ser
         last = audit(gateway)[-1]
         assert last["new"]["weights"] == {"stable": 100} and "rule shadow_agreement" in last["note"]
         assert labels_in_config() == {"stable": 2}  # canary moved back: removed with the rollback
-    finally:
-        if controller is not None:
-            controller.stop()
-        if gateway is not None:
-            gateway.stop()
-        stop_server(server)
 
 
 def test_an_unloaded_stable_version_blocks_rollouts_with_a_clear_failure(redis_server, stack_files, tmp_path):
-    registry = tmp_path / "registry"
-    publish_dir(lambda d: write_tiny_model(d), registry, "single")
-    config = tmp_path / "models.config"
-    write_config(config, {"single": registry / "single"}, policy="latest { num_versions: 1 }")
-    server = start_server(registry, config)
-    gateway = controller = None
-    try:
-        wait_available(server, "single", 1)
-        gateway = start_gateway(server, redis_server, stack_files, "single")
-        policy = {"tick_seconds": 0.3, "steps": [{"weight": 50}, {"weight": 100}]}
-        controller = Controller("single", redis_server.url, gateway, server,
-                                (tmp_path, registry, config, stack_files[3]), policy)
+    policy = {"tick_seconds": 0.3, "steps": [{"weight": 50}, {"weight": 100}]}
+    with own_stack(tmp_path, redis_server, stack_files, "single", policy, version_policy="latest { num_versions: 1 }"
+                   ) as (registry, _, server, gateway, controller):
         wait_until(lambda: events(controller.status(), "adopt"), timeout=30, what="v1 adopted as stable")
         publish_dir(lambda d: write_tiny_model(d), registry, "single")  # latest {1}: version 1 is unloaded
         wait_available(server, "single", 2)
@@ -639,12 +645,6 @@ def test_an_unloaded_stable_version_blocks_rollouts_with_a_clear_failure(redis_s
         status = controller.status()
         assert status["state"]["candidate"] is None and [e["outcome"] for e in events(status)] == ["adopt"]
         assert routing(gateway) == {"1": 100}  # the take-over table, never a rollout towards version 2
-    finally:
-        if controller is not None:
-            controller.stop()
-        if gateway is not None:
-            gateway.stop()
-        stop_server(server)
 
 
 def test_a_registry_published_anew_on_a_running_model_server_is_rolled_out_from_its_first_version(
@@ -653,20 +653,10 @@ def test_a_registry_published_anew_on_a_running_model_server_is_rolled_out_from_
     it restarts) and loads the new v1. The controller, whose stable version was v2, starts over from the new v1, and
     the new v2 published next is rolled out at the canary step: before, it failed every tick while its table, still
     routing v2 alone, sent the gateway's every request to the new v2 as soon as it loaded, never judged."""
-    registry = tmp_path / "registry"
-    for bias in (0.0, 0.0):
-        publish_dir(lambda d: write_tiny_model(d, bias=bias), registry, "anew")
-    config = tmp_path / "models.config"
-    write_config(config, {"anew": registry / "anew"}, policy="all {}")
-    server = start_server(registry, config)
-    gateway = controller = None
-    try:
-        wait_available(server, "anew", 2)
-        gateway = start_gateway(server, redis_server, stack_files, "anew")
-        policy = {"tick_seconds": 0.3, "steps": [{"name": "canary", "weight": 50, "hold_seconds": 600},
-                                                 {"name": "full", "weight": 100}]}
-        controller = Controller("anew", redis_server.url, gateway, server,
-                                (tmp_path, registry, config, stack_files[3]), policy)
+    policy = {"tick_seconds": 0.3, "steps": [{"name": "canary", "weight": 50, "hold_seconds": 600},
+                                             {"name": "full", "weight": 100}]}
+    with own_stack(tmp_path, redis_server, stack_files, "anew", policy, versions=2) as (registry, _, server, gateway,
+                                                                                       controller):
         wait_until(lambda: controller.status()["state"]["stable"] == 2, timeout=30, what="v2 adopted as stable")
         shutil.rmtree(registry / "anew")
         (registry / "anew").mkdir()  # as `rm -r var/registry` and the next publish leave it, polled in between
@@ -684,12 +674,6 @@ def test_a_registry_published_anew_on_a_running_model_server_is_rolled_out_from_
         status = wait_until(lambda: (s := controller.status())["state"]["candidate"] == 2 and s, timeout=30,
                             what="the new v2 rolled out")
         assert status["state"]["step"] == 0 and routing(gateway) == {"1": 50, "2": 50}
-    finally:
-        if controller is not None:
-            controller.stop()
-        if gateway is not None:
-            gateway.stop()
-        stop_server(server)
 
 
 def test_shadow_agreement_compares_labels_not_column_positions(model_server, redis_server, stack_files):
