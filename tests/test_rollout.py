@@ -657,7 +657,8 @@ def test_a_registry_published_anew_on_a_running_model_server_is_rolled_out_from_
                                              {"name": "full", "weight": 100}]}
     with own_stack(tmp_path, redis_server, stack_files, "anew", policy, versions=2) as (registry, _, server, gateway,
                                                                                        controller):
-        wait_until(lambda: controller.status()["state"]["stable"] == 2, timeout=30, what="v2 adopted as stable")
+        status = wait_until(lambda: (s := controller.status())["state"] and s, timeout=30, what="a state adopted")
+        assert status["state"]["stable"] == 2
         shutil.rmtree(registry / "anew")
         (registry / "anew").mkdir()  # as `rm -r var/registry` and the next publish leave it, polled in between
         wait_until(lambda: [s for s, _ in version_states(server.grpc_target, "anew").values()] == [END, END],
