@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -125,6 +126,21 @@ def test_a_vanished_label_spreads_its_share_and_raises_the_metric():
     router.labels.versions["canary"] = 2
     router.choose("x")
     assert missing_metric() == 0
+
+
+def test_a_table_whose_versions_are_all_gone_falls_back_to_the_version_nearest_below_it():
+    """Every routed version gone (v5's folder removed): the answer comes from the newest AVAILABLE version the table
+    does not pass (v4), never from a newer one it did not route (v6: published and not rolled out yet, or rejected
+    by a rollout), unless nothing older is left (then the nearest above it). With no table, the newest."""
+    router = label_router({"stable": 5}, {"stable": 70, "5": 30}, available=(3, 4, 6))
+    assert router.choose("c") == (4, "fallback") and missing_metric() == 1
+    router.available = {6, 7}
+    assert router.choose("c") == (6, "fallback")
+    router.labels.versions.clear()  # a table of labels none of which resolves: nothing to be near
+    router.table = RoutingTable.from_json({"weights": {"stable": 100}})
+    assert router.choose("c") == (7, "fallback")
+    router.table = RoutingTable()
+    assert router.choose("c") == (7, "latest")
 
 
 def test_entries_on_one_version_add_up_and_describe_shows_where_labels_point():
@@ -322,6 +338,28 @@ def move_labels(stack, labels: dict[str, int]) -> float:
     """Rewrites the model server's config file (it polls it every second); returns when it was written."""
     write_config(stack.config, {MODEL: stack.registry / MODEL}, labels={MODEL: labels}, policy="all {}")
     return time.monotonic()
+
+
+def test_a_gateway_whose_routed_version_is_removed_answers_from_the_one_below_it(tmp_path):
+    """Versions 1, 2, 3 served, the table routes 2 alone, 2's folder is removed: the answers come from 1, the newest
+    version the table does not pass, not from 3, which nobody routed (before: 3, the newest)."""
+    from tests.gateway_harness import gateway_stack
+
+    publish_tiny_versions(tmp_path, MODEL, biases=(0.0, 2.0, 4.0))
+    with gateway_stack(tmp_path, (1, 2, 3), lambda server, redis: GatewayProcess(server, redis, tmp_path / MODEL)
+                       ) as parts:
+        gateway, photo = parts.gateway, PHOTOS[0].read_bytes()
+        assert set_routing(gateway, {"2": 100})[0] == 200
+        wait_for_routing(gateway, {"2": 100})
+        clients = [f"client-{i}" for i in range(20)]
+        assert set(versions_of(gateway, clients, photo).values()) == {2}
+        shutil.rmtree(tmp_path / MODEL / "2")
+        wait_until(lambda: version_states(parts.server.grpc_target, MODEL)[2][0] == ModelVersionStatus.END,
+                   what="version 2 unloaded")
+        wait_until(lambda: set(versions_of(gateway, clients, photo).values()) == {1}, timeout=10, interval=0.2,
+                   what="the answers to come from version 1")
+        assert routed_version_missing(gateway) == 1
+        assert gateway.metric("mushroom_gateway_route_total", model_version="1", reason="fallback") >= len(clients)
 
 
 def versions_of(gateway, clients, photo) -> dict[str, int]:

@@ -50,7 +50,7 @@ class Target:
     the facts of the version that will answer (its input size S, its photo preprocessed at it; its identity)."""
     version: int | None
     label: str | None
-    reason: str  # the ROUTE metric's reason: "override", "ab", "single", "latest"
+    reason: str  # the ROUTE metric's reason: "override", "ab", "single", "fallback", "latest"
     facts: Facts | None = None  # None until the route stage has learnt them
 
     @property

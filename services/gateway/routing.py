@@ -354,14 +354,30 @@ class Router:
                 "effective": {str(v): w for v, w in sorted(self.effective_weights().items())}}
 
     def choose(self, client: str | None) -> tuple[int | None, str]:
-        """(version, reason); version None means "latest" (no table and nothing available known)."""
+        """(version, reason): an entry of the table whose version is AVAILABLE ("single", or "ab" among several);
+        with a table none of whose versions is, the ``fallback``; with no table, the newest AVAILABLE version
+        ("latest"); None, "latest" when nothing AVAILABLE is known."""
         live = self.live_entries()
         if live:
             entry = pick_entry(live, client or uuid.uuid4().hex)
             return self.version_of(entry), "ab" if len(live) > 1 else "single"
-        if self.available:
-            return max(self.available), "latest"
-        return None, "latest"
+        if not self.available:
+            return None, "latest"
+        if self.table.weights:
+            return self.fallback(), "fallback"
+        return max(self.available), "latest"
+
+    def fallback(self) -> int:
+        """The version that answers while every version the table routes is gone (its folder removed, a registry
+        published anew): the newest AVAILABLE one not newer than the table's newest, else the nearest above it; the
+        newest when no entry resolves. Never a newer version the table did not route while an older one is left:
+        one published and not rolled out yet, or one a rollout rejected."""
+        routed = self.version_weights()
+        if not routed:
+            return max(self.available)
+        top = max(routed)
+        older = [v for v in self.available if v <= top]
+        return max(older) if older else min(self.available)
 
     async def _check(self, table: RoutingTable) -> dict[str, int]:
         """Refuse entries the model server cannot serve now: unknown labels, versions that are not AVAILABLE.
