@@ -23,8 +23,8 @@ registry removed and published anew, or the stable version's folder removed: ``_
 and rejections name models that are gone or will not be served again. The controller starts over from the newest
 AVAILABLE version as stable, routed alone, and says so in the history (``renumbered``, with the state it dropped);
 rejections from before it are not rebuilt into a lost state. Waiting instead would leave later versions unjudged:
-the gateway answers from the newest version when every routed one is gone, and the old table's numbers name the new
-versions published under them (a new v2 under a table routing v2 alone takes every request as soon as it loads).
+the old table's numbers name the new versions published under them (a new v2 under a table routing v2 alone takes
+every request as soon as it loads).
 
 With ``serve_new_versions`` (serving_config.py) the controller lists each new version in the model server's config
 at every tick, and while idle retires the versions nothing keeps loaded any more (``retire_versions``: not among the
