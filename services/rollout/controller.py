@@ -19,7 +19,7 @@ States (kept in Redis, keys.state, so a restarted or another controller resumes 
 
 **The state's versions gone**: when the model server lists nothing from ``stable`` up that it serves or will load
 (no such version, or each in END: unloaded, as TF Serving lists them until it restarts) and serves an older one (a
-registry removed and published anew, or the stable version's folder removed: ``_renumbered``), the state's versions
+registry removed and published anew, or the stable version's folder removed: ``_versions_gone``), the state's versions
 and rejections name models that are gone or will not be served again. The controller starts over from the newest
 AVAILABLE version as stable, routed alone, and says so in the history (``renumbered``, with the state it dropped);
 rejections from before it are not rebuilt into a lost state. Waiting instead would leave later versions unjudged:
@@ -563,7 +563,7 @@ class Controller:
             if not available:
                 return
             state = await self._adopt(available)
-        elif self._renumbered(state, listed, available):
+        elif self._versions_gone(state, listed, available):
             state = await self._start_over(state, listed, available)
         if self._stable_missing(state, available):  # operators' commands still apply: a promote needs no stable
             await self._apply_commands(state, stable_available=False)
@@ -632,7 +632,7 @@ class Controller:
             await self.save_state(state)
 
     @staticmethod
-    def _renumbered(state: State, listed: dict[int, str], available: set[int]) -> bool:
+    def _versions_gone(state: State, listed: dict[int, str], available: set[int]) -> bool:
         """The state's versions are gone: the model server lists no version from ``stable`` up that it serves or
         will load (none, or each in END) and serves an older one. A model server still loading lists every version
         it aspires from its first look at the disk (START or LOADING), one unloading the stable version lists it
