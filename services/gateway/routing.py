@@ -369,10 +369,10 @@ class Router:
 
     def fallback(self) -> int:
         """The version that answers while every version the table routes is gone (its folder removed, a registry
-        published anew): the newest AVAILABLE one not newer than the newest the table gives traffic, else the nearest
-        above it; the newest when no such entry resolves. Never a newer version the table did not route while an
-        older one is left: one published and not rolled out yet, or one a rollout rejected."""
-        routed = [v for v, weight in self.version_weights().items() if weight > 0]
+        published anew): the newest AVAILABLE one not newer than the table's newest, else the nearest above it; the
+        newest when no entry resolves. Never a newer version the table did not route while an older one is left:
+        one published and not rolled out yet, or one a rollout rejected."""
+        routed = self.version_weights()
         if not routed:
             return max(self.available)
         top = max(routed)
