@@ -843,6 +843,38 @@ def test_a_stable_version_unloaded_with_nothing_from_it_up_starts_the_rollouts_o
     assert "v3 END" in renumbered["reason"] and "unloaded" in renumbered["reason"]
 
 
+def test_a_stable_version_removed_below_a_rejected_one_starts_over_and_keeps_it_rejected(redis_server):
+    """The stable v3's folder removed while v4, which a rollout rejected, is still loaded beside the older v2: v4
+    will never be routed, so nothing from v3 up will be served; the controller starts over from v2 (not from v4, the
+    newest) and v4 stays rejected, in the state and for a state lost later. Before, every tick failed, for good: a
+    restart of the model server would still list v4."""
+    async def scenario():
+        client, gateway, model_server, controller = await stable_v3(redis_server.url)
+        state = await controller.load_state()
+        state.rejected = [4]
+        await controller.save_state(state)
+        model_server.versions, model_server.others = {2, 4}, {3: "END"}
+        await controller.tick()
+        started_over = await controller.load_state()
+        table = dict(gateway.table["weights"])
+        model_server.versions.add(5)
+        await controller.tick()
+        rolling = await controller.load_state()
+        await client.delete(keys.state("m"))  # a state lost afterwards
+        lost = await controller._rejected_in_history()
+        history = await controller.history()
+        await client.aclose()
+        return started_over, table, rolling, lost, history
+
+    started_over, table, rolling, lost, history = asyncio.run(scenario())
+    assert (started_over.stable, started_over.candidate, started_over.rejected) == (2, None, [4])
+    assert table == {"2": 100}
+    assert (rolling.stable, rolling.candidate) == (2, 5)
+    assert lost == [4]
+    renumbered = next(e for e in history if e["outcome"] == "renumbered")
+    assert "v4 stays rejected" in renumbered["reason"]
+
+
 @pytest.mark.parametrize("others", [{3: "LOADING", 4: "START"}, {3: "END", 4: "LOADING"}, {3: "UNLOADING"}],
                          ids=["still_loading", "newer_loading", "stable_unloading"])
 def test_a_model_server_that_will_serve_a_version_from_the_stable_up_is_no_renumbering(redis_server, others):

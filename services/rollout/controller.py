@@ -18,13 +18,14 @@ States (kept in Redis, keys.state, so a restarted or another controller resumes 
   load a version at different times.
 
 **The state's versions gone**: when the model server lists nothing from ``stable`` up that it serves or will load
-(no such version, or each in END: unloaded, as TF Serving lists them until it restarts) and serves an older one (a
-registry removed and published anew, or the stable version's folder removed: ``_versions_gone``), the state's versions
-and rejections name models that are gone or will not be served again. The controller starts over from the newest
-AVAILABLE version as stable, routed alone, and says so in the history (``renumbered``, with the state it dropped);
-rejections from before it are not rebuilt into a lost state. Waiting instead would leave later versions unjudged:
-the old table's numbers name the new versions published under them (a new v2 under a table routing v2 alone takes
-every request as soon as it loads).
+(no such version, or each in END: unloaded, as TF Serving lists them until it restarts), rejected versions aside, and
+serves an older one (a registry removed and published anew, or the stable version's folder removed:
+``_versions_gone``), the state's versions name models that are gone or will not be served again. The controller
+starts over from the newest AVAILABLE version that is not rejected as stable, routed alone, and says so in the history
+(``renumbered``, with the state it dropped); the rejected versions the model server still lists stay rejected (a
+rejected model is never made stable by a start-over), the others are dropped and not rebuilt into a lost state.
+Waiting instead would leave later versions unjudged: the old table's numbers name the new versions published under
+them (a new v2 under a table routing v2 alone takes every request as soon as it loads).
 
 With ``serve_new_versions`` (serving_config.py) the controller lists each new version in the model server's config
 at every tick, and while idle retires the versions nothing keeps loaded any more (``retire_versions``: not among the
@@ -496,6 +497,7 @@ class Controller:
         for event in await self.history(limit=HISTORY_LENGTH):  # newest first
             version = event.get("version")
             if event.get("outcome") == "renumbered":  # older decisions are of other models' numbers
+                rejected.update(v for v in event.get("kept_rejected", []) if v not in retried)
                 break
             if event.get("outcome") == "retry":
                 retried.add(version)
@@ -634,31 +636,44 @@ class Controller:
     @staticmethod
     def _versions_gone(state: State, listed: dict[int, str], available: set[int]) -> bool:
         """The state's versions are gone: the model server lists no version from ``stable`` up that it serves or
-        will load (none, or each in END) and serves an older one. A model server still loading lists every version
-        it aspires from its first look at the disk (START or LOADING), one unloading the stable version lists it
-        UNLOADING, one whose `latest` policy replaced the stable version lists the newer one: none of these is taken
-        for this. One restarted on a registry published anew (its numbers started again), or one that unloaded the
-        stable version and every newer one (their folders removed: it lists them in END until it restarts), is; the
-        controller follows what it serves (a version rejected before is judged again if it comes back)."""
-        return (state.stable is not None and bool(available)
-                and all(v < state.stable or s == "END" for v, s in listed.items()))
+        will load (none, or each in END), rejected versions aside (never routed again), and serves an older one
+        that is not rejected. A model server still loading lists every version it aspires from its first look at
+        the disk (START or LOADING), one unloading the stable version lists it UNLOADING, one whose `latest` policy
+        replaced the stable version lists the newer one: none of these is taken for this. One restarted on a
+        registry published anew (its numbers started again), or one that unloaded the stable version and every
+        newer one but rejected ones (their folders removed: it lists them in END until it restarts), is; the
+        controller follows what it serves."""
+        rejected = set(state.rejected)
+        return (state.stable is not None and bool(available - rejected)
+                and all(v < state.stable or s == "END" or v in rejected for v, s in listed.items()))
 
     async def _start_over(self, state: State, listed: dict[int, str], available: set[int]) -> State:
-        """A state for versions that are gone: the newest AVAILABLE version stable and routed alone (at this tick),
-        nothing rejected; the dropped state goes into the history's ``renumbered`` event."""
-        fresh = State(stable=max(available))
+        """A state for versions that are gone: the newest AVAILABLE version that is not rejected stable and routed
+        alone (at this tick); the rejected versions the model server still lists outside END stay rejected (the
+        same models, or a new one under a reused number, which an operator's ``retry`` releases: a rejected model
+        is never made stable by a start-over), the others are dropped (a version rejected before is judged again if
+        it comes back). The dropped state goes into the history's ``renumbered`` event, the kept rejections too
+        (``kept_rejected``, which a lost state is rebuilt from)."""
+        kept = [v for v in state.rejected if listed.get(v, "END") != "END"]
+        fresh = State(stable=max(available - set(kept)), rejected=kept)
         seen = ", ".join(f"v{v} {s}" for v, s in sorted(listed.items()))
-        unloaded = any(v >= state.stable for v in listed)
-        what = (f"unloaded the stable v{state.stable} and lists no version from it up that it serves or will load "
-                f"({seen}), as after its folder was removed or a registry removed and published anew"
-                if unloaded else
-                f"lists no version from the stable v{state.stable} up ({seen}), as after a registry removed and "
-                "published anew (version numbers started again)")
+        but = " but rejected ones" if kept else ""
+        if any(v >= state.stable and v not in kept for v in listed):
+            what = (f"unloaded the stable v{state.stable} and lists no version from it up that it serves or will load"
+                    f"{but} ({seen}), as after its folder was removed or a registry removed and published anew")
+        else:
+            what = (f"lists no version from the stable v{state.stable} up{but} ({seen}), as after a registry removed "
+                    "and published anew (version numbers started again)")
+        stays = ""
+        if kept:
+            names = ", ".join(f"v{v}" for v in kept)
+            stays = f"; {names} {'stays' if len(kept) == 1 else 'stay'} rejected (still listed; `retry` releases it)"
         reason = (f"the model server {what}; the state's versions name models it will not serve again (candidate "
-                  f"{state.candidate and f'v{state.candidate}'}, rejected {state.rejected}); v{fresh.stable}, the "
-                  "newest AVAILABLE version, taken as stable")
+                  f"{state.candidate and f'v{state.candidate}'}, rejected {state.rejected}){stays}; v{fresh.stable}, "
+                  "the newest AVAILABLE version not rejected, taken as stable")
         log.warning("rollout of %s: %s", self.model_name, reason)
-        await self.save_state(fresh, self._event(fresh, "renumbered", reason, dropped=asdict(state)))
+        await self.save_state(fresh, self._event(fresh, "renumbered", reason, dropped=asdict(state),
+                                                 kept_rejected=kept))
         self._reconciled = False  # the table of the dropped state's versions is replaced at this tick
         return fresh
 
