@@ -134,6 +134,7 @@ def test_a_table_whose_versions_are_all_gone_falls_back_to_the_version_nearest_b
     by a rollout), unless nothing older is left (then the nearest above it). With no table, the newest."""
     router = label_router({"stable": 5}, {"stable": 70, "5": 30}, available=(3, 4, 6))
     assert router.choose("c") == (4, "fallback") and missing_metric() == 1
+    assert router.describe()["fallback"] == 4 and router.describe()["effective"] == {}
     router.available = {6, 7}
     assert router.choose("c") == (6, "fallback")
     router.labels.versions.clear()  # a table of labels none of which resolves: nothing to be near
@@ -150,7 +151,7 @@ def test_entries_on_one_version_add_up_and_describe_shows_where_labels_point():
     assert router.shadow_version() == 1
     assert router.describe() == {
         "weights": {"2": 10.0, "canary": 30.0, "stable": 60.0}, "shadow": "canary",
-        "resolved": {"2": 2, "canary": 1, "stable": 1}, "effective": {"1": 90.0, "2": 10.0}}
+        "resolved": {"2": 2, "canary": 1, "stable": 1}, "effective": {"1": 90.0, "2": 10.0}, "fallback": None}
 
 
 class HeldRedis:
@@ -360,6 +361,11 @@ def test_a_gateway_whose_routed_version_is_removed_answers_from_the_one_below_it
                    what="the answers to come from version 1")
         assert routed_version_missing(gateway) == 1
         assert gateway.metric("mushroom_gateway_route_total", model_version="1", reason="fallback") >= len(clients)
+        body = gateway.request("GET", "/v1/admin/status", token=TOKEN)[1]
+        assert body["routing"]["fallback"] == 1 and body["routing"]["effective"] == {}
+        assert_valid(gateway.request("GET", "/openapi.json")[1], "Status", body)
+        shown = admin_cli(gateway.url, "status").stdout
+        assert "no routed version is AVAILABLE: version 1 answers in their place (fallback)" in shown
 
 
 def versions_of(gateway, clients, photo) -> dict[str, int]:

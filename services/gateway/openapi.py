@@ -190,7 +190,7 @@ OPENAPI = {
             "RoutingState": {
                 "description": "The table as set, where each entry points now, and the split actually applied.",
                 "allOf": [{"$ref": "#/components/schemas/Routing"}],
-                "required": ["weights", "shadow", "resolved", "effective"],
+                "required": ["weights", "shadow", "resolved", "effective", "fallback"],
                 "properties": {
                     "resolved": {
                         "type": "object", "description": "every entry of weights and the shadow -> the version it "
@@ -200,7 +200,12 @@ OPENAPI = {
                     "effective": {
                         "type": "object", "description": "weights per resolved version over AVAILABLE versions "
                         "only (entries on one version add up; a vanished version's or label's share is spread)",
-                        "propertyNames": _VERSION_KEY, "additionalProperties": {"type": "number", "minimum": 0}}}},
+                        "propertyNames": _VERSION_KEY, "additionalProperties": {"type": "number", "minimum": 0}},
+                    "fallback": {
+                        "type": ["integer", "null"], "minimum": 0, "description": "while no entry's version is "
+                        "AVAILABLE, the version answering in their place: the newest AVAILABLE one not newer than "
+                        "the table's newest, else the nearest above; null while an entry is AVAILABLE, or with no "
+                        "table (the newest version answers)"}}},
             "RoutingAdmin": {"allOf": [{"$ref": "#/components/schemas/RoutingState"}],
                              "required": ["available", "generation"],
                              "properties": {"available": {"type": "array", "items": {"type": "integer"}},

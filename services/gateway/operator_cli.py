@@ -60,6 +60,8 @@ def print_routing(routing: dict) -> None:
     shadow = routing.get("shadow")
     print(f"routing: {arms or 'none (latest version)'}"
           + (f"; shadow {describe_entry(str(shadow), resolved)}" if shadow is not None else ""))
+    if routing.get("fallback") is not None:
+        print(f"no routed version is AVAILABLE: version {routing['fallback']} answers in their place (fallback)")
 
 
 def print_status(status: dict) -> None:

@@ -349,9 +349,12 @@ class Router:
         return self.version_of(self.table.shadow)
 
     def describe(self) -> dict:
-        """The table as set, plus where each entry points now and the effective split (for status and the API)."""
+        """The table as set, plus where each entry points now, the effective split and, while no entry's version is
+        AVAILABLE, the version answering in their place (for status and the API)."""
+        effective = self.effective_weights()
+        fallback = self.fallback() if self.table.weights and self.available and not effective else None
         return {**self.table.to_json(), "resolved": {str(e): self.version_of(e) for e in self.table.referenced()},
-                "effective": {str(v): w for v, w in sorted(self.effective_weights().items())}}
+                "effective": {str(v): w for v, w in sorted(effective.items())}, "fallback": fallback}
 
     def choose(self, client: str | None) -> tuple[int | None, str]:
         """(version, reason): an entry of the table whose version is AVAILABLE ("single", or "ab" among several);
