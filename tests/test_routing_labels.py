@@ -17,6 +17,8 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from services.gateway import metrics
@@ -28,6 +30,7 @@ from tests.support import NOT_MUSHROOMS, RedisServer
 from tests.test_gateway import (
     PHOTOS, TOKEN, GatewayProcess, assert_valid, pb, pb_grpc, set_routing, wait_for_routing,
 )
+from tests.test_web import browser  # noqa: F401 - the headless Chromium fixture
 from training_job.tiny_model import publish_tiny_versions
 from training_job.paths import PROJECT_ROOT
 
@@ -341,9 +344,10 @@ def move_labels(stack, labels: dict[str, int]) -> float:
     return time.monotonic()
 
 
-def test_a_gateway_whose_routed_version_is_removed_answers_from_the_one_below_it(tmp_path):
+def test_a_gateway_whose_routed_version_is_removed_answers_from_the_one_below_it(tmp_path, browser):
     """Versions 1, 2, 3 served, the table routes 2 alone, 2's folder is removed: the answers come from 1, the newest
-    version the table does not pass, not from 3, which nobody routed (before: 3, the newest)."""
+    version the table does not pass, not from 3, which nobody routed (before: 3, the newest). The status, the CLI
+    and the operator panel say that 1 answers in 2's place."""
     from tests.gateway_harness import gateway_stack
 
     publish_tiny_versions(tmp_path, MODEL, biases=(0.0, 2.0, 4.0))
@@ -366,6 +370,14 @@ def test_a_gateway_whose_routed_version_is_removed_answers_from_the_one_below_it
         assert_valid(gateway.request("GET", "/openapi.json")[1], "Status", body)
         shown = admin_cli(gateway.url, "status").stdout
         assert "no routed version is AVAILABLE: version 1 answers in their place (fallback)" in shown
+        browser.get(gateway.url + "/")
+        WebDriverWait(browser, 15).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+        browser.find_element(By.ID, "admin-token").send_keys(TOKEN + "\n")
+        row = '#status-rows tr[data-version="1"]'
+        WebDriverWait(browser, 15).until(lambda d: d.find_elements(By.CSS_SELECTOR, row))
+        share = WebDriverWait(browser, 15).until(
+            lambda d: (lambda t: t if "fallback" in t else None)(d.find_element(By.CSS_SELECTOR, f"{row} .share").text))
+        assert share == "100.0% (fallback: no routed version is available)"
 
 
 def versions_of(gateway, clients, photo) -> dict[str, int]:

@@ -254,6 +254,9 @@ export function setupOperator() {
     const via = (version) => Object.entries(fresh.resolved || {})
       .filter(([entry, v]) => isLabel(entry) && String(v) === version).map(([entry]) => entry);
     const share = (version) => {
+      if (fresh.fallback !== null && fresh.fallback !== undefined && String(fresh.fallback) === version) {
+        return `${pct(1)} (fallback: no routed version is available)`;  // routing.py Router.fallback
+      }
       const names = via(version);
       const part = total > 0 && version in effective ? pct(Number(effective[version]) / total) : pct(0);
       return names.length ? `${part} (${names.join(', ')})` : part;
