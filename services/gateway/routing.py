@@ -351,10 +351,9 @@ class Router:
     def describe(self) -> dict:
         """The table as set, plus where each entry points now, the effective split and, while no entry's version is
         AVAILABLE, the version answering in their place (for status and the API)."""
-        effective = self.effective_weights()
-        fallback = self.fallback() if self.table.weights and self.available and not effective else None
         return {**self.table.to_json(), "resolved": {str(e): self.version_of(e) for e in self.table.referenced()},
-                "effective": {str(v): w for v, w in sorted(effective.items())}, "fallback": fallback}
+                "effective": {str(v): w for v, w in sorted(self.effective_weights().items())},
+                "fallback": self.fallback()}
 
     def choose(self, client: str | None) -> tuple[int | None, str]:
         """(version, reason): an entry of the table whose version is AVAILABLE ("single", or "ab" among several);
@@ -364,17 +363,19 @@ class Router:
         if live:
             entry = pick_entry(live, client or uuid.uuid4().hex)
             return self.version_of(entry), "ab" if len(live) > 1 else "single"
-        if not self.available:
-            return None, "latest"
-        if self.table.weights:
-            return self.fallback(), "fallback"
-        return max(self.available), "latest"
+        fallback = self.fallback()
+        if fallback is not None:
+            return fallback, "fallback"
+        return (max(self.available) if self.available else None), "latest"
 
-    def fallback(self) -> int:
-        """The version that answers while every version the table routes is gone (its folder removed, a registry
-        published anew): the newest AVAILABLE one not newer than the table's newest, else the nearest above it; the
-        newest when no entry resolves. Never a newer version the table did not route while an older one is left:
-        one published and not rolled out yet, or one a rollout rejected."""
+    def fallback(self) -> int | None:
+        """The version that answers while the table routes versions and every one of them is gone (its folder
+        removed, a registry published anew): the newest AVAILABLE one not newer than the table's newest, else the
+        nearest above it; the newest when no entry resolves. Never a newer version the table did not route while an
+        older one is left: one published and not rolled out yet, or one a rollout rejected. None while an entry's
+        version is AVAILABLE, with no table, or with nothing AVAILABLE."""
+        if not self.table.weights or not self.available or self.live_entries():
+            return None
         routed = self.version_weights()
         if not routed:
             return max(self.available)
