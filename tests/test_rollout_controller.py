@@ -7,6 +7,7 @@ import functools
 import json
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import redis.asyncio as aioredis
@@ -780,67 +781,53 @@ async def stable_v3(redis_url: str):
     return client, gateway, model_server, controller
 
 
+async def starting_over(redis_url: str, available: set[int], others: dict[int, str], published: int):
+    """A controller whose stable v3 and rejected v4 are gone from under it: the model server then lists
+    ``available`` AVAILABLE and ``others`` beside them. Its state and routed table after a tick; after ``published``
+    is AVAILABLE too and another tick; the rejections a state lost then is rebuilt with; the history."""
+    client, gateway, model_server, controller = await stable_v3(redis_url)
+    state = await controller.load_state()
+    state.rejected = [4]
+    await controller.save_state(state)
+    model_server.versions, model_server.others = set(available), dict(others)
+    await controller.tick()
+    started_over, table = await controller.load_state(), dict(gateway.table["weights"])
+    model_server.versions.add(published)
+    await controller.tick()
+    rolling, rolling_table = await controller.load_state(), dict(gateway.table["weights"])
+    await client.delete(keys.state("m"))  # a state lost afterwards
+    lost = await controller._rejected_in_history()
+    history = await controller.history()
+    await client.aclose()
+    return SimpleNamespace(started_over=started_over, table=table, rolling=rolling, rolling_table=rolling_table,
+                           lost=lost, renumbered=next(e for e in history if e["outcome"] == "renumbered"))
+
+
 def test_version_numbers_that_started_again_start_the_rollouts_over(redis_server):
     """A registry removed and published anew (the model server restarted on it) numbers from 1 again: the state's
     stable v3 and rejected v4 name models that are gone. The controller takes the newest AVAILABLE version as stable,
     routes it alone, says so in the history, and rolls out the next new version 2 (the old v4's rejection does not
     carry over, nor into a state lost afterwards)."""
-    async def scenario():
-        client, gateway, model_server, controller = await stable_v3(redis_server.url)
-        state = await controller.load_state()
-        state.rejected = [4]
-        await controller.save_state(state)
-        model_server.versions = {1}  # the new registry's first version, on a restarted model server
-        await controller.tick()
-        started_over = await controller.load_state()
-        table = dict(gateway.table["weights"])
-        model_server.versions.add(2)
-        await controller.tick()
-        rolling = await controller.load_state()
-        await client.delete(keys.state("m"))  # a state lost after the renumbering
-        lost = await controller._rejected_in_history()
-        history = await controller.history()
-        await client.aclose()
-        return started_over, table, rolling, lost, history
-
-    started_over, table, rolling, lost, history = asyncio.run(scenario())
-    assert (started_over.stable, started_over.candidate, started_over.rejected) == (1, None, [])
-    assert table == {"1": 100}
-    assert (rolling.stable, rolling.candidate) == (1, 2)
-    assert lost == []
-    renumbered = next(e for e in history if e["outcome"] == "renumbered")
-    assert renumbered["dropped"]["stable"] == 3 and renumbered["dropped"]["rejected"] == [4]
-    assert "no version from the stable v3 up" in renumbered["reason"]
+    run = asyncio.run(starting_over(redis_server.url, {1}, {}, published=2))
+    assert (run.started_over.stable, run.started_over.candidate, run.started_over.rejected) == (1, None, [])
+    assert run.table == {"1": 100}
+    assert (run.rolling.stable, run.rolling.candidate) == (1, 2)
+    assert run.lost == []
+    assert run.renumbered["dropped"]["stable"] == 3 and run.renumbered["dropped"]["rejected"] == [4]
+    assert "no version from the stable v3 up" in run.renumbered["reason"]
 
 
 def test_a_stable_version_unloaded_with_nothing_from_it_up_starts_the_rollouts_over(redis_server):
     """A registry removed and published anew while the model server runs: it unloads the old versions and keeps
     listing them in END (TF Serving does until it restarts) beside the new v1. Nothing from the stable v3 up will be
-    served again, so the controller starts over from v1, as after a restart, instead of failing every tick while the
-    gateway, whose routed versions are gone, answers from whichever version is newest: a v2 published next is rolled
-    out step by step, not served whole."""
-    async def scenario():
-        client, gateway, model_server, controller = await stable_v3(redis_server.url)
-        state = await controller.load_state()
-        state.rejected = [4]
-        await controller.save_state(state)
-        model_server.versions, model_server.others = {1}, {3: "END", 4: "END"}
-        await controller.tick()
-        started_over = await controller.load_state()
-        table = dict(gateway.table["weights"])
-        model_server.versions.add(2)
-        await controller.tick()
-        rolling, history = await controller.load_state(), await controller.history()
-        await client.aclose()
-        return started_over, table, rolling, gateway.table["weights"], history
-
-    started_over, table, rolling, rolling_table, history = asyncio.run(scenario())
-    assert (started_over.stable, started_over.candidate, started_over.rejected) == (1, None, [])
-    assert table == {"1": 100}
-    assert (rolling.stable, rolling.candidate) == (1, 2) and rolling_table == {"1": 95, "2": 5}
-    renumbered = next(e for e in history if e["outcome"] == "renumbered")
-    assert renumbered["dropped"]["stable"] == 3 and renumbered["dropped"]["rejected"] == [4]
-    assert "v3 END" in renumbered["reason"] and "unloaded" in renumbered["reason"]
+    served again, so the controller starts over from v1, as after a restart, instead of failing every tick while its
+    old table's numbers name the versions published anew: a v2 published next is rolled out step by step."""
+    run = asyncio.run(starting_over(redis_server.url, {1}, {3: "END", 4: "END"}, published=2))
+    assert (run.started_over.stable, run.started_over.candidate, run.started_over.rejected) == (1, None, [])
+    assert run.table == {"1": 100}
+    assert (run.rolling.stable, run.rolling.candidate) == (1, 2) and run.rolling_table == {"1": 95, "2": 5}
+    assert run.renumbered["dropped"]["stable"] == 3 and run.renumbered["dropped"]["rejected"] == [4]
+    assert "v3 END" in run.renumbered["reason"] and "unloaded" in run.renumbered["reason"]
 
 
 def test_a_stable_version_removed_below_a_rejected_one_starts_over_and_keeps_it_rejected(redis_server):
@@ -848,31 +835,12 @@ def test_a_stable_version_removed_below_a_rejected_one_starts_over_and_keeps_it_
     will never be routed, so nothing from v3 up will be served; the controller starts over from v2 (not from v4, the
     newest) and v4 stays rejected, in the state and for a state lost later. Before, every tick failed, for good: a
     restart of the model server would still list v4."""
-    async def scenario():
-        client, gateway, model_server, controller = await stable_v3(redis_server.url)
-        state = await controller.load_state()
-        state.rejected = [4]
-        await controller.save_state(state)
-        model_server.versions, model_server.others = {2, 4}, {3: "END"}
-        await controller.tick()
-        started_over = await controller.load_state()
-        table = dict(gateway.table["weights"])
-        model_server.versions.add(5)
-        await controller.tick()
-        rolling = await controller.load_state()
-        await client.delete(keys.state("m"))  # a state lost afterwards
-        lost = await controller._rejected_in_history()
-        history = await controller.history()
-        await client.aclose()
-        return started_over, table, rolling, lost, history
-
-    started_over, table, rolling, lost, history = asyncio.run(scenario())
-    assert (started_over.stable, started_over.candidate, started_over.rejected) == (2, None, [4])
-    assert table == {"2": 100}
-    assert (rolling.stable, rolling.candidate) == (2, 5)
-    assert lost == [4]
-    renumbered = next(e for e in history if e["outcome"] == "renumbered")
-    assert "v4 stays rejected" in renumbered["reason"]
+    run = asyncio.run(starting_over(redis_server.url, {2, 4}, {3: "END"}, published=5))
+    assert (run.started_over.stable, run.started_over.candidate, run.started_over.rejected) == (2, None, [4])
+    assert run.table == {"2": 100}
+    assert (run.rolling.stable, run.rolling.candidate) == (2, 5)
+    assert run.lost == [4]
+    assert "v4 stays rejected" in run.renumbered["reason"]
 
 
 @pytest.mark.parametrize("others", [{3: "LOADING", 4: "START"}, {3: "END", 4: "LOADING"}, {3: "UNLOADING"}],
