@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
@@ -14,9 +15,13 @@ from PIL import Image
 
 from tests.support import MUSHROOMS
 from training_job import cli
-from training_job.dataset import SPLITS, read_manifest
-from training_job.prepare import inspect_file, prepare_dataset, read_report, which_split
+from training_job.dataset import SPLITS, ManifestRow, read_manifest
+from training_job.prepare import (
+    DEFAULT_DEMO_PCT, DEFAULT_TEST_PCT, DEFAULT_VALIDATION_PCT, inspect_file, lend_to_empty_splits, prepare_dataset,
+    read_report, split_percentage, split_ranges, which_split,
+)
 from training_job.preprocessing import decode_image
+from training_job.train import check_trainable
 
 NOT_JPEG_NAMED_JPG = ["amanita_muscaria/train_amanita_muscaria_272.jpg",  # WEBP
                       "amanita_muscaria/train_amanita_muscaria_441.jpg"]  # PNG
@@ -149,6 +154,8 @@ def test_splits_are_stable_when_photos_are_added_and_runs_are_reproducible(tmp_p
     rows = prepare_dataset(source, tmp_path / "a", per_class=0, progress=False)
     before = {r.sha256: r.split for r in rows}
     assert len(before) == 48
+    lent_paths = {lent["path"] for lent in read_report(tmp_path / "a")["lent"]}
+    lent = {r.sha256 for r in rows if r.path in lent_paths}
     prepare_dataset(source, tmp_path / "b", per_class=0, progress=False)
     assert (tmp_path / "a" / "manifest.csv").read_bytes() == (tmp_path / "b" / "manifest.csv").read_bytes()
 
@@ -156,11 +163,85 @@ def test_splits_are_stable_when_photos_are_added_and_runs_are_reproducible(tmp_p
         link_photos(source / species, distinct_photos(species, 36)[24:])
     after = {r.sha256: r.split for r in prepare_dataset(source, tmp_path / "c", per_class=0, progress=False)}
     assert len(after) == 72
-    assert {sha: after[sha] for sha in before} == before, "adding photos moved an existing photo to another split"
+    moved = {sha for sha in before if after[sha] != before[sha]}
+    assert moved <= lent, "adding photos moved an existing photo to another split"
+    # a photo lent to a split its class had none in goes back to its own once the class has one there
+    assert all(after[sha] == which_split(sha, DEFAULT_VALIDATION_PCT, DEFAULT_TEST_PCT, DEFAULT_DEMO_PCT)
+               for sha in moved)
 
     reseeded = {r.sha256: r.split for r in prepare_dataset(source, tmp_path / "d", per_class=0, seed=7,
                                                            progress=False)}
     assert reseeded != after, "the seed changes the split"
+
+
+def hashed_to_train(species: str, count: int) -> list[Path]:
+    """``count`` real, distinct photos of ``species`` whose hashes all put them in train: a class that the hash
+    split alone leaves without a validation or test photo."""
+    chosen = [p for p in distinct_photos(species, 30)
+              if which_split(sha256(p), DEFAULT_VALIDATION_PCT, DEFAULT_TEST_PCT, DEFAULT_DEMO_PCT) == "train"]
+    assert len(chosen) >= count
+    return chosen[:count]
+
+
+def test_a_class_whose_hashes_leave_validation_or_test_empty_gets_a_photo_lent_there(tmp_path, capsys):
+    """A hobbyist's folder of a dozen photos a species: by hash alone a class has no validation photo about one
+    time in four (0.9 ** 12), and training refused the whole folder. Each class of three photos or more now has
+    one in train, validation and test: lent from its demo photos, else its largest split, the photo whose hash lies
+    nearest the empty split's range, and the report says which."""
+    source = tmp_path / "photos"
+    classes = {"amanita_muscaria": hashed_to_train("amanita_muscaria", 6),
+               "boletus_edulis": hashed_to_train("boletus_edulis", 6),
+               "boletus_erythropus": hashed_to_train("boletus_erythropus", 2)}
+    for species, photos in classes.items():
+        link_photos(source / species, photos)
+    rows = prepare_dataset(source, tmp_path / "out", progress=False)
+
+    splits = {label: Counter(r.split for r in rows if r.label == label) for label in classes}
+    assert splits["amanita_muscaria"] == splits["boletus_edulis"] == {"train": 4, "validation": 1, "test": 1}
+    assert splits["boletus_erythropus"] == {"train": 1, "validation": 1}  # two photos: train keeps one
+    report = read_report(tmp_path / "out")
+    for species, photos in classes.items():
+        # train's range is the top of the hash's: the lowest hashes lie nearest validation's, then test's
+        lowest = [p.name for p in sorted(photos, key=lambda p: split_percentage(sha256(p)))]
+        lent = [(Path(l["path"]).name, l["from"], l["to"]) for l in report["lent"] if l["label"] == species]
+        expected = [(lowest[0], "train", "validation"), (lowest[1], "train", "test")]
+        assert lent == expected[:len(photos) - 1]
+        assert report["classes"][species]["splits"] == {**dict.fromkeys(SPLITS, 0), **splits[species]}
+    assert any("'boletus_edulis'" in w and "lent" in w and lowest_name in w
+               for w in report["warnings"]
+               for lowest_name in [min(classes["boletus_edulis"], key=lambda p: split_percentage(sha256(p))).name])
+    assert any("'boletus_erythropus' has no photos in split(s): test, demo" in w for w in report["warnings"])
+    check_trainable([r for r in rows if r.label != "boletus_erythropus"])  # refused before: no validation photo
+
+
+def rows_hashed_to(*splits: str) -> list[ManifestRow]:
+    """One class's manifest rows, the i-th hashed to ``splits[i]`` by the default percentages."""
+    shas = (hashlib.sha256(str(i).encode()).hexdigest() for i in range(10_000))
+    by_split: dict[str, list[str]] = {}
+    for sha in shas:
+        split = which_split(sha, DEFAULT_VALIDATION_PCT, DEFAULT_TEST_PCT, DEFAULT_DEMO_PCT)
+        by_split.setdefault(split, []).append(sha)
+    return [ManifestRow(f"/photos/{i}.jpg", "c", by_split[split].pop(), split, 100, 100, 1000)
+            for i, split in enumerate(splits)]
+
+
+@pytest.mark.parametrize("hashed, lent", [
+    (("train", "train", "train"), [("train", "validation"), ("train", "test")]),
+    (("train", "demo", "demo"), [("demo", "validation"), ("demo", "test")]),
+    (("demo", "demo", "demo"), [("demo", "train"), ("demo", "validation"), ("demo", "test")]),
+    (("validation", "validation", "validation"), [("validation", "train"), ("validation", "test")]),
+    (("train", "test", "demo", "demo"), [("demo", "validation")]),
+    (("train", "validation", "test", "demo"), []),
+    (("train", "test"), []),  # two photos: neither split can spare one
+])
+def test_a_photo_is_lent_from_demo_first_then_from_the_largest_split_while_it_keeps_one(hashed, lent):
+    rows = rows_hashed_to(*hashed)
+    ranges = split_ranges(DEFAULT_VALIDATION_PCT, DEFAULT_TEST_PCT, DEFAULT_DEMO_PCT)
+    after, moved = lend_to_empty_splits(rows, ranges)
+    assert [(m.from_split, m.to_split) for m in moved] == lent
+    if len(rows) >= 3:
+        assert {"train", "validation", "test"} <= {r.split for r in after}
+    assert sorted(r.sha256 for r in after) == sorted(r.sha256 for r in rows)  # moved, never copied or lost
 
 
 def test_split_shares_follow_the_percentages():

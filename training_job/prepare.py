@@ -5,7 +5,10 @@ corrupt, tiny, exact-duplicate (sha256) and near-duplicate (perceptual hash) pho
 copy of a photo filed under two classes (its label is unknown). Every usable photo is kept (fewer training photos
 cost accuracy, which ``bench/accuracy_cv.py``'s ``<method>@N`` measures) or, when asked, each class is balanced to
 N photos, and every photo gets a split. Both the balance and the split depend only on the file's sha256 (and the
-seed), as in retrain.py's ``which_set``: adding photos never moves an existing photo to another split.
+seed), as in retrain.py's ``which_set``: adding photos never moves an existing photo to another split, but for one
+case. A class needs a photo in train, validation (training refuses a class it cannot validate) and test, and a
+small one often has none in validation or test by hash alone: a photo is then lent there (``lend_to_empty_splits``),
+and goes back to its own split once the class has a photo of its own there.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import json
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import imagehash
@@ -35,6 +38,9 @@ FEW_PHOTOS_WARNING = 20  # retrain.py warns below 20 photos per class
 _EXIF_ORIENTATION = 0x0112
 _SWAPPED_ORIENTATIONS = (5, 6, 7, 8)
 _HASH_BUCKETS = 10_000
+# The splits every class needs a photo in, filled in this order: train learns it, validation stops training and
+# calibrates it, test measures it. Demo photos only show the served model.
+NEEDED_SPLITS = ("train", "validation", "test")
 
 
 @dataclass
@@ -62,6 +68,19 @@ class Dropped:
 
 
 @dataclass
+class Lent:
+    """A photo moved from the split its hash gave it (``from_split``) to one its class had no photo in."""
+
+    path: str
+    label: str
+    from_split: str
+    to_split: str
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "label": self.label, "from": self.from_split, "to": self.to_split}
+
+
+@dataclass
 class PrepareReport:
     source: str
     manifest: str
@@ -71,10 +90,12 @@ class PrepareReport:
     dropped: list[Dropped] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    lent: list[Lent] = field(default_factory=list)
 
     def to_json(self) -> dict:
         out = asdict(self)
         out["dropped_by_reason"] = dict(Counter(d.reason for d in self.dropped))
+        out["lent"] = [lent.to_json() for lent in self.lent]
         return out
 
 
@@ -86,13 +107,48 @@ def split_percentage(sha256: str, seed: int = 0, salt: str = "split") -> float:
 
 def which_split(sha256: str, validation_pct: float, test_pct: float, demo_pct: float, seed: int = 0) -> str:
     pct = split_percentage(sha256, seed)
-    if pct < validation_pct:
-        return "validation"
-    if pct < validation_pct + test_pct:
-        return "test"
-    if pct < validation_pct + test_pct + demo_pct:
+    return next(split for split, (low, high) in split_ranges(validation_pct, test_pct, demo_pct).items()
+                if low <= pct < high)
+
+
+def split_ranges(validation_pct: float, test_pct: float, demo_pct: float) -> dict[str, tuple[float, float]]:
+    """The range [low, high) of ``split_percentage`` each split takes (validation's first, train's last)."""
+    test_from, demo_from = validation_pct, validation_pct + test_pct
+    train_from = demo_from + demo_pct
+    return {"validation": (0.0, test_from), "test": (test_from, demo_from), "demo": (demo_from, train_from),
+            "train": (train_from, 100.0)}
+
+
+def lend_to_empty_splits(rows: list[ManifestRow], ranges: dict[str, tuple[float, float]],
+                         seed: int = 0) -> tuple[list[ManifestRow], list[Lent]]:
+    """One class's rows, each of NEEDED_SPLITS (of a non-empty range) given a photo when the hashes put none
+    there, lent from ``_lender``'s split: the photo whose hash lies nearest the empty split's range (the one whose
+    split a small shift of the ranges would change first). Returns the rows and what was lent."""
+    rows, lent = list(rows), []
+    for split in NEEDED_SPLITS:
+        low, high = ranges[split]
+        counts = Counter(r.split for r in rows)
+        lender = _lender(counts)
+        if high <= low or counts[split] or lender is None:
+            continue
+
+        def distance(row: ManifestRow) -> tuple[float, str]:
+            pct = split_percentage(row.sha256, seed)
+            return max(low - pct, pct - high, 0.0), row.sha256
+
+        i = min((i for i, r in enumerate(rows) if r.split == lender), key=lambda i: distance(rows[i]))
+        rows[i] = replace(rows[i], split=split)
+        lent.append(Lent(rows[i].path, rows[i].label, lender, split))
+    return rows, lent
+
+
+def _lender(counts: Counter) -> str | None:
+    """The split a class's photo is lent from: demo, which only shows the served model, while it has one; else the
+    largest (train first among equals) while it keeps one; None when none can."""
+    if counts["demo"]:
         return "demo"
-    return "train"
+    largest = min(counts, key=lambda s: (-counts[s], s != "train"), default=None)
+    return largest if largest is not None and counts[largest] >= 2 else None
 
 
 def _balance_key(item: Inspected, seed: int) -> str:
@@ -304,12 +360,17 @@ def prepare_dataset(
                 report.dropped.append(Dropped(str(extra.path), label, "balance",
                                               f"class has more than {per_class} usable photos"))
             members = members[:per_class]
-        class_rows = [
+        class_rows, lent = lend_to_empty_splits([
             ManifestRow(str(i.path), label, i.sha256, which_split(i.sha256, validation_pct, test_pct, demo_pct, seed),
                         i.width, i.height, i.size_bytes)
             for i in members
-        ]
+        ], split_ranges(validation_pct, test_pct, demo_pct), seed)
         rows.extend(class_rows)
+        report.lent.extend(lent)
+        for moved in lent:
+            report.warnings.append(f"class '{label}' had no photo in {moved.to_split} by the photos' hashes: "
+                                   f"{Path(moved.path).name} is lent there from {moved.from_split} (every class "
+                                   f"needs one in {', '.join(NEEDED_SPLITS)})")
         renamed = sum(1 for i in members if not _extension_matches(i.path, i.image_format))
         report.classes[label] = {
             "files": len(paths),
