@@ -35,7 +35,8 @@ answer that was not a 200 came (none after: 0; no 200 for any request sent after
 recovered); the slowest answer; Redis keys added per request; gateway and model server RSS before and after; answers
 from a version other than the pinned one; for Redis, whether the routing table and the audit log are intact after it
 and when cache hits came back; while a dependency is away, what /readyz says (every 0.25 s) and what the admin audit
-and a feedback call answer (once).
+and feedback on a real answer (classified before the fault) answer (once), and what that feedback answers when sent
+again once the dependency is back: a client told 503 retries, so it must be recorded then.
 
 Usage: python -m bench.faults [--quick] [--tiny] [--registry DIR] [--only redis_sigstop,...] [--result-name faults]
                                [--label TEXT]
@@ -202,6 +203,11 @@ class Photos:
             return self.hot[(i // 2) % len(self.hot)], False
         return with_comment(self.bases[(i // 2) % len(self.bases)], f"new-{self._run}-{i}"), True
 
+    def next_new(self) -> tuple[bytes, bool]:
+        """A photo never sent before, outside the alternation."""
+        i = next(self._counter)
+        return with_comment(self.bases[i % len(self.bases)], f"single-{self._run}-{i}"), True
+
     def next_hot(self) -> tuple[bytes, bool]:
         return self.hot[next(self._hot_counter) % len(self.hot)], False
 
@@ -339,6 +345,7 @@ class FaultBench:
         self.trash = originals.parent / "removed"
         self.trash.mkdir(exist_ok=True)
         self._next_version = 3
+        self.feedback: dict | None = None  # feedback on an answer got before the scenario's fault (``prepare``)
 
     # ----------------------------------------------------------------------------------------- state
     def version_states(self) -> dict[int, int]:
@@ -408,6 +415,16 @@ class FaultBench:
         if weights_of(self.admin.call("GET", "/v1/admin/routing")) != weights_of(PIN_TABLE):
             self.admin.call("PUT", "/v1/admin/routing", PIN_TABLE)
         Load([self.gateway.http_url], self.photos.next_hot, 2, len(self.photos.hot)).run_to_count()
+        self.feedback = self.feedback_on_a_new_answer()
+
+    def feedback_on_a_new_answer(self) -> dict:
+        """Feedback confirming the answer to a photo never sent before: the body a client would POST."""
+        photo, _ = self.photos.next_new()
+        request = urllib.request.Request(self.gateway.http_url + "/v1/classify", data=photo, method="POST",
+                                         headers={"Content-Type": "image/jpeg"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = json.loads(response.read())
+        return {"feedback_token": answer["feedback_token"], "true_label": answer["predictions"][0]["label"]}
 
     def routing_and_audit(self, answers: list[Answer], back_at: float) -> dict:
         """After a Redis fault: is the table still the pin (as the gateway reports it and as the traffic after the
@@ -452,6 +469,8 @@ class FaultBench:
         result["redis_keys_per_request"] = added / len(counted) if added is not None and counted else None
         if name.startswith("redis"):
             result.update(self.routing_and_audit(answers, back_at))
+        if "admin_during_outage" in result:  # the client that sent feedback during the outage sends it again
+            result["feedback_sent_again_after"] = self.probe("POST", "/v1/feedback", self.feedback)
         print(f"{name}: {result['requests']} requests, lost {result['lost']} {result['lost_by_kind'] or ''}, "
               f"503 {result['unavailable_503']}, recovery {fmt_s(result['recovery_s'])}, slowest "
               f"{fmt_s(result['slowest_answer_s'])}, keys/request {fmt(result['redis_keys_per_request'])}, answers "
@@ -467,15 +486,14 @@ class FaultBench:
         return now, now, {}
 
     def outage(self) -> dict:
-        """Lasts ``down_s``. Meanwhile /readyz is asked every 0.25 s, and once the admin audit and a feedback for an
-        unknown request (404 when healthy) are: their answers while the dependency is away."""
+        """Lasts ``down_s``. Meanwhile /readyz is asked every 0.25 s, and once the admin audit and the feedback
+        ``prepare`` got a token for are: their answers while the dependency is away."""
         end, ready, admin = time.monotonic() + self.timing.down_s, Counter(), {}
         while time.monotonic() < end:
             ready[self.probe("GET", "/readyz")] += 1
             if not admin:
                 admin = {"audit": self.probe("GET", "/v1/admin/audit"),
-                         "feedback": self.probe("POST", "/v1/feedback", {"request_id": "0" * 32,
-                                                                         "true_label": "boletus_edulis"})}
+                         "feedback": self.probe("POST", "/v1/feedback", self.feedback)}
             time.sleep(max(0.0, min(0.25, end - time.monotonic())))
         return {"readyz_during_outage": dict(ready), "admin_during_outage": admin}
 
@@ -654,6 +672,14 @@ def targets(scenarios: dict, hits: dict | None) -> dict:
         value = hits["redis_keys_per_cache_hit"]
         out["keys_per_hit"] = {"what": "Redis keys added per cache-hit request", "value": round(value, 4),
                                "target": "<= 0.01", "met": value <= 0.01}
+    feedback = {n: s for n, s in scenarios.items() if "feedback_sent_again_after" in s}
+    if feedback:
+        kept = [n for n, s in feedback.items() if s["feedback_sent_again_after"] == "HTTP 200"
+                and s["admin_during_outage"]["feedback"] in ("HTTP 200", "HTTP 503 + Retry-After")]
+        out["feedback_kept"] = {
+            "what": "feedback on an answer sent while Redis or the model server is down: recorded, or refused with "
+                    "503 and Retry-After and recorded when sent again once it is back (scenarios)",
+            "value": f"{len(kept)} of {len(feedback)}", "target": "all", "met": len(kept) == len(feedback)}
     if "redis_sigkill" in scenarios:
         s = scenarios["redis_sigkill"]
         intact = s["routing_intact"] and s["audit_intact"]

@@ -521,7 +521,9 @@ def fault_rows() -> dict:
                          f"{'yes' if s['audit_intact'] else '**no**'}")
         if s.get("admin_during_outage"):
             notes.append("while down: admin audit " + s["admin_during_outage"].get("audit", "?") + ", feedback "
-                         + s["admin_during_outage"].get("feedback", "?"))
+                         + s["admin_during_outage"].get("feedback", "?")
+                         + (f" (sent again after: {s['feedback_sent_again_after']})"
+                            if "feedback_sent_again_after" in s else ""))
         if s.get("readyz_during_outage"):
             notes.append("/readyz while down: " + ", ".join(f"{n} × {answer}" for answer, n in
                                                              sorted(s["readyz_during_outage"].items())))

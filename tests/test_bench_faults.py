@@ -97,6 +97,11 @@ def test_a_redis_sigstop_run_counts_every_request_and_stops_its_processes():
     assert row["gateway_rss_mb"][0] > 0 and row["model_server_rss_mb"][1] > 0, row
     assert sum(row["readyz_during_outage"].values()) >= 1 and set(row["admin_during_outage"]) == {
         "audit", "feedback"}, row
+    # feedback on a real answer, sent while Redis is frozen: refused so the client retries, then recorded when it
+    # does (its probe used to send no token, so it read HTTP 400 whatever the gateway did)
+    assert row["admin_during_outage"]["feedback"] == "HTTP 503 + Retry-After", row
+    assert row["feedback_sent_again_after"] == "HTTP 200", row
+    assert result["targets"]["feedback_kept"]["met"], result["targets"]
     assert "lost" in result["targets"] and "recovery" in result["targets"], result["targets"]
     shutil.rmtree(result["logs"], ignore_errors=True)
     left = {pid for pid in set(os.listdir("/proc")) - pids_before if pid.isdigit()}
@@ -134,9 +139,13 @@ def test_targets_and_the_report_table_show_what_was_not_met(monkeypatch):
             "slowest_answer_s": 0.1, "redis_keys_per_request": 1.5, "gateway_rss_mb": [90, 95],
             "model_server_rss_mb": [600, 610], "answers_off_pinned_version": 0}
     scenarios = {
-        "redis_sigkill": {**base, "routing_intact": False, "audit_intact": True, "answers_off_pinned_version": 40},
+        "redis_sigkill": {**base, "routing_intact": False, "audit_intact": True, "answers_off_pinned_version": 40,
+                          "admin_during_outage": {"audit": "HTTP 503 + Retry-After", "feedback": "HTTP 500"},
+                          "feedback_sent_again_after": "HTTP 200"},
         "model_server_sigkill": {**base, "ok": 80, "unavailable_503": 15, "lost": 5,
-                                 "lost_by_kind": {"HTTP 500": 5}, "recovery_s": None},
+                                 "lost_by_kind": {"HTTP 500": 5}, "recovery_s": None,
+                                 "admin_during_outage": {"audit": "HTTP 200", "feedback": "HTTP 200"},
+                                 "feedback_sent_again_after": "HTTP 200"},
     }
     hits = {"requests": 50, "cache_hits": 50, "redis_keys_per_cache_hit": 1.0}
     figures = targets(scenarios, hits)
@@ -144,6 +153,8 @@ def test_targets_and_the_report_table_show_what_was_not_met(monkeypatch):
     assert figures["recovery"]["value"] == "not recovered" and not figures["recovery"]["met"]
     assert not figures["keys_per_hit"]["met"] and not figures["state_after_restart"]["met"]
     assert targets({"redis_sigstop": base}, {"redis_keys_per_cache_hit": 0.0})["keys_per_hit"]["met"]
+    # feedback answered 500 while Redis was down: the client does not know to send it again
+    assert figures["feedback_kept"]["value"] == "1 of 2" and not figures["feedback_kept"]["met"]
 
     result = {"scenarios": scenarios, "order": ["redis_sigkill", "model_server_sigkill"], "targets": figures,
               "cache_hits_only": hits, "concurrency": 8, "timing": {"warm_s": 1, "down_s": 1, "after_s": 1},
@@ -156,4 +167,5 @@ def test_targets_and_the_report_table_show_what_was_not_met(monkeypatch):
     lines = [line for line in text.splitlines() if line.startswith("| Redis SIGKILL") or
              line.startswith("| model server SIGKILL")]
     assert lines[0].startswith("| Redis SIGKILL") and "routing intact: **no**, audit intact: yes" in lines[0]
+    assert "feedback HTTP 500 (sent again after: HTTP 200)" in lines[0]
     assert "| **5** | 15 | not recovered |" in lines[1] and "5 × HTTP 500" in lines[1]
