@@ -129,6 +129,8 @@ def start_stack(registry: Path, model_name: str, run_dir: Path, ports: Ports | N
     token = admin_token or os.environ.get("GATEWAY_ADMIN_TOKEN") or secrets.token_urlsafe(24)
     # Mode 600 from its creation (never readable by others, not even between a write and a chmod).
     _write_private(run_dir / "admin_token", token + "\n")
+    if not feedback_secret_file(run_dir).exists():
+        _write_private(feedback_secret_file(run_dir), secrets.token_urlsafe(32) + "\n")
     if rollout:  # the controller's own operator token, so the gateway's audit names it
         rollout_token = secrets.token_urlsafe(24)
         _write_private(run_dir / "rollout_token", rollout_token + "\n")
@@ -218,7 +220,15 @@ def gateway_argv(stack: Stack, registry: Path, extra: dict | None = None) -> lis
     return servers.gateway_argv(ports.gateway_http, ports.gateway_grpc, f"127.0.0.1:{ports.model_server_grpc}",
                                 f"redis://127.0.0.1:{ports.redis}/0", stack.model_name,
                                 f"--model-base-path={(registry / stack.model_name).resolve()}",
+                                f"--feedback-secret-file={feedback_secret_file(stack.run_dir)}",
                                 *(f"--{name}={value}" for name, value in (extra or {}).items()))
+
+
+def feedback_secret_file(run_dir: Path) -> Path:
+    """The file of the secret that signs the gateway's feedback tokens: beside the runs, made by the first
+    ``start_stack`` and kept (as Redis's state is), so that an answer given before the stack restarted can still get
+    its feedback."""
+    return run_dir.parent / "feedback_secret"
 
 
 def stop_stack(stack: Stack) -> list[str]:

@@ -31,4 +31,5 @@ def test_the_stack_spells_its_command_lines_as_the_launcher_does(tmp_path):
     stack = launch.Stack(tmp_path, "mushrooms", ports, admin_token="t")
     assert launch.gateway_argv(stack, tmp_path) == servers.gateway_argv(
         8081, 50052, "127.0.0.1:8502", "redis://127.0.0.1:6391/0", "mushrooms",
-        f"--model-base-path={(tmp_path / 'mushrooms').resolve()}")
+        f"--model-base-path={(tmp_path / 'mushrooms').resolve()}",
+        f"--feedback-secret-file={tmp_path.parent / 'feedback_secret'}")

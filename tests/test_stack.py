@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -24,9 +25,11 @@ MODEL = "mushrooms"
 
 
 def start_test_stack(published_model, root):
+    """A stack under ``root``: its registry (made on the first start) and ``var/run`` with a new run folder."""
     registry = root / "registry"
     for version in (1, 2):
-        shutil.copytree(published_model.version_dir, registry / MODEL / str(version))
+        if not (registry / MODEL / str(version)).exists():
+            shutil.copytree(published_model.version_dir, registry / MODEL / str(version))
     ports = Ports(*(free_port() for _ in range(7)))
     run_dir = new_run_dir(root / "var" / "run")
     return start_stack(registry, MODEL, run_dir, ports, scrape_interval_s=1.0, admin_token="stack-test-token")
@@ -105,6 +108,40 @@ def test_down_command_leaves_no_process_behind(published_model, tmp_path_factory
     assert all(group_members(record.pid) == [] for record in stack.processes.values())
     for name in ("redis", "model_server_rest", "gateway_http", "prometheus"):
         assert port_is_free(getattr(stack.ports, name))
+
+
+def post_json(url: str, body: bytes, content_type: str) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_feedback_on_an_answer_given_before_the_stack_restarted_is_taken(published_model, tmp_path_factory):
+    """Redis keeps its state from one run of the stack to the next (feedback tallies, the routing table); the
+    gateway's feedback secret now does too, kept beside it: feedback on an answer given before `make stop && make
+    run` was refused as forged (403), each gateway having made up a secret of its own."""
+    root = tmp_path_factory.mktemp("stack-restart")
+    photo = demo_photos(published_model.version_dir)[0]
+    stack = start_test_stack(published_model, root)
+    try:
+        status, answer = post_json(f"{stack.urls['gateway']}/v1/classify", photo.path.read_bytes(), "image/jpeg")
+        assert status == 200, answer
+    finally:
+        stop_stack(stack)
+    stack = start_test_stack(published_model, root)
+    try:
+        feedback = {"feedback_token": answer["feedback_token"], "true_label": answer["predictions"][0]["label"]}
+        status, recorded = post_json(f"{stack.urls['gateway']}/v1/feedback", json.dumps(feedback).encode(),
+                                     "application/json")
+    finally:
+        stop_stack(stack)
+    assert status == 200, recorded
+    assert recorded["request_id"] == answer["request_id"] and recorded["correct"] is True
+    secrets = list((root / "var" / "run").glob("feedback_secret"))
+    assert len(secrets) == 1 and secrets[0].stat().st_mode & 0o777 == 0o600
 
 
 def test_generated_prometheus_config_passes_promtool(tmp_path):
