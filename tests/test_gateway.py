@@ -299,8 +299,14 @@ def test_multipart_and_base64_uploads(stack):
     form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"photo\"; filename=\"a.jpg\"\r\n"
             f"Content-Type: image/jpeg\r\n\r\n").encode() + photo + f"\r\n--{boundary}--\r\n".encode()
     multipart = gateway.request("POST", "/v1/classify?version=1", form, f"multipart/form-data; boundary={boundary}")
-    assert b64[0] == multipart[0] == 200
-    assert b64[1]["predictions"] == multipart[1]["predictions"]
+    # what a browser's FileReader.readAsDataURL gives: the base64 behind a data: URL's header
+    data_url = gateway.request("POST", "/v1/classify?version=1",
+                               {"image_b64": "data:image/jpeg;base64," + base64.b64encode(photo).decode()})
+    assert b64[0] == multipart[0] == data_url[0] == 200, data_url
+    assert b64[1]["predictions"] == multipart[1]["predictions"] == data_url[1]["predictions"]
+    url_safe = gateway.request("POST", "/v1/classify", {"image_b64": base64.urlsafe_b64encode(photo).decode()})
+    assert (url_safe[0], url_safe[1]["error"]["code"]) == (400, "bad_base64")
+    assert "standard base64" in url_safe[1]["error"]["message"]
 
 
 def cache_lookups(gateway, outcome: str) -> float:

@@ -56,7 +56,8 @@ OPENAPI = {
                                    "the same way; an option given both here and in the query string or a header "
                                    "is refused, so is any other field)",
                     "properties": {
-                        "image_b64": {"type": "string", "format": "byte"},
+                        "image_b64": {"type": "string", "description": "the photo in standard base64 (RFC 4648 "
+                                      "section 4), bare or as a data: URL (data:image/jpeg;base64,...)"},
                         "top_k": {"type": "integer", "minimum": 1, "default": 3},
                         "version": {"type": "integer", "minimum": 0},
                         "label": _LABEL, "client_id": {"type": "string"}, "explain": {"type": "boolean"},
