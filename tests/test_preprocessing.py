@@ -154,6 +154,16 @@ def test_bad_bytes_get_a_stable_code(data, code):
     assert caught.value.message
 
 
+def test_a_heic_photo_is_refused_with_what_to_send_instead():
+    """An iPhone's photos are HEIC by default, which Pillow cannot decode: the refusal says so and what to send,
+    where it said no format was recognised (a hobbyist's whole folder dropped without a hint)."""
+    header = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 200  # the ftyp box HEIC files open with
+    with pytest.raises(InvalidImage) as caught:
+        preprocess_bytes(header)
+    assert caught.value.code == "not_an_image"
+    assert "HEIC" in caught.value.message and "JPEG" in caught.value.message
+
+
 def test_truncated_jpeg_is_corrupt():
     data = a_real_photo()
     assert data[:2] == b"\xff\xd8"

@@ -47,7 +47,14 @@ class InvalidImage(ValueError):
         self.message = message
 
 
+# Brands of the ISO base media file (its "ftyp" box opens the file) that mark a HEIF image: Apple's HEIC and kin
+HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1")
+
+
 def _sniff_non_image(data: bytes) -> str | None:
+    if data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS:
+        return ("a HEIC/HEIF photo (an iPhone's default format), which cannot be decoded here: send it as JPEG or "
+                "PNG (on an iPhone: Settings > Camera > Formats > Most Compatible)")
     head = data[:512].lstrip().lower()
     if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
         return "this is an HTML/XML document, not an image"
