@@ -329,6 +329,9 @@ def test_bad_input_gets_a_clear_message(tmp_path, capsys):
     message = _cli_error(capsys, "--source", single, "--out", out)
     assert "no usable photos in class 'junk class'" in message
     assert "not_an_image" in message and "empty" in message
+    # the reason of the class's first photo, so that one fault behind them all (a folder of iPhone photos, HEIC)
+    # shows without opening the report
+    assert "the first, x.jpg: not an image: this is an HTML/XML document" in message
     assert json.loads((out / "report.json").read_text())["classes"]["junk class"]["kept"] == 0
     assert not (out / "manifest.csv").exists()
 

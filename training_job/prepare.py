@@ -406,9 +406,12 @@ def prepare_dataset(
         raise UserError(f"cannot write to {out}: {exc.strerror or exc}") from None
     if empty_classes:
         reasons = {label: report.classes[label]["dropped"] or {"no files": 0} for label in empty_classes}
+        first = {label: next((d for d in report.dropped if d.label == label), None) for label in empty_classes}
         raise UserError(
             "no usable photos in class " + "; ".join(
-                f"'{label}' ({_describe_counts(reasons[label])})" for label in empty_classes)
+                f"'{label}' ({_describe_counts(reasons[label])}"
+                + (f"; the first, {Path(first[label].path).name}: {first[label].detail}" if first[label] else "")
+                + ")" for label in empty_classes)
             + f". Add photos or remove the folder. Details: {out / 'report.json'}"
         )
     if len(report.classes) < 2:
