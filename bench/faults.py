@@ -195,7 +195,7 @@ class Photos:
         self.bases = bases
         self.hot = [with_comment(photo, f"hot-{i}") for i, photo in enumerate(bases[:hot_count])]
         self._run = uuid.uuid4().hex[:12]
-        self._counter, self._hot_counter = itertools.count(), itertools.count()
+        self._counter, self._hot_counter, self._single_counter = itertools.count(), itertools.count(), itertools.count()
 
     def next_mixed(self) -> tuple[bytes, bool]:
         i = next(self._counter)
@@ -205,7 +205,7 @@ class Photos:
 
     def next_new(self) -> tuple[bytes, bool]:
         """A photo never sent before, outside the alternation."""
-        i = next(self._counter)
+        i = next(self._single_counter)
         return with_comment(self.bases[i % len(self.bases)], f"single-{self._run}-{i}"), True
 
     def next_hot(self) -> tuple[bytes, bool]:
