@@ -302,8 +302,11 @@ def test_multipart_and_base64_uploads(stack):
     # what a browser's FileReader.readAsDataURL gives: the base64 behind a data: URL's header
     data_url = gateway.request("POST", "/v1/classify?version=1",
                                {"image_b64": "data:image/jpeg;base64," + base64.b64encode(photo).decode()})
-    assert b64[0] == multipart[0] == data_url[0] == 200, data_url
-    assert b64[1]["predictions"] == multipart[1]["predictions"] == data_url[1]["predictions"]
+    # MIME's base64, in lines of 76 characters (Python's base64.encodebytes, `base64` without -w0)
+    lines = gateway.request("POST", "/v1/classify?version=1", {"image_b64": base64.encodebytes(photo).decode()})
+    assert b64[0] == multipart[0] == data_url[0] == lines[0] == 200, (data_url, lines)
+    assert b64[1]["predictions"] == multipart[1]["predictions"] == data_url[1]["predictions"] == \
+        lines[1]["predictions"]
     url_safe = gateway.request("POST", "/v1/classify", {"image_b64": base64.urlsafe_b64encode(photo).decode()})
     assert (url_safe[0], url_safe[1]["error"]["code"]) == (400, "bad_base64")
     assert "standard base64" in url_safe[1]["error"]["message"]

@@ -158,15 +158,15 @@ def _json_options(data: dict) -> dict:
     return options
 
 
-def _without_data_url_header(encoded: str) -> str:
+def _base64_payload(encoded: str) -> str:
     """The base64 of ``encoded``, which may come as a data: URL (``data:image/jpeg;base64,...``, what a browser's
-    FileReader.readAsDataURL gives); raises ValueError for a data: URL of another encoding."""
-    if not encoded.startswith("data:"):
-        return encoded
-    header, comma, payload = encoded.partition(",")
-    if not comma or not header.endswith(";base64"):
-        raise ValueError("a data: URL without ;base64")
-    return payload
+    FileReader.readAsDataURL gives) and in MIME's lines (Python's base64.encodebytes, `base64` without -w0), their
+    line breaks dropped; raises ValueError for a data: URL of another encoding."""
+    if encoded.startswith("data:"):
+        header, comma, encoded = encoded.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise ValueError("a data: URL without ;base64")
+    return "".join(encoded.split()) if "\n" in encoded else encoded
 
 
 class HttpApi:
@@ -239,10 +239,11 @@ class HttpApi:
             raise GatewayError(400, "missing_photo", 'JSON bodies need {"image_b64": "<base64 photo>"}')
         options = _json_options(data)
         try:
-            return base64.b64decode(_without_data_url_header(encoded), validate=True), options
+            return base64.b64decode(_base64_payload(encoded), validate=True), options
         except (binascii.Error, ValueError):
             raise GatewayError(400, "bad_base64", "image_b64 is not valid standard base64 (RFC 4648 section 4: "
-                               "A-Z, a-z, 0-9, + and /, padded with =), bare or as a data: URL") from None
+                               "A-Z, a-z, 0-9, + and /, padded with =; line breaks allowed), bare or as a data: "
+                               "URL") from None
 
     @ends_with_its_client
     async def classify(self, request: web.Request) -> web.Response:

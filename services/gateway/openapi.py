@@ -57,7 +57,8 @@ OPENAPI = {
                                    "is refused, so is any other field)",
                     "properties": {
                         "image_b64": {"type": "string", "description": "the photo in standard base64 (RFC 4648 "
-                                      "section 4), bare or as a data: URL (data:image/jpeg;base64,...)"},
+                                      "section 4; line breaks allowed), bare or as a data: URL "
+                                      "(data:image/jpeg;base64,...)"},
                         "top_k": {"type": "integer", "minimum": 1, "default": 3},
                         "version": {"type": "integer", "minimum": 0},
                         "label": _LABEL, "client_id": {"type": "string"}, "explain": {"type": "boolean"},
