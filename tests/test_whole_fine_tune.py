@@ -365,3 +365,15 @@ def test_a_checkpoint_of_other_classes_is_set_aside_not_restored(tiny, capsys):
                             callbacks=[EpochsBegun(begun)], progress=False)
     assert begun == [0, 1] and tuned.epochs_run == 2 and len(tuned.head.labels) == 3
     assert "starting over" in capsys.readouterr().err
+
+
+def test_fine_tuning_written_to_a_log_file_prints_an_epoch_a_line_without_terminal_codes(tiny, capsys):
+    """`make run` writes training to var/run/<run>/training.log: Keras's progress bar filled it with colour codes,
+    carriage returns and backspaces; where the output is not a terminal each epoch is one plain line."""
+    from training_job.whole_fine_tune import fine_tune_whole
+
+    rows, config, base, result, work = tiny
+    fine_tune_whole(rows, config, base, result.head, work / "tb", work / "checkpoint-log", progress=True)
+    out = capsys.readouterr().out
+    assert "Epoch 1/2" in out and "val_accuracy" in out
+    assert not {"\x1b", "\r", "\b"} & set(out), out[-500:]

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -522,6 +523,14 @@ def _validation_cross_entropy(model, validation) -> float:
     return float(loss.result())
 
 
+def _fit_verbosity(progress: bool) -> int:
+    """Keras's ``verbose`` for ``fit``: its progress bar on a terminal; elsewhere (a log file) one plain line an
+    epoch, as its bar writes colour codes, carriage returns and backspaces."""
+    if not progress:
+        return 0
+    return 1 if sys.stdout.isatty() else 2
+
+
 def _fine_tune_run(config: TrainConfig, base: BaseNetwork, head: Head, train_pixels, train_labels, validation,
                    folder: Path, tensorboard_dir: Path, budget_seconds: float | None, callbacks, progress):
     """One fine-tuning run from ``head`` and the base's weights, with ``config.seed``: (the Keras model, pixels to
@@ -549,7 +558,7 @@ def _fine_tune_run(config: TrainConfig, base: BaseNetwork, head: Head, train_pix
     best = BestEpoch(folder / "best", config.fine_tune_patience, budget_seconds, schedule, epochs)
     started = time.monotonic()
     model.fit(train, validation_data=validation, epochs=epochs,
-              verbose=1 if progress else 0, shuffle=False,  # the dataset shuffles itself each epoch
+              verbose=_fit_verbosity(progress), shuffle=False,  # the dataset shuffles itself each epoch
               callbacks=[keras.callbacks.BackupAndRestore(str(folder / "backup")), best.callback,
                          keras.callbacks.TensorBoard(str(tensorboard_dir), write_graph=False, profile_batch=0),
                          *callbacks])
