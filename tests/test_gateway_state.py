@@ -601,8 +601,10 @@ def test_the_stacks_admin_token_file_is_private_from_its_creation(tmp_path, monk
     finally:
         os.umask(umask)
     assert seen_modes and set(seen_modes) == {0o600}
-    [run_dir] = [p for p in (tmp_path / "runs").iterdir() if not p.is_symlink()]
+    [run_dir] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir() and not p.is_symlink()]
     assert (run_dir / "admin_token").read_text().strip() == "t" * 20
+    # the feedback secret kept beside the runs is made the same way
+    assert (tmp_path / "runs" / "feedback_secret").stat().st_mode & 0o777 == 0o600
 
 
 def test_compose_and_k8s_give_the_gateway_operator_tokens_and_a_shared_feedback_secret():
