@@ -1,7 +1,6 @@
 """Classifying the model's demo split through the gateway (HTTP and gRPC) and printing a label_image-style report."""
 from __future__ import annotations
 
-import csv
 import json
 import time
 import urllib.error
@@ -12,6 +11,7 @@ from pathlib import Path
 import grpc
 
 from devstack.grpc_client import ClassifierClient
+from training_job.dataset import demo_rows, read_manifest
 from training_job.registry import version_dirs
 
 
@@ -19,6 +19,7 @@ from training_job.registry import version_dirs
 class DemoPhoto:
     path: Path
     label: str
+    split: str = "demo"  # the manifest's split it was taken from
 
 
 @dataclass
@@ -43,10 +44,9 @@ def latest_version_dir(registry: Path, model_name: str) -> Path | None:
 
 
 def demo_photos(version_dir: Path) -> list[DemoPhoto]:
-    manifest = version_dir / "assets.extra" / "manifest.csv"
-    with open(manifest, newline="") as f:
-        return [DemoPhoto(Path(row["path"]), row["label"]) for row in csv.DictReader(f)
-                if row["split"] == "demo" and Path(row["path"]).is_file()]
+    """The photos the demo classifies (``demo_rows`` of the version's manifest, those still on disk)."""
+    rows = [r for r in read_manifest(version_dir / "assets.extra" / "manifest.csv") if Path(r.path).is_file()]
+    return [DemoPhoto(Path(r.path), r.label, r.split) for r in demo_rows(rows)]
 
 
 def classify_http(gateway_url: str, photo: DemoPhoto, top_k: int = 3) -> Answer:
@@ -89,24 +89,31 @@ def run_demo(gateway_url: str, gateway_grpc: str, photos: list[DemoPhoto]) -> tu
 
 def format_report(http_answers: list[Answer], grpc_answers: list[Answer], grpc_problem: str, urls: dict[str, str],
                   run_dir: Path, examples: int = 3) -> str:
-    lines = [f"Demo split: {len(http_answers)} photos the model never trained on"]
-    lines.append(f"  accuracy over HTTP: {accuracy(http_answers):.1%}")
+    if not http_answers:
+        lines = ["Demo split: no photo to classify (the version's manifest has no demo or test photo)"]
+    elif http_answers[0].photo.split == "demo":
+        lines = [f"Demo split: {len(http_answers)} photos the model never trained on"]
+    else:
+        lines = [f"Test split (no demo photos): {len(http_answers)} photos the model never trained on"]
+    if http_answers:
+        lines.append(f"  accuracy over HTTP: {accuracy(http_answers):.1%}")
     if grpc_answers:
         agree = sum(h.top == g.top for h, g in zip(http_answers, grpc_answers))
         lines.append(f"  accuracy over gRPC: {accuracy(grpc_answers):.1%} (same top label as HTTP for {agree}/"
                      f"{len(grpc_answers)})")
-    else:
+    elif grpc_problem:
         lines.append(f"  {grpc_problem}")
-    lines.append("")
-    lines.append("A few predictions (label_image format):")
-    for answer in http_answers[:examples]:
-        lines += label_image_lines(answer)
-    wrong = [a for a in http_answers if a.top != a.photo.label]
-    lines.append("")
-    lines.append(f"Misclassified: {len(wrong)}")
-    for answer in wrong:
-        score = float(answer.predictions[0].get("score", 0.0)) if answer.predictions else 0.0
-        lines.append(f"  {answer.photo.path}: true {answer.photo.label}, got {answer.top} (score={score:.5f})")
+    if http_answers:
+        lines.append("")
+        lines.append("A few predictions (label_image format):")
+        for answer in http_answers[:examples]:
+            lines += label_image_lines(answer)
+        wrong = [a for a in http_answers if a.top != a.photo.label]
+        lines.append("")
+        lines.append(f"Misclassified: {len(wrong)}")
+        for answer in wrong:
+            score = float(answer.predictions[0].get("score", 0.0)) if answer.predictions else 0.0
+            lines.append(f"  {answer.photo.path}: true {answer.photo.label}, got {answer.top} (score={score:.5f})")
     lines.append("")
     lines += [f"{name:>18}: {url}" for name, url in urls.items()]
     lines.append(f"{'run folder (logs)':>18}: {run_dir}")

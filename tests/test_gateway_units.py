@@ -472,6 +472,21 @@ def test_class_names_and_metric_label_values_have_their_own_words(tmp_path):
     assert metrics.version_metric_value(4, {3}) == metrics.version_metric_value(None, {3}) == "other"
 
 
+def test_the_web_slideshow_shows_the_test_photos_of_a_version_without_demo_photos(tmp_path):
+    """A small folder's demo photos can all be lent to the splits training needs (prepare): /v1/demo then shows
+    the test photos, never trained on either, as `make run`'s report does (training_job.dataset.demo_rows)."""
+    from services.gateway.model_info import ModelInfo
+    from training_job.dataset import ManifestRow, write_manifest
+
+    rows = [ManifestRow(f"/photos/{split}.jpg", "boletus_edulis", split[0] * 64, split, 1, 1, 8)
+            for split in ("train", "validation", "test")]
+    write_manifest(rows, tmp_path / "3" / "assets.extra" / "manifest.csv")
+    assert [p["path"] for p in ModelInfo(str(tmp_path)).demo_photos(3)] == ["/photos/test.jpg"]
+    write_manifest([*rows, ManifestRow("/photos/demo.jpg", "boletus_edulis", "d" * 64, "demo", 1, 1, 8)],
+                   tmp_path / "3" / "assets.extra" / "manifest.csv")
+    assert [p["path"] for p in ModelInfo(str(tmp_path)).demo_photos(3)] == ["/photos/demo.jpg"]
+
+
 def test_cache_commands_reuse_a_connection_and_drop_one_that_failed():
     import redis.asyncio as aioredis
     from redis.exceptions import ConnectionError as RedisConnectionError

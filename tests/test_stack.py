@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from devstack.demo_report import demo_photos, format_report, run_demo
+from devstack.demo_report import Answer, demo_photos, format_report, run_demo
 from devstack.launch import Ports, Stack, latest_run, new_run_dir, start_stack, stop_stack
 from devstack.processes import group_members, port_is_free
 from tests.support import free_port
@@ -142,6 +142,29 @@ def test_feedback_on_an_answer_given_before_the_stack_restarted_is_taken(publish
     assert recorded["request_id"] == answer["request_id"] and recorded["correct"] is True
     secrets = list((root / "var" / "run").glob("feedback_secret"))
     assert len(secrets) == 1 and secrets[0].stat().st_mode & 0o777 == 0o600
+
+
+def test_a_manifest_without_demo_photos_shows_its_test_photos_and_an_empty_one_says_so(tmp_path):
+    """A small folder's demo photos can all be lent to the splits training needs (prepare): the demo then classifies
+    the test photos, which the model never trained on either, and says so; with no photo at all the report said
+    "accuracy over HTTP: 0.0%"."""
+    from training_job.dataset import ManifestRow, write_manifest
+
+    photo = tmp_path / "a.jpg"
+    photo.write_bytes(b"not read")
+    version = tmp_path / "1"
+    rows = [ManifestRow(str(photo), "amanita_muscaria", "a" * 64, split, 1, 1, 8) for split in ("train", "test")]
+    write_manifest(rows, version / "assets.extra" / "manifest.csv")
+    photos = demo_photos(version)
+    assert [(p.path, p.split) for p in photos] == [(photo, "test")]
+    shown = format_report([Answer(photos[0], [{"label": "amanita_muscaria", "score": 1.0}], 0.01)], [], "", {},
+                          tmp_path)
+    assert shown.startswith("Test split (no demo photos): 1 photos the model never trained on")
+
+    write_manifest(rows[:1], version / "assets.extra" / "manifest.csv")
+    assert demo_photos(version) == []
+    empty = format_report([], [], "", {}, tmp_path)
+    assert "no photo to classify" in empty and "0.0%" not in empty
 
 
 def test_generated_prometheus_config_passes_promtool(tmp_path):

@@ -50,6 +50,17 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
         ]
 
 
+def demo_rows(rows: list[ManifestRow]) -> list[ManifestRow]:
+    """The photos a demo of the model shows: the demo split's, or the test split's when it has none (a small
+    folder's demo photos can all be lent to the splits training needs, prepare.py); the model never trained on
+    either."""
+    for split in ("demo", "test"):
+        chosen = [r for r in rows if r.split == split]
+        if chosen:
+            return chosen
+    return []
+
+
 def manifest_fingerprint(rows: list[ManifestRow]) -> str:
     """Identifies the data a model was trained on: sha256 over (label, sha256, split) of every row."""
     h = hashlib.sha256()

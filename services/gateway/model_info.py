@@ -3,9 +3,10 @@ the version folders' ``assets.extra/`` when the registry is mounted (optional: w
 is). Its *class names* are the model's output columns (labels.json's "labels", the HTTP API's "label" fields)."""
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
+
+from training_job.dataset import demo_rows, read_manifest
 
 
 def display_name(class_name: str, names: dict[str, str]) -> str:
@@ -51,6 +52,5 @@ class ModelInfo:
         if assets is None or not (assets / "manifest.csv").exists():
             return []
         names = self.display_names(version)
-        with open(assets / "manifest.csv", newline="") as f:
-            return [{"sha256": r["sha256"], "label": r["label"], "display_name": display_name(r["label"], names),
-                     "path": r["path"]} for r in csv.DictReader(f) if r["split"] == "demo"]
+        return [{"sha256": r.sha256, "label": r.label, "display_name": display_name(r.label, names), "path": r.path}
+                for r in demo_rows(read_manifest(assets / "manifest.csv"))]
