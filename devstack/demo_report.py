@@ -91,10 +91,10 @@ def format_report(http_answers: list[Answer], grpc_answers: list[Answer], grpc_p
                   run_dir: Path, examples: int = 3) -> str:
     if not http_answers:
         lines = ["Demo split: no photo to classify (the version's manifest has no demo or test photo)"]
-    elif http_answers[0].photo.split == "demo":
-        lines = [f"Demo split: {len(http_answers)} photos the model never trained on"]
     else:
-        lines = [f"Test split (no demo photos): {len(http_answers)} photos the model never trained on"]
+        shown = "Demo split" if http_answers[0].photo.split == "demo" else "Test split (no demo photos)"
+        count = f"{len(http_answers)} photo{'' if len(http_answers) == 1 else 's'}"
+        lines = [f"{shown}: {count} the model never trained on"]
     if http_answers:
         lines.append(f"  accuracy over HTTP: {accuracy(http_answers):.1%}")
     if grpc_answers:

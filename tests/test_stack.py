@@ -159,7 +159,7 @@ def test_a_manifest_without_demo_photos_shows_its_test_photos_and_an_empty_one_s
     assert [(p.path, p.split) for p in photos] == [(photo, "test")]
     shown = format_report([Answer(photos[0], [{"label": "amanita_muscaria", "score": 1.0}], 0.01)], [], "", {},
                           tmp_path)
-    assert shown.startswith("Test split (no demo photos): 1 photos the model never trained on")
+    assert shown.startswith("Test split (no demo photos): 1 photo the model never trained on")
 
     write_manifest(rows[:1], version / "assets.extra" / "manifest.csv")
     assert demo_photos(version) == []
