@@ -94,9 +94,7 @@ def format_report(http_answers: list[Answer], grpc_answers: list[Answer], grpc_p
     else:
         shown = "Demo split" if http_answers[0].photo.split == "demo" else "Test split (no demo photos)"
         count = f"{len(http_answers)} photo{'' if len(http_answers) == 1 else 's'}"
-        lines = [f"{shown}: {count} the model never trained on"]
-    if http_answers:
-        lines.append(f"  accuracy over HTTP: {accuracy(http_answers):.1%}")
+        lines = [f"{shown}: {count} the model never trained on", f"  accuracy over HTTP: {accuracy(http_answers):.1%}"]
     if grpc_answers:
         agree = sum(h.top == g.top for h, g in zip(http_answers, grpc_answers))
         lines.append(f"  accuracy over gRPC: {accuracy(grpc_answers):.1%} (same top label as HTTP for {agree}/"
