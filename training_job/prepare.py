@@ -353,6 +353,7 @@ def prepare_dataset(
 
     rows: list[ManifestRow] = []
     empty_classes = []
+    ranges = split_ranges(validation_pct, test_pct, demo_pct)
     for label, paths in classes.items():
         members = sorted((i for i in unique if i.label == label), key=lambda i: _balance_key(i, seed))
         if per_class is not None and len(members) > per_class:
@@ -364,7 +365,7 @@ def prepare_dataset(
             ManifestRow(str(i.path), label, i.sha256, which_split(i.sha256, validation_pct, test_pct, demo_pct, seed),
                         i.width, i.height, i.size_bytes)
             for i in members
-        ], split_ranges(validation_pct, test_pct, demo_pct), seed)
+        ], ranges, seed)
         rows.extend(class_rows)
         report.lent.extend(lent)
         for moved in lent:
@@ -386,8 +387,7 @@ def prepare_dataset(
         if class_rows and len(class_rows) < FEW_PHOTOS_WARNING:
             report.warnings.append(f"class '{label}' has fewer than {FEW_PHOTOS_WARNING} photos; "
                                    "the model will not learn it well")
-        missing = [s for s in SPLITS if report.classes[label]["splits"][s] == 0
-                   and {"validation": validation_pct, "test": test_pct, "demo": demo_pct}.get(s, 1) > 0]
+        missing = [s for s in SPLITS if report.classes[label]["splits"][s] == 0 and ranges[s][0] < ranges[s][1]]
         if class_rows and missing:
             report.warnings.append(f"class '{label}' has no photos in split(s): {', '.join(missing)}")
 
