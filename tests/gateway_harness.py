@@ -34,6 +34,25 @@ def _body(raw: bytes) -> dict | list | str:
         return raw.decode(errors="replace")
 
 
+def http_request(url: str, method: str, path: str, body=None, content_type: str | None = None, headers=None,
+                 token: str | None = None, timeout: float = 30) -> Reply:
+    """``method`` ``path`` of the gateway at ``url``; a dict or list ``body`` is sent as JSON, ``token`` as a bearer
+    token."""
+    headers = dict(headers or {})
+    if isinstance(body, (dict, list)):
+        body, content_type = json.dumps(body).encode(), "application/json"
+    if content_type:
+        headers["Content-Type"] = content_type
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url + path, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            return Reply(response.status, _body(response.read()), dict(response.headers))
+    except urllib.error.HTTPError as exc:
+        return Reply(exc.code, _body(exc.read()), dict(exc.headers))
+
+
 class GatewayProcess:
     """A gateway of ``MODEL`` with ``extra`` flags and ``env`` on top of the launcher's environment."""
 
@@ -56,20 +75,7 @@ class GatewayProcess:
 
     def request(self, method: str, path: str, body=None, content_type: str | None = None, headers=None,
                 token: str | None = None, timeout: float = 30) -> Reply:
-        """A dict or list ``body`` is sent as JSON; ``token`` as a bearer token."""
-        headers = dict(headers or {})
-        if isinstance(body, (dict, list)):
-            body, content_type = json.dumps(body).encode(), "application/json"
-        if content_type:
-            headers["Content-Type"] = content_type
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as response:
-                return Reply(response.status, _body(response.read()), dict(response.headers))
-        except urllib.error.HTTPError as exc:
-            return Reply(exc.code, _body(exc.read()), dict(exc.headers))
+        return http_request(self.url, method, path, body, content_type, headers, token, timeout)
 
     def classify(self, photo: bytes, query: str = "", *, client: str | None = None, timeout: float = 30,
                  **params) -> Reply:

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -18,6 +17,7 @@ import pytest
 from devstack.demo_report import Answer, demo_photos, format_report, run_demo
 from devstack.launch import Ports, Stack, latest_run, new_run_dir, start_stack, stop_stack
 from devstack.processes import group_members, port_is_free
+from tests.gateway_harness import http_request
 from tests.support import free_port
 from training_job.paths import PROJECT_ROOT
 
@@ -110,15 +110,6 @@ def test_down_command_leaves_no_process_behind(published_model, tmp_path_factory
         assert port_is_free(getattr(stack.ports, name))
 
 
-def post_json(url: str, body: bytes, content_type: str) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 def test_feedback_on_an_answer_given_before_the_stack_restarted_is_taken(published_model, tmp_path_factory):
     """Redis keeps its state from one run of the stack to the next (feedback tallies, the routing table); the
     gateway's feedback secret now does too, kept beside it: feedback on an answer given before `make stop && make
@@ -127,15 +118,15 @@ def test_feedback_on_an_answer_given_before_the_stack_restarted_is_taken(publish
     photo = demo_photos(published_model.version_dir)[0]
     stack = start_test_stack(published_model, root)
     try:
-        status, answer = post_json(f"{stack.urls['gateway']}/v1/classify", photo.path.read_bytes(), "image/jpeg")
+        status, answer, _ = http_request(stack.urls["gateway"], "POST", "/v1/classify", photo.path.read_bytes(),
+                                         "image/jpeg")
         assert status == 200, answer
     finally:
         stop_stack(stack)
     stack = start_test_stack(published_model, root)
     try:
         feedback = {"feedback_token": answer["feedback_token"], "true_label": answer["predictions"][0]["label"]}
-        status, recorded = post_json(f"{stack.urls['gateway']}/v1/feedback", json.dumps(feedback).encode(),
-                                     "application/json")
+        status, recorded, _ = http_request(stack.urls["gateway"], "POST", "/v1/feedback", feedback)
     finally:
         stop_stack(stack)
     assert status == 200, recorded
