@@ -129,8 +129,9 @@ def start_stack(registry: Path, model_name: str, run_dir: Path, ports: Ports | N
     token = admin_token or os.environ.get("GATEWAY_ADMIN_TOKEN") or secrets.token_urlsafe(24)
     # Mode 600 from its creation (never readable by others, not even between a write and a chmod).
     _write_private(run_dir / "admin_token", token + "\n")
-    if not feedback_secret_file(run_dir).exists():
-        _write_private(feedback_secret_file(run_dir), secrets.token_urlsafe(32) + "\n")
+    feedback_secret = feedback_secret_file(run_dir)
+    if not feedback_secret.exists():
+        _write_private(feedback_secret, secrets.token_urlsafe(32) + "\n")
     if rollout:  # the controller's own operator token, so the gateway's audit names it
         rollout_token = secrets.token_urlsafe(24)
         _write_private(run_dir / "rollout_token", rollout_token + "\n")
