@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -24,6 +25,8 @@ class SignatureInfo:
     method_name: str
     inputs: dict[str, tf.dtypes.DType]
     outputs: list[str]
+    # The shape each input is declared with (-1: any size), for the inputs whose rank requests are held to.
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 class Servable:
@@ -53,8 +56,15 @@ class Servable:
 
     def check_request(self, signature_name: str, inputs: dict[str, np.ndarray], output_filter=()) -> SignatureInfo:
         """The signature a request names, once its input names (with the SignatureDef's defaults for those it leaves
-        out) and its output filter are checked against it; INVALID_ARGUMENT otherwise. ``run`` checks this before
-        any model call, the batch scheduler before queueing a request."""
+        out), the ranks of its inputs (where the signature declares them: ``SignatureInfo.shapes``) and its output
+        filter are checked against it; INVALID_ARGUMENT otherwise. ``run`` checks this before any model call, the
+        batch scheduler before queueing a request.
+
+        Only the rank is checked, not the sizes: TF Serving feeds inputs as given, and a convolutional model answers
+        photos of other sizes than it declares. Fed an input of another rank, TensorFlow's oneDNN kernels abort the
+        whole process on some (a CHECK failure in a convolution fed a matrix) instead of returning an error, so TF2
+        SavedModels declare their inputs' shapes here; LiteRT returns an error instead, and TF Serving's TFLite
+        engine resizes inputs to any rank, so a TFLite file declares none."""
         info = self.signature(signature_name)
         signature_def = self.signature_defs.get(info.name)
         given = set(inputs) | (set(signature_def.defaults) if signature_def is not None else set())
@@ -63,6 +73,13 @@ class Servable:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"input names do not match signature {info.name!r}: expected {sorted(info.inputs)}, got {sorted(given)}",
             )
+        for alias, value in inputs.items():
+            declared = info.shapes.get(alias)
+            if declared is not None and np.ndim(value) != len(declared):
+                raise ServingError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"input {alias!r} of signature {info.name!r} has shape {list(np.shape(value))}, of rank "
+                    f"{np.ndim(value)}; the signature takes rank {len(declared)}: {list(declared)} (-1: any size)")
         seen = set()
         for alias in output_filter:  # as TF Serving's predict_util.cc checks them
             if alias not in info.outputs:
@@ -91,8 +108,18 @@ def with_defaults(signature_def: meta_graph_pb2.SignatureDef | None, inputs: dic
 
 
 def _short(exc: Exception) -> str:
-    text = getattr(exc, "message", None) or str(exc)
-    return text.strip().splitlines()[0][:500] if text.strip() else type(exc).__name__
+    """One line saying what went wrong. An error a TF2 function raises reads "Graph execution error:", where it was
+    detected, a stack, then the op's own message and the node it ran in: this is that message and node."""
+    text = (getattr(exc, "message", None) or str(exc)).strip()
+    if not text:
+        return type(exc).__name__
+    lines = text.splitlines()
+    if lines[0] == "Graph execution error:":
+        node_line = next((i for i, line in enumerate(lines) if line.startswith("\t [[")), None)
+        if node_line:
+            node = re.search(r"\{\{node ([^}]+)\}\}", lines[node_line])
+            return f"{lines[node_line - 1].strip()}{f' (node {node.group(1)})' if node else ''}"[:500]
+    return lines[0][:500]
 
 
 class FunctionServable(Servable):
@@ -109,7 +136,10 @@ class FunctionServable(Servable):
     def _describe(self, name: str, fn) -> SignatureInfo:
         specs = fn.structured_input_signature[1]
         method = self.signature_defs[name].method_name if name in self.signature_defs else ""
-        return SignatureInfo(name, method, {k: s.dtype for k, s in specs.items()}, sorted(fn.structured_outputs))
+        shapes = {k: tuple(-1 if d is None else d for d in s.shape.as_list())
+                  for k, s in specs.items() if s.shape.rank is not None}
+        return SignatureInfo(name, method, {k: s.dtype for k, s in specs.items()}, sorted(fn.structured_outputs),
+                             shapes)
 
     def _call(self, info: SignatureInfo, inputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
         try:

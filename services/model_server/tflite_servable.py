@@ -11,11 +11,12 @@ Signatures, in this order:
 3. else one ``serving_default`` predict signature over the primary subgraph's inputs and outputs, named by their
    tensor names without the suffix, as TF Serving builds it.
 Every call feeds the inputs as given: an input whose shape differs from the interpreter's is resized first (the
-batch dimension, or any), as TF Serving does. Interpreters are pools that grow to one per model call running at
-once (so one per worker thread). A call that starts while another call of this servable runs gets an interpreter with
-the intra-op threads one TensorFlow call gets (``configure_tensorflow_threads``: its share of the cores); a call that
-starts alone gets one with every core this process may use, so a lone request (low load, concurrency 1) is not
-held to one core's speed while the others idle. Both give the same outputs.
+batch dimension, or any, rank included), as TF Serving does; one LiteRT cannot run at a shape other than the declared
+one is INVALID_ARGUMENT, and an interpreter whose call failed is not used again. Interpreters are pools that grow
+to one per model call running at once (so one per worker thread). A call that starts while another call of this
+servable runs gets an interpreter with the intra-op threads one TensorFlow call gets (``configure_tensorflow_threads``:
+its share of the cores); a call that starts alone gets one with every core this process may use, so a lone request
+(low load, concurrency 1) is not held to one core's speed while the others idle. Both give the same outputs.
 """
 from __future__ import annotations
 
@@ -203,7 +204,7 @@ class TfLiteServable(Servable):
             self.signatures[name] = SignatureInfo(
                 name, signature_def.method_name,
                 {alias: tf.as_dtype(info.dtype) for alias, info in signature_def.inputs.items()},
-                sorted(signature_def.outputs))
+                sorted(signature_def.outputs))  # no shapes: inputs of any rank are resized to, as TF Serving does
 
     def _new_instance(self, threads: int) -> _Instance:
         from ai_edge_litert.interpreter import Interpreter
@@ -233,8 +234,11 @@ class TfLiteServable(Servable):
                 self._running -= 1
             raise
 
-    def _release(self, instance: _Instance) -> None:
-        self._idle[instance.threads].put(instance)
+    def _release(self, instance: _Instance, reuse: bool = True) -> None:
+        """Ends a call on ``instance``; an interpreter whose call failed is not reused (LiteRT keeps the error's
+        text, and each later error adds to it) and the next call that finds none idle makes another."""
+        if reuse:
+            self._idle[instance.threads].put(instance)
         with self._running_lock:
             self._running -= 1
 
@@ -242,17 +246,23 @@ class TfLiteServable(Servable):
         values = {alias: np.asarray(value, dtype=object if info.inputs[alias] == tf.string
                                     else info.inputs[alias].as_numpy_dtype) for alias, value in inputs.items()}
         instance = self._acquire()
+        succeeded = False
         try:
             if info.name in self._native:
                 outputs = instance.runner(info.name)(**values)  # resizes its inputs to the values' shapes
             else:
                 outputs = self._run_primary(instance.interpreter, info.name, values, wanted)
+            succeeded = True
         except ValueError as exc:
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, _short(exc)) from None
         except RuntimeError as exc:
+            mismatched = _shape_unlike_declared(self.signature_defs[info.name], values)
+            if mismatched:  # a shape the file does not declare is what LiteRT could not run: the request's
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"{mismatched}; LiteRT cannot run it: {_short(exc)}") from None
             raise ServingError(grpc.StatusCode.INTERNAL, f"TFLite: {_short(exc)}") from None
         finally:
-            self._release(instance)
+            self._release(instance, reuse=succeeded)
         return {alias: outputs[alias].astype(object) if outputs[alias].dtype.kind == "S" else outputs[alias]
                 for alias in wanted}
 
@@ -272,6 +282,18 @@ class TfLiteServable(Servable):
             interpreter.set_tensor(input_index[alias], value)
         interpreter.invoke()
         return {alias: interpreter.get_tensor(output_index[alias]) for alias in wanted}
+
+
+def _shape_unlike_declared(signature_def: meta_graph_pb2.SignatureDef, values: dict[str, np.ndarray]) -> str:
+    """Which input has another shape than its signature declares (-1: any size), so that the interpreter was resized
+    to run it, or ''."""
+    for alias, value in values.items():
+        shape = signature_def.inputs[alias].tensor_shape
+        declared = [d.size for d in shape.dim]
+        if not shape.unknown_rank and (len(declared) != value.ndim
+                                       or any(d not in (-1, size) for d, size in zip(declared, value.shape))):
+            return f"input {alias!r} has shape {list(value.shape)}, the signature declares {declared}"
+    return ""
 
 
 class TfLiteWithSavedModel(Servable):

@@ -1,0 +1,109 @@
+"""Requests a model cannot take get INVALID_ARGUMENT (REST 400) saying why, and leave the model server serving: the
+model server is a public TF Serving API, so any client may send them."""
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from services.model_server.errors import ServingError
+from services.model_server.servable import load_servable
+from services.model_server.tflite_servable import TfLiteServable
+from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
+from training_job.tiny_model import write_tiny_model, write_tiny_model_with_tflite
+
+SIZE = 8
+
+
+class ConvModel(tf.Module):
+    """A convolution over [-1, 8, 8, 3] photos: what every real model starts with (the tiny model has none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernel = tf.Variable(np.random.default_rng(1).normal(size=(3, 3, 3, 4)).astype(np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, SIZE, SIZE, 3], tf.uint8, name="images")])
+    def serve(self, images):
+        features = tf.nn.conv2d(tf.cast(images, tf.float32), self.kernel, 1, "SAME")
+        return {"scores": tf.reduce_mean(features, axis=[1, 2])}
+
+
+@pytest.fixture(scope="module", params=["alone", "batched"])
+def conv_server(request, tmp_path_factory):
+    models_dir = tmp_path_factory.mktemp("registry")
+    model = ConvModel()
+    tf.saved_model.save(model, str(models_dir / MODEL / "1"), signatures={"serving_default": model.serve})
+    config = models_dir / "models.config"
+    write_config(config, {MODEL: models_dir / MODEL})
+    extra = []
+    if request.param == "batched":
+        (models_dir / "batching.config").write_text("max_batch_size { value: 8 }\nbatch_timeout_micros { value: 0 }\n")
+        extra = ["--enable_batching", f"--batching_parameters_file={models_dir / 'batching.config'}"]
+    server = start_server(models_dir, config, *extra)
+    try:
+        wait_until(lambda: 1 in version_states(server.grpc_target, MODEL), what="version 1")
+        yield server
+    finally:
+        stop_server(server)
+
+
+def rest_predict(server, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{server.rest_url}/v1/models/{MODEL}:predict", data=json.dumps(body).encode())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_an_input_of_another_rank_is_refused_and_the_server_keeps_serving(conv_server):
+    # TensorFlow's oneDNN convolution fed a matrix aborts the process (a CHECK failure), so the server checks ranks.
+    status, answer = rest_predict(conv_server, {"instances": [[1, 2]]})
+    assert status == 400, answer
+    assert "input 'images'" in answer["error"] and "rank 2" in answer["error"] and "rank 4" in answer["error"]
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = MODEL
+    request.inputs["images"].CopyFrom(tf.make_tensor_proto(np.zeros((2, SIZE, SIZE), np.uint8)))
+    with grpc.insecure_channel(conv_server.grpc_target) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Predict(request, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "rank 3" in refused.value.details()
+        request.inputs["images"].CopyFrom(tf.make_tensor_proto(np.zeros((2, SIZE, SIZE, 3), np.uint8)))
+        assert tf.make_ndarray(stub.Predict(request, timeout=30).outputs["scores"]).shape == (2, 4)
+    # Sizes other than the declared ones are fed as given, as TF Serving feeds them: a convolution takes them.
+    status, answer = rest_predict(conv_server, {"instances": np.zeros((1, 3, 3, 3), int).tolist()})
+    assert status == 200 and np.shape(answer["predictions"]) == (1, 4)
+    assert conv_server.process.poll() is None
+
+
+def test_a_tensorflow_error_says_what_the_op_said(tmp_path):
+    saved_model, _ = load_servable("m", 1, write_tiny_model(tmp_path / "1"))
+    with pytest.raises(ServingError) as refused:
+        saved_model.run("predict_image_bytes", {"image_bytes": np.array([b"not a photo"], dtype=object)})
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.message.startswith("Unknown image file format"), refused.value.message
+    assert "DecodeImage" in refused.value.message  # the node
+
+
+def test_a_tflite_call_litert_cannot_run_is_refused_and_leaves_no_broken_interpreter(tmp_path):
+    lite = TfLiteServable("m", 1, write_tiny_model_with_tflite(tmp_path / "1"))
+    photos = np.zeros((1, 16, 16, 3), np.uint8)
+    four_channels = np.zeros((1, 16, 16, 4), np.uint8)  # the file declares [-1, -1, -1, 3]
+    messages = []
+    for _ in range(2):
+        with pytest.raises(ServingError) as refused:
+            lite.run("serving_default", {"images": four_channels})
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        messages.append(refused.value.message)
+    assert "[1, 16, 16, 4]" in messages[0] and messages[1] == messages[0]  # LiteRT's error text does not pile up
+    with pytest.raises(ServingError) as refused:  # any rank is resized to, as TF Serving does, and LiteRT refuses it
+        lite.run("serving_default", {"images": np.zeros((1, 2), np.uint8)})
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT and "[1, 2]" in refused.value.message
+    assert lite.run("serving_default", {"images": photos})["probabilities"].shape == (1, 4)
