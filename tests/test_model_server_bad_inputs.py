@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from services.model_server.errors import ServingError
@@ -107,3 +108,28 @@ def test_a_tflite_call_litert_cannot_run_is_refused_and_leaves_no_broken_interpr
         lite.run("serving_default", {"images": np.zeros((1, 2), np.uint8)})
     assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT and "[1, 2]" in refused.value.message
     assert lite.run("serving_default", {"images": photos})["probabilities"].shape == (1, 4)
+
+
+def filled_tensor(shape) -> tensor_pb2.TensorProto:
+    """A TensorProto of one value, which fills its whole shape: a few bytes however large the shape."""
+    tensor = tensor_pb2.TensorProto(dtype=types_pb2.DT_UINT8, int_val=[7])
+    for size in shape:
+        tensor.tensor_shape.dim.add(size=size)
+    return tensor
+
+
+def test_a_tensor_that_would_expand_past_a_message_is_refused_before_it_is_built(conv_server):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = MODEL
+    with grpc.insecure_channel(conv_server.grpc_target) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        # 301 MB of photos, and 1.7 PiB (more than numpy may allocate), each from a message of 30 bytes
+        for shape in ((2000, 224, 224, 3), (100_000, 80_000, 80_000, 3)):
+            request.inputs["images"].CopyFrom(filled_tensor(shape))
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Predict(request, timeout=60)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+            assert "more than the 268435456 bytes" in refused.value.details()
+        request.inputs["images"].CopyFrom(filled_tensor((2, SIZE, SIZE, 3)))  # a fill within the bound is answered
+        assert tf.make_ndarray(stub.Predict(request, timeout=30).outputs["scores"]).shape == (2, 4)
+    assert conv_server.process.poll() is None

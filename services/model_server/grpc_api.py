@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -44,13 +45,24 @@ _NUMPY_DTYPES = {dt: np_dtype for np_dtype, (dt, _) in _FIELDS.items() if np_dty
 
 def ndarray(tensor: tensor_pb2.TensorProto) -> np.ndarray:
     """tf.make_ndarray for a request's input tensor, without its copy and per-call cost in the common case (numeric
-    tensor_content of the right size: a read-only view of the bytes); anything else goes to tf.make_ndarray."""
+    tensor_content of the right size: a read-only view of the bytes); anything else goes to tf.make_ndarray.
+
+    A tensor whose values are fewer than its shape holds is filled with the last one, so a few bytes may ask for any
+    size: a tensor is refused (ValueError) when it would take more than MAX_MESSAGE_BYTES, what the largest request
+    carries (counting 8 bytes an element of another type than the numbers above: a string's reference), before
+    anything is allocated."""
     dtype = _NUMPY_DTYPES.get(tensor.dtype)
-    if dtype is not None and not tensor.tensor_shape.unknown_rank:
-        content = tensor.tensor_content  # each read of the field copies it: read once
+    if not tensor.tensor_shape.unknown_rank:
         shape = [d.size for d in tensor.tensor_shape.dim]
-        if content and all(d >= 0 for d in shape) and len(content) == int(np.prod(shape)) * dtype.itemsize:
-            return np.frombuffer(content, dtype).reshape(shape)
+        elements = math.prod(shape)
+        size = elements * (dtype.itemsize if dtype is not None else 8)
+        if size > MAX_MESSAGE_BYTES and all(d >= 0 for d in shape):
+            raise ValueError(f"shape {shape} of {types_pb2.DataType.Name(tensor.dtype)} would take {size} bytes, "
+                             f"more than the {MAX_MESSAGE_BYTES} bytes a request may carry")
+        if dtype is not None:
+            content = tensor.tensor_content  # each read of the field copies it: read once
+            if content and all(d >= 0 for d in shape) and len(content) == elements * dtype.itemsize:
+                return np.frombuffer(content, dtype).reshape(shape)
     return tf.make_ndarray(tensor)
 
 
