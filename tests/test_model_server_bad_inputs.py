@@ -84,6 +84,15 @@ def test_an_input_of_another_rank_is_refused_and_the_server_keeps_serving(conv_s
     assert conv_server.process.poll() is None
 
 
+def test_json_nested_deeper_than_a_tensor_or_the_parser_goes_is_refused(conv_server):
+    for depth, message in ((500, "at most 64 dimensions"), (100_000, "JSON Parse error")):
+        request = urllib.request.Request(f"{conv_server.rest_url}/v1/models/{MODEL}:predict",
+                                         data=b'{"instances": ' + b"[" * depth + b"1" + b"]" * depth + b"}")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 400 and message in json.loads(refused.value.read())["error"]
+
+
 def test_a_tensorflow_error_says_what_the_op_said(tmp_path):
     saved_model, _ = load_servable("m", 1, write_tiny_model(tmp_path / "1"))
     with pytest.raises(ServingError) as refused:

@@ -94,9 +94,9 @@ class Controller:
             env={**os.environ, "ROLLOUT_GATEWAY_TOKEN": CONTROLLER_TOKEN, "GATEWAY_ADMIN_TOKEN": ""})
         wait_for_port(self.port, timeout=60, process=self.process)
 
-    def request(self, method: str, path: str, token: str = ALICE_TOKEN):
+    def request(self, method: str, path: str, token: str = ALICE_TOKEN, body: bytes = b""):
         req = urllib.request.Request(self.url + path, method=method, headers={"Authorization": f"Bearer {token}"},
-                                     data=b"" if method == "POST" else None)
+                                     data=body if method == "POST" else None)
         try:
             with urllib.request.urlopen(req, timeout=10) as response:
                 return response.status, json.loads(response.read())
@@ -425,6 +425,8 @@ def test_paused_rollout_stays_put_until_resumed_and_abort_rolls_back(model_serve
         wait_until(lambda: events(controller.status(), "adopt"), timeout=30, what="v1 adopted as stable")
         assert controller.request("POST", "/v1/rollout/pause", token="wrong")[0] == 401
         assert controller.request("POST", "/v1/rollout/jump")[0] == 404
+        nested = b"[" * 30_000 + b"]" * 30_000  # deeper than Python's JSON parser goes, within the body limit
+        assert controller.request("POST", "/v1/rollout/pause", body=nested)[1]["error"]["code"] == "bad_command"
         assert gateway.request("POST", "/v1/admin/rollout/pause", token="wrong")[0] == 401
         publish(stack_files, "pause", bias=0.0)
         wait_available(model_server, "pause", 2)

@@ -237,6 +237,9 @@ def _leaf(value, dtype: tf.dtypes.DType):
     return value.encode("utf-8", "surrogatepass") if dtype == tf.string else value
 
 
+MAX_RANK = 64  # numpy's limit (TensorFlow's is 254)
+
+
 def _dense_shape(value) -> list[int]:
     """json_tensor.cc GetDenseTensorShape: the sizes of the first list at each level."""
     shape = []
@@ -303,6 +306,8 @@ def tensor_from_json(value, dtype: tf.dtypes.DType) -> np.ndarray:
     regular nest of values of the right JSON types, is checked by numpy; anything else goes value by value, which
     finds the first problem in TF Serving's order."""
     shape = _dense_shape(value)
+    if len(shape) > MAX_RANK:
+        raise _invalid(f"JSON Value nests lists {len(shape)} deep: a tensor has at most {MAX_RANK} dimensions here")
     try:
         nest = np.array(value, dtype=object)
     except ValueError:  # lists of different lengths
@@ -469,7 +474,7 @@ async def _json_body(request: web.Request) -> dict:
         raise _invalid("JSON Parse error: The document is empty")
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise _invalid(f"JSON Parse error: {exc}") from None
     if not isinstance(body, dict):
         raise _format_error(body, "Is not object")

@@ -71,7 +71,7 @@ class RolloutApi:
         body = await request.read()
         try:
             options = json.loads(body) if body.strip() else {}
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply
             options = None
         if not isinstance(options, dict) or set(options) - {"version"}:
             return _error(400, "bad_command", 'a command\'s body is empty, {} or, for retry, {"version": <version>}')
