@@ -109,6 +109,33 @@ def test_http_and_grpc_give_the_in_process_answer_and_repeats_hit_the_cache(stac
     assert 'mushroom_gateway_request_seconds_count{cache="hit",endpoint="classify",model_version="2"' in metrics
 
 
+def test_a_cached_answer_nobody_can_read_is_a_miss_and_the_answer_replaces_it(stack):
+    """An entry under an answer's key that is not an answer (damaged, or written by another release under the same
+    key) is a miss, counted as ``unreadable``, not a 500 for that photo until it expires."""
+    import hashlib
+
+    import redis as redis_lib
+
+    gateway = stack["gateway"]
+    photo = PHOTOS[4].read_bytes() + b"unreadable-cache-entry"  # bytes no other test sends
+    status, first, _ = gateway.classify(photo, version=1)
+    assert status == 200, first
+    client = redis_lib.Redis.from_url(stack["redis"].url)
+    [key] = wait_until(lambda: list(client.scan_iter(f"*{hashlib.sha256(photo).hexdigest()}*")), what="cached")
+    written = client.get(key)
+    answer = json.loads(written)
+    for damaged in (b"garbage", b"[1, 2]", json.dumps({"version": 1}),
+                    json.dumps({**answer, "probabilities": answer["probabilities"][:2]})):
+        client.set(key, damaged, keepttl=True)
+        unreadable = cache_lookups(gateway, "unreadable")
+        status, again, _ = gateway.classify(photo, version=1)
+        assert status == 200 and again["cached"] is False, (damaged, again)
+        assert again["predictions"] == first["predictions"]
+        assert cache_lookups(gateway, "unreadable") == unreadable + 1
+        wait_until(lambda: client.get(key) == written, what="the entry replaced by the answer")
+    assert gateway.classify(photo, version=1)[1]["cached"] is True
+
+
 def stage_counts(gateway) -> dict[str, float]:
     """{stage: count} of mushroom_gateway_stage_seconds (route, lookup, preprocess, predict, store, answer)."""
     return {stage: gateway.metric("mushroom_gateway_stage_seconds_count", stage=stage)
@@ -313,7 +340,7 @@ def test_multipart_and_base64_uploads(stack):
 
 
 def cache_lookups(gateway, outcome: str) -> float:
-    """The gateway's mushroom_gateway_cache_total{outcome=...} (hit, miss, error, bypass)."""
+    """The gateway's mushroom_gateway_cache_total{outcome=...} (hit, miss, unreadable, error, bypass)."""
     return gateway.metric("mushroom_gateway_cache_total", outcome=outcome)
 
 

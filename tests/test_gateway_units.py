@@ -271,7 +271,7 @@ def test_the_answer_is_cached_off_the_response_path_and_shared_until_stored():
     stored, release, predictions = {}, None, []
 
     class Cache:
-        async def get(self, key):
+        async def get(self, key, usable=None):
             return stored.get(key)
 
         async def put(self, key, value):
@@ -302,7 +302,7 @@ def test_status_gives_the_latency_of_the_answers_a_version_computed_apart_from_c
     stored = {}
 
     class Cache:
-        async def get(self, key):
+        async def get(self, key, usable=None):
             return stored.get(key)
 
         async def put(self, key, value):
@@ -330,7 +330,7 @@ def test_a_classify_is_alone_only_while_no_other_is_under_way():
     from services.gateway.errors import GatewayError
 
     class Cache:
-        async def get(self, key):
+        async def get(self, key, usable=None):
             await asyncio.sleep(0)  # a round trip to Redis: the other classify gets its turn
             return None
 
@@ -401,7 +401,7 @@ def test_a_routed_version_unloaded_since_the_last_status_poll_is_routed_around()
             return [Prediction(version, np.float32([0.25, 0.75]), ["a", "b"], 0.9, False)]
 
     class Cache:
-        async def get(self, key):
+        async def get(self, key, usable=None):
             return None
 
         async def put(self, key, value):
@@ -605,7 +605,7 @@ class _Answering:
                 return version, 224
 
         class Cache:
-            async def get(self, key):
+            async def get(self, key, usable=None):
                 return None
 
             async def put(self, key, value):
@@ -679,9 +679,9 @@ async def _failing_classify(photo, **options):
     raise KeyError("mushroom_score")  # a bug: no GatewayError
 
 
-def test_an_http_request_failing_on_a_bug_is_counted_as_the_500_aiohttp_answers():
-    """The HTTP API's app counts each response by status, the 500 aiohttp makes of an exception nothing answered
-    included (its classifier here fails with a KeyError)."""
+def test_an_http_request_failing_on_a_bug_is_a_json_500_and_counted():
+    """The HTTP API's app counts each response by status, the 500 of an exception nothing answered included (its
+    classifier here fails with a KeyError): the gateway's JSON error, ``internal_error``, as every other error."""
     from types import SimpleNamespace
 
     from aiohttp.test_utils import TestClient, TestServer
@@ -695,8 +695,9 @@ def test_an_http_request_failing_on_a_bug_is_counted_as_the_500_aiohttp_answers(
     async def scenario():
         async with TestClient(TestServer(api.app())) as client:
             failed, healthy = _responses("http", "500"), _responses("http", "200")
-            assert (await client.post("/v1/classify", data=_jpeg((8, 8)),
-                                      headers={"Content-Type": "image/jpeg"})).status == 500
+            failing = await client.post("/v1/classify", data=_jpeg((8, 8)), headers={"Content-Type": "image/jpeg"})
+            assert failing.status == 500 and failing.content_type == "application/json"
+            assert (await failing.json())["error"]["code"] == "internal_error"
             assert (await client.get("/healthz")).status == 200
             assert (_responses("http", "500") - failed, _responses("http", "200") - healthy) == (1, 1)
 
@@ -827,3 +828,21 @@ def test_the_classes_feedback_is_checked_against_are_those_of_the_model_that_ans
 
     assert (classes(6), classes(6, "current"), classes(6, "former")) == (["c", "d"], ["c", "d"], None)
     assert (classes(5), classes(5, "learnt"), classes(5, "former")) == (["r", "s"], ["e", "f"], None)
+
+
+def test_a_cache_entry_is_read_only_when_it_holds_what_an_answer_is_made_of():
+    from services.gateway.classifier import readable_answer
+
+    answer = {"version": 2, "classes": ["a", "b"], "probabilities": [0.75, 0.25], "mushroom_score": 1.5,
+              "not_a_mushroom": False}
+    explained = {**answer, "explanation": {"class_index": 1, "heatmap": [[0.0, 1.0], [0.5, 0.25]]}}
+    assert readable_answer(answer, False) and readable_answer(explained, True) and readable_answer(explained, False)
+    assert not readable_answer(answer, True)  # an explanation's key holds one
+    for damaged in ({**answer, "version": "2"}, {**answer, "classes": []}, {**answer, "probabilities": [1.0]},
+                    {**answer, "probabilities": [0.5, None]}, {**answer, "not_a_mushroom": 0},
+                    {k: v for k, v in answer.items() if k != "mushroom_score"}):
+        assert not readable_answer(damaged, False), damaged
+    for explanation in ({"class_index": 2, "heatmap": [[0.0]]}, {"class_index": 1.0, "heatmap": [[0.0]]},
+                        {"class_index": 0, "heatmap": [[0.0], [0.0, 1.0]]}, {"class_index": 0, "heatmap": []},
+                        {"class_index": 0}):
+        assert not readable_answer({**answer, "explanation": explanation}, True), explanation

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
@@ -90,7 +91,10 @@ class ResultCache:
     async def close(self) -> None:
         await self.connections.close()
 
-    async def get(self, key: str) -> dict | None:
+    async def get(self, key: str, usable: Callable[[dict], bool] = lambda entry: True) -> dict | None:
+        """The entry under ``key``, or None: none there (a miss), Redis out of reach, or an entry that is not a JSON
+        object ``usable`` takes (damaged, or written under the same key by another release): that one is counted
+        ``unreadable`` and treated as a miss, whose answer then replaces it."""
         if not self.breaker.allow():
             metrics.CACHE_OUTCOMES["bypass"].inc()
             return None
@@ -100,8 +104,19 @@ class ResultCache:
             self.breaker.failure()
             return None
         self.breaker.success()
-        metrics.CACHE_OUTCOMES["hit" if raw is not None else "miss"].inc()
-        return json.loads(raw) if raw is not None else None
+        if raw is None:
+            metrics.CACHE_OUTCOMES["miss"].inc()
+            return None
+        try:
+            entry = json.loads(raw)
+        except (ValueError, RecursionError):
+            entry = None
+        if not isinstance(entry, dict) or not usable(entry):
+            metrics.CACHE_OUTCOMES["unreadable"].inc()
+            log.warning("cache entry %s is not one this gateway can read: answered as a miss, then replaced", key)
+            return None
+        metrics.CACHE_OUTCOMES["hit"].inc()
+        return entry
 
     async def put(self, key: str, value: dict) -> None:
         if not self.breaker.allow():

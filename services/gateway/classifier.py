@@ -321,7 +321,7 @@ class Classifier:
         deadline of the request that started it) and stored."""
         digest = hashlib.sha256(photo).hexdigest()
         key = self._key(digest, target.facts, wanted) if target.version is not None else None
-        found = await self._lookup(key)
+        found = await self._lookup(key, wanted)
         if found is not None:
             return found
 
@@ -362,13 +362,13 @@ class Classifier:
             return explanation_key(digest, model, facts.version, facts.identity, facts.size, wanted.target)
         return cache_key(digest, model, facts.version, facts.identity, facts.size)
 
-    async def _lookup(self, key: str | None) -> tuple[dict, str] | None:
+    async def _lookup(self, key: str | None, wanted: Wanted) -> tuple[dict, str] | None:
         """Stage lookup: (the cached answer, "hit"), or (an answer still being written to the cache, "miss"), or
         None. Nothing to look up without a version number (a version label's answer names its version)."""
         if key is None:
             return None
         with metrics.stage("lookup"):
-            answer = await self.cache.get(key)
+            answer = await self.cache.get(key, lambda entry: readable_answer(entry, wanted.explain))
             if answer is not None:
                 return answer, "hit"
             answer = self.single_flight.held(key)
@@ -441,6 +441,31 @@ class Classifier:
             self.stats.record_shadow(shadow, agreed, time.perf_counter() - start)
 
         self._spawn(mirror())
+
+
+def readable_answer(entry: dict, explained: bool) -> bool:
+    """Whether a cache entry is an answer as ``_raw_answer`` writes it (``explained``: with the explanation
+    ``_explain_once`` adds), holding what ``_answer`` and ``_draw_explanation`` read, of the types they read."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    classes, probabilities = entry.get("classes"), entry.get("probabilities")
+    if not (isinstance(entry.get("version"), int) and isinstance(classes, list) and classes
+            and all(isinstance(c, str) for c in classes) and isinstance(probabilities, list)
+            and len(probabilities) == len(classes) and all(map(number, probabilities))
+            and number(entry.get("mushroom_score")) and isinstance(entry.get("not_a_mushroom"), bool)):
+        return False
+    if not explained:
+        return True
+    explanation = entry.get("explanation")
+    if not isinstance(explanation, dict):
+        return False
+    index = explanation.get("class_index")
+    if not (isinstance(index, int) and 0 <= index < len(classes)):
+        return False
+    heatmap = explanation.get("heatmap")
+    return (isinstance(heatmap, list) and bool(heatmap) and all(isinstance(row, list) for row in heatmap)
+            and len({len(row) for row in heatmap}) == 1 and all(number(v) for row in heatmap for v in row))
 
 
 def _is_text(value: str) -> bool:

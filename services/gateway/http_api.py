@@ -5,6 +5,7 @@ import asyncio
 import base64
 import binascii
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,7 @@ from services.gateway.stats import Stats
 from services.gateway.upstream import UpstreamUnavailable, state_name
 from services.http_stop import close_connections_when
 
+log = logging.getLogger("gateway.http")
 WEB_DIR = Path(__file__).resolve().parent / "web"
 PHOTO_FIELDS = ("photo", "file", "image")  # multipart field names of the photo
 FORM_OVERHEAD_BYTES = 64 * 1024  # what a multipart or JSON body may hold besides the photo
@@ -57,6 +59,10 @@ async def errors_as_json(request: web.Request, handler):
             return web.json_response({"error": {"code": code, "message": exc.reason}}, status=exc.status,
                                      headers=headers)
         raise
+    except Exception:  # a bug: logged, and answered as every other error is (aiohttp's own 500 is plain text)
+        log.exception("%s %s failed", request.method, request.path)
+        return web.json_response({"error": {"code": "internal_error", "message": "the gateway failed on this "
+                                            "request (a bug, logged)"}}, status=500)
 
 
 def ends_with_its_client(handler):

@@ -45,11 +45,12 @@ STAGE_SECONDS = Histogram(
     "(the cache, and answers still being written to it), preprocess (decode and resize, on a miss), predict (the "
     "model server, on a miss), store (the cache write, after the answer is sent), answer (the reply, and an "
     "explanation's drawing)", ["stage"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
-CACHE = Counter("mushroom_gateway_cache", "Cache lookups by outcome (hit, miss, error, bypass)", ["outcome"],
-                registry=REGISTRY)
+CACHE = Counter("mushroom_gateway_cache", "Cache lookups by outcome (hit, miss, unreadable, error, bypass)",
+                ["outcome"], registry=REGISTRY)
 # The children of the fixed label values, bound once: labels() validates and locks on every call.
 STAGE_CHILDREN = {name: STAGE_SECONDS.labels(stage=name) for name in STAGES}
-CACHE_OUTCOMES = {outcome: CACHE.labels(outcome=outcome) for outcome in ("hit", "miss", "error", "bypass")}
+CACHE_OUTCOMES = {outcome: CACHE.labels(outcome=outcome)
+                  for outcome in ("hit", "miss", "unreadable", "error", "bypass")}
 SINGLE_FLIGHT_SHARED = Counter("mushroom_gateway_single_flight_shared", "Misses that joined an identical call",
                                registry=REGISTRY)
 MISSES_REFUSED = Counter("mushroom_gateway_misses_refused", "Cache misses refused at once because the misses in "

@@ -10,6 +10,7 @@ _ERRORS = {str(s): {"description": d, "content": {"application/json": {"schema":
            for s, d in ((400, "bad input"), (401, "missing or wrong admin token"), (404, "unknown version, label, "
                         "request or photo"), (408, "the body did not arrive within --body-timeout"),
                         (413, "body or photo over the limit"),
+                        (500, "internal_error: the gateway failed (a bug, logged)"),
                         (503, "model server, Redis or the photo store unavailable, or (classify) the gateway "
                          "overloaded: error.code says which; Retry-After set"))}
 
