@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -390,6 +392,34 @@ def test_routing_watcher_survives_a_refused_stored_table(gateway, redis_server):
     client.set(keys.routing(MODEL), json.dumps({"weights": {"2": 100}, "shadow": None}))
     wait_until(lambda: routed_version(gateway) == 2, timeout=10, what="the valid table picked up afterwards")
     wait_until(lambda: gateway.request("GET", "/readyz")[1]["reason"] == "ok", timeout=10, what="readyz ok again")
+
+
+def test_a_stored_table_that_is_not_json_is_reported_replaced_and_audited_as_stored(gateway, redis_server):
+    """Someone (redis-cli, another tool) stores something that is not JSON under the routing key: reads answer with
+    the last known table, an operator's change replaces it, and the audit records what it replaced, as text."""
+    client = redis.Redis.from_url(redis_server.url)
+    assert gateway.request("PUT", "/v1/admin/routing", {"weights": {"1": 100}, "shadow": None}, token=ADMIN)[0] == 200
+    client.set(keys.routing(MODEL), "weights 1=100")
+    status, body = gateway.request("GET", "/v1/admin/routing", token=ADMIN)[:2]
+    assert status == 200 and body["weights"] == {"1": 100.0}, body  # the last known table
+    wait_until(lambda: "not JSON" in gateway.request("GET", "/readyz")[1]["reason"], timeout=15,
+               what="/readyz to say the stored table is not JSON")
+    status, body = gateway.request("PUT", "/v1/admin/routing", {"weights": {"2": 100}, "shadow": None}, token=ADMIN)[:2]
+    assert status == 200 and body["audit"]["old"] == "weights 1=100", body
+    status, audit = gateway.request("GET", "/v1/admin/audit", token=ADMIN)[:2]
+    audit = audit["entries"]
+    assert status == 200 and audit[0]["old"] == "weights 1=100" and audit[0]["new"]["weights"] == {"2": 100.0}
+    client.lpush(keys.audit(MODEL), "{an entry written by hand")  # one the gateway did not write
+    status, audit = gateway.request("GET", "/v1/admin/audit", token=ADMIN)[:2]
+    audit = audit["entries"]
+    assert status == 200 and audit[0] == {"unreadable": "{an entry written by hand"}
+    assert audit[1]["old"] == "weights 1=100"
+    shown = subprocess.run([sys.executable, "-m", "services.gateway.operator_cli", "--url", gateway.url, "--token",
+                            ADMIN, "audit"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "not written by the gateway: '{an entry written by hand'" in shown.stdout
+    assert "admin: 'weights 1=100' -> {'2': 100.0}" in shown.stdout
+    wait_until(lambda: routed_version(gateway) == 2, timeout=10, what="the operator's table in force")
 
 
 def test_a_supervised_loop_backs_off_reports_stale_and_recovers():

@@ -125,7 +125,11 @@ OPENAPI = {
                                         "description": "entries", "content": {"application/json": {"schema": {
                                             "type": "object", "properties": {"entries": {"type": "array", "items": {
                                                 "oneOf": [{"$ref": "#/components/schemas/AuditEntry"},
-                                                          {"$ref": "#/components/schemas/RolloutCommandEntry"}]}}}}}}},
+                                                          {"$ref": "#/components/schemas/RolloutCommandEntry"},
+                                                          {"type": "object", "required": ["unreadable"],
+                                                           "description": "an entry the gateway did not write "
+                                                           "(not a JSON object), as text", "properties": {
+                                                               "unreadable": {"type": "string"}}}]}}}}}}},
                                         **_ERRORS}}},
         "/v1/admin/status": {"get": {"summary": "Per-version figures, significance test and the routing table with "
                                                 "where each entry points now",
@@ -238,7 +242,9 @@ OPENAPI = {
                 "who": {"type": "string", "description": "the operator whose token made the change"},
                 "note": {"type": "string", "description": "X-Operator as sent, if any"},
                 "when": {"type": "string", "format": "date-time"},
-                "old": {"$ref": "#/components/schemas/Routing"}, "new": {"$ref": "#/components/schemas/Routing"},
+                "old": {"anyOf": [{"$ref": "#/components/schemas/Routing"}, {
+                    "type": "string", "description": "what was stored instead of a table (not JSON), as text"}]},
+                "new": {"$ref": "#/components/schemas/Routing"},
                 "rollout": {"type": "object", "description": "an operator's change that replaced a running "
                             "rollout's table (an override): the controller holding the lease and the version it "
                             "rolled out", "properties": {"controller": {"type": "string"},

@@ -153,13 +153,24 @@ def main(argv: list[str] | None = None) -> int:
         print_status(call(args.url, args.token, "GET", "/v1/admin/status"))
     else:
         for entry in call(args.url, args.token, "GET", "/v1/admin/audit")["entries"]:
+            if "unreadable" in entry:
+                print(f"(an entry not written by the gateway: {entry['unreadable']!r})")
+                continue
             if "action" in entry:  # a rollout command sent through the gateway, and the controller's answer
                 print(f"{entry['when']} {entry['who']}: {entry['action']} -> {entry['status']}")
                 continue
-            shadows = f" (shadow {entry['old'].get('shadow')} -> {entry['new'].get('shadow')})" if (
-                entry["old"].get("shadow") is not None or entry["new"].get("shadow") is not None) else ""
-            print(f"{entry['when']} {entry['who']}: {entry['old']['weights']} -> {entry['new']['weights']}{shadows}")
+            (old, old_shadow), (new, new_shadow) = _audited(entry["old"]), _audited(entry["new"])
+            shadows = f" (shadow {old_shadow} -> {new_shadow})" if (old_shadow, new_shadow) != (None, None) else ""
+            print(f"{entry['when']} {entry['who']}: {old} -> {new}{shadows}")
     return 0
+
+
+def _audited(table) -> tuple:
+    """(weights, shadow) of a table as the audit recorded it; what was stored instead of a table (by hand, say) is
+    shown as it was (its repr), with no shadow."""
+    if isinstance(table, dict) and isinstance(table.get("weights"), dict):
+        return table["weights"], table.get("shadow")
+    return repr(table), None
 
 
 if __name__ == "__main__":

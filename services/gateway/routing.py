@@ -42,7 +42,8 @@ UPDATE_SHAPE = ('a routing update is {"weights": {"<version or label>": <weight>
 
 
 # KEYS: routing, routing_generation, audit, rollout lease, routing_writer; ARGV: the new table (JSON), the audit entry
-# (a JSON object without "old"), the empty table (JSON, "old" when none is stored), the expected generation or '' for
+# (a JSON object without "old": the stored table, as a JSON string when what is stored is not JSON), the empty table
+# (JSON, "old" when none is stored), the expected generation or '' for
 # any, the audit's last index, the lease token the change is sent under or '' for none, the writer (JSON). Once stored:
 # {1, new generation, the audit entry (JSON) with "old", and "rollout" when a change without a token replaces the
 # table the lease holder wrote for a rollout}. Nothing written: {0, stored generation} when ARGV[4] names another
@@ -52,11 +53,13 @@ local holder = redis.call('GET', KEYS[4])
 if ARGV[6] ~= '' and holder ~= ARGV[6] then return {-1, holder or ''} end
 local generation = tonumber(redis.call('GET', KEYS[2]) or '0')
 if ARGV[4] ~= '' and tonumber(ARGV[4]) ~= generation then return {0, generation} end
-local entry = string.sub(ARGV[2], 1, -2) .. ', "old": ' .. (redis.call('GET', KEYS[1]) or ARGV[3])
+local old = redis.call('GET', KEYS[1]) or ARGV[3]
+if not pcall(cjson.decode, old) then old = cjson.encode(old) end
+local entry = string.sub(ARGV[2], 1, -2) .. ', "old": ' .. old
 local previous = redis.call('GET', KEYS[5])
 if ARGV[6] == '' and holder and previous then
-  local writer = cjson.decode(previous)
-  if writer.lease == holder and type(writer.candidate) == 'number' then
+  local readable, writer = pcall(cjson.decode, previous)
+  if readable and type(writer) == 'table' and writer.lease == holder and type(writer.candidate) == 'number' then
     entry = entry .. ', "rollout": ' .. cjson.encode({controller = holder, candidate = writer.candidate})
   end
 end
@@ -302,9 +305,15 @@ class Router:
                 log.error("the routing table %s is gone from Redis (restarted without its data?): keeping the last "
                           "known table %s; store a table again to clear this", self.key, self.table.to_json())
             return
-        self.table = RoutingTable.from_json(json.loads(raw)) if raw else RoutingTable()
+        try:
+            stored = json.loads(raw) if raw else None
+            writer = json.loads(writer) if writer else None
+        except ValueError as exc:
+            raise RoutingError(f"what {self.key} or {self.writer_key} holds is not JSON ({exc}): keeping the last "
+                               "known table; store a table to replace it") from None
+        self.table = RoutingTable.from_json(stored) if raw else RoutingTable()
         self.stored_generation = int(stored_generation or 0)
-        self.stored_writer = json.loads(writer) if writer else None
+        self.stored_writer = writer
         if raw is not None:
             self._stored_table_seen()
         if self.labels is not None and self.table.labels() - self.labels.asked:
@@ -454,7 +463,17 @@ class Router:
         return entry
 
     async def audit(self, limit: int = 100) -> list[dict]:
-        return [json.loads(e) for e in await self.redis.lrange(self.audit_key, 0, limit - 1)]
+        """The newest ``limit`` entries, newest first; one that is not a JSON object (the gateway did not write it)
+        as ``{"unreadable": <its text>}``."""
+        return [_audit_entry_read(e) for e in await self.redis.lrange(self.audit_key, 0, limit - 1)]
+
+
+def _audit_entry_read(raw: bytes) -> dict:
+    try:
+        entry = json.loads(raw)
+    except (ValueError, RecursionError):
+        entry = None
+    return entry if isinstance(entry, dict) else {"unreadable": raw.decode(errors="replace")}
 
 
 def _audit_entry(who: str, note: str | None, **fields) -> dict:
