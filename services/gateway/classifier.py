@@ -27,7 +27,7 @@ from services.gateway.routing import Router
 from services.gateway.single_flight import NoSingleFlight, SingleFlight
 from services.gateway.stats import Stats
 from services.gateway.upstream import (
-    ExplainServerBehind, ModelServerClient, SignatureNotServed, UpstreamRejected, UpstreamUnavailable,
+    ContractBroken, ExplainServerBehind, ModelServerClient, SignatureNotServed, UpstreamRejected, UpstreamUnavailable,
 )
 from training_job.heatmaps import displayed_size, overlay_png
 from training_job.preprocessing import Limits, open_image
@@ -108,6 +108,8 @@ class Classifier:
                                retry_after=EXPLAIN_RETRY_AFTER_SECONDS) from None
         except UpstreamUnavailable as exc:
             raise GatewayError(503, "model_server_unavailable", str(exc), retry_after=2) from None
+        except ContractBroken as exc:
+            raise GatewayError(502, "version_unusable", f"the version cannot be used: {exc}") from None
         except SignatureNotServed as exc:
             hint = ("; explanations need the SavedModel engine: start the gateway with --explain-model-server, a "
                     "model server serving the same registry without --prefer_tflite_model"
@@ -298,6 +300,9 @@ class Classifier:
         if label:
             return Target(version, label, "override")
         if version is not None:
+            if version in self.router.unusable:
+                raise GatewayError(502, "version_unusable", f"version {version} cannot be used: "
+                                   f"{self.router.unusable[version]}")
             if version not in self.router.available:
                 raise GatewayError(404, "unknown_version", f"version {version} is not AVAILABLE "
                                    f"(available: {sorted(self.router.available)})")

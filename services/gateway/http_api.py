@@ -285,7 +285,9 @@ class HttpApi:
             "versions": [{"version": v, "state": state_name(s),
                           "weight": router.version_weights().get(v, 0.0),
                           "identity": self.classifier.identity_of(v),
-                          "labels": self.model_info.class_names(v)} for v, s in sorted(states.items())],
+                          "labels": self.model_info.class_names(v),
+                          **({"unusable": router.unusable[v]} if v in router.unusable else {})}
+                         for v, s in sorted(states.items())],
             "routing": router.describe(),
         }]})
 

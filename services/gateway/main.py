@@ -177,11 +177,14 @@ class Gateway:
             return False, f"model server {self.args.model_server} unreachable: {self.upstream_problem}"
         if "versions" in stale:
             return False, f"the version watcher is stale: {stale['versions']}"
+        unusable = "; ".join(f"version {v} unusable: {why}" for v, why in sorted(self.router.unusable.items()))
         if not self.router.available:
-            return False, f"no AVAILABLE version of {self.args.model_name}"
-        if stale:  # still serving (the last routing table and label answers); reported, not fatal
-            return True, "ok; stale loops: " + "; ".join(f"{name} {why}" for name, why in sorted(stale.items()))
-        return True, "ok"
+            return False, f"no usable AVAILABLE version of {self.args.model_name}" + (f" ({unusable})" if unusable
+                                                                                        else "")
+        problems = ["stale loops: " + "; ".join(f"{name} {why}" for name, why in sorted(stale.items()))] \
+            if stale else []  # still serving (the last routing table and label answers); reported, not fatal
+        problems += [unusable] if unusable else []  # routed around
+        return True, "; ".join(["ok", *problems])
 
     async def _poll_versions(self) -> None:
         from services.gateway.upstream import AVAILABLE, UpstreamUnavailable
@@ -195,7 +198,7 @@ class Gateway:
         available = {v for v, s in states.items() if s == AVAILABLE}
         changed = await self.version_facts.refresh(available, timeout=self.args.health_timeout)  # before routed to
         self.model_info.keep(available - changed)
-        self.router.available = available
+        self.router.set_available(available, self.version_facts.unusable)
         self.upstream_ok = True
 
     async def serve(self) -> None:

@@ -75,6 +75,8 @@ ROUTE = Counter("mushroom_gateway_route", "Routing decisions per version", ["mod
                 registry=REGISTRY)
 ROUTED_VERSION_MISSING = Gauge("mushroom_gateway_routed_version_missing",
                                "1 while a version in the routing table is not AVAILABLE", registry=REGISTRY)
+VERSIONS_UNUSABLE = Gauge("mushroom_gateway_versions_unusable", "AVAILABLE versions the gateway cannot use (they "
+                          "break the serving contract) and routes around; /v1/models says why", registry=REGISTRY)
 SHADOW_SECONDS = Histogram("mushroom_gateway_shadow_seconds", "Latency of mirrored (shadow) calls",
                            buckets=LATENCY_BUCKETS, registry=REGISTRY)
 SHADOW = Counter("mushroom_gateway_shadow", "Shadow requests by agreement with the answer", ["agreement"],

@@ -11,6 +11,8 @@ _ERRORS = {str(s): {"description": d, "content": {"application/json": {"schema":
                         "request or photo"), (408, "the body did not arrive within --body-timeout"),
                         (413, "body or photo over the limit"),
                         (500, "internal_error: the gateway failed (a bug, logged)"),
+                        (502, "the model server failed, or (classify) the version asked for breaks the serving "
+                         "contract (version_unusable)"),
                         (503, "model server, Redis or the photo store unavailable, or (classify) the gateway "
                          "overloaded: error.code says which; Retry-After set"))}
 
@@ -297,7 +299,9 @@ OPENAPI = {
                                      "has learnt it, or while the version is not AVAILABLE"},
                         "labels": {"type": "array", "description": "the model's classes (species), not version "
                                    "labels", "items": {"type": "object", "properties": {
-                                       "label": {"type": "string"}, "display_name": {"type": "string"}}}}}}},
+                                       "label": {"type": "string"}, "display_name": {"type": "string"}}}},
+                        "unusable": {"type": "string", "description": "only for an AVAILABLE version the gateway "
+                                     "cannot use (it breaks the serving contract): why; it is routed around"}}}},
                     "routing": {"$ref": "#/components/schemas/RoutingState"}}}}}},
             "Answer": {"type": "object", "properties": {
                 "request_id": {"type": "string"},

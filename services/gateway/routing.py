@@ -254,7 +254,8 @@ class Router:
         self.model_name = model_name
         self.labels = labels  # a labels.LabelResolver (kept out of this module: it needs the TF Serving stubs)
         self.table = RoutingTable()
-        self.available: set[int] = set()
+        self.available: set[int] = set()  # the versions requests may be routed to: AVAILABLE and usable
+        self.unusable: dict[int, str] = {}  # AVAILABLE versions the gateway cannot use, and why (version_facts.py)
         self.seen_stored_table = False  # a table was read from (or written to) Redis at least once
         self.table_lost = False
         self.table_generation = 0  # bumped by every set_table: a Redis read begun before it is older than the table
@@ -284,6 +285,13 @@ class Router:
     @property
     def audit_key(self) -> str:
         return keys.audit(self.model_name)
+
+    def set_available(self, available: set[int], unusable: dict[int, str]) -> None:
+        """The model server's AVAILABLE versions, and those of them the gateway cannot use, routed around as if
+        they were not AVAILABLE."""
+        self.unusable = {v: why for v, why in unusable.items() if v in available}
+        self.available = set(available) - set(self.unusable)
+        metrics.VERSIONS_UNUSABLE.set(len(self.unusable))
 
     async def refresh(self) -> None:
         """Re-read the table from Redis (about twice a second); the caller keeps the last table when Redis is down.
@@ -403,6 +411,11 @@ class Router:
                 resolved = await self.labels.resolve_all(table.labels())
             except UnknownLabel as exc:
                 raise RoutingError(str(exc)) from None
+        referenced = [e for e in table.referenced() if isinstance(e, int)] + list(resolved.values())
+        unusable = [f"version {v} cannot be used: {self.unusable[v]}" for v in sorted(set(referenced))
+                    if v in self.unusable]
+        if unusable:
+            raise RoutingError("; ".join(unusable))
         unknown = [e for e in table.referenced() if isinstance(e, int) and e not in self.available]
         if unknown:
             raise RoutingError(f"versions {unknown} are not AVAILABLE on the model server "

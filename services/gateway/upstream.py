@@ -16,7 +16,8 @@ from training_job.explain import EXPLAIN_SIGNATURE, PREDICTED_CLASS  # constants
 
 log = logging.getLogger("gateway.upstream")
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE  # TF Serving's own table of version states
-EXPLAIN_OUTPUTS = ("probabilities", "classes", "mushroom_score", "not_a_mushroom", "explained_class", "heatmap")
+PREDICT_OUTPUTS = ("probabilities", "classes", "mushroom_score", "not_a_mushroom")  # [N, C], [N, C], [N], [N]
+EXPLAIN_OUTPUTS = (*PREDICT_OUTPUTS, "explained_class", "heatmap")
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
@@ -47,6 +48,11 @@ class SignatureNotServed(UpstreamRejected):
     def __init__(self, code: grpc.StatusCode, message: str, signature: str):
         super().__init__(code, message)
         self.signature = signature
+
+
+class ContractBroken(Exception):
+    """A version answered, but not as the registry contract says (DEVELOPERS.md): an output the gateway reads is
+    missing, or not of one row per photo. The version cannot be used by the gateway, however well it is served."""
 
 
 class ExplainServerBehind(UpstreamUnavailable):
@@ -184,9 +190,23 @@ class ModelServerClient:
         return request
 
     @staticmethod
-    def _predictions(response, rows: int) -> tuple[list[Prediction], dict[str, np.ndarray]]:
+    def _predictions(response, rows: int, wanted=PREDICT_OUTPUTS) -> tuple[list[Prediction], dict[str, np.ndarray]]:
+        """The Prediction of each of ``rows`` photos, and the outputs; ContractBroken when an output of ``wanted`` is
+        missing or does not hold a row per photo (probabilities and classes a column per class)."""
         outputs = {k: _array(v) for k, v in response.outputs.items()}
         served = response.model_spec.version.value
+        signature = response.model_spec.signature_name or "serving_default"
+        missing = [k for k in wanted if k not in outputs]
+        if missing:
+            raise ContractBroken(f"version {served}'s {signature} answers without {', '.join(missing)} (it gives "
+                                 f"{', '.join(sorted(outputs)) or 'nothing'}); the gateway reads "
+                                 f"{', '.join(wanted)}")
+        classes = outputs["probabilities"].shape[1:2]
+        odd = [f"{k} {list(outputs[k].shape)}" for k in wanted if outputs[k].shape[:1] != (rows,)
+               or (k in ("probabilities", "classes") and (outputs[k].ndim != 2 or outputs[k].shape[1:] != classes))]
+        if odd:
+            raise ContractBroken(f"version {served}'s {signature} answers {rows} photos with {', '.join(odd)}; the "
+                                 "gateway reads probabilities and classes [photos, classes], the others [photos]")
         return [Prediction(served, outputs["probabilities"][i], list(outputs["classes"][i]),
                            float(outputs["mushroom_score"][i]), bool(outputs["not_a_mushroom"][i]))
                 for i in range(rows)], outputs
@@ -219,7 +239,7 @@ class ModelServerClient:
                 else "the latest version"
             raise ExplainServerBehind(f"the explain model server {self.explain_target} has not loaded {wanted} of "
                                       f"{self.model_name} yet (the model server {self.target} has): {exc}") from None
-        predictions, outputs = self._predictions(response, len(pixels))
+        predictions, outputs = self._predictions(response, len(pixels), EXPLAIN_OUTPUTS)
         return [Explanation(p, int(outputs["explained_class"][i]), outputs["heatmap"][i])
                 for i, p in enumerate(predictions)]
 

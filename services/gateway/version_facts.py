@@ -25,7 +25,10 @@ for the wrong model. Two different trainings give the same rounded answers to ev
 (a grey, a gradient, a noise image) is nothing a model was trained to be sure of.
 
 The gateway preprocesses a photo at the size of the version that will answer it, and the cache key holds that size.
-The version watcher learns the facts of each newly AVAILABLE version before routing to it (``refresh``).
+The version watcher learns the facts of each newly AVAILABLE version before routing to it (``refresh``). A version
+whose facts cannot be learnt because of the version itself (the model server refuses the contract's probe request,
+or answers it without the outputs the gateway reads: another tool's export, say) is ``unusable``: routed around as
+if it were not AVAILABLE (routing.Router.set_available), and asked again at every refresh.
 """
 from __future__ import annotations
 
@@ -37,9 +40,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable
 
+import grpc
 import numpy as np
 
-from services.gateway.upstream import ModelServerClient
+from services.gateway.upstream import ContractBroken, ModelServerClient, UpstreamRejected
 
 log = logging.getLogger("gateway.version_facts")
 
@@ -87,6 +91,15 @@ class VersionFacts:
         self._asking: dict[int, asyncio.Future] = {}  # version -> the facts being learnt, shared by every asker
         self._forgotten = 0  # refreshes that forgot a version: facts learnt across one are not kept
         self._doubted = False  # the model server was out of reach: learn every version again at the next refresh
+        self._unusable: dict[int, str] = {}  # version -> why the gateway cannot use it (``refresh``)
+
+    @property
+    def unusable(self) -> dict[int, str]:
+        """The AVAILABLE versions the gateway cannot use, and why: the model server refused the probes of the
+        registry contract (its ``serving_default`` has no ``images`` input, or no such signature) or answered them
+        without the outputs the gateway reads (upstream.ContractBroken). Each is asked again at every refresh, until
+        it is learnt or leaves."""
+        return dict(self._unusable)
 
     def known(self, version: int) -> Facts | None:
         return self._facts.get(version)
@@ -147,12 +160,27 @@ class VersionFacts:
         answers = await asyncio.gather(*(self._learn(v, timeout) if v in known else self.of(v, timeout)
                                          for v in learn), return_exceptions=True)
         changed = set()
+        self._unusable = {v: why for v, why in self._unusable.items() if v in keep}
         for version, answer in zip(learn, answers):
-            if isinstance(answer, BaseException):
+            if _breaks_contract(answer):
+                if self._unusable.get(version) != str(answer):
+                    log.warning("version %d cannot be used, and is routed around: %s", version, answer)
+                self._unusable[version] = str(answer)
+            elif isinstance(answer, BaseException):
                 log.debug("version %d not learnt yet: %s", version, answer)
+            else:
+                self._unusable.pop(version, None)
+            if isinstance(answer, BaseException):
                 self._doubted = self._doubted or version in known  # still in doubt: learnt again next time
             elif version in known and known[version].identity != answer.identity:
                 log.warning("version %d is another model than before (identity %s, was %s)", version,
                             answer.identity, known[version].identity)
                 changed.add(version)
         return changed
+
+
+def _breaks_contract(answer) -> bool:
+    """Whether learning a version failed because of the version itself, not of the moment: it answered outside the
+    contract, or the model server refused the contract's request (a version gone meanwhile is NOT_FOUND)."""
+    return isinstance(answer, ContractBroken) or (
+        isinstance(answer, UpstreamRejected) and answer.code != grpc.StatusCode.NOT_FOUND)
