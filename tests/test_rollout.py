@@ -31,7 +31,7 @@ from training_job.publish import publish_dir
 
 AVAILABLE, END = ModelVersionStatus.AVAILABLE, ModelVersionStatus.END
 
-MODELS = ("promote", "feedback", "shadow", "resume", "pause", "web", "mirror", "stopping")
+MODELS = ("promote", "feedback", "shadow", "resume", "pause", "web", "mirror", "stopping", "unusable")
 CONTROLLER_TOKEN = "rollout-controller-token-0123456789"
 ALICE_TOKEN = "alice-token-0123456789"
 PHOTOS = [p for d in sorted(MUSHROOMS.iterdir()) for p in sorted(d.iterdir())[:130]]  # 520 photos
@@ -320,6 +320,31 @@ def test_bad_version_is_rolled_back_by_feedback_accuracy(model_server, redis_ser
         rolled_back_at = controller.last_tick()
         wait_until(lambda: controller.last_tick() > rolled_back_at + 1.5, timeout=30, what="more ticks")
         assert controller.status()["history"][0]["outcome"] == "rollback" and len(audit(gateway)) == 3
+    finally:
+        controller.stop()
+        gateway.stop()
+
+
+def test_a_version_the_gateway_cannot_use_is_rejected_and_stable_keeps_its_traffic(model_server, redis_server,
+                                                                                     stack_files):
+    from tests.test_gateway_unusable_version import ProbabilitiesOnly, write
+
+    gateway = start_gateway(model_server, redis_server, stack_files, "unusable")
+    policy = {"tick_seconds": 0.3, "rules": FAST_RULES, "steps": [
+        {"name": "canary", "weight": 10, "hold_seconds": 600, "min_requests": 10},
+        {"name": "full", "weight": 100}]}
+    controller = Controller("unusable", redis_server.url, gateway, model_server, stack_files, policy)
+    try:
+        wait_until(lambda: events(controller.status(), "adopt"), timeout=30, what="v1 adopted as stable")
+        publish_dir(write(ProbabilitiesOnly), stack_files[1], "unusable")  # another tool's export: no mushroom_score
+        wait_available(model_server, "unusable", 2)
+        status = wait_until(lambda: (s := controller.status())["state"]["rejected"] == [2] and s, timeout=60,
+                            what="version 2 rejected")
+        reject = events(status, "reject")[0]
+        assert reject["rule"] == "unusable" and "mushroom_score" in reject["reason"], reject
+        assert status["state"]["candidate"] is None and status["state"]["stable"] == 1
+        assert routing(gateway) == {"1": 100}
+        assert gateway.classify(PHOTOS[0].read_bytes())[1]["model"]["version"] == 1
     finally:
         controller.stop()
         gateway.stop()

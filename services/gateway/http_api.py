@@ -25,7 +25,9 @@ from services.gateway.openapi import OPENAPI
 from services.gateway.operators import OperatorTokens
 from services.gateway.photo_store import PhotoStore
 from services.gateway.rollout_proxy import RolloutProxy
-from services.gateway.routing import LeaseNotHeld, Router, RoutingChanged, RoutingError, RoutingTable
+from services.gateway.routing import (
+    LeaseNotHeld, Router, RoutingChanged, RoutingError, RoutingTable, VersionUnusable,
+)
 from services.gateway.stats import Stats
 from services.gateway.upstream import UpstreamUnavailable, state_name
 from services.http_stop import close_connections_when
@@ -363,6 +365,8 @@ class HttpApi:
             table = RoutingTable.from_request(data)
             entry = await self.router.set_table(table, who, note=request.headers.get("X-Operator"),
                                                 expected_generation=expected, lease=lease, candidate=candidate)
+        except VersionUnusable as exc:
+            raise GatewayError(400, "version_unusable", str(exc)) from None
         except RoutingError as exc:
             raise GatewayError(400, "bad_routing", str(exc)) from None
         except LeaseNotHeld as exc:

@@ -77,6 +77,10 @@ class RoutingError(ValueError):
     pass
 
 
+class VersionUnusable(RoutingError):
+    """A table naming a version the model server serves but the gateway cannot use (version_facts.py)."""
+
+
 class LeaseNotHeld(RuntimeError):
     """A change sent under a rollout lease token that the lease key does not hold (any more)."""
 
@@ -415,7 +419,7 @@ class Router:
         unusable = [f"version {v} cannot be used: {self.unusable[v]}" for v in sorted(set(referenced))
                     if v in self.unusable]
         if unusable:
-            raise RoutingError("; ".join(unusable))
+            raise VersionUnusable("; ".join(unusable))
         unknown = [e for e in table.referenced() if isinstance(e, int) and e not in self.available]
         if unknown:
             raise RoutingError(f"versions {unknown} are not AVAILABLE on the model server "

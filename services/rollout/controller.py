@@ -4,7 +4,9 @@ States (kept in Redis, keys.state, so a restarted or another controller resumes 
 
 - **idle** (``candidate`` None): the ``stable`` version serves everything. A version that is AVAILABLE on the model
   server, newer than ``stable`` and never rejected starts a rollout: the offline rule is judged first (a breach
-  rejects the version before it sees traffic), then step 0 of the policy is routed.
+  rejects the version before it sees traffic), then step 0 of the policy is routed; a version the gateway refuses to
+  route because it cannot use it (400 ``version_unusable``: it breaks the serving contract) is rejected too, rule
+  ``unusable``.
 - **rolling** (``candidate`` set, at step ``step``): every tick judges the rollout's figures since it started
   (judge.judge_online). A breach rolls back at once: routing back to ``stable`` alone, the version added to
   ``rejected``. When the step has held ``hold_seconds`` and counted ``min_requests`` it advances; after the last
@@ -346,12 +348,9 @@ class Controller:
         offline = judge.judge_offline(self._offline_scores(candidate), self._offline_scores(state.stable),
                                       self.policy.rules["offline"])
         if offline.outcome == BREACH:
-            state.rejected = sorted(set(state.rejected) | {candidate})
-            probe = State(**{**asdict(state), "candidate": candidate})
-            await self.save_state(state, self._event(probe, "reject", offline.reason, rule="offline",
-                                                     verdicts=[offline.to_json()]))
+            await self._reject(state, candidate, "offline", offline.reason, verdicts=[offline.to_json()])
             return
-        now = self._now
+        now, before = self._now, asdict(state)
         state.candidate, state.step, state.paused, state.candidate_unavailable_since = candidate, 0, False, None
         state.override = None
         state.rollout_started = state.step_started = now
@@ -359,11 +358,28 @@ class Controller:
         state.step_baseline = figures.baseline(candidate)
         state.judgement = None
         step = self._step(state)
-        await self._route(self._table(step, state.stable, candidate),
-                          f"start v{candidate} (stable v{state.stable}) at {step.name}; offline: {offline.reason}",
-                          labels_for(state.stable, candidate), candidate=candidate)
+        try:
+            await self._route(self._table(step, state.stable, candidate),
+                              f"start v{candidate} (stable v{state.stable}) at {step.name}; offline: {offline.reason}",
+                              labels_for(state.stable, candidate), candidate=candidate)
+        except ApiError as exc:
+            if exc.code != "version_unusable":
+                raise
+            # the gateway cannot use the version (it breaks the serving contract): rolling it out cannot start
+            for name, value in before.items():  # the state as it was before this start
+                setattr(state, name, value)
+            if self.labels is not None:
+                await self.labels.move(labels_for(state.stable, None))
+            await self._reject(state, candidate, "unusable", f"the gateway cannot use v{candidate}: {exc}")
+            return
         await self.save_state(state, self._event(state, "start", f"v{candidate} AVAILABLE; offline: "
                                                  f"{offline.reason}", verdicts=[offline.to_json()]))
+
+    async def _reject(self, state: State, candidate: int, rule: str, reason: str, **extra) -> None:
+        """``candidate`` is not rolled out, and not tried again: a ``reject`` event."""
+        state.rejected = sorted(set(state.rejected) | {candidate})
+        probe = State(**{**asdict(state), "candidate": candidate})
+        await self.save_state(state, self._event(probe, "reject", reason, rule=rule, **extra))
 
     async def _rollback(self, state: State, rule: str, reason: str, who: str | None = None, **extra) -> None:
         candidate, step = state.candidate, self._step(state)
