@@ -115,6 +115,11 @@ def test_before_any_rate_is_known_a_deadline_gets_its_share_of_the_floor_and_adm
     assert exc.value.code == "deadline_unreachable"
     with pytest.raises(GatewayError), admission.admitted(deadline=clock.now - 1):  # its caller has left already
         pass
+    idle = MissAdmission(1.0, clock)
+    with pytest.raises(GatewayError) as exc, idle.admitted(deadline=clock.now + 0.001):  # less than any miss takes
+        pass
+    assert "(1 ms left) leaves room for 0 cache misses in progress" in exc.value.message
+    assert "and 0 are: a miss would not be answered in time" in exc.value.message
     with admission.admitted(deadline=clock.now + 0.75):
         assert admission.in_progress == len(held) + 1
     off = MissAdmission(0, clock)

@@ -81,9 +81,10 @@ class MissAdmission:
             if not self.has_room(left):  # the same room as above for a deadline of max_wait or more
                 metrics.MISSES_REFUSED_BY["deadline"].inc()
                 raise GatewayError(
-                    504, "deadline_unreachable", f"the {self.in_progress} cache misses in progress would not be "
-                    f"answered within this request's deadline ({left:.3g} s left) at {self.rate():.0f} answers per "
-                    "second")
+                    504, "deadline_unreachable", f"this request's deadline ({left * 1000:.0f} ms left) leaves room for "
+                    f"{self.limit(left)} cache misses in progress, at the rate misses are answered ({self.rate():.0f} "
+                    f"a second lately, counted as at least {MIN_ADMITTED} per {self.max_wait:g} s), and "
+                    f"{self.in_progress} are: a miss would not be answered in time")
         self.in_progress += 1
         try:
             yield
