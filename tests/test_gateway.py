@@ -311,6 +311,16 @@ def test_bad_input_gets_a_clear_4xx(stack, name):
     assert body["error"]["code"] and body["error"]["message"]
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "application/octet-stream"])
+def test_a_json_body_sent_without_its_content_type_is_told_which_to_send(stack, content_type):
+    """requests.post(url, data=json.dumps(...)) sends no Content-Type (curl -d sends a form's): the 400 says what
+    the body looks like and which Content-Type to send it with."""
+    body = json.dumps({"image_b64": base64.b64encode(PHOTOS[0].read_bytes()).decode()}).encode()
+    status, answer, _ = stack["gateway"].request("POST", "/v1/classify", body, content_type)
+    assert status == 400 and answer["error"]["code"] == "not_an_image", answer
+    assert "Content-Type: application/json" in answer["error"]["message"], answer
+
+
 @pytest.mark.parametrize("query, status", [("version=99", 404), ("label=nope", 404), ("top_k=0", 400),
                                            ("top_k=5", 400), ("top_k=abc", 400)])
 def test_bad_parameters(stack, query, status):

@@ -240,7 +240,11 @@ class HttpApi:
         if content_type.startswith("multipart/"):
             return await read_form_file(request, PHOTO_FIELDS, self.max_body, limit), {}
         if content_type != "application/json":
-            return await read_limited(request.content, limit, "the body"), {}
+            body = await read_limited(request.content, limit, "the body")
+            if body[:1] == b"{" and body.rstrip()[-1:] == b"}":  # a JSON object: no photo format starts so
+                raise GatewayError(400, "not_an_image", f"the body is a JSON object sent as {content_type!r}: send "
+                                   "JSON bodies with Content-Type: application/json")
+            return body, {}
         data = await read_json(request, limit)
         encoded = data.get("image_b64") if isinstance(data, dict) else None
         if not isinstance(encoded, str):
