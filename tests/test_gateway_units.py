@@ -846,3 +846,38 @@ def test_a_cache_entry_is_read_only_when_it_holds_what_an_answer_is_made_of():
                         {"class_index": 0, "heatmap": [[0.0], [0.0, 1.0]]}, {"class_index": 0, "heatmap": []},
                         {"class_index": 0}):
         assert not readable_answer({**answer, "explanation": explanation}, True), explanation
+
+
+def test_a_grpc_request_that_does_not_parse_is_invalid_argument_and_counted():
+    """Bytes that are no ClassifyRequest (a client built from another proto, a string field that is not UTF-8): the
+    client's error, INVALID_ARGUMENT naming the message, counted as one, on a unary call and on a stream's frame."""
+    import grpc as grpc_lib
+    from types import SimpleNamespace
+
+    from devstack.servers import free_port
+    from services.gateway.grpc_api import build_server
+
+    async def scenario():
+        port = free_port()
+        server, _ = build_server(SimpleNamespace(classify=_failing_classify), None, None, "127.0.0.1", port)
+        await server.start()
+        try:
+            invalid = _responses("grpc", "INVALID_ARGUMENT")
+            async with grpc_lib.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                classify = channel.unary_unary("/mushroom.v1.Classifier/Classify")
+                stream = channel.stream_stream("/mushroom.v1.Classifier/ClassifyStream")
+                not_utf8 = b"\x12\x02\xff\xfe"  # field 2 (client_id), 2 bytes that are not UTF-8
+                for call in (classify(b"\xff\xff\xff\xff"), classify(not_utf8), stream(iter([not_utf8]))):
+                    with pytest.raises(grpc_lib.aio.AioRpcError) as failed:
+                        if hasattr(call, "__aiter__"):
+                            async for _ in call:
+                                pass
+                        else:
+                            await call
+                    assert failed.value.code().name == "INVALID_ARGUMENT", failed.value
+                    assert "not a valid mushroom.v1.ClassifyRequest" in failed.value.details()
+            assert _responses("grpc", "INVALID_ARGUMENT") - invalid == 3
+        finally:
+            await server.stop(0)
+
+    asyncio.run(scenario())

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import inspect
 import time
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -162,13 +163,55 @@ def _ended_by(exc: BaseException, context) -> grpc.StatusCode:
     return context.code() or grpc.StatusCode.UNKNOWN
 
 
-def _counted(behavior):
+@dataclass(frozen=True)
+class _Undecodable:
+    """A request message that did not parse, in place of the message, for the handler to answer."""
+    message_name: str
+    error: str
+
+
+def _parsing(deserializer):
+    """``deserializer`` (a message's FromString), returning an _Undecodable where it raises: gRPC would end such an
+    RPC with UNKNOWN "Unexpected DecodeError", a server bug's status, before any handler or count saw it."""
+    if deserializer is None:
+        return None
+    message_name = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    message_name = message_name.full_name if message_name is not None else "request message"
+
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # DecodeError, or a string field that is not UTF-8
+            return _Undecodable(message_name, str(exc))
+    return parse
+
+
+async def _refuse_undecodable(request, context) -> None:
+    if isinstance(request, _Undecodable):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"the request is not a valid {request.message_name}: {request.error}")
+
+
+async def _checked_frames(frames, context):
+    async for frame in frames:
+        await _refuse_undecodable(frame, context)
+        yield frame
+
+
+def _counted(behavior, request_streaming: bool = False):
     """``behavior`` (a method handler's coroutine function or async generator function, as gRPC tells them apart),
-    counting the status its RPC ends with."""
+    counting the status its RPC ends with; a request (or a stream's frame) that did not parse (``_parsing``) ends it
+    with INVALID_ARGUMENT."""
+    async def checked(request, context):
+        if request_streaming:
+            return _checked_frames(request, context)
+        await _refuse_undecodable(request, context)
+        return request
+
     if inspect.isasyncgenfunction(behavior):
         async def streamed(request, context):
             try:
-                async for response in behavior(request, context):
+                async for response in behavior(await checked(request, context), context):
                     yield response
             except BaseException as exc:
                 _count(_ended_by(exc, context))
@@ -178,7 +221,7 @@ def _counted(behavior):
 
     async def answered(request, context):
         try:
-            response = await behavior(request, context)
+            response = await behavior(await checked(request, context), context)
         except BaseException as exc:
             _count(_ended_by(exc, context))
             raise
@@ -198,7 +241,8 @@ class ResponseCounter(grpc.aio.ServerInterceptor):
             return None
         kind = ("stream_" if handler.request_streaming else "unary_") + (
             "stream" if handler.response_streaming else "unary")
-        return handler._replace(**{kind: _counted(getattr(handler, kind))})
+        return handler._replace(**{kind: _counted(getattr(handler, kind), handler.request_streaming),
+                                   "request_deserializer": _parsing(handler.request_deserializer)})
 
 
 def build_server(classifier: Classifier, router: Router, stats: Stats, host: str, port: int, photo_store=None,
