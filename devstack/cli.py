@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     up.add_argument("--rollout-policy", type=Path, default=None,
                     help="its policy file (default: the built-in policy, deploy/rollout/policy.yaml)")
     for port in fields(Ports):
-        up.add_argument(f"--{port.name.replace('_', '-')}-port", type=int, default=port.default, dest=port.name)
+        up.add_argument(Ports.flag(port.name), type=int, default=port.default, dest=port.name)
     commands.add_parser("down", help="stop every process of the latest run folder")
     commands.add_parser("status", help="which processes of the latest run folder are alive")
     pin = commands.add_parser("pin", help="keep versions loaded in the running stack's model server (a `specific` "

@@ -27,6 +27,7 @@ ROLLOUT_OPERATOR = "rollout-controller"  # the name the gateway's audit gives th
 
 @dataclass
 class Ports:
+    """The stack's loopback ports; each has its flag of `scripts/stack.py up` (``flag``)."""
     redis: int = 6390
     model_server_grpc: int = 8500
     model_server_rest: int = 8501
@@ -35,6 +36,11 @@ class Ports:
     prometheus: int = 9090
     tensorboard: int = 6006
     rollout: int = 8095
+
+    @staticmethod
+    def flag(name: str) -> str:
+        """The `scripts/stack.py up` flag of the port ``name`` (a field): --gateway-http-port for gateway_http."""
+        return f"--{name.replace('_', '-')}-port"
 
 
 @dataclass
@@ -110,6 +116,14 @@ def _python_env() -> dict:
             "PYTHONPATH": str(PROJECT_ROOT), "PYTHONUNBUFFERED": "1"}
 
 
+def _free_port_after(port: int, taken: set[int]) -> int:
+    """The first port above ``port`` that is free now and none of the stack's (``taken``)."""
+    candidate = port + 1
+    while candidate in taken or not port_is_free(candidate):
+        candidate += 1
+    return candidate
+
+
 def start_stack(registry: Path, model_name: str, run_dir: Path, ports: Ports | None = None,
                 scrape_interval_s: float = 5.0, tensorboard_logdir: Path | None = None,
                 admin_token: str | None = None, timeout: float = 180.0, rollout: bool = False,
@@ -118,11 +132,13 @@ def start_stack(registry: Path, model_name: str, run_dir: Path, ports: Ports | N
     ``rollout``: also the rollout controller (services/rollout), with ``rollout_policy`` or the default policy."""
     ports = ports or Ports()
     optional = {"tensorboard": tensorboard_logdir is not None, "rollout": rollout}
-    busy = [f"{name}={port}" for name, port in asdict(ports).items()
-            if optional.get(name, True) and not port_is_free(port)]
+    busy = {name: port for name, port in asdict(ports).items() if optional.get(name, True) and not port_is_free(port)}
     if busy:
-        raise StackError(f"ports already in use: {', '.join(busy)} (is a stack already up? `scripts/stack.py down`, "
-                         "or choose other ports)")
+        taken = set(asdict(ports).values())
+        moves = " ".join(f"{Ports.flag(name)} {_free_port_after(port, taken)}" for name, port in busy.items())
+        raise StackError(f"ports already in use: {', '.join(f'{n}={p}' for n, p in busy.items())}. Is a stack "
+                         f"already up? `make stop`. Or move them to ports free now: `scripts/stack.py up {moves}` "
+                         f"(`make run STACK_ARGS='{moves}'`)")
     for binary in ("redis-server", "prometheus"):
         if shutil.which(binary) is None:
             raise StackError(f"{binary} is not installed: run `make setup` (scripts/setup.sh)")

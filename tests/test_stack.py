@@ -199,3 +199,29 @@ def test_make_run_passes_a_photo_folder_with_spaces_as_one_argument():
     [command] = [line for line in printed.splitlines() if "scripts/stack.py up" in line]
     argv = shlex.split(command)
     assert argv[argv.index("--data") + 1] == "/tmp/my mushroom photos"
+
+
+def test_a_port_in_use_is_named_with_the_flag_and_a_free_port_to_use(tmp_path):
+    """Something else on the gateway's port (another web server on 8080, say): the stack starts nothing and says
+    which flag moves it, with a port free now, and how `make run` passes it."""
+    import socket
+
+    from devstack.health import StackError
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        with pytest.raises(StackError) as refused:
+            start_stack(tmp_path / "registry", "mushrooms", tmp_path / "run", Ports(gateway_http=port))
+    finally:
+        taken.close()
+    message = str(refused.value)
+    assert f"gateway_http={port}" in message and "--gateway-http-port " in message, message
+    suggested = int(message.split("--gateway-http-port ")[1].split()[0].strip("`'\""))
+    assert suggested != port and port_is_free(suggested)
+    assert "make run STACK_ARGS=" in message
+    printed = subprocess.run(["make", "-n", "run", "STACK_ARGS=--gateway-http-port 18080"], cwd=PROJECT_ROOT,
+                             capture_output=True, text=True, timeout=60).stdout
+    assert "--gateway-http-port 18080" in printed
