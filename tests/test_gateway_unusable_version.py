@@ -51,8 +51,8 @@ def stack(tmp_path):
     publish_dir(lambda d: write_tiny_model(d), registry, MODEL)
     publish_dir(write(ProbabilitiesOnly), registry, MODEL)
     publish_dir(write(OtherInputName), registry, MODEL)
-    with gateway_stack(registry, (1, 2, 3), lambda server, redis: GatewayProcess(server, redis, registry / MODEL)) \
-            as parts:
+    with gateway_stack(registry, (1, 2, 3), lambda server, redis: GatewayProcess(server, redis, registry / MODEL),
+                       labels={"other_input": 3}) as parts:
         yield parts
 
 
@@ -72,6 +72,9 @@ def test_a_version_that_breaks_the_contract_is_routed_around_and_says_why(stack)
     assert status == 200 and answer["model"]["version"] == 1, answer
     status, answer, _ = gateway.classify(PHOTO, "version=2")
     assert (status, answer["error"]["code"]) == (502, "version_unusable") and "mushroom_score" in \
+        answer["error"]["message"], answer
+    status, answer, _ = gateway.classify(PHOTO, "label=other_input")  # a version label naming one
+    assert (status, answer["error"]["code"]) == (502, "version_unusable") and "version 3" in \
         answer["error"]["message"], answer
     status, answer = gateway.request("PUT", "/v1/admin/routing", {"weights": {"1": 50, "3": 50}}, token=TOKEN)[:2]
     assert status == 400 and "version 3" in answer["error"]["message"], answer

@@ -109,7 +109,7 @@ class Classifier:
         except UpstreamUnavailable as exc:
             raise GatewayError(503, "model_server_unavailable", str(exc), retry_after=2) from None
         except ContractBroken as exc:
-            raise GatewayError(502, "version_unusable", f"the version cannot be used: {exc}") from None
+            raise GatewayError(502, "version_unusable", str(exc)) from None
         except SignatureNotServed as exc:
             hint = ("; explanations need the SavedModel engine: start the gateway with --explain-model-server, a "
                     "model server serving the same registry without --prefer_tflite_model"

@@ -123,8 +123,10 @@ class VersionFacts:
 
     async def resolve(self, label: str | None) -> Facts:
         """The facts of the version ``label`` points at now (or of the latest when None): which version is asked
-        every time, since a label moves."""
+        every time, since a label moves. ContractBroken when that version is ``unusable``."""
         version, _ = await self.upstream.input_size(None, label)
+        if version in self._unusable:
+            raise ContractBroken(f"version {version} cannot be used: {self._unusable[version]}")
         return await self.of(version)
 
     async def _learn(self, version: int, timeout: float | None) -> Facts:
