@@ -81,3 +81,67 @@ def test_a_version_that_breaks_the_contract_is_routed_around_and_says_why(stack)
     ready = gateway.request("GET", "/readyz").body
     assert ready["ready"] and "version 2" in ready["reason"] and "version 3" in ready["reason"], ready
     assert gateway.metric("mushroom_gateway_versions_unusable") == 2
+
+
+class NotFiniteOnRed(tf.Module):
+    """A contract-shaped model with a numerical fault: NaN probabilities for photos that are mostly red (its probes,
+    grey, a gradient and noise, get finite answers); ``always`` makes every answer NaN."""
+
+    def __init__(self, always: bool = False):
+        super().__init__()
+        self.always = always
+        self.weights = tf.Variable(np.eye(3, 4, dtype=np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+    def serve(self, images):
+        colour = tf.reduce_mean(tf.cast(images, tf.float32), axis=[1, 2]) / 255.0
+        probabilities = tf.nn.softmax(tf.matmul(colour, self.weights))
+        faulty = tf.ones_like(colour[:, 0], tf.bool) if self.always else colour[:, 0] > 0.9
+        probabilities = tf.where(faulty[:, None], tf.fill(tf.shape(probabilities), np.nan), probabilities)
+        batch = tf.shape(images)[0]
+        return {"probabilities": probabilities,
+                "classes": tf.tile(tf.constant([["amanita_muscaria", "amanita_vaginata", "boletus_edulis",
+                                                 "boletus_erythropus"]]), [batch, 1]),
+                "mushroom_score": tf.reduce_max(probabilities, axis=1),
+                "not_a_mushroom": tf.zeros_like(faulty)}
+
+
+def red_photo(shade: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (255, shade, 0)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_a_not_finite_answer_is_a_502_for_its_photo_only_and_a_version_giving_only_those_is_unusable(tmp_path):
+    import threading
+
+    registry = tmp_path / "registry"
+    publish_dir(write(NotFiniteOnRed), registry, MODEL)
+    publish_dir(write(lambda: NotFiniteOnRed(always=True)), registry, MODEL)
+    with gateway_stack(registry, (1, 2), lambda server, redis: GatewayProcess(server, redis, registry / MODEL)) \
+            as parts:
+        gateway = parts.gateway
+        versions = wait_until(lambda: (v := listed(gateway)) and v[2].get("unusable") and v, timeout=30,
+                              what="version 2 found unusable")
+        assert "not finite" in versions[2]["unusable"] and versions[1].get("unusable") is None
+        replies = {}
+
+        def send(name, photo):
+            replies[name] = gateway.classify(photo, "version=1")
+
+        for _ in range(2):  # sent together, so that they may share a Predict call; a 502 is not cached
+            senders = [threading.Thread(target=send, args=(name, photo)) for name, photo in
+                       (("red", red_photo(0)), ("ordinary", PHOTO), ("other red", red_photo(1)))]
+            for sender in senders:
+                sender.start()
+            for sender in senders:
+                sender.join()
+            for name in ("red", "other red"):
+                status, answer, _ = replies[name]
+                assert (status, answer["error"]["code"]) == (502, "model_answer_not_finite"), answer
+                assert "version 1" in answer["error"]["message"]
+            assert replies["ordinary"][0] == 200, replies["ordinary"]

@@ -127,6 +127,10 @@ class Classifier:
     def _raw_answer(self, prediction, start: float) -> dict:
         metrics.child(metrics.UPSTREAM_SECONDS, model_version=metrics.version_metric_value(
             prediction.version, self.router.available)).observe(time.perf_counter() - start)
+        if not prediction.finite:  # this photo's alone: the others of its Predict call have their own answers
+            raise GatewayError(502, "model_answer_not_finite", f"version {prediction.version} answered this photo "
+                               "with probabilities or a mushroom score that are not finite (NaN or infinite): a "
+                               "numerical fault of the model")
         return {"version": prediction.version, "classes": prediction.classes,
                 "probabilities": [float(p) for p in prediction.probabilities],
                 "mushroom_score": prediction.mushroom_score, "not_a_mushroom": prediction.not_a_mushroom}

@@ -12,7 +12,7 @@ _ERRORS = {str(s): {"description": d, "content": {"application/json": {"schema":
                         (413, "body or photo over the limit"),
                         (500, "internal_error: the gateway failed (a bug, logged)"),
                         (502, "the model server failed, or (classify) the version asked for breaks the serving "
-                         "contract (version_unusable)"),
+                         "contract (version_unusable) or answered the photo with NaN (model_answer_not_finite)"),
                         (503, "model server, Redis or the photo store unavailable, or (classify) the gateway "
                          "overloaded: error.code says which; Retry-After set"))}
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import dataclass
 
 import grpc
@@ -68,6 +69,11 @@ class Prediction:
     classes: list[str]
     mushroom_score: float
     not_a_mushroom: bool
+
+    @property
+    def finite(self) -> bool:
+        """False when the model answered NaN or an infinity (a numerical fault): nothing to answer a client with."""
+        return bool(np.isfinite(self.probabilities).all()) and math.isfinite(self.mushroom_score)
 
 
 @dataclass

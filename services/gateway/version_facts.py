@@ -134,6 +134,9 @@ class VersionFacts:
         _, declared = await self.upstream.input_size(version, timeout=timeout)
         size = declared or OPEN_SIZE
         answers = await self.upstream.predict(probes(size), version, timeout=timeout)
+        if not all(answer.finite for answer in answers):
+            raise ContractBroken(f"version {version}'s serving_default answers the probe images with probabilities "
+                                 "or mushroom scores that are not finite (NaN or infinite)")
         facts = Facts(version, size, identity(answers), tuple(answers[0].classes))
         if self._forgotten == forgotten:  # else the version may have gone and come back as another model
             self._facts[version] = facts
