@@ -1,6 +1,7 @@
 """A version the model server serves but the gateway cannot use (published by another tool, or a bug: its
-``serving_default`` lacks an output the registry contract names, or refuses the contract's input) is routed around,
-not answered with a 500 for every request routed to it. A real model server, Redis and gateway."""
+``serving_default`` lacks an output the registry contract names, refuses the contract's input, or answers its probe
+images with NaN) is routed around, not answered with a 500 for every request routed to it; a photo a usable version
+answers with NaN gets a 502 of its own. A real model server, Redis and gateway."""
 from __future__ import annotations
 
 import numpy as np
