@@ -203,10 +203,10 @@ class Photos:
             return self.hot[(i // 2) % len(self.hot)], False
         return with_comment(self.bases[(i // 2) % len(self.bases)], f"new-{self._run}-{i}"), True
 
-    def next_new(self) -> tuple[bytes, bool]:
+    def next_new(self) -> bytes:
         """A photo never sent before, outside the alternation."""
         i = next(self._single_counter)
-        return with_comment(self.bases[i % len(self.bases)], f"single-{self._run}-{i}"), True
+        return with_comment(self.bases[i % len(self.bases)], f"single-{self._run}-{i}")
 
     def next_hot(self) -> tuple[bytes, bool]:
         return self.hot[next(self._hot_counter) % len(self.hot)], False
@@ -419,7 +419,7 @@ class FaultBench:
 
     def feedback_on_a_new_answer(self) -> dict:
         """Feedback confirming the answer to a photo never sent before: the body a client would POST."""
-        photo, _ = self.photos.next_new()
+        photo = self.photos.next_new()
         request = urllib.request.Request(self.gateway.http_url + "/v1/classify", data=photo, method="POST",
                                          headers={"Content-Type": "image/jpeg"})
         with urllib.request.urlopen(request, timeout=30) as response:

@@ -207,9 +207,9 @@ class ModelServerClient:
             raise ContractBroken(f"version {served}'s {signature} answers without {', '.join(missing)} (it gives "
                                  f"{', '.join(sorted(outputs)) or 'nothing'}); the gateway reads "
                                  f"{', '.join(wanted)}")
-        classes = outputs["probabilities"].shape[1:2]
+        columns = outputs["probabilities"].shape[1:2]  # (C,): one per class
         odd = [f"{k} {list(outputs[k].shape)}" for k in wanted if outputs[k].shape[:1] != (rows,)
-               or (k in ("probabilities", "classes") and (outputs[k].ndim != 2 or outputs[k].shape[1:] != classes))]
+               or (k in ("probabilities", "classes") and (outputs[k].ndim != 2 or outputs[k].shape[1:] != columns))]
         if odd:
             raise ContractBroken(f"version {served}'s {signature} answers {rows} photos with {', '.join(odd)}; the "
                                  "gateway reads probabilities and classes [photos, classes], the others [photos]")

@@ -54,14 +54,14 @@ def ndarray(tensor: tensor_pb2.TensorProto) -> np.ndarray:
     dtype = _NUMPY_DTYPES.get(tensor.dtype)
     if not tensor.tensor_shape.unknown_rank:
         shape = [d.size for d in tensor.tensor_shape.dim]
-        elements = math.prod(shape)
+        elements, known = math.prod(shape), all(d >= 0 for d in shape)
         size = elements * (dtype.itemsize if dtype is not None else 8)
-        if size > MAX_MESSAGE_BYTES and all(d >= 0 for d in shape):
+        if known and size > MAX_MESSAGE_BYTES:
             raise ValueError(f"shape {shape} of {types_pb2.DataType.Name(tensor.dtype)} would take {size} bytes, "
                              f"more than the {MAX_MESSAGE_BYTES} bytes a request may carry")
         if dtype is not None:
             content = tensor.tensor_content  # each read of the field copies it: read once
-            if content and all(d >= 0 for d in shape) and len(content) == elements * dtype.itemsize:
+            if content and known and len(content) == elements * dtype.itemsize:
                 return np.frombuffer(content, dtype).reshape(shape)
     return tf.make_ndarray(tensor)
 
