@@ -35,20 +35,60 @@ class ConvModel(tf.Module):
         return {"scores": tf.reduce_mean(features, axis=[1, 2])}
 
 
-@pytest.fixture(scope="module", params=["alone", "batched"])
-def conv_server(request, tmp_path_factory):
-    models_dir = tmp_path_factory.mktemp("registry")
-    model = ConvModel()
-    tf.saved_model.save(model, str(models_dir / MODEL / "1"), signatures={"serving_default": model.serve})
+def write_tf1_conv_model(version_dir) -> None:
+    """The same convolution exported by TF1 (a Session graph, as Estimator exports are): its placeholder takes any
+    rank, as TF1 placeholders often do, so only the convolution knows it needs photos."""
+    graph = tf.Graph()
+    with graph.as_default():
+        images = tf.compat.v1.placeholder(tf.uint8, None, name="images")
+        kernel = tf.compat.v1.Variable(np.random.default_rng(1).normal(size=(3, 3, 3, 4)).astype(np.float32),
+                                       name="kernel", use_resource=False)
+        features = tf.nn.conv2d(tf.cast(images, tf.float32), kernel, 1, "SAME")
+        scores = tf.reduce_mean(features, axis=[1, 2], name="scores")
+        signature = tf.compat.v1.saved_model.signature_def_utils.predict_signature_def({"images": images},
+                                                                                      {"scores": scores})
+        with tf.compat.v1.Session(graph=graph) as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            builder = tf.compat.v1.saved_model.Builder(str(version_dir))
+            builder.add_meta_graph_and_variables(session, ["serve"],
+                                                 signature_def_map={"serving_default": signature})
+            builder.save()
+
+
+def serve_conv_model(models_dir, batching: str, exporter: str):
+    if exporter == "tf2":
+        model = ConvModel()
+        tf.saved_model.save(model, str(models_dir / MODEL / "1"), signatures={"serving_default": model.serve})
+    else:
+        write_tf1_conv_model(models_dir / MODEL / "1")
     config = models_dir / "models.config"
     write_config(config, {MODEL: models_dir / MODEL})
     extra = []
-    if request.param == "batched":
+    if batching == "batched":
         (models_dir / "batching.config").write_text("max_batch_size { value: 8 }\nbatch_timeout_micros { value: 0 }\n")
         extra = ["--enable_batching", f"--batching_parameters_file={models_dir / 'batching.config'}"]
     server = start_server(models_dir, config, *extra)
     try:
         wait_until(lambda: 1 in version_states(server.grpc_target, MODEL), what="version 1")
+    except BaseException:
+        stop_server(server)
+        raise
+    return server
+
+
+@pytest.fixture(scope="module", params=["alone", "batched"])
+def conv_server(request, tmp_path_factory):
+    server = serve_conv_model(tmp_path_factory.mktemp("registry"), request.param, "tf2")
+    try:
+        yield server
+    finally:
+        stop_server(server)
+
+
+@pytest.fixture(scope="module", params=["alone", "batched"])
+def tf1_conv_server(request, tmp_path_factory):
+    server = serve_conv_model(tmp_path_factory.mktemp("registry"), request.param, "tf1")
+    try:
         yield server
     finally:
         stop_server(server)
@@ -82,6 +122,28 @@ def test_an_input_of_another_rank_is_refused_and_the_server_keeps_serving(conv_s
     status, answer = rest_predict(conv_server, {"instances": np.zeros((1, 3, 3, 3), int).tolist()})
     assert status == 200 and np.shape(answer["predictions"]) == (1, 4)
     assert conv_server.process.poll() is None
+
+
+def test_a_tf1_graph_fed_an_input_its_convolution_cannot_take_refuses_it_and_keeps_serving(tf1_conv_server):
+    # A TF1 graph is fed as given (as TF Serving feeds a Session): the placeholder here takes any rank. Fed a
+    # matrix, the convolution behind it used to abort the whole server (oneDNN's CHECK failure).
+    status, answer = rest_predict(tf1_conv_server, {"instances": [[1, 2]]})
+    assert status == 400, answer
+    assert "input 'images'" in answer["error"] and "rank 2" in answer["error"], answer
+    assert "Conv2D" in answer["error"], answer  # the op TensorFlow says cannot take it
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = MODEL
+    request.inputs["images"].CopyFrom(tf.make_tensor_proto(np.zeros((2, SIZE, SIZE), np.uint8)))
+    with grpc.insecure_channel(tf1_conv_server.grpc_target) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Predict(request, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "rank 3" in refused.value.details()
+        request.inputs["images"].CopyFrom(tf.make_tensor_proto(np.zeros((2, SIZE, SIZE, 3), np.uint8)))
+        assert tf.make_ndarray(stub.Predict(request, timeout=30).outputs["scores"]).shape == (2, 4)
+    status, answer = rest_predict(tf1_conv_server, {"instances": np.zeros((1, 3, 3, 3), int).tolist()})
+    assert status == 200 and np.shape(answer["predictions"]) == (1, 4)  # any size, as before
+    assert tf1_conv_server.process.poll() is None
 
 
 def test_json_nested_deeper_than_a_tensor_or_the_parser_goes_is_refused(conv_server):

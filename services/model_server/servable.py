@@ -13,6 +13,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
 from services.model_server.errors import ServingError
+from services.model_server.graph_ranks import GraphRanks
 from services.model_server.loader import LoadOptions
 
 log = logging.getLogger("model_server.servable")
@@ -63,8 +64,9 @@ class Servable:
         Only the rank is checked, not the sizes: TF Serving feeds inputs as given, and a convolutional model answers
         photos of other sizes than it declares. Fed an input of another rank, TensorFlow's oneDNN kernels abort the
         whole process on some (a CHECK failure in a convolution fed a matrix) instead of returning an error, so TF2
-        SavedModels declare their inputs' shapes here; LiteRT returns an error instead, and TF Serving's TFLite
-        engine resizes inputs to any rank, so a TFLite file declares none."""
+        SavedModels declare their inputs' shapes here, and a TF1 graph is asked which ranks it takes
+        (graph_ranks.py); LiteRT returns an error instead, and TF Serving's TFLite engine resizes inputs to any
+        rank, so a TFLite file declares none."""
         info = self.signature(signature_name)
         signature_def = self.signature_defs.get(info.name)
         given = set(inputs) | (set(signature_def.defaults) if signature_def is not None else set())
@@ -73,13 +75,9 @@ class Servable:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"input names do not match signature {info.name!r}: expected {sorted(info.inputs)}, got {sorted(given)}",
             )
-        for alias, value in inputs.items():
-            declared = info.shapes.get(alias)
-            if declared is not None and np.ndim(value) != len(declared):
-                raise ServingError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"input {alias!r} of signature {info.name!r} has shape {list(np.shape(value))}, of rank "
-                    f"{np.ndim(value)}; the signature takes rank {len(declared)}: {list(declared)} (-1: any size)")
+        refusal = self._rank_refusal(info, inputs)
+        if refusal:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, refusal)
         seen = set()
         for alias in output_filter:  # as TF Serving's predict_util.cc checks them
             if alias not in info.outputs:
@@ -90,6 +88,15 @@ class Servable:
                 raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"duplicate output tensor alias: {alias}")
             seen.add(alias)
         return info
+
+    def _rank_refusal(self, info: SignatureInfo, inputs: dict[str, np.ndarray]) -> str | None:
+        """Why the inputs' ranks cannot be fed (None when they can): here, held to ``info.shapes``."""
+        for alias, value in inputs.items():
+            declared = info.shapes.get(alias)
+            if declared is not None and np.ndim(value) != len(declared):
+                return (f"input {alias!r} of signature {info.name!r} has shape {list(np.shape(value))}, of rank "
+                        f"{np.ndim(value)}; the signature takes rank {len(declared)}: {list(declared)} (-1: any size)")
+        return None
 
     def run(self, signature_name: str, inputs: dict[str, np.ndarray], output_filter=()) -> dict[str, np.ndarray]:
         info = self.check_request(signature_name, inputs, output_filter)
@@ -154,7 +161,8 @@ class SessionServable(Servable):
     """A TF1 SavedModel (no object graph), run as TF Serving runs every SavedModel: a Session on its MetaGraph,
     feeding and fetching the tensors its SignatureDefs name. Inputs are fed as given: neither the SignatureDef's
     shapes nor the placeholders' are checked first (TF2's loader refuses signatures whose shapes disagree with the
-    graph, such as TF Serving's saved_model_half_plus_three, which TF Serving serves)."""
+    graph, such as TF Serving's saved_model_half_plus_three, which TF Serving serves); only ranks the graph's own
+    ops cannot take are refused (graph_ranks.py)."""
 
     def __init__(self, model_name: str, version: int, path: Path, tags: tuple[str, ...]):
         self.model_name, self.version, self.path = model_name, version, Path(path)
@@ -166,6 +174,9 @@ class SessionServable(Servable):
         with self._graph.as_default():
             meta_graph = tf.compat.v1.saved_model.loader.load(self._session, list(tags), str(self.path))
         self.signature_defs = _signature_defs(meta_graph)
+        self._ranks = GraphRanks(meta_graph.graph_def, {
+            name: {k: (v.name, tf.as_dtype(v.dtype)) for k, v in sig.inputs.items()}
+            for name, sig in self.signature_defs.items()})
         self.signatures = {}
         self._feeds: dict[str, dict[str, tf.Tensor]] = {}
         self._fetches: dict[str, dict[str, tf.Tensor]] = {}
@@ -175,6 +186,17 @@ class SessionServable(Servable):
             self.signatures[name] = SignatureInfo(name, sig.method_name,
                                                   {k: tf.as_dtype(v.dtype) for k, v in sig.inputs.items()},
                                                   sorted(sig.outputs))
+
+    def _rank_refusal(self, info: SignatureInfo, inputs: dict[str, np.ndarray]) -> str | None:
+        defaults = self.signature_defs[info.name].defaults
+        ranks = {**{k: len(v.tensor_shape.dim) for k, v in defaults.items()},
+                 **{k: np.ndim(v) for k, v in inputs.items()}}
+        refusal = self._ranks.refusal(info.name, ranks)
+        if refusal is None:
+            return None
+        given = ", ".join(f"{k!r} of shape {list(np.shape(v))}" for k, v in sorted(inputs.items()))
+        noun = "input" if len(inputs) == 1 else "inputs"
+        return f"{noun} {given} of signature {info.name!r} cannot be fed to its graph: {refusal}"
 
     def _call(self, info: SignatureInfo, inputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
         feeds, fetches = self._feeds[info.name], self._fetches[info.name]
