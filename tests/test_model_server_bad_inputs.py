@@ -204,3 +204,18 @@ def test_a_tensor_that_would_expand_past_a_message_is_refused_before_it_is_built
         request.inputs["images"].CopyFrom(filled_tensor((2, SIZE, SIZE, 3)))  # a fill within the bound is answered
         assert tf.make_ndarray(stub.Predict(request, timeout=30).outputs["scores"]).shape == (2, 4)
     assert conv_server.process.poll() is None
+
+
+def test_a_request_that_does_not_parse_ends_with_tf_servings_status(conv_server):
+    # TF Serving's C++ gRPC ends it with INTERNAL (GenericDeserialize); grpcio's own answer, UNKNOWN "Unexpected
+    # DecodeError", is the status of a bug in the server.
+    with grpc.insecure_channel(conv_server.grpc_target) as channel:
+        for method, message in (("/tensorflow.serving.PredictionService/Predict", "tensorflow.serving.PredictRequest"),
+                                ("/tensorflow.serving.ModelService/GetModelStatus",
+                                 "tensorflow.serving.GetModelStatusRequest")):
+            call = channel.unary_unary(method, request_serializer=bytes, response_deserializer=bytes)
+            with pytest.raises(grpc.RpcError) as refused:
+                call(b"\x0a\x05\xff\xfe\x00", timeout=30)  # field 1 cut short
+            assert refused.value.code() == grpc.StatusCode.INTERNAL, refused.value.details()
+            assert f"not a valid {message}" in refused.value.details()
+        assert 1 in version_states(conv_server.grpc_target, MODEL)

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import inspect
 import time
-from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,6 +20,7 @@ from services.gateway.protos import load
 from services.gateway.routing import Router
 from services.gateway.stats import Stats
 from services.gateway.upstream import state_name
+from services.grpc_requests import parsing, refuse_undecodable
 
 pb, pb_grpc = load()
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
@@ -163,33 +163,8 @@ def _ended_by(exc: BaseException, context) -> grpc.StatusCode:
     return context.code() or grpc.StatusCode.UNKNOWN
 
 
-@dataclass(frozen=True)
-class _Undecodable:
-    """A request message that did not parse, in place of the message, for the handler to answer."""
-    message_name: str
-    error: str
-
-
-def _parsing(deserializer):
-    """``deserializer`` (a message's FromString), returning an _Undecodable where it raises: gRPC would end such an
-    RPC with UNKNOWN "Unexpected DecodeError", a server bug's status, before any handler or count saw it."""
-    if deserializer is None:
-        return None
-    message_name = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
-    message_name = message_name.full_name if message_name is not None else "request message"
-
-    def parse(data: bytes):
-        try:
-            return deserializer(data)
-        except Exception as exc:  # DecodeError, or a string field that is not UTF-8
-            return _Undecodable(message_name, str(exc))
-    return parse
-
-
 async def _refuse_undecodable(request, context) -> None:
-    if isinstance(request, _Undecodable):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"the request is not a valid {request.message_name}: {request.error}")
+    await refuse_undecodable(request, context, grpc.StatusCode.INVALID_ARGUMENT)
 
 
 async def _checked_frames(frames, context):
@@ -200,8 +175,8 @@ async def _checked_frames(frames, context):
 
 def _counted(behavior, request_streaming: bool = False):
     """``behavior`` (a method handler's coroutine function or async generator function, as gRPC tells them apart),
-    counting the status its RPC ends with; a request (or a stream's frame) that did not parse (``_parsing``) ends it
-    with INVALID_ARGUMENT."""
+    counting the status its RPC ends with; a request (or a stream's frame) that did not parse
+    (services/grpc_requests.py) ends it with INVALID_ARGUMENT."""
     async def checked(request, context):
         if request_streaming:
             return _checked_frames(request, context)
@@ -242,7 +217,7 @@ class ResponseCounter(grpc.aio.ServerInterceptor):
         kind = ("stream_" if handler.request_streaming else "unary_") + (
             "stream" if handler.response_streaming else "unary")
         return handler._replace(**{kind: _counted(getattr(handler, kind), handler.request_streaming),
-                                   "request_deserializer": _parsing(handler.request_deserializer)})
+                                   "request_deserializer": parsing(handler.request_deserializer)})
 
 
 def build_server(classifier: Classifier, router: Router, stats: Stats, host: str, port: int, photo_store=None,

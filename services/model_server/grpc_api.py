@@ -1,6 +1,7 @@
 """gRPC: tensorflow.serving.PredictionService and ModelService, with TF Serving's status codes."""
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import re
@@ -20,6 +21,7 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.apis.get_model_metadata_pb2 import SignatureDefMap
 
+from services.grpc_requests import parsing, refuse_undecodable
 from services.model_server import metrics
 from services.model_server.core import PredictionCore
 from services.model_server.errors import ServingError
@@ -252,10 +254,28 @@ def parse_channel_arguments(text: str) -> tuple[tuple[str, int | str], ...]:
     return tuple(arguments)
 
 
+class UnparsedRequests(grpc.aio.ServerInterceptor):
+    """A request message that does not parse ends its RPC with INTERNAL, the status TF Serving's C++ gRPC gives it
+    (GenericDeserialize), naming the message it is not, rather than grpcio's UNKNOWN (services/grpc_requests.py).
+    Applies to the unary methods written as coroutines: every method of TF Serving's services."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.response_streaming \
+                or not inspect.iscoroutinefunction(handler.unary_unary):
+            return handler
+        behavior = handler.unary_unary
+
+        async def answer(request, context):
+            await refuse_undecodable(request, context, grpc.StatusCode.INTERNAL)
+            return await behavior(request, context)
+        return handler._replace(unary_unary=answer, request_deserializer=parsing(handler.request_deserializer))
+
+
 def build_server(core: PredictionCore, inference: Inference, reload_config, options: GrpcOptions) -> grpc.aio.Server:
     channel = {"grpc.max_receive_message_length": MAX_MESSAGE_BYTES, "grpc.max_send_message_length": MAX_MESSAGE_BYTES}
     channel.update(options.channel_arguments)  # the command line wins, as in TF Serving
-    server = grpc.aio.server(options=list(channel.items()))
+    server = grpc.aio.server(interceptors=[UnparsedRequests()], options=list(channel.items()))
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionService(core, inference, options.tensor_content), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(core.manager, reload_config), server)
