@@ -151,6 +151,19 @@ class InProcessGateway:
         return json.loads(raw)["weights"] if raw else {}
 
 
+async def serve(app) -> tuple:
+    """``app`` (an aiohttp Application) served on a free loopback port: (its runner, its URL)."""
+    from aiohttp import web
+
+    from tests.support import free_port
+
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"
+
+
 def served(requests: int, errors: int) -> dict:
     """A version's row of GET /v1/admin/status."""
     return {"requests": requests, "error_rate": errors / requests if requests else 0.0}
@@ -318,16 +331,8 @@ def test_an_operator_retries_a_rejected_version_through_the_cli_and_the_gateways
     from services.gateway.rollout_proxy import RolloutProxy
     from services.gateway.routing import Router
     from services.rollout.http_api import RolloutApi
-    from tests.support import free_port
 
     policy = parse_policy({"tick_seconds": 1, "steps": [{"weight": 50, "hold_seconds": 3600}, {"weight": 100}]})
-
-    async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        return runner, f"http://127.0.0.1:{port}"
 
     async def scenario():
         client = aioredis.from_url(redis_server.url)
@@ -861,3 +866,53 @@ def test_a_model_server_that_will_serve_a_version_from_the_stable_up_is_no_renum
     state, history = asyncio.run(scenario())
     assert (state.stable, state.candidate) == (3, None)
     assert not any(e["outcome"] == "renumbered" for e in history)
+
+
+def test_every_answer_of_the_rollout_api_and_the_gateways_proxy_is_json():
+    """aiohttp's own 404 and 413 and an unhandled exception's 500 are plain text; the controller answers them as
+    JSON errors as it answers its own. A controller's address that answers something else (an ingress's HTML page
+    when no controller is behind it) reaches the operator through the gateway's proxy as a JSON error too."""
+    import aiohttp
+    from aiohttp import web
+
+    from services.gateway.http_api import errors_as_json
+    from services.gateway.operators import OperatorTokens
+    from services.gateway.rollout_proxy import RolloutProxy
+    from services.rollout.http_api import RolloutApi
+
+    class BrokenController:
+        async def describe(self):
+            raise RuntimeError("a bug")
+
+    async def html_page(request):
+        return web.Response(status=502, text="<html><body>502 Bad Gateway</body></html>", content_type="text/html")
+
+    async def scenario():
+        api, api_url = await serve(RolloutApi(BrokenController(), OperatorTokens(None, "token")).app())
+        ingress_app = web.Application()
+        ingress_app.router.add_route("*", "/{tail:.*}", html_page)
+        ingress, ingress_url = await serve(ingress_app)
+        proxy_app = web.Application(middlewares=[errors_as_json])  # as the gateway's app answers errors
+        RolloutProxy(ingress_url).add_routes(proxy_app)
+        proxy, proxy_url = await serve(proxy_app)
+        answers = []
+        try:
+            async with aiohttp.ClientSession(headers={"Authorization": "Bearer token"}) as session:
+                for method, url, body in (("POST", api_url + "/v1/rollout/pause", b"{}" + b" " * 70_000),
+                                          ("GET", api_url + "/v1/nothing-here", None),
+                                          ("GET", api_url + "/v1/rollout", None),
+                                          ("GET", proxy_url + "/v1/admin/rollout", None)):
+                    async with session.request(method, url, data=body) as response:
+                        answers.append((response.status, response.content_type, await response.json()))
+        finally:
+            await proxy.cleanup()
+            await ingress.cleanup()
+            await api.cleanup()
+        return answers
+
+    too_large, not_found, bug, html = asyncio.run(scenario())
+    assert too_large[:2] == (413, "application/json") and too_large[2]["error"]["code"] == "too_large"
+    assert not_found[:2] == (404, "application/json") and not_found[2]["error"]["code"] == "not_found"
+    assert bug[:2] == (500, "application/json") and bug[2]["error"]["code"] == "internal_error"
+    assert html[:2] == (502, "application/json"), html
+    assert html[2]["error"]["code"] == "rollout_bad_answer" and "502 Bad Gateway" in html[2]["error"]["message"]

@@ -10,8 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from aiohttp import hdrs, web
-from multidict import CIMultiDict
+from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
@@ -30,6 +29,7 @@ from services.gateway.routing import (
 )
 from services.gateway.stats import Stats
 from services.gateway.upstream import UpstreamUnavailable, state_name
+from services.http_errors import with_json_errors
 from services.http_stop import close_connections_when
 
 log = logging.getLogger("gateway.http")
@@ -46,25 +46,14 @@ def _error_response(exc: GatewayError) -> web.Response:
 
 @web.middleware
 async def errors_as_json(request: web.Request, handler):
-    try:
-        return await handler(request)
-    except GatewayError as exc:
-        return _error_response(exc)
-    except RedisError as exc:  # admin and feedback state
-        return _error_response(redis_unavailable(exc))
-    except web.HTTPException as exc:
-        if exc.status >= 400 and exc.content_type != "application/json":
-            code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status, "http_error")
-            headers = CIMultiDict(exc.headers)  # e.g. a 405's Allow, which RFC 9110 requires
-            for name in (hdrs.CONTENT_TYPE, hdrs.CONTENT_LENGTH):
-                headers.popall(name, None)
-            return web.json_response({"error": {"code": code, "message": exc.reason}}, status=exc.status,
-                                     headers=headers)
-        raise
-    except Exception:  # a bug: logged, and answered as every other error is (aiohttp's own 500 is plain text)
-        log.exception("%s %s failed", request.method, request.path)
-        return web.json_response({"error": {"code": "internal_error", "message": "the gateway failed on this "
-                                            "request (a bug, logged)"}}, status=500)
+    async def answered(request: web.Request):
+        try:
+            return await handler(request)
+        except GatewayError as exc:
+            return _error_response(exc)
+        except RedisError as exc:  # admin and feedback state
+            return _error_response(redis_unavailable(exc))
+    return await with_json_errors(request, answered, log, "gateway")
 
 
 def ends_with_its_client(handler):

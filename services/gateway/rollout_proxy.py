@@ -23,6 +23,14 @@ FORWARDED_HEADERS = ("Authorization", "X-Operator", "Content-Type")
 MAX_AUDITED_ANSWER = 4096  # bytes of the controller's answer kept as JSON in the audit entry; longer ones as text
 
 
+def _is_json(body: bytes) -> bool:
+    try:
+        json.loads(body)
+    except ValueError:
+        return False
+    return True
+
+
 class RolloutProxy:
     def __init__(self, url: str | None, timeout: float = 5.0):
         self.url = url.rstrip("/") if url else None
@@ -63,6 +71,10 @@ class RolloutProxy:
                                f"{type(exc).__name__} {exc}", retry_after=5) from None
         if audited:
             await self._record(who, request, status, body)
+        if not _is_json(body):  # not the controller's answer: whatever answers at its address (an ingress's page)
+            raise GatewayError(502, "rollout_bad_answer", f"{self.url} answered {status} with a body that is not "
+                               f"JSON, so not as the rollout controller answers: "
+                               f"{body[:200].decode('utf-8', 'replace')!r}")
         return web.Response(body=body, status=status, content_type="application/json")
 
     async def _record(self, who: str, request: web.Request, status: int, body: bytes) -> None:

@@ -5,6 +5,7 @@ take none, or ``{}``), both behind the gateway's operator tokens (the same file,
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 
 from aiohttp import web
@@ -12,13 +13,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
 from services.gateway.operators import OperatorTokens
+from services.http_errors import error_response, with_json_errors
 from services.http_stop import close_connections_when
 from services.rollout import metrics
 from services.rollout.controller import COMMANDS, Controller
 
+log = logging.getLogger("rollout.http")
+
 
 def _error(status: int, code: str, message: str, **headers) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers or None)
+    return error_response(status, code, message, headers or None)
 
 
 class RolloutApi:
@@ -38,11 +42,13 @@ class RolloutApi:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler):
-        try:
-            return await handler(request)
-        except RedisError as exc:
-            return _error(503, "redis_unavailable", f"Redis (the rollout state) is unavailable: {exc}",
-                          **{"Retry-After": "2"})
+        async def answered(request: web.Request):
+            try:
+                return await handler(request)
+            except RedisError as exc:
+                return _error(503, "redis_unavailable", f"Redis (the rollout state) is unavailable: {exc}",
+                              **{"Retry-After": "2"})
+        return await with_json_errors(request, answered, log, "rollout controller")
 
     def _operator(self, request: web.Request) -> str | web.Response:
         """The name of the operator whose bearer token this is, or the error response."""

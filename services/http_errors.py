@@ -1,0 +1,42 @@
+"""The error every HTTP API of the project answers with, ``{"error": {"code", "message"}}``, also where aiohttp
+would answer itself: its 404, 405 and 413 are plain text, and an exception no handler catches becomes its plain
+text 500. A client that reads ``error.code`` reads it from every answer."""
+from __future__ import annotations
+
+import logging
+
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
+
+AIOHTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+def error_response(status: int, code: str, message: str, headers=None) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
+
+
+async def with_json_errors(request: web.Request, handler, log: logging.Logger, server: str) -> web.StreamResponse:
+    """``handler``'s answer to ``request``, with aiohttp's own errors and a bug's 500 (logged to ``log``, naming
+    the ``server``) answered as JSON: the tail of each API's error middleware."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        answer = _aiohttp_error(exc)
+        if answer is None:
+            raise
+        return answer
+    except Exception:  # a bug
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(500, "internal_error", f"the {server} failed on this request (a bug, logged)")
+
+
+def _aiohttp_error(exc: web.HTTPException) -> web.Response | None:
+    """aiohttp's own error ``exc`` as JSON, keeping its headers (a 405's Allow, which RFC 9110 requires); None when
+    ``exc`` is not an error or already JSON, to be raised as it is."""
+    if exc.status < 400 or exc.content_type == "application/json":
+        return None
+    headers = CIMultiDict(exc.headers)
+    for name in (hdrs.CONTENT_TYPE, hdrs.CONTENT_LENGTH):
+        headers.popall(name, None)
+    return error_response(exc.status, AIOHTTP_CODES.get(exc.status, "http_error"), exc.reason, headers)
+
