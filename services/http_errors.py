@@ -6,9 +6,21 @@ from __future__ import annotations
 import logging
 
 from aiohttp import hdrs, web
+from aiohttp.http_exceptions import PayloadEncodingError
 from multidict import CIMultiDict
 
 AIOHTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+# aiohttp decodes a body as it arrives (Content-Encoding gzip, deflate, br; chunked transfer) and fails the read with
+# one of these when the bytes are not so encoded: its parser's error (PayloadEncodingError), which it hands the reader
+# as the cause of a RequestPayloadError.
+UNDECODABLE = (PayloadEncodingError, web.RequestPayloadError)
+
+
+def undecodable_body(exc: Exception) -> str:
+    """What to tell the client whose body raised ``exc`` (one of UNDECODABLE) as it was read."""
+    cause = exc if isinstance(exc, PayloadEncodingError) else exc.__cause__
+    reason = cause.message if isinstance(cause, PayloadEncodingError) else str(exc)
+    return f"the body cannot be decoded: {reason}"
 
 
 def error_response(status: int, code: str, message: str, headers=None) -> web.Response:

@@ -2,6 +2,7 @@
 model server is a public TF Serving API, so any client may send them."""
 from __future__ import annotations
 
+import gzip
 import json
 import urllib.error
 import urllib.request
@@ -219,3 +220,27 @@ def test_a_request_that_does_not_parse_ends_with_tf_servings_status(conv_server)
             assert refused.value.code() == grpc.StatusCode.INTERNAL, refused.value.details()
             assert f"not a valid {message}" in refused.value.details()
         assert 1 in version_states(conv_server.grpc_target, MODEL)
+
+
+def rest_post(server, body: bytes, headers: dict) -> tuple[int, str, dict]:
+    request = urllib.request.Request(f"{server.rest_url}/v1/models/{MODEL}:predict", data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.headers.get_content_type(), json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get_content_type(), json.loads(exc.read())
+
+
+def test_a_body_that_cannot_be_decoded_or_is_too_large_gets_tf_servings_json_error(conv_server):
+    # TF Serving answers every error as {"error": "..."}; aiohttp's own answers (and a body it cannot decode, which
+    # surfaced as an unhandled exception's 500) were plain text.
+    photos = json.dumps({"instances": np.zeros((1, SIZE, SIZE, 3), int).tolist()}).encode()
+    assert rest_post(conv_server, gzip.compress(photos), {"Content-Encoding": "gzip"})[0] == 200  # as TF Serving
+    for body, encoding in ((b"\x1f\x8b not gzip", "gzip"), (b"not deflate", "deflate"), (b"not brotli", "br")):
+        status, content_type, answer = rest_post(conv_server, body, {"Content-Encoding": encoding})
+        assert (status, content_type) == (400, "application/json"), (encoding, status, answer)
+        assert answer["error"].startswith("the body cannot be decoded"), answer
+    too_large = gzip.compress(b" " * (257 * 1024 * 1024))  # 257 MiB of JSON whitespace once decoded
+    status, content_type, answer = rest_post(conv_server, too_large, {"Content-Encoding": "gzip"})
+    assert (status, content_type) == (413, "application/json") and "268435456" in answer["error"], answer
+    assert rest_post(conv_server, photos, {})[0] == 200

@@ -14,9 +14,10 @@ import asyncio
 import json
 
 from aiohttp import BodyPartReader, web
-from aiohttp.http_exceptions import BadHttpMessage, PayloadEncodingError
+from aiohttp.http_exceptions import BadHttpMessage
 
 from services.gateway.errors import GatewayError
+from services.http_errors import UNDECODABLE, undecodable_body
 
 
 CHUNK_BYTES = 64 * 1024
@@ -56,16 +57,8 @@ def _too_large(limit: int, what: str) -> GatewayError:
     return GatewayError(413, "too_large", f"{what} is over the limit of {limit} bytes")
 
 
-# aiohttp decodes a body as it arrives (Content-Encoding gzip, deflate, br; chunked transfer) and fails the read with
-# one of these when the bytes are not so encoded: its parser's error (PayloadEncodingError), which it hands the reader
-# as the cause of a RequestPayloadError.
-UNDECODABLE = (PayloadEncodingError, web.RequestPayloadError)
-
-
 def _bad_encoding(exc: Exception) -> GatewayError:
-    cause = exc if isinstance(exc, PayloadEncodingError) else exc.__cause__
-    reason = cause.message if isinstance(cause, PayloadEncodingError) else str(exc)
-    return GatewayError(400, "bad_encoding", f"the body cannot be decoded: {reason}")
+    return GatewayError(400, "bad_encoding", undecodable_body(exc))
 
 
 async def read_limited(stream, limit: int, what: str = "the body") -> bytes:

@@ -5,6 +5,7 @@ import asyncio
 import base64
 import decimal
 import json
+import logging
 import re
 import time
 import urllib.parse
@@ -21,12 +22,15 @@ from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import classification_pb2, regression_pb2
 from tensorflow_serving.apis.get_model_metadata_pb2 import SignatureDefMap
 
+from services.http_errors import UNDECODABLE, undecodable_body
 from services.http_stop import close_connections_when
 from services.model_server import metrics
 from services.model_server.core import PredictionCore
 from services.model_server.errors import ServingError
 from services.model_server.grpc_api import metadata_response, status_response
 from services.model_server.inference import Inference
+
+log = logging.getLogger("model_server.rest")
 
 # http_rest_api_util.h / .cc: every path matching the handler's regex goes to it; POST paths are parsed with the
 # prediction regex, GET paths with the status regex, all case-insensitively (so the captured verb or subresource
@@ -562,7 +566,7 @@ class RestApi:
         self.cors = cors
 
     def app(self) -> web.Application:
-        middlewares = [self._cors] if self.cors else []
+        middlewares = ([self._cors] if self.cors else []) + [self._errors_as_json]
         if self.max_concurrent > 0:
             middlewares.append(self._limit_concurrency(asyncio.Semaphore(self.max_concurrent)))
         app = web.Application(client_max_size=256 * 1024 * 1024, middlewares=middlewares)
@@ -580,6 +584,22 @@ class RestApi:
             response = exc
         response.headers.update(CORS_HEADERS)
         return response
+
+    @web.middleware
+    async def _errors_as_json(self, request: web.Request, handler):
+        """TF Serving answers every error as {"error": message}: so are aiohttp's own (a body over the size limit,
+        say), a body its Content-Encoding does not decode, and an exception nothing handles (a bug, logged)."""
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400 or exc.content_type == "application/json":
+                raise
+            return _error(exc.status, exc.text or exc.reason)
+        except UNDECODABLE as exc:
+            return _error(400, undecodable_body(exc))
+        except Exception:  # noqa: BLE001 - a bug: answered as every other error is
+            log.exception("%s %s failed", request.method, request.path)
+            return _error(500, "the model server failed on this request (a bug, logged)")
 
     @staticmethod
     def _limit_concurrency(slots: asyncio.Semaphore):
