@@ -9,6 +9,8 @@ the table it found is put back when the run stops.
 Writes locust's CSV files and HTML report into var/loadtests/<timestamp>/ and prints the traffic's mix (traffic.txt)
 and, from what locust and the locustfile write once every user has stopped (final_stats.json, outcome.json), a row
 per request name, the requests each user class made, the failures and exceptions, and why the run failed.
+Before locust starts, the gateway must answer: its /readyz 200 (waited for up to READY_WAIT_S while it says why it is
+not ready, as while the stack starts) and its gRPC port a connection; otherwise the run is not started (status 2).
 Exit status: 0 when every user class made requests, photos were answered, and no request failed and no user raised."""
 from __future__ import annotations
 
@@ -19,8 +21,12 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+import grpc
 
 from loadtests import outcome
 from loadtests.phone_photos import phone_photos
@@ -33,6 +39,8 @@ TRAFFIC = "traffic.txt"  # the mix of the run's requests, in words (``describe_m
 PERCENTILES = (0.5, 0.95, 0.99)
 CLASSIFY_USERS = ["PhotoClassifier", "GrpcPhotoClassifier"]  # the locustfile's users of every run
 OPERATOR_USER = "RoutingOperator"  # only with --operator: it changes the gateway's routing table while the run lasts
+READY_WAIT_S = 30.0  # how long a gateway that answers "not ready" is waited for before the run is given up
+ANSWER_TIMEOUT_S = 5.0  # how long the gateway's /readyz and gRPC port each have to answer before the run
 
 
 def parse_args(argv):
@@ -82,6 +90,44 @@ def run_locust(host: str, grpc_target: str, users: int, spawn_rate: float, run_t
             "--only-summary", "--logfile", str(out / "locust.log"), *(user_classes or CLASSIFY_USERS)]
     with open(out / "locust.out", "w") as log:
         return subprocess.run(argv, env=env, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def _readiness(host: str) -> tuple[bool, str]:
+    """(answered, why not ready): whether anything answered {host}/readyz, and "" when it said it is ready."""
+    try:
+        with urllib.request.urlopen(f"{host.rstrip('/')}/readyz", timeout=ANSWER_TIMEOUT_S):
+            return True, ""
+    except urllib.error.HTTPError as exc:
+        body = exc.read()[:300].decode("utf-8", "replace")
+        try:
+            body = json.loads(body).get("reason", body)
+        except (ValueError, AttributeError):
+            pass
+        return True, f"{exc.code} {body}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return False, str(getattr(exc, "reason", exc))
+
+
+def gateway_problem(host: str, grpc_target: str, ready_wait: float = READY_WAIT_S) -> str | None:
+    """Why a run against the gateway at ``host`` (HTTP) and ``grpc_target`` would measure nothing but failures, or
+    None: nothing answers /readyz, it is still not ready after ``ready_wait`` seconds, or nothing accepts a gRPC
+    connection."""
+    deadline = time.monotonic() + ready_wait
+    while True:
+        answered, why = _readiness(host)
+        if not answered:
+            return f"nothing answers {host.rstrip('/')}/readyz ({why})"
+        if not why:
+            break
+        if time.monotonic() >= deadline:
+            return f"the gateway at {host} is not ready after {ready_wait:g} s: {why}"
+        time.sleep(1.0)
+    with grpc.insecure_channel(grpc_target) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=ANSWER_TIMEOUT_S)
+        except grpc.FutureTimeoutError:
+            return f"nothing accepts a gRPC connection at {grpc_target} within {ANSWER_TIMEOUT_S:g} s"
+    return None
 
 
 def percentile(response_times: dict[int, int], fraction: float) -> int:
@@ -177,6 +223,11 @@ def main(argv=None) -> int:
     if not args.host or not args.grpc:
         print("No local stack found (var/run/latest): `make run` first, or pass --host and --grpc.", file=sys.stderr)
         return 1
+    problem = gateway_problem(args.host, args.grpc)
+    if problem:
+        print(f"Not starting the load test: {problem}. Start the local stack with `make run`, or pass --host and "
+              "--grpc of a running gateway.", file=sys.stderr)
+        return 2
     out = args.out or var_dir() / "loadtests" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     users = CLASSIFY_USERS + ([OPERATOR_USER] if args.operator else [])
     print(f"locust: {args.users} users ({', '.join(users)}) for {args.run_time} against {args.host} (gRPC "
