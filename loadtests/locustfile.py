@@ -107,7 +107,7 @@ class PhotoClassifier(HttpUser, NamedUser):
     @task
     def classify(self):
         kind, body, bad = self.traffic.next()
-        with self.client.post("/v1/classify?top_k=3", data=body, name=f"POST /v1/classify [{kind}]",
+        with self.client.post("/v1/classify?top_k=3", data=body, name=f"/v1/classify [{kind}]",
                               headers={"Content-Type": "application/octet-stream", "X-Client-Id": self.client_id},
                               timeout=REQUEST_TIMEOUT_S, context={"photo": not bad}, catch_response=True) as response:
             if bad:
@@ -120,7 +120,7 @@ class PhotoClassifier(HttpUser, NamedUser):
             else:
                 answer = response.json()
                 # the row is named once the answer says whether it came from the cache
-                response.request_meta["name"] = f"POST /v1/classify [{request_label(kind, answer.get('cached'))}]"
+                response.request_meta["name"] = f"/v1/classify [{request_label(kind, answer.get('cached'))}]"
                 if not answer.get("predictions"):
                     response.failure("no predictions in the answer")
 
@@ -181,7 +181,7 @@ class RoutingOperator(HttpUser, NamedUser):
 
     @task
     def shift_weights(self):
-        with self.client.get("/v1/admin/routing", headers=self.headers, name="GET /v1/admin/routing",
+        with self.client.get("/v1/admin/routing", headers=self.headers, name="/v1/admin/routing",
                              timeout=REQUEST_TIMEOUT_S, catch_response=True) as response:
             if response.status_code != 200:
                 response.failure(http_problem(response))
@@ -190,7 +190,7 @@ class RoutingOperator(HttpUser, NamedUser):
         table = shifted_routing(routing, ROUTING_STEPS[self.step % len(ROUTING_STEPS)])
         self.step += 1
         KEEPER.sent.append(settable(table))  # before it is sent: an answer lost to a timeout may still have set it
-        with self.client.put("/v1/admin/routing", json=table, headers=self.headers, name="PUT /v1/admin/routing",
+        with self.client.put("/v1/admin/routing", json=table, headers=self.headers, name="/v1/admin/routing",
                              timeout=REQUEST_TIMEOUT_S, catch_response=True) as response:
             if response.status_code != 200:
                 response.failure(http_problem(response))
