@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
+import time
 import urllib.error
 import urllib.request
 
@@ -56,7 +58,7 @@ def write_tf1_conv_model(version_dir) -> None:
             builder.save()
 
 
-def serve_conv_model(models_dir, batching: str, exporter: str):
+def serve_conv_model(models_dir, batching: str, exporter: str, *flags: str):
     if exporter == "tf2":
         model = ConvModel()
         tf.saved_model.save(model, str(models_dir / MODEL / "1"), signatures={"serving_default": model.serve})
@@ -64,7 +66,7 @@ def serve_conv_model(models_dir, batching: str, exporter: str):
         write_tf1_conv_model(models_dir / MODEL / "1")
     config = models_dir / "models.config"
     write_config(config, {MODEL: models_dir / MODEL})
-    extra = []
+    extra = list(flags)
     if batching == "batched":
         (models_dir / "batching.config").write_text("max_batch_size { value: 8 }\nbatch_timeout_micros { value: 0 }\n")
         extra = ["--enable_batching", f"--batching_parameters_file={models_dir / 'batching.config'}"]
@@ -244,3 +246,41 @@ def test_a_body_that_cannot_be_decoded_or_is_too_large_gets_tf_servings_json_err
     status, content_type, answer = rest_post(conv_server, too_large, {"Content-Encoding": "gzip"})
     assert (status, content_type) == (413, "application/json") and "268435456" in answer["error"], answer
     assert rest_post(conv_server, photos, {})[0] == 200
+
+
+def test_clients_slow_to_send_their_bodies_take_no_slot_from_the_others(tmp_path):
+    # --rest_api_num_threads bounds the requests processed at once, as TF Serving's HTTP worker threads do; TF
+    # Serving hands a worker a request only once libevent has its whole body, so a client sending slowly (a phone on
+    # a bad network) holds its connection, not a worker. Two such clients used to take both slots here until the
+    # REST timeout ended them.
+    server = serve_conv_model(tmp_path, "alone", "tf2", "--rest_api_num_threads=2", "--rest_api_timeout_in_ms=60000")
+    slow = []
+    try:
+        port = int(server.rest_url.rsplit(":", 1)[1])
+        for _ in range(2):  # the headers of a predict, and 1 byte of its 100-byte body
+            connection = socket.create_connection(("127.0.0.1", port))
+            connection.sendall(f"POST /v1/models/{MODEL}:predict HTTP/1.1\r\nHost: m\r\nContent-Length: 100\r\n\r\n{{"
+                               .encode())
+            slow.append(connection)
+        time.sleep(0.5)
+        started = time.monotonic()
+        status, answer = rest_predict(server, {"instances": np.zeros((1, SIZE, SIZE, 3), int).tolist()})
+        assert status == 200 and time.monotonic() - started < 10, answer
+    finally:
+        for connection in slow:
+            connection.close()
+        stop_server(server)
+
+
+def test_a_body_that_does_not_arrive_within_the_rest_timeout_gets_408(tmp_path):
+    server = serve_conv_model(tmp_path, "alone", "tf2", "--rest_api_timeout_in_ms=1500")
+    try:
+        port = int(server.rest_url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+            connection.sendall(f"POST /v1/models/{MODEL}:predict HTTP/1.1\r\nHost: m\r\nContent-Length: 100\r\n\r\n{{"
+                               .encode())
+            answer = connection.recv(65536).decode()
+        assert answer.startswith("HTTP/1.1 408"), answer
+        assert '{"error": "the request body did not arrive within 1.5 s"}' in answer, answer
+    finally:
+        stop_server(server)

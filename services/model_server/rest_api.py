@@ -601,10 +601,17 @@ class RestApi:
             log.exception("%s %s failed", request.method, request.path)
             return _error(500, "the model server failed on this request (a bug, logged)")
 
-    @staticmethod
-    def _limit_concurrency(slots: asyncio.Semaphore):
+    def _limit_concurrency(self, slots: asyncio.Semaphore):
+        """At most as many requests processed at once as ``slots`` holds. A request takes its slot once its whole
+        body has arrived, as TF Serving's libevent hands a worker thread only complete requests: a client slow to
+        send (a bad network) holds its connection, never a slot. Its body has the REST timeout to arrive (408)."""
         @web.middleware
         async def limit(request: web.Request, handler):
+            if request.body_exists:
+                try:
+                    await asyncio.wait_for(request.read(), self.timeout)  # kept by aiohttp for the handler's read
+                except asyncio.TimeoutError:
+                    return _error(408, f"the request body did not arrive within {self.timeout:g} s")
             async with slots:
                 return await handler(request)
         return limit
