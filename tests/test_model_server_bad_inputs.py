@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -284,3 +285,36 @@ def test_a_body_that_does_not_arrive_within_the_rest_timeout_gets_408(tmp_path):
         assert '{"error": "the request body did not arrive within 1.5 s"}' in answer, answer
     finally:
         stop_server(server)
+
+
+def test_a_large_json_body_stalls_no_other_request(tmp_path):
+    # Python's JSON parser holds the GIL for the whole parse: a large body parsed on the event loop kept every other
+    # request of both APIs waiting for seconds. TF Serving parses each request on its own HTTP worker thread.
+    server = serve_conv_model(tmp_path, "alone", "tf2")
+    photos = np.random.default_rng(2).integers(0, 256, (190, 200, 200, 3))  # any size: the convolution takes it
+    body = json.dumps({"instances": photos.tolist()}).encode()
+    assert len(body) > 70_000_000
+    waits, stop = [], threading.Event()
+
+    def status_calls():
+        while not stop.is_set():
+            started = time.monotonic()
+            version_states(server.grpc_target, MODEL)
+            waits.append(time.monotonic() - started)
+            time.sleep(0.05)
+
+    caller = threading.Thread(target=status_calls)
+    try:
+        caller.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        request = urllib.request.Request(f"{server.rest_url}/v1/models/{MODEL}:predict", data=body)
+        with urllib.request.urlopen(request, timeout=120) as response:
+            predictions = json.loads(response.read())["predictions"]
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        caller.join()
+        stop_server(server)
+    assert np.shape(predictions) == (190, 4)
+    assert max(waits) < 1.0 and max(waits) < took / 3, (max(waits), took)

@@ -275,7 +275,7 @@ def test_input_tensors_parse_as_tf_make_ndarray_parses_them():
 def test_float32_decimals_agree_with_printf_over_every_magnitude():
     """The vectorised WriteDecimal gives the same doubles as TF Serving's printf rule, for random float32 bit
     patterns (every exponent, subnormals included) and the awkward ones."""
-    from services.model_server.rest_api import _decimal_printf, float32_decimals
+    from services.model_server.json_tensor import _decimal_printf, float32_decimals
 
     rng = np.random.default_rng(12)
     bits = rng.integers(0, 2**32, 60_000, dtype=np.uint64).astype(np.uint32).view(np.float32)

@@ -300,6 +300,10 @@ class StuckCore:
 
         return SignatureInfo(name or "serving_default", "tensorflow/serving/predict", {"x": tf.float32}, ["y"])
 
+    @property
+    def signatures(self):
+        return {"serving_default": self.signature("")}
+
     async def run(self, api, servable, signature, inputs, output_filter=()):
         import numpy as np
 

@@ -21,6 +21,21 @@ class ServingError(Exception):
         self.code = code
         self.message = message
 
+    def __reduce__(self):  # pickled as its code and message (json_worker.py sends it across processes)
+        return type(self), (self.code, self.message)
+
     @property
     def http_status(self) -> int:
         return HTTP_STATUS.get(self.code, 500)
+
+
+DEFAULT_SIGNATURE = "serving_default"  # the signature a request that names none asks for
+
+
+def invalid(message: str) -> ServingError:
+    return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def signature_not_found(name: str) -> ServingError:
+    """A request's signature name ("": DEFAULT_SIGNATURE) that its version does not have."""
+    return invalid(f"Serving signature name: \"{name or DEFAULT_SIGNATURE}\" not found in signature def")

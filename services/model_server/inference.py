@@ -17,15 +17,10 @@ from tensorflow_serving.apis import (
 )
 
 from services.model_server.core import PredictionCore
-from services.model_server.errors import ServingError
+from services.model_server.errors import DEFAULT_SIGNATURE, ServingError, invalid
 
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 REGRESS_METHOD = "tensorflow/serving/regress"
-DEFAULT_SIGNATURE = "serving_default"
-
-
-def _invalid(message: str) -> ServingError:
-    return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
 def serialized_examples(inp: input_pb2.Input) -> np.ndarray:
@@ -39,34 +34,34 @@ def serialized_examples(inp: input_pb2.Input) -> np.ndarray:
     else:
         rows = []
     if not rows:
-        raise _invalid("Input is empty.")
+        raise invalid("Input is empty.")
     return np.array(rows, dtype=object)
 
 
 def _signature_def(servable, name: str):
     signature = servable.signature_defs.get(name)
     if signature is None:
-        raise _invalid(f"No signature was found with the name: {name}")
+        raise invalid(f"No signature was found with the name: {name}")
     return signature
 
 
 def _method_check(signature, method: str, what: str, enabled: bool) -> None:
     if enabled and signature.method_name != method:
-        raise _invalid(f"Expected {what} signature method_name to be {method}. Was: {signature.method_name}")
+        raise invalid(f"Expected {what} signature method_name to be {method}. Was: {signature.method_name}")
 
 
 def classification_outputs(signature, method_check: bool = False) -> tuple[str, ...]:
     """The output keys a classification reads (classes and/or scores); TF Serving's PreProcessClassification."""
     _method_check(signature, CLASSIFY_METHOD, "classification", method_check)
     if len(signature.inputs) != 1:
-        raise _invalid("Expected one input Tensor.")
+        raise invalid("Expected one input Tensor.")
     if len(signature.outputs) not in (1, 2):
-        raise _invalid(f"Expected one or two output Tensors, found {len(signature.outputs)}")
+        raise invalid(f"Expected one or two output Tensors, found {len(signature.outputs)}")
     if "inputs" not in signature.inputs:
-        raise _invalid(f"No classification inputs found in SignatureDef: {signature}")
+        raise invalid(f"No classification inputs found in SignatureDef: {signature}")
     wanted = tuple(k for k in ("classes", "scores") if k in signature.outputs)
     if not wanted:
-        raise _invalid('Expected classification signature outputs to contain at least one of "classes" or '
+        raise invalid('Expected classification signature outputs to contain at least one of "classes" or '
                        f'"scores". Signature was: {signature}')
     return wanted
 
@@ -75,13 +70,13 @@ def regression_outputs(signature, method_check: bool = False) -> tuple[str, ...]
     """TF Serving's PreProcessRegression."""
     _method_check(signature, REGRESS_METHOD, "regression", method_check)
     if len(signature.inputs) != 1:
-        raise _invalid("Expected one input Tensor.")
+        raise invalid("Expected one input Tensor.")
     if len(signature.outputs) != 1:
-        raise _invalid("Expected one output Tensor.")
+        raise invalid("Expected one output Tensor.")
     if "inputs" not in signature.inputs:
-        raise _invalid(f"No regression inputs found in SignatureDef: {signature}")
+        raise invalid(f"No regression inputs found in SignatureDef: {signature}")
     if "outputs" not in signature.outputs:
-        raise _invalid(f"No regression outputs found in SignatureDef: {signature}")
+        raise invalid(f"No regression outputs found in SignatureDef: {signature}")
     return ("outputs",)
 
 
@@ -93,14 +88,14 @@ def classification_result(outputs: dict[str, np.ndarray], examples: int,
         if tensor is None:
             continue
         if tensor.ndim != 2:
-            raise _invalid(f"Expected Tensor shape: [batch_size num_classes] but got {list(tensor.shape)}")
+            raise invalid(f"Expected Tensor shape: [batch_size num_classes] but got {list(tensor.shape)}")
         if (kind == "O") != (tensor.dtype == object) or (kind == "f" and tensor.dtype != np.float32):
             expected = "DT_STRING" if kind == "O" else "DT_FLOAT"
-            raise _invalid(f"Expected {name} Tensor of {expected}. Got: {tensor.dtype}")
+            raise invalid(f"Expected {name} Tensor of {expected}. Got: {tensor.dtype}")
         if tensor.shape[0] != examples:
-            raise _invalid(f"Expected {name} output batch size of {examples}. Got: {tensor.shape[0]}")
+            raise invalid(f"Expected {name} output batch size of {examples}. Got: {tensor.shape[0]}")
     if classes is not None and scores is not None and classes.shape[1] != scores.shape[1]:
-        raise _invalid(f"Tensors class and score should match in dim_size(1). Got {classes.shape[1]} vs. "
+        raise invalid(f"Tensors class and score should match in dim_size(1). Got {classes.shape[1]} vs. "
                        f"{scores.shape[1]}")
     count = (classes if classes is not None else scores).shape[1]
     for row in range(examples):
@@ -119,12 +114,12 @@ def regression_result(outputs: dict[str, np.ndarray], examples: int,
     """TF Serving's PostProcessRegressionResult: [batch] or [batch, 1] floats."""
     values = outputs["outputs"]
     if not (values.ndim == 1 or (values.ndim == 2 and values.shape[1] == 1)):
-        raise _invalid("Expected output Tensor shape to be either [batch_size] or [batch_size, 1] but got "
+        raise invalid("Expected output Tensor shape to be either [batch_size] or [batch_size, 1] but got "
                        f"{list(values.shape)}")
     if values.shape[0] != examples:
-        raise _invalid(f"Input batch size did not match output batch size: {examples} vs. {values.shape[0]}")
+        raise invalid(f"Input batch size did not match output batch size: {examples} vs. {values.shape[0]}")
     if values.dtype != np.float32:
-        raise _invalid(f"Expected output Tensor of DT_FLOAT.  Got: {values.dtype}")
+        raise invalid(f"Expected output Tensor of DT_FLOAT.  Got: {values.dtype}")
     for value in values.reshape(-1):
         result.regressions.add(value=float(value))
 
@@ -144,17 +139,17 @@ def multi_inference_plan(servable, request: inference_pb2.MultiInferenceRequest,
     model_name, seen, plan = "", set(), []
     for task in request.tasks:
         if not task.model_spec.name:
-            raise _invalid("Found ModelSpec with an empty model name.")
+            raise invalid("Found ModelSpec with an empty model name.")
         if model_name and task.model_spec.name != model_name:
-            raise _invalid("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
+            raise invalid("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
         model_name = task.model_spec.name
         name = task.model_spec.signature_name or DEFAULT_SIGNATURE
         if name in seen:
-            raise _invalid(f"Duplicate evaluation of signature: {name}")
+            raise invalid(f"Duplicate evaluation of signature: {name}")
         seen.add(name)
         signature = servable.signature_defs.get(name)
         if signature is None:
-            raise _invalid(f"Requested signature not found in model graph: {name}")
+            raise invalid(f"Requested signature not found in model graph: {name}")
         if task.method_name == CLASSIFY_METHOD:
             plan.append((task, name, classification_outputs(signature, method_check)))
         elif task.method_name == REGRESS_METHOD:

@@ -10,14 +10,19 @@ from pathlib import Path
 import grpc
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
-from services.model_server.errors import ServingError
+from services.model_server.errors import DEFAULT_SIGNATURE, ServingError, signature_not_found
 from services.model_server.graph_ranks import GraphRanks
 from services.model_server.loader import LoadOptions
 
 log = logging.getLogger("model_server.servable")
-DEFAULT_SIGNATURE = "serving_default"
+
+
+def dtype_name(dtype: tf.dtypes.DType) -> str:
+    """TensorFlow's DataTypeString of ``dtype``: "float", "uint8", "string" (json_tensor.py's dtypes)."""
+    return types_pb2.DataType.Name(dtype.as_datatype_enum)[len("DT_"):].lower()
 
 
 @dataclass(frozen=True)
@@ -47,8 +52,7 @@ class Servable:
         try:
             return self.signatures[name]
         except KeyError:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"Serving signature name: \"{name}\" not found in signature def") from None
+            raise signature_not_found(name) from None
 
     def engine_of(self, signature_name: str) -> str:
         """What runs the signature (an engine that serves some signatures from another engine overrides this)."""

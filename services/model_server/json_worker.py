@@ -1,0 +1,71 @@
+"""Where REST JSON is parsed and printed: on the event loop when it is small, in a worker process when it is large.
+
+Python's JSON parser and printer hold the GIL throughout, so a large body parsed on the event loop (or on a thread)
+stalls every other request of both APIs: a batch of 32 photos as JSON is 25 MB, most of a second of parsing. TF
+Serving parses and prints each request's JSON on its own HTTP worker thread, beside the others. Here JSON of
+``LARGE_JSON_BYTES`` or more is parsed into the request's tensors, or printed from the answer's, in a worker
+process (spawned at the first such request, one at a time), so the event loop keeps answering; smaller JSON is
+handled in place, where a round trip to a process would cost more than the work.
+
+``run(fn, json_bytes, *args)`` returns ``fn(*args)``; ``json_bytes`` is the size of the JSON ``fn`` parses or
+prints. ``fn`` is a module-level function (it is sent to the worker by name) whose arguments, result and exceptions
+pickle. A worker that dies (JSON too large for memory) fails its request with INTERNAL, and the next large request
+gets a new one. A worker outlives no server: it exits once its parent is gone, however the parent ended.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import grpc
+
+from services.model_server.errors import ServingError
+
+log = logging.getLogger("model_server.json_worker")
+
+LARGE_JSON_BYTES = 4 * 1024 * 1024  # about a tenth of a second of parsing
+PARENT_CHECK_SECONDS = 1.0
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """In a worker: exit once the server that started it is gone (killed, say, which closes nothing for it)."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+class JsonWorker:
+    def __init__(self, large_json_bytes: int = LARGE_JSON_BYTES):
+        self.large_json_bytes = large_json_bytes
+        self._workers: ProcessPoolExecutor | None = None
+
+    async def run(self, fn, json_bytes: int, *args):
+        if json_bytes < self.large_json_bytes:
+            return fn(*args)
+        if self._workers is None:
+            self._workers = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_exit_with_parent, initargs=(os.getpid(),))
+        workers = self._workers
+        try:
+            return await asyncio.get_running_loop().run_in_executor(workers, fn, *args)
+        except BrokenProcessPool:
+            log.error("the process handling %d bytes of JSON died; the next large request gets a new one", json_bytes)
+            if self._workers is workers:
+                self._workers = None
+            workers.shutdown(wait=False)
+            raise ServingError(grpc.StatusCode.INTERNAL, f"the process handling the request's {json_bytes} bytes of "
+                               "JSON died (out of memory?)") from None
+
+    def close(self) -> None:
+        if self._workers is not None:
+            self._workers.shutdown(wait=False, cancel_futures=True)
+            self._workers = None
