@@ -137,3 +137,43 @@ def test_a_half_copied_version_is_retried_after_the_interval_and_again_once_its_
                    what="version 2, once its copy completed")
     finally:
         stop_server(server)
+
+
+def test_reloads_run_one_at_a_time_as_tf_servings_do(tmp_path):
+    """TF Serving's ServerCore::ReloadConfig holds its config lock until the new models loaded or gave up: a reload
+    sent meanwhile waits for it. Here a second reload (dropping the new model) used to apply at once, so the first
+    one stopped waiting for a model no longer configured and answered OK for a config that never took effect, or,
+    had that model been loading, waited for it without end (its unloaded version never becomes AVAILABLE)."""
+    import concurrent.futures
+
+    publish_tiny(tmp_path)
+    write_broken_version(tmp_path / "broken")
+    config = tmp_path / "models.config"
+    write_config(config, {MODEL: tmp_path / MODEL})
+    server = start_server(tmp_path, config, "--max_num_load_retries=1", "--load_retry_interval_micros=2000000")
+
+    def reload(models: dict) -> tuple[str, float]:
+        request = model_management_pb2.ReloadConfigRequest()
+        entries = " ".join(f'config {{ name: "{name}" base_path: "{path}" model_platform: "tensorflow" }}'
+                           for name, path in models.items())
+        text_format.Parse(f"model_config_list {{ {entries} }}", request.config)
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            try:
+                model_service_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(request, timeout=120)
+                return "OK", time.monotonic()
+            except grpc.RpcError as exc:
+                return exc.code().name, time.monotonic()
+
+    try:
+        wait_until(lambda: version_states(server.grpc_target, MODEL).get(1, (0,))[0] == AVAILABLE, what="v1")
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(reload, {MODEL: tmp_path / MODEL, "broken": tmp_path / "broken"})
+            time.sleep(0.5)  # the first waits for the broken model's retry, 2 s after its failed load
+            second = pool.submit(reload, {MODEL: tmp_path / MODEL})
+            (first_status, first_done), (second_status, second_done) = first.result(), second.result()
+        assert first_status == "UNKNOWN"  # its broken model did not become available
+        assert second_status == "OK" and second_done >= first_done
+        assert version_states(server.grpc_target, "broken") == {} or all(
+            state != AVAILABLE for state, _ in version_states(server.grpc_target, "broken").values())
+    finally:
+        stop_server(server)

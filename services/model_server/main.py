@@ -281,6 +281,7 @@ class ModelServer:
         # asyncio.run waits for at exit: a pass still loading a version at shutdown is abandoned (_drain)
         self._load_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
         self._load_pass: concurrent.futures.Future | None = None  # the latest pass
+        self._reloading = asyncio.Lock()  # one config reload at a time, to its end (TF Serving's config_mu_)
 
     def _initial_config(self):
         if self.args.model_config_file:
@@ -296,7 +297,14 @@ class ModelServer:
         """Apply a new ModelServerConfig as TF Serving's ServerCore::ReloadConfig does. A config it would refuse
         (INVALID_ARGUMENT: ``check_model_config_list``; FAILED_PRECONDITION: a label on a version not AVAILABLE,
         ``Manager.set_config``) changes nothing. Otherwise its labels and models take effect, and this waits until
-        each model new in it has loaded its latest version: UNKNOWN names the versions that did not."""
+        each model new in it has loaded its latest version: UNKNOWN names the versions that did not. Reloads (the
+        RPC's and the config file's) run one at a time, each to its end, as ServerCore::ReloadConfig holds its
+        config lock: a reload applied while another waits would leave that one waiting for models it no longer
+        configures."""
+        async with self._reloading:
+            await self._reload_config(config)
+
+    async def _reload_config(self, config) -> None:
         import grpc
 
         try:
