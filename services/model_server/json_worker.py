@@ -10,7 +10,9 @@ handled in place, where a round trip to a process would cost more than the work.
 ``run(fn, json_bytes, *args)`` returns ``fn(*args)``; ``json_bytes`` is the size of the JSON ``fn`` parses or
 prints. ``fn`` is a module-level function (it is sent to the worker by name) whose arguments, result and exceptions
 pickle. A worker that dies (JSON too large for memory) fails its request with INTERNAL, and the next large request
-gets a new one. A worker outlives no server: it exits once its parent is gone, however the parent ended.
+gets a new one. A worker outlives no server: it exits once its parent is gone, however the parent ended. The worker
+imports what ``fn``'s module imports: a predict body's json_tensor.py needs numpy only, while a classify or regress
+body's tf.Example protos bring TensorFlow into it (a few hundred MB, from the first such body on).
 """
 from __future__ import annotations
 
