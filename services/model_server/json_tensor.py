@@ -423,8 +423,8 @@ def predict_request_from_json(raw: bytes, signatures: dict[str, dict[str, str]] 
                               unresolved: ServingError | None) -> tuple[str, bool, dict[str, np.ndarray]]:
     """json_tensor.cc FillPredictRequestFromJson, in its order: the body, its signature name, the signature's inputs
     (``signatures``: each signature's inputs, by TensorFlow's dtype names, of the version the path names; None when
-    it names none, for the reason ``unresolved``), then "instances" or "inputs". Returns (signature name, row format, the input tensors). Runs
-    where json_worker.py puts it: arguments, result and errors pickle."""
+    it names none, for the reason ``unresolved``), then "instances" or "inputs". Returns (signature name, row
+    format, the input tensors). Runs where json_worker.py puts it: arguments, result and errors pickle."""
     body = json_body(raw)
     signature_name = signature_name_of(body)
     if signatures is None:

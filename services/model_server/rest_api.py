@@ -302,8 +302,9 @@ class RestApi:
             servable, unresolved = self.core.manager.resolve(name, version, label), None
         except ServingError as exc:  # said once the body is known to parse, as TF Serving says it
             servable, unresolved = None, exc
-        signatures = None if servable is None else {
-            k: {alias: dtype_name(dtype) for alias, dtype in info.inputs.items()} for k, info in servable.signatures.items()}
+        signatures = None if servable is None else {  # each signature's inputs, as json_tensor.py names dtypes
+            name: {alias: dtype_name(dtype) for alias, dtype in info.inputs.items()}
+            for name, info in servable.signatures.items()}
         signature_name, row_format, inputs = await self.json.run(predict_request_from_json, len(raw), raw,
                                                                  signatures, unresolved)
         outputs = await self.core.run("rest_predict", servable, signature_name or "serving_default", inputs)
