@@ -75,3 +75,39 @@ def test_a_worker_exits_once_the_server_that_started_it_is_killed():
     if alive:
         os.kill(worker_pid, signal.SIGKILL)
     assert not alive, "the worker outlived its server"
+
+
+def test_the_rest_apis_bodies_come_back_from_the_worker_as_parsed_in_place():
+    """The REST handlers' parsers (json_tensor.py's for predict, rest_api.py's for classify and regress) give the
+    same request from the worker as in place: their results and their errors cross the process."""
+    import json
+
+    import numpy as np
+
+    from services.model_server.json_tensor import predict_request_from_json
+    from services.model_server.rest_api import examples_request_from_json
+
+    predict = json.dumps({"instances": [{"images": [[[1, 2, 3]]], "note": "a"}]}).encode()
+    signatures = {"serving_default": {"images": "uint8", "note": "string"}}
+    regress = json.dumps({"examples": [{"x": 1.5}, {"x": [2, 3]}]}).encode()
+    bad = b'{"instances": [[1, 2], [3]]}'
+
+    async def parse(worker):
+        return (await worker.run(predict_request_from_json, len(predict), predict, signatures, None),
+                await worker.run(examples_request_from_json, len(regress), regress, "regress"))
+
+    in_place, away = JsonWorker(), JsonWorker(large_json_bytes=1)
+    try:
+        (name, rows, tensors), request = asyncio.run(parse(in_place))
+        (name_away, rows_away, tensors_away), request_away = asyncio.run(parse(away))
+        with pytest.raises(ServingError) as refused:
+            asyncio.run(away.run(predict_request_from_json, len(bad), bad, {"serving_default": {"x": "int32"}}, None))
+    finally:
+        away.close()
+    assert (name_away, rows_away) == (name, rows) == ("", True)
+    assert tensors_away.keys() == tensors.keys() == {"images", "note"}
+    np.testing.assert_array_equal(tensors_away["images"], tensors["images"])
+    assert tensors_away["images"].dtype == np.uint8 and tensors_away["note"].tolist() == [b"a"]
+    assert request_away == request and len(request.input.example_list.examples) == 2
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.message.endswith("Expecting tensor size: 2 but got: 1")  # TF Serving's words
