@@ -165,7 +165,7 @@ class RestApi:
         self.timeout = timeout_ms / 1000 if timeout_ms > 0 else None
         self.max_concurrent = max_concurrent
         self.cors = cors
-        self.json = JsonWorker()
+        self.json_worker = JsonWorker()  # where large JSON is parsed and printed
 
     def app(self) -> web.Application:
         middlewares = ([self._cors] if self.cors else []) + [self._errors_as_json]
@@ -180,7 +180,7 @@ class RestApi:
         return app
 
     async def _close(self, app: web.Application) -> None:
-        self.json.close()
+        self.json_worker.close()
 
     @web.middleware
     async def _cors(self, request: web.Request, handler):
@@ -276,7 +276,7 @@ class RestApi:
         """TF Serving's JSON: {"signature_name", "context", "examples": [{feature: value(s)}]} ->
         {"results": [[[label, score], ...], ...]} (classify) or {"results": [value, ...]} (regress)."""
         raw = await request.read()
-        proto = await self.json.run(examples_request_from_json, len(raw), raw, method)
+        proto = await self.json_worker.run(examples_request_from_json, len(raw), raw, method)
         proto.model_spec.name = name
         if version is not None:
             proto.model_spec.version.value = version
@@ -305,11 +305,11 @@ class RestApi:
         signatures = None if servable is None else {  # each signature's inputs, as json_tensor.py names dtypes
             name: {alias: dtype_name(dtype) for alias, dtype in info.inputs.items()}
             for name, info in servable.signatures.items()}
-        signature_name, row_format, inputs = await self.json.run(predict_request_from_json, len(raw), raw,
-                                                                 signatures, unresolved)
+        signature_name, row_format, inputs = await self.json_worker.run(
+            predict_request_from_json, len(raw), raw, signatures, unresolved)
         outputs = await self.core.run("rest_predict", servable, signature_name or "serving_default", inputs)
         if not outputs:
             raise invalid("Cannot convert empty tensor map to JSON")
         printed_bytes = JSON_BYTES_PER_VALUE * sum(np.size(value) for value in outputs.values())
-        return web.Response(body=await self.json.run(predict_answer_json, printed_bytes, outputs, row_format),
-                            content_type="application/json")
+        answer = await self.json_worker.run(predict_answer_json, printed_bytes, outputs, row_format)
+        return web.Response(body=answer, content_type="application/json")
