@@ -71,3 +71,15 @@ def external_server() -> ServerUnderTest | None:
 def stop_server(server: ServerUnderTest) -> None:
     if server.process is not None:
         stop_process(server.process, timeout=20)
+
+
+def save_session_model(graph, version_dir, signature) -> None:
+    """A TF1 SavedModel of ``graph`` (its variables initialised) with ``signature`` as serving_default, as TF1's
+    exporters (an Estimator's) write one: no object graph, served through a Session."""
+    import tensorflow as tf
+
+    with graph.as_default(), tf.compat.v1.Session(graph=graph) as session:
+        session.run(tf.compat.v1.global_variables_initializer())
+        builder = tf.compat.v1.saved_model.Builder(str(version_dir))
+        builder.add_meta_graph_and_variables(session, ["serve"], signature_def_map={"serving_default": signature})
+        builder.save()

@@ -17,7 +17,9 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc, prediction_service_pb2_grpc
 
 from services.model_server.servable import load_servable
-from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
+from tests.model_server_harness import (
+    MODEL, save_session_model, start_server, stop_server, version_states, wait_until, write_config,
+)
 from tests.support import free_port
 from tests.test_model_server_behaviour import AVAILABLE, predict, publish_tiny
 from training_job.paths import PROJECT_ROOT
@@ -40,12 +42,7 @@ def write_tf1_half_plus_three(version_dir: Path) -> Path:
             method_name="tensorflow/serving/predict")
         signature.inputs["x"].tensor_shape.CopyFrom(scalar)
         signature.outputs["y"].tensor_shape.CopyFrom(scalar)
-        with tf.compat.v1.Session(graph=graph) as session:
-            session.run(tf.compat.v1.global_variables_initializer())
-            builder = tf.compat.v1.saved_model.Builder(str(version_dir))
-            builder.add_meta_graph_and_variables(session, ["serve"],
-                                                 signature_def_map={"serving_default": signature})
-            builder.save()
+    save_session_model(graph, version_dir, signature)
     return version_dir
 
 
