@@ -1,6 +1,10 @@
-"""The error every HTTP API of the project answers with, ``{"error": {"code", "message"}}``, also where aiohttp
-would answer itself: its 404, 405 and 413 are plain text, and an exception no handler catches becomes its plain
-text 500. A client that reads ``error.code`` reads it from every answer."""
+"""HTTP errors the project's APIs answer in their own form rather than aiohttp's.
+
+The gateway's and the rollout controller's APIs answer ``{"error": {"code", "message"}}`` (``with_json_errors``),
+also where aiohttp would answer itself: its 404, 405 and 413 are plain text, and an exception no handler catches
+becomes its plain text 500. A client that reads ``error.code`` reads it from every answer. A body that does not
+decode (``UNDECODABLE``, ``undecodable_body``) is named the same way by every API, the model server's REST API
+(TF Serving's ``{"error": "..."}``) included."""
 from __future__ import annotations
 
 import logging

@@ -1,11 +1,11 @@
 """Where REST JSON is parsed and printed: on the event loop when it is small, in a worker process when it is large.
 
 Python's JSON parser and printer hold the GIL throughout, so a large body parsed on the event loop (or on a thread)
-stalls every other request of both APIs: a batch of 32 photos as JSON is 25 MB, most of a second of parsing. TF
-Serving parses and prints each request's JSON on its own HTTP worker thread, beside the others. Here JSON of
+stalls every other request of both APIs for the whole parse (a batch of 32 photos as JSON is 25 MB). TF Serving
+parses and prints each request's JSON on its own HTTP worker thread, beside the others. Here JSON of
 ``LARGE_JSON_BYTES`` or more is parsed into the request's tensors, or printed from the answer's, in a worker
-process (spawned at the first such request, one at a time), so the event loop keeps answering; smaller JSON is
-handled in place, where a round trip to a process would cost more than the work.
+process (one, spawned at the first such request, taking one request at a time), so the event loop keeps answering;
+smaller JSON is handled in place, where a round trip to a process would cost more than the work.
 
 ``run(fn, json_bytes, *args)`` returns ``fn(*args)``; ``json_bytes`` is the size of the JSON ``fn`` parses or
 prints. ``fn`` is a module-level function (it is sent to the worker by name) whose arguments, result and exceptions
@@ -31,7 +31,7 @@ from services.model_server.errors import ServingError
 
 log = logging.getLogger("model_server.json_worker")
 
-LARGE_JSON_BYTES = 4 * 1024 * 1024  # about a tenth of a second of parsing
+LARGE_JSON_BYTES = 4 * 1024 * 1024  # about 5 photos of 224 x 224 as JSON
 PARENT_CHECK_SECONDS = 1.0
 
 
