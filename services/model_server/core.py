@@ -13,7 +13,7 @@ import numpy as np
 from services.model_server import metrics
 from services.model_server.batching import Batcher
 from services.model_server.config import BatchingParameters
-from services.model_server.errors import ServingError
+from services.model_server.errors import DEFAULT_SIGNATURE, ServingError
 from services.model_server.manager import Manager
 from services.model_server.servable import Servable
 
@@ -77,10 +77,10 @@ class PredictionCore:
         inputs over to the outputs back, the batch queue included when batching is on."""
         status = "OK"
         try:
-            if api == "grpc_predict" and (signature or "serving_default") not in servable.signatures:
+            if api == "grpc_predict" and (signature or DEFAULT_SIGNATURE) not in servable.signatures:
                 # TF Serving's gRPC Predict (predict_util.cc); its REST API checks first, with INVALID_ARGUMENT
                 raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
-                                   f'Serving signature key "{signature or "serving_default"}" not found.')
+                                   f'Serving signature key "{signature or DEFAULT_SIGNATURE}" not found.')
             output_filter = tuple(sorted(output_filter))
             started = time.perf_counter()
             if self.batcher is not None:

@@ -24,7 +24,7 @@ from tensorflow_serving.apis.get_model_metadata_pb2 import SignatureDefMap
 from services.grpc_requests import parsing, refuse_undecodable
 from services.model_server import metrics
 from services.model_server.core import PredictionCore
-from services.model_server.errors import ServingError
+from services.model_server.errors import DEFAULT_SIGNATURE, ServingError
 from services.model_server.inference import Inference, version_and_label
 from services.model_server.manager import Manager
 
@@ -114,7 +114,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                 inputs = {k: ndarray(v) for k, v in request.inputs.items()}
             except (TypeError, ValueError) as exc:
                 raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"bad input tensor: {exc}") from None
-            signature = request.model_spec.signature_name or "serving_default"
+            signature = request.model_spec.signature_name or DEFAULT_SIGNATURE
             servable, outputs = await self.core.predict("grpc_predict", request.model_spec.name, version, label,
                                                         signature, inputs, tuple(request.output_filter))
         except ServingError as exc:

@@ -21,7 +21,7 @@ from services.http_errors import UNDECODABLE, undecodable_body
 from services.http_stop import close_connections_when
 from services.model_server import metrics
 from services.model_server.core import PredictionCore
-from services.model_server.errors import ServingError, invalid
+from services.model_server.errors import DEFAULT_SIGNATURE, ServingError, invalid
 from services.model_server.grpc_api import metadata_response, status_response
 from services.model_server.inference import Inference
 from services.model_server.json_tensor import (
@@ -307,7 +307,7 @@ class RestApi:
             for name, info in servable.signatures.items()}
         signature_name, row_format, inputs = await self.json_worker.run(
             predict_request_from_json, len(raw), raw, signatures, unresolved)
-        outputs = await self.core.run("rest_predict", servable, signature_name or "serving_default", inputs)
+        outputs = await self.core.run("rest_predict", servable, signature_name or DEFAULT_SIGNATURE, inputs)
         if not outputs:
             raise invalid("Cannot convert empty tensor map to JSON")
         printed_bytes = JSON_BYTES_PER_VALUE * sum(np.size(value) for value in outputs.values())

@@ -13,7 +13,7 @@ import tensorflow as tf
 from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
-from services.model_server.errors import DEFAULT_SIGNATURE, ServingError, signature_not_found
+from services.model_server.errors import DEFAULT_SIGNATURE, ServingError, invalid, signature_not_found
 from services.model_server.graph_ranks import GraphRanks
 from services.model_server.loader import LoadOptions
 
@@ -81,7 +81,7 @@ class Servable:
             )
         refusal = self._rank_refusal(info, inputs)
         if refusal:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, refusal)
+            raise invalid(refusal)
         seen = set()
         for alias in output_filter:  # as TF Serving's predict_util.cc checks them
             if alias not in info.outputs:

@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2
 
-from services.model_server.errors import ServingError
+from services.model_server.errors import DEFAULT_SIGNATURE, ServingError
 from services.model_server.servable import Servable, SignatureInfo, _short
 from training_job.tflite_signatures import TFLITE_FILE, read_signature_defs
 
@@ -60,7 +60,7 @@ def parity_problem(lite: "TfLiteServable", saved_model: Servable,
     quantized = lite.quantized
     agreeing_rows, rows = 0, 0
     for signature, inputs in requests:
-        name = signature or "serving_default"
+        name = signature or DEFAULT_SIGNATURE
         if name not in lite.signatures or name not in saved_model.signatures:
             continue
         wanted = tuple(sorted(set(lite.signatures[name].outputs) & set(saved_model.signatures[name].outputs)))
@@ -191,7 +191,7 @@ class TfLiteServable(Servable):
                 default.inputs[_legacy_name(detail["name"])].CopyFrom(_tensor_info(detail))
             for detail in output_details:
                 default.outputs[_legacy_name(detail["name"])].CopyFrom(_tensor_info(detail))
-            self.signature_defs = {"serving_default": default}
+            self.signature_defs = {DEFAULT_SIGNATURE: default}
         self._input_index: dict[str, dict[str, int]] = {}
         self._output_index: dict[str, dict[str, int]] = {}
         self.signatures = {}
