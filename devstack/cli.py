@@ -12,6 +12,7 @@ from devstack.demo_report import demo_photos, format_report, latest_version_dir,
 from devstack.health import StackError
 from devstack.launch import Ports, Stack, latest_run, new_run_dir, runs_root, start_stack, stop_stack
 from training_job.paths import DEFAULT_MODEL_NAME, PROJECT_ROOT, default_registry, var_dir
+from training_job.cli import print_any_file_name
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -122,7 +123,7 @@ def up(args: argparse.Namespace) -> int:
     urls = stack.urls
     http_answers, grpc_answers, grpc_problem = run_demo(urls["gateway"], urls["gateway gRPC"], photos)
     report = format_report(http_answers, grpc_answers, grpc_problem, urls, run_dir)
-    (run_dir / "report.txt").write_text(report + "\n")
+    (run_dir / "report.txt").write_text(report + "\n", errors="backslashreplace")  # photo names may not be UTF-8
     print()
     print(report)
     print(f"{'admin token':>18}: in {run_dir / 'admin_token'}")
@@ -157,6 +158,7 @@ def status() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    print_any_file_name()
     args = parse_args(argv)
     try:
         if args.command == "up":

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 from PIL import Image
@@ -354,3 +355,34 @@ def test_provenance_rows_are_appended_under_the_columns_the_file_already_has(tmp
     append_provenance(fresh, [{"sha256": "def", "identity": "0a1b"}])
     [row] = list(csv.DictReader(open(fresh)))
     assert row["identity"] == "0a1b" and row["label"] == ""
+
+
+def test_a_correction_joins_the_folder_its_label_came_from_when_that_name_is_not_the_label(tmp_path):
+    """A class folder named on a Mac (NFD) or in Windows-1252 gives its label in NFC UTF-8; a collected photo
+    goes into that folder, not into a new one spelled as the label (which the next prepare would refuse as a
+    second folder with the same label)."""
+    import os
+    import unicodedata
+
+    from training_job.collect import collect
+    from training_job.prepare import prepare_dataset
+
+    data = tmp_path / "data"
+    folders = {"boletus_edulis_été": unicodedata.normalize("NFD", "boletus_edulis_été"),
+               "amanita_muscaria_ä": os.fsdecode(b"amanita_muscaria_\xe4")}
+    for i, (label, folder) in enumerate(folders.items()):
+        (data / folder).mkdir(parents=True)
+        for n in range(3):
+            shutil.copy(PHOTOS[LABELS[i]][n], data / folder / f"{n}.jpg")
+    store = tmp_path / "store"
+    (store / "corrected").mkdir(parents=True)
+    photo = PHOTOS[LABELS[0]][30].read_bytes()
+    sha = hashlib.sha256(photo).hexdigest()
+    (store / "corrected" / sha).write_bytes(photo)
+    (store / "corrections.jsonl").write_text(json.dumps({"sha256": sha, "true_label": "boletus_edulis_été",
+                                                         "version": 1, "request_id": "r1", "corrected_at": 1}) + "\n")
+    assert [r["sha256"] for r in collect(store, data, data).collected] == [sha]
+    assert (data / folders["boletus_edulis_été"] / f"{sha}.jpg").read_bytes() == photo
+    assert sorted(p.name for p in data.iterdir() if p.is_dir()) == sorted(folders.values())
+    rows = prepare_dataset(data, tmp_path / "out", progress=False)
+    assert Counter(r.label for r in rows) == {"boletus_edulis_été": 4, "amanita_muscaria_ä": 3}

@@ -422,3 +422,66 @@ def test_the_folder_macos_zips_carry_is_not_a_class(tmp_path):
     (source / "__MACOSX" / "amanita_muscaria" / "._photo.jpg").write_bytes(b"\0\5\26\7" + b"\0" * 60)
     rows = prepare_dataset(source, tmp_path / "out", progress=False)
     assert {r.label for r in rows} == {"amanita_muscaria", "boletus_edulis"}
+
+
+def test_photos_named_on_another_system_are_read_and_their_class_named_as_that_system_meant(tmp_path):
+    """File and folder names whose bytes are not UTF-8 (written on Windows or an old Linux, then copied here)
+    are photos like any other: the manifest gives back paths that open, report.json stays JSON, and the class gets
+    a readable label (the folder's name read as Windows-1252) with a warning that says so."""
+    import os
+
+    source = tmp_path / "photos"
+    edulis = source / os.fsdecode(b"boletus_edulis_\xe9t\xe9")
+    link_photos(edulis, distinct_photos("boletus_edulis", 3), names=[os.fsdecode(b"c\xe8pe_%d.jpg" % i)
+                                                                     for i in range(3)])
+    link_photos(source / "amanita_muscaria", distinct_photos("amanita_muscaria", 3))
+    rows = prepare_dataset(source, tmp_path / "out", progress=False)
+
+    assert {r.label for r in rows} == {"amanita_muscaria", "boletus_edulis_été"}
+    back = read_manifest(tmp_path / "out" / "manifest.csv")
+    assert set(back) == set(rows)
+    named = [r for r in back if r.label == "boletus_edulis_été"]
+    assert len(named) == 3 and all(Path(r.path).read_bytes() for r in named)
+    report = read_report(tmp_path / "out")
+    assert any("boletus_edulis_\\udce9t\\udce9" in w and "'boletus_edulis_été'" in w for w in report["warnings"])
+    assert report["classes"]["boletus_edulis_été"]["kept"] == 3
+
+
+def test_a_class_label_is_its_folder_name_as_typed_text_is():
+    """A Mac can store "é" as "e" plus a combining accent (NFD): the label is the NFC form a client types."""
+    import unicodedata
+
+    from training_job.prepare import class_label
+
+    assert class_label(unicodedata.normalize("NFD", "bolet_cèpe")) == "bolet_cèpe"
+    assert class_label("amanita_muscaria") == "amanita_muscaria"
+    assert class_label("Pfifferling_\udce4") == "Pfifferling_ä"  # byte 0xe4 in Windows-1252
+    assert class_label("x\udc81") == "x\x81"  # a byte Windows-1252 leaves unassigned, read as Latin-1
+
+
+def test_two_folders_giving_one_label_are_refused(tmp_path, capsys):
+    import unicodedata
+
+    source = tmp_path / "photos"
+    link_photos(source / "bolet_cèpe", distinct_photos("boletus_edulis", 3))
+    link_photos(source / unicodedata.normalize("NFD", "bolet_cèpe"), distinct_photos("boletus_edulis", 6)[3:])
+    link_photos(source / "amanita_muscaria", distinct_photos("amanita_muscaria", 3))
+    message = _cli_error(capsys, "--source", source, "--out", tmp_path / "out")
+    assert "both give the class label 'bolet_cèpe'" in message and "merge them or rename one" in message
+
+
+def test_the_cli_prints_photo_names_that_are_not_utf8_on_a_strict_utf8_terminal(tmp_path):
+    """A UTF-8 terminal's stdout refuses surrogate escapes; the CLI prints them as \\udcXX instead of failing."""
+    import os
+    import subprocess
+    import sys
+
+    source = tmp_path / "photos"
+    link_photos(source / "amanita_muscaria", distinct_photos("amanita_muscaria", 3),
+                names=[os.fsdecode(b"muscaria_\xe9%d.jpg" % i) for i in range(3)])
+    link_photos(source / "boletus_edulis", distinct_photos("boletus_edulis", 3))
+    done = subprocess.run([sys.executable, "-m", "training_job", "prepare", "--source", str(source), "--out",
+                           str(tmp_path / "out"), "--validation_percentage", "30", "--testing_percentage", "30"],
+                          capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"}, timeout=300)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    assert b"muscaria_\\udce9" in done.stdout

@@ -338,3 +338,17 @@ def test_the_summary_pairs_the_served_models_validation_and_test_accuracy(tmp_pa
     assert "validation accuracy 0.9487" in tested and "0.9573" not in tested
     (head,) = [line for line in lines if "36 epochs" in line]
     assert head.startswith("head:") and "validation accuracy 0.9573" in head
+
+
+def test_the_misclassified_list_keeps_a_photo_path_that_is_not_utf8(tmp_path):
+    """A photo named on another system (bytes that are not UTF-8) is listed by the path that opens it."""
+    import csv
+    import os
+
+    from training_job.dataset import open_photo_csv
+    from training_job.evaluate import write_misclassified
+
+    path = os.fsdecode(b"/photos/boletus/c\xe8pe.jpg")
+    write_misclassified([{"path": path, "true": "a", "predicted": "b", "confidence": 0.6}], tmp_path / "wrong.csv")
+    with open_photo_csv(tmp_path / "wrong.csv") as f:
+        assert next(csv.DictReader(f))["path"] == path

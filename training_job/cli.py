@@ -40,9 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def print_any_file_name() -> None:
+    """Let stdout print a photo path whose bytes are not UTF-8 (Python holds them as surrogate escapes): a UTF-8
+    terminal's stdout is strict and would raise; such bytes are printed as \\udcXX escapes instead."""
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
     from training_job.base_weights import WeightsUnavailable
 
+    print_any_file_name()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

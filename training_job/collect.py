@@ -5,7 +5,8 @@ For each photo in ``STORE/corrections.jsonl`` (the last correction of a photo wi
 left out): the photo must still be in the store, decode under the preprocessing contract (prepare.inspect_file),
 carry a label that is a class of the existing data, and be neither byte-identical (sha256) nor a near duplicate
 (perceptual hash within ``near_duplicate_distance``, prepare's rule) of an existing photo, of a photo collected
-before, or of another new one. Kept photos go to ``OUT/<label>/<sha256>.<ext>``; ``OUT/provenance.csv`` gets one row
+before, or of another new one. Kept photos go to ``OUT/<label>/<sha256>.<ext>`` (into the folder OUT already has
+for the label, whose name may be spelled otherwise: prepare.class_label); ``OUT/provenance.csv`` gets one row
 per photo: which answer (request id), which version and model (its identity: a version number can be given again
 to another model), when it was answered and corrected. ``OUT`` may be the data
 folder itself (then the next ``run`` trains on old + new photos) or a folder of its own.
@@ -24,7 +25,7 @@ import numpy as np
 
 from training_job.errors import UserError
 from training_job.prepare import DEFAULT_MIN_SIDE, DEFAULT_NEAR_DUPLICATE_DISTANCE, Inspected, _inspect_all, \
-    _list_classes, inspect_file
+    inspect_file, list_classes
 
 PROVENANCE = "provenance.csv"
 PROVENANCE_FIELDS = ["sha256", "label", "predicted", "model", "version", "identity", "request_id", "answered_at",
@@ -100,10 +101,16 @@ def collect(store: str | Path, data: str | Path, out: str | Path, min_side: int 
     store, data, out = Path(store), Path(data), Path(out)
     report = CollectReport()
     corrections = read_corrections(store, report)
-    classes, _ = _list_classes(data)
+    found = list_classes(data)
+    classes = found.files
     existing: list[Inspected] = [i for i in _inspect_all(classes, min_side, workers, progress) if not i.reason]
-    if out.resolve() != data.resolve() and out.is_dir() and any(p.is_dir() for p in out.iterdir()):
-        existing += [i for i in _inspect_all(_list_classes(out)[0], min_side, workers, progress) if not i.reason]
+    out_folders = found.folders  # label -> the folder of OUT its photos go to (the data's, when OUT is the data)
+    if out.resolve() != data.resolve():
+        out_folders = {}
+        if out.is_dir() and any(p.is_dir() for p in out.iterdir()):
+            collected = list_classes(out)
+            existing += [i for i in _inspect_all(collected.files, min_side, workers, progress) if not i.reason]
+            out_folders = collected.folders
     known_sha = {i.sha256: i for i in existing}
     pool = list(existing)  # photos a new one must not duplicate: existing, then each one collected
     hashes = np.array([i.phash for i in existing], dtype=np.uint64)
@@ -133,7 +140,7 @@ def collect(store: str | Path, data: str | Path, out: str | Path, min_side: int 
             drop("near_duplicate", f"looks like {pool[twin].path} (perceptual-hash distance "
                  f"{int(np.bitwise_count(np.uint64(pool[twin].phash) ^ np.uint64(item.phash)))})")
             continue
-        target = out / label / f"{item.sha256}.{EXTENSIONS.get(item.image_format, 'img')}"
+        target = out_folders.get(label, out / label) / f"{item.sha256}.{EXTENSIONS.get(item.image_format, 'img')}"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(photo, target)
         item.path = target

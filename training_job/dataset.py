@@ -29,11 +29,18 @@ def manifest_order(rows: list[ManifestRow]) -> list[ManifestRow]:
     return sorted(rows, key=lambda r: (r.label, r.split, r.sha256))
 
 
+def open_photo_csv(path: str | Path, mode: str = "r"):
+    """A CSV file of photo paths (the manifest, a run's misclassified list), opened as UTF-8 but for the bytes of
+    a file name that are not UTF-8 (a photo named on another system): those are written as the file system holds
+    them, and read back as the same path (Python's surrogate escapes)."""
+    return open(path, mode, newline="", encoding="utf-8", errors="surrogateescape")
+
+
 def write_manifest(rows: list[ManifestRow], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with open_photo_csv(tmp, "w") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         for row in manifest_order(rows):
@@ -42,7 +49,7 @@ def write_manifest(rows: list[ManifestRow], path: str | Path) -> None:
 
 
 def read_manifest(path: str | Path) -> list[ManifestRow]:
-    with open(path, newline="") as f:
+    with open_photo_csv(path) as f:
         return [
             ManifestRow(r["path"], r["label"], r["sha256"], r["split"], int(r["width"]), int(r["height"]),
                         int(r["bytes"]))

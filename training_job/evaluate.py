@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training_job.dataset import ManifestRow
+from training_job.dataset import ManifestRow, open_photo_csv
 from training_job.open_set import METHODS, OpenSet
 
 
@@ -47,7 +47,7 @@ def misclassified(rows: list[ManifestRow], labels: list[str], y_true, probs) -> 
 
 
 def write_misclassified(items: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
+    with open_photo_csv(path, "w") as f:
         writer = csv.DictWriter(f, fieldnames=["path", "true", "predicted", "confidence"])
         writer.writeheader()
         writer.writerows(items)

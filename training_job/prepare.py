@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import unicodedata
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -207,30 +208,60 @@ def _class_files(folder: Path) -> list[Path]:
     return sorted(files)
 
 
-def _list_classes(source: Path) -> tuple[dict[str, list[Path]], list[str]]:
+def class_label(folder_name: str) -> str:
+    """The label a class folder gives its photos: the folder's name in Unicode NFC, as typed text is (a Mac may
+    store "é" as "e" plus an accent, which a label typed by a client would not match). A name whose bytes are not
+    UTF-8 (Python holds them as surrogate escapes: a folder written on Windows or an old Linux, then copied here) is
+    read as Windows-1252, the encoding such names nearly always have; its five unassigned bytes as Latin-1."""
+    raw = os.fsencode(folder_name)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = "".join(bytes([b]).decode("cp1252", errors="ignore") or chr(b) for b in raw)
+    return unicodedata.normalize("NFC", text)
+
+
+@dataclass
+class ClassFolders:
+    """The classes of a photo folder: each label (``class_label`` of its folder's name) with its folder and files;
+    the files lying outside class folders; warnings about folder names."""
+    files: dict[str, list[Path]]
+    folders: dict[str, Path]
+    ignored: list[str]
+    warnings: list[str]
+
+
+def list_classes(source: Path) -> ClassFolders:
     if not source.exists():
         raise UserError(f"the photo folder {source} does not exist")
     if not source.is_dir():
         raise UserError(f"{source} is not a folder; expected a folder with one sub-folder of photos per class")
-    classes: dict[str, list[Path]] = {}
-    ignored: list[str] = []
+    found = ClassFolders({}, {}, [], [])
     for entry in sorted(source.iterdir()):
         if entry.name.startswith(".") or entry.name in NOT_CLASSES:
             continue
         if not entry.is_dir():
-            ignored.append(str(entry))
+            found.ignored.append(str(entry))
             continue
-        classes[entry.name] = _class_files(entry)
-    if not classes:
-        loose = f" (it holds {len(ignored)} file(s) directly; move them into a folder named after their class)" \
-            if ignored else ""
+        label = class_label(entry.name)
+        if label in found.folders:
+            raise UserError(f"the folders {found.folders[label].name!r} and {entry.name!r} in {source} both give "
+                            f"the class label '{label}'; merge them or rename one")
+        if any("\udc80" <= char <= "\udcff" for char in entry.name):  # how Python holds bytes that are not UTF-8
+            found.warnings.append(f"the name of the folder {entry.name!r} is not UTF-8; its photos are labelled "
+                                  f"'{label}' (the name read as Windows-1252): rename the folder to choose another")
+        found.folders[label] = entry
+        found.files[label] = _class_files(entry)
+    if not found.files:
+        loose = (f" (it holds {len(found.ignored)} file(s) directly; move them into a folder named after their "
+                 "class)") if found.ignored else ""
         raise UserError(
             f"{source} has no class sub-folders{loose}; expected {source}/<class name>/<photos>, e.g. "
             f"{source}/amanita_muscaria/photo1.jpg"
         )
-    if not any(classes.values()):
-        raise UserError(f"the class folders in {source} ({', '.join(classes)}) contain no files")
-    return classes, ignored
+    if not any(found.files.values()):
+        raise UserError(f"the class folders in {source} ({', '.join(found.files)}) contain no files")
+    return found
 
 
 def _inspect_all(classes: dict[str, list[Path]], min_side: int, workers: int, progress: bool) -> list[Inspected]:
@@ -333,14 +364,16 @@ def prepare_dataset(
     if out == source or source in out.parents:
         raise UserError(f"--out {out} is inside the photo folder {source}; it would be read as a class. "
                         "Choose a folder outside it")
-    classes, ignored = _list_classes(source)
+    found = list_classes(source)
+    classes = found.files
     report = PrepareReport(
         source=str(source),
         manifest=str(out / "manifest.csv"),
         preprocessing_version=PREPROCESSING_VERSION,
         params=dict(per_class=per_class, validation_pct=validation_pct, test_pct=test_pct, demo_pct=demo_pct,
                     seed=seed, min_side=min_side, near_duplicate_distance=near_duplicate_distance),
-        ignored=ignored,
+        ignored=found.ignored,
+        warnings=list(found.warnings),
     )
     items = _inspect_all(classes, min_side, workers or os.cpu_count() or 2, progress)
     good = []
@@ -433,8 +466,10 @@ def _describe_counts(counts: dict) -> str:
 
 
 def _write_json(data: dict, path: Path) -> None:
+    """``data`` as UTF-8 JSON, accents as themselves; a path's undecodable bytes (surrogate escapes) are written as
+    JSON's \\udcXX escapes, which json.loads reads back as the same path."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", errors="backslashreplace")
     tmp.replace(path)
 
 
