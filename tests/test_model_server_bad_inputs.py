@@ -258,6 +258,23 @@ def test_a_body_that_does_not_arrive_within_the_rest_timeout_gets_408(tmp_path):
         stop_server(server)
 
 
+def test_a_connection_that_brings_no_request_within_the_rest_timeout_is_closed(tmp_path):
+    # aiohttp keeps a connection waiting for its request's headers for an hour by default: a client that connected
+    # and sent nothing, or trickles its headers, or whose network died, held a socket that long.
+    server = serve_conv_model(tmp_path, "alone", "tf2", "--rest_api_timeout_in_ms=1500")
+    try:
+        port = int(server.rest_url.rsplit(":", 1)[1])
+        for sent in (b"", f"POST /v1/models/{MODEL}:predict HTTP/1.1\r\nHost: m\r\n".encode()):
+            with socket.create_connection(("127.0.0.1", port), timeout=20) as connection:
+                connection.sendall(sent)
+                started = time.monotonic()
+                assert connection.recv(65536) == b"", sent  # closed, not answered
+                assert time.monotonic() - started < 10, sent
+        assert rest_predict(server, {"instances": np.zeros((1, SIZE, SIZE, 3), int).tolist()})[0] == 200
+    finally:
+        stop_server(server)
+
+
 def test_a_large_json_body_stalls_no_other_request(tmp_path):
     # Python's JSON parser holds the GIL for the whole parse: a large body parsed on the event loop kept every other
     # request of both APIs waiting for seconds. TF Serving parses each request on its own HTTP worker thread.

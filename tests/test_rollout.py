@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -286,6 +287,28 @@ def test_sigterm_under_keepalive_load_leaves_no_request_it_was_sent_unanswered(m
         lost = [o for o in clients.outcomes if o.startswith("lost")]
         assert not lost, f"{len(lost)} requests lost of {len(clients.outcomes)}: {sorted(set(lost))}"
         assert set(clients.outcomes) <= {"200", "refused"}, sorted(set(clients.outcomes))
+    finally:
+        controller.stop()
+        gateway.stop()
+
+
+def test_a_connection_that_brings_no_request_is_closed_after_the_keepalive_timeout(model_server, redis_server,
+                                                                                     stack_files):
+    """aiohttp would wait an hour for a request's headers: a client that connected and sent nothing, or whose
+    network died, held a socket of the controller that long."""
+    gateway = start_gateway(model_server, redis_server, stack_files, "stopping")
+    policy = {"tick_seconds": 0.3, "rules": FAST_RULES, "steps": [
+        {"name": "full", "weight": 100, "hold_seconds": 1, "min_requests": 10}]}
+    controller = Controller("stopping", redis_server.url, gateway, model_server, stack_files, policy,
+                            extra=("--keepalive-timeout=1",))
+    try:
+        for sent in (b"", b"GET /healthz HTTP/1.1\r\nHost: c\r\n"):
+            with socket.create_connection(("127.0.0.1", controller.port), timeout=20) as connection:
+                connection.sendall(sent)
+                started = time.monotonic()
+                assert connection.recv(65536) == b"", sent  # closed, not answered
+                assert time.monotonic() - started < 10, sent
+        assert controller.request("GET", "/healthz")[0] == 200
     finally:
         controller.stop()
         gateway.stop()

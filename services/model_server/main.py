@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rest_api_num_threads", type=int, default=4 * (os.cpu_count() or 1),
                    help="REST requests processed at once (default 4 x cores, TF Serving's HTTP threads); more wait")
     p.add_argument("--rest_api_timeout_in_ms", type=int, default=30_000,
-                   help="deadline of a REST predict/classify/regress (default 30000; 504 when exceeded; 0 = none)")
+                   help="deadline of a REST predict/classify/regress (default 30000; 504 when exceeded; 0 = none); "
+                   "also how long a body, or the next request's headers, may take to arrive")
     p.add_argument("--rest_api_enable_cors_support", type=_bool, nargs="?", const=True, default=False,
                    help="add CORS headers (Access-Control-Allow-Origin: *) to REST answers")
     p.add_argument("--saved_model_tags", default="serve",
@@ -437,7 +438,8 @@ class ModelServer:
             rest = RestApi(self.core, self.inference, path, timeout_ms=self.args.rest_api_timeout_in_ms,
                            max_concurrent=self.args.rest_api_num_threads,
                            cors=self.args.rest_api_enable_cors_support, closing=self._closing_connections.is_set)
-            runner = web.AppRunner(rest.app(), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
+            runner = web.AppRunner(rest.app(), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
+                                   keepalive_timeout=rest.idle_seconds)
             await runner.setup()
             site = web.TCPSite(runner, self.args.host, self.args.rest_api_port)
             await site.start()

@@ -145,6 +145,7 @@ def fill_examples_from_json(body: dict, request) -> None:
         _example_from_json(value, target.examples.add())
 
 
+DEFAULT_TIMEOUT_MS = 30_000  # --rest_api_timeout_in_ms, as TF Serving's
 CORS_HEADERS = {"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Methods": "POST, GET",
                 "Access-Control-Allow-Headers": "Content-Type"}  # http_rest_api_util.cc AddCORSHeaders
 
@@ -153,16 +154,20 @@ class RestApi:
     """TF Serving's REST API. ``timeout_ms`` bounds a predict/classify/regress call (--rest_api_timeout_in_ms: 504
     when exceeded, as TF Serving's session-run deadline); ``max_concurrent`` requests are processed at once, the
     rest wait their turn (--rest_api_num_threads: TF Serving's HTTP worker threads); ``cors`` adds TF Serving's
-    CORS headers to every answer (--rest_api_enable_cors_support)."""
+    CORS headers to every answer (--rest_api_enable_cors_support). A connection must bring each request's headers
+    within ``idle_seconds`` (the REST timeout, or its default when that is 0) of its start or of the previous
+    answer, and is closed when it does not (the runner's keepalive_timeout): a client that connects and sends
+    nothing, or whose network died, holds no socket for longer."""
 
     def __init__(self, core: PredictionCore, inference: Inference, monitoring_path: str | None,
-                 timeout_ms: int = 30_000, max_concurrent: int = 0, cors: bool = False,
+                 timeout_ms: int = DEFAULT_TIMEOUT_MS, max_concurrent: int = 0, cors: bool = False,
                  closing: Callable[[], bool] = lambda: False):
         self.closing = closing  # () -> True once the server is stopping: answers close their connections
         self.core = core
         self.inference = inference
         self.monitoring_path = monitoring_path
         self.timeout = timeout_ms / 1000 if timeout_ms > 0 else None
+        self.idle_seconds = self.timeout or DEFAULT_TIMEOUT_MS / 1000
         self.max_concurrent = max_concurrent
         self.cors = cors
         self.json_worker = JsonWorker()  # where large JSON is parsed and printed

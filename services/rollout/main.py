@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=env("ROLLOUT_HOST", "0.0.0.0"), help="(ROLLOUT_HOST)")
     p.add_argument("--http-port", type=int, default=int(env("ROLLOUT_HTTP_PORT", "8095")),
                    help="the controller's API and /metrics (ROLLOUT_HTTP_PORT, default 8095)")
+    p.add_argument("--keepalive-timeout", type=float, default=float(env("KEEPALIVE_TIMEOUT_SECONDS", "15")),
+                   help="seconds an idle HTTP connection stays open, which is also the most a client has to send a "
+                   "complete request header, as for the gateway (KEEPALIVE_TIMEOUT_SECONDS, default 15)")
     p.add_argument("--operator-tokens", default=env("GATEWAY_OPERATOR_TOKENS", ""),
                    help="operator tokens for the controller's own API, the gateway's format "
                    "(GATEWAY_OPERATOR_TOKENS)")
@@ -157,7 +160,8 @@ async def serve(args: argparse.Namespace, policy) -> None:
         args.identity and f"{args.identity}-{os.getpid()}", lease_seconds, labels=labels,
         serve_new_versions=serve_new, retire_versions=retire)
     closing = asyncio.Event()  # stopping: answers close their connections (services.http_stop)
-    runner = web.AppRunner(RolloutApi(controller, operators, closing.is_set).app(), access_log=None)
+    runner = web.AppRunner(RolloutApi(controller, operators, closing.is_set).app(), access_log=None,
+                           keepalive_timeout=args.keepalive_timeout)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.http_port)
     await site.start()
