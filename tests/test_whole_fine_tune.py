@@ -88,6 +88,72 @@ def test_stopped_fine_tuning_resumes_and_tunes_only_what_it_should(tiny):
         np.testing.assert_allclose(answer, kept, rtol=1e-4, atol=1e-4)
 
 
+class CrashAfterEpoch:
+    def __new__(cls, last: int):
+        import keras
+
+        class Callback(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                if epoch == last:
+                    raise RuntimeError("stopped on purpose")
+
+        return Callback()
+
+
+def cut_short(path) -> None:
+    """What a process killed while writing ``path`` leaves: its first half."""
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+@pytest.mark.parametrize("epochs_done", [1, 2])
+def test_a_checkpoint_cut_short_by_a_kill_while_it_was_written_resumes_from_what_is_whole(tiny, epochs_done,
+                                                                                          capsys):
+    """A SIGKILL (the OOM killer, an evicted pod) while the epoch backup is written leaves it cut short: training
+    goes on from the epoch before when a copy of it is whole, and otherwise starts the run over, saying why."""
+    from training_job.whole_fine_tune import fine_tune_whole
+
+    rows, config, base, result, work = tiny
+    checkpoint = work / f"checkpoint-cut-{epochs_done}"
+    with pytest.raises(RuntimeError, match="on purpose"):
+        fine_tune_whole(rows, config, base, result.head, work / "tb", checkpoint,
+                        callbacks=[CrashAfterEpoch(epochs_done - 1)], progress=False)
+    backup = checkpoint / "run0" / "backup"
+    cut_short(backup / "latest.weights.h5")
+    begun = []
+    tuned = fine_tune_whole(rows, config, base, result.head, work / "tb", checkpoint,
+                            callbacks=[EpochsBegun(begun)], progress=False)
+    if epochs_done == 2:
+        assert begun == [1]  # from the copy of the first epoch's backup
+    else:
+        assert begun == [0, 1] and "cannot be read" in capsys.readouterr().err
+    assert tuned.epochs_run == 2 and tuned.best_epoch in (1, 2)
+
+
+def test_the_best_epoch_s_weights_are_never_cut_short_by_a_kill_while_they_are_written(tmp_path):
+    from training_job.whole_fine_tune import BestEpoch
+
+    class Killed(BaseException):
+        pass
+
+    class Model:
+        def __init__(self, weights: bytes, killed: bool = False):
+            self.weights, self.killed, self.stop_training = weights, killed, False
+
+        def save_weights(self, path):
+            with open(path, "wb") as f:
+                f.write(self.weights[:len(self.weights) // 2])
+                if self.killed:
+                    raise Killed()
+                f.write(self.weights[len(self.weights) // 2:])
+
+    best = BestEpoch(tmp_path, patience=5, max_seconds=None, schedule=None, epochs=10)
+    best.epoch_end(Model(b"epoch one " * 100), 0, {"val_cross_entropy": 1.0})
+    with pytest.raises(Killed):
+        best.epoch_end(Model(b"epoch two " * 100, killed=True), 1, {"val_cross_entropy": 0.5})
+    assert best.weights_file.read_bytes() == b"epoch one " * 100
+
+
 class CrashInSecondRun:
     """Stops the second fit it sees after its first epoch, as a Ctrl-C during a soup's second run would."""
 
@@ -295,10 +361,11 @@ class Clock:
 
 
 class SavesNothing:
+    """A model with no weights: save_weights writes an empty file."""
     stop_training = False
 
     def save_weights(self, path):
-        pass
+        open(path, "wb").close()
 
 
 def test_a_slow_machine_runs_a_shorter_schedule_to_its_end(tmp_path):

@@ -23,6 +23,9 @@ to 100 % of the side resized back, brightness x0.9-1.1), with:
 Stopped part-way (Ctrl-C, a killed pod), the same call with the same ``checkpoint_dir`` resumes after the last
 finished epoch: ``keras.callbacks.BackupAndRestore`` restores the weights, optimizer and epoch, and
 ``BestEpoch`` its own record of the best epoch so far; a run that had finished is read back, not trained again.
+A kill while a checkpoint is written (the OOM killer, an evicted pod) cannot cost the run: the best epoch's weights
+are written whole or not at all (a file renamed into place), and the backup keeps a copy of the epoch before, which
+``resumable_backup`` falls back on when the last one was cut short (and, with neither whole, the run starts over).
 
 The tuned copy is the one network a version runs (``WholeTunedBase``): its pooled features feed the head and, through
 the base's own ImageNet classifier (the layers after the pooling, never trained here), the ImageNet probabilities
@@ -254,7 +257,7 @@ class BestEpoch:
         done = self.state["epochs_run"] = epoch + 1
         if self.state["best"] is None or value < self.state["best"]:
             self.state.update(best=value, best_epoch=done)
-            model.save_weights(str(self.weights_file))
+            save_weights_whole(model, self.weights_file)
         if done - self.state["best_epoch"] >= self.patience:
             self.state["stopped_by"] = "early stopping"
             model.stop_training = True
@@ -271,6 +274,46 @@ class BestEpoch:
     def restore_best(self, model) -> None:
         if self.weights_file.exists():
             model.load_weights(str(self.weights_file))
+
+
+def save_weights_whole(model, path: Path) -> None:
+    """``model.save_weights(path)`` written beside it, then renamed into place: a process killed meanwhile leaves the
+    file as it was, never cut short."""
+    import os
+
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # Keras wants the name to end in .weights.h5
+    model.save_weights(str(tmp))
+    tmp.replace(path)
+
+
+def resumable_backup(backup: Path) -> bool:
+    """Whether ``keras.callbacks.BackupAndRestore`` (with ``double_checkpoint``) can resume from ``backup``: its last
+    epoch's weights and record are whole, or else the copies of the epoch before, which are then put in their place
+    (a process killed while writing the last epoch's leaves them cut short). Neither whole: the unreadable backup is
+    said on stderr, and False."""
+    import shutil
+
+    import h5py
+
+    def whole(weights: Path, record: Path) -> bool:
+        try:
+            h5py.File(weights, "r").close()  # a file cut short fails here: HDF5 keeps the size it was written to
+            json.loads(record.read_text())["epoch"]
+            return True
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    weights, record = backup / "latest.weights.h5", backup / "training_metadata.json"
+    if not backup.exists() or whole(weights, record):
+        return backup.exists()
+    previous = [Path(f"{weights}.bkp"), Path(f"{record}.bkp")]  # BackupAndRestore's names for them
+    if whole(*previous):
+        shutil.copyfile(previous[0], weights)
+        shutil.copyfile(previous[1], record)
+        return True
+    print(f"the fine-tuning checkpoint in {backup} cannot be read (cut short by a process killed while writing "
+          "it?): this run starts over", file=sys.stderr)
+    return False
 
 
 @dataclass
@@ -550,16 +593,18 @@ def _fine_tune_run(config: TrainConfig, base: BaseNetwork, head: Head, train_pix
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
                   metrics=["accuracy", keras.metrics.CategoricalCrossentropy(name="cross_entropy")])
     train = augmented_batches(train_pixels, train_labels, model.output_shape[-1], config, base.image_size)
-    if not (folder / "backup").exists():  # a fresh start: an older run's record of its best epoch goes
+    if not resumable_backup(folder / "backup"):  # a fresh start: an older run's record of its best epoch goes
         import shutil
 
+        shutil.rmtree(folder / "backup", ignore_errors=True)
         shutil.rmtree(folder / "best", ignore_errors=True)
     epochs = epochs_asked(config)
     best = BestEpoch(folder / "best", config.fine_tune_patience, budget_seconds, schedule, epochs)
     started = time.monotonic()
     model.fit(train, validation_data=validation, epochs=epochs,
               verbose=_fit_verbosity(progress), shuffle=False,  # the dataset shuffles itself each epoch
-              callbacks=[keras.callbacks.BackupAndRestore(str(folder / "backup")), best.callback,
+              callbacks=[keras.callbacks.BackupAndRestore(str(folder / "backup"), double_checkpoint=True),
+                         best.callback,
                          keras.callbacks.TensorBoard(str(tensorboard_dir), write_graph=False, profile_batch=0),
                          *callbacks])
     best.restore_best(model)
@@ -568,7 +613,7 @@ def _fine_tune_run(config: TrainConfig, base: BaseNetwork, head: Head, train_pix
               "seconds": float(state["seconds"]) or time.monotonic() - started, "stopped_by": state["stopped_by"],
               "planned_epochs": int(state["planned_epochs"]),
               "validation_cross_entropy": _validation_cross_entropy(model, validation)}
-    model.save_weights(str(finished_weights))
+    save_weights_whole(model, finished_weights)
     tmp = finished_record.with_suffix(".tmp")  # the record last: a run is finished once it is whole
     tmp.write_text(json.dumps(record))
     tmp.replace(finished_record)
