@@ -127,18 +127,18 @@ def test_only_small_photos_are_decoded_on_the_event_loop():
     from training_job.preprocessing import InvalidImage, Limits
 
     limits = Limits()
-    assert pixels.cheap_to_decode(pixels.opened_on_the_loop(_jpeg((640, 480)), limits))
+    assert pixels.cheap_to_decode(pixels.opened_on_the_loop(_jpeg((640, 480)), limits, 224))
     big = _jpeg((640, 480)) + b"\0" * pixels.INLINE_MAX_BYTES
-    assert pixels.opened_on_the_loop(big, limits) is None  # too many bytes: the pool opens it
+    assert pixels.opened_on_the_loop(big, limits, 224) is None  # too many bytes: the pool opens it
     assert not pixels.cheap_to_decode(None)
     with pytest.raises(InvalidImage, match="HTML"):  # refused at once, before any decode
-        pixels.opened_on_the_loop(b"<html>not a photo</html>", limits)
+        pixels.opened_on_the_loop(b"<html>not a photo</html>", limits, 224)
     png = io.BytesIO()
     Image.new("L", (1, 1)).save(png, "PNG")
     header = png.getvalue()
     ihdr = struct.pack(">IIBBBBB", 1200, 1000, 8, 0, 0, 0, 0)  # a few bytes claiming 1.2 M pixels
     many = header[:8] + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
-    assert not pixels.cheap_to_decode(pixels.opened_on_the_loop(many + header[33:], limits))
+    assert not pixels.cheap_to_decode(pixels.opened_on_the_loop(many + header[33:], limits, 224))
 
 
 def test_only_jpegs_are_decoded_on_the_event_loop():
@@ -156,7 +156,7 @@ def test_only_jpegs_are_decoded_on_the_event_loop():
         out = io.BytesIO()
         gradient.save(out, fmt)
         assert len(out.getvalue()) <= pixels.INLINE_MAX_BYTES, fmt
-        assert not pixels.cheap_to_decode(pixels.opened_on_the_loop(out.getvalue(), Limits())), fmt
+        assert not pixels.cheap_to_decode(pixels.opened_on_the_loop(out.getvalue(), Limits(), 224)), fmt
 
 
 def test_each_photo_is_opened_once_wherever_it_is_decoded(monkeypatch):

@@ -485,3 +485,23 @@ def test_the_cli_prints_photo_names_that_are_not_utf8_on_a_strict_utf8_terminal(
                           capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"}, timeout=300)
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
     assert b"muscaria_\\udce9" in done.stdout
+
+
+def test_photos_of_a_61_mp_camera_and_a_200_mp_phone_are_kept(tmp_path):
+    """Over the gateway's 60 M pixels, and the 200 MP one over the 179 M at which Pillow refuses to open a photo:
+    the user's own photos all the same, which prepare keeps and training reads."""
+    from training_job.preprocessing import load_image_file
+
+    source = tmp_path / "photos"
+    link_photos(source / "boletus_edulis", distinct_photos("boletus_edulis", 3))
+    folder = source / "amanita_muscaria"
+    link_photos(folder, distinct_photos("amanita_muscaria", 1))
+    sizes = {"camera.jpg": ((9504, 6336), "RGB"), "phone.jpg": ((16320, 12240), "L")}
+    for (name, (size, mode)), photo in zip(sizes.items(), distinct_photos("amanita_muscaria", 3)[1:]):
+        big = decode_image(photo.read_bytes()).convert(mode).resize(size, Image.BILINEAR)
+        big.save(folder / name, "JPEG", quality=85)
+        del big
+    rows = prepare_dataset(source, tmp_path / "out", progress=False)
+    kept = {Path(r.path).name: (r.width, r.height) for r in rows if r.label == "amanita_muscaria"}
+    assert len(kept) == 3 and all(kept[name] == size for name, (size, _) in sizes.items()), kept
+    assert load_image_file(folder / "phone.jpg").shape == (224, 224, 3)

@@ -265,3 +265,30 @@ def test_flattening_in_bands_gives_the_pixels_of_a_whole_conversion():
             assert np.array_equal(np.asarray(preprocessing._to_rgb(img)), expected), img.mode
     finally:
         preprocessing.STRIP_PIXELS = banded
+
+
+def _jpeg_header_only(width: int, height: int, components: int) -> bytes:
+    """A baseline JPEG's markers up to its scan, declaring ``width`` x ``height`` pixels: what open_image reads."""
+    frame = struct.pack(">BHHB", 8, height, width, components) + b"".join(
+        struct.pack(">BBB", i + 1, 0x11, 0) for i in range(components))
+    scan = struct.pack(">B", components) + b"".join(struct.pack(">BB", i + 1, 0) for i in range(components)) \
+        + b"\x00\x3f\x00"
+    return (b"\xff\xd8\xff\xc0" + struct.pack(">H", len(frame) + 2) + frame
+            + b"\xff\xda" + struct.pack(">H", len(scan) + 2) + scan + b"\x00" * 64 + b"\xff\xd9")
+
+
+def test_the_user_s_own_photo_files_are_bounded_by_memory_not_by_a_service_s_pixel_limit():
+    """A 61 MP camera's or a 200 MP phone's photo is over the gateway's 60 M pixels (and a 200 MP one over the
+    179 M at which Pillow refuses to open a photo), yet decodes at 1/8 scale into a few MB: prepare and training
+    read it. What decoding one would hold still bounds them: the largest CMYK JPEG would take 512 MB at 1/8."""
+    from training_job.preprocessing import FILE_LIMITS, decode_bytes, open_image
+
+    for width, height in ((9504, 6336), (16320, 12240)):
+        header = open_image(_jpeg_header_only(width, height, 3), FILE_LIMITS)
+        assert header.size == (width, height) and decode_bytes(header) <= 16 * 2**20
+        with pytest.raises(InvalidImage) as refused:
+            open_image(_jpeg_header_only(width, height, 3))  # a service's default limits
+        assert refused.value.code == "too_many_pixels"
+    with pytest.raises(InvalidImage, match="512 MB; the limit is 256 MB$") as refused:
+        open_image(_jpeg_header_only(65_535, 65_535, 4), FILE_LIMITS)
+    assert refused.value.code == "too_many_pixels"

@@ -116,13 +116,13 @@ def plot_confusion_matrix(labels: list[str], cm: list[list[int]], path: Path, ti
 
 def photo_rows(folder: Path, label: str = "not_a_mushroom", split: str = "ood") -> list[ManifestRow]:
     """Manifest-like rows for every readable photo in ``folder`` (for the not-mushroom check)."""
-    from training_job.preprocessing import InvalidImage, open_image
+    from training_job.preprocessing import FILE_LIMITS, InvalidImage, open_image
 
     rows = []
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith(".")):
         data = path.read_bytes()
         try:
-            w, h = open_image(data).size
+            w, h = open_image(data, FILE_LIMITS).size
         except InvalidImage:
             continue
         rows.append(ManifestRow(str(path), label, hashlib.sha256(data).hexdigest(), split, w, h, len(data)))

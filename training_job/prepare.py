@@ -26,7 +26,7 @@ import numpy as np
 
 from training_job.errors import UserError
 from training_job.dataset import SPLITS, ManifestRow, write_manifest
-from training_job.preprocessing import PREPROCESSING_VERSION, InvalidImage, decode_image, open_image
+from training_job.preprocessing import FILE_LIMITS, PREPROCESSING_VERSION, InvalidImage, decode_image, open_image
 
 DEFAULT_PER_CLASS = None  # keep every usable photo; N balances the classes to N photos each
 DEFAULT_VALIDATION_PCT = 10.0
@@ -168,7 +168,7 @@ def inspect_file(path: Path, label: str, min_side: int = DEFAULT_MIN_SIDE) -> In
     item.size_bytes = len(data)
     item.sha256 = hashlib.sha256(data).hexdigest()
     try:
-        header = open_image(data)
+        header = open_image(data, FILE_LIMITS)
         item.image_format = header.format or ""
         width, height = header.size
         try:
@@ -177,7 +177,7 @@ def inspect_file(path: Path, label: str, min_side: int = DEFAULT_MIN_SIDE) -> In
         except Exception:  # a broken EXIF block is not a reason to drop a photo the decoder accepts
             pass
         item.width, item.height = width, height
-        decoded = decode_image(data)
+        decoded = decode_image(data, limits=FILE_LIMITS)
     except InvalidImage as exc:
         item.reason, item.detail = exc.code, exc.message
         return item

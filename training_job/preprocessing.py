@@ -34,7 +34,14 @@ class Limits:
     max_decode_bytes: int = 256 * 1024 * 1024  # what decoding one photo may hold at once (``decode_bytes``)
 
 
-DEFAULT_LIMITS = Limits()
+DEFAULT_LIMITS = Limits()  # photos sent to a service (the gateway's --max-bytes and --max-pixels)
+# The user's own photo files (prepare, training, evaluation): nobody else sends them, so they are bounded by what
+# decoding one may hold at once, not by a service's guard against costly requests: a 61 MP camera's photo or a
+# 200 MP phone's is a photo. 65,535 is the largest side a JPEG can declare.
+FILE_LIMITS = Limits(max_bytes=512 * 1024 * 1024, max_pixels=65_535 * 65_535)
+# open_image's limits replace Pillow's own guard, which would refuse in Image.open any photo beyond 179 M pixels
+# whatever the limits asked for; every photo is opened through open_image, which checks them before decoding.
+Image.MAX_IMAGE_PIXELS = None
 STRIP_PIXELS = 1 << 20  # pixels per band when a photo is flattened to 8-bit RGB (``_by_strips``)
 
 
@@ -63,8 +70,9 @@ def _sniff_non_image(data: bytes) -> str | None:
     return None
 
 
-def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
-    """Open (header only) and check the limits; raises ``InvalidImage``."""
+def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS, size: int = DEFAULT_IMAGE_SIZE) -> Image.Image:
+    """Open (header only) and check the limits for a decode to at least ``size`` pixels a side (a JPEG's DCT
+    scale depends on it); raises ``InvalidImage``."""
     if not data:
         raise InvalidImage("empty", "the photo is empty (0 bytes)")
     if len(data) > limits.max_bytes:
@@ -74,8 +82,6 @@ def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
     except UnidentifiedImageError:
         reason = _sniff_non_image(data) or "no image format Pillow knows was recognised"
         raise InvalidImage("not_an_image", f"not an image: {reason}") from None
-    except Image.DecompressionBombError as exc:  # Pillow's own guard fires in open() beyond 2x its pixel limit
-        raise InvalidImage("too_many_pixels", f"the photo has too many pixels: {exc}") from None
     except (OSError, ValueError) as exc:
         raise InvalidImage("not_an_image", f"not a readable image: {exc}") from None
     width, height = img.size
@@ -86,27 +92,34 @@ def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
         )
     if width < 1 or height < 1:
         raise InvalidImage("not_an_image", f"the photo has no pixels ({width}x{height})")
-    needed = decode_bytes(img)
+    needed = decode_bytes(img, size)
     if needed > limits.max_decode_bytes:
         raise InvalidImage(
             "too_many_pixels",
             f"the photo is {width}x{height} pixels in mode {img.mode} ({img.format}): decoding it would take "
-            f"{needed / 2**20:.0f} MB; the limit is {limits.max_decode_bytes / 2**20:.0f} MB (a JPEG is decoded "
-            "at a reduced scale and costs far less)",
+            f"{needed / 2**20:.0f} MB; the limit is {limits.max_decode_bytes / 2**20:.0f} MB"
+            + ("" if img.format == "JPEG" else " (a JPEG is decoded at a reduced scale and costs far less)"),
         )
     return img
 
 
-def decode_bytes(header: Image.Image) -> int:
-    """What decoding an opened photo and flattening it to 8-bit RGB hold at once, as Pillow stores images: the
-    decoded photo (1 byte per pixel in 8-bit single-band modes, 2 in 16-bit ones, 4 in any other) and its RGB copy
-    (4 bytes per pixel) unless it is decoded as RGB. 0 for a JPEG: it is decoded at a reduced DCT scale (``draft``),
-    and ``max_pixels`` bounds it."""
+def decode_bytes(header: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> int:
+    """What decoding an opened photo to at least ``size`` pixels a side and flattening it to 8-bit RGB hold at once,
+    as Pillow stores images: the decoded photo (1 byte per pixel in 8-bit single-band modes, 2 in 16-bit ones, 4 in
+    any other) and its RGB copy (4 bytes per pixel) unless it is decoded as RGB. A JPEG's pixels are those of the
+    DCT scale ``load_pillow`` decodes it at."""
+    width, height = header.size
     if header.format == "JPEG":
-        return 0
-    pixels = header.size[0] * header.size[1]
+        scale = jpeg_draft_scale(width, height, size)
+        width, height = -(-width // scale), -(-height // scale)
     stored = 1 if header.mode in ("1", "L", "P") else 2 if header.mode.startswith("I;16") else 4
-    return pixels * (stored + (0 if header.mode == "RGB" else 4))
+    return width * height * (stored + (0 if header.mode == "RGB" else 4))
+
+
+def jpeg_draft_scale(width: int, height: int, size: int) -> int:
+    """The DCT scale (1, 2, 4 or 8) Pillow's ``draft(mode, (size, size))`` decodes a JPEG at: the largest that keeps
+    both sides at least ``size``."""
+    return next(scale for scale in (8, 4, 2, 1) if scale == 1 or min(width, height) // scale >= size)
 
 
 def _by_strips(img: Image.Image, mode: str, convert) -> Image.Image:
@@ -163,7 +176,7 @@ def upright_rgb(loaded: Image.Image) -> Image.Image:
 
 def decode_image(data: bytes, size: int = DEFAULT_IMAGE_SIZE, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
     """Decoded, upright, 8-bit RGB image; JPEGs are decoded at the smallest scale that stays >= ``size``."""
-    return decode_opened(open_image(data, limits), size)
+    return decode_opened(open_image(data, limits, size), size)
 
 
 def decode_opened(img: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> Image.Image:
@@ -172,7 +185,7 @@ def decode_opened(img: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> Image.Ima
         return upright_rgb(load_pillow(img, size))
     except InvalidImage:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except (OSError, ValueError, SyntaxError) as exc:
         raise InvalidImage("corrupt", f"the image data is damaged or truncated: {exc}") from None
 
 
@@ -183,7 +196,7 @@ def resize_pixels(img: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> np.ndarra
 
 def preprocess_bytes(data: bytes, size: int = DEFAULT_IMAGE_SIZE, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
     """Encoded photo bytes -> uint8 pixels (size, size, 3). The one function training and serving share."""
-    return preprocess_opened(open_image(data, limits), size)
+    return preprocess_opened(open_image(data, limits, size), size)
 
 
 def preprocess_opened(img: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
@@ -192,7 +205,8 @@ def preprocess_opened(img: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> np.nd
     return resize_pixels(decode_opened(img, size), size)
 
 
-def load_image_file(path: str | Path, size: int = DEFAULT_IMAGE_SIZE, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
+def load_image_file(path: str | Path, size: int = DEFAULT_IMAGE_SIZE, limits: Limits = FILE_LIMITS) -> np.ndarray:
+    """``preprocess_bytes`` of one of the user's own photo files."""
     return preprocess_bytes(Path(path).read_bytes(), size, limits)
 
 

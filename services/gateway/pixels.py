@@ -30,10 +30,11 @@ ALONE_INLINE_MAX_BYTES = 256 * 1024
 ALONE_INLINE_MAX_PIXELS = 2_000_000
 
 
-def opened_on_the_loop(photo: bytes, limits: Limits, alone: bool = False) -> Image.Image | None:
-    """The photo opened (``open_image``: header only, limits checked) when it is small enough in bytes to open on the
-    event loop (larger when its request is ``alone``); None when the pool opens it. Raises ``InvalidImage``."""
-    return open_image(photo, limits) if len(photo) <= (ALONE_INLINE_MAX_BYTES if alone else INLINE_MAX_BYTES) \
+def opened_on_the_loop(photo: bytes, limits: Limits, size: int, alone: bool = False) -> Image.Image | None:
+    """The photo opened (``open_image``: header only, limits checked for a decode to ``size``) when it is small
+    enough in bytes to open on the event loop (larger when its request is ``alone``); None when the pool opens it.
+    Raises ``InvalidImage``."""
+    return open_image(photo, limits, size) if len(photo) <= (ALONE_INLINE_MAX_BYTES if alone else INLINE_MAX_BYTES) \
         else None
 
 
@@ -54,7 +55,7 @@ class Preprocessor:
         start = time.perf_counter()
         try:
             alone = self.alone()
-            opened = opened_on_the_loop(photo, self.limits, alone)
+            opened = opened_on_the_loop(photo, self.limits, size, alone)
             if cheap_to_decode(opened, alone):
                 pixels = preprocess_opened(opened, size)
             else:
