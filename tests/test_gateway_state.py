@@ -352,6 +352,30 @@ def test_two_replicas_changing_the_routing_at_once_audit_the_table_each_replaced
     assert stored == later["new"]
 
 
+def test_a_change_stored_after_redis_lost_its_data_is_newer_than_every_table_seen(redis_server):
+    """A change made before a replica wrote back the table Redis lost (its next refresh) takes a generation above
+    the one replicas had seen: theirs would otherwise be the newer one, and written back over it."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from services.gateway.routing import Router, RoutingTable
+
+    async def scenario():
+        client = aioredis.from_url(redis_server.url)
+        router = Router(client, MODEL)
+        router.available = {1, 2}
+        for _ in range(3):
+            await router.set_table(RoutingTable.from_json({"weights": {"1": 100}}), "setup")
+        await client.flushdb()  # the restart without data
+        await router.set_table(RoutingTable.from_json({"weights": {"2": 100}}), "alice")
+        generation = int(await client.get(keys.routing_generation(MODEL)))
+        await client.aclose()
+        return generation
+
+    assert asyncio.run(scenario()) == 4
+
+
 def test_a_routing_change_made_against_an_older_generation_is_refused_with_409(gateway):
     """GET /v1/admin/routing names the stored table's generation; a PUT with ?expected_generation= is applied only
     while the table is still that generation, so that a read-modify-write never undoes a change made meanwhile."""
@@ -457,19 +481,47 @@ def test_a_supervised_loop_backs_off_reports_stale_and_recovers():
 
 
 # ---------------------------------------------------------------------------------------------- Redis restart
-def test_gateway_keeps_the_last_table_when_a_redis_restart_erases_it(gateway, redis_server):
-    """The test's Redis has no persistence: its restart is the loss a misconfigured deployment would suffer."""
+def stored_routing(client) -> tuple[dict | None, int]:
+    raw, generation = client.mget(keys.routing(MODEL), keys.routing_generation(MODEL))
+    return (json.loads(raw) if raw else None), int(generation or 0)
+
+
+def test_gateway_writes_back_the_table_a_redis_restart_erased(gateway, redis_server):
+    """The test's Redis has no persistence: its restart is the loss a misconfigured deployment would suffer. The
+    gateway keeps routing by the table it knew and writes it back, with its generation and an audit entry."""
     assert gateway.request("PUT", "/v1/admin/routing", {"weights": {"1": 100}, "shadow": None}, token=ADMIN)[0] == 200
     assert routed_version(gateway) == 1 and gateway.metric("mushroom_gateway_routing_table_lost") == 0
+    _, generation = stored_routing(redis.Redis.from_url(redis_server.url))
     redis_server.stop()
     redis_server.start()
-    wait_until(lambda: gateway.metric("mushroom_gateway_routing_table_lost") == 1, timeout=15,
-               what="the loss to show in the metric")
+    client = redis.Redis.from_url(redis_server.url)
+    wait_until(lambda: stored_routing(client)[0] is not None, timeout=15, what="the table written back")
+    assert stored_routing(client) == ({"weights": {"1": 100.0}, "shadow": None}, generation)
     assert gateway.metric("mushroom_gateway_routing_table_losses_total") == 1
+    assert gateway.metric("mushroom_gateway_routing_table_lost") == 0
     assert [routed_version(gateway) for _ in range(5)] == [1] * 5  # not the newest version (2)
-    assert "gone from Redis" in gateway.log.read_text()
+    assert "is gone from Redis" in gateway.log.read_text()
+    entry = gateway.request("GET", "/v1/admin/audit", token=ADMIN)[1]["entries"][0]
+    assert entry["who"] == "gateway" and "gone from Redis" in entry["restored"]
     assert gateway.request("PUT", "/v1/admin/routing", {"weights": {"2": 100}, "shadow": None}, token=ADMIN)[0] == 200
-    assert gateway.metric("mushroom_gateway_routing_table_lost") == 0 and routed_version(gateway) == 2
+    assert routed_version(gateway) == 2 and stored_routing(client)[1] == generation + 1
+
+
+def test_a_table_that_redis_brings_back_older_is_not_followed_but_written_over(gateway, redis_server):
+    """A Redis restarted from data older than its last change (an append-only file fsynced every second, a replica
+    promoted before it caught up) holds the table from before that change, at a lower generation: a gateway that
+    followed it would undo an operator's change (a rollback back onto a bad version). It writes its table back."""
+    client = redis.Redis.from_url(redis_server.url)
+    assert gateway.request("PUT", "/v1/admin/routing", {"weights": {"1": 100}, "shadow": None}, token=ADMIN)[0] == 200
+    before = stored_routing(client)
+    assert gateway.request("PUT", "/v1/admin/routing", {"weights": {"2": 100}, "shadow": None}, token=ADMIN)[0] == 200
+    after = stored_routing(client)
+    assert routed_version(gateway) == 2
+    client.mset({keys.routing(MODEL): json.dumps(before[0]), keys.routing_generation(MODEL): before[1]})
+    wait_until(lambda: stored_routing(client) == after, timeout=15, what="the newer table written back")
+    assert [routed_version(gateway) for _ in range(5)] == [2] * 5
+    assert gateway.metric("mushroom_gateway_routing_table_losses_total") == 1
+    assert f"back at generation {before[1]} in Redis, from {after[1]}" in gateway.log.read_text()
 
 
 def test_operator_state_survives_a_restart_of_redis_run_as_the_stack_runs_it():

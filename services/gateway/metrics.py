@@ -83,10 +83,11 @@ SHADOW = Counter("mushroom_gateway_shadow", "Shadow requests by agreement with t
                  registry=REGISTRY)
 FEEDBACK_ACCURACY = Gauge("mushroom_gateway_feedback_accuracy", "Accuracy from user feedback per version",
                           ["model_version"], registry=REGISTRY)
-ROUTING_TABLE_LOST = Gauge("mushroom_gateway_routing_table_lost", "1 while the routing table this gateway had seen is "
-                           "missing from Redis (the last known table is followed)", registry=REGISTRY)
-ROUTING_TABLE_LOSSES = Counter("mushroom_gateway_routing_table_losses", "Times the routing table vanished from Redis "
-                               "after this gateway had seen it", registry=REGISTRY)
+ROUTING_TABLE_LOST = Gauge("mushroom_gateway_routing_table_lost", "1 while Redis has lost the routing table this "
+                           "gateway follows and refuses to have it written back", registry=REGISTRY)
+ROUTING_TABLE_LOSSES = Counter("mushroom_gateway_routing_table_losses", "Times Redis lost the routing table this "
+                               "gateway had seen (gone, or back at a lower generation); each is written back",
+                               registry=REGISTRY)
 PHOTO_STORE_FAILURES = Counter("mushroom_gateway_photo_store_failures", "Photo store operations that failed on the "
                                "file system (--photo-store: keep a classified photo, record a correction)",
                                ["operation"], registry=REGISTRY)

@@ -44,7 +44,8 @@ UPDATE_SHAPE = ('a routing update is {"weights": {"<version or label>": <weight>
 # KEYS: routing, routing_generation, audit, rollout lease, routing_writer; ARGV: the new table (JSON), the audit entry
 # (a JSON object without "old": the stored table, as a JSON string when what is stored is not JSON), the empty table
 # (JSON, "old" when none is stored), the expected generation or '' for
-# any, the audit's last index, the lease token the change is sent under or '' for none, the writer (JSON). Once stored:
+# any, the audit's last index, the lease token the change is sent under or '' for none, the writer (JSON), the highest
+# generation the writing replica has seen (the new one is above it, and above the stored one). Once stored:
 # {1, new generation, the audit entry (JSON) with "old", and "rollout" when a change without a token replaces the
 # table the lease holder wrote for a rollout}. Nothing written: {0, stored generation} when ARGV[4] names another
 # generation, {-1, lease holder or ''} when ARGV[6] is not the token the lease key holds.
@@ -66,10 +67,24 @@ end
 entry = entry .. '}'
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[5], ARGV[7])
+if generation < tonumber(ARGV[8]) then redis.call('SET', KEYS[2], ARGV[8]) end
 generation = redis.call('INCR', KEYS[2])
 redis.call('LPUSH', KEYS[3], entry)
 redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[5]))
 return {1, generation, entry}
+"""
+
+# KEYS: routing, routing_generation, routing_writer, audit; ARGV: the table (JSON), its generation, its writer (JSON,
+# or '' when unknown), the audit entry (JSON), the audit's last index. Writes the table back with its generation when
+# the stored generation is lower (1); 0 when it is not: another replica restored it first, or a change came since.
+RESTORE_TABLE_LUA = """
+if tonumber(redis.call('GET', KEYS[2]) or '0') >= tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2])
+if ARGV[3] ~= '' then redis.call('SET', KEYS[3], ARGV[3]) else redis.call('DEL', KEYS[3]) end
+redis.call('LPUSH', KEYS[4], ARGV[4])
+redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[5]))
+return 1
 """
 
 
@@ -266,6 +281,7 @@ class Router:
         self.stored_generation = 0  # the generation (keys.routing_generation) of ``table`` as last read or written
         self.stored_writer: dict | None = None  # who wrote ``table`` (keys.routing_writer), None when unknown
         self._set_table_script = None  # registered at the first change
+        self._restore_script = None  # registered at the first loss
 
     def _stored_table_seen(self) -> None:
         self.seen_stored_table = True
@@ -299,23 +315,22 @@ class Router:
 
     async def refresh(self) -> None:
         """Re-read the table from Redis (about twice a second); the caller keeps the last table when Redis is down.
-        A table that vanishes after this replica has seen one stored (a Redis restart without persistence, a flush)
-        is not taken as "no routing": the last known table stays, logged and flagged by the
-        mushroom_gateway_routing_table_lost metrics until an operator stores a table again. Clearing the table is a
-        stored empty table, never a missing key. Labels new to this replica are resolved at once rather than at the
-        next label refresh. A read that was in flight while ``set_table`` stored a table is dropped: it may hold the
-        table from before the change."""
+        Labels new to this replica are resolved at once rather than at the next label refresh. A read that was in
+        flight while ``set_table`` stored a table is dropped: it may hold the table from before the change.
+
+        Generations only grow, so a table that vanishes after this replica has seen one stored (a Redis restarted
+        without its data, a flush), or comes back at a lower generation than this replica has seen (a Redis restarted
+        from older data: an append-only file that had not synced its last second, a replica promoted before it
+        caught up), is a loss, not a change: the last known table stays and is written back (``_restore``).
+        Clearing the table is a stored empty table, never a missing key."""
         generation = self.table_generation
         raw, stored_generation, writer = await self.redis.mget(self.key, self.generation_key, self.writer_key)
         if generation != self.table_generation:
             return
-        if raw is None and self.seen_stored_table:
-            if not self.table_lost:
-                self.table_lost = True
-                metrics.ROUTING_TABLE_LOSSES.inc()
-                metrics.ROUTING_TABLE_LOST.set(1)
-                log.error("the routing table %s is gone from Redis (restarted without its data?): keeping the last "
-                          "known table %s; store a table again to clear this", self.key, self.table.to_json())
+        stored_generation = int(stored_generation or 0)
+        if self.seen_stored_table and (raw is None or stored_generation < self.stored_generation):
+            await self._restore("gone from Redis" if raw is None else
+                                f"back at generation {stored_generation} in Redis, from {self.stored_generation}")
             return
         try:
             stored = json.loads(raw) if raw else None
@@ -324,12 +339,36 @@ class Router:
             raise RoutingError(f"what {self.key} or {self.writer_key} holds is not JSON ({exc}): keeping the last "
                                "known table; store a table to replace it") from None
         self.table = RoutingTable.from_json(stored) if raw else RoutingTable()
-        self.stored_generation = int(stored_generation or 0)
+        self.stored_generation = stored_generation
         self.stored_writer = writer
         if raw is not None:
             self._stored_table_seen()
         if self.labels is not None and self.table.labels() - self.labels.asked:
             await self.refresh_labels()
+
+    async def _restore(self, what: str) -> None:
+        """Redis lost the table this replica follows (``what`` says how): flagged by the
+        mushroom_gateway_routing_table_lost metrics, then written back with its generation and writer and an audit
+        entry, unless another replica restored it first or a change came since (RESTORE_TABLE_LUA; the next refresh
+        reads theirs). Should Redis refuse the write, the last known table is still followed, flagged until a table
+        is stored."""
+        if not self.table_lost:
+            self.table_lost = True
+            metrics.ROUTING_TABLE_LOSSES.inc()
+            metrics.ROUTING_TABLE_LOST.set(1)
+            log.error("the routing table %s is %s (restarted without its latest data?): following the last known "
+                      "table %s and writing it back", self.key, what, self.table.to_json())
+        if self._restore_script is None:
+            self._restore_script = self.redis.register_script(RESTORE_TABLE_LUA)
+        table = self.table.to_json()
+        entry = _audit_entry("gateway", None, restored=f"the table was {what}", new=table)
+        restored = await self._restore_script(
+            keys=[self.key, self.generation_key, self.writer_key, self.audit_key],
+            args=[json.dumps(table), self.stored_generation, json.dumps(self.stored_writer) if self.stored_writer
+                  else "", json.dumps(entry), AUDIT_ENTRIES - 1])
+        if restored:
+            log.info("routing table %s written back at generation %d", self.key, self.stored_generation)
+            self._stored_table_seen()
 
     async def refresh_labels(self) -> None:
         """Ask the model server where each label of the table points now (about once a second)."""
@@ -449,7 +488,7 @@ class Router:
             keys=[self.key, self.generation_key, self.audit_key, keys.rollout_lease(self.model_name), self.writer_key],
             args=[json.dumps(new), json.dumps(entry), json.dumps(RoutingTable().to_json()),
                   "" if expected_generation is None else str(expected_generation), AUDIT_ENTRIES - 1, lease or "",
-                  json.dumps(writer)])
+                  json.dumps(writer), self.stored_generation])
         if answer[0] == -1:
             holder = answer[1].decode() if isinstance(answer[1], bytes) else answer[1]
             raise LeaseNotHeld(lease, holder)
