@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import io
+import socket
 import threading
 import time
 
@@ -81,3 +82,53 @@ def drawn_jpeg(seed: int, height: int = 96, width: int = 128) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "JPEG", quality=85)
     return buffer.getvalue()
+
+
+class BlackholingProxy:
+    """A TCP proxy to ``127.0.0.1:upstream_port`` whose ``blackhole()`` silently drops every byte of the connections
+    open then, both ways, and keeps them open: a peer gone without a reset (a pod replaced behind its Service, a NAT
+    or load balancer that dropped the flow). Connections made afterwards reach the upstream again."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.open: list[dict] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            connection = {"dropping": False, "sockets": (client, upstream)}
+            with self._lock:
+                self.open.append(connection)
+            for source, target in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, target, connection), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, target: socket.socket, connection: dict) -> None:
+        try:
+            while data := source.recv(65536):
+                if not connection["dropping"]:
+                    target.sendall(data)
+        except OSError:
+            pass
+
+    def blackhole(self) -> int:
+        """Drop the traffic of every connection open now; how many there are."""
+        with self._lock:
+            for connection in self.open:
+                connection["dropping"] = True
+            return len(self.open)
+
+    def close(self) -> None:
+        self.listener.close()
+        with self._lock:
+            for connection in self.open:
+                for sock in connection["sockets"]:
+                    sock.close()

@@ -810,3 +810,29 @@ def test_admin_cli_clears_the_table_and_refuses_all_zero_weights(stack):
     cleared = admin("clear")
     assert cleared.returncode == 0, cleared.stderr
     assert gateway.request("GET", "/v1/admin/routing", token=TOKEN)[1]["weights"] == {}
+
+
+def test_a_model_server_connection_that_goes_silent_is_replaced_within_seconds(stack):
+    """The gateway's connection to the model server goes silent without a reset (the pod behind a Service replaced,
+    a NAT or load balancer that dropped the flow), while a new connection would reach a model server. Calls on the
+    silent one waited for their deadline, every one of them, as long as TCP kept it: here forever. A ping left
+    unanswered now closes it within seconds; the call under way then is retried on a new connection and answered."""
+    from services.gateway.upstream import KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS
+    from tests.support import BlackholingProxy
+
+    server = stack["server"]
+    proxy = BlackholingProxy(int(server.grpc_target.rsplit(":", 1)[1]))
+    gateway = GatewayProcess(f"127.0.0.1:{proxy.port}", stack["redis"].url,
+                             f"--model-base-path={stack['registry'] / MODEL}", env=GATEWAY_ENV)
+    try:
+        photo = FRESH[40].read_bytes()
+        assert gateway.classify(distinct_miss(photo, b"silent", 0), "version=1")[0] == 200
+        assert proxy.blackhole() >= 1
+        started_at = time.monotonic()
+        status, body, _ = gateway.classify(distinct_miss(photo, b"silent", 1), "version=1", timeout=60)
+        assert status == 200, body
+        assert time.monotonic() - started_at < (KEEPALIVE_MS + KEEPALIVE_TIMEOUT_MS) / 1000 + 5
+        assert [gateway.classify(distinct_miss(photo, b"silent", 2 + i), "version=1")[0] for i in range(3)] == [200] * 3
+    finally:
+        gateway.stop()
+        proxy.close()

@@ -116,6 +116,17 @@ def _array(tensor: tensor_pb2.TensorProto) -> np.ndarray:
     return np.array(values, dtype).reshape(shape)
 
 
+# While calls are under way, a connection that has received nothing for KEEPALIVE_MS is pinged, and any ping (gRPC's
+# flow control pings too) left unanswered for KEEPALIVE_TIMEOUT_MS closes it: the calls on it fail UNAVAILABLE and
+# are retried on a new connection. A peer gone without a reset (a pod replaced behind its Service, a NAT or load
+# balancer that dropped the flow) otherwise leaves every call waiting for its deadline for as long as TCP keeps the
+# connection: minutes, or forever through a proxy that still holds it. Idle connections are not pinged: TF
+# Serving's gRPC (the C++ defaults) takes pings without calls as abuse and closes the connection (GOAWAY
+# too_many_pings).
+KEEPALIVE_MS = 10_000
+KEEPALIVE_TIMEOUT_MS = 5_000
+
+
 def _channel(target: str) -> grpc.aio.Channel:
     """A channel to every address ``target`` resolves to, calls spread over them in turn (round_robin): behind a
     headless Kubernetes Service (``dns:///<service>:8500``, one address per model server pod) or a static
@@ -126,6 +137,10 @@ def _channel(target: str) -> grpc.aio.Channel:
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000),
         ("grpc.lb_policy_name", "round_robin"),
+        ("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        # a keepalive ping waits behind an unanswered flow control ping, which gRPC gives a minute; and gRPC sends no
+        # ping at all after two unanswered ones
+        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS), ("grpc.http2.max_pings_without_data", 0),
     ])
 
 
