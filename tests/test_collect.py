@@ -381,6 +381,9 @@ def test_a_correction_joins_the_folder_its_label_came_from_when_that_name_is_not
     (store / "corrected" / sha).write_bytes(photo)
     (store / "corrections.jsonl").write_text(json.dumps({"sha256": sha, "true_label": "boletus_edulis_été",
                                                          "version": 1, "request_id": "r1", "corrected_at": 1}) + "\n")
+    elsewhere = tmp_path / "collected"  # OUT a folder of its own: named as the data's, so that copies merge
+    assert [r["sha256"] for r in collect(store, data, elsewhere).collected] == [sha]
+    assert (elsewhere / folders["boletus_edulis_été"] / f"{sha}.jpg").read_bytes() == photo
     assert [r["sha256"] for r in collect(store, data, data).collected] == [sha]
     assert (data / folders["boletus_edulis_été"] / f"{sha}.jpg").read_bytes() == photo
     assert sorted(p.name for p in data.iterdir() if p.is_dir()) == sorted(folders.values())

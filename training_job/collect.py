@@ -5,8 +5,8 @@ For each photo in ``STORE/corrections.jsonl`` (the last correction of a photo wi
 left out): the photo must still be in the store, decode under the preprocessing contract (prepare.inspect_file),
 carry a label that is a class of the existing data, and be neither byte-identical (sha256) nor a near duplicate
 (perceptual hash within ``near_duplicate_distance``, prepare's rule) of an existing photo, of a photo collected
-before, or of another new one. Kept photos go to ``OUT/<label>/<sha256>.<ext>`` (into the folder OUT already has
-for the label, whose name may be spelled otherwise: prepare.class_label); ``OUT/provenance.csv`` gets one row
+before, or of another new one. Kept photos go to ``OUT/<class folder>/<sha256>.<ext>``: the folder OUT has for the
+label, else one named as the data's (a folder's name may spell its label otherwise: prepare.class_label); ``OUT/provenance.csv`` gets one row
 per photo: which answer (request id), which version and model (its identity: a version number can be given again
 to another model), when it was answered and corrected. ``OUT`` may be the data
 folder itself (then the next ``run`` trains on old + new photos) or a folder of its own.
@@ -140,7 +140,9 @@ def collect(store: str | Path, data: str | Path, out: str | Path, min_side: int 
             drop("near_duplicate", f"looks like {pool[twin].path} (perceptual-hash distance "
                  f"{int(np.bitwise_count(np.uint64(pool[twin].phash) ^ np.uint64(item.phash)))})")
             continue
-        target = out_folders.get(label, out / label) / f"{item.sha256}.{EXTENSIONS.get(item.image_format, 'img')}"
+        # a folder OUT has for the label, else one named as the data's (a copy of OUT into the data then merges)
+        folder = out_folders.get(label, out / found.folders[label].name)
+        target = folder / f"{item.sha256}.{EXTENSIONS.get(item.image_format, 'img')}"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(photo, target)
         item.path = target
