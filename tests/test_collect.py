@@ -379,7 +379,8 @@ def test_a_correction_joins_the_folder_its_label_came_from_when_that_name_is_not
     photo = PHOTOS[LABELS[0]][30].read_bytes()
     sha = hashlib.sha256(photo).hexdigest()
     (store / "corrected" / sha).write_bytes(photo)
-    (store / "corrections.jsonl").write_text(json.dumps({"sha256": sha, "true_label": "boletus_edulis_été",
+    # corrected by the answer of a model trained before labels were NFC, which named the class as its folder (NFD)
+    (store / "corrections.jsonl").write_text(json.dumps({"sha256": sha, "true_label": folders["boletus_edulis_été"],
                                                          "version": 1, "request_id": "r1", "corrected_at": 1}) + "\n")
     elsewhere = tmp_path / "collected"  # OUT a folder of its own: named as the data's, so that copies merge
     assert [r["sha256"] for r in collect(store, data, elsewhere).collected] == [sha]

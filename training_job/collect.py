@@ -17,6 +17,7 @@ import csv
 import json
 import shutil
 import time
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,7 +117,8 @@ def collect(store: str | Path, data: str | Path, out: str | Path, min_side: int 
     hashes = np.array([i.phash for i in existing], dtype=np.uint64)
     rows = []
     for sha, record in sorted(corrections.items()):
-        label = record["true_label"]
+        # NFC, as labels are: a model trained before they were may name a class in NFD (a Mac's folder name)
+        label = unicodedata.normalize("NFC", record["true_label"])
 
         def drop(reason: str, detail: str) -> None:
             report.dropped.append({"sha256": sha, "label": label, "reason": reason, "detail": detail})
