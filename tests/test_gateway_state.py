@@ -503,6 +503,10 @@ def test_gateway_writes_back_the_table_a_redis_restart_erased(gateway, redis_ser
     assert "is gone from Redis" in gateway.log.read_text()
     entry = gateway.request("GET", "/v1/admin/audit", token=ADMIN)[1]["entries"][0]
     assert entry["who"] == "gateway" and "gone from Redis" in entry["restored"]
+    assert (entry["old"], entry["new"]) == ({"weights": {}, "shadow": None}, {"weights": {"1": 100.0}, "shadow": None})
+    shown = subprocess.run([sys.executable, "-m", "services.gateway.operator_cli", "--url", gateway.url, "--token",
+                            ADMIN, "audit"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "gateway: {} -> {'1': 100.0}" in shown.stdout, shown.stderr
     assert gateway.request("PUT", "/v1/admin/routing", {"weights": {"2": 100}, "shadow": None}, token=ADMIN)[0] == 200
     assert routed_version(gateway) == 2 and stored_routing(client)[1] == generation + 1
 
@@ -522,6 +526,8 @@ def test_a_table_that_redis_brings_back_older_is_not_followed_but_written_over(g
     assert [routed_version(gateway) for _ in range(5)] == [2] * 5
     assert gateway.metric("mushroom_gateway_routing_table_losses_total") == 1
     assert f"back at generation {before[1]} in Redis, from {after[1]}" in gateway.log.read_text()
+    entry = gateway.request("GET", "/v1/admin/audit", token=ADMIN)[1]["entries"][0]
+    assert (entry["who"], entry["old"], entry["new"]) == ("gateway", before[0], after[0])
 
 
 def test_operator_state_survives_a_restart_of_redis_run_as_the_stack_runs_it():

@@ -329,8 +329,12 @@ class Router:
             return
         stored_generation = int(stored_generation or 0)
         if self.seen_stored_table and (raw is None or stored_generation < self.stored_generation):
-            await self._restore("gone from Redis" if raw is None else
-                                f"back at generation {stored_generation} in Redis, from {self.stored_generation}")
+            if raw is None:
+                await self._restore("gone from Redis", RoutingTable().to_json())
+            else:
+                older = _audit_entry_read(raw)  # a table is a JSON object; anything else is kept as its text
+                await self._restore(f"back at generation {stored_generation} in Redis, from {self.stored_generation}",
+                                    older.get("unreadable", older))
             return
         try:
             stored = json.loads(raw) if raw else None
@@ -346,12 +350,12 @@ class Router:
         if self.labels is not None and self.table.labels() - self.labels.asked:
             await self.refresh_labels()
 
-    async def _restore(self, what: str) -> None:
-        """Redis lost the table this replica follows (``what`` says how): flagged by the
-        mushroom_gateway_routing_table_lost metrics, then written back with its generation and writer and an audit
-        entry, unless another replica restored it first or a change came since (RESTORE_TABLE_LUA; the next refresh
-        reads theirs). Should Redis refuse the write, the last known table is still followed, flagged until a table
-        is stored."""
+    async def _restore(self, what: str, old) -> None:
+        """Redis lost the table this replica follows (``what`` says how; ``old`` is what it holds instead, as an
+        audit entry's "old" is): flagged by the mushroom_gateway_routing_table_lost metrics, then written back with
+        its generation and writer and an audit entry, unless another replica restored it first or a change came
+        since (RESTORE_TABLE_LUA; the next refresh reads theirs). Should Redis refuse the write, the last known table
+        is still followed, flagged until a table is stored."""
         if not self.table_lost:
             self.table_lost = True
             metrics.ROUTING_TABLE_LOSSES.inc()
@@ -361,7 +365,7 @@ class Router:
         if self._restore_script is None:
             self._restore_script = self.redis.register_script(RESTORE_TABLE_LUA)
         table = self.table.to_json()
-        entry = _audit_entry("gateway", None, restored=f"the table was {what}", new=table)
+        entry = _audit_entry("gateway", None, restored=f"the table was {what}", old=old, new=table)
         restored = await self._restore_script(
             keys=[self.key, self.generation_key, self.writer_key, self.audit_key],
             args=[json.dumps(table), self.stored_generation, json.dumps(self.stored_writer) if self.stored_writer
