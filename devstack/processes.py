@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -109,7 +110,23 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")  # Linux: the ports outgoing connections get
+
+
 def free_port() -> int:
+    """A loopback port nothing listens on, for a server about to start. It is drawn below the kernel's ephemeral
+    range: a port from bind(0) is one the kernel may give, before the server binds it, to the local end of an
+    outgoing connection (any process's: a test's client, another test worker's), and the server then fails with
+    "address already in use". Drawn at random, so that parallel workers rarely draw the same one; checked free."""
+    try:
+        low = int(EPHEMERAL_PORTS.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    if low > 11_000:
+        for _ in range(200):
+            port = random.randint(10_000, low - 1)
+            if port_is_free(port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

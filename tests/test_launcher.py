@@ -33,3 +33,15 @@ def test_the_stack_spells_its_command_lines_as_the_launcher_does(tmp_path):
         8081, 50052, "127.0.0.1:8502", "redis://127.0.0.1:6391/0", "mushrooms",
         f"--model-base-path={(tmp_path / 'mushrooms').resolve()}",
         f"--feedback-secret-file={tmp_path.parent / 'feedback_secret'}")
+
+
+def test_free_ports_are_drawn_where_outgoing_connections_never_land():
+    """A port bind(0) chose could be given to an outgoing connection's local end before the server bound it (a
+    model server of the stack tests failed so, "address already in use", in a CI run): free ports come from below
+    the kernel's ephemeral range, and are free."""
+    from devstack.processes import EPHEMERAL_PORTS, free_port, port_is_free
+
+    low = int(EPHEMERAL_PORTS.read_text().split()[0])
+    ports = [free_port() for _ in range(50)]
+    assert all(10_000 <= port < low and port_is_free(port) for port in ports), ports
+    assert len(set(ports)) > 40  # drawn at random: parallel workers rarely draw the same
