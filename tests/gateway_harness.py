@@ -62,7 +62,11 @@ class GatewayProcess:
                                                                                *extra, env=env)
         self.url = f"http://127.0.0.1:{self.http_port}"
         if wait_ready:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:  # nobody holds this object to stop it: the process would outlive the test
+                self.stop()
+                raise
 
     def wait_ready(self, timeout: float = 30) -> None:
         """Until /readyz answers 200; a refused or reset connection means "not ready yet", an exited gateway fails."""

@@ -299,8 +299,12 @@ def test_a_connection_that_brings_no_request_is_closed_after_the_keepalive_timeo
     gateway = start_gateway(model_server, redis_server, stack_files, "stopping")
     policy = {"tick_seconds": 0.3, "rules": FAST_RULES, "steps": [
         {"name": "full", "weight": 100, "hold_seconds": 1, "min_requests": 10}]}
-    controller = Controller("stopping", redis_server.url, gateway, model_server, stack_files, policy,
-                            extra=("--keepalive-timeout=1",))
+    try:
+        controller = Controller("stopping", redis_server.url, gateway, model_server, stack_files, policy,
+                                extra=("--keepalive-timeout=1",))
+    except BaseException:
+        gateway.stop()
+        raise
     try:
         for sent in (b"", b"GET /healthz HTTP/1.1\r\nHost: c\r\n"):
             with socket.create_connection(("127.0.0.1", controller.port), timeout=20) as connection:
