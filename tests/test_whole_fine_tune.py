@@ -26,13 +26,13 @@ def tiny(tmp_path_factory):
     return rows, config, base, result, work
 
 
-class CrashAfterFirstEpoch:
-    def __new__(cls):
+class CrashAfterEpoch:
+    def __new__(cls, last: int):
         import keras
 
         class Callback(keras.callbacks.Callback):
             def on_epoch_end(self, epoch, logs=None):
-                if epoch == 0:
+                if epoch == last:
                     raise RuntimeError("stopped on purpose")
 
         return Callback()
@@ -56,7 +56,7 @@ def test_stopped_fine_tuning_resumes_and_tunes_only_what_it_should(tiny):
     checkpoint = work / "checkpoint"
     with pytest.raises(RuntimeError, match="on purpose"):
         fine_tune_whole(rows, config, base, result.head, work / "tb", checkpoint,
-                        callbacks=[CrashAfterFirstEpoch()], progress=False)
+                        callbacks=[CrashAfterEpoch(0)], progress=False)
     assert (checkpoint / "run0" / "backup").exists() and (checkpoint / "run0" / "best" / "best.json").exists()
     begun = []
     tuned = fine_tune_whole(rows, config, base, result.head, work / "tb", checkpoint,
@@ -86,18 +86,6 @@ def test_stopped_fine_tuning_resumes_and_tunes_only_what_it_should(tiny):
     for answer, kept in zip(tuned.base(val_pixels), (tuned.split_bottlenecks["validation"].features,
                                                      tuned.split_bottlenecks["validation"].imagenet)):
         np.testing.assert_allclose(answer, kept, rtol=1e-4, atol=1e-4)
-
-
-class CrashAfterEpoch:
-    def __new__(cls, last: int):
-        import keras
-
-        class Callback(keras.callbacks.Callback):
-            def on_epoch_end(self, epoch, logs=None):
-                if epoch == last:
-                    raise RuntimeError("stopped on purpose")
-
-        return Callback()
 
 
 def cut_short(path) -> None:
@@ -422,7 +410,7 @@ def test_a_checkpoint_of_other_classes_is_set_aside_not_restored(tiny, capsys):
     checkpoint = work / "checkpoint-other-classes"
     with pytest.raises(RuntimeError, match="on purpose"):
         fine_tune_whole(rows, config, base, result.head, work / "tb", checkpoint,
-                        callbacks=[CrashAfterFirstEpoch()], progress=False)
+                        callbacks=[CrashAfterEpoch(0)], progress=False)
     dropped = sorted({r.label for r in rows})[-1]
     fewer = [r for r in rows if r.label != dropped]
     three = train_head(fewer, config, work / "tb", "tiny-three", base=base, progress=False,
