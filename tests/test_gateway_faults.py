@@ -836,3 +836,19 @@ def test_a_model_server_connection_that_goes_silent_is_replaced_within_seconds(s
     finally:
         gateway.stop()
         proxy.close()
+
+
+def test_a_grpc_client_that_pings_its_idle_connection_keeps_it(stack):
+    """A client keeping its idle connection alive with a ping every 10 s (grpc-java's shortest keepalive) is not cut
+    off: gRPC's defaults answered its fourth ping with GOAWAY too_many_pings, which the client sees as its
+    connection failing. Four pings take 40 s."""
+    gateway = stack["gateway"]
+    options = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_permit_without_calls", 1),
+               ("grpc.http2.max_pings_without_data", 0)]
+    with grpc.insecure_channel(f"127.0.0.1:{gateway.grpc_port}", options=options) as channel:
+        grpc.channel_ready_future(channel).result(timeout=10)
+        states = []
+        channel.subscribe(states.append, try_to_connect=False)
+        time.sleep(48)
+        channel.unsubscribe(states.append)
+    assert set(states) == {grpc.ChannelConnectivity.READY}, states  # never dropped

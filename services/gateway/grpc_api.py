@@ -220,10 +220,19 @@ class ResponseCounter(grpc.aio.ServerInterceptor):
                                    "request_deserializer": parsing(handler.request_deserializer)})
 
 
+# A client may ping its idle connection to keep it, and the NATs on its way, alive, as often as every 10 s (grpc-java
+# raises a shorter keepalive to 10 s; the gateway's own, to its model server, is 10 s): pings are taken
+# CLIENT_PING_MIN_MS apart, leaving room for the timers' jitter. gRPC's defaults take a ping without calls as abuse
+# and end the connection at the fourth (GOAWAY too_many_pings): the client logs an error and reconnects.
+CLIENT_PING_MIN_MS = 5_000
+
+
 def build_server(classifier: Classifier, router: Router, stats: Stats, host: str, port: int, photo_store=None,
                  closing: asyncio.Event | None = None) -> tuple[grpc.aio.Server, health.HealthServicer]:
     server = grpc.aio.server(interceptors=[ResponseCounter()],
-                             options=[("grpc.max_receive_message_length", 32 * 1024 * 1024)])
+                             options=[("grpc.max_receive_message_length", 32 * 1024 * 1024),
+                                      ("grpc.keepalive_permit_without_calls", 1),
+                                      ("grpc.http2.min_ping_interval_without_data_ms", CLIENT_PING_MIN_MS)])
     pb_grpc.add_ClassifierServicer_to_server(ClassifierService(classifier, router, stats, photo_store, closing),
                                              server)
     health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
