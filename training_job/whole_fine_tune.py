@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from training_job.base_weights import save_weights_whole
 from training_job.bottlenecks import BaseNetwork, Bottlenecks, global_pooling, load_pixels
 from training_job.fine_tune import MOBILENET_BLOCKS, trainable_head
 from training_job.train import Head, TrainConfig, split_rows
@@ -274,16 +275,6 @@ class BestEpoch:
     def restore_best(self, model) -> None:
         if self.weights_file.exists():
             model.load_weights(str(self.weights_file))
-
-
-def save_weights_whole(model, path: Path) -> None:
-    """``model.save_weights(path)`` written beside it, then renamed into place: a process killed meanwhile leaves the
-    file as it was, never cut short."""
-    import os
-
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # Keras wants the name to end in .weights.h5
-    model.save_weights(str(tmp))
-    tmp.replace(path)
 
 
 def resumable_backup(backup: Path) -> bool:
