@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import io
+import select
 import socket
 import threading
 import time
@@ -82,6 +83,25 @@ def drawn_jpeg(seed: int, height: int = 96, width: int = 128) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "JPEG", quality=85)
     return buffer.getvalue()
+
+
+def closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> tuple[float | None, bytes | None]:
+    """(seconds until the server closes or resets ``sock``, None if it is still open after ``seconds``; what the
+    server sent before a close, None after a reset), sending ``trickle`` every 0.2 s meanwhile."""
+    start, received = time.monotonic(), b""
+    while time.monotonic() - start < seconds:
+        try:
+            if trickle:
+                sock.sendall(trickle)
+            readable, _, _ = select.select([sock], [], [], 0.2)
+            if readable:
+                data = sock.recv(65536)
+                if data == b"":
+                    return time.monotonic() - start, received
+                received += data
+        except OSError:  # reset by the server
+            return time.monotonic() - start, None
+    return None, received
 
 
 class BlackholingProxy:

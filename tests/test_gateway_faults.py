@@ -24,7 +24,7 @@ from services.gateway.single_flight import SingleFlight
 from services.gateway.protos import load
 from tests.gateway_harness import GatewayProcess, gateway_stack
 from tests.model_server_harness import MODEL, wait_until
-from tests.support import MUSHROOMS, NOT_MUSHROOMS
+from tests.support import MUSHROOMS, NOT_MUSHROOMS, closed_within
 from training_job.tiny_model import LABELS, publish_tiny_versions, write_tiny_model
 from training_job.paths import PROJECT_ROOT
 from training_job.publish import publish_dir
@@ -505,25 +505,10 @@ def test_a_gateway_near_its_descriptor_limit_says_so_and_serves_again_once_conne
 
 
 # ------------------------------------------------------------------------------------------- 9. slow clients
-def _closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> float | None:
-    """Seconds until the server closes ``sock`` (sending ``trickle`` every 0.2 s meanwhile), None if still open."""
-    start = time.monotonic()
-    while time.monotonic() - start < seconds:
-        try:
-            if trickle:
-                sock.sendall(trickle)
-            readable, _, _ = select.select([sock], [], [], 0.2)
-            if readable and sock.recv(65536) == b"":
-                return time.monotonic() - start
-        except OSError:  # reset by the server
-            return time.monotonic() - start
-    return None
-
-
 def test_a_client_trickling_its_headers_is_closed_within_the_bound(stack):
     with socket.create_connection(("127.0.0.1", stack["gateway"].http_port), timeout=10) as sock:
         sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: gateway\r\n")
-        closed = _closed_within(sock, 8, trickle=b"X")  # one header byte every 0.2 s, never a complete header
+        closed, _ = closed_within(sock, 8, trickle=b"X")  # one header byte every 0.2 s, never a complete header
     assert closed is not None and closed < 5, closed  # --keepalive-timeout 1 s, plus slack for a busy machine
 
 
@@ -534,7 +519,7 @@ def test_an_idle_keepalive_connection_is_closed_within_the_bound(stack):
         while b'"ok"' not in received:
             received += sock.recv(65536)
         assert received.startswith(b"HTTP/1.1 200")
-        closed = _closed_within(sock, 8)
+        closed, _ = closed_within(sock, 8)
     assert closed is not None and closed < 5, closed
 
 
