@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feedback-window", type=int, default=int(env("FEEDBACK_WINDOW_SECONDS", str(7 * 24 * 3600))),
                    help="seconds after an answer that its feedback is accepted (FEEDBACK_WINDOW_SECONDS, default "
                    "7 days)")
+    p.add_argument("--forget-versions-after", type=float,
+                   default=float(env("FORGET_VERSIONS_AFTER_SECONDS", "600")),
+                   help="seconds a version that left the model server (or is routed around) keeps its figures in "
+                   "/v1/admin/status and its series in /metrics, so Prometheus scrapes its last counts; then they "
+                   "are dropped, and a version coming back is counted from zero (FORGET_VERSIONS_AFTER_SECONDS)")
     p.add_argument("--rollout-url", default=env("ROLLOUT_URL", ""),
                    help="the rollout controller's API (services/rollout), shown in the web operator panel through "
                    "/v1/admin/rollout (ROLLOUT_URL; optional)")
@@ -150,7 +155,7 @@ class Gateway:
         self.version_facts = VersionFacts(self.upstream)
         self.stats = Stats(self.redis, args.model_name, tokens_from_config(
             args.feedback_secret_file or None, os.environ.get("FEEDBACK_SECRET"), args.model_name,
-            args.feedback_window), self.version_facts)
+            args.feedback_window), self.version_facts, args.forget_versions_after)
         self.model_info = ModelInfo(args.model_base_path or None)
         self.classifier = Classifier(self.upstream, ResultCache(self.redis, args.cache_ttl), self.router, self.stats,
                                      self.model_info, Limits(args.max_bytes, args.max_pixels),
@@ -199,6 +204,7 @@ class Gateway:
         changed = await self.version_facts.refresh(available, timeout=self.args.health_timeout)  # before routed to
         self.model_info.keep(available - changed)
         self.router.set_available(available, self.version_facts.unusable)
+        self.stats.keep(self.router.available)
         self.upstream_ok = True
 
     async def serve(self) -> None:

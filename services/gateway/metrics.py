@@ -1,4 +1,6 @@
-"""Prometheus metrics of the gateway; every metric label has a small, fixed set of values.
+"""Prometheus metrics of the gateway; every metric label has a small set of values: ``model_version`` the versions
+the gateway routes to now, those that left within ``--forget-versions-after`` (stats.Stats.keep then removes their
+series, ``forget_version``) and "other"; every other label a fixed set.
 
 Words: a *metric label* is a Prometheus label (``model_version="3"``); a *version label* is TF Serving's name for a
 version ("stable"); a *class name* is a column of the model's output ("boletus_edulis")."""
@@ -97,23 +99,47 @@ LOOP_LAST_SUCCESS = Gauge("mushroom_gateway_loop_last_success_timestamp_seconds"
                           "Unix time of a background loop's last successful step", ["loop"], registry=REGISTRY)
 
 
+# The metrics with a ``model_version`` label: a version's series in them go some time after it left (stats.py)
+VERSIONED = (REQUEST_SECONDS, EXPLAIN_SECONDS, UPSTREAM_SECONDS, ROUTE, FEEDBACK_ACCURACY)
+
+
 def version_metric_value(version: int | None, known: set[int]) -> str:
     """The value of a ``model_version`` metric label, of bounded cardinality: only versions the model server reports
     become values; anything else is "other"."""
     return str(version) if version is not None and version in known else "other"
 
 
-_CHILDREN: dict = {}  # (metric, its label values) -> the child; every label has a small, fixed set of values
+_CHILDREN: dict = {}  # (metric, its label values) -> the child, while its series is in the metric
 
 
 def child(metric, **labels: str):
     """``metric.labels(**labels)``, each child looked up once and then taken from a dict (labels() validates the
-    names and takes a lock on every call). Children are never removed from the gateway's metrics."""
+    names and takes a lock on every call) until ``forget_version`` removes its series."""
     key = (metric, *labels.items())
     found = _CHILDREN.get(key)
     if found is None:
         found = _CHILDREN[key] = metric.labels(**labels)
     return found
+
+
+def version_values() -> set[str]:
+    """The ``model_version`` label values of the series of VERSIONED ("other" included)."""
+    values = set()
+    for metric in VERSIONED:
+        at = metric._labelnames.index("model_version")
+        values.update(label_values[at] for label_values in list(metric._metrics))
+    return values
+
+
+def forget_version(value: str) -> None:
+    """Removes every series of VERSIONED whose ``model_version`` is ``value``: its counts are no longer exported,
+    and an observation after this starts a new series from zero (which Prometheus reads as a counter reset)."""
+    for metric in VERSIONED:
+        at = metric._labelnames.index("model_version")
+        for label_values in [v for v in list(metric._metrics) if v[at] == value]:
+            metric.remove(*label_values)
+    for key in [key for key in _CHILDREN if ("model_version", value) in key[1:]]:
+        del _CHILDREN[key]
 
 
 def stage(name: str):

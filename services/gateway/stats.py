@@ -16,6 +16,11 @@ and trained anew) starts with no feedback, and what arrives later for the old mo
 model's. A version's figures show the tally of the model this process knows under its number. Tallies without an
 identity (tokens issued before answers named their model) are moved, once, to the model serving under their number
 when they are first seen; a version this process never learnt shows every model's tally under its number together.
+
+A version's figures and its metric series (metrics.VERSIONED) are kept while it is routed to, and for
+``forget_after`` seconds once it has left (``keep``: a reader sees how it ended, Prometheus scrapes its last counts),
+then dropped: a gateway outlives many versions (a nightly retrain publishes one a night), and what it holds must not
+grow with them. A version that comes back after that is counted from zero. Its feedback stays in Redis.
 """
 from __future__ import annotations
 
@@ -65,6 +70,7 @@ end
 return 1
 """
 UNNAMED = None  # the identity of a tally kept before answers named their model
+FORGET_AFTER_SECONDS = 600.0  # how long a version that left keeps its figures and metric series (``Stats.keep``)
 
 
 def tally_prefix(version: int, identity: str | None) -> str:
@@ -116,7 +122,7 @@ def _added(tallies) -> tuple[int, int]:
 
 class Stats:
     def __init__(self, redis, model_name: str, tokens: FeedbackTokens | None = None,
-                 models: KnownModels | None = None):
+                 models: KnownModels | None = None, forget_after: float = FORGET_AFTER_SECONDS):
         self.redis = redis
         self.model_name = model_name
         self.tokens = tokens or FeedbackTokens.with_random_secret(model_name)
@@ -126,6 +132,9 @@ class Stats:
         self._record_script = None  # registered at the first feedback (no Redis I/O until then)
         self._name_script = None  # registered when a tally without an identity is first seen
         self.versions: dict[int, VersionStats] = {}
+        self.forget_after = forget_after
+        self._routed: set[int] | None = None  # the versions routed to at the last ``keep`` (None: not called yet)
+        self._left: dict[int, float] = {}  # version -> when ``keep`` first found it held but not routed to
         self.instance = {"id": uuid.uuid4().hex, "started": time.time()}  # the process these counts belong to
 
     def _counted(self, version: int) -> VersionStats:
@@ -138,6 +147,26 @@ class Stats:
         if facts is not None:
             s.identity = facts.identity
         return s
+
+    def keep(self, routed: set[int], now: float | None = None) -> list[int]:
+        """Drops the figures and metric series of every version not in ``routed`` (the versions requests go to) for
+        ``forget_after`` seconds, as seen by the calls to this (the version watcher's, every second); returns the
+        versions dropped."""
+        now = time.monotonic() if now is None else now
+        self._routed = set(routed)
+        held = set(self.versions) | {int(v) for v in metrics.version_values() if v.isdigit()}
+        self._left = {version: self._left.get(version, now) for version in held - routed}
+        dropped = sorted(version for version, since in self._left.items() if now - since >= self.forget_after)
+        for version in dropped:
+            self.versions.pop(version, None)
+            metrics.forget_version(str(version))
+            del self._left[version]
+        return dropped
+
+    def _kept(self, version: int) -> bool:
+        """Whether the figures of ``version`` are shown: it is routed to, or it left less than ``forget_after`` ago
+        (every version until ``keep`` is first called)."""
+        return self._routed is None or version in self._routed or version in self._left
 
     def _last_known(self, version: int) -> Facts | None:
         """The model ``self.models`` last knew under ``version`` (None: none, or no ``self.models``)."""
@@ -226,8 +255,11 @@ class Stats:
                                 args=[tally_prefix(version, UNNAMED), tally_prefix(version, identity)])
 
     async def summary(self) -> dict:
-        """Each version's figures, its feedback that of the model known under its number (``feedback_counts``)."""
-        feedback = await self.feedback_counts()
+        """The figures of each version routed to or gone less than ``forget_after`` ago, its feedback that of the model
+        known under its number (``feedback_counts``), and the z-test between the two of them with the most feedback.
+        The feedback of older versions stays in Redis, and out of the summary."""
+        feedback = {version: counts for version, counts in (await self.feedback_counts()).items()
+                    if self._kept(version)}
         versions = {}
         for version in sorted(set(self.versions) | set(feedback)):
             s = self._shown(version)
