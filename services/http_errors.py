@@ -14,9 +14,9 @@ from aiohttp.http_exceptions import PayloadEncodingError
 from multidict import CIMultiDict
 
 AIOHTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
-# aiohttp decodes a body as it arrives (Content-Encoding gzip, deflate, br; chunked transfer) and fails the read with
-# one of these when the bytes are not so encoded: its parser's error (PayloadEncodingError), which it hands the reader
-# as the cause of a RequestPayloadError.
+# aiohttp decodes a chunked transfer as it arrives (Content-Encoding is decoded by services/http_bodies.py) and fails
+# the read with one of these when the bytes are not so framed: its parser's error (PayloadEncodingError), which it
+# hands the reader as the cause of a RequestPayloadError.
 UNDECODABLE = (PayloadEncodingError, web.RequestPayloadError)
 
 

@@ -12,17 +12,23 @@ import io
 import json
 import os
 import signal
+import time
+import zlib
+
+import brotli
 
 import grpc
 import pytest
 from PIL import Image
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from bench.common import cpu_seconds
 from services.gateway.errors import GatewayError
 from services.gateway.grpc_api import ClassifierService
 from services.gateway.protos import load
 from tests.gateway_harness import GatewayProcess, gateway_stack
 from tests.model_server_harness import MODEL, wait_until
+from tests.support import zeros_gzipped
 from training_job.tiny_model import LABELS, publish_tiny_versions
 
 pb, pb_grpc = load()
@@ -268,6 +274,46 @@ def test_a_body_really_gzipped_is_read(gateway):
     reply = gateway.request("POST", "/v1/classify", gzip.compress(jpeg((80, 1, 1))), "image/jpeg",
                             {"Content-Encoding": "gzip"})
     assert reply.status == 200, reply
+
+
+def raw_deflate(data: bytes) -> bytes:
+    encoder = zlib.compressobj(wbits=-15)
+    return encoder.compress(data) + encoder.flush()
+
+
+@pytest.mark.parametrize("encoding, encode", [
+    ("deflate", zlib.compress), ("deflate", raw_deflate), ("br", brotli.compress), ("x-gzip", gzip.compress),
+    ("gzip", lambda data: gzip.compress(data[:100]) + gzip.compress(data[100:]))],  # two members, as `cat` makes
+    ids=["deflate", "raw-deflate", "br", "x-gzip", "gzip-members"])
+def test_a_body_compressed_any_accepted_way_is_read_as_sent_plain(gateway, encoding, encode):
+    photo = jpeg((80, 2, 1))
+    plain = gateway.request("POST", "/v1/classify", photo, "image/jpeg")
+    reply = gateway.request("POST", "/v1/classify", encode(photo), "image/jpeg", {"Content-Encoding": encoding})
+    assert reply.status == 200 and reply.body["predictions"] == plain.body["predictions"], reply
+
+
+def test_a_multipart_body_sent_gzipped_is_read(gateway):
+    body, content_type = multipart(b'Content-Disposition: form-data; name="photo"\r\n\r\n' + jpeg((80, 3, 1)))
+    reply = gateway.request("POST", "/v1/classify", gzip.compress(body), content_type, {"Content-Encoding": "gzip"})
+    assert reply.status == 200, reply
+
+
+@pytest.mark.parametrize("encoding", ["zstd", "compress", "gzip, br"])
+def test_a_content_encoding_not_accepted_is_a_415_naming_the_accepted_ones(gateway, encoding):
+    reply = gateway.request("POST", "/v1/classify", jpeg((80, 4, 1)), "image/jpeg", {"Content-Encoding": encoding})
+    assert_error(reply, 415, "unsupported_encoding")
+    assert reply.headers["Accept-Encoding"] == "gzip, deflate, br"
+
+
+def test_a_compression_bomb_is_decoded_no_further_than_the_limit(gateway):
+    """4 GiB of zeros sent as 4 MB of gzip. aiohttp decoded a body on the event loop, and went on decoding what was
+    left of a refused one to keep the connection: about 3 s of CPU for this one, every other client waiting."""
+    bomb = zeros_gzipped(4096)
+    before = cpu_seconds(gateway.process.pid)
+    assert_error(gateway.request("POST", "/v1/classify", bomb, "image/jpeg", {"Content-Encoding": "gzip"}), 413,
+                 "too_large")
+    time.sleep(2)  # aiohttp reads the rest of a refused body for up to 10 s after the answer ("lingering")
+    assert cpu_seconds(gateway.process.pid) - before < 1.0
 
 
 # ---------------------------------------------------------------------------------- 405 keeps its Allow header

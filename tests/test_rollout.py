@@ -23,7 +23,7 @@ from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from tests.model_server_harness import start_server, stop_server, version_states, wait_until, write_config
 from tests.support import (
-    MUSHROOMS, KeepAliveClients, RedisServer, closed_within, free_port, stop_process, wait_for_port,
+    MUSHROOMS, KeepAliveClients, RedisServer, closed_within, free_port, stop_process, wait_for_port, zeros_gzipped,
 )
 from tests.test_gateway import assert_valid
 from tests.test_gateway_state import Gateway
@@ -97,9 +97,9 @@ class Controller:
             env={**os.environ, "ROLLOUT_GATEWAY_TOKEN": CONTROLLER_TOKEN, "GATEWAY_ADMIN_TOKEN": ""})
         wait_for_port(self.port, timeout=60, process=self.process)
 
-    def request(self, method: str, path: str, token: str = ALICE_TOKEN, body: bytes = b""):
-        req = urllib.request.Request(self.url + path, method=method, headers={"Authorization": f"Bearer {token}"},
-                                     data=body if method == "POST" else None)
+    def request(self, method: str, path: str, token: str = ALICE_TOKEN, body: bytes = b"", headers=None):
+        req = urllib.request.Request(self.url + path, method=method, data=body if method == "POST" else None,
+                                     headers={"Authorization": f"Bearer {token}", **(headers or {})})
         try:
             with urllib.request.urlopen(req, timeout=10) as response:
                 return response.status, json.loads(response.read())
@@ -480,6 +480,9 @@ def test_paused_rollout_stays_put_until_resumed_and_abort_rolls_back(model_serve
         assert controller.request("POST", "/v1/rollout/jump")[0] == 404
         nested = b"[" * 30_000 + b"]" * 30_000  # deeper than Python's JSON parser goes, within the body limit
         assert controller.request("POST", "/v1/rollout/pause", body=nested)[1]["error"]["code"] == "bad_command"
+        for body, encoding, code in ((zeros_gzipped(64), "gzip", "too_large"), (b"{}", "zstd", "unsupported_encoding")):
+            answer = controller.request("POST", "/v1/rollout/pause", body=body, headers={"Content-Encoding": encoding})
+            assert answer[1]["error"]["code"] == code, answer
         assert gateway.request("POST", "/v1/admin/rollout/pause", token="wrong")[0] == 401
         publish(stack_files, "pause", bias=0.0)
         wait_available(model_server, "pause", 2)

@@ -1,7 +1,8 @@
-"""Request bodies read within bounds: bytes are counted as they arrive and reading stops at the limit (413, before
-the rest is read), and a body must arrive within a deadline (408). What cannot be read is a 400: a body that is not
-what its Content-Encoding says (``bad_encoding``), a malformed multipart body (``bad_multipart``), JSON that
-json.loads refuses (``bad_json``; every JSON route reads its body with read_json).
+"""Request bodies read within bounds: bytes are decoded from their Content-Encoding and counted as they arrive, and
+reading stops at the limit (413, before the rest is decoded; services/http_bodies.py), and a body must arrive
+within a deadline (408). A Content-Encoding not accepted is a 415 (``unsupported_encoding``). What cannot be read is
+a 400: a body that is not what its Content-Encoding says (``bad_encoding``), a malformed multipart body
+(``bad_multipart``), JSON that json.loads refuses (``bad_json``; every JSON route reads its body with read_json).
 
 How long a client may take to send a request's headers, and how long an idle keep-alive connection stays open, is
 aiohttp's ``keepalive_timeout`` (set by main.py's --keepalive-timeout): the timer runs from the connection's start
@@ -13,14 +14,16 @@ from __future__ import annotations
 import asyncio
 import json
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
 from aiohttp.http_exceptions import BadHttpMessage
 
 from services.gateway.errors import GatewayError
+from services.http_bodies import BodyRefused, encoded, read_body
 from services.http_errors import UNDECODABLE, undecodable_body
 
 
 CHUNK_BYTES = 64 * 1024
+SMALL_BODY_BYTES = 1024 * 1024  # the largest body of the routes other than classify (feedback, admin, rollout)
 
 
 class BodyTimeout(TimeoutError):
@@ -61,25 +64,20 @@ def _bad_encoding(exc: Exception) -> GatewayError:
     return GatewayError(400, "bad_encoding", undecodable_body(exc))
 
 
-async def read_limited(stream, limit: int, what: str = "the body") -> bytes:
-    """The whole of ``stream`` (a request's content), refused with 413 as soon as more than ``limit`` bytes came."""
-    chunks, size = [], 0
+async def read_limited(request: web.Request, limit: int, what: str = "the body") -> bytes:
+    """The request's whole body decoded, refused with 413 as soon as more than ``limit`` decoded bytes came, 415 for
+    a Content-Encoding not accepted, 400 for a body that does not decode."""
     try:
-        async for chunk in stream.iter_any():
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit, what)
-            chunks.append(chunk)
-    except UNDECODABLE as exc:
-        raise _bad_encoding(exc) from None
-    return b"".join(chunks)
+        return await read_body(request, limit, what)
+    except BodyRefused as exc:
+        raise GatewayError(exc.status, exc.code, str(exc), headers=exc.headers) from None
 
 
 async def read_json(request: web.Request, limit: int):
     """The request's body of at most ``limit`` bytes (413), parsed as JSON: 400 ``bad_json`` for whatever json.loads
     refuses (not JSON, not UTF-8, nested deeper than the recursion limit, an integer of more digits than Python
     converts)."""
-    body = await read_limited(request.content, limit, "the body")
+    body = await read_limited(request, limit, "the body")
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as exc:
@@ -88,9 +86,16 @@ async def read_json(request: web.Request, limit: int):
 
 async def read_form_file(request: web.Request, names: tuple[str, ...], file_limit: int, body_limit: int) -> bytes:
     """The first part of a multipart body named one of ``names``. Every part's bytes count towards ``body_limit``
-    as they arrive (parts before the file included), the file's towards ``file_limit``; 413 past either."""
+    as they arrive (parts before the file included), the file's towards ``file_limit``; 413 past either. A body
+    sent with a Content-Encoding is decoded whole first (``body_limit``), then read as one sent without."""
+    if encoded(request):
+        stream = StreamReader(request.protocol, CHUNK_BYTES, loop=asyncio.get_running_loop())
+        stream.feed_data(await read_limited(request, body_limit, "the multipart body"))
+        stream.feed_eof()
+    else:
+        stream = request.content
     try:
-        reader = await request.multipart()
+        reader = MultipartReader(request.headers, stream)
         size = 0
         while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader):

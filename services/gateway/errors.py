@@ -13,12 +13,14 @@ REDIS_RETRY_AFTER_SECONDS = 2
 
 
 class GatewayError(Exception):
-    def __init__(self, status: int, code: str, message: str, retry_after: int | None = None):
+    def __init__(self, status: int, code: str, message: str, retry_after: int | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.retry_after = retry_after
+        self.headers = headers or {}  # more HTTP headers of the answer
 
     @property
     def grpc_code(self) -> grpc.StatusCode:

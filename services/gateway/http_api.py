@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
 from services.gateway import metrics
-from services.gateway.bodies import body_deadline, read_form_file, read_json, read_limited
+from services.gateway.bodies import SMALL_BODY_BYTES, body_deadline, read_form_file, read_json, read_limited
 from services.gateway.classifier import DEFAULT_TOP_K, Classifier
 from services.gateway.errors import GatewayError, redis_unavailable
 from services.gateway.feedback_intake import take_feedback
@@ -36,11 +36,10 @@ log = logging.getLogger("gateway.http")
 WEB_DIR = Path(__file__).resolve().parent / "web"
 PHOTO_FIELDS = ("photo", "file", "image")  # multipart field names of the photo
 FORM_OVERHEAD_BYTES = 64 * 1024  # what a multipart or JSON body may hold besides the photo
-SMALL_BODY_BYTES = 1024 * 1024  # the largest body of the routes other than classify (feedback, admin)
 
 
 def _error_response(exc: GatewayError) -> web.Response:
-    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+    headers = {**exc.headers, **({"Retry-After": str(exc.retry_after)} if exc.retry_after else {})}
     return web.json_response(exc.body(), status=exc.status, headers=headers)
 
 
@@ -184,8 +183,8 @@ class HttpApi:
         self.closing = closing  # () -> True once the gateway is stopping: answers close their connections
 
     def app(self) -> web.Application:
-        # Bodies are read through bodies.py, which counts their bytes (413) and answers what aiohttp or json.loads
-        # refuse with a 400; client_max_size bounds request.read(), which no route calls.
+        # Bodies are read through bodies.py, which decodes and counts their bytes (413) and answers what does not
+        # decode or parse with a 400; client_max_size bounds request.read(), which no route calls.
         app = web.Application(client_max_size=SMALL_BODY_BYTES,
                               middlewares=[finish_what_was_started, errors_as_json, body_deadline(self.body_timeout)])
         app.on_response_prepare.append(count_response)
@@ -229,7 +228,7 @@ class HttpApi:
         if content_type.startswith("multipart/"):
             return await read_form_file(request, PHOTO_FIELDS, self.max_body, limit), {}
         if content_type != "application/json":
-            body = await read_limited(request.content, limit, "the body")
+            body = await read_limited(request, limit, "the body")
             if body[:1] == b"{" and body.rstrip()[-1:] == b"}":  # a JSON object: no photo format starts so
                 raise GatewayError(400, "not_an_image", f"the body is a JSON object sent as {content_type!r}: send "
                                    "JSON bodies with Content-Type: application/json")

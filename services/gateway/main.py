@@ -221,6 +221,7 @@ class Gateway:
                     asyncio.create_task(self.loops.run("descriptors", DescriptorWatch().check, CHECK_INTERVAL_S))]
         from services.gateway.photo_store import PhotoStore
         from services.gateway.rollout_proxy import RolloutProxy
+        from services.http_bodies import RUNNER_OPTIONS
 
         photo_store = PhotoStore(self.args.photo_store, self.stats.tokens,
                                  self.args.photo_store_max_bytes) if self.args.photo_store else None
@@ -229,7 +230,8 @@ class Gateway:
                                        RolloutProxy(self.args.rollout_url or None), photo_store,
                                        closing=self._closing_connections.is_set).app(),
                                access_log=None, keepalive_timeout=self.args.keepalive_timeout,
-                               shutdown_timeout=self.args.shutdown_grace, handler_cancellation=True)
+                               shutdown_timeout=self.args.shutdown_grace, handler_cancellation=True,
+                               **RUNNER_OPTIONS)
         await runner.setup()
         site = web.TCPSite(runner, self.args.host, self.args.http_port)
         await site.start()

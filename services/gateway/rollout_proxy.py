@@ -15,6 +15,7 @@ import aiohttp
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from services.gateway.bodies import SMALL_BODY_BYTES, read_limited
 from services.gateway.errors import GatewayError
 
 log = logging.getLogger("gateway.rollout_proxy")
@@ -61,7 +62,7 @@ class RolloutProxy:
             self._session = aiohttp.ClientSession()
         path = request.path.replace("/v1/admin/rollout", "/v1/rollout", 1)
         headers = {name: request.headers[name] for name in FORWARDED_HEADERS if name in request.headers}
-        body = await request.read() if request.method == "POST" else None  # bounded by the app's client_max_size
+        body = await read_limited(request, SMALL_BODY_BYTES) if request.method == "POST" else None
         try:
             async with self._session.request(request.method, self.url + path, headers=headers, data=body,
                                              timeout=self.timeout) as response:

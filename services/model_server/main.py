@@ -15,6 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from aiohttp import web
 
 from services import event_loop
+from services.http_bodies import RUNNER_OPTIONS
 from services.http_stop import stop_serving
 from services.model_server.config import (
     BatchingParameters, ConfigError, MonitoringConfig, SslConfig, check_model_config_list, read_model_config,
@@ -439,7 +440,7 @@ class ModelServer:
                            max_concurrent=self.args.rest_api_num_threads,
                            cors=self.args.rest_api_enable_cors_support, closing=self._closing_connections.is_set)
             runner = web.AppRunner(rest.app(), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
-                                   keepalive_timeout=rest.idle_seconds)
+                                   keepalive_timeout=rest.idle_seconds, **RUNNER_OPTIONS)
             await runner.setup()
             site = web.TCPSite(runner, self.args.host, self.args.rest_api_port)
             await site.start()

@@ -17,7 +17,7 @@ from tensorflow.core.example import example_pb2, feature_pb2
 from tensorflow_serving.apis import classification_pb2, regression_pb2
 from tensorflow_serving.apis.get_model_metadata_pb2 import SignatureDefMap
 
-from services.http_errors import UNDECODABLE, undecodable_body
+from services.http_bodies import BodyRefused, read_body
 from services.http_stop import close_connections_when
 from services.model_server import metrics
 from services.model_server.core import PredictionCore
@@ -36,6 +36,8 @@ log = logging.getLogger("model_server.rest")
 # http_rest_api_util.h / .cc: every path matching the handler's regex goes to it; POST paths are parsed with the
 # prediction regex, GET paths with the status regex, all case-insensitively (so the captured verb or subresource
 # keeps the case it was written in). Matched against the path as sent, before percent-decoding.
+MAX_BODY_BYTES = 256 * 1024 * 1024  # a request body, once decoded from its Content-Encoding (413 past it)
+BODY = "decoded_body"  # the request's decoded body, kept on the request by _body
 _HANDLER_PATH = r"(?is:v1/.*)"  # kHTTPRestApiHandlerPathRegex "(?i)/v1/.*", as an aiohttp route after its "/"
 _PREDICTION_PATH = re.compile(r"/v1/models/([^/:]+)(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?"
                               r":(classify|regress|predict)", re.IGNORECASE | re.ASCII)
@@ -71,6 +73,14 @@ def _json(message) -> dict:
     .proto, and fields holding their default value printed too (always_print_fields_with_no_presence)."""
     return json_format.MessageToDict(message, preserving_proto_field_name=True,
                                      always_print_fields_with_no_presence=True)
+
+
+async def _body(request: web.Request) -> bytes:
+    """The request's body decoded from its Content-Encoding (http_bodies.read_body, at most MAX_BODY_BYTES once
+    decoded), read once and kept on the request."""
+    if BODY not in request:
+        request[BODY] = await read_body(request, MAX_BODY_BYTES)
+    return request[BODY]
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -176,7 +186,7 @@ class RestApi:
         middlewares = ([self._cors] if self.cors else []) + [self._errors_as_json]
         if self.max_concurrent > 0:
             middlewares.append(self._limit_concurrency(asyncio.Semaphore(self.max_concurrent)))
-        app = web.Application(client_max_size=256 * 1024 * 1024, middlewares=middlewares)
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
         app.on_response_prepare.append(close_connections_when(self.closing))
         app.on_cleanup.append(self._close)
         if self.monitoring_path:
@@ -206,8 +216,10 @@ class RestApi:
             if exc.status < 400 or exc.content_type == "application/json":
                 raise
             return _error(exc.status, exc.text or exc.reason)
-        except UNDECODABLE as exc:
-            return _error(400, undecodable_body(exc))
+        except BodyRefused as exc:  # over MAX_BODY_BYTES once decoded, an encoding not accepted, or undecodable
+            answer = _error(exc.status, str(exc))
+            answer.headers.update(exc.headers)
+            return answer
         except Exception:  # noqa: BLE001 - a bug: answered as every other error is
             log.exception("%s %s failed", request.method, request.path)
             return _error(500, "the model server failed on this request (a bug, logged)")
@@ -220,7 +232,7 @@ class RestApi:
         async def limit(request: web.Request, handler):
             if request.body_exists:
                 try:
-                    await asyncio.wait_for(request.read(), self.timeout)  # kept by aiohttp for the handler's read
+                    await asyncio.wait_for(_body(request), self.timeout)  # kept for the handler
                 except asyncio.TimeoutError:
                     return _error(408, f"the request body did not arrive within {self.timeout:g} s")
             async with slots:
@@ -280,7 +292,7 @@ class RestApi:
                                   ) -> web.Response:
         """TF Serving's JSON: {"signature_name", "context", "examples": [{feature: value(s)}]} ->
         {"results": [[[label, score], ...], ...]} (classify) or {"results": [value, ...]} (regress)."""
-        raw = await request.read()
+        raw = await _body(request)
         proto = await self.json_worker.run(examples_request_from_json, len(raw), raw, method)
         proto.model_spec.name = name
         if version is not None:
@@ -302,7 +314,7 @@ class RestApi:
         """http_rest_api_handler.cc ProcessPredictRequest: json_tensor.cc FillPredictRequestFromJson, in its order
         (the body, its signature name, the signature's inputs, then "instances" or "inputs"), the model run, then
         MakeJsonFromTensors."""
-        raw = await request.read()
+        raw = await _body(request)
         try:
             servable, unresolved = self.core.manager.resolve(name, version, label), None
         except ServingError as exc:  # said once the body is known to parse, as TF Serving says it

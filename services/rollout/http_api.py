@@ -13,12 +13,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
 from services.gateway.operators import OperatorTokens
+from services.http_bodies import BodyRefused, read_body
 from services.http_errors import error_response, with_json_errors
 from services.http_stop import close_connections_when
 from services.rollout import metrics
 from services.rollout.controller import COMMANDS, Controller
 
 log = logging.getLogger("rollout.http")
+COMMAND_BYTES = 64 * 1024  # the largest body of a command, once decoded
 
 
 def _error(status: int, code: str, message: str, **headers) -> web.Response:
@@ -32,7 +34,7 @@ class RolloutApi:
         self.closing = closing  # () -> True once the controller is stopping: answers close their connections
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024, middlewares=[self._errors])
+        app = web.Application(client_max_size=COMMAND_BYTES, middlewares=[self._errors])
         app.on_response_prepare.append(close_connections_when(self.closing))
         app.router.add_get("/v1/rollout", self.status)
         app.router.add_post("/v1/rollout/{action}", self.command)
@@ -74,7 +76,10 @@ class RolloutApi:
         action = request.match_info["action"]
         if action not in COMMANDS:
             return _error(404, "not_found", f"unknown rollout command {action!r} (known: {', '.join(COMMANDS)})")
-        body = await request.read()
+        try:
+            body = await read_body(request, COMMAND_BYTES)
+        except BodyRefused as exc:
+            return _error(exc.status, exc.code, str(exc), **exc.headers)
         try:
             options = json.loads(body) if body.strip() else {}
         except (ValueError, RecursionError):  # RecursionError: nested too deeply

@@ -120,6 +120,7 @@ async def serve(args: argparse.Namespace, policy) -> None:
     from aiohttp import web
 
     from services.gateway.operators import OperatorTokens
+    from services.http_bodies import RUNNER_OPTIONS
     from services.http_stop import stop_serving
     from services.rollout.clients import GatewayAdmin, ModelServerStates
     from services.rollout.controller import Controller
@@ -161,7 +162,7 @@ async def serve(args: argparse.Namespace, policy) -> None:
         serve_new_versions=serve_new, retire_versions=retire)
     closing = asyncio.Event()  # stopping: answers close their connections (services.http_stop)
     runner = web.AppRunner(RolloutApi(controller, operators, closing.is_set).app(), access_log=None,
-                           keepalive_timeout=args.keepalive_timeout)
+                           keepalive_timeout=args.keepalive_timeout, **RUNNER_OPTIONS)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.http_port)
     await site.start()
