@@ -189,6 +189,8 @@ class Gateway:
         problems = ["stale loops: " + "; ".join(f"{name} {why}" for name, why in sorted(stale.items()))] \
             if stale else []  # still serving (the last routing table and label answers); reported, not fatal
         problems += [unusable] if unusable else []  # routed around
+        problems += [f"version {v} AVAILABLE on {p.available_on} of {p.serving} model server replicas (routed to once "
+                     "on all)" for v, p in sorted(self.upstream.partial.items())]
         return True, "; ".join(["ok", *problems])
 
     async def _poll_versions(self) -> None:

@@ -13,6 +13,7 @@ from tensorflow_serving.apis import (
     get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc,
 )
 
+from services.gateway.replicas import Partial, agreed, resolve
 from training_job.explain import EXPLAIN_SIGNATURE, PREDICTED_CLASS  # constants: importing them starts no TensorFlow
 
 log = logging.getLogger("gateway.upstream")
@@ -157,8 +158,9 @@ class ModelServerClient:
         self.timeout = timeout
         self.retries = retries
         # target -> (channel, PredictionServiceStub, ModelServiceStub), made once (a stub makes a callable for
-        # each of its service's methods)
+        # each of its service's methods); a replica's address is a target too, asked for its version states
         self._stubs_by_target: dict[str, tuple] = {}
+        self.partial: dict[int, Partial] = {}  # versions AVAILABLE on some replicas only (``version_states``)
 
     def _stubs(self, target: str | None = None):
         target = target or self.target
@@ -172,15 +174,17 @@ class ModelServerClient:
         for channel, _, _ in self._stubs_by_target.values():
             await channel.close()
 
-    async def _call(self, method, request, timeout: float | None = None, target: str | None = None):
+    async def _call(self, method, request, timeout: float | None = None, target: str | None = None,
+                    retries: int | None = None):
         target = target or self.target
+        retries = self.retries if retries is None else retries
         delay = 0.05
-        for attempt in range(self.retries + 1):
+        for attempt in range(retries + 1):
             try:
                 return await method(request, timeout=timeout or self.timeout)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
-                if code == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
+                if code == grpc.StatusCode.UNAVAILABLE and attempt < retries:
                     await asyncio.sleep(delay)
                     delay *= 4
                     continue
@@ -292,13 +296,46 @@ class ModelServerClient:
         return response.model_spec.version.value, dims[1] if square else None
 
     async def version_states(self, timeout: float | None = None) -> dict[int, int]:
-        """{version: state} as GetModelStatus reports it; {} when the model is unknown. ``timeout`` overrides the
-        client's deadline (health checks use a short one, so a hung server is seen within it)."""
-        _, model_stub = self._stubs()
+        """{version: state} as GetModelStatus reports it, asked of every replica the target names and merged as
+        replicas.agreed does (``self.partial``: the versions AVAILABLE on some replicas only); {} when the model is
+        unknown. ``timeout`` overrides the client's deadline (health checks use a short one, so a hung server is seen
+        within it). UpstreamUnavailable when no replica answers."""
+        try:
+            addresses = await resolve(self.target)
+        except OSError as exc:  # the name does not resolve now: ask through the channel, which says why
+            log.debug("model server target %s not resolved: %s", self.target, exc)
+            addresses = []
+        if len(addresses) <= 1:
+            self.partial = {}
+            return await self._states_of(self.target, timeout)
+        answers = await asyncio.gather(*(self._states_of(address, timeout, retries=0) for address in addresses),
+                                       return_exceptions=True)
+        await self._close_replicas_gone(addresses)
+        for failed in (answer for answer in answers if not isinstance(answer, (dict, UpstreamUnavailable))):
+            raise failed  # a bug
+        answered = [answer for answer in answers if isinstance(answer, dict)]
+        if not answered:
+            raise answers[0]
+        merged, partial = agreed(answered)
+        if partial != self.partial:
+            log.info("versions AVAILABLE on some model server replicas only, not routed to until on all: %s",
+                     {v: f"{p.available_on} of {p.serving}" for v, p in partial.items()} or "none")
+        self.partial = partial
+        return merged
+
+    async def _states_of(self, target: str, timeout: float | None, retries: int | None = None) -> dict[int, int]:
+        """{version: state} of the model on the server(s) at ``target``; {} when it does not know the model."""
+        _, model_stub = self._stubs(target)
         request = get_model_status_pb2.GetModelStatusRequest()
         request.model_spec.name = self.model_name
         try:
-            response = await self._call(model_stub.GetModelStatus, request, timeout)
+            response = await self._call(model_stub.GetModelStatus, request, timeout, target, retries)
         except UpstreamRejected:
             return {}
         return {s.version: s.state for s in response.model_version_status}
+
+    async def _close_replicas_gone(self, addresses: list[str]) -> None:
+        """Closes the channels of replica addresses the target no longer names."""
+        for target in set(self._stubs_by_target) - {*addresses, self.target, self.explain_target}:
+            channel, _, _ = self._stubs_by_target.pop(target)
+            await channel.close()
