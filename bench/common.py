@@ -6,6 +6,7 @@ import os
 import platform
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,12 @@ def cpu_seconds(pid: int | str) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def zeros_gzipped(mebibytes: int) -> bytes:
+    """``mebibytes`` MiB of zero bytes gzipped (a compression bomb): about a thousandth of that to send."""
+    encoder, zeros = zlib.compressobj(9, wbits=31), bytes(1 << 20)
+    return b"".join([encoder.compress(zeros) for _ in range(mebibytes)] + [encoder.flush()])
 
 
 def time_calls(call, seconds: float) -> list[float]:

@@ -8,7 +8,6 @@ import select
 import socket
 import threading
 import time
-import zlib
 
 import numpy as np
 from PIL import Image
@@ -75,12 +74,6 @@ class KeepAliveClients:
         self._stop.set()
         for thread in self.threads:
             thread.join(60)
-
-
-def zeros_gzipped(mebibytes: int) -> bytes:
-    """``mebibytes`` MiB of zero bytes gzipped (a compression bomb): about a thousandth of that to send."""
-    encoder, zeros = zlib.compressobj(9, wbits=31), bytes(1 << 20)
-    return b"".join([encoder.compress(zeros) for _ in range(mebibytes)] + [encoder.flush()])
 
 
 def drawn_jpeg(seed: int, height: int = 96, width: int = 128) -> bytes:

@@ -22,13 +22,12 @@ import pytest
 from PIL import Image
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from bench.common import cpu_seconds
+from bench.common import cpu_seconds, zeros_gzipped
 from services.gateway.errors import GatewayError
 from services.gateway.grpc_api import ClassifierService
 from services.gateway.protos import load
 from tests.gateway_harness import GatewayProcess, gateway_stack
 from tests.model_server_harness import MODEL, wait_until
-from tests.support import zeros_gzipped
 from training_job.tiny_model import LABELS, publish_tiny_versions
 
 pb, pb_grpc = load()

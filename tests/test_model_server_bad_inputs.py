@@ -17,14 +17,14 @@ import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from bench.common import cpu_seconds
+from bench.common import cpu_seconds, zeros_gzipped
 from services.model_server.errors import ServingError
 from services.model_server.servable import load_servable
 from services.model_server.tflite_servable import TfLiteServable
 from tests.model_server_harness import (
     MODEL, save_session_model, start_server, stop_server, version_states, wait_until, write_config,
 )
-from tests.support import closed_within, zeros_gzipped
+from tests.support import closed_within
 from training_job.tiny_model import write_tiny_model, write_tiny_model_with_tflite
 
 SIZE = 8

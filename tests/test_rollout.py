@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
+from bench.common import zeros_gzipped
 from tests.model_server_harness import start_server, stop_server, version_states, wait_until, write_config
 from tests.support import (
-    MUSHROOMS, KeepAliveClients, RedisServer, closed_within, free_port, stop_process, wait_for_port, zeros_gzipped,
+    MUSHROOMS, KeepAliveClients, RedisServer, closed_within, free_port, stop_process, wait_for_port,
 )
 from tests.test_gateway import assert_valid
 from tests.test_gateway_state import Gateway

@@ -1,0 +1,112 @@
+"""A compression bomb against the gateway and the model server's REST API: what one request costs each, and what
+the gateway's other clients wait meanwhile.
+
+One Redis, model server and gateway (bench/stack.py) on the newest published version. The bomb is --mebibytes MiB
+of zero bytes gzipped (about a thousandth of that sent), POSTed with ``Content-Encoding: gzip`` to the gateway's
+/v1/classify and to the model server's :predict, one at a time. For each: the answer and how long it took, the
+target process's CPU seconds and peak memory growth (VmHWM) over the request and the --settle seconds after it
+(aiohttp reads what is left of a refused body for up to 10 s), and the slowest of the cached classify calls a
+client sends the gateway back to back meanwhile (every other client of the gateway waits as long).
+
+Usage: python -m bench.compressed_bodies [--registry DIR] [--mebibytes 4096] [--settle 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from bench.common import cpu_seconds, published_version_or_exit, sample_photos, write_result, zeros_gzipped
+from bench.stack import Stack
+from training_job.paths import default_registry
+
+
+def peak_memory_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def post(url: str, body: bytes, headers: dict) -> int:
+    request = urllib.request.Request(url, data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            response.read()
+            return response.status
+    except urllib.error.HTTPError as exc:
+        exc.read()
+        return exc.code
+
+
+class CachedClassifyProbe:
+    """Cached classify calls sent to the gateway back to back, from a thread: the slowest while it ran."""
+
+    def __init__(self, gateway_url: str, photo: bytes):
+        self.url, self.photo = f"{gateway_url}/v1/classify", photo
+        self.seconds: list[float] = []
+        self._stop = threading.Event()
+        post(self.url, photo, {"Content-Type": "image/jpeg"})  # cached from here on
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.perf_counter()
+            post(self.url, self.photo, {"Content-Type": "image/jpeg"})
+            self.seconds.append(time.perf_counter() - started)
+
+    def __enter__(self) -> "CachedClassifyProbe":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def bomb_one(url: str, pid: int, bomb: bytes, content_type: str, probe_url: str, photo: bytes,
+             settle: float) -> dict:
+    cpu, peak = cpu_seconds(pid), peak_memory_mib(pid)
+    with CachedClassifyProbe(probe_url, photo) as probe:
+        time.sleep(0.5)
+        started = time.perf_counter()
+        status = post(url, bomb, {"Content-Type": content_type, "Content-Encoding": "gzip"})
+        answered = time.perf_counter() - started
+        time.sleep(settle)
+    return {"status": status, "answered_s": round(answered, 3), "cpu_s": round(cpu_seconds(pid) - cpu, 3),
+            "peak_memory_growth_mib": round(peak_memory_mib(pid) - peak, 1),
+            "other_client_worst_ms": round(max(probe.seconds) * 1000, 1), "other_client_calls": len(probe.seconds)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--registry", type=Path, default=None, help="default: the project's registry")
+    p.add_argument("--model-name", default="mushrooms")
+    p.add_argument("--mebibytes", type=int, default=4096, help="decoded size of the bomb")
+    p.add_argument("--settle", type=float, default=3.0, help="seconds measured after the answer")
+    args = p.parse_args(argv)
+    version_dir = published_version_or_exit(args.registry or default_registry(), args.model_name)
+    bomb = zeros_gzipped(args.mebibytes)
+    photo = sample_photos(1)[0].read_bytes()
+    with Stack(version_dir, args.model_name) as stack:
+        gateway = stack.start_gateway(grpc=False)
+        rest = f"{stack.server.rest_url}/v1/models/{args.model_name}:predict"
+        result = {
+            "bomb": {"decoded_mib": args.mebibytes, "sent_bytes": len(bomb)}, "settle_s": args.settle,
+            "gateway_classify": bomb_one(f"{gateway.http_url}/v1/classify", gateway.process.pid, bomb, "image/jpeg",
+                                         gateway.http_url, photo, args.settle),
+            "model_server_predict": bomb_one(rest, stack.server.process.pid, bomb, "application/json",
+                                             gateway.http_url, photo, args.settle),
+        }
+    print(result)
+    write_result("compressed_bodies", result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
