@@ -33,6 +33,7 @@ SCRIPTS = {
     "model_server": ["-m", "bench.model_server_bench"],
     "gateway": ["-m", "bench.gateway_bench"],
     "single_flight": ["-m", "bench.single_flight_bench"],
+    "compressed_bodies": ["-m", "bench.compressed_bodies"],
     "explain": ["-m", "bench.explain_bench"],
     "tflite": ["-m", "bench.tflite_bench"],
     "decode": ["-m", "bench.decode_bench"],
@@ -272,6 +273,19 @@ def rows() -> list[dict]:
         add(f"{what}, single-flight off: Predict calls reaching the model server; burst wall time",
             f"{off['predict_calls_per_burst']:.0f} Predict; {off['wall_ms']:.0f} ms ({sf['wall_time_off_vs_on']:.1f}x "
             "single-flight on)", "-", None, source="single_flight.json")
+    for name, when in (("compressed_bodies_before_b42e480", "before the body decoder"), ("compressed_bodies", "")):
+        bomb = load(name)
+        if bomb:
+            sizes = bomb["bomb"]
+            size = f"{sizes['decoded_mib'] // 1024} GiB of zeros in {sizes['sent_bytes'] / 1e6:.0f} MB of gzip"
+            for target, what in (("gateway_classify", "the gateway's classify"),
+                                 ("model_server_predict", "the model server's REST predict")):
+                cell = bomb[target]
+                add(f"a compression bomb ({size}) to {what}{f', {when}' if when else ''}: CPU; peak memory growth; "
+                    "another client's slowest cached classify meanwhile",
+                    f"{cell['cpu_s']:.2f} s; {cell['peak_memory_growth_mib']:.0f} MiB; "
+                    f"{cell['other_client_worst_ms']:.0f} ms ({cell['other_client_worst_ms_without_bomb']:.0f} ms "
+                    "without)", "-", None, source=f"{name}.json")
     for name, when in (("overload-before-fixes", "before admission and dropping abandoned misses"),
                        ("overload", "")):
         over = load(name)
