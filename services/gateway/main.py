@@ -224,6 +224,7 @@ class Gateway:
         from services.gateway.photo_store import PhotoStore
         from services.gateway.rollout_proxy import RolloutProxy
         from services.http_bodies import RUNNER_OPTIONS
+        from services.urls import without_password
 
         photo_store = PhotoStore(self.args.photo_store, self.stats.tokens,
                                  self.args.photo_store_max_bytes) if self.args.photo_store else None
@@ -244,7 +245,7 @@ class Gateway:
             await grpc_server.start()
         log.info("gateway on http://%s:%d and gRPC %s:%s -> model server %s, redis %s", self.args.host,
                  self.args.http_port, self.args.host, self.args.grpc_port or "off", self.args.model_server,
-                 self.args.redis_url)
+                 without_password(self.args.redis_url))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._signalled)

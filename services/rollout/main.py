@@ -122,6 +122,7 @@ async def serve(args: argparse.Namespace, policy) -> None:
     from services.gateway.operators import OperatorTokens
     from services.http_bodies import RUNNER_OPTIONS
     from services.http_stop import stop_serving
+    from services.urls import without_password
     from services.rollout.clients import GatewayAdmin, ModelServerStates
     from services.rollout.controller import Controller
     from services.rollout.http_api import RolloutApi
@@ -171,8 +172,8 @@ async def serve(args: argparse.Namespace, policy) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     log.info("rollout controller %s for %s on http://%s:%d: gateway %s, model server %s, redis %s, policy %s",
-             controller.identity, args.model_name, args.host, args.http_port, args.gateway_url,
-             args.model_server_rest, args.redis_url, args.policy or "default")
+             controller.identity, args.model_name, args.host, args.http_port, without_password(args.gateway_url),
+             without_password(args.model_server_rest), without_password(args.redis_url), args.policy or "default")
     try:
         await supervise("controller tick", controller.tick, policy.tick_seconds, stopping)
     finally:
