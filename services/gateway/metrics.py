@@ -99,7 +99,10 @@ LOOP_LAST_SUCCESS = Gauge("mushroom_gateway_loop_last_success_timestamp_seconds"
                           "Unix time of a background loop's last successful step", ["loop"], registry=REGISTRY)
 
 
-# The metrics with a ``model_version`` label: a version's series in them go some time after it left (stats.py)
+# The metrics with a ``model_version`` label: a version's series in them go some time after it left (stats.py).
+# prometheus_client lists no metric's children; it keeps their label names in ``_labelnames`` and the children by
+# label values in ``_metrics``, which version_values and forget_version read (tests/test_gateway_versions_gone.py
+# checks both against the pinned release).
 VERSIONED = (REQUEST_SECONDS, EXPLAIN_SECONDS, UPSTREAM_SECONDS, ROUTE, FEEDBACK_ACCURACY)
 
 
