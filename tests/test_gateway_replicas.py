@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from services.gateway import upstream
 from services.gateway.replicas import AVAILABLE, START, Partial, agreed, resolve
 from tests.gateway_harness import GatewayProcess
 from tests.model_server_harness import MODEL, serve_registry, stop_server, wait_until
@@ -100,3 +101,30 @@ def test_agreed_versions_are_those_available_on_every_replica_serving_the_model(
 ])
 def test_a_target_names_the_replicas_grpc_resolves_it_to(target, addresses):
     assert asyncio.run(resolve(target)) == addresses
+
+
+def test_a_target_name_dns_does_not_resolve_in_time_is_asked_as_last_resolved(monkeypatch):
+    """DNS down or slow (a resolver timing out takes seconds) must not hold up the version watcher, whose staleness
+    makes the gateway unready: the replicas last resolved are asked, or the channel when none were."""
+    client = upstream.ModelServerClient("dns:///tfserving-pods:8500", MODEL)
+    resolved = [["10.0.0.1:8500", "10.0.0.2:8500"]]
+
+    async def resolve_once(target):
+        if resolved:
+            return resolved.pop()
+        await asyncio.sleep(3600)
+
+    async def states_of(target, timeout, retries=None):
+        return {1: AVAILABLE}
+
+    async def watch() -> list[dict]:
+        return [await client.version_states(timeout=0.2) for _ in range(2)]
+
+    monkeypatch.setattr(upstream, "resolve", resolve_once)
+    asked = []
+    monkeypatch.setattr(client, "_states_of", lambda target, *args, **kwargs: asked.append(target) or states_of(
+        target, *args, **kwargs))
+    started = time.monotonic()
+    assert asyncio.run(asyncio.wait_for(watch(), 5)) == [{1: AVAILABLE}] * 2
+    assert time.monotonic() - started < 2
+    assert asked == ["10.0.0.1:8500", "10.0.0.2:8500"] * 2

@@ -15,6 +15,7 @@ fails them, until it does. ``partial`` names the versions AVAILABLE on some of t
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 from dataclasses import dataclass
@@ -59,6 +60,10 @@ async def resolve(target: str) -> list[str]:
     else:
         name = target
     host, port = _host_port(name)
+    try:
+        return [_address(str(ipaddress.ip_address(host)), port)]  # an address: no DNS
+    except ValueError:
+        pass
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return sorted({_address(info[4][0], port) for info in infos})
 

@@ -161,6 +161,7 @@ class ModelServerClient:
         # each of its service's methods); a replica's address is a target too, asked for its version states
         self._stubs_by_target: dict[str, tuple] = {}
         self.partial: dict[int, Partial] = {}  # versions AVAILABLE on some replicas only (``version_states``)
+        self._addresses: list[str] = []  # the replica addresses the target last resolved to
 
     def _stubs(self, target: str | None = None):
         target = target or self.target
@@ -301,10 +302,10 @@ class ModelServerClient:
         unknown. ``timeout`` overrides the client's deadline (health checks use a short one, so a hung server is seen
         within it). UpstreamUnavailable when no replica answers."""
         try:
-            addresses = await resolve(self.target)
-        except OSError as exc:  # the name does not resolve now: ask through the channel, which says why
-            log.debug("model server target %s not resolved: %s", self.target, exc)
-            addresses = []
+            addresses = self._addresses = await asyncio.wait_for(resolve(self.target), timeout or self.timeout)
+        except (OSError, asyncio.TimeoutError) as exc:  # DNS down or slow: the replicas last resolved, else the
+            log.debug("model server target %s not resolved: %r", self.target, exc)  # channel, which says why
+            addresses = self._addresses
         if len(addresses) <= 1:
             self.partial = {}
             return await self._states_of(self.target, timeout)
