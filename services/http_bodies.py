@@ -4,9 +4,9 @@ for what it expands to, and reading stops there.
 
 The servers run with ``RUNNER_OPTIONS``, which turn aiohttp's own decoding off. aiohttp decodes a body on the event
 loop as it arrives and, once a handler has refused it (413), reads and decodes the rest for up to 10 s to keep the
-connection ("lingering"). Each compressed byte of zeros is about a thousand decoded ones, so a 6 MB gzip body made
-the gateway decode 6 GB on its event loop, answering nobody else meanwhile, and the model server grew by 3 GB for
-one such request. Here the rest of a refused body is read as it came, compressed.
+connection ("lingering"). A compressed byte of zeros decodes to about a thousand, so a few megabytes of gzip held
+the gateway's event loop for seconds, answering nobody else, and grew the model server by gigabytes
+(bench/compressed_bodies.py). Here the rest of a refused body is read as it came, compressed.
 
 Accepted: identity, gzip (x-gzip, concatenated members too), deflate (zlib-wrapped or raw, as aiohttp takes it), br
 (with the Brotli package, which the project's locust brings); another coding, or several, is 415 (``ACCEPTED`` goes
