@@ -6,6 +6,7 @@ by its own Popen handle (``stop_process``), never by name.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -82,12 +83,14 @@ def redis_argv(port: int, data_dir: Path, *extra: str) -> list[str]:
 
 class RedisServer:
     """A real redis-server on a free loopback port, with no persistence unless ``extra_args`` turn it on (later
-    arguments win); restartable on the same port."""
+    arguments win); restartable on the same port and data. Its folder is removed when leaving the ``with`` block, or
+    else when the Python process that made it exits."""
 
     def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = ()):
         self.port = port or free_port()
         self.extra_args = tuple(extra_args)
         self.dir = Path(tempfile.mkdtemp(prefix="redis-test-"))
+        atexit.register(shutil.rmtree, self.dir, True)
         self.process: subprocess.Popen | None = None
 
     @property

@@ -3,6 +3,8 @@ import nothing from tests/."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from devstack import launch, servers
@@ -45,3 +47,18 @@ def test_free_ports_are_drawn_where_outgoing_connections_never_land():
     ports = [free_port() for _ in range(50)]
     assert all(10_000 <= port < low and port_is_free(port) for port in ports), ports
     assert len(set(ports)) > 40  # drawn at random: parallel workers rarely draw the same
+
+
+def test_a_redis_servers_folder_goes_with_the_process_that_made_it():
+    """Tests and benches stop their Redis with ``stop()``, which keeps its folder for a restart on the same data; the
+    folders (an append-only file each, up to megabytes) piled up in /tmp by the hundred, run after run."""
+    script = ("from devstack.servers import RedisServer\n"
+              "redis = RedisServer(extra_args=('--appendonly', 'yes')).start()\n"
+              "redis.stop()\n"
+              "redis.start()\n"  # restarted on its data: the folder is still there
+              "redis.stop()\n"
+              "print(redis.dir)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert not Path(done.stdout.strip()).exists()
