@@ -113,9 +113,14 @@ class _Brotli:
             raise _undecodable("the body ends before its brotli stream does")
 
 
+def _coding(content_encoding: str | None) -> str:
+    """A Content-Encoding header as compared: trimmed, lower case, "" when absent."""
+    return (content_encoding or "").strip().lower()
+
+
 def decoder_for(content_encoding: str | None):
     """The decoder of a body sent with this Content-Encoding header; EncodingNotAccepted for another."""
-    encoding = (content_encoding or "").strip().lower()
+    encoding = _coding(content_encoding)
     if encoding in IDENTITY:
         return _Identity()
     if encoding in ("gzip", "x-gzip"):
@@ -133,7 +138,7 @@ def decoder_for(content_encoding: str | None):
 
 def encoded(request: web.BaseRequest) -> bool:
     """Whether ``request``'s body comes with a Content-Encoding other than identity."""
-    return request.headers.get(hdrs.CONTENT_ENCODING, "").strip().lower() not in IDENTITY
+    return _coding(request.headers.get(hdrs.CONTENT_ENCODING)) not in IDENTITY
 
 
 async def read_body(request: web.BaseRequest, limit: int, what: str = "the body") -> bytes:

@@ -18,7 +18,7 @@ from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
 from aiohttp.http_exceptions import BadHttpMessage
 
 from services.gateway.errors import GatewayError
-from services.http_bodies import BodyRefused, encoded, read_body
+from services.http_bodies import BodyRefused, BodyTooLarge, BodyUndecodable, encoded, read_body
 from services.http_errors import UNDECODABLE, undecodable_body
 
 
@@ -56,12 +56,9 @@ def body_deadline(seconds: float):
     return middleware
 
 
-def _too_large(limit: int, what: str) -> GatewayError:
-    return GatewayError(413, "too_large", f"{what} is over the limit of {limit} bytes")
-
-
-def _bad_encoding(exc: Exception) -> GatewayError:
-    return GatewayError(400, "bad_encoding", undecodable_body(exc))
+def _gateway_error(refused: BodyRefused) -> GatewayError:
+    """A body refused (services/http_bodies.py) as the gateway answers it, on both protocols."""
+    return GatewayError(refused.status, refused.code, str(refused), headers=refused.headers)
 
 
 async def read_limited(request: web.Request, limit: int, what: str = "the body") -> bytes:
@@ -70,7 +67,7 @@ async def read_limited(request: web.Request, limit: int, what: str = "the body")
     try:
         return await read_body(request, limit, what)
     except BodyRefused as exc:
-        raise GatewayError(exc.status, exc.code, str(exc), headers=exc.headers) from None
+        raise _gateway_error(exc) from None
 
 
 async def read_json(request: web.Request, limit: int):
@@ -106,15 +103,15 @@ async def read_form_file(request: web.Request, names: tuple[str, ...], file_limi
                 size += len(chunk)
                 part_size += len(chunk)
                 if wanted and part_size > file_limit:
-                    raise _too_large(file_limit, f"the '{part.name}' field")
+                    raise _gateway_error(BodyTooLarge(file_limit, f"the '{part.name}' field"))
                 if size > body_limit:
-                    raise _too_large(body_limit, "the multipart body")
+                    raise _gateway_error(BodyTooLarge(body_limit, "the multipart body"))
                 if wanted:
                     chunks.append(chunk)
             if wanted:
                 return b"".join(chunks)
     except UNDECODABLE as exc:
-        raise _bad_encoding(exc) from None
+        raise _gateway_error(BodyUndecodable(undecodable_body(exc))) from None
     except BadHttpMessage as exc:  # a part's header line that is not a header (InvalidHeader), ...
         raise GatewayError(400, "bad_multipart", f"the multipart body is malformed: {exc.message}") from None
     except ValueError as exc:  # aiohttp's word for a malformed multipart body (no boundary, bad headers, ...)
