@@ -6,7 +6,7 @@ when it sees it, so for a while after a version is published (or unloaded) the r
 call, which reaches one of them, says AVAILABLE or not by the replica it happened to reach: the gateway's versions
 changed from one poll to the next, and so did whether a routing table naming the new version was accepted.
 
-So the status is asked of every replica (``Replicas.version_states``), and a version is AVAILABLE when every replica
+So the status is asked of every replica (upstream.ModelServerClient.version_states), and a version is AVAILABLE when every replica
 that serves the model (has one of its versions AVAILABLE) has it AVAILABLE: a new version is routed to once all of
 them serve it, and an unloaded one no longer once the first of them lets it go. A replica that does not answer, or
 serves none of the model's versions yet (just started), is left out: it gets no calls of the gateway's either, or
@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import logging
 import socket
 from dataclasses import dataclass
 
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 AVAILABLE, START = ModelVersionStatus.AVAILABLE, ModelVersionStatus.START
-log = logging.getLogger("gateway.replicas")
 DEFAULT_PORT = "443"  # gRPC's, for a target without one
 
 
