@@ -73,6 +73,12 @@ def cpu_seconds(pid: int | str) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def peak_memory_mib(pid: int | str) -> float:
+    """The most memory a process has held so far (VmHWM of /proc/<pid>/status), in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
 def zeros_gzipped(mebibytes: int) -> bytes:
     """``mebibytes`` MiB of zero bytes gzipped (a compression bomb): about a thousandth of that to send."""
     encoder, zeros = zlib.compressobj(9, wbits=31), bytes(1 << 20)

@@ -24,14 +24,11 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench.common import cpu_seconds, published_version_or_exit, sample_photos, write_result, zeros_gzipped
+from bench.common import (
+    cpu_seconds, peak_memory_mib, published_version_or_exit, sample_photos, write_result, zeros_gzipped,
+)
 from bench.stack import Stack
 from training_job.paths import default_registry
-
-
-def peak_memory_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def post(url: str, body: bytes, headers: dict) -> int:

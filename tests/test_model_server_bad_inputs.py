@@ -17,7 +17,7 @@ import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from bench.common import cpu_seconds, zeros_gzipped
+from bench.common import cpu_seconds, peak_memory_mib, zeros_gzipped
 from services.model_server.errors import ServingError
 from services.model_server.servable import load_servable
 from services.model_server.tflite_servable import TfLiteServable
@@ -222,23 +222,18 @@ def test_a_body_that_cannot_be_decoded_or_is_too_large_gets_tf_servings_json_err
     assert rest_post(conv_server, photos, {})[0] == 200
 
 
-def peak_memory_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) * 1024
-
-
 def test_a_compression_bomb_is_decoded_no_further_than_the_body_limit(tmp_path):
     """4 GiB of zeros sent as 4 MB of gzip. aiohttp decoded it on the event loop and buffered it (for 2.6 s before
     the 413, the process 2.4 GB larger at its peak for this one request), then decoded the rest of it to keep the
     connection."""
     server = serve_conv_model(tmp_path, "alone", "tf2")
     try:
-        cpu, peak = cpu_seconds(server.process.pid), peak_memory_bytes(server.process.pid)
+        cpu, peak = cpu_seconds(server.process.pid), peak_memory_mib(server.process.pid)
         status, content_type, answer = rest_post(server, zeros_gzipped(4096), {"Content-Encoding": "gzip"})
         assert (status, content_type) == (413, "application/json") and "268435456" in answer["error"], answer
         time.sleep(2)  # aiohttp reads the rest of a refused body for up to 10 s after the answer ("lingering")
         assert cpu_seconds(server.process.pid) - cpu < 3.0
-        assert peak_memory_bytes(server.process.pid) - peak < 1024 ** 3  # the limit's 256 MiB, kept while joined
+        assert peak_memory_mib(server.process.pid) - peak < 1024  # MiB: the limit's 256 MiB, kept while joined
         request = urllib.request.Request(f"{server.rest_url}/v1/models/{MODEL}:predict", data=b"{}",
                                          headers={"Content-Encoding": "zstd"})
         with pytest.raises(urllib.error.HTTPError) as refused:
