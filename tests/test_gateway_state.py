@@ -61,6 +61,33 @@ def gateway(model_server, redis_server):
 
 
 # ---------------------------------------------------------------------------------------------- feedback tokens
+def test_a_running_gateway_takes_a_rotated_feedback_secret_and_loses_no_feedback(model_server, redis_server,
+                                                                                  tmp_path):
+    """The rotation README "Gateway" describes, on a running gateway reading a mounted Secret: the new secret listed
+    second (verifies), then first (signs), then the old one dropped after the feedback window."""
+    old, new = "the-old-secret-0123456789", "the-new-secret-0123456789"
+    mounted = tmp_path / "feedback"
+    swap_mounted_secret(mounted, {"secret": old})
+    gw = Gateway(model_server.grpc_target, redis_server.url, f"--feedback-secret-file={mounted / 'secret'}")
+    try:
+        answers = [gw.classify(photo.read_bytes(), version=1)[1] for photo in PHOTOS[:3]]
+        swap_mounted_secret(mounted, {"secret": f"{old}\n{new}\n"})
+        swap_mounted_secret(mounted, {"secret": f"{new}\n{old}\n"})
+        status, rotated, _ = gw.classify(PHOTOS[3].read_bytes(), version=1)
+        assert status == 200
+        assert FeedbackTokens(new.encode(), MODEL).verify(rotated["feedback_token"])  # signed with the new one
+        for answer in (answers[0], rotated):
+            status, recorded, _ = gw.request("POST", "/v1/feedback", {
+                "feedback_token": answer["feedback_token"], "true_label": answer["predictions"][0]["label"]})
+            assert status == 200 and recorded["correct"], recorded
+        swap_mounted_secret(mounted, {"secret": new})
+        status, error, _ = gw.request("POST", "/v1/feedback", {
+            "feedback_token": answers[1]["feedback_token"], "true_label": answers[1]["predictions"][0]["label"]})
+        assert (status, error["error"]["code"]) == (403, "feedback_token_forged")
+    finally:
+        gw.stop()
+
+
 def test_cache_hits_add_no_redis_keys(gateway, redis_server):
     client = redis.Redis.from_url(redis_server.url)
     photo = PHOTOS[0].read_bytes()
@@ -143,6 +170,63 @@ def test_feedback_tokens_expire_and_bind_the_model():
     with pytest.raises(BadFeedbackToken) as expired:
         tokens.verify(token)
     assert expired.value.reason == "expired"
+
+
+def test_tokens_signed_with_an_older_secret_verify_while_it_is_listed():
+    """Several secrets: the first signs, every one verifies; a secret no longer listed verifies nothing."""
+    old, new = b"the-old-secret-0123456789", b"the-new-secret-0123456789"
+    token = FeedbackTokens(old, MODEL).issue("r1", 1, "amanita")
+    rotating = FeedbackTokens([new, old], MODEL)
+    assert rotating.verify(token).request_id == "r1"
+    assert FeedbackTokens(new, MODEL).verify(rotating.issue("r2", 1, "amanita")).request_id == "r2"
+    assert FeedbackTokens(new, MODEL).verify(rotating.naming_photo(token, "ab" * 32)).photo_sha256 == "ab" * 32
+    with pytest.raises(BadFeedbackToken) as refused:
+        FeedbackTokens(new, MODEL).verify(token)
+    assert refused.value.reason == "forged"
+    with pytest.raises(ValueError, match="secret 2 is shorter than 16 bytes"):
+        FeedbackTokens([new, b"short"], MODEL)
+
+
+def swap_mounted_secret(folder: Path, files: dict[str, str]) -> None:
+    """What the kubelet does to a Secret mounted as a volume when the Secret changes: the files are written to a new
+    timestamped folder, then the ``..data`` link is swapped to it at once; each file name links through ``..data``."""
+    import uuid
+
+    data = folder / f"..{uuid.uuid4().hex}"
+    data.mkdir(parents=True)
+    for name, text in files.items():
+        write_private(data / name, text)
+        if not (folder / name).is_symlink():
+            (folder / name).symlink_to(f"..data/{name}")
+    (folder / "..data_tmp").symlink_to(data.name)
+    os.replace(folder / "..data_tmp", folder / "..data")
+
+
+def test_a_feedback_secret_file_is_read_again_when_it_changes_and_a_bad_change_keeps_the_last(tmp_path, caplog):
+    from services.gateway.feedback import tokens_from_config
+
+    old, new = "the-old-secret-0123456789", "the-new-secret-0123456789"
+    mounted = tmp_path / "feedback"
+    swap_mounted_secret(mounted, {"secret": old + "\n"})
+    tokens = tokens_from_config(str(mounted / "secret"), "an-environment-secret-0123", MODEL, 60)
+    before = tokens.issue("r1", 1, "amanita")
+    assert FeedbackTokens(old.encode(), MODEL).verify(before)  # the file wins over FEEDBACK_SECRET
+    swap_mounted_secret(mounted, {"secret": f"# rotating: the first signs\n{new}\n\n{old}\n"})
+    after = tokens.issue("r2", 1, "amanita")
+    assert FeedbackTokens(new.encode(), MODEL).verify(after).request_id == "r2"
+    assert tokens.verify(before).request_id == "r1"
+    for broken in ("# no secret left\n", "too-short\n"):
+        caplog.clear()
+        swap_mounted_secret(mounted, {"secret": broken})
+        assert tokens.verify(before) and FeedbackTokens(new.encode(), MODEL).verify(tokens.issue("r3", 1, "a"))
+        tokens.issue("r4", 1, "a")
+        assert [r.levelname for r in caplog.records if "not read again" in r.getMessage()] == ["ERROR"]  # once
+    swap_mounted_secret(mounted, {"secret": new + "\n"})
+    with pytest.raises(BadFeedbackToken, match="bad signature"):
+        tokens.verify(before)
+    assert tokens.verify(after).request_id == "r2"
+    with pytest.raises(ValueError, match="holds no feedback secret"):
+        tokens_from_config(str(write_private(tmp_path / "empty", "\n")), None, MODEL, 60)
 
 
 def test_feedback_seen_set_forgets_expired_answers(redis_server):

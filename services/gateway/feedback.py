@@ -9,6 +9,11 @@ seconds after issue.
 Every replica must share the secret (FEEDBACK_SECRET or --feedback-secret-file; a Kubernetes Secret / compose
 secret in deploy/), or a replica refuses the tokens of the others. Single use is enforced when feedback arrives
 (stats.Stats.record_feedback), not here.
+
+Rotation: the secret file holds one secret per line. The first signs new tokens; every one verifies, so tokens
+signed with an older secret keep their feedback for as long as it is listed. The file is read again when it
+changes (watched_file.py), so a rotated Secret takes effect without a restart (README "Gateway" says in which
+order to change it on every replica).
 """
 from __future__ import annotations
 
@@ -20,12 +25,16 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from services.gateway.watched_file import WatchedFile
 
 log = logging.getLogger("gateway.feedback")
 VERSION_PREFIX = "v1"
 DEFAULT_LIFETIME_SECONDS = 7 * 24 * 3600
+MIN_SECRET_BYTES = 16
 
 
 class BadFeedbackToken(ValueError):
@@ -55,12 +64,36 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def checked_secrets(given: Sequence[bytes], where: str) -> tuple[bytes, ...]:
+    """``given`` as a tuple, the first signing: at least one, each of at least MIN_SECRET_BYTES; ValueError naming
+    ``where`` otherwise."""
+    if not given:
+        raise ValueError(f"{where} holds no feedback secret")
+    for number, secret in enumerate(given, 1):
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ValueError(f"{where}: feedback secret {number} is shorter than {MIN_SECRET_BYTES} bytes")
+    return tuple(given)
+
+
+def read_secrets(path: Path) -> tuple[bytes, ...]:
+    """The secrets in a secret file: one per line, the first signing; blank lines and ``#`` comments skipped,
+    surrounding whitespace dropped."""
+    lines = (line.strip() for line in path.read_bytes().splitlines())
+    found = checked_secrets([line for line in lines if line and not line.startswith(b"#")], str(path))
+    log.info("feedback secrets: %d in %s, the first signing", len(found), path)
+    return found
+
+
 class FeedbackTokens:
-    def __init__(self, secret: bytes, model_name: str, lifetime_seconds: int = DEFAULT_LIFETIME_SECONDS,
-                 clock=time.time):
-        if len(secret) < 16:
-            raise ValueError("the feedback secret must be at least 16 bytes")
-        self._secret = secret
+    def __init__(self, secret: bytes | Sequence[bytes] | WatchedFile[tuple[bytes, ...]], model_name: str,
+                 lifetime_seconds: int = DEFAULT_LIFETIME_SECONDS, clock=time.time):
+        """``secret``: one secret, several (the first signs, every one verifies), or a secret file being watched
+        (read_secrets)."""
+        if isinstance(secret, WatchedFile):
+            self._secrets = secret.current
+        else:
+            fixed = checked_secrets([secret] if isinstance(secret, bytes) else list(secret), "the secret given")
+            self._secrets = lambda: fixed
         self.model_name = model_name
         self.lifetime = lifetime_seconds
         self.clock = clock
@@ -70,12 +103,13 @@ class FeedbackTokens:
         """For a single gateway: its tokens are refused by any other replica and after a restart."""
         return cls(secrets.token_bytes(32), model_name, **kwargs)
 
-    def _sign(self, signed_part: str) -> str:
-        return _b64(hmac.new(self._secret, signed_part.encode(), hashlib.sha256).digest())
+    @staticmethod
+    def _sign(signed_part: str, secret: bytes) -> str:
+        return _b64(hmac.new(secret, signed_part.encode(), hashlib.sha256).digest())
 
     def _signed(self, payload: dict) -> str:
         signed_part = f"{VERSION_PREFIX}.{_b64(json.dumps(payload, separators=(',', ':')).encode())}"
-        return f"{signed_part}.{self._sign(signed_part)}"
+        return f"{signed_part}.{self._sign(signed_part, self._secrets()[0])}"
 
     def issue(self, request_id: str, version: int, predicted: str, photo_sha256: str | None = None,
               identity: str | None = None) -> str:
@@ -88,16 +122,20 @@ class FeedbackTokens:
 
     def naming_photo(self, token: str, photo_sha256: str) -> str:
         """``token``, one this gateway issued (its signature is checked, not its expiry), naming a kept photo too:
-        the same answer and issue time, with "h"."""
+        the same answer and issue time, with "h", signed with the signing secret."""
         return self._signed({**self._payload(token), "h": photo_sha256})
 
     def _payload(self, token: str) -> dict:
-        """The payload of a token signed with this secret; BadFeedbackToken "malformed" or "forged" otherwise."""
+        """The payload of a token signed with one of the secrets; BadFeedbackToken "malformed" or "forged"
+        otherwise."""
         parts = token.split(".") if isinstance(token, str) and token.isascii() else []  # issued tokens are ASCII
         if len(parts) != 3 or parts[0] != VERSION_PREFIX:
             raise BadFeedbackToken("malformed", "feedback_token is not a token this gateway issues")
         signed_part = f"{parts[0]}.{parts[1]}"
-        if not hmac.compare_digest(self._sign(signed_part), parts[2]):
+        signed = False
+        for secret in self._secrets():  # every one: the time taken does not tell which secret signed
+            signed |= hmac.compare_digest(self._sign(signed_part, secret), parts[2])
+        if not signed:
             raise BadFeedbackToken("forged", "feedback_token has a bad signature (or was issued with another "
                                    "feedback secret)")
         try:
@@ -124,22 +162,15 @@ class FeedbackTokens:
         return claim
 
 
-def load_secret(secret_file: str | None, env_secret: str | None) -> bytes | None:
-    """The shared secret from a file (a mounted Kubernetes Secret or compose secret; surrounding whitespace dropped)
-    or from the environment; None when neither is set."""
-    if secret_file:
-        secret = Path(secret_file).read_bytes().strip()
-        if not secret:
-            raise ValueError(f"the feedback secret file {secret_file} is empty")
-        return secret
-    return env_secret.encode() if env_secret else None
-
-
 def tokens_from_config(secret_file: str | None, env_secret: str | None, model_name: str,
                        lifetime_seconds: int) -> FeedbackTokens:
-    secret = load_secret(secret_file, env_secret)
-    if secret is None:
-        log.warning("no feedback secret (FEEDBACK_SECRET or --feedback-secret-file): using a random one; other "
-                    "replicas and this gateway after a restart will refuse its feedback tokens")
-        return FeedbackTokens.with_random_secret(model_name, lifetime_seconds=lifetime_seconds)
-    return FeedbackTokens(secret, model_name, lifetime_seconds)
+    """Tokens signed with the secrets of ``secret_file`` (watched), or else with ``env_secret`` (one secret), or else
+    with a random one."""
+    if secret_file:
+        return FeedbackTokens(WatchedFile(secret_file, read_secrets, "feedback secrets"), model_name,
+                              lifetime_seconds)
+    if env_secret:
+        return FeedbackTokens(checked_secrets([env_secret.encode()], "FEEDBACK_SECRET"), model_name, lifetime_seconds)
+    log.warning("no feedback secret (FEEDBACK_SECRET or --feedback-secret-file): using a random one; other "
+                "replicas and this gateway after a restart will refuse its feedback tokens")
+    return FeedbackTokens.with_random_secret(model_name, lifetime_seconds=lifetime_seconds)

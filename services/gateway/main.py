@@ -56,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="named operator tokens: a file of 'name:token' lines, or a folder with one file per operator "
                    "(a mounted Kubernetes Secret); the audit records the token's owner (GATEWAY_OPERATOR_TOKENS)")
     p.add_argument("--feedback-secret-file", default=env("FEEDBACK_SECRET_FILE", ""),
-                   help="file holding the secret that signs answers' feedback tokens, shared by every replica "
-                   "(FEEDBACK_SECRET_FILE; or the secret itself in FEEDBACK_SECRET; neither = a random one per "
-                   "process)")
+                   help="file holding the secret that signs answers' feedback tokens, shared by every replica; "
+                   "one secret per line to rotate it, the first signing and every one verifying; read again when it "
+                   "changes (FEEDBACK_SECRET_FILE; or one secret itself in FEEDBACK_SECRET; neither = a random one "
+                   "per process)")
     p.add_argument("--feedback-window", type=int, default=int(env("FEEDBACK_WINDOW_SECONDS", str(7 * 24 * 3600))),
                    help="seconds after an answer that its feedback is accepted (FEEDBACK_WINDOW_SECONDS, default "
                    "7 days)")

@@ -3,8 +3,8 @@
 Sources (both optional, merged):
 - a tokens file (``--operator-tokens`` / GATEWAY_OPERATOR_TOKENS): one ``name:token`` per line, ``#`` comments and
   blank lines ignored; or a folder with one file per operator (file name = operator, content = token), which is
-  what a Kubernetes Secret mounted as a volume looks like (its ``..data`` entries are skipped). Re-read when its
-  modification time changes, so a rotated Secret takes effect without a restart;
+  what a Kubernetes Secret mounted as a volume looks like (its ``..data`` entries are skipped). Read again when it
+  changes (watched_file.py), so a rotated Secret takes effect without a restart;
 - the single ``--admin-token`` / GATEWAY_ADMIN_TOKEN, as the operator named ``admin``.
 
 A bearer token is compared with every known token in constant time. No token at all = routing changes refused.
@@ -15,6 +15,8 @@ import hmac
 import logging
 import re
 from pathlib import Path
+
+from services.gateway.watched_file import WatchedFile
 
 log = logging.getLogger("gateway.operators")
 NAME_RE = re.compile(r"[A-Za-z0-9_.@-]+")
@@ -61,18 +63,18 @@ class OperatorTokens:
     def __init__(self, tokens_path: str | Path | None = None, admin_token: str | None = None):
         self.path = Path(tokens_path) if tokens_path else None
         self.admin_token = admin_token or None
-        self._mtime: float | None = None
-        self._tokens: dict[str, str] = {}
-        self._reload()
+        self._file = WatchedFile(self.path, self._read, "operator tokens") if self.path is not None else None
+        self._static = self._read(None) if self._file is None else {}
 
-    def _current_mtime(self) -> float | None:
-        return self.path.stat().st_mtime if self.path is not None else None
+    @property
+    def _tokens(self) -> dict[str, str]:
+        return self._file.current() if self._file is not None else self._static
 
-    def _reload(self) -> None:
-        tokens = read_tokens(self.path) if self.path is not None else {}
+    def _read(self, path: Path | None) -> dict[str, str]:
+        tokens = read_tokens(path) if path is not None else {}
         if self.admin_token:
             if ADMIN_NAME in tokens and tokens[ADMIN_NAME] != self.admin_token:
-                raise OperatorTokensError(f"operator {ADMIN_NAME!r} is in {self.path} and also given as the admin "
+                raise OperatorTokensError(f"operator {ADMIN_NAME!r} is in {path} and also given as the admin "
                                           "token, with another token")
             tokens[ADMIN_NAME] = self.admin_token
         owners: dict[str, str] = {}
@@ -81,20 +83,11 @@ class OperatorTokens:
                 raise OperatorTokensError(f"operators {owners[token]!r} and {name!r} share a token: the audit could "
                                           "not tell them apart")
             owners[token] = name
-        self._tokens, self._mtime = tokens, self._current_mtime()
         log.info("operator tokens: %s", ", ".join(sorted(tokens)) or "none (routing changes refused)")
-
-    def _maybe_reload(self) -> None:
-        """A changed file is re-read; a broken or missing one keeps the tokens already loaded (logged)."""
-        try:
-            if self._current_mtime() != self._mtime:
-                self._reload()
-        except (OSError, OperatorTokensError) as exc:
-            log.error("operator tokens not reloaded, keeping the previous ones: %s", exc)
+        return tokens
 
     @property
     def configured(self) -> bool:
-        self._maybe_reload()
         return bool(self._tokens)
 
     def names(self) -> list[str]:
@@ -104,7 +97,6 @@ class OperatorTokens:
         """The operator whose token ``bearer`` is, or None. Compares with every token (no early exit). A header's
         bytes that are not UTF-8 arrive as lone surrogates (aiohttp decodes with surrogateescape): they are encoded
         as such, so they match no token rather than fail."""
-        self._maybe_reload()
         found, given = None, bearer.encode("utf-8", "surrogatepass")
         for name, token in self._tokens.items():
             if hmac.compare_digest(given, token.encode()):
