@@ -647,6 +647,45 @@ def test_an_operators_table_during_a_rollout_pauses_it_and_is_kept_until_resumed
     assert audit[0]["note"].startswith("rollout: advance v2")
 
 
+def test_the_controller_takes_its_rotated_gateway_token_without_a_restart(redis_server, tmp_path):
+    """In Kubernetes the controller reads its token from the gateway-operators Secret the gateway reads: when an
+    operator rotates it, both files change under the running processes, and the controller's next change is
+    accepted. A token file that no longer reads keeps the token read before."""
+    import os
+
+    import aiohttp
+
+    from services.rollout.clients import GatewayAdmin
+    from services.rollout.main import gateway_token
+
+    def replace(path: Path, text: str) -> None:  # a new file in its place, as the kubelet swaps a Secret's files
+        (path.parent / f"{path.name}.new").write_text(text)
+        os.replace(path.parent / f"{path.name}.new", path)
+
+    token_file = tmp_path / "rollout-controller"
+    token_file.write_text("controller-token\n")
+
+    async def scenario():
+        session = aiohttp.ClientSession()
+        async with InProcessGateway(redis_server.url, "m", {1, 2}) as gateway:
+            admin = GatewayAdmin(session, gateway.url, gateway_token(
+                SimpleNamespace(gateway_token="", gateway_token_file=str(token_file))), timeout=10)
+            await admin.put_routing({"weights": {"1": 100}, "shadow": None}, "before the rotation")
+            replace(Path(gateway.folder.name) / "operators",
+                    f"rollout-controller:rotated-controller-token\nalice:{gateway.OPERATOR_TOKEN}\n")
+            replace(token_file, "rotated-controller-token\n")
+            await admin.put_routing({"weights": {"2": 100}, "shadow": None}, "after the rotation")
+            replace(token_file, "\n")
+            await admin.put_routing({"weights": {"1": 50, "2": 50}, "shadow": None}, "after a bad change")
+            table = await gateway.table()
+        await session.close()
+        return table
+
+    assert asyncio.run(scenario()) == {"1": 50.0, "2": 50.0}
+    with pytest.raises(ValueError, match="holds no token"):
+        gateway_token(SimpleNamespace(gateway_token="", gateway_token_file=str(token_file)))
+
+
 def test_an_operators_change_between_the_controllers_read_and_its_write_is_not_undone(redis_server):
     """The controller read the table, then an operator changes it before the controller's next step lands: the
     gateway refuses the controller's change (it names the generation it read), and the next tick sees the

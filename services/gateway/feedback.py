@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.gateway.watched_file import WatchedFile
+from services.watched_file import WatchedFile
 
 log = logging.getLogger("gateway.feedback")
 VERSION_PREFIX = "v1"

@@ -16,7 +16,7 @@ import logging
 import re
 from pathlib import Path
 
-from services.gateway.watched_file import WatchedFile
+from services.watched_file import WatchedFile
 
 log = logging.getLogger("gateway.operators")
 NAME_RE = re.compile(r"[A-Za-z0-9_.@-]+")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 
 import aiohttp
 
@@ -34,14 +35,19 @@ class GatewayAdmin:
     ``status_dns`` ("host:port"): instead, every IPv4 address the name resolves to at each read (a Kubernetes
     headless Service has one A record per ready pod)."""
 
-    def __init__(self, session: aiohttp.ClientSession, url: str, token: str, status_urls: list[str] | None = None,
-                 timeout: float = 5.0, status_dns: str | None = None):
+    def __init__(self, session: aiohttp.ClientSession, url: str, token: str | Callable[[], str],
+                 status_urls: list[str] | None = None, timeout: float = 5.0, status_dns: str | None = None):
+        """``token``: the controller's operator token, or what gives it as it is now (a watched file)."""
         self.session = session
         self.url = url.rstrip("/")
         self.status_urls = [u.rstrip("/") for u in (status_urls or [url])]
         self.status_dns = status_dns
-        self.headers = {"Authorization": f"Bearer {token}"}
+        self._token = token if callable(token) else lambda: token
         self.timeout = aiohttp.ClientTimeout(total=timeout)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._token()}"}
 
     async def statuses(self) -> tuple[dict[str, dict], dict[str, str]]:
         """GET /v1/admin/status of every replica at once: (status URL -> body, for the replicas that answered;

@@ -14,9 +14,12 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 from services import event_loop
 from services.rollout.policy import DEFAULT_POLICY, PolicyError, load_policy
+from services.watched_file import WatchedFile
 
 log = logging.getLogger("rollout")
 
@@ -42,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gateway-token", default=env("ROLLOUT_GATEWAY_TOKEN", ""),
                    help="the controller's operator token for the gateway's admin API (ROLLOUT_GATEWAY_TOKEN)")
     p.add_argument("--gateway-token-file", default=env("ROLLOUT_GATEWAY_TOKEN_FILE", ""),
-                   help="file holding that token, e.g. a mounted Secret (ROLLOUT_GATEWAY_TOKEN_FILE)")
+                   help="file holding that token, e.g. a mounted Secret, read again when it changes "
+                   "(ROLLOUT_GATEWAY_TOKEN_FILE)")
     p.add_argument("--model-server-rest", default=env("MODEL_SERVER_REST", "http://127.0.0.1:8501"),
                    help="the model server's REST address, for version states (MODEL_SERVER_REST)")
     p.add_argument("--model-name", default=env("MODEL_NAME", "mushrooms"), help="(MODEL_NAME)")
@@ -77,11 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def gateway_token(args: argparse.Namespace) -> str:
+def read_token(path: Path) -> str:
+    token = path.read_text().strip()
+    if not token:
+        raise ValueError(f"{path} holds no token")
+    return token
+
+
+def gateway_token(args: argparse.Namespace) -> Callable[[], str]:
+    """The controller's operator token for the gateway as it is now: --gateway-token-file's is read again when the
+    file changes (the gateway reads its operator tokens again too, so a rotated Secret reaches both); a file that
+    does not read is an error at start, later it keeps the token read before."""
     if args.gateway_token_file:
-        with open(args.gateway_token_file) as f:
-            return f.read().strip()
-    return args.gateway_token
+        return WatchedFile(args.gateway_token_file, read_token, "the gateway token").current
+    if not args.gateway_token:
+        raise ValueError("the controller needs an operator token for the gateway (--gateway-token or "
+                         "--gateway-token-file): it changes the routing only through the gateway's admin API")
+    return lambda: args.gateway_token
 
 
 async def supervise(name: str, step, interval: float, stopping: asyncio.Event, max_backoff: float = 30.0) -> None:
@@ -129,9 +145,6 @@ async def serve(args: argparse.Namespace, policy) -> None:
 
     operators = OperatorTokens(args.operator_tokens or None, args.admin_token or None)
     token = gateway_token(args)
-    if not token:
-        raise ValueError("the controller needs an operator token for the gateway (--gateway-token or "
-                         "--gateway-token-file): it changes the routing only through the gateway's admin API")
     lease_seconds = max(args.lease_seconds, 3 * policy.tick_seconds)
     redis = aioredis.from_url(args.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
     session = aiohttp.ClientSession()

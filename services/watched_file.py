@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Generic, TypeVar
 
-log = logging.getLogger("gateway.watched_file")
+log = logging.getLogger("watched_file")
 T = TypeVar("T")
 
 
