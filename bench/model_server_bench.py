@@ -64,9 +64,10 @@ def start_server(version_dir: Path, batching: bool, workdir: Path):
 
 
 def answered(server) -> float:
-    """Predict calls the model server has answered OK so far (its own counter, as TF Serving names it)."""
+    """Requests (this bench's Predict calls) the model server has answered OK so far (its own counter, as TF Serving
+    names and labels it)."""
     return prometheus_total(server.rest_url + MONITORING_PATH, ":tensorflow:serving:request_count_total",
-                            API="grpc_predict", status="OK")
+                            status="OK")
 
 
 # The server's own latency histograms (TF Serving's, in microseconds) that split a gRPC Predict's time: the whole

@@ -156,11 +156,11 @@ class Stack:
         return self.server.rest_url + MONITORING_PATH
 
     def predict_calls(self) -> float:
-        """Predict requests the model server has answered so far (its own Prometheus counter). The server prints
-        the counter as TF Serving does, `:tensorflow:serving:request_count`; prometheus_client's parser names a
-        counter's sample `<name>_total` whatever the page says."""
-        return prometheus_total(self.model_server_metrics_url, ":tensorflow:serving:request_count_total",
-                                API="grpc_predict")
+        """Requests the model server has answered so far, the gateway's Predict calls (its own Prometheus counter,
+        by model and status as TF Serving's). The server prints the counter as TF Serving does,
+        `:tensorflow:serving:request_count`; prometheus_client's parser names a counter's sample `<name>_total`
+        whatever the page says."""
+        return prometheus_total(self.model_server_metrics_url, ":tensorflow:serving:request_count_total")
 
     def flush_cache(self) -> None:
         import redis

@@ -585,9 +585,24 @@ def test_metrics_count_requests(server, stub):
     assert "_created" not in text
     if server.external:
         return  # the rest are our own metric names
-    assert ':tensorflow:serving:request_count{API="grpc_predict"' in text
+    assert f':tensorflow:serving:request_count{{model_name="{MODEL}",status="OK"}}' in text
     assert ":tensorflow:serving:request_latency_bucket" in text
     assert f':tensorflow:serving:loaded_versions{{model_name="{MODEL}"}}' in text
+
+
+def test_request_count_is_counted_by_model_and_status_alone_as_tf_serving_counts_it(server, stub):
+    """TF Serving's request_count (RecordModelRequestCount, servables/tensorflow/util.cc) has the labels
+    ``model_name`` and ``status`` (the status code's name): one series per model and outcome, however many versions
+    a model server outlives."""
+    for version in sorted(v for v, (state, _) in version_states(server.grpc_target, MODEL).items()
+                          if state == AVAILABLE):
+        stub.Predict(predict_request(pixels(1), version=version), timeout=30)
+    with pytest.raises(grpc.RpcError) as missing:
+        stub.Predict(predict_request(pixels(1), version=987654), timeout=30)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    samples = metric_samples(server, ":tensorflow:serving:request_count_total")  # the parser's name for a counter
+    assert samples and {tuple(sorted(sample.labels)) for sample in samples} == {("model_name", "status")}
+    assert {(s.labels["model_name"], s.labels["status"]) for s in samples} >= {(MODEL, "OK"), (MODEL, "NOT_FOUND")}
 
 
 def metric_samples(server, name: str, **labels: str) -> list:

@@ -312,7 +312,7 @@ def test_under_the_flag_tflite_versions_answer_through_the_batcher_and_others_ke
         total = float(re.search(r'processed_batch_size_sum\{model_name="lite"\} (\S+)', text).group(1))
         assert total >= 12  # both engines through the batch scheduler (how many share a call depends on timing)
         served = [line for line in text.splitlines() if re.match(r":tensorflow:serving:request_count(_total)?\{", line)
-                  and 'model_name="lite"' in line and 'API="grpc_predict"' in line and 'status="OK"' in line]
+                  and 'model_name="lite"' in line and 'status="OK"' in line]
         assert len(served) == 1 and float(served[0].split()[-1]) == 12, served  # counted as for SavedModels
     finally:
         stop_server(server)

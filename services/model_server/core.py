@@ -64,7 +64,7 @@ class PredictionCore:
         try:
             servable = self.manager.resolve(name, version, label)
         except ServingError as exc:
-            self._count(api, name, "", exc.code.name)
+            self._count(name, exc.code.name)
             raise
         return servable, await self.run(api, servable, signature, inputs, output_filter)
 
@@ -100,8 +100,8 @@ class PredictionCore:
             status = "INTERNAL"
             raise
         finally:
-            self._count(api, servable.model_name, str(servable.version), status)
+            self._count(servable.model_name, status)
 
-    def _count(self, api: str, name: str, version: str, status: str) -> None:
+    def _count(self, name: str, status: str) -> None:
         model_value = name if self.manager.has_model(name) else "unknown"  # bounded cardinality
-        metrics.REQUEST_COUNT.labels(model_name=model_value, model_version=version, API=api, status=status).inc()
+        metrics.REQUEST_COUNT.labels(model_name=model_value, status=status).inc()

@@ -23,8 +23,9 @@ def exponential_buckets(scale: float, growth_factor: float, count: int) -> tuple
 LATENCY_MICROSECONDS_BUCKETS = exponential_buckets(10, 1.8, 33)
 RUNTIME_LABEL = "TF1"  # the runtime label TF Serving gives every model run outside TFRT (TFLite's included)
 
-REQUEST_COUNT = Counter(":tensorflow:serving:request_count", "Requests by model, version, API and status",
-                        ["model_name", "model_version", "API", "status"], registry=REGISTRY)
+# TF Serving's labels (RecordModelRequestCount): one series per model and status code, whatever versions come and go
+REQUEST_COUNT = Counter(":tensorflow:serving:request_count", "The total number of requests.",
+                        ["model_name", "status"], registry=REGISTRY)
 REQUEST_LATENCY = Histogram(":tensorflow:serving:request_latency",
                             "Distribution of wall time (in microseconds) for Tensorflow Serving request.",
                             ["model_name", "API", "entrypoint"], registry=REGISTRY,
