@@ -34,6 +34,7 @@ SCRIPTS = {
     "gateway": ["-m", "bench.gateway_bench"],
     "single_flight": ["-m", "bench.single_flight_bench"],
     "compressed_bodies": ["-m", "bench.compressed_bodies"],
+    "cache_burst": ["-m", "bench.cache_burst"],
     "explain": ["-m", "bench.explain_bench"],
     "tflite": ["-m", "bench.tflite_bench"],
     "decode": ["-m", "bench.decode_bench"],
@@ -286,6 +287,20 @@ def rows() -> list[dict]:
                     f"{cell['cpu_s']:.2f} s; {cell['peak_memory_growth_mib']:.0f} MiB; "
                     f"{cell['other_client_worst_ms']:.0f} ms ({cell['other_client_worst_ms_without_bomb']:.0f} ms "
                     "without)", "-", None, source=f"{name}.json")
+    for name, when in (("cache_burst_before_faab23e", "before pipelined cache connections"), ("cache_burst", "")):
+        burst = load(name)
+        if burst:
+            for size, cell in sorted(burst["bursts"].items(), key=lambda item: int(item[0])):
+                add(f"a burst of {size} cache hits at once ({burst['photos']} photos, each request on its own "
+                    f"connection{f'; {when}' if when else ''}): connections Redis accepted; answered from the cache; "
+                    "cache lookups failed or skipped; wall time (medians of "
+                    f"{burst['rounds']} bursts)",
+                    f"{cell['redis_connections_accepted']:.0f}; {cell['cached_fraction']:.1%} "
+                    f"({cell['answered_ok']:.0f} answered OK); {cell['cache_lookups_failed_or_skipped']:.0f}; "
+                    f"{cell['wall_s']:.2f} s", "-", None, source=f"{name}.json")
+            cpu = burst["command_cpu_us"]
+            add(f"the cache's CPU per Redis GET, one at a time; 32 at once{f' ({when})' if when else ''}",
+                f"{cpu['1']:.1f} us; {cpu['32']:.1f} us", "-", None, source=f"{name}.json")
     for name, when in (("overload-before-fixes", "before admission and dropping abandoned misses"),
                        ("overload", "")):
         over = load(name)

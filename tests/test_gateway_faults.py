@@ -459,6 +459,46 @@ def test_an_expected_timeout_header_that_is_not_whole_milliseconds_is_a_400(stac
 
 
 # ------------------------------------------------------------------------------------------- 8. readiness
+def test_a_burst_of_cache_hits_opens_no_more_redis_connections_than_its_bound(stack):
+    """A cache lookup that found no free connection opened one: a burst of hits opened one per request, a storm of
+    connects Redis answered late, each counted a failure, and the breaker then sent the rest of the burst to the
+    model server. The cache's connections are bounded (REDIS_CACHE_CONNECTIONS), each carrying many lookups."""
+    import aiohttp
+    import redis
+
+    bound, burst = 2, 600
+    gateway = GatewayProcess(stack["server"].grpc_target, stack["redis"].url,
+                             env={**GATEWAY_ENV, "REDIS_CACHE_CONNECTIONS": str(bound)})
+    client = redis.Redis.from_url(stack["redis"].url)
+    try:
+        photos = [photo.read_bytes() for photo in PHOTOS[:6]]
+        for photo in photos:
+            wait_until(lambda: gateway.classify(photo, version=1)[1]["cached"], timeout=10, what="the answer cached")
+        url = f"http://127.0.0.1:{gateway.http_port}/v1/classify?version=1"
+        lookups = [gateway.metric("mushroom_gateway_cache_total", outcome=o) for o in ("hit", "error", "bypass")]
+        opened = client.info("stats")["total_connections_received"]
+
+        async def send_burst() -> list[tuple[int, bool]]:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+                async def one(i: int) -> tuple[int, bool]:
+                    async with session.post(url, data=photos[i % len(photos)],
+                                            headers={"Content-Type": "image/jpeg"}) as response:
+                        return response.status, (await response.json()).get("cached", False)
+
+                return await asyncio.gather(*(one(i) for i in range(burst)))
+
+        answers = asyncio.run(send_burst())
+        opened = client.info("stats")["total_connections_received"] - opened
+        hits, errors, bypassed = (gateway.metric("mushroom_gateway_cache_total", outcome=o) - before
+                                  for o, before in zip(("hit", "error", "bypass"), lookups))
+    finally:
+        client.close()
+        gateway.stop()
+    assert {status for status, _ in answers} == {200}
+    assert opened <= bound, f"{opened} connections opened to Redis for a burst of {burst} hits"
+    assert (errors, bypassed) == (0, 0) and hits == sum(cached for _, cached in answers) >= 0.9 * burst
+
+
 def test_readyz_turns_503_while_the_model_server_is_frozen(stack):
     gateway, server = stack["gateway"], stack["server"]
     gateway.wait_ready(timeout=10)

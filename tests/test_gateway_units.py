@@ -487,7 +487,7 @@ def test_the_web_slideshow_shows_the_test_photos_of_a_version_without_demo_photo
     assert [p["path"] for p in ModelInfo(str(tmp_path)).demo_photos(3)] == ["/photos/demo.jpg"]
 
 
-def test_cache_commands_reuse_a_connection_and_drop_one_that_failed():
+def test_cache_commands_share_a_connection_and_drop_one_that_failed():
     import redis.asyncio as aioredis
     from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -502,18 +502,18 @@ def test_cache_commands_reuse_a_connection_and_drop_one_that_failed():
             await cache.put("mushroom:result:k", {"version": 1})
             assert await cache.get("mushroom:result:k") == {"version": 1}
             assert await client.ttl("mushroom:result:k") > 0  # written with the cache TTL
-            used = cache.connections._free[:]
+            used = [pipe.connection for pipe in cache.connections._pipes]
             assert len(used) == 1, "one connection for commands one after another"
             redis_server.stop()
             with pytest.raises((RedisConnectionError, OSError)):
                 await cache.connections.command("GET", "mushroom:result:k")
-            assert cache.connections._free == [], "the failed connection is not given back"
+            assert cache.connections._pipes == [], "the failed connection is dropped"
             assert await cache.get("mushroom:result:k") is None  # Redis down: served uncached, counted
             assert cache.breaker.failures == 1
             redis_server.start()
             await cache.put("mushroom:result:k", {"version": 2})
             assert await cache.get("mushroom:result:k") == {"version": 2}
-            assert cache.connections._free[0] is not used[0]
+            assert [pipe.connection for pipe in cache.connections._pipes] != used
         finally:
             await cache.close()
             await client.aclose()
@@ -541,12 +541,102 @@ def test_a_cache_command_to_a_frozen_redis_ends_at_the_clients_socket_timeout():
                 start = time.monotonic()
                 assert await cache.get("mushroom:result:k") is None  # served uncached
                 assert time.monotonic() - start < 2.0  # one deadline of 0.2 s, generously bounded
-                assert cache.breaker.failures == 1 and cache.connections._free == []
+                while cache.connections._pipes and time.monotonic() - start < 2.0:  # its reader times out too
+                    await asyncio.sleep(0.05)
+                assert cache.breaker.failures == 1 and cache.connections._pipes == []
             finally:
                 redis_server.process.send_signal(signal.SIGCONT)
             assert await cache.get("mushroom:result:k") == {"version": 1}
         finally:
             await cache.close()
+            await client.aclose()
+
+    with RedisServer() as redis_server:
+        asyncio.run(scenario(redis_server))
+
+
+def test_pipelined_cache_commands_each_get_their_own_reply():
+    """Many commands at once on at most two connections: each gets its own reply, also when a caller leaves before
+    its reply or a command gets an error reply; a Redis that freezes fails every command waiting, within the socket
+    timeout, and the next command opens a new connection."""
+    import signal
+    import time
+
+    import redis.asyncio as aioredis
+
+    from services.gateway.cache import CommandConnections
+    from tests.support import RedisServer
+
+    async def scenario(redis_server):
+        client = aioredis.from_url(redis_server.url, socket_timeout=0.3, socket_connect_timeout=0.3)
+        connections = CommandConnections(client, max_connections=2)
+        try:
+            await client.mset({f"k{i}": f"v{i}" for i in range(400)})
+            await client.hset("a-hash", "field", "value")
+            commands = [("GET", f"k{i}") if i % 50 else ("GET", "a-hash") for i in range(400)]
+            tasks = [asyncio.create_task(connections.command(*command)) for command in commands]
+            for task in tasks[1::7]:  # callers that leave before their reply
+                task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            assert 1 <= len(connections._pipes) <= 2
+            for i, (task, result) in enumerate(zip(tasks, results)):
+                if task.cancelled():
+                    continue
+                if i % 50 == 0:  # GET on a hash: an error reply, its command's alone
+                    assert isinstance(result, aioredis.ResponseError) and "WRONGTYPE" in str(result)
+                else:
+                    assert result == f"v{i}".encode(), (i, result)
+            assert await connections.command("GET", "k7") == b"v7"  # still in step
+            redis_server.process.send_signal(signal.SIGSTOP)
+            try:
+                start = time.monotonic()
+                waiting = await asyncio.gather(*(connections.command("GET", f"k{i}") for i in range(50)),
+                                               return_exceptions=True)
+                assert all(isinstance(result, aioredis.RedisError) for result in waiting), waiting
+                assert time.monotonic() - start < 2.0  # a read timeout of 0.3 s, generously bounded
+                while connections._pipes and time.monotonic() - start < 2.0:  # its reader's read times out too
+                    await asyncio.sleep(0.05)
+                assert connections._pipes == []
+            finally:
+                redis_server.process.send_signal(signal.SIGCONT)
+            assert await connections.command("GET", "k9") == b"v9"
+        finally:
+            await connections.close()
+            await client.aclose()
+
+    with RedisServer() as redis_server:
+        asyncio.run(scenario(redis_server))
+
+
+def test_a_cache_command_behind_a_slow_one_fails_alone_at_its_own_timeout():
+    """Two commands of 0.2 s each written at once: the first is answered; the second, answered 0.4 s after its
+    writing, fails at its own socket timeout (served uncached) though each read took less; the connection stays in
+    step (its late reply is read and dropped) and carries the next command."""
+    import time
+
+    import redis.asyncio as aioredis
+
+    from services.gateway.cache import CommandConnections
+    from tests.support import RedisServer
+
+    busy = ("EVAL", "local s = redis.call('TIME') local t0 = s[1] * 1e6 + s[2] "
+            "repeat local n = redis.call('TIME') until n[1] * 1e6 + n[2] - t0 > 200000 return 1", "0")
+
+    async def scenario(redis_server):
+        client = aioredis.from_url(redis_server.url, socket_timeout=0.3, socket_connect_timeout=0.3)
+        connections = CommandConnections(client, max_connections=1)
+        try:
+            await client.set("k", "v")
+            assert await connections.command("GET", "k") == b"v"
+            [pipe] = connections._pipes
+            start = time.monotonic()
+            first, second = await asyncio.gather(connections.command(*busy), connections.command(*busy),
+                                                 return_exceptions=True)
+            assert first == 1 and isinstance(second, aioredis.TimeoutError), (first, second)
+            assert 0.25 < time.monotonic() - start < 0.4
+            assert await connections.command("GET", "k") == b"v" and connections._pipes == [pipe]
+        finally:
+            await connections.close()
             await client.aclose()
 
     with RedisServer() as redis_server:

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
@@ -53,38 +54,145 @@ def explanation_key(sha256: str, model: str, version: int, identity: str, image_
     return keys.explanation(model, version, identity, PREPROCESSING_VERSION, image_size, sha256, target)
 
 
+def _retrieved(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _expire(answer: asyncio.Future) -> None:
+    """A command's reply did not come within the socket timeout of its writing (commands before it on its connection
+    took that long): it fails alone, and its reply, when it comes, is read and dropped."""
+    if not answer.done():
+        answer.set_exception(aioredis.TimeoutError("no reply from Redis within the socket timeout"))
+
+
+class _Pipe:
+    """One connection carrying commands back to back: Redis answers them in the order they were written."""
+
+    __slots__ = ("connection", "waiting", "opening", "reader", "parked", "broken")
+
+    def __init__(self, connection):
+        self.connection = connection
+        self.waiting: deque[asyncio.Future] = deque()  # one per command written and not answered yet, in order
+        self.opening: asyncio.Task | None = None
+        self.reader: asyncio.Task | None = None
+        self.parked: asyncio.Future | None = None  # the reader's, while nothing is waiting
+        self.broken: BaseException | None = None
+
+
 class CommandConnections:
     """Connections for the cache's GET and SET, with the client's own settings (address, TLS, password, database,
-    timeouts): a free one is taken for a command and given back after its reply. The client's pool machinery around
-    each command (lock, retries, observability hooks, events) cost about as much CPU as the command itself; a cache
-    command needs none of it, as a failed one is not retried but served uncached. A connection whose command failed
-    is dropped (its reply may still be on the way); the next command opens a new one."""
+    timeouts), at most ``max_connections`` of them, each carrying any number of commands at once (pipelined): a
+    command is written at once to an idle connection, or a new one while fewer are open, or else the one with the
+    fewest waiting; a reader per connection hands each reply to its command, in order. A burst of lookups is never a
+    storm of connects (a connection each, which Redis answered late, each a failure for the breaker), and no command
+    waits for a free connection.
 
-    def __init__(self, redis: aioredis.Redis):
+    The client's pool machinery around each command (lock, retries, observability hooks, events) cost about as much
+    CPU as the command itself; a cache command needs none of it, as a failed one is not retried but served uncached.
+    A command whose reply has not come within the socket timeout of its writing fails. A read that waits that long,
+    or a connection that fails, fails every command waiting on that connection, which is dropped (late replies would
+    come out of step); the next command opens another. An error reply (e.g. Redis refusing writes) fails its command
+    alone. The reply of a caller that left or timed out is read and dropped, keeping the others' in step."""
+
+    def __init__(self, redis: aioredis.Redis, max_connections: int = 4):
         self._pool = redis.connection_pool
-        self._free: list = []
+        self.max_connections = max(1, max_connections)
+        self._pipes: list[_Pipe] = []
+
+    def _choose(self) -> _Pipe:
+        pipe = min(self._pipes, key=lambda p: len(p.waiting), default=None)
+        if pipe is None or (pipe.waiting and len(self._pipes) < self.max_connections):
+            pipe = _Pipe(self._pool.make_connection())
+            self._pipes.append(pipe)
+            pipe.opening = asyncio.get_running_loop().create_task(self._open(pipe))
+            pipe.opening.add_done_callback(_retrieved)  # its error reaches the commands waiting; none may be left
+        return pipe
 
     async def command(self, *args):
-        connection = self._free.pop() if self._free else self._pool.make_connection()
+        pipe = self._choose()
+        if not pipe.opening.done():
+            await asyncio.shield(pipe.opening)  # one connect for every command that chose the new connection
+        writer = pipe.connection._writer  # redis-py's stream, None once it closed the connection
+        if pipe.broken is not None or writer is None:
+            raise aioredis.ConnectionError(f"cache connection failed: {pipe.broken!r}")
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+        pipe.waiting.append(answer)  # then written with no await between: the replies' order is the writes'
+        writer.writelines(pipe.connection.pack_command(*args))
+        if pipe.parked is not None and not pipe.parked.done():
+            pipe.parked.set_result(None)
+        timeout = pipe.connection.socket_timeout
+        expiry = loop.call_later(timeout, _expire, answer) if timeout else None
         try:
-            await connection.connect()  # at once when connected
-            await connection.send_command(*args)
-            reply = await connection.read_response()
-        except BaseException:
-            await connection.disconnect(nowait=True)
+            return await answer
+        finally:
+            if expiry is not None:
+                expiry.cancel()
+
+    async def _open(self, pipe: _Pipe) -> None:
+        try:
+            await pipe.connection.connect()
+        except BaseException as exc:
+            await self._drop(pipe, exc)
             raise
-        self._free.append(connection)
-        return reply
+        pipe.reader = asyncio.get_running_loop().create_task(self._read(pipe))
+
+    async def _read(self, pipe: _Pipe) -> None:
+        try:
+            while True:
+                if not pipe.waiting:
+                    pipe.parked = asyncio.get_running_loop().create_future()
+                    await pipe.parked
+                    continue
+                try:
+                    reply, error = await pipe.connection.read_response(), None
+                except aioredis.ResponseError as exc:  # an error reply: the connection is still in step
+                    reply, error = None, exc
+                answer = pipe.waiting.popleft()
+                if answer.done():  # its caller left
+                    continue
+                if error is None:
+                    answer.set_result(reply)
+                else:
+                    answer.set_exception(error)
+        except asyncio.CancelledError as exc:  # close()
+            self._fail(pipe, exc)
+            raise
+        except BaseException as exc:  # a timeout or a reset
+            await self._drop(pipe, exc)
+
+    def _fail(self, pipe: _Pipe, exc: BaseException) -> bool:
+        """Out of use, every command waiting on it failed; False if it already was."""
+        if pipe.broken is not None:
+            return False
+        pipe.broken = exc
+        self._pipes.remove(pipe)
+        error = exc if isinstance(exc, (aioredis.RedisError, OSError)) else aioredis.ConnectionError(repr(exc))
+        while pipe.waiting:
+            answer = pipe.waiting.popleft()
+            if not answer.done():
+                answer.set_exception(error)
+        return True
+
+    async def _drop(self, pipe: _Pipe, exc: BaseException) -> None:
+        if self._fail(pipe, exc):
+            await pipe.connection.disconnect(nowait=True)
 
     async def close(self) -> None:
-        while self._free:
-            await self._free.pop().disconnect()
+        for pipe in list(self._pipes):
+            for task in (pipe.opening, pipe.reader):
+                if task is not None and not task.done():
+                    task.cancel()
+            self._fail(pipe, aioredis.ConnectionError("the cache is closing"))
+            await pipe.connection.disconnect()
 
 
 class ResultCache:
-    def __init__(self, redis: aioredis.Redis, ttl_seconds: int, breaker: CircuitBreaker | None = None):
+    def __init__(self, redis: aioredis.Redis, ttl_seconds: int, breaker: CircuitBreaker | None = None,
+                 max_connections: int = 4):
         self.redis = redis
-        self.connections = CommandConnections(redis)
+        self.connections = CommandConnections(redis, max_connections)
         self.ttl = ttl_seconds
         self.breaker = breaker or CircuitBreaker()
 

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest photo accepted, width x height (MAX_PHOTO_PIXELS)")
     p.add_argument("--redis-timeout", type=float, default=float(env("REDIS_TIMEOUT_SECONDS", "0.1")),
                    help="Redis socket timeout before serving uncached (REDIS_TIMEOUT_SECONDS)")
+    p.add_argument("--redis-cache-connections", type=int, default=int(env("REDIS_CACHE_CONNECTIONS", "4")),
+                   help="the most connections the cache opens to Redis, each carrying its lookups and writes "
+                   "pipelined (REDIS_CACHE_CONNECTIONS, default 4)")
     p.add_argument("--upstream-timeout", type=float, default=float(env("UPSTREAM_TIMEOUT_SECONDS", "10")),
                    help="deadline of one model server call (UPSTREAM_TIMEOUT_SECONDS)")
     p.add_argument("--health-timeout", type=float, default=float(env("HEALTH_TIMEOUT_SECONDS", "1")),
@@ -158,7 +161,8 @@ class Gateway:
             args.feedback_secret_file or None, os.environ.get("FEEDBACK_SECRET"), args.model_name,
             args.feedback_window), self.version_facts, args.forget_versions_after)
         self.model_info = ModelInfo(args.model_base_path or None)
-        self.classifier = Classifier(self.upstream, ResultCache(self.redis, args.cache_ttl), self.router, self.stats,
+        cache = ResultCache(self.redis, args.cache_ttl, max_connections=args.redis_cache_connections)
+        self.classifier = Classifier(self.upstream, cache, self.router, self.stats,
                                      self.model_info, Limits(args.max_bytes, args.max_pixels),
                                      SingleFlight() if args.single_flight else NoSingleFlight(), self.version_facts,
                                      batcher=PredictBatcher(self.upstream, args.predict_batch_max,
