@@ -59,25 +59,34 @@ def _retrieved(task: asyncio.Task) -> None:
         task.exception()
 
 
-def _expire(answer: asyncio.Future) -> None:
-    """A command's reply did not come within the socket timeout of its writing (commands before it on its connection
-    took that long): it fails alone, and its reply, when it comes, is read and dropped."""
-    if not answer.done():
-        answer.set_exception(aioredis.TimeoutError("no reply from Redis within the socket timeout"))
-
-
 class _Pipe:
     """One connection carrying commands back to back: Redis answers them in the order they were written."""
 
-    __slots__ = ("connection", "waiting", "opening", "reader", "parked", "broken")
+    __slots__ = ("connection", "waiting", "opening", "reader", "parked", "watch", "broken")
 
     def __init__(self, connection):
         self.connection = connection
-        self.waiting: deque[asyncio.Future] = deque()  # one per command written and not answered yet, in order
+        # (the reply's future, its deadline on the loop's clock) per command written and not answered, in order
+        self.waiting: deque[tuple[asyncio.Future, float]] = deque()
         self.opening: asyncio.Task | None = None
         self.reader: asyncio.Task | None = None
         self.parked: asyncio.Future | None = None  # the reader's, while nothing is waiting
+        self.watch: asyncio.TimerHandle | None = None  # due at the earliest deadline of a command still waiting
         self.broken: BaseException | None = None
+
+    def expire(self) -> None:
+        """Fails the commands past their deadline (their replies, when they come, are read and dropped); armed
+        again for the next deadline while one waits. One timer per connection, not one per command."""
+        self.watch = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for answer, deadline in self.waiting:  # deadlines grow along the queue
+            if answer.done():
+                continue
+            if deadline > now:
+                self.watch = loop.call_at(deadline, self.expire)
+                return
+            answer.set_exception(aioredis.TimeoutError("no reply from Redis within the socket timeout"))
 
 
 class CommandConnections:
@@ -118,17 +127,14 @@ class CommandConnections:
             raise aioredis.ConnectionError(f"cache connection failed: {pipe.broken!r}")
         loop = asyncio.get_running_loop()
         answer = loop.create_future()
-        pipe.waiting.append(answer)  # then written with no await between: the replies' order is the writes'
+        deadline = loop.time() + (pipe.connection.socket_timeout or float("inf"))
+        pipe.waiting.append((answer, deadline))  # then written with no await between: replies come in this order
         writer.writelines(pipe.connection.pack_command(*args))
         if pipe.parked is not None and not pipe.parked.done():
             pipe.parked.set_result(None)
-        timeout = pipe.connection.socket_timeout
-        expiry = loop.call_later(timeout, _expire, answer) if timeout else None
-        try:
-            return await answer
-        finally:
-            if expiry is not None:
-                expiry.cancel()
+        if pipe.watch is None and deadline != float("inf"):
+            pipe.watch = loop.call_at(deadline, pipe.expire)
+        return await answer
 
     async def _open(self, pipe: _Pipe) -> None:
         try:
@@ -149,8 +155,8 @@ class CommandConnections:
                     reply, error = await pipe.connection.read_response(), None
                 except aioredis.ResponseError as exc:  # an error reply: the connection is still in step
                     reply, error = None, exc
-                answer = pipe.waiting.popleft()
-                if answer.done():  # its caller left
+                answer, _ = pipe.waiting.popleft()
+                if answer.done():  # its caller left, or its deadline passed
                     continue
                 if error is None:
                     answer.set_result(reply)
@@ -168,9 +174,11 @@ class CommandConnections:
             return False
         pipe.broken = exc
         self._pipes.remove(pipe)
+        if pipe.watch is not None:
+            pipe.watch.cancel()
         error = exc if isinstance(exc, (aioredis.RedisError, OSError)) else aioredis.ConnectionError(repr(exc))
         while pipe.waiting:
-            answer = pipe.waiting.popleft()
+            answer, _ = pipe.waiting.popleft()
             if not answer.done():
                 answer.set_exception(error)
         return True
