@@ -136,6 +136,32 @@ def test_feedback_token_from_http_and_grpc_counts_once_on_any_replica(gateway, m
     assert summary["versions"]["2"]["feedback"] == {"correct": 0, "total": 1}
 
 
+def test_a_burst_of_feedback_is_recorded_not_refused_for_want_of_a_redis_connection(gateway, redis_server):
+    """redis-py's pool holds 100 connections and refuses a command beyond them at once ("Too many connections"): a
+    burst of 300 feedbacks got 503 for two thirds. The gateway's state commands wait for a connection instead."""
+    import asyncio
+
+    import aiohttp
+
+    photo, burst = PHOTOS[0].read_bytes(), 300
+    answers = [gateway.classify(photo, version=1)[1] for _ in range(burst)]  # one answer each, cached after the first
+    url = f"http://127.0.0.1:{gateway.http_port}/v1/feedback"
+
+    async def send_all() -> list[int]:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            async def one(answer: dict) -> int:
+                body = {"feedback_token": answer["feedback_token"], "true_label": answer["predictions"][0]["label"]}
+                async with session.post(url, json=body) as response:
+                    return response.status
+
+            return await asyncio.gather(*(one(answer) for answer in answers))
+
+    statuses = asyncio.run(send_all())
+    assert statuses == [200] * burst, {status: statuses.count(status) for status in set(statuses)}
+    status, summary, _ = gateway.request("GET", "/v1/admin/status", token="the-admin-token")
+    assert summary["versions"]["1"]["feedback"] == {"correct": burst, "total": burst}
+
+
 def test_status_names_the_process_whose_counts_it_reports(gateway, model_server, redis_server):
     """Request counts are per process: the status says which process (``instance``: an id new at every start, and
     the start time), so that a reader can tell a restarted replica counting from zero from one that goes on."""
