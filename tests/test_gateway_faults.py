@@ -839,6 +839,35 @@ def test_admin_cli_clears_the_table_and_refuses_all_zero_weights(stack):
     assert gateway.request("GET", "/v1/admin/routing", token=TOKEN)[1]["weights"] == {}
 
 
+@pytest.mark.parametrize("taken", ["http", "grpc"])
+def test_a_second_gateway_on_a_taken_port_exits_saying_so(stack, tmp_path, taken):
+    """A gateway given a port another gateway serves (a stale process, a typo in a port map) must exit saying so.
+    gRPC servers bind with SO_REUSEPORT unless told not to: the second gateway served the gRPC port too, and the
+    kernel split the callers between the two. And a port that could not be bound, HTTP's included, left the
+    process hanging as it stopped, its background loops and channels still open. The first keeps every caller."""
+    from devstack.servers import free_port, gateway_argv, python_env, stop_process
+
+    first, log = stack["gateway"], tmp_path / "second-gateway.log"
+    ports = {"http": free_port(), "grpc": free_port(), taken: getattr(first, f"{taken}_port")}
+    with open(log, "w") as out:
+        process = subprocess.Popen(gateway_argv(ports["http"], ports["grpc"], stack["server"].grpc_target,
+                                                stack["redis"].url, MODEL),
+                                   stdout=out, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, env=python_env(GATEWAY_ENV))
+    try:
+        returncode = process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        returncode = None
+    finally:
+        stop_process(process)
+    assert returncode == 1, f"the second gateway {'still ran' if returncode is None else f'exited {returncode}'}"
+    assert "error: " in log.read_text() and f"{ports[taken]}" in log.read_text().split("error: ")[-1]
+    assert first.classify(PHOTOS[0].read_bytes(), version=1)[0] == 200
+    with grpc.insecure_channel(f"127.0.0.1:{first.grpc_port}") as channel:
+        answer = pb_grpc.ClassifierStub(channel).Classify(pb.ClassifyRequest(photo=PHOTOS[0].read_bytes(), version=1),
+                                                          timeout=30)
+    assert answer.predictions
+
+
 def test_a_model_server_connection_that_goes_silent_is_replaced_within_seconds(stack):
     """The gateway's connection to the model server goes silent without a reset (the pod behind a Service replaced,
     a NAT or load balancer that dropped the flow), while a new connection would reach a model server. Calls on the

@@ -232,14 +232,21 @@ def build_server(classifier: Classifier, router: Router, stats: Stats, host: str
     server = grpc.aio.server(interceptors=[ResponseCounter()],
                              options=[("grpc.max_receive_message_length", 32 * 1024 * 1024),
                                       ("grpc.keepalive_permit_without_calls", 1),
-                                      ("grpc.http2.min_ping_interval_without_data_ms", CLIENT_PING_MIN_MS)])
+                                      ("grpc.http2.min_ping_interval_without_data_ms", CLIENT_PING_MIN_MS),
+                                      # a port another process listens on is an error, as for HTTP, not shared
+                                      # (gRPC binds with SO_REUSEPORT by default: the kernel split the callers)
+                                      ("grpc.so_reuseport", 0)])
     pb_grpc.add_ClassifierServicer_to_server(ClassifierService(classifier, router, stats, photo_store, closing),
                                              server)
     health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    if server.add_insecure_port(f"{host}:{port}") == 0:
-        raise OSError(f"cannot listen for gRPC on {host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpcio raises where it used to return 0
+        bound = 0
+    if bound == 0:
+        raise OSError(f"cannot listen for gRPC on {host}:{port} (is another process listening on it?)")
     return server, health_servicer
 
 

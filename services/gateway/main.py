@@ -249,12 +249,17 @@ class Gateway:
                                **RUNNER_OPTIONS)
         await runner.setup()
         site = web.TCPSite(runner, self.args.host, self.args.http_port)
-        await site.start()
         grpc_server = health = None
-        if self.args.grpc_port:
-            grpc_server, health = build_server(self.classifier, self.router, self.stats, self.args.host,
-                                               self.args.grpc_port, photo_store, self._closing_connections)
-            await grpc_server.start()
+        try:
+            await site.start()
+            if self.args.grpc_port:
+                grpc_server, health = build_server(self.classifier, self.router, self.stats, self.args.host,
+                                                   self.args.grpc_port, photo_store, self._closing_connections)
+                await grpc_server.start()
+        except BaseException:  # a port taken: everything started so far ends, so that the process exits
+            await runner.cleanup()
+            await self._close(watchers)
+            raise
         log.info("gateway on http://%s:%d and gRPC %s:%s -> model server %s, redis %s", self.args.host,
                  self.args.http_port, self.args.host, self.args.grpc_port or "off", self.args.model_server,
                  without_password(self.args.redis_url))
@@ -273,8 +278,14 @@ class Gateway:
             except asyncio.TimeoutError:
                 pass
         await self._shut_down(runner, site, grpc_server)
+        await self._close(watchers)
+
+    async def _close(self, watchers: list[asyncio.Task]) -> None:
+        """The background loops end; the model server channel, the cache's and Redis's connections close."""
+        self._stopping.set()
         for task in watchers:
             task.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
         await self.upstream.close()
         await self.classifier.cache.close()
         await self.redis.aclose()
