@@ -442,6 +442,21 @@ def test_a_socket_path_that_cannot_be_bound_is_a_clear_startup_error(tmp_path):
     assert f"cannot listen for gRPC on unix:{blocker}" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_rest_port_that_is_taken_is_a_clear_startup_error(tmp_path):
+    """The gRPC server had started when the REST port failed to bind: it was left for the interpreter to collect,
+    which printed a traceback after the error."""
+    import socket
+
+    write_tiny_model(tmp_path / MODEL / "1")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run_server_until_exit(f"--port={free_port()}", f"--rest_api_port={port}", f"--model_name={MODEL}",
+                                       f"--model_base_path={tmp_path / MODEL}")
+    assert result.returncode == 1
+    assert "address already in use" in result.stderr and f"{port}" in result.stderr
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+
+
 def test_channel_argument_values_are_ints_only_where_absl_simpleatoi_reads_one():
     from services.model_server.grpc_api import parse_channel_arguments
 

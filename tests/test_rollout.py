@@ -539,6 +539,21 @@ def test_a_bad_policy_file_is_refused_with_a_clear_message(tmp_path):
                                                                                                       100]
 
 
+def test_a_taken_port_is_a_clear_startup_error():
+    """Its HTTP session and Redis client were left open when the port failed to bind, which logged an asyncio
+    error ("Unclosed client session") after the message."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "services.rollout", "--host=127.0.0.1", f"--http-port={port}",
+                                 "--redis-url=redis://127.0.0.1:1/0", "--gateway-token=a-controller-token-0123"],
+                                capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60)
+    assert result.returncode == 1
+    assert "error:" in result.stderr and "address already in use" in result.stderr and f"{port}" in result.stderr
+    assert "Unclosed" not in result.stderr and "Traceback" not in result.stderr
+
+
 def test_stack_up_with_rollout_starts_the_controller_acting_as_its_own_operator(tmp_path):
     from devstack.launch import Ports, Stack, new_run_dir, start_stack, stop_stack
 

@@ -443,7 +443,12 @@ class ModelServer:
                                    keepalive_timeout=rest.idle_seconds, **RUNNER_OPTIONS)
             await runner.setup()
             site = web.TCPSite(runner, self.args.host, self.args.rest_api_port)
-            await site.start()
+            try:
+                await site.start()
+            except BaseException:  # the REST port taken: the gRPC server ends too, and the process with them
+                await runner.cleanup()
+                await grpc_server.stop(None)
+                raise
         log.info("serving gRPC on %s:%d%s, REST on %s (metrics %s)", self.args.host, self.args.port,
                  f" and unix:{self.args.grpc_socket_path}" if self.args.grpc_socket_path else "",
                  f"{self.args.host}:{self.args.rest_api_port}" if runner else "off",

@@ -179,7 +179,13 @@ async def serve(args: argparse.Namespace, policy) -> None:
                            keepalive_timeout=args.keepalive_timeout, **RUNNER_OPTIONS)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.http_port)
-    await site.start()
+    try:
+        await site.start()
+    except BaseException:  # the port taken: what was opened closes, and the process exits saying why
+        await runner.cleanup()
+        await session.close()
+        await redis.aclose()
+        raise
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
