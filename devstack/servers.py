@@ -122,9 +122,12 @@ ALLOW_LABELS_BEFORE_LOAD = "--allow_version_labels_for_unavailable_models"
 
 
 def model_server_argv(grpc_port: int, rest_port: int, *extra: str) -> list[str]:
-    """services.model_server on loopback, looking for new versions every second; ``extra`` flags come last."""
+    """services.model_server on loopback, looking for new versions every second, its gRPC port its own (gRPC, as TF
+    Serving, binds with SO_REUSEPORT unless told not to, and would share a port another process serves); ``extra``
+    flags come last (a --grpc_channel_arguments of theirs replaces this one)."""
     return [sys.executable, "-m", "services.model_server", f"--port={grpc_port}", f"--rest_api_port={rest_port}",
-            "--host=127.0.0.1", "--file_system_poll_wait_seconds=1", *extra]
+            "--host=127.0.0.1", "--file_system_poll_wait_seconds=1", "--grpc_channel_arguments=grpc.so_reuseport=0",
+            *extra]
 
 
 @dataclass

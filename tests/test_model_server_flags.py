@@ -457,6 +457,32 @@ def test_a_rest_port_that_is_taken_is_a_clear_startup_error(tmp_path):
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
 
 
+def test_the_stacks_model_server_refuses_a_grpc_port_another_one_serves(tmp_path):
+    """gRPC binds with SO_REUSEPORT unless told not to (TF Serving's default too): a second model server on a gRPC
+    port another serves started, and the kernel split the callers between the two. The local stack and the tests
+    start theirs with grpc.so_reuseport=0 (devstack/servers.py): the second exits saying the port is taken."""
+    from devstack.servers import model_server_argv, start_model_server, stop_process
+
+    write_tiny_model(tmp_path / MODEL / "1")
+    model = (f"--model_name={MODEL}", f"--model_base_path={tmp_path / MODEL}")
+    first = start_model_server(*model)
+    try:
+        port = int(first.grpc_target.rsplit(":", 1)[1])
+        second = subprocess.Popen(model_server_argv(port, free_port(), *model), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, cwd=PROJECT_ROOT,
+                                  env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(PROJECT_ROOT)})
+        try:
+            returncode = second.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        finally:
+            stop_process(second)
+        assert returncode == 1, "a second model server serves the taken gRPC port"
+        assert f"cannot listen for gRPC on 127.0.0.1:{port}" in second.stdout.read()
+    finally:
+        stop_process(first.process)
+
+
 def test_channel_argument_values_are_ints_only_where_absl_simpleatoi_reads_one():
     from services.model_server.grpc_api import parse_channel_arguments
 
