@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,15 +28,45 @@ __all__ = ["free_port", "wait_for_port", "wait_until", "stop_process", "python_e
 
 
 def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0, process=None) -> None:
-    """Until something accepts connections on ``host:port``; fails early when ``process`` exits first."""
+    """Until something accepts connections on ``host:port``; with ``process``, until that process listens there
+    (where the kernel says which process holds a socket: another one on the port, a server started on the same
+    free port meanwhile, is not taken for it), failing early when it exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"process exited with {process.returncode} before listening on {port}")
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+        owned = listens_on(process.pid, port) if process is not None else None
+        if owned is None:
+            with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+                return
+        elif owned:
             return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def listens_on(pid: int, port: int) -> bool | None:
+    """Whether process ``pid`` holds a socket listening on TCP ``port`` (IPv4 or IPv6); None where /proc does not
+    tell (not Linux)."""
+    listening = set()
+    try:
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table) as rows:
+                for row in list(rows)[1:]:
+                    fields = row.split()
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                        listening.add(f"socket:[{fields[9]}]")
+    except OSError:
+        return None
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:  # it has exited
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in listening:
+                return True
+    return False
 
 
 def wait_until(predicate, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):
@@ -144,19 +175,41 @@ class ModelServerProcess:
 def start_model_server(*extra: str, grpc_port: int | None = None, rest_port: int | None = None,
                        log_file: Path | None = None, timeout: float = 90.0) -> ModelServerProcess:
     """The model server with ``extra`` flags (its config, batching, ...) on these ports (free ones when not given);
-    returns once its REST port listens, before any model is loaded."""
-    grpc_port, rest_port = grpc_port or free_port(), rest_port or free_port()
+    returns once its REST port listens (its gRPC port listens by then), before any model is loaded."""
     log_file = log_file or Path(tempfile.mkstemp(prefix="model-server-", suffix=".log")[1])
-    with open(log_file, "w") as log:
-        process = subprocess.Popen(model_server_argv(grpc_port, rest_port, *extra), stdout=log,
-                                   stderr=subprocess.STDOUT, env=python_env(), cwd=PROJECT_ROOT)
-    server = ModelServerProcess(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{rest_port}", process, log_file)
-    try:
-        wait_for_port(rest_port, timeout=timeout, process=process)
-    except BaseException:
-        stop_process(process)
-        raise
-    return server
+    process, (grpc_port, rest_port) = _start_on_ports(
+        lambda grpc, rest: model_server_argv(grpc, rest, *extra), (grpc_port, rest_port), 1, log_file, None, timeout)
+    return ModelServerProcess(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{rest_port}", process, log_file)
+
+
+# What a process that could not bind a port says (aiohttp's OSError, the servers' own gRPC message).
+PORT_TAKEN = ("address already in use", "cannot listen for gRPC")
+FREE_PORT_ATTEMPTS = 3
+
+
+def _start_on_ports(argv: Callable[..., list[str]], ports: tuple[int | None, ...], listening: int, log_file: Path,
+                    env: dict | None, timeout: float) -> tuple[subprocess.Popen, tuple[int, ...]]:
+    """``argv(*ports)`` started (free ports for the ones None), returned with its ports once ``ports[listening]``
+    listens. free_port's port is only free when asked: another process may take it before this one binds it. A
+    process that exits saying a port is taken is started again on new free ports, FREE_PORT_ATTEMPTS times in all,
+    when free ones were asked for."""
+    for attempt in range(1, FREE_PORT_ATTEMPTS + 1):
+        chosen = tuple(free_port() if port is None else port for port in ports)
+        with open(log_file, "w") as log:
+            process = subprocess.Popen(argv(*chosen), stdout=log, stderr=subprocess.STDOUT, env=python_env(env),
+                                       cwd=PROJECT_ROOT)
+        try:
+            wait_for_port(chosen[listening], timeout=timeout, process=process)
+            return process, chosen
+        except RuntimeError:  # it exited before listening
+            stop_process(process)
+            taken = any(words in log_file.read_text() for words in PORT_TAKEN)
+            if not (taken and None in ports and attempt < FREE_PORT_ATTEMPTS):
+                raise
+        except BaseException:
+            stop_process(process)
+            raise
+    raise AssertionError("unreachable")
 
 
 def version_states(target: str, model: str) -> dict[int, tuple[int, str]]:
@@ -189,16 +242,9 @@ def start_gateway(model_server: str, redis_url: str, model_name: str, *extra: st
                   http_port: int | None = None, grpc_port: int | None = None, log_file: Path | None = None,
                   timeout: float = 90.0) -> tuple[subprocess.Popen, int, int, Path]:
     """A gateway (``grpc_port=0``: HTTP only) with ``env`` on top of python_env(); returns (process, http port,
-    grpc port, log file) once its HTTP port listens, before it is ready."""
-    http_port = http_port or free_port()
-    grpc_port = free_port() if grpc_port is None else grpc_port
-    log_file = log_file or Path(tempfile.mkstemp(prefix=f"gateway-{http_port}-", suffix=".log")[1])
-    with open(log_file, "w") as log:
-        process = subprocess.Popen(gateway_argv(http_port, grpc_port, model_server, redis_url, model_name, *extra),
-                                   stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, env=python_env(env))
-    try:
-        wait_for_port(http_port, timeout=timeout, process=process)
-    except BaseException:
-        stop_process(process)
-        raise
+    grpc port, log file) once its HTTP port listens (its gRPC port listens by then), before it is ready."""
+    log_file = log_file or Path(tempfile.mkstemp(prefix="gateway-", suffix=".log")[1])
+    process, (http_port, grpc_port) = _start_on_ports(
+        lambda http, grpc: gateway_argv(http, grpc, model_server, redis_url, model_name, *extra),
+        (http_port or None, grpc_port), 0, log_file, env, timeout)
     return process, http_port, grpc_port, log_file

@@ -62,3 +62,41 @@ def test_a_redis_servers_folder_goes_with_the_process_that_made_it():
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert not Path(done.stdout.strip()).exists()
+
+
+def test_a_server_whose_free_port_was_taken_meanwhile_starts_again_on_new_ones(tmp_path, monkeypatch):
+    """free_port's port is only free when asked: another process can bind it first (two tests, two workers). The
+    launcher handed back a gateway "listening" on a port another process held, and gave up on a model server whose
+    gRPC port was taken. A server that exits saying a port is taken is started again on new free ports."""
+    import socket
+
+    from devstack.health import http_ok
+    from tests.model_server_harness import MODEL
+    from tests.support import RedisServer
+    from training_job.tiny_model import write_tiny_model
+
+    write_tiny_model(tmp_path / MODEL / "1")
+    real_free_port = servers.free_port
+    with socket.create_server(("127.0.0.1", 0)) as taken, RedisServer() as redis:
+        taken_port = taken.getsockname()[1]
+        handed = []
+
+        def first_taken() -> int:  # the first port drawn is one another process holds
+            port = taken_port if not handed else real_free_port()
+            handed.append(port)
+            return port
+
+        monkeypatch.setattr(servers, "free_port", first_taken)
+        server = servers.start_model_server(f"--model_name={MODEL}", f"--model_base_path={tmp_path / MODEL}")
+        try:
+            assert taken_port not in (int(server.grpc_target.rsplit(":", 1)[1]), int(server.rest_url.rsplit(":", 1)[1]))
+            handed.clear()
+            process, http_port, grpc_port, _ = servers.start_gateway(server.grpc_target, redis.url, MODEL)
+            try:
+                assert taken_port not in (http_port, grpc_port)
+                servers.wait_until(lambda: http_ok(f"http://127.0.0.1:{http_port}/readyz"), timeout=30,
+                                   what="the gateway ready")
+            finally:
+                servers.stop_process(process)
+        finally:
+            servers.stop_process(server.process)

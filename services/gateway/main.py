@@ -250,13 +250,15 @@ class Gateway:
         await runner.setup()
         site = web.TCPSite(runner, self.args.host, self.args.http_port)
         grpc_server = health = None
-        try:
-            await site.start()
+        try:  # gRPC first: the HTTP port listening tells a launcher both are bound
             if self.args.grpc_port:
                 grpc_server, health = build_server(self.classifier, self.router, self.stats, self.args.host,
                                                    self.args.grpc_port, photo_store, self._closing_connections)
                 await grpc_server.start()
+            await site.start()
         except BaseException:  # a port taken: everything started so far ends, so that the process exits
+            if grpc_server is not None:
+                await grpc_server.stop(None)
             await runner.cleanup()
             await self._close(watchers)
             raise
