@@ -85,6 +85,18 @@ def drawn_jpeg(seed: int, height: int = 96, width: int = 128) -> bytes:
     return buffer.getvalue()
 
 
+def exit_code_within(process, seconds: float) -> int | None:
+    """``process``'s exit code if it exits within ``seconds``, else None; stopped either way."""
+    import subprocess
+
+    try:
+        return process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        stop_process(process)
+
+
 def closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> tuple[float | None, bytes | None]:
     """(seconds until the server closes or resets ``sock``, None if it is still open after ``seconds``; what the
     server sent before a close, None after a reset), sending ``trickle`` every 0.2 s meanwhile."""

@@ -24,7 +24,7 @@ from services.gateway.single_flight import SingleFlight
 from services.gateway.protos import load
 from tests.gateway_harness import GatewayProcess, gateway_stack
 from tests.model_server_harness import MODEL, wait_until
-from tests.support import MUSHROOMS, NOT_MUSHROOMS, closed_within
+from tests.support import MUSHROOMS, NOT_MUSHROOMS, closed_within, exit_code_within
 from training_job.tiny_model import LABELS, publish_tiny_versions, write_tiny_model
 from training_job.paths import PROJECT_ROOT
 from training_job.publish import publish_dir
@@ -845,7 +845,7 @@ def test_a_second_gateway_on_a_taken_port_exits_saying_so(stack, tmp_path, taken
     gRPC servers bind with SO_REUSEPORT unless told not to: the second gateway served the gRPC port too, and the
     kernel split the callers between the two. And a port that could not be bound, HTTP's included, left the
     process hanging as it stopped, its background loops and channels still open. The first keeps every caller."""
-    from devstack.servers import free_port, gateway_argv, python_env, stop_process
+    from devstack.servers import free_port, gateway_argv, python_env
 
     first, log = stack["gateway"], tmp_path / "second-gateway.log"
     ports = {"http": free_port(), "grpc": free_port(), taken: getattr(first, f"{taken}_port")}
@@ -853,12 +853,7 @@ def test_a_second_gateway_on_a_taken_port_exits_saying_so(stack, tmp_path, taken
         process = subprocess.Popen(gateway_argv(ports["http"], ports["grpc"], stack["server"].grpc_target,
                                                 stack["redis"].url, MODEL),
                                    stdout=out, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, env=python_env(GATEWAY_ENV))
-    try:
-        returncode = process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        returncode = None
-    finally:
-        stop_process(process)
+    returncode = exit_code_within(process, 60)
     assert returncode == 1, f"the second gateway {'still ran' if returncode is None else f'exited {returncode}'}"
     assert "error: " in log.read_text() and f"{ports[taken]}" in log.read_text().split("error: ")[-1]
     assert first.classify(PHOTOS[0].read_bytes(), version=1)[0] == 200

@@ -462,6 +462,7 @@ def test_the_stacks_model_server_refuses_a_grpc_port_another_one_serves(tmp_path
     port another serves started, and the kernel split the callers between the two. The local stack and the tests
     start theirs with grpc.so_reuseport=0 (devstack/servers.py): the second exits saying the port is taken."""
     from devstack.servers import model_server_argv, start_model_server, stop_process
+    from tests.support import exit_code_within
 
     write_tiny_model(tmp_path / MODEL / "1")
     model = (f"--model_name={MODEL}", f"--model_base_path={tmp_path / MODEL}")
@@ -471,13 +472,7 @@ def test_the_stacks_model_server_refuses_a_grpc_port_another_one_serves(tmp_path
         second = subprocess.Popen(model_server_argv(port, free_port(), *model), stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, cwd=PROJECT_ROOT,
                                   env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(PROJECT_ROOT)})
-        try:
-            returncode = second.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            returncode = None
-        finally:
-            stop_process(second)
-        assert returncode == 1, "a second model server serves the taken gRPC port"
+        assert exit_code_within(second, 60) == 1, "a second model server serves the taken gRPC port"
         assert f"cannot listen for gRPC on 127.0.0.1:{port}" in second.stdout.read()
     finally:
         stop_process(first.process)
