@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import select
 import time
 from collections import deque
 from collections.abc import Callable
@@ -62,31 +64,32 @@ def _retrieved(task: asyncio.Task) -> None:
 class _Pipe:
     """One connection carrying commands back to back: Redis answers them in the order they were written."""
 
-    __slots__ = ("connection", "waiting", "opening", "reader", "parked", "watch", "broken")
+    __slots__ = ("connection", "waiting", "opening", "reader", "parked", "watch", "replies", "replies_seen", "broken")
 
     def __init__(self, connection):
         self.connection = connection
-        # (the reply's future, its deadline on the loop's clock) per command written and not answered, in order
-        self.waiting: deque[tuple[asyncio.Future, float]] = deque()
+        self.waiting: deque[asyncio.Future] = deque()  # one per command written and not answered yet, in order
         self.opening: asyncio.Task | None = None
         self.reader: asyncio.Task | None = None
         self.parked: asyncio.Future | None = None  # the reader's, while nothing is waiting
-        self.watch: asyncio.TimerHandle | None = None  # due at the earliest deadline of a command still waiting
+        self.watch: asyncio.TimerHandle | None = None  # the silence watch, while commands wait
+        self.replies = 0  # read so far
+        self.replies_seen = 0  # when the watch was armed
         self.broken: BaseException | None = None
 
-    def expire(self) -> None:
-        """Fails the commands past their deadline (their replies, when they come, are read and dropped); armed
-        again for the next deadline while one waits. One timer per connection, not one per command."""
-        self.watch = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        for answer, deadline in self.waiting:  # deadlines grow along the queue
-            if answer.done():
-                continue
-            if deadline > now:
-                self.watch = loop.call_at(deadline, self.expire)
-                return
-            answer.set_exception(aioredis.TimeoutError("no reply from Redis within the socket timeout"))
+    def reply_unread(self) -> bool:
+        """Whether bytes from Redis are here and not read yet: in the stream's buffer (asyncio.StreamReader's own
+        ``_buffer``) or the socket's. A loop too busy to read them is no silence of Redis."""
+        stream, writer = self.connection._reader, self.connection._writer
+        if stream is not None and len(stream._buffer):
+            return True
+        sock = writer.get_extra_info("socket") if writer is not None else None
+        if sock is None:
+            return False
+        try:
+            return bool(select.select([sock.fileno()], [], [], 0)[0])
+        except (OSError, ValueError):  # closed meanwhile
+            return False
 
 
 class CommandConnections:
@@ -99,15 +102,17 @@ class CommandConnections:
 
     The client's pool machinery around each command (lock, retries, observability hooks, events) cost about as much
     CPU as the command itself; a cache command needs none of it, as a failed one is not retried but served uncached.
-    A command whose reply has not come within the socket timeout of its writing fails. A read that waits that long,
-    or a connection that fails, fails every command waiting on that connection, which is dropped (late replies would
-    come out of step); the next command opens another. An error reply (e.g. Redis refusing writes) fails its command
-    alone. The reply of a caller that left or timed out is read and dropped, keeping the others' in step."""
+    A connection on which commands wait and Redis sends nothing for the socket timeout (no reply read, none arrived
+    unread), or that fails, fails every command waiting on it and is dropped; the next command opens another. The
+    silence is Redis's own: replies that came while the gateway's loop was too busy to read them (a burst of
+    requests) are no failure. An error reply (e.g. Redis refusing writes) fails its command alone. The reply of a
+    caller that left is read and dropped, keeping the others' in step."""
 
     def __init__(self, redis: aioredis.Redis, max_connections: int = 4):
         self._pool = redis.connection_pool
         self.max_connections = max(1, max_connections)
         self._pipes: list[_Pipe] = []
+        self._closing: set[asyncio.Task] = set()  # disconnects under way
 
     def _choose(self) -> _Pipe:
         pipe = min(self._pipes, key=lambda p: len(p.waiting), default=None)
@@ -125,22 +130,34 @@ class CommandConnections:
         writer = pipe.connection._writer  # redis-py's stream, None once it closed the connection
         if pipe.broken is not None or writer is None:
             raise aioredis.ConnectionError(f"cache connection failed: {pipe.broken!r}")
-        loop = asyncio.get_running_loop()
-        answer = loop.create_future()
-        deadline = loop.time() + (pipe.connection.socket_timeout or float("inf"))
-        pipe.waiting.append((answer, deadline))  # then written with no await between: replies come in this order
+        answer = asyncio.get_running_loop().create_future()
+        pipe.waiting.append(answer)  # then written with no await between: the replies' order is the writes'
         writer.writelines(pipe.connection.pack_command(*args))
         if pipe.parked is not None and not pipe.parked.done():
             pipe.parked.set_result(None)
-        if pipe.watch is None and deadline != float("inf"):
-            pipe.watch = loop.call_at(deadline, pipe.expire)
+        if pipe.watch is None and pipe.connection.socket_timeout:
+            pipe.replies_seen = pipe.replies
+            pipe.watch = asyncio.get_running_loop().call_later(pipe.connection.socket_timeout, self._watch, pipe)
         return await answer
+
+    def _watch(self, pipe: _Pipe) -> None:
+        """Each socket timeout while commands wait: a reply read since, or one arrived unread, and the watch goes
+        on; Redis silent all that time, and the connection is dropped."""
+        pipe.watch = None
+        if pipe.broken is not None or not pipe.waiting:
+            return
+        if pipe.replies != pipe.replies_seen or pipe.reply_unread():
+            pipe.replies_seen = pipe.replies
+            pipe.watch = asyncio.get_running_loop().call_later(pipe.connection.socket_timeout, self._watch, pipe)
+            return
+        self._drop_soon(pipe, aioredis.TimeoutError(
+            f"Redis sent nothing for {pipe.connection.socket_timeout} s while commands waited"))
 
     async def _open(self, pipe: _Pipe) -> None:
         try:
             await pipe.connection.connect()
         except BaseException as exc:
-            await self._drop(pipe, exc)
+            self._drop_soon(pipe, exc)
             raise
         pipe.reader = asyncio.get_running_loop().create_task(self._read(pipe))
 
@@ -151,49 +168,55 @@ class CommandConnections:
                     pipe.parked = asyncio.get_running_loop().create_future()
                     await pipe.parked
                     continue
-                try:
-                    reply, error = await pipe.connection.read_response(), None
+                try:  # no timeout of its own: the watch tells Redis's silence from a busy loop
+                    reply, error = await pipe.connection.read_response(timeout=math.inf), None
                 except aioredis.ResponseError as exc:  # an error reply: the connection is still in step
                     reply, error = None, exc
-                answer, _ = pipe.waiting.popleft()
-                if answer.done():  # its caller left, or its deadline passed
+                pipe.replies += 1
+                answer = pipe.waiting.popleft()
+                if answer.done():  # its caller left
                     continue
                 if error is None:
                     answer.set_result(reply)
                 else:
                     answer.set_exception(error)
-        except asyncio.CancelledError as exc:  # close()
+        except asyncio.CancelledError as exc:  # dropped, or close()
             self._fail(pipe, exc)
             raise
-        except BaseException as exc:  # a timeout or a reset
-            await self._drop(pipe, exc)
+        except BaseException as exc:  # a reset
+            self._drop_soon(pipe, exc)
 
     def _fail(self, pipe: _Pipe, exc: BaseException) -> bool:
-        """Out of use, every command waiting on it failed; False if it already was."""
+        """Out of use, every command waiting on it failed, its reader stopped; False if it already was."""
         if pipe.broken is not None:
             return False
         pipe.broken = exc
         self._pipes.remove(pipe)
         if pipe.watch is not None:
             pipe.watch.cancel()
+        if pipe.reader is not None and pipe.reader is not asyncio.current_task():
+            pipe.reader.cancel()
         error = exc if isinstance(exc, (aioredis.RedisError, OSError)) else aioredis.ConnectionError(repr(exc))
         while pipe.waiting:
-            answer, _ = pipe.waiting.popleft()
+            answer = pipe.waiting.popleft()
             if not answer.done():
                 answer.set_exception(error)
         return True
 
-    async def _drop(self, pipe: _Pipe, exc: BaseException) -> None:
+    def _drop_soon(self, pipe: _Pipe, exc: BaseException) -> None:
+        """``_fail`` now, and the connection closed in the background."""
         if self._fail(pipe, exc):
-            await pipe.connection.disconnect(nowait=True)
+            closing = asyncio.get_running_loop().create_task(pipe.connection.disconnect(nowait=True))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         for pipe in list(self._pipes):
-            for task in (pipe.opening, pipe.reader):
-                if task is not None and not task.done():
-                    task.cancel()
+            if pipe.opening is not None and not pipe.opening.done():
+                pipe.opening.cancel()
             self._fail(pipe, aioredis.ConnectionError("the cache is closing"))
             await pipe.connection.disconnect()
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 class ResultCache:
