@@ -21,12 +21,21 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import Select, WebDriverWait
+from selenium.common.exceptions import StaleElementReferenceException
+from selenium.webdriver.support.ui import Select, WebDriverWait as SeleniumWait
 
 from devstack.servers import start_gateway
 from tests.model_server_harness import start_server, stop_server, write_config
 from tests.support import RedisServer, stop_process
 from training_job.paths import PROJECT_ROOT
+
+
+class WebDriverWait(SeleniumWait):
+    """Selenium's wait, retrying through an element gone stale too: the page re-renders its live parts (the status
+    rows, the audit, the weights after a change) while a condition reads them."""
+
+    def __init__(self, driver, timeout: float, **kwargs):
+        super().__init__(driver, timeout, ignored_exceptions=(StaleElementReferenceException,), **kwargs)
 
 
 ADMIN_TOKEN = "web-test-token"
@@ -485,11 +494,13 @@ def test_operator_shows_labels_with_their_versions_adds_one_and_sends_labels_bac
     assert routing["weights"] == {"2": pytest.approx(0.2), "canary": pytest.approx(0.3), "stable": pytest.approx(0.5)}
     assert routing["shadow"] == "canary"
     assert routing["resolved"] == {"2": 2, "canary": 2, "stable": 1}
-    assert (label_text("canary"), label_text("stable")) == ("canary → v2", "stable → v1")
+    WebDriverWait(page, 15).until(lambda d: (label_text("canary"), label_text("stable")) == ("canary → v2",
+                                                                                          "stable → v1"))
     # Live figures: the share each version gets now, and through which labels; the audit shows the labels as set.
     share_of_2 = lambda d: d.find_element(By.CSS_SELECTOR, '#status-rows tr[data-version="2"] .share').text  # noqa: E731
     WebDriverWait(page, 15).until(lambda d: share_of_2(d) == "50.0% (canary)")
-    newest = WebDriverWait(page, 15).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#audit li"))[0].text
+    newest = WebDriverWait(page, 15).until(lambda d: (items := d.find_elements(By.CSS_SELECTOR, "#audit li"))
+                                           and items[0].text)
     assert '"canary":0.3' in newest and '"stable":0.5' in newest, newest
     assert "[object Object]" not in page.find_element(By.ID, "status-rows").text
 
