@@ -592,9 +592,8 @@ def test_stack_up_with_rollout_starts_the_controller_acting_as_its_own_operator(
 
 def test_web_operator_panel_shows_the_rollout_and_sends_commands(model_server, redis_server, stack_files, browser):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    from tests.test_web import SCREENSHOTS
+    from tests.test_web import SCREENSHOTS, WebDriverWait
 
     controller_port = free_port()
     gateway = start_gateway(model_server, redis_server, stack_files, "web",

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
+
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
 from tests.support import RedisServer
 from tests.test_gateway import GatewayProcess
-from tests.test_web import browser, page  # noqa: F401 - the headless Chromium and the loaded page, used by name
+from tests.test_web import WebDriverWait, browser, page  # noqa: F401 - the headless Chromium and the loaded page, used by name
 from training_job.preprocessing import preprocess_bytes
 
 WAIT = 60  # seconds: each heatmap is one model call on a busy 2-core machine
