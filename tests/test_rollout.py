@@ -539,6 +539,40 @@ def test_a_bad_policy_file_is_refused_with_a_clear_message(tmp_path):
                                                                                                       100]
 
 
+def test_a_burst_of_status_reads_is_answered_not_refused_for_want_of_a_redis_connection(redis_server):
+    """redis-py's pool holds 100 connections and refuses a command beyond them at once ("Too many connections"):
+    300 status reads at once (operators' panels, a dashboard) got 503 for half, and the controller's own tick,
+    which renews its lease, could have met the same refusal. Commands beyond the pool now wait for a connection."""
+    import asyncio
+
+    import aiohttp
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "services.rollout", "--host=127.0.0.1", f"--http-port={port}",
+                                f"--redis-url={redis_server.url}", "--gateway-url=http://127.0.0.1:1",
+                                "--model-server-rest=http://127.0.0.1:1", "--model-name=burst"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=PROJECT_ROOT,
+                               env={**os.environ, "ROLLOUT_GATEWAY_TOKEN": CONTROLLER_TOKEN,
+                                    "GATEWAY_ADMIN_TOKEN": ALICE_TOKEN})
+    try:
+        wait_for_port(port, timeout=60, process=process)
+
+        async def burst() -> list[int]:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+                async def one() -> int:
+                    async with session.get(f"http://127.0.0.1:{port}/v1/rollout",
+                                           headers={"Authorization": f"Bearer {ALICE_TOKEN}"}) as response:
+                        await response.read()
+                        return response.status
+
+                return await asyncio.gather(*(one() for _ in range(300)))
+
+        statuses = asyncio.run(burst())
+    finally:
+        stop_process(process)
+    assert statuses == [200] * 300, {status: statuses.count(status) for status in set(statuses)}
+
+
 def test_a_taken_port_is_a_clear_startup_error():
     """Its HTTP session and Redis client were left open when the port failed to bind, which logged an asyncio
     error ("Unclosed client session") after the message."""

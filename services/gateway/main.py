@@ -12,12 +12,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 log = logging.getLogger("gateway")
 
-# The state commands (routing, audit, feedback, status) share this many connections; one beyond them waits for a
-# free one for up to REDIS_STATE_WAIT_SECONDS, then is a 503. (redis-py's own pool refuses it at once: a burst of
-# feedback got 503 past its 100th.) The cache has connections of its own (--redis-cache-connections).
-REDIS_STATE_CONNECTIONS = 64
-REDIS_STATE_WAIT_SECONDS = 5.0
-
 
 def positive_int(text: str) -> int:
     value = int(text)
@@ -138,8 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 class Gateway:
     def __init__(self, args: argparse.Namespace):
-        import redis.asyncio as aioredis
-
         from services.gateway.admission import MissAdmission
         from services.gateway.cache import ResultCache
         from services.gateway.classifier import Classifier
@@ -154,12 +146,11 @@ class Gateway:
         from services.gateway.stats import Stats
         from services.gateway.upstream import ModelServerClient
         from services.gateway.version_facts import VersionFacts
+        from services.redis_pool import state_client
         from training_job.preprocessing import Limits
 
         self.args = args
-        self.redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
-            args.redis_url, max_connections=REDIS_STATE_CONNECTIONS, timeout=REDIS_STATE_WAIT_SECONDS,
-            socket_timeout=args.redis_timeout, socket_connect_timeout=args.redis_timeout))
+        self.redis = state_client(args.redis_url, args.redis_timeout)  # the cache has connections of its own
         self.upstream = ModelServerClient(args.model_server, args.model_name, timeout=args.upstream_timeout,
                                           explain_target=args.explain_model_server or None)
         self.router = Router(self.redis, args.model_name, LabelResolver(self.upstream))

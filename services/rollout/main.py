@@ -132,12 +132,12 @@ async def supervise(name: str, step, interval: float, stopping: asyncio.Event, m
 
 async def serve(args: argparse.Namespace, policy) -> None:
     import aiohttp
-    import redis.asyncio as aioredis
     from aiohttp import web
 
     from services.gateway.operators import OperatorTokens
     from services.http_bodies import RUNNER_OPTIONS
     from services.http_stop import stop_serving
+    from services.redis_pool import state_client
     from services.urls import without_password
     from services.rollout.clients import GatewayAdmin, ModelServerStates
     from services.rollout.controller import Controller
@@ -146,7 +146,7 @@ async def serve(args: argparse.Namespace, policy) -> None:
     operators = OperatorTokens(args.operator_tokens or None, args.admin_token or None)
     token = gateway_token(args)
     lease_seconds = max(args.lease_seconds, 3 * policy.tick_seconds)
-    redis = aioredis.from_url(args.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    redis = state_client(args.redis_url, socket_timeout=2.0)
     session = aiohttp.ClientSession()
     http_timeout = max(min(lease_seconds / 3, 10.0), 0.5)
     model_server = ModelServerStates(session, args.model_server_rest, args.model_name, timeout=http_timeout)
