@@ -627,7 +627,7 @@ def test_cache_commands_answered_while_the_gateway_was_too_busy_to_read_them_do_
             assert await connections.command("GET", "k") == b"v"
             lookups = [asyncio.create_task(connections.command("GET", "k")) for _ in range(50)]
             await asyncio.sleep(0)  # all written
-            time.sleep(0.5)  # the loop busy elsewhere, past the timeout, while Redis answers
+            time.sleep(1.0)  # the loop busy elsewhere, five timeouts long, while Redis answers
             return await asyncio.gather(*lookups, return_exceptions=True)
         finally:
             await connections.close()
@@ -638,8 +638,8 @@ def test_cache_commands_answered_while_the_gateway_was_too_busy_to_read_them_do_
 
 
 def test_cache_commands_behind_slow_ones_wait_while_redis_answers():
-    """Three commands of 0.2 s each written at once, with a socket timeout of 0.3 s: Redis answers all along, so the
-    last waits 0.6 s and is answered, on the same connection, which carries the next command. Only Redis's silence
+    """Six commands of 0.15 s each written at once, with a socket timeout of 0.5 s: Redis answers all along, so the
+    last waits 0.9 s and is answered, on the same connection, which carries the next command. Only Redis's silence
     for the timeout fails the commands waiting (test_pipelined_cache_commands_each_get_their_own_reply)."""
     import time
 
@@ -649,18 +649,18 @@ def test_cache_commands_behind_slow_ones_wait_while_redis_answers():
     from tests.support import RedisServer
 
     busy = ("EVAL", "local s = redis.call('TIME') local t0 = s[1] * 1e6 + s[2] "
-            "repeat local n = redis.call('TIME') until n[1] * 1e6 + n[2] - t0 > 200000 return 1", "0")
+            "repeat local n = redis.call('TIME') until n[1] * 1e6 + n[2] - t0 > 150000 return 1", "0")
 
     async def scenario(redis_server):
-        client = aioredis.from_url(redis_server.url, socket_timeout=0.3, socket_connect_timeout=0.3)
+        client = aioredis.from_url(redis_server.url, socket_timeout=0.5, socket_connect_timeout=0.5)
         connections = CommandConnections(client, max_connections=1)
         try:
             await client.set("k", "v")
             assert await connections.command("GET", "k") == b"v"
             [pipe] = connections._pipes
             start = time.monotonic()
-            assert await asyncio.gather(*(connections.command(*busy) for _ in range(3))) == [1, 1, 1]
-            assert time.monotonic() - start > 0.55
+            assert await asyncio.gather(*(connections.command(*busy) for _ in range(6))) == [1] * 6
+            assert time.monotonic() - start > 0.85  # longer than the timeout
             assert await connections.command("GET", "k") == b"v" and connections._pipes == [pipe]
         finally:
             await connections.close()
