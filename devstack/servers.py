@@ -178,7 +178,8 @@ def start_model_server(*extra: str, grpc_port: int | None = None, rest_port: int
     returns once its REST port listens (its gRPC port listens by then), before any model is loaded."""
     log_file = log_file or Path(tempfile.mkstemp(prefix="model-server-", suffix=".log")[1])
     process, (grpc_port, rest_port) = _start_on_ports(
-        lambda grpc, rest: model_server_argv(grpc, rest, *extra), (grpc_port, rest_port), 1, log_file, None, timeout)
+        lambda grpc, rest: model_server_argv(grpc, rest, *extra), (grpc_port or None, rest_port or None), 1, log_file,
+        None, timeout)
     return ModelServerProcess(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{rest_port}", process, log_file)
 
 
