@@ -20,6 +20,7 @@ from services.gateway.protos import load
 from services.gateway.routing import Router
 from services.gateway.stats import Stats
 from services.gateway.upstream import state_name
+from services.grpc_listen import listen
 from services.grpc_requests import parsing, refuse_undecodable
 
 pb, pb_grpc = load()
@@ -241,12 +242,7 @@ def build_server(classifier: Classifier, router: Router, stats: Stats, host: str
     health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    try:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError:  # grpcio raises where it used to return 0
-        bound = 0
-    if bound == 0:
-        raise OSError(f"cannot listen for gRPC on {host}:{port} (is another process listening on it?)")
+    listen(server, f"{host}:{port}")
     return server, health_servicer
 
 

@@ -21,6 +21,7 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.apis.get_model_metadata_pb2 import SignatureDefMap
 
+from services.grpc_listen import listen
 from services.grpc_requests import parsing, refuse_undecodable
 from services.model_server import metrics
 from services.model_server.core import PredictionCore
@@ -286,13 +287,7 @@ def build_server(core: PredictionCore, inference: Inference, reload_config, opti
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for address in ([f"{options.host}:{options.port}"] if options.port else []) + (
             [f"unix:{options.socket_path}"] if options.socket_path else []):
-        try:
-            bound = (server.add_secure_port(address, options.credentials) if options.credentials is not None
-                     else server.add_insecure_port(address))
-        except RuntimeError:  # grpcio raises where it used to return 0
-            bound = 0
-        if bound == 0:
-            raise OSError(f"cannot listen for gRPC on {address}")
+        listen(server, address, options.credentials)
     if not options.port and not options.socket_path:
         raise OSError("At least one of server_options.grpc_port or server_options.grpc_socket_path must be set.")
     return server
