@@ -555,6 +555,30 @@ def test_a_cache_command_to_a_frozen_redis_ends_at_the_clients_socket_timeout():
         asyncio.run(scenario(redis_server))
 
 
+def on_command_connections(scenario, socket_timeout: float, max_connections: int):
+    """``scenario(redis_server, connections)``'s result, run against a real redis-server through the cache's
+    CommandConnections (a client with this socket timeout, at most ``max_connections``), closed afterwards."""
+    import redis.asyncio as aioredis
+
+    from services.gateway.cache import CommandConnections
+    from tests.support import RedisServer
+
+    async def run(redis_server):
+        client = aioredis.from_url(redis_server.url, socket_timeout=socket_timeout,
+                                   socket_connect_timeout=socket_timeout)
+        connections = CommandConnections(client, max_connections=max_connections)
+        try:
+            await client.set("k", "v")
+            assert await connections.command("GET", "k") == b"v"
+            return await scenario(redis_server, connections)
+        finally:
+            await connections.close()
+            await client.aclose()
+
+    with RedisServer() as redis_server:
+        return asyncio.run(run(redis_server))
+
+
 def test_pipelined_cache_commands_each_get_their_own_reply():
     """Many commands at once on at most two connections: each gets its own reply, also when a caller leaves before
     its reply or a command gets an error reply; a Redis that freezes fails every command waiting, within the socket
@@ -564,12 +588,8 @@ def test_pipelined_cache_commands_each_get_their_own_reply():
 
     import redis.asyncio as aioredis
 
-    from services.gateway.cache import CommandConnections
-    from tests.support import RedisServer
-
-    async def scenario(redis_server):
-        client = aioredis.from_url(redis_server.url, socket_timeout=0.3, socket_connect_timeout=0.3)
-        connections = CommandConnections(client, max_connections=2)
+    async def scenario(redis_server, connections):
+        client = aioredis.from_url(redis_server.url)
         try:
             await client.mset({f"k{i}": f"v{i}" for i in range(400)})
             await client.hset("a-hash", "field", "value")
@@ -601,11 +621,9 @@ def test_pipelined_cache_commands_each_get_their_own_reply():
                 redis_server.process.send_signal(signal.SIGCONT)
             assert await connections.command("GET", "k9") == b"v9"
         finally:
-            await connections.close()
             await client.aclose()
 
-    with RedisServer() as redis_server:
-        asyncio.run(scenario(redis_server))
+    on_command_connections(scenario, socket_timeout=0.3, max_connections=2)
 
 
 def test_cache_commands_answered_while_the_gateway_was_too_busy_to_read_them_do_not_fail():
@@ -614,27 +632,13 @@ def test_cache_commands_answered_while_the_gateway_was_too_busy_to_read_them_do_
     each a miss sent to the model server. Only Redis's silence fails them now."""
     import time
 
-    import redis.asyncio as aioredis
+    async def scenario(redis_server, connections):
+        lookups = [asyncio.create_task(connections.command("GET", "k")) for _ in range(50)]
+        await asyncio.sleep(0)  # all written
+        time.sleep(1.0)  # the loop busy elsewhere, five timeouts long, while Redis answers
+        return await asyncio.gather(*lookups, return_exceptions=True)
 
-    from services.gateway.cache import CommandConnections
-    from tests.support import RedisServer
-
-    async def scenario(redis_server):
-        client = aioredis.from_url(redis_server.url, socket_timeout=0.2, socket_connect_timeout=0.2)
-        connections = CommandConnections(client, max_connections=1)
-        try:
-            await client.set("k", "v")
-            assert await connections.command("GET", "k") == b"v"
-            lookups = [asyncio.create_task(connections.command("GET", "k")) for _ in range(50)]
-            await asyncio.sleep(0)  # all written
-            time.sleep(1.0)  # the loop busy elsewhere, five timeouts long, while Redis answers
-            return await asyncio.gather(*lookups, return_exceptions=True)
-        finally:
-            await connections.close()
-            await client.aclose()
-
-    with RedisServer() as redis_server:
-        assert asyncio.run(scenario(redis_server)) == [b"v"] * 50
+    assert on_command_connections(scenario, socket_timeout=0.2, max_connections=1) == [b"v"] * 50
 
 
 def test_cache_commands_behind_slow_ones_wait_while_redis_answers():
@@ -643,31 +647,17 @@ def test_cache_commands_behind_slow_ones_wait_while_redis_answers():
     for the timeout fails the commands waiting (test_pipelined_cache_commands_each_get_their_own_reply)."""
     import time
 
-    import redis.asyncio as aioredis
-
-    from services.gateway.cache import CommandConnections
-    from tests.support import RedisServer
-
     busy = ("EVAL", "local s = redis.call('TIME') local t0 = s[1] * 1e6 + s[2] "
             "repeat local n = redis.call('TIME') until n[1] * 1e6 + n[2] - t0 > 150000 return 1", "0")
 
-    async def scenario(redis_server):
-        client = aioredis.from_url(redis_server.url, socket_timeout=0.5, socket_connect_timeout=0.5)
-        connections = CommandConnections(client, max_connections=1)
-        try:
-            await client.set("k", "v")
-            assert await connections.command("GET", "k") == b"v"
-            [pipe] = connections._pipes
-            start = time.monotonic()
-            assert await asyncio.gather(*(connections.command(*busy) for _ in range(6))) == [1] * 6
-            assert time.monotonic() - start > 0.85  # longer than the timeout
-            assert await connections.command("GET", "k") == b"v" and connections._pipes == [pipe]
-        finally:
-            await connections.close()
-            await client.aclose()
+    async def scenario(redis_server, connections):
+        [pipe] = connections._pipes
+        start = time.monotonic()
+        assert await asyncio.gather(*(connections.command(*busy) for _ in range(6))) == [1] * 6
+        assert time.monotonic() - start > 0.85  # longer than the timeout
+        assert await connections.command("GET", "k") == b"v" and connections._pipes == [pipe]
 
-    with RedisServer() as redis_server:
-        asyncio.run(scenario(redis_server))
+    on_command_connections(scenario, socket_timeout=0.5, max_connections=1)
 
 
 @pytest.mark.parametrize("code, status, error", [
