@@ -1,11 +1,15 @@
 """Shared pieces of the benchmarks: where results go, a model to measure, photos, latency statistics."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 import zlib
 from pathlib import Path
 
@@ -83,6 +87,70 @@ def zeros_gzipped(mebibytes: int) -> bytes:
     """``mebibytes`` MiB of zero bytes gzipped (a compression bomb): about a thousandth of that to send."""
     encoder, zeros = zlib.compressobj(9, wbits=31), bytes(1 << 20)
     return b"".join([encoder.compress(zeros) for _ in range(mebibytes)] + [encoder.flush()])
+
+
+def jpeg_scan_bomb(side: int, scans: int) -> bytes:
+    """A progressive JPEG of ``scans`` scans of a flat grey ``side`` x ``side`` picture: the first AC scan of its
+    luma repeated. One end-of-band run covers a whole scan of a flat picture, so each repeat is some thirty bytes,
+    yet a decoder passes over every coefficient of the component again for it (libjpeg-turbo's LJT-01-003, "Two
+    Issues with the JPEG Standard"): the CPU a photo costs grows with its scans times its pixels."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (side, side), (120, 130, 140)).save(out, "JPEG", progressive=True, quality=90)
+    data = out.getvalue()
+    sos, at = [], 2  # (start, end) of each scan: its SOS segment and the entropy-coded data after it
+    while data[at + 1] != 0xD9:
+        end = at + 2 + int.from_bytes(data[at + 2:at + 4], "big")
+        if data[at + 1] == 0xDA:
+            while data[end] != 0xFF or data[end + 1] == 0 or 0xD0 <= data[end + 1] <= 0xD7:
+                end += 1
+            sos.append((at, end))
+        at = end
+    if scans < len(sos):
+        raise ValueError(f"Pillow's progressive JPEG has {len(sos)} scans already")
+    start, end = sos[1]
+    return data[:end] + data[start:end] * (scans - len(sos)) + data[end:]
+
+
+def post(url: str, body: bytes, headers: dict) -> int:
+    """POSTs ``body``; the HTTP status of the answer."""
+    request = urllib.request.Request(url, data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            response.read()
+            return response.status
+    except urllib.error.HTTPError as exc:
+        exc.read()
+        return exc.code
+
+
+class ClassifyProbe:
+    """Another client of the gateway: classify calls sent back to back from a thread, ``photos`` in turn, while in
+    its ``with`` block; ``seconds`` holds how long each took. With ``cached``, the first photo is sent once before,
+    so one photo makes every call a cache hit; distinct photos on a flushed cache are misses."""
+
+    def __init__(self, gateway_url: str, photos: list[bytes], cached: bool = True):
+        self.url, self.photos = f"{gateway_url}/v1/classify", photos
+        self.seconds: list[float] = []
+        self._stop = threading.Event()
+        if cached:
+            post(self.url, photos[0], {"Content-Type": "image/jpeg"})
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.perf_counter()
+            post(self.url, self.photos[len(self.seconds) % len(self.photos)], {"Content-Type": "image/jpeg"})
+            self.seconds.append(time.perf_counter() - started)
+
+    def __enter__(self) -> "ClassifyProbe":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def time_calls(call, seconds: float) -> list[float]:

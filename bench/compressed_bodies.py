@@ -16,55 +16,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench.common import (
-    cpu_seconds, peak_memory_mib, published_version_or_exit, sample_photos, write_result, zeros_gzipped,
+    ClassifyProbe, cpu_seconds, peak_memory_mib, post, published_version_or_exit, sample_photos, write_result,
+    zeros_gzipped,
 )
 from bench.stack import Stack
 from training_job.paths import default_registry
-
-
-def post(url: str, body: bytes, headers: dict) -> int:
-    request = urllib.request.Request(url, data=body, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            response.read()
-            return response.status
-    except urllib.error.HTTPError as exc:
-        exc.read()
-        return exc.code
-
-
-class CachedClassifyProbe:
-    """Cached classify calls sent to the gateway back to back, from a thread: the slowest while it ran."""
-
-    def __init__(self, gateway_url: str, photo: bytes):
-        self.url, self.photo = f"{gateway_url}/v1/classify", photo
-        self.seconds: list[float] = []
-        self._stop = threading.Event()
-        post(self.url, photo, {"Content-Type": "image/jpeg"})  # cached from here on
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            started = time.perf_counter()
-            post(self.url, self.photo, {"Content-Type": "image/jpeg"})
-            self.seconds.append(time.perf_counter() - started)
-
-    def __enter__(self) -> "CachedClassifyProbe":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def bomb_one(url: str, pid: int, bomb: bytes, content_type: str, settle: float) -> dict:
@@ -81,7 +43,7 @@ def bomb_one(url: str, pid: int, bomb: bytes, content_type: str, settle: float) 
 def others_wait(url: str, bomb: bytes, content_type: str, probe_url: str, photo: bytes, settle: float) -> dict:
     """The bomb sent to ``url`` again, while another client sends the gateway cached classify calls back to back:
     the slowest of those, and the slowest while no bomb is sent (the same time before it)."""
-    with CachedClassifyProbe(probe_url, photo) as probe:
+    with ClassifyProbe(probe_url, [photo]) as probe:
         time.sleep(settle)
         quiet = len(probe.seconds)
         post(url, bomb, {"Content-Type": content_type, "Content-Encoding": "gzip"})

@@ -35,6 +35,7 @@ SCRIPTS = {
     "single_flight": ["-m", "bench.single_flight_bench"],
     "compressed_bodies": ["-m", "bench.compressed_bodies"],
     "cache_burst": ["-m", "bench.cache_burst"],
+    "scan_bombs": ["-m", "bench.scan_bombs"],
     "explain": ["-m", "bench.explain_bench"],
     "tflite": ["-m", "bench.tflite_bench"],
     "decode": ["-m", "bench.decode_bench"],
@@ -301,6 +302,27 @@ def rows() -> list[dict]:
             cpu = burst["command_cpu_us"]
             add(f"the cache's CPU per Redis GET, one at a time; 32 at once{f' ({when})' if when else ''}",
                 f"{cpu['1']:.1f} us; {cpu['32']:.1f} us", "-", None, source=f"{name}.json")
+    for name, when in (("scan_bombs_before_a4035f3", "before the scan and marker limits"), ("scan_bombs", "")):
+        bombs = load(name)
+        if bombs:
+            def bomb(size: str) -> str:
+                b = bombs["bombs"][size]
+                return (f"a JPEG of {b['scans']:,} scans ({b['side']:,} x {b['side']:,} pixels, "
+                        f"{b['bytes'] / 1e3:.0f} KB)")
+            gateway, server = bombs["gateway_classify"], bombs["model_server_predict_image_bytes"]
+            small, large = gateway["small"], gateway["large"]
+            add(f"{bomb('small')} to the gateway's classify{f', {when}' if when else ''}: answer; CPU; another "
+                "client's slowest cached classify meanwhile (bench/scan_bombs.py)",
+                f"{small['status']}; {small['cpu_s']:.2f} s; {small['other_client_worst_ms']:.0f} ms "
+                f"({small['other_client_worst_ms_without_bomb']:.0f} ms without)", "-", None, source=f"{name}.json")
+            add(f"{bomb('large')} to the gateway's classify{f', {when}' if when else ''}: answer; CPU; "
+                f"{large['bombs_at_once']} at once: another client's slowest cache miss meanwhile",
+                f"{large['status']}; {large['cpu_s']:.2f} s; {large['other_client_worst_ms']:.0f} ms "
+                f"({large['other_client_worst_ms_without_bomb']:.0f} ms without)", "-", None, source=f"{name}.json")
+            add(f"the same two JPEGs to the model server's REST predict (predict_image_bytes, decoded in the graph)"
+                f"{f', {when}' if when else ''}: answers; CPU",
+                f"{server['small']['status']}, {server['large']['status']}; {server['small']['cpu_s']:.2f} s, "
+                f"{server['large']['cpu_s']:.2f} s", "-", None, source=f"{name}.json")
     for name, when in (("overload-before-fixes", "before admission and dropping abandoned misses"),
                        ("overload", "")):
         over = load(name)

@@ -1,0 +1,115 @@
+"""Progressive JPEGs of many scans ("scan bombs", bench.common.jpeg_scan_bomb) against the gateway's classify and the
+model server's REST predict of encoded photos: what one costs, and what the gateway's other clients wait meanwhile.
+
+One Redis, model server and gateway (bench/stack.py) on the newest published version. Two bombs:
+- small: 1,000 x 1,000 pixels of 2,000 scans (30 KB), a photo the gateway opens on its event loop;
+- large: 3,000 x 3,000 pixels of 20,000 scans (513 KB), a photo it decodes in its preprocessing pool.
+Each is sent alone to the gateway's /v1/classify: its answer, how long it took and the gateway's CPU seconds over it
+and the --settle seconds after. Then, while another client sends the gateway classify calls back to back, the
+slowest of those beside the slowest in as long a time before:
+- the small bomb, the other client's calls cache hits (what every client of the gateway waits while it decodes);
+- as many large bombs at once as the gateway has preprocessing threads, the other client's calls cache misses
+  (distinct photos, the cache flushed first).
+The model server's REST :predict gets each bomb alone on ``predict_image_bytes`` (base64 JSON), which decodes in
+the model's graph: its answer, time and the model server's CPU.
+
+Usage: python -m bench.scan_bombs [--registry DIR] [--settle 2]
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import itertools
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from bench.common import (
+    ClassifyProbe, cpu_seconds, jpeg_scan_bomb, post, published_version_or_exit, sample_photos, write_result,
+)
+from bench.stack import Stack, distinct_photos
+from training_job.paths import default_registry
+
+BOMBS = {"small": (1000, 2000), "large": (3000, 20000)}  # side, scans
+PREPROCESS_THREADS = 2  # the gateway's preprocessing pool (services/gateway/classifier.py)
+JPEG = {"Content-Type": "image/jpeg"}
+_sent = itertools.count()
+
+
+def another(bomb: bytes) -> bytes:
+    """``bomb`` with bytes of its own after its end of image: the same picture, another photo to the cache and to
+    single-flight (which would answer a copy sent again without decoding it)."""
+    return bomb + b"sent %d" % next(_sent)
+
+
+def alone(url: str, pid: int, body: bytes, headers: dict, settle: float) -> dict:
+    """``body`` sent to ``url`` with nothing else sent: its answer, its time and process ``pid``'s CPU."""
+    cpu = cpu_seconds(pid)
+    started = time.perf_counter()
+    status = post(url, body, headers)
+    answered = time.perf_counter() - started
+    time.sleep(settle)
+    return {"status": status, "answered_s": round(answered, 3), "cpu_s": round(cpu_seconds(pid) - cpu, 3)}
+
+
+def others_wait(gateway_url: str, bomb: bytes, at_once: int, photos: list[bytes], cached: bool,
+                settle: float) -> dict:
+    """``at_once`` copies of ``bomb`` sent together while another client sends ``photos`` in turn: the slowest of
+    its calls, and the slowest in the ``settle`` seconds before."""
+    with ClassifyProbe(gateway_url, photos, cached) as probe:
+        time.sleep(settle)
+        quiet = len(probe.seconds)
+        statuses = []
+        senders = [threading.Thread(target=lambda copy: statuses.append(post(f"{gateway_url}/v1/classify", copy, JPEG)),
+                                    args=(another(bomb),)) for _ in range(at_once)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+        time.sleep(settle)
+    return {"bombs_at_once": at_once, "statuses": sorted(statuses),
+            "other_client_worst_ms": round(max(probe.seconds[quiet:]) * 1000, 1),
+            "other_client_worst_ms_without_bomb": round(max(probe.seconds[:quiet]) * 1000, 1),
+            "other_client_calls": len(probe.seconds) - quiet}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--registry", type=Path, default=None, help="default: the project's registry")
+    p.add_argument("--model-name", default="mushrooms")
+    p.add_argument("--settle", type=float, default=2.0, help="seconds measured after each answer")
+    args = p.parse_args(argv)
+    version_dir = published_version_or_exit(args.registry or default_registry(), args.model_name)
+    bombs = {name: jpeg_scan_bomb(side, scans) for name, (side, scans) in BOMBS.items()}
+    photos = distinct_photos(sample_photos(1000))
+    result = {"bombs": {name: {"side": side, "scans": scans, "bytes": len(bombs[name])}
+                        for name, (side, scans) in BOMBS.items()}, "settle_s": args.settle}
+    with Stack(version_dir, args.model_name) as stack:
+        gateway = stack.start_gateway(grpc=False)
+        classify = f"{gateway.http_url}/v1/classify"
+        result["gateway_classify"] = {name: alone(classify, gateway.process.pid, another(bomb), JPEG, args.settle)
+                                      for name, bomb in bombs.items()}
+        result["gateway_classify"]["small"].update(
+            others_wait(gateway.http_url, bombs["small"], 1, photos[:1], True, args.settle))
+        stack.flush_cache()
+        result["gateway_classify"]["large"].update(
+            others_wait(gateway.http_url, bombs["large"], PREPROCESS_THREADS, photos[1:], False, args.settle))
+        predict = f"{stack.server.rest_url}/v1/models/{args.model_name}:predict"
+        result["model_server_predict_image_bytes"] = {
+            name: alone(predict, stack.server.process.pid, json.dumps(
+                {"signature_name": "predict_image_bytes",
+                 "instances": [{"b64": base64.b64encode(another(bomb)).decode()}]}).encode(),
+                {"Content-Type": "application/json"}, args.settle)
+            for name, bomb in bombs.items()}
+    print(json.dumps(result, indent=1))
+    write_result("scan_bombs", result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
