@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from bench.common import cpu_seconds, zeros_gzipped
+from bench.common import cpu_seconds, jpeg_scan_bomb, zeros_gzipped
 from services.gateway.errors import GatewayError
 from services.gateway.grpc_api import ClassifierService
 from services.gateway.protos import load
@@ -313,6 +313,20 @@ def test_a_compression_bomb_is_decoded_no_further_than_the_limit(gateway):
                  "too_large")
     time.sleep(2)  # aiohttp reads the rest of a refused body for up to 10 s after the answer ("lingering")
     assert cpu_seconds(gateway.process.pid) - before < 1.0
+
+
+# ---------------------------------------------------------------------------------- a progressive JPEG's scans
+@pytest.mark.parametrize("side, scans", [(1000, 2000), (3000, 20000)])
+def test_a_jpeg_of_more_scans_than_any_encoder_writes_is_a_400_not_minutes_of_decoding(gateway, stub, side, scans):
+    """Every scan has the decoder pass over the picture's coefficients again and may be thirty bytes
+    (bench.common.jpeg_scan_bomb). The smaller photo (30 KB) was decoded on the event loop, every other client
+    waiting; the larger (513 KB, seconds of CPU) in the preprocessing pool, and two such requests held all of it."""
+    bomb = jpeg_scan_bomb(side, scans)
+    assert_error(gateway.request("POST", "/v1/classify", bomb, "image/jpeg"), 400, "too_many_scans")
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Classify(pb.ClassifyRequest(photo=bomb), timeout=20)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert caught.value.details().startswith("too_many_scans: ")
 
 
 # ---------------------------------------------------------------------------------- 405 keeps its Allow header

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from bench.common import jpeg_scan_bomb
 from tests.support import MUSHROOMS
 from training_job.preprocessing import (
-    InvalidImage, Limits, decode_image, exif_orientation, load_pillow, open_image, orient, preprocess_bytes,
+    DEFAULT_LIMITS, FILE_LIMITS, MAX_JPEG_MARKERS, InvalidImage, Limits, decode_image, exif_orientation, load_pillow,
+    open_image, orient, preprocess_bytes,
 )
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
@@ -162,6 +164,41 @@ def test_a_heic_photo_is_refused_with_what_to_send_instead():
         preprocess_bytes(header)
     assert caught.value.code == "not_an_image"
     assert "HEIC" in caught.value.message and "JPEG" in caught.value.message
+
+
+def test_a_progressive_jpeg_of_more_scans_than_the_limit_is_refused_before_it_is_decoded():
+    """Each scan of a progressive JPEG has the decoder pass over its components' coefficients again, and a scan of
+    a flat picture is some thirty bytes (bench.common.jpeg_scan_bomb): within the gateway's 20 MB, hundreds of
+    thousands of them, minutes of CPU for one request, and a photo of 64 KB was decoded on its event loop. Encoders
+    write at most 18 (libjpeg's progression for CMYK; 10 for colour); the limit is checked with the header."""
+    at_limit = jpeg_scan_bomb(1000, DEFAULT_LIMITS.max_scans)
+    assert preprocess_bytes(at_limit).shape == (224, 224, 3)
+    for scans in (DEFAULT_LIMITS.max_scans + 1, 2000):
+        with pytest.raises(InvalidImage) as refused:
+            open_image(jpeg_scan_bomb(1000, scans))
+        assert refused.value.code == "too_many_scans"
+        assert f"{DEFAULT_LIMITS.max_scans}" in refused.value.message
+    assert FILE_LIMITS.max_scans == DEFAULT_LIMITS.max_scans  # no camera writes more: a user's file neither
+
+
+def test_a_jpeg_of_more_markers_than_any_camera_writes_is_refused_before_pillow_reads_them():
+    """Pillow reads the segments before a JPEG's first scan one turn of a Python loop each: 5 million empty
+    comments in 20 MB cost seconds of CPU before a pixel was decoded."""
+    photo = encode(Image.new("RGB", (64, 48), RED), "JPEG")
+    with_comments = photo[:2] + b"\xff\xfe\x00\x02" * (MAX_JPEG_MARKERS + 1) + photo[2:]
+    with pytest.raises(InvalidImage) as refused:
+        open_image(with_comments)
+    assert refused.value.code == "too_many_markers"
+    assert preprocess_bytes(photo[:2] + b"\xff\xfe\x00\x02" * 500 + photo[2:]).shape == (224, 224, 3)
+
+
+def test_only_the_scans_of_the_photo_itself_count():
+    """The bytes FF DA that open a scan may also be in a comment, an EXIF thumbnail or what follows the picture (a
+    phone's motion photo appends its video): none of them is a scan of the photo."""
+    out = io.BytesIO()
+    Image.new("RGB", (300, 200), (90, 60, 30)).save(out, "JPEG", progressive=True, comment=b"\xff\xda" * 500)
+    photo = out.getvalue() + b"\x00\x00\x00\x18ftypmp42" + b"\xff\xda\x00\x0c" * 5000
+    assert preprocess_bytes(photo).shape == (224, 224, 3)
 
 
 def test_truncated_jpeg_is_corrupt():

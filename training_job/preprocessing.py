@@ -12,6 +12,7 @@ the gateway's result cache).
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,10 @@ class Limits:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 60_000_000  # a 40,000 x 40,000 "bomb" is 1.6 G pixels
     max_decode_bytes: int = 256 * 1024 * 1024  # what decoding one photo may hold at once (``decode_bytes``)
+    # Scans of a JPEG (``jpeg_markers``): each has the decoder pass over its components' coefficients again, and may
+    # be a few bytes, so a photo's decode costs its pixels times its scans. Encoders write at most 18 (libjpeg's
+    # progression for four components; 10 for colour, 6 for grey); libjpeg-turbo's own guard is 500.
+    max_scans: int = 100
 
 
 DEFAULT_LIMITS = Limits()  # photos sent to a service (the gateway's --max-bytes and --max-pixels)
@@ -77,6 +82,8 @@ def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS, size: int = DEFAULT
         raise InvalidImage("empty", "the photo is empty (0 bytes)")
     if len(data) > limits.max_bytes:
         raise InvalidImage("too_large", f"the photo is {len(data)} bytes; the limit is {limits.max_bytes} bytes")
+    if data[:2] == b"\xff\xd8":  # a JPEG: its markers counted before Pillow reads them
+        _check_jpeg_markers(data, limits)
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -101,6 +108,55 @@ def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS, size: int = DEFAULT
             + ("" if img.format == "JPEG" else " (a JPEG is decoded at a reduced scale and costs far less)"),
         )
     return img
+
+
+# In a JPEG's entropy-coded data a byte FF is followed by 00 (a stuffed FF) or a restart marker (D0-D7): the first
+# FF followed by anything else (fill bytes FF before a marker skipped) is the next marker, as libjpeg reads it.
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_SOS, _EOI = 0xDA, 0xD9
+_PARAMETERLESS = frozenset({0x01, 0xD8, *range(0xD0, 0xD8)})  # TEM, SOI, RSTn: no length follows
+# Markers a JPEG may hold before the end of its picture. Pillow reads those before the first scan one turn of a
+# Python loop each (millions of 4-byte comments in 20 MB: seconds of CPU before a pixel is decoded), and so does
+# ``jpeg_markers``. Cameras and editors write tens; an ICC profile or XMP packet split into 64 KB pieces, a few
+# hundred at most.
+MAX_JPEG_MARKERS = 2048
+
+
+def jpeg_markers(data: bytes, max_scans: int, max_markers: int = MAX_JPEG_MARKERS) -> tuple[int, int]:
+    """(scans, markers) of the picture a JPEG's ``data`` opens with, read as libjpeg reads them (a segment by its
+    length, a scan's data up to the next marker, stray bytes between them skipped) up to its end of image, and no
+    further than ``max_scans`` + 1 scans or ``max_markers`` + 1 markers. Bytes FF DA elsewhere (a comment, an EXIF
+    thumbnail, what follows the picture: a phone's motion photo appends its video) are no scans of it."""
+    scans = markers = 0
+    at = 2  # after the start of image
+    while scans <= max_scans and markers <= max_markers:
+        found = _NEXT_MARKER.search(data, at)
+        if found is None:
+            break
+        at, marker = found.start(), data[found.start() + 1]
+        if marker == _EOI:
+            break
+        markers += 1
+        if marker in _PARAMETERLESS:
+            at += 2
+            continue
+        at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+        scans += marker == _SOS
+    return scans, markers
+
+
+def _check_jpeg_markers(data: bytes, limits: Limits) -> None:
+    scans, markers = jpeg_markers(data, limits.max_scans)
+    if markers > MAX_JPEG_MARKERS:
+        raise InvalidImage(
+            "too_many_markers",
+            f"the photo is a JPEG of more than {MAX_JPEG_MARKERS} markers (segments and scans) before its picture "
+            f"ends; the limit is {MAX_JPEG_MARKERS} (cameras and editors write tens)")
+    if scans > limits.max_scans:
+        raise InvalidImage(
+            "too_many_scans",
+            f"the photo is a JPEG of more than {limits.max_scans} scans; the limit is {limits.max_scans} (cameras "
+            "and encoders write at most 18): each scan costs a pass over the whole picture")
 
 
 def decode_bytes(header: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> int:
