@@ -2,8 +2,10 @@
 import json
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
+from bench.common import jpeg_scan_bomb
 from training_job.export import in_process_outputs
 from training_job.pipeline import load_run
 from training_job.preprocessing import load_image_file
@@ -54,6 +56,13 @@ def test_bytes_signature_reads_webp_and_png_named_jpg(published_model):
     out = loaded.signatures["predict_image_bytes"](image_bytes=tf.constant([webp.read_bytes(), png.read_bytes()]))
     np.testing.assert_allclose(out["probabilities"].numpy().sum(axis=1), 1.0, atol=1e-5)
     assert not out["not_a_mushroom"].numpy().any()
+
+
+def test_bytes_signature_refuses_a_jpeg_of_more_scans_than_the_contract_takes(published_model):
+    """An INVALID_ARGUMENT from the model server, not seconds of its CPU (bench/scan_bombs.py)."""
+    loaded = tf.saved_model.load(str(published_model.version_dir))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="too_many_scans: "):
+        loaded.signatures["predict_image_bytes"](image_bytes=tf.constant([jpeg_scan_bomb(1000, 2000)]))
 
 
 def test_signature_contract(published_model):

@@ -17,9 +17,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from bench.common import jpeg_scan_bomb
 from tests.support import MUSHROOMS
-from training_job.preprocessing import preprocess_bytes
+from training_job.preprocessing import DEFAULT_LIMITS, MAX_JPEG_MARKERS, jpeg_markers, preprocess_bytes
 from training_job.preprocessing_graph import decode_and_resize, exif_orientation
+from training_job.preprocessing_graph import jpeg_markers as jpeg_markers_in_graph
 
 MAX_LEVEL_DIFFERENCE = 2
 MAX_MEAN_DIFFERENCE = 0.5
@@ -88,6 +90,34 @@ def test_in_graph_pixels_agree_with_preprocess_bytes(cases):
         assert got.shape == (224, 224, 3), name
         assert difference.max() <= MAX_LEVEL_DIFFERENCE and difference.mean() <= MAX_MEAN_DIFFERENCE, (
             name, difference.max(), difference.mean())
+
+
+def a_jpeg_with_comments(count: int) -> bytes:
+    photo = encode(Image.new("RGB", (64, 48), (200, 30, 10)), "JPEG")
+    return photo[:2] + b"\xff\xfe\x00\x02" * count + photo[2:]
+
+
+def costly_jpegs() -> dict[str, bytes]:
+    """JPEGs past ``preprocess_bytes``' limits, by the code it refuses them with."""
+    return {"too_many_scans": jpeg_scan_bomb(1000, 2000), "too_many_markers": a_jpeg_with_comments(3000)}
+
+
+def test_in_graph_jpeg_markers_are_counted_as_preprocess_bytes_counts_them(cases):
+    count = tf.function(lambda data: jpeg_markers_in_graph(data, DEFAULT_LIMITS.max_scans),
+                        input_signature=[tf.TensorSpec([], tf.string)])
+    edges = [jpeg_scan_bomb(1000, DEFAULT_LIMITS.max_scans), a_jpeg_with_comments(MAX_JPEG_MARKERS),
+             b"\xff\xd8", b"\xff\xd8\xff\xda", b"\xff\xd8\xff\xfe\x00"]
+    for data in [d for _, d in cases if d[:2] == b"\xff\xd8"] + edges + list(costly_jpegs().values()):
+        assert tuple(int(n) for n in count(tf.constant(data))) == jpeg_markers(data, DEFAULT_LIMITS.max_scans)
+
+
+def test_a_jpeg_of_more_scans_or_markers_than_the_contract_takes_is_an_invalid_argument_in_graph():
+    """Refused by ``preprocess_bytes`` with these codes, and decoded by ``predict_image_bytes`` for seconds of the
+    model server's CPU each (bench/scan_bombs.py)."""
+    decode = tf.function(lambda data: decode_and_resize(data, 224), input_signature=[tf.TensorSpec([], tf.string)])
+    for code, data in costly_jpegs().items():
+        with pytest.raises(tf.errors.InvalidArgumentError, match=f"{code}: "):
+            decode(tf.constant(data))
 
 
 def test_the_exported_bytes_signature_answers_as_the_pixels_signature(cases, base_network):

@@ -6,12 +6,16 @@ SavedModel's ``predict_image_bytes`` signature, so a client that sends encoded p
 - the EXIF orientation tag (JPEG APP1 ``Exif``, PNG ``eXIf``, WebP ``EXIF``) is read from the bytes with tensor ops
   and applied as ``ImageOps.exif_transpose`` does;
 - grey, grey+alpha and RGBA are flattened to RGB over white;
-- the bilinear resize to a square is antialiased, like Pillow's.
+- the bilinear resize to a square is antialiased, like Pillow's;
+- a JPEG of more scans or markers than ``preprocess_bytes`` takes (``preprocessing.jpeg_markers``) fails the call
+  with INVALID_ARGUMENT, its message naming the same code (``too_many_scans``, ``too_many_markers``).
 
 Pillow and TensorFlow round differently inside decode and resize: tests/test_export_contract.py measures the pixel
 difference on real photos and bounds it, and checks that the classifier's top-1 answer is the same.
 """
 from __future__ import annotations
+
+from training_job.preprocessing import DEFAULT_LIMITS, MAX_JPEG_MARKERS
 
 EXIF_SCAN_BYTES = 1 << 16  # the EXIF block sits in the first segments/chunks of a file
 ORIENTATION_TAG = 0x0112
@@ -95,6 +99,53 @@ def apply_orientation(image, orientation):
     return tf.switch_case(index, branches)
 
 
+def jpeg_markers(data, max_scans: int, max_markers: int = MAX_JPEG_MARKERS):
+    """``preprocessing.jpeg_markers`` as TensorFlow ops: (scans, markers) of a JPEG's picture (a scalar string
+    tensor), int32 scalars, counted no further than ``max_scans`` + 1 scans or ``max_markers`` + 1 markers."""
+    import tensorflow as tf
+
+    raw = tf.cast(tf.io.decode_raw(data, tf.uint8), tf.int32)
+    size = tf.size(raw)
+    raw = tf.concat([raw, tf.zeros([4], tf.int32)], 0)  # reads just past the end see zeros, never fail
+    after = raw[1:size + 1]
+    # where libjpeg sees a marker: FF, then neither 00 (a stuffed FF), a restart marker (D0-D7) nor another FF
+    marker_at = tf.cast(tf.where((raw[:size] == 0xFF) & (after != 0) & (after != 0xFF)
+                                 & ((after < 0xD0) | (after > 0xD7)))[:, 0], tf.int32)
+    marker_at = tf.concat([marker_at, [size]], 0)  # "none further": a position no search passes
+
+    def more(at, scans, markers, ended):
+        return ~ended & (scans <= max_scans) & (markers <= max_markers)
+
+    def next_marker(at, scans, markers, ended):
+        at = tf.gather(marker_at, tf.searchsorted(marker_at, [at])[0])
+        marker = tf.gather(raw, at + 1)
+        ended = (at >= size) | (marker == 0xD9)  # no marker further, or the end of image
+        parameterless = (marker == 0x01) | (marker == 0xD8)  # TEM, SOI (restart markers are never found)
+        length = tf.where(parameterless, 0, tf.gather(raw, at + 2) * 256 + tf.gather(raw, at + 3))
+        counted = tf.cast(~ended, tf.int32)
+        return (at + 2 + length, scans + counted * tf.cast(marker == 0xDA, tf.int32), markers + counted, ended)
+
+    _, scans, markers, _ = tf.while_loop(more, next_marker, (tf.constant(2), tf.constant(0), tf.constant(0),
+                                                             tf.constant(False)))
+    return scans, markers
+
+
+def _checked_jpeg(data):
+    """``data`` once its markers are within the limits ``preprocess_bytes`` holds JPEGs to; INVALID_ARGUMENT,
+    with its code first, when not."""
+    import tensorflow as tf
+
+    scans, markers = jpeg_markers(data, DEFAULT_LIMITS.max_scans)
+    checks = [
+        tf.debugging.assert_less_equal(markers, MAX_JPEG_MARKERS, message=(
+            f"too_many_markers: the photo is a JPEG of more than {MAX_JPEG_MARKERS} markers before its picture ends")),
+        tf.debugging.assert_less_equal(scans, DEFAULT_LIMITS.max_scans, message=(
+            f"too_many_scans: the photo is a JPEG of more than {DEFAULT_LIMITS.max_scans} scans")),
+    ]
+    with tf.control_dependencies(checks):
+        return tf.identity(data)
+
+
 def _decode_jpeg(data, size: int):
     """JPEG at the DCT scale Pillow's draft((size, size)) picks: the largest of 8, 4, 2, 1 <= min(w, h) // size."""
     import tensorflow as tf
@@ -126,7 +177,7 @@ def decode_and_resize(data, size: int):
 
     image = tf.cond(
         tf.io.is_jpeg(data),
-        lambda: tf.cast(_decode_jpeg(data, size), tf.float32),
+        lambda: tf.cast(_decode_jpeg(_checked_jpeg(data), size), tf.float32),
         lambda: _flatten_over_white(tf.io.decode_image(data, channels=0, expand_animations=False)))
     image = apply_orientation(image, exif_orientation(data))
     image = tf.image.resize(image, (size, size), method="bilinear", antialias=True)
