@@ -302,7 +302,7 @@ def rows() -> list[dict]:
             cpu = burst["command_cpu_us"]
             add(f"the cache's CPU per Redis GET, one at a time; 32 at once{f' ({when})' if when else ''}",
                 f"{cpu['1']:.1f} us; {cpu['32']:.1f} us", "-", None, source=f"{name}.json")
-    for name, when in (("scan_bombs_before_a4035f3", "before the scan and marker limits"), ("scan_bombs", "")):
+    for name, when in (("scan_bombs_before_3769e8f", "before the scan and marker limits"), ("scan_bombs", "")):
         bombs = load(name)
         if bombs:
             def bomb(size: str) -> str:
