@@ -116,10 +116,12 @@ def test_webp_is_decoded_to_the_photos_pixels():
     assert np.abs(lossy.astype(int) - as_png).mean() < 3
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
+
+def _png_header_only(width: int, height: int) -> bytes:
+    chunk = png_chunk
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
@@ -190,6 +192,25 @@ def test_a_jpeg_of_more_markers_than_any_camera_writes_is_refused_before_pillow_
         open_image(with_comments)
     assert refused.value.code == "too_many_markers"
     assert preprocess_bytes(photo[:2] + b"\xff\xfe\x00\x02" * 500 + photo[2:]).shape == (224, 224, 3)
+
+
+def png_in_chunks_of(size: int, side: int = 1000) -> bytes:
+    """A PNG of a flat ``side`` x ``side`` picture, its compressed pixels split into IDAT chunks of ``size`` bytes."""
+    pixels = zlib.compress(b"".join(b"\x00" + bytes([90, 60, 30]) * side for _ in range(side)), 9)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+            + b"".join(png_chunk(b"IDAT", pixels[i:i + size]) for i in range(0, len(pixels), size))
+            + png_chunk(b"IEND", b""))
+
+
+def test_a_png_of_more_chunks_than_any_encoder_writes_is_refused_before_pillow_reads_them():
+    """Pillow reads a PNG's chunks one turn of a Python loop each: its compressed pixels in 1.6 million one-byte
+    chunks (20 MB) cost seconds of CPU, ten times what a real PNG of that size costs to decode."""
+    one_byte = png_in_chunks_of(1)
+    assert len(one_byte) // 13 > 2048 + len(one_byte) // 1024  # more chunks than the limit allows
+    with pytest.raises(InvalidImage) as refused:
+        open_image(one_byte)
+    assert refused.value.code == "too_many_chunks"
+    assert preprocess_bytes(png_in_chunks_of(1024)).shape == (224, 224, 3)  # smaller than any encoder's
 
 
 def test_only_the_scans_of_the_photo_itself_count():

@@ -84,6 +84,8 @@ def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS, size: int = DEFAULT
         raise InvalidImage("too_large", f"the photo is {len(data)} bytes; the limit is {limits.max_bytes} bytes")
     if data[:2] == b"\xff\xd8":  # a JPEG: its markers counted before Pillow reads them
         _check_jpeg_markers(data, limits)
+    elif data[:8] == PNG_SIGNATURE:  # a PNG: its chunks counted before Pillow reads them
+        _check_png_chunks(data)
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -157,6 +159,35 @@ def _check_jpeg_markers(data: bytes, limits: Limits) -> None:
             "too_many_scans",
             f"the photo is a JPEG of more than {limits.max_scans} scans; the limit is {limits.max_scans} (cameras "
             "and encoders write at most 18): each scan costs a pass over the whole picture")
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Chunks a PNG may hold: Pillow reads each one turn of a Python loop, those around the image data too. Encoders
+# split the compressed pixels into chunks of 8 KB (libpng) or more; a chunk per KB of the file, and 2,048 besides,
+# is more than any writes.
+PNG_CHUNKS_BESIDES = 2048
+PNG_BYTES_PER_CHUNK = 1024
+
+
+def png_chunks(data: bytes, stop_after: int) -> int:
+    """The chunks of a PNG's ``data`` (its signature skipped), each by its length, up to its IEND, and no further
+    than ``stop_after`` + 1."""
+    chunks, at = 0, len(PNG_SIGNATURE)
+    while chunks <= stop_after and at + 8 <= len(data):
+        chunks += 1
+        if data[at + 4:at + 8] == b"IEND":
+            break
+        at += 12 + int.from_bytes(data[at:at + 4], "big")  # length, type, the data, its CRC
+    return chunks
+
+
+def _check_png_chunks(data: bytes) -> None:
+    limit = PNG_CHUNKS_BESIDES + len(data) // PNG_BYTES_PER_CHUNK
+    if png_chunks(data, limit) > limit:
+        raise InvalidImage(
+            "too_many_chunks",
+            f"the photo is a PNG of more than {limit} chunks; the limit is one per {PNG_BYTES_PER_CHUNK} bytes of it "
+            f"and {PNG_CHUNKS_BESIDES} besides (encoders write image data in chunks of 8 KB or more)")
 
 
 def decode_bytes(header: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> int:
