@@ -86,8 +86,11 @@ async def read_form_file(request: web.Request, names: tuple[str, ...], file_limi
     as they arrive (parts before the file included), the file's towards ``file_limit``; 413 past either. A body
     sent with a Content-Encoding is decoded whole first (``body_limit``), then read as one sent without."""
     if encoded(request):
-        stream = StreamReader(request.protocol, CHUNK_BYTES, loop=asyncio.get_running_loop())
-        stream.feed_data(await read_limited(request, body_limit, "the multipart body"))
+        decoded = await read_limited(request, body_limit, "the multipart body")
+        # a stream holding the whole body below its high-water mark: past it, feed_data would ask the connection,
+        # whose body is read already, to pause, and aiohttp's parser asserts
+        stream = StreamReader(request.protocol, max(CHUNK_BYTES, len(decoded)), loop=asyncio.get_running_loop())
+        stream.feed_data(decoded)
         stream.feed_eof()
     else:
         stream = request.content
