@@ -255,6 +255,32 @@ def test_a_multipart_part_header_line_without_a_colon_is_a_400(gateway):
     assert_error(gateway.request("POST", "/v1/classify", body, content_type), 400, "bad_multipart")
 
 
+def test_a_form_of_more_parts_than_a_photo_upload_has_is_a_400_before_they_are_read(gateway):
+    """aiohttp reads a multipart body's parts on the event loop, tens of microseconds each: 200,000 empty parts
+    before the photo (1.8 MB, or a few KB gzipped) held every client of the gateway for 10 s."""
+    field = b'Content-Disposition: form-data; name="note"\r\n\r\nx\r\n--XYZ\r\n'
+    photo = b'Content-Disposition: form-data; name="photo"\r\n\r\n' + jpeg((60, 2, 1))
+    body, content_type = multipart(field * 10_000 + photo)
+    before = cpu_seconds(gateway.process.pid)
+    assert_error(gateway.request("POST", "/v1/classify", body, content_type), 400, "too_many_parts")
+    assert cpu_seconds(gateway.process.pid) - before < 0.2  # the parts past the limit were never parsed
+    body, content_type = multipart(field * 20 + photo)  # a form's own fields before its photo
+    assert gateway.request("POST", "/v1/classify", body, content_type).status == 200
+
+
+@pytest.mark.parametrize("padding", ["[" + "0," * 500_000 + "0]", "{" + ",".join(f'"{i:x}": 0' for i in range(300_000)) + "}"])
+def test_a_json_classify_body_of_more_values_than_its_fields_is_a_400_before_it_is_parsed(gateway, padding):
+    """json.loads runs on the event loop: a 28 MB body of two million keys (a few hundred KB gzipped) took 1.4 s
+    of it, every client of the gateway waiting. A classify body holds image_b64 and at most six options."""
+    photo = base64.b64encode(jpeg((60, 3, 1))).decode()
+    body = f'{{"image_b64": "{photo}", "note": {padding}}}'.encode()
+    before = cpu_seconds(gateway.process.pid)
+    assert_error(gateway.request("POST", "/v1/classify", body, "application/json"), 400, "too_many_json_values")
+    assert cpu_seconds(gateway.process.pid) - before < 0.2  # refused without being parsed
+    with_options = {"image_b64": f"data:image/jpeg;base64,{photo}", "client_id": "user:1,2", "top_k": 2}
+    assert gateway.request("POST", "/v1/classify", json.dumps(with_options).encode(), "application/json").status == 200
+
+
 ENCODED = [("POST", "/v1/classify", jpeg((70, 1, 1)), "image/jpeg"),
            ("POST", "/v1/classify", *multipart(b'Content-Disposition: form-data; name="photo"\r\n\r\n'
                                                + jpeg((70, 1, 2)))),

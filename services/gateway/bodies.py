@@ -2,7 +2,8 @@
 reading stops at the limit (413, before the rest is decoded; services/http_bodies.py), and a body must arrive
 within a deadline (408). A Content-Encoding not accepted is a 415 (``unsupported_encoding``). What cannot be read is
 a 400: a body that is not what its Content-Encoding says (``bad_encoding``), a malformed multipart body
-(``bad_multipart``), JSON that json.loads refuses (``bad_json``; every JSON route reads its body with read_json).
+(``bad_multipart``) or one whose photo does not come among its first parts (``too_many_parts``), JSON that
+json.loads refuses (``bad_json``; every JSON route reads its body with read_json).
 
 How long a client may take to send a request's headers, and how long an idle keep-alive connection stays open, is
 aiohttp's ``keepalive_timeout`` (set by main.py's --keepalive-timeout): the timer runs from the connection's start
@@ -24,6 +25,9 @@ from services.http_errors import UNDECODABLE, undecodable_body
 
 CHUNK_BYTES = 64 * 1024
 SMALL_BODY_BYTES = 1024 * 1024  # the largest body of the routes other than classify (feedback, admin, rollout)
+# The parts a multipart upload may send before its photo: a form's own fields. aiohttp reads each part on the event
+# loop, tens of microseconds of Python; an empty part is 10 bytes, so the body's limit alone bounds nothing.
+MAX_FORM_PARTS = 32
 
 
 class BodyTimeout(TimeoutError):
@@ -70,11 +74,16 @@ async def read_limited(request: web.Request, limit: int, what: str = "the body")
         raise _gateway_error(exc) from None
 
 
-async def read_json(request: web.Request, limit: int):
+async def read_json(request: web.Request, limit: int, max_values: int | None = None):
     """The request's body of at most ``limit`` bytes (413), parsed as JSON: 400 ``bad_json`` for whatever json.loads
     refuses (not JSON, not UTF-8, nested deeper than the recursion limit, an integer of more digits than Python
-    converts)."""
+    converts). With ``max_values``, a body of more separators of values (``,`` and ``:``, within strings too) is a
+    400 ``too_many_json_values`` before it is parsed: json.loads runs on the event loop, and its time grows with the
+    values a body holds far more than with its bytes."""
     body = await read_limited(request, limit, "the body")
+    if max_values is not None and body.count(b",") + body.count(b":") > max_values:
+        raise GatewayError(400, "too_many_json_values", f"the JSON body holds more than {max_values} values (its "
+                           "',' and ':' counted)")
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as exc:
@@ -82,7 +91,8 @@ async def read_json(request: web.Request, limit: int):
 
 
 async def read_form_file(request: web.Request, names: tuple[str, ...], file_limit: int, body_limit: int) -> bytes:
-    """The first part of a multipart body named one of ``names``. Every part's bytes count towards ``body_limit``
+    """The first part of a multipart body named one of ``names``, among its first MAX_FORM_PARTS (400
+    ``too_many_parts`` at the next part, before its body is read). Every part's bytes count towards ``body_limit``
     as they arrive (parts before the file included), the file's towards ``file_limit``; 413 past either. A body
     sent with a Content-Encoding is decoded whole first (``body_limit``), then read as one sent without."""
     if encoded(request):
@@ -96,8 +106,12 @@ async def read_form_file(request: web.Request, names: tuple[str, ...], file_limi
         stream = request.content
     try:
         reader = MultipartReader(request.headers, stream)
-        size = 0
+        size = parts = 0
         while (part := await reader.next()) is not None:
+            parts += 1
+            if parts > MAX_FORM_PARTS:
+                raise GatewayError(400, "too_many_parts", f"the multipart body has more than {MAX_FORM_PARTS} parts "
+                                   f"before a {' or '.join(map(repr, names))} field; the limit is {MAX_FORM_PARTS}")
             if not isinstance(part, BodyPartReader):
                 raise GatewayError(400, "bad_multipart", "nested multipart bodies are not accepted")
             wanted = part.name in names

@@ -36,6 +36,9 @@ log = logging.getLogger("gateway.http")
 WEB_DIR = Path(__file__).resolve().parent / "web"
 PHOTO_FIELDS = ("photo", "file", "image")  # multipart field names of the photo
 FORM_OVERHEAD_BYTES = 64 * 1024  # what a multipart or JSON body may hold besides the photo
+# The values a classify JSON body may hold: image_b64 and the options (_json_options), a data: URL's own ',' and ':',
+# and room for strings that hold some (bodies.read_json counts them before parsing).
+JSON_BODY_VALUES = 1024
 
 
 def _error_response(exc: GatewayError) -> web.Response:
@@ -233,7 +236,7 @@ class HttpApi:
                 raise GatewayError(400, "not_an_image", f"the body is a JSON object sent as {content_type!r}: send "
                                    "JSON bodies with Content-Type: application/json")
             return body, {}
-        data = await read_json(request, limit)
+        data = await read_json(request, limit, JSON_BODY_VALUES)
         encoded = data.get("image_b64") if isinstance(data, dict) else None
         if not isinstance(encoded, str):
             raise GatewayError(400, "missing_photo", 'JSON bodies need {"image_b64": "<base64 photo>"}')
