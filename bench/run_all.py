@@ -36,6 +36,7 @@ SCRIPTS = {
     "compressed_bodies": ["-m", "bench.compressed_bodies"],
     "cache_burst": ["-m", "bench.cache_burst"],
     "scan_bombs": ["-m", "bench.scan_bombs"],
+    "costly_forms": ["-m", "bench.costly_forms"],
     "explain": ["-m", "bench.explain_bench"],
     "tflite": ["-m", "bench.tflite_bench"],
     "decode": ["-m", "bench.decode_bench"],
@@ -323,6 +324,17 @@ def rows() -> list[dict]:
                 f"{f', {when}' if when else ''}: answers; CPU",
                 f"{server['small']['status']}, {server['large']['status']}; {server['small']['cpu_s']:.2f} s, "
                 f"{server['large']['cpu_s']:.2f} s", "-", None, source=f"{name}.json")
+    for name, when in (("costly_forms_before_948682d", "before the part and value limits"), ("costly_forms", "")):
+        forms = load(name)
+        if forms:
+            for key, what in (("multipart_empty_parts", "a multipart classify body of empty parts before its photo"),
+                              ("json_many_keys", "a JSON classify body of its photo and a field of distinct keys")):
+                cell = forms[key]
+                add(f"{what} ({cell['decoded_bytes'] / 1e6:.1f} MB, {cell['sent_bytes'] / 1e3:.0f} KB gzipped)"
+                    f"{f', {when}' if when else ''}: answer; gateway CPU; another client's slowest cached classify "
+                    "meanwhile (bench/costly_forms.py)",
+                    f"{cell['status']}; {cell['cpu_s']:.2f} s; {cell['other_client_worst_ms']:.0f} ms "
+                    f"({cell['other_client_worst_ms_without']:.0f} ms without)", "-", None, source=f"{name}.json")
     for name, when in (("overload-before-fixes", "before admission and dropping abandoned misses"),
                        ("overload", "")):
         over = load(name)
