@@ -10,7 +10,9 @@ _ERRORS = {str(s): {"description": d, "content": {"application/json": {"schema":
            for s, d in ((400, "bad input"), (401, "missing or wrong admin token"), (404, "unknown version, label, "
                         "request or photo"), (408, "the body did not arrive within --body-timeout"),
                         (413, "body or photo over the limit (a compressed body's, once decoded)"),
-                        (415, "a Content-Encoding other than gzip, deflate or br (Accept-Encoding lists them)"),
+                        (415, "a Content-Encoding other than gzip, deflate or br (Accept-Encoding lists them), "
+                         "or (classify) a photo in an image format not taken (unsupported_format: JPEG, PNG, WEBP, "
+                         "GIF, BMP and AVIF are)"),
                         (500, "internal_error: the gateway failed (a bug, logged)"),
                         (502, "the model server failed, or (classify) the version asked for breaks the serving "
                          "contract (version_unusable) or answered the photo with NaN (model_answer_not_finite)"),

@@ -1,6 +1,6 @@
 """The preprocess stage: a photo to the uint8 pixels [S, S, 3] a version of input size S takes, by the one
 preprocessing contract (``training_job.preprocessing.preprocess_bytes``); an unusable photo is a 400 (413 when too
-large)."""
+large, 415 in a format not taken)."""
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +13,9 @@ from PIL import Image
 
 from services.gateway import metrics
 from services.gateway.errors import GatewayError
-from training_job.preprocessing import InvalidImage, Limits, open_image, preprocess_bytes, preprocess_opened
+from training_job.preprocessing import (
+    PNG_SIGNATURE, InvalidImage, Limits, open_image, preprocess_bytes, preprocess_opened,
+)
 
 # Photos this small are opened on the event loop (header only), and decoded there too when they are JPEGs of few
 # pixels: decoded at a reduced DCT scale, they cost about what the two thread hand-offs to and from the
@@ -28,14 +30,16 @@ INLINE_MAX_PIXELS = 1_000_000
 # more than the hand-offs, or another format, still goes to the pool.
 ALONE_INLINE_MAX_BYTES = 256 * 1024
 ALONE_INLINE_MAX_PIXELS = 2_000_000
+LOOP_OPENED_SIGNATURES = (b"\xff\xd8", PNG_SIGNATURE)  # JPEG (MPO too), PNG
 
 
 def opened_on_the_loop(photo: bytes, limits: Limits, size: int, alone: bool = False) -> Image.Image | None:
-    """The photo opened (``open_image``: header only, limits checked for a decode to ``size``) when it is small
-    enough in bytes to open on the event loop (larger when its request is ``alone``); None when the pool opens it.
-    Raises ``InvalidImage``."""
-    return open_image(photo, limits, size) if len(photo) <= (ALONE_INLINE_MAX_BYTES if alone else INLINE_MAX_BYTES) \
-        else None
+    """The photo opened (``open_image``: header only, limits checked for a decode to ``size``) when it is a JPEG or
+    a PNG small enough in bytes to open on the event loop (larger when its request is ``alone``); None when the pool
+    opens it. Only theirs are headers whose reading the contract bounds (``jpeg_markers``, ``png_chunks``): Pillow
+    reads another format's header with code of its own, however long it takes. Raises ``InvalidImage``."""
+    small = len(photo) <= (ALONE_INLINE_MAX_BYTES if alone else INLINE_MAX_BYTES)
+    return open_image(photo, limits, size) if small and photo.startswith(LOOP_OPENED_SIGNATURES) else None
 
 
 def cheap_to_decode(opened: Image.Image | None, alone: bool = False) -> bool:
@@ -63,7 +67,7 @@ class Preprocessor:
                     (preprocess_opened, opened, size)
                 pixels = await asyncio.get_running_loop().run_in_executor(self.executor, *work)
         except InvalidImage as exc:
-            status = 413 if exc.code in ("too_large",) else 400
+            status = {"too_large": 413, "unsupported_format": 415}.get(exc.code, 400)
             raise GatewayError(status, exc.code, exc.message) from None
         metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - start)
         return pixels
