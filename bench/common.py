@@ -153,6 +153,19 @@ class ClassifyProbe:
         self._thread.join()
 
 
+def others_wait(gateway_url: str, photos: list[bytes], cached: bool, settle: float, send) -> dict:
+    """``send()`` while another client (ClassifyProbe) sends the gateway ``photos`` in turn: the slowest of its calls
+    from then to ``settle`` seconds after, beside the slowest in the ``settle`` seconds before."""
+    with ClassifyProbe(gateway_url, photos, cached) as probe:
+        time.sleep(settle)
+        quiet = len(probe.seconds)
+        send()
+        time.sleep(settle)
+    return {"other_client_worst_ms": round(max(probe.seconds[quiet:]) * 1000, 1),
+            "other_client_worst_ms_without_bomb": round(max(probe.seconds[:quiet]) * 1000, 1),
+            "other_client_calls": len(probe.seconds) - quiet}
+
+
 def time_calls(call, seconds: float) -> list[float]:
     """Calls ``call()`` back to back for ``seconds`` (after one untimed warm-up call); the time of each call."""
     call()

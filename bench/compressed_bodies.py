@@ -22,34 +22,26 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench.common import (
-    ClassifyProbe, cpu_seconds, peak_memory_mib, post, published_version_or_exit, sample_photos, write_result,
+    cpu_seconds, others_wait, peak_memory_mib, post, published_version_or_exit, sample_photos, write_result,
     zeros_gzipped,
 )
 from bench.stack import Stack
 from training_job.paths import default_registry
 
 
+def gzipped(content_type: str) -> dict:
+    return {"Content-Type": content_type, "Content-Encoding": "gzip"}
+
+
 def bomb_one(url: str, pid: int, bomb: bytes, content_type: str, settle: float) -> dict:
     """The bomb sent to ``url`` alone: its answer, and the CPU and peak memory growth of process ``pid``."""
     cpu, peak = cpu_seconds(pid), peak_memory_mib(pid)
     started = time.perf_counter()
-    status = post(url, bomb, {"Content-Type": content_type, "Content-Encoding": "gzip"})
+    status = post(url, bomb, gzipped(content_type))
     answered = time.perf_counter() - started
     time.sleep(settle)
     return {"status": status, "answered_s": round(answered, 3), "cpu_s": round(cpu_seconds(pid) - cpu, 3),
             "peak_memory_growth_mib": round(peak_memory_mib(pid) - peak, 1)}
-
-
-def others_wait(url: str, bomb: bytes, content_type: str, probe_url: str, photo: bytes, settle: float) -> dict:
-    """The bomb sent to ``url`` again, while another client sends the gateway cached classify calls back to back:
-    the slowest of those, and the slowest while no bomb is sent (the same time before it)."""
-    with ClassifyProbe(probe_url, [photo]) as probe:
-        time.sleep(settle)
-        quiet = len(probe.seconds)
-        post(url, bomb, {"Content-Type": content_type, "Content-Encoding": "gzip"})
-        time.sleep(settle)
-    return {"other_client_worst_ms": round(max(probe.seconds[quiet:]) * 1000, 1),
-            "other_client_worst_ms_without_bomb": round(max(probe.seconds[:quiet]) * 1000, 1)}
 
 
 def main(argv=None) -> int:
@@ -69,12 +61,12 @@ def main(argv=None) -> int:
             "bomb": {"decoded_mib": args.mebibytes, "sent_bytes": len(bomb)}, "settle_s": args.settle,
             "gateway_classify": {**bomb_one(f"{gateway.http_url}/v1/classify", gateway.process.pid, bomb,
                                              "image/jpeg", args.settle),
-                                 **others_wait(f"{gateway.http_url}/v1/classify", bomb, "image/jpeg",
-                                               gateway.http_url, photo, args.settle)},
+                                 **others_wait(gateway.http_url, [photo], True, args.settle, lambda: post(
+                                     f"{gateway.http_url}/v1/classify", bomb, gzipped("image/jpeg")))},
             "model_server_predict": {**bomb_one(rest, stack.server.process.pid, bomb, "application/json",
                                                 args.settle),
-                                     **others_wait(rest, bomb, "application/json", gateway.http_url, photo,
-                                                   args.settle)},
+                                     **others_wait(gateway.http_url, [photo], True, args.settle,
+                                                   lambda: post(rest, bomb, gzipped("application/json")))},
         }
     print(result)
     write_result("compressed_bodies", result)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench.common import ClassifyProbe, cpu_seconds, post, published_version_or_exit, sample_photos, write_result
+from bench.common import cpu_seconds, others_wait, post, published_version_or_exit, sample_photos, write_result
 from bench.stack import Stack
 from training_job.paths import default_registry
 
@@ -74,13 +74,8 @@ def main(argv=None) -> int:
             time.sleep(args.settle)
             cell = {"decoded_bytes": len(body), "sent_bytes": len(sent), "status": status,
                     "answered_s": round(answered, 3), "cpu_s": round(cpu_seconds(pid) - cpu, 3)}
-            with ClassifyProbe(gateway.http_url, [photo]) as probe:
-                time.sleep(args.settle)
-                quiet = len(probe.seconds)
-                send(url, sent, content_type)
-                time.sleep(args.settle)
-            cell.update(other_client_worst_ms=round(max(probe.seconds[quiet:]) * 1000, 1),
-                        other_client_worst_ms_without=round(max(probe.seconds[:quiet]) * 1000, 1))
+            cell.update(others_wait(gateway.http_url, [photo], True, args.settle,
+                                    lambda: send(url, sent, content_type)))
             result[name] = cell
             print(name, cell, flush=True)
     write_result("costly_forms", result)

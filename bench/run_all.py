@@ -334,7 +334,7 @@ def rows() -> list[dict]:
                     f"{f', {when}' if when else ''}: answer; gateway CPU; another client's slowest cached classify "
                     "meanwhile (bench/costly_forms.py)",
                     f"{cell['status']}; {cell['cpu_s']:.2f} s; {cell['other_client_worst_ms']:.0f} ms "
-                    f"({cell['other_client_worst_ms_without']:.0f} ms without)", "-", None, source=f"{name}.json")
+                    f"({cell['other_client_worst_ms_without_bomb']:.0f} ms without)", "-", None, source=f"{name}.json")
     for name, when in (("overload-before-fixes", "before admission and dropping abandoned misses"),
                        ("overload", "")):
         over = load(name)

@@ -30,7 +30,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench.common import (
-    ClassifyProbe, cpu_seconds, jpeg_scan_bomb, post, published_version_or_exit, sample_photos, write_result,
+    cpu_seconds, jpeg_scan_bomb, others_wait, post, published_version_or_exit, sample_photos, write_result,
 )
 from bench.stack import Stack, distinct_photos
 from training_job.paths import default_registry
@@ -64,25 +64,16 @@ def alone(url: str, pid: int, body: bytes, headers: dict, settle: float) -> dict
     return {"status": status, "answered_s": round(answered, 3), "cpu_s": round(cpu_seconds(pid) - cpu, 3)}
 
 
-def others_wait(gateway_url: str, bomb: bytes, at_once: int, photos: list[bytes], cached: bool,
-                settle: float) -> dict:
-    """``at_once`` copies of ``bomb`` sent together while another client sends ``photos`` in turn: the slowest of
-    its calls, and the slowest in the ``settle`` seconds before."""
-    with ClassifyProbe(gateway_url, photos, cached) as probe:
-        time.sleep(settle)
-        quiet = len(probe.seconds)
-        statuses = []
-        senders = [threading.Thread(target=lambda copy: statuses.append(post(f"{gateway_url}/v1/classify", copy, JPEG)),
-                                    args=(another(bomb),)) for _ in range(at_once)]
-        for sender in senders:
-            sender.start()
-        for sender in senders:
-            sender.join()
-        time.sleep(settle)
-    return {"bombs_at_once": at_once, "statuses": sorted(statuses),
-            "other_client_worst_ms": round(max(probe.seconds[quiet:]) * 1000, 1),
-            "other_client_worst_ms_without_bomb": round(max(probe.seconds[:quiet]) * 1000, 1),
-            "other_client_calls": len(probe.seconds) - quiet}
+def at_once(url: str, bomb: bytes, copies: int) -> list[int]:
+    """``copies`` of ``bomb`` (each another photo) sent together: their statuses."""
+    statuses = []
+    senders = [threading.Thread(target=lambda copy: statuses.append(post(url, copy, JPEG)), args=(another(bomb),))
+               for _ in range(copies)]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join()
+    return sorted(statuses)
 
 
 def main(argv=None) -> int:
@@ -101,11 +92,14 @@ def main(argv=None) -> int:
         classify = f"{gateway.http_url}/v1/classify"
         result["gateway_classify"] = {name: alone(classify, gateway.process.pid, another(bomb), JPEG, args.settle)
                                       for name, bomb in bombs.items()}
-        result["gateway_classify"]["small"].update(
-            others_wait(gateway.http_url, bombs["small"], 1, photos[:1], True, args.settle))
-        stack.flush_cache()
-        result["gateway_classify"]["large"].update(
-            others_wait(gateway.http_url, bombs["large"], PREPROCESS_THREADS, photos[1:], False, args.settle))
+        for name, copies, probe_photos, cached in (("small", 1, photos[:1], True),
+                                                   ("large", PREPROCESS_THREADS, photos[1:], False)):
+            statuses = []
+            stack.flush_cache()
+            result["gateway_classify"][name].update(
+                others_wait(gateway.http_url, probe_photos, cached, args.settle,
+                            lambda: statuses.extend(at_once(classify, bombs[name], copies))),
+                bombs_at_once=copies, statuses=statuses)
         predict = f"{stack.server.rest_url}/v1/models/{args.model_name}:predict"
         post(predict, encoded_photos_body(photos[0]), JSON)  # the signature's first call, costlier, not measured
         result["model_server_predict_image_bytes"] = {
