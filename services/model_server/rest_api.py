@@ -293,7 +293,7 @@ class RestApi:
         """TF Serving's JSON: {"signature_name", "context", "examples": [{feature: value(s)}]} ->
         {"results": [[[label, score], ...], ...]} (classify) or {"results": [value, ...]} (regress)."""
         raw = await _body(request)
-        proto = await self.json_worker.run(examples_request_from_json, len(raw), raw, method)
+        proto = await self.json_worker.run(examples_request_from_json, self.json_worker.parse_bytes(raw), raw, method)
         proto.model_spec.name = name
         if version is not None:
             proto.model_spec.version.value = version
@@ -323,7 +323,7 @@ class RestApi:
             name: {alias: dtype_name(dtype) for alias, dtype in info.inputs.items()}
             for name, info in servable.signatures.items()}
         signature_name, row_format, inputs = await self.json_worker.run(
-            predict_request_from_json, len(raw), raw, signatures, unresolved)
+            predict_request_from_json, self.json_worker.parse_bytes(raw), raw, signatures, unresolved)
         outputs = await self.core.run("rest_predict", servable, signature_name or DEFAULT_SIGNATURE, inputs)
         if not outputs:
             raise invalid("Cannot convert empty tensor map to JSON")
