@@ -37,6 +37,7 @@ SCRIPTS = {
     "cache_burst": ["-m", "bench.cache_burst"],
     "scan_bombs": ["-m", "bench.scan_bombs"],
     "costly_forms": ["-m", "bench.costly_forms"],
+    "model_server_json": ["-m", "bench.model_server_json"],
     "explain": ["-m", "bench.explain_bench"],
     "tflite": ["-m", "bench.tflite_bench"],
     "decode": ["-m", "bench.decode_bench"],
@@ -335,6 +336,15 @@ def rows() -> list[dict]:
                     "meanwhile (bench/costly_forms.py)",
                     f"{cell['status']}; {cell['cpu_s']:.2f} s; {cell['other_client_worst_ms']:.0f} ms "
                     f"({cell['other_client_worst_ms_without_bomb']:.0f} ms without)", "-", None, source=f"{name}.json")
+    for name, when in (("model_server_json_before_faeba01", "parsed in place before counting its members"),
+                       ("model_server_json", "")):
+        body = load(name)
+        if body:
+            add(f"a REST :predict body of distinct JSON keys ({body['decoded_bytes'] / 1e6:.1f} MB, "
+                f"{body['sent_bytes'] / 1e3:.0f} KB gzipped) to the model server{f', {when}' if when else ''}: "
+                "answer; model server CPU; the gateway's slowest cache miss meanwhile (bench/model_server_json.py)",
+                f"{body['status']}; {body['cpu_s']:.2f} s; {body['other_client_worst_ms']:.0f} ms "
+                f"({body['other_client_worst_ms_without_bomb']:.0f} ms without)", "-", None, source=f"{name}.json")
     for name, when in (("overload-before-fixes", "before admission and dropping abandoned misses"),
                        ("overload", "")):
         over = load(name)
