@@ -132,6 +132,16 @@ def test_json_nested_deeper_than_a_tensor_or_the_parser_goes_is_refused(conv_ser
         assert refused.value.code == 400 and message in json.loads(refused.value.read())["error"]
 
 
+def test_json_of_an_integer_of_more_digits_than_python_converts_is_refused(conv_server):
+    """json.loads raises ValueError past sys.get_int_max_str_digits() (4,300), not JSONDecodeError: a 500 for bad
+    input. TF Serving's parser refuses such a number too ("Number too big to be stored in double")."""
+    request = urllib.request.Request(f"{conv_server.rest_url}/v1/models/{MODEL}:predict",
+                                     data=b'{"instances": [' + b"9" * 100_000 + b"]}")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 400 and "JSON Parse error" in json.loads(refused.value.read())["error"]
+
+
 def test_a_tensorflow_error_says_what_the_op_said(tmp_path):
     saved_model, _ = load_servable("m", 1, write_tiny_model(tmp_path / "1"))
     with pytest.raises(ServingError) as refused:

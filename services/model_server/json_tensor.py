@@ -411,7 +411,9 @@ def json_body(raw: bytes) -> dict:
         raise invalid("JSON Parse error: The document is empty")
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
+    # JSONDecodeError, UnicodeDecodeError, an integer of more digits than Python converts (a plain ValueError);
+    # RecursionError: nested too deeply
+    except (ValueError, RecursionError) as exc:
         raise invalid(f"JSON Parse error: {exc}") from None
     if not isinstance(body, dict):
         raise format_error(body, "Is not object")
