@@ -29,6 +29,11 @@ class ServingError(Exception):
         return HTTP_STATUS.get(self.code, 500)
 
 
+class LargeJson(Exception):
+    """Raised by a JSON parse run in place (json_worker.py) that found, once the JSON was read, more work than the
+    event loop should do: the parse runs again in the worker."""
+
+
 DEFAULT_SIGNATURE = "serving_default"  # the signature a request that names none asks for
 
 

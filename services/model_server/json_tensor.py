@@ -13,7 +13,7 @@ import json
 import grpc
 import numpy as np
 
-from services.model_server.errors import DEFAULT_SIGNATURE, ServingError, invalid, signature_not_found
+from services.model_server.errors import DEFAULT_SIGNATURE, LargeJson, ServingError, invalid, signature_not_found
 
 
 # ------------------------------------------------------------------------ JSON values in TF Serving's messages
@@ -422,12 +422,16 @@ def json_body(raw: bytes) -> dict:
 
 # ------------------------------------------------------------------------------------------ predict
 def predict_request_from_json(raw: bytes, signatures: dict[str, dict[str, str]] | None,
-                              unresolved: ServingError | None) -> tuple[str, bool, dict[str, np.ndarray]]:
+                              unresolved: ServingError | None, max_rows: int | None = None
+                              ) -> tuple[str, bool, dict[str, np.ndarray]]:
     """json_tensor.cc FillPredictRequestFromJson, in its order: the body, its signature name, the signature's inputs
     (``signatures``: each signature's inputs, by TensorFlow's dtype names, of the version the path names; None when
     it names none, for the reason ``unresolved``), then "instances" or "inputs". Returns (signature name, row
-    format, the input tensors). Runs where json_worker.py puts it: arguments, result and errors pickle."""
+    format, the input tensors). Runs where json_worker.py puts it: arguments, result and errors pickle; LargeJson
+    for more "instances" than ``max_rows``."""
     body = json_body(raw)
+    if max_rows is not None and isinstance(body.get("instances"), list) and len(body["instances"]) > max_rows:
+        raise LargeJson(f"{len(body['instances'])} instances")
     signature_name = signature_name_of(body)
     if signatures is None:
         raise unresolved

@@ -8,9 +8,10 @@ process (one, spawned at the first such request, taking one request at a time), 
 smaller JSON is handled in place, where a round trip to a process would cost more than the work.
 
 ``run(fn, json_bytes, *args)`` returns ``fn(*args)``; ``json_bytes`` is the size of the JSON ``fn`` parses
-(``parse_bytes``: a body of many object members counts as large) or prints. ``fn`` is a module-level function (it
-is sent to the worker by name) whose arguments, result and exceptions pickle. A worker that dies (JSON too large
-for memory) fails its request with INTERNAL, and the next large request gets a new one. A worker outlives no
+(``parse_bytes``: a body of many object members counts as large) or prints; a parse run in place that finds the
+body holds many rows (IN_PLACE_ROWS: each costs Python work) is run again in the worker. ``fn`` is a module-level
+function (it is sent to the worker by name) whose arguments, result and exceptions pickle. A worker that dies (JSON
+too large for memory) fails its request with INTERNAL, and the next large request gets a new one. A worker outlives no
 server: it exits once its parent is gone, however the parent ended. The worker imports what ``fn``'s module
 imports: a predict body's json_tensor.py needs numpy only, while a classify or regress body's tf.Example protos
 bring TensorFlow into it (a few hundred MB, from the first such body on).
@@ -28,7 +29,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import grpc
 
-from services.model_server.errors import ServingError
+from services.model_server.errors import LargeJson, ServingError
 
 log = logging.getLogger("model_server.json_worker")
 
@@ -36,6 +37,9 @@ LARGE_JSON_BYTES = 4 * 1024 * 1024  # about 5 photos of 224 x 224 as JSON
 # json.loads spends about ten times as long on an object's member as on a number in a list, byte for byte: a body of
 # more members than this is large whatever its size (3.7 MB of distinct keys held the event loop 0.27 s).
 LARGE_JSON_MEMBERS = 20_000
+# Rows (instances, examples) a request may have for its parse to stay in place: each is turned into tensors by
+# Python code of its own, some microseconds a row (1 MB of one-value rows: 1.6 s). A photo is a row.
+IN_PLACE_ROWS = 1000
 PARENT_CHECK_SECONDS = 1.0
 
 
@@ -61,9 +65,14 @@ class JsonWorker:
             return self.large_json_bytes
         return len(raw)
 
-    async def run(self, fn, json_bytes: int, *args):
+    async def run(self, fn, json_bytes: int, *args, in_place: dict | None = None):
+        """``fn(*args)``, in place when ``json_bytes`` is small (``fn`` then gets the keyword arguments ``in_place``
+        too, and may raise LargeJson: it runs again in the worker, without them), in the worker otherwise."""
         if json_bytes < self.large_json_bytes:
-            return fn(*args)
+            try:
+                return fn(*args, **(in_place or {}))
+            except LargeJson:
+                json_bytes = self.large_json_bytes
         if self._workers is None:
             self._workers = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                                                 initializer=_exit_with_parent, initargs=(os.getpid(),))

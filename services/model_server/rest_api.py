@@ -21,14 +21,14 @@ from services.http_bodies import BodyRefused, read_body
 from services.http_stop import close_connections_when
 from services.model_server import metrics
 from services.model_server.core import PredictionCore
-from services.model_server.errors import DEFAULT_SIGNATURE, ServingError, invalid
+from services.model_server.errors import DEFAULT_SIGNATURE, LargeJson, ServingError, invalid
 from services.model_server.grpc_api import metadata_response, status_response
 from services.model_server.inference import Inference
 from services.model_server.json_tensor import (
     JSON_BYTES_PER_VALUE, decode_base64_object, float32_decimals, format_error, json_body, predict_answer_json,
     predict_request_from_json, signature_name_of,
 )
-from services.model_server.json_worker import JsonWorker
+from services.model_server.json_worker import IN_PLACE_ROWS, JsonWorker
 from services.model_server.servable import dtype_name
 
 log = logging.getLogger("model_server.rest")
@@ -128,12 +128,16 @@ def _example_from_json(value, example: example_pb2.Example) -> None:
             _add_feature_value(item, name, feature)
 
 
-def examples_request_from_json(raw: bytes, method: str):
+def examples_request_from_json(raw: bytes, method: str, max_rows: int | None = None):
     """The ClassificationRequest (``method`` "classify") or RegressionRequest a classify or regress body makes,
-    model_spec left for the path to fill. Runs where json_worker.py puts it."""
+    model_spec left for the path to fill. Runs where json_worker.py puts it; LargeJson for more "examples" than
+    ``max_rows``."""
     request = classification_pb2.ClassificationRequest() if method == "classify" \
         else regression_pb2.RegressionRequest()
-    fill_examples_from_json(json_body(raw), request)
+    body = json_body(raw)
+    if max_rows is not None and isinstance(body.get("examples"), list) and len(body["examples"]) > max_rows:
+        raise LargeJson(f"{len(body['examples'])} examples")
+    fill_examples_from_json(body, request)
     return request
 
 
@@ -293,7 +297,8 @@ class RestApi:
         """TF Serving's JSON: {"signature_name", "context", "examples": [{feature: value(s)}]} ->
         {"results": [[[label, score], ...], ...]} (classify) or {"results": [value, ...]} (regress)."""
         raw = await _body(request)
-        proto = await self.json_worker.run(examples_request_from_json, self.json_worker.parse_bytes(raw), raw, method)
+        proto = await self.json_worker.run(examples_request_from_json, self.json_worker.parse_bytes(raw), raw, method,
+                                           in_place={"max_rows": IN_PLACE_ROWS})
         proto.model_spec.name = name
         if version is not None:
             proto.model_spec.version.value = version
@@ -323,7 +328,8 @@ class RestApi:
             name: {alias: dtype_name(dtype) for alias, dtype in info.inputs.items()}
             for name, info in servable.signatures.items()}
         signature_name, row_format, inputs = await self.json_worker.run(
-            predict_request_from_json, self.json_worker.parse_bytes(raw), raw, signatures, unresolved)
+            predict_request_from_json, self.json_worker.parse_bytes(raw), raw, signatures, unresolved,
+            in_place={"max_rows": IN_PLACE_ROWS})
         outputs = await self.core.run("rest_predict", servable, signature_name or DEFAULT_SIGNATURE, inputs)
         if not outputs:
             raise invalid("Cannot convert empty tensor map to JSON")
