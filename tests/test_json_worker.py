@@ -185,3 +185,27 @@ def test_the_rest_api_turns_many_rows_into_tensors_in_the_worker(tmp_path):
         assert Path(f"/proc/{pid}/task/{pid}/children").read_text().split(), "the rows were converted in place"
     finally:
         stop_server(server)
+
+
+def test_parsing_a_body_sets_off_no_garbage_collection():
+    """Parsing makes containers, each counting towards the next collection, but no cycle; in the model server,
+    which holds TensorFlow's objects, those collections cost several times the parse: one photo as JSON (705 KB)
+    took 96 ms of CPU per REST predict (p90 246 ms), 26 ms with the collector paused."""
+    import gc
+
+    from services.model_server.json_tensor import json_body
+
+    collections = []
+
+    def count(phase: str, info: dict) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    body = json.dumps({"instances": [[[[120, 80, 40]] * 224] * 224]}).encode()
+    gc.callbacks.append(count)
+    try:
+        parsed = json_body(body)
+    finally:
+        gc.callbacks.remove(count)
+    assert len(parsed["instances"][0]) == 224
+    assert collections == [] and gc.isenabled()

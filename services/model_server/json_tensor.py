@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import decimal
+import gc
 import json
 
 import grpc
@@ -405,12 +406,26 @@ def _string_out(name: str, value):
     return value
 
 
+def _loads(raw: bytes):
+    """json.loads with the cyclic garbage collector paused. Parsing makes containers (each counts towards the next
+    collection) but never a cycle, and in the model server, which holds TensorFlow's objects, the collections a large
+    body set off cost several times the parse (a body of 250,000 rows: 0.45 s on the event loop, against 0.06 s in a
+    small process)."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return json.loads(raw)
+    finally:
+        if collecting:
+            gc.enable()
+
+
 def json_body(raw: bytes) -> dict:
     """json_tensor.cc ParseJson: the body is one JSON object."""
     if not raw:
         raise invalid("JSON Parse error: The document is empty")
     try:
-        body = json.loads(raw)
+        body = _loads(raw)
     # JSONDecodeError, UnicodeDecodeError, an integer of more digits than Python converts (a plain ValueError);
     # RecursionError: nested too deeply
     except (ValueError, RecursionError) as exc:
