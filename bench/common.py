@@ -1,6 +1,7 @@
 """Shared pieces of the benchmarks: where results go, a model to measure, photos, latency statistics."""
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -236,6 +237,24 @@ def load_serving_signature(version_dir: Path):
     import tensorflow as tf
 
     return tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+
+
+def stack_bench_parser(description: str, settle: float = 2.0) -> argparse.ArgumentParser:
+    """The arguments of a bench that runs a stack on the newest published version and measures what one costly
+    request does to it: --registry, --model-name, --settle (``published_version_of`` reads the first two)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--registry", type=Path, default=None, help="default: the project's registry")
+    p.add_argument("--model-name", default="mushrooms")
+    p.add_argument("--settle", type=float, default=settle, help="seconds measured after each answer")
+    return p
+
+
+def published_version_of(args: argparse.Namespace) -> Path:
+    """The newest published version of ``args.model_name`` in ``args.registry`` (the project's by default); exits
+    saying so when there is none."""
+    from training_job.paths import default_registry
+
+    return published_version_or_exit(args.registry or default_registry(), args.model_name)
 
 
 def published_version_or_exit(registry: Path, model_name: str) -> Path:

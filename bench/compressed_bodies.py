@@ -13,20 +13,17 @@ Usage: python -m bench.compressed_bodies [--registry DIR] [--mebibytes 4096] [--
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench.common import (
-    cpu_seconds, others_wait, peak_memory_mib, post, published_version_or_exit, sample_photos, write_result,
-    zeros_gzipped,
+    cpu_seconds, others_wait, peak_memory_mib, post, published_version_of, sample_photos, stack_bench_parser,
+    write_result, zeros_gzipped,
 )
 from bench.stack import Stack
-from training_job.paths import default_registry
 
 
 def gzipped(content_type: str) -> dict:
@@ -45,13 +42,10 @@ def bomb_one(url: str, pid: int, bomb: bytes, content_type: str, settle: float) 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--registry", type=Path, default=None, help="default: the project's registry")
-    p.add_argument("--model-name", default="mushrooms")
+    p = stack_bench_parser(__doc__.split("\n\n")[0], settle=3.0)
     p.add_argument("--mebibytes", type=int, default=4096, help="decoded size of the bomb")
-    p.add_argument("--settle", type=float, default=3.0, help="seconds measured after the answer")
     args = p.parse_args(argv)
-    version_dir = published_version_or_exit(args.registry or default_registry(), args.model_name)
+    version_dir = published_version_of(args)
     bomb = zeros_gzipped(args.mebibytes)
     photo = sample_photos(1)[0].read_bytes()
     with Stack(version_dir, args.model_name) as stack:

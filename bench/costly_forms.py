@@ -13,19 +13,18 @@ Usage: python -m bench.costly_forms [--registry DIR] [--settle 2]
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import gzip
 import os
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench.common import cpu_seconds, others_wait, post, published_version_or_exit, sample_photos, write_result
+from bench.common import (
+    cpu_seconds, others_wait, post, published_version_of, sample_photos, stack_bench_parser, write_result,
+)
 from bench.stack import Stack
-from training_job.paths import default_registry
 
 BOUNDARY = b"b"
 
@@ -54,12 +53,9 @@ def send(url: str, body: bytes, content_type: str) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--registry", type=Path, default=None, help="default: the project's registry")
-    p.add_argument("--model-name", default="mushrooms")
-    p.add_argument("--settle", type=float, default=2.0, help="seconds measured after each answer")
+    p = stack_bench_parser(__doc__.split("\n\n")[0])
     args = p.parse_args(argv)
-    version_dir = published_version_or_exit(args.registry or default_registry(), args.model_name)
+    version_dir = published_version_of(args)
     photo = sample_photos(1)[0].read_bytes()
     result = {"settle_s": args.settle}
     with Stack(version_dir, args.model_name) as stack:

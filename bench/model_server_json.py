@@ -12,18 +12,17 @@ Usage: python -m bench.model_server_json [--registry DIR] [--settle 2]
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import os
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench.common import cpu_seconds, others_wait, post, published_version_or_exit, sample_photos, write_result
+from bench.common import (
+    cpu_seconds, others_wait, post, published_version_of, sample_photos, stack_bench_parser, write_result,
+)
 from bench.stack import Stack, distinct_photos
-from training_job.paths import default_registry
 
 KEYS = 380_000  # distinct keys beside "instances": 3.7 MB, under json_worker.LARGE_JSON_BYTES
 
@@ -33,12 +32,9 @@ def many_keys() -> bytes:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--registry", type=Path, default=None, help="default: the project's registry")
-    p.add_argument("--model-name", default="mushrooms")
-    p.add_argument("--settle", type=float, default=2.0, help="seconds measured after each answer")
+    p = stack_bench_parser(__doc__.split("\n\n")[0])
     args = p.parse_args(argv)
-    version_dir = published_version_or_exit(args.registry or default_registry(), args.model_name)
+    version_dir = published_version_of(args)
     body = many_keys()
     sent = gzip.compress(body, 9)
     headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}

@@ -17,7 +17,6 @@ Usage: python -m bench.scan_bombs [--registry DIR] [--settle 2]
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import itertools
 import json
@@ -25,15 +24,14 @@ import os
 import sys
 import threading
 import time
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench.common import (
-    cpu_seconds, jpeg_scan_bomb, others_wait, post, published_version_or_exit, sample_photos, write_result,
+    cpu_seconds, jpeg_scan_bomb, others_wait, post, published_version_of, sample_photos, stack_bench_parser,
+    write_result,
 )
 from bench.stack import Stack, distinct_photos
-from training_job.paths import default_registry
 
 BOMBS = {"small": (1000, 2000), "large": (3000, 20000)}  # side, scans
 PREPROCESS_THREADS = 2  # the gateway's preprocessing pool (services/gateway/classifier.py)
@@ -77,12 +75,9 @@ def at_once(url: str, bomb: bytes, copies: int) -> list[int]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--registry", type=Path, default=None, help="default: the project's registry")
-    p.add_argument("--model-name", default="mushrooms")
-    p.add_argument("--settle", type=float, default=2.0, help="seconds measured after each answer")
+    p = stack_bench_parser(__doc__.split("\n\n")[0])
     args = p.parse_args(argv)
-    version_dir = published_version_or_exit(args.registry or default_registry(), args.model_name)
+    version_dir = published_version_of(args)
     bombs = {name: jpeg_scan_bomb(side, scans) for name, (side, scans) in BOMBS.items()}
     photos = distinct_photos(sample_photos(1000))
     result = {"bombs": {name: {"side": side, "scans": scans, "bytes": len(bombs[name])}
