@@ -30,7 +30,7 @@ UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4:
 
 # The formats a service takes: what phones and browsers send (MPO: a phone's JPEG with more pictures after it).
 # Pillow reads every other format it knows with a header reader and a decoder of its own, in Python for most: attack
-# surface and cost for photos nobody sends (a TIFF of 5,000 tags in 60 KB takes 80 ms to open).
+# surface and cost for photos nobody sends.
 SERVICE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "AVIF")
 
 
@@ -147,9 +147,8 @@ _NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _SOS, _EOI = 0xDA, 0xD9
 _PARAMETERLESS = frozenset({0x01, 0xD8, *range(0xD0, 0xD8)})  # TEM, SOI, RSTn: no length follows
 # Markers a JPEG may hold before the end of its picture. Pillow reads those before the first scan one turn of a
-# Python loop each (millions of 4-byte comments in 20 MB: seconds of CPU before a pixel is decoded), and so does
-# ``jpeg_markers``. Cameras and editors write tens; an ICC profile or XMP packet split into 64 KB pieces, a few
-# hundred at most.
+# Python loop each (and a comment can be 4 bytes), and so does ``jpeg_markers``. Cameras and editors write tens; an
+# ICC profile or XMP packet split into 64 KB pieces, a few hundred at most.
 MAX_JPEG_MARKERS = 2048
 
 

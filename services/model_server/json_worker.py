@@ -34,11 +34,11 @@ from services.model_server.errors import LargeJson, ServingError
 log = logging.getLogger("model_server.json_worker")
 
 LARGE_JSON_BYTES = 4 * 1024 * 1024  # about 5 photos of 224 x 224 as JSON
-# json.loads spends about ten times as long on an object's member as on a number in a list, byte for byte: a body of
-# more members than this is large whatever its size (3.7 MB of distinct keys held the event loop 0.27 s).
+# json.loads spends far longer on an object's member than on a number in a list, byte for byte: a body of more
+# members than this is large whatever its size.
 LARGE_JSON_MEMBERS = 20_000
 # Rows (instances, examples) a request may have for its parse to stay in place: each is turned into tensors by
-# Python code of its own, some microseconds a row (1 MB of one-value rows: 1.6 s). A photo is a row.
+# Python code of its own. A photo is a row.
 IN_PLACE_ROWS = 1000
 PARENT_CHECK_SECONDS = 1.0
 
