@@ -434,6 +434,13 @@ def json_body(raw: bytes) -> dict:
     return body
 
 
+def check_rows(body: dict, key: str, max_rows: int | None) -> None:
+    """LargeJson when ``body[key]`` (a request's rows: "instances", "examples") is a list of more than ``max_rows``
+    (None: any number)."""
+    if max_rows is not None and isinstance(body.get(key), list) and len(body[key]) > max_rows:
+        raise LargeJson(f"{len(body[key])} {key}")
+
+
 # ------------------------------------------------------------------------------------------ predict
 def predict_request_from_json(raw: bytes, signatures: dict[str, dict[str, str]] | None,
                               unresolved: ServingError | None, max_rows: int | None = None
@@ -444,8 +451,7 @@ def predict_request_from_json(raw: bytes, signatures: dict[str, dict[str, str]] 
     format, the input tensors). Runs where json_worker.py puts it: arguments, result and errors pickle; LargeJson
     for more "instances" than ``max_rows``."""
     body = json_body(raw)
-    if max_rows is not None and isinstance(body.get("instances"), list) and len(body["instances"]) > max_rows:
-        raise LargeJson(f"{len(body['instances'])} instances")
+    check_rows(body, "instances", max_rows)
     signature_name = signature_name_of(body)
     if signatures is None:
         raise unresolved

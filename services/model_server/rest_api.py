@@ -21,12 +21,12 @@ from services.http_bodies import BodyRefused, read_body
 from services.http_stop import close_connections_when
 from services.model_server import metrics
 from services.model_server.core import PredictionCore
-from services.model_server.errors import DEFAULT_SIGNATURE, LargeJson, ServingError, invalid
+from services.model_server.errors import DEFAULT_SIGNATURE, ServingError, invalid
 from services.model_server.grpc_api import metadata_response, status_response
 from services.model_server.inference import Inference
 from services.model_server.json_tensor import (
-    JSON_BYTES_PER_VALUE, decode_base64_object, float32_decimals, format_error, json_body, predict_answer_json,
-    predict_request_from_json, signature_name_of,
+    JSON_BYTES_PER_VALUE, check_rows, decode_base64_object, float32_decimals, format_error, json_body,
+    predict_answer_json, predict_request_from_json, signature_name_of,
 )
 from services.model_server.json_worker import IN_PLACE_ROWS, JsonWorker
 from services.model_server.servable import dtype_name
@@ -135,8 +135,7 @@ def examples_request_from_json(raw: bytes, method: str, max_rows: int | None = N
     request = classification_pb2.ClassificationRequest() if method == "classify" \
         else regression_pb2.RegressionRequest()
     body = json_body(raw)
-    if max_rows is not None and isinstance(body.get("examples"), list) and len(body["examples"]) > max_rows:
-        raise LargeJson(f"{len(body['examples'])} examples")
+    check_rows(body, "examples", max_rows)
     fill_examples_from_json(body, request)
     return request
 
