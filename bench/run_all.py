@@ -38,6 +38,7 @@ SCRIPTS = {
     "scan_bombs": ["-m", "bench.scan_bombs"],
     "costly_forms": ["-m", "bench.costly_forms"],
     "model_server_json": ["-m", "bench.model_server_json"],
+    "first_calls": ["-m", "bench.first_calls"],
     "explain": ["-m", "bench.explain_bench"],
     "tflite": ["-m", "bench.tflite_bench"],
     "decode": ["-m", "bench.decode_bench"],
@@ -345,6 +346,15 @@ def rows() -> list[dict]:
                 "answer; model server CPU; the gateway's slowest cache miss meanwhile (bench/model_server_json.py)",
                 f"{body['status']}; {body['cpu_s']:.2f} s; {body['other_client_worst_ms']:.0f} ms "
                 f"({body['other_client_worst_ms_without_bomb']:.0f} ms without)", "-", None, source=f"{name}.json")
+    for name, when in (("first_calls_before", "before the other signatures' warm-up file"), ("first_calls", "")):
+        calls = load(name)
+        if calls:
+            add("the first call of each signature once its version is AVAILABLE, against the calls after it: a "
+                f"single photo over gRPC to a model server as deployed{f', {when}' if when else ''} "
+                f"(bench/first_calls.py; medians of {calls['rounds']} loads)",
+                "; ".join(f"{signature} {cell['first_ms']:.0f} ms ({cell['warm_ms']:.0f} ms warm, load "
+                          f"{cell['load_s']:.1f} s)" for signature, cell in calls["signatures"].items()),
+                "-", None, source=f"{name}.json")
     for name, when in (("overload-before-fixes", "before admission and dropping abandoned misses"),
                        ("overload", "")):
         over = load(name)

@@ -73,9 +73,7 @@ def test_model_tflite_carries_serving_default_as_tf_serving_reads_it(tmp_path):
 def _write_warmup(version_dir: Path, photos: np.ndarray) -> None:
     from training_job.export import write_warmup_requests
 
-    (version_dir / "assets.extra").mkdir(exist_ok=True)
-    write_warmup_requests(version_dir / "assets.extra" / "tf_serving_warmup_requests", photos, [], "m",
-                          explain=False)
+    write_warmup_requests(version_dir, photos, [], "m", explain=False, tflite=True)
 
 
 def test_an_int8_file_is_held_to_the_looser_rule_and_a_wrong_one_is_still_refused(tmp_path):
@@ -196,6 +194,27 @@ def _predict(stub, model: str, pixels: np.ndarray, signature: str = "", **more: 
         if value is not None:
             request.inputs[alias].CopyFrom(tf.make_tensor_proto(value))
     return {k: tf.make_ndarray(v) for k, v in stub.Predict(request, timeout=60).outputs.items()}
+
+
+def test_the_signatures_model_tflite_lacks_warm_up_from_a_file_of_their_own(published_with_tflite, caplog):
+    """TF Serving's warm-up file of a version with model.tflite holds serving_default's records only: under
+    --prefer_tflite_model TF Serving replays it on the TFLite file, and a record for a signature the file lacks fails
+    the load. The others' records are in SAVED_MODEL_WARMUP_FILE, which our model server replays too, so after a load
+    no signature's first call waits for TensorFlow to instantiate its function (bench/first_calls.py)."""
+    import logging
+
+    from services.model_server.warmup import records
+    from training_job.export import SAVED_MODEL_WARMUP_FILE, WARMUP_FILE
+
+    _, version, version_dir, _ = published_with_tflite
+    signatures = {name: sorted(r.predict_log.request.model_spec.signature_name for r in records(version_dir, name))
+                  for name in (WARMUP_FILE, SAVED_MODEL_WARMUP_FILE)}
+    assert signatures == {WARMUP_FILE: ["serving_default", "serving_default"],
+                          SAVED_MODEL_WARMUP_FILE: ["explain", "explain_image_bytes", "predict_image_bytes"]}
+    caplog.set_level(logging.INFO, logger="model_server.servable")
+    servable, _ = load_servable("mushrooms", version, version_dir, LoadOptions(prefer_tflite_model=True))
+    assert servable.engine_of("") == TFLITE_FILE and servable.engine_of("explain_image_bytes") == "SavedModel"
+    assert "(5 warm-up records, each run 1 times)" in caplog.text
 
 
 def test_a_published_version_answers_the_same_with_and_without_prefer_tflite_model(published_with_tflite, tmp_path):

@@ -1,6 +1,7 @@
 """Warm-up at load (services/model_server/warmup.py), as TF Serving's saved_model_warmup.cc replays
 assets.extra/tf_serving_warmup_requests: every predict, classify, regress and multi_inference record runs on the new
-servable, and a record that fails, or of a kind it cannot replay, fails the load."""
+servable, and a record that fails, or of a kind it cannot replay, fails the load; then the same for
+assets.extra/saved_model_warmup_requests, the records of the signatures a model.tflite lacks."""
 from __future__ import annotations
 
 import logging
@@ -15,6 +16,7 @@ from tensorflow_serving.apis import (
 from services.model_server.errors import ServingError
 from services.model_server.loader import LoadOptions
 from services.model_server.servable import load_servable
+from training_job.export import SAVED_MODEL_WARMUP_FILE, WARMUP_FILE
 from training_job.tiny_model import write_tiny_model
 
 CLASSIFY, REGRESS = "tensorflow/serving/classify", "tensorflow/serving/regress"
@@ -56,11 +58,13 @@ def predict_log() -> prediction_log_pb2.PredictionLog:
     return prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
 
 
-def version_with(tmp_path, *records):
+def version_with(tmp_path, *records, saved_model_records=()):
     version_dir = write_tiny_model(tmp_path / "1")
-    with tf.io.TFRecordWriter(str(version_dir / "assets.extra" / "tf_serving_warmup_requests")) as writer:
-        for record in records:
-            writer.write(record.SerializeToString())
+    for name, entries in ((WARMUP_FILE, records), (SAVED_MODEL_WARMUP_FILE, saved_model_records)):
+        if entries:
+            with tf.io.TFRecordWriter(str(version_dir / name)) as writer:
+                for record in entries:
+                    writer.write(record.SerializeToString())
     return version_dir
 
 
@@ -80,3 +84,17 @@ def test_a_warm_up_record_that_cannot_run_fails_the_load(tmp_path, record, messa
     version_dir = version_with(tmp_path, predict_log(), record)
     with pytest.raises(ServingError, match=message):
         load_servable("m", 1, version_dir)
+
+
+def test_the_records_of_the_signatures_a_tflite_file_lacks_are_replayed_too(tmp_path, caplog):
+    """The training job writes them to their own file (TF Serving would replay its own on the TFLite model under
+    --prefer_tflite_model, and fail the load on a signature the file lacks); replayed as TF Serving's are, so their
+    first calls after a load are warm (bench/first_calls.py), and one that fails fails the load."""
+    version_dir = version_with(tmp_path, predict_log(), saved_model_records=(classify_log(), regress_log()))
+    caplog.set_level(logging.INFO, logger="model_server.servable")
+    load_servable("m", 1, version_dir)
+    assert any("(3 warm-up records, each run 1 times)" in r.getMessage() for r in caplog.records), caplog.text
+
+    failing = version_with(tmp_path / "failing", predict_log(), saved_model_records=(classify_log("no_such"),))
+    with pytest.raises(ServingError, match="No signature was found with the name: no_such"):
+        load_servable("m", 1, failing)

@@ -7,6 +7,8 @@ JPEG draft scale, antialiased bilinear resize).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from training_job.open_set import OpenSet, tf_scores
@@ -80,30 +82,47 @@ def in_process_outputs(base, head: Head, open_set: OpenSet, pixels: np.ndarray) 
             "not_a_mushroom": score < open_set.threshold}
 
 
-def write_warmup_requests(path, pixels: np.ndarray, photo_bytes: list[bytes], model_name: str,
-                          explain: bool = True) -> None:
-    """TF Serving warm-up file: PredictionLogs for both signatures (batch 1 and the whole sample), and for the
-    explain signature when the model has it."""
+# TF Serving's warm-up file, and this project's own for the signatures a model.tflite beside the SavedModel lacks.
+WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
+SAVED_MODEL_WARMUP_FILE = Path("assets.extra") / "saved_model_warmup_requests"
+
+
+def write_warmup_requests(version_dir: Path, pixels: np.ndarray, photo_bytes: list[bytes], model_name: str,
+                          explain: bool = True, tflite: bool = False) -> None:
+    """The warm-up records of a version (PredictionLogs of single-photo predict requests): ``serving_default``'s
+    (batch 1 and the whole sample) in TF Serving's ``WARMUP_FILE``; ``predict_image_bytes``'s and, when the model
+    has them, ``explain``'s and ``explain_image_bytes``'s there too, or, for a version with a ``model.tflite``, in
+    ``SAVED_MODEL_WARMUP_FILE``. Under --prefer_tflite_model TF Serving replays its file on the TFLite model, which
+    serves ``serving_default`` only, and a record for another signature fails the load; the model server here
+    replays both files, so no signature's first call after a load pays for instantiating its function."""
     import tensorflow as tf
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
-    from training_job.explain import EXPLAIN_SIGNATURE, PREDICTED_CLASS
+    from training_job.explain import EXPLAIN_BYTES_SIGNATURE, EXPLAIN_SIGNATURE, PREDICTED_CLASS
 
-    def log(signature: str, key: str, tensor):
+    def log(signature: str, **inputs):
         request = predict_pb2.PredictRequest(
             model_spec=model_pb2.ModelSpec(name=model_name, signature_name=signature))
-        request.inputs[key].CopyFrom(tf.make_tensor_proto(tensor))
+        for key, tensor in inputs.items():
+            request.inputs[key].CopyFrom(tf.make_tensor_proto(tensor))
         return prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
 
-    with tf.io.TFRecordWriter(str(path)) as writer:
-        writer.write(log("serving_default", "images", pixels[:1]).SerializeToString())
-        if len(pixels) > 1:
-            writer.write(log("serving_default", "images", pixels).SerializeToString())
-        if explain:  # a failed warm-up fails the load: no default relied on
-            request = log(EXPLAIN_SIGNATURE, "images", pixels[:1])
-            request.predict_log.request.inputs["class_index"].CopyFrom(
-                tf.make_tensor_proto(np.array([PREDICTED_CLASS], np.int32)))
-            writer.write(request.SerializeToString())
+    served_by_tflite = [log("serving_default", images=pixels[:1])]
+    if len(pixels) > 1:
+        served_by_tflite.append(log("serving_default", images=pixels))
+    others = []
+    photo = np.array(photo_bytes[:1], dtype=object)
+    if photo_bytes:
+        others.append(log("predict_image_bytes", image_bytes=photo))
+    if explain:  # a failed warm-up fails the load: no default relied on
+        predicted = np.array([PREDICTED_CLASS], np.int32)
+        others.append(log(EXPLAIN_SIGNATURE, images=pixels[:1], class_index=predicted))
         if photo_bytes:
-            writer.write(log("predict_image_bytes", "image_bytes",
-                             np.array(photo_bytes[:1], dtype=object)).SerializeToString())
+            others.append(log(EXPLAIN_BYTES_SIGNATURE, image_bytes=photo, class_index=predicted))
+    files = {WARMUP_FILE: served_by_tflite, SAVED_MODEL_WARMUP_FILE: others} if tflite else \
+        {WARMUP_FILE: served_by_tflite + others}
+    for name, entries in files.items():
+        (Path(version_dir) / name).parent.mkdir(parents=True, exist_ok=True)
+        with tf.io.TFRecordWriter(str(Path(version_dir) / name)) as writer:
+            for entry in entries:
+                writer.write(entry.SerializeToString())

@@ -302,12 +302,9 @@ def export_run(run_dir: Path, target: Path, base: BaseNetwork | None = None, *, 
         if name != MISCLASSIFIED_SHEET or (Path(run_dir) / name).exists():  # runs evaluated before it existed
             shutil.copyfile(Path(run_dir) / name, extra / name)
     sample = (split_rows(rows, "test") or rows)[:4]
-    # With model.tflite, whose engine serves serving_default only, the warm-up requests are serving_default's: under
-    # --prefer_tflite_model TF Serving replays them on the TFLite file, and one for a signature it lacks fails the load.
-    write_warmup_requests(extra / "tf_serving_warmup_requests",
-                          np.stack([load_image_file(r.path, base.image_size) for r in sample]),
-                          [] if tflite else [Path(r.path).read_bytes() for r in sample[:1]], model_name,
-                          explain=not tflite and grad_cam_problem(base.model) is None)
+    write_warmup_requests(target, np.stack([load_image_file(r.path, base.image_size) for r in sample]),
+                          [Path(r.path).read_bytes() for r in sample[:1]], model_name,
+                          explain=grad_cam_problem(base.model) is None, tflite=tflite)
     return metrics
 
 

@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--saved_model_tags", default="serve",
                    help="comma-separated tag set of the MetaGraphDef to load (default serve)")
     p.add_argument("--enable_model_warmup", type=_bool, nargs="?", const=True, default=True,
-                   help="replay assets.extra/tf_serving_warmup_requests at load (default true)")
+                   help="replay assets.extra/tf_serving_warmup_requests, then saved_model_warmup_requests, at load "
+                        "(default true)")
     p.add_argument("--num_request_iterations_for_warmup", type=int, default=0,
                    help="times each warm-up record is replayed (0 = once)")
     p.add_argument("--enable_signature_method_name_check", type=_bool, nargs="?", const=True, default=False,

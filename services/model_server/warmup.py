@@ -1,5 +1,8 @@
 """Warm-up: a version's ``assets.extra/tf_serving_warmup_requests`` (a TFRecord of PredictionLog) replayed on its new
-servable at load, as TF Serving's saved_model_warmup.cc and saved_model_warmup_util.cc replay it.
+servable at load, as TF Serving's saved_model_warmup.cc and saved_model_warmup_util.cc replay it; then, the same
+way, ``assets.extra/saved_model_warmup_requests``, where the training job puts the records of the signatures a
+version's model.tflite lacks (training_job/export.py: TF Serving, which ignores that file, would replay them on the
+TFLite model under --prefer_tflite_model and fail the load), so their first calls are warm here whatever the engine.
 
 Predict, classify, regress and multi_inference records run as the APIs would run them (Classify, Regress and
 MultiInference through ``inference``'s checks and results); a record that fails, one of a kind that cannot be replayed
@@ -17,14 +20,14 @@ from tensorflow_serving.apis import classification_pb2, inference_pb2, predictio
 from services.model_server import inference
 from services.model_server.errors import ServingError
 from services.model_server.servable import Servable
+from training_job.export import SAVED_MODEL_WARMUP_FILE, WARMUP_FILE
 
-WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
-MAX_RECORDS = 1000  # WarmupConsts::kMaxNumRecords
+MAX_RECORDS = 1000  # WarmupConsts::kMaxNumRecords, of each file
 
 
-def records(version_dir: Path) -> list[prediction_log_pb2.PredictionLog]:
-    """The warm-up records of a version folder (none without the file)."""
-    path = Path(version_dir) / WARMUP_FILE
+def records(version_dir: Path, name: Path = WARMUP_FILE) -> list[prediction_log_pb2.PredictionLog]:
+    """The warm-up records of a version folder's file ``name`` (none without the file)."""
+    path = Path(version_dir) / name
     if not path.exists():
         return []
     entries = []
@@ -50,9 +53,9 @@ def predict_requests(version_dir: Path) -> list[tuple[str, dict[str, np.ndarray]
 
 
 def replay(servable: Servable, iterations: int = 1) -> int:
-    """Run each warm-up record of the servable's folder ``iterations`` times; returns how many records there were.
-    Raises what a record raises."""
-    entries = records(servable.path)
+    """Run each warm-up record of the servable's folder (both files) ``iterations`` times; returns how many records
+    there were. Raises what a record raises."""
+    entries = records(servable.path) + records(servable.path, SAVED_MODEL_WARMUP_FILE)
     for entry in entries:
         for _ in range(max(1, iterations)):
             run_record(servable, entry)
