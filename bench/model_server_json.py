@@ -1,14 +1,22 @@
-"""A REST :predict body whose structure, not its size, is costly to parse: distinct JSON keys under the size the
-model server parses in a worker process (services/model_server/json_worker.py). Its REST and gRPC APIs share one
-event loop: what the body costs, and what the gateway's cache misses (gRPC Predict calls) wait meanwhile.
+"""REST bodies whose structure, not their size, is costly to parse: under the size the model server parses in a
+worker process (services/model_server/json_worker.py), each holding what Python code converts piece by piece. Its
+REST and gRPC APIs share one event loop: what the body costs, and what the gateway's cache misses (gRPC Predict
+calls) wait meanwhile. The bodies (--body):
+  many_keys  a :predict body of 380,000 distinct keys beside its "instances" (3.7 MB): json.loads spends far
+             longer on an object member than on a number
+  ragged     a :predict body whose "inputs" is a nest of 740,000 one-value lists, the last of two values (3.0 MB):
+             a nest numpy cannot take whole is converted value by value, and refused at its end
+  examples   a :classify body of one tf.Example holding 740,000 float values (3.0 MB): each value is added to the
+             Example one by one (the published model has no classify signature: the parse happens first)
 
-One Redis, model server and gateway (bench/stack.py) on the newest published version. The body (3.7 MB) is sent
-gzipped to the model server's :predict once alone: the answer, its time and the model server's CPU seconds over it
-and the --settle seconds after (a first one also starts the worker process). Then again while another client sends
-the gateway classify calls of distinct photos (cache misses, the cache flushed) back to back: the slowest of those
-beside the slowest in as long a time before.
+One Redis, model server and gateway (bench/stack.py) on the newest published version. The body is sent gzipped to
+the model server once alone: the answer, its time and the model server's CPU seconds over it and the --settle
+seconds after (a first one also starts the worker process). Then again while another client sends the gateway
+classify calls of distinct photos (cache misses, the cache flushed) back to back: the slowest of those beside the
+slowest in as long a time before.
 
-Usage: python -m bench.model_server_json [--registry DIR] [--settle 2]
+Usage: python -m bench.model_server_json [--body many_keys|ragged|examples] [--registry DIR] [--settle 2]
+                                         [--result-name NAME]
 """
 from __future__ import annotations
 
@@ -25,34 +33,51 @@ from bench.common import (
 from bench.stack import Stack, distinct_photos
 
 KEYS = 380_000  # distinct keys beside "instances": 3.7 MB, under json_worker.LARGE_JSON_BYTES
+VALUES = 740_000  # one-value lists, or float values: 3.0 MB
 
 
 def many_keys() -> bytes:
     return ("{" + ",".join(f'"{i:x}":0' for i in range(KEYS)) + ', "instances": [[1]]}').encode()
 
 
+def ragged() -> bytes:
+    return ('{"inputs": [' + "[0]," * VALUES + "[0, 0]]}").encode()
+
+
+def examples() -> bytes:
+    return ('{"examples": [{"x": [' + "0.5," * VALUES + "0.5]}]}").encode()
+
+
+BODIES = {"many_keys": (":predict", many_keys), "ragged": (":predict", ragged), "examples": (":classify", examples)}
+
+
 def main(argv=None) -> int:
     p = stack_bench_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--body", choices=sorted(BODIES), default="many_keys")
+    p.add_argument("--result-name", default=None,
+                   help="default: model_server_json (many_keys), model_server_json_<body> (the others)")
     args = p.parse_args(argv)
     version_dir = published_version_of(args)
-    body = many_keys()
+    verb, build = BODIES[args.body]
+    body = build()
     sent = gzip.compress(body, 9)
     headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
     photos = distinct_photos(sample_photos(1000))
     with Stack(version_dir, args.model_name) as stack:
         gateway = stack.start_gateway(grpc=False)
-        url, pid = f"{stack.server.rest_url}/v1/models/{args.model_name}:predict", stack.server.process.pid
+        url, pid = f"{stack.server.rest_url}/v1/models/{args.model_name}{verb}", stack.server.process.pid
         cpu, started = cpu_seconds(pid), time.perf_counter()
         status = post(url, sent, headers)
         answered = time.perf_counter() - started
         time.sleep(args.settle)
-        result = {"decoded_bytes": len(body), "sent_bytes": len(sent), "status": status,
+        result = {"body": args.body, "decoded_bytes": len(body), "sent_bytes": len(sent), "status": status,
                   "answered_s": round(answered, 3), "cpu_s": round(cpu_seconds(pid) - cpu, 3),
                   "settle_s": args.settle}
         stack.flush_cache()
         result.update(others_wait(gateway.http_url, photos, False, args.settle, lambda: post(url, sent, headers)))
     print(result)
-    write_result("model_server_json", result)
+    write_result(args.result_name or ("model_server_json" if args.body == "many_keys"
+                                      else f"model_server_json_{args.body}"), result)
     return 0
 
 

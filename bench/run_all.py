@@ -38,6 +38,8 @@ SCRIPTS = {
     "scan_bombs": ["-m", "bench.scan_bombs"],
     "costly_forms": ["-m", "bench.costly_forms"],
     "model_server_json": ["-m", "bench.model_server_json"],
+    "model_server_json_ragged": ["-m", "bench.model_server_json", "--body", "ragged"],
+    "model_server_json_examples": ["-m", "bench.model_server_json", "--body", "examples"],
     "first_calls": ["-m", "bench.first_calls"],
     "explain": ["-m", "bench.explain_bench"],
     "tflite": ["-m", "bench.tflite_bench"],
@@ -337,11 +339,19 @@ def rows() -> list[dict]:
                     "meanwhile (bench/costly_forms.py)",
                     f"{cell['status']}; {cell['cpu_s']:.2f} s; {cell['other_client_worst_ms']:.0f} ms "
                     f"({cell['other_client_worst_ms_without_bomb']:.0f} ms without)", "-", None, source=f"{name}.json")
-    for name, when in (("model_server_json_before_faeba01", "parsed in place before counting its members"),
-                       ("model_server_json", "")):
+    for name, what, when in (
+            ("model_server_json_before_faeba01", "a REST :predict body of distinct JSON keys",
+             "parsed in place before counting its members"),
+            ("model_server_json", "a REST :predict body of distinct JSON keys", ""),
+            ("model_server_json_ragged_before_a07ab31", "a REST :predict body of a ragged nest of one-value lists",
+             "converted value by value in place"),
+            ("model_server_json_ragged", "a REST :predict body of a ragged nest of one-value lists", ""),
+            ("model_server_json_examples_before_a07ab31", "a REST :classify body of one tf.Example of many values",
+             "each value added in place"),
+            ("model_server_json_examples", "a REST :classify body of one tf.Example of many values", "")):
         body = load(name)
         if body:
-            add(f"a REST :predict body of distinct JSON keys ({body['decoded_bytes'] / 1e6:.1f} MB, "
+            add(f"{what} ({body['decoded_bytes'] / 1e6:.1f} MB, "
                 f"{body['sent_bytes'] / 1e3:.0f} KB gzipped) to the model server{f', {when}' if when else ''}: "
                 "answer; model server CPU; the gateway's slowest cache miss meanwhile (bench/model_server_json.py)",
                 f"{body['status']}; {body['cpu_s']:.2f} s; {body['other_client_worst_ms']:.0f} ms "

@@ -17,7 +17,9 @@ import grpc
 import pytest
 
 from services.model_server.errors import LargeJson, ServingError
-from services.model_server.json_worker import IN_PLACE_ROWS, LARGE_JSON_BYTES, LARGE_JSON_MEMBERS, JsonWorker
+from services.model_server.json_worker import (
+    IN_PLACE_ROWS, IN_PLACE_SLOW_VALUES, LARGE_JSON_BYTES, LARGE_JSON_MEMBERS, JsonWorker,
+)
 from tests.model_server_harness import MODEL, serve_registry, stop_server
 from training_job.paths import PROJECT_ROOT
 from training_job.tiny_model import publish_tiny_versions
@@ -168,23 +170,56 @@ def test_a_parse_that_finds_many_rows_in_place_runs_again_in_the_worker():
     assert asyncio.run(scenario()) != os.getpid()
 
 
-def test_the_rest_api_turns_many_rows_into_tensors_in_the_worker(tmp_path):
-    """Each instance of a predict body is turned into a tensor by Python code of its own: 250,000 one-value rows
-    (1 MB) held the event loop, gRPC's calls too, for 1.6 s in place."""
+RAGGED = [[0] * 100 for _ in range(IN_PLACE_SLOW_VALUES // 100)] + [[0]]  # the last row short: found at the end
+
+
+@pytest.mark.parametrize("path, body, message", [
+    # each instance of a predict body is turned into a tensor by Python code of its own: 250,000 one-value rows
+    # (1 MB) held the event loop, gRPC's calls too, for 1.6 s in place
+    (":predict", {"instances": [[1]] * (IN_PLACE_ROWS + 1)}, "of rank 2; the signature takes rank 4"),
+    # a ragged nest is converted value by value (about 0.1 s a MB in place), and refused at its end
+    (":predict", {"inputs": RAGGED}, "Encountered list at unexpected size: 1 at level: 1 expected size: 100"),
+    # each feature value of a classify body is added to its tf.Example one by one (about 0.15 s a MB in place)
+    (":classify", {"examples": [{"mean_colour": [0.5] * IN_PLACE_SLOW_VALUES}]}, ""),
+])
+def test_the_rest_api_converts_many_rows_or_values_in_the_worker(tmp_path, path, body, message):
     registry = tmp_path / "registry"
     publish_tiny_versions(registry, MODEL)
     server = serve_registry(registry, (1,))
     try:
-        body = json.dumps({"instances": [[1]] * (IN_PLACE_ROWS + 1)}).encode()
-        request = urllib.request.Request(f"{server.rest_url}/v1/models/{MODEL}:predict", data=body,
+        request = urllib.request.Request(f"{server.rest_url}/v1/models/{MODEL}{path}", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
-        with pytest.raises(urllib.error.HTTPError) as refused:  # rows of another rank than the images'
-            urllib.request.urlopen(request, timeout=60)
-        assert refused.value.code == 400
+        with pytest.raises(urllib.error.HTTPError) as refused:  # none of these suits the tiny model
+            urllib.request.urlopen(request, timeout=120)
+        assert refused.value.code == 400 and message in refused.value.read().decode()
         pid = server.process.pid
-        assert Path(f"/proc/{pid}/task/{pid}/children").read_text().split(), "the rows were converted in place"
+        assert Path(f"/proc/{pid}/task/{pid}/children").read_text().split(), "the body was converted in place"
     finally:
         stop_server(server)
+
+
+def test_a_parse_in_place_leaves_values_numpy_converts_uncounted_and_counts_the_others():
+    """A photo as pixels (a regular nest of numbers, converted by numpy) stays in place however many values it has;
+    values converted one by one are counted, over all the inputs and instances of a body, and past the limit the
+    parse raises LargeJson (json_worker then runs it again in the worker, without the limit)."""
+    from services.model_server.json_tensor import predict_request_from_json
+
+    def parse(body: dict, dtypes: dict[str, str], limit: int | None = IN_PLACE_SLOW_VALUES):
+        return predict_request_from_json(json.dumps(body).encode(), {"serving_default": dtypes}, None,
+                                         max_rows=IN_PLACE_ROWS, max_slow_values=limit)
+
+    photo = [[[120, 80, 40]] * 224] * 224
+    assert parse({"instances": [photo]}, {"images": "uint8"})[2]["images"].shape == (1, 224, 224, 3)
+    half = IN_PLACE_SLOW_VALUES // 2
+    assert parse({"inputs": {"a": ["x"] * half, "b": ["y"] * half}}, {"a": "string", "b": "string"})  # the limit
+    for body, dtypes in (({"inputs": {"a": ["x"] * half, "b": ["y"] * (half + 1)}}, {"a": "string", "b": "string"}),
+                         ({"instances": [["x"] * (half + 1), ["y"] * (half + 1)]}, {"a": "string"}),
+                         ({"inputs": [0] * IN_PLACE_SLOW_VALUES + ["x"]}, {"a": "uint8"}),
+                         ({"inputs": RAGGED}, {"a": "uint8"})):
+        with pytest.raises(LargeJson):
+            parse(body, dtypes)
+    with pytest.raises(ServingError, match="expected size: 100"):
+        parse({"inputs": RAGGED}, {"a": "uint8"}, limit=None)
 
 
 def test_parsing_a_body_sets_off_no_garbage_collection():

@@ -189,9 +189,23 @@ def _dense_shape(value) -> list[int]:
     return shape
 
 
-def _fill_leaves(value, level: int, shape: list[int], dtype, out: list) -> None:
+class SlowValues:
+    """How many more JSON values (lists included) a parse may convert one by one, in Python, before it raises
+    LargeJson: what a ragged nest, a string tensor or a value of the wrong type costs. None: any number."""
+
+    def __init__(self, limit: int | None = None):
+        self.left = float("inf") if limit is None else limit
+
+    def spend(self, values: int) -> None:
+        self.left -= values
+        if self.left < 0:
+            raise LargeJson("more values to convert one by one than a parse in place takes")
+
+
+def _fill_leaves(value, level: int, shape: list[int], dtype, out: list, slow: SlowValues) -> None:
     """json_tensor.cc FillTensorProto, value by value: every list at a level has that level's size, every other
     value sits at the last level."""
+    slow.spend(1)
     if not isinstance(value, list):
         if level != len(shape):
             raise invalid(f"JSON Value: {json_debug_string(value)} found at incorrect level: {level + 1} in the "
@@ -204,7 +218,7 @@ def _fill_leaves(value, level: int, shape: list[int], dtype, out: list) -> None:
         raise invalid(f"Encountered list at unexpected size: {len(value)} at level: {level} expected size: "
                        f"{shape[level]}")
     for item in value:
-        _fill_leaves(item, level + 1, shape, dtype, out)
+        _fill_leaves(item, level + 1, shape, dtype, out, slow)
 
 
 def _as_dtype(values, shape, dtype: str) -> np.ndarray:
@@ -239,11 +253,12 @@ def _regular_nest(nest: np.ndarray, dtype: str) -> np.ndarray | None:
     return flat.astype(_NUMPY_TYPES[dtype]).reshape(nest.shape)
 
 
-def tensor_from_json(value, dtype: str) -> np.ndarray:
+def tensor_from_json(value, dtype: str, slow: SlowValues | None = None) -> np.ndarray:
     """A JSON value (a list nested to any depth, or one value) as a tensor of ``dtype``, taken or refused with TF
     Serving's rules and messages (json_tensor.cc GetDenseTensorShape + FillTensorProto). The common case, a
     regular nest of values of the right JSON types, is checked by numpy; anything else goes value by value, which
-    finds the first problem in TF Serving's order."""
+    finds the first problem in TF Serving's order, each value spent from ``slow``."""
+    slow = slow or SlowValues()
     shape = _dense_shape(value)
     if len(shape) > MAX_RANK:
         raise invalid(f"JSON Value nests lists {len(shape)} deep: a tensor has at most {MAX_RANK} dimensions here")
@@ -256,10 +271,11 @@ def tensor_from_json(value, dtype: str) -> np.ndarray:
         if tensor is not None:
             return tensor
         flat = nest.ravel()
+        slow.spend(flat.size)
         if not any(isinstance(v, list) for v in flat):  # the first value refused, in TF Serving's (row-major) order
             return _as_dtype([_leaf(v, dtype) for v in flat], shape, dtype)
     leaves: list = []
-    _fill_leaves(value, 0, shape, dtype, leaves)
+    _fill_leaves(value, 0, shape, dtype, leaves, slow)
     return _as_dtype(leaves, shape, dtype)
 
 
@@ -268,7 +284,7 @@ def _shape_string(shape) -> str:
     return "[" + ",".join(map(str, shape)) + "]"
 
 
-def _instances_to_tensors(instances: list, inputs: dict[str, str]) -> dict[str, np.ndarray]:
+def _instances_to_tensors(instances: list, inputs: dict[str, str], slow: SlowValues) -> dict[str, np.ndarray]:
     """json_tensor.cc FillTensorMapFromInstancesList: the row format. Each instance is an object naming every input
     of the signature (those with a default value too), or, for a one-input signature, that input's value; the
     instances of an input must agree in size and shape, and are stacked."""
@@ -286,7 +302,7 @@ def _instances_to_tensors(instances: list, inputs: dict[str, str]) -> dict[str, 
         try:
             if name not in inputs:
                 raise invalid(f"JSON object: does not have named input: {name}")
-            tensor = tensor_from_json(item, inputs[name])
+            tensor = tensor_from_json(item, inputs[name], slow)
             if columns.get(name):
                 first = columns[name][0]
                 if first.size != tensor.size:
@@ -315,7 +331,7 @@ def _instances_to_tensors(instances: list, inputs: dict[str, str]) -> dict[str, 
     return {name: np.stack(tensors) for name, tensors in columns.items()}
 
 
-def _inputs_to_tensors(value, inputs: dict[str, str]) -> dict[str, np.ndarray]:
+def _inputs_to_tensors(value, inputs: dict[str, str], slow: SlowValues) -> dict[str, np.ndarray]:
     """json_tensor.cc FillTensorMapFromInputsMap: the columnar format. An object names every input of the signature
     (those with a default value too; other keys are not looked at), or, for a one-input signature, the value is
     that input's."""
@@ -324,12 +340,12 @@ def _inputs_to_tensors(value, inputs: dict[str, str]) -> dict[str, np.ndarray]:
             raise invalid("inputs is a plain value/list, but expecting an object as multiple input tensors required "
                            "as per tensorinfo_map")
         (name, dtype), = inputs.items()
-        return {name: tensor_from_json(value, dtype)}
+        return {name: tensor_from_json(value, dtype, slow)}
     tensors = {}
     for name in sorted(inputs):
         if name not in value:
             raise invalid(f"Missing named input: {name} in 'inputs' object.")
-        tensors[name] = tensor_from_json(value[name], inputs[name])
+        tensors[name] = tensor_from_json(value[name], inputs[name], slow)
     return tensors
 
 
@@ -443,13 +459,14 @@ def check_rows(body: dict, key: str, max_rows: int | None) -> None:
 
 # ------------------------------------------------------------------------------------------ predict
 def predict_request_from_json(raw: bytes, signatures: dict[str, dict[str, str]] | None,
-                              unresolved: ServingError | None, max_rows: int | None = None
-                              ) -> tuple[str, bool, dict[str, np.ndarray]]:
+                              unresolved: ServingError | None, max_rows: int | None = None,
+                              max_slow_values: int | None = None) -> tuple[str, bool, dict[str, np.ndarray]]:
     """json_tensor.cc FillPredictRequestFromJson, in its order: the body, its signature name, the signature's inputs
     (``signatures``: each signature's inputs, by TensorFlow's dtype names, of the version the path names; None when
     it names none, for the reason ``unresolved``), then "instances" or "inputs". Returns (signature name, row
     format, the input tensors). Runs where json_worker.py puts it: arguments, result and errors pickle; LargeJson
-    for more "instances" than ``max_rows``."""
+    for more "instances" than ``max_rows``, or more values to convert one by one than ``max_slow_values``
+    (``SlowValues``)."""
     body = json_body(raw)
     check_rows(body, "instances", max_rows)
     signature_name = signature_name_of(body)
@@ -469,9 +486,9 @@ def predict_request_from_json(raw: bytes, signatures: dict[str, dict[str, str]] 
             raise format_error(body, "Expecting 'instances' to be an list/array")
         if not body["instances"]:
             raise format_error(body, "No values in 'instances' array")
-        return signature_name, True, _instances_to_tensors(body["instances"], inputs)
+        return signature_name, True, _instances_to_tensors(body["instances"], inputs, SlowValues(max_slow_values))
     if "inputs" in body:
-        return signature_name, False, _inputs_to_tensors(body["inputs"], inputs)
+        return signature_name, False, _inputs_to_tensors(body["inputs"], inputs, SlowValues(max_slow_values))
     raise invalid("Missing 'inputs' or 'instances' key")
 
 

@@ -9,7 +9,8 @@ smaller JSON is handled in place, where a round trip to a process would cost mor
 
 ``run(fn, json_bytes, *args)`` returns ``fn(*args)``; ``json_bytes`` is the size of the JSON ``fn`` parses
 (``parse_bytes``: a body of many object members counts as large) or prints; a parse run in place that finds the
-body holds many rows (IN_PLACE_ROWS: each costs Python work) is run again in the worker. ``fn`` is a module-level
+body holds many rows (IN_PLACE_ROWS) or values to convert one by one (IN_PLACE_SLOW_VALUES), each costing
+Python work, is run again in the worker. ``fn`` is a module-level
 function (it is sent to the worker by name) whose arguments, result and exceptions pickle. A worker that dies (JSON
 too large for memory) fails its request with INTERNAL, and the next large request gets a new one. A worker outlives no
 server: it exits once its parent is gone, however the parent ended. The worker imports what ``fn``'s module
@@ -40,6 +41,12 @@ LARGE_JSON_MEMBERS = 20_000
 # Rows (instances, examples) a request may have for its parse to stay in place: each is turned into tensors by
 # Python code of its own. A photo is a row.
 IN_PLACE_ROWS = 1000
+# Values a parse in place may convert one by one (json_tensor.SlowValues: in a predict body, a ragged nest, a
+# string tensor, a value of the wrong type; every feature and value of a classify or regress body's examples), each
+# some Python work; a predict body's regular nest of numbers is converted by numpy and not counted, so a photo as
+# pixels stays in place.
+IN_PLACE_SLOW_VALUES = 10_000
+IN_PLACE_LIMITS = {"max_rows": IN_PLACE_ROWS, "max_slow_values": IN_PLACE_SLOW_VALUES}  # the parsers' in_place
 PARENT_CHECK_SECONDS = 1.0
 
 

@@ -25,10 +25,10 @@ from services.model_server.errors import DEFAULT_SIGNATURE, ServingError, invali
 from services.model_server.grpc_api import metadata_response, status_response
 from services.model_server.inference import Inference
 from services.model_server.json_tensor import (
-    JSON_BYTES_PER_VALUE, check_rows, decode_base64_object, float32_decimals, format_error, json_body,
+    JSON_BYTES_PER_VALUE, SlowValues, check_rows, decode_base64_object, float32_decimals, format_error, json_body,
     predict_answer_json, predict_request_from_json, signature_name_of,
 )
-from services.model_server.json_worker import IN_PLACE_ROWS, JsonWorker
+from services.model_server.json_worker import IN_PLACE_LIMITS, JsonWorker
 from services.model_server.servable import dtype_name
 
 log = logging.getLogger("model_server.rest")
@@ -118,34 +118,38 @@ def _add_feature_value(value, name: str, feature: feature_pb2.Feature) -> None:
                            f"type: {type(value).__name__}")
 
 
-def _example_from_json(value, example: example_pb2.Example) -> None:
+def _example_from_json(value, example: example_pb2.Example, slow: SlowValues) -> None:
+    """One tf.Example from its JSON object, each feature value (spent from ``slow``) added one by one."""
     if not isinstance(value, dict):
         raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"Example must be JSON object but got JSON {type(value).__name__}")
     for name, content in value.items():
         feature = example.features.feature[name]
-        for item in content if isinstance(content, list) else [content]:
+        items = content if isinstance(content, list) else [content]
+        slow.spend(len(items) + 1)
+        for item in items:
             _add_feature_value(item, name, feature)
 
 
-def examples_request_from_json(raw: bytes, method: str, max_rows: int | None = None):
+def examples_request_from_json(raw: bytes, method: str, max_rows: int | None = None,
+                               max_slow_values: int | None = None):
     """The ClassificationRequest (``method`` "classify") or RegressionRequest a classify or regress body makes,
     model_spec left for the path to fill. Runs where json_worker.py puts it; LargeJson for more "examples" than
-    ``max_rows``."""
+    ``max_rows``, or more features and feature values than ``max_slow_values``."""
     request = classification_pb2.ClassificationRequest() if method == "classify" \
         else regression_pb2.RegressionRequest()
     body = json_body(raw)
     check_rows(body, "examples", max_rows)
-    fill_examples_from_json(body, request)
+    fill_examples_from_json(body, request, SlowValues(max_slow_values))
     return request
 
 
-def fill_examples_from_json(body: dict, request) -> None:
+def fill_examples_from_json(body: dict, request, slow: SlowValues) -> None:
     """TF Serving's FillClassifyRegressRequestFromJson."""
     request.model_spec.signature_name = signature_name_of(body)
     has_context = "context" in body
     if has_context:
-        _example_from_json(body["context"], request.input.example_list_with_context.context)
+        _example_from_json(body["context"], request.input.example_list_with_context.context, slow)
     if "examples" not in body:
         raise format_error(body, "When method is classify, key 'examples' is expected and was not found")
     examples = body["examples"]
@@ -155,7 +159,7 @@ def fill_examples_from_json(body: dict, request) -> None:
         raise format_error(body, "'examples' value is an empty array")
     target = request.input.example_list_with_context if has_context else request.input.example_list
     for value in examples:
-        _example_from_json(value, target.examples.add())
+        _example_from_json(value, target.examples.add(), slow)
 
 
 DEFAULT_TIMEOUT_MS = 30_000  # --rest_api_timeout_in_ms, as TF Serving's
@@ -297,7 +301,7 @@ class RestApi:
         {"results": [[[label, score], ...], ...]} (classify) or {"results": [value, ...]} (regress)."""
         raw = await _body(request)
         proto = await self.json_worker.run(examples_request_from_json, self.json_worker.parse_bytes(raw), raw, method,
-                                           in_place={"max_rows": IN_PLACE_ROWS})
+                                           in_place=IN_PLACE_LIMITS)
         proto.model_spec.name = name
         if version is not None:
             proto.model_spec.version.value = version
@@ -328,7 +332,7 @@ class RestApi:
             for name, info in servable.signatures.items()}
         signature_name, row_format, inputs = await self.json_worker.run(
             predict_request_from_json, self.json_worker.parse_bytes(raw), raw, signatures, unresolved,
-            in_place={"max_rows": IN_PLACE_ROWS})
+            in_place=IN_PLACE_LIMITS)
         outputs = await self.core.run("rest_predict", servable, signature_name or DEFAULT_SIGNATURE, inputs)
         if not outputs:
             raise invalid("Cannot convert empty tensor map to JSON")
