@@ -1,5 +1,7 @@
 """Publishing is atomic: concurrent publishers get distinct versions, a killed publish leaves no numeric folder,
-and the accuracy gate refuses a weak model."""
+a full disk publishes nothing and says so, and the accuracy gate refuses a weak model."""
+import errno
+import os
 import signal
 import subprocess
 import sys
@@ -67,6 +69,39 @@ def test_failed_build_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         publish_dir(build, tmp_path, "mushrooms")
     assert [p.name for p in (tmp_path / "mushrooms").iterdir() if p.name != ".publish.lock"] == []
+
+
+def _tensorflow_out_of_space():
+    import tensorflow as tf
+
+    return tf.errors.ResourceExhaustedError(None, None, "{{function_node __wrapped__SaveV2}} variables/variables_temp/"
+                                            f"part-00000-of-00001; {os.strerror(errno.ENOSPC)} [Op:SaveV2]")
+
+
+@pytest.mark.parametrize("failure", [
+    lambda: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "model.tflite"),  # Python's writes
+    _tensorflow_out_of_space,  # the SavedModel's variables, written by TensorFlow
+])
+def test_a_full_disk_publishes_nothing_and_says_so_without_a_traceback(tmp_path, failure):
+    """Found publishing onto a 3 MB tmpfs: a version needs tens of MB, and the job ended with TensorFlow's traceback
+    (and, with room for the float version but not its int8 variant, a traceback after the float one was published).
+    The user is told what happened, what was left and what to do; the CLI prints it (a UserError)."""
+    from training_job.errors import UserError
+
+    publish_dir(lambda d: (d / "saved_model.pb").write_bytes(b"x" * 2_000_000), tmp_path, "mushrooms")
+
+    def build(staging):
+        (staging / "half").write_bytes(b"x" * 1000)
+        raise failure()
+
+    with pytest.raises(PublishError) as refused:
+        publish_dir(build, tmp_path, "mushrooms")
+    assert isinstance(refused.value, UserError)
+    assert str(refused.value).startswith(f"no space left on the device of {tmp_path}: nothing was published (the "
+                                         "half-written version is removed: ")
+    assert "its newest version, 1, takes 2 MB); free some space and publish again" in str(refused.value)
+    assert sorted(p.name for p in (tmp_path / "mushrooms").iterdir() if p.name.isdigit() or
+                  p.name.startswith(".tmp-")) == ["1"]
 
 
 def test_versions_continue_after_gaps_and_ignore_non_numeric(tmp_path):

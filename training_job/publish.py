@@ -13,6 +13,7 @@ process is gone.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -24,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from training_job import registry
+from training_job.errors import UserError
 
 TMP_PREFIX = ".tmp-"
 LOCK_NAME = ".publish.lock"
@@ -35,8 +37,28 @@ HEARTBEAT_SECONDS = 30.0
 LEASE_SECONDS = 15 * 60.0  # many heartbeats: a folder this quiet has no living publisher on any host
 
 
-class PublishError(RuntimeError):
-    pass
+class PublishError(UserError):
+    """Nothing was published, for the reason said."""
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether ``exc`` is a write refused for want of space: an OSError, or TensorFlow's ResourceExhaustedError,
+    which carries the system's message only."""
+    return getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
+        any(words in str(exc) for words in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT)))
+
+
+def _megabytes(folder: Path) -> float:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 1e6
+
+
+def no_space_message(registry_dir: Path, model_name: str) -> str:
+    """What to tell the user when a publish ran out of space, once its staging folder is removed."""
+    newest = registry.latest_version_dir(Path(registry_dir) / model_name)
+    needs = f"; its newest version, {newest.name}, takes {_megabytes(newest):.0f} MB" if newest else ""
+    free = shutil.disk_usage(registry_dir).free / 1e6
+    return (f"no space left on the device of {registry_dir}: nothing was published (the half-written version is "
+            f"removed: {free:.0f} MB free there now{needs}); free some space and publish again")
 
 
 def versions(model_dir: Path) -> list[int]:
@@ -197,14 +219,18 @@ def commit_version(staging: Path, version: int | None = None) -> tuple[int, Path
 def publish_dir(build, registry: Path, model_name: str, version: int | None = None) -> tuple[int, Path]:
     """Call ``build(staging_dir)`` to fill a fresh staging folder, then commit it as the next version (or as
     ``version``: ``commit_version``).
-    On any failure the staging folder is removed and no version appears."""
+    On any failure the staging folder is removed and no version appears; a full disk is a PublishError saying so."""
     if not model_name or "/" in model_name or model_name.startswith("."):
         raise PublishError(f"invalid model name {model_name!r}: use a plain folder name like 'mushrooms'")
-    staging = new_staging_dir(Path(registry), model_name)
+    staging = None
     try:
+        staging = new_staging_dir(Path(registry), model_name)
         with _heartbeat(staging):
             build(staging)
         return commit_version(staging, version)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if out_of_space(exc):
+            raise PublishError(no_space_message(Path(registry), model_name)) from exc
         raise

@@ -30,7 +30,6 @@ def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
 
 def publish(run_dir: Path, args, base=None):
     from training_job.pipeline import publish_run
-    from training_job.publish import PublishError
 
     if args.min_test_accuracy is not None and not 0 <= args.min_test_accuracy <= 1:
         raise UserError(f"--min_test_accuracy is a fraction in [0, 1] (got {args.min_test_accuracy})")
@@ -38,8 +37,6 @@ def publish(run_dir: Path, args, base=None):
     try:
         n, version_dir, metrics = publish_run(run_dir, registry, args.model_name, base=base,
                                               min_test_accuracy=args.min_test_accuracy, tflite=not args.no_tflite)
-    except PublishError as exc:
-        raise UserError(str(exc)) from None
     except PermissionError as exc:
         raise UserError(f"cannot write to the registry: {exc}") from None
     except FileNotFoundError as exc:  # the run's photos, re-read for the warm-up requests and the TFLite check

@@ -25,7 +25,6 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from training_job.commands.publish import registry_of
-    from training_job.publish import PublishError
     from training_job.tflite_export import publish_int8_as_version
 
     registry = registry_of(args)
@@ -34,8 +33,6 @@ def run(args) -> int:
         raise UserError(f"{args.model_name} has no published version {args.version} in {registry}")
     try:
         n, variant_dir = publish_int8_as_version(version_dir, registry, args.model_name)
-    except PublishError as exc:
-        raise UserError(str(exc)) from None
     except PermissionError as exc:
         raise UserError(f"cannot write to the registry: {exc}") from None
     print(f"published the int8 variant of {args.model_name} version {args.version} as version {n}: {variant_dir}")
