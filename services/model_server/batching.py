@@ -212,7 +212,7 @@ class _Queue:
             if padded > rows:
                 joined = {k: np.concatenate([v, np.repeat(v[:1], padded - rows, axis=0)]) for k, v in joined.items()}
         metrics.BATCH_SIZE.labels(model_name=self.servable.model_name).observe(rows)
-        outputs = self.servable.run(self.signature, joined, self.output_filter)
+        outputs = self.servable.run_batch(self.signature, joined, self.output_filter)
         _check_batched_outputs(outputs, padded)
         results, start = [], 0
         for task in batch:

@@ -107,6 +107,11 @@ class Servable:
         inputs = with_defaults(self.signature_defs.get(info.name), inputs)
         return self._call(info, inputs, list(output_filter) or info.outputs)
 
+    def run_batch(self, signature_name: str, inputs: dict[str, np.ndarray], output_filter=()) -> dict[str, np.ndarray]:
+        """A call of the batch scheduler, whose rows are independent (batching joins requests on that assumption):
+        ``run``, unless an engine has a better way to run independent rows (tflite_servable.TfLiteServable)."""
+        return self.run(signature_name, inputs, output_filter)
+
     def _call(self, info: SignatureInfo, inputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
         raise NotImplementedError
 

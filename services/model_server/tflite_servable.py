@@ -17,6 +17,14 @@ to one per model call running at once (so one per worker thread). A call that st
 servable runs gets an interpreter with the intra-op threads one TensorFlow call gets (``configure_tensorflow_threads``:
 its share of the cores); a call that starts alone gets one with every core this process may use, so a lone request
 (low load, concurrency 1) is not held to one core's speed while the others idle. Both give the same outputs.
+
+A batch the batch scheduler joined (``run_batch``: its rows are independent, the assumption batching joins requests
+on) of two rows or more that starts alone is split instead: each core runs a part of its rows, one row at a time, on
+a single-thread interpreter, the parts side by side. A multi-thread XNNPACK call spends part of every operator
+synchronising its threads, and an interpreter resized to each batch's size re-plans its operators at each new size;
+single-thread interpreters kept at one row do neither, for the same outputs (bench/model_server_bench.py measures
+both). Only where the file declares every input and output of the signature batch-first (a first dimension of any
+size), and not when the operator fixed the interpreters' threads.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ import logging
 import os
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +42,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2
 
 from services.model_server.errors import DEFAULT_SIGNATURE, ServingError
-from services.model_server.servable import Servable, SignatureInfo, _short
+from services.model_server.servable import Servable, SignatureInfo, _short, with_defaults
 from training_job.tflite_signatures import TFLITE_FILE, read_signature_defs
 
 log = logging.getLogger("model_server.tflite")
@@ -140,6 +149,23 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+_part_threads: ThreadPoolExecutor | None = None  # runs the parts of split batches beside the calling thread
+_part_threads_lock = threading.Lock()
+
+
+def part_threads() -> ThreadPoolExecutor:
+    global _part_threads
+    with _part_threads_lock:
+        if _part_threads is None:
+            _part_threads = ThreadPoolExecutor(max(1, usable_cores() - 1), thread_name_prefix="tflite-part")
+        return _part_threads
+
+
+def _batch_first(details: list[dict]) -> bool:
+    """Whether every tensor of ``details`` declares a first dimension of any size (a batch)."""
+    return all(len(d["shape_signature"]) >= 1 and d["shape_signature"][0] == -1 for d in details)
+
+
 @dataclass
 class _Instance:
     """One interpreter of a pool, its intra-op threads, and the signature runners made for it so far."""
@@ -164,8 +190,9 @@ class TfLiteServable(Servable):
         self._content = (self.path / TFLITE_FILE).read_bytes()
         self._threads = threads or tf.config.threading.get_intra_op_parallelism_threads() or usable_cores()
         self._lone_call_threads = max(self._threads, lone_call_threads or usable_cores())
+        self._split_parts = usable_cores() if not threads else 1  # threads an operator fixed are kept
         self._idle: dict[int, queue.SimpleQueue[_Instance]] = {
-            count: queue.SimpleQueue() for count in {self._threads, self._lone_call_threads}}
+            count: queue.SimpleQueue() for count in {self._threads, self._lone_call_threads, 1}}
         self._running_lock = threading.Lock()
         self._running = 0  # model calls of this servable running now
         first = self._new_instance(self._threads)
@@ -205,6 +232,17 @@ class TfLiteServable(Servable):
                 name, signature_def.method_name,
                 {alias: tf.as_dtype(info.dtype) for alias, info in signature_def.inputs.items()},
                 sorted(signature_def.outputs))  # no shapes: inputs of any rank are resized to, as TF Serving does
+        self._batch_first = {name for name in self.signature_defs if self._declares_batch_first(first, name)}
+
+    def _declares_batch_first(self, instance: _Instance, name: str) -> bool:
+        """Whether the file declares every input and output of signature ``name`` batch-first."""
+        if name in self._native:
+            runner = instance.runner(name)
+            return _batch_first(list(runner.get_input_details().values())) and \
+                _batch_first(list(runner.get_output_details().values()))
+        tensors = {d["index"]: d for d in instance.interpreter.get_tensor_details()}
+        indices = [*self._input_index[name].values(), *self._output_index[name].values()]
+        return _batch_first([{"shape_signature": tensors[i]["shape_signature"]} for i in indices])
 
     def _new_instance(self, threads: int) -> _Instance:
         from ai_edge_litert.interpreter import Interpreter
@@ -242,17 +280,86 @@ class TfLiteServable(Servable):
         with self._running_lock:
             self._running -= 1
 
+    def _acquire_alone(self, parts: int) -> list[_Instance] | None:
+        """``parts`` idle (or new) single-thread interpreters when no other call of this servable runs; None
+        otherwise. The parts count as running calls until released."""
+        with self._running_lock:
+            if self._running:
+                return None
+            self._running += parts
+        instances: list[_Instance] = []
+        try:
+            for _ in range(parts):
+                try:
+                    instances.append(self._idle[1].get_nowait())
+                except queue.Empty:
+                    instances.append(self._new_instance(1))
+        except BaseException:
+            for instance in instances:
+                self._idle[1].put(instance)
+            with self._running_lock:
+                self._running -= parts
+            raise
+        return instances
+
+    @staticmethod
+    def _values(info: SignatureInfo, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {alias: np.asarray(value, dtype=object if info.inputs[alias] == tf.string
+                                  else info.inputs[alias].as_numpy_dtype) for alias, value in inputs.items()}
+
     def _call(self, info: SignatureInfo, inputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
-        values = {alias: np.asarray(value, dtype=object if info.inputs[alias] == tf.string
-                                    else info.inputs[alias].as_numpy_dtype) for alias, value in inputs.items()}
+        values = self._values(info, inputs)
         instance = self._acquire()
         succeeded = False
         try:
-            if info.name in self._native:
-                outputs = instance.runner(info.name)(**values)  # resizes its inputs to the values' shapes
-            else:
-                outputs = self._run_primary(instance.interpreter, info.name, values, wanted)
+            outputs = self._invoke(instance, info, values, wanted)
             succeeded = True
+        finally:
+            self._release(instance, reuse=succeeded)
+        return _as_served(outputs, wanted)
+
+    def run_batch(self, signature_name: str, inputs: dict[str, np.ndarray], output_filter=()) -> dict[str, np.ndarray]:
+        """Servable.run_batch: a batch of two rows or more that starts alone is split between the cores (the
+        module's docstring says when and why), each part's rows run one at a time; otherwise ``run``."""
+        info = self.check_request(signature_name, inputs, output_filter)
+        values = self._values(info, with_defaults(self.signature_defs.get(info.name), inputs))
+        wanted = list(output_filter) or info.outputs
+        rows = {np.shape(value)[0] if np.ndim(value) else 0 for value in values.values()}
+        parts = min(self._split_parts, *rows) if len(rows) == 1 else 1
+        instances = self._acquire_alone(parts) if parts > 1 and info.name in self._batch_first else None
+        if instances is None:
+            return self._call(info, values, wanted)
+        bounds = np.linspace(0, rows.pop(), parts + 1).astype(int)
+        failed: set[int] = set()
+        others = []
+
+        def run_part(k: int) -> list[dict[str, np.ndarray]]:
+            try:
+                return [self._invoke(instances[k], info, {alias: value[row:row + 1] for alias, value in values.items()},
+                                     wanted) for row in range(bounds[k], bounds[k + 1])]
+            except BaseException:
+                failed.add(k)
+                raise
+
+        try:
+            others = [part_threads().submit(run_part, k) for k in range(1, parts)]
+            answered = run_part(0)
+            for other in others:
+                answered += other.result()
+        finally:
+            for other in others:
+                other.exception()  # every part has ended before its interpreter goes back
+            for k, instance in enumerate(instances):
+                self._release(instance, reuse=k not in failed)
+        return _as_served({alias: np.concatenate([row[alias] for row in answered]) for alias in wanted}, wanted)
+
+    def _invoke(self, instance: _Instance, info: SignatureInfo, values: dict[str, np.ndarray],
+                wanted: list[str]) -> dict[str, np.ndarray]:
+        """One call of signature ``info`` on ``instance``; LiteRT's errors as ServingErrors."""
+        try:
+            if info.name in self._native:
+                return instance.runner(info.name)(**values)  # resizes its inputs to the values' shapes
+            return self._run_primary(instance.interpreter, info.name, values, wanted)
         except ValueError as exc:
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, _short(exc)) from None
         except RuntimeError as exc:
@@ -261,10 +368,6 @@ class TfLiteServable(Servable):
                 raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
                                    f"{mismatched}; LiteRT cannot run it: {_short(exc)}") from None
             raise ServingError(grpc.StatusCode.INTERNAL, f"TFLite: {_short(exc)}") from None
-        finally:
-            self._release(instance, reuse=succeeded)
-        return {alias: outputs[alias].astype(object) if outputs[alias].dtype.kind == "S" else outputs[alias]
-                for alias in wanted}
 
     def _run_primary(self, interpreter, name: str, values: dict[str, np.ndarray],
                      wanted: list[str]) -> dict[str, np.ndarray]:
@@ -282,6 +385,12 @@ class TfLiteServable(Servable):
             interpreter.set_tensor(input_index[alias], value)
         interpreter.invoke()
         return {alias: interpreter.get_tensor(output_index[alias]) for alias in wanted}
+
+
+def _as_served(outputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
+    """The ``wanted`` outputs as the other engines give them: strings as Python objects."""
+    return {alias: outputs[alias].astype(object) if outputs[alias].dtype.kind == "S" else outputs[alias]
+            for alias in wanted}
 
 
 def _shape_unlike_declared(signature_def: meta_graph_pb2.SignatureDef, values: dict[str, np.ndarray]) -> str:
@@ -323,3 +432,7 @@ class TfLiteWithSavedModel(Servable):
 
     def _call(self, info: SignatureInfo, inputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
         return self._engine_by_signature[info.name]._call(info, inputs, wanted)
+
+    def run_batch(self, signature_name: str, inputs: dict[str, np.ndarray], output_filter=()) -> dict[str, np.ndarray]:
+        return self._engine_by_signature[self.signature(signature_name).name].run_batch(signature_name, inputs,
+                                                                                        output_filter)
