@@ -217,18 +217,61 @@ def raw_throughput(signature, pixels: np.ndarray, batch: int, seconds: float) ->
 FASTEST_ENGINE_THREADS = 2  # LiteRT's threads for the reference (bench/tflite_bench.py measures it too)
 
 
+class SplitRows:
+    """A version's ``model.tflite`` run as the model server runs a batch that starts alone
+    (services/model_server/tflite_servable.py): one single-thread interpreter per usable core, side by side, each fed
+    its share of the rows one at a time. ``classify(pixels)`` returns the probabilities, in row order."""
+
+    def __init__(self, path: Path):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from services.model_server.tflite_servable import usable_cores
+        from training_job.tflite_export import tflite_interpreter
+
+        self.interpreters = [tflite_interpreter(path, threads=1) for _ in range(usable_cores())]
+        self.threads = ThreadPoolExecutor(max(1, len(self.interpreters) - 1))
+
+    def classify(self, pixels: np.ndarray) -> np.ndarray:
+        from training_job.tflite_export import tflite_predict
+
+        parts = min(len(self.interpreters), len(pixels))
+        bounds = np.linspace(0, len(pixels), parts + 1).astype(int)
+
+        def part(k: int) -> list[np.ndarray]:
+            return [tflite_predict(self.interpreters[k], pixels[row:row + 1])
+                    for row in range(bounds[k], bounds[k + 1])]
+
+        others = [self.threads.submit(part, k) for k in range(1, parts)]
+        rows = part(0)
+        for other in others:
+            rows += other.result()
+        return np.concatenate(rows)
+
+
 def fastest_engine(version_dir: Path, pixels: np.ndarray, batch: int):
     """The fastest engine in this process at one batch size: the version's ``model.tflite`` (float) run by LiteRT
-    with XNNPACK, the reference of bench/run_all.py's speed targets. Its interpreter is made once, here; the
-    returned ``measure(seconds) -> throughput dict`` times it, so a bench that alternates it with its own phases
-    compares the two on the same minutes' machine, and CPU read around a call is the engine's alone."""
+    with XNNPACK, the reference of bench/run_all.py's speed targets, the faster of its two ways of running a batch:
+    whole, on one interpreter of FASTEST_ENGINE_THREADS threads, or split (``SplitRows``, as the model server runs
+    one). The interpreters are made once, here; the returned ``measure(seconds) -> throughput dict`` times each way
+    for half the seconds and returns the faster's figures, with ``way`` naming it, ``ways`` both throughputs and
+    ``cpu_ms_per_image`` its CPU (this process's), so a bench that alternates it with its own phases compares the two
+    on the same minutes' machine."""
     from training_job.tflite_export import tflite_interpreter, tflite_predict
 
     interpreter = tflite_interpreter(Path(version_dir) / "model.tflite", batch=batch, threads=FASTEST_ENGINE_THREADS)
+    split = SplitRows(Path(version_dir) / "model.tflite")
     batch_pixels = batch_of(pixels, batch)
+    ways = {"whole": lambda: tflite_predict(interpreter, batch_pixels), "split": lambda: split.classify(batch_pixels)}
 
     def measure(seconds: float) -> dict:
-        return throughput(time_calls(lambda: tflite_predict(interpreter, batch_pixels), seconds), batch)
+        figures = {}
+        for way, call in ways.items():
+            cpu = time.process_time()
+            times = time_calls(call, seconds / 2)
+            figures[way] = {**throughput(times, batch),
+                            "cpu_ms_per_image": (time.process_time() - cpu) * 1e3 / (batch * (len(times) + 1))}
+        way = max(figures, key=lambda name: figures[name]["images_per_s"])
+        return {**figures[way], "way": way, "ways": {name: f["images_per_s"] for name, f in figures.items()}}
 
     return measure
 

@@ -1,7 +1,9 @@
 """TFLite vs SavedModel on the CPU, in one run, on the same preprocessed photos: the published version's SavedModel
 (serving signature, in-process) against its TFLite float and int8 files (LiteRT's interpreter with XNNPACK,
-num_threads=2). The float file at batch 32 is the fastest engine for the same answers: bench/run_all.py's speed
-targets are ratios to it.
+num_threads=2), and the float file's batch split as the model server splits one (``tflite_float_split``:
+bench/common.SplitRows, one single-thread interpreter per core, rows one at a time). The float file at batch 32, the
+faster of its two ways, is the fastest engine for the same answers: bench/run_all.py's speed targets are ratios to
+it.
 
 Measures single-image latency (p50) and batch-32 throughput of each, each TFLite figure also as a ratio to the
 SavedModel's from this run, and puts next to them the test accuracies the training job stored in the version's
@@ -23,8 +25,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 
 from bench.common import (
-    FASTEST_ENGINE_THREADS, batch_of, load_serving_signature, published_version_or_exit, sample_photos, throughput,
-    time_calls, write_result,
+    FASTEST_ENGINE_THREADS, SplitRows, batch_of, load_serving_signature, published_version_or_exit, sample_photos,
+    throughput, time_calls, write_result,
 )
 from training_job.paths import default_registry
 from training_job.preprocessing import load_image_file
@@ -82,6 +84,8 @@ def main(argv=None) -> int:
         **{f"tflite_{kind}": {1: (lambda m=model: m.classify(one)), BATCH: (lambda m=model: m.classify(many))}
            for kind, model in tflite.items()},
     }
+    split = SplitRows(version_dir / tflite_metrics["float_file"])  # the float file's batch as the model server runs it
+    calls["tflite_float_split"] = {1: calls["tflite_float"][1], BATCH: lambda: split.classify(many)}
     # the three must agree on the photos before their speed means anything
     reference = calls["savedmodel"][BATCH]().argmax(1)
     agreement = {name: float(np.mean(c[BATCH]().argmax(1) == reference)) for name, c in calls.items()}
@@ -94,6 +98,7 @@ def main(argv=None) -> int:
     accuracy = {"savedmodel": tflite_metrics.get("savedmodel_test_accuracy", stored.get("test_accuracy")),
                 "tflite_float": tflite_metrics["float_test_accuracy"],
                 "tflite_int8": tflite_metrics["int8_test_accuracy"]}
+    accuracy["tflite_float_split"] = accuracy["tflite_float"]
     models = {}
     for name in calls:
         single, batched = throughput(times[name][1], 1), throughput(times[name][BATCH], BATCH)
