@@ -19,7 +19,8 @@ its share of the cores); a call that starts alone gets one with every core this 
 (low load, concurrency 1) is not held to one core's speed while the others idle. Both give the same outputs.
 
 A batch the batch scheduler joined (``run_batch``: its rows are independent, the assumption batching joins requests
-on) of two rows or more that starts alone is split instead: each core runs a part of its rows, one row at a time, on
+on) of two rows or more that starts alone (no other call of the servable running, no other batch being split) is
+split instead: each core runs a part of its rows, one row at a time, on
 a single-thread interpreter, the parts side by side. A multi-thread XNNPACK call spends part of every operator
 synchronising its threads, and an interpreter resized to each batch's size re-plans its operators at each new size;
 single-thread interpreters kept at one row do neither, for the same outputs (bench/model_server_bench.py measures
@@ -149,8 +150,9 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-_part_threads: ThreadPoolExecutor | None = None  # runs the parts of split batches beside the calling thread
+_part_threads: ThreadPoolExecutor | None = None  # runs the parts of a split batch beside the calling thread
 _part_threads_lock = threading.Lock()
+_splitting = threading.Lock()  # held by the batch being split, of any servable: one at a time holds the cores
 
 
 def part_threads() -> ThreadPoolExecutor:
@@ -281,10 +283,11 @@ class TfLiteServable(Servable):
             self._running -= 1
 
     def _acquire_alone(self, parts: int) -> list[_Instance] | None:
-        """``parts`` idle (or new) single-thread interpreters when no other call of this servable runs; None
-        otherwise. The parts count as running calls until released."""
+        """``parts`` idle (or new) single-thread interpreters when no other call of this servable runs and no batch
+        of any servable is being split; None otherwise. The parts count as running calls, and ``_splitting`` is
+        held, until ``_release_alone``."""
         with self._running_lock:
-            if self._running:
+            if self._running or not _splitting.acquire(blocking=False):
                 return None
             self._running += parts
         instances: list[_Instance] = []
@@ -295,12 +298,16 @@ class TfLiteServable(Servable):
                 except queue.Empty:
                     instances.append(self._new_instance(1))
         except BaseException:
-            for instance in instances:
-                self._idle[1].put(instance)
+            self._release_alone(instances, failed=set())
             with self._running_lock:
-                self._running -= parts
+                self._running -= parts - len(instances)
             raise
         return instances
+
+    def _release_alone(self, instances: list[_Instance], failed: set[int]) -> None:
+        for k, instance in enumerate(instances):
+            self._release(instance, reuse=k not in failed)
+        _splitting.release()
 
     @staticmethod
     def _values(info: SignatureInfo, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -320,7 +327,7 @@ class TfLiteServable(Servable):
 
     def run_batch(self, signature_name: str, inputs: dict[str, np.ndarray], output_filter=()) -> dict[str, np.ndarray]:
         """Servable.run_batch: a batch of two rows or more that starts alone is split between the cores (the
-        module's docstring says when and why), each part's rows run one at a time; otherwise ``run``."""
+        module's docstring says when and why), each part's rows run one at a time; otherwise run as ``run`` runs it."""
         info = self.check_request(signature_name, inputs, output_filter)
         values = self._values(info, with_defaults(self.signature_defs.get(info.name), inputs))
         wanted = list(output_filter) or info.outputs
@@ -349,8 +356,7 @@ class TfLiteServable(Servable):
         finally:
             for other in others:
                 other.exception()  # every part has ended before its interpreter goes back
-            for k, instance in enumerate(instances):
-                self._release(instance, reuse=k not in failed)
+            self._release_alone(instances, failed)
         return _as_served({alias: np.concatenate([row[alias] for row in answered]) for alias in wanted}, wanted)
 
     def _invoke(self, instance: _Instance, info: SignatureInfo, values: dict[str, np.ndarray],
