@@ -207,7 +207,7 @@ def test_a_batch_that_starts_alone_is_split_between_single_thread_interpreters_f
     lite = lite.lite
     # two cores, whatever the machine and the threads TensorFlow was given in this process: calls unsplit run on
     # two-thread interpreters (the lone call's) or, beside another, on two-thread ones too here
-    lite._split_parts, lite._threads, lite._lone_call_threads = 2, 2, 2
+    lite._split_parts, lite._part_threads, lite._threads, lite._lone_call_threads = 2, 1, 2, 2
     lite._idle.setdefault(2, queue.SimpleQueue())
     assert lite._batch_first == {"serving_default"}
     whole = lite.run("serving_default", {"images": PHOTOS})
@@ -226,6 +226,18 @@ def test_a_batch_that_starts_alone_is_split_between_single_thread_interpreters_f
     for answer in (beside, during):
         np.testing.assert_array_equal(answer["probabilities"], whole["probabilities"])
     assert lite._idle[1].qsize() == 0
+
+
+def test_a_split_batch_has_a_bounded_number_of_parts_on_a_machine_of_many_cores(tmp_path, monkeypatch):
+    """Each interpreter holds its own copy of the model's packed weights (28 MB for the published float file): on a
+    machine of many cores, a batch is split into MAX_SPLIT_PARTS parts, each with its share of the cores."""
+    monkeypatch.setattr(tflite_servable, "usable_cores", lambda: 16)
+    lite = TfLiteServable("m", 1, write_tiny_model_with_tflite(tmp_path / "1"))
+    assert (lite._split_parts, lite._part_threads) == (tflite_servable.MAX_SPLIT_PARTS, 16 // 4)
+    monkeypatch.setattr(tflite_servable, "usable_cores", lambda: 2)
+    lite = TfLiteServable("m", 1, tmp_path / "1")
+    assert (lite._split_parts, lite._part_threads) == (2, 1)
+    assert TfLiteServable("m", 1, tmp_path / "1", threads=2)._split_parts == 1  # threads an operator fixed
 
 
 def test_a_file_of_a_fixed_batch_size_is_never_split(tmp_path):

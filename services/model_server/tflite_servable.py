@@ -20,12 +20,13 @@ its share of the cores); a call that starts alone gets one with every core this 
 
 A batch the batch scheduler joined (``run_batch``: its rows are independent, the assumption batching joins requests
 on) of two rows or more that starts alone (no other call of the servable running, no other batch being split) is
-split instead: each core runs a part of its rows, one row at a time, on
-a single-thread interpreter, the parts side by side. A multi-thread XNNPACK call spends part of every operator
-synchronising its threads, and an interpreter resized to each batch's size re-plans its operators at each new size;
-single-thread interpreters kept at one row do neither, for the same outputs (bench/model_server_bench.py measures
-both). Only where the file declares every input and output of the signature batch-first (a first dimension of any
-size), and not when the operator fixed the interpreters' threads.
+split instead: each part of its rows runs one row at a time on an interpreter of its share of the cores, the parts
+side by side (one single-thread part per core on a machine of up to MAX_SPLIT_PARTS cores). A multi-thread XNNPACK
+call spends part of every operator synchronising its threads, and an interpreter resized to each batch's size
+re-plans its operators at each new size; interpreters of fewer threads kept at one row spend less on the first and
+nothing on the second, for the same outputs (bench/model_server_bench.py measures both). Only where the file
+declares every input and output of the signature batch-first (a first dimension of any size), and not when the
+operator fixed the interpreters' threads.
 """
 from __future__ import annotations
 
@@ -150,6 +151,9 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+# A split batch has at most this many parts: each interpreter holds its own copy of the model's packed weights (tens
+# of MB for the published float file), so their number stays bounded on a machine of many cores.
+MAX_SPLIT_PARTS = 4
 _part_threads: ThreadPoolExecutor | None = None  # runs the parts of a split batch beside the calling thread
 _part_threads_lock = threading.Lock()
 _splitting = threading.Lock()  # held by the batch being split, of any servable: one at a time holds the cores
@@ -159,7 +163,8 @@ def part_threads() -> ThreadPoolExecutor:
     global _part_threads
     with _part_threads_lock:
         if _part_threads is None:
-            _part_threads = ThreadPoolExecutor(max(1, usable_cores() - 1), thread_name_prefix="tflite-part")
+            _part_threads = ThreadPoolExecutor(max(1, min(usable_cores(), MAX_SPLIT_PARTS) - 1),
+                                               thread_name_prefix="tflite-part")
         return _part_threads
 
 
@@ -192,9 +197,10 @@ class TfLiteServable(Servable):
         self._content = (self.path / TFLITE_FILE).read_bytes()
         self._threads = threads or tf.config.threading.get_intra_op_parallelism_threads() or usable_cores()
         self._lone_call_threads = max(self._threads, lone_call_threads or usable_cores())
-        self._split_parts = usable_cores() if not threads else 1  # threads an operator fixed are kept
+        self._split_parts = min(usable_cores(), MAX_SPLIT_PARTS) if not threads else 1  # fixed threads are kept
+        self._part_threads = max(1, usable_cores() // self._split_parts)  # each part's interpreter's
         self._idle: dict[int, queue.SimpleQueue[_Instance]] = {
-            count: queue.SimpleQueue() for count in {self._threads, self._lone_call_threads, 1}}
+            count: queue.SimpleQueue() for count in {self._threads, self._lone_call_threads, self._part_threads}}
         self._running_lock = threading.Lock()
         self._running = 0  # model calls of this servable running now
         first = self._new_instance(self._threads)
@@ -283,8 +289,8 @@ class TfLiteServable(Servable):
             self._running -= 1
 
     def _acquire_alone(self, parts: int) -> list[_Instance] | None:
-        """``parts`` idle (or new) single-thread interpreters when no other call of this servable runs and no batch
-        of any servable is being split; None otherwise. The parts count as running calls, and ``_splitting`` is
+        """``parts`` idle (or new) interpreters of the parts' threads when no other call of this servable runs and no
+        batch of any servable is being split; None otherwise. The parts count as running calls, and ``_splitting`` is
         held, until ``_release_alone``."""
         with self._running_lock:
             if self._running or not _splitting.acquire(blocking=False):
@@ -294,9 +300,9 @@ class TfLiteServable(Servable):
         try:
             for _ in range(parts):
                 try:
-                    instances.append(self._idle[1].get_nowait())
+                    instances.append(self._idle[self._part_threads].get_nowait())
                 except queue.Empty:
-                    instances.append(self._new_instance(1))
+                    instances.append(self._new_instance(self._part_threads))
         except BaseException:
             self._release_alone(instances, failed=set())
             with self._running_lock:
