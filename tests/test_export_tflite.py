@@ -18,6 +18,7 @@ from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 from services.model_server.servable import LoadOptions, load_servable
 from services.model_server.tflite_servable import PARITY_ATOL
 from tests.model_server_harness import start_server, stop_server, version_states, wait_until, write_config
+from training_job.export import SAVED_MODEL_WARMUP_FILE
 from training_job.pipeline import publish_variants
 from training_job.publish import PublishError, publish_dir
 from training_job.tflite_export import (
@@ -79,6 +80,7 @@ def _write_warmup(version_dir: Path, photos: np.ndarray) -> None:
 def test_an_int8_file_is_held_to_the_looser_rule_and_a_wrong_one_is_still_refused(tmp_path):
     version_dir = write_tiny_model(tmp_path / "m" / "1")
     _write_warmup(version_dir, COLOURS)
+    assert not (version_dir / SAVED_MODEL_WARMUP_FILE).exists()  # no other signature to warm: no empty file
     int8 = convert_serving_default(version_dir, COLOURS)
     (version_dir / TFLITE_FILE).write_bytes(int8)
     served, _ = load_servable("m", 1, version_dir, LoadOptions(prefer_tflite_model=True))
@@ -204,7 +206,7 @@ def test_the_signatures_model_tflite_lacks_warm_up_from_a_file_of_their_own(publ
     import logging
 
     from services.model_server.warmup import records
-    from training_job.export import SAVED_MODEL_WARMUP_FILE, WARMUP_FILE
+    from training_job.export import WARMUP_FILE
 
     _, version, version_dir, _ = published_with_tflite
     signatures = {name: sorted(r.predict_log.request.model_spec.signature_name for r in records(version_dir, name))

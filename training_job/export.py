@@ -122,6 +122,8 @@ def write_warmup_requests(version_dir: Path, pixels: np.ndarray, photo_bytes: li
     files = {WARMUP_FILE: served_by_tflite, SAVED_MODEL_WARMUP_FILE: others} if tflite else \
         {WARMUP_FILE: served_by_tflite + others}
     for name, entries in files.items():
+        if not entries:
+            continue
         (Path(version_dir) / name).parent.mkdir(parents=True, exist_ok=True)
         with tf.io.TFRecordWriter(str(Path(version_dir) / name)) as writer:
             for entry in entries:

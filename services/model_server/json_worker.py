@@ -9,13 +9,13 @@ smaller JSON is handled in place, where a round trip to a process would cost mor
 
 ``run(fn, json_bytes, *args)`` returns ``fn(*args)``; ``json_bytes`` is the size of the JSON ``fn`` parses
 (``parse_bytes``: a body of many object members counts as large) or prints; a parse run in place that finds the
-body holds many rows (IN_PLACE_ROWS) or values to convert one by one (IN_PLACE_SLOW_VALUES), each costing
-Python work, is run again in the worker. ``fn`` is a module-level
-function (it is sent to the worker by name) whose arguments, result and exceptions pickle. A worker that dies (JSON
-too large for memory) fails its request with INTERNAL, and the next large request gets a new one. A worker outlives no
-server: it exits once its parent is gone, however the parent ended. The worker imports what ``fn``'s module
-imports: a predict body's json_tensor.py needs numpy only, while a classify or regress body's tf.Example protos
-bring TensorFlow into it (a few hundred MB, from the first such body on).
+body holds many rows (IN_PLACE_ROWS) or values to convert one by one (IN_PLACE_SLOW_VALUES), each costing Python
+work, is run again in the worker. ``fn`` is a module-level function (it is sent to the worker by name) whose
+arguments, result and exceptions pickle. A worker that dies (JSON too large for memory) fails its request with
+INTERNAL, and the next large request gets a new one. A worker outlives no server: it exits once its parent is gone,
+however the parent ended. The worker imports what ``fn``'s module imports: a predict body's json_tensor.py needs
+numpy only, while a classify or regress body's tf.Example protos bring TensorFlow into it (a few hundred MB, from the
+first such body on).
 """
 from __future__ import annotations
 
