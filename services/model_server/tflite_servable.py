@@ -25,8 +25,8 @@ side by side (one single-thread part per core on a machine of up to MAX_SPLIT_PA
 call spends part of every operator synchronising its threads, and an interpreter resized to each batch's size
 re-plans its operators at each new size; interpreters of fewer threads kept at one row spend less on the first and
 nothing on the second, for the same outputs (bench/model_server_bench.py measures both). Only where the file
-declares every input and output of the signature batch-first (a first dimension of any size), and not when the
-operator fixed the interpreters' threads.
+declares every input and output of the signature batch-first (a first dimension of any size), for a float file (an
+int8 one runs faster whole), and not when the operator fixed the interpreters' threads.
 """
 from __future__ import annotations
 
@@ -151,8 +151,8 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-# A split batch has at most this many parts: each interpreter holds its own copy of the model's packed weights (tens
-# of MB for the published float file), so their number stays bounded on a machine of many cores.
+# A split batch has at most this many parts: each interpreter holds its own copy of the model's packed weights, so
+# their number stays bounded on a machine of many cores.
 MAX_SPLIT_PARTS = 4
 _part_threads: ThreadPoolExecutor | None = None  # runs the parts of a split batch beside the calling thread
 _part_threads_lock = threading.Lock()
@@ -197,19 +197,21 @@ class TfLiteServable(Servable):
         self._content = (self.path / TFLITE_FILE).read_bytes()
         self._threads = threads or tf.config.threading.get_intra_op_parallelism_threads() or usable_cores()
         self._lone_call_threads = max(self._threads, lone_call_threads or usable_cores())
-        self._split_parts = min(usable_cores(), MAX_SPLIT_PARTS) if not threads else 1  # fixed threads are kept
-        self._part_threads = max(1, usable_cores() // self._split_parts)  # each part's interpreter's
-        self._idle: dict[int, queue.SimpleQueue[_Instance]] = {
-            count: queue.SimpleQueue() for count in {self._threads, self._lone_call_threads, self._part_threads}}
         self._running_lock = threading.Lock()
         self._running = 0  # model calls of this servable running now
         first = self._new_instance(self._threads)
-        self._idle[self._threads].put(first)
         probe = first.interpreter
         input_details, output_details = probe.get_input_details(), probe.get_output_details()
         # int8 tensors with quantization scales: the file is quantized (parity_problem's looser rule)
         self.quantized = any(d["dtype"] == np.int8 and len(d["quantization_parameters"]["scales"])
                              for d in probe.get_tensor_details())
+        # Batches are split for float files only, and not when an operator fixed the threads: XNNPACK's int8 kernels
+        # gain more from a batch's rows together than a split saves (the test of this rule says by how much).
+        self._split_parts = min(usable_cores(), MAX_SPLIT_PARTS) if not (threads or self.quantized) else 1
+        self._part_threads = max(1, usable_cores() // self._split_parts)  # each part's interpreter's
+        self._idle: dict[int, queue.SimpleQueue[_Instance]] = {
+            count: queue.SimpleQueue() for count in {self._threads, self._lone_call_threads, self._part_threads}}
+        self._idle[self._threads].put(first)
         inputs = {d["name"]: d["index"] for d in input_details}
         outputs = {d["name"]: d["index"] for d in output_details}
 
