@@ -477,7 +477,7 @@ def predict_request_from_json(raw: bytes, signatures: dict[str, dict[str, str]] 
         raise signature_not_found(signature_name)
     if not inputs:
         raise invalid(f"Failed to get input map for signature: {signature_name or 'DEFAULT'}")
-    row_format = "instances" in body
+    row_format, slow = "instances" in body, SlowValues(max_slow_values)
     if row_format and "inputs" in body:
         raise format_error(body, "Not formatted correctly expecting only one of 'inputs' or 'instances' keys "
                             "to exist ")
@@ -486,9 +486,9 @@ def predict_request_from_json(raw: bytes, signatures: dict[str, dict[str, str]] 
             raise format_error(body, "Expecting 'instances' to be an list/array")
         if not body["instances"]:
             raise format_error(body, "No values in 'instances' array")
-        return signature_name, True, _instances_to_tensors(body["instances"], inputs, SlowValues(max_slow_values))
+        return signature_name, True, _instances_to_tensors(body["instances"], inputs, slow)
     if "inputs" in body:
-        return signature_name, False, _inputs_to_tensors(body["inputs"], inputs, SlowValues(max_slow_values))
+        return signature_name, False, _inputs_to_tensors(body["inputs"], inputs, slow)
     raise invalid("Missing 'inputs' or 'instances' key")
 
 

@@ -202,9 +202,10 @@ class TfLiteServable(Servable):
         first = self._new_instance(self._threads)
         probe = first.interpreter
         input_details, output_details = probe.get_input_details(), probe.get_output_details()
+        tensor_details = probe.get_tensor_details()
         # int8 tensors with quantization scales: the file is quantized (parity_problem's looser rule)
         self.quantized = any(d["dtype"] == np.int8 and len(d["quantization_parameters"]["scales"])
-                             for d in probe.get_tensor_details())
+                             for d in tensor_details)
         # Batches are split for float files only, and not when an operator fixed the threads: XNNPACK's int8 kernels
         # gain more from a batch's rows together than a split saves (the test of this rule says by how much).
         self._split_parts = min(usable_cores(), MAX_SPLIT_PARTS) if not (threads or self.quantized) else 1
@@ -242,17 +243,19 @@ class TfLiteServable(Servable):
                 name, signature_def.method_name,
                 {alias: tf.as_dtype(info.dtype) for alias, info in signature_def.inputs.items()},
                 sorted(signature_def.outputs))  # no shapes: inputs of any rank are resized to, as TF Serving does
-        self._batch_first = {name for name in self.signature_defs if self._declares_batch_first(first, name)}
+        self._batch_first = {name for name in self.signature_defs
+                             if self._declares_batch_first(first, name, tensor_details)}
 
-    def _declares_batch_first(self, instance: _Instance, name: str) -> bool:
-        """Whether the file declares every input and output of signature ``name`` batch-first."""
+    def _declares_batch_first(self, instance: _Instance, name: str, tensor_details: list[dict]) -> bool:
+        """Whether the file declares every input and output of signature ``name`` batch-first (``tensor_details``:
+        the interpreter's, for the primary subgraph's)."""
         if name in self._native:
             runner = instance.runner(name)
             return _batch_first(list(runner.get_input_details().values())) and \
                 _batch_first(list(runner.get_output_details().values()))
-        tensors = {d["index"]: d for d in instance.interpreter.get_tensor_details()}
-        indices = [*self._input_index[name].values(), *self._output_index[name].values()]
-        return _batch_first([{"shape_signature": tensors[i]["shape_signature"]} for i in indices])
+        tensors = {d["index"]: d for d in tensor_details}
+        return _batch_first([tensors[i] for i in (*self._input_index[name].values(),
+                                                  *self._output_index[name].values())])
 
     def _new_instance(self, threads: int) -> _Instance:
         from ai_edge_litert.interpreter import Interpreter
