@@ -29,13 +29,10 @@ QUERIES = {"plain": "top_k=1", "explain": "top_k=1&explain=1"}
 
 
 def has_explain_signature(version_dir: Path) -> bool:
-    from tensorflow.core.protobuf import saved_model_pb2
-
+    from services.model_server.servable import saved_model_signature_defs
     from training_job.explain import EXPLAIN_SIGNATURE
 
-    saved = saved_model_pb2.SavedModel()
-    saved.ParseFromString((version_dir / "saved_model.pb").read_bytes())
-    return EXPLAIN_SIGNATURE in saved.meta_graphs[0].signature_def
+    return EXPLAIN_SIGNATURE in saved_model_signature_defs(version_dir)
 
 
 def phase(stack: Stack, gateway, mode: str, photos: list[bytes], concurrency: int, seconds: float) -> dict:

@@ -31,16 +31,9 @@ import numpy as np
 
 from bench.common import published_version_of, sample_photos, write_result
 from bench.stack import Stack
+from services.model_server.servable import saved_model_signature_defs
 
 LOADED = re.compile(r"loaded \S+ version \d+ from .* in ([0-9.]+)s")
-
-
-def signature_names(version_dir: Path) -> list[str]:
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    saved = saved_model_pb2.SavedModel()
-    saved.ParseFromString((version_dir / "saved_model.pb").read_bytes())
-    return sorted(name for name in saved.meta_graphs[0].signature_def if not name.startswith("__"))  # not the init op
 
 
 def request_inputs(signature: str, photo: bytes, image_size: int) -> dict[str, np.ndarray]:
@@ -96,7 +89,7 @@ def main(argv=None) -> int:
     version_dir = published_version_of(args)
     image_size = json.loads((version_dir / "assets.extra" / "model_card.json").read_text())["image_size"]
     photo = sample_photos(1)[0].read_bytes()
-    signatures = signature_names(version_dir)
+    signatures = sorted(saved_model_signature_defs(version_dir))
     runs: dict[str, list[dict]] = {name: [] for name in signatures}
     for round_number in range(args.rounds):
         for name in signatures:

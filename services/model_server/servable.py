@@ -237,6 +237,13 @@ def _meta_graph(path: Path, tags: tuple[str, ...]) -> meta_graph_pb2.MetaGraphDe
                        "`saved_model_cli`")
 
 
+def saved_model_signature_defs(path: Path, tags: tuple[str, ...] = ("serve",)
+                               ) -> dict[str, meta_graph_pb2.SignatureDef]:
+    """The signatures a SavedModel folder serves (those of its MetaGraphDef tagged ``tags``), read without loading
+    it."""
+    return _signature_defs(_meta_graph(Path(path), tags))
+
+
 def open_saved_model(model_name: str, version: int, path: Path, tags: tuple[str, ...] = ("serve",)) -> Servable:
     """The servable for a SavedModel folder: TF2 exports through their functions, TF1 exports through a Session."""
     path = Path(path)
