@@ -197,35 +197,92 @@ def test_a_tflite_file_that_cannot_serve_beside_a_saved_model_leaves_the_saved_m
                                load_servable("m", 1, version_dir)[0].run("", {"images": PHOTOS[:1]})["probabilities"])
 
 
-def test_a_batch_that_starts_alone_is_split_between_single_thread_interpreters_for_the_same_answers(tmp_path):
+def _two_core_lite(tmp_path) -> TfLiteServable:
+    """The tiny model's TFLite servable as on two cores, whatever the machine and the threads TensorFlow was given in
+    this process: rows split onto single-thread interpreters, calls unsplit on two-thread ones."""
+    lite, _ = load_servable("m", 1, write_tiny_model_with_tflite(tmp_path / "1"), LoadOptions(prefer_tflite_model=True))
+    lite = lite.lite
+    lite._split_parts, lite._part_threads, lite._threads, lite._lone_call_threads = 2, 1, 2, 2
+    lite._idle.setdefault(1, queue.SimpleQueue())
+    lite._idle.setdefault(2, queue.SimpleQueue())
+    return lite
+
+
+def test_a_batch_is_split_into_rows_the_row_workers_run_on_single_thread_interpreters_for_the_same_answers(tmp_path):
     """A multi-thread XNNPACK call synchronises its threads at every operator, and an interpreter resized to each
     batch's size re-plans its operators: two single-thread interpreters side by side, one row at a time each, ran
     the published model's batches of 32 8 % faster with the same bits (bench/model_server_bench.py: the server at
     concurrency 32 went from 0.936 to 0.988 of one two-thread interpreter at batch 32, 6.04 to 5.44 ms of CPU per
     photo)."""
-    lite, _ = load_servable("m", 1, write_tiny_model_with_tflite(tmp_path / "1"), LoadOptions(prefer_tflite_model=True))
-    lite = lite.lite
-    # two cores, whatever the machine and the threads TensorFlow was given in this process: calls unsplit run on
-    # two-thread interpreters (the lone call's) or, beside another, on two-thread ones too here
-    lite._split_parts, lite._part_threads, lite._threads, lite._lone_call_threads = 2, 1, 2, 2
-    lite._idle.setdefault(2, queue.SimpleQueue())
+    lite = _two_core_lite(tmp_path)
     assert lite._batch_first == {"serving_default"}
     whole = lite.run("serving_default", {"images": PHOTOS})
     split = lite.run_batch("serving_default", {"images": PHOTOS})
     assert set(split) == set(whole)
     for alias in whole:
         np.testing.assert_array_equal(split[alias], whole[alias])
-    parts = [lite._idle[1].get_nowait() for _ in range(2)]  # held out: a split would make new ones
-    assert [(part.threads, part.interpreter.get_input_details()[0]["shape"][0]) for part in parts] == [(1, 1), (1, 1)]
+    made = lite._idle[1].qsize()  # one per row worker that ran a row of this servable
+    assert 1 <= made <= tflite_servable.MAX_SPLIT_PARTS
+    parts = [lite._idle[1].get_nowait() for _ in range(made)]
+    assert {(part.threads, part.interpreter.get_input_details()[0]["shape"][0]) for part in parts} == {(1, 1)}
 
-    lite._running = 1  # another call of this servable runs: this one gets its share of the cores, unsplit
-    beside = lite.run_batch("serving_default", {"images": PHOTOS})
-    lite._running = 0
-    with tflite_servable._splitting:  # another servable's batch is being split: it holds the cores
-        during = lite.run_batch("serving_default", {"images": PHOTOS})
-    for answer in (beside, during):
-        np.testing.assert_array_equal(answer["probabilities"], whole["probabilities"])
-    assert lite._idle[1].qsize() == 0
+    # a lone request (one row, no rows running) runs as run runs it: on the lone call's interpreter of every core
+    for part in parts:
+        lite._idle[1].put(part)
+    lone = lite.run_batch("serving_default", {"images": PHOTOS[:1]})
+    np.testing.assert_array_equal(lone["probabilities"], whole["probabilities"][:1])
+    assert lite._idle[1].qsize() == made and lite._idle[2].qsize() == 1 and lite._running == 0
+
+
+def test_a_batch_that_starts_while_rows_run_queues_its_rows_behind_them_on_the_same_threads(tmp_path):
+    """With two batch threads, a batch starts while the previous one runs. Its rows wait in line for the row
+    workers, which take them as they end the previous batch's rows: no interpreter runs beside the workers'
+    (more threads than cores), and no core idles at a batch's end while rows are waiting."""
+    lite = _two_core_lite(tmp_path)
+    whole = lite.run("serving_default", {"images": PHOTOS})
+    ran, gate = [], threading.Event()
+    invoke = lite._invoke
+
+    def held(instance, info, values, wanted):  # every row waits at the gate until the later batches are in line
+        ran.append((threading.current_thread().name, instance.threads, len(values["images"])))
+        gate.wait(30)
+        return invoke(instance, info, values, wanted)
+
+    lite._invoke = held
+    with ThreadPoolExecutor(3) as batch_threads:
+        first = batch_threads.submit(lite.run_batch, "serving_default", {"images": PHOTOS})
+        wait_until(lambda: ran, timeout=30, what="the first batch's rows running")
+        one_row = batch_threads.submit(lite.run_batch, "serving_default", {"images": PHOTOS[:1]})
+        three_rows = batch_threads.submit(lite.run_batch, "serving_default", {"images": PHOTOS[3:]})
+        wait_until(lambda: tflite_servable.row_workers()._pending == len(PHOTOS) + 1 + 3, timeout=30,
+                   what="the later batches' rows in line")
+        gate.set()
+        answers = first.result(30), one_row.result(30), three_rows.result(30)
+    for answer, rows in zip(answers, (slice(None), slice(0, 1), slice(3, None))):
+        np.testing.assert_array_equal(answer["probabilities"], whole["probabilities"][rows])
+    assert len(ran) == len(PHOTOS) + 1 + 3
+    assert {(name.startswith("tflite-rows"), threads, rows) for name, threads, rows in ran} == {(True, 1, 1)}
+    assert lite._running == 0 and not tflite_servable.row_workers().busy()
+
+
+def test_a_row_that_fails_fails_its_batch_and_the_row_workers_go_on(tmp_path):
+    lite = _two_core_lite(tmp_path)
+    whole = lite.run("serving_default", {"images": PHOTOS})
+    invoke = lite._invoke
+    bad = PHOTOS[4, 0, 0].copy()
+
+    def failing(instance, info, values, wanted):
+        if (values["images"][0, 0, 0] == bad).all():
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "row 4 is bad")
+        return invoke(instance, info, values, wanted)
+
+    lite._invoke = failing
+    with pytest.raises(ServingError, match="row 4 is bad"):
+        lite.run_batch("serving_default", {"images": PHOTOS})
+    lite._invoke = invoke
+    np.testing.assert_array_equal(lite.run_batch("serving_default", {"images": PHOTOS})["probabilities"],
+                                  whole["probabilities"])
+    assert lite._running == 0 and not tflite_servable.row_workers().busy()
 
 
 def test_a_split_batch_has_a_bounded_number_of_parts_on_a_machine_of_many_cores(tmp_path, monkeypatch):

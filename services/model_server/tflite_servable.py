@@ -19,14 +19,16 @@ its share of the cores); a call that starts alone gets one with every core this 
 (low load, concurrency 1) is not held to one core's speed while the others idle. Both give the same outputs.
 
 A batch the batch scheduler joined (``run_batch``: its rows are independent, the assumption batching joins requests
-on) of two rows or more that starts alone (no other call of the servable running, no other batch being split) is
-split instead: each part of its rows runs one row at a time on an interpreter of its share of the cores, the parts
-side by side (one single-thread part per core on a machine of up to MAX_SPLIT_PARTS cores). A multi-thread XNNPACK
-call spends part of every operator synchronising its threads, and an interpreter resized to each batch's size
-re-plans its operators at each new size; interpreters of fewer threads kept at one row spend less on the first and
-nothing on the second, for the same outputs (bench/model_server_bench.py measures both). Only where the file
-declares every input and output of the signature batch-first (a first dimension of any size), for a float file (an
-int8 one runs faster whole), and not when the operator fixed the interpreters' threads.
+on) of two rows or more, or of one row while other rows run, is split instead into its rows, which the process's row
+workers run: one thread per core (at most MAX_SPLIT_PARTS), each running one row at a time on an interpreter of its
+share of the cores kept at one row, taking rows in the order they were handed over, from any batch of any servable.
+A multi-thread XNNPACK call spends part of every operator synchronising its threads, and an interpreter resized to
+each batch's size re-plans its operators at each new size; interpreters of fewer threads kept at one row spend less
+on the first and nothing on the second, for the same outputs (bench/model_server_bench.py measures both). And with
+more than one batch thread (``num_batch_threads``), the rows of the next batch wait in line while a batch runs, so
+the cores do not idle while one batch's last rows end apart or while the batch scheduler hands the next batch over.
+Only where the file declares every input and output of the signature batch-first (a first dimension of any size),
+for a float file (an int8 one runs faster whole), and not when the operator fixed the interpreters' threads.
 """
 from __future__ import annotations
 
@@ -34,7 +36,6 @@ import logging
 import os
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,21 +152,86 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-# A split batch has at most this many parts: each interpreter holds its own copy of the model's packed weights, so
-# their number stays bounded on a machine of many cores.
+# Rows of split batches run on at most this many threads, whatever the cores: each thread holds its own interpreter
+# (its own copy of the model's packed weights) of every version it has run.
 MAX_SPLIT_PARTS = 4
-_part_threads: ThreadPoolExecutor | None = None  # runs the parts of a split batch beside the calling thread
-_part_threads_lock = threading.Lock()
-_splitting = threading.Lock()  # held by the batch being split, of any servable: one at a time holds the cores
 
 
-def part_threads() -> ThreadPoolExecutor:
-    global _part_threads
-    with _part_threads_lock:
-        if _part_threads is None:
-            _part_threads = ThreadPoolExecutor(max(1, min(usable_cores(), MAX_SPLIT_PARTS) - 1),
-                                               thread_name_prefix="tflite-part")
-        return _part_threads
+class _SplitBatch:
+    """The rows of one batch handed to the row workers: each row's outputs, or the errors of the rows that failed."""
+
+    def __init__(self, servable: "TfLiteServable", info: SignatureInfo, values: dict[str, np.ndarray],
+                 wanted: list[str], rows: int):
+        self.servable, self.info, self.values, self.wanted = servable, info, values, wanted
+        self.answers: list[dict[str, np.ndarray] | None] = [None] * rows
+        self.errors: dict[int, BaseException] = {}
+        self._left = rows
+        self._left_lock = threading.Lock()
+        self.answered = threading.Event()  # set once every row has run or been skipped
+
+    def run_row(self, row: int) -> None:
+        """Runs row ``row`` unless another row of the batch failed already (its caller gets that error, and the batch
+        scheduler runs a batch failed by a request's input again task by task)."""
+        try:
+            if not self.errors:
+                self.answers[row] = self.servable._run_row(
+                    self.info, {alias: value[row:row + 1] for alias, value in self.values.items()}, self.wanted)
+        except BaseException as exc:  # noqa: BLE001 - the caller re-raises it
+            self.errors[row] = exc
+        finally:
+            with self._left_lock:
+                self._left -= 1
+                if not self._left:
+                    self.answered.set()
+
+
+class RowWorkers:
+    """Threads that run the rows of split batches of every servable, one row at a time each, in the order the rows
+    were handed over: a batch's rows queue behind earlier batches' rows, and a thread that ends its share of one
+    batch goes on with the next batch's rows, so the cores do not idle while one batch's last rows end apart or
+    while the batch scheduler hands the next batch over. The threads never end: ``run_row`` keeps every failure of a
+    row with its batch."""
+
+    def __init__(self, threads: int):
+        self._rows: queue.SimpleQueue[tuple[_SplitBatch, int]] = queue.SimpleQueue()
+        self._pending_lock = threading.Lock()
+        self._pending = 0  # rows handed over and not yet run
+        for k in range(threads):
+            threading.Thread(target=self._serve, name=f"tflite-rows-{k}", daemon=True).start()
+
+    def busy(self) -> bool:
+        return self._pending > 0
+
+    def run(self, batch: _SplitBatch) -> None:
+        """Hands ``batch``'s rows over and waits until each has run (or been skipped after another failed)."""
+        rows = len(batch.answers)
+        with self._pending_lock:
+            self._pending += rows
+        for row in range(rows):
+            self._rows.put((batch, row))
+        batch.answered.wait()
+
+    def _serve(self) -> None:
+        while True:
+            batch, row = self._rows.get()
+            try:
+                batch.run_row(row)
+            finally:
+                with self._pending_lock:
+                    self._pending -= 1
+
+
+_row_workers: RowWorkers | None = None
+_row_workers_lock = threading.Lock()
+
+
+def row_workers() -> RowWorkers:
+    """The process's row workers, one per core (at most MAX_SPLIT_PARTS), started on first use."""
+    global _row_workers
+    with _row_workers_lock:
+        if _row_workers is None:
+            _row_workers = RowWorkers(min(usable_cores(), MAX_SPLIT_PARTS))
+        return _row_workers
 
 
 def _batch_first(details: list[dict]) -> bool:
@@ -209,7 +275,7 @@ class TfLiteServable(Servable):
         # Batches are split for float files only, and not when an operator fixed the threads: XNNPACK's int8 kernels
         # gain more from a batch's rows together than a split saves (the test of this rule says by how much).
         self._split_parts = min(usable_cores(), MAX_SPLIT_PARTS) if not (threads or self.quantized) else 1
-        self._part_threads = max(1, usable_cores() // self._split_parts)  # each part's interpreter's
+        self._part_threads = max(1, usable_cores() // self._split_parts)  # each row worker's interpreter's
         self._idle: dict[int, queue.SimpleQueue[_Instance]] = {
             count: queue.SimpleQueue() for count in {self._threads, self._lone_call_threads, self._part_threads}}
         self._idle[self._threads].put(first)
@@ -293,32 +359,20 @@ class TfLiteServable(Servable):
         with self._running_lock:
             self._running -= 1
 
-    def _acquire_alone(self, parts: int) -> list[_Instance] | None:
-        """``parts`` idle (or new) interpreters of the parts' threads when no other call of this servable runs and no
-        batch of any servable is being split; None otherwise. The parts count as running calls, and ``_splitting`` is
-        held, until ``_release_alone``."""
-        with self._running_lock:
-            if self._running or not _splitting.acquire(blocking=False):
-                return None
-            self._running += parts
-        instances: list[_Instance] = []
+    def _run_row(self, info: SignatureInfo, values: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
+        """One row of a split batch, on an idle (or new) interpreter of the row workers' threads; RowWorkers calls it."""
         try:
-            for _ in range(parts):
-                try:
-                    instances.append(self._idle[self._part_threads].get_nowait())
-                except queue.Empty:
-                    instances.append(self._new_instance(self._part_threads))
-        except BaseException:
-            self._release_alone(instances, failed=set())
-            with self._running_lock:
-                self._running -= parts - len(instances)
-            raise
-        return instances
-
-    def _release_alone(self, instances: list[_Instance], failed: set[int]) -> None:
-        for k, instance in enumerate(instances):
-            self._release(instance, reuse=k not in failed)
-        _splitting.release()
+            instance = self._idle[self._part_threads].get_nowait()
+        except queue.Empty:
+            instance = self._new_instance(self._part_threads)
+        succeeded = False
+        try:
+            outputs = self._invoke(instance, info, values, wanted)
+            succeeded = True
+        finally:
+            if succeeded:  # as in _release: an interpreter whose call failed is not reused
+                self._idle[instance.threads].put(instance)
+        return outputs
 
     @staticmethod
     def _values(info: SignatureInfo, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -337,38 +391,28 @@ class TfLiteServable(Servable):
         return _as_served(outputs, wanted)
 
     def run_batch(self, signature_name: str, inputs: dict[str, np.ndarray], output_filter=()) -> dict[str, np.ndarray]:
-        """Servable.run_batch: a batch of two rows or more that starts alone is split between the cores (the
-        module's docstring says when and why), each part's rows run one at a time; otherwise run as ``run`` runs it."""
+        """Servable.run_batch: a batch of two rows or more, or of one row while the row workers are busy, is split
+        into its rows and run by the row workers (the module's docstring says when and why); otherwise run as ``run``
+        runs it."""
         info = self.check_request(signature_name, inputs, output_filter)
         values = self._values(info, with_defaults(self.signature_defs.get(info.name), inputs))
         wanted = list(output_filter) or info.outputs
         rows = {np.shape(value)[0] if np.ndim(value) else 0 for value in values.values()}
-        parts = min(self._split_parts, *rows) if len(rows) == 1 else 1
-        instances = self._acquire_alone(parts) if parts > 1 and info.name in self._batch_first else None
-        if instances is None:
+        count = rows.pop() if len(rows) == 1 else 0
+        workers = row_workers() if self._split_parts > 1 and info.name in self._batch_first and count else None
+        if workers is None or (count == 1 and not workers.busy()):
             return self._call(info, values, wanted)
-        bounds = np.linspace(0, rows.pop(), parts + 1).astype(int)
-        failed: set[int] = set()
-        others = []
-
-        def run_part(k: int) -> list[dict[str, np.ndarray]]:
-            try:
-                return [self._invoke(instances[k], info, {alias: value[row:row + 1] for alias, value in values.items()},
-                                     wanted) for row in range(bounds[k], bounds[k + 1])]
-            except BaseException:
-                failed.add(k)
-                raise
-
+        batch = _SplitBatch(self, info, values, wanted, count)
+        with self._running_lock:
+            self._running += 1
         try:
-            others = [part_threads().submit(run_part, k) for k in range(1, parts)]
-            answered = run_part(0)
-            for other in others:
-                answered += other.result()
+            workers.run(batch)
         finally:
-            for other in others:
-                other.exception()  # every part has ended before its interpreter goes back
-            self._release_alone(instances, failed)
-        return _as_served({alias: np.concatenate([row[alias] for row in answered]) for alias in wanted}, wanted)
+            with self._running_lock:
+                self._running -= 1
+        if batch.errors:
+            raise batch.errors[min(batch.errors)]
+        return _as_served({alias: np.concatenate([row[alias] for row in batch.answers]) for alias in wanted}, wanted)
 
     def _invoke(self, instance: _Instance, info: SignatureInfo, values: dict[str, np.ndarray],
                 wanted: list[str]) -> dict[str, np.ndarray]:
