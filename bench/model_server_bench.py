@@ -165,7 +165,8 @@ async def drive(target: str, model: str, pixels: np.ndarray, concurrency: int, s
 
 # (num_batch_threads, batch_timeout_micros). With one batch thread the timeout never applies: the batcher waits for
 # more requests only while another batch is running (services/model_server/batching.py).
-BATCHING_SETTINGS = {"threads_1": (1, 2000), "threads_2_timeout_2ms": (2, 2000), "threads_2_timeout_5ms": (2, 5000)}
+BATCHING_SETTINGS = {"threads_1": (1, 2000), "threads_2_timeout_0": (2, 0), "threads_2_timeout_2ms": (2, 2000),
+                     "threads_2_timeout_5ms": (2, 5000)}
 BATCH_SIZE_METRIC = ":tensorflow:serving:batching_session:processed_batch_size"
 C1_PAIRS = 300  # interleaved calls of the server and the fastest engine at concurrency 1, one of each per pair
 C1_H2LOAD_ROUNDS, C1_H2LOAD_CALLS = 6, 100  # alternating phases at concurrency 1 with h2load as the client

@@ -32,7 +32,7 @@ def batching_config(num_batch_threads: int, batch_timeout_micros: int) -> str:
 
 # The model server's batching in every stack the benchmarks start, the same parameters as
 # deploy/tfserving/batching.config (which says why); model_server_bench's batching sweep measures the alternatives.
-BATCHING_CONFIG = batching_config(num_batch_threads=1, batch_timeout_micros=2000)
+BATCHING_CONFIG = batching_config(num_batch_threads=2, batch_timeout_micros=2000)
 AVAILABLE = ModelVersionStatus.AVAILABLE
 
 
