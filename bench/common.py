@@ -218,7 +218,7 @@ FASTEST_ENGINE_THREADS = 2  # LiteRT's threads for the reference (bench/tflite_b
 
 
 class SplitRows:
-    """A version's ``model.tflite`` run as the model server runs a batch that starts alone
+    """A version's ``model.tflite`` run as the model server's row workers run one batch
     (services/model_server/tflite_servable.py): one single-thread interpreter per usable core, side by side, each fed
     its share of the rows one at a time. ``classify(pixels)`` returns the probabilities, in row order."""
 
