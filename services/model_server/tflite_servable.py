@@ -28,7 +28,7 @@ on the first and nothing on the second, for the same outputs (bench/model_server
 more than one batch thread (``num_batch_threads``), the rows of the next batch wait in line while a batch runs, so
 the cores do not idle while one batch's last rows end apart or while the batch scheduler hands the next batch over.
 Only where the file declares every input and output of the signature batch-first (a first dimension of any size),
-for a float file (an int8 one runs faster whole), and not when the operator fixed the interpreters' threads.
+and not when the operator fixed the interpreters' threads.
 """
 from __future__ import annotations
 
@@ -272,9 +272,8 @@ class TfLiteServable(Servable):
         # int8 tensors with quantization scales: the file is quantized (parity_problem's looser rule)
         self.quantized = any(d["dtype"] == np.int8 and len(d["quantization_parameters"]["scales"])
                              for d in tensor_details)
-        # Batches are split for float files only, and not when an operator fixed the threads: XNNPACK's int8 kernels
-        # gain more from a batch's rows together than a split saves (the test of this rule says by how much).
-        self._split_parts = min(usable_cores(), MAX_SPLIT_PARTS) if not (threads or self.quantized) else 1
+        # Batches are split into rows unless an operator fixed the interpreters' threads
+        self._split_parts = min(usable_cores(), MAX_SPLIT_PARTS) if not threads else 1
         self._part_threads = max(1, usable_cores() // self._split_parts)  # each row worker's interpreter's
         self._idle: dict[int, queue.SimpleQueue[_Instance]] = {
             count: queue.SimpleQueue() for count in {self._threads, self._lone_call_threads, self._part_threads}}
