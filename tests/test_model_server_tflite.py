@@ -393,13 +393,18 @@ def _signature_names(stub, model: str) -> set[str]:
     return set(signature_map.signature_def)
 
 
-def test_under_the_flag_tflite_versions_answer_through_the_batcher_and_others_keep_their_saved_model(tmp_path):
+@pytest.mark.parametrize("batch_threads", [1, 2], ids=["one batch thread", "two batch threads (as shipped)"])
+def test_under_the_flag_tflite_versions_answer_through_the_batcher_and_others_keep_their_saved_model(tmp_path,
+                                                                                                       batch_threads):
+    """With two batch threads, batches run side by side and their rows share the row workers: each request still
+    gets its own row's answer."""
     write_tiny_model_with_tflite(tmp_path / "lite" / "1")
     write_tiny_model(tmp_path / "saved" / "1")
     config = tmp_path / "models.config"
     write_config(config, {"lite": tmp_path / "lite", "saved": tmp_path / "saved"})
     (tmp_path / "batching.config").write_text(
-        "max_batch_size { value: 16 }\nbatch_timeout_micros { value: 20000 }\nnum_batch_threads { value: 1 }\n")
+        f"max_batch_size {{ value: 16 }}\nbatch_timeout_micros {{ value: 20000 }}\n"
+        f"num_batch_threads {{ value: {batch_threads} }}\n")
     (tmp_path / "monitoring.config").write_text('prometheus_config { enable: true path: "/metrics" }')
     server = start_server(tmp_path, config, "--prefer_tflite_model=true", "--enable_batching",
                           f"--batching_parameters_file={tmp_path / 'batching.config'}",
