@@ -340,15 +340,18 @@ class TfLiteServable(Servable):
             threads = self.threads_for_call(self._running)
             self._running += 1
         try:
-            return self._idle[threads].get_nowait()
-        except queue.Empty:
-            pass
-        try:
-            return self._new_instance(threads)
+            return self._idle_or_new(threads)
         except BaseException:
             with self._running_lock:
                 self._running -= 1
             raise
+
+    def _idle_or_new(self, threads: int) -> _Instance:
+        """An idle interpreter of ``threads`` intra-op threads, or a new one when every such one is busy."""
+        try:
+            return self._idle[threads].get_nowait()
+        except queue.Empty:
+            return self._new_instance(threads)
 
     def _release(self, instance: _Instance, reuse: bool = True) -> None:
         """Ends a call on ``instance``; an interpreter whose call failed is not reused (LiteRT keeps the error's
@@ -359,18 +362,11 @@ class TfLiteServable(Servable):
             self._running -= 1
 
     def _run_row(self, info: SignatureInfo, values: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
-        """One row of a split batch, on an idle (or new) interpreter of the row workers' threads; RowWorkers calls it."""
-        try:
-            instance = self._idle[self._part_threads].get_nowait()
-        except queue.Empty:
-            instance = self._new_instance(self._part_threads)
-        succeeded = False
-        try:
-            outputs = self._invoke(instance, info, values, wanted)
-            succeeded = True
-        finally:
-            if succeeded:  # as in _release: an interpreter whose call failed is not reused
-                self._idle[instance.threads].put(instance)
+        """One row of a split batch, on an idle (or new) interpreter of the row workers' threads; RowWorkers calls it.
+        As in ``_release``, an interpreter whose call failed is not reused."""
+        instance = self._idle_or_new(self._part_threads)
+        outputs = self._invoke(instance, info, values, wanted)
+        self._idle[instance.threads].put(instance)
         return outputs
 
     @staticmethod
