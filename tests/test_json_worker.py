@@ -61,6 +61,24 @@ def test_small_work_runs_in_place_large_work_in_a_worker_that_a_death_does_not_b
     assert after not in (os.getpid(), away[0])  # a new one
 
 
+
+def test_a_worker_killed_while_idle_is_replaced_for_the_next_request():
+    """A worker the kernel's OOM killer (or an operator) ends between requests took no request with it: the next one
+    gets a new worker, not an error."""
+    async def scenario():
+        worker = JsonWorker(large_json_bytes=1000)
+        try:
+            first = await worker.run(pid_of_caller, 1000)
+            os.kill(first, signal.SIGKILL)
+            await asyncio.sleep(1.0)  # the pool sees its process gone at once, and is broken from then on
+            return first, await worker.run(pid_of_caller, 1000)
+        finally:
+            worker.close()
+
+    first, second = asyncio.run(scenario())
+    assert second not in (first, os.getpid())
+
+
 PARENT = """
 import asyncio, os
 from services.model_server.json_worker import JsonWorker

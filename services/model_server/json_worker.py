@@ -12,10 +12,10 @@ smaller JSON is handled in place, where a round trip to a process would cost mor
 body holds many rows (IN_PLACE_ROWS) or values to convert one by one (IN_PLACE_SLOW_VALUES), each costing Python
 work, is run again in the worker. ``fn`` is a module-level function (it is sent to the worker by name) whose
 arguments, result and exceptions pickle. A worker that dies (JSON too large for memory) fails its request with
-INTERNAL, and the next large request gets a new one. A worker outlives no server: it exits once its parent is gone,
-however the parent ended. The worker imports what ``fn``'s module imports: a predict body's json_tensor.py needs
-numpy only, while a classify or regress body's tf.Example protos bring TensorFlow into it (a few hundred MB, from the
-first such body on).
+INTERNAL, and the next large request gets a new one; one that died between requests fails none. A worker outlives
+no server: it exits once its parent is gone, however the parent ended. The worker imports what ``fn``'s module
+imports: a predict body's json_tensor.py needs numpy only, while a classify or regress body's tf.Example protos bring
+TensorFlow into it (a few hundred MB, from the first such body on).
 """
 from __future__ import annotations
 
@@ -80,19 +80,33 @@ class JsonWorker:
                 return fn(*args, **(in_place or {}))
             except LargeJson:
                 json_bytes = self.large_json_bytes
+        workers = self._worker()
+        try:
+            try:
+                done = workers.submit(fn, *args)
+            except BrokenProcessPool:  # it died before this request came (killed while idle): a new one takes it
+                self._forget(workers)
+                workers = self._worker()
+                done = workers.submit(fn, *args)
+            return await asyncio.wrap_future(done)
+        except BrokenProcessPool:
+            log.error("the process handling %d bytes of JSON died; the next large request gets a new one", json_bytes)
+            self._forget(workers)
+            raise ServingError(grpc.StatusCode.INTERNAL, f"the process handling the request's {json_bytes} bytes of "
+                               "JSON died (out of memory?)") from None
+
+    def _worker(self) -> ProcessPoolExecutor:
+        """The worker, spawned when there is none."""
         if self._workers is None:
             self._workers = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                                                 initializer=_exit_with_parent, initargs=(os.getpid(),))
-        workers = self._workers
-        try:
-            return await asyncio.get_running_loop().run_in_executor(workers, fn, *args)
-        except BrokenProcessPool:
-            log.error("the process handling %d bytes of JSON died; the next large request gets a new one", json_bytes)
-            if self._workers is workers:
-                self._workers = None
-            workers.shutdown(wait=False)
-            raise ServingError(grpc.StatusCode.INTERNAL, f"the process handling the request's {json_bytes} bytes of "
-                               "JSON died (out of memory?)") from None
+        return self._workers
+
+    def _forget(self, workers: ProcessPoolExecutor) -> None:
+        """Drops a worker that died: the next request for one spawns another."""
+        if self._workers is workers:
+            self._workers = None
+        workers.shutdown(wait=False)
 
     def close(self) -> None:
         if self._workers is not None:
