@@ -155,16 +155,19 @@ class ClassifyProbe:
 
 
 def others_wait(gateway_url: str, photos: list[bytes], cached: bool, settle: float, send) -> dict:
-    """``send()`` while another client (ClassifyProbe) sends the gateway ``photos`` in turn: the slowest of its calls
-    from then to ``settle`` seconds after, beside the slowest in the ``settle`` seconds before."""
+    """``send()`` while another client (ClassifyProbe) sends the gateway ``photos`` in turn: the slowest and the
+    median of its calls from then to ``settle`` seconds after, beside those of the ``settle`` seconds before."""
     with ClassifyProbe(gateway_url, photos, cached) as probe:
         time.sleep(settle)
         quiet = len(probe.seconds)
         send()
         time.sleep(settle)
-    return {"other_client_worst_ms": round(max(probe.seconds[quiet:]) * 1000, 1),
-            "other_client_worst_ms_without_bomb": round(max(probe.seconds[:quiet]) * 1000, 1),
-            "other_client_calls": len(probe.seconds) - quiet}
+    during, before = probe.seconds[quiet:], probe.seconds[:quiet]
+    return {"other_client_worst_ms": round(max(during) * 1000, 1),
+            "other_client_worst_ms_without_bomb": round(max(before) * 1000, 1),
+            "other_client_p50_ms": round(median(during) * 1000, 1),
+            "other_client_p50_ms_without_bomb": round(median(before) * 1000, 1),
+            "other_client_calls": len(during)}
 
 
 def time_calls(call, seconds: float) -> list[float]:

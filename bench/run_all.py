@@ -40,6 +40,7 @@ SCRIPTS = {
     "model_server_json": ["-m", "bench.model_server_json"],
     "model_server_json_ragged": ["-m", "bench.model_server_json", "--body", "ragged"],
     "model_server_json_examples": ["-m", "bench.model_server_json", "--body", "examples"],
+    "model_server_json_photo": ["-m", "bench.model_server_json", "--body", "photo"],
     "first_calls": ["-m", "bench.first_calls"],
     "explain": ["-m", "bench.explain_bench"],
     "tflite": ["-m", "bench.tflite_bench"],
@@ -364,6 +365,19 @@ def rows() -> list[dict]:
                 "answer; model server CPU; the gateway's slowest cache miss meanwhile (bench/model_server_json.py)",
                 f"{body['status']}; {body['cpu_s']:.2f} s; {body['other_client_worst_ms']:.0f} ms "
                 f"({body['other_client_worst_ms_without_bomb']:.0f} ms without)", "-", None, source=f"{name}.json")
+    for name in [*sorted(path.stem for path in RESULTS_DIR.glob("model_server_json_photo_before_*.json")),
+                 "model_server_json_photo"]:
+        body = load(name)
+        if body:
+            when = f", parsed in place (revision {name.rsplit('_', 1)[1]})" if "_before_" in name else ""
+            add(f"a REST :predict body of one photo as numbers ({body['decoded_bytes'] / 1e6:.1f} MB, plain) sent to "
+                f"the model server back to back for {body['settle_s']:.0f} s{when}, beside another client's gateway "
+                "cache misses (bench/model_server_json.py --body photo): the body's p50; the misses' p50 and slowest "
+                "(in as long a time without the bodies); bodies and misses answered meanwhile",
+                f"{body['body_p50_ms']:.0f} ms; {body['other_client_p50_ms']:.1f} ms "
+                f"({body['other_client_p50_ms_without_bomb']:.1f}), {body['other_client_worst_ms']:.0f} ms "
+                f"({body['other_client_worst_ms_without_bomb']:.0f}); {body['bodies_sent']}, "
+                f"{body['other_client_calls']}", "-", None, source=f"{name}.json")
     for name, when in (("first_calls_before", "before the other signatures' warm-up file"), ("first_calls", "")):
         calls = load(name)
         if calls:

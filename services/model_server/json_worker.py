@@ -1,21 +1,24 @@
-"""Where REST JSON is parsed and printed: on the event loop when it is small, in a worker process when it is large.
+"""Where REST JSON is parsed and printed: on the event loop when it is small, in a worker process otherwise.
 
-Python's JSON parser and printer hold the GIL throughout, so a large body parsed on the event loop (or on a thread)
-stalls every other request of both APIs for the whole parse (a batch of 32 photos as JSON is 25 MB). TF Serving
-parses and prints each request's JSON on its own HTTP worker thread, beside the others. Here JSON of
-``LARGE_JSON_BYTES`` or more is parsed into the request's tensors, or printed from the answer's, in a worker
-process (one, spawned at the first such request, taking one request at a time), so the event loop keeps answering;
-smaller JSON is handled in place, where a round trip to a process would cost more than the work.
+Python's JSON parser and printer hold the GIL throughout, so a body parsed on the event loop (or on a thread) stalls
+every other request of both APIs for the whole parse: one photo of 224 x 224 as JSON numbers (0.8 MB) for tens of
+milliseconds, a batch of 32 (25 MB) most of a second. TF Serving parses and prints each request's JSON on its own
+HTTP worker thread, beside the others. Here JSON of ``WORKER_JSON_BYTES`` or more is parsed into the request's
+tensors, or printed from the answer's, in a worker process (one, taking one request at a time), so the event loop
+keeps answering; smaller JSON is handled in place, where the loop spends less on the parse than on a round trip to
+the process. The worker is spawned at the first such JSON, and its start takes longer than parsing that JSON: until
+it runs, JSON under ``LARGE_JSON_BYTES`` is still handled in place (a server that never sees such JSON never starts
+one), larger JSON waits for it.
 
 ``run(fn, json_bytes, *args)`` returns ``fn(*args)``; ``json_bytes`` is the size of the JSON ``fn`` parses
 (``parse_bytes``: a body of many object members counts as large) or prints; a parse run in place that finds the
 body holds many rows (IN_PLACE_ROWS) or values to convert one by one (IN_PLACE_SLOW_VALUES), each costing Python
 work, is run again in the worker. ``fn`` is a module-level function (it is sent to the worker by name) whose
 arguments, result and exceptions pickle. A worker that dies (JSON too large for memory) fails its request with
-INTERNAL, and the next large request gets a new one; one that died between requests fails none. A worker outlives
-no server: it exits once its parent is gone, however the parent ended. The worker imports what ``fn``'s module
-imports: a predict body's json_tensor.py needs numpy only, while a classify or regress body's tf.Example protos bring
-TensorFlow into it (a few hundred MB, from the first such body on).
+INTERNAL, and the next request for the worker gets a new one; one that died between requests fails none. A worker
+outlives no server: it exits once its parent is gone, however the parent ended. The worker imports what ``fn``'s
+module imports: a predict body's json_tensor.py needs numpy only, while a classify or regress body's tf.Example
+protos bring TensorFlow into it (a few hundred MB, from the first such body on).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import multiprocessing
 import os
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 import grpc
@@ -34,7 +37,11 @@ from services.model_server.errors import LargeJson, ServingError
 
 log = logging.getLogger("model_server.json_worker")
 
-LARGE_JSON_BYTES = 4 * 1024 * 1024  # about 5 photos of 224 x 224 as JSON
+# JSON of this size or more goes to the worker once it runs: under it, a parse in place holds the loop (every other
+# request) about as long as handing the JSON to the worker and back would add to its own request.
+WORKER_JSON_BYTES = 64 * 1024
+# JSON of this size or more waits for the worker to start rather than hold the loop (about 5 photos of 224 x 224).
+LARGE_JSON_BYTES = 4 * 1024 * 1024
 # json.loads spends far longer on an object's member than on a number in a list, byte for byte: a body of more
 # members than this is large whatever its size.
 LARGE_JSON_MEMBERS = 20_000
@@ -61,9 +68,11 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 class JsonWorker:
-    def __init__(self, large_json_bytes: int = LARGE_JSON_BYTES):
+    def __init__(self, large_json_bytes: int = LARGE_JSON_BYTES, worker_json_bytes: int = WORKER_JSON_BYTES):
         self.large_json_bytes = large_json_bytes
+        self.worker_json_bytes = min(worker_json_bytes, large_json_bytes)
         self._workers: ProcessPoolExecutor | None = None
+        self._started: Future | None = None  # done once the worker runs
 
     def parse_bytes(self, raw: bytes) -> int:
         """The ``json_bytes`` of parsing ``raw``: its size, or the large size when it holds more than
@@ -72,10 +81,25 @@ class JsonWorker:
             return self.large_json_bytes
         return len(raw)
 
+    def worker_runs(self) -> bool:
+        """Whether the worker has started and answered (JSON of ``worker_json_bytes`` or more then goes to it)."""
+        return self._started is not None and self._started.done() and self._started.exception() is None
+
+    def _worker(self) -> ProcessPoolExecutor:
+        """The worker, spawned when there is none (``_started`` is done once it runs)."""
+        if self._workers is None:
+            self._workers = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_exit_with_parent, initargs=(os.getpid(),))
+            self._started = self._workers.submit(os.getpid)
+        return self._workers
+
     async def run(self, fn, json_bytes: int, *args, in_place: dict | None = None):
-        """``fn(*args)``, in place when ``json_bytes`` is small (``fn`` then gets the keyword arguments ``in_place``
-        too, and may raise LargeJson: it runs again in the worker, without them), in the worker otherwise."""
-        if json_bytes < self.large_json_bytes:
+        """``fn(*args)``, in place when ``json_bytes`` is small, or under the large size while the worker starts
+        (``fn`` then gets the keyword arguments ``in_place`` too, and may raise LargeJson: it runs again in the
+        worker, without them), in the worker otherwise."""
+        if json_bytes < self.worker_json_bytes or (json_bytes < self.large_json_bytes and not self.worker_runs()):
+            if json_bytes >= self.worker_json_bytes:
+                self._worker()  # starts it for the next such JSON
             try:
                 return fn(*args, **(in_place or {}))
             except LargeJson:
@@ -90,25 +114,18 @@ class JsonWorker:
                 done = workers.submit(fn, *args)
             return await asyncio.wrap_future(done)
         except BrokenProcessPool:
-            log.error("the process handling %d bytes of JSON died; the next large request gets a new one", json_bytes)
+            log.error("the process handling %d bytes of JSON died; the next request for it gets a new one", json_bytes)
             self._forget(workers)
             raise ServingError(grpc.StatusCode.INTERNAL, f"the process handling the request's {json_bytes} bytes of "
                                "JSON died (out of memory?)") from None
 
-    def _worker(self) -> ProcessPoolExecutor:
-        """The worker, spawned when there is none."""
-        if self._workers is None:
-            self._workers = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_exit_with_parent, initargs=(os.getpid(),))
-        return self._workers
-
     def _forget(self, workers: ProcessPoolExecutor) -> None:
         """Drops a worker that died: the next request for one spawns another."""
         if self._workers is workers:
-            self._workers = None
+            self._workers = self._started = None
         workers.shutdown(wait=False)
 
     def close(self) -> None:
         if self._workers is not None:
             self._workers.shutdown(wait=False, cancel_futures=True)
-            self._workers = None
+            self._workers = self._started = None
