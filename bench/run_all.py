@@ -369,7 +369,7 @@ def rows() -> list[dict]:
                  "model_server_json_photo"]:
         body = load(name)
         if body:
-            when = f", parsed in place (revision {name.rsplit('_', 1)[1]})" if "_before_" in name else ""
+            when = f", parsed in place (before {name.rsplit('_', 1)[1]})" if "_before_" in name else ""
             add(f"a REST :predict body of one photo as numbers ({body['decoded_bytes'] / 1e6:.1f} MB, plain) sent to "
                 f"the model server back to back for {body['settle_s']:.0f} s{when}, beside another client's gateway "
                 "cache misses (bench/model_server_json.py --body photo): the body's p50; the misses' p50 and slowest "
