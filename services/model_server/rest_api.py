@@ -37,7 +37,7 @@ log = logging.getLogger("model_server.rest")
 # prediction regex, GET paths with the status regex, all case-insensitively (so the captured verb or subresource
 # keeps the case it was written in). Matched against the path as sent, before percent-decoding.
 MAX_BODY_BYTES = 256 * 1024 * 1024  # a request body, once decoded from its Content-Encoding (413 past it)
-BODY = "decoded_body"  # the request's decoded body, kept on the request by _body
+BODY = web.RequestKey("decoded_body", bytes)  # the request's decoded body, kept on the request by _body
 _HANDLER_PATH = r"(?is:v1/.*)"  # kHTTPRestApiHandlerPathRegex "(?i)/v1/.*", as an aiohttp route after its "/"
 _PREDICTION_PATH = re.compile(r"/v1/models/([^/:]+)(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?"
                               r":(classify|regress|predict)", re.IGNORECASE | re.ASCII)
