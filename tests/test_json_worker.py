@@ -104,6 +104,35 @@ def test_a_photos_json_is_handled_in_place_only_while_the_worker_it_starts_is_st
     assert later != os.getpid(), "a photo's JSON is still parsed on the event loop while the worker runs"
     assert small == os.getpid()
 
+
+def pid_after(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def test_a_photos_json_does_not_wait_behind_a_large_body_being_parsed():
+    """A batch of photos as JSON (25 MB for 32) takes the worker most of a second: a photo's JSON sent meanwhile is
+    parsed in a worker of its own, not after it (as TF Serving parses each on a thread of its own)."""
+    async def scenario():
+        worker = JsonWorker()
+        try:
+            photo = await worker.run(pid_of_caller, PHOTO_JSON_BYTES)  # in place, starting its worker
+            deadline = time.monotonic() + 30
+            while photo == os.getpid() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                photo = await worker.run(pid_of_caller, PHOTO_JSON_BYTES)
+            large = asyncio.create_task(worker.run(pid_after, LARGE_JSON_BYTES, 5.0))
+            await asyncio.sleep(1.0)  # its worker started and busy
+            beside = await worker.run(pid_of_caller, PHOTO_JSON_BYTES)
+            large_done_first = large.done()
+            return photo, beside, await large, large_done_first
+        finally:
+            worker.close()
+
+    photo, beside, large, large_done_first = asyncio.run(scenario())
+    assert not large_done_first, "the photo's JSON waited for the large body's parse"
+    assert beside == photo not in (large, os.getpid())
+
 PARENT = """
 import asyncio, os
 from services.model_server.json_worker import JsonWorker
