@@ -118,7 +118,7 @@ class RedisServer:
     else when the Python process that made it exits."""
 
     def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = ()):
-        self.port = port or free_port()
+        self.port = port  # a free one drawn at the first start when None; kept for the restarts
         self.extra_args = tuple(extra_args)
         self.dir = Path(tempfile.mkdtemp(prefix="redis-test-"))
         atexit.register(shutil.rmtree, self.dir, True)
@@ -129,9 +129,9 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> "RedisServer":
-        self.process = subprocess.Popen(redis_argv(self.port, self.dir, "--appendonly", "no", *self.extra_args),
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port(self.port, process=self.process)
+        self.process, (self.port,) = _start_on_ports(
+            lambda port: redis_argv(port, self.dir, "--appendonly", "no", *self.extra_args), (self.port,), 0,
+            self.dir / "redis.log", None, 30.0)
         return self
 
     def stop(self) -> None:
@@ -183,8 +183,9 @@ def start_model_server(*extra: str, grpc_port: int | None = None, rest_port: int
     return ModelServerProcess(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{rest_port}", process, log_file)
 
 
-# What a process that could not bind a port says (aiohttp's OSError, the servers' own gRPC message).
-PORT_TAKEN = ("address already in use", "cannot listen for gRPC")
+# What a process that could not bind a port says, lowercased (aiohttp's OSError, the servers' own gRPC message,
+# Redis's bind error).
+PORT_TAKEN = ("address already in use", "cannot listen for grpc")
 FREE_PORT_ATTEMPTS = 3
 
 
@@ -204,7 +205,8 @@ def _start_on_ports(argv: Callable[..., list[str]], ports: tuple[int | None, ...
             return process, chosen
         except RuntimeError:  # it exited before listening
             stop_process(process)
-            taken = any(words in log_file.read_text() for words in PORT_TAKEN)
+            said = log_file.read_text().lower()
+            taken = any(words in said for words in PORT_TAKEN)
             if not (taken and None in ports and attempt < FREE_PORT_ATTEMPTS):
                 raise
         except BaseException:

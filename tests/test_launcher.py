@@ -67,7 +67,8 @@ def test_a_redis_servers_folder_goes_with_the_process_that_made_it():
 def test_a_server_whose_free_port_was_taken_meanwhile_starts_again_on_new_ones(tmp_path, monkeypatch):
     """free_port's port is only free when asked: another process can bind it first (two tests, two workers). The
     launcher handed back a gateway "listening" on a port another process held, and gave up on a model server whose
-    gRPC port was taken. A server that exits saying a port is taken is started again on new free ports."""
+    gRPC port was taken, or on a Redis. A server that exits saying a port is taken is started again on new free
+    ports."""
     import socket
 
     from devstack.health import http_ok
@@ -100,3 +101,9 @@ def test_a_server_whose_free_port_was_taken_meanwhile_starts_again_on_new_ones(t
                 servers.stop_process(process)
         finally:
             servers.stop_process(server.process)
+        handed.clear()
+        with RedisServer() as another:
+            assert another.port != taken_port and handed[0] == taken_port
+            another.stop()
+            another.start()  # a restart keeps its port
+            assert another.port == handed[-1]
