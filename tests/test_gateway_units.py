@@ -1008,3 +1008,47 @@ def test_a_grpc_request_that_does_not_parse_is_invalid_argument_and_counted():
             await server.stop(0)
 
     asyncio.run(scenario())
+
+
+def test_a_large_base64_photo_is_decoded_handing_the_event_loop_back_between_slices():
+    """binascii holds the GIL for a whole decode: a JSON photo at the size limit decoded at once held every other
+    request of the gateway for all of it. Decoded a slice at a time, the loop runs other work between slices; the
+    bytes and the refusals are those of one base64.b64decode(validate=True)."""
+    import base64
+    import binascii
+    import os
+
+    from services.gateway.http_api import BASE64_SLICE_CHARS, decoded_base64
+
+    photo = os.urandom(4 * BASE64_SLICE_CHARS + 5)  # five slices of base64, the last padded
+    text = base64.b64encode(photo).decode()
+
+    async def decode_beside_another_task(encoded: str):
+        turns, decoding = 0, True
+
+        async def other():
+            nonlocal turns
+            while decoding:
+                turns += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(other())
+        await asyncio.sleep(0)
+        before = turns
+        try:
+            return await decoded_base64(encoded), turns - before
+        finally:
+            decoding = False
+            await task
+
+    decoded, turns = asyncio.run(decode_beside_another_task(text))
+    assert decoded == photo
+    assert turns >= 4, "the decode held the event loop throughout"
+    for bad in (text[:-1],  # not a multiple of 4
+                text[:BASE64_SLICE_CHARS - 4] + "AA==" + text[BASE64_SLICE_CHARS:],  # padding before the end
+                text[:10] + "*" + text[11:],  # outside the alphabet
+                text[:10] + "é" + text[11:]):  # outside ASCII
+        with pytest.raises((binascii.Error, ValueError)):
+            base64.b64decode(bad, validate=True)
+        with pytest.raises((binascii.Error, ValueError)):
+            asyncio.run(decode_beside_another_task(bad))
