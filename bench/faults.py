@@ -36,7 +36,8 @@ recovered); the slowest answer; Redis keys added per request; gateway and model 
 from a version other than the pinned one; for Redis, whether the routing table and the audit log are intact after it
 and when cache hits came back; while a dependency is away, what /readyz says (every 0.25 s) and what the admin audit
 and feedback on a real answer (classified before the fault) answer (once), and what that feedback answers when sent
-again once the dependency is back: a client told 503 retries, so it must be recorded then.
+again once the dependency is back: a client told 503 retries, so it must be recorded then. And its timeline: the
+answers by outcome in bins of 0.25 s (``timeline``), which bench/run_all.py draws as bench/plots/faults.svg.
 
 Usage: python -m bench.faults [--quick] [--tiny] [--registry DIR] [--only redis_sigstop,...] [--result-name faults]
                                [--label TEXT]
@@ -151,6 +152,32 @@ def summarise(answers: list[Answer], fault_at: float, back_at: float, pinned: in
         "answers_off_pinned_version": sum(1 for a in answers if a.outcome == OK and a.version != pinned),
         "rerouted": sum(a.rerouted for a in answers),
     }
+
+
+TIMELINE_BIN_S = 0.25
+
+
+def timeline(answers: list[Answer], fault_at: float, back_at: float, recovery_s: float | None,
+             bin_s: float = TIMELINE_BIN_S) -> dict:
+    """The answers by when they came, in bins of ``bin_s`` seconds: per bin, how many were ``ok``, ``unavailable``
+    (503 with Retry-After) and ``lost``, and the slowest of them (ms, 0 for an empty bin). Times are seconds from the
+    fault: bin 0 starts at ``first_s``; the dependency was back at ``back_s``, full service at ``recovered_s``
+    (None: not recovered)."""
+    if not answers:
+        return {"bin_s": bin_s, "first_s": 0.0, "back_s": back_at - fault_at, "recovered_s": None,
+                OK: [], UNAVAILABLE: [], LOST: [], "slowest_ms": []}
+    first = min(a.done for a in answers) - fault_at
+    first_bin = int(first // bin_s)
+    bins = int((max(a.done for a in answers) - fault_at) // bin_s) - first_bin + 1
+    counts = {outcome: [0] * bins for outcome in (OK, UNAVAILABLE, LOST)}
+    slowest = [0.0] * bins
+    for a in answers:
+        index = int((a.done - fault_at) // bin_s) - first_bin
+        counts[a.outcome][index] += 1
+        slowest[index] = max(slowest[index], round((a.done - a.sent) * 1000, 1))
+    return {"bin_s": bin_s, "first_s": first_bin * bin_s, "back_s": back_at - fault_at,
+            "recovered_s": None if recovery_s is None else back_at - fault_at + recovery_s, **counts,
+            "slowest_ms": slowest}
 
 
 # ---------------------------------------------------------------------------------------------- photos
@@ -462,6 +489,7 @@ class FaultBench:
                   "model_server_rss_mb": [before["model_server_rss_mb"], after["model_server_rss_mb"]],
                   "gateway_alive": self.gateway.process.poll() is None,
                   "versions_at_end": self.state_names()}
+        result["timeline"] = timeline(answers, fault_at, back_at, result["recovery_s"])
         if name.startswith(("publish", "unload")):
             add_version_facts(result)
         added = None if keys_from is None or after["redis_keys"] is None else after["redis_keys"] - keys_from

@@ -20,12 +20,15 @@ import sys
 import time
 from pathlib import Path
 
+from bench import plots
 from bench.common import (
     MUSHROOMS_REJECTED_AT_MOST, NOT_MUSHROOMS_REJECTED_AT_LEAST, OPEN_SET_TARGETS, RESULTS_DIR, machine_description,
     median,
 )
 
 BENCH_DIR = Path(__file__).resolve().parent
+PLOTS_DIR = BENCH_DIR / "plots"
+FAULTS_PLOT = "plots/faults.svg"  # relative to BENCH_DIR, as REPORT.md links it
 README = BENCH_DIR.parent / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 SCRIPTS = {
@@ -662,7 +665,7 @@ def fault_rows() -> dict:
                     "unavailable_503": s["unavailable_503"], "recovery_s": s["recovery_s"],
                     "slowest_answer_s": s["slowest_answer_s"], "redis_keys_per_request": s["redis_keys_per_request"],
                     "gateway_rss_mb": s["gateway_rss_mb"], "model_server_rss_mb": s["model_server_rss_mb"],
-                    "notes": "; ".join(notes)})
+                    "notes": "; ".join(notes), "timeline": s.get("timeline")})
     if not out:
         return {}
     run = {k: faults.get(k) for k in ("concurrency", "timing", "quick", "label", "model", "cache_hits_only")}
@@ -780,7 +783,19 @@ def fault_table(faults: dict) -> list[str]:
                      f"| {row['unavailable_503']} | {seconds(row['recovery_s'])} | {seconds(row['slowest_answer_s'])} "
                      f"| {number(row['redis_keys_per_request'])} | {gateway[0]:.0f} → {gateway[1]:.0f} | "
                      f"{server[0]:.0f} → {server[1]:.0f} | {row['notes']} |")
+    if all(row.get("timeline") for row in faults["rows"]):
+        lines += ["", f"![Answers through each fault, by outcome (bench/faults.py)]({FAULTS_PLOT})"]
     return lines
+
+
+def write_plots(report: dict) -> None:
+    """The report's charts (bench/plots.py) from its results, beside REPORT.md."""
+    faults = report.get("faults") or {}
+    if faults and all(row.get("timeline") for row in faults["rows"]):
+        PLOTS_DIR.mkdir(exist_ok=True)
+        (BENCH_DIR / FAULTS_PLOT).write_text(plots.fault_timelines(
+            [(row["fault"], row["timeline"]) for row in faults["rows"]],
+            f"Answers through each fault (bench/faults.py, revision {faults['run'].get('revision') or '?'})"))
 
 
 def main(argv=None) -> int:
@@ -797,7 +812,8 @@ def main(argv=None) -> int:
     (RESULTS_DIR / "report.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)
     (BENCH_DIR / "REPORT.md").write_text(table)
-    update_readme(table)
+    write_plots(report)
+    update_readme(table.replace("](plots/", "](bench/plots/"))  # the README sits one folder up
     print(table)
     return 0 if all(ran.values()) else 1
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from bench.faults import (
     LOST, OK, UNAVAILABLE, Answer, Photos, Timing, classify_outcome, recovery_seconds, run_bench, summarise,
-    with_comment,
+    timeline, with_comment,
 )
 
 
@@ -65,6 +65,45 @@ def test_summary_counts_each_answer_once_and_flags_the_ones_off_the_pinned_versi
     assert figures["answers_off_pinned_version"] == 1
     assert figures["cached_answers_during_fault"] == 0
     assert figures["cache_hits_resume_s"] == pytest.approx(0.7)
+
+
+def test_the_timeline_bins_each_answer_once_by_when_it_came_and_how():
+    answers = [answer(-0.9, -0.8), answer(-0.7, -0.6), answer(0.1, 0.3, UNAVAILABLE, detail="503"),
+               answer(0.2, 1.1, LOST, detail="500"), answer(1.0, 1.05), answer(1.2, 1.3)]
+    line = timeline(answers, fault_at=0.0, back_at=1.0, recovery_s=0.1, bin_s=0.5)
+    assert (line["first_s"], line["back_s"], line["recovered_s"]) == (-1.0, 1.0, pytest.approx(1.1))
+    assert line[OK] == [2, 0, 0, 0, 2] and line[UNAVAILABLE] == [0, 0, 1, 0, 0] and line[LOST] == [0, 0, 0, 0, 1]
+    assert line["slowest_ms"] == [pytest.approx(100.0), 0.0, pytest.approx(200.0), 0.0, pytest.approx(900.0)]
+    assert timeline(answers, 0.0, 1.0, None)["recovered_s"] is None
+
+
+def test_the_fault_plot_draws_each_answer_where_it_came_and_marks_the_fault_and_the_recovery():
+    import xml.etree.ElementTree as ElementTree
+
+    from bench.plots import LABEL_W, PLOT_W, fault_timelines
+
+    frozen = {"bin_s": 0.5, "first_s": -1.0, "back_s": 1.0, "recovered_s": 2.0, OK: [2, 2, 0, 0, 4, 4],
+              UNAVAILABLE: [0, 0, 1, 1, 0, 0], LOST: [0, 0, 0, 1, 0, 0], "slowest_ms": [5, 5, 9, 9, 5, 5]}
+    published = {"bin_s": 0.5, "first_s": -1.0, "back_s": 0.0, "recovered_s": None, OK: [2, 2, 2, 2, 2, 2],
+                 UNAVAILABLE: [0] * 6, LOST: [0] * 6, "slowest_ms": [5] * 6}
+    svg = ElementTree.fromstring(fault_timelines([("frozen", frozen), ("published", published)], "title"))
+    ns = "{http://www.w3.org/2000/svg}"
+    strips = svg.findall(f"{ns}g")
+    assert [g.get("data-label") for g in strips] == ["frozen", "published"]
+    x = lambda seconds: LABEL_W + (seconds + 1.0) / 3.0 * PLOT_W  # noqa: E731 - the axis runs from -1 to 2 s
+    ok = [r for r in strips[0].findall(f"{ns}rect") if r.get("class") == "ok"]
+    assert [round(float(r.get("x"))) for r in ok] == [round(x(t)) for t in (-1.0, -0.5, 1.0, 1.5)]
+    heights = [float(r.get("height")) for r in ok]
+    assert heights[2] == pytest.approx(2 * heights[0], rel=1e-3)  # 4 answers a bin against 2: twice as high
+    lost = [r for r in strips[0].findall(f"{ns}rect") if r.get("class") == "lost"]
+    assert len(lost) == 1 and round(float(lost[0].get("x"))) == round(x(0.5))
+    fault = next(r for r in strips[0].findall(f"{ns}rect") if r.get("class") == "fault")
+    assert (round(float(fault.get("x"))), round(float(fault.get("width")))) == (round(x(0)), round(x(1) - x(0)))
+    recovered = strips[0].find(f"{ns}line[@class='recovered']")
+    assert round(float(recovered.get("x1"))) == round(x(2.0))
+    # a publish has no span to shade, and a run that did not recover says so
+    assert strips[1].find(f"{ns}line[@class='fault']") is not None
+    assert any(t.text == "not recovered" for t in strips[1].findall(f"{ns}text"))
 
 
 def test_new_photos_are_new_bytes_of_the_same_valid_photo():
@@ -169,3 +208,8 @@ def test_targets_and_the_report_table_show_what_was_not_met(monkeypatch):
     assert lines[0].startswith("| Redis SIGKILL") and "routing intact: **no**, audit intact: yes" in lines[0]
     assert "feedback HTTP 500 (sent again after: HTTP 200)" in lines[0]
     assert "| **5** | 15 | not recovered |" in lines[1] and "5 × HTTP 500" in lines[1]
+    assert "](plots/faults.svg)" not in text  # no timelines in these results: nothing to draw
+    for scenario in scenarios.values():
+        scenario["timeline"] = timeline([answer(0.0, 0.1)], 0.0, 0.0, 0.0)
+    report["faults"] = run_all.fault_rows()
+    assert "](plots/faults.svg)" in run_all.markdown(report)

@@ -1,0 +1,117 @@
+"""Charts of bench/REPORT.md, written as plain SVG (no plotting library is a dependency of the project): a browser
+and GitHub's Markdown renderer show them as they are.
+
+``fault_timelines`` draws the load-under-fault runs of bench/faults.py: where the tables say "0 lost, recovered in
+0.13 s", the strips show the answers arriving through the fault.
+"""
+from __future__ import annotations
+
+from xml.sax.saxutils import escape
+
+OUTCOME_COLOURS = {"ok": "#43a047", "unavailable": "#fb8c00", "lost": "#e53935"}  # stacked in this order, ok lowest
+OUTCOME_NAMES = {"ok": "200", "unavailable": "503 + Retry-After", "lost": "lost"}
+LABEL_W, PLOT_W, RIGHT_W = 270, 640, 20
+STRIP_H, STRIP_GAP, TOP_H, AXIS_H = 54, 12, 46, 40
+LABEL_CHARS, LINE_H = 38, 13  # a strip's label is wrapped to lines of at most this many characters
+
+
+def _wrapped(text: str, width: int = LABEL_CHARS) -> list[str]:
+    lines: list[str] = []
+    for word in text.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
+
+
+def _tick_step(span: float) -> float:
+    """Seconds between the time axis' ticks: about ten ticks over ``span``."""
+    return next((step for step in (0.5, 1, 2, 5, 10, 20, 30, 60) if span / step <= 12), 120)
+
+
+def fault_timelines(rows: list[tuple[str, dict]], title: str) -> str:
+    """One strip per (label, timeline) row, a timeline as bench/faults.timeline gives it: the answers of each bin
+    as stacked bars of answers per second by outcome, on one scale and one time axis (seconds from the fault) for
+    all strips; the fault's span shaded up to the dependency back, a blue mark where full service came back (a red
+    "not recovered" where it did not)."""
+    rows = [(label, line) for label, line in rows if line.get("ok") is not None]
+    starts = [line["first_s"] for _, line in rows] + [0.0]
+    ends = [line["first_s"] + line["bin_s"] * len(line["ok"]) for _, line in rows] + [0.0]
+    low, high = min(starts), max(ends)
+    span = max(high - low, 1e-9)
+    peak = max((sum(line[o][i] for o in OUTCOME_COLOURS) / line["bin_s"]
+                for _, line in rows for i in range(len(line["ok"]))), default=0.0) or 1.0
+    height = TOP_H + len(rows) * (STRIP_H + STRIP_GAP) + AXIS_H
+    width = LABEL_W + PLOT_W + RIGHT_W
+
+    def x(seconds: float) -> float:
+        return round(LABEL_W + (seconds - low) / span * PLOT_W, 2)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{LABEL_W}" y="18" font-size="14" font-weight="bold">{escape(title)}</text>']
+    legend_x = LABEL_W
+    for outcome, colour in OUTCOME_COLOURS.items():
+        out.append(f'<rect x="{legend_x}" y="28" width="10" height="10" fill="{colour}"/>'
+                   f'<text x="{legend_x + 14}" y="37">{escape(OUTCOME_NAMES[outcome])}</text>')
+        legend_x += 24 + 7 * len(OUTCOME_NAMES[outcome])
+    out.append(f'<rect x="{legend_x}" y="28" width="10" height="10" fill="#000" fill-opacity="0.12"/>'
+               f'<text x="{legend_x + 14}" y="37">fault until the dependency is back</text>')
+    legend_x += 220
+    out.append(f'<line x1="{legend_x}" y1="26" x2="{legend_x}" y2="40" stroke="#1e88e5" stroke-width="2"/>'
+               f'<text x="{legend_x + 6}" y="37">full service back</text>')
+    for index, (label, line) in enumerate(rows):
+        top = TOP_H + index * (STRIP_H + STRIP_GAP)
+        base = top + STRIP_H
+        total = {o: sum(line[o]) for o in OUTCOME_COLOURS}
+        out.append(f'<g class="strip" data-label="{escape(label)}">')
+        lines = _wrapped(label)
+        for number, text in enumerate(lines):
+            out.append(f'<text x="{LABEL_W - 8}" y="{top + 12 + number * LINE_H}" text-anchor="end" '
+                       f'font-weight="bold">{escape(text)}</text>')
+        out.append(f'<text x="{LABEL_W - 8}" y="{top + 12 + len(lines) * LINE_H}" text-anchor="end" fill="#555">'
+                   f'{sum(total.values())} answers: {total["lost"]} lost, {total["unavailable"]} × 503</text>')
+        out.append(f'<line x1="{LABEL_W}" y1="{base}" x2="{LABEL_W + PLOT_W}" y2="{base}" stroke="#999"/>')
+        back = line["back_s"]
+        if back > 0:
+            out.append(f'<rect class="fault" x="{x(0)}" y="{top}" width="{round(x(back) - x(0), 2)}" '
+                       f'height="{STRIP_H}" fill="#000" fill-opacity="0.12"/>')
+        else:  # a fault with nothing to come back (a publish, a removal): when it struck
+            out.append(f'<line class="fault" x1="{x(0)}" y1="{top}" x2="{x(0)}" y2="{base}" stroke="#000" '
+                       'stroke-opacity="0.4" stroke-dasharray="3,3"/>')
+        bar_w = max(round(line["bin_s"] / span * PLOT_W - 0.5, 2), 0.5)
+        for i in range(len(line["ok"])):
+            left = x(line["first_s"] + i * line["bin_s"])
+            y = base
+            for outcome, colour in OUTCOME_COLOURS.items():
+                count = line[outcome][i]
+                if not count:
+                    continue
+                h = round(count / line["bin_s"] / peak * (STRIP_H - 4), 2)
+                y = round(y - h, 2)
+                out.append(f'<rect class="{outcome}" x="{left}" y="{y}" width="{bar_w}" height="{h}" '
+                           f'fill="{colour}"><title>{count} {escape(OUTCOME_NAMES[outcome])}, slowest '
+                           f'{line["slowest_ms"][i]:.0f} ms</title></rect>')
+        recovered = line.get("recovered_s")
+        if recovered is None:
+            out.append(f'<text x="{LABEL_W + PLOT_W - 4}" y="{top + 14}" text-anchor="end" fill="#e53935" '
+                       'font-weight="bold">not recovered</text>')
+        elif recovered > back:
+            out.append(f'<line class="recovered" x1="{x(recovered)}" y1="{top}" x2="{x(recovered)}" y2="{base}" '
+                       f'stroke="#1e88e5" stroke-width="2"><title>full service {recovered - back:.2f} s after the '
+                       'dependency was back</title></line>')
+        out.append("</g>")
+    axis_y = TOP_H + len(rows) * (STRIP_H + STRIP_GAP)
+    out.append(f'<line x1="{LABEL_W}" y1="{axis_y}" x2="{LABEL_W + PLOT_W}" y2="{axis_y}" stroke="#333"/>')
+    step = _tick_step(span)
+    tick = step * -(-low // step)
+    while tick <= high + 1e-9:
+        out.append(f'<line x1="{x(tick)}" y1="{axis_y}" x2="{x(tick)}" y2="{axis_y + 5}" stroke="#333"/>'
+                   f'<text x="{x(tick)}" y="{axis_y + 18}" text-anchor="middle">{tick:g}</text>')
+        tick += step
+    out.append(f'<text x="{LABEL_W + PLOT_W / 2}" y="{axis_y + 34}" text-anchor="middle">seconds from the fault; '
+               f'bar height: answers per second (highest bar {peak:.0f}/s)</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
