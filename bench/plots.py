@@ -2,10 +2,12 @@
 and GitHub's Markdown renderer show them as they are.
 
 ``fault_timelines`` draws the load-under-fault runs of bench/faults.py: where the tables say "0 lost, recovered in
-0.13 s", the strips show the answers arriving through the fault.
+0.13 s", the strips show the answers arriving through the fault. ``cv_top1`` draws every recipe's cross-validated
+top-1 (bench/accuracy_cv.py) against the accuracy target, its folds' spread beside its mean.
 """
 from __future__ import annotations
 
+import math
 from xml.sax.saxutils import escape
 
 OUTCOME_COLOURS = {"ok": "#43a047", "unavailable": "#fb8c00", "lost": "#e53935"}  # stacked in this order, ok lowest
@@ -13,6 +15,7 @@ OUTCOME_NAMES = {"ok": "200", "unavailable": "503 + Retry-After", "lost": "lost"
 LABEL_W, PLOT_W, RIGHT_W = 270, 640, 20
 STRIP_H, STRIP_GAP, TOP_H, AXIS_H = 54, 12, 46, 40
 LABEL_CHARS, LINE_H = 38, 13  # a strip's label is wrapped to lines of at most this many characters
+CHAR_W = 6.2  # about the width of a character of 11 px sans-serif, to leave room for the longest label
 
 
 def _wrapped(text: str, width: int = LABEL_CHARS) -> list[str]:
@@ -113,5 +116,50 @@ def fault_timelines(rows: list[tuple[str, dict]], title: str) -> str:
         tick += step
     out.append(f'<text x="{LABEL_W + PLOT_W / 2}" y="{axis_y + 34}" text-anchor="middle">seconds from the fault; '
                f'bar height: answers per second (highest bar {peak:.0f}/s)</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def cv_top1(rows: list[dict], target: float, title: str) -> str:
+    """Cross-validated top-1 of each recipe measured, one row each, sorted by mean: a bar from its lowest to its
+    highest fold, a dot at the mean of its folds, the ``target`` as a dashed line; the row with ``default`` true drawn
+    in blue and bold. A row: ``label``, ``mean``, ``min``, ``max``, ``default``."""
+    rows = sorted(rows, key=lambda row: -row["mean"])
+    low = min([row["min"] for row in rows] + [target]) - 0.005
+    high = max([row["max"] for row in rows] + [target]) + 0.005
+    row_h, top, plot_w, axis_h = 17, 46, 420, 40
+    label_w = round(CHAR_W * max(len(row["label"]) for row in rows)) + 16
+    width, height = label_w + plot_w + 30, top + len(rows) * row_h + axis_h
+
+    def x(value: float) -> float:
+        return round(label_w + (value - low) / (high - low) * plot_w, 2)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="10" y="18" font-size="14" font-weight="bold">{escape(title)}</text>',
+           f'<text x="10" y="36" fill="#555" font-size="12">bar: the folds\' lowest to highest top-1; dot: their mean; dashed: the '
+           f'target ({target:g}); blue: the recipe make run trains</text>']
+    bottom = top + len(rows) * row_h
+    for index, row in enumerate(rows):
+        y = top + index * row_h + row_h / 2
+        colour = "#1e88e5" if row.get("default") else "#333"
+        weight = ' font-weight="bold"' if row.get("default") else ""
+        out.append(f'<g class="recipe" data-label="{escape(row["label"])}">'
+                   f'<text x="{label_w - 8}" y="{y + 4}" text-anchor="end" fill="{colour}"{weight}>'
+                   f'{escape(row["label"])}</text>'
+                   f'<line class="folds" x1="{x(row["min"])}" y1="{y}" x2="{x(row["max"])}" y2="{y}" '
+                   f'stroke="{colour}" stroke-width="2"/>'
+                   f'<circle class="mean" cx="{x(row["mean"])}" cy="{y}" r="3.5" fill="{colour}">'
+                   f'<title>{row["mean"]:.3f} ({row["min"]:.3f} to {row["max"]:.3f})</title></circle></g>')
+    out.append(f'<line class="target" x1="{x(target)}" y1="{top - 4}" x2="{x(target)}" y2="{bottom}" stroke="#e53935" '
+               'stroke-dasharray="4,3"/>')
+    out.append(f'<line x1="{label_w}" y1="{bottom}" x2="{label_w + plot_w}" y2="{bottom}" stroke="#333"/>')
+    for hundredth in range(math.ceil(low * 100), math.floor(high * 100) + 1):
+        tick = hundredth / 100
+        out.append(f'<line x1="{x(tick)}" y1="{bottom}" x2="{x(tick)}" y2="{bottom + 5}" stroke="#333"/>'
+                   f'<text x="{x(tick)}" y="{bottom + 18}" text-anchor="middle">{tick:.2f}</text>')
+    out.append(f'<text x="{label_w + plot_w / 2}" y="{bottom + 34}" text-anchor="middle">top-1 on the test folds'
+               '</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"

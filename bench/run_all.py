@@ -28,7 +28,7 @@ from bench.common import (
 
 BENCH_DIR = Path(__file__).resolve().parent
 PLOTS_DIR = BENCH_DIR / "plots"
-FAULTS_PLOT = "plots/faults.svg"  # relative to BENCH_DIR, as REPORT.md links it
+FAULTS_PLOT, CV_PLOT = "plots/faults.svg", "plots/accuracy_cv.svg"  # relative to BENCH_DIR, as REPORT.md links them
 README = BENCH_DIR.parent / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 SCRIPTS = {
@@ -72,6 +72,7 @@ CV_RESULTS = ("accuracy_cv", "accuracy_cv_bases", "accuracy_cv_whole", "accuracy
               "accuracy_cv_open_set_validation", "accuracy_cv_open_set", "accuracy_cv_whole_epochs10",
               "accuracy_cv_whole_lite1", "accuracy_cv_soup", "accuracy_cv_soup_slow",
               "accuracy_cv_soup_lr6", "accuracy_cv_soup_sizes", "accuracy_cv_soup_photos")
+TOP1_TARGET = 0.97  # issue 14's top-1 on photos the project never saw
 # the cross-validation run and method that measured the recipe `make run` trains: the one judged against the
 # hold-out target (a better recipe measured but not made the default is listed, not judged)
 DEFAULT_RECIPE_CV = ("accuracy_cv_soup", "lite0_fine_tuned_whole+fine_tune_soup=2")
@@ -512,8 +513,8 @@ def rows() -> list[dict]:
                 "epochs", f"{published['seconds']:.0f} s; {whole.get('epochs_run')} epochs", "-", None,
                 source="train.json")
         acc = published["test_accuracy"]
-        add(f"top-1 accuracy on the test split ({published['test_photos']} photos)", round(acc, 3), ">= 0.97",
-            acc >= 0.97, source="train.json")
+        add(f"top-1 accuracy on the test split ({published['test_photos']} photos)", round(acc, 3),
+            f">= {TOP1_TARGET}", acc >= TOP1_TARGET, source="train.json")
         tuned = train.get("fine_tuned_1_block")
         if tuned:
             add("with --fine_tune_blocks 1: training time (bottlenecks cached, activations computed); test accuracy",
@@ -562,7 +563,8 @@ def rows() -> list[dict]:
     if default_cv and default_method in default_cv:
         top1 = default_cv[default_method]["mean"]
         add(f"cross-validated top-1 of the default recipe ({default_method} in {default_run}.json); the target is "
-            "on a hidden hold-out", round(top1, 3), ">= 0.97", top1 >= 0.97, source=f"{default_run}.json")
+            "on a hidden hold-out", round(top1, 3), f">= {TOP1_TARGET}", top1 >= TOP1_TARGET,
+            source=f"{default_run}.json")
     if best:
         add(f"best cross-validated top-1 of any recipe measured ({best[1]})", round(best[0], 3), "-", None,
             source="accuracy_cv*.json")
@@ -600,7 +602,8 @@ def rows() -> list[dict]:
         gain = cv["fine_tune_gain"]
         add(f"top-1 accuracy, {cv['folds']}-fold cross-validation over {cv['photos']} photos: frozen base; "
             f"--fine_tune_blocks 1; paired gain", f"{cv['frozen']['mean']:.3f}; {cv['fine_tuned_1_block']['mean']:.3f}; "
-            f"{gain['mean']:+.3f} ± {gain['standard_error']:.3f}", ">= 0.97", cv["frozen"]["mean"] >= 0.97,
+            f"{gain['mean']:+.3f} ± {gain['standard_error']:.3f}", f">= {TOP1_TARGET}",
+            cv["frozen"]["mean"] >= TOP1_TARGET,
             source="accuracy_cv.json")
     raw = load("raw_model")
     if raw:
@@ -721,6 +724,8 @@ def markdown(report: dict) -> str:
     for row in report["rows"]:
         met = {True: "yes", False: "**no**", None: ""}[row["met"]]
         lines.append(f"| {row['what']} | {row['measured']} {row['unit']} | {row['target']} | {met} |")
+    if report.get("cv_recipes"):
+        lines += ["", f"![Cross-validated top-1 of every recipe measured, against the target]({CV_PLOT})"]
     if report.get("gateway_cells"):
         lines += ["", "Gateway in front of the model server (batching on), requests/s and p50 latency:", "",
                   "| gateway | concurrency 1 | concurrency 8 | concurrency 32 |", "|---|---|---|---|"]
@@ -788,6 +793,23 @@ def fault_table(faults: dict) -> list[str]:
     return lines
 
 
+def cv_recipes() -> list[dict]:
+    """Each recipe's cross-validated top-1 in the CV runs (its mean, lowest and highest fold), once: a method a later
+    run measured again as its reference, with the same figures, is listed where it was first."""
+    out, seen = [], set()
+    for name in CV_RESULTS:
+        run_cv = load(name)
+        methods = run_cv.get("methods") or [k for k, v in run_cv.items() if isinstance(v, dict) and "min" in v]
+        for method in methods:
+            figures = run_cv[method]
+            key = (method, figures["mean"], figures["min"], figures["max"])
+            if key not in seen:
+                seen.add(key)
+                out.append({"label": f"{method} · {name}", "mean": figures["mean"], "min": figures["min"],
+                            "max": figures["max"], "default": (name, method) == DEFAULT_RECIPE_CV})
+    return out
+
+
 def write_plots(report: dict) -> None:
     """The report's charts (bench/plots.py) from its results, beside REPORT.md."""
     faults = report.get("faults") or {}
@@ -796,6 +818,11 @@ def write_plots(report: dict) -> None:
         (BENCH_DIR / FAULTS_PLOT).write_text(plots.fault_timelines(
             [(row["fault"], row["timeline"]) for row in faults["rows"]],
             f"Answers through each fault (bench/faults.py, revision {faults['run'].get('revision') or '?'})"))
+    recipes = report.get("cv_recipes")
+    if recipes:
+        PLOTS_DIR.mkdir(exist_ok=True)
+        (BENCH_DIR / CV_PLOT).write_text(plots.cv_top1(
+            recipes, TOP1_TARGET, "Cross-validated top-1 of every recipe measured (bench/accuracy_cv.py)"))
 
 
 def main(argv=None) -> int:
@@ -808,7 +835,8 @@ def main(argv=None) -> int:
     ran = {name: run(name, args.seconds) for name in SCRIPTS if name not in skip}
     report = {"machine": machine_description(), "measured_revisions": measured_revisions(),
               "measured_machines": measured_machines(), "ran": ran,
-              "rows": rows(), "gateway_cells": gateway_cells(), "faults": fault_rows(), "rollout": load("rollout")}
+              "rows": rows(), "gateway_cells": gateway_cells(), "faults": fault_rows(), "rollout": load("rollout"),
+              "cv_recipes": cv_recipes()}
     (RESULTS_DIR / "report.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)
     (BENCH_DIR / "REPORT.md").write_text(table)

@@ -5,6 +5,8 @@ import importlib.util
 import subprocess
 from pathlib import Path
 
+import pytest
+
 import bench.run_all as run_all
 
 
@@ -141,7 +143,8 @@ def _cv(methods: dict[str, list[float]], photos: int = 100) -> dict:
     result = {"photos": photos, "folds": len(methods[names[0]]), "methods": names, "reference": names[0]}
     for name, folds in methods.items():
         mean = sum(folds) / len(folds)
-        result[name] = {"mean": mean, "balanced_accuracy": mean, "ece_after": 0.04}
+        result[name] = {"mean": mean, "min": min(folds), "max": max(folds), "balanced_accuracy": mean,
+                        "ece_after": 0.04}
     result["paired_differences"] = {f"{n} - {names[0]}": {"mean": 0.01, "ci95": [-0.01, 0.03]} for n in names[1:]}
     return result
 
@@ -167,6 +170,40 @@ def test_every_cross_validation_run_is_reported_and_the_default_is_judged_agains
     assert (default["measured"], default["target"], default["met"]) == (0.945, ">= 0.97", False)
     best = rows["best cross-validated top-1 of any recipe measured (a better recipe, not the default)"]
     assert (best["measured"], best["target"], best["met"]) == (0.975, "-", None)
+
+
+def test_the_accuracy_plot_lists_each_recipe_once_around_the_target_and_marks_the_default(monkeypatch):
+    import xml.etree.ElementTree as ElementTree
+
+    from bench.plots import cv_top1
+
+    default_run, default_method = run_all.DEFAULT_RECIPE_CV
+    _rows(monkeypatch, {
+        "accuracy_cv_bases": _cv({"frozen": [0.90, 0.91], "lite0_frozen": [0.92, 0.93]}),
+        "accuracy_cv_whole": _cv({"frozen": [0.90, 0.91], "lite0_fine_tuned_whole": [0.95, 0.96]}),
+        default_run: _cv({"frozen": [0.90, 0.91], default_method: [0.96, 0.98]})})
+    recipes = run_all.cv_recipes()  # "frozen" measured again, as each run's reference: listed once
+    assert [r["label"] for r in recipes] == ["frozen · accuracy_cv_bases", "lite0_frozen · accuracy_cv_bases",
+                                             "lite0_fine_tuned_whole · accuracy_cv_whole",
+                                             f"{default_method} · {default_run}"]
+    assert [r["default"] for r in recipes] == [False, False, False, True]
+    svg = ElementTree.fromstring(cv_top1(recipes, run_all.TOP1_TARGET, "title"))
+    ns = "{http://www.w3.org/2000/svg}"
+    groups = svg.findall(f"{ns}g")
+    assert [g.get("data-label") for g in groups] == [recipes[i]["label"] for i in (3, 2, 1, 0)]  # best first
+    position = {g.get("data-label"): g for g in groups}
+
+    def x(label: str, what: str, attribute: str) -> float:
+        element = position[label].find(f"{ns}*[@class='{what}']")
+        return float(element.get(attribute))
+
+    target = float(svg.find(f"{ns}line[@class='target']").get("x1"))
+    best = f"{default_method} · {default_run}"
+    assert x(best, "folds", "x1") < target < x(best, "folds", "x2")  # its folds 0.96 to 0.98 either side of 0.97
+    assert x(best, "mean", "cx") == pytest.approx(target, abs=0.01)  # its mean, 0.97, on the target
+    assert x("frozen · accuracy_cv_bases", "folds", "x2") < target
+    assert position[best].find(f"{ns}line").get("stroke") != position["frozen · accuracy_cv_bases"].find(
+        f"{ns}line").get("stroke")
 
 
 def test_the_calibration_run_is_judged_on_the_temperature_the_training_job_fits(monkeypatch):
