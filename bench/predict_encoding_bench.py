@@ -2,6 +2,9 @@
 and raw tensor_content (--enable_serialization_as_tensor_content). Measures the model server's encoding
 (services.model_server.grpc_api.tensor_proto + serialisation) and the gateway's decoding
 (services.gateway.upstream._array after parsing), per answer, for the contract's outputs at a few batch sizes.
+And the other way: the model server's reading of a request's input of float photos (224 x 224 x 3) sent either way
+(services.model_server.grpc_api.ndarray, on the parsed request), beside tf.make_ndarray, which read float_val
+before.
 
 `python -m bench.predict_encoding_bench [--classes C] [--repeats N]` (a few seconds; one core)."""
 from __future__ import annotations
@@ -11,11 +14,13 @@ import json
 import time
 
 import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2
 
 from bench.common import RESULTS_DIR, machine_description
 from services.gateway.upstream import _array
-from services.model_server.grpc_api import tensor_proto
+from services.model_server.grpc_api import ndarray, tensor_proto
 
 
 def outputs(batch: int, classes: int) -> dict[str, np.ndarray]:
@@ -68,7 +73,20 @@ def main(argv=None) -> dict:
             row[f"{form}_bytes"] = len(wire)
         rows.append(row)
         print(row)
-    result = {"machine": machine_description(), "rows": rows}
+    inputs = []
+    for batch in (1, 32):
+        photos = np.random.default_rng(batch).random((batch, 224, 224, 3)).astype(np.float32)
+        content = tf.make_tensor_proto(photos)
+        typed = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, tensor_shape=content.tensor_shape)
+        typed.float_val.extend(photos.ravel().tolist())
+        assert np.array_equal(ndarray(typed), photos) and np.array_equal(ndarray(content), photos)
+        repeats = max(3, args.repeats // (100 * batch))
+        row = {"batch": batch, "tensor_content_us": round(per_call_us(lambda: ndarray(content), repeats), 1),
+               "float_val_us": round(per_call_us(lambda: ndarray(typed), repeats), 1),
+               "float_val_make_ndarray_us": round(per_call_us(lambda: tf.make_ndarray(typed), repeats), 1)}
+        inputs.append(row)
+        print(row)
+    result = {"machine": machine_description(), "rows": rows, "inputs": inputs}
     (RESULTS_DIR / "predict_encoding.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -45,6 +45,7 @@ SCRIPTS = {
     "model_server_json_examples": ["-m", "bench.model_server_json", "--body", "examples"],
     "model_server_json_photo": ["-m", "bench.model_server_json", "--body", "photo"],
     "first_calls": ["-m", "bench.first_calls"],
+    "predict_encoding": ["-m", "bench.predict_encoding_bench"],
     "explain": ["-m", "bench.explain_bench"],
     "tflite": ["-m", "bench.tflite_bench"],
     "decode": ["-m", "bench.decode_bench"],
@@ -382,6 +383,14 @@ def rows() -> list[dict]:
                 f"({body['other_client_p50_ms_without_bomb']:.1f}), {body['other_client_worst_ms']:.0f} ms "
                 f"({body['other_client_worst_ms_without_bomb']:.0f}); {body['bodies_sent']}, "
                 f"{body['other_client_calls']}", "-", None, source=f"{name}.json")
+    encoding = load("predict_encoding")
+    if encoding.get("inputs"):
+        add("the model server reading a Predict request's input of float photos (224 x 224 x 3) by batch: sent as "
+            "tensor_content; as float_val (what clients building a TensorProto by hand fill); float_val read by "
+            "tf.make_ndarray, as before (bench/predict_encoding_bench.py)",
+            "; ".join(f"{row['batch']}: {row['tensor_content_us'] / 1000:.2f} ms; {row['float_val_us'] / 1000:.2f} ms;"
+                      f" {row['float_val_make_ndarray_us'] / 1000:.1f} ms" for row in encoding["inputs"]),
+            "-", None, source="predict_encoding.json")
     for name, when in (("first_calls_before", "before the other signatures' warm-up file"), ("first_calls", "")):
         calls = load(name)
         if calls:

@@ -272,6 +272,48 @@ def test_input_tensors_parse_as_tf_make_ndarray_parses_them():
         ndarray(short)
 
 
+def test_typed_float_fields_parse_as_tf_make_ndarray_parses_them():
+    """float_val and double_val (what clients that build a TensorProto by hand fill, TF Serving's own answers too)
+    are read from their packed bytes; every way a proto can carry them gives tf.make_ndarray's array."""
+    from google.protobuf.internal import encoder
+    from tensorflow.core.framework import tensor_pb2, types_pb2
+
+    from services.model_server.grpc_api import ndarray
+
+    rng = np.random.default_rng(3)
+
+    def typed(values: np.ndarray, field: str, dtype: int) -> tensor_pb2.TensorProto:
+        proto = tensor_pb2.TensorProto(dtype=dtype)
+        for size in values.shape:
+            proto.tensor_shape.dim.add(size=size)
+        getattr(proto, field).extend(values.ravel().tolist())
+        return proto
+
+    photo = typed(rng.random((1, 224, 224, 3)).astype(np.float32), "float_val", types_pb2.DT_FLOAT)
+    cases = [photo, typed(rng.random((3, 5)), "double_val", types_pb2.DT_DOUBLE),
+             typed(np.float32(2.5), "float_val", types_pb2.DT_FLOAT),  # a scalar
+             typed(np.zeros((0, 4), np.float32), "float_val", types_pb2.DT_FLOAT),
+             typed(np.float32([1.5]), "float_val", types_pb2.DT_FLOAT)]
+    filled = typed(np.float32([1.5, 2.5]), "float_val", types_pb2.DT_FLOAT)
+    filled.tensor_shape.dim[0].size = 5  # fewer values than the shape: the last one repeated
+    cases.append(filled)
+    # the same photo's values split over two packed records, and sent unpacked (one record a value)
+    values = np.asarray(photo.float_val, np.float32)
+    head = photo.SerializeToString().split(b"\x2a", 1)[0]  # dtype and shape, before float_val (field 5, packed)
+    split = head
+    for part in (values[:1000], values[1000:]):
+        split += b"\x2a" + encoder._VarintBytes(part.nbytes) + part.tobytes()
+    unpacked = head + b"".join(b"\x2d" + v.tobytes() for v in values[:50])
+    short = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT)
+    short.tensor_shape.dim.add(size=50)
+    cases += [tensor_pb2.TensorProto.FromString(split), tensor_pb2.TensorProto.FromString(
+        short.SerializeToString() + unpacked[len(head):])]
+    for proto in cases:
+        parsed, expected = ndarray(proto), tf.make_ndarray(proto)
+        assert parsed.dtype == expected.dtype and parsed.shape == expected.shape, proto.tensor_shape
+        np.testing.assert_array_equal(parsed, expected)
+
+
 def test_float32_decimals_agree_with_printf_over_every_magnitude():
     """The vectorised WriteDecimal gives the same doubles as TF Serving's printf rule, for random float32 bit
     patterns (every exponent, subnormals included) and the awkward ones."""
