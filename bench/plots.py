@@ -138,8 +138,8 @@ def cv_top1(rows: list[dict], target: float, title: str) -> str:
            f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
            f'<rect width="{width}" height="{height}" fill="white"/>',
            f'<text x="10" y="18" font-size="14" font-weight="bold">{escape(title)}</text>',
-           f'<text x="10" y="36" fill="#555" font-size="12">bar: the folds\' lowest to highest top-1; dot: their mean; dashed: the '
-           f'target ({target:g}); blue: the recipe make run trains</text>']
+           f'<text x="10" y="36" fill="#555" font-size="12">bar: the folds\' lowest to highest top-1; dot: their '
+           f'mean; dashed: the target ({target:g}); blue: the recipe make run trains</text>']
     bottom = top + len(rows) * row_h
     for index, row in enumerate(rows):
         y = top + index * row_h + row_h / 2

@@ -44,10 +44,10 @@ _FIELDS = {
 }
 # the dtypes a request's tensor_content is read from without tf.make_ndarray
 _NUMPY_DTYPES = {dt: np_dtype for np_dtype, (dt, _) in _FIELDS.items() if np_dtype != np.dtype(np.bool_)}
-# DataType -> (the number of its TensorProto field of fixed-width values, their little-endian dtype): read from the
-# field's packed bytes without tf.make_ndarray, which converts value by value (a float photo, 150,528 values, took it
-# milliseconds, the GIL held throughout).
-_PACKED_FIXED = {dt: (tensor_pb2.TensorProto.DESCRIPTOR.fields_by_name[name].number, np.dtype(code))
+# DataType -> (its TensorProto field of fixed-width values, the field's number, their little-endian dtype): read from
+# the field's packed bytes without tf.make_ndarray, which converts value by value (a float photo, 150,528 values,
+# took it milliseconds, the GIL held throughout).
+_PACKED_FIXED = {dt: (name, tensor_pb2.TensorProto.DESCRIPTOR.fields_by_name[name].number, np.dtype(code))
                  for dt, name, code in ((types_pb2.DT_FLOAT, "float_val", "<f4"),
                                         (types_pb2.DT_DOUBLE, "double_val", "<f8"))}
 _LENGTH_DELIMITED, _FIXED64, _FIXED32, _VARINT = 2, 1, 5, 0  # protobuf wire types
@@ -111,8 +111,7 @@ def ndarray(tensor: tensor_pb2.TensorProto) -> np.ndarray:
                 return np.frombuffer(content, dtype).reshape(shape)
         packed = _PACKED_FIXED.get(tensor.dtype)
         if packed is not None and known and not tensor.tensor_content:
-            number, little_endian = packed
-            field = tensor_pb2.TensorProto.DESCRIPTOR.fields_by_number[number].name
+            field, number, little_endian = packed
             if len(getattr(tensor, field)) == elements:  # else tf.make_ndarray's filling with the last value
                 values = _packed_field(tensor.SerializeToString(), number)
                 if values is not None:
