@@ -34,10 +34,13 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench.common import median, percentiles_ms, published_version_or_exit, sample_photos, write_result
+from bench.faults import LOST, OK, UNAVAILABLE, Answer, timeline
 from bench.stack import Stack, distinct_photos, load, rss_mb
 from training_job.paths import default_registry, shared_data_dir
 
 SERVED, REFUSED, DEADLINE_REFUSED, TIMED_OUT, FAILED = "served", "refused", "deadline_refused", "timed_out", "failed"
+# An outcome as a timeline (bench/faults.timeline) counts it: answered, told at once to come back later, or not.
+AS_FAULT_OUTCOME = {SERVED: OK, REFUSED: UNAVAILABLE, DEADLINE_REFUSED: UNAVAILABLE, TIMED_OUT: LOST, FAILED: LOST}
 OUTCOMES = (SERVED, REFUSED, DEADLINE_REFUSED, TIMED_OUT, FAILED)
 EXPECTED_TIMEOUT_HEADER = "x-envoy-expected-rq-timeout-ms"  # as Envoy sends it (services/gateway/http_api.py)
 
@@ -65,10 +68,13 @@ async def open_loop(url: str, photos: list[bytes], rate: float, seconds: float, 
     """Requests arriving at ``rate`` per second (exponential gaps) for ``seconds``, each on its own connection with
     ``client_timeout`` (or, for a ``short_share`` of them, ``short_timeout``; the same ones for the same arguments),
     telling the gateway that timeout when ``tell``; returns the outcomes, latencies by outcome (also by client kind,
-    ``short`` and ``long``, when there are two) and the gateway's peak resident memory."""
+    ``short`` and ``long``, when there are two), the gateway's peak resident memory, the seconds until the last answer
+    (``drained_s``) and the answers' timeline (bench/faults.timeline: the overload as its fault, from its start to
+    its end)."""
     import aiohttp
 
     outcomes: list[tuple[str, str, float]] = []  # (kind, outcome, latency)
+    answers: list[Answer] = []  # the same, as bench/faults.py counts them, for the phase's timeline
     rss_peak = rss_mb(pid)
 
     async def one(photo: bytes, kind: str, timeout: float) -> None:
@@ -92,7 +98,9 @@ async def open_loop(url: str, photos: list[bytes], rate: float, seconds: float, 
             outcome = TIMED_OUT
         except aiohttp.ClientError:
             outcome = FAILED
-        outcomes.append((kind, outcome, time.perf_counter() - start))
+        done = time.perf_counter()
+        outcomes.append((kind, outcome, done - start))
+        answers.append(Answer(start, done, AS_FAULT_OUTCOME[outcome], outcome))
 
     rng, kinds = random.Random(1), random.Random(2)
     tasks = []
@@ -111,7 +119,8 @@ async def open_loop(url: str, photos: list[bytes], rate: float, seconds: float, 
         rss_peak = max(rss_peak, rss_mb(pid))
         await asyncio.sleep(0.1)
     result = {**tally([(outcome, lat) for _, outcome, lat in outcomes], seconds), "gateway_rss_peak_mb": rss_peak,
-              "next_index": index}
+              "next_index": index, "drained_s": time.perf_counter() - began,
+              "timeline": timeline(answers, began, began + seconds, None)}
     if short_timeout is not None:
         result["by_kind"] = {kind: tally([(outcome, lat) for k, outcome, lat in outcomes if k == kind], seconds)
                              for kind in ("short", "long")}
@@ -194,6 +203,8 @@ def main(argv=None) -> int:
         print(f"overload: {overload}", flush=True)
         rows = asyncio.run(closed_loop(gateway.http_url, photos, 1, args.after_seconds, overload["next_index"]))
         recovered = recovery_s(rows, normal_s)
+        if recovered is not None:  # the timeline's "full service": a request answered as fast as before
+            overload["timeline"]["recovered_s"] = overload["drained_s"] + recovered
     result = {"capacity_per_s": capacity, "load": args.load, "client_timeout_s": args.client_timeout,
               "seconds": args.seconds, "overload": overload, "goodput": overload["served_per_s"] / capacity,
               "normal_c1_p50_ms": normal_s * 1000, "recovery_s": recovered,

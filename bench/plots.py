@@ -2,16 +2,31 @@
 and GitHub's Markdown renderer show them as they are.
 
 ``fault_timelines`` draws the load-under-fault runs of bench/faults.py: where the tables say "0 lost, recovered in
-0.13 s", the strips show the answers arriving through the fault. ``cv_top1`` draws every recipe's cross-validated
+0.13 s", the strips show the answers arriving through the fault (and bench/overload.py's spikes, with other words). ``cv_top1`` draws every recipe's cross-validated
 top-1 (bench/accuracy_cv.py) against the accuracy target, its folds' spread beside its mean.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
 OUTCOME_COLOURS = {"ok": "#43a047", "unavailable": "#fb8c00", "lost": "#e53935"}  # stacked in this order, ok lowest
 OUTCOME_NAMES = {"ok": "200", "unavailable": "503 + Retry-After", "lost": "lost"}
+
+
+@dataclass(frozen=True)
+class TimelineWords:
+    """What a timeline plot's marks stand for: its outcomes' names, the shaded span, the mark of full service, the
+    time axis."""
+    outcomes: dict[str, str]
+    span: str
+    recovered: str
+    axis: str
+
+
+FAULT_WORDS = TimelineWords(OUTCOME_NAMES, "fault until the dependency is back", "full service back",
+                            "seconds from the fault")
 LABEL_W, PLOT_W, RIGHT_W = 270, 640, 20
 STRIP_H, STRIP_GAP, TOP_H, AXIS_H = 54, 12, 46, 40
 LABEL_CHARS, LINE_H = 38, 13  # a strip's label is wrapped to lines of at most this many characters
@@ -33,11 +48,11 @@ def _tick_step(span: float) -> float:
     return next((step for step in (0.5, 1, 2, 5, 10, 20, 30, 60) if span / step <= 12), 120)
 
 
-def fault_timelines(rows: list[tuple[str, dict]], title: str) -> str:
+def fault_timelines(rows: list[tuple[str, dict]], title: str, words: TimelineWords = FAULT_WORDS) -> str:
     """One strip per (label, timeline) row, a timeline as bench/faults.timeline gives it: the answers of each bin
     as stacked bars of answers per second by outcome, on one scale and one time axis (seconds from the fault) for
     all strips; the fault's span shaded up to the dependency back, a blue mark where full service came back (a red
-    "not recovered" where it did not)."""
+    "not recovered" where it did not). ``words`` name them (the overload bench's timelines are drawn alike)."""
     rows = [(label, line) for label, line in rows if line.get("ok") is not None]
     starts = [line["first_s"] for _, line in rows] + [0.0]
     ends = [line["first_s"] + line["bin_s"] * len(line["ok"]) for _, line in rows] + [0.0]
@@ -58,13 +73,13 @@ def fault_timelines(rows: list[tuple[str, dict]], title: str) -> str:
     legend_x = LABEL_W
     for outcome, colour in OUTCOME_COLOURS.items():
         out.append(f'<rect x="{legend_x}" y="28" width="10" height="10" fill="{colour}"/>'
-                   f'<text x="{legend_x + 14}" y="37">{escape(OUTCOME_NAMES[outcome])}</text>')
-        legend_x += 24 + 7 * len(OUTCOME_NAMES[outcome])
+                   f'<text x="{legend_x + 14}" y="37">{escape(words.outcomes[outcome])}</text>')
+        legend_x += 24 + 7 * len(words.outcomes[outcome])
     out.append(f'<rect x="{legend_x}" y="28" width="10" height="10" fill="#000" fill-opacity="0.12"/>'
-               f'<text x="{legend_x + 14}" y="37">fault until the dependency is back</text>')
-    legend_x += 220
+               f'<text x="{legend_x + 14}" y="37">{escape(words.span)}</text>')
+    legend_x += 24 + 7 * len(words.span)
     out.append(f'<line x1="{legend_x}" y1="26" x2="{legend_x}" y2="40" stroke="#1e88e5" stroke-width="2"/>'
-               f'<text x="{legend_x + 6}" y="37">full service back</text>')
+               f'<text x="{legend_x + 6}" y="37">{escape(words.recovered)}</text>')
     for index, (label, line) in enumerate(rows):
         top = TOP_H + index * (STRIP_H + STRIP_GAP)
         base = top + STRIP_H
@@ -95,7 +110,7 @@ def fault_timelines(rows: list[tuple[str, dict]], title: str) -> str:
                 h = round(count / line["bin_s"] / peak * (STRIP_H - 4), 2)
                 y = round(y - h, 2)
                 out.append(f'<rect class="{outcome}" x="{left}" y="{y}" width="{bar_w}" height="{h}" '
-                           f'fill="{colour}"><title>{count} {escape(OUTCOME_NAMES[outcome])}, slowest '
+                           f'fill="{colour}"><title>{count} {escape(words.outcomes[outcome])}, slowest '
                            f'{line["slowest_ms"][i]:.0f} ms</title></rect>')
         recovered = line.get("recovered_s")
         if recovered is None:
@@ -103,8 +118,8 @@ def fault_timelines(rows: list[tuple[str, dict]], title: str) -> str:
                        'font-weight="bold">not recovered</text>')
         elif recovered > back:
             out.append(f'<line class="recovered" x1="{x(recovered)}" y1="{top}" x2="{x(recovered)}" y2="{base}" '
-                       f'stroke="#1e88e5" stroke-width="2"><title>full service {recovered - back:.2f} s after the '
-                       'dependency was back</title></line>')
+                       f'stroke="#1e88e5" stroke-width="2"><title>{escape(words.recovered)} '
+                       f'{recovered - back:.2f} s after the span\'s end</title></line>')
         out.append("</g>")
     axis_y = TOP_H + len(rows) * (STRIP_H + STRIP_GAP)
     out.append(f'<line x1="{LABEL_W}" y1="{axis_y}" x2="{LABEL_W + PLOT_W}" y2="{axis_y}" stroke="#333"/>')
@@ -114,7 +129,7 @@ def fault_timelines(rows: list[tuple[str, dict]], title: str) -> str:
         out.append(f'<line x1="{x(tick)}" y1="{axis_y}" x2="{x(tick)}" y2="{axis_y + 5}" stroke="#333"/>'
                    f'<text x="{x(tick)}" y="{axis_y + 18}" text-anchor="middle">{tick:g}</text>')
         tick += step
-    out.append(f'<text x="{LABEL_W + PLOT_W / 2}" y="{axis_y + 34}" text-anchor="middle">seconds from the fault; '
+    out.append(f'<text x="{LABEL_W + PLOT_W / 2}" y="{axis_y + 34}" text-anchor="middle">{escape(words.axis)}; '
                f'bar height: answers per second (highest bar {peak:.0f}/s)</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"

@@ -28,7 +28,8 @@ from bench.common import (
 
 BENCH_DIR = Path(__file__).resolve().parent
 PLOTS_DIR = BENCH_DIR / "plots"
-FAULTS_PLOT, CV_PLOT = "plots/faults.svg", "plots/accuracy_cv.svg"  # relative to BENCH_DIR, as REPORT.md links them
+# relative to BENCH_DIR, as REPORT.md links them
+FAULTS_PLOT, CV_PLOT, OVERLOAD_PLOT = "plots/faults.svg", "plots/accuracy_cv.svg", "plots/overload.svg"
 README = BENCH_DIR.parent / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 SCRIPTS = {
@@ -735,6 +736,9 @@ def markdown(report: dict) -> str:
         lines.append(f"| {row['what']} | {row['measured']} {row['unit']} | {row['target']} | {met} |")
     if report.get("cv_recipes"):
         lines += ["", f"![Cross-validated top-1 of every recipe measured, against the target]({CV_PLOT})"]
+    if report.get("overload_timelines"):
+        lines += ["", f"![Answers through a spike of cache misses at twice the capacity (bench/overload.py)]"
+                      f"({OVERLOAD_PLOT})"]
     if report.get("gateway_cells"):
         lines += ["", "Gateway in front of the model server (batching on), requests/s and p50 latency:", "",
                   "| gateway | concurrency 1 | concurrency 8 | concurrency 32 |", "|---|---|---|---|"]
@@ -819,6 +823,27 @@ def cv_recipes() -> list[dict]:
     return out
 
 
+OVERLOAD_WORDS = plots.TimelineWords(
+    {"ok": "200 in time", "unavailable": "refused at once (503/504)", "lost": "the client gave up, or failed"},
+    "arrivals at twice the capacity", "answered as fast as before", "seconds from the spike's start")
+
+
+def overload_timelines() -> list[tuple[str, dict]]:
+    """The spikes of bench/overload.py that hold a timeline: its plain run, and the first round of its deadlines run
+    with the deadline not told and told."""
+    rows = []
+    plain = load("overload")
+    if (plain.get("overload") or {}).get("timeline"):
+        rows.append((f"clients giving up after {plain['client_timeout_s']:g} s", plain["overload"]["timeline"]))
+    told = load("overload_deadlines")
+    for phase, how in (("untold", "not told"), ("told", "told (x-envoy-expected-rq-timeout-ms)")):
+        spikes = (told.get("phases") or {}).get(phase) or []
+        if spikes and spikes[0].get("timeline"):
+            rows.append((f"{told['short_share']:.0%} giving up after {told['short_timeout_s']:g} s, the rest after "
+                         f"{told['client_timeout_s']:g} s; their deadline {how}", spikes[0]["timeline"]))
+    return rows
+
+
 def write_plots(report: dict) -> None:
     """The report's charts (bench/plots.py) from its results, beside REPORT.md."""
     faults = report.get("faults") or {}
@@ -827,6 +852,11 @@ def write_plots(report: dict) -> None:
         (BENCH_DIR / FAULTS_PLOT).write_text(plots.fault_timelines(
             [(row["fault"], row["timeline"]) for row in faults["rows"]],
             f"Answers through each fault (bench/faults.py, revision {faults['run'].get('revision') or '?'})"))
+    spikes = report.get("overload_timelines")
+    if spikes:
+        PLOTS_DIR.mkdir(exist_ok=True)
+        (BENCH_DIR / OVERLOAD_PLOT).write_text(plots.fault_timelines(
+            spikes, "Cache misses at twice what the machine serves (bench/overload.py)", OVERLOAD_WORDS))
     recipes = report.get("cv_recipes")
     if recipes:
         PLOTS_DIR.mkdir(exist_ok=True)
@@ -845,7 +875,7 @@ def main(argv=None) -> int:
     report = {"machine": machine_description(), "measured_revisions": measured_revisions(),
               "measured_machines": measured_machines(), "ran": ran,
               "rows": rows(), "gateway_cells": gateway_cells(), "faults": fault_rows(), "rollout": load("rollout"),
-              "cv_recipes": cv_recipes()}
+              "cv_recipes": cv_recipes(), "overload_timelines": overload_timelines()}
     (RESULTS_DIR / "report.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)
     (BENCH_DIR / "REPORT.md").write_text(table)
