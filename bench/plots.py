@@ -28,7 +28,7 @@ class TimelineWords:
 FAULT_WORDS = TimelineWords(OUTCOME_NAMES, "fault until the dependency is back", "full service back",
                             "seconds from the fault")
 LABEL_W, PLOT_W, RIGHT_W = 270, 640, 20
-STRIP_H, STRIP_GAP, TOP_H, AXIS_H = 54, 12, 46, 40
+STRIP_H, STRIP_GAP, TOP_H, AXIS_H = 54, 12, 62, 40
 LABEL_CHARS, LINE_H = 38, 13  # a strip's label is wrapped to lines of at most this many characters
 CHAR_W = 6.2  # about the width of a character of 11 px sans-serif, to leave room for the longest label
 
@@ -52,7 +52,7 @@ def fault_timelines(rows: list[tuple[str, dict]], title: str, words: TimelineWor
     """One strip per (label, timeline) row, a timeline as bench/faults.timeline gives it: the answers of each bin
     as stacked bars of answers per second by outcome, on one scale and one time axis (seconds from the fault) for
     all strips; the fault's span shaded up to the dependency back, a blue mark where full service came back (a red
-    "not recovered" where it did not). ``words`` name them (the overload bench's timelines are drawn alike)."""
+    "not recovered" where it did not; nothing where the timeline has no ``recovered_s``: not measured). ``words`` name them (the overload bench's timelines are drawn alike)."""
     rows = [(label, line) for label, line in rows if line.get("ok") is not None]
     starts = [line["first_s"] for _, line in rows] + [0.0]
     ends = [line["first_s"] + line["bin_s"] * len(line["ok"]) for _, line in rows] + [0.0]
@@ -71,15 +71,16 @@ def fault_timelines(rows: list[tuple[str, dict]], title: str, words: TimelineWor
            f'<rect width="{width}" height="{height}" fill="white"/>',
            f'<text x="{LABEL_W}" y="18" font-size="14" font-weight="bold">{escape(title)}</text>']
     legend_x = LABEL_W
-    for outcome, colour in OUTCOME_COLOURS.items():
-        out.append(f'<rect x="{legend_x}" y="28" width="10" height="10" fill="{colour}"/>'
-                   f'<text x="{legend_x + 14}" y="37">{escape(words.outcomes[outcome])}</text>')
+    for outcome, colour in OUTCOME_COLOURS.items():  # the outcomes on one line, the marks on the next
+        out.append(f'<rect x="{legend_x}" y="26" width="10" height="10" fill="{colour}"/>'
+                   f'<text x="{legend_x + 14}" y="35">{escape(words.outcomes[outcome])}</text>')
         legend_x += 24 + 7 * len(words.outcomes[outcome])
-    out.append(f'<rect x="{legend_x}" y="28" width="10" height="10" fill="#000" fill-opacity="0.12"/>'
-               f'<text x="{legend_x + 14}" y="37">{escape(words.span)}</text>')
+    legend_x = LABEL_W
+    out.append(f'<rect x="{legend_x}" y="42" width="10" height="10" fill="#000" fill-opacity="0.12"/>'
+               f'<text x="{legend_x + 14}" y="51">{escape(words.span)}</text>')
     legend_x += 24 + 7 * len(words.span)
-    out.append(f'<line x1="{legend_x}" y1="26" x2="{legend_x}" y2="40" stroke="#1e88e5" stroke-width="2"/>'
-               f'<text x="{legend_x + 6}" y="37">{escape(words.recovered)}</text>')
+    out.append(f'<line x1="{legend_x}" y1="40" x2="{legend_x}" y2="54" stroke="#1e88e5" stroke-width="2"/>'
+               f'<text x="{legend_x + 6}" y="51">{escape(words.recovered)}</text>')
     for index, (label, line) in enumerate(rows):
         top = TOP_H + index * (STRIP_H + STRIP_GAP)
         base = top + STRIP_H
@@ -113,7 +114,9 @@ def fault_timelines(rows: list[tuple[str, dict]], title: str, words: TimelineWor
                            f'fill="{colour}"><title>{count} {escape(words.outcomes[outcome])}, slowest '
                            f'{line["slowest_ms"][i]:.0f} ms</title></rect>')
         recovered = line.get("recovered_s")
-        if recovered is None:
+        if "recovered_s" not in line:  # not measured
+            pass
+        elif recovered is None:
             out.append(f'<text x="{LABEL_W + PLOT_W - 4}" y="{top + 14}" text-anchor="end" fill="#e53935" '
                        'font-weight="bold">not recovered</text>')
         elif recovered > back:

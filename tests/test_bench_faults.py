@@ -86,10 +86,12 @@ def test_the_fault_plot_draws_each_answer_where_it_came_and_marks_the_fault_and_
               UNAVAILABLE: [0, 0, 1, 1, 0, 0], LOST: [0, 0, 0, 1, 0, 0], "slowest_ms": [5, 5, 9, 9, 5, 5]}
     published = {"bin_s": 0.5, "first_s": -1.0, "back_s": 0.0, "recovered_s": None, OK: [2, 2, 2, 2, 2, 2],
                  UNAVAILABLE: [0] * 6, LOST: [0] * 6, "slowest_ms": [5] * 6}
-    svg = ElementTree.fromstring(fault_timelines([("frozen", frozen), ("published", published)], "title"))
+    unmeasured = {key: value for key, value in published.items() if key != "recovered_s"}
+    svg = ElementTree.fromstring(fault_timelines([("frozen", frozen), ("published", published),
+                                                  ("unmeasured", unmeasured)], "title"))
     ns = "{http://www.w3.org/2000/svg}"
     strips = svg.findall(f"{ns}g")
-    assert [g.get("data-label") for g in strips] == ["frozen", "published"]
+    assert [g.get("data-label") for g in strips] == ["frozen", "published", "unmeasured"]
     x = lambda seconds: LABEL_W + (seconds + 1.0) / 3.0 * PLOT_W  # noqa: E731 - the axis runs from -1 to 2 s
     ok = [r for r in strips[0].findall(f"{ns}rect") if r.get("class") == "ok"]
     assert [round(float(r.get("x"))) for r in ok] == [round(x(t)) for t in (-1.0, -0.5, 1.0, 1.5)]
@@ -104,6 +106,9 @@ def test_the_fault_plot_draws_each_answer_where_it_came_and_marks_the_fault_and_
     # a publish has no span to shade, and a run that did not recover says so
     assert strips[1].find(f"{ns}line[@class='fault']") is not None
     assert any(t.text == "not recovered" for t in strips[1].findall(f"{ns}text"))
+    # a timeline whose recovery was not measured (an overload phase with none after it) claims nothing
+    assert not any(t.text == "not recovered" for t in strips[2].findall(f"{ns}text"))
+    assert strips[2].find(f"{ns}line[@class='recovered']") is None
 
 
 def test_new_photos_are_new_bytes_of_the_same_valid_photo():
