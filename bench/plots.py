@@ -18,15 +18,16 @@ OUTCOME_NAMES = {"ok": "200", "unavailable": "503 + Retry-After", "lost": "lost"
 @dataclass(frozen=True)
 class TimelineWords:
     """What a timeline plot's marks stand for: its outcomes' names, the shaded span, the mark of full service, the
-    time axis."""
+    time axis, and a strip's tally (``{ok}``, ``{unavailable}``, ``{lost}``: its answers of each outcome)."""
     outcomes: dict[str, str]
     span: str
     recovered: str
     axis: str
+    tally: str
 
 
 FAULT_WORDS = TimelineWords(OUTCOME_NAMES, "fault until the dependency is back", "full service back",
-                            "seconds from the fault")
+                            "seconds from the fault", "{lost} lost, {unavailable} × 503")
 LABEL_W, PLOT_W, RIGHT_W = 270, 640, 20
 STRIP_H, STRIP_GAP, TOP_H, AXIS_H = 54, 12, 62, 40
 LABEL_CHARS, LINE_H = 38, 13  # a strip's label is wrapped to lines of at most this many characters
@@ -91,7 +92,7 @@ def fault_timelines(rows: list[tuple[str, dict]], title: str, words: TimelineWor
             out.append(f'<text x="{LABEL_W - 8}" y="{top + 12 + number * LINE_H}" text-anchor="end" '
                        f'font-weight="bold">{escape(text)}</text>')
         out.append(f'<text x="{LABEL_W - 8}" y="{top + 12 + len(lines) * LINE_H}" text-anchor="end" fill="#555">'
-                   f'{sum(total.values())} answers: {total["lost"]} lost, {total["unavailable"]} × 503</text>')
+                   f'{sum(total.values())} answers: {escape(words.tally.format(**total))}</text>')
         out.append(f'<line x1="{LABEL_W}" y1="{base}" x2="{LABEL_W + PLOT_W}" y2="{base}" stroke="#999"/>')
         back = line["back_s"]
         if back > 0:

@@ -825,7 +825,8 @@ def cv_recipes() -> list[dict]:
 
 OVERLOAD_WORDS = plots.TimelineWords(
     {"ok": "200 in time", "unavailable": "refused at once (503/504)", "lost": "the client gave up, or failed"},
-    "arrivals at twice the capacity", "answered as fast as before", "seconds from the spike's start")
+    "arrivals at twice the capacity", "answered as fast as before", "seconds from the spike's start",
+    "{lost} gave up or failed, {unavailable} refused")
 
 
 def overload_timelines() -> list[tuple[str, dict]]:
