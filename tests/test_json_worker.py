@@ -61,7 +61,6 @@ def test_small_work_runs_in_place_large_work_in_a_worker_that_a_death_does_not_b
     assert after not in (os.getpid(), away[0])  # a new one
 
 
-
 def test_a_worker_killed_while_idle_is_replaced_for_the_next_request():
     """A worker the kernel's OOM killer (or an operator) ends between requests took no request with it: the next one
     gets a new worker, not an error."""
@@ -82,6 +81,17 @@ def test_a_worker_killed_while_idle_is_replaced_for_the_next_request():
 PHOTO_JSON_BYTES = len(json.dumps({"instances": [[[[120, 80, 40]] * 224] * 224]}))  # a 224 x 224 photo as numbers
 
 
+async def photos_until_the_worker_runs(worker: JsonWorker) -> tuple[int, int]:
+    """The pid that handled a photo's JSON first, and the one that handled it once the worker it started runs (the
+    caller's own, still, when none does within 30 s)."""
+    first = later = await worker.run(pid_of_caller, PHOTO_JSON_BYTES)
+    deadline = time.monotonic() + 30
+    while later == os.getpid() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        later = await worker.run(pid_of_caller, PHOTO_JSON_BYTES)
+    return first, later
+
+
 def test_a_photos_json_is_handled_in_place_only_while_the_worker_it_starts_is_starting():
     """One photo as JSON numbers (0.8 MB) held the event loop, and every other request of both APIs, for tens of
     milliseconds in place; in the worker it adds a small part of that to its own request's time, and nothing to the
@@ -89,11 +99,7 @@ def test_a_photos_json_is_handled_in_place_only_while_the_worker_it_starts_is_st
     async def scenario():
         worker = JsonWorker()
         try:
-            first = later = await worker.run(pid_of_caller, PHOTO_JSON_BYTES)
-            deadline = time.monotonic() + 30
-            while later == os.getpid() and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-                later = await worker.run(pid_of_caller, PHOTO_JSON_BYTES)
+            first, later = await photos_until_the_worker_runs(worker)
             small = await worker.run(pid_of_caller, 1000)
         finally:
             worker.close()
@@ -116,11 +122,7 @@ def test_a_photos_json_does_not_wait_behind_a_large_body_being_parsed():
     async def scenario():
         worker = JsonWorker()
         try:
-            photo = await worker.run(pid_of_caller, PHOTO_JSON_BYTES)  # in place, starting its worker
-            deadline = time.monotonic() + 30
-            while photo == os.getpid() and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-                photo = await worker.run(pid_of_caller, PHOTO_JSON_BYTES)
+            photo = (await photos_until_the_worker_runs(worker))[1]
             large = asyncio.create_task(worker.run(pid_after, LARGE_JSON_BYTES, 5.0))
             await asyncio.sleep(1.0)  # its worker started and busy
             beside = await worker.run(pid_of_caller, PHOTO_JSON_BYTES)
@@ -132,6 +134,7 @@ def test_a_photos_json_does_not_wait_behind_a_large_body_being_parsed():
     photo, beside, large, large_done_first = asyncio.run(scenario())
     assert not large_done_first, "the photo's JSON waited for the large body's parse"
     assert beside == photo not in (large, os.getpid())
+
 
 PARENT = """
 import asyncio, os
