@@ -14,8 +14,8 @@ calls) wait meanwhile. The bodies (--body):
 One Redis, model server and gateway (bench/stack.py) on the newest published version. The body is sent gzipped to
 the model server once alone: the answer, its time and the model server's CPU seconds over it and the --settle
 seconds after (a first one also starts the worker process). Then again while another client sends the gateway
-classify calls of distinct photos (cache misses, the cache flushed) back to back: the slowest of those beside the
-slowest in as long a time before.
+classify calls of distinct photos (cache misses, the cache flushed) back to back: the slowest and the median of those
+beside the same in as long a time before.
 
 Usage: python -m bench.model_server_json [--body many_keys|ragged|examples|photo] [--registry DIR] [--settle 2]
                                          [--result-name NAME]
