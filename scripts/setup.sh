@@ -32,6 +32,8 @@ command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 # the load generator in C that bench/model_server_bench.py and tests/test_bench_h2load.py drive the model server with
 command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
+# ss, which tests/test_gateway_faults.py reads the HTTP servers' listen queues with
+command -v ss >/dev/null 2>&1 || missing+=(iproute2)
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "==> installing Debian packages: ${missing[*]}"

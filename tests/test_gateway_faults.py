@@ -554,6 +554,24 @@ def test_a_client_trickling_its_headers_is_closed_within_the_bound(stack):
     assert closed is not None and closed < 5, closed  # --keepalive-timeout 1 s, plus slack for a busy machine
 
 
+def listen_queue(port: int) -> int:
+    """How many connections the kernel queues for the socket listening on ``port`` before it drops new ones (ss shows
+    a listening socket's backlog as its Send-Q)."""
+    shown = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    return int(shown.split()[2])
+
+
+def test_a_burst_of_new_connections_waits_in_the_listen_queue_rather_than_being_dropped(stack):
+    """An overload spike opened 500 connections a second: the gateway's queue of 128 (aiohttp's default) overflowed,
+    760 times in one 20 s spike, and each dropped connection reached it a second late, its client giving up on an
+    answer it would have had. Both HTTP servers queue LISTEN_BACKLOG, as far as the kernel allows."""
+    from services.http_listen import LISTEN_BACKLOG
+
+    allowed = min(LISTEN_BACKLOG, int(Path("/proc/sys/net/core/somaxconn").read_text()))
+    assert listen_queue(stack["gateway"].http_port) == allowed
+    assert listen_queue(int(stack["server"].rest_url.rsplit(":", 1)[1])) == allowed
+
+
 def test_an_idle_keepalive_connection_is_closed_within_the_bound(stack):
     with socket.create_connection(("127.0.0.1", stack["gateway"].http_port), timeout=10) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")

@@ -227,6 +227,7 @@ class Gateway:
         from services.gateway.photo_store import PhotoStore
         from services.gateway.rollout_proxy import RolloutProxy
         from services.http_bodies import RUNNER_OPTIONS
+        from services.http_listen import SITE_OPTIONS
         from services.urls import without_password
 
         photo_store = PhotoStore(self.args.photo_store, self.stats.tokens,
@@ -239,7 +240,7 @@ class Gateway:
                                shutdown_timeout=self.args.shutdown_grace, handler_cancellation=True,
                                **RUNNER_OPTIONS)
         await runner.setup()
-        site = web.TCPSite(runner, self.args.host, self.args.http_port)
+        site = web.TCPSite(runner, self.args.host, self.args.http_port, **SITE_OPTIONS)
         grpc_server = health = None
         try:  # gRPC first: the HTTP port listening tells a launcher both are bound
             if self.args.grpc_port:

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from services import event_loop
 from services.http_bodies import RUNNER_OPTIONS
+from services.http_listen import SITE_OPTIONS
 from services.http_stop import stop_serving
 from services.model_server.config import (
     BatchingParameters, ConfigError, MonitoringConfig, SslConfig, check_model_config_list, read_model_config,
@@ -443,7 +444,7 @@ class ModelServer:
             runner = web.AppRunner(rest.app(), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
                                    keepalive_timeout=rest.idle_seconds, **RUNNER_OPTIONS)
             await runner.setup()
-            site = web.TCPSite(runner, self.args.host, self.args.rest_api_port)
+            site = web.TCPSite(runner, self.args.host, self.args.rest_api_port, **SITE_OPTIONS)
             try:
                 await site.start()
             except BaseException:  # the REST port taken: the gRPC server ends too, and the process with them
