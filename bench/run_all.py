@@ -826,7 +826,7 @@ def cv_recipes() -> list[dict]:
 OVERLOAD_WORDS = plots.TimelineWords(
     {"ok": "200 in time", "unavailable": "refused at once (503/504)", "lost": "the client gave up, or failed"},
     "arrivals at twice the capacity", "answered as fast as before", "seconds from the spike's start",
-    "{lost} gave up or failed, {unavailable} refused")
+    "{lost} gave up, {unavailable} refused")  # "gave up": or failed, as the legend says
 
 
 def overload_timelines() -> list[tuple[str, dict]]:
