@@ -105,17 +105,17 @@ def ndarray(tensor: tensor_pb2.TensorProto) -> np.ndarray:
         if known and size > MAX_MESSAGE_BYTES:
             raise ValueError(f"shape {shape} of {types_pb2.DataType.Name(tensor.dtype)} would take {size} bytes, "
                              f"more than the {MAX_MESSAGE_BYTES} bytes a request may carry")
-        if dtype is not None:
+        if dtype is not None and known:
             content = tensor.tensor_content  # each read of the field copies it: read once
-            if content and known and len(content) == elements * dtype.itemsize:
+            if content and len(content) == elements * dtype.itemsize:
                 return np.frombuffer(content, dtype).reshape(shape)
-        packed = _PACKED_FIXED.get(tensor.dtype)
-        if packed is not None and known and not tensor.tensor_content:
-            field, number, little_endian = packed
-            if len(getattr(tensor, field)) == elements:  # else tf.make_ndarray's filling with the last value
-                values = _packed_field(tensor.SerializeToString(), number)
-                if values is not None:
-                    return np.frombuffer(values, little_endian).astype(dtype, copy=False).reshape(shape)
+            packed = _PACKED_FIXED.get(tensor.dtype)
+            if packed is not None and not content:
+                field, number, little_endian = packed
+                if len(getattr(tensor, field)) == elements:  # else tf.make_ndarray's filling with the last value
+                    values = _packed_field(tensor.SerializeToString(), number)
+                    if values is not None:
+                        return np.frombuffer(values, little_endian).astype(dtype, copy=False).reshape(shape)
     return tf.make_ndarray(tensor)
 
 
