@@ -801,9 +801,14 @@ def fault_table(faults: dict) -> list[str]:
                      f"| {row['unavailable_503']} | {seconds(row['recovery_s'])} | {seconds(row['slowest_answer_s'])} "
                      f"| {number(row['redis_keys_per_request'])} | {gateway[0]:.0f} → {gateway[1]:.0f} | "
                      f"{server[0]:.0f} → {server[1]:.0f} | {row['notes']} |")
-    if all(row.get("timeline") for row in faults["rows"]):
+    if drawn_faults(faults):
         lines += ["", f"![Answers through each fault, by outcome (bench/faults.py)]({FAULTS_PLOT})"]
     return lines
+
+
+def drawn_faults(faults: dict) -> bool:
+    """Whether the fault runs are drawn (plots/faults.svg): every scenario's results hold its timeline."""
+    return bool(faults) and all(row.get("timeline") for row in faults["rows"])
 
 
 def cv_recipes() -> list[dict]:
@@ -847,20 +852,18 @@ def overload_timelines() -> list[tuple[str, dict]]:
 
 def write_plots(report: dict) -> None:
     """The report's charts (bench/plots.py) from its results, beside REPORT.md."""
+    PLOTS_DIR.mkdir(exist_ok=True)
     faults = report.get("faults") or {}
-    if faults and all(row.get("timeline") for row in faults["rows"]):
-        PLOTS_DIR.mkdir(exist_ok=True)
+    if drawn_faults(faults):
         (BENCH_DIR / FAULTS_PLOT).write_text(plots.fault_timelines(
             [(row["fault"], row["timeline"]) for row in faults["rows"]],
             f"Answers through each fault (bench/faults.py, revision {faults['run'].get('revision') or '?'})"))
     spikes = report.get("overload_timelines")
     if spikes:
-        PLOTS_DIR.mkdir(exist_ok=True)
         (BENCH_DIR / OVERLOAD_PLOT).write_text(plots.fault_timelines(
             spikes, "Cache misses at twice what the machine serves (bench/overload.py)", OVERLOAD_WORDS))
     recipes = report.get("cv_recipes")
     if recipes:
-        PLOTS_DIR.mkdir(exist_ok=True)
         (BENCH_DIR / CV_PLOT).write_text(plots.cv_top1(
             recipes, TOP1_TARGET, "Cross-validated top-1 of every recipe measured (bench/accuracy_cv.py)"))
 
