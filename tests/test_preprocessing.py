@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from bench.common import jpeg_scan_bomb
+from bench.common import gif_of_blocks, jpeg_scan_bomb
 from tests.support import MUSHROOMS
 from training_job.preprocessing import (
     DEFAULT_LIMITS, FILE_LIMITS, MAX_JPEG_MARKERS, InvalidImage, Limits, decode_image, exif_orientation, load_pillow,
@@ -211,6 +211,31 @@ def test_a_png_of_more_chunks_than_any_encoder_writes_is_refused_before_pillow_r
         open_image(one_byte)
     assert refused.value.code == "too_many_chunks"
     assert preprocess_bytes(png_in_chunks_of(1024)).shape == (224, 224, 3)  # smaller than any encoder's
+
+
+# The magic trailer the XMP specification ends a GIF's XMP packet with: read as sub-blocks from any byte of the
+# packet, it leads to the empty sub-block that ends the extension.
+XMP_TRAILER = b"\x01" + bytes(range(255, -1, -1)) + b"\x00"
+
+
+def test_a_gif_of_more_blocks_than_any_encoder_writes_is_refused_before_pillow_reads_them():
+    """Pillow reads what comes before a GIF's first picture one turn of a Python loop per extension sub-block and
+    per stray byte: 4 million one-byte comments in 20 MB cost 4 s of CPU, 20 MB of stray bytes 2 s."""
+    for bomb in (gif_of_blocks(b"!\xfe\x01x\x00", 100_000), gif_of_blocks(b"\x00", 500_000)):
+        with pytest.raises(InvalidImage) as refused:
+            open_image(bomb)
+        assert refused.value.code == "too_many_blocks"
+    # What encoders write is read: a 2 MB comment in sub-blocks of 255 bytes, and an XMP packet of 200 KB, whose
+    # text bytes a reader takes for sub-block lengths
+    long_comment = encode(Image.new("RGB", (64, 48), RED), "GIF", comment=b"a long comment " * 140_000)
+    assert preprocess_bytes(long_comment).shape == (224, 224, 3)
+    packet = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Seq>'
+              + "".join(f"\n   <rdf:li>saved by an editor, step {step}</rdf:li>" for step in range(4_500))
+              + "\n</rdf:Seq></x:xmpmeta>").encode()
+    assert len(packet) > 200_000
+    with_xmp = gif_of_blocks(b"!\xff\x0bXMP DataXMP" + packet + XMP_TRAILER, 1)
+    assert open_image(with_xmp).size == (64, 64)
+    assert preprocess_bytes(with_xmp).shape == (224, 224, 3)
 
 
 def tiff_of_many_tags(tags: int) -> bytes:

@@ -111,6 +111,8 @@ def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS, size: int = DEFAULT
         _check_jpeg_markers(data, limits)
     elif data[:8] == PNG_SIGNATURE:  # a PNG: its chunks counted before Pillow reads them
         _check_png_chunks(data)
+    elif data[:6] in GIF_SIGNATURES:  # a GIF: what comes before its picture counted before Pillow reads it
+        _check_gif_blocks(data)
     try:
         img = Image.open(io.BytesIO(data), formats=_formats_opened(limits))
     except UnidentifiedImageError:
@@ -216,6 +218,50 @@ def _check_png_chunks(data: bytes) -> None:
             "too_many_chunks",
             f"the photo is a PNG of more than {limit} chunks; the limit is one per {PNG_BYTES_PER_CHUNK} bytes of it "
             f"and {PNG_CHUNKS_BESIDES} besides (encoders write image data in chunks of 8 KB or more)")
+
+
+GIF_SIGNATURES = (b"GIF87a", b"GIF89a")
+# Blocks a GIF may hold before its first picture: Pillow reads each sub-block of an extension (a comment, an
+# application's data) and each stray byte between extensions one turn of a Python loop. Encoders write a comment or
+# an ICC profile in sub-blocks of 255 bytes, and an XMP packet, whose text a reader takes for sub-block lengths, in
+# a few thousand at most: a block per 255 bytes of the file, and 4,096 besides, is more than any writes.
+GIF_BLOCKS_BESIDES = 4096
+GIF_BYTES_PER_BLOCK = 255
+_GIF_BLOCK_START = re.compile(rb"[!,;]")  # an extension, the image descriptor, the trailer: any other byte is stray
+
+
+def gif_blocks(data: bytes, stop_after: int) -> int:
+    """The blocks of a GIF's ``data`` before its first picture, as Pillow reads them (an extension's introducer, and
+    each of its sub-blocks up to the empty one that ends them; each stray byte), and no further than ``stop_after``
+    + 1."""
+    flags = data[10] if len(data) > 10 else 0
+    at = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the header and the global colour table
+    blocks = 0
+    while blocks <= stop_after:
+        end = min(len(data), at + stop_after + 1 - blocks)  # no further than the stray bytes that would pass it
+        found = _GIF_BLOCK_START.search(data, at, end)
+        blocks += (found.start() if found else end) - at  # stray bytes
+        if found is None or data[found.start()] != 0x21:  # no extension: the picture, the trailer or the end
+            break
+        at = found.start() + 2  # the introducer and the extension's label
+        blocks += 1
+        while blocks <= stop_after and at < len(data):
+            length = data[at]
+            at += 1 + length
+            blocks += 1
+            if not length:
+                break
+    return blocks
+
+
+def _check_gif_blocks(data: bytes) -> None:
+    limit = GIF_BLOCKS_BESIDES + len(data) // GIF_BYTES_PER_BLOCK
+    if gif_blocks(data, limit) > limit:
+        raise InvalidImage(
+            "too_many_blocks",
+            f"the photo is a GIF of more than {limit} blocks before its picture; the limit is one per "
+            f"{GIF_BYTES_PER_BLOCK} bytes of it and {GIF_BLOCKS_BESIDES} besides (encoders write comments and "
+            "profiles in blocks of 255 bytes)")
 
 
 def decode_bytes(header: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> int:

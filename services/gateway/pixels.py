@@ -36,8 +36,10 @@ LOOP_OPENED_SIGNATURES = (b"\xff\xd8", PNG_SIGNATURE)  # JPEG (MPO too), PNG
 def opened_on_the_loop(photo: bytes, limits: Limits, size: int, alone: bool = False) -> Image.Image | None:
     """The photo opened (``open_image``: header only, limits checked for a decode to ``size``) when it is a JPEG or
     a PNG small enough in bytes to open on the event loop (larger when its request is ``alone``); None when the pool
-    opens it. Only theirs are headers whose reading the contract bounds (``jpeg_markers``, ``png_chunks``): Pillow
-    reads another format's header with code of its own, however long it takes. Raises ``InvalidImage``."""
+    opens it. Theirs are headers whose reading the contract bounds (``jpeg_markers``, ``png_chunks``), and Pillow
+    reads another format's header with code of its own, however long it takes (a GIF's is bounded too,
+    ``gif_blocks``, but its pixels are decoded in the pool, where its header can be read as well). Raises
+    ``InvalidImage``."""
     small = len(photo) <= (ALONE_INLINE_MAX_BYTES if alone else INLINE_MAX_BYTES)
     return open_image(photo, limits, size) if small and photo.startswith(LOOP_OPENED_SIGNATURES) else None
 
