@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,8 +108,9 @@ def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS, size: int = DEFAULT
         raise InvalidImage("empty", "the photo is empty (0 bytes)")
     if len(data) > limits.max_bytes:
         raise InvalidImage("too_large", f"the photo is {len(data)} bytes; the limit is {limits.max_bytes} bytes")
-    if data[:2] == b"\xff\xd8":  # a JPEG: its markers counted before Pillow reads them
-        _check_jpeg_markers(data, limits)
+    if data[:2] == b"\xff\xd8":  # a JPEG: its markers, then its EXIF's and MPF index's tags, counted before
+        _check_jpeg_markers(data, limits)  # Pillow reads them (it reads both directories as it opens a JPEG)
+        _check_tags(*jpeg_directories(data))
     elif data[:8] == PNG_SIGNATURE:  # a PNG: its chunks counted before Pillow reads them
         _check_png_chunks(data)
     elif data[:6] in GIF_SIGNATURES:  # a GIF: what comes before its picture counted before Pillow reads it
@@ -175,6 +177,27 @@ def jpeg_markers(data: bytes, max_scans: int, max_markers: int = MAX_JPEG_MARKER
         at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
         scans += marker == _SOS
     return scans, markers
+
+
+def jpeg_directories(data: bytes) -> tuple[bytes, bytes]:
+    """(exif, mp): a JPEG's EXIF and MPF index as Pillow's reader keeps them from the segments before its first
+    scan: the data of every APP1 ``Exif`` segment joined (the first with its ``Exif\\0\\0`` header), and the last
+    APP2 ``MPF`` segment's after its header. Read once its markers are within the limit."""
+    exif, mp, at = [], b"", 2  # after the start of image
+    while found := _NEXT_MARKER.search(data, at):
+        at, marker = found.start(), data[found.start() + 1]
+        if marker in (_SOS, _EOI):
+            break
+        if marker in _PARAMETERLESS:
+            at += 2
+            continue
+        end = at + 2 + int.from_bytes(data[at + 2:at + 4], "big")
+        if marker == 0xE1 and data.startswith(b"Exif\0\0", at + 4):
+            exif.append(data[at + (10 if exif else 4):end])
+        elif marker == 0xE2 and data.startswith(b"MPF\0", at + 4):
+            mp = data[at + 8:end]
+        at = end
+    return b"".join(exif), mp
 
 
 def _check_jpeg_markers(data: bytes, limits: Limits) -> None:
@@ -264,6 +287,69 @@ def _check_gif_blocks(data: bytes) -> None:
             "profiles in blocks of 255 bytes)")
 
 
+
+# Tags of a photo's EXIF directory (the first: Pillow reads no other to orient a photo) and of a JPEG's MPF index,
+# and the images that index lists: Pillow reads each one turn of a Python loop, and a tag takes 12 bytes. Cameras
+# write tens of tags and list two or three images; the SavedModel's predict_image_bytes reads no more than 512
+# tags for the orientation (``preprocessing_graph.exif_orientation``).
+MAX_EXIF_TAGS = 512
+# The TIFF headers Pillow reads a directory after (its TiffImagePlugin.PREFIXES) and their byte orders; a BigTIFF
+# header fails in its EXIF and MPF readers, which read 8 bytes of header, before any tag.
+_TIFF_HEADERS = {b"MM\x00\x2a": ">", b"II\x2a\x00": "<", b"MM\x2a\x00": ">", b"II\x00\x2a": "<"}
+
+
+def _first_directory(tiff: bytes) -> tuple[str, int, int]:
+    """(byte order, where the tags start, how many Pillow reads) of the first directory of a TIFF structure (EXIF,
+    ``Exif\\0\\0`` before it or not; an MPF index), as Pillow's ImageFileDirectory reads it: no further than the
+    data holds. ("", 0, 0) when Pillow reads none."""
+    start = 6 * (tiff.startswith(b"Exif\0\0") + tiff.startswith(b"Exif\0\0Exif\0\0"))
+    order = _TIFF_HEADERS.get(tiff[start:start + 4])
+    if order is None or len(tiff) < start + 8:
+        return "", 0, 0
+    counted = start + int.from_bytes(tiff[start + 4:start + 8], "little" if order == "<" else "big")
+    count = int.from_bytes(tiff[counted:counted + 2], "little" if order == "<" else "big")
+    return order, counted + 2, min(count, max(0, (len(tiff) - counted - 2) // 12 + 1))
+
+
+def mpo_images(mp: bytes) -> int:
+    """The images a JPEG's MPF index lists, as many as Pillow reads: its MP entries, 16 bytes each. Read once its
+    directory's tags are within the limit."""
+    order, entries, count = _first_directory(mp)
+    if not order or count > MAX_EXIF_TAGS:
+        return 0
+    whole = min(count, (len(mp) - entries) // 12)  # the tags the data holds in full
+    for tag, _, length, _ in struct.iter_unpack(order + "HHL4s", mp[entries:entries + 12 * whole]):
+        if tag == 0xB002:
+            return length // 16
+    return 0
+
+
+def _check_tags(exif: bytes | None, mp: bytes = b"") -> None:
+    for what, tiff in (("EXIF", exif or b""), ("MPF index", mp)):
+        if _first_directory(tiff)[2] > MAX_EXIF_TAGS:
+            raise InvalidImage(
+                "too_many_tags",
+                f"the photo's {what} holds more than {MAX_EXIF_TAGS} tags in its directory; the limit is "
+                f"{MAX_EXIF_TAGS} (cameras write tens)")
+    if mpo_images(mp) > MAX_EXIF_TAGS:
+        raise InvalidImage(
+            "too_many_tags",
+            f"the photo's MPF index lists more than {MAX_EXIF_TAGS} images; the limit is {MAX_EXIF_TAGS} "
+            "(cameras write two or three)")
+
+
+def exif_pillow_reads(info: dict) -> bytes | None:
+    """The EXIF of an opened (or loaded: a PNG's may follow its pixels) photo, where ``Image.getexif`` finds it."""
+    if "exif" in info:
+        return info["exif"]
+    raw = info.get("Raw profile type exif")  # a PNG text chunk of hexadecimal (ImageMagick's)
+    if isinstance(raw, str):
+        try:
+            return bytes.fromhex("".join(raw.split("\n")[3:]))
+        except ValueError:
+            return None
+    return None
+
 def decode_bytes(header: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> int:
     """What decoding an opened photo to at least ``size`` pixels a side and flattening it to 8-bit RGB hold at once,
     as Pillow stores images: the decoded photo (1 byte per pixel in 8-bit single-band modes, 2 in 16-bit ones, 4 in
@@ -320,7 +406,9 @@ def load_pillow(header: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> Image.Im
 
 
 def exif_orientation(loaded: Image.Image) -> int:
-    """The photo's EXIF orientation (1..8; 1 when untagged), read as ``ImageOps.exif_transpose`` reads it."""
+    """The photo's EXIF orientation (1..8; 1 when untagged), read as ``ImageOps.exif_transpose`` reads it. Raises
+    ``InvalidImage`` for more tags than the limit, before Pillow reads them."""
+    _check_tags(exif_pillow_reads(loaded.info))
     return loaded.getexif().get(ORIENTATION_TAG, 1)
 
 

@@ -8,7 +8,9 @@ SavedModel's ``predict_image_bytes`` signature, so a client that sends encoded p
 - grey, grey+alpha and RGBA are flattened to RGB over white;
 - the bilinear resize to a square is antialiased, like Pillow's;
 - a JPEG of more scans or markers than ``preprocess_bytes`` takes (``preprocessing.jpeg_markers``) fails the call
-  with INVALID_ARGUMENT, its message naming the same code (``too_many_scans``, ``too_many_markers``).
+  with INVALID_ARGUMENT, its message naming the same code (``too_many_scans``, ``too_many_markers``); a photo of
+  more EXIF tags than it takes (``too_many_tags``) is answered, oriented by its first 512 tags: the graph reads no
+  more, so its cost does not grow with them.
 
 Pillow and TensorFlow round differently inside decode and resize: tests/test_export_contract.py measures the pixel
 difference on real photos and bounds it, and checks that the classifier's top-1 answer is the same.
