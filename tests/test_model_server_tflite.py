@@ -448,7 +448,9 @@ def test_under_the_flag_tflite_versions_answer_through_the_batcher_and_others_ke
             at = row % len(PHOTOS)
             if row % 2:
                 want = expected.run("predict_image_bytes", {"image_bytes": jpegs[at:at + 1]})["probabilities"]
-                np.testing.assert_array_equal(answer, want)  # the SavedModel's own numbers
+                # the SavedModel's own numbers (LiteRT has no signature taking JPEGs), to the last bits a batch of
+                # other rows may change
+                np.testing.assert_allclose(answer, want, rtol=1e-6)
             else:
                 np.testing.assert_allclose(answer, expected.run("", {"images": PHOTOS[at:at + 1]})["probabilities"],
                                            atol=1e-5)
