@@ -193,6 +193,37 @@ def test_a_tensor_that_would_expand_past_a_message_is_refused_before_it_is_built
     assert conv_server.process.poll() is None
 
 
+def test_a_predict_of_more_inputs_than_its_signature_takes_is_refused_before_they_are_read(conv_server):
+    """Every input was read before the names were checked: 300,000 inputs of one value (6 MB) held the event loop
+    3.6 s, and the refusal listed every name, 3 MB of status details, which a gRPC client refuses to receive (it saw
+    RESOURCE_EXHAUSTED). A client's output filter of a long name is quoted no further than a client receives."""
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = MODEL
+    one = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[1.0])
+    for i in range(100_000):
+        request.inputs[f"x{i}"].CopyFrom(one)
+    with grpc.insecure_channel(conv_server.grpc_target) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Predict(request, timeout=60)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+        assert "100000 names, among them 'x" in refused.value.details()
+        request.inputs.clear()
+        request.inputs["images"].CopyFrom(tf.make_tensor_proto(np.zeros((1, SIZE, SIZE, 3), np.uint8)))
+        request.inputs["imagse"].CopyFrom(one)
+        with pytest.raises(grpc.RpcError) as refused:  # a few names: listed, the defaults with them, as before
+            stub.Predict(request, timeout=60)
+        assert "expected ['images'], got ['images', 'imagse']" in refused.value.details()
+        del request.inputs["imagse"]
+        request.output_filter.append("s" * 100_000)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Predict(request, timeout=60)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.value.details().startswith("output tensor alias not found in signature: sss")
+        assert refused.value.details().endswith("more characters)")
+    assert conv_server.process.poll() is None
+
+
 def test_a_request_that_does_not_parse_ends_with_tf_servings_status(conv_server):
     # TF Serving's C++ gRPC ends it with INTERNAL (GenericDeserialize); grpcio's own answer, UNKNOWN "Unexpected
     # DecodeError", is the status of a bug in the server.

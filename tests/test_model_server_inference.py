@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 from tensorflow_serving.apis import inference_pb2
 
 from services.model_server.config import single_model_config
 from services.model_server.core import PredictionCore
+from services.model_server.errors import ServingError
 from services.model_server.inference import CLASSIFY_METHOD, REGRESS_METHOD, Inference
 from services.model_server.loader import LoadOptions, Loader
 from services.model_server.manager import Manager
@@ -61,3 +63,21 @@ def test_multi_inference_in_flight_finishes_on_its_version_when_that_version_is_
     assert [r.model_spec.version.value for r in response.results] == [1, 1]
     assert len(response.results[0].classification_result.classifications) == 1
     assert len(response.results[1].regression_result.regressions) == 1
+
+
+def test_a_predict_s_inputs_are_read_once_their_names_are_the_signature_s(tiny_version):
+    """Reading a gRPC request's inputs costs a turn of a Python loop each; their names are checked first, and a
+    request of more names than its signature takes is refused without reading any."""
+    async def scenario():
+        manager, inference = serving(tiny_version)
+        signature = manager.resolve(MODEL, None, None).signature("")
+        read = []
+        many = {f"x{i}": i for i in range(1000)}
+        with pytest.raises(ServingError) as refused:
+            await inference.core.predict("grpc_predict", MODEL, None, None, "", many, read=read.append)
+        inference.core.executor.shutdown()
+        return signature, refused.value, read
+
+    signature, refused, read = asyncio.run(scenario())
+    assert refused.code == grpc.StatusCode.INVALID_ARGUMENT and "1000 names, among them 'x0'" in refused.message
+    assert read == [] and len(signature.inputs) < 1000

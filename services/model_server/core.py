@@ -5,6 +5,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -58,11 +59,17 @@ class PredictionCore:
         configure_tensorflow_threads(max(1, batching.num_batch_threads) if batching else threads, intra_op, inter_op)
 
     async def predict(self, api: str, name: str, version: int | None, label: str | None, signature: str,
-                      inputs: dict[str, np.ndarray], output_filter=()) -> tuple[Servable, dict[str, np.ndarray]]:
+                      inputs: Mapping, output_filter=(), read=None) -> tuple[Servable, dict[str, np.ndarray]]:
         """Resolve the model spec, then ``run`` the signature on the servable it names; a spec that names no
-        servable is counted in ``request_count`` too."""
+        servable is counted in ``request_count`` too. ``read``, when given, turns ``inputs`` (a gRPC request's
+        TensorProtos by name) into arrays once their names are the signature's: a request may carry hundreds of
+        thousands, each read in a turn of a Python loop."""
         try:
             servable = self.manager.resolve(name, version, label)
+            if read is not None:
+                if (signature or DEFAULT_SIGNATURE) in servable.signatures:  # else ``run`` says it is not found
+                    servable.check_input_names(signature, inputs)
+                inputs = read(inputs)
         except ServingError as exc:
             self._count(name, exc.code.name)
             raise

@@ -147,8 +147,30 @@ def tensor_proto(value, as_content: bool = False) -> tensor_pb2.TensorProto:
     return tf.make_tensor_proto(value)
 
 
+def input_arrays(inputs) -> dict[str, np.ndarray]:
+    """A Predict request's inputs (name -> TensorProto) as arrays; INVALID_ARGUMENT for a tensor that is none."""
+    try:
+        return {name: ndarray(tensor) for name, tensor in inputs.items()}
+    except (TypeError, ValueError) as exc:
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"bad input tensor: {exc}") from None
+
+
+# Status details a gRPC client receives: they travel in a trailer, percent-encoded (up to three bytes a character),
+# and clients refuse trailers beyond their metadata limit (8 KB by default) with RESOURCE_EXHAUSTED instead.
+MAX_STATUS_DETAILS = 2000
+
+
+def status_details(message: str) -> str:
+    """``message`` cut to MAX_STATUS_DETAILS characters, saying how many more it had (a message may quote what a
+    request holds)."""
+    if len(message) <= MAX_STATUS_DETAILS:
+        return message
+    cut = message[:MAX_STATUS_DETAILS - 40]
+    return f"{cut}... ({len(message) - len(cut)} more characters)"
+
+
 async def _abort(context, exc: ServingError):
-    await context.abort(exc.code, exc.message)
+    await context.abort(exc.code, status_details(exc.message))
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -160,14 +182,11 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     async def Predict(self, request: predict_pb2.PredictRequest, context):
         started = time.perf_counter()
         version, label = version_and_label(request.model_spec)
+        signature = request.model_spec.signature_name or DEFAULT_SIGNATURE
         try:
-            try:
-                inputs = {k: ndarray(v) for k, v in request.inputs.items()}
-            except (TypeError, ValueError) as exc:
-                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"bad input tensor: {exc}") from None
-            signature = request.model_spec.signature_name or DEFAULT_SIGNATURE
             servable, outputs = await self.core.predict("grpc_predict", request.model_spec.name, version, label,
-                                                        signature, inputs, tuple(request.output_filter))
+                                                        signature, request.inputs, tuple(request.output_filter),
+                                                        read=input_arrays)
         except ServingError as exc:
             return await _abort(context, exc)
         response = predict_pb2.PredictResponse()

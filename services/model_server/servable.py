@@ -1,9 +1,11 @@
 """A servable: one loaded version of a SavedModel, its signatures, and how to run them on numpy arrays."""
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from services.model_server.graph_ranks import GraphRanks
 from services.model_server.loader import LoadOptions
 
 log = logging.getLogger("model_server.servable")
+# A refusal of more input names than a signature takes lists no more than this many of them beyond its own count
+LISTED_INPUT_NAMES = 10
 
 
 def dtype_name(dtype: tf.dtypes.DType) -> str:
@@ -71,14 +75,7 @@ class Servable:
         SavedModels declare their inputs' shapes here, and a TF1 graph is asked which ranks it takes
         (graph_ranks.py); LiteRT returns an error instead, and TF Serving's TFLite engine resizes inputs to any
         rank, so a TFLite file declares none."""
-        info = self.signature(signature_name)
-        signature_def = self.signature_defs.get(info.name)
-        given = set(inputs) | (set(signature_def.defaults) if signature_def is not None else set())
-        if given != set(info.inputs):
-            raise ServingError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"input names do not match signature {info.name!r}: expected {sorted(info.inputs)}, got {sorted(given)}",
-            )
+        info = self.check_input_names(signature_name, inputs)
         refusal = self._rank_refusal(info, inputs)
         if refusal:
             raise invalid(refusal)
@@ -92,6 +89,22 @@ class Servable:
                 raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"duplicate output tensor alias: {alias}")
             seen.add(alias)
         return info
+
+    def check_input_names(self, signature_name: str, names: Collection[str]) -> SignatureInfo:
+        """The signature a request names, once its input ``names`` (with the SignatureDef's defaults for those it
+        leaves out) are the signature's; INVALID_ARGUMENT otherwise. More names than the signature takes are refused
+        without reading them, and the refusal lists a few of them: a request may carry hundreds of thousands."""
+        info = self.signature(signature_name)
+        signature_def = self.signature_defs.get(info.name)
+        defaults = set(signature_def.defaults) if signature_def is not None else set()
+        if len(names) <= len(info.inputs) and set(names) | defaults == set(info.inputs):
+            return info
+        if len(names) > len(info.inputs) + LISTED_INPUT_NAMES:
+            got = (f"{len(names)} names, among them "
+                   f"{', '.join(repr(name) for name in itertools.islice(names, LISTED_INPUT_NAMES))}")
+        else:
+            got = str(sorted(set(names) | defaults))
+        raise invalid(f"input names do not match signature {info.name!r}: expected {sorted(info.inputs)}, got {got}")
 
     def _rank_refusal(self, info: SignatureInfo, inputs: dict[str, np.ndarray]) -> str | None:
         """Why the inputs' ranks cannot be fed (None when they can): here, held to ``info.shapes``."""
