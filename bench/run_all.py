@@ -343,6 +343,19 @@ def rows() -> list[dict]:
                 f"{f', {when}' if when else ''}: answers; CPU",
                 f"{server['small']['status']}, {server['large']['status']}; {server['small']['cpu_s']:.2f} s, "
                 f"{server['large']['cpu_s']:.2f} s", "-", None, source=f"{name}.json")
+    for name, when in (("scan_bombs_gif_before_958c18e", "before the block limit"), ("scan_bombs", "")):
+        bombs = load(name)
+        if bombs and "gif" in bombs["bombs"]:
+            b, cell = bombs["bombs"]["gif"], bombs["gateway_classify"]["gif"]
+            server = bombs["model_server_predict_image_bytes"]["gif"]
+            what = (f"a GIF of {b['comments']:,} one-byte comments before its {b['side']} x {b['side']} picture "
+                    f"({b['bytes'] / 1e6:.0f} MB)")
+            add(f"{what} to the gateway's classify{f', {when}' if when else ''}: answer; CPU; "
+                f"{cell['bombs_at_once']} at once: another client's slowest cache miss meanwhile; to the model "
+                "server's REST predict (predict_image_bytes): answer; CPU (bench/scan_bombs.py)",
+                f"{cell['status']}; {cell['cpu_s']:.2f} s; {cell['other_client_worst_ms']:.0f} ms "
+                f"({cell['other_client_worst_ms_without_bomb']:.0f} ms without); {server['status']}; "
+                f"{server['cpu_s']:.2f} s", "-", None, source=f"{name}.json")
     for name, when in (("costly_forms_before_948682d", "before the part and value limits"), ("costly_forms", "")):
         forms = load(name)
         if forms:
