@@ -16,7 +16,7 @@ from devstack.servers import RedisServer, free_port, stop_process, wait_for_port
 from training_job.paths import shared_data_dir
 
 __all__ = ["SHARED_DATA", "MUSHROOMS", "NOT_MUSHROOMS", "IMAGENET_FUNGI", "RedisServer", "free_port", "stop_process",
-           "wait_for_port", "KeepAliveClients", "drawn_jpeg"]
+           "wait_for_port", "KeepAliveClients", "drawn_jpeg", "drawn_gif", "gif_in_sub_blocks_of"]
 
 SHARED_DATA = shared_data_dir()
 MUSHROOMS = SHARED_DATA / "mushrooms"
@@ -83,6 +83,31 @@ def drawn_jpeg(seed: int, height: int = 96, width: int = 128) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "JPEG", quality=85)
     return buffer.getvalue()
+
+
+def drawn_gif(seed: int, height: int = 120, width: int = 160, frames: int = 1) -> bytes:
+    """A GIF of ``frames`` pictures of noise (its data does not compress: tens of KB), of one picture and no
+    extensions when ``frames`` is 1."""
+    rng = np.random.default_rng(seed)
+    pictures = [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for _ in range(frames)]
+    out = io.BytesIO()
+    pictures[0].save(out, "GIF", save_all=frames > 1, append_images=pictures[1:])
+    return out.getvalue()
+
+
+def gif_in_sub_blocks_of(data: bytes, size: int) -> bytes:
+    """``data``, a GIF of one picture and no extensions, with the picture's data in sub-blocks of ``size`` bytes
+    (encoders write 255)."""
+    flags = data[10]
+    descriptor = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+    packed = data[descriptor + 9]
+    at = start = descriptor + 10 + (3 << ((packed & 7) + 1) if packed & 0x80 else 0) + 1  # after the code size
+    compressed = b""
+    while data[at]:
+        compressed += data[at + 1:at + 1 + data[at]]
+        at += 1 + data[at]
+    pieces = (compressed[i:i + size] for i in range(0, len(compressed), size))
+    return data[:start] + b"".join(bytes([len(piece)]) + piece for piece in pieces) + data[at:]
 
 
 def exit_code_within(process, seconds: float) -> int | None:

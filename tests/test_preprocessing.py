@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from bench.common import gif_of_blocks, jpeg_scan_bomb
-from tests.support import MUSHROOMS
+from tests.support import MUSHROOMS, drawn_gif, gif_in_sub_blocks_of
 from training_job.preprocessing import (
     DEFAULT_LIMITS, FILE_LIMITS, MAX_EXIF_TAGS, MAX_JPEG_MARKERS, InvalidImage, Limits, decode_image,
     exif_orientation, load_pillow, open_image, orient, preprocess_bytes,
@@ -236,6 +236,17 @@ def test_a_gif_of_more_blocks_than_any_encoder_writes_is_refused_before_pillow_r
     with_xmp = gif_of_blocks(b"!\xff\x0bXMP DataXMP" + packet + XMP_TRAILER, 1)
     assert open_image(with_xmp).size == (64, 64)
     assert preprocess_bytes(with_xmp).shape == (224, 224, 3)
+
+
+def test_a_gif_whose_picture_is_in_more_blocks_than_any_encoder_writes_is_refused():
+    """The SavedModel's predict_image_bytes steps through a GIF's first picture a sub-block at a time, to decode that
+    picture alone: its blocks count to the same limit, here as there. Encoders write sub-blocks of 255 bytes."""
+    photo = drawn_gif(1)
+    with pytest.raises(InvalidImage) as refused:
+        open_image(gif_in_sub_blocks_of(photo, 1))
+    assert refused.value.code == "too_many_blocks"
+    assert np.array_equal(preprocess_bytes(gif_in_sub_blocks_of(photo, 255)), preprocess_bytes(photo))
+    assert np.array_equal(preprocess_bytes(gif_in_sub_blocks_of(photo, 64)), preprocess_bytes(photo))
 
 
 def exif_of_tags(tags: int, orientation: int = 6) -> bytes:

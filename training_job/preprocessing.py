@@ -244,48 +244,57 @@ def _check_png_chunks(data: bytes) -> None:
 
 
 GIF_SIGNATURES = (b"GIF87a", b"GIF89a")
-# Blocks a GIF may hold before its first picture: Pillow reads each sub-block of an extension (a comment, an
-# application's data) and each stray byte between extensions one turn of a Python loop. Encoders write a comment or
-# an ICC profile in sub-blocks of 255 bytes, and an XMP packet, whose text a reader takes for sub-block lengths, in
-# a few thousand at most: a block per 255 bytes of the file, and 4,096 besides, is more than any writes.
-GIF_BLOCKS_BESIDES = 4096
-GIF_BYTES_PER_BLOCK = 255
+# Blocks a GIF may hold up to the end of its first picture, besides full sub-blocks (of 255 bytes: encoders write a
+# picture's data, a comment or an ICC profile in them). Pillow reads each sub-block of an extension and each stray
+# byte between extensions in a turn of a Python loop; the SavedModel's predict_image_bytes steps through them all
+# in a turn of a graph loop, full sub-blocks a run at a time, to decode the first picture alone
+# (``preprocessing_graph.gif_blocks``). An XMP packet, whose text a reader takes for sub-block lengths, makes a few
+# thousand at most.
+MAX_GIF_BLOCKS = 8192
 _GIF_BLOCK_START = re.compile(rb"[!,;]")  # an extension, the image descriptor, the trailer: any other byte is stray
 
 
+def _sub_blocks(data: bytes, at: int, blocks: int, stop_after: int) -> tuple[int, int]:
+    """(where they end, ``blocks`` counted on: the full ones are not) of the sub-blocks at ``at``, up to the empty one
+    that ends them."""
+    while blocks <= stop_after and at < len(data):
+        length = data[at]
+        at += 1 + length
+        blocks += length != 255
+        if not length:
+            break
+    return at, blocks
+
+
 def gif_blocks(data: bytes, stop_after: int) -> int:
-    """The blocks of a GIF's ``data`` before its first picture, as Pillow reads them (an extension's introducer, and
-    each of its sub-blocks up to the empty one that ends them; each stray byte), and no further than ``stop_after``
-    + 1."""
+    """The blocks of a GIF's ``data`` up to the end of its first picture (an extension's introducer, and each of its
+    sub-blocks up to the empty one that ends them; each stray byte; the picture's descriptor, and each sub-block of
+    its data), the full sub-blocks aside, and no further than ``stop_after`` + 1."""
     flags = data[10] if len(data) > 10 else 0
     at = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the header and the global colour table
     blocks = 0
-    while blocks <= stop_after:
+    while blocks <= stop_after and at < len(data):
         end = min(len(data), at + stop_after + 1 - blocks)  # no further than the stray bytes that would pass it
         found = _GIF_BLOCK_START.search(data, at, end)
         blocks += (found.start() if found else end) - at  # stray bytes
-        if found is None or data[found.start()] != 0x21:  # no extension: the picture, the trailer or the end
+        if found is None or data[found.start()] == 0x3B:  # the end, or the trailer: no picture
             break
-        at = found.start() + 2  # the introducer and the extension's label
-        blocks += 1
-        while blocks <= stop_after and at < len(data):
-            length = data[at]
-            at += 1 + length
-            blocks += 1
-            if not length:
-                break
+        at = found.start()
+        if data[at] == 0x2C:  # the picture: its descriptor, local colour table and code size, then its data
+            packed = data[at + 9] if at + 9 < len(data) else 0
+            at += 10 + (3 << ((packed & 7) + 1) if packed & 0x80 else 0) + 1
+            return _sub_blocks(data, at, blocks + 1, stop_after)[1]
+        at, blocks = _sub_blocks(data, at + 2, blocks + 1, stop_after)  # after the introducer and the label
     return blocks
 
 
 def _check_gif_blocks(data: bytes) -> None:
-    limit = GIF_BLOCKS_BESIDES + len(data) // GIF_BYTES_PER_BLOCK
-    if gif_blocks(data, limit) > limit:
+    if gif_blocks(data, MAX_GIF_BLOCKS) > MAX_GIF_BLOCKS:
         raise InvalidImage(
             "too_many_blocks",
-            f"the photo is a GIF of more than {limit} blocks before its picture; the limit is one per "
-            f"{GIF_BYTES_PER_BLOCK} bytes of it and {GIF_BLOCKS_BESIDES} besides (encoders write comments and "
-            "profiles in blocks of 255 bytes)")
-
+            f"the photo is a GIF of more than {MAX_GIF_BLOCKS} blocks up to the end of its first picture, besides "
+            f"full ones of 255 bytes; the limit is {MAX_GIF_BLOCKS} (encoders write pictures, comments and profiles "
+            "in full blocks)")
 
 
 # Tags of a photo's EXIF directory (the first: Pillow reads no other to orient a photo) and of a JPEG's MPF index,

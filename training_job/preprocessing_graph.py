@@ -10,14 +10,16 @@ SavedModel's ``predict_image_bytes`` signature, so a client that sends encoded p
 - a JPEG of more scans or markers than ``preprocess_bytes`` takes (``preprocessing.jpeg_markers``) fails the call
   with INVALID_ARGUMENT, its message naming the same code (``too_many_scans``, ``too_many_markers``); a photo of
   more EXIF tags than it takes (``too_many_tags``) is answered, oriented by its first 512 tags: the graph reads no
-  more, so its cost does not grow with them.
+  more, so its cost does not grow with them;
+- a GIF is decoded up to the end of its first picture only, as Pillow decodes it, and one of more blocks up to
+  there than ``preprocess_bytes`` takes (``preprocessing.gif_blocks``) fails the call with ``too_many_blocks``.
 
 Pillow and TensorFlow round differently inside decode and resize: tests/test_export_contract.py measures the pixel
 difference on real photos and bounds it, and checks that the classifier's top-1 answer is the same.
 """
 from __future__ import annotations
 
-from training_job.preprocessing import DEFAULT_LIMITS, MAX_JPEG_MARKERS
+from training_job.preprocessing import DEFAULT_LIMITS, GIF_SIGNATURES, MAX_GIF_BLOCKS, MAX_JPEG_MARKERS
 
 EXIF_SCAN_BYTES = 1 << 16  # the EXIF block sits in the first segments/chunks of a file
 ORIENTATION_TAG = 0x0112
@@ -148,6 +150,80 @@ def _checked_jpeg(data):
         return tf.identity(data)
 
 
+# Where ``gif_blocks`` stands between two steps
+_BETWEEN, _EXTENSION, _PICTURE, _ENDED = 0, 1, 2, 3
+# Full sub-blocks (255 bytes, as encoders write a picture's data) ``gif_blocks`` steps over at once, at most
+_FULL_RUN = 64
+
+
+def _colour_table_bytes(packed):
+    """The bytes of the colour table a GIF's screen or image descriptor ``packed`` byte declares (0: none)."""
+    import tensorflow as tf
+
+    return tf.where(packed >= 0x80, tf.bitwise.left_shift(3, tf.bitwise.bitwise_and(packed, 7) + 1), 0)
+
+
+def gif_blocks(data, stop_after):
+    """``preprocessing.gif_blocks`` as TensorFlow ops: (blocks, end), int32 scalars: the blocks of a GIF (a scalar
+    string tensor) up to the end of its first picture, counted no further than ``stop_after`` + 1, and the offset
+    just past that picture's data (0 when the count stopped before it, or the GIF has none). A step of a graph loop
+    each: a stray byte, an extension's introducer, the picture's descriptor, a sub-block, or a run of up to
+    _FULL_RUN full ones (255 bytes; not counted)."""
+    import tensorflow as tf
+
+    raw = tf.cast(tf.io.decode_raw(data, tf.uint8), tf.int32)
+    size = tf.size(raw)
+    raw = tf.concat([raw, tf.zeros([16], tf.int32)], 0)  # reads just past the end see zeros, never fail
+    start = 13 + _colour_table_bytes(raw[10])
+
+    def more(at, blocks, state):
+        return (state != _ENDED) & (blocks <= stop_after) & (at < size)
+
+    def step(at, blocks, state):
+        byte = tf.gather(raw, at)
+        in_sub_blocks = (state == _EXTENSION) | (state == _PICTURE)
+        # how many full sub-blocks follow one another from here (none when this one is not full)
+        lengths = tf.gather(raw, tf.minimum(at + 256 * tf.range(_FULL_RUN), size))
+        full_run = tf.reduce_sum(tf.math.cumprod(tf.cast(lengths == 255, tf.int32)))
+        after_descriptor = at + 10 + _colour_table_bytes(tf.gather(raw, at + 9)) + 1  # its table, its code size
+        at = tf.where(in_sub_blocks, tf.where(full_run > 0, at + 256 * full_run, at + 1 + byte),
+                      tf.where(byte == 0x21, at + 2, tf.where(byte == 0x2C, after_descriptor, at + 1)))
+        state = tf.where(in_sub_blocks,
+                         tf.where(byte != 0, state, tf.where(state == _PICTURE, _ENDED, _BETWEEN)),
+                         tf.where(byte == 0x21, _EXTENSION, tf.where(byte == 0x2C, _PICTURE,
+                                                                     tf.where(byte == 0x3B, _ENDED, _BETWEEN))))
+        counted = tf.where(in_sub_blocks, tf.cast(full_run == 0, tf.int32),  # a full sub-block is not counted,
+                           tf.cast(byte != 0x3B, tf.int32))  # nor the trailer
+        return at, blocks + counted, state
+
+    at, blocks, state = tf.while_loop(more, step, (start, tf.constant(0), tf.constant(_BETWEEN)))
+    pictured = (state == _ENDED) & (at <= size) & (blocks <= stop_after)
+    last = tf.gather(raw, tf.clip_by_value(at - 1, 0, size))  # the empty sub-block that ends a picture's data
+    return blocks, tf.where(pictured & (last == 0), at, 0)
+
+
+def _first_gif_picture(data):
+    """A GIF cut after its first picture and closed with the trailer, once its blocks up to there are within the
+    limit ``preprocess_bytes`` holds GIFs to; INVALID_ARGUMENT, with its code first, when not. TensorFlow's GIF
+    decoder decodes every frame when asked for the first: a 786 KB GIF of 200 frames of 2,000 x 2,000 pixels took
+    seconds; Pillow reads the first alone."""
+    import tensorflow as tf
+
+    blocks, end = gif_blocks(data, MAX_GIF_BLOCKS)
+    check = tf.debugging.assert_less_equal(blocks, MAX_GIF_BLOCKS, message=(
+        f"too_many_blocks: the photo is a GIF of more than {MAX_GIF_BLOCKS} blocks up to the end of its first "
+        "picture, besides full ones of 255 bytes"))
+    with tf.control_dependencies([check]):
+        return tf.cond(end > 0, lambda: tf.strings.join([tf.strings.substr(data, 0, end), ";"]),
+                       lambda: tf.identity(data))
+
+
+def _is_gif(data):
+    import tensorflow as tf
+
+    return tf.reduce_any(tf.equal(tf.strings.substr(data, 0, 6), [s.decode() for s in GIF_SIGNATURES]))
+
+
 def _decode_jpeg(data, size: int):
     """JPEG at the DCT scale Pillow's draft((size, size)) picks: the largest of 8, 4, 2, 1 <= min(w, h) // size."""
     import tensorflow as tf
@@ -180,7 +256,9 @@ def decode_and_resize(data, size: int):
     image = tf.cond(
         tf.io.is_jpeg(data),
         lambda: tf.cast(_decode_jpeg(_checked_jpeg(data), size), tf.float32),
-        lambda: _flatten_over_white(tf.io.decode_image(data, channels=0, expand_animations=False)))
+        lambda: _flatten_over_white(tf.io.decode_image(
+            tf.cond(_is_gif(data), lambda: _first_gif_picture(data), lambda: tf.identity(data)), channels=0,
+            expand_animations=False)))
     image = apply_orientation(image, exif_orientation(data))
     image = tf.image.resize(image, (size, size), method="bilinear", antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
