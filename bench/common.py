@@ -128,6 +128,17 @@ def gif_of_blocks(block: bytes, copies: int) -> bytes:
     return data[:blocks_from] + block * copies + data[blocks_from:]
 
 
+def gif_of_pictures(pictures: int, side: int) -> bytes:
+    """An animated GIF of ``pictures`` flat ``side`` x ``side`` pictures, each of another colour: a few KB each, whose
+    decoding costs their pixels."""
+    from PIL import Image
+
+    frames = [Image.new("P", (side, side), i % 200) for i in range(pictures)]
+    out = io.BytesIO()
+    frames[0].save(out, "GIF", save_all=True, append_images=frames[1:])
+    return out.getvalue()
+
+
 def post(url: str, body: bytes, headers: dict) -> int:
     """POSTs ``body``; the HTTP status of the answer."""
     request = urllib.request.Request(url, data=body, headers=headers)

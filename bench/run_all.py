@@ -356,6 +356,17 @@ def rows() -> list[dict]:
                 f"{cell['status']}; {cell['cpu_s']:.2f} s; {cell['other_client_worst_ms']:.0f} ms "
                 f"({cell['other_client_worst_ms_without_bomb']:.0f} ms without); {server['status']}; "
                 f"{server['cpu_s']:.2f} s", "-", None, source=f"{name}.json")
+    for name, when in (("scan_bombs_gif_pictures_before_ed13035", "a version exported before the graph decoded the "
+                                                                 "first picture alone"), ("scan_bombs", "")):
+        bombs = load(name)
+        if bombs and "gif_pictures" in bombs["bombs"]:
+            b = bombs["bombs"]["gif_pictures"]
+            gateway, server = bombs["gateway_classify"]["gif_pictures"], bombs["model_server_predict_image_bytes"]
+            add(f"an animated GIF of {b['pictures']} pictures of {b['side']:,} x {b['side']:,} pixels "
+                f"({b['bytes'] / 1e3:.0f} KB) to the gateway's classify: answer; CPU; to the model server's REST "
+                f"predict (predict_image_bytes{f', {when}' if when else ''}): answer; CPU (bench/scan_bombs.py)",
+                f"{gateway['status']}; {gateway['cpu_s']:.2f} s; {server['gif_pictures']['status']}; "
+                f"{server['gif_pictures']['cpu_s']:.2f} s", "-", None, source=f"{name}.json")
     for name, when in (("costly_forms_before_948682d", "before the part and value limits"), ("costly_forms", "")):
         forms = load(name)
         if forms:

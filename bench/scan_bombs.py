@@ -5,7 +5,8 @@ what one costs, and what the gateway's other clients wait meanwhile.
 One Redis, model server and gateway (bench/stack.py) on the newest published version. Three bombs:
 - small: 1,000 x 1,000 pixels of 2,000 scans (30 KB), a photo the gateway opens on its event loop;
 - large: 3,000 x 3,000 pixels of 20,000 scans (513 KB), a photo it decodes in its preprocessing pool;
-- gif: 64 x 64 pixels after 4 million one-byte comments (20 MB), a photo it opens in its preprocessing pool.
+- gif: 64 x 64 pixels after 4 million one-byte comments (20 MB), a photo it opens in its preprocessing pool;
+- gif_pictures: 200 pictures of 2,000 x 2,000 pixels (786 KB), of which the contract decodes the first alone.
 Each is sent alone to the gateway's /v1/classify: its answer, how long it took and the gateway's CPU seconds over it
 and the --settle seconds after. Then, while another client sends the gateway classify calls back to back, the
 slowest of those beside the slowest in as long a time before:
@@ -30,13 +31,14 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench.common import (
-    cpu_seconds, gif_of_blocks, jpeg_scan_bomb, others_wait, post, published_version_of, sample_photos,
+    cpu_seconds, gif_of_blocks, gif_of_pictures, jpeg_scan_bomb, others_wait, post, published_version_of, sample_photos,
     stack_bench_parser, write_result,
 )
 from bench.stack import Stack, distinct_photos
 
 BOMBS = {"small": (1000, 2000), "large": (3000, 20000)}  # side, scans
 GIF_COMMENTS = 4_000_000  # one-byte comments before the gif bomb's picture, five bytes each
+GIF_PICTURES = (200, 2000)  # the gif_pictures bomb's pictures, and their side
 PREPROCESS_THREADS = 2  # the gateway's preprocessing pool (services/gateway/classifier.py)
 JPEG = {"Content-Type": "image/jpeg"}
 GIF = {"Content-Type": "image/gif"}
@@ -84,11 +86,15 @@ def main(argv=None) -> int:
     version_dir = published_version_of(args)
     bombs = {name: jpeg_scan_bomb(side, scans) for name, (side, scans) in BOMBS.items()}
     bombs["gif"] = gif_of_blocks(b"!\xfe\x01x\x00", GIF_COMMENTS)
-    headers = {"small": JPEG, "large": JPEG, "gif": GIF}
+    bombs["gif_pictures"] = gif_of_pictures(*GIF_PICTURES)
+    headers = {"small": JPEG, "large": JPEG, "gif": GIF, "gif_pictures": GIF}
     photos = distinct_photos(sample_photos(1000))
     result = {"bombs": {name: {"side": side, "scans": scans, "bytes": len(bombs[name])}
                         for name, (side, scans) in BOMBS.items()}, "settle_s": args.settle}
     result["bombs"]["gif"] = {"side": 64, "comments": GIF_COMMENTS, "bytes": len(bombs["gif"])}
+    result["bombs"]["gif_pictures"] = {"side": GIF_PICTURES[1], "pictures": GIF_PICTURES[0],
+                                       "bytes": len(bombs["gif_pictures"])}
+    result["model_version"] = version_dir.name  # its SavedModel holds the bytes signature's graph
     with Stack(version_dir, args.model_name) as stack:
         gateway = stack.start_gateway(grpc=False)
         classify = f"{gateway.http_url}/v1/classify"
