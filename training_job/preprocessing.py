@@ -113,8 +113,8 @@ def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS, size: int = DEFAULT
         _check_tags(*jpeg_directories(data))
     elif data[:8] == PNG_SIGNATURE:  # a PNG: its chunks counted before Pillow reads them
         _check_png_chunks(data)
-    elif data[:6] in GIF_SIGNATURES:  # a GIF: what comes before its picture counted before Pillow reads it
-        _check_gif_blocks(data)
+    elif data[:6] in GIF_SIGNATURES:  # a GIF: its blocks up to the end of its first picture counted before
+        _check_gif_blocks(data)  # Pillow reads them
     try:
         img = Image.open(io.BytesIO(data), formats=_formats_opened(limits))
     except UnidentifiedImageError:
@@ -358,6 +358,7 @@ def exif_pillow_reads(info: dict) -> bytes | None:
         except ValueError:
             return None
     return None
+
 
 def decode_bytes(header: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> int:
     """What decoding an opened photo to at least ``size`` pixels a side and flattening it to 8-bit RGB hold at once,

@@ -9,8 +9,8 @@ SavedModel's ``predict_image_bytes`` signature, so a client that sends encoded p
 - the bilinear resize to a square is antialiased, like Pillow's;
 - a JPEG of more scans or markers than ``preprocess_bytes`` takes (``preprocessing.jpeg_markers``) fails the call
   with INVALID_ARGUMENT, its message naming the same code (``too_many_scans``, ``too_many_markers``); a photo of
-  more EXIF tags than it takes (``too_many_tags``) is answered, oriented by its first 512 tags: the graph reads no
-  more, so its cost does not grow with them;
+  more EXIF tags than it takes (``too_many_tags``) is answered, oriented by its first ``MAX_EXIF_TAGS`` tags: the
+  graph reads no more, so its cost does not grow with them;
 - a GIF is decoded up to the end of its first picture only, as Pillow decodes it, and one of more blocks up to
   there than ``preprocess_bytes`` takes (``preprocessing.gif_blocks``) fails the call with ``too_many_blocks``.
 
@@ -19,7 +19,9 @@ difference on real photos and bounds it, and checks that the classifier's top-1 
 """
 from __future__ import annotations
 
-from training_job.preprocessing import DEFAULT_LIMITS, GIF_SIGNATURES, MAX_GIF_BLOCKS, MAX_JPEG_MARKERS
+from training_job.preprocessing import (
+    DEFAULT_LIMITS, GIF_SIGNATURES, MAX_EXIF_TAGS, MAX_GIF_BLOCKS, MAX_JPEG_MARKERS,
+)
 
 EXIF_SCAN_BYTES = 1 << 16  # the EXIF block sits in the first segments/chunks of a file
 ORIENTATION_TAG = 0x0112
@@ -71,7 +73,7 @@ def exif_orientation(data):
     ifd = tiff + _u32(raw, tiff + 4, little)
     ifd_ok = tf.logical_and(ifd >= tiff + 8, ifd + 2 <= size)
     ifd = tf.where(ifd_ok, ifd, 0)
-    count = tf.clip_by_value(_u16(raw, ifd, little), 0, 512)
+    count = tf.clip_by_value(_u16(raw, ifd, little), 0, MAX_EXIF_TAGS)
     entries = ifd + 2 + 12 * tf.range(count)
     entries = tf.boolean_mask(entries, entries + 12 <= size)
     tags = _u16(raw, entries, little)
@@ -205,8 +207,8 @@ def gif_blocks(data, stop_after):
 def _first_gif_picture(data):
     """A GIF cut after its first picture and closed with the trailer, once its blocks up to there are within the
     limit ``preprocess_bytes`` holds GIFs to; INVALID_ARGUMENT, with its code first, when not. TensorFlow's GIF
-    decoder decodes every frame when asked for the first: a 786 KB GIF of 200 frames of 2,000 x 2,000 pixels took
-    seconds; Pillow reads the first alone."""
+    decoder decodes every frame when asked for the first, whose cost a few KB of flat frames multiply; Pillow
+    decodes the first alone."""
     import tensorflow as tf
 
     blocks, end = gif_blocks(data, MAX_GIF_BLOCKS)
@@ -219,6 +221,7 @@ def _first_gif_picture(data):
 
 
 def _is_gif(data):
+    """Whether encoded bytes (a scalar string tensor) open with a GIF's signature."""
     import tensorflow as tf
 
     return tf.reduce_any(tf.equal(tf.strings.substr(data, 0, 6), [s.decode() for s in GIF_SIGNATURES]))

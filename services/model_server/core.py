@@ -5,7 +5,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -59,7 +59,8 @@ class PredictionCore:
         configure_tensorflow_threads(max(1, batching.num_batch_threads) if batching else threads, intra_op, inter_op)
 
     async def predict(self, api: str, name: str, version: int | None, label: str | None, signature: str,
-                      inputs: Mapping, output_filter=(), read=None) -> tuple[Servable, dict[str, np.ndarray]]:
+                      inputs: Mapping, output_filter=(), read: Callable[[Mapping], dict[str, np.ndarray]] | None = None
+                      ) -> tuple[Servable, dict[str, np.ndarray]]:
         """Resolve the model spec, then ``run`` the signature on the servable it names; a spec that names no
         servable is counted in ``request_count`` too. ``read``, when given, turns ``inputs`` (a gRPC request's
         TensorProtos by name) into arrays once their names are the signature's: a request may carry hundreds of

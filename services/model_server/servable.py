@@ -20,7 +20,7 @@ from services.model_server.graph_ranks import GraphRanks
 from services.model_server.loader import LoadOptions
 
 log = logging.getLogger("model_server.servable")
-# A refusal of more input names than a signature takes lists no more than this many of them beyond its own count
+# The input names a refusal quotes of a request that names more than ten beyond its signature's
 LISTED_INPUT_NAMES = 10
 
 
