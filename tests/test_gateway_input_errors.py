@@ -27,6 +27,7 @@ from bench.common import cpu_seconds, jpeg_scan_bomb, zeros_gzipped
 from services.gateway.errors import GatewayError
 from services.gateway.grpc_api import ClassifierService
 from services.gateway.protos import load
+from services.status_details import MAX_STATUS_DETAILS
 from tests.gateway_harness import GatewayProcess, gateway_stack
 from tests.model_server_harness import MODEL, wait_until
 from training_job.tiny_model import LABELS, publish_tiny_versions
@@ -375,6 +376,16 @@ def test_a_photo_in_a_format_phones_and_browsers_do_not_send_is_a_415(gateway, s
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
     assert caught.value.details().startswith("unsupported_format: ")
 
+
+
+def test_an_error_quoting_a_long_request_field_reaches_a_grpc_client_cut_short(gateway, stub):
+    """A refusal quotes what the request said: a version label of 100,000 characters made status details a gRPC
+    client refuses to receive (beyond its metadata limit: it saw RESOURCE_EXHAUSTED instead of NOT_FOUND)."""
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Classify(pb.ClassifyRequest(photo=jpeg((10, 20, 32)), label="x" * 100_000), timeout=20)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND, caught.value.details()[:200]
+    assert caught.value.details().startswith("unknown_label: unknown version label 'xxx")
+    assert len(caught.value.details()) <= MAX_STATUS_DETAILS + len("unknown_label: ")
 
 # ---------------------------------------------------------------------------------- 405 keeps its Allow header
 @pytest.mark.parametrize("method, path, allowed", [("GET", "/v1/classify", {"POST"}),

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import grpc
 
+from services.status_details import status_details
+
 _GRPC = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
          403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND, 409: grpc.StatusCode.ALREADY_EXISTS,
          410: grpc.StatusCode.FAILED_PRECONDITION,
@@ -15,6 +17,7 @@ REDIS_RETRY_AFTER_SECONDS = 2
 class GatewayError(Exception):
     def __init__(self, status: int, code: str, message: str, retry_after: int | None = None,
                  headers: dict[str, str] | None = None):
+        message = status_details(message)  # it may quote the request: cut to what a gRPC client receives
         super().__init__(message)
         self.status = status
         self.code = code

@@ -28,6 +28,7 @@ from services.model_server.core import PredictionCore
 from services.model_server.errors import DEFAULT_SIGNATURE, ServingError
 from services.model_server.inference import Inference, version_and_label
 from services.model_server.manager import Manager
+from services.status_details import status_details
 
 log = logging.getLogger("model_server.grpc")
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # batches of 224x224x3 images are large
@@ -153,20 +154,6 @@ def input_arrays(inputs) -> dict[str, np.ndarray]:
         return {name: ndarray(tensor) for name, tensor in inputs.items()}
     except (TypeError, ValueError) as exc:
         raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"bad input tensor: {exc}") from None
-
-
-# Status details a gRPC client receives: they travel in a trailer, percent-encoded (up to three bytes a character),
-# and clients refuse trailers beyond their metadata limit (8 KB by default) with RESOURCE_EXHAUSTED instead.
-MAX_STATUS_DETAILS = 2000
-
-
-def status_details(message: str) -> str:
-    """``message`` cut to MAX_STATUS_DETAILS characters, saying how many more it had (a message may quote what a
-    request holds)."""
-    if len(message) <= MAX_STATUS_DETAILS:
-        return message
-    cut = message[:MAX_STATUS_DETAILS - 40]
-    return f"{cut}... ({len(message) - len(cut)} more characters)"
 
 
 async def _abort(context, exc: ServingError):
