@@ -11,6 +11,8 @@ MobileNet features), bounded at 0.05."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -162,6 +164,35 @@ def test_a_gif_is_decoded_from_its_first_picture_alone_and_one_of_too_many_block
     for name, data in costly_gifs().items():
         with pytest.raises(tf.errors.InvalidArgumentError, match="too_many_blocks: "):
             decode(tf.constant(data))
+
+
+def animated_webp(side: int) -> bytes:
+    frames = [Image.new("RGB", (side, side), (50 * i, 0, 0)) for i in range(2)]
+    return encode(frames[0], "WEBP", save_all=True, append_images=frames[1:])
+
+
+def test_an_animated_webp_is_an_invalid_argument_in_graph_not_a_crash():
+    """TensorFlow's WebP animation decoder corrupts its process's memory on an animation of two frames of 2,000 x
+    2,000 pixels (2 KB): one predict_image_bytes request killed the model server (a segmentation fault, or a double
+    free). The graph runs in a child process here, which such a crash ends. Pillow decodes the first frame."""
+    script = (
+        "import sys\n"
+        "import tensorflow as tf\n"
+        "from training_job.preprocessing_graph import decode_and_resize\n"
+        "try:\n"
+        "    decode_and_resize(tf.constant(sys.stdin.buffer.read()), 224)\n"
+        "    print('decoded')\n"
+        "except tf.errors.InvalidArgumentError as exc:\n"
+        "    print(exc.message)\n"
+    )
+    photo = animated_webp(2000)
+    done = subprocess.run([sys.executable, "-c", script], input=photo, capture_output=True, timeout=300)
+    assert done.returncode == 0, (done.returncode, done.stderr.decode()[-500:])
+    assert "animated_webp: " in done.stdout.decode(), done.stdout.decode()[-500:]
+    assert preprocess_bytes(photo).shape == (224, 224, 3)
+    decode = tf.function(lambda data: decode_and_resize(data, 224), input_signature=[tf.TensorSpec([], tf.string)])
+    still = encode(Image.new("RGBA", (64, 48), (10, 200, 30, 128)), "WEBP")  # extended (VP8X), not animated
+    assert decode(tf.constant(still)).shape == (224, 224, 3)
 
 
 def test_the_exported_bytes_signature_answers_as_the_pixels_signature(cases, base_network):

@@ -12,7 +12,9 @@ SavedModel's ``predict_image_bytes`` signature, so a client that sends encoded p
   more EXIF tags than it takes (``too_many_tags``) is answered, oriented by its first ``MAX_EXIF_TAGS`` tags: the
   graph reads no more, so its cost does not grow with them;
 - a GIF is decoded up to the end of its first picture only, as Pillow decodes it, and one of more blocks up to
-  there than ``preprocess_bytes`` takes (``preprocessing.gif_blocks``) fails the call with ``too_many_blocks``.
+  there than ``preprocess_bytes`` takes (``preprocessing.gif_blocks``) fails the call with ``too_many_blocks``;
+- an animated WebP fails the call with ``animated_webp`` (``_still``), where ``preprocess_bytes`` decodes its first
+  frame: TensorFlow's WebP animation decoder is not safe to run.
 
 Pillow and TensorFlow round differently inside decode and resize: tests/test_export_contract.py measures the pixel
 difference on real photos and bounds it, and checks that the classifier's top-1 answer is the same.
@@ -227,6 +229,23 @@ def _is_gif(data):
     return tf.reduce_any(tf.equal(tf.strings.substr(data, 0, 6), [s.decode() for s in GIF_SIGNATURES]))
 
 
+def _still(data):
+    """``data`` once it is no animated WebP; INVALID_ARGUMENT ``animated_webp`` when it is. TensorFlow's WebP
+    animation decoder corrupts its process's memory on animations of large frames (two of 2,000 x 2,000 pixels in
+    2 KB: a double free, or a segmentation fault): the server would die of the request. Pillow, in
+    ``preprocess_bytes``, decodes the first frame."""
+    import tensorflow as tf
+
+    extended = tf.equal(tf.strings.substr(data, 0, 4), "RIFF") & tf.equal(tf.strings.substr(data, 8, 8), "WEBPVP8X")
+    flags = tf.io.decode_raw(tf.strings.substr(data, 20, 1), tf.uint8)  # the VP8X chunk's; none when too short
+    animated = extended & tf.reduce_any(tf.bitwise.bitwise_and(flags, 2) > 0)  # its animation flag, as libwebp reads it
+    check = tf.debugging.assert_equal(animated, False, message=(
+        "animated_webp: the bytes signature takes no animated WebP (TensorFlow's decoder of WebP animations is not "
+        "safe to run); send a still photo"))
+    with tf.control_dependencies([check]):
+        return tf.identity(data)
+
+
 def _decode_jpeg(data, size: int):
     """JPEG at the DCT scale Pillow's draft((size, size)) picks: the largest of 8, 4, 2, 1 <= min(w, h) // size."""
     import tensorflow as tf
@@ -260,7 +279,7 @@ def decode_and_resize(data, size: int):
         tf.io.is_jpeg(data),
         lambda: tf.cast(_decode_jpeg(_checked_jpeg(data), size), tf.float32),
         lambda: _flatten_over_white(tf.io.decode_image(
-            tf.cond(_is_gif(data), lambda: _first_gif_picture(data), lambda: tf.identity(data)), channels=0,
+            tf.cond(_is_gif(data), lambda: _first_gif_picture(data), lambda: _still(data)), channels=0,
             expand_animations=False)))
     image = apply_orientation(image, exif_orientation(data))
     image = tf.image.resize(image, (size, size), method="bilinear", antialias=True)
