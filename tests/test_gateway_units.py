@@ -661,6 +661,28 @@ def test_cache_commands_answered_while_the_gateway_was_too_busy_to_read_them_do_
     assert on_command_connections(scenario, socket_timeout=0.2, max_connections=1) == [b"v"] * 50
 
 
+
+def test_cache_commands_never_wait_for_a_connection_opening_while_one_is_connected():
+    """A burst of lookups on a busy gateway: the first kept its connection busy, so the next opened another, and it
+    and every lookup after it waited for that connect (the connection with the fewest commands waiting, none yet).
+    The loop too busy to finish the connect within the socket timeout, all of them failed, and the breaker sent the
+    rest of the burst to the model server. They go to the connected one now; the other opens beside them, and
+    once such a connect failed, no other is tried beside for a while (each would be one more connection)."""
+    import time
+
+    async def scenario(redis_server, connections):
+        lookups = [asyncio.create_task(connections.command("GET", "k")) for _ in range(50)]
+        await asyncio.sleep(0)  # each chose its connection, and a second one is opening
+        await asyncio.sleep(0)  # its connect under way
+        time.sleep(1.0)  # the loop busy elsewhere, five timeouts long, while Redis answers
+        answers = await asyncio.gather(*lookups, return_exceptions=True)
+        opened_beside = len(connections._pipes)  # the second connect failed: the loop was too busy
+        answers += await asyncio.gather(*(connections.command("GET", "k") for _ in range(50)))
+        return answers, opened_beside, len(connections._pipes)
+
+    answers, opened_beside, after = on_command_connections(scenario, socket_timeout=0.2, max_connections=2)
+    assert answers == [b"v"] * 100 and opened_beside == after == 1
+
 def test_cache_commands_behind_slow_ones_wait_while_redis_answers():
     """Six commands of 0.15 s each written at once, with a socket timeout of 0.5 s: Redis answers all along, so the
     last waits 0.9 s and is answered, on the same connection, which carries the next command. Only Redis's silence

@@ -22,6 +22,10 @@ from services.gateway import keys, metrics
 from training_job.preprocessing import PREPROCESSING_VERSION
 
 log = logging.getLogger("gateway.cache")
+# After a connect failed, no other connection is opened beside a connected one for this long: a loop too busy to
+# finish a connect within the socket timeout (a burst of requests) would fail one after another, each a connection
+# Redis accepted.
+BESIDE_AFTER_FAILED_CONNECT_SECONDS = 5.0
 
 
 class CircuitBreaker:
@@ -95,10 +99,11 @@ class _Pipe:
 class CommandConnections:
     """Connections for the cache's GET and SET, with the client's own settings (address, TLS, password, database,
     timeouts), at most ``max_connections`` of them, each carrying any number of commands at once (pipelined): a
-    command is written at once to an idle connection, or a new one while fewer are open, or else the one with the
-    fewest waiting; a reader per connection hands each reply to its command, in order. A burst of lookups is never a
-    storm of connects (a connection each, which Redis answered late, each a failure for the breaker), and no command
-    waits for a free connection.
+    command is written at once to the connected connection with the fewest waiting, and while that one has some,
+    another connects beside it (``_choose``); a reader per connection hands each reply to its command, in order. A
+    burst of lookups is never a storm of connects (a connection each, which Redis answered late, each a failure for
+    the breaker), no command waits for a free connection, and none for a connect while one is connected: a connect
+    the loop is too busy to finish within the timeout fails no command.
 
     The client's pool machinery around each command (lock, retries, observability hooks, events) cost about as much
     CPU as the command itself; a cache command needs none of it, as a failed one is not retried but served uncached.
@@ -113,15 +118,23 @@ class CommandConnections:
         self.max_connections = max(1, max_connections)
         self._pipes: list[_Pipe] = []
         self._closing: set[asyncio.Task] = set()  # disconnects under way
+        self._connect_failed_at = -math.inf  # the loop's time of the last connect that failed
 
     def _choose(self) -> _Pipe:
-        pipe = min(self._pipes, key=lambda p: len(p.waiting), default=None)
-        if pipe is None or (pipe.waiting and len(self._pipes) < self.max_connections):
-            pipe = _Pipe(self._pool.make_connection())
-            self._pipes.append(pipe)
-            pipe.opening = asyncio.get_running_loop().create_task(self._open(pipe))
-            pipe.opening.add_done_callback(_retrieved)  # its error reaches the commands waiting; none may be left
-        return pipe
+        """The connected connection with the fewest commands waiting. While it has some and fewer than
+        ``max_connections`` are open, another connects beside it for the commands after (not within
+        BESIDE_AFTER_FAILED_CONNECT_SECONDS of a connect that failed); a command waits for a connect only when none
+        is connected."""
+        connected = min((p for p in self._pipes if p.opening.done()), key=lambda p: len(p.waiting), default=None)
+        opening = next((p for p in self._pipes if not p.opening.done()), None)
+        beside = (connected is not None and connected.waiting and len(self._pipes) < self.max_connections
+                  and asyncio.get_running_loop().time() - self._connect_failed_at > BESIDE_AFTER_FAILED_CONNECT_SECONDS)
+        if opening is None and (connected is None or beside):
+            opening = _Pipe(self._pool.make_connection())
+            self._pipes.append(opening)
+            opening.opening = asyncio.get_running_loop().create_task(self._open(opening))
+            opening.opening.add_done_callback(_retrieved)  # its error reaches the commands waiting, if any
+        return connected if connected is not None else opening
 
     async def command(self, *args):
         pipe = self._choose()
@@ -157,6 +170,7 @@ class CommandConnections:
         try:
             await pipe.connection.connect()
         except BaseException as exc:
+            self._connect_failed_at = asyncio.get_running_loop().time()
             self._drop_soon(pipe, exc)
             raise
         pipe.reader = asyncio.get_running_loop().create_task(self._read(pipe))
