@@ -16,7 +16,8 @@ from devstack.servers import RedisServer, free_port, stop_process, wait_for_port
 from training_job.paths import shared_data_dir
 
 __all__ = ["SHARED_DATA", "MUSHROOMS", "NOT_MUSHROOMS", "IMAGENET_FUNGI", "RedisServer", "free_port", "stop_process",
-           "wait_for_port", "KeepAliveClients", "drawn_jpeg", "drawn_gif", "gif_in_sub_blocks_of"]
+           "wait_for_port", "KeepAliveClients", "drawn_jpeg", "drawn_gif", "gif_in_sub_blocks_of",
+           "XMP_TRAILER"]
 
 SHARED_DATA = shared_data_dir()
 MUSHROOMS = SHARED_DATA / "mushrooms"
@@ -93,6 +94,11 @@ def drawn_gif(seed: int, height: int = 120, width: int = 160, frames: int = 1) -
     out = io.BytesIO()
     pictures[0].save(out, "GIF", save_all=frames > 1, append_images=pictures[1:])
     return out.getvalue()
+
+
+# The magic trailer the XMP specification ends a GIF's XMP packet with: read as sub-blocks from any byte of the
+# packet, it leads to the empty sub-block that ends the extension.
+XMP_TRAILER = b"\x01" + bytes(range(255, -1, -1)) + b"\x00"
 
 
 def gif_in_sub_blocks_of(data: bytes, size: int) -> bytes:

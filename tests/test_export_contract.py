@@ -20,8 +20,7 @@ import tensorflow as tf
 from PIL import Image
 
 from bench.common import gif_of_blocks, jpeg_scan_bomb
-from tests.support import MUSHROOMS, drawn_gif, gif_in_sub_blocks_of
-from tests.test_preprocessing import XMP_TRAILER
+from tests.support import MUSHROOMS, XMP_TRAILER, drawn_gif, gif_in_sub_blocks_of
 from training_job.preprocessing import (
     DEFAULT_LIMITS, MAX_GIF_BLOCKS, MAX_JPEG_MARKERS, gif_blocks, jpeg_markers, preprocess_bytes,
 )

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from bench.common import gif_of_blocks, jpeg_scan_bomb
-from tests.support import MUSHROOMS, drawn_gif, gif_in_sub_blocks_of
+from tests.support import MUSHROOMS, XMP_TRAILER, drawn_gif, gif_in_sub_blocks_of
 from training_job.preprocessing import (
     DEFAULT_LIMITS, FILE_LIMITS, MAX_EXIF_TAGS, MAX_JPEG_MARKERS, InvalidImage, Limits, decode_image,
     exif_orientation, load_pillow, open_image, orient, preprocess_bytes,
@@ -212,10 +212,6 @@ def test_a_png_of_more_chunks_than_any_encoder_writes_is_refused_before_pillow_r
     assert refused.value.code == "too_many_chunks"
     assert preprocess_bytes(png_in_chunks_of(1024)).shape == (224, 224, 3)  # smaller than any encoder's
 
-
-# The magic trailer the XMP specification ends a GIF's XMP packet with: read as sub-blocks from any byte of the
-# packet, it leads to the empty sub-block that ends the extension.
-XMP_TRAILER = b"\x01" + bytes(range(255, -1, -1)) + b"\x00"
 
 
 def test_a_gif_of_more_blocks_than_any_encoder_writes_is_refused_before_pillow_reads_them():
