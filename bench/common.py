@@ -120,11 +120,12 @@ def gif_of_blocks(block: bytes, copies: int) -> bytes:
     each stray byte there in a turn of a Python loop: a one-byte comment, ``b"!\\xfe\\x01x\\x00"``, is five bytes."""
     from PIL import Image
 
+    from training_job.preprocessing import gif_header_bytes
+
     out = io.BytesIO()
     Image.new("RGB", (64, 64), (120, 80, 40)).save(out, "GIF")
     data = out.getvalue()
-    flags = data[10]
-    blocks_from = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the header and global colour table
+    blocks_from = gif_header_bytes(data)
     return data[:blocks_from] + block * copies + data[blocks_from:]
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from devstack.servers import RedisServer, free_port, stop_process, wait_for_port
 from training_job.paths import shared_data_dir
+from training_job.preprocessing import gif_colour_table_bytes, gif_header_bytes
 
 __all__ = ["SHARED_DATA", "MUSHROOMS", "NOT_MUSHROOMS", "IMAGENET_FUNGI", "RedisServer", "free_port", "stop_process",
            "wait_for_port", "KeepAliveClients", "drawn_jpeg", "drawn_gif", "gif_in_sub_blocks_of",
@@ -104,10 +105,8 @@ XMP_TRAILER = b"\x01" + bytes(range(255, -1, -1)) + b"\x00"
 def gif_in_sub_blocks_of(data: bytes, size: int) -> bytes:
     """``data``, a GIF of one picture and no extensions, with the picture's data in sub-blocks of ``size`` bytes
     (encoders write 255)."""
-    flags = data[10]
-    descriptor = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
-    packed = data[descriptor + 9]
-    at = start = descriptor + 10 + (3 << ((packed & 7) + 1) if packed & 0x80 else 0) + 1  # after the code size
+    descriptor = gif_header_bytes(data)
+    at = start = descriptor + 10 + gif_colour_table_bytes(data[descriptor + 9]) + 1  # after the code size
     compressed = b""
     while data[at]:
         compressed += data[at + 1:at + 1 + data[at]]

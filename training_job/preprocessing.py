@@ -254,6 +254,16 @@ MAX_GIF_BLOCKS = 8192
 _GIF_BLOCK_START = re.compile(rb"[!,;]")  # an extension, the image descriptor, the trailer: any other byte is stray
 
 
+def gif_colour_table_bytes(packed: int) -> int:
+    """The bytes of the colour table a GIF's screen or image descriptor declares in its ``packed`` byte (0: none)."""
+    return 3 << ((packed & 7) + 1) if packed & 0x80 else 0
+
+
+def gif_header_bytes(data: bytes) -> int:
+    """Where a GIF's blocks start: after its header (13 bytes) and its global colour table."""
+    return 13 + gif_colour_table_bytes(data[10] if len(data) > 10 else 0)
+
+
 def _sub_blocks(data: bytes, at: int, blocks: int, stop_after: int) -> tuple[int, int]:
     """(where they end, ``blocks`` counted on: the full ones are not) of the sub-blocks at ``at``, up to the empty one
     that ends them."""
@@ -270,9 +280,7 @@ def gif_blocks(data: bytes, stop_after: int) -> int:
     """The blocks of a GIF's ``data`` up to the end of its first picture (an extension's introducer, and each of its
     sub-blocks up to the empty one that ends them; each stray byte; the picture's descriptor, and each sub-block of
     its data), the full sub-blocks aside, and no further than ``stop_after`` + 1."""
-    flags = data[10] if len(data) > 10 else 0
-    at = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the header and the global colour table
-    blocks = 0
+    at, blocks = gif_header_bytes(data), 0
     while blocks <= stop_after and at < len(data):
         end = min(len(data), at + stop_after + 1 - blocks)  # no further than the stray bytes that would pass it
         found = _GIF_BLOCK_START.search(data, at, end)
@@ -281,8 +289,7 @@ def gif_blocks(data: bytes, stop_after: int) -> int:
             break
         at = found.start()
         if data[at] == 0x2C:  # the picture: its descriptor, local colour table and code size, then its data
-            packed = data[at + 9] if at + 9 < len(data) else 0
-            at += 10 + (3 << ((packed & 7) + 1) if packed & 0x80 else 0) + 1
+            at += 10 + gif_colour_table_bytes(data[at + 9] if at + 9 < len(data) else 0) + 1
             return _sub_blocks(data, at, blocks + 1, stop_after)[1]
         at, blocks = _sub_blocks(data, at + 2, blocks + 1, stop_after)  # after the introducer and the label
     return blocks

@@ -161,7 +161,7 @@ _FULL_RUN = 64
 
 
 def _colour_table_bytes(packed):
-    """The bytes of the colour table a GIF's screen or image descriptor ``packed`` byte declares (0: none)."""
+    """``preprocessing.gif_colour_table_bytes`` as TensorFlow ops."""
     import tensorflow as tf
 
     return tf.where(packed >= 0x80, tf.bitwise.left_shift(3, tf.bitwise.bitwise_and(packed, 7) + 1), 0)
