@@ -2,8 +2,9 @@
 and GitHub's Markdown renderer show them as they are.
 
 ``fault_timelines`` draws the load-under-fault runs of bench/faults.py: where the tables say "0 lost, recovered in
-0.13 s", the strips show the answers arriving through the fault (and bench/overload.py's spikes, with other words). ``cv_top1`` draws every recipe's cross-validated
-top-1 (bench/accuracy_cv.py) against the accuracy target, its folds' spread beside its mean.
+0.13 s", the strips show the answers arriving through the fault (and bench/overload.py's spikes, with other words).
+``cv_top1`` draws every recipe's cross-validated top-1 (bench/accuracy_cv.py) against the accuracy target, its
+folds' spread beside its mean.
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def fault_timelines(rows: list[tuple[str, dict]], title: str, words: TimelineWor
     """One strip per (label, timeline) row, a timeline as bench/faults.timeline gives it: the answers of each bin
     as stacked bars of answers per second by outcome, on one scale and one time axis (seconds from the fault) for
     all strips; the fault's span shaded up to the dependency back, a blue mark where full service came back (a red
-    "not recovered" where it did not; nothing where the timeline has no ``recovered_s``: not measured). ``words`` name them (the overload bench's timelines are drawn alike)."""
+    "not recovered" where it did not; nothing where the timeline has no ``recovered_s``: not measured). ``words``
+    name them (the overload bench's timelines are drawn alike)."""
     rows = [(label, line) for label, line in rows if line.get("ok") is not None]
     starts = [line["first_s"] for _, line in rows] + [0.0]
     ends = [line["first_s"] + line["bin_s"] * len(line["ok"]) for _, line in rows] + [0.0]
@@ -114,13 +116,11 @@ def fault_timelines(rows: list[tuple[str, dict]], title: str, words: TimelineWor
                 out.append(f'<rect class="{outcome}" x="{left}" y="{y}" width="{bar_w}" height="{h}" '
                            f'fill="{colour}"><title>{count} {escape(words.outcomes[outcome])}, slowest '
                            f'{line["slowest_ms"][i]:.0f} ms</title></rect>')
-        recovered = line.get("recovered_s")
-        if "recovered_s" not in line:  # not measured
-            pass
-        elif recovered is None:
+        recovered = line.get("recovered_s")  # None when it did not recover, and when it was not measured
+        if recovered is None and "recovered_s" in line:
             out.append(f'<text x="{LABEL_W + PLOT_W - 4}" y="{top + 14}" text-anchor="end" fill="#e53935" '
                        'font-weight="bold">not recovered</text>')
-        elif recovered > back:
+        elif recovered is not None and recovered > back:
             out.append(f'<line class="recovered" x1="{x(recovered)}" y1="{top}" x2="{x(recovered)}" y2="{base}" '
                        f'stroke="#1e88e5" stroke-width="2"><title>{escape(words.recovered)} '
                        f'{recovered - back:.2f} s after the span\'s end</title></line>')
