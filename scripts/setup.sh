@@ -10,9 +10,10 @@ VENV=.venv
 STAMP=$VENV/.setup-stamp
 REQS_HASH=$(cat requirements.txt requirements-nodeps.txt pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 
-if [ ! -x "$VENV/bin/python" ]; then
+# A virtualenv without pip is one whose making was cut short (venv installs pip last): made again from scratch.
+if [ ! -x "$VENV/bin/python" ] || [ ! -x "$VENV/bin/pip" ]; then
   echo "==> creating virtualenv $VENV"
-  "$PY" -m venv "$VENV"
+  "$PY" -m venv --clear "$VENV"
 fi
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$REQS_HASH" ]; then
   echo "==> installing pinned Python dependencies (first time: a few minutes)"
