@@ -6,6 +6,7 @@ import http.client
 import io
 import select
 import socket
+import struct
 import threading
 import time
 
@@ -18,7 +19,7 @@ from training_job.preprocessing import gif_colour_table_bytes, gif_header_bytes
 
 __all__ = ["SHARED_DATA", "MUSHROOMS", "NOT_MUSHROOMS", "IMAGENET_FUNGI", "RedisServer", "free_port", "stop_process",
            "wait_for_port", "KeepAliveClients", "drawn_jpeg", "drawn_gif", "gif_in_sub_blocks_of",
-           "XMP_TRAILER"]
+           "XMP_TRAILER", "exif_of_tags", "mpf_index", "jpeg_with_segment"]
 
 SHARED_DATA = shared_data_dir()
 MUSHROOMS = SHARED_DATA / "mushrooms"
@@ -194,3 +195,33 @@ class BlackholingProxy:
             for connection in self.open:
                 for sock in connection["sockets"]:
                     sock.close()
+
+
+def exif_of_tags(tags: int, orientation: int = 6) -> bytes:
+    """EXIF (``Exif\\0\\0`` and a little-endian TIFF structure) whose first directory holds the orientation tag and
+    ``tags`` - 1 private ones after it."""
+    entries = [(0x0112, 3, 1, orientation)] + [(40000 + i % 20000, 3, 1, 0) for i in range(tags - 1)]
+    return (b"Exif\x00\x00II*\x00" + struct.pack("<IH", 8, len(entries))
+            + b"".join(struct.pack("<HHIHH", tag, kind, count, value, 0) for tag, kind, count, value in entries)
+            + struct.pack("<I", 0))
+
+
+def mpf_index(images: int, tags: int = 3) -> bytes:
+    """A JPEG's APP2 MPF data: a directory of the MP version, the number of images and their entries (16 bytes
+    each), ``tags`` - 3 private tags besides."""
+    entries_at = 8 + 2 + 12 * tags + 4
+    listed = b"".join(struct.pack("<LLLHH", 0x030000 if i else 0x20030000, 1000, 0, 0, 0) for i in range(images))
+    directory = [struct.pack("<HHI4s", 0xB000, 7, 4, b"0100"), struct.pack("<HHII", 0xB001, 4, 1, images),
+                 struct.pack("<HHII", 0xB002, 7, len(listed), entries_at)]
+    directory += [struct.pack("<HHIHH", 40000 + i, 3, 1, 0, 0) for i in range(tags - 3)]
+    return (b"MPF\x00II*\x00" + struct.pack("<IH", 8, tags) + b"".join(directory) + struct.pack("<I", 0)
+            + listed)
+
+
+def jpeg_with_segment(marker: int, data: bytes) -> bytes:
+    """A small red JPEG with a segment of marker FF ``marker`` (E1 is APP1) holding ``data``, first after its start
+    of image."""
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), (255, 0, 0)).save(out, "JPEG")
+    photo = out.getvalue()
+    return photo[:2] + struct.pack(">BBH", 0xFF, marker, len(data) + 2) + data + photo[2:]

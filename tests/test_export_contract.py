@@ -11,6 +11,7 @@ MobileNet features), bounded at 0.05."""
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 
@@ -20,9 +21,12 @@ import tensorflow as tf
 from PIL import Image
 
 from bench.common import gif_of_blocks, jpeg_scan_bomb
-from tests.support import MUSHROOMS, XMP_TRAILER, drawn_gif, gif_in_sub_blocks_of
+from tests.support import (
+    MUSHROOMS, XMP_TRAILER, drawn_gif, exif_of_tags, gif_in_sub_blocks_of, jpeg_with_segment, mpf_index,
+)
 from training_job.preprocessing import (
-    DEFAULT_LIMITS, MAX_GIF_BLOCKS, MAX_JPEG_MARKERS, gif_blocks, jpeg_markers, preprocess_bytes,
+    DEFAULT_LIMITS, MAX_EXIF_TAGS, MAX_GIF_BLOCKS, MAX_JPEG_MARKERS, InvalidImage, gif_blocks, jpeg_markers,
+    preprocess_bytes,
 )
 from training_job.preprocessing_graph import decode_and_resize, exif_orientation
 from training_job.preprocessing_graph import gif_blocks as gif_blocks_in_graph
@@ -123,6 +127,47 @@ def test_a_jpeg_of_more_scans_or_markers_than_the_contract_takes_is_an_invalid_a
     for code, data in costly_jpegs().items():
         with pytest.raises(tf.errors.InvalidArgumentError, match=f"{code}: "):
             decode(tf.constant(data))
+
+
+def photos_of_tags() -> dict[str, bytes]:
+    """Photos whose EXIF directory or MPF index holds (or lists) about as many tags (or images) as the contract
+    takes, in every format the graph reads EXIF from; "declares" ones declare 5,000 tags and hold 10."""
+    red = Image.new("RGB", (64, 48), (255, 0, 0))
+    declares = bytearray(exif_of_tags(10))
+    declares[14:16] = (5000).to_bytes(2, "little")  # the directory's count, after Exif\0\0, the header, its offset
+    photos = {}
+    for tags in (MAX_EXIF_TAGS, MAX_EXIF_TAGS + 1, 4000):
+        photos[f"JPEG EXIF {tags}"] = jpeg_with_segment(0xE1, exif_of_tags(tags))
+        photos[f"MPF tags {tags}"] = jpeg_with_segment(0xE2, mpf_index(2, tags=tags))
+        photos[f"MPF images {tags}"] = jpeg_with_segment(0xE2, mpf_index(tags))
+        for fmt in ("PNG", "WEBP"):
+            photos[f"{fmt} EXIF {tags}"] = encode(red, fmt, exif=exif_of_tags(tags))
+    photos["JPEG EXIF declares"] = jpeg_with_segment(0xE1, bytes(declares))
+    photos["PNG EXIF declares"] = encode(red, "PNG", exif=bytes(declares))
+    return photos
+
+
+def test_a_photo_of_more_tags_than_the_contract_takes_is_an_invalid_argument_in_graph_as_it_is_refused():
+    """``preprocess_bytes`` refuses a photo of more tags in its EXIF directory or MPF index (or more images listed
+    there) than ``MAX_EXIF_TAGS`` with ``too_many_tags``; the graph, which reads no more than that many, answered
+    such a photo oriented by its first ones: the gateway's 400 was the model server's 200."""
+    decode = tf.function(lambda data: decode_and_resize(data, 224), input_signature=[tf.TensorSpec([], tf.string)])
+    refused = {}
+    for name, data in photos_of_tags().items():
+        try:
+            preprocess_bytes(data)
+            expected = None
+        except InvalidImage as exc:
+            expected = exc.code
+        try:
+            decode(tf.constant(data))
+            got = None
+        except tf.errors.InvalidArgumentError as exc:
+            got = re.search(r"\b(\w+): the photo", exc.message).group(1)
+        assert got == expected, (name, got, expected)
+        refused[name] = got
+    assert {name for name, code in refused.items() if code} == {
+        name for name in refused if name.endswith((f" {MAX_EXIF_TAGS + 1}", " 4000"))}, refused
 
 
 def contract_gifs() -> dict[str, bytes]:

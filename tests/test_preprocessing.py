@@ -12,7 +12,9 @@ import pytest
 from PIL import Image, ImageOps
 
 from bench.common import gif_of_blocks, jpeg_scan_bomb
-from tests.support import MUSHROOMS, XMP_TRAILER, drawn_gif, gif_in_sub_blocks_of
+from tests.support import (
+    MUSHROOMS, XMP_TRAILER, drawn_gif, exif_of_tags, gif_in_sub_blocks_of, jpeg_with_segment, mpf_index,
+)
 from training_job.preprocessing import (
     DEFAULT_LIMITS, FILE_LIMITS, MAX_EXIF_TAGS, MAX_JPEG_MARKERS, InvalidImage, Limits, decode_image,
     exif_orientation, load_pillow, open_image, orient, preprocess_bytes,
@@ -243,32 +245,6 @@ def test_a_gif_whose_picture_is_in_more_blocks_than_any_encoder_writes_is_refuse
     assert refused.value.code == "too_many_blocks"
     assert np.array_equal(preprocess_bytes(gif_in_sub_blocks_of(photo, 255)), preprocess_bytes(photo))
     assert np.array_equal(preprocess_bytes(gif_in_sub_blocks_of(photo, 64)), preprocess_bytes(photo))
-
-
-def exif_of_tags(tags: int, orientation: int = 6) -> bytes:
-    """EXIF (``Exif\\0\\0`` and a little-endian TIFF structure) whose first directory holds the orientation tag and
-    ``tags`` - 1 private ones after it."""
-    entries = [(0x0112, 3, 1, orientation)] + [(40000 + i % 20000, 3, 1, 0) for i in range(tags - 1)]
-    return (b"Exif\x00\x00II*\x00" + struct.pack("<IH", 8, len(entries))
-            + b"".join(struct.pack("<HHIHH", tag, kind, count, value, 0) for tag, kind, count, value in entries)
-            + struct.pack("<I", 0))
-
-
-def mpf_index(images: int, tags: int = 3) -> bytes:
-    """A JPEG's APP2 MPF data: a directory of the MP version, the number of images and their entries (16 bytes
-    each), ``tags`` - 3 private tags besides."""
-    entries_at = 8 + 2 + 12 * tags + 4
-    listed = b"".join(struct.pack("<LLLHH", 0x030000 if i else 0x20030000, 1000, 0, 0, 0) for i in range(images))
-    directory = [struct.pack("<HHI4s", 0xB000, 7, 4, b"0100"), struct.pack("<HHII", 0xB001, 4, 1, images),
-                 struct.pack("<HHII", 0xB002, 7, len(listed), entries_at)]
-    directory += [struct.pack("<HHIHH", 40000 + i, 3, 1, 0, 0) for i in range(tags - 3)]
-    return (b"MPF\x00II*\x00" + struct.pack("<IH", 8, tags) + b"".join(directory) + struct.pack("<I", 0)
-            + listed)
-
-
-def jpeg_with_segment(marker: int, data: bytes) -> bytes:
-    photo = encode(Image.new("RGB", (64, 48), RED), "JPEG")
-    return photo[:2] + struct.pack(">BBH", 0xFF, marker, len(data) + 2) + data + photo[2:]
 
 
 def test_a_photo_of_more_exif_tags_than_any_camera_writes_is_refused_before_pillow_reads_them():

@@ -306,8 +306,8 @@ def _check_gif_blocks(data: bytes) -> None:
 
 # Tags of a photo's EXIF directory (the first: Pillow reads no other to orient a photo) and of a JPEG's MPF index,
 # and the images that index lists: Pillow reads each one turn of a Python loop, and a tag takes 12 bytes. Cameras
-# write tens of tags and list two or three images; the SavedModel's predict_image_bytes reads no more than 512
-# tags for the orientation (``preprocessing_graph.exif_orientation``).
+# write tens of tags and list two or three images. The SavedModel's predict_image_bytes refuses the same photos
+# (``preprocessing_graph.exif_directories``).
 MAX_EXIF_TAGS = 512
 # The TIFF headers Pillow reads a directory after (its TiffImagePlugin.PREFIXES) and their byte orders; a BigTIFF
 # header fails in its EXIF and MPF readers, which read 8 bytes of header, before any tag.

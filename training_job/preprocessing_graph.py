@@ -8,9 +8,9 @@ SavedModel's ``predict_image_bytes`` signature, so a client that sends encoded p
 - grey, grey+alpha and RGBA are flattened to RGB over white;
 - the bilinear resize to a square is antialiased, like Pillow's;
 - a JPEG of more scans or markers than ``preprocess_bytes`` takes (``preprocessing.jpeg_markers``) fails the call
-  with INVALID_ARGUMENT, its message naming the same code (``too_many_scans``, ``too_many_markers``); a photo of
-  more EXIF tags than it takes (``too_many_tags``) is answered, oriented by its first ``MAX_EXIF_TAGS`` tags: the
-  graph reads no more, so its cost does not grow with them;
+  with INVALID_ARGUMENT, its message naming the same code (``too_many_scans``, ``too_many_markers``), and so does a
+  photo of more tags in its EXIF directory or MPF index, or of more images listed there, than it takes
+  (``too_many_tags``, ``exif_directories``); the graph reads at most ``MAX_EXIF_TAGS`` of them;
 - a GIF is decoded up to the end of its first picture only, as Pillow decodes it, and one of more blocks up to
   there than ``preprocess_bytes`` takes (``preprocessing.gif_blocks``) fails the call with ``too_many_blocks``;
 - an animated WebP fails the call with ``animated_webp`` (``_still``), where ``preprocess_bytes`` decodes its first
@@ -27,6 +27,7 @@ from training_job.preprocessing import (
 
 EXIF_SCAN_BYTES = 1 << 16  # the EXIF block sits in the first segments/chunks of a file
 ORIENTATION_TAG = 0x0112
+MP_ENTRY_TAG = 0xB002  # an MPF index's list of images, 16 bytes each
 
 
 def _u16(raw, at, little):
@@ -43,30 +44,40 @@ def _u32(raw, at, little):
     return tf.where(little, first + second * 65536, first * 65536 + second)
 
 
-def _find(raw, pattern: bytes):
-    """Index of the first occurrence of ``pattern`` in ``raw`` (uint8 vector), or -1."""
+def _find(head, pattern: bytes):
+    """Index of the first occurrence of ``pattern`` (ASCII) in ``head`` (a scalar string tensor), or -1: the length
+    of what comes before it, by one pass of a string split."""
     import tensorflow as tf
 
-    n = tf.size(raw) - len(pattern) + 1
-    hits = tf.ones([tf.maximum(n, 0)], tf.bool)
-    for i, byte in enumerate(pattern):
-        hits = tf.logical_and(hits, tf.equal(raw[i:i + tf.maximum(n, 0)], byte))
-    where = tf.where(hits)
-    return tf.cond(tf.size(where) > 0, lambda: tf.cast(where[0, 0], tf.int32), lambda: tf.constant(-1))
+    parts = tf.strings.split(head, sep=pattern.decode("ascii"), maxsplit=1)
+    return tf.where(tf.size(parts) > 1, tf.reduce_sum(tf.strings.length(parts[:1])), -1)
 
 
-def exif_orientation(data):
-    """The EXIF orientation (1..8) of encoded image bytes (a scalar string tensor); 1 when absent or unreadable."""
+def _u32_wide(raw, at, little):
+    """``_u32`` as int64, which holds every unsigned 32-bit value."""
     import tensorflow as tf
 
-    head = tf.strings.substr(data, 0, EXIF_SCAN_BYTES)
-    raw = tf.io.decode_raw(head, tf.uint8)
-    raw = tf.concat([raw, tf.zeros([16], tf.uint8)], 0)  # reads just past the end see zeros, never fail
-    size = tf.size(raw) - 16
-    jpeg = _find(raw, b"Exif\x00\x00")
-    png = _find(raw, b"eXIf")
-    webp = _find(raw, b"EXIF")
-    tiff = tf.where(jpeg >= 0, jpeg + 6, tf.where(png >= 0, png + 4, tf.where(webp >= 0, webp + 8, -1)))
+    first, second = tf.cast(_u16(raw, at, little), tf.int64), tf.cast(_u16(raw, at + 2, little), tf.int64)
+    return tf.where(little, first + second * 65536, first * 65536 + second)
+
+
+def _segment_end(raw, at, marker: int):
+    """Where a JPEG segment ends whose data starts at ``at`` when the bytes before it are FF ``marker`` and the
+    segment's length; -1 when they are not (or ``at`` is -1)."""
+    import tensorflow as tf
+
+    start = tf.maximum(at - 4, 0)
+    is_segment = (at >= 4) & tf.equal(tf.gather(raw, start), 0xFF) & tf.equal(tf.gather(raw, start + 1), marker)
+    return tf.where(is_segment, at - 2 + _u16(raw, start + 2, False), -1)
+
+
+def _directory(raw, size, tiff, end):
+    """The first directory of the TIFF structure (EXIF, an MPF index) whose header is at ``tiff`` in ``raw`` (of
+    ``size`` bytes read) and whose data ends at ``end``, as ``preprocessing._first_directory`` reads it: (valid,
+    little-endian, where its tags start, the tags it declares, the tags Pillow reads: those it declares, no more
+    than its data holds; 0 when it ends before its directory, or ``end`` is -1)."""
+    import tensorflow as tf
+
     tiff_ok = tf.logical_and(tiff >= 0, tiff + 8 <= size)
     tiff = tf.where(tiff_ok, tiff, 0)
     little = tf.logical_and(tf.equal(tf.gather(raw, tiff), ord("I")), tf.equal(tf.gather(raw, tiff + 1), ord("I")))
@@ -75,15 +86,69 @@ def exif_orientation(data):
     ifd = tiff + _u32(raw, tiff + 4, little)
     ifd_ok = tf.logical_and(ifd >= tiff + 8, ifd + 2 <= size)
     ifd = tf.where(ifd_ok, ifd, 0)
-    count = tf.clip_by_value(_u16(raw, ifd, little), 0, MAX_EXIF_TAGS)
-    entries = ifd + 2 + 12 * tf.range(count)
+    valid = tiff_ok & magic_ok & ifd_ok
+    declared = tf.where(valid, _u16(raw, ifd, little), 0)
+    read = tf.minimum(declared, tf.maximum(0, (end - ifd - 2) // 12 + 1))
+    return valid, little, ifd + 2, declared, tf.where(end >= 0, read, 0)
+
+
+def exif_directories(data):
+    """What the bytes signature reads of a photo's EXIF and MPF index (a scalar string tensor): (orientation 1..8, 1
+    when absent or unreadable; the tags of its EXIF directory, of its MPF index, and the images that index lists,
+    each as ``preprocess_bytes`` counts them for ``too_many_tags``). Read from the first ``EXIF_SCAN_BYTES``, by the
+    first ``Exif``/``eXIf``/``EXIF`` and ``MPF`` signatures found there, each bounded by the JPEG segment (APP1,
+    APP2) or the PNG or WebP chunk it opens; one of them found outside such a segment counts no tags."""
+    import tensorflow as tf
+
+    head = tf.strings.substr(data, 0, EXIF_SCAN_BYTES)
+    raw = tf.io.decode_raw(head, tf.uint8)
+    raw = tf.concat([raw, tf.zeros([16], tf.uint8)], 0)  # reads just past the end see zeros, never fail
+    size = tf.size(raw) - 16
+    length = tf.strings.length(data)
+    jpeg = _find(head, b"Exif\x00\x00")
+    png = _find(head, b"eXIf")
+    webp = _find(head, b"EXIF")
+    before_png, after_webp = tf.maximum(png - 4, 0), tf.maximum(webp + 4, 0)
+    png_end = tf.where(png >= 4, png + 4 + _u32(raw, before_png, False), -1)  # a chunk: length, type, data
+    webp_end = tf.where(webp >= 0, webp + 8 + _u32(raw, after_webp, True), -1)  # a RIFF chunk: type, length, data
+    tiff = tf.where(jpeg >= 0, jpeg + 6, tf.where(png >= 0, png + 4, tf.where(webp >= 0, webp + 8, -1)))
+    end = tf.where(jpeg >= 0, _segment_end(raw, jpeg, 0xE1), tf.where(png >= 0, png_end, webp_end))
+    valid, little, entries_at, declared, exif_tags = _directory(raw, size, tiff, tf.minimum(end, length))
+
+    entries = entries_at + 12 * tf.range(tf.minimum(declared, MAX_EXIF_TAGS))
     entries = tf.boolean_mask(entries, entries + 12 <= size)
-    tags = _u16(raw, entries, little)
-    values = _u16(raw, entries + 8, little)
-    match = tf.boolean_mask(values, tf.equal(tags, ORIENTATION_TAG))
+    match = tf.boolean_mask(_u16(raw, entries + 8, little), tf.equal(_u16(raw, entries, little), ORIENTATION_TAG))
     value = tf.cond(tf.size(match) > 0, lambda: match[0], lambda: tf.constant(1))
-    valid = tf.logical_and(tf.logical_and(tiff_ok, magic_ok), tf.logical_and(ifd_ok, (value >= 1) & (value <= 8)))
-    return tf.where(valid, value, 1)
+    orientation = tf.where(valid & (value >= 1) & (value <= 8), value, 1)
+
+    mpf = _find(head, b"MPF\x00")
+    mpf_end = tf.minimum(_segment_end(raw, mpf, 0xE2), length)
+    _, little, entries_at, _, mpf_tags = _directory(raw, size, tf.where(mpf >= 0, mpf + 4, -1), mpf_end)
+    entries = entries_at + 12 * tf.range(tf.minimum(mpf_tags, MAX_EXIF_TAGS))
+    entries = tf.boolean_mask(entries, (entries + 12 <= mpf_end) & (entries + 12 <= size))
+    listed = tf.boolean_mask(_u32_wide(raw, entries + 4, little), tf.equal(_u16(raw, entries, little), MP_ENTRY_TAG))
+    images = tf.cond(tf.size(listed) > 0, lambda: listed[0] // 16, lambda: tf.constant(0, tf.int64))
+    return orientation, exif_tags, mpf_tags, tf.where(mpf_tags <= MAX_EXIF_TAGS, images, 0)
+
+
+def exif_orientation(data):
+    """The EXIF orientation (1..8) of encoded image bytes (a scalar string tensor); 1 when absent or unreadable."""
+    return exif_directories(data)[0]
+
+
+def _checked_tags(data, exif_tags, mpf_tags, mpf_images):
+    """``data`` once its EXIF and MPF directories are within the limit ``preprocess_bytes`` holds them to;
+    INVALID_ARGUMENT ``too_many_tags`` when not."""
+    import tensorflow as tf
+
+    limit = tf.constant(MAX_EXIF_TAGS, tf.int64)
+    checks = [tf.debugging.assert_less_equal(tf.cast(count, tf.int64), limit, message=f"too_many_tags: {message}")
+              for count, message in (
+                  (exif_tags, f"the photo's EXIF holds more than {MAX_EXIF_TAGS} tags in its directory"),
+                  (mpf_tags, f"the photo's MPF index holds more than {MAX_EXIF_TAGS} tags in its directory"),
+                  (mpf_images, f"the photo's MPF index lists more than {MAX_EXIF_TAGS} images"))]
+    with tf.control_dependencies(checks):
+        return tf.identity(data)
 
 
 def apply_orientation(image, orientation):
@@ -275,12 +340,14 @@ def decode_and_resize(data, size: int):
     """One encoded photo (scalar string tensor) -> uint8 (size, size, 3), as ``preprocess_bytes`` makes it."""
     import tensorflow as tf
 
+    orientation, *tags = exif_directories(data)
+    data = _checked_tags(data, *tags)
     image = tf.cond(
         tf.io.is_jpeg(data),
         lambda: tf.cast(_decode_jpeg(_checked_jpeg(data), size), tf.float32),
         lambda: _flatten_over_white(tf.io.decode_image(
             tf.cond(_is_gif(data), lambda: _first_gif_picture(data), lambda: _still(data)), channels=0,
             expand_animations=False)))
-    image = apply_orientation(image, exif_orientation(data))
+    image = apply_orientation(image, orientation)
     image = tf.image.resize(image, (size, size), method="bilinear", antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
