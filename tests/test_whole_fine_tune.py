@@ -198,11 +198,14 @@ def test_a_soup_averages_its_runs_and_a_stop_in_the_second_keeps_the_first(tiny,
     np.testing.assert_allclose(tuned.base(val_pixels)[0], tuned.split_bottlenecks["validation"].features,
                                rtol=1e-4, atol=1e-4)
 
-    # finished runs trained by other settings are not averaged into this one: it starts over, saying so
+    # finished runs trained by other settings are not averaged into this one: it starts over, saying so (the finished
+    # first run is trained again from its first epoch, the second run's folder is gone; stopped there, as the rest
+    # is what the lines above checked)
     begun = []
-    fine_tune_whole(rows, dataclasses.replace(config, fine_tune_learning_rate=1e-4), base, result.head, work / "tb",
-                    checkpoint, callbacks=[EpochsBegun(begun)], progress=False)
-    assert begun == [0, 1, 0, 1] and "starting over" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="on purpose"):
+        fine_tune_whole(rows, dataclasses.replace(config, fine_tune_learning_rate=1e-4), base, result.head,
+                        work / "tb", checkpoint, callbacks=[EpochsBegun(begun), CrashAfterEpoch(0)], progress=False)
+    assert begun == [0] and not (checkpoint / "run1").exists() and "starting over" in capsys.readouterr().err
 
 
 def test_a_whole_fine_tuned_run_exports_the_tuned_network(tiny):
