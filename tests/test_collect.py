@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 from services.gateway.feedback import FeedbackTokens
 from services.gateway.photo_store import BoundedFolder
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
-from tests.support import MUSHROOMS, RedisServer
+from tests.support import MUSHROOMS, RedisServer, exit_code_within
 from tests.test_gateway_state import Gateway
 from training_job.paths import PROJECT_ROOT
 from training_job.tiny_model import LABELS, publish_tiny_versions
@@ -64,7 +65,6 @@ def test_bounded_folder_deletes_the_oldest_photos_past_its_size(tmp_path):
     for i, sha in enumerate(shas):
         folder.put(sha, bytes(300))
         stamp = time.time() - 100 + i  # explicit ages: the oldest first
-        import os
         os.utime(folder.file(sha), (stamp, stamp))
     kept = sorted(p.name for p in (tmp_path / "pending").iterdir())
     assert sum(p.stat().st_size for p in (tmp_path / "pending").iterdir()) <= 1000
@@ -92,6 +92,48 @@ def test_a_photo_the_volume_has_no_room_for_leaves_no_part_behind(tmp_path, monk
         folder.put(hashlib.sha256(b"photo").hexdigest(), bytes(1000))
     assert exc.value.errno == errno.ENOSPC
     assert list((tmp_path / "pending").iterdir()) == [] and folder.bytes == 0
+
+
+def test_a_photo_store_whose_writes_block_answers_without_it_and_stops_trying_past_its_bound(tmp_path, monkeypatch):
+    """Writes that block (a network volume away) cost a classify at most the store's wait: the answer comes back
+    as it is, its token naming no photo; past MAX_OPERATIONS blocked writes the store is skipped at once, without
+    another thread; once the writes return, photos are kept again. Before: keep waited for its write for ever."""
+    import asyncio
+    import threading
+
+    from services.gateway import photo_store
+
+    monkeypatch.setattr(photo_store, "STORE_WAIT_S", 0.2)
+    tokens = FeedbackTokens(b"k" * 32, MODEL)
+    store = photo_store.PhotoStore(tmp_path / "store", tokens, max_bytes=10**6)
+    volume_back = threading.Event()
+    put = photo_store.BoundedFolder.put
+
+    def blocked_put(folder, sha256, data):
+        volume_back.wait()
+        put(folder, sha256, data)
+
+    monkeypatch.setattr(photo_store.BoundedFolder, "put", blocked_put)
+
+    def answer() -> dict:
+        return {"feedback_token": tokens.issue(request_id="r", version=1, predicted=LABELS[0])}
+
+    async def keep_all() -> tuple[list[bool], int]:
+        named, threads = [], threading.active_count()
+        for i in range(photo_store.MAX_OPERATIONS + 3):
+            given = answer()
+            kept = await asyncio.wait_for(store.keep(bytes([i]) * 100, given), 10)
+            named.append(kept != given)
+        return named, threading.active_count() - threads
+
+    named, threads_left = asyncio.run(keep_all())
+    assert named == [False] * (photo_store.MAX_OPERATIONS + 3)  # answered as they were
+    assert threads_left == photo_store.MAX_OPERATIONS  # the blocked writes' threads, no more
+    volume_back.set()
+    wait_until(lambda: store._running == 0, what="the blocked writes to return")
+    given = answer()
+    kept = asyncio.run(store.keep(b"a photo", given))
+    assert tokens.verify(kept["feedback_token"]).photo_sha256 == hashlib.sha256(b"a photo").hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -337,6 +379,35 @@ def test_a_broken_photo_store_never_costs_an_answer_and_a_correction_waits_for_i
     [line] = (store / "corrections.jsonl").read_text().splitlines()
     assert json.loads(line)["true_label"] == wrong
     assert (store / "corrected" / json.loads(line)["sha256"]).read_bytes() == kept_photo
+
+
+def test_a_hung_photo_store_costs_no_answer_holds_no_request_and_no_exit(model_server, tmp_path):
+    """A store on a network volume whose server stopped answering (an NFS hard mount) blocks each of its file
+    operations for as long as it is away. Here the correction log is a FIFO nobody reads, which blocks the same way
+    the moment it is opened for writing. Each correction is answered 503 ``photo_store_unavailable``, more of them
+    than the store runs at once, classify goes on, and the gateway stops on SIGTERM. Before: the first correction
+    was never answered, and the gateway's exit waited for the blocked thread."""
+    store = tmp_path / "store"
+    photos = PHOTOS["boletus_erythropus"][20:24]
+    with RedisServer() as redis_server:
+        gateway = Gateway(model_server.grpc_target, redis_server.url, f"--photo-store={store}")
+        try:
+            code, answer, _ = gateway.classify(photos[0].read_bytes())
+            assert code == 200, answer
+            os.mkfifo(store / "corrections.jsonl")
+            wrong = next(label for label in LABELS if label != answer["predictions"][0]["label"])
+            correction = {"feedback_token": answer["feedback_token"], "true_label": wrong}
+            for _ in range(8):  # more than the store's operations at once (and the default executor's threads)
+                code, reply, headers = gateway.request("POST", "/v1/feedback", correction, timeout=20)
+                assert (code, reply["error"]["code"]) == (503, "photo_store_unavailable"), reply
+                assert int(headers["Retry-After"]) >= 1
+            for photo in photos[1:]:
+                code, other, _ = gateway.classify(photo.read_bytes(), timeout=20)
+                assert code == 200, other
+            gateway.process.terminate()
+            assert exit_code_within(gateway.process, 20) is not None, "the gateway did not stop on SIGTERM"
+        finally:
+            gateway.stop()
 
 
 def test_provenance_rows_are_appended_under_the_columns_the_file_already_has(tmp_path):

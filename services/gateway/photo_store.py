@@ -18,6 +18,14 @@ read-only volume, a folder gone) is answered all the same, its token naming no p
 (``mushroom_gateway_photo_store_failures_total``) and logged once until the store works again. A correction whose
 line cannot be logged is a 503 with Retry-After: the feedback is recorded, and the same feedback sent again (which
 stats.py answers as recorded) logs it then.
+
+A volume that stops answering (a network file system whose server is away) blocks each file operation for as long
+as it is away, and no thread can be made to give up on one. So each operation runs on a daemon thread of its own
+(never the event loop's default executor, which the gateway needs for other work and which its exit waits for), a
+request waits for it at most STORE_WAIT_S and then goes on as if it had failed, and at most MAX_OPERATIONS run at
+once: past that, the store is skipped as failing at once, without a thread, until blocked ones return. A correction
+that timed out may still be logged when its thread returns: the same one sent again is then logged twice, which
+``training_job collect`` reads as one.
 """
 from __future__ import annotations
 
@@ -39,6 +47,12 @@ from services.gateway.feedback import FeedbackClaim, FeedbackTokens
 log = logging.getLogger("gateway.photo_store")
 HASH_LENGTH = 64
 RETRY_AFTER_S = 5  # a correction that could not be logged: the store's volume needs a person, not a moment
+STORE_WAIT_S = 2.0  # how long an answer waits for its photo to be stored, a correction for its line to be logged
+MAX_OPERATIONS = 4  # store operations running at once (blocked ones included): each holds a thread and its photo
+
+
+class StoreUnavailable(OSError):
+    """A store operation that did not end within STORE_WAIT_S, or was not started: MAX_OPERATIONS are running."""
 
 
 class BoundedFolder:
@@ -129,12 +143,15 @@ class PhotoStore:
         self.log_path = self.root / "corrections.jsonl"
         self.clock = clock
         self._failing = False  # the last store operation failed: logged once, until one succeeds again
+        self._running = 0  # operations on their threads, blocked ones included
+        self._running_lock = threading.Lock()
 
     async def _run(self, operation: str, work, *args):
-        """``work(*args)`` in a thread; an OSError is counted by ``operation`` (keep, record), logged once per spell
-        of failures, and raised."""
+        """``work(*args)`` on a thread of its own, waited for at most STORE_WAIT_S (the module's docstring says why);
+        an OSError (StoreUnavailable for a timeout, or when MAX_OPERATIONS are running) is counted by ``operation``
+        (keep, record), logged once per spell of failures, and raised."""
         try:
-            result = await asyncio.to_thread(work, *args)
+            result = await self._in_thread(work, *args)
         except OSError as exc:
             metrics.child(metrics.PHOTO_STORE_FAILURES, operation=operation).inc()
             if not self._failing:
@@ -146,6 +163,44 @@ class PhotoStore:
             log.info("the photo store %s works again", self.root)
             self._failing = False
         return result
+
+    async def _in_thread(self, work, *args):
+        with self._running_lock:
+            if self._running >= MAX_OPERATIONS:
+                raise StoreUnavailable(f"{MAX_OPERATIONS} operations of the store are still running (its volume "
+                                       "does not answer)")
+            self._running += 1
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def settle(outcome: BaseException | None, result) -> None:
+            if done.done():  # abandoned: its waiter timed out or was cancelled
+                return
+            if outcome is not None:
+                done.set_exception(outcome)
+            else:
+                done.set_result(result)
+
+        def run() -> None:
+            outcome, result = None, None
+            try:
+                result = work(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiter, which raises it
+                outcome = exc
+            finally:
+                with self._running_lock:
+                    self._running -= 1
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (the gateway stopped)
+                loop.call_soon_threadsafe(settle, outcome, result)
+
+        threading.Thread(target=run, name="photo-store", daemon=True).start()
+        try:
+            return await asyncio.wait_for(asyncio.shield(done), STORE_WAIT_S)
+        except asyncio.TimeoutError:
+            raise StoreUnavailable(f"a file operation did not end within {STORE_WAIT_S:g} s (its volume does not "
+                                   "answer)") from None
+        finally:
+            done.cancel()  # when it has not ended: its outcome is handed to nobody
 
     def _keep(self, photo: bytes) -> str:
         sha256 = hashlib.sha256(photo).hexdigest()
