@@ -20,10 +20,9 @@ line cannot be logged is a 503 with Retry-After: the feedback is recorded, and t
 stats.py answers as recorded) logs it then.
 
 A volume that stops answering (a network file system whose server is away) blocks each file operation for as long
-as it is away, and no thread can be made to give up on one. So each operation runs on a daemon thread of its own
-(never the event loop's default executor, which the gateway needs for other work and which its exit waits for), a
-request waits for it at most STORE_WAIT_S and then goes on as if it had failed, and at most MAX_OPERATIONS run at
-once: past that, the store is skipped as failing at once, without a thread, until blocked ones return. A correction
+as it is away. So each operation runs on a daemon thread of its own (``services.daemon_thread``), a request waits
+for it at most STORE_WAIT_S and then goes on as if it had failed, and at most MAX_OPERATIONS run at once: past
+that, the store is skipped as failing at once, without a thread, until blocked ones return. A correction
 that timed out may still be logged when its thread returns: the same one sent again is then logged twice, which
 ``training_job collect`` reads as one.
 """
@@ -40,6 +39,7 @@ import time
 import uuid
 from pathlib import Path
 
+from services.daemon_thread import in_daemon_thread
 from services.gateway import metrics
 from services.gateway.errors import GatewayError
 from services.gateway.feedback import FeedbackClaim, FeedbackTokens
@@ -170,37 +170,19 @@ class PhotoStore:
                 raise StoreUnavailable(f"{MAX_OPERATIONS} operations of the store are still running (its volume "
                                        "does not answer)")
             self._running += 1
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
 
-        def settle(outcome: BaseException | None, result) -> None:
-            if done.done():  # abandoned: its waiter timed out or was cancelled
-                return
-            if outcome is not None:
-                done.set_exception(outcome)
-            else:
-                done.set_result(result)
-
-        def run() -> None:
-            outcome, result = None, None
+        def counted():
             try:
-                result = work(*args)
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiter, which raises it
-                outcome = exc
+                return work(*args)
             finally:
                 with self._running_lock:
                     self._running -= 1
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (the gateway stopped)
-                loop.call_soon_threadsafe(settle, outcome, result)
 
-        threading.Thread(target=run, name="photo-store", daemon=True).start()
         try:
-            return await asyncio.wait_for(asyncio.shield(done), STORE_WAIT_S)
+            return await asyncio.wait_for(in_daemon_thread(counted, name="photo-store"), STORE_WAIT_S)
         except asyncio.TimeoutError:
             raise StoreUnavailable(f"a file operation did not end within {STORE_WAIT_S:g} s (its volume does not "
                                    "answer)") from None
-        finally:
-            done.cancel()  # when it has not ended: its outcome is handed to nobody
 
     def _keep(self, photo: bytes) -> str:
         sha256 = hashlib.sha256(photo).hexdigest()
