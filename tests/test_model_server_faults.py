@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import signal
@@ -28,7 +29,7 @@ from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from services.model_server.servable import Servable, SignatureInfo
 from tests.model_server_harness import MODEL, start_server, stop_server, version_states, wait_until, write_config
-from tests.support import KeepAliveClients
+from tests.support import KeepAliveClients, exit_code_within
 from training_job.tiny_model import TinyClassifier, write_tiny_model
 from training_job.publish import publish_dir
 
@@ -314,10 +315,12 @@ def test_sigterm_while_a_version_loads_exits_without_waiting_for_the_load(tmp_pa
 # ---------------------------------------------------------------------------------------------- background loops
 
 
-def _predict_label(target: str, label: str) -> str:
+def _predict_label(target: str, label: str | None) -> str:
+    """The status code's name of a Predict of ``label`` (of the latest version when None)."""
     request = predict_pb2.PredictRequest()
     request.model_spec.name = MODEL
-    request.model_spec.version_label = label
+    if label is not None:
+        request.model_spec.version_label = label
     request.inputs["images"].CopyFrom(tf.make_tensor_proto(pixels()))
     with grpc.insecure_channel(target) as channel:
         try:
@@ -350,6 +353,30 @@ def test_config_poll_survives_an_invalid_label_and_applies_a_later_valid_config(
         write_config(config, {MODEL: models_dir / MODEL}, labels={MODEL: {"stable": 1}}, policy="all {}")
         wait_until(lambda: _predict_label(server.grpc_target, "stable") == "OK", timeout=60,
                    what="the later valid config's label")
+    finally:
+        stop_server(server)
+
+
+def test_a_polled_model_config_that_does_not_answer_holds_no_request_and_no_exit(tmp_path):
+    """The polled model config on a network volume whose server is away (deploy/k8s keeps it on a ReadWriteMany
+    volume the rollout controller writes) blocks each read for as long as the volume is away; here the file becomes
+    a FIFO nobody writes to, which blocks the same way the moment it is opened for reading. Requests are answered
+    meanwhile, and SIGTERM stops the server. Before: the read ran on the event loop and held it, so no request was
+    answered and SIGTERM, handled on that loop, did nothing."""
+    models_dir = tmp_path / "registry"
+    publish_dir(lambda d: write_tiny_model(d), models_dir, MODEL)
+    config = tmp_path / "models.config"
+    write_config(config, {MODEL: models_dir / MODEL}, policy="all {}")
+    server = start_server(models_dir, config, "--model_config_file_poll_wait_seconds=1")
+    try:
+        wait_until(lambda: version_states(server.grpc_target, MODEL).get(1, (0,))[0] == AVAILABLE, what="v1")
+        config.unlink()
+        os.mkfifo(config)
+        time.sleep(3)  # the next polls open it, and block there
+        assert _predict_label(server.grpc_target, None) == "OK"
+        assert version_states(server.grpc_target, MODEL)[1][0] == AVAILABLE
+        server.process.terminate()
+        assert exit_code_within(server.process, 20) is not None, "the model server did not stop on SIGTERM"
     finally:
         stop_server(server)
 

@@ -15,6 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from aiohttp import web
 
 from services import event_loop
+from services.daemon_thread import in_daemon_thread
 from services.http_bodies import RUNNER_OPTIONS
 from services.http_listen import SITE_OPTIONS
 from services.http_stop import stop_serving
@@ -382,10 +383,11 @@ class ModelServer:
     async def _poll_config_file_once(self, applied: list[str], refused: list[str]) -> None:
         """Reload the config file unless its content is the config in force. A refused config is tried again at
         every poll, as TF Serving's poller tries it (a label may become valid once its version loads), and raised
-        (reported) only the first time."""
+        (reported) only the first time. The file is read off the event loop: on a volume that stops answering, the
+        read blocks until it is back, and this poll with it, never a request."""
         import grpc
 
-        config = read_model_config(self.args.model_config_file)
+        config = await in_daemon_thread(read_model_config, self.args.model_config_file, name="config-file-read")
         text = str(config)
         if text == applied[0]:
             return
