@@ -22,9 +22,9 @@ stats.py answers as recorded) logs it then.
 A volume that stops answering (a network file system whose server is away) blocks each file operation for as long
 as it is away. So each operation runs on a daemon thread of its own (``services.daemon_thread``), a request waits
 for it at most STORE_WAIT_S and then goes on as if it had failed, and at most MAX_OPERATIONS run at once: past
-that, the store is skipped as failing at once, without a thread, until blocked ones return. A correction
-that timed out may still be logged when its thread returns: the same one sent again is then logged twice, which
-``training_job collect`` reads as one.
+that, the store is skipped as failing at once, without a thread, until blocked ones return. A correction that timed
+out may still be logged when its thread returns: the same one sent again is then logged twice, which ``training_job
+collect`` reads as one.
 """
 from __future__ import annotations
 
