@@ -147,6 +147,7 @@ def photos_of_tags() -> dict[str, bytes]:
     return photos
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow, of the directories that declare more than they hold
 def test_a_photo_of_more_tags_than_the_contract_takes_is_an_invalid_argument_in_graph_as_it_is_refused():
     """``preprocess_bytes`` refuses a photo of more tags in its EXIF directory or MPF index (or more images listed
     there) than ``MAX_EXIF_TAGS`` with ``too_many_tags``; the graph, which reads no more than that many, answered
