@@ -37,10 +37,11 @@ def _u16(raw, at, little):
     return tf.where(little, a + b * 256, a * 256 + b)
 
 
-def _u32(raw, at, little):
+def _u32(raw, at, little, dtype=None):
+    """The 32-bit unsigned integer at ``at``; as int32 (past 2**31 it wraps negative) unless ``dtype`` is wider."""
     import tensorflow as tf
 
-    first, second = _u16(raw, at, little), _u16(raw, at + 2, little)
+    first, second = (tf.cast(_u16(raw, at + k, little), dtype or tf.int32) for k in (0, 2))
     return tf.where(little, first + second * 65536, first * 65536 + second)
 
 
@@ -51,14 +52,6 @@ def _find(head, pattern: bytes):
 
     parts = tf.strings.split(head, sep=pattern.decode("ascii"), maxsplit=1)
     return tf.where(tf.size(parts) > 1, tf.reduce_sum(tf.strings.length(parts[:1])), -1)
-
-
-def _u32_wide(raw, at, little):
-    """``_u32`` as int64, which holds every unsigned 32-bit value."""
-    import tensorflow as tf
-
-    first, second = tf.cast(_u16(raw, at, little), tf.int64), tf.cast(_u16(raw, at + 2, little), tf.int64)
-    return tf.where(little, first + second * 65536, first * 65536 + second)
 
 
 def _segment_end(raw, at, marker: int):
@@ -92,6 +85,16 @@ def _directory(raw, size, tiff, end):
     return valid, little, ifd + 2, declared, tf.where(end >= 0, read, 0)
 
 
+def _tag_values(raw, little, entries_at, tags, within, tag: int, value):
+    """``value(entry)`` of each entry of a directory whose tags start at ``entries_at`` that is tag ``tag``, among
+    its first ``tags`` (at most MAX_EXIF_TAGS) that end within ``within``."""
+    import tensorflow as tf
+
+    entries = entries_at + 12 * tf.range(tf.minimum(tags, MAX_EXIF_TAGS))
+    entries = tf.boolean_mask(entries, entries + 12 <= within)
+    return tf.boolean_mask(value(entries), tf.equal(_u16(raw, entries, little), tag))
+
+
 def exif_directories(data):
     """What the bytes signature reads of a photo's EXIF and MPF index (a scalar string tensor): (orientation 1..8, 1
     when absent or unreadable; the tags of its EXIF directory, of its MPF index, and the images that index lists,
@@ -115,18 +118,16 @@ def exif_directories(data):
     end = tf.where(jpeg >= 0, _segment_end(raw, jpeg, 0xE1), tf.where(png >= 0, png_end, webp_end))
     valid, little, entries_at, declared, exif_tags = _directory(raw, size, tiff, tf.minimum(end, length))
 
-    entries = entries_at + 12 * tf.range(tf.minimum(declared, MAX_EXIF_TAGS))
-    entries = tf.boolean_mask(entries, entries + 12 <= size)
-    match = tf.boolean_mask(_u16(raw, entries + 8, little), tf.equal(_u16(raw, entries, little), ORIENTATION_TAG))
+    match = _tag_values(raw, little, entries_at, declared, size, ORIENTATION_TAG,
+                        lambda entries: _u16(raw, entries + 8, little))  # a SHORT's value
     value = tf.cond(tf.size(match) > 0, lambda: match[0], lambda: tf.constant(1))
     orientation = tf.where(valid & (value >= 1) & (value <= 8), value, 1)
 
     mpf = _find(head, b"MPF\x00")
     mpf_end = tf.minimum(_segment_end(raw, mpf, 0xE2), length)
     _, little, entries_at, _, mpf_tags = _directory(raw, size, tf.where(mpf >= 0, mpf + 4, -1), mpf_end)
-    entries = entries_at + 12 * tf.range(tf.minimum(mpf_tags, MAX_EXIF_TAGS))
-    entries = tf.boolean_mask(entries, (entries + 12 <= mpf_end) & (entries + 12 <= size))
-    listed = tf.boolean_mask(_u32_wide(raw, entries + 4, little), tf.equal(_u16(raw, entries, little), MP_ENTRY_TAG))
+    listed = _tag_values(raw, little, entries_at, mpf_tags, tf.minimum(mpf_end, size), MP_ENTRY_TAG,
+                         lambda entries: _u32(raw, entries + 4, little, tf.int64))  # the list's length in bytes
     images = tf.cond(tf.size(listed) > 0, lambda: listed[0] // 16, lambda: tf.constant(0, tf.int64))
     return orientation, exif_tags, mpf_tags, tf.where(mpf_tags <= MAX_EXIF_TAGS, images, 0)
 
