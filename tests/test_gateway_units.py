@@ -661,7 +661,6 @@ def test_cache_commands_answered_while_the_gateway_was_too_busy_to_read_them_do_
     assert on_command_connections(scenario, socket_timeout=0.2, max_connections=1) == [b"v"] * 50
 
 
-
 def test_cache_commands_never_wait_for_a_connection_opening_while_one_is_connected():
     """A burst of lookups on a busy gateway: the first kept its connection busy, so the next opened another, and it
     and every lookup after it waited for that connect (the connection with the fewest commands waiting, none yet).
@@ -682,6 +681,7 @@ def test_cache_commands_never_wait_for_a_connection_opening_while_one_is_connect
 
     answers, opened_beside, after = on_command_connections(scenario, socket_timeout=0.2, max_connections=2)
     assert answers == [b"v"] * 100 and opened_beside == after == 1
+
 
 def test_cache_commands_behind_slow_ones_wait_while_redis_answers():
     """Six commands of 0.15 s each written at once, with a socket timeout of 0.5 s: Redis answers all along, so the
